@@ -28,4 +28,6 @@ PYBIND11_MODULE(_core, m) {
   kvtier::bindings::RegisterStatusTranslator(m);
   kvtier::bindings::BindInfo(m);
   kvtier::bindings::BindMemory(m);
+  kvtier::bindings::BindTransfer(m);
+  kvtier::bindings::BindCache(m);
 }

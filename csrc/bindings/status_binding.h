@@ -34,5 +34,7 @@ void RegisterStatusTranslator(pybind11::module_& m);
 // One function per subsystem, each in its own file, called by module.cc.
 void BindInfo(pybind11::module_& m);
 void BindMemory(pybind11::module_& m);
+void BindTransfer(pybind11::module_& m);
+void BindCache(pybind11::module_& m);
 
 }  // namespace kvtier::bindings

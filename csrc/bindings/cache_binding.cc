@@ -1,0 +1,12 @@
+// Python view of the cache layer (filled in as it lands).
+#include <pybind11/pybind11.h>
+
+#include "bindings/status_binding.h"
+
+namespace py = pybind11;
+
+namespace kvtier::bindings {
+
+void BindCache(py::module_& m) { (void)m; }
+
+}  // namespace kvtier::bindings
