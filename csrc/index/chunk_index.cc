@@ -1,0 +1,154 @@
+// ChunkIndex: hash map of entries plus an LRU list of READY entries, under one mutex.
+#include "index/chunk_index.h"
+
+#include <cstdio>
+
+namespace kvtier {
+
+std::string ChunkKey::Hex() const {
+  unsigned char b[16];
+  ToBytes(b);
+  char out[33];
+  for (int i = 0; i < 16; ++i) std::snprintf(out + 2 * i, 3, "%02x", b[i]);
+  return std::string(out, 32);
+}
+
+ChunkIndex::ChunkIndex(BlockAllocator* allocator) : allocator_(allocator) {
+  map_.reserve(allocator->num_blocks());
+}
+
+bool ChunkIndex::EvictOneLocked() {
+  // Walk from the least recently used end; pinned entries stay.
+  for (auto it = lru_.end(); it != lru_.begin();) {
+    --it;
+    auto e = map_.find(*it);
+    if (e->second.pins != 0) continue;
+    BlockId block = e->second.block;
+    lru_.erase(it);
+    map_.erase(e);
+    (void)allocator_->Free(block);  // cannot fail: the index owns the block and nobody pins it
+    ++counters_.evictions;
+    return true;
+  }
+  return false;
+}
+
+StatusOr<BlockId> ChunkIndex::BeginInsert(const ChunkKey& key) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (map_.count(key)) return Status::AlreadyExists("chunk " + key.Hex() + " is already cached");
+  StatusOr<BlockId> block = allocator_->Allocate();
+  while (!block.ok() && EvictOneLocked()) block = allocator_->Allocate();
+  if (!block.ok()) {
+    ++counters_.insert_rejected;
+    return Status::ResourceExhausted("tier full: every block is being written or pinned by a reader");
+  }
+  map_.emplace(key, Entry{*block, State::kWriting, 0, lru_.end()});
+  ++writing_;
+  return *block;
+}
+
+Status ChunkIndex::CommitInsert(const ChunkKey& key) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = map_.find(key);
+  if (it == map_.end()) return Status::NotFound("chunk " + key.Hex() + " is not being inserted");
+  if (it->second.state != State::kWriting) {
+    return Status::FailedPrecondition("chunk " + key.Hex() + " is already READY");
+  }
+  it->second.state = State::kReady;
+  lru_.push_front(key);
+  it->second.lru_pos = lru_.begin();
+  --writing_;
+  ++counters_.inserts;
+  return Status::OK();
+}
+
+Status ChunkIndex::AbortInsert(const ChunkKey& key) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = map_.find(key);
+  if (it == map_.end()) return Status::NotFound("chunk " + key.Hex() + " is not being inserted");
+  if (it->second.state != State::kWriting) {
+    return Status::FailedPrecondition("chunk " + key.Hex() + " is READY, not being inserted");
+  }
+  BlockId block = it->second.block;
+  map_.erase(it);
+  --writing_;
+  ++counters_.aborts;
+  return allocator_->Free(block);
+}
+
+size_t ChunkIndex::Lookup(const ChunkKey* keys, size_t n) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ++counters_.lookups;
+  size_t i = 0;
+  for (; i < n; ++i) {
+    auto it = map_.find(keys[i]);
+    if (it == map_.end() || it->second.state != State::kReady) break;
+  }
+  counters_.hit_chunks += i;
+  if (i < n) ++counters_.miss_chunks;
+  return i;
+}
+
+size_t ChunkIndex::Acquire(const ChunkKey* keys, size_t n, std::vector<BlockId>* blocks) {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t i = 0;
+  for (; i < n; ++i) {
+    auto it = map_.find(keys[i]);
+    if (it == map_.end() || it->second.state != State::kReady) break;
+    if (it->second.pins++ == 0) ++pinned_entries_;
+    blocks->push_back(it->second.block);
+  }
+  // Tail first, so that the head of the prefix ends up most recently used.
+  for (size_t j = i; j > 0; --j) {
+    auto it = map_.find(keys[j - 1]);
+    lru_.splice(lru_.begin(), lru_, it->second.lru_pos);
+  }
+  counters_.hit_chunks += i;
+  if (i < n) ++counters_.miss_chunks;
+  return i;
+}
+
+Status ChunkIndex::Release(const ChunkKey* keys, size_t n) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Status result;
+  for (size_t i = 0; i < n; ++i) {
+    auto it = map_.find(keys[i]);
+    if (it == map_.end() || it->second.pins == 0) {
+      result = Status::FailedPrecondition("chunk " + keys[i].Hex() + " is not pinned (release without acquire)");
+      continue;
+    }
+    if (--it->second.pins == 0) --pinned_entries_;
+  }
+  return result;
+}
+
+Status ChunkIndex::Erase(const ChunkKey& key) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = map_.find(key);
+  if (it == map_.end()) return Status::NotFound("chunk " + key.Hex() + " is not cached");
+  if (it->second.state != State::kReady || it->second.pins != 0) {
+    return Status::FailedPrecondition("chunk " + key.Hex() + " is being written or read");
+  }
+  BlockId block = it->second.block;
+  lru_.erase(it->second.lru_pos);
+  map_.erase(it);
+  return allocator_->Free(block);
+}
+
+bool ChunkIndex::Contains(const ChunkKey& key) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = map_.find(key);
+  return it != map_.end() && it->second.state == State::kReady;
+}
+
+ChunkIndexStats ChunkIndex::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  ChunkIndexStats s = counters_;
+  s.entries = map_.size();
+  s.writing = writing_;
+  s.ready = map_.size() - writing_;
+  s.pinned = pinned_entries_;
+  return s;
+}
+
+}  // namespace kvtier

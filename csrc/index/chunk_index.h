@@ -1,0 +1,100 @@
+// ChunkIndex: chunk key -> block of a tier, with WRITING/READY states, reader pins and LRU eviction.
+//
+// Thread safety: all methods may be called concurrently from any thread; one mutex guards the map
+// and the LRU list, and blocks come from a thread-safe BlockAllocator owned by the caller.
+//
+// Entry life cycle
+//   (absent) --BeginInsert--> WRITING      invisible to Lookup/Acquire; its block is reserved
+//   WRITING  --CommitInsert--> READY        visible; most recently used
+//   WRITING  --AbortInsert-->  (absent)     block freed; nothing was ever visible
+//   READY    --Acquire-->      READY, pins + 1   (a reader copies the block's bytes)
+//   READY    --Release-->      READY, pins - 1
+//   READY, pins == 0 --evicted or Erase--> (absent)   block freed
+// Invariants: a WRITING entry or a READY entry with pins > 0 is never evicted, so a block in use by
+// a transfer is never reused; the index never holds more blocks than the allocator has.
+//
+//   BeginInsert(key)
+//     REQUIRES: the caller later calls exactly one of CommitInsert(key) / AbortInsert(key).
+//   Acquire(keys, n, ...)
+//     REQUIRES: the caller later calls Release once for each key it acquired.
+#pragma once
+
+#include <cstdint>
+#include <list>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "common/status.h"
+#include "common/thread_annotations.h"
+#include "index/chunk_key.h"
+#include "memory/block_allocator.h"
+
+namespace kvtier {
+
+struct ChunkIndexStats {
+  size_t entries = 0;
+  size_t ready = 0;
+  size_t writing = 0;
+  size_t pinned = 0;             // READY entries with pins > 0
+  uint64_t lookups = 0;          // Lookup calls
+  uint64_t hit_chunks = 0;       // chunks found READY by Lookup/Acquire
+  uint64_t miss_chunks = 0;      // Lookup/Acquire stopped at a chunk not READY (one per call at most)
+  uint64_t inserts = 0;          // CommitInsert
+  uint64_t aborts = 0;           // AbortInsert
+  uint64_t evictions = 0;
+  uint64_t insert_rejected = 0;  // BeginInsert refused: full and nothing evictable
+};
+
+class ChunkIndex {
+ public:
+  // The index hands out blocks of `allocator`, which must outlive it.
+  explicit ChunkIndex(BlockAllocator* allocator);
+  ChunkIndex(const ChunkIndex&) = delete;
+  ChunkIndex& operator=(const ChunkIndex&) = delete;
+
+  // Reserves a block for `key` in state WRITING, evicting least-recently-used unpinned READY
+  // entries if no block is free. AlreadyExists if the key is present (WRITING or READY);
+  // ResourceExhausted if every block is WRITING or pinned (counted as insert_rejected).
+  StatusOr<BlockId> BeginInsert(const ChunkKey& key) EXCLUDES(mu_);
+  // WRITING -> READY (most recently used). NotFound / FailedPrecondition on misuse.
+  Status CommitInsert(const ChunkKey& key) EXCLUDES(mu_);
+  // WRITING -> absent, block freed.
+  Status AbortInsert(const ChunkKey& key) EXCLUDES(mu_);
+
+  // Number of leading keys (keys[0..n)) that are READY. Does not change recency.
+  size_t Lookup(const ChunkKey* keys, size_t n) EXCLUDES(mu_);
+  // Pins the leading READY keys (at most n), appends their blocks to `blocks`, marks them most
+  // recently used (the first key most recent of all, since a prefix's head is worth more than its
+  // tail), and returns how many were acquired.
+  size_t Acquire(const ChunkKey* keys, size_t n, std::vector<BlockId>* blocks) EXCLUDES(mu_);
+  // Drops one pin of each key. FailedPrecondition (and no change for that key) if not pinned.
+  Status Release(const ChunkKey* keys, size_t n) EXCLUDES(mu_);
+  // Removes a READY, unpinned entry. NotFound / FailedPrecondition otherwise.
+  Status Erase(const ChunkKey& key) EXCLUDES(mu_);
+
+  bool Contains(const ChunkKey& key) const EXCLUDES(mu_);  // READY only
+  ChunkIndexStats stats() const EXCLUDES(mu_);
+
+ private:
+  enum class State : uint8_t { kWriting, kReady };
+  struct Entry {
+    BlockId block;
+    State state;
+    uint32_t pins;
+    std::list<ChunkKey>::iterator lru_pos;  // valid when state == kReady
+  };
+
+  // Frees the least recently used unpinned READY entry's block. False if there is none.
+  bool EvictOneLocked() REQUIRES_LOCK(mu_);
+
+  BlockAllocator* const allocator_;
+  mutable std::mutex mu_;
+  std::unordered_map<ChunkKey, Entry, ChunkKeyHash> map_ GUARDED_BY(mu_);
+  std::list<ChunkKey> lru_ GUARDED_BY(mu_);  // front = most recently used; READY entries only
+  size_t pinned_entries_ GUARDED_BY(mu_) = 0;
+  size_t writing_ GUARDED_BY(mu_) = 0;
+  ChunkIndexStats counters_ GUARDED_BY(mu_);
+};
+
+}  // namespace kvtier
