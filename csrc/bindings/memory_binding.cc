@@ -34,6 +34,15 @@ py::dict StatsDict(const BlockAllocatorStats& s) {
   return d;
 }
 
+// Python ints are wider than BlockId: reject, rather than truncate, ids no allocator can have
+// (a plain cast would turn 2**32 into block 0 and free someone else's block).
+BlockId ToBlockId(int64_t id) {
+  if (id < 0 || id > static_cast<int64_t>(UINT32_MAX)) {
+    throw StatusError(Status::InvalidArgument("block id " + std::to_string(id) + " is out of range"));
+  }
+  return static_cast<BlockId>(id);
+}
+
 }  // namespace
 
 void BindMemory(py::module_& m) {
@@ -71,10 +80,10 @@ void BindMemory(py::module_& m) {
              if (block_bytes == 0) throw StatusError(Status::InvalidArgument("block_bytes must be > 0"));
              void* base = nullptr;
              if (arena) {
-               if (num_blocks * block_bytes > arena->size()) {
+               if (block_bytes > arena->size() / num_blocks) {  // not num_blocks * block_bytes: it can wrap
                  throw StatusError(Status::InvalidArgument(
-                     "num_blocks * block_bytes = " + std::to_string(num_blocks * block_bytes) +
-                     " exceeds the arena's " + std::to_string(arena->size()) + " bytes"));
+                     "num_blocks * block_bytes = " + std::to_string(num_blocks) + " * " +
+                     std::to_string(block_bytes) + " exceeds the arena's " + std::to_string(arena->size()) + " bytes"));
                }
                base = arena->base();
              }
@@ -95,8 +104,7 @@ void BindMemory(py::module_& m) {
              return out;
            }, py::arg("n"), "n blocks, all or nothing (ResourceExhaustedError leaves nothing taken).")
       .def("free", [](BlockAllocator& a, int64_t id) {
-             if (id < 0) throw StatusError(Status::InvalidArgument("block id " + std::to_string(id) + " is negative"));
-             ThrowIfError(a.Free(static_cast<BlockId>(id)));
+             ThrowIfError(a.Free(ToBlockId(id)));
            }, py::arg("block_id"))
       .def("free_batch", [](BlockAllocator& a, const std::vector<int64_t>& ids) {
              std::vector<BlockId> v;
@@ -115,19 +123,16 @@ void BindMemory(py::module_& m) {
              ThrowIfError(s);
            }, py::arg("block_ids"))
       .def("pin", [](BlockAllocator& a, int64_t id) {
-             if (id < 0) throw StatusError(Status::InvalidArgument("block id " + std::to_string(id) + " is negative"));
-             ThrowIfError(a.Pin(static_cast<BlockId>(id)));
+             ThrowIfError(a.Pin(ToBlockId(id)));
            }, py::arg("block_id"))
       .def("unpin", [](BlockAllocator& a, int64_t id) {
-             if (id < 0) throw StatusError(Status::InvalidArgument("block id " + std::to_string(id) + " is negative"));
-             ThrowIfError(a.Unpin(static_cast<BlockId>(id)));
+             ThrowIfError(a.Unpin(ToBlockId(id)));
            }, py::arg("block_id"))
       .def("pin_count", [](BlockAllocator& a, int64_t id) {
-             if (id < 0) throw StatusError(Status::InvalidArgument("block id " + std::to_string(id) + " is negative"));
-             return ValueOrThrow(a.PinCount(static_cast<BlockId>(id)));
+             return ValueOrThrow(a.PinCount(ToBlockId(id)));
            }, py::arg("block_id"))
       .def("is_allocated", [](BlockAllocator& a, int64_t id) {
-             return id >= 0 && a.IsAllocated(static_cast<BlockId>(id));
+             return id >= 0 && id <= static_cast<int64_t>(UINT32_MAX) && a.IsAllocated(static_cast<BlockId>(id));
            }, py::arg("block_id"))
       .def("block_address", [](BlockAllocator& a, int64_t id) {
              if (id < 0 || static_cast<size_t>(id) >= a.num_blocks()) {

@@ -53,6 +53,10 @@ StatusOr<std::unique_ptr<Arena>> Arena::Create(ArenaKind kind, size_t bytes, int
   }
 
   // Host memory (plain or pinned): mmap, 2 MiB aligned, advised to use transparent huge pages.
+  // Refuse sizes whose round-up (plus the alignment slack) would wrap around size_t.
+  if (bytes > SIZE_MAX - 2 * kHugePage) {
+    return Status::ResourceExhausted("arena of " + std::to_string(bytes) + " bytes is too large");
+  }
   const size_t mapped = RoundUp(bytes, kHugePage) + kHugePage;
   void* raw = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (raw == MAP_FAILED) {
