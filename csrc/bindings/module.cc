@@ -30,4 +30,5 @@ PYBIND11_MODULE(_core, m) {
   kvtier::bindings::BindMemory(m);
   kvtier::bindings::BindTransfer(m);
   kvtier::bindings::BindCache(m);
+  kvtier::bindings::BindStorage(m);
 }

@@ -36,5 +36,6 @@ void BindInfo(pybind11::module_& m);
 void BindMemory(pybind11::module_& m);
 void BindTransfer(pybind11::module_& m);
 void BindCache(pybind11::module_& m);
+void BindStorage(pybind11::module_& m);
 
 }  // namespace kvtier::bindings
