@@ -1,4 +1,5 @@
 // Python view of csrc/memory: Arena and BlockAllocator.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -68,9 +69,13 @@ void BindMemory(py::module_& m) {
              if (a->kind() == ArenaKind::kDevice) {
                throw StatusError(Status::InvalidArgument("a device arena has no host memoryview"));
              }
-             return py::memoryview::from_memory(a->base(), static_cast<py::ssize_t>(a->size()));
+             // A uint8 array whose base owns the arena, so the bytes outlive the Python Arena object.
+             auto* keep = new std::shared_ptr<Arena>(a);
+             py::capsule owner(keep, [](void* p) { delete static_cast<std::shared_ptr<Arena>*>(p); });
+             py::array_t<uint8_t> arr({static_cast<py::ssize_t>(a->size())}, {1}, static_cast<uint8_t*>(a->base()), owner);
+             return py::memoryview(arr);
            },
-           "Writable memoryview over a host arena (keep the arena alive while using it).");
+           "Writable memoryview over a host arena; it keeps the arena alive.");
 
   py::class_<BlockAllocator, std::shared_ptr<BlockAllocator>>(
       m, "BlockAllocator", "Fixed-size blocks with O(1) allocate/free and per-block pins (thread-safe).")

@@ -1,12 +1,218 @@
-// Python view of the transfer layer (filled in as it lands).
+// Python view of csrc/transfer: CopyEngine and Transfer. Only exports; the GIL is released around
+// every call that copies or waits.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "bindings/status_binding.h"
+#include "transfer/copy_engine.h"
 
 namespace py = pybind11;
 
 namespace kvtier::bindings {
+namespace {
 
-void BindTransfer(py::module_& m) { (void)m; }
+TransferMethod ParseMethod(const std::string& name) {
+  if (name == "auto") return TransferMethod::kAuto;
+  if (name == "direct") return TransferMethod::kDirect;
+  if (name == "staged") return TransferMethod::kStaged;
+  if (name == "zero_copy") return TransferMethod::kZeroCopy;
+  if (name == "cpu") return TransferMethod::kCpu;
+  throw StatusError(Status::InvalidArgument(
+      "method must be 'auto', 'direct', 'staged', 'zero_copy' or 'cpu', got '" + name + "'"));
+}
+
+int64_t TimeoutMs(double timeout_s) {
+  if (!std::isfinite(timeout_s) || timeout_s < 0) {
+    throw StatusError(Status::InvalidArgument("timeout_s must be a finite number >= 0, got " +
+                                              std::to_string(timeout_s)));
+  }
+  return static_cast<int64_t>(std::ceil(std::min(timeout_s, 1e12) * 1000.0));
+}
+
+std::vector<uint32_t> PageIds(const std::vector<int64_t>& ids) {
+  std::vector<uint32_t> out(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] < 0 || ids[i] > UINT32_MAX) {
+      throw StatusError(Status::InvalidArgument("page id " + std::to_string(ids[i]) +
+                                                " (page_ids[" + std::to_string(i) +
+                                                "]) is out of range"));
+    }
+    out[i] = static_cast<uint32_t>(ids[i]);
+  }
+  return out;
+}
+
+std::vector<void*> BlobPtrs(const std::vector<uint64_t>& ptrs) {
+  std::vector<void*> out(ptrs.size());
+  for (size_t i = 0; i < ptrs.size(); ++i)
+    out[i] = reinterpret_cast<void*>(static_cast<uintptr_t>(ptrs[i]));
+  return out;
+}
+
+// Wraps `p` so that its last release runs without the GIL: destroying a CUDA engine waits (with a
+// deadline) for its streams to go idle, which must not stall every other Python thread.
+template <typename T>
+std::shared_ptr<T> ReleasedWithoutGil(std::shared_ptr<T> p) {
+  T* raw = p.get();
+  return std::shared_ptr<T>(raw, [owner = std::move(p)](T*) mutable {
+    if (PyGILState_Check()) {
+      py::gil_scoped_release release;
+      owner.reset();
+    } else {
+      owner.reset();
+    }
+  });
+}
+
+using SegmentTuple = std::tuple<uint64_t, uint64_t, uint64_t, uint64_t>;
+
+std::shared_ptr<CopyEngine> MakeEngine(const std::vector<SegmentTuple>& segments, int device,
+                                       int64_t pages_per_chunk,
+                                       const std::vector<std::vector<int64_t>>& layer_segments,
+                                       const std::string& method, uint64_t staging_bytes,
+                                       int cpu_threads) {
+  LayoutDesc layout;
+  for (const auto& [base, stride, bytes, pages] : segments)
+    layout.segments.push_back({base, stride, bytes, pages});
+  layout.device = device;
+  if (pages_per_chunk < 1 || pages_per_chunk > UINT32_MAX) {
+    throw StatusError(Status::InvalidArgument("pages_per_chunk must be in [1, 2^32), got " +
+                                              std::to_string(pages_per_chunk)));
+  }
+  layout.pages_per_chunk = static_cast<uint32_t>(pages_per_chunk);
+  for (size_t l = 0; l < layer_segments.size(); ++l) {
+    std::vector<uint32_t> segs;
+    for (int64_t s : layer_segments[l]) {
+      if (s < 0 || s > UINT32_MAX) {
+        throw StatusError(Status::InvalidArgument("layer_segments[" + std::to_string(l) +
+                                                  "] lists segment " + std::to_string(s) +
+                                                  ", which is out of range"));
+      }
+      segs.push_back(static_cast<uint32_t>(s));
+    }
+    layout.layer_segments.push_back(std::move(segs));
+  }
+  CopyEngineOptions options;
+  options.method = ParseMethod(method);
+  options.staging_bytes = staging_bytes;
+  options.cpu_threads = cpu_threads;
+  std::unique_ptr<CopyEngine> engine;
+  {
+    py::gil_scoped_release release;
+    engine = ValueOrThrow(CopyEngine::Create(layout, options));
+  }
+  return ReleasedWithoutGil(std::shared_ptr<CopyEngine>(std::move(engine)));
+}
+
+}  // namespace
+
+void BindTransfer(py::module_& m) {
+  py::class_<Transfer, std::shared_ptr<Transfer>>(m, "Transfer",
+                                                  "One asynchronous gather or scatter. Keep the KV "
+                                                  "tensors and blobs alive until wait() returns.")
+      .def(
+          "wait",
+          [](Transfer& t, double timeout_s) {
+            const int64_t ms = TimeoutMs(timeout_s);
+            Status s;
+            {
+              py::gil_scoped_release release;
+              s = t.Wait(ms);
+            }
+            ThrowIfError(s);
+          },
+          py::arg("timeout_s"),
+          "Blocks until every byte has landed; DeadlineExceededError after timeout_s (the copy "
+          "goes on).")
+      .def(
+          "wait_layer",
+          [](Transfer& t, int layer, double timeout_s) {
+            const int64_t ms = TimeoutMs(timeout_s);
+            Status s;
+            {
+              py::gil_scoped_release release;
+              s = t.WaitLayer(layer, ms);
+            }
+            ThrowIfError(s);
+          },
+          py::arg("layer"), py::arg("timeout_s"),
+          "Blocks until layer `layer` has landed for every chunk of the transfer.")
+      .def(
+          "stream_wait_layer",
+          [](Transfer& t, int layer, uintptr_t stream) {
+            Status s;
+            {
+              py::gil_scoped_release release;
+              s = t.StreamWaitLayer(layer, stream);
+            }
+            ThrowIfError(s);
+          },
+          py::arg("layer"), py::arg("stream"),
+          "Makes CUDA stream `stream` (an int, e.g. torch.cuda.Stream.cuda_stream) wait for layer "
+          "`layer` "
+          "on the device, without blocking the host. UnavailableError on the CPU path.")
+      .def_property_readonly("done", &Transfer::Done)
+      .def_property_readonly("num_layers", &Transfer::num_layers)
+      .def_property_readonly(
+          "method", [](const Transfer& t) { return std::string(TransferMethodName(t.method())); });
+
+  py::class_<CopyEngine, std::shared_ptr<CopyEngine>>(
+      m, "CopyEngine",
+      "Moves the pages of chunks between KV tensors (host or GPU) and contiguous host blobs.\n\n"
+      "segments: [(base, page_stride, page_bytes, num_pages)], one per segment (layer x K/V, "
+      "...);\n"
+      "device: the GPU of the segments, or -1 for host memory (the CPU path);\n"
+      "pages_per_chunk: pages of one chunk (one blob); layer_segments: [[segment index]] per "
+      "layer\n"
+      "(empty: one layer of every segment); method: 'auto', 'direct', 'staged', 'zero_copy' or "
+      "'cpu'.")
+      .def(py::init(&MakeEngine), py::arg("segments"), py::arg("device"),
+           py::arg("pages_per_chunk"), py::arg("layer_segments"), py::arg("method") = "auto",
+           py::arg("staging_bytes") = uint64_t{64} << 20, py::arg("cpu_threads") = 2)
+      .def(
+          "gather",
+          [](CopyEngine& e, const std::vector<int64_t>& page_ids,
+             const std::vector<uint64_t>& blob_ptrs, uintptr_t after_stream) {
+            std::vector<uint32_t> ids = PageIds(page_ids);
+            std::vector<void*> blobs = BlobPtrs(blob_ptrs);
+            std::shared_ptr<Transfer> t;
+            {
+              py::gil_scoped_release release;
+              t = ValueOrThrow(e.Gather(ids, blobs, after_stream, nullptr));
+            }
+            return ReleasedWithoutGil(std::move(t));
+          },
+          py::arg("page_ids"), py::arg("blob_ptrs"), py::arg("after_stream") = 0,
+          "Copies chunk c's pages page_ids[c*ppc:(c+1)*ppc] into blob_ptrs[c] (blob_bytes each).")
+      .def(
+          "scatter",
+          [](CopyEngine& e, const std::vector<uint64_t>& blob_ptrs,
+             const std::vector<int64_t>& page_ids, uintptr_t after_stream) {
+            std::vector<uint32_t> ids = PageIds(page_ids);
+            std::vector<void*> blobs = BlobPtrs(blob_ptrs);
+            std::shared_ptr<Transfer> t;
+            {
+              py::gil_scoped_release release;
+              t = ValueOrThrow(e.Scatter(blobs, ids, after_stream, nullptr));
+            }
+            return ReleasedWithoutGil(std::move(t));
+          },
+          py::arg("blob_ptrs"), py::arg("page_ids"), py::arg("after_stream") = 0,
+          "Copies blob_ptrs[c] into pages page_ids[c*ppc:(c+1)*ppc], layer by layer.")
+      .def_property_readonly(
+          "method", [](const CopyEngine& e) { return std::string(TransferMethodName(e.method())); })
+      .def_property_readonly("blob_bytes", &CopyEngine::blob_bytes)
+      .def_property_readonly("num_layers", [](const CopyEngine& e) {
+        const auto& l = e.layout().layer_segments;
+        return l.empty() ? 1 : static_cast<int>(l.size());
+      });
+}
 
 }  // namespace kvtier::bindings

@@ -36,7 +36,9 @@ struct LayoutDesc {
   int device = -1;                  // CUDA device of the segments; -1 = host memory (CPU path)
   uint32_t pages_per_chunk = 1;
   // layer_segments[i] = indices of the segments of layer i (for per-layer completion). Empty means
-  // one layer holding every segment.
+  // one layer holding every segment. Every segment is listed by at least one layer; layers may
+  // share segments (a cross-layer pool lists its one segment in every layer): such a segment is
+  // copied once and completes every layer that lists it.
   std::vector<std::vector<uint32_t>> layer_segments;
 };
 
@@ -56,7 +58,10 @@ const char* TransferMethodName(TransferMethod m);
 
 struct CopyEngineOptions {
   TransferMethod method = TransferMethod::kAuto;
-  uint64_t staging_bytes = 64ull << 20;  // device staging area for kStaged (two halves)
+  // Device staging area for kStaged: four slots, two (double-buffered) per direction. Each slot
+  // must hold the largest page. Under a busy GPU, larger slots keep staged copies nearer the PCIe
+  // rate (each fill's kernel waits for SM slots; bench_copy's matmul_beside_* workloads show it).
+  uint64_t staging_bytes = 64ull << 20;
   int cpu_threads = 2;                   // workers for the CPU path
 };
 
@@ -78,8 +83,9 @@ class Transfer {
 };
 
 // Called once per transfer, with its final status, from the engine's completion context
-// (a CUDA host callback or a worker thread) before Wait() returns. Must not call CUDA APIs
-// and must not block for long.
+// (a CUDA host callback or a worker thread) before Wait() returns. Must not call CUDA APIs,
+// must not throw, must not block for long, and must not own the Transfer. Not called when
+// Gather/Scatter return an error (nothing started).
 using TransferCallback = std::function<void(const Status&)>;
 
 class CopyEngine {
@@ -92,13 +98,16 @@ class CopyEngine {
   // ChunkBlobBytes bytes). When `after_stream` is non-zero (a cudaStream_t), the copy starts only
   // after the work already queued on that stream (the model's compute) has finished.
   // InvalidArgument (nothing started) when page_ids.size() != blobs.size() * ppc or a page id is
-  // out of range.
+  // out of range, a blob is null, after_stream is not a stream of the layout's GPU (or is non-zero
+  // on the CPU path), or (kZeroCopy) a blob is not mapped pinned memory. A CUDA failure after the
+  // copy has started fails the transfer instead: Wait() returns it and the callback receives it.
   virtual StatusOr<std::shared_ptr<Transfer>> Gather(const std::vector<uint32_t>& page_ids,
                                                      const std::vector<void*>& blobs,
                                                      uintptr_t after_stream,
                                                      TransferCallback on_complete) = 0;
   // The reverse: blobs[c] into pages page_ids[c*ppc .. (c+1)*ppc), in layer order so that
-  // per-layer waits complete as early as possible.
+  // per-layer waits complete as early as possible. Also InvalidArgument when a page id appears
+  // twice (two chunks would write the same page).
   virtual StatusOr<std::shared_ptr<Transfer>> Scatter(const std::vector<void*>& blobs,
                                                       const std::vector<uint32_t>& page_ids,
                                                       uintptr_t after_stream,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kvtier import _core
+from kvtier.cache import CacheConfig, KVCache, LoadHandle, StoreFuture
 from kvtier.errors import (
     CorruptionError,
     DeadlineExceededError,
@@ -13,11 +14,22 @@ from kvtier.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from kvtier.keys import ChunkKeyer, chunk_keys, namespace_key
+from kvtier.layout import Layout, Segment
 
 __version__: str = _core.__version__
 
 __all__ = [
     "__version__",
+    "KVCache",
+    "CacheConfig",
+    "StoreFuture",
+    "LoadHandle",
+    "Layout",
+    "Segment",
+    "ChunkKeyer",
+    "chunk_keys",
+    "namespace_key",
     "KVTierError",
     "InvalidArgumentError",
     "NotFoundError",

@@ -1,0 +1,277 @@
+"""KVCache: the public store / lookup / load API over the CPU tier (pinned pool + copy engine).
+
+Example (a vLLM-style paged KV on the GPU, 16-token pages, 256-token chunks)::
+
+    kv = [torch.zeros(2, 1024, 16, 8, 128, dtype=torch.bfloat16, device="cuda") for _ in range(32)]
+    layout = kvtier.Layout.from_vllm(kv, chunk_tokens=256)
+    cache = kvtier.KVCache(layout, cpu_bytes=8 << 30, model_id="llama-3-8b")
+    cache.store(tokens, page_ids).wait()          # offload every full chunk not cached yet
+    hit = cache.lookup(tokens)                    # leading tokens cached (a multiple of 256)
+    h = cache.load(tokens, new_page_ids)          # copy them back into other pages
+    h.wait_layer(0)                               # layer 0 landed: its attention may start
+    h.wait()
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvtier import _core
+from kvtier.errors import InvalidArgumentError
+from kvtier.keys import ChunkKeyer
+from kvtier.layout import Layout
+
+_METHODS = ("auto", "direct", "staged", "zero_copy", "cpu")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Settings of a KVCache. Every field is checked; a wrong value raises ValueError naming it.
+
+    Attributes:
+        cpu_bytes: hard capacity of the pinned CPU tier (rounded down to whole chunks).
+        model_id: scopes chunk keys: two models never share a chunk.
+        tenant_salt: optional per-tenant salt in the key namespace (tenants never share chunks).
+        method: how bytes cross PCIe: "auto", "direct", "staged", "zero_copy" (GPU) or "cpu".
+        staging_bytes: device staging area of the "staged" method.
+        cpu_threads: copy threads of the CPU path.
+        timeout_s: default deadline of every wait.
+    """
+
+    cpu_bytes: int = 1 << 30
+    model_id: str = "default"
+    tenant_salt: bytes | str | None = None
+    method: str = "auto"
+    staging_bytes: int = 256 << 20  # 64 MiB halves copy speed while the GPU computes (bench_copy)
+    cpu_threads: int = 2
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise InvalidArgumentError(f"config.{name} must be a positive int, got {v!r}")
+
+        positive_int("cpu_bytes")
+        positive_int("staging_bytes")
+        positive_int("cpu_threads")
+        if not isinstance(self.model_id, str) or not self.model_id:
+            raise InvalidArgumentError(f"config.model_id must be a non-empty str, got {self.model_id!r}")
+        if self.method not in _METHODS:
+            raise InvalidArgumentError(f"config.method must be one of {_METHODS}, got {self.method!r}")
+        if not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
+            raise InvalidArgumentError(f"config.timeout_s must be a positive number, got {self.timeout_s!r}")
+
+
+def _as_page_ids(page_ids) -> np.ndarray:
+    """Page ids as a 1-D int64 numpy array (from a list, numpy array or torch tensor on any device)."""
+    if type(page_ids).__module__.startswith("torch"):
+        if page_ids.is_floating_point() or page_ids.is_complex() or str(page_ids.dtype) == "torch.bool":
+            raise InvalidArgumentError(f"page_ids must be an integer tensor, got {page_ids.dtype}")
+        page_ids = page_ids.detach().to("cpu").numpy()
+    arr = np.asarray(page_ids)
+    if arr.ndim != 1:
+        raise InvalidArgumentError(f"page_ids must be 1-D, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidArgumentError(f"page_ids must be integers, got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _stream_handle(stream) -> int:
+    """A cudaStream_t as an int, from a torch.cuda.Stream, an int, or None (no ordering)."""
+    if stream is None:
+        return 0
+    if isinstance(stream, int):
+        return stream
+    handle = getattr(stream, "cuda_stream", None)
+    if handle is None:
+        raise InvalidArgumentError(f"stream must be a torch.cuda.Stream or an int handle, got {type(stream).__name__}")
+    return int(handle)
+
+
+class StoreFuture:
+    """An offload in flight. ``wait()`` returns the number of chunks newly stored."""
+
+    def __init__(self, op, timeout_s: float) -> None:
+        self._op = op
+        self._timeout_s = timeout_s
+        self.chunks = op.chunks if op is not None else 0
+        self.already_cached = op.already_cached if op is not None else 0
+        self.skipped_full = op.skipped_full if op is not None else 0
+
+    def wait(self, timeout_s: float | None = None) -> int:
+        if self._op is not None and self._op.transfer is not None:
+            self._op.transfer.wait(self._timeout_s if timeout_s is None else timeout_s)
+        return self.chunks
+
+    def done(self) -> bool:
+        return self._op is None or self._op.transfer is None or self._op.transfer.done
+
+
+class LoadHandle:
+    """A load in flight: ``num_tokens`` are being copied into the first pages given to ``load``."""
+
+    def __init__(self, op, num_tokens: int, num_layers: int, timeout_s: float) -> None:
+        self._op = op
+        self.num_tokens = num_tokens
+        self.num_layers = num_layers
+        self._timeout_s = timeout_s
+
+    @property
+    def _transfer(self):
+        return None if self._op is None else self._op.transfer
+
+    def wait(self, timeout_s: float | None = None) -> int:
+        """Block until every loaded byte has landed; returns ``num_tokens``."""
+        if self._transfer is not None:
+            self._transfer.wait(self._timeout_s if timeout_s is None else timeout_s)
+        return self.num_tokens
+
+    def wait_layer(self, layer: int, timeout_s: float | None = None) -> None:
+        """Block until layer ``layer``'s pages have landed (its attention may start)."""
+        if not 0 <= layer < self.num_layers:
+            raise InvalidArgumentError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        if self._transfer is not None:
+            self._transfer.wait_layer(layer, self._timeout_s if timeout_s is None else timeout_s)
+
+    def stream_wait_layer(self, layer: int, stream) -> None:
+        """Make ``stream`` wait on the GPU (not the host) for layer ``layer``."""
+        if not 0 <= layer < self.num_layers:
+            raise InvalidArgumentError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        if self._transfer is not None:
+            self._transfer.stream_wait_layer(layer, _stream_handle(stream))
+
+    def done(self) -> bool:
+        return self._transfer is None or self._transfer.done
+
+
+class KVCache:
+    """Keeps the KV of full chunks of prompts in a pinned CPU pool and copies it back on a hit.
+
+    ``layout`` describes the engine's KV tensors (:class:`kvtier.Layout`); pages are addressed
+    by page id in that layout. Thread-safe; every call that copies releases the GIL.
+    """
+
+    def __init__(self, layout: Layout, config: CacheConfig | None = None, **overrides) -> None:
+        if not isinstance(layout, Layout):
+            raise InvalidArgumentError(f"layout must be a kvtier.Layout, got {type(layout).__name__}")
+        if config is None:
+            config = CacheConfig(**overrides)
+        elif overrides:
+            config = CacheConfig(**{**config.__dict__, **overrides})
+        self.layout = layout
+        self.config = config
+        self._keyer = ChunkKeyer.from_layout(config.model_id, layout, config.tenant_salt)
+        device = -1 if layout.device == "cpu" else int(layout.device.split(":")[1] if ":" in layout.device else 0)
+        self._on_gpu = device >= 0
+        if config.cpu_bytes < layout.chunk_bytes:
+            raise InvalidArgumentError(
+                f"config.cpu_bytes={config.cpu_bytes} is smaller than one chunk ({layout.chunk_bytes} bytes)"
+            )
+        self._tier = _core.CpuTier(
+            layout.to_core_segments(),
+            device,
+            layout.pages_per_chunk,
+            [list(layout.layer_segments(i)) for i in range(layout.num_layers)],
+            config.cpu_bytes,
+            config.method,
+            config.staging_bytes,
+            config.cpu_threads,
+        )
+        self._closed = False
+        self._lock = threading.Lock()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidArgumentError("this KVCache is closed")
+
+    def _keys_and_pages(self, tokens, page_ids, what: str) -> tuple[list[bytes], np.ndarray]:
+        keys = self._keyer.keys(tokens)
+        pages = _as_page_ids(page_ids)
+        needed = len(keys) * self.layout.pages_per_chunk
+        if len(pages) < needed:
+            raise InvalidArgumentError(
+                f"{what}: page_ids has {len(pages)} pages, but the {len(keys)} full chunks of the tokens "
+                f"need {needed} ({self.layout.chunk_tokens} tokens = {self.layout.pages_per_chunk} pages each)"
+            )
+        return keys, pages
+
+    def _default_stream(self, stream) -> int:
+        if stream is not None or not self._on_gpu:
+            return _stream_handle(stream)
+        import torch  # only GPU layouts get here, and they came from torch tensors
+
+        return int(torch.cuda.current_stream(self.layout.tensors[0].device).cuda_stream)
+
+    # -- API -----------------------------------------------------------------------------------
+    def store(self, tokens, page_ids, *, stream=None) -> StoreFuture:
+        """Offload every full chunk of ``tokens`` not cached yet from its pages.
+
+        Args:
+            tokens: token ids (list, numpy or torch int array) of the sequence, from its start.
+            page_ids: the sequence's pages in order (chunk i = pages [i*ppc, (i+1)*ppc)).
+            stream: on a GPU, the copy starts after the work queued on this stream (default:
+                torch's current stream), so KV still being computed is never copied early.
+        Returns:
+            A :class:`StoreFuture`; the chunks become visible to lookups when it completes.
+        """
+        self._check_open()
+        keys, pages = self._keys_and_pages(tokens, page_ids, "store")
+        if not keys:
+            return StoreFuture(None, self.config.timeout_s)
+        op = self._tier.store(b"".join(keys), pages[: len(keys) * self.layout.pages_per_chunk],
+                              self._default_stream(stream))
+        return StoreFuture(op, self.config.timeout_s)
+
+    def lookup(self, tokens) -> int:
+        """Number of leading tokens of ``tokens`` whose KV is cached (a multiple of chunk_tokens)."""
+        self._check_open()
+        keys = self._keyer.keys(tokens)
+        if not keys:
+            return 0
+        return self._tier.lookup(b"".join(keys)) * self.layout.chunk_tokens
+
+    def load(self, tokens, page_ids, *, stream=None) -> LoadHandle:
+        """Copy the cached leading chunks of ``tokens`` into ``page_ids`` (in order).
+
+        Only as many chunks as ``page_ids`` covers are loaded. The handle's ``num_tokens`` says
+        how many leading tokens will be in place once ``wait()`` returns.
+        """
+        self._check_open()
+        keys = self._keyer.keys(tokens)
+        pages = _as_page_ids(page_ids)
+        if not keys:
+            return LoadHandle(None, 0, self.layout.num_layers, self.config.timeout_s)
+        op = self._tier.load(b"".join(keys), pages, self._default_stream(stream))
+        return LoadHandle(op, op.chunks * self.layout.chunk_tokens, self.layout.num_layers, self.config.timeout_s)
+
+    def stats(self) -> dict:
+        """Counters of the CPU tier: index, blocks, chunks stored/loaded, bytes, method."""
+        s = self._tier.stats()
+        s["method"] = self._tier.method
+        s["pinned"] = self._tier.pinned
+        s["capacity_chunks"] = self._tier.capacity_chunks
+        s["chunk_bytes"] = self._tier.blob_bytes
+        return s
+
+    def drain(self, timeout_s: float | None = None) -> None:
+        """Wait until no copy is in flight."""
+        self._tier.drain(self.config.timeout_s if timeout_s is None else timeout_s)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._tier.drain(self.config.timeout_s)
+        self._tier = None
+
+    def __enter__(self) -> KVCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
