@@ -18,11 +18,26 @@ ChunkIndex::ChunkIndex(BlockAllocator* allocator) : allocator_(allocator) {
 }
 
 bool ChunkIndex::EvictOneLocked() {
-  // Walk from the least recently used end; pinned entries stay.
+  // Walk from the least recently used end; pinned entries stay. An entry admitted for write-back
+  // leaves the LRU list as DEMOTING (its block is not free yet), and the walk goes on.
   for (auto it = lru_.end(); it != lru_.begin();) {
     --it;
     auto e = map_.find(*it);
     if (e->second.pins != 0) continue;
+    if (demotion_filter_ != nullptr) {
+      if (!demotion_filter_(demotion_ctx_, e->first, e->second.seen)) {
+        ++counters_.demotions_not_admitted;
+      } else if (demoting_ >= max_demotions_) {
+        ++counters_.demotions_busy;
+      } else {
+        e->second.state = State::kDemoting;
+        ++demoting_;
+        ++counters_.demotions;
+        new_demotions_.emplace_back(e->first, e->second.block);
+        it = lru_.erase(it);
+        continue;
+      }
+    }
     BlockId block = e->second.block;
     lru_.erase(it);
     map_.erase(e);
@@ -33,16 +48,51 @@ bool ChunkIndex::EvictOneLocked() {
   return false;
 }
 
+void ChunkIndex::EnableDemotion(DemotionFilter filter, void* ctx, size_t max_in_flight) {
+  std::lock_guard<std::mutex> lock(mu_);
+  demotion_filter_ = filter;
+  demotion_ctx_ = ctx;
+  max_demotions_ = max_in_flight;
+}
+
+std::vector<std::pair<ChunkKey, BlockId>> ChunkIndex::TakeDemotions() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::pair<ChunkKey, BlockId>> out;
+  out.swap(new_demotions_);
+  return out;
+}
+
+Status ChunkIndex::FinishDemotion(const ChunkKey& key) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = map_.find(key);
+  if (it == map_.end() || it->second.state != State::kDemoting) {
+    return Status::FailedPrecondition("chunk " + key.Hex() + " is not being demoted");
+  }
+  --demoting_;
+  if (it->second.pins != 0) {
+    it->second.state = State::kDropping;  // the last Release frees it
+    return Status::OK();
+  }
+  BlockId block = it->second.block;
+  map_.erase(it);
+  ++counters_.evictions;
+  return allocator_->Free(block);
+}
+
 StatusOr<BlockId> ChunkIndex::BeginInsert(const ChunkKey& key) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (map_.count(key)) return Status::AlreadyExists("chunk " + key.Hex() + " is already cached");
+  auto existing = map_.find(key);
+  if (existing != map_.end()) {
+    ++existing->second.seen;  // another request carried this chunk: it counts for admission
+    return Status::AlreadyExists("chunk " + key.Hex() + " is already cached");
+  }
   StatusOr<BlockId> block = allocator_->Allocate();
   while (!block.ok() && EvictOneLocked()) block = allocator_->Allocate();
   if (!block.ok()) {
     ++counters_.insert_rejected;
     return Status::ResourceExhausted("tier full: every block is being written or pinned by a reader");
   }
-  map_.emplace(key, Entry{*block, State::kWriting, 0, lru_.end()});
+  map_.emplace(key, Entry{*block, State::kWriting, 0, 1, lru_.end()});
   ++writing_;
   return *block;
 }
@@ -82,7 +132,7 @@ size_t ChunkIndex::Lookup(const ChunkKey* keys, size_t n) {
   size_t i = 0;
   for (; i < n; ++i) {
     auto it = map_.find(keys[i]);
-    if (it == map_.end() || it->second.state != State::kReady) break;
+    if (it == map_.end() || !Visible(it->second.state)) break;
   }
   counters_.hit_chunks += i;
   if (i < n) ++counters_.miss_chunks;
@@ -94,14 +144,15 @@ size_t ChunkIndex::Acquire(const ChunkKey* keys, size_t n, std::vector<BlockId>*
   size_t i = 0;
   for (; i < n; ++i) {
     auto it = map_.find(keys[i]);
-    if (it == map_.end() || it->second.state != State::kReady) break;
+    if (it == map_.end() || !Visible(it->second.state)) break;
     if (it->second.pins++ == 0) ++pinned_entries_;
+    ++it->second.seen;
     blocks->push_back(it->second.block);
   }
   // Tail first, so that the head of the prefix ends up most recently used.
   for (size_t j = i; j > 0; --j) {
     auto it = map_.find(keys[j - 1]);
-    lru_.splice(lru_.begin(), lru_, it->second.lru_pos);
+    if (it->second.state == State::kReady) lru_.splice(lru_.begin(), lru_, it->second.lru_pos);
   }
   counters_.hit_chunks += i;
   if (i < n) ++counters_.miss_chunks;
@@ -117,7 +168,15 @@ Status ChunkIndex::Release(const ChunkKey* keys, size_t n) {
       result = Status::FailedPrecondition("chunk " + keys[i].Hex() + " is not pinned (release without acquire)");
       continue;
     }
-    if (--it->second.pins == 0) --pinned_entries_;
+    if (--it->second.pins == 0) {
+      --pinned_entries_;
+      if (it->second.state == State::kDropping) {
+        BlockId block = it->second.block;
+        map_.erase(it);
+        ++counters_.evictions;
+        (void)allocator_->Free(block);
+      }
+    }
   }
   return result;
 }
@@ -138,7 +197,7 @@ Status ChunkIndex::Erase(const ChunkKey& key) {
 bool ChunkIndex::Contains(const ChunkKey& key) const {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = map_.find(key);
-  return it != map_.end() && it->second.state == State::kReady;
+  return it != map_.end() && Visible(it->second.state);
 }
 
 ChunkIndexStats ChunkIndex::stats() const {
@@ -148,6 +207,7 @@ ChunkIndexStats ChunkIndex::stats() const {
   s.writing = writing_;
   s.ready = map_.size() - writing_;
   s.pinned = pinned_entries_;
+  s.demoting = demoting_;
   return s;
 }
 

@@ -10,6 +10,9 @@
 //   READY    --Acquire-->      READY, pins + 1   (a reader copies the block's bytes)
 //   READY    --Release-->      READY, pins - 1
 //   READY, pins == 0 --evicted or Erase--> (absent)   block freed
+//   READY, pins == 0 --evicted, demotion admitted--> DEMOTING   still visible and readable; the
+//                     block is held for a write-back to the next tier (TakeDemotions)
+//   DEMOTING --FinishDemotion--> (absent)   block freed (once the last reader releases it)
 // Invariants: a WRITING entry or a READY entry with pins > 0 is never evicted, so a block in use by
 // a transfer is never reused; the index never holds more blocks than the allocator has.
 //
@@ -44,7 +47,16 @@ struct ChunkIndexStats {
   uint64_t aborts = 0;           // AbortInsert
   uint64_t evictions = 0;
   uint64_t insert_rejected = 0;  // BeginInsert refused: full and nothing evictable
+  size_t demoting = 0;            // entries held for a write-back right now
+  uint64_t demotions = 0;         // evictions handed to the next tier
+  uint64_t demotions_not_admitted = 0;  // evictions the admission rule dropped
+  uint64_t demotions_busy = 0;    // evictions dropped because max_in_flight write-backs were running
 };
+
+// Decides whether an evicted chunk is written back to the next tier. `seen` counts the requests
+// that contained the chunk while it was cached here (its store, and every later store or acquire).
+// Called under the index lock: must be cheap and must not call back into the index.
+using DemotionFilter = bool (*)(void* ctx, const ChunkKey& key, uint32_t seen);
 
 class ChunkIndex {
  public:
@@ -73,17 +85,30 @@ class ChunkIndex {
   // Removes a READY, unpinned entry. NotFound / FailedPrecondition otherwise.
   Status Erase(const ChunkKey& key) EXCLUDES(mu_);
 
-  bool Contains(const ChunkKey& key) const EXCLUDES(mu_);  // READY only
+  // Enables write-back: evicted entries that `filter` admits become DEMOTING (at most
+  // `max_in_flight` at once; beyond that an eviction just drops the chunk, so a store never waits).
+  void EnableDemotion(DemotionFilter filter, void* ctx, size_t max_in_flight) EXCLUDES(mu_);
+  // Hands out the entries that became DEMOTING since the last call: (key, block) pairs whose bytes
+  // stay valid until FinishDemotion(key).
+  std::vector<std::pair<ChunkKey, BlockId>> TakeDemotions() EXCLUDES(mu_);
+  // The write-back of `key` is over (done or failed): the entry goes, its block is freed as soon
+  // as no reader holds it.
+  Status FinishDemotion(const ChunkKey& key) EXCLUDES(mu_);
+
+  bool Contains(const ChunkKey& key) const EXCLUDES(mu_);  // READY or DEMOTING
   ChunkIndexStats stats() const EXCLUDES(mu_);
 
  private:
-  enum class State : uint8_t { kWriting, kReady };
+  // kDropping: demotion finished while readers held the block; invisible, freed at last Release.
+  enum class State : uint8_t { kWriting, kReady, kDemoting, kDropping };
   struct Entry {
     BlockId block;
     State state;
     uint32_t pins;
+    uint32_t seen;
     std::list<ChunkKey>::iterator lru_pos;  // valid when state == kReady
   };
+  static bool Visible(State s) { return s == State::kReady || s == State::kDemoting; }
 
   // Frees the least recently used unpinned READY entry's block. False if there is none.
   bool EvictOneLocked() REQUIRES_LOCK(mu_);
@@ -94,6 +119,11 @@ class ChunkIndex {
   std::list<ChunkKey> lru_ GUARDED_BY(mu_);  // front = most recently used; READY entries only
   size_t pinned_entries_ GUARDED_BY(mu_) = 0;
   size_t writing_ GUARDED_BY(mu_) = 0;
+  DemotionFilter demotion_filter_ GUARDED_BY(mu_) = nullptr;
+  void* demotion_ctx_ GUARDED_BY(mu_) = nullptr;
+  size_t max_demotions_ GUARDED_BY(mu_) = 0;
+  size_t demoting_ GUARDED_BY(mu_) = 0;
+  std::vector<std::pair<ChunkKey, BlockId>> new_demotions_ GUARDED_BY(mu_);
   ChunkIndexStats counters_ GUARDED_BY(mu_);
 };
 

@@ -177,5 +177,73 @@ TEST(ChunkIndexTest, ConcurrentInsertLookupAcquireKeepsBlocksExclusive) {
   EXPECT_LE(s.entries, static_cast<size_t>(kBlocks));
 }
 
+
+bool AdmitSeenTwice(void*, const ChunkKey&, uint32_t seen) { return seen >= 2; }
+
+TEST(ChunkIndexTest, DemotionHoldsAdmittedChunksVisibleUntilFinished) {
+  BlockAllocator alloc(2, 64);
+  ChunkIndex index(&alloc);
+  index.EnableDemotion(&AdmitSeenTwice, nullptr, 4);
+  ChunkKey k0 = K(0), k1 = K(1);
+  for (ChunkKey k : {k0, k1}) {
+    ASSERT_TRUE(index.BeginInsert(k).ok());
+    ASSERT_TRUE(index.CommitInsert(k).ok());
+  }
+  std::vector<BlockId> blocks;
+  ASSERT_EQ(index.Acquire(&k0, 1, &blocks), 1u);  // k0 seen twice: admitted for write-back
+  ASSERT_TRUE(index.Release(&k0, 1).ok());
+  ASSERT_EQ(index.Acquire(&k1, 1, &blocks), 1u);  // k1 also seen twice, and now most recent
+  ASSERT_TRUE(index.Release(&k1, 1).ok());
+  // Full: k0 (LRU, admitted) becomes DEMOTING, then k1 too; no block is free -> rejected.
+  EXPECT_EQ(index.BeginInsert(K(2)).status().code(), StatusCode::kResourceExhausted);
+  auto demotions = index.TakeDemotions();
+  ASSERT_EQ(demotions.size(), 2u);
+  EXPECT_EQ(demotions[0].first, k0);
+  EXPECT_TRUE(index.Contains(k0));  // still readable while the write-back runs
+  EXPECT_EQ(index.stats().demoting, 2u);
+  // A reader holds k0 when its write-back finishes: the block is freed at the reader's release.
+  ASSERT_EQ(index.Acquire(&k0, 1, &blocks), 1u);
+  ASSERT_TRUE(index.FinishDemotion(k0).ok());
+  EXPECT_FALSE(index.Contains(k0));
+  EXPECT_EQ(alloc.stats().used_blocks, 2u);
+  ASSERT_TRUE(index.Release(&k0, 1).ok());
+  EXPECT_EQ(alloc.stats().used_blocks, 1u);
+  ASSERT_TRUE(index.FinishDemotion(k1).ok());
+  EXPECT_EQ(alloc.stats().used_blocks, 0u);
+  EXPECT_EQ(index.FinishDemotion(k1).code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(index.BeginInsert(K(2)).ok());
+}
+
+TEST(ChunkIndexTest, DemotionDropsUnadmittedAndBeyondTheInFlightBound) {
+  BlockAllocator alloc(3, 64);
+  ChunkIndex index(&alloc);
+  index.EnableDemotion(&AdmitSeenTwice, nullptr, 1);
+  std::vector<BlockId> blocks;
+  for (int i = 0; i < 3; ++i) {
+    ChunkKey k = K(i);
+    ASSERT_TRUE(index.BeginInsert(k).ok());
+    ASSERT_TRUE(index.CommitInsert(k).ok());
+    if (i < 2) {  // 0 and 1 seen twice
+      ASSERT_EQ(index.Acquire(&k, 1, &blocks), 1u);
+      ASSERT_TRUE(index.Release(&k, 1).ok());
+    }
+  }
+  // LRU order (old -> new): 0, 1, 2. Insert 3: 0 demoted (bound 1 reached), 1 dropped as busy.
+  ASSERT_TRUE(index.BeginInsert(K(3)).ok());
+  auto st = index.stats();
+  EXPECT_EQ(st.demotions, 1u);
+  EXPECT_EQ(st.demotions_busy, 1u);
+  EXPECT_TRUE(index.Contains(K(0)));
+  EXPECT_FALSE(index.Contains(K(1)));
+  ASSERT_TRUE(index.CommitInsert(K(3)).ok());
+  // Insert 4: LRU is 2 (seen once): not admitted, dropped at once.
+  ASSERT_TRUE(index.BeginInsert(K(4)).ok());
+  EXPECT_EQ(index.stats().demotions_not_admitted, 1u);
+  EXPECT_FALSE(index.Contains(K(2)));
+  ASSERT_EQ(index.TakeDemotions().size(), 1u);
+  ASSERT_TRUE(index.FinishDemotion(K(0)).ok());
+  ASSERT_TRUE(index.AbortInsert(K(4)).ok());
+}
+
 }  // namespace
 }  // namespace kvtier
