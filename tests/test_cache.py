@@ -267,3 +267,33 @@ def test_closed_cache_refuses_calls():
     cache.close()
     with pytest.raises(ValueError, match="closed"):
         cache.lookup([1] * 64)
+
+
+def test_failed_copies_leave_nothing_visible():
+    """A store whose copy fails is never visible; a failed load releases its pins."""
+    model = KVModel("vllm", torch.float32, 16, num_pages=32)
+    layout = model.layout
+    ct = layout.chunk_tokens
+    tier = kvtier._core.CpuTier(layout.to_core_segments(), -1, layout.pages_per_chunk,
+                                [list(layout.layer_segments(i)) for i in range(layout.num_layers)],
+                                8 * layout.chunk_bytes, "cpu", 1 << 20, 2, fail_every_nth=2)
+    keyer = kvtier.ChunkKeyer.from_layout("m", layout)
+    good, bad = tokens_for(2 * ct, 1), tokens_for(2 * ct, 2)
+    op = tier.store(b"".join(keyer.keys(good)), np.arange(4))  # transfer 1: succeeds
+    op.transfer.wait(10.0)
+    op = tier.store(b"".join(keyer.keys(bad)), np.arange(4, 8))  # transfer 2: injected failure
+    with pytest.raises(kvtier.errors.KVTierIOError, match="injected"):
+        op.transfer.wait(10.0)
+    assert tier.lookup(b"".join(keyer.keys(bad))) == 0
+    st = tier.stats()
+    assert st["chunks_failed"] == 2 and st["index"]["entries"] == 2 and st["index"]["writing"] == 0
+    assert st["blocks"]["used_blocks"] == 2  # the failed chunks' blocks went back
+
+    op = tier.load(b"".join(keyer.keys(good)), np.arange(10, 14))  # transfer 3: succeeds
+    op.transfer.wait(10.0)
+    op = tier.load(b"".join(keyer.keys(good)), np.arange(20, 24))  # transfer 4: fails
+    with pytest.raises(kvtier.errors.KVTierIOError):
+        op.transfer.wait(10.0)
+    st = tier.stats()
+    assert st["index"]["pinned"] == 0 and st["chunks_loaded"] == 2
+    assert tier.lookup(b"".join(keyer.keys(good))) == 2  # the cached chunks are intact

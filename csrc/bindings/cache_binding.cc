@@ -79,7 +79,7 @@ void BindCache(py::module_& m) {
       .def(py::init([](const std::vector<std::tuple<uint64_t, uint64_t, uint64_t, uint64_t>>& segments, int device,
                        uint32_t pages_per_chunk, const std::vector<std::vector<uint32_t>>& layer_segments,
                        uint64_t capacity_bytes, const std::string& method, uint64_t staging_bytes,
-                       int cpu_threads) {
+                       int cpu_threads, uint32_t fail_every_nth) {
              LayoutDesc layout;
              for (const auto& [base, stride, bytes, pages] : segments) layout.segments.push_back({base, stride, bytes, pages});
              layout.device = device;
@@ -90,6 +90,7 @@ void BindCache(py::module_& m) {
              options.copy.method = ParseMethod(method);
              options.copy.staging_bytes = staging_bytes;
              options.copy.cpu_threads = cpu_threads;
+             options.copy.fail_every_nth = fail_every_nth;
              std::unique_ptr<CpuTier> tier;
              {
                py::gil_scoped_release release;
@@ -99,7 +100,7 @@ void BindCache(py::module_& m) {
            }),
            py::arg("segments"), py::arg("device"), py::arg("pages_per_chunk"), py::arg("layer_segments"),
            py::arg("capacity_bytes"), py::arg("method") = "auto", py::arg("staging_bytes") = 64ull << 20,
-           py::arg("cpu_threads") = 2)
+           py::arg("cpu_threads") = 2, py::arg("fail_every_nth") = 0)
       .def("store", [](CpuTier& t, const py::bytes& keys, const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& page_ids, uintptr_t after_stream) {
              std::vector<ChunkKey> k = ParseKeys(keys);
              std::vector<uint32_t> p = ParsePages(page_ids);

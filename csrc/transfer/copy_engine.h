@@ -63,6 +63,9 @@ struct CopyEngineOptions {
   // rate (each fill's kernel waits for SM slots; bench_copy's matmul_beside_* workloads show it).
   uint64_t staging_bytes = 64ull << 20;
   int cpu_threads = 2;                   // workers for the CPU path
+  // Fault injection for tests (CPU path): every Nth transfer copies its bytes but completes with
+  // an IoError, as a failed DMA would. 0 turns it off.
+  uint32_t fail_every_nth = 0;
 };
 
 // One asynchronous gather or scatter of one or more chunks.

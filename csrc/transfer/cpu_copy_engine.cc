@@ -3,6 +3,7 @@
 #include "transfer/cpu_copy_engine.h"
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -28,6 +29,7 @@ struct CpuTransferState {
   std::vector<void*> blobs;
   bool scatter = false;
   TransferCallback callback;
+  Status final_status;  // set before any task runs; what the callback and Wait() report
 
   std::mutex mu;
   std::condition_variable cv;
@@ -37,7 +39,7 @@ struct CpuTransferState {
 
   // Runs the callback (once), then marks the transfer done so Wait() returns after it.
   void Complete() {
-    if (callback) callback(Status::OK());
+    if (callback) callback(final_status);
     {
       std::lock_guard<std::mutex> lock(mu);
       done = true;
@@ -156,7 +158,7 @@ class CpuTransfer final : public Transfer {
       return Status::DeadlineExceeded("transfer not complete after " + std::to_string(timeout_ms) +
                                       " ms");
     }
-    return Status::OK();
+    return state_->final_status;
   }
 
   Status WaitLayer(int layer, int64_t timeout_ms) override {
@@ -199,8 +201,8 @@ class CpuTransfer final : public Transfer {
 
 class CpuCopyEngine final : public CopyEngine {
  public:
-  CpuCopyEngine(std::shared_ptr<const LayoutPlan> plan, int threads)
-      : plan_(std::move(plan)), threads_(threads) {}
+  CpuCopyEngine(std::shared_ptr<const LayoutPlan> plan, int threads, uint32_t fail_every_nth)
+      : plan_(std::move(plan)), threads_(threads), fail_every_nth_(fail_every_nth) {}
 
   Status Start() { return pool_.Start(threads_); }
 
@@ -238,6 +240,9 @@ class CpuCopyEngine final : public CopyEngine {
     state->blobs = blobs;
     state->scatter = scatter;
     state->callback = std::move(on_complete);
+    if (fail_every_nth_ != 0 && ++transfers_ % fail_every_nth_ == 0) {
+      state->final_status = Status::IoError("injected copy failure (fail_every_nth)");
+    }
 
     const LayoutPlan& plan = *plan_;
     const uint64_t units = static_cast<uint64_t>(page_ids.size());
@@ -274,6 +279,8 @@ class CpuCopyEngine final : public CopyEngine {
 
   std::shared_ptr<const LayoutPlan> plan_;
   int threads_;
+  const uint32_t fail_every_nth_;
+  std::atomic<uint64_t> transfers_{0};
   WorkerPool pool_;  // declared last: destroyed first, finishing queued tasks while plan_ lives
 };
 
@@ -282,7 +289,7 @@ class CpuCopyEngine final : public CopyEngine {
 StatusOr<std::unique_ptr<CopyEngine>> CreateCpuCopyEngine(LayoutPlan plan,
                                                           const CopyEngineOptions& options) {
   auto engine = std::make_unique<CpuCopyEngine>(std::make_shared<const LayoutPlan>(std::move(plan)),
-                                                options.cpu_threads);
+                                                options.cpu_threads, options.fail_every_nth);
   KVTIER_RETURN_IF_ERROR(engine->Start());
   return std::unique_ptr<CopyEngine>(std::move(engine));
 }
