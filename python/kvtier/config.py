@@ -1,0 +1,906 @@
+"""KVTierConfig: the one validated configuration of a kvtier engine, read from a YAML file,
+``KVTIER_*`` environment variables and keyword overrides.
+
+Precedence, lowest first: defaults < YAML file < environment < keyword overrides. Every wrong
+value raises :class:`kvtier.errors.InvalidArgumentError` naming the key as a dotted path
+(``disk.queue_depth``), the value given, where it came from and what is allowed; an unknown key
+is an error that lists the close matches. docs/configuration.md lists every key.
+
+Example::
+
+    cfg = KVTierConfig.load("kvtier.yaml", cpu_bytes="8GiB")   # KVTIER_* variables apply too
+    cache = kvtier.KVCache(layout, **cfg.cache_kwargs())
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, ClassVar
+
+from kvtier.errors import InvalidArgumentError, UnavailableError
+
+ENV_PREFIX = "KVTIER_"
+# The variable that names a YAML file when load() gets no path.
+CONFIG_FILE_ENV = "KVTIER_CONFIG"
+# KVTIER_* variables that belong to the build and the test suite, not to the engine's config.
+_ENV_NOT_CONFIG = frozenset({CONFIG_FILE_ENV, "KVTIER_CUDA", "KVTIER_LIBURING"})
+_ENV_NOT_CONFIG_PREFIXES = ("KVTIER_TEST_", "KVTIER_BUILD_", "KVTIER_BENCH_")
+
+METHODS = ("auto", "direct", "staged", "zero_copy", "cpu")
+EVICTION_POLICIES = ("lru", "s3fifo", "lfu")
+DISK_BACKENDS = ("auto", "io_uring", "posix")
+
+
+# -- errors --------------------------------------------------------------------------------------
+def _invalid(key: str, value: Any, allowed: str, source: str | None = None) -> InvalidArgumentError:
+    """The error for a wrong value, carrying key, value and allowed (a loader adds the source)."""
+    where = f" (from {source})" if source else ""
+    err = InvalidArgumentError(f"{key}: invalid value {value!r}{where}; allowed: {allowed}")
+    err.key, err.value, err.allowed = key, value, allowed
+    return err
+
+
+def _unknown(
+    what: str, name: str, known: list[str], source: str | None, prefix: str = "", hint: str = ""
+) -> InvalidArgumentError:
+    """The error for an unknown key, with close matches (difflib, compared without the prefix)."""
+    where = f" (from {source})" if source else ""
+    stems = [k[len(prefix) :] for k in known]
+    close = [
+        prefix + c for c in difflib.get_close_matches(name[len(prefix) :], stems, n=3, cutoff=0.6)
+    ]
+    if close:
+        suggestion = "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    else:
+        suggestion = hint or "known: " + ", ".join(known)
+    err = InvalidArgumentError(f"unknown {what} {name!r}{where}; {suggestion}")
+    err.key, err.close_matches = name, close
+    return err
+
+
+# -- sizes ---------------------------------------------------------------------------------------
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "pb": 10**15,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "pib": 2**50,
+}
+_SIZE_RE = re.compile(r"^\s*(\d[\d_]*(?:\.\d+)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+SIZE_FORMS = (
+    "an integer number of bytes or a string like '8GiB', '512MB', '1.5TB' (B; kB MB GB TB PB = "
+    "powers of 1000; KiB MiB GiB TiB PiB = powers of 1024; case-insensitive)"
+)
+
+
+def parse_size(value: float | str, key: str = "size") -> int:
+    """Bytes from an int or a string such as ``"8GiB"``, ``"512MB"`` or ``"1.5TB"``.
+
+    Units are case-insensitive: B, kB/MB/GB/TB/PB (powers of 1000) and KiB/MiB/GiB/TiB/PiB
+    (powers of 1024). A fraction of a byte is dropped (``"1.1KiB"`` is 1126).
+
+    >>> parse_size("8GiB"), parse_size("512MB"), parse_size("1.5tb"), parse_size(4096)
+    (8589934592, 512000000, 1500000000000, 4096)
+    """
+    try:
+        return _parse_size(value)
+    except _Rejected:
+        raise _invalid(key, value, SIZE_FORMS) from None
+
+
+def _parse_size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise _Rejected
+    if isinstance(value, int):
+        if value < 0:
+            raise _Rejected
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value) and value >= 0 and value.is_integer():
+            return int(value)
+        raise _Rejected
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m and m.group(2).lower() in _SIZE_UNITS:
+            return int(Decimal(m.group(1).replace("_", "")) * _SIZE_UNITS[m.group(2).lower()])
+    raise _Rejected
+
+
+# -- value checkers --------------------------------------------------------------------------------
+class _Rejected(Exception):
+    """A checker refused a value; the section turns it into an InvalidArgumentError with the key."""
+
+
+class _Check:
+    """Parses one value (a YAML value, an environment string or a Python object) or rejects it."""
+
+    allowed: str = ""
+    type_name: str = ""
+
+    def __call__(self, value: Any) -> Any:
+        raise NotImplementedError
+
+
+class _Int(_Check):
+    def __init__(self, lo: int, hi: int | None = None) -> None:
+        self.lo, self.hi = lo, hi
+        self.allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        self.type_name = "int"
+
+    def __call__(self, value: Any) -> int:
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise _Rejected from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Rejected
+        if value < self.lo or (self.hi is not None and value > self.hi):
+            raise _Rejected
+        return value
+
+
+class _Float(_Check):
+    def __init__(self, lo: float = 0.0) -> None:
+        self.lo = lo
+        self.allowed = "a number > 0" if lo == 0 else f"a number >= {lo}"
+        self.type_name = "float"
+
+    def __call__(self, value: Any) -> float:
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise _Rejected from None
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
+            raise _Rejected
+        if value <= 0 or value < self.lo:
+            raise _Rejected
+        return float(value)
+
+
+class _Size(_Check):
+    def __init__(self, lo: int) -> None:
+        self.lo = lo
+        at_least = "" if lo == 0 else f" of at least {lo} byte" + ("s" if lo != 1 else "")
+        self.allowed = f"a size{at_least}: {SIZE_FORMS}"
+        self.type_name = "size"
+
+    def __call__(self, value: Any) -> int:
+        n = _parse_size(value)
+        if n < self.lo:
+            raise _Rejected
+        return n
+
+
+class _Choice(_Check):
+    def __init__(self, options: tuple[str, ...]) -> None:
+        self.options = options
+        self.allowed = "one of " + ", ".join(repr(o) for o in options)
+        self.type_name = " | ".join(options)
+
+    def __call__(self, value: Any) -> str:
+        if isinstance(value, str) and value.strip().lower() in self.options:
+            return value.strip().lower()
+        raise _Rejected
+
+
+class _Bool(_Check):
+    allowed = "true or false (also 1/0, yes/no, on/off)"
+    type_name = "bool"
+    _WORDS: ClassVar[dict[str, bool]] = {
+        "1": True,
+        "true": True,
+        "yes": True,
+        "on": True,
+        "0": False,
+        "false": False,
+        "no": False,
+        "off": False,
+    }
+
+    def __call__(self, value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in self._WORDS:
+            return self._WORDS[value.strip().lower()]
+        raise _Rejected
+
+
+class _Text(_Check):
+    def __init__(self, pattern: str | None = None, what: str = "a non-empty string") -> None:
+        self.pattern = re.compile(pattern) if pattern else None
+        self.allowed = what
+        self.type_name = "str"
+
+    def __call__(self, value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise _Rejected
+        if self.pattern is not None and not self.pattern.fullmatch(value):
+            raise _Rejected
+        return value
+
+
+class _Dir(_Check):
+    allowed = "an existing directory"
+    type_name = "path"
+
+    def __call__(self, value: Any) -> str:
+        if not isinstance(value, (str, os.PathLike)) or not str(value):
+            raise _Rejected
+        path = os.path.expanduser(os.fspath(value))
+        if not os.path.isdir(path):
+            raise _Rejected
+        return path
+
+
+class _File(_Check):
+    allowed = "a file path"
+    type_name = "path"
+
+    def __call__(self, value: Any) -> str:
+        if not isinstance(value, (str, os.PathLike)) or not str(value):
+            raise _Rejected
+        return os.path.expanduser(os.fspath(value))
+
+
+class _Salt(_Check):
+    allowed = "a string or bytes"
+    type_name = "str | bytes"
+
+    def __call__(self, value: Any) -> str | bytes:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return bytes(value)
+        raise _Rejected
+
+
+_ADDRESS_FORMS = "'host:port' with a port in [0, 65535] (IPv6 as '[::1]:7400')"
+
+
+def _check_address(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Rejected
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise _Rejected
+    return value.strip()
+
+
+class _Address(_Check):
+    allowed = _ADDRESS_FORMS
+    type_name = "host:port"
+
+    def __call__(self, value: Any) -> str:
+        return _check_address(value)
+
+
+class _AddressList(_Check):
+    allowed = f"a list of {_ADDRESS_FORMS} (in the environment: comma-separated)"
+    type_name = "list of host:port"
+
+    def __call__(self, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, (list, tuple)):
+            raise _Rejected
+        return tuple(_check_address(v) for v in value)
+
+
+class _Optional(_Check):
+    """None, or the inner value. ``none_words``: "", "none" and "null" strings also mean None
+    (the environment cannot spell null otherwise)."""
+
+    def __init__(
+        self,
+        inner: _Check,
+        meaning: str = "unset",
+        none_words: tuple[str, ...] = ("", "none", "null"),
+    ):
+        self.inner, self.none_words = inner, none_words
+        self.allowed = f"{inner.allowed}, or null ({meaning})"
+        self.type_name = f"{inner.type_name} or null"
+
+    def __call__(self, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str) and value.strip().lower() in self.none_words:
+            return None
+        return self.inner(value)
+
+
+def _field(
+    default: Any, check: _Check, doc: str, *, env: str | None = None, show: bool = True
+) -> Any:
+    """A config field: its checker, one line of documentation and (rarely) its own env name."""
+    return field(default=default, repr=show, metadata={"check": check, "doc": doc, "env": env})
+
+
+# -- sections --------------------------------------------------------------------------------------
+class _Section:
+    """Validates and normalizes every field of a frozen section dataclass after __init__."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check: _Check = f.metadata["check"]
+            raw = getattr(self, f.name)
+            try:
+                value = check(raw)
+            except _Rejected:
+                raise _invalid(f"{self.SECTION}.{f.name}", raw, check.allowed) from None
+            object.__setattr__(self, f.name, value)
+        self._check_together()
+
+    def _check_together(self) -> None:
+        """Rules that involve several keys of the section."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class CpuConfig(_Section):
+    """The pinned CPU tier and the copies between it and the GPU."""
+
+    SECTION: ClassVar[str] = "cpu"
+    bytes: int = _field(
+        1 << 30, _Size(1), "hard capacity of the pinned CPU tier (rounded down to whole chunks)"
+    )
+    method: str = _field(
+        "auto",
+        _Choice(METHODS),
+        "how bytes cross PCIe: DMA of whole pages (direct), DMA after a gather into a GPU "
+        "staging buffer (staged), a kernel writing pinned memory (zero_copy), host copies "
+        "(cpu); auto picks",
+    )
+    staging_bytes: int = _field(256 << 20, _Size(1), "GPU staging buffer of the 'staged' method")
+    threads: int = _field(2, _Int(1, 1024), "copy threads of the CPU path")
+    eviction_policy: str = _field(
+        "lru", _Choice(EVICTION_POLICIES), "which chunk the CPU tier evicts first"
+    )
+
+
+@dataclass(frozen=True)
+class DiskConfig(_Section):
+    """The NVMe tier below the CPU tier (off unless ``dir`` is set)."""
+
+    SECTION: ClassVar[str] = "disk"
+    dir: str | None = _field(
+        None,
+        _Optional(_Dir(), "no disk tier"),
+        "directory of the disk tier's cache file; must take O_DIRECT (a real disk, not tmpfs)",
+    )
+    bytes: int = _field(
+        0, _Size(0), "hard capacity of the disk tier's cache file (required when dir is set)"
+    )
+    backend: str = _field(
+        "auto", _Choice(DISK_BACKENDS), "I/O backend: io_uring where it works (auto), or forced"
+    )
+    admit_min_seen: int = _field(
+        2,
+        _Int(1),
+        "a chunk evicted from CPU is written to disk only if this many requests carried it",
+    )
+    queue_depth: int = _field(32, _Int(1, 4096), "disk requests in flight at once")
+    io_timeout_s: float = _field(10.0, _Float(0.001), "deadline of every disk request, in seconds")
+
+    def _check_together(self) -> None:
+        if self.dir is not None and self.bytes < 1:
+            raise _invalid("disk.bytes", self.bytes, "a size >= 1 byte when disk.dir is set")
+
+
+@dataclass(frozen=True)
+class GpuConfig(_Section):
+    """The GPU tier's page pool (give pool_pages or bytes, not both; neither: the engine's own)."""
+
+    SECTION: ClassVar[str] = "gpu"
+    pool_pages: int | None = _field(
+        None, _Optional(_Int(1), "sized by gpu.bytes or the engine"), "pages in the GPU pool"
+    )
+    bytes: int | None = _field(
+        None, _Optional(_Size(1), "sized by gpu.pool_pages or the engine"), "bytes of the GPU pool"
+    )
+    page_tokens: int = _field(16, _Int(1), "tokens per page (the inference engine's paging unit)")
+
+    def _check_together(self) -> None:
+        if self.pool_pages is not None and self.bytes is not None:
+            raise _invalid(
+                "gpu.bytes", self.bytes, "null when gpu.pool_pages is set (give one of the two)"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """What scopes chunk keys: two models, or two tenants, never share a chunk."""
+
+    SECTION: ClassVar[str] = "model"
+    model_id: str = _field(
+        "default", _Text(), "the model's name; part of every chunk key", env="KVTIER_MODEL_ID"
+    )
+    tenant_salt: str | bytes | None = _field(
+        None,
+        _Optional(_Salt(), "no salt", none_words=()),
+        "per-tenant secret in the key namespace; '' is a salt, distinct from null",
+        show=False,
+    )
+    chunk_tokens: int = _field(
+        256, _Int(1), "tokens per chunk, the caching unit (a multiple of gpu.page_tokens)"
+    )
+
+
+@dataclass(frozen=True)
+class PlannerConfig(_Section):
+    """The load-or-recompute planner's cost model; null numbers are measured at start-up."""
+
+    SECTION: ClassVar[str] = "planner"
+    enabled: bool = _field(True, _Bool(), "false: always load a hit, never recompute it")
+    gpu_prefill_tokens_per_s: float | None = _field(
+        None,
+        _Optional(_Float(), "calibrate"),
+        "GPU prefill throughput of the model, tokens per second",
+    )
+    cpu_bandwidth_gbps: float | None = _field(
+        None, _Optional(_Float(), "calibrate"), "CPU -> GPU load bandwidth, GB/s (10^9 bytes/s)"
+    )
+    disk_bandwidth_gbps: float | None = _field(
+        None, _Optional(_Float(), "calibrate"), "disk -> CPU read bandwidth, GB/s"
+    )
+    peer_bandwidth_gbps: float | None = _field(
+        None, _Optional(_Float(), "calibrate"), "peer -> local pull bandwidth, GB/s"
+    )
+
+
+@dataclass(frozen=True)
+class MetricsConfig(_Section):
+    """Prometheus export (kvtier.metrics)."""
+
+    SECTION: ClassVar[str] = "metrics"
+    prometheus_port: int | None = _field(
+        None,
+        _Optional(_Int(0, 65535), "no HTTP endpoint"),
+        "port of the /metrics HTTP endpoint (0: any free port)",
+    )
+    prometheus_addr: str = _field(
+        "127.0.0.1", _Text(), "address the endpoint binds ('0.0.0.0' exposes it)"
+    )
+    namespace: str = _field(
+        "kvtier",
+        _Text(r"[a-zA-Z_][a-zA-Z0-9_]*", "a Prometheus name: [a-zA-Z_][a-zA-Z0-9_]*"),
+        "prefix of every metric name",
+    )
+
+
+class PeersConfig(Mapping):
+    """The peer service's settings: a read-only mapping, passed through to the peer service.
+
+    ``listen``, ``seeds`` and ``secret_file`` are checked here; other keys (from YAML or
+    overrides) are kept as given for the peer service to check. Also readable as attributes.
+    """
+
+    SECTION: ClassVar[str] = "peers"
+    KNOWN: ClassVar[dict[str, tuple[Any, _Check, str]]] = {
+        "listen": (
+            None,
+            _Optional(_Address(), "no peer service"),
+            "address the peer service listens on",
+        ),
+        "seeds": ((), _AddressList(), "peers to join through (any member can be a seed)"),
+        "secret_file": (
+            None,
+            _Optional(_File(), "no cluster secret"),
+            "file holding the cluster secret (HMAC of every connection)",
+        ),
+    }
+    __slots__ = ("_data",)
+
+    def __init__(
+        self,
+        /,
+        listen: str | None = None,
+        seeds: Any = (),
+        secret_file: str | None = None,
+        **extra: Any,
+    ):
+        data: dict[str, Any] = {}
+        for name, raw in (("listen", listen), ("seeds", seeds), ("secret_file", secret_file)):
+            check = self.KNOWN[name][1]
+            try:
+                data[name] = check(raw)
+            except _Rejected:
+                raise _invalid(f"peers.{name}", raw, check.allowed) from None
+        for name, value in extra.items():
+            data[name] = copy.deepcopy(value)
+        object.__setattr__(self, "_data", data)
+
+    listen = property(lambda self: self._data["listen"])
+    seeds = property(lambda self: self._data["seeds"])
+    secret_file = property(lambda self: self._data["secret_file"])
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __hash__(self) -> int:  # equal mappings have equal known values and key sets
+        return hash((self.listen, self.seeds, self.secret_file, frozenset(self._data)))
+
+    def __repr__(self) -> str:
+        return "PeersConfig(" + ", ".join(f"{k}={v!r}" for k, v in self._data.items()) + ")"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _plain(v) for k, v in self._data.items()}
+
+    def __reduce__(self):  # pickle and deepcopy rebuild through __init__ (no setattr on slots)
+        return (_rebuild_peers, (dict(self._data),))
+
+
+def _rebuild_peers(data: dict[str, Any]) -> PeersConfig:
+    return PeersConfig(**data)
+
+
+_SECTIONS: dict[str, type] = {
+    "cpu": CpuConfig,
+    "disk": DiskConfig,
+    "gpu": GpuConfig,
+    "model": ModelConfig,
+    "planner": PlannerConfig,
+    "metrics": MetricsConfig,
+    "peers": PeersConfig,
+}
+_TOP_LEVEL = {"timeout_s": (30.0, _Float(), "default deadline of every wait, in seconds")}
+
+
+def _plain(value: Any) -> Any:
+    """A value as YAML-safe plain data (tuples become lists)."""
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _section_keys(section: str) -> dict[str, tuple[Any, _Check, str, str]]:
+    """key -> (default, checker, doc, env name) of one section, in declaration order."""
+    cls = _SECTIONS[section]
+    if cls is PeersConfig:
+        items = [(k, d, c, doc, None) for k, (d, c, doc) in PeersConfig.KNOWN.items()]
+    else:
+        items = [
+            (f.name, f.default, f.metadata["check"], f.metadata["doc"], f.metadata["env"])
+            for f in dataclasses.fields(cls)
+        ]
+    return {
+        k: (d, c, doc, env or f"{ENV_PREFIX}{section}_{k}".upper()) for k, d, c, doc, env in items
+    }
+
+
+def config_keys() -> dict[str, dict[str, Any]]:
+    """Every config key (dotted path): its type, default, env variable, allowed values and doc."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in _SECTIONS:
+        for key, (default, check, doc, env) in _section_keys(section).items():
+            out[f"{section}.{key}"] = {
+                "type": check.type_name,
+                "default": _plain(default),
+                "env": env,
+                "allowed": check.allowed,
+                "doc": doc,
+            }
+    for key, (default, check, doc) in _TOP_LEVEL.items():
+        out[key] = {
+            "type": check.type_name,
+            "default": default,
+            "env": f"{ENV_PREFIX}{key}".upper(),
+            "allowed": check.allowed,
+            "doc": doc,
+        }
+    return out
+
+
+# env variable -> dotted key, and flat keyword override (env name without the prefix) -> dotted key.
+ENV_VARS: dict[str, str] = {info["env"]: dotted for dotted, info in config_keys().items()}
+_FLAT_OVERRIDES: dict[str, str] = {
+    env[len(ENV_PREFIX) :].lower(): dotted for env, dotted in ENV_VARS.items()
+}
+# CacheConfig's own names, so that every keyword of KVCache / cache_kwargs() is an override too.
+_FLAT_OVERRIDES.update(
+    method="cpu.method", staging_bytes="cpu.staging_bytes", tenant_salt="model.tenant_salt"
+)
+
+
+# -- the config ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KVTierConfig:
+    """The whole engine's settings, validated; build it with :meth:`load`.
+
+    Sections are frozen dataclasses (``cfg.cpu.bytes``, ``cfg.disk.dir``, ...); ``peers`` is a
+    read-only mapping passed through to the peer service. A section may also be given as a dict:
+    ``KVTierConfig(cpu={"bytes": "8GiB"})``.
+    """
+
+    cpu: CpuConfig = field(default_factory=CpuConfig)
+    disk: DiskConfig = field(default_factory=DiskConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name, cls in _SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, cls):
+                continue
+            if not isinstance(value, Mapping):
+                raise _invalid(
+                    name, value, f"a mapping of {name} keys ({', '.join(_section_keys(name))})"
+                )
+            known = _section_keys(name)
+            if cls is not PeersConfig:
+                for key in value:
+                    if key not in known:
+                        known_keys = [f"{name}.{k}" for k in known]
+                        raise _unknown("config key", f"{name}.{key}", known_keys, None, f"{name}.")
+            object.__setattr__(self, name, cls(**value))
+        check = _TOP_LEVEL["timeout_s"][1]
+        try:
+            object.__setattr__(self, "timeout_s", check(self.timeout_s))
+        except _Rejected:
+            raise _invalid("timeout_s", self.timeout_s, check.allowed) from None
+        if self.model.chunk_tokens % self.gpu.page_tokens != 0:
+            raise _invalid(
+                "model.chunk_tokens",
+                self.model.chunk_tokens,
+                f"a multiple of gpu.page_tokens ({self.gpu.page_tokens})",
+            )
+
+    # -- building ----------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike | None = None,
+        env: Mapping[str, str] | None = os.environ,
+        **overrides: Any,
+    ) -> KVTierConfig:
+        """Defaults, then the YAML file, then ``KVTIER_*`` variables of ``env``, then ``overrides``.
+
+        Args:
+            path: a YAML file of sections (``cpu: {bytes: 8GiB}``); None: the file named by
+                ``KVTIER_CONFIG`` in ``env``, if any.
+            env: environment to read ``KVTIER_*`` variables from (None: none).
+            overrides: a section as a dict or section object (``disk={"dir": "/nvme"}``), a flat
+                key as its variable name without the prefix (``cpu_bytes="8GiB"``,
+                ``model_id="llama"``, ``timeout_s=5``) or as a keyword of ``KVCache``
+                (``method="cpu"``), or a dotted key (``**{"cpu.bytes": 1 << 30}``).
+        Raises:
+            InvalidArgumentError: a wrong value or unknown key, named with where it came from.
+        """
+        layers: list[dict[str, tuple[Any, str]]] = []
+        if path is None and env is not None and env.get(CONFIG_FILE_ENV):
+            path = env[CONFIG_FILE_ENV]
+        if path is not None:
+            layers.append(_read_yaml(path))
+        if env is not None:
+            layers.append(_read_env(env))
+        layers.append(_read_overrides(overrides))
+        return cls._from_layers(layers)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "dict") -> KVTierConfig:
+        """A config from nested plain data (as ``to_dict()`` returns), unknown keys refused."""
+        return cls._from_layers([_flatten(data, source)])
+
+    def replace(self, **overrides: Any) -> KVTierConfig:
+        """A copy with ``overrides`` (same forms as :meth:`load`) applied on top."""
+        return self._from_layers(
+            [_flatten(self.to_dict(), "the config replaced"), _read_overrides(overrides)]
+        )
+
+    @classmethod
+    def _from_layers(cls, layers: list[dict[str, tuple[Any, str]]]) -> KVTierConfig:
+        merged: dict[str, tuple[Any, str]] = {}
+        for layer in layers:
+            merged.update(layer)
+        nested: dict[str, Any] = {name: {} for name in _SECTIONS}
+        top: dict[str, Any] = {}
+        for dotted, (value, _) in merged.items():
+            section, _, key = dotted.partition(".")
+            if key:
+                nested[section][key] = value
+            else:
+                top[section] = value
+        try:
+            return cls(**nested, **top)
+        except InvalidArgumentError as e:  # name where the wrong value came from
+            key = getattr(e, "key", None)
+            if key in merged and hasattr(e, "allowed"):
+                raise _invalid(key, e.value, e.allowed, merged[key][1]) from None
+            raise
+
+    # -- views -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain data (sizes in bytes), loadable again by :meth:`from_dict` or YAML."""
+        out: dict[str, Any] = {name: getattr(self, name).to_dict() for name in _SECTIONS}
+        out["timeout_s"] = self.timeout_s
+        return out
+
+    def to_yaml(self) -> str:
+        """The config as YAML text; ``load()`` of that text gives an equal config."""
+        yaml = _yaml()
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def cache_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`kvtier.cache.CacheConfig` (and so of ``KVCache``)."""
+        return {
+            "cpu_bytes": self.cpu.bytes,
+            "model_id": self.model.model_id,
+            "tenant_salt": self.model.tenant_salt,
+            "method": self.cpu.method,
+            "staging_bytes": self.cpu.staging_bytes,
+            "cpu_threads": self.cpu.threads,
+            "timeout_s": self.timeout_s,
+            "disk_dir": self.disk.dir,
+            "disk_bytes": self.disk.bytes,
+            "disk_backend": self.disk.backend,
+            "disk_admit_min_seen": self.disk.admit_min_seen,
+            "disk_queue_depth": self.disk.queue_depth,
+            "disk_io_timeout_s": self.disk.io_timeout_s,
+        }
+
+
+# -- sources ---------------------------------------------------------------------------------------
+def _yaml():
+    try:
+        import yaml
+    except ImportError as e:
+        raise UnavailableError(
+            f"reading or writing YAML config needs PyYAML: pip install pyyaml ({e})"
+        ) from None
+    return yaml
+
+
+def _read_yaml(path: str | os.PathLike) -> dict[str, tuple[Any, str]]:
+    yaml = _yaml()
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"config file {name!r} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidArgumentError(f"config file {name!r} is a directory") from None
+    except yaml.YAMLError as e:
+        raise InvalidArgumentError(f"config file {name!r} is not valid YAML: {e}") from None
+    if data is None:  # an empty file
+        return {}
+    return _flatten(data, name)
+
+
+def _flatten(data: Any, source: str) -> dict[str, tuple[Any, str]]:
+    """Nested sections -> {dotted key: (value, source)}, unknown keys refused."""
+    if not isinstance(data, Mapping):
+        raise InvalidArgumentError(
+            f"config from {source} must be a mapping of sections ({', '.join(_SECTIONS)}) and "
+            f"timeout_s, got {type(data).__name__}"
+        )
+    top_names = [*_SECTIONS, *_TOP_LEVEL]
+    out: dict[str, tuple[Any, str]] = {}
+    for name, value in data.items():
+        if name in _TOP_LEVEL:
+            out[name] = (value, source)
+            continue
+        if name not in _SECTIONS:
+            raise _unknown("config section", str(name), top_names, source)
+        if value is None:  # "disk:" with nothing under it
+            continue
+        if isinstance(value, _Section):
+            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        if not isinstance(value, Mapping):
+            known = ", ".join(_section_keys(name))
+            raise InvalidArgumentError(
+                f"{name}: invalid value {value!r} (from {source}); "
+                f"allowed: a mapping of {name} keys ({known})"
+            )
+        known = _section_keys(name)
+        for key, v in value.items():
+            # peers passes keys it does not know through to the peer service
+            if not isinstance(key, str) or (key not in known and name != "peers"):
+                known_keys = [f"{name}.{k}" for k in known]
+                raise _unknown("config key", f"{name}.{key}", known_keys, source, f"{name}.")
+            out[f"{name}.{key}"] = (v, source)
+    return out
+
+
+def _read_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    out: dict[str, tuple[Any, str]] = {}
+    for var, value in env.items():
+        if (
+            not var.startswith(ENV_PREFIX)
+            or var in _ENV_NOT_CONFIG
+            or var.startswith(_ENV_NOT_CONFIG_PREFIXES)
+        ):
+            continue
+        dotted = ENV_VARS.get(var)
+        if dotted is None:
+            raise _unknown(
+                "environment variable",
+                var,
+                sorted(ENV_VARS),
+                None,
+                prefix=ENV_PREFIX,
+                hint="every KVTIER_* variable must be a config key (see docs/configuration.md)",
+            )
+        out[dotted] = (value, f"environment {var}")
+    return out
+
+
+def _read_overrides(overrides: Mapping[str, Any]) -> dict[str, tuple[Any, str]]:
+    out: dict[str, tuple[Any, str]] = {}
+    for name, value in overrides.items():
+        source = f"keyword {name}"
+        if name in _SECTIONS:
+            out.update(_flatten({name: value}, source))
+        elif name in _FLAT_OVERRIDES:
+            out[_FLAT_OVERRIDES[name]] = (value, source)
+        elif "." in name and name.partition(".")[0] in _SECTIONS:
+            out.update(_flatten({name.partition(".")[0]: {name.partition(".")[2]: value}}, source))
+        else:
+            known = [*_SECTIONS, *_FLAT_OVERRIDES]
+            raise _unknown(
+                "config override",
+                name,
+                known,
+                None,
+                hint="known: sections, " + ", ".join(_FLAT_OVERRIDES),
+            )
+    return out
+
+
+__all__ = [
+    "CONFIG_FILE_ENV",
+    "ENV_VARS",
+    "CpuConfig",
+    "DiskConfig",
+    "GpuConfig",
+    "KVTierConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "PeersConfig",
+    "PlannerConfig",
+    "config_keys",
+    "parse_size",
+]
