@@ -1,6 +1,11 @@
-// io_uring availability probe: set up a tiny ring and round-trip one NOP.
+// I/O capability probes: io_uring (set up a tiny ring and round-trip one NOP) and O_DIRECT.
 #include "storage/io_probe.h"
 
+#include <fcntl.h>
+#include <sys/statfs.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstring>
 
 #if KVTIER_HAVE_LIBURING
@@ -38,6 +43,22 @@ Status ProbeIoUring() {
 #else
   return Status::Unavailable("kvtier was built without liburing (POSIX backend only)");
 #endif
+}
+
+Status ProbeDirectIo(const std::string& dir) {
+  std::string path = dir + "/.kvtier-odirect-probe-" + std::to_string(getpid());
+  int fd = open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_DIRECT, 0600);
+  int err = errno;
+  unlink(path.c_str());  // O_CREAT runs before the O_DIRECT check: remove it either way
+  if (fd >= 0) {
+    close(fd);
+    return Status::OK();
+  }
+  if (err != EINVAL) return Status::IoError("cannot create a file in '" + dir + "': " + std::strerror(err));
+  struct statfs sfs {};
+  char fs[32] = "unknown fs";
+  if (statfs(dir.c_str(), &sfs) == 0) std::snprintf(fs, sizeof(fs), "f_type 0x%lx", static_cast<unsigned long>(sfs.f_type));
+  return Status::InvalidArgument("'" + dir + "' is on a file system that refuses O_DIRECT (" + fs + ")");
 }
 
 }  // namespace kvtier
