@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <string>
 
 #include "bindings/status_binding.h"
@@ -79,7 +80,10 @@ void BindCache(py::module_& m) {
       .def(py::init([](const std::vector<std::tuple<uint64_t, uint64_t, uint64_t, uint64_t>>& segments, int device,
                        uint32_t pages_per_chunk, const std::vector<std::vector<uint32_t>>& layer_segments,
                        uint64_t capacity_bytes, const std::string& method, uint64_t staging_bytes,
-                       int cpu_threads, uint32_t fail_every_nth) {
+                       int cpu_threads, uint32_t fail_every_nth, const std::string& disk_dir,
+                       uint64_t disk_bytes, const py::bytes& layout_fingerprint, const std::string& disk_backend,
+                       uint32_t disk_admit_min_seen, unsigned disk_queue_depth, double disk_io_timeout_s,
+                       const std::string& eviction_policy) {
              LayoutDesc layout;
              for (const auto& [base, stride, bytes, pages] : segments) layout.segments.push_back({base, stride, bytes, pages});
              layout.device = device;
@@ -91,6 +95,25 @@ void BindCache(py::module_& m) {
              options.copy.staging_bytes = staging_bytes;
              options.copy.cpu_threads = cpu_threads;
              options.copy.fail_every_nth = fail_every_nth;
+             options.eviction_policy = eviction_policy;
+             if (!disk_dir.empty()) {
+               std::string_view fp = layout_fingerprint;
+               if (fp.size() != 16) {
+                 throw StatusError(Status::InvalidArgument("layout_fingerprint must be 16 bytes, got " +
+                                                           std::to_string(fp.size())));
+               }
+               options.disk.enabled = true;
+               options.disk.store.dir = disk_dir;
+               options.disk.store.capacity_bytes = disk_bytes;
+               std::copy(fp.begin(), fp.end(), options.disk.store.layout_fingerprint.begin());
+               if (disk_backend == "auto") options.disk.store.backend = IoBackendKind::kAuto;
+               else if (disk_backend == "io_uring") options.disk.store.backend = IoBackendKind::kIoUring;
+               else if (disk_backend == "posix") options.disk.store.backend = IoBackendKind::kPosix;
+               else throw StatusError(Status::InvalidArgument("disk_backend must be 'auto', 'io_uring' or 'posix', got '" + disk_backend + "'"));
+               options.disk.admit_min_seen = disk_admit_min_seen;
+               options.disk.store.queue_depth = disk_queue_depth;
+               options.disk.store.io_timeout_ms = static_cast<int64_t>(disk_io_timeout_s * 1000);
+             }
              std::unique_ptr<CpuTier> tier;
              {
                py::gil_scoped_release release;
@@ -100,7 +123,10 @@ void BindCache(py::module_& m) {
            }),
            py::arg("segments"), py::arg("device"), py::arg("pages_per_chunk"), py::arg("layer_segments"),
            py::arg("capacity_bytes"), py::arg("method") = "auto", py::arg("staging_bytes") = 64ull << 20,
-           py::arg("cpu_threads") = 2, py::arg("fail_every_nth") = 0)
+           py::arg("cpu_threads") = 2, py::arg("fail_every_nth") = 0, py::arg("disk_dir") = "",
+           py::arg("disk_bytes") = 0, py::arg("layout_fingerprint") = py::bytes(), py::arg("disk_backend") = "auto",
+           py::arg("disk_admit_min_seen") = 2, py::arg("disk_queue_depth") = 32, py::arg("disk_io_timeout_s") = 10.0,
+           py::arg("eviction_policy") = "lru")
       .def("store", [](CpuTier& t, const py::bytes& keys, const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& page_ids, uintptr_t after_stream) {
              std::vector<ChunkKey> k = ParseKeys(keys);
              std::vector<uint32_t> p = ParsePages(page_ids);
@@ -112,6 +138,15 @@ void BindCache(py::module_& m) {
              py::gil_scoped_release release;
              return t.Lookup(k.data(), k.size());
            }, py::arg("keys"))
+      .def("lookup_tiers", [](CpuTier& t, const py::bytes& keys) {
+             std::vector<ChunkKey> k = ParseKeys(keys);
+             std::vector<uint8_t> tiers;
+             {
+               py::gil_scoped_release release;
+               tiers = t.LookupTiers(k.data(), k.size());
+             }
+             return py::bytes(reinterpret_cast<const char*>(tiers.data()), tiers.size());
+           }, py::arg("keys"), "Per leading chunk: 1 = pool, 2 = disk only (bytes).")
       .def("load", [](CpuTier& t, const py::bytes& keys, const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& page_ids, uintptr_t after_stream) {
              std::vector<ChunkKey> k = ParseKeys(keys);
              std::vector<uint32_t> p = ParsePages(page_ids);
@@ -126,6 +161,48 @@ void BindCache(py::module_& m) {
              }
              ThrowIfError(s);
            }, py::arg("timeout_s"))
+      .def("begin_put", [](std::shared_ptr<CpuTier> t, const py::bytes& key) {
+             std::vector<ChunkKey> k = ParseKeys(key);
+             if (k.size() != 1) throw StatusError(Status::InvalidArgument("begin_put takes one 16-byte key"));
+             void* p = ValueOrThrow(t->BeginPut(k[0]));
+             // A writable view of the reserved block; it keeps the tier alive while it exists.
+             auto* keep = new std::shared_ptr<CpuTier>(t);
+             py::capsule owner(keep, [](void* q) { delete static_cast<std::shared_ptr<CpuTier>*>(q); });
+             py::array_t<uint8_t> arr({static_cast<py::ssize_t>(t->blob_bytes())}, {1}, static_cast<uint8_t*>(p), owner);
+             return py::memoryview(arr);
+           }, py::arg("key"), "Reserve a block for key; returns a writable memoryview of blob_bytes to fill.")
+      .def("commit_put", [](CpuTier& t, const py::bytes& key) {
+             std::vector<ChunkKey> k = ParseKeys(key);
+             if (k.size() != 1) throw StatusError(Status::InvalidArgument("commit_put takes one 16-byte key"));
+             ThrowIfError(t.CommitPut(k[0]));
+           }, py::arg("key"))
+      .def("abort_put", [](CpuTier& t, const py::bytes& key) {
+             std::vector<ChunkKey> k = ParseKeys(key);
+             if (k.size() != 1) throw StatusError(Status::InvalidArgument("abort_put takes one 16-byte key"));
+             ThrowIfError(t.AbortPut(k[0]));
+           }, py::arg("key"))
+      .def("acquire_blobs", [](std::shared_ptr<CpuTier> t, const py::bytes& keys) {
+             std::vector<ChunkKey> k = ParseKeys(keys);
+             std::vector<const void*> ptrs;
+             {
+               py::gil_scoped_release release;
+               ptrs = t->AcquireBlobs(k.data(), k.size());
+             }
+             py::list out;
+             for (const void* p : ptrs) {
+               auto* keep = new std::shared_ptr<CpuTier>(t);
+               py::capsule owner(keep, [](void* q) { delete static_cast<std::shared_ptr<CpuTier>*>(q); });
+               py::array_t<uint8_t> arr({static_cast<py::ssize_t>(t->blob_bytes())}, {1},
+                                        static_cast<const uint8_t*>(p), owner);
+               py::detail::array_proxy(arr.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+               out.append(py::memoryview(arr));
+             }
+             return out;
+           }, py::arg("keys"), "Pin the leading cached chunks (pool only); read-only views of their blobs.")
+      .def("release_blobs", [](CpuTier& t, const py::bytes& keys) {
+             std::vector<ChunkKey> k = ParseKeys(keys);
+             ThrowIfError(t.ReleaseBlobs(k.data(), k.size()));
+           }, py::arg("keys"))
       .def_property_readonly("blob_bytes", &CpuTier::blob_bytes)
       .def_property_readonly("capacity_chunks", &CpuTier::capacity_chunks)
       .def_property_readonly("pages_per_chunk", &CpuTier::pages_per_chunk)
@@ -153,6 +230,36 @@ void BindCache(py::module_& m) {
         d["bytes_offloaded"] = s.bytes_offloaded;
         d["bytes_loaded"] = s.bytes_loaded;
         d["in_flight"] = s.in_flight;
+        if (s.has_disk) {
+          py::dict k;
+          k["backend"] = s.disk.backend;
+          k["direct_io"] = s.disk.direct_io;
+          k["slots_total"] = s.disk.slots_total;
+          k["slots_used"] = s.disk.slots_used;
+          k["writes"] = s.disk.writes;
+          k["write_bytes"] = s.disk.write_bytes;
+          k["reads"] = s.disk.reads;
+          k["read_bytes"] = s.disk.read_bytes;
+          k["write_failures"] = s.disk.write_failures;
+          k["read_failures"] = s.disk.read_failures;
+          k["corrupt_detected"] = s.disk.corrupt_detected;
+          k["evictions"] = s.disk.evictions;
+          k["enospc"] = s.disk.enospc;
+          k["nospace"] = s.disk.nospace;
+          k["recovered_slots"] = s.disk.recovered_slots;
+          k["skipped_slots_at_open"] = s.disk.skipped_slots_at_open;
+          k["open_seconds"] = s.disk.open_seconds;
+          k["lookup_chunks"] = s.lookup_disk_chunks;
+          k["chunks_promoted"] = s.chunks_promoted;
+          k["promotion_failures"] = s.promotion_failures;
+          k["demotions_written"] = s.demotions_written;
+          k["demotions_failed"] = s.demotions_failed;
+          d["disk"] = k;
+        }
+        d["index"]["demoting"] = s.index.demoting;
+        d["index"]["demotions"] = s.index.demotions;
+        d["index"]["demotions_not_admitted"] = s.index.demotions_not_admitted;
+        d["index"]["demotions_busy"] = s.index.demotions_busy;
         return d;
       });
 }

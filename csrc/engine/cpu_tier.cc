@@ -1,6 +1,7 @@
 // CpuTier: reserve -> copy -> commit (store) and acquire -> copy -> release (load).
 #include "engine/cpu_tier.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <string>
@@ -11,37 +12,145 @@ StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const LayoutDesc& layout, con
   KVTIER_RETURN_IF_ERROR(ValidateLayout(layout));
   const uint64_t blob = ChunkBlobBytes(layout);
   if (blob == 0) return Status::InvalidArgument("layout has zero bytes per chunk");
-  const uint64_t blocks = options.capacity_bytes / blob;
+  // Blocks are 4 KiB aligned so the disk tier can DMA straight from and into them (O_DIRECT).
+  const uint64_t block_bytes = (blob + 4095) / 4096 * 4096;
+  const uint64_t blocks = options.capacity_bytes / block_bytes;
   if (blocks == 0) {
     return Status::InvalidArgument("CPU tier capacity " + std::to_string(options.capacity_bytes) +
                                    " bytes is smaller than one chunk (" + std::to_string(blob) + " bytes)");
   }
   if (blocks > UINT32_MAX) return Status::InvalidArgument("CPU tier capacity holds more than 2^32 chunks");
+  auto policy = MakeEvictionPolicy(options.eviction_policy);
+  if (!policy.ok()) return policy.status();
 
   std::unique_ptr<CpuTier> tier(new CpuTier());
   tier->close_timeout_ms_ = options.close_timeout_ms;
   // Host layouts need no pinning; a GPU layout gets page-locked memory so DMA runs at PCIe speed.
   ArenaKind kind = layout.device >= 0 ? ArenaKind::kPinnedHost : ArenaKind::kHost;
-  auto arena = Arena::Create(kind, blocks * blob, layout.device >= 0 ? layout.device : 0);
+  auto arena = Arena::Create(kind, blocks * block_bytes, layout.device >= 0 ? layout.device : 0);
   if (!arena.ok()) return arena.status();
   tier->arena_ = std::move(arena).value();
   if (!tier->arena_->fallback_reason().empty()) {
     std::fprintf(stderr, "kvtier: warning: %s\n", tier->arena_->fallback_reason().c_str());
   }
-  tier->allocator_ = std::make_unique<BlockAllocator>(blocks, blob, tier->arena_->base());
-  tier->index_ = std::make_unique<ChunkIndex>(tier->allocator_.get());
+  tier->allocator_ = std::make_unique<BlockAllocator>(blocks, block_bytes, tier->arena_->base());
+  tier->index_ = std::make_unique<ChunkIndex>(tier->allocator_.get(), std::move(policy).value());
   tier->num_pages_ = UINT64_MAX;
   for (const SegmentDesc& s : layout.segments) tier->num_pages_ = std::min(tier->num_pages_, s.num_pages);
+  if (options.disk.enabled) {
+    DiskStoreOptions disk_options = options.disk.store;
+    disk_options.blob_bytes = blob;
+    auto disk = DiskStore::Open(disk_options);
+    if (!disk.ok()) return disk.status();
+    tier->disk_ = std::move(disk).value();
+    tier->admit_min_seen_ = options.disk.admit_min_seen;
+    tier->disk_io_timeout_ms_ = disk_options.io_timeout_ms;
+    tier->index_->EnableDemotion(&CpuTier::AdmitForDemotion, tier.get(),
+                                 std::max<size_t>(1, options.disk.max_demotions_in_flight));
+  }
   auto engine = CopyEngine::Create(layout, options.copy);
   if (!engine.ok()) return engine.status();
   tier->engine_ = std::move(engine).value();
   return tier;
 }
 
+bool CpuTier::AdmitForDemotion(void* self, const ChunkKey&, uint32_t seen) {
+  return seen >= static_cast<CpuTier*>(self)->admit_min_seen_;
+}
+
+void CpuTier::StartOp() {
+  std::lock_guard<std::mutex> lock(inflight_mu_);
+  ++in_flight_;
+}
+
+void CpuTier::PumpDemotions() {
+  if (!disk_) return;
+  for (const auto& [key, block] : index_->TakeDemotions()) {
+    StartOp();
+    ChunkKey k = key;
+    Status s = disk_->Write(k, allocator_->BlockAddress(block), [this, k](const Status& st) {
+      if (st.ok()) {
+        ++demotions_written_;
+      } else {
+        ++demotions_failed_;
+      }
+      (void)index_->FinishDemotion(k);
+      FinishOp();
+    });
+    if (!s.ok()) {  // already on disk (AlreadyExists) or refused: the pool copy just goes
+      if (s.code() == StatusCode::kAlreadyExists) {
+        ++demotions_written_;
+      } else {
+        ++demotions_failed_;
+      }
+      (void)index_->FinishDemotion(k);
+      FinishOp();
+    }
+  }
+}
+
+size_t CpuTier::PromoteFromDisk(const ChunkKey* keys, size_t n) {
+  // Reserve a pool block for each chunk (WRITING: invisible, not evictable) and read into it.
+  struct Shared {
+    std::mutex mu;
+    std::condition_variable cv;
+    size_t pending = 0;
+    std::vector<Status> results;
+  };
+  auto shared = std::make_shared<Shared>();
+  std::vector<BlockId> blocks;
+  for (size_t i = 0; i < n; ++i) {
+    StatusOr<BlockId> b = index_->BeginInsert(keys[i]);
+    if (!b.ok()) break;  // being stored by someone else, or the pool is full of pinned blocks
+    blocks.push_back(*b);
+  }
+  PumpDemotions();  // BeginInsert may have marked victims for write-back
+  const size_t reserved = blocks.size();
+  shared->results.assign(reserved, Status::Internal("read not finished"));
+  shared->pending = reserved;
+  for (size_t i = 0; i < reserved; ++i) {
+    ChunkKey k = keys[i];
+    StartOp();
+    Status s = disk_->Read(k, allocator_->BlockAddress(blocks[i]), [this, shared, i, k](const Status& st) {
+      // Commit or abort here, not in the waiter: the waiter may have given up on its deadline.
+      if (st.ok()) {
+        (void)index_->CommitInsert(k);
+        ++chunks_promoted_;
+      } else {
+        (void)index_->AbortInsert(k);
+        ++promotion_failures_;
+      }
+      {
+        std::lock_guard<std::mutex> lock(shared->mu);
+        shared->results[i] = st;
+        if (--shared->pending == 0) shared->cv.notify_all();
+      }
+      FinishOp();
+    });
+    if (!s.ok()) {  // evicted from disk since the lookup: a miss from here on
+      (void)index_->AbortInsert(k);
+      ++promotion_failures_;
+      std::lock_guard<std::mutex> lock(shared->mu);
+      shared->results[i] = s;
+      --shared->pending;
+      FinishOp();
+    }
+  }
+  std::unique_lock<std::mutex> lock(shared->mu);
+  // The disk store answers every request by its own deadline; allow it that, plus slack.
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::milliseconds(2 * disk_io_timeout_ms_ + 1000);
+  if (!shared->cv.wait_until(lock, deadline, [&] { return shared->pending == 0; })) return 0;
+  size_t ok = 0;
+  while (ok < reserved && shared->results[ok].ok()) ++ok;
+  return ok;
+}
+
 CpuTier::~CpuTier() {
   Status s = Drain(close_timeout_ms_);
   if (!s.ok()) std::fprintf(stderr, "kvtier: CpuTier closing with copies in flight: %s\n", s.ToString().c_str());
   engine_.reset();  // synchronizes its streams / workers; callbacks still see a live index
+  disk_.reset();    // waits for its I/O; its callbacks still see the index and counters
 }
 
 Status CpuTier::CheckPages(const std::vector<uint32_t>& page_ids, size_t needed) const {
@@ -97,12 +206,10 @@ StatusOr<TierOp> CpuTier::Store(const ChunkKey* keys, size_t n, const std::vecto
   chunks_already_cached_ += op.already_cached;
   chunks_skipped_full_ += op.skipped_full;
   op.chunks = fresh.size();
+  PumpDemotions();  // the reservations above may have marked LRU chunks for write-back
   if (fresh.empty()) return op;
 
-  {
-    std::lock_guard<std::mutex> lock(inflight_mu_);
-    ++in_flight_;
-  }
+  StartOp();
   const uint64_t bytes = fresh.size() * blob_bytes();
   auto on_complete = [this, fresh, bytes](const Status& s) {
     for (const ChunkKey& k : fresh) {
@@ -132,7 +239,18 @@ StatusOr<TierOp> CpuTier::Store(const ChunkKey* keys, size_t n, const std::vecto
   return op;
 }
 
-size_t CpuTier::Lookup(const ChunkKey* keys, size_t n) { return index_->Lookup(keys, n); }
+size_t CpuTier::Lookup(const ChunkKey* keys, size_t n) {
+  size_t hits = index_->Lookup(keys, n);
+  if (!disk_) return hits;
+  size_t on_disk = 0;
+  for (; hits < n; ++hits) {
+    if (index_->Contains(keys[hits])) continue;
+    if (!disk_->Contains(keys[hits])) break;
+    ++on_disk;
+  }
+  lookup_disk_chunks_ += on_disk;
+  return hits;
+}
 
 StatusOr<TierOp> CpuTier::Load(const ChunkKey* keys, size_t n, const std::vector<uint32_t>& page_ids,
                                uintptr_t after_stream) {
@@ -142,7 +260,20 @@ StatusOr<TierOp> CpuTier::Load(const ChunkKey* keys, size_t n, const std::vector
   ++load_calls_;
   TierOp op;
   std::vector<BlockId> blocks;
-  size_t hits = index_->Acquire(keys, std::min(n, page_ids.size() / ppc), &blocks);
+  const size_t wanted = std::min(n, page_ids.size() / ppc);
+  size_t hits = index_->Acquire(keys, wanted, &blocks);
+  // Chunks found only on disk are promoted into the pool, then acquired like pool hits; the walk
+  // goes on while the pool and the disk together hold the prefix.
+  while (disk_ && hits < wanted) {
+    size_t run = 0;
+    while (hits + run < wanted && !index_->Contains(keys[hits + run]) && disk_->Contains(keys[hits + run])) ++run;
+    if (run == 0) break;
+    size_t promoted = PromoteFromDisk(keys + hits, run);
+    size_t got = index_->Acquire(keys + hits, promoted, &blocks);
+    hits += got;
+    if (got < run) break;
+    hits += index_->Acquire(keys + hits, wanted - hits, &blocks);
+  }
   op.chunks = hits;
   if (hits == 0) return op;
 
@@ -151,10 +282,7 @@ StatusOr<TierOp> CpuTier::Load(const ChunkKey* keys, size_t n, const std::vector
   blobs.reserve(hits);
   for (BlockId b : blocks) blobs.push_back(allocator_->BlockAddress(b));
   std::vector<uint32_t> pages(page_ids.begin(), page_ids.begin() + hits * ppc);
-  {
-    std::lock_guard<std::mutex> lock(inflight_mu_);
-    ++in_flight_;
-  }
+  StartOp();
   const uint64_t bytes = hits * blob_bytes();
   auto on_complete = [this, held, bytes](const Status& s) {
     (void)index_->Release(held.data(), held.size());
@@ -173,6 +301,46 @@ StatusOr<TierOp> CpuTier::Load(const ChunkKey* keys, size_t n, const std::vector
   op.transfer = std::move(transfer).value();
   return op;
 }
+
+std::vector<uint8_t> CpuTier::LookupTiers(const ChunkKey* keys, size_t n) const {
+  std::vector<uint8_t> tiers;
+  for (size_t i = 0; i < n; ++i) {
+    if (index_->Contains(keys[i])) {
+      tiers.push_back(1);
+    } else if (disk_ && disk_->Contains(keys[i])) {
+      tiers.push_back(2);
+    } else {
+      break;
+    }
+  }
+  return tiers;
+}
+
+StatusOr<void*> CpuTier::BeginPut(const ChunkKey& key) {
+  StatusOr<BlockId> block = index_->BeginInsert(key);
+  PumpDemotions();
+  if (!block.ok()) return block.status();
+  return allocator_->BlockAddress(*block);
+}
+
+Status CpuTier::CommitPut(const ChunkKey& key) {
+  KVTIER_RETURN_IF_ERROR(index_->CommitInsert(key));
+  ++chunks_stored_;
+  return Status::OK();
+}
+
+Status CpuTier::AbortPut(const ChunkKey& key) { return index_->AbortInsert(key); }
+
+std::vector<const void*> CpuTier::AcquireBlobs(const ChunkKey* keys, size_t n) {
+  std::vector<BlockId> blocks;
+  index_->Acquire(keys, n, &blocks);
+  std::vector<const void*> out;
+  out.reserve(blocks.size());
+  for (BlockId b : blocks) out.push_back(allocator_->BlockAddress(b));
+  return out;
+}
+
+Status CpuTier::ReleaseBlobs(const ChunkKey* keys, size_t n) { return index_->Release(keys, n); }
 
 Status CpuTier::Drain(int64_t timeout_ms) {
   std::unique_lock<std::mutex> lock(inflight_mu_);
@@ -198,6 +366,15 @@ CpuTierStats CpuTier::stats() const {
     std::lock_guard<std::mutex> lock(inflight_mu_);
     s.in_flight = in_flight_;
   }
+  if (disk_) {
+    s.has_disk = true;
+    s.disk = disk_->stats();
+  }
+  s.lookup_disk_chunks = lookup_disk_chunks_;
+  s.chunks_promoted = chunks_promoted_;
+  s.promotion_failures = promotion_failures_;
+  s.demotions_written = demotions_written_;
+  s.demotions_failed = demotions_failed_;
   return s;
 }
 

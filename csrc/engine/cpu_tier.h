@@ -1,8 +1,15 @@
-// CpuTier: the pinned host pool, its chunk index and the copy engine, as one store/lookup/load unit.
+// CpuTier: the pinned host pool, its chunk index and the copy engine, as one store/lookup/load unit,
+// with an optional disk tier below it.
 //
 // Store gathers the pages of chunks not yet cached into freshly reserved blocks; the chunks become
 // visible only when the copy has completed (the completion callback commits them). Load pins the
 // leading cached chunks, scatters them into the caller's pages and unpins them when the copy is done.
+//
+// With a disk tier: a chunk evicted from the pool is written back to disk when the admission rule
+// lets it (seen by at least `admit_min_seen` requests; the write goes straight from its pinned
+// block, which stays readable until the write ends). Lookup walks the pool, then the disk, chunk by
+// chunk. Load promotes the leading chunks found only on disk: each is read (and verified) into a
+// fresh pool block, committed to the pool, then scattered like a pool hit.
 //
 // Thread safety: every method may be called from any thread concurrently.
 #pragma once
@@ -12,20 +19,31 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "common/status.h"
 #include "index/chunk_index.h"
 #include "memory/arena.h"
 #include "memory/block_allocator.h"
+#include "storage/disk_store.h"
 #include "transfer/copy_engine.h"
 
 namespace kvtier {
 
+struct DiskTierOptions {
+  bool enabled = false;
+  DiskStoreOptions store;           // dir, capacity, backend...; blob_bytes is filled in
+  uint32_t admit_min_seen = 2;      // write an evicted chunk back only if seen this many times
+  size_t max_demotions_in_flight = 64;
+};
+
 struct CpuTierOptions {
-  uint64_t capacity_bytes = 1ull << 30;  // hard bound of the pool: floor(capacity / blob) blocks
+  uint64_t capacity_bytes = 1ull << 30;  // hard bound of the pool: floor(capacity / block) blocks
   CopyEngineOptions copy;
+  DiskTierOptions disk;
   int64_t close_timeout_ms = 30000;      // how long the destructor waits for in-flight copies
+  std::string eviction_policy = "lru";   // the pool's eviction order: "lru", "s3fifo" or "lfu"
 };
 
 struct CpuTierStats {
@@ -41,6 +59,14 @@ struct CpuTierStats {
   uint64_t bytes_offloaded = 0;
   uint64_t bytes_loaded = 0;
   uint64_t in_flight = 0;
+  // Disk tier (zero without one).
+  bool has_disk = false;
+  DiskStoreStats disk;
+  uint64_t lookup_disk_chunks = 0;   // chunks a lookup found on disk only
+  uint64_t chunks_promoted = 0;      // read from disk into the pool by a load
+  uint64_t promotion_failures = 0;   // reads that failed (corrupt, I/O error, deadline): misses
+  uint64_t demotions_written = 0;    // write-backs completed
+  uint64_t demotions_failed = 0;     // write-backs refused or failed (the chunk was dropped)
 };
 
 // What a Store or Load started. `transfer` is null when nothing needed copying.
@@ -65,15 +91,30 @@ class CpuTier {
                          uintptr_t after_stream);
   // Leading chunks of keys[0..n) that are READY.
   size_t Lookup(const ChunkKey* keys, size_t n);
+  // Where each leading chunk is: 1 = pool, 2 = disk only; stops at the first chunk in neither.
+  std::vector<uint8_t> LookupTiers(const ChunkKey* keys, size_t n) const;
   // Loads the leading READY chunks into page_ids[0 .. hits*ppc).
   StatusOr<TierOp> Load(const ChunkKey* keys, size_t n, const std::vector<uint32_t>& page_ids,
                         uintptr_t after_stream);
+
+  // Blob-level access for transports that move whole chunks (the peer service):
+  // BeginPut reserves a block for `key` (invisible until CommitPut) and returns its address, to be
+  // filled with blob_bytes() bytes; AbortPut gives it back. AlreadyExists if cached or in flight.
+  // REQUIRES: exactly one CommitPut or AbortPut per successful BeginPut.
+  StatusOr<void*> BeginPut(const ChunkKey& key);
+  Status CommitPut(const ChunkKey& key);
+  Status AbortPut(const ChunkKey& key);
+  // Pins the leading cached chunks of keys[0..n) (pool only) and returns their block addresses.
+  // REQUIRES: ReleaseBlobs on the same keys once their bytes have been used.
+  std::vector<const void*> AcquireBlobs(const ChunkKey* keys, size_t n);
+  Status ReleaseBlobs(const ChunkKey* keys, size_t n);
 
   CpuTierStats stats() const;
   const Arena& arena() const { return *arena_; }
   uint64_t blob_bytes() const { return engine_->blob_bytes(); }
   uint32_t pages_per_chunk() const { return engine_->layout().pages_per_chunk; }
   size_t capacity_chunks() const { return allocator_->num_blocks(); }
+  const DiskStore* disk() const { return disk_.get(); }
   TransferMethod method() const { return engine_->method(); }
   // Blocks until no copy is in flight, or the timeout passes (DeadlineExceeded).
   Status Drain(int64_t timeout_ms);
@@ -83,6 +124,13 @@ class CpuTier {
   // Range and repetition of page ids: InvalidArgument naming the first bad entry.
   Status CheckPages(const std::vector<uint32_t>& page_ids, size_t needed) const;
   void FinishOp();
+  void StartOp();
+  // Starts the write-backs of the chunks the index marked DEMOTING since the last call.
+  void PumpDemotions();
+  // Reads keys[i] (on disk only) into pool blocks and commits them to the pool. Returns how many
+  // leading ones arrived intact; blocks on the disk's deadline (io_timeout_ms) at most.
+  size_t PromoteFromDisk(const ChunkKey* keys, size_t n);
+  static bool AdmitForDemotion(void* self, const ChunkKey& key, uint32_t seen);
 
   // Declaration order is destruction order reversed: the engine (whose callbacks touch the index
   // and counters) goes first, the memory last.
@@ -92,6 +140,11 @@ class CpuTier {
   uint64_t num_pages_ = 0;
   int64_t close_timeout_ms_ = 30000;
 
+  std::unique_ptr<DiskStore> disk_;  // after index_: destroyed first, its callbacks see the index
+  uint32_t admit_min_seen_ = 2;
+  int64_t disk_io_timeout_ms_ = 10000;
+  std::atomic<uint64_t> lookup_disk_chunks_{0}, chunks_promoted_{0}, promotion_failures_{0},
+      demotions_written_{0}, demotions_failed_{0};
   std::atomic<uint64_t> store_calls_{0}, chunks_stored_{0}, chunks_already_cached_{0},
       chunks_skipped_full_{0}, chunks_failed_{0}, load_calls_{0}, chunks_loaded_{0},
       bytes_offloaded_{0}, bytes_loaded_{0};

@@ -1,4 +1,4 @@
-// ChunkIndex: hash map of entries plus an LRU list of READY entries, under one mutex.
+// ChunkIndex: hash map of entries plus the eviction policy that tracks the READY ones; one mutex.
 #include "index/chunk_index.h"
 
 #include <cstdio>
@@ -13,17 +13,27 @@ std::string ChunkKey::Hex() const {
   return std::string(out, 32);
 }
 
-ChunkIndex::ChunkIndex(BlockAllocator* allocator) : allocator_(allocator) {
+ChunkIndex::ChunkIndex(BlockAllocator* allocator, std::unique_ptr<EvictionPolicy> policy)
+    : allocator_(allocator), policy_(policy != nullptr ? std::move(policy) : NewLruPolicy()) {
   map_.reserve(allocator->num_blocks());
 }
 
 bool ChunkIndex::EvictOneLocked() {
-  // Walk from the least recently used end; pinned entries stay. An entry admitted for write-back
-  // leaves the LRU list as DEMOTING (its block is not free yet), and the walk goes on.
-  for (auto it = lru_.end(); it != lru_.begin();) {
-    --it;
-    auto e = map_.find(*it);
-    if (e->second.pins != 0) continue;
+  // The policy tracks only READY entries, so "evictable" is "not pinned". A victim admitted for
+  // write-back leaves the policy as DEMOTING (its block is not free yet), and the search goes on.
+  auto* entries = &map_;  // the predicate runs inside PickVictim, still under mu_
+  auto last_yes = map_.end();  // saves a second lookup of the victim
+  auto unpinned = [entries, &last_yes](const ChunkKey& k) {
+    auto it = entries->find(k);
+    if (it == entries->end() || it->second.pins != 0) return false;
+    last_yes = it;
+    return true;
+  };
+  ChunkKey victim;
+  while (policy_->PickVictim(unpinned, &victim)) {
+    auto e = last_yes != map_.end() && last_yes->first == victim ? last_yes : map_.find(victim);
+    last_yes = map_.end();
+    policy_->OnRemove(victim);
     if (demotion_filter_ != nullptr) {
       if (!demotion_filter_(demotion_ctx_, e->first, e->second.seen)) {
         ++counters_.demotions_not_admitted;
@@ -34,12 +44,10 @@ bool ChunkIndex::EvictOneLocked() {
         ++demoting_;
         ++counters_.demotions;
         new_demotions_.emplace_back(e->first, e->second.block);
-        it = lru_.erase(it);
         continue;
       }
     }
     BlockId block = e->second.block;
-    lru_.erase(it);
     map_.erase(e);
     (void)allocator_->Free(block);  // cannot fail: the index owns the block and nobody pins it
     ++counters_.evictions;
@@ -92,7 +100,7 @@ StatusOr<BlockId> ChunkIndex::BeginInsert(const ChunkKey& key) {
     ++counters_.insert_rejected;
     return Status::ResourceExhausted("tier full: every block is being written or pinned by a reader");
   }
-  map_.emplace(key, Entry{*block, State::kWriting, 0, 1, lru_.end()});
+  map_.emplace(key, Entry{*block, State::kWriting, 0, 1});
   ++writing_;
   return *block;
 }
@@ -105,8 +113,7 @@ Status ChunkIndex::CommitInsert(const ChunkKey& key) {
     return Status::FailedPrecondition("chunk " + key.Hex() + " is already READY");
   }
   it->second.state = State::kReady;
-  lru_.push_front(key);
-  it->second.lru_pos = lru_.begin();
+  policy_->OnInsert(key);
   --writing_;
   ++counters_.inserts;
   return Status::OK();
@@ -141,6 +148,7 @@ size_t ChunkIndex::Lookup(const ChunkKey* keys, size_t n) {
 
 size_t ChunkIndex::Acquire(const ChunkKey* keys, size_t n, std::vector<BlockId>* blocks) {
   std::lock_guard<std::mutex> lock(mu_);
+  acquired_ready_.clear();
   size_t i = 0;
   for (; i < n; ++i) {
     auto it = map_.find(keys[i]);
@@ -148,11 +156,12 @@ size_t ChunkIndex::Acquire(const ChunkKey* keys, size_t n, std::vector<BlockId>*
     if (it->second.pins++ == 0) ++pinned_entries_;
     ++it->second.seen;
     blocks->push_back(it->second.block);
+    acquired_ready_.push_back(it->second.state == State::kReady);
   }
-  // Tail first, so that the head of the prefix ends up most recently used.
+  // Tail first, so that the head of the prefix ends up most recently used. DEMOTING entries are
+  // readable but no longer the policy's.
   for (size_t j = i; j > 0; --j) {
-    auto it = map_.find(keys[j - 1]);
-    if (it->second.state == State::kReady) lru_.splice(lru_.begin(), lru_, it->second.lru_pos);
+    if (acquired_ready_[j - 1]) policy_->OnAccess(keys[j - 1]);
   }
   counters_.hit_chunks += i;
   if (i < n) ++counters_.miss_chunks;
@@ -189,7 +198,7 @@ Status ChunkIndex::Erase(const ChunkKey& key) {
     return Status::FailedPrecondition("chunk " + key.Hex() + " is being written or read");
   }
   BlockId block = it->second.block;
-  lru_.erase(it->second.lru_pos);
+  policy_->OnRemove(key);
   map_.erase(it);
   return allocator_->Free(block);
 }

@@ -1,20 +1,23 @@
-// ChunkIndex: chunk key -> block of a tier, with WRITING/READY states, reader pins and LRU eviction.
+// ChunkIndex: chunk key -> block of a tier, with WRITING/READY states, reader pins and eviction in
+// the order of a pluggable EvictionPolicy (LRU unless told otherwise).
 //
 // Thread safety: all methods may be called concurrently from any thread; one mutex guards the map
-// and the LRU list, and blocks come from a thread-safe BlockAllocator owned by the caller.
+// and the eviction policy (which is only ever called under it), and blocks come from a thread-safe
+// BlockAllocator owned by the caller.
 //
 // Entry life cycle
 //   (absent) --BeginInsert--> WRITING      invisible to Lookup/Acquire; its block is reserved
-//   WRITING  --CommitInsert--> READY        visible; most recently used
+//   WRITING  --CommitInsert--> READY        visible; the eviction policy starts tracking it
 //   WRITING  --AbortInsert-->  (absent)     block freed; nothing was ever visible
-//   READY    --Acquire-->      READY, pins + 1   (a reader copies the block's bytes)
+//   READY    --Acquire-->      READY, pins + 1   (a reader copies the block's bytes; a policy hit)
 //   READY    --Release-->      READY, pins - 1
 //   READY, pins == 0 --evicted or Erase--> (absent)   block freed
 //   READY, pins == 0 --evicted, demotion admitted--> DEMOTING   still visible and readable; the
 //                     block is held for a write-back to the next tier (TakeDemotions)
 //   DEMOTING --FinishDemotion--> (absent)   block freed (once the last reader releases it)
 // Invariants: a WRITING entry or a READY entry with pins > 0 is never evicted, so a block in use by
-// a transfer is never reused; the index never holds more blocks than the allocator has.
+// a transfer is never reused; the index never holds more blocks than the allocator has. The policy
+// tracks exactly the READY entries (see eviction_policy.h); Lookup does not touch it.
 //
 //   BeginInsert(key)
 //     REQUIRES: the caller later calls exactly one of CommitInsert(key) / AbortInsert(key).
@@ -23,7 +26,7 @@
 #pragma once
 
 #include <cstdint>
-#include <list>
+#include <memory>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -31,6 +34,7 @@
 #include "common/status.h"
 #include "common/thread_annotations.h"
 #include "index/chunk_key.h"
+#include "index/eviction_policy.h"
 #include "memory/block_allocator.h"
 
 namespace kvtier {
@@ -60,25 +64,26 @@ using DemotionFilter = bool (*)(void* ctx, const ChunkKey& key, uint32_t seen);
 
 class ChunkIndex {
  public:
-  // The index hands out blocks of `allocator`, which must outlive it.
-  explicit ChunkIndex(BlockAllocator* allocator);
+  // The index hands out blocks of `allocator`, which must outlive it, and evicts in the order of
+  // `policy` (LRU when null). The policy must be fresh: it tracks no keys.
+  explicit ChunkIndex(BlockAllocator* allocator, std::unique_ptr<EvictionPolicy> policy = nullptr);
   ChunkIndex(const ChunkIndex&) = delete;
   ChunkIndex& operator=(const ChunkIndex&) = delete;
 
-  // Reserves a block for `key` in state WRITING, evicting least-recently-used unpinned READY
-  // entries if no block is free. AlreadyExists if the key is present (WRITING or READY);
+  // Reserves a block for `key` in state WRITING, evicting unpinned READY entries (the policy's
+  // victims) if no block is free. AlreadyExists if the key is present (WRITING or READY);
   // ResourceExhausted if every block is WRITING or pinned (counted as insert_rejected).
   StatusOr<BlockId> BeginInsert(const ChunkKey& key) EXCLUDES(mu_);
-  // WRITING -> READY (most recently used). NotFound / FailedPrecondition on misuse.
+  // WRITING -> READY (the policy starts tracking it). NotFound / FailedPrecondition on misuse.
   Status CommitInsert(const ChunkKey& key) EXCLUDES(mu_);
   // WRITING -> absent, block freed.
   Status AbortInsert(const ChunkKey& key) EXCLUDES(mu_);
 
   // Number of leading keys (keys[0..n)) that are READY. Does not change recency.
   size_t Lookup(const ChunkKey* keys, size_t n) EXCLUDES(mu_);
-  // Pins the leading READY keys (at most n), appends their blocks to `blocks`, marks them most
-  // recently used (the first key most recent of all, since a prefix's head is worth more than its
-  // tail), and returns how many were acquired.
+  // Pins the leading READY keys (at most n), appends their blocks to `blocks`, reports them to the
+  // policy as hits, tail first (under LRU the first key ends most recent of all, since a prefix's
+  // head is worth more than its tail), and returns how many were acquired.
   size_t Acquire(const ChunkKey* keys, size_t n, std::vector<BlockId>* blocks) EXCLUDES(mu_);
   // Drops one pin of each key. FailedPrecondition (and no change for that key) if not pinned.
   Status Release(const ChunkKey* keys, size_t n) EXCLUDES(mu_);
@@ -97,6 +102,8 @@ class ChunkIndex {
 
   bool Contains(const ChunkKey& key) const EXCLUDES(mu_);  // READY or DEMOTING
   ChunkIndexStats stats() const EXCLUDES(mu_);
+  // The policy's name: "lru", "s3fifo", "lfu".
+  const char* eviction_policy() const { return policy_->name(); }
 
  private:
   // kDropping: demotion finished while readers held the block; invisible, freed at last Release.
@@ -106,17 +113,18 @@ class ChunkIndex {
     State state;
     uint32_t pins;
     uint32_t seen;
-    std::list<ChunkKey>::iterator lru_pos;  // valid when state == kReady
   };
   static bool Visible(State s) { return s == State::kReady || s == State::kDemoting; }
 
-  // Frees the least recently used unpinned READY entry's block. False if there is none.
+  // Frees the block of the policy's next victim (an unpinned READY entry); victims admitted for
+  // write-back become DEMOTING on the way. False if no block could be freed.
   bool EvictOneLocked() REQUIRES_LOCK(mu_);
 
   BlockAllocator* const allocator_;
   mutable std::mutex mu_;
   std::unordered_map<ChunkKey, Entry, ChunkKeyHash> map_ GUARDED_BY(mu_);
-  std::list<ChunkKey> lru_ GUARDED_BY(mu_);  // front = most recently used; READY entries only
+  // Tracks the READY entries; called only under mu_. The pointer itself never changes.
+  const std::unique_ptr<EvictionPolicy> policy_;
   size_t pinned_entries_ GUARDED_BY(mu_) = 0;
   size_t writing_ GUARDED_BY(mu_) = 0;
   DemotionFilter demotion_filter_ GUARDED_BY(mu_) = nullptr;
@@ -124,6 +132,7 @@ class ChunkIndex {
   size_t max_demotions_ GUARDED_BY(mu_) = 0;
   size_t demoting_ GUARDED_BY(mu_) = 0;
   std::vector<std::pair<ChunkKey, BlockId>> new_demotions_ GUARDED_BY(mu_);
+  std::vector<uint8_t> acquired_ready_ GUARDED_BY(mu_);  // Acquire's scratch: which hits were READY
   ChunkIndexStats counters_ GUARDED_BY(mu_);
 };
 

@@ -1,4 +1,5 @@
-"""KVCache: the public store / lookup / load API over the CPU tier (pinned pool + copy engine).
+"""KVCache: the public store / lookup / load API over the CPU tier (pinned pool + copy engine)
+and, when configured, the disk tier below it.
 
 Example (a vLLM-style paged KV on the GPU, 16-token pages, 256-token chunks)::
 
@@ -14,6 +15,7 @@ Example (a vLLM-style paged KV on the GPU, 16-token pages, 256-token chunks)::
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 
@@ -39,6 +41,14 @@ class CacheConfig:
         staging_bytes: device staging area of the "staged" method.
         cpu_threads: copy threads of the CPU path.
         timeout_s: default deadline of every wait.
+        disk_dir: directory of the disk tier's cache file (None: no disk tier). Must exist, be
+            writable and accept O_DIRECT (a real disk, not tmpfs).
+        disk_bytes: hard capacity of the disk tier's cache file.
+        disk_backend: "auto" (io_uring where it works, else POSIX), "io_uring" or "posix".
+        disk_admit_min_seen: an evicted chunk is written to disk only if this many requests
+            carried it (2 by default, to spare SSD wear on one-off prompts).
+        disk_queue_depth: I/O requests in flight at once.
+        disk_io_timeout_s: deadline of every disk request.
     """
 
     cpu_bytes: int = 1 << 30
@@ -48,6 +58,12 @@ class CacheConfig:
     staging_bytes: int = 256 << 20  # 64 MiB halves copy speed while the GPU computes (bench_copy)
     cpu_threads: int = 2
     timeout_s: float = 30.0
+    disk_dir: str | None = None
+    disk_bytes: int = 0
+    disk_backend: str = "auto"
+    disk_admit_min_seen: int = 2
+    disk_queue_depth: int = 32
+    disk_io_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -64,6 +80,22 @@ class CacheConfig:
             raise InvalidArgumentError(f"config.method must be one of {_METHODS}, got {self.method!r}")
         if not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
             raise InvalidArgumentError(f"config.timeout_s must be a positive number, got {self.timeout_s!r}")
+        if self.disk_dir is not None:
+            if not isinstance(self.disk_dir, (str, os.PathLike)) or not str(self.disk_dir):
+                raise InvalidArgumentError(f"config.disk_dir must be a directory path, got {self.disk_dir!r}")
+            if not os.path.isdir(self.disk_dir):
+                raise InvalidArgumentError(f"config.disk_dir={str(self.disk_dir)!r} is not an existing directory")
+            positive_int("disk_bytes")
+            positive_int("disk_admit_min_seen")
+            positive_int("disk_queue_depth")
+            if self.disk_backend not in ("auto", "io_uring", "posix"):
+                raise InvalidArgumentError(
+                    f"config.disk_backend must be 'auto', 'io_uring' or 'posix', got {self.disk_backend!r}"
+                )
+            if not isinstance(self.disk_io_timeout_s, (int, float)) or not self.disk_io_timeout_s > 0:
+                raise InvalidArgumentError(
+                    f"config.disk_io_timeout_s must be a positive number, got {self.disk_io_timeout_s!r}"
+                )
 
 
 def _as_page_ids(page_ids) -> np.ndarray:
@@ -155,7 +187,7 @@ class KVCache:
     by page id in that layout. Thread-safe; every call that copies releases the GIL.
     """
 
-    def __init__(self, layout: Layout, config: CacheConfig | None = None, **overrides) -> None:
+    def __init__(self, layout: Layout, config: CacheConfig | None = None, *, peers=None, **overrides) -> None:
         if not isinstance(layout, Layout):
             raise InvalidArgumentError(f"layout must be a kvtier.Layout, got {type(layout).__name__}")
         if config is None:
@@ -180,9 +212,23 @@ class KVCache:
             config.method,
             config.staging_bytes,
             config.cpu_threads,
+            disk_dir=str(config.disk_dir) if config.disk_dir is not None else "",
+            disk_bytes=config.disk_bytes,
+            layout_fingerprint=layout.fingerprint,
+            disk_backend=config.disk_backend,
+            disk_admit_min_seen=config.disk_admit_min_seen,
+            disk_queue_depth=config.disk_queue_depth,
+            disk_io_timeout_s=float(config.disk_io_timeout_s),
         )
         self._closed = False
         self._lock = threading.Lock()
+        # -- peers hook (kvtier.p2p): share chunks with other instances; None = no peers --------
+        self._peers = None
+        if peers is not None:
+            from kvtier.p2p.cache_hooks import start_peers
+
+            self._peers = start_peers(self, peers)
+        # -- end peers hook ---------------------------------------------------------------------
 
     # -- helpers -----------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -225,6 +271,8 @@ class KVCache:
             return StoreFuture(None, self.config.timeout_s)
         op = self._tier.store(b"".join(keys), pages[: len(keys) * self.layout.pages_per_chunk],
                               self._default_stream(stream))
+        if self._peers is not None:  # peers hook: the chunks join this member's digest
+            self._peers.note_stored(keys)
         return StoreFuture(op, self.config.timeout_s)
 
     def lookup(self, tokens) -> int:
@@ -233,7 +281,10 @@ class KVCache:
         keys = self._keyer.keys(tokens)
         if not keys:
             return 0
-        return self._tier.lookup(b"".join(keys)) * self.layout.chunk_tokens
+        hits = self._tier.lookup(b"".join(keys))
+        if self._peers is not None and hits < len(keys):  # peers hook: digests, then confirm
+            hits += self._peers.lookup(keys[hits:])
+        return hits * self.layout.chunk_tokens
 
     def load(self, tokens, page_ids, *, stream=None) -> LoadHandle:
         """Copy the cached leading chunks of ``tokens`` into ``page_ids`` (in order).
@@ -246,7 +297,10 @@ class KVCache:
         pages = _as_page_ids(page_ids)
         if not keys:
             return LoadHandle(None, 0, self.layout.num_layers, self.config.timeout_s)
-        op = self._tier.load(b"".join(keys), pages, self._default_stream(stream))
+        if self._peers is not None:  # peers hook: local chunks, then pulls of the rest
+            op = self._peers.load(keys, pages, self._default_stream(stream))
+        else:
+            op = self._tier.load(b"".join(keys), pages, self._default_stream(stream))
         return LoadHandle(op, op.chunks * self.layout.chunk_tokens, self.layout.num_layers, self.config.timeout_s)
 
     def stats(self) -> dict:
@@ -256,6 +310,8 @@ class KVCache:
         s["pinned"] = self._tier.pinned
         s["capacity_chunks"] = self._tier.capacity_chunks
         s["chunk_bytes"] = self._tier.blob_bytes
+        if self._peers is not None:  # peers hook
+            s["peers"] = self._peers.stats()
         return s
 
     def drain(self, timeout_s: float | None = None) -> None:
@@ -267,6 +323,8 @@ class KVCache:
             if self._closed:
                 return
             self._closed = True
+        if self._peers is not None:  # peers hook: stop serving before the pool goes away
+            self._peers.close()
         self._tier.drain(self.config.timeout_s)
         self._tier = None
 

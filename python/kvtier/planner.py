@@ -1,0 +1,102 @@
+"""Load-or-recompute planning: for each cached chunk below the GPU, is loading it faster than
+recomputing it?
+
+A chunk on a slow tier behind a fast GPU is cheaper to recompute: the planner compares, chunk by
+chunk, the time to move its bytes from its tier (bytes / the tier's bandwidth, plus a per-request
+latency) with the time to prefill its tokens at their position (a transformer's prefill FLOPs
+grow with the position through attention). It returns how many leading lower-tier chunks to load;
+the rest of the prompt is recomputed.
+
+A custom planner is any object with ``plan(pool, gpu_hit_chunks, tiers) -> int`` (the
+:class:`LoadPlanner` protocol); pass it as ``PagedKVPool(..., planner=...)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+__all__ = ["LoadPlanner", "ModelCost", "CostModelPlanner"]
+
+
+@runtime_checkable
+class LoadPlanner(Protocol):
+    """Decides how many of the lower-tier chunks of a request to load (the rest is recomputed).
+
+    ``tiers[i]`` is ``"cpu"`` or ``"disk"``: where chunk ``gpu_hit_chunks + i`` of the prompt is.
+    Called once per request (per batch of chunks), under the pool's lock: keep it cheap.
+    """
+
+    def plan(self, pool, gpu_hit_chunks: int, tiers: list[str]) -> int: ...
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Prefill cost of a dense decoder: FLOPs per token at position ``p`` =
+    ``2 * params + 4 * layers * hidden * p`` (weights, then attention over the ``p`` tokens before).
+
+    ``flops_per_s`` is the GPU's achieved prefill throughput (calibrate it: time a prefill).
+    """
+
+    params: float
+    layers: int
+    hidden: int
+    flops_per_s: float
+
+    @classmethod
+    def llama3_8b(cls, flops_per_s: float = 400e12) -> ModelCost:
+        return cls(params=8.0e9, layers=32, hidden=4096, flops_per_s=flops_per_s)
+
+    def prefill_seconds(self, start: int, end: int) -> float:
+        """Seconds to prefill tokens [start, end) given the KV of [0, start) is present."""
+        n = end - start
+        attention = 4.0 * self.layers * self.hidden * (end * (end - 1) - start * (start - 1)) / 2.0
+        return (2.0 * self.params * n + attention) / self.flops_per_s
+
+
+@dataclass
+class CostModelPlanner:
+    """The built-in planner: load chunk i while moving its bytes beats recomputing its tokens.
+
+    Attributes:
+        model: the prefill cost model.
+        bandwidth: bytes/s per tier, e.g. ``{"cpu": 50e9, "disk": 2e9}`` (measured or set).
+        latency_s: fixed cost per chunk load per tier (submission, completion).
+        last_plan: the inputs and the decision of the latest request (shown in stats).
+    """
+
+    model: ModelCost
+    bandwidth: dict[str, float] = field(default_factory=lambda: {"cpu": 50e9, "disk": 2e9})
+    latency_s: dict[str, float] = field(default_factory=lambda: {"cpu": 20e-6, "disk": 100e-6})
+    last_plan: dict = field(default_factory=dict)
+    decisions: dict[str, int] = field(default_factory=lambda: {"load": 0, "recompute": 0})
+
+    def chunk_seconds(self, tier: str, chunk_bytes: int) -> float:
+        bw = self.bandwidth.get(tier)
+        if not bw:
+            return float("inf")
+        return chunk_bytes / bw + self.latency_s.get(tier, 0.0)
+
+    def plan(self, pool, gpu_hit_chunks: int, tiers: list[str]) -> int:
+        ct = pool.chunk_tokens
+        chunk_bytes = pool.layout.chunk_bytes
+        load = 0
+        rows = []
+        for i, tier in enumerate(tiers):
+            start = (gpu_hit_chunks + i) * ct
+            t_load = self.chunk_seconds(tier, chunk_bytes)
+            t_compute = self.model.prefill_seconds(start, start + ct)
+            rows.append((tier, t_load, t_compute))
+            if t_load > t_compute:
+                break  # the prefix stops here; the rest of the prompt is recomputed
+            load += 1
+        self.decisions["load"] += load
+        self.decisions["recompute"] += len(tiers) - load
+        self.last_plan = {
+            "gpu_hit_chunks": gpu_hit_chunks,
+            "lower_chunks": len(tiers),
+            "load_chunks": load,
+            "chunk_bytes": chunk_bytes,
+            "per_chunk": [{"tier": t, "load_s": a, "recompute_s": b} for t, a, b in rows],
+        }
+        return load

@@ -1,0 +1,343 @@
+"""PagedKVPool: the GPU tier. A model's paged KV tensors, pages handed to sequences, full chunks
+shared between sequences by reference count, and the tiers below it (a KVCache) behind it.
+
+A request calls ``begin(tokens)``: the longest cached prefix is mapped into its page table, from
+GPU pages already holding it (shared, no copy) and then from the CPU / disk tiers (copied into
+fresh pages, asynchronously; ``seq.wait()`` or ``seq.wait_layer(i)`` before attention reads
+them). The model computes the rest into the sequence's own pages, then ``commit(seq, tokens)``
+registers the new full chunks so later requests share them, and ``release(seq)`` drops the
+sequence's references. Pages of finished sequences stay cached, addressed by chunk key, until
+the pool needs pages: then the least recently used unreferenced chunks are evicted, offloaded to
+the CPU tier first if they are not there yet.
+
+Example (CPU tensors here; ``device="cuda"`` on a GPU)::
+
+    pool = PagedKVPool(num_layers=2, kv_heads=2, head_dim=64, num_pages=256,
+                       page_tokens=16, chunk_tokens=64, cpu_bytes=64 << 20)
+    seq = pool.begin(prompt)          # seq.cached_tokens leading tokens are already in place
+    seq.wait()
+    ... compute KV of prompt[seq.cached_tokens:] into pool.kv at seq.page_table ...
+    pool.commit(seq, prompt)
+    pool.release(seq)
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvtier import _core
+from kvtier.cache import CacheConfig, KVCache, LoadHandle
+from kvtier.errors import InvalidArgumentError, ResourceExhaustedError
+from kvtier.keys import ChunkKeyer
+from kvtier.layout import Layout
+
+__all__ = ["PagedKVPool", "Sequence"]
+
+
+@dataclass
+class _GpuChunk:
+    """Pages holding one full chunk in the pool."""
+
+    key: bytes
+    pages: tuple[int, ...]
+    refs: int = 0
+    loading: LoadHandle | None = None  # set while the pages are filled from a lower tier
+
+
+@dataclass
+class Sequence:
+    """One request's view of the pool.
+
+    Attributes:
+        page_table: page ids holding the sequence's tokens, in order (page_tokens tokens each).
+        cached_tokens: leading tokens whose KV is in place (or being loaded) at ``begin``.
+        gpu_hit_tokens / lower_hit_tokens: how many of those came from GPU pages / CPU or disk.
+        planned_recompute_tokens: cached tokens the load planner chose to recompute instead.
+    """
+
+    seq_id: int
+    num_tokens: int
+    page_table: list[int]
+    cached_tokens: int = 0
+    gpu_hit_tokens: int = 0
+    lower_hit_tokens: int = 0
+    planned_recompute_tokens: int = 0
+    _chunks: list[_GpuChunk] = field(default_factory=list, repr=False)  # referenced chunks, in order
+    _loads: list[LoadHandle] = field(default_factory=list, repr=False)
+    _released: bool = False
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Block until every page loaded from a lower tier (for this or a sharing sequence) landed."""
+        for h in self._loads:
+            h.wait(timeout_s)
+        for c in self._chunks:
+            if c.loading is not None:
+                c.loading.wait(timeout_s)
+
+    def wait_layer(self, layer: int, timeout_s: float | None = None) -> None:
+        """Block until layer ``layer`` of the loaded pages landed."""
+        for h in self._loads:
+            h.wait_layer(layer, timeout_s)
+        for c in self._chunks:
+            if c.loading is not None:
+                c.loading.wait_layer(layer, timeout_s)
+
+
+class PagedKVPool:
+    """Paged KV tensors for one model, with prefix sharing and the CPU / disk tiers below.
+
+    Args:
+        num_layers, kv_heads, head_dim: the model's KV geometry.
+        num_pages: pages in the pool (its hard capacity: num_pages * page_tokens tokens).
+        page_tokens: tokens per page; chunk_tokens: tokens per chunk (a multiple of it).
+        dtype, device: of the KV tensors (torch dtype, "cpu" or "cuda:N").
+        kv_layout: "cross_layer" (default: ``[num_pages, layers, 2, page_tokens, heads, dim]``,
+            one page = every layer's K and V, so a chunk moves as a few large DMAs) or "vllm"
+            (per layer ``[2, num_pages, page_tokens, heads, dim]``).
+        cache: a KVCache over this pool's layout to use as the lower tiers; or None and
+            ``cache_config`` / keyword arguments (``cpu_bytes=...``, ``disk_dir=...``) to build
+            one; ``cpu_bytes=0`` means no lower tier.
+        planner: optional load-or-recompute planner (kvtier.planner.LoadPlanner protocol).
+    """
+
+    def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, num_pages: int,
+                 page_tokens: int = 16, chunk_tokens: int = 256, dtype=None, device="cpu",
+                 kv_layout: str = "cross_layer", cache_config: CacheConfig | None = None,
+                 planner=None, **cache_overrides) -> None:
+        import torch
+
+        for name, v in (("num_layers", num_layers), ("kv_heads", kv_heads), ("head_dim", head_dim),
+                        ("num_pages", num_pages), ("page_tokens", page_tokens), ("chunk_tokens", chunk_tokens)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise InvalidArgumentError(f"{name} must be a positive int, got {v!r}")
+        if chunk_tokens % page_tokens:
+            raise InvalidArgumentError(
+                f"chunk_tokens={chunk_tokens} must be a multiple of page_tokens={page_tokens}")
+        dtype = dtype if dtype is not None else torch.bfloat16
+        if kv_layout == "cross_layer":
+            self.kv = torch.zeros(num_pages, num_layers, 2, page_tokens, kv_heads, head_dim, dtype=dtype, device=device)
+            self.layout = Layout.from_cross_layer(self.kv, chunk_tokens=chunk_tokens)
+        elif kv_layout == "vllm":
+            self.kv = [torch.zeros(2, num_pages, page_tokens, kv_heads, head_dim, dtype=dtype, device=device)
+                       for _ in range(num_layers)]
+            self.layout = Layout.from_vllm(self.kv, chunk_tokens=chunk_tokens)
+        else:
+            raise InvalidArgumentError(f"kv_layout must be 'cross_layer' or 'vllm', got {kv_layout!r}")
+        self.kv_layout = kv_layout
+        self.num_layers, self.page_tokens, self.chunk_tokens = num_layers, page_tokens, chunk_tokens
+        self.pages_per_chunk = chunk_tokens // page_tokens
+        self.num_pages = num_pages
+        if cache_config is not None:
+            config = cache_config
+        elif cache_overrides.get("cpu_bytes", 1) == 0:
+            config = None  # GPU tier only
+        else:
+            config = CacheConfig(**cache_overrides)
+        self.cache: KVCache | None = KVCache(self.layout, config) if config is not None else None
+        model_id = config.model_id if config is not None else cache_overrides.get("model_id", "default")
+        salt = config.tenant_salt if config is not None else cache_overrides.get("tenant_salt")
+        self.keyer = ChunkKeyer.from_layout(model_id, self.layout, salt)
+        self.planner = planner
+        self._free = _core.BlockAllocator(num_pages, 1)  # page ids only: O(1), thread-safe
+        self._chunks: OrderedDict[bytes, _GpuChunk] = OrderedDict()  # LRU order of unreferenced use
+        self._lock = threading.RLock()
+        self._next_seq = 0
+        self._stats = dict(begins=0, gpu_hit_chunks=0, lower_hit_chunks=0, miss_chunks=0,
+                           planned_recompute_chunks=0, evicted_chunks=0, offloaded_chunks=0,
+                           offload_skipped_chunks=0, committed_chunks=0)
+
+    # -- pages ---------------------------------------------------------------------------------
+    def _allocate(self, n: int) -> list[int]:
+        if n == 0:
+            return []
+        free = self._free.stats()["free_blocks"]
+        if free < n:
+            self._evict(n - free)
+        try:
+            return self._free.allocate_batch(n)
+        except ResourceExhaustedError:
+            raise ResourceExhaustedError(
+                f"the pool needs {n} pages but only {self._free.stats()['free_blocks']} are free and every "
+                f"cached chunk is referenced by a live sequence ({self.num_pages} pages in all)") from None
+
+    def _evict(self, pages_needed: int) -> None:
+        """Free at least ``pages_needed`` pages by evicting unreferenced chunks, LRU first, after
+        offloading those the lower tier lacks (one batched store, waited for: the pages are
+        reused right after)."""
+        victims: list[_GpuChunk] = []
+        freed = 0
+        for c in self._chunks.values():
+            if freed >= pages_needed:
+                break
+            if c.refs == 0:
+                victims.append(c)
+                freed += len(c.pages)
+        if not victims:
+            return
+        for c in victims:
+            if c.loading is not None:
+                c.loading.wait()  # its pages are still being written
+        if self.cache is not None:
+            tier = self.cache._tier
+            keys = [c.key for c in victims]
+            # Offload each run of victims as one store; chunks already below are skipped by the tier.
+            pages = np.fromiter((p for c in victims for p in c.pages), dtype=np.int64)
+            op = tier.store(b"".join(keys), pages, self.cache._default_stream(None))
+            if op.transfer is not None:
+                op.transfer.wait(self.cache.config.timeout_s)
+            self._stats["offloaded_chunks"] += op.chunks
+            self._stats["offload_skipped_chunks"] += op.skipped_full
+        for c in victims:
+            del self._chunks[c.key]
+            self._free.free_batch(list(c.pages))
+        self._stats["evicted_chunks"] += len(victims)
+
+    # -- requests --------------------------------------------------------------------------------
+    def begin(self, tokens, *, stream=None) -> Sequence:
+        """Start a request: map its longest cached prefix and give it pages for all its tokens."""
+        keys = self.keyer.keys(tokens)
+        num_tokens = len(tokens)
+        ct, ppc = self.chunk_tokens, self.pages_per_chunk
+        total_pages = math.ceil(num_tokens / self.page_tokens)
+        with self._lock:
+            self._stats["begins"] += 1
+            seq = Sequence(self._next_seq, num_tokens, [])
+            self._next_seq += 1
+            for k in keys:  # GPU hits: share the pages, no copy
+                c = self._chunks.get(k)
+                if c is None:
+                    break
+                c.refs += 1
+                self._chunks.move_to_end(k)
+                seq._chunks.append(c)
+                seq.page_table.extend(c.pages)
+            gpu_hits = len(seq._chunks)
+            lower = 0
+            if self.cache is not None and gpu_hits < len(keys):
+                lower = self.cache._tier.lookup(b"".join(keys[gpu_hits:]))
+                if lower and self.planner is not None:
+                    tiers = self._tiers_of(keys[gpu_hits:gpu_hits + lower])
+                    keep = max(0, min(lower, int(self.planner.plan(self, gpu_hits, tiers))))
+                    seq.planned_recompute_tokens = (lower - keep) * ct
+                    self._stats["planned_recompute_chunks"] += lower - keep
+                    lower = keep
+            try:
+                pages = self._allocate(total_pages - len(seq.page_table))
+            except ResourceExhaustedError:
+                self._drop_refs(seq)
+                raise
+            loaded = 0
+            if lower:
+                op = self.cache._tier.load(b"".join(keys[gpu_hits:gpu_hits + lower]),
+                                           np.asarray(pages[: lower * ppc], dtype=np.int64),
+                                           self.cache._default_stream(stream))
+                loaded = op.chunks
+                if loaded:
+                    handle = LoadHandle(op, loaded * ct, self.num_layers, self.cache.config.timeout_s)
+                    seq._loads.append(handle)
+                    for i in range(loaded):
+                        k = keys[gpu_hits + i]
+                        c = _GpuChunk(k, tuple(pages[i * ppc:(i + 1) * ppc]), refs=1, loading=handle)
+                        if k in self._chunks:  # registered meanwhile by another request: keep ours private
+                            continue
+                        self._chunks[k] = c
+                        seq._chunks.append(c)
+            seq.page_table.extend(pages)
+            seq.gpu_hit_tokens = gpu_hits * ct
+            seq.lower_hit_tokens = loaded * ct
+            seq.cached_tokens = (gpu_hits + loaded) * ct
+            self._stats["gpu_hit_chunks"] += gpu_hits
+            self._stats["lower_hit_chunks"] += loaded
+            self._stats["miss_chunks"] += len(keys) - gpu_hits - loaded
+            return seq
+
+    def extend(self, seq: Sequence, num_tokens: int) -> list[int]:
+        """Grow ``seq`` to ``num_tokens`` tokens (decode); returns its new pages."""
+        self._check_live(seq)
+        need = math.ceil(num_tokens / self.page_tokens) - len(seq.page_table)
+        with self._lock:
+            pages = self._allocate(max(0, need))
+            seq.page_table.extend(pages)
+            seq.num_tokens = max(seq.num_tokens, num_tokens)
+            return pages
+
+    def commit(self, seq: Sequence, tokens) -> int:
+        """Register the full chunks of ``tokens`` (the sequence's tokens so far, whose KV is now
+        computed into its pages) so later requests share them. Returns chunks newly registered."""
+        self._check_live(seq)
+        keys = self.keyer.keys(tokens)
+        ppc = self.pages_per_chunk
+        if len(keys) * ppc > len(seq.page_table):
+            raise InvalidArgumentError(
+                f"tokens hold {len(keys)} full chunks but the sequence has only {len(seq.page_table)} pages")
+        added = 0
+        with self._lock:
+            have = {id(c) for c in seq._chunks}
+            for i in range(len(seq._chunks), len(keys)):
+                k = keys[i]
+                if k in self._chunks:
+                    existing = self._chunks[k]
+                    if id(existing) in have:
+                        continue
+                    break  # someone else holds these tokens in other pages; ours stay private
+                pages = tuple(seq.page_table[i * ppc:(i + 1) * ppc])
+                c = _GpuChunk(k, pages, refs=1)
+                self._chunks[k] = c
+                seq._chunks.append(c)
+                added += 1
+            self._stats["committed_chunks"] += added
+        return added
+
+    def release(self, seq: Sequence) -> None:
+        """The request is over: drop its references; pages not in a registered chunk are freed."""
+        with self._lock:
+            if seq._released:
+                return
+            seq._released = True
+            owned = set()
+            for c in seq._chunks:
+                owned.update(c.pages)
+            self._drop_refs(seq)
+            private = [p for p in seq.page_table if p not in owned]
+            if private:
+                self._free.free_batch(private)
+            seq.page_table = []
+
+    def _drop_refs(self, seq: Sequence) -> None:
+        for c in seq._chunks:
+            c.refs -= 1
+            if c.refs == 0 and c.key in self._chunks:
+                self._chunks.move_to_end(c.key)  # most recently used among the evictable
+
+    def _tiers_of(self, keys: list[bytes]) -> list[str]:
+        """Where each chunk is below the GPU: "cpu" or "disk"."""
+        codes = self.cache._tier.lookup_tiers(b"".join(keys))
+        return ["cpu" if c == 1 else "disk" for c in codes]
+
+    def _check_live(self, seq: Sequence) -> None:
+        if seq._released:
+            raise InvalidArgumentError(f"sequence {seq.seq_id} was released")
+
+    # -- views -----------------------------------------------------------------------------------
+    def cached_chunks(self) -> int:
+        return len(self._chunks)
+
+    def stats(self) -> dict:
+        with self._lock:
+            s = dict(self._stats)
+            alloc = self._free.stats()
+            s.update(pages_total=self.num_pages, pages_free=alloc["free_blocks"],
+                     gpu_cached_chunks=len(self._chunks),
+                     gpu_referenced_chunks=sum(1 for c in self._chunks.values() if c.refs))
+        if self.cache is not None:
+            s["lower"] = self.cache.stats()
+        return s
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()

@@ -1,0 +1,67 @@
+"""Load-or-recompute planning: the cost model, the built-in planner, and a custom planner in the pool."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from kvtier.planner import CostModelPlanner, LoadPlanner, ModelCost  # noqa: E402
+from kvtier.pool import PagedKVPool  # noqa: E402
+
+
+def fake_pool(chunk_tokens=256, chunk_bytes=32 << 20):
+    return SimpleNamespace(chunk_tokens=chunk_tokens, layout=SimpleNamespace(chunk_bytes=chunk_bytes))
+
+
+def test_prefill_cost_is_additive_and_grows_with_position():
+    m = ModelCost.llama3_8b()
+    assert m.prefill_seconds(0, 8192) == pytest.approx(m.prefill_seconds(0, 4096) + m.prefill_seconds(4096, 8192))
+    assert m.prefill_seconds(30000, 30256) > m.prefill_seconds(0, 256)
+
+
+def test_slow_tier_chunks_are_recomputed_fast_ones_loaded():
+    # Llama-3-8B chunk of 256 tokens = 32 MiB of KV; at 400 TFLOP/s its prefill takes ~10 ms.
+    planner = CostModelPlanner(ModelCost.llama3_8b(), bandwidth={"cpu": 50e9, "disk": 1.5e9})
+    n = planner.plan(fake_pool(), 0, ["cpu", "cpu", "disk", "cpu"])
+    assert n == 2  # 32 MiB / 1.5 GB/s = 22 ms > ~10 ms of prefill: the disk chunk is recomputed
+    assert planner.last_plan["load_chunks"] == 2
+    rows = planner.last_plan["per_chunk"]
+    assert rows[2]["tier"] == "disk" and rows[2]["load_s"] > rows[2]["recompute_s"]
+    assert planner.decisions == {"load": 2, "recompute": 2}
+
+
+def test_disk_wins_deep_in_a_long_prompt():
+    planner = CostModelPlanner(ModelCost.llama3_8b(), bandwidth={"cpu": 50e9, "disk": 3e9})
+    near = planner.plan(fake_pool(), 0, ["disk"])
+    far = planner.plan(fake_pool(), 400, ["disk"])  # 100k tokens in: attention makes prefill dear
+    assert near == 0 and far == 1
+
+
+def test_custom_planner_replaces_the_builtin_in_the_pool():
+    class RecomputeEverything:
+        def __init__(self):
+            self.calls = []
+
+        def plan(self, pool, gpu_hit_chunks, tiers):
+            self.calls.append((gpu_hit_chunks, list(tiers)))
+            return 0
+
+    planner = RecomputeEverything()
+    assert isinstance(planner, LoadPlanner)
+    pool = PagedKVPool(num_layers=1, kv_heads=1, head_dim=8, num_pages=4, page_tokens=4, chunk_tokens=8,
+                       dtype=torch.float32, cpu_bytes=64 * 4096, planner=planner)
+    a = list(range(16))
+    s = pool.begin(a)
+    pool.commit(s, a)
+    pool.release(s)
+    b = list(range(100, 116))  # evicts a's two chunks to the CPU tier
+    s = pool.begin(b)
+    pool.commit(s, b)
+    pool.release(s)
+    s = pool.begin(a)
+    assert planner.calls == [(0, ["cpu", "cpu"])]
+    assert s.cached_tokens == 0 and s.planned_recompute_tokens == 16
+    assert pool.stats()["planned_recompute_chunks"] == 2

@@ -1,0 +1,164 @@
+"""PagedKVPool (the GPU tier) over the CPU and disk tiers: sharing, eviction, offload, reload.
+
+The stateful test drives begin / compute / commit / release with prompts that share prefixes and
+checks, after every begin, that each cached page holds exactly the KV computed for its prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+torch = pytest.importorskip("torch")
+
+from kvtier import ResourceExhaustedError  # noqa: E402
+from kvtier.pool import PagedKVPool  # noqa: E402
+
+PT, CT = 4, 8  # page and chunk tokens
+
+
+def page_value(tokens, page: int) -> float:
+    """The 'KV' of a page: a function of every token up to its end (as real KV is)."""
+    h = hashlib.blake2b(repr(tokens[: (page + 1) * PT]).encode(), digest_size=4).digest()
+    return float(int.from_bytes(h, "little") % 100003)
+
+
+def compute(pool: PagedKVPool, seq, tokens) -> None:
+    """Fill the pages after the cached prefix as a model's prefill would."""
+    first = seq.cached_tokens // PT
+    for j in range(first, len(seq.page_table)):
+        pool.kv[seq.page_table[j]] = page_value(tokens, j)
+
+
+def check_cached(pool: PagedKVPool, seq, tokens) -> None:
+    seq.wait()
+    for j in range(seq.cached_tokens // PT):
+        got = pool.kv[seq.page_table[j]]
+        assert torch.all(got == page_value(tokens, j)), f"page {j} of the cached prefix is wrong"
+
+
+def make_pool(num_pages=24, cpu_chunks=6, **kw):
+    # A chunk here is 1 KiB; CPU-tier blocks are 4 KiB aligned (for O_DIRECT), hence 4096 a chunk.
+    if "cpu_bytes" in kw:
+        return PagedKVPool(num_layers=2, kv_heads=1, head_dim=8, num_pages=num_pages, page_tokens=PT,
+                           chunk_tokens=CT, dtype=torch.float32, **kw)
+    return PagedKVPool(num_layers=2, kv_heads=1, head_dim=8, num_pages=num_pages, page_tokens=PT,
+                       chunk_tokens=CT, dtype=torch.float32, cpu_bytes=cpu_chunks * 4096, **kw)
+
+
+def test_second_request_shares_gpu_pages():
+    pool = make_pool()
+    toks = list(range(20))  # 2 full chunks + half a chunk
+    a = pool.begin(toks)
+    assert a.cached_tokens == 0 and len(a.page_table) == 5
+    compute(pool, a, toks)
+    assert pool.commit(a, toks) == 2
+    b = pool.begin(toks + [99])
+    assert b.gpu_hit_tokens == 16 and b.page_table[:4] == a.page_table[:4]
+    check_cached(pool, b, toks)
+    pool.release(a)
+    pool.release(b)
+    assert pool.stats()["pages_free"] == 24 - 4  # the two chunks stay cached
+
+
+def test_evicted_chunks_come_back_from_the_cpu_tier():
+    pool = make_pool(num_pages=8)
+    toks = list(range(16))
+    a = pool.begin(toks)
+    compute(pool, a, toks)
+    pool.commit(a, toks)
+    pool.release(a)
+    for i in range(3):  # other prompts push the first one out of the pool
+        other = [1000 * (i + 1) + t for t in range(16)]
+        s = pool.begin(other)
+        compute(pool, s, other)
+        pool.commit(s, other)
+        pool.release(s)
+    st_ = pool.stats()
+    assert st_["evicted_chunks"] >= 2 and st_["offloaded_chunks"] >= 2
+    b = pool.begin(toks)
+    assert b.gpu_hit_tokens == 0 and b.lower_hit_tokens == 16
+    check_cached(pool, b, toks)
+
+
+def test_pool_full_of_live_sequences_raises_and_keeps_state():
+    pool = make_pool(num_pages=4, cpu_bytes=0)
+    a = pool.begin(list(range(16)))  # takes all 4 pages
+    with pytest.raises(ResourceExhaustedError, match="pages"):
+        pool.begin(list(range(100, 116)))
+    assert pool.stats()["pages_free"] == 0
+    pool.release(a)
+    assert pool.stats()["pages_free"] == 4
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        PagedKVPool(num_layers=1, kv_heads=1, head_dim=8, num_pages=4, page_tokens=4, chunk_tokens=6)
+    with pytest.raises(ValueError, match="kv_layout"):
+        PagedKVPool(num_layers=1, kv_heads=1, head_dim=8, num_pages=4, page_tokens=4, chunk_tokens=8,
+                    kv_layout="ragged")
+    pool = make_pool()
+    s = pool.begin(list(range(8)))
+    pool.release(s)
+    with pytest.raises(ValueError, match="released"):
+        pool.commit(s, list(range(8)))
+
+
+PREFIXES = [list(range(8)), list(range(100, 108)), list(range(200, 216))]
+
+
+class PoolMachine(RuleBasedStateMachine):
+    """Random requests over shared prefixes; every cached page must hold its prefix's KV."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = make_pool(num_pages=10, cpu_chunks=4)
+        self.live = []  # (seq, tokens)
+
+    @rule(prefix=st.sampled_from(PREFIXES), tail=st.lists(st.integers(0, 5), max_size=10),
+          commit=st.booleans())
+    def request(self, prefix, tail, commit):
+        toks = prefix + tail
+        try:
+            seq = self.pool.begin(toks)
+        except ResourceExhaustedError:
+            assert self.live, "only live sequences may hold every page"
+            return
+        check_cached(self.pool, seq, toks)
+        compute(self.pool, seq, toks)
+        if commit:
+            self.pool.commit(seq, toks)
+        self.live.append((seq, toks))
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 100))
+    def finish(self, i):
+        seq, _ = self.live.pop(i % len(self.live))
+        self.pool.release(seq)
+
+    @invariant()
+    def pages_are_accounted_for(self):
+        st_ = self.pool.stats()
+        live_private = set()
+        for seq, _ in self.live:
+            shared = {p for c in seq._chunks for p in c.pages}
+            live_private.update(p for p in seq.page_table if p not in shared)
+        cached = {p for c in self.pool._chunks.values() for p in c.pages}
+        assert not (live_private & cached), "a page is both private and in a cached chunk"
+        assert len(live_private) + len(cached) + st_["pages_free"] == st_["pages_total"]
+        lower = st_["lower"]
+        assert lower["blocks"]["used_blocks"] <= lower["capacity_chunks"]
+
+    def teardown(self):
+        for seq, _ in self.live:
+            self.pool.release(seq)
+        self.pool.close()
+
+
+TestPoolMachine = PoolMachine.TestCase
+TestPoolMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
+                                    suppress_health_check=[HealthCheck.too_slow])
