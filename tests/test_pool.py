@@ -162,3 +162,42 @@ class PoolMachine(RuleBasedStateMachine):
 TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
                                     suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_layout", ["cross_layer", "vllm"])
+def test_gpu_pool_shares_evicts_and_reloads_bit_exact(kv_layout):
+    pool = PagedKVPool(num_layers=4, kv_heads=2, head_dim=64, num_pages=8, page_tokens=PT, chunk_tokens=CT,
+                       dtype=torch.bfloat16, device="cuda", kv_layout=kv_layout, cpu_bytes=64 << 20)
+
+    def fill(seq, toks):
+        for j in range(seq.cached_tokens // PT, len(seq.page_table)):
+            v = page_value(toks, j)
+            p = seq.page_table[j]
+            if kv_layout == "cross_layer":
+                pool.kv[p] = v
+            else:
+                for t in pool.kv:
+                    t[:, p] = v
+
+    def page(p):
+        return pool.kv[p] if kv_layout == "cross_layer" else torch.stack([t[:, p] for t in pool.kv])
+
+    a = list(range(16))
+    s = pool.begin(a)
+    fill(s, a)
+    pool.commit(s, a)
+    want = [page(p).clone() for p in s.page_table]
+    pool.release(s)
+    for i in range(3):
+        o = [1000 * (i + 1) + t for t in range(16)]
+        q = pool.begin(o)
+        fill(q, o)
+        pool.commit(q, o)
+        pool.release(q)
+    b = pool.begin(a)
+    assert b.lower_hit_tokens == 16
+    b.wait()
+    for j, p in enumerate(b.page_table):
+        assert torch.equal(page(p), want[j])
+    assert pool.stats()["lower"]["pinned"]
