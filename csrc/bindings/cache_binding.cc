@@ -138,6 +138,43 @@ void BindCache(py::module_& m) {
              py::gil_scoped_release release;
              return t.Lookup(k.data(), k.size());
            }, py::arg("keys"))
+      .def("prefetch", [](CpuTier& t, const py::bytes& keys) {
+             std::vector<ChunkKey> k = ParseKeys(keys);
+             py::gil_scoped_release release;
+             return t.Prefetch(k.data(), k.size());
+           }, py::arg("keys"), "Start reading the leading disk-only chunks into the pool; returns reads started.")
+      .def("set_admission_hook", [](CpuTier& t, py::object hook) {
+             if (hook.is_none()) {
+               t.SetAdmissionHook(nullptr);
+               return;
+             }
+             // Called from C++ with no kvtier lock held: take the GIL, call, never let an exception
+             // escape into C++ (a failing hook admits nothing and the error is printed).
+             auto shared = std::make_shared<py::object>(std::move(hook));
+             t.SetAdmissionHook([shared](const std::vector<ChunkKey>& keys, const std::vector<uint32_t>& seen) {
+               py::gil_scoped_acquire gil;
+               std::vector<uint8_t> out(keys.size(), 0);
+               try {
+                 py::list key_list, seen_list;
+                 for (size_t i = 0; i < keys.size(); ++i) {
+                   char b[16];
+                   keys[i].ToBytes(b);
+                   key_list.append(py::bytes(b, 16));
+                   seen_list.append(seen[i]);
+                 }
+                 py::object verdict = (*shared)(key_list, seen_list);
+                 size_t i = 0;
+                 for (py::handle v : verdict) {
+                   if (i >= out.size()) break;
+                   out[i++] = py::bool_(py::reinterpret_borrow<py::object>(v)) ? 1 : 0;
+                 }
+               } catch (py::error_already_set& e) {
+                 e.restore();
+                 PyErr_Print();
+               }
+               return out;
+             });
+           }, py::arg("hook"), "hook(keys: list[bytes], seen: list[int]) -> list[bool], per batch of evicted chunks; None restores the built-in rule.")
       .def("lookup_tiers", [](CpuTier& t, const py::bytes& keys) {
              std::vector<ChunkKey> k = ParseKeys(keys);
              std::vector<uint8_t> tiers;
@@ -254,6 +291,8 @@ void BindCache(py::module_& m) {
           k["promotion_failures"] = s.promotion_failures;
           k["demotions_written"] = s.demotions_written;
           k["demotions_failed"] = s.demotions_failed;
+          k["demotions_rejected"] = s.demotions_rejected;
+          k["chunks_prefetched"] = s.chunks_prefetched;
           d["disk"] = k;
         }
         d["index"]["demoting"] = s.index.demoting;

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdio>
 #include <string>
+#include <thread>
 
 namespace kvtier {
 
@@ -55,7 +56,52 @@ StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const LayoutDesc& layout, con
 }
 
 bool CpuTier::AdmitForDemotion(void* self, const ChunkKey&, uint32_t seen) {
-  return seen >= static_cast<CpuTier*>(self)->admit_min_seen_;
+  auto* tier = static_cast<CpuTier*>(self);
+  // With a hook, every eviction is staged for write-back; the hook decides in PumpDemotions.
+  return tier->has_admission_hook_.load() || seen >= tier->admit_min_seen_;
+}
+
+void CpuTier::SetAdmissionHook(AdmissionHook hook) {
+  std::lock_guard<std::mutex> lock(hook_mu_);
+  admission_hook_ = std::move(hook);
+  has_admission_hook_ = static_cast<bool>(admission_hook_);
+}
+
+void CpuTier::WaitWhileWriting(const ChunkKey& key, std::chrono::steady_clock::time_point deadline) {
+  while (index_->IsWriting(key) && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+}
+
+size_t CpuTier::Prefetch(const ChunkKey* keys, size_t n) {
+  if (!disk_) return 0;
+  size_t started = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (index_->Contains(keys[i]) || index_->IsWriting(keys[i])) continue;
+    if (!disk_->Contains(keys[i])) break;
+    StatusOr<BlockId> block = index_->BeginInsert(keys[i]);
+    if (!block.ok()) break;
+    ChunkKey k = keys[i];
+    StartOp();
+    Status s = disk_->Read(k, allocator_->BlockAddress(*block), [this, k](const Status& st) {
+      if (st.ok()) {
+        (void)index_->CommitInsert(k);
+        ++chunks_prefetched_;
+      } else {
+        (void)index_->AbortInsert(k);
+        ++promotion_failures_;
+      }
+      FinishOp();
+    });
+    if (!s.ok()) {
+      (void)index_->AbortInsert(k);
+      FinishOp();
+      break;
+    }
+    ++started;
+  }
+  PumpDemotions();
+  return started;
 }
 
 void CpuTier::StartOp() {
@@ -65,10 +111,31 @@ void CpuTier::StartOp() {
 
 void CpuTier::PumpDemotions() {
   if (!disk_) return;
-  for (const auto& [key, block] : index_->TakeDemotions()) {
+  std::vector<ChunkIndex::Demotion> demotions = index_->TakeDemotions();
+  if (demotions.empty()) return;
+  std::vector<uint8_t> admit(demotions.size(), 1);
+  if (has_admission_hook_) {
+    std::vector<ChunkKey> keys;
+    std::vector<uint32_t> seen;
+    for (const auto& d : demotions) {
+      keys.push_back(d.key);
+      seen.push_back(d.seen);
+    }
+    std::lock_guard<std::mutex> lock(hook_mu_);
+    if (admission_hook_) {
+      std::vector<uint8_t> verdict = admission_hook_(keys, seen);
+      for (size_t i = 0; i < admit.size(); ++i) admit[i] = i < verdict.size() && verdict[i];
+    }
+  }
+  for (size_t i = 0; i < demotions.size(); ++i) {
+    const ChunkKey k = demotions[i].key;
+    if (!admit[i]) {
+      ++demotions_rejected_;
+      (void)index_->FinishDemotion(k);
+      continue;
+    }
     StartOp();
-    ChunkKey k = key;
-    Status s = disk_->Write(k, allocator_->BlockAddress(block), [this, k](const Status& st) {
+    Status s = disk_->Write(k, allocator_->BlockAddress(demotions[i].block), [this, k](const Status& st) {
       if (st.ok()) {
         ++demotions_written_;
       } else {
@@ -99,9 +166,15 @@ size_t CpuTier::PromoteFromDisk(const ChunkKey* keys, size_t n) {
   };
   auto shared = std::make_shared<Shared>();
   std::vector<BlockId> blocks;
+  const auto wait_deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(2 * disk_io_timeout_ms_ + 1000);
   for (size_t i = 0; i < n; ++i) {
     StatusOr<BlockId> b = index_->BeginInsert(keys[i]);
-    if (!b.ok()) break;  // being stored by someone else, or the pool is full of pinned blocks
+    if (!b.ok()) {
+      // A prefetch may be reading this very chunk: let it finish, then the caller's Acquire
+      // finds it in the pool. Anything else (the pool full of pinned blocks) ends the run.
+      if (b.status().code() == StatusCode::kAlreadyExists) WaitWhileWriting(keys[i], wait_deadline);
+      break;
+    }
     blocks.push_back(*b);
   }
   PumpDemotions();  // BeginInsert may have marked victims for write-back
@@ -191,6 +264,11 @@ StatusOr<TierOp> CpuTier::Store(const ChunkKey* keys, size_t n, const std::vecto
   std::vector<void*> blobs;
   for (size_t i = 0; i < n; ++i) {
     StatusOr<BlockId> block = index_->BeginInsert(keys[i]);
+    if (!block.ok() && block.status().code() == StatusCode::kResourceExhausted && disk_) {
+      // Victims were staged for write-back; the admission rule may drop some at once: retry.
+      PumpDemotions();
+      block = index_->BeginInsert(keys[i]);
+    }
     if (!block.ok()) {
       if (block.status().code() == StatusCode::kAlreadyExists) {
         ++op.already_cached;
@@ -266,13 +344,16 @@ StatusOr<TierOp> CpuTier::Load(const ChunkKey* keys, size_t n, const std::vector
   // goes on while the pool and the disk together hold the prefix.
   while (disk_ && hits < wanted) {
     size_t run = 0;
-    while (hits + run < wanted && !index_->Contains(keys[hits + run]) && disk_->Contains(keys[hits + run])) ++run;
+    while (hits + run < wanted && !index_->Contains(keys[hits + run]) &&
+           (index_->IsWriting(keys[hits + run]) || disk_->Contains(keys[hits + run]))) {
+      ++run;
+    }
     if (run == 0) break;
-    size_t promoted = PromoteFromDisk(keys + hits, run);
-    size_t got = index_->Acquire(keys + hits, promoted, &blocks);
+    PromoteFromDisk(keys + hits, run);
+    // Whatever is in the pool now (promoted here, or filled by a prefetch that was running).
+    size_t got = index_->Acquire(keys + hits, wanted - hits, &blocks);
+    if (got == 0) break;
     hits += got;
-    if (got < run) break;
-    hits += index_->Acquire(keys + hits, wanted - hits, &blocks);
   }
   op.chunks = hits;
   if (hits == 0) return op;
@@ -375,6 +456,8 @@ CpuTierStats CpuTier::stats() const {
   s.promotion_failures = promotion_failures_;
   s.demotions_written = demotions_written_;
   s.demotions_failed = demotions_failed_;
+  s.demotions_rejected = demotions_rejected_;
+  s.chunks_prefetched = chunks_prefetched_;
   return s;
 }
 

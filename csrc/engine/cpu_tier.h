@@ -15,6 +15,8 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
+#include <functional>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -67,6 +69,8 @@ struct CpuTierStats {
   uint64_t promotion_failures = 0;   // reads that failed (corrupt, I/O error, deadline): misses
   uint64_t demotions_written = 0;    // write-backs completed
   uint64_t demotions_failed = 0;     // write-backs refused or failed (the chunk was dropped)
+  uint64_t demotions_rejected = 0;   // evicted chunks the admission hook did not admit
+  uint64_t chunks_prefetched = 0;    // read from disk into the pool ahead of a load
 };
 
 // What a Store or Load started. `transfer` is null when nothing needed copying.
@@ -109,6 +113,17 @@ class CpuTier {
   std::vector<const void*> AcquireBlobs(const ChunkKey* keys, size_t n);
   Status ReleaseBlobs(const ChunkKey* keys, size_t n);
 
+  // Replaces the built-in admission rule (seen >= admit_min_seen) for disk write-back: called
+  // once per batch of evicted chunks, with no lock held, with their keys and times seen; returns
+  // one flag per chunk (non-zero: write it to disk). An empty function restores the built-in.
+  using AdmissionHook =
+      std::function<std::vector<uint8_t>(const std::vector<ChunkKey>&, const std::vector<uint32_t>&)>;
+  void SetAdmissionHook(AdmissionHook hook);
+  // Starts reading the leading chunks of keys[0..n) that are on disk only into the pool, without
+  // waiting (a later Load finds them in the pool, or waits for the reads still running).
+  // Returns the number of reads started.
+  size_t Prefetch(const ChunkKey* keys, size_t n);
+
   CpuTierStats stats() const;
   const Arena& arena() const { return *arena_; }
   uint64_t blob_bytes() const { return engine_->blob_bytes(); }
@@ -131,6 +146,8 @@ class CpuTier {
   // leading ones arrived intact; blocks on the disk's deadline (io_timeout_ms) at most.
   size_t PromoteFromDisk(const ChunkKey* keys, size_t n);
   static bool AdmitForDemotion(void* self, const ChunkKey& key, uint32_t seen);
+  // Waits (polling, until `deadline`) while another reader of the disk fills `key`'s block.
+  void WaitWhileWriting(const ChunkKey& key, std::chrono::steady_clock::time_point deadline);
 
   // Declaration order is destruction order reversed: the engine (whose callbacks touch the index
   // and counters) goes first, the memory last.
@@ -143,6 +160,10 @@ class CpuTier {
   std::unique_ptr<DiskStore> disk_;  // after index_: destroyed first, its callbacks see the index
   uint32_t admit_min_seen_ = 2;
   int64_t disk_io_timeout_ms_ = 10000;
+  mutable std::mutex hook_mu_;
+  AdmissionHook admission_hook_;  // guarded by hook_mu_
+  std::atomic<bool> has_admission_hook_{false};
+  std::atomic<uint64_t> demotions_rejected_{0}, chunks_prefetched_{0};
   std::atomic<uint64_t> lookup_disk_chunks_{0}, chunks_promoted_{0}, promotion_failures_{0},
       demotions_written_{0}, demotions_failed_{0};
   std::atomic<uint64_t> store_calls_{0}, chunks_stored_{0}, chunks_already_cached_{0},

@@ -43,7 +43,7 @@ bool ChunkIndex::EvictOneLocked() {
         e->second.state = State::kDemoting;
         ++demoting_;
         ++counters_.demotions;
-        new_demotions_.emplace_back(e->first, e->second.block);
+        new_demotions_.push_back(Demotion{e->first, e->second.block, e->second.seen});
         continue;
       }
     }
@@ -63,9 +63,9 @@ void ChunkIndex::EnableDemotion(DemotionFilter filter, void* ctx, size_t max_in_
   max_demotions_ = max_in_flight;
 }
 
-std::vector<std::pair<ChunkKey, BlockId>> ChunkIndex::TakeDemotions() {
+std::vector<ChunkIndex::Demotion> ChunkIndex::TakeDemotions() {
   std::lock_guard<std::mutex> lock(mu_);
-  std::vector<std::pair<ChunkKey, BlockId>> out;
+  std::vector<Demotion> out;
   out.swap(new_demotions_);
   return out;
 }
@@ -201,6 +201,12 @@ Status ChunkIndex::Erase(const ChunkKey& key) {
   policy_->OnRemove(key);
   map_.erase(it);
   return allocator_->Free(block);
+}
+
+bool ChunkIndex::IsWriting(const ChunkKey& key) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = map_.find(key);
+  return it != map_.end() && it->second.state == State::kWriting;
 }
 
 bool ChunkIndex::Contains(const ChunkKey& key) const {

@@ -95,12 +95,18 @@ class ChunkIndex {
   void EnableDemotion(DemotionFilter filter, void* ctx, size_t max_in_flight) EXCLUDES(mu_);
   // Hands out the entries that became DEMOTING since the last call: (key, block) pairs whose bytes
   // stay valid until FinishDemotion(key).
-  std::vector<std::pair<ChunkKey, BlockId>> TakeDemotions() EXCLUDES(mu_);
+  struct Demotion {
+    ChunkKey key;
+    BlockId block;
+    uint32_t seen;  // requests that carried the chunk while it was cached here
+  };
+  std::vector<Demotion> TakeDemotions() EXCLUDES(mu_);
   // The write-back of `key` is over (done or failed): the entry goes, its block is freed as soon
   // as no reader holds it.
   Status FinishDemotion(const ChunkKey& key) EXCLUDES(mu_);
 
   bool Contains(const ChunkKey& key) const EXCLUDES(mu_);  // READY or DEMOTING
+  bool IsWriting(const ChunkKey& key) const EXCLUDES(mu_);
   ChunkIndexStats stats() const EXCLUDES(mu_);
   // The policy's name: "lru", "s3fifo", "lfu".
   const char* eviction_policy() const { return policy_->name(); }
@@ -131,7 +137,7 @@ class ChunkIndex {
   void* demotion_ctx_ GUARDED_BY(mu_) = nullptr;
   size_t max_demotions_ GUARDED_BY(mu_) = 0;
   size_t demoting_ GUARDED_BY(mu_) = 0;
-  std::vector<std::pair<ChunkKey, BlockId>> new_demotions_ GUARDED_BY(mu_);
+  std::vector<Demotion> new_demotions_ GUARDED_BY(mu_);
   std::vector<uint8_t> acquired_ready_ GUARDED_BY(mu_);  // Acquire's scratch: which hits were READY
   ChunkIndexStats counters_ GUARDED_BY(mu_);
 };

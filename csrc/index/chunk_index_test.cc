@@ -125,7 +125,7 @@ TEST(ChunkIndexTest, DemotionHoldsAdmittedChunksVisibleUntilFinished) {
   EXPECT_EQ(index.BeginInsert(K(2)).status().code(), StatusCode::kResourceExhausted);
   auto demotions = index.TakeDemotions();
   ASSERT_EQ(demotions.size(), 2u);
-  EXPECT_EQ(demotions[0].first, k0);
+  EXPECT_EQ(demotions[0].key, k0);
   EXPECT_TRUE(index.Contains(k0));  // still readable while the write-back runs
   EXPECT_EQ(index.stats().demoting, 2u);
   // A reader holds k0 when its write-back finishes: the block is freed at the reader's release.
@@ -303,14 +303,14 @@ TEST_P(ChunkIndexPolicyTest, DemotionKeepsEveryAdmittedChunkVisibleUntilFinished
   EXPECT_EQ(index->BeginInsert(K(2)).status().code(), StatusCode::kResourceExhausted);
   auto demotions = index->TakeDemotions();
   ASSERT_EQ(demotions.size(), 2u);
-  EXPECT_TRUE((demotions[0].first == K(0) && demotions[1].first == K(1)) ||
-              (demotions[0].first == K(1) && demotions[1].first == K(0)));
+  EXPECT_TRUE((demotions[0].key == K(0) && demotions[1].key == K(1)) ||
+              (demotions[0].key == K(1) && demotions[1].key == K(0)));
   EXPECT_TRUE(index->Contains(K(0)));
   EXPECT_TRUE(index->Contains(K(1)));
   // A hit on a DEMOTING chunk reads it but does not bring it back under the policy.
   Hit(*index, 0);
   EXPECT_EQ(index->stats().demoting, 2u);
-  for (const auto& d : demotions) ASSERT_TRUE(index->FinishDemotion(d.first).ok());
+  for (const auto& d : demotions) ASSERT_TRUE(index->FinishDemotion(d.key).ok());
   EXPECT_EQ(alloc.stats().used_blocks, 0u);
   Put(*index, 2);
   Put(*index, 3);
@@ -457,7 +457,7 @@ TEST(ChunkIndexS3FifoTest, DemotedChunkComingBackIsAGhostHit) {
   Put(index, 4);  // K(0) becomes DEMOTING (its block is not free yet), then K(1) is dropped
   auto demotions = index.TakeDemotions();
   ASSERT_EQ(demotions.size(), 1u);
-  EXPECT_EQ(demotions[0].first, K(0));
+  EXPECT_EQ(demotions[0].key, K(0));
   EXPECT_FALSE(index.Contains(K(1)));
   ASSERT_TRUE(index.FinishDemotion(K(0)).ok());
   Put(index, 0);  // promoted from disk
@@ -713,7 +713,7 @@ void RunIndexAgainstModel(const std::string& policy, uint32_t seed, size_t capac
       auto expected = model.TakeDemotions();
       ASSERT_EQ(taken.size(), expected.size()) << step;
       for (size_t i = 0; i < taken.size(); ++i) {
-        ASSERT_EQ(taken[i].first, K(expected[i])) << step;
+        ASSERT_EQ(taken[i].key, K(expected[i])) << step;
         demoting.push_back(expected[i]);
       }
       if (!demoting.empty() && rng() % 2 == 0) {

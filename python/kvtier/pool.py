@@ -47,6 +47,8 @@ class _GpuChunk:
     pages: tuple[int, ...]
     refs: int = 0
     loading: LoadHandle | None = None  # set while the pages are filled from a lower tier
+    last_use: int = 0
+    uses: int = 1
 
 
 @dataclass
@@ -103,12 +105,14 @@ class PagedKVPool:
             ``cache_config`` / keyword arguments (``cpu_bytes=...``, ``disk_dir=...``) to build
             one; ``cpu_bytes=0`` means no lower tier.
         planner: optional load-or-recompute planner (kvtier.planner.LoadPlanner protocol).
+        eviction_policy: optional kvtier.policies.EvictionPolicy choosing which unreferenced
+            chunks leave the pool (default: least recently used).
     """
 
     def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, num_pages: int,
                  page_tokens: int = 16, chunk_tokens: int = 256, dtype=None, device="cpu",
                  kv_layout: str = "cross_layer", cache_config: CacheConfig | None = None,
-                 planner=None, **cache_overrides) -> None:
+                 planner=None, eviction_policy=None, **cache_overrides) -> None:
         import torch
 
         for name, v in (("num_layers", num_layers), ("kv_heads", kv_heads), ("head_dim", head_dim),
@@ -143,6 +147,8 @@ class PagedKVPool:
         salt = config.tenant_salt if config is not None else cache_overrides.get("tenant_salt")
         self.keyer = ChunkKeyer.from_layout(model_id, self.layout, salt)
         self.planner = planner
+        self.eviction_policy = eviction_policy
+        self._clock = 0
         self._free = _core.BlockAllocator(num_pages, 1)  # page ids only: O(1), thread-safe
         self._chunks: OrderedDict[bytes, _GpuChunk] = OrderedDict()  # LRU order of unreferenced use
         self._lock = threading.RLock()
@@ -169,12 +175,26 @@ class PagedKVPool:
         """Free at least ``pages_needed`` pages by evicting unreferenced chunks, LRU first, after
         offloading those the lower tier lacks (one batched store, waited for: the pages are
         reused right after)."""
-        victims: list[_GpuChunk] = []
-        freed = 0
-        for c in self._chunks.values():
-            if freed >= pages_needed:
-                break
-            if c.refs == 0:
+        candidates = [c for c in self._chunks.values() if c.refs == 0]  # least recently used first
+        if self.eviction_policy is None:
+            victims, freed = [], 0
+            for c in candidates:
+                if freed >= pages_needed:
+                    break
+                victims.append(c)
+                freed += len(c.pages)
+        else:
+            from kvtier.policies import ChunkInfo
+
+            by_key = {c.key: c for c in candidates}
+            chosen = self.eviction_policy.choose_victims(
+                [ChunkInfo(c.key, len(c.pages), c.last_use, c.uses) for c in candidates], pages_needed)
+            victims, freed, taken = [], 0, set()
+            for k in chosen:  # only offered candidates, each once, until enough pages are free
+                c = by_key.get(k)
+                if c is None or k in taken or freed >= pages_needed:
+                    continue
+                taken.add(k)
                 victims.append(c)
                 freed += len(c.pages)
         if not victims:
@@ -213,6 +233,9 @@ class PagedKVPool:
                 if c is None:
                     break
                 c.refs += 1
+                c.uses += 1
+                self._clock += 1
+                c.last_use = self._clock
                 self._chunks.move_to_end(k)
                 seq._chunks.append(c)
                 seq.page_table.extend(c.pages)
@@ -286,7 +309,8 @@ class PagedKVPool:
                         continue
                     break  # someone else holds these tokens in other pages; ours stay private
                 pages = tuple(seq.page_table[i * ppc:(i + 1) * ppc])
-                c = _GpuChunk(k, pages, refs=1)
+                self._clock += 1
+                c = _GpuChunk(k, pages, refs=1, last_use=self._clock)
                 self._chunks[k] = c
                 seq._chunks.append(c)
                 added += 1
