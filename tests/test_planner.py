@@ -65,3 +65,12 @@ def test_custom_planner_replaces_the_builtin_in_the_pool():
     assert planner.calls == [(0, ["cpu", "cpu"])]
     assert s.cached_tokens == 0 and s.planned_recompute_tokens == 16
     assert pool.stats()["planned_recompute_chunks"] == 2
+
+
+def test_calibration_measures_the_cpu_tier():
+    pool = PagedKVPool(num_layers=2, kv_heads=2, head_dim=64, num_pages=64, page_tokens=16, chunk_tokens=64,
+                       dtype=torch.float32, cpu_bytes=64 << 20)
+    planner = CostModelPlanner(ModelCost.llama3_8b(), bandwidth={"cpu": 1.0, "disk": 1.0})
+    bw = planner.calibrate(pool)
+    assert bw > 1e8 and planner.bandwidth["cpu"] == bw  # a memcpy moves far more than 100 MB/s
+    assert pool.stats()["pages_free"] == 64

@@ -201,3 +201,32 @@ def test_gpu_pool_shares_evicts_and_reloads_bit_exact(kv_layout):
     for j, p in enumerate(b.page_table):
         assert torch.equal(page(p), want[j])
     assert pool.stats()["lower"]["pinned"]
+
+
+def test_concurrent_requests_from_threads_keep_pages_consistent():
+    import threading
+
+    pool = make_pool(num_pages=32, cpu_chunks=8)
+    errors = []
+
+    def worker(w):
+        try:
+            for i in range(40):
+                toks = PREFIXES[(w + i) % 3] + [w, i % 4]
+                seq = pool.begin(toks)
+                check_cached(pool, seq, toks)
+                compute(pool, seq, toks)
+                pool.commit(seq, toks)
+                pool.release(seq)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    st_ = pool.stats()
+    assert st_["gpu_referenced_chunks"] == 0
+    assert st_["pages_free"] + sum(len(c.pages) for c in pool._chunks.values()) == 32

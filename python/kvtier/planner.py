@@ -13,6 +13,8 @@ A custom planner is any object with ``plan(pool, gpu_hit_chunks, tiers) -> int``
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -100,3 +102,38 @@ class CostModelPlanner:
             "per_chunk": [{"tier": t, "load_s": a, "recompute_s": b} for t, a, b in rows],
         }
         return load
+
+    def calibrate(self, pool, chunks: int = 4, reps: int = 3) -> float:
+        """Measure the CPU tier's load bandwidth into ``pool``'s pages (best of ``reps`` loads of
+        ``chunks`` chunks), store it in ``bandwidth["cpu"]`` and return it in bytes/s.
+
+        Uses free pool pages and fresh random chunk keys (the calibration chunks stay in the CPU
+        tier until evicted like any other). The disk tier's bandwidth is not measured here: set it
+        from bench_disk's results or your device's specification.
+        """
+        if pool.cache is None:
+            raise ValueError("calibrate needs a pool with a CPU tier (cpu_bytes > 0)")
+        tier = pool.cache._tier
+        pages = pool._allocate(chunks * pool.pages_per_chunk)
+        try:
+            import numpy as np
+
+            page_ids = np.asarray(pages, dtype=np.int64)
+            keys = b"".join(os.urandom(16) for _ in range(chunks))
+            stream = pool.cache._default_stream(None)
+            op = tier.store(keys, page_ids, stream)
+            if op.transfer is not None:
+                op.transfer.wait(pool.cache.config.timeout_s)
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                op = tier.load(keys, page_ids, stream)
+                if op.chunks < chunks:
+                    raise RuntimeError("calibration chunks were evicted from the CPU tier: too small a tier")
+                op.transfer.wait(pool.cache.config.timeout_s)
+                best = min(best, time.perf_counter() - t0)
+        finally:
+            pool._free.free_batch(pages)
+        bw = chunks * pool.layout.chunk_bytes / best
+        self.bandwidth["cpu"] = bw
+        return bw
