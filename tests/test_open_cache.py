@@ -1,0 +1,32 @@
+"""One config builds the whole cache, with its Prometheus endpoint serving the cache's stats."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("prometheus_client")
+
+import kvtier  # noqa: E402
+from kvtier.config import KVTierConfig, open_cache  # noqa: E402
+
+
+def test_open_cache_from_config_serves_metrics(tmp_path):
+    kv = [torch.zeros(2, 32, 16, 2, 16) for _ in range(2)]
+    layout = kvtier.Layout.from_vllm(kv, chunk_tokens=32)
+    cfg = KVTierConfig.load(env={}, cpu={"bytes": 1 << 20}, disk={"dir": str(tmp_path), "bytes": 8 << 20},
+                            metrics={"prometheus_port": 0}, model={"model_id": "m", "chunk_tokens": 32})
+    cache = open_cache(layout, cfg)
+    try:
+        toks = list(range(64))
+        cache.store(toks, list(range(4))).wait()
+        assert cache.lookup(toks) == 64
+        assert cache.stats()["disk"]["backend"] in ("io_uring", "posix")
+        (server,) = cache.metrics.servers
+        body = urllib.request.urlopen(server.url, timeout=10).read().decode()
+        assert "kvtier_hits_total" in body and "kvtier_bytes_total" in body
+    finally:
+        cache.metrics.close()
+        cache.close()
