@@ -169,6 +169,18 @@ size_t CpuTier::PromoteFromDisk(const ChunkKey* keys, size_t n) {
   const auto wait_deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(2 * disk_io_timeout_ms_ + 1000);
   for (size_t i = 0; i < n; ++i) {
     StatusOr<BlockId> b = index_->BeginInsert(keys[i]);
+    // A pool full of chunks being written back to disk frees blocks as those writes end: a load
+    // waits for that (to its deadline) rather than turn a disk hit into a recompute.
+    while (!b.ok() && b.status().code() == StatusCode::kResourceExhausted &&
+           std::chrono::steady_clock::now() < wait_deadline) {
+      PumpDemotions();
+      if (index_->demoting() == 0) {
+        b = index_->BeginInsert(keys[i]);
+        break;  // nothing in flight will free a block: pinned readers hold them all
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+      b = index_->BeginInsert(keys[i]);
+    }
     if (!b.ok()) {
       // A prefetch may be reading this very chunk: let it finish, then the caller's Acquire
       // finds it in the pool. Anything else (the pool full of pinned blocks) ends the run.

@@ -203,6 +203,11 @@ Status ChunkIndex::Erase(const ChunkKey& key) {
   return allocator_->Free(block);
 }
 
+size_t ChunkIndex::demoting() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return demoting_;
+}
+
 bool ChunkIndex::IsWriting(const ChunkKey& key) const {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = map_.find(key);

@@ -107,6 +107,7 @@ class ChunkIndex {
 
   bool Contains(const ChunkKey& key) const EXCLUDES(mu_);  // READY or DEMOTING
   bool IsWriting(const ChunkKey& key) const EXCLUDES(mu_);
+  size_t demoting() const EXCLUDES(mu_);  // entries held for a write-back right now
   ChunkIndexStats stats() const EXCLUDES(mu_);
   // The policy's name: "lru", "s3fifo", "lfu".
   const char* eviction_policy() const { return policy_->name(); }
