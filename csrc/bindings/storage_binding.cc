@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "bindings/status_binding.h"
+#include "storage/crc32c.h"
 #include "storage/disk_store.h"
 #include "storage/io_probe.h"
 
@@ -322,6 +323,14 @@ VerifyAtOpen ParseVerify(const std::string& s) {
 }  // namespace
 
 void BindStorage(py::module_& m) {
+  m.def("crc32c", [](py::buffer data, uint32_t value) {
+        py::buffer_info info = data.request();
+        const size_t len = static_cast<size_t>(info.size) * static_cast<size_t>(info.itemsize);
+        py::gil_scoped_release release;
+        return Crc32c(value, info.ptr, len);
+      }, py::arg("data"), py::arg("value") = 0,
+      "CRC32C (Castagnoli) of a buffer, continuing from `value`; the CPU's instruction where it has one.");
+
   m.def(
       "aligned_buffer",
       [](int64_t nbytes) {

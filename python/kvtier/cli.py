@@ -1,4 +1,4 @@
-"""The `kvtier` command: `kvtier info` (and, as they land, `demo`, `peer`, `sim`)."""
+"""The `kvtier` command: `kvtier demo`, `kvtier info`, `kvtier peer` (and, as it lands, `sim`)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     p_info = sub.add_parser("info", help="version, CUDA, GPUs, I/O backend and pinned-memory support")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
     p_info.set_defaults(func=_cmd_info)
+    from kvtier.p2p.cli import add_parser as add_peer_parser  # `kvtier peer`: see kvtier/p2p
+
+    add_peer_parser(sub)
+    from kvtier.demo import add_demo_parser  # `kvtier demo`: see kvtier/demo.py
+
+    add_demo_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

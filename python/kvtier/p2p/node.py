@@ -1,0 +1,139 @@
+"""A standalone, cache-only peer: a CPU pool and a disk tier serving chunks to the cluster,
+with no model and no GPU (``kvtier peer``).
+
+It needs only the blob format it serves, given as a *layout spec* (a small JSON object), one of:
+
+- ``{"blob_bytes": 33554432, "fingerprint": "<32 hex digits>"}`` — exactly what the serving
+  instances' ``Layout`` says (``layout_spec(layout)`` prints it);
+- a model shape, from which kvtier derives both the way a serving instance would::
+
+    {"kind": "vllm", "num_layers": 32, "kv_heads": 8, "head_dim": 128, "dtype": "bfloat16",
+     "page_tokens": 16, "chunk_tokens": 256}
+
+  (``kind`` one of ``vllm``, ``cross_layer``; needs torch.)
+
+Chunks found only on its disk are promoted into the pool before they are served (the node owns a
+one-chunk scratch page for the disk tier's load path), so a peer sees pool and disk alike. The
+node's key journal lives in the cache directory: restart it on the same directory and its digest
+is rebuilt from the chunks still on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import numpy as np
+
+from kvtier import _core
+from kvtier.errors import InvalidArgumentError
+from kvtier.p2p.config import PeerConfig
+from kvtier.p2p.service import PeerService
+
+
+def layout_spec(layout) -> dict:
+    """The minimal spec of ``layout``'s blob format, for ``kvtier peer --layout``."""
+    return {"blob_bytes": int(layout.chunk_bytes), "fingerprint": layout.fingerprint_hex}
+
+
+def resolve_spec(spec: dict | str) -> tuple[int, bytes]:
+    """(blob_bytes, fingerprint) from a spec dict, a JSON string or a path to a JSON file."""
+    if isinstance(spec, str):
+        text = spec
+        if not spec.lstrip().startswith("{"):
+            try:
+                with open(spec) as f:
+                    text = f.read()
+            except OSError as e:
+                raise InvalidArgumentError(f"layout spec {spec!r}: {e.strerror}") from None
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InvalidArgumentError(f"layout spec is not valid JSON: {e}") from None
+    if not isinstance(spec, dict):
+        raise InvalidArgumentError(f"layout spec must be a JSON object, got {type(spec).__name__}")
+    if "blob_bytes" in spec:
+        bb, fp = spec.get("blob_bytes"), spec.get("fingerprint")
+        if isinstance(bb, bool) or not isinstance(bb, int) or bb <= 0:
+            raise InvalidArgumentError(f"layout spec: blob_bytes must be a positive int, got {bb!r}")
+        try:
+            fpb = bytes.fromhex(fp)
+        except (TypeError, ValueError):
+            fpb = b""
+        if len(fpb) != 16:
+            raise InvalidArgumentError(f"layout spec: fingerprint must be 32 hex digits, got {fp!r}")
+        return bb, fpb
+    return _from_shape(spec)
+
+
+def _from_shape(spec: dict) -> tuple[int, bytes]:
+    import torch
+
+    from kvtier.layout import Layout
+
+    need = ("kind", "num_layers", "kv_heads", "head_dim", "dtype", "page_tokens", "chunk_tokens")
+    missing = [k for k in need if k not in spec]
+    if missing:
+        raise InvalidArgumentError(f"layout spec: missing {missing} (or give blob_bytes + fingerprint)")
+    try:
+        dtype = getattr(torch, spec["dtype"])
+    except AttributeError:
+        raise InvalidArgumentError(f"layout spec: unknown dtype {spec['dtype']!r}") from None
+    L, H, D, pt = (int(spec[k]) for k in ("num_layers", "kv_heads", "head_dim", "page_tokens"))
+    # One page is enough: the fingerprint and blob size do not depend on the number of pages.
+    if spec["kind"] == "vllm":
+        layout = Layout.from_vllm([torch.zeros(2, 1, pt, H, D, dtype=dtype) for _ in range(L)],
+                                  chunk_tokens=int(spec["chunk_tokens"]))
+    elif spec["kind"] == "cross_layer":
+        layout = Layout.from_cross_layer(torch.zeros(1, L, 2, pt, H, D, dtype=dtype),
+                                         chunk_tokens=int(spec["chunk_tokens"]))
+    else:
+        raise InvalidArgumentError(f"layout spec: kind must be 'vllm' or 'cross_layer', got {spec['kind']!r}")
+    return layout.chunk_bytes, layout.fingerprint
+
+
+class PeerNode:
+    """A cache-only member: pinned pool + disk tier in ``cache_dir``, served by a PeerService."""
+
+    def __init__(self, spec, peers: PeerConfig, *, cache_dir: str | None, cpu_bytes: int,
+                 disk_bytes: int = 0, disk_backend: str = "auto") -> None:
+        blob_bytes, fingerprint = resolve_spec(spec)
+        if cpu_bytes < 2 * blob_bytes:
+            raise InvalidArgumentError(f"cpu_bytes={cpu_bytes} must hold at least 2 chunks of {blob_bytes} bytes")
+        if cache_dir is not None and not os.path.isdir(cache_dir):
+            raise InvalidArgumentError(f"cache_dir={cache_dir!r} is not an existing directory")
+        if cache_dir is not None and disk_bytes <= 0:
+            raise InvalidArgumentError("disk_bytes must be positive with a cache_dir")
+        self.blob_bytes, self.fingerprint = blob_bytes, fingerprint
+        # The scratch page the disk tier's load path scatters into when promoting a chunk.
+        self._scratch = np.zeros(blob_bytes, dtype=np.uint8)
+        base = self._scratch.ctypes.data
+        self.tier = _core.CpuTier(
+            [(base, blob_bytes, blob_bytes, 1)], -1, 1, [[0]], cpu_bytes, "cpu", 1 << 20, 1,
+            disk_dir=cache_dir or "", disk_bytes=disk_bytes if cache_dir else 0,
+            layout_fingerprint=fingerprint, disk_backend=disk_backend)
+        self._promote_lock = threading.Lock()
+        self.service = PeerService(self.tier, fingerprint, peers, promote=self._promote,
+                                   journal_dir=cache_dir)
+
+    def _promote(self, key: bytes) -> bool:
+        with self._promote_lock:
+            op = self.tier.load(key, np.zeros(1, dtype=np.int64), 0)
+            if op.transfer is not None:
+                op.transfer.wait(self.service.config.request_timeout_s)
+            return op.chunks == 1
+
+    def start(self) -> PeerNode:
+        self.service.start()
+        return self
+
+    def close(self) -> None:
+        self.service.close()
+        self.tier.drain(30.0)
+
+    def __enter__(self) -> PeerNode:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,840 @@
+"""PeerService: one member of a kvtier peer cluster, serving its CPU tier and pulling from others.
+
+It runs beside a CpuTier (inside a KVCache, or in a standalone ``kvtier peer`` node) and owns:
+
+- a TCP listener; each inbound connection is served by its own thread after the HMAC handshake;
+- a gossip thread: one SWIM protocol period per ``gossip_interval_s`` (membership.py), this
+  member's digest deltas, fetches of peers' digests that fell behind;
+- a pool of authenticated client connections and a thread pool for concurrent requests.
+
+The data path: :meth:`lookup` asks the digests which peers may hold the keys missing locally,
+confirms with at most ``max_sources`` of them (one round trip, in parallel) and returns how many
+leading chunks are available; :meth:`load` pulls them (several sources at once), each blob
+received straight into a reserved pinned pool block (``begin_put`` / ``recv_into``), checked, then
+committed (``commit_put``) or given back (``abort_put``); committed chunks are scattered to the
+caller's pages in order while later ones are still on the wire.
+
+Thread safety: every public method may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import itertools
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+
+from kvtier.errors import (
+    AlreadyExistsError,
+    DeadlineExceededError,
+    KVTierError,
+    ResourceExhaustedError,
+)
+from kvtier.p2p import protocol as P
+from kvtier.p2p.auth import load_secret
+from kvtier.p2p.config import PeerConfig, parse_address
+from kvtier.p2p.digest import (
+    LocalDigest,
+    PeerDigests,
+    assemble_plan,
+    bloom_geometry,
+    choose_sources,
+)
+from kvtier.p2p.membership import Membership, MembershipConfig, Outgoing
+from kvtier.p2p.transport import (
+    AuthenticationError,
+    Connection,
+    ConnectionPool,
+    Deadline,
+    Identity,
+    server_handshake,
+)
+
+log = logging.getLogger("kvtier.p2p")
+
+LOCAL = ""  # plan entry: the chunk is in a local tier already
+_IDLE_TIMEOUT_S = 300.0
+
+
+class KeyJournal:
+    """Append-only file of the chunk keys this member holds on disk, so that a restarted member
+    rebuilds its digest (the core cannot list its keys). Entries of evicted chunks are pruned by
+    asking the tier; the file is rewritten compacted at start."""
+
+    NAME = "p2p-keys.journal"
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, self.NAME)
+        self._lock = threading.Lock()
+        self._f = None
+
+    def read(self) -> list[bytes]:
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return []
+        raw = raw[: len(raw) // 16 * 16]  # a torn last entry is dropped
+        return [raw[i : i + 16] for i in range(0, len(raw), 16)]
+
+    def rewrite(self, keys) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(b"".join(keys))
+        os.replace(tmp, self.path)
+
+    def append(self, keys) -> None:
+        with self._lock:
+            if self._f is None:
+                self._f = open(self.path, "ab")  # noqa: SIM115 - kept open, closed in close()
+            self._f.write(b"".join(keys))
+            self._f.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._f is not None:
+                self._f.close()
+                self._f = None
+
+
+class _Frontier:
+    """Starts the scatter of pulled chunks in prefix order, as soon as each one and all before it
+    are committed; freezes when the load returns so late commits touch no page."""
+
+    def __init__(self, tier, keys, pages, ppc, stream, plan) -> None:
+        self.tier, self.keys, self.pages, self.ppc, self.stream = tier, keys, pages, ppc, stream
+        self.ready = [src == LOCAL for src in plan]
+        self.next = 0
+        self.ops = []
+        self.stopped = False
+        self.lock = threading.Lock()
+        self.advance()
+
+    def commit(self, i: int) -> None:
+        with self.lock:
+            self.ready[i] = True
+            self.advance()
+
+    def advance(self) -> None:
+        n = len(self.ready)
+        while not self.stopped and self.next < n and self.ready[self.next]:
+            end = self.next
+            while end < n and self.ready[end]:
+                end += 1
+            ppc, want = self.ppc, end - self.next
+            op = self.tier.load(b"".join(self.keys[self.next : end]),
+                                self.pages[self.next * ppc : end * ppc], self.stream)
+            if op.chunks:
+                self.ops.append(op)
+            self.next += op.chunks
+            if op.chunks < want:
+                self.stopped = True  # evicted between commit and scatter: the prefix ends here
+
+    def freeze(self) -> int:
+        with self.lock:
+            self.stopped = True
+            return self.next
+
+
+class ChainedTransfer:
+    """Several TierOp transfers seen as one (the LoadHandle API: wait, wait_layer, ...)."""
+
+    def __init__(self, transfers) -> None:
+        self._transfers = [t for t in transfers if t is not None]
+
+    def wait(self, timeout_s: float) -> None:
+        d = Deadline(timeout_s)
+        for t in self._transfers:
+            t.wait(max(d.at - time.monotonic(), 0.0))
+
+    def wait_layer(self, layer: int, timeout_s: float) -> None:
+        d = Deadline(timeout_s)
+        for t in self._transfers:
+            t.wait_layer(layer, max(d.at - time.monotonic(), 0.0))
+
+    def stream_wait_layer(self, layer: int, stream: int) -> None:
+        for t in self._transfers:
+            t.stream_wait_layer(layer, stream)
+
+    @property
+    def done(self) -> bool:
+        return all(t.done for t in self._transfers)
+
+
+class ChainedOp:
+    """What ``PeerService.load`` started: ``chunks`` leading chunks, landing through ``transfer``."""
+
+    def __init__(self, chunks: int, ops) -> None:
+        self.chunks = chunks
+        transfers = [op.transfer for op in ops if op.transfer is not None]
+        self.transfer = ChainedTransfer(transfers) if transfers else None
+
+
+class PeerService:
+    """A member of the peer cluster for one CpuTier (one model and layout).
+
+    Args:
+        tier: the ``kvtier._core.CpuTier`` whose pool is served and filled.
+        fingerprint: the layout fingerprint (16 bytes); peers must have the same one.
+        config: :class:`PeerConfig`.
+        promote: optional ``callable(key) -> bool`` bringing a disk-only chunk into the pool so it
+            can be served (a standalone node has scratch pages for this); without it only pool
+            chunks are served and a disk-only chunk is a miss to peers.
+        journal_dir: where to keep the key journal (the disk tier's directory), or None.
+
+    Example::
+
+        svc = PeerService(cache._tier, layout.fingerprint, PeerConfig(secret=s, seeds=("10.0.0.1:7070",)))
+        svc.start()
+        svc.note_stored(keys)          # after a store: the chunks join this member's digest
+        n = svc.lookup(keys[hit:])     # leading chunks peers hold (confirmed)
+    """
+
+    def __init__(self, tier, fingerprint: bytes, config: PeerConfig, *, promote=None,
+                 journal_dir: str | None = None, rng_seed: int | None = None) -> None:
+        self.config = config
+        self._tier = tier
+        self._fingerprint = bytes(fingerprint)
+        self._blob_bytes = int(tier.blob_bytes)
+        self._ppc = int(tier.pages_per_chunk)
+        self._secret = load_secret(config.secret, config.secret_file)
+        self._promote = promote
+        self._rng = random.Random(rng_seed)
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._rid = itertools.count(1)
+        self.counters: Counter = Counter()
+        self.bad_peers: Counter = Counter()
+        self._journal = KeyJournal(journal_dir) if journal_dir else None
+        self._held: set[bytes] = set()
+        self._plans: dict[tuple, tuple[float, list[str]]] = {}
+        self._fetching: set[str] = set()
+        self._server_conns: set[Connection] = set()
+        self._threads: list[threading.Thread] = []
+        self._listener: socket.socket | None = None
+        self._started = False
+        self._closed = False
+        self._last_rebuild = time.monotonic()
+
+    # -- life cycle ----------------------------------------------------------------------------
+    def start(self) -> PeerService:
+        host, port = parse_address(self.config.listen, "peers.listen")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        lst = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            lst.bind((host, port))
+            lst.listen(128)
+            lst.settimeout(0.2)
+        except OSError as e:
+            lst.close()
+            raise KVTierError(f"peers.listen={self.config.listen!r}: cannot listen: {e}") from None
+        self._listener = lst
+        bound_port = lst.getsockname()[1]
+        if self.config.advertise:
+            adv_host, adv_port = parse_address(self.config.advertise, "peers.advertise")
+        else:
+            adv_host, adv_port = host, bound_port
+            if adv_host in ("0.0.0.0", "::"):
+                adv_host = socket.gethostbyname(socket.gethostname())
+        self.address = (adv_host, adv_port)
+        self.node_id = self.config.node_id or f"{adv_host}:{adv_port}"
+        incarnation = time.time_ns() // 1_000_000  # a restart outranks the old record
+        c = self.config
+        self._mconfig = MembershipConfig(
+            period_s=c.gossip_interval_s, ack_timeout_s=c.ack_timeout_s,
+            indirect_probes=c.indirect_probes, suspicion_mult=c.suspicion_mult,
+            dead_retention_s=c.dead_retention_s, sync_interval_s=c.sync_interval_s)
+        self._m = Membership(self.node_id, adv_host, adv_port, incarnation, self._mconfig, self._rng,
+                             now=time.monotonic())
+        self._m.on_delta = self._on_delta
+        self._m.on_record = self._on_record
+        bits, hashes = bloom_geometry(c.digest_capacity, c.digest_fp_rate)
+        self._digest = LocalDigest(self.node_id, bits, hashes, generation=int(time.time()) & 0xFFFFFFFF)
+        self._digests = PeerDigests()
+        self._me = Identity(self.node_id, self._fingerprint, self._blob_bytes, self._secret)
+        self._pool = ConnectionPool(self._me, c.connect_timeout_s)
+        self._gossip_exec = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-p2p-gossip")
+        self._exec = cf.ThreadPoolExecutor(max_workers=max(8, 2 * c.max_sources),
+                                           thread_name_prefix="kvtier-p2p-req")
+        if self._journal is not None:
+            self._restore_from_journal()
+        self._spawn(self._accept_loop, "kvtier-p2p-accept")
+        self._spawn(self._gossip_loop, "kvtier-p2p-gossip")
+        self._join_seeds()
+        self._started = True
+        return self
+
+    def _spawn(self, fn, name, *args) -> threading.Thread:
+        t = threading.Thread(target=fn, args=args, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+        return t
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        if not self._started:
+            if self._listener is not None:
+                self._listener.close()
+            return
+        for t in self._threads[:2]:
+            t.join(timeout_s)
+        self._listener.close()
+        with self._lock:
+            conns = list(self._server_conns)
+        for conn in conns:
+            conn.close()
+        self._pool.close()
+        self._gossip_exec.shutdown(wait=True, cancel_futures=True)
+        self._exec.shutdown(wait=True, cancel_futures=True)
+        for t in self._threads[2:]:
+            t.join(timeout_s)
+        if self._journal is not None:
+            self._journal.close()
+
+    def __enter__(self) -> PeerService:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- local digest --------------------------------------------------------------------------
+    def note_stored(self, keys) -> None:
+        """Chunks now held here (stored, pulled, or found at start): add them to the digest."""
+        keys = [bytes(k) for k in keys]
+        with self._lock:
+            new = [k for k in keys if k not in self._held]
+            self._held.update(new)
+            self._digest.add(new)
+        if new and self._journal is not None:
+            self._journal.append(new)
+
+    def _restore_from_journal(self) -> None:
+        keys = self._journal.read()
+        present = [k for k in dict.fromkeys(keys) if self._tier.lookup(k) > 0]
+        self._journal.rewrite(present)
+        self._held.update(present)
+        self._digest.add(present)
+        self.counters["journal_restored"] += len(present)
+
+    def _rebuild_digest(self) -> None:
+        with self._lock:
+            held = list(self._held)
+        present = [k for k in held if self._tier.lookup(k) > 0]
+        with self._lock:
+            gone = set(held) - set(present)
+            if not gone:
+                return
+            self._held -= gone
+            self._digest.rebuild(self._held)
+            self._m.set_digest_version(self._digest.generation, self._digest.version)
+            self.counters["digest_rebuilds"] += 1
+        if self._journal is not None:
+            self._journal.rewrite(present)
+
+    # -- membership callbacks (called under self._lock) ------------------------------------------
+    def _on_delta(self, d: P.DigestDelta) -> bool:
+        before = self._digests.latest(d.owner)
+        applied = self._digests.apply_delta(d)
+        return applied or (d.generation, d.version) > before
+
+    def _on_record(self, rec: P.MemberRecord) -> None:
+        if rec.state == P.DEAD:
+            self._digests.forget(rec.node_id)
+            self._pool.drop(rec.host, rec.port)  # idle connections to it are dead too
+        else:
+            self._digests.announce(rec.node_id, rec.digest_generation, rec.digest_version)
+
+    # -- threads -------------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, addr = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                continue
+            with self._lock:
+                too_many = len(self._server_conns) >= self.config.max_connections
+            if too_many or self._stop.is_set():
+                self.counters["connections_refused"] += 1
+                sock.close()
+                continue
+            conn = Connection(sock, addr)
+            with self._lock:
+                self._server_conns.add(conn)
+            self._spawn(self._serve_conn, "kvtier-p2p-conn", conn)
+
+    def _gossip_loop(self) -> None:
+        period = self.config.gossip_interval_s
+        next_tick = time.monotonic()
+        while not self._stop.wait(max(0.0, next_tick - time.monotonic())):
+            next_tick += period
+            try:
+                self._tick()
+            except Exception:  # a bug here must not silently stop failure detection
+                log.exception("kvtier p2p: gossip tick failed")
+                self.counters["tick_errors"] += 1
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for d in self._digest.flush():
+                self._m.queue_delta(d)
+            self._m.set_digest_version(self._digest.generation, self._digest.version)
+            outs = self._m.tick(now)
+            alive = self._m.alive_ids()
+            stale = [o for o in self._digests.stale() if o in alive and o not in self._fetching]
+            if not self._m.members and self.config.seeds and now - getattr(self, "_last_join", 0) > 1.0:
+                self._last_join = now
+                outs += self._m.join_requests([parse_address(s, "seed") for s in self.config.seeds])
+        self._dispatch(outs)
+        for owner in stale[: self.config.digest_fetches_per_tick]:
+            with self._lock:
+                self._fetching.add(owner)
+            self._gossip_exec.submit(self._fetch_digest, owner)
+        if now - self._last_rebuild >= self.config.digest_rebuild_s:
+            self._last_rebuild = now
+            self._gossip_exec.submit(self._rebuild_digest)
+
+    def _join_seeds(self) -> None:
+        seeds = [parse_address(s, "peers.seeds entry") for s in self.config.seeds]
+        seeds = [s for s in seeds if s != self.address]
+        with self._lock:
+            self._last_join = time.monotonic()
+            outs = self._m.join_requests(seeds)
+        self._dispatch(outs)
+
+    # -- requests to peers ---------------------------------------------------------------------
+    def _exchange(self, host: str, port: int, kind: int, body: bytes, deadline: Deadline, *expect):
+        """One request/reply on a pooled connection (a fresh one if a reused one was stale)."""
+        for attempt in (0, 1):
+            conn, reused = self._checkout(host, port, deadline)
+            try:
+                h, reply = conn.request(kind, next(self._rid), body, deadline, *expect)
+            except (ConnectionError, BrokenPipeError):
+                conn.close()
+                if reused and attempt == 0:
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            self._pool.put(conn)
+            return h, reply
+        raise ConnectionError("unreachable")
+
+    def _checkout(self, host, port, deadline) -> tuple[Connection, bool]:
+        try:
+            conn, reused = self._pool.get(host, port, deadline)
+        except AuthenticationError:
+            self.counters["auth_failures_outbound"] += 1
+            raise
+        if not reused:
+            self.counters["connects"] += 1
+        return conn, reused
+
+    def _dispatch(self, outs: list[Outgoing]) -> None:
+        for o in outs:
+            try:
+                self._gossip_exec.submit(self._send_gossip, o)
+            except RuntimeError:  # shut down
+                return
+
+    def _send_gossip(self, o: Outgoing) -> None:
+        c = self.config
+        if o.kind == P.Kind.PING:
+            budget = c.ack_timeout_s
+        elif o.kind == P.Kind.PING_REQ:
+            budget = max(c.gossip_interval_s - c.ack_timeout_s, 2 * c.ack_timeout_s)
+        else:
+            budget = c.connect_timeout_s + c.request_timeout_s
+        full = o.kind == P.Kind.SYNC
+        expect = (P.Kind.SYNC_REPLY,) if full else (P.Kind.ACK, P.Kind.NACK)
+        try:
+            h, reply = self._exchange(o.host, o.port, o.kind, o.body.encode(), Deadline(budget), *expect)
+            g = P.Gossip.decode(reply, full_state=full)
+        except (OSError, KVTierError, TimeoutError) as e:
+            if isinstance(e, P.ProtocolError):
+                self.bad_peers[f"{o.host}:{o.port}"] += 1
+            with self._lock:
+                more = self._m.on_no_reply(o, time.monotonic())
+            self._dispatch(more)
+            return
+        with self._lock:
+            self._m.on_reply(h.kind, g, time.monotonic(), probe_of=o.probe_of)
+
+    def _fetch_digest(self, owner: str) -> None:
+        try:
+            with self._lock:
+                m = self._m.members.get(owner)
+            if m is None:
+                return
+            with self._lock:
+                have = self._digests.version_of(owner) or (0, 0)
+            h, body = self._exchange(m.record.host, m.record.port, P.Kind.DIGEST_REQ,
+                                     P.encode_digest_req(*have), Deadline(self.config.request_timeout_s),
+                                     P.Kind.DIGEST, P.Kind.DIGEST_DELTAS)
+            if h.kind == P.Kind.DIGEST_DELTAS:
+                deltas = P.decode_deltas(body)
+                if any(d.owner != owner for d in deltas):
+                    raise P.ProtocolError("DIGEST_DELTAS about another member")
+                with self._lock:
+                    for d in deltas:
+                        self._digests.apply_delta(d)
+                self.counters["digest_delta_fetches"] += 1
+            else:
+                snap = P.DigestSnapshot.decode(body)
+                with self._lock:
+                    self._digests.install(owner, snap)
+                self.counters["digest_fetches"] += 1
+        except (OSError, KVTierError, TimeoutError):
+            self.counters["digest_fetch_failures"] += 1
+        finally:
+            with self._lock:
+                self._fetching.discard(owner)
+
+    def _addr_of(self, node_id: str) -> tuple[str, int] | None:
+        with self._lock:
+            m = self._m.members.get(node_id)
+            if m is None or m.record.state == P.DEAD:
+                return None
+            return m.record.host, m.record.port
+
+    def _confirm(self, node_id: str, keys: list[bytes], deadline: Deadline) -> list[bool]:
+        addr = self._addr_of(node_id)
+        if addr is None:
+            return [False] * len(keys)
+        self.counters["confirm_requests"] += 1
+        try:
+            _, body = self._exchange(*addr, P.Kind.CONFIRM, P.encode_keys(keys), deadline,
+                                     P.Kind.CONFIRM_REPLY)
+            return P.decode_bitmap(body, len(keys))
+        except P.ProtocolError:
+            self.bad_peers[node_id] += 1
+            self.counters["protocol_errors"] += 1
+        except (OSError, KVTierError, TimeoutError):
+            self.counters["confirm_failures"] += 1
+        return [False] * len(keys)
+
+    # -- lookup and pull -----------------------------------------------------------------------
+    def plan(self, keys: list[bytes], deadline: Deadline | None = None) -> list[str]:
+        """Where each leading chunk of ``keys`` can come from: LOCAL ("") or a peer's node id,
+        confirmed by that peer. Stops at the first chunk nobody confirmed. At most
+        ``max_sources`` peers are asked, in one parallel round (a second round only for chunks
+        whose candidates all turned out false positives), whatever the cluster size."""
+        if deadline is None:
+            deadline = Deadline(self.config.request_timeout_s)
+        keys = keys[: self.config.max_request_chunks]
+        n = len(keys)
+        local = [self._tier.lookup(k) > 0 for k in keys]
+        with self._lock:
+            alive = self._m.alive_ids()
+            cands = self._digests.candidates(keys, alive)
+        confirmed: dict[str, set[int]] = {}
+        asked: set[str] = set()
+        plan: list[str] = []
+        for _round in range(2):  # the second only for chunks whose candidates were all false
+            asks = choose_sources(len(plan), local, cands, self.config.max_sources, asked, self._rng)
+            if not asks:
+                break
+            futs = {m: self._exec.submit(self._confirm, m, [keys[j] for j in idx], deadline)
+                    for m, idx in asks.items()}
+            for m, f in futs.items():
+                try:
+                    bits = f.result(timeout=max(deadline.at - time.monotonic(), 0.0) + 0.5)
+                except (cf.TimeoutError, cf.CancelledError):
+                    bits = [False] * len(asks[m])
+                confirmed[m] = {j for j, ok in zip(asks[m], bits) if ok}
+                self.counters["confirm_false_positives"] += sum(1 for ok in bits if not ok)
+            asked |= set(asks)
+            plan = assemble_plan(local, confirmed)
+            if len(plan) == n or deadline.expired():
+                break
+        self.counters["lookups"] += 1
+        self.counters["lookup_chunks_found"] += sum(1 for s in plan if s != LOCAL)
+        return plan
+
+    def lookup(self, keys: list[bytes]) -> int:
+        """How many leading chunks of ``keys`` (the part missing locally) peers confirm."""
+        if not keys:
+            return 0
+        plan = self.plan(list(keys))
+        with self._lock:
+            self._plans[(keys[0], len(keys))] = (time.monotonic() + 2.0, plan)
+            if len(self._plans) > 256:
+                now = time.monotonic()
+                self._plans = {k: v for k, v in self._plans.items() if v[0] > now}
+        return len(plan)
+
+    def _cached_plan(self, keys: list[bytes]) -> list[str] | None:
+        with self._lock:
+            hit = self._plans.pop((keys[0], len(keys)), None)
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        return hit[1]
+
+    def pull(self, keys: list[bytes], plan: list[str], deadline: Deadline, on_commit=None) -> int:
+        """Pull the chunks ``plan`` assigns to peers into the pool, from all sources at once.
+        Returns how many were committed. ``on_commit(i)`` runs as chunk ``keys[i]`` lands."""
+        by_source: dict[str, list[tuple[int, bytes]]] = {}
+        for i, src in enumerate(plan):
+            if src != LOCAL:
+                by_source.setdefault(src, []).append((i, keys[i]))
+        futs = [self._exec.submit(self._pull_from, src, items, deadline, on_commit)
+                for src, items in by_source.items()]
+        done, not_done = cf.wait(futs, timeout=max(deadline.at - time.monotonic(), 0.0) + 1.0)
+        if not_done:
+            self.counters["pull_stragglers"] += len(not_done)
+        return sum(f.result() for f in done)
+
+    def _pull_from(self, src: str, items: list[tuple[int, bytes]], deadline: Deadline, on_commit) -> int:
+        addr = self._addr_of(src)
+        if addr is None:
+            self.counters["chunks_pull_failed"] += len(items)
+            return 0
+        committed = 0
+        conn = None
+        scratch = None
+        try:
+            conn, _ = self._checkout(*addr, deadline)
+            rid = next(self._rid)
+            conn.send_frame(P.Kind.GET, rid, P.encode_keys([k for _, k in items]), deadline)
+            for i, key in items:
+                h, body = conn.recv_frame(deadline, P.Kind.BLOB, P.Kind.MISS)
+                if h.request_id != rid:
+                    raise P.ProtocolError(f"frame for request {h.request_id}, expected {rid}")
+                if h.kind == P.Kind.MISS:
+                    if body != key:
+                        raise P.ProtocolError("MISS for a key not asked for")
+                    self.counters["chunks_missed_at_source"] += 1
+                    continue
+                k, fp, length, algo = P.decode_blob_meta(body)
+                if k != key or fp != self._fingerprint:
+                    raise P.ProtocolError("BLOB for a key or layout not asked for")
+                if length != self._blob_bytes:
+                    raise P.ProtocolError(f"BLOB of {length} bytes, blobs here are {self._blob_bytes}")
+                try:
+                    view = self._tier.begin_put(key)
+                except (AlreadyExistsError, ResourceExhaustedError) as e:
+                    # Arrived meanwhile (or no free block): read past it, keep the stream aligned.
+                    if scratch is None:
+                        scratch = bytearray(1 << 20)
+                    conn.drain_payload(length, algo, deadline, scratch)
+                    if isinstance(e, AlreadyExistsError) and on_commit is not None:
+                        on_commit(i)
+                    continue
+                ok = False
+                try:
+                    conn.recv_blob_payload(view, length, algo, deadline)
+                    ok = True
+                finally:
+                    view.release()
+                    if ok:
+                        self._tier.commit_put(key)
+                    else:
+                        self._tier.abort_put(key)
+                committed += 1
+                self.counters["chunks_pulled"] += 1
+                self.counters["bytes_pulled"] += length
+                self.note_stored([key])
+                if on_commit is not None:
+                    on_commit(i)
+            conn.recv_frame(deadline, P.Kind.GET_END)
+            self._pool.put(conn)
+            conn = None
+        except P.ChecksumError:
+            self.counters["checksum_failures"] += 1
+            self.bad_peers[src] += 1
+        except P.ProtocolError:
+            self.counters["protocol_errors"] += 1
+            self.bad_peers[src] += 1
+        except (DeadlineExceededError, TimeoutError):
+            self.counters["pull_deadline_misses"] += 1
+        except (OSError, KVTierError):
+            self.counters["pull_failures"] += 1
+        finally:
+            if conn is not None:
+                conn.close()
+        self.counters["chunks_pull_failed"] += len(items) - committed
+        return committed
+
+    def load(self, keys: list[bytes], pages: np.ndarray, stream: int, timeout_s: float | None = None) -> ChainedOp:
+        """Load the leading chunks of ``keys`` into ``pages``: local ones straight away, the rest
+        pulled from peers (blocking until they land or the deadline passes), each scattered as
+        soon as it and every chunk before it are in the pool. ``chunks`` of the result is the
+        leading count in place once its transfer is waited on."""
+        ppc = self._ppc
+        wanted = min(len(keys), len(pages) // ppc)
+        keys = list(keys[:wanted])
+        op0 = self._tier.load(b"".join(keys), pages[: wanted * ppc], stream)
+        hit = op0.chunks
+        if hit == wanted or not self._m.members:
+            return ChainedOp(hit, [op0])
+        rest = keys[hit:]
+        deadline = Deadline(timeout_s or self.config.request_timeout_s)
+        plan = self._cached_plan(rest)
+        if plan is None:
+            plan = self.plan(rest, deadline)
+        if not plan:
+            return ChainedOp(hit, [op0])
+        rest = rest[: len(plan)]
+        frontier = _Frontier(self._tier, rest, pages[hit * ppc :], ppc, stream, plan)
+        self.counters["pulls"] += 1
+        self.pull(rest, plan, deadline, on_commit=frontier.commit)
+        got = frontier.freeze()
+        if got < len(plan):
+            self.counters["pull_short"] += 1
+        return ChainedOp(hit + got, [op0, *frontier.ops])
+
+    # -- serving -------------------------------------------------------------------------------
+    def _serve_conn(self, conn: Connection) -> None:
+        try:
+            try:
+                server_handshake(conn, self._me, Deadline(2 * self.config.connect_timeout_s))
+            except AuthenticationError:
+                self.counters["auth_failures"] += 1
+                return
+            except P.ProtocolError:
+                self.counters["protocol_errors"] += 1
+                return
+            while not self._stop.is_set():
+                h = conn.recv_header(Deadline(_IDLE_TIMEOUT_S))
+                deadline = Deadline(self.config.request_timeout_s)
+                body = conn.recv_body(h, deadline)
+                self._handle(conn, h, body, deadline)
+        except P.ProtocolError as e:
+            self.counters["protocol_errors"] += 1
+            self.bad_peers[conn.peer_id or str(conn.addr)] += 1
+            log.info("kvtier p2p: dropped %s: %s", conn.addr, e)
+        except (OSError, KVTierError, TimeoutError, ValueError):
+            pass  # peer went away or stalled: just drop the connection
+        finally:
+            conn.close()
+            with self._lock:
+                self._server_conns.discard(conn)
+
+    def _handle(self, conn: Connection, h: P.Header, body: bytes, deadline: Deadline) -> None:
+        K = P.Kind
+        now = time.monotonic()
+        if h.kind in (K.PING, K.SYNC):
+            g = P.Gossip.decode(body, full_state=h.kind == K.SYNC)
+            with self._lock:
+                kind, reply = self._m.handle(h.kind, g, now)
+            conn.send_frame(kind, h.request_id, reply.encode(), deadline)
+        elif h.kind == K.PING_REQ:
+            g = P.Gossip.decode(body)
+            with self._lock:
+                self._m.ingest(g, now)
+                target = self._m.members.get(g.target)
+                rec = None if target is None else target.record
+            acked = False
+            if rec is not None:
+                with self._lock:
+                    ping_body = self._m.ping_body()
+                try:
+                    hh, reply = self._exchange(rec.host, rec.port, K.PING, ping_body.encode(),
+                                               Deadline(self.config.ack_timeout_s), K.ACK)
+                    with self._lock:
+                        self._m.on_reply(hh.kind, P.Gossip.decode(reply), time.monotonic())
+                    acked = True
+                except (OSError, KVTierError, TimeoutError):
+                    acked = False
+            with self._lock:
+                kind, reply = self._m.relay_answer(acked, g.target)
+            conn.send_frame(kind, h.request_id, reply.encode(), deadline)
+        elif h.kind == K.DIGEST_REQ:
+            gen, ver = P.decode_digest_req(body)
+            with self._lock:
+                deltas = self._digest.deltas_since(gen, ver) if (gen, ver) != (0, 0) else None
+                if deltas is not None:
+                    reply = (K.DIGEST_DELTAS, P.encode_deltas(deltas[: P.MAX_DELTAS_IN_REPLY]))
+                else:
+                    reply = (K.DIGEST, self._digest.snapshot().encode())
+            conn.send_frame(reply[0], h.request_id, reply[1], deadline)
+        elif h.kind == K.CONFIRM:
+            keys = P.decode_keys(body)
+            self._check_request_size(keys)
+            bits = [self._can_serve(k) for k in keys]
+            self.counters["confirms_served"] += 1
+            conn.send_frame(K.CONFIRM_REPLY, h.request_id, P.encode_bitmap(bits), deadline)
+        elif h.kind == K.GET:
+            keys = P.decode_keys(body)
+            self._check_request_size(keys)
+            self._serve_get(conn, h.request_id, keys, Deadline(self.config.request_timeout_s * 4))
+        else:
+            raise P.ProtocolError(f"unexpected frame kind {h.kind} from a client")
+
+    def _check_request_size(self, keys) -> None:
+        if len(keys) > self.config.max_request_chunks:
+            raise P.ProtocolError(f"request names {len(keys)} chunks, limit {self.config.max_request_chunks}")
+
+    def _can_serve(self, key: bytes) -> bool:
+        if self._promote is not None:
+            return self._tier.lookup(key) > 0
+        views = self._tier.acquire_blobs(key)
+        if not views:
+            return False
+        del views
+        self._tier.release_blobs(key)
+        return True
+
+    def _serve_get(self, conn: Connection, rid: int, keys: list[bytes], deadline: Deadline) -> None:
+        for key in keys:
+            views = self._tier.acquire_blobs(key)
+            if (not views and self._promote is not None and self._tier.lookup(key) > 0
+                    and self._promote(key)):
+                views = self._tier.acquire_blobs(key)
+            if not views:
+                conn.send_frame(P.Kind.MISS, rid, key, deadline)
+                continue
+            try:
+                conn.send_blob(rid, key, self._fingerprint, views[0], deadline)
+            finally:
+                views[0].release()
+                del views
+                self._tier.release_blobs(key)
+            self.counters["chunks_served"] += 1
+            self.counters["bytes_served"] += self._blob_bytes
+        conn.send_frame(P.Kind.GET_END, rid, b"", deadline)
+
+    # -- introspection -------------------------------------------------------------------------
+    def members(self) -> dict[str, str]:
+        """node id -> "alive" / "suspect" / "dead", as this member sees them."""
+        with self._lock:
+            return {k: P.STATE_NAMES[m.record.state] for k, m in self._m.members.items()}
+
+    def digest_versions(self) -> dict[str, tuple[int, int] | None]:
+        with self._lock:
+            return {o: self._digests.version_of(o) for o in self._digests.owners()}
+
+    def stats(self) -> dict:
+        with self._lock:
+            s = dict(self.counters)
+            s.update({
+                "node_id": self.node_id,
+                "address": f"{self.address[0]}:{self.address[1]}",
+                "members": {k: P.STATE_NAMES[m.record.state] for k, m in self._m.members.items()},
+                "incarnation": self._m.me.incarnation,
+                "digest": {"generation": self._digest.generation, "version": self._digest.version,
+                           "keys": len(self._held), "bits": self._digest.filter.num_bits},
+                "peer_digests": len(self._digests.owners()),
+                "bad_peers": dict(self.bad_peers),
+                "membership": dict(self._m.counters),
+                "server_connections": len(self._server_conns),
+            })
+        return s
+
