@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 
 from kvtier.pool import PagedKVPool  # noqa: E402
 
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake_synthetic_trace.jsonl"
+TRACE = Path(os.environ.get("KVTIER_TEST_TRACE") or Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake_synthetic_trace.jsonl")
 CT = 8  # tokens standing for one 512-token block
 
 
