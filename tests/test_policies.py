@@ -111,3 +111,25 @@ def test_prefetch_reads_disk_chunks_into_the_cpu_tier_ahead_of_the_load(tmp_path
     assert cache.load(a, [40, 41, 42, 43]).wait() == 2 * ct
     for t, o in zip(kv, original):
         assert torch.equal(t[:, 40:44], o)
+
+
+def test_kvcache_wires_policies_and_prefetches_on_lookup(tmp_path):
+    kv = [torch.randn(2, 64, 16, 2, 64) for _ in range(2)]
+    layout = kvtier.Layout.from_vllm(kv, chunk_tokens=32)
+    ct = layout.chunk_tokens
+    cache = kvtier.KVCache(layout, cpu_bytes=3 * layout.chunk_bytes, disk_dir=str(tmp_path),
+                           disk_bytes=32 * layout.chunk_bytes + (1 << 20), eviction_policy="s3fifo",
+                           admission_policy=SeenAtLeast(1))
+    a = toks(2 * ct, 1)
+    cache.store(a, [0, 1, 2, 3]).wait()
+    cache.store(toks(3 * ct, 2), list(range(10, 16))).wait()  # a -> disk (admitted by the policy)
+    cache.drain()
+    assert cache.stats()["disk"]["demotions_written"] >= 2
+    assert cache.lookup(a) == 2 * ct  # finds a on disk and starts reading it back
+    cache.drain()
+    st = cache.stats()
+    assert st["disk"]["chunks_prefetched"] == 2
+    keys = b"".join(cache._keyer.keys(a))
+    assert cache._tier.lookup_tiers(keys) == bytes([1, 1])  # in the CPU tier before any load
+    with pytest.raises(ValueError, match="eviction_policy"):
+        kvtier.KVCache(layout, cpu_bytes=3 * layout.chunk_bytes, eviction_policy="random")

@@ -49,6 +49,7 @@ class CacheConfig:
             carried it (2 by default, to spare SSD wear on one-off prompts).
         disk_queue_depth: I/O requests in flight at once.
         disk_io_timeout_s: deadline of every disk request.
+        eviction_policy: the CPU tier's eviction order: "lru", "s3fifo" or "lfu".
     """
 
     cpu_bytes: int = 1 << 30
@@ -64,6 +65,7 @@ class CacheConfig:
     disk_admit_min_seen: int = 2
     disk_queue_depth: int = 32
     disk_io_timeout_s: float = 10.0
+    eviction_policy: str = "lru"
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -76,6 +78,9 @@ class CacheConfig:
         positive_int("cpu_threads")
         if not isinstance(self.model_id, str) or not self.model_id:
             raise InvalidArgumentError(f"config.model_id must be a non-empty str, got {self.model_id!r}")
+        if self.eviction_policy not in ("lru", "s3fifo", "lfu"):
+            raise InvalidArgumentError(
+                f"config.eviction_policy must be 'lru', 's3fifo' or 'lfu', got {self.eviction_policy!r}")
         if self.method not in _METHODS:
             raise InvalidArgumentError(f"config.method must be one of {_METHODS}, got {self.method!r}")
         if not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
@@ -185,9 +190,15 @@ class KVCache:
 
     ``layout`` describes the engine's KV tensors (:class:`kvtier.Layout`); pages are addressed
     by page id in that layout. Thread-safe; every call that copies releases the GIL.
+
+    ``admission_policy`` (kvtier.policies.AdmissionPolicy) replaces the built-in rule deciding
+    which chunks evicted from the CPU tier are written to disk; ``prefetch_policy``
+    (kvtier.policies.PrefetchPolicy, default: all of them) decides how many disk chunks a
+    ``lookup`` starts reading into the CPU tier before the ``load`` that usually follows.
     """
 
-    def __init__(self, layout: Layout, config: CacheConfig | None = None, *, peers=None, **overrides) -> None:
+    def __init__(self, layout: Layout, config: CacheConfig | None = None, *, peers=None,
+                 admission_policy=None, prefetch_policy=None, **overrides) -> None:
         if not isinstance(layout, Layout):
             raise InvalidArgumentError(f"layout must be a kvtier.Layout, got {type(layout).__name__}")
         if config is None:
@@ -219,7 +230,15 @@ class KVCache:
             disk_admit_min_seen=config.disk_admit_min_seen,
             disk_queue_depth=config.disk_queue_depth,
             disk_io_timeout_s=float(config.disk_io_timeout_s),
+            eviction_policy=config.eviction_policy,
         )
+        if admission_policy is not None:
+            self._tier.set_admission_hook(admission_policy.admit)
+        if prefetch_policy is None and config.disk_dir is not None:
+            from kvtier.policies import PrefetchAll
+
+            prefetch_policy = PrefetchAll()
+        self._prefetch_policy = prefetch_policy
         self._closed = False
         self._lock = threading.Lock()
         # -- peers hook (kvtier.p2p): share chunks with other instances; None = no peers --------
@@ -282,9 +301,26 @@ class KVCache:
         if not keys:
             return 0
         hits = self._tier.lookup(b"".join(keys))
+        if hits and self._prefetch_policy is not None:
+            self._prefetch(keys[:hits])
         if self._peers is not None and hits < len(keys):  # peers hook: digests, then confirm
             hits += self._peers.lookup(keys[hits:])
         return hits * self.layout.chunk_tokens
+
+    def _prefetch(self, keys: list[bytes]) -> None:
+        """Start reading the disk chunks of a hit into the CPU tier, as the prefetch policy says."""
+        codes = self._tier.lookup_tiers(b"".join(keys))
+        tiers = ["cpu" if c == 1 else "disk" for c in codes]
+        want = int(self._prefetch_policy.prefetch(len(keys), tiers))
+        if want <= 0 or "disk" not in tiers:
+            return
+        # Cover the first `want` disk chunks; pool chunks among them are skipped by the tier.
+        end, seen = 0, 0
+        for end, t in enumerate(tiers, start=1):
+            seen += t == "disk"
+            if seen >= want:
+                break
+        self._tier.prefetch(b"".join(keys[:end]))
 
     def load(self, tokens, page_ids, *, stream=None) -> LoadHandle:
         """Copy the cached leading chunks of ``tokens`` into ``page_ids`` (in order).
@@ -326,6 +362,9 @@ class KVCache:
         if self._peers is not None:  # peers hook: stop serving before the pool goes away
             self._peers.close()
         self._tier.drain(self.config.timeout_s)
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.close()
         self._tier = None
 
     def __enter__(self) -> KVCache:

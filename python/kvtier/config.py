@@ -637,7 +637,8 @@ _FLAT_OVERRIDES: dict[str, str] = {
 }
 # CacheConfig's own names, so that every keyword of KVCache / cache_kwargs() is an override too.
 _FLAT_OVERRIDES.update(
-    method="cpu.method", staging_bytes="cpu.staging_bytes", tenant_salt="model.tenant_salt"
+    method="cpu.method", staging_bytes="cpu.staging_bytes", tenant_salt="model.tenant_salt",
+    eviction_policy="cpu.eviction_policy",
 )
 
 
@@ -779,6 +780,7 @@ class KVTierConfig:
             "disk_admit_min_seen": self.disk.admit_min_seen,
             "disk_queue_depth": self.disk.queue_depth,
             "disk_io_timeout_s": self.disk.io_timeout_s,
+            "eviction_policy": self.cpu.eviction_policy,
         }
 
 
