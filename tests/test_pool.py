@@ -159,9 +159,81 @@ class PoolMachine(RuleBasedStateMachine):
         self.pool.close()
 
 
+class TieredRestartMachine(RuleBasedStateMachine):
+    """Requests over GPU pages, CPU and disk tiers, with restarts of the whole engine.
+
+    The model: the KV a page must hold is a function of its prefix (page_value); the tiers'
+    capacities are the pool's pages, the CPU tier's blocks and the disk file's slots. After every
+    begin, each cached page holds exactly its prefix's KV; no tier exceeds its capacity; after a
+    restart only the disk tier remains, and whatever it serves is still exact.
+    """
+
+    def __init__(self):
+        super().__init__()
+        import tempfile
+
+        self.dir = tempfile.TemporaryDirectory(dir=".")
+        self.pool = self._open()
+        self.live = []
+
+    def _open(self):
+        return make_pool(num_pages=8, cpu_chunks=2, disk_dir=self.dir.name,
+                         disk_bytes=8 * (4096 + 4096) + (1 << 20), disk_admit_min_seen=1)
+
+    @rule(prefix=st.sampled_from(PREFIXES), tail=st.lists(st.integers(0, 3), min_size=8, max_size=16))
+    def request(self, prefix, tail):
+        toks = prefix + tail
+        try:
+            seq = self.pool.begin(toks)
+        except ResourceExhaustedError:
+            assert self.live
+            return
+        check_cached(self.pool, seq, toks)
+        RESTART_COVERAGE["lower_hit_tokens"] += seq.lower_hit_tokens
+        compute(self.pool, seq, toks)
+        self.pool.commit(seq, toks)
+        self.live.append(seq)
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 100))
+    def finish(self, i):
+        self.pool.release(self.live.pop(i % len(self.live)))
+
+    @rule()
+    def restart(self):
+        for seq in self.live:
+            self.pool.release(seq)
+        self.live = []
+        self.pool.close()
+        self.pool = self._open()
+        RESTART_COVERAGE["recovered_slots"] += self.pool.stats()["lower"]["disk"]["recovered_slots"]
+
+    @invariant()
+    def tiers_within_capacity(self):
+        st_ = self.pool.stats()
+        lower = st_["lower"]
+        assert st_["pages_free"] <= st_["pages_total"]
+        assert lower["blocks"]["used_blocks"] <= lower["capacity_chunks"]
+        assert lower["disk"]["slots_used"] <= lower["disk"]["slots_total"]
+        assert lower["disk"]["corrupt_detected"] == 0
+
+    def teardown(self):
+        for seq in self.live:
+            self.pool.release(seq)
+        self.pool.close()
+        self.dir.cleanup()
+
+
+# What the restart machine exercised (the last pool of each example): read by hand when changing it.
+RESTART_COVERAGE = {"recovered_slots": 0, "lower_hit_tokens": 0}
+
+
 TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
                                     suppress_health_check=[HealthCheck.too_slow])
+TestTieredRestartMachine = TieredRestartMachine.TestCase
+TestTieredRestartMachine.settings = settings(max_examples=25, stateful_step_count=25, deadline=None,
+                                             suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.mark.gpu
