@@ -27,6 +27,8 @@ def test_open_cache_from_config_serves_metrics(tmp_path):
         (server,) = cache.metrics.servers
         body = urllib.request.urlopen(server.url, timeout=10).read().decode()
         assert "kvtier_hits_total" in body and "kvtier_bytes_total" in body
+        lookups = [line for line in body.splitlines() if line.startswith("kvtier_latency_seconds_count") and 'op="lookup"' in line]
+        assert lookups and float(lookups[0].split()[-1]) >= 1
     finally:
         cache.metrics.close()
         cache.close()

@@ -15,8 +15,10 @@ Example (a vLLM-style paged KV on the GPU, 16-token pages, 256-token chunks)::
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +29,28 @@ from kvtier.keys import ChunkKeyer
 from kvtier.layout import Layout
 
 _METHODS = ("auto", "direct", "staged", "zero_copy", "cpu")
+
+
+def _timed(op: str):
+    """Record the call's latency in ``self.metrics`` (kvtier.metrics.Metrics) when one is
+    attached (kvtier.config.open_cache attaches it). store and load return once their copies are
+    submitted: this is the time the caller spends in the call, not the copy's duration."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def timed(self, *args, **kwargs):
+            metrics = self.metrics
+            if metrics is None:
+                return fn(self, *args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                metrics.observe_latency(op, time.perf_counter() - t0)
+
+        return timed
+
+    return wrap
 
 
 @dataclass(frozen=True)
@@ -239,6 +263,7 @@ class KVCache:
 
             prefetch_policy = PrefetchAll()
         self._prefetch_policy = prefetch_policy
+        self.metrics = None  # a kvtier.metrics.Metrics, when attached (see kvtier.config.open_cache)
         self._closed = False
         self._lock = threading.Lock()
         # -- peers hook (kvtier.p2p): share chunks with other instances; None = no peers --------
@@ -273,6 +298,7 @@ class KVCache:
         return int(torch.cuda.current_stream(self.layout.tensors[0].device).cuda_stream)
 
     # -- API -----------------------------------------------------------------------------------
+    @_timed("store")
     def store(self, tokens, page_ids, *, stream=None) -> StoreFuture:
         """Offload every full chunk of ``tokens`` not cached yet from its pages.
 
@@ -294,6 +320,7 @@ class KVCache:
             self._peers.note_stored(keys)
         return StoreFuture(op, self.config.timeout_s)
 
+    @_timed("lookup")
     def lookup(self, tokens) -> int:
         """Number of leading tokens of ``tokens`` whose KV is cached (a multiple of chunk_tokens)."""
         self._check_open()
@@ -322,6 +349,7 @@ class KVCache:
                 break
         self._tier.prefetch(b"".join(keys[:end]))
 
+    @_timed("load")
     def load(self, tokens, page_ids, *, stream=None) -> LoadHandle:
         """Copy the cached leading chunks of ``tokens`` into ``page_ids`` (in order).
 
