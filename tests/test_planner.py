@@ -74,3 +74,26 @@ def test_calibration_measures_the_cpu_tier():
     bw = planner.calibrate(pool)
     assert bw > 1e8 and planner.bandwidth["cpu"] == bw  # a memcpy moves far more than 100 MB/s
     assert pool.stats()["pages_free"] == 64
+
+
+def test_model_cost_calibrates_from_a_timed_prefill():
+    import time as _time
+
+    def fake_prefill(tokens):  # a "GPU" doing 2 * 1e6 * tokens FLOPs at 1e9 FLOP/s
+        _time.sleep(2 * 1e6 * tokens / 1e9)
+
+    m = ModelCost.measured(params=1e6, layers=1, hidden=1, prefill_fn=fake_prefill, tokens=100, reps=2)
+    assert 0.5e9 < m.flops_per_s <= 1.05e9  # sleep overshoots, never undershoots
+
+
+def test_planner_decision_is_visible_in_pool_stats():
+    planner = CostModelPlanner(ModelCost.llama3_8b(), bandwidth={"cpu": 50e9, "disk": 1.5e9})
+    pool = PagedKVPool(num_layers=1, kv_heads=1, head_dim=8, num_pages=4, page_tokens=4, chunk_tokens=8,
+                       dtype=torch.float32, cpu_bytes=64 * 4096, planner=planner)
+    for toks in (list(range(16)), list(range(100, 116))):
+        s = pool.begin(toks)
+        pool.commit(s, toks)
+        pool.release(s)
+    s = pool.begin(list(range(16)))
+    plan = pool.stats()["planner"]
+    assert plan["lower_chunks"] == 2 and plan["load_chunks"] == 2 and plan["per_chunk"][0]["tier"] == "cpu"

@@ -360,6 +360,8 @@ class PagedKVPool:
                      gpu_referenced_chunks=sum(1 for c in self._chunks.values() if c.refs))
         if self.cache is not None:
             s["lower"] = self.cache.stats()
+        if self.planner is not None:  # the latest decision and its inputs
+            s["planner"] = getattr(self.planner, "last_plan", None)
         return s
 
     def close(self) -> None:
