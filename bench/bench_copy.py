@@ -16,8 +16,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import subprocess
 import threading
 import time
 
@@ -25,28 +23,11 @@ import numpy as np
 import torch
 
 import kvtier
+from bench_report import git_commit as commit
+from bench_report import machine as _machine
 
 LAYERS, HEADS, DIM, PAGE, TOKENS, CHUNK = 32, 8, 128, 16, 4096, 256
 DTYPE = torch.bfloat16
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} cores"
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores"
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def timed(fn, device: str, reps: int) -> float:
@@ -238,7 +219,7 @@ def main() -> None:
         if device != "cpu":
             torch.cuda.empty_cache()
     date = dt.date.today().isoformat()
-    doc = {"bench": "bench_copy_py", "workload": "llama3_8b_4096tok", "machine": machine(), "date": date,
+    doc = {"bench": "bench_copy_py", "workload": "llama3_8b_4096tok", "machine": _machine(torch.cuda.get_device_name(0) if torch.cuda.is_available() else None), "date": date,
            "commit": commit(), "results": results}
     text = json.dumps(doc, indent=2)
     print(text)

@@ -18,8 +18,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,27 +26,12 @@ import numpy as np
 import torch
 
 import kvtier
+from bench_report import git_commit as commit
+from bench_report import machine as _machine
 from kvtier.pool import PagedKVPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_trace_replay import CT, load_trace, request_tokens  # noqa: E402
-
-
-def machine() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores"
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def best_of(fn, reps=7) -> float:
@@ -137,7 +120,7 @@ def main() -> None:
     args = ap.parse_args()
     results = overhead_cases() + [replay_case(args.rows or None)]
     date = dt.date.today().isoformat()
-    doc = {"bench": "bench_engine", "workload": "overhead_and_replay", "machine": machine(), "date": date,
+    doc = {"bench": "bench_engine", "workload": "overhead_and_replay", "machine": _machine(), "date": date,
            "commit": commit(), "results": results}
     text = json.dumps(doc, indent=2)
     print(text)

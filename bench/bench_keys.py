@@ -19,13 +19,13 @@ import datetime
 import hashlib
 import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 from kvtier.keys import chunk_keys, namespace_key
+
+from bench_report import cpu_model, git_commit
 
 BENCH = "bench_keys"
 WORKLOAD = "chunk_keys_128k_tokens"
@@ -43,34 +43,6 @@ def best_ms(fn, reps: int) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best * 1e3
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    """Short hash of HEAD, plus ``-dirty`` when the working tree has changes (the measured code
-    then is not exactly that commit); ``"uncommitted"`` before the first commit."""
-
-    def git(*argv: str) -> str:
-        here = Path(__file__).resolve().parent
-        return subprocess.run(
-            ["git", *argv], capture_output=True, text=True, check=True, cwd=here
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short=7", "HEAD")
-        return commit + ("-dirty" if git("status", "--porcelain") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
 
 
 def main() -> None:

@@ -26,16 +26,17 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import platform
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import time
 import zlib
 
 import numpy as np
+
+from bench_report import git_commit as commit
+from bench_report import machine
 
 LAYERS, KV_HEADS, HEAD_DIM, ELEM, PAGE_TOKENS, CHUNK_TOKENS, TOKENS = 32, 8, 128, 2, 16, 256, 4096
 BLOB = LAYERS * 2 * CHUNK_TOKENS * KV_HEADS * HEAD_DIM * ELEM  # 32 MiB
@@ -194,30 +195,6 @@ def run_variant(checksum: str, reps: int) -> tuple[list[dict], dict]:
 
 def _variant_entry(q, variant: str, reps: int) -> None:
     q.put(run_variant(variant, reps))
-
-
-def machine() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
-
-
-def commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                               check=False).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> int:
