@@ -80,6 +80,13 @@ def run_demo(*, device: str | None = None, prefix_tokens: int | None = None, que
         if threads is not None:
             cleanup.callback(torch.set_num_threads, torch.get_num_threads())
             torch.set_num_threads(threads)
+        if device.startswith("cuda"):
+            # Some of torch's GPU kernels reduce in a varying order (seen on an H100: the same
+            # bf16 forward gave other greedy tokens in 2 of 3 runs, with or without kvtier, while
+            # the restored KV was bit-identical). Deterministic kernels make the comparison fair.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+            cleanup.callback(torch.use_deterministic_algorithms, torch.are_deterministic_algorithms_enabled())
+            torch.use_deterministic_algorithms(True)
         stage(stages[0])
         model = Llama(config, seed=seed, dtype=dtype, device=device)
         params = sum(p.numel() for p in model.parameters())
