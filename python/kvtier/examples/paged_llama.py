@@ -216,19 +216,24 @@ class Llama(nn.Module):
         out = engine.generate([prompt_a, prompt_b], max_new_tokens=8)   # b reuses a's prefix
     """
 
-    def __init__(self, config: LlamaConfig, *, seed: int = 0, dtype=torch.float32, device="cpu") -> None:
+    def __init__(self, config: LlamaConfig, *, seed: int = 0, dtype=torch.float32, device="cpu",
+                 init_on_device: bool = False) -> None:
+        """``init_on_device`` draws the weights with a generator on ``device`` (fast for billions
+        of parameters, but the weights then differ between devices); by default they are drawn on
+        the CPU, so one seed gives the same model everywhere."""
         super().__init__()
         self.config = config
-        gen = torch.Generator().manual_seed(seed)
+        where = torch.device(device) if init_on_device else torch.device("cpu")
+        gen = torch.Generator(device=where).manual_seed(seed)
 
         def draw(*shape: int, std: float | None = None) -> nn.Parameter:
             # N(0, 1/fan_in) by default: activations keep their scale, logits are far from uniform.
             std = 1.0 / math.sqrt(shape[-1]) if std is None else std
-            w = torch.randn(*shape, generator=gen) * std
+            w = torch.randn(*shape, generator=gen, device=where) * std
             return nn.Parameter(w.to(dtype=dtype, device=device), requires_grad=False)
 
         def gain(n: int) -> nn.Parameter:  # RMSNorm weights near 1
-            w = 1.0 + 0.1 * torch.randn(n, generator=gen)
+            w = 1.0 + 0.1 * torch.randn(n, generator=gen, device=where)
             return nn.Parameter(w.to(dtype=dtype, device=device), requires_grad=False)
 
         self.embed = draw(config.vocab, config.hidden, std=1.0)

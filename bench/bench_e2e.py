@@ -1,0 +1,189 @@
+"""bench_e2e: time to first token of a Llama-3-8B-shaped model with kvtier, per tier, per prompt length.
+
+The paged reference engine (kvtier.examples.paged_llama) with random bf16 weights (32 layers,
+hidden 4096, 32 heads, 8 KV heads, intermediate 14336) serves prompts of 4k, 16k and 32k tokens:
+a full recompute (the baseline, measured in the same run), then full-prefix hits from GPU pages,
+the CPU tier and the disk tier, the disk hit again with the load-or-recompute planner on, and a
+half-prefix hit. Also decode tokens/s with the CPU and disk tiers attached vs a GPU-only pool.
+Every case's ratio is recompute TTFT / case TTFT (above 1: faster than recomputing).
+
+    python bench/bench_e2e.py [--lengths 4096,16384,32768] [--tiny] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+from bench_report import git_commit, machine
+from kvtier.demo import _push_out_of_cpu, _push_out_of_gpu
+from kvtier.examples.paged_llama import Engine, Llama, LlamaConfig
+from kvtier.planner import CostModelPlanner, ModelCost
+from kvtier.pool import PagedKVPool
+
+LLAMA3_8B = dict(vocab=32000, hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336)
+TINY = dict(vocab=1024, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256)
+PAGE, CHUNK = 16, 256
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def ttft(engine, prompt, device) -> float:
+    sync(device)
+    (g,) = engine.generate([prompt], 1)
+    return g.ttft_s, g
+
+
+def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float) -> list[dict]:
+    elem = torch.tensor([], dtype=model.dtype).element_size()
+    kv_per_token = 2 * model.config.layers * model.config.kv_heads * model.config.head_dim * elem
+    pool_tokens = 2 * (n + CHUNK)
+    block = CHUNK * kv_per_token
+    pool = PagedKVPool(**model.kv_geometry(), num_pages=pool_tokens // PAGE, page_tokens=PAGE, chunk_tokens=CHUNK,
+                       cpu_bytes=(pool_tokens // CHUNK + 4) * block, disk_dir=disk_dir,
+                       disk_bytes=(2 * pool_tokens // CHUNK + 4) * (block + 4096) + (1 << 20),
+                       disk_admit_min_seen=1, model_id=f"e2e-{n}")
+    engine = Engine(model, pool)
+    vocab = model.config.vocab
+    prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
+    warm = torch.randint(0, vocab, (n,), generator=gen).tolist()
+    engine.generate([warm], 1)  # first calls of each kernel at this length
+    out = {}
+    out["recompute"], _ = ttft(engine, prompt, device)
+    out["gpu_hit"], g = ttft(engine, prompt, device)
+    assert g.gpu_hit_tokens >= n - CHUNK, g
+    _push_out_of_gpu(pool, gen, vocab)
+    out["cpu_hit"], g = ttft(engine, prompt, device)
+    assert g.lower_hit_tokens >= n - CHUNK, g
+    _push_out_of_gpu(pool, gen, vocab)
+    _push_out_of_cpu(pool, gen, vocab)
+    out["disk_hit"], g = ttft(engine, prompt, device)
+    disk_loaded = g.lower_hit_tokens
+    # The planner: CPU bandwidth calibrated here, disk bandwidth from bench_disk on this host,
+    # prefill throughput from the recompute just measured.
+    cost = ModelCost(params=8.0e9 if model.config.hidden == 4096 else 1e6, layers=model.config.layers,
+                     hidden=model.config.hidden, flops_per_s=1.0)
+    cost = ModelCost(cost.params, cost.layers, cost.hidden, cost.prefill_seconds(0, n) / out["recompute"])
+    planner = CostModelPlanner(cost, bandwidth={"cpu": 50e9, "disk": disk_gbps * 1e9})
+    planner.calibrate(pool)
+    pool.planner = planner
+    _push_out_of_gpu(pool, gen, vocab)
+    _push_out_of_cpu(pool, gen, vocab)
+    before = pool.stats()["planned_recompute_chunks"]
+    out["disk_hit_planned"], g = ttft(engine, prompt, device)
+    planned = dict(loaded=g.lower_hit_tokens, recomputed=(pool.stats()["planned_recompute_chunks"] - before) * CHUNK)
+    pool.planner = None
+    half = prompt[: n // 2] + torch.randint(0, vocab, (n - n // 2,), generator=gen).tolist()
+    _push_out_of_gpu(pool, gen, vocab)
+    engine.generate([prompt], 1)  # the prefix back in GPU pages
+    out["half_prefix_gpu_hit"], g = ttft(engine, half, device)
+    # Decode: 32 tokens after the prompt, with the lower tiers attached vs a GPU-only pool.
+    decode = {}
+    for name, p in (("with_tiers", pool), ("gpu_only", None)):
+        if p is None:
+            p = PagedKVPool(**model.kv_geometry(), num_pages=pool_tokens // PAGE, page_tokens=PAGE,
+                            chunk_tokens=CHUNK, cpu_bytes=0)
+        e = Engine(model, p)
+        sync(device)
+        t0 = time.perf_counter()
+        (r,) = e.generate([prompt], 33)
+        sync(device)
+        total = time.perf_counter() - t0
+        decode[name] = 32 / max(total - r.ttft_s, 1e-9)
+        if p is not pool:
+            p.close()
+    pool.close()
+    rows = []
+    for case in ("gpu_hit", "cpu_hit", "disk_hit", "disk_hit_planned", "half_prefix_gpu_hit"):
+        row = {"case": f"ttft_{case}_{n}", "value": round(out[case], 4), "unit": "s",
+               "baseline": f"ttft_recompute_{n}", "baseline_value": round(out["recompute"], 4),
+               "ratio": round(out["recompute"] / out[case], 3)}
+        if case == "disk_hit":
+            row["note"] = f"{disk_loaded} tokens loaded from disk"
+        if case == "disk_hit_planned":
+            row["note"] = (f"planner: {planned['loaded']} tokens loaded, {planned['recomputed']} recomputed "
+                           f"(disk {disk_gbps} GB/s, cpu calibrated {planner.bandwidth['cpu'] / 1e9:.1f} GB/s)")
+        rows.append(row)
+    rows.append({"case": f"decode_tokens_per_s_{n}", "value": round(decode["with_tiers"], 2), "unit": "tokens/s",
+                 "baseline": "decode_gpu_only_pool", "baseline_value": round(decode["gpu_only"], 2),
+                 "ratio": round(decode["with_tiers"] / decode["gpu_only"], 4)})
+    print(json.dumps(rows), flush=True)
+    return rows
+
+
+def plot(doc: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_case: dict[str, dict[int, float]] = {}
+    for r in doc["results"]:
+        if not r["case"].startswith("ttft_"):
+            continue
+        name, n = r["case"][5:].rsplit("_", 1)
+        by_case.setdefault(name, {})[int(n)] = r["value"]
+        by_case.setdefault("recompute", {})[int(n)] = r["baseline_value"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in sorted(by_case.items()):
+        xs = sorted(pts)
+        ax.plot(xs, [pts[x] * 1e3 for x in xs], marker="o", label=name.replace("_", " "))
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("time to first token (ms)")
+    ax.set_yscale("log")
+    ax.set_title(f"kvtier TTFT per tier, Llama-3-8B-shaped, {doc['machine']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="4096,16384,32768")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke test on a CPU)")
+    ap.add_argument("--disk-gbps", type=float, default=1.2, help="disk read bandwidth for the planner")
+    ap.add_argument("--out", default="")
+    ap.add_argument("--plot-from", default="", help="only draw the PNG from this JSON")
+    args = ap.parse_args()
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            doc = json.load(f)
+        plot(doc, args.plot_from.replace(".json", ".png"))
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = Llama(LlamaConfig(**(TINY if args.tiny else LLAMA3_8B)), seed=0, dtype=dtype, device=device,
+                  init_on_device=True)
+    gen = torch.Generator().manual_seed(1)
+    results = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("KVTIER_BENCH_DISK_DIR", "/tmp")) as d:
+        for n in (int(x) for x in args.lengths.split(",")):
+            sub = os.path.join(d, str(n))
+            os.makedirs(sub)
+            results += run_length(model, n, device, sub, gen, args.disk_gbps)
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
+    doc = {"bench": "bench_e2e", "workload": "tiny" if args.tiny else "llama3_8b_ttft",
+           "machine": machine(gpu), "date": dt.date.today().isoformat(), "commit": git_commit(), "results": results}
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if args.out:
+        tag = "cpu" if gpu is None else gpu.split()[1].lower()
+        path = os.path.join(args.out, f"bench_e2e-{doc['workload']}-{tag}-{doc['date']}.json")
+        with open(path, "w") as f:
+            f.write(text + "\n")
+        print("wrote", path, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
