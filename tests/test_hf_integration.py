@@ -109,7 +109,10 @@ def push_to_disk(kv: KVTierHF, seed: int) -> None:
 
 def tier_counters(kv: KVTierHF) -> tuple[int, int]:
     st = kv.stats()["cache"]
-    return st["chunks_loaded"], st["disk"]["chunks_promoted"] if "disk" in st else 0
+    # A disk chunk comes back into the CPU tier by a load (promoted) or by the lookup before it
+    # (prefetched); either way it was read from disk.
+    disk = st.get("disk")
+    return st["chunks_loaded"], (disk["chunks_promoted"] + disk["chunks_prefetched"]) if disk else 0
 
 
 def assert_served_from(kv: KVTierHF, tier: str, before: tuple[int, int]) -> None:

@@ -47,7 +47,8 @@ StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const LayoutDesc& layout, con
     tier->admit_min_seen_ = options.disk.admit_min_seen;
     tier->disk_io_timeout_ms_ = disk_options.io_timeout_ms;
     tier->index_->EnableDemotion(&CpuTier::AdmitForDemotion, tier.get(),
-                                 std::max<size_t>(1, options.disk.max_demotions_in_flight));
+                                 std::max<size_t>(1, options.disk.max_demotions_in_flight),
+                                 /*wait_at_bound=*/true);
   }
   auto engine = CopyEngine::Create(layout, options.copy);
   if (!engine.ok()) return engine.status();
@@ -67,6 +68,18 @@ void CpuTier::SetAdmissionHook(AdmissionHook hook) {
   has_admission_hook_ = static_cast<bool>(admission_hook_);
 }
 
+StatusOr<BlockId> CpuTier::WaitForBlock(const ChunkKey& key, std::chrono::steady_clock::time_point deadline) {
+  StatusOr<BlockId> b = index_->BeginInsert(key);
+  while (!b.ok() && b.status().code() == StatusCode::kResourceExhausted &&
+         std::chrono::steady_clock::now() < deadline) {
+    PumpDemotions();
+    if (index_->demoting() == 0) return index_->BeginInsert(key);  // nothing in flight frees a block
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+    b = index_->BeginInsert(key);
+  }
+  return b;
+}
+
 void CpuTier::WaitWhileWriting(const ChunkKey& key, std::chrono::steady_clock::time_point deadline) {
   while (index_->IsWriting(key) && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::microseconds(100));
@@ -79,7 +92,9 @@ size_t CpuTier::Prefetch(const ChunkKey* keys, size_t n) {
   for (size_t i = 0; i < n; ++i) {
     if (index_->Contains(keys[i]) || index_->IsWriting(keys[i])) continue;
     if (!disk_->Contains(keys[i])) break;
-    StatusOr<BlockId> block = index_->BeginInsert(keys[i]);
+    // Room may have to come from write-backs of evicted chunks: wait for them, to the deadline.
+    StatusOr<BlockId> block = WaitForBlock(keys[i], std::chrono::steady_clock::now() +
+                                                        std::chrono::milliseconds(2 * disk_io_timeout_ms_ + 1000));
     if (!block.ok()) break;
     ChunkKey k = keys[i];
     StartOp();
@@ -171,16 +186,7 @@ size_t CpuTier::PromoteFromDisk(const ChunkKey* keys, size_t n) {
     StatusOr<BlockId> b = index_->BeginInsert(keys[i]);
     // A pool full of chunks being written back to disk frees blocks as those writes end: a load
     // waits for that (to its deadline) rather than turn a disk hit into a recompute.
-    while (!b.ok() && b.status().code() == StatusCode::kResourceExhausted &&
-           std::chrono::steady_clock::now() < wait_deadline) {
-      PumpDemotions();
-      if (index_->demoting() == 0) {
-        b = index_->BeginInsert(keys[i]);
-        break;  // nothing in flight will free a block: pinned readers hold them all
-      }
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
-      b = index_->BeginInsert(keys[i]);
-    }
+    if (!b.ok() && b.status().code() == StatusCode::kResourceExhausted) b = WaitForBlock(keys[i], wait_deadline);
     if (!b.ok()) {
       // A prefetch may be reading this very chunk: let it finish, then the caller's Acquire
       // finds it in the pool. Anything else (the pool full of pinned blocks) ends the run.
@@ -277,9 +283,8 @@ StatusOr<TierOp> CpuTier::Store(const ChunkKey* keys, size_t n, const std::vecto
   for (size_t i = 0; i < n; ++i) {
     StatusOr<BlockId> block = index_->BeginInsert(keys[i]);
     if (!block.ok() && block.status().code() == StatusCode::kResourceExhausted && disk_) {
-      // Victims were staged for write-back; the admission rule may drop some at once: retry.
-      PumpDemotions();
-      block = index_->BeginInsert(keys[i]);
+      block = WaitForBlock(keys[i], std::chrono::steady_clock::now() +
+                                        std::chrono::milliseconds(2 * disk_io_timeout_ms_ + 1000));
     }
     if (!block.ok()) {
       if (block.status().code() == StatusCode::kAlreadyExists) {

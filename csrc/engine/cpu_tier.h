@@ -37,7 +37,7 @@ struct DiskTierOptions {
   bool enabled = false;
   DiskStoreOptions store;           // dir, capacity, backend...; blob_bytes is filled in
   uint32_t admit_min_seen = 2;      // write an evicted chunk back only if seen this many times
-  size_t max_demotions_in_flight = 64;
+  size_t max_demotions_in_flight = 64;  // beyond it, evictions wait for write-backs to end
 };
 
 struct CpuTierOptions {
@@ -146,6 +146,8 @@ class CpuTier {
   // leading ones arrived intact; blocks on the disk's deadline (io_timeout_ms) at most.
   size_t PromoteFromDisk(const ChunkKey* keys, size_t n);
   static bool AdmitForDemotion(void* self, const ChunkKey& key, uint32_t seen);
+  // BeginInsert for `key`, waiting (to `deadline`) while write-backs to disk hold the blocks.
+  StatusOr<BlockId> WaitForBlock(const ChunkKey& key, std::chrono::steady_clock::time_point deadline);
   // Waits (polling, until `deadline`) while another reader of the disk fills `key`'s block.
   void WaitWhileWriting(const ChunkKey& key, std::chrono::steady_clock::time_point deadline);
 

@@ -30,7 +30,11 @@ bool ChunkIndex::EvictOneLocked() {
     return true;
   };
   ChunkKey victim;
-  while (policy_->PickVictim(unpinned, &victim)) {
+  while (true) {
+    // Backpressure: with the write-back bound reached, evict nothing until write-backs end (the
+    // caller waits for them), rather than drop chunks the admission rule wants on disk.
+    if (demotion_filter_ != nullptr && wait_at_bound_ && demoting_ >= max_demotions_) return false;
+    if (!policy_->PickVictim(unpinned, &victim)) break;
     auto e = last_yes != map_.end() && last_yes->first == victim ? last_yes : map_.find(victim);
     last_yes = map_.end();
     policy_->OnRemove(victim);
@@ -56,8 +60,9 @@ bool ChunkIndex::EvictOneLocked() {
   return false;
 }
 
-void ChunkIndex::EnableDemotion(DemotionFilter filter, void* ctx, size_t max_in_flight) {
+void ChunkIndex::EnableDemotion(DemotionFilter filter, void* ctx, size_t max_in_flight, bool wait_at_bound) {
   std::lock_guard<std::mutex> lock(mu_);
+  wait_at_bound_ = wait_at_bound;
   demotion_filter_ = filter;
   demotion_ctx_ = ctx;
   max_demotions_ = max_in_flight;

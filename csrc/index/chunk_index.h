@@ -92,7 +92,11 @@ class ChunkIndex {
 
   // Enables write-back: evicted entries that `filter` admits become DEMOTING (at most
   // `max_in_flight` at once; beyond that an eviction just drops the chunk, so a store never waits).
-  void EnableDemotion(DemotionFilter filter, void* ctx, size_t max_in_flight) EXCLUDES(mu_);
+  // With `wait_at_bound`, an eviction that would need a write-back beyond `max_in_flight` is not
+  // made at all (BeginInsert reports ResourceExhausted; the caller waits for write-backs to end)
+  // instead of dropping the chunk.
+  void EnableDemotion(DemotionFilter filter, void* ctx, size_t max_in_flight,
+                      bool wait_at_bound = false) EXCLUDES(mu_);
   // Hands out the entries that became DEMOTING since the last call: (key, block) pairs whose bytes
   // stay valid until FinishDemotion(key).
   struct Demotion {
@@ -137,6 +141,7 @@ class ChunkIndex {
   DemotionFilter demotion_filter_ GUARDED_BY(mu_) = nullptr;
   void* demotion_ctx_ GUARDED_BY(mu_) = nullptr;
   size_t max_demotions_ GUARDED_BY(mu_) = 0;
+  bool wait_at_bound_ GUARDED_BY(mu_) = false;
   size_t demoting_ GUARDED_BY(mu_) = 0;
   std::vector<Demotion> new_demotions_ GUARDED_BY(mu_);
   std::vector<uint8_t> acquired_ready_ GUARDED_BY(mu_);  // Acquire's scratch: which hits were READY
