@@ -441,21 +441,7 @@ class Layout:
         t0 = tensors[0]
         _check_dim(tensors, "kv_caches", dim=0, size=2, meaning="K/V")
         page_tokens = _resolve_page_tokens(page_tokens, t0.shape[2], "kv_caches", "shape[2]")
-        segments = []
-        for i, t in enumerate(tensors):
-            _check_page_contiguous(t, (2, 3, 4), f"kv_caches[{i}]")
-            esize = t.element_size()
-            page_bytes = math.prod(t.shape[2:]) * esize
-            for kv, name in enumerate("kv"):
-                segments.append(
-                    Segment(
-                        base_ptr=t.data_ptr() + kv * t.stride(0) * esize,
-                        page_stride=t.stride(1) * esize,
-                        page_bytes=page_bytes,
-                        num_pages=t.shape[1],
-                        name=f"layer{i}.{name}",
-                    )
-                )
+        segments = _kv_segments(tensors, kv_dim=0, page_dim=1)
         return cls._from_tensors(
             "vllm",
             tensors,
@@ -510,21 +496,7 @@ class Layout:
         page_tokens = _resolve_page_tokens(
             page_tokens, t0.shape[token_dim], "kv_caches", f"shape[{token_dim}]"
         )
-        segments = []
-        for i, t in enumerate(tensors):
-            _check_page_contiguous(t, (2, 3, 4), f"kv_caches[{i}]")
-            esize = t.element_size()
-            page_bytes = math.prod(t.shape[2:]) * esize
-            for kv, name in enumerate("kv"):
-                segments.append(
-                    Segment(
-                        base_ptr=t.data_ptr() + kv * t.stride(1) * esize,
-                        page_stride=t.stride(0) * esize,
-                        page_bytes=page_bytes,
-                        num_pages=t.shape[0],
-                        name=f"layer{i}.{name}",
-                    )
-                )
+        segments = _kv_segments(tensors, kv_dim=1, page_dim=0)
         return cls._from_tensors(
             f"flashinfer_{kv_layout.lower()}",
             tensors,
@@ -758,6 +730,27 @@ class Layout:
 # --------------------------------------------------------------------------------------------
 # Tensor checks shared by the constructors. Each names the argument and the problem, because a
 # wrong layout would otherwise surface as silently wrong KV much later.
+
+
+def _kv_segments(tensors, *, kv_dim: int, page_dim: int) -> list[Segment]:
+    """K then V segment of each per-layer tensor whose dims 0 and 1 are K/V and page (either
+    order) and whose dims 2.. are one contiguous page."""
+    segments = []
+    for i, t in enumerate(tensors):
+        _check_page_contiguous(t, (2, 3, 4), f"kv_caches[{i}]")
+        esize = t.element_size()
+        page_bytes = math.prod(t.shape[2:]) * esize
+        for kv, name in enumerate("kv"):
+            segments.append(
+                Segment(
+                    base_ptr=t.data_ptr() + kv * t.stride(kv_dim) * esize,
+                    page_stride=t.stride(page_dim) * esize,
+                    page_bytes=page_bytes,
+                    num_pages=t.shape[page_dim],
+                    name=f"layer{i}.{name}",
+                )
+            )
+    return segments
 
 
 def _dtype_name(tensor) -> str:
