@@ -33,6 +33,8 @@ def git_commit() -> str:
         here = Path(__file__).resolve().parent
         return subprocess.run(["git", *argv], capture_output=True, text=True, check=True, cwd=here).stdout.strip()
 
+    if os.environ.get("KVTIER_BENCH_COMMIT"):  # a copy without .git (the GPU machine's)
+        return os.environ["KVTIER_BENCH_COMMIT"]
     try:
         rev = git("rev-parse", "--short=7", "HEAD")
         return rev + ("-dirty" if git("status", "--porcelain") else "")

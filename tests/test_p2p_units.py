@@ -472,3 +472,41 @@ def test_kvcache_with_peers_in_one_process():
     finally:
         b.close()
         a.close()
+
+
+def test_paged_pools_share_prefixes_through_peers():
+    """Instance B's pool misses locally and pulls the chunks A's pool committed (write-through
+    put them in A's CPU tier while they are still in A's GPU pages), bit-exact."""
+    torch = pytest.importorskip("torch")
+    from kvtier.pool import PagedKVPool
+
+    peers = {"secret": SECRET, "gossip_interval_s": 0.05, "ack_timeout_s": 0.04, "request_timeout_s": 2.0}
+
+    def make(**kw):
+        return PagedKVPool(num_layers=2, kv_heads=2, head_dim=32, num_pages=32, page_tokens=8, chunk_tokens=32,
+                           dtype=torch.float32, kv_layout="vllm", cpu_bytes=16 * 32 * 2 * 2 * 2 * 32 * 4,
+                           method="cpu", write_through=True, **kw)
+
+    with pytest.raises(InvalidArgumentError, match="peers need a CPU tier"):
+        PagedKVPool(num_layers=2, kv_heads=2, head_dim=32, num_pages=32, cpu_bytes=0, peers=peers)
+    a = make(peers=PeerConfig(**peers))
+    b = make(peers={**peers, "seeds": (a.cache.stats()["peers"]["address"],)})
+    try:
+        tokens = list(range(11, 11 + 3 * 32))
+        sa = a.begin(tokens)
+        g = torch.Generator().manual_seed(3)
+        for t in a.kv:
+            t[:, sa.page_table] = torch.randn(t[:, sa.page_table].shape, generator=g)
+        assert a.commit(sa, tokens) == 3
+        _wait(lambda: b.cache.lookup(tokens) == 3 * 32)
+        sb = b.begin(tokens + [1])
+        assert sb.lower_hit_tokens == 3 * 32 and sb.gpu_hit_tokens == 0
+        sb.wait()
+        for ta, tb in zip(a.kv, b.kv):
+            assert torch.equal(ta[:, sa.page_table[:12]], tb[:, sb.page_table[:12]])
+        assert b.cache.stats()["peers"]["chunks_pulled"] == 3
+        b.release(sb)
+        a.release(sa)
+    finally:
+        b.close()
+        a.close()

@@ -302,3 +302,81 @@ def test_concurrent_requests_from_threads_keep_pages_consistent():
     st_ = pool.stats()
     assert st_["gpu_referenced_chunks"] == 0
     assert st_["pages_free"] + sum(len(c.pages) for c in pool._chunks.values()) == 32
+
+
+def test_decode_steps_after_a_load_ask_each_load_once_per_layer(monkeypatch):
+    """Regression: a decode step asked every loaded chunk's handle for every layer, thousands of
+    core calls a step at 32k tokens (decode ran 0.32x of a GPU-only pool). Chunks loaded together
+    share one handle, asked once per layer, and not at all once every layer has landed."""
+    from kvtier.cache import LoadHandle
+
+    pool = make_pool(num_pages=24, cpu_chunks=8)
+    toks = list(range(32))  # 4 chunks
+    a = pool.begin(toks)
+    compute(pool, a, toks)
+    pool.commit(a, toks)
+    pool.release(a)
+    filler = pool.begin([5000 + t for t in range(24 * PT)])  # evicts them into the CPU tier
+    pool.release(filler)
+    calls = []
+    real = LoadHandle.wait_layer
+    monkeypatch.setattr(LoadHandle, "wait_layer", lambda self, layer, t=None: (calls.append(layer), real(self, layer, t)))
+    b = pool.begin(toks + [1])
+    assert b.lower_hit_tokens == 32 and len(b._chunks) == 4
+    for _step in range(3):
+        for layer in range(pool.num_layers):
+            b.wait_layer(layer)
+    assert calls[: pool.num_layers] == list(range(pool.num_layers))  # one handle, once a layer
+    assert len(calls) <= 2 * pool.num_layers  # and soon none at all
+    check_cached(pool, b, toks)
+
+
+def test_load_handle_remembers_landed_layers():
+    from types import SimpleNamespace
+
+    from kvtier.cache import LoadHandle
+
+    class Transfer:
+        done = False
+
+        def __init__(self):
+            self.calls = []
+
+        def wait_layer(self, layer, timeout_s):
+            self.calls.append(layer)
+
+        def wait(self, timeout_s):
+            self.calls.append("all")
+
+    t = Transfer()
+    h = LoadHandle(SimpleNamespace(transfer=t), 16, 3, 1.0)
+    for _ in range(4):
+        for layer in range(3):
+            h.wait_layer(layer)
+    assert t.calls == [0, 1, 2] and h.done()
+    h.wait()
+    h.wait()
+    assert t.calls == [0, 1, 2, "all"]
+    with pytest.raises(Exception, match="layer must be in"):
+        h.wait_layer(3)
+
+
+def test_write_through_stores_at_commit_and_evicts_without_copying():
+    pool = make_pool(num_pages=8, write_through=True)
+    toks = list(range(16))
+    a = pool.begin(toks)
+    compute(pool, a, toks)
+    assert pool.commit(a, toks) == 2
+    pool.cache.drain()
+    assert pool.stats()["offloaded_chunks"] == 2
+    assert pool.cache.lookup(toks) == 16  # in the CPU tier while still in GPU pages
+    pool.release(a)
+    filler = pool.begin([7000 + t for t in range(32)])  # needs every page: evicts both chunks
+    pool.release(filler)
+    st_ = pool.stats()
+    assert st_["evicted_chunks"] == 2 and st_["offloaded_chunks"] == 2  # no second copy
+    b = pool.begin(toks)
+    assert b.lower_hit_tokens == 16
+    check_cached(pool, b, toks)
+    with pytest.raises(Exception, match="write_through must be a bool"):
+        make_pool(write_through="yes")

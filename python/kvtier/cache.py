@@ -180,6 +180,10 @@ class LoadHandle:
         self.num_tokens = num_tokens
         self.num_layers = num_layers
         self._timeout_s = timeout_s
+        # What a successful wait proved: once landed, waits return without calling into the
+        # core (a decode step asks every layer of every loaded chunk, thousands of times a step).
+        self._landed = self._transfer is None
+        self._layers_landed = 0  # layers [0, n) proved landed by wait_layer, in order
 
     @property
     def _transfer(self):
@@ -187,16 +191,20 @@ class LoadHandle:
 
     def wait(self, timeout_s: float | None = None) -> int:
         """Block until every loaded byte has landed; returns ``num_tokens``."""
-        if self._transfer is not None:
+        if not self._landed:
             self._transfer.wait(self._timeout_s if timeout_s is None else timeout_s)
+            self._landed = True
         return self.num_tokens
 
     def wait_layer(self, layer: int, timeout_s: float | None = None) -> None:
         """Block until layer ``layer``'s pages have landed (its attention may start)."""
         if not 0 <= layer < self.num_layers:
             raise InvalidArgumentError(f"layer must be in [0, {self.num_layers}), got {layer}")
-        if self._transfer is not None:
-            self._transfer.wait_layer(layer, self._timeout_s if timeout_s is None else timeout_s)
+        if self._landed or layer < self._layers_landed:
+            return
+        self._transfer.wait_layer(layer, self._timeout_s if timeout_s is None else timeout_s)
+        if layer == self._layers_landed:
+            self._layers_landed = layer + 1
 
     def stream_wait_layer(self, layer: int, stream) -> None:
         """Make ``stream`` wait on the GPU (not the host) for layer ``layer``."""
@@ -206,7 +214,8 @@ class LoadHandle:
             self._transfer.stream_wait_layer(layer, _stream_handle(stream))
 
     def done(self) -> bool:
-        return self._transfer is None or self._transfer.done
+        """True once every byte has landed (or the copy ended in an error ``wait`` will raise)."""
+        return self._landed or self._layers_landed == self.num_layers or self._transfer.done
 
 
 class KVCache:

@@ -32,7 +32,7 @@ import numpy as np
 
 from kvtier import _core
 from kvtier.cache import CacheConfig, KVCache, LoadHandle
-from kvtier.errors import InvalidArgumentError, ResourceExhaustedError
+from kvtier.errors import DeadlineExceededError, InvalidArgumentError, KVTierError, ResourceExhaustedError
 from kvtier.keys import ChunkKeyer
 from kvtier.layout import Layout
 
@@ -47,6 +47,7 @@ class _GpuChunk:
     pages: tuple[int, ...]
     refs: int = 0
     loading: LoadHandle | None = None  # set while the pages are filled from a lower tier
+    offload: object | None = None  # a write-through copy to the CPU tier that may be in flight
     last_use: int = 0
     uses: int = 1
 
@@ -71,23 +72,33 @@ class Sequence:
     planned_recompute_tokens: int = 0
     _chunks: list[_GpuChunk] = field(default_factory=list, repr=False)  # referenced chunks, in order
     _loads: list[LoadHandle] = field(default_factory=list, repr=False)
+    _pending: list[LoadHandle] | None = field(default=None, repr=False)  # see _pending_loads
     _released: bool = False
+
+    def _pending_loads(self) -> list[LoadHandle]:
+        """The distinct loads this sequence's pages wait on (many chunks share one load). Listed
+        once: chunks the sequence gains later (commit) were computed here, never loaded."""
+        if self._pending is None:
+            handles = {id(h): h for h in self._loads}
+            for c in self._chunks:
+                if c.loading is not None:
+                    handles[id(c.loading)] = c.loading
+            self._pending = list(handles.values())
+        return self._pending
 
     def wait(self, timeout_s: float | None = None) -> None:
         """Block until every page loaded from a lower tier (for this or a sharing sequence) landed."""
-        for h in self._loads:
+        for h in self._pending_loads():
             h.wait(timeout_s)
-        for c in self._chunks:
-            if c.loading is not None:
-                c.loading.wait(timeout_s)
+        self._pending = []
 
     def wait_layer(self, layer: int, timeout_s: float | None = None) -> None:
         """Block until layer ``layer`` of the loaded pages landed."""
-        for h in self._loads:
+        pending = self._pending_loads()
+        for h in pending:
             h.wait_layer(layer, timeout_s)
-        for c in self._chunks:
-            if c.loading is not None:
-                c.loading.wait_layer(layer, timeout_s)
+        if pending and layer == pending[0].num_layers - 1 and all(h.done() for h in pending):
+            self._pending = []  # every layer of every load landed: later steps skip the checks
 
 
 class PagedKVPool:
@@ -101,18 +112,28 @@ class PagedKVPool:
         kv_layout: "cross_layer" (default: ``[num_pages, layers, 2, page_tokens, heads, dim]``,
             one page = every layer's K and V, so a chunk moves as a few large DMAs) or "vllm"
             (per layer ``[2, num_pages, page_tokens, heads, dim]``).
-        cache: a KVCache over this pool's layout to use as the lower tiers; or None and
-            ``cache_config`` / keyword arguments (``cpu_bytes=...``, ``disk_dir=...``) to build
-            one; ``cpu_bytes=0`` means no lower tier.
+        cache_config: a CacheConfig for the lower tiers (a KVCache over this pool's layout),
+            or keyword arguments of one (``cpu_bytes=...``, ``disk_dir=...``); ``cpu_bytes=0``
+            means no lower tier.
         planner: optional load-or-recompute planner (kvtier.planner.LoadPlanner protocol).
         eviction_policy: optional kvtier.policies.EvictionPolicy choosing which unreferenced
             chunks leave the pool (default: least recently used).
+        write_through: store each chunk in the CPU tier as soon as ``commit`` registers it (an
+            asynchronous copy on the offload stream, after the KV's compute) instead of when it
+            is evicted. Peers can then pull it while it is still in GPU pages, and an eviction
+            frees its pages without waiting for a copy. Costs PCIe traffic for chunks that would
+            never have been evicted.
+
+        peers: a kvtier.p2p.PeerConfig (or dict of its fields) to share the CPU / disk tiers
+            with other instances: ``begin`` then also pulls chunks this instance lacks from the
+            peers that hold them, after its own CPU / disk hits (see docs/p2p.md).
     """
 
     def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, num_pages: int,
                  page_tokens: int = 16, chunk_tokens: int = 256, dtype=None, device="cpu",
                  kv_layout: str = "cross_layer", cache_config: CacheConfig | None = None,
-                 planner=None, eviction_policy=None, **cache_overrides) -> None:
+                 planner=None, eviction_policy=None, write_through: bool = False, peers=None,
+                 **cache_overrides) -> None:
         import torch
 
         for name, v in (("num_layers", num_layers), ("kv_heads", kv_heads), ("head_dim", head_dim),
@@ -142,12 +163,17 @@ class PagedKVPool:
             config = None  # GPU tier only
         else:
             config = CacheConfig(**cache_overrides)
-        self.cache: KVCache | None = KVCache(self.layout, config) if config is not None else None
+        if peers is not None and config is None:
+            raise InvalidArgumentError("peers need a CPU tier to pull into: set cpu_bytes > 0")
+        self.cache: KVCache | None = KVCache(self.layout, config, peers=peers) if config is not None else None
         model_id = config.model_id if config is not None else cache_overrides.get("model_id", "default")
         salt = config.tenant_salt if config is not None else cache_overrides.get("tenant_salt")
         self.keyer = ChunkKeyer.from_layout(model_id, self.layout, salt)
         self.planner = planner
         self.eviction_policy = eviction_policy
+        if not isinstance(write_through, bool):
+            raise InvalidArgumentError(f"write_through must be a bool, got {write_through!r}")
+        self.write_through = write_through and self.cache is not None
         self._clock = 0
         self._free = _core.BlockAllocator(num_pages, 1)  # page ids only: O(1), thread-safe
         self._chunks: OrderedDict[bytes, _GpuChunk] = OrderedDict()  # LRU order of unreferenced use
@@ -202,6 +228,14 @@ class PagedKVPool:
         for c in victims:
             if c.loading is not None:
                 c.loading.wait()  # its pages are still being written
+            if c.offload is not None:  # a write-through copy may still be reading its pages
+                try:
+                    c.offload.wait(self.cache.config.timeout_s)
+                except DeadlineExceededError:
+                    raise  # still reading: the pages cannot be reused
+                except KVTierError:
+                    pass  # the copy failed and ended: the store below copies the chunk again
+                c.offload = None
         if self.cache is not None:
             tier = self.cache._tier
             keys = [c.key for c in victims]
@@ -212,6 +246,8 @@ class PagedKVPool:
                 op.transfer.wait(self.cache.config.timeout_s)
             self._stats["offloaded_chunks"] += op.chunks
             self._stats["offload_skipped_chunks"] += op.skipped_full
+            if op.chunks and self.cache._peers is not None:
+                self.cache._peers.note_stored(keys)
         for c in victims:
             del self._chunks[c.key]
             self._free.free_batch(list(c.pages))
@@ -241,8 +277,11 @@ class PagedKVPool:
                 seq.page_table.extend(c.pages)
             gpu_hits = len(seq._chunks)
             lower = 0
+            peers = self.cache._peers if self.cache is not None else None
             if self.cache is not None and gpu_hits < len(keys):
                 lower = self.cache._tier.lookup(b"".join(keys[gpu_hits:]))
+                if peers is not None and gpu_hits + lower < len(keys):  # digests, then confirm
+                    lower += peers.lookup(keys[gpu_hits + lower:])
                 if lower and self.planner is not None:
                     tiers = self._tiers_of(keys[gpu_hits:gpu_hits + lower])
                     keep = max(0, min(lower, int(self.planner.plan(self, gpu_hits, tiers))))
@@ -256,9 +295,12 @@ class PagedKVPool:
                 raise
             loaded = 0
             if lower:
-                op = self.cache._tier.load(b"".join(keys[gpu_hits:gpu_hits + lower]),
-                                           np.asarray(pages[: lower * ppc], dtype=np.int64),
-                                           self.cache._default_stream(stream))
+                dst = np.asarray(pages[: lower * ppc], dtype=np.int64)
+                if peers is not None:  # local chunks first, then pulls of the rest
+                    op = peers.load(keys[gpu_hits:gpu_hits + lower], dst, self.cache._default_stream(stream))
+                else:
+                    op = self.cache._tier.load(b"".join(keys[gpu_hits:gpu_hits + lower]), dst,
+                                               self.cache._default_stream(stream))
                 loaded = op.chunks
                 if loaded:
                     handle = LoadHandle(op, loaded * ct, self.num_layers, self.cache.config.timeout_s)
@@ -315,7 +357,23 @@ class PagedKVPool:
                 seq._chunks.append(c)
                 added += 1
             self._stats["committed_chunks"] += added
+            if added and self.write_through:
+                self._write_through(seq._chunks[-added:])
         return added
+
+    def _write_through(self, chunks: list[_GpuChunk]) -> None:
+        """Start storing ``chunks`` in the CPU tier (ordered after the work queued on the compute
+        stream); each remembers the copy, which ``_evict`` waits for before reusing its pages."""
+        keys = [c.key for c in chunks]
+        pages = np.fromiter((p for c in chunks for p in c.pages), dtype=np.int64)
+        op = self.cache._tier.store(b"".join(keys), pages, self.cache._default_stream(None))
+        self._stats["offloaded_chunks"] += op.chunks
+        self._stats["offload_skipped_chunks"] += op.skipped_full
+        if op.transfer is not None:
+            for c in chunks:
+                c.offload = op.transfer
+        if op.chunks and self.cache._peers is not None:
+            self.cache._peers.note_stored(keys)
 
     def release(self, seq: Sequence) -> None:
         """The request is over: drop its references; pages not in a registered chunk are freed."""
@@ -339,9 +397,10 @@ class PagedKVPool:
                 self._chunks.move_to_end(c.key)  # most recently used among the evictable
 
     def _tiers_of(self, keys: list[bytes]) -> list[str]:
-        """Where each chunk is below the GPU: "cpu" or "disk"."""
+        """Where each chunk is below the GPU: "cpu", "disk" or "peer" (beyond the local ones)."""
         codes = self.cache._tier.lookup_tiers(b"".join(keys))
-        return ["cpu" if c == 1 else "disk" for c in codes]
+        tiers = ["cpu" if c == 1 else "disk" for c in codes]
+        return tiers + ["peer"] * (len(keys) - len(tiers))  # the rest: held by peers
 
     def _check_live(self, seq: Sequence) -> None:
         if seq._released:

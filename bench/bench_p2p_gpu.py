@@ -1,0 +1,256 @@
+"""bench_p2p_gpu: the GPU half of peer-to-peer sharing, two processes on one host.
+
+Workload ``ipc_llama3_8b_4096tok``: process A holds 4096 tokens of Llama-3-8B-shaped KV in a
+vLLM-layout pool on its GPU (32 layers x [2, pages, 16, 8, 128] bf16: 512 MiB in 16 chunks of
+16 pages, at shuffled page positions) and exports the tensors through CUDA IPC; process B (this
+one), on the other GPU when there are two, maps them and copies the chunks' pages into its own
+pool (``kvtier.p2p.cuda_ipc.copy_pages``: one DMA per contiguous page run per tensor).
+Baseline, measured in the same run: a torch device-to-device copy of the same bytes, contiguous,
+between the same two GPUs in one process (B's).
+
+Workload ``ttft_peer_prefix``: two serving instances of a Llama-3-8B-shaped model (random bf16
+weights, kvtier.examples.paged_llama), each with a GPU pool, a CPU tier and a peer service. A
+serves a prompt (its chunks go to its CPU tier at commit: ``write_through``); B then serves the
+same prompt, misses locally, finds A's chunks through the digests and pulls them over loopback
+TCP into its CPU tier, then into its GPU pages. Baseline: B's TTFT for a fresh prompt of the same
+length (a full recompute), measured in the same run.
+
+    python bench/bench_p2p_gpu.py [--workloads ipc,ttft] [--lengths 4096,16384,32768] [--tiny] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+
+LAYERS, KV_HEADS, HEAD_DIM, PAGE, CHUNK = 32, 8, 128, 16, 256
+LLAMA3_8B = dict(vocab=32000, hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336)
+TINY = dict(vocab=1024, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256)
+SECRET = "bench-p2p-gpu-secret"
+
+
+def _kv(torch, pages: int, device: str, seed: int):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(2, pages, PAGE, KV_HEADS, HEAD_DIM, device=device, generator=g, dtype=torch.bfloat16)
+            for _ in range(LAYERS)]
+
+
+# -- CUDA IPC ------------------------------------------------------------------------------------
+def _ipc_exporter(q, done, device: str, pages: int) -> None:
+    import torch
+
+    from kvtier.p2p.cuda_ipc import export_tensors
+
+    torch.cuda.set_device(device)
+    kv = _kv(torch, pages, device, 0)
+    torch.cuda.synchronize()
+    q.put(export_tensors(kv))
+    done.wait(600)
+
+
+def bench_ipc(reps: int) -> list[dict]:
+    import torch
+
+    from kvtier.p2p.cuda_ipc import copy_pages, import_tensors
+
+    n = torch.cuda.device_count()
+    src_dev, dst_dev = "cuda:0", ("cuda:1" if n > 1 else "cuda:0")
+    tokens = 4096
+    chunks, ppc = tokens // CHUNK, CHUNK // PAGE
+    pool_pages = 4 * chunks * ppc
+    ctx = mp.get_context("spawn")
+    q, done = ctx.Queue(), ctx.Event()
+    p = ctx.Process(target=_ipc_exporter, args=(q, done, src_dev, pool_pages))
+    p.start()
+    try:
+        handles = q.get(timeout=300)
+        torch.cuda.set_device(dst_dev)
+        src = import_tensors(handles)  # mapped on the exporter's GPU, as a peer process would
+        dst = [torch.zeros(2, pool_pages, PAGE, KV_HEADS, HEAD_DIM, device=dst_dev, dtype=torch.bfloat16)
+               for _ in range(LAYERS)]
+        g = torch.Generator().manual_seed(1)
+        src_chunks = torch.randperm(pool_pages // ppc, generator=g)[:chunks].tolist()
+        dst_chunks = torch.randperm(pool_pages // ppc, generator=g)[:chunks].tolist()
+        src_pages = [c * ppc + i for c in src_chunks for i in range(ppc)]
+        dst_pages = [c * ppc + i for c in dst_chunks for i in range(ppc)]
+        nbytes = len(src_pages) * LAYERS * 2 * PAGE * KV_HEADS * HEAD_DIM * 2
+        # Baseline: the same bytes as one contiguous tensor, torch D2D between the same GPUs.
+        a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=src_dev).normal_()
+        b = torch.empty_like(a, device=dst_dev)
+        stream = torch.cuda.Stream(dst_dev)
+
+        def timed(fn) -> float:
+            torch.cuda.synchronize(src_dev)
+            torch.cuda.synchronize(dst_dev)
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize(dst_dev)
+            return time.perf_counter() - t0
+
+        def ipc():
+            copy_pages(src, dst, src_pages, dst_pages, page_dim=1, stream=stream)
+            stream.synchronize()
+
+        def d2d():
+            with torch.cuda.stream(stream):
+                b.copy_(a, non_blocking=True)
+            stream.synchronize()
+
+        for _ in range(2):  # warm-up: peer access, first launches
+            ipc(), d2d()
+        t_ipc, t_d2d = [], []
+        for _ in range(reps):  # alternate, so drift hits both
+            t_ipc.append(timed(ipc))
+            t_d2d.append(timed(d2d))
+        ok = all(torch.equal(s[:, src_pages], d[:, dst_pages]) for s, d in zip(src, dst))
+        gbps = nbytes / statistics.median(t_ipc) / 1e9
+        base = nbytes / statistics.median(t_d2d) / 1e9
+        del src
+        torch.cuda.synchronize()
+    finally:
+        done.set()
+        p.join(60)
+    return [{"case": "cuda_ipc_gpu_to_gpu", "value": round(gbps, 2), "unit": "GB/s",
+             "baseline": "torch_d2d_one_process", "baseline_value": round(base, 2), "ratio": round(gbps / base, 4),
+             "note": (f"{nbytes >> 20} MiB in {chunks} chunks of {ppc} pages, {src_dev} (process A) -> {dst_dev} "
+                      f"(process B), {len(src_pages) // ppc * LAYERS} page runs; median of {reps}; "
+                      f"bit-exact: {ok}")}]
+
+
+# -- TTFT with a peer's prefix ---------------------------------------------------------------------
+def _make_instance(device: str, tiny: bool, n: int, peers: dict, dtype_name: str):
+    import torch
+
+    from kvtier.examples.paged_llama import Engine, Llama, LlamaConfig
+    from kvtier.pool import PagedKVPool
+
+    dtype = getattr(torch, dtype_name)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    model = Llama(LlamaConfig(**(TINY if tiny else LLAMA3_8B)), seed=0, dtype=dtype, device=device,
+                  init_on_device=device.startswith("cuda"))
+    elem = torch.tensor([], dtype=dtype).element_size()
+    kv_per_token = 2 * model.config.layers * model.config.kv_heads * model.config.head_dim * elem
+    pool_tokens = 2 * (n + CHUNK)
+    pool = PagedKVPool(**model.kv_geometry(), num_pages=pool_tokens // PAGE, page_tokens=PAGE, chunk_tokens=CHUNK,
+                       cpu_bytes=(pool_tokens // CHUNK + 4) * CHUNK * kv_per_token, write_through=True,
+                       model_id="bench-p2p-ttft", peers=peers)
+    return model, pool, Engine(model, pool)
+
+
+def _instance_a(q, cmd, device: str, tiny: bool, n: int, dtype_name: str) -> None:
+    peers = {"secret": SECRET, "request_timeout_s": 120.0}
+    model, pool, engine = _make_instance(device, tiny, n, peers, dtype_name)
+    q.put(pool.cache.stats()["peers"]["address"])
+    while True:
+        prompt = cmd.get(timeout=1800)
+        if prompt is None:
+            break
+        (g,) = engine.generate([prompt], 1)
+        pool.cache.drain()  # the write-through copies have landed: the chunks can be served
+        q.put((g.ttft_s, g.tokens[0]))
+    pool.close()
+
+
+def bench_ttft(lengths: list[int], tiny: bool, device_a: str, device_b: str, dtype_name: str) -> list[dict]:
+    import torch
+
+    rows = []
+    n_max = max(lengths)
+    ctx = mp.get_context("spawn")
+    q, cmd = ctx.Queue(), ctx.Queue()
+    a = ctx.Process(target=_instance_a, args=(q, cmd, device_a, tiny, n_max, dtype_name))
+    a.start()
+    try:
+        addr = q.get(timeout=900)
+        peers = {"secret": SECRET, "seeds": (addr,), "request_timeout_s": 120.0}
+        model, pool, engine = _make_instance(device_b, tiny, n_max, peers, dtype_name)
+        vocab = model.config.vocab
+        gen = torch.Generator().manual_seed(7)
+        deadline = time.monotonic() + 60
+        while not pool.cache.stats()["peers"]["members"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        engine.generate([torch.randint(0, vocab, (min(lengths),), generator=gen).tolist()], 1)  # warm-up
+        for n in lengths:
+            prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
+            fresh = torch.randint(0, vocab, (n,), generator=gen).tolist()
+            (r,) = engine.generate([fresh], 1)  # baseline: B recomputes a prompt nobody has
+            cmd.put(prompt)
+            ttft_a, first_a = q.get(timeout=900)
+            want = n // CHUNK - (1 if n % CHUNK == 0 else 0)  # full chunks of prompt[:-1]
+            deadline = time.monotonic() + 60  # A's digest delta reaches B by gossip
+            while pool.cache.lookup(prompt) < want * CHUNK and time.monotonic() < deadline:
+                time.sleep(0.05)
+            pulled0 = pool.cache.stats()["peers"].get("chunks_pulled", 0)
+            (g,) = engine.generate([prompt], 1)
+            pulled = pool.cache.stats()["peers"].get("chunks_pulled", 0) - pulled0
+            assert g.lower_hit_tokens == want * CHUNK, (g.lower_hit_tokens, want)
+            assert g.tokens[0] == first_a, "B's first token differs from A's"
+            rows.append({"case": f"ttft_peer_prefix_{n}", "value": round(g.ttft_s, 4), "unit": "s",
+                         "baseline": f"ttft_recompute_{n}", "baseline_value": round(r.ttft_s, 4),
+                         "ratio": round(r.ttft_s / g.ttft_s, 3),
+                         "note": (f"{pulled} chunks ({g.lower_hit_tokens} tokens) pulled from A over loopback "
+                                  f"TCP; A ({device_a}) computed it in {ttft_a:.3f} s; B on {device_b}; "
+                                  "same first token")})
+            print(json.dumps(rows[-1]), flush=True)
+        pool.close()
+    finally:
+        cmd.put(None)
+        a.join(120)
+        if a.is_alive():
+            a.kill()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", default="ipc,ttft")
+    ap.add_argument("--lengths", default="4096,16384,32768")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU: a smoke test of the TTFT path")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch
+
+    from bench_report import git_commit, machine
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    gpu = torch.cuda.get_device_name(0) if cuda else None
+    ngpu = torch.cuda.device_count() if cuda else 0
+    results = []
+    for w in args.workloads.split(","):
+        if w == "ipc":
+            if not cuda:
+                print("ipc: skipped, needs CUDA", file=sys.stderr)
+                continue
+            results += bench_ipc(args.reps)
+            print(json.dumps(results[-1]), flush=True)
+        elif w == "ttft":
+            dev_a = "cuda:0" if cuda else "cpu"
+            dev_b = ("cuda:1" if ngpu > 1 else "cuda:0") if cuda else "cpu"
+            results += bench_ttft([int(x) for x in args.lengths.split(",")], args.tiny, dev_a, dev_b,
+                                  "bfloat16" if cuda else "float32")
+        else:
+            raise SystemExit(f"unknown workload {w!r} (ipc, ttft)")
+    tag = gpu.split()[1].lower() if gpu else "cpu"
+    doc = {"bench": "bench_p2p_gpu", "workload": "tiny" if args.tiny else "llama3_8b_ipc_ttft",
+           "machine": machine(f"{ngpu}x {gpu}" if gpu else None), "date": dt.date.today().isoformat(),
+           "commit": git_commit(), "results": results}
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if args.out:
+        path = os.path.join(args.out, f"bench_p2p_gpu-{doc['workload']}-{tag}-{doc['date']}.json")
+        with open(path, "w") as f:
+            f.write(text + "\n")
+        print("wrote", path, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
