@@ -93,8 +93,10 @@ def bench_ipc(reps: int) -> list[dict]:
             torch.cuda.synchronize(dst_dev)
             return time.perf_counter() - t0
 
+        paths = set()
+
         def ipc():
-            copy_pages(src, dst, src_pages, dst_pages, page_dim=1, stream=stream)
+            paths.add(copy_pages(src, dst, src_pages, dst_pages, page_dim=1, stream=stream))
             stream.synchronize()
 
         def d2d():
@@ -108,7 +110,7 @@ def bench_ipc(reps: int) -> list[dict]:
         for _ in range(reps):  # alternate, so drift hits both
             t_ipc.append(timed(ipc))
             t_d2d.append(timed(d2d))
-        ok = all(torch.equal(s[:, src_pages], d[:, dst_pages]) for s, d in zip(src, dst))
+        ok = all(torch.equal(s[:, src_pages].to(dst_dev), d[:, dst_pages]) for s, d in zip(src, dst))
         gbps = nbytes / statistics.median(t_ipc) / 1e9
         base = nbytes / statistics.median(t_d2d) / 1e9
         del src
@@ -119,7 +121,7 @@ def bench_ipc(reps: int) -> list[dict]:
     return [{"case": "cuda_ipc_gpu_to_gpu", "value": round(gbps, 2), "unit": "GB/s",
              "baseline": "torch_d2d_one_process", "baseline_value": round(base, 2), "ratio": round(gbps / base, 4),
              "note": (f"{nbytes >> 20} MiB in {chunks} chunks of {ppc} pages, {src_dev} (process A) -> {dst_dev} "
-                      f"(process B), {len(src_pages) // ppc * LAYERS} page runs; median of {reps}; "
+                      f"(process B), {len(src_pages) // ppc * LAYERS * 2} byte ranges, copy path {sorted(paths)}; median of {reps}; "
                       f"bit-exact: {ok}")}]
 
 

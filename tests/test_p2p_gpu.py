@@ -33,7 +33,7 @@ def test_cuda_ipc_copies_pages_bit_exact(gpu):
         handles, sums = q.get(timeout=120)
         src = import_tensors(handles)
         dst = [torch.zeros_like(t) for t in src]
-        copy_pages(src, dst, list(range(8)), list(range(16, 24)))
+        assert copy_pages(src, dst, list(range(8)), list(range(16, 24))) == "kernel"
         torch.cuda.synchronize()
         for s, d, ref in zip(src, dst, sums):
             assert torch.equal(s[:, 0:8], d[:, 16:24])
@@ -42,3 +42,35 @@ def test_cuda_ipc_copies_pages_bit_exact(gpu):
     finally:
         done.set()
         p.join(60)
+
+
+@pytest.mark.parametrize("page_dim", [0, 1])
+def test_copy_pages_kernel_matches_torch_for_scattered_pages(gpu, page_dim):
+    """The segment kernel and the per-run torch path agree, for both page dims, scattered runs,
+    and a non-contiguous source (which takes the torch path)."""
+    import torch
+    from kvtier.p2p.cuda_ipc import copy_pages
+
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)  # the other GPU when there are two
+    shape = (40, 3, 2, 4, 8, 16) if page_dim == 0 else (2, 40, 4, 8, 16)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    src = [torch.randn(shape, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3)]
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(6)).tolist()
+    sp, dp = [1, 2, 3, 9, 10, 30, 31, 32, 33, 0], perm[:10]
+    a = [torch.zeros(shape, device=dev, dtype=torch.bfloat16) for _ in range(3)]
+    b = [torch.zeros(shape, device=dev, dtype=torch.bfloat16) for _ in range(3)]
+    assert copy_pages(src, a, sp, dp, page_dim=page_dim) == "kernel"
+    with torch.cuda.device(dev):
+        for s, d in zip(src, b):
+            for i, j in zip(sp, dp):
+                d.select(page_dim, j).copy_(s.select(page_dim, i))
+    torch.cuda.synchronize()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    strided = [t.transpose(-1, -2) for t in src]  # not contiguous: the torch path
+    c = [torch.zeros_like(t, device=dev) for t in strided]
+    assert copy_pages(strided, c, sp, dp, page_dim=page_dim) == "torch"
+    torch.cuda.synchronize()
+    for s, d in zip(strided, c):
+        assert torch.equal(s.index_select(page_dim, torch.tensor(sp, device=s.device)).to(dev),
+                           d.index_select(page_dim, torch.tensor(dp, device=dev)))

@@ -1,5 +1,6 @@
 // Python view of csrc/transfer: CopyEngine and Transfer. Only exports; the GIL is released around
 // every call that copies or waits.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -12,6 +13,7 @@
 
 #include "bindings/status_binding.h"
 #include "transfer/copy_engine.h"
+#include "transfer/segment_copy.h"
 
 namespace py = pybind11;
 
@@ -114,6 +116,31 @@ std::shared_ptr<CopyEngine> MakeEngine(const std::vector<SegmentTuple>& segments
 }  // namespace
 
 void BindTransfer(py::module_& m) {
+  m.def(
+      "copy_segments",
+      [](int device,
+         const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& src,
+         const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& dst,
+         const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& nbytes,
+         uintptr_t stream) {
+        if (src.ndim() != 1 || dst.ndim() != 1 || nbytes.ndim() != 1 ||
+            src.shape(0) != dst.shape(0) || src.shape(0) != nbytes.shape(0)) {
+          ThrowIfError(Status(StatusCode::kInvalidArgument,
+                              "copy_segments: src, dst and nbytes must be 1-D arrays of one length"));
+        }
+        std::vector<CopySegment> segs(static_cast<size_t>(src.shape(0)));
+        for (size_t i = 0; i < segs.size(); ++i) segs[i] = {src.at(i), dst.at(i), nbytes.at(i)};
+        Status s;
+        {
+          py::gil_scoped_release release;
+          s = CopySegments(device, segs, stream);
+        }
+        ThrowIfError(s);
+      },
+      py::arg("device"), py::arg("src"), py::arg("dst"), py::arg("nbytes"), py::arg("stream"),
+      "Queues device-to-device copies of byte ranges (src[i] -> dst[i], nbytes[i] bytes) as one "
+      "kernel on GPU `device` and stream `stream` (an int); sources on another GPU are read "
+      "through peer access. The caller synchronizes the stream.");
   py::class_<Transfer, std::shared_ptr<Transfer>>(m, "Transfer",
                                                   "One asynchronous gather or scatter. Keep the KV "
                                                   "tensors and blobs alive until wait() returns.")

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     from kvtier.demo import add_demo_parser  # `kvtier demo`: see kvtier/demo.py
 
     add_demo_parser(sub)
+    from kvtier.sim.cli import add_parser as add_sim_parser  # `kvtier sim`: see kvtier/sim
+
+    add_sim_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

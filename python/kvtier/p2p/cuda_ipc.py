@@ -4,9 +4,8 @@ GPU to GPU (NVLink / PCIe peer-to-peer DMA), with no host bounce.
 Mechanism only (see docs/p2p.md, "CUDA IPC"): the exporter describes each of its layout's tensors
 as an :class:`IpcHandle` (plain ints, strings and bytes: no pickle crosses a socket); the importer
 opens them once and then copies pages by page id. kvtier does not yet index which GPU pages hold
-which chunk on a peer, so the TCP protocol does not negotiate this path yet: the caller must know
-the source page ids (e.g. a co-located engine that shares its page table). UNTESTED on this
-project's CPU-only machines; the tests are marked ``gpu``.
+which chunk on a peer, so the TCP protocol does not negotiate this path yet: the caller must know the source page ids (e.g. a co-located engine
+that shares its page table). The tests are marked ``gpu``; bench/bench_p2p_gpu.py measures it.
 
 Example (process A exports, process B imports and copies pages 0..15 of A into its pages 16..31)::
 
@@ -92,28 +91,85 @@ def import_tensors(handles: list[IpcHandle], device: int | None = None) -> list:
     return out
 
 
-def copy_pages(src_tensors, dst_tensors, src_pages, dst_pages, *, page_dim: int = 1, stream=None) -> None:
-    """Copy pages ``src_pages`` of ``src_tensors`` into ``dst_pages`` of ``dst_tensors``, tensor by
-    tensor, along ``page_dim`` (1 for vLLM's ``[2, num_pages, ...]``, 0 for a cross-layer pool).
-    Runs on ``stream`` (default: the current stream of the destination device); the caller waits
-    on it. Contiguous runs of pages become one copy each, so a chunk is a few large DMAs."""
-    torch = _torch()
-    if len(src_tensors) != len(dst_tensors):
-        raise InvalidArgumentError(f"{len(src_tensors)} source tensors, {len(dst_tensors)} destination tensors")
-    if len(src_pages) != len(dst_pages):
-        raise InvalidArgumentError(f"{len(src_pages)} source pages, {len(dst_pages)} destination pages")
+def _page_runs(src_pages, dst_pages) -> list[tuple[int, int, int]]:
+    """(first source page, first destination page, length) of each run contiguous on both sides."""
     runs = []
     i = 0
     while i < len(src_pages):
         j = i + 1
         while j < len(src_pages) and src_pages[j] == src_pages[j - 1] + 1 and dst_pages[j] == dst_pages[j - 1] + 1:
             j += 1
-        runs.append((src_pages[i], dst_pages[i], j - i))
+        runs.append((int(src_pages[i]), int(dst_pages[i]), j - i))
         i = j
+    return runs
+
+
+def _segments(s, d, page_dim: int, runs):
+    """Byte ranges (src address, dst address, bytes) covering ``runs`` of pages, or None when a
+    tensor's pages are not contiguous rows (the torch path handles those)."""
+    if not (s.is_contiguous() and d.is_contiguous()):
+        return None
+    elem = s.element_size()
+    page_bytes = s.stride(page_dim) * elem
+    outer = 1
+    for n in s.shape[:page_dim]:
+        outer *= n
+    # Contiguous: the flattened outer index o starts at o * (all pages of one outer row).
+    s_outer, d_outer = s.shape[page_dim] * page_bytes, d.shape[page_dim] * page_bytes
+    sb, db = s.data_ptr(), d.data_ptr()
+    out = []
+    for o in range(outer):
+        for s0, d0, n in runs:
+            out.append((sb + o * s_outer + s0 * page_bytes, db + o * d_outer + d0 * page_bytes, n * page_bytes))
+    return out
+
+
+def copy_pages(src_tensors, dst_tensors, src_pages, dst_pages, *, page_dim: int = 1, stream=None) -> str:
+    """Copy pages ``src_pages`` of ``src_tensors`` into ``dst_pages`` of ``dst_tensors``, tensor by
+    tensor, along ``page_dim`` (1 for vLLM's ``[2, num_pages, ...]``, 0 for a cross-layer pool).
+    Runs on ``stream`` (default: the current stream of the destination device); the caller waits
+    on it. Returns the path taken:
+
+    - ``"kernel"``: every contiguous run of pages of every tensor is one byte range, and all of
+      them go in one launch of the core's segment copy kernel on the destination GPU, reading the
+      source through peer access (a chunk of a 32-layer model is hundreds of runs: one
+      cudaMemcpy each would cost more in launches than in bytes);
+    - ``"torch"``: one ``copy_`` per run per tensor, where the core has no CUDA or a tensor is not
+      contiguous.
+    """
+    torch = _torch()
+    if len(src_tensors) != len(dst_tensors):
+        raise InvalidArgumentError(f"{len(src_tensors)} source tensors, {len(dst_tensors)} destination tensors")
+    if len(src_pages) != len(dst_pages):
+        raise InvalidArgumentError(f"{len(src_pages)} source pages, {len(dst_pages)} destination pages")
+    for s, d in zip(src_tensors, dst_tensors):
+        if s.dtype != d.dtype or s.shape[:page_dim] != d.shape[:page_dim] or s.shape[page_dim + 1 :] != d.shape[page_dim + 1 :]:
+            raise InvalidArgumentError(f"page shapes differ: {tuple(s.shape)} {s.dtype} vs {tuple(d.shape)} {d.dtype}")
+        for what, t, pages in (("source", s, src_pages), ("destination", d, dst_pages)):
+            if len(pages) and not 0 <= min(pages) <= max(pages) < t.shape[page_dim]:
+                raise InvalidArgumentError(f"{what} pages outside [0, {t.shape[page_dim]})")
+    runs = _page_runs(list(src_pages), list(dst_pages))
     stream = stream or torch.cuda.current_stream(dst_tensors[0].device)
+    segs = []
+    for s, d in zip(src_tensors, dst_tensors):
+        part = _segments(s, d, page_dim, runs)
+        if part is None:
+            segs = None
+            break
+        segs += part
+    from kvtier import _core
+
+    if segs is not None and _core.CUDA_COMPILED:
+        import numpy as np
+
+        arr = np.asarray(segs, dtype=np.uint64).reshape(-1, 3)
+        # The sources may still be written on the exporter's side: it synchronizes before it
+        # publishes page ids. Here the copy only follows the destination stream's earlier work.
+        _core.copy_segments(dst_tensors[0].device.index, arr[:, 0].copy(), arr[:, 1].copy(), arr[:, 2].copy(),
+                            int(stream.cuda_stream))
+        return "kernel"
     with torch.cuda.stream(stream):
         for s, d in zip(src_tensors, dst_tensors):
-            if s.shape[:page_dim] != d.shape[:page_dim] or s.shape[page_dim + 1 :] != d.shape[page_dim + 1 :]:
-                raise InvalidArgumentError(f"page shapes differ: {tuple(s.shape)} vs {tuple(d.shape)}")
             for s0, d0, n in runs:
                 d.narrow(page_dim, d0, n).copy_(s.narrow(page_dim, s0, n), non_blocking=True)
+    return "torch"

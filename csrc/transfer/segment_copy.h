@@ -1,0 +1,31 @@
+// Device-to-device copies of many byte ranges in one kernel launch: the GPU-to-GPU path of peers
+// on one host (CUDA IPC), where a chunk is hundreds of page runs and one cudaMemcpy per run would
+// cost more in launches than in bytes.
+//
+// Thread safety: CopySegments may be called from any thread; it changes the calling thread's
+// current device only for its own duration.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/status.h"
+
+namespace kvtier {
+
+struct CopySegment {
+  uint64_t src;    // device address (this process's mapping, e.g. of a peer's IPC allocation)
+  uint64_t dst;    // device address
+  uint64_t bytes;  // length of the range
+};
+
+// Copies every segment on `stream` (a cudaStream_t as an integer, 0 = the legacy default stream)
+// of `device`, with a kernel running on `device`. Sources on another GPU are read through peer
+// access, enabled here when the devices allow it. Returns once the copy is queued: the caller
+// synchronizes the stream. Segments must not overlap one another.
+// REQUIRES: every address is device memory accessible from `device` (or a peer of it).
+// Unavailable in a build without CUDA or on a machine without a GPU; InvalidArgument for a
+// null address; FailedPrecondition when the source's GPU cannot be peer-accessed from `device`.
+Status CopySegments(int device, const std::vector<CopySegment>& segments, uintptr_t stream);
+
+}  // namespace kvtier

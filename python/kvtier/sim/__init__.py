@@ -1,0 +1,17 @@
+"""kvtier.sim: a trace-driven simulator of tiered and disaggregated KV-cache deployments.
+
+It answers capacity-planning questions before anything is bought -- how much DRAM and NVMe, how
+many instances and peers, which eviction policy -- by replaying a request trace through
+simulated GPU / CPU / disk tiers that follow the engine's semantics exactly and take the same
+Python policy objects, priced by a cost model calibrated from kvtier's own benchmark results.
+See docs/sim.md.
+"""
+
+from kvtier.sim.cost import MODEL_PRESETS, Calibration, HardwareCost, ModelShape
+from kvtier.sim.engine import ROUTINGS, SimConfig, SimResult, Simulator, tier_ablation
+from kvtier.sim.trace import Request, TraceError, load_trace, synthetic_trace, trace_summary
+
+__all__ = [
+    "Calibration", "HardwareCost", "MODEL_PRESETS", "ModelShape", "ROUTINGS", "Request", "SimConfig",
+    "SimResult", "Simulator", "TraceError", "load_trace", "synthetic_trace", "tier_ablation", "trace_summary",
+]

@@ -1,0 +1,136 @@
+"""`kvtier sim`: replay a trace through simulated tiers and print hit ratios, TTFT and traffic."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from kvtier.sim.cost import MODEL_PRESETS, Calibration, HardwareCost
+
+_GIB = 1 << 30
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sim", help="simulate a trace through GPU / CPU / disk tiers and peers (capacity planning)",
+                       description="Replay a request trace (Mooncake or token-id JSONL) through simulated "
+                                   "kvtier instances and report hit ratio per tier, TTFT and bytes moved.")
+    p.add_argument("--trace", required=True, help="trace file (JSONL, Mooncake or {'tokens': [...]} lines)")
+    p.add_argument("--format", default="auto", choices=("auto", "mooncake", "tokens"))
+    p.add_argument("--block-tokens", type=int, default=512, help="tokens per Mooncake hash block (default 512)")
+    p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
+    p.add_argument("--model", default="llama3_8b", choices=sorted(MODEL_PRESETS), help="model shape")
+    p.add_argument("--chunk-tokens", type=int, default=256)
+    p.add_argument("--page-tokens", type=int, default=16)
+    p.add_argument("--gpu-gib", type=float, default=16.0, help="GPU KV pool per instance, GiB")
+    p.add_argument("--cpu-gib", type=float, default=64.0, help="CPU tier per instance, GiB (0: none)")
+    p.add_argument("--disk-gib", type=float, default=0.0, help="disk tier per instance, GiB (0: none)")
+    p.add_argument("--cpu-eviction", default="lru", choices=("lru", "s3fifo", "lfu", "all"),
+                   help="CPU tier eviction order ('all': one run per policy)")
+    p.add_argument("--admit-min-seen", type=int, default=2, help="disk admission: seen by >= N requests")
+    p.add_argument("--instances", type=int, default=1)
+    p.add_argument("--routing", default="round_robin", choices=("round_robin", "least_loaded", "cache_aware"))
+    p.add_argument("--peers", action="store_true", help="instances pull missing prefixes from each other's CPU tier")
+    p.add_argument("--peer-disk", action="store_true", help="peers also serve their disk tier")
+    p.add_argument("--replay", default="timestamps", choices=("timestamps", "fast"),
+                   help="arrivals from the trace (queueing) or one request after another")
+    p.add_argument("--calibrate", default=None, metavar="DIR",
+                   help="calibrate the cost model from kvtier bench JSON files in DIR (e.g. bench/results)")
+    p.add_argument("--no-ablation", action="store_true", help="skip the runs without disk / CPU / cache")
+    p.add_argument("--sweep", default=None, choices=("gpu", "cpu", "disk"),
+                   help="also sweep this tier's capacity (per policy) and plot hit ratio and TTFT")
+    p.add_argument("--sweep-gib", default="8,16,32,64,128", help="capacities of the sweep, GiB")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write the sweep's plot here (needs matplotlib)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write all results as JSON")
+    p.set_defaults(func=run)
+
+
+def _gib(x: float, name: str) -> int:
+    if x < 0:
+        raise SystemExit(f"kvtier sim: --{name} must be >= 0, got {x}")
+    return int(x * _GIB)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from kvtier.sim.engine import SimConfig, tier_ablation
+    from kvtier.sim.report import capacity_sweep, plot_sweep, print_results
+    from kvtier.sim.trace import TraceError, load_trace, trace_summary
+
+    try:
+        reqs = load_trace(args.trace, chunk_tokens=args.chunk_tokens, block_tokens=args.block_tokens,
+                          fmt=args.format, limit=args.limit)
+    except (TraceError, ValueError) as e:
+        print(f"kvtier sim: {e}", file=sys.stderr)
+        return 2
+    hw = HardwareCost()
+    model = MODEL_PRESETS[args.model]
+    if args.calibrate:
+        try:
+            hw = Calibration(args.calibrate).hardware(model=model, e2e_file=_latest_e2e(args.calibrate))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"kvtier sim: calibration failed: {e}", file=sys.stderr)
+            return 2
+    try:
+        cfg = SimConfig(model=model, chunk_tokens=args.chunk_tokens, page_tokens=args.page_tokens,
+                        gpu_bytes=_gib(args.gpu_gib, "gpu-gib"), cpu_bytes=_gib(args.cpu_gib, "cpu-gib"),
+                        disk_bytes=_gib(args.disk_gib, "disk-gib"),
+                        cpu_eviction="lru" if args.cpu_eviction == "all" else args.cpu_eviction,
+                        disk_admit_min_seen=args.admit_min_seen, instances=args.instances, routing=args.routing,
+                        peers=args.peers, peer_disk=args.peer_disk, hardware=hw, replay=args.replay)
+    except ValueError as e:
+        print(f"kvtier sim: {e}", file=sys.stderr)
+        return 2
+    s = trace_summary(reqs)
+    print(f"trace: {s['requests']} requests, {s['chunks']} chunks of {args.chunk_tokens} tokens "
+          f"({s['distinct_chunks']} distinct), {s['span_s']:.0f} s; model {model.name}, "
+          f"{cfg.chunk_bytes / (1 << 20):.1f} MiB a chunk; per instance: GPU {cfg.gpu_pages // (cfg.chunk_tokens // cfg.page_tokens)}"
+          f" chunks, CPU {cfg.cpu_chunks}, disk {cfg.disk_slots}; {cfg.instances} instance(s), {cfg.routing}")
+    if hw.sources:
+        print("cost model calibrated from: " + "; ".join(f"{k} <- {v}" for k, v in hw.sources.items()))
+    policies = ("lru", "s3fifo", "lfu") if args.cpu_eviction == "all" else (cfg.cpu_eviction,)
+    results = {}
+    for pol in policies:
+        c = replace(cfg, cpu_eviction=pol)
+        if args.no_ablation:
+            from kvtier.sim.engine import Simulator
+
+            runs = {"all tiers": Simulator(c).run(reqs)}
+        else:
+            runs = tier_ablation(reqs, c)
+        for name, r in runs.items():
+            results[f"{pol}: {name}" if len(policies) > 1 or name == "all tiers" else name] = r
+    print_results(results, title=f"kvtier sim ({args.replay} replay)")
+    wall = sum(r.wall_s for r in results.values())
+    print(f"simulated {len(results)} run(s) of {len(reqs)} requests in {wall:.2f} s")
+    out = {"trace": args.trace, "summary": s, "calibration": hw.sources,
+           "runs": {k: v.to_dict() for k, v in results.items()}}
+    if args.sweep:
+        sizes = [int(float(x) * _GIB) for x in args.sweep_gib.split(",") if x.strip()]
+        sweep = capacity_sweep(reqs, cfg, args.sweep, sizes, policies=("lru", "s3fifo", "lfu"))
+        out["sweep"] = {"tier": args.sweep, "runs": {pol: [(sz, r.to_dict()) for sz, r in rows]
+                                                       for pol, rows in sweep.items()}}
+        print_results({f"{pol} {args.sweep}={sz / _GIB:g} GiB": r for pol, rows in sweep.items() for sz, r in rows},
+                      title=f"{args.sweep.upper()} capacity sweep", traffic=False)
+        if args.plot:
+            try:
+                plot_sweep(sweep, args.sweep, args.plot, title=f"{os.path.basename(args.trace)}: {args.sweep} sweep")
+            except RuntimeError as e:
+                print(f"kvtier sim: {e}", file=sys.stderr)
+                return 2
+            print(f"wrote {args.plot}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _latest_e2e(bench_dir: str) -> str | None:
+    import glob
+
+    files = sorted(glob.glob(os.path.join(bench_dir, "bench_e2e-*.json")))
+    files = [f for f in files if "tiny" not in f]
+    return files[-1] if files else None

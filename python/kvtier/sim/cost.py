@@ -1,0 +1,176 @@
+"""The simulator's cost model: how long a request's prefill, loads and offloads take.
+
+Prefill of tokens ``[start, end)`` of a dense decoder (kvtier.planner.ModelCost's FLOP count,
+with its two parts at their own rates)::
+
+    t = 2 * params * (end - start) / weights_rate  +  4 * layers * hidden * sum(p for p in [start, end)) / attention_rate
+
+Weight FLOPs run as GEMMs whose achieved rate depends on the engine; attention FLOPs run in a
+fused (flash) kernel near the GPU's matmul peak. Calibrated, never guessed: ``weights_rate`` from
+one measured full-recompute TTFT (bench_e2e, one prompt length), ``attention_rate`` from the
+measured bf16 matmul of bench_copy_py; tier bandwidths from bench_copy / bench_copy_py (PCIe,
+through the Python API), bench_disk (the device's sequential O_DIRECT limits), bench_p2p (peer
+pulls). :meth:`Calibration.from_bench_dir` reads them and records where each number came from.
+
+Moving chunks:
+- CPU -> GPU (a CPU hit): ``bytes / h2d_bw``; GPU -> CPU (offload of GPU victims, which the
+  pool waits for): ``bytes / d2h_bw``.
+- disk -> GPU (a disk hit): the read ``bytes / disk_read_bw``, then the scatter as a CPU hit;
+  when the CPU tier is full of chunks that must be written back first, each block the promotion
+  needs waits for one write-back: ``+ chunk_bytes / disk_write_bw`` each (the disk does one thing
+  at a time).
+- peer -> GPU: ``link_latency + bytes / link_bw`` then the scatter.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field, replace
+
+__all__ = ["ModelShape", "HardwareCost", "Calibration", "MODEL_PRESETS"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A dense decoder's shape: what its KV weighs and what its prefill costs."""
+
+    name: str
+    params: float
+    layers: int
+    hidden: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+
+    def weight_flops(self, start: int, end: int) -> float:
+        return 2.0 * self.params * (end - start)
+
+    def attention_flops(self, start: int, end: int) -> float:
+        return 4.0 * self.layers * self.hidden * (end * (end - 1) - start * (start - 1)) / 2.0
+
+
+MODEL_PRESETS = {
+    "llama3_8b": ModelShape("llama3_8b", 8.0e9, 32, 4096, 8, 128),
+    "llama3_70b": ModelShape("llama3_70b", 70.6e9, 80, 8192, 8, 128),
+    "qwen2_7b": ModelShape("qwen2_7b", 7.6e9, 28, 3584, 4, 128),
+}
+
+
+@dataclass
+class HardwareCost:
+    """Rates of one simulated instance (bytes/s, FLOP/s, seconds).
+
+    ``sources`` says where each calibrated number came from (file and case)."""
+
+    weights_rate: float = 100e12
+    attention_rate: float = 600e12
+    h2d_bw: float = 50e9
+    d2h_bw: float = 50e9
+    disk_read_bw: float = 1.2e9
+    disk_write_bw: float = 1.7e9
+    disk_latency_s: float = 100e-6
+    link_bw: float = 4e9
+    link_latency_s: float = 200e-6
+    sources: dict = field(default_factory=dict)
+
+    def prefill_s(self, model: ModelShape, start: int, end: int) -> float:
+        """Seconds to prefill tokens [start, end) with the KV of [0, start) in place."""
+        if end <= start:
+            return 0.0
+        return (model.weight_flops(start, end) / self.weights_rate
+                + model.attention_flops(start, end) / self.attention_rate)
+
+    def with_weights_rate_from(self, model: ModelShape, tokens: int, seconds: float, source: str) -> HardwareCost:
+        """Calibrate ``weights_rate`` so that a full prefill of ``tokens`` takes ``seconds``."""
+        attn = model.attention_flops(0, tokens) / self.attention_rate
+        if seconds <= attn:
+            raise ValueError(f"a {tokens}-token prefill in {seconds} s leaves no time for the weights "
+                             f"(attention alone takes {attn:.4f} s at {self.attention_rate:.3g} FLOP/s)")
+        rate = model.weight_flops(0, tokens) / (seconds - attn)
+        return replace(self, weights_rate=rate, sources={**self.sources, "weights_rate": source})
+
+
+def _load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _case(doc: dict, name: str) -> dict | None:
+    for r in doc.get("results", []):
+        if r.get("case") == name:
+            return r
+    return None
+
+
+@dataclass
+class Calibration:
+    """Reads kvtier's bench JSON files (bench/results) into a :class:`HardwareCost`."""
+
+    bench_dir: str
+
+    def _files(self, pattern: str) -> list[str]:
+        return sorted(glob.glob(os.path.join(self.bench_dir, pattern)))
+
+    def hardware(self, *, gpu_tag: str = "h200", disk_tag: str = "h200host", model: ModelShape | None = None,
+                 e2e_file: str | None = None, calibrate_tokens: int = 4096) -> HardwareCost:
+        """A calibrated HardwareCost.
+
+        Args:
+            gpu_tag: file tag of the GPU benches (bench_copy_py-*-<tag>-*.json).
+            disk_tag: file tag of the disk bench of the GPU machine's host.
+            model, e2e_file, calibrate_tokens: calibrate ``weights_rate`` from the recompute case
+                ``ttft_*_<calibrate_tokens>`` of this bench_e2e file (baseline_value), if given.
+        Raises:
+            FileNotFoundError: a bench file the calibration needs is missing (named).
+        """
+        hw = HardwareCost()
+        src: dict[str, str] = {}
+        py = self._files(f"bench_copy_py-*-{gpu_tag}-*.json")
+        if not py:
+            raise FileNotFoundError(f"no bench_copy_py-*-{gpu_tag}-*.json in {self.bench_dir}")
+        doc, name = _load(py[-1]), os.path.basename(py[-1])
+        for attr, case in (("h2d_bw", "scatter_auto_cross_layer"), ("d2h_bw", "gather_auto_cross_layer")):
+            r = _case(doc, case)
+            if r is None:
+                raise FileNotFoundError(f"{name} has no case {case!r}")
+            setattr(hw, attr, r["value"] * 1e9)
+            src[attr] = f"{name}:{case}"
+        r = _case(doc, "matmul_8192_beside_auto_cross_layer")
+        if r is None or not r.get("baseline_value"):
+            raise FileNotFoundError(f"{name} has no matmul_8192 case with a matmul_alone baseline")
+        hw.attention_rate = 2.0 * 8192**3 / (r["baseline_value"] * 1e-3)
+        src["attention_rate"] = f"{name}:{r['baseline']} (bf16 8192^3 matmul)"
+        disk = self._files(f"bench_disk-*-{disk_tag}-*.json")
+        if not disk:
+            raise FileNotFoundError(f"no bench_disk-*-{disk_tag}-*.json in {self.bench_dir}")
+        ddoc, dname = _load(disk[-1]), os.path.basename(disk[-1])
+        for attr, base in (("disk_read_bw", "device_limit_seq_odirect_read"),
+                           ("disk_write_bw", "device_limit_seq_odirect_write")):
+            v = next((x["baseline_value"] for x in ddoc["results"] if x.get("baseline") == base), None)
+            if v is None:
+                raise FileNotFoundError(f"{dname} has no case with baseline {base!r}")
+            setattr(hw, attr, v * 1e9)
+            src[attr] = f"{dname}:{base}"
+        p2p = self._files("bench_p2p-*.json")
+        if p2p:
+            r = _case(_load(p2p[-1]), "p2p_pull_crc32c")
+            if r is not None and r.get("value"):
+                hw.link_bw = r["value"] * 1e9
+                src["link_bw"] = f"{os.path.basename(p2p[-1])}:p2p_pull_crc32c"
+        hw.sources = src
+        if e2e_file is not None:
+            if model is None:
+                raise ValueError("calibrating from bench_e2e needs the model shape")
+            edoc = _load(e2e_file)
+            r = _case(edoc, f"ttft_gpu_hit_{calibrate_tokens}")
+            if r is None:
+                raise FileNotFoundError(f"{e2e_file} has no case ttft_gpu_hit_{calibrate_tokens}")
+            hw = hw.with_weights_rate_from(model, calibrate_tokens, r["baseline_value"],
+                                           f"{os.path.basename(e2e_file)}:ttft_recompute_{calibrate_tokens}")
+        return hw

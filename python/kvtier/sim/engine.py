@@ -1,0 +1,384 @@
+"""The simulator: instances of GPU / CPU / disk tiers, peers, routing, a timeline, TTFT.
+
+Each instance is a :class:`kvtier.sim.tiers.SimGpuPool` over a :class:`SimCpuTier` (and its
+disk), with the engine's semantics and the same Python policy objects the engine takes
+(kvtier.policies EvictionPolicy / AdmissionPolicy / PrefetchPolicy, kvtier.planner LoadPlanner).
+Requests are routed to an instance (round robin, least loaded, or cache aware), served one prefill
+at a time per instance (FIFO; decode runs elsewhere, as in a prefill/decode-disaggregated
+deployment), and their time to first token is queueing + offload + loads + prefill, priced by
+:class:`kvtier.sim.cost.HardwareCost`.
+
+Tier state advances request by request in arrival order (each request's begin, commit and
+release happen at once); time is computed alongside. Example::
+
+    from kvtier.sim import SimConfig, Simulator, load_trace
+    reqs = load_trace("mooncake_synthetic_trace.jsonl", chunk_tokens=256)
+    res = Simulator(SimConfig(gpu_bytes=16 << 30, cpu_bytes=64 << 30, disk_bytes=1 << 40)).run(reqs)
+    print(res.hit_ratio("gpu"), res.ttft_percentiles())
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+from kvtier.sim.cost import MODEL_PRESETS, HardwareCost, ModelShape
+from kvtier.sim.tiers import SimCpuTier, SimGpuPool
+from kvtier.sim.trace import Request
+
+__all__ = ["SimConfig", "Simulator", "SimResult", "Instance", "ROUTINGS", "tier_ablation", "request_load_s"]
+
+ROUTINGS = ("round_robin", "least_loaded", "cache_aware")
+_BLOCK = 4096
+
+
+def _round_up(n: int, m: int = _BLOCK) -> int:
+    return (n + m - 1) // m * m
+
+
+@dataclass
+class SimConfig:
+    """One simulated deployment.
+
+    Capacities are bytes per instance, turned into chunks / pages the way the engine does
+    (CPU blocks are chunk bytes rounded up to 4 KiB; a disk slot adds a 4 KiB header).
+
+    Attributes:
+        model: the model's shape (KV bytes per token, prefill FLOPs).
+        chunk_tokens, page_tokens: as the engine's (PagedKVPool / KVCache).
+        gpu_bytes: KV pool per instance (0: no GPU cache; every request computed in full).
+        cpu_bytes: CPU tier per instance (0: none). disk_bytes: disk tier per instance (0: none).
+        cpu_eviction: the CPU tier's built-in order ("lru", "s3fifo", "lfu").
+        disk_admit_min_seen: the built-in disk admission rule.
+        gpu_eviction_policy / admission_policy / prefetch_policy / planner: Python policy objects,
+            exactly as the engine takes them (shared by all instances).
+        instances, routing: how many instances and how requests reach them.
+        peers: a miss continues in other instances' CPU tiers (and disks with ``peer_disk``).
+        hardware: the cost model's rates.
+        replay: "timestamps" (arrivals from the trace, queueing included) or "fast" (one request
+            after another, no queueing).
+    """
+
+    model: ModelShape = field(default_factory=lambda: MODEL_PRESETS["llama3_8b"])
+    chunk_tokens: int = 256
+    page_tokens: int = 16
+    gpu_bytes: int = 16 << 30
+    cpu_bytes: int = 64 << 30
+    disk_bytes: int = 0
+    cpu_eviction: str = "lru"
+    disk_admit_min_seen: int = 2
+    max_demotions_in_flight: int = 64
+    gpu_eviction_policy: object = None
+    admission_policy: object = None
+    prefetch_policy: object = None
+    planner: object = None
+    instances: int = 1
+    routing: str = "round_robin"
+    peers: bool = False
+    peer_disk: bool = False
+    hardware: HardwareCost = field(default_factory=HardwareCost)
+    replay: str = "timestamps"
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_tokens", "page_tokens", "instances", "disk_admit_min_seen", "max_demotions_in_flight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name in ("gpu_bytes", "cpu_bytes", "disk_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int (bytes), got {v!r}")
+        if self.chunk_tokens % self.page_tokens:
+            raise ValueError(f"chunk_tokens={self.chunk_tokens} must be a multiple of page_tokens={self.page_tokens}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.replay not in ("timestamps", "fast"):
+            raise ValueError(f"replay must be 'timestamps' or 'fast', got {self.replay!r}")
+        if self.cpu_eviction not in ("lru", "s3fifo", "lfu"):
+            raise ValueError(f"cpu_eviction must be 'lru', 's3fifo' or 'lfu', got {self.cpu_eviction!r}")
+        if self.disk_bytes and not self.cpu_bytes:
+            raise ValueError("disk_bytes needs a CPU tier (cpu_bytes > 0): the disk sits below it")
+        if self.gpu_bytes and self.gpu_pages < self.chunk_tokens // self.page_tokens:
+            raise ValueError(f"gpu_bytes={self.gpu_bytes} holds less than one chunk")
+        if self.cpu_bytes and self.cpu_chunks == 0:
+            raise ValueError(f"cpu_bytes={self.cpu_bytes} is smaller than one chunk ({self.chunk_bytes} bytes)")
+        if self.disk_bytes and self.disk_slots == 0:
+            raise ValueError(f"disk_bytes={self.disk_bytes} holds no slot ({self.slot_bytes} bytes each)")
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_tokens * self.model.kv_bytes_per_token
+
+    @property
+    def slot_bytes(self) -> int:
+        return _BLOCK + _round_up(self.chunk_bytes)
+
+    @property
+    def gpu_pages(self) -> int:
+        return self.gpu_bytes // (self.page_tokens * self.model.kv_bytes_per_token)
+
+    @property
+    def cpu_chunks(self) -> int:
+        return self.cpu_bytes // _round_up(self.chunk_bytes)
+
+    @property
+    def disk_slots(self) -> int:
+        return max(0, (self.disk_bytes - _BLOCK) // self.slot_bytes) if self.disk_bytes else 0
+
+
+class Instance:
+    """One serving instance: its tiers and its timeline."""
+
+    def __init__(self, idx: int, cfg: SimConfig) -> None:
+        self.idx = idx
+        self.cfg = cfg
+        self.cpu = None
+        if cfg.cpu_bytes:
+            self.cpu = SimCpuTier(cfg.cpu_chunks, eviction_policy=cfg.cpu_eviction, disk_slots=cfg.disk_slots,
+                                  disk_admit_min_seen=cfg.disk_admit_min_seen,
+                                  admission_policy=cfg.admission_policy,
+                                  max_demotions_in_flight=cfg.max_demotions_in_flight)
+        self.pool = None
+        if cfg.gpu_bytes:
+            self.pool = SimGpuPool(cfg.gpu_pages, page_tokens=cfg.page_tokens, chunk_tokens=cfg.chunk_tokens,
+                                   cpu=self.cpu, eviction_policy=cfg.gpu_eviction_policy, planner=cfg.planner,
+                                   chunk_bytes=cfg.chunk_bytes)
+        self.free_at = 0.0
+        self.busy_s = 0.0
+        self.served = 0
+
+    def prefix_hit(self, chunks) -> int:
+        """Leading chunks cached here (GPU, CPU or disk), without touching any state."""
+        n = 0
+        if self.pool is not None:
+            pc = self.pool._chunks
+            while n < len(chunks) and chunks[n] in pc:
+                n += 1
+        if self.cpu is not None and n < len(chunks):
+            n += self.cpu.lookup(chunks, n)
+        return n
+
+
+@dataclass
+class SimResult:
+    """Totals of a simulation run (chunk counts, bytes, seconds) and per-request TTFTs."""
+
+    config: SimConfig
+    requests: int = 0
+    chunks: int = 0
+    gpu_hits: int = 0
+    cpu_hits: int = 0
+    disk_hits: int = 0
+    peer_hits: int = 0
+    planned_recompute: int = 0
+    rejected: int = 0
+    bytes: dict = field(default_factory=dict)
+    ssd_write_bytes: int = 0
+    ttft: list = field(default_factory=list)
+    tiers: dict = field(default_factory=dict)
+    wall_s: float = 0.0
+    makespan_s: float = 0.0
+
+    def hit_ratio(self, tier: str | None = None) -> float:
+        """Hit chunks / prompt chunks, for one tier ("gpu", "cpu", "disk", "peer") or all."""
+        if not self.chunks:
+            return 0.0
+        if tier is None:
+            return (self.gpu_hits + self.cpu_hits + self.disk_hits + self.peer_hits) / self.chunks
+        return getattr(self, f"{tier}_hits") / self.chunks
+
+    def ttft_percentiles(self, qs=(50, 90, 99)) -> dict[str, float]:
+        """TTFT percentiles in seconds (nearest rank), plus the mean."""
+        if not self.ttft:
+            return {f"p{q}": 0.0 for q in qs} | {"mean": 0.0}
+        s = sorted(self.ttft)
+        out = {f"p{q}": s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))] for q in qs}
+        out["mean"] = sum(s) / len(s)
+        return out
+
+    def to_dict(self) -> dict:
+        c = self.config
+        return {
+            "requests": self.requests, "chunks": self.chunks,
+            "hit_ratio": {t: self.hit_ratio(t) for t in ("gpu", "cpu", "disk", "peer")} | {"total": self.hit_ratio()},
+            "hit_chunks": {"gpu": self.gpu_hits, "cpu": self.cpu_hits, "disk": self.disk_hits, "peer": self.peer_hits},
+            "planned_recompute_chunks": self.planned_recompute, "rejected_requests": self.rejected,
+            "ttft_s": self.ttft_percentiles(), "bytes_moved": dict(self.bytes), "ssd_write_bytes": self.ssd_write_bytes,
+            "tiers": self.tiers, "wall_s": self.wall_s, "makespan_s": self.makespan_s,
+            "config": {"model": c.model.name, "chunk_tokens": c.chunk_tokens, "gpu_bytes": c.gpu_bytes,
+                       "cpu_bytes": c.cpu_bytes, "disk_bytes": c.disk_bytes, "cpu_eviction": c.cpu_eviction,
+                       "disk_admit_min_seen": c.disk_admit_min_seen, "instances": c.instances,
+                       "routing": c.routing, "peers": c.peers, "replay": c.replay,
+                       "gpu_chunks": c.gpu_pages // (c.chunk_tokens // c.page_tokens), "cpu_chunks": c.cpu_chunks,
+                       "disk_chunks": c.disk_slots},
+        }
+
+
+class Simulator:
+    """Replays requests through simulated instances. One Simulator is one run (fresh tiers)."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.cfg = config
+        self.instances = [Instance(i, config) for i in range(config.instances)]
+        self._rr = 0
+
+    # -- routing -------------------------------------------------------------------------------
+    def _route(self, req: Request, now: float) -> Instance:
+        insts = self.instances
+        if len(insts) == 1:
+            return insts[0]
+        r = self.cfg.routing
+        if r == "round_robin":
+            inst = insts[self._rr % len(insts)]
+            self._rr += 1
+            return inst
+        if r == "least_loaded":
+            return min(insts, key=lambda i: (max(i.free_at, now), i.idx))
+        best = max(insts, key=lambda i: (i.prefix_hit(req.chunks), -max(i.free_at, now), -i.idx))
+        return best
+
+    # -- peers ---------------------------------------------------------------------------------
+    def _pull_from_peers(self, inst: Instance, chunks, start: int) -> int:
+        """Continue the prefix at ``start`` from the peer that holds most of it; the pulled chunks
+        are put into ``inst``'s CPU tier (then loaded like CPU hits). Returns chunks pulled."""
+        best, best_n = None, 0
+        for p in self.instances:
+            if p is inst or p.cpu is None:
+                continue
+            n, i = 0, start
+            disk = p.cpu.disk if self.cfg.peer_disk else None
+            while i < len(chunks) and (p.cpu.contains(chunks[i]) or (disk is not None and chunks[i] in disk)):
+                n += 1
+                i += 1
+            if n > best_n:
+                best, best_n = p, n
+        if best is None:
+            return 0
+        pulled = 0
+        for i in range(start, start + best_n):
+            k = chunks[i]
+            if best.cpu.contains(k):  # the peer serves it from its pool: a hit there
+                best.cpu._acquire(chunks, i, i + 1)
+                best.cpu._release(chunks[i:i + 1], 1)
+            elif best.cpu.disk is not None:
+                best.cpu.disk.read(k)
+            if not inst.cpu.put(k):
+                break
+            pulled += 1
+        return pulled
+
+    # -- the run -------------------------------------------------------------------------------
+    def run(self, requests: list[Request]) -> SimResult:
+        cfg = self.cfg
+        hw, model = cfg.hardware, cfg.model
+        ct, cb = cfg.chunk_tokens, cfg.chunk_bytes
+        res = SimResult(cfg)
+        by = {"gpu_to_cpu": 0, "cpu_to_gpu": 0, "disk_to_cpu": 0, "cpu_to_disk": 0, "peer_to_cpu": 0}
+        t0 = time.perf_counter()
+        now = 0.0
+        prev_done = 0.0
+        ttft = res.ttft
+        fast = cfg.replay == "fast"
+        prefetch = cfg.prefetch_policy
+        for req in requests:
+            chunks = req.chunks
+            n_tok = req.input_length
+            arrival = prev_done if fast else req.arrival_s
+            now = arrival
+            inst = self._route(req, now)
+            res.requests += 1
+            res.chunks += len(chunks)
+            pool = inst.pool
+            load_s = 0.0
+            ahead_s = 0.0
+            cached = 0
+            if pool is not None:
+                peer = 0
+                read_ahead = 0
+                if inst.cpu is not None and (cfg.peers or prefetch is not None):
+                    gpu_n = 0
+                    pc = pool._chunks
+                    while gpu_n < len(chunks) and chunks[gpu_n] in pc:
+                        gpu_n += 1
+                    low = inst.cpu.lookup(chunks, gpu_n)
+                    if prefetch is not None and low:
+                        tiers = inst.cpu.lookup_tiers(chunks[gpu_n:gpu_n + low])
+                        want = int(prefetch.prefetch(len(tiers), tiers))
+                        if want > 0 and "disk" in tiers:
+                            end = seen = 0
+                            for end, t in enumerate(tiers, start=1):
+                                seen += t == "disk"
+                                if seen >= want:
+                                    break
+                            read_ahead = inst.cpu.prefetch(chunks[gpu_n:gpu_n + end])
+                    if cfg.peers and gpu_n + low < len(chunks):
+                        peer = self._pull_from_peers(inst, chunks, gpu_n + low)
+                b = pool.begin(chunks, n_tok)
+                if b.rejected:
+                    res.rejected += 1
+                peer = min(peer, max(0, b.lower_hits - b.disk_hits))
+                cpu = b.lower_hits - b.disk_hits - peer
+                ahead = min(read_ahead, cpu)  # read from disk by the prefetch: disk hits
+                cpu -= ahead
+                ahead_s = read_ahead * cb / hw.disk_read_bw
+                res.gpu_hits += b.gpu_hits
+                res.cpu_hits += cpu
+                res.disk_hits += b.disk_hits + ahead
+                res.peer_hits += peer
+                res.planned_recompute += b.planned_recompute
+                cached = (b.gpu_hits + b.lower_hits) * ct
+                by["gpu_to_cpu"] += b.offloaded * cb
+                by["cpu_to_gpu"] += b.lower_hits * cb
+                by["disk_to_cpu"] += (b.disk_hits + read_ahead) * cb
+                by["peer_to_cpu"] += peer * cb
+                load_s = request_load_s(hw, cb, b, peer)
+                pool.finish(b, chunks)
+            start_tok = min(cached, n_tok - 1) if n_tok else 0
+            service = load_s + hw.prefill_s(model, start_tok, n_tok)
+            begin_t = max(now, inst.free_at)
+            service += max(0.0, ahead_s - (begin_t - now))  # prefetch reads overlap the wait
+            done = begin_t + service
+            inst.free_at = done
+            inst.busy_s += service
+            inst.served += 1
+            prev_done = done
+            ttft.append(done - arrival)
+        res.makespan_s = max((i.free_at for i in self.instances), default=0.0)
+        writes = 0
+        tiers = {}
+        for inst in self.instances:
+            if inst.cpu is not None:
+                c = inst.cpu.counters
+                writes += c.disk_writes
+                tiers[f"instance{inst.idx}"] = {k: v for k, v in vars(c).items()}
+                tiers[f"instance{inst.idx}"]["gpu_evicted"] = inst.pool.evicted_chunks if inst.pool else 0
+        by["cpu_to_disk"] = writes * cb
+        res.ssd_write_bytes = writes * cfg.slot_bytes
+        res.bytes = by
+        res.tiers = tiers
+        res.wall_s = time.perf_counter() - t0
+        return res
+
+
+def request_load_s(hw: HardwareCost, chunk_bytes: int, b, peer: int = 0) -> float:
+    """Seconds a request spends moving chunks before its prefill: the offload of GPU victims
+    (the pool waits for it), the write-backs it had to wait for, disk reads, peer pulls, and the
+    scatter of every lower-tier chunk into GPU pages (``b``: a tiers.BeginResult)."""
+    cb = chunk_bytes
+    return (b.offloaded * cb / hw.d2h_bw
+            + b.critical_writebacks * cb / hw.disk_write_bw
+            + (b.disk_hits * cb / hw.disk_read_bw + hw.disk_latency_s if b.disk_hits else 0.0)
+            + (peer * cb / hw.link_bw + hw.link_latency_s if peer else 0.0)
+            + b.lower_hits * cb / hw.h2d_bw)
+
+
+def tier_ablation(requests: list[Request], cfg: SimConfig) -> dict[str, SimResult]:
+    """The same trace with all tiers, without the disk, GPU only, and with no cache at all."""
+    out = {"all tiers": Simulator(cfg).run(requests)}
+    if cfg.disk_bytes:
+        out["no disk"] = Simulator(replace(cfg, disk_bytes=0)).run(requests)
+    if cfg.cpu_bytes:
+        out["GPU only"] = Simulator(replace(cfg, disk_bytes=0, cpu_bytes=0, peers=False)).run(requests)
+    out["no cache"] = Simulator(replace(cfg, gpu_bytes=0, cpu_bytes=0, disk_bytes=0, peers=False)).run(requests)
+    return out

