@@ -71,7 +71,8 @@ def bench_ipc(reps: int) -> list[dict]:
     try:
         handles = q.get(timeout=300)
         torch.cuda.set_device(dst_dev)
-        src = import_tensors(handles)  # mapped on the exporter's GPU, as a peer process would
+        # Opened on the GPU that copies (B's): the runtime maps A's memory there through peer access.
+        src = import_tensors(handles, device=torch.device(dst_dev).index)
         dst = [torch.zeros(2, pool_pages, PAGE, KV_HEADS, HEAD_DIM, device=dst_dev, dtype=torch.bfloat16)
                for _ in range(LAYERS)]
         g = torch.Generator().manual_seed(1)
@@ -110,7 +111,7 @@ def bench_ipc(reps: int) -> list[dict]:
         for _ in range(reps):  # alternate, so drift hits both
             t_ipc.append(timed(ipc))
             t_d2d.append(timed(d2d))
-        ok = all(torch.equal(s[:, src_pages].to(dst_dev), d[:, dst_pages]) for s, d in zip(src, dst))
+        ok = all(torch.equal(s[:, src_pages], d[:, dst_pages]) for s, d in zip(src, dst))
         gbps = nbytes / statistics.median(t_ipc) / 1e9
         base = nbytes / statistics.median(t_d2d) / 1e9
         del src

@@ -31,7 +31,8 @@ def test_cuda_ipc_copies_pages_bit_exact(gpu):
     p.start()
     try:
         handles, sums = q.get(timeout=120)
-        src = import_tensors(handles)
+        dev = torch.cuda.device_count() - 1  # with two GPUs: A's memory on GPU 0, copied on GPU 1
+        src = import_tensors(handles, device=dev)
         dst = [torch.zeros_like(t) for t in src]
         assert copy_pages(src, dst, list(range(8)), list(range(16, 24))) == "kernel"
         torch.cuda.synchronize()

@@ -303,7 +303,7 @@ def test_restart_serves_prefix_from_disk(model, baseline, engines, tmp_path):
     engines.append(first)
     res1 = first.finish()
     assert res1["p"]["tokens"] == baseline["p"]
-    assert res1["stats"]["cache"]["index"]["demotions"] >= 16
+    assert res1["stats"]["cache"]["disk"]["demotions_written"] >= 16
 
     second = Engine(tmp_path, "after_restart", model, [
         {"op": "generate", "name": "p", "prompt": P},
@@ -311,12 +311,18 @@ def test_restart_serves_prefix_from_disk(model, baseline, engines, tmp_path):
     ], cfg)
     engines.append(second)
     res2 = second.finish()
-    disk_hit = 16 * BLOCK
+    stats = res2["stats"]
     assert res2["p"]["tokens"] == baseline["p"]
-    assert res2["p"]["cached"] == disk_hit
-    assert res2["stats"]["hit_chunks_by_tier"]["disk"] == 16
-    assert res2["stats"]["loaded_tokens"] == disk_hit
-    assert res2["stats"]["load_failed_tokens"] == 0
+    assert stats["cache"]["disk"]["recovered_slots"] >= 16
+    # The restarted CPU tier starts empty: every chunk of the hit was read from the disk.
+    assert res2["p"]["cached"] >= 16 * BLOCK
+    assert stats["loaded_tokens"] == res2["p"]["cached"]
+    assert stats["hit_chunks_by_tier"]["disk"] >= res2["p"]["cached"] // BLOCK
+    assert stats["cache"]["disk"]["reads"] >= res2["p"]["cached"] // BLOCK
+    assert stats["load_failed_tokens"] == 0
+    print(f"restart: {res2['p']['cached']} of {len(P)} prompt tokens from disk "
+          f"({stats['cache']['disk']['recovered_slots']} chunks recovered), "
+          f"generate {res2['p']['seconds']:.3f} s vs {res1['p']['seconds']:.3f} s computed")
 
 
 def free_port() -> int:

@@ -72,8 +72,10 @@ def export_tensors(tensors) -> list[IpcHandle]:
 
 
 def import_tensors(handles: list[IpcHandle], device: int | None = None) -> list:
-    """Map another process's tensors (same host). ``device``: the local device to open them on
-    (default: the exporter's ordinal)."""
+    """Map another process's tensors (same host). ``device``: the local GPU that will read them,
+    i.e. run the copies (default: the exporter's ordinal). Open them there: the runtime then maps
+    the exporter's memory into that GPU's address space through peer access; a mapping opened on
+    another GPU is not readable by this one's kernels."""
     torch = _torch()
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 

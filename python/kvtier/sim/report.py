@@ -57,7 +57,10 @@ def print_results(results: dict[str, SimResult], title: str = "kvtier sim", cons
     """Print the hit-ratio / TTFT table and, with ``traffic``, the bytes-moved table."""
     from rich.console import Console
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # a pipe or a file: don't squeeze the table into 80 columns
+            console = Console(width=160)
     console.print(results_table(results, title))
     if traffic:
         console.print(traffic_table(results))
