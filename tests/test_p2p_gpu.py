@@ -34,7 +34,7 @@ def test_cuda_ipc_copies_pages_bit_exact(gpu):
         dev = torch.cuda.device_count() - 1  # with two GPUs: A's memory on GPU 0, copied on GPU 1
         src = import_tensors(handles, device=dev)
         dst = [torch.zeros_like(t) for t in src]
-        assert copy_pages(src, dst, list(range(8)), list(range(16, 24))) == "kernel"
+        assert copy_pages(src, dst, list(range(8)), list(range(16, 24))) == "dma"
         torch.cuda.synchronize()
         for s, d, ref in zip(src, dst, sums):
             assert torch.equal(s[:, 0:8], d[:, 16:24])
@@ -45,8 +45,9 @@ def test_cuda_ipc_copies_pages_bit_exact(gpu):
         p.join(60)
 
 
+@pytest.mark.parametrize("method", ["dma", "kernel"])
 @pytest.mark.parametrize("page_dim", [0, 1])
-def test_copy_pages_kernel_matches_torch_for_scattered_pages(gpu, page_dim):
+def test_copy_pages_matches_torch_for_scattered_pages(gpu, page_dim, method):
     """The segment kernel and the per-run torch path agree, for both page dims, scattered runs,
     and a non-contiguous source (which takes the torch path)."""
     import torch
@@ -60,7 +61,7 @@ def test_copy_pages_kernel_matches_torch_for_scattered_pages(gpu, page_dim):
     sp, dp = [1, 2, 3, 9, 10, 30, 31, 32, 33, 0], perm[:10]
     a = [torch.zeros(shape, device=dev, dtype=torch.bfloat16) for _ in range(3)]
     b = [torch.zeros(shape, device=dev, dtype=torch.bfloat16) for _ in range(3)]
-    assert copy_pages(src, a, sp, dp, page_dim=page_dim) == "kernel"
+    assert copy_pages(src, a, sp, dp, page_dim=page_dim, method=method) == method
     with torch.cuda.device(dev):
         for s, d in zip(src, b):
             for i, j in zip(sp, dp):

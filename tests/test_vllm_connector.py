@@ -357,7 +357,8 @@ def test_two_instances_share_prefix_through_peers(model, baseline, engines, tmp_
     ], connector_config(peers=peers_b, cluster_secret=SECRET))
     engines.append(b)
 
-    res_a = a.wait_step("p2")
+    a.wait_step("p2")
+    res_a = a.results()
     assert res_a["p"]["tokens"] == baseline["p"]
     b.wait_step("after_p")
     res_b = b.results()

@@ -122,7 +122,11 @@ void BindTransfer(py::module_& m) {
          const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& src,
          const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& dst,
          const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& nbytes,
-         uintptr_t stream) {
+         uintptr_t stream, const std::string& method) {
+        if (method != "dma" && method != "kernel") {
+          ThrowIfError(Status(StatusCode::kInvalidArgument,
+                              "copy_segments: method must be 'dma' or 'kernel', got '" + method + "'"));
+        }
         if (src.ndim() != 1 || dst.ndim() != 1 || nbytes.ndim() != 1 ||
             src.shape(0) != dst.shape(0) || src.shape(0) != nbytes.shape(0)) {
           ThrowIfError(Status(StatusCode::kInvalidArgument,
@@ -133,14 +137,17 @@ void BindTransfer(py::module_& m) {
         Status s;
         {
           py::gil_scoped_release release;
-          s = CopySegments(device, segs, stream);
+          s = CopySegments(device, segs, stream,
+                           method == "dma" ? SegmentCopyMethod::kDma : SegmentCopyMethod::kKernel);
         }
         ThrowIfError(s);
       },
       py::arg("device"), py::arg("src"), py::arg("dst"), py::arg("nbytes"), py::arg("stream"),
-      "Queues device-to-device copies of byte ranges (src[i] -> dst[i], nbytes[i] bytes) as one "
-      "kernel on GPU `device` and stream `stream` (an int); sources on another GPU are read "
-      "through peer access. The caller synchronizes the stream.");
+      py::arg("method") = "dma",
+      "Queues device-to-device copies of byte ranges (src[i] -> dst[i], nbytes[i] bytes) on GPU "
+      "`device`'s stream `stream` (an int): 'dma' through the copy engines (batched), 'kernel' as "
+      "one copy kernel; sources on another GPU go through peer access. The caller synchronizes "
+      "the stream.");
   py::class_<Transfer, std::shared_ptr<Transfer>>(m, "Transfer",
                                                   "One asynchronous gather or scatter. Keep the KV "
                                                   "tensors and blobs alive until wait() returns.")

@@ -13,7 +13,7 @@
 namespace kvtier {
 
 #if !KVTIER_HAVE_CUDA
-Status CopySegments(int, const std::vector<CopySegment>&, uintptr_t) {
+Status CopySegments(int, const std::vector<CopySegment>&, uintptr_t, SegmentCopyMethod) {
   return Status(StatusCode::kUnavailable, "CopySegments: this build of kvtier has no CUDA");
 }
 #else
@@ -42,9 +42,59 @@ Status EnsurePeerAccess(int device, uint64_t ptr) {
   return Status::OK();
 }
 
+// The copy engines: batches of cudaMemcpyBatchAsync, else one cudaMemcpyAsync a segment.
+Status CopyByDma(const std::vector<CopySegment>& segments, cudaStream_t stream) {
+  constexpr size_t kMaxPerBatch = 1024;
+  std::vector<void*> dsts;
+  std::vector<const void*> srcs;
+  std::vector<size_t> sizes;
+  for (const CopySegment& s : segments) {
+    if (s.bytes == 0) continue;
+    dsts.push_back(reinterpret_cast<void*>(s.dst));
+    srcs.push_back(reinterpret_cast<const void*>(s.src));
+    sizes.push_back(s.bytes);
+  }
+  size_t i = 0;
+#if CUDART_VERSION >= 12080
+  while (i < sizes.size() && sizes.size() > 1) {
+    const size_t count = std::min(kMaxPerBatch, sizes.size() - i);
+    cudaMemcpyAttributes attr{};
+    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    size_t attr_index = 0;
+#if CUDART_VERSION >= 13000
+    const cudaError_t err = cudaMemcpyBatchAsync(dsts.data() + i, srcs.data() + i,
+                                                 sizes.data() + i, count, &attr, &attr_index, 1,
+                                                 stream);
+#else
+    size_t fail_index = SIZE_MAX;
+    const cudaError_t err =
+        cudaMemcpyBatchAsync(dsts.data() + i, srcs.data() + i, sizes.data() + i, count, &attr,
+                             &attr_index, 1, &fail_index, stream);
+#endif
+    if (err == cudaSuccess) {
+      i += count;
+      continue;
+    }
+    if (err == cudaErrorNotSupported || err == cudaErrorInvalidValue ||
+        err == cudaErrorCallRequiresNewerDriver) {
+      cudaGetLastError();  // no batches here: single copies from this batch on
+      break;
+    }
+    return CudaStatus(err, "cudaMemcpyBatchAsync of " + std::to_string(count) + " copies");
+  }
+#endif
+  for (; i < sizes.size(); ++i) {
+    KVTIER_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyDefault, stream),
+        "cudaMemcpyAsync of " + std::to_string(sizes[i]) + " bytes");
+  }
+  return Status::OK();
+}
+
 }  // namespace
 
-Status CopySegments(int device, const std::vector<CopySegment>& segments, uintptr_t stream) {
+Status CopySegments(int device, const std::vector<CopySegment>& segments, uintptr_t stream,
+                    SegmentCopyMethod method) {
   std::vector<CopySegment> pieces;
   pieces.reserve(segments.size());
   for (size_t i = 0; i < segments.size(); ++i) {
@@ -74,6 +124,7 @@ Status CopySegments(int device, const std::vector<CopySegment>& segments, uintpt
     KVTIER_RETURN_IF_ERROR(EnsurePeerAccess(device, s.src));
   }
   const auto st = reinterpret_cast<cudaStream_t>(stream);
+  if (method == SegmentCopyMethod::kDma) return CopyByDma(segments, st);
   const size_t bytes = pieces.size() * sizeof(CopySegment);
   void* dev = nullptr;
   KVTIER_CUDA_RETURN_IF_ERROR(cudaMallocAsync(&dev, bytes, st), "cudaMallocAsync");

@@ -19,13 +19,20 @@ struct CopySegment {
   uint64_t bytes;  // length of the range
 };
 
+enum class SegmentCopyMethod {
+  kKernel,  // one launch of a copy kernel on `device` (SM loads and stores, peer reads)
+  kDma,     // the copy engines: cudaMemcpyBatchAsync of every segment (one cudaMemcpyAsync each
+            // where the runtime or driver lacks batches)
+};
+
 // Copies every segment on `stream` (a cudaStream_t as an integer, 0 = the legacy default stream)
-// of `device`, with a kernel running on `device`. Sources on another GPU are read through peer
+// of `device`, by `method`. Sources on another GPU are read through peer
 // access, enabled here when the devices allow it. Returns once the copy is queued: the caller
 // synchronizes the stream. Segments must not overlap one another.
 // REQUIRES: every address is device memory accessible from `device` (or a peer of it).
 // Unavailable in a build without CUDA or on a machine without a GPU; InvalidArgument for a
 // null address; FailedPrecondition when the source's GPU cannot be peer-accessed from `device`.
-Status CopySegments(int device, const std::vector<CopySegment>& segments, uintptr_t stream);
+Status CopySegments(int device, const std::vector<CopySegment>& segments, uintptr_t stream,
+                    SegmentCopyMethod method = SegmentCopyMethod::kDma);
 
 }  // namespace kvtier

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from kvtier.errors import InvalidArgumentError, UnavailableError
 
 
@@ -106,40 +108,42 @@ def _page_runs(src_pages, dst_pages) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _segments(s, d, page_dim: int, runs):
-    """Byte ranges (src address, dst address, bytes) covering ``runs`` of pages, or None when a
-    tensor's pages are not contiguous rows (the torch path handles those)."""
+def _segments(s, d, page_dim: int, runs: np.ndarray) -> np.ndarray | None:
+    """``[n, 3]`` uint64 rows (src address, dst address, bytes) covering ``runs`` (rows of first
+    source page, first destination page, length) of pages, or None when a tensor's pages are not
+    contiguous rows (the torch path handles those)."""
     if not (s.is_contiguous() and d.is_contiguous()):
         return None
-    elem = s.element_size()
-    page_bytes = s.stride(page_dim) * elem
-    outer = 1
-    for n in s.shape[:page_dim]:
-        outer *= n
+    page_bytes = s.stride(page_dim) * s.element_size()
+    outer = int(np.prod(s.shape[:page_dim], dtype=np.int64))
     # Contiguous: the flattened outer index o starts at o * (all pages of one outer row).
-    s_outer, d_outer = s.shape[page_dim] * page_bytes, d.shape[page_dim] * page_bytes
-    sb, db = s.data_ptr(), d.data_ptr()
-    out = []
-    for o in range(outer):
-        for s0, d0, n in runs:
-            out.append((sb + o * s_outer + s0 * page_bytes, db + o * d_outer + d0 * page_bytes, n * page_bytes))
-    return out
+    o = np.arange(outer, dtype=np.uint64)[:, None]
+    src = s.data_ptr() + o * np.uint64(s.shape[page_dim] * page_bytes) + runs[:, 0] * np.uint64(page_bytes)
+    dst = d.data_ptr() + o * np.uint64(d.shape[page_dim] * page_bytes) + runs[:, 1] * np.uint64(page_bytes)
+    size = np.broadcast_to(runs[:, 2] * np.uint64(page_bytes), src.shape)
+    return np.stack([src.ravel(), dst.ravel(), size.ravel()], axis=1)
 
 
-def copy_pages(src_tensors, dst_tensors, src_pages, dst_pages, *, page_dim: int = 1, stream=None) -> str:
+def copy_pages(src_tensors, dst_tensors, src_pages, dst_pages, *, page_dim: int = 1, stream=None,
+               method: str = "dma") -> str:
     """Copy pages ``src_pages`` of ``src_tensors`` into ``dst_pages`` of ``dst_tensors``, tensor by
     tensor, along ``page_dim`` (1 for vLLM's ``[2, num_pages, ...]``, 0 for a cross-layer pool).
     Runs on ``stream`` (default: the current stream of the destination device); the caller waits
-    on it. Returns the path taken:
+    on it. Every contiguous run of pages of every tensor is one byte range (a chunk of a
+    32-layer model is hundreds of them: one torch ``copy_`` each costs more in launches than in
+    bytes), and ``method`` picks how the core copies them all at once:
 
-    - ``"kernel"``: every contiguous run of pages of every tensor is one byte range, and all of
-      them go in one launch of the core's segment copy kernel on the destination GPU, reading the
-      source through peer access (a chunk of a 32-layer model is hundreds of runs: one
-      cudaMemcpy each would cost more in launches than in bytes);
-    - ``"torch"``: one ``copy_`` per run per tensor, where the core has no CUDA or a tensor is not
-      contiguous.
+    - ``"dma"`` (default): the copy engines, through cudaMemcpyBatchAsync (peer to peer over
+      NVLink or PCIe);
+    - ``"kernel"``: one launch of the core's segment copy kernel on the destination GPU, reading
+      the source through peer access (SMs do the copy; it competes with the model's kernels).
+
+    Returns the path taken: ``method``, or ``"torch"`` (one ``copy_`` per run per tensor) where
+    the core has no CUDA or a tensor is not contiguous.
     """
     torch = _torch()
+    if method not in ("dma", "kernel"):
+        raise InvalidArgumentError(f"method must be 'dma' or 'kernel', got {method!r}")
     if len(src_tensors) != len(dst_tensors):
         raise InvalidArgumentError(f"{len(src_tensors)} source tensors, {len(dst_tensors)} destination tensors")
     if len(src_pages) != len(dst_pages):
@@ -151,25 +155,18 @@ def copy_pages(src_tensors, dst_tensors, src_pages, dst_pages, *, page_dim: int 
             if len(pages) and not 0 <= min(pages) <= max(pages) < t.shape[page_dim]:
                 raise InvalidArgumentError(f"{what} pages outside [0, {t.shape[page_dim]})")
     runs = _page_runs(list(src_pages), list(dst_pages))
+    run_arr = np.asarray(runs, dtype=np.uint64).reshape(-1, 3)
     stream = stream or torch.cuda.current_stream(dst_tensors[0].device)
-    segs = []
-    for s, d in zip(src_tensors, dst_tensors):
-        part = _segments(s, d, page_dim, runs)
-        if part is None:
-            segs = None
-            break
-        segs += part
+    parts = [_segments(s, d, page_dim, run_arr) for s, d in zip(src_tensors, dst_tensors)]
     from kvtier import _core
 
-    if segs is not None and _core.CUDA_COMPILED:
-        import numpy as np
-
-        arr = np.asarray(segs, dtype=np.uint64).reshape(-1, 3)
+    if all(p is not None for p in parts) and _core.CUDA_COMPILED:
+        arr = np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.uint64)
         # The sources may still be written on the exporter's side: it synchronizes before it
         # publishes page ids. Here the copy only follows the destination stream's earlier work.
         _core.copy_segments(dst_tensors[0].device.index, arr[:, 0].copy(), arr[:, 1].copy(), arr[:, 2].copy(),
-                            int(stream.cuda_stream))
-        return "kernel"
+                            int(stream.cuda_stream), method)
+        return method
     with torch.cuda.stream(stream):
         for s, d in zip(src_tensors, dst_tensors):
             for s0, d0, n in runs:

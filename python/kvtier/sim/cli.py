@@ -101,8 +101,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             runs = tier_ablation(reqs, c)
         for name, r in runs.items():
-            results[f"{pol}: {name}" if len(policies) > 1 or name == "all tiers" else name] = r
-    print_results(results, title=f"kvtier sim ({args.replay} replay)")
+            results[f"{pol}: {name}" if len(policies) > 1 else name] = r
+    title = f"kvtier sim ({args.replay} replay" + (f", CPU tier {policies[0]})" if len(policies) == 1 else ")")
+    print_results(results, title=title)
     wall = sum(r.wall_s for r in results.values())
     print(f"simulated {len(results)} run(s) of {len(reqs)} requests in {wall:.2f} s")
     out = {"trace": args.trace, "summary": s, "calibration": hw.sources,
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep:
         sizes = [int(float(x) * _GIB) for x in args.sweep_gib.split(",") if x.strip()]
         sweep = capacity_sweep(reqs, cfg, args.sweep, sizes, policies=("lru", "s3fifo", "lfu"))
-        out["sweep"] = {"tier": args.sweep, "runs": {pol: [(sz, r.to_dict()) for sz, r in rows]
+        out["sweep"] = {"tier": args.sweep, "runs": {pol: [(sz, _brief(r)) for sz, r in rows]
                                                        for pol, rows in sweep.items()}}
         print_results({f"{pol} {args.sweep}={sz / _GIB:g} GiB": r for pol, rows in sweep.items() for sz, r in rows},
                       title=f"{args.sweep.upper()} capacity sweep", traffic=False)
@@ -126,6 +127,12 @@ def run(args: argparse.Namespace) -> int:
             json.dump(out, f, indent=1, default=str)
         print(f"wrote {args.json}")
     return 0
+
+
+def _brief(r) -> dict:
+    d = r.to_dict()
+    d.pop("tiers")  # per-instance counters: in the main runs only
+    return d
 
 
 def _latest_e2e(bench_dir: str) -> str | None:

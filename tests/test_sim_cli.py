@@ -1,0 +1,72 @@
+"""`kvtier sim`: runs on a trace, prints the tables, writes JSON (and a plot where matplotlib is),
+and reports a bad trace line with its number and field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvtier.cli import main
+from kvtier.sim.trace import synthetic_trace
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "results"
+
+
+@pytest.fixture(scope="module")
+def trace_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("trace") / "mc.jsonl"
+    reqs = synthetic_trace(400, seed=2, prefixes=30, prefix_chunks=(2, 12), suffix_chunks=(1, 4))
+    ids: dict[int, int] = {}
+    with open(p, "w") as f:  # back to the Mooncake format: one hash id a 512-token block
+        for r in reqs:
+            f.write(json.dumps({"timestamp": int(r.arrival_s * 1000), "input_length": r.input_length,
+                                "output_length": r.output_length,
+                                "hash_ids": [ids.setdefault(c, len(ids)) for c in r.chunks] + [10**9]}) + "\n")
+    return p
+
+
+def test_sim_prints_tables_and_writes_json(trace_file, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = main(["sim", "--trace", str(trace_file), "--gpu-gib", "2", "--cpu-gib", "4", "--disk-gib", "64",
+               "--admit-min-seen", "1", "--instances", "2", "--routing", "cache_aware", "--calibrate", str(BENCH),
+               "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "400 requests" in text and "all tiers" in text and "no cache" in text and "SSD writes" in text
+    assert "weights_rate <- bench_e2e" in text
+    doc = json.loads(out.read_text())
+    runs = doc["runs"]
+    assert set(runs) == {"all tiers", "no disk", "GPU only", "no cache"}
+    assert runs["all tiers"]["hit_ratio"]["total"] >= runs["GPU only"]["hit_ratio"]["total"] > 0
+    assert runs["all tiers"]["config"]["instances"] == 2
+
+
+def test_sim_every_policy(trace_file, capsys):
+    assert main(["sim", "--trace", str(trace_file), "--gpu-gib", "1", "--cpu-gib", "2", "--cpu-eviction", "all",
+                 "--no-ablation", "--replay", "fast"]) == 0
+    text = capsys.readouterr().out
+    assert "lru: all tiers" in text and "s3fifo: all tiers" in text and "lfu: all tiers" in text
+
+
+def test_sim_sweep_plot(trace_file, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "s.png"
+    assert main(["sim", "--trace", str(trace_file), "--gpu-gib", "1", "--cpu-gib", "2", "--no-ablation",
+                 "--sweep", "cpu", "--sweep-gib", "1,4", "--plot", str(png)]) == 0
+    assert png.stat().st_size > 1000
+
+
+def test_sim_bad_trace_line(tmp_path, capsys):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"timestamp": 0, "input_length": 600, "hash_ids": [1, 2]}\n'
+                 '{"timestamp": 1, "input_length": 600, "hash_ids": [1, "two"]}\n')
+    assert main(["sim", "--trace", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert f"{p}:2:" in err and "'hash_ids'" in err
+
+
+def test_sim_bad_capacity(trace_file, capsys):
+    assert main(["sim", "--trace", str(trace_file), "--cpu-gib", "0", "--disk-gib", "10"]) == 2
+    assert "needs a CPU tier" in capsys.readouterr().err

@@ -1,0 +1,79 @@
+"""Predicted vs measured TTFT of bench_e2e (Llama-3-8B-shaped, H100): the cost model calibrated from
+kvtier's bench JSON files (bandwidths, matmul rate, and the recompute TTFT at 4096 tokens only),
+bench_e2e's steps replayed through the simulated tiers. Every other case is a prediction and must
+land within 15% of the measurement, except the cases listed in KNOWN_MISSES, documented in
+docs/sim.md with their reasons (they are reported, not fitted away).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvtier.sim.cost import Calibration, MODEL_PRESETS
+from kvtier.sim.validate import compare_e2e, e2e_predictions, format_table
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "results"
+
+# (case, tokens): why the prediction misses by more than 15%.
+KNOWN_MISSES = {
+    ("disk_hit", 4096): "-15.0%: 23 more write-backs share the disk with the reads; only the 11 it waits for are priced",
+    ("disk_hit_planned", 4096): "the disk evicted the prompt's head (reproduced: 0 chunks loaded); the bench "
+                                "also waited for all 34 write-backs (1.29 s), the model for 11",
+    ("disk_hit_planned", 16384): "measured 18% faster than the identical unplanned disk hit (3.08 s): run-to-run spread",
+    ("half_prefix_gpu_hit", 4096): "-16%: half the prompt measured at 60% of a full recompute",
+    ("half_prefix_gpu_hit", 16384): "+23%: half the prompt measured at 42% of a full recompute (< 50%)",
+}
+
+
+@pytest.fixture(scope="module")
+def comparison():
+    if not list(BENCH.glob("bench_e2e-llama3_8b_ttft-h100-*.json")):
+        pytest.skip(f"no bench_e2e H100 results in {BENCH}")
+    return compare_e2e(str(BENCH), calibrate_tokens=4096)
+
+
+def test_ttft_predictions_within_15_percent(comparison):
+    rows, hw = comparison
+    print("\n" + format_table(rows))
+    assert len(rows) == 18
+    calib = [r for r in rows if r.role == "calibration"]
+    assert [(r.case, r.tokens) for r in calib] == [("recompute", 4096)]
+    assert abs(calib[0].error) < 1e-9  # fitted to itself, by construction: and only that one
+    misses = {(r.case, r.tokens): f"{r.error:+.1%}" for r in rows
+              if r.role == "prediction" and abs(r.error) > 0.15 and (r.case, r.tokens) not in KNOWN_MISSES}
+    assert not misses, misses
+    within = sum(1 for r in rows if r.role == "prediction" and abs(r.error) <= 0.15)
+    assert within >= 12
+
+
+def test_calibration_names_its_sources(comparison):
+    _, hw = comparison
+    assert set(hw.sources) >= {"h2d_bw", "d2h_bw", "attention_rate", "disk_read_bw", "disk_write_bw",
+                               "weights_rate"}
+    assert hw.sources["weights_rate"].endswith("ttft_recompute_4096")
+    assert 40e9 < hw.h2d_bw < 60e9 and 0.5e9 < hw.disk_read_bw < 3e9
+
+
+def test_the_bench_steps_leave_the_tiers_as_the_bench_found_them(comparison):
+    rows, _ = comparison
+    found = {(r.case, r.tokens): r.detail for r in rows}
+    for n in (4096, 16384, 32768):
+        full = (n - 1) // 256
+        assert found[("gpu_hit", n)]["gpu_chunks"] == full
+        assert found[("cpu_hit", n)]["lower_chunks"] == full and found[("cpu_hit", n)]["disk_chunks"] == 0
+        assert found[("disk_hit", n)]["disk_chunks"] == full  # bench notes: 3840 / 16128 / 32512 tokens
+        assert found[("half_prefix_gpu_hit", n)]["gpu_chunks"] == n // 2 // 256
+    # bench notes for the planner: 4k "0 loaded, 0 recomputed", 16k all loaded, 32k all recomputed
+    assert found[("disk_hit_planned", 4096)]["lower_chunks"] == 0
+    assert found[("disk_hit_planned", 4096)]["planned_recompute_chunks"] == 0
+    assert found[("disk_hit_planned", 16384)]["lower_chunks"] == 63
+    assert found[("disk_hit_planned", 32768)]["planned_recompute_chunks"] == 127
+
+
+def test_prediction_needs_no_measurement_of_the_case():
+    hw = Calibration(str(BENCH)).hardware()  # no bench_e2e at all: default GEMM rate
+    pred = e2e_predictions(8192, hw, MODEL_PRESETS["llama3_8b"])
+    assert pred["gpu_hit"]["ttft_s"] < pred["cpu_hit"]["ttft_s"] < pred["recompute"]["ttft_s"]
+    assert pred["disk_hit"]["writebacks_waited"] > 0

@@ -1,0 +1,123 @@
+"""kvtier.sim's deployment model: routing, peers, prefetch, the tier ablation, policy objects in the
+Simulator, timing, and clear errors for bad configurations."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from kvtier.policies import PrefetchAll, SeenAtLeast
+from kvtier.sim import SimConfig, Simulator, synthetic_trace, tier_ablation
+from kvtier.sim.cost import HardwareCost, ModelShape
+
+TINY = ModelShape("tiny", 1e6, 1, 64, 1, 2, 2)  # 8 bytes a token: one 4 KiB block a 512-token chunk
+HW = HardwareCost(weights_rate=2e10, attention_rate=1e13, h2d_bw=40e6, d2h_bw=40e6, disk_read_bw=4e6,
+                  disk_write_bw=8e6, link_bw=10e6)  # scaled so that the tiny chunks cost like real ones
+
+
+@pytest.fixture(scope="module")
+def reqs():
+    return synthetic_trace(1500, seed=5, prefixes=80, prefix_chunks=(2, 20), suffix_chunks=(1, 6),
+                           chunk_tokens=512, rate_per_s=50.0)
+
+
+def cfg(**kw) -> SimConfig:
+    base = dict(model=TINY, chunk_tokens=512, page_tokens=512, gpu_bytes=100 * 4096, cpu_bytes=300 * 4096,
+                disk_bytes=0, hardware=HW)
+    base.update(kw)
+    return SimConfig(**base)
+
+
+def test_cache_aware_routing_finds_more_hits_than_round_robin(reqs):
+    rr = Simulator(cfg(instances=4, routing="round_robin")).run(reqs)
+    ca = Simulator(cfg(instances=4, routing="cache_aware")).run(reqs)
+    ll = Simulator(cfg(instances=4, routing="least_loaded")).run(reqs)
+    assert ca.hit_ratio() > rr.hit_ratio() + 0.05
+    assert ll.requests == rr.requests == ca.requests == len(reqs)
+
+
+def test_peers_recover_prefixes_held_by_other_instances(reqs):
+    alone = Simulator(cfg(instances=4)).run(reqs)
+    shared = Simulator(cfg(instances=4, peers=True)).run(reqs)
+    assert alone.peer_hits == 0 and shared.peer_hits > 0
+    assert shared.hit_ratio() > alone.hit_ratio()
+    assert shared.bytes["peer_to_cpu"] == shared.peer_hits * 4096
+
+
+def test_tier_ablation_orders_hits_and_ttft(reqs):
+    out = tier_ablation(reqs, cfg(disk_bytes=3000 * 8192, disk_admit_min_seen=1))
+    assert list(out) == ["all tiers", "no disk", "GPU only", "no cache"]
+    hits = [r.hit_ratio() for r in out.values()]
+    assert hits[0] > hits[1] > hits[2] > hits[3] == 0
+    assert out["all tiers"].disk_hits > 0 and out["all tiers"].ssd_write_bytes > 0
+    assert out["all tiers"].bytes["cpu_to_disk"] > 0
+    p50 = [r.ttft_percentiles()["p50"] for r in out.values()]
+    assert p50[-1] > p50[0]  # caching beats recomputing
+
+
+def test_prefetch_policy_reads_disk_chunks_at_lookup(reqs):
+    base = cfg(disk_bytes=3000 * 8192, disk_admit_min_seen=1, cpu_bytes=120 * 4096)
+    plain = Simulator(base).run(reqs)
+    pre = Simulator(replace(base, prefetch_policy=PrefetchAll())).run(reqs)
+    assert sum(t["chunks_prefetched"] for t in pre.tiers.values()) > 0
+    assert plain.hit_ratio("disk") > 0 and pre.hit_ratio("disk") > 0
+
+
+def test_admission_policy_object_gates_ssd_writes(reqs):
+    class AdmitNothing:
+        def admit(self, keys, seen):
+            return [False] * len(keys)
+
+    base = cfg(disk_bytes=3000 * 8192, cpu_bytes=120 * 4096)
+    none = Simulator(replace(base, admission_policy=AdmitNothing())).run(reqs)
+    some = Simulator(replace(base, admission_policy=SeenAtLeast(2))).run(reqs)
+    assert none.ssd_write_bytes == 0 and none.disk_hits == 0
+    assert some.ssd_write_bytes > 0 and some.disk_hits > 0
+
+
+def test_planner_object_decides_load_or_recompute(reqs):
+    class RecomputeAll:
+        def plan(self, pool, gpu_hit_chunks, tiers):
+            assert pool.chunk_tokens == 512 and pool.layout.chunk_bytes == 4096
+            return 0
+
+    r = Simulator(cfg(planner=RecomputeAll())).run(reqs)
+    assert r.cpu_hits == 0 and r.planned_recompute > 0
+
+
+def test_queueing_grows_ttft_under_load(reqs):
+    fast = Simulator(cfg(replay="fast")).run(reqs)
+    timed = Simulator(cfg()).run(reqs)
+    busy = Simulator(cfg(hardware=replace(HW, weights_rate=HW.weights_rate / 20))).run(reqs)
+    assert fast.gpu_hits == timed.gpu_hits  # arrivals change time, not cache contents
+    assert busy.ttft_percentiles()["p99"] > 5 * timed.ttft_percentiles()["p99"]
+    assert sorted(fast.ttft) == sorted(fast.ttft)  # deterministic
+    assert timed.ttft_percentiles()["p50"] <= timed.ttft_percentiles()["p90"] <= timed.ttft_percentiles()["p99"]
+
+
+def test_requests_larger_than_the_pool_are_counted_not_crashed(reqs):
+    r = Simulator(cfg(gpu_bytes=10 * 4096)).run(reqs)
+    assert 0 < r.rejected < len(reqs)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(chunk_tokens=500, page_tokens=16), "multiple of page_tokens"),
+    (dict(routing="random"), "routing"),
+    (dict(replay="slow"), "replay"),
+    (dict(cpu_eviction="arc"), "cpu_eviction"),
+    (dict(cpu_bytes=0, disk_bytes=1 << 30), "needs a CPU tier"),
+    (dict(cpu_bytes=100), "smaller than one chunk"),
+    (dict(gpu_bytes=-1), "gpu_bytes"),
+    (dict(instances=0), "instances"),
+])
+def test_bad_config_names_the_argument(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        cfg(**kw)
+
+
+def test_result_serializes(reqs):
+    d = Simulator(cfg(disk_bytes=1000 * 8192)).run(reqs[:200]).to_dict()
+    assert set(d["hit_ratio"]) == {"gpu", "cpu", "disk", "peer", "total"}
+    assert set(d["ttft_s"]) == {"p50", "p90", "p99", "mean"}
+    assert d["config"]["cpu_chunks"] == 300 and d["config"]["disk_chunks"] == 999
