@@ -112,17 +112,9 @@ Status CopySegments(int device, const std::vector<CopySegment>& segments, uintpt
   if (pieces.empty()) return Status::OK();
   DeviceGuard guard;
   KVTIER_RETURN_IF_ERROR(guard.Enter(device));
-  int last_src_device = -1;
-  for (const CopySegment& s : segments) {  // usually one source GPU: asked once per distinct one
-    cudaPointerAttributes attr{};
-    if (cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(s.src)) != cudaSuccess) {
-      cudaGetLastError();
-      continue;  // not a CUDA allocation the runtime knows: the kernel's access decides
-    }
-    if (attr.device == last_src_device) continue;
-    last_src_device = attr.device;
-    KVTIER_RETURN_IF_ERROR(EnsurePeerAccess(device, s.src));
-  }
+  // Peer access for the sources' GPU, asked of the first source only: one runtime query per
+  // segment would cost more than the copy itself for a chunk's hundreds of page runs.
+  KVTIER_RETURN_IF_ERROR(EnsurePeerAccess(device, pieces.front().src));
   const auto st = reinterpret_cast<cudaStream_t>(stream);
   if (method == SegmentCopyMethod::kDma) return CopyByDma(segments, st);
   const size_t bytes = pieces.size() * sizeof(CopySegment);
