@@ -112,9 +112,11 @@ Status CopySegments(int device, const std::vector<CopySegment>& segments, uintpt
   if (pieces.empty()) return Status::OK();
   DeviceGuard guard;
   KVTIER_RETURN_IF_ERROR(guard.Enter(device));
-  // Peer access for the sources' GPU, asked of the first source only: one runtime query per
-  // segment would cost more than the copy itself for a chunk's hundreds of page runs.
+  // Peer access to the sources' and destinations' GPU, asked of the first segment only: one
+  // runtime query per segment would cost more than the copy itself for a chunk's hundreds of
+  // page runs. A kernel on the sources' GPU pushes into a peer; one on the destinations' pulls.
   KVTIER_RETURN_IF_ERROR(EnsurePeerAccess(device, pieces.front().src));
+  KVTIER_RETURN_IF_ERROR(EnsurePeerAccess(device, pieces.front().dst));
   const auto st = reinterpret_cast<cudaStream_t>(stream);
   if (method == SegmentCopyMethod::kDma) return CopyByDma(segments, st);
   const size_t bytes = pieces.size() * sizeof(CopySegment);

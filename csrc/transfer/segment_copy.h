@@ -29,8 +29,8 @@ enum class SegmentCopyMethod {
 // of `device`, by `method`. Sources on another GPU are read through peer
 // access, enabled here when the devices allow it. Returns once the copy is queued: the caller
 // synchronizes the stream. Segments must not overlap one another.
-// REQUIRES: every address is device memory of `device`, or every source is on one other GPU
-// (peer access to it is enabled from the first source's attributes).
+// REQUIRES: all sources are on one GPU and all destinations on one GPU, `device` being one of
+// them or a peer of both (peer access is enabled from the first segment's attributes).
 // Unavailable in a build without CUDA or on a machine without a GPU; InvalidArgument for a
 // null address; FailedPrecondition when the source's GPU cannot be peer-accessed from `device`.
 Status CopySegments(int device, const std::vector<CopySegment>& segments, uintptr_t stream,
