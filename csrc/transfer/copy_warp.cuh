@@ -1,4 +1,4 @@
-// The warp-wide byte copy every kvtier copy kernel uses (page gather/scatter, segment copies).
+// The warp-wide byte copy of the page gather/scatter kernels (gather_kernels.cu).
 #pragma once
 
 #include <cuda_runtime_api.h>

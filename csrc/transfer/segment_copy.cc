@@ -1,7 +1,11 @@
 #include "transfer/segment_copy.h"
 
 #include <algorithm>
+#include <memory>
+#include <mutex>
+#include <set>
 #include <string>
+#include <utility>
 
 #if KVTIER_HAVE_CUDA
 #include <cuda_runtime_api.h>
@@ -19,12 +23,17 @@ Status CopySegments(int, const std::vector<CopySegment>&, uintptr_t, SegmentCopy
 #else
 namespace {
 
-// Peer access from `device` to the GPU holding `ptr`, enabled once per pair by the runtime.
+// Peer access from `device` to the GPU holding `ptr`, enabled once per pair (remembered: the
+// runtime call is not free and answers "already enabled" every later time).
 Status EnsurePeerAccess(int device, uint64_t ptr) {
   cudaPointerAttributes attr{};
   KVTIER_CUDA_RETURN_IF_ERROR(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr)),
                               "cudaPointerGetAttributes");
   if (attr.type != cudaMemoryTypeDevice || attr.device == device) return Status::OK();
+  static std::mutex mu;
+  static std::set<std::pair<int, int>> enabled;
+  std::lock_guard<std::mutex> lock(mu);
+  if (enabled.count({device, attr.device})) return Status::OK();
   int can = 0;
   KVTIER_CUDA_RETURN_IF_ERROR(cudaDeviceCanAccessPeer(&can, device, attr.device),
                               "cudaDeviceCanAccessPeer");
@@ -39,6 +48,7 @@ Status EnsurePeerAccess(int device, uint64_t ptr) {
   } else if (err != cudaSuccess) {
     return CudaStatus(err, "cudaDeviceEnablePeerAccess");
   }
+  enabled.insert({device, attr.device});
   return Status::OK();
 }
 
@@ -119,20 +129,14 @@ Status CopySegments(int device, const std::vector<CopySegment>& segments, uintpt
   KVTIER_RETURN_IF_ERROR(EnsurePeerAccess(device, pieces.front().dst));
   const auto st = reinterpret_cast<cudaStream_t>(stream);
   if (method == SegmentCopyMethod::kDma) return CopyByDma(segments, st);
-  const size_t bytes = pieces.size() * sizeof(CopySegment);
-  void* dev = nullptr;
-  KVTIER_CUDA_RETURN_IF_ERROR(cudaMallocAsync(&dev, bytes, st), "cudaMallocAsync");
-  // From pageable memory: the runtime stages it before returning, so `pieces` may go away.
-  cudaError_t err = cudaMemcpyAsync(dev, pieces.data(), bytes, cudaMemcpyHostToDevice, st);
-  if (err == cudaSuccess) {
-    int sms = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    err = LaunchSegmentCopy(static_cast<const CopySegment*>(dev), pieces.size(),
-                            std::max(1, sms) * 4, st);
+  // The kernel: pieces travel in the launch's parameter, kSegmentPiecesPerLaunch a launch.
+  auto batch = std::make_unique<SegmentBatch>();
+  for (size_t i = 0; i < pieces.size(); i += kSegmentPiecesPerLaunch) {
+    const size_t n = std::min<size_t>(kSegmentPiecesPerLaunch, pieces.size() - i);
+    batch->count = static_cast<uint32_t>(n);
+    std::copy(pieces.begin() + i, pieces.begin() + i + n, batch->pieces);
+    KVTIER_CUDA_RETURN_IF_ERROR(LaunchSegmentCopy(*batch, st), "CopySegments kernel launch");
   }
-  const cudaError_t free_err = cudaFreeAsync(dev, st);
-  if (err != cudaSuccess) return CudaStatus(err, "CopySegments");
-  if (free_err != cudaSuccess) return CudaStatus(free_err, "cudaFreeAsync");
   return Status::OK();
 }
 #endif

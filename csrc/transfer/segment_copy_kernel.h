@@ -1,5 +1,5 @@
 // Launcher of the segment copy kernel (see segment_copy.h). Only included where KVTIER_HAVE_CUDA
-// is 1; knows no framework: device pointers and a cudaStream_t in, the launch's error out.
+// is 1; knows no framework: a host-side batch and a cudaStream_t in, the launch's error out.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -10,13 +10,20 @@
 
 namespace kvtier {
 
-// Pieces are at most this long: a warp copies one piece, so large segments spread over the GPU.
-constexpr uint64_t kSegmentPieceBytes = 64 << 10;
-constexpr int kSegmentCopyThreads = 256;
+// A piece is at most this long; a block copies one piece.
+constexpr uint64_t kSegmentPieceBytes = 256 << 10;
+constexpr int kSegmentCopyThreads = 512;
+// Pieces per launch: the batch travels as the kernel's parameter (up to 32 KiB of parameters on
+// CUDA 12.1+ with sm_70+), so a launch needs no device allocation and no host-to-device copy.
+constexpr uint32_t kSegmentPiecesPerLaunch = 1280;
 
-// Copies `num_pieces` pieces (CopySegment entries of at most kSegmentPieceBytes each, in device
-// memory) with at most `max_blocks` blocks.
-cudaError_t LaunchSegmentCopy(const CopySegment* pieces, uint64_t num_pieces, int max_blocks,
-                              cudaStream_t stream);
+struct SegmentBatch {
+  uint32_t count;
+  uint32_t reserved;
+  CopySegment pieces[kSegmentPiecesPerLaunch];
+};
+
+// Copies the batch's pieces (one block each) on `stream`.
+cudaError_t LaunchSegmentCopy(const SegmentBatch& batch, cudaStream_t stream);
 
 }  // namespace kvtier

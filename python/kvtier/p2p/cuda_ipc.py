@@ -95,33 +95,39 @@ def import_tensors(handles: list[IpcHandle], device: int | None = None) -> list:
     return out
 
 
-def _page_runs(src_pages, dst_pages) -> list[tuple[int, int, int]]:
+def _page_runs(src_pages: np.ndarray, dst_pages: np.ndarray) -> list[tuple[int, int, int]]:
     """(first source page, first destination page, length) of each run contiguous on both sides."""
-    runs = []
-    i = 0
-    while i < len(src_pages):
-        j = i + 1
-        while j < len(src_pages) and src_pages[j] == src_pages[j - 1] + 1 and dst_pages[j] == dst_pages[j - 1] + 1:
-            j += 1
-        runs.append((int(src_pages[i]), int(dst_pages[i]), j - i))
-        i = j
-    return runs
+    if len(src_pages) == 0:
+        return []
+    breaks = np.flatnonzero((np.diff(src_pages) != 1) | (np.diff(dst_pages) != 1)) + 1
+    starts = np.concatenate(([0], breaks))
+    lengths = np.diff(np.concatenate((starts, [len(src_pages)])))
+    return list(zip(src_pages[starts].tolist(), dst_pages[starts].tolist(), lengths.tolist()))
 
 
-def _segments(s, d, page_dim: int, runs: np.ndarray) -> np.ndarray | None:
+def _segments(src_tensors, dst_tensors, page_dim: int, runs: np.ndarray) -> np.ndarray | None:
     """``[n, 3]`` uint64 rows (src address, dst address, bytes) covering ``runs`` (rows of first
-    source page, first destination page, length) of pages, or None when a tensor's pages are not
-    contiguous rows (the torch path handles those)."""
-    if not (s.is_contiguous() and d.is_contiguous()):
+    source page, first destination page, length) of pages in every tensor pair, or None when a
+    tensor's pages are not contiguous rows (the torch path handles those). One numpy expression
+    for all tensors when they share a shape (a layout's do), so a call costs microseconds."""
+    if not all(t.is_contiguous() for t in (*src_tensors, *dst_tensors)):
         return None
-    page_bytes = s.stride(page_dim) * s.element_size()
-    outer = int(np.prod(s.shape[:page_dim], dtype=np.int64))
-    # Contiguous: the flattened outer index o starts at o * (all pages of one outer row).
-    o = np.arange(outer, dtype=np.uint64)[:, None]
-    src = s.data_ptr() + o * np.uint64(s.shape[page_dim] * page_bytes) + runs[:, 0] * np.uint64(page_bytes)
-    dst = d.data_ptr() + o * np.uint64(d.shape[page_dim] * page_bytes) + runs[:, 1] * np.uint64(page_bytes)
-    size = np.broadcast_to(runs[:, 2] * np.uint64(page_bytes), src.shape)
-    return np.stack([src.ravel(), dst.ravel(), size.ravel()], axis=1)
+    rows = []
+    groups: dict[tuple, list[int]] = {}
+    for i, (s, d) in enumerate(zip(src_tensors, dst_tensors)):
+        groups.setdefault((tuple(s.shape), tuple(d.shape), s.element_size()), []).append(i)
+    for (s_shape, d_shape, elem), idx in groups.items():
+        page_bytes = int(np.prod(s_shape[page_dim + 1 :], dtype=np.int64)) * elem
+        outer = int(np.prod(s_shape[:page_dim], dtype=np.int64))
+        # Contiguous: the flattened outer index o starts at o * (all pages of one outer row).
+        o = np.arange(outer, dtype=np.uint64)[None, :, None]
+        sp = np.asarray([src_tensors[i].data_ptr() for i in idx], dtype=np.uint64)[:, None, None]
+        dp = np.asarray([dst_tensors[i].data_ptr() for i in idx], dtype=np.uint64)[:, None, None]
+        src = sp + o * np.uint64(s_shape[page_dim] * page_bytes) + runs[None, None, :, 0] * np.uint64(page_bytes)
+        dst = dp + o * np.uint64(d_shape[page_dim] * page_bytes) + runs[None, None, :, 1] * np.uint64(page_bytes)
+        size = np.broadcast_to(runs[None, None, :, 2] * np.uint64(page_bytes), src.shape)
+        rows.append(np.stack([src.ravel(), dst.ravel(), size.ravel()], axis=1))
+    return np.concatenate(rows) if rows else np.zeros((0, 3), dtype=np.uint64)
 
 
 def copy_pages(src_tensors, dst_tensors, src_pages, dst_pages, *, page_dim: int = 1, stream=None,
@@ -151,17 +157,20 @@ def copy_pages(src_tensors, dst_tensors, src_pages, dst_pages, *, page_dim: int 
     for s, d in zip(src_tensors, dst_tensors):
         if s.dtype != d.dtype or s.shape[:page_dim] != d.shape[:page_dim] or s.shape[page_dim + 1 :] != d.shape[page_dim + 1 :]:
             raise InvalidArgumentError(f"page shapes differ: {tuple(s.shape)} {s.dtype} vs {tuple(d.shape)} {d.dtype}")
-        for what, t, pages in (("source", s, src_pages), ("destination", d, dst_pages)):
-            if len(pages) and not 0 <= min(pages) <= max(pages) < t.shape[page_dim]:
-                raise InvalidArgumentError(f"{what} pages outside [0, {t.shape[page_dim]})")
-    runs = _page_runs(list(src_pages), list(dst_pages))
+    src_pages = np.asarray(src_pages, dtype=np.int64).ravel()
+    dst_pages = np.asarray(dst_pages, dtype=np.int64).ravel()
+    if len(src_pages):
+        for what, pages, tensors in (("source", src_pages, src_tensors), ("destination", dst_pages, dst_tensors)):
+            limit = min(t.shape[page_dim] for t in tensors)
+            if pages.min() < 0 or pages.max() >= limit:
+                raise InvalidArgumentError(f"{what} pages outside [0, {limit})")
+    runs = _page_runs(src_pages, dst_pages)
     run_arr = np.asarray(runs, dtype=np.uint64).reshape(-1, 3)
     stream = stream or torch.cuda.current_stream(dst_tensors[0].device)
-    parts = [_segments(s, d, page_dim, run_arr) for s, d in zip(src_tensors, dst_tensors)]
+    arr = _segments(src_tensors, dst_tensors, page_dim, run_arr)
     from kvtier import _core
 
-    if all(p is not None for p in parts) and _core.CUDA_COMPILED:
-        arr = np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.uint64)
+    if arr is not None and _core.CUDA_COMPILED:
         # The sources may still be written on the exporter's side: it synchronizes before it
         # publishes page ids. Here the copy only follows the destination stream's earlier work.
         _core.copy_segments(dst_tensors[0].device.index, arr[:, 0].copy(), arr[:, 1].copy(), arr[:, 2].copy(),
