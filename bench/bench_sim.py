@@ -30,8 +30,8 @@ from bench_report import git_commit, machine
 from kvtier.sim import SimConfig, Simulator, load_trace, synthetic_trace, trace_summary
 
 GIB = 1 << 30
-DEPLOYMENT = dict(gpu_bytes=40 * GIB, cpu_bytes=256 * GIB, disk_bytes=2048 * GIB, instances=8,
-                  routing="cache_aware")
+DEPLOYMENT = {"gpu_bytes": 40 * GIB, "cpu_bytes": 256 * GIB, "disk_bytes": 2048 * GIB, "instances": 8,
+                  "routing": "cache_aware"}
 
 
 def best_of(fn, reps: int) -> tuple[float, object]:
@@ -45,7 +45,6 @@ def best_of(fn, reps: int) -> tuple[float, object]:
 
 def engine_replay(reqs, gpu: int, cpu: int, disk: int, disk_dir: str) -> dict:
     import torch
-
     from kvtier.cache import CacheConfig
     from kvtier.pool import PagedKVPool
 

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from kvtier.cli import main
 from kvtier.sim.trace import synthetic_trace
 
@@ -20,10 +19,9 @@ def trace_file(tmp_path_factory):
     reqs = synthetic_trace(400, seed=2, prefixes=30, prefix_chunks=(2, 12), suffix_chunks=(1, 4))
     ids: dict[int, int] = {}
     with open(p, "w") as f:  # back to the Mooncake format: one hash id a 512-token block
-        for r in reqs:
-            f.write(json.dumps({"timestamp": int(r.arrival_s * 1000), "input_length": r.input_length,
+        f.writelines(json.dumps({"timestamp": int(r.arrival_s * 1000), "input_length": r.input_length,
                                 "output_length": r.output_length,
-                                "hash_ids": [ids.setdefault(c, len(ids)) for c in r.chunks] + [10**9]}) + "\n")
+                                "hash_ids": [ids.setdefault(c, len(ids)) for c in r.chunks] + [10**9]}) + "\n" for r in reqs)
     return p
 
 

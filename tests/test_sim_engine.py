@@ -8,7 +8,8 @@ not depend on the disk's speed between calls, every call into its CPU tier is pr
 (the simulator's model: write-backs end before the next call). Within one call the engine's
 outcome can still depend on how fast write-backs finish when an eviction must wait for them
 (backpressure): without a disk tier the comparison is exact; with one, per-tier hits must agree
-within 0.5% of the trace's chunks (the engine's own run-to-run spread is of that order).
+within 1% of the trace's chunks (the engine's own run-to-run spread reaches 0.3% on this machine,
+and a CI disk may be slower).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvtier.cache import CacheConfig  # noqa: E402
-from kvtier.policies import SeenAtLeast  # noqa: E402
-from kvtier.pool import PagedKVPool  # noqa: E402
-from kvtier.sim.tiers import SimCpuTier, SimGpuPool  # noqa: E402
-from kvtier.sim.trace import load_trace, synthetic_trace  # noqa: E402
+from kvtier.cache import CacheConfig
+from kvtier.policies import SeenAtLeast
+from kvtier.pool import PagedKVPool
+from kvtier.sim.tiers import SimCpuTier, SimGpuPool
+from kvtier.sim.trace import load_trace, synthetic_trace
 
 TRACE = Path(os.environ.get("KVTIER_TEST_TRACE")
              or Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake_synthetic_trace.jsonl")
@@ -70,13 +71,13 @@ class _DrainFirst:
 
 
 def run_engine(reqs, tmp_path, *, gpu, cpu, disk=0, order="lru", min_seen=2, gpu_policy=None, planner=None,
-               admission=None):
-    ck = dict(cpu_bytes=cpu * 4096, eviction_policy=order)
+               admission=None, write_through=False):
+    ck = {"cpu_bytes": cpu * 4096, "eviction_policy": order}
     if disk:
         ck.update(disk_dir=str(tmp_path), disk_bytes=(disk + 2) * 8192, disk_admit_min_seen=min_seen)
     pool = PagedKVPool(num_layers=1, kv_heads=1, head_dim=8, num_pages=gpu, page_tokens=CT, chunk_tokens=CT,
                        dtype=torch.float32, cache_config=CacheConfig(**ck), eviction_policy=gpu_policy,
-                       planner=planner)
+                       planner=planner, write_through=write_through)
     if admission is not None:
         pool.cache._tier.set_admission_hook(admission.admit)
     pool.cache._tier = _DrainFirst(pool.cache._tier)
@@ -96,14 +97,30 @@ def run_engine(reqs, tmp_path, *, gpu, cpu, disk=0, order="lru", min_seen=2, gpu
             "planned_recompute": st["planned_recompute_chunks"]}
 
 
-def run_sim(reqs, *, gpu, cpu, disk=0, order="lru", min_seen=2, gpu_policy=None, planner=None, admission=None):
+def writebacks_per_wait() -> int:
+    """Write-backs of 8 KiB slots this machine's disk ends in the engine's 200 us poll, from its
+    bench_disk device limit (4.2 GB/s here: ~100, so the whole in-flight bound of 64)."""
+    import json
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "results"
+    for f in sorted(bench.glob("bench_disk-*-cpu-*.json")):
+        for r in json.loads(f.read_text())["results"]:
+            if r.get("baseline") == "device_limit_seq_odirect_write":
+                return max(1, min(64, int(200e-6 * r["baseline_value"] * 1e9 // 8192)))
+    return 64
+
+
+def run_sim(reqs, *, gpu, cpu, disk=0, order="lru", min_seen=2, gpu_policy=None, planner=None, admission=None,
+            write_through=False):
+    """The simulator with the engine's scaled geometry (CT tokens a chunk and a page, 512-byte
+    chunks in 4 KiB blocks), so that a planner sees the same chunk size in both."""
     tier = SimCpuTier(cpu, eviction_policy=order, disk_slots=disk + 1 if disk else 0, disk_admit_min_seen=min_seen,
-                      admission_policy=admission)
-    pool = SimGpuPool(gpu, page_tokens=512, chunk_tokens=512, cpu=tier, eviction_policy=gpu_policy,
-                      planner=planner, chunk_bytes=4096)
+                      admission_policy=admission, writebacks_per_wait=writebacks_per_wait())
+    pool = SimGpuPool(gpu, page_tokens=CT, chunk_tokens=CT, cpu=tier, eviction_policy=gpu_policy,
+                      planner=planner, chunk_bytes=CT * 64, write_through=write_through)
     out = {"gpu": 0, "cpu": 0, "disk": 0, "planned_recompute": 0}
-    for r in reqs:
-        b = pool.begin(r.chunks, r.input_length)
+    for i, r in enumerate(reqs):
+        b = pool.begin(r.chunks, len(tokens_of(i, r)))
         pool.finish(b, r.chunks)
         out["gpu"] += b.gpu_hits
         out["cpu"] += b.lower_hits - b.disk_hits
@@ -114,7 +131,7 @@ def run_sim(reqs, *, gpu, cpu, disk=0, order="lru", min_seen=2, gpu_policy=None,
     return out
 
 
-SIZES = {"synthetic": dict(gpu=120, cpu=300), "shared": dict(gpu=512, cpu=1024)}
+SIZES = {"synthetic": {"gpu": 120, "cpu": 300}, "shared": {"gpu": 512, "cpu": 1024}}
 
 
 @pytest.mark.parametrize("source", ["synthetic", "shared"])
@@ -126,6 +143,16 @@ def test_gpu_and_cpu_tiers_match_the_engine_exactly(tmp_path, source, order):
     eng = run_engine(reqs, tmp_path, **kw)
     assert sim["evictions"] > 1000  # the CPU tier's order is exercised
     assert {k: sim[k] for k in eng} == eng
+
+
+@pytest.mark.parametrize("order", ["lru", "s3fifo"])
+def test_write_through_matches_the_engine_exactly(tmp_path, order):
+    reqs = requests("synthetic")
+    kw = dict(SIZES["synthetic"], order=order, write_through=True)
+    sim = run_sim(reqs, **kw)
+    eng = run_engine(reqs, tmp_path, **kw)
+    assert {k: sim[k] for k in eng} == eng
+    assert sim["cpu"] != run_sim(reqs, **SIZES["synthetic"], order=order)["cpu"]  # it changes the CPU tier
 
 
 class MostRecentFirst:
@@ -166,7 +193,27 @@ def test_disk_tier_matches_the_engine(tmp_path, source, order):
     assert sim["gpu"] == eng["gpu"]
     assert sim["disk"] > 0 and eng["disk"] > 0
     for tier in ("cpu", "disk"):
-        assert abs(sim[tier] - eng[tier]) <= 0.005 * chunks, (tier, sim, eng)
+        assert abs(sim[tier] - eng[tier]) <= 0.01 * chunks, (tier, sim, eng)
+
+
+def test_calibrated_planner_runs_in_both(tmp_path):
+    from kvtier.sim.cost import CalibratedPlanner, HardwareCost, ModelShape
+
+    # CPU chunks load in microseconds; a disk chunk (512 B at 2 MB/s + 0.1 ms) beats recomputing
+    # its 8 tokens (weights 0.16 ms, attention growing with the position) only from about token 90
+    # on. One planner object, two pools.
+    hw = HardwareCost(weights_rate=1e9, attention_rate=1e9, h2d_bw=1e9, disk_read_bw=2e6)
+    planner = CalibratedPlanner(hw, ModelShape("tiny", 1e4, 1, 64, 1, 2, 2))
+    reqs = requests("synthetic")
+    kw = dict(SIZES["synthetic"], disk=2400, min_seen=1, planner=planner)
+    sim = run_sim(reqs, **kw)
+    eng = run_engine(reqs, tmp_path, **kw)
+    chunks = sum(len(r.chunks) for r in reqs)
+    assert sim["gpu"] == eng["gpu"]
+    for k in ("cpu", "disk", "planned_recompute"):
+        assert abs(sim[k] - eng[k]) <= 0.01 * chunks, (k, sim, eng)
+    assert sim["planned_recompute"] > 0 and sim["cpu"] > 0 and sim["disk"] > 0
+    assert sum(planner.decisions.values()) > 0
 
 
 def test_planner_and_admission_objects_run_in_both(tmp_path):
@@ -178,4 +225,4 @@ def test_planner_and_admission_objects_run_in_both(tmp_path):
     assert sim["planned_recompute"] > 0 and eng["planned_recompute"] > 0
     assert sim["gpu"] == eng["gpu"]
     for k in ("cpu", "disk", "planned_recompute"):
-        assert abs(sim[k] - eng[k]) <= 0.005 * chunks, (k, sim, eng)
+        assert abs(sim[k] - eng[k]) <= 0.01 * chunks, (k, sim, eng)

@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-
 from kvtier.policies import PrefetchAll, SeenAtLeast
 from kvtier.sim import SimConfig, Simulator, synthetic_trace, tier_ablation
-from kvtier.sim.cost import HardwareCost, ModelShape
+from kvtier.sim.cost import CalibratedPlanner, HardwareCost, ModelShape
 
 TINY = ModelShape("tiny", 1e6, 1, 64, 1, 2, 2)  # 8 bytes a token: one 4 KiB block a 512-token chunk
 HW = HardwareCost(weights_rate=2e10, attention_rate=1e13, h2d_bw=40e6, d2h_bw=40e6, disk_read_bw=4e6,
@@ -23,8 +22,8 @@ def reqs():
 
 
 def cfg(**kw) -> SimConfig:
-    base = dict(model=TINY, chunk_tokens=512, page_tokens=512, gpu_bytes=100 * 4096, cpu_bytes=300 * 4096,
-                disk_bytes=0, hardware=HW)
+    base = {"model": TINY, "chunk_tokens": 512, "page_tokens": 512, "gpu_bytes": 100 * 4096, "cpu_bytes": 300 * 4096,
+                "disk_bytes": 0, "hardware": HW}
     base.update(kw)
     return SimConfig(**base)
 
@@ -86,6 +85,21 @@ def test_planner_object_decides_load_or_recompute(reqs):
     assert r.cpu_hits == 0 and r.planned_recompute > 0
 
 
+def test_calibrated_planner_recomputes_what_a_slow_tier_cannot_deliver(reqs):
+    base = cfg(disk_bytes=3000 * 8192, disk_admit_min_seen=1, cpu_bytes=120 * 4096)
+    fast = CalibratedPlanner(replace(HW, disk_read_bw=1e9), TINY)
+    slow = CalibratedPlanner(replace(HW, disk_read_bw=1e4), TINY)
+    rf = Simulator(replace(base, planner=fast)).run(reqs)
+    rs = Simulator(replace(base, planner=slow)).run(reqs)
+    assert fast.decisions["recompute"] == 0 and rf.disk_hits > 0
+    assert slow.decisions["recompute"] > 0 and rs.planned_recompute > 0
+    # Planned at lookup; by the load the GPU's evictions may have pushed some CPU chunks to disk.
+    assert rs.disk_hits < rf.disk_hits / 5
+    # chunk 0 from disk: 4096 B at 1e4 B/s = 0.41 s; recomputing its 512 tokens: 1e9 FLOP at 2e10/s = 50 ms
+    assert slow.plan(type("P", (), {"chunk_tokens": 512, "layout": type("L", (), {"chunk_bytes": 4096})})(),
+                     0, ["disk"]) == 0
+
+
 def test_queueing_grows_ttft_under_load(reqs):
     fast = Simulator(cfg(replay="fast")).run(reqs)
     timed = Simulator(cfg()).run(reqs)
@@ -102,14 +116,14 @@ def test_requests_larger_than_the_pool_are_counted_not_crashed(reqs):
 
 
 @pytest.mark.parametrize("kw, msg", [
-    (dict(chunk_tokens=500, page_tokens=16), "multiple of page_tokens"),
-    (dict(routing="random"), "routing"),
-    (dict(replay="slow"), "replay"),
-    (dict(cpu_eviction="arc"), "cpu_eviction"),
-    (dict(cpu_bytes=0, disk_bytes=1 << 30), "needs a CPU tier"),
-    (dict(cpu_bytes=100), "smaller than one chunk"),
-    (dict(gpu_bytes=-1), "gpu_bytes"),
-    (dict(instances=0), "instances"),
+    ({"chunk_tokens": 500, "page_tokens": 16}, "multiple of page_tokens"),
+    ({"routing": "random"}, "routing"),
+    ({"replay": "slow"}, "replay"),
+    ({"cpu_eviction": "arc"}, "cpu_eviction"),
+    ({"cpu_bytes": 0, "disk_bytes": 1 << 30}, "needs a CPU tier"),
+    ({"cpu_bytes": 100}, "smaller than one chunk"),
+    ({"gpu_bytes": -1}, "gpu_bytes"),
+    ({"instances": 0}, "instances"),
 ])
 def test_bad_config_names_the_argument(kw, msg):
     with pytest.raises(ValueError, match=msg):

@@ -17,7 +17,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import pytest
-
 from kvtier.sim import SimConfig, Simulator, load_trace, synthetic_trace
 from kvtier.sim.cost import ModelShape
 from kvtier.sim.cpu_orders import LfuOrder, LruOrder, S3FifoOrder

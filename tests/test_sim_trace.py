@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
-
 from kvtier.sim.trace import TraceError, load_trace, synthetic_trace, trace_summary
 
 
@@ -89,4 +89,4 @@ def test_synthetic_trace_is_deterministic_and_shares_prefixes():
     assert a == synthetic_trace(300, seed=3) and a != synthetic_trace(300, seed=4)
     s = trace_summary(a)
     assert s["distinct_chunks"] < 0.8 * s["chunks"]  # reuse is there to find
-    assert all(x.arrival_s <= y.arrival_s for x, y in zip(a, a[1:]))
+    assert all(x.arrival_s <= y.arrival_s for x, y in itertools.pairwise(a))

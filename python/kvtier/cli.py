@@ -1,4 +1,4 @@
-"""The `kvtier` command: `kvtier demo`, `kvtier info`, `kvtier peer` (and, as it lands, `sim`)."""
+"""The `kvtier` command: `kvtier demo`, `kvtier info`, `kvtier peer`, `kvtier sim`."""
 
 from __future__ import annotations
 

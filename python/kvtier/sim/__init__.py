@@ -7,11 +7,24 @@ Python policy objects, priced by a cost model calibrated from kvtier's own bench
 See docs/sim.md.
 """
 
-from kvtier.sim.cost import MODEL_PRESETS, Calibration, HardwareCost, ModelShape
+from kvtier.sim.cost import MODEL_PRESETS, CalibratedPlanner, Calibration, HardwareCost, ModelShape
 from kvtier.sim.engine import ROUTINGS, SimConfig, SimResult, Simulator, tier_ablation
 from kvtier.sim.trace import Request, TraceError, load_trace, synthetic_trace, trace_summary
 
 __all__ = [
-    "Calibration", "HardwareCost", "MODEL_PRESETS", "ModelShape", "ROUTINGS", "Request", "SimConfig",
-    "SimResult", "Simulator", "TraceError", "load_trace", "synthetic_trace", "tier_ablation", "trace_summary",
+    "MODEL_PRESETS",
+    "ROUTINGS",
+    "CalibratedPlanner",
+    "Calibration",
+    "HardwareCost",
+    "ModelShape",
+    "Request",
+    "SimConfig",
+    "SimResult",
+    "Simulator",
+    "TraceError",
+    "load_trace",
+    "synthetic_trace",
+    "tier_ablation",
+    "trace_summary",
 ]

@@ -7,12 +7,13 @@ import json
 import os
 import sys
 
-from kvtier.sim.cost import MODEL_PRESETS, Calibration, HardwareCost
+from kvtier.sim.cost import MODEL_PRESETS, CalibratedPlanner, Calibration, HardwareCost
 
 _GIB = 1 << 30
 
 
 def add_parser(sub) -> None:
+    """Register `kvtier sim` on the `kvtier` command's subparsers."""
     p = sub.add_parser("sim", help="simulate a trace through GPU / CPU / disk tiers and peers (capacity planning)",
                        description="Replay a request trace (Mooncake or token-id JSONL) through simulated "
                                    "kvtier instances and report hit ratio per tier, TTFT and bytes moved.")
@@ -33,10 +34,18 @@ def add_parser(sub) -> None:
     p.add_argument("--routing", default="round_robin", choices=("round_robin", "least_loaded", "cache_aware"))
     p.add_argument("--peers", action="store_true", help="instances pull missing prefixes from each other's CPU tier")
     p.add_argument("--peer-disk", action="store_true", help="peers also serve their disk tier")
+    p.add_argument("--planner", action="store_true",
+                   help="load or recompute each lower-tier chunk as the (calibrated) cost model says")
+    p.add_argument("--write-through", action="store_true",
+                   help="store committed chunks in the CPU tier at once (PagedKVPool write_through)")
     p.add_argument("--replay", default="timestamps", choices=("timestamps", "fast"),
                    help="arrivals from the trace (queueing) or one request after another")
     p.add_argument("--calibrate", default=None, metavar="DIR",
                    help="calibrate the cost model from kvtier bench JSON files in DIR (e.g. bench/results)")
+    p.add_argument("--e2e", default=None, metavar="JSON",
+                   help="the bench_e2e run whose 4096-token recompute sets the GEMM rate (default: the latest in DIR)")
+    p.add_argument("--gpu-tag", default="h200", help="file tag of the GPU copy bench to calibrate from")
+    p.add_argument("--disk-tag", default="h200host", help="file tag of the GPU host's disk bench")
     p.add_argument("--no-ablation", action="store_true", help="skip the runs without disk / CPU / cache")
     p.add_argument("--sweep", default=None, choices=("gpu", "cpu", "disk"),
                    help="also sweep this tier's capacity (per policy) and plot hit ratio and TTFT")
@@ -53,6 +62,7 @@ def _gib(x: float, name: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `kvtier sim`; returns the exit status (2: bad trace, configuration or calibration)."""
     from dataclasses import replace
 
     from kvtier.sim.engine import SimConfig, tier_ablation
@@ -69,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     model = MODEL_PRESETS[args.model]
     if args.calibrate:
         try:
-            hw = Calibration(args.calibrate).hardware(model=model, e2e_file=_latest_e2e(args.calibrate))
+            hw = Calibration(args.calibrate).hardware(gpu_tag=args.gpu_tag, disk_tag=args.disk_tag, model=model,
+                                                      e2e_file=args.e2e or _latest_e2e(args.calibrate))
         except (FileNotFoundError, ValueError) as e:
             print(f"kvtier sim: calibration failed: {e}", file=sys.stderr)
             return 2
@@ -79,14 +90,17 @@ def run(args: argparse.Namespace) -> int:
                         disk_bytes=_gib(args.disk_gib, "disk-gib"),
                         cpu_eviction="lru" if args.cpu_eviction == "all" else args.cpu_eviction,
                         disk_admit_min_seen=args.admit_min_seen, instances=args.instances, routing=args.routing,
-                        peers=args.peers, peer_disk=args.peer_disk, hardware=hw, replay=args.replay)
+                        peers=args.peers, peer_disk=args.peer_disk, write_through=args.write_through,
+                        hardware=hw, replay=args.replay,
+                        planner=CalibratedPlanner(hw, model) if args.planner else None)
     except ValueError as e:
         print(f"kvtier sim: {e}", file=sys.stderr)
         return 2
     s = trace_summary(reqs)
     print(f"trace: {s['requests']} requests, {s['chunks']} chunks of {args.chunk_tokens} tokens "
           f"({s['distinct_chunks']} distinct), {s['span_s']:.0f} s; model {model.name}, "
-          f"{cfg.chunk_bytes / (1 << 20):.1f} MiB a chunk; per instance: GPU {cfg.gpu_pages // (cfg.chunk_tokens // cfg.page_tokens)}"
+          f"{cfg.chunk_bytes / (1 << 20):.1f} MiB a chunk; per instance: "
+          f"GPU {cfg.gpu_pages // (cfg.chunk_tokens // cfg.page_tokens)}"
           f" chunks, CPU {cfg.cpu_chunks}, disk {cfg.disk_slots}; {cfg.instances} instance(s), {cfg.routing}")
     if hw.sources:
         print("cost model calibrated from: " + "; ".join(f"{k} <- {v}" for k, v in hw.sources.items()))

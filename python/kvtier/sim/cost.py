@@ -3,7 +3,8 @@
 Prefill of tokens ``[start, end)`` of a dense decoder (kvtier.planner.ModelCost's FLOP count,
 with its two parts at their own rates)::
 
-    t = 2 * params * (end - start) / weights_rate  +  4 * layers * hidden * sum(p for p in [start, end)) / attention_rate
+    t = 2 * params * (end - start) / weights_rate
+        + 4 * layers * hidden * sum(p for p in [start, end)) / attention_rate
 
 Weight FLOPs run as GEMMs whose achieved rate depends on the engine; attention FLOPs run in a
 fused (flash) kernel near the GPU's matmul peak. Calibrated, never guessed: ``weights_rate`` from
@@ -29,7 +30,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 
-__all__ = ["ModelShape", "HardwareCost", "Calibration", "MODEL_PRESETS"]
+__all__ = ["MODEL_PRESETS", "CalibratedPlanner", "Calibration", "HardwareCost", "ModelShape"]
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,15 @@ class ModelShape:
 
     @property
     def kv_bytes_per_token(self) -> int:
+        """K and V of every layer for one token."""
         return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
 
     def weight_flops(self, start: int, end: int) -> float:
+        """GEMM FLOPs of tokens [start, end)."""
         return 2.0 * self.params * (end - start)
 
     def attention_flops(self, start: int, end: int) -> float:
+        """Attention FLOPs of tokens [start, end) over every token before each."""
         return 4.0 * self.layers * self.hidden * (end * (end - 1) - start * (start - 1)) / 2.0
 
 
@@ -174,3 +178,42 @@ class Calibration:
             hw = hw.with_weights_rate_from(model, calibrate_tokens, r["baseline_value"],
                                            f"{os.path.basename(e2e_file)}:ttft_recompute_{calibrate_tokens}")
         return hw
+
+
+class CalibratedPlanner:
+    """A load-or-recompute planner (the kvtier.planner.LoadPlanner protocol) priced by a
+    :class:`HardwareCost`: chunk ``i`` below the GPU is loaded while moving it (from its tier,
+    then the scatter into GPU pages) is faster than prefilling its tokens at their position.
+
+    The same object runs in the engine (``PagedKVPool(planner=...)``) and in the simulator
+    (``SimConfig(planner=...)``): it reads only ``pool.chunk_tokens`` and
+    ``pool.layout.chunk_bytes``. ``decisions`` counts chunks loaded and recomputed.
+    """
+
+    def __init__(self, hardware: HardwareCost, model: ModelShape) -> None:
+        self.hw = hardware
+        self.model = model
+        self.decisions = {"load": 0, "recompute": 0}
+
+    def load_s(self, tier: str, chunk_bytes: int) -> float:
+        """Seconds to bring one chunk from ``tier`` ("cpu", "disk" or "peer") into GPU pages."""
+        hw = self.hw
+        t = chunk_bytes / hw.h2d_bw
+        if tier == "disk":
+            t += chunk_bytes / hw.disk_read_bw + hw.disk_latency_s
+        elif tier == "peer":
+            t += chunk_bytes / hw.link_bw + hw.link_latency_s
+        return t
+
+    def plan(self, pool, gpu_hit_chunks: int, tiers: list[str]) -> int:
+        """How many of the leading lower-tier chunks to load; the rest of the prompt is recomputed."""
+        ct, cb = pool.chunk_tokens, pool.layout.chunk_bytes
+        n = 0
+        for i, tier in enumerate(tiers):
+            start = (gpu_hit_chunks + i) * ct
+            if self.load_s(tier, cb) > self.hw.prefill_s(self.model, start, start + ct):
+                break
+            n += 1
+        self.decisions["load"] += n
+        self.decisions["recompute"] += len(tiers) - n
+        return n

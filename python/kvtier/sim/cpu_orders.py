@@ -19,7 +19,7 @@ from bisect import bisect_left
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 
-__all__ = ["LruOrder", "S3FifoOrder", "LfuOrder", "make_cpu_order", "CPU_ORDER_NAMES"]
+__all__ = ["CPU_ORDER_NAMES", "LfuOrder", "LruOrder", "S3FifoOrder", "make_cpu_order"]
 
 CPU_ORDER_NAMES = ("lru", "s3fifo", "lfu")
 Evictable = Callable[[Hashable], bool]
@@ -59,7 +59,7 @@ _MAX_FREQ = 3
 
 
 class _S3Node:
-    __slots__ = ("freq", "queue", "ghost_seq")
+    __slots__ = ("freq", "ghost_seq", "queue")
 
     def __init__(self, queue: int) -> None:
         self.freq = 0

@@ -27,7 +27,7 @@ from kvtier.sim.cost import MODEL_PRESETS, HardwareCost, ModelShape
 from kvtier.sim.tiers import SimCpuTier, SimGpuPool
 from kvtier.sim.trace import Request
 
-__all__ = ["SimConfig", "Simulator", "SimResult", "Instance", "ROUTINGS", "tier_ablation", "request_load_s"]
+__all__ = ["ROUTINGS", "Instance", "SimConfig", "SimResult", "Simulator", "request_load_s", "tier_ablation"]
 
 ROUTINGS = ("round_robin", "least_loaded", "cache_aware")
 _BLOCK = 4096
@@ -54,7 +54,10 @@ class SimConfig:
         gpu_eviction_policy / admission_policy / prefetch_policy / planner: Python policy objects,
             exactly as the engine takes them (shared by all instances).
         instances, routing: how many instances and how requests reach them.
-        peers: a miss continues in other instances' CPU tiers (and disks with ``peer_disk``).
+        peers: a miss continues in other instances' CPU tiers (and disks with ``peer_disk``),
+            pulled into the local CPU tier after the local hits (PagedKVPool with ``peers=``).
+        write_through: each instance stores committed chunks in its CPU tier at once
+            (PagedKVPool's ``write_through``; the copy is off the request's critical path).
         hardware: the cost model's rates.
         replay: "timestamps" (arrivals from the trace, queueing included) or "fast" (one request
             after another, no queueing).
@@ -77,6 +80,7 @@ class SimConfig:
     routing: str = "round_robin"
     peers: bool = False
     peer_disk: bool = False
+    write_through: bool = False
     hardware: HardwareCost = field(default_factory=HardwareCost)
     replay: str = "timestamps"
 
@@ -107,23 +111,34 @@ class SimConfig:
             raise ValueError(f"disk_bytes={self.disk_bytes} holds no slot ({self.slot_bytes} bytes each)")
 
     @property
+    def writebacks_per_wait(self) -> int:
+        """Write-backs that end during one 200 us poll of an operation waiting for a block."""
+        n = int(200e-6 * self.hardware.disk_write_bw // self.slot_bytes)
+        return max(1, min(self.max_demotions_in_flight, n))
+
+    @property
     def chunk_bytes(self) -> int:
+        """KV bytes of one chunk."""
         return self.chunk_tokens * self.model.kv_bytes_per_token
 
     @property
     def slot_bytes(self) -> int:
+        """Disk bytes of one chunk: a 4 KiB header and the blob rounded up to 4 KiB."""
         return _BLOCK + _round_up(self.chunk_bytes)
 
     @property
     def gpu_pages(self) -> int:
+        """Pages of the GPU pool per instance."""
         return self.gpu_bytes // (self.page_tokens * self.model.kv_bytes_per_token)
 
     @property
     def cpu_chunks(self) -> int:
+        """Blocks of the CPU tier per instance (chunk bytes rounded up to 4 KiB each)."""
         return self.cpu_bytes // _round_up(self.chunk_bytes)
 
     @property
     def disk_slots(self) -> int:
+        """Slots of the disk tier per instance (as DiskStore sizes its file)."""
         return max(0, (self.disk_bytes - _BLOCK) // self.slot_bytes) if self.disk_bytes else 0
 
 
@@ -138,12 +153,13 @@ class Instance:
             self.cpu = SimCpuTier(cfg.cpu_chunks, eviction_policy=cfg.cpu_eviction, disk_slots=cfg.disk_slots,
                                   disk_admit_min_seen=cfg.disk_admit_min_seen,
                                   admission_policy=cfg.admission_policy,
-                                  max_demotions_in_flight=cfg.max_demotions_in_flight)
+                                  max_demotions_in_flight=cfg.max_demotions_in_flight,
+                                  writebacks_per_wait=cfg.writebacks_per_wait)
         self.pool = None
         if cfg.gpu_bytes:
             self.pool = SimGpuPool(cfg.gpu_pages, page_tokens=cfg.page_tokens, chunk_tokens=cfg.chunk_tokens,
                                    cpu=self.cpu, eviction_policy=cfg.gpu_eviction_policy, planner=cfg.planner,
-                                   chunk_bytes=cfg.chunk_bytes)
+                                   chunk_bytes=cfg.chunk_bytes, write_through=cfg.write_through)
         self.free_at = 0.0
         self.busy_s = 0.0
         self.served = 0
@@ -198,6 +214,7 @@ class SimResult:
         return out
 
     def to_dict(self) -> dict:
+        """Everything as plain JSON-able values (the CLI's --json)."""
         c = self.config
         return {
             "requests": self.requests, "chunks": self.chunks,
@@ -221,6 +238,13 @@ class Simulator:
     def __init__(self, config: SimConfig) -> None:
         self.cfg = config
         self.instances = [Instance(i, config) for i in range(config.instances)]
+        if config.peers:
+            from kvtier.sim.tiers import SimPeers
+
+            tiers = [i.cpu for i in self.instances]
+            for inst in self.instances:
+                if inst.pool is not None and inst.cpu is not None:
+                    inst.pool.peers = SimPeers(inst.cpu, tiers, serve_disk=config.peer_disk)
         self._rr = 0
 
     # -- routing -------------------------------------------------------------------------------
@@ -238,38 +262,9 @@ class Simulator:
         best = max(insts, key=lambda i: (i.prefix_hit(req.chunks), -max(i.free_at, now), -i.idx))
         return best
 
-    # -- peers ---------------------------------------------------------------------------------
-    def _pull_from_peers(self, inst: Instance, chunks, start: int) -> int:
-        """Continue the prefix at ``start`` from the peer that holds most of it; the pulled chunks
-        are put into ``inst``'s CPU tier (then loaded like CPU hits). Returns chunks pulled."""
-        best, best_n = None, 0
-        for p in self.instances:
-            if p is inst or p.cpu is None:
-                continue
-            n, i = 0, start
-            disk = p.cpu.disk if self.cfg.peer_disk else None
-            while i < len(chunks) and (p.cpu.contains(chunks[i]) or (disk is not None and chunks[i] in disk)):
-                n += 1
-                i += 1
-            if n > best_n:
-                best, best_n = p, n
-        if best is None:
-            return 0
-        pulled = 0
-        for i in range(start, start + best_n):
-            k = chunks[i]
-            if best.cpu.contains(k):  # the peer serves it from its pool: a hit there
-                best.cpu._acquire(chunks, i, i + 1)
-                best.cpu._release(chunks[i:i + 1], 1)
-            elif best.cpu.disk is not None:
-                best.cpu.disk.read(k)
-            if not inst.cpu.put(k):
-                break
-            pulled += 1
-        return pulled
-
     # -- the run -------------------------------------------------------------------------------
     def run(self, requests: list[Request]) -> SimResult:
+        """Replay ``requests`` (in order) and return the totals and per-request TTFTs."""
         cfg = self.cfg
         hw, model = cfg.hardware, cfg.model
         ct, cb = cfg.chunk_tokens, cfg.chunk_bytes
@@ -294,15 +289,14 @@ class Simulator:
             ahead_s = 0.0
             cached = 0
             if pool is not None:
-                peer = 0
                 read_ahead = 0
-                if inst.cpu is not None and (cfg.peers or prefetch is not None):
+                if inst.cpu is not None and prefetch is not None:  # KVCache.lookup's prefetch
                     gpu_n = 0
                     pc = pool._chunks
                     while gpu_n < len(chunks) and chunks[gpu_n] in pc:
                         gpu_n += 1
                     low = inst.cpu.lookup(chunks, gpu_n)
-                    if prefetch is not None and low:
+                    if low:
                         tiers = inst.cpu.lookup_tiers(chunks[gpu_n:gpu_n + low])
                         want = int(prefetch.prefetch(len(tiers), tiers))
                         if want > 0 and "disk" in tiers:
@@ -312,12 +306,10 @@ class Simulator:
                                 if seen >= want:
                                     break
                             read_ahead = inst.cpu.prefetch(chunks[gpu_n:gpu_n + end])
-                    if cfg.peers and gpu_n + low < len(chunks):
-                        peer = self._pull_from_peers(inst, chunks, gpu_n + low)
                 b = pool.begin(chunks, n_tok)
                 if b.rejected:
                     res.rejected += 1
-                peer = min(peer, max(0, b.lower_hits - b.disk_hits))
+                peer = b.peer_hits
                 cpu = b.lower_hits - b.disk_hits - peer
                 ahead = min(read_ahead, cpu)  # read from disk by the prefetch: disk hits
                 cpu -= ahead
@@ -328,7 +320,7 @@ class Simulator:
                 res.peer_hits += peer
                 res.planned_recompute += b.planned_recompute
                 cached = (b.gpu_hits + b.lower_hits) * ct
-                by["gpu_to_cpu"] += b.offloaded * cb
+                by["gpu_to_cpu"] += (b.offloaded + b.written_through) * cb
                 by["cpu_to_gpu"] += b.lower_hits * cb
                 by["disk_to_cpu"] += (b.disk_hits + read_ahead) * cb
                 by["peer_to_cpu"] += peer * cb

@@ -8,10 +8,11 @@ from dataclasses import replace
 from kvtier.sim.engine import SimConfig, SimResult, Simulator
 from kvtier.sim.trace import Request
 
-__all__ = ["results_table", "traffic_table", "print_results", "capacity_sweep", "plot_sweep", "human_bytes"]
+__all__ = ["capacity_sweep", "human_bytes", "plot_sweep", "print_results", "results_table", "traffic_table"]
 
 
 def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if abs(n) < 1024 or unit == "PiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

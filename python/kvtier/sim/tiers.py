@@ -3,22 +3,25 @@
 Each class mirrors one engine component decision for decision, on integer chunk ids instead of
 16-byte keys and without moving bytes:
 
-- :class:`SimDisk` -- csrc/storage/disk_store: fixed slots, LRU among READY slots; a write that
-  finds no free slot evicts the least recently used one; a read refreshes recency.
+- :class:`SimDisk` -- csrc/storage/disk_store: fixed slots, LRU among READY slots; a write takes
+  its slot when submitted (evicting the least recently used READY one) and becomes READY, most
+  recent, when it completes; a read refreshes recency.
 - :class:`SimCpuTier` -- csrc/engine/cpu_tier + csrc/index/chunk_index: blocks, WRITING / READY /
-  DEMOTING entries, reader pins, the ``seen`` counter, the eviction order (a Python mirror of the
-  C++ built-in, kvtier.sim.cpu_orders), write-back to disk of evicted chunks the admission rule
-  (``seen >= disk_admit_min_seen``, or a Python AdmissionPolicy) accepts, the write-back bound and
-  promotion of disk chunks on load.
+  DEMOTING / DROPPING entries, reader pins, the ``seen`` counter, the eviction order (a Python
+  mirror of the C++ built-in, kvtier.sim.cpu_orders), write-back to disk of evicted chunks the
+  admission rule (``seen >= disk_admit_min_seen``, or a Python AdmissionPolicy) accepts, the
+  write-back bound, promotion of disk chunks on load, prefetch, peer puts.
 - :class:`SimGpuPool` -- python/kvtier/pool.py's PagedKVPool: pages, chunks shared by reference,
   LRU (or a Python EvictionPolicy) among unreferenced chunks, offload of victims to the CPU tier
-  in one store, the load planner.
+  in one store, the load planner, write-through, pulls from peers (:class:`SimPeers`).
 
-Timing: the simulator advances tier state one request at a time (begin, commit, release) and
-treats every write-back as finished before the next tier call starts (the engine's write-backs
-are asynchronous; tests/test_sim_engine.py drains them between calls to compare exactly). A
-write-back that an operation had to wait for to get a block is counted
-(``critical_writebacks``): the cost model puts it on that request's critical path.
+Timing: the simulator advances tier state one request at a time (begin, commit, release). The
+engine's write-backs are asynchronous; the simulator finishes them all before the next call into
+the tier (tests/test_sim_engine.py drains the engine's between calls to compare), and within a
+call, when an operation must wait for write-backs to get a block, ``writebacks_per_wait`` of them
+(oldest first) end per wait, as many as the disk finishes in the engine's 200 us poll. Those an
+operation waited for are counted (``critical_writebacks``): the cost model puts them on that
+request's critical path.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 
 from kvtier.sim.cpu_orders import make_cpu_order
 
-__all__ = ["SimDisk", "SimCpuTier", "SimGpuPool", "BeginResult", "TierCounters"]
+__all__ = ["BeginResult", "SimCpuTier", "SimDisk", "SimGpuPool", "SimPeers", "TierCounters"]
 
 _WRITING, _READY, _DEMOTING, _DROPPING = 0, 1, 2, 3
 _OK, _EXISTS, _EXHAUSTED = 0, 1, 2
@@ -75,6 +78,7 @@ class SimDisk:
         return True
 
     def complete_write(self, key) -> None:
+        """The write of ``key`` ended: it is READY and most recently used."""
         self._writing.discard(key)
         self._lru[key] = None
         self.writes += 1
@@ -129,10 +133,14 @@ class SimCpuTier:
         admission_policy: optional kvtier.policies.AdmissionPolicy (replaces the rule; as in the
             engine, every evicted chunk is then staged and the policy decides per batch).
         max_demotions_in_flight: the write-back bound (64 in the engine).
+        writebacks_per_wait: how many write-backs end while an operation that needs a block waits
+            once (the engine polls every 200 us: about ``200e-6 * disk write bandwidth / slot
+            bytes``, at least 1). Small chunks on a fast disk: many; 32 MiB chunks: one.
     """
 
     def __init__(self, capacity_chunks: int, *, eviction_policy: str = "lru", disk_slots: int = 0,
-                 disk_admit_min_seen: int = 2, admission_policy=None, max_demotions_in_flight: int = 64) -> None:
+                 disk_admit_min_seen: int = 2, admission_policy=None, max_demotions_in_flight: int = 64,
+                 writebacks_per_wait: int = 1) -> None:
         if capacity_chunks <= 0:
             raise ValueError(f"CPU tier capacity must be at least one chunk, got {capacity_chunks}")
         self.capacity = capacity_chunks
@@ -141,6 +149,7 @@ class SimCpuTier:
         self.admit_min_seen = disk_admit_min_seen
         self.admission_policy = admission_policy
         self.max_demotions = max(1, max_demotions_in_flight)
+        self.writebacks_per_wait = max(1, writebacks_per_wait)
         # key -> [state, pins, seen]
         self._entries: dict = {}
         self._demoting = 0
@@ -191,13 +200,14 @@ class SimCpuTier:
         return _OK
 
     def _wait_for_block(self, key) -> int:
-        """WaitForBlock: start the staged write-backs, then wait for them one at a time (oldest
-        first) until a block comes free."""
+        """WaitForBlock: start the staged write-backs, then wait for them (oldest first,
+        ``writebacks_per_wait`` a poll) until a block comes free."""
         self.counters.backpressure_waits += 1
         self._pump()
         r = self._begin_insert(key)
         while r == _EXHAUSTED and self._pending:
-            self._complete_one(critical=True)
+            for _ in range(min(self.writebacks_per_wait, len(self._pending))):
+                self._complete_one(critical=True)
             r = self._begin_insert(key)
         return r
 
@@ -458,12 +468,63 @@ class BeginResult:
     gpu_hits: int = 0
     lower_hits: int = 0  # loaded from the CPU tier or the disk tier
     disk_hits: int = 0  # of lower_hits, promoted from disk
+    peer_hits: int = 0  # of lower_hits, pulled from peers
+    written_through: int = 0  # committed chunks stored in the CPU tier at once (write_through)
     planned_recompute: int = 0
     offloaded: int = 0  # GPU victims stored into the CPU tier by this request
     evicted: int = 0  # GPU victims
     critical_writebacks: int = 0  # write-backs this request waited for
     rejected: bool = False  # the pool could not hold the request
-    chunks: list = field(default_factory=list, repr=False)
+    chunks: list = field(default_factory=list, repr=False)  # the request's referenced chunks
+    pages: int = 0  # pages the request holds (shared hits included)
+
+
+class SimPeers:
+    """Peers of one instance (kvtier.p2p as PagedKVPool uses it): the other instances' CPU tiers
+    (and disks, with ``serve_disk``, as `kvtier peer` nodes serve theirs).
+
+    ``lookup`` counts the leading chunks some peer holds (any peer per chunk, as the engine's
+    plan assembles confirmations from several); ``pull`` puts them into the local CPU tier
+    (BeginPut / CommitPut), each read from the first peer that holds it (a hit there)."""
+
+    def __init__(self, local: SimCpuTier, others: list, serve_disk: bool = False) -> None:
+        self.local = local
+        self.others = [o for o in others if o is not None and o is not local]
+        self.serve_disk = serve_disk
+        self.chunks_pulled = 0
+
+    def _source(self, key):
+        for o in self.others:
+            if o.contains(key):
+                return o
+            if self.serve_disk and o.disk is not None and key in o.disk:
+                return o
+        return None
+
+    def lookup(self, keys, start: int) -> int:
+        """Leading chunks of keys[start:] that some peer holds."""
+        n = start
+        while n < len(keys) and self._source(keys[n]) is not None:
+            n += 1
+        return n - start
+
+    def pull(self, keys, start: int, n: int) -> int:
+        """Pull keys[start:start+n] into the local CPU tier; returns how many landed."""
+        pulled = 0
+        for i in range(start, start + n):
+            src = self._source(keys[i])
+            if src is None:
+                break
+            if src.contains(keys[i]):
+                src._acquire(keys, i, i + 1)
+                src._release(keys[i:i + 1], 1)
+            else:
+                src.disk.read(keys[i])
+            if not self.local.put(keys[i]) and not self.local.contains(keys[i]):
+                break  # no block for it (a chunk that arrived meanwhile counts as landed)
+            pulled += 1
+        self.chunks_pulled += pulled
+        return pulled
 
 
 class _PlannerPool:
@@ -488,12 +549,16 @@ class SimGpuPool:
         cpu: the tier below (None: GPU only; victims are dropped).
         eviction_policy: optional kvtier.policies.EvictionPolicy (default: LRU, built in).
         planner: optional kvtier.planner.LoadPlanner (called with a pool-like object that has
-            ``chunk_tokens`` and ``layout.chunk_bytes``).
+            ``chunk_tokens`` and ``layout.chunk_bytes``; tiers "cpu", "disk" or "peer").
         chunk_bytes: bytes of one chunk (for the planner).
+        write_through: store each committed chunk in the CPU tier at once (the pool's option).
+        peers: optional :class:`SimPeers`: ``begin`` then also finds and pulls chunks the local
+            tiers lack, after the local CPU / disk hits (PagedKVPool with ``peers=``).
     """
 
     def __init__(self, num_pages: int, *, page_tokens: int, chunk_tokens: int, cpu: SimCpuTier | None = None,
-                 eviction_policy=None, planner=None, chunk_bytes: int = 0) -> None:
+                 eviction_policy=None, planner=None, chunk_bytes: int = 0, write_through: bool = False,
+                 peers=None) -> None:
         if num_pages <= 0:
             raise ValueError(f"GPU pool pages must be positive, got {num_pages}")
         if chunk_tokens % page_tokens:
@@ -505,6 +570,8 @@ class SimGpuPool:
         self.cpu = cpu
         self.eviction_policy = eviction_policy
         self.planner = planner
+        self.write_through = bool(write_through) and cpu is not None
+        self.peers = peers if cpu is not None else None
         self._planner_view = _PlannerPool(chunk_tokens, chunk_bytes, self)
         self._chunks: OrderedDict = OrderedDict()  # key -> _Chunk; order of unreferenced use
         self._free = num_pages
@@ -519,6 +586,7 @@ class SimGpuPool:
         return key in self._chunks
 
     def cached_chunks(self) -> int:
+        """Chunks registered in GPU pages."""
         return len(self._chunks)
 
     def _evict(self, pages_needed: int, res: BeginResult) -> None:
@@ -582,10 +650,14 @@ class SimGpuPool:
         gpu = len(seq)
         lower = 0
         cpu = self.cpu
+        peers = self.peers
         if cpu is not None and gpu < len(keys):
             lower = cpu.lookup(keys, gpu)
+            if peers is not None and gpu + lower < len(keys):  # digests, then confirm
+                lower += peers.lookup(keys, gpu + lower)
             if lower and self.planner is not None:
                 tiers = cpu.lookup_tiers(keys[gpu:gpu + lower])
+                tiers += ["peer"] * (lower - len(tiers))  # the rest: held by peers
                 keep = max(0, min(lower, int(self.planner.plan(self._planner_view, gpu, tiers))))
                 res.planned_recompute = lower - keep
                 lower = keep
@@ -604,6 +676,12 @@ class SimGpuPool:
         if lower:
             before = cpu.counters.critical_writebacks
             loaded, promoted = cpu.load(keys[gpu:gpu + lower])
+            if peers is not None and loaded < lower:  # local chunks first, then pulls of the rest
+                pulled = peers.pull(keys, gpu + loaded, lower - loaded)
+                if pulled:
+                    got, _ = cpu.load(keys[gpu + loaded:gpu + loaded + pulled])  # scattered from the pool
+                    res.peer_hits = got
+                    loaded += got
             res.critical_writebacks += cpu.counters.critical_writebacks - before
             for i in range(loaded):
                 k = keys[gpu + i]
@@ -615,7 +693,7 @@ class SimGpuPool:
         res.gpu_hits, res.lower_hits, res.disk_hits = gpu, loaded, promoted
         self.gpu_hit_chunks += gpu
         self.lower_hit_chunks += loaded
-        res._num_pages = need + gpu * self.ppc  # type: ignore[attr-defined]
+        res.pages = need + gpu * self.ppc
         return res
 
     def finish(self, res: BeginResult, keys) -> int:
@@ -637,8 +715,12 @@ class SimGpuPool:
             chunks[k] = c
             seq.append(c)
             added += 1
+        if added and self.write_through:
+            before = self.cpu.counters.critical_writebacks
+            res.written_through = self.cpu.store([c.key for c in seq[-added:]])
+            res.critical_writebacks += self.cpu.counters.critical_writebacks - before
         # release: registered chunks keep their pages, the others go back
-        self._free += res._num_pages - len(seq) * self.ppc  # type: ignore[attr-defined]
+        self._free += res.pages - len(seq) * self.ppc
         self._drop_refs(seq)
         return added
 

@@ -19,12 +19,21 @@ A bad line raises :class:`TraceError` naming the file, the line number and the f
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Request", "TraceError", "ChunkInterner", "load_trace", "parse_mooncake", "parse_tokens",
-           "synthetic_trace", "trace_summary"]
+__all__ = [
+    "ChunkInterner",
+    "Request",
+    "TraceError",
+    "load_trace",
+    "parse_mooncake",
+    "parse_tokens",
+    "synthetic_trace",
+    "trace_summary",
+]
 
 
 class TraceError(ValueError):
@@ -80,21 +89,17 @@ def _field(obj: dict, name: str, where: str, *, kind=int, required: bool = True,
             raise TraceError(f"{where}: missing field {name!r}")
         return default
     v = obj[name]
-    if kind is int:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise TraceError(f"{where}: field {name!r} must be a non-negative integer, got {v!r}")
-    elif kind is float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != v:
-            raise TraceError(f"{where}: field {name!r} must be a non-negative number, got {v!r}")
+    if kind is int and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        raise TraceError(f"{where}: field {name!r} must be a non-negative integer, got {v!r}")
+    if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+        raise TraceError(f"{where}: field {name!r} must be a non-negative number, got {v!r}")
     return v
 
 
 def _lines(path: Path):
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise TraceError(f"cannot open trace {str(path)!r}: {e.strerror}") from None
-    with f:
+    if not path.is_file():
+        raise TraceError(f"cannot open trace {str(path)!r}: no such file")
+    with open(path, encoding="utf-8") as f:
         for i, text in enumerate(f, start=1):
             text = text.strip()
             if not text:
