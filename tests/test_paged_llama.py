@@ -234,3 +234,69 @@ def test_gpu_hit_matches_full_recompute(tmp_path, gpu, tier, kv_layout):
     toks, _ = decode_all(engine, seq, int(logits[-1].argmax()))
     engine.pool.release(seq)
     assert toks == ref.tokens
+
+
+class _Split:
+    """Recompute the first ``head`` lower chunks, load the rest (a split plan, forced)."""
+
+    def __init__(self, head):
+        self.head = head
+
+    def plan(self, pool, gpu_hit_chunks, tiers):
+        return len(tiers)
+
+    def plan_split(self, pool, gpu_hit_chunks, tiers):
+        h = min(self.head, len(tiers))
+        return h, len(tiers) - h
+
+
+class _ShortTier:
+    """The CPU tier, except that a load gets at most ``limit`` chunks (one vanished meanwhile)."""
+
+    def __init__(self, tier, limit):
+        self._tier, self.limit = tier, limit
+
+    def __getattr__(self, name):
+        return getattr(self._tier, name)
+
+    def load(self, keys, pages, stream):
+        return self._tier.load(keys[: 16 * self.limit], pages, stream)
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+@pytest.mark.parametrize("shortfall", [False, True])
+def test_split_plan_head_recomputed_tail_loaded_bit_exact(tmp_path, tier, shortfall):
+    """The head of the cached prefix is recomputed while the tail after it loads (in the
+    background); the result equals a full recompute bit for bit, including when the tail load
+    gets fewer chunks than planned (the rest is computed)."""
+    engine = make_engine(tmp_path)
+    pool = engine.pool
+    prompt = tokens(PREFIX, seed=1) + tokens(9, seed=3)
+    serve_and_keep_kv(engine, tokens(PREFIX, seed=1) + tokens(7, seed=2))
+    push_out_of_gpu(pool)
+    if tier == "disk":
+        push_out_of_cpu(pool)
+    ref = reference_generate(engine.model, prompt, NEW, prefill_tokens=CT)
+    pool.planner = _Split(head=1)
+    if shortfall:
+        pool.cache._tier = _ShortTier(pool.cache._tier, limit=1)
+    seq = engine.start(prompt)
+    assert seq.cached_tokens == 0 and seq.tail_start == CT and seq.lower_hit_tokens == 0
+    logits = engine.prefill(seq, prompt, all_logits=True)
+    tail = (PREFIX // CT - 1 if not shortfall else 1) * CT
+    assert seq.lower_hit_tokens == tail
+    assert logits.shape == (len(prompt) - tail, CONFIG.vocab)
+    assert torch.equal(logits[:CT], ref.prompt_logits[:CT])  # the head
+    assert torch.equal(logits[CT:], ref.prompt_logits[CT + tail:])  # after the tail
+    paged = PagedKV(pool, seq)
+    for layer in range(CONFIG.layers):
+        got, want = paged.read(layer, len(prompt)), ref.kv.read(layer, len(prompt))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"layer {layer}"
+    assert pool.commit(seq, prompt) == PREFIX // CT - tail // CT  # head (and what was computed)
+    toks, _ = decode_all(engine, seq, int(logits[-1].argmax()))
+    pool.release(seq)
+    assert toks == ref.tokens
+    pool.planner = None
+    again = engine.start(prompt)  # all of it is in GPU pages now, shared
+    assert again.gpu_hit_tokens == PREFIX
+    pool.release(again)

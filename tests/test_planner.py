@@ -97,3 +97,22 @@ def test_planner_decision_is_visible_in_pool_stats():
     s = pool.begin(list(range(16)))
     plan = pool.stats()["planner"]
     assert plan["lower_chunks"] == 2 and plan["load_chunks"] == 2 and plan["per_chunk"][0]["tier"] == "cpu"
+
+
+def test_split_plan_balances_head_recompute_against_tail_load():
+    from kvtier.planner import SplitCostModelPlanner
+
+    cost = ModelCost.llama3_8b()
+    slow = SplitCostModelPlanner(cost, bandwidth={"cpu": 50e9, "disk": 1.0e9})
+    head, load = slow.plan_split(fake_pool(), 0, ["disk"] * 64)
+    assert 0 < head < 64 and head + load == 64
+    plan = slow.last_plan["modelled_s"]
+    assert plan["split"] < min(plan["recompute"], plan["load"])  # beats both
+    # the balance point: moving one chunk either way makes the slower side slower
+    t = lambda r: max(cost.prefill_seconds(0, r * 256), (64 - r) * slow.chunk_seconds("disk", 32 << 20))  # noqa: E731
+    assert t(head) <= t(head - 1) and t(head) <= t(head + 1)
+    fast = SplitCostModelPlanner(cost, bandwidth={"cpu": 50e9, "disk": 1.0e9})
+    assert fast.plan_split(fake_pool(), 0, ["cpu"] * 4) == (0, 4)  # a CPU tier: load it all
+    dead = SplitCostModelPlanner(cost, bandwidth={"cpu": 50e9})  # no disk bandwidth: recompute
+    assert dead.plan_split(fake_pool(), 0, ["disk"] * 8) == (8, 0)
+    assert not hasattr(CostModelPlanner(cost), "plan_split")  # the split is opt-in

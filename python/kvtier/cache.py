@@ -168,6 +168,11 @@ class StoreFuture:
             self._op.transfer.wait(self._timeout_s if timeout_s is None else timeout_s)
         return self.chunks
 
+    def landed(self) -> bool:
+        """True once a successful ``wait`` (or ``wait_layer`` of every layer, in order) proved
+        that every byte landed; never for a copy that failed."""
+        return self._landed or self._layers_landed == self.num_layers
+
     def done(self) -> bool:
         return self._op is None or self._op.transfer is None or self._op.transfer.done
 
@@ -212,6 +217,11 @@ class LoadHandle:
             raise InvalidArgumentError(f"layer must be in [0, {self.num_layers}), got {layer}")
         if self._transfer is not None:
             self._transfer.stream_wait_layer(layer, _stream_handle(stream))
+
+    def landed(self) -> bool:
+        """True once a successful ``wait`` (or ``wait_layer`` of every layer, in order) proved
+        that every byte landed; never for a copy that failed."""
+        return self._landed or self._layers_landed == self.num_layers
 
     def done(self) -> bool:
         """True once every byte has landed (or the copy ended in an error ``wait`` will raise)."""

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-__all__ = ["LoadPlanner", "ModelCost", "CostModelPlanner"]
+__all__ = ["LoadPlanner", "SplitPlanner", "ModelCost", "CostModelPlanner", "SplitCostModelPlanner"]
 
 
 @runtime_checkable
@@ -30,6 +30,15 @@ class LoadPlanner(Protocol):
     """
 
     def plan(self, pool, gpu_hit_chunks: int, tiers: list[str]) -> int: ...
+
+
+class SplitPlanner(Protocol):
+    """Optional: a planner that also has ``plan_split`` is asked it instead of ``plan``. It returns
+    ``(head, load)``: recompute the first ``head`` lower-tier chunks while the next ``load`` are
+    loaded in the background, then recompute the rest. (``PagedKVPool`` does the overlap; the
+    engine computes the head, calls ``pool.finish_tail(seq)``, then the rest.)"""
+
+    def plan_split(self, pool, gpu_hit_chunks: int, tiers: list[str]) -> tuple[int, int]: ...
 
 
 @dataclass(frozen=True)
@@ -153,3 +162,43 @@ class CostModelPlanner:
         bw = chunks * pool.layout.chunk_bytes / best
         self.bandwidth["cpu"] = bw
         return bw
+
+
+@dataclass
+class SplitCostModelPlanner(CostModelPlanner):
+    """The built-in planner with the split: recompute a head while the tail after it loads
+    (worth it where a tier is slower than recompute per chunk, such as a disk against a GPU:
+    both run at once). Same cost model and calibration as :class:`CostModelPlanner`."""
+
+    def plan_split(self, pool, gpu_hit_chunks: int, tiers: list[str]) -> tuple[int, int]:
+        """Recompute the first ``head`` lower-tier chunks while the ``load`` after them are read
+        (the pool loads that tail in the background), minimising the modelled time
+        ``max(prefill of the head, load of the tail)``. ``head = 0`` loads everything;
+        ``load = 0`` recomputes everything. Returns ``(head, load)``."""
+        ct = pool.chunk_tokens
+        chunk_bytes = pool.layout.chunk_bytes
+        n = len(tiers)
+        load_s = [self.chunk_seconds(t, chunk_bytes) for t in tiers]
+        tail = [0.0] * (n + 1)  # tail[r]: seconds to load chunks [r, n)
+        for r in range(n - 1, -1, -1):
+            tail[r] = tail[r + 1] + load_s[r]
+        start = gpu_hit_chunks * ct
+        best = (float("inf"), n)
+        for r in range(n + 1):
+            t = max(self.model.prefill_seconds(start, start + r * ct), tail[r])
+            if t < best[0]:
+                best = (t, r)
+        head = best[1]
+        load = n - head
+        self.decisions["load"] += load
+        self.decisions["recompute"] += head
+        self.last_plan = {
+            "gpu_hit_chunks": gpu_hit_chunks,
+            "lower_chunks": n,
+            "head_chunks": head,
+            "load_chunks": load,
+            "chunk_bytes": chunk_bytes,
+            "modelled_s": {"split": best[0], "recompute": self.model.prefill_seconds(start, start + n * ct),
+                           "load": tail[0]},
+        }
+        return head, load

@@ -71,34 +71,39 @@ class Sequence:
     lower_hit_tokens: int = 0
     planned_recompute_tokens: int = 0
     _chunks: list[_GpuChunk] = field(default_factory=list, repr=False)  # referenced chunks, in order
-    _loads: list[LoadHandle] = field(default_factory=list, repr=False)
-    _pending: list[LoadHandle] | None = field(default=None, repr=False)  # see _pending_loads
+    tail_start: int | None = None  # a split plan: where the tail being loaded starts (tokens)
+    _loads: list[tuple[int, LoadHandle]] = field(default_factory=list, repr=False)  # (first token, load)
+    _pending: list[tuple[int, LoadHandle]] | None = field(default=None, repr=False)  # see _pending_loads
+    _tail: tuple | None = field(default=None, repr=False)  # the tail load in flight: (Future, plan...)
     _released: bool = False
 
-    def _pending_loads(self) -> list[LoadHandle]:
-        """The distinct loads this sequence's pages wait on (many chunks share one load). Listed
-        once: chunks the sequence gains later (commit) were computed here, never loaded."""
+    def _pending_loads(self) -> list[tuple[int, LoadHandle]]:
+        """The distinct loads this sequence's pages wait on (many chunks share one load), each
+        with the first token it fills. Listed once: chunks the sequence gains later (commit) were
+        computed here, never loaded; a split plan's tail relists them when it lands."""
         if self._pending is None:
-            handles = {id(h): h for h in self._loads}
+            handles = {id(h): (start, h) for start, h in self._loads}
             for c in self._chunks:
-                if c.loading is not None:
-                    handles[id(c.loading)] = c.loading
+                if c.loading is not None and id(c.loading) not in handles:
+                    handles[id(c.loading)] = (0, c.loading)  # shared from another request's load
             self._pending = list(handles.values())
         return self._pending
 
     def wait(self, timeout_s: float | None = None) -> None:
         """Block until every page loaded from a lower tier (for this or a sharing sequence) landed."""
-        for h in self._pending_loads():
+        for _start, h in self._pending_loads():
             h.wait(timeout_s)
         self._pending = []
 
-    def wait_layer(self, layer: int, timeout_s: float | None = None) -> None:
-        """Block until layer ``layer`` of the loaded pages landed."""
+    def wait_layer(self, layer: int, timeout_s: float | None = None, *, upto: int | None = None) -> None:
+        """Block until layer ``layer`` of the loaded pages landed (only of loads that start before
+        token ``upto``, when given: the head of a split plan computes while its tail loads)."""
         pending = self._pending_loads()
-        for h in pending:
-            h.wait_layer(layer, timeout_s)
-        if pending and layer == pending[0].num_layers - 1 and all(h.done() for h in pending):
-            self._pending = []  # every layer of every load landed: later steps skip the checks
+        for start, h in pending:
+            if upto is None or start < upto:
+                h.wait_layer(layer, timeout_s)
+        if pending and layer == pending[0][1].num_layers - 1 and all(h.landed() for _s, h in pending):
+            self._pending = []  # every layer of every load proved landed: later steps skip the checks
 
 
 class PagedKVPool:
@@ -179,6 +184,7 @@ class PagedKVPool:
         self._chunks: OrderedDict[bytes, _GpuChunk] = OrderedDict()  # LRU order of unreferenced use
         self._lock = threading.RLock()
         self._next_seq = 0
+        self._tail_loader = None  # a thread, made on the first split plan
         self._stats = dict(begins=0, gpu_hit_chunks=0, lower_hit_chunks=0, miss_chunks=0,
                            planned_recompute_chunks=0, evicted_chunks=0, offloaded_chunks=0,
                            offload_skipped_chunks=0, committed_chunks=0)
@@ -276,7 +282,7 @@ class PagedKVPool:
                 seq._chunks.append(c)
                 seq.page_table.extend(c.pages)
             gpu_hits = len(seq._chunks)
-            lower = 0
+            lower = head = 0
             peers = self.cache._peers if self.cache is not None else None
             if self.cache is not None and gpu_hits < len(keys):
                 lower = self.cache._tier.lookup(b"".join(keys[gpu_hits:]))
@@ -284,7 +290,13 @@ class PagedKVPool:
                     lower += peers.lookup(keys[gpu_hits + lower:])
                 if lower and self.planner is not None:
                     tiers = self._tiers_of(keys[gpu_hits:gpu_hits + lower])
-                    keep = max(0, min(lower, int(self.planner.plan(self, gpu_hits, tiers))))
+                    split = getattr(self.planner, "plan_split", None)
+                    if split is not None:  # recompute a head while the tail after it loads
+                        head, keep = (int(x) for x in split(self, gpu_hits, tiers))
+                        head = max(0, min(lower, head))
+                        keep = max(0, min(lower - head, keep))
+                    else:
+                        keep = max(0, min(lower, int(self.planner.plan(self, gpu_hits, tiers))))
                     seq.planned_recompute_tokens = (lower - keep) * ct
                     self._stats["planned_recompute_chunks"] += lower - keep
                     lower = keep
@@ -294,6 +306,14 @@ class PagedKVPool:
                 self._drop_refs(seq)
                 raise
             loaded = 0
+            if lower and head:  # split: the tail loads in the background while the head computes
+                first = gpu_hits + head
+                dst = np.asarray(pages[head * ppc:(head + lower) * ppc], dtype=np.int64)
+                fut = self._loader().submit(self._load, keys[first:first + lower], dst,
+                                            self.cache._default_stream(stream))
+                seq._tail = (fut, first, lower, keys[first:first + lower], pages[head * ppc:(head + lower) * ppc])
+                seq.tail_start = first * ct
+                lower = 0  # counted when it lands (finish_tail)
             if lower:
                 dst = np.asarray(pages[: lower * ppc], dtype=np.int64)
                 if peers is not None:  # local chunks first, then pulls of the rest
@@ -303,23 +323,66 @@ class PagedKVPool:
                                                self.cache._default_stream(stream))
                 loaded = op.chunks
                 if loaded:
-                    handle = LoadHandle(op, loaded * ct, self.num_layers, self.cache.config.timeout_s)
-                    seq._loads.append(handle)
-                    for i in range(loaded):
-                        k = keys[gpu_hits + i]
-                        c = _GpuChunk(k, tuple(pages[i * ppc:(i + 1) * ppc]), refs=1, loading=handle)
-                        if k in self._chunks:  # registered meanwhile by another request: keep ours private
-                            continue
-                        self._chunks[k] = c
-                        seq._chunks.append(c)
+                    self._register_loaded(seq, op, gpu_hits * ct, keys[gpu_hits:gpu_hits + loaded], pages)
             seq.page_table.extend(pages)
             seq.gpu_hit_tokens = gpu_hits * ct
             seq.lower_hit_tokens = loaded * ct
             seq.cached_tokens = (gpu_hits + loaded) * ct
             self._stats["gpu_hit_chunks"] += gpu_hits
             self._stats["lower_hit_chunks"] += loaded
-            self._stats["miss_chunks"] += len(keys) - gpu_hits - loaded
+            self._stats["miss_chunks"] += len(keys) - gpu_hits - loaded - (seq._tail[2] if seq._tail else 0)
             return seq
+
+    def _register_loaded(self, seq: Sequence, op, first_token: int, keys: list[bytes], pages: list[int]) -> None:
+        """Chunks ``keys`` are landing in ``pages`` (``ppc`` a chunk) through ``op``: the
+        sequence waits on it from ``first_token`` on, and later requests share the chunks."""
+        ppc = self.pages_per_chunk
+        handle = LoadHandle(op, len(keys) * self.chunk_tokens, self.num_layers, self.cache.config.timeout_s)
+        seq._loads.append((first_token, handle))
+        seq._pending = None
+        for i, k in enumerate(keys):
+            c = _GpuChunk(k, tuple(pages[i * ppc:(i + 1) * ppc]), refs=1, loading=handle)
+            if k in self._chunks:  # registered meanwhile by another request: keep ours private
+                continue
+            self._chunks[k] = c
+            seq._chunks.append(c)
+
+    def _loader(self):
+        """The thread that runs split plans' tail loads (a disk read blocks until it is done)."""
+        if self._tail_loader is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._tail_loader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-tail-load")
+        return self._tail_loader
+
+    def _load(self, keys: list[bytes], pages: np.ndarray, stream: int):
+        """Start loading ``keys`` into ``pages`` (CPU / disk tiers, then peers); returns the op."""
+        peers = self.cache._peers
+        if peers is not None:
+            return peers.load(keys, pages, stream)
+        return self.cache._tier.load(b"".join(keys), pages, stream)
+
+    def finish_tail(self, seq: Sequence, timeout_s: float | None = None) -> int:
+        """A split plan's head is computed: wait until the tail's load has started (its disk
+        reads done; the copy into pages may still run, waited per layer like any load) and
+        return how many tokens from ``seq.tail_start`` it holds (fewer than planned when a chunk
+        vanished meanwhile: compute those). 0 without a split plan, or when the load failed."""
+        if seq._tail is None:
+            return 0
+        fut, first, planned, keys, pages = seq._tail
+        try:
+            op = fut.result(timeout=self.cache.config.timeout_s if timeout_s is None else timeout_s)
+        except KVTierError:
+            op = None  # a miss: the tail is recomputed
+        with self._lock:
+            seq._tail = None
+            loaded = op.chunks if op is not None else 0
+            if loaded:
+                self._register_loaded(seq, op, first * self.chunk_tokens, keys[:loaded], pages)
+            seq.lower_hit_tokens += loaded * self.chunk_tokens
+            self._stats["lower_hit_chunks"] += loaded
+            self._stats["miss_chunks"] += planned - loaded
+        return loaded * self.chunk_tokens
 
     def extend(self, seq: Sequence, num_tokens: int) -> list[int]:
         """Grow ``seq`` to ``num_tokens`` tokens (decode); returns its new pages."""
@@ -335,6 +398,7 @@ class PagedKVPool:
         """Register the full chunks of ``tokens`` (the sequence's tokens so far, whose KV is now
         computed into its pages) so later requests share them. Returns chunks newly registered."""
         self._check_live(seq)
+        self.finish_tail(seq)
         keys = self.keyer.keys(tokens)
         ppc = self.pages_per_chunk
         if len(keys) * ppc > len(seq.page_table):
@@ -343,7 +407,9 @@ class PagedKVPool:
         added = 0
         with self._lock:
             have = {id(c) for c in seq._chunks}
-            for i in range(len(seq._chunks), len(keys)):
+            # Ours (hits, loads, earlier commits) lead, except after a split plan: then the head
+            # computed before the loaded tail is registered too.
+            for i in range(0 if seq.tail_start is not None else len(seq._chunks), len(keys)):
                 k = keys[i]
                 if k in self._chunks:
                     existing = self._chunks[k]
@@ -358,7 +424,7 @@ class PagedKVPool:
                 added += 1
             self._stats["committed_chunks"] += added
             if added and self.write_through:
-                self._write_through(seq._chunks[-added:])
+                self._write_through(seq._chunks[len(seq._chunks) - added:])
         return added
 
     def _write_through(self, chunks: list[_GpuChunk]) -> None:
@@ -377,6 +443,7 @@ class PagedKVPool:
 
     def release(self, seq: Sequence) -> None:
         """The request is over: drop its references; pages not in a registered chunk are freed."""
+        self.finish_tail(seq)  # its pages may be in the middle of a load
         with self._lock:
             if seq._released:
                 return
@@ -424,5 +491,7 @@ class PagedKVPool:
         return s
 
     def close(self) -> None:
+        if self._tail_loader is not None:
+            self._tail_loader.shutdown(wait=True)
         if self.cache is not None:
             self.cache.close()

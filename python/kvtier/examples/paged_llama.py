@@ -112,7 +112,7 @@ class PagedKV:
         self._pages(layer, 1)[page, slot] = v
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.seq.wait_layer(layer)
+        self.seq.wait_layer(layer, upto=end)
         pages = self.page_table[: math.ceil(end / self.pool.page_tokens)]
         k = self._pages(layer, 0)[pages].flatten(0, 1)[:end]  # gather: [pages, pt, h, d] -> [end, h, d]
         v = self._pages(layer, 1)[pages].flatten(0, 1)[:end]
@@ -377,7 +377,8 @@ class Engine:
         """Compute the K/V of ``prompt[seq.cached_tokens:]`` into the sequence's pages.
 
         Returns float32 logits: ``[vocab]`` of the last prompt token, or with ``all_logits``
-        ``[len(prompt) - seq.cached_tokens, vocab]``, one row per computed token.
+        one row per computed token (``[len(prompt) - seq.cached_tokens, vocab]`` unless a split
+        plan loaded a tail: its tokens are skipped).
         """
         ids = self._ids(prompt, "prompt")
         n, step = len(prompt), self.prefill_tokens
@@ -386,8 +387,15 @@ class Engine:
                 f"prompt: all {n} tokens are cached, none left to compute (start requests with Engine.start)")
         kv = PagedKV(self.pool, seq)
         out, start = [], seq.cached_tokens
+        tail = seq.tail_start  # a split plan: the head computes while the tail from here loads
         while start < n:
+            if tail is not None and start == tail:
+                start += self.pool.finish_tail(seq)  # the tokens it holds are in place
+                tail = None
+                continue
             end = n if step is None else min(n, (start // step + 1) * step)
+            if tail is not None:
+                end = min(end, tail)
             out.append(self.model(ids[start:end], [Span(kv, start, end - start)], all_logits=all_logits))
             start = end
         return torch.cat(out) if all_logits else out[-1][0]
