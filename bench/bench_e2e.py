@@ -36,7 +36,7 @@ LLAMA3_8B = dict(vocab=32000, hidden=4096, layers=32, heads=32, kv_heads=8, inte
 TINY = dict(vocab=1024, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256)
 PAGE, CHUNK = 16, 256
 DECODE_TOKENS = 64
-DECODE_REPS = 7
+DECODE_REPS = 5
 
 
 def sync(device):
