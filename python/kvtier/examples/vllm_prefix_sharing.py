@@ -28,8 +28,16 @@ import uuid
 from pathlib import Path
 
 
-def write_tiny_llama(directory: str | os.PathLike, *, layers: int = 2, hidden: int = 256,
-                     heads: int = 4, kv_heads: int = 2, vocab: int = 1024, seed: int = 0) -> Path:
+def write_tiny_llama(
+    directory: str | os.PathLike,
+    *,
+    layers: int = 2,
+    hidden: int = 256,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 1024,
+    seed: int = 0,
+) -> Path:
     """Write a random Llama checkpoint (``config.json`` + ``model.safetensors``, fp32).
 
     The weights are drawn with standard deviations of a trained model's order (0.1-0.15, an
@@ -43,33 +51,50 @@ def write_tiny_llama(directory: str | os.PathLike, *, layers: int = 2, hidden: i
     directory.mkdir(parents=True, exist_ok=True)
     head_dim = hidden // heads
     inter = 2 * hidden
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-              "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": vocab,
-              "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-              "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
-              "tie_word_embeddings": False}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "torch_dtype": "float32",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+    }
     (directory / "config.json").write_text(json.dumps(config))
     gen = torch.Generator().manual_seed(seed)
 
     def w(rows: int, cols: int, std: float):
         return (torch.randn(rows, cols, generator=gen) * std).contiguous()
 
-    tensors = {"model.embed_tokens.weight": w(vocab, hidden, 1.0),
-               "model.norm.weight": torch.ones(hidden), "lm_head.weight": w(vocab, hidden, 0.1)}
+    tensors = {
+        "model.embed_tokens.weight": w(vocab, hidden, 1.0),
+        "model.norm.weight": torch.ones(hidden),
+        "lm_head.weight": w(vocab, hidden, 0.1),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        tensors.update({
-            p + "self_attn.q_proj.weight": w(heads * head_dim, hidden, 0.15),
-            p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden, 0.15),
-            p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden, 0.1),
-            p + "self_attn.o_proj.weight": w(hidden, heads * head_dim, 0.1),
-            p + "mlp.gate_proj.weight": w(inter, hidden, 0.1),
-            p + "mlp.up_proj.weight": w(inter, hidden, 0.1),
-            p + "mlp.down_proj.weight": w(hidden, inter, 0.1),
-            p + "input_layernorm.weight": torch.ones(hidden),
-            p + "post_attention_layernorm.weight": torch.ones(hidden),
-        })
+        tensors.update(
+            {
+                p + "self_attn.q_proj.weight": w(heads * head_dim, hidden, 0.15),
+                p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden, 0.15),
+                p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden, 0.1),
+                p + "self_attn.o_proj.weight": w(hidden, heads * head_dim, 0.1),
+                p + "mlp.gate_proj.weight": w(inter, hidden, 0.1),
+                p + "mlp.up_proj.weight": w(inter, hidden, 0.1),
+                p + "mlp.down_proj.weight": w(hidden, inter, 0.1),
+                p + "input_layernorm.weight": torch.ones(hidden),
+                p + "post_attention_layernorm.weight": torch.ones(hidden),
+            }
+        )
     save_file(tensors, str(directory / "model.safetensors"))
     return directory
 
@@ -85,9 +110,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cpu-bytes", default="1GiB", help="kvtier CPU tier")
     ap.add_argument("--disk-dir", help="kvtier disk tier directory (off by default)")
     ap.add_argument("--disk-bytes", default="4GiB")
-    ap.add_argument("--listen", help="peer service address, e.g. 0.0.0.0:7400 (no peers by default)")
+    ap.add_argument(
+        "--listen", help="peer service address, e.g. 0.0.0.0:7400 (no peers by default)"
+    )
     ap.add_argument("--seeds", default="", help="comma-separated peer addresses to join through")
-    ap.add_argument("--secret", default=None, help="cluster secret shared by all peers (>= 16 bytes)")
+    ap.add_argument(
+        "--secret", default=None, help="cluster secret shared by all peers (>= 16 bytes)"
+    )
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args(argv)
 
@@ -99,9 +128,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = args.model
     if model is None:
-        model = str(write_tiny_llama(tempfile.mkdtemp(prefix="kvtier-tiny-llama-"),
-                                     layers=args.layers, hidden=args.hidden,
-                                     heads=max(1, args.hidden // 64), kv_heads=max(1, args.hidden // 128)))
+        model = str(
+            write_tiny_llama(
+                tempfile.mkdtemp(prefix="kvtier-tiny-llama-"),
+                layers=args.layers,
+                hidden=args.hidden,
+                heads=max(1, args.hidden // 64),
+                kv_heads=max(1, args.hidden // 128),
+            )
+        )
     extra: dict = {"cpu_bytes": args.cpu_bytes}
     if args.disk_dir:
         extra.update(disk_dir=args.disk_dir, disk_bytes=args.disk_bytes)
@@ -118,9 +153,16 @@ def main(argv: list[str] | None = None) -> dict:
         kv_connector_extra_config=extra,
     )
     t0 = time.perf_counter()
-    llm = LLM(model=model, skip_tokenizer_init=True, enforce_eager=True, seed=0, dtype=args.dtype,
-              block_size=args.block_size, max_model_len=args.prompt_tokens + 64,
-              kv_transfer_config=kv_config)
+    llm = LLM(
+        model=model,
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+        seed=0,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        max_model_len=args.prompt_tokens + 64,
+        kv_transfer_config=kv_config,
+    )
     start_s = time.perf_counter() - t0
     one_token = SamplingParams(temperature=0, max_tokens=1)
 
@@ -143,17 +185,30 @@ def main(argv: list[str] | None = None) -> dict:
         same &= miss_tokens == hit_tokens
     stats = worker_stats(engine_id)
     report = {
-        "model": model if args.model else f"random Llama, {args.layers} layers, hidden {args.hidden}",
-        "prompt_tokens": args.prompt_tokens, "block_size": args.block_size, "trials": args.trials,
+        "model": model
+        if args.model
+        else f"random Llama, {args.layers} layers, hidden {args.hidden}",
+        "prompt_tokens": args.prompt_tokens,
+        "block_size": args.block_size,
+        "trials": args.trials,
         "engine_start_s": round(start_s, 2),
         "ttft_recompute_s": round(statistics.median(misses), 4),
         "ttft_kvtier_hit_s": round(statistics.median(hits), 4),
         "speedup": round(statistics.median(misses) / statistics.median(hits), 2),
         "hit_tokens_reported_to_vllm": cached,
         "first_token_identical": same,
-        "connector": {k: stats[k] for k in ("lookups", "lookup_hit_tokens", "load_requests",
-                                            "loaded_tokens", "load_failed_tokens", "saved_chunks",
-                                            "hit_chunks_by_tier")},
+        "connector": {
+            k: stats[k]
+            for k in (
+                "lookups",
+                "lookup_hit_tokens",
+                "load_requests",
+                "loaded_tokens",
+                "load_failed_tokens",
+                "saved_chunks",
+                "hit_chunks_by_tier",
+            )
+        },
     }
     print(json.dumps(report))
     return report

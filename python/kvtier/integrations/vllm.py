@@ -58,6 +58,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import struct
 import tempfile
 import threading
@@ -71,7 +72,7 @@ import torch
 
 from kvtier.cache import KVCache, LoadHandle, StoreFuture
 from kvtier.config import KVTierConfig
-from kvtier.errors import InvalidArgumentError, KVTierError
+from kvtier.errors import FailedPreconditionError, InvalidArgumentError, KVTierError
 from kvtier.layout import Layout, Segment
 
 try:
@@ -95,13 +96,18 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-__all__ = ["KVTierConnector", "KVTierConnectorMetadata", "describe_kv_caches", "lookup_socket_path",
-           "worker_drain", "worker_lookup", "worker_stats"]
+__all__ = [
+    "KVTierConnector",
+    "KVTierConnectorMetadata",
+    "describe_kv_caches",
+    "lookup_socket_path",
+    "worker_drain",
+    "worker_lookup",
+    "worker_stats",
+]
 
 logger = logging.getLogger(__name__)
 
-# Keys of kv_connector_extra_config that belong to the connector, not to KVTierConfig.
-_CONNECTOR_KEYS = ("config_file", "chunk_tokens", "cluster_secret", "layerwise")
 _TIER_CODES = {1: CacheHitSource.HOST, 2: CacheHitSource.DISK, 3: CacheHitSource.P2P}
 
 
@@ -121,28 +127,39 @@ class _Settings:
         where = "kv_connector_extra_config"
         block_size = int(vllm_config.cache_config.block_size)
         config_file = extra.pop("config_file", None)
-        if config_file is not None and not (isinstance(config_file, str) and os.path.isfile(config_file)):
+        if config_file is not None and not (
+            isinstance(config_file, str) and os.path.isfile(config_file)
+        ):
             raise InvalidArgumentError(f"{where}.config_file={config_file!r} is not a file")
         chunk_tokens = extra.pop("chunk_tokens", block_size)
-        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens <= 0 \
-                or chunk_tokens % block_size:
+        if (
+            isinstance(chunk_tokens, bool)
+            or not isinstance(chunk_tokens, int)
+            or chunk_tokens <= 0
+            or chunk_tokens % block_size
+        ):
             raise InvalidArgumentError(
                 f"{where}.chunk_tokens must be a positive multiple of vLLM's block_size "
-                f"({block_size}), got {chunk_tokens!r}")
+                f"({block_size}), got {chunk_tokens!r}"
+            )
         layerwise = extra.pop("layerwise", True)
         if not isinstance(layerwise, bool):
-            raise InvalidArgumentError(f"{where}.layerwise must be true or false, got {layerwise!r}")
+            raise InvalidArgumentError(
+                f"{where}.layerwise must be true or false, got {layerwise!r}"
+            )
         secret = extra.pop("cluster_secret", None)
         peers = extra.pop("peers", None)
         if peers is not None and not isinstance(peers, dict):
             raise InvalidArgumentError(
                 f"{where}.peers must be a mapping of peer settings (listen, seeds, secret, "
-                f"secret_file, ...), got {type(peers).__name__}")
+                f"secret_file, ...), got {type(peers).__name__}"
+            )
         peers = dict(peers or {})
         if secret is not None:
             if "secret" in peers or "secret_file" in peers:
                 raise InvalidArgumentError(
-                    f"{where}: give cluster_secret or peers.secret / peers.secret_file, not both")
+                    f"{where}: give cluster_secret or peers.secret / peers.secret_file, not both"
+                )
             peers["secret"] = secret
         if peers:
             extra["peers"] = peers
@@ -153,7 +170,9 @@ class _Settings:
         peers_cfg = dict(config.peers)
         if peers_cfg.get("listen") is None:
             if any(v for k, v in peers_cfg.items() if k != "listen"):
-                raise InvalidArgumentError(f"{where}.peers.listen is required when peers are configured")
+                raise InvalidArgumentError(
+                    f"{where}.peers.listen is required when peers are configured"
+                )
             peers_cfg = None
         else:  # PeerConfig checks the rest (secret, timeouts) and names the field
             from kvtier.p2p.config import PeerConfig
@@ -176,16 +195,19 @@ def _check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | N
     if par.tensor_parallel_size != 1 or par.pipeline_parallel_size != 1:
         raise InvalidArgumentError(
             "KVTierConnector supports tensor_parallel_size=1 and pipeline_parallel_size=1 only, "
-            f"got {par.tensor_parallel_size} and {par.pipeline_parallel_size}")
+            f"got {par.tensor_parallel_size} and {par.pipeline_parallel_size}"
+        )
     if kv_cache_config is not None and len(kv_cache_config.kv_cache_groups) != 1:
         raise InvalidArgumentError(
             "KVTierConnector supports models with one full-attention KV cache group; this model "
-            f"has {len(kv_cache_config.kv_cache_groups)} (hybrid or sliding-window layers)")
+            f"has {len(kv_cache_config.kv_cache_groups)} (hybrid or sliding-window layers)"
+        )
 
 
 # -- layout of vLLM's KV tensors -----------------------------------------------------------------
-def describe_kv_caches(kv_caches: dict[str, torch.Tensor], block_size: int,
-                       chunk_tokens: int) -> tuple[Layout, dict[str, int]]:
+def describe_kv_caches(
+    kv_caches: dict[str, torch.Tensor], block_size: int, chunk_tokens: int
+) -> tuple[Layout, dict[str, int]]:
     """A :class:`Layout` of vLLM's per-layer KV views and the layer index of each layer name.
 
     vLLM (>= 0.32) hands every layer's cache as a ``[B, H, N, C]`` view (B kernel blocks of N
@@ -201,7 +223,8 @@ def describe_kv_caches(kv_caches: dict[str, torch.Tensor], block_size: int,
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise InvalidArgumentError(
                 f"kv_caches[{name!r}]: expected vLLM's [blocks, heads, block_tokens, content] view, "
-                f"got {type(t).__name__} of shape {tuple(getattr(t, 'shape', ()))}")
+                f"got {type(t).__name__} of shape {tuple(getattr(t, 'shape', ()))}"
+            )
         ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
         if ident not in seen:
             seen[ident] = len(tensors)
@@ -215,11 +238,13 @@ def describe_kv_caches(kv_caches: dict[str, torch.Tensor], block_size: int,
         if t.shape != t0.shape or t.dtype != t0.dtype or t.device != t0.device:
             raise InvalidArgumentError(
                 f"kv_caches[{name!r}] is {tuple(t.shape)} {t.dtype} on {t.device}, but the first "
-                f"layer is {tuple(t0.shape)} {t0.dtype} on {t0.device}")
+                f"layer is {tuple(t0.shape)} {t0.dtype} on {t0.device}"
+            )
     blocks, heads, page_tokens, content = (int(d) for d in t0.shape)
     if block_size % page_tokens:
         raise InvalidArgumentError(
-            f"vLLM's block_size ({block_size}) is not a multiple of the kernel block ({page_tokens})")
+            f"vLLM's block_size ({block_size}) is not a multiple of the kernel block ({page_tokens})"
+        )
     esize = t0.element_size()
     dims = sorted((1, 2, 3), key=lambda d: (t0.stride(d), d))
     expect, dense = 1, True
@@ -232,27 +257,51 @@ def describe_kv_caches(kv_caches: dict[str, torch.Tensor], block_size: int,
         order = "".join("HNC"[d - 1] for d in reversed(dims))
         page_shape = tuple(int(t0.shape[d]) for d in reversed(dims))
         for i, t in enumerate(tensors):
-            segments.append(Segment(t.data_ptr(), t.stride(0) * esize, heads * page_tokens * content * esize,
-                                    blocks, f"layer{i}"))
+            segments.append(
+                Segment(
+                    t.data_ptr(),
+                    t.stride(0) * esize,
+                    heads * page_tokens * content * esize,
+                    blocks,
+                    f"layer{i}",
+                )
+            )
         per_layer = 1
     elif t0.stride(3) == 1 and t0.stride(2) == content:  # heads outermost: a page per head
         order = "H|NC"
         page_shape = (page_tokens, content)
         for i, t in enumerate(tensors):
             for h in range(heads):
-                segments.append(Segment(t.data_ptr() + h * t.stride(1) * esize, t.stride(0) * esize,
-                                        page_tokens * content * esize, blocks, f"layer{i}.head{h}"))
+                segments.append(
+                    Segment(
+                        t.data_ptr() + h * t.stride(1) * esize,
+                        t.stride(0) * esize,
+                        page_tokens * content * esize,
+                        blocks,
+                        f"layer{i}.head{h}",
+                    )
+                )
         per_layer = heads
     else:
         raise InvalidArgumentError(
             f"kv_caches: a block's bytes are scattered (shape {tuple(t0.shape)}, strides "
-            f"{tuple(t0.stride())}); kvtier needs each block, or each head of a block, contiguous")
+            f"{tuple(t0.stride())}); kvtier needs each block, or each head of a block, contiguous"
+        )
     layout = Layout.from_segments(
-        segments, page_tokens=page_tokens, chunk_tokens=chunk_tokens,
-        dtype=str(t0.dtype).removeprefix("torch."), element_size=esize,
-        page_shape=page_shape, num_layers=len(tensors),
-        layer_segments=[tuple(range(i * per_layer, (i + 1) * per_layer)) for i in range(len(tensors))],
-        kind=f"vllm_{order}", device=str(t0.device), tensors=tensors)
+        segments,
+        page_tokens=page_tokens,
+        chunk_tokens=chunk_tokens,
+        dtype=str(t0.dtype).removeprefix("torch."),
+        element_size=esize,
+        page_shape=page_shape,
+        num_layers=len(tensors),
+        layer_segments=[
+            tuple(range(i * per_layer, (i + 1) * per_layer)) for i in range(len(tensors))
+        ],
+        kind=f"vllm_{order}",
+        device=str(t0.device),
+        tensors=tensors,
+    )
     return layout, index
 
 
@@ -262,13 +311,24 @@ def lookup_socket_path(engine_id: str) -> str:
     socket in a directory only this user can enter)."""
     directory = os.path.join(tempfile.gettempdir(), f"kvtier-vllm-{os.getuid()}")
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    os.chmod(directory, 0o700)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        # Someone else made it first: its sockets could answer (or overhear) our lookups.
+        raise FailedPreconditionError(
+            f"{directory} is not a directory owned by this user (uid {os.getuid()}); remove it"
+        )
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(directory, 0o700)
+    if "/" in engine_id or engine_id in ("", ".", ".."):
+        raise InvalidArgumentError(f"engine_id {engine_id!r} cannot name a socket file")
     return os.path.join(directory, f"{engine_id}.sock")
 
 
 def _authkey(engine_id: str) -> bytes:
     # The directory's permissions keep other users out; the key keeps other engines' clients out.
-    return hashlib.blake2b(f"kvtier-vllm|{engine_id}|{os.getuid()}".encode(), digest_size=32).digest()
+    return hashlib.blake2b(
+        f"kvtier-vllm|{engine_id}|{os.getuid()}".encode(), digest_size=32
+    ).digest()
 
 
 _OP_LOOKUP, _OP_STATS, _OP_DRAIN = b"L", b"S", b"D"
@@ -360,15 +420,15 @@ def worker_lookup(engine_id: str, tokens, timeout_s: float = 10.0) -> int:
 @dataclass
 class _LoadSpec:
     req_id: str
-    tokens: bytes       # int32 LE prompt tokens up to the end of the hit
-    skip_chunks: int    # leading chunks vLLM already holds (its own prefix cache)
+    tokens: bytes  # int32 LE prompt tokens up to the end of the hit
+    skip_chunks: int  # leading chunks vLLM already holds (its own prefix cache)
     block_ids: list[int]  # the request's blocks covering the hit, from block 0
 
 
 @dataclass
 class _SaveSpec:
     req_id: str
-    tokens: bytes       # int32 LE prompt tokens up to the end of the last full chunk computed
+    tokens: bytes  # int32 LE prompt tokens up to the end of the last full chunk computed
     block_ids: list[int]
 
 
@@ -385,7 +445,7 @@ class KVTierConnectorMetadata(KVConnectorMetadata):
 class _RequestState:
     tokens: np.ndarray
     block_ids: list[int]
-    saved_upto: int = 0       # tokens whose chunks a save already covers (or a load brought)
+    saved_upto: int = 0  # tokens whose chunks a save already covers (or a load brought)
     saves_issued: bool = False
 
 
@@ -403,8 +463,12 @@ class KVTierConnector(KVConnectorBase_V1):
 
     _cache_hit_source = CacheHitSource.HOST
 
-    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
-                 kv_cache_config: KVCacheConfig | None = None) -> None:
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         _check_supported(vllm_config, kv_cache_config)
         self._settings = _Settings.from_vllm(vllm_config)
@@ -421,11 +485,12 @@ class KVTierConnector(KVConnectorBase_V1):
                     "kvtier: kv_load_failure_policy=%r: a prefix that cannot be loaded (evicted "
                     "since the lookup, a peer gone) fails its request; set "
                     "kv_load_failure_policy='recompute' to recompute it instead",
-                    ktc.kv_load_failure_policy)
+                    ktc.kv_load_failure_policy,
+                )
             self._client = _LookupClient(self._engine_id, timeout_s)
             self._requests: dict[str, _RequestState] = {}
-            self._pending_loads: dict[str, tuple[int, int]] = {}   # req -> (start, end) tokens
-            self._lookups: dict[str, tuple[int, bytes]] = {}        # req -> (hit, tier codes)
+            self._pending_loads: dict[str, tuple[int, int]] = {}  # req -> (start, end) tokens
+            self._lookups: dict[str, tuple[int, bytes]] = {}  # req -> (hit, tier codes)
         else:
             self._cache: KVCache | None = None
             self._layer_index: dict[str, int] = {}
@@ -438,10 +503,17 @@ class KVTierConnector(KVConnectorBase_V1):
             self._stores: dict[str, list[StoreFuture]] = {}
             self._finished: set[str] = set()
             self._counters: dict[str, Any] = {
-                "lookups": 0, "lookup_hit_tokens": 0,
-                "load_requests": 0, "load_requested_tokens": 0, "loaded_tokens": 0,
-                "load_failed_tokens": 0, "load_failed_blocks": 0, "load_errors": 0,
-                "save_requests": 0, "saved_chunks": 0, "store_errors": 0,
+                "lookups": 0,
+                "lookup_hit_tokens": 0,
+                "load_requests": 0,
+                "load_requested_tokens": 0,
+                "loaded_tokens": 0,
+                "load_failed_tokens": 0,
+                "load_failed_blocks": 0,
+                "load_errors": 0,
+                "save_requests": 0,
+                "saved_chunks": 0,
+                "store_errors": 0,
                 "hit_chunks_by_tier": {"cpu": 0, "disk": 0, "peer": 0},
             }
 
@@ -457,9 +529,13 @@ class KVTierConnector(KVConnectorBase_V1):
         self._cache.metrics = Metrics.from_config(cfg, stats_fn=self._cache.stats)
         self._on_gpu = layout.device != "cpu"
         self._start_server()
-        logger.info("kvtier: connector ready: %r, cpu tier %d chunks, disk %s, peers %s",
-                    layout, self._cache.stats()["capacity_chunks"], cfg.disk.dir,
-                    self._cache.stats().get("peers", {}).get("address"))
+        logger.info(
+            "kvtier: connector ready: %r, cpu tier %d chunks, disk %s, peers %s",
+            layout,
+            self._cache.stats()["capacity_chunks"],
+            cfg.disk.dir,
+            self._cache.stats().get("peers", {}).get("address"),
+        )
 
     def _pages(self, block_ids: list[int]) -> np.ndarray:
         blocks = np.asarray(block_ids, dtype=np.int64)
@@ -468,25 +544,30 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._connector_metadata
-        if not isinstance(meta, KVTierConnectorMetadata) or not meta.loads or self._cache is None:
+        if not isinstance(meta, KVTierConnectorMetadata) or not meta.loads:
             return
         ct = self._chunk_tokens
         bpc = ct // self._block_size  # vLLM blocks per chunk
+        if self._cache is None:  # no KV registered (cannot happen in vLLM 0.32): recompute all
+            for spec in meta.loads:
+                blocks = spec.block_ids[spec.skip_chunks * bpc :]
+                self._fail(blocks, len(blocks) * self._block_size)
+            return
         for spec in meta.loads:
             tokens = _tokens_array(spec.tokens)
             want = len(tokens) // ct - spec.skip_chunks
-            blocks = spec.block_ids[spec.skip_chunks * bpc:]
+            blocks = spec.block_ids[spec.skip_chunks * bpc :]
             self._counters["load_requests"] += 1
             self._counters["load_requested_tokens"] += want * ct
             try:
                 handle = self._load(tokens, spec.skip_chunks, self._pages(blocks))
                 got = handle.num_tokens // ct
-            except KVTierError as e:
-                logger.warning("kvtier: load of request %s failed: %s", spec.req_id, e)
+            except Exception as e:  # noqa: BLE001 - any failure is a recompute, never a crash
+                logger.warning("kvtier: load of request %s failed: %r", spec.req_id, e)
                 self._counters["load_errors"] += 1
                 handle, got = None, 0
             if got < want:  # evicted since the lookup, or a peer failed: vLLM recomputes these
-                self._fail(blocks[got * bpc:], (want - got) * ct)
+                self._fail(blocks[got * bpc :], (want - got) * ct)
             self._loads.append((spec, handle, blocks[: got * bpc]))
             self._counters["loaded_tokens"] += got * ct
         if not self._settings.layerwise:
@@ -504,8 +585,12 @@ class KVTierConnector(KVConnectorBase_V1):
             op = cache._peers.load(keys, pages, stream)
         else:
             op = cache._tier.load(b"".join(keys), pages, stream)
-        return LoadHandle(op, op.chunks * cache.layout.chunk_tokens, cache.layout.num_layers,
-                          cache.config.timeout_s)
+        return LoadHandle(
+            op,
+            op.chunks * cache.layout.chunk_tokens,
+            cache.layout.num_layers,
+            cache.config.timeout_s,
+        )
 
     def _fail(self, blocks: list[int], tokens: int) -> None:
         self._failed_blocks.update(blocks)
@@ -525,7 +610,9 @@ class KVTierConnector(KVConnectorBase_V1):
                 else:
                     handle.wait_layer(layer)
             except (KVTierError, TimeoutError) as e:
-                logger.warning("kvtier: load of request %s failed at layer %d: %s", spec.req_id, layer, e)
+                logger.warning(
+                    "kvtier: load of request %s failed at layer %d: %s", spec.req_id, layer, e
+                )
                 self._counters["load_errors"] += 1
                 self._fail(blocks, len(blocks) * self._block_size)
                 self._counters["loaded_tokens"] -= len(blocks) * self._block_size
@@ -544,7 +631,9 @@ class KVTierConnector(KVConnectorBase_V1):
                 self._counters["loaded_tokens"] -= len(blocks) * self._block_size
         self._loads = []
 
-    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any
+    ) -> None:
         # A chunk's blob holds every layer, so the store is submitted once, in wait_for_save,
         # after the last layer (on a GPU it is ordered after the forward on the compute stream).
         return
@@ -559,8 +648,8 @@ class KVTierConnector(KVConnectorBase_V1):
             self._counters["save_requests"] += 1
             try:
                 fut = self._cache.store(_tokens_array(spec.tokens), self._pages(spec.block_ids))
-            except KVTierError as e:
-                logger.warning("kvtier: store of request %s failed: %s", spec.req_id, e)
+            except Exception as e:  # noqa: BLE001 - a store that fails is a later miss
+                logger.warning("kvtier: store of request %s failed: %r", spec.req_id, e)
                 self._counters["store_errors"] += 1
                 continue
             self._counters["saved_chunks"] += fut.chunks
@@ -632,8 +721,9 @@ class KVTierConnector(KVConnectorBase_V1):
                     return
                 time.sleep(0.01)
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name="kvtier-vllm-lookup-conn",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._serve, args=(conn,), name="kvtier-vllm-lookup-conn", daemon=True
+            ).start()
 
     def _serve(self, conn) -> None:
         with conn:
@@ -665,10 +755,13 @@ class KVTierConnector(KVConnectorBase_V1):
         cache = self._cache
         if cache is None:
             return struct.pack("<q", 0)
+        keys = cache._keyer.keys(tokens)
+        # Where the leading local chunks are, read before lookup() starts prefetching disk
+        # chunks into the CPU tier: the sources reported to vLLM are where the hit was found.
+        local = bytes(cache._tier.lookup_tiers(b"".join(keys))) if keys else b""
         hit = cache.lookup(tokens)  # local tiers (starting disk prefetch), then peers
         chunks = hit // self._chunk_tokens
-        local = cache._tier.lookup_tiers(b"".join(cache._keyer.keys(tokens[:hit]))) if chunks else b""
-        codes = bytes(local[:chunks]) + bytes([3]) * (chunks - len(local))  # the rest from peers
+        codes = local[:chunks] + bytes([3]) * max(0, chunks - len(local))  # the rest from peers
         with self._lock:
             self._counters["lookups"] += 1
             self._counters["lookup_hit_tokens"] += hit
@@ -690,7 +783,9 @@ class KVTierConnector(KVConnectorBase_V1):
     def requires_kv_delivery(self) -> bool:
         return False  # a best-effort cache: a save that is dropped is a later miss
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
         if not self._do_load or not request.prompt_token_ids or request.mm_features:
             return 0, False
         ct = self._chunk_tokens
@@ -702,7 +797,9 @@ class KVTierConnector(KVConnectorBase_V1):
         try:
             hit, codes = self._client.lookup(tokens[:limit])
         except (OSError, EOFError, TimeoutError) as e:
-            logger.warning("kvtier: lookup of request %s failed, computing it: %s", request.request_id, e)
+            logger.warning(
+                "kvtier: lookup of request %s failed, computing it: %s", request.request_id, e
+            )
             return 0, False
         hit = min(hit, limit)
         if hit <= num_computed_tokens:
@@ -710,7 +807,9 @@ class KVTierConnector(KVConnectorBase_V1):
         self._lookups[request.request_id] = (hit, codes)
         return hit - num_computed_tokens, False
 
-    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
         if num_external_tokens <= 0:
             self._lookups.pop(request.request_id, None)
             return
@@ -726,7 +825,7 @@ class KVTierConnector(KVConnectorBase_V1):
         hit, codes = entry
         first = (hit - num_external_tokens) // self._chunk_tokens
         out: dict = {}
-        for code in codes[first: hit // self._chunk_tokens]:
+        for code in codes[first : hit // self._chunk_tokens]:
             source = _TIER_CODES.get(code, CacheHitSource.EXTERNAL_UNSPECIFIED)
             out[source] = out.get(source, 0) + self._chunk_tokens
         return out
@@ -737,10 +836,14 @@ class KVTierConnector(KVConnectorBase_V1):
         for new in scheduler_output.scheduled_new_reqs:
             if new.prompt_token_ids is None:
                 continue
-            state = _RequestState(np.asarray(new.prompt_token_ids, dtype=np.int64), list(new.block_ids[0]))
+            state = _RequestState(
+                np.asarray(new.prompt_token_ids, dtype=np.int64), list(new.block_ids[0])
+            )
             self._requests[new.req_id] = state
             self._add_load(meta, new.req_id, state)
-            self._add_save(meta, new.req_id, state, new.num_computed_tokens + scheduled.get(new.req_id, 0))
+            self._add_save(
+                meta, new.req_id, state, new.num_computed_tokens + scheduled.get(new.req_id, 0)
+            )
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             state = self._requests.get(req_id)
@@ -752,7 +855,9 @@ class KVTierConnector(KVConnectorBase_V1):
             elif new_blocks:
                 state.block_ids.extend(new_blocks[0])
             self._add_load(meta, req_id, state)
-            self._add_save(meta, req_id, state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
+            self._add_save(
+                meta, req_id, state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
+            )
         return meta
 
     def _add_load(self, meta: KVTierConnectorMetadata, req_id: str, state: _RequestState) -> None:
@@ -761,24 +866,38 @@ class KVTierConnector(KVConnectorBase_V1):
             return
         start, end = load
         ct = self._chunk_tokens
-        meta.loads.append(_LoadSpec(req_id, _tokens_bytes(state.tokens[:end]), start // ct,
-                                    state.block_ids[: end // self._block_size]))
+        meta.loads.append(
+            _LoadSpec(
+                req_id,
+                _tokens_bytes(state.tokens[:end]),
+                start // ct,
+                state.block_ids[: end // self._block_size],
+            )
+        )
         state.saved_upto = max(state.saved_upto, end)
 
-    def _add_save(self, meta: KVTierConnectorMetadata, req_id: str, state: _RequestState,
-                  computed: int) -> None:
+    def _add_save(
+        self, meta: KVTierConnectorMetadata, req_id: str, state: _RequestState, computed: int
+    ) -> None:
         if not self._do_save:
             return
         ct = self._chunk_tokens
         end = min(computed, len(state.tokens)) // ct * ct
         if end <= state.saved_upto or len(state.block_ids) * self._block_size < end:
             return
-        meta.saves.append(_SaveSpec(req_id, _tokens_bytes(state.tokens[:end]),
-                                    state.block_ids[: end // self._block_size]))
+        meta.saves.append(
+            _SaveSpec(
+                req_id,
+                _tokens_bytes(state.tokens[:end]),
+                state.block_ids[: end // self._block_size],
+            )
+        )
         state.saved_upto = end
         state.saves_issued = True
 
-    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
         self._pending_loads.pop(req_id, None)
         self._lookups.pop(req_id, None)
