@@ -510,3 +510,15 @@ def test_paged_pools_share_prefixes_through_peers():
     finally:
         b.close()
         a.close()
+
+
+def test_suspect_members_stay_lookup_candidates():
+    import dataclasses
+
+    net = _Net(3)
+    for _ in range(10):
+        net.step()
+    m0 = net.nodes["m0"]
+    m1 = m0.members["m1"]
+    m1.record = dataclasses.replace(m1.record, state=P.SUSPECT)  # one probe answered late
+    assert "m1" not in m0.alive_ids() and "m1" in m0.candidate_ids()

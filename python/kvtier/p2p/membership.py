@@ -160,6 +160,12 @@ class Membership:
     def alive_ids(self) -> set[str]:
         return {m.record.node_id for m in self.members.values() if m.record.state == ALIVE}
 
+    def candidate_ids(self) -> set[str]:
+        """Members a lookup may ask for chunks: ALIVE, and SUSPECT too. A member that answered one
+        probe late (a loaded host) is usually alive; asking it costs at most the request's
+        deadline, and a dead one is a miss like any other."""
+        return {m.record.node_id for m in self.members.values() if m.record.state in (ALIVE, SUSPECT)}
+
     def state_of(self, node_id: str) -> int | None:
         m = self.members.get(node_id)
         return None if m is None else m.record.state

@@ -542,7 +542,7 @@ class PeerService:
         n = len(keys)
         local = [self._tier.lookup(k) > 0 for k in keys]
         with self._lock:
-            alive = self._m.alive_ids()
+            alive = self._m.candidate_ids()
             cands = self._digests.candidates(keys, alive)
         confirmed: dict[str, set[int]] = {}
         asked: set[str] = set()
