@@ -16,17 +16,14 @@ Every case's ratio is recompute TTFT / case TTFT (above 1: faster than recomputi
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
 import torch
-
-from bench_report import git_commit, machine
+from bench_report import machine, publish
 from kvtier.demo import _push_out_of_cpu, _push_out_of_gpu
 from kvtier.examples.paged_llama import Engine, Llama, LlamaConfig
 from kvtier.planner import CostModelPlanner, ModelCost, SplitCostModelPlanner
@@ -226,16 +223,8 @@ def main() -> None:
             results += run_length(model, n, device, sub, gen, args.disk_gbps)
             shutil.rmtree(sub)  # its disk-tier files: the next length needs the space
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
-    doc = {"bench": "bench_e2e", "workload": "tiny" if args.tiny else "llama3_8b_ttft",
-           "machine": machine(gpu), "date": dt.date.today().isoformat(), "commit": git_commit(), "results": results}
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        tag = "cpu" if gpu is None else gpu.split()[1].lower()
-        path = os.path.join(args.out, f"bench_e2e-{doc['workload']}-{tag}-{doc['date']}.json")
-        with open(path, "w") as f:
-            f.write(text + "\n")
-        print("wrote", path, file=sys.stderr)
+    publish("bench_e2e", "tiny" if args.tiny else "llama3_8b_ttft", "cpu" if gpu is None else gpu.split()[1].lower(),
+            results, args.out, machine_name=machine(gpu))
 
 
 if __name__ == "__main__":

@@ -21,11 +21,8 @@ GPUs and TTFT needs a model: both are recorded as not measured, with the reason.
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
-import json
 import multiprocessing as mp
-import os
 import socket
 import statistics
 import struct
@@ -34,9 +31,7 @@ import time
 import zlib
 
 import numpy as np
-
-from bench_report import git_commit as commit
-from bench_report import machine
+from bench_report import publish
 
 LAYERS, KV_HEADS, HEAD_DIM, ELEM, PAGE_TOKENS, CHUNK_TOKENS, TOKENS = 32, 8, 128, 2, 16, 256, 4096
 BLOB = LAYERS * 2 * CHUNK_TOKENS * KV_HEADS * HEAD_DIM * ELEM  # 32 MiB
@@ -214,22 +209,8 @@ def main() -> int:
         p.join(60)
         results += res
         detail[variant] = raw_times
-    results.append({"case": "cuda_ipc_gpu_to_gpu", "value": None, "unit": "GB/s", "baseline": None,
-                    "baseline_value": None, "ratio": None,
-                    "note": "not measured: needs two GPUs in one host (none here); see docs/p2p.md"})
-    results.append({"case": "ttft_with_peer_prefix", "value": None, "unit": "s", "baseline": None,
-                    "baseline_value": None, "ratio": None,
-                    "note": "left to a later issue: needs a model serving loop on a GPU"})
-    doc = {"bench": "bench_p2p", "workload": "llama3_8b_4096tok", "machine": machine(),
-           "date": datetime.date.today().isoformat(), "commit": commit(), "results": results,
-           "samples_gbps": detail}
-    text = json.dumps(doc, indent=1)
-    print(text)
-    if args.out:
-        path = os.path.join(args.out, f"bench_p2p-llama3_8b_4096tok-cpu-{doc['date']}.json")
-        with open(path, "w") as f:
-            f.write(text + "\n")
-        print(f"wrote {path}", file=sys.stderr)
+    # CUDA IPC GPU to GPU and TTFT with a peer's prefix need GPUs: bench/bench_p2p_gpu.py.
+    publish("bench_p2p", "llama3_8b_4096tok", "cpu", results, args.out, indent=1, samples_gbps=detail)
     return 0
 
 

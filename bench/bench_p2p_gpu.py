@@ -21,7 +21,6 @@ length (a full recompute), measured in the same run.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import multiprocessing as mp
 import os
@@ -44,7 +43,6 @@ def _kv(torch, pages: int, device: str, seed: int):
 # -- CUDA IPC ------------------------------------------------------------------------------------
 def _ipc_exporter(q, done, device: str, pages: int) -> None:
     import torch
-
     from kvtier.p2p.cuda_ipc import export_tensors
 
     torch.cuda.set_device(device)
@@ -56,7 +54,6 @@ def _ipc_exporter(q, done, device: str, pages: int) -> None:
 
 def bench_ipc(reps: int) -> list[dict]:
     import torch
-
     from kvtier.p2p.cuda_ipc import copy_pages, import_tensors
 
     n = torch.cuda.device_count()
@@ -122,7 +119,7 @@ def bench_ipc(reps: int) -> list[dict]:
             assert all(torch.equal(s[:, src_pages], d[:, dst_pages]) for s, d in zip(src, dst)), m
         base = nbytes / statistics.median(times["d2d"]) / 1e9
         gbps = {m: nbytes / statistics.median(times[m]) / 1e9 for m in methods}
-        del src
+        src.clear()  # drop the mappings before A exits
         torch.cuda.synchronize()
     finally:
         done.set()
@@ -137,7 +134,6 @@ def bench_ipc(reps: int) -> list[dict]:
 # -- TTFT with a peer's prefix ---------------------------------------------------------------------
 def _make_instance(device: str, tiny: bool, n: int, peers: dict, dtype_name: str):
     import torch
-
     from kvtier.examples.paged_llama import Engine, Llama, LlamaConfig
     from kvtier.pool import PagedKVPool
 
@@ -157,7 +153,7 @@ def _make_instance(device: str, tiny: bool, n: int, peers: dict, dtype_name: str
 
 def _instance_a(q, cmd, device: str, tiny: bool, n: int, dtype_name: str) -> None:
     peers = {"secret": SECRET, "request_timeout_s": 120.0}
-    model, pool, engine = _make_instance(device, tiny, n, peers, dtype_name)
+    _model, pool, engine = _make_instance(device, tiny, n, peers, dtype_name)
     q.put(pool.cache.stats()["peers"]["address"])
     while True:
         prompt = cmd.get(timeout=1800)
@@ -229,8 +225,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import torch
-
-    from bench_report import git_commit, machine
+    from bench_report import machine, publish
 
     cuda = torch.cuda.is_available() and not args.tiny
     gpu = torch.cuda.get_device_name(0) if cuda else None
@@ -252,17 +247,8 @@ def main() -> None:
                                   "bfloat16" if cuda else "float32")
         else:
             raise SystemExit(f"unknown workload {w!r} (ipc, ttft)")
-    tag = gpu.split()[1].lower() if gpu else "cpu"
-    doc = {"bench": "bench_p2p_gpu", "workload": "tiny" if args.tiny else "llama3_8b_ipc_ttft",
-           "machine": machine(f"{ngpu}x {gpu}" if gpu else None), "date": dt.date.today().isoformat(),
-           "commit": git_commit(), "results": results}
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        path = os.path.join(args.out, f"bench_p2p_gpu-{doc['workload']}-{tag}-{doc['date']}.json")
-        with open(path, "w") as f:
-            f.write(text + "\n")
-        print("wrote", path, file=sys.stderr)
+    publish("bench_p2p_gpu", "tiny" if args.tiny else "llama3_8b_ipc_ttft", gpu.split()[1].lower() if gpu else "cpu",
+            results, args.out, machine_name=machine(f"{ngpu}x {gpu}" if gpu else None))
 
 
 if __name__ == "__main__":

@@ -17,16 +17,13 @@ Cases (BENCH.md format; lower is better, so ratio = baseline / value):
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_report import git_commit, machine
+from bench_report import publish
 from kvtier.sim import SimConfig, Simulator, load_trace, synthetic_trace, trace_summary
 
 GIB = 1 << 30
@@ -113,15 +110,7 @@ def main() -> None:
                     "note": f"{bs['requests']} requests, {bs['chunks']} chunks ({bs['distinct_chunks']} distinct), "
                             f"{bs['requests'] / t:.0f} requests/s, hit ratio {res.hit_ratio():.3f}; same deployment "
                             f"as sim_mooncake_trace; the baseline is the issue's target, not a measurement"})
-    doc = {"bench": "bench_sim", "workload": "mooncake_and_100k", "machine": machine(),
-           "date": dt.date.today().isoformat(), "commit": git_commit(), "results": results}
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        path = os.path.join(args.out, f"bench_sim-{doc['workload']}-cpu-{doc['date']}.json")
-        with open(path, "w") as f:
-            f.write(text + "\n")
-        print("wrote", path, file=sys.stderr)
+    publish("bench_sim", "mooncake_and_100k", "cpu", results, args.out)
 
 
 def _tiny():
