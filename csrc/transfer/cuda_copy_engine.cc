@@ -55,6 +55,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+constexpr size_t kMaxCopiesPerBatch = 1024;
 constexpr uint64_t kMetaMinBytes = uint64_t{64} << 10;
 constexpr auto kDestroyIdleTimeout = std::chrono::seconds(30);
 constexpr auto kWaitPollPeriod = std::chrono::milliseconds(5);
@@ -670,14 +671,50 @@ class CudaCopyEngine final : public CopyEngine {
   // Issues `copies` on `stream`: in batches through cudaMemcpyBatchAsync where the runtime and
   // driver have it, else one cudaMemcpyAsync each.
   Status IssueCopies(const CopyList& copies, cudaStream_t stream) {
-    return IssueMemcpys(copies.dsts.data(), copies.srcs.data(), copies.sizes.data(),
-                        copies.sizes.size(), stream, &core_->batch_copies,
+    const size_t n = copies.sizes.size();
+    size_t i = 0;
 #if CUDART_VERSION >= 12080
-                        cudaMemcpyFlagPreferOverlapWithCompute
+    if (n > 1 && core_->batch_copies.load(std::memory_order_relaxed)) {
+      while (i < n) {
+        const size_t count = std::min(kMaxCopiesPerBatch, n - i);
+        cudaMemcpyAttributes attr{};
+        attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+        attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+        size_t attr_index = 0;
+        void* const* dsts = copies.dsts.data() + i;
+        const void* const* srcs = copies.srcs.data() + i;
+        const size_t* sizes = copies.sizes.data() + i;
+#if CUDART_VERSION >= 13000
+        const cudaError_t err =
+            cudaMemcpyBatchAsync(dsts, srcs, sizes, count, &attr, &attr_index, 1, stream);
 #else
-                        0
+        size_t fail_index = SIZE_MAX;
+        const cudaError_t err = cudaMemcpyBatchAsync(dsts, srcs, sizes, count, &attr, &attr_index,
+                                                     1, &fail_index, stream);
 #endif
-    );
+        if (err == cudaSuccess) {
+          i += count;
+          continue;
+        }
+        if (err == cudaErrorNotSupported || err == cudaErrorInvalidValue ||
+            err == cudaErrorCallRequiresNewerDriver) {
+          // Not usable here: fall back to single copies from this batch on (a copy the failed
+          // batch already queued is queued again; both write the same bytes).
+          cudaGetLastError();
+          core_->batch_copies.store(false, std::memory_order_relaxed);
+          break;
+        }
+        return CudaStatus(err, "cudaMemcpyBatchAsync of " + std::to_string(count) + " copies");
+      }
+    }
+#endif
+    for (; i < n; ++i) {
+      KVTIER_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(copies.dsts[i], copies.srcs[i], copies.sizes[i], cudaMemcpyDefault,
+                          stream),
+          "cudaMemcpyAsync of " + std::to_string(copies.sizes[i]) + " bytes");
+    }
+    return Status::OK();
   }
 
   Status RecordLayer(CudaTransfer& t, uint32_t layer, cudaStream_t stream) {
@@ -945,7 +982,10 @@ StatusOr<std::unique_ptr<CopyEngine>> CreateCudaCopyEngine(LayoutPlan plan,
   int least_priority = 0, greatest_priority = 0;
   KVTIER_CUDA_RETURN_IF_ERROR(cudaDeviceGetStreamPriorityRange(&least_priority, &greatest_priority),
                               "cudaDeviceGetStreamPriorityRange");
-  core->batch_copies = DriverHasMemcpyBatch();
+#if CUDART_VERSION >= 12080
+  int driver = 0;
+  core->batch_copies = cudaDriverGetVersion(&driver) == cudaSuccess && driver >= 12080;
+#endif
 
   if (method == TransferMethod::kStaged) {
     err = cudaMalloc(&core->staging, 4 * slot_bytes);

@@ -4,8 +4,6 @@
 
 #include <cuda_runtime_api.h>
 
-#include <atomic>
-#include <cstddef>
 #include <string>
 
 #include "common/status.h"
@@ -49,15 +47,5 @@ class DeviceGuard {
   int previous_ = 0;
   bool switched_ = false;
 };
-
-// Issues copy i (dsts[i] <- srcs[i], sizes[i] bytes) on `stream`, in order: in batches of
-// cudaMemcpyBatchAsync (attribute flags `flags`) while *batches_ok says the runtime and driver
-// have it, else one cudaMemcpyAsync each. A driver that turns batches down clears *batches_ok
-// (for every later caller sharing it) and the rest of the copies go one by one.
-Status IssueMemcpys(void* const* dsts, const void* const* srcs, const size_t* sizes, size_t n,
-                    cudaStream_t stream, std::atomic<bool>* batches_ok, unsigned flags = 0);
-
-// Whether this process's driver is new enough for cudaMemcpyBatchAsync (asked once).
-bool DriverHasMemcpyBatch();
 
 }  // namespace kvtier

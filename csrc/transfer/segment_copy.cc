@@ -1,7 +1,6 @@
 #include "transfer/segment_copy.h"
 
 #include <algorithm>
-#include <atomic>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -55,7 +54,7 @@ Status EnsurePeerAccess(int device, uint64_t ptr) {
 
 // The copy engines: batches of cudaMemcpyBatchAsync, else one cudaMemcpyAsync a segment.
 Status CopyByDma(const std::vector<CopySegment>& segments, cudaStream_t stream) {
-  static std::atomic<bool> batches_ok{DriverHasMemcpyBatch()};
+  constexpr size_t kMaxPerBatch = 1024;
   std::vector<void*> dsts;
   std::vector<const void*> srcs;
   std::vector<size_t> sizes;
@@ -65,7 +64,41 @@ Status CopyByDma(const std::vector<CopySegment>& segments, cudaStream_t stream) 
     srcs.push_back(reinterpret_cast<const void*>(s.src));
     sizes.push_back(s.bytes);
   }
-  return IssueMemcpys(dsts.data(), srcs.data(), sizes.data(), sizes.size(), stream, &batches_ok);
+  size_t i = 0;
+#if CUDART_VERSION >= 12080
+  while (i < sizes.size() && sizes.size() > 1) {
+    const size_t count = std::min(kMaxPerBatch, sizes.size() - i);
+    cudaMemcpyAttributes attr{};
+    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    size_t attr_index = 0;
+#if CUDART_VERSION >= 13000
+    const cudaError_t err = cudaMemcpyBatchAsync(dsts.data() + i, srcs.data() + i,
+                                                 sizes.data() + i, count, &attr, &attr_index, 1,
+                                                 stream);
+#else
+    size_t fail_index = SIZE_MAX;
+    const cudaError_t err =
+        cudaMemcpyBatchAsync(dsts.data() + i, srcs.data() + i, sizes.data() + i, count, &attr,
+                             &attr_index, 1, &fail_index, stream);
+#endif
+    if (err == cudaSuccess) {
+      i += count;
+      continue;
+    }
+    if (err == cudaErrorNotSupported || err == cudaErrorInvalidValue ||
+        err == cudaErrorCallRequiresNewerDriver) {
+      cudaGetLastError();  // no batches here: single copies from this batch on
+      break;
+    }
+    return CudaStatus(err, "cudaMemcpyBatchAsync of " + std::to_string(count) + " copies");
+  }
+#endif
+  for (; i < sizes.size(); ++i) {
+    KVTIER_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyDefault, stream),
+        "cudaMemcpyAsync of " + std::to_string(sizes[i]) + " bytes");
+  }
+  return Status::OK();
 }
 
 }  // namespace
