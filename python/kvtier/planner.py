@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-__all__ = ["LoadPlanner", "SplitPlanner", "ModelCost", "CostModelPlanner", "SplitCostModelPlanner"]
+__all__ = ["CostModelPlanner", "LoadPlanner", "ModelCost", "SplitCostModelPlanner", "SplitPlanner"]
 
 
 @runtime_checkable

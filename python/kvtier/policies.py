@@ -11,7 +11,8 @@ a hook may read stats or call the cache. Four protocols:
   (``KVCache(admission_policy=...)``; built-in: seen by at least ``disk_admit_min_seen`` requests).
 - :class:`PrefetchPolicy` — how many chunks found on disk by ``lookup`` to start reading into the
   CPU tier before ``load`` asks for them (``KVCache(prefetch_policy=...)``; built-in: all of them).
-- :class:`kvtier.planner.LoadPlanner` — load or recompute (see kvtier.planner).
+- :class:`kvtier.planner.LoadPlanner` — load or recompute (see kvtier.planner); with
+  ``plan_split`` (``SplitCostModelPlanner``), recompute a head while the tail after it loads.
 
 Worked examples are in docs/policies.md.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from kvtier.planner import CostModelPlanner, LoadPlanner
+from kvtier.planner import CostModelPlanner, LoadPlanner, SplitCostModelPlanner
 
 __all__ = [
     "ChunkInfo",
@@ -33,6 +34,7 @@ __all__ = [
     "SeenAtLeast",
     "PrefetchAll",
     "CostModelPlanner",
+    "SplitCostModelPlanner",
 ]
 
 

@@ -32,7 +32,12 @@ import numpy as np
 
 from kvtier import _core
 from kvtier.cache import CacheConfig, KVCache, LoadHandle
-from kvtier.errors import DeadlineExceededError, InvalidArgumentError, KVTierError, ResourceExhaustedError
+from kvtier.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    KVTierError,
+    ResourceExhaustedError,
+)
 from kvtier.keys import ChunkKeyer
 from kvtier.layout import Layout
 
