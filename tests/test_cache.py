@@ -297,3 +297,25 @@ def test_failed_copies_leave_nothing_visible():
     st = tier.stats()
     assert st["index"]["pinned"] == 0 and st["chunks_loaded"] == 2
     assert tier.lookup(b"".join(keyer.keys(good))) == 2  # the cached chunks are intact
+
+
+def test_load_after_held_chunks_and_lookup_tiers():
+    """skip_chunks: the caller holds the leading chunks; only the ones after them are copied,
+    into the pages given. lookup_tiers: where each leading chunk is, without a prefetch."""
+    model = KVModel("vllm", torch.float32, 16)
+    ppc = model.layout.pages_per_chunk
+    cache = KVCache(model.layout, cpu_bytes=64 * model.layout.chunk_bytes)
+    ct = model.layout.chunk_tokens
+    a = tokens_for(3 * ct, 7)
+    cache.store(a, list(range(3 * ppc))).wait()
+    assert cache.lookup_tiers(a) == ["cpu"] * 3 and cache.lookup_tiers(tokens_for(ct, 99)) == []
+    dst = list(range(30, 30 + 2 * ppc))
+    before = model.snapshot()  # page bytes (the random KV may hold NaN patterns)
+    h = cache.load(a, dst, skip_chunks=1)
+    assert h.wait() == 2 * ct
+    after = model.snapshot()
+    for src_p, dst_p in zip(range(ppc, 3 * ppc), dst):  # chunks 1 and 2, not chunk 0
+        assert after[dst_p] == before[src_p], f"page {dst_p} != source page {src_p}"
+    assert cache.load(a, list(range(40, 40 + ppc)), skip_chunks=3).wait() == 0
+    with pytest.raises(ValueError, match="skip_chunks"):
+        cache.load(a, dst, skip_chunks=-1)

@@ -368,15 +368,29 @@ class KVCache:
                 break
         self._tier.prefetch(b"".join(keys[:end]))
 
+    def lookup_tiers(self, tokens) -> list[str]:
+        """Where each leading locally cached chunk of ``tokens`` is: ``"cpu"`` or ``"disk"``
+        (stops at the first chunk held by neither; peers are not asked). Starts no prefetch."""
+        self._check_open()
+        keys = self._keyer.keys(tokens)
+        if not keys:
+            return []
+        return ["cpu" if c == 1 else "disk" for c in bytes(self._tier.lookup_tiers(b"".join(keys)))]
+
     @_timed("load")
-    def load(self, tokens, page_ids, *, stream=None) -> LoadHandle:
+    def load(self, tokens, page_ids, *, stream=None, skip_chunks: int = 0) -> LoadHandle:
         """Copy the cached leading chunks of ``tokens`` into ``page_ids`` (in order).
 
         Only as many chunks as ``page_ids`` covers are loaded. The handle's ``num_tokens`` says
-        how many leading tokens will be in place once ``wait()`` returns.
+        how many leading tokens will be in place once ``wait()`` returns. ``skip_chunks``: the
+        caller already holds that many leading chunks; loading starts after them (``page_ids``
+        then receives chunks ``skip_chunks``, ``skip_chunks + 1``, ...; ``num_tokens`` counts
+        from there).
         """
         self._check_open()
-        keys = self._keyer.keys(tokens)
+        if isinstance(skip_chunks, bool) or not isinstance(skip_chunks, int) or skip_chunks < 0:
+            raise InvalidArgumentError(f"skip_chunks must be a non-negative int, got {skip_chunks!r}")
+        keys = self._keyer.keys(tokens)[skip_chunks:]
         pages = _as_page_ids(page_ids)
         if not keys:
             return LoadHandle(None, 0, self.layout.num_layers, self.config.timeout_s)

@@ -574,23 +574,9 @@ class KVTierConnector(KVConnectorBase_V1):
             self._wait_loads()
 
     def _load(self, tokens: np.ndarray, skip_chunks: int, pages: np.ndarray) -> LoadHandle:
-        cache = self._cache
-        if skip_chunks == 0:
-            return cache.load(tokens, pages)
-        # Chunks after the ones vLLM already holds: KVCache.load always starts at chunk 0, and
-        # loading the held chunks again would rewrite blocks other requests are reading.
-        keys = cache._keyer.keys(tokens)[skip_chunks:]
-        stream = cache._default_stream(None)
-        if cache._peers is not None:
-            op = cache._peers.load(keys, pages, stream)
-        else:
-            op = cache._tier.load(b"".join(keys), pages, stream)
-        return LoadHandle(
-            op,
-            op.chunks * cache.layout.chunk_tokens,
-            cache.layout.num_layers,
-            cache.config.timeout_s,
-        )
+        # Chunks after the ones vLLM already holds: loading the held chunks again would rewrite
+        # blocks other requests are reading.
+        return self._cache.load(tokens, pages, skip_chunks=skip_chunks)
 
     def _fail(self, blocks: list[int], tokens: int) -> None:
         self._failed_blocks.update(blocks)
@@ -755,10 +741,9 @@ class KVTierConnector(KVConnectorBase_V1):
         cache = self._cache
         if cache is None:
             return struct.pack("<q", 0)
-        keys = cache._keyer.keys(tokens)
         # Where the leading local chunks are, read before lookup() starts prefetching disk
         # chunks into the CPU tier: the sources reported to vLLM are where the hit was found.
-        local = bytes(cache._tier.lookup_tiers(b"".join(keys))) if keys else b""
+        local = bytes(1 if t == "cpu" else 2 for t in cache.lookup_tiers(tokens))
         hit = cache.lookup(tokens)  # local tiers (starting disk prefetch), then peers
         chunks = hit // self._chunk_tokens
         codes = local[:chunks] + bytes([3]) * max(0, chunks - len(local))  # the rest from peers
