@@ -115,4 +115,60 @@ def test_every_h100_run_reproduces_the_bench_notes(path):
             assert (d["lower_chunks"] * 256, d["planned_recompute_chunks"] * 256) == \
                 (int(m.group(1)), int(m.group(2))), (case, d)
             notes += 1
-    assert notes == 6
+        if m := re.match(r"split planner: (\d+) tokens recomputed while (\d+) were read from disk \((\d+) landed\)",
+                         note):
+            # SplitCostModelPlanner, the same object type and inputs: the same head, the same tail
+            n = int(case.rsplit("_", 1)[1])
+            d = found[("disk_hit_split", n)]
+            assert d["split_head_chunks"] * 256 == int(m.group(1)), (case, d)
+            assert (d["split_head_chunks"] + d["lower_chunks"]) * 256 == int(m.group(1)) + int(m.group(2))
+            assert d["lower_chunks"] * 256 == int(m.group(3)) and d["disk_chunks"] == d["lower_chunks"], (case, d)
+            notes += 1
+    splits = sum(1 for r in json.loads(path.read_text())["results"] if r["case"].startswith("ttft_disk_hit_split_"))
+    assert notes == 6 + splits
+
+
+# The four H100 runs of 2026-11-27 docs/sim.md compares (hosts differ: the recompute at 4096
+# tokens spans 0.43-0.87 s across them). Each is predicted with the GEMM rate from its own
+# 4096-token recompute; the medians across runs are compared.
+RUNS = ("bench_e2e-llama3_8b_ttft-h100-2026-11-27.json", "bench_e2e-llama3_8b_ttft_aa-h100-2026-11-27.json",
+        "bench_e2e-llama3_8b_ttft_decode64-h100-2026-11-27.json",
+        "bench_e2e-llama3_8b_ttft_split-h100-2026-11-27.json")
+# (case, tokens): why the median prediction misses the median measurement by more than 15%
+# (docs/sim.md, "Across runs").
+MEDIAN_MISSES = {
+    ("disk_hit", 4096): "-20%: write-backs beside the reads are not priced (only those waited for)",
+    ("disk_hit_split", 4096): "-40%: the measured split is no faster than head + tail in series",
+    ("disk_hit_split", 16384): "-24%: the overlap measured is partial, the model prices it as full",
+    ("half_prefix_gpu_hit", 4096): "-15.7%: half a prompt measured 41-81% of a recompute across runs (FLOPs: 50%)",
+    ("gpu_hit", 32768): "-19%: a fixed per-request cost the model lacks (0.045 vs 0.056 s)",
+    ("disk_hit", 32768): "+16%: 1.15 GB/s (bench_disk) vs 0.76-0.83 GB/s the later runs measured",
+}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    missing = [r for r in RUNS if not (BENCH / r).exists()]
+    if missing:
+        pytest.skip(f"missing {missing}")
+    from kvtier.sim.validate import compare_e2e
+
+    return {r: compare_e2e(str(BENCH), e2e_glob=r, calibrate_tokens=4096)[0] for r in RUNS}
+
+
+def test_cross_run_medians_within_15_percent(runs):
+    from kvtier.sim.validate import cross_run_table, format_cross_run_table
+
+    table = cross_run_table(runs)
+    print("\n" + format_cross_run_table(table, list(RUNS)))
+    assert len(table) == 21  # 3 lengths x 7 cases (disk_hit_split in two of the runs)
+    claimed = [c for c in table if (c["case"], c["tokens"]) != ("recompute", 4096)]
+    bad = {(c["case"], c["tokens"]): f"{c['median_error']:+.1%}" for c in claimed
+           if abs(c["median_error"]) > 0.15 and (c["case"], c["tokens"]) not in MEDIAN_MISSES}
+    assert not bad, bad
+    within = sum(1 for c in claimed if abs(c["median_error"]) <= 0.15)
+    assert within >= len(claimed) - len(MEDIAN_MISSES) == 14
+    # per run, against its own measurement (docs/sim.md: 12/17, 9/20, 9/17, 10/20)
+    per_run = {name: sum(1 for r in rows if r.role == "prediction" and abs(r.error) <= 0.15)
+               for name, rows in runs.items()}
+    assert sum(per_run.values()) >= 40, per_run

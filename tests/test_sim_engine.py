@@ -118,10 +118,11 @@ def run_sim(reqs, *, gpu, cpu, disk=0, order="lru", min_seen=2, gpu_policy=None,
                       admission_policy=admission, writebacks_per_wait=writebacks_per_wait())
     pool = SimGpuPool(gpu, page_tokens=CT, chunk_tokens=CT, cpu=tier, eviction_policy=gpu_policy,
                       planner=planner, chunk_bytes=CT * 64, write_through=write_through)
-    out = {"gpu": 0, "cpu": 0, "disk": 0, "planned_recompute": 0}
+    out = {"gpu": 0, "cpu": 0, "disk": 0, "planned_recompute": 0, "split_plans": 0}
     for i, r in enumerate(reqs):
         b = pool.begin(r.chunks, len(tokens_of(i, r)))
         pool.finish(b, r.chunks)
+        out["split_plans"] += bool(b.split_head)
         out["gpu"] += b.gpu_hits
         out["cpu"] += b.lower_hits - b.disk_hits
         out["disk"] += b.disk_hits
@@ -224,5 +225,42 @@ def test_planner_and_admission_objects_run_in_both(tmp_path):
     chunks = sum(len(r.chunks) for r in reqs)
     assert sim["planned_recompute"] > 0 and eng["planned_recompute"] > 0
     assert sim["gpu"] == eng["gpu"]
+    for k in ("cpu", "disk", "planned_recompute"):
+        assert abs(sim[k] - eng[k]) <= 0.01 * chunks, (k, sim, eng)
+
+
+def split_planner():
+    """The engine's SplitCostModelPlanner, priced so that a chunk's load (512 B at 2 MB/s, from
+    either tier) and its prefill (8 tokens, 0.16 ms plus attention) are of the same order: the
+    split recomputes a head of about half of the lower-tier prefix while the tail loads."""
+    from kvtier.planner import ModelCost, SplitCostModelPlanner
+
+    return SplitCostModelPlanner(ModelCost(1e4, 1, 64, 1e9), bandwidth={"cpu": 2e6, "disk": 2e6})
+
+
+def test_split_planner_object_matches_the_engine_exactly(tmp_path):
+    """One SplitCostModelPlanner object in both pools, no disk (deterministic): which chunks
+    load, which are recomputed, and what commit registers (the head too) agree exactly."""
+    reqs = requests("synthetic")
+    planner = split_planner()
+    kw = dict(SIZES["synthetic"], planner=planner)
+    sim = run_sim(reqs, **kw)
+    sim_decisions = dict(planner.decisions)
+    eng = run_engine(reqs, tmp_path, **kw)
+    assert {k: sim[k] for k in eng} == eng
+    assert planner.decisions == {k: 2 * v for k, v in sim_decisions.items()}  # the same plans, twice
+    assert sim["split_plans"] > 100 and sim["planned_recompute"] > 0 and sim["cpu"] > 0
+    plain = run_sim(reqs, **SIZES["synthetic"])  # without the planner: other hits
+    assert (plain["gpu"], plain["cpu"]) != (sim["gpu"], sim["cpu"])
+
+
+def test_split_planner_with_a_disk_tier_matches_the_engine(tmp_path):
+    reqs = requests("synthetic")
+    kw = dict(SIZES["synthetic"], disk=2400, min_seen=1, planner=split_planner())
+    sim = run_sim(reqs, **kw)
+    eng = run_engine(reqs, tmp_path, **kw)
+    chunks = sum(len(r.chunks) for r in reqs)
+    assert sim["gpu"] == eng["gpu"]
+    assert sim["split_plans"] > 0 and sim["disk"] > 0
     for k in ("cpu", "disk", "planned_recompute"):
         assert abs(sim[k] - eng[k]) <= 0.01 * chunks, (k, sim, eng)

@@ -135,3 +135,54 @@ def test_result_serializes(reqs):
     assert set(d["hit_ratio"]) == {"gpu", "cpu", "disk", "peer", "total"}
     assert set(d["ttft_s"]) == {"p50", "p90", "p99", "mean"}
     assert d["config"]["cpu_chunks"] == 300 and d["config"]["disk_chunks"] == 999
+
+
+def test_split_plan_is_priced_as_head_and_tail_at_once_then_the_rest():
+    """A split plan: the head's prefill and the tail's load overlap (the pool loads the tail on
+    a background thread while Engine.prefill computes the head), then the rest is computed."""
+    from kvtier.sim.engine import request_load_parts_s, request_service_s
+    from kvtier.sim.tiers import BeginResult
+
+    model = ModelShape("m", 8e9, 32, 4096, 8, 128, 2)
+    hw = HardwareCost(weights_rate=1e14, attention_rate=6e14, h2d_bw=5e10, disk_read_bw=1e9)
+    ct, cb, n = 256, 256 * model.kv_bytes_per_token, 4096 + 100  # 16 full chunks
+    for tail in (2, 12):  # compute-bound (2 chunks from disk) and load-bound (12)
+        head = 14 - tail
+        b = BeginResult(gpu_hits=2, lower_hits=tail, disk_hits=tail, split_head=head, offloaded=3,
+                        critical_writebacks=5, load_writebacks=4, planned_recompute=head)
+        pages, load = request_load_parts_s(hw, cb, b)
+        assert pages == pytest.approx(3 * cb / hw.d2h_bw + 1 * cb / hw.disk_write_bw)
+        assert load == pytest.approx(4 * cb / hw.disk_write_bw + tail * cb / hw.disk_read_bw + hw.disk_latency_s
+                                     + tail * cb / hw.h2d_bw)
+        head_s = hw.prefill_s(model, 2 * ct, (2 + head) * ct)
+        rest_s = hw.prefill_s(model, 16 * ct, n)
+        got = request_service_s(hw, model, ct, cb, b, n)
+        assert got == pytest.approx(pages + max(head_s, load) + rest_s)
+        assert (head_s > load) == (tail == 2)  # both regimes are exercised
+        serial = pages + load + head_s + rest_s  # what pricing in series would say
+        assert got < serial - min(head_s, load) * 0.99
+    # without a split the same chunks are priced in series, from the end of the cached prefix
+    b = BeginResult(gpu_hits=2, lower_hits=14, disk_hits=14)
+    assert request_service_s(hw, model, ct, cb, b, n) == pytest.approx(
+        sum(request_load_parts_s(hw, cb, b)) + hw.prefill_s(model, 16 * ct, n))
+
+
+class FixedSplit:
+    """A plan_split planner: recompute the first half of the lower-tier prefix, load the rest."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def plan_split(self, pool, gpu_hit_chunks, tiers):
+        self.calls += 1
+        return len(tiers) // 2, len(tiers) - len(tiers) // 2
+
+
+def test_simulator_takes_a_split_planner(reqs):
+    planner = FixedSplit()
+    base = cfg()
+    res = Simulator(replace(base, planner=planner)).run(reqs)
+    plain = Simulator(base).run(reqs)
+    assert planner.calls > 0 and res.split_plans > 0
+    assert res.planned_recompute > 0 and res.cpu_hits > 0
+    assert res.cpu_hits < plain.cpu_hits  # the heads were recomputed, not loaded

@@ -27,7 +27,8 @@ from kvtier.sim.cost import MODEL_PRESETS, HardwareCost, ModelShape
 from kvtier.sim.tiers import SimCpuTier, SimGpuPool
 from kvtier.sim.trace import Request
 
-__all__ = ["ROUTINGS", "Instance", "SimConfig", "SimResult", "Simulator", "request_load_s", "tier_ablation"]
+__all__ = ["ROUTINGS", "Instance", "SimConfig", "SimResult", "Simulator", "request_load_parts_s", "request_load_s",
+           "request_service_s", "tier_ablation"]
 
 ROUTINGS = ("round_robin", "least_loaded", "cache_aware")
 _BLOCK = 4096
@@ -188,6 +189,7 @@ class SimResult:
     disk_hits: int = 0
     peer_hits: int = 0
     planned_recompute: int = 0
+    split_plans: int = 0  # requests whose lower-tier prefix took a split plan (head recomputed, tail loaded)
     rejected: int = 0
     bytes: dict = field(default_factory=dict)
     ssd_write_bytes: int = 0
@@ -220,7 +222,8 @@ class SimResult:
             "requests": self.requests, "chunks": self.chunks,
             "hit_ratio": {t: self.hit_ratio(t) for t in ("gpu", "cpu", "disk", "peer")} | {"total": self.hit_ratio()},
             "hit_chunks": {"gpu": self.gpu_hits, "cpu": self.cpu_hits, "disk": self.disk_hits, "peer": self.peer_hits},
-            "planned_recompute_chunks": self.planned_recompute, "rejected_requests": self.rejected,
+            "planned_recompute_chunks": self.planned_recompute, "split_plans": self.split_plans,
+            "rejected_requests": self.rejected,
             "ttft_s": self.ttft_percentiles(), "bytes_moved": dict(self.bytes), "ssd_write_bytes": self.ssd_write_bytes,
             "tiers": self.tiers, "wall_s": self.wall_s, "makespan_s": self.makespan_s,
             "config": {"model": c.model.name, "chunk_tokens": c.chunk_tokens, "gpu_bytes": c.gpu_bytes,
@@ -285,9 +288,7 @@ class Simulator:
             res.requests += 1
             res.chunks += len(chunks)
             pool = inst.pool
-            load_s = 0.0
             ahead_s = 0.0
-            cached = 0
             if pool is not None:
                 read_ahead = 0
                 if inst.cpu is not None and prefetch is not None:  # KVCache.lookup's prefetch
@@ -319,15 +320,15 @@ class Simulator:
                 res.disk_hits += b.disk_hits + ahead
                 res.peer_hits += peer
                 res.planned_recompute += b.planned_recompute
-                cached = (b.gpu_hits + b.lower_hits) * ct
                 by["gpu_to_cpu"] += (b.offloaded + b.written_through) * cb
                 by["cpu_to_gpu"] += b.lower_hits * cb
                 by["disk_to_cpu"] += (b.disk_hits + read_ahead) * cb
                 by["peer_to_cpu"] += peer * cb
-                load_s = request_load_s(hw, cb, b, peer)
+                service = request_service_s(hw, model, ct, cb, b, n_tok, peer)
+                res.split_plans += bool(b.split_head)
                 pool.finish(b, chunks)
-            start_tok = min(cached, n_tok - 1) if n_tok else 0
-            service = load_s + hw.prefill_s(model, start_tok, n_tok)
+            else:
+                service = hw.prefill_s(model, 0, n_tok)
             begin_t = max(now, inst.free_at)
             service += max(0.0, ahead_s - (begin_t - now))  # prefetch reads overlap the wait
             done = begin_t + service
@@ -353,16 +354,44 @@ class Simulator:
         return res
 
 
-def request_load_s(hw: HardwareCost, chunk_bytes: int, b, peer: int = 0) -> float:
-    """Seconds a request spends moving chunks before its prefill: the offload of GPU victims
-    (the pool waits for it), the write-backs it had to wait for, disk reads, peer pulls, and the
-    scatter of every lower-tier chunk into GPU pages (``b``: a tiers.BeginResult)."""
+def request_load_parts_s(hw: HardwareCost, chunk_bytes: int, b, peer: int = 0) -> tuple[float, float]:
+    """(pages, load) seconds of a request's chunk moves (``b``: a tiers.BeginResult). ``pages``:
+    getting its pages — the offload of GPU victims (the pool waits for it) and the write-backs
+    that eviction waited for. ``load``: the write-backs its load waited for, disk reads, peer
+    pulls, and the scatter of every lower-tier chunk into GPU pages."""
     cb = chunk_bytes
-    return (b.offloaded * cb / hw.d2h_bw
-            + b.critical_writebacks * cb / hw.disk_write_bw
+    pages = b.offloaded * cb / hw.d2h_bw + (b.critical_writebacks - b.load_writebacks) * cb / hw.disk_write_bw
+    load = (b.load_writebacks * cb / hw.disk_write_bw
             + (b.disk_hits * cb / hw.disk_read_bw + hw.disk_latency_s if b.disk_hits else 0.0)
             + (peer * cb / hw.link_bw + hw.link_latency_s if peer else 0.0)
             + b.lower_hits * cb / hw.h2d_bw)
+    return pages, load
+
+
+def request_load_s(hw: HardwareCost, chunk_bytes: int, b, peer: int = 0) -> float:
+    """Seconds a request spends moving chunks before its prefill (both parts of
+    :func:`request_load_parts_s`, in series)."""
+    return sum(request_load_parts_s(hw, chunk_bytes, b, peer))
+
+
+def request_service_s(hw: HardwareCost, model: ModelShape, chunk_tokens: int, chunk_bytes: int, b,
+                      num_tokens: int, peer: int = 0) -> float:
+    """A request's time to first token on an idle instance: its chunk moves and its prefill.
+
+    Without a split plan, in series: pages + load + prefill of the tokens after the cached
+    prefix (at least the last one). With one (``b.split_head``), as PagedKVPool.begin and
+    Engine.prefill run it: pages, then the head's prefill and the tail's load at once, then the
+    prefill of the rest: ``pages + max(prefill(head), load(tail)) + prefill(rest)``."""
+    pages, load = request_load_parts_s(hw, chunk_bytes, b, peer)
+    ct, n = chunk_tokens, num_tokens
+    if b.split_head:
+        start = b.gpu_hits * ct
+        tail = start + b.split_head * ct
+        end = tail + b.lower_hits * ct
+        return (pages + max(hw.prefill_s(model, start, tail), load)
+                + hw.prefill_s(model, min(end, n - 1) if n else 0, n))
+    cached = (b.gpu_hits + b.lower_hits) * ct
+    return pages + load + hw.prefill_s(model, min(cached, n - 1) if n else 0, n)
 
 
 def tier_ablation(requests: list[Request], cfg: SimConfig) -> dict[str, SimResult]:

@@ -474,6 +474,8 @@ class BeginResult:
     offloaded: int = 0  # GPU victims stored into the CPU tier by this request
     evicted: int = 0  # GPU victims
     critical_writebacks: int = 0  # write-backs this request waited for
+    load_writebacks: int = 0  # of critical_writebacks, those its load waited for (not the eviction)
+    split_head: int = 0  # a split plan: lower-tier chunks recomputed while the lower_hits after them load
     rejected: bool = False  # the pool could not hold the request
     chunks: list = field(default_factory=list, repr=False)  # the request's referenced chunks
     pages: int = 0  # pages the request holds (shared hits included)
@@ -549,7 +551,10 @@ class SimGpuPool:
         cpu: the tier below (None: GPU only; victims are dropped).
         eviction_policy: optional kvtier.policies.EvictionPolicy (default: LRU, built in).
         planner: optional kvtier.planner.LoadPlanner (called with a pool-like object that has
-            ``chunk_tokens`` and ``layout.chunk_bytes``; tiers "cpu", "disk" or "peer").
+            ``chunk_tokens`` and ``layout.chunk_bytes``; tiers "cpu", "disk" or "peer"). One
+            with ``plan_split`` (kvtier.planner.SplitCostModelPlanner) is asked that instead, as
+            the pool does: the first ``head`` lower-tier chunks are recomputed while the ``load``
+            after them load (``BeginResult.split_head``), and commit registers the head too.
         chunk_bytes: bytes of one chunk (for the planner).
         write_through: store each committed chunk in the CPU tier at once (the pool's option).
         peers: optional :class:`SimPeers`: ``begin`` then also finds and pulls chunks the local
@@ -648,7 +653,7 @@ class SimGpuPool:
             chunks.move_to_end(k)
             seq.append(c)
         gpu = len(seq)
-        lower = 0
+        lower = split_head = 0
         cpu = self.cpu
         peers = self.peers
         if cpu is not None and gpu < len(keys):
@@ -658,9 +663,18 @@ class SimGpuPool:
             if lower and self.planner is not None:
                 tiers = cpu.lookup_tiers(keys[gpu:gpu + lower])
                 tiers += ["peer"] * (lower - len(tiers))  # the rest: held by peers
-                keep = max(0, min(lower, int(self.planner.plan(self._planner_view, gpu, tiers))))
+                split = getattr(self.planner, "plan_split", None)
+                if split is not None:  # recompute a head while the tail after it loads
+                    head, keep = (int(x) for x in split(self._planner_view, gpu, tiers))
+                    head = max(0, min(lower, head))
+                    keep = max(0, min(lower - head, keep))
+                else:
+                    head = 0
+                    keep = max(0, min(lower, int(self.planner.plan(self._planner_view, gpu, tiers))))
                 res.planned_recompute = lower - keep
                 lower = keep
+                if lower and head:  # a split plan: the load starts after the head
+                    split_head = head
         need = math.ceil(num_tokens / self.page_tokens) - gpu * self.ppc
         if need > self._free:
             self._evict(need - self._free, res)
@@ -672,19 +686,24 @@ class SimGpuPool:
             seq.clear()
             return res
         self._free -= need
+        res.split_head = split_head
         loaded = promoted = 0
         if lower:
+            # A split plan's tail (after the head) loads on the pool's background thread, between
+            # begin and finish_tail, when nothing else calls into the tiers: the same order.
+            first = gpu + res.split_head
             before = cpu.counters.critical_writebacks
-            loaded, promoted = cpu.load(keys[gpu:gpu + lower])
+            loaded, promoted = cpu.load(keys[first:first + lower])
             if peers is not None and loaded < lower:  # local chunks first, then pulls of the rest
-                pulled = peers.pull(keys, gpu + loaded, lower - loaded)
+                pulled = peers.pull(keys, first + loaded, lower - loaded)
                 if pulled:
-                    got, _ = cpu.load(keys[gpu + loaded:gpu + loaded + pulled])  # scattered from the pool
+                    got, _ = cpu.load(keys[first + loaded:first + loaded + pulled])  # scattered from the pool
                     res.peer_hits = got
                     loaded += got
-            res.critical_writebacks += cpu.counters.critical_writebacks - before
-            for i in range(loaded):
-                k = keys[gpu + i]
+            res.load_writebacks = cpu.counters.critical_writebacks - before
+            res.critical_writebacks += res.load_writebacks
+            for i in range(loaded):  # _register_loaded (a split's tail: at finish_tail, before commit)
+                k = keys[first + i]
                 if k in chunks:
                     continue
                 c = _Chunk(k, refs=1, last_use=0)
@@ -703,7 +722,8 @@ class SimGpuPool:
         chunks, seq = self._chunks, res.chunks
         added = 0
         have = {id(c) for c in seq}
-        for i in range(len(seq), len(keys)):
+        # After a split plan the head, computed before the loaded tail, is registered too.
+        for i in range(0 if res.split_head else len(seq), len(keys)):
             k = keys[i]
             existing = chunks.get(k)
             if existing is not None:

@@ -4,14 +4,16 @@ bench/bench_e2e.py serves one prompt per length (4k, 16k, 32k tokens, Llama-3-8B
 chunks) through a fresh PagedKVPool + CPU + disk tiers, in a fixed order of steps: a warm-up
 prompt, the prompt recomputed, hit in GPU pages, pushed out of the GPU (a pool-sized filler) and
 hit in the CPU tier, pushed out of the CPU tier (a filler stored straight into it) and hit on
-disk, the planner's calibration, the disk hit again with the load-or-recompute planner, and a
-half-prefix hit. :func:`e2e_predictions` replays exactly those steps through the simulated tiers
+disk, the planner's calibration, the disk hit again with the load-or-recompute planner (and, in
+the later version, with the split planner), and a half-prefix hit. :func:`e2e_predictions` replays exactly those steps through the simulated tiers
 (so each case finds the tier state the bench found, write-backs included) and prices each
 measured request with the cost model.
 
 Calibration (:func:`compare_e2e`): tier bandwidths and the attention rate from bench_copy_py /
 bench_disk / bench_p2p; the GEMM rate from the recompute TTFT at ONE prompt length
-(``calibrate_tokens``). Everything else is a prediction.
+(``calibrate_tokens``). Everything else is a prediction. :func:`compare_e2e_runs` and
+:func:`cross_run_table` do it for every H100 run (each calibrated on its own recompute) and
+compare the medians across runs.
 """
 
 from __future__ import annotations
@@ -24,13 +26,24 @@ from dataclasses import dataclass
 from itertools import count
 
 from kvtier.sim.cost import MODEL_PRESETS, Calibration, HardwareCost, ModelShape
-from kvtier.sim.engine import request_load_s
+from kvtier.sim.engine import request_service_s
 from kvtier.sim.tiers import SimCpuTier, SimGpuPool
 
-__all__ = ["E2E_CASES", "E2ERow", "compare_e2e", "e2e_predictions", "format_table"]
+__all__ = ["E2E_CASES", "E2ERow", "bench_version", "compare_e2e", "compare_e2e_runs", "cross_run_table",
+           "e2e_predictions", "format_cross_run_table", "format_table"]
 
 PAGE, CHUNK = 16, 256
-E2E_CASES = ("recompute", "gpu_hit", "cpu_hit", "disk_hit", "disk_hit_planned", "half_prefix_gpu_hit")
+E2E_CASES = ("recompute", "gpu_hit", "cpu_hit", "disk_hit", "disk_hit_planned", "disk_hit_split",
+             "half_prefix_gpu_hit")
+# bench_e2e versions (by the commit its result file names): the disk tier's size as
+# (k, extra): (k * pool_tokens // 256 + extra) slots' bytes + 1 MiB; a second recompute of a fresh
+# prompt right after the first; the disk_hit_split step. "unknown": the first run (66839db).
+BENCH_VERSIONS = {
+    "unknown": {"disk_chunks": (2, 4), "second_recompute": False, "split": False},
+    "4af4115": {"disk_chunks": (6, 8), "second_recompute": True, "split": False},
+    "39c153f": {"disk_chunks": (4, 8), "second_recompute": True, "split": True},
+    "95c7220": {"disk_chunks": (4, 8), "second_recompute": True, "split": True},
+}
 
 
 def _keys(ids, tokens: int) -> list:
@@ -39,7 +52,8 @@ def _keys(ids, tokens: int) -> list:
 
 def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *,
                     planner_flops_per_s: float | None = None, disk_gbps: float = 1.2,
-                    cpu_gbps: float = 50.0, second_recompute: bool = False) -> dict[str, dict]:
+                    cpu_gbps: float = 50.0, second_recompute: bool = False, split: bool = False,
+                    disk_chunks: tuple[int, int] = (2, 4)) -> dict[str, dict]:
     """Simulate bench_e2e's steps for an ``n``-token prompt; returns per case the predicted TTFT
     (``ttft_s``) and what the request found (gpu / lower / disk chunks, write-backs waited for).
 
@@ -48,9 +62,11 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
     the simulator); None: from the simulator's predicted recompute. ``disk_gbps`` /
     ``cpu_gbps``: the planner's bandwidths, as the bench set them. ``second_recompute``: the
     bench version (from 2026-11-27 01:13) that recomputes a second, fresh prompt right after the
-    first.
+    first. ``split``: the version with the disk_hit_split step (after disk_hit_planned: the
+    disk hit again with bench_e2e's SplitCostModelPlanner, the same inputs). ``disk_chunks``:
+    the disk tier's size, see BENCH_VERSIONS.
     """
-    from kvtier.planner import CostModelPlanner, ModelCost
+    from kvtier.planner import CostModelPlanner, ModelCost, SplitCostModelPlanner
 
     model = model or MODEL_PRESETS["llama3_8b"]
     kvt = model.kv_bytes_per_token
@@ -58,7 +74,7 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
     pool_tokens = 2 * (n + CHUNK)
     num_pages = pool_tokens // PAGE
     cpu_chunks = (pool_tokens // CHUNK + 4) * block // ((block + 4095) // 4096 * 4096)
-    disk_bytes = (2 * pool_tokens // CHUNK + 4) * (block + 4096) + (1 << 20)
+    disk_bytes = (disk_chunks[0] * pool_tokens // CHUNK + disk_chunks[1]) * (block + 4096) + (1 << 20)
     slot = 4096 + (block + 4095) // 4096 * 4096
     per_wait = max(1, min(64, int(200e-6 * hw.disk_write_bw // slot)))  # 32 MiB chunks: 1
     cpu = SimCpuTier(cpu_chunks, disk_slots=(disk_bytes - 4096) // slot, disk_admit_min_seen=1,
@@ -77,11 +93,11 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
         if b.rejected:
             raise RuntimeError(f"the simulated pool cannot hold a {m}-token prompt")
         cached = (b.gpu_hits + b.lower_hits) * CHUNK
-        ttft = request_load_s(hw, block, b) + hw.prefill_s(model, cached, m)
+        ttft = request_service_s(hw, model, CHUNK, block, b, m)
         pool.finish(b, _keys(ids, m))
         if case:
             out[case] = {"ttft_s": ttft, "gpu_chunks": b.gpu_hits, "lower_chunks": b.lower_hits,
-                         "disk_chunks": b.disk_hits, "computed_tokens": m - cached,
+                         "disk_chunks": b.disk_hits, "computed_tokens": m - cached, "split_head_chunks": b.split_head,
                          "planned_recompute_chunks": b.planned_recompute, "writebacks_waited": b.critical_writebacks,
                          "offloaded_chunks": b.offloaded}
 
@@ -118,11 +134,16 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
     if flops is None:
         probe = ModelCost(model.params, model.layers, model.hidden, 1.0)
         flops = probe.prefill_seconds(0, n) / out["recompute"]["ttft_s"]
-    pool.planner = CostModelPlanner(ModelCost(model.params, model.layers, model.hidden, flops),
-                                    bandwidth={"cpu": cpu_gbps * 1e9, "disk": disk_gbps * 1e9})
+    cost = ModelCost(model.params, model.layers, model.hidden, flops)
+    pool.planner = CostModelPlanner(cost, bandwidth={"cpu": cpu_gbps * 1e9, "disk": disk_gbps * 1e9})
     push_out_of_gpu()
     push_out_of_cpu()
     generate(prompt, n, "disk_hit_planned")
+    if split:
+        pool.planner = SplitCostModelPlanner(cost, bandwidth=dict(pool.planner.bandwidth))
+        push_out_of_gpu()
+        push_out_of_cpu()
+        generate(prompt, n, "disk_hit_split")
     pool.planner = None
     half = prompt[: n // 2 // CHUNK] + tokens(n - n // 2)
     push_out_of_gpu()
@@ -148,10 +169,22 @@ class E2ERow:
         return self.predicted_s / self.measured_s - 1.0
 
 
+def bench_version(doc: dict) -> dict:
+    """The bench_e2e version of a result document (BENCH_VERSIONS, by its commit field); a commit
+    not listed: the newest layout if it has disk_hit_split cases, else the first run's."""
+    v = BENCH_VERSIONS.get(doc.get("commit", "unknown"))
+    if v is not None:
+        return v
+    split = any(r["case"].startswith("ttft_disk_hit_split_") for r in doc["results"])
+    return BENCH_VERSIONS["95c7220" if split else "unknown"]
+
+
 def compare_e2e(bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft-h100-*.json",
                 calibrate_tokens: int = 4096, gpu_tag: str = "h200", disk_tag: str = "h200host"
                 ) -> tuple[list[E2ERow], HardwareCost]:
-    """Calibrate from bench_dir's JSON files and predict every TTFT case of the bench_e2e file."""
+    """Calibrate from bench_dir's JSON files (the GEMM rate from this run's recompute at
+    ``calibrate_tokens``) and predict every TTFT case of the (last) bench_e2e file matching
+    ``e2e_glob``."""
     files = sorted(glob.glob(os.path.join(bench_dir, e2e_glob)))
     if not files:
         raise FileNotFoundError(f"no {e2e_glob} in {bench_dir}")
@@ -160,6 +193,7 @@ def compare_e2e(bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft-h10
                                          calibrate_tokens=calibrate_tokens)
     with open(files[-1]) as f:
         doc = json.load(f)
+    version = bench_version(doc)
     measured: dict[tuple[str, int], float] = {}
     planner_bw: dict[int, tuple[float, float]] = {}
     for r in doc["results"]:
@@ -178,18 +212,75 @@ def compare_e2e(bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft-h10
         probe = ModelCost(model.params, model.layers, model.hidden, 1.0)
         flops = probe.prefill_seconds(0, n) / measured[("recompute", n)]  # bench_e2e's planner input
         disk_gbps, cpu_gbps = planner_bw.get(n, (1.2, 50.0))
-        # The bench version that calibrates the planner's disk rate from the disk hit also adds a
-        # second recompute: recognise it by that rate (the disk hit's bytes over its TTFT).
-        disk_hit = measured.get(("disk_hit", n))
-        own_rate = disk_hit and round((n - 1) // CHUNK * CHUNK * model.kv_bytes_per_token / disk_hit / 1e9, 3)
         pred = e2e_predictions(n, hw, model, planner_flops_per_s=flops, disk_gbps=disk_gbps, cpu_gbps=cpu_gbps,
-                               second_recompute=bool(own_rate) and abs(own_rate - disk_gbps) < 2e-3)
+                               second_recompute=version["second_recompute"],
+                               split=version["split"] and ("disk_hit_split", n) in measured,
+                               disk_chunks=version["disk_chunks"])
         for case in E2E_CASES:
             if (case, n) not in measured:
                 continue
             role = "calibration" if case == "recompute" and n == calibrate_tokens else "prediction"
             rows.append(E2ERow(case, n, measured[(case, n)], pred[case]["ttft_s"], role, pred[case]))
     return rows, hw
+
+
+def compare_e2e_runs(bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft*-h100-*.json",
+                     calibrate_tokens: int = 4096) -> dict[str, list[E2ERow]]:
+    """:func:`compare_e2e` for every bench_e2e run matching ``e2e_glob``, each calibrated from its
+    own recompute at ``calibrate_tokens``: {file name: rows}."""
+    files = sorted(glob.glob(os.path.join(bench_dir, e2e_glob)))
+    if not files:
+        raise FileNotFoundError(f"no {e2e_glob} in {bench_dir}")
+    return {os.path.basename(f): compare_e2e(bench_dir, e2e_glob=os.path.basename(f),
+                                             calibrate_tokens=calibrate_tokens)[0] for f in files}
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    k = len(s) // 2
+    return s[k] if len(s) % 2 else (s[k - 1] + s[k]) / 2
+
+
+def cross_run_table(runs: dict[str, list[E2ERow]]) -> list[dict]:
+    """Per (case, tokens) over the runs: the measured and predicted TTFTs of each run, the error
+    of each run's prediction against its own measurement, and the medians across runs (the
+    median prediction against the median measurement: ``median_error``)."""
+    cases: dict[tuple[str, int], dict] = {}
+    for name, rows in runs.items():
+        for r in rows:
+            c = cases.setdefault((r.case, r.tokens), {"case": r.case, "tokens": r.tokens, "runs": {}})
+            c["runs"][name] = {"measured_s": r.measured_s, "predicted_s": r.predicted_s, "error": r.error,
+                               "role": r.role}
+    out = []
+    for key in sorted(cases, key=lambda k: (k[1], E2E_CASES.index(k[0]))):
+        c = cases[key]
+        meas = [v["measured_s"] for v in c["runs"].values()]
+        pred = [v["predicted_s"] for v in c["runs"].values()]
+        c["median_measured_s"] = _median(meas)
+        c["median_predicted_s"] = _median(pred)
+        c["median_error"] = c["median_predicted_s"] / c["median_measured_s"] - 1.0
+        c["spread"] = max(meas) / min(meas) - 1.0  # the measurements' own spread across runs
+        for v in c["runs"].values():
+            v["error_vs_median"] = v["predicted_s"] / c["median_measured_s"] - 1.0
+        out.append(c)
+    return out
+
+
+def format_cross_run_table(table: list[dict], names: list[str]) -> str:
+    """A markdown table: per case, each run's measured / predicted and error, then the medians."""
+    short = [n.split("ttft")[1].split("-h100")[0].lstrip("_") or "first" for n in names]
+    head = "| case | tokens | " + " | ".join(f"{s}: meas / pred (err)" for s in short)
+    head += " | spread | median meas / pred | median err |"
+    lines = [head, "|---|---:|" + "---:|" * (len(names) + 3)]
+    for c in table:
+        cells = []
+        for n in names:
+            v = c["runs"].get(n)
+            cells.append("—" if v is None else f"{v['measured_s']:.3f} / {v['predicted_s']:.3f} ({v['error']:+.0%})")
+        lines.append(f"| {c['case']} | {c['tokens']} | " + " | ".join(cells)
+                     + f" | {c['spread']:.0%} | {c['median_measured_s']:.3f} / {c['median_predicted_s']:.3f}"
+                     f" | {c['median_error']:+.1%} |")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[E2ERow]) -> str:
@@ -202,8 +293,71 @@ def format_table(rows: list[E2ERow]) -> str:
                  f"computed {d['computed_tokens']} tok")
         if d.get("writebacks_waited"):
             found += f", waited for {d['writebacks_waited']} write-backs"
-        if d.get("planned_recompute_chunks"):
+        if d.get("split_head_chunks"):
+            found += f", split: head of {d['split_head_chunks']} chunks recomputed while the tail loaded"
+        elif d.get("planned_recompute_chunks"):
             found += f", planner recomputed {d['planned_recompute_chunks']} chunks"
         lines.append(f"| {r.case} | {r.tokens} | {r.measured_s:.4f} | {r.predicted_s:.4f} | {r.error:+.1%} | "
                      f"{r.role} | {found} |")
     return "\n".join(lines)
+
+
+def write_cross_run_report(bench_dir: str, json_path: str, png_path: str | None = None, *,
+                           runs: list[str] | None = None, calibrate_tokens: int = 4096) -> dict:
+    """docs/sim_e2e_validation.json (and .png): every run's rows and the cross-run medians."""
+    from kvtier.sim.cost import Calibration
+
+    names = runs or [os.path.basename(f) for f in
+                     sorted(glob.glob(os.path.join(bench_dir, "bench_e2e-llama3_8b_ttft*-h100-*.json")))]
+    per_run, doc_runs = {}, {}
+    for name in names:
+        rows, hw = compare_e2e(bench_dir, e2e_glob=name, calibrate_tokens=calibrate_tokens)
+        per_run[name] = rows
+        preds = [r for r in rows if r.role == "prediction"]
+        doc_runs[name] = {
+            "weights_rate": hw.weights_rate,
+            "within_15pct": sum(1 for r in preds if abs(r.error) <= 0.15), "predictions": len(preds),
+            "rows": [{"case": r.case, "tokens": r.tokens, "measured_s": r.measured_s,
+                      "predicted_s": round(r.predicted_s, 4), "error": round(r.error, 4), "role": r.role,
+                      "found": r.detail} for r in rows]}
+    table = cross_run_table(per_run)
+    claimed = [c for c in table if not (c["case"] == "recompute" and c["tokens"] == calibrate_tokens)]
+    hw0 = Calibration(bench_dir).hardware(model=MODEL_PRESETS["llama3_8b"],
+                                          e2e_file=os.path.join(bench_dir, names[0]), calibrate_tokens=calibrate_tokens)
+    doc = {"calibrate_tokens": calibrate_tokens, "calibration": hw0.sources,
+           "hardware_except_weights_rate": {k: getattr(hw0, k) for k in ("attention_rate", "h2d_bw", "d2h_bw",
+                                                                          "disk_read_bw", "disk_write_bw",
+                                                                          "disk_latency_s")},
+           "runs": doc_runs,
+           "cross_run": {"within_15pct_of_median": sum(1 for c in claimed if abs(c["median_error"]) <= 0.15),
+                         "cases": len(claimed),
+                         "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()}
+                                  for c in table]}}
+    with open(json_path, "w") as f:
+        json.dump(doc, f, indent=1)
+    if png_path:
+        from kvtier.sim.report import _pyplot
+
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(7, 6))
+        lo, hi = 0.02, 10.0
+        ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+        ax.fill_between([lo, hi], [lo * 0.85, hi * 0.85], [lo * 1.15, hi * 1.15], color="0.9", label="±15%")
+        for i, name in enumerate(names):
+            rs = [r for r in per_run[name] if r.role == "prediction"]
+            ax.scatter([r.measured_s for r in rs], [r.predicted_s for r in rs], s=12, alpha=0.6,
+                       label=name.split("ttft")[1].split("-h100")[0].lstrip("_") or "first", marker="o^sv"[i % 4])
+        ax.scatter([c["median_measured_s"] for c in claimed], [c["median_predicted_s"] for c in claimed], s=40,
+                   facecolors="none", edgecolors="red", label="median across runs")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_xlabel("measured TTFT (s), H100")
+        ax.set_ylabel("simulated TTFT (s)")
+        ax.set_title("bench_e2e TTFT: simulator vs four H100 runs")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(png_path, dpi=110)
+        plt.close(fig)
+    return doc
