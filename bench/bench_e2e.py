@@ -111,15 +111,17 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float)
     # decode after a full GPU hit; alternating repetitions, the median of each.
     # Also a fresh pool with the tiers attached, the prompt computed into it like the GPU-only one:
     # the same state, tiers or not (the comparison); the first pool has this run's history.
-    gpu_only = PagedKVPool(**model.kv_geometry(), num_pages=pool_tokens // PAGE, page_tokens=PAGE,
+    def gpu_only_pool():
+        return PagedKVPool(**model.kv_geometry(), num_pages=pool_tokens // PAGE, page_tokens=PAGE,
                            chunk_tokens=CHUNK, cpu_bytes=0)
+
+    gpu_only = gpu_only_pool()
     fresh_dir = os.path.join(disk_dir, "fresh")
     os.makedirs(fresh_dir, exist_ok=True)
     fresh = PagedKVPool(**model.kv_geometry(), num_pages=pool_tokens // PAGE, page_tokens=PAGE, chunk_tokens=CHUNK,
                         cpu_bytes=(pool_tokens // CHUNK + 4) * block, disk_dir=fresh_dir,
                         disk_bytes=(pool_tokens // CHUNK + 8) * (block + 4096) + (1 << 20), model_id=f"e2e-fresh-{n}")
-    gpu_only_b = PagedKVPool(**model.kv_geometry(), num_pages=pool_tokens // PAGE, page_tokens=PAGE,
-                             chunk_tokens=CHUNK, cpu_bytes=0)  # an A/A control: the noise floor
+    gpu_only_b = gpu_only_pool()  # an A/A control: the noise floor
     Engine(model, gpu_only).generate([prompt], 1)
     Engine(model, gpu_only_b).generate([prompt], 1)
     Engine(model, fresh).generate([prompt], 1)

@@ -168,11 +168,6 @@ class StoreFuture:
             self._op.transfer.wait(self._timeout_s if timeout_s is None else timeout_s)
         return self.chunks
 
-    def landed(self) -> bool:
-        """True once a successful ``wait`` (or ``wait_layer`` of every layer, in order) proved
-        that every byte landed; never for a copy that failed."""
-        return self._landed or self._layers_landed == self.num_layers
-
     def done(self) -> bool:
         return self._op is None or self._op.transfer is None or self._op.transfer.done
 

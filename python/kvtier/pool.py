@@ -248,17 +248,10 @@ class PagedKVPool:
                     pass  # the copy failed and ended: the store below copies the chunk again
                 c.offload = None
         if self.cache is not None:
-            tier = self.cache._tier
-            keys = [c.key for c in victims]
-            # Offload each run of victims as one store; chunks already below are skipped by the tier.
-            pages = np.fromiter((p for c in victims for p in c.pages), dtype=np.int64)
-            op = tier.store(b"".join(keys), pages, self.cache._default_stream(None))
+            # Offload the victims as one store; chunks already below are skipped by the tier.
+            op = self._store(victims)
             if op.transfer is not None:
                 op.transfer.wait(self.cache.config.timeout_s)
-            self._stats["offloaded_chunks"] += op.chunks
-            self._stats["offload_skipped_chunks"] += op.skipped_full
-            if op.chunks and self.cache._peers is not None:
-                self.cache._peers.note_stored(keys)
         for c in victims:
             del self._chunks[c.key]
             self._free.free_batch(list(c.pages))
@@ -313,19 +306,15 @@ class PagedKVPool:
             loaded = 0
             if lower and head:  # split: the tail loads in the background while the head computes
                 first = gpu_hits + head
-                dst = np.asarray(pages[head * ppc:(head + lower) * ppc], dtype=np.int64)
-                fut = self._loader().submit(self._load, keys[first:first + lower], dst,
+                tail_keys, tail_pages = keys[first:first + lower], pages[head * ppc:(head + lower) * ppc]
+                fut = self._loader().submit(self._load, tail_keys, np.asarray(tail_pages, dtype=np.int64),
                                             self.cache._default_stream(stream))
-                seq._tail = (fut, first, lower, keys[first:first + lower], pages[head * ppc:(head + lower) * ppc])
+                seq._tail = (fut, first, lower, tail_keys, tail_pages)
                 seq.tail_start = first * ct
                 lower = 0  # counted when it lands (finish_tail)
             if lower:
-                dst = np.asarray(pages[: lower * ppc], dtype=np.int64)
-                if peers is not None:  # local chunks first, then pulls of the rest
-                    op = peers.load(keys[gpu_hits:gpu_hits + lower], dst, self.cache._default_stream(stream))
-                else:
-                    op = self.cache._tier.load(b"".join(keys[gpu_hits:gpu_hits + lower]), dst,
-                                               self.cache._default_stream(stream))
+                op = self._load(keys[gpu_hits:gpu_hits + lower], np.asarray(pages[: lower * ppc], dtype=np.int64),
+                                self.cache._default_stream(stream))
                 loaded = op.chunks
                 if loaded:
                     self._register_loaded(seq, op, gpu_hits * ct, keys[gpu_hits:gpu_hits + loaded], pages)
@@ -433,18 +422,25 @@ class PagedKVPool:
         return added
 
     def _write_through(self, chunks: list[_GpuChunk]) -> None:
-        """Start storing ``chunks`` in the CPU tier (ordered after the work queued on the compute
-        stream); each remembers the copy, which ``_evict`` waits for before reusing its pages."""
+        """Start storing ``chunks`` in the CPU tier; each remembers the copy, which ``_evict``
+        waits for before reusing its pages."""
+        op = self._store(chunks)
+        if op.transfer is not None:
+            for c in chunks:
+                c.offload = op.transfer
+
+    def _store(self, chunks: list[_GpuChunk]):
+        """Start one store of ``chunks`` into the CPU tier, ordered after the work queued on the
+        compute stream (chunks it already holds are skipped); counts it, and tells the peers.
+        Returns the tier's op (its ``transfer`` may still be running)."""
         keys = [c.key for c in chunks]
         pages = np.fromiter((p for c in chunks for p in c.pages), dtype=np.int64)
         op = self.cache._tier.store(b"".join(keys), pages, self.cache._default_stream(None))
         self._stats["offloaded_chunks"] += op.chunks
         self._stats["offload_skipped_chunks"] += op.skipped_full
-        if op.transfer is not None:
-            for c in chunks:
-                c.offload = op.transfer
         if op.chunks and self.cache._peers is not None:
             self.cache._peers.note_stored(keys)
+        return op
 
     def release(self, seq: Sequence) -> None:
         """The request is over: drop its references; pages not in a registered chunk are freed."""
