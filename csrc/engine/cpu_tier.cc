@@ -365,8 +365,12 @@ StatusOr<TierOp> CpuTier::Load(const ChunkKey* keys, size_t n, const std::vector
            (index_->IsWriting(keys[hits + run]) || disk_->Contains(keys[hits + run]))) {
       ++run;
     }
-    if (run == 0) break;
-    PromoteFromDisk(keys + hits, run);
+    if (run > 0) {
+      PromoteFromDisk(keys + hits, run);
+    } else if (!index_->Contains(keys[hits])) {
+      break;  // in neither tier: the prefix ends here
+    }
+    // else a prefetch committed the chunk since the Acquire above: acquire it now.
     // Whatever is in the pool now (promoted here, or filled by a prefetch that was running).
     size_t got = index_->Acquire(keys + hits, wanted - hits, &blocks);
     if (got == 0) break;
