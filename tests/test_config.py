@@ -88,6 +88,7 @@ def test_yaml_file(tmp_path):
           admit_min_seen: 1
           queue_depth: 64
           io_timeout_s: 2.5
+          deterministic_writeback: true
         gpu:
           pool_pages: 4096
           page_tokens: 32
@@ -116,6 +117,8 @@ def test_yaml_file(tmp_path):
     assert cfg.disk.dir == str(disk_dir) and cfg.disk.bytes == 1_500_000_000_000
     assert cfg.disk.backend == "posix" and cfg.disk.admit_min_seen == 1
     assert cfg.disk.queue_depth == 64 and cfg.disk.io_timeout_s == 2.5
+    assert cfg.disk.deterministic_writeback is True
+    assert cfg.cache_kwargs()["deterministic_writeback"] is True
     assert cfg.gpu.pool_pages == 4096 and cfg.gpu.page_tokens == 32
     assert cfg.model.model_id == "meta-llama/Llama-3.1-8B" and cfg.model.tenant_salt == "tenant-a"
     assert cfg.model.chunk_tokens == 512
@@ -142,6 +145,7 @@ def test_env_vars(tmp_path):
         "KVTIER_DISK_BYTES": "512MB",
         "KVTIER_DISK_BACKEND": "posix",
         "KVTIER_DISK_IO_TIMEOUT_S": "0.5",
+        "KVTIER_DISK_DETERMINISTIC_WRITEBACK": "on",
         "KVTIER_GPU_BYTES": "2gib",
         "KVTIER_MODEL_ID": "qwen",
         "KVTIER_MODEL_TENANT_SALT": "t1",
@@ -159,6 +163,7 @@ def test_env_vars(tmp_path):
     assert cfg.cpu.bytes == 8 * GiB and cfg.cpu.method == "cpu" and cfg.cpu.threads == 3
     assert cfg.disk.dir == str(tmp_path) and cfg.disk.bytes == 512_000_000
     assert cfg.disk.backend == "posix" and cfg.disk.io_timeout_s == 0.5
+    assert cfg.disk.deterministic_writeback is True
     assert cfg.gpu.bytes == 2 * GiB
     assert cfg.model.model_id == "qwen" and cfg.model.tenant_salt == "t1"
     assert cfg.planner.enabled is False and cfg.planner.cpu_bandwidth_gbps == 25.0
@@ -296,6 +301,7 @@ BAD_VALUES = [
     ("disk.queue_depth", 0, "an integer in [1, 4096]"),
     ("disk.queue_depth", 5000, "an integer in [1, 4096]"),
     ("disk.io_timeout_s", 0, "a number >= 0.001"),
+    ("disk.deterministic_writeback", "maybe", "true or false"),
     ("gpu.pool_pages", -1, "an integer >= 1, or null"),
     ("gpu.bytes", "1 page", "a size of at least 1 byte: "),
     ("gpu.page_tokens", 0, "an integer >= 1"),

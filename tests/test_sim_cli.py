@@ -56,6 +56,17 @@ def test_sim_sweep_plot(trace_file, tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
+def test_sim_deterministic_writeback(trace_file, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["sim", "--trace", str(trace_file), "--gpu-gib", "1", "--cpu-gib", "2", "--disk-gib", "8",
+            "--admit-min-seen", "1", "--no-ablation", "--replay", "fast", "--json", str(out)]
+    assert main([*args, "--deterministic-writeback"]) == 0
+    assert json.loads(out.read_text())["runs"]["all tiers"]["config"]["deterministic_writeback"] is True
+    assert main(args) == 0
+    assert json.loads(out.read_text())["runs"]["all tiers"]["config"]["deterministic_writeback"] is False
+    capsys.readouterr()
+
+
 def test_sim_bad_trace_line(tmp_path, capsys):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"timestamp": 0, "input_length": 600, "hash_ids": [1, 2]}\n'

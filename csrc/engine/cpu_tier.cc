@@ -41,11 +41,18 @@ StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const LayoutDesc& layout, con
   if (options.disk.enabled) {
     DiskStoreOptions disk_options = options.disk.store;
     disk_options.blob_bytes = blob;
+    if (options.disk.deterministic_writeback) {
+      // One request at a time, so they end in the order they were made: a write makes its chunk
+      // the disk's most recent when it ends, and a read commits its chunk to the pool then.
+      disk_options.queue_depth = 1;
+      disk_options.posix_threads = 1;
+    }
     auto disk = DiskStore::Open(disk_options);
     if (!disk.ok()) return disk.status();
     tier->disk_ = std::move(disk).value();
     tier->admit_min_seen_ = options.disk.admit_min_seen;
     tier->disk_io_timeout_ms_ = disk_options.io_timeout_ms;
+    tier->deterministic_writeback_ = options.disk.deterministic_writeback;
     tier->index_->EnableDemotion(&CpuTier::AdmitForDemotion, tier.get(),
                                  std::max<size_t>(1, options.disk.max_demotions_in_flight),
                                  /*wait_at_bound=*/true);
@@ -74,10 +81,28 @@ StatusOr<BlockId> CpuTier::WaitForBlock(const ChunkKey& key, std::chrono::steady
          std::chrono::steady_clock::now() < deadline) {
     PumpDemotions();
     if (index_->demoting() == 0) return index_->BeginInsert(key);  // nothing in flight frees a block
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
+    if (deterministic_writeback_) {
+      WaitForWriteBacks(deadline);  // all of them: how many end in one poll depends on the disk
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
     b = index_->BeginInsert(key);
   }
   return b;
+}
+
+void CpuTier::WaitForWriteBacks(std::chrono::steady_clock::time_point deadline) {
+  if (!deterministic_writeback_) return;
+  std::unique_lock<std::mutex> lock(inflight_mu_);
+  (void)inflight_cv_.wait_until(lock, deadline, [this] { return index_->demoting() == 0; });
+}
+
+void CpuTier::EndWriteBack(const ChunkKey& key) {
+  (void)index_->FinishDemotion(key);
+  if (!deterministic_writeback_) return;
+  // Under the lock, so a waiter between its check of demoting() and its sleep cannot miss it.
+  std::lock_guard<std::mutex> lock(inflight_mu_);
+  inflight_cv_.notify_all();
 }
 
 void CpuTier::WaitWhileWriting(const ChunkKey& key, std::chrono::steady_clock::time_point deadline) {
@@ -88,13 +113,13 @@ void CpuTier::WaitWhileWriting(const ChunkKey& key, std::chrono::steady_clock::t
 
 size_t CpuTier::Prefetch(const ChunkKey* keys, size_t n) {
   if (!disk_) return 0;
+  WaitForWriteBacks();
   size_t started = 0;
   for (size_t i = 0; i < n; ++i) {
     if (index_->Contains(keys[i]) || index_->IsWriting(keys[i])) continue;
     if (!disk_->Contains(keys[i])) break;
     // Room may have to come from write-backs of evicted chunks: wait for them, to the deadline.
-    StatusOr<BlockId> block = WaitForBlock(keys[i], std::chrono::steady_clock::now() +
-                                                        std::chrono::milliseconds(2 * disk_io_timeout_ms_ + 1000));
+    StatusOr<BlockId> block = WaitForBlock(keys[i], DiskDeadline());
     if (!block.ok()) break;
     ChunkKey k = keys[i];
     StartOp();
@@ -114,6 +139,8 @@ size_t CpuTier::Prefetch(const ChunkKey* keys, size_t n) {
       break;
     }
     ++started;
+    // Deterministic mode: the read ends before the next chunk's reservation, which could evict it.
+    if (deterministic_writeback_) WaitWhileWriting(k, DiskDeadline());
   }
   PumpDemotions();
   return started;
@@ -146,7 +173,7 @@ void CpuTier::PumpDemotions() {
     const ChunkKey k = demotions[i].key;
     if (!admit[i]) {
       ++demotions_rejected_;
-      (void)index_->FinishDemotion(k);
+      EndWriteBack(k);
       continue;
     }
     StartOp();
@@ -156,7 +183,7 @@ void CpuTier::PumpDemotions() {
       } else {
         ++demotions_failed_;
       }
-      (void)index_->FinishDemotion(k);
+      EndWriteBack(k);
       FinishOp();
     });
     if (!s.ok()) {  // already on disk (AlreadyExists) or refused: the pool copy just goes
@@ -165,7 +192,7 @@ void CpuTier::PumpDemotions() {
       } else {
         ++demotions_failed_;
       }
-      (void)index_->FinishDemotion(k);
+      EndWriteBack(k);
       FinishOp();
     }
   }
@@ -181,7 +208,7 @@ size_t CpuTier::PromoteFromDisk(const ChunkKey* keys, size_t n) {
   };
   auto shared = std::make_shared<Shared>();
   std::vector<BlockId> blocks;
-  const auto wait_deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(2 * disk_io_timeout_ms_ + 1000);
+  const auto wait_deadline = DiskDeadline();
   for (size_t i = 0; i < n; ++i) {
     StatusOr<BlockId> b = index_->BeginInsert(keys[i]);
     // A pool full of chunks being written back to disk frees blocks as those writes end: a load
@@ -196,6 +223,9 @@ size_t CpuTier::PromoteFromDisk(const ChunkKey* keys, size_t n) {
     blocks.push_back(*b);
   }
   PumpDemotions();  // BeginInsert may have marked victims for write-back
+  // Deterministic mode: they end before the reads start, so whether a write-back or a read makes
+  // its chunk the disk's most recent does not depend on the disk's speed.
+  WaitForWriteBacks(wait_deadline);
   const size_t reserved = blocks.size();
   shared->results.assign(reserved, Status::Internal("read not finished"));
   shared->pending = reserved;
@@ -229,8 +259,7 @@ size_t CpuTier::PromoteFromDisk(const ChunkKey* keys, size_t n) {
   }
   std::unique_lock<std::mutex> lock(shared->mu);
   // The disk store answers every request by its own deadline; allow it that, plus slack.
-  const auto deadline = std::chrono::steady_clock::now() +
-                        std::chrono::milliseconds(2 * disk_io_timeout_ms_ + 1000);
+  const auto deadline = DiskDeadline();
   if (!shared->cv.wait_until(lock, deadline, [&] { return shared->pending == 0; })) return 0;
   size_t ok = 0;
   while (ok < reserved && shared->results[ok].ok()) ++ok;
@@ -275,6 +304,7 @@ StatusOr<TierOp> CpuTier::Store(const ChunkKey* keys, size_t n, const std::vecto
                                 uintptr_t after_stream) {
   const uint32_t ppc = pages_per_chunk();
   KVTIER_RETURN_IF_ERROR(CheckPages(page_ids, n * ppc));
+  WaitForWriteBacks();
   ++store_calls_;
   TierOp op;
   std::vector<ChunkKey> fresh;
@@ -283,8 +313,7 @@ StatusOr<TierOp> CpuTier::Store(const ChunkKey* keys, size_t n, const std::vecto
   for (size_t i = 0; i < n; ++i) {
     StatusOr<BlockId> block = index_->BeginInsert(keys[i]);
     if (!block.ok() && block.status().code() == StatusCode::kResourceExhausted && disk_) {
-      block = WaitForBlock(keys[i], std::chrono::steady_clock::now() +
-                                        std::chrono::milliseconds(2 * disk_io_timeout_ms_ + 1000));
+      block = WaitForBlock(keys[i], DiskDeadline());
     }
     if (!block.ok()) {
       if (block.status().code() == StatusCode::kAlreadyExists) {
@@ -335,6 +364,7 @@ StatusOr<TierOp> CpuTier::Store(const ChunkKey* keys, size_t n, const std::vecto
 }
 
 size_t CpuTier::Lookup(const ChunkKey* keys, size_t n) {
+  WaitForWriteBacks();
   size_t hits = index_->Lookup(keys, n);
   if (!disk_) return hits;
   size_t on_disk = 0;
@@ -352,6 +382,7 @@ StatusOr<TierOp> CpuTier::Load(const ChunkKey* keys, size_t n, const std::vector
   const uint32_t ppc = pages_per_chunk();
   // Validate every page the caller offered before touching the index, so bad input changes nothing.
   KVTIER_RETURN_IF_ERROR(CheckPages(page_ids, std::min(page_ids.size(), n * ppc)));
+  WaitForWriteBacks();
   ++load_calls_;
   TierOp op;
   std::vector<BlockId> blocks;
@@ -404,7 +435,8 @@ StatusOr<TierOp> CpuTier::Load(const ChunkKey* keys, size_t n, const std::vector
   return op;
 }
 
-std::vector<uint8_t> CpuTier::LookupTiers(const ChunkKey* keys, size_t n) const {
+std::vector<uint8_t> CpuTier::LookupTiers(const ChunkKey* keys, size_t n) {
+  WaitForWriteBacks();
   std::vector<uint8_t> tiers;
   for (size_t i = 0; i < n; ++i) {
     if (index_->Contains(keys[i])) {
@@ -419,6 +451,7 @@ std::vector<uint8_t> CpuTier::LookupTiers(const ChunkKey* keys, size_t n) const 
 }
 
 StatusOr<void*> CpuTier::BeginPut(const ChunkKey& key) {
+  WaitForWriteBacks();
   StatusOr<BlockId> block = index_->BeginInsert(key);
   PumpDemotions();
   if (!block.ok()) return block.status();
@@ -434,6 +467,7 @@ Status CpuTier::CommitPut(const ChunkKey& key) {
 Status CpuTier::AbortPut(const ChunkKey& key) { return index_->AbortInsert(key); }
 
 std::vector<const void*> CpuTier::AcquireBlobs(const ChunkKey* keys, size_t n) {
+  WaitForWriteBacks();
   std::vector<BlockId> blocks;
   index_->Acquire(keys, n, &blocks);
   std::vector<const void*> out;

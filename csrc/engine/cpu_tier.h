@@ -11,6 +11,11 @@
 // chunk. Load promotes the leading chunks found only on disk: each is read (and verified) into a
 // fresh pool block, committed to the pool, then scattered like a pool hit.
 //
+// Write-backs run asynchronously: whether one has ended by the next call, how many end while an
+// eviction waits for a block, and in which order concurrent ones end (each becomes the disk's most
+// recent chunk when it ends) depend on the disk's speed. With
+// DiskTierOptions::deterministic_writeback they depend on the calls alone: see there.
+//
 // Thread safety: every method may be called from any thread concurrently.
 #pragma once
 
@@ -38,6 +43,13 @@ struct DiskTierOptions {
   DiskStoreOptions store;           // dir, capacity, backend...; blob_bytes is filled in
   uint32_t admit_min_seen = 2;      // write an evicted chunk back only if seen this many times
   size_t max_demotions_in_flight = 64;  // beyond it, evictions wait for write-backs to end
+  // Disk timing that depends only on the calls (kvtier.sim mirrors it exactly): Store, Lookup,
+  // LookupTiers, Load, Prefetch, BeginPut and AcquireBlobs first wait for the write-backs in
+  // flight; an eviction that must wait for write-backs waits for all of them, not for one 200 us
+  // poll; a promotion's write-backs end before its reads start; a prefetch waits for each read;
+  // and the disk runs at queue depth 1 (one POSIX worker), so its requests end in the order they
+  // were made. Each wait ends at the usual deadline (2 x io_timeout + 1 s); past it the call goes on.
+  bool deterministic_writeback = false;
 };
 
 struct CpuTierOptions {
@@ -96,7 +108,7 @@ class CpuTier {
   // Leading chunks of keys[0..n) that are READY.
   size_t Lookup(const ChunkKey* keys, size_t n);
   // Where each leading chunk is: 1 = pool, 2 = disk only; stops at the first chunk in neither.
-  std::vector<uint8_t> LookupTiers(const ChunkKey* keys, size_t n) const;
+  std::vector<uint8_t> LookupTiers(const ChunkKey* keys, size_t n);
   // Loads the leading READY chunks into page_ids[0 .. hits*ppc).
   StatusOr<TierOp> Load(const ChunkKey* keys, size_t n, const std::vector<uint32_t>& page_ids,
                         uintptr_t after_stream);
@@ -150,6 +162,19 @@ class CpuTier {
   StatusOr<BlockId> WaitForBlock(const ChunkKey& key, std::chrono::steady_clock::time_point deadline);
   // Waits (polling, until `deadline`) while another reader of the disk fills `key`'s block.
   void WaitWhileWriting(const ChunkKey& key, std::chrono::steady_clock::time_point deadline);
+  // Deterministic mode only (else returns at once): waits until no write-back is in flight, or
+  // `deadline` (the disk deadline from now when not given).
+  void WaitForWriteBacks(std::chrono::steady_clock::time_point deadline);
+  void WaitForWriteBacks() {
+    if (deterministic_writeback_) WaitForWriteBacks(DiskDeadline());
+  }
+  // The write-back of `key` is over (written, failed or not admitted): frees its block and wakes
+  // WaitForWriteBacks.
+  void EndWriteBack(const ChunkKey& key);
+  // The deadline of a wait on the disk: it answers every request by io_timeout; plus slack.
+  std::chrono::steady_clock::time_point DiskDeadline() const {
+    return std::chrono::steady_clock::now() + std::chrono::milliseconds(2 * disk_io_timeout_ms_ + 1000);
+  }
 
   // Declaration order is destruction order reversed: the engine (whose callbacks touch the index
   // and counters) goes first, the memory last.
@@ -162,6 +187,7 @@ class CpuTier {
   std::unique_ptr<DiskStore> disk_;  // after index_: destroyed first, its callbacks see the index
   uint32_t admit_min_seen_ = 2;
   int64_t disk_io_timeout_ms_ = 10000;
+  bool deterministic_writeback_ = false;
   mutable std::mutex hook_mu_;
   AdmissionHook admission_hook_;  // guarded by hook_mu_
   std::atomic<bool> has_admission_hook_{false};
@@ -172,7 +198,7 @@ class CpuTier {
       chunks_skipped_full_{0}, chunks_failed_{0}, load_calls_{0}, chunks_loaded_{0},
       bytes_offloaded_{0}, bytes_loaded_{0};
   mutable std::mutex inflight_mu_;
-  std::condition_variable inflight_cv_;
+  std::condition_variable inflight_cv_;  // in_flight_ reached 0; deterministic mode: a write-back ended
   uint64_t in_flight_ = 0;  // guarded by inflight_mu_
 
   std::unique_ptr<CopyEngine> engine_;

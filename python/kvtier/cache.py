@@ -74,6 +74,12 @@ class CacheConfig:
         disk_queue_depth: I/O requests in flight at once.
         disk_io_timeout_s: deadline of every disk request.
         eviction_policy: the CPU tier's eviction order: "lru", "s3fifo" or "lfu".
+        deterministic_writeback: every call waits for the disk write-backs in flight first, an
+            eviction waiting for write-backs waits for all of them, a prefetch for its reads, and
+            the disk runs one request at a time (its queue depth is then 1), so that the tiers'
+            state depends on the calls alone, not on the disk's speed (kvtier.sim then matches
+            the engine exactly). Costs the overlap of disk I/O with the caller's work; for
+            validation and reproducible runs. No effect without a disk tier.
     """
 
     cpu_bytes: int = 1 << 30
@@ -90,6 +96,7 @@ class CacheConfig:
     disk_queue_depth: int = 32
     disk_io_timeout_s: float = 10.0
     eviction_policy: str = "lru"
+    deterministic_writeback: bool = False
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -105,6 +112,9 @@ class CacheConfig:
         if self.eviction_policy not in ("lru", "s3fifo", "lfu"):
             raise InvalidArgumentError(
                 f"config.eviction_policy must be 'lru', 's3fifo' or 'lfu', got {self.eviction_policy!r}")
+        if not isinstance(self.deterministic_writeback, bool):
+            raise InvalidArgumentError(
+                f"config.deterministic_writeback must be True or False, got {self.deterministic_writeback!r}")
         if self.method not in _METHODS:
             raise InvalidArgumentError(f"config.method must be one of {_METHODS}, got {self.method!r}")
         if not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
@@ -269,6 +279,7 @@ class KVCache:
             disk_queue_depth=config.disk_queue_depth,
             disk_io_timeout_s=float(config.disk_io_timeout_s),
             eviction_policy=config.eviction_policy,
+            deterministic_writeback=config.deterministic_writeback,
         )
         if admission_policy is not None:
             self._tier.set_admission_hook(admission_policy.admit)

@@ -407,6 +407,13 @@ class DiskConfig(_Section):
     )
     queue_depth: int = _field(32, _Int(1, 4096), "disk requests in flight at once")
     io_timeout_s: float = _field(10.0, _Float(0.001), "deadline of every disk request, in seconds")
+    deterministic_writeback: bool = _field(
+        False,
+        _Bool(),
+        "every call waits for the disk's write-backs first, an eviction for all of them, and the "
+        "disk runs one request at a time: the tiers' state depends on the calls alone "
+        "(kvtier sim --deterministic-writeback reproduces it exactly)",
+    )
 
     def _check_together(self) -> None:
         if self.dir is not None and self.bytes < 1:
@@ -638,7 +645,7 @@ _FLAT_OVERRIDES: dict[str, str] = {
 # CacheConfig's own names, so that every keyword of KVCache / cache_kwargs() is an override too.
 _FLAT_OVERRIDES.update(
     method="cpu.method", staging_bytes="cpu.staging_bytes", tenant_salt="model.tenant_salt",
-    eviction_policy="cpu.eviction_policy",
+    eviction_policy="cpu.eviction_policy", deterministic_writeback="disk.deterministic_writeback",
 )
 
 
@@ -781,6 +788,7 @@ class KVTierConfig:
             "disk_queue_depth": self.disk.queue_depth,
             "disk_io_timeout_s": self.disk.io_timeout_s,
             "eviction_policy": self.cpu.eviction_policy,
+            "deterministic_writeback": self.disk.deterministic_writeback,
         }
 
 

@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
                    help="load or recompute each lower-tier chunk as the (calibrated) cost model says")
     p.add_argument("--write-through", action="store_true",
                    help="store committed chunks in the CPU tier at once (PagedKVPool write_through)")
+    p.add_argument("--deterministic-writeback", action="store_true",
+                   help="model the engine's deterministic_writeback mode (every wait for disk write-backs "
+                        "waits for all of them; the engine's hits are then reproduced exactly)")
     p.add_argument("--replay", default="timestamps", choices=("timestamps", "fast"),
                    help="arrivals from the trace (queueing) or one request after another")
     p.add_argument("--calibrate", default=None, metavar="DIR",
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                         cpu_eviction="lru" if args.cpu_eviction == "all" else args.cpu_eviction,
                         disk_admit_min_seen=args.admit_min_seen, instances=args.instances, routing=args.routing,
                         peers=args.peers, peer_disk=args.peer_disk, write_through=args.write_through,
-                        hardware=hw, replay=args.replay,
+                        deterministic_writeback=args.deterministic_writeback, hardware=hw, replay=args.replay,
                         planner=CalibratedPlanner(hw, model) if args.planner else None)
     except ValueError as e:
         print(f"kvtier sim: {e}", file=sys.stderr)

@@ -52,6 +52,11 @@ class SimConfig:
         cpu_bytes: CPU tier per instance (0: none). disk_bytes: disk tier per instance (0: none).
         cpu_eviction: the CPU tier's built-in order ("lru", "s3fifo", "lfu").
         disk_admit_min_seen: the built-in disk admission rule.
+        max_demotions_in_flight: the write-back bound (the engine's is 64).
+        deterministic_writeback: model the engine's ``CacheConfig.deterministic_writeback``: a
+            wait for write-backs ends all of them (default: ``writebacks_per_wait`` a 200 us poll,
+            as the asynchronous engine does on this disk), and a load's write-backs end before
+            its disk reads.
         gpu_eviction_policy / admission_policy / prefetch_policy / planner: Python policy objects,
             exactly as the engine takes them (shared by all instances).
         instances, routing: how many instances and how requests reach them.
@@ -73,6 +78,7 @@ class SimConfig:
     cpu_eviction: str = "lru"
     disk_admit_min_seen: int = 2
     max_demotions_in_flight: int = 64
+    deterministic_writeback: bool = False
     gpu_eviction_policy: object = None
     admission_policy: object = None
     prefetch_policy: object = None
@@ -94,6 +100,8 @@ class SimConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int (bytes), got {v!r}")
+        if type(self.deterministic_writeback) is not bool:
+            raise ValueError(f"deterministic_writeback must be True or False, got {self.deterministic_writeback!r}")
         if self.chunk_tokens % self.page_tokens:
             raise ValueError(f"chunk_tokens={self.chunk_tokens} must be a multiple of page_tokens={self.page_tokens}")
         if self.routing not in ROUTINGS:
@@ -155,7 +163,8 @@ class Instance:
                                   disk_admit_min_seen=cfg.disk_admit_min_seen,
                                   admission_policy=cfg.admission_policy,
                                   max_demotions_in_flight=cfg.max_demotions_in_flight,
-                                  writebacks_per_wait=cfg.writebacks_per_wait)
+                                  writebacks_per_wait=cfg.writebacks_per_wait,
+                                  deterministic_writeback=cfg.deterministic_writeback)
         self.pool = None
         if cfg.gpu_bytes:
             self.pool = SimGpuPool(cfg.gpu_pages, page_tokens=cfg.page_tokens, chunk_tokens=cfg.chunk_tokens,
@@ -230,6 +239,7 @@ class SimResult:
                        "cpu_bytes": c.cpu_bytes, "disk_bytes": c.disk_bytes, "cpu_eviction": c.cpu_eviction,
                        "disk_admit_min_seen": c.disk_admit_min_seen, "instances": c.instances,
                        "routing": c.routing, "peers": c.peers, "replay": c.replay,
+                       "deterministic_writeback": c.deterministic_writeback,
                        "gpu_chunks": c.gpu_pages // (c.chunk_tokens // c.page_tokens), "cpu_chunks": c.cpu_chunks,
                        "disk_chunks": c.disk_slots},
         }

@@ -17,10 +17,11 @@ Each class mirrors one engine component decision for decision, on integer chunk 
 
 Timing: the simulator advances tier state one request at a time (begin, commit, release). The
 engine's write-backs are asynchronous; the simulator finishes them all before the next call into
-the tier (tests/test_sim_engine.py drains the engine's between calls to compare), and within a
-call, when an operation must wait for write-backs to get a block, ``writebacks_per_wait`` of them
-(oldest first) end per wait, as many as the disk finishes in the engine's 200 us poll. Those an
-operation waited for are counted (``critical_writebacks``): the cost model puts them on that
+the tier, and within a call, when an operation must wait for write-backs to get a block,
+``writebacks_per_wait`` of them (oldest first) end per wait, as many as the disk finishes in the
+engine's 200 us poll. With ``deterministic_writeback`` it mirrors the engine's mode of that name
+exactly: every wait ends all of them, and a promotion's write-backs end before its reads. Those
+an operation waited for are counted (``critical_writebacks``): the cost model puts them on that
 request's critical path.
 """
 
@@ -136,11 +137,14 @@ class SimCpuTier:
         writebacks_per_wait: how many write-backs end while an operation that needs a block waits
             once (the engine polls every 200 us: about ``200e-6 * disk write bandwidth / slot
             bytes``, at least 1). Small chunks on a fast disk: many; 32 MiB chunks: one.
+        deterministic_writeback: the engine's mode of that name (CacheConfig): a wait for
+            write-backs ends all of them (``writebacks_per_wait`` is then unused), and a
+            promotion's write-backs end before its disk reads start.
     """
 
     def __init__(self, capacity_chunks: int, *, eviction_policy: str = "lru", disk_slots: int = 0,
                  disk_admit_min_seen: int = 2, admission_policy=None, max_demotions_in_flight: int = 64,
-                 writebacks_per_wait: int = 1) -> None:
+                 writebacks_per_wait: int = 1, deterministic_writeback: bool = False) -> None:
         if capacity_chunks <= 0:
             raise ValueError(f"CPU tier capacity must be at least one chunk, got {capacity_chunks}")
         self.capacity = capacity_chunks
@@ -150,6 +154,7 @@ class SimCpuTier:
         self.admission_policy = admission_policy
         self.max_demotions = max(1, max_demotions_in_flight)
         self.writebacks_per_wait = max(1, writebacks_per_wait)
+        self.deterministic_writeback = bool(deterministic_writeback)
         # key -> [state, pins, seen]
         self._entries: dict = {}
         self._demoting = 0
@@ -203,10 +208,25 @@ class SimCpuTier:
         """WaitForBlock: start the staged write-backs, then wait for them (oldest first,
         ``writebacks_per_wait`` a poll) until a block comes free."""
         self.counters.backpressure_waits += 1
+        if self.deterministic_writeback:
+            return self._wait_for_all_writebacks(key)
         self._pump()
         r = self._begin_insert(key)
         while r == _EXHAUSTED and self._pending:
             for _ in range(min(self.writebacks_per_wait, len(self._pending))):
+                self._complete_one(critical=True)
+            r = self._begin_insert(key)
+        return r
+
+    def _wait_for_all_writebacks(self, key) -> int:
+        """WaitForBlock in deterministic mode, step for step: retry; while that fails, start the
+        staged write-backs and wait until all of them have ended, then retry."""
+        r = self._begin_insert(key)
+        while r == _EXHAUSTED:
+            self._pump()
+            if not self._pending:
+                return self._begin_insert(key)  # nothing in flight frees a block
+            while self._pending:
                 self._complete_one(critical=True)
             r = self._begin_insert(key)
         return r
@@ -405,6 +425,9 @@ class SimCpuTier:
                 break
             reserved.append(keys[i])
         self._pump()
+        if self.deterministic_writeback:  # the engine waits for them before it reads
+            while self._pending:
+                self._complete_one(critical=True)
         ok = 0
         failed = False
         for k in reserved:
@@ -497,6 +520,8 @@ class SimPeers:
 
     def _source(self, key):
         for o in self.others:
+            if o.deterministic_writeback:
+                o.new_call()  # the peer's tier waits for its write-backs before it answers
             if o.contains(key):
                 return o
             if self.serve_disk and o.disk is not None and key in o.disk:

@@ -1,0 +1,89 @@
+"""CacheConfig.deterministic_writeback through KVCache (the next call finds the write-backs ended,
+no drain), its validation, and its mirror in kvtier.sim (SimCpuTier, SimConfig).
+
+The engine-vs-simulator comparisons that this mode makes exact are in tests/test_sim_engine.py;
+csrc/engine/cpu_tier_test.cc slows the disk down to show the asynchronous default differ.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kvtier.errors import InvalidArgumentError
+from kvtier.sim import SimConfig
+from kvtier.sim.tiers import SimCpuTier
+
+torch = pytest.importorskip("torch")
+
+import kvtier
+from kvtier import CacheConfig, KVCache, Layout
+
+
+def io_uring_works() -> bool:
+    ok, _ = kvtier._core.probe_io_uring()
+    return bool(ok) and kvtier._core.IO_BACKEND_COMPILED == "io_uring"
+
+
+@pytest.fixture(params=["io_uring", "posix"])
+def backend(request):
+    if request.param == "io_uring" and not io_uring_works():
+        pytest.skip("io_uring not compiled in or refused by this kernel")
+    return request.param
+
+
+def toks(n, seed):
+    return np.random.default_rng(seed).integers(0, 50000, n).tolist()
+
+
+def test_next_call_finds_the_write_backs_ended_without_a_drain(tmp_path, backend):
+    kv = [torch.randn(2, 64, 16, 2, 64) for _ in range(2)]
+    layout = Layout.from_vllm(kv, chunk_tokens=32)  # 2 pages a chunk
+    ct = layout.chunk_tokens
+    cache = KVCache(layout, cpu_bytes=4 * layout.chunk_bytes, disk_dir=str(tmp_path),
+                    disk_bytes=64 * layout.chunk_bytes + (1 << 20), disk_backend=backend,
+                    deterministic_writeback=True)
+    with cache:
+        a, x, b = toks(2 * ct, 1), toks(2 * ct, 2), toks(2 * ct, 3)
+        cache.store(a, list(range(4))).wait()
+        cache.store(a, list(range(4))).wait()  # seen twice: admitted to disk when evicted
+        cache.store(x, list(range(4, 8))).wait()  # seen once: dropped when evicted
+        # b's blocks come from x; a's chunks are evicted on the way: their write-backs start as
+        # the store returns and run while the caller goes on.
+        assert cache.store(b, list(range(8, 12))).wait() == 2
+        assert cache.lookup(b) == 2 * ct  # the next call: it waits for them first
+        st = cache.stats()["disk"]
+        assert st["demotions_written"] == 2 and st["slots_used"] == 2, st
+        assert cache.lookup_tiers(a) == ["disk", "disk"]
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_bad_value_is_refused_naming_the_option(value):
+    with pytest.raises(InvalidArgumentError, match="deterministic_writeback"):
+        CacheConfig(deterministic_writeback=value)
+
+
+def test_off_by_default():
+    assert CacheConfig().deterministic_writeback is False
+    assert SimConfig().deterministic_writeback is False
+
+
+def test_sim_config_refuses_a_bad_value():
+    with pytest.raises(ValueError, match="deterministic_writeback"):
+        SimConfig(deterministic_writeback="yes")
+
+
+def test_sim_tier_waits_for_every_write_back_in_deterministic_mode():
+    """A pool of 4 chunks, all admitted, under a write-back bound of 2: the store that evicts
+    them waits for write-backs. With one ending a 200 us poll (writebacks_per_wait=1) it waits
+    four times; in deterministic mode each wait ends both in flight: two waits."""
+
+    def run(**kw):
+        tier = SimCpuTier(4, disk_slots=16, disk_admit_min_seen=1, max_demotions_in_flight=2, **kw)
+        tier.store([0, 1, 2, 3])
+        tier.store([10, 11, 12, 13])
+        return tier.counters
+
+    polled, every = run(writebacks_per_wait=1), run(writebacks_per_wait=1, deterministic_writeback=True)
+    assert (polled.backpressure_waits, every.backpressure_waits) == (4, 2)
+    assert polled.critical_writebacks == every.critical_writebacks == 4
+    assert polled.demotions_written == every.demotions_written == 4
