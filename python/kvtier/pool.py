@@ -154,15 +154,23 @@ class PagedKVPool:
             raise InvalidArgumentError(
                 f"chunk_tokens={chunk_tokens} must be a multiple of page_tokens={page_tokens}")
         dtype = dtype if dtype is not None else torch.bfloat16
-        if kv_layout == "cross_layer":
-            self.kv = torch.zeros(num_pages, num_layers, 2, page_tokens, kv_heads, head_dim, dtype=dtype, device=device)
-            self.layout = Layout.from_cross_layer(self.kv, chunk_tokens=chunk_tokens)
-        elif kv_layout == "vllm":
-            self.kv = [torch.zeros(2, num_pages, page_tokens, kv_heads, head_dim, dtype=dtype, device=device)
-                       for _ in range(num_layers)]
-            self.layout = Layout.from_vllm(self.kv, chunk_tokens=chunk_tokens)
-        else:
+        if kv_layout not in ("cross_layer", "vllm"):
             raise InvalidArgumentError(f"kv_layout must be 'cross_layer' or 'vllm', got {kv_layout!r}")
+        if isinstance(peers, dict):
+            from kvtier.p2p.config import PeerConfig
+
+            peers = PeerConfig(**peers)
+        self._share = self._share_mechanism(peers, torch.device(device))
+        alloc = getattr(self._share, "allocate", None)  # shared memory: the pool lives in its files
+        if alloc is None:
+            def alloc(shape, dtype):
+                return torch.zeros(*shape, dtype=dtype, device=device)
+        if kv_layout == "cross_layer":
+            self.kv = alloc((num_pages, num_layers, 2, page_tokens, kv_heads, head_dim), dtype)
+            self.layout = Layout.from_cross_layer(self.kv, chunk_tokens=chunk_tokens)
+        else:
+            self.kv = [alloc((2, num_pages, page_tokens, kv_heads, head_dim), dtype) for _ in range(num_layers)]
+            self.layout = Layout.from_vllm(self.kv, chunk_tokens=chunk_tokens)
         self.kv_layout = kv_layout
         self.num_layers, self.page_tokens, self.chunk_tokens = num_layers, page_tokens, chunk_tokens
         self.pages_per_chunk = chunk_tokens // page_tokens
@@ -192,7 +200,65 @@ class PagedKVPool:
         self._tail_loader = None  # a thread, made on the first split plan
         self._stats = dict(begins=0, gpu_hit_chunks=0, lower_hit_chunks=0, miss_chunks=0,
                            planned_recompute_chunks=0, evicted_chunks=0, offloaded_chunks=0,
-                           offload_skipped_chunks=0, committed_chunks=0)
+                           offload_skipped_chunks=0, committed_chunks=0, shared_pinned_chunks=0)
+        if self._share is not None:
+            from kvtier.p2p.gpu_share import GpuShare
+
+            tensors = [self.kv] if kv_layout == "cross_layer" else list(self.kv)
+            self.cache._peers.share_gpu(GpuShare(self._share, tensors, 0 if kv_layout == "cross_layer" else 1, self))
+
+    @staticmethod
+    def _share_mechanism(peers, device):
+        """How this pool's pages are shared with peers on this host (``peers.share_pool``)."""
+        mode = getattr(peers, "share_pool", "off")
+        if mode == "auto":
+            mode = "cuda" if device.type == "cuda" else "off"
+        if mode == "off":
+            return None
+        from kvtier.p2p.gpu_share import CudaIpc, SharedMemory
+
+        if mode == "cuda":
+            if device.type != "cuda":
+                raise InvalidArgumentError(f"peers.share_pool='cuda' needs a pool on a CUDA device, not {device}")
+            import torch
+
+            return CudaIpc(device.index if device.index is not None else torch.cuda.current_device())
+        if device.type != "cpu":
+            raise InvalidArgumentError(f"peers.share_pool='shm' needs a pool on the CPU, not {device}")
+        return SharedMemory()
+
+    # -- sharing pages with peers on this host (kvtier.p2p.gpu_share.PageSource) -------------------
+    def share_has(self, key: bytes) -> bool:
+        return key in self._chunks
+
+    def share_pin(self, keys: list[bytes]) -> list[tuple[int, ...]]:
+        """Pin the leading chunks of ``keys`` held in complete pages (a reference each, so no
+        eviction reuses the pages) and return their pages; the KV in them is complete when this
+        returns (work queued on the device is waited for)."""
+        out = []
+        with self._lock:
+            for k in keys:
+                c = self._chunks.get(k)
+                if c is None or (c.loading is not None and not c.loading.landed()):
+                    break  # not here, or still being filled from a lower tier
+                c.refs += 1
+                out.append(c.pages)
+            self._stats["shared_pinned_chunks"] += len(out)
+        if out and self.layout.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize(torch.device(self.layout.device))  # commit registers chunks whose compute is queued
+        return out
+
+    def share_unpin(self, keys: list[bytes]) -> None:
+        with self._lock:
+            for k in keys:
+                c = self._chunks.get(k)
+                if c is None:
+                    continue
+                c.refs -= 1
+                if c.refs == 0:
+                    self._chunks.move_to_end(k)
 
     # -- pages ---------------------------------------------------------------------------------
     def _allocate(self, n: int) -> list[int]:
@@ -419,6 +485,8 @@ class PagedKVPool:
             self._stats["committed_chunks"] += added
             if added and self.write_through:
                 self._write_through(seq._chunks[len(seq._chunks) - added:])
+            elif added and self._share is not None:  # peers on this host can map them: in the digest
+                self.cache._peers.note_stored([c.key for c in seq._chunks[len(seq._chunks) - added:]])
         return added
 
     def _write_through(self, chunks: list[_GpuChunk]) -> None:
@@ -496,3 +564,6 @@ class PagedKVPool:
             self._tail_loader.shutdown(wait=True)
         if self.cache is not None:
             self.cache.close()
+        close = getattr(self._share, "close", None)
+        if close is not None:
+            close()  # shared memory: remove the pool's files

@@ -47,6 +47,9 @@ class PeerConfig:
         max_sources: peers a lookup asks to confirm (and pulls from) at most.
         max_request_chunks: chunks one request names at most.
         max_connections: inbound connections served at once (more are refused).
+        share_pool: how a ``PagedKVPool`` shares its own pages with peers on this host (see
+            docs/p2p.md, "Same-host sharing"): ``"auto"`` (CUDA IPC when the pool is on a GPU,
+            nothing on a CPU), ``"cuda"``, ``"shm"`` (a CPU pool in /dev/shm files) or ``"off"``.
     """
 
     listen: str = "127.0.0.1:0"
@@ -70,6 +73,7 @@ class PeerConfig:
     max_sources: int = 4
     max_request_chunks: int = 1024
     max_connections: int = 256
+    share_pool: str = "auto"
 
     def __post_init__(self) -> None:
         parse_address(self.listen, "peers.listen")
@@ -98,5 +102,7 @@ class PeerConfig:
             raise InvalidArgumentError(f"peers.digest_fp_rate must be in (0, 0.5), got {self.digest_fp_rate!r}")
         if self.max_request_chunks > 4096:
             raise InvalidArgumentError(f"peers.max_request_chunks must be <= 4096, got {self.max_request_chunks}")
+        if self.share_pool not in ("auto", "cuda", "shm", "off"):
+            raise InvalidArgumentError(f"peers.share_pool must be 'auto', 'cuda', 'shm' or 'off', got {self.share_pool!r}")
         if self.node_id is not None and (not self.node_id or len(self.node_id.encode()) > 64):
             raise InvalidArgumentError(f"peers.node_id must be 1..64 bytes, got {self.node_id!r}")

@@ -47,6 +47,10 @@ MAX_PIGGYBACK = 64
 MAX_DELTA_HASHES = 4096
 MAX_MEMBERS_IN_SYNC = 16384
 MAX_BLOOM_BITS = 1 << 28
+MAX_SHARED_TENSORS = 4096  # a layout's tensors (one per layer at most, or one cross-layer)
+MAX_TENSOR_DIMS = 8
+MAX_HANDLE_BYTES = 4096  # one opaque handle (cudaIpcMemHandle_t is 64 bytes; a path < 4096)
+MAX_PAGES_PER_CHUNK = 1 << 16
 
 
 class ProtocolError(KVTierError):
@@ -78,6 +82,13 @@ class Kind:
     BLOB = 33
     MISS = 34
     GET_END = 35
+    # Same-host GPU sharing (gpu_share.py): map the peer's KV pages, lease chunks, copy, release.
+    GPU_OPEN = 40
+    GPU_HANDLES = 41
+    GPU_PIN = 42
+    GPU_PINNED = 43
+    GPU_UNPIN = 44
+    GPU_UNPINNED = 45
 
 
 _PREAUTH = {Kind.HELLO, Kind.CHALLENGE, Kind.AUTH, Kind.AUTH_OK, Kind.ERROR}
@@ -488,3 +499,161 @@ def decode_deltas(body: bytes) -> list[DigestDelta]:
     out = [DigestDelta.read(r) for _ in range(r.count(MAX_DELTAS_IN_REPLY, "deltas"))]
     r.done()
     return out
+
+
+# -- same-host GPU sharing (gpu_share.py) ----------------------------------------------------
+
+
+def _blob(raw: bytes) -> bytes:
+    if len(raw) > MAX_HANDLE_BYTES:
+        raise ValueError(f"handle field of {len(raw)} bytes exceeds {MAX_HANDLE_BYTES}")
+    return struct.pack("<H", len(raw)) + raw
+
+
+def _read_blob(r: Reader) -> bytes:
+    n = r.u16()
+    if n > MAX_HANDLE_BYTES:
+        raise ProtocolError(f"handle field of {n} bytes exceeds {MAX_HANDLE_BYTES}")
+    return r.take(n)
+
+
+@dataclass(frozen=True)
+class SharedTensor:
+    """How another process on this host maps one KV tensor: the fields of a CUDA IPC handle
+    (``kvtier.p2p.cuda_ipc.IpcHandle``), or for the ``shm`` mechanism a file path in
+    ``storage_handle`` and the other handles empty."""
+
+    device: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    dtype: str
+    storage_handle: bytes
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes = b""
+    ref_counter_offset: int = 0
+    event_handle: bytes = b""
+    event_sync_required: bool = False
+
+    def encode(self) -> bytes:
+        if len(self.shape) != len(self.stride) or len(self.shape) > MAX_TENSOR_DIMS:
+            raise ValueError(f"bad tensor geometry {self.shape} / {self.stride}")
+        return (struct.pack("<iB", self.device, len(self.shape))
+                + struct.pack(f"<{len(self.shape)}q", *self.shape)
+                + struct.pack(f"<{len(self.stride)}q", *self.stride)
+                + struct.pack("<q", self.offset) + _text(self.dtype, 32)
+                + _blob(self.storage_handle) + struct.pack("<QQ", self.storage_size_bytes, self.storage_offset_bytes)
+                + _blob(self.ref_counter_handle) + struct.pack("<Q", self.ref_counter_offset)
+                + _blob(self.event_handle) + struct.pack("<B", int(self.event_sync_required)))
+
+    @staticmethod
+    def read(r: Reader) -> SharedTensor:
+        device, ndim = struct.unpack("<iB", r.take(5))
+        if ndim > MAX_TENSOR_DIMS:
+            raise ProtocolError(f"tensor of {ndim} dims exceeds {MAX_TENSOR_DIMS}")
+        shape = struct.unpack(f"<{ndim}q", r.take(8 * ndim))
+        stride = struct.unpack(f"<{ndim}q", r.take(8 * ndim))
+        if any(d < 0 for d in shape) or any(s < 0 for s in stride):
+            raise ProtocolError("negative tensor dimension or stride")
+        (offset,) = struct.unpack("<q", r.take(8))
+        dtype = r.text(32)
+        storage = _read_blob(r)
+        size, soff = struct.unpack("<QQ", r.take(16))
+        rc = _read_blob(r)
+        (rc_off,) = struct.unpack("<Q", r.take(8))
+        ev = _read_blob(r)
+        sync = r.u8()
+        return SharedTensor(device, tuple(shape), tuple(stride), offset, dtype, storage, size, soff, rc, rc_off,
+                            ev, bool(sync))
+
+
+def encode_gpu_open(host_id: str, mechanisms: tuple[str, ...]) -> bytes:
+    """GPU_OPEN: the asker's host identity and the mechanisms it can map (``cuda``, ``shm``)."""
+    return _text(host_id, 64) + struct.pack("<B", len(mechanisms)) + b"".join(_text(m, 16) for m in mechanisms)
+
+
+def decode_gpu_open(body: bytes) -> tuple[str, tuple[str, ...]]:
+    r = Reader(body)
+    host = r.text(64)
+    n = r.u8()
+    if n > 8:
+        raise ProtocolError(f"{n} sharing mechanisms offered, at most 8")
+    mechs = tuple(r.text(16) for _ in range(n))
+    r.done()
+    return host, mechs
+
+
+@dataclass(frozen=True)
+class GpuHandles:
+    """GPU_HANDLES: the exporter's answer to GPU_OPEN. ``ok`` False: ``reason`` says why (another
+    host, no GPU pool, no common mechanism); the asker then uses TCP for this peer."""
+
+    ok: bool
+    reason: str = ""
+    mechanism: str = ""
+    page_dim: int = 0
+    tensors: tuple[SharedTensor, ...] = ()
+
+    def encode(self) -> bytes:
+        if len(self.tensors) > MAX_SHARED_TENSORS:
+            raise ValueError(f"{len(self.tensors)} tensors exceed {MAX_SHARED_TENSORS}")
+        return (struct.pack("<B", int(self.ok)) + _text(self.reason, 255) + _text(self.mechanism, 16)
+                + struct.pack("<BI", self.page_dim, len(self.tensors)) + b"".join(t.encode() for t in self.tensors))
+
+    @staticmethod
+    def decode(body: bytes) -> GpuHandles:
+        r = Reader(body)
+        ok = bool(r.u8())
+        reason = r.text(255)
+        mech = r.text(16)
+        page_dim = r.u8()
+        tensors = tuple(SharedTensor.read(r) for _ in range(r.count(MAX_SHARED_TENSORS, "shared tensors")))
+        r.done()
+        if ok and not tensors:
+            raise ProtocolError("GPU_HANDLES accepted with no tensors")
+        if any(page_dim >= len(t.shape) for t in tensors):
+            raise ProtocolError(f"page dim {page_dim} outside a shared tensor's dims")
+        return GpuHandles(ok, reason, mech, page_dim, tensors)
+
+
+@dataclass(frozen=True)
+class GpuPinned:
+    """GPU_PINNED: the leading ``len(pages) // pages_per_chunk`` chunks of a GPU_PIN are held
+    (not evicted, not rewritten) in the exporter's pages ``pages`` until ``GPU_UNPIN lease_id``
+    or ``lease_ms`` after the reply, whichever comes first."""
+
+    lease_id: int
+    lease_ms: int
+    pages_per_chunk: int
+    pages: tuple[int, ...]
+
+    @property
+    def chunks(self) -> int:
+        return len(self.pages) // self.pages_per_chunk if self.pages_per_chunk else 0
+
+    def encode(self) -> bytes:
+        return (struct.pack("<QIII", self.lease_id, self.lease_ms, self.pages_per_chunk, len(self.pages))
+                + struct.pack(f"<{len(self.pages)}I", *self.pages))
+
+    @staticmethod
+    def decode(body: bytes) -> GpuPinned:
+        r = Reader(body)
+        lease, ms, ppc, n = struct.unpack("<QIII", r.take(20))
+        if not 1 <= ppc <= MAX_PAGES_PER_CHUNK:
+            raise ProtocolError(f"bad pages per chunk {ppc}")
+        if n % ppc or n // ppc > MAX_KEYS_PER_REQUEST:
+            raise ProtocolError(f"{n} pages is not a whole number of at most {MAX_KEYS_PER_REQUEST} chunks")
+        pages = struct.unpack(f"<{n}I", r.take(4 * n))
+        r.done()
+        return GpuPinned(lease, ms, ppc, tuple(pages))
+
+
+def encode_lease(lease_id: int) -> bytes:
+    return struct.pack("<Q", lease_id)
+
+
+def decode_lease(body: bytes) -> int:
+    if len(body) != 8:
+        raise ProtocolError(f"lease body of {len(body)} bytes, expected 8")
+    return struct.unpack("<Q", body)[0]

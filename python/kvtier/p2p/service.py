@@ -47,6 +47,7 @@ from kvtier.p2p.digest import (
     bloom_geometry,
     choose_sources,
 )
+from kvtier.p2p.gpu_share import GpuShare, LeaseTable, host_id
 from kvtier.p2p.membership import Membership, MembershipConfig, Outgoing
 from kvtier.p2p.transport import (
     AuthenticationError,
@@ -111,11 +112,31 @@ class _Frontier:
     def __init__(self, tier, keys, pages, ppc, stream, plan) -> None:
         self.tier, self.keys, self.pages, self.ppc, self.stream = tier, keys, pages, ppc, stream
         self.ready = [src == LOCAL for src in plan]
+        self.direct = [False] * len(plan)  # copied into its pages already (same-host sharing)
         self.next = 0
         self.ops = []
         self.stopped = False
-        self.lock = threading.Lock()
+        self.copying = 0  # same-host copies writing into self.pages right now
+        self.lock = threading.Condition()
         self.advance()
+
+    def begin_direct(self) -> bool:
+        """A same-host copy is about to write pages; False once frozen (the pages are the
+        caller's again)."""
+        with self.lock:
+            if self.stopped:
+                return False
+            self.copying += 1
+            return True
+
+    def end_direct(self, indices, ok: bool) -> None:
+        with self.lock:
+            self.copying -= 1
+            if ok:
+                for i in indices:
+                    self.ready[i] = self.direct[i] = True
+                self.advance()
+            self.lock.notify_all()
 
     def commit(self, i: int) -> None:
         with self.lock:
@@ -125,8 +146,11 @@ class _Frontier:
     def advance(self) -> None:
         n = len(self.ready)
         while not self.stopped and self.next < n and self.ready[self.next]:
+            if self.direct[self.next]:
+                self.next += 1
+                continue
             end = self.next
-            while end < n and self.ready[end]:
+            while end < n and self.ready[end] and not self.direct[end]:
                 end += 1
             ppc, want = self.ppc, end - self.next
             op = self.tier.load(b"".join(self.keys[self.next : end]),
@@ -137,9 +161,12 @@ class _Frontier:
             if op.chunks < want:
                 self.stopped = True  # evicted between commit and scatter: the prefix ends here
 
-    def freeze(self) -> int:
+    def freeze(self, timeout_s: float = 5.0) -> int:
+        """Stop: later commits touch no page. Waits (to ``timeout_s``) for same-host copies
+        already writing pages to end."""
         with self.lock:
             self.stopped = True
+            self.lock.wait_for(lambda: self.copying == 0, timeout_s)
             return self.next
 
 
@@ -222,6 +249,26 @@ class PeerService:
         self._started = False
         self._closed = False
         self._last_rebuild = time.monotonic()
+        # Same-host page sharing (gpu_share.py): what we share, who mapped it, what we mapped.
+        self._gpu: GpuShare | None = None
+        self._gpu_exported = None  # our tensors as peers map them, made on the first GPU_OPEN
+        self._gpu_peers: set[str] = set()  # node ids that mapped our pool
+        self._gpu_maps: dict[str, tuple[int, list | None]] = {}  # node id -> (incarnation, its tensors)
+        self._leases = LeaseTable(self._unpin)
+        self._host_id = host_id()
+
+    def share_gpu(self, share: GpuShare | None) -> None:
+        """Share pool pages with peers on this host (see gpu_share.py): ``share.pages`` leases
+        ours to them, ``share.tensors`` receive what we pull from theirs. None: stop."""
+        with self._lock:
+            self._gpu = share
+            self._gpu_exported = None
+            self._gpu_maps.clear()
+
+    def _unpin(self, keys: list[bytes]) -> None:
+        share = self._gpu
+        if share is not None and share.pages is not None:
+            share.pages.share_unpin(keys)
 
     # -- life cycle ----------------------------------------------------------------------------
     def start(self) -> PeerService:
@@ -300,6 +347,7 @@ class PeerService:
         self._exec.shutdown(wait=True, cancel_futures=True)
         for t in self._threads[2:]:
             t.join(timeout_s)
+        self._leases.release_all()
         if self._journal is not None:
             self._journal.close()
 
@@ -331,7 +379,9 @@ class PeerService:
     def _rebuild_digest(self) -> None:
         with self._lock:
             held = list(self._held)
-        present = [k for k in held if self._tier.lookup(k) > 0]
+        share = self._gpu
+        present = [k for k in held if self._tier.lookup(k) > 0
+                   or (share is not None and share.pages is not None and share.pages.share_has(k))]
         with self._lock:
             gone = set(held) - set(present)
             if not gone:
@@ -406,6 +456,9 @@ class PeerService:
             with self._lock:
                 self._fetching.add(owner)
             self._gossip_exec.submit(self._fetch_digest, owner)
+        expired = self._leases.expire(now)
+        if expired:
+            self.counters["gpu_leases_expired"] += expired
         if now - self._last_rebuild >= self.config.digest_rebuild_s:
             self._last_rebuild = now
             self._gossip_exec.submit(self._rebuild_digest)
@@ -519,6 +572,8 @@ class PeerService:
         if addr is None:
             return [False] * len(keys)
         self.counters["confirm_requests"] += 1
+        if self._gpu is not None:
+            self._gpu_map(node_id, deadline)  # first contact: map its pool (it then confirms GPU chunks too)
         try:
             _, body = self._exchange(*addr, P.Kind.CONFIRM, P.encode_keys(keys), deadline,
                                      P.Kind.CONFIRM_REPLY)
@@ -587,26 +642,34 @@ class PeerService:
             return None
         return hit[1]
 
-    def pull(self, keys: list[bytes], plan: list[str], deadline: Deadline, on_commit=None) -> int:
+    def pull(self, keys: list[bytes], plan: list[str], deadline: Deadline, on_commit=None, frontier=None) -> int:
         """Pull the chunks ``plan`` assigns to peers into the pool, from all sources at once.
-        Returns how many were committed. ``on_commit(i)`` runs as chunk ``keys[i]`` lands."""
+        Returns how many were committed. ``on_commit(i)`` runs as chunk ``keys[i]`` lands. With
+        a ``frontier`` (a load into pages), a source on this host that shares its pool copies
+        the chunks it holds there straight into the frontier's pages."""
         by_source: dict[str, list[tuple[int, bytes]]] = {}
         for i, src in enumerate(plan):
             if src != LOCAL:
                 by_source.setdefault(src, []).append((i, keys[i]))
-        futs = [self._exec.submit(self._pull_from, src, items, deadline, on_commit)
+        futs = [self._exec.submit(self._pull_from, src, items, deadline, on_commit, frontier)
                 for src, items in by_source.items()]
         done, not_done = cf.wait(futs, timeout=max(deadline.at - time.monotonic(), 0.0) + 1.0)
         if not_done:
             self.counters["pull_stragglers"] += len(not_done)
         return sum(f.result() for f in done)
 
-    def _pull_from(self, src: str, items: list[tuple[int, bytes]], deadline: Deadline, on_commit) -> int:
+    def _pull_from(self, src: str, items: list[tuple[int, bytes]], deadline: Deadline, on_commit,
+                   frontier=None) -> int:
         addr = self._addr_of(src)
         if addr is None:
             self.counters["chunks_pull_failed"] += len(items)
             return 0
         committed = 0
+        if frontier is not None and self._gpu is not None:
+            done = self._pull_shared(src, addr, items, deadline, frontier)
+            committed, items = done, items[done:]
+            if not items:
+                return committed
         conn = None
         scratch = None
         try:
@@ -672,6 +735,104 @@ class PeerService:
         self.counters["chunks_pull_failed"] += len(items) - committed
         return committed
 
+    # -- same-host page sharing (client side) ---------------------------------------------------
+    def _gpu_map(self, node_id: str, deadline: Deadline) -> list | None:
+        """``node_id``'s pool tensors mapped here, or None where it shares none with us (another
+        host, no pool, a mapping that failed). Asked once per incarnation of the peer."""
+        share = self._gpu
+        with self._lock:
+            m = self._m.members.get(node_id)
+            if m is None or share is None:
+                return None
+            inc, host, port = m.record.incarnation, m.record.host, m.record.port
+            cached = self._gpu_maps.get(node_id)
+            if cached is not None and cached[0] == inc:
+                return cached[1]
+        tensors = None
+        try:
+            _, body = self._exchange(host, port, P.Kind.GPU_OPEN,
+                                     P.encode_gpu_open(self._host_id, (share.mechanism.name,)), deadline,
+                                     P.Kind.GPU_HANDLES)
+            reply = P.GpuHandles.decode(body)
+            if reply.ok:
+                share.check_peer(list(reply.tensors), reply.page_dim)
+                tensors = (share.mechanism.open(list(reply.tensors)), share.num_pages(list(reply.tensors)))
+                self.counters["gpu_maps"] += 1
+            else:
+                self.counters["gpu_maps_refused"] += 1
+                log.info("kvtier p2p: %s shares no pool with us: %s", node_id, reply.reason)
+        except P.ProtocolError:
+            self.bad_peers[node_id] += 1
+            self.counters["protocol_errors"] += 1
+        except (OSError, TimeoutError, DeadlineExceededError):
+            return None  # unreachable now: ask again next time
+        except (KVTierError, RuntimeError, ValueError) as e:  # the mapping itself failed
+            self.counters["gpu_map_failures"] += 1
+            log.info("kvtier p2p: cannot map %s's pool: %s", node_id, e)
+        with self._lock:
+            self._gpu_maps[node_id] = (inc, tensors)
+        return tensors
+
+    def _pull_shared(self, src: str, addr, items: list[tuple[int, bytes]], deadline: Deadline, frontier) -> int:
+        """Lease the leading ``items`` that ``src``'s pool holds, copy them page to page into the
+        frontier's pages, release the lease. Returns how many leading items landed."""
+        mapped = self._gpu_map(src, deadline)
+        if mapped is None:
+            return 0
+        src_tensors, src_num_pages = mapped
+        share, ppc = self._gpu, self._ppc
+        try:
+            t0 = time.monotonic()
+            _, body = self._exchange(*addr, P.Kind.GPU_PIN, P.encode_keys([k for _, k in items]), deadline,
+                                     P.Kind.GPU_PINNED)
+            pin = P.GpuPinned.decode(body)
+            lease_end = t0 + pin.lease_ms / 1000.0
+        except P.ProtocolError:
+            self.bad_peers[src] += 1
+            self.counters["protocol_errors"] += 1
+            return 0
+        except (OSError, KVTierError, TimeoutError):
+            self.counters["gpu_pin_failures"] += 1
+            return 0
+        n = pin.chunks
+        if n == 0:
+            return 0
+        if pin.pages_per_chunk != ppc or n > len(items) or max(pin.pages) >= src_num_pages:
+            self.bad_peers[src] += 1
+            self.counters["protocol_errors"] += 1
+            self._release_lease(addr, pin.lease_id, deadline)
+            return 0
+        idx = [i for i, _ in items[:n]]
+        dst_pages = np.concatenate([frontier.pages[i * ppc:(i + 1) * ppc] for i in idx])
+        if not frontier.begin_direct():
+            self._release_lease(addr, pin.lease_id, deadline)
+            return 0
+        ok = False
+        try:
+            done = share.mechanism.copy(src_tensors, share.tensors, np.asarray(pin.pages, dtype=np.int64),
+                                        dst_pages, share.page_dim, frontier.stream)
+            # Counted only if it ended while the lease held (a margin for clocks and the reply).
+            budget = min(deadline.at, lease_end - 0.05) - time.monotonic()
+            ok = done.wait(max(budget, 0.0))
+        except (KVTierError, RuntimeError, ValueError) as e:
+            log.info("kvtier p2p: shared copy from %s failed: %s", src, e)
+        finally:
+            frontier.end_direct(idx, ok)
+        if not ok:
+            self.counters["gpu_copy_failures"] += 1
+            return 0  # the lease expires at the source; the copy may still be reading its pages
+        self._release_lease(addr, pin.lease_id, deadline)
+        self.counters["gpu_chunks_copied"] += n
+        self.counters["gpu_bytes_copied"] += n * self._blob_bytes
+        return n
+
+    def _release_lease(self, addr, lease_id: int, deadline: Deadline) -> None:
+        try:
+            self._exchange(*addr, P.Kind.GPU_UNPIN, P.encode_lease(lease_id), Deadline(max(deadline.remaining(), 0.5)),
+                           P.Kind.GPU_UNPINNED)
+        except (OSError, KVTierError, TimeoutError):
+            self.counters["gpu_unpin_failures"] += 1  # the lease expires at the source
+
     def load(self, keys: list[bytes], pages: np.ndarray, stream: int, timeout_s: float | None = None) -> ChainedOp:
         """Load the leading chunks of ``keys`` into ``pages``: local ones straight away, the rest
         pulled from peers (blocking until they land or the deadline passes), each scattered as
@@ -694,7 +855,7 @@ class PeerService:
         rest = rest[: len(plan)]
         frontier = _Frontier(self._tier, rest, pages[hit * ppc :], ppc, stream, plan)
         self.counters["pulls"] += 1
-        self.pull(rest, plan, deadline, on_commit=frontier.commit)
+        self.pull(rest, plan, deadline, on_commit=frontier.commit, frontier=frontier)
         got = frontier.freeze()
         if got < len(plan):
             self.counters["pull_short"] += 1
@@ -768,15 +929,57 @@ class PeerService:
         elif h.kind == K.CONFIRM:
             keys = P.decode_keys(body)
             self._check_request_size(keys)
-            bits = [self._can_serve(k) for k in keys]
+            shared = self._gpu.pages if self._gpu is not None and conn.peer_id in self._gpu_peers else None
+            bits = [self._can_serve(k) or (shared is not None and shared.share_has(k)) for k in keys]
             self.counters["confirms_served"] += 1
             conn.send_frame(K.CONFIRM_REPLY, h.request_id, P.encode_bitmap(bits), deadline)
         elif h.kind == K.GET:
             keys = P.decode_keys(body)
             self._check_request_size(keys)
             self._serve_get(conn, h.request_id, keys, Deadline(self.config.request_timeout_s * 4))
+        elif h.kind == K.GPU_OPEN:
+            conn.send_frame(K.GPU_HANDLES, h.request_id, self._serve_gpu_open(conn, body).encode(), deadline)
+        elif h.kind == K.GPU_PIN:
+            keys = P.decode_keys(body)
+            self._check_request_size(keys)
+            conn.send_frame(K.GPU_PINNED, h.request_id, self._serve_gpu_pin(conn, keys).encode(), deadline)
+        elif h.kind == K.GPU_UNPIN:
+            held = self._leases.release(P.decode_lease(body))
+            conn.send_frame(K.GPU_UNPINNED, h.request_id, bytes([held]), deadline)
         else:
             raise P.ProtocolError(f"unexpected frame kind {h.kind} from a client")
+
+    def _serve_gpu_open(self, conn: Connection, body: bytes) -> P.GpuHandles:
+        host, mechanisms = P.decode_gpu_open(body)
+        share = self._gpu
+        if share is None or share.pages is None:
+            return P.GpuHandles(False, "no shared pool here")
+        if host != self._host_id:
+            return P.GpuHandles(False, "another host")
+        if share.mechanism.name not in mechanisms:
+            return P.GpuHandles(False, f"pool shared through {share.mechanism.name!r}, peer maps {list(mechanisms)}")
+        with self._lock:
+            if self._gpu_exported is None:
+                try:
+                    self._gpu_exported = tuple(share.mechanism.export(share.tensors))
+                except (KVTierError, RuntimeError) as e:
+                    return P.GpuHandles(False, f"cannot export the pool: {e}"[:255])
+            self._gpu_peers.add(conn.peer_id)
+            exported = self._gpu_exported
+        self.counters["gpu_opens_served"] += 1
+        return P.GpuHandles(True, "", share.mechanism.name, share.page_dim, exported)
+
+    def _serve_gpu_pin(self, conn: Connection, keys: list[bytes]) -> P.GpuPinned:
+        share = self._gpu
+        lease_s = 2 * self.config.request_timeout_s
+        if share is None or share.pages is None or conn.peer_id not in self._gpu_peers:
+            return P.GpuPinned(0, 0, self._ppc, ())
+        pages = share.pages.share_pin(keys)
+        if not pages:
+            return P.GpuPinned(0, 0, self._ppc, ())
+        lease = self._leases.add(keys[: len(pages)], lease_s)
+        self.counters["gpu_chunks_leased"] += len(pages)
+        return P.GpuPinned(lease, int(lease_s * 1000), self._ppc, tuple(p for ps in pages for p in ps))
 
     def _check_request_size(self, keys) -> None:
         if len(keys) > self.config.max_request_chunks:
