@@ -22,7 +22,7 @@ from kvtier.p2p.transport import Deadline
 
 torch = pytest.importorskip("torch")
 
-from kvtier.pool import PagedKVPool  # noqa: E402
+from kvtier.pool import PagedKVPool
 
 SECRET = b"share-test-secret-0123456789"
 PEERS = {"secret": SECRET, "gossip_interval_s": 0.05, "ack_timeout_s": 0.04, "request_timeout_s": 1.0}
@@ -117,7 +117,7 @@ def test_lease_table_unpins_on_release_and_on_expiry():
     unpinned = []
     leases = LeaseTable(unpinned.append)
     a = leases.add([b"a"], 100.0)
-    b = leases.add([b"b"], 0.0)
+    leases.add([b"b"], 0.0)
     assert leases.expire() == 1 and unpinned == [[b"b"]]
     assert leases.release(a) and unpinned == [[b"b"], [b"a"]]
     assert not leases.release(a)  # once
@@ -181,7 +181,7 @@ def test_b_copies_chunks_only_in_a_pool_bit_exact(kv_layout):
 
 
 def test_pinned_chunks_survive_the_exporters_evictions(pair):
-    a, b = pair
+    a, _b = pair
     tokens = list(range(5000, 5000 + 2 * CT))
     a.release(compute(a, tokens, seed=2))
     keys = a.keyer.keys(tokens)
@@ -354,7 +354,6 @@ def _exporter_process(mode, device, tokens, q, done):
     """Process A: a pool on ``device`` sharing through ``mode``; computes ``tokens`` into it, keeps
     them only in its pool (no write-through, nothing evicted), and serves until told to stop."""
     import torch
-
     from kvtier.pool import PagedKVPool
 
     pool = PagedKVPool(num_layers=2, kv_heads=2, head_dim=16, num_pages=48, page_tokens=8, chunk_tokens=CT,

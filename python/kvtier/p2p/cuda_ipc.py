@@ -3,10 +3,10 @@ GPU to GPU (NVLink / PCIe peer-to-peer DMA), with no host bounce.
 
 Mechanism only (see docs/p2p.md, "CUDA IPC"): the exporter describes each of its layout's tensors
 as an :class:`IpcHandle` (plain ints, strings and bytes: no pickle crosses a socket); the importer
-opens them once and then copies pages by page id. kvtier does not yet index which GPU pages hold
-which chunk on a peer, so the TCP protocol does not negotiate this path yet: the caller must know
-the source page ids (e.g. a co-located engine that shares its page table). The tests are marked
-``gpu``; bench/bench_p2p_gpu.py measures it.
+opens them once and then copies pages by page id. The peer protocol negotiates it for pools that
+share their pages (gpu_share.py: GPU_OPEN, GPU_PIN, GPU_UNPIN); the functions here can also be
+used directly by a caller that knows the source page ids. The tests are marked ``gpu``;
+bench/bench_p2p_gpu.py measures it.
 
 Example (process A exports, process B imports and copies pages 0..15 of A into its pages 16..31)::
 

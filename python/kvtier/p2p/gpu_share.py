@@ -32,7 +32,7 @@ from typing import Protocol
 
 import numpy as np
 
-from kvtier.errors import InvalidArgumentError, UnavailableError
+from kvtier.errors import InvalidArgumentError
 from kvtier.p2p.protocol import SharedTensor
 
 
@@ -271,12 +271,3 @@ class LeaseTable:
         with self._lock:
             return len(self._leases)
 
-
-def require_torch_cuda():
-    try:
-        import torch
-    except ImportError as e:
-        raise UnavailableError(f"GPU sharing needs torch: {e}") from None
-    if not torch.cuda.is_available():
-        raise UnavailableError("GPU sharing needs a CUDA device")
-    return torch
