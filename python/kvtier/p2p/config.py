@@ -48,8 +48,9 @@ class PeerConfig:
         max_request_chunks: chunks one request names at most.
         max_connections: inbound connections served at once (more are refused).
         share_pool: how a ``PagedKVPool`` shares its own pages with peers on this host (see
-            docs/p2p.md, "Same-host sharing"): ``"auto"`` (CUDA IPC when the pool is on a GPU,
-            nothing on a CPU), ``"cuda"``, ``"shm"`` (a CPU pool in /dev/shm files) or ``"off"``.
+            docs/p2p.md, "Same-host sharing"): ``"off"`` (default), ``"auto"`` (CUDA IPC when
+            the pool is on a GPU, nothing on a CPU), ``"cuda"`` or ``"shm"`` (a CPU pool in
+            /dev/shm files). Off by default until the CUDA path has run on a GPU machine.
     """
 
     listen: str = "127.0.0.1:0"
@@ -73,7 +74,7 @@ class PeerConfig:
     max_sources: int = 4
     max_request_chunks: int = 1024
     max_connections: int = 256
-    share_pool: str = "auto"
+    share_pool: str = "off"
 
     def __post_init__(self) -> None:
         parse_address(self.listen, "peers.listen")
