@@ -178,12 +178,12 @@ class SharedMemory:
         return out
 
     def copy(self, src, dst, src_pages, dst_pages, page_dim: int, stream: int) -> Done:
-        import torch
+        from kvtier.p2p.cuda_ipc import _page_runs
 
-        si = torch.as_tensor(np.asarray(src_pages, dtype=np.int64))
-        di = torch.as_tensor(np.asarray(dst_pages, dtype=np.int64))
-        for s, d in zip(src, dst):
-            d.index_copy_(page_dim, di, s.index_select(page_dim, si))
+        runs = _page_runs(np.asarray(src_pages, dtype=np.int64), np.asarray(dst_pages, dtype=np.int64))
+        for s, d in zip(src, dst):  # one copy per run of pages contiguous on both sides
+            for s0, d0, n in runs:
+                d.narrow(page_dim, d0, n).copy_(s.narrow(page_dim, s0, n))
         return _Finished()
 
     def close(self) -> None:
