@@ -38,7 +38,6 @@ PEERS = {"secret": SECRET, "request_timeout_s": 30.0, "gossip_interval_s": 0.1}
 
 def make_pool(mechanism: str, device: str, **peers):
     import torch
-
     from kvtier.pool import PagedKVPool
 
     return PagedKVPool(num_layers=LAYERS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, num_pages=PAGES + 16,

@@ -462,3 +462,44 @@ def test_an_exporter_killed_after_mapping_costs_a_miss_within_the_deadline():
         p.join(10)
         for f in glob.glob(f"/dev/shm/kvtier-{pid}-*"):  # a killed process cannot remove its files
             os.unlink(f)
+
+
+# -- the byte ranges a CUDA IPC copy is made of, checked on host memory ---------------------------
+
+
+@pytest.mark.parametrize("page_dim", [0, 1])
+@pytest.mark.parametrize("contiguous_runs", [True, False])
+def test_page_copier_byte_ranges_copy_exactly_the_pages(page_dim, contiguous_runs):
+    """PageCopier.segments is what the core copies on the GPU. Here each (src, dst, bytes) row is
+    applied with memmove on CPU tensors (the addresses are host addresses), and the result must
+    equal torch's copy of the same pages, with every other page untouched."""
+    import ctypes
+
+    from kvtier.p2p.cuda_ipc import PageCopier
+
+    rng = np.random.default_rng(page_dim * 2 + contiguous_runs)
+    shape_s = (40, 3, 2, 4, 8) if page_dim == 0 else (2, 40, 4, 8)
+    shape_d = (52, 3, 2, 4, 8) if page_dim == 0 else (2, 52, 4, 8)
+    src = [torch.randn(shape_s, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16) for i in range(3)]
+    dst = [torch.zeros(shape_d, dtype=torch.bfloat16) for _ in range(3)]
+    if contiguous_runs:
+        sp, dp = np.arange(5, 29), np.arange(20, 44)
+    else:
+        sp, dp = rng.permutation(40)[:24], rng.permutation(52)[:24]
+    copier = PageCopier(src, dst, page_dim)
+    rows = copier.segments(sp, dp)
+    if contiguous_runs:  # one range per outer row per tensor
+        assert len(rows) == 3 * (1 if page_dim == 0 else 2)
+    for a, b, n in rows.tolist():
+        ctypes.memmove(b, a, n)
+    want = [torch.zeros(shape_d, dtype=torch.bfloat16) for _ in range(3)]
+    idx_s, idx_d = torch.as_tensor(sp), torch.as_tensor(dp)
+    for s, w in zip(src, want):
+        w.index_copy_(page_dim, idx_d, s.index_select(page_dim, idx_s))
+    assert all(torch.equal(d, w) for d, w in zip(dst, want))
+    with pytest.raises(InvalidArgumentError, match="destination pages outside"):
+        copier.segments([0], [52])
+    with pytest.raises(InvalidArgumentError, match="page shapes differ"):
+        PageCopier(src, [torch.zeros(2, 52, 4, 9, dtype=torch.bfloat16)] * 3, 1)
+    strided = [s.transpose(-1, -2).contiguous().transpose(-1, -2) for s in src]  # same shape, not contiguous
+    assert PageCopier(strided, dst, page_dim).segments(sp, dp) is None  # copy() takes the torch path

@@ -94,6 +94,7 @@ class CudaIpc:
     def __init__(self, device: int, method: str = "dma") -> None:
         self.device = int(device)
         self.method = method
+        self._copiers: dict[tuple[int, int], tuple] = {}  # (id(src), id(dst)) -> (src, dst, PageCopier)
 
     def export(self, tensors) -> list[SharedTensor]:
         from dataclasses import asdict
@@ -116,7 +117,12 @@ class CudaIpc:
 
         dev = torch.device("cuda", self.device)
         s = torch.cuda.ExternalStream(stream, device=dev) if stream else torch.cuda.current_stream(dev)
-        cuda_ipc.copy_pages(src, dst, src_pages, dst_pages, page_dim=page_dim, stream=s, method=self.method)
+        # The tensor lists live as long as the mapping: their geometry is worked out once.
+        entry = self._copiers.get((id(src), id(dst)))
+        if entry is None or entry[0] is not src or entry[1] is not dst:
+            entry = (src, dst, cuda_ipc.PageCopier(src, dst, page_dim))
+            self._copiers[(id(src), id(dst))] = entry
+        entry[2].copy(src_pages, dst_pages, stream=s, method=self.method)
         event = torch.cuda.Event()
         event.record(s)
         return _EventDone(event)
