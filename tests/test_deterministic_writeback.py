@@ -87,3 +87,20 @@ def test_sim_tier_waits_for_every_write_back_in_deterministic_mode():
     assert (polled.backpressure_waits, every.backpressure_waits) == (4, 2)
     assert polled.critical_writebacks == every.critical_writebacks == 4
     assert polled.demotions_written == every.demotions_written == 4
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_sim_tier_polls_before_it_retries_as_the_engine_does(deterministic):
+    """CpuTier::WaitForBlock's order, in both modes: retry; start the staged write-backs; if any is
+    in flight, sleep one poll (in which write-backs end); retry. Here the eviction stages chunks 0
+    and 1; 0 is on disk already, so starting the write-backs gives its block back at once, but 1
+    is still being written and the engine sleeps its poll before it retries: the store waits for
+    that write-back (a simulator that retried right after starting them waited for none)."""
+    tier = SimCpuTier(2, disk_slots=16, disk_admit_min_seen=1, max_demotions_in_flight=2, writebacks_per_wait=1,
+                      deterministic_writeback=deterministic)
+    tier.store([0, 1])
+    tier.disk.write(0)  # as after a promotion: the pool's copy of 0 is on disk too
+    assert tier.store([2]) == 1
+    c = tier.counters
+    assert (c.backpressure_waits, c.critical_writebacks) == (1, 1)
+    assert (c.demotions_written, c.disk_writes) == (2, 1)  # 0: AlreadyExists, 1: written

@@ -17,12 +17,13 @@ Each class mirrors one engine component decision for decision, on integer chunk 
 
 Timing: the simulator advances tier state one request at a time (begin, commit, release). The
 engine's write-backs are asynchronous; the simulator finishes them all before the next call into
-the tier, and within a call, when an operation must wait for write-backs to get a block,
-``writebacks_per_wait`` of them (oldest first) end per wait, as many as the disk finishes in the
-engine's 200 us poll. With ``deterministic_writeback`` it mirrors the engine's mode of that name
-exactly: every wait ends all of them, and a promotion's write-backs end before its reads. Those
-an operation waited for are counted (``critical_writebacks``): the cost model puts them on that
-request's critical path.
+the tier. Within a call, an operation that must wait for write-backs to get a block follows the
+engine's WaitForBlock loop step for step (retry; start the staged write-backs; give up if none
+is in flight; wait one poll; retry), and ``writebacks_per_wait`` of them (oldest first) end per
+poll, as many as the disk finishes in the engine's 200 us sleep. With ``deterministic_writeback``
+it mirrors the engine's mode of that name exactly: the same loop, every poll ends all of them,
+and a promotion's write-backs end before its reads. Those an operation waited for are counted
+(``critical_writebacks``): the cost model puts them on that request's critical path.
 """
 
 from __future__ import annotations
@@ -137,8 +138,8 @@ class SimCpuTier:
         writebacks_per_wait: how many write-backs end while an operation that needs a block waits
             once (the engine polls every 200 us: about ``200e-6 * disk write bandwidth / slot
             bytes``, at least 1). Small chunks on a fast disk: many; 32 MiB chunks: one.
-        deterministic_writeback: the engine's mode of that name (CacheConfig): a wait for
-            write-backs ends all of them (``writebacks_per_wait`` is then unused), and a
+        deterministic_writeback: the engine's mode of that name (CacheConfig): each poll of a
+            wait for write-backs ends all of them (``writebacks_per_wait`` is then unused), and a
             promotion's write-backs end before its disk reads start.
     """
 
@@ -205,28 +206,21 @@ class SimCpuTier:
         return _OK
 
     def _wait_for_block(self, key) -> int:
-        """WaitForBlock: start the staged write-backs, then wait for them (oldest first,
-        ``writebacks_per_wait`` a poll) until a block comes free."""
+        """WaitForBlock, step for step: retry; while that fails, start the staged write-backs
+        (PumpDemotions: the retries may have staged more), return a last retry if none is in
+        flight, else wait one poll and retry. A poll ends ``writebacks_per_wait`` write-backs,
+        oldest first (the engine's 200 us sleep); in deterministic mode it ends all of them."""
         self.counters.backpressure_waits += 1
-        if self.deterministic_writeback:
-            return self._wait_for_all_writebacks(key)
-        self._pump()
-        r = self._begin_insert(key)
-        while r == _EXHAUSTED and self._pending:
-            for _ in range(min(self.writebacks_per_wait, len(self._pending))):
-                self._complete_one(critical=True)
-            r = self._begin_insert(key)
-        return r
-
-    def _wait_for_all_writebacks(self, key) -> int:
-        """WaitForBlock in deterministic mode, step for step: retry; while that fails, start the
-        staged write-backs and wait until all of them have ended, then retry."""
+        pending = self._pending
         r = self._begin_insert(key)
         while r == _EXHAUSTED:
             self._pump()
-            if not self._pending:
+            if not pending:
                 return self._begin_insert(key)  # nothing in flight frees a block
-            while self._pending:
+            n = len(pending)
+            if not self.deterministic_writeback:
+                n = min(n, self.writebacks_per_wait)
+            for _ in range(n):
                 self._complete_one(critical=True)
             r = self._begin_insert(key)
         return r
