@@ -258,34 +258,26 @@ def test_pin_without_open_gets_nothing():
         a.close()
 
 
-@pytest.mark.parametrize("pair", [{"a": {"share": "off", "write_through": True}}], indirect=True)
-def test_a_peer_that_shares_nothing_is_pulled_over_tcp(pair):
-    a, b = pair
-    tokens = list(range(700, 700 + 3 * CT))
-    sa = compute(a, tokens, seed=4)
-    a.cache.drain()
-    _wait(lambda: b.cache.lookup(tokens) == 3 * CT)
-    sb = b.begin(tokens)
-    sb.wait()
-    n = 3 * CT // 8
-    assert all(torch.equal(x, y) for x, y in zip(pages_of(a, sa.page_table[:n]), pages_of(b, sb.page_table[:n])))
-    st = b.cache.stats()["peers"]
-    assert st["chunks_pulled"] == 3 and st.get("gpu_chunks_copied", 0) == 0 and st["gpu_maps_refused"] == 1
-
-
-def test_another_host_is_pulled_over_tcp(pair):
-    a, b = pair
-    a.cache._peers._host_id = "some-other-machine"  # as if A ran elsewhere
-    a.write_through = True
-    tokens = list(range(900, 900 + 2 * CT))
-    sa = compute(a, tokens, seed=5)
-    a.cache.drain()
-    _wait(lambda: b.cache.lookup(tokens) == 2 * CT)
-    sb = b.begin(tokens)
-    sb.wait()
-    assert all(torch.equal(x, y) for x, y in zip(pages_of(a, sa.page_table[:8]), pages_of(b, sb.page_table[:8])))
-    st = b.cache.stats()["peers"]
-    assert st["chunks_pulled"] == 2 and st.get("gpu_chunks_copied", 0) == 0 and st["gpu_maps_refused"] == 1
+@pytest.mark.parametrize("why", ["shares nothing", "another host"])
+def test_a_peer_that_cannot_share_is_pulled_over_tcp(why):
+    a = make_pool(share="off" if why == "shares nothing" else "shm", write_through=True)
+    if why == "another host":
+        a.cache._peers._host_id = "some-other-machine"  # as if A ran elsewhere
+    b = make_pool(seeds=(a.cache.stats()["peers"]["address"],))
+    try:
+        tokens = list(range(700, 700 + 3 * CT))
+        sa = compute(a, tokens, seed=4)
+        a.cache.drain()
+        _wait(lambda: b.cache.lookup(tokens) == 3 * CT)
+        sb = b.begin(tokens)
+        sb.wait()
+        n = 3 * CT // 8
+        assert all(torch.equal(x, y) for x, y in zip(pages_of(a, sa.page_table[:n]), pages_of(b, sb.page_table[:n])))
+        st = b.cache.stats()["peers"]
+        assert st["chunks_pulled"] == 3 and st.get("gpu_chunks_copied", 0) == 0 and st["gpu_maps_refused"] == 1
+    finally:
+        b.close()
+        a.close()
 
 
 def test_pool_half_in_a_pool_half_in_a_cpu_tier(pair):

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "storage/slot_format.h"
+#include "storage/disk_test_util.h"
 #include "storage/uring_backend.h"
 
 namespace kvtier {
@@ -26,23 +27,6 @@ namespace {
 constexpr uint64_t kPageBytes = 4096;  // one page a chunk: 4 KiB blobs, 4 KiB blocks
 constexpr uint64_t kPages = 64;
 constexpr int64_t kTimeoutMs = 30000;
-
-class TempDir {
- public:
-  TempDir() {
-    const char* base = std::getenv("KVTIER_TEST_DISK_DIR");
-    std::string tmpl = std::string(base ? base : "/tmp") + "/kvtier_cpu_tier_test_XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    if (mkdtemp(buf.data()) == nullptr) std::abort();
-    path_ = buf.data();
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 ChunkKey Key(uint64_t i) { return ChunkKey{0x9e3779b97f4a7c15ull * (i + 1), i ^ 0x5eedull}; }
 
@@ -56,10 +40,8 @@ class CpuTierWriteBackTest : public ::testing::TestWithParam<IoBackendKind> {
  protected:
   void SetUp() override {
     if (GetParam() == IoBackendKind::kIoUring) {
-      int fd = open("/dev/null", O_RDONLY);
-      auto probe = CreateUringBackend(fd, IoBackendOptions{});
-      close(fd);
-      if (!probe.ok()) GTEST_SKIP() << "SKIPPED (io_uring unavailable here): " << probe.status().ToString();
+      const std::string why = test::UringUnavailable();
+      if (!why.empty()) GTEST_SKIP() << "SKIPPED (io_uring unavailable here): " << why;
     }
   }
 
@@ -111,7 +93,7 @@ class CpuTierWriteBackTest : public ::testing::TestWithParam<IoBackendKind> {
   }
 
   std::vector<uint8_t> kv_ = std::vector<uint8_t>(kPages * kPageBytes, 7);
-  TempDir dir_;
+  test::TempDir dir_{"kvtier_cpu_tier_test"};
   std::atomic<uint64_t> writes_{0};
 };
 

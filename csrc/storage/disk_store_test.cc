@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "storage/crc32c.h"
+#include "storage/disk_test_util.h"
 #include "storage/uring_backend.h"
 
 namespace kvtier {
@@ -30,24 +31,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-class TempDir {
- public:
-  TempDir() {
-    const char* base = std::getenv("KVTIER_TEST_DISK_DIR");
-    std::string tmpl = std::string(base ? base : "/tmp") + "/kvtier_disk_test_XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    char* p = mkdtemp(buf.data());
-    if (p == nullptr) std::abort();
-    path_ = p;
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  const std::string& path() const { return path_; }
-  std::string file() const { return path_ + "/" + kDiskCacheFileName; }
-
- private:
-  std::string path_;
-};
+std::string CacheFile(const test::TempDir& d) { return d.path() + "/" + kDiskCacheFileName; }
 
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
@@ -159,10 +143,8 @@ class DiskStoreTest : public ::testing::TestWithParam<IoBackendKind> {
  protected:
   void SetUp() override {
     if (GetParam() == IoBackendKind::kIoUring) {
-      int fd = open("/dev/null", O_RDONLY);
-      auto probe = CreateUringBackend(fd, IoBackendOptions{});
-      close(fd);
-      if (!probe.ok()) GTEST_SKIP() << "SKIPPED (io_uring unavailable here): " << probe.status().ToString();
+      const std::string why = test::UringUnavailable();
+      if (!why.empty()) GTEST_SKIP() << "SKIPPED (io_uring unavailable here): " << why;
     }
   }
 
@@ -206,7 +188,7 @@ class DiskStoreTest : public ::testing::TestWithParam<IoBackendKind> {
 
   // Overwrites bytes of the cache file behind the store's back (buffered; O_DIRECT reads see it).
   void Scribble(uint64_t offset, size_t n, unsigned char value) {
-    int fd = open(dir_.file().c_str(), O_WRONLY);
+    int fd = open(CacheFile(dir_).c_str(), O_WRONLY);
     ASSERT_GE(fd, 0);
     std::vector<unsigned char> bytes(n, value);
     ASSERT_EQ(pwrite(fd, bytes.data(), n, static_cast<off_t>(offset)), static_cast<ssize_t>(n));
@@ -214,7 +196,7 @@ class DiskStoreTest : public ::testing::TestWithParam<IoBackendKind> {
     close(fd);
   }
 
-  TempDir dir_;
+  test::TempDir dir_{"kvtier_disk_test"};
   Faults faults_;
 };
 
@@ -434,7 +416,7 @@ TEST_P(DiskStoreTest, TruncatedFileLosesOnlyTheCutSlots) {
     WriteKeys(*store, 0, 8);
   }
   // Cut the file in the middle of slot 5's payload.
-  ASSERT_EQ(truncate(dir_.file().c_str(), static_cast<off_t>(SlotOffset(5, SlotBytesFor(8192)) + 6000)), 0);
+  ASSERT_EQ(truncate(CacheFile(dir_).c_str(), static_cast<off_t>(SlotOffset(5, SlotBytesFor(8192)) + 6000)), 0);
   auto store = OpenOrDie(Options(8192, 8));
   ASSERT_TRUE(store);
   EXPECT_EQ(store->stats().recovered_slots, 5u);
@@ -479,7 +461,7 @@ TEST_P(DiskStoreTest, GeometryChangeReformatsAndCapacityChangeKeepsWhatFits) {
     EXPECT_EQ(store->stats().recovered_slots, 4u);
     EXPECT_EQ(store->num_slots(), 4u);
     struct stat st {};
-    ASSERT_EQ(stat(dir_.file().c_str(), &st), 0);
+    ASSERT_EQ(stat(CacheFile(dir_).c_str(), &st), 0);
     EXPECT_LE(static_cast<uint64_t>(st.st_size), Options(8192, 4).capacity_bytes);
     for (uint64_t i = 0; i < 4; ++i) ExpectExact(*store, i);
   }
@@ -662,7 +644,7 @@ TEST_P(DiskStoreTest, CapacityIsAHardBound) {
   ASSERT_TRUE(store);
   EXPECT_EQ(store->num_slots(), 5u);
   struct stat st {};
-  ASSERT_EQ(stat(dir_.file().c_str(), &st), 0);
+  ASSERT_EQ(stat(CacheFile(dir_).c_str(), &st), 0);
   EXPECT_LE(static_cast<uint64_t>(st.st_size), o.capacity_bytes);
   WriteKeys(*store, 0, 12);
   EXPECT_EQ(store->stats().slots_used, 5u);

@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include "storage/disk_test_util.h"
+
 namespace kvtier {
 namespace {
 
@@ -31,23 +33,6 @@ Buffer Aligned(size_t bytes) {
   if (posix_memalign(&p, 4096, bytes) != 0) std::abort();
   return Buffer(static_cast<unsigned char*>(p));
 }
-
-class TempDir {
- public:
-  TempDir() {
-    const char* base = std::getenv("KVTIER_TEST_DISK_DIR");
-    std::string tmpl = std::string(base ? base : "/tmp") + "/kvtier_io_test_XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    if (mkdtemp(buf.data()) == nullptr) std::abort();
-    path_ = buf.data();
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 class IoBackendTest : public ::testing::TestWithParam<IoBackendKind> {};
 
@@ -68,7 +53,7 @@ struct Counter final : IoCompletion {
 };
 
 TEST_P(IoBackendTest, ManyMoreRequestsThanTheQueueDepthAllComplete) {
-  TempDir dir;
+  test::TempDir dir{"kvtier_io_test"};
   std::string path = dir.path() + "/raw";
   int fd = open(path.c_str(), O_RDWR | O_CREAT | O_DIRECT, 0644);
   ASSERT_GE(fd, 0);
