@@ -17,6 +17,6 @@ python3 -m pip install --no-build-isolation --no-deps -q --config-settings=build
 nvidia-smi -L
 step() { echo "== $*"; timeout "$1" "${@:2}" 2>&1 | tail -25; echo "== exit ${PIPESTATUS[0]}"; }
 step 300 python3 -m pytest -q -m gpu tests/test_p2p_share.py tests/test_p2p_gpu.py
-step 400 python3 -m pytest -q -m gpu tests/ --deselect tests/test_p2p_share.py --deselect tests/test_p2p_gpu.py
+step 400 python3 -m pytest -q -m gpu tests/ --ignore=tests/test_p2p_share.py --ignore=tests/test_p2p_gpu.py
 step 300 python3 bench/bench_p2p_share.py --mechanism cuda --reps 9 --out "$OUT"
 step 300 python3 bench/bench_p2p_gpu.py --workloads ipc --out "$OUT"
