@@ -253,7 +253,7 @@ class PeerService:
         self._gpu: GpuShare | None = None
         self._gpu_exported = None  # our tensors as peers map them, made on the first GPU_OPEN
         self._gpu_peers: set[str] = set()  # node ids that mapped our pool
-        self._gpu_maps: dict[str, tuple[int, list | None]] = {}  # node id -> (incarnation, its tensors)
+        self._gpu_maps: dict[str, tuple[int, tuple | None]] = {}  # node id -> (incarnation, _gpu_map's answer)
         self._leases = LeaseTable(self._unpin)
         self._host_id = host_id()
 
@@ -736,9 +736,10 @@ class PeerService:
         return committed
 
     # -- same-host page sharing (client side) ---------------------------------------------------
-    def _gpu_map(self, node_id: str, deadline: Deadline) -> list | None:
-        """``node_id``'s pool tensors mapped here, or None where it shares none with us (another
-        host, no pool, a mapping that failed). Asked once per incarnation of the peer."""
+    def _gpu_map(self, node_id: str, deadline: Deadline) -> tuple[list, int] | None:
+        """``node_id``'s pool tensors mapped here and their page count, or None where it shares
+        none with us (another host, no pool, a mapping that failed). Asked once per incarnation
+        of the peer."""
         share = self._gpu
         with self._lock:
             m = self._m.members.get(node_id)
