@@ -8,6 +8,9 @@ with the split planner (recompute a head of the prefix while the tail is read fr
 half-prefix hit. Also decode tokens/s with the CPU and disk tiers attached vs a GPU-only pool.
 The recompute baseline is the faster of two recomputes; the planner's disk bandwidth is the rate
 the disk-hit case just measured (its calibration), its CPU bandwidth a calibration load.
+Before the cases, ``disk_probe`` measures the disk apart from them (1 GiB written and read back
+with O_DIRECT in 32 MiB requests, one at a time); the JSON records it, and kvtier.sim's
+calibration prefers it to the host's bench_disk figures.
 Every case's ratio is recompute TTFT / case TTFT (above 1: faster than recomputing).
 
     python bench/bench_e2e.py [--lengths 4096,16384,32768] [--tiny] [--out bench/results]
@@ -198,6 +201,39 @@ def plot(doc: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def disk_probe(directory: str, nbytes: int = 1 << 30, block: int = 32 << 20) -> dict:
+    """The disk's own rates, apart from every case: ``nbytes`` written then read back with
+    O_DIRECT in ``block``-byte requests, one at a time (the disk tier's slot size; what a
+    simulated disk is calibrated with). Page cache is bypassed both ways."""
+    import mmap
+
+    path = os.path.join(directory, "disk_probe.bin")
+    buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT wants
+    buf.write(os.urandom(1 << 20) * (block >> 20))
+    n = nbytes // block
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_DIRECT, 0o600)
+    try:
+        t0 = time.perf_counter()
+        for i in range(n):
+            os.pwrite(fd, buf, i * block)
+        os.fsync(fd)
+        write_s = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        t0 = time.perf_counter()
+        for i in range(n):
+            if os.preadv(fd, [buf], i * block) != block:
+                raise OSError(f"short read from {path}")
+        read_s = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return {"read_gbps": round(n * block / read_s / 1e9, 3), "write_gbps": round(n * block / write_s / 1e9, 3),
+            "bytes": n * block, "block_bytes": block, "queue_depth": 1, "dir": directory}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="4096,16384,32768")
@@ -219,6 +255,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     results = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("KVTIER_BENCH_DISK_DIR", "/tmp")) as d:
+        probe = disk_probe(d, nbytes=(64 << 20) if args.tiny else (1 << 30), block=(4 << 20) if args.tiny else (32 << 20))
+        print(f"disk probe: {probe}", flush=True)
         for n in (int(x) for x in args.lengths.split(",")):
             sub = os.path.join(d, str(n))
             os.makedirs(sub)
@@ -226,7 +264,7 @@ def main() -> None:
             shutil.rmtree(sub)  # its disk-tier files: the next length needs the space
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     publish("bench_e2e", "tiny" if args.tiny else "llama3_8b_ttft", "cpu" if gpu is None else gpu.split()[1].lower(),
-            results, args.out, machine_name=machine(gpu))
+            results, args.out, machine_name=machine(gpu), disk_probe=probe)
 
 
 if __name__ == "__main__":

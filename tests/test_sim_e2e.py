@@ -172,3 +172,32 @@ def test_cross_run_medians_within_15_percent(runs):
     per_run = {name: sum(1 for r in rows if r.role == "prediction" and abs(r.error) <= 0.15)
                for name, rows in runs.items()}
     assert sum(per_run.values()) >= 40, per_run
+
+
+def test_a_runs_own_disk_probe_outranks_the_hosts_disk_bench(tmp_path):
+    """bench_e2e now records its disk's rates (disk_probe, measured apart from the cases): a run
+    that has them is simulated with its own disk, one without keeps bench_disk's numbers."""
+    import json
+    import shutil
+
+    for f in BENCH.glob("*.json"):
+        if not f.name.startswith("bench_e2e"):
+            shutil.copy(f, tmp_path / f.name)
+    src = BENCH / "bench_e2e-llama3_8b_ttft_split-h100-2026-11-27.json"
+    doc = json.loads(src.read_text())
+    run = tmp_path / "bench_e2e-llama3_8b_ttft-h100-2026-11-27.json"
+    run.write_text(json.dumps(doc))
+    model = MODEL_PRESETS["llama3_8b"]
+    without = Calibration(str(tmp_path)).hardware(e2e_file=str(run), model=model)
+    assert "bench_disk" in without.sources["disk_read_bw"]
+    doc["disk_probe"] = {"read_gbps": 0.8, "write_gbps": 1.5, "bytes": 1 << 30, "block_bytes": 32 << 20}
+    run.write_text(json.dumps(doc))
+    hw = Calibration(str(tmp_path)).hardware(e2e_file=str(run), model=model)
+    assert (hw.disk_read_bw, hw.disk_write_bw) == (0.8e9, 1.5e9)
+    assert hw.sources["disk_read_bw"].endswith("disk_probe.read_gbps")
+    rows, _ = compare_e2e(str(tmp_path))
+    slow = {(r.case, r.tokens): r.predicted_s for r in rows}
+    rows0, _ = compare_e2e(str(BENCH), e2e_glob=src.name)
+    fast = {(r.case, r.tokens): r.predicted_s for r in rows0}
+    assert slow[("disk_hit", 32768)] > fast[("disk_hit", 32768)]  # a slower disk, a slower disk hit
+    assert slow[("gpu_hit", 32768)] == fast[("gpu_hit", 32768)]

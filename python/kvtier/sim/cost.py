@@ -172,6 +172,11 @@ class Calibration:
             if model is None:
                 raise ValueError("calibrating from bench_e2e needs the model shape")
             edoc = _load(e2e_file)
+            probe = edoc.get("disk_probe")
+            if probe:  # the run's own disk, measured apart from its cases: it outranks bench_disk's host
+                for attr, key in (("disk_read_bw", "read_gbps"), ("disk_write_bw", "write_gbps")):
+                    setattr(hw, attr, probe[key] * 1e9)
+                    hw.sources[attr] = f"{os.path.basename(e2e_file)}:disk_probe.{key}"
             r = _case(edoc, f"ttft_gpu_hit_{calibrate_tokens}")
             if r is None:
                 raise FileNotFoundError(f"{e2e_file} has no case ttft_gpu_hit_{calibrate_tokens}")
