@@ -105,7 +105,6 @@ def main() -> int:
         address = q.get(timeout=300)
         b = make_pool(args.mechanism, b_dev, node_id="B", seeds=(address,))
         svc = b.cache._peers
-        share = svc._gpu
         times = {"share": [], "bare": []}
         for rep in range(args.reps + 1):  # the first one warms both paths up (mapping, page faults)
             cmds.put(rep)
@@ -128,9 +127,9 @@ def main() -> int:
             got = digest(b, seq.page_table)
             assert got == a_digest, "B's pages differ from A's"
             # The bare copy: the same pages, the same mechanism call, mappings already open.
-            src, _n = svc._gpu_maps["A"][1]
+            copier, _n = svc._gpu_maps["A"][1]
             t0 = time.perf_counter()
-            done = share.mechanism.copy(src, share.tensors, a_pages, seq.page_table, share.page_dim, 0)
+            done = copier.copy(a_pages, seq.page_table, 0)
             assert done.wait(60)
             if b.kv.is_cuda:
                 torch.cuda.synchronize()

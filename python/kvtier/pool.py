@@ -254,11 +254,8 @@ class PagedKVPool:
         with self._lock:
             for k in keys:
                 c = self._chunks.get(k)
-                if c is None:
-                    continue
-                c.refs -= 1
-                if c.refs == 0:
-                    self._chunks.move_to_end(k)
+                if c is not None:
+                    self._unref(c)
 
     # -- pages ---------------------------------------------------------------------------------
     def _allocate(self, n: int) -> list[int]:
@@ -528,9 +525,12 @@ class PagedKVPool:
 
     def _drop_refs(self, seq: Sequence) -> None:
         for c in seq._chunks:
-            c.refs -= 1
-            if c.refs == 0 and c.key in self._chunks:
-                self._chunks.move_to_end(c.key)  # most recently used among the evictable
+            self._unref(c)
+
+    def _unref(self, c: _GpuChunk) -> None:
+        c.refs -= 1
+        if c.refs == 0 and c.key in self._chunks:
+            self._chunks.move_to_end(c.key)  # most recently used among the evictable
 
     def _tiers_of(self, keys: list[bytes]) -> list[str]:
         """Where each chunk is below the GPU: "cpu", "disk" or "peer" (beyond the local ones)."""

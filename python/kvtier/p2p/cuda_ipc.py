@@ -158,9 +158,12 @@ class PageCopier:
         """``[n, 3]`` uint64 rows (source address, destination address, bytes): one per run of
         pages contiguous on both sides, per outer row of every tensor; None for tensors that are
         not contiguous (``copy`` then copies run by run with torch)."""
-        runs = np.asarray(_page_runs(*self._pages(src_pages, dst_pages)), dtype=np.uint64).reshape(-1, 3)
+        return self._rows(_page_runs(*self._pages(src_pages, dst_pages)))
+
+    def _rows(self, runs: list[tuple[int, int, int]]) -> np.ndarray | None:
         if self._groups is None:
             return None
+        runs = np.asarray(runs, dtype=np.uint64).reshape(-1, 3)
         rows = []
         for s_rows, d_rows, page_bytes in self._groups:
             src = s_rows + runs[None, :, 0] * page_bytes
@@ -177,7 +180,8 @@ class PageCopier:
         if method not in ("dma", "kernel"):
             raise InvalidArgumentError(f"method must be 'dma' or 'kernel', got {method!r}")
         stream = stream or torch.cuda.current_stream(self.device)
-        arr = self.segments(src_pages, dst_pages)
+        runs = _page_runs(*self._pages(src_pages, dst_pages))
+        arr = self._rows(runs)
         from kvtier import _core
 
         if arr is not None and _core.CUDA_COMPILED:
@@ -186,7 +190,6 @@ class PageCopier:
             cols = np.ascontiguousarray(arr.T)
             _core.copy_segments(self.device.index, cols[0], cols[1], cols[2], int(stream.cuda_stream), method)
             return method
-        runs = _page_runs(*self._pages(src_pages, dst_pages))
         pd = self.page_dim
         with torch.cuda.stream(stream):
             for s, d in zip(self.src, self.dst):

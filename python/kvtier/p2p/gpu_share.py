@@ -51,6 +51,12 @@ class Done(Protocol):
         """True once the copy finished, False if it had not by ``timeout_s``."""
 
 
+class PageCopy(Protocol):
+    """Copies pages of one mapped peer pool into the local pool (made once per mapping)."""
+
+    def copy(self, src_pages, dst_pages, stream: int) -> Done: ...
+
+
 class Mechanism(Protocol):
     """How a pool's tensors are mapped by another process on this host, and copied from."""
 
@@ -60,7 +66,7 @@ class Mechanism(Protocol):
 
     def open(self, shared: list[SharedTensor]) -> list: ...
 
-    def copy(self, src, dst, src_pages, dst_pages, page_dim: int, stream: int) -> Done: ...
+    def copier(self, src, dst, page_dim: int) -> PageCopy: ...
 
 
 class _Finished:
@@ -94,7 +100,6 @@ class CudaIpc:
     def __init__(self, device: int, method: str = "dma") -> None:
         self.device = int(device)
         self.method = method
-        self._copiers: dict[tuple[int, int], tuple] = {}  # (id(src), id(dst)) -> (src, dst, PageCopier)
 
     def export(self, tensors) -> list[SharedTensor]:
         from dataclasses import asdict
@@ -110,19 +115,25 @@ class CudaIpc:
 
         return cuda_ipc.import_tensors([cuda_ipc.IpcHandle(**asdict(s)) for s in shared], device=self.device)
 
-    def copy(self, src, dst, src_pages, dst_pages, page_dim: int, stream: int) -> Done:
+    def copier(self, src, dst, page_dim: int) -> PageCopy:
+        from kvtier.p2p.cuda_ipc import PageCopier
+
+        return _CudaPageCopy(PageCopier(src, dst, page_dim), self.device, self.method)
+
+
+class _CudaPageCopy:
+    """A mapped peer pool's pages copied on the local GPU; the tensors' geometry is worked out
+    once (``PageCopier``), each copy is followed by an event to wait on."""
+
+    def __init__(self, copier, device: int, method: str) -> None:
+        self._copier, self._device, self._method = copier, device, method
+
+    def copy(self, src_pages, dst_pages, stream: int) -> Done:
         import torch
 
-        from kvtier.p2p import cuda_ipc
-
-        dev = torch.device("cuda", self.device)
+        dev = torch.device("cuda", self._device)
         s = torch.cuda.ExternalStream(stream, device=dev) if stream else torch.cuda.current_stream(dev)
-        # The tensor lists live as long as the mapping: their geometry is worked out once.
-        entry = self._copiers.get((id(src), id(dst)))
-        if entry is None or entry[0] is not src or entry[1] is not dst:
-            entry = (src, dst, cuda_ipc.PageCopier(src, dst, page_dim))
-            self._copiers[(id(src), id(dst))] = entry
-        entry[2].copy(src_pages, dst_pages, stream=s, method=self.method)
+        self._copier.copy(src_pages, dst_pages, stream=s, method=self._method)
         event = torch.cuda.Event()
         event.record(s)
         return _EventDone(event)
@@ -183,14 +194,8 @@ class SharedMemory:
             out.append(torch.from_file(path, shared=True, size=numel, dtype=dtype).view(*s.shape))
         return out
 
-    def copy(self, src, dst, src_pages, dst_pages, page_dim: int, stream: int) -> Done:
-        from kvtier.p2p.cuda_ipc import _page_runs
-
-        runs = _page_runs(np.asarray(src_pages, dtype=np.int64), np.asarray(dst_pages, dtype=np.int64))
-        for s, d in zip(src, dst):  # one copy per run of pages contiguous on both sides
-            for s0, d0, n in runs:
-                d.narrow(page_dim, d0, n).copy_(s.narrow(page_dim, s0, n))
-        return _Finished()
+    def copier(self, src, dst, page_dim: int) -> PageCopy:
+        return _HostPageCopy(src, dst, page_dim)
 
     def close(self) -> None:
         for path in self._paths.values():
@@ -199,6 +204,24 @@ class SharedMemory:
             except FileNotFoundError:
                 pass
         self._paths.clear()
+
+
+class _HostPageCopy:
+    """A mapped peer pool's pages copied by the CPU: one copy per run of pages contiguous on
+    both sides, per tensor; done when it returns."""
+
+    def __init__(self, src, dst, page_dim: int) -> None:
+        self._src, self._dst, self._page_dim = src, dst, page_dim
+
+    def copy(self, src_pages, dst_pages, stream: int) -> Done:
+        from kvtier.p2p.cuda_ipc import _page_runs
+
+        runs = _page_runs(np.asarray(src_pages, dtype=np.int64), np.asarray(dst_pages, dtype=np.int64))
+        pd = self._page_dim
+        for s, d in zip(self._src, self._dst):
+            for s0, d0, n in runs:
+                d.narrow(pd, d0, n).copy_(s.narrow(pd, s0, n))
+        return _Finished()
 
 
 class PageSource(Protocol):

@@ -736,10 +736,10 @@ class PeerService:
         return committed
 
     # -- same-host page sharing (client side) ---------------------------------------------------
-    def _gpu_map(self, node_id: str, deadline: Deadline) -> tuple[list, int] | None:
-        """``node_id``'s pool tensors mapped here and their page count, or None where it shares
-        none with us (another host, no pool, a mapping that failed). Asked once per incarnation
-        of the peer."""
+    def _gpu_map(self, node_id: str, deadline: Deadline) -> tuple[object, int] | None:
+        """``node_id``'s pool mapped here, as (its page copier into our pool, its page count), or
+        None where it shares none with us (another host, no pool, a mapping that failed). Asked
+        once per incarnation of the peer; a new incarnation's mapping replaces the old one."""
         share = self._gpu
         with self._lock:
             m = self._m.members.get(node_id)
@@ -749,7 +749,7 @@ class PeerService:
             cached = self._gpu_maps.get(node_id)
             if cached is not None and cached[0] == inc:
                 return cached[1]
-        tensors = None
+        mapped = None
         try:
             _, body = self._exchange(host, port, P.Kind.GPU_OPEN,
                                      P.encode_gpu_open(self._host_id, (share.mechanism.name,)), deadline,
@@ -757,7 +757,9 @@ class PeerService:
             reply = P.GpuHandles.decode(body)
             if reply.ok:
                 share.check_peer(list(reply.tensors), reply.page_dim)
-                tensors = (share.mechanism.open(list(reply.tensors)), share.num_pages(list(reply.tensors)))
+                src = share.mechanism.open(list(reply.tensors))
+                mapped = (share.mechanism.copier(src, share.tensors, share.page_dim),
+                           share.num_pages(list(reply.tensors)))
                 self.counters["gpu_maps"] += 1
             else:
                 self.counters["gpu_maps_refused"] += 1
@@ -771,8 +773,8 @@ class PeerService:
             self.counters["gpu_map_failures"] += 1
             log.info("kvtier p2p: cannot map %s's pool: %s", node_id, e)
         with self._lock:
-            self._gpu_maps[node_id] = (inc, tensors)
-        return tensors
+            self._gpu_maps[node_id] = (inc, mapped)
+        return mapped
 
     def _pull_shared(self, src: str, addr, items: list[tuple[int, bytes]], deadline: Deadline, frontier) -> int:
         """Lease the leading ``items`` that ``src``'s pool holds, copy them page to page into the
@@ -780,7 +782,7 @@ class PeerService:
         mapped = self._gpu_map(src, deadline)
         if mapped is None:
             return 0
-        src_tensors, src_num_pages = mapped
+        copier, src_num_pages = mapped
         share, ppc = self._gpu, self._ppc
         try:
             t0 = time.monotonic()
@@ -810,8 +812,7 @@ class PeerService:
             return 0
         ok = False
         try:
-            done = share.mechanism.copy(src_tensors, share.tensors, np.asarray(pin.pages, dtype=np.int64),
-                                        dst_pages, share.page_dim, frontier.stream)
+            done = copier.copy(np.asarray(pin.pages, dtype=np.int64), dst_pages, frontier.stream)
             # Counted only if it ended while the lease held (a margin for clocks and the reply).
             budget = min(deadline.at, lease_end - 0.05) - time.monotonic()
             ok = done.wait(max(budget, 0.0))
