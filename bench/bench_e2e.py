@@ -12,6 +12,9 @@ Before the cases, ``disk_probe`` measures the disk apart from them (1 GiB writte
 with O_DIRECT in 32 MiB requests, one at a time); the JSON records it, and kvtier.sim's
 calibration prefers it to the host's bench_disk figures.
 Every case's ratio is recompute TTFT / case TTFT (above 1: faster than recomputing).
+By default the engine prefills the uncached part of a prompt in one step (``--prefill-step 0``),
+the fastest recompute and so the hardest baseline; ``--prefill-step 256`` runs the chunk-aligned
+steps whose hits are bit-exact (the workload name then lacks ``_one_step_prefill``).
 
     python bench/bench_e2e.py [--lengths 4096,16384,32768] [--tiny] [--out bench/results]
 """
@@ -35,8 +38,8 @@ from kvtier.pool import PagedKVPool
 LLAMA3_8B = dict(vocab=32000, hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336)
 TINY = dict(vocab=1024, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256)
 PAGE, CHUNK = 16, 256
-DECODE_TOKENS = 64
-DECODE_REPS = 9  # alternating; the paired ratios (same repetition) cancel slow drift of the host
+DECODE_TOKENS = 32
+DECODE_REPS = 7  # alternating; the paired ratios (same repetition) cancel slow drift of the host
 
 
 def sync(device):
@@ -50,7 +53,8 @@ def ttft(engine, prompt, device) -> float:
     return g.ttft_s, g
 
 
-def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float) -> list[dict]:
+def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
+               prefill_step: int | None = None) -> list[dict]:
     elem = torch.tensor([], dtype=model.dtype).element_size()
     kv_per_token = 2 * model.config.layers * model.config.kv_heads * model.config.head_dim * elem
     pool_tokens = 2 * (n + CHUNK)
@@ -61,7 +65,7 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float)
                        # fillers), so the prompt is never overwritten on disk before its cases.
                        disk_bytes=(4 * pool_tokens // CHUNK + 8) * (block + 4096) + (1 << 20),
                        disk_admit_min_seen=1, model_id=f"e2e-{n}")
-    engine = Engine(model, pool)
+    engine = Engine(model, pool, prefill_tokens=prefill_step)
     vocab = model.config.vocab
     prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
     warm = torch.randint(0, vocab, (n,), generator=gen).tolist()
@@ -102,7 +106,9 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float)
     _push_out_of_gpu(pool, gen, vocab)
     _push_out_of_cpu(pool, gen, vocab)
     out["disk_hit_split"], g = ttft(engine, prompt, device)
-    assert g.tokens[0] == g_ref.tokens[0], "the split plan's first token differs from the recompute's"
+    # Recorded, not asserted: with one-step prefill the split's head and the recompute differ in
+    # rounding (bf16), and this run's figures are worth keeping either way (tests check exactness).
+    split_same_token = g.tokens[0] == g_ref.tokens[0]
     planned["split"] = dict(split.last_plan, loaded=g.lower_hit_tokens)
     pool.planner = None
     half = prompt[: n // 2] + torch.randint(0, vocab, (n - n // 2,), generator=gen).tolist()
@@ -125,9 +131,8 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float)
                         cpu_bytes=(pool_tokens // CHUNK + 4) * block, disk_dir=fresh_dir,
                         disk_bytes=(pool_tokens // CHUNK + 8) * (block + 4096) + (1 << 20), model_id=f"e2e-fresh-{n}")
     gpu_only_b = gpu_only_pool()  # an A/A control: the noise floor
-    Engine(model, gpu_only).generate([prompt], 1)
-    Engine(model, gpu_only_b).generate([prompt], 1)
-    Engine(model, fresh).generate([prompt], 1)
+    for p in (gpu_only, gpu_only_b, fresh):
+        Engine(model, p, prefill_tokens=prefill_step).generate([prompt], 1)
     pool.cache.drain()  # no write-back or copy of the cases above still running
     decode = {"with_tiers": [], "fresh_with_tiers": [], "gpu_only": [], "gpu_only_b": []}
     for _rep in range(DECODE_REPS):
@@ -160,7 +165,8 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float)
             sp = planned["split"]
             row["note"] = (f"split planner: {sp['head_chunks'] * CHUNK} tokens recomputed while {sp['load_chunks'] * CHUNK} "
                            f"were read from disk ({sp['loaded']} landed); modelled {sp['modelled_s']['split']:.3f} s "
-                           f"vs recompute {sp['modelled_s']['recompute']:.3f} s, load {sp['modelled_s']['load']:.3f} s")
+                           f"vs recompute {sp['modelled_s']['recompute']:.3f} s, load {sp['modelled_s']['load']:.3f} s; "
+                           f"first token {'equal to' if split_same_token else 'DIFFERENT from'} the recompute's")
         rows.append(row)
     rows.append({"case": f"decode_tokens_per_s_{n}", "value": round(decode["fresh_with_tiers"], 2), "unit": "tokens/s",
                  "baseline": "decode_gpu_only_pool", "baseline_value": round(decode["gpu_only"], 2),
@@ -256,6 +262,9 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke test on a CPU)")
     ap.add_argument("--disk-gbps", type=float, default=0.0,
                     help="disk read bandwidth for the planner; 0: the disk-hit case's measured rate")
+    ap.add_argument("--prefill-step", type=int, default=0,
+                    help="prefill in steps of this many tokens (a divisor of the chunk, 256); 0: the "
+                         "uncached part of the prompt in one step, the fastest recompute (the baseline)")
     ap.add_argument("--out", default="")
     ap.add_argument("--plot-from", default="", help="only draw the PNG from this JSON")
     args = ap.parse_args()
@@ -276,11 +285,16 @@ def main() -> None:
         for n in (int(x) for x in args.lengths.split(",")):
             sub = os.path.join(d, str(n))
             os.makedirs(sub)
-            results += run_length(model, n, device, sub, gen, args.disk_gbps)
+            results += run_length(model, n, device, sub, gen, args.disk_gbps, args.prefill_step or None)
             shutil.rmtree(sub)  # its disk-tier files: the next length needs the space
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
-    publish("bench_e2e", "tiny" if args.tiny else "llama3_8b_ttft", "cpu" if gpu is None else gpu.split()[1].lower(),
-            results, args.out, machine_name=machine(gpu), disk_probe=probe)
+    workload = "tiny" if args.tiny else "llama3_8b_ttft"
+    if not args.prefill_step:
+        workload += "_one_step_prefill"
+    publish("bench_e2e", workload, "cpu" if gpu is None else gpu.split()[1].lower(),
+            results, args.out, machine_name=machine(gpu), disk_probe=probe,
+            prefill=(f"{args.prefill_step}-token steps" if args.prefill_step
+                     else "the uncached part of each prompt in one step (as transformers' SDPA path)"))
 
 
 if __name__ == "__main__":

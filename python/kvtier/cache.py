@@ -220,7 +220,7 @@ class LoadHandle:
         """Make ``stream`` wait on the GPU (not the host) for layer ``layer``."""
         if not 0 <= layer < self.num_layers:
             raise InvalidArgumentError(f"layer must be in [0, {self.num_layers}), got {layer}")
-        if self._transfer is not None:
+        if not (self._landed or layer < self._layers_landed):
             self._transfer.stream_wait_layer(layer, _stream_handle(stream))
 
     def landed(self) -> bool:

@@ -110,6 +110,15 @@ class Sequence:
         if pending and layer == pending[0][1].num_layers - 1 and all(h.landed() for _s, h in pending):
             self._pending = []  # every layer of every load proved landed: later steps skip the checks
 
+    def stream_wait_layer(self, layer: int, stream, *, upto: int | None = None) -> None:
+        """Make ``stream`` wait on the GPU, not the host, for layer ``layer`` of the loaded pages
+        (of loads that start before token ``upto``, when given): the host goes on queueing the
+        next layers' kernels while the copies run. Errors surface at the next host :meth:`wait`,
+        which the caller must make before it trusts what the stream computed."""
+        for start, h in self._pending_loads():
+            if upto is None or start < upto:
+                h.stream_wait_layer(layer, stream)
+
 
 class PagedKVPool:
     """Paged KV tensors for one model, with prefix sharing and the CPU / disk tiers below.

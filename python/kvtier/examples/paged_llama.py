@@ -7,7 +7,7 @@ One request, as :meth:`Engine.generate` serves it::
     seq = pool.begin(prompt[:-1])      # longest cached prefix: GPU pages mapped, CPU/disk loading
     pool.extend(seq, len(prompt))      # the last prompt token is always computed (its logits)
     logits = engine.prefill(seq, prompt)   # tokens [seq.cached_tokens, n); layer i first waits
-                                           # for its loaded pages (seq.wait_layer(i))
+                                           # for its loaded pages (the GPU stream waits, or the host)
     pool.commit(seq, prompt)           # its full chunks are shared with later requests
     ... greedy decode: pool.extend(seq, n + 1), one token a step ...
     pool.release(seq)
@@ -36,6 +36,7 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from kvtier.errors import InvalidArgumentError
 from kvtier.pool import PagedKVPool, Sequence
@@ -90,13 +91,17 @@ class PagedKV:
     """One sequence's K/V in a :class:`PagedKVPool`, addressed through its page table.
 
     A read of layer ``l`` first waits for layer ``l`` of the pages loaded from the CPU / disk
-    tiers (``seq.wait_layer(l)``), so earlier layers compute while later ones land. Build a new
+    tiers, so earlier layers compute while later ones land: on a GPU the compute stream waits
+    (``seq.stream_wait_layer``) and the host goes on queueing the next layers' kernels, the
+    caller then checking the loads with ``seq.wait()`` before it uses the result
+    (:meth:`Engine.prefill` does); on the CPU the host waits (``seq.wait_layer``). Build a new
     one after ``pool.extend`` (it snapshots the page table).
     """
 
     def __init__(self, pool: PagedKVPool, seq: Sequence) -> None:
         self.pool, self.seq = pool, seq
         device = _pool_tensor(pool).device
+        self.on_gpu = device.type == "cuda"
         self.page_table = torch.tensor(seq.page_table, dtype=torch.long, device=device)
 
     def _pages(self, layer: int, k_or_v: int) -> torch.Tensor:
@@ -112,7 +117,10 @@ class PagedKV:
         self._pages(layer, 1)[page, slot] = v
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.seq.wait_layer(layer, upto=end)
+        if self.on_gpu:
+            self.seq.stream_wait_layer(layer, torch.cuda.current_stream(), upto=end)
+        else:
+            self.seq.wait_layer(layer, upto=end)
         pages = self.page_table[: math.ceil(end / self.pool.page_tokens)]
         k = self._pages(layer, 0)[pages].flatten(0, 1)[:end]  # gather: [pages, pt, h, d] -> [end, h, d]
         v = self._pages(layer, 1)[pages].flatten(0, 1)[:end]
@@ -173,12 +181,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
     t, end = q.shape[0], k.shape[0]
     q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, heads, tokens, head_dim]
     if t == 1:  # decode: the one query sees every key
-        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    elif start == 0:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)[0].transpose(0, 1)
+    gqa = True
+    if q.is_cuda and k.shape[1] != q.shape[1]:
+        # The fused kernels (flash, memory-efficient) take a causal mask only with as many K/V
+        # heads as query heads; otherwise SDPA falls back to the math kernel, which materialises
+        # the [heads, t, end] scores (tens of GiB for a 32k prompt) and runs several times slower.
+        rep = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+    if start == 0:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:  # is_causal aligns its diagonal top-left; after a prefix, query i sees keys <= start + i
-        mask = torch.ones(t, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, end), enable_gqa=gqa)
     return out[0].transpose(0, 1)
 
 
@@ -398,6 +412,7 @@ class Engine:
                 end = min(end, tail)
             out.append(self.model(ids[start:end], [Span(kv, start, end - start)], all_logits=all_logits))
             start = end
+        seq.wait()  # the loads' errors (GPU layer waits only ordered the stream)
         return torch.cat(out) if all_logits else out[-1][0]
 
     def decode(self, seqs: list[Sequence], tokens: list[int]) -> torch.Tensor:
