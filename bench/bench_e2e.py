@@ -54,12 +54,12 @@ def ttft(engine, prompt, device) -> float:
 
 
 def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
-               prefill_step: int | None = None) -> list[dict]:
+               prefill_step: int | None = None, kv_layout: str = "vllm") -> list[dict]:
     elem = torch.tensor([], dtype=model.dtype).element_size()
     kv_per_token = 2 * model.config.layers * model.config.kv_heads * model.config.head_dim * elem
     pool_tokens = 2 * (n + CHUNK)
     block = CHUNK * kv_per_token
-    pool = PagedKVPool(**model.kv_geometry(), num_pages=pool_tokens // PAGE, page_tokens=PAGE, chunk_tokens=CHUNK,
+    pool = PagedKVPool(**model.kv_geometry(), kv_layout=kv_layout, num_pages=pool_tokens // PAGE, page_tokens=PAGE, chunk_tokens=CHUNK,
                        cpu_bytes=(pool_tokens // CHUNK + 4) * block, disk_dir=disk_dir,
                        # Room for every chunk the run writes back (the prompt and three pool-sized
                        # fillers), so the prompt is never overwritten on disk before its cases.
@@ -105,7 +105,22 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
     pool.planner = split
     _push_out_of_gpu(pool, gen, vocab)
     _push_out_of_cpu(pool, gen, vocab)
+    # Where the split's time goes: when the head's compute was queued and the tail's load was
+    # asked for (finish_tail called), and when the tail was ready (it returned).
+    marks = {}
+    finish_tail = pool.finish_tail
+
+    def timed_finish_tail(seq, *a, **kw):
+        marks.setdefault("tail_asked", time.perf_counter())
+        r = finish_tail(seq, *a, **kw)
+        marks.setdefault("tail_ready", time.perf_counter())
+        return r
+
+    pool.finish_tail = timed_finish_tail
+    t_split = time.perf_counter()
     out["disk_hit_split"], g = ttft(engine, prompt, device)
+    del pool.finish_tail
+    split_marks = {k: round(v - t_split, 4) for k, v in marks.items()}
     # Recorded, not asserted: with one-step prefill the split's head and the recompute differ in
     # rounding (bf16), and this run's figures are worth keeping either way (tests check exactness).
     split_same_token = g.tokens[0] == g_ref.tokens[0]
@@ -121,13 +136,13 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
     # Also a fresh pool with the tiers attached, the prompt computed into it like the GPU-only one:
     # the same state, tiers or not (the issue's comparison); the first pool has this run's history.
     def gpu_only_pool():
-        return PagedKVPool(**model.kv_geometry(), num_pages=pool_tokens // PAGE, page_tokens=PAGE,
+        return PagedKVPool(**model.kv_geometry(), kv_layout=kv_layout, num_pages=pool_tokens // PAGE, page_tokens=PAGE,
                            chunk_tokens=CHUNK, cpu_bytes=0)
 
     gpu_only = gpu_only_pool()
     fresh_dir = os.path.join(disk_dir, "fresh")
     os.makedirs(fresh_dir, exist_ok=True)
-    fresh = PagedKVPool(**model.kv_geometry(), num_pages=pool_tokens // PAGE, page_tokens=PAGE, chunk_tokens=CHUNK,
+    fresh = PagedKVPool(**model.kv_geometry(), kv_layout=kv_layout, num_pages=pool_tokens // PAGE, page_tokens=PAGE, chunk_tokens=CHUNK,
                         cpu_bytes=(pool_tokens // CHUNK + 4) * block, disk_dir=fresh_dir,
                         disk_bytes=(pool_tokens // CHUNK + 8) * (block + 4096) + (1 << 20), model_id=f"e2e-fresh-{n}")
     gpu_only_b = gpu_only_pool()  # an A/A control: the noise floor
@@ -166,7 +181,9 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
             row["note"] = (f"split planner: {sp['head_chunks'] * CHUNK} tokens recomputed while {sp['load_chunks'] * CHUNK} "
                            f"were read from disk ({sp['loaded']} landed); modelled {sp['modelled_s']['split']:.3f} s "
                            f"vs recompute {sp['modelled_s']['recompute']:.3f} s, load {sp['modelled_s']['load']:.3f} s; "
-                           f"first token {'equal to' if split_same_token else 'DIFFERENT from'} the recompute's")
+                           f"first token {'equal to' if split_same_token else 'DIFFERENT from'} the recompute's; "
+                           f"head queued and tail asked for at {split_marks.get('tail_asked')} s, tail ready at "
+                           f"{split_marks.get('tail_ready')} s")
         rows.append(row)
     rows.append({"case": f"decode_tokens_per_s_{n}", "value": round(decode["fresh_with_tiers"], 2), "unit": "tokens/s",
                  "baseline": "decode_gpu_only_pool", "baseline_value": round(decode["gpu_only"], 2),
@@ -265,6 +282,10 @@ def main() -> None:
     ap.add_argument("--prefill-step", type=int, default=0,
                     help="prefill in steps of this many tokens (a divisor of the chunk, 256); 0: the "
                          "uncached part of the prompt in one step, the fastest recompute (the baseline)")
+    ap.add_argument("--kv-layout", default="vllm", choices=("vllm", "cross_layer"),
+                    help="the pool's KV layout: vllm (a tensor per layer: loads land layer by layer, "
+                         "so layer 0 computes while later layers copy) or cross_layer (a page holds "
+                         "every layer: one large copy per page, all layers land together)")
     ap.add_argument("--out", default="")
     ap.add_argument("--plot-from", default="", help="only draw the PNG from this JSON")
     args = ap.parse_args()
@@ -285,14 +306,17 @@ def main() -> None:
         for n in (int(x) for x in args.lengths.split(",")):
             sub = os.path.join(d, str(n))
             os.makedirs(sub)
-            results += run_length(model, n, device, sub, gen, args.disk_gbps, args.prefill_step or None)
+            results += run_length(model, n, device, sub, gen, args.disk_gbps, args.prefill_step or None,
+                                  args.kv_layout)
             shutil.rmtree(sub)  # its disk-tier files: the next length needs the space
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     workload = "tiny" if args.tiny else "llama3_8b_ttft"
     if not args.prefill_step:
         workload += "_one_step_prefill"
+    if args.kv_layout == "vllm":
+        workload += "_vllm_layout"
     publish("bench_e2e", workload, "cpu" if gpu is None else gpu.split()[1].lower(),
-            results, args.out, machine_name=machine(gpu), disk_probe=probe,
+            results, args.out, machine_name=machine(gpu), disk_probe=probe, kv_layout=args.kv_layout,
             prefill=(f"{args.prefill_step}-token steps" if args.prefill_step
                      else "the uncached part of each prompt in one step (as transformers' SDPA path)"))
 

@@ -103,6 +103,7 @@ class PagedKV:
         device = _pool_tensor(pool).device
         self.on_gpu = device.type == "cuda"
         self.page_table = torch.tensor(seq.page_table, dtype=torch.long, device=device)
+        self._slots: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _pages(self, layer: int, k_or_v: int) -> torch.Tensor:
         """``[num_pages, page_tokens, kv_heads, head_dim]`` view of layer ``layer``'s K (0) or V (1)."""
@@ -111,8 +112,12 @@ class PagedKV:
         return self.pool.kv[layer][k_or_v]  # kv[layer]: [2, num_pages, page_tokens, heads, dim]
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        pos = torch.arange(start, start + k.shape[0], device=self.page_table.device)
-        page, slot = self.page_table[pos // self.pool.page_tokens], pos % self.pool.page_tokens
+        where = self._slots.get((start, k.shape[0]))
+        if where is None:  # (page, slot) of each token: the same for every layer of a step
+            pos = torch.arange(start, start + k.shape[0], device=self.page_table.device)
+            where = self._slots[start, k.shape[0]] = (self.page_table[pos // self.pool.page_tokens],
+                                                      pos % self.pool.page_tokens)
+        page, slot = where
         self._pages(layer, 0)[page, slot] = k
         self._pages(layer, 1)[page, slot] = v
 
@@ -122,9 +127,12 @@ class PagedKV:
         else:
             self.seq.wait_layer(layer, upto=end)
         pages = self.page_table[: math.ceil(end / self.pool.page_tokens)]
-        k = self._pages(layer, 0)[pages].flatten(0, 1)[:end]  # gather: [pages, pt, h, d] -> [end, h, d]
-        v = self._pages(layer, 1)[pages].flatten(0, 1)[:end]
-        return k, v
+        # One gather for K and V: [pages, 2, pt, h, d] (cross-layer) or [2, pages, pt, h, d] (vLLM).
+        if self.pool.kv_layout == "cross_layer":
+            kv = self.pool.kv[pages, layer]
+            return kv[:, 0].flatten(0, 1)[:end], kv[:, 1].flatten(0, 1)[:end]  # [end, h, d] each
+        kv = self.pool.kv[layer][:, pages].flatten(1, 2)
+        return kv[0, :end], kv[1, :end]
 
 
 class ContiguousKV:
@@ -181,6 +189,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
     t, end = q.shape[0], k.shape[0]
     q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, heads, tokens, head_dim]
     if t == 1:  # decode: the one query sees every key
+        if q.is_cuda:  # the query heads of a K/V head as its queries: fused kernels, no copies of K/V
+            heads, kv_heads = q.shape[1], k.shape[1]
+            out = F.scaled_dot_product_attention(q.reshape(1, kv_heads, heads // kv_heads, -1), k, v)
+            return out.reshape(1, heads, -1)
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)[0].transpose(0, 1)
     gqa = True
     if q.is_cuda and k.shape[1] != q.shape[1]:
@@ -293,15 +305,20 @@ class Llama(nn.Module):
             q = apply_rotary(F.linear(h, b.wq).view(t, c.heads, d), cos, sin)
             k = apply_rotary(F.linear(h, b.wk).view(t, c.kv_heads, d), cos, sin)
             v = F.linear(h, b.wv).view(t, c.kv_heads, d)
-            out = torch.empty_like(q)
-            row = 0
-            for s in spans:  # attention is per sequence; projections and MLP run batched
-                rows = slice(row, row + s.length)
-                s.kv.write(i, s.start, k[rows], v[rows])
-                k_all, v_all = s.kv.read(i, s.start + s.length)
-                out[rows] = attend(q[rows], k_all, v_all, s.start)
-                row += s.length
-            x = x + F.linear(out.view(t, c.hidden), b.wo)
+            if len(spans) == 1:  # one sequence (prefill): no per-sequence slices
+                s = spans[0]
+                s.kv.write(i, s.start, k, v)
+                out = attend(q, *s.kv.read(i, s.start + s.length), s.start)
+            else:
+                out = torch.empty_like(q)
+                row = 0
+                for s in spans:  # attention is per sequence; projections and MLP run batched
+                    rows = slice(row, row + s.length)
+                    s.kv.write(i, s.start, k[rows], v[rows])
+                    k_all, v_all = s.kv.read(i, s.start + s.length)
+                    out[rows] = attend(q[rows], k_all, v_all, s.start)
+                    row += s.length
+            x = x + F.linear(out.reshape(t, c.hidden), b.wo)
             h = rms_norm(x, b.mlp_norm, c.norm_eps)
             x = x + F.linear(F.silu(F.linear(h, b.w_gate)) * F.linear(h, b.w_up), b.w_down)
         if not all_logits:
