@@ -4,9 +4,12 @@ Workload ``ipc_llama3_8b_4096tok``: process A holds 4096 tokens of Llama-3-8B-sh
 vLLM-layout pool on its GPU (32 layers x [2, pages, 16, 8, 128] bf16: 512 MiB in 16 chunks of
 16 pages, at shuffled page positions) and exports the tensors through CUDA IPC; process B (this
 one), on the other GPU when there are two, maps them and copies the chunks' pages into its own
-pool (``kvtier.p2p.cuda_ipc.copy_pages``: one DMA per contiguous page run per tensor).
-Baseline, measured in the same run: a torch device-to-device copy of the same bytes, contiguous,
-between the same two GPUs in one process (B's).
+pool (``kvtier.p2p.cuda_ipc.copy_pages``: every contiguous page run per tensor is one byte range),
+one row per method: ``dma`` (copy engines), ``kernel`` (copy kernel on B's GPU, reading A's
+memory) and ``push`` (the kernel on A's GPU, writing into B's; dropped with a message on stderr
+where it fails, the other rows kept). Baseline, measured in the same run: a torch
+device-to-device copy of the same bytes, contiguous, between the same two GPUs in one process
+(B's).
 
 Workload ``ttft_peer_prefix``: two serving instances of a Llama-3-8B-shaped model (random bf16
 weights, kvtier.examples.paged_llama), each with a GPU pool, a CPU tier and a peer service. A
@@ -24,6 +27,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import sys
 import time
@@ -52,8 +56,51 @@ def _ipc_exporter(q, done, device: str, pages: int) -> None:
     done.wait(600)
 
 
+def _push_probe(q, handles, device: int, src_pages: list[int], pages: int) -> None:
+    """One 'push' copy of A's mapped pages as B makes it, in a process of its own: a kernel fault
+    (the source GPU unable to address a mapping opened on another GPU) poisons the CUDA context
+    of its process, which must not be B's."""
+    try:
+        import torch
+        from kvtier.p2p.cuda_ipc import copy_pages, import_tensors
+
+        torch.cuda.set_device(device)
+        src = import_tensors(handles, device=device)
+        dst = [torch.zeros(2, pages, PAGE, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
+               for _ in range(LAYERS)]
+        copy_pages(src, dst, src_pages, list(range(len(src_pages))), page_dim=1, method="push")
+        torch.cuda.synchronize()
+        ok = all(torch.equal(s[:, src_pages], d[:, :len(src_pages)]) for s, d in zip(src, dst))
+        q.put(None if ok else "push probe: the copy is not bit-exact")
+    except Exception as e:  # noqa: BLE001 - reported to B as text
+        q.put(f"push probe: {type(e).__name__}: {e}")
+
+
+def _probe_push(ctx, handles, device: int, src_pages: list[int], pages: int) -> str | None:
+    """None where 'push' copies correctly in a process like B, else why not."""
+    q = ctx.Queue()
+    p = ctx.Process(target=_push_probe, args=(q, handles, device, src_pages, pages))
+    p.start()
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            try:
+                return q.get(timeout=1)
+            except queue.Empty:
+                if not p.is_alive() or time.monotonic() > deadline:  # died (or hung) unheard
+                    try:
+                        return q.get(timeout=5)
+                    except queue.Empty:
+                        return f"push probe: no answer (exit code {p.exitcode})"
+    finally:
+        p.join(60)
+        if p.is_alive():
+            p.kill()
+
+
 def bench_ipc(reps: int) -> list[dict]:
     import torch
+    from kvtier import _core
     from kvtier.p2p.cuda_ipc import copy_pages, import_tensors
 
     n = torch.cuda.device_count()
@@ -67,16 +114,32 @@ def bench_ipc(reps: int) -> list[dict]:
     p.start()
     try:
         handles = q.get(timeout=300)
-        torch.cuda.set_device(dst_dev)
-        # Opened on the GPU that copies (B's): the runtime maps A's memory there through peer access.
-        src = import_tensors(handles, device=torch.device(dst_dev).index)
-        dst = [torch.zeros(2, pool_pages, PAGE, KV_HEADS, HEAD_DIM, device=dst_dev, dtype=torch.bfloat16)
-               for _ in range(LAYERS)]
+        dst_index = torch.device(dst_dev).index
         g = torch.Generator().manual_seed(1)
         src_chunks = torch.randperm(pool_pages // ppc, generator=g)[:chunks].tolist()
         dst_chunks = torch.randperm(pool_pages // ppc, generator=g)[:chunks].tolist()
         src_pages = [c * ppc + i for c in src_chunks for i in range(ppc)]
         dst_pages = [c * ppc + i for c in dst_chunks for i in range(ppc)]
+        methods, dropped = ("dma", "kernel", "push"), set()
+        # 'push' first in a process of its own: a fault there must not take B's rows with it.
+        err = _probe_push(ctx, handles, dst_index, src_pages[:ppc], ppc)
+        if err is not None:
+            print(f"ipc: no push row: {err}", file=sys.stderr, flush=True)
+            dropped.add("push")
+        torch.cuda.set_device(dst_dev)
+        # Opened on the GPU that copies (B's): the runtime maps A's memory there through peer
+        # access. 'push' launches on the GPU that cudaPointerGetAttributes names for this mapping
+        # (A's, GPU 0, if it reports where the memory is; B's own, and then it is 'kernel', if it
+        # reports the mapping's GPU): the row's note says which.
+        src = import_tensors(handles, device=dst_index)
+        push_dev = None
+        try:
+            push_dev = _core.push_device(dst_index, src[0].data_ptr())
+        except Exception as e:  # noqa: BLE001 - e.g. a _core without 'push': the other rows stand
+            print(f"ipc: no push row: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            dropped.add("push")
+        dst = [torch.zeros(2, pool_pages, PAGE, KV_HEADS, HEAD_DIM, device=dst_dev, dtype=torch.bfloat16)
+               for _ in range(LAYERS)]
         nbytes = len(src_pages) * LAYERS * 2 * PAGE * KV_HEADS * HEAD_DIM * 2
         # Baseline: the same bytes as one contiguous tensor, torch D2D between the same GPUs.
         a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=src_dev).normal_()
@@ -102,21 +165,41 @@ def bench_ipc(reps: int) -> list[dict]:
                 b.copy_(a, non_blocking=True)
             stream.synchronize()
 
-        methods = ("dma", "kernel")
-        for _ in range(2):  # warm-up: peer access, first launches
-            for m in methods:
-                ipc(m)()
-            d2d()
-        times = {m: [] for m in (*methods, "d2d")}
-        for _ in range(reps):  # alternate, so drift hits every case
-            for m in methods:
-                times[m].append(timed(ipc(m)))
-            times["d2d"].append(timed(d2d))
-        for m in methods:
+        def check(m):
             for d in dst:
                 d.zero_()
             ipc(m)()
-            assert all(torch.equal(s[:, src_pages], d[:, dst_pages]) for s, d in zip(src, dst)), m
+            assert all(torch.equal(s[:, src_pages], d[:, dst_pages]) for s, d in zip(src, dst)), f"{m}: not bit-exact"
+
+        times = {m: [] for m in (*methods, "d2d")}
+
+        def measure(m):
+            times[m].append(timed(ipc(m)))
+
+        def attempt(fn, m):
+            """fn(m), unless m was dropped; a failure of 'push' drops its row (the reason on
+            stderr), not the run."""
+            if m in dropped:
+                return
+            try:
+                fn(m)
+            except Exception as e:
+                if m != "push":
+                    raise
+                print(f"ipc: no push row: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                dropped.add(m)
+
+        for _ in range(2):  # warm-up: peer access, first launches
+            for m in methods:
+                attempt(lambda m: ipc(m)(), m)
+            d2d()
+        for _ in range(reps):  # alternate, so drift hits every case
+            for m in methods:
+                attempt(measure, m)
+            times["d2d"].append(timed(d2d))
+        for m in methods:
+            attempt(check, m)
+        methods = [m for m in methods if m not in dropped]
         base = nbytes / statistics.median(times["d2d"]) / 1e9
         gbps = {m: nbytes / statistics.median(times[m]) / 1e9 for m in methods}
         src.clear()  # drop the mappings before A exits
@@ -124,11 +207,14 @@ def bench_ipc(reps: int) -> list[dict]:
     finally:
         done.set()
         p.join(60)
+    where = {"dma": "", "kernel": f", kernel on cuda:{dst_index}",
+             "push": (f", kernel on cuda:{push_dev} (the GPU the runtime names for A's memory, mapped in B "
+                      f"on cuda:{dst_index})" + (", i.e. as 'kernel'" if push_dev == dst_index else ""))}
     return [{"case": f"cuda_ipc_gpu_to_gpu_{m}", "value": round(gbps[m], 2), "unit": "GB/s",
              "baseline": "torch_d2d_one_process", "baseline_value": round(base, 2), "ratio": round(gbps[m] / base, 4),
              "note": (f"{nbytes >> 20} MiB in {chunks} chunks of {ppc} pages, {src_dev} (process A) -> {dst_dev} "
-                      f"(process B), {len(src_pages) // ppc * LAYERS * 2} byte ranges, copy_pages(method={m!r}); "
-                      f"median of {reps}; bit-exact")} for m in methods]
+                      f"(process B), {len(src_pages) // ppc * LAYERS * 2} byte ranges, copy_pages(method={m!r})"
+                      f"{where[m]}; median of {reps}; bit-exact")} for m in methods]
 
 
 # -- TTFT with a peer's prefix ---------------------------------------------------------------------

@@ -123,9 +123,15 @@ void BindTransfer(py::module_& m) {
          const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& dst,
          const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& nbytes,
          uintptr_t stream, const std::string& method) {
-        if (method != "dma" && method != "kernel") {
+        SegmentCopyMethod m = SegmentCopyMethod::kDma;
+        if (method == "kernel") {
+          m = SegmentCopyMethod::kKernel;
+        } else if (method == "push") {
+          m = SegmentCopyMethod::kPush;
+        } else if (method != "dma") {
           ThrowIfError(Status(StatusCode::kInvalidArgument,
-                              "copy_segments: method must be 'dma' or 'kernel', got '" + method + "'"));
+                              "copy_segments: method must be 'dma', 'kernel' or 'push', got '" +
+                                  method + "'"));
         }
         if (src.ndim() != 1 || dst.ndim() != 1 || nbytes.ndim() != 1 ||
             src.shape(0) != dst.shape(0) || src.shape(0) != nbytes.shape(0)) {
@@ -137,8 +143,7 @@ void BindTransfer(py::module_& m) {
         Status s;
         {
           py::gil_scoped_release release;
-          s = CopySegments(device, segs, stream,
-                           method == "dma" ? SegmentCopyMethod::kDma : SegmentCopyMethod::kKernel);
+          s = CopySegments(device, segs, stream, m);
         }
         ThrowIfError(s);
       },
@@ -146,8 +151,24 @@ void BindTransfer(py::module_& m) {
       py::arg("method") = "dma",
       "Queues device-to-device copies of byte ranges (src[i] -> dst[i], nbytes[i] bytes) on GPU "
       "`device`'s stream `stream` (an int): 'dma' through the copy engines (batched), 'kernel' as "
-      "one copy kernel; sources on another GPU go through peer access. The caller synchronizes "
-      "the stream.");
+      "one copy kernel on `device` (reading sources on another GPU through peer access), 'push' "
+      "as that kernel on the sources' GPU (see push_device), writing through peer access and "
+      "fenced on `stream` both ways. The caller synchronizes the stream.");
+  m.def(
+      "push_device",
+      [](int device, uint64_t src) {
+        int out = -1;
+        Status s;
+        {
+          py::gil_scoped_release release;
+          s = PushDevice(device, src, &out);
+        }
+        ThrowIfError(s);
+        return out;
+      },
+      py::arg("device"), py::arg("src"),
+      "The GPU whose kernel copy_segments(device, ..., method='push') runs for sources at address "
+      "`src`: the GPU the CUDA runtime says holds them, else `device` (the copy is then 'kernel').");
   py::class_<Transfer, std::shared_ptr<Transfer>>(m, "Transfer",
                                                   "One asynchronous gather or scatter. Keep the KV "
                                                   "tensors and blobs alive until wait() returns.")

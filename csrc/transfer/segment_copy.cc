@@ -1,6 +1,7 @@
 #include "transfer/segment_copy.h"
 
 #include <algorithm>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -19,6 +20,9 @@ namespace kvtier {
 #if !KVTIER_HAVE_CUDA
 Status CopySegments(int, const std::vector<CopySegment>&, uintptr_t, SegmentCopyMethod) {
   return Status(StatusCode::kUnavailable, "CopySegments: this build of kvtier has no CUDA");
+}
+Status PushDevice(int, uint64_t, int*) {
+  return Status(StatusCode::kUnavailable, "PushDevice: this build of kvtier has no CUDA");
 }
 #else
 namespace {
@@ -101,7 +105,148 @@ Status CopyByDma(const std::vector<CopySegment>& segments, cudaStream_t stream) 
   return Status::OK();
 }
 
+// The copy kernel over `pieces` on `stream` (of the current GPU): they travel in the launch's
+// parameter, kSegmentPiecesPerLaunch a launch.
+Status LaunchPieces(const std::vector<CopySegment>& pieces, cudaStream_t stream) {
+  auto batch = std::make_unique<SegmentBatch>();
+  for (size_t i = 0; i < pieces.size(); i += kSegmentPiecesPerLaunch) {
+    const size_t n = std::min<size_t>(kSegmentPiecesPerLaunch, pieces.size() - i);
+    batch->count = static_cast<uint32_t>(n);
+    std::copy(pieces.begin() + i, pieces.begin() + i + n, batch->pieces);
+    KVTIER_CUDA_RETURN_IF_ERROR(LaunchSegmentCopy(*batch, stream), "CopySegments kernel launch");
+  }
+  return Status::OK();
+}
+
+// The GPU that holds `ptr`, or -1 for other memory (host, managed, unknown); as the current GPU's
+// context sees it.
+Status HoldingDevice(uint64_t ptr, int* device) {
+  cudaPointerAttributes attr{};
+  KVTIER_CUDA_RETURN_IF_ERROR(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr)),
+                              "cudaPointerGetAttributes");
+  *device = attr.type == cudaMemoryTypeDevice ? attr.device : -1;
+  return Status::OK();
+}
+
+// That a kernel on the current GPU can dereference device memory at `ptr`: the runtime names no
+// address for memory this GPU has no mapping of (a CUDA IPC mapping opened on another GPU may be
+// one), and a kernel touching it would fault and poison the process's context.
+Status CheckAddressable(int device, uint64_t ptr, const char* what) {
+  cudaPointerAttributes attr{};
+  const cudaError_t err = cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr));
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return Status(StatusCode::kFailedPrecondition,
+                  std::string("CopySegments(push): GPU ") + std::to_string(device) +
+                      " cannot query the " + what + ": " + cudaGetErrorName(err));
+  }
+  if (attr.type == cudaMemoryTypeDevice && attr.devicePointer == nullptr) {
+    return Status(StatusCode::kFailedPrecondition,
+                  std::string("CopySegments(push): GPU ") + std::to_string(device) +
+                      " has no mapping of the " + what + " (on GPU " +
+                      std::to_string(attr.device) + ")");
+  }
+  return Status::OK();
+}
+
+// A cudaEvent_t destroyed with its scope. Destroying one whose record or waits are still queued
+// is legal: the runtime releases it once the device is done with it.
+class ScopedEvent {
+ public:
+  ScopedEvent() = default;
+  ScopedEvent(const ScopedEvent&) = delete;
+  ScopedEvent& operator=(const ScopedEvent&) = delete;
+  ~ScopedEvent() {
+    if (event_ != nullptr) cudaEventDestroy(event_);
+  }
+  // On the current GPU.
+  Status Create() {
+    KVTIER_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming),
+                                "cudaEventCreateWithFlags");
+    return Status::OK();
+  }
+  cudaEvent_t get() const { return event_; }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
+// The stream pushes from one GPU run on, made on first use and kept for the process's life (not
+// destroyed at exit, where it would race the runtime's own teardown). `mu` keeps one call's wait,
+// launches and record together on it.
+struct PushStream {
+  std::mutex mu;
+  cudaStream_t stream = nullptr;
+};
+
+// The current GPU's push stream; `device` is the current GPU.
+Status PushStreamOf(int device, PushStream** out) {
+  static std::mutex mu;
+  static std::map<int, std::unique_ptr<PushStream>> streams;
+  std::lock_guard<std::mutex> lock(mu);
+  std::unique_ptr<PushStream>& slot = streams[device];
+  if (!slot) {
+    auto p = std::make_unique<PushStream>();
+    KVTIER_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&p->stream, cudaStreamNonBlocking),
+                                "cudaStreamCreateWithFlags on GPU " + std::to_string(device));
+    slot = std::move(p);
+  }
+  *out = slot.get();
+  return Status::OK();
+}
+
+// The kernel on `src_device`, writing into the destinations through peer access, ordered on the
+// caller's `stream` (of the current GPU) by an event each way.
+Status CopyByPush(int src_device, const std::vector<CopySegment>& pieces, cudaStream_t stream) {
+  PushStream* push = nullptr;
+  ScopedEvent ready, done;
+  {
+    DeviceGuard on_src;
+    KVTIER_RETURN_IF_ERROR(on_src.Enter(src_device));
+    KVTIER_RETURN_IF_ERROR(EnsurePeerAccess(src_device, pieces.front().dst));
+    KVTIER_RETURN_IF_ERROR(CheckAddressable(src_device, pieces.front().src, "sources"));
+    KVTIER_RETURN_IF_ERROR(CheckAddressable(src_device, pieces.front().dst, "destinations"));
+    KVTIER_RETURN_IF_ERROR(PushStreamOf(src_device, &push));
+    KVTIER_RETURN_IF_ERROR(done.Create());
+  }
+  // On the caller's GPU: stream 0 names the current GPU's legacy stream.
+  KVTIER_RETURN_IF_ERROR(ready.Create());
+  KVTIER_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready.get(), stream),
+                              "cudaEventRecord on the caller's stream");
+  Status launched;
+  {
+    DeviceGuard on_src;  // a launch goes to a stream of the current GPU
+    KVTIER_RETURN_IF_ERROR(on_src.Enter(src_device));
+    std::lock_guard<std::mutex> lock(push->mu);
+    KVTIER_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(push->stream, ready.get(), 0),
+                                "cudaStreamWaitEvent on GPU " + std::to_string(src_device));
+    launched = LaunchPieces(pieces, push->stream);
+    // Even after a failed launch: the caller's stream then still waits for the batches queued.
+    // Unfenced, the copy could still run when the caller's later work starts: wait here instead.
+    const cudaError_t err = cudaEventRecord(done.get(), push->stream);
+    if (err != cudaSuccess) {
+      cudaStreamSynchronize(push->stream);
+      return CudaStatus(err, "cudaEventRecord on GPU " + std::to_string(src_device));
+    }
+  }
+  const cudaError_t err = cudaStreamWaitEvent(stream, done.get(), 0);
+  if (err != cudaSuccess) {
+    cudaEventSynchronize(done.get());
+    return CudaStatus(err, "cudaStreamWaitEvent on the caller's stream");
+  }
+  return launched;
+}
+
 }  // namespace
+
+Status PushDevice(int device, uint64_t src, int* push_device) {
+  DeviceGuard guard;
+  KVTIER_RETURN_IF_ERROR(guard.Enter(device));
+  int holder = -1;
+  KVTIER_RETURN_IF_ERROR(HoldingDevice(src, &holder));
+  *push_device = holder < 0 ? device : holder;
+  return Status::OK();
+}
 
 Status CopySegments(int device, const std::vector<CopySegment>& segments, uintptr_t stream,
                     SegmentCopyMethod method) {
@@ -122,22 +267,21 @@ Status CopySegments(int device, const std::vector<CopySegment>& segments, uintpt
   if (pieces.empty()) return Status::OK();
   DeviceGuard guard;
   KVTIER_RETURN_IF_ERROR(guard.Enter(device));
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
+  if (method == SegmentCopyMethod::kPush) {
+    // The sources' GPU from the first piece only, as for peer access below.
+    int holder = -1;
+    KVTIER_RETURN_IF_ERROR(HoldingDevice(pieces.front().src, &holder));
+    if (holder >= 0 && holder != device) return CopyByPush(holder, pieces, st);
+    method = SegmentCopyMethod::kKernel;
+  }
   // Peer access to the sources' and destinations' GPU, asked of the first segment only: one
   // runtime query per segment would cost more than the copy itself for a chunk's hundreds of
   // page runs. A kernel on the sources' GPU pushes into a peer; one on the destinations' pulls.
   KVTIER_RETURN_IF_ERROR(EnsurePeerAccess(device, pieces.front().src));
   KVTIER_RETURN_IF_ERROR(EnsurePeerAccess(device, pieces.front().dst));
-  const auto st = reinterpret_cast<cudaStream_t>(stream);
   if (method == SegmentCopyMethod::kDma) return CopyByDma(segments, st);
-  // The kernel: pieces travel in the launch's parameter, kSegmentPiecesPerLaunch a launch.
-  auto batch = std::make_unique<SegmentBatch>();
-  for (size_t i = 0; i < pieces.size(); i += kSegmentPiecesPerLaunch) {
-    const size_t n = std::min<size_t>(kSegmentPiecesPerLaunch, pieces.size() - i);
-    batch->count = static_cast<uint32_t>(n);
-    std::copy(pieces.begin() + i, pieces.begin() + i + n, batch->pieces);
-    KVTIER_CUDA_RETURN_IF_ERROR(LaunchSegmentCopy(*batch, st), "CopySegments kernel launch");
-  }
-  return Status::OK();
+  return LaunchPieces(pieces, st);
 }
 #endif
 

@@ -176,9 +176,9 @@ class PageCopier:
         """Copy pages ``src_pages`` into ``dst_pages`` on ``stream`` (default: the destination
         device's current stream); the caller waits on it. Returns the path taken (see
         :func:`copy_pages`)."""
+        if method not in ("dma", "kernel", "push"):
+            raise InvalidArgumentError(f"method must be 'dma', 'kernel' or 'push', got {method!r}")
         torch = _torch()
-        if method not in ("dma", "kernel"):
-            raise InvalidArgumentError(f"method must be 'dma' or 'kernel', got {method!r}")
         stream = stream or torch.cuda.current_stream(self.device)
         runs = _page_runs(*self._pages(src_pages, dst_pages))
         arr = self._rows(runs)
@@ -210,7 +210,14 @@ def copy_pages(src_tensors, dst_tensors, src_pages, dst_pages, *, page_dim: int 
     - ``"dma"`` (default): the copy engines, through cudaMemcpyBatchAsync (peer to peer over
       NVLink or PCIe);
     - ``"kernel"``: one launch of the core's segment copy kernel on the destination GPU, reading
-      the source through peer access (SMs do the copy; it competes with the model's kernels).
+      the source through peer access (SMs do the copy; it competes with the model's kernels);
+    - ``"push"``: the same kernel on the GPU that holds the sources, writing into the
+      destinations through peer access (NVLink carries writes more efficiently than remote
+      reads). It runs on an internal stream of that GPU, after ``stream``'s earlier work and
+      before its later work; that GPU's SMs do the copy (with CUDA IPC: the exporting peer's GPU,
+      beside the peer's own kernels). Where the sources are on the destination GPU (or in host
+      memory) it is ``"kernel"``. With CUDA IPC the source GPU's kernels must be able to address
+      the mapping: ``FailedPreconditionError`` where the runtime says they cannot.
 
     Returns the path taken: ``method``, or ``"torch"`` (one ``copy_`` per run per tensor) where
     the core has no CUDA or a tensor is not contiguous.
