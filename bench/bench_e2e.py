@@ -54,7 +54,7 @@ def ttft(engine, prompt, device) -> float:
 
 
 def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
-               prefill_step: int | None = None, kv_layout: str = "vllm") -> list[dict]:
+               prefill_step: int | None = None, kv_layout: str = "vllm", method: str = "auto") -> list[dict]:
     elem = torch.tensor([], dtype=model.dtype).element_size()
     kv_per_token = 2 * model.config.layers * model.config.kv_heads * model.config.head_dim * elem
     pool_tokens = 2 * (n + CHUNK)
@@ -64,7 +64,7 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
                        # Room for every chunk the run writes back (the prompt and three pool-sized
                        # fillers), so the prompt is never overwritten on disk before its cases.
                        disk_bytes=(4 * pool_tokens // CHUNK + 8) * (block + 4096) + (1 << 20),
-                       disk_admit_min_seen=1, model_id=f"e2e-{n}")
+                       disk_admit_min_seen=1, model_id=f"e2e-{n}", method=method)
     engine = Engine(model, pool, prefill_tokens=prefill_step)
     vocab = model.config.vocab
     prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
@@ -144,7 +144,8 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
     os.makedirs(fresh_dir, exist_ok=True)
     fresh = PagedKVPool(**model.kv_geometry(), kv_layout=kv_layout, num_pages=pool_tokens // PAGE, page_tokens=PAGE, chunk_tokens=CHUNK,
                         cpu_bytes=(pool_tokens // CHUNK + 4) * block, disk_dir=fresh_dir,
-                        disk_bytes=(pool_tokens // CHUNK + 8) * (block + 4096) + (1 << 20), model_id=f"e2e-fresh-{n}")
+                        disk_bytes=(pool_tokens // CHUNK + 8) * (block + 4096) + (1 << 20), model_id=f"e2e-fresh-{n}",
+                        method=method)
     gpu_only_b = gpu_only_pool()  # an A/A control: the noise floor
     for p in (gpu_only, gpu_only_b, fresh):
         Engine(model, p, prefill_tokens=prefill_step).generate([prompt], 1)
@@ -286,6 +287,9 @@ def main() -> None:
                     help="the pool's KV layout: vllm (a tensor per layer: loads land layer by layer, "
                          "so layer 0 computes while later layers copy) or cross_layer (a page holds "
                          "every layer: one large copy per page, all layers land together)")
+    ap.add_argument("--method", default="auto", choices=("auto", "direct", "staged", "zero_copy"),
+                    help="how the CPU tier's copies run (CacheConfig.method); zero_copy leaves the "
+                         "copy engines free for the compute stream's own small uploads")
     ap.add_argument("--out", default="")
     ap.add_argument("--plot-from", default="", help="only draw the PNG from this JSON")
     args = ap.parse_args()
@@ -307,7 +311,7 @@ def main() -> None:
             sub = os.path.join(d, str(n))
             os.makedirs(sub)
             results += run_length(model, n, device, sub, gen, args.disk_gbps, args.prefill_step or None,
-                                  args.kv_layout)
+                                  args.kv_layout, args.method)
             shutil.rmtree(sub)  # its disk-tier files: the next length needs the space
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     workload = "tiny" if args.tiny else "llama3_8b_ttft"
@@ -315,8 +319,10 @@ def main() -> None:
         workload += "_one_step_prefill"
     if args.kv_layout == "vllm":
         workload += "_vllm_layout"
+    if args.method != "auto":
+        workload += f"_{args.method}"
     publish("bench_e2e", workload, "cpu" if gpu is None else gpu.split()[1].lower(),
-            results, args.out, machine_name=machine(gpu), disk_probe=probe, kv_layout=args.kv_layout,
+            results, args.out, machine_name=machine(gpu), disk_probe=probe, kv_layout=args.kv_layout, method=args.method,
             prefill=(f"{args.prefill_step}-token steps" if args.prefill_step
                      else "the uncached part of each prompt in one step (as transformers' SDPA path)"))
 
