@@ -118,8 +118,8 @@ class PagedKV:
             where = self._slots[start, k.shape[0]] = (self.page_table[pos // self.pool.page_tokens],
                                                       pos % self.pool.page_tokens)
         page, slot = where
-        self._pages(layer, 0)[page, slot] = k
-        self._pages(layer, 1)[page, slot] = v
+        _wide(self._pages(layer, 0))[page, slot] = _wide(k)
+        _wide(self._pages(layer, 1))[page, slot] = _wide(v)
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.on_gpu:
@@ -128,10 +128,11 @@ class PagedKV:
             self.seq.wait_layer(layer, upto=end)
         pages = self.page_table[: math.ceil(end / self.pool.page_tokens)]
         # One gather for K and V: [pages, 2, pt, h, d] (cross-layer) or [2, pages, pt, h, d] (vLLM).
+        # Moved as 8-byte words (_wide): the index kernel copies an element a thread.
         if self.pool.kv_layout == "cross_layer":
-            kv = self.pool.kv[pages, layer]
+            kv = _wide(self.pool.kv)[pages, layer].view(self.pool.kv.dtype)
             return kv[:, 0].flatten(0, 1)[:end], kv[:, 1].flatten(0, 1)[:end]  # [end, h, d] each
-        kv = self.pool.kv[layer][:, pages].flatten(1, 2)
+        kv = _wide(self.pool.kv[layer])[:, pages].view(self.pool.kv[layer].dtype).flatten(1, 2)
         return kv[0, :end], kv[1, :end]
 
 
@@ -161,6 +162,18 @@ class Span:
 
 
 # -- the model -----------------------------------------------------------------------------------
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its last dimension reinterpreted as 8-byte words, where its layout allows (the
+    same bytes): gathers and scatters of K/V by index then move 8 bytes per element instead of
+    2 (bf16), which is several times faster on a GPU. ``t`` itself where it does not."""
+    if t.dtype == torch.int64 or t.shape[-1] * t.element_size() % 8:
+        return t
+    try:
+        return t.view(torch.int64)
+    except RuntimeError:  # a stride or offset not a multiple of the word
+        return t
+
+
 def to_device(values, device) -> torch.Tensor:
     """int64 ``values`` (a list or CPU tensor) on ``device``. To a GPU the copy is queued from
     pinned memory and the host goes on: a plain copy from pageable memory blocks the host until
