@@ -206,6 +206,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def _flash_takes_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether SDPA's flash kernel can run these grouped-query shapes as they are (causal masks
+    are given to it as lower-right causal biases, so the check is made without one)."""
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+    return bool(can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, True)))
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
     """Causal attention of queries at positions ``[start, start + t)`` over keys ``[0, start + t)``.
 
@@ -220,10 +228,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
             return out.reshape(1, heads, -1)
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)[0].transpose(0, 1)
     gqa = True
-    if q.is_cuda and k.shape[1] != q.shape[1]:
-        # The fused kernels (flash, memory-efficient) take a causal mask only with as many K/V
-        # heads as query heads; otherwise SDPA falls back to the math kernel, which materialises
-        # the [heads, t, end] scores (tens of GiB for a 32k prompt) and runs several times slower.
+    if q.is_cuda and k.shape[1] != q.shape[1] and not _flash_takes_gqa(q, k, v):
+        # Of the fused kernels only flash takes fewer K/V heads than query heads; without it SDPA
+        # would fall back to the math kernel, which materialises the [heads, t, end] scores (tens
+        # of GiB for a 32k prompt): give the memory-efficient kernel as many K/V heads instead.
         rep = q.shape[1] // k.shape[1]
         k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
     if start == 0:
