@@ -53,6 +53,33 @@ def ttft(engine, prompt, device) -> float:
     return g.ttft_s, g
 
 
+def timed_hit(engine, prompt, device) -> tuple[float, object, dict]:
+    """A request served as Engine.generate serves it (one token; the same TTFT), with its time
+    line: ``started`` (engine.start returned: lookup done, loads queued), ``queued`` (the host
+    has queued the whole prefill and checks the loads), ``landed`` (the loads have landed) and
+    ``first_token``, in seconds from the start. Returns (TTFT, the sequence, the time line)."""
+    sync(device)
+    t0 = time.perf_counter()
+    seq = engine.start(prompt)
+    marks = {"started": time.perf_counter() - t0}
+    wait = seq.wait
+
+    def timed_wait(*a, **kw):
+        marks["queued"] = time.perf_counter() - t0
+        r = wait(*a, **kw)
+        marks["landed"] = time.perf_counter() - t0
+        return r
+
+    seq.wait = timed_wait
+    try:
+        int(engine.prefill(seq, prompt).argmax())  # int() waits for the GPU
+        marks["first_token"] = time.perf_counter() - t0
+        engine.pool.commit(seq, prompt)
+    finally:
+        engine.pool.release(seq)
+    return marks["first_token"], seq, {k: round(v, 4) for k, v in marks.items()}
+
+
 def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
                prefill_step: int | None = None, kv_layout: str = "vllm", method: str = "auto") -> list[dict]:
     elem = torch.tensor([], dtype=model.dtype).element_size()
@@ -75,10 +102,11 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
     # A second recompute of a fresh prompt: the baseline is the faster of the two (conservative).
     again, _ = ttft(engine, torch.randint(0, vocab, (n,), generator=gen).tolist(), device)
     out["recompute"] = min(out["recompute"], again)
-    out["gpu_hit"], g = ttft(engine, prompt, device)
+    out["gpu_hit"], g, lines = timed_hit(engine, prompt, device)
     assert g.gpu_hit_tokens >= n - CHUNK, g
+    timeline = {"gpu_hit": lines}
     _push_out_of_gpu(pool, gen, vocab)
-    out["cpu_hit"], g = ttft(engine, prompt, device)
+    out["cpu_hit"], g, timeline["cpu_hit"] = timed_hit(engine, prompt, device)
     assert g.lower_hit_tokens >= n - CHUNK, g
     _push_out_of_gpu(pool, gen, vocab)
     _push_out_of_cpu(pool, gen, vocab)
@@ -172,6 +200,8 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
         row = {"case": f"ttft_{case}_{n}", "value": round(out[case], 4), "unit": "s",
                "baseline": f"ttft_recompute_{n}", "baseline_value": round(out["recompute"], 4),
                "ratio": round(out["recompute"] / out[case], 3)}
+        if case in timeline:
+            row["timeline_s"] = timeline[case]
         if case == "disk_hit":
             row["note"] = f"{disk_loaded} tokens loaded from disk"
         if case == "disk_hit_planned":

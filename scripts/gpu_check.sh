@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# What a session with GPU time runs first, in one device call on a two-GPU host: build kvtier
-# there, run every `gpu` test, then the benches whose GPU figures are pending (docs/p2p.md:
-# same-host sharing through CUDA IPC, and CUDA IPC end to end with PageCopier).
+# What a session with GPU time runs first, in one device call on a two-GPU host (about 7 minutes):
+# build kvtier there, run every `gpu` test, then the benches whose GPU figures are pending:
+# CUDA IPC with 'push' from a mapping opened on the sources' GPU (docs/p2p.md), same-host sharing
+# through CUDA IPC, and bench_e2e on GPU 0 (the reference engine's gather / flash-GQA changes of
+# a96859b and the CPU hit's time line, docs/architecture.md "Layer-wise loading").
 #
 #   device (carry .device):  KVTIER_BENCH_COMMIT=<hash> bash scripts/gpu_check.sh "$OUT"
 #
@@ -20,3 +22,4 @@ step 300 python3 -m pytest -q -m gpu tests/test_p2p_share.py tests/test_p2p_gpu.
 step 400 python3 -m pytest -q -m gpu tests/ --ignore=tests/test_p2p_share.py --ignore=tests/test_p2p_gpu.py
 step 300 python3 bench/bench_p2p_share.py --mechanism cuda --reps 9 --out "$OUT"
 step 300 python3 bench/bench_p2p_gpu.py --workloads ipc --out "$OUT"
+(cd bench && step 330 python3 bench_e2e.py --out "$OUT")
