@@ -11,7 +11,7 @@
 # to its own time limit and reports; a failing step does not stop the later ones.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-bench/results}
+OUT=$(realpath -m "${1:-bench/results}")
 mkdir -p "$OUT"
 for f in .device/*.deb; do dpkg -x "$f" /; done
 python3 -m pip install --no-build-isolation --no-deps -q --config-settings=build-dir=build/gpu -e . \
