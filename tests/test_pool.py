@@ -361,6 +361,46 @@ def test_load_handle_remembers_landed_layers():
         h.wait_layer(3)
 
 
+def test_stream_waits_stop_once_the_load_is_known_to_have_landed():
+    """The GPU path of the reference engine orders its stream on each layer of a load
+    (stream_wait_layer) and checks the load on the host at the end of the prefill (wait): after
+    that, decode steps make no call into the load at all (no per-step cost of the tiers)."""
+    from types import SimpleNamespace
+
+    from kvtier.cache import LoadHandle
+    from kvtier.pool import Sequence
+
+    class Transfer:
+        done = False
+
+        def __init__(self):
+            self.calls = []
+
+        def stream_wait_layer(self, layer, stream):
+            self.calls.append(("stream", layer, stream))
+
+        def wait(self, timeout_s):
+            self.calls.append("wait")
+
+    t = Transfer()
+    h = LoadHandle(SimpleNamespace(transfer=t), 16, 3, 1.0)
+    seq = Sequence(0, 17, [0, 1])
+    seq._loads.append((0, h))
+    for layer in range(3):  # the prefill: the stream waits on each layer, the host on nothing
+        seq.stream_wait_layer(layer, 7)
+    assert t.calls == [("stream", 0, 7), ("stream", 1, 7), ("stream", 2, 7)]
+    seq.wait()  # the end of the prefill: the load's errors would raise here
+    assert t.calls[-1] == "wait"
+    before = len(t.calls)
+    for _step in range(5):  # decode steps
+        for layer in range(3):
+            seq.stream_wait_layer(layer, 7)
+            seq.wait_layer(layer)
+    assert len(t.calls) == before
+    with pytest.raises(Exception, match="layer must be in"):
+        h.stream_wait_layer(3, 7)
+
+
 def test_write_through_stores_at_commit_and_evicts_without_copying():
     pool = make_pool(num_pages=8, write_through=True)
     toks = list(range(16))
