@@ -201,3 +201,139 @@ def test_a_runs_own_disk_probe_outranks_the_hosts_disk_bench(tmp_path):
     fast = {(r.case, r.tokens): r.predicted_s for r in rows0}
     assert slow[("disk_hit", 32768)] > fast[("disk_hit", 32768)]  # a slower disk, a slower disk hit
     assert slow[("gpu_hit", 32768)] == fast[("gpu_hit", 32768)]
+
+
+# -- the one-step-prefill engine (bench_e2e since e5651fe; three H100 runs of 2026-11-27) -----------
+# bench_e2e now prefills the uncached part of a prompt in one step. Each run is calibrated on its
+# own recompute at 4096 tokens (the GEMM rate) and its own GPU hit at 4096 tokens (the fixed cost
+# of a step over a cached prefix, HardwareCost.hit_forward_s); disk rates from its disk_probe, the
+# copies from bench_copy_py's case of its KV layout and copy method. docs/sim.md, section 3.
+ONE_STEP_MAIN = "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout-h100-2026-11-27.json"  # e11ec45
+ONE_STEP_RUNS = (ONE_STEP_MAIN, "bench_e2e-llama3_8b_ttft_one_step_prefill-h100-2026-11-27.json",
+                 "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_zero_copy-h100-2026-11-27.json")
+# (case, tokens) of the main run: why the prediction misses by more than 15%.
+ONE_STEP_KNOWN_MISSES = {
+    ("cpu_hit", 4096): "-31%: measured 0.098 s, 2.4-3.3x the same case on the other two runs (0.042, 0.029 s) "
+                       "and 41 ms above its own GPU hit for 0.5 GB moved at 51 GB/s (10 ms): one slow request",
+    ("gpu_hit", 16384): "+24%: measured 0.049 s, below the 0.0575 s GPU hit at 4096 that calibrates the step's "
+                        "fixed cost; the fixed cost moves by ~10 ms from request to request",
+    ("cpu_hit", 16384): "+20%: the same fixed cost (0.049 s from the 4096 GPU hit) priced after the load",
+    ("half_prefix_gpu_hit", 32768): "-26% (all three runs -26% to -28%): attention over a cached prefix runs "
+                                    "SDPA with a lower-right causal mask (the memory-efficient kernel, K/V heads "
+                                    "expanded) at about half the matmul probe's rate the model prices it at",
+}
+
+
+@pytest.fixture(scope="module")
+def one_step():
+    if not (BENCH / ONE_STEP_MAIN).exists():
+        pytest.skip(f"no {ONE_STEP_MAIN}")
+    return compare_e2e(str(BENCH), e2e_glob=ONE_STEP_MAIN, calibrate_tokens=4096)
+
+
+def test_one_step_run_is_calibrated_on_two_of_its_own_measurements(one_step):
+    rows, hw = one_step
+    assert len(rows) == 21
+    calib = {(r.case, r.tokens): r for r in rows if r.role == "calibration"}
+    assert set(calib) == {("recompute", 4096), ("gpu_hit", 4096)}
+    assert abs(calib[("recompute", 4096)].error) < 1e-9
+    # the GPU hit: its step priced as calibrated, plus the offload of one GPU victim (0.7 ms)
+    assert abs(calib[("gpu_hit", 4096)].error) < 0.02
+    assert hw.sources["weights_rate"] == f"{ONE_STEP_MAIN}:ttft_recompute_4096"
+    assert hw.sources["hit_forward_s"] == f"{ONE_STEP_MAIN}:ttft_gpu_hit_4096"
+    assert 0.03 < hw.hit_forward_s < 0.06 and hw.writebacks_share_disk
+    assert hw.sources["h2d_bw"].endswith("scatter_auto_vllm")  # the run's layout and copy method
+    assert hw.sources["disk_read_bw"].endswith("disk_probe.read_gbps")
+    assert hw.sources["disk_write_bw"].endswith("disk_probe.write_gbps")
+
+
+def test_one_step_predictions_within_15_percent(one_step):
+    rows, _ = one_step
+    print("\n" + format_table(rows))
+    preds = [r for r in rows if r.role == "prediction"]
+    assert len(preds) == 19
+    misses = {(r.case, r.tokens): f"{r.error:+.1%}" for r in preds
+              if abs(r.error) > 0.15 and (r.case, r.tokens) not in ONE_STEP_KNOWN_MISSES}
+    assert not misses, misses
+    within = sum(1 for r in preds if abs(r.error) <= 0.15)
+    assert within >= len(preds) - len(ONE_STEP_KNOWN_MISSES) == 15
+
+
+def test_one_step_disk_hits_price_every_write_back_their_promotion_starts(one_step):
+    """A promotion into the full CPU tier demotes the tier's chunks to disk (up to the write-back
+    bound) and reads between those writes: the load is priced with all of them, not only the
+    few it waited for. The split's tail then ends when the bench's time line says it did."""
+    import json
+    import re
+
+    rows, _ = one_step
+    found = {(r.case, r.tokens): r.detail for r in rows}
+    d = found[("disk_hit", 4096)]
+    assert (d["disk_chunks"], d["writebacks_waited"], d["writebacks_started_by_load"]) == (15, 11, 34)
+    ready = {}
+    for r in json.loads((BENCH / ONE_STEP_MAIN).read_text())["results"]:
+        if m := re.search(r"tail ready at ([0-9.]+) s", r.get("note", "")):
+            ready[int(r["case"].rsplit("_", 1)[1])] = float(m.group(1))
+    for n in (16384, 32768):  # 9 / 24 chunks read beside 68 / 83 write-backs
+        assert found[("disk_hit_split", n)]["load_s"] == pytest.approx(ready[n], rel=0.10), n
+
+
+def test_chunked_prefill_runs_keep_their_model():
+    """Runs of the earlier chunked-prefill engine (no "prefill" in the JSON): no fixed hit cost,
+    only the write-backs waited for on the critical path, the cross-layer copy rates."""
+    hw = Calibration(str(BENCH)).hardware(model=MODEL_PRESETS["llama3_8b"],
+                                          e2e_file=str(BENCH / "bench_e2e-llama3_8b_ttft-h100-2026-11-27.json"))
+    assert hw.hit_forward_s == 0.0 and not hw.writebacks_share_disk and "hit_forward_s" not in hw.sources
+    assert hw.sources["h2d_bw"].endswith("scatter_auto_cross_layer")
+
+
+# Across the three one-step runs (the same engine on three H100 hosts; cross_layer: commit
+# 47fdc0d, KV layout cross_layer; zero_copy: bcd9684, copy method zero_copy). (case, tokens): why
+# the median prediction misses the median measurement by more than 15% (docs/sim.md).
+ONE_STEP_MEDIAN_MISSES = {
+    ("cpu_hit", 4096): "+23%: measured 0.029-0.098 s across the runs (spread 235%), a ~40 ms step's noise",
+    ("disk_hit_split", 4096): "-23%: one or two chunks loaded; the head's step and the rest's step measured "
+                              "slower than priced on the two other runs",
+    ("disk_hit_split", 16384): "+34%: cross_layer and zero_copy absorbed the tail's write-backs at 1.3-1.9x "
+                               "the rate their disk probes measured (the main run's tail within 6%)",
+    ("gpu_hit", 32768): "-30%: a step over 32k cached tokens costs ~27 ms more than over 4k (gathers and "
+                        "expansion of the cached K/V, the masked attention); the model adds 5 ms",
+    ("half_prefix_gpu_hit", 32768): "-27%: attention after a cached prefix at about half the matmul rate",
+}
+
+
+@pytest.fixture(scope="module")
+def one_step_runs():
+    missing = [r for r in ONE_STEP_RUNS if not (BENCH / r).exists()]
+    if missing:
+        pytest.skip(f"missing {missing}")
+    return {r: compare_e2e(str(BENCH), e2e_glob=r, calibrate_tokens=4096)[0] for r in ONE_STEP_RUNS}
+
+
+def test_one_step_cross_run_medians_within_15_percent(one_step_runs):
+    from kvtier.sim.validate import claimed_cases, cross_run_table, format_cross_run_table
+
+    table = cross_run_table(one_step_runs)
+    print("\n" + format_cross_run_table(table, list(ONE_STEP_RUNS)))
+    assert len(table) == 21
+    claimed = claimed_cases(table)
+    assert len(claimed) == 19  # recompute and GPU hit at 4096 calibrate every run
+    bad = {(c["case"], c["tokens"]): f"{c['median_error']:+.1%}" for c in claimed
+           if abs(c["median_error"]) > 0.15 and (c["case"], c["tokens"]) not in ONE_STEP_MEDIAN_MISSES}
+    assert not bad, bad
+    assert sum(1 for c in claimed if abs(c["median_error"]) <= 0.15) >= 14
+    # per run, against its own measurement (docs/sim.md: vllm 15/19, cross_layer 9/19, zero_copy 13/19)
+    per_run = {name: sum(1 for r in rows if r.role == "prediction" and abs(r.error) <= 0.15)
+               for name, rows in one_step_runs.items()}
+    assert per_run[ONE_STEP_MAIN] >= 15 and sum(per_run.values()) >= 37, per_run
+
+
+def test_kvtier_sim_calibrates_on_the_default_configuration_run_by_default():
+    """`kvtier sim --calibrate DIR` without --e2e: the newest date, bench_e2e's default
+    configuration (one-step prefill, vllm layout, method auto) before variants whose file names
+    sort later (the zero_copy run)."""
+    from kvtier.sim.cli import _latest_e2e
+
+    if not (BENCH / ONE_STEP_MAIN).exists():
+        pytest.skip(f"no {ONE_STEP_MAIN}")
+    assert Path(_latest_e2e(str(BENCH))).name == ONE_STEP_MAIN

@@ -46,7 +46,10 @@ def add_parser(sub) -> None:
     p.add_argument("--calibrate", default=None, metavar="DIR",
                    help="calibrate the cost model from kvtier bench JSON files in DIR (e.g. bench/results)")
     p.add_argument("--e2e", default=None, metavar="JSON",
-                   help="the bench_e2e run whose 4096-token recompute sets the GEMM rate (default: the latest in DIR)")
+                   help="the bench_e2e run whose 4096-token recompute sets the GEMM rate (and, for a one-step-prefill "
+                        "run, whose 4096-token GPU hit sets a hit's fixed step cost). Default: the run in DIR with "
+                        "the newest 'date', on that date one of bench_e2e's default configuration (one-step prefill, "
+                        "vllm KV layout, copy method auto) before variants, then the last file name")
     p.add_argument("--gpu-tag", default="h200", help="file tag of the GPU copy bench to calibrate from")
     p.add_argument("--disk-tag", default="h200host", help="file tag of the GPU host's disk bench")
     p.add_argument("--no-ablation", action="store_true", help="skip the runs without disk / CPU / cache")
@@ -153,8 +156,27 @@ def _brief(r) -> dict:
 
 
 def _latest_e2e(bench_dir: str) -> str | None:
+    """The bench_e2e run ``--e2e`` defaults to, chosen on purpose rather than by file name: the
+    newest ``date``; on that date a run of bench_e2e's default configuration (one-step prefill,
+    ``kv_layout`` vllm, ``method`` auto: the engine as it ships) before variants (another layout
+    or copy method, the earlier chunked-prefill engine); then the file name. Tiny-model runs
+    never. In bench/results of 2026-11-27: bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout."""
     import glob
 
-    files = sorted(glob.glob(os.path.join(bench_dir, "bench_e2e-*.json")))
-    files = [f for f in files if "tiny" not in f]
-    return files[-1] if files else None
+    from kvtier.sim.cost import one_step_prefill
+
+    best, best_key = None, None
+    for f in sorted(glob.glob(os.path.join(bench_dir, "bench_e2e-*.json"))):
+        try:
+            with open(f) as fh:
+                doc = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        if "tiny" in os.path.basename(f) or doc.get("workload", "").startswith("tiny"):
+            continue
+        default = (one_step_prefill(doc) and doc.get("kv_layout") == "vllm"
+                   and doc.get("method", "auto") == "auto")
+        key = (str(doc.get("date", "")), default, os.path.basename(f))
+        if best_key is None or key > best_key:
+            best, best_key = f, key
+    return best

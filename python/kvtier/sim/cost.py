@@ -30,7 +30,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 
-__all__ = ["MODEL_PRESETS", "CalibratedPlanner", "Calibration", "HardwareCost", "ModelShape"]
+__all__ = ["MODEL_PRESETS", "CalibratedPlanner", "Calibration", "HardwareCost", "ModelShape", "one_step_prefill"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,13 @@ MODEL_PRESETS = {
 class HardwareCost:
     """Rates of one simulated instance (bytes/s, FLOP/s, seconds).
 
-    ``sources`` says where each calibrated number came from (file and case)."""
+    ``hit_forward_s``: the fixed cost of a forward step over a cached prefix (a hit's step, the
+    rest of a split plan): the host-bound launch of every layer's kernels and the gathers of the
+    cached K/V pages, which a short step's GPU work does not hide (0: not modelled, as for the
+    chunked-prefill engine whose recompute ran as many such steps). ``writebacks_share_disk``:
+    a load's disk reads share the disk with every write-back the load started (a promotion into a
+    full CPU tier evicts a chunk to write back for each one it reads), not only those it waited
+    for. ``sources`` says where each calibrated number came from (file and case)."""
 
     weights_rate: float = 100e12
     attention_rate: float = 600e12
@@ -81,6 +87,8 @@ class HardwareCost:
     disk_latency_s: float = 100e-6
     link_bw: float = 4e9
     link_latency_s: float = 200e-6
+    hit_forward_s: float = 0.0
+    writebacks_share_disk: bool = False
     sources: dict = field(default_factory=dict)
 
     def prefill_s(self, model: ModelShape, start: int, end: int) -> float:
@@ -135,11 +143,15 @@ class Calibration:
         """
         hw = HardwareCost()
         src: dict[str, str] = {}
+        edoc = _load(e2e_file) if e2e_file is not None else {}
+        # the copies as the run made them: its KV layout and CPU-tier copy method (runs before
+        # bench_e2e recorded them: cross_layer, auto)
+        layout, method = edoc.get("kv_layout", "cross_layer"), edoc.get("method", "auto")
         py = self._files(f"bench_copy_py-*-{gpu_tag}-*.json")
         if not py:
             raise FileNotFoundError(f"no bench_copy_py-*-{gpu_tag}-*.json in {self.bench_dir}")
         doc, name = _load(py[-1]), os.path.basename(py[-1])
-        for attr, case in (("h2d_bw", "scatter_auto_cross_layer"), ("d2h_bw", "gather_auto_cross_layer")):
+        for attr, case in (("h2d_bw", f"scatter_{method}_{layout}"), ("d2h_bw", f"gather_{method}_{layout}")):
             r = _case(doc, case)
             if r is None:
                 raise FileNotFoundError(f"{name} has no case {case!r}")
@@ -171,7 +183,6 @@ class Calibration:
         if e2e_file is not None:
             if model is None:
                 raise ValueError("calibrating from bench_e2e needs the model shape")
-            edoc = _load(e2e_file)
             probe = edoc.get("disk_probe")
             if probe:  # the run's own disk, measured apart from its cases: it outranks bench_disk's host
                 for attr, key in (("disk_read_bw", "read_gbps"), ("disk_write_bw", "write_gbps")):
@@ -182,7 +193,23 @@ class Calibration:
                 raise FileNotFoundError(f"{e2e_file} has no case ttft_gpu_hit_{calibrate_tokens}")
             hw = hw.with_weights_rate_from(model, calibrate_tokens, r["baseline_value"],
                                            f"{os.path.basename(e2e_file)}:ttft_recompute_{calibrate_tokens}")
+            if one_step_prefill(edoc):
+                # One-step prefill: a hit's single step over its cached prefix has a fixed cost
+                # that the recompute's one large step hides. From ONE measurement: the GPU hit
+                # at calibrate_tokens (its step's FLOPs priced as above, the rest fixed).
+                computed = calibrate_tokens - (calibrate_tokens - 1) // 256 * 256
+                fixed = r["value"] - hw.prefill_s(model, calibrate_tokens - computed, calibrate_tokens)
+                hw = replace(hw, hit_forward_s=max(0.0, fixed), writebacks_share_disk=True,
+                             sources={**hw.sources,
+                                      "hit_forward_s": f"{os.path.basename(e2e_file)}:ttft_gpu_hit_{calibrate_tokens}"})
         return hw
+
+
+def one_step_prefill(doc: dict) -> bool:
+    """Whether a bench_e2e result document comes from the engine that prefills the uncached
+    part of a prompt in one step (bench_e2e records ``prefill`` since then; earlier runs took
+    256-token steps)."""
+    return "prefill" in doc and "token steps" not in str(doc["prefill"])
 
 
 class CalibratedPlanner:

@@ -368,10 +368,13 @@ def request_load_parts_s(hw: HardwareCost, chunk_bytes: int, b, peer: int = 0) -
     """(pages, load) seconds of a request's chunk moves (``b``: a tiers.BeginResult). ``pages``:
     getting its pages — the offload of GPU victims (the pool waits for it) and the write-backs
     that eviction waited for. ``load``: the write-backs its load waited for, disk reads, peer
-    pulls, and the scatter of every lower-tier chunk into GPU pages."""
+    pulls, and the scatter of every lower-tier chunk into GPU pages. With
+    ``hw.writebacks_share_disk``, every write-back the load started is priced in its load (the
+    disk reads and writes one request at a time), not only those it waited for."""
     cb = chunk_bytes
     pages = b.offloaded * cb / hw.d2h_bw + (b.critical_writebacks - b.load_writebacks) * cb / hw.disk_write_bw
-    load = (b.load_writebacks * cb / hw.disk_write_bw
+    writes = max(b.load_writebacks, b.load_disk_writes) if hw.writebacks_share_disk else b.load_writebacks
+    load = (writes * cb / hw.disk_write_bw
             + (b.disk_hits * cb / hw.disk_read_bw + hw.disk_latency_s if b.disk_hits else 0.0)
             + (peer * cb / hw.link_bw + hw.link_latency_s if peer else 0.0)
             + b.lower_hits * cb / hw.h2d_bw)
@@ -391,17 +394,21 @@ def request_service_s(hw: HardwareCost, model: ModelShape, chunk_tokens: int, ch
     Without a split plan, in series: pages + load + prefill of the tokens after the cached
     prefix (at least the last one). With one (``b.split_head``), as PagedKVPool.begin and
     Engine.prefill run it: pages, then the head's prefill and the tail's load at once, then the
-    prefill of the rest: ``pages + max(prefill(head), load(tail)) + prefill(rest)``."""
+    prefill of the rest: ``pages + max(prefill(head), load(tail)) + prefill(rest)``.
+    Each prefill step that starts after a cached prefix also costs ``hw.hit_forward_s``."""
     pages, load = request_load_parts_s(hw, chunk_bytes, b, peer)
     ct, n = chunk_tokens, num_tokens
+
+    def step(start: int, end: int) -> float:
+        return hw.prefill_s(model, start, end) + (hw.hit_forward_s if 0 < start < end else 0.0)
+
     if b.split_head:
         start = b.gpu_hits * ct
         tail = start + b.split_head * ct
         end = tail + b.lower_hits * ct
-        return (pages + max(hw.prefill_s(model, start, tail), load)
-                + hw.prefill_s(model, min(end, n - 1) if n else 0, n))
+        return pages + max(step(start, tail), load) + step(min(end, n - 1) if n else 0, n)
     cached = (b.gpu_hits + b.lower_hits) * ct
-    return pages + load + hw.prefill_s(model, min(cached, n - 1) if n else 0, n)
+    return pages + load + step(min(cached, n - 1) if n else 0, n)
 
 
 def tier_ablation(requests: list[Request], cfg: SimConfig) -> dict[str, SimResult]:

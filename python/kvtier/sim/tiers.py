@@ -492,6 +492,7 @@ class BeginResult:
     evicted: int = 0  # GPU victims
     critical_writebacks: int = 0  # write-backs this request waited for
     load_writebacks: int = 0  # of critical_writebacks, those its load waited for (not the eviction)
+    load_disk_writes: int = 0  # write-backs its load started (waited for or not): they share the disk with its reads
     split_head: int = 0  # a split plan: lower-tier chunks recomputed while the lower_hits after them load
     rejected: bool = False  # the pool could not hold the request
     chunks: list = field(default_factory=list, repr=False)  # the request's referenced chunks
@@ -712,6 +713,7 @@ class SimGpuPool:
             # begin and finish_tail, when nothing else calls into the tiers: the same order.
             first = gpu + res.split_head
             before = cpu.counters.critical_writebacks
+            writes = cpu.counters.disk_writes
             loaded, promoted = cpu.load(keys[first:first + lower])
             if peers is not None and loaded < lower:  # local chunks first, then pulls of the rest
                 pulled = peers.pull(keys, first + loaded, lower - loaded)
@@ -720,6 +722,7 @@ class SimGpuPool:
                     res.peer_hits = got
                     loaded += got
             res.load_writebacks = cpu.counters.critical_writebacks - before
+            res.load_disk_writes = cpu.counters.disk_writes - writes
             res.critical_writebacks += res.load_writebacks
             for i in range(loaded):  # _register_loaded (a split's tail: at finish_tail, before commit)
                 k = keys[first + i]

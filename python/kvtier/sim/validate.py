@@ -14,6 +14,12 @@ bench_disk / bench_p2p; the GEMM rate from the recompute TTFT at ONE prompt leng
 (``calibrate_tokens``). Everything else is a prediction. :func:`compare_e2e_runs` and
 :func:`cross_run_table` do it for every H100 run (each calibrated on its own recompute) and
 compare the medians across runs.
+
+One-step-prefill runs (the JSON has ``prefill``; commits 47fdc0d, e11ec45, bcd9684): the same steps;
+the calibration also takes the run's GPU hit at ``calibrate_tokens`` (a step's fixed cost over a
+cached prefix, ``HardwareCost.hit_forward_s``), declared as calibration in the rows, and loads are
+priced with every write-back their promotion started (``writebacks_share_disk``). Chunked-prefill
+runs keep the model they were validated with.
 """
 
 from __future__ import annotations
@@ -26,11 +32,11 @@ from dataclasses import dataclass
 from itertools import count
 
 from kvtier.sim.cost import MODEL_PRESETS, Calibration, HardwareCost, ModelShape
-from kvtier.sim.engine import request_service_s
+from kvtier.sim.engine import request_load_parts_s, request_service_s
 from kvtier.sim.tiers import SimCpuTier, SimGpuPool
 
-__all__ = ["E2E_CASES", "E2ERow", "bench_version", "compare_e2e", "compare_e2e_runs", "cross_run_table",
-           "e2e_predictions", "format_cross_run_table", "format_table"]
+__all__ = ["E2E_CASES", "E2ERow", "bench_version", "claimed_cases", "compare_e2e", "compare_e2e_runs",
+           "cross_run_table", "e2e_predictions", "format_cross_run_table", "format_table", "short_run_name"]
 
 PAGE, CHUNK = 16, 256
 E2E_CASES = ("recompute", "gpu_hit", "cpu_hit", "disk_hit", "disk_hit_planned", "disk_hit_split",
@@ -43,6 +49,10 @@ BENCH_VERSIONS = {
     "4af4115": {"disk_chunks": (6, 8), "second_recompute": True, "split": False},
     "39c153f": {"disk_chunks": (4, 8), "second_recompute": True, "split": True},
     "95c7220": {"disk_chunks": (4, 8), "second_recompute": True, "split": True},
+    # one-step prefill (the result file has "prefill"), the same steps and disk tier
+    "47fdc0d": {"disk_chunks": (4, 8), "second_recompute": True, "split": True},
+    "e11ec45": {"disk_chunks": (4, 8), "second_recompute": True, "split": True},
+    "bcd9684": {"disk_chunks": (4, 8), "second_recompute": True, "split": True},
 }
 
 
@@ -94,11 +104,13 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
             raise RuntimeError(f"the simulated pool cannot hold a {m}-token prompt")
         cached = (b.gpu_hits + b.lower_hits) * CHUNK
         ttft = request_service_s(hw, model, CHUNK, block, b, m)
+        load_s = request_load_parts_s(hw, block, b)[1]
         pool.finish(b, _keys(ids, m))
         if case:
-            out[case] = {"ttft_s": ttft, "gpu_chunks": b.gpu_hits, "lower_chunks": b.lower_hits,
+            out[case] = {"ttft_s": ttft, "load_s": load_s, "gpu_chunks": b.gpu_hits, "lower_chunks": b.lower_hits,
                          "disk_chunks": b.disk_hits, "computed_tokens": m - cached, "split_head_chunks": b.split_head,
                          "planned_recompute_chunks": b.planned_recompute, "writebacks_waited": b.critical_writebacks,
+                         "writebacks_started_by_load": b.load_disk_writes,
                          "offloaded_chunks": b.offloaded}
 
     def push_out_of_gpu() -> None:
@@ -219,7 +231,8 @@ def compare_e2e(bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft-h10
         for case in E2E_CASES:
             if (case, n) not in measured:
                 continue
-            role = "calibration" if case == "recompute" and n == calibrate_tokens else "prediction"
+            role = "calibration" if n == calibrate_tokens and (
+                case == "recompute" or (case == "gpu_hit" and "hit_forward_s" in hw.sources)) else "prediction"
             rows.append(E2ERow(case, n, measured[(case, n)], pred[case]["ttft_s"], role, pred[case]))
     return rows, hw
 
@@ -266,9 +279,18 @@ def cross_run_table(runs: dict[str, list[E2ERow]]) -> list[dict]:
     return out
 
 
+def short_run_name(name: str) -> str:
+    """A bench_e2e file's short name in tables: what its workload adds to llama3_8b_ttft
+    ("first" for the plain one); one-step-prefill runs by KV layout and copy method."""
+    s = name.split("ttft", 1)[1].split("-h100")[0].lstrip("_")
+    if s.startswith("one_step_prefill"):
+        return s[len("one_step_prefill"):].lstrip("_").replace("_layout", "") or "cross_layer"
+    return s or "first"
+
+
 def format_cross_run_table(table: list[dict], names: list[str]) -> str:
     """A markdown table: per case, each run's measured / predicted and error, then the medians."""
-    short = [n.split("ttft")[1].split("-h100")[0].lstrip("_") or "first" for n in names]
+    short = [short_run_name(n) for n in names]
     head = "| case | tokens | " + " | ".join(f"{s}: meas / pred (err)" for s in short)
     head += " | spread | median meas / pred | median err |"
     lines = [head, "|---|---:|" + "---:|" * (len(names) + 3)]
@@ -302,9 +324,17 @@ def format_table(rows: list[E2ERow]) -> str:
     return "\n".join(lines)
 
 
+def claimed_cases(table: list[dict]) -> list[dict]:
+    """The cross-run rows that are predictions (a case that calibrates every run is not)."""
+    return [c for c in table if any(v["role"] == "prediction" for v in c["runs"].values())]
+
+
 def write_cross_run_report(bench_dir: str, json_path: str, png_path: str | None = None, *,
-                           runs: list[str] | None = None, calibrate_tokens: int = 4096) -> dict:
-    """docs/sim_e2e_validation.json (and .png): every run's rows and the cross-run medians."""
+                           runs: list[str] | None = None, calibrate_tokens: int = 4096,
+                           title_note: str | None = None) -> dict:
+    """docs/sim_e2e_validation*.json (and .png): every run's rows and the cross-run medians
+    (docs/sim_e2e_validation.json: the four chunked-prefill runs; docs/sim_e2e_validation_one_step.json:
+    the three one-step-prefill runs)."""
     from kvtier.sim.cost import Calibration
 
     names = runs or [os.path.basename(f) for f in
@@ -315,19 +345,21 @@ def write_cross_run_report(bench_dir: str, json_path: str, png_path: str | None 
         per_run[name] = rows
         preds = [r for r in rows if r.role == "prediction"]
         doc_runs[name] = {
-            "weights_rate": hw.weights_rate,
+            "weights_rate": hw.weights_rate, "hit_forward_s": hw.hit_forward_s, "h2d_bw": hw.h2d_bw,
+            "disk_read_bw": hw.disk_read_bw, "disk_write_bw": hw.disk_write_bw,
             "within_15pct": sum(1 for r in preds if abs(r.error) <= 0.15), "predictions": len(preds),
             "rows": [{"case": r.case, "tokens": r.tokens, "measured_s": r.measured_s,
                       "predicted_s": round(r.predicted_s, 4), "error": round(r.error, 4), "role": r.role,
                       "found": r.detail} for r in rows]}
     table = cross_run_table(per_run)
-    claimed = [c for c in table if not (c["case"] == "recompute" and c["tokens"] == calibrate_tokens)]
+    claimed = claimed_cases(table)
     hw0 = Calibration(bench_dir).hardware(model=MODEL_PRESETS["llama3_8b"],
                                           e2e_file=os.path.join(bench_dir, names[0]), calibrate_tokens=calibrate_tokens)
-    doc = {"calibrate_tokens": calibrate_tokens, "calibration": hw0.sources,
-           "hardware_except_weights_rate": {k: getattr(hw0, k) for k in ("attention_rate", "h2d_bw", "d2h_bw",
-                                                                          "disk_read_bw", "disk_write_bw",
-                                                                          "disk_latency_s")},
+    doc = {"calibrate_tokens": calibrate_tokens, "calibration_of_the_first_run": hw0.sources,
+           "hardware_of_the_first_run": {k: getattr(hw0, k) for k in ("attention_rate", "h2d_bw", "d2h_bw",
+                                                                       "disk_read_bw", "disk_write_bw",
+                                                                       "disk_latency_s", "hit_forward_s",
+                                                                       "writebacks_share_disk")},
            "runs": doc_runs,
            "cross_run": {"within_15pct_of_median": sum(1 for c in claimed if abs(c["median_error"]) <= 0.15),
                          "cases": len(claimed),
@@ -346,7 +378,7 @@ def write_cross_run_report(bench_dir: str, json_path: str, png_path: str | None 
         for i, name in enumerate(names):
             rs = [r for r in per_run[name] if r.role == "prediction"]
             ax.scatter([r.measured_s for r in rs], [r.predicted_s for r in rs], s=12, alpha=0.6,
-                       label=name.split("ttft")[1].split("-h100")[0].lstrip("_") or "first", marker="o^sv"[i % 4])
+                       label=short_run_name(name), marker="o^sv"[i % 4])
         ax.scatter([c["median_measured_s"] for c in claimed], [c["median_predicted_s"] for c in claimed], s=40,
                    facecolors="none", edgecolors="red", label="median across runs")
         ax.set_xscale("log")
@@ -355,7 +387,9 @@ def write_cross_run_report(bench_dir: str, json_path: str, png_path: str | None 
         ax.set_ylim(lo, hi)
         ax.set_xlabel("measured TTFT (s), H100")
         ax.set_ylabel("simulated TTFT (s)")
-        ax.set_title("bench_e2e TTFT: simulator vs four H100 runs")
+        words = {2: "two", 3: "three", 4: "four"}
+        ax.set_title(f"bench_e2e TTFT: simulator vs {words.get(len(names), len(names))} H100 runs"
+                     + (f" ({title_note})" if title_note else ""))
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(png_path, dpi=110)
