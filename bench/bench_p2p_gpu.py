@@ -9,7 +9,10 @@ one row per method: ``dma`` (copy engines), ``kernel`` (copy kernel on B's GPU, 
 memory) and ``push`` (the kernel on A's GPU, writing into B's; dropped with a message on stderr
 where it fails, the other rows kept). Baseline, measured in the same run: a torch
 device-to-device copy of the same bytes, contiguous, between the same two GPUs in one process
-(B's).
+(B's). With two GPUs, one more row, ``push_source_mapping``: a third process C opens A's memory
+on A's GPU (the sources' GPU, where push's kernel can read it) and push-copies into its own
+tensors on the other GPU, against the same torch copy measured in C (dropped with a message on
+stderr where C fails, hangs or copies wrongly; the other rows kept).
 
 Workload ``ttft_peer_prefix``: two serving instances of a Llama-3-8B-shaped model (random bf16
 weights, kvtier.examples.paged_llama), each with a GPU pool, a CPU tier and a peer service. A
@@ -45,7 +48,7 @@ def _kv(torch, pages: int, device: str, seed: int):
 
 
 # -- CUDA IPC ------------------------------------------------------------------------------------
-def _ipc_exporter(q, done, device: str, pages: int) -> None:
+def _ipc_exporter(q, done, device: str, pages: int, wait_s: float) -> None:
     import torch
     from kvtier.p2p.cuda_ipc import export_tensors
 
@@ -53,7 +56,7 @@ def _ipc_exporter(q, done, device: str, pages: int) -> None:
     kv = _kv(torch, pages, device, 0)
     torch.cuda.synchronize()
     q.put(export_tensors(kv))
-    done.wait(600)
+    done.wait(wait_s)  # the importers' mappings stay valid until B says done (or this runs out)
 
 
 def _push_probe(q, handles, device: int, src_pages: list[int], pages: int) -> None:
@@ -76,12 +79,14 @@ def _push_probe(q, handles, device: int, src_pages: list[int], pages: int) -> No
         q.put(f"push probe: {type(e).__name__}: {e}")
 
 
-def _probe_push(ctx, handles, device: int, src_pages: list[int], pages: int) -> str | None:
-    """None where 'push' copies correctly in a process like B, else why not."""
+def _child_answer(ctx, target, args, timeout_s: float, what: str):
+    """Runs ``target(q, *args)`` in a process of its own and returns the first thing it puts on
+    ``q``; a string saying why not where it dies or hangs (``timeout_s``) without one. It is
+    killed if it does not exit after answering."""
     q = ctx.Queue()
-    p = ctx.Process(target=_push_probe, args=(q, handles, device, src_pages, pages))
+    p = ctx.Process(target=target, args=(q, *args))
     p.start()
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + timeout_s
     try:
         while True:
             try:
@@ -91,11 +96,82 @@ def _probe_push(ctx, handles, device: int, src_pages: list[int], pages: int) -> 
                     try:
                         return q.get(timeout=5)
                     except queue.Empty:
-                        return f"push probe: no answer (exit code {p.exitcode})"
+                        hung = f" after {timeout_s:.0f} s" if p.is_alive() else ""
+                        return f"{what}: no answer{hung} (exit code {p.exitcode})"
     finally:
-        p.join(60)
+        p.join(5 if time.monotonic() > deadline else 60)  # a hung one is not waited for again
         if p.is_alive():
             p.kill()
+            p.join(10)
+
+
+def _probe_push(ctx, handles, device: int, src_pages: list[int], pages: int) -> str | None:
+    """None where 'push' copies correctly in a process like B, else why not."""
+    return _child_answer(ctx, _push_probe, (handles, device, src_pages, pages), 300, "push probe")
+
+
+def _push_source_mapping(q, handles, src_index: int, dst_index: int, pool_pages: int, src_pages: list[int],
+                         dst_pages: list[int], nbytes: int, reps: int) -> None:
+    """'push' with A's memory mapped on the sources' GPU (``src_index``, A's): the kernel runs
+    there, reading local memory, and writes into this process's tensors on ``dst_index`` through
+    peer access. Alternates with a torch D2D copy of the same bytes between the same GPUs, in this
+    process, timed as in bench_ipc. A process of its own (a kernel fault poisons the CUDA context
+    of its process); answers a dict of medians (seconds) and the GPU push ran on, or why not."""
+    try:
+        import torch
+        from kvtier import _core
+        from kvtier.p2p.cuda_ipc import copy_pages, import_tensors
+
+        src_dev, dst_dev = f"cuda:{src_index}", f"cuda:{dst_index}"
+        torch.cuda.set_device(dst_dev)
+        src = import_tensors(handles, device=src_index)  # opened on the sources' GPU, not the copier's
+        push_dev = _core.push_device(dst_index, src[0].data_ptr())
+        if push_dev != src_index:  # it would be 'kernel' on dst_index, which cannot read this mapping
+            q.put(f"push_device names cuda:{push_dev}, not cuda:{src_index}, for a mapping opened on cuda:{src_index}")
+            return
+        dst = [torch.zeros(2, pool_pages, PAGE, KV_HEADS, HEAD_DIM, device=dst_dev, dtype=torch.bfloat16)
+               for _ in range(LAYERS)]
+        a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=src_dev).normal_()
+        b = torch.empty_like(a, device=dst_dev)
+        stream = torch.cuda.Stream(dst_dev)
+
+        def timed(fn) -> float:
+            torch.cuda.synchronize(src_dev)
+            torch.cuda.synchronize(dst_dev)
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize(dst_dev)
+            return time.perf_counter() - t0
+
+        def push():
+            assert copy_pages(src, dst, src_pages, dst_pages, page_dim=1, stream=stream, method="push") == "push"
+            stream.synchronize()
+
+        def d2d():
+            with torch.cuda.stream(stream):
+                b.copy_(a, non_blocking=True)
+            stream.synchronize()
+
+        for _ in range(2):  # warm-up: peer access, the push stream, first launches
+            push()
+            d2d()
+        t_push, t_d2d = [], []
+        for _ in range(reps):  # alternate, so drift hits both
+            t_push.append(timed(push))
+            t_d2d.append(timed(d2d))
+        for d in dst:
+            d.zero_()
+        torch.cuda.synchronize(dst_dev)
+        push()
+        torch.cuda.synchronize(src_dev)
+        if not all(torch.equal(s[:, src_pages].to(dst_dev), d[:, dst_pages]) for s, d in zip(src, dst)):
+            q.put("the copy is not bit-exact")
+            return
+        src.clear()  # drop the mappings before answering: A may exit once it is told
+        torch.cuda.synchronize()
+        q.put({"push_s": statistics.median(t_push), "d2d_s": statistics.median(t_d2d), "push_device": push_dev})
+    except Exception as e:  # noqa: BLE001 - reported to B as text
+        q.put(f"{type(e).__name__}: {e}")
 
 
 def bench_ipc(reps: int) -> list[dict]:
@@ -110,7 +186,10 @@ def bench_ipc(reps: int) -> list[dict]:
     pool_pages = 4 * chunks * ppc
     ctx = mp.get_context("spawn")
     q, done = ctx.Queue(), ctx.Event()
-    p = ctx.Process(target=_ipc_exporter, args=(q, done, src_dev, pool_pages))
+    c_timeout = 300 + 2 * reps  # the push_source_mapping process: start, map, allocate, 2 + reps rounds
+    # A outlives every importer: the probe (300 s), that process, B's own rows (600 s), the joins.
+    a_wait = 300 + c_timeout + 600 + 180
+    p = ctx.Process(target=_ipc_exporter, args=(q, done, src_dev, pool_pages, a_wait))
     p.start()
     try:
         handles = q.get(timeout=300)
@@ -126,6 +205,21 @@ def bench_ipc(reps: int) -> list[dict]:
         if err is not None:
             print(f"ipc: no push row: {err}", file=sys.stderr, flush=True)
             dropped.add("push")
+        nbytes = len(src_pages) * LAYERS * 2 * PAGE * KV_HEADS * HEAD_DIM * 2
+        # 'push' with A's memory mapped on A's GPU, in a process of its own too (B idle meanwhile,
+        # A kept alive until it is done): the kernel on GPU 0 reads local memory and writes into
+        # that process's cuda:1 tensors; its baseline is measured in that process.
+        pushed = None
+        if n < 2:
+            print("ipc: no push_source_mapping row: needs two GPUs", file=sys.stderr, flush=True)
+        else:
+            src_index = torch.device(src_dev).index
+            pushed = _child_answer(ctx, _push_source_mapping, (handles, src_index, dst_index, pool_pages, src_pages,
+                                                                 dst_pages, nbytes, reps),
+                                   c_timeout, "push_source_mapping")
+            if not isinstance(pushed, dict):
+                print(f"ipc: no push_source_mapping row: {pushed}", file=sys.stderr, flush=True)
+                pushed = None
         torch.cuda.set_device(dst_dev)
         # Opened on the GPU that copies (B's): the runtime maps A's memory there through peer
         # access. 'push' launches on the GPU that cudaPointerGetAttributes names for this mapping
@@ -140,7 +234,6 @@ def bench_ipc(reps: int) -> list[dict]:
             dropped.add("push")
         dst = [torch.zeros(2, pool_pages, PAGE, KV_HEADS, HEAD_DIM, device=dst_dev, dtype=torch.bfloat16)
                for _ in range(LAYERS)]
-        nbytes = len(src_pages) * LAYERS * 2 * PAGE * KV_HEADS * HEAD_DIM * 2
         # Baseline: the same bytes as one contiguous tensor, torch D2D between the same GPUs.
         a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=src_dev).normal_()
         b = torch.empty_like(a, device=dst_dev)
@@ -210,11 +303,23 @@ def bench_ipc(reps: int) -> list[dict]:
     where = {"dma": "", "kernel": f", kernel on cuda:{dst_index}",
              "push": (f", kernel on cuda:{push_dev} (the GPU the runtime names for A's memory, mapped in B "
                       f"on cuda:{dst_index})" + (", i.e. as 'kernel'" if push_dev == dst_index else ""))}
-    return [{"case": f"cuda_ipc_gpu_to_gpu_{m}", "value": round(gbps[m], 2), "unit": "GB/s",
+    what = (f"{nbytes >> 20} MiB in {chunks} chunks of {ppc} pages, {src_dev} (process A) -> {dst_dev} "
+            f"(process {{}}), {len(src_pages) // ppc * LAYERS * 2} byte ranges")
+    rows = [{"case": f"cuda_ipc_gpu_to_gpu_{m}", "value": round(gbps[m], 2), "unit": "GB/s",
              "baseline": "torch_d2d_one_process", "baseline_value": round(base, 2), "ratio": round(gbps[m] / base, 4),
-             "note": (f"{nbytes >> 20} MiB in {chunks} chunks of {ppc} pages, {src_dev} (process A) -> {dst_dev} "
-                      f"(process B), {len(src_pages) // ppc * LAYERS * 2} byte ranges, copy_pages(method={m!r})"
-                      f"{where[m]}; median of {reps}; bit-exact")} for m in methods]
+             "note": (f"{what.format('B')}, copy_pages(method={m!r}){where[m]}; median of {reps}; bit-exact")}
+            for m in methods]
+    if pushed is not None:
+        value, base_c = nbytes / pushed["push_s"] / 1e9, nbytes / pushed["d2d_s"] / 1e9
+        rows.append({"case": "cuda_ipc_gpu_to_gpu_push_source_mapping", "value": round(value, 2), "unit": "GB/s",
+                     "baseline": "torch_d2d_one_process", "baseline_value": round(base_c, 2),
+                     "ratio": round(value / base_c, 4),
+                     "note": (f"{what.format('C, spawned for this row')}, copy_pages(method='push') with A's memory "
+                              f"mapped on the sources' GPU (import_tensors(handles, device={src_index})), kernel on "
+                              f"cuda:{pushed['push_device']} (push_device) writing into C's {dst_dev} tensors "
+                              f"through peer access; baseline torch D2D {src_dev} -> {dst_dev} measured in C, "
+                              f"alternating; median of {reps}; bit-exact")})
+    return rows
 
 
 # -- TTFT with a peer's prefix ---------------------------------------------------------------------

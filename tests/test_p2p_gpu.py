@@ -77,6 +77,67 @@ def test_cuda_ipc_copies_pages_bit_exact(gpu, method):
         p.join(60)
 
 
+def _source_mapping_pusher(q, handles):
+    """C: maps A's tensors on A's GPU (0, the sources' GPU, whose kernels can read the mapping) and
+    pushes pages 0..7 into 16..23 of its own tensors on GPU 1, on a stream of GPU 1. A process of
+    its own, for the same reason as _importer. Answers (outcome, detail, sums of the copied pages)."""
+    try:
+        import torch
+        from kvtier import _core
+        from kvtier.p2p.cuda_ipc import copy_pages, import_tensors
+
+        torch.cuda.set_device(1)
+        src = import_tensors(handles, device=0)
+        where = _core.push_device(1, src[0].data_ptr())
+        if where != 0:
+            q.put(("wrong", f"push_device {where} for a mapping opened on GPU 0", None))
+            return
+        dst = [torch.zeros(t.shape, device="cuda:1", dtype=t.dtype) for t in src]
+        stream = torch.cuda.Stream("cuda:1")
+        path = copy_pages(src, dst, list(range(8)), list(range(16, 24)), stream=stream, method="push")
+        stream.synchronize()
+        if path != "push" or not all(torch.equal(s[:, 0:8].contiguous().to("cuda:1"), d[:, 16:24]) for s, d in zip(src, dst)):
+            q.put(("wrong", f"path {path!r}, or the pages differ", None))
+            return
+        if any(bool(d[:, :16].any()) or bool(d[:, 24:].any()) for d in dst):
+            q.put(("wrong", "pages outside 16..23 written", None))
+            return
+        sums = [d[:, 16:24].float().sum().item() for d in dst]
+        src.clear()  # drop the mappings before A is told it may exit
+        torch.cuda.synchronize()
+        q.put(("ok", "push_device 0", sums))
+    except Exception as e:  # noqa: BLE001 - reported to the test as text
+        q.put(("error", f"{type(e).__name__}: {e}", None))
+
+
+def test_cuda_ipc_push_with_the_mapping_on_the_sources_gpu(gpu):
+    """A exports on GPU 0; C opens the mapping on GPU 0 (the sources' GPU) and pushes pages into
+    its tensors on GPU 1: the kernel runs on GPU 0 reading local memory, writing through peer
+    access. Bit-exact against A's pages."""
+    _two_gpus()
+    ctx = mp.get_context("spawn")
+    q, done = ctx.Queue(), ctx.Event()
+    p = ctx.Process(target=_exporter, args=(q, done))
+    p.start()
+    try:
+        handles, sums = q.get(timeout=120)
+        assert {h.device for h in handles} == {0}
+        answers = ctx.Queue()
+        c = ctx.Process(target=_source_mapping_pusher, args=(answers, handles))
+        c.start()
+        try:
+            outcome, detail, got = answers.get(timeout=120)
+        finally:
+            c.join(60)
+            if c.is_alive():
+                c.kill()
+        assert outcome == "ok", detail
+        assert got == pytest.approx(sums)
+    finally:
+        done.set()
+        p.join(60)
+
+
 @pytest.mark.parametrize("method", ["dma", "kernel", "push"])
 @pytest.mark.parametrize("page_dim", [0, 1])
 def test_copy_pages_matches_torch_for_scattered_pages(gpu, page_dim, method):
