@@ -209,9 +209,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def _flash_takes_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether SDPA's flash kernel can run these grouped-query shapes as they are (causal masks
     are given to it as lower-right causal biases, so the check is made without one)."""
-    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+    try:
+        from torch.backends.cuda import SDPAParams, can_use_flash_attention
 
-    return bool(can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, True)))
+        return bool(can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, True)))
+    except (ImportError, TypeError, RuntimeError):  # a torch without the check: repeat the heads
+        return False
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
