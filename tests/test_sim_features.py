@@ -36,6 +36,20 @@ def test_cache_aware_routing_finds_more_hits_than_round_robin(reqs):
     assert ll.requests == rr.requests == ca.requests == len(reqs)
 
 
+@pytest.mark.parametrize("routing", ["least_loaded", "cache_aware"])
+def test_idle_instances_share_new_requests(routing):
+    """Requests that find every instance idle and no cached prefix go to the instance picked least
+    recently, not to the lowest-numbered one: an unsaturated cluster must still use all of its
+    instances (and their caches)."""
+    from kvtier.sim.trace import Request
+
+    reqs = [Request(arrival_s=10.0 * i, input_length=1024, output_length=1, chunks=(2 * i, 2 * i + 1))
+            for i in range(12)]  # far apart: each ends before the next arrives; nothing shared
+    sim = Simulator(cfg(instances=4, routing=routing))
+    routed = [sim._route(r, r.arrival_s).idx for r in reqs]
+    assert routed == [0, 1, 2, 3] * 3
+
+
 def test_peers_recover_prefixes_held_by_other_instances(reqs):
     alone = Simulator(cfg(instances=4)).run(reqs)
     shared = Simulator(cfg(instances=4, peers=True)).run(reqs)

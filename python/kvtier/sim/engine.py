@@ -259,6 +259,7 @@ class Simulator:
                 if inst.pool is not None and inst.cpu is not None:
                     inst.pool.peers = SimPeers(inst.cpu, tiers, serve_disk=config.peer_disk)
         self._rr = 0
+        self._picked = [0] * len(self.instances)  # when each instance was last routed to
 
     # -- routing -------------------------------------------------------------------------------
     def _route(self, req: Request, now: float) -> Instance:
@@ -270,10 +271,16 @@ class Simulator:
             inst = insts[self._rr % len(insts)]
             self._rr += 1
             return inst
+        # Ties (instances equally free, or idle) go to the instance picked least recently: by
+        # index they would pile onto the first instances whenever the cluster is not saturated.
+        picked = self._picked
         if r == "least_loaded":
-            return min(insts, key=lambda i: (max(i.free_at, now), i.idx))
-        best = max(insts, key=lambda i: (i.prefix_hit(req.chunks), -max(i.free_at, now), -i.idx))
-        return best
+            inst = min(insts, key=lambda i: (max(i.free_at, now), picked[i.idx]))
+        else:
+            inst = max(insts, key=lambda i: (i.prefix_hit(req.chunks), -max(i.free_at, now), -picked[i.idx]))
+        self._rr += 1
+        picked[inst.idx] = self._rr
+        return inst
 
     # -- the run -------------------------------------------------------------------------------
     def run(self, requests: list[Request]) -> SimResult:
