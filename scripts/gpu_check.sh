@@ -22,4 +22,5 @@ step 300 python3 -m pytest -q -m gpu tests/test_p2p_share.py tests/test_p2p_gpu.
 step 400 python3 -m pytest -q -m gpu tests/ --ignore=tests/test_p2p_share.py --ignore=tests/test_p2p_gpu.py
 step 300 python3 bench/bench_p2p_share.py --mechanism cuda --reps 9 --out "$OUT"
 step 300 python3 bench/bench_p2p_gpu.py --workloads ipc --out "$OUT"
+step 150 python3 scripts/diag_hit.py 32768
 (cd bench && step 330 python3 bench_e2e.py --out "$OUT")

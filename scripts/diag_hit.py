@@ -1,0 +1,91 @@
+"""Where a CPU-tier hit's time to first token goes (a GPU diagnostic, not a benchmark).
+
+bench_e2e's Llama-3-8B-shaped reference engine, one prompt (default 32k tokens): a pure load
+(``pool.begin`` + ``seq.wait``, nothing computed), a CPU-tier hit with its time line (started,
+prefill queued, loads landed, first token), and a GPU hit for the forward alone; then one more
+CPU hit under torch.profiler, printing the CUDA runtime calls that held the host longest (a call
+that blocks while the load runs is what keeps the forward from overlapping it; see
+docs/architecture.md, "Layer-wise loading").
+
+    python scripts/diag_hit.py [tokens] [vllm|cross_layer] [auto|staged|zero_copy|direct]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+from bench_e2e import CHUNK, LLAMA3_8B, PAGE, TINY, timed_hit  # noqa: E402
+from kvtier.demo import _push_out_of_gpu  # noqa: E402
+from kvtier.examples.paged_llama import Engine, Llama, LlamaConfig  # noqa: E402
+from kvtier.pool import PagedKVPool  # noqa: E402
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
+    layout = sys.argv[2] if len(sys.argv) > 2 else "vllm"
+    method = sys.argv[3] if len(sys.argv) > 3 else "auto"
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    model = Llama(LlamaConfig(**(LLAMA3_8B if cuda else TINY)), seed=0,
+                  dtype=torch.bfloat16 if cuda else torch.float32, device=device, init_on_device=cuda)
+    c = model.config
+    elem = 2 if cuda else 4
+    block = CHUNK * 2 * c.layers * c.kv_heads * c.head_dim * elem
+    pool_tokens = 2 * (n + CHUNK)
+    pool = PagedKVPool(**model.kv_geometry(), kv_layout=layout, num_pages=pool_tokens // PAGE, page_tokens=PAGE,
+                       chunk_tokens=CHUNK, cpu_bytes=(pool_tokens // CHUNK + 4) * block, model_id="diag",
+                       method=method if cuda else "auto")
+    engine = Engine(model, pool, prefill_tokens=None)
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, c.vocab, (n,), generator=gen).tolist()
+    engine.generate([prompt], 1)
+    engine.generate([prompt], 1)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def evicted():
+        _push_out_of_gpu(pool, gen, c.vocab)
+        pool.cache.drain()
+        sync()
+
+    for rep in range(3):
+        evicted()
+        t0 = time.perf_counter()
+        seq = pool.begin(prompt[:-1])
+        t1 = time.perf_counter()
+        seq.wait()
+        sync()
+        load = {"begin": round(t1 - t0, 4), "wait": round(time.perf_counter() - t1, 4), "tokens": seq.lower_hit_tokens}
+        pool.release(seq)
+        evicted()
+        _, _, cpu_hit = timed_hit(engine, prompt, device)
+        _, _, gpu_hit = timed_hit(engine, prompt, device)
+        print(json.dumps({"rep": rep, "tokens": n, "layout": layout, "method": method, "load_alone": load,
+                          "cpu_hit": cpu_hit, "gpu_hit": gpu_hit}), flush=True)
+
+    evicted()
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        _, _, lines = timed_hit(engine, prompt, device)
+    print(json.dumps({"profiled_cpu_hit": lines}), flush=True)
+    rows = [e for e in prof.key_averages() if e.key.startswith("cuda") or e.key.startswith("aten::")]
+    rows.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    print("host time by call during the profiled CPU hit (top 15):")
+    for e in rows[:15]:
+        print(f"  {e.key:48s} calls {e.count:6d}  host self {e.self_cpu_time_total / 1e3:9.2f} ms  "
+              f"mean {e.cpu_time_total / max(e.count, 1) / 1e3:8.2f} ms/call (inclusive)")
+    pool.close()
+
+
+if __name__ == "__main__":
+    main()
