@@ -20,10 +20,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
-from bench_e2e import CHUNK, LLAMA3_8B, PAGE, TINY, timed_hit  # noqa: E402
-from kvtier.demo import _push_out_of_gpu  # noqa: E402
-from kvtier.examples.paged_llama import Engine, Llama, LlamaConfig  # noqa: E402
-from kvtier.pool import PagedKVPool  # noqa: E402
+from bench_e2e import CHUNK, LLAMA3_8B, PAGE, TINY, timed_hit
+from kvtier.demo import _push_out_of_gpu
+from kvtier.examples.paged_llama import Engine, Llama, LlamaConfig
+from kvtier.pool import PagedKVPool
 
 
 def main() -> None:
