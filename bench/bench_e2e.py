@@ -81,7 +81,8 @@ def timed_hit(engine, prompt, device) -> tuple[float, object, dict]:
 
 
 def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
-               prefill_step: int | None = None, kv_layout: str = "vllm", method: str = "auto") -> list[dict]:
+               prefill_step: int | None = None, kv_layout: str = "vllm", method: str = "auto",
+               max_writebacks: int = 64) -> list[dict]:
     elem = torch.tensor([], dtype=model.dtype).element_size()
     kv_per_token = 2 * model.config.layers * model.config.kv_heads * model.config.head_dim * elem
     pool_tokens = 2 * (n + CHUNK)
@@ -91,7 +92,8 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
                        # Room for every chunk the run writes back (the prompt and three pool-sized
                        # fillers), so the prompt is never overwritten on disk before its cases.
                        disk_bytes=(4 * pool_tokens // CHUNK + 8) * (block + 4096) + (1 << 20),
-                       disk_admit_min_seen=1, model_id=f"e2e-{n}", method=method)
+                       disk_admit_min_seen=1, model_id=f"e2e-{n}", method=method,
+                       disk_max_writebacks_in_flight=max_writebacks)
     engine = Engine(model, pool, prefill_tokens=prefill_step)
     vocab = model.config.vocab
     prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
@@ -320,6 +322,8 @@ def main() -> None:
     ap.add_argument("--method", default="auto", choices=("auto", "direct", "staged", "zero_copy"),
                     help="how the CPU tier's copies run (CacheConfig.method); zero_copy leaves the "
                          "copy engines free for the compute stream's own small uploads")
+    ap.add_argument("--max-writebacks", type=int, default=64,
+                    help="the disk tier's write-back bound (CacheConfig.disk_max_writebacks_in_flight)")
     ap.add_argument("--out", default="")
     ap.add_argument("--plot-from", default="", help="only draw the PNG from this JSON")
     args = ap.parse_args()
@@ -341,7 +345,7 @@ def main() -> None:
             sub = os.path.join(d, str(n))
             os.makedirs(sub)
             results += run_length(model, n, device, sub, gen, args.disk_gbps, args.prefill_step or None,
-                                  args.kv_layout, args.method)
+                                  args.kv_layout, args.method, args.max_writebacks)
             shutil.rmtree(sub)  # its disk-tier files: the next length needs the space
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     workload = "tiny" if args.tiny else "llama3_8b_ttft"
@@ -351,8 +355,11 @@ def main() -> None:
         workload += "_vllm_layout"
     if args.method != "auto":
         workload += f"_{args.method}"
+    if args.max_writebacks != 64:
+        workload += f"_writebacks{args.max_writebacks}"
     publish("bench_e2e", workload, "cpu" if gpu is None else gpu.split()[1].lower(),
             results, args.out, machine_name=machine(gpu), disk_probe=probe, kv_layout=args.kv_layout, method=args.method,
+            disk_max_writebacks_in_flight=args.max_writebacks,
             prefill=(f"{args.prefill_step}-token steps" if args.prefill_step
                      else "the uncached part of each prompt in one step (as transformers' SDPA path)"))
 

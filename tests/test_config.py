@@ -302,6 +302,7 @@ BAD_VALUES = [
     ("disk.queue_depth", 5000, "an integer in [1, 4096]"),
     ("disk.io_timeout_s", 0, "a number >= 0.001"),
     ("disk.deterministic_writeback", "maybe", "true or false"),
+    ("disk.max_writebacks_in_flight", 0, "an integer in [1, 1048576]"),
     ("gpu.pool_pages", -1, "an integer >= 1, or null"),
     ("gpu.bytes", "1 page", "a size of at least 1 byte: "),
     ("gpu.page_tokens", 0, "an integer >= 1"),

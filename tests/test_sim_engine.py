@@ -72,13 +72,15 @@ class _DrainFirst:
 
 
 def run_engine(reqs, tmp_path, *, gpu, cpu, disk=0, order="lru", min_seen=2, gpu_policy=None, planner=None,
-               admission=None, write_through=False, deterministic=True, backend="auto"):
+               admission=None, write_through=False, deterministic=True, backend="auto", max_writebacks=64):
     """``deterministic``: with a disk tier, the engine's deterministic_writeback mode; False:
-    the asynchronous default, every call into the CPU tier preceded by a drain."""
+    the asynchronous default, every call into the CPU tier preceded by a drain.
+    ``max_writebacks``: the disk's write-back bound (disk_max_writebacks_in_flight)."""
     ck = {"cpu_bytes": cpu * 4096, "eviction_policy": order}
     if disk:
         ck.update(disk_dir=str(tmp_path), disk_bytes=(disk + 2) * 8192, disk_admit_min_seen=min_seen,
-                  disk_backend=backend, deterministic_writeback=deterministic)
+                  disk_backend=backend, deterministic_writeback=deterministic,
+                  disk_max_writebacks_in_flight=max_writebacks)
     pool = PagedKVPool(num_layers=1, kv_heads=1, head_dim=8, num_pages=gpu, page_tokens=CT, chunk_tokens=CT,
                        dtype=torch.float32, cache_config=CacheConfig(**ck), eviction_policy=gpu_policy,
                        planner=planner, write_through=write_through)
@@ -127,13 +129,13 @@ def writebacks_per_wait() -> int:
 
 
 def run_sim(reqs, *, gpu, cpu, disk=0, order="lru", min_seen=2, gpu_policy=None, planner=None, admission=None,
-            write_through=False, deterministic=True):
+            write_through=False, deterministic=True, max_writebacks=64):
     """The simulator with the engine's scaled geometry (CT tokens a chunk and a page, 512-byte
     chunks in 4 KiB blocks), so that a planner sees the same chunk size in both.
     ``deterministic``: the mirror of the engine's deterministic_writeback mode."""
     tier = SimCpuTier(cpu, eviction_policy=order, disk_slots=disk + 1 if disk else 0, disk_admit_min_seen=min_seen,
                       admission_policy=admission, writebacks_per_wait=writebacks_per_wait(),
-                      deterministic_writeback=deterministic)
+                      deterministic_writeback=deterministic, max_demotions_in_flight=max_writebacks)
     pool = SimGpuPool(gpu, page_tokens=CT, chunk_tokens=CT, cpu=tier, eviction_policy=gpu_policy,
                       planner=planner, chunk_bytes=CT * 64, write_through=write_through)
     out = {"gpu": 0, "cpu": 0, "disk": 0, "planned_recompute": 0, "split_plans": 0}
@@ -235,6 +237,19 @@ def test_small_disk_tier_matches_the_engine_exactly(tmp_path, backend):
     print(f"small disk ({backend}): sim {sim} engine {eng}")
     assert sim["disk_evictions"] > 5000 and sim["promotion_failures"] > 0
     assert {k: sim[k] for k in eng} == eng
+
+
+def test_write_back_bound_matches_the_engine_exactly(tmp_path):
+    """A bound of 4 write-backs in flight instead of 64 (disk_max_writebacks_in_flight), every
+    evicted chunk admitted: fewer write-backs are started ahead of the promotions' reads; the
+    simulator follows the engine chunk for chunk, and the bound changes what it finds."""
+    reqs = requests("synthetic")
+    kw = dict(SIZES["synthetic"], disk=600, min_seen=1)
+    sim = run_sim(reqs, **kw, max_writebacks=4)
+    eng = run_engine(reqs, tmp_path, **kw, max_writebacks=4)
+    print(f"bound 4: sim {sim} engine {eng}")
+    assert {k: sim[k] for k in eng} == eng
+    assert sim != run_sim(reqs, **kw)  # the bound of 64 leads elsewhere
 
 
 def test_asynchronous_disk_tier_matches_the_engine_within_1_percent(tmp_path):

@@ -83,7 +83,8 @@ void BindCache(py::module_& m) {
                        int cpu_threads, uint32_t fail_every_nth, const std::string& disk_dir,
                        uint64_t disk_bytes, const py::bytes& layout_fingerprint, const std::string& disk_backend,
                        uint32_t disk_admit_min_seen, unsigned disk_queue_depth, double disk_io_timeout_s,
-                       const std::string& eviction_policy, bool deterministic_writeback) {
+                       const std::string& eviction_policy, bool deterministic_writeback,
+                       uint32_t disk_max_writebacks_in_flight) {
              LayoutDesc layout;
              for (const auto& [base, stride, bytes, pages] : segments) layout.segments.push_back({base, stride, bytes, pages});
              layout.device = device;
@@ -114,6 +115,10 @@ void BindCache(py::module_& m) {
                options.disk.store.queue_depth = disk_queue_depth;
                options.disk.store.io_timeout_ms = static_cast<int64_t>(disk_io_timeout_s * 1000);
                options.disk.deterministic_writeback = deterministic_writeback;
+               if (disk_max_writebacks_in_flight == 0) {
+                 throw StatusError(Status::InvalidArgument("disk_max_writebacks_in_flight must be at least 1"));
+               }
+               options.disk.max_demotions_in_flight = disk_max_writebacks_in_flight;
              }
              std::unique_ptr<CpuTier> tier;
              {
@@ -127,7 +132,8 @@ void BindCache(py::module_& m) {
            py::arg("cpu_threads") = 2, py::arg("fail_every_nth") = 0, py::arg("disk_dir") = "",
            py::arg("disk_bytes") = 0, py::arg("layout_fingerprint") = py::bytes(), py::arg("disk_backend") = "auto",
            py::arg("disk_admit_min_seen") = 2, py::arg("disk_queue_depth") = 32, py::arg("disk_io_timeout_s") = 10.0,
-           py::arg("eviction_policy") = "lru", py::arg("deterministic_writeback") = false)
+           py::arg("eviction_policy") = "lru", py::arg("deterministic_writeback") = false,
+           py::arg("disk_max_writebacks_in_flight") = 64)
       .def("store", [](CpuTier& t, const py::bytes& keys, const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& page_ids, uintptr_t after_stream) {
              std::vector<ChunkKey> k = ParseKeys(keys);
              std::vector<uint32_t> p = ParsePages(page_ids);

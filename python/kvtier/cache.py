@@ -80,6 +80,10 @@ class CacheConfig:
             state depends on the calls alone, not on the disk's speed (kvtier.sim then matches
             the engine exactly). Costs the overlap of disk I/O with the caller's work; for
             validation and reproducible runs. No effect without a disk tier.
+        disk_max_writebacks_in_flight: write-backs to disk in flight at once (64). An eviction
+            that needs one more waits for one to end. Every admitted eviction starts one before a
+            block frees, so a promotion of a few chunks into a full CPU tier can start this many
+            writes ahead of its reads; a smaller bound leaves the disk to the reads sooner.
     """
 
     cpu_bytes: int = 1 << 30
@@ -97,6 +101,7 @@ class CacheConfig:
     disk_io_timeout_s: float = 10.0
     eviction_policy: str = "lru"
     deterministic_writeback: bool = False
+    disk_max_writebacks_in_flight: int = 64
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -107,6 +112,7 @@ class CacheConfig:
         positive_int("cpu_bytes")
         positive_int("staging_bytes")
         positive_int("cpu_threads")
+        positive_int("disk_max_writebacks_in_flight")
         if not isinstance(self.model_id, str) or not self.model_id:
             raise InvalidArgumentError(f"config.model_id must be a non-empty str, got {self.model_id!r}")
         if self.eviction_policy not in ("lru", "s3fifo", "lfu"):
@@ -280,6 +286,7 @@ class KVCache:
             disk_io_timeout_s=float(config.disk_io_timeout_s),
             eviction_policy=config.eviction_policy,
             deterministic_writeback=config.deterministic_writeback,
+            disk_max_writebacks_in_flight=config.disk_max_writebacks_in_flight,
         )
         if admission_policy is not None:
             self._tier.set_admission_hook(admission_policy.admit)

@@ -407,6 +407,13 @@ class DiskConfig(_Section):
     )
     queue_depth: int = _field(32, _Int(1, 4096), "disk requests in flight at once")
     io_timeout_s: float = _field(10.0, _Float(0.001), "deadline of every disk request, in seconds")
+    max_writebacks_in_flight: int = _field(
+        64,
+        _Int(1, 1 << 20),
+        "write-backs to disk in flight at once; an eviction that needs one more waits. Each "
+        "admitted eviction starts one, up to this many, before a block frees: a promotion of a few "
+        "chunks into a full CPU tier can start this many writes ahead of its reads",
+    )
     deterministic_writeback: bool = _field(
         False,
         _Bool(),
@@ -646,6 +653,7 @@ _FLAT_OVERRIDES: dict[str, str] = {
 _FLAT_OVERRIDES.update(
     method="cpu.method", staging_bytes="cpu.staging_bytes", tenant_salt="model.tenant_salt",
     eviction_policy="cpu.eviction_policy", deterministic_writeback="disk.deterministic_writeback",
+    disk_max_writebacks_in_flight="disk.max_writebacks_in_flight",
 )
 
 
@@ -789,6 +797,7 @@ class KVTierConfig:
             "disk_io_timeout_s": self.disk.io_timeout_s,
             "eviction_policy": self.cpu.eviction_policy,
             "deterministic_writeback": self.disk.deterministic_writeback,
+            "disk_max_writebacks_in_flight": self.disk.max_writebacks_in_flight,
         }
 
 

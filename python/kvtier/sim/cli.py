@@ -41,6 +41,8 @@ def add_parser(sub) -> None:
     p.add_argument("--deterministic-writeback", action="store_true",
                    help="model the engine's deterministic_writeback mode (every wait for disk write-backs "
                         "waits for all of them; the engine's hits are then reproduced exactly)")
+    p.add_argument("--max-writebacks", type=int, default=64, metavar="N",
+                   help="the disk tier's write-back bound (the engine's disk_max_writebacks_in_flight, 64)")
     p.add_argument("--replay", default="timestamps", choices=("timestamps", "fast"),
                    help="arrivals from the trace (queueing) or one request after another")
     p.add_argument("--calibrate", default=None, metavar="DIR",
@@ -98,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
                         disk_admit_min_seen=args.admit_min_seen, instances=args.instances, routing=args.routing,
                         peers=args.peers, peer_disk=args.peer_disk, write_through=args.write_through,
                         deterministic_writeback=args.deterministic_writeback, hardware=hw, replay=args.replay,
+                        max_demotions_in_flight=args.max_writebacks,
                         planner=CalibratedPlanner(hw, model) if args.planner else None)
     except ValueError as e:
         print(f"kvtier sim: {e}", file=sys.stderr)

@@ -63,7 +63,7 @@ def _keys(ids, tokens: int) -> list:
 def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *,
                     planner_flops_per_s: float | None = None, disk_gbps: float = 1.2,
                     cpu_gbps: float = 50.0, second_recompute: bool = False, split: bool = False,
-                    disk_chunks: tuple[int, int] = (2, 4)) -> dict[str, dict]:
+                    disk_chunks: tuple[int, int] = (2, 4), max_writebacks: int = 64) -> dict[str, dict]:
     """Simulate bench_e2e's steps for an ``n``-token prompt; returns per case the predicted TTFT
     (``ttft_s``) and what the request found (gpu / lower / disk chunks, write-backs waited for).
 
@@ -74,7 +74,8 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
     bench version (from 2026-11-27 01:13) that recomputes a second, fresh prompt right after the
     first. ``split``: the version with the disk_hit_split step (after disk_hit_planned: the
     disk hit again with bench_e2e's SplitCostModelPlanner, the same inputs). ``disk_chunks``:
-    the disk tier's size, see BENCH_VERSIONS.
+    the disk tier's size, see BENCH_VERSIONS. ``max_writebacks``: the disk's write-back bound
+    (the run's ``disk_max_writebacks_in_flight``; 64 before bench_e2e recorded it).
     """
     from kvtier.planner import CostModelPlanner, ModelCost, SplitCostModelPlanner
 
@@ -88,7 +89,7 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
     slot = 4096 + (block + 4095) // 4096 * 4096
     per_wait = max(1, min(64, int(200e-6 * hw.disk_write_bw // slot)))  # 32 MiB chunks: 1
     cpu = SimCpuTier(cpu_chunks, disk_slots=(disk_bytes - 4096) // slot, disk_admit_min_seen=1,
-                     writebacks_per_wait=per_wait)
+                     writebacks_per_wait=per_wait, max_demotions_in_flight=max_writebacks)
     pool = SimGpuPool(num_pages, page_tokens=PAGE, chunk_tokens=CHUNK, cpu=cpu, chunk_bytes=block)
     fresh = count()
 
@@ -227,7 +228,8 @@ def compare_e2e(bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft-h10
         pred = e2e_predictions(n, hw, model, planner_flops_per_s=flops, disk_gbps=disk_gbps, cpu_gbps=cpu_gbps,
                                second_recompute=version["second_recompute"],
                                split=version["split"] and ("disk_hit_split", n) in measured,
-                               disk_chunks=version["disk_chunks"])
+                               disk_chunks=version["disk_chunks"],
+                               max_writebacks=int(doc.get("disk_max_writebacks_in_flight", 64)))
         for case in E2E_CASES:
             if (case, n) not in measured:
                 continue
