@@ -188,8 +188,7 @@ def to_device(values, device) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``[t, hidden]`` -> ``[t, hidden]``; the statistics in fp32, as Llama computes them."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
 
 
 def rotary(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,13 +250,18 @@ class Block(nn.Module):
         super().__init__()
         d = c.head_dim
         self.attn_norm = gain(c.hidden)
-        self.wq = draw(c.heads * d, c.hidden)
-        self.wk = draw(c.kv_heads * d, c.hidden)
-        self.wv = draw(c.kv_heads * d, c.hidden)
+        wq = draw(c.heads * d, c.hidden)
+        wk = draw(c.kv_heads * d, c.hidden)
+        wv = draw(c.kv_heads * d, c.hidden)
+        # Q, K and V (and the MLP's gate and up) as one weight each: one GEMM instead of three (two).
+        self.wqkv = nn.Parameter(torch.cat([wq, wk, wv]), requires_grad=False)
+        del wq, wk, wv
         self.wo = draw(c.hidden, c.heads * d)
         self.mlp_norm = gain(c.hidden)
-        self.w_gate = draw(c.intermediate, c.hidden)
-        self.w_up = draw(c.intermediate, c.hidden)
+        w_gate = draw(c.intermediate, c.hidden)
+        w_up = draw(c.intermediate, c.hidden)
+        self.w_gate_up = nn.Parameter(torch.cat([w_gate, w_up]), requires_grad=False)
+        del w_gate, w_up
         self.w_down = draw(c.hidden, c.intermediate)
 
 
@@ -338,9 +342,9 @@ class Llama(nn.Module):
         x = self.embed[tokens]  # [T, hidden]
         for i, b in enumerate(self.blocks):
             h = rms_norm(x, b.attn_norm, c.norm_eps)
-            q = apply_rotary(F.linear(h, b.wq).view(t, c.heads, d), cos, sin)
-            k = apply_rotary(F.linear(h, b.wk).view(t, c.kv_heads, d), cos, sin)
-            v = F.linear(h, b.wv).view(t, c.kv_heads, d)
+            qkv = F.linear(h, b.wqkv).view(t, c.heads + 2 * c.kv_heads, d)
+            qk = apply_rotary(qkv[:, : c.heads + c.kv_heads], cos, sin)  # Q's and K's heads at once
+            q, k, v = qk[:, : c.heads], qk[:, c.heads :], qkv[:, c.heads + c.kv_heads :]
             if len(spans) == 1:  # one sequence (prefill): no per-sequence slices
                 s = spans[0]
                 s.kv.write(i, s.start, k, v)
@@ -356,7 +360,8 @@ class Llama(nn.Module):
                     row += s.length
             x = x + F.linear(out.reshape(t, c.hidden), b.wo)
             h = rms_norm(x, b.mlp_norm, c.norm_eps)
-            x = x + F.linear(F.silu(F.linear(h, b.w_gate)) * F.linear(h, b.w_up), b.w_down)
+            gate, up = F.linear(h, b.w_gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, b.w_down)
         if not all_logits:
             x = x[-1:] if len(spans) == 1 else x[to_device([s.length for s in spans], self.device).cumsum(0) - 1]
         return F.linear(rms_norm(x, self.norm, c.norm_eps), self.lm_head).float()
