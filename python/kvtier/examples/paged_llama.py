@@ -118,8 +118,11 @@ class PagedKV:
             where = self._slots[start, k.shape[0]] = (self.page_table[pos // self.pool.page_tokens],
                                                       pos % self.pool.page_tokens)
         page, slot = where
-        _wide(self._pages(layer, 0))[page, slot] = _wide(k)
-        _wide(self._pages(layer, 1))[page, slot] = _wide(v)
+        for kv, new in ((0, k), (1, v)):
+            dst, src = _wide(self._pages(layer, kv)), _wide(new)
+            if dst.dtype != src.dtype:  # one of them cannot be seen as words: element by element
+                dst, src = self._pages(layer, kv), new
+            dst[page, slot] = src
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.on_gpu:
