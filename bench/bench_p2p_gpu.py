@@ -48,6 +48,18 @@ def _kv(torch, pages: int, device: str, seed: int):
 
 
 # -- CUDA IPC ------------------------------------------------------------------------------------
+def _timed(fn, src_dev: str, dst_dev: str) -> float:
+    """Seconds of ``fn()``: both GPUs idle before, the destination's work done after."""
+    import torch
+
+    torch.cuda.synchronize(src_dev)
+    torch.cuda.synchronize(dst_dev)
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize(dst_dev)
+    return time.perf_counter() - t0
+
+
 def _ipc_exporter(q, done, device: str, pages: int, wait_s: float) -> None:
     import torch
     from kvtier.p2p.cuda_ipc import export_tensors
@@ -136,12 +148,7 @@ def _push_source_mapping(q, handles, src_index: int, dst_index: int, pool_pages:
         stream = torch.cuda.Stream(dst_dev)
 
         def timed(fn) -> float:
-            torch.cuda.synchronize(src_dev)
-            torch.cuda.synchronize(dst_dev)
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize(dst_dev)
-            return time.perf_counter() - t0
+            return _timed(fn, src_dev, dst_dev)
 
         def push():
             assert copy_pages(src, dst, src_pages, dst_pages, page_dim=1, stream=stream, method="push") == "push"
@@ -240,12 +247,7 @@ def bench_ipc(reps: int) -> list[dict]:
         stream = torch.cuda.Stream(dst_dev)
 
         def timed(fn) -> float:
-            torch.cuda.synchronize(src_dev)
-            torch.cuda.synchronize(dst_dev)
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize(dst_dev)
-            return time.perf_counter() - t0
+            return _timed(fn, src_dev, dst_dev)
 
         def ipc(method):
             def run():
