@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# What a session with GPU time runs first, in one device call on a two-GPU host (about 7 minutes):
+# What a session with GPU time runs first, in one device call on a two-GPU host (about 8 of the
+# call's 10 minutes):
 # build kvtier there, run every `gpu` test, then the benches whose GPU figures are pending:
 # CUDA IPC with 'push' from a mapping opened on the sources' GPU (docs/p2p.md), same-host sharing
-# through CUDA IPC, and bench_e2e on GPU 0 (the reference engine's gather / flash-GQA changes of
-# a96859b and the CPU hit's time line, docs/architecture.md "Layer-wise loading").
+# through CUDA IPC, scripts/diag_hit.py and bench_e2e on GPU 0 (the reference engine's changes of
+# 14d32bc, a96859b and 078d414, and the CPU hit's time line: docs/architecture.md "Layer-wise
+# loading"). A second call: bench_e2e --max-writebacks 4 (docs/policies.md, the split).
 #
 #   device (carry .device):  KVTIER_BENCH_COMMIT=<hash> bash scripts/gpu_check.sh "$OUT"
 #
