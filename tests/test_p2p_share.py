@@ -22,6 +22,7 @@ from kvtier.p2p.transport import Deadline
 
 torch = pytest.importorskip("torch")
 
+from _util import wait_until
 from kvtier.pool import PagedKVPool
 
 SECRET = b"share-test-secret-0123456789"
@@ -29,15 +30,6 @@ PEERS = {"secret": SECRET, "gossip_interval_s": 0.05, "ack_timeout_s": 0.04, "re
 CT = 32
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this machine")
-
-
-def _wait(pred, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 def make_pool(share="shm", kv_layout="vllm", write_through=False, **peer_kw):
@@ -71,7 +63,7 @@ def pair(request):
     kw = getattr(request, "param", {})
     a = make_pool(**kw.get("a", {}))
     b = make_pool(**kw.get("b", {}), seeds=(a.cache.stats()["peers"]["address"],))
-    _wait(lambda: len(a.cache._peers.members()) == 1 and len(b.cache._peers.members()) == 1)
+    wait_until(lambda: len(a.cache._peers.members()) == 1 and len(b.cache._peers.members()) == 1)
     yield a, b
     b.close()
     a.close()
@@ -159,7 +151,7 @@ def test_b_copies_chunks_only_in_a_pool_bit_exact(kv_layout):
         sa = compute(a, tokens, seed=1)
         # Not in A's CPU tier (no write-through, no eviction): only its pool holds the chunks.
         assert a.cache.lookup_tiers(tokens) == []
-        _wait(lambda: b.cache.lookup(tokens) == 4 * CT)
+        wait_until(lambda: b.cache.lookup(tokens) == 4 * CT)
         sb = b.begin(tokens + [7])
         assert sb.lower_hit_tokens == 4 * CT
         sb.wait()
@@ -222,7 +214,7 @@ def test_a_lease_the_importer_never_releases_expires():
             assert pin.chunks == 2 and pin.lease_ms == 2000  # 2 x request_timeout_s
             assert a.stats()["gpu_referenced_chunks"] == 2
             # The client vanishes without GPU_UNPIN: the lease runs out and the pins go.
-            _wait(lambda: a.stats()["gpu_referenced_chunks"] == 0, timeout=5.0)
+            wait_until(lambda: a.stats()["gpu_referenced_chunks"] == 0, timeout=5.0)
             assert svc.stats()["gpu_leases_expired"] == 1
             # A release after expiry is answered, and changes nothing.
             _, body = conn.request(P.Kind.GPU_UNPIN, 3, P.encode_lease(pin.lease_id), Deadline(2.0),
@@ -268,7 +260,7 @@ def test_a_peer_that_cannot_share_is_pulled_over_tcp(why):
         tokens = list(range(700, 700 + 3 * CT))
         sa = compute(a, tokens, seed=4)
         a.cache.drain()
-        _wait(lambda: b.cache.lookup(tokens) == 3 * CT)
+        wait_until(lambda: b.cache.lookup(tokens) == 3 * CT)
         sb = b.begin(tokens)
         sb.wait()
         n = 3 * CT // 8
@@ -299,7 +291,7 @@ def test_pool_half_in_a_pool_half_in_a_cpu_tier(pair):
     a.cache.drain()
     assert [k in a._chunks for k in keys] == [True] * 3 + [False] * 3
     assert [a.cache._tier.lookup(k) for k in keys] == [0] * 3 + [1] * 3  # the CPU tier has the last three
-    _wait(lambda: b.cache.lookup(tokens) == 6 * CT)
+    wait_until(lambda: b.cache.lookup(tokens) == 6 * CT)
     sb = b.begin(tokens)
     sb.wait()
     for i, k in enumerate(keys):
@@ -390,7 +382,7 @@ def test_another_process_copies_the_pool_pages_bit_exact(mode, device):
     try:
         address, digest, _pid = q.get(timeout=120)
         b = _importer(mode, b_device, (address,))
-        _wait(lambda: b.cache.lookup(tokens) == 5 * CT, timeout=20)
+        wait_until(lambda: b.cache.lookup(tokens) == 5 * CT, timeout=20)
         t0 = time.monotonic()
         seq = b.begin(tokens + [3])
         seq.wait()
@@ -428,7 +420,7 @@ def test_an_exporter_killed_after_mapping_costs_a_miss_within_the_deadline():
     try:
         address, _digest, pid = q.get(timeout=120)
         b = _importer("shm", "cpu", (address,))
-        _wait(lambda: b.cache.lookup(tokens) == 5 * CT, timeout=20)  # mapped A's pool, A confirmed
+        wait_until(lambda: b.cache.lookup(tokens) == 5 * CT, timeout=20)  # mapped A's pool, A confirmed
         assert b.cache.stats()["peers"]["gpu_maps"] == 1
         os.kill(pid, signal.SIGKILL)
         p.join(10)

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from _util import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvtier import _core
@@ -315,15 +316,6 @@ def _svc(tier, **kw):
     return PeerService(tier, FP, PeerConfig(**cfg)).start()
 
 
-def _wait(pred, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError("timed out")
-
-
 KEYS = [bytes([i]) * 16 for i in range(1, 9)]
 
 
@@ -340,7 +332,7 @@ def test_pull_from_two_sources_at_once_bit_exact():
             _put(tb, k, i)
         a.note_stored(KEYS[:4])
         b.note_stored(KEYS[4:])
-        _wait(lambda: c.lookup(KEYS) == 8)
+        wait_until(lambda: c.lookup(KEYS) == 8)
         op = c.load(KEYS, np.arange(8), 0)
         op.transfer.wait(5)
         assert op.chunks == 8
@@ -460,7 +452,7 @@ def test_kvcache_with_peers_in_one_process():
     try:
         tokens = list(range(7, 7 + 4 * 32))
         a.store(tokens, list(range(8))).wait()
-        _wait(lambda: b.lookup(tokens) == 4 * 32)
+        wait_until(lambda: b.lookup(tokens) == 4 * 32)
         h = b.load(tokens, list(range(8, 16)))
         assert h.wait() == 4 * 32
         assert all(torch.equal(kva[i][:, p], kvb[i][:, 8 + p]) for i in range(2) for p in range(8))
@@ -498,7 +490,7 @@ def test_paged_pools_share_prefixes_through_peers():
         for t in a.kv:
             t[:, sa.page_table] = torch.randn(t[:, sa.page_table].shape, generator=g)
         assert a.commit(sa, tokens) == 3
-        _wait(lambda: b.cache.lookup(tokens) == 3 * 32)
+        wait_until(lambda: b.cache.lookup(tokens) == 3 * 32)
         sb = b.begin(tokens + [1])
         assert sb.lower_hit_tokens == 3 * 32 and sb.gpu_hit_tokens == 0
         sb.wait()
