@@ -48,6 +48,18 @@ def _kv(torch, pages: int, device: str, seed: int):
 
 
 # -- CUDA IPC ------------------------------------------------------------------------------------
+def _targets(pool_pages: int, nbytes: int, src_dev: str, dst_dev: str):
+    """What a copying process needs: its pool's tensors on ``dst_dev`` (zeros), and the baseline
+    pair, ``nbytes`` as one contiguous tensor on ``src_dev`` and its destination on ``dst_dev``
+    (torch D2D between the same GPUs), with a stream on ``dst_dev``."""
+    import torch
+
+    dst = [torch.zeros(2, pool_pages, PAGE, KV_HEADS, HEAD_DIM, device=dst_dev, dtype=torch.bfloat16)
+           for _ in range(LAYERS)]
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=src_dev).normal_()
+    return dst, a, torch.empty_like(a, device=dst_dev), torch.cuda.Stream(dst_dev)
+
+
 def _timed(fn, src_dev: str, dst_dev: str) -> float:
     """Seconds of ``fn()``: both GPUs idle before, the destination's work done after."""
     import torch
@@ -141,11 +153,7 @@ def _push_source_mapping(q, handles, src_index: int, dst_index: int, pool_pages:
         if push_dev != src_index:  # it would be 'kernel' on dst_index, which cannot read this mapping
             q.put(f"push_device names cuda:{push_dev}, not cuda:{src_index}, for a mapping opened on cuda:{src_index}")
             return
-        dst = [torch.zeros(2, pool_pages, PAGE, KV_HEADS, HEAD_DIM, device=dst_dev, dtype=torch.bfloat16)
-               for _ in range(LAYERS)]
-        a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=src_dev).normal_()
-        b = torch.empty_like(a, device=dst_dev)
-        stream = torch.cuda.Stream(dst_dev)
+        dst, a, b, stream = _targets(pool_pages, nbytes, src_dev, dst_dev)
 
         def timed(fn) -> float:
             return _timed(fn, src_dev, dst_dev)
@@ -239,12 +247,7 @@ def bench_ipc(reps: int) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - e.g. a _core without 'push': the other rows stand
             print(f"ipc: no push row: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             dropped.add("push")
-        dst = [torch.zeros(2, pool_pages, PAGE, KV_HEADS, HEAD_DIM, device=dst_dev, dtype=torch.bfloat16)
-               for _ in range(LAYERS)]
-        # Baseline: the same bytes as one contiguous tensor, torch D2D between the same GPUs.
-        a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=src_dev).normal_()
-        b = torch.empty_like(a, device=dst_dev)
-        stream = torch.cuda.Stream(dst_dev)
+        dst, a, b, stream = _targets(pool_pages, nbytes, src_dev, dst_dev)
 
         def timed(fn) -> float:
             return _timed(fn, src_dev, dst_dev)
