@@ -84,7 +84,47 @@ def main() -> None:
     for e in rows[:15]:
         print(f"  {e.key:48s} calls {e.count:6d}  host self {e.self_cpu_time_total / 1e3:9.2f} ms  "
               f"mean {e.cpu_time_total / max(e.count, 1) / 1e3:8.2f} ms/call (inclusive)")
+    gpu_time_line(prof)
     pool.close()
+
+
+def gpu_time_line(prof) -> None:
+    """Per CUDA stream of the profiled hit: its kernels and copies, when the first started and
+    the last ended, and (on the stream running attention) when each layer's attention kernel
+    ran, in ms from the first GPU event. Layer l's attention starting only after the whole load
+    means the forward did not overlap the load."""
+    import tempfile
+
+    path = os.environ.get("DIAG_TRACE") or tempfile.mktemp(suffix=".json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not gpu:
+        print("no GPU events in the trace")
+        return
+    t0 = min(e["ts"] for e in gpu)
+    streams: dict = {}
+    for e in gpu:
+        streams.setdefault(e.get("args", {}).get("stream"), []).append(e)
+    print("GPU time line of the profiled CPU hit (ms from the first GPU event):")
+    for sid, evs in sorted(streams.items(), key=lambda kv: min(e["ts"] for e in kv[1])):
+        evs.sort(key=lambda e: e["ts"])
+        busy = sum(e.get("dur", 0) for e in evs) / 1e3
+        kinds: dict = {}
+        for e in evs:
+            kinds[e["cat"]] = kinds.get(e["cat"], 0) + 1
+        print(f"  stream {sid}: {kinds}, first start {(evs[0]['ts'] - t0) / 1e3:.2f}, "
+              f"last end {(max(e['ts'] + e.get('dur', 0) for e in evs) - t0) / 1e3:.2f}, busy {busy:.2f}")
+        attn = [e for e in evs if "flash" in e["name"].lower() or "attention" in e["name"].lower()]
+        if attn:
+            print("    attention kernels start at: " + ", ".join(f"{(e['ts'] - t0) / 1e3:.1f}" for e in attn))
+        top: dict = {}
+        for e in evs:
+            k = e["name"][:60]
+            top[k] = top.get(k, 0) + e.get("dur", 0)
+        for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:6]:
+            print(f"    {v / 1e3:8.2f} ms  {k}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from kvtier.errors import InvalidArgumentError
 from kvtier.pool import PagedKVPool, Sequence
+from kvtier.upload import to_device  # uploads that do not wait behind a tier load (kvtier.upload)
 
 __all__ = ["ContiguousKV", "Engine", "Generation", "KVStore", "Llama", "LlamaConfig", "PagedKV",
            "ReferenceOutput", "Span", "reference_generate"]
@@ -175,18 +176,6 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
         return t.view(torch.int64)
     except RuntimeError:  # a stride or offset not a multiple of the word
         return t
-
-
-def to_device(values, device) -> torch.Tensor:
-    """int64 ``values`` (a list or CPU tensor) on ``device``. To a GPU the copy is queued from
-    pinned memory and the host goes on: a plain copy from pageable memory blocks the host until
-    the copy engine reaches it, which during a hit's load is after the whole load (the page
-    table of a 32k-token CPU hit then waited ~75 ms on an H100 before a kernel was queued)."""
-    t = torch.as_tensor(values, dtype=torch.long)
-    device = torch.device(device)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
