@@ -106,13 +106,14 @@ Status CopyByDma(const std::vector<CopySegment>& segments, cudaStream_t stream) 
 }
 
 // The copy kernel over `pieces` on `stream` (of the current GPU): they travel in the launch's
-// parameter, kSegmentPiecesPerLaunch a launch.
+// parameter, kSegmentPiecesPerLaunch a launch, each launch cut into equal shares of its bytes.
 Status LaunchPieces(const std::vector<CopySegment>& pieces, cudaStream_t stream) {
   auto batch = std::make_unique<SegmentBatch>();
   for (size_t i = 0; i < pieces.size(); i += kSegmentPiecesPerLaunch) {
     const size_t n = std::min<size_t>(kSegmentPiecesPerLaunch, pieces.size() - i);
-    batch->count = static_cast<uint32_t>(n);
-    std::copy(pieces.begin() + i, pieces.begin() + i + n, batch->pieces);
+    batch->count = 0;
+    batch->total = 0;
+    for (size_t j = i; j < i + n; ++j) AddPiece(*batch, pieces[j].src, pieces[j].dst, pieces[j].bytes);
     KVTIER_CUDA_RETURN_IF_ERROR(LaunchSegmentCopy(*batch, stream), "CopySegments kernel launch");
   }
   return Status::OK();
@@ -259,10 +260,7 @@ Status CopySegments(int device, const std::vector<CopySegment>& segments, uintpt
       return Status(StatusCode::kInvalidArgument,
                     "CopySegments: segment " + std::to_string(i) + " has a null address");
     }
-    for (uint64_t off = 0; off < s.bytes; off += kSegmentPieceBytes) {
-      const uint64_t n = s.bytes - off < kSegmentPieceBytes ? s.bytes - off : kSegmentPieceBytes;
-      pieces.push_back({s.src + off, s.dst + off, n});
-    }
+    pieces.push_back(s);  // whole: the launch splits its bytes among blocks evenly
   }
   if (pieces.empty()) return Status::OK();
   DeviceGuard guard;
