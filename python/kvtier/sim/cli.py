@@ -51,7 +51,9 @@ def add_parser(sub) -> None:
                    help="the bench_e2e run whose 4096-token recompute sets the GEMM rate (and, for a one-step-prefill "
                         "run, whose 4096-token GPU hit sets a hit's fixed step cost). Default: the run in DIR with "
                         "the newest 'date', on that date one of bench_e2e's default configuration (one-step prefill, "
-                        "vllm KV layout, copy method auto) before variants, then the last file name")
+                        "vllm KV layout, copy method auto, write-back bound 64) before variants, then one whose "
+                        "loads overlap the step (load_compute_overlap), then one with repeated hits (reps_s), "
+                        "then the last file name")
     p.add_argument("--gpu-tag", default="h200", help="file tag of the GPU copy bench to calibrate from")
     p.add_argument("--disk-tag", default="h200host", help="file tag of the GPU host's disk bench")
     p.add_argument("--no-ablation", action="store_true", help="skip the runs without disk / CPU / cache")
@@ -161,12 +163,17 @@ def _brief(r) -> dict:
 def _latest_e2e(bench_dir: str) -> str | None:
     """The bench_e2e run ``--e2e`` defaults to, chosen on purpose rather than by file name: the
     newest ``date``; on that date a run of bench_e2e's default configuration (one-step prefill,
-    ``kv_layout`` vllm, ``method`` auto: the engine as it ships) before variants (another layout
-    or copy method, the earlier chunked-prefill engine); then the file name. Tiny-model runs
-    never. In bench/results of 2026-11-27: bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout."""
+    ``kv_layout`` vllm, ``method`` auto, the disk's write-back bound 64: the engine as it ships)
+    before variants (another layout, copy method or bound, the earlier chunked-prefill engine);
+    among those, the newer engine and bench as their JSON records them: a run whose loads overlap
+    the step (``load_compute_overlap``, fad879f on) before one without, then one whose hits are
+    the median of several requests (``reps_s``, bench_e2e 78de092 on); then the file name. Tiny-
+    model runs never. In bench/results of 2026-11-27: the ``_r5`` run once it is there, else
+    ``_overlap`` (not ``_writebacks4``: bound 4; not ``_zero_copy``: method zero_copy)."""
     import glob
 
     from kvtier.sim.cost import one_step_prefill
+    from kvtier.sim.validate import hit_reps
 
     best, best_key = None, None
     for f in sorted(glob.glob(os.path.join(bench_dir, "bench_e2e-*.json"))):
@@ -178,8 +185,10 @@ def _latest_e2e(bench_dir: str) -> str | None:
         if "tiny" in os.path.basename(f) or doc.get("workload", "").startswith("tiny"):
             continue
         default = (one_step_prefill(doc) and doc.get("kv_layout") == "vllm"
-                   and doc.get("method", "auto") == "auto")
-        key = (str(doc.get("date", "")), default, os.path.basename(f))
+                   and doc.get("method", "auto") == "auto"
+                   and int(doc.get("disk_max_writebacks_in_flight", 64)) == 64)
+        newer = (bool(doc.get("load_compute_overlap")), hit_reps(doc) > 1 if "results" in doc else False)
+        key = (str(doc.get("date", "")), default, newer, os.path.basename(f))
         if best_key is None or key > best_key:
             best, best_key = f, key
     return best

@@ -21,6 +21,9 @@ Moving chunks:
   needs waits for one write-back: ``+ chunk_bytes / disk_write_bw`` each (the disk does one thing
   at a time).
 - peer -> GPU: ``link_latency + bytes / link_bw`` then the scatter.
+- With ``load_compute_overlap`` (the engine from fad879f on) the scatter overlaps the step that
+  reads the chunks, layer by layer; disk reads and write-backs still precede it
+  (kvtier.sim.engine.request_service_s).
 """
 
 from __future__ import annotations
@@ -76,7 +79,11 @@ class HardwareCost:
     chunked-prefill engine whose recompute ran as many such steps). ``writebacks_share_disk``:
     a load's disk reads share the disk with every write-back the load started (a promotion into a
     full CPU tier evicts a chunk to write back for each one it reads), not only those it waited
-    for. ``sources`` says where each calibrated number came from (file and case)."""
+    for. ``load_compute_overlap``: a step's layer ``l`` computes as soon as layer ``l`` of the
+    pages loaded from a lower tier has landed (the engine from fad879f on; bench_e2e records
+    ``load_compute_overlap`` in its JSON), so a load's copy overlaps the step instead of preceding
+    it (kvtier.sim.engine.request_service_s gives both forms). ``sources`` says where each
+    calibrated number came from (file and case)."""
 
     weights_rate: float = 100e12
     attention_rate: float = 600e12
@@ -89,6 +96,7 @@ class HardwareCost:
     link_latency_s: float = 200e-6
     hit_forward_s: float = 0.0
     writebacks_share_disk: bool = False
+    load_compute_overlap: bool = False
     sources: dict = field(default_factory=dict)
 
     def prefill_s(self, model: ModelShape, start: int, end: int) -> float:
@@ -202,6 +210,12 @@ class Calibration:
                 hw = replace(hw, hit_forward_s=max(0.0, fixed), writebacks_share_disk=True,
                              sources={**hw.sources,
                                       "hit_forward_s": f"{os.path.basename(e2e_file)}:ttft_gpu_hit_{calibrate_tokens}"})
+            if edoc.get("load_compute_overlap"):
+                # Not a rate: how the run's engine schedules a load against the step (a fact the
+                # run records), named in sources like the rates.
+                hw = replace(hw, load_compute_overlap=True,
+                             sources={**hw.sources,
+                                      "load_compute_overlap": f"{os.path.basename(e2e_file)}:load_compute_overlap"})
         return hw
 
 

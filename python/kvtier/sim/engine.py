@@ -5,8 +5,9 @@ disk), with the engine's semantics and the same Python policy objects the engine
 (kvtier.policies EvictionPolicy / AdmissionPolicy / PrefetchPolicy, kvtier.planner LoadPlanner).
 Requests are routed to an instance (round robin, least loaded, or cache aware), served one prefill
 at a time per instance (FIFO; decode runs elsewhere, as in a prefill/decode-disaggregated
-deployment), and their time to first token is queueing + offload + loads + prefill, priced by
-:class:`kvtier.sim.cost.HardwareCost`.
+deployment), and their time to first token is queueing + offload + loads + prefill (the loads'
+copies overlapping the prefill where ``HardwareCost.load_compute_overlap`` says the engine does),
+priced by :class:`kvtier.sim.cost.HardwareCost`.
 
 Tier state advances request by request in arrival order (each request's begin, commit and
 release happen at once); time is computed alongside. Example::
@@ -27,8 +28,8 @@ from kvtier.sim.cost import MODEL_PRESETS, HardwareCost, ModelShape
 from kvtier.sim.tiers import SimCpuTier, SimGpuPool
 from kvtier.sim.trace import Request
 
-__all__ = ["ROUTINGS", "Instance", "SimConfig", "SimResult", "Simulator", "request_load_parts_s", "request_load_s",
-           "request_service_s", "tier_ablation"]
+__all__ = ["ROUTINGS", "Instance", "SimConfig", "SimResult", "Simulator", "prefill_step_s", "request_copy_s",
+           "request_load_parts_s", "request_load_s", "request_service_s", "tier_ablation"]
 
 ROUTINGS = ("round_robin", "least_loaded", "cache_aware")
 _BLOCK = 4096
@@ -394,28 +395,65 @@ def request_load_s(hw: HardwareCost, chunk_bytes: int, b, peer: int = 0) -> floa
     return sum(request_load_parts_s(hw, chunk_bytes, b, peer))
 
 
+def request_copy_s(hw: HardwareCost, chunk_bytes: int, b) -> float:
+    """Seconds of the scatter of a request's lower-tier chunks into GPU pages (the copy-engine
+    part of its load, after any disk reads or peer pulls)."""
+    return b.lower_hits * chunk_bytes / hw.h2d_bw
+
+
+def prefill_step_s(hw: HardwareCost, model: ModelShape, start: int, end: int) -> float:
+    """Seconds of one prefill step over tokens [start, end): its FLOPs, and ``hw.hit_forward_s``
+    when it starts after a cached prefix."""
+    return hw.prefill_s(model, start, end) + (hw.hit_forward_s if 0 < start < end else 0.0)
+
+
 def request_service_s(hw: HardwareCost, model: ModelShape, chunk_tokens: int, chunk_bytes: int, b,
                       num_tokens: int, peer: int = 0) -> float:
     """A request's time to first token on an idle instance: its chunk moves and its prefill.
 
-    Without a split plan, in series: pages + load + prefill of the tokens after the cached
-    prefix (at least the last one). With one (``b.split_head``), as PagedKVPool.begin and
-    Engine.prefill run it: pages, then the head's prefill and the tail's load at once, then the
-    prefill of the rest: ``pages + max(prefill(head), load(tail)) + prefill(rest)``.
-    Each prefill step that starts after a cached prefix also costs ``hw.hit_forward_s``."""
+    Each prefill step that starts after a cached prefix costs its FLOPs and ``hw.hit_forward_s``
+    (``F`` below). ``pages``, ``load``: :func:`request_load_parts_s`; ``copy``: the load's scatter
+    into GPU pages (:func:`request_copy_s`); ``disk = load - copy``: its write-backs, disk reads
+    and peer pulls, which the CPU tier finishes on the host before it queues the scatter
+    (CpuTier::Load), so nothing overlaps them but a split plan's head.
+
+    Without ``hw.load_compute_overlap`` (engines before fad879f: the step's small uploads queued
+    behind the load's copies, so the step started once the whole load had landed), in series:
+    ``pages + load + F`` over the tokens after the cached prefix (at least the last one). With a
+    split plan (``b.split_head``), as PagedKVPool.begin and Engine.prefill run it: pages, then the
+    head's prefill and the tail's load at once, then the rest:
+    ``pages + max(F(head), load(tail)) + F(rest)``.
+
+    With ``hw.load_compute_overlap`` (fad879f on): layer ``l`` of the step computes as soon as
+    layer ``l`` of the loaded pages has landed, so the step's last layer ends after the later of
+    the step itself and the copy, plus the GPU work of that one layer once its pages landed
+    (the step's FLOPs over ``model.layers``; the host has queued it long before):
+    ``pages + disk + max(F, copy + F_flops / layers)``; split:
+    ``pages + max(max(F(head), disk) + F(rest), disk + copy + F_flops(rest) / layers)``. With
+    nothing to load both forms are ``pages + F``."""
     pages, load = request_load_parts_s(hw, chunk_bytes, b, peer)
     ct, n = chunk_tokens, num_tokens
 
     def step(start: int, end: int) -> float:
-        return hw.prefill_s(model, start, end) + (hw.hit_forward_s if 0 < start < end else 0.0)
+        return prefill_step_s(hw, model, start, end)
 
     if b.split_head:
         start = b.gpu_hits * ct
         tail = start + b.split_head * ct
         end = tail + b.lower_hits * ct
-        return pages + max(step(start, tail), load) + step(min(end, n - 1) if n else 0, n)
+        rest = min(end, n - 1) if n else 0
+        if not hw.load_compute_overlap:
+            return pages + max(step(start, tail), load) + step(rest, n)
+        copy = request_copy_s(hw, chunk_bytes, b)
+        disk = load - copy
+        return pages + max(max(step(start, tail), disk) + step(rest, n),
+                           disk + copy + hw.prefill_s(model, rest, n) / model.layers)
     cached = (b.gpu_hits + b.lower_hits) * ct
-    return pages + load + step(min(cached, n - 1) if n else 0, n)
+    start = min(cached, n - 1) if n else 0
+    if not hw.load_compute_overlap or not b.lower_hits:
+        return pages + load + step(start, n)
+    copy = request_copy_s(hw, chunk_bytes, b)
+    return pages + (load - copy) + max(step(start, n), copy + hw.prefill_s(model, start, n) / model.layers)
 
 
 def tier_ablation(requests: list[Request], cfg: SimConfig) -> dict[str, SimResult]:

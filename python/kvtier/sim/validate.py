@@ -20,6 +20,11 @@ the calibration also takes the run's GPU hit at ``calibrate_tokens`` (a step's f
 cached prefix, ``HardwareCost.hit_forward_s``), declared as calibration in the rows, and loads are
 priced with every write-back their promotion started (``writebacks_share_disk``). Chunked-prefill
 runs keep the model they were validated with.
+
+Runs whose engine overlaps a load's copy with the step (the JSON has ``load_compute_overlap``;
+commit fad879f on) are priced with ``HardwareCost.load_compute_overlap`` (see
+kvtier.sim.engine.request_service_s); runs without the key keep the serial form. Runs whose GPU
+and CPU hits are the median of several requests (``reps_s``) are replayed with as many.
 """
 
 from __future__ import annotations
@@ -32,11 +37,17 @@ from dataclasses import dataclass
 from itertools import count
 
 from kvtier.sim.cost import MODEL_PRESETS, Calibration, HardwareCost, ModelShape
-from kvtier.sim.engine import request_load_parts_s, request_service_s
+from kvtier.sim.engine import (
+    prefill_step_s,
+    request_copy_s,
+    request_load_parts_s,
+    request_service_s,
+)
 from kvtier.sim.tiers import SimCpuTier, SimGpuPool
 
 __all__ = ["E2E_CASES", "E2ERow", "bench_version", "claimed_cases", "compare_e2e", "compare_e2e_runs",
-           "cross_run_table", "e2e_predictions", "format_cross_run_table", "format_table", "short_run_name"]
+           "cross_run_table", "e2e_predictions", "format_cross_run_table", "format_table", "hit_reps",
+           "short_run_name"]
 
 PAGE, CHUNK = 16, 256
 E2E_CASES = ("recompute", "gpu_hit", "cpu_hit", "disk_hit", "disk_hit_planned", "disk_hit_split",
@@ -53,6 +64,8 @@ BENCH_VERSIONS = {
     "47fdc0d": {"disk_chunks": (4, 8), "second_recompute": True, "split": True},
     "e11ec45": {"disk_chunks": (4, 8), "second_recompute": True, "split": True},
     "bcd9684": {"disk_chunks": (4, 8), "second_recompute": True, "split": True},
+    # the engine overlaps a load's copy with the step (the JSON has "load_compute_overlap")
+    "fad879f": {"disk_chunks": (4, 8), "second_recompute": True, "split": True},
 }
 
 
@@ -63,7 +76,8 @@ def _keys(ids, tokens: int) -> list:
 def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *,
                     planner_flops_per_s: float | None = None, disk_gbps: float = 1.2,
                     cpu_gbps: float = 50.0, second_recompute: bool = False, split: bool = False,
-                    disk_chunks: tuple[int, int] = (2, 4), max_writebacks: int = 64) -> dict[str, dict]:
+                    disk_chunks: tuple[int, int] = (2, 4), max_writebacks: int = 64,
+                    hit_reps: int = 1) -> dict[str, dict]:
     """Simulate bench_e2e's steps for an ``n``-token prompt; returns per case the predicted TTFT
     (``ttft_s``) and what the request found (gpu / lower / disk chunks, write-backs waited for).
 
@@ -76,6 +90,10 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
     disk hit again with bench_e2e's SplitCostModelPlanner, the same inputs). ``disk_chunks``:
     the disk tier's size, see BENCH_VERSIONS. ``max_writebacks``: the disk's write-back bound
     (the run's ``disk_max_writebacks_in_flight``; 64 before bench_e2e recorded it).
+    ``hit_reps``: requests per GPU-hit and CPU-hit case (bench_e2e from 78de092: 5, each CPU
+    hit after its own push out of the GPU; the case is their median, ``reps_s`` in its JSON).
+    A case's detail gives ``copy_s`` (the load's scatter into GPU pages) and ``step_s`` (the
+    step after the cached prefix), the parts that overlap under ``hw.load_compute_overlap``.
     """
     from kvtier.planner import CostModelPlanner, ModelCost, SplitCostModelPlanner
 
@@ -97,22 +115,30 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
         return [next(fresh) for _ in range(m // CHUNK)]  # ids of the full chunks of m new tokens
 
     out: dict[str, dict] = {}
+    reps: dict[str, list[dict]] = {}
 
     def generate(ids: list, m: int, case: str | None = None) -> None:
-        """Engine.generate([prompt], 1): begin(prompt[:-1]) -> prefill -> commit(prompt) -> release."""
+        """Engine.generate([prompt], 1): begin(prompt[:-1]) -> prefill -> commit(prompt) -> release.
+        A case served more than once (hit_reps) keeps every request's TTFT and the median's detail."""
         b = pool.begin(_keys(ids, m - 1), m)
         if b.rejected:
             raise RuntimeError(f"the simulated pool cannot hold a {m}-token prompt")
         cached = (b.gpu_hits + b.lower_hits) * CHUNK
         ttft = request_service_s(hw, model, CHUNK, block, b, m)
         load_s = request_load_parts_s(hw, block, b)[1]
+        # the step after the cached prefix (a split plan's: the one after its loaded tail)
+        step_s = prefill_step_s(hw, model, min((b.gpu_hits + b.split_head + b.lower_hits) * CHUNK, m - 1), m)
         pool.finish(b, _keys(ids, m))
         if case:
-            out[case] = {"ttft_s": ttft, "load_s": load_s, "gpu_chunks": b.gpu_hits, "lower_chunks": b.lower_hits,
-                         "disk_chunks": b.disk_hits, "computed_tokens": m - cached, "split_head_chunks": b.split_head,
-                         "planned_recompute_chunks": b.planned_recompute, "writebacks_waited": b.critical_writebacks,
-                         "writebacks_started_by_load": b.load_disk_writes,
-                         "offloaded_chunks": b.offloaded}
+            d = {"ttft_s": ttft, "load_s": load_s, "copy_s": request_copy_s(hw, block, b), "step_s": step_s,
+                 "gpu_chunks": b.gpu_hits, "lower_chunks": b.lower_hits,
+                 "disk_chunks": b.disk_hits, "computed_tokens": m - cached, "split_head_chunks": b.split_head,
+                 "planned_recompute_chunks": b.planned_recompute, "writebacks_waited": b.critical_writebacks,
+                 "writebacks_started_by_load": b.load_disk_writes,
+                 "offloaded_chunks": b.offloaded}
+            runs = sorted(reps.setdefault(case, []) + [d], key=lambda r: r["ttft_s"])
+            reps[case] = runs
+            out[case] = dict(runs[len(runs) // 2], reps_s=[r["ttft_s"] for r in runs])  # the bench's median
 
     def push_out_of_gpu() -> None:
         b = pool.begin(tokens(pool_tokens), pool_tokens)
@@ -129,9 +155,11 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
     generate(prompt, n, "recompute")
     if second_recompute:
         generate(tokens(n), n)
-    generate(prompt, n, "gpu_hit")
-    push_out_of_gpu()
-    generate(prompt, n, "cpu_hit")
+    for _ in range(hit_reps):
+        generate(prompt, n, "gpu_hit")
+    for _ in range(hit_reps):
+        push_out_of_gpu()
+        generate(prompt, n, "cpu_hit")
     push_out_of_gpu()
     push_out_of_cpu()
     generate(prompt, n, "disk_hit")
@@ -192,6 +220,12 @@ def bench_version(doc: dict) -> dict:
     return BENCH_VERSIONS["95c7220" if split else "unknown"]
 
 
+def hit_reps(doc: dict) -> int:
+    """Requests per GPU-hit and CPU-hit case of a bench_e2e run: the length of their ``reps_s``
+    (bench_e2e from 78de092), 1 before."""
+    return max((len(r["reps_s"]) for r in doc["results"] if r.get("reps_s")), default=1)
+
+
 def compare_e2e(bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft-h100-*.json",
                 calibrate_tokens: int = 4096, gpu_tag: str = "h200", disk_tag: str = "h200host"
                 ) -> tuple[list[E2ERow], HardwareCost]:
@@ -229,7 +263,8 @@ def compare_e2e(bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft-h10
                                second_recompute=version["second_recompute"],
                                split=version["split"] and ("disk_hit_split", n) in measured,
                                disk_chunks=version["disk_chunks"],
-                               max_writebacks=int(doc.get("disk_max_writebacks_in_flight", 64)))
+                               max_writebacks=int(doc.get("disk_max_writebacks_in_flight", 64)),
+                               hit_reps=hit_reps(doc))
         for case in E2E_CASES:
             if (case, n) not in measured:
                 continue
@@ -317,6 +352,8 @@ def format_table(rows: list[E2ERow]) -> str:
                  f"computed {d['computed_tokens']} tok")
         if d.get("writebacks_waited"):
             found += f", waited for {d['writebacks_waited']} write-backs"
+            if d.get("writebacks_started_by_load", 0) > d["writebacks_waited"]:
+                found += f" ({d['writebacks_started_by_load']} started)"
         if d.get("split_head_chunks"):
             found += f", split: head of {d['split_head_chunks']} chunks recomputed while the tail loaded"
         elif d.get("planned_recompute_chunks"):
