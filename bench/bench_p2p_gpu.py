@@ -4,7 +4,8 @@ Workload ``ipc_llama3_8b_4096tok``: process A holds 4096 tokens of Llama-3-8B-sh
 vLLM-layout pool on its GPU (32 layers x [2, pages, 16, 8, 128] bf16: 512 MiB in 16 chunks of
 16 pages, at shuffled page positions) and exports the tensors through CUDA IPC; process B (this
 one), on the other GPU when there are two, maps them and copies the chunks' pages into its own
-pool (``kvtier.p2p.cuda_ipc.copy_pages``: every contiguous page run per tensor is one byte range),
+pool (a ``kvtier.p2p.cuda_ipc.PageCopier`` kept for the mapping, as pool sharing keeps one:
+every contiguous page run per tensor is one byte range),
 one row per method: ``dma`` (copy engines), ``kernel`` (copy kernel on B's GPU, reading A's
 memory) and ``push`` (the kernel on A's GPU, writing into B's; dropped with a message on stderr
 where it fails, the other rows kept). Baseline, measured in the same run: a torch
@@ -144,7 +145,7 @@ def _push_source_mapping(q, handles, src_index: int, dst_index: int, pool_pages:
     try:
         import torch
         from kvtier import _core
-        from kvtier.p2p.cuda_ipc import copy_pages, import_tensors
+        from kvtier.p2p.cuda_ipc import PageCopier, import_tensors
 
         src_dev, dst_dev = f"cuda:{src_index}", f"cuda:{dst_index}"
         torch.cuda.set_device(dst_dev)
@@ -154,12 +155,13 @@ def _push_source_mapping(q, handles, src_index: int, dst_index: int, pool_pages:
             q.put(f"push_device names cuda:{push_dev}, not cuda:{src_index}, for a mapping opened on cuda:{src_index}")
             return
         dst, a, b, stream = _targets(pool_pages, nbytes, src_dev, dst_dev)
+        copier = PageCopier(src, dst, 1)  # kept for the mapping, as pool sharing keeps one
 
         def timed(fn) -> float:
             return _timed(fn, src_dev, dst_dev)
 
         def push():
-            assert copy_pages(src, dst, src_pages, dst_pages, page_dim=1, stream=stream, method="push") == "push"
+            assert copier.copy(src_pages, dst_pages, stream=stream, method="push") == "push"
             stream.synchronize()
 
         def d2d():
@@ -192,7 +194,7 @@ def _push_source_mapping(q, handles, src_index: int, dst_index: int, pool_pages:
 def bench_ipc(reps: int) -> list[dict]:
     import torch
     from kvtier import _core
-    from kvtier.p2p.cuda_ipc import copy_pages, import_tensors
+    from kvtier.p2p.cuda_ipc import PageCopier, import_tensors
 
     n = torch.cuda.device_count()
     src_dev, dst_dev = "cuda:0", ("cuda:1" if n > 1 else "cuda:0")
@@ -248,13 +250,14 @@ def bench_ipc(reps: int) -> list[dict]:
             print(f"ipc: no push row: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             dropped.add("push")
         dst, a, b, stream = _targets(pool_pages, nbytes, src_dev, dst_dev)
+        copier = PageCopier(src, dst, 1)  # kept for the mapping, as pool sharing keeps one
 
         def timed(fn) -> float:
             return _timed(fn, src_dev, dst_dev)
 
         def ipc(method):
             def run():
-                assert copy_pages(src, dst, src_pages, dst_pages, page_dim=1, stream=stream, method=method) == method
+                assert copier.copy(src_pages, dst_pages, stream=stream, method=method) == method
                 stream.synchronize()
             return run
 
@@ -312,14 +315,14 @@ def bench_ipc(reps: int) -> list[dict]:
             f"(process {{}}), {len(src_pages) // ppc * LAYERS * 2} byte ranges")
     rows = [{"case": f"cuda_ipc_gpu_to_gpu_{m}", "value": round(gbps[m], 2), "unit": "GB/s",
              "baseline": "torch_d2d_one_process", "baseline_value": round(base, 2), "ratio": round(gbps[m] / base, 4),
-             "note": (f"{what.format('B')}, copy_pages(method={m!r}){where[m]}; median of {reps}; bit-exact")}
+             "note": (f"{what.format('B')}, PageCopier.copy(method={m!r}){where[m]}; median of {reps}; bit-exact")}
             for m in methods]
     if pushed is not None:
         value, base_c = nbytes / pushed["push_s"] / 1e9, nbytes / pushed["d2d_s"] / 1e9
         rows.append({"case": "cuda_ipc_gpu_to_gpu_push_source_mapping", "value": round(value, 2), "unit": "GB/s",
                      "baseline": "torch_d2d_one_process", "baseline_value": round(base_c, 2),
                      "ratio": round(value / base_c, 4),
-                     "note": (f"{what.format('C, spawned for this row')}, copy_pages(method='push') with A's memory "
+                     "note": (f"{what.format('C, spawned for this row')}, PageCopier.copy(method='push') with A's memory "
                               f"mapped on the sources' GPU (import_tensors(handles, device={src_index})), kernel on "
                               f"cuda:{pushed['push_device']} (push_device) writing into C's {dst_dev} tensors "
                               f"through peer access; baseline torch D2D {src_dev} -> {dst_dev} measured in C, "

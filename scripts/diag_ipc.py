@@ -17,15 +17,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
-from bench_p2p_gpu import CHUNK, LAYERS, PAGE, _ipc_exporter, _kv, _targets  # noqa: E402
+from bench_p2p_gpu import CHUNK, LAYERS, PAGE, _ipc_exporter, _kv, _targets
 
 
 def main() -> None:
-    import numpy as np
     import torch
-
     from kvtier import _core
-    from kvtier.p2p.cuda_ipc import PageCopier, _page_runs, copy_pages, import_tensors
+    from kvtier.p2p.cuda_ipc import PageCopier, copy_pages, import_tensors
 
     method = sys.argv[1] if len(sys.argv) > 1 else "kernel"
     src_dev, dst_dev = "cuda:0", "cuda:1"
@@ -48,13 +46,11 @@ def main() -> None:
         dst, a, b, stream = _targets(pool_pages, nbytes, src_dev, dst_dev)
         local_src = _kv(torch, pool_pages, src_dev, 0)  # allocated here: no IPC mapping
         copier = PageCopier(src, dst, 1)
-        rows = copier._rows(_page_runs(*copier._pages(src_pages, dst_pages)))
-        cols = np.ascontiguousarray(rows.T)
+        cols = copier._cols(*copier._pages(src_pages, dst_pages))
         local_copier = PageCopier(local_src, dst, 1)
-        lrows = local_copier._rows(_page_runs(*local_copier._pages(src_pages, dst_pages)))
-        lcols = np.ascontiguousarray(lrows.T)
-        print(f"{len(src_pages)} pages x {LAYERS} layers x K,V: {rows.shape[0]} ranges, "
-              f"{nbytes / 2**20:.0f} MiB, range bytes {sorted(set(rows[:, 2].tolist()))[:4]}", flush=True)
+        lcols = local_copier._cols(*local_copier._pages(src_pages, dst_pages))
+        print(f"{len(src_pages)} pages x {LAYERS} layers x K,V: {len(cols[0])} ranges, "
+              f"{nbytes / 2**20:.0f} MiB, range bytes {sorted(set(cols[2].tolist()))[:4]}", flush=True)
 
         cases = {
             "copy_pages (as the bench)": lambda: copy_pages(src, dst, src_pages, dst_pages, page_dim=1,

@@ -105,17 +105,10 @@ Status CopyByDma(const std::vector<CopySegment>& segments, cudaStream_t stream) 
   return Status::OK();
 }
 
-// The copy kernel over `pieces` on `stream` (of the current GPU): they travel in the launch's
-// parameter, kSegmentPiecesPerLaunch a launch, each launch cut into equal shares of its bytes.
+// The copy kernel over `pieces` on `stream` (of the current GPU).
 Status LaunchPieces(const std::vector<CopySegment>& pieces, cudaStream_t stream) {
-  auto batch = std::make_unique<SegmentBatch>();
-  for (size_t i = 0; i < pieces.size(); i += kSegmentPiecesPerLaunch) {
-    const size_t n = std::min<size_t>(kSegmentPiecesPerLaunch, pieces.size() - i);
-    batch->count = 0;
-    batch->total = 0;
-    for (size_t j = i; j < i + n; ++j) AddPiece(*batch, pieces[j].src, pieces[j].dst, pieces[j].bytes);
-    KVTIER_CUDA_RETURN_IF_ERROR(LaunchSegmentCopy(*batch, stream), "CopySegments kernel launch");
-  }
+  KVTIER_CUDA_RETURN_IF_ERROR(LaunchSegmentCopy(pieces.data(), pieces.size(), stream),
+                              "CopySegments kernel launch");
   return Status::OK();
 }
 
