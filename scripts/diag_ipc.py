@@ -46,9 +46,9 @@ def main() -> None:
         dst, a, b, stream = _targets(pool_pages, nbytes, src_dev, dst_dev)
         local_src = _kv(torch, pool_pages, src_dev, 0)  # allocated here: no IPC mapping
         copier = PageCopier(src, dst, 1)
-        cols = copier._cols(*copier._pages(src_pages, dst_pages))
+        cols = copier.segments(src_pages, dst_pages).T.copy()
         local_copier = PageCopier(local_src, dst, 1)
-        lcols = local_copier._cols(*local_copier._pages(src_pages, dst_pages))
+        lcols = local_copier.segments(src_pages, dst_pages).T.copy()
         print(f"{len(src_pages)} pages x {LAYERS} layers x K,V: {len(cols[0])} ranges, "
               f"{nbytes / 2**20:.0f} MiB, range bytes {sorted(set(cols[2].tolist()))[:4]}", flush=True)
 

@@ -30,6 +30,40 @@ TransferMethod ParseMethod(const std::string& name) {
       "method must be 'auto', 'direct', 'staged', 'zero_copy' or 'cpu', got '" + name + "'"));
 }
 
+SegmentCopyMethod ParseSegmentMethod(const std::string& method, const char* who) {
+  if (method == "dma") return SegmentCopyMethod::kDma;
+  if (method == "kernel") return SegmentCopyMethod::kKernel;
+  if (method == "push") return SegmentCopyMethod::kPush;
+  throw StatusError(Status(StatusCode::kInvalidArgument,
+                           std::string(who) + ": method must be 'dma', 'kernel' or 'push', got '" +
+                               method + "'"));
+}
+
+using U64Array = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
+using I64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+std::vector<uint64_t> ToVector(const U64Array& a, const char* what) {
+  if (a.ndim() != 1) {
+    throw StatusError(Status::InvalidArgument(std::string(what) + " must be a 1-D array"));
+  }
+  return std::vector<uint64_t>(a.data(), a.data() + a.shape(0));
+}
+
+// PageSegments of two page-id arrays (checked: 1-D, equal lengths).
+std::vector<CopySegment> Segments(const PageRows& rows, const I64Array& src, const I64Array& dst) {
+  if (src.ndim() != 1 || dst.ndim() != 1) {
+    throw StatusError(Status::InvalidArgument("page ids must be 1-D"));
+  }
+  if (src.shape(0) != dst.shape(0)) {
+    throw StatusError(Status::InvalidArgument(std::to_string(src.shape(0)) + " source pages, " +
+                                              std::to_string(dst.shape(0)) +
+                                              " destination pages"));
+  }
+  std::vector<CopySegment> segs;
+  ThrowIfError(PageSegments(rows, src.data(), dst.data(), static_cast<size_t>(src.shape(0)), &segs));
+  return segs;
+}
+
 int64_t TimeoutMs(double timeout_s) {
   if (!std::isfinite(timeout_s) || timeout_s < 0) {
     throw StatusError(Status::InvalidArgument("timeout_s must be a finite number >= 0, got " +
@@ -123,16 +157,7 @@ void BindTransfer(py::module_& m) {
          const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& dst,
          const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& nbytes,
          uintptr_t stream, const std::string& method) {
-        SegmentCopyMethod m = SegmentCopyMethod::kDma;
-        if (method == "kernel") {
-          m = SegmentCopyMethod::kKernel;
-        } else if (method == "push") {
-          m = SegmentCopyMethod::kPush;
-        } else if (method != "dma") {
-          ThrowIfError(Status(StatusCode::kInvalidArgument,
-                              "copy_segments: method must be 'dma', 'kernel' or 'push', got '" +
-                                  method + "'"));
-        }
+        const SegmentCopyMethod m = ParseSegmentMethod(method, "copy_segments");
         if (src.ndim() != 1 || dst.ndim() != 1 || nbytes.ndim() != 1 ||
             src.shape(0) != dst.shape(0) || src.shape(0) != nbytes.shape(0)) {
           ThrowIfError(Status(StatusCode::kInvalidArgument,
@@ -154,6 +179,58 @@ void BindTransfer(py::module_& m) {
       "one copy kernel on `device` (reading sources on another GPU through peer access), 'push' "
       "as that kernel on the sources' GPU (see push_device), writing through peer access and "
       "fenced on `stream` both ways. The caller synchronizes the stream.");
+  py::class_<PageRows>(m, "PageRows",
+                       "Rows of pages of a pair of tensor lists (see PageCopier): row r starts at "
+                       "src_rows[r] / dst_rows[r], its page p at p * page_bytes[r].")
+      .def(py::init([](const U64Array& src_rows, const U64Array& dst_rows,
+                       const U64Array& page_bytes, int64_t src_pages, int64_t dst_pages) {
+             PageRows r;
+             r.src_rows = ToVector(src_rows, "src_rows");
+             r.dst_rows = ToVector(dst_rows, "dst_rows");
+             r.page_bytes = ToVector(page_bytes, "page_bytes");
+             r.src_pages = src_pages;
+             r.dst_pages = dst_pages;
+             if (r.dst_rows.size() != r.src_rows.size() || r.page_bytes.size() != r.src_rows.size()) {
+               throw StatusError(Status::InvalidArgument(
+                   "src_rows, dst_rows and page_bytes must have one length"));
+             }
+             return r;
+           }),
+           py::arg("src_rows"), py::arg("dst_rows"), py::arg("page_bytes"), py::arg("src_pages"),
+           py::arg("dst_pages"))
+      .def(
+          "segments",
+          [](const PageRows& rows, const I64Array& src, const I64Array& dst) {
+            const std::vector<CopySegment> segs = Segments(rows, src, dst);
+            py::array_t<uint64_t> out({static_cast<py::ssize_t>(segs.size()), py::ssize_t{3}});
+            auto v = out.mutable_unchecked<2>();
+            for (size_t i = 0; i < segs.size(); ++i) {
+              v(i, 0) = segs[i].src;
+              v(i, 1) = segs[i].dst;
+              v(i, 2) = segs[i].bytes;
+            }
+            return out;
+          },
+          py::arg("src_pages"), py::arg("dst_pages"),
+          "[n, 3] uint64 (source, destination, bytes): one range per run of pages contiguous on "
+          "both sides, per row, rows in order.")
+      .def(
+          "copy",
+          [](const PageRows& rows, int device, const I64Array& src, const I64Array& dst,
+             uintptr_t stream, const std::string& method) {
+            const SegmentCopyMethod m = ParseSegmentMethod(method, "PageRows.copy");
+            const std::vector<CopySegment> segs = Segments(rows, src, dst);
+            Status s;
+            {
+              py::gil_scoped_release release;
+              s = CopySegments(device, segs, stream, m);
+            }
+            ThrowIfError(s);
+          },
+          py::arg("device"), py::arg("src_pages"), py::arg("dst_pages"), py::arg("stream"),
+          py::arg("method") = "dma",
+          "copy_segments(device, *segments(src_pages, dst_pages).T, stream, method), the ranges "
+          "worked out here rather than in Python (a copy's host time is part of its cost).");
   m.def(
       "push_device",
       [](int device, uint64_t src) {

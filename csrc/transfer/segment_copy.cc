@@ -1,6 +1,7 @@
 #include "transfer/segment_copy.h"
 
 #include <algorithm>
+#include <array>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -16,6 +17,46 @@
 #endif
 
 namespace kvtier {
+
+Status PageSegments(const PageRows& rows, const int64_t* src_pages, const int64_t* dst_pages,
+                    size_t n, std::vector<CopySegment>* out) {
+  const size_t num_rows = rows.src_rows.size();
+  if (rows.dst_rows.size() != num_rows || rows.page_bytes.size() != num_rows) {
+    return Status(StatusCode::kInvalidArgument,
+                  "PageSegments: " + std::to_string(num_rows) + " source rows, " +
+                      std::to_string(rows.dst_rows.size()) + " destination rows, " +
+                      std::to_string(rows.page_bytes.size()) + " page sizes");
+  }
+  // Runs contiguous on both sides: (first source page, first destination page, pages).
+  std::vector<std::array<uint64_t, 3>> runs;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t s = src_pages[i], d = dst_pages[i];
+    if (s < 0 || s >= rows.src_pages) {
+      return Status(StatusCode::kInvalidArgument,
+                    "source pages outside [0, " + std::to_string(rows.src_pages) + "): " +
+                        std::to_string(s) + " at " + std::to_string(i));
+    }
+    if (d < 0 || d >= rows.dst_pages) {
+      return Status(StatusCode::kInvalidArgument,
+                    "destination pages outside [0, " + std::to_string(rows.dst_pages) + "): " +
+                        std::to_string(d) + " at " + std::to_string(i));
+    }
+    if (i > 0 && s == src_pages[i - 1] + 1 && d == dst_pages[i - 1] + 1) {
+      ++runs.back()[2];
+    } else {
+      runs.push_back({static_cast<uint64_t>(s), static_cast<uint64_t>(d), 1});
+    }
+  }
+  out->clear();
+  out->reserve(num_rows * runs.size());
+  for (size_t r = 0; r < num_rows; ++r) {
+    const uint64_t pb = rows.page_bytes[r];
+    for (const auto& [s, d, len] : runs) {
+      out->push_back({rows.src_rows[r] + s * pb, rows.dst_rows[r] + d * pb, len * pb});
+    }
+  }
+  return Status::OK();
+}
 
 #if !KVTIER_HAVE_CUDA
 Status CopySegments(int, const std::vector<CopySegment>&, uintptr_t, SegmentCopyMethod) {

@@ -43,6 +43,24 @@ enum class SegmentCopyMethod {
 Status CopySegments(int device, const std::vector<CopySegment>& segments, uintptr_t stream,
                     SegmentCopyMethod method = SegmentCopyMethod::kDma);
 
+// Pages of tensors laid out as rows: row r of a copy starts at src_rows[r] on the source side
+// and dst_rows[r] on the destination side, and holds pages of page_bytes[r] bytes, page p at
+// offset p * page_bytes[r] (a contiguous [outer..., pages, ...] tensor has one row per outer
+// index; vLLM's [2, pages, ...] per layer: two rows a layer).
+struct PageRows {
+  std::vector<uint64_t> src_rows;
+  std::vector<uint64_t> dst_rows;
+  std::vector<uint64_t> page_bytes;
+  int64_t src_pages = 0;  // pages per row on each side: page ids must be below
+  int64_t dst_pages = 0;
+};
+
+// The byte ranges that copy pages src_pages[i] -> dst_pages[i] (i < n) of every row: one per run
+// of pages contiguous on both sides, per row, rows in order. InvalidArgument (naming the side)
+// for a page id outside [0, pages) or rows of unequal lengths.
+Status PageSegments(const PageRows& rows, const int64_t* src_pages, const int64_t* dst_pages,
+                    size_t n, std::vector<CopySegment>* out);
+
 // The GPU whose kernel a kPush copy on `device` from `src` runs: the GPU that the runtime says
 // holds `src`, or `device` where that is `device` itself or `src` is not device memory.
 Status PushDevice(int device, uint64_t src, int* push_device);

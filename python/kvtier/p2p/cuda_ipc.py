@@ -129,6 +129,7 @@ class PageCopier:
         self.dst_limit = min(t.shape[page_dim] for t in dst_tensors)
         self.device = dst_tensors[0].device
         self._groups = None  # contiguous tensors: per shape, the addresses of every outer row
+        self._rows = None  # ... and all of them as _core.PageRows
         if all(t.is_contiguous() for t in (*src_tensors, *dst_tensors)):
             groups: dict[tuple, list[int]] = {}
             for i, (s, d) in enumerate(zip(src_tensors, dst_tensors)):
@@ -143,6 +144,15 @@ class PageCopier:
                 d_rows = (np.asarray([dst_tensors[i].data_ptr() for i in idx], dtype=np.uint64)[:, None]
                           + outer[None, :] * np.uint64(d_shape[page_dim] * page_bytes)).reshape(-1, 1)
                 self._groups.append((s_rows, d_rows, np.uint64(page_bytes)))
+            from kvtier import _core
+
+            # The rows for the core, which turns page lists into byte ranges and copies them in
+            # one call (no numpy work per copy: a copy's host time is part of its cost).
+            self._rows = _core.PageRows(
+                np.concatenate([g[0].ravel() for g in self._groups]),
+                np.concatenate([g[1].ravel() for g in self._groups]),
+                np.concatenate([np.full(len(g[0]), g[2], dtype=np.uint64) for g in self._groups]),
+                self.src_limit, self.dst_limit)
 
     def _pages(self, src_pages, dst_pages) -> tuple[np.ndarray, np.ndarray]:
         src_pages = np.asarray(src_pages, dtype=np.int64).ravel()
@@ -158,34 +168,8 @@ class PageCopier:
         """``[n, 3]`` uint64 rows (source address, destination address, bytes): one per run of
         pages contiguous on both sides, per outer row of every tensor; None for tensors that are
         not contiguous (``copy`` then copies run by run with torch)."""
-        cols = self._cols(*self._pages(src_pages, dst_pages))
-        return None if cols is None else np.stack(cols, axis=1)
-
-    def _cols(self, src_pages: np.ndarray, dst_pages: np.ndarray):
-        """The segments as three contiguous uint64 columns (sources, destinations, bytes), built
-        in one pass from the page lists: the host's share of a copy that takes ~1.5 ms on the
-        GPU, so every numpy call counts. None for tensors that are not contiguous."""
-        if self._groups is None:
-            return None
-        if len(src_pages) == 0:
-            empty = np.empty(0, dtype=np.uint64)
-            return empty, empty, empty
-        cut = np.empty(len(src_pages), dtype=bool)  # a run starts where either side jumps
-        cut[0] = True
-        np.not_equal(np.diff(src_pages), 1, out=cut[1:])
-        cut[1:] |= np.diff(dst_pages) != 1
-        starts = np.flatnonzero(cut)
-        lengths = np.diff(starts, append=len(src_pages)).astype(np.uint64)
-        first_src = src_pages[starts].astype(np.uint64)
-        first_dst = dst_pages[starts].astype(np.uint64)
-        out = [[], [], []]
-        for s_rows, d_rows, page_bytes in self._groups:
-            out[0].append((s_rows + first_src * page_bytes).ravel())
-            out[1].append((d_rows + first_dst * page_bytes).ravel())
-            out[2].append(np.tile(lengths * page_bytes, len(s_rows)))
-        if len(self._groups) == 1:
-            return out[0][0], out[1][0], out[2][0]
-        return tuple(np.concatenate(c) for c in out)
+        src_pages, dst_pages = self._pages(src_pages, dst_pages)
+        return None if self._rows is None else self._rows.segments(src_pages, dst_pages)
 
     def copy(self, src_pages, dst_pages, *, stream=None, method: str = "dma") -> str:
         """Copy pages ``src_pages`` into ``dst_pages`` on ``stream`` (default: the destination
@@ -195,15 +179,17 @@ class PageCopier:
             raise InvalidArgumentError(f"method must be 'dma', 'kernel' or 'push', got {method!r}")
         torch = _torch()
         stream = stream or torch.cuda.current_stream(self.device)
-        src_pages, dst_pages = self._pages(src_pages, dst_pages)
         from kvtier import _core
 
-        cols = self._cols(src_pages, dst_pages) if _core.CUDA_COMPILED else None
-        if cols is not None:
-            # The sources may still be written on the exporter's side: it synchronizes before it
-            # publishes page ids. Here the copy only follows the destination stream's earlier work.
-            _core.copy_segments(self.device.index, *cols, int(stream.cuda_stream), method)
+        if self._rows is not None and _core.CUDA_COMPILED:
+            # The core checks the page ids (InvalidArgumentError naming the side) and works out
+            # the ranges. The sources may still be written on the exporter's side: it
+            # synchronizes before it publishes page ids. Here the copy only follows the
+            # destination stream's earlier work.
+            flat = lambda p: p if isinstance(p, list) else np.asarray(p, dtype=np.int64).ravel()  # noqa: E731
+            self._rows.copy(self.device.index, flat(src_pages), flat(dst_pages), int(stream.cuda_stream), method)
             return method
+        src_pages, dst_pages = self._pages(src_pages, dst_pages)
         runs = _page_runs(src_pages, dst_pages)
         pd = self.page_dim
         with torch.cuda.stream(stream):
