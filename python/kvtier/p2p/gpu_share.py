@@ -97,7 +97,7 @@ class CudaIpc:
 
     name = "cuda"
 
-    def __init__(self, device: int, method: str = "dma") -> None:
+    def __init__(self, device: int, method: str = "kernel") -> None:
         self.device = int(device)
         self.method = method
 
