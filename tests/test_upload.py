@@ -62,3 +62,40 @@ def test_gpu_upload_does_not_wait_behind_a_load(gpu):
     load_done.synchronize()
     assert t.cpu().tolist() == list(range(100))
     assert still_loading, "the upload finished only after the 2 GiB load on the other stream"
+
+
+class _Event:
+    """A stand-in for a CUDA event: done once ``done`` is set."""
+
+    def __init__(self, done: bool) -> None:
+        self.done = done
+
+    def query(self) -> bool:
+        return self.done
+
+
+def test_prune_drops_only_finished_uploads_in_order(monkeypatch):
+    from kvtier import upload
+
+    u = upload._KernelUploads()
+    evs = [_Event(True), _Event(True), _Event(False), _Event(True)]
+    u._live.extend((f"src{i}", e) for i, e in enumerate(evs))
+    u._prune(block=True)  # 4 live, under the cap: no wait; drops the finished head only
+    assert [s for s, _ in u._live] == ["src2", "src3"]  # src3 is done but behind an unfinished one
+
+
+def test_prune_over_the_cap_waits_with_a_deadline_and_frees_nothing_early(monkeypatch):
+    from kvtier import upload
+    from kvtier.errors import DeadlineExceededError
+
+    monkeypatch.setattr(upload, "_MAX_LIVE", 2)
+    monkeypatch.setattr(upload, "_WAIT_S", 0.05)
+    u = upload._KernelUploads()
+    stuck = _Event(False)
+    u._live.extend([("a", stuck), ("b", _Event(False)), ("c", _Event(False))])
+    with pytest.raises(DeadlineExceededError, match="did not complete within"):
+        u._prune(block=True)
+    assert [s for s, _ in u._live] == ["a", "b", "c"]  # the stuck one's source is still held
+    stuck.done = True
+    u._prune(block=True)  # the oldest finished: dropped; now at the cap, no more waiting
+    assert [s for s, _ in u._live] == ["b", "c"]

@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 
 import numpy as np
+
+from kvtier.errors import DeadlineExceededError
 
 __all__ = ["to_device"]
 
 _MAX_LIVE = 1024  # uploads whose pinned source is kept until its copy is seen done
+_WAIT_S = 60.0  # the longest an upload waits for the oldest unfinished one beyond _MAX_LIVE
 
 
 class _KernelUploads:
@@ -38,9 +42,18 @@ class _KernelUploads:
         self.kernel = None  # None: not tried yet; then True / False
 
     def _prune(self, block: bool) -> None:
+        """Drops the sources whose copies are done; with ``block``, also waits (polling, up to
+        ``_WAIT_S``) for the oldest while more than ``_MAX_LIVE`` are unfinished."""
         while self._live and (self._live[0][1].query() or (block and len(self._live) > _MAX_LIVE)):
-            _src, ev = self._live.popleft()
-            ev.synchronize()  # a no-op when query() said done; else the oldest of too many
+            _src, ev = self._live[0]
+            deadline = time.monotonic() + _WAIT_S
+            while not ev.query():
+                if time.monotonic() > deadline:
+                    raise DeadlineExceededError(
+                        f"kvtier.upload: the oldest of {len(self._live)} unfinished uploads did not complete "
+                        f"within {_WAIT_S:.0f} s (is the GPU stream stalled?)")
+                time.sleep(50e-6)
+            self._live.popleft()
 
     def upload(self, host, device):
         import torch
