@@ -4,6 +4,8 @@
 
 #include <atomic>
 
+#include "transfer/segment_plan.h"
+
 namespace kvtier {
 namespace {
 
@@ -50,29 +52,12 @@ __device__ __forceinline__ void CopyRange(char* dst, const char* src, uint64_t n
 template <uint32_t kCap>
 __global__ void __launch_bounds__(kSegmentCopyThreads)
     SegmentCopyKernel(const __grid_constant__ Batch<kCap> batch) {
-  const uint64_t lo = static_cast<uint64_t>(blockIdx.x) * batch.share;
-  const uint64_t hi = min(lo + batch.share, batch.total);
-  if (lo >= hi) return;
-  // The last piece that begins at or before `lo` (pieces are in increasing `begin`).
-  uint32_t a = 0, b = batch.count;
-  while (b - a > 1) {
-    const uint32_t m = (a + b) / 2;
-    if (batch.pieces[m].begin <= lo) {
-      a = m;
-    } else {
-      b = m;
-    }
-  }
-  for (uint32_t k = a; k < batch.count; ++k) {
-    const SegmentPiece& p = batch.pieces[k];
-    if (p.begin >= hi) break;
-    const uint64_t from = max(lo, p.begin);
-    const uint64_t to = min(hi, p.begin + p.bytes);
-    if (from >= to) continue;  // `lo` in the padding after this piece
-    const uint64_t off = from - p.begin;
-    CopyRange(reinterpret_cast<char*>(p.dst + off), reinterpret_cast<const char*>(p.src + off),
-              to - from);
-  }
+  ForEachBlockPart(batch.pieces, batch.count, batch.total, batch.share, blockIdx.x,
+                   [&](uint32_t k, uint64_t off, uint64_t n) {
+                     const SegmentPiece& p = batch.pieces[k];
+                     CopyRange(reinterpret_cast<char*>(p.dst + off),
+                               reinterpret_cast<const char*>(p.src + off), n);
+                   });
 }
 
 // Blocks of the kernel the current GPU holds at once (cached per GPU; 132 where the runtime
@@ -103,17 +88,10 @@ cudaError_t Launch(const CopySegment* segments, size_t count, uint64_t resident,
   Batch<kCap> batch;
   batch.count = static_cast<uint32_t>(count);
   batch.reserved = 0;
-  uint64_t end = 0;
-  for (size_t i = 0; i < count; ++i) {
-    const uint64_t begin = (end + 15) & ~uint64_t{15};
-    batch.pieces[i] = SegmentPiece{segments[i].src, segments[i].dst, segments[i].bytes, begin};
-    end = begin + segments[i].bytes;
-  }
-  batch.total = end;
-  uint64_t share = (end + resident - 1) / resident;
-  share = share < kSegmentMinShareBytes ? kSegmentMinShareBytes : (share + 15) & ~uint64_t{15};
-  batch.share = share;
-  const uint64_t grid = (end + share - 1) / share;
+  batch.total = PlaceSegmentPieces(segments, count, batch.pieces);
+  uint64_t grid = 0;
+  ShareSegmentBytes(batch.total, resident, &batch.share, &grid);
+  if (grid == 0) return cudaSuccess;
   void* args[] = {&batch};
   return cudaLaunchKernel(reinterpret_cast<const void*>(&SegmentCopyKernel<kCap>),
                           dim3(static_cast<unsigned>(grid)), dim3(kSegmentCopyThreads), args, 0,
@@ -124,18 +102,11 @@ cudaError_t Launch(const CopySegment* segments, size_t count, uint64_t resident,
 
 cudaError_t LaunchSegmentCopy(const CopySegment* segments, size_t count, cudaStream_t stream) {
   const uint64_t resident = static_cast<uint64_t>(ResidentBlocks());
-  size_t i = 0;
-  while (i < count) {
-    const size_t left = count - i;
-    // The first launch (and a last one that fits) is small and cheap to queue.
-    const bool small = i == 0 || left <= kSegmentSmallLaunch;
-    const size_t n = small ? std::min<size_t>(left, kSegmentSmallLaunch)
-                           : std::min<size_t>(left, kSegmentLargeLaunch);
+  for (const SegmentLaunch& l : PlanSegmentLaunches(count)) {
     const cudaError_t err =
-        small ? Launch<kSegmentSmallLaunch>(segments + i, n, resident, stream)
-              : Launch<kSegmentLargeLaunch>(segments + i, n, resident, stream);
+        l.small ? Launch<kSegmentSmallLaunch>(segments + l.first, l.count, resident, stream)
+                : Launch<kSegmentLargeLaunch>(segments + l.first, l.count, resident, stream);
     if (err != cudaSuccess) return err;
-    i += n;
   }
   return cudaSuccess;
 }
