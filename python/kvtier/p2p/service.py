@@ -823,7 +823,12 @@ class PeerService:
         if not ok:
             self.counters["gpu_copy_failures"] += 1
             return 0  # the lease expires at the source; the copy may still be reading its pages
-        self._release_lease(addr, pin.lease_id, deadline)
+        # The copy has landed: the pages are ours. Release the lease in the background, not on
+        # the request's path (a round trip of B's begin); one that never arrives expires.
+        try:
+            self._exec.submit(self._release_lease, addr, pin.lease_id, deadline)
+        except RuntimeError:  # the service is closing: release here
+            self._release_lease(addr, pin.lease_id, deadline)
         self.counters["gpu_chunks_copied"] += n
         self.counters["gpu_bytes_copied"] += n * self._blob_bytes
         return n
