@@ -7,7 +7,8 @@ dim 128, bf16, 16-token pages, 256-token chunks: 16 chunks of 32 MiB, 512 MiB) i
 pool of its own and A as a peer; both share their pools (``share_pool``):
 
 - ``share_begin``: ``B.begin(prompt)`` then ``seq.wait()``: the local miss, the digest and the
-  confirm round trip, GPU_PIN, the page copy into B's pages, GPU_UNPIN: what a request pays;
+  confirm round trip, GPU_PIN, the page copy into B's pages (GPU_UNPIN follows in the
+  background): what a request pays;
 - baseline ``bare_copy``: the same pages copied by the same mechanism call between the same two
   mappings in B, with no protocol (the physical cost of the bytes on this machine).
 
@@ -145,8 +146,8 @@ def main() -> int:
             "case": f"share_begin_{args.mechanism}", "value": round(gbps["share"], 3), "unit": "GB/s",
             "baseline": f"bare_copy_{args.mechanism}", "baseline_value": round(gbps["bare"], 3),
             "ratio": round(gbps["share"] / gbps["bare"], 3),
-            "note": (f"B.begin + wait of 4096 tokens held only in A's pool: lookup, confirm, GPU_PIN, page copy, "
-                     f"GPU_UNPIN; median of {args.reps}; {st['gpu_chunks_copied']} chunks copied, "
+            "note": (f"B.begin + wait of 4096 tokens held only in A's pool: lookup, confirm, GPU_PIN, page copy "
+                     f"(GPU_UNPIN in the background); median of {args.reps}; {st['gpu_chunks_copied']} chunks copied, "
                      f"{st.get('chunks_pulled', 0)} pulled over TCP; bit-exact (SHA-256) every repetition; "
                      f"median {statistics.median(times['share']) * 1e3:.1f} ms vs "
                      f"{statistics.median(times['bare']) * 1e3:.1f} ms"),
