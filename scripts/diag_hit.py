@@ -7,7 +7,12 @@ CPU hit under torch.profiler, printing the CUDA runtime calls that held the host
 that blocks while the load runs is what keeps the forward from overlapping it; see
 docs/architecture.md, "Layer-wise loading").
 
-    python scripts/diag_hit.py [tokens] [vllm|cross_layer] [auto|staged|zero_copy|direct]
+    python scripts/diag_hit.py [tokens] [vllm|cross_layer] [auto|staged|zero_copy|direct] [half]
+
+``half``: after the CPU hit's profile, one more: a half-prefix hit (the prompt's first half
+cached in GPU pages, the second half computed over it, bench_e2e's ``half_prefix_gpu_hit``), its
+TTFT against a recompute of the whole prompt, with its GPU time line (the simulator prices this
+case ~27% fast at 32k: docs/sim.md).
 """
 
 from __future__ import annotations
@@ -85,10 +90,40 @@ def main() -> None:
         print(f"  {e.key:48s} calls {e.count:6d}  host self {e.self_cpu_time_total / 1e3:9.2f} ms  "
               f"mean {e.cpu_time_total / max(e.count, 1) / 1e3:8.2f} ms/call (inclusive)")
     gpu_time_line(prof)
+    if len(sys.argv) > 4 and sys.argv[4] == "half":
+        half_prefix(engine, prompt, gen, device, evicted)
     pool.close()
 
 
-def gpu_time_line(prof) -> None:
+def half_prefix(engine, prompt, gen, device, evicted) -> None:
+    """bench_e2e's half-prefix case under the profiler, beside a recompute of the same length."""
+    from torch.profiler import ProfilerActivity, profile
+
+    c, n = engine.model.config, len(prompt)
+
+    def fresh(k):
+        return torch.randint(0, c.vocab, (k,), generator=gen).tolist()
+
+    half = prompt[: n // 2] + fresh(n - n // 2)
+    recompute = fresh(n)
+    times = {}
+    for name, p in (("recompute", recompute), ("half_prefix", half)):
+        evicted()
+        engine.generate([prompt], 1)  # the prompt's pages back on the GPU: the half prefix hits
+        t, seq, _ = timed_hit(engine, p, device)
+        times[name] = {"ttft_s": round(t, 4), "cached_tokens": seq.cached_tokens}
+    print(json.dumps({"half_prefix_vs_recompute": times}), flush=True)
+    evicted()
+    engine.generate([prompt], 1)
+    cuda = device == "cuda"
+    half = prompt[: n // 2] + fresh(n - n // 2)  # another second half: the first one is cached now
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        _, seq, _ = timed_hit(engine, half, device)
+    print(f"the half-prefix hit ({seq.cached_tokens} cached tokens):")
+    gpu_time_line(prof, "half")
+
+
+def gpu_time_line(prof, tag: str = "") -> None:
     """Per CUDA stream of the profiled hit: its kernels and copies, when the first started and
     the last ended, and (on the stream running attention) when each layer's attention kernel
     ran, in ms from the first GPU event. Layer l's attention starting only after the whole load
@@ -96,6 +131,8 @@ def gpu_time_line(prof) -> None:
     import tempfile
 
     path = os.environ.get("DIAG_TRACE") or tempfile.mktemp(suffix=".json")
+    if tag:
+        path = path.replace(".json", f"_{tag}.json")
     prof.export_chrome_trace(path)
     with open(path) as f:
         events = json.load(f)["traceEvents"]

@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # What a session with GPU time runs first, in one device call on a two-GPU host (about 8 of the
-# call's 10 minutes):
-# build kvtier there, run every `gpu` test, then the benches whose GPU figures are pending:
-# CUDA IPC with 'push' from a mapping opened on the sources' GPU (docs/p2p.md), same-host sharing
-# through CUDA IPC, scripts/diag_hit.py and bench_e2e on GPU 0 (the reference engine's changes of
-# 14d32bc, a96859b and 078d414, and the CPU hit's time line: docs/architecture.md "Layer-wise
-# loading"). A second call: bench_e2e --max-writebacks 4 (docs/policies.md, the split).
+# call's 10 minutes): build kvtier there, run every `gpu` test (the segment copy kernel on
+# segment_plan.h, the background GPU_UNPIN and kvtier.upload's deadline were not GPU-run when
+# they landed), then the pending GPU figures: bench_p2p_gpu's TTFT of a peer prefix against a
+# one-step recompute (docs/p2p.md), the IPC and same-host share benches, and diag_hit's profile
+# of a half-prefix hit (the simulator's largest miss, docs/sim.md).
 #
 #   device (carry .device):  KVTIER_BENCH_COMMIT=<hash> bash scripts/gpu_check.sh "$OUT"
 #
@@ -23,6 +22,5 @@ step() { echo "== $*"; timeout "$1" "${@:2}" 2>&1 | tail -25; echo "== exit ${PI
 step 300 python3 -m pytest -q -m gpu tests/test_p2p_share.py tests/test_p2p_gpu.py
 step 400 python3 -m pytest -q -m gpu tests/ --ignore=tests/test_p2p_share.py --ignore=tests/test_p2p_gpu.py
 step 300 python3 bench/bench_p2p_share.py --mechanism cuda --reps 9 --out "$OUT"
-step 300 python3 bench/bench_p2p_gpu.py --workloads ipc --out "$OUT"
-step 150 python3 scripts/diag_hit.py 32768
-(cd bench && step 330 python3 bench_e2e.py --out "$OUT")
+step 300 python3 bench/bench_p2p_gpu.py --workloads ipc,ttft --out "$OUT"
+step 200 python3 scripts/diag_hit.py 32768 vllm auto half
