@@ -96,7 +96,7 @@ def to_device(values, device, dtype=None):
 
     t = torch.as_tensor(values, dtype=dtype if dtype is not None else torch.long)
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or t.device.type != "cpu":  # nothing to upload from the host
         return t.to(device)
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
