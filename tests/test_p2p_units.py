@@ -338,6 +338,11 @@ def test_pull_from_two_sources_at_once_bit_exact():
         assert op.chunks == 8
         assert bytes(sc) == b"".join(_blob(ta, k) for k in KEYS[:4]) + b"".join(_blob(tb, k) for k in KEYS[4:])
         assert c.counters["chunks_pulled"] == 8
+        # The TCP path's measured rate, for planners: none below the threshold, then 8 blobs' bytes
+        # over the pulls' seconds.
+        assert c.pull_rate() is None and a.pull_rate(min_bytes=1) is None  # a pulled nothing
+        rate = c.pull_rate(min_bytes=1)
+        assert rate is not None and 8 * len(_blob(ta, KEYS[0])) / rate < 5.0  # within the load's 5 s
         assert {k: _blob(tc, k) for k in KEYS} == {
             **{k: _blob(ta, k) for k in KEYS[:4]}, **{k: _blob(tb, k) for k in KEYS[4:]}}
         assert a.counters["chunks_served"] == 4 and b.counters["chunks_served"] == 4

@@ -40,6 +40,33 @@ def test_disk_wins_deep_in_a_long_prompt():
     assert near == 0 and far == 1
 
 
+def test_peer_chunks_are_priced_not_dropped():
+    # Chunks peers hold are loaded where pulling beats recomputing, as for any tier; a tier with no
+    # bandwidth (here: a planner built before peers were priced) is never loaded from.
+    planner = CostModelPlanner(ModelCost.llama3_8b())
+    assert planner.bandwidth["peer"] == 2e9
+    near = planner.plan(fake_pool(), 0, ["peer"])
+    far = planner.plan(fake_pool(), 400, ["peer"])  # 100k tokens in: attention makes prefill dear
+    rows = planner.last_plan["per_chunk"]
+    assert near == 0 and far == 1 and rows[0]["load_s"] < rows[0]["recompute_s"]
+    no_peer = CostModelPlanner(ModelCost.llama3_8b(), bandwidth={"cpu": 50e9, "disk": 3e9})
+    assert no_peer.plan(fake_pool(), 400, ["peer"]) == 0
+
+
+def test_calibration_takes_the_peers_measured_pull_rate():
+    pool = PagedKVPool(num_layers=2, kv_heads=2, head_dim=64, num_pages=64, page_tokens=16, chunk_tokens=64,
+                       dtype=torch.float32, cpu_bytes=64 << 20)
+    planner = CostModelPlanner(ModelCost.llama3_8b())
+    pool.cache._peers = SimpleNamespace(pull_rate=lambda: None)  # peers, nothing pulled yet
+    planner.calibrate(pool)
+    assert planner.bandwidth["peer"] == 2e9  # the default stands
+    pool.cache._peers = SimpleNamespace(pull_rate=lambda: 1e9)
+    cpu = planner.calibrate(pool)
+    # The pull into the CPU tier, then the copy into pages, one after the other.
+    assert planner.bandwidth["peer"] == pytest.approx(1.0 / (1.0 / 1e9 + 1.0 / cpu))
+    pool.cache._peers = None
+
+
 def test_custom_planner_replaces_the_builtin_in_the_pool():
     class RecomputeEverything:
         def __init__(self):

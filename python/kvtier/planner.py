@@ -87,14 +87,18 @@ class CostModelPlanner:
 
     Attributes:
         model: the prefill cost model.
-        bandwidth: bytes/s per tier, e.g. ``{"cpu": 50e9, "disk": 2e9}`` (measured or set).
+        bandwidth: bytes/s per tier: "cpu", "disk" and "peer" (chunks peers hold, pulled over
+            TCP), e.g. ``{"cpu": 50e9, "disk": 2e9, "peer": 2e9}`` (measured or set). A tier
+            without a bandwidth is never loaded from. The "peer" default, 2 GB/s, is the end-to-end
+            rate of a loopback pull into GPU pages on the H100 host (docs/p2p.md); ``calibrate``
+            replaces it with the pool's own measured pulls once it has some.
         latency_s: fixed cost per chunk load per tier (submission, completion).
         last_plan: the inputs and the decision of the latest request (shown in stats).
     """
 
     model: ModelCost
-    bandwidth: dict[str, float] = field(default_factory=lambda: {"cpu": 50e9, "disk": 2e9})
-    latency_s: dict[str, float] = field(default_factory=lambda: {"cpu": 20e-6, "disk": 100e-6})
+    bandwidth: dict[str, float] = field(default_factory=lambda: {"cpu": 50e9, "disk": 2e9, "peer": 2e9})
+    latency_s: dict[str, float] = field(default_factory=lambda: {"cpu": 20e-6, "disk": 100e-6, "peer": 100e-6})
     last_plan: dict = field(default_factory=dict)
     decisions: dict[str, int] = field(default_factory=lambda: {"load": 0, "recompute": 0})
 
@@ -130,7 +134,9 @@ class CostModelPlanner:
 
     def calibrate(self, pool, chunks: int = 4, reps: int = 3) -> float:
         """Measure the CPU tier's load bandwidth into ``pool``'s pages (best of ``reps`` loads of
-        ``chunks`` chunks), store it in ``bandwidth["cpu"]`` and return it in bytes/s.
+        ``chunks`` chunks), store it in ``bandwidth["cpu"]`` and return it in bytes/s. Where the
+        pool has peers and has pulled enough from them (``PeerService.pull_rate``), also set
+        ``bandwidth["peer"]``: that rate, then the copy into pages.
 
         Uses free pool pages and fresh random chunk keys (the calibration chunks stay in the CPU
         tier until evicted like any other). The disk tier's bandwidth is not measured here: set it
@@ -161,6 +167,11 @@ class CostModelPlanner:
             pool._free.free_batch(pages)
         bw = chunks * pool.layout.chunk_bytes / best
         self.bandwidth["cpu"] = bw
+        peers = pool.cache._peers
+        rate = peers.pull_rate() if peers is not None else None
+        if rate:  # this pool's own pulls so far (TCP, checksum, into the CPU tier) ...
+            # ... then the copy into pages, as a CPU-tier load: the two run one after the other.
+            self.bandwidth["peer"] = 1.0 / (1.0 / rate + 1.0 / bw)
         return bw
 
 

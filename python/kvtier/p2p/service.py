@@ -255,6 +255,7 @@ class PeerService:
         self._gpu_peers: set[str] = set()  # node ids that mapped our pool
         self._gpu_maps: dict[str, tuple[int, tuple | None]] = {}  # node id -> (incarnation, _gpu_map's answer)
         self._leases = LeaseTable(self._unpin)
+        self._pulled = [0, 0.0]  # bytes committed by completed TCP pulls, and their seconds
         self._host_id = host_id()
 
     def share_gpu(self, share: GpuShare | None) -> None:
@@ -623,6 +624,16 @@ class PeerService:
         self.counters["lookup_chunks_found"] += sum(1 for s in plan if s != LOCAL)
         return plan
 
+    def pull_rate(self, min_bytes: int = 64 << 20) -> float | None:
+        """Bytes/s of this service's completed TCP pulls so far (request to last byte in the
+        CPU tier, checksums included), or None before ``min_bytes`` have come that way: the
+        rate a planner prices chunks that peers hold at (``CostModelPlanner.calibrate``)."""
+        with self._lock:
+            nbytes, seconds = self._pulled
+        if nbytes < min_bytes or seconds <= 0:
+            return None
+        return nbytes / seconds
+
     def lookup(self, keys: list[bytes]) -> int:
         """How many leading chunks of ``keys`` (the part missing locally) peers confirm."""
         if not keys:
@@ -672,6 +683,7 @@ class PeerService:
                 return committed
         conn = None
         scratch = None
+        t0, pulled0 = time.monotonic(), committed
         try:
             conn, _ = self._checkout(*addr, deadline)
             rid = next(self._rid)
@@ -719,6 +731,9 @@ class PeerService:
             conn.recv_frame(deadline, P.Kind.GET_END)
             self._pool.put(conn)
             conn = None
+            with self._lock:  # the TCP path's rate, for planners (pull_rate)
+                self._pulled[0] += (committed - pulled0) * self._blob_bytes
+                self._pulled[1] += time.monotonic() - t0
         except P.ChecksumError:
             self.counters["checksum_failures"] += 1
             self.bad_peers[src] += 1
