@@ -53,9 +53,9 @@ def main() -> None:
               f"{nbytes / 2**20:.0f} MiB, range bytes {sorted(set(cols[2].tolist()))[:4]}", flush=True)
 
         cases = {
-            "copy_pages (as the bench)": lambda: copy_pages(src, dst, src_pages, dst_pages, page_dim=1,
+            "copy_pages (a copier a call)": lambda: copy_pages(src, dst, src_pages, dst_pages, page_dim=1,
                                                             stream=stream, method=method),
-            "PageCopier kept": lambda: copier.copy(src_pages, dst_pages, stream=stream, method=method),
+            "PageCopier kept (the bench)": lambda: copier.copy(src_pages, dst_pages, stream=stream, method=method),
             "copy_segments, IPC sources": lambda: _core.copy_segments(1, cols[0], cols[1], cols[2],
                                                                       int(stream.cuda_stream), method),
             "copy_segments, own sources": lambda: _core.copy_segments(1, lcols[0], lcols[1], lcols[2],

@@ -108,10 +108,10 @@ def _page_runs(src_pages: np.ndarray, dst_pages: np.ndarray) -> list[tuple[int, 
 
 class PageCopier:
     """Copies pages from ``src_tensors`` into ``dst_tensors`` (pairwise, along ``page_dim``): the
-    tensors are checked and their geometry worked out once, so each :meth:`copy` only checks the
-    page lists and turns them into byte ranges, a few numpy operations for all tensors at once
-    (a 32-layer model's 64 tensors cost about as much as one). Keep one per pair of tensor lists
-    that are copied between repeatedly (a mapped peer pool and the local pool)."""
+    tensors are checked and their geometry worked out once, so each :meth:`copy` is one call into
+    the core, which checks the page lists and turns them into byte ranges for all tensors at once
+    (``_core.PageRows``). Keep one per pair of tensor lists that are copied between repeatedly (a
+    mapped peer pool and the local pool)."""
 
     def __init__(self, src_tensors, dst_tensors, page_dim: int = 1) -> None:
         src_tensors, dst_tensors = list(src_tensors), list(dst_tensors)
@@ -128,31 +128,22 @@ class PageCopier:
         self.src_limit = min(t.shape[page_dim] for t in src_tensors)
         self.dst_limit = min(t.shape[page_dim] for t in dst_tensors)
         self.device = dst_tensors[0].device
-        self._groups = None  # contiguous tensors: per shape, the addresses of every outer row
-        self._rows = None  # ... and all of them as _core.PageRows
+        self._rows = None  # contiguous tensors: every outer row's address, as _core.PageRows
         if all(t.is_contiguous() for t in (*src_tensors, *dst_tensors)):
-            groups: dict[tuple, list[int]] = {}
-            for i, (s, d) in enumerate(zip(src_tensors, dst_tensors)):
-                groups.setdefault((tuple(s.shape), tuple(d.shape), s.element_size()), []).append(i)
-            self._groups = []
-            for (s_shape, d_shape, elem), idx in groups.items():
-                page_bytes = int(np.prod(s_shape[page_dim + 1:], dtype=np.int64)) * elem
-                outer = np.arange(int(np.prod(s_shape[:page_dim], dtype=np.int64)), dtype=np.uint64)
-                # Contiguous: outer row o of a tensor starts at o * (its pages) * page_bytes.
-                s_rows = (np.asarray([src_tensors[i].data_ptr() for i in idx], dtype=np.uint64)[:, None]
-                          + outer[None, :] * np.uint64(s_shape[page_dim] * page_bytes)).reshape(-1, 1)
-                d_rows = (np.asarray([dst_tensors[i].data_ptr() for i in idx], dtype=np.uint64)[:, None]
-                          + outer[None, :] * np.uint64(d_shape[page_dim] * page_bytes)).reshape(-1, 1)
-                self._groups.append((s_rows, d_rows, np.uint64(page_bytes)))
             from kvtier import _core
 
-            # The rows for the core, which turns page lists into byte ranges and copies them in
-            # one call (no numpy work per copy: a copy's host time is part of its cost).
-            self._rows = _core.PageRows(
-                np.concatenate([g[0].ravel() for g in self._groups]),
-                np.concatenate([g[1].ravel() for g in self._groups]),
-                np.concatenate([np.full(len(g[0]), g[2], dtype=np.uint64) for g in self._groups]),
-                self.src_limit, self.dst_limit)
+            src_rows, dst_rows, page_bytes = [], [], []
+            for s, d in zip(src_tensors, dst_tensors):
+                pb = int(np.prod(s.shape[page_dim + 1:], dtype=np.int64)) * s.element_size()
+                outer = np.arange(int(np.prod(s.shape[:page_dim], dtype=np.int64)), dtype=np.uint64)
+                # Contiguous: outer row o of a tensor starts at o * (its pages) * page_bytes.
+                src_rows.append(np.uint64(s.data_ptr()) + outer * np.uint64(s.shape[page_dim] * pb))
+                dst_rows.append(np.uint64(d.data_ptr()) + outer * np.uint64(d.shape[page_dim] * pb))
+                page_bytes.append(np.full(len(outer), pb, dtype=np.uint64))
+            # The core turns page lists into byte ranges and copies them in one call (no numpy
+            # work per copy: a copy's host time is part of its cost).
+            self._rows = _core.PageRows(np.concatenate(src_rows), np.concatenate(dst_rows),
+                                        np.concatenate(page_bytes), self.src_limit, self.dst_limit)
 
     def _pages(self, src_pages, dst_pages) -> tuple[np.ndarray, np.ndarray]:
         src_pages = np.asarray(src_pages, dtype=np.int64).ravel()
