@@ -121,6 +121,44 @@ def half_prefix(engine, prompt, gen, device, evicted) -> None:
         _, seq, _ = timed_hit(engine, half, device)
     print(f"the half-prefix hit ({seq.cached_tokens} cached tokens):")
     gpu_time_line(prof, "half")
+    evicted()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        timed_hit(engine, fresh(n), device)
+    print("a recompute of the whole prompt:")
+    gpu_time_line(prof, "recompute")
+    if cuda:
+        attention_alone(c, n)
+
+
+def attention_alone(c, n: int) -> None:
+    """``attend`` by itself for one layer's shapes: the whole prompt causal, its first half
+    causal, and its second half over the whole (lower-right). With attention's work quadratic,
+    the second half costs 3x the first half's; the simulator assumes that."""
+    from kvtier.examples.paged_llama import attend
+
+    h = n // 2
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def qkv(t, end):
+        q = torch.randn(t, c.heads, c.head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+        k = torch.randn(end, c.kv_heads, c.head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+        return q, k, torch.randn_like(k)
+
+    out = {}
+    for name, t, end in (("whole", n, n), ("first_half", h, h), ("second_half", n - h, n)):
+        q, k, v = qkv(t, end)
+        ms = []
+        for _ in range(7):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            attend(q, k, v, end - t)
+            b.record()
+            b.synchronize()
+            ms.append(a.elapsed_time(b))
+        out[name] = round(sorted(ms)[3], 3)
+    out["second_over_first"] = round(out["second_half"] / out["first_half"], 2)
+    out["whole_over_first"] = round(out["whole"] / out["first_half"], 2)
+    print(json.dumps({"attention_alone_ms_per_layer": out}), flush=True)
 
 
 def gpu_time_line(prof, tag: str = "") -> None:
