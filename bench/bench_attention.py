@@ -1,0 +1,108 @@
+"""Attention after a cached prefix, one Llama-3-8B layer on the GPU: kvtier's reference engine's
+split (``paged_llama._attend_split``: the prefix without a mask and the new tokens causally, two
+cuDNN calls merged by their log-sum-exps) against what SDPA runs for a lower-right causal mask
+(the flash kernel), in the same run, with the error of each against an fp32 reference.
+
+A prompt whose first half hits computes its second half over the whole: this is that step's
+attention. The rate ``limit`` is cuDNN's causal attention over a square of the same prompt
+length, the kernel a full recompute runs (FLOPs counted for the unmasked half of each score
+matrix).
+
+    python bench/bench_attention.py [--out bench/results] [--reps 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from bench_report import machine, publish
+from kvtier.examples import paged_llama
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3-8B
+CASES = [(16384, 16384), (8192, 24576), (2048, 30720), (1024, 31744), (256, 32512)]  # (new, prefix)
+
+
+def timed(fn, reps: int) -> float:
+    fn()
+    ms = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ms.append(a.elapsed_time(b))
+    return statistics.median(ms)
+
+
+def flops(t: int, start: int) -> float:
+    """Multiply-adds of QK^T and PV over the unmasked scores, x2: 4 * heads * d * visible pairs."""
+    return 4.0 * HEADS * HEAD_DIM * (t * start + t * (t + 1) / 2)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--reps", type=int, default=9)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_attention needs a CUDA GPU", file=sys.stderr)
+        return 2
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    results = []
+    for t, start in CASES:
+        end = t + start
+        q = torch.randn(1, HEADS, t, HEAD_DIM, generator=g, **bf)
+        k = torch.randn(1, KV_HEADS, end, HEAD_DIM, generator=g, **bf)
+        v = torch.randn(1, KV_HEADS, end, HEAD_DIM, generator=g, **bf)
+        if not paged_llama._split_after_prefix_ok(q, k, v):
+            print("cuDNN attention is not available here: the engine keeps the lower-right flash call")
+            return 1
+
+        def lower_right():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, end), enable_gqa=True)
+
+        def split():
+            return paged_llama._attend_split(q, k, v, start)
+
+        sq = torch.randn(1, HEADS, end, HEAD_DIM, generator=g, **bf)
+        skv = torch.randn(1, KV_HEADS, end, HEAD_DIM, generator=g, **bf)
+
+        def square():
+            return F.scaled_dot_product_attention(sq, skv, skv, is_causal=True, enable_gqa=True)
+
+        # fp32 reference for the last 128 queries (they see every key): the math kernel
+        rows = slice(t - 128, t)
+        kr, vr = (x.float().repeat_interleave(HEADS // KV_HEADS, dim=1) for x in (k, v))
+        ref = F.scaled_dot_product_attention(q[:, :, rows].float(), kr, vr,
+                                             attn_mask=causal_lower_right(128, end))
+        err = {name: float((fn()[:, :, rows].float() - ref).abs().max()) for name, fn in
+               (("split", split), ("lower_right", lower_right))}
+        ms_split, ms_lr, ms_sq = timed(split, args.reps), timed(lower_right, args.reps), timed(square, args.reps)
+        rate = flops(t, start) / ms_split / 1e9
+        limit = flops(end, 0) / ms_sq / 1e9
+        print(f"new {t:6d} after {start:6d}: split {ms_split:7.3f} ms, lower-right {ms_lr:7.3f} ms "
+              f"({ms_lr / ms_split:.2f}x); {rate:.0f} TFLOP/s vs square causal {limit:.0f}; "
+              f"max err vs fp32: split {err['split']:.4f}, lower-right {err['lower_right']:.4f}", flush=True)
+        results.append({"case": f"split_{t}_after_{start}", "value": round(ms_split, 4), "unit": "ms",
+                        "baseline": "sdpa_lower_right_mask", "baseline_value": round(ms_lr, 4),
+                        "ratio": round(ms_lr / ms_split, 3), "tflops": round(rate, 1),
+                        "limit": "cudnn_causal_square_tflops", "limit_value": round(limit, 1),
+                        "ratio_to_limit": round(rate / limit, 3), "max_abs_err_vs_fp32": round(err["split"], 5),
+                        "baseline_max_abs_err_vs_fp32": round(err["lower_right"], 5)})
+        del q, k, v, sq, skv, kr, vr, ref
+        torch.cuda.empty_cache()
+    publish("bench_attention", "llama3_8b_after_prefix", torch.cuda.get_device_name().split()[1].lower(), results,
+            args.out, machine_name=machine(torch.cuda.get_device_name()), split_min_queries=paged_llama.SPLIT_MIN_QUERIES)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
