@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 
@@ -97,6 +98,7 @@ class HardwareCost:
     hit_forward_s: float = 0.0
     writebacks_share_disk: bool = False
     load_compute_overlap: bool = False
+    attention_after_prefix: tuple = ()
     sources: dict = field(default_factory=dict)
 
     def prefill_s(self, model: ModelShape, start: int, end: int) -> float:
@@ -104,7 +106,26 @@ class HardwareCost:
         if end <= start:
             return 0.0
         return (model.weight_flops(start, end) / self.weights_rate
-                + model.attention_flops(start, end) / self.attention_rate)
+                + model.attention_flops(start, end) / self.attention_rate_of(start, end))
+
+    def attention_rate_of(self, start: int, end: int) -> float:
+        """The attention rate of a step of tokens [start, end): ``attention_rate`` without a
+        cached prefix; after one, ``attention_after_prefix`` (``(new tokens, FLOP/s)`` points,
+        measured per step size: bench_attention) interpolated in log(new tokens), clamped at the
+        ends; ``attention_rate`` when it is empty."""
+        pts = self.attention_after_prefix
+        if start == 0 or not pts:
+            return self.attention_rate
+        t = end - start
+        if t <= pts[0][0]:
+            return pts[0][1]
+        if t >= pts[-1][0]:
+            return pts[-1][1]
+        for (t0, r0), (t1, r1) in zip(pts, pts[1:]):
+            if t0 <= t <= t1:
+                w = math.log(t / t0) / math.log(t1 / t0)
+                return r0 + w * (r1 - r0)
+        raise AssertionError("unreachable: points are sorted")
 
     def with_weights_rate_from(self, model: ModelShape, tokens: int, seconds: float, source: str) -> HardwareCost:
         """Calibrate ``weights_rate`` so that a full prefill of ``tokens`` takes ``seconds``."""
@@ -199,6 +220,9 @@ class Calibration:
             r = _case(edoc, f"ttft_gpu_hit_{calibrate_tokens}")
             if r is None:
                 raise FileNotFoundError(f"{e2e_file} has no case ttft_gpu_hit_{calibrate_tokens}")
+            if edoc.get("attention_split_min_queries"):
+                hw = self._attention_after_prefix(hw, edoc["attention_split_min_queries"],
+                                                  gpu_name_tag(edoc.get("machine", "")))
             hw = hw.with_weights_rate_from(model, calibrate_tokens, r["baseline_value"],
                                            f"{os.path.basename(e2e_file)}:ttft_recompute_{calibrate_tokens}")
             if one_step_prefill(edoc):
@@ -217,6 +241,39 @@ class Calibration:
                              sources={**hw.sources,
                                       "load_compute_overlap": f"{os.path.basename(e2e_file)}:load_compute_overlap"})
         return hw
+
+    def _attention_after_prefix(self, hw: HardwareCost, split_min: int, tag: str) -> HardwareCost:
+        """Attention rates of the engine that splits attention after a cached prefix from
+        ``split_min`` new tokens on (bench_e2e's ``attention_split_min_queries``), from the
+        latest bench_attention run on the same GPU: per step size the rate of the path that
+        engine takes (SDPA's lower-right call below ``split_min``, the split from it), and for
+        steps without a prefix cuDNN's causal attention (its ``limit``), replacing the matmul
+        probe. The run's recompute is then re-calibrated with it (weights_rate)."""
+        files = self._files(f"bench_attention-llama3_8b_after_prefix-{tag}-*.json")
+        if not files:
+            raise FileNotFoundError(f"no bench_attention-llama3_8b_after_prefix-{tag}-*.json in {self.bench_dir} (the run's engine "
+                                    f"splits attention after a prefix; its rates come from that bench)")
+        doc, name = _load(files[-1]), os.path.basename(files[-1])
+        pts, limits = [], []
+        for r in doc["results"]:
+            if not r["case"].startswith("split_"):
+                continue  # the first calls of new lengths
+            new, _, after = r["case"].removeprefix("split_").partition("_after_")
+            t = int(new)
+            ms = r["value"] if t >= split_min else r["baseline_value"]
+            pts.append((t, r["tflops"] * 1e12 * (r["value"] / ms)))
+            limits.append(r["limit_value"] * 1e12)
+        pts.sort()
+        limits.sort()
+        src = {**hw.sources, "attention_after_prefix": f"{name}: per step size, the engine's path (split from {split_min})",
+               "attention_rate": f"{name}:cudnn_causal_square_tflops (median)"}
+        return replace(hw, attention_rate=limits[len(limits) // 2], attention_after_prefix=tuple(pts), sources=src)
+
+
+def gpu_name_tag(machine: str) -> str:
+    """"NVIDIA H100 80GB HBM3, 16 cores" -> "h100" (the file tag benches give a GPU)."""
+    words = machine.split(",")[0].split()
+    return words[1].lower() if len(words) > 1 and words[0] == "NVIDIA" else "cpu"
 
 
 def one_step_prefill(doc: dict) -> bool:
