@@ -420,6 +420,8 @@ def main() -> None:
             # attention as two cuDNN calls (paged_llama._attend_split; bench_attention measures
             # both paths); earlier runs lack the key (SDPA's lower-right mask, the flash kernel).
             attention_split_min_queries=SPLIT_MIN_QUERIES,
+            # torch's experimental opt-in for cuDNN attention without a plan per sequence length
+            torch_cudnn_sdpa_avoid_recompile=os.environ.get("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "0") == "1",
             prefill=(f"{args.prefill_step}-token steps" if args.prefill_step
                      else "the uncached part of each prompt in one step (as transformers' SDPA path)"))
 

@@ -200,3 +200,19 @@ def test_simulator_takes_a_split_planner(reqs):
     assert planner.calls > 0 and res.split_plans > 0
     assert res.planned_recompute > 0 and res.cpu_hits > 0
     assert res.cpu_hits < plain.cpu_hits  # the heads were recomputed, not loaded
+
+
+def test_attention_rate_after_a_prefix_follows_the_measured_points():
+    """``attention_after_prefix``: per new-token count, interpolated in log(tokens) between the
+    measured points, clamped at both ends; a step without a cached prefix keeps ``attention_rate``."""
+    from kvtier.sim.cost import MODEL_PRESETS, HardwareCost
+
+    hw = HardwareCost(attention_rate=6e14, attention_after_prefix=((256, 1e14), (1024, 4e14)))
+    assert hw.attention_rate_of(0, 300) == 6e14
+    assert hw.attention_rate_of(1000, 1100) == 1e14  # 100 new tokens: below the first point
+    assert hw.attention_rate_of(1000, 1512) == pytest.approx(2.5e14)  # 512: halfway in log
+    assert hw.attention_rate_of(5000, 9000) == 4e14
+    m = MODEL_PRESETS["llama3_8b"]
+    slow = hw.prefill_s(m, 4096, 4352) - m.weight_flops(4096, 4352) / hw.weights_rate
+    assert slow == pytest.approx(m.attention_flops(4096, 4352) / 1e14)
+    assert HardwareCost(attention_rate=6e14).attention_rate_of(4096, 4352) == 6e14

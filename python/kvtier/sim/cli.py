@@ -168,8 +168,12 @@ def _latest_e2e(bench_dir: str) -> str | None:
     among those, the newer engine and bench as their JSON records them: a run whose loads overlap
     the step (``load_compute_overlap``, fad879f on) before one without, then one whose hits are
     the median of several requests (``reps_s``, bench_e2e 78de092 on); then the file name. Tiny-
-    model runs never. In bench/results of 2026-11-27: the ``_r5`` run once it is there, else
-    ``_overlap`` (not ``_writebacks4``: bound 4; not ``_zero_copy``: method zero_copy)."""
+    model runs never; nor runs with torch's experimental ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE``
+    set (``torch_cudnn_sdpa_avoid_recompile`` in the JSON); then a run whose engine splits
+    attention after a cached prefix (``attention_split_min_queries``, 8561176 on). In
+    bench/results of 2026-11-27: the ``_r7`` run (not ``_r7_avoid_recompile``, not ``_r6``: no
+    such key; ``_r5``: the lower-right attention; not ``_writebacks4``: bound 4; not
+    ``_zero_copy``: method zero_copy)."""
     import glob
 
     from kvtier.sim.cost import one_step_prefill
@@ -186,8 +190,10 @@ def _latest_e2e(bench_dir: str) -> str | None:
             continue
         default = (one_step_prefill(doc) and doc.get("kv_layout") == "vllm"
                    and doc.get("method", "auto") == "auto"
-                   and int(doc.get("disk_max_writebacks_in_flight", 64)) == 64)
-        newer = (bool(doc.get("load_compute_overlap")), hit_reps(doc) > 1 if "results" in doc else False)
+                   and int(doc.get("disk_max_writebacks_in_flight", 64)) == 64
+                   and not doc.get("torch_cudnn_sdpa_avoid_recompile"))
+        newer = (bool(doc.get("load_compute_overlap")), hit_reps(doc) > 1 if "results" in doc else False,
+                 "attention_split_min_queries" in doc)
         key = (str(doc.get("date", "")), default, newer, os.path.basename(f))
         if best_key is None or key > best_key:
             best, best_key = f, key

@@ -77,7 +77,7 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
                     planner_flops_per_s: float | None = None, disk_gbps: float = 1.2,
                     cpu_gbps: float = 50.0, second_recompute: bool = False, split: bool = False,
                     disk_chunks: tuple[int, int] = (2, 4), max_writebacks: int = 64,
-                    hit_reps: int = 1) -> dict[str, dict]:
+                    hit_reps: int = 1, warm_half: bool = False) -> dict[str, dict]:
     """Simulate bench_e2e's steps for an ``n``-token prompt; returns per case the predicted TTFT
     (``ttft_s``) and what the request found (gpu / lower / disk chunks, write-backs waited for).
 
@@ -92,6 +92,8 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
     (the run's ``disk_max_writebacks_in_flight``; 64 before bench_e2e recorded it).
     ``hit_reps``: requests per GPU-hit and CPU-hit case (bench_e2e from 78de092: 5, each CPU
     hit after its own push out of the GPU; the case is their median, ``reps_s`` in its JSON).
+    ``warm_half``: bench_e2e from 8561176 (its JSON has ``attention_split_min_queries``) serves
+    the warm-up prompt again and a half-prefix request of it before the half-prefix case.
     A case's detail gives ``copy_s`` (the load's scatter into GPU pages) and ``step_s`` (the
     step after the cached prefix), the parts that overlap under ``hw.load_compute_overlap``.
     """
@@ -151,7 +153,8 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
         pool.finish(b, [])
 
     prompt = tokens(n) + [next(fresh)]  # n // CHUNK full chunks (+ a spare id never used whole)
-    generate(tokens(n), n)  # warm-up prompt
+    warm = tokens(n)
+    generate(warm, n)  # warm-up prompt
     generate(prompt, n, "recompute")
     if second_recompute:
         generate(tokens(n), n)
@@ -186,6 +189,9 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
         push_out_of_cpu()
         generate(prompt, n, "disk_hit_split")
     pool.planner = None
+    if warm_half:  # the first calls of the half-prefix attention shapes, on the warm-up prompt
+        generate(warm, n)
+        generate(warm[: n // 2 // CHUNK] + tokens(n - n // 2), n)
     half = prompt[: n // 2 // CHUNK] + tokens(n - n // 2)
     push_out_of_gpu()
     generate(prompt, n)
@@ -264,7 +270,7 @@ def compare_e2e(bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft-h10
                                split=version["split"] and ("disk_hit_split", n) in measured,
                                disk_chunks=version["disk_chunks"],
                                max_writebacks=int(doc.get("disk_max_writebacks_in_flight", 64)),
-                               hit_reps=hit_reps(doc))
+                               hit_reps=hit_reps(doc), warm_half="attention_split_min_queries" in doc)
         for case in E2E_CASES:
             if (case, n) not in measured:
                 continue
