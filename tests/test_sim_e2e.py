@@ -487,9 +487,11 @@ def test_kvtier_sim_calibrates_on_the_default_configuration_run_by_default():
     whose file names sort later (the zero_copy run), then the newest engine and bench."""
     from kvtier.sim.cli import _latest_e2e
 
-    if not (BENCH / SPLIT_MAIN).exists():
-        pytest.skip(f"no {SPLIT_MAIN}")
-    assert Path(_latest_e2e(str(BENCH))).name == SPLIT_MAIN
+    if not (BENCH / SPLIT_SECOND).exists():
+        pytest.skip(f"no {SPLIT_SECOND}")
+    # the newest engine (attention_split_min_queries), not the run with torch's experimental
+    # variable; of its two runs the later file name
+    assert Path(_latest_e2e(str(BENCH))).name == SPLIT_SECOND
 
 
 def test_the_default_run_is_chosen_by_what_its_json_records_not_its_name(tmp_path):
@@ -587,17 +589,31 @@ def test_overlap_prices_the_copy_beside_the_step_not_before_it():
 # the simulator then takes the attention rates per step size from bench_attention (same GPU) and
 # replays the bench's warm-up of the half-prefix shapes. The main run: 8561176, H100.
 SPLIT_MAIN = "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_r7-h100-2026-11-27.json"
+SPLIT_SECOND = "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_r8-h100-2026-11-27.json"  # 351a0f1, a repeat
+PLAN_BUILD = ("the split's head (14 chunks, 3,584 tokens) is a new length for cuDNN's causal attention, whose first "
+              "call builds a plan: 48.5 ms (bench_attention causal_new_length_3584_first_call); prediction + plan "
+              "within 1-5% of the measurement")
 SPLIT_KNOWN_MISSES = {
-    ("disk_hit", 4096): "-32%: 1.27 s measured; 0.77 / 0.82 s on the r5 / r6 runs, whose disk probes read "
-                        "1.66 / 1.84 GB/s (this run's 1.86): the disk, slower during the case than at the probe",
-    ("disk_hit", 32768): "-23%: 7.08 s measured; 5.19 / 5.44 s on r5 / r6 (predicted within 3% there)",
-    ("disk_hit_split", 4096): "-28%: the head (14 chunks, 3584 tokens) is a new length for cuDNN's causal "
-                              "attention, whose first call builds a plan: 48.5 ms (bench_attention "
-                              "causal_new_length_3584_first_call); 0.133 + 0.049 = 0.182 s vs 0.184 s measured",
-    ("half_prefix_gpu_hit", 4096): "+23%: the step's fixed cost comes from this run's GPU hit at 4096 (0.0281 s, "
-                                   "median of 0.025-0.046), 5 ms above r5's and r6's",
-    ("gpu_hit", 16384): "+37%: 0.0248 s measured, below this run's GPU hit at 4096 (0.0281 s) that sets the "
-                        "step's fixed cost; r5: 0.0235, r6: 0.0356 (-18% there)",
+    SPLIT_MAIN: {
+        ("disk_hit", 4096): "-32%: 1.27 s measured; 0.77 / 0.82 / 0.88 s on r5 / r6 / r8 with like disk probes "
+                            "(predicted within 8% there): the disk, slower during the case than at the probe",
+        ("disk_hit", 32768): "-23%: 7.08 s measured; 5.19 / 5.44 / 5.14 s on r5 / r6 / r8 (within 6% there)",
+        ("disk_hit_split", 4096): "-27%: " + PLAN_BUILD,
+        ("gpu_hit", 32768): "-30%: 0.0403 s measured (r8: 0.0344, -19%); priced as the host-bound 4k hit step "
+                            "(0.028 s) since its GPU work (25 ms) is shorter: host and GPU overlap only in part",
+    },
+    SPLIT_SECOND: {
+        ("cpu_hit", 4096): "-19%: 0.0382 s measured, above this run's GPU hit at 4096 (0.031 s) that prices it "
+                           "(r7: 0.0276 vs 0.0281)",
+        ("disk_hit_split", 4096): "-32%: " + PLAN_BUILD,
+        ("gpu_hit", 16384): "-22%: 0.0398 s measured, r7 0.0248 s: the host-bound hit step moves by 15 ms between runs",
+    },
+}
+# Medians over the two runs, each calibrated on its own two points.
+SPLIT_MEDIAN_MISSES = {
+    ("disk_hit", 4096): "-20%: r7's slow disk (-32%); r8 -2%",
+    ("disk_hit_split", 4096): "-30%: " + PLAN_BUILD,
+    ("gpu_hit", 32768): "-21%: the host-bound hit step priced at the 4k hit's; 0.034-0.040 s measured",
 }
 
 
@@ -622,18 +638,57 @@ def test_split_attention_run_takes_its_attention_rates_from_bench_attention(spli
     assert pts[1024] < hw.attention_rate_of(31000, 32500) < pts[2048]
 
 
-def test_split_attention_run_predictions_within_15_percent(split_run):
-    rows, _ = split_run
+@pytest.mark.parametrize("name", [SPLIT_MAIN, SPLIT_SECOND], ids=["r7", "r8"])
+def test_split_attention_runs_predictions_within_15_percent(name):
+    if not (BENCH / name).exists():
+        pytest.skip(f"no {name}")
+    rows, hw = compare_e2e(str(BENCH), e2e_glob=name, calibrate_tokens=4096)
     print("\n" + format_table(rows))
+    assert hw.hit_step_overlaps
     preds = [r for r in rows if r.role == "prediction"]
     assert len(preds) == 19
+    known = SPLIT_KNOWN_MISSES[name]
     misses = {(r.case, r.tokens): f"{r.error:+.1%}" for r in preds
-              if abs(r.error) > 0.15 and (r.case, r.tokens) not in SPLIT_KNOWN_MISSES}
+              if abs(r.error) > 0.15 and (r.case, r.tokens) not in known}
     assert not misses, misses
-    assert sum(1 for r in preds if abs(r.error) <= 0.15) >= 14
+    assert sum(1 for r in preds if abs(r.error) <= 0.15) >= 19 - len(known)
     found = {(r.case, r.tokens): r for r in rows}
-    for n in (16384, 32768):  # the case every earlier run missed by 16-28%
-        assert abs(found[("half_prefix_gpu_hit", n)].error) < 0.06, n
+    for n in (4096, 16384, 32768):  # the case every earlier run missed (by 16-28% at 32k)
+        assert abs(found[("half_prefix_gpu_hit", n)].error) < 0.10, n
+
+
+def test_split_attention_runs_cross_run_medians_within_15_percent():
+    from kvtier.sim.validate import claimed_cases, cross_run_table, format_cross_run_table
+
+    names = [SPLIT_MAIN, SPLIT_SECOND]
+    if not all((BENCH / n).exists() for n in names):
+        pytest.skip("the r7 and r8 runs are needed")
+    table = cross_run_table({n: compare_e2e(str(BENCH), e2e_glob=n, calibrate_tokens=4096)[0] for n in names})
+    print("\n" + format_cross_run_table(table, names))
+    claimed = claimed_cases(table)
+    assert len(claimed) == 19
+    bad = {(c["case"], c["tokens"]): f"{c['median_error']:+.1%}" for c in claimed
+           if abs(c["median_error"]) > 0.15 and (c["case"], c["tokens"]) not in SPLIT_MEDIAN_MISSES}
+    assert not bad, bad
+    assert sum(1 for c in claimed if abs(c["median_error"]) <= 0.15) >= 19 - len(SPLIT_MEDIAN_MISSES)
+
+
+def test_hit_step_is_the_longer_of_launches_and_gpu_work():
+    """``hit_step_overlaps``: a short step after a prefix costs ``hit_forward_s`` (the launches),
+    a long one its FLOPs; without it, their sum (the earlier runs' form)."""
+    from dataclasses import replace
+
+    from kvtier.sim.engine import prefill_step_s
+
+    model = MODEL_PRESETS["llama3_8b"]
+    hw = replace(Calibration(str(BENCH)).hardware(model=model), hit_forward_s=0.02)
+    short, long_ = hw.prefill_s(model, 4000, 4100), hw.prefill_s(model, 2048, 4096)
+    assert short < 0.02 < long_
+    assert prefill_step_s(hw, model, 4000, 4100) == pytest.approx(0.02 + short)
+    on = replace(hw, hit_step_overlaps=True)
+    assert prefill_step_s(on, model, 4000, 4100) == 0.02
+    assert prefill_step_s(on, model, 2048, 4096) == long_
+    assert prefill_step_s(on, model, 0, 4096) == prefill_step_s(hw, model, 0, 4096) == hw.prefill_s(model, 0, 4096)
 
 
 def test_split_attention_calibration_needs_bench_attention(tmp_path):

@@ -171,9 +171,9 @@ def _latest_e2e(bench_dir: str) -> str | None:
     model runs never; nor runs with torch's experimental ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE``
     set (``torch_cudnn_sdpa_avoid_recompile`` in the JSON); then a run whose engine splits
     attention after a cached prefix (``attention_split_min_queries``, 8561176 on). In
-    bench/results of 2026-11-27: the ``_r7`` run (not ``_r7_avoid_recompile``, not ``_r6``: no
-    such key; ``_r5``: the lower-right attention; not ``_writebacks4``: bound 4; not
-    ``_zero_copy``: method zero_copy)."""
+    bench/results of 2026-11-27: the ``_r8`` run, a repeat of ``_r7`` (not
+    ``_r7_avoid_recompile``; not ``_r6`` or ``_r5``: no such key; not ``_writebacks4``: bound 4;
+    not ``_zero_copy``: method zero_copy)."""
     import glob
 
     from kvtier.sim.cost import one_step_prefill

@@ -83,8 +83,13 @@ class HardwareCost:
     for. ``load_compute_overlap``: a step's layer ``l`` computes as soon as layer ``l`` of the
     pages loaded from a lower tier has landed (the engine from fad879f on; bench_e2e records
     ``load_compute_overlap`` in its JSON), so a load's copy overlaps the step instead of preceding
-    it (kvtier.sim.engine.request_service_s gives both forms). ``sources`` says where each
-    calibrated number came from (file and case)."""
+    it (kvtier.sim.engine.request_service_s gives both forms). ``attention_after_prefix``:
+    ``(new tokens, FLOP/s)`` points, the attention rate of a step after a cached prefix by its
+    size (:meth:`attention_rate_of`). ``hit_step_overlaps``: a step after a cached prefix costs
+    the longer of ``hit_forward_s`` (its host-bound launches) and its FLOPs, which the GPU runs
+    while the host launches, instead of their sum (kvtier.sim.engine.prefill_step_s); set with
+    measured attention rates. ``sources`` says where each calibrated number came from (file and
+    case)."""
 
     weights_rate: float = 100e12
     attention_rate: float = 600e12
@@ -99,6 +104,7 @@ class HardwareCost:
     writebacks_share_disk: bool = False
     load_compute_overlap: bool = False
     attention_after_prefix: tuple = ()
+    hit_step_overlaps: bool = False
     sources: dict = field(default_factory=dict)
 
     def prefill_s(self, model: ModelShape, start: int, end: int) -> float:
@@ -230,7 +236,12 @@ class Calibration:
                 # that the recompute's one large step hides. From ONE measurement: the GPU hit
                 # at calibrate_tokens (its step's FLOPs priced as above, the rest fixed).
                 computed = calibrate_tokens - (calibrate_tokens - 1) // 256 * 256
-                fixed = r["value"] - hw.prefill_s(model, calibrate_tokens - computed, calibrate_tokens)
+                flops_s = hw.prefill_s(model, calibrate_tokens - computed, calibrate_tokens)
+                # With measured attention rates the GPU work of a step is priced right, and a
+                # step costs the longer of the host's launches and that work: the GPU hit's
+                # short step is all launches. Before, the sum (validated that way with the
+                # matmul probe's rate, which priced attention after a prefix too fast).
+                fixed = r["value"] if hw.hit_step_overlaps and r["value"] > flops_s else r["value"] - flops_s
                 hw = replace(hw, hit_forward_s=max(0.0, fixed), writebacks_share_disk=True,
                              sources={**hw.sources,
                                       "hit_forward_s": f"{os.path.basename(e2e_file)}:ttft_gpu_hit_{calibrate_tokens}"})
@@ -248,7 +259,8 @@ class Calibration:
         latest bench_attention run on the same GPU: per step size the rate of the path that
         engine takes (SDPA's lower-right call below ``split_min``, the split from it), and for
         steps without a prefix cuDNN's causal attention (its ``limit``), replacing the matmul
-        probe. The run's recompute is then re-calibrated with it (weights_rate)."""
+        probe; and ``hit_step_overlaps``. The run's recompute and GPU hit are then calibrated
+        with these (weights_rate, hit_forward_s)."""
         files = self._files(f"bench_attention-llama3_8b_after_prefix-{tag}-*.json")
         if not files:
             raise FileNotFoundError(f"no bench_attention-llama3_8b_after_prefix-{tag}-*.json in {self.bench_dir} (the run's engine "
@@ -267,7 +279,8 @@ class Calibration:
         limits.sort()
         src = {**hw.sources, "attention_after_prefix": f"{name}: per step size, the engine's path (split from {split_min})",
                "attention_rate": f"{name}:cudnn_causal_square_tflops (median)"}
-        return replace(hw, attention_rate=limits[len(limits) // 2], attention_after_prefix=tuple(pts), sources=src)
+        return replace(hw, attention_rate=limits[len(limits) // 2], attention_after_prefix=tuple(pts),
+                       hit_step_overlaps=True, sources=src)
 
 
 def gpu_name_tag(machine: str) -> str:

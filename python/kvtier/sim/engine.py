@@ -403,8 +403,12 @@ def request_copy_s(hw: HardwareCost, chunk_bytes: int, b) -> float:
 
 def prefill_step_s(hw: HardwareCost, model: ModelShape, start: int, end: int) -> float:
     """Seconds of one prefill step over tokens [start, end): its FLOPs, and ``hw.hit_forward_s``
-    when it starts after a cached prefix."""
-    return hw.prefill_s(model, start, end) + (hw.hit_forward_s if 0 < start < end else 0.0)
+    when it starts after a cached prefix: added to them, or with ``hw.hit_step_overlaps`` the
+    longer of the two (the host's launches beside the GPU's work)."""
+    flops_s = hw.prefill_s(model, start, end)
+    if not 0 < start < end:
+        return flops_s
+    return max(flops_s, hw.hit_forward_s) if hw.hit_step_overlaps else flops_s + hw.hit_forward_s
 
 
 def request_service_s(hw: HardwareCost, model: ModelShape, chunk_tokens: int, chunk_bytes: int, b,
