@@ -70,7 +70,7 @@ def main() -> int:
         q = torch.randn(1, HEADS, t, HEAD_DIM, generator=g, **bf)
         k = torch.randn(1, KV_HEADS, end, HEAD_DIM, generator=g, **bf)
         v = torch.randn(1, KV_HEADS, end, HEAD_DIM, generator=g, **bf)
-        if not paged_llama._split_after_prefix_ok(q, k, v):
+        if not paged_llama._cudnn_ok(q, k, v):
             print("cuDNN attention is not available here: the engine keeps the lower-right flash call")
             return 1
 

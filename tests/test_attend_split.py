@@ -56,9 +56,23 @@ def test_split_weighs_each_part_by_its_share():
     torch.testing.assert_close(got[0, 0], v[0, 0, 1].expand(2, 4), rtol=0, atol=1e-12)
 
 
+@settings(max_examples=30, deadline=None)
+@given(t=st.integers(2, 40), start=st.integers(0, 40), extra=st.integers(1, 30), seed=st.integers(0, 2**16))
+def test_padding_the_new_tokens_changes_nothing_for_the_real_ones(t, start, extra, seed):
+    """cuDNN calls take their new tokens padded to a bucket (one plan per bucket): the real
+    tokens' outputs are those of the unpadded attention (float64 here, SDPA on the CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(t, 4, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(start + t, 2, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(start + t, 2, 8, generator=g, dtype=torch.float64)
+    got = paged_llama._attend_padded(q, k, v, start, t + extra)
+    assert got.shape == (t, 4, 8)
+    torch.testing.assert_close(got, paged_llama.attend(q, k, v, start), rtol=1e-12, atol=1e-12)
+
+
 def test_split_is_not_used_off_the_gpu():
     q, k = torch.zeros(1, 4, 2048, 8), torch.zeros(1, 2, 4096, 8)
-    assert not paged_llama._split_after_prefix_ok(q, k, k)
+    assert not paged_llama._cudnn_ok(q, k, k)
 
 
 def _inputs(gpu, t, start, heads=32, kv_heads=8, d=128, seed=0):
@@ -69,12 +83,13 @@ def _inputs(gpu, t, start, heads=32, kv_heads=8, d=128, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,start", [(paged_llama.SPLIT_MIN_QUERIES, 3000), (2048, 2048), (4096, 512)])
+@pytest.mark.parametrize("t,start", [(paged_llama.SPLIT_MIN_QUERIES, 3000), (2048, 2048), (4096, 512),
+                                     (1500, 3000), (1500, 0), (3584, 0)])
 def test_gpu_attend_after_prefix_matches_fp32(gpu, t, start):
-    """``attend`` after a prefix (split with cuDNN where it runs) within bf16 rounding of an fp32
-    reference, and no further from it than SDPA's lower-right flash call."""
+    """``attend`` (after a prefix: split with cuDNN where it runs; new tokens padded to a bucket)
+    within bf16 rounding of an fp32 reference, and no further from it than SDPA's own call."""
     q, k, v = _inputs(gpu, t, start)
-    assert paged_llama._split_after_prefix_ok(*(x.transpose(0, 1)[None] for x in (q, k, v))), \
+    assert paged_llama._cudnn_ok(*(x.transpose(0, 1)[None] for x in (q, k, v))), \
         "cuDNN attention should run on the GPU machine's H100/H200"
     got = paged_llama.attend(q, k, v, start).float()
     rows = slice(t - 256, t)  # the reference for the last 256 queries (they see every key but the newest)

@@ -214,6 +214,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
     q: ``[t, heads, head_dim]``; k, v: ``[start + t, kv_heads, head_dim]`` -> ``[t, heads, head_dim]``.
     """
     t, end = q.shape[0], k.shape[0]
+    if t > 1 and t % PLAN_BUCKET and q.is_cuda and (start == 0 or t >= SPLIT_MIN_QUERIES) \
+            and _cudnn_ok(*(x.transpose(0, 1)[None] for x in (q, k, v))):
+        # cuDNN builds a plan per shape (~50-90 ms the first time): new tokens padded to a whole
+        # bucket give a few shapes instead of one per length (_attend_padded).
+        return _attend_padded(q, k, v, start, -(-t // PLAN_BUCKET) * PLAN_BUCKET)
     q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, heads, tokens, head_dim]
     if t == 1:  # decode: the one query sees every key
         if q.is_cuda:  # the query heads of a K/V head as its queries: fused kernels, no copies of K/V
@@ -230,7 +235,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
         k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
     if start == 0:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    elif t >= SPLIT_MIN_QUERIES and _split_after_prefix_ok(q, k, v):
+    elif t >= SPLIT_MIN_QUERIES and _cudnn_ok(q, k, v):
         out = _attend_split(q, k, v, start)
     else:  # is_causal aligns its diagonal top-left; after a prefix, query i sees keys <= start + i
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, end), enable_gqa=gqa)
@@ -240,7 +245,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
 # Queries after a cached prefix from which attention is split in two (below, one lower-right
 # flash call costs less than two calls and a merge).
 SPLIT_MIN_QUERIES = 1024
+# New tokens of a cuDNN attention call are padded to a multiple of this (one plan per bucket).
+PLAN_BUCKET = 1024
 _split_checked: dict = {}
+
+
+def _attend_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, padded: int) -> torch.Tensor:
+    """``attend`` with the ``t`` new tokens padded with zeros to ``padded``: exact for the real
+    ones. Causally, query ``i`` sees keys up to ``start + i`` only, never the padding after the
+    last real token, and the padded queries' rows are dropped. ``[t, heads|kv_heads, head_dim]``."""
+    t = q.shape[0]
+
+    def pad(x: torch.Tensor, n: int) -> torch.Tensor:
+        return F.pad(x, (0, 0, 0, 0, 0, n - x.shape[0]))
+
+    return attend(pad(q, padded), pad(k, start + padded), pad(v, start + padded), start)[:t]
 
 
 def _cudnn_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool):
@@ -271,7 +290,7 @@ def _attend_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
     return torch.lerp(o_prefix, o_new, torch.sigmoid(l_new - l_prefix).to(o_new.dtype))
 
 
-def _split_after_prefix_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def _cudnn_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether cuDNN's attention runs these shapes (checked once per dtype and head shape)."""
     if not q.is_cuda:
         return False
