@@ -86,9 +86,9 @@ class HardwareCost:
     it (kvtier.sim.engine.request_service_s gives both forms). ``attention_after_prefix``:
     ``(new tokens, FLOP/s)`` points, the attention rate of a step after a cached prefix by its
     size (:meth:`attention_rate_of`). ``hit_step_overlaps``: a step after a cached prefix costs
-    the longer of ``hit_forward_s`` (its host-bound launches) and its FLOPs, which the GPU runs
-    while the host launches, instead of their sum (kvtier.sim.engine.prefill_step_s); set with
-    measured attention rates. ``sources`` says where each calibrated number came from (file and
+    the longer of ``hit_forward_s`` (its host-bound launches) and its weights' GEMMs, which the
+    GPU runs while the host launches, plus its attention, instead of launches + all its FLOPs
+    (kvtier.sim.engine.prefill_step_s); set with measured attention rates. ``sources`` says where each calibrated number came from (file and
     case)."""
 
     weights_rate: float = 100e12
@@ -236,12 +236,17 @@ class Calibration:
                 # that the recompute's one large step hides. From ONE measurement: the GPU hit
                 # at calibrate_tokens (its step's FLOPs priced as above, the rest fixed).
                 computed = calibrate_tokens - (calibrate_tokens - 1) // 256 * 256
-                flops_s = hw.prefill_s(model, calibrate_tokens - computed, calibrate_tokens)
-                # With measured attention rates the GPU work of a step is priced right, and a
-                # step costs the longer of the host's launches and that work: the GPU hit's
-                # short step is all launches. Before, the sum (validated that way with the
-                # matmul probe's rate, which priced attention after a prefix too fast).
-                fixed = r["value"] if hw.hit_step_overlaps and r["value"] > flops_s else r["value"] - flops_s
+                s0 = calibrate_tokens - computed
+                flops_s = hw.prefill_s(model, s0, calibrate_tokens)
+                gemm_s = model.weight_flops(s0, calibrate_tokens) / hw.weights_rate
+                # With measured attention rates (hit_step_overlaps) a step costs the longer of
+                # the host's launches and the GEMMs, plus the attention: the GPU hit's launches
+                # are its time less its attention. Before, launches + every FLOP (validated that
+                # way with the matmul probe's rate, which priced attention after a prefix fast).
+                if hw.hit_step_overlaps and r["value"] - (flops_s - gemm_s) > gemm_s:
+                    fixed = r["value"] - (flops_s - gemm_s)
+                else:
+                    fixed = r["value"] - flops_s
                 hw = replace(hw, hit_forward_s=max(0.0, fixed), writebacks_share_disk=True,
                              sources={**hw.sources,
                                       "hit_forward_s": f"{os.path.basename(e2e_file)}:ttft_gpu_hit_{calibrate_tokens}"})

@@ -403,12 +403,17 @@ def request_copy_s(hw: HardwareCost, chunk_bytes: int, b) -> float:
 
 def prefill_step_s(hw: HardwareCost, model: ModelShape, start: int, end: int) -> float:
     """Seconds of one prefill step over tokens [start, end): its FLOPs, and ``hw.hit_forward_s``
-    when it starts after a cached prefix: added to them, or with ``hw.hit_step_overlaps`` the
-    longer of the two (the host's launches beside the GPU's work)."""
+    when it starts after a cached prefix. Added to them; or with ``hw.hit_step_overlaps`` the
+    longer of ``hit_forward_s`` (the host's launches) and the weights' GEMMs, which the GPU runs
+    while the host launches, plus the attention (over the cached prefix: it grows with it, and
+    the launches do not hide it; scripts/diag_step.py, docs/sim.md section 3)."""
     flops_s = hw.prefill_s(model, start, end)
     if not 0 < start < end:
         return flops_s
-    return max(flops_s, hw.hit_forward_s) if hw.hit_step_overlaps else flops_s + hw.hit_forward_s
+    if not hw.hit_step_overlaps:
+        return flops_s + hw.hit_forward_s
+    gemm_s = model.weight_flops(start, end) / hw.weights_rate
+    return max(gemm_s, hw.hit_forward_s) + (flops_s - gemm_s)
 
 
 def request_service_s(hw: HardwareCost, model: ModelShape, chunk_tokens: int, chunk_bytes: int, b,
