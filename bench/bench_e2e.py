@@ -130,6 +130,10 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
     prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
     warm = torch.randint(0, vocab, (n,), generator=gen).tolist()
     engine.generate([warm], 1)  # first calls of each kernel at this length
+    # and of a length off the 1024-token buckets, whose attention runs padded to one
+    # (paged_llama.PLAN_BUCKET): that variant's first call costs ~75 ms (scripts/diag_step.py),
+    # and a split plan's head is such a length
+    engine.generate([torch.randint(0, vocab, (n - 2 * CHUNK,), generator=gen).tolist()], 1)
     out = {}
     out["recompute"], g_ref = ttft(engine, prompt, device)
     # A second recompute of a fresh prompt: the baseline is the faster of the two (conservative).
@@ -420,6 +424,8 @@ def main() -> None:
             # attention as two cuDNN calls (paged_llama._attend_split; bench_attention measures
             # both paths); earlier runs lack the key (SDPA's lower-right mask, the flash kernel).
             attention_split_min_queries=SPLIT_MIN_QUERIES,
+            # The warm-up also serves a prompt of n - 512 tokens, off the buckets (runs before lack the key)
+            warm_off_bucket=True,
             # torch's experimental opt-in for cuDNN attention without a plan per sequence length
             torch_cudnn_sdpa_avoid_recompile=os.environ.get("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "0") == "1",
             prefill=(f"{args.prefill_step}-token steps" if args.prefill_step

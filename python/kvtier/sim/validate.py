@@ -77,7 +77,7 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
                     planner_flops_per_s: float | None = None, disk_gbps: float = 1.2,
                     cpu_gbps: float = 50.0, second_recompute: bool = False, split: bool = False,
                     disk_chunks: tuple[int, int] = (2, 4), max_writebacks: int = 64,
-                    hit_reps: int = 1, warm_half: bool = False) -> dict[str, dict]:
+                    hit_reps: int = 1, warm_half: bool = False, warm_off_bucket: bool = False) -> dict[str, dict]:
     """Simulate bench_e2e's steps for an ``n``-token prompt; returns per case the predicted TTFT
     (``ttft_s``) and what the request found (gpu / lower / disk chunks, write-backs waited for).
 
@@ -94,6 +94,8 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
     hit after its own push out of the GPU; the case is their median, ``reps_s`` in its JSON).
     ``warm_half``: bench_e2e from 8561176 (its JSON has ``attention_split_min_queries``) serves
     the warm-up prompt again and a half-prefix request of it before the half-prefix case.
+    ``warm_off_bucket``: bench_e2e from its ``warm_off_bucket`` key on serves a prompt of
+    ``n - 512`` tokens after the warm-up prompt.
     A case's detail gives ``copy_s`` (the load's scatter into GPU pages) and ``step_s`` (the
     step after the cached prefix), the parts that overlap under ``hw.load_compute_overlap``.
     """
@@ -155,6 +157,8 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
     prompt = tokens(n) + [next(fresh)]  # n // CHUNK full chunks (+ a spare id never used whole)
     warm = tokens(n)
     generate(warm, n)  # warm-up prompt
+    if warm_off_bucket:
+        generate(tokens(n - 2 * CHUNK), n - 2 * CHUNK)
     generate(prompt, n, "recompute")
     if second_recompute:
         generate(tokens(n), n)
@@ -270,7 +274,8 @@ def compare_e2e(bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft-h10
                                split=version["split"] and ("disk_hit_split", n) in measured,
                                disk_chunks=version["disk_chunks"],
                                max_writebacks=int(doc.get("disk_max_writebacks_in_flight", 64)),
-                               hit_reps=hit_reps(doc), warm_half="attention_split_min_queries" in doc)
+                               hit_reps=hit_reps(doc), warm_half="attention_split_min_queries" in doc,
+                               warm_off_bucket=bool(doc.get("warm_off_bucket")))
         for case in E2E_CASES:
             if (case, n) not in measured:
                 continue
