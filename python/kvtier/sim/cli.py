@@ -170,10 +170,10 @@ def _latest_e2e(bench_dir: str) -> str | None:
     the median of several requests (``reps_s``, bench_e2e 78de092 on); then the file name. Tiny-
     model runs never; nor runs with torch's experimental ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE``
     set (``torch_cudnn_sdpa_avoid_recompile`` in the JSON); then a run whose engine splits
-    attention after a cached prefix (``attention_split_min_queries``, 8561176 on). In
-    bench/results of 2026-11-27: the ``_r8`` run, a repeat of ``_r7`` (not
-    ``_r7_avoid_recompile``; not ``_r6`` or ``_r5``: no such key; not ``_writebacks4``: bound 4;
-    not ``_zero_copy``: method zero_copy)."""
+    attention after a cached prefix (``attention_split_min_queries``, 8561176 on); then one whose
+    warm-up served a length off the buckets in a scratch pool (``warm_off_bucket``). In
+    bench/results of 2026-11-27: the ``_r11`` run (not ``_r7_avoid_recompile``; not ``_r6`` or
+    ``_r5``: no such key; not ``_writebacks4``: bound 4; not ``_zero_copy``: method zero_copy)."""
     import glob
 
     from kvtier.sim.cost import one_step_prefill
@@ -193,7 +193,7 @@ def _latest_e2e(bench_dir: str) -> str | None:
                    and int(doc.get("disk_max_writebacks_in_flight", 64)) == 64
                    and not doc.get("torch_cudnn_sdpa_avoid_recompile"))
         newer = (bool(doc.get("load_compute_overlap")), hit_reps(doc) > 1 if "results" in doc else False,
-                 "attention_split_min_queries" in doc)
+                 "attention_split_min_queries" in doc, doc.get("warm_off_bucket") == "scratch_pool")
         key = (str(doc.get("date", "")), default, newer, os.path.basename(f))
         if best_key is None or key > best_key:
             best, best_key = f, key

@@ -94,8 +94,9 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
     hit after its own push out of the GPU; the case is their median, ``reps_s`` in its JSON).
     ``warm_half``: bench_e2e from 8561176 (its JSON has ``attention_split_min_queries``) serves
     the warm-up prompt again and a half-prefix request of it before the half-prefix case.
-    ``warm_off_bucket``: bench_e2e from its ``warm_off_bucket`` key on serves a prompt of
-    ``n - 512`` tokens after the warm-up prompt.
+    ``warm_off_bucket``: the ``_r10`` run (b4eec82, ``"warm_off_bucket": true``) served a prompt
+    of ``n - 512`` tokens in its pool after the warm-up prompt; later runs serve it in a scratch
+    pool (``"scratch_pool"``), which leaves nothing to replay.
     A case's detail gives ``copy_s`` (the load's scatter into GPU pages) and ``step_s`` (the
     step after the cached prefix), the parts that overlap under ``hw.load_compute_overlap``.
     """
@@ -275,7 +276,7 @@ def compare_e2e(bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft-h10
                                disk_chunks=version["disk_chunks"],
                                max_writebacks=int(doc.get("disk_max_writebacks_in_flight", 64)),
                                hit_reps=hit_reps(doc), warm_half="attention_split_min_queries" in doc,
-                               warm_off_bucket=bool(doc.get("warm_off_bucket")))
+                               warm_off_bucket=doc.get("warm_off_bucket") is True)
         for case in E2E_CASES:
             if (case, n) not in measured:
                 continue
