@@ -165,7 +165,8 @@ class Calibration:
         return sorted(glob.glob(os.path.join(self.bench_dir, pattern)))
 
     def hardware(self, *, gpu_tag: str = "h200", disk_tag: str = "h200host", model: ModelShape | None = None,
-                 e2e_file: str | None = None, calibrate_tokens: int = 4096) -> HardwareCost:
+                 e2e_file: str | None = None, calibrate_tokens: int = 4096,
+                 recompute_moves_s: float = 0.0) -> HardwareCost:
         """A calibrated HardwareCost.
 
         Args:
@@ -173,6 +174,9 @@ class Calibration:
             disk_tag: file tag of the disk bench of the GPU machine's host.
             model, e2e_file, calibrate_tokens: calibrate ``weights_rate`` from the recompute case
                 ``ttft_*_<calibrate_tokens>`` of this bench_e2e file (baseline_value), if given.
+            recompute_moves_s: the part of that recompute's TTFT the model prices as chunk
+                moves (the offload of GPU victims it needed), taken off before calibrating
+                (kvtier.sim.validate.compare_e2e finds it by replaying the run).
         Raises:
             FileNotFoundError: a bench file the calibration needs is missing (named).
         """
@@ -229,7 +233,7 @@ class Calibration:
             if edoc.get("attention_split_min_queries"):
                 hw = self._attention_after_prefix(hw, edoc["attention_split_min_queries"],
                                                   gpu_name_tag(edoc.get("machine", "")))
-            hw = hw.with_weights_rate_from(model, calibrate_tokens, r["baseline_value"],
+            hw = hw.with_weights_rate_from(model, calibrate_tokens, r["baseline_value"] - recompute_moves_s,
                                            f"{os.path.basename(e2e_file)}:ttft_recompute_{calibrate_tokens}")
             if one_step_prefill(edoc):
                 # One-step prefill: a hit's single step over its cached prefix has a fixed cost
