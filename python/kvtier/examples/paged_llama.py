@@ -212,6 +212,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
     """Causal attention of queries at positions ``[start, start + t)`` over keys ``[0, start + t)``.
 
     q: ``[t, heads, head_dim]``; k, v: ``[start + t, kv_heads, head_dim]`` -> ``[t, heads, head_dim]``.
+    On CUDA, where cuDNN's attention runs: the new tokens are padded to a multiple of
+    ``PLAN_BUCKET`` (one cuDNN plan per bucket), and after a cached prefix from
+    ``SPLIT_MIN_QUERIES`` new tokens on the attention is split in two (:func:`_attend_split`).
     """
     t, end = q.shape[0], k.shape[0]
     if t > 1 and t % PLAN_BUCKET and q.is_cuda and (start == 0 or t >= SPLIT_MIN_QUERIES) \
