@@ -35,6 +35,15 @@ def test_sim_prints_tables_and_writes_json(trace_file, tmp_path, capsys):
     assert "400 requests" in text and "all tiers" in text and "no cache" in text and "SSD writes" in text
     assert "weights_rate <- bench_e2e" in text
     doc = json.loads(out.read_text())
+    # the calibrated numbers themselves, beside their sources, as the Calibration object has them
+    from kvtier.sim.cli import _latest_e2e
+    from kvtier.sim.cost import MODEL_PRESETS, Calibration
+
+    hw = Calibration(str(BENCH)).hardware(model=MODEL_PRESETS["llama3_8b"], e2e_file=_latest_e2e(str(BENCH)))
+    cm = doc["cost_model"]
+    assert cm["weights_tflops"] == round(hw.weights_rate / 1e12, 1) and cm["hit_forward_ms"] > 0
+    assert cm["disk_read_gbps"] == round(hw.disk_read_bw / 1e9, 3)
+    assert f"cost model: weights {cm['weights_tflops']} TFLOP/s" in text and "a hit's step" in text
     runs = doc["runs"]
     assert set(runs) == {"all tiers", "no disk", "GPU only", "no cache"}
     assert runs["all tiers"]["hit_ratio"]["total"] >= runs["GPU only"]["hit_ratio"]["total"] > 0

@@ -115,6 +115,16 @@ def run(args: argparse.Namespace) -> int:
           f" chunks, CPU {cfg.cpu_chunks}, disk {cfg.disk_slots}; {cfg.instances} instance(s), {cfg.routing}")
     if hw.sources:
         print("cost model calibrated from: " + "; ".join(f"{k} <- {v}" for k, v in hw.sources.items()))
+    v = hw.values()
+    after = v.get("attention_after_prefix_tflops")
+    print(f"cost model: weights {v['weights_tflops']} TFLOP/s, attention {v['attention_tflops']} TFLOP/s"
+          + (" (after a cached prefix: " + ", ".join(f"{r} at {t} new tokens" for t, r in after.items()) + ")"
+             if after else "")
+          + f"; a hit's step {v['hit_forward_ms']} ms"
+          + (" (the longer of it and the GEMMs, plus attention)" if v["hit_step_overlaps"] else "")
+          + f"; CPU->GPU {v['h2d_gbps']} GB/s{' (beside the step)' if v['load_compute_overlap'] else ''}, "
+          f"GPU->CPU {v['d2h_gbps']} GB/s; disk read {v['disk_read_gbps']} / write {v['disk_write_gbps']} GB/s; "
+          f"peer link {v['link_gbps']} GB/s")
     policies = ("lru", "s3fifo", "lfu") if args.cpu_eviction == "all" else (cfg.cpu_eviction,)
     results = {}
     for pol in policies:
@@ -131,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     print_results(results, title=title)
     wall = sum(r.wall_s for r in results.values())
     print(f"simulated {len(results)} run(s) of {len(reqs)} requests in {wall:.2f} s")
-    out = {"trace": args.trace, "summary": s, "calibration": hw.sources,
+    out = {"trace": args.trace, "summary": s, "calibration": hw.sources, "cost_model": hw.values(),
            "runs": {k: v.to_dict() for k, v in results.items()}}
     if args.sweep:
         sizes = [int(float(x) * _GIB) for x in args.sweep_gib.split(",") if x.strip()]

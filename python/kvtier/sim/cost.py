@@ -107,6 +107,19 @@ class HardwareCost:
     hit_step_overlaps: bool = False
     sources: dict = field(default_factory=dict)
 
+    def values(self) -> dict:
+        """The cost model's numbers in round units (TFLOP/s, GB/s, ms), for a report beside
+        ``sources``: what each calibrated number came to, not only where it came from."""
+        v = {"weights_tflops": round(self.weights_rate / 1e12, 1),
+             "attention_tflops": round(self.attention_rate / 1e12, 1),
+             "h2d_gbps": round(self.h2d_bw / 1e9, 2), "d2h_gbps": round(self.d2h_bw / 1e9, 2),
+             "disk_read_gbps": round(self.disk_read_bw / 1e9, 3), "disk_write_gbps": round(self.disk_write_bw / 1e9, 3),
+             "link_gbps": round(self.link_bw / 1e9, 2), "hit_forward_ms": round(self.hit_forward_s * 1e3, 2),
+             "load_compute_overlap": self.load_compute_overlap, "hit_step_overlaps": self.hit_step_overlaps}
+        if self.attention_after_prefix:
+            v["attention_after_prefix_tflops"] = {t: round(r / 1e12, 1) for t, r in self.attention_after_prefix}
+        return v
+
     def prefill_s(self, model: ModelShape, start: int, end: int) -> float:
         """Seconds to prefill tokens [start, end) with the KV of [0, start) in place."""
         if end <= start:
