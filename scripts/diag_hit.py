@@ -134,6 +134,7 @@ def attention_alone(c, n: int) -> None:
     """``attend`` by itself for one layer's shapes: the whole prompt causal, its first half
     causal, and its second half over the whole (lower-right). With attention's work quadratic,
     the second half costs 3x the first half's; the simulator assumes that."""
+    from bench_attention import timed
     from kvtier.examples.paged_llama import attend
 
     h = n // 2
@@ -147,15 +148,7 @@ def attention_alone(c, n: int) -> None:
     out = {}
     for name, t, end in (("whole", n, n), ("first_half", h, h), ("second_half", n - h, n)):
         q, k, v = qkv(t, end)
-        ms = []
-        for _ in range(7):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            attend(q, k, v, end - t)
-            b.record()
-            b.synchronize()
-            ms.append(a.elapsed_time(b))
-        out[name] = round(sorted(ms)[3], 3)
+        out[name] = round(timed(lambda: attend(q, k, v, end - t), 7)[0], 3)  # noqa: B023 (called here)
     out["second_over_first"] = round(out["second_half"] / out["first_half"], 2)
     out["whole_over_first"] = round(out["whole"] / out["first_half"], 2)
     print(json.dumps({"attention_alone_ms_per_layer": out}), flush=True)

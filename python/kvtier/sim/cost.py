@@ -292,10 +292,9 @@ class Calibration:
         for r in doc["results"]:
             if not r["case"].startswith("split_"):
                 continue  # the first calls of new lengths
-            new, _, after = r["case"].removeprefix("split_").partition("_after_")
-            t = int(new)
-            ms = r["value"] if t >= split_min else r["baseline_value"]
-            pts.append((t, r["tflops"] * 1e12 * (r["value"] / ms)))
+            t = int(r["case"].removeprefix("split_").partition("_after_")[0])
+            ms = r["value"] if t >= split_min else r["baseline_value"]  # the engine's path at this size
+            pts.append((t, r["tflops"] * 1e12 * r["value"] / ms))  # the split's rate, scaled to that path's time
             limits.append(r["limit_value"] * 1e12)
         pts.sort()
         limits.sort()

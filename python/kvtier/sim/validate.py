@@ -279,16 +279,19 @@ def compare_e2e(bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft-h10
                                hit_reps=hit_reps(doc), warm_half="attention_split_min_queries" in doc,
                                warm_off_bucket=doc.get("warm_off_bucket") is True)
 
+    preds: dict[int, dict] = {}
     if ("recompute", calibrate_tokens) in measured:
         # The calibration's recompute may have waited for chunk moves (r10: the offload of the
         # GPU victims its prompt displaced); the GEMM rate comes from the rest of its TTFT.
-        moves = predict(calibrate_tokens, hw)["recompute"]["pages_s"]
+        preds[calibrate_tokens] = predict(calibrate_tokens, hw)
+        moves = preds[calibrate_tokens]["recompute"]["pages_s"]
         if moves > 0:
             hw = Calibration(bench_dir).hardware(gpu_tag=gpu_tag, disk_tag=disk_tag, model=model,
                                                  e2e_file=files[-1], calibrate_tokens=calibrate_tokens,
                                                  recompute_moves_s=moves)
+            del preds[calibrate_tokens]  # priced with the rate before the correction
     for n in sorted({k[1] for k in measured}):
-        pred = predict(n, hw)
+        pred = preds[n] if n in preds else predict(n, hw)
         for case in E2E_CASES:
             if (case, n) not in measured:
                 continue
