@@ -10,7 +10,7 @@ from dataclasses import asdict
 import pytest
 
 from kvtier import _core
-from kvtier.info import system_info
+from kvtier.info import explain_cuda_reason, nvidia_driver_version, system_info
 
 
 def run_info(*args: str) -> str:
@@ -78,6 +78,10 @@ def test_json_matches_system_info(info_json):
     assert info_json["io_backend_compiled"] == _core.IO_BACKEND_COMPILED
 
 
+def explained(reason: str) -> str:
+    return explain_cuda_reason(reason, nvidia_driver_version(), int(_core.CUDA_RUNTIME_VERSION))
+
+
 def test_gpu_fields_are_consistent(info_json):
     gpus, reason = _core.list_gpus()
     assert len(info_json["gpus"]) == len(gpus)
@@ -87,13 +91,13 @@ def test_gpu_fields_are_consistent(info_json):
             assert {"index", "name", "total_memory", "compute_capability", "pci_bus_id"} <= set(g)
             assert g["total_memory"] > 0
     else:
-        assert info_json["gpu_reason"] == reason != ""
+        assert info_json["gpu_reason"] == explained(reason) != ""
 
 
 def test_pinned_memory_matches_probe(info_json):
     ok, reason = _core.probe_pinned_memory()
     assert info_json["pinned_memory"] == ok
-    assert info_json["pinned_reason"] == reason
+    assert info_json["pinned_reason"] == explained(reason)
     if not info_json["cuda_compiled"]:
         assert not ok, "pinned memory needs CUDA compiled in"
     if not ok:
@@ -117,3 +121,39 @@ def test_io_uring_works_here(info_json):
     assert info_json["io_backend_active"] == "io_uring"
     assert info_json["io_uring_reason"] == ""
     assert _core.probe_io_uring() == (True, "")
+
+
+INSUFFICIENT = "CUDA driver version is insufficient for CUDA runtime version"
+
+
+def test_a_machine_without_a_driver_is_told_so(info_text):
+    if not _core.CUDA_COMPILED:
+        pytest.skip("SKIPPED: built without CUDA, no driver is looked for")
+    if nvidia_driver_version() is not None:
+        pytest.skip("SKIPPED: this machine has an NVIDIA driver (libcuda.so.1 loads)")
+    assert "GPUs at run time:   0 (no usable CUDA device: no NVIDIA driver found)" in info_text
+    assert "insufficient" not in info_text
+
+
+def test_cuda_reasons_name_a_missing_or_old_driver():
+    assert explain_cuda_reason(f"no usable CUDA device: {INSUFFICIENT}", None, 13000) == (
+        "no usable CUDA device: no NVIDIA driver found")
+    assert explain_cuda_reason(f"cudaHostRegister: {INSUFFICIENT}", 12040, 13000) == (
+        "cudaHostRegister: the NVIDIA driver supports CUDA 12.4, older than this build's CUDA runtime 13.0")
+    assert explain_cuda_reason(f"x: {INSUFFICIENT}", 0, 13000) == f"x: {INSUFFICIENT}"
+    assert explain_cuda_reason("no CUDA-capable device is detected", None, 13000) == (
+        "no CUDA-capable device is detected")
+
+
+def test_driver_version_is_none_without_libcuda_and_read_with_it():
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    class FakeLibcuda:
+        @staticmethod
+        def cuDriverGetVersion(ptr):
+            ptr._obj.value = 12040
+            return 0
+
+    assert nvidia_driver_version(missing) is None
+    assert nvidia_driver_version(lambda name: FakeLibcuda()) == 12040

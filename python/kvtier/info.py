@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import platform
 from dataclasses import dataclass, field
 
@@ -27,11 +28,56 @@ class SystemInfo:
         return "io_uring" if self.io_uring_works else "posix"
 
 
+# cudaErrorInsufficientDriver's text. The static CUDA runtime reports it both when the driver is
+# older than the runtime and when there is no driver at all (no libcuda to load).
+_INSUFFICIENT_DRIVER = "CUDA driver version is insufficient for CUDA runtime version"
+
+
+def nvidia_driver_version(load=ctypes.CDLL) -> int | None:
+    """The CUDA version the NVIDIA driver supports (``cuDriverGetVersion``, e.g. 12040; 0 if it
+    does not say), or None when no driver library (libcuda.so.1) can be loaded. ``load`` opens a
+    shared library by name."""
+    try:
+        libcuda = load("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    try:
+        if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return 0
+    except AttributeError:
+        return 0
+    return version.value
+
+
+def explain_cuda_reason(reason: str, driver_version: int | None, runtime_version: int) -> str:
+    """A CUDA failure as the user should read it: with no driver, "no NVIDIA driver found" in place
+    of the runtime's "driver version is insufficient"; with an old driver, both versions."""
+    if _INSUFFICIENT_DRIVER not in reason:
+        return reason
+    if driver_version is None:
+        return reason.replace(_INSUFFICIENT_DRIVER, "no NVIDIA driver found")
+    if driver_version:
+        return reason.replace(_INSUFFICIENT_DRIVER,
+                              f"the NVIDIA driver supports CUDA {_cuda_version(driver_version)}, older than "
+                              f"this build's CUDA runtime {_cuda_version(runtime_version)}")
+    return reason
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}" if v else "-"
+
+
 def system_info() -> SystemInfo:
     """Probe the build and the machine (cheap: a few milliseconds, one tiny ring and 1 MiB pinned)."""
     gpus, gpu_reason = _core.list_gpus()
     uring_ok, uring_reason = _core.probe_io_uring()
     pinned_ok, pinned_reason = _core.probe_pinned_memory()
+    if _INSUFFICIENT_DRIVER in gpu_reason or _INSUFFICIENT_DRIVER in pinned_reason:
+        driver = nvidia_driver_version()
+        runtime = int(_core.CUDA_RUNTIME_VERSION)
+        gpu_reason = explain_cuda_reason(gpu_reason, driver, runtime)
+        pinned_reason = explain_cuda_reason(pinned_reason, driver, runtime)
     return SystemInfo(
         version=_core.__version__,
         cuda_compiled=bool(_core.CUDA_COMPILED),
@@ -49,13 +95,10 @@ def system_info() -> SystemInfo:
 def format_info(info: SystemInfo) -> str:
     """Human-readable report, one fact a line (what `kvtier info` prints)."""
 
-    def cuda_version(v: int) -> str:
-        return f"{v // 1000}.{(v % 1000) // 10}" if v else "-"
-
     lines = [
         f"kvtier {info.version} (Python {info.python})",
         f"CUDA compiled in:   {'yes' if info.cuda_compiled else 'no'}"
-        + (f" (runtime {cuda_version(info.cuda_runtime_version)}, static)" if info.cuda_compiled else ""),
+        + (f" (runtime {_cuda_version(info.cuda_runtime_version)}, static)" if info.cuda_compiled else ""),
     ]
     if info.gpus:
         lines.append(f"GPUs at run time:   {len(info.gpus)}")
