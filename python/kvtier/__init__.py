@@ -16,6 +16,7 @@ from kvtier.errors import (
 )
 from kvtier.keys import ChunkKeyer, chunk_keys, namespace_key
 from kvtier.layout import Layout, Segment
+from kvtier.pool import PagedKVPool
 
 __version__: str = _core.__version__
 
@@ -25,6 +26,7 @@ __all__ = [
     "CacheConfig",
     "StoreFuture",
     "LoadHandle",
+    "PagedKVPool",
     "Layout",
     "Segment",
     "ChunkKeyer",

@@ -22,7 +22,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kvtier import __version__
+
     parser = argparse.ArgumentParser(prog="kvtier", description="kvtier KV-cache engine")
+    parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="version, CUDA, GPUs, I/O backend and pinned-memory support")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
