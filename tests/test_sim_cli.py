@@ -88,3 +88,40 @@ def test_sim_bad_trace_line(tmp_path, capsys):
 def test_sim_bad_capacity(trace_file, capsys):
     assert main(["sim", "--trace", str(trace_file), "--cpu-gib", "0", "--disk-gib", "10"]) == 2
     assert "needs a CPU tier" in capsys.readouterr().err
+
+
+def test_sim_on_the_built_in_trace(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["sim", "--trace", "synthetic:300", "--gpu-gib", "8", "--cpu-gib", "64", "--no-ablation", "--replay", "fast"]
+    assert main([*args, "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("trace: 300 requests,")
+    doc = json.loads(out.read_text())
+    assert doc["trace"] == "synthetic:300" and doc["seed"] == 0 and doc["summary"]["requests"] == 300
+    assert doc["runs"]["all tiers"]["hit_ratio"]["total"] > 0.2
+    assert main([*args, "--seed", "9"]) == 0  # another seed, another trace
+    assert capsys.readouterr().out.splitlines()[0] != text.splitlines()[0]
+    assert main([*args, "--limit", "50"]) == 0
+    assert capsys.readouterr().out.startswith("trace: 50 requests,")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--trace", "synthetic:many"], "--trace synthetic:N needs N, a positive number of requests, got 'many'"),
+    (["--trace", "synthetic:0"], "got '0'"),
+    (["--trace", "synthetic", "--format", "tokens"], "not --format tokens"),
+    (["--trace", "synthetic", "--block-tokens", "384"], "divide block_tokens=384"),
+])
+def test_sim_bad_synthetic_trace(argv, message, capsys):
+    assert main(["sim", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sim_seed_is_for_the_built_in_trace_only(trace_file, capsys):
+    assert main(["sim", "--trace", str(trace_file), "--seed", "1"]) == 2
+    assert "--seed applies to --trace synthetic only" in capsys.readouterr().err
+
+
+def test_sim_calibrate_from_a_missing_directory(tmp_path, capsys):
+    assert main(["sim", "--trace", "synthetic:10", "--calibrate", str(tmp_path / "bench" / "results")]) == 2
+    err = capsys.readouterr().err
+    assert f"--calibrate {tmp_path / 'bench' / 'results'}: no such directory" in err

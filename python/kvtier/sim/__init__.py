@@ -9,6 +9,7 @@ See docs/sim.md.
 
 from kvtier.sim.cost import MODEL_PRESETS, CalibratedPlanner, Calibration, HardwareCost, ModelShape
 from kvtier.sim.engine import ROUTINGS, SimConfig, SimResult, Simulator, tier_ablation
+from kvtier.sim.mooncake_synthetic import MooncakeSynthetic, synthetic_requests, write_mooncake_trace
 from kvtier.sim.trace import Request, TraceError, load_trace, synthetic_trace, trace_summary
 
 __all__ = [
@@ -18,13 +19,16 @@ __all__ = [
     "Calibration",
     "HardwareCost",
     "ModelShape",
+    "MooncakeSynthetic",
     "Request",
     "SimConfig",
     "SimResult",
     "Simulator",
     "TraceError",
     "load_trace",
+    "synthetic_requests",
     "synthetic_trace",
     "tier_ablation",
     "trace_summary",
+    "write_mooncake_trace",
 ]

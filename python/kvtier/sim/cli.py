@@ -10,6 +10,7 @@ import sys
 from kvtier.sim.cost import MODEL_PRESETS, CalibratedPlanner, Calibration, HardwareCost
 
 _GIB = 1 << 30
+SYNTHETIC_REQUESTS = 4000  # the default of --trace synthetic: the size of Mooncake's published trace
 
 
 def add_parser(sub) -> None:
@@ -17,7 +18,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("sim", help="simulate a trace through GPU / CPU / disk tiers and peers (capacity planning)",
                        description="Replay a request trace (Mooncake or token-id JSONL) through simulated "
                                    "kvtier instances and report hit ratio per tier, TTFT and bytes moved.")
-    p.add_argument("--trace", required=True, help="trace file (JSONL, Mooncake or {'tokens': [...]} lines)")
+    p.add_argument("--trace", required=True,
+                   help="trace file (JSONL, Mooncake or {'tokens': [...]} lines), or 'synthetic[:N]': N requests "
+                        f"(default {SYNTHETIC_REQUESTS}) of the built-in Mooncake-format generator (docs/sim.md)")
+    p.add_argument("--seed", type=int, default=None, help="seed of --trace synthetic (default 0)")
     p.add_argument("--format", default="auto", choices=("auto", "mooncake", "tokens"))
     p.add_argument("--block-tokens", type=int, default=512, help="tokens per Mooncake hash block (default 512)")
     p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
@@ -77,17 +81,20 @@ def run(args: argparse.Namespace) -> int:
 
     from kvtier.sim.engine import SimConfig, tier_ablation
     from kvtier.sim.report import capacity_sweep, plot_sweep, print_results
-    from kvtier.sim.trace import TraceError, load_trace, trace_summary
+    from kvtier.sim.trace import TraceError, trace_summary
 
     try:
-        reqs = load_trace(args.trace, chunk_tokens=args.chunk_tokens, block_tokens=args.block_tokens,
-                          fmt=args.format, limit=args.limit)
+        reqs = _requests(args)
     except (TraceError, ValueError) as e:
         print(f"kvtier sim: {e}", file=sys.stderr)
         return 2
     hw = HardwareCost()
     model = MODEL_PRESETS[args.model]
     if args.calibrate:
+        if not os.path.isdir(args.calibrate):
+            print(f"kvtier sim: --calibrate {args.calibrate}: no such directory (kvtier's bench results are in "
+                  f"bench/results of a clone of its repository, not in the installed package)", file=sys.stderr)
+            return 2
         try:
             hw = Calibration(args.calibrate).hardware(gpu_tag=args.gpu_tag, disk_tag=args.disk_tag, model=model,
                                                       e2e_file=args.e2e or _latest_e2e(args.calibrate))
@@ -141,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     print_results(results, title=title)
     wall = sum(r.wall_s for r in results.values())
     print(f"simulated {len(results)} run(s) of {len(reqs)} requests in {wall:.2f} s")
-    out = {"trace": args.trace, "summary": s, "calibration": hw.sources, "cost_model": hw.values(),
+    out = {"trace": args.trace, **({"seed": args.seed or 0} if _synthetic_count(args.trace) else {}), "summary": s, "calibration": hw.sources, "cost_model": hw.values(),
            "runs": {k: v.to_dict() for k, v in results.items()}}
     if args.sweep:
         sizes = [int(float(x) * _GIB) for x in args.sweep_gib.split(",") if x.strip()]
@@ -162,6 +169,37 @@ def run(args: argparse.Namespace) -> int:
             json.dump(out, f, indent=1, default=str)
         print(f"wrote {args.json}")
     return 0
+
+
+def _synthetic_count(trace: str) -> int | None:
+    """N for ``synthetic[:N]``, None for a file name; ValueError for a bad N."""
+    name, sep, count = trace.partition(":")
+    if name != "synthetic":
+        return None
+    if not sep:
+        return SYNTHETIC_REQUESTS
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"--trace synthetic:N needs N, a positive number of requests, got {count!r}")
+    return int(count)
+
+
+def _requests(args: argparse.Namespace) -> list:
+    """The requests of ``--trace``: the built-in generator's or a file's."""
+    from kvtier.sim.mooncake_synthetic import MooncakeSynthetic, synthetic_requests
+    from kvtier.sim.trace import load_trace
+
+    n = _synthetic_count(args.trace)
+    if n is None:
+        if args.seed is not None:
+            raise ValueError(f"--seed applies to --trace synthetic only, not to the file {args.trace!r}")
+        return load_trace(args.trace, chunk_tokens=args.chunk_tokens, block_tokens=args.block_tokens,
+                          fmt=args.format, limit=args.limit)
+    if args.format == "tokens":
+        raise ValueError("--trace synthetic is in Mooncake's format, not --format tokens")
+    if args.limit is not None:
+        n = min(n, args.limit)
+    return synthetic_requests(n, seed=args.seed or 0, chunk_tokens=args.chunk_tokens,
+                              config=MooncakeSynthetic(block_tokens=args.block_tokens))
 
 
 def _brief(r) -> dict:
