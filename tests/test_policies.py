@@ -133,3 +133,35 @@ def test_kvcache_wires_policies_and_prefetches_on_lookup(tmp_path):
     assert cache._tier.lookup_tiers(keys) == bytes([1, 1])  # in the CPU tier before any load
     with pytest.raises(ValueError, match="eviction_policy"):
         kvtier.KVCache(layout, cpu_bytes=3 * layout.chunk_bytes, eviction_policy="random")
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_a_prefetch_never_evicts_the_chunks_it_has_just_read(tmp_path, deterministic):
+    # Two of the pool's three blocks are pinned by a reader: the prefetch of a two-chunk prefix has
+    # room for one. It keeps the head: reserving the second chunk must not evict the first, whose
+    # read may already have landed.
+    kv = [torch.randn(2, 64, 16, 2, 64) for _ in range(2)]
+    layout = kvtier.Layout.from_vllm(kv, chunk_tokens=32)
+    cache = kvtier.KVCache(layout, cpu_bytes=3 * layout.chunk_bytes, disk_dir=str(tmp_path),
+                           disk_bytes=32 * layout.chunk_bytes + (1 << 20),
+                           deterministic_writeback=deterministic)
+    ct = layout.chunk_tokens
+    a, b = toks(2 * ct, 1), toks(3 * ct, 2)
+    a_keys = set(cache._keyer.keys(a))
+    # Only a goes to disk: b's evictions free their blocks at once.
+    cache._tier.set_admission_hook(lambda keys, seen: [k in a_keys for k in keys])
+    cache.store(a, [0, 1, 2, 3]).wait()
+    cache.store(b, list(range(10, 16))).wait()  # a -> disk
+    cache.drain()
+    keys = b"".join(cache._keyer.keys(a))
+    b_tail = b"".join(cache._keyer.keys(b)[1:])
+    assert cache._tier.lookup_tiers(keys) == bytes([2, 2])
+    pinned = cache._tier.acquire_blobs(b_tail)
+    assert len(pinned) == 2
+    assert cache._tier.prefetch(keys) == 1
+    cache.drain()
+    assert cache._tier.lookup_tiers(keys) == bytes([1, 2])
+    assert cache.stats()["disk"]["chunks_prefetched"] == 1
+    cache._tier.release_blobs(b_tail)
+    assert cache.load(a, [40, 41, 42, 43]).wait() == 2 * ct  # the tail from disk, behind the head
+    cache.close()

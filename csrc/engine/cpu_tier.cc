@@ -114,16 +114,29 @@ void CpuTier::WaitWhileWriting(const ChunkKey& key, std::chrono::steady_clock::t
 size_t CpuTier::Prefetch(const ChunkKey* keys, size_t n) {
   if (!disk_) return 0;
   WaitForWriteBacks();
-  size_t started = 0;
+  const auto deadline = DiskDeadline();
+  // Reserve a block for every chunk first, as a load's promotion does: a reservation is WRITING
+  // and never evicted, so reserving a later chunk cannot evict an earlier one whose read has
+  // already landed (with write-backs in flight the eviction search takes every READY chunk).
+  std::vector<ChunkKey> reserved_keys;
+  std::vector<BlockId> blocks;
   for (size_t i = 0; i < n; ++i) {
     if (index_->Contains(keys[i]) || index_->IsWriting(keys[i])) continue;
     if (!disk_->Contains(keys[i])) break;
     // Room may have to come from write-backs of evicted chunks: wait for them, to the deadline.
-    StatusOr<BlockId> block = WaitForBlock(keys[i], DiskDeadline());
+    StatusOr<BlockId> block = WaitForBlock(keys[i], deadline);
     if (!block.ok()) break;
-    ChunkKey k = keys[i];
+    reserved_keys.push_back(keys[i]);
+    blocks.push_back(*block);
+  }
+  PumpDemotions();  // the reservations may have marked victims for write-back
+  // Deterministic mode: they end before the reads start (as in PromoteFromDisk).
+  WaitForWriteBacks(deadline);
+  size_t started = 0;
+  for (size_t j = 0; j < reserved_keys.size(); ++j) {
+    const ChunkKey k = reserved_keys[j];
     StartOp();
-    Status s = disk_->Read(k, allocator_->BlockAddress(*block), [this, k](const Status& st) {
+    Status s = disk_->Read(k, allocator_->BlockAddress(blocks[j]), [this, k](const Status& st) {
       if (st.ok()) {
         (void)index_->CommitInsert(k);
         ++chunks_prefetched_;
@@ -133,16 +146,16 @@ size_t CpuTier::Prefetch(const ChunkKey* keys, size_t n) {
       }
       FinishOp();
     });
-    if (!s.ok()) {
+    if (!s.ok()) {  // evicted from disk by the write-backs just made: a miss, as in a load
       (void)index_->AbortInsert(k);
+      ++promotion_failures_;
       FinishOp();
-      break;
+      continue;
     }
     ++started;
-    // Deterministic mode: the read ends before the next chunk's reservation, which could evict it.
-    if (deterministic_writeback_) WaitWhileWriting(k, DiskDeadline());
+    // Deterministic mode: the disk runs one read at a time, in order.
+    if (deterministic_writeback_) WaitWhileWriting(k, deadline);
   }
-  PumpDemotions();
   return started;
 }
 

@@ -132,8 +132,9 @@ class CpuTier {
       std::function<std::vector<uint8_t>(const std::vector<ChunkKey>&, const std::vector<uint32_t>&)>;
   void SetAdmissionHook(AdmissionHook hook);
   // Starts reading the leading chunks of keys[0..n) that are on disk only into the pool, without
-  // waiting (a later Load finds them in the pool, or waits for the reads still running).
-  // Returns the number of reads started.
+  // waiting (a later Load finds them in the pool, or waits for the reads still running). Blocks
+  // for all of them are reserved before any read starts, so a prefetch never evicts its own
+  // chunks. Returns the number of reads started.
   size_t Prefetch(const ChunkKey* keys, size_t n);
 
   CpuTierStats stats() const;

@@ -438,11 +438,11 @@ class SimCpuTier:
         return ok
 
     def prefetch(self, keys) -> int:
-        """Prefetch: read the leading disk-only chunks of ``keys`` into the pool now."""
+        """Prefetch: reserve blocks for the leading disk-only chunks of ``keys``, then read them."""
         if self.disk is None:
             return 0
         self.new_call()
-        started = 0
+        reserved = []
         for k in keys:
             e = self._entries.get(k)
             if e is not None and e[0] in (_READY, _DEMOTING, _WRITING):
@@ -454,14 +454,20 @@ class SimCpuTier:
                 r = self._wait_for_block(k)
             if r != _OK:
                 break
+            reserved.append(k)
+        self._pump()
+        if self.deterministic_writeback:  # the engine waits for them before it reads
+            while self._pending:
+                self._complete_one(critical=True)
+        started = 0
+        for k in reserved:
             if self.disk.read(k):
                 self._commit(k)
                 self.counters.chunks_prefetched += 1
-            else:
+                started += 1
+            else:  # evicted from disk by the write-backs just made
                 del self._entries[k]
                 self.counters.promotion_failures += 1
-            started += 1
-        self._pump()
         return started
 
     def __len__(self) -> int:
