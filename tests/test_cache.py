@@ -319,3 +319,18 @@ def test_load_after_held_chunks_and_lookup_tiers():
     assert cache.load(a, list(range(40, 40 + ppc)), skip_chunks=3).wait() == 0
     with pytest.raises(ValueError, match="skip_chunks"):
         cache.load(a, dst, skip_chunks=-1)
+
+
+def test_a_cache_dropped_mid_load_ends_its_copies_before_its_tensors_go():
+    # The layout is released with the cache's attributes before the tier is: a cache dropped with
+    # a load still running must wait for it, or the copy writes into freed tensors (heap
+    # corruption). 64 MiB a load keeps the copy running well past the drop.
+    kv = [torch.zeros(2, 256, 64, 8, 128, dtype=torch.float16) for _ in range(2)]
+    layout = Layout.from_vllm(kv, chunk_tokens=64 * 64)
+    cache = KVCache(layout, cpu_bytes=2 * layout.chunk_bytes)
+    tokens = list(range(2 * layout.chunk_tokens))
+    cache.store(tokens, list(range(0, 128))).wait()
+    tier = cache._tier
+    cache.load(tokens, list(range(128, 256)))
+    del cache  # the load is not waited for: dropping the cache must
+    assert tier.stats()["in_flight"] == 0

@@ -30,6 +30,10 @@ from kvtier.layout import Layout
 
 _METHODS = ("auto", "direct", "staged", "zero_copy", "cpu")
 
+# Layouts of caches dropped while copies into their tensors were still running past the deadline:
+# kept here for the life of the process, so those copies never write into freed memory.
+_LAYOUTS_KEPT_ALIVE: list[Layout] = []
+
 
 def _timed(op: str):
     """Record the call's latency in ``self.metrics`` (kvtier.metrics.Metrics) when one is
@@ -427,6 +431,18 @@ class KVCache:
     def drain(self, timeout_s: float | None = None) -> None:
         """Wait until no copy is in flight."""
         self._tier.drain(self.config.timeout_s if timeout_s is None else timeout_s)
+
+    def __del__(self) -> None:
+        # A cache dropped without close(): its copies write into the layout's tensors, which go
+        # with this object's attributes right after (the layout before the tier), so they must end
+        # first. Finalizers run before a reference cycle is torn down, so the tensors are alive.
+        tier = getattr(self, "_tier", None)
+        if tier is None:
+            return
+        try:
+            tier.drain(self.config.timeout_s)
+        except Exception:  # past the deadline (or at interpreter exit): never free what may be written
+            _LAYOUTS_KEPT_ALIVE.append(self.layout)
 
     def close(self) -> None:
         with self._lock:
