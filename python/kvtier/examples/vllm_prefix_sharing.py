@@ -25,16 +25,15 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
+from kvtier.bench_info import git_commit, machine
 from kvtier.config import parse_size
 from kvtier.errors import InvalidArgumentError
 
@@ -268,9 +267,9 @@ def write_bench_json(report: dict, args: argparse.Namespace, misses: list[float]
     doc = {
         "bench": "vllm_prefix_sharing",
         "workload": workload,
-        "machine": f"{gpu or _cpu_model()}, {os.cpu_count()} cores",
+        "machine": machine(gpu),
         "date": datetime.date.today().isoformat(),
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "results": [
             {
                 "case": "ttft_kvtier_hit",
@@ -295,31 +294,6 @@ def write_bench_json(report: dict, args: argparse.Namespace, misses: list[float]
     with open(path, "w") as f:
         f.write(json.dumps(doc, indent=1) + "\n")
     return path
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str:
-    """Short hash of the checkout this module runs from, ``-dirty`` when it has changes;
-    "unknown" outside one (an installed wheel)."""
-    here = Path(__file__).resolve().parent
-
-    def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], capture_output=True, text=True, check=True, cwd=here).stdout.strip()
-
-    try:
-        return git("rev-parse", "--short=7", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":
