@@ -148,8 +148,10 @@ def run(args: argparse.Namespace) -> int:
     print_results(results, title=title)
     wall = sum(r.wall_s for r in results.values())
     print(f"simulated {len(results)} run(s) of {len(reqs)} requests in {wall:.2f} s")
-    out = {"trace": args.trace, **({"seed": args.seed or 0} if _synthetic_count(args.trace) else {}), "summary": s, "calibration": hw.sources, "cost_model": hw.values(),
+    out = {"trace": args.trace, "summary": s, "calibration": hw.sources, "cost_model": hw.values(),
            "runs": {k: v.to_dict() for k, v in results.items()}}
+    if _synthetic_count(args.trace):
+        out["seed"] = args.seed or 0
     if args.sweep:
         sizes = [int(float(x) * _GIB) for x in args.sweep_gib.split(",") if x.strip()]
         sweep = capacity_sweep(reqs, cfg, args.sweep, sizes, policies=("lru", "s3fifo", "lfu"))
