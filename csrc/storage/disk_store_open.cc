@@ -191,12 +191,14 @@ Status DiskStore::Impl::OpenFile() {
     if (file_is_new) unlink(path.c_str());
   };
   if (opts.preallocate) {
+    // Read before fallocate: a failed fallocate may keep the blocks it got, leaving 0 free.
+    const uint64_t free_before = FreeBytes(opts.dir);
     if (fallocate(fd, 0, 0, static_cast<off_t>(std::max(target, size))) != 0) {
       int err = errno;
       if (err == ENOSPC || err == EDQUOT) {
         cleanup_new();
         return Status::ResourceExhausted("cannot preallocate " + std::to_string(target) + " bytes for cache file '" +
-                                         path + "': " + Errno(err) + " (" + std::to_string(FreeBytes(opts.dir)) +
+                                         path + "': " + Errno(err) + " (" + std::to_string(free_before) +
                                          " bytes free); lower capacity_bytes");
       }
       if (err != EOPNOTSUPP) {
