@@ -16,6 +16,7 @@ Example (a vLLM-style paged KV on the GPU, 16-token pages, 256-token chunks)::
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import time
@@ -28,11 +29,14 @@ from kvtier.errors import InvalidArgumentError
 from kvtier.keys import ChunkKeyer
 from kvtier.layout import Layout
 
+log = logging.getLogger(__name__)
+
 _METHODS = ("auto", "direct", "staged", "zero_copy", "cpu")
 
-# Layouts of caches dropped while copies into their tensors were still running past the deadline:
-# kept here for the life of the process, so those copies never write into freed memory.
-_LAYOUTS_KEPT_ALIVE: list[Layout] = []
+# Layouts (and, from close(), tiers) of caches dropped while copies into their memory were still
+# running past the deadline: kept for the life of the process, so those copies never write into
+# freed memory.
+_LAYOUTS_KEPT_ALIVE: list = []
 
 
 def _timed(op: str):
@@ -50,7 +54,7 @@ def _timed(op: str):
             try:
                 return fn(self, *args, **kwargs)
             finally:
-                metrics.observe_latency(op, time.perf_counter() - t0)
+                self._bookkeeping("metrics", metrics.observe_latency, op, time.perf_counter() - t0)
 
         return timed
 
@@ -152,6 +156,8 @@ def _as_page_ids(page_ids) -> np.ndarray:
     if type(page_ids).__module__.startswith("torch"):
         if page_ids.is_floating_point() or page_ids.is_complex() or str(page_ids.dtype) == "torch.bool":
             raise InvalidArgumentError(f"page_ids must be an integer tensor, got {page_ids.dtype}")
+        if page_ids.device.type == "meta":
+            raise InvalidArgumentError("page_ids must hold page ids, got a torch tensor on the meta device (it has no data)")
         page_ids = page_ids.detach().to("cpu").numpy()
     arr = np.asarray(page_ids)
     if arr.ndim != 1:
@@ -301,6 +307,7 @@ class KVCache:
         self._prefetch_policy = prefetch_policy
         self.metrics = None  # a kvtier.metrics.Metrics, when attached (see kvtier.config.open_cache)
         self._closed = False
+        self._bookkeeping_errors = 0
         self._lock = threading.Lock()
         # -- peers hook (kvtier.p2p): share chunks with other instances; None = no peers --------
         self._peers = None
@@ -311,6 +318,17 @@ class KVCache:
         # -- end peers hook ---------------------------------------------------------------------
 
     # -- helpers -----------------------------------------------------------------------------
+    def _bookkeeping(self, what: str, fn, *args) -> None:
+        """Run side bookkeeping (metrics, the peer digest and its journal) of an operation whose
+        copies are already submitted: a failure is counted in ``stats()["bookkeeping_errors"]``
+        and logged, never raised, so the caller always gets the operation's future."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - whatever it is, the submitted copy stands
+            self._bookkeeping_errors += 1
+            log.warning("kvtier: %s bookkeeping failed (%s: %s); counted in bookkeeping_errors",
+                        what, type(e).__name__, e)
+
     def _check_open(self) -> None:
         if self._closed:
             raise InvalidArgumentError("this KVCache is closed")
@@ -345,6 +363,15 @@ class KVCache:
                 torch's current stream), so KV still being computed is never copied early.
         Returns:
             A :class:`StoreFuture`; the chunks become visible to lookups when it completes.
+
+        The pages are read while the copy runs: they must not change until the future
+        completes (``wait()`` returned or ``done()`` is true), or the cache keeps the new bytes
+        under these tokens. ``cpu.verify_stores`` (env ``KVTIER_VERIFY_STORES=1``) checks it: each
+        newly stored chunk is copied from its pages a second time once the first copy landed,
+        and a difference is counted in ``stats()["store_verify_mismatches"]``.
+
+        Raises before anything is submitted (nothing becomes visible), or returns the future:
+        failures of bookkeeping after the submit are counted, never raised.
         """
         self._check_open()
         keys, pages = self._keys_and_pages(tokens, page_ids, "store")
@@ -352,8 +379,9 @@ class KVCache:
             return StoreFuture(None, self.config.timeout_s)
         op = self._tier.store(b"".join(keys), pages[: len(keys) * self.layout.pages_per_chunk],
                               self._default_stream(stream))
+        # From here on the copy is submitted: what follows is bookkeeping and never raises.
         if self._peers is not None:  # peers hook: the chunks join this member's digest
-            self._peers.note_stored(keys)
+            self._bookkeeping("peer digest", self._peers.note_stored, keys)
         return StoreFuture(op, self.config.timeout_s)
 
     @_timed("lookup")
@@ -419,7 +447,9 @@ class KVCache:
 
     def stats(self) -> dict:
         """Counters of the CPU tier: index, blocks, chunks stored/loaded, bytes, method."""
+        self._check_open()
         s = self._tier.stats()
+        s["bookkeeping_errors"] = self._bookkeeping_errors
         s["method"] = self._tier.method
         s["pinned"] = self._tier.pinned
         s["capacity_chunks"] = self._tier.capacity_chunks
@@ -430,6 +460,7 @@ class KVCache:
 
     def drain(self, timeout_s: float | None = None) -> None:
         """Wait until no copy is in flight."""
+        self._check_open()
         self._tier.drain(self.config.timeout_s if timeout_s is None else timeout_s)
 
     def __del__(self) -> None:
@@ -445,17 +476,28 @@ class KVCache:
             _LAYOUTS_KEPT_ALIVE.append(self.layout)
 
     def close(self) -> None:
+        """Stop the peers, drain every copy and release the tiers. Every step runs whatever
+        an earlier one raised; a drain past the deadline keeps the layout's tensors alive for
+        the life of the process (copies may still write into them) and is raised at the end,
+        after everything else was released."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+        error = None
         if self._peers is not None:  # peers hook: stop serving before the pool goes away
-            self._peers.close()
-        self._tier.drain(self.config.timeout_s)
+            self._bookkeeping("peers close", self._peers.close)
+        try:
+            self._tier.drain(self.config.timeout_s)
+        except Exception as e:  # noqa: BLE001 - raised below, once the rest is released
+            error = e
+            _LAYOUTS_KEPT_ALIVE.append((self.layout, self._tier))
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
-            metrics.close()
+            self._bookkeeping("metrics close", metrics.close)
         self._tier = None
+        if error is not None:
+            raise error
 
     def __enter__(self) -> KVCache:
         return self

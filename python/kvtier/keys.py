@@ -160,6 +160,8 @@ def _from_torch(tensor) -> np.ndarray:
         raise ValueError("tokens must be integer token ids, got a bool torch tensor")
     if tensor.is_floating_point() or tensor.is_complex():
         raise ValueError(f"tokens must be integer token ids, got a torch tensor of {tensor.dtype}")
+    if tensor.device.type == "meta":
+        raise ValueError("tokens must hold token ids, got a torch tensor on the meta device (it has no data)")
     tensor = tensor.detach().cpu()
     try:
         ids = tensor.numpy()
