@@ -294,6 +294,7 @@ BAD_VALUES = [
     ("cpu.threads", 0, "an integer in [1, 1024]"),
     ("cpu.threads", "two", "an integer in [1, 1024]"),
     ("cpu.eviction_policy", "fifo", "one of 'lru', 's3fifo', 'lfu'"),
+    ("cpu.verify_stores", "sometimes", "true or false"),
     ("disk.dir", "/does/not/exist", "an existing directory, or null (no disk tier)"),
     ("disk.bytes", "lots", "a size: an integer number"),
     ("disk.backend", "aio", "one of 'auto', 'io_uring', 'posix'"),

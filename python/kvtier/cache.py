@@ -15,6 +15,7 @@ Example (a vLLM-style paged KV on the GPU, 16-token pages, 256-token chunks)::
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
@@ -92,6 +93,11 @@ class CacheConfig:
             that needs one more waits for one to end. Every admitted eviction starts one before a
             block frees, so a promotion of a few chunks into a full CPU tier can start this many
             writes ahead of its reads; a smaller bound leaves the disk to the reads sooner.
+        verify_stores: debug check of store()'s page contract (the pages must not change until
+            its future completes): once a store's copy has landed, each newly stored chunk is
+            copied from its pages a second time and the two are compared; a difference is
+            counted in ``stats()["store_verify_mismatches"]``. Costs a second copy of every
+            stored chunk. ``None`` (the default) takes env ``KVTIER_CPU_VERIFY_STORES`` (1/0).
     """
 
     cpu_bytes: int = 1 << 30
@@ -110,8 +116,14 @@ class CacheConfig:
     eviction_policy: str = "lru"
     deterministic_writeback: bool = False
     disk_max_writebacks_in_flight: int = 64
+    verify_stores: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.verify_stores is None:
+            object.__setattr__(self, "verify_stores", _env_flag("KVTIER_CPU_VERIFY_STORES"))
+        elif not isinstance(self.verify_stores, bool):
+            raise InvalidArgumentError(f"config.verify_stores must be True or False, got {self.verify_stores!r}")
+
         def positive_int(name: str) -> None:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -151,6 +163,15 @@ class CacheConfig:
                 )
 
 
+def _env_flag(name: str) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise InvalidArgumentError(f"env {name}={os.environ[name]!r}: expected 1 or 0 (true/false, yes/no, on/off)")
+
+
 def _as_page_ids(page_ids) -> np.ndarray:
     """Page ids as a 1-D int64 numpy array (from a list, numpy array or torch tensor on any device)."""
     if type(page_ids).__module__.startswith("torch"):
@@ -182,9 +203,10 @@ def _stream_handle(stream) -> int:
 class StoreFuture:
     """An offload in flight. ``wait()`` returns the number of chunks newly stored."""
 
-    def __init__(self, op, timeout_s: float) -> None:
+    def __init__(self, op, timeout_s: float, verifier: _StoreVerifier | None = None) -> None:
         self._op = op
         self._timeout_s = timeout_s
+        self._verifier = verifier
         self.chunks = op.chunks if op is not None else 0
         self.already_cached = op.already_cached if op is not None else 0
         self.skipped_full = op.skipped_full if op is not None else 0
@@ -192,10 +214,95 @@ class StoreFuture:
     def wait(self, timeout_s: float | None = None) -> int:
         if self._op is not None and self._op.transfer is not None:
             self._op.transfer.wait(self._timeout_s if timeout_s is None else timeout_s)
+        if self._verifier is not None:
+            self._verifier.settle(self._op)
         return self.chunks
 
     def done(self) -> bool:
-        return self._op is None or self._op.transfer is None or self._op.transfer.done
+        done = self._op is None or self._op.transfer is None or self._op.transfer.done
+        if done and self._verifier is not None:
+            self._verifier.settle(self._op)
+        return done
+
+
+class _StoreVerifier:
+    """``verify_stores``: once a store's copy has landed, copies each chunk it stored from its
+    pages again (into a one-chunk scratch tier over the same layout) and compares the two blobs.
+
+    A store is checked when its future is first seen complete (``wait``/``done``), by the next
+    ``store`` once its copy landed, or by ``drain``/``close``; so a caller that keeps the page
+    contract (pages unchanged until the future completes) never has its pages read after it
+    reused them. Counts chunks checked, mismatches, and chunks evicted before their check.
+    """
+
+    _MAX_PENDING = 64  # unchecked stores kept; past it the oldest is waited for and checked
+
+    def __init__(self, main_tier, scratch_tier, timeout_s: float, ppc: int) -> None:
+        self._main, self._scratch = main_tier, scratch_tier
+        self._timeout_s, self._ppc = timeout_s, ppc
+        self._pending: collections.OrderedDict = collections.OrderedDict()  # id(op) -> (op, items)
+        self._lock = threading.Lock()  # one check at a time: the scratch tier holds one chunk
+        self.counts = {"store_verify_chunks": 0, "store_verify_mismatches": 0, "store_verify_evicted": 0}
+
+    def add(self, op, items: list[tuple[bytes, np.ndarray]]) -> None:
+        if op is None or not items:
+            return
+        self.settle_landed()  # earlier stores only: this one's caller may not have seen it land
+        with self._lock:
+            self._pending[id(op)] = (op, items)
+            overflow = len(self._pending) > self._MAX_PENDING
+        if overflow:
+            with self._lock:
+                oldest = next(iter(self._pending.values()))[0] if self._pending else None
+            if oldest is not None:
+                self.settle(oldest, wait=True)
+
+    def settle(self, op, wait: bool = False) -> None:
+        with self._lock:
+            entry = self._pending.get(id(op))
+            if entry is None or entry[0] is not op:
+                return
+            if op.transfer is not None and not op.transfer.done:
+                if not wait:
+                    return
+                op.transfer.wait(self._timeout_s)
+            del self._pending[id(op)]
+            for key, pages in entry[1]:
+                self._check(key, pages)
+
+    def settle_landed(self) -> None:
+        with self._lock:
+            ops = [op for op, _ in self._pending.values() if op.transfer is None or op.transfer.done]
+        for op in ops:
+            self.settle(op)
+
+    def settle_all(self) -> None:
+        with self._lock:
+            ops = [op for op, _ in self._pending.values()]
+        for op in ops:
+            self.settle(op, wait=True)
+
+    def _check(self, key: bytes, pages: np.ndarray) -> None:
+        scratch_key = os.urandom(16)  # fresh each time: the scratch tier never answers "cached"
+        op = self._scratch.store(scratch_key, pages, 0)
+        if op.transfer is not None:
+            op.transfer.wait(self._timeout_s)
+        stored = self._main.acquire_blobs(key)
+        if not stored:
+            self.counts["store_verify_evicted"] += 1
+            return
+        try:
+            again = self._scratch.acquire_blobs(scratch_key)
+            try:
+                self.counts["store_verify_chunks"] += 1
+                if not again or bytes(stored[0]) != bytes(again[0]):
+                    self.counts["store_verify_mismatches"] += 1
+                    log.error("kvtier: a stored chunk differs from its pages once its copy landed: "
+                              "the pages changed before the store's future completed")
+            finally:
+                self._scratch.release_blobs(scratch_key)
+        finally:
+            self._main.release_blobs(key)
 
 
 class LoadHandle:
@@ -298,6 +405,14 @@ class KVCache:
             deterministic_writeback=config.deterministic_writeback,
             disk_max_writebacks_in_flight=config.disk_max_writebacks_in_flight,
         )
+        self._verifier = None
+        if config.verify_stores:
+            scratch = _core.CpuTier(
+                layout.to_core_segments(), device, layout.pages_per_chunk,
+                [list(layout.layer_segments(i)) for i in range(layout.num_layers)],
+                2 * layout.chunk_bytes, config.method, config.staging_bytes, config.cpu_threads,
+                layout_fingerprint=layout.fingerprint)
+            self._verifier = _StoreVerifier(self._tier, scratch, config.timeout_s, layout.pages_per_chunk)
         if admission_policy is not None:
             self._tier.set_admission_hook(admission_policy.admit)
         if prefetch_policy is None and config.disk_dir is not None:
@@ -366,7 +481,7 @@ class KVCache:
 
         The pages are read while the copy runs: they must not change until the future
         completes (``wait()`` returned or ``done()`` is true), or the cache keeps the new bytes
-        under these tokens. ``cpu.verify_stores`` (env ``KVTIER_VERIFY_STORES=1``) checks it: each
+        under these tokens. ``cpu.verify_stores`` (env ``KVTIER_CPU_VERIFY_STORES=1``) checks it: each
         newly stored chunk is copied from its pages a second time once the first copy landed,
         and a difference is counted in ``stats()["store_verify_mismatches"]``.
 
@@ -377,12 +492,18 @@ class KVCache:
         keys, pages = self._keys_and_pages(tokens, page_ids, "store")
         if not keys:
             return StoreFuture(None, self.config.timeout_s)
-        op = self._tier.store(b"".join(keys), pages[: len(keys) * self.layout.pages_per_chunk],
-                              self._default_stream(stream))
+        ppc = self.layout.pages_per_chunk
+        fresh = None
+        if self._verifier is not None:  # the chunks this store will copy: those not cached yet
+            fresh = [i for i, k in enumerate(keys) if not len(self._tier.lookup_tiers(k))]
+        op = self._tier.store(b"".join(keys), pages[: len(keys) * ppc], self._default_stream(stream))
         # From here on the copy is submitted: what follows is bookkeeping and never raises.
         if self._peers is not None:  # peers hook: the chunks join this member's digest
             self._bookkeeping("peer digest", self._peers.note_stored, keys)
-        return StoreFuture(op, self.config.timeout_s)
+        if fresh:
+            items = [(keys[i], pages[i * ppc : (i + 1) * ppc].copy()) for i in fresh]
+            self._bookkeeping("store verify", self._verifier.add, op, items)
+        return StoreFuture(op, self.config.timeout_s, self._verifier)
 
     @_timed("lookup")
     def lookup(self, tokens) -> int:
@@ -450,6 +571,8 @@ class KVCache:
         self._check_open()
         s = self._tier.stats()
         s["bookkeeping_errors"] = self._bookkeeping_errors
+        if self._verifier is not None:
+            s.update(self._verifier.counts)
         s["method"] = self._tier.method
         s["pinned"] = self._tier.pinned
         s["capacity_chunks"] = self._tier.capacity_chunks
@@ -459,9 +582,11 @@ class KVCache:
         return s
 
     def drain(self, timeout_s: float | None = None) -> None:
-        """Wait until no copy is in flight."""
+        """Wait until no copy is in flight (and, with ``verify_stores``, every store is checked)."""
         self._check_open()
         self._tier.drain(self.config.timeout_s if timeout_s is None else timeout_s)
+        if self._verifier is not None:
+            self._bookkeeping("store verify", self._verifier.settle_all)
 
     def __del__(self) -> None:
         # A cache dropped without close(): its copies write into the layout's tensors, which go
@@ -492,6 +617,8 @@ class KVCache:
         except Exception as e:  # noqa: BLE001 - raised below, once the rest is released
             error = e
             _LAYOUTS_KEPT_ALIVE.append((self.layout, self._tier))
+        if self._verifier is not None and error is None:
+            self._bookkeeping("store verify", self._verifier.settle_all)
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             self._bookkeeping("metrics close", metrics.close)

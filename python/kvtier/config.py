@@ -382,6 +382,13 @@ class CpuConfig(_Section):
     eviction_policy: str = _field(
         "lru", _Choice(EVICTION_POLICIES), "which chunk the CPU tier evicts first"
     )
+    verify_stores: bool = _field(
+        False,
+        _Bool(),
+        "debug check of store()'s page contract: each stored chunk is copied from its pages a "
+        "second time once its copy landed, and differences are counted "
+        "(stats()['store_verify_mismatches']); costs a second copy of every stored chunk",
+    )
 
 
 @dataclass(frozen=True)
@@ -653,7 +660,7 @@ _FLAT_OVERRIDES: dict[str, str] = {
 _FLAT_OVERRIDES.update(
     method="cpu.method", staging_bytes="cpu.staging_bytes", tenant_salt="model.tenant_salt",
     eviction_policy="cpu.eviction_policy", deterministic_writeback="disk.deterministic_writeback",
-    disk_max_writebacks_in_flight="disk.max_writebacks_in_flight",
+    disk_max_writebacks_in_flight="disk.max_writebacks_in_flight", verify_stores="cpu.verify_stores",
 )
 
 
@@ -798,6 +805,7 @@ class KVTierConfig:
             "eviction_policy": self.cpu.eviction_policy,
             "deterministic_writeback": self.disk.deterministic_writeback,
             "disk_max_writebacks_in_flight": self.disk.max_writebacks_in_flight,
+            "verify_stores": self.cpu.verify_stores,
         }
 
 
