@@ -99,3 +99,20 @@ def test_store_on_a_full_disk_with_peers_returns_its_future_and_keeps_the_right_
         assert cache.stats()["peers"]["journal_errors"] >= 1
     finally:
         cache.close()  # drains and releases on the full filesystem without raising
+
+
+def test_a_disk_tier_larger_than_the_free_space_says_how_much_is_free(full_fs):
+    import re
+
+    from kvtier.errors import ResourceExhaustedError
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(2, PAGES, 4, 2, 8, generator=gen) for _ in range(2)]
+    layout = Layout.from_vllm(tensors, chunk_tokens=4 * PPC)
+    st = os.statvfs(full_fs)
+    free = st.f_bavail * st.f_frsize
+    with pytest.raises(ResourceExhaustedError, match="bytes free") as e:
+        KVCache(layout, cpu_bytes=8 * layout.chunk_bytes, method="cpu", disk_dir=full_fs, disk_bytes=4 * FS_BYTES)
+    said = int(re.search(r"\((\d+) bytes free\)", str(e.value)).group(1))
+    assert abs(said - free) <= free // 10, (said, free)
+    assert os.listdir(full_fs) == ["lost+found"]  # the failed cache file is not left behind
