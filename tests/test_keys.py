@@ -370,3 +370,13 @@ def test_property_keys_equal_exactly_on_the_common_prefix(a, b, chunk_tokens):
     assert ka[:shared_chunks] == kb[:shared_chunks]
     # Past the shared prefix no key collides (a 128-bit collision would be a finding).
     assert not set(ka[shared_chunks:]) & set(kb[shared_chunks:])
+
+
+@pytest.mark.parametrize("bad", [[-1, 2], [2**31], [1.5], "tokens", np.zeros((2, 2), dtype=np.int64)])
+def test_bad_tokens_raise_kvtiers_typed_error(bad):
+    """Bad input is InvalidArgumentError (a ValueError), the class every kvtier call raises for
+    bad arguments, so a caller catches one class."""
+    from kvtier.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError):
+        chunk_keys(bad, 1, b"ns")

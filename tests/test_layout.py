@@ -669,3 +669,13 @@ def test_layer_and_segment_index_bounds():
         layout.layer_segments(LAYERS)
     with pytest.raises(ValueError, match="segment"):
         layout.segment_offset_in_blob(len(layout.segments) + 1)
+
+
+def test_bad_layouts_raise_kvtiers_typed_error():
+    from kvtier.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="page_bytes"):
+        Segment(base_ptr=0x1000, page_stride=64, page_bytes=0, num_pages=2, name="x")
+    seg = Segment(base_ptr=0x1000, page_stride=64, page_bytes=64, num_pages=2, name="x")
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        seg.page_ptr(2)

@@ -25,6 +25,8 @@ from hashlib import blake2b
 
 import numpy as np
 
+from kvtier.errors import InvalidArgumentError
+
 __all__ = ["KEY_BYTES", "MAX_TOKEN_ID", "ChunkKeyer", "chunk_keys", "namespace_key", "token_bytes"]
 
 KEY_BYTES = 16
@@ -33,8 +35,8 @@ KEY_BYTES = 16
 MAX_TOKEN_ID = 2**31 - 1
 """Largest token id a key can encode: ids are hashed as little-endian int32."""
 
-# Every bad argument raises ValueError, wrong types included (hence the TRY004 waivers): kvtier
-# reports bad input as InvalidArgumentError, itself a ValueError, so callers catch one class.
+# Every bad argument raises InvalidArgumentError (a ValueError), wrong types included (hence the
+# TRY004 waivers), so callers catch one class.
 
 # Bumping the version tag re-keys every chunk, which is the point: a change to this encoding
 # must never let old blobs match new prompts.
@@ -54,19 +56,19 @@ def _as_fingerprint_bytes(layout_fingerprint: bytes | bytearray | memoryview | s
         try:
             raw = bytes.fromhex(layout_fingerprint)
         except ValueError:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "layout_fingerprint: a str must be the hex form of the fingerprint "
                 f"(Layout.fingerprint_hex), got {layout_fingerprint!r}"
             ) from None
     elif isinstance(layout_fingerprint, (bytes, bytearray, memoryview)):
         raw = bytes(layout_fingerprint)
     else:
-        raise ValueError(  # noqa: TRY004
+        raise InvalidArgumentError(  # noqa: TRY004
             "layout_fingerprint must be bytes or a hex str, "
             f"got {type(layout_fingerprint).__name__}"
         )
     if not raw:
-        raise ValueError("layout_fingerprint must not be empty")
+        raise InvalidArgumentError("layout_fingerprint must not be empty")
     return raw
 
 
@@ -96,7 +98,7 @@ def namespace_key(
         16
     """
     if not isinstance(model_id, str) or not model_id:
-        raise ValueError(f"model_id must be a non-empty str, got {model_id!r}")
+        raise InvalidArgumentError(f"model_id must be a non-empty str, got {model_id!r}")
     fingerprint = _as_fingerprint_bytes(layout_fingerprint)
     if tenant_salt is None:
         salt_field = b"\x00"
@@ -105,7 +107,7 @@ def namespace_key(
     elif isinstance(tenant_salt, (bytes, bytearray, memoryview)):
         salt_field = b"\x01" + _bytes_field(bytes(tenant_salt))
     else:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"tenant_salt must be bytes, str or None, got {type(tenant_salt).__name__}"
         )
     h = blake2b(_NAMESPACE_TAG, digest_size=KEY_BYTES)
@@ -116,7 +118,7 @@ def namespace_key(
 
 
 def _check_range(ids: np.ndarray) -> None:
-    """Raise ValueError naming the first id outside [0, 2**31) of an integer array."""
+    """Raise InvalidArgumentError naming the first id outside [0, 2**31) of an integer array."""
     if ids.size == 0:
         return
     # One unsigned reduction checks both ends: a negative id wraps to a huge unsigned value.
@@ -128,7 +130,7 @@ def _check_range(ids: np.ndarray) -> None:
     else:
         bad = (ids < 0) | (ids > MAX_TOKEN_ID)
     pos = int(np.flatnonzero(bad)[0])
-    raise ValueError(
+    raise InvalidArgumentError(
         f"tokens[{pos}] = {int(ids[pos])} is not a valid token id: ids must lie in "
         f"[0, {MAX_TOKEN_ID}] to be hashed as int32"
     )
@@ -136,14 +138,14 @@ def _check_range(ids: np.ndarray) -> None:
 
 def _from_numpy(ids: np.ndarray, what: str = "numpy array") -> np.ndarray:
     if ids.ndim != 1:
-        raise ValueError(f"tokens must be 1-D, got a {what} of shape {tuple(ids.shape)}")
+        raise InvalidArgumentError(f"tokens must be 1-D, got a {what} of shape {tuple(ids.shape)}")
     kind = ids.dtype.kind
     if kind == "b":
-        raise ValueError(f"tokens must be integer token ids, got a bool {what}")
+        raise InvalidArgumentError(f"tokens must be integer token ids, got a bool {what}")
     if kind in "fc":
-        raise ValueError(f"tokens must be integer token ids, got a {what} of dtype {ids.dtype}")
+        raise InvalidArgumentError(f"tokens must be integer token ids, got a {what} of dtype {ids.dtype}")
     if kind not in "iu":
-        raise ValueError(f"tokens must be integer token ids, got a {what} of dtype {ids.dtype}")
+        raise InvalidArgumentError(f"tokens must be integer token ids, got a {what} of dtype {ids.dtype}")
     if ids.dtype.byteorder == ">":
         ids = ids.astype(ids.dtype.newbyteorder("<"))
     _check_range(ids)
@@ -155,13 +157,13 @@ def _from_torch(tensor) -> np.ndarray:
     import torch  # only reached when handed a tensor, so torch stays optional
 
     if tensor.dim() != 1:
-        raise ValueError(f"tokens must be 1-D, got a torch tensor of shape {tuple(tensor.shape)}")
+        raise InvalidArgumentError(f"tokens must be 1-D, got a torch tensor of shape {tuple(tensor.shape)}")
     if tensor.dtype == torch.bool:
-        raise ValueError("tokens must be integer token ids, got a bool torch tensor")
+        raise InvalidArgumentError("tokens must be integer token ids, got a bool torch tensor")
     if tensor.is_floating_point() or tensor.is_complex():
-        raise ValueError(f"tokens must be integer token ids, got a torch tensor of {tensor.dtype}")
+        raise InvalidArgumentError(f"tokens must be integer token ids, got a torch tensor of {tensor.dtype}")
     if tensor.device.type == "meta":
-        raise ValueError("tokens must hold token ids, got a torch tensor on the meta device (it has no data)")
+        raise InvalidArgumentError("tokens must hold token ids, got a torch tensor on the meta device (it has no data)")
     tensor = tensor.detach().cpu()
     try:
         ids = tensor.numpy()
@@ -186,12 +188,12 @@ def _from_sequence(tokens: Sequence) -> np.ndarray:
                     problem = "tokens must be 1-D, got a nested sequence"
                 else:
                     problem = "tokens must be integer token ids"
-                raise ValueError(f"{problem}: tokens[{pos}] = {tokens[pos]!r} is a {t.__name__}")
+                raise InvalidArgumentError(f"{problem}: tokens[{pos}] = {tokens[pos]!r} is a {t.__name__}")
     try:
         ids = np.fromiter(tokens, dtype=np.int64, count=len(tokens))
     except OverflowError:
         pos, value = next((i, x) for i, x in enumerate(tokens) if not 0 <= int(x) <= MAX_TOKEN_ID)
-        raise ValueError(
+        raise InvalidArgumentError(
             f"tokens[{pos}] = {int(value)} is not a valid token id: ids must lie in "
             f"[0, {MAX_TOKEN_ID}] to be hashed as int32"
         ) from None
@@ -202,7 +204,7 @@ def token_bytes(tokens) -> np.ndarray:
     """Return ``tokens`` as a validated, contiguous little-endian int32 numpy array.
 
     ``tokens`` is a list/tuple/range of ints, a 1-D numpy integer array or a 1-D torch integer
-    tensor (any device; it is copied to the CPU). Raises ValueError for floats, bools, other
+    tensor (any device; it is copied to the CPU). Raises InvalidArgumentError for floats, bools, other
     dtypes, non-1-D input and ids outside ``[0, 2**31)``, naming the value and its position.
 
     Example::
@@ -219,7 +221,7 @@ def token_bytes(tokens) -> np.ndarray:
         if len(tokens) == 0:
             return np.empty(0, dtype=_INT32_LE)
         return _from_sequence(tokens)
-    raise ValueError(
+    raise InvalidArgumentError(
         "tokens must be a list/tuple of ints, a 1-D numpy integer array or a 1-D torch integer "
         f"tensor, got {type(tokens).__name__}"
     )
@@ -229,23 +231,23 @@ def _check_chunk_tokens(chunk_tokens) -> int:
     if isinstance(chunk_tokens, (bool, np.bool_)) or not isinstance(
         chunk_tokens, (int, np.integer)
     ):
-        raise ValueError(  # noqa: TRY004
+        raise InvalidArgumentError(  # noqa: TRY004
             f"chunk_tokens must be a positive int, got {chunk_tokens!r}"
         )
     if chunk_tokens <= 0:
-        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens}")
+        raise InvalidArgumentError(f"chunk_tokens must be a positive int, got {chunk_tokens}")
     return int(chunk_tokens)
 
 
 def _check_namespace(namespace) -> bytes:
     if not isinstance(namespace, (bytes, bytearray, memoryview)):
-        raise ValueError(  # noqa: TRY004
+        raise InvalidArgumentError(  # noqa: TRY004
             f"namespace must be {KEY_BYTES} bytes (see namespace_key), "
             f"got {type(namespace).__name__}"
         )
     namespace = bytes(namespace)
     if len(namespace) != KEY_BYTES:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"namespace must be {KEY_BYTES} bytes (see namespace_key), got {len(namespace)} bytes"
         )
     return namespace

@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
 
+from kvtier.errors import InvalidArgumentError
+
 __all__ = ["FINGERPRINT_BYTES", "Layout", "Segment"]
 
 FINGERPRINT_BYTES = 16
@@ -38,8 +40,8 @@ FINGERPRINT_BYTES = 16
 # every old blob then mismatches instead of being read as the new format.
 _FINGERPRINT_TAG = b"kvtier-layout-v1"
 
-# Every bad argument raises ValueError, wrong types included (hence the TRY004 waivers): kvtier
-# reports bad input as InvalidArgumentError, itself a ValueError, so callers catch one class.
+# Every bad argument raises InvalidArgumentError (a ValueError), wrong types included (hence the
+# TRY004 waivers), so callers catch one class.
 
 # Element sizes for from_segments, which has no tensor to ask.
 _ELEMENT_SIZES = {
@@ -96,18 +98,18 @@ class Segment:
         for field in ("base_ptr", "page_stride", "page_bytes", "num_pages"):
             value = getattr(self, field)
             if not _is_int(value):
-                raise ValueError(f"Segment {self.name!r}: {field} must be an int, got {value!r}")
+                raise InvalidArgumentError(f"Segment {self.name!r}: {field} must be an int, got {value!r}")
         if self.base_ptr <= 0:
-            raise ValueError(f"Segment {self.name!r}: base_ptr must be a non-null address")
+            raise InvalidArgumentError(f"Segment {self.name!r}: base_ptr must be a non-null address")
         if self.page_bytes <= 0:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"Segment {self.name!r}: page_bytes must be > 0, got {self.page_bytes}"
             )
         if self.num_pages <= 0:
-            raise ValueError(f"Segment {self.name!r}: num_pages must be > 0, got {self.num_pages}")
+            raise InvalidArgumentError(f"Segment {self.name!r}: num_pages must be > 0, got {self.num_pages}")
         if self.num_pages > 1 and self.page_stride < self.page_bytes:
             # Overlapping pages would make a store of one page clobber its neighbour.
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"Segment {self.name!r}: page_stride ({self.page_stride}) is smaller than "
                 f"page_bytes ({self.page_bytes}), so pages overlap"
             )
@@ -115,7 +117,7 @@ class Segment:
     def page_ptr(self, page: int) -> int:
         """Address of page ``page`` (0 <= page < num_pages)."""
         if not 0 <= page < self.num_pages:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"Segment {self.name!r}: page {page} out of range [0, {self.num_pages})"
             )
         return self.base_ptr + page * self.page_stride
@@ -185,44 +187,44 @@ class Layout:
     ) -> None:
         """Validate and freeze a layout; prefer the ``from_*`` constructors."""
         if not isinstance(kind, str) or not kind:
-            raise ValueError(f"kind must be a non-empty str, got {kind!r}")
+            raise InvalidArgumentError(f"kind must be a non-empty str, got {kind!r}")
         segments = tuple(segments)
         if not segments:
-            raise ValueError("segments must not be empty")
+            raise InvalidArgumentError("segments must not be empty")
         for s in segments:
             if not isinstance(s, Segment):
-                raise ValueError(  # noqa: TRY004
+                raise InvalidArgumentError(  # noqa: TRY004
                     f"segments must be Segment objects, got {type(s).__name__}"
                 )
         page_tokens, chunk_tokens = _check_page_and_chunk_tokens(page_tokens, chunk_tokens)
         if not _is_int(num_layers) or num_layers <= 0:
-            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+            raise InvalidArgumentError(f"num_layers must be a positive int, got {num_layers!r}")
         if not _is_int(element_size) or element_size <= 0:
-            raise ValueError(f"element_size must be a positive int, got {element_size!r}")
+            raise InvalidArgumentError(f"element_size must be a positive int, got {element_size!r}")
         num_pages = segments[0].num_pages
         for s in segments:
             if s.num_pages != num_pages:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"segments have different num_pages: {segments[0].name!r} has {num_pages}, "
                     f"{s.name!r} has {s.num_pages}"
                 )
         page_shape = tuple(int(d) for d in page_shape)
         if not page_shape or min(page_shape) <= 0:
-            raise ValueError(f"page_shape must be non-empty with positive dims, got {page_shape}")
+            raise InvalidArgumentError(f"page_shape must be non-empty with positive dims, got {page_shape}")
         layer_segments = tuple(tuple(int(i) for i in group) for group in layer_segments)
         if len(layer_segments) != num_layers:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"layer_segments has {len(layer_segments)} entries for {num_layers} layers"
             )
         for layer, group in enumerate(layer_segments):
             # Layer-wise loading relies on a layer's bytes being one contiguous blob range.
             if not group or list(group) != list(range(group[0], group[0] + len(group))):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"layer_segments[{layer}] = {group} must be a non-empty run of consecutive "
                     "segment indices"
                 )
             if group[0] < 0 or group[-1] >= len(segments):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"layer_segments[{layer}] = {group} refers to segments outside "
                     f"[0, {len(segments)})"
                 )
@@ -283,7 +285,7 @@ class Layout:
         ``2 * kv_heads`` segments for HF; ``(0,)`` for every layer of a cross-layer pool.
         """
         if not _is_int(layer) or not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+            raise InvalidArgumentError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
         return self._layer_segments[layer]
 
     def segment_offset_in_blob(self, segment: int) -> int:
@@ -292,7 +294,7 @@ class Layout:
         ``segment == len(segments)`` gives :attr:`chunk_bytes`, the end of the last segment.
         """
         if not _is_int(segment) or not 0 <= segment <= len(self.segments):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"segment must be an int in [0, {len(self.segments)}], got {segment!r}"
             )
         return self._segment_offsets[segment]
@@ -375,16 +377,16 @@ class Layout:
         """
         segments = tuple(segments)
         if not segments:
-            raise ValueError("segments must not be empty")
+            raise InvalidArgumentError("segments must not be empty")
         if element_size is None:
             if dtype not in _ELEMENT_SIZES:
-                raise ValueError(f"dtype {dtype!r} has no known element size; pass element_size")
+                raise InvalidArgumentError(f"dtype {dtype!r} has no known element size; pass element_size")
             element_size = _ELEMENT_SIZES[dtype]
         if layer_segments is None:
             if num_layers is None:
                 num_layers = len(segments)
             if not _is_int(num_layers) or num_layers <= 0 or len(segments) % num_layers:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"num_layers ({num_layers!r}) must be a positive int dividing the "
                     f"{len(segments)} segments; otherwise pass layer_segments"
                 )
@@ -483,7 +485,7 @@ class Layout:
             (8, 16, 64)
         """
         if kv_layout not in ("NHD", "HND"):
-            raise ValueError(f"kv_layout must be 'NHD' or 'HND', got {kv_layout!r}")
+            raise InvalidArgumentError(f"kv_layout must be 'NHD' or 'HND', got {kv_layout!r}")
         token_dim = 2 if kv_layout == "NHD" else 3
         shape_doc = (
             "[num_pages, 2, page_tokens, kv_heads, head_dim]"
@@ -587,7 +589,7 @@ class Layout:
         flat = []
         for i, pair in enumerate(pairs):
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise ValueError(f"layers[{i}] must be a (key, value) pair of tensors")
+                raise InvalidArgumentError(f"layers[{i}] must be a (key, value) pair of tensors")
             flat.extend(pair)
         tensors = _check_tensors(
             flat, "layers", rank=4, shape_doc="[batch, kv_heads, seq, head_dim]", pairs=True
@@ -595,14 +597,14 @@ class Layout:
         t0 = tensors[0]
         batch, heads, seq, head_dim = t0.shape
         if batch != 1:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"layers: batch is {batch}, but from_hf_cache describes one sequence (batch "
                 "must be 1); slice the cache per sequence, e.g. key[i:i+1]"
             )
         if not _is_int(page_tokens) or page_tokens <= 0:
-            raise ValueError(f"page_tokens must be a positive int, got {page_tokens!r}")
+            raise InvalidArgumentError(f"page_tokens must be a positive int, got {page_tokens!r}")
         if seq < page_tokens:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"layers: seq ({seq}) is shorter than page_tokens ({page_tokens}); there is "
                 "no full page to describe"
             )
@@ -660,7 +662,7 @@ class Layout:
             (1, 4, (0, 524288))
         """
         if not type(kv_pool).__module__.startswith("torch"):
-            raise ValueError(f"kv_pool must be one torch tensor, got {type(kv_pool).__name__}")
+            raise InvalidArgumentError(f"kv_pool must be one torch tensor, got {type(kv_pool).__name__}")
         tensors = _check_tensors(
             [kv_pool],
             "kv_pool",
@@ -759,9 +761,9 @@ def _dtype_name(tensor) -> str:
 
 def _check_page_and_chunk_tokens(page_tokens, chunk_tokens) -> tuple[int, int]:
     if not _is_int(page_tokens) or page_tokens <= 0:
-        raise ValueError(f"page_tokens must be a positive int, got {page_tokens!r}")
+        raise InvalidArgumentError(f"page_tokens must be a positive int, got {page_tokens!r}")
     if not _is_int(chunk_tokens) or chunk_tokens <= 0 or chunk_tokens % page_tokens:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"chunk_tokens must be a positive multiple of page_tokens ({page_tokens}), "
             f"got {chunk_tokens!r}"
         )
@@ -771,7 +773,7 @@ def _check_page_and_chunk_tokens(page_tokens, chunk_tokens) -> tuple[int, int]:
 def _resolve_page_tokens(given, actual, arg: str, where: str) -> int:
     actual = int(actual)
     if given is not None and given != actual:
-        raise ValueError(f"page_tokens={given!r} does not match {arg}: {where} is {actual}")
+        raise InvalidArgumentError(f"page_tokens={given!r} does not match {arg}: {where} is {actual}")
     return actual
 
 
@@ -780,45 +782,45 @@ def _check_tensors(tensors, arg: str, *, rank: int, shape_doc: str, pairs: bool 
     if isinstance(tensors, Mapping):
         tensors = list(tensors.values())
     if not isinstance(tensors, (list, tuple)):
-        raise ValueError(  # noqa: TRY004
+        raise InvalidArgumentError(  # noqa: TRY004
             f"{arg} must be a list of tensors, got {type(tensors).__name__}"
         )
     tensors = tuple(tensors)
     if not tensors:
-        raise ValueError(f"{arg} is empty: need at least one layer")
+        raise InvalidArgumentError(f"{arg} is empty: need at least one layer")
 
     def label(i: int) -> str:
         return f"{arg}[{i // 2}][{i % 2}]" if pairs else f"{arg}[{i}]"
 
     for i, t in enumerate(tensors):
         if not type(t).__module__.startswith("torch") or not hasattr(t, "data_ptr"):
-            raise ValueError(f"{label(i)} must be a torch tensor, got {type(t).__name__}")
+            raise InvalidArgumentError(f"{label(i)} must be a torch tensor, got {type(t).__name__}")
         if t.dim() != rank:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{label(i)} has rank {t.dim()} (shape {tuple(t.shape)}), expected {rank}: "
                 f"{shape_doc}"
             )
         if t.numel() == 0:
-            raise ValueError(f"{label(i)} has no elements (shape {tuple(t.shape)})")
+            raise InvalidArgumentError(f"{label(i)} has no elements (shape {tuple(t.shape)})")
     t0 = tensors[0]
     for i, t in enumerate(tensors[1:], start=1):
         if t.device != t0.device:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{arg}: tensors are on mixed devices: {label(0)} on {t0.device}, "
                 f"{label(i)} on {t.device}"
             )
         if t.dtype != t0.dtype:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{arg}: mixed dtypes: {label(0)} is {_dtype_name(t0)}, "
                 f"{label(i)} is {_dtype_name(t)}"
             )
         if t.shape != t0.shape:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{arg}: shapes differ between layers: {label(0)} is {tuple(t0.shape)}, "
                 f"{label(i)} is {tuple(t.shape)}"
             )
     if t0.device.type == "meta":
-        raise ValueError(f"{arg}: meta tensors have no memory to describe")
+        raise InvalidArgumentError(f"{arg}: meta tensors have no memory to describe")
     return tensors
 
 
@@ -826,7 +828,7 @@ def _check_dim(tensors, arg: str, *, dim: int, size: int, meaning: str, single=F
     t0 = tensors[0]
     if t0.shape[dim] != size:
         where = arg if single else f"{arg}[0]"
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{where}: dimension {dim} must be {size} ({meaning}), got shape {tuple(t0.shape)}"
         )
 
@@ -843,7 +845,7 @@ def _check_page_contiguous(tensor, dims, what: str, note: str = "one page") -> N
         if size != 1 and tensor.stride(d) != expected:
             shape = tuple(tensor.shape[k] for k in dims)
             strides = tuple(tensor.stride(k) for k in dims)
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{what}: the bytes of {note} are not contiguous: dims {tuple(dims)} have shape "
                 f"{shape} and strides {strides} (in elements); dim {d} needs stride {expected}"
             )
@@ -859,7 +861,7 @@ def _hf_layer_pairs(layers):
         return [(layer.keys, layer.values) for layer in cache_layers]
     if hasattr(layers, "key_cache") and hasattr(layers, "value_cache"):
         return list(zip(layers.key_cache, layers.value_cache))
-    raise ValueError(
+    raise InvalidArgumentError(
         "layers must be a list of (key, value) tensor pairs or a transformers Cache, "
         f"got {type(layers).__name__}"
     )
