@@ -1,0 +1,314 @@
+"""
+kvtier C++/CUDA core (private; use the kvtier package)
+"""
+from __future__ import annotations
+import collections.abc
+import numpy
+import numpy.typing
+import typing
+import typing_extensions
+__all__: list[str] = ['Arena', 'BlockAllocator', 'CUDA_COMPILED', 'CUDA_RUNTIME_VERSION', 'CopyEngine', 'CpuTier', 'DISK_CACHE_FILE_NAME', 'DiskStore', 'IO_BACKEND_COMPILED', 'PageRows', 'TierOp', 'Transfer', 'aligned_buffer', 'copy_segments', 'crc32c', 'disk_cache_reset', 'list_gpus', 'probe_direct_io', 'probe_io_uring', 'probe_pinned_memory', 'push_device']
+class Arena:
+    """
+    One up-front allocation: device, pinned_host or host.
+    """
+    def __init__(self, kind: str, bytes: typing.SupportsInt | typing.SupportsIndex, device: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+        ...
+    def memoryview(self) -> memoryview:
+        """
+        Writable memoryview over a host arena; it keeps the arena alive.
+        """
+    @property
+    def base_ptr(self) -> int:
+        ...
+    @property
+    def device(self) -> int:
+        ...
+    @property
+    def fallback_reason(self) -> str:
+        ...
+    @property
+    def huge_pages(self) -> bool:
+        ...
+    @property
+    def kind(self) -> str:
+        ...
+    @property
+    def requested_kind(self) -> str:
+        ...
+    @property
+    def size(self) -> int:
+        ...
+class BlockAllocator:
+    """
+    Fixed-size blocks with O(1) allocate/free and per-block pins (thread-safe).
+    """
+    def __init__(self, num_blocks: typing.SupportsInt | typing.SupportsIndex, block_bytes: typing.SupportsInt | typing.SupportsIndex, arena: Arena = None) -> None:
+        ...
+    def allocate(self) -> int:
+        ...
+    def allocate_batch(self, n: typing.SupportsInt | typing.SupportsIndex) -> list[int]:
+        """
+        n blocks, all or nothing (ResourceExhaustedError leaves nothing taken).
+        """
+    def block_address(self, block_id: typing.SupportsInt | typing.SupportsIndex) -> int:
+        ...
+    def free(self, block_id: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def free_batch(self, block_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
+        ...
+    def is_allocated(self, block_id: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        ...
+    def pin(self, block_id: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def pin_count(self, block_id: typing.SupportsInt | typing.SupportsIndex) -> int:
+        ...
+    def stats(self) -> dict:
+        ...
+    def unpin(self, block_id: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def block_bytes(self) -> int:
+        ...
+    @property
+    def num_blocks(self) -> int:
+        ...
+class PageRows:
+    """
+    Rows of pages of a pair of tensor lists (see PageCopier): row r starts at src_rows[r] / dst_rows[r], its page p at p * page_bytes[r].
+    """
+    def __init__(self, src_rows: typing.Annotated[numpy.typing.ArrayLike, numpy.uint64], dst_rows: typing.Annotated[numpy.typing.ArrayLike, numpy.uint64], page_bytes: typing.Annotated[numpy.typing.ArrayLike, numpy.uint64], src_pages: typing.SupportsInt | typing.SupportsIndex, dst_pages: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def copy(self, device: typing.SupportsInt | typing.SupportsIndex, src_pages: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], dst_pages: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], stream: typing.SupportsInt | typing.SupportsIndex, method: str = 'dma') -> None:
+        """
+        copy_segments(device, *segments(src_pages, dst_pages).T, stream, method), the ranges worked out here rather than in Python (a copy's host time is part of its cost).
+        """
+    def segments(self, src_pages: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], dst_pages: typing.Annotated[numpy.typing.ArrayLike, numpy.int64]) -> numpy.typing.NDArray[numpy.uint64]:
+        """
+        [n, 3] uint64 (source, destination, bytes): one range per run of pages contiguous on both sides, per row, rows in order.
+        """
+class Transfer:
+    """
+    One asynchronous gather or scatter. Keep the KV tensors and blobs alive until wait() returns.
+    """
+    def stream_wait_layer(self, layer: typing.SupportsInt | typing.SupportsIndex, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Makes CUDA stream `stream` (an int, e.g. torch.cuda.Stream.cuda_stream) wait for layer `layer` on the device, without blocking the host. UnavailableError on the CPU path.
+        """
+    def wait(self, timeout_s: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        """
+        Blocks until every byte has landed; DeadlineExceededError after timeout_s (the copy goes on).
+        """
+    def wait_layer(self, layer: typing.SupportsInt | typing.SupportsIndex, timeout_s: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        """
+        Blocks until layer `layer` has landed for every chunk of the transfer.
+        """
+    @property
+    def done(self) -> bool:
+        ...
+    @property
+    def method(self) -> str:
+        ...
+    @property
+    def num_layers(self) -> int:
+        ...
+class CopyEngine:
+    """
+    Moves the pages of chunks between KV tensors (host or GPU) and contiguous host blobs.
+    
+    segments: [(base, page_stride, page_bytes, num_pages)], one per segment (layer x K/V, ...);
+    device: the GPU of the segments, or -1 for host memory (the CPU path);
+    pages_per_chunk: pages of one chunk (one blob); layer_segments: [[segment index]] per layer
+    (empty: one layer of every segment); method: 'auto', 'direct', 'staged', 'zero_copy' or 'cpu'.
+    """
+    def __init__(self, segments: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]], device: typing.SupportsInt | typing.SupportsIndex, pages_per_chunk: typing.SupportsInt | typing.SupportsIndex, layer_segments: collections.abc.Sequence[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]], method: str = 'auto', staging_bytes: typing.SupportsInt | typing.SupportsIndex = 67108864, cpu_threads: typing.SupportsInt | typing.SupportsIndex = 2) -> None:
+        ...
+    def gather(self, page_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], blob_ptrs: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], after_stream: typing.SupportsInt | typing.SupportsIndex = 0) -> Transfer:
+        """
+        Copies chunk c's pages page_ids[c*ppc:(c+1)*ppc] into blob_ptrs[c] (blob_bytes each).
+        """
+    def scatter(self, blob_ptrs: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], page_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], after_stream: typing.SupportsInt | typing.SupportsIndex = 0) -> Transfer:
+        """
+        Copies blob_ptrs[c] into pages page_ids[c*ppc:(c+1)*ppc], layer by layer.
+        """
+    @property
+    def blob_bytes(self) -> int:
+        ...
+    @property
+    def method(self) -> str:
+        ...
+    @property
+    def num_layers(self) -> int:
+        ...
+class TierOp:
+    """
+    What a CpuTier store or load started.
+    """
+    @property
+    def already_cached(self) -> int:
+        ...
+    @property
+    def chunks(self) -> int:
+        ...
+    @property
+    def skipped_full(self) -> int:
+        ...
+    @property
+    def transfer(self) -> Transfer:
+        ...
+class CpuTier:
+    def __init__(self, segments: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]], device: typing.SupportsInt | typing.SupportsIndex, pages_per_chunk: typing.SupportsInt | typing.SupportsIndex, layer_segments: collections.abc.Sequence[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]], capacity_bytes: typing.SupportsInt | typing.SupportsIndex, method: str = 'auto', staging_bytes: typing.SupportsInt | typing.SupportsIndex = 67108864, cpu_threads: typing.SupportsInt | typing.SupportsIndex = 2, fail_every_nth: typing.SupportsInt | typing.SupportsIndex = 0, disk_dir: str = '', disk_bytes: typing.SupportsInt | typing.SupportsIndex = 0, layout_fingerprint: bytes = b'', disk_backend: str = 'auto', disk_admit_min_seen: typing.SupportsInt | typing.SupportsIndex = 2, disk_queue_depth: typing.SupportsInt | typing.SupportsIndex = 32, disk_io_timeout_s: typing.SupportsFloat | typing.SupportsIndex = 10.0, eviction_policy: str = 'lru', deterministic_writeback: bool = False, disk_max_writebacks_in_flight: typing.SupportsInt | typing.SupportsIndex = 64, disk_geometry_label: str = '', disk_reset_on_mismatch: bool = False, disk_persist_interval_s: typing.SupportsFloat | typing.SupportsIndex = 0.0) -> None:
+        ...
+    def abort_put(self, key: bytes) -> None:
+        ...
+    def acquire_blobs(self, keys: bytes) -> list:
+        """
+        Pin the leading cached chunks (pool only); read-only views of their blobs.
+        """
+    def begin_put(self, key: bytes) -> memoryview:
+        """
+        Reserve a block for key; returns a writable memoryview of blob_bytes to fill.
+        """
+    def commit_put(self, key: bytes) -> None:
+        ...
+    def drain(self, timeout_s: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    def load(self, keys: bytes, page_ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], after_stream: typing.SupportsInt | typing.SupportsIndex = 0) -> TierOp:
+        ...
+    def lookup(self, keys: bytes) -> int:
+        ...
+    def lookup_tiers(self, keys: bytes) -> bytes:
+        """
+        Per leading chunk: 1 = pool, 2 = disk only (bytes).
+        """
+    def persist(self, timeout_s: typing.SupportsFloat | typing.SupportsIndex) -> dict:
+        """
+        Write the pool's chunks the disk does not hold to disk (by timeout_s); returns what it did.
+        """
+    def prefetch(self, keys: bytes) -> int:
+        """
+        Start reading the leading disk-only chunks into the pool; returns reads started.
+        """
+    def release_blobs(self, keys: bytes) -> None:
+        ...
+    def set_admission_hook(self, hook: typing.Any) -> None:
+        """
+        hook(keys: list[bytes], seen: list[int]) -> list[bool], per batch of evicted chunks; None restores the built-in rule.
+        """
+    def stats(self) -> dict:
+        ...
+    def store(self, keys: bytes, page_ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], after_stream: typing.SupportsInt | typing.SupportsIndex = 0) -> TierOp:
+        ...
+    @property
+    def arena_kind(self) -> str:
+        ...
+    @property
+    def blob_bytes(self) -> int:
+        ...
+    @property
+    def capacity_chunks(self) -> int:
+        ...
+    @property
+    def method(self) -> str:
+        ...
+    @property
+    def pages_per_chunk(self) -> int:
+        ...
+    @property
+    def pinned(self) -> bool:
+        ...
+class DiskStore:
+    """
+    The disk tier's slot store: one preallocated cache file in `dir`, O_DIRECT I/O, checksummed slots, LRU at capacity, recovery at open. Blocking methods release the GIL.
+    """
+    def __enter__(self) -> typing.Any:
+        ...
+    def __exit__(self, *args) -> None:
+        ...
+    def __init__(self, dir: str, capacity_bytes: typing.SupportsInt | typing.SupportsIndex, blob_bytes: typing.SupportsInt | typing.SupportsIndex, layout_fingerprint: bytes, backend: str = 'auto', queue_depth: typing.SupportsInt | typing.SupportsIndex = 32, posix_threads: typing.SupportsInt | typing.SupportsIndex = 4, io_timeout_s: typing.SupportsFloat | typing.SupportsIndex = 10.0, preallocate: bool = True, allow_buffered_io: bool = False, verify_at_open: str = 'auto', nospace_retry_s: typing.SupportsFloat | typing.SupportsIndex = 1.0, close_timeout_s: typing.SupportsFloat | typing.SupportsIndex = 15.0, geometry_label: str = '', reset_on_mismatch: bool = False) -> None:
+        ...
+    def close(self) -> None:
+        """
+        Waits for I/O in flight (close_timeout_s) and closes the cache file.
+        """
+    def contains(self, key: bytes) -> bool:
+        ...
+    def erase(self, key: bytes) -> None:
+        ...
+    def flush(self, timeout_s: typing.SupportsFloat | typing.SupportsIndex = 30.0) -> None:
+        """
+        Waits until no request is in flight.
+        """
+    def lookup(self, keys: bytes) -> int:
+        """
+        Number of leading keys (bytes of n * 16) on disk.
+        """
+    def read(self, key: bytes, out: typing.Any, timeout_s: typing.SupportsFloat | typing.SupportsIndex = 30.0) -> None:
+        """
+        Reads `key` into `out` (blob_bytes, 4096-aligned, writable) and verifies its checksums; raises CorruptionError (and drops the entry) on a mismatch, NotFoundError when absent.
+        """
+    def stats(self) -> dict:
+        ...
+    def write(self, key: bytes, data: typing.Any, timeout_s: typing.SupportsFloat | typing.SupportsIndex = 30.0) -> None:
+        """
+        Stores `data` (blob_bytes, 4096-aligned) under the 16-byte `key`; returns once it is on disk and visible.
+        """
+    @property
+    def backend(self) -> str:
+        ...
+    @property
+    def blob_bytes(self) -> int:
+        ...
+    @property
+    def closed(self) -> bool:
+        ...
+    @property
+    def num_slots(self) -> int:
+        ...
+    @property
+    def path(self) -> str:
+        ...
+    @property
+    def slot_bytes(self) -> int:
+        ...
+def aligned_buffer(nbytes: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint8]:
+    """
+    A zeroed numpy uint8 array of nbytes whose data is 4096-byte aligned (what O_DIRECT needs).
+    """
+def copy_segments(device: typing.SupportsInt | typing.SupportsIndex, src: typing.Annotated[numpy.typing.ArrayLike, numpy.uint64], dst: typing.Annotated[numpy.typing.ArrayLike, numpy.uint64], nbytes: typing.Annotated[numpy.typing.ArrayLike, numpy.uint64], stream: typing.SupportsInt | typing.SupportsIndex, method: str = 'dma') -> None:
+    """
+    Queues device-to-device copies of byte ranges (src[i] -> dst[i], nbytes[i] bytes) on GPU `device`'s stream `stream` (an int): 'dma' through the copy engines (batched), 'kernel' as one copy kernel on `device` (reading sources on another GPU through peer access), 'push' as that kernel on the sources' GPU (see push_device), writing through peer access and fenced on `stream` both ways. The caller synchronizes the stream.
+    """
+def crc32c(data: typing_extensions.Buffer, value: typing.SupportsInt | typing.SupportsIndex = 0) -> int:
+    """
+    CRC32C (Castagnoli) of a buffer, continuing from `value`; the CPU's instruction where it has one.
+    """
+def disk_cache_reset(dir: str) -> str:
+    """
+    Deletes the disk cache file in `dir` (whatever geometry it holds) and returns what it held. NotFoundError: none there; FailedPreconditionError: a running kvtier has it open.
+    """
+def list_gpus() -> tuple:
+    """
+    ([gpu dicts], reason-if-none): GPUs usable at run time.
+    """
+def probe_direct_io(dir: str) -> tuple[bool, str]:
+    """
+    (works, reason): whether files in `dir` can be opened with O_DIRECT (the disk tier needs it).
+    """
+def probe_io_uring() -> tuple[bool, str]:
+    """
+    (works, reason): whether an io_uring ring round-trips a NOP on this kernel.
+    """
+def probe_pinned_memory() -> tuple[bool, str]:
+    """
+    (works, reason): whether pinned host memory can be allocated here.
+    """
+def push_device(device: typing.SupportsInt | typing.SupportsIndex, src: typing.SupportsInt | typing.SupportsIndex) -> int:
+    """
+    The GPU whose kernel copy_segments(device, ..., method='push') runs for sources at address `src`: the GPU the CUDA runtime says holds them, else `device` (the copy is then 'kernel').
+    """
+CUDA_COMPILED: bool = True
+CUDA_RUNTIME_VERSION: int = 13000
+DISK_CACHE_FILE_NAME: str = 'kvtier-disk-cache.kvt'
+IO_BACKEND_COMPILED: str = 'io_uring'
+__version__: str = '0.1.0'
