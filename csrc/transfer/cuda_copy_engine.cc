@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common/thread_annotations.h"
+#include "transfer/batch_copy.h"
 #include "transfer/cuda_util.h"
 #include "transfer/gather_kernels.h"
 #endif
@@ -55,7 +56,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-constexpr size_t kMaxCopiesPerBatch = 1024;
 constexpr uint64_t kMetaMinBytes = uint64_t{64} << 10;
 constexpr auto kDestroyIdleTimeout = std::chrono::seconds(30);
 constexpr auto kWaitPollPeriod = std::chrono::milliseconds(5);
@@ -668,53 +668,10 @@ class CudaCopyEngine final : public CopyEngine {
     }
   }
 
-  // Issues `copies` on `stream`: in batches through cudaMemcpyBatchAsync where the runtime and
-  // driver have it, else one cudaMemcpyAsync each.
+  // Issues `copies` on `stream` (QueueCopies: batches where the runtime and driver have them).
   Status IssueCopies(const CopyList& copies, cudaStream_t stream) {
-    const size_t n = copies.sizes.size();
-    size_t i = 0;
-#if CUDART_VERSION >= 12080
-    if (n > 1 && core_->batch_copies.load(std::memory_order_relaxed)) {
-      while (i < n) {
-        const size_t count = std::min(kMaxCopiesPerBatch, n - i);
-        cudaMemcpyAttributes attr{};
-        attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-        attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
-        size_t attr_index = 0;
-        void* const* dsts = copies.dsts.data() + i;
-        const void* const* srcs = copies.srcs.data() + i;
-        const size_t* sizes = copies.sizes.data() + i;
-#if CUDART_VERSION >= 13000
-        const cudaError_t err =
-            cudaMemcpyBatchAsync(dsts, srcs, sizes, count, &attr, &attr_index, 1, stream);
-#else
-        size_t fail_index = SIZE_MAX;
-        const cudaError_t err = cudaMemcpyBatchAsync(dsts, srcs, sizes, count, &attr, &attr_index,
-                                                     1, &fail_index, stream);
-#endif
-        if (err == cudaSuccess) {
-          i += count;
-          continue;
-        }
-        if (err == cudaErrorNotSupported || err == cudaErrorInvalidValue ||
-            err == cudaErrorCallRequiresNewerDriver) {
-          // Not usable here: fall back to single copies from this batch on (a copy the failed
-          // batch already queued is queued again; both write the same bytes).
-          cudaGetLastError();
-          core_->batch_copies.store(false, std::memory_order_relaxed);
-          break;
-        }
-        return CudaStatus(err, "cudaMemcpyBatchAsync of " + std::to_string(count) + " copies");
-      }
-    }
-#endif
-    for (; i < n; ++i) {
-      KVTIER_CUDA_RETURN_IF_ERROR(
-          cudaMemcpyAsync(copies.dsts[i], copies.srcs[i], copies.sizes[i], cudaMemcpyDefault,
-                          stream),
-          "cudaMemcpyAsync of " + std::to_string(copies.sizes[i]) + " bytes");
-    }
-    return Status::OK();
+    return QueueCopies(copies.dsts.data(), copies.srcs.data(), copies.sizes.data(),
+                       copies.sizes.size(), stream, &core_->batch_copies);
   }
 
   Status RecordLayer(CudaTransfer& t, uint32_t layer, cudaStream_t stream) {

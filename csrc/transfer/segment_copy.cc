@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -12,6 +13,7 @@
 #if KVTIER_HAVE_CUDA
 #include <cuda_runtime_api.h>
 
+#include "transfer/batch_copy.h"
 #include "transfer/cuda_util.h"
 #include "transfer/segment_copy_kernel.h"
 #endif
@@ -68,6 +70,9 @@ Status PushDevice(int, uint64_t, int*) {
 #else
 namespace {
 
+// Cleared once the runtime or driver refuses cudaMemcpyBatchAsync: single copies from then on.
+std::atomic<bool> g_batches_usable{true};
+
 // Peer access from `device` to the GPU holding `ptr`, enabled once per pair (remembered: the
 // runtime call is not free and answers "already enabled" every later time).
 Status EnsurePeerAccess(int device, uint64_t ptr) {
@@ -97,9 +102,8 @@ Status EnsurePeerAccess(int device, uint64_t ptr) {
   return Status::OK();
 }
 
-// The copy engines: batches of cudaMemcpyBatchAsync, else one cudaMemcpyAsync a segment.
+// The copy engines: one DMA a segment, queued by QueueCopies (in batches where it can).
 Status CopyByDma(const std::vector<CopySegment>& segments, cudaStream_t stream) {
-  constexpr size_t kMaxPerBatch = 1024;
   std::vector<void*> dsts;
   std::vector<const void*> srcs;
   std::vector<size_t> sizes;
@@ -109,41 +113,7 @@ Status CopyByDma(const std::vector<CopySegment>& segments, cudaStream_t stream) 
     srcs.push_back(reinterpret_cast<const void*>(s.src));
     sizes.push_back(s.bytes);
   }
-  size_t i = 0;
-#if CUDART_VERSION >= 12080
-  while (i < sizes.size() && sizes.size() > 1) {
-    const size_t count = std::min(kMaxPerBatch, sizes.size() - i);
-    cudaMemcpyAttributes attr{};
-    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-    size_t attr_index = 0;
-#if CUDART_VERSION >= 13000
-    const cudaError_t err = cudaMemcpyBatchAsync(dsts.data() + i, srcs.data() + i,
-                                                 sizes.data() + i, count, &attr, &attr_index, 1,
-                                                 stream);
-#else
-    size_t fail_index = SIZE_MAX;
-    const cudaError_t err =
-        cudaMemcpyBatchAsync(dsts.data() + i, srcs.data() + i, sizes.data() + i, count, &attr,
-                             &attr_index, 1, &fail_index, stream);
-#endif
-    if (err == cudaSuccess) {
-      i += count;
-      continue;
-    }
-    if (err == cudaErrorNotSupported || err == cudaErrorInvalidValue ||
-        err == cudaErrorCallRequiresNewerDriver) {
-      cudaGetLastError();  // no batches here: single copies from this batch on
-      break;
-    }
-    return CudaStatus(err, "cudaMemcpyBatchAsync of " + std::to_string(count) + " copies");
-  }
-#endif
-  for (; i < sizes.size(); ++i) {
-    KVTIER_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyDefault, stream),
-        "cudaMemcpyAsync of " + std::to_string(sizes[i]) + " bytes");
-  }
-  return Status::OK();
+  return QueueCopies(dsts.data(), srcs.data(), sizes.data(), sizes.size(), stream, &g_batches_usable);
 }
 
 // The copy kernel over `pieces` on `stream` (of the current GPU).
