@@ -5,10 +5,15 @@ through kvtier; vLLM block ids map to kernel-block pages."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import time
 import warnings
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 pytestmark = [
     pytest.mark.vllm,
@@ -298,3 +303,267 @@ def test_kv_role_limits_the_direction(role, loads, saves):
     )
     assert bool(meta.loads) == loads
     assert bool(meta.saves) == saves
+
+
+def test_scheduler_saves_again_what_vllm_recomputes_after_a_failed_load():
+    conn = connector("SCHEDULER")
+    conn._client = FakeClient(hit=128)
+    req = request("r", 200)
+    assert conn.get_num_new_matched_tokens(req, 0) == (128, False)
+    conn.update_state_after_alloc(req, None, 128)
+    blocks = [10, 11, 12, 13, 14, 15, 16]
+    meta = conn.build_connector_meta(
+        sched_output([new_req("r", 200, blocks, 128)], scheduled={"r": 72})
+    )
+    assert meta.loads[0].block_ids == blocks[:4]
+    assert meta.rewritten == blocks  # loaded or computed: all written from scratch
+    assert [s.block_ids for s in meta.saves] == [blocks[:6]]
+    # Block 12's load failed: vLLM rolls the request back to block 2 and recomputes from there.
+    cached = SimpleNamespace(
+        req_ids=["r"], resumed_req_ids=set(), new_block_ids=[None], num_computed_tokens=[64]
+    )
+    meta = conn.build_connector_meta(sched_output(cached=cached, scheduled={"r": 136}))
+    assert meta.rewritten == blocks[2:]
+    assert [s.block_ids for s in meta.saves] == [blocks[:6]]  # chunks 2.. saved again
+    assert conn._requests["r"].rollbacks == 1
+    # Nothing rolled back: nothing saved twice.
+    cached.num_computed_tokens = [200]
+    meta = conn.build_connector_meta(sched_output(cached=cached, scheduled={"r": 1}))
+    assert meta.saves == [] and meta.rewritten == blocks[6:]
+
+
+# -- a failed load, end to end through both sides of the connector, with a fake engine -------------
+class FakeEngine:
+    """vLLM's side of the connector protocol for one request at a time: the scheduler's
+    lookups, allocations, chunked prefill and rollback to the first block reported failed
+    (kv_load_failure_policy="recompute"), and a worker whose model writes each block's KV as a
+    function of its tokens and of the bytes of the blocks before it, as attention does. Blocks
+    start out holding junk, as vLLM's reused blocks do."""
+
+    BLOCK, LAYERS, BLOCKS = 4, 2, 96
+
+    def __init__(self, engine_id: str) -> None:
+        from kvtier.integrations.vllm import KVTierConnector
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+        extra = {"cpu_bytes": "1MiB", "model_id": "fake-engine"}
+        cfg = fake_vllm_config(extra, block_size=self.BLOCK)
+        cfg.kv_transfer_config = SimpleNamespace(
+            kv_connector_extra_config=extra,
+            engine_id=engine_id,
+            kv_role="kv_both",
+            kv_load_failure_policy="recompute",
+            is_kv_producer=True,
+        )
+        groups = SimpleNamespace(kv_cache_groups=[object()])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.worker = KVTierConnector(cfg, KVConnectorRole.WORKER, groups)
+            self.sched = KVTierConnector(cfg, KVConnectorRole.SCHEDULER, groups)
+        gen = torch.Generator().manual_seed(1)
+        self.full = torch.randn(self.LAYERS, self.BLOCKS, 1, self.BLOCK, 8, generator=gen)
+        self.kv = {f"layer.{i}": self.full[i] for i in range(self.LAYERS)}
+        self.worker.register_kv_caches(self.kv)
+        self.next_block = 0
+
+    def close(self) -> None:
+        self.worker.shutdown()
+        self.sched.shutdown()
+
+    def alloc(self, n: int) -> list[int]:
+        out = [(self.next_block + i) % self.BLOCKS for i in range(n)]
+        self.next_block += n
+        return out
+
+    @staticmethod
+    def content(tokens, before: bytes) -> torch.Tensor:
+        """A block's KV: its prefix's tokens and the bytes attention read before it."""
+        import hashlib
+
+        seed = hashlib.blake2b(np.asarray(tokens, "<i8").tobytes() + before, digest_size=8)
+        gen = torch.Generator().manual_seed(int.from_bytes(seed.digest(), "little") >> 1)
+        return torch.randn(FakeEngine.LAYERS, 1, FakeEngine.BLOCK, 8, generator=gen)
+
+    @classmethod
+    def clean(cls, tokens) -> list[torch.Tensor]:
+        """Every full block's KV when nothing failed."""
+        out: list[torch.Tensor] = []
+        for b in range(len(tokens) // cls.BLOCK):
+            before = b"".join(t.numpy().tobytes() for t in out)
+            out.append(cls.content(tokens[: (b + 1) * cls.BLOCK], before))
+        return out
+
+    def compute(self, tokens, blocks, start: int, end: int) -> None:
+        bs = self.BLOCK
+        for b in range(start // bs, end // bs):  # blocks completed by this step
+            before = self.full[:, blocks[:b]].permute(1, 0, 2, 3, 4).numpy().tobytes()
+            self.full[:, blocks[b]] = self.content(tokens[: (b + 1) * bs], before)
+
+    def failing_load(self, real_load):
+        """The next load fails at its copy (a read error, a peer gone): what landed is junk."""
+
+        def load(tokens, skip_chunks, pages):
+            self.worker._load = real_load
+            self.full[:, pages] = torch.randn(self.LAYERS, len(pages), 1, self.BLOCK, 8)
+            return FailingHandle(len(pages) * self.BLOCK, first_layer=0)
+
+        return load
+
+    def lookup_claims(self, tokens: int):
+        """The next lookup reports ``tokens`` cached, as a disk header whose payload is damaged
+        does: the load then comes back short."""
+        client = self.sched._client
+        real = client.lookup
+
+        def lookup(t):
+            client.lookup = real
+            return min(tokens, len(t)), bytes([2]) * (tokens // self.BLOCK)
+
+        client.lookup = lookup
+
+    def run(self, req_id: str, tokens: list[int], budget: int, shared: list[int] = ()):
+        """Prefill one request to its end; ``shared``: leading blocks vLLM's own prefix cache
+        holds for it. Returns the request's blocks."""
+        bs = self.BLOCK
+        n = len(tokens)
+        req = SimpleNamespace(request_id=req_id, prompt_token_ids=tokens, mm_features=[])
+        local = len(shared) * bs
+        ext, _ = self.sched.get_num_new_matched_tokens(req, local)
+        blocks = list(shared) + self.alloc(-(-n // bs) - len(shared))
+        self.sched.update_state_after_alloc(req, None, ext)
+        computed = local + ext
+        first = True
+        while computed < n:
+            scheduled = min(n - computed, budget)
+            if first:
+                out = sched_output(
+                    [new_req(req_id, n, blocks, computed)], scheduled={req_id: scheduled}
+                )
+                out.scheduled_new_reqs[0].prompt_token_ids = tokens
+                first = False
+            else:
+                cached = SimpleNamespace(
+                    req_ids=[req_id],
+                    resumed_req_ids=set(),
+                    new_block_ids=[None],
+                    num_computed_tokens=[computed],
+                )
+                out = sched_output(cached=cached, scheduled={req_id: scheduled})
+            meta = self.sched.build_connector_meta(out)
+            self.worker.bind_connector_metadata(meta)
+            self.worker.start_load_kv(None)
+            for name in self.kv:
+                self.worker.wait_for_layer_load(name)
+            self.compute(tokens, blocks, computed, computed + scheduled)
+            self.worker.wait_for_save()
+            invalid = self.worker.get_block_ids_with_load_errors()
+            self.worker.clear_connector_metadata()
+            # vLLM's _update_requests_with_invalid_blocks: back to the first failed block.
+            bad = [i for i, b in enumerate(blocks[: -(-computed // bs)]) if b in invalid]
+            computed = bad[0] * bs if bad else computed + scheduled
+        held, _ = self.sched.request_finished(req, blocks)
+        deadline = time.monotonic() + 30
+        while held and req_id not in (self.worker.get_finished({req_id})[0] or set()):
+            assert time.monotonic() < deadline, "the request's stores did not land in 30 s"
+            time.sleep(0.001)
+        return blocks
+
+    def wrong_chunks(self, tokens) -> tuple[int, int]:
+        """(chunks of ``tokens`` kvtier holds, how many of them differ from a clean compute)."""
+        cache = self.worker._cache
+        cache.drain()
+        clean = self.clean(tokens)
+        held = cache.lookup(np.asarray(tokens)) // self.BLOCK
+        scratch = self.alloc(held)
+        assert cache.load(np.asarray(tokens), scratch).wait() == held * self.BLOCK
+        wrong = sum(not torch.equal(self.full[:, s], clean[j]) for j, s in enumerate(scratch))
+        return held, wrong
+
+
+class FailingHandle:
+    """A load whose copy fails: every layer from ``first_layer`` on, and the final wait."""
+
+    def __init__(self, num_tokens: int, first_layer: int) -> None:
+        self.num_tokens, self.first_layer = num_tokens, first_layer
+
+    def wait_layer(self, layer, timeout_s=None):
+        if layer >= self.first_layer:
+            from kvtier.errors import CorruptionError
+
+            raise CorruptionError("payload checksum mismatch (injected)")
+
+    def wait(self, timeout_s=None):
+        self.wait_layer(self.first_layer)
+
+
+@pytest.fixture
+def fake_engine():
+    engines = []
+
+    def make():
+        e = FakeEngine(f"fake-{os.getpid()}-{time.monotonic_ns()}")
+        engines.append(e)
+        return e
+
+    yield make
+    for e in engines:
+        e.close()
+
+
+def _failed_load_sequence(engine, blocks, extra, fail_at, at_wait, shared, budget):
+    """P has ``blocks`` full chunks, Q is P and ``extra`` chunks more. A miss computes and saves
+    P, a request for Q loads P but its load fails from chunk ``fail_at`` on (``at_wait``: the
+    copy fails, all of it; else the chunks from ``fail_at`` on vanished, as damaged disk chunks
+    do, and the load comes back short), and vLLM recomputes; then a repeat of Q. Returns Q and
+    the repeat's blocks. ``shared``: leading blocks of the miss vLLM's own cache gives Q."""
+    bs = FakeEngine.BLOCK
+    P = [(7 * i + 3) % 50 for i in range(blocks * bs + 1)]
+    Q = P[:-1] + [(5 * i + 1) % 50 for i in range(extra * bs + 1)]
+    if at_wait:
+        first = engine.run("miss", P, budget=len(P))
+        engine.worker._load = engine.failing_load(engine.worker._load)
+    else:
+        first = engine.run("miss", P[: fail_at * bs + 1], budget=len(P))
+        engine.lookup_claims(blocks * bs)
+    engine.run("hit", Q, budget=budget, shared=first[:shared])
+    repeat = engine.run("repeat", Q, budget=len(Q))
+    return Q, repeat
+
+
+@hypothesis_settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    blocks=st.integers(1, 8),
+    extra=st.integers(0, 4),
+    data=st.data(),
+    at_wait=st.booleans(),
+    budget=st.sampled_from([4, 8, 12, 64]),
+)
+def test_a_block_whose_load_failed_is_never_saved(
+    fake_engine, blocks, extra, data, at_wait, budget
+):
+    shared = data.draw(st.integers(0, blocks - 1), label="blocks vLLM holds itself")
+    fail_at = data.draw(st.integers(shared, blocks - 1), label="first chunk that fails")
+    engine = fake_engine()
+    Q, repeat = _failed_load_sequence(engine, blocks, extra, fail_at, at_wait, shared, budget)
+    assert engine.worker.stats()["load_failed_blocks"] > 0
+    held, wrong = engine.wrong_chunks(Q)
+    assert wrong == 0, f"{wrong} of {held} chunks in kvtier hold bytes a clean compute differs from"
+    assert held == blocks + extra  # what vLLM recomputed was saved again
+    clean = FakeEngine.clean(Q)
+    assert all(torch.equal(engine.full[:, b], clean[i]) for i, b in enumerate(repeat[:held]))
+
+
+def test_what_vllm_recomputes_after_a_failed_load_is_saved_again(fake_engine):
+    engine = fake_engine()
+    Q, _ = _failed_load_sequence(
+        engine, 8, extra=2, fail_at=3, at_wait=False, shared=0, budget=8
+    )
+    stats = engine.worker.stats()
+    assert stats["load_failed_blocks"] == 5
+    # The failing step computed up to chunk 9; its save stops before chunk 3.
+    assert stats["saves_cut_at_failed_load"] == 1
+    assert stats["chunks_not_saved_after_failed_load"] == 7
+    assert engine.wrong_chunks(Q) == (10, 0)
+    assert engine.sched._requests == {}

@@ -40,6 +40,11 @@ start (kvtier.keys), so chunk ``i`` and vLLM's block ``i`` name the same prefix.
   reported through ``get_block_ids_with_load_errors``: vLLM recomputes those blocks (with
   ``kv_load_failure_policy="recompute"``; vLLM's default, ``"fail"``, fails the request). The
   model never reads a block kvtier did not fill completely.
+- A block is saved only once the engine has computed it, or loaded it whole. A block whose load
+  failed holds stale bytes until vLLM recomputes it, and every block computed after it in that
+  step attended to them: a save that reaches such a block is cut before it (the worker marks the
+  block until a step rewrites it). When vLLM rolls a request back to recompute, the scheduler
+  side sees its computed tokens drop and saves the recomputed chunks again once computed.
 - Saves are asynchronous: ``wait_for_save`` submits one store per request for the prompt's new
   full chunks (all layers at once, ordered after the forward on a GPU) and returns. A request
   that has a save in flight keeps its blocks (``request_finished`` returns True) until the
@@ -434,11 +439,14 @@ class _SaveSpec:
 
 @dataclass
 class KVTierConnectorMetadata(KVConnectorMetadata):
-    """One step's work for the worker: loads, saves, and requests preempted since last step."""
+    """One step's work for the worker: loads, saves, requests preempted since last step, and
+    ``rewritten``: blocks this step fills from scratch (computed, or loaded), whose bytes stop
+    being a failed load's leftovers."""
 
     loads: list[_LoadSpec] = field(default_factory=list)
     saves: list[_SaveSpec] = field(default_factory=list)
     preempted: set[str] = field(default_factory=set)
+    rewritten: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -447,6 +455,7 @@ class _RequestState:
     block_ids: list[int]
     saved_upto: int = 0  # tokens whose chunks a save already covers (or a load brought)
     saves_issued: bool = False
+    rollbacks: int = 0  # times vLLM rolled the request back to recompute (a failed load)
 
 
 def _tokens_bytes(tokens: np.ndarray) -> bytes:
@@ -499,7 +508,11 @@ class KVTierConnector(KVConnectorBase_V1):
             self._stopping = threading.Event()
             self._lock = threading.Lock()
             self._loads: list[tuple[_LoadSpec, LoadHandle | None, list[int]]] = []
-            self._failed_blocks: set[int] = set()
+            self._failed_blocks: set[int] = set()  # to report to vLLM at the end of the step
+            # Blocks whose load failed and that no step has rewritten since: they hold stale
+            # bytes (and what was computed after them in their step attended to those), so no
+            # save may reach them. Block id -> the request whose load failed.
+            self._unsafe_blocks: dict[int, str] = {}
             self._stores: dict[str, list[StoreFuture]] = {}
             self._finished: set[str] = set()
             self._counters: dict[str, Any] = {
@@ -512,6 +525,8 @@ class KVTierConnector(KVConnectorBase_V1):
                 "load_failed_blocks": 0,
                 "load_errors": 0,
                 "save_requests": 0,
+                "saves_cut_at_failed_load": 0,
+                "chunks_not_saved_after_failed_load": 0,
                 "saved_chunks": 0,
                 "store_errors": 0,
                 "hit_chunks_by_tier": {"cpu": 0, "disk": 0, "peer": 0},
@@ -542,6 +557,17 @@ class KVTierConnector(KVConnectorBase_V1):
         r = self._pages_per_block
         return (blocks[:, None] * r + np.arange(r, dtype=np.int64)).reshape(-1)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if (
+            self._role == KVConnectorRole.WORKER
+            and self._unsafe_blocks
+            and isinstance(connector_metadata, KVTierConnectorMetadata)
+        ):
+            # Before this step's loads: one that fails again marks its blocks again.
+            for b in connector_metadata.rewritten:
+                self._unsafe_blocks.pop(b, None)
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._connector_metadata
         if not isinstance(meta, KVTierConnectorMetadata) or not meta.loads:
@@ -551,7 +577,7 @@ class KVTierConnector(KVConnectorBase_V1):
         if self._cache is None:  # no KV registered (cannot happen in vLLM 0.32): recompute all
             for spec in meta.loads:
                 blocks = spec.block_ids[spec.skip_chunks * bpc :]
-                self._fail(blocks, len(blocks) * self._block_size)
+                self._fail(spec.req_id, blocks, len(blocks) * self._block_size)
             return
         for spec in meta.loads:
             tokens = _tokens_array(spec.tokens)
@@ -567,7 +593,7 @@ class KVTierConnector(KVConnectorBase_V1):
                 self._counters["load_errors"] += 1
                 handle, got = None, 0
             if got < want:  # evicted since the lookup, or a peer failed: vLLM recomputes these
-                self._fail(blocks[got * bpc :], (want - got) * ct)
+                self._fail(spec.req_id, blocks[got * bpc :], (want - got) * ct)
             self._loads.append((spec, handle, blocks[: got * bpc]))
             self._counters["loaded_tokens"] += got * ct
         if not self._settings.layerwise:
@@ -578,8 +604,10 @@ class KVTierConnector(KVConnectorBase_V1):
         # blocks other requests are reading.
         return self._cache.load(tokens, pages, skip_chunks=skip_chunks)
 
-    def _fail(self, blocks: list[int], tokens: int) -> None:
+    def _fail(self, req_id: str, blocks: list[int], tokens: int) -> None:
         self._failed_blocks.update(blocks)
+        for b in blocks:
+            self._unsafe_blocks[b] = req_id
         self._counters["load_failed_tokens"] += tokens
         self._counters["load_failed_blocks"] += len(blocks)
 
@@ -600,7 +628,7 @@ class KVTierConnector(KVConnectorBase_V1):
                     "kvtier: load of request %s failed at layer %d: %s", spec.req_id, layer, e
                 )
                 self._counters["load_errors"] += 1
-                self._fail(blocks, len(blocks) * self._block_size)
+                self._fail(spec.req_id, blocks, len(blocks) * self._block_size)
                 self._counters["loaded_tokens"] -= len(blocks) * self._block_size
                 self._loads[i] = (spec, None, [])
 
@@ -613,7 +641,7 @@ class KVTierConnector(KVConnectorBase_V1):
             except (KVTierError, TimeoutError) as e:
                 logger.warning("kvtier: load of request %s failed: %s", spec.req_id, e)
                 self._counters["load_errors"] += 1
-                self._fail(blocks, len(blocks) * self._block_size)
+                self._fail(spec.req_id, blocks, len(blocks) * self._block_size)
                 self._counters["loaded_tokens"] -= len(blocks) * self._block_size
         self._loads = []
 
@@ -630,16 +658,42 @@ class KVTierConnector(KVConnectorBase_V1):
         if not isinstance(meta, KVTierConnectorMetadata) or self._cache is None:
             return
         for spec in meta.saves:
+            tokens, block_ids = _tokens_array(spec.tokens), spec.block_ids
+            if self._unsafe_blocks:
+                tokens, block_ids = self._cut_at_failed_load(spec, tokens, block_ids)
+                if not block_ids:
+                    continue
             futures = self._stores.setdefault(spec.req_id, [])
             self._counters["save_requests"] += 1
             try:
-                fut = self._cache.store(_tokens_array(spec.tokens), self._pages(spec.block_ids))
+                fut = self._cache.store(tokens, self._pages(block_ids))
             except Exception as e:  # noqa: BLE001 - a store that fails is a later miss
                 logger.warning("kvtier: store of request %s failed: %r", spec.req_id, e)
                 self._counters["store_errors"] += 1
                 continue
             self._counters["saved_chunks"] += fut.chunks
             futures.append(fut)
+
+    def _cut_at_failed_load(
+        self, spec: _SaveSpec, tokens: np.ndarray, block_ids: list[int]
+    ) -> tuple[np.ndarray, list[int]]:
+        """The part of a save before its first block whose load failed (whole chunks)."""
+        first = next((i for i, b in enumerate(block_ids) if b in self._unsafe_blocks), None)
+        if first is None:
+            return tokens, block_ids
+        bpc = self._chunk_tokens // self._block_size
+        chunks = first // bpc
+        self._counters["saves_cut_at_failed_load"] += 1
+        self._counters["chunks_not_saved_after_failed_load"] += len(block_ids) // bpc - chunks
+        logger.info(
+            "kvtier: save of request %s cut at chunk %d: block %d's load failed (request %s) "
+            "and it is not recomputed yet",
+            spec.req_id,
+            chunks,
+            block_ids[first],
+            self._unsafe_blocks[block_ids[first]],
+        )
+        return tokens[: chunks * self._chunk_tokens], block_ids[: chunks * bpc]
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         # A preempted request's blocks are free again: its stores must finish reading them first.
@@ -825,6 +879,7 @@ class KVTierConnector(KVConnectorBase_V1):
                 np.asarray(new.prompt_token_ids, dtype=np.int64), list(new.block_ids[0])
             )
             self._requests[new.req_id] = state
+            self._add_rewritten(meta, new.req_id, state, new.num_computed_tokens)
             self._add_load(meta, new.req_id, state)
             self._add_save(
                 meta, new.req_id, state, new.num_computed_tokens + scheduled.get(new.req_id, 0)
@@ -839,11 +894,27 @@ class KVTierConnector(KVConnectorBase_V1):
                 state.block_ids = list(new_blocks[0]) if new_blocks else []
             elif new_blocks:
                 state.block_ids.extend(new_blocks[0])
+            computed = cached.num_computed_tokens[i]
+            if computed < state.saved_upto:
+                # vLLM rolled the request back (a load failed) or preempted it: the chunks from
+                # `computed` on are computed again, and saved again once they are.
+                state.saved_upto = computed // self._chunk_tokens * self._chunk_tokens
+                state.rollbacks += 1
+            self._add_rewritten(meta, req_id, state, computed)
             self._add_load(meta, req_id, state)
             self._add_save(
                 meta, req_id, state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
             )
         return meta
+
+    def _add_rewritten(
+        self, meta: KVTierConnectorMetadata, req_id: str, state: _RequestState, computed: int
+    ) -> None:
+        # The request's blocks past what it held before this step are written from scratch by
+        # this step or a later one (a load, or the forward): vLLM never shares such blocks.
+        load = self._pending_loads.get(req_id)
+        start = load[0] if load is not None else computed
+        meta.rewritten.extend(state.block_ids[start // self._block_size :])
 
     def _add_load(self, meta: KVTierConnectorMetadata, req_id: str, state: _RequestState) -> None:
         load = self._pending_loads.pop(req_id, None)
