@@ -2,7 +2,7 @@
 
 Round trips, restart recovery, a writer killed with SIGKILL mid-writes, hypothesis-generated
 truncation and corruption of the cache file, ENOSPC on a small loop-mounted file system,
-layout-fingerprint and geometry changes, bad directories and file systems. Every store test runs
+layout-fingerprint and geometry changes (refused unless reset), bad directories and file systems. Every store test runs
 on both I/O backends; io_uring skips loudly where the kernel refuses it.
 """
 
@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from kvtier import _core
 from kvtier.errors import (
+    CacheGeometryError,
     CorruptionError,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -188,25 +189,37 @@ def test_restart_recovery_every_chunk_back_bit_exact(cache_dir, backend):
                 assert_exact(store, i)
 
 
-def test_wrong_layout_fingerprint_is_ignored_at_reopen(cache_dir, backend):
+def test_wrong_layout_fingerprint_is_refused_and_the_cache_kept(cache_dir, backend):
     with open_store(cache_dir, 8192, 8, backend) as store:
         write_keys(store, range(5))
     other_fp = bytes(16)
-    with open_store(cache_dir, 8192, 8, backend, layout_fingerprint=other_fp) as store:
+    with pytest.raises(CacheGeometryError) as err:
+        open_store(cache_dir, 8192, 8, backend, layout_fingerprint=other_fp)
+    assert FP.hex() in str(err.value) and other_fp.hex() in str(err.value)
+    with open_store(cache_dir, 8192, 8, backend) as store:  # every chunk is still there
+        assert store.stats()["recovered_slots"] == 5
+        for i in range(5):
+            assert_exact(store, i)
+    with open_store(cache_dir, 8192, 8, backend, layout_fingerprint=other_fp, reset_on_mismatch=True) as store:
         st_ = store.stats()
-        assert st_["recovered_slots"] == 0 and st_["foreign_slots_at_open"] == 5
-        assert store.lookup(b"".join(key(i) for i in range(5))) == 0
+        assert st_["reformatted_at_open"] is True and st_["recovered_slots"] == 0
         write_keys(store, [100])  # the store is fully usable for its own layout
         assert_exact(store, 100)
 
 
-def test_geometry_change_reformats(cache_dir, backend):
-    with open_store(cache_dir, 8192, 8, backend) as store:
+def test_geometry_change_is_refused_unless_reset(cache_dir, backend):
+    with open_store(cache_dir, 8192, 8, backend, geometry_label="chunk_tokens=16") as store:
         write_keys(store, range(3))
-    with open_store(cache_dir, 16384, 8, backend) as store:
+    for kw in ({"blob": 16384}, {"geometry_label": "chunk_tokens=32"}):
+        with pytest.raises(CacheGeometryError, match="chunk_tokens=16"):
+            open_store(cache_dir, kw.get("blob", 8192), 8, backend,
+                       geometry_label=kw.get("geometry_label", "chunk_tokens=16"))
+    with open_store(cache_dir, 8192, 8, backend, geometry_label="chunk_tokens=16") as store:
+        assert store.stats()["recovered_slots"] == 3
+    with open_store(cache_dir, 16384, 8, backend, reset_on_mismatch=True) as store:
         st_ = store.stats()
         assert st_["reformatted_at_open"] is True
-        assert "blob_bytes" in st_["reformat_reason"]
+        assert "chunk_bytes 8192" in st_["reformat_reason"]
         assert st_["recovered_slots"] == 0
 
 

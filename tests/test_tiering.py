@@ -108,7 +108,8 @@ def test_restart_brings_demoted_chunks_back(tmp_path, backend):
     kv, layout = make_kv()
     ct = layout.chunk_tokens
     cfg = dict(cpu_bytes=2 * layout.chunk_bytes, disk_dir=str(tmp_path),
-               disk_bytes=16 * layout.chunk_bytes + (1 << 20), disk_backend=backend, disk_admit_min_seen=1)
+               disk_bytes=16 * layout.chunk_bytes + (1 << 20), disk_backend=backend, disk_admit_min_seen=1,
+               disk_persist_on_close=False)  # only the write-backs (tests/test_disk_persist.py: the rest)
     a = toks(2 * ct, 1)
     original = pages_bytes(kv, range(4))
     with KVCache(layout, **cfg) as cache:

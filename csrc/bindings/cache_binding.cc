@@ -84,7 +84,8 @@ void BindCache(py::module_& m) {
                        uint64_t disk_bytes, const py::bytes& layout_fingerprint, const std::string& disk_backend,
                        uint32_t disk_admit_min_seen, unsigned disk_queue_depth, double disk_io_timeout_s,
                        const std::string& eviction_policy, bool deterministic_writeback,
-                       uint32_t disk_max_writebacks_in_flight) {
+                       uint32_t disk_max_writebacks_in_flight, const std::string& disk_geometry_label,
+                       bool disk_reset_on_mismatch, double disk_persist_interval_s) {
              LayoutDesc layout;
              for (const auto& [base, stride, bytes, pages] : segments) layout.segments.push_back({base, stride, bytes, pages});
              layout.device = device;
@@ -119,6 +120,14 @@ void BindCache(py::module_& m) {
                  throw StatusError(Status::InvalidArgument("disk_max_writebacks_in_flight must be at least 1"));
                }
                options.disk.max_demotions_in_flight = disk_max_writebacks_in_flight;
+               options.disk.store.geometry_label = disk_geometry_label;
+               options.disk.store.reset_on_mismatch = disk_reset_on_mismatch;
+               if (!(disk_persist_interval_s >= 0) || disk_persist_interval_s > 1e9) {
+                 throw StatusError(Status::InvalidArgument("disk_persist_interval_s must be a number >= 0 (0: off), got " +
+                                                           std::to_string(disk_persist_interval_s)));
+               }
+               options.disk.persist_interval_ms = static_cast<int64_t>(disk_persist_interval_s * 1000.0);
+               if (disk_persist_interval_s > 0 && options.disk.persist_interval_ms == 0) options.disk.persist_interval_ms = 1;
              }
              std::unique_ptr<CpuTier> tier;
              {
@@ -133,7 +142,8 @@ void BindCache(py::module_& m) {
            py::arg("disk_bytes") = 0, py::arg("layout_fingerprint") = py::bytes(), py::arg("disk_backend") = "auto",
            py::arg("disk_admit_min_seen") = 2, py::arg("disk_queue_depth") = 32, py::arg("disk_io_timeout_s") = 10.0,
            py::arg("eviction_policy") = "lru", py::arg("deterministic_writeback") = false,
-           py::arg("disk_max_writebacks_in_flight") = 64)
+           py::arg("disk_max_writebacks_in_flight") = 64, py::arg("disk_geometry_label") = "",
+           py::arg("disk_reset_on_mismatch") = false, py::arg("disk_persist_interval_s") = 0.0)
       .def("store", [](CpuTier& t, const py::bytes& keys, const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& page_ids, uintptr_t after_stream) {
              std::vector<ChunkKey> k = ParseKeys(keys);
              std::vector<uint32_t> p = ParsePages(page_ids);
@@ -205,6 +215,26 @@ void BindCache(py::module_& m) {
              }
              ThrowIfError(s);
            }, py::arg("timeout_s"))
+      .def("persist", [](CpuTier& t, double timeout_s) {
+             if (!(timeout_s >= 0)) {
+               throw StatusError(Status::InvalidArgument("timeout_s must be a number >= 0, got " + std::to_string(timeout_s)));
+             }
+             StatusOr<PersistResult> r = Status::Internal("not run");
+             {
+               py::gil_scoped_release release;
+               r = t.Persist(static_cast<int64_t>(std::min(timeout_s, 1e9) * 1000));
+             }
+             PersistResult v = ValueOrThrow(std::move(r));
+             py::dict d;
+             d["written"] = v.written;
+             d["skipped"] = v.skipped;
+             d["failed"] = v.failed;
+             d["not_started"] = v.not_started;
+             d["still_running"] = v.still_running;
+             d["deadline_exceeded"] = v.deadline_exceeded;
+             return d;
+           }, py::arg("timeout_s"),
+           "Write the pool's chunks the disk does not hold to disk (by timeout_s); returns what it did.")
       .def("begin_put", [](std::shared_ptr<CpuTier> t, const py::bytes& key) {
              std::vector<ChunkKey> k = ParseKeys(key);
              if (k.size() != 1) throw StatusError(Status::InvalidArgument("begin_put takes one 16-byte key"));
@@ -300,6 +330,12 @@ void BindCache(py::module_& m) {
           k["demotions_failed"] = s.demotions_failed;
           k["demotions_rejected"] = s.demotions_rejected;
           k["chunks_prefetched"] = s.chunks_prefetched;
+          k["persist_runs"] = s.persist_runs;
+          k["persist_written"] = s.persist_written;
+          k["persist_failed"] = s.persist_failed;
+          k["persist_deadline_exceeded"] = s.persist_deadline_exceeded;
+          k["reformatted_at_open"] = s.disk.reformatted_at_open;
+          k["reformat_reason"] = s.disk.reformat_reason;
           d["disk"] = k;
         }
         d["index"]["demoting"] = s.index.demoting;

@@ -352,8 +352,11 @@ void BindStorage(py::module_& m) {
       .def(py::init([](const std::string& dir, int64_t capacity_bytes, int64_t blob_bytes,
                        const py::bytes& layout_fingerprint, const std::string& backend, int64_t queue_depth,
                        int64_t posix_threads, double io_timeout_s, bool preallocate, bool allow_buffered_io,
-                       const std::string& verify_at_open, double nospace_retry_s, double close_timeout_s) {
+                       const std::string& verify_at_open, double nospace_retry_s, double close_timeout_s,
+                       const std::string& geometry_label, bool reset_on_mismatch) {
              DiskStoreOptions o;
+             o.geometry_label = geometry_label;
+             o.reset_on_mismatch = reset_on_mismatch;
              o.dir = dir;
              o.capacity_bytes = NonNegative(capacity_bytes, "capacity_bytes");
              o.blob_bytes = NonNegative(blob_bytes, "blob_bytes");
@@ -387,7 +390,8 @@ void BindStorage(py::module_& m) {
            py::arg("dir"), py::arg("capacity_bytes"), py::arg("blob_bytes"), py::arg("layout_fingerprint"),
            py::arg("backend") = "auto", py::arg("queue_depth") = 32, py::arg("posix_threads") = 4,
            py::arg("io_timeout_s") = 10.0, py::arg("preallocate") = true, py::arg("allow_buffered_io") = false,
-           py::arg("verify_at_open") = "auto", py::arg("nospace_retry_s") = 1.0, py::arg("close_timeout_s") = 15.0)
+           py::arg("verify_at_open") = "auto", py::arg("nospace_retry_s") = 1.0, py::arg("close_timeout_s") = 15.0,
+           py::arg("geometry_label") = "", py::arg("reset_on_mismatch") = false)
       .def("write", &PyDiskStore::Write, py::arg("key"), py::arg("data"), py::arg("timeout_s") = 30.0,
            "Stores `data` (blob_bytes, 4096-aligned) under the 16-byte `key`; returns once it is on disk "
            "and visible.")
@@ -413,6 +417,18 @@ void BindStorage(py::module_& m) {
       .def("__enter__", [](py::object self) { return self; })
       .def("__exit__", [](PyDiskStore& s, py::args) { s.Close(); });
   m.attr("DISK_CACHE_FILE_NAME") = kDiskCacheFileName;
+  m.def("disk_cache_reset", [](const std::string& dir) {
+    std::string held;
+    Status s;
+    {
+      py::gil_scoped_release release;
+      s = DiskStore::Reset(dir, &held);
+    }
+    ThrowIfError(s);
+    return held;
+  }, py::arg("dir"),
+        "Deletes the disk cache file in `dir` (whatever geometry it holds) and returns what it held. "
+        "NotFoundError: none there; FailedPreconditionError: a running kvtier has it open.");
   m.def("probe_direct_io", [](const std::string& dir) {
     Status s;
     {

@@ -23,6 +23,8 @@ enum class StatusCode : int {
   kCorruption = 9,          // bytes failed a checksum, magic or fingerprint check
   kUnavailable = 10,        // the feature or device is absent here (no GPU, no io_uring)
   kInternal = 11,           // a bug in kvtier
+  kGeometryMismatch = 12,   // persistent data of another geometry (chunk size, layout, model) is in
+                            // the way; nothing was changed (a kind of failed precondition)
 };
 
 const char* StatusCodeName(StatusCode code);
@@ -44,6 +46,7 @@ class [[nodiscard]] Status {
   static Status Corruption(std::string m) { return {StatusCode::kCorruption, std::move(m)}; }
   static Status Unavailable(std::string m) { return {StatusCode::kUnavailable, std::move(m)}; }
   static Status Internal(std::string m) { return {StatusCode::kInternal, std::move(m)}; }
+  static Status GeometryMismatch(std::string m) { return {StatusCode::kGeometryMismatch, std::move(m)}; }
 
   bool ok() const { return code_ == StatusCode::kOk; }
   StatusCode code() const { return code_; }

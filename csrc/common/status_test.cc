@@ -62,6 +62,7 @@ TEST(StatusTest, CodeValuesMatchThePythonMapping) {
   EXPECT_EQ(static_cast<int>(StatusCode::kCorruption), 9);
   EXPECT_EQ(static_cast<int>(StatusCode::kUnavailable), 10);
   EXPECT_EQ(static_cast<int>(StatusCode::kInternal), 11);
+  EXPECT_EQ(static_cast<int>(StatusCode::kGeometryMismatch), 12);
 }
 
 TEST(StatusTest, UnknownCodeHasAName) {

@@ -53,14 +53,147 @@ StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const LayoutDesc& layout, con
     tier->admit_min_seen_ = options.disk.admit_min_seen;
     tier->disk_io_timeout_ms_ = disk_options.io_timeout_ms;
     tier->deterministic_writeback_ = options.disk.deterministic_writeback;
-    tier->index_->EnableDemotion(&CpuTier::AdmitForDemotion, tier.get(),
-                                 std::max<size_t>(1, options.disk.max_demotions_in_flight),
+    tier->max_demotions_in_flight_ = std::max<size_t>(1, options.disk.max_demotions_in_flight);
+    tier->index_->EnableDemotion(&CpuTier::AdmitForDemotion, tier.get(), tier->max_demotions_in_flight_,
                                  /*wait_at_bound=*/true);
   }
   auto engine = CopyEngine::Create(layout, options.copy);
   if (!engine.ok()) return engine.status();
   tier->engine_ = std::move(engine).value();
+  if (tier->disk_ && options.disk.persist_interval_ms > 0 && !options.disk.deterministic_writeback) {
+    CpuTier* t = tier.get();
+    const auto interval = std::chrono::milliseconds(options.disk.persist_interval_ms);
+    t->persist_timer_ = std::thread([t, interval] { t->PersistTimerLoop(interval); });
+  }
   return tier;
+}
+
+void CpuTier::PersistTimerLoop(std::chrono::milliseconds interval) {
+  std::unique_lock<std::mutex> lock(timer_mu_);
+  while (!timer_cv_.wait_for(lock, interval, [this] { return timer_stop_; })) {
+    lock.unlock();
+    {
+      // A caller's Persist holds the lock: it is doing this run's work.
+      std::unique_lock<std::timed_mutex> persist_lock(persist_mu_, std::try_to_lock);
+      if (persist_lock.owns_lock()) {
+        // Each run ends by the next tick, so runs never pile up behind a slow disk.
+        (void)PersistLocked(std::chrono::steady_clock::now() + interval, /*periodic=*/true);
+      }
+    }
+    lock.lock();
+  }
+}
+
+StatusOr<PersistResult> CpuTier::Persist(int64_t timeout_ms) {
+  if (!disk_) return Status::FailedPrecondition("Persist needs a disk tier (none is configured)");
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(std::max<int64_t>(0, timeout_ms));
+  ++persist_callers_;  // the timer's run stops after its current batch
+  std::unique_lock<std::timed_mutex> lock(persist_mu_, deadline);
+  --persist_callers_;
+  if (!lock.owns_lock()) {
+    ++persist_runs_;
+    ++persist_deadline_exceeded_;
+    PersistResult r;
+    r.deadline_exceeded = true;
+    return r;
+  }
+  return PersistLocked(deadline, /*periodic=*/false);
+}
+
+PersistResult CpuTier::PersistLocked(std::chrono::steady_clock::time_point deadline, bool periodic) {
+  ++persist_runs_;
+  WaitForWriteBacks();
+  PersistResult r;
+  std::vector<ChunkIndex::Demotion> todo;
+  for (const ChunkIndex::Demotion& e : index_->ReadyEntries()) {
+    if (disk_->Contains(e.key)) {
+      ++r.skipped;
+    } else {
+      todo.push_back(e);
+    }
+  }
+  // The most-seen first; more than the disk holds would only evict each other.
+  std::stable_sort(todo.begin(), todo.end(),
+                   [](const ChunkIndex::Demotion& a, const ChunkIndex::Demotion& b) { return a.seen > b.seen; });
+  if (todo.size() > disk_->num_slots()) {
+    r.not_started += todo.size() - disk_->num_slots();
+    todo.resize(disk_->num_slots());
+  }
+  struct Shared {
+    std::mutex mu;
+    std::condition_variable cv;
+    size_t pending = 0, written = 0, failed = 0;
+  };
+  auto shared = std::make_shared<Shared>();
+  std::vector<BlockId> blocks;
+  std::vector<uint8_t> pinned;
+  for (size_t start = 0; start < todo.size(); start += max_demotions_in_flight_) {
+    const bool yield = periodic && (stopping_.load() || persist_callers_.load() > 0);
+    if (yield || std::chrono::steady_clock::now() >= deadline) {
+      r.not_started += todo.size() - start;
+      r.deadline_exceeded = !yield;
+      break;
+    }
+    const size_t n = std::min(max_demotions_in_flight_, todo.size() - start);
+    std::vector<ChunkKey> keys;
+    for (size_t i = 0; i < n; ++i) keys.push_back(todo[start + i].key);
+    index_->PinQuietly(keys.data(), n, &blocks, &pinned);
+    for (size_t i = 0; i < n; ++i) {
+      if (!pinned[i]) {  // evicted (and written back, if admitted) since the snapshot
+        ++r.skipped;
+        continue;
+      }
+      const ChunkKey k = keys[i];
+      StartOp();
+      {
+        std::lock_guard<std::mutex> lock(shared->mu);
+        ++shared->pending;
+      }
+      // The callback releases the pin, not the waiter: the waiter may give up at its deadline.
+      auto finish = [this, shared, k](const Status& st) {
+        (void)index_->Release(&k, 1);
+        if (st.ok()) {
+          ++persist_written_;
+        } else {
+          ++persist_failed_;
+        }
+        {
+          std::lock_guard<std::mutex> lock(shared->mu);
+          ++(st.ok() ? shared->written : shared->failed);
+          if (--shared->pending == 0) shared->cv.notify_all();
+        }
+        FinishOp();
+      };
+      Status s = disk_->Write(k, allocator_->BlockAddress(blocks[i]), finish);
+      if (!s.ok()) {
+        if (s.code() == StatusCode::kAlreadyExists) {  // a write-back of it started meanwhile
+          (void)index_->Release(&k, 1);
+          {
+            std::lock_guard<std::mutex> lock(shared->mu);
+            --shared->pending;
+          }
+          ++r.skipped;
+          FinishOp();
+        } else {
+          finish(s);
+        }
+      }
+    }
+    std::unique_lock<std::mutex> lock(shared->mu);
+    if (!shared->cv.wait_until(lock, deadline, [&] { return shared->pending == 0; })) {
+      r.not_started += todo.size() - (start + n);
+      r.deadline_exceeded = true;
+      break;
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(shared->mu);
+    r.written = shared->written;
+    r.failed = shared->failed;
+    r.still_running = shared->pending;
+  }
+  if (r.deadline_exceeded) ++persist_deadline_exceeded_;
+  return r;
 }
 
 bool CpuTier::AdmitForDemotion(void* self, const ChunkKey&, uint32_t seen) {
@@ -280,6 +413,15 @@ size_t CpuTier::PromoteFromDisk(const ChunkKey* keys, size_t n) {
 }
 
 CpuTier::~CpuTier() {
+  if (persist_timer_.joinable()) {
+    stopping_ = true;  // a run in progress stops after its current batch
+    {
+      std::lock_guard<std::mutex> lock(timer_mu_);
+      timer_stop_ = true;
+    }
+    timer_cv_.notify_all();
+    persist_timer_.join();
+  }
   Status s = Drain(close_timeout_ms_);
   if (!s.ok()) std::fprintf(stderr, "kvtier: CpuTier closing with copies in flight: %s\n", s.ToString().c_str());
   engine_.reset();  // synchronizes its streams / workers; callbacks still see a live index
@@ -526,6 +668,10 @@ CpuTierStats CpuTier::stats() const {
   s.demotions_failed = demotions_failed_;
   s.demotions_rejected = demotions_rejected_;
   s.chunks_prefetched = chunks_prefetched_;
+  s.persist_runs = persist_runs_;
+  s.persist_written = persist_written_;
+  s.persist_failed = persist_failed_;
+  s.persist_deadline_exceeded = persist_deadline_exceeded_;
   return s;
 }
 

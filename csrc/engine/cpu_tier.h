@@ -16,6 +16,12 @@
 // recent chunk when it ends) depend on the disk's speed. With
 // DiskTierOptions::deterministic_writeback they depend on the calls alone: see there.
 //
+// Persist writes the pool's chunks that the disk does not hold yet to the disk, so that a restart
+// finds them (write-back alone only saves what is evicted). It runs when called, and every
+// persist_interval_ms on a timer thread: a process killed without a chance to persist loses at
+// most the chunks stored since the last persist. It bypasses the admission rule: it is what
+// survives a restart, and its writes are bounded by the pool's size per run.
+//
 // Thread safety: every method may be called from any thread concurrently.
 #pragma once
 
@@ -27,6 +33,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/status.h"
@@ -50,6 +57,19 @@ struct DiskTierOptions {
   // and the disk runs at queue depth 1 (one POSIX worker), so its requests end in the order they
   // were made. Each wait ends at the usual deadline (2 x io_timeout + 1 s); past it the call goes on.
   bool deterministic_writeback = false;
+  // Persist every this many ms on a timer thread (0: never; never in deterministic mode, where
+  // the tiers' state must depend on the calls alone).
+  int64_t persist_interval_ms = 0;
+};
+
+// What one CpuTier::Persist did.
+struct PersistResult {
+  size_t written = 0;        // chunks written to disk by this call
+  size_t skipped = 0;        // on disk already (or left the pool before their turn)
+  size_t failed = 0;         // writes refused or failed (disk busy or full, I/O error, deadline)
+  size_t not_started = 0;    // left out: the deadline passed, or more chunks than disk slots
+  size_t still_running = 0;  // writes not ended by the deadline (they end on their own)
+  bool deadline_exceeded = false;
 };
 
 struct CpuTierOptions {
@@ -83,6 +103,10 @@ struct CpuTierStats {
   uint64_t demotions_failed = 0;     // write-backs refused or failed (the chunk was dropped)
   uint64_t demotions_rejected = 0;   // evicted chunks the admission hook did not admit
   uint64_t chunks_prefetched = 0;    // read from disk into the pool ahead of a load
+  uint64_t persist_runs = 0;         // Persist calls, the timer's included
+  uint64_t persist_written = 0;      // chunks Persist wrote
+  uint64_t persist_failed = 0;       // Persist writes refused or failed
+  uint64_t persist_deadline_exceeded = 0;  // Persist calls that ran out of time
 };
 
 // What a Store or Load started. `transfer` is null when nothing needed copying.
@@ -137,6 +161,15 @@ class CpuTier {
   // chunks. Returns the number of reads started.
   size_t Prefetch(const ChunkKey* keys, size_t n);
 
+  // Writes the pool's READY chunks that the disk does not hold to the disk tier, most-seen first,
+  // at most as many as the disk has slots, in batches of max_demotions_in_flight (each chunk is
+  // pinned while its write runs, so it is neither evicted nor reused). Returns by timeout_ms;
+  // writes running then end on their own (Drain waits for them). One Persist at a time: a call
+  // waits for the timer's (which yields after its current batch). Recency in either tier's
+  // eviction order is not refreshed by it, except that written chunks become the disk's newest.
+  // FailedPrecondition without a disk tier.
+  StatusOr<PersistResult> Persist(int64_t timeout_ms);
+
   CpuTierStats stats() const;
   const Arena& arena() const { return *arena_; }
   uint64_t blob_bytes() const { return engine_->blob_bytes(); }
@@ -159,6 +192,9 @@ class CpuTier {
   // leading ones arrived intact; blocks on the disk's deadline (io_timeout_ms) at most.
   size_t PromoteFromDisk(const ChunkKey* keys, size_t n);
   static bool AdmitForDemotion(void* self, const ChunkKey& key, uint32_t seen);
+  // Persist's body; `periodic` runs yield (stop between batches) to a caller or to the destructor.
+  PersistResult PersistLocked(std::chrono::steady_clock::time_point deadline, bool periodic);
+  void PersistTimerLoop(std::chrono::milliseconds interval);
   // BeginInsert for `key`, waiting (to `deadline`) while write-backs to disk hold the blocks.
   StatusOr<BlockId> WaitForBlock(const ChunkKey& key, std::chrono::steady_clock::time_point deadline);
   // Waits (polling, until `deadline`) while another reader of the disk fills `key`'s block.
@@ -201,6 +237,17 @@ class CpuTier {
   mutable std::mutex inflight_mu_;
   std::condition_variable inflight_cv_;  // in_flight_ reached 0; deterministic mode: a write-back ended
   uint64_t in_flight_ = 0;  // guarded by inflight_mu_
+
+  size_t max_demotions_in_flight_ = 64;
+  std::timed_mutex persist_mu_;             // one Persist at a time
+  std::atomic<int> persist_callers_{0};     // callers waiting for persist_mu_: the timer's run yields
+  std::atomic<uint64_t> persist_runs_{0}, persist_written_{0}, persist_failed_{0},
+      persist_deadline_exceeded_{0};
+  std::mutex timer_mu_;
+  std::condition_variable timer_cv_;
+  bool timer_stop_ = false;  // guarded by timer_mu_
+  std::atomic<bool> stopping_{false};
+  std::thread persist_timer_;  // started last in Create, stopped first in the destructor
 
   std::unique_ptr<CopyEngine> engine_;
 };

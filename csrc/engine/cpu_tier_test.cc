@@ -1,6 +1,6 @@
 // CpuTier's write-back timing: the asynchronous default against deterministic_writeback, with
-// the disk's write-backs slowed down by its fault injector. Runs on both I/O backends; io_uring
-// skips loudly where the kernel refuses it.
+// the disk's write-backs slowed down by its fault injector; and Persist, by call and by timer.
+// Runs on both I/O backends; io_uring skips loudly where the kernel refuses it.
 #include "engine/cpu_tier.h"
 
 #include <fcntl.h>
@@ -48,7 +48,8 @@ class CpuTierWriteBackTest : public ::testing::TestWithParam<IoBackendKind> {
   // A pool of 4 blocks over a disk of `disk_slots` slots; chunks seen twice are written back.
   // The n-th write to reach the disk is held for write_delay(n) before it ends.
   std::unique_ptr<CpuTier> MakeTier(bool deterministic, size_t disk_slots,
-                                    std::function<std::chrono::milliseconds(uint64_t)> write_delay) {
+                                    std::function<std::chrono::milliseconds(uint64_t)> write_delay,
+                                    std::function<void(CpuTierOptions&)> tweak = nullptr) {
     LayoutDesc layout;
     layout.device = -1;
     layout.pages_per_chunk = 1;
@@ -67,6 +68,7 @@ class CpuTierWriteBackTest : public ::testing::TestWithParam<IoBackendKind> {
       if (op == IoOp::kWrite && res > 0) std::this_thread::sleep_for(write_delay(writes_.fetch_add(1)));
       return res;
     };
+    if (tweak) tweak(o);
     auto tier = CpuTier::Create(layout, o);
     EXPECT_TRUE(tier.ok()) << tier.status().ToString();
     return tier.ok() ? std::move(tier).value() : nullptr;
@@ -141,6 +143,114 @@ TEST_P(CpuTierWriteBackTest, DeterministicWriteBacksEndInTheOrderTheyWereStaged)
   EXPECT_EQ(tier->LookupTiers(&b[0], 1), std::vector<uint8_t>{2});
   EXPECT_TRUE(tier->LookupTiers(&a[0], 1).empty());  // a[0], the first written, went first
   for (int i = 1; i < 4; ++i) EXPECT_EQ(tier->LookupTiers(&a[i], 1), std::vector<uint8_t>{2}) << i;
+}
+
+// Persist: a pool of 16 blocks, nothing evicted, chunks stored once (below admit_min_seen).
+TEST_P(CpuTierWriteBackTest, PersistWritesWhatTheDiskLacksAndARestartFindsIt) {
+  const auto no_delay = [](uint64_t) { return std::chrono::milliseconds(0); };
+  const auto big_pool = [](CpuTierOptions& o) { o.capacity_bytes = 16 * kPageBytes; };
+  const std::vector<ChunkKey> a = Keys(0, 6);
+  {
+    auto tier = MakeTier(false, 32, no_delay, big_pool);
+    ASSERT_NE(tier, nullptr);
+    StoreAndWait(*tier, a);
+    EXPECT_EQ(tier->stats().demotions_written, 0u);  // write-back alone saves nothing here
+    auto first = tier->Persist(kTimeoutMs);
+    ASSERT_TRUE(first.ok()) << first.status().ToString();
+    EXPECT_EQ(first->written, 6u);
+    EXPECT_EQ(first->skipped, 0u);
+    EXPECT_FALSE(first->deadline_exceeded);
+    auto again = tier->Persist(kTimeoutMs);  // nothing new: nothing written twice
+    ASSERT_TRUE(again.ok());
+    EXPECT_EQ(again->written, 0u);
+    EXPECT_EQ(again->skipped, 6u);
+    CpuTierStats s = tier->stats();
+    EXPECT_EQ(s.persist_runs, 2u);
+    EXPECT_EQ(s.persist_written, 6u);
+    EXPECT_EQ(s.index.pinned, 0u);  // every pin Persist took was released
+    EXPECT_EQ(s.index.ready, 6u);   // still in the pool
+  }
+  auto tier = MakeTier(false, 32, no_delay, big_pool);  // a restart on the same directory
+  ASSERT_NE(tier, nullptr);
+  EXPECT_EQ(tier->stats().disk.recovered_slots, 6u);
+  EXPECT_EQ(tier->LookupTiers(a.data(), a.size()), std::vector<uint8_t>(6, 2));
+  std::vector<uint32_t> pages = {40, 41, 42, 43, 44, 45};
+  auto op = tier->Load(a.data(), a.size(), pages, 0);
+  ASSERT_TRUE(op.ok());
+  EXPECT_EQ(op->chunks, 6u);
+  if (op->transfer) ASSERT_TRUE(op->transfer->Wait(kTimeoutMs).ok());
+  EXPECT_EQ(tier->stats().chunks_promoted, 6u);
+}
+
+TEST_P(CpuTierWriteBackTest, PersistTimerWritesWithoutACallAndStopsAtClose) {
+  auto tier = MakeTier(false, 32, [](uint64_t) { return std::chrono::milliseconds(0); }, [](CpuTierOptions& o) {
+    o.capacity_bytes = 16 * kPageBytes;
+    o.disk.persist_interval_ms = 20;
+  });
+  ASSERT_NE(tier, nullptr);
+  const std::vector<ChunkKey> a = Keys(0, 3);
+  StoreAndWait(*tier, a);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(kTimeoutMs);
+  while (tier->stats().disk.slots_used < 3 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_EQ(tier->stats().disk.slots_used, 3u);
+  EXPECT_GE(tier->stats().persist_written, 3u);
+  tier.reset();  // joins the timer thread
+}
+
+TEST_P(CpuTierWriteBackTest, PersistTimerIsOffInDeterministicMode) {
+  auto tier = MakeTier(true, 32, [](uint64_t) { return std::chrono::milliseconds(0); }, [](CpuTierOptions& o) {
+    o.capacity_bytes = 16 * kPageBytes;
+    o.disk.persist_interval_ms = 1;
+  });
+  ASSERT_NE(tier, nullptr);
+  StoreAndWait(*tier, Keys(0, 3));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(tier->stats().persist_runs, 0u);
+  EXPECT_EQ(tier->stats().disk.slots_used, 0u);
+  auto r = tier->Persist(kTimeoutMs);  // a call still persists
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->written, 3u);
+}
+
+TEST_P(CpuTierWriteBackTest, PersistStopsAtItsDeadlineAndCountsWhatIsLeft) {
+  if (GetParam() == IoBackendKind::kIoUring) {
+    GTEST_SKIP() << "SKIPPED (io_uring: the injector cannot slow a write without the caller)";
+  }
+  auto tier = MakeTier(false, 32, [](uint64_t) { return std::chrono::milliseconds(300); }, [](CpuTierOptions& o) {
+    o.capacity_bytes = 16 * kPageBytes;
+    o.disk.max_demotions_in_flight = 1;  // batches of one
+  });
+  ASSERT_NE(tier, nullptr);
+  const std::vector<ChunkKey> a = Keys(0, 4);
+  StoreAndWait(*tier, a);
+  auto r = tier->Persist(50);
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(r->deadline_exceeded);
+  EXPECT_EQ(r->written + r->failed + r->still_running + r->not_started, 4u);
+  EXPECT_EQ(r->still_running, 1u);
+  EXPECT_EQ(r->not_started, 3u);
+  ASSERT_TRUE(tier->Drain(kTimeoutMs).ok());  // the write in flight ends and drops its pin
+  CpuTierStats s = tier->stats();
+  EXPECT_EQ(s.index.pinned, 0u);
+  EXPECT_EQ(s.persist_written, 1u);
+  EXPECT_EQ(s.persist_deadline_exceeded, 1u);
+  EXPECT_EQ(tier->Lookup(a.data(), a.size()), 4u);  // the pool kept everything
+}
+
+TEST(CpuTierPersistTest, PersistWithoutADiskTierIsAFailedPrecondition) {
+  std::vector<uint8_t> kv(kPages * kPageBytes, 1);
+  LayoutDesc layout;
+  layout.device = -1;
+  layout.pages_per_chunk = 1;
+  layout.segments.push_back({reinterpret_cast<uint64_t>(kv.data()), kPageBytes, kPageBytes, kPages});
+  CpuTierOptions o;
+  o.capacity_bytes = 4 * kPageBytes;
+  o.copy.method = TransferMethod::kCpu;
+  auto tier = CpuTier::Create(layout, o);
+  ASSERT_TRUE(tier.ok());
+  EXPECT_EQ((*tier)->Persist(1000).status().code(), StatusCode::kFailedPrecondition);
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, CpuTierWriteBackTest,

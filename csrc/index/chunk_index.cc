@@ -173,6 +173,32 @@ size_t ChunkIndex::Acquire(const ChunkKey* keys, size_t n, std::vector<BlockId>*
   return i;
 }
 
+std::vector<ChunkIndex::Demotion> ChunkIndex::ReadyEntries() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<Demotion> out;
+  for (const auto& [key, e] : map_) {
+    if (e.state == State::kReady) out.push_back({key, e.block, e.seen});
+  }
+  return out;
+}
+
+size_t ChunkIndex::PinQuietly(const ChunkKey* keys, size_t n, std::vector<BlockId>* blocks,
+                              std::vector<uint8_t>* pinned) {
+  std::lock_guard<std::mutex> lock(mu_);
+  blocks->assign(n, BlockId{});
+  pinned->assign(n, 0);
+  size_t count = 0;
+  for (size_t i = 0; i < n; ++i) {
+    auto it = map_.find(keys[i]);
+    if (it == map_.end() || it->second.state != State::kReady) continue;
+    if (it->second.pins++ == 0) ++pinned_entries_;
+    (*blocks)[i] = it->second.block;
+    (*pinned)[i] = 1;
+    ++count;
+  }
+  return count;
+}
+
 Status ChunkIndex::Release(const ChunkKey* keys, size_t n) {
   std::lock_guard<std::mutex> lock(mu_);
   Status result;

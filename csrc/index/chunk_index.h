@@ -109,6 +109,15 @@ class ChunkIndex {
   // as no reader holds it.
   Status FinishDemotion(const ChunkKey& key) EXCLUDES(mu_);
 
+  // The READY entries as (key, block, seen), for a caller that copies them elsewhere (the disk
+  // tier's persist). Neither pins them nor touches the policy: they may be evicted right after.
+  std::vector<Demotion> ReadyEntries() const EXCLUDES(mu_);
+  // Pins each of keys[0..n) that is READY, without reporting a hit to the policy (recency and
+  // `seen` stay as they are): pinned[i] = 1 and blocks[i] = its block for those. Returns how many.
+  // REQUIRES: the caller later calls Release once for each key it pinned.
+  size_t PinQuietly(const ChunkKey* keys, size_t n, std::vector<BlockId>* blocks,
+                    std::vector<uint8_t>* pinned) EXCLUDES(mu_);
+
   bool Contains(const ChunkKey& key) const EXCLUDES(mu_);  // READY or DEMOTING
   bool IsWriting(const ChunkKey& key) const EXCLUDES(mu_);
   size_t demoting() const EXCLUDES(mu_);  // entries held for a write-back right now

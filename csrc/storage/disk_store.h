@@ -38,6 +38,12 @@
 // until Flush() returns OK (Flush waits for abandoned requests too; stats().abandoned_in_flight
 // counts them). The slot of an abandoned request stays out of use until the OS lets go of it.
 //
+// Geometry: the file header records what the file is for: blob_bytes, the layout fingerprint and
+// the caller's geometry_label (kvtier's cache puts its model and chunk_tokens there). Open on a
+// file recorded for anything else leaves the file untouched and fails with GeometryMismatch,
+// naming both geometries, unless reset_on_mismatch asks for a wipe; Reset(dir) wipes on purpose.
+// A file that is not readable as a cache file (bad magic, a damaged header) is reformatted.
+//
 // Recovery (Open on an existing file): the slot headers are scanned with batched reads at the
 // queue depth; valid slots of this file epoch and layout fingerprint come back, the newest
 // sequence winning duplicates, in LRU order of their sequence numbers. Payload CRCs are checked
@@ -77,6 +83,11 @@ struct DiskStoreOptions {
   uint64_t capacity_bytes = 0;     // hard bound on the cache file's size
   uint64_t blob_bytes = 0;         // payload bytes of every chunk (1 B .. 1 GiB)
   LayoutFingerprint layout_fingerprint{};
+  // Free text naming what else the chunks depend on (model, chunk_tokens), recorded in the file
+  // header and compared at Open like blob_bytes and layout_fingerprint (at most 1 KiB).
+  std::string geometry_label;
+  // A file recorded for another geometry is wiped (reformatted) instead of refused.
+  bool reset_on_mismatch = false;
   IoBackendKind backend = IoBackendKind::kAuto;
   unsigned queue_depth = 32;       // io_uring: requests in the kernel at once (1 .. 4096)
   unsigned posix_threads = 4;      // POSIX backend: worker threads (1 .. 1024)
@@ -129,7 +140,7 @@ struct DiskStoreStats {
   uint64_t foreign_slots_at_open = 0;   // another layout fingerprint: ignored, reclaimed
   uint64_t duplicate_slots_at_open = 0; // an older copy of a key found twice
   bool payloads_verified_at_open = false;
-  bool reformatted_at_open = false;     // the file existed with another geometry or was unreadable
+  bool reformatted_at_open = false;     // the file was unreadable, or of another geometry and reset_on_mismatch
   std::string reformat_reason;
   double open_seconds = 0;              // Open's wall time, recovery scan included
 };
@@ -144,8 +155,13 @@ class DiskStore {
   // file system that refuses O_DIRECT without allow_buffered_io. IoError: the OS refused to
   // create, open, size or read the file (path and reason named). ResourceExhausted: not enough
   // space to preallocate. FailedPrecondition: another DiskStore holds the file. Unavailable:
-  // backend kIoUring where io_uring cannot be used.
+  // backend kIoUring where io_uring cannot be used. GeometryMismatch: the file holds chunks of
+  // another geometry (both named) and reset_on_mismatch is off; nothing was changed.
   static StatusOr<std::unique_ptr<DiskStore>> Open(const DiskStoreOptions& options);
+
+  // Deletes the cache file of `dir`, whatever geometry it holds; `*held` (if given) then describes
+  // what it held. NotFound: no cache file there. FailedPrecondition: a DiskStore has it open.
+  static Status Reset(const std::string& dir, std::string* held = nullptr);
 
   // Waits up to close_timeout_ms for requests in flight; requests the OS still holds after that
   // get done(Unavailable) if they had no answer yet, and their memory is leaked, not freed.
@@ -203,5 +219,9 @@ class DiskStore {
 
 // The cache file's name inside DiskStoreOptions::dir.
 constexpr const char* kDiskCacheFileName = "kvtier-disk-cache.kvt";
+
+// "chunk_bytes 8192, layout 000102..0f, <label>": a geometry as the errors name it.
+std::string DescribeDiskGeometry(uint64_t blob_bytes, const LayoutFingerprint* layout_fingerprint,
+                                 const std::string& label);
 
 }  // namespace kvtier

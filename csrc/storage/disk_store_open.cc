@@ -98,6 +98,10 @@ Status ValidateOptions(const DiskStoreOptions& o) {
   if (o.close_timeout_ms < 0 || o.nospace_retry_ms < 0) {
     return Status::InvalidArgument("close_timeout_ms and nospace_retry_ms must not be negative");
   }
+  if (o.geometry_label.size() > kMaxGeometryLabelBytes) {
+    return Status::InvalidArgument("geometry_label is " + std::to_string(o.geometry_label.size()) +
+                                   " bytes, at most " + std::to_string(kMaxGeometryLabelBytes) + " allowed");
+  }
   if (o.backend != IoBackendKind::kAuto && o.backend != IoBackendKind::kIoUring &&
       o.backend != IoBackendKind::kPosix) {
     return Status::InvalidArgument("unknown backend kind " + std::to_string(static_cast<int>(o.backend)));
@@ -118,12 +122,64 @@ Status CheckDir(const std::string& dir) {
   return Status::OK();
 }
 
+std::string CachePath(const std::string& dir) {
+  return dir + (!dir.empty() && dir.back() == '/' ? "" : "/") + kDiskCacheFileName;
+}
+
 }  // namespace
+
+std::string DescribeDiskGeometry(uint64_t blob_bytes, const LayoutFingerprint* fp, const std::string& label) {
+  static const char* hex = "0123456789abcdef";
+  std::string out = "chunk_bytes " + std::to_string(blob_bytes) + ", layout ";
+  if (fp == nullptr) {
+    out += "not recorded";
+  } else {
+    for (uint8_t b : *fp) {
+      out += hex[b >> 4];
+      out += hex[b & 15];
+    }
+  }
+  if (!label.empty()) out += ", " + label;
+  return out;
+}
+
+Status DiskStore::Reset(const std::string& dir, std::string* held) {
+  KVTIER_RETURN_IF_ERROR(CheckDir(dir));
+  const std::string path = CachePath(dir);
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) return Status::NotFound("no kvtier cache file in '" + dir + "' (" + path + ")");
+    return Status::IoError("cannot open cache file '" + path + "': " + Errno(errno));
+  }
+  Status result;
+  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    result = errno == EWOULDBLOCK
+                 ? Status::FailedPrecondition("cache file '" + path + "' is in use by a running kvtier (flock); "
+                                              "close it first")
+                 : Status::IoError("cannot lock cache file '" + path + "': " + Errno(errno));
+  } else {
+    if (held != nullptr) {
+      std::vector<unsigned char> block(kDiskBlockBytes, 0);
+      FileHeader header;
+      const bool readable = pread(fd, block.data(), kDiskBlockBytes, 0) == static_cast<ssize_t>(kDiskBlockBytes) &&
+                            DecodeFileHeader(block.data(), &header).ok();
+      *held = !readable ? "an unreadable header"
+                        : std::to_string(header.num_slots) + " slots of " +
+                              DescribeDiskGeometry(header.blob_bytes,
+                                                   header.has_geometry ? &header.layout_fingerprint : nullptr,
+                                                   header.geometry_label);
+    }
+    // Unlinked while locked: a DiskStore opening it now creates a fresh file.
+    if (unlink(path.c_str()) != 0) result = Status::IoError("cannot delete cache file '" + path + "': " + Errno(errno));
+  }
+  close(fd);
+  return result;
+}
 
 Status DiskStore::Impl::OpenFile() {
   KVTIER_RETURN_IF_ERROR(CheckDir(opts.dir));
   fs_type = FsTypeOf(opts.dir);
-  path = opts.dir + (opts.dir.back() == '/' ? "" : "/") + kDiskCacheFileName;
+  path = CachePath(opts.dir);
   struct stat before {};
   bool existed = stat(path.c_str(), &before) == 0;
   fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_DIRECT, 0644);
@@ -159,9 +215,22 @@ Status DiskStore::Impl::OpenFile() {
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   file_is_new = size == 0;
 
-  // Keep the existing slots when the file header is intact and the geometry is the same.
+  // Keep the existing slots when the file header is intact and the geometry is the same; refuse
+  // a file of another geometry unless told to wipe it.
   FileHeader header;
   bool keep = false;
+  auto mismatch = [&](const std::string& held, const std::string& asked) -> Status {
+    if (opts.reset_on_mismatch) {
+      reformat_reason = "reset_on_mismatch: it held " + held + "; now " + asked;
+      return Status::OK();
+    }
+    return Status::GeometryMismatch("cache dir '" + opts.dir + "' holds a disk cache of another geometry: it holds " +
+                                    held + "; asked for " + asked +
+                                    ". Nothing was changed: open it with its own settings, use another directory, "
+                                    "or wipe it (`kvtier cache reset " + opts.dir +
+                                    "`, or disk.reset_on_mismatch: true)");
+  };
+  const std::string asked = DescribeDiskGeometry(opts.blob_bytes, &opts.layout_fingerprint, opts.geometry_label);
   AlignedBuffer block = AllocAligned(kDiskBlockBytes);
   if (!block) return Status::ResourceExhausted("out of memory for a 4 KiB buffer");
   if (size >= kDiskBlockBytes) {
@@ -171,13 +240,19 @@ Status DiskStore::Impl::OpenFile() {
                              (n < 0 ? Errno(errno) : std::string("short read")));
     }
     Status decoded = DecodeFileHeader(block.get(), &header);
-    if (!decoded.ok()) {
-      reformat_reason = decoded.message();
-    } else if (header.slot_bytes != slot_bytes || header.blob_bytes != opts.blob_bytes) {
-      reformat_reason = "geometry changed (blob_bytes " + std::to_string(header.blob_bytes) + " -> " +
-                        std::to_string(opts.blob_bytes) + ")";
+    if (decoded.code() == StatusCode::kGeometryMismatch) {  // another format version
+      KVTIER_RETURN_IF_ERROR(mismatch(decoded.message(), "format version " + std::to_string(kDiskFormatVersion)));
+    } else if (!decoded.ok()) {
+      reformat_reason = decoded.message();  // not readable as a cache file: nothing to keep
+    } else if (header.slot_bytes != slot_bytes || header.blob_bytes != opts.blob_bytes ||
+               (header.has_geometry && (header.layout_fingerprint != opts.layout_fingerprint ||
+                                        header.geometry_label != opts.geometry_label))) {
+      KVTIER_RETURN_IF_ERROR(mismatch(
+          DescribeDiskGeometry(header.blob_bytes, header.has_geometry ? &header.layout_fingerprint : nullptr,
+                               header.geometry_label),
+          asked));
     } else {
-      keep = true;
+      keep = true;  // a header without a geometry record gets one below; recovery skips foreign slots
     }
   } else if (size > 0) {
     reformat_reason = "file shorter than its header";
@@ -219,8 +294,11 @@ Status DiskStore::Impl::OpenFile() {
     }
     return Status::IoError("cannot size cache file '" + path + "': " + Errno(err));
   }
-  if (!keep || header.num_slots != num_slots) {
+  if (!keep || header.num_slots != num_slots || !header.has_geometry) {
     FileHeader fresh{slot_bytes, opts.blob_bytes, num_slots, epoch};
+    fresh.has_geometry = true;
+    fresh.layout_fingerprint = opts.layout_fingerprint;
+    fresh.geometry_label = opts.geometry_label;
     EncodeFileHeader(fresh, block.get());
     ssize_t n = pwrite(fd, block.get(), kDiskBlockBytes, 0);
     if (n != static_cast<ssize_t>(kDiskBlockBytes) || fdatasync(fd) != 0) {

@@ -424,32 +424,98 @@ TEST_P(DiskStoreTest, TruncatedFileLosesOnlyTheCutSlots) {
   for (uint64_t i = 5; i < 8; ++i) EXPECT_FALSE(store->Contains(Key(i)));
 }
 
-TEST_P(DiskStoreTest, ForeignLayoutIsIgnoredAtReopen) {
+TEST_P(DiskStoreTest, OtherLayoutOrLabelIsRefusedAndTheCacheKept) {
+  DiskStoreOptions mine = Options(8192, 4);
+  mine.geometry_label = "model_id='m' chunk_tokens=16";
+  {
+    auto store = OpenOrDie(mine);
+    ASSERT_TRUE(store);
+    WriteKeys(*store, 0, 3);
+  }
+  DiskStoreOptions other_layout = mine;
+  other_layout.layout_fingerprint[0] ^= 1;
+  DiskStoreOptions other_label = mine;
+  other_label.geometry_label = "model_id='n' chunk_tokens=16";
+  for (const DiskStoreOptions& o : {other_layout, other_label}) {
+    auto refused = DiskStore::Open(o);
+    ASSERT_FALSE(refused.ok());
+    EXPECT_EQ(refused.status().code(), StatusCode::kGeometryMismatch) << refused.status().ToString();
+    const std::string& m = refused.status().message();
+    EXPECT_NE(m.find("a0a1a2a3"), std::string::npos) << m;  // what the file holds
+    EXPECT_NE(m.find("model_id='m'"), std::string::npos) << m;
+    EXPECT_NE(m.find(o.geometry_label), std::string::npos) << m;  // what was asked
+    EXPECT_NE(m.find("kvtier cache reset"), std::string::npos) << m;
+  }
+  auto store = OpenOrDie(mine);  // nothing was lost
+  ASSERT_TRUE(store);
+  EXPECT_EQ(store->stats().recovered_slots, 3u);
+  EXPECT_FALSE(store->stats().reformatted_at_open);
+  for (uint64_t i = 0; i < 3; ++i) ExpectExact(*store, i);
+}
+
+TEST_P(DiskStoreTest, HeaderWithoutGeometryRecordIsKeptAndGetsOne) {
   {
     auto store = OpenOrDie(Options(8192, 4));
     ASSERT_TRUE(store);
     WriteKeys(*store, 0, 3);
   }
+  // A file written before the header recorded its layout: zeros after the first header CRC.
+  Scribble(64, kDiskBlockBytes - 64, 0);
+  {
+    auto store = OpenOrDie(Options(8192, 4));
+    ASSERT_TRUE(store);
+    EXPECT_EQ(store->stats().recovered_slots, 3u);
+    EXPECT_FALSE(store->stats().reformatted_at_open);
+  }
   DiskStoreOptions other = Options(8192, 4);
   other.layout_fingerprint[0] ^= 1;
-  {
-    auto store = OpenOrDie(other);
-    ASSERT_TRUE(store);
-    EXPECT_EQ(store->stats().recovered_slots, 0u);
-    EXPECT_EQ(store->stats().foreign_slots_at_open, 3u);
-    for (uint64_t i = 0; i < 3; ++i) EXPECT_FALSE(store->Contains(Key(i)));
-    WriteKeys(*store, 10, 1);  // reuses a reclaimed slot (slot 0)
-    ExpectExact(*store, 10);
-  }
-  auto store = OpenOrDie(Options(8192, 4));
-  ASSERT_TRUE(store);
-  EXPECT_EQ(store->stats().recovered_slots, 2u);  // keys 1, 2; slot 0 now holds the other layout
-  EXPECT_EQ(store->stats().foreign_slots_at_open, 1u);
-  ExpectExact(*store, 1);
-  ExpectExact(*store, 2);
+  auto refused = DiskStore::Open(other);  // the record written at the last open is checked
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kGeometryMismatch);
 }
 
-TEST_P(DiskStoreTest, GeometryChangeReformatsAndCapacityChangeKeepsWhatFits) {
+TEST_P(DiskStoreTest, ResetOnMismatchWipesOnlyWhenAsked) {
+  {
+    auto store = OpenOrDie(Options(8192, 4));
+    ASSERT_TRUE(store);
+    WriteKeys(*store, 0, 4);
+  }
+  DiskStoreOptions other = Options(8192, 4);
+  other.layout_fingerprint[0] ^= 1;
+  other.reset_on_mismatch = true;
+  auto store = OpenOrDie(other);
+  ASSERT_TRUE(store);
+  DiskStoreStats st = store->stats();
+  EXPECT_TRUE(st.reformatted_at_open);
+  EXPECT_NE(st.reformat_reason.find("reset_on_mismatch"), std::string::npos) << st.reformat_reason;
+  EXPECT_EQ(st.recovered_slots, 0u);
+  WriteKeys(*store, 10, 4);  // every slot is free for the new geometry
+  EXPECT_EQ(store->stats().evictions, 0u);
+}
+
+TEST_P(DiskStoreTest, ResetDeletesTheFileOnlyWhenNoStoreHasIt) {
+  std::string held;
+  EXPECT_EQ(DiskStore::Reset(dir_.path(), &held).code(), StatusCode::kNotFound);
+  DiskStoreOptions o = Options(8192, 4);
+  o.geometry_label = "model_id='m'";
+  {
+    auto store = OpenOrDie(o);
+    ASSERT_TRUE(store);
+    WriteKeys(*store, 0, 2);
+    EXPECT_EQ(DiskStore::Reset(dir_.path(), &held).code(), StatusCode::kFailedPrecondition);
+    ExpectExact(*store, 0);
+  }
+  ASSERT_TRUE(DiskStore::Reset(dir_.path(), &held).ok());
+  EXPECT_NE(held.find("chunk_bytes 8192"), std::string::npos) << held;
+  EXPECT_NE(held.find("model_id='m'"), std::string::npos) << held;
+  struct stat st {};
+  EXPECT_NE(stat(CacheFile(dir_).c_str(), &st), 0);
+  auto store = OpenOrDie(Options(16384, 4));  // any geometry may use the directory now
+  ASSERT_TRUE(store);
+  EXPECT_EQ(store->stats().recovered_slots, 0u);
+}
+
+TEST_P(DiskStoreTest, GeometryChangeIsRefusedAndCapacityChangeKeepsWhatFits) {
   {
     auto store = OpenOrDie(Options(8192, 8));
     ASSERT_TRUE(store);
@@ -465,11 +531,25 @@ TEST_P(DiskStoreTest, GeometryChangeReformatsAndCapacityChangeKeepsWhatFits) {
     EXPECT_LE(static_cast<uint64_t>(st.st_size), Options(8192, 4).capacity_bytes);
     for (uint64_t i = 0; i < 4; ++i) ExpectExact(*store, i);
   }
-  auto store = OpenOrDie(Options(16384, 4));  // another blob size: the old slots cannot be read
+  // Another blob size (another chunk size): refused, naming both, and the file left as it was.
+  auto refused = DiskStore::Open(Options(16384, 4));
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kGeometryMismatch) << refused.status().ToString();
+  EXPECT_NE(refused.status().message().find("chunk_bytes 8192"), std::string::npos) << refused.status().message();
+  EXPECT_NE(refused.status().message().find("chunk_bytes 16384"), std::string::npos) << refused.status().message();
+  {
+    auto store = OpenOrDie(Options(8192, 4));
+    ASSERT_TRUE(store);
+    EXPECT_EQ(store->stats().recovered_slots, 4u);
+    for (uint64_t i = 0; i < 4; ++i) ExpectExact(*store, i);
+  }
+  DiskStoreOptions reset = Options(16384, 4);
+  reset.reset_on_mismatch = true;  // asked for: the old slots go
+  auto store = OpenOrDie(reset);
   ASSERT_TRUE(store);
   DiskStoreStats st = store->stats();
   EXPECT_TRUE(st.reformatted_at_open);
-  EXPECT_NE(st.reformat_reason.find("blob_bytes"), std::string::npos) << st.reformat_reason;
+  EXPECT_NE(st.reformat_reason.find("chunk_bytes 8192"), std::string::npos) << st.reformat_reason;
   EXPECT_EQ(st.recovered_slots, 0u);
 }
 

@@ -1,7 +1,7 @@
 // The on-disk format of a disk-store cache file: a file header block, then fixed-size slots of
 // one header block + the payload (a chunk's blob) rounded up to whole blocks.
 //
-//   offset 0                 file header (4 KiB): geometry and the file's epoch
+//   offset 0                 file header (4 KiB): geometry, what the file is for, and its epoch
 //   offset 4096 + i * slot   slot i: slot header (4 KiB) | payload (blob_bytes, padded to 4 KiB)
 //
 // Every field is little-endian. Both headers end with a CRC32C of the bytes before it, and the
@@ -32,6 +32,9 @@ inline uint64_t SlotBytesFor(uint64_t blob_bytes) { return kDiskBlockBytes + Rou
 // Offset of slot `slot` in the file.
 inline uint64_t SlotOffset(uint64_t slot, uint64_t slot_bytes) { return kDiskBlockBytes + slot * slot_bytes; }
 
+// Longest DiskStoreOptions::geometry_label the file header records.
+constexpr size_t kMaxGeometryLabelBytes = 1024;
+
 struct FileHeader {
   uint64_t slot_bytes = 0;
   uint64_t blob_bytes = 0;
@@ -39,11 +42,17 @@ struct FileHeader {
   // Random at format time; slot headers carry it, so a slot written under an older format of
   // the file (other geometry) can never be mistaken for a current one.
   uint64_t epoch = 0;
+  // What the file's chunks are for, checked at every Open. A file written before these fields
+  // existed has none (has_geometry false): its layout is then known only from its slots.
+  bool has_geometry = false;
+  LayoutFingerprint layout_fingerprint{};
+  std::string geometry_label;  // at most kMaxGeometryLabelBytes (longer is cut)
 };
 
 // Writes the header into a zero-filled 4 KiB block.
 void EncodeFileHeader(const FileHeader& header, void* block);
-// Corruption (with the reason) if magic, version, size or CRC do not match.
+// Corruption (with the reason) if magic, size or a CRC do not match; GeometryMismatch if the
+// file is of another format version (written by another kvtier: it is not this build's to wipe).
 Status DecodeFileHeader(const void* block, FileHeader* header);
 
 struct SlotHeader {

@@ -78,6 +78,31 @@ TEST(DiskSlotFormatTest, FileHeaderRoundTripAndDamage) {
   }
 }
 
+TEST(DiskSlotFormatTest, FileHeaderGeometryRecordRoundTripAndDamage) {
+  std::vector<unsigned char> block(kDiskBlockBytes);
+  FileHeader in{SlotBytesFor(4096), 4096, 10, 7};
+  in.has_geometry = true;
+  for (int i = 0; i < 16; ++i) in.layout_fingerprint[i] = static_cast<uint8_t>(i * 3);
+  in.geometry_label = "model_id='x' chunk_tokens=256";
+  EncodeFileHeader(in, block.data());
+  FileHeader out;
+  ASSERT_TRUE(DecodeFileHeader(block.data(), &out).ok());
+  EXPECT_TRUE(out.has_geometry);
+  EXPECT_EQ(out.layout_fingerprint, in.layout_fingerprint);
+  EXPECT_EQ(out.geometry_label, in.geometry_label);
+  for (size_t i : {64u, 80u, 88u, 100u, 1116u}) {  // magic, fingerprint, length, label, CRC
+    std::vector<unsigned char> bad = block;
+    bad[i] ^= 0x10;
+    EXPECT_EQ(DecodeFileHeader(bad.data(), &out).code(), StatusCode::kCorruption) << "byte " << i;
+  }
+  // Without a record (a header written before it existed): decodes, and says so.
+  FileHeader bare{SlotBytesFor(4096), 4096, 10, 7};
+  EncodeFileHeader(bare, block.data());
+  ASSERT_TRUE(DecodeFileHeader(block.data(), &out).ok());
+  EXPECT_FALSE(out.has_geometry);
+  EXPECT_TRUE(out.geometry_label.empty());
+}
+
 TEST(DiskSlotFormatTest, Geometry) {
   EXPECT_EQ(SlotBytesFor(1), 2 * kDiskBlockBytes);
   EXPECT_EQ(SlotBytesFor(4096), 2 * kDiskBlockBytes);

@@ -5,6 +5,7 @@ from __future__ import annotations
 from kvtier import _core
 from kvtier.cache import CacheConfig, KVCache, LoadHandle, StoreFuture
 from kvtier.errors import (
+    CacheGeometryError,
     CorruptionError,
     DeadlineExceededError,
     FailedPreconditionError,
@@ -39,5 +40,6 @@ __all__ = [
     "FailedPreconditionError",
     "DeadlineExceededError",
     "CorruptionError",
+    "CacheGeometryError",
     "UnavailableError",
 ]

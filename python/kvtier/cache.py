@@ -98,6 +98,14 @@ class CacheConfig:
             copied from its pages a second time and the two are compared; a difference is
             counted in ``stats()["store_verify_mismatches"]``. Costs a second copy of every
             stored chunk. ``None`` (the default) takes env ``KVTIER_CPU_VERIFY_STORES`` (1/0).
+        disk_reset_on_mismatch: a cache file in disk_dir written for another geometry (chunk
+            size, layout, model) is wiped at open. False (default): the open raises
+            CacheGeometryError naming both geometries and the file is left as it is.
+        disk_persist_on_close: close() first writes the CPU tier's chunks the disk lacks to disk
+            (see :meth:`KVCache.persist`), so a restart finds them (True by default).
+        disk_persist_interval_s: also persist every this many seconds on a background thread
+            (60; 0: off; off with deterministic_writeback): a process killed without close()
+            loses at most the chunks stored since the last run.
     """
 
     cpu_bytes: int = 1 << 30
@@ -117,6 +125,9 @@ class CacheConfig:
     deterministic_writeback: bool = False
     disk_max_writebacks_in_flight: int = 64
     verify_stores: bool | None = None
+    disk_reset_on_mismatch: bool = False
+    disk_persist_on_close: bool = True
+    disk_persist_interval_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.verify_stores is None:
@@ -161,6 +172,13 @@ class CacheConfig:
                 raise InvalidArgumentError(
                     f"config.disk_io_timeout_s must be a positive number, got {self.disk_io_timeout_s!r}"
                 )
+            for name in ("disk_reset_on_mismatch", "disk_persist_on_close"):
+                if not isinstance(getattr(self, name), bool):
+                    raise InvalidArgumentError(f"config.{name} must be True or False, got {getattr(self, name)!r}")
+            v = self.disk_persist_interval_s
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1e9:
+                raise InvalidArgumentError(
+                    f"config.disk_persist_interval_s must be 0 (off) or a positive number of seconds, got {v!r}")
 
 
 def _env_flag(name: str) -> bool:
@@ -404,6 +422,9 @@ class KVCache:
             eviction_policy=config.eviction_policy,
             deterministic_writeback=config.deterministic_writeback,
             disk_max_writebacks_in_flight=config.disk_max_writebacks_in_flight,
+            disk_geometry_label=f"model_id={config.model_id!r}, chunk_tokens={layout.chunk_tokens}",
+            disk_reset_on_mismatch=config.disk_reset_on_mismatch,
+            disk_persist_interval_s=float(config.disk_persist_interval_s),
         )
         self._verifier = None
         if config.verify_stores:
@@ -581,6 +602,32 @@ class KVCache:
             s["peers"] = self._peers.stats()
         return s
 
+    def persist(self, timeout_s: float | None = None) -> dict:
+        """Write the CPU tier's chunks that the disk tier does not hold yet to disk, so that a
+        restart on the same ``disk_dir`` finds them (the disk otherwise receives only chunks
+        evicted from the CPU tier). Every such chunk is written, most-requested first, whatever
+        ``disk_admit_min_seen`` or the admission policy say (those decide write-back at
+        eviction); chunks already on disk are not written again. close() calls it
+        (``disk_persist_on_close``), and a timer every ``disk_persist_interval_s``.
+
+        Returns by ``timeout_s`` (default ``config.timeout_s``) with counts: ``written``,
+        ``skipped`` (on disk already), ``failed``, ``not_started`` (deadline, or more chunks than
+        the disk holds), ``still_running`` (writes that end on their own) and
+        ``deadline_exceeded``. FailedPreconditionError without a disk tier.
+        """
+        self._check_open()
+        if timeout_s is None:
+            timeout_s = self.config.timeout_s
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s >= 0:
+            raise InvalidArgumentError(f"timeout_s must be a number >= 0, got {timeout_s!r}")
+        return self._tier.persist(float(timeout_s))
+
+    def _persist_at_close(self) -> None:
+        r = self._tier.persist(float(self.config.timeout_s))
+        if r["failed"] or r["deadline_exceeded"]:
+            log.warning("kvtier: persist at close wrote %d chunks; %d failed, %d not started (deadline: %s)",
+                        r["written"], r["failed"], r["not_started"], r["deadline_exceeded"])
+
     def drain(self, timeout_s: float | None = None) -> None:
         """Wait until no copy is in flight (and, with ``verify_stores``, every store is checked)."""
         self._check_open()
@@ -601,7 +648,8 @@ class KVCache:
             _LAYOUTS_KEPT_ALIVE.append(self.layout)
 
     def close(self) -> None:
-        """Stop the peers, drain every copy and release the tiers. Every step runs whatever
+        """Stop the peers, persist the CPU tier to disk (``disk_persist_on_close``; a failure is
+        counted and logged, never raised), drain every copy and release the tiers. Every step runs whatever
         an earlier one raised; a drain past the deadline keeps the layout's tensors alive for
         the life of the process (copies may still write into them) and is raised at the end,
         after everything else was released."""
@@ -612,6 +660,8 @@ class KVCache:
         error = None
         if self._peers is not None:  # peers hook: stop serving before the pool goes away
             self._bookkeeping("peers close", self._peers.close)
+        if self.config.disk_dir is not None and self.config.disk_persist_on_close:
+            self._bookkeeping("persist", self._persist_at_close)  # counted, never raised
         try:
             self._tier.drain(self.config.timeout_s)
         except Exception as e:  # noqa: BLE001 - raised below, once the rest is released

@@ -156,9 +156,11 @@ class _Int(_Check):
 
 
 class _Float(_Check):
-    def __init__(self, lo: float = 0.0) -> None:
-        self.lo = lo
+    def __init__(self, lo: float = 0.0, zero_ok: bool = False) -> None:
+        self.lo, self.zero_ok = lo, zero_ok
         self.allowed = "a number > 0" if lo == 0 else f"a number >= {lo}"
+        if zero_ok:
+            self.allowed = f"0 (off) or {self.allowed}"
         self.type_name = "float"
 
     def __call__(self, value: Any) -> float:
@@ -173,6 +175,8 @@ class _Float(_Check):
             or not math.isfinite(value)
         ):
             raise _Rejected
+        if self.zero_ok and value == 0:
+            return 0.0
         if value <= 0 or value < self.lo:
             raise _Rejected
         return float(value)
@@ -427,6 +431,24 @@ class DiskConfig(_Section):
         "every call waits for the disk's write-backs first, an eviction for all of them, and the "
         "disk runs one request at a time: the tiers' state depends on the calls alone "
         "(kvtier sim --deterministic-writeback reproduces it exactly)",
+    )
+    reset_on_mismatch: bool = _field(
+        False,
+        _Bool(),
+        "a cache file of another geometry (chunk size, layout, model) in dir is wiped at open; "
+        "false: the open fails naming both geometries and the file is left as it is",
+    )
+    persist_on_close: bool = _field(
+        True,
+        _Bool(),
+        "close() first writes the CPU tier's chunks that the disk lacks to disk, so a restart "
+        "finds them (write-back alone saves only evicted chunks)",
+    )
+    persist_interval_s: float = _field(
+        60.0,
+        _Float(zero_ok=True),
+        "also persist every this many seconds (0: off; off with deterministic_writeback): a "
+        "process killed without close() loses at most the chunks stored since the last run",
     )
 
     def _check_together(self) -> None:
@@ -805,6 +827,9 @@ class KVTierConfig:
             "eviction_policy": self.cpu.eviction_policy,
             "deterministic_writeback": self.disk.deterministic_writeback,
             "disk_max_writebacks_in_flight": self.disk.max_writebacks_in_flight,
+            "disk_reset_on_mismatch": self.disk.reset_on_mismatch,
+            "disk_persist_on_close": self.disk.persist_on_close,
+            "disk_persist_interval_s": self.disk.persist_interval_s,
             "verify_stores": self.cpu.verify_stores,
         }
 

@@ -54,6 +54,12 @@ class InternalError(KVTierError, RuntimeError):
     """A bug in kvtier: please report it."""
 
 
+class CacheGeometryError(FailedPreconditionError):
+    """A cache directory holds chunks of another geometry (chunk size, layout, model): it was
+    left as it is. Open it with its own settings, use another directory, or wipe it on purpose
+    (``kvtier cache reset DIR``, or ``disk.reset_on_mismatch: true``)."""
+
+
 # Index = csrc/common/status.h StatusCode value.
 _BY_CODE: dict[int, type[KVTierError]] = {
     1: InvalidArgumentError,
@@ -67,6 +73,7 @@ _BY_CODE: dict[int, type[KVTierError]] = {
     9: CorruptionError,
     10: UnavailableError,
     11: InternalError,
+    12: CacheGeometryError,
 }
 
 
@@ -88,5 +95,6 @@ __all__ = [
     "CorruptionError",
     "UnavailableError",
     "InternalError",
+    "CacheGeometryError",
     "error_for_code",
 ]
