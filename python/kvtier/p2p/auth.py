@@ -7,8 +7,11 @@
 
 Both sides prove the secret over a transcript holding both fresh nonces, so a recorded exchange
 cannot be replayed and a server's answer cannot be reflected as a client's (different labels).
-The secret never crosses the wire. Frames after the handshake are not MAC'd or encrypted: run
-the cluster on a private network (or under WireGuard / TLS) where on-path tampering matters.
+The secret never crosses the wire. Over TLS both MACs also cover the SHA-256 of the server's
+certificate (as the client received it and as the server holds it: RFC 5929's tls-server-end-point
+binding), so a relay terminating TLS with its own certificate fails the handshake even without a
+CA. Over plain TCP frames after the handshake are neither MAC'd nor encrypted (docs/p2p.md,
+"Trust model").
 """
 
 from __future__ import annotations
@@ -50,12 +53,13 @@ def new_nonce() -> bytes:
     return secrets.token_bytes(32)
 
 
-def server_mac(secret: bytes, hello_body: bytes, challenge_unsigned: bytes) -> bytes:
-    return hmac.new(secret, _SERVER_LABEL + hello_body + challenge_unsigned, hashlib.sha256).digest()
+def server_mac(secret: bytes, hello_body: bytes, challenge_unsigned: bytes, binding: bytes = b"") -> bytes:
+    """``binding``: the TLS channel binding (32 bytes), empty over plain TCP."""
+    return hmac.new(secret, _SERVER_LABEL + hello_body + challenge_unsigned + binding, hashlib.sha256).digest()
 
 
-def client_mac(secret: bytes, hello_body: bytes, challenge_unsigned: bytes) -> bytes:
-    return hmac.new(secret, _CLIENT_LABEL + hello_body + challenge_unsigned, hashlib.sha256).digest()
+def client_mac(secret: bytes, hello_body: bytes, challenge_unsigned: bytes, binding: bytes = b"") -> bytes:
+    return hmac.new(secret, _CLIENT_LABEL + hello_body + challenge_unsigned + binding, hashlib.sha256).digest()
 
 
 def verify(expected: bytes, got: bytes) -> bool:

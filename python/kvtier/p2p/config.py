@@ -46,7 +46,19 @@ class PeerConfig:
         digest_fetches_per_tick: peers whose digest we are behind on, caught up per period.
         max_sources: peers a lookup asks to confirm (and pulls from) at most.
         max_request_chunks: chunks one request names at most.
-        max_connections: inbound connections served at once (more are refused).
+        max_connections: authenticated inbound connections served at once. Each peer identity
+            has a fair share: when they are all taken, a login of an identity holding fewer
+            than the largest holder closes that holder's least recently active connection; idle
+            connections are closed after ``idle_timeout_s``, or after ``scarce_idle_timeout_s``
+            once half the slots are taken. Handshakes in progress have their own bound
+            (``max_connections // 8``, at least 4), so unauthenticated connections never take an
+            authenticated slot.
+        idle_timeout_s / scarce_idle_timeout_s: see ``max_connections``.
+        tls_cert_file / tls_key_file: this member's TLS certificate and key (PEM): every peer
+            connection runs in TLS, the HMAC handshake inside it, bound to the server's
+            certificate. All members of a cluster use TLS or none do.
+        tls_ca_file: the CA (PEM) that signs the members' certificates: mutual TLS, each side
+            refuses a peer certificate the CA did not sign. Needs the two keys above.
         share_pool: how a ``PagedKVPool`` shares its own pages with peers on this host (see
             docs/p2p.md, "Same-host sharing"): ``"off"`` (default), ``"auto"`` (CUDA IPC when
             the pool is on a GPU, nothing on a CPU), ``"cuda"`` or ``"shm"`` (a CPU pool in
@@ -74,7 +86,12 @@ class PeerConfig:
     max_sources: int = 4
     max_request_chunks: int = 1024
     max_connections: int = 256
+    idle_timeout_s: float = 300.0
+    scarce_idle_timeout_s: float = 10.0
     share_pool: str = "off"
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None
 
     def __post_init__(self) -> None:
         parse_address(self.listen, "peers.listen")
@@ -90,7 +107,8 @@ class PeerConfig:
         if self.secret_file is not None and not os.path.isfile(self.secret_file):
             raise InvalidArgumentError(f"peers.secret_file={self.secret_file!r} is not a file")
         for name in ("request_timeout_s", "connect_timeout_s", "gossip_interval_s", "ack_timeout_s",
-                     "suspicion_mult", "dead_retention_s", "sync_interval_s", "digest_rebuild_s"):
+                     "suspicion_mult", "dead_retention_s", "sync_interval_s", "digest_rebuild_s",
+                     "idle_timeout_s", "scarce_idle_timeout_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise InvalidArgumentError(f"peers.{name} must be a positive number, got {v!r}")
@@ -107,3 +125,16 @@ class PeerConfig:
             raise InvalidArgumentError(f"peers.share_pool must be 'auto', 'cuda', 'shm' or 'off', got {self.share_pool!r}")
         if self.node_id is not None and (not self.node_id or len(self.node_id.encode()) > 64):
             raise InvalidArgumentError(f"peers.node_id must be 1..64 bytes, got {self.node_id!r}")
+        for name in ("tls_cert_file", "tls_key_file", "tls_ca_file"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, (str, os.PathLike)):
+                raise InvalidArgumentError(f"peers.{name} must be a file path, got {v!r}")
+            if v is not None:
+                object.__setattr__(self, name, os.fspath(v))
+        self.tls()  # loads the files: a missing or mismatched one is refused here, naming its key
+
+    def tls(self):
+        """The :class:`~kvtier.p2p.transport.TlsSettings` of the ``tls_*`` keys, or None."""
+        from kvtier.p2p.transport import TlsSettings
+
+        return TlsSettings.from_config(self.tls_cert_file, self.tls_key_file, self.tls_ca_file)

@@ -2,7 +2,8 @@
 
 It runs beside a CpuTier (inside a KVCache, or in a standalone ``kvtier peer`` node) and owns:
 
-- a TCP listener; each inbound connection is served by its own thread after the HMAC handshake;
+- a TCP listener; each inbound connection is served by its own thread after the HMAC handshake
+  (in TLS when ``tls_*`` are set), within the bounds of :class:`InboundSlots`;
 - a gossip thread: one SWIM protocol period per ``gossip_interval_s`` (membership.py), this
   member's digest deltas, fetches of peers' digests that fell behind;
 - a pool of authenticated client connections and a thread pool for concurrent requests.
@@ -26,6 +27,7 @@ import logging
 import os
 import random
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -56,13 +58,109 @@ from kvtier.p2p.transport import (
     ConnectionPool,
     Deadline,
     Identity,
+    LoginRefusedError,
     server_handshake,
 )
 
 log = logging.getLogger("kvtier.p2p")
 
 LOCAL = ""  # plan entry: the chunk is in a local tier already
-_IDLE_TIMEOUT_S = 300.0
+_MAX_BAD_PEERS = 1024  # entries of PeerService.bad_peers; the least counted one makes room
+
+
+class InboundSlots:
+    """Who holds the inbound connections: at most ``capacity`` authenticated ones, each peer
+    identity a fair share of them, and at most ``pending_max`` still in their handshake.
+
+    A connection is *pending* from accept to the end of its handshake, then *admitted* under the
+    node id it proved the secret with. When all ``capacity`` slots are taken, a login of an
+    identity holding fewer connections than the largest holder (by two or more) takes a slot
+    from that holder: its least recently active connection, an idle one if it has any, is handed
+    back to be closed. Any other login is refused. So one identity cannot keep another out as
+    long as it holds more than its share. Idle admitted connections expire after
+    ``idle_timeout_s``, or after ``scarce_idle_timeout_s`` once half the slots are taken.
+
+    Every structure here holds at most ``capacity + pending_max`` entries, whatever connects.
+    Not thread-safe: the service calls it under its lock. ``conn`` is any hashable.
+    """
+
+    def __init__(self, capacity: int, pending_max: int, idle_timeout_s: float,
+                 scarce_idle_timeout_s: float) -> None:
+        self.capacity, self.pending_max = capacity, pending_max
+        self.idle_timeout_s = idle_timeout_s
+        self.scarce_idle_timeout_s = min(scarce_idle_timeout_s, idle_timeout_s)
+        self._pending: set = set()
+        self._peer_of: dict = {}  # admitted conn -> identity
+        self._by_peer: dict[str, dict] = {}  # identity -> {conn: last active (monotonic s)}
+        self._busy: set = set()  # admitted conns serving a request now
+
+    def accept(self, conn) -> bool:
+        """A new connection starts its handshake; False: too many handshakes already."""
+        if len(self._pending) >= self.pending_max:
+            return False
+        self._pending.add(conn)
+        return True
+
+    def admit(self, conn, peer: str, now: float):
+        """(refusal reason or None, connection that gave up its slot or None) for ``conn``,
+        which proved the secret as ``peer``."""
+        self._pending.discard(conn)
+        mine = len(self._by_peer.get(peer, ()))
+        victim = None
+        if len(self._peer_of) >= self.capacity:
+            largest = max(self._by_peer, key=lambda p: len(self._by_peer[p]))
+            held = self._by_peer[largest]
+            if len(held) < mine + 2:
+                return (f"busy: all {self.capacity} peer connection slots are taken and "
+                        f"{peer!r} already holds {mine}, a fair share"), None
+            idle = [c for c in held if c not in self._busy]
+            victim = min(idle or held, key=held.get)
+            self.release(victim)
+        self._by_peer.setdefault(peer, {})[conn] = now
+        self._peer_of[conn] = peer
+        return None, victim
+
+    def release(self, conn) -> None:
+        """``conn`` is gone (or lost its slot); unknown connections are ignored."""
+        self._pending.discard(conn)
+        self._busy.discard(conn)
+        peer = self._peer_of.pop(conn, None)
+        if peer is not None:
+            held = self._by_peer[peer]
+            del held[conn]
+            if not held:
+                del self._by_peer[peer]
+
+    def begin(self, conn, now: float) -> bool:
+        """A request arrived on ``conn``; False if it no longer holds a slot."""
+        peer = self._peer_of.get(conn)
+        if peer is None:
+            return False
+        self._busy.add(conn)
+        self._by_peer[peer][conn] = now
+        return True
+
+    def end(self, conn, now: float) -> None:
+        peer = self._peer_of.get(conn)
+        if peer is not None:
+            self._busy.discard(conn)
+            self._by_peer[peer][conn] = now
+
+    def idle_limit(self) -> float:
+        return self.scarce_idle_timeout_s if 2 * len(self._peer_of) >= self.capacity else self.idle_timeout_s
+
+    def expire(self, now: float) -> list:
+        """Release and return the admitted connections idle for longer than :meth:`idle_limit`."""
+        limit = self.idle_limit()
+        old = [c for held in self._by_peer.values() for c, t in held.items()
+               if c not in self._busy and now - t > limit]
+        for c in old:
+            self.release(c)
+        return old
+
+    def sizes(self) -> dict[str, int]:
+        return {"pending": len(self._pending), "admitted": len(self._peer_of),
+                "identities": len(self._by_peer), "busy": len(self._busy)}
 
 
 class KeyJournal:
@@ -276,8 +374,14 @@ class PeerService:
         self._held: set[bytes] = set()
         self._plans: dict[tuple, tuple[float, list[str]]] = {}
         self._fetching: set[str] = set()
-        self._server_conns: set[Connection] = set()
+        # Inbound connections (pending and admitted) -> the thread serving each; bounded by
+        # the slots. _threads holds only the service's own long-lived threads.
+        self._server_conns: dict[Connection, threading.Thread] = {}
         self._threads: list[threading.Thread] = []
+        c = config
+        self._slots = InboundSlots(c.max_connections, max(4, c.max_connections // 8), c.idle_timeout_s,
+                                   c.scarce_idle_timeout_s)
+        self._tls = c.tls()
         self._listener: socket.socket | None = None
         self._started = False
         self._closed = False
@@ -341,7 +445,7 @@ class PeerService:
         self._digest = LocalDigest(self.node_id, bits, hashes, generation=int(time.time()) & 0xFFFFFFFF)
         self._digests = PeerDigests()
         self._me = Identity(self.node_id, self._fingerprint, self._blob_bytes, self._secret)
-        self._pool = ConnectionPool(self._me, c.connect_timeout_s)
+        self._pool = ConnectionPool(self._me, c.connect_timeout_s, tls=self._tls)
         self._gossip_exec = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-p2p-gossip")
         self._exec = cf.ThreadPoolExecutor(max_workers=max(8, 2 * c.max_sources),
                                            thread_name_prefix="kvtier-p2p-req")
@@ -369,17 +473,17 @@ class PeerService:
             if self._listener is not None:
                 self._listener.close()
             return
-        for t in self._threads[:2]:
+        for t in self._threads:
             t.join(timeout_s)
         self._listener.close()
         with self._lock:
-            conns = list(self._server_conns)
-        for conn in conns:
+            conns = list(self._server_conns.items())
+        for conn, _ in conns:
             conn.close()
         self._pool.close()
         self._gossip_exec.shutdown(wait=True, cancel_futures=True)
         self._exec.shutdown(wait=True, cancel_futures=True)
-        for t in self._threads[2:]:
+        for _, t in conns:
             t.join(timeout_s)
         self._leases.release_all()
         if self._journal is not None:
@@ -451,16 +555,24 @@ class PeerService:
                 if self._stop.is_set():
                     return
                 continue
-            with self._lock:
-                too_many = len(self._server_conns) >= self.config.max_connections
-            if too_many or self._stop.is_set():
-                self.counters["connections_refused"] += 1
+            try:
+                conn = Connection(sock, addr)
+            except OSError:  # reset before we saw it
                 sock.close()
                 continue
-            conn = Connection(sock, addr)
+            t = threading.Thread(target=self._serve_conn, args=(conn,), name="kvtier-p2p-conn", daemon=True)
             with self._lock:
-                self._server_conns.add(conn)
-            self._spawn(self._serve_conn, "kvtier-p2p-conn", conn)
+                # Connections that lost their slot but whose thread is still unwinding count too.
+                limit = self._slots.capacity + self._slots.pending_max
+                ok = (not self._stop.is_set() and len(self._server_conns) < limit
+                      and self._slots.accept(conn))
+                if ok:
+                    self._server_conns[conn] = t
+            if not ok:
+                self.counters["connections_refused"] += 1
+                conn.close()
+                continue
+            t.start()
 
     def _gossip_loop(self) -> None:
         period = self.config.gossip_interval_s
@@ -493,6 +605,11 @@ class PeerService:
         expired = self._leases.expire(now)
         if expired:
             self.counters["gpu_leases_expired"] += expired
+        with self._lock:
+            idle = self._slots.expire(now)
+        for conn in idle:
+            self.counters["connections_idle_closed"] += 1
+            conn.close()
         if now - self._last_rebuild >= self.config.digest_rebuild_s:
             self._last_rebuild = now
             self._gossip_exec.submit(self._rebuild_digest)
@@ -530,6 +647,10 @@ class PeerService:
         except AuthenticationError:
             self.counters["auth_failures_outbound"] += 1
             raise
+        except ssl.SSLError as e:
+            self.counters["tls_failures_outbound"] += 1
+            log.info("kvtier p2p: TLS to %s:%s failed: %s", host, port, e)
+            raise
         if not reused:
             self.counters["connects"] += 1
         return conn, reused
@@ -556,7 +677,7 @@ class PeerService:
             g = P.Gossip.decode(reply, full_state=full)
         except (OSError, KVTierError, TimeoutError) as e:
             if isinstance(e, P.ProtocolError):
-                self.bad_peers[f"{o.host}:{o.port}"] += 1
+                self._count_bad_peer(f"{o.host}:{o.port}")
             with self._lock:
                 more = self._m.on_no_reply(o, time.monotonic())
             self._dispatch(more)
@@ -613,7 +734,7 @@ class PeerService:
                                      P.Kind.CONFIRM_REPLY)
             return P.decode_bitmap(body, len(keys))
         except P.ProtocolError:
-            self.bad_peers[node_id] += 1
+            self._count_bad_peer(node_id)
             self.counters["protocol_errors"] += 1
         except (OSError, KVTierError, TimeoutError):
             self.counters["confirm_failures"] += 1
@@ -769,10 +890,10 @@ class PeerService:
                 self._pulled[1] += time.monotonic() - t0
         except P.ChecksumError:
             self.counters["checksum_failures"] += 1
-            self.bad_peers[src] += 1
+            self._count_bad_peer(src)
         except P.ProtocolError:
             self.counters["protocol_errors"] += 1
-            self.bad_peers[src] += 1
+            self._count_bad_peer(src)
         except (DeadlineExceededError, TimeoutError):
             self.counters["pull_deadline_misses"] += 1
         except (OSError, KVTierError):
@@ -813,7 +934,7 @@ class PeerService:
                 self.counters["gpu_maps_refused"] += 1
                 log.info("kvtier p2p: %s shares no pool with us: %s", node_id, reply.reason)
         except P.ProtocolError:
-            self.bad_peers[node_id] += 1
+            self._count_bad_peer(node_id)
             self.counters["protocol_errors"] += 1
         except (OSError, TimeoutError, DeadlineExceededError):
             return None  # unreachable now: ask again next time
@@ -839,7 +960,7 @@ class PeerService:
             pin = P.GpuPinned.decode(body)
             lease_end = t0 + pin.lease_ms / 1000.0
         except P.ProtocolError:
-            self.bad_peers[src] += 1
+            self._count_bad_peer(src)
             self.counters["protocol_errors"] += 1
             return 0
         except (OSError, KVTierError, TimeoutError):
@@ -849,7 +970,7 @@ class PeerService:
         if n == 0:
             return 0
         if pin.pages_per_chunk != ppc or n > len(items) or max(pin.pages) >= src_num_pages:
-            self.bad_peers[src] += 1
+            self._count_bad_peer(src)
             self.counters["protocol_errors"] += 1
             self._release_lease(addr, pin.lease_id, deadline)
             return 0
@@ -919,29 +1040,70 @@ class PeerService:
     # -- serving -------------------------------------------------------------------------------
     def _serve_conn(self, conn: Connection) -> None:
         try:
+            deadline = Deadline(2 * self.config.connect_timeout_s)
+            if self._tls is not None and not self._start_tls(conn, deadline):
+                return
             try:
-                server_handshake(conn, self._me, Deadline(2 * self.config.connect_timeout_s))
+                server_handshake(conn, self._me, deadline, admit=self._admit)
             except AuthenticationError:
                 self.counters["auth_failures"] += 1
+                return
+            except LoginRefusedError as e:
+                log.info("kvtier p2p: %s", e)
                 return
             except P.ProtocolError:
                 self.counters["protocol_errors"] += 1
                 return
             while not self._stop.is_set():
-                h = conn.recv_header(Deadline(_IDLE_TIMEOUT_S))
+                h = conn.recv_header(Deadline(self.config.idle_timeout_s))
+                with self._lock:
+                    if not self._slots.begin(conn, time.monotonic()):
+                        return  # its slot went to another identity's login
                 deadline = Deadline(self.config.request_timeout_s)
                 body = conn.recv_body(h, deadline)
                 self._handle(conn, h, body, deadline)
+                with self._lock:
+                    self._slots.end(conn, time.monotonic())
         except P.ProtocolError as e:
             self.counters["protocol_errors"] += 1
-            self.bad_peers[conn.peer_id or str(conn.addr)] += 1
+            self._count_bad_peer(conn.peer_id or "(unauthenticated)")
             log.info("kvtier p2p: dropped %s: %s", conn.addr, e)
         except (OSError, KVTierError, TimeoutError, ValueError):
             pass  # peer went away or stalled: just drop the connection
         finally:
             conn.close()
             with self._lock:
-                self._server_conns.discard(conn)
+                self._slots.release(conn)
+                self._server_conns.pop(conn, None)
+
+    def _start_tls(self, conn: Connection, deadline: Deadline) -> bool:
+        """Run the TLS handshake of an accepted connection; False (counted) if it failed."""
+        try:
+            conn.sock = self._tls.wrap_server(conn.sock, deadline)
+        except (OSError, KVTierError, ValueError) as e:  # ssl.SSLError is an OSError
+            self.counters["tls_failures"] += 1
+            if isinstance(e, ssl.SSLError):
+                log.info("kvtier p2p: TLS handshake with %s failed: %s", conn.addr, e)
+            return False
+        conn.tls_binding = self._tls.own_binding
+        return not conn.closed
+
+    def _admit(self, conn: Connection, node_id: str) -> str | None:
+        """server_handshake's admission: a slot for ``node_id`` (see InboundSlots)."""
+        with self._lock:
+            refused, victim = self._slots.admit(conn, node_id, time.monotonic())
+        if refused:
+            self.counters["logins_refused"] += 1
+        if victim is not None:
+            self.counters["connections_evicted"] += 1
+            victim.close()
+        return refused
+
+    def _count_bad_peer(self, peer: str) -> None:
+        bad = self.bad_peers
+        if peer not in bad and len(bad) >= _MAX_BAD_PEERS:
+            bad.pop(min(bad, key=bad.get, default=None), None)
+        bad[peer] += 1
 
     def _handle(self, conn: Connection, h: P.Header, body: bytes, deadline: Deadline) -> None:
         K = P.Kind
@@ -1093,6 +1255,8 @@ class PeerService:
                 "bad_peers": dict(self.bad_peers),
                 "membership": dict(self._m.counters),
                 "server_connections": len(self._server_conns),
+                "server_slots": self._slots.sizes(),
+                "tls": "off" if self._tls is None else ("mutual" if self._tls.mutual else "server"),
                 "journal_errors": self._journal.errors if self._journal is not None else 0,
             })
         return s

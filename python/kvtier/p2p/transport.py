@@ -1,5 +1,5 @@
-"""TCP transport: deadline-bound framed I/O, the authenticated handshake, blob streaming, and a
-pool of authenticated client connections.
+"""TCP transport: deadline-bound framed I/O, optional TLS, the authenticated handshake, blob
+streaming, and a pool of authenticated client connections.
 
 Every blocking call takes a :class:`Deadline`; a socket operation never waits past it (a stalled
 peer raises ``TimeoutError``). Any error leaves the connection in an unknown state, so the caller
@@ -8,12 +8,16 @@ closes it: connections are never reused after a failure.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 import socket
+import ssl
 import threading
 import time
 from collections import defaultdict
 
-from kvtier.errors import DeadlineExceededError, KVTierError
+from kvtier.errors import DeadlineExceededError, InvalidArgumentError, KVTierError
 from kvtier.p2p import auth
 from kvtier.p2p import protocol as P
 
@@ -24,6 +28,10 @@ PIECE_BYTES = 4 << 20
 
 class AuthenticationError(KVTierError):
     """The peer did not prove the cluster secret (or we could not)."""
+
+
+class LoginRefusedError(KVTierError):
+    """The peer proved the secret, but this server has no connection slot for it now."""
 
 
 class Deadline:
@@ -47,6 +55,96 @@ class Deadline:
         return d
 
 
+class TlsSettings:
+    """TLS for the peer channel, from PEM files; both ends of a connection use it or neither.
+
+    ``cert_file`` / ``key_file``: this member's certificate (chain, leaf first) and private key,
+    presented when it serves and, with a CA, when it dials. ``ca_file``: the CA that signs the
+    members' certificates; given, TLS is mutual (each side refuses a peer whose certificate that CA
+    did not sign); absent, the channel is encrypted and the peer's certificate is checked only by
+    the channel binding of the HMAC handshake (``binding``). Host names are not checked: members
+    dial the addresses gossip gives them, and membership is the CA's signature plus the secret.
+
+    Raises InvalidArgumentError naming the key when a file is missing or unreadable, the key does
+    not match the certificate, or the CA file holds no certificate.
+    """
+
+    def __init__(self, cert_file: str, key_file: str, ca_file: str | None = None) -> None:
+        for key, path in (("peers.tls_cert_file", cert_file), ("peers.tls_key_file", key_file),
+                          ("peers.tls_ca_file", ca_file)):
+            if path is not None and not os.path.isfile(path):
+                raise InvalidArgumentError(f"{key}={path!r} is not a file")
+        self.cert_file, self.key_file, self.ca_file = cert_file, key_file, ca_file
+        self.mutual = ca_file is not None
+        try:
+            with open(cert_file) as f:
+                pem = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidArgumentError(f"peers.tls_cert_file={cert_file!r}: cannot read: {e}") from None
+        first = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.DOTALL)
+        if first is None:
+            raise InvalidArgumentError(f"peers.tls_cert_file={cert_file!r} holds no PEM certificate")
+        # tls-server-end-point binding of this member's own certificate, as clients receive it.
+        self.own_binding = hashlib.sha256(ssl.PEM_cert_to_DER_cert(first.group(0))).digest()
+        self.server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.client.check_hostname = False
+        for ctx in (self.server, self.client):
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            self.server.load_cert_chain(cert_file, key_file)
+        except (ssl.SSLError, OSError) as e:
+            raise InvalidArgumentError(
+                f"peers.tls_cert_file={cert_file!r} / peers.tls_key_file={key_file!r}: cannot load "
+                f"the certificate with its key (a key of another certificate, or not PEM): {e}") from None
+        if ca_file is None:
+            self.client.verify_mode = ssl.CERT_NONE
+            return
+        try:
+            for ctx in (self.server, self.client):
+                ctx.load_verify_locations(cafile=ca_file)
+        except (ssl.SSLError, OSError) as e:
+            raise InvalidArgumentError(f"peers.tls_ca_file={ca_file!r}: not a PEM CA certificate: {e}") from None
+        self.server.verify_mode = ssl.CERT_REQUIRED
+        self.client.verify_mode = ssl.CERT_REQUIRED
+        self.client.load_cert_chain(cert_file, key_file)
+
+    @classmethod
+    def from_config(cls, cert_file: str | None, key_file: str | None, ca_file: str | None) -> TlsSettings | None:
+        """None when no TLS key is set; InvalidArgumentError for an incomplete set."""
+        if cert_file is None and key_file is None and ca_file is None:
+            return None
+        if cert_file is None or key_file is None:
+            raise InvalidArgumentError(
+                "peers: TLS needs both peers.tls_cert_file and peers.tls_key_file (got "
+                f"tls_cert_file={cert_file!r}, tls_key_file={key_file!r}, tls_ca_file={ca_file!r})")
+        return cls(cert_file, key_file, ca_file)
+
+    def wrap_server(self, sock: socket.socket, deadline: Deadline) -> ssl.SSLSocket:
+        """The TLS handshake of an accepted socket; the socket is closed if it fails."""
+        return _tls_handshake(self.server.wrap_socket(sock, server_side=True, do_handshake_on_connect=False),
+                              deadline)
+
+    def wrap_client(self, sock: socket.socket, deadline: Deadline) -> tuple[ssl.SSLSocket, bytes]:
+        """(TLS socket, channel binding: SHA-256 of the certificate the server presented)."""
+        tls = _tls_handshake(self.client.wrap_socket(sock, do_handshake_on_connect=False), deadline)
+        der = tls.getpeercert(binary_form=True)
+        if not der:
+            tls.close()
+            raise AuthenticationError("peer presented no TLS certificate")
+        return tls, hashlib.sha256(der).digest()
+
+
+def _tls_handshake(sock: ssl.SSLSocket, deadline: Deadline) -> ssl.SSLSocket:
+    try:
+        sock.settimeout(deadline.remaining())
+        sock.do_handshake()
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class Identity:
     """What this node declares in a handshake."""
 
@@ -65,6 +163,7 @@ class Connection:
         self.addr = addr
         self.authenticated = False
         self.peer_id = ""
+        self.tls_binding = b""  # SHA-256 of the server's TLS certificate; empty over plain TCP
         self.algo = P.CRC32
         self.closed = False
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -191,32 +290,36 @@ def client_handshake(conn: Connection, me: Identity, deadline: Deadline) -> None
     _, body = conn.recv_frame(deadline, P.Kind.CHALLENGE)
     ch = P.Challenge.decode(body)
     unsigned = ch.encode_unsigned()
-    if not auth.verify(auth.server_mac(me.secret, hello_body, unsigned), ch.mac):
+    if not auth.verify(auth.server_mac(me.secret, hello_body, unsigned, conn.tls_binding), ch.mac):
         raise AuthenticationError(f"peer {conn.addr} did not prove the cluster secret")
     problem = _check_compat(me, ch.fingerprint, ch.blob_bytes)
     if problem:
         raise AuthenticationError(f"peer {conn.addr}: {problem}")
-    conn.send_frame(P.Kind.AUTH, 0, auth.client_mac(me.secret, hello_body, unsigned), deadline)
+    conn.send_frame(P.Kind.AUTH, 0, auth.client_mac(me.secret, hello_body, unsigned, conn.tls_binding), deadline)
     conn.recv_frame(deadline, P.Kind.AUTH_OK)
     conn.authenticated = True
     conn.peer_id = ch.node_id
     conn.algo = P.pick_algorithm(P.LOCAL_ALGORITHMS_MASK, ch.algorithms)
 
 
-def server_handshake(conn: Connection, me: Identity, deadline: Deadline) -> None:
+def server_handshake(conn: Connection, me: Identity, deadline: Deadline, admit=None) -> None:
+    """The server's half of the handshake. ``admit(conn, node_id) -> None | reason``, once the
+    peer has proved the secret: a reason refuses the login (an ERROR frame naming it, then
+    LoginRefusedError)."""
     _, hello_body = conn.recv_frame(deadline, P.Kind.HELLO)
     hello = P.Hello.decode(hello_body)
     ch = P.Challenge(me.node_id, auth.new_nonce(), me.fingerprint, me.blob_bytes,
                      P.LOCAL_ALGORITHMS_MASK)
     unsigned = ch.encode_unsigned()
-    mac = auth.server_mac(me.secret, hello_body, unsigned)
+    mac = auth.server_mac(me.secret, hello_body, unsigned, conn.tls_binding)
     conn.send_frame(P.Kind.CHALLENGE, 0, unsigned + mac, deadline)
     try:
         _, got = conn.recv_frame(deadline, P.Kind.AUTH)
     except (ConnectionError, P.ProtocolError) as e:
         # A client that cannot verify our MAC (another secret) hangs up here.
         raise AuthenticationError(f"peer {conn.addr} left the handshake: {e}") from None
-    if len(got) != P.MAC_BYTES or not auth.verify(auth.client_mac(me.secret, hello_body, unsigned), got):
+    if len(got) != P.MAC_BYTES or not auth.verify(auth.client_mac(me.secret, hello_body, unsigned, conn.tls_binding),
+                                                  got):
         try:
             conn.send_frame(P.Kind.ERROR, 0, P.encode_error("authentication failed"), deadline)
         except OSError:
@@ -226,15 +329,27 @@ def server_handshake(conn: Connection, me: Identity, deadline: Deadline) -> None
     if problem:
         conn.send_frame(P.Kind.ERROR, 0, P.encode_error(problem), deadline)
         raise AuthenticationError(f"peer {conn.addr}: {problem}")
+    refused = admit(conn, hello.node_id) if admit is not None else None
+    if refused:
+        try:
+            conn.send_frame(P.Kind.ERROR, 0, P.encode_error(refused), deadline)
+        except OSError:
+            pass
+        raise LoginRefusedError(f"peer {hello.node_id!r} at {conn.addr}: {refused}")
     conn.send_frame(P.Kind.AUTH_OK, 0, b"", deadline)
     conn.authenticated = True
     conn.peer_id = hello.node_id
     conn.algo = P.pick_algorithm(P.LOCAL_ALGORITHMS_MASK, hello.algorithms)
 
 
-def connect(host: str, port: int, me: Identity, deadline: Deadline, connect_timeout_s: float) -> Connection:
+def connect(host: str, port: int, me: Identity, deadline: Deadline, connect_timeout_s: float,
+            tls: TlsSettings | None = None) -> Connection:
     sock = socket.create_connection((host, port), timeout=min(connect_timeout_s, deadline.remaining()))
+    binding = b""
+    if tls is not None:
+        sock, binding = tls.wrap_client(sock, deadline.sub(connect_timeout_s))
     conn = Connection(sock, (host, port))
+    conn.tls_binding = binding
     try:
         client_handshake(conn, me, deadline)
     except BaseException:
@@ -247,8 +362,10 @@ class ConnectionPool:
     """Idle authenticated connections per peer address; a connection is checked out by one
     request at a time and returned only after a clean exchange."""
 
-    def __init__(self, me: Identity, connect_timeout_s: float, max_idle_per_peer: int = 4) -> None:
+    def __init__(self, me: Identity, connect_timeout_s: float, max_idle_per_peer: int = 4,
+                 tls: TlsSettings | None = None) -> None:
         self._me = me
+        self._tls = tls
         self._connect_timeout_s = connect_timeout_s
         self._max_idle = max_idle_per_peer
         self._idle: dict[tuple[str, int], list[Connection]] = defaultdict(list)
@@ -263,7 +380,7 @@ class ConnectionPool:
             idle = self._idle.get((host, port))
             if idle:
                 return idle.pop(), True
-        return connect(host, port, self._me, deadline, self._connect_timeout_s), False
+        return connect(host, port, self._me, deadline, self._connect_timeout_s, self._tls), False
 
     def put(self, conn: Connection) -> None:
         with self._lock:
