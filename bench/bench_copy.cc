@@ -367,7 +367,7 @@ void RunCopyWorkload(const Options& opt, bool cross_layer) {
         if (!e.empty()) r.note = e;
       }
       report.Add(r);
-      if (m == TransferMethod::kAuto) {  // the ">= 40x the per-page copy" target
+      if (m == TransferMethod::kAuto) {  // against the per-page copy (target: >= 40x)
         Result v = r;
         v.case_name += "_vs_per_page";
         v.baseline =

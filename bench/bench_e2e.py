@@ -109,6 +109,8 @@ def decode_steps(model, pools: dict, prompt, device: str, prefill_step) -> tuple
 
 
 HIT_REPS = 5  # requests per GPU-hit and CPU-hit case
+# The disk tier's size as (k, extra): k * pool_tokens // CHUNK + extra chunks' slots, + 1 MiB
+DISK_TIER_CHUNKS = (4, 8)
 
 
 def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
@@ -122,7 +124,8 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
                        cpu_bytes=(pool_tokens // CHUNK + 4) * block, disk_dir=disk_dir,
                        # Room for every chunk the run writes back (the prompt and three pool-sized
                        # fillers), so the prompt is never overwritten on disk before its cases.
-                       disk_bytes=(4 * pool_tokens // CHUNK + 8) * (block + 4096) + (1 << 20),
+                       disk_bytes=(DISK_TIER_CHUNKS[0] * pool_tokens // CHUNK + DISK_TIER_CHUNKS[1]) * (block + 4096)
+                       + (1 << 20),
                        disk_admit_min_seen=1, model_id=f"e2e-{n}", method=method,
                        disk_max_writebacks_in_flight=max_writebacks)
     engine = Engine(model, pool, prefill_tokens=prefill_step)
@@ -131,8 +134,8 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
     warm = torch.randint(0, vocab, (n,), generator=gen).tolist()
     engine.generate([warm], 1)  # first calls of each kernel at this length
     # and of a length off the 1024-token buckets, whose attention runs padded to one
-    # (paged_llama.PLAN_BUCKET): that variant's first call costs ~75 ms (scripts/diag_step.py),
-    # and a split plan's head is such a length. Served by a scratch GPU-only pool: cuDNN's plans
+    # (paged_llama.PLAN_BUCKET): that variant's first call builds its cuDNN plans
+    # (scripts/diag_step.py times it), and a split plan's head is such a length. Served by a scratch GPU-only pool: cuDNN's plans
     # are the process's, and this run's pool keeps the state the simulator replays.
     scratch = PagedKVPool(**model.kv_geometry(), kv_layout=kv_layout, num_pages=n // PAGE, page_tokens=PAGE,
                           chunk_tokens=CHUNK, cpu_bytes=0)
@@ -144,8 +147,9 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
     # A second recompute of a fresh prompt: the baseline is the faster of the two (conservative).
     again, _ = ttft(engine, torch.randint(0, vocab, (n,), generator=gen).tolist(), device)
     out["recompute"] = min(out["recompute"], again)
-    # GPU and CPU hits: HIT_REPS requests each (a host hiccup in one request moved a single-shot
-    # figure 2x); the median, with every request's TTFT and the median request's time line.
+    # GPU and CPU hits: HIT_REPS requests each (a host hiccup in one request can move a single
+    # request's TTFT several-fold); the median, with every request's TTFT and the median
+    # request's time line.
     timeline, reps = {}, {}
     for case in ("gpu_hit", "cpu_hit"):
         runs = []
@@ -382,7 +386,8 @@ def main() -> None:
     ap.add_argument("--max-writebacks", type=int, default=64,
                     help="the disk tier's write-back bound (CacheConfig.disk_max_writebacks_in_flight)")
     ap.add_argument("--suffix", default="",
-                    help="appended to the workload name: keeps a run apart from an earlier one of the same options")
+                    help="appended to the workload name: a variant of the same options (e.g. an A/A control); a rerun "
+                         "replaces the earlier file in bench/results (bench/results/README.md), git keeps the old one")
     ap.add_argument("--out", default="")
     ap.add_argument("--plot-from", default="", help="only draw the PNG from this JSON")
     args = ap.parse_args()
@@ -421,17 +426,19 @@ def main() -> None:
     publish("bench_e2e", workload, "cpu" if gpu is None else gpu.split()[1].lower(),
             results, args.out, machine_name=machine(gpu), disk_probe=probe, kv_layout=args.kv_layout, method=args.method,
             disk_max_writebacks_in_flight=args.max_writebacks,
-            # Since fad879f the engine's small uploads do not wait behind a load (kvtier.upload):
-            # layer l computes once its pages land, so a lower-tier hit costs about its load plus
-            # the last layer, not load + forward. Earlier runs lack the key (no overlap).
+            # The engine's small uploads do not wait behind a load (kvtier.upload): layer l
+            # computes once its pages land, so a lower-tier hit costs about its load plus the
+            # last layer, not load + forward.
             load_compute_overlap=True,
-            # Since d990dc5 a step of at least this many tokens after a cached prefix runs its
-            # attention as two cuDNN calls (paged_llama._attend_split; bench_attention measures
-            # both paths); earlier runs lack the key (SDPA's lower-right mask, the flash kernel).
+            # A step of at least this many tokens after a cached prefix runs its attention as
+            # two cuDNN calls (paged_llama._attend_split; bench_attention measures both paths).
             attention_split_min_queries=SPLIT_MIN_QUERIES,
-            # The warm-up also serves a prompt of n - 512 tokens, off the buckets, in a scratch pool
-            # (the _r10 run served it in this pool: true there)
+            # The warm-up also serves a prompt of n - 512 tokens, off the buckets, in a scratch
+            # pool (true: in this run's pool)
             warm_off_bucket="scratch_pool",
+            # The steps kvtier.sim.validate replays: the disk tier's size (DISK_TIER_CHUNKS) and
+            # the second recompute of a fresh prompt.
+            disk_tier_chunks=list(DISK_TIER_CHUNKS), second_recompute=True,
             # torch's experimental opt-in for cuDNN attention without a plan per sequence length
             torch_cudnn_sdpa_avoid_recompile=os.environ.get("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "0") == "1",
             prefill=(f"{args.prefill_step}-token steps" if args.prefill_step

@@ -348,8 +348,8 @@ def _make_instance(device: str, tiny: bool, n: int, peers: dict, dtype_name: str
     pool = PagedKVPool(**model.kv_geometry(), num_pages=pool_tokens // PAGE, page_tokens=PAGE, chunk_tokens=CHUNK,
                        cpu_bytes=(pool_tokens // CHUNK + 4) * CHUNK * kv_per_token, write_through=True,
                        model_id="bench-p2p-ttft", peers=peers)
-    # One-step prefill by default (prefill_step None), the fastest recompute, as bench_e2e: runs
-    # before 2026-11-27's fix timed 256-token steps, 3-5x slower, and overstated the speed-up.
+    # One-step prefill by default (prefill_step None), the fastest recompute, as bench_e2e: a
+    # recompute in 256-token steps is slower and would overstate the speed-up.
     return model, pool, Engine(model, pool, prefill_tokens=prefill_step)
 
 

@@ -13,7 +13,9 @@ import pytest
 from kvtier.sim.cost import MODEL_PRESETS, Calibration
 from kvtier.sim.validate import compare_e2e, e2e_predictions, format_table
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "results"
+# Frozen bench results (tests/data/README.md): the runs validated here and the files they are
+# calibrated from, not whatever bench/results holds now.
+BENCH = Path(__file__).resolve().parent / "data" / "sim_validation"
 
 # The run docs/sim.md discusses (bench_e2e of 2026-11-27 00:xx, recompute at 4096 = 0.6645 s).
 # (case, tokens): why the prediction misses it by more than 15%.

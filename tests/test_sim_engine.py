@@ -116,11 +116,11 @@ def io_uring_works() -> bool:
 
 
 def writebacks_per_wait() -> int:
-    """Write-backs of 8 KiB slots this machine's disk ends in the engine's 200 us poll, from its
-    bench_disk device limit (4.2 GB/s here: ~100, so the whole in-flight bound of 64)."""
+    """Write-backs of 8 KiB slots this project's CPU machine's disk ends in the engine's 200 us poll,
+    from its bench_disk device limit (frozen in tests/data/sim_validation)."""
     import json
 
-    bench = Path(__file__).resolve().parents[1] / "bench" / "results"
+    bench = Path(__file__).resolve().parent / "data" / "sim_validation"
     for f in sorted(bench.glob("bench_disk-*-cpu-*.json")):
         for r in json.loads(f.read_text())["results"]:
             if r.get("baseline") == "device_limit_seq_odirect_write":

@@ -211,19 +211,21 @@ def _brief(r) -> dict:
 
 
 def _latest_e2e(bench_dir: str) -> str | None:
-    """The bench_e2e run ``--e2e`` defaults to, chosen on purpose rather than by file name: the
-    newest ``date``; on that date a run of bench_e2e's default configuration (one-step prefill,
-    ``kv_layout`` vllm, ``method`` auto, the disk's write-back bound 64: the engine as it ships)
-    before variants (another layout, copy method or bound, the earlier chunked-prefill engine);
-    among those, the newer engine and bench as their JSON records them: a run whose loads overlap
-    the step (``load_compute_overlap``, fad879f on) before one without, then one whose hits are
-    the median of several requests (``reps_s``, bench_e2e 78de092 on); then the file name. Tiny-
-    model runs never; nor runs with torch's experimental ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE``
-    set (``torch_cudnn_sdpa_avoid_recompile`` in the JSON); then a run whose engine splits
-    attention after a cached prefix (``attention_split_min_queries``, 8561176 on); then one whose
-    warm-up served a length off the buckets in a scratch pool (``warm_off_bucket``). In
-    bench/results of 2026-11-27: the ``_r11`` run (not ``_r7_avoid_recompile``; not ``_r6`` or
-    ``_r5``: no such key; not ``_writebacks4``: bound 4; not ``_zero_copy``: method zero_copy)."""
+    """The bench_e2e run ``--e2e`` defaults to, chosen by what each result document records
+    rather than by its file name, in this order:
+
+    1. the newest ``date``;
+    2. a run of bench_e2e's default configuration before variants: one-step prefill, ``kv_layout``
+       vllm, ``method`` auto, the disk's write-back bound 64 (the engine as it ships), without
+       torch's experimental ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE`` (``torch_cudnn_sdpa_avoid_recompile``);
+    3. the newer engine and bench, key by key: loads that overlap the step
+       (``load_compute_overlap``), then hits that are the median of several requests
+       (``reps_s``), then attention split after a cached prefix (``attention_split_min_queries``),
+       then a warm-up whose off-bucket length ran in a scratch pool (``warm_off_bucket`` is
+       ``"scratch_pool"``);
+    4. the file name.
+
+    Tiny-model runs are never chosen; None when ``bench_dir`` has no other bench_e2e run."""
     import glob
 
     from kvtier.sim.cost import one_step_prefill

@@ -11,7 +11,7 @@ fused (flash) kernel near the GPU's matmul peak. Calibrated, never guessed: ``we
 one measured full-recompute TTFT (bench_e2e, one prompt length), ``attention_rate`` from the
 measured bf16 matmul of bench_copy_py; tier bandwidths from bench_copy / bench_copy_py (PCIe,
 through the Python API), bench_disk (the device's sequential O_DIRECT limits), bench_p2p (peer
-pulls). :meth:`Calibration.from_bench_dir` reads them and records where each number came from.
+pulls). :meth:`Calibration.hardware` reads them and records where each number came from.
 
 Moving chunks:
 - CPU -> GPU (a CPU hit): ``bytes / h2d_bw``; GPU -> CPU (offload of GPU victims, which the
@@ -21,7 +21,7 @@ Moving chunks:
   needs waits for one write-back: ``+ chunk_bytes / disk_write_bw`` each (the disk does one thing
   at a time).
 - peer -> GPU: ``link_latency + bytes / link_bw`` then the scatter.
-- With ``load_compute_overlap`` (the engine from fad879f on) the scatter overlaps the step that
+- With ``load_compute_overlap`` (bench_e2e records it for an engine that does this) the scatter overlaps the step that
   reads the chunks, layer by layer; disk reads and write-backs still precede it
   (kvtier.sim.engine.request_service_s).
 """
@@ -81,8 +81,8 @@ class HardwareCost:
     a load's disk reads share the disk with every write-back the load started (a promotion into a
     full CPU tier evicts a chunk to write back for each one it reads), not only those it waited
     for. ``load_compute_overlap``: a step's layer ``l`` computes as soon as layer ``l`` of the
-    pages loaded from a lower tier has landed (the engine from fad879f on; bench_e2e records
-    ``load_compute_overlap`` in its JSON), so a load's copy overlaps the step instead of preceding
+    pages loaded from a lower tier has landed (bench_e2e records ``load_compute_overlap`` in its
+    JSON for such an engine), so a load's copy overlaps the step instead of preceding
     it (kvtier.sim.engine.request_service_s gives both forms). ``attention_after_prefix``:
     ``(new tokens, FLOP/s)`` points, the attention rate of a step after a cached prefix by its
     size (:meth:`attention_rate_of`). ``hit_step_overlaps``: a step after a cached prefix costs
@@ -196,8 +196,8 @@ class Calibration:
         hw = HardwareCost()
         src: dict[str, str] = {}
         edoc = _load(e2e_file) if e2e_file is not None else {}
-        # the copies as the run made them: its KV layout and CPU-tier copy method (runs before
-        # bench_e2e recorded them: cross_layer, auto)
+        # the copies as the run made them: its KV layout and CPU-tier copy method (a document
+        # that records neither: cross_layer, auto)
         layout, method = edoc.get("kv_layout", "cross_layer"), edoc.get("method", "auto")
         py = self._files(f"bench_copy_py-*-{gpu_tag}-*.json")
         if not py:
@@ -258,8 +258,8 @@ class Calibration:
                 gemm_s = model.weight_flops(s0, calibrate_tokens) / hw.weights_rate
                 # With measured attention rates (hit_step_overlaps) a step costs the longer of
                 # the host's launches and the GEMMs, plus the attention: the GPU hit's launches
-                # are its time less its attention. Before, launches + every FLOP (validated that
-                # way with the matmul probe's rate, which priced attention after a prefix fast).
+                # are its time less its attention. Without them (the matmul probe's rate for
+                # attention), launches + every FLOP.
                 if hw.hit_step_overlaps and r["value"] - (flops_s - gemm_s) > gemm_s:
                     fixed = r["value"] - (flops_s - gemm_s)
                 else:
@@ -312,8 +312,8 @@ def gpu_name_tag(machine: str) -> str:
 
 def one_step_prefill(doc: dict) -> bool:
     """Whether a bench_e2e result document comes from the engine that prefills the uncached
-    part of a prompt in one step (bench_e2e records ``prefill`` since then; earlier runs took
-    256-token steps)."""
+    part of a prompt in one step: its ``prefill`` says so (a document without ``prefill``, or
+    whose ``prefill`` names token steps, comes from an engine that prefilled in 256-token steps)."""
     return "prefill" in doc and "token steps" not in str(doc["prefill"])
 
 

@@ -426,14 +426,14 @@ def request_service_s(hw: HardwareCost, model: ModelShape, chunk_tokens: int, ch
     and peer pulls, which the CPU tier finishes on the host before it queues the scatter
     (CpuTier::Load), so nothing overlaps them but a split plan's head.
 
-    Without ``hw.load_compute_overlap`` (engines before fad879f: the step's small uploads queued
-    behind the load's copies, so the step started once the whole load had landed), in series:
+    Without ``hw.load_compute_overlap`` (an engine whose step starts once the whole load has
+    landed, e.g. because its small uploads queue behind the load's copies), in series:
     ``pages + load + F`` over the tokens after the cached prefix (at least the last one). With a
     split plan (``b.split_head``), as PagedKVPool.begin and Engine.prefill run it: pages, then the
     head's prefill and the tail's load at once, then the rest:
     ``pages + max(F(head), load(tail)) + F(rest)``.
 
-    With ``hw.load_compute_overlap`` (fad879f on): layer ``l`` of the step computes as soon as
+    With ``hw.load_compute_overlap``: layer ``l`` of the step computes as soon as
     layer ``l`` of the loaded pages has landed, so the step's last layer ends after the later of
     the step itself and the copy, plus the GPU work of that one layer once its pages landed
     (the step's FLOPs over ``model.layers``; the host has queued it long before):

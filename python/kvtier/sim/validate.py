@@ -4,27 +4,30 @@ bench/bench_e2e.py serves one prompt per length (4k, 16k, 32k tokens, Llama-3-8B
 chunks) through a fresh PagedKVPool + CPU + disk tiers, in a fixed order of steps: a warm-up
 prompt, the prompt recomputed, hit in GPU pages, pushed out of the GPU (a pool-sized filler) and
 hit in the CPU tier, pushed out of the CPU tier (a filler stored straight into it) and hit on
-disk, the planner's calibration, the disk hit again with the load-or-recompute planner (and, in
-the later version, with the split planner), and a half-prefix hit. :func:`e2e_predictions` replays exactly those steps through the simulated tiers
-(so each case finds the tier state the bench found, write-backs included) and prices each
-measured request with the cost model.
+disk, the planner's calibration, the disk hit again with the load-or-recompute planner (and with
+the split planner, where the document has those cases), and a half-prefix hit.
+:func:`e2e_predictions` replays exactly those steps through the simulated tiers (so each case
+finds the tier state the bench found, write-backs included) and prices each measured request
+with the cost model. What varies between result documents is read from the document itself
+(:func:`bench_version`, :func:`hit_reps` and the keys named below).
 
 Calibration (:func:`compare_e2e`): tier bandwidths and the attention rate from bench_copy_py /
 bench_disk / bench_p2p; the GEMM rate from the recompute TTFT at ONE prompt length
 (``calibrate_tokens``). Everything else is a prediction. :func:`compare_e2e_runs` and
-:func:`cross_run_table` do it for every H100 run (each calibrated on its own recompute) and
-compare the medians across runs.
+:func:`cross_run_table` do it for every H100 run in a directory (each calibrated on its own
+recompute) and compare the medians across runs.
 
-One-step-prefill runs (the JSON has ``prefill``; commits 47fdc0d, e11ec45, bcd9684): the same steps;
-the calibration also takes the run's GPU hit at ``calibrate_tokens`` (a step's fixed cost over a
-cached prefix, ``HardwareCost.hit_forward_s``), declared as calibration in the rows, and loads are
-priced with every write-back their promotion started (``writebacks_share_disk``). Chunked-prefill
-runs keep the model they were validated with.
+One-step-prefill runs (the JSON has ``prefill``): the same steps; the calibration also takes the
+run's GPU hit at ``calibrate_tokens`` (a step's fixed cost over a cached prefix,
+``HardwareCost.hit_forward_s``), declared as calibration in the rows, and loads are priced with
+every write-back their promotion started (``writebacks_share_disk``). Chunked-prefill runs (no
+``prefill``) are priced without either.
 
-Runs whose engine overlaps a load's copy with the step (the JSON has ``load_compute_overlap``;
-commit fad879f on) are priced with ``HardwareCost.load_compute_overlap`` (see
-kvtier.sim.engine.request_service_s); runs without the key keep the serial form. Runs whose GPU
-and CPU hits are the median of several requests (``reps_s``) are replayed with as many.
+Runs whose engine overlaps a load's copy with the step (the JSON has ``load_compute_overlap``)
+are priced with ``HardwareCost.load_compute_overlap`` (see kvtier.sim.engine.request_service_s);
+runs without the key keep the serial form. Runs whose GPU and CPU hits are the median of several
+requests (``reps_s``) are replayed with as many. docs/sim.md compares the predictions with the
+H100 runs.
 """
 
 from __future__ import annotations
@@ -45,28 +48,17 @@ from kvtier.sim.engine import (
 )
 from kvtier.sim.tiers import SimCpuTier, SimGpuPool
 
-__all__ = ["E2E_CASES", "E2ERow", "bench_version", "claimed_cases", "compare_e2e", "compare_e2e_runs",
+__all__ = ["DEFAULT_STEPS", "E2E_CASES", "E2ERow", "bench_version", "claimed_cases", "compare_e2e", "compare_e2e_runs",
            "cross_run_table", "e2e_predictions", "format_cross_run_table", "format_table", "hit_reps",
            "short_run_name"]
 
 PAGE, CHUNK = 16, 256
 E2E_CASES = ("recompute", "gpu_hit", "cpu_hit", "disk_hit", "disk_hit_planned", "disk_hit_split",
              "half_prefix_gpu_hit")
-# bench_e2e versions (by the commit its result file names): the disk tier's size as
-# (k, extra): (k * pool_tokens // 256 + extra) slots' bytes + 1 MiB; a second recompute of a fresh
-# prompt right after the first; the disk_hit_split step. "unknown": the first run (66839db).
-BENCH_VERSIONS = {
-    "unknown": {"disk_chunks": (2, 4), "second_recompute": False, "split": False},
-    "4af4115": {"disk_chunks": (6, 8), "second_recompute": True, "split": False},
-    "39c153f": {"disk_chunks": (4, 8), "second_recompute": True, "split": True},
-    "95c7220": {"disk_chunks": (4, 8), "second_recompute": True, "split": True},
-    # one-step prefill (the result file has "prefill"), the same steps and disk tier
-    "47fdc0d": {"disk_chunks": (4, 8), "second_recompute": True, "split": True},
-    "e11ec45": {"disk_chunks": (4, 8), "second_recompute": True, "split": True},
-    "bcd9684": {"disk_chunks": (4, 8), "second_recompute": True, "split": True},
-    # the engine overlaps a load's copy with the step (the JSON has "load_compute_overlap")
-    "fad879f": {"disk_chunks": (4, 8), "second_recompute": True, "split": True},
-}
+# bench_e2e's steps where a result document does not record them (bench_version): a disk tier of
+# (k, extra) = (4, 8), i.e. 4 * pool_tokens // 256 + 8 chunks' slots + 1 MiB, and a second
+# recompute of a fresh prompt right after the first.
+DEFAULT_STEPS = {"disk_chunks": (4, 8), "second_recompute": True}
 
 
 def _keys(ids, tokens: int) -> list:
@@ -84,19 +76,18 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
     ``planner_flops_per_s``: the planner's ModelCost throughput, which bench_e2e sets from its own
     measured recompute at this length (an input of the benchmarked system, not a calibration of
     the simulator); None: from the simulator's predicted recompute. ``disk_gbps`` /
-    ``cpu_gbps``: the planner's bandwidths, as the bench set them. ``second_recompute``: the
-    bench version (from 2026-11-27 01:13) that recomputes a second, fresh prompt right after the
-    first. ``split``: the version with the disk_hit_split step (after disk_hit_planned: the
-    disk hit again with bench_e2e's SplitCostModelPlanner, the same inputs). ``disk_chunks``:
-    the disk tier's size, see BENCH_VERSIONS. ``max_writebacks``: the disk's write-back bound
-    (the run's ``disk_max_writebacks_in_flight``; 64 before bench_e2e recorded it).
-    ``hit_reps``: requests per GPU-hit and CPU-hit case (bench_e2e from 78de092: 5, each CPU
-    hit after its own push out of the GPU; the case is their median, ``reps_s`` in its JSON).
-    ``warm_half``: bench_e2e from 8561176 (its JSON has ``attention_split_min_queries``) serves
-    the warm-up prompt again and a half-prefix request of it before the half-prefix case.
-    ``warm_off_bucket``: the ``_r10`` run (b4eec82, ``"warm_off_bucket": true``) served a prompt
-    of ``n - 512`` tokens in its pool after the warm-up prompt; later runs serve it in a scratch
-    pool (``"scratch_pool"``), which leaves nothing to replay.
+    ``cpu_gbps``: the planner's bandwidths, as the bench set them. ``second_recompute``: a second,
+    fresh prompt recomputed right after the first. ``split``: the disk_hit_split step (after
+    disk_hit_planned: the disk hit again with bench_e2e's SplitCostModelPlanner, the same inputs).
+    ``disk_chunks``: the disk tier's size as (k, extra): ``k * pool_tokens // 256 + extra``
+    chunks' slots + 1 MiB (:func:`bench_version`). ``max_writebacks``: the disk's write-back
+    bound (the run's ``disk_max_writebacks_in_flight``). ``hit_reps``: requests per GPU-hit and
+    CPU-hit case, the case being their median (``reps_s`` in the JSON), each CPU hit after its
+    own push out of the GPU. ``warm_half``: the warm-up prompt is served again, and a
+    half-prefix request of it, before the half-prefix case (runs whose JSON has
+    ``attention_split_min_queries``). ``warm_off_bucket``: a prompt of ``n - 512`` tokens is
+    served in the run's pool after the warm-up prompt (``"warm_off_bucket": true``; a run that
+    serves it in a scratch pool, ``"scratch_pool"``, leaves nothing to replay).
     A case's detail gives ``copy_s`` (the load's scatter into GPU pages) and ``step_s`` (the
     step after the cached prefix), the parts that overlap under ``hw.load_compute_overlap``.
     """
@@ -223,18 +214,19 @@ class E2ERow:
 
 
 def bench_version(doc: dict) -> dict:
-    """The bench_e2e version of a result document (BENCH_VERSIONS, by its commit field); a commit
-    not listed: the newest layout if it has disk_hit_split cases, else the first run's."""
-    v = BENCH_VERSIONS.get(doc.get("commit", "unknown"))
-    if v is not None:
-        return v
-    split = any(r["case"].startswith("ttft_disk_hit_split_") for r in doc["results"])
-    return BENCH_VERSIONS["95c7220" if split else "unknown"]
+    """The steps of the bench_e2e run a result document comes from, as :func:`e2e_predictions`
+    takes them: ``disk_chunks`` and ``second_recompute`` as the document records them
+    (``disk_tier_chunks``, ``second_recompute``), else :data:`DEFAULT_STEPS`; ``split``: whether
+    it has disk_hit_split cases."""
+    k, extra = doc.get("disk_tier_chunks", DEFAULT_STEPS["disk_chunks"])
+    return {"disk_chunks": (int(k), int(extra)),
+            "second_recompute": bool(doc.get("second_recompute", DEFAULT_STEPS["second_recompute"])),
+            "split": any(r["case"].startswith("ttft_disk_hit_split_") for r in doc["results"])}
 
 
 def hit_reps(doc: dict) -> int:
-    """Requests per GPU-hit and CPU-hit case of a bench_e2e run: the length of their ``reps_s``
-    (bench_e2e from 78de092), 1 before."""
+    """Requests per GPU-hit and CPU-hit case of a bench_e2e run: the length of their ``reps_s``,
+    1 where the document has none."""
     return max((len(r["reps_s"]) for r in doc["results"] if r.get("reps_s")), default=1)
 
 
@@ -281,8 +273,8 @@ def compare_e2e(bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft-h10
 
     preds: dict[int, dict] = {}
     if ("recompute", calibrate_tokens) in measured:
-        # The calibration's recompute may have waited for chunk moves (r10: the offload of the
-        # GPU victims its prompt displaced); the GEMM rate comes from the rest of its TTFT.
+        # The calibration's recompute may have waited for chunk moves (the offload of GPU victims
+        # its prompt displaced); the GEMM rate comes from the rest of its TTFT.
         preds[calibrate_tokens] = predict(calibrate_tokens, hw)
         moves = preds[calibrate_tokens]["recompute"]["pages_s"]
         if moves > 0:
@@ -398,9 +390,9 @@ def claimed_cases(table: list[dict]) -> list[dict]:
 def write_cross_run_report(bench_dir: str, json_path: str, png_path: str | None = None, *,
                            runs: list[str] | None = None, calibrate_tokens: int = 4096,
                            title_note: str | None = None) -> dict:
-    """docs/sim_e2e_validation*.json (and .png): every run's rows and the cross-run medians
-    (docs/sim_e2e_validation.json: the four chunked-prefill runs; docs/sim_e2e_validation_one_step.json:
-    the three one-step-prefill runs)."""
+    """Write a cross-run report (docs/sim_e2e_validation*.json, and a .png scatter): every run's
+    rows and the cross-run medians of the bench_e2e files ``runs`` in ``bench_dir`` (default:
+    every H100 run there)."""
     from kvtier.sim.cost import Calibration
 
     names = runs or [os.path.basename(f) for f in
