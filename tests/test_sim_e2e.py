@@ -17,9 +17,8 @@ from kvtier.sim.validate import compare_e2e, e2e_predictions, format_table
 # calibrated from, not whatever bench/results holds now.
 BENCH = Path(__file__).resolve().parent / "data" / "sim_validation"
 
-# The run docs/sim.md discusses (bench_e2e of 2026-11-27 00:xx, recompute at 4096 = 0.6645 s).
+# The first H100 run (bench_e2e-llama3_8b_ttft-h100-*, chunked prefill), compare_e2e's default.
 # (case, tokens): why the prediction misses it by more than 15%.
-DOCUMENTED_RUN_RECOMPUTE_4096 = 0.6645
 KNOWN_MISSES = {
     ("disk_hit", 4096): "-15.0%: 23 more write-backs share the disk with the reads; only the 11 it waits for are priced",
     ("disk_hit_planned", 4096): "the disk evicted the prompt's head (reproduced: 0 chunks loaded); the bench "
@@ -37,11 +36,6 @@ def comparison():
     return compare_e2e(str(BENCH), calibrate_tokens=4096)
 
 
-def documented_run(rows) -> bool:
-    return any(r.case == "recompute" and r.tokens == 4096 and r.measured_s == DOCUMENTED_RUN_RECOMPUTE_4096
-               for r in rows)
-
-
 def test_ttft_predictions_within_15_percent(comparison):
     rows, _ = comparison
     print("\n" + format_table(rows))
@@ -51,11 +45,6 @@ def test_ttft_predictions_within_15_percent(comparison):
     assert abs(calib[0].error) < 1e-9  # fitted to itself, by construction: and only that one
     preds = [r for r in rows if r.role == "prediction"]
     within = sum(1 for r in preds if abs(r.error) <= 0.15)
-    if not documented_run(rows):
-        # bench/results holds a newer H100 run than docs/sim.md discusses: its misses are not
-        # reviewed yet, so only the overall level is held (update KNOWN_MISSES and the docs).
-        assert within >= len(preds) * 2 // 3, format_table(rows)
-        return
     misses = {(r.case, r.tokens): f"{r.error:+.1%}" for r in preds
               if abs(r.error) > 0.15 and (r.case, r.tokens) not in KNOWN_MISSES}
     assert not misses, misses
@@ -72,8 +61,6 @@ def test_calibration_names_its_sources(comparison):
 
 def test_the_bench_steps_leave_the_tiers_as_the_bench_found_them(comparison):
     rows, _ = comparison
-    if not documented_run(rows):
-        pytest.skip("the bench_e2e notes checked here are those of the run docs/sim.md discusses")
     found = {(r.case, r.tokens): r.detail for r in rows}
     for n in (4096, 16384, 32768):
         full = (n - 1) // 256
@@ -95,7 +82,7 @@ def test_prediction_needs_no_measurement_of_the_case():
     assert pred["disk_hit"]["writebacks_waited"] > 0
 
 
-# The write-back bound 4 run (78de092): its split plans at 4k and 16k put one chunk more in the tail
+# The write-back bound 4 run (_writebacks4): its split plans at 4k and 16k put one chunk more in the tail
 # than the simulated tiers do, (head, tail) in chunks: the bench's vs the simulator's. The bench's
 # planner (same object, same inputs) chooses 10 + 5 at 4k (47 + 16 at 16k) if the prompt's last 3
 # chunks are still in the CPU tier; the simulated tiers keep its last 1 there. At bound 4 the
@@ -145,7 +132,7 @@ def test_every_h100_run_reproduces_the_bench_notes(path):
     assert notes == 6 + splits
 
 
-# The four H100 runs of 2026-11-27 docs/sim.md compares (hosts differ: the recompute at 4096
+# The four chunked-prefill H100 runs docs/sim.md compares (hosts differ: the recompute at 4096
 # tokens spans 0.43-0.87 s across them). Each is predicted with the GEMM rate from its own
 # 4096-token recompute; the medians across runs are compared.
 RUNS = ("bench_e2e-llama3_8b_ttft-h100-2026-11-27.json", "bench_e2e-llama3_8b_ttft_aa-h100-2026-11-27.json",
@@ -220,19 +207,19 @@ def test_a_runs_own_disk_probe_outranks_the_hosts_disk_bench(tmp_path):
     assert slow[("gpu_hit", 32768)] == fast[("gpu_hit", 32768)]
 
 
-# -- the one-step-prefill engine (bench_e2e since e5651fe; H100 runs of 2026-11-27) -----------------
+# -- the one-step-prefill engine (the JSON has "prefill") --------------------------------------------
 # bench_e2e now prefills the uncached part of a prompt in one step. Each run is calibrated on its
 # own recompute at 4096 tokens (the GEMM rate) and its own GPU hit at 4096 tokens (the fixed cost
 # of a step over a cached prefix, HardwareCost.hit_forward_s); disk rates from its disk_probe, the
 # copies from bench_copy_py's case of its KV layout and copy method. docs/sim.md, section 3.
 # The main run: the engine whose loads overlap the step layer by layer (load_compute_overlap in
-# the JSON; fad879f on), GPU and CPU hits the median of 5 requests (bench_e2e 78de092).
-ONE_STEP_MAIN = "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_r5-h100-2026-11-27.json"  # 78de092
+# the JSON), GPU and CPU hits the median of 5 requests (reps_s).
+ONE_STEP_MAIN = "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_r5-h100-2026-11-27.json"
 # The earlier engine (a load before the step, serial): the main run before, and two siblings.
-ONE_STEP_SERIAL = "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout-h100-2026-11-27.json"  # e11ec45
+ONE_STEP_SERIAL = "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout-h100-2026-11-27.json"
 ONE_STEP_RUNS = (ONE_STEP_SERIAL, "bench_e2e-llama3_8b_ttft_one_step_prefill-h100-2026-11-27.json",
                  "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_zero_copy-h100-2026-11-27.json")
-# (case, tokens) of the serial e11ec45 run: why the prediction misses by more than 15%.
+# (case, tokens) of the serial run: why the prediction misses by more than 15%.
 SERIAL_KNOWN_MISSES = {
     ("cpu_hit", 4096): "-31%: measured 0.098 s, 2.4-3.3x the same case on the other two runs (0.042, 0.029 s) "
                        "and 41 ms above its own GPU hit for 0.5 GB moved at 51 GB/s (10 ms): one slow request",
@@ -309,8 +296,8 @@ def test_chunked_prefill_runs_keep_their_model():
     assert hw.sources["h2d_bw"].endswith("scatter_auto_cross_layer")
 
 
-# Across the three serial one-step runs (the same engine on three H100 hosts; cross_layer: commit
-# 47fdc0d, KV layout cross_layer; zero_copy: bcd9684, copy method zero_copy). (case, tokens): why
+# Across the three serial one-step runs (the same engine on three H100 hosts; cross_layer: KV
+# layout cross_layer; zero_copy: copy method zero_copy). (case, tokens): why
 # the median prediction misses the median measurement by more than 15% (docs/sim.md).
 ONE_STEP_MEDIAN_MISSES = {
     ("cpu_hit", 4096): "+23%: measured 0.029-0.098 s across the runs (spread 235%), a ~40 ms step's noise",
@@ -350,24 +337,24 @@ def test_one_step_cross_run_medians_within_15_percent(one_step_runs):
     assert per_run[ONE_STEP_SERIAL] >= 15 and sum(per_run.values()) >= 37, per_run
 
 
-# -- the engine whose loads overlap the step (load_compute_overlap; fad879f on) ------------------
+# -- the engine whose loads overlap the step (load_compute_overlap) ------------------------------
 # (case, tokens) of each overlapped run: why the prediction misses by more than 15% (docs/sim.md).
 OVERLAP_KNOWN_MISSES = {
     ONE_STEP_MAIN: {
         ("cpu_hit", 4096): "+23%: measured 0.020 s, below this run's GPU hit at 4096 (0.025 s, both medians of 5) "
                            "that sets the step's fixed cost; the host queued the CPU hit's step in 19 ms, the GPU "
                            "hit's in 24 ms (time lines); the model prices a CPU hit at least at that step",
-        ("disk_hit_split", 4096): "-23% (e11ec45: -11%, median -23%): the tail was ready when the head had been "
+        ("disk_hit_split", 4096): "-23% (serial run: -11%, median -23%): the tail was ready when the head had been "
                                   "queued (68 ms) and the first token came 91 ms later; head + rest price 0.122 s",
-        ("gpu_hit", 16384): "+16% (e11ec45: +24%): 0.0235 s, no slower than the 0.0248 s at 4096 that calibrates; "
+        ("gpu_hit", 16384): "+16% (serial run: +24%): 0.0235 s, no slower than the 0.0248 s at 4096 that calibrates; "
                             "the model adds the step's attention over 16k cached tokens (2.4 ms)",
         ("gpu_hit", 32768): "-17% (serial runs' median -30%): a step over 32k cached tokens costs 12 ms more "
                             "than over 4k (gathers, masked attention); the model adds 5.5 ms",
-        ("half_prefix_gpu_hit", 16384): "-16% (e11ec45: -9%): attention after a cached prefix at about half "
+        ("half_prefix_gpu_hit", 16384): "-16% (serial run: -9%): attention after a cached prefix at about half "
                                         "the matmul rate (the masked attention kernel)",
-        ("half_prefix_gpu_hit", 32768): "-27% (e11ec45: -26%): the same kernel",
+        ("half_prefix_gpu_hit", 32768): "-27% (serial run: -26%): the same kernel",
     },
-    # fad879f, one request a case: its GPU hit at 4096 measured 0.085 s (16k: 0.050, 32k: 0.041;
+    # _overlap, one request a case: its GPU hit at 4096 measured 0.085 s (16k: 0.050, 32k: 0.041;
     # the r5 run's median at 4096: 0.025), so every hit step is priced ~40 ms too slow
     "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_overlap-h100-2026-11-27.json": {
         ("cpu_hit", 4096): "+133%: the 0.085 s calibration point",
@@ -379,7 +366,7 @@ OVERLAP_KNOWN_MISSES = {
         ("disk_hit_split", 32768): "-16%: the tail ready at 2.007 s, the model's tail load 1.65 s",
         ("half_prefix_gpu_hit", 32768): "-23%: the masked attention kernel",
     },
-    # 78de092 with the disk's write-back bound 4 (a variant: bench_e2e --max-writebacks 4)
+    # _r5's bench with the disk's write-back bound 4 (a variant: bench_e2e --max-writebacks 4)
     "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_writebacks4-h100-2026-11-27.json": {
         ("cpu_hit", 4096): "+22%: below the run's GPU hit at 4096, as on the main run",
         ("disk_hit_split", 4096): "-45%: the bench split 10 + 5 chunks, the simulated tiers 11 + 4 (see "
@@ -507,7 +494,7 @@ def test_the_default_run_is_chosen_by_what_its_json_records_not_its_name(tmp_pat
     src = BENCH / "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_overlap-h100-2026-11-27.json"
     serial = BENCH / "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout-h100-2026-11-27.json"
     if not (src.exists() and serial.exists()):
-        pytest.skip("the e11ec45 and fad879f runs are needed")
+        pytest.skip("the serial and _overlap runs are needed")
     overlap = json.loads(src.read_text())
     reps = json.loads(src.read_text())
     for r in reps["results"]:
@@ -528,7 +515,7 @@ def test_the_default_run_is_chosen_by_what_its_json_records_not_its_name(tmp_pat
 
 
 def test_overlap_prices_the_copy_beside_the_step_not_before_it():
-    """HardwareCost.load_compute_overlap (the engine from fad879f on): a lower-tier hit's copy
+    """HardwareCost.load_compute_overlap: a lower-tier hit's copy
     into GPU pages runs beside its step, layer by layer; the disk reads before it stay in series
     (CpuTier::Load reads on the host before it queues the copy). Without it, the serial form."""
     from dataclasses import replace
@@ -584,17 +571,17 @@ def test_overlap_prices_the_copy_beside_the_step_not_before_it():
         assert got <= request_service_s(serial, model, ct, cb, b, n)
 
 
-# -- the engine that splits attention after a cached prefix (8561176 on) ---------------------------
-# From d990dc5 a step of >= 1024 tokens after a cached prefix runs attention as two cuDNN calls
+# -- the engine that splits attention after a cached prefix (attention_split_min_queries) ----------
+# A step of >= 1024 tokens after a cached prefix runs attention as two cuDNN calls
 # (paged_llama._attend_split) instead of SDPA's lower-right mask (the flash kernel at ~half the
 # rate: the half-prefix miss of every earlier run). Its runs record attention_split_min_queries;
 # the simulator then takes the attention rates per step size from bench_attention (same GPU) and
-# replays the bench's warm-up of the half-prefix shapes. The main run: 8561176, H100.
+# replays the bench's warm-up of the half-prefix shapes. The main run: _r7.
 SPLIT_MAIN = "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_r7-h100-2026-11-27.json"
-SPLIT_SECOND = "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_r8-h100-2026-11-27.json"  # 351a0f1, a repeat
-# 627ba2f: cuDNN calls padded to 1024-token buckets (the split's 3584-token head runs as 4096)
+SPLIT_SECOND = "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_r8-h100-2026-11-27.json"  # a repeat
+# cuDNN calls padded to 1024-token buckets (the split's 3584-token head runs as 4096)
 SPLIT_BUCKETS = "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_r9-h100-2026-11-27.json"
-# b4eec82: the warm-up also served a 512-tokens-shorter prompt (off the buckets), in the run's pool:
+# the warm-up also served a 512-tokens-shorter prompt (off the buckets), in the run's pool:
 # its recompute then offloads GPU victims, which the calibration takes off (compare_e2e)
 SPLIT_WARM = "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_r10-h100-2026-11-27.json"
 SPLIT_RUNS = (SPLIT_MAIN, SPLIT_SECOND, SPLIT_BUCKETS, SPLIT_WARM)
