@@ -420,3 +420,73 @@ def test_write_through_stores_at_commit_and_evicts_without_copying():
     check_cached(pool, b, toks)
     with pytest.raises(Exception, match="write_through must be a bool"):
         make_pool(write_through="yes")
+
+
+class _FailingLoads:
+    """The pool's CPU tier, except that loads claim ``chunks`` hits and their copy fails (a read
+    error, a peer gone mid-transfer) after writing junk into the pages."""
+
+    def __init__(self, pool, chunks: int) -> None:
+        self._tier, self._pool, self._chunks = pool.cache._tier, pool, chunks
+
+    def __getattr__(self, name):
+        return getattr(self._tier, name)
+
+    def lookup(self, keys):
+        return max(self._tier.lookup(keys), self._chunks)
+
+    def load(self, keys, pages, stream):
+        from types import SimpleNamespace
+
+        from kvtier.errors import CorruptionError
+
+        self._pool.kv[torch.as_tensor(pages)] = -1.0
+
+        class Transfer:
+            done = True
+
+            def wait(self, timeout_s):
+                raise CorruptionError("payload checksum mismatch (injected)")
+
+            def wait_layer(self, layer, timeout_s):
+                self.wait(timeout_s)
+
+        return SimpleNamespace(chunks=self._chunks, transfer=Transfer())
+
+
+@pytest.mark.parametrize("waited", [True, False])
+def test_a_chunk_whose_load_failed_is_never_shared_or_stored(waited):
+    """A load that fails leaves junk in its pages: its chunks leave the index, so neither a later
+    request (GPU hit) nor an eviction (offload into the CPU tier) takes the junk for the KV."""
+    from kvtier.errors import CorruptionError
+
+    pool = make_pool(num_pages=8, cpu_chunks=6)
+    toks = list(range(16))
+    tier = pool.cache._tier
+    pool.cache._tier = _FailingLoads(pool, 2)
+    a = pool.begin(toks)
+    pool.cache._tier = tier
+    assert a.lower_hit_tokens == 16
+    if waited:  # the request sees the failure
+        with pytest.raises(CorruptionError):
+            a.wait_layer(0)
+        d = pool.begin(toks)
+        assert d.cached_tokens == 0  # not shared
+        pool.release(d)
+    pool.release(a)  # (or it is released without waiting: the eviction finds the failure)
+    filler = pool.begin([9000 + t for t in range(32)])  # every page: evicts whatever is cached
+    pool.release(filler)
+    assert pool.cache.lookup(toks) == 0  # the junk was not offloaded
+    assert pool.stats()["failed_load_chunks_dropped"] == 2
+    b = pool.begin(toks)
+    assert b.cached_tokens == 0
+    compute(pool, b, toks)
+    assert pool.commit(b, toks) == 2
+    c = pool.begin(toks + [1])
+    assert c.gpu_hit_tokens == 16
+    check_cached(pool, c, toks)
+    pool.release(b)
+    pool.release(c)
+    st_ = pool.stats()
+    assert st_["pages_free"] + sum(len(ch.pages) for ch in pool._chunks.values()) == 8
+    pool.close()

@@ -557,9 +557,7 @@ def test_a_block_whose_load_failed_is_never_saved(
 
 def test_what_vllm_recomputes_after_a_failed_load_is_saved_again(fake_engine):
     engine = fake_engine()
-    Q, _ = _failed_load_sequence(
-        engine, 8, extra=2, fail_at=3, at_wait=False, shared=0, budget=8
-    )
+    Q, _ = _failed_load_sequence(engine, 8, extra=2, fail_at=3, at_wait=False, shared=0, budget=8)
     stats = engine.worker.stats()
     assert stats["load_failed_blocks"] == 5
     # The failing step computed up to chunk 9; its save stops before chunk 3.

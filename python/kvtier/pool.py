@@ -10,6 +10,11 @@ sequence's references. Pages of finished sequences stay cached, addressed by chu
 the pool needs pages: then the least recently used unreferenced chunks are evicted, offloaded to
 the CPU tier first if they are not there yet.
 
+A load that fails (``seq.wait()`` / ``seq.wait_layer(i)`` raise) leaves its pages holding stale
+bytes: its chunks leave the pool's index at once, so no later request shares them and no
+eviction stores them into a lower tier; their pages are freed with the last sequence using them.
+The request is then released, and begun again to recompute what the load did not bring.
+
 Example (CPU tensors here; ``device="cuda"`` on a GPU)::
 
     pool = PagedKVPool(num_layers=2, kv_heads=2, head_dim=64, num_pages=256,
@@ -55,6 +60,7 @@ class _GpuChunk:
     offload: object | None = None  # a write-through copy to the CPU tier that may be in flight
     last_use: int = 0
     uses: int = 1
+    failed: bool = False  # its load failed: out of the index, its pages freed at the last unref
 
 
 @dataclass
@@ -81,6 +87,7 @@ class Sequence:
     _pending: list[tuple[int, LoadHandle]] | None = field(default=None, repr=False)  # see _pending_loads
     _tail: tuple | None = field(default=None, repr=False)  # the tail load in flight: (Future, plan...)
     _released: bool = False
+    _pool: PagedKVPool | None = field(default=None, repr=False)  # told about loads that fail
 
     def _pending_loads(self) -> list[tuple[int, LoadHandle]]:
         """The distinct loads this sequence's pages wait on (many chunks share one load), each
@@ -95,10 +102,19 @@ class Sequence:
         return self._pending
 
     def wait(self, timeout_s: float | None = None) -> None:
-        """Block until every page loaded from a lower tier (for this or a sharing sequence) landed."""
+        """Block until every page loaded from a lower tier (for this or a sharing sequence) landed.
+        A load that failed raises (its chunks have left the pool's index): release the sequence."""
         for _start, h in self._pending_loads():
-            h.wait(timeout_s)
+            self._checked(h.wait, h, timeout_s)
         self._pending = []
+
+    def _checked(self, wait, h: LoadHandle, *args) -> None:
+        try:
+            wait(*args)
+        except KVTierError:
+            if self._pool is not None:
+                self._pool._load_failed(h)
+            raise
 
     def wait_layer(self, layer: int, timeout_s: float | None = None, *, upto: int | None = None) -> None:
         """Block until layer ``layer`` of the loaded pages landed (only of loads that start before
@@ -106,7 +122,7 @@ class Sequence:
         pending = self._pending_loads()
         for start, h in pending:
             if upto is None or start < upto:
-                h.wait_layer(layer, timeout_s)
+                self._checked(h.wait_layer, h, layer, timeout_s)
         if pending and layer == pending[0][1].num_layers - 1 and all(h.landed() for _s, h in pending):
             self._pending = []  # every layer of every load proved landed: later steps skip the checks
 
@@ -209,7 +225,8 @@ class PagedKVPool:
         self._tail_loader = None  # a thread, made on the first split plan
         self._stats = dict(begins=0, gpu_hit_chunks=0, lower_hit_chunks=0, miss_chunks=0,
                            planned_recompute_chunks=0, evicted_chunks=0, offloaded_chunks=0,
-                           offload_skipped_chunks=0, committed_chunks=0, shared_pinned_chunks=0)
+                           offload_skipped_chunks=0, committed_chunks=0, shared_pinned_chunks=0,
+                           failed_load_chunks_dropped=0, failed_load_pages_kept=0)
         if self._share is not None:
             from kvtier.p2p.gpu_share import GpuShare
 
@@ -308,9 +325,14 @@ class PagedKVPool:
                 freed += len(c.pages)
         if not victims:
             return
-        for c in victims:
+        for c in list(victims):
             if c.loading is not None:
-                c.loading.wait()  # its pages are still being written
+                try:
+                    c.loading.wait()  # its pages are still being written
+                except KVTierError:
+                    self._load_failed(c.loading)  # stale pages: dropped (and freed), never stored
+                    victims.remove(c)
+                    continue
             if c.offload is not None:  # a write-through copy may still be reading its pages
                 try:
                     c.offload.wait(self.cache.config.timeout_s)
@@ -319,7 +341,7 @@ class PagedKVPool:
                 except KVTierError:
                     pass  # the copy failed and ended: the store below copies the chunk again
                 c.offload = None
-        if self.cache is not None:
+        if self.cache is not None and victims:
             # Offload the victims as one store; chunks already below are skipped by the tier.
             op = self._store(victims)
             if op.transfer is not None:
@@ -338,7 +360,7 @@ class PagedKVPool:
         total_pages = math.ceil(num_tokens / self.page_tokens)
         with self._lock:
             self._stats["begins"] += 1
-            seq = Sequence(self._next_seq, num_tokens, [])
+            seq = Sequence(self._next_seq, num_tokens, [], _pool=self)
             self._next_seq += 1
             for k in keys:  # GPU hits: share the pages, no copy
                 c = self._chunks.get(k)
@@ -538,8 +560,35 @@ class PagedKVPool:
 
     def _unref(self, c: _GpuChunk) -> None:
         c.refs -= 1
-        if c.refs == 0 and c.key in self._chunks:
+        if c.refs == 0 and c.failed:
+            self._free_failed(c)
+        elif c.refs == 0 and self._chunks.get(c.key) is c:
             self._chunks.move_to_end(c.key)  # most recently used among the evictable
+
+    def _load_failed(self, handle: LoadHandle) -> None:
+        """``handle``'s load failed: its chunks' pages hold stale bytes. They leave the index (no
+        request shares them, no eviction stores them) and their pages are freed once unused."""
+        with self._lock:
+            for c in [c for c in self._chunks.values() if c.loading is handle]:
+                del self._chunks[c.key]
+                c.failed = True
+                self._stats["failed_load_chunks_dropped"] += 1
+                if c.refs == 0:
+                    self._free_failed(c)
+
+    def _free_failed(self, c: _GpuChunk) -> None:
+        # A copy may still write into the pages after an error on one layer: wait for its end
+        # (bounded); pages it may still write are never reused.
+        if not c.loading.done():
+            try:
+                c.loading.wait(self.cache.config.timeout_s)
+            except KVTierError:
+                pass
+        if c.loading.done():
+            self._free.free_batch(list(c.pages))
+        else:
+            self._stats["failed_load_pages_kept"] += len(c.pages)
+        c.pages = ()
 
     def _tiers_of(self, keys: list[bytes]) -> list[str]:
         """Where each chunk is below the GPU: "cpu", "disk" or "peer" (beyond the local ones)."""
