@@ -46,7 +46,8 @@ def test_defaults():
     assert cfg.model.chunk_tokens == 256
     assert cfg.planner.enabled is True and cfg.planner.cpu_bandwidth_gbps is None
     assert cfg.metrics.prometheus_port is None and cfg.metrics.namespace == "kvtier"
-    assert dict(cfg.peers) == {"listen": None, "seeds": (), "secret_file": None}
+    assert dict(cfg.peers) == {"listen": None, "seeds": (), "secret_file": None, "tls_cert_file": None,
+                               "tls_key_file": None, "tls_ca_file": None}
     assert cfg.timeout_s == 30.0
 
 
@@ -324,6 +325,9 @@ BAD_VALUES = [
     ("peers.listen", "7400", "'host:port' with a port in [0, 65535]"),
     ("peers.seeds", "a:1,b", "a list of 'host:port'"),
     ("peers.secret_file", 5, "a file path"),
+    ("peers.tls_cert_file", 5, "a file path"),
+    ("peers.tls_key_file", [], "a file path"),
+    ("peers.tls_ca_file", 1.5, "a file path"),
     ("timeout_s", 0, "a number > 0"),
     ("timeout_s", "soon", "a number > 0"),
 ]
@@ -357,7 +361,8 @@ def test_bad_value_from_yaml_names_key_value_allowed_and_file(tmp_path, dotted, 
 
 
 # Every string is a valid file path and a valid salt: the environment cannot spell those wrong.
-ENV_BAD_VALUES = [c for c in BAD_VALUES if c[0] not in ("peers.secret_file", "model.tenant_salt")]
+ENV_BAD_VALUES = [c for c in BAD_VALUES if c[0] not in ("peers.secret_file", "model.tenant_salt")
+                  and not c[0].startswith("peers.tls_")]
 
 
 @pytest.mark.parametrize(("dotted", "value", "allowed"), ENV_BAD_VALUES)
@@ -452,7 +457,7 @@ def test_peers_pass_unknown_keys_through_yaml(tmp_path):
     path = write_yaml(tmp_path, "peers:\n  listen: h:1\n  transport: {kind: tcp, frames: 4}\n")
     cfg = KVTierConfig.load(path, env={})
     assert cfg.peers["transport"] == {"kind": "tcp", "frames": 4}
-    assert isinstance(cfg.peers, PeersConfig) and len(cfg.peers) == 4
+    assert isinstance(cfg.peers, PeersConfig) and len(cfg.peers) == 7
 
 
 # -- files ---------------------------------------------------------------------------------------

@@ -435,7 +435,7 @@ class DiskConfig(_Section):
     reset_on_mismatch: bool = _field(
         False,
         _Bool(),
-        "a cache file of another geometry (chunk size, layout, model) in dir is wiped at open; "
+        "a cache file of another geometry (chunk size, layout) in dir is wiped at open; "
         "false: the open fails naming both geometries and the file is left as it is",
     )
     persist_on_close: bool = _field(
@@ -557,6 +557,17 @@ class PeersConfig(Mapping):
             _Optional(_File(), "no cluster secret"),
             "file holding the cluster secret (HMAC of every connection)",
         ),
+        "tls_cert_file": (
+            None,
+            _Optional(_File(), "plain TCP"),
+            "this member's TLS certificate (PEM); with tls_key_file: peer connections in TLS",
+        ),
+        "tls_key_file": (None, _Optional(_File(), "plain TCP"), "the private key of tls_cert_file (PEM)"),
+        "tls_ca_file": (
+            None,
+            _Optional(_File(), "no CA: certificates bound by the handshake only"),
+            "CA (PEM) signing the members' certificates: mutual TLS",
+        ),
     }
     __slots__ = ("_data",)
 
@@ -566,10 +577,15 @@ class PeersConfig(Mapping):
         listen: str | None = None,
         seeds: Any = (),
         secret_file: str | None = None,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
+        tls_ca_file: str | None = None,
         **extra: Any,
     ):
         data: dict[str, Any] = {}
-        for name, raw in (("listen", listen), ("seeds", seeds), ("secret_file", secret_file)):
+        for name, raw in (("listen", listen), ("seeds", seeds), ("secret_file", secret_file),
+                          ("tls_cert_file", tls_cert_file), ("tls_key_file", tls_key_file),
+                          ("tls_ca_file", tls_ca_file)):
             check = self.KNOWN[name][1]
             try:
                 data[name] = check(raw)
