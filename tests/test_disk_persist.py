@@ -113,9 +113,9 @@ def test_persist_counts_and_writes_nothing_twice(tmp_path):
     with pytest.raises(InvalidArgumentError, match="closed"):
         cache.persist()
     _, small = make_kv()
-    with KVCache(small, cpu_bytes=4 * small.chunk_bytes) as no_disk:
-        with pytest.raises(FailedPreconditionError, match="disk tier"):
-            no_disk.persist()
+    with KVCache(small, cpu_bytes=4 * small.chunk_bytes) as no_disk, \
+            pytest.raises(FailedPreconditionError, match="disk tier"):
+        no_disk.persist()
 
 
 def test_persist_respects_the_disk_capacity(tmp_path):

@@ -23,7 +23,7 @@ enum class StatusCode : int {
   kCorruption = 9,          // bytes failed a checksum, magic or fingerprint check
   kUnavailable = 10,        // the feature or device is absent here (no GPU, no io_uring)
   kInternal = 11,           // a bug in kvtier
-  kGeometryMismatch = 12,   // persistent data of another geometry (chunk size, layout, model) is in
+  kGeometryMismatch = 12,   // persistent data of another geometry (chunk size, layout) is in
                             // the way; nothing was changed (a kind of failed precondition)
 };
 

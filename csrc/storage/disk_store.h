@@ -39,7 +39,7 @@
 // counts them). The slot of an abandoned request stays out of use until the OS lets go of it.
 //
 // Geometry: the file header records what the file is for: blob_bytes, the layout fingerprint and
-// the caller's geometry_label (kvtier's cache puts its model and chunk_tokens there). Open on a
+// the caller's geometry_label (kvtier's cache puts its chunk_tokens there). Open on a
 // file recorded for anything else leaves the file untouched and fails with GeometryMismatch,
 // naming both geometries, unless reset_on_mismatch asks for a wipe; Reset(dir) wipes on purpose.
 // A file that is not readable as a cache file (bad magic, a damaged header) is reformatted.
@@ -83,7 +83,7 @@ struct DiskStoreOptions {
   uint64_t capacity_bytes = 0;     // hard bound on the cache file's size
   uint64_t blob_bytes = 0;         // payload bytes of every chunk (1 B .. 1 GiB)
   LayoutFingerprint layout_fingerprint{};
-  // Free text naming what else the chunks depend on (model, chunk_tokens), recorded in the file
+  // Free text naming what else the chunks' format depends on (chunk_tokens), recorded in the file
   // header and compared at Open like blob_bytes and layout_fingerprint (at most 1 KiB).
   std::string geometry_label;
   // A file recorded for another geometry is wiped (reformatted) instead of refused.

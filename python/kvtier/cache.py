@@ -99,7 +99,7 @@ class CacheConfig:
             counted in ``stats()["store_verify_mismatches"]``. Costs a second copy of every
             stored chunk. ``None`` (the default) takes env ``KVTIER_CPU_VERIFY_STORES`` (1/0).
         disk_reset_on_mismatch: a cache file in disk_dir written for another geometry (chunk
-            size, layout, model) is wiped at open. False (default): the open raises
+            size or layout fingerprint) is wiped at open. False (default): the open raises
             CacheGeometryError naming both geometries and the file is left as it is.
         disk_persist_on_close: close() first writes the CPU tier's chunks the disk lacks to disk
             (see :meth:`KVCache.persist`), so a restart finds them (True by default).
@@ -422,7 +422,8 @@ class KVCache:
             eviction_policy=config.eviction_policy,
             deterministic_writeback=config.deterministic_writeback,
             disk_max_writebacks_in_flight=config.disk_max_writebacks_in_flight,
-            disk_geometry_label=f"model_id={config.model_id!r}, chunk_tokens={layout.chunk_tokens}",
+            # Not the model: chunk keys scope it, and models of one layout share a directory.
+            disk_geometry_label=f"chunk_tokens={layout.chunk_tokens}",
             disk_reset_on_mismatch=config.disk_reset_on_mismatch,
             disk_persist_interval_s=float(config.disk_persist_interval_s),
         )

@@ -55,7 +55,7 @@ class InternalError(KVTierError, RuntimeError):
 
 
 class CacheGeometryError(FailedPreconditionError):
-    """A cache directory holds chunks of another geometry (chunk size, layout, model): it was
+    """A cache directory holds chunks of another geometry (chunk size, layout): it was
     left as it is. Open it with its own settings, use another directory, or wipe it on purpose
     (``kvtier cache reset DIR``, or ``disk.reset_on_mismatch: true``)."""
 
