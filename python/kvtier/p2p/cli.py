@@ -18,6 +18,9 @@ def add_parser(sub) -> None:
     p.add_argument("--advertise", default=None, help="host:port peers dial (default: listen)")
     p.add_argument("--seeds", default="", help="comma-separated host:port of members to join through")
     p.add_argument("--secret-file", required=True, help="file holding the cluster secret (>= 16 bytes)")
+    p.add_argument("--tls-cert-file", default=None, help="this node's TLS certificate (PEM): peer connections in TLS")
+    p.add_argument("--tls-key-file", default=None, help="the private key of --tls-cert-file (PEM)")
+    p.add_argument("--tls-ca-file", default=None, help="CA (PEM) signing the members' certificates: mutual TLS")
     p.add_argument("--node-id", default=None)
     p.add_argument("--cache-dir", default=None, help="directory of the disk tier (omit: no disk tier)")
     p.add_argument("--cpu-bytes", type=_size, default="1G", help="pinned pool size (e.g. 8G)")
@@ -42,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = PeerConfig(listen=args.listen, advertise=args.advertise, seeds=args.seeds,
                      secret_file=args.secret_file, node_id=args.node_id,
-                     gossip_interval_s=args.gossip_interval, request_timeout_s=args.request_timeout)
+                     gossip_interval_s=args.gossip_interval, request_timeout_s=args.request_timeout,
+                     tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
+                     tls_ca_file=args.tls_ca_file)
     node = PeerNode(args.layout, cfg, cache_dir=args.cache_dir, cpu_bytes=args.cpu_bytes,
                     disk_bytes=args.disk_bytes, disk_backend=args.disk_backend)
     stop = threading.Event()
