@@ -331,3 +331,40 @@ def test_bf16_restored_prefix_gives_the_tokens_of_a_recompute(device, family, ti
         tokens = greedy(kv, prompt)
         assert_served_from(kv, tier, before)
         assert_same_tokens(tokens, greedy(model, prompt), model, prompt)
+
+
+def test_a_load_that_fails_is_computed_and_its_pages_never_stored(monkeypatch):
+    """A load whose copy fails (a read error, a peer gone mid-transfer) after writing junk into
+    the staging area: the prompt is computed, and what is stored is the computed K/V: the next
+    request restores the model's own K/V, bit for bit."""
+    from kvtier.errors import CorruptionError
+
+    model = build_model("llama")
+    _, prompt = prompts()
+    with make_kv(model, "cpu", None) as kv, torch.no_grad():
+        real_load = kv.cache.load
+
+        class FailedCopy:
+            num_tokens = PREFIX
+
+            def wait(self, timeout_s=None):
+                raise CorruptionError("payload checksum mismatch (injected)")
+
+            def done(self):
+                return True
+
+        def failing_load(tokens, page_ids, **kw):
+            kv._staging.fill_(1e3)  # what the failed copy left
+            monkeypatch.setattr(kv.cache, "load", real_load)
+            return FailedCopy()
+
+        monkeypatch.setattr(kv.cache, "load", failing_load)
+        got = kv.forward_with_cache(prompt)
+        assert got.cached_tokens == 0
+        want = model(prompt, **{CACHE_KW: DynamicCache()}, use_cache=True).logits
+        assert torch.equal(got.logits, want)
+        assert kv.stats()["load_errors"] == 1
+        hit = kv.forward_with_cache(prompt)
+        assert hit.cached_tokens == PREFIX
+        _, own = own_prefix_cache(model, prompt)
+        assert torch.equal(hit.logits, model(prompt[:, PREFIX:], **{CACHE_KW: own}, use_cache=True).logits)

@@ -39,6 +39,7 @@ padding, the whole model on one device, inference only (runs under ``torch.no_gr
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import threading
 import uuid
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 
 from kvtier.cache import KVCache, StoreFuture
-from kvtier.errors import FailedPreconditionError, InvalidArgumentError
+from kvtier.errors import FailedPreconditionError, InvalidArgumentError, KVTierError
 from kvtier.layout import Layout, _hf_layer_pairs
 
 try:
@@ -59,6 +60,8 @@ except ImportError as e:  # pragma: no cover - the package is optional
     ) from e
 
 __all__ = ["CachedForward", "KVTierHF"]
+
+logger = logging.getLogger(__name__)
 
 # Arguments KVTierHF sets itself: a caller's value would contradict the restored cache.
 _FORWARD_RESERVED = ("cache", "past_key_values", "inputs_embeds", "position_ids",
@@ -200,7 +203,7 @@ class KVTierHF:
         self._pending: StoreFuture | None = None
         self._lock = threading.Lock()
         self._counters = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0,
-                          "load_retries": 0, "store_retries": 0}
+                          "load_retries": 0, "store_retries": 0, "load_errors": 0}
 
     # -- API -----------------------------------------------------------------------------------
     def forward_with_cache(self, input_ids, **forward_kwargs) -> CachedForward:
@@ -274,7 +277,9 @@ class KVTierHF:
 
         ``requests``, ``prompt_tokens``; ``cached_tokens``: restored instead of computed;
         ``load_retries`` / ``store_retries``: loads and stores the CPU tier cut short for lack of
-        free blocks (its victims were being written to disk), retried once after they landed.
+        free blocks (its victims were being written to disk), retried once after they landed;
+        ``load_errors``: loads whose copy failed (a read error, a peer gone mid-transfer): the
+        prompt was computed instead.
         """
         with self._lock:
             return {**self._counters, "cache": self.cache.stats()}
@@ -357,14 +362,14 @@ class KVTierHF:
         token is always computed, for its logits).
         """
         self._wait_pending()  # the staging area is about to be overwritten
-        loaded = self.cache.load(tokens, self._page_ids).wait()
+        loaded = self._load(tokens)
         full = len(tokens) // self.layout.chunk_tokens * self.layout.chunk_tokens
         if loaded < full and self._has_disk and self.cache.lookup(tokens) > loaded:
             # The CPU tier promotes disk chunks into free blocks only. When it is full of chunks
             # admitted to disk, the load's victims stay busy until their write-back lands, and
             # the load comes back short. Once they have landed, the blocks are free: one retry.
             self.cache.drain()
-            loaded = self.cache.load(tokens, self._page_ids).wait()
+            loaded = self._load(tokens)
             self._counters["load_retries"] += 1
         restored = min(loaded, len(tokens) - 1)
         cache = DynamicCache()
@@ -375,6 +380,21 @@ class KVTierHF:
                 k, v = k.clone(), v.clone()
             cache.update(k, v, i)
         return loaded, cache, restored
+
+    def _load(self, tokens: np.ndarray) -> int:
+        """Load the cached prefix into the staging area; the tokens now valid there. A load whose
+        copy fails is a miss: nothing in the staging area counts as loaded, so the prompt is
+        computed and the store takes every chunk from the computed K/V, none from the staging
+        area's leftovers. Bad tokens raise from ``cache.load``, before any copy."""
+        handle = self.cache.load(tokens, self._page_ids)
+        try:
+            return handle.wait()
+        except KVTierError as e:
+            self._counters["load_errors"] += 1
+            if not handle.done():  # past its deadline: the copy may still write the staging area
+                self.cache.drain()  # raises if it does not end: the staging area is not reused
+            logger.warning("kvtier: a load failed, computing the prompt instead: %s", e)
+            return 0
 
     def _store_prompt(self, tokens: np.ndarray, cache, loaded: int) -> None:
         """Copy the K/V of the prompt's full chunks past ``loaded`` into the staging area and
