@@ -55,6 +55,8 @@ P = prompt(1, 600)  # 18 full blocks; a hit covers floor(599/32)*32 = 576 tokens
 P2 = prompt(2, 600)
 P_VARIANT = [7] + P[1:]  # differs from P in its first token only
 HIT = (len(P) - 1) // BLOCK * BLOCK
+# P's full blocks and 8 more: a request for it that loads P also computes new full blocks.
+P_LONGER = P[:HIT] + prompt(3, 8 * BLOCK + 24)
 # An engine's first forward is slower; a prompt shorter than a block warms it up without
 # storing or looking up a chunk, so that the timings printed compare like with like.
 WARMUP = [5] * (BLOCK // 2)
@@ -244,18 +246,19 @@ def baseline(model, tmp_path_factory) -> dict:
     between prompts); P and P_VARIANT must differ, or equal tokens would not test the KV."""
     tmp = tmp_path_factory.mktemp("baseline")
     steps = []
-    for name, p in (("p", P), ("p2", P2), ("variant", P_VARIANT)):
+    names = ("p", "p2", "variant", "longer")
+    for name, p in zip(names, (P, P2, P_VARIANT, P_LONGER)):
         steps += [{"op": "generate", "name": name, "prompt": p}, {"op": "reset_prefix_cache"}]
     engine = Engine(tmp, "baseline", model, steps, connector=None)
     try:
         res = engine.finish()
     finally:
         engine.kill()
-    tokens = {k: res[k]["tokens"] for k in ("p", "p2", "variant")}
+    tokens = {k: res[k]["tokens"] for k in names}
     assert tokens["p"] != tokens["variant"], (
         "the model ignores the prefix: token equality would prove nothing"
     )
-    assert all(res[k]["cached"] == 0 for k in ("p", "p2", "variant"))
+    assert all(res[k]["cached"] == 0 for k in names)
     return tokens
 
 
@@ -354,7 +357,10 @@ def test_restart_serves_prefix_from_disk(model, baseline, engines, tmp_path):
 
     # A chunk that vanished: flip payload bytes of the later half of the slots. The lookup
     # (headers) still finds the whole prefix; the load's checksum check drops the damaged chunks,
-    # the connector reports their blocks, vLLM recomputes them: same tokens.
+    # the connector reports their blocks, vLLM recomputes them: same tokens. The request is P and
+    # 8 blocks more, so the step whose load fails also computes full blocks: neither those nor
+    # the blocks that failed may be saved before vLLM has recomputed them, so that a repeat of
+    # the prompt, loaded from kvtier, gives the same tokens again.
     slot_bytes = 4096 + chunk_bytes
     with open(disk / "kvtier-disk-cache.kvt", "r+b") as f:
         for slot in range(9, stats["cache"]["disk"]["recovered_slots"]):
@@ -367,22 +373,36 @@ def test_restart_serves_prefix_from_disk(model, baseline, engines, tmp_path):
         "after_corruption",
         model,
         [
-            {"op": "generate", "name": "p", "prompt": P},
+            {"op": "generate", "name": "longer", "prompt": P_LONGER},
             {"op": "stats", "name": "stats"},
+            {"op": "drain"},
+            {"op": "reset_prefix_cache"},
+            {"op": "generate", "name": "repeat", "prompt": P_LONGER},
+            {"op": "stats", "name": "after_repeat"},
         ],
         cfg,
     )
     engines.append(third)
     res3 = third.finish()
     stats = res3["stats"]
-    assert res3["p"]["tokens"] == baseline["p"]
-    assert stats["lookup_hit_tokens"] == HIT  # the headers promised every chunk
+    assert res3["longer"]["tokens"] == baseline["longer"]
+    assert stats["lookup_hit_tokens"] >= HIT  # the headers promised P's chunks
     assert stats["cache"]["disk"]["corrupt_detected"] >= 1
     assert stats["load_failed_tokens"] > 0 and stats["load_failed_blocks"] > 0
     assert stats["loaded_tokens"] + stats["load_failed_tokens"] == stats["load_requested_tokens"]
+    assert stats["saves_cut_at_failed_load"] >= 1
+    again = res3["after_repeat"]
+    # The repeat loads what kvtier holds now (damaged disk chunks the first load did not reach
+    # are found and recomputed in turn): the same tokens again.
+    assert res3["repeat"]["tokens"] == baseline["longer"]
+    assert again["loaded_tokens"] > stats["loaded_tokens"]
     print(
         f"corrupt disk chunks: {stats['load_failed_blocks']} blocks reported failed and "
-        f"recomputed, {stats['loaded_tokens']} tokens loaded, tokens identical"
+        f"recomputed, {stats['loaded_tokens']} tokens loaded, "
+        f"{stats['chunks_not_saved_after_failed_load']} chunks held back until recomputed; "
+        f"the repeat loaded {again['loaded_tokens'] - stats['loaded_tokens']} tokens "
+        f"({again['load_failed_blocks'] - stats['load_failed_blocks']} blocks failed): "
+        "tokens identical"
     )
 
 
