@@ -127,6 +127,17 @@ def _driver(spec_path: str) -> None:
             record(name, kv_vllm.worker_stats(spec["engine_id"]))
         elif op == "drain":
             kv_vllm.worker_drain(spec["engine_id"])
+        elif op == "wait_stat":  # until a counter of worker_stats (a dotted path) reaches min
+            while True:
+                value = kv_vllm.worker_stats(spec["engine_id"])
+                for part in step["path"].split("."):
+                    value = value[part]
+                if value >= step["min"]:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{step['path']} is {value}, wanted {step['min']}")
+                time.sleep(0.2)
+            record(name, {"value": value})
         elif op == "touch":
             Path(step["path"]).touch()
         elif op == "wait_file":
@@ -403,6 +414,67 @@ def test_restart_serves_prefix_from_disk(model, baseline, engines, tmp_path):
         f"the repeat loaded {again['loaded_tokens'] - stats['loaded_tokens']} tokens "
         f"({again['load_failed_blocks'] - stats['load_failed_blocks']} blocks failed): "
         "tokens identical"
+    )
+
+
+def test_restart_after_a_kill_serves_prefix_from_disk(model, baseline, engines, tmp_path):
+    """vLLM's shutdown may kill the worker before the connector closes its cache, and nothing is
+    evicted here (the CPU tier holds everything): the periodic persist alone brings P's chunks to
+    disk, and an engine started on the same directory after a SIGKILL serves P from there."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    cfg = connector_config(
+        disk_dir=str(disk), disk_bytes="64MiB", **{"disk.persist_interval_s": 0.5}
+    )
+    chunks = len(P) // BLOCK
+    first = Engine(
+        tmp_path,
+        "killed",
+        model,
+        [
+            {"op": "generate", "name": "warmup", "prompt": WARMUP},
+            {"op": "generate", "name": "p", "prompt": P},
+            {
+                "op": "wait_stat",
+                "name": "persisted",
+                "path": "cache.disk.persist_written",
+                "min": chunks,
+                "timeout": 60,
+            },
+            {"op": "stats", "name": "stats"},
+            {"op": "wait_file", "path": str(tmp_path / "never"), "timeout": ENGINE_START_S},
+        ],
+        cfg,
+    )
+    engines.append(first)
+    first.wait_step("stats")
+    res1 = first.results()
+    assert res1["p"]["tokens"] == baseline["p"]
+    assert res1["stats"]["cache"]["disk"]["demotions_written"] == 0  # nothing was evicted
+    first.kill()  # SIGKILL: no shutdown, no close
+
+    second = Engine(
+        tmp_path,
+        "after_kill",
+        model,
+        [
+            {"op": "generate", "name": "warmup", "prompt": WARMUP},
+            {"op": "generate", "name": "p", "prompt": P},
+            {"op": "stats", "name": "stats"},
+        ],
+        cfg,
+    )
+    engines.append(second)
+    res2 = second.finish()
+    stats = res2["stats"]
+    assert res2["p"]["tokens"] == baseline["p"]
+    assert stats["cache"]["disk"]["recovered_slots"] >= chunks
+    assert res2["p"]["cached"] == HIT
+    assert stats["hit_chunks_by_tier"]["disk"] >= HIT // BLOCK
+    assert stats["loaded_tokens"] == HIT and stats["load_failed_tokens"] == 0
+    print(
+        f"restart after SIGKILL: {res1['persisted']['value']} chunks persisted before the kill, "
+        f"{res2['p']['cached']} of {len(P)} prompt tokens served from disk after it"
     )
 
 

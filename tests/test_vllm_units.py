@@ -342,11 +342,11 @@ class FakeEngine:
 
     BLOCK, LAYERS, BLOCKS = 4, 2, 96
 
-    def __init__(self, engine_id: str) -> None:
+    def __init__(self, engine_id: str, **config) -> None:
         from kvtier.integrations.vllm import KVTierConnector
         from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
-        extra = {"cpu_bytes": "1MiB", "model_id": "fake-engine"}
+        extra = {"cpu_bytes": "1MiB", "model_id": "fake-engine", **config}
         cfg = fake_vllm_config(extra, block_size=self.BLOCK)
         cfg.kv_transfer_config = SimpleNamespace(
             kv_connector_extra_config=extra,
@@ -500,8 +500,8 @@ class FailingHandle:
 def fake_engine():
     engines = []
 
-    def make():
-        e = FakeEngine(f"fake-{os.getpid()}-{time.monotonic_ns()}")
+    def make(**config):
+        e = FakeEngine(f"fake-{os.getpid()}-{time.monotonic_ns()}", **config)
         engines.append(e)
         return e
 
@@ -565,3 +565,18 @@ def test_what_vllm_recomputes_after_a_failed_load_is_saved_again(fake_engine):
     assert stats["chunks_not_saved_after_failed_load"] == 7
     assert engine.wrong_chunks(Q) == (10, 0)
     assert engine.sched._requests == {}
+
+
+def test_worker_persist_writes_what_only_the_cpu_tier_holds(fake_engine, tmp_path):
+    from kvtier.integrations.vllm import worker_persist
+
+    engine = fake_engine(
+        disk_dir=str(tmp_path), disk_bytes="8MiB", **{"disk.persist_interval_s": 0}
+    )
+    P = [(3 * i + 1) % 50 for i in range(6 * FakeEngine.BLOCK + 1)]
+    engine.run("r", P, budget=len(P))
+    engine.worker._cache.drain()
+    engine_id = engine.worker._engine_id
+    assert worker_persist(engine_id)["written"] == 6
+    assert worker_persist(engine_id)["written"] == 0  # on disk already
+    assert engine.worker.stats()["cache"]["disk"]["persist_written"] == 6

@@ -51,6 +51,10 @@ start (kvtier.keys), so chunk ``i`` and vLLM's block ``i`` name the same prefix.
   worker reports the store done through ``get_finished``; a preempted request's stores are
   waited for in ``handle_preemptions``, before vLLM reuses its blocks.
 - Only prompt tokens are saved (not generated ones), and only full chunks.
+- With a disk tier, chunks survive a restart. ``shutdown`` closes the cache, which first writes
+  the CPU tier's chunks the disk lacks to disk (``disk.persist_on_close``); vLLM's shutdown may
+  kill the worker before that, so the cache also persists every ``disk.persist_interval_s`` (a
+  kill loses at most what was stored since), and :func:`worker_persist` persists on demand.
 
 Limits: one full-attention KV cache group (no hybrid/sliding-window groups), tensor and
 pipeline parallel size 1, no multimodal prompts.
@@ -108,6 +112,7 @@ __all__ = [
     "lookup_socket_path",
     "worker_drain",
     "worker_lookup",
+    "worker_persist",
     "worker_stats",
 ]
 
@@ -336,7 +341,7 @@ def _authkey(engine_id: str) -> bytes:
     ).digest()
 
 
-_OP_LOOKUP, _OP_STATS, _OP_DRAIN = b"L", b"S", b"D"
+_OP_LOOKUP, _OP_STATS, _OP_DRAIN, _OP_PERSIST = b"L", b"S", b"D", b"P"
 
 
 class _LookupClient:
@@ -382,6 +387,9 @@ class _LookupClient:
     def drain(self) -> None:
         self._call(_OP_DRAIN)
 
+    def persist(self) -> dict:
+        return json.loads(self._call(_OP_PERSIST))
+
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
@@ -407,6 +415,19 @@ def worker_drain(engine_id: str, timeout_s: float = 30.0) -> None:
     client = _LookupClient(engine_id, timeout_s)
     try:
         client.drain()
+    finally:
+        client.close()
+
+
+def worker_persist(engine_id: str, timeout_s: float = 60.0) -> dict:
+    """Write the chunks the worker of engine ``engine_id`` holds in its CPU tier and not yet on
+    disk to its disk tier (:meth:`kvtier.KVCache.persist`; its counts), so that a restart on the
+    same ``disk_dir`` finds them. vLLM's shutdown may kill the worker before it closes the
+    cache: the timer (``disk.persist_interval_s``) bounds what a kill loses, and this call, made
+    before a stop, loses nothing. ``{}`` without a disk tier."""
+    client = _LookupClient(engine_id, timeout_s)
+    try:
+        return client.persist()
     finally:
         client.close()
 
@@ -781,6 +802,12 @@ class KVTierConnector(KVConnectorBase_V1):
                         if self._cache is not None:
                             self._cache.drain()
                         reply = b"{}"
+                    elif message[:1] == _OP_PERSIST:
+                        cache = self._cache
+                        done = {}
+                        if cache is not None and self._settings.config.disk.dir is not None:
+                            done = cache.persist()
+                        reply = json.dumps(done, default=str).encode()
                     else:
                         return
                 except Exception:  # a failed lookup is a miss; the scheduler keeps serving
