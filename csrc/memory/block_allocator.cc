@@ -1,5 +1,6 @@
 // BlockAllocator: a mutex-guarded free-list stack plus per-block allocated flags and pin counts.
 #include "memory/block_allocator.h"
+#include "common/mutex.h"
 
 #include <string>
 
@@ -26,7 +27,7 @@ Status BlockAllocator::CheckAllocatedLocked(BlockId id) const {
 }
 
 StatusOr<BlockId> BlockAllocator::Allocate() {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   if (free_list_.empty()) {
     ++failed_allocations_;
     return Status::ResourceExhausted("all " + std::to_string(num_blocks_) + " blocks are in use");
@@ -42,7 +43,7 @@ StatusOr<BlockId> BlockAllocator::Allocate() {
 
 Status BlockAllocator::AllocateBatch(size_t n, std::vector<BlockId>* out) {
   if (out == nullptr) return Status::InvalidArgument("AllocateBatch: out is null");
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   if (n > free_list_.size()) {
     ++failed_allocations_;
     return Status::ResourceExhausted("batch of " + std::to_string(n) + " blocks requested, " +
@@ -62,7 +63,7 @@ Status BlockAllocator::AllocateBatch(size_t n, std::vector<BlockId>* out) {
 }
 
 Status BlockAllocator::Free(BlockId id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   KVTIER_RETURN_IF_ERROR(CheckAllocatedLocked(id));
   if (pins_[id] != 0) {
     return Status::FailedPrecondition("block " + std::to_string(id) + " is pinned (" +
@@ -75,7 +76,7 @@ Status BlockAllocator::Free(BlockId id) {
 }
 
 Status BlockAllocator::FreeBatch(const std::vector<BlockId>& ids) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   // Validate the whole batch before changing anything; mark seen ids (2) to catch repeats.
   Status bad;
   size_t marked = 0;
@@ -107,14 +108,14 @@ Status BlockAllocator::FreeBatch(const std::vector<BlockId>& ids) {
 }
 
 Status BlockAllocator::Pin(BlockId id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   KVTIER_RETURN_IF_ERROR(CheckAllocatedLocked(id));
   if (pins_[id]++ == 0) ++pinned_blocks_;
   return Status::OK();
 }
 
 Status BlockAllocator::Unpin(BlockId id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   KVTIER_RETURN_IF_ERROR(CheckAllocatedLocked(id));
   if (pins_[id] == 0) {
     return Status::FailedPrecondition("block " + std::to_string(id) + " is not pinned (unpin without pin)");
@@ -124,18 +125,18 @@ Status BlockAllocator::Unpin(BlockId id) {
 }
 
 StatusOr<uint32_t> BlockAllocator::PinCount(BlockId id) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   KVTIER_RETURN_IF_ERROR(CheckAllocatedLocked(id));
   return pins_[id];
 }
 
 bool BlockAllocator::IsAllocated(BlockId id) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   return id < num_blocks_ && allocated_[id] != 0;
 }
 
 BlockAllocatorStats BlockAllocator::stats() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   BlockAllocatorStats s;
   s.num_blocks = num_blocks_;
   s.block_bytes = block_bytes_;

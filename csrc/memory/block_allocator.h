@@ -26,6 +26,7 @@
 #include <mutex>
 #include <vector>
 
+#include "common/mutex.h"
 #include "common/status.h"
 #include "common/thread_annotations.h"
 
@@ -82,7 +83,7 @@ class BlockAllocator {
   const size_t block_bytes_;
   void* const base_;
 
-  mutable std::mutex mu_;
+  mutable Mutex mu_;
   std::vector<BlockId> free_list_ GUARDED_BY(mu_);   // a stack: the most recently freed goes first
   std::vector<uint8_t> allocated_ GUARDED_BY(mu_);
   std::vector<uint32_t> pins_ GUARDED_BY(mu_);

@@ -1,6 +1,7 @@
 // CPU copy path: a transfer is cut into tasks (a range of pages of one copy group) that a
 // persistent worker pool runs with memcpy, group by group, so per-layer waits complete in order.
 #include "transfer/cpu_copy_engine.h"
+#include "common/mutex.h"
 
 #include <algorithm>
 #include <atomic>
@@ -31,8 +32,8 @@ struct CpuTransferState {
   TransferCallback callback;
   Status final_status;  // set before any task runs; what the callback and Wait() report
 
-  std::mutex mu;
-  std::condition_variable cv;
+  Mutex mu;
+  CondVar cv;
   std::vector<uint64_t> layer_tasks_left GUARDED_BY(mu);  // tasks of the groups layer l needs
   uint64_t tasks_left GUARDED_BY(mu) = 0;
   bool done GUARDED_BY(mu) = false;
@@ -41,10 +42,10 @@ struct CpuTransferState {
   void Complete() {
     if (callback) callback(final_status);
     {
-      std::lock_guard<std::mutex> lock(mu);
+      MutexLock lock(&mu);
       done = true;
     }
-    cv.notify_all();
+    cv.NotifyAll();
   }
 };
 
@@ -79,14 +80,14 @@ void RunTask(const CopyTask& task) {
   }
   bool last = false;
   {
-    std::lock_guard<std::mutex> lock(t.mu);
+    MutexLock lock(&t.mu);
     for (uint32_t l : plan.group_layers[task.group]) --t.layer_tasks_left[l];
     last = --t.tasks_left == 0;
   }
   if (last) {
     t.Complete();
   } else {
-    t.cv.notify_all();
+    t.cv.NotifyAll();
   }
 }
 
@@ -110,19 +111,19 @@ class WorkerPool {
 
   ~WorkerPool() {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
       stop_ = true;
     }
-    cv_.notify_all();
+    cv_.NotifyAll();
     for (std::thread& t : threads_) t.join();
   }
 
   void Submit(std::vector<CopyTask>&& tasks) {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
       for (CopyTask& t : tasks) queue_.push_back(std::move(t));
     }
-    cv_.notify_all();
+    cv_.NotifyAll();
   }
 
  private:
@@ -130,8 +131,8 @@ class WorkerPool {
     for (;;) {
       CopyTask task;
       {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+        MutexLock lock(&mu_);
+        cv_.Wait(lock, [this]() REQUIRES_LOCK(mu_) { return stop_ || !queue_.empty(); });
         if (queue_.empty()) return;  // stop_ and drained
         task = std::move(queue_.front());
         queue_.pop_front();
@@ -140,8 +141,8 @@ class WorkerPool {
     }
   }
 
-  std::mutex mu_;
-  std::condition_variable cv_;
+  Mutex mu_;
+  CondVar cv_;
   std::deque<CopyTask> queue_ GUARDED_BY(mu_);
   bool stop_ GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;
@@ -153,8 +154,9 @@ class CpuTransfer final : public Transfer {
 
   Status Wait(int64_t timeout_ms) override {
     KVTIER_RETURN_IF_ERROR(ValidateTimeout(timeout_ms));
-    std::unique_lock<std::mutex> lock(state_->mu);
-    if (!state_->cv.wait_until(lock, DeadlineAfter(timeout_ms), [this] { return state_->done; })) {
+    MutexLock lock(&state_->mu);
+    if (!state_->cv.WaitUntil(lock, DeadlineAfter(timeout_ms),
+                              [this]() REQUIRES_LOCK(state_->mu) { return state_->done; })) {
       return Status::DeadlineExceeded("transfer not complete after " + std::to_string(timeout_ms) +
                                       " ms");
     }
@@ -164,9 +166,9 @@ class CpuTransfer final : public Transfer {
   Status WaitLayer(int layer, int64_t timeout_ms) override {
     KVTIER_RETURN_IF_ERROR(CheckLayer(layer));
     KVTIER_RETURN_IF_ERROR(ValidateTimeout(timeout_ms));
-    std::unique_lock<std::mutex> lock(state_->mu);
-    if (!state_->cv.wait_until(lock, DeadlineAfter(timeout_ms),
-                               [&] { return state_->layer_tasks_left[layer] == 0; })) {
+    MutexLock lock(&state_->mu);
+    if (!state_->cv.WaitUntil(lock, DeadlineAfter(timeout_ms),
+                               [&]() REQUIRES_LOCK(state_->mu) { return state_->layer_tasks_left[layer] == 0; })) {
       return Status::DeadlineExceeded("layer " + std::to_string(layer) + " not complete after " +
                                       std::to_string(timeout_ms) + " ms");
     }
@@ -181,7 +183,7 @@ class CpuTransfer final : public Transfer {
   }
 
   bool Done() const override {
-    std::lock_guard<std::mutex> lock(state_->mu);
+    MutexLock lock(&state_->mu);
     return state_->done;
   }
   int num_layers() const override { return state_->plan->num_layers(); }
@@ -264,7 +266,7 @@ class CpuCopyEngine final : public CopyEngine {
       for (uint32_t l : plan.group_layers[g]) per_layer[l] += count;
     }
     {
-      std::lock_guard<std::mutex> lock(state->mu);
+      MutexLock lock(&state->mu);
       state->layer_tasks_left = per_layer;
       state->tasks_left = tasks.size();
     }

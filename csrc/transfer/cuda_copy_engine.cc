@@ -6,6 +6,7 @@
 // function on its last stream that returns its metadata buffer, runs the callback and wakes
 // Wait(); every wait also polls the device so a faulted context reports an error, not a hang.
 #include "transfer/cuda_copy_engine.h"
+#include "common/mutex.h"
 
 #include <string>
 
@@ -197,7 +198,7 @@ class CudaCopyEngine final : public CopyEngine {
     }
 
     Direction& dir = scatter ? core_->load : core_->offload;
-    std::lock_guard<std::mutex> lock(dir.mu);
+    MutexLock lock(&dir.mu);
     // The stream that first touches KV waits for the caller's stream. A failure here is before
     // anything started: return it (the metadata buffer goes back unused).
     cudaStream_t first = method == TransferMethod::kDirect ? dir.dma : dir.kernel;

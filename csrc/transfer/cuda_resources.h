@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/mutex.h"
 #include "common/status.h"
 #include "common/thread_annotations.h"
 #include "transfer/cuda_util.h"
@@ -43,7 +44,7 @@ class EventPool {
   Status Acquire(size_t n, std::vector<cudaEvent_t>* out) EXCLUDES(mu_) {
     std::vector<cudaEvent_t> got;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
       while (got.size() < n && !free_.empty()) {
         got.push_back(free_.back());
         free_.pop_back();
@@ -62,13 +63,13 @@ class EventPool {
     return Status::OK();
   }
   void Release(std::vector<cudaEvent_t>* events) EXCLUDES(mu_) {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     free_.insert(free_.end(), events->begin(), events->end());
     events->clear();
   }
 
  private:
-  std::mutex mu_;
+  Mutex mu_;
   std::vector<cudaEvent_t> free_ GUARDED_BY(mu_);
 };
 
@@ -95,7 +96,7 @@ class MetaPool {
   // REQUIRES: the engine's device is current.
   Status Acquire(size_t bytes, MetaBuffer* out) EXCLUDES(mu_) {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
       auto best = free_.end();
       for (auto it = free_.begin(); it != free_.end(); ++it) {
         if (it->capacity >= bytes && (best == free_.end() || it->capacity < best->capacity))
@@ -124,18 +125,18 @@ class MetaPool {
     return Status::OK();
   }
   void Release(const MetaBuffer& b) EXCLUDES(mu_) {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     free_.push_back(b);
   }
 
  private:
-  std::mutex mu_;
+  Mutex mu_;
   std::vector<MetaBuffer> free_ GUARDED_BY(mu_);
 };
 
 // One copy direction's streams, staging slots and the events that order them.
 struct Direction {
-  std::mutex mu;                                   // held while a transfer is enqueued
+  Mutex mu;                                   // held while a transfer is enqueued
   cudaStream_t dma = nullptr;                      // cudaMemcpy*Async
   cudaStream_t kernel = nullptr;                   // gather/scatter kernels and metadata uploads
   void* slot[2] = {nullptr, nullptr};              // staging slots (staged method)

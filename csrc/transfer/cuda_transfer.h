@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/mutex.h"
 #include "common/status.h"
 #include "common/thread_annotations.h"
 #include "transfer/copy_engine.h"
@@ -29,8 +30,8 @@ struct CudaTransferState {
   bool owns_meta = false;
   Status final_status;  // written before the host function is enqueued
 
-  std::mutex mu;
-  std::condition_variable cv;
+  Mutex mu;
+  CondVar cv;
   bool done GUARDED_BY(mu) = false;
   Status status GUARDED_BY(mu);
 
@@ -41,11 +42,11 @@ struct CudaTransferState {
     owns_meta = false;
     if (callback) callback(final_status);
     {
-      std::lock_guard<std::mutex> lock(mu);
+      MutexLock lock(&mu);
       status = final_status;
       done = true;
     }
-    cv.notify_all();
+    cv.NotifyAll();
   }
 };
 
@@ -77,7 +78,7 @@ class CudaTransfer final : public Transfer {
     const Clock::time_point deadline = DeadlineAfter(timeout_ms);
     DeviceGuard guard;  // event queries from a fresh thread need the engine's context bound
     if (final_recorded_) KVTIER_RETURN_IF_ERROR(guard.Enter(core_->device));
-    std::unique_lock<std::mutex> lock(state_->mu);
+    MutexLock lock(&state_->mu);
     for (;;) {
       if (state_->done) return state_->status;
       const Clock::time_point now = Clock::now();
@@ -85,14 +86,14 @@ class CudaTransfer final : public Transfer {
         return Status::DeadlineExceeded("transfer not complete after " +
                                         std::to_string(timeout_ms) + " ms");
       }
-      state_->cv.wait_until(lock, std::min(deadline, now + kWaitPollPeriod),
-                            [this] { return state_->done; });
+      state_->cv.WaitUntil(lock, std::min(deadline, now + kWaitPollPeriod),
+                            [this]() REQUIRES_LOCK(state_->mu) { return state_->done; });
       if (state_->done) return state_->status;
       if (final_recorded_) {
         // A fault on the device means the host function never runs: report it instead of waiting.
-        lock.unlock();
+        lock.Unlock();
         const cudaError_t err = cudaEventQuery(final_event());
-        lock.lock();
+        lock.Lock();
         if (err != cudaSuccess && err != cudaErrorNotReady) {
           return CudaStatus(err, "the transfer failed on the device");
         }
@@ -136,7 +137,7 @@ class CudaTransfer final : public Transfer {
   }
 
   bool Done() const override {
-    std::lock_guard<std::mutex> lock(state_->mu);
+    MutexLock lock(&state_->mu);
     return state_->done;
   }
   int num_layers() const override { return core_->plan.num_layers(); }

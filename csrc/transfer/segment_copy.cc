@@ -1,4 +1,5 @@
 #include "transfer/segment_copy.h"
+#include "common/mutex.h"
 
 #include <algorithm>
 #include <array>
@@ -80,9 +81,9 @@ Status EnsurePeerAccess(int device, uint64_t ptr) {
   KVTIER_CUDA_RETURN_IF_ERROR(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr)),
                               "cudaPointerGetAttributes");
   if (attr.type != cudaMemoryTypeDevice || attr.device == device) return Status::OK();
-  static std::mutex mu;
+  static Mutex mu;
   static std::set<std::pair<int, int>> enabled;
-  std::lock_guard<std::mutex> lock(mu);
+  MutexLock lock(&mu);
   if (enabled.count({device, attr.device})) return Status::OK();
   int can = 0;
   KVTIER_CUDA_RETURN_IF_ERROR(cudaDeviceCanAccessPeer(&can, device, attr.device),
@@ -180,15 +181,15 @@ class ScopedEvent {
 // destroyed at exit, where it would race the runtime's own teardown). `mu` keeps one call's wait,
 // launches and record together on it.
 struct PushStream {
-  std::mutex mu;
+  Mutex mu;
   cudaStream_t stream = nullptr;
 };
 
 // The current GPU's push stream; `device` is the current GPU.
 Status PushStreamOf(int device, PushStream** out) {
-  static std::mutex mu;
+  static Mutex mu;
   static std::map<int, std::unique_ptr<PushStream>> streams;
-  std::lock_guard<std::mutex> lock(mu);
+  MutexLock lock(&mu);
   std::unique_ptr<PushStream>& slot = streams[device];
   if (!slot) {
     auto p = std::make_unique<PushStream>();
@@ -222,7 +223,7 @@ Status CopyByPush(int src_device, const std::vector<CopySegment>& pieces, cudaSt
   {
     DeviceGuard on_src;  // a launch goes to a stream of the current GPU
     KVTIER_RETURN_IF_ERROR(on_src.Enter(src_device));
-    std::lock_guard<std::mutex> lock(push->mu);
+    MutexLock lock(&push->mu);
     KVTIER_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(push->stream, ready.get(), 0),
                                 "cudaStreamWaitEvent on GPU " + std::to_string(src_device));
     launched = LaunchPieces(pieces, push->stream);
