@@ -297,7 +297,8 @@ def test_sigkill_mid_transfer_is_a_miss_within_the_deadline(tmp_path):
 
 
 def _populate_disk(tmp, cache_dir, seeds) -> tuple[dict, str]:
-    """A member with a disk tier computes 4 chunks, and evicts them to disk."""
+    """A member with a disk tier computes 4 chunks and evicts them to disk, then 4 more, which
+    its close persists (disk.persist_on_close): 8 chunks on disk."""
     p = Member(tmp, "P", seeds=seeds, cpu_bytes=4 * 128 * 1024, disk_dir=str(cache_dir),
                disk_bytes=64 * 128 * 1024 + (1 << 20))
     try:
@@ -318,8 +319,9 @@ def test_standalone_node_restart_rejoins_and_rebuilds_its_digest(cluster, tmp_pa
     port = free_port()
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET + "\n")
-    spec = json.dumps(dict(zip(("blob_bytes", "fingerprint"),
-                               (_member_identity()[0], _member_identity()[1].hex()))))
+    # chunk_tokens too: the directory a KVCache wrote records it and opens only with it.
+    spec = json.dumps({"blob_bytes": _member_identity()[0], "fingerprint": _member_identity()[1].hex(),
+                       "chunk_tokens": CT})
 
     def start_node():
         log = open(tmp_path / "node.log", "ab")  # noqa: SIM115 - closed below
@@ -331,15 +333,22 @@ def test_standalone_node_restart_rejoins_and_rebuilds_its_digest(cluster, tmp_pa
              "--gossip-interval", "0.1", "--request-timeout", "3"],
             stdout=subprocess.PIPE, stderr=log)
         log.close()
-        r, _, _ = select.select([proc.stdout], [], [], 60)
-        assert r, "node did not start"
-        ready = json.loads(proc.stdout.readline())
-        assert ready["event"] == "ready", ready
+        try:
+            r, _, _ = select.select([proc.stdout], [], [], 60)
+            line = proc.stdout.readline() if r else b""
+            assert line, f"node did not start: {(tmp_path / 'node.log').read_text()[-2000:]}"
+            ready = json.loads(line)
+            assert ready["event"] == "ready", ready
+        except BaseException:
+            proc.kill()
+            proc.wait(10)
+            proc.stdout.close()
+            raise
         return proc, ready
 
     node, ready = start_node()
     try:
-        assert ready["digest_keys"] == 4  # rebuilt from the journal: the chunks on disk
+        assert ready["digest_keys"] == 8  # rebuilt from the journal: the chunks on disk
         wait_for(lambda: b.call("lookup", tokens=t)["tokens"] == 4 * CT, 20, "B to find the node's chunks")
         got = b.call("load", tokens=t, pages=list(range(72, 88)))
         assert got["tokens"] == 4 * CT and got["hash"] == ref
@@ -348,7 +357,7 @@ def test_standalone_node_restart_rejoins_and_rebuilds_its_digest(cluster, tmp_pa
         node.stdout.close()
         wait_for(lambda: c.call("members")["members"].get("N") in ("suspect", "dead"), 15, "N to be suspected")
         node, ready = start_node()
-        assert ready["digest_keys"] == 4
+        assert ready["digest_keys"] == 8
         wait_for(lambda: c.call("members")["members"].get("N") == "alive", 15, "N to rejoin")
         got = wait_for(lambda: (r := c.call("load", tokens=t, pages=list(range(72, 88))))["tokens"] == 4 * CT and r,
                        20, "C to load from the restarted node")

@@ -141,8 +141,11 @@ def test_layout_spec_from_shape_matches_a_serving_layout():
             "page_tokens": 16, "chunk_tokens": 64}
     assert resolve_spec(spec) == (lay.chunk_bytes, lay.fingerprint)
     assert resolve_spec(layout_spec(lay)) == (lay.chunk_bytes, lay.fingerprint)
+    assert layout_spec(lay)["chunk_tokens"] == 64
     with pytest.raises(InvalidArgumentError, match="fingerprint"):
         resolve_spec({"blob_bytes": 10, "fingerprint": "zz"})
+    with pytest.raises(InvalidArgumentError, match="chunk_tokens must be a positive int, got 0"):
+        resolve_spec({**layout_spec(lay), "chunk_tokens": 0})
 
 
 def test_cli_has_a_peer_command(capsys):

@@ -423,7 +423,7 @@ class KVCache:
             deterministic_writeback=config.deterministic_writeback,
             disk_max_writebacks_in_flight=config.disk_max_writebacks_in_flight,
             # Not the model: chunk keys scope it, and models of one layout share a directory.
-            disk_geometry_label=f"chunk_tokens={layout.chunk_tokens}",
+            disk_geometry_label=layout.geometry_label,
             disk_reset_on_mismatch=config.disk_reset_on_mismatch,
             disk_persist_interval_s=float(config.disk_persist_interval_s),
         )

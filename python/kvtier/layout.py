@@ -123,6 +123,12 @@ class Segment:
         return self.base_ptr + page * self.page_stride
 
 
+
+def disk_geometry_label(chunk_tokens: int | None) -> str:
+    """The label a disk cache file of chunks of ``chunk_tokens`` tokens carries; ``""`` when
+    the writer does not know its chunk size (a peer node given only blob bytes)."""
+    return "" if chunk_tokens is None else f"chunk_tokens={int(chunk_tokens)}"
+
 class Layout:
     """Where one model's KV pages live: segments, page and chunk geometry, and a fingerprint.
 
@@ -277,6 +283,12 @@ class Layout:
     def fingerprint_hex(self) -> str:
         """:attr:`fingerprint` as 32 lowercase hex digits."""
         return self._fingerprint.hex()
+
+    @property
+    def geometry_label(self) -> str:
+        """The words a disk cache file's header records beside :attr:`fingerprint`
+        (``chunk_tokens=N``), so a refusal to open another geometry's file can say what it holds."""
+        return disk_geometry_label(self.chunk_tokens)
 
     def layer_segments(self, layer: int) -> tuple[int, ...]:
         """Indices into :attr:`segments` of layer ``layer``'s segments (consecutive).

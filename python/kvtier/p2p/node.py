@@ -3,8 +3,10 @@ with no model and no GPU (``kvtier peer``).
 
 It needs only the blob format it serves, given as a *layout spec* (a small JSON object), one of:
 
-- ``{"blob_bytes": 33554432, "fingerprint": "<32 hex digits>"}`` — exactly what the serving
-  instances' ``Layout`` says (``layout_spec(layout)`` prints it);
+- ``{"blob_bytes": 33554432, "fingerprint": "<32 hex digits>", "chunk_tokens": 256}`` — exactly
+  what the serving instances' ``Layout`` says (``layout_spec(layout)`` prints it);
+  ``chunk_tokens`` is optional, but a disk directory a ``KVCache`` wrote records it and opens
+  only with it;
 - a model shape, from which kvtier derives both the way a serving instance would::
 
     {"kind": "vllm", "num_layers": 32, "kv_heads": 8, "head_dim": 128, "dtype": "bfloat16",
@@ -28,17 +30,24 @@ import numpy as np
 
 from kvtier import _core
 from kvtier.errors import InvalidArgumentError
+from kvtier.layout import disk_geometry_label
 from kvtier.p2p.config import PeerConfig
 from kvtier.p2p.service import PeerService
 
 
 def layout_spec(layout) -> dict:
     """The minimal spec of ``layout``'s blob format, for ``kvtier peer --layout``."""
-    return {"blob_bytes": int(layout.chunk_bytes), "fingerprint": layout.fingerprint_hex}
+    return {"blob_bytes": int(layout.chunk_bytes), "fingerprint": layout.fingerprint_hex,
+            "chunk_tokens": int(layout.chunk_tokens)}
 
 
 def resolve_spec(spec: dict | str) -> tuple[int, bytes]:
     """(blob_bytes, fingerprint) from a spec dict, a JSON string or a path to a JSON file."""
+    return _resolve(spec)[:2]
+
+
+def _resolve(spec: dict | str) -> tuple[int, bytes, int | None]:
+    """(blob_bytes, fingerprint, chunk_tokens or None) of a spec, as :func:`resolve_spec`."""
     if isinstance(spec, str):
         text = spec
         if not spec.lstrip().startswith("{"):
@@ -63,8 +72,11 @@ def resolve_spec(spec: dict | str) -> tuple[int, bytes]:
             fpb = b""
         if len(fpb) != 16:
             raise InvalidArgumentError(f"layout spec: fingerprint must be 32 hex digits, got {fp!r}")
-        return bb, fpb
-    return _from_shape(spec)
+        ct = spec.get("chunk_tokens")
+        if ct is not None and (isinstance(ct, bool) or not isinstance(ct, int) or ct <= 0):
+            raise InvalidArgumentError(f"layout spec: chunk_tokens must be a positive int, got {ct!r}")
+        return bb, fpb, ct
+    return (*_from_shape(spec), int(spec["chunk_tokens"]))
 
 
 def _from_shape(spec: dict) -> tuple[int, bytes]:
@@ -98,7 +110,7 @@ class PeerNode:
 
     def __init__(self, spec, peers: PeerConfig, *, cache_dir: str | None, cpu_bytes: int,
                  disk_bytes: int = 0, disk_backend: str = "auto") -> None:
-        blob_bytes, fingerprint = resolve_spec(spec)
+        blob_bytes, fingerprint, chunk_tokens = _resolve(spec)
         if cpu_bytes < 2 * blob_bytes:
             raise InvalidArgumentError(f"cpu_bytes={cpu_bytes} must hold at least 2 chunks of {blob_bytes} bytes")
         if cache_dir is not None and not os.path.isdir(cache_dir):
@@ -112,7 +124,8 @@ class PeerNode:
         self.tier = _core.CpuTier(
             [(base, blob_bytes, blob_bytes, 1)], -1, 1, [[0]], cpu_bytes, "cpu", 1 << 20, 1,
             disk_dir=cache_dir or "", disk_bytes=disk_bytes if cache_dir else 0,
-            layout_fingerprint=fingerprint, disk_backend=disk_backend)
+            layout_fingerprint=fingerprint, disk_backend=disk_backend,
+            disk_geometry_label=disk_geometry_label(chunk_tokens))
         self._promote_lock = threading.Lock()
         self.service = PeerService(self.tier, fingerprint, peers, promote=self._promote,
                                    journal_dir=cache_dir)
