@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "common/mutex.h"
 #include "bindings/status_binding.h"
 #include "storage/crc32c.h"
 #include "storage/disk_store.h"
@@ -71,10 +72,10 @@ class HeldBuffer {
 
 // The answer of one asynchronous call, waited for with the GIL released.
 struct Answer {
-  std::mutex mu;
-  std::condition_variable cv;
-  bool done = false;
-  Status status;
+  Mutex mu;
+  CondVar cv;
+  bool done GUARDED_BY(mu) = false;
+  Status status GUARDED_BY(mu);
 };
 
 // Thread safety: Python threads may call any method at once (the blocking ones release the GIL);
@@ -85,13 +86,13 @@ class PyDiskStore {
   class Call {
    public:
     explicit Call(PyDiskStore* owner) : owner_(owner) {
-      std::lock_guard<std::mutex> lk(owner_->mu_);
+      MutexLock lk(&owner_->mu_);
       if (!owner_->store_ || owner_->closing_) throw StatusError(Status::FailedPrecondition("the DiskStore is closed"));
       ++owner_->active_calls_;
     }
     ~Call() {
-      std::lock_guard<std::mutex> lk(owner_->mu_);
-      if (--owner_->active_calls_ == 0) owner_->idle_cv_.notify_all();
+      MutexLock lk(&owner_->mu_);
+      if (--owner_->active_calls_ == 0) owner_->idle_cv_.NotifyAll();
     }
     Call(const Call&) = delete;
     Call& operator=(const Call&) = delete;
@@ -180,24 +181,24 @@ class PyDiskStore {
 
   void Close() {
     {
-      std::lock_guard<std::mutex> lk(mu_);
+      MutexLock lk(&mu_);
       if (!store_ || closing_) return;
       closing_ = true;
     }
     {
       // Calls in other threads end by their deadlines; the store then waits for its own I/O.
       py::gil_scoped_release release;
-      std::unique_lock<std::mutex> lk(mu_);
-      idle_cv_.wait(lk, [&] { return active_calls_ == 0; });
+      MutexLock lk(&mu_);
+      idle_cv_.Wait(lk, [&]() REQUIRES_LOCK(mu_) { return active_calls_ == 0; });
       std::unique_ptr<DiskStore> store = std::move(store_);
-      lk.unlock();
+      lk.Unlock();
       store.reset();
     }
     held_.clear();
   }
 
   bool closed() {
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     return !store_ || closing_;
   }
 
@@ -267,10 +268,10 @@ class PyDiskStore {
 
   static DiskStore::Callback Notifier(const std::shared_ptr<Answer>& answer) {
     return [answer](const Status& s) {
-      std::lock_guard<std::mutex> lk(answer->mu);
+      MutexLock lk(&answer->mu);
       answer->status = s;
       answer->done = true;
-      answer->cv.notify_all();
+      answer->cv.NotifyAll();
     };
   }
 
@@ -283,8 +284,8 @@ class PyDiskStore {
     Status status;
     {
       py::gil_scoped_release release;
-      std::unique_lock<std::mutex> lk(answer->mu);
-      done = answer->cv.wait_for(lk, std::chrono::milliseconds(timeout_ms), [&] { return answer->done; });
+      MutexLock lk(&answer->mu);
+      done = answer->cv.WaitFor(lk, std::chrono::milliseconds(timeout_ms), [&]() REQUIRES_LOCK(answer->mu) { return answer->done; });
       status = answer->status;
     }
     if (!done) {
@@ -295,11 +296,11 @@ class PyDiskStore {
     ThrowIfError(status);
   }
 
-  std::mutex mu_;
-  std::condition_variable idle_cv_;
+  Mutex mu_;
+  CondVar idle_cv_;
   std::unique_ptr<DiskStore> store_;  // set in the constructor, reset once by Close
-  bool closing_ = false;
-  int active_calls_ = 0;
+  bool closing_ GUARDED_BY(mu_) = false;
+  int active_calls_ GUARDED_BY(mu_) = 0;
   // Buffers of requests given up on (timeout_s) or abandoned at their deadline: the device may
   // still use them, so they stay exported until a flush() succeeds or the store closes.
   // Touched with the GIL held only.

@@ -37,6 +37,19 @@ class SCOPED_CAPABILITY MutexLock {
   void Unlock() RELEASE() { lock_.unlock(); }
   void Lock() ACQUIRE() { lock_.lock(); }
 
+  // Runs f() with the mutex released and holds it again when f returns or throws. For helpers
+  // that are called and return with the lock held but drop it around a callback: to the analysis
+  // the lock stays held, so f must not touch what the mutex guards.
+  template <class F>
+  void RunUnlocked(F&& f) {
+    lock_.unlock();
+    struct Relock {
+      std::unique_lock<std::mutex>& l;
+      ~Relock() { l.lock(); }
+    } relock{lock_};
+    f();
+  }
+
  private:
   friend class CondVar;
   std::unique_lock<std::mutex> lock_;

@@ -1,5 +1,6 @@
 // CpuTier: reserve -> copy -> commit (store) and acquire -> copy -> release (load).
 #include "engine/cpu_tier.h"
+#include "common/mutex.h"
 
 #include <algorithm>
 #include <chrono>
@@ -69,9 +70,9 @@ StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const LayoutDesc& layout, con
 }
 
 void CpuTier::PersistTimerLoop(std::chrono::milliseconds interval) {
-  std::unique_lock<std::mutex> lock(timer_mu_);
-  while (!timer_cv_.wait_for(lock, interval, [this] { return timer_stop_; })) {
-    lock.unlock();
+  MutexLock lock(&timer_mu_);
+  while (!timer_cv_.WaitFor(lock, interval, [this]() REQUIRES_LOCK(timer_mu_) { return timer_stop_; })) {
+    lock.Unlock();
     {
       // A caller's Persist holds the lock: it is doing this run's work.
       std::unique_lock<std::timed_mutex> persist_lock(persist_mu_, std::try_to_lock);
@@ -80,7 +81,7 @@ void CpuTier::PersistTimerLoop(std::chrono::milliseconds interval) {
         (void)PersistLocked(std::chrono::steady_clock::now() + interval, /*periodic=*/true);
       }
     }
-    lock.lock();
+    lock.Lock();
   }
 }
 
@@ -120,8 +121,8 @@ PersistResult CpuTier::PersistLocked(std::chrono::steady_clock::time_point deadl
     todo.resize(disk_->num_slots());
   }
   struct Shared {
-    std::mutex mu;
-    std::condition_variable cv;
+    Mutex mu;
+    CondVar cv;
     size_t pending = 0, written = 0, failed = 0;
   };
   auto shared = std::make_shared<Shared>();
@@ -146,7 +147,7 @@ PersistResult CpuTier::PersistLocked(std::chrono::steady_clock::time_point deadl
       const ChunkKey k = keys[i];
       StartOp();
       {
-        std::lock_guard<std::mutex> lock(shared->mu);
+        MutexLock lock(&shared->mu);
         ++shared->pending;
       }
       // The callback releases the pin, not the waiter: the waiter may give up at its deadline.
@@ -158,9 +159,9 @@ PersistResult CpuTier::PersistLocked(std::chrono::steady_clock::time_point deadl
           ++persist_failed_;
         }
         {
-          std::lock_guard<std::mutex> lock(shared->mu);
+          MutexLock lock(&shared->mu);
           ++(st.ok() ? shared->written : shared->failed);
-          if (--shared->pending == 0) shared->cv.notify_all();
+          if (--shared->pending == 0) shared->cv.NotifyAll();
         }
         FinishOp();
       };
@@ -169,7 +170,7 @@ PersistResult CpuTier::PersistLocked(std::chrono::steady_clock::time_point deadl
         if (s.code() == StatusCode::kAlreadyExists) {  // a write-back of it started meanwhile
           (void)index_->Release(&k, 1);
           {
-            std::lock_guard<std::mutex> lock(shared->mu);
+            MutexLock lock(&shared->mu);
             --shared->pending;
           }
           ++r.skipped;
@@ -179,15 +180,15 @@ PersistResult CpuTier::PersistLocked(std::chrono::steady_clock::time_point deadl
         }
       }
     }
-    std::unique_lock<std::mutex> lock(shared->mu);
-    if (!shared->cv.wait_until(lock, deadline, [&] { return shared->pending == 0; })) {
+    MutexLock lock(&shared->mu);
+    if (!shared->cv.WaitUntil(lock, deadline, [&] { return shared->pending == 0; })) {
       r.not_started += todo.size() - (start + n);
       r.deadline_exceeded = true;
       break;
     }
   }
   {
-    std::lock_guard<std::mutex> lock(shared->mu);
+    MutexLock lock(&shared->mu);
     r.written = shared->written;
     r.failed = shared->failed;
     r.still_running = shared->pending;
@@ -203,7 +204,7 @@ bool CpuTier::AdmitForDemotion(void* self, const ChunkKey&, uint32_t seen) {
 }
 
 void CpuTier::SetAdmissionHook(AdmissionHook hook) {
-  std::lock_guard<std::mutex> lock(hook_mu_);
+  MutexLock lock(&hook_mu_);
   admission_hook_ = std::move(hook);
   has_admission_hook_ = static_cast<bool>(admission_hook_);
 }
@@ -226,16 +227,16 @@ StatusOr<BlockId> CpuTier::WaitForBlock(const ChunkKey& key, std::chrono::steady
 
 void CpuTier::WaitForWriteBacks(std::chrono::steady_clock::time_point deadline) {
   if (!deterministic_writeback_) return;
-  std::unique_lock<std::mutex> lock(inflight_mu_);
-  (void)inflight_cv_.wait_until(lock, deadline, [this] { return index_->demoting() == 0; });
+  MutexLock lock(&inflight_mu_);
+  (void)inflight_cv_.WaitUntil(lock, deadline, [this] { return index_->demoting() == 0; });
 }
 
 void CpuTier::EndWriteBack(const ChunkKey& key) {
   (void)index_->FinishDemotion(key);
   if (!deterministic_writeback_) return;
   // Under the lock, so a waiter between its check of demoting() and its sleep cannot miss it.
-  std::lock_guard<std::mutex> lock(inflight_mu_);
-  inflight_cv_.notify_all();
+  MutexLock lock(&inflight_mu_);
+  inflight_cv_.NotifyAll();
 }
 
 void CpuTier::WaitWhileWriting(const ChunkKey& key, std::chrono::steady_clock::time_point deadline) {
@@ -293,7 +294,7 @@ size_t CpuTier::Prefetch(const ChunkKey* keys, size_t n) {
 }
 
 void CpuTier::StartOp() {
-  std::lock_guard<std::mutex> lock(inflight_mu_);
+  MutexLock lock(&inflight_mu_);
   ++in_flight_;
 }
 
@@ -309,7 +310,7 @@ void CpuTier::PumpDemotions() {
       keys.push_back(d.key);
       seen.push_back(d.seen);
     }
-    std::lock_guard<std::mutex> lock(hook_mu_);
+    MutexLock lock(&hook_mu_);
     if (admission_hook_) {
       std::vector<uint8_t> verdict = admission_hook_(keys, seen);
       for (size_t i = 0; i < admit.size(); ++i) admit[i] = i < verdict.size() && verdict[i];
@@ -347,8 +348,8 @@ void CpuTier::PumpDemotions() {
 size_t CpuTier::PromoteFromDisk(const ChunkKey* keys, size_t n) {
   // Reserve a pool block for each chunk (WRITING: invisible, not evictable) and read into it.
   struct Shared {
-    std::mutex mu;
-    std::condition_variable cv;
+    Mutex mu;
+    CondVar cv;
     size_t pending = 0;
     std::vector<Status> results;
   };
@@ -388,25 +389,25 @@ size_t CpuTier::PromoteFromDisk(const ChunkKey* keys, size_t n) {
         ++promotion_failures_;
       }
       {
-        std::lock_guard<std::mutex> lock(shared->mu);
+        MutexLock lock(&shared->mu);
         shared->results[i] = st;
-        if (--shared->pending == 0) shared->cv.notify_all();
+        if (--shared->pending == 0) shared->cv.NotifyAll();
       }
       FinishOp();
     });
     if (!s.ok()) {  // evicted from disk since the lookup: a miss from here on
       (void)index_->AbortInsert(k);
       ++promotion_failures_;
-      std::lock_guard<std::mutex> lock(shared->mu);
+      MutexLock lock(&shared->mu);
       shared->results[i] = s;
       --shared->pending;
       FinishOp();
     }
   }
-  std::unique_lock<std::mutex> lock(shared->mu);
+  MutexLock lock(&shared->mu);
   // The disk store answers every request by its own deadline; allow it that, plus slack.
   const auto deadline = DiskDeadline();
-  if (!shared->cv.wait_until(lock, deadline, [&] { return shared->pending == 0; })) return 0;
+  if (!shared->cv.WaitUntil(lock, deadline, [&] { return shared->pending == 0; })) return 0;
   size_t ok = 0;
   while (ok < reserved && shared->results[ok].ok()) ++ok;
   return ok;
@@ -416,10 +417,10 @@ CpuTier::~CpuTier() {
   if (persist_timer_.joinable()) {
     stopping_ = true;  // a run in progress stops after its current batch
     {
-      std::lock_guard<std::mutex> lock(timer_mu_);
+      MutexLock lock(&timer_mu_);
       timer_stop_ = true;
     }
-    timer_cv_.notify_all();
+    timer_cv_.NotifyAll();
     persist_timer_.join();
   }
   Status s = Drain(close_timeout_ms_);
@@ -451,8 +452,8 @@ Status CpuTier::CheckPages(const std::vector<uint32_t>& page_ids, size_t needed)
 }
 
 void CpuTier::FinishOp() {
-  std::lock_guard<std::mutex> lock(inflight_mu_);
-  if (--in_flight_ == 0) inflight_cv_.notify_all();
+  MutexLock lock(&inflight_mu_);
+  if (--in_flight_ == 0) inflight_cv_.NotifyAll();
 }
 
 StatusOr<TierOp> CpuTier::Store(const ChunkKey* keys, size_t n, const std::vector<uint32_t>& page_ids,
@@ -634,8 +635,8 @@ std::vector<const void*> CpuTier::AcquireBlobs(const ChunkKey* keys, size_t n) {
 Status CpuTier::ReleaseBlobs(const ChunkKey* keys, size_t n) { return index_->Release(keys, n); }
 
 Status CpuTier::Drain(int64_t timeout_ms) {
-  std::unique_lock<std::mutex> lock(inflight_mu_);
-  bool done = inflight_cv_.wait_for(lock, std::chrono::milliseconds(timeout_ms), [this] { return in_flight_ == 0; });
+  MutexLock lock(&inflight_mu_);
+  bool done = inflight_cv_.WaitFor(lock, std::chrono::milliseconds(timeout_ms), [this]() REQUIRES_LOCK(inflight_mu_) { return in_flight_ == 0; });
   if (!done) return Status::DeadlineExceeded(std::to_string(in_flight_) + " copies still in flight");
   return Status::OK();
 }
@@ -654,7 +655,7 @@ CpuTierStats CpuTier::stats() const {
   s.bytes_offloaded = bytes_offloaded_;
   s.bytes_loaded = bytes_loaded_;
   {
-    std::lock_guard<std::mutex> lock(inflight_mu_);
+    MutexLock lock(&inflight_mu_);
     s.in_flight = in_flight_;
   }
   if (disk_) {

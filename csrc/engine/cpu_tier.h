@@ -36,6 +36,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/mutex.h"
 #include "common/status.h"
 #include "index/chunk_index.h"
 #include "memory/arena.h"
@@ -225,8 +226,8 @@ class CpuTier {
   uint32_t admit_min_seen_ = 2;
   int64_t disk_io_timeout_ms_ = 10000;
   bool deterministic_writeback_ = false;
-  mutable std::mutex hook_mu_;
-  AdmissionHook admission_hook_;  // guarded by hook_mu_
+  mutable Mutex hook_mu_;
+  AdmissionHook admission_hook_ GUARDED_BY(hook_mu_);
   std::atomic<bool> has_admission_hook_{false};
   std::atomic<uint64_t> demotions_rejected_{0}, chunks_prefetched_{0};
   std::atomic<uint64_t> lookup_disk_chunks_{0}, chunks_promoted_{0}, promotion_failures_{0},
@@ -234,18 +235,18 @@ class CpuTier {
   std::atomic<uint64_t> store_calls_{0}, chunks_stored_{0}, chunks_already_cached_{0},
       chunks_skipped_full_{0}, chunks_failed_{0}, load_calls_{0}, chunks_loaded_{0},
       bytes_offloaded_{0}, bytes_loaded_{0};
-  mutable std::mutex inflight_mu_;
-  std::condition_variable inflight_cv_;  // in_flight_ reached 0; deterministic mode: a write-back ended
-  uint64_t in_flight_ = 0;  // guarded by inflight_mu_
+  mutable Mutex inflight_mu_;
+  CondVar inflight_cv_;  // in_flight_ reached 0; deterministic mode: a write-back ended
+  uint64_t in_flight_ GUARDED_BY(inflight_mu_) = 0;
 
   size_t max_demotions_in_flight_ = 64;
   std::timed_mutex persist_mu_;             // one Persist at a time
   std::atomic<int> persist_callers_{0};     // callers waiting for persist_mu_: the timer's run yields
   std::atomic<uint64_t> persist_runs_{0}, persist_written_{0}, persist_failed_{0},
       persist_deadline_exceeded_{0};
-  std::mutex timer_mu_;
-  std::condition_variable timer_cv_;
-  bool timer_stop_ = false;  // guarded by timer_mu_
+  Mutex timer_mu_;
+  CondVar timer_cv_;
+  bool timer_stop_ GUARDED_BY(timer_mu_) = false;
   std::atomic<bool> stopping_{false};
   std::thread persist_timer_;  // started last in Create, stopped first in the destructor
 

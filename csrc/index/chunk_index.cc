@@ -1,5 +1,6 @@
 // ChunkIndex: hash map of entries plus the eviction policy that tracks the READY ones; one mutex.
 #include "index/chunk_index.h"
+#include "common/mutex.h"
 
 #include <cstdio>
 
@@ -61,7 +62,7 @@ bool ChunkIndex::EvictOneLocked() {
 }
 
 void ChunkIndex::EnableDemotion(DemotionFilter filter, void* ctx, size_t max_in_flight, bool wait_at_bound) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   wait_at_bound_ = wait_at_bound;
   demotion_filter_ = filter;
   demotion_ctx_ = ctx;
@@ -69,14 +70,14 @@ void ChunkIndex::EnableDemotion(DemotionFilter filter, void* ctx, size_t max_in_
 }
 
 std::vector<ChunkIndex::Demotion> ChunkIndex::TakeDemotions() {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   std::vector<Demotion> out;
   out.swap(new_demotions_);
   return out;
 }
 
 Status ChunkIndex::FinishDemotion(const ChunkKey& key) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   auto it = map_.find(key);
   if (it == map_.end() || it->second.state != State::kDemoting) {
     return Status::FailedPrecondition("chunk " + key.Hex() + " is not being demoted");
@@ -93,7 +94,7 @@ Status ChunkIndex::FinishDemotion(const ChunkKey& key) {
 }
 
 StatusOr<BlockId> ChunkIndex::BeginInsert(const ChunkKey& key) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   auto existing = map_.find(key);
   if (existing != map_.end()) {
     ++existing->second.seen;  // another request carried this chunk: it counts for admission
@@ -111,7 +112,7 @@ StatusOr<BlockId> ChunkIndex::BeginInsert(const ChunkKey& key) {
 }
 
 Status ChunkIndex::CommitInsert(const ChunkKey& key) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   auto it = map_.find(key);
   if (it == map_.end()) return Status::NotFound("chunk " + key.Hex() + " is not being inserted");
   if (it->second.state != State::kWriting) {
@@ -125,7 +126,7 @@ Status ChunkIndex::CommitInsert(const ChunkKey& key) {
 }
 
 Status ChunkIndex::AbortInsert(const ChunkKey& key) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   auto it = map_.find(key);
   if (it == map_.end()) return Status::NotFound("chunk " + key.Hex() + " is not being inserted");
   if (it->second.state != State::kWriting) {
@@ -139,7 +140,7 @@ Status ChunkIndex::AbortInsert(const ChunkKey& key) {
 }
 
 size_t ChunkIndex::Lookup(const ChunkKey* keys, size_t n) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   ++counters_.lookups;
   size_t i = 0;
   for (; i < n; ++i) {
@@ -152,7 +153,7 @@ size_t ChunkIndex::Lookup(const ChunkKey* keys, size_t n) {
 }
 
 size_t ChunkIndex::Acquire(const ChunkKey* keys, size_t n, std::vector<BlockId>* blocks) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   acquired_ready_.clear();
   size_t i = 0;
   for (; i < n; ++i) {
@@ -174,7 +175,7 @@ size_t ChunkIndex::Acquire(const ChunkKey* keys, size_t n, std::vector<BlockId>*
 }
 
 std::vector<ChunkIndex::Demotion> ChunkIndex::ReadyEntries() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   std::vector<Demotion> out;
   for (const auto& [key, e] : map_) {
     if (e.state == State::kReady) out.push_back({key, e.block, e.seen});
@@ -184,7 +185,7 @@ std::vector<ChunkIndex::Demotion> ChunkIndex::ReadyEntries() const {
 
 size_t ChunkIndex::PinQuietly(const ChunkKey* keys, size_t n, std::vector<BlockId>* blocks,
                               std::vector<uint8_t>* pinned) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   blocks->assign(n, BlockId{});
   pinned->assign(n, 0);
   size_t count = 0;
@@ -200,7 +201,7 @@ size_t ChunkIndex::PinQuietly(const ChunkKey* keys, size_t n, std::vector<BlockI
 }
 
 Status ChunkIndex::Release(const ChunkKey* keys, size_t n) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   Status result;
   for (size_t i = 0; i < n; ++i) {
     auto it = map_.find(keys[i]);
@@ -222,7 +223,7 @@ Status ChunkIndex::Release(const ChunkKey* keys, size_t n) {
 }
 
 Status ChunkIndex::Erase(const ChunkKey& key) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   auto it = map_.find(key);
   if (it == map_.end()) return Status::NotFound("chunk " + key.Hex() + " is not cached");
   if (it->second.state != State::kReady || it->second.pins != 0) {
@@ -235,24 +236,24 @@ Status ChunkIndex::Erase(const ChunkKey& key) {
 }
 
 size_t ChunkIndex::demoting() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   return demoting_;
 }
 
 bool ChunkIndex::IsWriting(const ChunkKey& key) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   auto it = map_.find(key);
   return it != map_.end() && it->second.state == State::kWriting;
 }
 
 bool ChunkIndex::Contains(const ChunkKey& key) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   auto it = map_.find(key);
   return it != map_.end() && Visible(it->second.state);
 }
 
 ChunkIndexStats ChunkIndex::stats() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   ChunkIndexStats s = counters_;
   s.entries = map_.size();
   s.writing = writing_;

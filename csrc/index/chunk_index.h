@@ -31,6 +31,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "common/mutex.h"
 #include "common/status.h"
 #include "common/thread_annotations.h"
 #include "index/chunk_key.h"
@@ -141,7 +142,7 @@ class ChunkIndex {
   bool EvictOneLocked() REQUIRES_LOCK(mu_);
 
   BlockAllocator* const allocator_;
-  mutable std::mutex mu_;
+  mutable Mutex mu_;
   std::unordered_map<ChunkKey, Entry, ChunkKeyHash> map_ GUARDED_BY(mu_);
   // Tracks the READY entries; called only under mu_. The pointer itself never changes.
   const std::unique_ptr<EvictionPolicy> policy_;

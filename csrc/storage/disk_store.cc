@@ -1,6 +1,7 @@
 // DiskStore: slot table, key index and LRU over one cache file, and the write / read / erase paths
 // on top of an IoBackend (opening and recovery: disk_store_open.cc).
 #include "storage/disk_store.h"
+#include "common/mutex.h"
 
 #include <sys/file.h>
 #include <unistd.h>
@@ -30,13 +31,13 @@ DiskStore::Impl::~Impl() {
   std::vector<Op*> unanswered;
   if (backend) {
     {
-      std::lock_guard<std::mutex> lk(mu_);
+      MutexLock lk(&mu_);
       closing_ = true;
     }
     Status flushed = Flush(opts.close_timeout_ms);
     // After Shutdown no callback runs any more; requests the OS still holds are forgotten.
     (void)backend->Shutdown(MonotonicNowNs() + (flushed.ok() ? opts.close_timeout_ms * 1'000'000 : 0));
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     for (Op* op : live_ops_) {
       if (!op->user_answered) unanswered.push_back(op);
     }
@@ -46,7 +47,7 @@ DiskStore::Impl::~Impl() {
     if (op->done) op->done(Status::Unavailable("the DiskStore closed with this request unfinished by the device"));
   }
   backend.reset();
-  std::lock_guard<std::mutex> lk(mu_);
+  MutexLock lk(&mu_);
   for (Op* op : free_ops_) delete op;
   // live_ops_ are leaked on purpose: the device may still DMA into their blocks.
   if (fd >= 0) {
@@ -180,7 +181,7 @@ Status DiskStore::Impl::Write(const ChunkKey& key, const void* src, Callback don
   }
   {
     // Cheap early answer for a chunk already there, before paying for its checksum.
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     if (index_.count(key)) return Status::AlreadyExists("chunk " + key.Hex() + " is already on disk or being written");
   }
   // The checksum is computed before anything is reserved: it is the slow part and needs no lock.
@@ -190,7 +191,7 @@ Status DiskStore::Impl::Write(const ChunkKey& key, const void* src, Callback don
   uint32_t slot;
   uint64_t sequence;
   {
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     if (closing_) return Status::FailedPrecondition("the DiskStore is closing");
     auto it = index_.find(key);
     if (it != index_.end()) {
@@ -262,7 +263,7 @@ Status DiskStore::Impl::ReadBatch(const ChunkKey* keys, void* const* dsts, size_
   const int64_t now = MonotonicNowNs();
   std::vector<Op*> ops(n);
   {
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     if (closing_) return Status::FailedPrecondition("the DiskStore is closing");
     for (size_t i = 0; i < n; ++i) {
       if (!ReadyLocked(keys[i])) return Status::NotFound("chunk " + keys[i].Hex() + " is not on disk");
@@ -335,7 +336,7 @@ void DiskStore::Impl::OnDone(Op* op, const Status& io_status) {
   if (op->kind == Op::Kind::kRead && result.ok()) result = VerifyRead(op);
   const bool deadline = result.code() == StatusCode::kDeadlineExceeded;
   {
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     Slot& s = slots_[op->slot];
     if (deadline) {
       op->abandoned = true;
@@ -387,7 +388,7 @@ void DiskStore::Impl::OnDone(Op* op, const Status& io_status) {
 }
 
 void DiskStore::Impl::OnReleased(Op* op) {
-  std::lock_guard<std::mutex> lk(mu_);
+  MutexLock lk(&mu_);
   if (op->kind == Op::Kind::kErase) {
     FreeSlotLocked(op->slot);
   } else if (op->abandoned) {
@@ -401,14 +402,14 @@ void DiskStore::Impl::OnReleased(Op* op) {
   op->done = nullptr;
   live_ops_.erase(op);
   free_ops_.push_back(op);
-  if (--in_flight_ == 0) idle_cv_.notify_all();
+  if (--in_flight_ == 0) idle_cv_.NotifyAll();
 }
 
 Status DiskStore::Impl::Erase(const ChunkKey& key) {
   Op* op;
   uint32_t slot;
   {
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     if (closing_) return Status::FailedPrecondition("the DiskStore is closing");
     auto it = index_.find(key);
     if (it == index_.end()) return Status::NotFound("chunk " + key.Hex() + " is not on disk");
@@ -436,16 +437,16 @@ Status DiskStore::Impl::Erase(const ChunkKey& key) {
 }
 
 size_t DiskStore::Impl::Lookup(const ChunkKey* keys, size_t n) const {
-  std::lock_guard<std::mutex> lk(mu_);
+  MutexLock lk(&mu_);
   size_t i = 0;
   while (i < n && ReadyLocked(keys[i])) ++i;
   return i;
 }
 
 Status DiskStore::Impl::Flush(int64_t timeout_ms) {
-  std::unique_lock<std::mutex> lk(mu_);
-  bool idle = idle_cv_.wait_for(lk, std::chrono::milliseconds(std::max<int64_t>(0, timeout_ms)),
-                                [&] { return in_flight_ == 0; });
+  MutexLock lk(&mu_);
+  bool idle = idle_cv_.WaitFor(lk, std::chrono::milliseconds(std::max<int64_t>(0, timeout_ms)),
+                                [&]() REQUIRES_LOCK(mu_) { return in_flight_ == 0; });
   if (idle) return Status::OK();
   return Status::DeadlineExceeded(std::to_string(in_flight_) + " disk requests still in flight after " +
                                   std::to_string(timeout_ms) + " ms (" + std::to_string(abandoned_) +
@@ -454,7 +455,7 @@ Status DiskStore::Impl::Flush(int64_t timeout_ms) {
 
 DiskStoreStats DiskStore::Impl::Stats() const {
   IoBackendStats io = backend->stats();
-  std::lock_guard<std::mutex> lk(mu_);
+  MutexLock lk(&mu_);
   DiskStoreStats s = counters_;
   s.backend = backend->name();
   s.backend_fallback_reason = backend_fallback_reason;

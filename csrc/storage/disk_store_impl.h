@@ -14,6 +14,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "common/mutex.h"
 #include "common/thread_annotations.h"
 #include "storage/disk_store.h"
 
@@ -128,8 +129,8 @@ class DiskStore::Impl {
   Status VerifyRead(Op* op) const;
   void SetRequest(Op* op, IoOp io, uint64_t offset, int64_t now);
 
-  mutable std::mutex mu_;
-  std::condition_variable idle_cv_;
+  mutable Mutex mu_;
+  CondVar idle_cv_;
   std::vector<Slot> slots_ GUARDED_BY(mu_);
   std::unordered_map<ChunkKey, uint32_t, ChunkKeyHash> index_ GUARDED_BY(mu_);  // WRITING and READY
   std::vector<uint32_t> free_slots_ GUARDED_BY(mu_);  // popped from the back: lowest slot first

@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/mutex.h"
 #include "storage/crc32c.h"
 #include "storage/disk_store.h"
 #include "storage/disk_store_impl.h"
@@ -312,7 +313,7 @@ Status DiskStore::Impl::OpenFile() {
 }
 
 void DiskStore::Impl::InitFreeSlots() {
-  std::lock_guard<std::mutex> lk(mu_);
+  MutexLock lk(&mu_);
   slots_.assign(num_slots, Slot{});
   free_slots_.clear();
   for (size_t i = num_slots; i-- > 0;) free_slots_.push_back(static_cast<uint32_t>(i));
@@ -323,8 +324,8 @@ namespace {
 // One recovery read: a run of whole slots (full verification) or one slot header.
 struct ScanOp final : IoCompletion {
   struct Shared {
-    std::mutex mu;
-    std::condition_variable cv;
+    Mutex mu;
+    CondVar cv;
     std::vector<ScanOp*> finished;  // released, ready to process and reuse
   };
   Shared* shared = nullptr;
@@ -336,9 +337,9 @@ struct ScanOp final : IoCompletion {
 
   void OnIoDone(const Status& s) override { status = s; }
   void OnIoReleased() override {
-    std::lock_guard<std::mutex> lk(shared->mu);
+    MutexLock lk(&shared->mu);
     shared->finished.push_back(this);
-    shared->cv.notify_one();
+    shared->cv.NotifyOne();
   }
 };
 
@@ -355,7 +356,10 @@ Status DiskStore::Impl::Recover(uint64_t scan) {
   const bool full = opts.verify_at_open == VerifyAtOpen::kFull ||
                     (opts.verify_at_open == VerifyAtOpen::kAuto &&
                      kDiskBlockBytes + scan * slot_bytes <= opts.verify_at_open_max_bytes);
-  counters_.payloads_verified_at_open = full;
+  {
+    MutexLock lk(&mu_);  // uncontended: the store is not shared until Open returns
+    counters_.payloads_verified_at_open = full;
+  }
   const uint64_t run_slots = full ? std::max<uint64_t>(1, kScanRunBytes / slot_bytes) : 1;
   const uint64_t op_bytes = full ? run_slots * slot_bytes : kDiskBlockBytes;
   const size_t n_ops = static_cast<size_t>(
@@ -435,8 +439,8 @@ Status DiskStore::Impl::Recover(uint64_t scan) {
   while (outstanding > 0) {
     std::vector<ScanOp*> finished;
     {
-      std::unique_lock<std::mutex> lk(shared.mu);
-      if (!shared.cv.wait_for(lk, std::chrono::nanoseconds(wait_ns), [&] { return !shared.finished.empty(); })) {
+      MutexLock lk(&shared.mu);
+      if (!shared.cv.WaitFor(lk, std::chrono::nanoseconds(wait_ns), [&] { return !shared.finished.empty(); })) {
         // Leave the buffers to the device: the caller shuts the backend down and leaks them.
         for (auto& op : ops) (void)op.release();
         (void)shared_owner.release();
@@ -458,7 +462,7 @@ Status DiskStore::Impl::Recover(uint64_t scan) {
   for (auto& [key, c] : best) winners.push_back(c);
   std::sort(winners.begin(), winners.end(), [](const Candidate& a, const Candidate& b) { return a.sequence < b.sequence; });
 
-  std::lock_guard<std::mutex> lk(mu_);
+  MutexLock lk(&mu_);
   std::vector<bool> used(num_slots, false);
   index_.reserve(winners.size());
   for (const Candidate& c : winners) {  // oldest first: the newest ends most recently used

@@ -1,6 +1,7 @@
 // DiskStore and its I/O backends: round trips, eviction, recovery, corruption, faults
 // (ENOSPC, EIO, short transfers, EAGAIN, lost completions) and deadlines. Every test runs on
 // both backends; io_uring skips loudly where the kernel refuses it.
+#include "common/mutex.h"
 #include "storage/disk_store.h"
 
 #include <fcntl.h>
@@ -70,28 +71,28 @@ class Waiter {
   DiskStore::Callback Callback() {
     auto state = state_;
     return [state](const Status& s) {
-      std::lock_guard<std::mutex> lk(state->mu);
+      MutexLock lk(&state->mu);
       state->status = s;
       ++state->calls;
-      state->cv.notify_all();
+      state->cv.NotifyAll();
     };
   }
   Status Wait(int64_t ms = 10000) {
-    std::unique_lock<std::mutex> lk(state_->mu);
-    if (!state_->cv.wait_for(lk, std::chrono::milliseconds(ms), [&] { return state_->calls > 0; })) {
+    MutexLock lk(&state_->mu);
+    if (!state_->cv.WaitFor(lk, std::chrono::milliseconds(ms), [&] { return state_->calls > 0; })) {
       return Status::DeadlineExceeded("test wait timed out");
     }
     return state_->status;
   }
   int calls() {
-    std::lock_guard<std::mutex> lk(state_->mu);
+    MutexLock lk(&state_->mu);
     return state_->calls;
   }
 
  private:
   struct State {
-    std::mutex mu;
-    std::condition_variable cv;
+    Mutex mu;
+    CondVar cv;
     Status status;
     int calls = 0;
   };

@@ -1,6 +1,7 @@
 // IoBackend on its own (both implementations): more requests than the queue depth, all complete
 // and land where they should. Fault handling (short transfers, EAGAIN, ENOSPC, EIO, deadlines) is
 // tested through the store in disk_store_test.cc, on both backends.
+#include "common/mutex.h"
 #include "storage/io_backend.h"
 
 #include <fcntl.h>
@@ -37,18 +38,18 @@ Buffer Aligned(size_t bytes) {
 class IoBackendTest : public ::testing::TestWithParam<IoBackendKind> {};
 
 struct Counter final : IoCompletion {
-  std::mutex* mu;
-  std::condition_variable* cv;
+  Mutex* mu;
+  CondVar* cv;
   int* done_ok;
   int* released;
   void OnIoDone(const Status& s) override {
-    std::lock_guard<std::mutex> lk(*mu);
+    MutexLock lk(&*mu);
     if (s.ok()) ++*done_ok;
   }
   void OnIoReleased() override {
-    std::lock_guard<std::mutex> lk(*mu);
+    MutexLock lk(&*mu);
     ++*released;
-    cv->notify_all();
+    cv->NotifyAll();
   }
 };
 
@@ -67,8 +68,8 @@ TEST_P(IoBackendTest, ManyMoreRequestsThanTheQueueDepthAllComplete) {
     GTEST_SKIP() << "SKIPPED (backend unavailable here): " << backend.status().ToString();
   }
   ASSERT_EQ((*backend)->kind(), GetParam());
-  std::mutex mu;
-  std::condition_variable cv;
+  Mutex mu;
+  CondVar cv;
   int done_ok = 0, released = 0;
   Buffer data = Aligned(256 * 4096);
   for (size_t i = 0; i < 256 * 4096; ++i) data.get()[i] = static_cast<unsigned char>(i * 31 + 7);
@@ -91,8 +92,8 @@ TEST_P(IoBackendTest, ManyMoreRequestsThanTheQueueDepthAllComplete) {
   }
   (*backend)->Submit(ptrs.data(), ptrs.size());
   {
-    std::unique_lock<std::mutex> lk(mu);
-    ASSERT_TRUE(cv.wait_for(lk, std::chrono::seconds(20), [&] { return released == 256; }));
+    MutexLock lk(&mu);
+    ASSERT_TRUE(cv.WaitFor(lk, std::chrono::seconds(20), [&] { return released == 256; }));
   }
   EXPECT_EQ(done_ok, 256);
   EXPECT_TRUE((*backend)->Shutdown(MonotonicNowNs() + 1'000'000'000).ok());

@@ -6,6 +6,7 @@
 // The state the threads share lives in a shared_ptr: if Shutdown gives up on a hung syscall, the
 // worker is detached and keeps its own reference, so nothing it touches is freed under it.
 #include "storage/posix_backend.h"
+#include "common/mutex.h"
 
 #include <sys/uio.h>
 #include <unistd.h>
@@ -36,10 +37,10 @@ struct PosixShared {
   const int fd;
   const IoFaultInjector injector;
 
-  std::mutex mu;
-  std::condition_variable work_cv;   // pending_ gained a request, or stopping
-  std::condition_variable watch_cv;  // an earlier deadline arrived, or stopping
-  std::condition_variable idle_cv;   // live reached 0
+  Mutex mu;
+  CondVar work_cv;   // pending_ gained a request, or stopping
+  CondVar watch_cv;  // an earlier deadline arrived, or stopping
+  CondVar idle_cv;   // live reached 0
   std::deque<IoRequest*> pending GUARDED_BY(mu);
   std::set<std::pair<int64_t, IoRequest*>> deadlines GUARDED_BY(mu);  // not yet delivered
   size_t live GUARDED_BY(mu) = 0;                                     // submitted, not released
@@ -52,30 +53,26 @@ struct PosixShared {
 
   // After OnIoDone returned: release if the OS side is over. Called and returns with `lk` held.
   // Claims and runs OnIoDone. Called and returns with `lk` held; false if abandoned.
-  bool Deliver(IoRequest* r, const Status& status, std::unique_lock<std::mutex>& lk) {
+  bool Deliver(IoRequest* r, const Status& status, MutexLock& lk) REQUIRES_LOCK(mu) {
     if (abandon) return false;
     ++callbacks_running;
-    lk.unlock();
-    r->completion->OnIoDone(status);
-    lk.lock();
+    lk.RunUnlocked([&] { r->completion->OnIoDone(status); });
     --callbacks_running;
-    if (callbacks_running == 0) idle_cv.notify_all();
+    if (callbacks_running == 0) idle_cv.NotifyAll();
     r->progress.done_returned = true;
     ReleaseIfDone(r, lk);
     return true;
   }
 
-  void ReleaseIfDone(IoRequest* r, std::unique_lock<std::mutex>& lk) {
+  void ReleaseIfDone(IoRequest* r, MutexLock& lk) REQUIRES_LOCK(mu) {
     IoRequest::Progress& p = r->progress;
     if (abandon || !(p.done_returned && p.os_done && !p.released)) return;
     p.released = true;
     ++callbacks_running;
-    lk.unlock();
-    r->completion->OnIoReleased();  // r may be freed from here on
-    lk.lock();
+    lk.RunUnlocked([&] { r->completion->OnIoReleased(); });  // r may be freed from here on
     --callbacks_running;
     --live;
-    idle_cv.notify_all();
+    idle_cv.NotifyAll();
   }
 };
 
@@ -99,7 +96,7 @@ bool RunRequest(PosixShared* s, IoRequest* r, Status* status) {
       case IoStep::kFailed:
         return true;
       case IoStep::kResubmit: {
-        std::lock_guard<std::mutex> lk(s->mu);
+        MutexLock lk(&s->mu);
         ++s->stats.resubmits;
         if (p.delivered) {  // abandoned at its deadline meanwhile: stop moving bytes
           *status = Status::DeadlineExceeded("abandoned");
@@ -112,18 +109,18 @@ bool RunRequest(PosixShared* s, IoRequest* r, Status* status) {
 }
 
 void WorkerLoop(std::shared_ptr<PosixShared> s) {
-  std::unique_lock<std::mutex> lk(s->mu);
+  MutexLock lk(&s->mu);
   for (;;) {
-    s->work_cv.wait(lk, [&] { return s->stopping || s->abandon || !s->pending.empty(); });
+    s->work_cv.Wait(lk, [&]() REQUIRES_LOCK(s->mu) { return s->stopping || s->abandon || !s->pending.empty(); });
     if (s->abandon || s->pending.empty()) return;  // stopping with nothing left, or given up
     IoRequest* r = s->pending.front();
     s->pending.pop_front();
     IoRequest::Progress& p = r->progress;
     p.in_os = true;
-    lk.unlock();
+    lk.Unlock();
     Status status;
     bool answered = RunRequest(s.get(), r, &status);
-    lk.lock();
+    lk.Lock();
     if (s->abandon) return;  // Shutdown forgot r; its owner leaks it
     p.in_os = false;
     p.os_done = true;
@@ -138,13 +135,13 @@ void WorkerLoop(std::shared_ptr<PosixShared> s) {
 }
 
 void WatchdogLoop(std::shared_ptr<PosixShared> s) {
-  std::unique_lock<std::mutex> lk(s->mu);
+  MutexLock lk(&s->mu);
   for (;;) {
     if (s->stopping) return;
     if (s->deadlines.empty()) {
-      s->watch_cv.wait(lk);
+      s->watch_cv.Wait(lk);
     } else {
-      s->watch_cv.wait_until(lk, TimePoint(s->deadlines.begin()->first));
+      s->watch_cv.WaitUntil(lk, TimePoint(s->deadlines.begin()->first));
     }
     if (s->stopping) return;
     int64_t now = MonotonicNowNs();
@@ -182,7 +179,7 @@ class PosixBackend final : public IoBackend {
   IoBackendKind kind() const override { return IoBackendKind::kPosix; }
 
   void Submit(IoRequest* const* requests, size_t n) override {
-    std::lock_guard<std::mutex> lk(s_->mu);
+    MutexLock lk(&s_->mu);
     bool earlier = false;
     for (size_t i = 0; i < n; ++i) {
       IoRequest* r = requests[i];
@@ -194,26 +191,26 @@ class PosixBackend final : public IoBackend {
       ++s_->stats.submitted;
     }
     if (n == 1) {
-      s_->work_cv.notify_one();
+      s_->work_cv.NotifyOne();
     } else {
-      s_->work_cv.notify_all();
+      s_->work_cv.NotifyAll();
     }
-    if (earlier) s_->watch_cv.notify_one();
+    if (earlier) s_->watch_cv.NotifyOne();
   }
 
   Status Shutdown(int64_t deadline_ns) override {
-    std::unique_lock<std::mutex> lk(s_->mu);
+    MutexLock lk(&s_->mu);
     if (shut_down_) return shutdown_status_;
     shut_down_ = true;
-    bool drained = s_->idle_cv.wait_until(lk, TimePoint(deadline_ns), [&] { return s_->live == 0; });
+    bool drained = s_->idle_cv.WaitUntil(lk, TimePoint(deadline_ns), [&]() REQUIRES_LOCK(s_->mu) { return s_->live == 0; });
     size_t left = s_->live;
     s_->stopping = true;
     if (!drained) s_->abandon = true;
-    s_->work_cv.notify_all();
-    s_->watch_cv.notify_all();
+    s_->work_cv.NotifyAll();
+    s_->watch_cv.NotifyAll();
     // Callbacks already running finish (they are short); none starts after this.
-    s_->idle_cv.wait(lk, [&] { return s_->callbacks_running == 0; });
-    lk.unlock();
+    s_->idle_cv.Wait(lk, [&]() REQUIRES_LOCK(s_->mu) { return s_->callbacks_running == 0; });
+    lk.Unlock();
     watchdog_.join();
     for (std::thread& t : workers_) {
       if (drained) {
@@ -229,7 +226,7 @@ class PosixBackend final : public IoBackend {
   }
 
   IoBackendStats stats() const override {
-    std::lock_guard<std::mutex> lk(s_->mu);
+    MutexLock lk(&s_->mu);
     return s_->stats;
   }
 

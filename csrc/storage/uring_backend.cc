@@ -9,6 +9,7 @@
 // timeouts were not used for that reason: they cancel the same way, so they cannot bound the
 // wait either, and they cost an extra SQE per request.
 #include "storage/uring_backend.h"
+#include "common/mutex.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -86,7 +87,7 @@ class UringBackend final : public IoBackend {
   IoBackendKind kind() const override { return IoBackendKind::kIoUring; }
 
   void Submit(IoRequest* const* requests, size_t n) override {
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     bool wake = false;
     for (size_t i = 0; i < n; ++i) {
       IoRequest* r = requests[i];
@@ -102,14 +103,14 @@ class UringBackend final : public IoBackend {
   }
 
   Status Shutdown(int64_t deadline_ns) override {
-    std::unique_lock<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     if (shut_down_) return shutdown_status_;
     shut_down_ = true;
-    bool drained = idle_cv_.wait_until(lk, TimePoint(deadline_ns), [&] { return live_ == 0; });
+    bool drained = idle_cv_.WaitUntil(lk, TimePoint(deadline_ns), [&]() REQUIRES_LOCK(mu_) { return live_ == 0; });
     size_t left = live_;
     stop_loop_ = true;
     PostLocked(kWakeTag);
-    lk.unlock();
+    lk.Unlock();
     completer_.join();
     // The ring's teardown runs asynchronously in the kernel and holds the registered file until
     // it ends; unregister it now so the file is closed (and its flock dropped) when its owner closes it.
@@ -124,7 +125,7 @@ class UringBackend final : public IoBackend {
   }
 
   IoBackendStats stats() const override {
-    std::lock_guard<std::mutex> lk(mu_);
+    MutexLock lk(&mu_);
     return stats_;
   }
 
@@ -263,7 +264,7 @@ class UringBackend final : public IoBackend {
       bool release = !a.deliver;
       if (a.deliver) {
         r->completion->OnIoDone(a.status);
-        std::lock_guard<std::mutex> lk(mu_);
+        MutexLock lk(&mu_);
         IoRequest::Progress& p = r->progress;
         p.done_returned = true;
         if (p.os_done && !p.released) {
@@ -273,8 +274,8 @@ class UringBackend final : public IoBackend {
       }
       if (release) {
         r->completion->OnIoReleased();  // r may be freed from here on
-        std::lock_guard<std::mutex> lk(mu_);
-        if (--live_ == 0) idle_cv_.notify_all();
+        MutexLock lk(&mu_);
+        if (--live_ == 0) idle_cv_.NotifyAll();
       }
     }
     actions->clear();
@@ -286,7 +287,7 @@ class UringBackend final : public IoBackend {
     while (true) {
       int64_t wake_at;
       {
-        std::lock_guard<std::mutex> lk(mu_);
+        MutexLock lk(&mu_);
         if (stop_loop_) break;
         wake_at = deadlines_.empty() ? MonotonicNowNs() + kIdleWaitNs : deadlines_.begin()->first;
         wait_until_ = wake_at;
@@ -296,7 +297,7 @@ class UringBackend final : public IoBackend {
       io_uring_cqe* cqe = nullptr;
       (void)io_uring_wait_cqe_timeout(&ring_, &cqe, &ts);  // -ETIME and -EINTR just loop
       {
-        std::lock_guard<std::mutex> lk(mu_);
+        MutexLock lk(&mu_);
         wait_until_ = INT64_MIN;  // awake: submitters need not wake us
         unsigned n;
         while ((n = io_uring_peek_batch_cqe(&ring_, cqes, 64)) > 0) {
@@ -318,8 +319,8 @@ class UringBackend final : public IoBackend {
   bool initialized_ = false;
   std::thread completer_;
 
-  mutable std::mutex mu_;
-  std::condition_variable idle_cv_;
+  mutable Mutex mu_;
+  CondVar idle_cv_;
   std::deque<IoRequest*> pending_ GUARDED_BY(mu_);  // waiting for room in the queue depth
   // Requests not yet delivered, by deadline (pending, in the kernel, or lost by fault injection).
   std::set<std::pair<int64_t, IoRequest*>> deadlines_ GUARDED_BY(mu_);
