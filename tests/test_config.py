@@ -18,7 +18,7 @@ from kvtier.config import (
     ENV_VARS,
     CpuConfig,
     KVTierConfig,
-    PeersConfig,
+    PeersSection,
     config_keys,
     parse_size,
 )
@@ -457,7 +457,7 @@ def test_peers_pass_unknown_keys_through_yaml(tmp_path):
     path = write_yaml(tmp_path, "peers:\n  listen: h:1\n  transport: {kind: tcp, frames: 4}\n")
     cfg = KVTierConfig.load(path, env={})
     assert cfg.peers["transport"] == {"kind": "tcp", "frames": 4}
-    assert isinstance(cfg.peers, PeersConfig) and len(cfg.peers) == 7
+    assert isinstance(cfg.peers, PeersSection) and len(cfg.peers) == 7
 
 
 # -- files ---------------------------------------------------------------------------------------

@@ -21,18 +21,16 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from kvtier import _core
+from kvtier.config import CacheConfig
 from kvtier.errors import InvalidArgumentError
 from kvtier.keys import ChunkKeyer
 from kvtier.layout import Layout
 
 log = logging.getLogger(__name__)
-
-_METHODS = ("auto", "direct", "staged", "zero_copy", "cpu")
 
 # Layouts (and, from close(), tiers) of caches dropped while copies into their memory were still
 # running past the deadline: kept for the life of the process, so those copies never write into
@@ -60,134 +58,6 @@ def _timed(op: str):
         return timed
 
     return wrap
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """Settings of a KVCache. Every field is checked; a wrong value raises ValueError naming it.
-
-    Attributes:
-        cpu_bytes: hard capacity of the pinned CPU tier (rounded down to whole chunks).
-        model_id: scopes chunk keys: two models never share a chunk.
-        tenant_salt: optional per-tenant salt in the key namespace (tenants never share chunks).
-        method: how bytes cross PCIe: "auto", "direct", "staged", "zero_copy" (GPU) or "cpu".
-        staging_bytes: device staging area of the "staged" method.
-        cpu_threads: copy threads of the CPU path.
-        timeout_s: default deadline of every wait.
-        disk_dir: directory of the disk tier's cache file (None: no disk tier). Must exist, be
-            writable and accept O_DIRECT (a real disk, not tmpfs).
-        disk_bytes: hard capacity of the disk tier's cache file.
-        disk_backend: "auto" (io_uring where it works, else POSIX), "io_uring" or "posix".
-        disk_admit_min_seen: an evicted chunk is written to disk only if this many requests
-            carried it (2 by default, to spare SSD wear on one-off prompts).
-        disk_queue_depth: I/O requests in flight at once.
-        disk_io_timeout_s: deadline of every disk request.
-        eviction_policy: the CPU tier's eviction order: "lru", "s3fifo" or "lfu".
-        deterministic_writeback: every call waits for the disk write-backs in flight first, an
-            eviction waiting for write-backs waits for all of them, a prefetch for its reads, and
-            the disk runs one request at a time (its queue depth is then 1), so that the tiers'
-            state depends on the calls alone, not on the disk's speed (kvtier.sim then matches
-            the engine exactly). Costs the overlap of disk I/O with the caller's work; for
-            validation and reproducible runs. No effect without a disk tier.
-        disk_max_writebacks_in_flight: write-backs to disk in flight at once (64). An eviction
-            that needs one more waits for one to end. Every admitted eviction starts one before a
-            block frees, so a promotion of a few chunks into a full CPU tier can start this many
-            writes ahead of its reads; a smaller bound leaves the disk to the reads sooner.
-        verify_stores: debug check of store()'s page contract (the pages must not change until
-            its future completes): once a store's copy has landed, each newly stored chunk is
-            copied from its pages a second time and the two are compared; a difference is
-            counted in ``stats()["store_verify_mismatches"]``. Costs a second copy of every
-            stored chunk. ``None`` (the default) takes env ``KVTIER_CPU_VERIFY_STORES`` (1/0).
-        disk_reset_on_mismatch: a cache file in disk_dir written for another geometry (chunk
-            size or layout fingerprint) is wiped at open. False (default): the open raises
-            CacheGeometryError naming both geometries and the file is left as it is.
-        disk_persist_on_close: close() first writes the CPU tier's chunks the disk lacks to disk
-            (see :meth:`KVCache.persist`), so a restart finds them (True by default).
-        disk_persist_interval_s: also persist every this many seconds on a background thread
-            (60; 0: off; off with deterministic_writeback): a process killed without close()
-            loses at most the chunks stored since the last run.
-    """
-
-    cpu_bytes: int = 1 << 30
-    model_id: str = "default"
-    tenant_salt: bytes | str | None = None
-    method: str = "auto"
-    staging_bytes: int = 256 << 20  # 64 MiB halves copy speed while the GPU computes (bench_copy)
-    cpu_threads: int = 2
-    timeout_s: float = 30.0
-    disk_dir: str | None = None
-    disk_bytes: int = 0
-    disk_backend: str = "auto"
-    disk_admit_min_seen: int = 2
-    disk_queue_depth: int = 32
-    disk_io_timeout_s: float = 10.0
-    eviction_policy: str = "lru"
-    deterministic_writeback: bool = False
-    disk_max_writebacks_in_flight: int = 64
-    verify_stores: bool | None = None
-    disk_reset_on_mismatch: bool = False
-    disk_persist_on_close: bool = True
-    disk_persist_interval_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        if self.verify_stores is None:
-            object.__setattr__(self, "verify_stores", _env_flag("KVTIER_CPU_VERIFY_STORES"))
-        elif not isinstance(self.verify_stores, bool):
-            raise InvalidArgumentError(f"config.verify_stores must be True or False, got {self.verify_stores!r}")
-
-        def positive_int(name: str) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise InvalidArgumentError(f"config.{name} must be a positive int, got {v!r}")
-
-        positive_int("cpu_bytes")
-        positive_int("staging_bytes")
-        positive_int("cpu_threads")
-        positive_int("disk_max_writebacks_in_flight")
-        if not isinstance(self.model_id, str) or not self.model_id:
-            raise InvalidArgumentError(f"config.model_id must be a non-empty str, got {self.model_id!r}")
-        if self.eviction_policy not in ("lru", "s3fifo", "lfu"):
-            raise InvalidArgumentError(
-                f"config.eviction_policy must be 'lru', 's3fifo' or 'lfu', got {self.eviction_policy!r}")
-        if not isinstance(self.deterministic_writeback, bool):
-            raise InvalidArgumentError(
-                f"config.deterministic_writeback must be True or False, got {self.deterministic_writeback!r}")
-        if self.method not in _METHODS:
-            raise InvalidArgumentError(f"config.method must be one of {_METHODS}, got {self.method!r}")
-        if not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
-            raise InvalidArgumentError(f"config.timeout_s must be a positive number, got {self.timeout_s!r}")
-        if self.disk_dir is not None:
-            if not isinstance(self.disk_dir, (str, os.PathLike)) or not str(self.disk_dir):
-                raise InvalidArgumentError(f"config.disk_dir must be a directory path, got {self.disk_dir!r}")
-            if not os.path.isdir(self.disk_dir):
-                raise InvalidArgumentError(f"config.disk_dir={str(self.disk_dir)!r} is not an existing directory")
-            positive_int("disk_bytes")
-            positive_int("disk_admit_min_seen")
-            positive_int("disk_queue_depth")
-            if self.disk_backend not in ("auto", "io_uring", "posix"):
-                raise InvalidArgumentError(
-                    f"config.disk_backend must be 'auto', 'io_uring' or 'posix', got {self.disk_backend!r}"
-                )
-            if not isinstance(self.disk_io_timeout_s, (int, float)) or not self.disk_io_timeout_s > 0:
-                raise InvalidArgumentError(
-                    f"config.disk_io_timeout_s must be a positive number, got {self.disk_io_timeout_s!r}"
-                )
-            for name in ("disk_reset_on_mismatch", "disk_persist_on_close"):
-                if not isinstance(getattr(self, name), bool):
-                    raise InvalidArgumentError(f"config.{name} must be True or False, got {getattr(self, name)!r}")
-            v = self.disk_persist_interval_s
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1e9:
-                raise InvalidArgumentError(
-                    f"config.disk_persist_interval_s must be 0 (off) or a positive number of seconds, got {v!r}")
-
-
-def _env_flag(name: str) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise InvalidArgumentError(f"env {name}={os.environ[name]!r}: expected 1 or 0 (true/false, yes/no, on/off)")
 
 
 def _as_page_ids(page_ids) -> np.ndarray:

@@ -84,7 +84,8 @@ _SIZE_UNITS = {
 _SIZE_RE = re.compile(r"^\s*(\d[\d_]*(?:\.\d+)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 SIZE_FORMS = (
     "an integer number of bytes or a string like '8GiB', '512MB', '1.5TB' (B; kB MB GB TB PB = "
-    "powers of 1000; KiB MiB GiB TiB PiB = powers of 1024; case-insensitive)"
+    "powers of 1000; KiB MiB GiB TiB PiB = powers of 1024; case-insensitive; a bare K, M, G, T "
+    "or P is refused as ambiguous: write '8GiB' or '8GB')"
 )
 
 
@@ -92,7 +93,9 @@ def parse_size(value: float | str, key: str = "size") -> int:
     """Bytes from an int or a string such as ``"8GiB"``, ``"512MB"`` or ``"1.5TB"``.
 
     Units are case-insensitive: B, kB/MB/GB/TB/PB (powers of 1000) and KiB/MiB/GiB/TiB/PiB
-    (powers of 1024). A fraction of a byte is dropped (``"1.1KiB"`` is 1126).
+    (powers of 1024). A bare K, M, G, T or P is refused: ``"8G"`` could mean either. A fraction
+    of a byte is dropped (``"1.1KiB"`` is 1126). Every size in kvtier is read here: config
+    files, ``KVTIER_*`` variables, keyword overrides and command-line options.
 
     >>> parse_size("8GiB"), parse_size("512MB"), parse_size("1.5tb"), parse_size(4096)
     (8589934592, 512000000, 1500000000000, 4096)
@@ -123,16 +126,27 @@ def _parse_size(value: Any) -> int:
 
 # -- value checkers --------------------------------------------------------------------------------
 class _Rejected(Exception):
-    """A checker refused a value; the section turns it into an InvalidArgumentError with the key."""
+    """A checker refused a value; the caller turns it into an InvalidArgumentError with the key."""
 
 
 class _Check:
-    """Parses one value (a YAML value, an environment string or a Python object) or rejects it."""
+    """Parses one value or rejects it.
+
+    ``typed=False`` (config files, the environment, keyword overrides of the loader): text forms
+    are read too (``"8GiB"``, ``"64"``, ``"yes"``, ``"null"``). ``typed=True`` (the Python
+    settings objects, :class:`CacheConfig` and :class:`PeerConfig`): numbers, sizes and booleans
+    must be given as Python ints, floats and bools. ``allowed`` and ``typed_allowed`` say what
+    each accepts.
+    """
 
     allowed: str = ""
     type_name: str = ""
 
-    def __call__(self, value: Any) -> Any:
+    @property
+    def typed_allowed(self) -> str:
+        return self.allowed
+
+    def __call__(self, value: Any, typed: bool = False) -> Any:
         raise NotImplementedError
 
 
@@ -142,8 +156,8 @@ class _Int(_Check):
         self.allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
         self.type_name = "int"
 
-    def __call__(self, value: Any) -> int:
-        if isinstance(value, str):
+    def __call__(self, value: Any, typed: bool = False) -> int:
+        if isinstance(value, str) and not typed:
             try:
                 value = int(value.strip())
             except ValueError:
@@ -156,15 +170,26 @@ class _Int(_Check):
 
 
 class _Float(_Check):
-    def __init__(self, lo: float = 0.0, zero_ok: bool = False) -> None:
-        self.lo, self.zero_ok = lo, zero_ok
+    """A finite number > ``lo`` (``lo`` 0) or >= ``lo``, <= ``hi`` (< ``hi`` with ``hi_open``);
+    ``zero_ok``: 0 also, meaning off."""
+
+    def __init__(
+        self,
+        lo: float = 0.0,
+        zero_ok: bool = False,
+        hi: float | None = None,
+        hi_open: bool = False,
+    ) -> None:
+        self.lo, self.zero_ok, self.hi, self.hi_open = lo, zero_ok, hi, hi_open
         self.allowed = "a number > 0" if lo == 0 else f"a number >= {lo}"
+        if hi is not None:
+            self.allowed += f" and {'<' if hi_open else '<='} {hi:g}"
         if zero_ok:
             self.allowed = f"0 (off) or {self.allowed}"
         self.type_name = "float"
 
-    def __call__(self, value: Any) -> float:
-        if isinstance(value, str):
+    def __call__(self, value: Any, typed: bool = False) -> float:
+        if isinstance(value, str) and not typed:
             try:
                 value = float(value.strip())
             except ValueError:
@@ -179,6 +204,8 @@ class _Float(_Check):
             return 0.0
         if value <= 0 or value < self.lo:
             raise _Rejected
+        if self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi):
+            raise _Rejected
         return float(value)
 
 
@@ -189,7 +216,13 @@ class _Size(_Check):
         self.allowed = f"a size{at_least}: {SIZE_FORMS}"
         self.type_name = "size"
 
-    def __call__(self, value: Any) -> int:
+    @property
+    def typed_allowed(self) -> str:
+        return f"an int number of bytes >= {self.lo}"
+
+    def __call__(self, value: Any, typed: bool = False) -> int:
+        if typed and (isinstance(value, bool) or not isinstance(value, int)):
+            raise _Rejected
         n = _parse_size(value)
         if n < self.lo:
             raise _Rejected
@@ -202,7 +235,7 @@ class _Choice(_Check):
         self.allowed = "one of " + ", ".join(repr(o) for o in options)
         self.type_name = " | ".join(options)
 
-    def __call__(self, value: Any) -> str:
+    def __call__(self, value: Any, typed: bool = False) -> str:
         if isinstance(value, str) and value.strip().lower() in self.options:
             return value.strip().lower()
         raise _Rejected
@@ -210,6 +243,7 @@ class _Choice(_Check):
 
 class _Bool(_Check):
     allowed = "true or false (also 1/0, yes/no, on/off)"
+    typed_allowed = "True or False"  # type: ignore[assignment]
     type_name = "bool"
     _WORDS: ClassVar[dict[str, bool]] = {
         "1": True,
@@ -222,9 +256,11 @@ class _Bool(_Check):
         "off": False,
     }
 
-    def __call__(self, value: Any) -> bool:
+    def __call__(self, value: Any, typed: bool = False) -> bool:
         if isinstance(value, bool):
             return value
+        if typed:
+            raise _Rejected
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         if isinstance(value, str) and value.strip().lower() in self._WORDS:
@@ -233,15 +269,23 @@ class _Bool(_Check):
 
 
 class _Text(_Check):
-    def __init__(self, pattern: str | None = None, what: str = "a non-empty string") -> None:
+    def __init__(
+        self,
+        pattern: str | None = None,
+        what: str = "a non-empty string",
+        max_bytes: int | None = None,
+    ) -> None:
         self.pattern = re.compile(pattern) if pattern else None
+        self.max_bytes = max_bytes
         self.allowed = what
         self.type_name = "str"
 
-    def __call__(self, value: Any) -> str:
+    def __call__(self, value: Any, typed: bool = False) -> str:
         if not isinstance(value, str) or not value:
             raise _Rejected
         if self.pattern is not None and not self.pattern.fullmatch(value):
+            raise _Rejected
+        if self.max_bytes is not None and len(value.encode()) > self.max_bytes:
             raise _Rejected
         return value
 
@@ -250,7 +294,7 @@ class _Dir(_Check):
     allowed = "an existing directory"
     type_name = "path"
 
-    def __call__(self, value: Any) -> str:
+    def __call__(self, value: Any, typed: bool = False) -> str:
         if not isinstance(value, (str, os.PathLike)) or not str(value):
             raise _Rejected
         path = os.path.expanduser(os.fspath(value))
@@ -263,7 +307,7 @@ class _File(_Check):
     allowed = "a file path"
     type_name = "path"
 
-    def __call__(self, value: Any) -> str:
+    def __call__(self, value: Any, typed: bool = False) -> str:
         if not isinstance(value, (str, os.PathLike)) or not str(value):
             raise _Rejected
         return os.path.expanduser(os.fspath(value))
@@ -273,7 +317,7 @@ class _Salt(_Check):
     allowed = "a string or bytes"
     type_name = "str | bytes"
 
-    def __call__(self, value: Any) -> str | bytes:
+    def __call__(self, value: Any, typed: bool = False) -> str | bytes:
         if isinstance(value, str):
             return value
         if isinstance(value, (bytes, bytearray, memoryview)):
@@ -282,40 +326,55 @@ class _Salt(_Check):
 
 
 _ADDRESS_FORMS = "'host:port' with a port in [0, 65535] (IPv6 as '[::1]:7400')"
+_PORT_RE = re.compile(r"[0-9]{1,5}")
 
 
-def _check_address(value: Any) -> str:
+def parse_address(addr: Any, what: str) -> tuple[str, int]:
+    """``"host:port"`` (IPv6 as ``"[::1]:port"``) -> (host, port); InvalidArgumentError naming
+    ``what`` otherwise. Every address of a config and of the peer service is read here."""
+    try:
+        return _split_address(addr)
+    except _Rejected:
+        raise _invalid(what, addr, _ADDRESS_FORMS) from None
+
+
+def _split_address(value: Any) -> tuple[str, int]:
     if not isinstance(value, str):
         raise _Rejected
     host, sep, port = value.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    host = host.strip("[]")
+    if not sep or not host or not _PORT_RE.fullmatch(port) or int(port) > 65535:
         raise _Rejected
-    return value.strip()
+    return host, int(port)
 
 
 class _Address(_Check):
     allowed = _ADDRESS_FORMS
     type_name = "host:port"
 
-    def __call__(self, value: Any) -> str:
-        return _check_address(value)
+    def __call__(self, value: Any, typed: bool = False) -> str:
+        _split_address(value)
+        return value.strip()
 
 
 class _AddressList(_Check):
+    """A list of addresses; a comma-separated string is one too (the environment's and
+    ``kvtier peer --seeds``' form)."""
+
     allowed = f"a list of {_ADDRESS_FORMS} (in the environment: comma-separated)"
     type_name = "list of host:port"
 
-    def __call__(self, value: Any) -> tuple[str, ...]:
+    def __call__(self, value: Any, typed: bool = False) -> tuple[str, ...]:
         if isinstance(value, str):
             value = [v for v in (s.strip() for s in value.split(",")) if v]
         if not isinstance(value, (list, tuple)):
             raise _Rejected
-        return tuple(_check_address(v) for v in value)
+        return tuple(_Address()(v) for v in value)
 
 
 class _Optional(_Check):
     """None, or the inner value. ``none_words``: "", "none" and "null" strings also mean None
-    (the environment cannot spell null otherwise)."""
+    where text is read (the environment cannot spell null otherwise)."""
 
     def __init__(
         self,
@@ -323,16 +382,20 @@ class _Optional(_Check):
         meaning: str = "unset",
         none_words: tuple[str, ...] = ("", "none", "null"),
     ):
-        self.inner, self.none_words = inner, none_words
+        self.inner, self.none_words, self.meaning = inner, none_words, meaning
         self.allowed = f"{inner.allowed}, or null ({meaning})"
         self.type_name = f"{inner.type_name} or null"
 
-    def __call__(self, value: Any) -> Any:
+    @property
+    def typed_allowed(self) -> str:
+        return f"{self.inner.typed_allowed}, or None ({self.meaning})"
+
+    def __call__(self, value: Any, typed: bool = False) -> Any:
         if value is None:
             return None
-        if isinstance(value, str) and value.strip().lower() in self.none_words:
+        if not typed and isinstance(value, str) and value.strip().lower() in self.none_words:
             return None
-        return self.inner(value)
+        return self.inner(value, typed)
 
 
 def _field(
@@ -342,25 +405,80 @@ def _field(
     return field(default=default, repr=show, metadata={"check": check, "doc": doc, "env": env})
 
 
+def _checked(key: str, check: _Check, value: Any, typed: bool = False) -> Any:
+    """``check(value)``, or the InvalidArgumentError naming ``key``, the value and what is
+    allowed."""
+    try:
+        return check(value, typed)
+    except _Rejected:
+        raise _invalid(key, value, check.typed_allowed if typed else check.allowed) from None
+
+
+# -- rules over several keys -----------------------------------------------------------------------
+# Each rule reads some dotted keys and names one of them when they do not fit together. ``name``
+# renders a dotted key as its caller knows it (``disk.bytes`` in a config, ``disk_bytes`` in a
+# CacheConfig).
+def _disk_needs_bytes(v: Mapping[str, Any], name: Any) -> None:
+    if v["disk.dir"] is not None and v["disk.bytes"] < 1:
+        raise _invalid(
+            name("disk.bytes"), v["disk.bytes"], f"a size >= 1 byte when {name('disk.dir')} is set"
+        )
+
+
+def _gpu_one_size(v: Mapping[str, Any], name: Any) -> None:
+    if v["gpu.pool_pages"] is not None and v["gpu.bytes"] is not None:
+        raise _invalid(
+            name("gpu.bytes"),
+            v["gpu.bytes"],
+            f"null when {name('gpu.pool_pages')} is set (give one of the two)",
+        )
+
+
+def _chunk_of_pages(v: Mapping[str, Any], name: Any) -> None:
+    if v["model.chunk_tokens"] % v["gpu.page_tokens"] != 0:
+        raise _invalid(
+            name("model.chunk_tokens"),
+            v["model.chunk_tokens"],
+            f"a multiple of {name('gpu.page_tokens')} ({v['gpu.page_tokens']})",
+        )
+
+
+_RULES: tuple[tuple[tuple[str, ...], Any], ...] = (
+    (("disk.dir", "disk.bytes"), _disk_needs_bytes),
+    (("gpu.pool_pages", "gpu.bytes"), _gpu_one_size),
+    (("model.chunk_tokens", "gpu.page_tokens"), _chunk_of_pages),
+)
+
+
+def _check_rules(values: Mapping[str, Any], name: Any = str) -> None:
+    """Every rule whose keys are all in ``values`` (dotted key -> checked value)."""
+    for keys, rule in _RULES:
+        if all(k in values for k in keys):
+            rule(values, name)
+
+
 # -- sections --------------------------------------------------------------------------------------
 class _Section:
-    """Validates and normalizes every field of a frozen section dataclass after __init__."""
+    """Validates and normalizes every field of a frozen settings dataclass after __init__: each
+    field's checker (its ``_field`` metadata), then the rules over several of its keys."""
 
     SECTION: ClassVar[str] = ""
+    # True: Python values only (see _Check); False: text forms as well.
+    TYPED: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            check: _Check = f.metadata["check"]
-            raw = getattr(self, f.name)
-            try:
-                value = check(raw)
-            except _Rejected:
-                raise _invalid(f"{self.SECTION}.{f.name}", raw, check.allowed) from None
+            value = _checked(
+                f"{self.SECTION}.{f.name}", f.metadata["check"], getattr(self, f.name), self.TYPED
+            )
             object.__setattr__(self, f.name, value)
+        _check_rules(
+            {f"{self.SECTION}.{f.name}": getattr(self, f.name) for f in dataclasses.fields(self)}
+        )
         self._check_together()
 
     def _check_together(self) -> None:
-        """Rules that involve several keys of the section."""
+        """Rules of this section that need more than the values (files, other objects)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -446,14 +564,10 @@ class DiskConfig(_Section):
     )
     persist_interval_s: float = _field(
         60.0,
-        _Float(zero_ok=True),
+        _Float(zero_ok=True, hi=1e9),
         "also persist every this many seconds (0: off; off with deterministic_writeback): a "
         "process killed without close() loses at most the chunks stored since the last run",
     )
-
-    def _check_together(self) -> None:
-        if self.dir is not None and self.bytes < 1:
-            raise _invalid("disk.bytes", self.bytes, "a size >= 1 byte when disk.dir is set")
 
 
 @dataclass(frozen=True)
@@ -468,12 +582,6 @@ class GpuConfig(_Section):
         None, _Optional(_Size(1), "sized by gpu.pool_pages or the engine"), "bytes of the GPU pool"
     )
     page_tokens: int = _field(16, _Int(1), "tokens per page (the inference engine's paging unit)")
-
-    def _check_together(self) -> None:
-        if self.pool_pages is not None and self.bytes is not None:
-            raise _invalid(
-                "gpu.bytes", self.bytes, "null when gpu.pool_pages is set (give one of the two)"
-            )
 
 
 @dataclass(frozen=True)
@@ -537,62 +645,162 @@ class MetricsConfig(_Section):
     )
 
 
-class PeersConfig(Mapping):
-    """The peer service's settings: a read-only mapping, passed through to the peer service.
+@dataclass(frozen=True)
+class _PeerSchema(_Section):
+    """The keys of a peer service: checker, default and doc of each. :class:`kvtier.p2p.PeerConfig`
+    (a running service's settings: Python values, a secret required, files opened) is this with
+    the rules that need the files; :class:`PeersSection` (the ``peers:`` section of a config file)
+    checks the keys it is given with these checkers."""
 
-    ``listen``, ``seeds`` and ``secret_file`` are checked here; other keys (from YAML or
-    overrides) are kept as given for the peer service to check. Also readable as attributes.
+    SECTION: ClassVar[str] = "peers"
+    TYPED: ClassVar[bool] = True
+    listen: str = _field(
+        "127.0.0.1:0",
+        _Address(),
+        "address the peer service listens on (port 0: any free port)",
+    )
+    seeds: tuple[str, ...] = _field(
+        (), _AddressList(), "peers to join through (any member can be a seed); none: a new cluster"
+    )
+    secret: bytes | str | None = _field(
+        None,
+        _Optional(_Salt(), "use secret_file", none_words=()),
+        "the cluster secret (>= 16 bytes); give exactly one of secret and secret_file",
+        show=False,
+    )
+    secret_file: str | None = _field(
+        None,
+        _Optional(_File(), "no cluster secret"),
+        "file holding the cluster secret (HMAC of every connection)",
+    )
+    advertise: str | None = _field(
+        None,
+        _Optional(_Address(), "the bound listen address"),
+        "the address peers dial",
+    )
+    node_id: str | None = _field(
+        None,
+        _Optional(
+            _Text(what="a string of 1 to 64 bytes", max_bytes=64), "the advertised host:port"
+        ),
+        "this member's name",
+    )
+    request_timeout_s: float = _field(
+        5.0, _Float(), "deadline of a peer lookup (confirm round trip) and of a pull, in seconds"
+    )
+    connect_timeout_s: float = _field(
+        1.0, _Float(), "deadline of a TCP connect plus handshake, in seconds"
+    )
+    gossip_interval_s: float = _field(
+        0.2, _Float(), "the protocol period (one probe, one gossip exchange), in seconds"
+    )
+    ack_timeout_s: float = _field(
+        0.15, _Float(), "a direct probe unanswered by then goes indirect, in seconds"
+    )
+    indirect_probes: int = _field(2, _Int(1), "members asked to probe a silent peer")
+    suspicion_mult: float = _field(
+        4.0, _Float(), "suspect -> dead after suspicion_mult * log10(n+1) periods"
+    )
+    dead_retention_s: float = _field(
+        30.0, _Float(), "how long a dead member's record is kept (refuses stale gossip)"
+    )
+    sync_interval_s: float = _field(
+        3.0, _Float(), "full-state push-pull with one random member, this often (seconds)"
+    )
+    digest_capacity: int = _field(1 << 17, _Int(1), "keys the Bloom filter digest is sized for")
+    digest_fp_rate: float = _field(
+        0.001, _Float(hi=0.5, hi_open=True), "the digest's false-positive rate"
+    )
+    digest_rebuild_s: float = _field(
+        60.0, _Float(), "rebuild this member's digest from the keys still held, this often"
+    )
+    digest_fetches_per_tick: int = _field(
+        4, _Int(1), "peers whose digest we are behind on, caught up per period"
+    )
+    max_sources: int = _field(4, _Int(1), "peers a lookup asks to confirm (and pulls from) at most")
+    max_request_chunks: int = _field(1024, _Int(1, 4096), "chunks one request names at most")
+    max_connections: int = _field(
+        256, _Int(1), "authenticated inbound connections served at once (see PeerConfig)"
+    )
+    idle_timeout_s: float = _field(
+        300.0, _Float(), "an idle connection is closed after this many seconds"
+    )
+    scarce_idle_timeout_s: float = _field(
+        10.0, _Float(), "... after this many once half the connection slots are taken"
+    )
+    share_pool: str = _field(
+        "off",
+        _Choice(("auto", "cuda", "shm", "off")),
+        "how a PagedKVPool shares its own pages with peers on this host (docs/p2p.md, "
+        "'Same-host sharing'): off, auto (CUDA IPC for a GPU pool, nothing on a CPU), cuda, or "
+        "shm (a CPU pool in /dev/shm files)",
+    )
+    tls_cert_file: str | None = _field(
+        None,
+        _Optional(_File(), "plain TCP"),
+        "this member's TLS certificate (PEM); with tls_key_file: peer connections in TLS",
+    )
+    tls_key_file: str | None = _field(
+        None, _Optional(_File(), "plain TCP"), "the private key of tls_cert_file (PEM)"
+    )
+    tls_ca_file: str | None = _field(
+        None,
+        _Optional(_File(), "no CA: certificates bound by the handshake only"),
+        "CA (PEM) signing the members' certificates: mutual TLS",
+    )
+
+
+# The keys of the `peers:` section a config file, the environment and config_keys() know (with
+# the default a file means when it leaves them out); the section checks every other PeerConfig
+# key it is given with PeerConfig's checker too, and passes keys PeerConfig does not have
+# through.
+_PEERS_SECTION_KEYS: dict[str, Any] = {
+    "listen": None,
+    "seeds": (),
+    "secret_file": None,
+    "tls_cert_file": None,
+    "tls_key_file": None,
+    "tls_ca_file": None,
+}
+_PEER_FIELDS = {f.name: f for f in dataclasses.fields(_PeerSchema)}
+
+
+def _peers_section_check(name: str) -> _Check:
+    """The checker of one key in the `peers:` section: PeerConfig's, where ``listen`` may also be
+    null (no peer service)."""
+    check: _Check = _PEER_FIELDS[name].metadata["check"]
+    if name == "listen":
+        return _Optional(check, "no peer service")
+    return check
+
+
+class PeersSection(Mapping):
+    """The ``peers:`` section of a config file: a read-only mapping (also readable as
+    attributes), handed to the peer service.
+
+    ``listen`` null means no peer service; no secret is required here. Every key that is a
+    :class:`PeerConfig` field is checked by PeerConfig's checker; other keys are kept as given.
     """
 
     SECTION: ClassVar[str] = "peers"
     KNOWN: ClassVar[dict[str, tuple[Any, _Check, str]]] = {
-        "listen": (
-            None,
-            _Optional(_Address(), "no peer service"),
-            "address the peer service listens on",
-        ),
-        "seeds": ((), _AddressList(), "peers to join through (any member can be a seed)"),
-        "secret_file": (
-            None,
-            _Optional(_File(), "no cluster secret"),
-            "file holding the cluster secret (HMAC of every connection)",
-        ),
-        "tls_cert_file": (
-            None,
-            _Optional(_File(), "plain TCP"),
-            "this member's TLS certificate (PEM); with tls_key_file: peer connections in TLS",
-        ),
-        "tls_key_file": (None, _Optional(_File(), "plain TCP"), "the private key of tls_cert_file (PEM)"),
-        "tls_ca_file": (
-            None,
-            _Optional(_File(), "no CA: certificates bound by the handshake only"),
-            "CA (PEM) signing the members' certificates: mutual TLS",
-        ),
+        name: (default, _peers_section_check(name), _PEER_FIELDS[name].metadata["doc"])
+        for name, default in _PEERS_SECTION_KEYS.items()
     }
     __slots__ = ("_data",)
 
-    def __init__(
-        self,
-        /,
-        listen: str | None = None,
-        seeds: Any = (),
-        secret_file: str | None = None,
-        tls_cert_file: str | None = None,
-        tls_key_file: str | None = None,
-        tls_ca_file: str | None = None,
-        **extra: Any,
-    ):
+    def __init__(self, /, **values: Any):
         data: dict[str, Any] = {}
-        for name, raw in (("listen", listen), ("seeds", seeds), ("secret_file", secret_file),
-                          ("tls_cert_file", tls_cert_file), ("tls_key_file", tls_key_file),
-                          ("tls_ca_file", tls_ca_file)):
-            check = self.KNOWN[name][1]
-            try:
-                data[name] = check(raw)
-            except _Rejected:
-                raise _invalid(f"peers.{name}", raw, check.allowed) from None
-        for name, value in extra.items():
-            data[name] = copy.deepcopy(value)
+        for name, (default, _, _) in self.KNOWN.items():
+            data[name] = values.pop(name, default)
+        data.update(values)
+        for name, raw in data.items():
+            if name in self.KNOWN:
+                data[name] = _checked(f"peers.{name}", self.KNOWN[name][1], raw)
+            elif name in _PEER_FIELDS:
+                data[name] = _checked(f"peers.{name}", _PEER_FIELDS[name].metadata["check"], raw)
+            else:
+                data[name] = copy.deepcopy(raw)
         object.__setattr__(self, "_data", data)
 
     listen = property(lambda self: self._data["listen"])
@@ -615,7 +823,8 @@ class PeersConfig(Mapping):
         return hash((self.listen, self.seeds, self.secret_file, frozenset(self._data)))
 
     def __repr__(self) -> str:
-        return "PeersConfig(" + ", ".join(f"{k}={v!r}" for k, v in self._data.items()) + ")"
+        shown = (k for k in self._data if k not in _PEER_FIELDS or _PEER_FIELDS[k].repr)
+        return "PeersSection(" + ", ".join(f"{k}={self._data[k]!r}" for k in shown) + ")"
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _plain(v) for k, v in self._data.items()}
@@ -624,8 +833,8 @@ class PeersConfig(Mapping):
         return (_rebuild_peers, (dict(self._data),))
 
 
-def _rebuild_peers(data: dict[str, Any]) -> PeersConfig:
-    return PeersConfig(**data)
+def _rebuild_peers(data: dict[str, Any]) -> PeersSection:
+    return PeersSection(**data)
 
 
 _SECTIONS: dict[str, type] = {
@@ -635,7 +844,7 @@ _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "planner": PlannerConfig,
     "metrics": MetricsConfig,
-    "peers": PeersConfig,
+    "peers": PeersSection,
 }
 _TOP_LEVEL = {"timeout_s": (30.0, _Float(), "default deadline of every wait, in seconds")}
 
@@ -654,8 +863,8 @@ def _plain(value: Any) -> Any:
 def _section_keys(section: str) -> dict[str, tuple[Any, _Check, str, str]]:
     """key -> (default, checker, doc, env name) of one section, in declaration order."""
     cls = _SECTIONS[section]
-    if cls is PeersConfig:
-        items = [(k, d, c, doc, None) for k, (d, c, doc) in PeersConfig.KNOWN.items()]
+    if cls is PeersSection:
+        items = [(k, d, c, doc, None) for k, (d, c, doc) in PeersSection.KNOWN.items()]
     else:
         items = [
             (f.name, f.default, f.metadata["check"], f.metadata["doc"], f.metadata["env"])
@@ -694,12 +903,35 @@ ENV_VARS: dict[str, str] = {info["env"]: dotted for dotted, info in config_keys(
 _FLAT_OVERRIDES: dict[str, str] = {
     env[len(ENV_PREFIX) :].lower(): dotted for env, dotted in ENV_VARS.items()
 }
-# CacheConfig's own names, so that every keyword of KVCache / cache_kwargs() is an override too.
-_FLAT_OVERRIDES.update(
-    method="cpu.method", staging_bytes="cpu.staging_bytes", tenant_salt="model.tenant_salt",
-    eviction_policy="cpu.eviction_policy", deterministic_writeback="disk.deterministic_writeback",
-    disk_max_writebacks_in_flight="disk.max_writebacks_in_flight", verify_stores="cpu.verify_stores",
-)
+# CacheConfig's fields, in their order: field name -> the config key whose checker, default and
+# doc it has. A cache setting is declared once, as a config key; its line here makes it a keyword
+# of CacheConfig and KVCache, of cache_kwargs() and of the loader's overrides.
+CACHE_FIELDS: dict[str, str] = {
+    "cpu_bytes": "cpu.bytes",
+    "model_id": "model.model_id",
+    "tenant_salt": "model.tenant_salt",
+    "method": "cpu.method",
+    "staging_bytes": "cpu.staging_bytes",
+    "cpu_threads": "cpu.threads",
+    "timeout_s": "timeout_s",
+    "disk_dir": "disk.dir",
+    "disk_bytes": "disk.bytes",
+    "disk_backend": "disk.backend",
+    "disk_admit_min_seen": "disk.admit_min_seen",
+    "disk_queue_depth": "disk.queue_depth",
+    "disk_io_timeout_s": "disk.io_timeout_s",
+    "eviction_policy": "cpu.eviction_policy",
+    "deterministic_writeback": "disk.deterministic_writeback",
+    "disk_max_writebacks_in_flight": "disk.max_writebacks_in_flight",
+    "verify_stores": "cpu.verify_stores",
+    "disk_reset_on_mismatch": "disk.reset_on_mismatch",
+    "disk_persist_on_close": "disk.persist_on_close",
+    "disk_persist_interval_s": "disk.persist_interval_s",
+}
+# CacheConfig fields whose default, None, means the value of the key's KVTIER_* variable (unset
+# or empty: the key's default), so that a KVCache built without the loader follows it too.
+_CACHE_FROM_ENV = frozenset({"verify_stores"})
+_FLAT_OVERRIDES.update(CACHE_FIELDS)
 
 
 # -- the config ------------------------------------------------------------------------------------
@@ -718,8 +950,8 @@ class KVTierConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    peers: PeersConfig = field(default_factory=PeersConfig)
-    timeout_s: float = 30.0
+    peers: PeersSection = field(default_factory=PeersSection)
+    timeout_s: float = _TOP_LEVEL["timeout_s"][0]
 
     def __post_init__(self) -> None:
         for name, cls in _SECTIONS.items():
@@ -731,23 +963,26 @@ class KVTierConfig:
                     name, value, f"a mapping of {name} keys ({', '.join(_section_keys(name))})"
                 )
             known = _section_keys(name)
-            if cls is not PeersConfig:
+            if cls is not PeersSection:
                 for key in value:
                     if key not in known:
                         known_keys = [f"{name}.{k}" for k in known]
                         raise _unknown("config key", f"{name}.{key}", known_keys, None, f"{name}.")
             object.__setattr__(self, name, cls(**value))
-        check = _TOP_LEVEL["timeout_s"][1]
-        try:
-            object.__setattr__(self, "timeout_s", check(self.timeout_s))
-        except _Rejected:
-            raise _invalid("timeout_s", self.timeout_s, check.allowed) from None
-        if self.model.chunk_tokens % self.gpu.page_tokens != 0:
-            raise _invalid(
-                "model.chunk_tokens",
-                self.model.chunk_tokens,
-                f"a multiple of gpu.page_tokens ({self.gpu.page_tokens})",
-            )
+        for key, (_, check, _) in _TOP_LEVEL.items():
+            object.__setattr__(self, key, _checked(key, check, getattr(self, key)))
+        _check_rules({dotted: self.get(dotted) for dotted in config_keys()})
+
+    def get(self, dotted: str) -> Any:
+        """The value of one key, by its dotted path (``cfg.get("disk.queue_depth")``)."""
+        section, _, key = dotted.partition(".")
+        if not key:
+            return getattr(self, section)
+        return (
+            getattr(self, section)[key]
+            if section == "peers"
+            else getattr(getattr(self, section), key)
+        )
 
     # -- building ----------------------------------------------------------------------------------
     @classmethod
@@ -825,29 +1060,85 @@ class KVTierConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
     def cache_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`kvtier.cache.CacheConfig` (and so of ``KVCache``)."""
-        return {
-            "cpu_bytes": self.cpu.bytes,
-            "model_id": self.model.model_id,
-            "tenant_salt": self.model.tenant_salt,
-            "method": self.cpu.method,
-            "staging_bytes": self.cpu.staging_bytes,
-            "cpu_threads": self.cpu.threads,
-            "timeout_s": self.timeout_s,
-            "disk_dir": self.disk.dir,
-            "disk_bytes": self.disk.bytes,
-            "disk_backend": self.disk.backend,
-            "disk_admit_min_seen": self.disk.admit_min_seen,
-            "disk_queue_depth": self.disk.queue_depth,
-            "disk_io_timeout_s": self.disk.io_timeout_s,
-            "eviction_policy": self.cpu.eviction_policy,
-            "deterministic_writeback": self.disk.deterministic_writeback,
-            "disk_max_writebacks_in_flight": self.disk.max_writebacks_in_flight,
-            "disk_reset_on_mismatch": self.disk.reset_on_mismatch,
-            "disk_persist_on_close": self.disk.persist_on_close,
-            "disk_persist_interval_s": self.disk.persist_interval_s,
-            "verify_stores": self.cpu.verify_stores,
-        }
+        """Keyword arguments of :class:`CacheConfig` (and so of ``KVCache``)."""
+        return {name: self.get(dotted) for name, dotted in CACHE_FIELDS.items()}
+
+    def cache_config(self) -> CacheConfig:
+        """The :class:`CacheConfig` of this config (``KVCache(layout, cfg.cache_config())``)."""
+        return CacheConfig(**self.cache_kwargs())
+
+
+# -- the settings of one KVCache -------------------------------------------------------------------
+def _with_cache_fields(cls: type) -> type:
+    """Adds CacheConfig's fields, each from its config key (CACHE_FIELDS), and their docs."""
+    keys = config_keys()
+    lines = []
+    for name, dotted in CACHE_FIELDS.items():
+        section, _, key = dotted.partition(".")
+        if key:
+            f = next(f for f in dataclasses.fields(_SECTIONS[section]) if f.name == key)
+            default, check, doc, type_, show = (
+                f.default,
+                f.metadata["check"],
+                f.metadata["doc"],
+                f.type,
+                f.repr,
+            )
+        else:
+            default, check, doc = _TOP_LEVEL[dotted]
+            type_, show = "float", True
+        env = keys[dotted]["env"]
+        if name in _CACHE_FROM_ENV:
+            default, type_ = None, f"{type_} | None"
+            doc += f" (None: {env}, or {_plain(keys[dotted]['default'])!r} when it is unset)"
+        cls.__annotations__[name] = type_
+        setattr(
+            cls,
+            name,
+            field(default=default, repr=show, metadata={"key": dotted, "check": check, "doc": doc}),
+        )
+        lines.append(f"    {name}: {doc}. Config key ``{dotted}``, variable ``{env}``.")
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n    Attributes:\n" + "\n".join(lines) + "\n"
+    return cls
+
+
+@dataclass(frozen=True)
+@_with_cache_fields
+class CacheConfig:
+    """The settings of one :class:`kvtier.KVCache` (``kvtier.CacheConfig``): the cache keys of
+    :class:`KVTierConfig` under the names of KVCache's keywords (CACHE_FIELDS), with the same
+    checks and defaults. Python values only: sizes as ints of bytes, booleans as bools (a
+    config file or the environment takes text forms; see :meth:`KVTierConfig.cache_config`). A
+    wrong value raises InvalidArgumentError naming the field, the value and what is allowed."""
+
+    def __post_init__(self) -> None:
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            raw = getattr(self, f.name)
+            if raw is None and f.name in _CACHE_FROM_ENV:
+                value = _from_environ(f.metadata["key"])
+            else:
+                value = _checked(f.name, f.metadata["check"], raw, typed=True)
+            object.__setattr__(self, f.name, value)
+            values[f.metadata["key"]] = value
+        _check_rules(values, _CACHE_NAMES.__getitem__)
+
+
+_CACHE_NAMES = {dotted: name for name, dotted in CACHE_FIELDS.items()}
+
+
+def _from_environ(dotted: str) -> Any:
+    """A key's value from its KVTIER_* variable in os.environ; its default when unset or empty."""
+    info = config_keys()[dotted]
+    raw = os.environ.get(info["env"], "")
+    if not raw.strip():
+        return info["default"]
+    section, _, key = dotted.partition(".")
+    check = _section_keys(section)[key][1] if key else _TOP_LEVEL[dotted][1]
+    try:
+        return check(raw)
+    except _Rejected:
+        raise _invalid(dotted, raw, check.allowed, f"environment {info['env']}") from None
 
 
 # -- sources ---------------------------------------------------------------------------------------
@@ -959,19 +1250,37 @@ def _read_overrides(overrides: Mapping[str, Any]) -> dict[str, tuple[Any, str]]:
 
 
 __all__ = [
+    "CACHE_FIELDS",
     "CONFIG_FILE_ENV",
     "ENV_VARS",
+    "CacheConfig",
     "CpuConfig",
     "DiskConfig",
     "GpuConfig",
     "KVTierConfig",
     "MetricsConfig",
     "ModelConfig",
-    "PeersConfig",
+    "PeersSection",
     "PlannerConfig",
     "config_keys",
+    "parse_address",
     "parse_size",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PeersConfig":
+        import warnings
+
+        warnings.warn(
+            "kvtier.config.PeersConfig is renamed PeersSection (the `peers:` section of a config "
+            "file; kvtier.p2p.PeerConfig is a peer service's settings); the old name goes in the "
+            "next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return PeersSection
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_cache(layout, config: KVTierConfig | None = None, **overrides):

@@ -23,8 +23,12 @@ def add_parser(sub) -> None:
     p.add_argument("--tls-ca-file", default=None, help="CA (PEM) signing the members' certificates: mutual TLS")
     p.add_argument("--node-id", default=None)
     p.add_argument("--cache-dir", default=None, help="directory of the disk tier (omit: no disk tier)")
-    p.add_argument("--cpu-bytes", type=_size, default="1G", help="pinned pool size (e.g. 8G)")
-    p.add_argument("--disk-bytes", type=_size, default="16G", help="disk tier size (e.g. 500G)")
+    p.add_argument("--cpu-bytes", type=_size, default="1GiB",
+                   help="pinned pool size, default 1GiB. A size is bytes or a number with a unit, as "
+                        "in a config file: 8GiB = 8*2^30 (KiB MiB GiB TiB PiB), 8GB = 8*10^9 "
+                        "(kB MB GB TB PB); a bare 8G is refused as ambiguous")
+    p.add_argument("--disk-bytes", type=_size, default="16GiB",
+                   help="disk tier size, default 16GiB (units as --cpu-bytes)")
     p.add_argument("--disk-backend", default="auto", choices=("auto", "io_uring", "posix"))
     p.add_argument("--gossip-interval", type=float, default=0.2, help="seconds per protocol period")
     p.add_argument("--request-timeout", type=float, default=5.0)
@@ -32,11 +36,14 @@ def add_parser(sub) -> None:
 
 
 def _size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+    """A size option, read as every kvtier size is (kvtier.config.parse_size)."""
+    from kvtier.config import parse_size
+    from kvtier.errors import InvalidArgumentError
+
+    try:
+        return parse_size(text)
+    except InvalidArgumentError as e:  # argparse names the option
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}; allowed: {e.allowed}") from None
 
 
 def run(args: argparse.Namespace) -> int:
