@@ -54,17 +54,19 @@ def test_peer_chunks_are_priced_not_dropped():
 
 
 def test_calibration_takes_the_peers_measured_pull_rate():
+    source = SimpleNamespace(rate=None, close=lambda: None)
+    source.pull_rate = lambda: source.rate
     pool = PagedKVPool(num_layers=2, kv_heads=2, head_dim=64, num_pages=64, page_tokens=16, chunk_tokens=64,
-                       dtype=torch.float32, cpu_bytes=64 << 20)
+                       dtype=torch.float32, cpu_bytes=64 << 20, peers=lambda cache: source)
     planner = CostModelPlanner(ModelCost.llama3_8b())
-    pool.cache._peers = SimpleNamespace(pull_rate=lambda: None)  # peers, nothing pulled yet
+    source.rate = None  # peers, nothing pulled yet
     planner.calibrate(pool)
     assert planner.bandwidth["peer"] == 2e9  # the default stands
-    pool.cache._peers = SimpleNamespace(pull_rate=lambda: 1e9)
+    source.rate = 1e9
     cpu = planner.calibrate(pool)
     # The pull into the CPU tier, then the copy into pages, one after the other.
     assert planner.bandwidth["peer"] == pytest.approx(1.0 / (1.0 / 1e9 + 1.0 / cpu))
-    pool.cache._peers = None
+    pool.close()
 
 
 def test_custom_planner_replaces_the_builtin_in_the_pool():

@@ -29,6 +29,7 @@ from kvtier.config import CacheConfig
 from kvtier.errors import InvalidArgumentError
 from kvtier.keys import ChunkKeyer
 from kvtier.layout import Layout
+from kvtier.sources import ChunkSource, start_source
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,16 @@ class KVCache:
     which chunks evicted from the CPU tier are written to disk; ``prefetch_policy``
     (kvtier.policies.PrefetchPolicy, default: all of them) decides how many disk chunks a
     ``lookup`` starts reading into the CPU tier before the ``load`` that usually follows.
+
+    ``peers``: a source of chunks beyond this cache's own tiers (:class:`kvtier.sources.ChunkSource`):
+    a kvtier.p2p ``PeerConfig`` (or a dict of its fields) starts a peer service sharing chunks
+    with other instances (docs/p2p.md); a callable ``factory(cache) -> ChunkSource`` makes any
+    other source. ``lookup`` asks it for what the tiers miss, ``load`` brings its chunks, every
+    ``store`` tells it the keys; ``close`` closes it first.
+
+    Read-only views for the layers built on the cache (PagedKVPool, planners, kvtier.p2p):
+    ``tier`` (the ``_core.CpuTier``), ``peers`` (the source, or None), ``keyer``,
+    ``bookkeeping_errors`` and :meth:`stream_handle`.
     """
 
     def __init__(self, layout: Layout, config: CacheConfig | None = None, *, peers=None,
@@ -316,13 +327,33 @@ class KVCache:
         self._closed = False
         self._bookkeeping_errors = 0
         self._lock = threading.Lock()
-        # -- peers hook (kvtier.p2p): share chunks with other instances; None = no peers --------
-        self._peers = None
-        if peers is not None:
-            from kvtier.p2p.cache_hooks import start_peers
+        # Chunks beyond the tiers (kvtier.sources): built last, it may use this cache's tier.
+        self._peers: ChunkSource | None = start_source(self, peers) if peers is not None else None
 
-            self._peers = start_peers(self, peers)
-        # -- end peers hook ---------------------------------------------------------------------
+    # -- views for the layers built on the cache -----------------------------------------------
+    @property
+    def tier(self):
+        """The ``kvtier._core.CpuTier`` under this cache (CPU and disk tiers, by chunk key);
+        None once closed. For callers that address chunks by key (PagedKVPool, planners, a
+        ChunkSource): the cache's own calls add key derivation, metrics and the source."""
+        return self._tier
+
+    @property
+    def peers(self) -> ChunkSource | None:
+        """The source of chunks beyond the tiers (``peers=``; a PeerService for PeerConfig
+        settings), or None."""
+        return self._peers
+
+    @property
+    def keyer(self) -> ChunkKeyer:
+        """The :class:`ChunkKeyer` giving this cache's chunk keys of a token sequence."""
+        return self._keyer
+
+    @property
+    def bookkeeping_errors(self) -> int:
+        """Failures of side bookkeeping counted so far (``stats()["bookkeeping_errors"]``);
+        readable after close."""
+        return self._bookkeeping_errors
 
     # -- helpers -----------------------------------------------------------------------------
     def _bookkeeping(self, what: str, fn, *args) -> None:
@@ -351,7 +382,10 @@ class KVCache:
             )
         return keys, pages
 
-    def _default_stream(self, stream) -> int:
+    def stream_handle(self, stream=None) -> int:
+        """The cudaStream_t (an int) this cache's copies are ordered after for ``stream`` (a
+        torch.cuda.Stream, an int handle, or None: torch's current stream on a GPU layout, 0
+        on a CPU one)."""
         if stream is not None or not self._on_gpu:
             return _stream_handle(stream)
         import torch  # only GPU layouts get here, and they came from torch tensors
@@ -388,9 +422,9 @@ class KVCache:
         fresh = None
         if self._verifier is not None:  # the chunks this store will copy: those not cached yet
             fresh = [i for i, k in enumerate(keys) if not len(self._tier.lookup_tiers(k))]
-        op = self._tier.store(b"".join(keys), pages[: len(keys) * ppc], self._default_stream(stream))
+        op = self._tier.store(b"".join(keys), pages[: len(keys) * ppc], self.stream_handle(stream))
         # From here on the copy is submitted: what follows is bookkeeping and never raises.
-        if self._peers is not None:  # peers hook: the chunks join this member's digest
+        if self._peers is not None:  # the chunks join the source's view (a peer digest)
             self._bookkeeping("peer digest", self._peers.note_stored, keys)
         if fresh:
             items = [(keys[i], pages[i * ppc : (i + 1) * ppc].copy()) for i in fresh]
@@ -407,7 +441,7 @@ class KVCache:
         hits = self._tier.lookup(b"".join(keys))
         if hits and self._prefetch_policy is not None:
             self._prefetch(keys[:hits])
-        if self._peers is not None and hits < len(keys):  # peers hook: digests, then confirm
+        if self._peers is not None and hits < len(keys):  # then what the source brings
             hits += self._peers.lookup(keys[hits:])
         return hits * self.layout.chunk_tokens
 
@@ -452,10 +486,10 @@ class KVCache:
         pages = _as_page_ids(page_ids)
         if not keys:
             return LoadHandle(None, 0, self.layout.num_layers, self.config.timeout_s)
-        if self._peers is not None:  # peers hook: local chunks, then pulls of the rest
-            op = self._peers.load(keys, pages, self._default_stream(stream))
+        if self._peers is not None:  # the tier's chunks, then the source's
+            op = self._peers.load(keys, pages, self.stream_handle(stream))
         else:
-            op = self._tier.load(b"".join(keys), pages, self._default_stream(stream))
+            op = self._tier.load(b"".join(keys), pages, self.stream_handle(stream))
         return LoadHandle(op, op.chunks * self.layout.chunk_tokens, self.layout.num_layers, self.config.timeout_s)
 
     def stats(self) -> dict:
@@ -469,7 +503,7 @@ class KVCache:
         s["pinned"] = self._tier.pinned
         s["capacity_chunks"] = self._tier.capacity_chunks
         s["chunk_bytes"] = self._tier.blob_bytes
-        if self._peers is not None:  # peers hook
+        if self._peers is not None:
             s["peers"] = self._peers.stats()
         return s
 
@@ -529,7 +563,7 @@ class KVCache:
                 return
             self._closed = True
         error = None
-        if self._peers is not None:  # peers hook: stop serving before the pool goes away
+        if self._peers is not None:  # the source stops using the tier before it goes
             self._bookkeeping("peers close", self._peers.close)
         if self.config.disk_dir is not None and self.config.disk_persist_on_close:
             self._bookkeeping("persist", self._persist_at_close)  # counted, never raised

@@ -135,7 +135,7 @@ class CostModelPlanner:
     def calibrate(self, pool, chunks: int = 4, reps: int = 3) -> float:
         """Measure the CPU tier's load bandwidth into ``pool``'s pages (best of ``reps`` loads of
         ``chunks`` chunks), store it in ``bandwidth["cpu"]`` and return it in bytes/s. Where the
-        pool has peers and has pulled enough from them (``PeerService.pull_rate``), also set
+        pool has peers and has pulled enough from them (``ChunkSource.pull_rate``), also set
         ``bandwidth["peer"]``: that rate, then the copy into pages.
 
         Uses free pool pages and fresh random chunk keys (the calibration chunks stay in the CPU
@@ -144,14 +144,13 @@ class CostModelPlanner:
         """
         if pool.cache is None:
             raise ValueError("calibrate needs a pool with a CPU tier (cpu_bytes > 0)")
-        tier = pool.cache._tier
-        pages = pool._allocate(chunks * pool.pages_per_chunk)
-        try:
+        tier = pool.cache.tier
+        with pool.scratch_pages(chunks * pool.pages_per_chunk) as pages:
             import numpy as np
 
             page_ids = np.asarray(pages, dtype=np.int64)
             keys = b"".join(os.urandom(16) for _ in range(chunks))
-            stream = pool.cache._default_stream(None)
+            stream = pool.cache.stream_handle(None)
             op = tier.store(keys, page_ids, stream)
             if op.transfer is not None:
                 op.transfer.wait(pool.cache.config.timeout_s)
@@ -163,11 +162,9 @@ class CostModelPlanner:
                     raise RuntimeError("calibration chunks were evicted from the CPU tier: too small a tier")
                 op.transfer.wait(pool.cache.config.timeout_s)
                 best = min(best, time.perf_counter() - t0)
-        finally:
-            pool._free.free_batch(pages)
         bw = chunks * pool.layout.chunk_bytes / best
         self.bandwidth["cpu"] = bw
-        peers = pool.cache._peers
+        peers = pool.cache.peers
         rate = peers.pull_rate() if peers is not None else None
         if rate:  # this pool's own pulls so far (TCP, checksum, into the CPU tier) ...
             # ... then the copy into pages, as a CPU-tier load: the two run one after the other.

@@ -28,6 +28,7 @@ Example (CPU tensors here; ``device="cuda"`` on a GPU)::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections import OrderedDict
@@ -45,6 +46,7 @@ from kvtier.errors import (
 )
 from kvtier.keys import ChunkKeyer
 from kvtier.layout import Layout
+from kvtier.sources import pool_share
 
 __all__ = ["PagedKVPool", "Sequence"]
 
@@ -161,7 +163,9 @@ class PagedKVPool:
 
         peers: a kvtier.p2p.PeerConfig (or dict of its fields) to share the CPU / disk tiers
             with other instances: ``begin`` then also pulls chunks this instance lacks from the
-            peers that hold them, after its own CPU / disk hits (see docs/p2p.md).
+            peers that hold them, after its own CPU / disk hits (see docs/p2p.md). Passed to
+            the KVCache (``KVCache(peers=...)``), so a ``factory(cache) -> ChunkSource`` works
+            too; ``peers.share_pool`` also shares this pool's pages with peers on this host.
     """
 
     def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, num_pages: int,
@@ -181,12 +185,8 @@ class PagedKVPool:
         dtype = dtype if dtype is not None else torch.bfloat16
         if kv_layout not in ("cross_layer", "vllm"):
             raise InvalidArgumentError(f"kv_layout must be 'cross_layer' or 'vllm', got {kv_layout!r}")
-        if isinstance(peers, dict):
-            from kvtier.p2p.config import PeerConfig
-
-            peers = PeerConfig(**peers)
-        self._share = self._share_mechanism(peers, torch.device(device))
-        alloc = getattr(self._share, "allocate", None)  # shared memory: the pool lives in its files
+        self._share = pool_share(peers, torch.device(device))  # pages shared with peers on this host
+        alloc = self._share.allocate if self._share is not None else None  # shared memory files
         if alloc is None:
             def alloc(shape, dtype):
                 return torch.zeros(*shape, dtype=dtype, device=device)
@@ -228,32 +228,10 @@ class PagedKVPool:
                            offload_skipped_chunks=0, committed_chunks=0, shared_pinned_chunks=0,
                            failed_load_chunks_dropped=0, failed_load_pages_kept=0)
         if self._share is not None:
-            from kvtier.p2p.gpu_share import GpuShare
-
             tensors = [self.kv] if kv_layout == "cross_layer" else list(self.kv)
-            self.cache._peers.share_gpu(GpuShare(self._share, tensors, 0 if kv_layout == "cross_layer" else 1, self))
+            self._share.attach(self.cache.peers, self, tensors, 0 if kv_layout == "cross_layer" else 1)
 
-    @staticmethod
-    def _share_mechanism(peers, device):
-        """How this pool's pages are shared with peers on this host (``peers.share_pool``)."""
-        mode = getattr(peers, "share_pool", "off")
-        if mode == "auto":
-            mode = "cuda" if device.type == "cuda" else "off"
-        if mode == "off":
-            return None
-        from kvtier.p2p.gpu_share import CudaIpc, SharedMemory
-
-        if mode == "cuda":
-            if device.type != "cuda":
-                raise InvalidArgumentError(f"peers.share_pool='cuda' needs a pool on a CUDA device, not {device}")
-            import torch
-
-            return CudaIpc(device.index if device.index is not None else torch.cuda.current_device())
-        if device.type != "cpu":
-            raise InvalidArgumentError(f"peers.share_pool='shm' needs a pool on the CPU, not {device}")
-        return SharedMemory()
-
-    # -- sharing pages with peers on this host (kvtier.p2p.gpu_share.PageSource) -------------------
+    # -- sharing pages with peers on this host (kvtier.sources.PoolShare) ------------------------
     def share_has(self, key: bytes) -> bool:
         return key in self._chunks
 
@@ -284,6 +262,17 @@ class PagedKVPool:
                     self._unref(c)
 
     # -- pages ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def scratch_pages(self, n: int):
+        """``n`` free pages for the caller's own use while the ``with`` block runs (evicting
+        unreferenced chunks if needed, as a request would), freed at its end: a planner
+        measures loads into them. Yields the page ids."""
+        pages = self._allocate(n)
+        try:
+            yield pages
+        finally:
+            self._free.free_batch(pages)
+
     def _allocate(self, n: int) -> list[int]:
         if n == 0:
             return []
@@ -375,9 +364,9 @@ class PagedKVPool:
                 seq.page_table.extend(c.pages)
             gpu_hits = len(seq._chunks)
             lower = head = 0
-            peers = self.cache._peers if self.cache is not None else None
+            peers = self.cache.peers if self.cache is not None else None
             if self.cache is not None and gpu_hits < len(keys):
-                lower = self.cache._tier.lookup(b"".join(keys[gpu_hits:]))
+                lower = self.cache.tier.lookup(b"".join(keys[gpu_hits:]))
                 if peers is not None and gpu_hits + lower < len(keys):  # digests, then confirm
                     lower += peers.lookup(keys[gpu_hits + lower:])
                 if lower and self.planner is not None:
@@ -402,13 +391,13 @@ class PagedKVPool:
                 first = gpu_hits + head
                 tail_keys, tail_pages = keys[first:first + lower], pages[head * ppc:(head + lower) * ppc]
                 fut = self._loader().submit(self._load, tail_keys, np.asarray(tail_pages, dtype=np.int64),
-                                            self.cache._default_stream(stream))
+                                            self.cache.stream_handle(stream))
                 seq._tail = (fut, first, lower, tail_keys, tail_pages)
                 seq.tail_start = first * ct
                 lower = 0  # counted when it lands (finish_tail)
             if lower:
                 op = self._load(keys[gpu_hits:gpu_hits + lower], np.asarray(pages[: lower * ppc], dtype=np.int64),
-                                self.cache._default_stream(stream))
+                                self.cache.stream_handle(stream))
                 loaded = op.chunks
                 if loaded:
                     self._register_loaded(seq, op, gpu_hits * ct, keys[gpu_hits:gpu_hits + loaded], pages)
@@ -445,10 +434,10 @@ class PagedKVPool:
 
     def _load(self, keys: list[bytes], pages: np.ndarray, stream: int):
         """Start loading ``keys`` into ``pages`` (CPU / disk tiers, then peers); returns the op."""
-        peers = self.cache._peers
+        peers = self.cache.peers
         if peers is not None:
             return peers.load(keys, pages, stream)
-        return self.cache._tier.load(b"".join(keys), pages, stream)
+        return self.cache.tier.load(b"".join(keys), pages, stream)
 
     def finish_tail(self, seq: Sequence, timeout_s: float | None = None) -> int:
         """A split plan's head is computed: wait until the tail's load has started (its disk
@@ -514,7 +503,7 @@ class PagedKVPool:
             if added and self.write_through:
                 self._write_through(seq._chunks[len(seq._chunks) - added:])
             elif added and self._share is not None:  # peers on this host can map them: in the digest
-                self.cache._peers.note_stored([c.key for c in seq._chunks[len(seq._chunks) - added:]])
+                self.cache.peers.note_stored([c.key for c in seq._chunks[len(seq._chunks) - added:]])
         return added
 
     def _write_through(self, chunks: list[_GpuChunk]) -> None:
@@ -531,11 +520,11 @@ class PagedKVPool:
         Returns the tier's op (its ``transfer`` may still be running)."""
         keys = [c.key for c in chunks]
         pages = np.fromiter((p for c in chunks for p in c.pages), dtype=np.int64)
-        op = self.cache._tier.store(b"".join(keys), pages, self.cache._default_stream(None))
+        op = self.cache.tier.store(b"".join(keys), pages, self.cache.stream_handle(None))
         self._stats["offloaded_chunks"] += op.chunks
         self._stats["offload_skipped_chunks"] += op.skipped_full
-        if op.chunks and self.cache._peers is not None:
-            self.cache._peers.note_stored(keys)
+        if op.chunks and self.cache.peers is not None:
+            self.cache.peers.note_stored(keys)
         return op
 
     def release(self, seq: Sequence) -> None:
@@ -592,7 +581,7 @@ class PagedKVPool:
 
     def _tiers_of(self, keys: list[bytes]) -> list[str]:
         """Where each chunk is below the GPU: "cpu", "disk" or "peer" (beyond the local ones)."""
-        codes = self.cache._tier.lookup_tiers(b"".join(keys))
+        codes = self.cache.tier.lookup_tiers(b"".join(keys))
         tiers = ["cpu" if c == 1 else "disk" for c in codes]
         return tiers + ["peer"] * (len(keys) - len(tiers))  # the rest: held by peers
 
@@ -622,6 +611,5 @@ class PagedKVPool:
             self._tail_loader.shutdown(wait=True)
         if self.cache is not None:
             self.cache.close()
-        close = getattr(self._share, "close", None)
-        if close is not None:
-            close()  # shared memory: remove the pool's files
+        if self._share is not None:
+            self._share.close()  # shared memory: remove the pool's files

@@ -31,7 +31,8 @@ def main(argv: list[str]) -> int:
     cfg = json.loads(argv[0])
     import torch
 
-    import kvtier
+    from kvtier.cache import KVCache
+    from kvtier.layout import Layout
     from kvtier.p2p import transport
     from kvtier.p2p.config import PeerConfig
 
@@ -48,13 +49,13 @@ def main(argv: list[str]) -> int:
     gen = torch.Generator().manual_seed(cfg.get("seed", 0))
     kv = [torch.randn(2, cfg["num_pages"], cfg["page_tokens"], cfg["heads"], cfg["dim"],
                       generator=gen).to(dtype) for _ in range(cfg["layers"])]
-    layout = kvtier.Layout.from_vllm(kv, chunk_tokens=cfg["chunk_tokens"])
+    layout = Layout.from_vllm(kv, chunk_tokens=cfg["chunk_tokens"])
     peers = PeerConfig(**cfg["peers"]) if cfg.get("peers") else None
     extra = {}
     if cfg.get("disk_dir"):
         extra = {"disk_dir": cfg["disk_dir"], "disk_bytes": cfg["disk_bytes"], "disk_backend": "posix",
                  "disk_admit_min_seen": 1}
-    cache = kvtier.KVCache(layout, cpu_bytes=cfg["cpu_bytes"], method="cpu", model_id="p2p-test",
+    cache = KVCache(layout, cpu_bytes=cfg["cpu_bytes"], method="cpu", model_id="p2p-test",
                            peers=peers, **extra)
     views = [t.view(torch.uint8) if t.dtype != torch.uint8 else t for t in kv]
 
@@ -72,8 +73,8 @@ def main(argv: list[str]) -> int:
                 t[:, p] = torch.randint(0, 256, t[:, p].shape, generator=g, dtype=torch.uint8)
 
     out = {"event": "ready", "chunk_bytes": layout.chunk_bytes, "ppc": layout.pages_per_chunk}
-    if cache._peers is not None:
-        s = cache._peers
+    if cache.peers is not None:
+        s = cache.peers
         out.update(node_id=s.node_id, address=f"{s.address[0]}:{s.address[1]}")
     print(json.dumps(out), flush=True)
     for line in sys.stdin:
@@ -105,7 +106,7 @@ def main(argv: list[str]) -> int:
                 st = cache.stats()
                 res = {"stats": json.loads(json.dumps(st, default=str))}
             elif op == "members":
-                res = {"members": cache._peers.members(), "digests": cache._peers.digest_versions()}
+                res = {"members": cache.peers.members(), "digests": cache.peers.digest_versions()}
             else:
                 res = {"error": f"unknown op {op}"}
         except Exception as e:  # noqa: BLE001 - report any failure to the driver, keep serving

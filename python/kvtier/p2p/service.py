@@ -336,7 +336,8 @@ class ChainedOp:
 
 
 class PeerService:
-    """A member of the peer cluster for one CpuTier (one model and layout).
+    """A member of the peer cluster for one CpuTier (one model and layout). Inside a serving
+    process it is the cache's :class:`kvtier.sources.ChunkSource` (``KVCache(peers=...)``).
 
     Args:
         tier: the ``kvtier._core.CpuTier`` whose pool is served and filled.
@@ -349,7 +350,7 @@ class PeerService:
 
     Example::
 
-        svc = PeerService(cache._tier, layout.fingerprint, PeerConfig(secret=s, seeds=("10.0.0.1:7070",)))
+        svc = PeerService(cache.tier, layout.fingerprint, PeerConfig(secret=s, seeds=("10.0.0.1:7070",)))
         svc.start()
         svc.note_stored(keys)          # after a store: the chunks join this member's digest
         n = svc.lookup(keys[hit:])     # leading chunks peers hold (confirmed)
