@@ -14,3 +14,12 @@ def wait_until(pred, timeout: float = 10.0) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"condition not met in {timeout} s")
+
+
+def wrap_cpu_tiers(monkeypatch, wrap) -> None:
+    """Caches made from here on run on ``wrap(tier)`` instead of their ``kvtier._core.CpuTier``
+    (a test's fault injection: the wrapper forwards what it does not change)."""
+    import kvtier._core as core
+
+    make = core.CpuTier
+    monkeypatch.setattr(core, "CpuTier", lambda *args, **kwargs: wrap(make(*args, **kwargs)))

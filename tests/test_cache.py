@@ -330,7 +330,7 @@ def test_a_cache_dropped_mid_load_ends_its_copies_before_its_tensors_go():
     cache = KVCache(layout, cpu_bytes=2 * layout.chunk_bytes)
     tokens = list(range(2 * layout.chunk_tokens))
     cache.store(tokens, list(range(0, 128))).wait()
-    tier = cache._tier
+    tier = cache.tier
     cache.load(tokens, list(range(128, 256)))
     del cache  # the load is not waited for: dropping the cache must
     assert tier.stats()["in_flight"] == 0

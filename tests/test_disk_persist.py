@@ -19,6 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from _util import wrap_cpu_tiers  # noqa: E402
 from kvtier import KVCache, Layout  # noqa: E402
 from kvtier.config import KVTierConfig  # noqa: E402
 from kvtier.errors import FailedPreconditionError, InvalidArgumentError  # noqa: E402
@@ -130,32 +131,37 @@ def test_persist_respects_the_disk_capacity(tmp_path):
 
 
 class _FailingPersist:
-    """The tier with persist() raising: the fault close() must survive."""
+    """The tier with persist() raising once ``failing``: the fault close() must survive."""
 
     def __init__(self, tier) -> None:
         self._tier = tier
+        self.failing = False
         self.drained = False
 
     def persist(self, timeout_s):
+        if not self.failing:
+            return self._tier.persist(timeout_s)
         raise OSError(28, "No space left on device")
 
     def drain(self, timeout_s):
-        self.drained = True
+        self.drained = self.failing
         return self._tier.drain(timeout_s)
 
     def __getattr__(self, name):
         return getattr(self._tier, name)
 
 
-def test_a_failing_persist_at_close_is_counted_and_close_still_releases(tmp_path, caplog):
+def test_a_failing_persist_at_close_is_counted_and_close_still_releases(tmp_path, caplog, monkeypatch):
     kv, layout = make_kv()
+    tiers = []
+    wrap_cpu_tiers(monkeypatch, lambda t: tiers.append(_FailingPersist(t)) or tiers[-1])
     cache = open_cache(layout, tmp_path)
     store_prompts(cache, kv, layout)
-    tier = _FailingPersist(cache._tier)
-    cache._tier = tier
+    tier = tiers[0]
+    tier.failing = True
     cache.close()  # must not raise
-    assert tier.drained and cache._tier is None
-    assert cache._bookkeeping_errors == 1
+    assert tier.drained and cache.tier is None
+    assert cache.bookkeeping_errors == 1
     assert any("persist" in r.getMessage() for r in caplog.records)
 
 

@@ -63,7 +63,7 @@ def pair(request):
     kw = getattr(request, "param", {})
     a = make_pool(**kw.get("a", {}))
     b = make_pool(**kw.get("b", {}), seeds=(a.cache.stats()["peers"]["address"],))
-    wait_until(lambda: len(a.cache._peers.members()) == 1 and len(b.cache._peers.members()) == 1)
+    wait_until(lambda: len(a.cache.peers.members()) == 1 and len(b.cache.peers.members()) == 1)
     yield a, b
     b.close()
     a.close()
@@ -197,7 +197,7 @@ def test_a_lease_the_importer_never_releases_expires():
     try:
         tokens = list(range(300, 300 + 2 * CT))
         a.release(compute(a, tokens, seed=3))
-        svc = a.cache._peers
+        svc = a.cache.peers
         from kvtier.p2p.transport import Identity, connect
 
         me = Identity("raw-client", a.layout.fingerprint, svc._blob_bytes, SECRET)
@@ -234,7 +234,7 @@ def test_pin_without_open_gets_nothing():
         a.release(compute(a, tokens, seed=3))
         from kvtier.p2p.transport import Identity, connect
 
-        svc = a.cache._peers
+        svc = a.cache.peers
         conn = connect(*svc.address, Identity("x", a.layout.fingerprint, svc._blob_bytes, SECRET), Deadline(2.0), 1.0)
         try:
             _, body = conn.request(P.Kind.GPU_PIN, 1, P.encode_keys(a.keyer.keys(tokens)), Deadline(2.0),
@@ -255,7 +255,7 @@ def test_pin_without_open_gets_nothing():
 def test_a_peer_that_cannot_share_is_pulled_over_tcp(why):
     a = make_pool(share="off" if why == "shares nothing" else "shm", write_through=True)
     if why == "another host":
-        a.cache._peers._host_id = "some-other-machine"  # as if A ran elsewhere
+        a.cache.peers._host_id = "some-other-machine"  # as if A ran elsewhere
     b = make_pool(seeds=(a.cache.stats()["peers"]["address"],))
     try:
         tokens = list(range(700, 700 + 3 * CT))
@@ -291,7 +291,7 @@ def test_pool_half_in_a_pool_half_in_a_cpu_tier(pair):
             a._chunks[k].refs -= 1
     a.cache.drain()
     assert [k in a._chunks for k in keys] == [True] * 3 + [False] * 3
-    assert [a.cache._tier.lookup(k) for k in keys] == [0] * 3 + [1] * 3  # the CPU tier has the last three
+    assert [a.cache.tier.lookup(k) for k in keys] == [0] * 3 + [1] * 3  # the CPU tier has the last three
     wait_until(lambda: b.cache.lookup(tokens) == 6 * CT)
     sb = b.begin(tokens)
     sb.wait()

@@ -16,6 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from _util import wrap_cpu_tiers
 from kvtier.examples.paged_llama import (
     Engine,
     Llama,
@@ -251,24 +252,29 @@ class _Split:
 
 
 class _ShortTier:
-    """The CPU tier, except that a load gets at most ``limit`` chunks (one vanished meanwhile)."""
+    """The CPU tier, except that a load gets at most ``limit`` chunks (one vanished meanwhile),
+    once a limit is set."""
 
-    def __init__(self, tier, limit):
-        self._tier, self.limit = tier, limit
+    def __init__(self, tier):
+        self._tier, self.limit = tier, None
 
     def __getattr__(self, name):
         return getattr(self._tier, name)
 
     def load(self, keys, pages, stream):
+        if self.limit is None:
+            return self._tier.load(keys, pages, stream)
         return self._tier.load(keys[: 16 * self.limit], pages, stream)
 
 
 @pytest.mark.parametrize("tier", ["cpu", "disk"])
 @pytest.mark.parametrize("shortfall", [False, True])
-def test_split_plan_head_recomputed_tail_loaded_bit_exact(tmp_path, tier, shortfall):
+def test_split_plan_head_recomputed_tail_loaded_bit_exact(tmp_path, tier, shortfall, monkeypatch):
     """The head of the cached prefix is recomputed while the tail after it loads (in the
     background); the result equals a full recompute bit for bit, including when the tail load
     gets fewer chunks than planned (the rest is computed)."""
+    tiers = []
+    wrap_cpu_tiers(monkeypatch, lambda t: tiers.append(_ShortTier(t)) or tiers[-1])
     engine = make_engine(tmp_path)
     pool = engine.pool
     prompt = tokens(PREFIX, seed=1) + tokens(9, seed=3)
@@ -279,7 +285,7 @@ def test_split_plan_head_recomputed_tail_loaded_bit_exact(tmp_path, tier, shortf
     ref = reference_generate(engine.model, prompt, NEW, prefill_tokens=CT)
     pool.planner = _Split(head=1)
     if shortfall:
-        pool.cache._tier = _ShortTier(pool.cache._tier, limit=1)
+        tiers[0].limit = 1
     seq = engine.start(prompt)
     assert seq.cached_tokens == 0 and seq.tail_start == CT and seq.lower_hit_tokens == 0
     logits = engine.prefill(seq, prompt, all_logits=True)

@@ -53,7 +53,7 @@ def test_admission_hook_decides_what_goes_to_disk(tmp_path):
     kv, layout, cache = tiered(tmp_path)
     ct = layout.chunk_tokens
     a, b = toks(ct, 1), toks(ct, 2)
-    wanted = set(cache._keyer.keys(a))
+    wanted = set(cache.keyer.keys(a))
     calls = []
 
     class OnlyA:
@@ -62,7 +62,7 @@ def test_admission_hook_decides_what_goes_to_disk(tmp_path):
             return [k in wanted for k in keys]
 
     assert isinstance(OnlyA(), AdmissionPolicy) and isinstance(SeenAtLeast(), AdmissionPolicy)
-    cache._tier.set_admission_hook(OnlyA().admit)
+    cache.tier.set_admission_hook(OnlyA().admit)
     cache.store(a, [0, 1]).wait()
     cache.store(b, [2, 3]).wait()
     cache.store(toks(2 * ct, 3), [4, 5, 6, 7]).wait()  # evicts a and b
@@ -71,7 +71,7 @@ def test_admission_hook_decides_what_goes_to_disk(tmp_path):
     disk = cache.stats()["disk"]
     assert disk["demotions_written"] == 1 and disk["demotions_rejected"] == 1
     assert cache.lookup(a) == ct and cache.lookup(b) == 0
-    cache._tier.set_admission_hook(None)  # back to the built-in rule (seen >= 99: nothing)
+    cache.tier.set_admission_hook(None)  # back to the built-in rule (seen >= 99: nothing)
 
 
 def test_failing_admission_hook_admits_nothing_and_the_cache_keeps_serving(tmp_path, capsys):
@@ -81,7 +81,7 @@ def test_failing_admission_hook_admits_nothing_and_the_cache_keeps_serving(tmp_p
     def broken(keys, seen):
         raise RuntimeError("policy bug")
 
-    cache._tier.set_admission_hook(broken)
+    cache.tier.set_admission_hook(broken)
     a = toks(ct, 1)
     cache.store(a, [0, 1]).wait()
     cache.store(toks(2 * ct, 2), [2, 3, 4, 5]).wait()
@@ -93,20 +93,20 @@ def test_failing_admission_hook_admits_nothing_and_the_cache_keeps_serving(tmp_p
 
 def test_prefetch_reads_disk_chunks_into_the_cpu_tier_ahead_of_the_load(tmp_path):
     kv, layout, cache = tiered(tmp_path, cpu_chunks=3)
-    cache._tier.set_admission_hook(SeenAtLeast(1).admit)
+    cache.tier.set_admission_hook(SeenAtLeast(1).admit)
     ct = layout.chunk_tokens
     a = toks(2 * ct, 1)
     original = [t[:, 0:4].clone() for t in kv]
     cache.store(a, [0, 1, 2, 3]).wait()
     cache.store(toks(3 * ct, 2), list(range(10, 16))).wait()  # a goes to disk
     cache.drain()
-    keys = b"".join(cache._keyer.keys(a))
-    assert cache._tier.lookup_tiers(keys) == bytes([2, 2])
+    keys = b"".join(cache.keyer.keys(a))
+    assert cache.tier.lookup_tiers(keys) == bytes([2, 2])
     policy = PrefetchAll()
     n = policy.prefetch(2, ["disk", "disk"])
-    assert cache._tier.prefetch(keys[: 16 * n]) == 2
+    assert cache.tier.prefetch(keys[: 16 * n]) == 2
     cache.drain()
-    assert cache._tier.lookup_tiers(keys) == bytes([1, 1])
+    assert cache.tier.lookup_tiers(keys) == bytes([1, 1])
     assert cache.stats()["disk"]["chunks_prefetched"] == 2
     assert cache.load(a, [40, 41, 42, 43]).wait() == 2 * ct
     for t, o in zip(kv, original):
@@ -129,8 +129,8 @@ def test_kvcache_wires_policies_and_prefetches_on_lookup(tmp_path):
     cache.drain()
     st = cache.stats()
     assert st["disk"]["chunks_prefetched"] == 2
-    keys = b"".join(cache._keyer.keys(a))
-    assert cache._tier.lookup_tiers(keys) == bytes([1, 1])  # in the CPU tier before any load
+    keys = b"".join(cache.keyer.keys(a))
+    assert cache.tier.lookup_tiers(keys) == bytes([1, 1])  # in the CPU tier before any load
     with pytest.raises(ValueError, match="eviction_policy"):
         kvtier.KVCache(layout, cpu_bytes=3 * layout.chunk_bytes, eviction_policy="random")
 
@@ -147,21 +147,21 @@ def test_a_prefetch_never_evicts_the_chunks_it_has_just_read(tmp_path, determini
                            deterministic_writeback=deterministic)
     ct = layout.chunk_tokens
     a, b = toks(2 * ct, 1), toks(3 * ct, 2)
-    a_keys = set(cache._keyer.keys(a))
+    a_keys = set(cache.keyer.keys(a))
     # Only a goes to disk: b's evictions free their blocks at once.
-    cache._tier.set_admission_hook(lambda keys, seen: [k in a_keys for k in keys])
+    cache.tier.set_admission_hook(lambda keys, seen: [k in a_keys for k in keys])
     cache.store(a, [0, 1, 2, 3]).wait()
     cache.store(b, list(range(10, 16))).wait()  # a -> disk
     cache.drain()
-    keys = b"".join(cache._keyer.keys(a))
-    b_tail = b"".join(cache._keyer.keys(b)[1:])
-    assert cache._tier.lookup_tiers(keys) == bytes([2, 2])
-    pinned = cache._tier.acquire_blobs(b_tail)
+    keys = b"".join(cache.keyer.keys(a))
+    b_tail = b"".join(cache.keyer.keys(b)[1:])
+    assert cache.tier.lookup_tiers(keys) == bytes([2, 2])
+    pinned = cache.tier.acquire_blobs(b_tail)
     assert len(pinned) == 2
-    assert cache._tier.prefetch(keys) == 1
+    assert cache.tier.prefetch(keys) == 1
     cache.drain()
-    assert cache._tier.lookup_tiers(keys) == bytes([1, 2])
+    assert cache.tier.lookup_tiers(keys) == bytes([1, 2])
     assert cache.stats()["disk"]["chunks_prefetched"] == 1
-    cache._tier.release_blobs(b_tail)
+    cache.tier.release_blobs(b_tail)
     assert cache.load(a, [40, 41, 42, 43]).wait() == 2 * ct  # the tail from disk, behind the head
     cache.close()

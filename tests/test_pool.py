@@ -15,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 torch = pytest.importorskip("torch")
 
+from _util import wrap_cpu_tiers  # noqa: E402
 from kvtier import ResourceExhaustedError  # noqa: E402
 from kvtier.pool import PagedKVPool  # noqa: E402
 
@@ -423,24 +424,30 @@ def test_write_through_stores_at_commit_and_evicts_without_copying():
 
 
 class _FailingLoads:
-    """The pool's CPU tier, except that loads claim ``chunks`` hits and their copy fails (a read
-    error, a peer gone mid-transfer) after writing junk into the pages."""
+    """The pool's CPU tier, except that while ``failing``, loads claim ``chunks`` hits and their
+    copy fails (a read error, a peer gone mid-transfer) after writing junk into the pages."""
 
-    def __init__(self, pool, chunks: int) -> None:
-        self._tier, self._pool, self._chunks = pool.cache._tier, pool, chunks
+    def __init__(self, tier, chunks: int) -> None:
+        self._tier, self._chunks = tier, chunks
+        self.pool = None
+        self.failing = False
 
     def __getattr__(self, name):
         return getattr(self._tier, name)
 
     def lookup(self, keys):
+        if not self.failing:
+            return self._tier.lookup(keys)
         return max(self._tier.lookup(keys), self._chunks)
 
     def load(self, keys, pages, stream):
+        if not self.failing:
+            return self._tier.load(keys, pages, stream)
         from types import SimpleNamespace
 
         from kvtier.errors import CorruptionError
 
-        self._pool.kv[torch.as_tensor(pages)] = -1.0
+        self.pool.kv[torch.as_tensor(pages)] = -1.0
 
         class Transfer:
             done = True
@@ -455,17 +462,20 @@ class _FailingLoads:
 
 
 @pytest.mark.parametrize("waited", [True, False])
-def test_a_chunk_whose_load_failed_is_never_shared_or_stored(waited):
+def test_a_chunk_whose_load_failed_is_never_shared_or_stored(waited, monkeypatch):
     """A load that fails leaves junk in its pages: its chunks leave the index, so neither a later
     request (GPU hit) nor an eviction (offload into the CPU tier) takes the junk for the KV."""
     from kvtier.errors import CorruptionError
 
+    tiers = []
+    wrap_cpu_tiers(monkeypatch, lambda t: tiers.append(_FailingLoads(t, 2)) or tiers[-1])
     pool = make_pool(num_pages=8, cpu_chunks=6)
+    tier = tiers[0]
+    tier.pool = pool
     toks = list(range(16))
-    tier = pool.cache._tier
-    pool.cache._tier = _FailingLoads(pool, 2)
+    tier.failing = True
     a = pool.begin(toks)
-    pool.cache._tier = tier
+    tier.failing = False
     assert a.lower_hit_tokens == 16
     if waited:  # the request sees the failure
         with pytest.raises(CorruptionError):

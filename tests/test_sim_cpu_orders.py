@@ -31,7 +31,7 @@ def key(i: int) -> bytes:
 def test_cpu_order_mirror_matches_the_cpp_builtin_op_by_op(order, seed):
     kv = torch.zeros(16, 1, 2, CT, 1, 8)
     cache = KVCache(Layout.from_cross_layer(kv, chunk_tokens=CT), cpu_bytes=CAPACITY * 4096, eviction_policy=order)
-    tier = cache._tier
+    tier = cache.tier
     sim = SimCpuTier(CAPACITY, eviction_policy=order)
     rng = random.Random(seed)
     hot = list(range(10))  # a few often reused chunks, the rest a long tail

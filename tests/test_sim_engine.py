@@ -23,6 +23,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from _util import wrap_cpu_tiers
 from kvtier.cache import CacheConfig
 from kvtier.policies import SeenAtLeast
 from kvtier.pool import PagedKVPool
@@ -81,13 +82,14 @@ def run_engine(reqs, tmp_path, *, gpu, cpu, disk=0, order="lru", min_seen=2, gpu
         ck.update(disk_dir=str(tmp_path), disk_bytes=(disk + 2) * 8192, disk_admit_min_seen=min_seen,
                   disk_backend=backend, deterministic_writeback=deterministic,
                   disk_max_writebacks_in_flight=max_writebacks)
-    pool = PagedKVPool(num_layers=1, kv_heads=1, head_dim=8, num_pages=gpu, page_tokens=CT, chunk_tokens=CT,
-                       dtype=torch.float32, cache_config=CacheConfig(**ck), eviction_policy=gpu_policy,
-                       planner=planner, write_through=write_through)
+    with pytest.MonkeyPatch.context() as mp:
+        if not (disk and deterministic):
+            wrap_cpu_tiers(mp, _DrainFirst)
+        pool = PagedKVPool(num_layers=1, kv_heads=1, head_dim=8, num_pages=gpu, page_tokens=CT,
+                           chunk_tokens=CT, dtype=torch.float32, cache_config=CacheConfig(**ck),
+                           eviction_policy=gpu_policy, planner=planner, write_through=write_through)
     if admission is not None:
-        pool.cache._tier.set_admission_hook(admission.admit)
-    if not (disk and deterministic):
-        pool.cache._tier = _DrainFirst(pool.cache._tier)
+        pool.cache.tier.set_admission_hook(admission.admit)
     try:
         for i, r in enumerate(reqs):
             toks = tokens_of(i, r)
