@@ -355,7 +355,7 @@ def doc_table_names(heading: str) -> list[str]:
     """The first cells (backticked names) of the tables under one `## heading` of the docs."""
     text = DOCS.read_text()
     part = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"^\| `([^`]+)` \|", part, flags=re.M)
+    return re.findall(r"^\| `([^`]+)` \|", part, flags=re.MULTILINE)
 
 
 def test_docs_tables_list_exactly_the_config_keys():
