@@ -40,8 +40,8 @@ struct Options {
   std::string out_dir;
   std::string python = "python3";
   int repeats = 5;
-  long pairs = 5'000'000;    // C++ iterations per run (per thread for alloc_free_2t)
-  long py_pairs = 500'000;   // Python iterations per run (per thread for alloc_free_2t)
+  long pairs = 5'000'000;   // C++ iterations per run (per thread for alloc_free_2t)
+  long py_pairs = 500'000;  // Python iterations per run (per thread for alloc_free_2t)
 };
 
 // The Python baseline. Kept free of single quotes: it travels inside python3 -c '...'.
@@ -314,8 +314,10 @@ int Main(int argc, char** argv) {
     bool known = std::any_of(Workloads().begin(), Workloads().end(),
                              [&](const Workload& w) { return name == w.name; });
     if (!known) {
-      std::fprintf(stderr, "unknown workload '%s' (known: alloc_free_1t, alloc_free_2t, "
-                   "alloc_batch_free_1t)\n", name.c_str());
+      std::fprintf(stderr,
+                   "unknown workload '%s' (known: alloc_free_1t, alloc_free_2t, "
+                   "alloc_batch_free_1t)\n",
+                   name.c_str());
       return 2;
     }
   }

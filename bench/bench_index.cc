@@ -9,8 +9,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <memory>
 #include <iostream>
+#include <memory>
 #include <random>
 #include <string>
 #include <unordered_map>
@@ -85,10 +85,14 @@ int main(int argc, char** argv) {
   std::string workloads, out_dir;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
-    if (a.rfind("--workload=", 0) == 0) workloads = a.substr(11);
-    else if (a.rfind("--out=", 0) == 0) out_dir = a.substr(6);
+    if (a.rfind("--workload=", 0) == 0)
+      workloads = a.substr(11);
+    else if (a.rfind("--out=", 0) == 0)
+      out_dir = a.substr(6);
     else {
-      std::fprintf(stderr, "usage: bench_index [--workload=lookup,acquire_release,insert_evict] [--out=DIR]\n");
+      std::fprintf(
+          stderr,
+          "usage: bench_index [--workload=lookup,acquire_release,insert_evict] [--out=DIR]\n");
       return 2;
     }
   }
@@ -108,7 +112,8 @@ int main(int argc, char** argv) {
   volatile size_t sink = 0;
 
   if (Wants(workloads, "lookup")) {
-    double idx = ChunksPerSecond(kPrefix, [&](size_t c) { sink += index.Lookup(&keys[(c % windows) * kPrefix], kPrefix); });
+    double idx = ChunksPerSecond(
+        kPrefix, [&](size_t c) { sink += index.Lookup(&keys[(c % windows) * kPrefix], kPrefix); });
     double raw = ChunksPerSecond(kPrefix, [&](size_t c) {
       size_t n = 0;
       const ChunkKey* k = &keys[(c % windows) * kPrefix];
@@ -173,6 +178,7 @@ int main(int argc, char** argv) {
     }
   }
   std::cout << report.ToJson();
-  if (!out_dir.empty()) std::fprintf(stderr, "wrote %s\n", report.WriteToDir(out_dir, "cpu").c_str());
+  if (!out_dir.empty())
+    std::fprintf(stderr, "wrote %s\n", report.WriteToDir(out_dir, "cpu").c_str());
   return sink == 42 ? 3 : 0;
 }

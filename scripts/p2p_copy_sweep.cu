@@ -2,7 +2,8 @@
 // access: which kernel shape reaches the copy engines' rate (a diagnostic for the segment copy of
 // csrc/transfer/segment_copy_kernel.cu, not a benchmark of kvtier; bench/bench_p2p_gpu.py is).
 //
-//   nvcc -O3 -std=c++17 -arch=sm_90 scripts/p2p_copy_sweep.cu -o /tmp/sweep && /tmp/sweep [MiB] [ranges]
+//   nvcc -O3 -std=c++17 -arch=sm_90 scripts/p2p_copy_sweep.cu -o /tmp/sweep && /tmp/sweep [MiB]
+//   [ranges]
 //
 // Prints GB/s for: one cudaMemcpyPeerAsync of the whole buffer (the baseline torch's D2D copy
 // uses), one cudaMemcpyAsync per range, and copy kernels pulling (on the destination GPU) and
@@ -17,13 +18,13 @@
 #include <random>
 #include <vector>
 
-#define CK(x)                                                                               \
-  do {                                                                                      \
-    cudaError_t e = (x);                                                                    \
-    if (e != cudaSuccess) {                                                                 \
-      std::printf("%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e));         \
-      std::exit(1);                                                                         \
-    }                                                                                       \
+#define CK(x)                                                                       \
+  do {                                                                              \
+    cudaError_t e = (x);                                                            \
+    if (e != cudaSuccess) {                                                         \
+      std::printf("%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
+      std::exit(1);                                                                 \
+    }                                                                               \
   } while (0)
 
 struct Piece {
@@ -129,8 +130,8 @@ int main(int argc, char** argv) {
     Kernel k;
   };
   const Variant variants[] = {
-      {"unroll4 streaming", CopyPieces<4, true>},  {"unroll4 plain", CopyPieces<4, false>},
-      {"unroll8 streaming", CopyPieces<8, true>},  {"unroll8 plain", CopyPieces<8, false>},
+      {"unroll4 streaming", CopyPieces<4, true>}, {"unroll4 plain", CopyPieces<4, false>},
+      {"unroll8 streaming", CopyPieces<8, true>}, {"unroll8 plain", CopyPieces<8, false>},
       {"unroll2 plain", CopyPieces<2, false>},
   };
   for (int side = 0; side < 2; ++side) {  // 0: pull on the destination GPU, 1: push on the source's
@@ -154,13 +155,18 @@ int main(int argc, char** argv) {
             const uint32_t count = host.size();
             const uint32_t grid = grid_mode == 0 ? count : std::min<uint32_t>(count, sms * per_sm);
             if (per_sm == 0) {
-              std::printf("%s %s threads %d: does not fit an SM\n", side == 0 ? "pull" : "push", v.name, threads);
+              std::printf("%s %s threads %d: does not fit an SM\n", side == 0 ? "pull" : "push",
+                          v.name, threads);
               continue;
             }
-            const float ms = TimeIt(dev, st, [&] { v.k<<<grid, threads, 0, st>>>(dev_pieces, count); CK(cudaGetLastError()); });
+            const float ms = TimeIt(dev, st, [&] {
+              v.k<<<grid, threads, 0, st>>>(dev_pieces, count);
+              CK(cudaGetLastError());
+            });
             std::printf("%s piece %4lluK %-18s threads %4d grid %5u (%s): %.1f GB/s (%.3f)\n",
-                        side == 0 ? "pull" : "push", (unsigned long long)(piece >> 10), v.name, threads,
-                        grid, grid_mode == 0 ? "a piece each" : "persistent", gbps(ms), base / ms);
+                        side == 0 ? "pull" : "push", (unsigned long long)(piece >> 10), v.name,
+                        threads, grid, grid_mode == 0 ? "a piece each" : "persistent", gbps(ms),
+                        base / ms);
           }
         }
       }
@@ -171,6 +177,8 @@ int main(int argc, char** argv) {
   std::vector<char> back(4096);
   CK(cudaSetDevice(1));
   CK(cudaMemcpy(back.data(), dst + total - 4096, 4096, cudaMemcpyDeviceToHost));
-  std::printf("bytes %s\n", std::all_of(back.begin(), back.end(), [](char c) { return c == 7; }) ? "ok" : "WRONG");
+  std::printf("bytes %s\n", std::all_of(back.begin(), back.end(), [](char c) { return c == 7; })
+                                ? "ok"
+                                : "WRONG");
   return 0;
 }

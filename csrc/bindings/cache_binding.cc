@@ -35,16 +35,18 @@ std::vector<ChunkKey> ParseKeys(const py::bytes& keys) {
   return out;
 }
 
-std::vector<uint32_t> ParsePages(const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& pages) {
+std::vector<uint32_t> ParsePages(
+    const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& pages) {
   if (pages.ndim() != 1) {
-    throw StatusError(Status::InvalidArgument("page_ids must be 1-D, got " + std::to_string(pages.ndim()) + "-D"));
+    throw StatusError(Status::InvalidArgument("page_ids must be 1-D, got " +
+                                              std::to_string(pages.ndim()) + "-D"));
   }
   std::vector<uint32_t> out(pages.size());
   const int64_t* p = pages.data();
   for (py::ssize_t i = 0; i < pages.size(); ++i) {
     if (p[i] < 0 || p[i] > UINT32_MAX) {
-      throw StatusError(Status::InvalidArgument("page_ids[" + std::to_string(i) + "] = " + std::to_string(p[i]) +
-                                                " is out of range"));
+      throw StatusError(Status::InvalidArgument(
+          "page_ids[" + std::to_string(i) + "] = " + std::to_string(p[i]) + " is out of range"));
     }
     out[i] = static_cast<uint32_t>(p[i]);
   }

@@ -12,7 +12,8 @@ namespace kvtier::bindings {
 // Thrown by ThrowIfError; translated to the kvtier.errors class of its code.
 class StatusError : public std::runtime_error {
  public:
-  explicit StatusError(Status status) : std::runtime_error(status.message()), status_(std::move(status)) {}
+  explicit StatusError(Status status)
+      : std::runtime_error(status.message()), status_(std::move(status)) {}
   const Status& status() const { return status_; }
 
  private:

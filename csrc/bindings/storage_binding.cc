@@ -13,8 +13,8 @@
 #include <string>
 #include <vector>
 
-#include "common/mutex.h"
 #include "bindings/status_binding.h"
+#include "common/mutex.h"
 #include "storage/crc32c.h"
 #include "storage/disk_store.h"
 #include "storage/io_probe.h"
@@ -27,20 +27,24 @@ namespace {
 ChunkKey KeyArg(const py::bytes& key, const char* name = "key") {
   std::string_view s = key;
   if (s.size() != 16) {
-    throw StatusError(Status::InvalidArgument(std::string(name) + " must be 16 bytes, got " + std::to_string(s.size())));
+    throw StatusError(Status::InvalidArgument(std::string(name) + " must be 16 bytes, got " +
+                                              std::to_string(s.size())));
   }
   return ChunkKey::FromBytes(s.data());
 }
 
 int64_t TimeoutMs(double seconds, const char* name) {
   if (!std::isfinite(seconds) || seconds <= 0) {
-    throw StatusError(Status::InvalidArgument(std::string(name) + " must be a positive number of seconds"));
+    throw StatusError(
+        Status::InvalidArgument(std::string(name) + " must be a positive number of seconds"));
   }
   return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(seconds * 1000.0)));
 }
 
 uint64_t NonNegative(int64_t v, const char* name) {
-  if (v < 0) throw StatusError(Status::InvalidArgument(std::string(name) + " must not be negative, got " + std::to_string(v)));
+  if (v < 0)
+    throw StatusError(Status::InvalidArgument(std::string(name) + " must not be negative, got " +
+                                              std::to_string(v)));
   return static_cast<uint64_t>(v);
 }
 
@@ -87,7 +91,8 @@ class PyDiskStore {
    public:
     explicit Call(PyDiskStore* owner) : owner_(owner) {
       MutexLock lk(&owner_->mu_);
-      if (!owner_->store_ || owner_->closing_) throw StatusError(Status::FailedPrecondition("the DiskStore is closed"));
+      if (!owner_->store_ || owner_->closing_)
+        throw StatusError(Status::FailedPrecondition("the DiskStore is closed"));
       ++owner_->active_calls_;
     }
     ~Call() {
@@ -107,7 +112,8 @@ class PyDiskStore {
     store_ = ValueOrThrow(DiskStore::Open(options));
   }
 
-  // A store dropped without close() is closed here (no call can be running: none holds a reference).
+  // A store dropped without close() is closed here (no call can be running: none holds a
+  // reference).
   ~PyDiskStore() { Close(); }
 
   void Write(const py::bytes& key, const py::object& data, double timeout_s) {
@@ -149,7 +155,8 @@ class PyDiskStore {
     DiskStore& store = call.store();
     std::string_view s = keys;
     if (s.size() % 16 != 0) {
-      throw StatusError(Status::InvalidArgument("keys must be n * 16 bytes, got " + std::to_string(s.size())));
+      throw StatusError(
+          Status::InvalidArgument("keys must be n * 16 bytes, got " + std::to_string(s.size())));
     }
     std::vector<ChunkKey> ks(s.size() / 16);
     for (size_t i = 0; i < ks.size(); ++i) ks[i] = ChunkKey::FromBytes(s.data() + 16 * i);
@@ -255,14 +262,15 @@ class PyDiskStore {
  private:
   void CheckBuffer(const HeldBuffer& buf, const char* name) {
     if (buf.size() != store_->blob_bytes()) {
-      throw StatusError(Status::InvalidArgument(std::string(name) + " must be exactly blob_bytes = " +
-                                                std::to_string(store_->blob_bytes()) + " bytes, got " +
-                                                std::to_string(buf.size())));
+      throw StatusError(Status::InvalidArgument(
+          std::string(name) + " must be exactly blob_bytes = " +
+          std::to_string(store_->blob_bytes()) + " bytes, got " + std::to_string(buf.size())));
     }
     if (reinterpret_cast<uintptr_t>(buf.data()) % kDiskBlockBytes != 0) {
-      throw StatusError(Status::InvalidArgument(std::string(name) +
-                                                " must be 4096-byte aligned for O_DIRECT; allocate it with "
-                                                "kvtier._core.aligned_buffer(n)"));
+      throw StatusError(
+          Status::InvalidArgument(std::string(name) +
+                                  " must be 4096-byte aligned for O_DIRECT; allocate it with "
+                                  "kvtier._core.aligned_buffer(n)"));
     }
   }
 
@@ -278,19 +286,21 @@ class PyDiskStore {
   // Waits for the answer with the GIL released. If the wait times out, or the store abandoned
   // the request at its deadline, the device may still use the buffer: keep it exported until a
   // flush() succeeds or the store closes.
-  void Finish(const std::shared_ptr<Answer>& answer, std::unique_ptr<HeldBuffer> buf, int64_t timeout_ms,
-              const char* what) {
+  void Finish(const std::shared_ptr<Answer>& answer, std::unique_ptr<HeldBuffer> buf,
+              int64_t timeout_ms, const char* what) {
     bool done;
     Status status;
     {
       py::gil_scoped_release release;
       MutexLock lk(&answer->mu);
-      done = answer->cv.WaitFor(lk, std::chrono::milliseconds(timeout_ms), [&]() REQUIRES_LOCK(answer->mu) { return answer->done; });
+      done = answer->cv.WaitFor(lk, std::chrono::milliseconds(timeout_ms),
+                                [&]() REQUIRES_LOCK(answer->mu) { return answer->done; });
       status = answer->status;
     }
     if (!done) {
       held_.push_back(std::move(buf));
-      throw StatusError(Status::DeadlineExceeded(std::string(what) + " did not complete within timeout_s"));
+      throw StatusError(
+          Status::DeadlineExceeded(std::string(what) + " did not complete within timeout_s"));
     }
     if (status.code() == StatusCode::kDeadlineExceeded) held_.push_back(std::move(buf));
     ThrowIfError(status);
@@ -311,26 +321,32 @@ IoBackendKind ParseBackend(const std::string& s) {
   if (s == "auto") return IoBackendKind::kAuto;
   if (s == "io_uring") return IoBackendKind::kIoUring;
   if (s == "posix") return IoBackendKind::kPosix;
-  throw StatusError(Status::InvalidArgument("backend must be 'auto', 'io_uring' or 'posix', got '" + s + "'"));
+  throw StatusError(
+      Status::InvalidArgument("backend must be 'auto', 'io_uring' or 'posix', got '" + s + "'"));
 }
 
 VerifyAtOpen ParseVerify(const std::string& s) {
   if (s == "auto") return VerifyAtOpen::kAuto;
   if (s == "headers") return VerifyAtOpen::kHeaders;
   if (s == "full") return VerifyAtOpen::kFull;
-  throw StatusError(Status::InvalidArgument("verify_at_open must be 'auto', 'headers' or 'full', got '" + s + "'"));
+  throw StatusError(Status::InvalidArgument(
+      "verify_at_open must be 'auto', 'headers' or 'full', got '" + s + "'"));
 }
 
 }  // namespace
 
 void BindStorage(py::module_& m) {
-  m.def("crc32c", [](py::buffer data, uint32_t value) {
+  m.def(
+      "crc32c",
+      [](py::buffer data, uint32_t value) {
         py::buffer_info info = data.request();
         const size_t len = static_cast<size_t>(info.size) * static_cast<size_t>(info.itemsize);
         py::gil_scoped_release release;
         return Crc32c(value, info.ptr, len);
-      }, py::arg("data"), py::arg("value") = 0,
-      "CRC32C (Castagnoli) of a buffer, continuing from `value`; the CPU's instruction where it has one.");
+      },
+      py::arg("data"), py::arg("value") = 0,
+      "CRC32C (Castagnoli) of a buffer, continuing from `value`; the CPU's instruction where it "
+      "has one.");
 
   m.def(
       "aligned_buffer",
@@ -338,22 +354,27 @@ void BindStorage(py::module_& m) {
         uint64_t n = NonNegative(nbytes, "nbytes");
         void* p = nullptr;
         if (posix_memalign(&p, kDiskBlockBytes, std::max<uint64_t>(n, 1)) != 0) {
-          throw StatusError(Status::ResourceExhausted("cannot allocate " + std::to_string(n) + " aligned bytes"));
+          throw StatusError(
+              Status::ResourceExhausted("cannot allocate " + std::to_string(n) + " aligned bytes"));
         }
         std::memset(p, 0, n);
         py::capsule owner(p, [](void* q) { std::free(q); });
-        return py::array_t<uint8_t>({static_cast<py::ssize_t>(n)}, {1}, static_cast<uint8_t*>(p), owner);
+        return py::array_t<uint8_t>({static_cast<py::ssize_t>(n)}, {1}, static_cast<uint8_t*>(p),
+                                    owner);
       },
       py::arg("nbytes"),
-      "A zeroed numpy uint8 array of nbytes whose data is 4096-byte aligned (what O_DIRECT needs).");
+      "A zeroed numpy uint8 array of nbytes whose data is 4096-byte aligned (what O_DIRECT "
+      "needs).");
 
-  py::class_<PyDiskStore>(m, "DiskStore",
-                          "The disk tier's slot store: one preallocated cache file in `dir`, O_DIRECT I/O, "
-                          "checksummed slots, LRU at capacity, recovery at open. Blocking methods release the GIL.")
+  py::class_<PyDiskStore>(
+      m, "DiskStore",
+      "The disk tier's slot store: one preallocated cache file in `dir`, O_DIRECT I/O, "
+      "checksummed slots, LRU at capacity, recovery at open. Blocking methods release the GIL.")
       .def(py::init([](const std::string& dir, int64_t capacity_bytes, int64_t blob_bytes,
-                       const py::bytes& layout_fingerprint, const std::string& backend, int64_t queue_depth,
-                       int64_t posix_threads, double io_timeout_s, bool preallocate, bool allow_buffered_io,
-                       const std::string& verify_at_open, double nospace_retry_s, double close_timeout_s,
+                       const py::bytes& layout_fingerprint, const std::string& backend,
+                       int64_t queue_depth, int64_t posix_threads, double io_timeout_s,
+                       bool preallocate, bool allow_buffered_io, const std::string& verify_at_open,
+                       double nospace_retry_s, double close_timeout_s,
                        const std::string& geometry_label, bool reset_on_mismatch) {
              DiskStoreOptions o;
              o.geometry_label = geometry_label;
@@ -363,17 +384,18 @@ void BindStorage(py::module_& m) {
              o.blob_bytes = NonNegative(blob_bytes, "blob_bytes");
              std::string_view fp = layout_fingerprint;
              if (fp.size() != 16) {
-               throw StatusError(Status::InvalidArgument("layout_fingerprint must be 16 bytes, got " +
-                                                         std::to_string(fp.size())));
+               throw StatusError(Status::InvalidArgument(
+                   "layout_fingerprint must be 16 bytes, got " + std::to_string(fp.size())));
              }
              std::memcpy(o.layout_fingerprint.data(), fp.data(), 16);
              o.backend = ParseBackend(backend);
              if (queue_depth < 1 || queue_depth > 4096) {
-               throw StatusError(Status::InvalidArgument("queue_depth must be in [1, 4096], got " + std::to_string(queue_depth)));
+               throw StatusError(Status::InvalidArgument("queue_depth must be in [1, 4096], got " +
+                                                         std::to_string(queue_depth)));
              }
              if (posix_threads < 1 || posix_threads > 1024) {
-               throw StatusError(Status::InvalidArgument("posix_threads must be in [1, 1024], got " +
-                                                         std::to_string(posix_threads)));
+               throw StatusError(Status::InvalidArgument(
+                   "posix_threads must be in [1, 1024], got " + std::to_string(posix_threads)));
              }
              o.queue_depth = static_cast<unsigned>(queue_depth);
              o.posix_threads = static_cast<unsigned>(posix_threads);
@@ -382,62 +404,86 @@ void BindStorage(py::module_& m) {
              o.allow_buffered_io = allow_buffered_io;
              o.verify_at_open = ParseVerify(verify_at_open);
              if (!std::isfinite(nospace_retry_s) || nospace_retry_s < 0) {
-               throw StatusError(Status::InvalidArgument("nospace_retry_s must be a non-negative number"));
+               throw StatusError(
+                   Status::InvalidArgument("nospace_retry_s must be a non-negative number"));
              }
              o.nospace_retry_ms = static_cast<int64_t>(nospace_retry_s * 1000.0);
              o.close_timeout_ms = TimeoutMs(close_timeout_s, "close_timeout_s");
              return std::make_unique<PyDiskStore>(o);
            }),
-           py::arg("dir"), py::arg("capacity_bytes"), py::arg("blob_bytes"), py::arg("layout_fingerprint"),
-           py::arg("backend") = "auto", py::arg("queue_depth") = 32, py::arg("posix_threads") = 4,
-           py::arg("io_timeout_s") = 10.0, py::arg("preallocate") = true, py::arg("allow_buffered_io") = false,
-           py::arg("verify_at_open") = "auto", py::arg("nospace_retry_s") = 1.0, py::arg("close_timeout_s") = 15.0,
-           py::arg("geometry_label") = "", py::arg("reset_on_mismatch") = false)
-      .def("write", &PyDiskStore::Write, py::arg("key"), py::arg("data"), py::arg("timeout_s") = 30.0,
-           "Stores `data` (blob_bytes, 4096-aligned) under the 16-byte `key`; returns once it is on disk "
+           py::arg("dir"), py::arg("capacity_bytes"), py::arg("blob_bytes"),
+           py::arg("layout_fingerprint"), py::arg("backend") = "auto", py::arg("queue_depth") = 32,
+           py::arg("posix_threads") = 4, py::arg("io_timeout_s") = 10.0,
+           py::arg("preallocate") = true, py::arg("allow_buffered_io") = false,
+           py::arg("verify_at_open") = "auto", py::arg("nospace_retry_s") = 1.0,
+           py::arg("close_timeout_s") = 15.0, py::arg("geometry_label") = "",
+           py::arg("reset_on_mismatch") = false)
+      .def("write", &PyDiskStore::Write, py::arg("key"), py::arg("data"),
+           py::arg("timeout_s") = 30.0,
+           "Stores `data` (blob_bytes, 4096-aligned) under the 16-byte `key`; returns once it is "
+           "on disk "
            "and visible.")
       .def("read", &PyDiskStore::Read, py::arg("key"), py::arg("out"), py::arg("timeout_s") = 30.0,
-           "Reads `key` into `out` (blob_bytes, 4096-aligned, writable) and verifies its checksums; raises "
+           "Reads `key` into `out` (blob_bytes, 4096-aligned, writable) and verifies its "
+           "checksums; raises "
            "CorruptionError (and drops the entry) on a mismatch, NotFoundError when absent.")
-      .def("lookup", &PyDiskStore::Lookup, py::arg("keys"), "Number of leading keys (bytes of n * 16) on disk.")
+      .def("lookup", &PyDiskStore::Lookup, py::arg("keys"),
+           "Number of leading keys (bytes of n * 16) on disk.")
       .def("contains", &PyDiskStore::Contains, py::arg("key"))
       .def("erase", &PyDiskStore::Erase, py::arg("key"))
-      .def("flush", &PyDiskStore::Flush, py::arg("timeout_s") = 30.0, "Waits until no request is in flight.")
+      .def("flush", &PyDiskStore::Flush, py::arg("timeout_s") = 30.0,
+           "Waits until no request is in flight.")
       .def("stats", &PyDiskStore::Stats)
-      .def("close", &PyDiskStore::Close, "Waits for I/O in flight (close_timeout_s) and closes the cache file.")
+      .def("close", &PyDiskStore::Close,
+           "Waits for I/O in flight (close_timeout_s) and closes the cache file.")
       .def_property_readonly("closed", &PyDiskStore::closed)
-      .def_property_readonly("backend",
-                             [](PyDiskStore& s) { return s.Property([](DiskStore& d) { return std::string(d.backend_name()); }); })
-      .def_property_readonly("path", [](PyDiskStore& s) { return s.Property([](DiskStore& d) { return d.path(); }); })
-      .def_property_readonly("blob_bytes",
-                             [](PyDiskStore& s) { return s.Property([](DiskStore& d) { return d.blob_bytes(); }); })
-      .def_property_readonly("slot_bytes",
-                             [](PyDiskStore& s) { return s.Property([](DiskStore& d) { return d.slot_bytes(); }); })
-      .def_property_readonly("num_slots",
-                             [](PyDiskStore& s) { return s.Property([](DiskStore& d) { return d.num_slots(); }); })
+      .def_property_readonly(
+          "backend",
+          [](PyDiskStore& s) {
+            return s.Property([](DiskStore& d) { return std::string(d.backend_name()); });
+          })
+      .def_property_readonly(
+          "path", [](PyDiskStore& s) { return s.Property([](DiskStore& d) { return d.path(); }); })
+      .def_property_readonly(
+          "blob_bytes",
+          [](PyDiskStore& s) { return s.Property([](DiskStore& d) { return d.blob_bytes(); }); })
+      .def_property_readonly(
+          "slot_bytes",
+          [](PyDiskStore& s) { return s.Property([](DiskStore& d) { return d.slot_bytes(); }); })
+      .def_property_readonly(
+          "num_slots",
+          [](PyDiskStore& s) { return s.Property([](DiskStore& d) { return d.num_slots(); }); })
       .def("__enter__", [](py::object self) { return self; })
       .def("__exit__", [](PyDiskStore& s, py::args) { s.Close(); });
   m.attr("DISK_CACHE_FILE_NAME") = kDiskCacheFileName;
-  m.def("disk_cache_reset", [](const std::string& dir) {
-    std::string held;
-    Status s;
-    {
-      py::gil_scoped_release release;
-      s = DiskStore::Reset(dir, &held);
-    }
-    ThrowIfError(s);
-    return held;
-  }, py::arg("dir"),
-        "Deletes the disk cache file in `dir` (whatever geometry it holds) and returns what it held. "
-        "NotFoundError: none there; FailedPreconditionError: a running kvtier has it open.");
-  m.def("probe_direct_io", [](const std::string& dir) {
-    Status s;
-    {
-      py::gil_scoped_release release;
-      s = ProbeDirectIo(dir);
-    }
-    return py::make_tuple(s.ok(), s.message());
-  }, py::arg("dir"), "(works, reason): whether files in `dir` can be opened with O_DIRECT (the disk tier needs it).");
+  m.def(
+      "disk_cache_reset",
+      [](const std::string& dir) {
+        std::string held;
+        Status s;
+        {
+          py::gil_scoped_release release;
+          s = DiskStore::Reset(dir, &held);
+        }
+        ThrowIfError(s);
+        return held;
+      },
+      py::arg("dir"),
+      "Deletes the disk cache file in `dir` (whatever geometry it holds) and returns what it held. "
+      "NotFoundError: none there; FailedPreconditionError: a running kvtier has it open.");
+  m.def(
+      "probe_direct_io",
+      [](const std::string& dir) {
+        Status s;
+        {
+          py::gil_scoped_release release;
+          s = ProbeDirectIo(dir);
+        }
+        return py::make_tuple(s.ok(), s.message());
+      },
+      py::arg("dir"),
+      "(works, reason): whether files in `dir` can be opened with O_DIRECT (the disk tier needs "
+      "it).");
 }
 
 }  // namespace kvtier::bindings

@@ -34,9 +34,9 @@ SegmentCopyMethod ParseSegmentMethod(const std::string& method, const char* who)
   if (method == "dma") return SegmentCopyMethod::kDma;
   if (method == "kernel") return SegmentCopyMethod::kKernel;
   if (method == "push") return SegmentCopyMethod::kPush;
-  throw StatusError(Status(StatusCode::kInvalidArgument,
-                           std::string(who) + ": method must be 'dma', 'kernel' or 'push', got '" +
-                               method + "'"));
+  throw StatusError(Status(
+      StatusCode::kInvalidArgument,
+      std::string(who) + ": method must be 'dma', 'kernel' or 'push', got '" + method + "'"));
 }
 
 using U64Array = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
@@ -56,11 +56,11 @@ std::vector<CopySegment> Segments(const PageRows& rows, const I64Array& src, con
   }
   if (src.shape(0) != dst.shape(0)) {
     throw StatusError(Status::InvalidArgument(std::to_string(src.shape(0)) + " source pages, " +
-                                              std::to_string(dst.shape(0)) +
-                                              " destination pages"));
+                                              std::to_string(dst.shape(0)) + " destination pages"));
   }
   std::vector<CopySegment> segs;
-  ThrowIfError(PageSegments(rows, src.data(), dst.data(), static_cast<size_t>(src.shape(0)), &segs));
+  ThrowIfError(
+      PageSegments(rows, src.data(), dst.data(), static_cast<size_t>(src.shape(0)), &segs));
   return segs;
 }
 
@@ -152,16 +152,16 @@ std::shared_ptr<CopyEngine> MakeEngine(const std::vector<SegmentTuple>& segments
 void BindTransfer(py::module_& m) {
   m.def(
       "copy_segments",
-      [](int device,
-         const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& src,
+      [](int device, const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& src,
          const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& dst,
          const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& nbytes,
          uintptr_t stream, const std::string& method) {
         const SegmentCopyMethod m = ParseSegmentMethod(method, "copy_segments");
         if (src.ndim() != 1 || dst.ndim() != 1 || nbytes.ndim() != 1 ||
             src.shape(0) != dst.shape(0) || src.shape(0) != nbytes.shape(0)) {
-          ThrowIfError(Status(StatusCode::kInvalidArgument,
-                              "copy_segments: src, dst and nbytes must be 1-D arrays of one length"));
+          ThrowIfError(
+              Status(StatusCode::kInvalidArgument,
+                     "copy_segments: src, dst and nbytes must be 1-D arrays of one length"));
         }
         std::vector<CopySegment> segs(static_cast<size_t>(src.shape(0)));
         for (size_t i = 0; i < segs.size(); ++i) segs[i] = {src.at(i), dst.at(i), nbytes.at(i)};
@@ -190,7 +190,8 @@ void BindTransfer(py::module_& m) {
              r.page_bytes = ToVector(page_bytes, "page_bytes");
              r.src_pages = src_pages;
              r.dst_pages = dst_pages;
-             if (r.dst_rows.size() != r.src_rows.size() || r.page_bytes.size() != r.src_rows.size()) {
+             if (r.dst_rows.size() != r.src_rows.size() ||
+                 r.page_bytes.size() != r.src_rows.size()) {
                throw StatusError(Status::InvalidArgument(
                    "src_rows, dst_rows and page_bytes must have one length"));
              }
@@ -245,7 +246,8 @@ void BindTransfer(py::module_& m) {
       },
       py::arg("device"), py::arg("src"),
       "The GPU whose kernel copy_segments(device, ..., method='push') runs for sources at address "
-      "`src`: the GPU the CUDA runtime says holds them, else `device` (the copy is then 'kernel').");
+      "`src`: the GPU the CUDA runtime says holds them, else `device` (the copy is then "
+      "'kernel').");
   py::class_<Transfer, std::shared_ptr<Transfer>>(m, "Transfer",
                                                   "One asynchronous gather or scatter. Keep the KV "
                                                   "tensors and blobs alive until wait() returns.")

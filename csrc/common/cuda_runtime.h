@@ -1,5 +1,5 @@
-// Thin, driver-optional access to the CUDA runtime: whether a GPU is usable here, and its properties.
-// Every function is callable in a build without CUDA and on a machine without a driver.
+// Thin, driver-optional access to the CUDA runtime: whether a GPU is usable here, and its
+// properties. Every function is callable in a build without CUDA and on a machine without a driver.
 #pragma once
 
 #include <string>

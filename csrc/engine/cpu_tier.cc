@@ -1,6 +1,5 @@
 // CpuTier: reserve -> copy -> commit (store) and acquire -> copy -> release (load).
 #include "engine/cpu_tier.h"
-#include "common/mutex.h"
 
 #include <algorithm>
 #include <chrono>
@@ -8,9 +7,12 @@
 #include <string>
 #include <thread>
 
+#include "common/mutex.h"
+
 namespace kvtier {
 
-StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const LayoutDesc& layout, const CpuTierOptions& options) {
+StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const LayoutDesc& layout,
+                                                   const CpuTierOptions& options) {
   KVTIER_RETURN_IF_ERROR(ValidateLayout(layout));
   const uint64_t blob = ChunkBlobBytes(layout);
   if (blob == 0) return Status::InvalidArgument("layout has zero bytes per chunk");
@@ -19,9 +21,11 @@ StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const LayoutDesc& layout, con
   const uint64_t blocks = options.capacity_bytes / block_bytes;
   if (blocks == 0) {
     return Status::InvalidArgument("CPU tier capacity " + std::to_string(options.capacity_bytes) +
-                                   " bytes is smaller than one chunk (" + std::to_string(blob) + " bytes)");
+                                   " bytes is smaller than one chunk (" + std::to_string(blob) +
+                                   " bytes)");
   }
-  if (blocks > UINT32_MAX) return Status::InvalidArgument("CPU tier capacity holds more than 2^32 chunks");
+  if (blocks > UINT32_MAX)
+    return Status::InvalidArgument("CPU tier capacity holds more than 2^32 chunks");
   auto policy = MakeEvictionPolicy(options.eviction_policy);
   if (!policy.ok()) return policy.status();
 
@@ -38,7 +42,8 @@ StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const LayoutDesc& layout, con
   tier->allocator_ = std::make_unique<BlockAllocator>(blocks, block_bytes, tier->arena_->base());
   tier->index_ = std::make_unique<ChunkIndex>(tier->allocator_.get(), std::move(policy).value());
   tier->num_pages_ = UINT64_MAX;
-  for (const SegmentDesc& s : layout.segments) tier->num_pages_ = std::min(tier->num_pages_, s.num_pages);
+  for (const SegmentDesc& s : layout.segments)
+    tier->num_pages_ = std::min(tier->num_pages_, s.num_pages);
   if (options.disk.enabled) {
     DiskStoreOptions disk_options = options.disk.store;
     disk_options.blob_bytes = blob;
@@ -55,13 +60,15 @@ StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const LayoutDesc& layout, con
     tier->disk_io_timeout_ms_ = disk_options.io_timeout_ms;
     tier->deterministic_writeback_ = options.disk.deterministic_writeback;
     tier->max_demotions_in_flight_ = std::max<size_t>(1, options.disk.max_demotions_in_flight);
-    tier->index_->EnableDemotion(&CpuTier::AdmitForDemotion, tier.get(), tier->max_demotions_in_flight_,
+    tier->index_->EnableDemotion(&CpuTier::AdmitForDemotion, tier.get(),
+                                 tier->max_demotions_in_flight_,
                                  /*wait_at_bound=*/true);
   }
   auto engine = CopyEngine::Create(layout, options.copy);
   if (!engine.ok()) return engine.status();
   tier->engine_ = std::move(engine).value();
-  if (tier->disk_ && options.disk.persist_interval_ms > 0 && !options.disk.deterministic_writeback) {
+  if (tier->disk_ && options.disk.persist_interval_ms > 0 &&
+      !options.disk.deterministic_writeback) {
     CpuTier* t = tier.get();
     const auto interval = std::chrono::milliseconds(options.disk.persist_interval_ms);
     t->persist_timer_ = std::thread([t, interval] { t->PersistTimerLoop(interval); });
@@ -71,7 +78,8 @@ StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const LayoutDesc& layout, con
 
 void CpuTier::PersistTimerLoop(std::chrono::milliseconds interval) {
   MutexLock lock(&timer_mu_);
-  while (!timer_cv_.WaitFor(lock, interval, [this]() REQUIRES_LOCK(timer_mu_) { return timer_stop_; })) {
+  while (!timer_cv_.WaitFor(lock, interval,
+                            [this]() REQUIRES_LOCK(timer_mu_) { return timer_stop_; })) {
     lock.Unlock();
     {
       // A caller's Persist holds the lock: it is doing this run's work.
@@ -87,7 +95,8 @@ void CpuTier::PersistTimerLoop(std::chrono::milliseconds interval) {
 
 StatusOr<PersistResult> CpuTier::Persist(int64_t timeout_ms) {
   if (!disk_) return Status::FailedPrecondition("Persist needs a disk tier (none is configured)");
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(std::max<int64_t>(0, timeout_ms));
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::milliseconds(std::max<int64_t>(0, timeout_ms));
   ++persist_callers_;  // the timer's run stops after its current batch
   std::unique_lock<std::timed_mutex> lock(persist_mu_, deadline);
   --persist_callers_;
@@ -101,7 +110,8 @@ StatusOr<PersistResult> CpuTier::Persist(int64_t timeout_ms) {
   return PersistLocked(deadline, /*periodic=*/false);
 }
 
-PersistResult CpuTier::PersistLocked(std::chrono::steady_clock::time_point deadline, bool periodic) {
+PersistResult CpuTier::PersistLocked(std::chrono::steady_clock::time_point deadline,
+                                     bool periodic) {
   ++persist_runs_;
   WaitForWriteBacks();
   PersistResult r;
@@ -114,8 +124,9 @@ PersistResult CpuTier::PersistLocked(std::chrono::steady_clock::time_point deadl
     }
   }
   // The most-seen first; more than the disk holds would only evict each other.
-  std::stable_sort(todo.begin(), todo.end(),
-                   [](const ChunkIndex::Demotion& a, const ChunkIndex::Demotion& b) { return a.seen > b.seen; });
+  std::stable_sort(
+      todo.begin(), todo.end(),
+      [](const ChunkIndex::Demotion& a, const ChunkIndex::Demotion& b) { return a.seen > b.seen; });
   if (todo.size() > disk_->num_slots()) {
     r.not_started += todo.size() - disk_->num_slots();
     todo.resize(disk_->num_slots());
@@ -209,12 +220,14 @@ void CpuTier::SetAdmissionHook(AdmissionHook hook) {
   has_admission_hook_ = static_cast<bool>(admission_hook_);
 }
 
-StatusOr<BlockId> CpuTier::WaitForBlock(const ChunkKey& key, std::chrono::steady_clock::time_point deadline) {
+StatusOr<BlockId> CpuTier::WaitForBlock(const ChunkKey& key,
+                                        std::chrono::steady_clock::time_point deadline) {
   StatusOr<BlockId> b = index_->BeginInsert(key);
   while (!b.ok() && b.status().code() == StatusCode::kResourceExhausted &&
          std::chrono::steady_clock::now() < deadline) {
     PumpDemotions();
-    if (index_->demoting() == 0) return index_->BeginInsert(key);  // nothing in flight frees a block
+    if (index_->demoting() == 0)
+      return index_->BeginInsert(key);  // nothing in flight frees a block
     if (deterministic_writeback_) {
       WaitForWriteBacks(deadline);  // all of them: how many end in one poll depends on the disk
     } else {
@@ -239,7 +252,8 @@ void CpuTier::EndWriteBack(const ChunkKey& key) {
   inflight_cv_.NotifyAll();
 }
 
-void CpuTier::WaitWhileWriting(const ChunkKey& key, std::chrono::steady_clock::time_point deadline) {
+void CpuTier::WaitWhileWriting(const ChunkKey& key,
+                               std::chrono::steady_clock::time_point deadline) {
   while (index_->IsWriting(key) && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::microseconds(100));
   }
@@ -324,15 +338,16 @@ void CpuTier::PumpDemotions() {
       continue;
     }
     StartOp();
-    Status s = disk_->Write(k, allocator_->BlockAddress(demotions[i].block), [this, k](const Status& st) {
-      if (st.ok()) {
-        ++demotions_written_;
-      } else {
-        ++demotions_failed_;
-      }
-      EndWriteBack(k);
-      FinishOp();
-    });
+    Status s =
+        disk_->Write(k, allocator_->BlockAddress(demotions[i].block), [this, k](const Status& st) {
+          if (st.ok()) {
+            ++demotions_written_;
+          } else {
+            ++demotions_failed_;
+          }
+          EndWriteBack(k);
+          FinishOp();
+        });
     if (!s.ok()) {  // already on disk (AlreadyExists) or refused: the pool copy just goes
       if (s.code() == StatusCode::kAlreadyExists) {
         ++demotions_written_;
@@ -360,7 +375,8 @@ size_t CpuTier::PromoteFromDisk(const ChunkKey* keys, size_t n) {
     StatusOr<BlockId> b = index_->BeginInsert(keys[i]);
     // A pool full of chunks being written back to disk frees blocks as those writes end: a load
     // waits for that (to its deadline) rather than turn a disk hit into a recompute.
-    if (!b.ok() && b.status().code() == StatusCode::kResourceExhausted) b = WaitForBlock(keys[i], wait_deadline);
+    if (!b.ok() && b.status().code() == StatusCode::kResourceExhausted)
+      b = WaitForBlock(keys[i], wait_deadline);
     if (!b.ok()) {
       // A prefetch may be reading this very chunk: let it finish, then the caller's Acquire
       // finds it in the pool. Anything else (the pool full of pinned blocks) ends the run.
@@ -379,22 +395,23 @@ size_t CpuTier::PromoteFromDisk(const ChunkKey* keys, size_t n) {
   for (size_t i = 0; i < reserved; ++i) {
     ChunkKey k = keys[i];
     StartOp();
-    Status s = disk_->Read(k, allocator_->BlockAddress(blocks[i]), [this, shared, i, k](const Status& st) {
-      // Commit or abort here, not in the waiter: the waiter may have given up on its deadline.
-      if (st.ok()) {
-        (void)index_->CommitInsert(k);
-        ++chunks_promoted_;
-      } else {
-        (void)index_->AbortInsert(k);
-        ++promotion_failures_;
-      }
-      {
-        MutexLock lock(&shared->mu);
-        shared->results[i] = st;
-        if (--shared->pending == 0) shared->cv.NotifyAll();
-      }
-      FinishOp();
-    });
+    Status s =
+        disk_->Read(k, allocator_->BlockAddress(blocks[i]), [this, shared, i, k](const Status& st) {
+          // Commit or abort here, not in the waiter: the waiter may have given up on its deadline.
+          if (st.ok()) {
+            (void)index_->CommitInsert(k);
+            ++chunks_promoted_;
+          } else {
+            (void)index_->AbortInsert(k);
+            ++promotion_failures_;
+          }
+          {
+            MutexLock lock(&shared->mu);
+            shared->results[i] = st;
+            if (--shared->pending == 0) shared->cv.NotifyAll();
+          }
+          FinishOp();
+        });
     if (!s.ok()) {  // evicted from disk since the lookup: a miss from here on
       (void)index_->AbortInsert(k);
       ++promotion_failures_;
@@ -424,26 +441,29 @@ CpuTier::~CpuTier() {
     persist_timer_.join();
   }
   Status s = Drain(close_timeout_ms_);
-  if (!s.ok()) std::fprintf(stderr, "kvtier: CpuTier closing with copies in flight: %s\n", s.ToString().c_str());
+  if (!s.ok())
+    std::fprintf(stderr, "kvtier: CpuTier closing with copies in flight: %s\n",
+                 s.ToString().c_str());
   engine_.reset();  // synchronizes its streams / workers; callbacks still see a live index
   disk_.reset();    // waits for its I/O; its callbacks still see the index and counters
 }
 
 Status CpuTier::CheckPages(const std::vector<uint32_t>& page_ids, size_t needed) const {
   if (page_ids.size() < needed) {
-    return Status::InvalidArgument("page_ids has " + std::to_string(page_ids.size()) + " entries, " +
-                                   std::to_string(needed) + " needed");
+    return Status::InvalidArgument("page_ids has " + std::to_string(page_ids.size()) +
+                                   " entries, " + std::to_string(needed) + " needed");
   }
   std::vector<uint8_t> seen(num_pages_ < (1u << 26) ? num_pages_ : 0, 0);
   for (size_t i = 0; i < needed; ++i) {
     if (page_ids[i] >= num_pages_) {
-      return Status::InvalidArgument("page_ids[" + std::to_string(i) + "] = " + std::to_string(page_ids[i]) +
+      return Status::InvalidArgument("page_ids[" + std::to_string(i) +
+                                     "] = " + std::to_string(page_ids[i]) +
                                      " is out of range [0, " + std::to_string(num_pages_) + ")");
     }
     if (!seen.empty()) {
       if (seen[page_ids[i]]) {
-        return Status::InvalidArgument("page_ids[" + std::to_string(i) + "] = " + std::to_string(page_ids[i]) +
-                                       " is repeated");
+        return Status::InvalidArgument("page_ids[" + std::to_string(i) +
+                                       "] = " + std::to_string(page_ids[i]) + " is repeated");
       }
       seen[page_ids[i]] = 1;
     }
@@ -456,8 +476,8 @@ void CpuTier::FinishOp() {
   if (--in_flight_ == 0) inflight_cv_.NotifyAll();
 }
 
-StatusOr<TierOp> CpuTier::Store(const ChunkKey* keys, size_t n, const std::vector<uint32_t>& page_ids,
-                                uintptr_t after_stream) {
+StatusOr<TierOp> CpuTier::Store(const ChunkKey* keys, size_t n,
+                                const std::vector<uint32_t>& page_ids, uintptr_t after_stream) {
   const uint32_t ppc = pages_per_chunk();
   KVTIER_RETURN_IF_ERROR(CheckPages(page_ids, n * ppc));
   WaitForWriteBacks();
@@ -533,8 +553,8 @@ size_t CpuTier::Lookup(const ChunkKey* keys, size_t n) {
   return hits;
 }
 
-StatusOr<TierOp> CpuTier::Load(const ChunkKey* keys, size_t n, const std::vector<uint32_t>& page_ids,
-                               uintptr_t after_stream) {
+StatusOr<TierOp> CpuTier::Load(const ChunkKey* keys, size_t n,
+                               const std::vector<uint32_t>& page_ids, uintptr_t after_stream) {
   const uint32_t ppc = pages_per_chunk();
   // Validate every page the caller offered before touching the index, so bad input changes nothing.
   KVTIER_RETURN_IF_ERROR(CheckPages(page_ids, std::min(page_ids.size(), n * ppc)));
@@ -636,8 +656,11 @@ Status CpuTier::ReleaseBlobs(const ChunkKey* keys, size_t n) { return index_->Re
 
 Status CpuTier::Drain(int64_t timeout_ms) {
   MutexLock lock(&inflight_mu_);
-  bool done = inflight_cv_.WaitFor(lock, std::chrono::milliseconds(timeout_ms), [this]() REQUIRES_LOCK(inflight_mu_) { return in_flight_ == 0; });
-  if (!done) return Status::DeadlineExceeded(std::to_string(in_flight_) + " copies still in flight");
+  bool done =
+      inflight_cv_.WaitFor(lock, std::chrono::milliseconds(timeout_ms),
+                           [this]() REQUIRES_LOCK(inflight_mu_) { return in_flight_ == 0; });
+  if (!done)
+    return Status::DeadlineExceeded(std::to_string(in_flight_) + " copies still in flight");
   return Status::OK();
 }
 

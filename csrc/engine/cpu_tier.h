@@ -1,9 +1,10 @@
-// CpuTier: the pinned host pool, its chunk index and the copy engine, as one store/lookup/load unit,
-// with an optional disk tier below it.
+// CpuTier: the pinned host pool, its chunk index and the copy engine, as one store/lookup/load
+// unit, with an optional disk tier below it.
 //
 // Store gathers the pages of chunks not yet cached into freshly reserved blocks; the chunks become
 // visible only when the copy has completed (the completion callback commits them). Load pins the
-// leading cached chunks, scatters them into the caller's pages and unpins them when the copy is done.
+// leading cached chunks, scatters them into the caller's pages and unpins them when the copy is
+// done.
 //
 // With a disk tier: a chunk evicted from the pool is written back to disk when the admission rule
 // lets it (seen by at least `admit_min_seen` requests; the write goes straight from its pinned
@@ -27,9 +28,9 @@
 
 #include <atomic>
 #include <chrono>
-#include <functional>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -48,15 +49,16 @@ namespace kvtier {
 
 struct DiskTierOptions {
   bool enabled = false;
-  DiskStoreOptions store;           // dir, capacity, backend...; blob_bytes is filled in
-  uint32_t admit_min_seen = 2;      // write an evicted chunk back only if seen this many times
+  DiskStoreOptions store;               // dir, capacity, backend...; blob_bytes is filled in
+  uint32_t admit_min_seen = 2;          // write an evicted chunk back only if seen this many times
   size_t max_demotions_in_flight = 64;  // beyond it, evictions wait for write-backs to end
   // Disk timing that depends only on the calls (kvtier.sim mirrors it exactly): Store, Lookup,
   // LookupTiers, Load, Prefetch, BeginPut and AcquireBlobs first wait for the write-backs in
   // flight; an eviction that must wait for write-backs waits for all of them, not for one 200 us
   // poll; a promotion's write-backs end before its reads start; a prefetch waits for each read;
   // and the disk runs at queue depth 1 (one POSIX worker), so its requests end in the order they
-  // were made. Each wait ends at the usual deadline (2 x io_timeout + 1 s); past it the call goes on.
+  // were made. Each wait ends at the usual deadline (2 x io_timeout + 1 s); past it the call goes
+  // on.
   bool deterministic_writeback = false;
   // Persist every this many ms on a timer thread (0: never; never in deterministic mode, where
   // the tiers' state must depend on the calls alone).
@@ -77,8 +79,8 @@ struct CpuTierOptions {
   uint64_t capacity_bytes = 1ull << 30;  // hard bound of the pool: floor(capacity / block) blocks
   CopyEngineOptions copy;
   DiskTierOptions disk;
-  int64_t close_timeout_ms = 30000;      // how long the destructor waits for in-flight copies
-  std::string eviction_policy = "lru";   // the pool's eviction order: "lru", "s3fifo" or "lfu"
+  int64_t close_timeout_ms = 30000;     // how long the destructor waits for in-flight copies
+  std::string eviction_policy = "lru";  // the pool's eviction order: "lru", "s3fifo" or "lfu"
 };
 
 struct CpuTierStats {
@@ -97,16 +99,16 @@ struct CpuTierStats {
   // Disk tier (zero without one).
   bool has_disk = false;
   DiskStoreStats disk;
-  uint64_t lookup_disk_chunks = 0;   // chunks a lookup found on disk only
-  uint64_t chunks_promoted = 0;      // read from disk into the pool by a load
-  uint64_t promotion_failures = 0;   // reads that failed (corrupt, I/O error, deadline): misses
-  uint64_t demotions_written = 0;    // write-backs completed
-  uint64_t demotions_failed = 0;     // write-backs refused or failed (the chunk was dropped)
-  uint64_t demotions_rejected = 0;   // evicted chunks the admission hook did not admit
-  uint64_t chunks_prefetched = 0;    // read from disk into the pool ahead of a load
-  uint64_t persist_runs = 0;         // Persist calls, the timer's included
-  uint64_t persist_written = 0;      // chunks Persist wrote
-  uint64_t persist_failed = 0;       // Persist writes refused or failed
+  uint64_t lookup_disk_chunks = 0;  // chunks a lookup found on disk only
+  uint64_t chunks_promoted = 0;     // read from disk into the pool by a load
+  uint64_t promotion_failures = 0;  // reads that failed (corrupt, I/O error, deadline): misses
+  uint64_t demotions_written = 0;   // write-backs completed
+  uint64_t demotions_failed = 0;    // write-backs refused or failed (the chunk was dropped)
+  uint64_t demotions_rejected = 0;  // evicted chunks the admission hook did not admit
+  uint64_t chunks_prefetched = 0;   // read from disk into the pool ahead of a load
+  uint64_t persist_runs = 0;        // Persist calls, the timer's included
+  uint64_t persist_written = 0;     // chunks Persist wrote
+  uint64_t persist_failed = 0;      // Persist writes refused or failed
   uint64_t persist_deadline_exceeded = 0;  // Persist calls that ran out of time
 };
 
@@ -120,7 +122,8 @@ struct TierOp {
 
 class CpuTier {
  public:
-  static StatusOr<std::unique_ptr<CpuTier>> Create(const LayoutDesc& layout, const CpuTierOptions& options);
+  static StatusOr<std::unique_ptr<CpuTier>> Create(const LayoutDesc& layout,
+                                                   const CpuTierOptions& options);
   ~CpuTier();
   CpuTier(const CpuTier&) = delete;
   CpuTier& operator=(const CpuTier&) = delete;
@@ -153,8 +156,8 @@ class CpuTier {
   // Replaces the built-in admission rule (seen >= admit_min_seen) for disk write-back: called
   // once per batch of evicted chunks, with no lock held, with their keys and times seen; returns
   // one flag per chunk (non-zero: write it to disk). An empty function restores the built-in.
-  using AdmissionHook =
-      std::function<std::vector<uint8_t>(const std::vector<ChunkKey>&, const std::vector<uint32_t>&)>;
+  using AdmissionHook = std::function<std::vector<uint8_t>(const std::vector<ChunkKey>&,
+                                                           const std::vector<uint32_t>&)>;
   void SetAdmissionHook(AdmissionHook hook);
   // Starts reading the leading chunks of keys[0..n) that are on disk only into the pool, without
   // waiting (a later Load finds them in the pool, or waits for the reads still running). Blocks
@@ -197,7 +200,8 @@ class CpuTier {
   PersistResult PersistLocked(std::chrono::steady_clock::time_point deadline, bool periodic);
   void PersistTimerLoop(std::chrono::milliseconds interval);
   // BeginInsert for `key`, waiting (to `deadline`) while write-backs to disk hold the blocks.
-  StatusOr<BlockId> WaitForBlock(const ChunkKey& key, std::chrono::steady_clock::time_point deadline);
+  StatusOr<BlockId> WaitForBlock(const ChunkKey& key,
+                                 std::chrono::steady_clock::time_point deadline);
   // Waits (polling, until `deadline`) while another reader of the disk fills `key`'s block.
   void WaitWhileWriting(const ChunkKey& key, std::chrono::steady_clock::time_point deadline);
   // Deterministic mode only (else returns at once): waits until no write-back is in flight, or
@@ -211,7 +215,8 @@ class CpuTier {
   void EndWriteBack(const ChunkKey& key);
   // The deadline of a wait on the disk: it answers every request by io_timeout; plus slack.
   std::chrono::steady_clock::time_point DiskDeadline() const {
-    return std::chrono::steady_clock::now() + std::chrono::milliseconds(2 * disk_io_timeout_ms_ + 1000);
+    return std::chrono::steady_clock::now() +
+           std::chrono::milliseconds(2 * disk_io_timeout_ms_ + 1000);
   }
 
   // Declaration order is destruction order reversed: the engine (whose callbacks touch the index
@@ -240,8 +245,8 @@ class CpuTier {
   uint64_t in_flight_ GUARDED_BY(inflight_mu_) = 0;
 
   size_t max_demotions_in_flight_ = 64;
-  std::timed_mutex persist_mu_;             // one Persist at a time
-  std::atomic<int> persist_callers_{0};     // callers waiting for persist_mu_: the timer's run yields
+  std::timed_mutex persist_mu_;          // one Persist at a time
+  std::atomic<int> persist_callers_{0};  // callers waiting for persist_mu_: the timer's run yields
   std::atomic<uint64_t> persist_runs_{0}, persist_written_{0}, persist_failed_{0},
       persist_deadline_exceeded_{0};
   Mutex timer_mu_;

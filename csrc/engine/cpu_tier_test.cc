@@ -4,9 +4,8 @@
 #include "engine/cpu_tier.h"
 
 #include <fcntl.h>
-#include <unistd.h>
-
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -17,8 +16,8 @@
 #include <thread>
 #include <vector>
 
-#include "storage/slot_format.h"
 #include "storage/disk_test_util.h"
+#include "storage/slot_format.h"
 #include "storage/uring_backend.h"
 
 namespace kvtier {
@@ -53,7 +52,8 @@ class CpuTierWriteBackTest : public ::testing::TestWithParam<IoBackendKind> {
     LayoutDesc layout;
     layout.device = -1;
     layout.pages_per_chunk = 1;
-    layout.segments.push_back({reinterpret_cast<uint64_t>(kv_.data()), kPageBytes, kPageBytes, kPages});
+    layout.segments.push_back(
+        {reinterpret_cast<uint64_t>(kv_.data()), kPageBytes, kPageBytes, kPages});
     CpuTierOptions o;
     o.capacity_bytes = 4 * kPageBytes;
     o.copy.method = TransferMethod::kCpu;
@@ -65,7 +65,8 @@ class CpuTierWriteBackTest : public ::testing::TestWithParam<IoBackendKind> {
     o.disk.store.backend = GetParam();
     o.disk.store.io_timeout_ms = 5000;
     o.disk.store.fault_injector = [this, write_delay](IoOp op, uint64_t, size_t, int res) {
-      if (op == IoOp::kWrite && res > 0) std::this_thread::sleep_for(write_delay(writes_.fetch_add(1)));
+      if (op == IoOp::kWrite && res > 0)
+        std::this_thread::sleep_for(write_delay(writes_.fetch_add(1)));
       return res;
     };
     if (tweak) tweak(o);
@@ -86,8 +87,8 @@ class CpuTierWriteBackTest : public ::testing::TestWithParam<IoBackendKind> {
   // Fills the pool with a (stored twice: admitted to disk) and x (once), then stores b, whose
   // blocks come from x: a's chunks are evicted on the way and their write-backs start when the
   // store returns.
-  static void EvictAdmitted(CpuTier& tier, const std::vector<ChunkKey>& a, const std::vector<ChunkKey>& x,
-                            const std::vector<ChunkKey>& b) {
+  static void EvictAdmitted(CpuTier& tier, const std::vector<ChunkKey>& a,
+                            const std::vector<ChunkKey>& x, const std::vector<ChunkKey>& b) {
     StoreAndWait(tier, a);
     StoreAndWait(tier, a);
     StoreAndWait(tier, x);
@@ -132,13 +133,14 @@ TEST_P(CpuTierWriteBackTest, DeterministicModeEndsWriteBacksBeforeTheNextCall) {
 TEST_P(CpuTierWriteBackTest, DeterministicWriteBacksEndInTheOrderTheyWereStaged) {
   // The first write-back is held longest: ended concurrently, it would become the disk's most
   // recent chunk and the last to be evicted. In deterministic mode it is the least recent.
-  auto tier = MakeTier(true, 4, [](uint64_t n) { return std::chrono::milliseconds(n < 4 ? 30 * (4 - n) : 0); });
+  auto tier = MakeTier(
+      true, 4, [](uint64_t n) { return std::chrono::milliseconds(n < 4 ? 30 * (4 - n) : 0); });
   ASSERT_NE(tier, nullptr);
   const std::vector<ChunkKey> a = Keys(0, 4), b = Keys(10, 4);
   StoreAndWait(*tier, a);
   StoreAndWait(*tier, a);
   StoreAndWait(*tier, b);  // evicts a[0..3], written back in that order: the disk's 4 slots fill
-  StoreAndWait(*tier, {b[0]});  // b[0] seen twice
+  StoreAndWait(*tier, {b[0]});       // b[0] seen twice
   StoreAndWait(*tier, Keys(20, 1));  // evicts b[0] (written back: the disk evicts its LRU chunk)
   EXPECT_EQ(tier->LookupTiers(&b[0], 1), std::vector<uint8_t>{2});
   EXPECT_TRUE(tier->LookupTiers(&a[0], 1).empty());  // a[0], the first written, went first
@@ -183,10 +185,12 @@ TEST_P(CpuTierWriteBackTest, PersistWritesWhatTheDiskLacksAndARestartFindsIt) {
 }
 
 TEST_P(CpuTierWriteBackTest, PersistTimerWritesWithoutACallAndStopsAtClose) {
-  auto tier = MakeTier(false, 32, [](uint64_t) { return std::chrono::milliseconds(0); }, [](CpuTierOptions& o) {
-    o.capacity_bytes = 16 * kPageBytes;
-    o.disk.persist_interval_ms = 20;
-  });
+  auto tier = MakeTier(
+      false, 32, [](uint64_t) { return std::chrono::milliseconds(0); },
+      [](CpuTierOptions& o) {
+        o.capacity_bytes = 16 * kPageBytes;
+        o.disk.persist_interval_ms = 20;
+      });
   ASSERT_NE(tier, nullptr);
   const std::vector<ChunkKey> a = Keys(0, 3);
   StoreAndWait(*tier, a);
@@ -200,10 +204,12 @@ TEST_P(CpuTierWriteBackTest, PersistTimerWritesWithoutACallAndStopsAtClose) {
 }
 
 TEST_P(CpuTierWriteBackTest, PersistTimerIsOffInDeterministicMode) {
-  auto tier = MakeTier(true, 32, [](uint64_t) { return std::chrono::milliseconds(0); }, [](CpuTierOptions& o) {
-    o.capacity_bytes = 16 * kPageBytes;
-    o.disk.persist_interval_ms = 1;
-  });
+  auto tier = MakeTier(
+      true, 32, [](uint64_t) { return std::chrono::milliseconds(0); },
+      [](CpuTierOptions& o) {
+        o.capacity_bytes = 16 * kPageBytes;
+        o.disk.persist_interval_ms = 1;
+      });
   ASSERT_NE(tier, nullptr);
   StoreAndWait(*tier, Keys(0, 3));
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -218,10 +224,12 @@ TEST_P(CpuTierWriteBackTest, PersistStopsAtItsDeadlineAndCountsWhatIsLeft) {
   if (GetParam() == IoBackendKind::kIoUring) {
     GTEST_SKIP() << "SKIPPED (io_uring: the injector cannot slow a write without the caller)";
   }
-  auto tier = MakeTier(false, 32, [](uint64_t) { return std::chrono::milliseconds(300); }, [](CpuTierOptions& o) {
-    o.capacity_bytes = 16 * kPageBytes;
-    o.disk.max_demotions_in_flight = 1;  // batches of one
-  });
+  auto tier = MakeTier(
+      false, 32, [](uint64_t) { return std::chrono::milliseconds(300); },
+      [](CpuTierOptions& o) {
+        o.capacity_bytes = 16 * kPageBytes;
+        o.disk.max_demotions_in_flight = 1;  // batches of one
+      });
   ASSERT_NE(tier, nullptr);
   const std::vector<ChunkKey> a = Keys(0, 4);
   StoreAndWait(*tier, a);
@@ -244,7 +252,8 @@ TEST(CpuTierPersistTest, PersistWithoutADiskTierIsAFailedPrecondition) {
   LayoutDesc layout;
   layout.device = -1;
   layout.pages_per_chunk = 1;
-  layout.segments.push_back({reinterpret_cast<uint64_t>(kv.data()), kPageBytes, kPageBytes, kPages});
+  layout.segments.push_back(
+      {reinterpret_cast<uint64_t>(kv.data()), kPageBytes, kPageBytes, kPages});
   CpuTierOptions o;
   o.capacity_bytes = 4 * kPageBytes;
   o.copy.method = TransferMethod::kCpu;
@@ -256,7 +265,8 @@ TEST(CpuTierPersistTest, PersistWithoutADiskTierIsAFailedPrecondition) {
 INSTANTIATE_TEST_SUITE_P(Backends, CpuTierWriteBackTest,
                          ::testing::Values(IoBackendKind::kPosix, IoBackendKind::kIoUring),
                          [](const ::testing::TestParamInfo<IoBackendKind>& info) {
-                           return info.param == IoBackendKind::kPosix ? std::string("Posix") : std::string("IoUring");
+                           return info.param == IoBackendKind::kPosix ? std::string("Posix")
+                                                                      : std::string("IoUring");
                          });
 
 }  // namespace

@@ -1,8 +1,9 @@
 // ChunkIndex: hash map of entries plus the eviction policy that tracks the READY ones; one mutex.
 #include "index/chunk_index.h"
-#include "common/mutex.h"
 
 #include <cstdio>
+
+#include "common/mutex.h"
 
 namespace kvtier {
 
@@ -22,7 +23,7 @@ ChunkIndex::ChunkIndex(BlockAllocator* allocator, std::unique_ptr<EvictionPolicy
 bool ChunkIndex::EvictOneLocked() {
   // The policy tracks only READY entries, so "evictable" is "not pinned". A victim admitted for
   // write-back leaves the policy as DEMOTING (its block is not free yet), and the search goes on.
-  auto* entries = &map_;  // the predicate runs inside PickVictim, still under mu_
+  auto* entries = &map_;       // the predicate runs inside PickVictim, still under mu_
   auto last_yes = map_.end();  // saves a second lookup of the victim
   auto unpinned = [entries, &last_yes](const ChunkKey& k) {
     auto it = entries->find(k);
@@ -61,7 +62,8 @@ bool ChunkIndex::EvictOneLocked() {
   return false;
 }
 
-void ChunkIndex::EnableDemotion(DemotionFilter filter, void* ctx, size_t max_in_flight, bool wait_at_bound) {
+void ChunkIndex::EnableDemotion(DemotionFilter filter, void* ctx, size_t max_in_flight,
+                                bool wait_at_bound) {
   MutexLock lock(&mu_);
   wait_at_bound_ = wait_at_bound;
   demotion_filter_ = filter;
@@ -104,7 +106,8 @@ StatusOr<BlockId> ChunkIndex::BeginInsert(const ChunkKey& key) {
   while (!block.ok() && EvictOneLocked()) block = allocator_->Allocate();
   if (!block.ok()) {
     ++counters_.insert_rejected;
-    return Status::ResourceExhausted("tier full: every block is being written or pinned by a reader");
+    return Status::ResourceExhausted(
+        "tier full: every block is being written or pinned by a reader");
   }
   map_.emplace(key, Entry{*block, State::kWriting, 0, 1});
   ++writing_;
@@ -206,7 +209,8 @@ Status ChunkIndex::Release(const ChunkKey* keys, size_t n) {
   for (size_t i = 0; i < n; ++i) {
     auto it = map_.find(keys[i]);
     if (it == map_.end() || it->second.pins == 0) {
-      result = Status::FailedPrecondition("chunk " + keys[i].Hex() + " is not pinned (release without acquire)");
+      result = Status::FailedPrecondition("chunk " + keys[i].Hex() +
+                                          " is not pinned (release without acquire)");
       continue;
     }
     if (--it->second.pins == 0) {

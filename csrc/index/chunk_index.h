@@ -44,18 +44,18 @@ struct ChunkIndexStats {
   size_t entries = 0;
   size_t ready = 0;
   size_t writing = 0;
-  size_t pinned = 0;             // READY entries with pins > 0
-  uint64_t lookups = 0;          // Lookup calls
-  uint64_t hit_chunks = 0;       // chunks found READY by Lookup/Acquire
-  uint64_t miss_chunks = 0;      // Lookup/Acquire stopped at a chunk not READY (one per call at most)
-  uint64_t inserts = 0;          // CommitInsert
-  uint64_t aborts = 0;           // AbortInsert
+  size_t pinned = 0;         // READY entries with pins > 0
+  uint64_t lookups = 0;      // Lookup calls
+  uint64_t hit_chunks = 0;   // chunks found READY by Lookup/Acquire
+  uint64_t miss_chunks = 0;  // Lookup/Acquire stopped at a chunk not READY (one per call at most)
+  uint64_t inserts = 0;      // CommitInsert
+  uint64_t aborts = 0;       // AbortInsert
   uint64_t evictions = 0;
-  uint64_t insert_rejected = 0;  // BeginInsert refused: full and nothing evictable
-  size_t demoting = 0;            // entries held for a write-back right now
-  uint64_t demotions = 0;         // evictions handed to the next tier
+  uint64_t insert_rejected = 0;         // BeginInsert refused: full and nothing evictable
+  size_t demoting = 0;                  // entries held for a write-back right now
+  uint64_t demotions = 0;               // evictions handed to the next tier
   uint64_t demotions_not_admitted = 0;  // evictions the admission rule dropped
-  uint64_t demotions_busy = 0;    // evictions dropped because max_in_flight write-backs were running
+  uint64_t demotions_busy = 0;  // evictions dropped because max_in_flight write-backs were running
 };
 
 // Decides whether an evicted chunk is written back to the next tier. `seen` counts the requests

@@ -1,4 +1,5 @@
-// ChunkKey: the 16-byte chained key naming a chunk and its whole prefix (see python/kvtier/keys.py).
+// ChunkKey: the 16-byte chained key naming a chunk and its whole prefix (see
+// python/kvtier/keys.py).
 #pragma once
 
 #include <cstdint>

@@ -22,9 +22,12 @@ size_t RoundUp(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
 const char* ArenaKindName(ArenaKind kind) {
   switch (kind) {
-    case ArenaKind::kDevice: return "device";
-    case ArenaKind::kPinnedHost: return "pinned_host";
-    case ArenaKind::kHost: return "host";
+    case ArenaKind::kDevice:
+      return "device";
+    case ArenaKind::kPinnedHost:
+      return "pinned_host";
+    case ArenaKind::kHost:
+      return "host";
   }
   return "unknown";
 }
@@ -44,7 +47,8 @@ StatusOr<std::unique_ptr<Arena>> Arena::Create(ArenaKind kind, size_t bytes, int
     if (err != cudaSuccess) {
       cudaGetLastError();
       return Status::ResourceExhausted("cudaMalloc of " + std::to_string(bytes) + " bytes on GPU " +
-                                       std::to_string(device) + " failed: " + cudaGetErrorString(err));
+                                       std::to_string(device) +
+                                       " failed: " + cudaGetErrorString(err));
     }
     return arena;
 #else
@@ -92,7 +96,8 @@ StatusOr<std::unique_ptr<Arena>> Arena::Create(ArenaKind kind, size_t bytes, int
     }
 #else
     arena->kind_ = ArenaKind::kHost;
-    arena->fallback_reason_ = "pinned memory unavailable, using plain host memory: built without CUDA";
+    arena->fallback_reason_ =
+        "pinned memory unavailable, using plain host memory: built without CUDA";
 #endif
   }
   return arena;

@@ -1,8 +1,9 @@
 // BlockAllocator: a mutex-guarded free-list stack plus per-block allocated flags and pin counts.
 #include "memory/block_allocator.h"
-#include "common/mutex.h"
 
 #include <string>
+
+#include "common/mutex.h"
 
 namespace kvtier {
 
@@ -21,7 +22,8 @@ Status BlockAllocator::CheckAllocatedLocked(BlockId id) const {
                                    std::to_string(num_blocks_) + ")");
   }
   if (!allocated_[id]) {
-    return Status::FailedPrecondition("block " + std::to_string(id) + " is not allocated (already free)");
+    return Status::FailedPrecondition("block " + std::to_string(id) +
+                                      " is not allocated (already free)");
   }
   return Status::OK();
 }
@@ -85,7 +87,8 @@ Status BlockAllocator::FreeBatch(const std::vector<BlockId>& ids) {
     bad = CheckAllocatedLocked(id);
     if (!bad.ok()) break;
     if (allocated_[id] == 2) {
-      bad = Status::FailedPrecondition("block " + std::to_string(id) + " appears twice in one FreeBatch");
+      bad = Status::FailedPrecondition("block " + std::to_string(id) +
+                                       " appears twice in one FreeBatch");
       break;
     }
     if (pins_[id] != 0) {
@@ -118,7 +121,8 @@ Status BlockAllocator::Unpin(BlockId id) {
   MutexLock lock(&mu_);
   KVTIER_RETURN_IF_ERROR(CheckAllocatedLocked(id));
   if (pins_[id] == 0) {
-    return Status::FailedPrecondition("block " + std::to_string(id) + " is not pinned (unpin without pin)");
+    return Status::FailedPrecondition("block " + std::to_string(id) +
+                                      " is not pinned (unpin without pin)");
   }
   if (--pins_[id] == 0) --pinned_blocks_;
   return Status::OK();

@@ -40,8 +40,8 @@ struct BlockAllocatorStats {
   size_t free_blocks = 0;
   size_t used_blocks = 0;
   size_t peak_used_blocks = 0;
-  size_t pinned_blocks = 0;       // allocated blocks with pins > 0
-  uint64_t allocations = 0;       // blocks handed out, total
+  size_t pinned_blocks = 0;  // allocated blocks with pins > 0
+  uint64_t allocations = 0;  // blocks handed out, total
   uint64_t frees = 0;
   uint64_t failed_allocations = 0;  // Allocate/AllocateBatch calls refused for lack of blocks
 };
@@ -84,7 +84,7 @@ class BlockAllocator {
   void* const base_;
 
   mutable Mutex mu_;
-  std::vector<BlockId> free_list_ GUARDED_BY(mu_);   // a stack: the most recently freed goes first
+  std::vector<BlockId> free_list_ GUARDED_BY(mu_);  // a stack: the most recently freed goes first
   std::vector<uint8_t> allocated_ GUARDED_BY(mu_);
   std::vector<uint32_t> pins_ GUARDED_BY(mu_);
   size_t pinned_blocks_ GUARDED_BY(mu_) = 0;

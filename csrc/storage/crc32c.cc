@@ -118,7 +118,8 @@ uint64_t Load64(const unsigned char* p) {
   return v;
 }
 
-__attribute__((target("sse4.2"))) uint32_t Crc32cHardware(uint32_t crc, const void* data, size_t len) {
+__attribute__((target("sse4.2"))) uint32_t Crc32cHardware(uint32_t crc, const void* data,
+                                                          size_t len) {
   const unsigned char* next = static_cast<const unsigned char*>(data);
   uint64_t crc0 = crc ^ 0xffffffffu;
   while (len && (reinterpret_cast<uintptr_t>(next) & 7) != 0) {
@@ -188,8 +189,9 @@ uint32_t Crc32cSoftware(uint32_t crc, const void* data, size_t len) {
   while (len >= 8) {
     uint32_t lo = c ^ Load32(p);
     uint32_t hi = Load32(p + 4);
-    c = tb.t[7][lo & 0xff] ^ tb.t[6][(lo >> 8) & 0xff] ^ tb.t[5][(lo >> 16) & 0xff] ^ tb.t[4][lo >> 24] ^
-        tb.t[3][hi & 0xff] ^ tb.t[2][(hi >> 8) & 0xff] ^ tb.t[1][(hi >> 16) & 0xff] ^ tb.t[0][hi >> 24];
+    c = tb.t[7][lo & 0xff] ^ tb.t[6][(lo >> 8) & 0xff] ^ tb.t[5][(lo >> 16) & 0xff] ^
+        tb.t[4][lo >> 24] ^ tb.t[3][hi & 0xff] ^ tb.t[2][(hi >> 8) & 0xff] ^
+        tb.t[1][(hi >> 16) & 0xff] ^ tb.t[0][hi >> 24];
     p += 8;
     len -= 8;
   }

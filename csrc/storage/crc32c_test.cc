@@ -40,7 +40,8 @@ TEST(Crc32cTest, KnownVectorsSoftware) {
 
 TEST(Crc32cTest, KnownVectorsDispatch) {
   // Crc32c uses the SSE4.2 instruction where the CPU has it (printed so a log shows which ran).
-  std::printf("CRC32C hardware path: %s\n", Crc32cHardwareAvailable() ? "SSE4.2" : "absent (software)");
+  std::printf("CRC32C hardware path: %s\n",
+              Crc32cHardwareAvailable() ? "SSE4.2" : "absent (software)");
   for (const Vector& v : KnownVectors()) {
     EXPECT_EQ(Crc32c(0, v.data.data(), v.data.size()), v.crc) << "length " << v.data.size();
   }
@@ -51,7 +52,8 @@ TEST(Crc32cTest, HardwareMatchesSoftwareAtEveryLengthAndAlignment) {
   std::vector<uint8_t> buf(3 * 8192 * 2 + 4096 + 64);
   for (auto& b : buf) b = static_cast<uint8_t>(rng());
   // Lengths around the 3-way block sizes (3 x 256, 3 x 8192) and odd tails, at odd offsets.
-  std::vector<size_t> lengths = {0, 1, 7, 8, 9, 63, 255, 256, 767, 768, 769, 1000, 4096, 24575, 24576, 24577, 49152 + 13};
+  std::vector<size_t> lengths = {0,   1,   7,    8,    9,     63,    255,   256,       767,
+                                 768, 769, 1000, 4096, 24575, 24576, 24577, 49152 + 13};
   for (size_t off = 0; off < 9; ++off) {
     for (size_t len : lengths) {
       ASSERT_LE(off + len, buf.size());

@@ -1,7 +1,6 @@
 // DiskStore: slot table, key index and LRU over one cache file, and the write / read / erase paths
 // on top of an IoBackend (opening and recovery: disk_store_open.cc).
 #include "storage/disk_store.h"
-#include "common/mutex.h"
 
 #include <sys/file.h>
 #include <unistd.h>
@@ -15,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/mutex.h"
 #include "storage/crc32c.h"
 #include "storage/disk_store_impl.h"
 
@@ -36,7 +36,8 @@ DiskStore::Impl::~Impl() {
     }
     Status flushed = Flush(opts.close_timeout_ms);
     // After Shutdown no callback runs any more; requests the OS still holds are forgotten.
-    (void)backend->Shutdown(MonotonicNowNs() + (flushed.ok() ? opts.close_timeout_ms * 1'000'000 : 0));
+    (void)backend->Shutdown(MonotonicNowNs() +
+                            (flushed.ok() ? opts.close_timeout_ms * 1'000'000 : 0));
     MutexLock lk(&mu_);
     for (Op* op : live_ops_) {
       if (!op->user_answered) unanswered.push_back(op);
@@ -44,7 +45,9 @@ DiskStore::Impl::~Impl() {
   }
   for (Op* op : unanswered) {
     op->user_answered = true;
-    if (op->done) op->done(Status::Unavailable("the DiskStore closed with this request unfinished by the device"));
+    if (op->done)
+      op->done(
+          Status::Unavailable("the DiskStore closed with this request unfinished by the device"));
   }
   backend.reset();
   MutexLock lk(&mu_);
@@ -57,7 +60,6 @@ DiskStore::Impl::~Impl() {
     close(fd);
   }
 }
-
 
 // ---- slot table, LRU --------------------------------------------------------------------------
 
@@ -177,12 +179,14 @@ void DiskStore::Impl::SetRequest(Op* op, IoOp io, uint64_t offset, int64_t now) 
 
 Status DiskStore::Impl::Write(const ChunkKey& key, const void* src, Callback done) {
   if (src == nullptr || !IsBlockAligned(src)) {
-    return Status::InvalidArgument("src must be 4096-byte aligned host memory of blob_bytes (O_DIRECT)");
+    return Status::InvalidArgument(
+        "src must be 4096-byte aligned host memory of blob_bytes (O_DIRECT)");
   }
   {
     // Cheap early answer for a chunk already there, before paying for its checksum.
     MutexLock lk(&mu_);
-    if (index_.count(key)) return Status::AlreadyExists("chunk " + key.Hex() + " is already on disk or being written");
+    if (index_.count(key))
+      return Status::AlreadyExists("chunk " + key.Hex() + " is already on disk or being written");
   }
   // The checksum is computed before anything is reserved: it is the slow part and needs no lock.
   const uint32_t crc = Crc32c(0, src, opts.blob_bytes);
@@ -196,21 +200,23 @@ Status DiskStore::Impl::Write(const ChunkKey& key, const void* src, Callback don
     auto it = index_.find(key);
     if (it != index_.end()) {
       return Status::AlreadyExists("chunk " + key.Hex() +
-                                   (slots_[it->second].state == SlotState::kWriting ? " is being written"
-                                                                                    : " is already on disk"));
+                                   (slots_[it->second].state == SlotState::kWriting
+                                        ? " is being written"
+                                        : " is already on disk"));
     }
     if (nospace_) {
       if (now < nospace_probe_at_ns_) {
         ++counters_.writes_refused_nospace;
-        return Status::ResourceExhausted("the disk tier stopped admitting after ENOSPC on '" + path +
-                                         "'; it retries when space returns");
+        return Status::ResourceExhausted("the disk tier stopped admitting after ENOSPC on '" +
+                                         path + "'; it retries when space returns");
       }
       nospace_probe_at_ns_ = now + opts.nospace_retry_ms * 1'000'000;  // this write is the probe
     }
     slot = TakeSlotLocked();
     if (slot == kNoSlot) {
       ++counters_.writes_rejected_busy;
-      return Status::ResourceExhausted("all " + std::to_string(num_slots) + " disk slots are being written or read");
+      return Status::ResourceExhausted("all " + std::to_string(num_slots) +
+                                       " disk slots are being written or read");
     }
     op = NewOpLocked();
     if (op == nullptr) {
@@ -252,12 +258,15 @@ Status DiskStore::Impl::Write(const ChunkKey& key, const void* src, Callback don
   return Status::OK();
 }
 
-Status DiskStore::Impl::ReadBatch(const ChunkKey* keys, void* const* dsts, size_t n, BatchCallback done) {
+Status DiskStore::Impl::ReadBatch(const ChunkKey* keys, void* const* dsts, size_t n,
+                                  BatchCallback done) {
   if (n == 0) return Status::OK();
-  if (keys == nullptr || dsts == nullptr) return Status::InvalidArgument("keys and dsts must not be null");
+  if (keys == nullptr || dsts == nullptr)
+    return Status::InvalidArgument("keys and dsts must not be null");
   for (size_t i = 0; i < n; ++i) {
     if (dsts[i] == nullptr || !IsBlockAligned(dsts[i])) {
-      return Status::InvalidArgument("dst must be 4096-byte aligned host memory of blob_bytes (O_DIRECT)");
+      return Status::InvalidArgument(
+          "dst must be 4096-byte aligned host memory of blob_bytes (O_DIRECT)");
     }
   }
   const int64_t now = MonotonicNowNs();
@@ -266,7 +275,8 @@ Status DiskStore::Impl::ReadBatch(const ChunkKey* keys, void* const* dsts, size_
     MutexLock lk(&mu_);
     if (closing_) return Status::FailedPrecondition("the DiskStore is closing");
     for (size_t i = 0; i < n; ++i) {
-      if (!ReadyLocked(keys[i])) return Status::NotFound("chunk " + keys[i].Hex() + " is not on disk");
+      if (!ReadyLocked(keys[i]))
+        return Status::NotFound("chunk " + keys[i].Hex() + " is not on disk");
     }
     for (size_t i = 0; i < n; ++i) {
       ops[i] = NewOpLocked();
@@ -314,17 +324,21 @@ Status DiskStore::Impl::ReadBatch(const ChunkKey* keys, void* const* dsts, size_
 Status DiskStore::Impl::VerifyRead(Op* op) const {
   SlotHeader h;
   std::string why;
-  const std::string where = "chunk " + op->key.Hex() + " in slot " + std::to_string(op->slot) + " of '" + path + "'";
+  const std::string where =
+      "chunk " + op->key.Hex() + " in slot " + std::to_string(op->slot) + " of '" + path + "'";
   if (DecodeSlotHeader(op->block.get(), &h, &why) != SlotHeaderCheck::kValid) {
     return Status::Corruption(where + ": " + (why.empty() ? "slot header is empty" : why));
   }
   if (h.key != op->key) return Status::Corruption(where + ": the slot holds another key");
-  if (h.layout_fingerprint != opts.layout_fingerprint) return Status::Corruption(where + ": layout fingerprint mismatch");
-  if (h.epoch != epoch || h.sequence != op->sequence) return Status::Corruption(where + ": stale slot header");
+  if (h.layout_fingerprint != opts.layout_fingerprint)
+    return Status::Corruption(where + ": layout fingerprint mismatch");
+  if (h.epoch != epoch || h.sequence != op->sequence)
+    return Status::Corruption(where + ": stale slot header");
   if (h.payload_bytes != opts.blob_bytes || h.payload_crc != op->payload_crc) {
     return Status::Corruption(where + ": slot header does not match the index");
   }
-  if (tail_bytes > 0) std::memcpy(op->user_buf + head_bytes, op->block.get() + kDiskBlockBytes, tail_bytes);
+  if (tail_bytes > 0)
+    std::memcpy(op->user_buf + head_bytes, op->block.get() + kDiskBlockBytes, tail_bytes);
   if (Crc32c(0, op->user_buf, opts.blob_bytes) != h.payload_crc) {
     return Status::Corruption(where + ": payload checksum mismatch");
   }
@@ -415,7 +429,8 @@ Status DiskStore::Impl::Erase(const ChunkKey& key) {
     if (it == index_.end()) return Status::NotFound("chunk " + key.Hex() + " is not on disk");
     slot = it->second;
     Slot& s = slots_[slot];
-    if (s.state == SlotState::kWriting) return Status::FailedPrecondition("chunk " + key.Hex() + " is being written");
+    if (s.state == SlotState::kWriting)
+      return Status::FailedPrecondition("chunk " + key.Hex() + " is being written");
     if (s.readers > 0) return Status::FailedPrecondition("chunk " + key.Hex() + " is being read");
     op = NewOpLocked();
     if (op == nullptr) return Status::ResourceExhausted("out of memory for a disk request");
@@ -446,11 +461,11 @@ size_t DiskStore::Impl::Lookup(const ChunkKey* keys, size_t n) const {
 Status DiskStore::Impl::Flush(int64_t timeout_ms) {
   MutexLock lk(&mu_);
   bool idle = idle_cv_.WaitFor(lk, std::chrono::milliseconds(std::max<int64_t>(0, timeout_ms)),
-                                [&]() REQUIRES_LOCK(mu_) { return in_flight_ == 0; });
+                               [&]() REQUIRES_LOCK(mu_) { return in_flight_ == 0; });
   if (idle) return Status::OK();
-  return Status::DeadlineExceeded(std::to_string(in_flight_) + " disk requests still in flight after " +
-                                  std::to_string(timeout_ms) + " ms (" + std::to_string(abandoned_) +
-                                  " past their deadline)");
+  return Status::DeadlineExceeded(
+      std::to_string(in_flight_) + " disk requests still in flight after " +
+      std::to_string(timeout_ms) + " ms (" + std::to_string(abandoned_) + " past their deadline)");
 }
 
 DiskStoreStats DiskStore::Impl::Stats() const {

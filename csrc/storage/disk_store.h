@@ -79,9 +79,9 @@ enum class VerifyAtOpen : int {
 };
 
 struct DiskStoreOptions {
-  std::string dir;                 // must exist and be writable; the cache file is created in it
-  uint64_t capacity_bytes = 0;     // hard bound on the cache file's size
-  uint64_t blob_bytes = 0;         // payload bytes of every chunk (1 B .. 1 GiB)
+  std::string dir;              // must exist and be writable; the cache file is created in it
+  uint64_t capacity_bytes = 0;  // hard bound on the cache file's size
+  uint64_t blob_bytes = 0;      // payload bytes of every chunk (1 B .. 1 GiB)
   LayoutFingerprint layout_fingerprint{};
   // Free text naming what else the chunks' format depends on (chunk_tokens), recorded in the file
   // header and compared at Open like blob_bytes and layout_fingerprint (at most 1 KiB).
@@ -89,9 +89,9 @@ struct DiskStoreOptions {
   // A file recorded for another geometry is wiped (reformatted) instead of refused.
   bool reset_on_mismatch = false;
   IoBackendKind backend = IoBackendKind::kAuto;
-  unsigned queue_depth = 32;       // io_uring: requests in the kernel at once (1 .. 4096)
-  unsigned posix_threads = 4;      // POSIX backend: worker threads (1 .. 1024)
-  int64_t io_timeout_ms = 10000;   // deadline of every request
+  unsigned queue_depth = 32;      // io_uring: requests in the kernel at once (1 .. 4096)
+  unsigned posix_threads = 4;     // POSIX backend: worker threads (1 .. 1024)
+  int64_t io_timeout_ms = 10000;  // deadline of every request
   // fallocate the whole file at Open (disk full then shows at Open, not on writes). false, or
   // a file system without fallocate: the file is sparse and slots take space when first written.
   bool preallocate = true;
@@ -100,13 +100,13 @@ struct DiskStoreOptions {
   bool allow_buffered_io = false;
   VerifyAtOpen verify_at_open = VerifyAtOpen::kAuto;
   uint64_t verify_at_open_max_bytes = 1ull << 30;
-  int64_t nospace_retry_ms = 1000;  // after ENOSPC, one probe write per this interval
-  int64_t close_timeout_ms = 15000; // the destructor waits this long for I/O in flight
-  IoFaultInjector fault_injector;   // tests only: see storage/io_backend.h
+  int64_t nospace_retry_ms = 1000;   // after ENOSPC, one probe write per this interval
+  int64_t close_timeout_ms = 15000;  // the destructor waits this long for I/O in flight
+  IoFaultInjector fault_injector;    // tests only: see storage/io_backend.h
 };
 
 struct DiskStoreStats {
-  std::string backend;       // "io_uring" or "posix"
+  std::string backend;                  // "io_uring" or "posix"
   std::string backend_fallback_reason;  // why auto did not get io_uring (empty if it did)
   bool direct_io = true;     // false only with allow_buffered_io on a file system refusing O_DIRECT
   bool preallocated = true;  // the file's blocks were reserved with fallocate
@@ -114,7 +114,7 @@ struct DiskStoreStats {
   uint64_t slot_bytes = 0;
   uint64_t blob_bytes = 0;
   size_t slots_total = 0;
-  size_t slots_used = 0;     // READY
+  size_t slots_used = 0;  // READY
   size_t slots_writing = 0;
   size_t slots_pinned = 0;   // READY with readers
   uint64_t writes = 0;       // completed OK
@@ -126,23 +126,24 @@ struct DiskStoreStats {
   uint64_t corrupt_detected = 0;  // reads that failed a header or payload check
   uint64_t evictions = 0;
   uint64_t erases = 0;
-  uint64_t writes_rejected_busy = 0;   // no free slot and every slot writing or pinned
-  uint64_t enospc = 0;                 // writes that failed for lack of space
-  uint64_t writes_refused_nospace = 0; // refused at once while admission was paused
-  bool nospace = false;                // admission paused after ENOSPC
+  uint64_t writes_rejected_busy = 0;    // no free slot and every slot writing or pinned
+  uint64_t enospc = 0;                  // writes that failed for lack of space
+  uint64_t writes_refused_nospace = 0;  // refused at once while admission was paused
+  bool nospace = false;                 // admission paused after ENOSPC
   uint64_t deadline_exceeded = 0;
-  size_t abandoned_in_flight = 0;      // requests past their deadline the OS still holds
-  size_t in_flight = 0;                // requests submitted and not yet released
-  uint64_t io_resubmits = 0;           // short transfers, EAGAIN, EINTR
+  size_t abandoned_in_flight = 0;  // requests past their deadline the OS still holds
+  size_t in_flight = 0;            // requests submitted and not yet released
+  uint64_t io_resubmits = 0;       // short transfers, EAGAIN, EINTR
   // Open
   uint64_t recovered_slots = 0;
-  uint64_t skipped_slots_at_open = 0;   // torn or corrupt (header or, when verified, payload)
-  uint64_t foreign_slots_at_open = 0;   // another layout fingerprint: ignored, reclaimed
-  uint64_t duplicate_slots_at_open = 0; // an older copy of a key found twice
+  uint64_t skipped_slots_at_open = 0;    // torn or corrupt (header or, when verified, payload)
+  uint64_t foreign_slots_at_open = 0;    // another layout fingerprint: ignored, reclaimed
+  uint64_t duplicate_slots_at_open = 0;  // an older copy of a key found twice
   bool payloads_verified_at_open = false;
-  bool reformatted_at_open = false;     // the file was unreadable, or of another geometry and reset_on_mismatch
+  bool reformatted_at_open =
+      false;  // the file was unreadable, or of another geometry and reset_on_mismatch
   std::string reformat_reason;
-  double open_seconds = 0;              // Open's wall time, recovery scan included
+  double open_seconds = 0;  // Open's wall time, recovery scan included
 };
 
 class DiskStore {

@@ -35,7 +35,9 @@ inline AlignedBuffer AllocAligned(size_t bytes) {
   return AlignedBuffer(static_cast<unsigned char*>(p));
 }
 
-inline bool IsBlockAligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kDiskBlockBytes == 0; }
+inline bool IsBlockAligned(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % kDiskBlockBytes == 0;
+}
 
 }  // namespace disk_internal
 
@@ -73,7 +75,8 @@ class DiskStore::Impl {
     Callback done;
     bool abandoned = false;      // DeadlineExceeded delivered; the OS may still hold it
     bool user_answered = false;  // `done` was called (or is being called)
-    disk_internal::AlignedBuffer block;         // [0, 4 KiB) slot header, [4 KiB, 8 KiB) bounce for a partial last block
+    disk_internal::AlignedBuffer
+        block;  // [0, 4 KiB) slot header, [4 KiB, 8 KiB) bounce for a partial last block
     IoRequest req;
 
     void OnIoDone(const Status& status) override { store->OnDone(this, status); }
@@ -134,8 +137,8 @@ class DiskStore::Impl {
   std::vector<Slot> slots_ GUARDED_BY(mu_);
   std::unordered_map<ChunkKey, uint32_t, ChunkKeyHash> index_ GUARDED_BY(mu_);  // WRITING and READY
   std::vector<uint32_t> free_slots_ GUARDED_BY(mu_);  // popped from the back: lowest slot first
-  uint32_t lru_head_ GUARDED_BY(mu_) = disk_internal::kNoSlot;       // least recently used READY slot
-  uint32_t lru_tail_ GUARDED_BY(mu_) = disk_internal::kNoSlot;       // most recently used
+  uint32_t lru_head_ GUARDED_BY(mu_) = disk_internal::kNoSlot;  // least recently used READY slot
+  uint32_t lru_tail_ GUARDED_BY(mu_) = disk_internal::kNoSlot;  // most recently used
   uint64_t next_sequence_ GUARDED_BY(mu_) = 1;
   std::vector<Op*> free_ops_ GUARDED_BY(mu_);
   std::unordered_set<Op*> live_ops_ GUARDED_BY(mu_);

@@ -37,16 +37,26 @@ std::string Errno(int err) { return std::strerror(err); }
 
 std::string FsTypeName(int64_t magic) {
   switch (static_cast<uint64_t>(magic)) {
-    case 0xEF53: return "ext4";
-    case 0x58465342: return "xfs";
-    case 0x9123683E: return "btrfs";
-    case 0x01021994: return "tmpfs";
-    case 0x858458F6: return "ramfs";
-    case 0x794C7630: return "overlayfs";
-    case 0x6969: return "nfs";
-    case 0x2FC12FC1: return "zfs";
-    case 0xF2F52010: return "f2fs";
-    case 0x65735546: return "fuse";
+    case 0xEF53:
+      return "ext4";
+    case 0x58465342:
+      return "xfs";
+    case 0x9123683E:
+      return "btrfs";
+    case 0x01021994:
+      return "tmpfs";
+    case 0x858458F6:
+      return "ramfs";
+    case 0x794C7630:
+      return "overlayfs";
+    case 0x6969:
+      return "nfs";
+    case 0x2FC12FC1:
+      return "zfs";
+    case 0xF2F52010:
+      return "f2fs";
+    case 0x65735546:
+      return "fuse";
     default: {
       char buf[32];
       std::snprintf(buf, sizeof(buf), "fs 0x%llx", static_cast<unsigned long long>(magic));
@@ -79,33 +89,40 @@ namespace {
 Status ValidateOptions(const DiskStoreOptions& o) {
   if (o.dir.empty()) return Status::InvalidArgument("DiskStoreOptions.dir is empty");
   if (o.blob_bytes == 0 || o.blob_bytes > kMaxBlobBytes) {
-    return Status::InvalidArgument("blob_bytes must be in [1, 1 GiB], got " + std::to_string(o.blob_bytes));
+    return Status::InvalidArgument("blob_bytes must be in [1, 1 GiB], got " +
+                                   std::to_string(o.blob_bytes));
   }
   uint64_t need = kDiskBlockBytes + SlotBytesFor(o.blob_bytes);
   if (o.capacity_bytes < need) {
     return Status::InvalidArgument("capacity_bytes " + std::to_string(o.capacity_bytes) +
-                                   " is smaller than the file header plus one slot (" + std::to_string(need) +
-                                   " bytes for blob_bytes " + std::to_string(o.blob_bytes) + ")");
+                                   " is smaller than the file header plus one slot (" +
+                                   std::to_string(need) + " bytes for blob_bytes " +
+                                   std::to_string(o.blob_bytes) + ")");
   }
   if (o.queue_depth == 0 || o.queue_depth > 4096) {
-    return Status::InvalidArgument("queue_depth must be in [1, 4096], got " + std::to_string(o.queue_depth));
+    return Status::InvalidArgument("queue_depth must be in [1, 4096], got " +
+                                   std::to_string(o.queue_depth));
   }
   if (o.posix_threads == 0 || o.posix_threads > 1024) {
-    return Status::InvalidArgument("posix_threads must be in [1, 1024], got " + std::to_string(o.posix_threads));
+    return Status::InvalidArgument("posix_threads must be in [1, 1024], got " +
+                                   std::to_string(o.posix_threads));
   }
   if (o.io_timeout_ms <= 0) {
-    return Status::InvalidArgument("io_timeout_ms must be positive, got " + std::to_string(o.io_timeout_ms));
+    return Status::InvalidArgument("io_timeout_ms must be positive, got " +
+                                   std::to_string(o.io_timeout_ms));
   }
   if (o.close_timeout_ms < 0 || o.nospace_retry_ms < 0) {
     return Status::InvalidArgument("close_timeout_ms and nospace_retry_ms must not be negative");
   }
   if (o.geometry_label.size() > kMaxGeometryLabelBytes) {
     return Status::InvalidArgument("geometry_label is " + std::to_string(o.geometry_label.size()) +
-                                   " bytes, at most " + std::to_string(kMaxGeometryLabelBytes) + " allowed");
+                                   " bytes, at most " + std::to_string(kMaxGeometryLabelBytes) +
+                                   " allowed");
   }
   if (o.backend != IoBackendKind::kAuto && o.backend != IoBackendKind::kIoUring &&
       o.backend != IoBackendKind::kPosix) {
-    return Status::InvalidArgument("unknown backend kind " + std::to_string(static_cast<int>(o.backend)));
+    return Status::InvalidArgument("unknown backend kind " +
+                                   std::to_string(static_cast<int>(o.backend)));
   }
   return Status::OK();
 }
@@ -116,7 +133,8 @@ Status CheckDir(const std::string& dir) {
     if (errno == ENOENT) return Status::InvalidArgument("cache dir '" + dir + "' does not exist");
     return Status::IoError("cannot stat cache dir '" + dir + "': " + Errno(errno));
   }
-  if (!S_ISDIR(st.st_mode)) return Status::InvalidArgument("cache dir '" + dir + "' is not a directory");
+  if (!S_ISDIR(st.st_mode))
+    return Status::InvalidArgument("cache dir '" + dir + "' is not a directory");
   if (access(dir.c_str(), W_OK | X_OK) != 0) {
     return Status::InvalidArgument("cache dir '" + dir + "' is not writable: " + Errno(errno));
   }
@@ -129,7 +147,8 @@ std::string CachePath(const std::string& dir) {
 
 }  // namespace
 
-std::string DescribeDiskGeometry(uint64_t blob_bytes, const LayoutFingerprint* fp, const std::string& label) {
+std::string DescribeDiskGeometry(uint64_t blob_bytes, const LayoutFingerprint* fp,
+                                 const std::string& label) {
   static const char* hex = "0123456789abcdef";
   std::string out = "chunk_bytes " + std::to_string(blob_bytes) + ", layout ";
   if (fp == nullptr) {
@@ -149,29 +168,34 @@ Status DiskStore::Reset(const std::string& dir, std::string* held) {
   const std::string path = CachePath(dir);
   int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
-    if (errno == ENOENT) return Status::NotFound("no kvtier cache file in '" + dir + "' (" + path + ")");
+    if (errno == ENOENT)
+      return Status::NotFound("no kvtier cache file in '" + dir + "' (" + path + ")");
     return Status::IoError("cannot open cache file '" + path + "': " + Errno(errno));
   }
   Status result;
   if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
     result = errno == EWOULDBLOCK
-                 ? Status::FailedPrecondition("cache file '" + path + "' is in use by a running kvtier (flock); "
+                 ? Status::FailedPrecondition("cache file '" + path +
+                                              "' is in use by a running kvtier (flock); "
                                               "close it first")
                  : Status::IoError("cannot lock cache file '" + path + "': " + Errno(errno));
   } else {
     if (held != nullptr) {
       std::vector<unsigned char> block(kDiskBlockBytes, 0);
       FileHeader header;
-      const bool readable = pread(fd, block.data(), kDiskBlockBytes, 0) == static_cast<ssize_t>(kDiskBlockBytes) &&
-                            DecodeFileHeader(block.data(), &header).ok();
+      const bool readable =
+          pread(fd, block.data(), kDiskBlockBytes, 0) == static_cast<ssize_t>(kDiskBlockBytes) &&
+          DecodeFileHeader(block.data(), &header).ok();
       *held = !readable ? "an unreadable header"
                         : std::to_string(header.num_slots) + " slots of " +
-                              DescribeDiskGeometry(header.blob_bytes,
-                                                   header.has_geometry ? &header.layout_fingerprint : nullptr,
-                                                   header.geometry_label);
+                              DescribeDiskGeometry(
+                                  header.blob_bytes,
+                                  header.has_geometry ? &header.layout_fingerprint : nullptr,
+                                  header.geometry_label);
     }
     // Unlinked while locked: a DiskStore opening it now creates a fresh file.
-    if (unlink(path.c_str()) != 0) result = Status::IoError("cannot delete cache file '" + path + "': " + Errno(errno));
+    if (unlink(path.c_str()) != 0)
+      result = Status::IoError("cannot delete cache file '" + path + "': " + Errno(errno));
   }
   close(fd);
   return result;
@@ -188,10 +212,10 @@ Status DiskStore::Impl::OpenFile() {
     // O_CREAT ran before the O_DIRECT check: do not leave an empty file behind.
     if (!existed) unlink(path.c_str());
     if (!opts.allow_buffered_io) {
-      return Status::InvalidArgument("cache dir '" + opts.dir + "' is on a file system that refuses O_DIRECT (" +
-                                     fs_type +
-                                     "); put the disk tier on a block-device file system (ext4, xfs) or allow "
-                                     "buffered I/O (allow_buffered_io)");
+      return Status::InvalidArgument(
+          "cache dir '" + opts.dir + "' is on a file system that refuses O_DIRECT (" + fs_type +
+          "); put the disk tier on a block-device file system (ext4, xfs) or allow "
+          "buffered I/O (allow_buffered_io)");
     }
     direct_io = false;
     fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
@@ -207,12 +231,14 @@ Status DiskStore::Impl::OpenFile() {
       continue;
     }
     if (err == EWOULDBLOCK) {
-      return Status::FailedPrecondition("cache file '" + path + "' is in use by another DiskStore (flock)");
+      return Status::FailedPrecondition("cache file '" + path +
+                                        "' is in use by another DiskStore (flock)");
     }
     return Status::IoError("cannot lock cache file '" + path + "': " + Errno(err));
   }
   struct stat st {};
-  if (fstat(fd, &st) != 0) return Status::IoError("cannot stat cache file '" + path + "': " + Errno(errno));
+  if (fstat(fd, &st) != 0)
+    return Status::IoError("cannot stat cache file '" + path + "': " + Errno(errno));
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   file_is_new = size == 0;
 
@@ -225,35 +251,40 @@ Status DiskStore::Impl::OpenFile() {
       reformat_reason = "reset_on_mismatch: it held " + held + "; now " + asked;
       return Status::OK();
     }
-    return Status::GeometryMismatch("cache dir '" + opts.dir + "' holds a disk cache of another geometry: it holds " +
-                                    held + "; asked for " + asked +
-                                    ". Nothing was changed: open it with its own settings, use another directory, "
-                                    "or wipe it (`kvtier cache reset " + opts.dir +
-                                    "`, or disk.reset_on_mismatch: true)");
+    return Status::GeometryMismatch(
+        "cache dir '" + opts.dir + "' holds a disk cache of another geometry: it holds " + held +
+        "; asked for " + asked +
+        ". Nothing was changed: open it with its own settings, use another directory, "
+        "or wipe it (`kvtier cache reset " +
+        opts.dir + "`, or disk.reset_on_mismatch: true)");
   };
-  const std::string asked = DescribeDiskGeometry(opts.blob_bytes, &opts.layout_fingerprint, opts.geometry_label);
+  const std::string asked =
+      DescribeDiskGeometry(opts.blob_bytes, &opts.layout_fingerprint, opts.geometry_label);
   AlignedBuffer block = AllocAligned(kDiskBlockBytes);
   if (!block) return Status::ResourceExhausted("out of memory for a 4 KiB buffer");
   if (size >= kDiskBlockBytes) {
     ssize_t n = pread(fd, block.get(), kDiskBlockBytes, 0);
     if (n != static_cast<ssize_t>(kDiskBlockBytes)) {
-      return Status::IoError("cannot read the header of cache file '" + path + "': " +
-                             (n < 0 ? Errno(errno) : std::string("short read")));
+      return Status::IoError("cannot read the header of cache file '" + path +
+                             "': " + (n < 0 ? Errno(errno) : std::string("short read")));
     }
     Status decoded = DecodeFileHeader(block.get(), &header);
     if (decoded.code() == StatusCode::kGeometryMismatch) {  // another format version
-      KVTIER_RETURN_IF_ERROR(mismatch(decoded.message(), "format version " + std::to_string(kDiskFormatVersion)));
+      KVTIER_RETURN_IF_ERROR(
+          mismatch(decoded.message(), "format version " + std::to_string(kDiskFormatVersion)));
     } else if (!decoded.ok()) {
       reformat_reason = decoded.message();  // not readable as a cache file: nothing to keep
     } else if (header.slot_bytes != slot_bytes || header.blob_bytes != opts.blob_bytes ||
                (header.has_geometry && (header.layout_fingerprint != opts.layout_fingerprint ||
                                         header.geometry_label != opts.geometry_label))) {
-      KVTIER_RETURN_IF_ERROR(mismatch(
-          DescribeDiskGeometry(header.blob_bytes, header.has_geometry ? &header.layout_fingerprint : nullptr,
-                               header.geometry_label),
-          asked));
+      KVTIER_RETURN_IF_ERROR(
+          mismatch(DescribeDiskGeometry(header.blob_bytes,
+                                        header.has_geometry ? &header.layout_fingerprint : nullptr,
+                                        header.geometry_label),
+                   asked));
     } else {
-      keep = true;  // a header without a geometry record gets one below; recovery skips foreign slots
+      keep =
+          true;  // a header without a geometry record gets one below; recovery skips foreign slots
     }
   } else if (size > 0) {
     reformat_reason = "file shorter than its header";
@@ -273,8 +304,9 @@ Status DiskStore::Impl::OpenFile() {
       int err = errno;
       if (err == ENOSPC || err == EDQUOT) {
         cleanup_new();
-        return Status::ResourceExhausted("cannot preallocate " + std::to_string(target) + " bytes for cache file '" +
-                                         path + "': " + Errno(err) + " (" + std::to_string(free_before) +
+        return Status::ResourceExhausted("cannot preallocate " + std::to_string(target) +
+                                         " bytes for cache file '" + path + "': " + Errno(err) +
+                                         " (" + std::to_string(free_before) +
                                          " bytes free); lower capacity_bytes");
       }
       if (err != EOPNOTSUPP) {
@@ -290,8 +322,8 @@ Status DiskStore::Impl::OpenFile() {
     int err = errno;
     cleanup_new();
     if (err == EFBIG) {
-      return Status::ResourceExhausted("cannot size cache file '" + path + "' to " + std::to_string(target) +
-                                       " bytes: " + Errno(err));
+      return Status::ResourceExhausted("cannot size cache file '" + path + "' to " +
+                                       std::to_string(target) + " bytes: " + Errno(err));
     }
     return Status::IoError("cannot size cache file '" + path + "': " + Errno(err));
   }
@@ -305,8 +337,8 @@ Status DiskStore::Impl::OpenFile() {
     if (n != static_cast<ssize_t>(kDiskBlockBytes) || fdatasync(fd) != 0) {
       int err = errno;
       cleanup_new();
-      return Status::IoError("cannot write the header of cache file '" + path + "': " +
-                             (n < 0 ? Errno(err) : std::string("short write")));
+      return Status::IoError("cannot write the header of cache file '" + path +
+                             "': " + (n < 0 ? Errno(err) : std::string("short write")));
     }
   }
   return Status::OK();
@@ -362,8 +394,9 @@ Status DiskStore::Impl::Recover(uint64_t scan) {
   }
   const uint64_t run_slots = full ? std::max<uint64_t>(1, kScanRunBytes / slot_bytes) : 1;
   const uint64_t op_bytes = full ? run_slots * slot_bytes : kDiskBlockBytes;
-  const size_t n_ops = static_cast<size_t>(
-      std::clamp<uint64_t>(kScanBufferBudget / op_bytes, 1, std::min<uint64_t>(opts.queue_depth, (scan + run_slots - 1) / run_slots)));
+  const size_t n_ops = static_cast<size_t>(std::clamp<uint64_t>(
+      kScanBufferBudget / op_bytes, 1,
+      std::min<uint64_t>(opts.queue_depth, (scan + run_slots - 1) / run_slots)));
 
   // Heap-allocated: if the device stops answering, the scan gives up and leaks it with the ops.
   auto shared_owner = std::make_unique<ScanOp::Shared>();
@@ -408,7 +441,8 @@ Status DiskStore::Impl::Recover(uint64_t scan) {
       SlotHeader h;
       SlotHeaderCheck check = DecodeSlotHeader(hdr, &h);
       if (check == SlotHeaderCheck::kEmpty) continue;
-      if (check == SlotHeaderCheck::kCorrupt || h.epoch != epoch || h.payload_bytes != opts.blob_bytes) {
+      if (check == SlotHeaderCheck::kCorrupt || h.epoch != epoch ||
+          h.payload_bytes != opts.blob_bytes) {
         ++skipped;
         continue;
       }
@@ -440,11 +474,13 @@ Status DiskStore::Impl::Recover(uint64_t scan) {
     std::vector<ScanOp*> finished;
     {
       MutexLock lk(&shared.mu);
-      if (!shared.cv.WaitFor(lk, std::chrono::nanoseconds(wait_ns), [&] { return !shared.finished.empty(); })) {
+      if (!shared.cv.WaitFor(lk, std::chrono::nanoseconds(wait_ns),
+                             [&] { return !shared.finished.empty(); })) {
         // Leave the buffers to the device: the caller shuts the backend down and leaks them.
         for (auto& op : ops) (void)op.release();
         (void)shared_owner.release();
-        return Status::DeadlineExceeded("recovery scan of '" + path + "': the device stopped answering");
+        return Status::DeadlineExceeded("recovery scan of '" + path +
+                                        "': the device stopped answering");
       }
       finished.swap(shared.finished);
     }
@@ -460,7 +496,8 @@ Status DiskStore::Impl::Recover(uint64_t scan) {
   std::vector<Candidate> winners;
   winners.reserve(best.size());
   for (auto& [key, c] : best) winners.push_back(c);
-  std::sort(winners.begin(), winners.end(), [](const Candidate& a, const Candidate& b) { return a.sequence < b.sequence; });
+  std::sort(winners.begin(), winners.end(),
+            [](const Candidate& a, const Candidate& b) { return a.sequence < b.sequence; });
 
   MutexLock lk(&mu_);
   std::vector<bool> used(num_slots, false);
@@ -495,8 +532,8 @@ StatusOr<std::unique_ptr<DiskStore>> DiskStore::Open(const DiskStoreOptions& opt
   impl->slot_bytes = SlotBytesFor(options.blob_bytes);
   impl->head_bytes = options.blob_bytes / kDiskBlockBytes * kDiskBlockBytes;
   impl->tail_bytes = options.blob_bytes - impl->head_bytes;
-  impl->num_slots = static_cast<size_t>(
-      std::min<uint64_t>((options.capacity_bytes - kDiskBlockBytes) / impl->slot_bytes, kNoSlot - 1));
+  impl->num_slots = static_cast<size_t>(std::min<uint64_t>(
+      (options.capacity_bytes - kDiskBlockBytes) / impl->slot_bytes, kNoSlot - 1));
   KVTIER_RETURN_IF_ERROR(impl->OpenFile());
 
   IoBackendOptions bo;
@@ -518,6 +555,5 @@ StatusOr<std::unique_ptr<DiskStore>> DiskStore::Open(const DiskStoreOptions& opt
   impl->open_seconds = static_cast<double>(MonotonicNowNs() - t0) * 1e-9;
   return std::unique_ptr<DiskStore>(new DiskStore(std::move(impl)));
 }
-
 
 }  // namespace kvtier

@@ -1,14 +1,12 @@
 // DiskStore and its I/O backends: round trips, eviction, recovery, corruption, faults
 // (ENOSPC, EIO, short transfers, EAGAIN, lost completions) and deadlines. Every test runs on
 // both backends; io_uring skips loudly where the kernel refuses it.
-#include "common/mutex.h"
 #include "storage/disk_store.h"
 
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
-
-#include <gtest/gtest.h>
 
 #include <atomic>
 #include <cerrno>
@@ -23,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/mutex.h"
 #include "storage/crc32c.h"
 #include "storage/disk_test_util.h"
 #include "storage/uring_backend.h"
@@ -115,10 +114,10 @@ Status ReadSync(DiskStore& store, const ChunkKey& key, void* dst) {
 
 // Faults the tests switch on and off while a store runs.
 struct Faults {
-  std::atomic<int> write_errno{0};   // fail every write with -errno
+  std::atomic<int> write_errno{0};  // fail every write with -errno
   std::atomic<bool> lose_writes{false};
   std::atomic<bool> lose_reads{false};
-  std::atomic<int64_t> lose_reads_at{-1};  // lose reads starting at this file offset
+  std::atomic<int64_t> lose_reads_at{-1};    // lose reads starting at this file offset
   std::atomic<bool> short_and_retry{false};  // halve transfers, and answer -EAGAIN / -EINTR first
   std::atomic<uint64_t> calls{0};
 
@@ -127,7 +126,8 @@ struct Faults {
       uint64_t n = calls.fetch_add(1);
       if (op == IoOp::kWrite && lose_writes) return kIoFaultLoseCompletion;
       if (op == IoOp::kRead && lose_reads) return kIoFaultLoseCompletion;
-      if (op == IoOp::kRead && static_cast<int64_t>(offset) == lose_reads_at) return kIoFaultLoseCompletion;
+      if (op == IoOp::kRead && static_cast<int64_t>(offset) == lose_reads_at)
+        return kIoFaultLoseCompletion;
       if (op == IoOp::kWrite && write_errno != 0) return -write_errno;
       if (short_and_retry) {
         if (n % 3 == 0) return n % 2 ? -EAGAIN : -EINTR;
@@ -268,7 +268,9 @@ TEST_P(DiskStoreTest, ReadBatchLeavesThePrefixHeadMostRecent) {
   std::atomic<int> ok{0};
   Waiter w0, w1;
   auto cb0 = w0.Callback(), cb1 = w1.Callback();
-  ASSERT_TRUE(store->ReadBatch(keys, dsts, 2, [&](size_t i, const Status& s) { (i == 0 ? cb0 : cb1)(s); }).ok());
+  ASSERT_TRUE(
+      store->ReadBatch(keys, dsts, 2, [&](size_t i, const Status& s) { (i == 0 ? cb0 : cb1)(s); })
+          .ok());
   ASSERT_TRUE(w0.Wait().ok());
   ASSERT_TRUE(w1.Wait().ok());
   EXPECT_TRUE(MatchesKey(Key(0), a.get(), 8192));
@@ -417,7 +419,9 @@ TEST_P(DiskStoreTest, TruncatedFileLosesOnlyTheCutSlots) {
     WriteKeys(*store, 0, 8);
   }
   // Cut the file in the middle of slot 5's payload.
-  ASSERT_EQ(truncate(CacheFile(dir_).c_str(), static_cast<off_t>(SlotOffset(5, SlotBytesFor(8192)) + 6000)), 0);
+  ASSERT_EQ(truncate(CacheFile(dir_).c_str(),
+                     static_cast<off_t>(SlotOffset(5, SlotBytesFor(8192)) + 6000)),
+            0);
   auto store = OpenOrDie(Options(8192, 8));
   ASSERT_TRUE(store);
   EXPECT_EQ(store->stats().recovered_slots, 5u);
@@ -440,7 +444,8 @@ TEST_P(DiskStoreTest, OtherLayoutOrLabelIsRefusedAndTheCacheKept) {
   for (const DiskStoreOptions& o : {other_layout, other_label}) {
     auto refused = DiskStore::Open(o);
     ASSERT_FALSE(refused.ok());
-    EXPECT_EQ(refused.status().code(), StatusCode::kGeometryMismatch) << refused.status().ToString();
+    EXPECT_EQ(refused.status().code(), StatusCode::kGeometryMismatch)
+        << refused.status().ToString();
     const std::string& m = refused.status().message();
     EXPECT_NE(m.find("a0a1a2a3"), std::string::npos) << m;  // what the file holds
     EXPECT_NE(m.find("model_id='m'"), std::string::npos) << m;
@@ -536,8 +541,10 @@ TEST_P(DiskStoreTest, GeometryChangeIsRefusedAndCapacityChangeKeepsWhatFits) {
   auto refused = DiskStore::Open(Options(16384, 4));
   ASSERT_FALSE(refused.ok());
   EXPECT_EQ(refused.status().code(), StatusCode::kGeometryMismatch) << refused.status().ToString();
-  EXPECT_NE(refused.status().message().find("chunk_bytes 8192"), std::string::npos) << refused.status().message();
-  EXPECT_NE(refused.status().message().find("chunk_bytes 16384"), std::string::npos) << refused.status().message();
+  EXPECT_NE(refused.status().message().find("chunk_bytes 8192"), std::string::npos)
+      << refused.status().message();
+  EXPECT_NE(refused.status().message().find("chunk_bytes 16384"), std::string::npos)
+      << refused.status().message();
   {
     auto store = OpenOrDie(Options(8192, 4));
     ASSERT_TRUE(store);
@@ -764,9 +771,11 @@ TEST_P(DiskStoreTest, BadOptionsAndDirectoriesAreNamed) {
   EXPECT_EQ(DiskStore::Open(o).status().code(), StatusCode::kInvalidArgument);
 }
 
-INSTANTIATE_TEST_SUITE_P(Backends, DiskStoreTest, ::testing::Values(IoBackendKind::kPosix, IoBackendKind::kIoUring),
+INSTANTIATE_TEST_SUITE_P(Backends, DiskStoreTest,
+                         ::testing::Values(IoBackendKind::kPosix, IoBackendKind::kIoUring),
                          [](const ::testing::TestParamInfo<IoBackendKind>& info) {
-                           return info.param == IoBackendKind::kPosix ? std::string("Posix") : std::string("IoUring");
+                           return info.param == IoBackendKind::kPosix ? std::string("Posix")
+                                                                      : std::string("IoUring");
                          });
 
 }  // namespace

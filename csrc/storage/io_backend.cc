@@ -13,15 +13,19 @@ namespace kvtier {
 
 const char* IoBackendKindName(IoBackendKind kind) {
   switch (kind) {
-    case IoBackendKind::kAuto: return "auto";
-    case IoBackendKind::kIoUring: return "io_uring";
-    case IoBackendKind::kPosix: return "posix";
+    case IoBackendKind::kAuto:
+      return "auto";
+    case IoBackendKind::kIoUring:
+      return "io_uring";
+    case IoBackendKind::kPosix:
+      return "posix";
   }
   return "unknown";
 }
 
 int64_t MonotonicNowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
 
@@ -58,7 +62,8 @@ void Advance(IoRequest::Progress* p, size_t n) {
 }
 
 std::string Where(const IoRequest& r) {
-  return std::string(r.op == IoOp::kRead ? "read" : "write") + " at offset " + std::to_string(r.progress.offset);
+  return std::string(r.op == IoOp::kRead ? "read" : "write") + " at offset " +
+         std::to_string(r.progress.offset);
 }
 
 }  // namespace
@@ -69,8 +74,8 @@ IoStep ApplyIoResult(IoRequest* r, long result, Status* error) {
     int err = static_cast<int>(-result);
     if (err == EAGAIN || err == EINTR) return IoStep::kResubmit;
     if (err == ENOSPC || err == EDQUOT || err == EFBIG) {
-      *error = Status::ResourceExhausted(std::string("no space on the cache device: ") + std::strerror(err) + " (" +
-                                         Where(*r) + ")");
+      *error = Status::ResourceExhausted(std::string("no space on the cache device: ") +
+                                         std::strerror(err) + " (" + Where(*r) + ")");
     } else {
       *error = Status::IoError(std::string(std::strerror(err)) + " (" + Where(*r) + ")");
     }
@@ -82,15 +87,17 @@ IoStep ApplyIoResult(IoRequest* r, long result, Status* error) {
     return IoStep::kFailed;
   }
   if (moved == 0 && p.remaining > 0) {
-    *error = Status::IoError(r->op == IoOp::kRead ? "unexpected end of file (" + Where(*r) + ")"
-                                                  : "the write made no progress (" + Where(*r) + ")");
+    *error =
+        Status::IoError(r->op == IoOp::kRead ? "unexpected end of file (" + Where(*r) + ")"
+                                             : "the write made no progress (" + Where(*r) + ")");
     return IoStep::kFailed;
   }
   Advance(&p, moved);
   return p.remaining == 0 ? IoStep::kFinished : IoStep::kResubmit;
 }
 
-StatusOr<std::unique_ptr<IoBackend>> CreateIoBackend(IoBackendKind kind, int fd, const IoBackendOptions& options,
+StatusOr<std::unique_ptr<IoBackend>> CreateIoBackend(IoBackendKind kind, int fd,
+                                                     const IoBackendOptions& options,
                                                      std::string* fallback_reason) {
   if (kind == IoBackendKind::kPosix) return CreatePosixBackend(fd, options);
   auto uring = CreateUringBackend(fd, options);

@@ -78,7 +78,7 @@ struct IoRequest {
   struct Progress {
     iovec iov[kMaxIoVecs] = {};  // what is still to move
     int iovcnt = 0;
-    uint64_t offset = 0;         // file offset of iov[0]
+    uint64_t offset = 0;  // file offset of iov[0]
     size_t remaining = 0;
     bool in_os = false;          // an SQE or a worker holds it
     bool os_done = false;        // the OS will not touch the buffers again
@@ -133,7 +133,8 @@ class IoBackend {
 // Creates a backend of `kind` for the open file `fd` (which must outlive the backend).
 // kAuto tries io_uring first and falls back to POSIX; `fallback_reason` (if given) then says
 // why io_uring was not used. kIoUring fails with Unavailable when io_uring cannot be used.
-StatusOr<std::unique_ptr<IoBackend>> CreateIoBackend(IoBackendKind kind, int fd, const IoBackendOptions& options,
+StatusOr<std::unique_ptr<IoBackend>> CreateIoBackend(IoBackendKind kind, int fd,
+                                                     const IoBackendOptions& options,
                                                      std::string* fallback_reason = nullptr);
 
 // ---- shared by the backends (io_backend.cc) ----------------------------------------------------

@@ -1,13 +1,11 @@
 // IoBackend on its own (both implementations): more requests than the queue depth, all complete
 // and land where they should. Fault handling (short transfers, EAGAIN, ENOSPC, EIO, deadlines) is
 // tested through the store in disk_store_test.cc, on both backends.
-#include "common/mutex.h"
 #include "storage/io_backend.h"
 
 #include <fcntl.h>
-#include <unistd.h>
-
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <condition_variable>
@@ -19,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "common/mutex.h"
 #include "storage/disk_test_util.h"
 
 namespace kvtier {
@@ -106,9 +105,11 @@ TEST_P(IoBackendTest, ManyMoreRequestsThanTheQueueDepthAllComplete) {
   close(fd);
 }
 
-INSTANTIATE_TEST_SUITE_P(Backends, IoBackendTest, ::testing::Values(IoBackendKind::kPosix, IoBackendKind::kIoUring),
+INSTANTIATE_TEST_SUITE_P(Backends, IoBackendTest,
+                         ::testing::Values(IoBackendKind::kPosix, IoBackendKind::kIoUring),
                          [](const ::testing::TestParamInfo<IoBackendKind>& info) {
-                           return info.param == IoBackendKind::kPosix ? std::string("Posix") : std::string("IoUring");
+                           return info.param == IoBackendKind::kPosix ? std::string("Posix")
+                                                                      : std::string("IoUring");
                          });
 
 }  // namespace

@@ -32,9 +32,12 @@ Status ProbeIoUring() {
     __kernel_timespec ts{.tv_sec = 2, .tv_nsec = 0};  // a probe must not hang
     rc = io_uring_wait_cqe_timeout(&ring, &cqe, &ts);
     if (rc < 0) {
-      result = Status::Unavailable(std::string("io_uring NOP did not complete: ") + std::strerror(-rc));
+      result =
+          Status::Unavailable(std::string("io_uring NOP did not complete: ") + std::strerror(-rc));
     } else {
-      if (cqe->res < 0) result = Status::Unavailable(std::string("io_uring NOP failed: ") + std::strerror(-cqe->res));
+      if (cqe->res < 0)
+        result =
+            Status::Unavailable(std::string("io_uring NOP failed: ") + std::strerror(-cqe->res));
       io_uring_cqe_seen(&ring, cqe);
     }
   }
@@ -54,11 +57,14 @@ Status ProbeDirectIo(const std::string& dir) {
     close(fd);
     return Status::OK();
   }
-  if (err != EINVAL) return Status::IoError("cannot create a file in '" + dir + "': " + std::strerror(err));
+  if (err != EINVAL)
+    return Status::IoError("cannot create a file in '" + dir + "': " + std::strerror(err));
   struct statfs sfs {};
   char fs[32] = "unknown fs";
-  if (statfs(dir.c_str(), &sfs) == 0) std::snprintf(fs, sizeof(fs), "f_type 0x%lx", static_cast<unsigned long>(sfs.f_type));
-  return Status::InvalidArgument("'" + dir + "' is on a file system that refuses O_DIRECT (" + fs + ")");
+  if (statfs(dir.c_str(), &sfs) == 0)
+    std::snprintf(fs, sizeof(fs), "f_type 0x%lx", static_cast<unsigned long>(sfs.f_type));
+  return Status::InvalidArgument("'" + dir + "' is on a file system that refuses O_DIRECT (" + fs +
+                                 ")");
 }
 
 }  // namespace kvtier

@@ -6,7 +6,6 @@
 // The state the threads share lives in a shared_ptr: if Shutdown gives up on a hung syscall, the
 // worker is detached and keeps its own reference, so nothing it touches is freed under it.
 #include "storage/posix_backend.h"
-#include "common/mutex.h"
 
 #include <sys/uio.h>
 #include <unistd.h>
@@ -22,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/mutex.h"
 #include "common/thread_annotations.h"
 
 namespace kvtier {
@@ -32,7 +32,8 @@ std::chrono::steady_clock::time_point TimePoint(int64_t ns) {
 }
 
 struct PosixShared {
-  explicit PosixShared(int fd_in, IoFaultInjector injector_in) : fd(fd_in), injector(std::move(injector_in)) {}
+  explicit PosixShared(int fd_in, IoFaultInjector injector_in)
+      : fd(fd_in), injector(std::move(injector_in)) {}
 
   const int fd;
   const IoFaultInjector injector;
@@ -81,8 +82,9 @@ struct PosixShared {
 bool RunRequest(PosixShared* s, IoRequest* r, Status* status) {
   IoRequest::Progress& p = r->progress;
   for (;;) {
-    ssize_t n = r->op == IoOp::kRead ? preadv(s->fd, p.iov, p.iovcnt, static_cast<off_t>(p.offset))
-                                     : pwritev(s->fd, p.iov, p.iovcnt, static_cast<off_t>(p.offset));
+    ssize_t n = r->op == IoOp::kRead
+                    ? preadv(s->fd, p.iov, p.iovcnt, static_cast<off_t>(p.offset))
+                    : pwritev(s->fd, p.iov, p.iovcnt, static_cast<off_t>(p.offset));
     long res = n < 0 ? -static_cast<long>(errno) : static_cast<long>(n);
     if (s->injector) {
       int injected = s->injector(r->op, p.offset, p.remaining, static_cast<int>(res));
@@ -111,7 +113,9 @@ bool RunRequest(PosixShared* s, IoRequest* r, Status* status) {
 void WorkerLoop(std::shared_ptr<PosixShared> s) {
   MutexLock lk(&s->mu);
   for (;;) {
-    s->work_cv.Wait(lk, [&]() REQUIRES_LOCK(s->mu) { return s->stopping || s->abandon || !s->pending.empty(); });
+    s->work_cv.Wait(lk, [&]() REQUIRES_LOCK(s->mu) {
+      return s->stopping || s->abandon || !s->pending.empty();
+    });
     if (s->abandon || s->pending.empty()) return;  // stopping with nothing left, or given up
     IoRequest* r = s->pending.front();
     s->pending.pop_front();
@@ -159,8 +163,9 @@ void WatchdogLoop(std::shared_ptr<PosixShared> s) {
       expired.push_back(r);
     }
     for (IoRequest* r : expired) {
-      Status status = Status::DeadlineExceeded(std::string(r->op == IoOp::kRead ? "read" : "write") + " at offset " +
-                                               std::to_string(r->offset) + " passed its deadline (posix)");
+      Status status = Status::DeadlineExceeded(
+          std::string(r->op == IoOp::kRead ? "read" : "write") + " at offset " +
+          std::to_string(r->offset) + " passed its deadline (posix)");
       if (!s->Deliver(r, status, lk)) return;
     }
   }
@@ -202,7 +207,8 @@ class PosixBackend final : public IoBackend {
     MutexLock lk(&s_->mu);
     if (shut_down_) return shutdown_status_;
     shut_down_ = true;
-    bool drained = s_->idle_cv.WaitUntil(lk, TimePoint(deadline_ns), [&]() REQUIRES_LOCK(s_->mu) { return s_->live == 0; });
+    bool drained = s_->idle_cv.WaitUntil(lk, TimePoint(deadline_ns),
+                                         [&]() REQUIRES_LOCK(s_->mu) { return s_->live == 0; });
     size_t left = s_->live;
     s_->stopping = true;
     if (!drained) s_->abandon = true;
@@ -219,9 +225,10 @@ class PosixBackend final : public IoBackend {
         t.detach();  // may be stuck in a syscall; it holds its own reference to s_
       }
     }
-    shutdown_status_ = drained ? Status::OK()
-                               : Status::DeadlineExceeded(std::to_string(left) +
-                                                          " POSIX requests were unfinished at shutdown");
+    shutdown_status_ =
+        drained ? Status::OK()
+                : Status::DeadlineExceeded(std::to_string(left) +
+                                           " POSIX requests were unfinished at shutdown");
     return shutdown_status_;
   }
 
@@ -241,7 +248,8 @@ class PosixBackend final : public IoBackend {
 }  // namespace
 
 StatusOr<std::unique_ptr<IoBackend>> CreatePosixBackend(int fd, const IoBackendOptions& options) {
-  if (options.posix_threads == 0) return Status::InvalidArgument("posix_threads must be at least 1");
+  if (options.posix_threads == 0)
+    return Status::InvalidArgument("posix_threads must be at least 1");
   return std::unique_ptr<IoBackend>(std::make_unique<PosixBackend>(fd, options));
 }
 

@@ -16,14 +16,15 @@ constexpr char kNoMagic[8] = {};
 constexpr char kGeometryMagic[8] = {'K', 'V', 'T', 'G', 'E', 'O', 'M', '1'};
 
 // Field offsets. The header CRC covers every byte before it.
-constexpr size_t kFileSlotBytes = 16, kFileBlobBytes = 24, kFileNumSlots = 32, kFileEpoch = 40, kFileCrc = 48;
+constexpr size_t kFileSlotBytes = 16, kFileBlobBytes = 24, kFileNumSlots = 32, kFileEpoch = 40,
+                 kFileCrc = 48;
 // The geometry record after the first CRC (a file without it has zeros there), with its own CRC
 // over [kGeoMagic, kGeoCrc).
 constexpr size_t kGeoMagic = 64, kGeoFingerprint = 72, kGeoLabelBytes = 88, kGeoLabel = 92,
                  kGeoCrc = kGeoLabel + kMaxGeometryLabelBytes;
 static_assert(kGeoCrc + 4 <= kDiskBlockBytes, "the geometry record fits the file header");
-constexpr size_t kSlotKey = 16, kSlotFingerprint = 32, kSlotEpoch = 48, kSlotSequence = 56, kSlotPayloadBytes = 64,
-                 kSlotPayloadCrc = 72, kSlotCrc = 76;
+constexpr size_t kSlotKey = 16, kSlotFingerprint = 32, kSlotEpoch = 48, kSlotSequence = 56,
+                 kSlotPayloadBytes = 64, kSlotPayloadCrc = 72, kSlotCrc = 76;
 
 void Put32(unsigned char* b, size_t off, uint32_t v) { std::memcpy(b + off, &v, 4); }
 void Put64(unsigned char* b, size_t off, uint64_t v) { std::memcpy(b + off, &v, 8); }
@@ -66,8 +67,10 @@ void EncodeFileHeader(const FileHeader& h, void* block) {
 
 Status DecodeFileHeader(const void* block, FileHeader* h) {
   const auto* b = static_cast<const unsigned char*>(block);
-  if (std::memcmp(b, kFileMagic, 8) != 0) return Status::Corruption("not a kvtier cache file (bad magic)");
-  if (Get32(b, kFileCrc) != Crc32c(0, b, kFileCrc)) return Status::Corruption("file header checksum mismatch");
+  if (std::memcmp(b, kFileMagic, 8) != 0)
+    return Status::Corruption("not a kvtier cache file (bad magic)");
+  if (Get32(b, kFileCrc) != Crc32c(0, b, kFileCrc))
+    return Status::Corruption("file header checksum mismatch");
   if (Get32(b, 8) != kDiskFormatVersion) {
     return Status::GeometryMismatch("cache file format version " + std::to_string(Get32(b, 8)) +
                                     ", this build reads " + std::to_string(kDiskFormatVersion));
@@ -86,7 +89,8 @@ Status DecodeFileHeader(const void* block, FileHeader* h) {
     return Status::Corruption("file header geometry record checksum mismatch");
   }
   const uint32_t label_bytes = Get32(b, kGeoLabelBytes);
-  if (label_bytes > kMaxGeometryLabelBytes) return Status::Corruption("file header geometry label too long");
+  if (label_bytes > kMaxGeometryLabelBytes)
+    return Status::Corruption("file header geometry label too long");
   h->has_geometry = true;
   std::memcpy(h->layout_fingerprint.data(), b + kGeoFingerprint, 16);
   h->geometry_label.assign(reinterpret_cast<const char*>(b + kGeoLabel), label_bytes);

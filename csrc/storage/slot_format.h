@@ -26,11 +26,17 @@ constexpr uint32_t kDiskFormatVersion = 1;
 
 using LayoutFingerprint = std::array<uint8_t, 16>;
 
-inline uint64_t RoundUpToBlock(uint64_t n) { return (n + kDiskBlockBytes - 1) / kDiskBlockBytes * kDiskBlockBytes; }
+inline uint64_t RoundUpToBlock(uint64_t n) {
+  return (n + kDiskBlockBytes - 1) / kDiskBlockBytes * kDiskBlockBytes;
+}
 // Bytes one slot takes on disk for blobs of `blob_bytes`.
-inline uint64_t SlotBytesFor(uint64_t blob_bytes) { return kDiskBlockBytes + RoundUpToBlock(blob_bytes); }
+inline uint64_t SlotBytesFor(uint64_t blob_bytes) {
+  return kDiskBlockBytes + RoundUpToBlock(blob_bytes);
+}
 // Offset of slot `slot` in the file.
-inline uint64_t SlotOffset(uint64_t slot, uint64_t slot_bytes) { return kDiskBlockBytes + slot * slot_bytes; }
+inline uint64_t SlotOffset(uint64_t slot, uint64_t slot_bytes) {
+  return kDiskBlockBytes + slot * slot_bytes;
+}
 
 // Longest DiskStoreOptions::geometry_label the file header records.
 constexpr size_t kMaxGeometryLabelBytes = 1024;

@@ -9,7 +9,6 @@
 // timeouts were not used for that reason: they cancel the same way, so they cannot bound the
 // wait either, and they cost an extra SQE per request.
 #include "storage/uring_backend.h"
-#include "common/mutex.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -22,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/mutex.h"
 #include "common/thread_annotations.h"
 
 #if KVTIER_HAVE_LIBURING
@@ -36,7 +36,8 @@ namespace {
 // user_data of SQEs that are not requests. Requests are 8-byte aligned pointers.
 constexpr uint64_t kWakeTag = 1;
 constexpr uint64_t kCancelBit = 1;  // request pointer | 1: the cancel SQE for that request
-// How long the completion thread sleeps with nothing due; a submit with an earlier deadline wakes it.
+// How long the completion thread sleeps with nothing due; a submit with an earlier deadline wakes
+// it.
 constexpr int64_t kIdleWaitNs = 1'000'000'000;
 
 class UringBackend final : public IoBackend {
@@ -54,10 +55,12 @@ class UringBackend final : public IoBackend {
     params.flags = IORING_SETUP_CQSIZE;
     params.cq_entries = entries * 4;  // requests + cancels + wake-ups never overflow it
     int rc = io_uring_queue_init_params(entries, &ring_, &params);
-    if (rc < 0) return Status::Unavailable(std::string("io_uring_queue_init: ") + std::strerror(-rc));
+    if (rc < 0)
+      return Status::Unavailable(std::string("io_uring_queue_init: ") + std::strerror(-rc));
     if (!(params.features & IORING_FEAT_EXT_ARG)) {
       io_uring_queue_exit(&ring_);
-      return Status::Unavailable("the kernel's io_uring lacks IORING_FEAT_EXT_ARG (needs Linux 5.11+)");
+      return Status::Unavailable(
+          "the kernel's io_uring lacks IORING_FEAT_EXT_ARG (needs Linux 5.11+)");
     }
     rc = io_uring_register_files(&ring_, &fd, 1);
     if (rc == 0) {
@@ -76,7 +79,8 @@ class UringBackend final : public IoBackend {
     if (rc >= 0) rc = io_uring_wait_cqe_timeout(&ring_, &cqe, &ts);
     if (rc < 0) {
       io_uring_queue_exit(&ring_);
-      return Status::Unavailable(std::string("io_uring NOP round trip failed: ") + std::strerror(-rc));
+      return Status::Unavailable(std::string("io_uring NOP round trip failed: ") +
+                                 std::strerror(-rc));
     }
     io_uring_cqe_seen(&ring_, cqe);
     initialized_ = true;
@@ -106,21 +110,24 @@ class UringBackend final : public IoBackend {
     MutexLock lk(&mu_);
     if (shut_down_) return shutdown_status_;
     shut_down_ = true;
-    bool drained = idle_cv_.WaitUntil(lk, TimePoint(deadline_ns), [&]() REQUIRES_LOCK(mu_) { return live_ == 0; });
+    bool drained = idle_cv_.WaitUntil(lk, TimePoint(deadline_ns),
+                                      [&]() REQUIRES_LOCK(mu_) { return live_ == 0; });
     size_t left = live_;
     stop_loop_ = true;
     PostLocked(kWakeTag);
     lk.Unlock();
     completer_.join();
     // The ring's teardown runs asynchronously in the kernel and holds the registered file until
-    // it ends; unregister it now so the file is closed (and its flock dropped) when its owner closes it.
+    // it ends; unregister it now so the file is closed (and its flock dropped) when its owner
+    // closes it.
     if (fixed_file_ && drained) (void)io_uring_unregister_files(&ring_);
     // Requests still in the kernel are cancelled or waited for by the kernel's ring teardown; the
     // pages they use stay pinned by the kernel. Their owners leak them (see Shutdown's contract).
     io_uring_queue_exit(&ring_);
-    shutdown_status_ = drained ? Status::OK()
-                               : Status::DeadlineExceeded(std::to_string(left) +
-                                                          " io_uring requests were unfinished at shutdown");
+    shutdown_status_ =
+        drained ? Status::OK()
+                : Status::DeadlineExceeded(std::to_string(left) +
+                                           " io_uring requests were unfinished at shutdown");
     return shutdown_status_;
   }
 
@@ -206,7 +213,8 @@ class UringBackend final : public IoBackend {
     }
   }
 
-  void HandleCqeLocked(uint64_t user_data, int res, std::vector<Action>* actions) REQUIRES_LOCK(mu_) {
+  void HandleCqeLocked(uint64_t user_data, int res, std::vector<Action>* actions)
+      REQUIRES_LOCK(mu_) {
     if (user_data == kWakeTag) return;
     if (user_data & kCancelBit) {
       --cancels_in_kernel_;
@@ -251,9 +259,10 @@ class UringBackend final : public IoBackend {
         p.os_done = true;
       }
       ++stats_.deadline_exceeded;
-      DeliverLocked(r, Status::DeadlineExceeded((r->op == IoOp::kRead ? "read" : "write") +
-                                                std::string(" at offset ") + std::to_string(r->offset) +
-                                                " passed its deadline (io_uring)"),
+      DeliverLocked(r,
+                    Status::DeadlineExceeded(
+                        (r->op == IoOp::kRead ? "read" : "write") + std::string(" at offset ") +
+                        std::to_string(r->offset) + " passed its deadline (io_uring)"),
                     actions);
     }
   }
@@ -301,7 +310,8 @@ class UringBackend final : public IoBackend {
         wait_until_ = INT64_MIN;  // awake: submitters need not wake us
         unsigned n;
         while ((n = io_uring_peek_batch_cqe(&ring_, cqes, 64)) > 0) {
-          for (unsigned i = 0; i < n; ++i) HandleCqeLocked(cqes[i]->user_data, cqes[i]->res, &actions);
+          for (unsigned i = 0; i < n; ++i)
+            HandleCqeLocked(cqes[i]->user_data, cqes[i]->res, &actions);
           io_uring_cq_advance(&ring_, n);
         }
         ExpireLocked(MonotonicNowNs(), &actions);

@@ -33,7 +33,7 @@ struct SegmentDesc {
 
 struct LayoutDesc {
   std::vector<SegmentDesc> segments;
-  int device = -1;                  // CUDA device of the segments; -1 = host memory (CPU path)
+  int device = -1;  // CUDA device of the segments; -1 = host memory (CPU path)
   uint32_t pages_per_chunk = 1;
   // layer_segments[i] = indices of the segments of layer i (for per-layer completion). Empty means
   // one layer holding every segment. Every segment is listed by at least one layer; layers may
@@ -62,7 +62,7 @@ struct CopyEngineOptions {
   // must hold the largest page. Under a busy GPU, larger slots keep staged copies nearer the PCIe
   // rate (each fill's kernel waits for SM slots; bench_copy's matmul_beside_* workloads show it).
   uint64_t staging_bytes = 64ull << 20;
-  int cpu_threads = 2;                   // workers for the CPU path
+  int cpu_threads = 2;  // workers for the CPU path
   // Fault injection for tests (CPU path): every Nth transfer copies its bytes but completes with
   // an IoError, as a failed DMA would. 0 turns it off.
   uint32_t fail_every_nth = 0;

@@ -8,7 +8,8 @@
 namespace kvtier {
 
 // Streaming (evict-first) loads and stores: the bytes are touched once.
-static __device__ __forceinline__ void CopyWarp(char* dst, const char* src, uint64_t n, unsigned lane) {
+static __device__ __forceinline__ void CopyWarp(char* dst, const char* src, uint64_t n,
+                                                unsigned lane) {
   const uintptr_t addr = reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src);
   uint64_t done = 0;
   if ((addr & 15) == 0) {

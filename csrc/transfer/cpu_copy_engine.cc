@@ -1,7 +1,6 @@
 // CPU copy path: a transfer is cut into tasks (a range of pages of one copy group) that a
 // persistent worker pool runs with memcpy, group by group, so per-layer waits complete in order.
 #include "transfer/cpu_copy_engine.h"
-#include "common/mutex.h"
 
 #include <algorithm>
 #include <atomic>
@@ -15,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/mutex.h"
 #include "common/thread_annotations.h"
 
 namespace kvtier {
@@ -167,8 +167,9 @@ class CpuTransfer final : public Transfer {
     KVTIER_RETURN_IF_ERROR(CheckLayer(layer));
     KVTIER_RETURN_IF_ERROR(ValidateTimeout(timeout_ms));
     MutexLock lock(&state_->mu);
-    if (!state_->cv.WaitUntil(lock, DeadlineAfter(timeout_ms),
-                               [&]() REQUIRES_LOCK(state_->mu) { return state_->layer_tasks_left[layer] == 0; })) {
+    if (!state_->cv.WaitUntil(lock, DeadlineAfter(timeout_ms), [&]() REQUIRES_LOCK(state_->mu) {
+          return state_->layer_tasks_left[layer] == 0;
+        })) {
       return Status::DeadlineExceeded("layer " + std::to_string(layer) + " not complete after " +
                                       std::to_string(timeout_ms) + " ms");
     }

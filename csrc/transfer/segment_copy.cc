@@ -33,13 +33,13 @@ Status PageSegments(const PageRows& rows, const int64_t* src_pages, const int64_
     const int64_t s = src_pages[i], d = dst_pages[i];
     if (s < 0 || s >= rows.src_pages) {
       return Status(StatusCode::kInvalidArgument,
-                    "source pages outside [0, " + std::to_string(rows.src_pages) + "): " +
-                        std::to_string(s) + " at " + std::to_string(i));
+                    "source pages outside [0, " + std::to_string(rows.src_pages) +
+                        "): " + std::to_string(s) + " at " + std::to_string(i));
     }
     if (d < 0 || d >= rows.dst_pages) {
       return Status(StatusCode::kInvalidArgument,
-                    "destination pages outside [0, " + std::to_string(rows.dst_pages) + "): " +
-                        std::to_string(d) + " at " + std::to_string(i));
+                    "destination pages outside [0, " + std::to_string(rows.dst_pages) +
+                        "): " + std::to_string(d) + " at " + std::to_string(i));
     }
     if (i > 0 && s == src_pages[i - 1] + 1 && d == dst_pages[i - 1] + 1) {
       ++runs.back()[2];
@@ -83,9 +83,9 @@ Status EnsurePeerAccess(int device, uint64_t ptr) {
   KVTIER_CUDA_RETURN_IF_ERROR(cudaDeviceCanAccessPeer(&can, device, attr.device),
                               "cudaDeviceCanAccessPeer");
   if (!can) {
-    return Status(StatusCode::kFailedPrecondition,
-                  "CopySegments: GPU " + std::to_string(device) + " cannot access GPU " +
-                      std::to_string(attr.device) + " as a peer");
+    return Status(StatusCode::kFailedPrecondition, "CopySegments: GPU " + std::to_string(device) +
+                                                       " cannot access GPU " +
+                                                       std::to_string(attr.device) + " as a peer");
   }
   const cudaError_t err = cudaDeviceEnablePeerAccess(attr.device, 0);
   if (err == cudaErrorPeerAccessAlreadyEnabled) {
@@ -117,14 +117,12 @@ Status CopyByDma(const std::vector<CopySegment>& segments, cudaStream_t stream) 
     attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
     size_t attr_index = 0;
 #if CUDART_VERSION >= 13000
-    const cudaError_t err = cudaMemcpyBatchAsync(dsts.data() + i, srcs.data() + i,
-                                                 sizes.data() + i, count, &attr, &attr_index, 1,
-                                                 stream);
+    const cudaError_t err = cudaMemcpyBatchAsync(dsts.data() + i, srcs.data() + i, sizes.data() + i,
+                                                 count, &attr, &attr_index, 1, stream);
 #else
     size_t fail_index = SIZE_MAX;
-    const cudaError_t err =
-        cudaMemcpyBatchAsync(dsts.data() + i, srcs.data() + i, sizes.data() + i, count, &attr,
-                             &attr_index, 1, &fail_index, stream);
+    const cudaError_t err = cudaMemcpyBatchAsync(dsts.data() + i, srcs.data() + i, sizes.data() + i,
+                                                 count, &attr, &attr_index, 1, &fail_index, stream);
 #endif
     if (err == cudaSuccess) {
       i += count;
@@ -178,8 +176,8 @@ Status CheckAddressable(int device, uint64_t ptr, const char* what) {
   if (attr.type == cudaMemoryTypeDevice && attr.devicePointer == nullptr) {
     return Status(StatusCode::kFailedPrecondition,
                   std::string("CopySegments(push): GPU ") + std::to_string(device) +
-                      " has no mapping of the " + what + " (on GPU " +
-                      std::to_string(attr.device) + ")");
+                      " has no mapping of the " + what + " (on GPU " + std::to_string(attr.device) +
+                      ")");
   }
   return Status::OK();
 }

@@ -1,9 +1,8 @@
 // The segment copy kernel: the pieces in the kernel's (grid-constant) parameter, each block an
 // equal share of the launch's bytes.
-#include "transfer/segment_copy_kernel.h"
-
 #include <atomic>
 
+#include "transfer/segment_copy_kernel.h"
 #include "transfer/segment_plan.h"
 
 namespace kvtier {

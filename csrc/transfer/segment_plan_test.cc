@@ -76,8 +76,7 @@ void CheckCoverage(const std::vector<CopySegment>& segs, uint64_t resident) {
     for (const auto& [off, n] : p) {
       EXPECT_EQ(off, at) << "piece " << k << ": a gap or an overlap";
       at = off + n;
-      const bool aligned =
-          (segs[k].src | segs[k].dst) % 16 == 0 && segs[k].bytes % 16 == 0;
+      const bool aligned = (segs[k].src | segs[k].dst) % 16 == 0 && segs[k].bytes % 16 == 0;
       if (aligned) EXPECT_EQ((off | n) % 16, 0u) << "piece " << k;
     }
     EXPECT_EQ(at, segs[k].bytes) << "piece " << k;
@@ -92,10 +91,18 @@ TEST(SegmentPlan, BlocksCopyEveryByteOnce) {
     for (size_t i = 0; i < n; ++i) {
       uint64_t bytes = 0;
       switch (rng() % 4) {
-        case 0: bytes = 1 + rng() % 40; break;                  // a few page ids
-        case 1: bytes = (1 + rng() % 64) * 32768; break;         // pages
-        case 2: bytes = 1 + rng() % (3 << 20); break;            // odd lengths
-        default: bytes = (1 + rng() % 8) * (512 << 10); break;   // chunks' page runs
+        case 0:
+          bytes = 1 + rng() % 40;
+          break;  // a few page ids
+        case 1:
+          bytes = (1 + rng() % 64) * 32768;
+          break;  // pages
+        case 2:
+          bytes = 1 + rng() % (3 << 20);
+          break;  // odd lengths
+        default:
+          bytes = (1 + rng() % 8) * (512 << 10);
+          break;  // chunks' page runs
       }
       const uint64_t align = rng() % 3 == 0 ? 1 + rng() % 15 : 0;
       segs[i] = {(1ull << 40) + i * (64ull << 20) + align, (1ull << 41) + i * (64ull << 20), bytes};
