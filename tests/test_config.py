@@ -46,8 +46,14 @@ def test_defaults():
     assert cfg.model.chunk_tokens == 256
     assert cfg.planner.enabled is True and cfg.planner.cpu_bandwidth_gbps is None
     assert cfg.metrics.prometheus_port is None and cfg.metrics.namespace == "kvtier"
-    assert dict(cfg.peers) == {"listen": None, "seeds": (), "secret_file": None, "tls_cert_file": None,
-                               "tls_key_file": None, "tls_ca_file": None}
+    assert dict(cfg.peers) == {
+        "listen": None,
+        "seeds": (),
+        "secret_file": None,
+        "tls_cert_file": None,
+        "tls_key_file": None,
+        "tls_ca_file": None,
+    }
     assert cfg.timeout_s == 30.0
 
 
@@ -361,8 +367,11 @@ def test_bad_value_from_yaml_names_key_value_allowed_and_file(tmp_path, dotted, 
 
 
 # Every string is a valid file path and a valid salt: the environment cannot spell those wrong.
-ENV_BAD_VALUES = [c for c in BAD_VALUES if c[0] not in ("peers.secret_file", "model.tenant_salt")
-                  and not c[0].startswith("peers.tls_")]
+ENV_BAD_VALUES = [
+    c
+    for c in BAD_VALUES
+    if c[0] not in ("peers.secret_file", "model.tenant_salt") and not c[0].startswith("peers.tls_")
+]
 
 
 @pytest.mark.parametrize(("dotted", "value", "allowed"), ENV_BAD_VALUES)

@@ -239,9 +239,16 @@ def test_cache_config_and_the_loader_apply_one_rule(name, bad, good):
 
 def test_cache_config_takes_python_values_only():
     """Text forms are for config files and the environment; a Python caller passes the type."""
-    for name, text in [("cpu_bytes", "8GiB"), ("cpu_threads", "4"), ("deterministic_writeback", "yes"),
-                       ("deterministic_writeback", 1), ("disk_persist_on_close", "false")]:
-        with pytest.raises(InvalidArgumentError, match=rf"^{name}: invalid value {re.escape(repr(text))}"):
+    for name, text in [
+        ("cpu_bytes", "8GiB"),
+        ("cpu_threads", "4"),
+        ("deterministic_writeback", "yes"),
+        ("deterministic_writeback", 1),
+        ("disk_persist_on_close", "false"),
+    ]:
+        with pytest.raises(
+            InvalidArgumentError, match=rf"^{name}: invalid value {re.escape(repr(text))}"
+        ):
             CacheConfig(**{name: text})
     with pytest.raises(InvalidArgumentError, match=r"allowed: an int number of bytes >= 1"):
         CacheConfig(cpu_bytes="8GiB")
@@ -253,7 +260,10 @@ def test_cache_config_takes_python_values_only():
 def test_rules_over_several_keys_name_the_key_as_the_caller_wrote_it(tmp_path):
     with pytest.raises(InvalidArgumentError) as e:
         CacheConfig(disk_dir=str(tmp_path), disk_bytes=0)
-    assert str(e.value) == "disk_bytes: invalid value 0; allowed: a size >= 1 byte when disk_dir is set"
+    assert (
+        str(e.value)
+        == "disk_bytes: invalid value 0; allowed: a size >= 1 byte when disk_dir is set"
+    )
     with pytest.raises(InvalidArgumentError, match=r"^disk\.bytes: .* when disk\.dir is set$"):
         KVTierConfig(disk={"dir": str(tmp_path)})
 
@@ -335,7 +345,11 @@ def test_peers_section_values_build_a_peer_config(tmp_path):
     )
     assert cfg.peers["gossip_interval_s"] == 0.5  # a PeerConfig key: checked and read as a number
     peer = PeerConfig(**{k: v for k, v in cfg.peers.items() if v is not None})
-    assert (peer.listen, peer.seeds, peer.gossip_interval_s) == ("0.0.0.0:7400", ("a:1", "b:2"), 0.5)
+    assert (peer.listen, peer.seeds, peer.gossip_interval_s) == (
+        "0.0.0.0:7400",
+        ("a:1", "b:2"),
+        0.5,
+    )
 
 
 def test_peers_section_hides_a_secret_as_peer_config_does():

@@ -414,6 +414,12 @@ def _checked(key: str, check: _Check, value: Any, typed: bool = False) -> Any:
         raise _invalid(key, value, check.typed_allowed if typed else check.allowed) from None
 
 
+def _with_attributes_doc(doc: str | None, lines: list[tuple[str, str]]) -> str:
+    """``doc`` with an ``Attributes:`` section of (name, doc) lines appended."""
+    body = "\n".join(f"    {name}: {text}" for name, text in lines)
+    return (doc or "").rstrip() + "\n\n    Attributes:\n" + body + "\n"
+
+
 # -- rules over several keys -----------------------------------------------------------------------
 # Each rule reads some dotted keys and names one of them when they do not fit together. ``name``
 # renders a dotted key as its caller knows it (``disk.bytes`` in a config, ``disk_bytes`` in a
@@ -720,25 +726,37 @@ class _PeerSchema(_Section):
     max_sources: int = _field(4, _Int(1), "peers a lookup asks to confirm (and pulls from) at most")
     max_request_chunks: int = _field(1024, _Int(1, 4096), "chunks one request names at most")
     max_connections: int = _field(
-        256, _Int(1), "authenticated inbound connections served at once (see PeerConfig)"
+        256,
+        _Int(1),
+        "authenticated inbound connections served at once. Each peer identity has a fair share: "
+        "when they are all taken, a login of an identity holding fewer than the largest holder "
+        "closes that holder's least recently active connection. Handshakes in progress have "
+        "their own bound (max_connections // 8, at least 4), so unauthenticated connections "
+        "never take an authenticated slot",
     )
     idle_timeout_s: float = _field(
         300.0, _Float(), "an idle connection is closed after this many seconds"
     )
     scarce_idle_timeout_s: float = _field(
-        10.0, _Float(), "... after this many once half the connection slots are taken"
+        10.0,
+        _Float(),
+        "an idle connection is closed after this many seconds once half the "
+        "max_connections slots are taken",
     )
     share_pool: str = _field(
         "off",
         _Choice(("auto", "cuda", "shm", "off")),
         "how a PagedKVPool shares its own pages with peers on this host (docs/p2p.md, "
         "'Same-host sharing'): off, auto (CUDA IPC for a GPU pool, nothing on a CPU), cuda, or "
-        "shm (a CPU pool in /dev/shm files)",
+        "shm (a CPU pool in /dev/shm files); off by default until the CUDA path has run on a GPU "
+        "machine",
     )
     tls_cert_file: str | None = _field(
         None,
         _Optional(_File(), "plain TCP"),
-        "this member's TLS certificate (PEM); with tls_key_file: peer connections in TLS",
+        "this member's TLS certificate (PEM); with tls_key_file every peer connection runs in "
+        "TLS, the HMAC handshake inside it bound to the server's certificate (all members of a "
+        "cluster use TLS or none do)",
     )
     tls_key_file: str | None = _field(
         None, _Optional(_File(), "plain TCP"), "the private key of tls_cert_file (PEM)"
@@ -746,23 +764,29 @@ class _PeerSchema(_Section):
     tls_ca_file: str | None = _field(
         None,
         _Optional(_File(), "no CA: certificates bound by the handshake only"),
-        "CA (PEM) signing the members' certificates: mutual TLS",
+        "CA (PEM) signing the members' certificates: mutual TLS, each side refuses a peer "
+        "certificate the CA did not sign (needs tls_cert_file and tls_key_file)",
     )
 
 
-# The keys of the `peers:` section a config file, the environment and config_keys() know (with
-# the default a file means when it leaves them out); the section checks every other PeerConfig
-# key it is given with PeerConfig's checker too, and passes keys PeerConfig does not have
-# through.
-_PEERS_SECTION_KEYS: dict[str, Any] = {
-    "listen": None,
-    "seeds": (),
-    "secret_file": None,
-    "tls_cert_file": None,
-    "tls_key_file": None,
-    "tls_ca_file": None,
-}
+# The keys of the `peers:` section that config_keys() lists and the environment sets. The section
+# checks every other PeerConfig key it is given with its PeerConfig checker too, and passes keys
+# PeerConfig does not have through.
+_PEERS_SECTION_KEYS = (
+    "listen",
+    "seeds",
+    "secret_file",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_ca_file",
+)
 _PEER_FIELDS = {f.name: f for f in dataclasses.fields(_PeerSchema)}
+
+
+def _peers_section_default(name: str) -> Any:
+    """A key's value when a config file leaves it out: PeerConfig's, but no ``listen`` (no peer
+    service)."""
+    return None if name == "listen" else _PEER_FIELDS[name].default
 
 
 def _peers_section_check(name: str) -> _Check:
@@ -784,8 +808,12 @@ class PeersSection(Mapping):
 
     SECTION: ClassVar[str] = "peers"
     KNOWN: ClassVar[dict[str, tuple[Any, _Check, str]]] = {
-        name: (default, _peers_section_check(name), _PEER_FIELDS[name].metadata["doc"])
-        for name, default in _PEERS_SECTION_KEYS.items()
+        name: (
+            _peers_section_default(name),
+            _peers_section_check(name),
+            _PEER_FIELDS[name].metadata["doc"],
+        )
+        for name in _PEERS_SECTION_KEYS
     }
     __slots__ = ("_data",)
 
@@ -1097,8 +1125,8 @@ def _with_cache_fields(cls: type) -> type:
             name,
             field(default=default, repr=show, metadata={"key": dotted, "check": check, "doc": doc}),
         )
-        lines.append(f"    {name}: {doc}. Config key ``{dotted}``, variable ``{env}``.")
-    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n    Attributes:\n" + "\n".join(lines) + "\n"
+        lines.append((name, f"{doc}. Config key ``{dotted}``, variable ``{env}``."))
+    cls.__doc__ = _with_attributes_doc(cls.__doc__, lines)
     return cls
 
 
