@@ -48,7 +48,7 @@ def overhead_cases() -> list[dict]:
     kv = [torch.zeros(2, 4 * n_chunks, page, 1, 4) for _ in range(1)]
     layout = kvtier.Layout.from_vllm(kv, chunk_tokens=chunk)
     cache = kvtier.KVCache(layout, cpu_bytes=4 * n_chunks * 4096, cpu_threads=1)
-    tier = cache._tier
+    tier = cache.tier
     tokens = np.arange(n_chunks * chunk, dtype=np.int64)
     keys = b"".join(cache._keyer.keys(tokens))
     src = np.arange(n_chunks, dtype=np.int64)

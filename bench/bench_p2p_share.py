@@ -105,7 +105,7 @@ def main() -> int:
     try:
         address = q.get(timeout=300)
         b = make_pool(args.mechanism, b_dev, node_id="B", seeds=(address,))
-        svc = b.cache._peers
+        svc = b.cache.peers
         times = {"share": [], "bare": []}
         for rep in range(args.reps + 1):  # the first one warms both paths up (mapping, page faults)
             cmds.put(rep)
