@@ -24,8 +24,8 @@ constexpr uint64_t kSegmentMinShareBytes = 32 << 10;
 // Pieces per launch. They travel as the kernel's parameter (up to 32 KiB of parameters on CUDA
 // 12.1+ with sm_70+), so a launch needs no device allocation and no host-to-device copy (which
 // would queue behind tier loads on the copy engine). A launch's host cost grows with its
-// parameter's size (~45 us for 32 KiB on an H200 host): a copy starts with a small launch, whose
-// work covers the host's queueing of the large ones after it.
+// parameter's size: a copy starts with a small launch, whose work covers the host's queueing of
+// the large ones after it.
 constexpr uint32_t kSegmentSmallLaunch = 64;
 constexpr uint32_t kSegmentLargeLaunch = 1000;
 

@@ -21,7 +21,7 @@ import time
 __all__ = ["add_demo_parser", "main", "run_demo"]
 
 # Sized so that recompute clearly costs more than loading, and the whole demo stays well under a
-# minute on a 2-core CPU (there: about 2 s to recompute the 2k-token prefix, 4 s in all) or one GPU.
+# minute on a 2-core CPU or one GPU.
 PRESETS = {
     "cpu": {"vocab": 8192, "hidden": 512, "layers": 8, "heads": 8, "kv_heads": 2, "intermediate": 1408,
             "prefix_tokens": 2048},
@@ -50,7 +50,8 @@ def run_demo(*, device: str | None = None, prefix_tokens: int | None = None, que
     if torch sees one, else cpu. ``disk_dir`` None: a temporary directory, removed at the end.
     ``threads``: torch's CPU threads while the demo runs (restored after; None: torch's default).
     One by default: with two on a 2-core machine that has any other load, OpenMP's barriers
-    spin and every TTFT swings up to tenfold (measured here: 23-42 s for the demo instead of 4 s).
+    spin and every TTFT swings up to tenfold (docs/architecture.md, "Measurements behind the
+    design").
     Returns a dict with ``cases`` (per case: ``ttft_s``, ``gpu_hit_tokens``, ``cpu_hit_tokens``,
     ``disk_hit_tokens``, ``computed_tokens``, ``tokens``, ``identical``), ``identical_tokens``
     and the settings.
@@ -83,9 +84,9 @@ def run_demo(*, device: str | None = None, prefix_tokens: int | None = None, que
             cleanup.callback(torch.set_num_threads, torch.get_num_threads())
             torch.set_num_threads(threads)
         if device.startswith("cuda"):
-            # Some of torch's GPU kernels reduce in a varying order (seen on an H100: the same
-            # bf16 forward gave other greedy tokens in 2 of 3 runs, with or without kvtier, while
-            # the restored KV was bit-identical). Deterministic kernels make the comparison fair.
+            # Some of torch's GPU kernels reduce in a varying order: the same bf16 forward can
+            # give other greedy tokens from run to run, with or without kvtier, while the restored
+            # KV is bit-identical. Deterministic kernels make the comparison fair.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
             cleanup.callback(torch.use_deterministic_algorithms, torch.are_deterministic_algorithms_enabled())
             torch.use_deterministic_algorithms(True)
@@ -117,8 +118,8 @@ def run_demo(*, device: str | None = None, prefix_tokens: int | None = None, que
         prompt = system + question
 
         stage(stages[1])  # first calls of each kernel; no pool, nothing cached
-        # On a GPU the first calls of each shape may pick other kernels than later ones (seen on an
-        # H100: a cold miss gave other bf16 tokens than the hits): warm up at the prompt's length.
+        # On a GPU the first calls of each shape may pick other kernels than later ones (and give
+        # other bf16 tokens than the hits): warm up at the prompt's length.
         warm_len = len(prompt) if device != "cpu" else chunk_tokens + 8
         warm = torch.randint(0, config.vocab, (warm_len,), generator=gen).tolist()
         reference_generate(model, warm, 2, prefill_tokens=engine.prefill_tokens)

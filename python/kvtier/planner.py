@@ -89,8 +89,8 @@ class CostModelPlanner:
         model: the prefill cost model.
         bandwidth: bytes/s per tier: "cpu", "disk" and "peer" (chunks peers hold, pulled over
             TCP), e.g. ``{"cpu": 50e9, "disk": 2e9, "peer": 2e9}`` (measured or set). A tier
-            without a bandwidth is never loaded from. The "peer" default, 2 GB/s, is the end-to-end
-            rate of a loopback pull into GPU pages on the H100 host (docs/p2p.md); ``calibrate``
+            without a bandwidth is never loaded from. The "peer" default is the end-to-end rate
+            of a loopback pull into GPU pages measured on a GPU host (docs/p2p.md); ``calibrate``
             replaces it with the pool's own measured pulls once it has some.
         latency_s: fixed cost per chunk load per tier (submission, completion).
         last_plan: the inputs and the decision of the latest request (shown in stats).

@@ -1,11 +1,11 @@
 """Small host-to-GPU uploads (token ids, page tables) that do not wait behind a tier load.
 
 A load from the CPU tier queues gigabytes of host-to-device copies on the GPU's copy engine at
-once (a 32k-token Llama-3-8B hit: 4 GiB, ~75 ms). A later ``tensor.to("cuda",
-non_blocking=True)`` on the compute stream goes to the same engine and lands after all of them,
-so the compute stream, whose first kernel needs that upload, idles until the whole load is in:
-the layer-by-layer overlap of compute with the load is lost (an H100 trace showed the compute
-stream's first kernel at 78 ms, right after the load's last copy). :func:`to_device` moves the
+once (a 32k-token Llama-3-8B hit is 4 GiB). A later ``tensor.to("cuda", non_blocking=True)`` on
+the compute stream goes to the same engine and lands after all of them, so the compute stream,
+whose first kernel needs that upload, idles until the whole load is in: the layer-by-layer
+overlap of compute with the load is lost (docs/architecture.md, "Measurements behind the
+design", has the trace). :func:`to_device` moves the
 bytes with kvtier's copy kernel instead (``_core.copy_segments(..., method="kernel")``): the
 GPU's SMs read the pinned host memory directly, so the upload is ordered only on the caller's
 stream, not behind the copy engine's queue.

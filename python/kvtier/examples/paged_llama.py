@@ -219,7 +219,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
     t, end = q.shape[0], k.shape[0]
     if t > 1 and t % PLAN_BUCKET and q.is_cuda and (start == 0 or t >= SPLIT_MIN_QUERIES) \
             and _cudnn_ok(*(x.transpose(0, 1)[None] for x in (q, k, v))):
-        # cuDNN builds a plan per shape (~50-90 ms the first time): new tokens padded to a whole
+        # cuDNN builds a plan per shape, slowly the first time: new tokens padded to a whole
         # bucket give a few shapes instead of one per length (_attend_padded).
         return _attend_padded(q, k, v, start, -(-t // PLAN_BUCKET) * PLAN_BUCKET)
     q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, heads, tokens, head_dim]
@@ -276,9 +276,8 @@ def _attend_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
 
     Every query sees the whole prefix (no mask) and the new keys causally with the diagonal
     top-left (``is_causal`` on a square). SDPA sends a lower-right causal mask to the flash
-    kernel, which on an H100 runs at about half cuDNN's rate (340 against 600 TFLOP/s for a
-    16k-token second half over a 16k prefix: ``scripts/diag_hit.py ... half``); the split runs
-    both parts at cuDNN's. Inputs ``[1, heads|kv_heads, tokens, head_dim]``, K/V heads repeated
+    kernel, which runs at about half cuDNN's rate on an H100 (docs/architecture.md,
+    "Measurements behind the design"); the split runs both parts at cuDNN's. Inputs ``[1, heads|kv_heads, tokens, head_dim]``, K/V heads repeated
     when they are fewer than the query heads. ``partial(q, k, v, causal) -> (out, lse)`` is the
     kernel (cuDNN's by default; the tests give a reference one on the CPU).
     """
