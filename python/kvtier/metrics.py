@@ -29,7 +29,7 @@ from typing import Any
 
 from kvtier.errors import InvalidArgumentError, KVTierIOError, UnavailableError
 
-_log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 TIERS = ("gpu", "cpu", "disk", "peer")
 PATHS = ("offload", "load", "disk_write", "disk_read", "peer_pull")
@@ -497,7 +497,7 @@ class Metrics:
             stats = self._stats_fn()
             self.update_from_stats(stats)
         except Exception as e:  # noqa: BLE001 -- a closed cache must not break the whole scrape
-            _log.warning("kvtier metrics: stats_fn failed: %s: %s", type(e).__name__, e)
+            log.warning("kvtier metrics: stats_fn failed: %s: %s", type(e).__name__, e)
             with self._lock:
                 self._values["stats_errors_total"][()] += 1
 

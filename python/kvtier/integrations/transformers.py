@@ -61,7 +61,7 @@ except ImportError as e:  # pragma: no cover - the package is optional
 
 __all__ = ["CachedForward", "KVTierHF"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Arguments KVTierHF sets itself: a caller's value would contradict the restored cache.
 _FORWARD_RESERVED = ("cache", "past_key_values", "inputs_embeds", "position_ids",
@@ -393,7 +393,7 @@ class KVTierHF:
             self._counters["load_errors"] += 1
             if not handle.done():  # past its deadline: the copy may still write the staging area
                 self.cache.drain()  # raises if it does not end: the staging area is not reused
-            logger.warning("kvtier: a load failed, computing the prompt instead: %s", e)
+            log.warning("kvtier: a load failed, computing the prompt instead: %s", e)
             return 0
 
     def _store_prompt(self, tokens: np.ndarray, cache, loaded: int) -> None:
