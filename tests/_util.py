@@ -3,7 +3,10 @@ sys.path)."""
 
 from __future__ import annotations
 
+import socket
 import time
+
+import numpy as np
 
 
 def wait_until(pred, timeout: float = 10.0) -> None:
@@ -23,3 +26,23 @@ def wrap_cpu_tiers(monkeypatch, wrap) -> None:
 
     make = core.CpuTier
     monkeypatch.setattr(core, "CpuTier", lambda *args, **kwargs: wrap(make(*args, **kwargs)))
+
+
+def toks(n: int, seed: int) -> list[int]:
+    """``n`` random token ids below 50,000, the same for the same ``seed``."""
+    return np.random.default_rng(seed).integers(0, 50000, n).tolist()
+
+
+def io_uring_works() -> bool:
+    """io_uring is compiled in and this kernel lets kvtier set up a ring."""
+    from kvtier import _core
+
+    ok, _ = _core.probe_io_uring()
+    return bool(ok) and _core.IO_BACKEND_COMPILED == "io_uring"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

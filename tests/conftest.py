@@ -52,3 +52,13 @@ def gpu():
     import torch
 
     return torch.device("cuda", torch.cuda.current_device())
+
+
+@pytest.fixture(params=["io_uring", "posix"])
+def disk_backend(request):
+    """Each disk I/O backend in turn; io_uring skips (saying why) where it cannot run."""
+    from _util import io_uring_works
+
+    if request.param == "io_uring" and not io_uring_works():
+        pytest.skip("io_uring not compiled in or refused by this kernel")
+    return request.param

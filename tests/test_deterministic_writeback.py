@@ -7,7 +7,6 @@ csrc/engine/cpu_tier_test.cc slows the disk down to show the asynchronous defaul
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from kvtier.errors import InvalidArgumentError
 from kvtier.sim import SimConfig
@@ -15,32 +14,16 @@ from kvtier.sim.tiers import SimCpuTier
 
 torch = pytest.importorskip("torch")
 
-import kvtier
+from _util import toks
 from kvtier import CacheConfig, KVCache, Layout
 
 
-def io_uring_works() -> bool:
-    ok, _ = kvtier._core.probe_io_uring()
-    return bool(ok) and kvtier._core.IO_BACKEND_COMPILED == "io_uring"
-
-
-@pytest.fixture(params=["io_uring", "posix"])
-def backend(request):
-    if request.param == "io_uring" and not io_uring_works():
-        pytest.skip("io_uring not compiled in or refused by this kernel")
-    return request.param
-
-
-def toks(n, seed):
-    return np.random.default_rng(seed).integers(0, 50000, n).tolist()
-
-
-def test_next_call_finds_the_write_backs_ended_without_a_drain(tmp_path, backend):
+def test_next_call_finds_the_write_backs_ended_without_a_drain(tmp_path, disk_backend):
     kv = [torch.randn(2, 64, 16, 2, 64) for _ in range(2)]
     layout = Layout.from_vllm(kv, chunk_tokens=32)  # 2 pages a chunk
     ct = layout.chunk_tokens
     cache = KVCache(layout, cpu_bytes=4 * layout.chunk_bytes, disk_dir=str(tmp_path),
-                    disk_bytes=64 * layout.chunk_bytes + (1 << 20), disk_backend=backend,
+                    disk_bytes=64 * layout.chunk_bytes + (1 << 20), disk_backend=disk_backend,
                     deterministic_writeback=True)
     with cache:
         a, x, b = toks(2 * ct, 1), toks(2 * ct, 2), toks(2 * ct, 3)

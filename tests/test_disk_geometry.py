@@ -10,13 +10,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
+from _util import toks  # noqa: E402
 from kvtier import KVCache, Layout, _core  # noqa: E402
 from kvtier.cli import main as cli_main  # noqa: E402
 from kvtier.errors import CacheGeometryError, FailedPreconditionError  # noqa: E402
@@ -29,8 +29,6 @@ def make_layout(chunk_tokens: int = 32, heads: int = 2):
     return kv, Layout.from_vllm(kv, chunk_tokens=chunk_tokens)
 
 
-def toks(n: int, seed: int) -> list[int]:
-    return np.random.default_rng(seed).integers(0, 50000, n).tolist()
 
 
 def open_cache(layout, d, **kw) -> KVCache:

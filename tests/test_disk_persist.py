@@ -19,7 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from _util import wrap_cpu_tiers  # noqa: E402
+from _util import toks, wrap_cpu_tiers  # noqa: E402
 from kvtier import KVCache, Layout  # noqa: E402
 from kvtier.config import KVTierConfig  # noqa: E402
 from kvtier.errors import FailedPreconditionError, InvalidArgumentError  # noqa: E402
@@ -34,8 +34,6 @@ def make_kv(seed: int = 0):
     return kv, Layout.from_vllm(kv, chunk_tokens=32)  # 2 pages per chunk
 
 
-def toks(n: int, seed: int) -> list[int]:
-    return np.random.default_rng(seed).integers(0, 50000, n).tolist()
 
 
 def open_cache(layout, d, **kw) -> KVCache:

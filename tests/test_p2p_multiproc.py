@@ -23,6 +23,7 @@ import pytest
 
 pytest.importorskip("torch")
 
+from _util import free_port
 from kvtier.p2p import protocol as P
 from kvtier.p2p.transport import Connection, Deadline, Identity, client_handshake
 
@@ -37,10 +38,6 @@ CT = LAYOUT["chunk_tokens"]
 PPC = CT // LAYOUT["page_tokens"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Member:

@@ -3,12 +3,12 @@ prefetch, and a failing hook that must not break the cache."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import kvtier  # noqa: E402
+from _util import toks  # noqa: E402
 from kvtier.policies import AdmissionPolicy, EvictionPolicy, LRUEviction, PrefetchAll, SeenAtLeast  # noqa: E402
 from kvtier.pool import PagedKVPool  # noqa: E402
 
@@ -45,8 +45,6 @@ def tiered(tmp_path, cpu_chunks=2):
     return kv, layout, cache
 
 
-def toks(n, seed):
-    return np.random.default_rng(seed).integers(0, 50000, n).tolist()
 
 
 def test_admission_hook_decides_what_goes_to_disk(tmp_path):

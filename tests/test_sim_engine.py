@@ -23,7 +23,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from _util import wrap_cpu_tiers
+from _util import io_uring_works, wrap_cpu_tiers
 from kvtier.cache import CacheConfig
 from kvtier.policies import SeenAtLeast
 from kvtier.pool import PagedKVPool
@@ -110,11 +110,6 @@ def run_engine(reqs, tmp_path, *, gpu, cpu, disk=0, order="lru", min_seen=2, gpu
     return out
 
 
-def io_uring_works() -> bool:
-    from kvtier import _core
-
-    ok, _ = _core.probe_io_uring()
-    return bool(ok) and _core.IO_BACKEND_COMPILED == "io_uring"
 
 
 def writebacks_per_wait() -> int:

@@ -5,27 +5,12 @@ Runs the disk tier on a real file system (pytest's tmp_path, which must accept O
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-import kvtier  # noqa: E402
+from _util import toks  # noqa: E402
 from kvtier import KVCache, Layout  # noqa: E402
-
-BACKENDS = ["io_uring", "posix"]
-
-
-def io_uring_works() -> bool:
-    ok, _ = kvtier._core.probe_io_uring()
-    return bool(ok) and kvtier._core.IO_BACKEND_COMPILED == "io_uring"
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param == "io_uring" and not io_uring_works():
-        pytest.skip("io_uring not compiled in or refused by this kernel")
-    return request.param
 
 
 def make_kv(num_pages=64, layers=2, seed=0):
@@ -34,19 +19,15 @@ def make_kv(num_pages=64, layers=2, seed=0):
     return kv, Layout.from_vllm(kv, chunk_tokens=32)  # 2 pages per chunk
 
 
-def toks(n, seed):
-    return np.random.default_rng(seed).integers(0, 50000, n).tolist()
-
-
 def pages_bytes(kv, pages):
     return [t[:, p].clone() for t in kv for p in pages]
 
 
-def test_evicted_chunks_go_to_disk_and_come_back_bit_exact(tmp_path, backend):
+def test_evicted_chunks_go_to_disk_and_come_back_bit_exact(tmp_path, disk_backend):
     kv, layout = make_kv()
     ct = layout.chunk_tokens
     cache = KVCache(layout, cpu_bytes=4 * layout.chunk_bytes, disk_dir=str(tmp_path),
-                    disk_bytes=64 * layout.chunk_bytes + (1 << 20), disk_backend=backend)
+                    disk_bytes=64 * layout.chunk_bytes + (1 << 20), disk_backend=disk_backend)
     a = toks(4 * ct, 1)  # fills the pool
     cache.store(a, list(range(8))).wait()
     cache.store(a, list(range(8))).wait()  # seen twice: admitted to disk when evicted
@@ -58,7 +39,7 @@ def test_evicted_chunks_go_to_disk_and_come_back_bit_exact(tmp_path, backend):
     assert st["disk"]["demotions_written"] == 4, st
     assert st["disk"]["slots_used"] == 4
     assert cache.lookup(a) == 4 * ct  # found on disk
-    assert st["disk"]["backend"] == backend
+    assert st["disk"]["backend"] == disk_backend
 
     dst = list(range(32, 40))
     h = cache.load(a, dst)
@@ -70,7 +51,7 @@ def test_evicted_chunks_go_to_disk_and_come_back_bit_exact(tmp_path, backend):
     assert st["disk"]["promotion_failures"] == 0
 
 
-def test_load_racing_the_prefetch_gets_the_whole_prefix(tmp_path, backend):
+def test_load_racing_the_prefetch_gets_the_whole_prefix(tmp_path, disk_backend):
     # lookup() starts prefetch reads; a load right after it races their commits. A chunk that
     # turned READY between the load's pool walk and its disk walk once ended the load early.
     # The window is narrow, so the scenario is repeated; the old code failed about 1 run in 300.
@@ -81,7 +62,7 @@ def test_load_racing_the_prefetch_gets_the_whole_prefix(tmp_path, backend):
         d = tmp_path / str(i)
         d.mkdir()
         with KVCache(layout, cpu_bytes=4 * layout.chunk_bytes, disk_dir=str(d),
-                     disk_bytes=16 * layout.chunk_bytes + (1 << 20), disk_backend=backend) as cache:
+                     disk_bytes=16 * layout.chunk_bytes + (1 << 20), disk_backend=disk_backend) as cache:
             cache.store(a, list(range(8))).wait()
             cache.store(a, list(range(8))).wait()
             cache.store(b, list(range(8, 16))).wait()
@@ -90,11 +71,11 @@ def test_load_racing_the_prefetch_gets_the_whole_prefix(tmp_path, backend):
             assert cache.load(a, list(range(32, 40))).wait() == 4 * ct, (i, cache.stats()["disk"])
 
 
-def test_chunks_seen_once_are_not_written_to_disk(tmp_path, backend):
+def test_chunks_seen_once_are_not_written_to_disk(tmp_path, disk_backend):
     kv, layout = make_kv()
     ct = layout.chunk_tokens
     cache = KVCache(layout, cpu_bytes=2 * layout.chunk_bytes, disk_dir=str(tmp_path),
-                    disk_bytes=16 * layout.chunk_bytes + (1 << 20), disk_backend=backend)
+                    disk_bytes=16 * layout.chunk_bytes + (1 << 20), disk_backend=disk_backend)
     cache.store(toks(2 * ct, 1), list(range(4))).wait()
     cache.store(toks(2 * ct, 2), list(range(4, 8))).wait()  # evicts the first, seen once
     cache.drain()
@@ -104,11 +85,11 @@ def test_chunks_seen_once_are_not_written_to_disk(tmp_path, backend):
     assert cache.lookup(toks(2 * ct, 1)) == 0
 
 
-def test_restart_brings_demoted_chunks_back(tmp_path, backend):
+def test_restart_brings_demoted_chunks_back(tmp_path, disk_backend):
     kv, layout = make_kv()
     ct = layout.chunk_tokens
     cfg = dict(cpu_bytes=2 * layout.chunk_bytes, disk_dir=str(tmp_path),
-               disk_bytes=16 * layout.chunk_bytes + (1 << 20), disk_backend=backend, disk_admit_min_seen=1,
+               disk_bytes=16 * layout.chunk_bytes + (1 << 20), disk_backend=disk_backend, disk_admit_min_seen=1,
                disk_persist_on_close=False)  # only the write-backs (tests/test_disk_persist.py: the rest)
     a = toks(2 * ct, 1)
     original = pages_bytes(kv, range(4))

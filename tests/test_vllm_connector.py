@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from _util import free_port
 
 VLLM_MISSING = importlib.util.find_spec("vllm") is None
 pytestmark = [
@@ -478,10 +478,6 @@ def test_restart_after_a_kill_serves_prefix_from_disk(model, baseline, engines, 
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_instances_share_prefix_through_peers(model, baseline, engines, tmp_path):
