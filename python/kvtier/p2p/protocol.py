@@ -110,7 +110,7 @@ CRC32C = 1  # Castagnoli, with the CPU's instruction: kvtier's core (csrc/storag
 
 def _load_crc32c():
     try:
-        from kvtier import _core  # ~15 GB/s where zlib.crc32 does ~4
+        from kvtier import _core  # the CPU's CRC32C instruction: faster than zlib.crc32 (docs/p2p.md, "Checksums")
 
         return _core.crc32c
     except (ImportError, AttributeError):
