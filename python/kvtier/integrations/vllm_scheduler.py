@@ -1,0 +1,207 @@
+"""The scheduler side of the vLLM connector: per request, how many leading prompt tokens to load
+(asked of the worker) and which new full chunks to save, packed into each step's metadata."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from kvtier.integrations.vllm_lookup import _LookupClient
+from kvtier.integrations.vllm_metadata import (
+    KVTierConnectorMetadata,
+    _LoadSpec,
+    _SaveSpec,
+    _tokens_bytes,
+)
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("kvtier.integrations.vllm")  # the connector's one logger
+
+_TIER_CODES = {1: CacheHitSource.HOST, 2: CacheHitSource.DISK, 3: CacheHitSource.P2P}
+
+
+@dataclass
+class _RequestState:
+    tokens: np.ndarray
+    block_ids: list[int]
+    saved_upto: int = 0  # tokens whose chunks a save already covers (or a load brought)
+    saves_issued: bool = False
+    rollbacks: int = 0  # times vLLM rolled the request back to recompute (a failed load)
+
+
+class _SchedulerSide(KVConnectorBase_V1):
+    """The scheduler-role methods of :class:`kvtier.integrations.vllm.KVTierConnector`, whose
+    ``__init__`` sets the shared fields (``_settings``, ``_block_size``, ``_chunk_tokens``,
+    ``_engine_id``, ``_do_load``, ``_do_save``) and then calls :meth:`_init_scheduler`."""
+
+    def _init_scheduler(self, timeout_s: float) -> None:
+        ktc = self._kv_transfer_config
+        if self._do_load and ktc.kv_load_failure_policy != "recompute":
+            logger.warning(
+                "kvtier: kv_load_failure_policy=%r: a prefix that cannot be loaded (evicted "
+                "since the lookup, a peer gone) fails its request; set "
+                "kv_load_failure_policy='recompute' to recompute it instead",
+                ktc.kv_load_failure_policy,
+            )
+        self._client = _LookupClient(self._engine_id, timeout_s)
+        self._requests: dict[str, _RequestState] = {}
+        self._pending_loads: dict[str, tuple[int, int]] = {}  # req -> (start, end) tokens
+        self._lookups: dict[str, tuple[int, bytes]] = {}  # req -> (hit, tier codes)
+
+    def _close_scheduler(self) -> None:
+        self._client.close()
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a save that is dropped is a later miss
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        if not self._do_load or not request.prompt_token_ids or request.mm_features:
+            return 0, False
+        ct = self._chunk_tokens
+        tokens = np.asarray(request.prompt_token_ids, dtype=np.int64)
+        # The last prompt token is always computed (its logits are the first output).
+        limit = (len(tokens) - 1) // ct * ct
+        if limit <= num_computed_tokens or num_computed_tokens % ct:
+            return 0, False
+        try:
+            hit, codes = self._client.lookup(tokens[:limit])
+        except (OSError, EOFError, TimeoutError) as e:
+            logger.warning(
+                "kvtier: lookup of request %s failed, computing it: %s", request.request_id, e
+            )
+            return 0, False
+        hit = min(hit, limit)
+        if hit <= num_computed_tokens:
+            return 0, False
+        self._lookups[request.request_id] = (hit, codes)
+        return hit - num_computed_tokens, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        if num_external_tokens <= 0:
+            self._lookups.pop(request.request_id, None)
+            return
+        hit, _ = self._lookups[request.request_id]
+        self._pending_loads[request.request_id] = (hit - num_external_tokens, hit)
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict:
+        if num_external_tokens == 0:
+            return {}
+        entry = self._lookups.pop(request.request_id, None)
+        if entry is None:
+            return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
+        hit, codes = entry
+        first = (hit - num_external_tokens) // self._chunk_tokens
+        out: dict = {}
+        for code in codes[first : hit // self._chunk_tokens]:
+            source = _TIER_CODES.get(code, CacheHitSource.EXTERNAL_UNSPECIFIED)
+            out[source] = out.get(source, 0) + self._chunk_tokens
+        return out
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = KVTierConnectorMetadata(preempted=set(scheduler_output.preempted_req_ids or ()))
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            if new.prompt_token_ids is None:
+                continue
+            state = _RequestState(
+                np.asarray(new.prompt_token_ids, dtype=np.int64), list(new.block_ids[0])
+            )
+            self._requests[new.req_id] = state
+            self._add_rewritten(meta, new.req_id, state, new.num_computed_tokens)
+            self._add_load(meta, new.req_id, state)
+            self._add_save(
+                meta, new.req_id, state, new.num_computed_tokens + scheduled.get(new.req_id, 0)
+            )
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                state.block_ids = list(new_blocks[0]) if new_blocks else []
+            elif new_blocks:
+                state.block_ids.extend(new_blocks[0])
+            computed = cached.num_computed_tokens[i]
+            if computed < state.saved_upto:
+                # vLLM rolled the request back (a load failed) or preempted it: the chunks from
+                # `computed` on are computed again, and saved again once they are.
+                state.saved_upto = computed // self._chunk_tokens * self._chunk_tokens
+                state.rollbacks += 1
+            self._add_rewritten(meta, req_id, state, computed)
+            self._add_load(meta, req_id, state)
+            self._add_save(
+                meta, req_id, state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
+            )
+        return meta
+
+    def _add_rewritten(
+        self, meta: KVTierConnectorMetadata, req_id: str, state: _RequestState, computed: int
+    ) -> None:
+        # The request's blocks past what it held before this step are written from scratch by
+        # this step or a later one (a load, or the forward): vLLM never shares such blocks.
+        load = self._pending_loads.get(req_id)
+        start = load[0] if load is not None else computed
+        meta.rewritten.extend(state.block_ids[start // self._block_size :])
+
+    def _add_load(self, meta: KVTierConnectorMetadata, req_id: str, state: _RequestState) -> None:
+        load = self._pending_loads.pop(req_id, None)
+        if load is None:
+            return
+        start, end = load
+        ct = self._chunk_tokens
+        meta.loads.append(
+            _LoadSpec(
+                req_id,
+                _tokens_bytes(state.tokens[:end]),
+                start // ct,
+                state.block_ids[: end // self._block_size],
+            )
+        )
+        state.saved_upto = max(state.saved_upto, end)
+
+    def _add_save(
+        self, meta: KVTierConnectorMetadata, req_id: str, state: _RequestState, computed: int
+    ) -> None:
+        if not self._do_save:
+            return
+        ct = self._chunk_tokens
+        end = min(computed, len(state.tokens)) // ct * ct
+        if end <= state.saved_upto or len(state.block_ids) * self._block_size < end:
+            return
+        meta.saves.append(
+            _SaveSpec(
+                req_id,
+                _tokens_bytes(state.tokens[:end]),
+                state.block_ids[: end // self._block_size],
+            )
+        )
+        state.saved_upto = end
+        state.saves_issued = True
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        req_id = request.request_id
+        self._pending_loads.pop(req_id, None)
+        self._lookups.pop(req_id, None)
+        state = self._requests.pop(req_id, None)
+        # Blocks with a store in flight stay allocated until get_finished reports the request.
+        return bool(state is not None and state.saves_issued), None

@@ -1,0 +1,107 @@
+"""The vLLM connector's settings: ``kv_connector_extra_config`` validated into a kvtier config,
+and the check that vLLM's deployment is one the connector supports."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kvtier.config import KVTierConfig
+from kvtier.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The connector's settings, from ``kv_connector_extra_config`` (validated up front)."""
+
+    config: KVTierConfig
+    chunk_tokens: int
+    layerwise: bool
+    peers: dict | None
+
+    @classmethod
+    def from_vllm(cls, vllm_config: VllmConfig) -> _Settings:
+        extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+        where = "kv_connector_extra_config"
+        block_size = int(vllm_config.cache_config.block_size)
+        config_file = extra.pop("config_file", None)
+        if config_file is not None and not (
+            isinstance(config_file, str) and os.path.isfile(config_file)
+        ):
+            raise InvalidArgumentError(f"{where}.config_file={config_file!r} is not a file")
+        chunk_tokens = extra.pop("chunk_tokens", block_size)
+        if (
+            isinstance(chunk_tokens, bool)
+            or not isinstance(chunk_tokens, int)
+            or chunk_tokens <= 0
+            or chunk_tokens % block_size
+        ):
+            raise InvalidArgumentError(
+                f"{where}.chunk_tokens must be a positive multiple of vLLM's block_size "
+                f"({block_size}), got {chunk_tokens!r}"
+            )
+        layerwise = extra.pop("layerwise", True)
+        if not isinstance(layerwise, bool):
+            raise InvalidArgumentError(
+                f"{where}.layerwise must be true or false, got {layerwise!r}"
+            )
+        secret = extra.pop("cluster_secret", None)
+        peers = extra.pop("peers", None)
+        if peers is not None and not isinstance(peers, dict):
+            raise InvalidArgumentError(
+                f"{where}.peers must be a mapping of peer settings (listen, seeds, secret, "
+                f"secret_file, ...), got {type(peers).__name__}"
+            )
+        peers = dict(peers or {})
+        if secret is not None:
+            if "secret" in peers or "secret_file" in peers:
+                raise InvalidArgumentError(
+                    f"{where}: give cluster_secret or peers.secret / peers.secret_file, not both"
+                )
+            peers["secret"] = secret
+        if peers:
+            extra["peers"] = peers
+        try:
+            config = KVTierConfig.load(config_file, **extra)
+        except InvalidArgumentError as e:
+            raise InvalidArgumentError(f"{where}: {e}") from None
+        peers_cfg = dict(config.peers)
+        if peers_cfg.get("listen") is None:
+            if any(v for k, v in peers_cfg.items() if k != "listen"):
+                raise InvalidArgumentError(
+                    f"{where}.peers.listen is required when peers are configured"
+                )
+            peers_cfg = None
+        else:  # PeerConfig checks the rest (secret, timeouts) and names the field
+            from kvtier.p2p.config import PeerConfig
+
+            peers_cfg = {k: v for k, v in peers_cfg.items() if v is not None}
+            try:
+                PeerConfig(**peers_cfg)
+            except TypeError as e:
+                raise InvalidArgumentError(f"{where}.peers: {e}") from None
+            except InvalidArgumentError as e:
+                raise InvalidArgumentError(f"{where}: {e}") from None
+        if config.model.model_id == "default":  # not set: the served model names the keys
+            model = vllm_config.model_config
+            config = config.replace(model_id=f"vllm:{model.model}@{model.revision or 'main'}")
+        return cls(config=config, chunk_tokens=chunk_tokens, layerwise=layerwise, peers=peers_cfg)
+
+
+def _check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> None:
+    par = vllm_config.parallel_config
+    if par.tensor_parallel_size != 1 or par.pipeline_parallel_size != 1:
+        raise InvalidArgumentError(
+            "KVTierConnector supports tensor_parallel_size=1 and pipeline_parallel_size=1 only, "
+            f"got {par.tensor_parallel_size} and {par.pipeline_parallel_size}"
+        )
+    if kv_cache_config is not None and len(kv_cache_config.kv_cache_groups) != 1:
+        raise InvalidArgumentError(
+            "KVTierConnector supports models with one full-attention KV cache group; this model "
+            f"has {len(kv_cache_config.kv_cache_groups)} (hybrid or sliding-window layers)"
+        )

@@ -1,0 +1,370 @@
+"""The worker side of the vLLM connector: it owns the :class:`kvtier.KVCache` over vLLM's KV
+tensors, runs each step's loads and saves, and answers the scheduler's lookups on its socket."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import struct
+import threading
+import time
+from multiprocessing.connection import Listener
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvtier.cache import KVCache, LoadHandle, StoreFuture
+from kvtier.errors import KVTierError
+from kvtier.integrations.vllm_layout import describe_kv_caches
+from kvtier.integrations.vllm_lookup import (
+    _OP_DRAIN,
+    _OP_LOOKUP,
+    _OP_PERSIST,
+    _OP_STATS,
+    _authkey,
+    lookup_socket_path,
+)
+from kvtier.integrations.vllm_metadata import (
+    KVTierConnectorMetadata,
+    _LoadSpec,
+    _SaveSpec,
+    _tokens_array,
+)
+
+if TYPE_CHECKING:
+    from vllm.forward_context import ForwardContext
+
+logger = logging.getLogger("kvtier.integrations.vllm")  # the connector's one logger
+
+
+class _WorkerSide(KVConnectorBase_V1):
+    """The worker-role methods of :class:`kvtier.integrations.vllm.KVTierConnector`, whose
+    ``__init__`` sets the shared fields (``_settings``, ``_block_size``, ``_chunk_tokens``,
+    ``_engine_id``, ``_do_load``, ``_do_save``) and then calls :meth:`_init_worker`."""
+
+    def _init_worker(self) -> None:
+        self._cache: KVCache | None = None
+        self._layer_index: dict[str, int] = {}
+        self._pages_per_block = 1
+        self._listener = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._loads: list[tuple[_LoadSpec, LoadHandle | None, list[int]]] = []
+        self._failed_blocks: set[int] = set()  # to report to vLLM at the end of the step
+        # Blocks whose load failed and that no step has rewritten since: they hold stale
+        # bytes (and what was computed after them in their step attended to those), so no
+        # save may reach them. Block id -> the request whose load failed.
+        self._unsafe_blocks: dict[int, str] = {}
+        self._stores: dict[str, list[StoreFuture]] = {}
+        self._finished: set[str] = set()
+        self._counters: dict[str, Any] = {
+            "lookups": 0,
+            "lookup_hit_tokens": 0,
+            "load_requests": 0,
+            "load_requested_tokens": 0,
+            "loaded_tokens": 0,
+            "load_failed_tokens": 0,
+            "load_failed_blocks": 0,
+            "load_errors": 0,
+            "save_requests": 0,
+            "saves_cut_at_failed_load": 0,
+            "chunks_not_saved_after_failed_load": 0,
+            "saved_chunks": 0,
+            "store_errors": 0,
+            "hit_chunks_by_tier": {"cpu": 0, "disk": 0, "peer": 0},
+        }
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        layout, index = describe_kv_caches(kv_caches, self._block_size, self._chunk_tokens)
+        self._layer_index = index
+        self._pages_per_block = self._block_size // layout.page_tokens
+        cfg = self._settings.config
+        self._cache = KVCache(layout, **cfg.cache_kwargs(), peers=self._settings.peers)
+        from kvtier.metrics import Metrics  # as kvtier.config.open_cache does (Prometheus too)
+
+        self._cache.metrics = Metrics.from_config(cfg, stats_fn=self._cache.stats)
+        self._on_gpu = layout.device != "cpu"
+        self._start_server()
+        logger.info(
+            "kvtier: connector ready: %r, cpu tier %d chunks, disk %s, peers %s",
+            layout,
+            self._cache.stats()["capacity_chunks"],
+            cfg.disk.dir,
+            self._cache.stats().get("peers", {}).get("address"),
+        )
+
+    def _pages(self, block_ids: list[int]) -> np.ndarray:
+        blocks = np.asarray(block_ids, dtype=np.int64)
+        r = self._pages_per_block
+        return (blocks[:, None] * r + np.arange(r, dtype=np.int64)).reshape(-1)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if (
+            self._role == KVConnectorRole.WORKER
+            and self._unsafe_blocks
+            and isinstance(connector_metadata, KVTierConnectorMetadata)
+        ):
+            # Before this step's loads: one that fails again marks its blocks again.
+            for b in connector_metadata.rewritten:
+                self._unsafe_blocks.pop(b, None)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._connector_metadata
+        if not isinstance(meta, KVTierConnectorMetadata) or not meta.loads:
+            return
+        ct = self._chunk_tokens
+        bpc = ct // self._block_size  # vLLM blocks per chunk
+        if self._cache is None:  # no KV registered (cannot happen in vLLM 0.32): recompute all
+            for spec in meta.loads:
+                blocks = spec.block_ids[spec.skip_chunks * bpc :]
+                self._fail(spec.req_id, blocks, len(blocks) * self._block_size)
+            return
+        for spec in meta.loads:
+            tokens = _tokens_array(spec.tokens)
+            want = len(tokens) // ct - spec.skip_chunks
+            blocks = spec.block_ids[spec.skip_chunks * bpc :]
+            self._counters["load_requests"] += 1
+            self._counters["load_requested_tokens"] += want * ct
+            try:
+                handle = self._load(tokens, spec.skip_chunks, self._pages(blocks))
+                got = handle.num_tokens // ct
+            except Exception as e:  # noqa: BLE001 - any failure is a recompute, never a crash
+                logger.warning("kvtier: load of request %s failed: %r", spec.req_id, e)
+                self._counters["load_errors"] += 1
+                handle, got = None, 0
+            if got < want:  # evicted since the lookup, or a peer failed: vLLM recomputes these
+                self._fail(spec.req_id, blocks[got * bpc :], (want - got) * ct)
+            self._loads.append((spec, handle, blocks[: got * bpc]))
+            self._counters["loaded_tokens"] += got * ct
+        if not self._settings.layerwise:
+            self._wait_loads()
+
+    def _load(self, tokens: np.ndarray, skip_chunks: int, pages: np.ndarray) -> LoadHandle:
+        # Chunks after the ones vLLM already holds: loading the held chunks again would rewrite
+        # blocks other requests are reading.
+        return self._cache.load(tokens, pages, skip_chunks=skip_chunks)
+
+    def _fail(self, req_id: str, blocks: list[int], tokens: int) -> None:
+        self._failed_blocks.update(blocks)
+        for b in blocks:
+            self._unsafe_blocks[b] = req_id
+        self._counters["load_failed_tokens"] += tokens
+        self._counters["load_failed_blocks"] += len(blocks)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        layer = self._layer_index.get(layer_name)
+        if layer is None or not self._loads:
+            return
+        for i, (spec, handle, blocks) in enumerate(self._loads):
+            if handle is None:
+                continue
+            try:
+                if self._on_gpu:
+                    handle.stream_wait_layer(layer, torch.cuda.current_stream())
+                else:
+                    handle.wait_layer(layer)
+            except (KVTierError, TimeoutError) as e:
+                logger.warning(
+                    "kvtier: load of request %s failed at layer %d: %s", spec.req_id, layer, e
+                )
+                self._counters["load_errors"] += 1
+                self._fail(spec.req_id, blocks, len(blocks) * self._block_size)
+                self._counters["loaded_tokens"] -= len(blocks) * self._block_size
+                self._loads[i] = (spec, None, [])
+
+    def _wait_loads(self) -> None:
+        for spec, handle, blocks in self._loads:
+            if handle is None:
+                continue
+            try:
+                handle.wait()
+            except (KVTierError, TimeoutError) as e:
+                logger.warning("kvtier: load of request %s failed: %s", spec.req_id, e)
+                self._counters["load_errors"] += 1
+                self._fail(spec.req_id, blocks, len(blocks) * self._block_size)
+                self._counters["loaded_tokens"] -= len(blocks) * self._block_size
+        self._loads = []
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any
+    ) -> None:
+        # A chunk's blob holds every layer, so the store is submitted once, in wait_for_save,
+        # after the last layer (on a GPU it is ordered after the forward on the compute stream).
+        return
+
+    def wait_for_save(self) -> None:
+        self._wait_loads()  # loads of this step are complete (or reported failed) by now
+        meta = self._connector_metadata
+        if not isinstance(meta, KVTierConnectorMetadata) or self._cache is None:
+            return
+        for spec in meta.saves:
+            tokens, block_ids = _tokens_array(spec.tokens), spec.block_ids
+            if self._unsafe_blocks:
+                tokens, block_ids = self._cut_at_failed_load(spec, tokens, block_ids)
+                if not block_ids:
+                    continue
+            futures = self._stores.setdefault(spec.req_id, [])
+            self._counters["save_requests"] += 1
+            try:
+                fut = self._cache.store(tokens, self._pages(block_ids))
+            except Exception as e:  # noqa: BLE001 - a store that fails is a later miss
+                logger.warning("kvtier: store of request %s failed: %r", spec.req_id, e)
+                self._counters["store_errors"] += 1
+                continue
+            self._counters["saved_chunks"] += fut.chunks
+            futures.append(fut)
+
+    def _cut_at_failed_load(
+        self, spec: _SaveSpec, tokens: np.ndarray, block_ids: list[int]
+    ) -> tuple[np.ndarray, list[int]]:
+        """The part of a save before its first block whose load failed (whole chunks)."""
+        first = next((i for i, b in enumerate(block_ids) if b in self._unsafe_blocks), None)
+        if first is None:
+            return tokens, block_ids
+        bpc = self._chunk_tokens // self._block_size
+        chunks = first // bpc
+        self._counters["saves_cut_at_failed_load"] += 1
+        self._counters["chunks_not_saved_after_failed_load"] += len(block_ids) // bpc - chunks
+        logger.info(
+            "kvtier: save of request %s cut at chunk %d: block %d's load failed (request %s) "
+            "and it is not recomputed yet",
+            spec.req_id,
+            chunks,
+            block_ids[first],
+            self._unsafe_blocks[block_ids[first]],
+        )
+        return tokens[: chunks * self._chunk_tokens], block_ids[: chunks * bpc]
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        # A preempted request's blocks are free again: its stores must finish reading them first.
+        if not isinstance(kv_connector_metadata, KVTierConnectorMetadata):
+            return
+        for req_id in kv_connector_metadata.preempted:
+            self._wait_stores(self._stores.get(req_id, []))
+
+    def _wait_stores(self, futures: list[StoreFuture]) -> None:
+        for fut in futures:
+            try:
+                fut.wait()
+            except (KVTierError, TimeoutError) as e:
+                logger.warning("kvtier: a store failed: %s", e)
+                self._counters["store_errors"] += 1
+        futures.clear()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Requests whose blocks vLLM may free: finished, with every store done reading them."""
+        self._finished.update(r for r in finished_req_ids if r in self._stores)
+        done = set()
+        for req_id in list(self._finished):
+            futures = self._stores[req_id]
+            if all(f.done() for f in futures):
+                self._wait_stores(futures)  # collects errors; returns at once
+                del self._stores[req_id]
+                done.add(req_id)
+        self._finished -= done
+        return (done or None), None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def _shutdown_worker(self) -> None:
+        self._stopping.set()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(lookup_socket_path(self._engine_id))
+        if self._cache is not None:
+            for futures in self._stores.values():
+                self._wait_stores(futures)
+            self._cache.close()  # drains copies and disk write-backs
+            self._cache = None
+
+    # -- the lookup server (worker) -----------------------------------------------------------
+    def _start_server(self) -> None:
+        path = lookup_socket_path(self._engine_id)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a stale socket of a dead engine with the same id
+        self._listener = Listener(path, family="AF_UNIX", authkey=_authkey(self._engine_id))
+        threading.Thread(target=self._accept_loop, name="kvtier-vllm-lookup", daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn = self._listener.accept()
+            except Exception:  # noqa: BLE001 - a client that failed authentication, or closed
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.01)
+                continue
+            threading.Thread(
+                target=self._serve, args=(conn,), name="kvtier-vllm-lookup-conn", daemon=True
+            ).start()
+
+    def _serve(self, conn) -> None:
+        with conn:
+            while not self._stopping.is_set():
+                try:
+                    message = conn.recv_bytes()
+                except (EOFError, OSError):
+                    return
+                try:
+                    if message[:1] == _OP_LOOKUP:
+                        reply = self._answer_lookup(_tokens_array(message[1:]))
+                    elif message[:1] == _OP_STATS:
+                        reply = json.dumps(self.stats(), default=str).encode()
+                    elif message[:1] == _OP_DRAIN:
+                        if self._cache is not None:
+                            self._cache.drain()
+                        reply = b"{}"
+                    elif message[:1] == _OP_PERSIST:
+                        cache = self._cache
+                        done = {}
+                        if cache is not None and self._settings.config.disk.dir is not None:
+                            done = cache.persist()
+                        reply = json.dumps(done, default=str).encode()
+                    else:
+                        return
+                except Exception:  # a failed lookup is a miss; the scheduler keeps serving
+                    logger.exception("kvtier: lookup failed")
+                    reply = struct.pack("<q", 0) if message[:1] == _OP_LOOKUP else b"{}"
+                try:
+                    conn.send_bytes(reply)
+                except OSError:
+                    return
+
+    def _answer_lookup(self, tokens: np.ndarray) -> bytes:
+        cache = self._cache
+        if cache is None:
+            return struct.pack("<q", 0)
+        # Where the leading local chunks are, read before lookup() starts prefetching disk
+        # chunks into the CPU tier: the sources reported to vLLM are where the hit was found.
+        local = bytes(1 if t == "cpu" else 2 for t in cache.lookup_tiers(tokens))
+        hit = cache.lookup(tokens)  # local tiers (starting disk prefetch), then peers
+        chunks = hit // self._chunk_tokens
+        codes = local[:chunks] + bytes([3]) * max(0, chunks - len(local))  # the rest from peers
+        with self._lock:
+            self._counters["lookups"] += 1
+            self._counters["lookup_hit_tokens"] += hit
+            by_tier = self._counters["hit_chunks_by_tier"]
+            for code, name in ((1, "cpu"), (2, "disk"), (3, "peer")):
+                by_tier[name] += codes.count(code)
+        return struct.pack("<q", hit) + codes
+
+    def stats(self) -> dict:
+        """Worker counters and ``cache``: the KVCache's stats (see :func:`worker_stats`)."""
+        with self._lock:
+            out = json.loads(json.dumps(self._counters))
+        out["cache"] = self._cache.stats() if self._cache is not None else {}
+        out["chunk_tokens"] = self._chunk_tokens
+        return out
