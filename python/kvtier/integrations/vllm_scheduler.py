@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-logger = logging.getLogger("kvtier.integrations.vllm")  # the connector's one logger
+log = logging.getLogger("kvtier.integrations.vllm")  # the connector layer's logger (docs/architecture.md)
 
 _TIER_CODES = {1: CacheHitSource.HOST, 2: CacheHitSource.DISK, 3: CacheHitSource.P2P}
 
@@ -49,7 +49,7 @@ class _SchedulerSide(KVConnectorBase_V1):
     def _init_scheduler(self, timeout_s: float) -> None:
         ktc = self._kv_transfer_config
         if self._do_load and ktc.kv_load_failure_policy != "recompute":
-            logger.warning(
+            log.warning(
                 "kvtier: kv_load_failure_policy=%r: a prefix that cannot be loaded (evicted "
                 "since the lookup, a peer gone) fails its request; set "
                 "kv_load_failure_policy='recompute' to recompute it instead",
@@ -81,7 +81,7 @@ class _SchedulerSide(KVConnectorBase_V1):
         try:
             hit, codes = self._client.lookup(tokens[:limit])
         except (OSError, EOFError, TimeoutError) as e:
-            logger.warning(
+            log.warning(
                 "kvtier: lookup of request %s failed, computing it: %s", request.request_id, e
             )
             return 0, False

@@ -42,7 +42,7 @@ from kvtier.integrations.vllm_metadata import (
 if TYPE_CHECKING:
     from vllm.forward_context import ForwardContext
 
-logger = logging.getLogger("kvtier.integrations.vllm")  # the connector's one logger
+log = logging.getLogger("kvtier.integrations.vllm")  # the connector layer's logger (docs/architecture.md)
 
 
 class _WorkerSide(KVConnectorBase_V1):
@@ -93,7 +93,7 @@ class _WorkerSide(KVConnectorBase_V1):
         self._cache.metrics = Metrics.from_config(cfg, stats_fn=self._cache.stats)
         self._on_gpu = layout.device != "cpu"
         self._start_server()
-        logger.info(
+        log.info(
             "kvtier: connector ready: %r, cpu tier %d chunks, disk %s, peers %s",
             layout,
             self._cache.stats()["capacity_chunks"],
@@ -137,8 +137,8 @@ class _WorkerSide(KVConnectorBase_V1):
             try:
                 handle = self._load(tokens, spec.skip_chunks, self._pages(blocks))
                 got = handle.num_tokens // ct
-            except Exception as e:  # noqa: BLE001 - any failure is a recompute, never a crash
-                logger.warning("kvtier: load of request %s failed: %r", spec.req_id, e)
+            except Exception as e:  # any failure is a recompute, never a crash
+                log.warning("kvtier: load of request %s failed: %r", spec.req_id, e)
                 self._counters["load_errors"] += 1
                 handle, got = None, 0
             if got < want:  # evicted since the lookup, or a peer failed: vLLM recomputes these
@@ -173,7 +173,7 @@ class _WorkerSide(KVConnectorBase_V1):
                 else:
                     handle.wait_layer(layer)
             except (KVTierError, TimeoutError) as e:
-                logger.warning(
+                log.warning(
                     "kvtier: load of request %s failed at layer %d: %s", spec.req_id, layer, e
                 )
                 self._counters["load_errors"] += 1
@@ -188,7 +188,7 @@ class _WorkerSide(KVConnectorBase_V1):
             try:
                 handle.wait()
             except (KVTierError, TimeoutError) as e:
-                logger.warning("kvtier: load of request %s failed: %s", spec.req_id, e)
+                log.warning("kvtier: load of request %s failed: %s", spec.req_id, e)
                 self._counters["load_errors"] += 1
                 self._fail(spec.req_id, blocks, len(blocks) * self._block_size)
                 self._counters["loaded_tokens"] -= len(blocks) * self._block_size
@@ -216,8 +216,8 @@ class _WorkerSide(KVConnectorBase_V1):
             self._counters["save_requests"] += 1
             try:
                 fut = self._cache.store(tokens, self._pages(block_ids))
-            except Exception as e:  # noqa: BLE001 - a store that fails is a later miss
-                logger.warning("kvtier: store of request %s failed: %r", spec.req_id, e)
+            except Exception as e:  # a store that fails is a later miss
+                log.warning("kvtier: store of request %s failed: %r", spec.req_id, e)
                 self._counters["store_errors"] += 1
                 continue
             self._counters["saved_chunks"] += fut.chunks
@@ -234,7 +234,7 @@ class _WorkerSide(KVConnectorBase_V1):
         chunks = first // bpc
         self._counters["saves_cut_at_failed_load"] += 1
         self._counters["chunks_not_saved_after_failed_load"] += len(block_ids) // bpc - chunks
-        logger.info(
+        log.info(
             "kvtier: save of request %s cut at chunk %d: block %d's load failed (request %s) "
             "and it is not recomputed yet",
             spec.req_id,
@@ -256,7 +256,7 @@ class _WorkerSide(KVConnectorBase_V1):
             try:
                 fut.wait()
             except (KVTierError, TimeoutError) as e:
-                logger.warning("kvtier: a store failed: %s", e)
+                log.warning("kvtier: a store failed: %s", e)
                 self._counters["store_errors"] += 1
         futures.clear()
 
@@ -302,7 +302,7 @@ class _WorkerSide(KVConnectorBase_V1):
         while not self._stopping.is_set():
             try:
                 conn = self._listener.accept()
-            except Exception:  # noqa: BLE001 - a client that failed authentication, or closed
+            except Exception:  # a client that failed authentication, or closed
                 if self._stopping.is_set():
                     return
                 time.sleep(0.01)
@@ -336,7 +336,7 @@ class _WorkerSide(KVConnectorBase_V1):
                     else:
                         return
                 except Exception:  # a failed lookup is a miss; the scheduler keeps serving
-                    logger.exception("kvtier: lookup failed")
+                    log.exception("kvtier: lookup failed")
                     reply = struct.pack("<q", 0) if message[:1] == _OP_LOOKUP else b"{}"
                 try:
                     conn.send_bytes(reply)
