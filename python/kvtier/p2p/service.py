@@ -84,8 +84,7 @@ class InboundSlots:
     Not thread-safe: the service calls it under its lock. ``conn`` is any hashable.
     """
 
-    def __init__(self, capacity: int, pending_max: int, idle_timeout_s: float,
-                 scarce_idle_timeout_s: float) -> None:
+    def __init__(self, capacity: int, pending_max: int, idle_timeout_s: float, scarce_idle_timeout_s: float) -> None:
         self.capacity, self.pending_max = capacity, pending_max
         self.idle_timeout_s = idle_timeout_s
         self.scarce_idle_timeout_s = min(scarce_idle_timeout_s, idle_timeout_s)
@@ -111,8 +110,10 @@ class InboundSlots:
             largest = max(self._by_peer, key=lambda p: len(self._by_peer[p]))
             held = self._by_peer[largest]
             if len(held) < mine + 2:
-                return (f"busy: all {self.capacity} peer connection slots are taken and "
-                        f"{peer!r} already holds {mine}, a fair share"), None
+                return (
+                    f"busy: all {self.capacity} peer connection slots are taken and "
+                    f"{peer!r} already holds {mine}, a fair share"
+                ), None
             idle = [c for c in held if c not in self._busy]
             victim = min(idle or held, key=held.get)
             self.release(victim)
@@ -152,15 +153,18 @@ class InboundSlots:
     def expire(self, now: float) -> list:
         """Release and return the admitted connections idle for longer than :meth:`idle_limit`."""
         limit = self.idle_limit()
-        old = [c for held in self._by_peer.values() for c, t in held.items()
-               if c not in self._busy and now - t > limit]
+        old = [c for held in self._by_peer.values() for c, t in held.items() if c not in self._busy and now - t > limit]
         for c in old:
             self.release(c)
         return old
 
     def sizes(self) -> dict[str, int]:
-        return {"pending": len(self._pending), "admitted": len(self._peer_of),
-                "identities": len(self._by_peer), "busy": len(self._busy)}
+        return {
+            "pending": len(self._pending),
+            "admitted": len(self._peer_of),
+            "identities": len(self._by_peer),
+            "busy": len(self._busy),
+        }
 
 
 class KeyJournal:
@@ -284,8 +288,9 @@ class _Frontier:
             while end < n and self.ready[end] and not self.direct[end]:
                 end += 1
             ppc, want = self.ppc, end - self.next
-            op = self.tier.load(b"".join(self.keys[self.next : end]),
-                                self.pages[self.next * ppc : end * ppc], self.stream)
+            op = self.tier.load(
+                b"".join(self.keys[self.next : end]), self.pages[self.next * ppc : end * ppc], self.stream
+            )
             if op.chunks:
                 self.ops.append(op)
             self.next += op.chunks
@@ -356,8 +361,16 @@ class PeerService:
         n = svc.lookup(keys[hit:])     # leading chunks peers hold (confirmed)
     """
 
-    def __init__(self, tier, fingerprint: bytes, config: PeerConfig, *, promote=None,
-                 journal_dir: str | None = None, rng_seed: int | None = None) -> None:
+    def __init__(
+        self,
+        tier,
+        fingerprint: bytes,
+        config: PeerConfig,
+        *,
+        promote=None,
+        journal_dir: str | None = None,
+        rng_seed: int | None = None,
+    ) -> None:
         self.config = config
         self._tier = tier
         self._fingerprint = bytes(fingerprint)
@@ -380,8 +393,9 @@ class PeerService:
         self._server_conns: dict[Connection, threading.Thread] = {}
         self._threads: list[threading.Thread] = []
         c = config
-        self._slots = InboundSlots(c.max_connections, max(4, c.max_connections // 8), c.idle_timeout_s,
-                                   c.scarce_idle_timeout_s)
+        self._slots = InboundSlots(
+            c.max_connections, max(4, c.max_connections // 8), c.idle_timeout_s, c.scarce_idle_timeout_s
+        )
         self._tls = c.tls()
         self._listener: socket.socket | None = None
         self._started = False
@@ -435,11 +449,16 @@ class PeerService:
         incarnation = time.time_ns() // 1_000_000  # a restart outranks the old record
         c = self.config
         self._mconfig = MembershipConfig(
-            period_s=c.gossip_interval_s, ack_timeout_s=c.ack_timeout_s,
-            indirect_probes=c.indirect_probes, suspicion_mult=c.suspicion_mult,
-            dead_retention_s=c.dead_retention_s, sync_interval_s=c.sync_interval_s)
-        self._m = Membership(self.node_id, adv_host, adv_port, incarnation, self._mconfig, self._rng,
-                             now=time.monotonic())
+            period_s=c.gossip_interval_s,
+            ack_timeout_s=c.ack_timeout_s,
+            indirect_probes=c.indirect_probes,
+            suspicion_mult=c.suspicion_mult,
+            dead_retention_s=c.dead_retention_s,
+            sync_interval_s=c.sync_interval_s,
+        )
+        self._m = Membership(
+            self.node_id, adv_host, adv_port, incarnation, self._mconfig, self._rng, now=time.monotonic()
+        )
         self._m.on_delta = self._on_delta
         self._m.on_record = self._on_record
         bits, hashes = bloom_geometry(c.digest_capacity, c.digest_fp_rate)
@@ -448,8 +467,7 @@ class PeerService:
         self._me = Identity(self.node_id, self._fingerprint, self._blob_bytes, self._secret)
         self._pool = ConnectionPool(self._me, c.connect_timeout_s, tls=self._tls)
         self._gossip_exec = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-p2p-gossip")
-        self._exec = cf.ThreadPoolExecutor(max_workers=max(8, 2 * c.max_sources),
-                                           thread_name_prefix="kvtier-p2p-req")
+        self._exec = cf.ThreadPoolExecutor(max_workers=max(8, 2 * c.max_sources), thread_name_prefix="kvtier-p2p-req")
         if self._journal is not None:
             self._restore_from_journal()
         self._spawn(self._accept_loop, "kvtier-p2p-accept")
@@ -519,8 +537,11 @@ class PeerService:
         with self._lock:
             held = list(self._held)
         share = self._gpu
-        present = [k for k in held if self._tier.lookup(k) > 0
-                   or (share is not None and share.pages is not None and share.pages.share_has(k))]
+        present = [
+            k
+            for k in held
+            if self._tier.lookup(k) > 0 or (share is not None and share.pages is not None and share.pages.share_has(k))
+        ]
         with self._lock:
             gone = set(held) - set(present)
             if not gone:
@@ -565,8 +586,7 @@ class PeerService:
             with self._lock:
                 # Connections that lost their slot but whose thread is still unwinding count too.
                 limit = self._slots.capacity + self._slots.pending_max
-                ok = (not self._stop.is_set() and len(self._server_conns) < limit
-                      and self._slots.accept(conn))
+                ok = not self._stop.is_set() and len(self._server_conns) < limit and self._slots.accept(conn)
                 if ok:
                     self._server_conns[conn] = t
             if not ok:
@@ -694,9 +714,15 @@ class PeerService:
                 return
             with self._lock:
                 have = self._digests.version_of(owner) or (0, 0)
-            h, body = self._exchange(m.record.host, m.record.port, P.Kind.DIGEST_REQ,
-                                     P.encode_digest_req(*have), Deadline(self.config.request_timeout_s),
-                                     P.Kind.DIGEST, P.Kind.DIGEST_DELTAS)
+            h, body = self._exchange(
+                m.record.host,
+                m.record.port,
+                P.Kind.DIGEST_REQ,
+                P.encode_digest_req(*have),
+                Deadline(self.config.request_timeout_s),
+                P.Kind.DIGEST,
+                P.Kind.DIGEST_DELTAS,
+            )
             if h.kind == P.Kind.DIGEST_DELTAS:
                 deltas = P.decode_deltas(body)
                 if any(d.owner != owner for d in deltas):
@@ -731,8 +757,7 @@ class PeerService:
         if self._gpu is not None:
             self._gpu_map(node_id, deadline)  # first contact: map its pool (it then confirms GPU chunks too)
         try:
-            _, body = self._exchange(*addr, P.Kind.CONFIRM, P.encode_keys(keys), deadline,
-                                     P.Kind.CONFIRM_REPLY)
+            _, body = self._exchange(*addr, P.Kind.CONFIRM, P.encode_keys(keys), deadline, P.Kind.CONFIRM_REPLY)
             return P.decode_bitmap(body, len(keys))
         except P.ProtocolError:
             self._count_bad_peer(node_id)
@@ -762,8 +787,7 @@ class PeerService:
             asks = choose_sources(len(plan), local, cands, self.config.max_sources, asked, self._rng)
             if not asks:
                 break
-            futs = {m: self._exec.submit(self._confirm, m, [keys[j] for j in idx], deadline)
-                    for m, idx in asks.items()}
+            futs = {m: self._exec.submit(self._confirm, m, [keys[j] for j in idx], deadline) for m, idx in asks.items()}
             for m, f in futs.items():
                 try:
                     bits = f.result(timeout=max(deadline.at - time.monotonic(), 0.0) + 0.5)
@@ -817,15 +841,16 @@ class PeerService:
         for i, src in enumerate(plan):
             if src != LOCAL:
                 by_source.setdefault(src, []).append((i, keys[i]))
-        futs = [self._exec.submit(self._pull_from, src, items, deadline, on_commit, frontier)
-                for src, items in by_source.items()]
+        futs = [
+            self._exec.submit(self._pull_from, src, items, deadline, on_commit, frontier)
+            for src, items in by_source.items()
+        ]
         done, not_done = cf.wait(futs, timeout=max(deadline.at - time.monotonic(), 0.0) + 1.0)
         if not_done:
             self.counters["pull_stragglers"] += len(not_done)
         return sum(f.result() for f in done)
 
-    def _pull_from(self, src: str, items: list[tuple[int, bytes]], deadline: Deadline, on_commit,
-                   frontier=None) -> int:
+    def _pull_from(self, src: str, items: list[tuple[int, bytes]], deadline: Deadline, on_commit, frontier=None) -> int:
         addr = self._addr_of(src)
         if addr is None:
             self.counters["chunks_pull_failed"] += len(items)
@@ -921,15 +946,22 @@ class PeerService:
                 return cached[1]
         mapped = None
         try:
-            _, body = self._exchange(host, port, P.Kind.GPU_OPEN,
-                                     P.encode_gpu_open(self._host_id, (share.mechanism.name,)), deadline,
-                                     P.Kind.GPU_HANDLES)
+            _, body = self._exchange(
+                host,
+                port,
+                P.Kind.GPU_OPEN,
+                P.encode_gpu_open(self._host_id, (share.mechanism.name,)),
+                deadline,
+                P.Kind.GPU_HANDLES,
+            )
             reply = P.GpuHandles.decode(body)
             if reply.ok:
                 share.check_peer(list(reply.tensors), reply.page_dim)
                 src = share.mechanism.open(list(reply.tensors))
-                mapped = (share.mechanism.copier(src, share.tensors, share.page_dim),
-                           share.num_pages(list(reply.tensors)))
+                mapped = (
+                    share.mechanism.copier(src, share.tensors, share.page_dim),
+                    share.num_pages(list(reply.tensors)),
+                )
                 self.counters["gpu_maps"] += 1
             else:
                 self.counters["gpu_maps_refused"] += 1
@@ -953,11 +985,12 @@ class PeerService:
         if mapped is None:
             return 0
         copier, src_num_pages = mapped
-        share, ppc = self._gpu, self._ppc
+        ppc = self._ppc
         try:
             t0 = time.monotonic()
-            _, body = self._exchange(*addr, P.Kind.GPU_PIN, P.encode_keys([k for _, k in items]), deadline,
-                                     P.Kind.GPU_PINNED)
+            _, body = self._exchange(
+                *addr, P.Kind.GPU_PIN, P.encode_keys([k for _, k in items]), deadline, P.Kind.GPU_PINNED
+            )
             pin = P.GpuPinned.decode(body)
             lease_end = t0 + pin.lease_ms / 1000.0
         except P.ProtocolError:
@@ -976,7 +1009,7 @@ class PeerService:
             self._release_lease(addr, pin.lease_id, deadline)
             return 0
         idx = [i for i, _ in items[:n]]
-        dst_pages = np.concatenate([frontier.pages[i * ppc:(i + 1) * ppc] for i in idx])
+        dst_pages = np.concatenate([frontier.pages[i * ppc : (i + 1) * ppc] for i in idx])
         if not frontier.begin_direct():
             self._release_lease(addr, pin.lease_id, deadline)
             return 0
@@ -1005,8 +1038,13 @@ class PeerService:
 
     def _release_lease(self, addr, lease_id: int, deadline: Deadline) -> None:
         try:
-            self._exchange(*addr, P.Kind.GPU_UNPIN, P.encode_lease(lease_id), Deadline(max(deadline.remaining(), 0.5)),
-                           P.Kind.GPU_UNPINNED)
+            self._exchange(
+                *addr,
+                P.Kind.GPU_UNPIN,
+                P.encode_lease(lease_id),
+                Deadline(max(deadline.remaining(), 0.5)),
+                P.Kind.GPU_UNPINNED,
+            )
         except (OSError, KVTierError, TimeoutError):
             self.counters["gpu_unpin_failures"] += 1  # the lease expires at the source
 
@@ -1125,8 +1163,9 @@ class PeerService:
                 with self._lock:
                     ping_body = self._m.ping_body()
                 try:
-                    hh, reply = self._exchange(rec.host, rec.port, K.PING, ping_body.encode(),
-                                               Deadline(self.config.ack_timeout_s), K.ACK)
+                    hh, reply = self._exchange(
+                        rec.host, rec.port, K.PING, ping_body.encode(), Deadline(self.config.ack_timeout_s), K.ACK
+                    )
                     with self._lock:
                         self._m.on_reply(hh.kind, P.Gossip.decode(reply), time.monotonic())
                     acked = True
@@ -1216,8 +1255,7 @@ class PeerService:
     def _serve_get(self, conn: Connection, rid: int, keys: list[bytes], deadline: Deadline) -> None:
         for key in keys:
             views = self._tier.acquire_blobs(key)
-            if (not views and self._promote is not None and self._tier.lookup(key) > 0
-                    and self._promote(key)):
+            if not views and self._promote is not None and self._tier.lookup(key) > 0 and self._promote(key):
                 views = self._tier.acquire_blobs(key)
             if not views:
                 conn.send_frame(P.Kind.MISS, rid, key, deadline)
@@ -1245,20 +1283,25 @@ class PeerService:
     def stats(self) -> dict:
         with self._lock:
             s = dict(self.counters)
-            s.update({
-                "node_id": self.node_id,
-                "address": f"{self.address[0]}:{self.address[1]}",
-                "members": {k: P.STATE_NAMES[m.record.state] for k, m in self._m.members.items()},
-                "incarnation": self._m.me.incarnation,
-                "digest": {"generation": self._digest.generation, "version": self._digest.version,
-                           "keys": len(self._held), "bits": self._digest.filter.num_bits},
-                "peer_digests": len(self._digests.owners()),
-                "bad_peers": dict(self.bad_peers),
-                "membership": dict(self._m.counters),
-                "server_connections": len(self._server_conns),
-                "server_slots": self._slots.sizes(),
-                "tls": "off" if self._tls is None else ("mutual" if self._tls.mutual else "server"),
-                "journal_errors": self._journal.errors if self._journal is not None else 0,
-            })
+            s.update(
+                {
+                    "node_id": self.node_id,
+                    "address": f"{self.address[0]}:{self.address[1]}",
+                    "members": {k: P.STATE_NAMES[m.record.state] for k, m in self._m.members.items()},
+                    "incarnation": self._m.me.incarnation,
+                    "digest": {
+                        "generation": self._digest.generation,
+                        "version": self._digest.version,
+                        "keys": len(self._held),
+                        "bits": self._digest.filter.num_bits,
+                    },
+                    "peer_digests": len(self._digests.owners()),
+                    "bad_peers": dict(self.bad_peers),
+                    "membership": dict(self._m.counters),
+                    "server_connections": len(self._server_conns),
+                    "server_slots": self._slots.sizes(),
+                    "tls": "off" if self._tls is None else ("mutual" if self._tls.mutual else "server"),
+                    "journal_errors": self._journal.errors if self._journal is not None else 0,
+                }
+            )
         return s
-
