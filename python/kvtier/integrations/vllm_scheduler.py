@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-log = logging.getLogger("kvtier.integrations.vllm")  # the connector layer's logger (docs/architecture.md)
+log = logging.getLogger(__name__)
 
 _TIER_CODES = {1: CacheHitSource.HOST, 2: CacheHitSource.DISK, 3: CacheHitSource.P2P}
 

@@ -42,7 +42,7 @@ from kvtier.integrations.vllm_metadata import (
 if TYPE_CHECKING:
     from vllm.forward_context import ForwardContext
 
-log = logging.getLogger("kvtier.integrations.vllm")  # the connector layer's logger (docs/architecture.md)
+log = logging.getLogger(__name__)
 
 
 class _WorkerSide(KVConnectorBase_V1):
