@@ -21,7 +21,6 @@ Thread safety: every public method may be called from any thread.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import itertools
 import logging
 import random
 import socket
@@ -52,6 +51,7 @@ from kvtier.p2p.gpu_share import GpuShare, LeaseTable, host_id
 from kvtier.p2p.inbound_slots import InboundSlots
 from kvtier.p2p.key_journal import KeyJournal
 from kvtier.p2p.membership import Membership, MembershipConfig, Outgoing
+from kvtier.p2p.peer_client import PeerClient
 from kvtier.p2p.transport import (
     AuthenticationError,
     Connection,
@@ -209,7 +209,6 @@ class PeerService:
         self._rng = random.Random(rng_seed)
         self._lock = threading.RLock()
         self._stop = threading.Event()
-        self._rid = itertools.count(1)
         self.counters: Counter = Counter()
         self.bad_peers: Counter = Counter()
         self._journal = KeyJournal(journal_dir) if journal_dir else None
@@ -293,7 +292,7 @@ class PeerService:
         self._digest = LocalDigest(self.node_id, bits, hashes, generation=int(time.time()) & 0xFFFFFFFF)
         self._digests = PeerDigests()
         self._me = Identity(self.node_id, self._fingerprint, self._blob_bytes, self._secret)
-        self._pool = ConnectionPool(self._me, c.connect_timeout_s, tls=self._tls)
+        self._client = PeerClient(ConnectionPool(self._me, c.connect_timeout_s, tls=self._tls), self.counters)
         self._gossip_exec = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-p2p-gossip")
         self._exec = cf.ThreadPoolExecutor(max_workers=max(8, 2 * c.max_sources), thread_name_prefix="kvtier-p2p-req")
         if self._journal is not None:
@@ -327,7 +326,7 @@ class PeerService:
             conns = list(self._server_conns.items())
         for conn, _ in conns:
             conn.close()
-        self._pool.close()
+        self._client.pool.close()
         self._gossip_exec.shutdown(wait=True, cancel_futures=True)
         self._exec.shutdown(wait=True, cancel_futures=True)
         for _, t in conns:
@@ -390,7 +389,7 @@ class PeerService:
     def _on_record(self, rec: P.MemberRecord) -> None:
         if rec.state == P.DEAD:
             self._digests.forget(rec.node_id)
-            self._pool.drop(rec.host, rec.port)  # idle connections to it are dead too
+            self._client.pool.drop(rec.host, rec.port)  # idle connections to it are dead too
         else:
             self._digests.announce(rec.node_id, rec.digest_generation, rec.digest_version)
 
@@ -472,38 +471,6 @@ class PeerService:
         self._dispatch(outs)
 
     # -- requests to peers ---------------------------------------------------------------------
-    def _exchange(self, host: str, port: int, kind: int, body: bytes, deadline: Deadline, *expect):
-        """One request/reply on a pooled connection (a fresh one if a reused one was stale)."""
-        for attempt in (0, 1):
-            conn, reused = self._checkout(host, port, deadline)
-            try:
-                h, reply = conn.request(kind, next(self._rid), body, deadline, *expect)
-            except (ConnectionError, BrokenPipeError):
-                conn.close()
-                if reused and attempt == 0:
-                    continue
-                raise
-            except BaseException:
-                conn.close()
-                raise
-            self._pool.put(conn)
-            return h, reply
-        raise ConnectionError("unreachable")
-
-    def _checkout(self, host, port, deadline) -> tuple[Connection, bool]:
-        try:
-            conn, reused = self._pool.get(host, port, deadline)
-        except AuthenticationError:
-            self.counters["auth_failures_outbound"] += 1
-            raise
-        except ssl.SSLError as e:
-            self.counters["tls_failures_outbound"] += 1
-            log.info("kvtier p2p: TLS to %s:%s failed: %s", host, port, e)
-            raise
-        if not reused:
-            self.counters["connects"] += 1
-        return conn, reused
-
     def _dispatch(self, outs: list[Outgoing]) -> None:
         for o in outs:
             try:
@@ -522,7 +489,7 @@ class PeerService:
         full = o.kind == P.Kind.SYNC
         expect = (P.Kind.SYNC_REPLY,) if full else (P.Kind.ACK, P.Kind.NACK)
         try:
-            h, reply = self._exchange(o.host, o.port, o.kind, o.body.encode(), Deadline(budget), *expect)
+            h, reply = self._client.exchange(o.host, o.port, o.kind, o.body.encode(), Deadline(budget), *expect)
             g = P.Gossip.decode(reply, full_state=full)
         except (OSError, KVTierError, TimeoutError) as e:
             if isinstance(e, P.ProtocolError):
@@ -542,7 +509,7 @@ class PeerService:
                 return
             with self._lock:
                 have = self._digests.version_of(owner) or (0, 0)
-            h, body = self._exchange(
+            h, body = self._client.exchange(
                 m.record.host,
                 m.record.port,
                 P.Kind.DIGEST_REQ,
@@ -585,7 +552,7 @@ class PeerService:
         if self._gpu is not None:
             self._gpu_map(node_id, deadline)  # first contact: map its pool (it then confirms GPU chunks too)
         try:
-            _, body = self._exchange(*addr, P.Kind.CONFIRM, P.encode_keys(keys), deadline, P.Kind.CONFIRM_REPLY)
+            _, body = self._client.exchange(*addr, P.Kind.CONFIRM, P.encode_keys(keys), deadline, P.Kind.CONFIRM_REPLY)
             return P.decode_bitmap(body, len(keys))
         except P.ProtocolError:
             self._count_bad_peer(node_id)
@@ -693,8 +660,8 @@ class PeerService:
         scratch = None
         t0, pulled0 = time.monotonic(), committed
         try:
-            conn, _ = self._checkout(*addr, deadline)
-            rid = next(self._rid)
+            conn, _ = self._client.checkout(*addr, deadline)
+            rid = self._client.next_rid()
             conn.send_frame(P.Kind.GET, rid, P.encode_keys([k for _, k in items]), deadline)
             for i, key in items:
                 h, body = conn.recv_frame(deadline, P.Kind.BLOB, P.Kind.MISS)
@@ -737,7 +704,7 @@ class PeerService:
                 if on_commit is not None:
                     on_commit(i)
             conn.recv_frame(deadline, P.Kind.GET_END)
-            self._pool.put(conn)
+            self._client.pool.put(conn)
             conn = None
             with self._lock:  # the TCP path's rate, for planners (pull_rate)
                 self._pulled[0] += (committed - pulled0) * self._blob_bytes
@@ -774,7 +741,7 @@ class PeerService:
                 return cached[1]
         mapped = None
         try:
-            _, body = self._exchange(
+            _, body = self._client.exchange(
                 host,
                 port,
                 P.Kind.GPU_OPEN,
@@ -816,7 +783,7 @@ class PeerService:
         ppc = self._ppc
         try:
             t0 = time.monotonic()
-            _, body = self._exchange(
+            _, body = self._client.exchange(
                 *addr, P.Kind.GPU_PIN, P.encode_keys([k for _, k in items]), deadline, P.Kind.GPU_PINNED
             )
             pin = P.GpuPinned.decode(body)
@@ -866,7 +833,7 @@ class PeerService:
 
     def _release_lease(self, addr, lease_id: int, deadline: Deadline) -> None:
         try:
-            self._exchange(
+            self._client.exchange(
                 *addr,
                 P.Kind.GPU_UNPIN,
                 P.encode_lease(lease_id),
@@ -991,7 +958,7 @@ class PeerService:
                 with self._lock:
                     ping_body = self._m.ping_body()
                 try:
-                    hh, reply = self._exchange(
+                    hh, reply = self._client.exchange(
                         rec.host, rec.port, K.PING, ping_body.encode(), Deadline(self.config.ack_timeout_s), K.ACK
                     )
                     with self._lock:
