@@ -47,11 +47,12 @@ from kvtier.p2p.digest import (
     bloom_geometry,
     choose_sources,
 )
-from kvtier.p2p.gpu_share import GpuShare, LeaseTable, host_id
+from kvtier.p2p.gpu_share import GpuShare
 from kvtier.p2p.inbound_slots import InboundSlots
 from kvtier.p2p.key_journal import KeyJournal
 from kvtier.p2p.membership import Membership, MembershipConfig, Outgoing
 from kvtier.p2p.peer_client import PeerClient
+from kvtier.p2p.same_host import SameHostSharing
 from kvtier.p2p.transport import (
     AuthenticationError,
     Connection,
@@ -228,27 +229,29 @@ class PeerService:
         self._started = False
         self._closed = False
         self._last_rebuild = time.monotonic()
-        # Same-host page sharing (gpu_share.py): what we share, who mapped it, what we mapped.
-        self._gpu: GpuShare | None = None
-        self._gpu_exported = None  # our tensors as peers map them, made on the first GPU_OPEN
-        self._gpu_peers: set[str] = set()  # node ids that mapped our pool
-        self._gpu_maps: dict[str, tuple[int, tuple | None]] = {}  # node id -> (incarnation, _gpu_map's answer)
-        self._leases = LeaseTable(self._unpin)
+        # Same-host page sharing (same_host.py): what we share, who mapped it, what we mapped.
+        self._sharing = SameHostSharing(
+            config, self._lock, self.counters, self._ppc, self._blob_bytes, self._count_bad_peer
+        )
         self._pulled = [0, 0.0]  # bytes committed by completed TCP pulls, and their seconds
-        self._host_id = host_id()
 
     def share_gpu(self, share: GpuShare | None) -> None:
         """Share pool pages with peers on this host (see gpu_share.py): ``share.pages`` leases
         ours to them, ``share.tensors`` receive what we pull from theirs. None: stop."""
-        with self._lock:
-            self._gpu = share
-            self._gpu_exported = None
-            self._gpu_maps.clear()
+        self._sharing.share_gpu(share)
 
-    def _unpin(self, keys: list[bytes]) -> None:
-        share = self._gpu
-        if share is not None and share.pages is not None:
-            share.pages.share_unpin(keys)
+    # The same-host sharing's state under the names tests and benches reach for.
+    @property
+    def _host_id(self) -> str:
+        return self._sharing.host_id
+
+    @_host_id.setter
+    def _host_id(self, value: str) -> None:
+        self._sharing.host_id = value
+
+    @property
+    def _gpu_maps(self) -> dict:
+        return self._sharing.maps
 
     # -- life cycle ----------------------------------------------------------------------------
     def start(self) -> PeerService:
@@ -295,6 +298,7 @@ class PeerService:
         self._client = PeerClient(ConnectionPool(self._me, c.connect_timeout_s, tls=self._tls), self.counters)
         self._gossip_exec = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-p2p-gossip")
         self._exec = cf.ThreadPoolExecutor(max_workers=max(8, 2 * c.max_sources), thread_name_prefix="kvtier-p2p-req")
+        self._sharing.start(self._client, self._m, self._exec)
         if self._journal is not None:
             self._restore_from_journal()
         self._spawn(self._accept_loop, "kvtier-p2p-accept")
@@ -331,7 +335,7 @@ class PeerService:
         self._exec.shutdown(wait=True, cancel_futures=True)
         for _, t in conns:
             t.join(timeout_s)
-        self._leases.release_all()
+        self._sharing.close()
         if self._journal is not None:
             self._journal.close()
 
@@ -363,12 +367,7 @@ class PeerService:
     def _rebuild_digest(self) -> None:
         with self._lock:
             held = list(self._held)
-        share = self._gpu
-        present = [
-            k
-            for k in held
-            if self._tier.lookup(k) > 0 or (share is not None and share.pages is not None and share.pages.share_has(k))
-        ]
+        present = [k for k in held if self._tier.lookup(k) > 0 or self._sharing.holds(k)]
         with self._lock:
             gone = set(held) - set(present)
             if not gone:
@@ -450,7 +449,7 @@ class PeerService:
             with self._lock:
                 self._fetching.add(owner)
             self._gossip_exec.submit(self._fetch_digest, owner)
-        expired = self._leases.expire(now)
+        expired = self._sharing.expire_leases(now)
         if expired:
             self.counters["gpu_leases_expired"] += expired
         with self._lock:
@@ -549,8 +548,8 @@ class PeerService:
         if addr is None:
             return [False] * len(keys)
         self.counters["confirm_requests"] += 1
-        if self._gpu is not None:
-            self._gpu_map(node_id, deadline)  # first contact: map its pool (it then confirms GPU chunks too)
+        if self._sharing.active:
+            self._sharing.map_peer(node_id, deadline)  # first contact: map its pool (it then confirms GPU chunks too)
         try:
             _, body = self._client.exchange(*addr, P.Kind.CONFIRM, P.encode_keys(keys), deadline, P.Kind.CONFIRM_REPLY)
             return P.decode_bitmap(body, len(keys))
@@ -651,8 +650,8 @@ class PeerService:
             self.counters["chunks_pull_failed"] += len(items)
             return 0
         committed = 0
-        if frontier is not None and self._gpu is not None:
-            done = self._pull_shared(src, addr, items, deadline, frontier)
+        if frontier is not None and self._sharing.active:
+            done = self._sharing.pull_shared(src, addr, items, deadline, frontier)
             committed, items = done, items[done:]
             if not items:
                 return committed
@@ -726,122 +725,6 @@ class PeerService:
         return committed
 
     # -- same-host page sharing (client side) ---------------------------------------------------
-    def _gpu_map(self, node_id: str, deadline: Deadline) -> tuple[object, int] | None:
-        """``node_id``'s pool mapped here, as (its page copier into our pool, its page count), or
-        None where it shares none with us (another host, no pool, a mapping that failed). Asked
-        once per incarnation of the peer; a new incarnation's mapping replaces the old one."""
-        share = self._gpu
-        with self._lock:
-            m = self._m.members.get(node_id)
-            if m is None or share is None:
-                return None
-            inc, host, port = m.record.incarnation, m.record.host, m.record.port
-            cached = self._gpu_maps.get(node_id)
-            if cached is not None and cached[0] == inc:
-                return cached[1]
-        mapped = None
-        try:
-            _, body = self._client.exchange(
-                host,
-                port,
-                P.Kind.GPU_OPEN,
-                P.encode_gpu_open(self._host_id, (share.mechanism.name,)),
-                deadline,
-                P.Kind.GPU_HANDLES,
-            )
-            reply = P.GpuHandles.decode(body)
-            if reply.ok:
-                share.check_peer(list(reply.tensors), reply.page_dim)
-                src = share.mechanism.open(list(reply.tensors))
-                mapped = (
-                    share.mechanism.copier(src, share.tensors, share.page_dim),
-                    share.num_pages(list(reply.tensors)),
-                )
-                self.counters["gpu_maps"] += 1
-            else:
-                self.counters["gpu_maps_refused"] += 1
-                log.info("kvtier p2p: %s shares no pool with us: %s", node_id, reply.reason)
-        except P.ProtocolError:
-            self._count_bad_peer(node_id)
-            self.counters["protocol_errors"] += 1
-        except (OSError, TimeoutError, DeadlineExceededError):
-            return None  # unreachable now: ask again next time
-        except (KVTierError, RuntimeError, ValueError) as e:  # the mapping itself failed
-            self.counters["gpu_map_failures"] += 1
-            log.info("kvtier p2p: cannot map %s's pool: %s", node_id, e)
-        with self._lock:
-            self._gpu_maps[node_id] = (inc, mapped)
-        return mapped
-
-    def _pull_shared(self, src: str, addr, items: list[tuple[int, bytes]], deadline: Deadline, frontier) -> int:
-        """Lease the leading ``items`` that ``src``'s pool holds, copy them page to page into the
-        frontier's pages, release the lease. Returns how many leading items landed."""
-        mapped = self._gpu_map(src, deadline)
-        if mapped is None:
-            return 0
-        copier, src_num_pages = mapped
-        ppc = self._ppc
-        try:
-            t0 = time.monotonic()
-            _, body = self._client.exchange(
-                *addr, P.Kind.GPU_PIN, P.encode_keys([k for _, k in items]), deadline, P.Kind.GPU_PINNED
-            )
-            pin = P.GpuPinned.decode(body)
-            lease_end = t0 + pin.lease_ms / 1000.0
-        except P.ProtocolError:
-            self._count_bad_peer(src)
-            self.counters["protocol_errors"] += 1
-            return 0
-        except (OSError, KVTierError, TimeoutError):
-            self.counters["gpu_pin_failures"] += 1
-            return 0
-        n = pin.chunks
-        if n == 0:
-            return 0
-        if pin.pages_per_chunk != ppc or n > len(items) or max(pin.pages) >= src_num_pages:
-            self._count_bad_peer(src)
-            self.counters["protocol_errors"] += 1
-            self._release_lease(addr, pin.lease_id, deadline)
-            return 0
-        idx = [i for i, _ in items[:n]]
-        dst_pages = np.concatenate([frontier.pages[i * ppc : (i + 1) * ppc] for i in idx])
-        if not frontier.begin_direct():
-            self._release_lease(addr, pin.lease_id, deadline)
-            return 0
-        ok = False
-        try:
-            done = copier.copy(np.asarray(pin.pages, dtype=np.int64), dst_pages, frontier.stream)
-            # Counted only if it ended while the lease held (a margin for clocks and the reply).
-            budget = min(deadline.at, lease_end - 0.05) - time.monotonic()
-            ok = done.wait(max(budget, 0.0))
-        except (KVTierError, RuntimeError, ValueError) as e:
-            log.info("kvtier p2p: shared copy from %s failed: %s", src, e)
-        finally:
-            frontier.end_direct(idx, ok)
-        if not ok:
-            self.counters["gpu_copy_failures"] += 1
-            return 0  # the lease expires at the source; the copy may still be reading its pages
-        # The copy has landed: the pages are ours. Release the lease in the background, not on
-        # the request's path (a round trip of B's begin); one that never arrives expires.
-        try:
-            self._exec.submit(self._release_lease, addr, pin.lease_id, deadline)
-        except RuntimeError:  # the service is closing: release here
-            self._release_lease(addr, pin.lease_id, deadline)
-        self.counters["gpu_chunks_copied"] += n
-        self.counters["gpu_bytes_copied"] += n * self._blob_bytes
-        return n
-
-    def _release_lease(self, addr, lease_id: int, deadline: Deadline) -> None:
-        try:
-            self._client.exchange(
-                *addr,
-                P.Kind.GPU_UNPIN,
-                P.encode_lease(lease_id),
-                Deadline(max(deadline.remaining(), 0.5)),
-                P.Kind.GPU_UNPINNED,
-            )
-        except (OSError, KVTierError, TimeoutError):
-            self.counters["gpu_unpin_failures"] += 1  # the lease expires at the source
 
     def load(self, keys: list[bytes], pages: np.ndarray, stream: int, timeout_s: float | None = None) -> ChainedOp:
         """Load the leading chunks of ``keys`` into ``pages``: local ones straight away, the rest
@@ -981,7 +864,7 @@ class PeerService:
         elif h.kind == K.CONFIRM:
             keys = P.decode_keys(body)
             self._check_request_size(keys)
-            shared = self._gpu.pages if self._gpu is not None and conn.peer_id in self._gpu_peers else None
+            shared = self._sharing.pages_shared_with(conn.peer_id)
             bits = [self._can_serve(k) or (shared is not None and shared.share_has(k)) for k in keys]
             self.counters["confirms_served"] += 1
             conn.send_frame(K.CONFIRM_REPLY, h.request_id, P.encode_bitmap(bits), deadline)
@@ -990,48 +873,16 @@ class PeerService:
             self._check_request_size(keys)
             self._serve_get(conn, h.request_id, keys, Deadline(self.config.request_timeout_s * 4))
         elif h.kind == K.GPU_OPEN:
-            conn.send_frame(K.GPU_HANDLES, h.request_id, self._serve_gpu_open(conn, body).encode(), deadline)
+            conn.send_frame(K.GPU_HANDLES, h.request_id, self._sharing.serve_gpu_open(conn, body).encode(), deadline)
         elif h.kind == K.GPU_PIN:
             keys = P.decode_keys(body)
             self._check_request_size(keys)
-            conn.send_frame(K.GPU_PINNED, h.request_id, self._serve_gpu_pin(conn, keys).encode(), deadline)
+            conn.send_frame(K.GPU_PINNED, h.request_id, self._sharing.serve_gpu_pin(conn, keys).encode(), deadline)
         elif h.kind == K.GPU_UNPIN:
-            held = self._leases.release(P.decode_lease(body))
+            held = self._sharing.serve_gpu_unpin(body)
             conn.send_frame(K.GPU_UNPINNED, h.request_id, bytes([held]), deadline)
         else:
             raise P.ProtocolError(f"unexpected frame kind {h.kind} from a client")
-
-    def _serve_gpu_open(self, conn: Connection, body: bytes) -> P.GpuHandles:
-        host, mechanisms = P.decode_gpu_open(body)
-        share = self._gpu
-        if share is None or share.pages is None:
-            return P.GpuHandles(False, "no shared pool here")
-        if host != self._host_id:
-            return P.GpuHandles(False, "another host")
-        if share.mechanism.name not in mechanisms:
-            return P.GpuHandles(False, f"pool shared through {share.mechanism.name!r}, peer maps {list(mechanisms)}")
-        with self._lock:
-            if self._gpu_exported is None:
-                try:
-                    self._gpu_exported = tuple(share.mechanism.export(share.tensors))
-                except (KVTierError, RuntimeError) as e:
-                    return P.GpuHandles(False, f"cannot export the pool: {e}"[:255])
-            self._gpu_peers.add(conn.peer_id)
-            exported = self._gpu_exported
-        self.counters["gpu_opens_served"] += 1
-        return P.GpuHandles(True, "", share.mechanism.name, share.page_dim, exported)
-
-    def _serve_gpu_pin(self, conn: Connection, keys: list[bytes]) -> P.GpuPinned:
-        share = self._gpu
-        lease_s = 2 * self.config.request_timeout_s
-        if share is None or share.pages is None or conn.peer_id not in self._gpu_peers:
-            return P.GpuPinned(0, 0, self._ppc, ())
-        pages = share.pages.share_pin(keys)
-        if not pages:
-            return P.GpuPinned(0, 0, self._ppc, ())
-        lease = self._leases.add(keys[: len(pages)], lease_s)
-        self.counters["gpu_chunks_leased"] += len(pages)
-        return P.GpuPinned(lease, int(lease_s * 1000), self._ppc, tuple(p for ps in pages for p in ps))
 
     def _check_request_size(self, keys) -> None:
         if len(keys) > self.config.max_request_chunks:
