@@ -52,6 +52,7 @@ from kvtier.p2p.inbound_slots import InboundSlots
 from kvtier.p2p.key_journal import KeyJournal
 from kvtier.p2p.membership import Membership, MembershipConfig, Outgoing
 from kvtier.p2p.peer_client import PeerClient
+from kvtier.p2p.request_handlers import RequestHandlers
 from kvtier.p2p.same_host import SameHostSharing
 from kvtier.p2p.transport import (
     AuthenticationError,
@@ -299,6 +300,18 @@ class PeerService:
         self._gossip_exec = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-p2p-gossip")
         self._exec = cf.ThreadPoolExecutor(max_workers=max(8, 2 * c.max_sources), thread_name_prefix="kvtier-p2p-req")
         self._sharing.start(self._client, self._m, self._exec)
+        self._handlers = RequestHandlers(
+            c,
+            self._tier,
+            self._fingerprint,
+            self._promote,
+            self._lock,
+            self.counters,
+            self._m,
+            self._digest,
+            self._client,
+            self._sharing,
+        )
         if self._journal is not None:
             self._restore_from_journal()
         self._spawn(self._accept_loop, "kvtier-p2p-accept")
@@ -724,8 +737,6 @@ class PeerService:
         self.counters["chunks_pull_failed"] += len(items) - committed
         return committed
 
-    # -- same-host page sharing (client side) ---------------------------------------------------
-
     def load(self, keys: list[bytes], pages: np.ndarray, stream: int, timeout_s: float | None = None) -> ChainedOp:
         """Load the leading chunks of ``keys`` into ``pages``: local ones straight away, the rest
         pulled from peers (blocking until they land or the deadline passes), each scattered as
@@ -778,7 +789,7 @@ class PeerService:
                         return  # its slot went to another identity's login
                 deadline = Deadline(self.config.request_timeout_s)
                 body = conn.recv_body(h, deadline)
-                self._handle(conn, h, body, deadline)
+                self._handlers.handle(conn, h, body, deadline)
                 with self._lock:
                     self._slots.end(conn, time.monotonic())
         except P.ProtocolError as e:
@@ -821,100 +832,6 @@ class PeerService:
         if peer not in bad and len(bad) >= _MAX_BAD_PEERS:
             bad.pop(min(bad, key=bad.get, default=None), None)
         bad[peer] += 1
-
-    def _handle(self, conn: Connection, h: P.Header, body: bytes, deadline: Deadline) -> None:
-        K = P.Kind
-        now = time.monotonic()
-        if h.kind in (K.PING, K.SYNC):
-            g = P.Gossip.decode(body, full_state=h.kind == K.SYNC)
-            with self._lock:
-                kind, reply = self._m.handle(h.kind, g, now)
-            conn.send_frame(kind, h.request_id, reply.encode(), deadline)
-        elif h.kind == K.PING_REQ:
-            g = P.Gossip.decode(body)
-            with self._lock:
-                self._m.ingest(g, now)
-                target = self._m.members.get(g.target)
-                rec = None if target is None else target.record
-            acked = False
-            if rec is not None:
-                with self._lock:
-                    ping_body = self._m.ping_body()
-                try:
-                    hh, reply = self._client.exchange(
-                        rec.host, rec.port, K.PING, ping_body.encode(), Deadline(self.config.ack_timeout_s), K.ACK
-                    )
-                    with self._lock:
-                        self._m.on_reply(hh.kind, P.Gossip.decode(reply), time.monotonic())
-                    acked = True
-                except (OSError, KVTierError, TimeoutError):
-                    acked = False
-            with self._lock:
-                kind, reply = self._m.relay_answer(acked, g.target)
-            conn.send_frame(kind, h.request_id, reply.encode(), deadline)
-        elif h.kind == K.DIGEST_REQ:
-            gen, ver = P.decode_digest_req(body)
-            with self._lock:
-                deltas = self._digest.deltas_since(gen, ver) if (gen, ver) != (0, 0) else None
-                if deltas is not None:
-                    reply = (K.DIGEST_DELTAS, P.encode_deltas(deltas[: P.MAX_DELTAS_IN_REPLY]))
-                else:
-                    reply = (K.DIGEST, self._digest.snapshot().encode())
-            conn.send_frame(reply[0], h.request_id, reply[1], deadline)
-        elif h.kind == K.CONFIRM:
-            keys = P.decode_keys(body)
-            self._check_request_size(keys)
-            shared = self._sharing.pages_shared_with(conn.peer_id)
-            bits = [self._can_serve(k) or (shared is not None and shared.share_has(k)) for k in keys]
-            self.counters["confirms_served"] += 1
-            conn.send_frame(K.CONFIRM_REPLY, h.request_id, P.encode_bitmap(bits), deadline)
-        elif h.kind == K.GET:
-            keys = P.decode_keys(body)
-            self._check_request_size(keys)
-            self._serve_get(conn, h.request_id, keys, Deadline(self.config.request_timeout_s * 4))
-        elif h.kind == K.GPU_OPEN:
-            conn.send_frame(K.GPU_HANDLES, h.request_id, self._sharing.serve_gpu_open(conn, body).encode(), deadline)
-        elif h.kind == K.GPU_PIN:
-            keys = P.decode_keys(body)
-            self._check_request_size(keys)
-            conn.send_frame(K.GPU_PINNED, h.request_id, self._sharing.serve_gpu_pin(conn, keys).encode(), deadline)
-        elif h.kind == K.GPU_UNPIN:
-            held = self._sharing.serve_gpu_unpin(body)
-            conn.send_frame(K.GPU_UNPINNED, h.request_id, bytes([held]), deadline)
-        else:
-            raise P.ProtocolError(f"unexpected frame kind {h.kind} from a client")
-
-    def _check_request_size(self, keys) -> None:
-        if len(keys) > self.config.max_request_chunks:
-            raise P.ProtocolError(f"request names {len(keys)} chunks, limit {self.config.max_request_chunks}")
-
-    def _can_serve(self, key: bytes) -> bool:
-        if self._promote is not None:
-            return self._tier.lookup(key) > 0
-        views = self._tier.acquire_blobs(key)
-        if not views:
-            return False
-        del views
-        self._tier.release_blobs(key)
-        return True
-
-    def _serve_get(self, conn: Connection, rid: int, keys: list[bytes], deadline: Deadline) -> None:
-        for key in keys:
-            views = self._tier.acquire_blobs(key)
-            if not views and self._promote is not None and self._tier.lookup(key) > 0 and self._promote(key):
-                views = self._tier.acquire_blobs(key)
-            if not views:
-                conn.send_frame(P.Kind.MISS, rid, key, deadline)
-                continue
-            try:
-                conn.send_blob(rid, key, self._fingerprint, views[0], deadline)
-            finally:
-                views[0].release()
-                del views
-                self._tier.release_blobs(key)
-            self.counters["chunks_served"] += 1
-            self.counters["bytes_served"] += self._blob_bytes
-        conn.send_frame(P.Kind.GET_END, rid, b"", deadline)
 
     # -- introspection -------------------------------------------------------------------------
     def members(self) -> dict[str, str]:
