@@ -24,7 +24,6 @@ import concurrent.futures as cf
 import logging
 import random
 import socket
-import ssl
 import threading
 import time
 from collections import Counter
@@ -48,6 +47,7 @@ from kvtier.p2p.digest import (
     choose_sources,
 )
 from kvtier.p2p.gpu_share import GpuShare
+from kvtier.p2p.inbound_connections import InboundConnections
 from kvtier.p2p.inbound_slots import InboundSlots
 from kvtier.p2p.key_journal import KeyJournal
 from kvtier.p2p.membership import Membership, MembershipConfig, Outgoing
@@ -55,13 +55,10 @@ from kvtier.p2p.peer_client import PeerClient
 from kvtier.p2p.request_handlers import RequestHandlers
 from kvtier.p2p.same_host import SameHostSharing
 from kvtier.p2p.transport import (
-    AuthenticationError,
     Connection,
     ConnectionPool,
     Deadline,
     Identity,
-    LoginRefusedError,
-    server_handshake,
 )
 
 log = logging.getLogger("kvtier.p2p")
@@ -314,7 +311,20 @@ class PeerService:
         )
         if self._journal is not None:
             self._restore_from_journal()
-        self._spawn(self._accept_loop, "kvtier-p2p-accept")
+        self._inbound = InboundConnections(
+            c,
+            self._listener,
+            self._tls,
+            self._me,
+            self._slots,
+            self._server_conns,
+            self._handlers,
+            self._lock,
+            self._stop,
+            self.counters,
+            self._count_bad_peer,
+        )
+        self._spawn(self._inbound.accept_loop, "kvtier-p2p-accept")
         self._spawn(self._gossip_loop, "kvtier-p2p-gossip")
         self._join_seeds()
         self._started = True
@@ -406,34 +416,6 @@ class PeerService:
             self._digests.announce(rec.node_id, rec.digest_generation, rec.digest_version)
 
     # -- threads -------------------------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                sock, addr = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    return
-                continue
-            try:
-                conn = Connection(sock, addr)
-            except OSError:  # reset before we saw it
-                sock.close()
-                continue
-            t = threading.Thread(target=self._serve_conn, args=(conn,), name="kvtier-p2p-conn", daemon=True)
-            with self._lock:
-                # Connections that lost their slot but whose thread is still unwinding count too.
-                limit = self._slots.capacity + self._slots.pending_max
-                ok = not self._stop.is_set() and len(self._server_conns) < limit and self._slots.accept(conn)
-                if ok:
-                    self._server_conns[conn] = t
-            if not ok:
-                self.counters["connections_refused"] += 1
-                conn.close()
-                continue
-            t.start()
-
     def _gossip_loop(self) -> None:
         period = self.config.gossip_interval_s
         next_tick = time.monotonic()
@@ -465,11 +447,7 @@ class PeerService:
         expired = self._sharing.expire_leases(now)
         if expired:
             self.counters["gpu_leases_expired"] += expired
-        with self._lock:
-            idle = self._slots.expire(now)
-        for conn in idle:
-            self.counters["connections_idle_closed"] += 1
-            conn.close()
+        self._inbound.close_idle(now)
         if now - self._last_rebuild >= self.config.digest_rebuild_s:
             self._last_rebuild = now
             self._gossip_exec.submit(self._rebuild_digest)
@@ -765,68 +743,7 @@ class PeerService:
             self.counters["pull_short"] += 1
         return ChainedOp(hit + got, [op0, *frontier.ops])
 
-    # -- serving -------------------------------------------------------------------------------
-    def _serve_conn(self, conn: Connection) -> None:
-        try:
-            deadline = Deadline(2 * self.config.connect_timeout_s)
-            if self._tls is not None and not self._start_tls(conn, deadline):
-                return
-            try:
-                server_handshake(conn, self._me, deadline, admit=self._admit)
-            except AuthenticationError:
-                self.counters["auth_failures"] += 1
-                return
-            except LoginRefusedError as e:
-                log.info("kvtier p2p: %s", e)
-                return
-            except P.ProtocolError:
-                self.counters["protocol_errors"] += 1
-                return
-            while not self._stop.is_set():
-                h = conn.recv_header(Deadline(self.config.idle_timeout_s))
-                with self._lock:
-                    if not self._slots.begin(conn, time.monotonic()):
-                        return  # its slot went to another identity's login
-                deadline = Deadline(self.config.request_timeout_s)
-                body = conn.recv_body(h, deadline)
-                self._handlers.handle(conn, h, body, deadline)
-                with self._lock:
-                    self._slots.end(conn, time.monotonic())
-        except P.ProtocolError as e:
-            self.counters["protocol_errors"] += 1
-            self._count_bad_peer(conn.peer_id or "(unauthenticated)")
-            log.info("kvtier p2p: dropped %s: %s", conn.addr, e)
-        except (OSError, KVTierError, TimeoutError, ValueError):
-            pass  # peer went away or stalled: just drop the connection
-        finally:
-            conn.close()
-            with self._lock:
-                self._slots.release(conn)
-                self._server_conns.pop(conn, None)
-
-    def _start_tls(self, conn: Connection, deadline: Deadline) -> bool:
-        """Run the TLS handshake of an accepted connection; False (counted) if it failed."""
-        try:
-            conn.sock = self._tls.wrap_server(conn.sock, deadline)
-        except (OSError, KVTierError, ValueError) as e:  # ssl.SSLError is an OSError
-            self.counters["tls_failures"] += 1
-            if isinstance(e, ssl.SSLError):
-                log.info("kvtier p2p: TLS handshake with %s failed: %s", conn.addr, e)
-            return False
-        conn.tls_binding = self._tls.own_binding
-        return not conn.closed
-
-    def _admit(self, conn: Connection, node_id: str) -> str | None:
-        """server_handshake's admission: a slot for ``node_id`` (see InboundSlots)."""
-        with self._lock:
-            refused, victim = self._slots.admit(conn, node_id, time.monotonic())
-        if refused:
-            self.counters["logins_refused"] += 1
-        if victim is not None:
-            self.counters["connections_evicted"] += 1
-            victim.close()
-        return refused
-
+    # -- misbehaving peers ---------------------------------------------------------------------
     def _count_bad_peer(self, peer: str) -> None:
         bad = self.bad_peers
         if peer not in bad and len(bad) >= _MAX_BAD_PEERS:
