@@ -23,8 +23,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "python" / "kvtier"
 REPO = PKG.parents[1]
 
-CORE = ("cache", "pool", "layout", "keys", "planner", "policies", "config", "metrics", "upload",
-        "errors", "sources")
+# Modules and packages of the core: a package (config) counts with every module in it.
+CORE = ("cache", "pool", "layout", "keys", "planner", "policies", "config", "metrics", "upload", "errors", "sources")
 FORBIDDEN = ("p2p", "sim", "integrations", "examples", "cli")
 
 # (class's module, class): the private names of these classes stay inside their module.
@@ -135,11 +135,17 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def core_modules(known: dict[str, Path]) -> list[str]:
+    """Every module of the core: those CORE names, and each module of a package it names."""
+    return sorted(name for name in known if _top(name) in CORE)
+
+
 def test_the_core_imports_no_layer_above_it():
     known = modules()
-    core = [f"kvtier.{m}" for m in CORE]
-    missing = [m for m in core if m not in known]
+    missing = [m for m in CORE if f"kvtier.{m}" not in known]
     assert not missing, f"core modules listed here but not in python/kvtier: {missing}"
+    core = core_modules(known)
+    assert {"kvtier.config", "kvtier.config.sizes", "kvtier.config.kvtier_config"} <= set(core)
     bad = []
     for name in core:
         for line, target in imports_of(name, known[name], known):
@@ -156,13 +162,30 @@ def test_the_core_is_in_no_import_cycle_with_the_layers_above():
         assert not (mixed and set(comp) & set(FORBIDDEN)), f"import cycle across layers: {comp}"
 
 
+def test_no_import_cycle_inside_a_core_package():
+    """The modules of a core package (config) import each other one way: the package's
+    __init__ re-exports them, and none imports the package or a module that imports it."""
+    edges = graph(top_level=False)
+    for package in CORE:
+        inside = {name for name in edges if name.startswith(f"kvtier.{package}.")}
+        if not inside:
+            continue  # a module, not a package
+        inside.add(f"kvtier.{package}")
+        among = {name: edges[name] & inside for name in inside}
+        assert not cycles(among), f"import cycle inside kvtier.{package}: {cycles(among)}"
+
+
 def _private_names(cls: ast.ClassDef) -> set[str]:
     names = set()
     for node in ast.walk(cls):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             names.add(node.name)
-        elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
-              and isinstance(node.value, ast.Name) and node.value.id == "self"):
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.ctx, ast.Store)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "self"
+        ):
             names.add(node.attr)
     return {n for n in names if n.startswith("_") and not n.startswith("__")}
 
@@ -205,8 +228,10 @@ def test_no_module_reads_the_private_state_of_a_cache_or_pool():
             if names[node.attr] == own:
                 continue  # the class's own module (its helpers, as Sequence in pool.py)
             bad.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)}")
-    assert not bad, ("private state of KVCache / PagedKVPool read from outside (use the public "
-                     "accessors: cache.tier, cache.peers, ...):\n" + "\n".join(bad))
+    assert not bad, (
+        "private state of KVCache / PagedKVPool read from outside (use the public "
+        "accessors: cache.tier, cache.peers, ...):\n" + "\n".join(bad)
+    )
 
 
 def _print_graph(top_level: bool) -> None:
