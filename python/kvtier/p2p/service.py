@@ -46,11 +46,12 @@ from kvtier.p2p.digest import (
     bloom_geometry,
     choose_sources,
 )
+from kvtier.p2p.gossip import GossipDriver
 from kvtier.p2p.gpu_share import GpuShare
 from kvtier.p2p.inbound_connections import InboundConnections
 from kvtier.p2p.inbound_slots import InboundSlots
 from kvtier.p2p.key_journal import KeyJournal
-from kvtier.p2p.membership import Membership, MembershipConfig, Outgoing
+from kvtier.p2p.membership import Membership, MembershipConfig
 from kvtier.p2p.peer_client import PeerClient
 from kvtier.p2p.request_handlers import RequestHandlers
 from kvtier.p2p.same_host import SameHostSharing
@@ -213,7 +214,6 @@ class PeerService:
         self._journal = KeyJournal(journal_dir) if journal_dir else None
         self._held: set[bytes] = set()
         self._plans: dict[tuple, tuple[float, list[str]]] = {}
-        self._fetching: set[str] = set()
         # Inbound connections (pending and admitted) -> the thread serving each; bounded by
         # the slots. _threads holds only the service's own long-lived threads.
         self._server_conns: dict[Connection, threading.Thread] = {}
@@ -287,8 +287,6 @@ class PeerService:
         self._m = Membership(
             self.node_id, adv_host, adv_port, incarnation, self._mconfig, self._rng, now=time.monotonic()
         )
-        self._m.on_delta = self._on_delta
-        self._m.on_record = self._on_record
         bits, hashes = bloom_geometry(c.digest_capacity, c.digest_fp_rate)
         self._digest = LocalDigest(self.node_id, bits, hashes, generation=int(time.time()) & 0xFFFFFFFF)
         self._digests = PeerDigests()
@@ -296,6 +294,20 @@ class PeerService:
         self._client = PeerClient(ConnectionPool(self._me, c.connect_timeout_s, tls=self._tls), self.counters)
         self._gossip_exec = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-p2p-gossip")
         self._exec = cf.ThreadPoolExecutor(max_workers=max(8, 2 * c.max_sources), thread_name_prefix="kvtier-p2p-req")
+        self._gossip = GossipDriver(
+            c,
+            self.address,
+            self._m,
+            self._digest,
+            self._digests,
+            self._client,
+            self._gossip_exec,
+            self._lock,
+            self.counters,
+            self._count_bad_peer,
+        )
+        self._m.on_delta = self._gossip.on_delta
+        self._m.on_record = self._gossip.on_record
         self._sharing.start(self._client, self._m, self._exec)
         self._handlers = RequestHandlers(
             c,
@@ -326,7 +338,7 @@ class PeerService:
         )
         self._spawn(self._inbound.accept_loop, "kvtier-p2p-accept")
         self._spawn(self._gossip_loop, "kvtier-p2p-gossip")
-        self._join_seeds()
+        self._gossip.join_seeds()
         self._started = True
         return self
 
@@ -402,19 +414,6 @@ class PeerService:
         if self._journal is not None:
             self._journal.rewrite(present)
 
-    # -- membership callbacks (called under self._lock) ------------------------------------------
-    def _on_delta(self, d: P.DigestDelta) -> bool:
-        before = self._digests.latest(d.owner)
-        applied = self._digests.apply_delta(d)
-        return applied or (d.generation, d.version) > before
-
-    def _on_record(self, rec: P.MemberRecord) -> None:
-        if rec.state == P.DEAD:
-            self._digests.forget(rec.node_id)
-            self._client.pool.drop(rec.host, rec.port)  # idle connections to it are dead too
-        else:
-            self._digests.announce(rec.node_id, rec.digest_generation, rec.digest_version)
-
     # -- threads -------------------------------------------------------------------------------
     def _gossip_loop(self) -> None:
         period = self.config.gossip_interval_s
@@ -429,21 +428,7 @@ class PeerService:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        with self._lock:
-            for d in self._digest.flush():
-                self._m.queue_delta(d)
-            self._m.set_digest_version(self._digest.generation, self._digest.version)
-            outs = self._m.tick(now)
-            alive = self._m.alive_ids()
-            stale = [o for o in self._digests.stale() if o in alive and o not in self._fetching]
-            if not self._m.members and self.config.seeds and now - getattr(self, "_last_join", 0) > 1.0:
-                self._last_join = now
-                outs += self._m.join_requests([parse_address(s, "seed") for s in self.config.seeds])
-        self._dispatch(outs)
-        for owner in stale[: self.config.digest_fetches_per_tick]:
-            with self._lock:
-                self._fetching.add(owner)
-            self._gossip_exec.submit(self._fetch_digest, owner)
+        self._gossip.tick(now)
         expired = self._sharing.expire_leases(now)
         if expired:
             self.counters["gpu_leases_expired"] += expired
@@ -452,80 +437,7 @@ class PeerService:
             self._last_rebuild = now
             self._gossip_exec.submit(self._rebuild_digest)
 
-    def _join_seeds(self) -> None:
-        seeds = [parse_address(s, "peers.seeds entry") for s in self.config.seeds]
-        seeds = [s for s in seeds if s != self.address]
-        with self._lock:
-            self._last_join = time.monotonic()
-            outs = self._m.join_requests(seeds)
-        self._dispatch(outs)
-
     # -- requests to peers ---------------------------------------------------------------------
-    def _dispatch(self, outs: list[Outgoing]) -> None:
-        for o in outs:
-            try:
-                self._gossip_exec.submit(self._send_gossip, o)
-            except RuntimeError:  # shut down
-                return
-
-    def _send_gossip(self, o: Outgoing) -> None:
-        c = self.config
-        if o.kind == P.Kind.PING:
-            budget = c.ack_timeout_s
-        elif o.kind == P.Kind.PING_REQ:
-            budget = max(c.gossip_interval_s - c.ack_timeout_s, 2 * c.ack_timeout_s)
-        else:
-            budget = c.connect_timeout_s + c.request_timeout_s
-        full = o.kind == P.Kind.SYNC
-        expect = (P.Kind.SYNC_REPLY,) if full else (P.Kind.ACK, P.Kind.NACK)
-        try:
-            h, reply = self._client.exchange(o.host, o.port, o.kind, o.body.encode(), Deadline(budget), *expect)
-            g = P.Gossip.decode(reply, full_state=full)
-        except (OSError, KVTierError, TimeoutError) as e:
-            if isinstance(e, P.ProtocolError):
-                self._count_bad_peer(f"{o.host}:{o.port}")
-            with self._lock:
-                more = self._m.on_no_reply(o, time.monotonic())
-            self._dispatch(more)
-            return
-        with self._lock:
-            self._m.on_reply(h.kind, g, time.monotonic(), probe_of=o.probe_of)
-
-    def _fetch_digest(self, owner: str) -> None:
-        try:
-            with self._lock:
-                m = self._m.members.get(owner)
-            if m is None:
-                return
-            with self._lock:
-                have = self._digests.version_of(owner) or (0, 0)
-            h, body = self._client.exchange(
-                m.record.host,
-                m.record.port,
-                P.Kind.DIGEST_REQ,
-                P.encode_digest_req(*have),
-                Deadline(self.config.request_timeout_s),
-                P.Kind.DIGEST,
-                P.Kind.DIGEST_DELTAS,
-            )
-            if h.kind == P.Kind.DIGEST_DELTAS:
-                deltas = P.decode_deltas(body)
-                if any(d.owner != owner for d in deltas):
-                    raise P.ProtocolError("DIGEST_DELTAS about another member")
-                with self._lock:
-                    for d in deltas:
-                        self._digests.apply_delta(d)
-                self.counters["digest_delta_fetches"] += 1
-            else:
-                snap = P.DigestSnapshot.decode(body)
-                with self._lock:
-                    self._digests.install(owner, snap)
-                self.counters["digest_fetches"] += 1
-        except (OSError, KVTierError, TimeoutError):
-            self.counters["digest_fetch_failures"] += 1
-        finally:
-            with self._lock:
-                self._fetching.discard(owner)
 
     def _addr_of(self, node_id: str) -> tuple[str, int] | None:
         with self._lock:
