@@ -30,142 +30,30 @@ from collections import Counter
 
 import numpy as np
 
-from kvtier.errors import (
-    AlreadyExistsError,
-    DeadlineExceededError,
-    KVTierError,
-    ResourceExhaustedError,
-)
+from kvtier.errors import KVTierError
 from kvtier.p2p import protocol as P
 from kvtier.p2p.auth import load_secret
 from kvtier.p2p.config import PeerConfig, parse_address
-from kvtier.p2p.digest import (
-    LocalDigest,
-    PeerDigests,
-    assemble_plan,
-    bloom_geometry,
-    choose_sources,
-)
+from kvtier.p2p.digest import LocalDigest, PeerDigests, bloom_geometry
 from kvtier.p2p.gossip import GossipDriver
 from kvtier.p2p.gpu_share import GpuShare
 from kvtier.p2p.inbound_connections import InboundConnections
 from kvtier.p2p.inbound_slots import InboundSlots
 from kvtier.p2p.key_journal import KeyJournal
 from kvtier.p2p.membership import Membership, MembershipConfig
+from kvtier.p2p.page_load import ChainedOp, ChainedTransfer, LoadFrontier
 from kvtier.p2p.peer_client import PeerClient
+from kvtier.p2p.peer_pull import LOCAL, PeerPuller
 from kvtier.p2p.request_handlers import RequestHandlers
 from kvtier.p2p.same_host import SameHostSharing
-from kvtier.p2p.transport import (
-    Connection,
-    ConnectionPool,
-    Deadline,
-    Identity,
-)
+from kvtier.p2p.transport import Connection, ConnectionPool, Deadline, Identity
 
 log = logging.getLogger("kvtier.p2p")
 
-LOCAL = ""  # plan entry: the chunk is in a local tier already
 _MAX_BAD_PEERS = 1024  # entries of PeerService.bad_peers; the least counted one makes room
+_Frontier = LoadFrontier  # its name here before page_load.py (tests/test_p2p_share.py)
 
-
-class _Frontier:
-    """Starts the scatter of pulled chunks in prefix order, as soon as each one and all before it
-    are committed; freezes when the load returns so late commits touch no page."""
-
-    def __init__(self, tier, keys, pages, ppc, stream, plan) -> None:
-        self.tier, self.keys, self.pages, self.ppc, self.stream = tier, keys, pages, ppc, stream
-        self.ready = [src == LOCAL for src in plan]
-        self.direct = [False] * len(plan)  # copied into its pages already (same-host sharing)
-        self.next = 0
-        self.ops = []
-        self.stopped = False
-        self.copying = 0  # same-host copies writing into self.pages right now
-        self.lock = threading.Condition()
-        self.advance()
-
-    def begin_direct(self) -> bool:
-        """A same-host copy is about to write pages; False once frozen (the pages are the
-        caller's again)."""
-        with self.lock:
-            if self.stopped:
-                return False
-            self.copying += 1
-            return True
-
-    def end_direct(self, indices, ok: bool) -> None:
-        with self.lock:
-            self.copying -= 1
-            if ok:
-                for i in indices:
-                    self.ready[i] = self.direct[i] = True
-                self.advance()
-            self.lock.notify_all()
-
-    def commit(self, i: int) -> None:
-        with self.lock:
-            self.ready[i] = True
-            self.advance()
-
-    def advance(self) -> None:
-        n = len(self.ready)
-        while not self.stopped and self.next < n and self.ready[self.next]:
-            if self.direct[self.next]:
-                self.next += 1
-                continue
-            end = self.next
-            while end < n and self.ready[end] and not self.direct[end]:
-                end += 1
-            ppc, want = self.ppc, end - self.next
-            op = self.tier.load(
-                b"".join(self.keys[self.next : end]), self.pages[self.next * ppc : end * ppc], self.stream
-            )
-            if op.chunks:
-                self.ops.append(op)
-            self.next += op.chunks
-            if op.chunks < want:
-                self.stopped = True  # evicted between commit and scatter: the prefix ends here
-
-    def freeze(self, timeout_s: float = 5.0) -> int:
-        """Stop: later commits touch no page. Waits (to ``timeout_s``) for same-host copies
-        already writing pages to end."""
-        with self.lock:
-            self.stopped = True
-            self.lock.wait_for(lambda: self.copying == 0, timeout_s)
-            return self.next
-
-
-class ChainedTransfer:
-    """Several TierOp transfers seen as one (the LoadHandle API: wait, wait_layer, ...)."""
-
-    def __init__(self, transfers) -> None:
-        self._transfers = [t for t in transfers if t is not None]
-
-    def wait(self, timeout_s: float) -> None:
-        d = Deadline(timeout_s)
-        for t in self._transfers:
-            t.wait(max(d.at - time.monotonic(), 0.0))
-
-    def wait_layer(self, layer: int, timeout_s: float) -> None:
-        d = Deadline(timeout_s)
-        for t in self._transfers:
-            t.wait_layer(layer, max(d.at - time.monotonic(), 0.0))
-
-    def stream_wait_layer(self, layer: int, stream: int) -> None:
-        for t in self._transfers:
-            t.stream_wait_layer(layer, stream)
-
-    @property
-    def done(self) -> bool:
-        return all(t.done for t in self._transfers)
-
-
-class ChainedOp:
-    """What ``PeerService.load`` started: ``chunks`` leading chunks, landing through ``transfer``."""
-
-    def __init__(self, chunks: int, ops) -> None:
-        self.chunks = chunks
-        transfers = [op.transfer for op in ops if op.transfer is not None]
-        self.transfer = ChainedTransfer(transfers) if transfers else None
+__all__ = ["LOCAL", "ChainedOp", "ChainedTransfer", "InboundSlots", "KeyJournal", "PeerService"]
 
 
 class PeerService:
@@ -231,7 +119,6 @@ class PeerService:
         self._sharing = SameHostSharing(
             config, self._lock, self.counters, self._ppc, self._blob_bytes, self._count_bad_peer
         )
-        self._pulled = [0, 0.0]  # bytes committed by completed TCP pulls, and their seconds
 
     def share_gpu(self, share: GpuShare | None) -> None:
         """Share pool pages with peers on this host (see gpu_share.py): ``share.pages`` leases
@@ -309,6 +196,21 @@ class PeerService:
         self._m.on_delta = self._gossip.on_delta
         self._m.on_record = self._gossip.on_record
         self._sharing.start(self._client, self._m, self._exec)
+        self._puller = PeerPuller(
+            c,
+            self._tier,
+            self._fingerprint,
+            self._m,
+            self._digests,
+            self._client,
+            self._sharing,
+            self._exec,
+            self._lock,
+            self.counters,
+            self._count_bad_peer,
+            self._rng,
+            self.note_stored,
+        )
         self._handlers = RequestHandlers(
             c,
             self._tier,
@@ -437,78 +339,26 @@ class PeerService:
             self._last_rebuild = now
             self._gossip_exec.submit(self._rebuild_digest)
 
-    # -- requests to peers ---------------------------------------------------------------------
-
-    def _addr_of(self, node_id: str) -> tuple[str, int] | None:
-        with self._lock:
-            m = self._m.members.get(node_id)
-            if m is None or m.record.state == P.DEAD:
-                return None
-            return m.record.host, m.record.port
-
-    def _confirm(self, node_id: str, keys: list[bytes], deadline: Deadline) -> list[bool]:
-        addr = self._addr_of(node_id)
-        if addr is None:
-            return [False] * len(keys)
-        self.counters["confirm_requests"] += 1
-        if self._sharing.active:
-            self._sharing.map_peer(node_id, deadline)  # first contact: map its pool (it then confirms GPU chunks too)
-        try:
-            _, body = self._client.exchange(*addr, P.Kind.CONFIRM, P.encode_keys(keys), deadline, P.Kind.CONFIRM_REPLY)
-            return P.decode_bitmap(body, len(keys))
-        except P.ProtocolError:
-            self._count_bad_peer(node_id)
-            self.counters["protocol_errors"] += 1
-        except (OSError, KVTierError, TimeoutError):
-            self.counters["confirm_failures"] += 1
-        return [False] * len(keys)
-
     # -- lookup and pull -----------------------------------------------------------------------
     def plan(self, keys: list[bytes], deadline: Deadline | None = None) -> list[str]:
         """Where each leading chunk of ``keys`` can come from: LOCAL ("") or a peer's node id,
         confirmed by that peer. Stops at the first chunk nobody confirmed. At most
         ``max_sources`` peers are asked, in one parallel round (a second round only for chunks
         whose candidates all turned out false positives), whatever the cluster size."""
-        if deadline is None:
-            deadline = Deadline(self.config.request_timeout_s)
-        keys = keys[: self.config.max_request_chunks]
-        n = len(keys)
-        local = [self._tier.lookup(k) > 0 for k in keys]
-        with self._lock:
-            alive = self._m.candidate_ids()
-            cands = self._digests.candidates(keys, alive)
-        confirmed: dict[str, set[int]] = {}
-        asked: set[str] = set()
-        plan: list[str] = []
-        for _round in range(2):  # the second only for chunks whose candidates were all false
-            asks = choose_sources(len(plan), local, cands, self.config.max_sources, asked, self._rng)
-            if not asks:
-                break
-            futs = {m: self._exec.submit(self._confirm, m, [keys[j] for j in idx], deadline) for m, idx in asks.items()}
-            for m, f in futs.items():
-                try:
-                    bits = f.result(timeout=max(deadline.at - time.monotonic(), 0.0) + 0.5)
-                except (cf.TimeoutError, cf.CancelledError):
-                    bits = [False] * len(asks[m])
-                confirmed[m] = {j for j, ok in zip(asks[m], bits) if ok}
-                self.counters["confirm_false_positives"] += sum(1 for ok in bits if not ok)
-            asked |= set(asks)
-            plan = assemble_plan(local, confirmed)
-            if len(plan) == n or deadline.expired():
-                break
-        self.counters["lookups"] += 1
-        self.counters["lookup_chunks_found"] += sum(1 for s in plan if s != LOCAL)
-        return plan
+        return self._puller.plan(keys, deadline)
 
     def pull_rate(self, min_bytes: int = 64 << 20) -> float | None:
         """Bytes/s of this service's completed TCP pulls so far (request to last byte in the
         CPU tier, checksums included), or None before ``min_bytes`` have come that way: the
         rate a planner prices chunks that peers hold at (``CostModelPlanner.calibrate``)."""
-        with self._lock:
-            nbytes, seconds = self._pulled
-        if nbytes < min_bytes or seconds <= 0:
-            return None
-        return nbytes / seconds
+        return self._puller.pull_rate(min_bytes)
+
+    def pull(self, keys: list[bytes], plan: list[str], deadline: Deadline, on_commit=None, frontier=None) -> int:
+        """Pull the chunks ``plan`` assigns to peers into the pool, from all sources at once.
+        Returns how many were committed. ``on_commit(i)`` runs as chunk ``keys[i]`` lands. With
+        a ``frontier`` (a load into pages), a source on this host that shares its pool copies
+        the chunks it holds there straight into the frontier's pages."""
+        return self._puller.pull(keys, plan, deadline, on_commit, frontier)
 
     def lookup(self, keys: list[bytes]) -> int:
         """How many leading chunks of ``keys`` (the part missing locally) peers confirm."""
@@ -528,104 +378,6 @@ class PeerService:
         if hit is None or hit[0] < time.monotonic():
             return None
         return hit[1]
-
-    def pull(self, keys: list[bytes], plan: list[str], deadline: Deadline, on_commit=None, frontier=None) -> int:
-        """Pull the chunks ``plan`` assigns to peers into the pool, from all sources at once.
-        Returns how many were committed. ``on_commit(i)`` runs as chunk ``keys[i]`` lands. With
-        a ``frontier`` (a load into pages), a source on this host that shares its pool copies
-        the chunks it holds there straight into the frontier's pages."""
-        by_source: dict[str, list[tuple[int, bytes]]] = {}
-        for i, src in enumerate(plan):
-            if src != LOCAL:
-                by_source.setdefault(src, []).append((i, keys[i]))
-        futs = [
-            self._exec.submit(self._pull_from, src, items, deadline, on_commit, frontier)
-            for src, items in by_source.items()
-        ]
-        done, not_done = cf.wait(futs, timeout=max(deadline.at - time.monotonic(), 0.0) + 1.0)
-        if not_done:
-            self.counters["pull_stragglers"] += len(not_done)
-        return sum(f.result() for f in done)
-
-    def _pull_from(self, src: str, items: list[tuple[int, bytes]], deadline: Deadline, on_commit, frontier=None) -> int:
-        addr = self._addr_of(src)
-        if addr is None:
-            self.counters["chunks_pull_failed"] += len(items)
-            return 0
-        committed = 0
-        if frontier is not None and self._sharing.active:
-            done = self._sharing.pull_shared(src, addr, items, deadline, frontier)
-            committed, items = done, items[done:]
-            if not items:
-                return committed
-        conn = None
-        scratch = None
-        t0, pulled0 = time.monotonic(), committed
-        try:
-            conn, _ = self._client.checkout(*addr, deadline)
-            rid = self._client.next_rid()
-            conn.send_frame(P.Kind.GET, rid, P.encode_keys([k for _, k in items]), deadline)
-            for i, key in items:
-                h, body = conn.recv_frame(deadline, P.Kind.BLOB, P.Kind.MISS)
-                if h.request_id != rid:
-                    raise P.ProtocolError(f"frame for request {h.request_id}, expected {rid}")
-                if h.kind == P.Kind.MISS:
-                    if body != key:
-                        raise P.ProtocolError("MISS for a key not asked for")
-                    self.counters["chunks_missed_at_source"] += 1
-                    continue
-                k, fp, length, algo = P.decode_blob_meta(body)
-                if k != key or fp != self._fingerprint:
-                    raise P.ProtocolError("BLOB for a key or layout not asked for")
-                if length != self._blob_bytes:
-                    raise P.ProtocolError(f"BLOB of {length} bytes, blobs here are {self._blob_bytes}")
-                try:
-                    view = self._tier.begin_put(key)
-                except (AlreadyExistsError, ResourceExhaustedError) as e:
-                    # Arrived meanwhile (or no free block): read past it, keep the stream aligned.
-                    if scratch is None:
-                        scratch = bytearray(1 << 20)
-                    conn.drain_payload(length, algo, deadline, scratch)
-                    if isinstance(e, AlreadyExistsError) and on_commit is not None:
-                        on_commit(i)
-                    continue
-                ok = False
-                try:
-                    conn.recv_blob_payload(view, length, algo, deadline)
-                    ok = True
-                finally:
-                    view.release()
-                    if ok:
-                        self._tier.commit_put(key)
-                    else:
-                        self._tier.abort_put(key)
-                committed += 1
-                self.counters["chunks_pulled"] += 1
-                self.counters["bytes_pulled"] += length
-                self.note_stored([key])
-                if on_commit is not None:
-                    on_commit(i)
-            conn.recv_frame(deadline, P.Kind.GET_END)
-            self._client.pool.put(conn)
-            conn = None
-            with self._lock:  # the TCP path's rate, for planners (pull_rate)
-                self._pulled[0] += (committed - pulled0) * self._blob_bytes
-                self._pulled[1] += time.monotonic() - t0
-        except P.ChecksumError:
-            self.counters["checksum_failures"] += 1
-            self._count_bad_peer(src)
-        except P.ProtocolError:
-            self.counters["protocol_errors"] += 1
-            self._count_bad_peer(src)
-        except (DeadlineExceededError, TimeoutError):
-            self.counters["pull_deadline_misses"] += 1
-        except (OSError, KVTierError):
-            self.counters["pull_failures"] += 1
-        finally:
-            if conn is not None:
-                conn.close()
-        self.counters["chunks_pull_failed"] += len(items) - committed
-        return committed
 
     def load(self, keys: list[bytes], pages: np.ndarray, stream: int, timeout_s: float | None = None) -> ChainedOp:
         """Load the leading chunks of ``keys`` into ``pages``: local ones straight away, the rest
@@ -647,7 +399,7 @@ class PeerService:
         if not plan:
             return ChainedOp(hit, [op0])
         rest = rest[: len(plan)]
-        frontier = _Frontier(self._tier, rest, pages[hit * ppc :], ppc, stream, plan)
+        frontier = LoadFrontier(self._tier, rest, pages[hit * ppc :], ppc, stream, plan)
         self.counters["pulls"] += 1
         self.pull(rest, plan, deadline, on_commit=frontier.commit, frontier=frontier)
         got = frontier.freeze()
