@@ -2,7 +2,7 @@
 exporter's KV tensors once, leases the chunks it wants (the exporter keeps their pages from
 being evicted or rewritten), copies them page to page into its own pool, and releases them.
 
-The wire side (GPU_OPEN / GPU_PIN / GPU_UNPIN) is in ``service.py``; this module holds what is
+The wire side (GPU_OPEN / GPU_PIN / GPU_UNPIN) is in ``same_host.py``; this module holds what is
 local to one process:
 
 - :func:`host_id`: whether two members share a host (the kernel's boot id);

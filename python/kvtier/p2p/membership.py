@@ -13,7 +13,7 @@ whatever the cluster size and an update reaches everyone in O(log n) periods. Di
 the same way. Every ``sync_interval_s`` a member swaps its full state with a random peer
 (push-pull), which repairs anything the piggyback missed; joining is one such swap with a seed.
 
-The driver (``service.py`` over TCP, ``sim.py`` in process) calls :meth:`tick` once a period and
+The driver (``gossip.py`` over TCP, ``sim.py`` in process) calls :meth:`tick` once a period and
 delivers replies; the class only decides. Not thread-safe: the driver serialises calls.
 """
 

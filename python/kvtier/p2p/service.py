@@ -3,17 +3,23 @@
 It runs beside a CpuTier (inside a KVCache, or in a standalone ``kvtier peer`` node) and owns:
 
 - a TCP listener; each inbound connection is served by its own thread after the HMAC handshake
-  (in TLS when ``tls_*`` are set), within the bounds of :class:`InboundSlots` (inbound_slots.py);
+  (in TLS when ``tls_*`` are set), within the bounds of :class:`InboundSlots`
+  (inbound_connections.py, inbound_slots.py; the answers: request_handlers.py);
 - a gossip thread: one SWIM protocol period per ``gossip_interval_s`` (membership.py), this
-  member's digest deltas, fetches of peers' digests that fell behind;
-- a pool of authenticated client connections and a thread pool for concurrent requests.
+  member's digest deltas, fetches of peers' digests that fell behind (gossip.py);
+- a pool of authenticated client connections (peer_client.py) and a thread pool for concurrent
+  requests;
+- same-host page sharing, both ways (same_host.py).
 
 The data path: :meth:`lookup` asks the digests which peers may hold the keys missing locally,
 confirms with at most ``max_sources`` of them (one round trip, in parallel) and returns how many
 leading chunks are available; :meth:`load` pulls them (several sources at once), each blob
 received straight into a reserved pinned pool block (``begin_put`` / ``recv_into``), checked, then
 committed (``commit_put``) or given back (``abort_put``); committed chunks are scattered to the
-caller's pages in order while later ones are still on the wire.
+caller's pages in order while later ones are still on the wire (peer_pull.py, page_load.py).
+
+Each part is an object the service makes and owns, handed what it uses (the service's lock,
+counters, membership, digests, client) when it is made; none of them imports this module.
 
 Thread safety: every public method may be called from any thread.
 """
