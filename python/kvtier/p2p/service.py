@@ -121,6 +121,7 @@ class PeerService:
         self._started = False
         self._closed = False
         self._last_rebuild = time.monotonic()
+        self._puller: PeerPuller | None = None  # made in start(), with the other parts that need a membership
         # Same-host page sharing (same_host.py): what we share, who mapped it, what we mapped.
         self._sharing = SameHostSharing(
             config, self._lock, self.counters, self._ppc, self._blob_bytes, self._count_bad_peer
@@ -357,6 +358,8 @@ class PeerService:
         """Bytes/s of this service's completed TCP pulls so far (request to last byte in the
         CPU tier, checksums included), or None before ``min_bytes`` have come that way: the
         rate a planner prices chunks that peers hold at (``CostModelPlanner.calibrate``)."""
+        if self._puller is None:  # not started: nothing pulled yet
+            return None
         return self._puller.pull_rate(min_bytes)
 
     def pull(self, keys: list[bytes], plan: list[str], deadline: Deadline, on_commit=None, frontier=None) -> int:
