@@ -19,10 +19,9 @@ import os
 import threading
 import time
 
+import kvtier
 import numpy as np
 import torch
-
-import kvtier
 from bench_report import git_commit as commit
 from bench_report import machine as _machine
 
@@ -89,7 +88,6 @@ def bench_method(setup: Setup, method: str, reps: int, rng) -> tuple[float, floa
     return setup.nbytes / t_store / 1e9, setup.nbytes / t_load / 1e9, (cache, store, load)
 
 
-
 def baselines(setup: Setup, reps: int, rng) -> dict:
     dev = setup.device
     n = setup.nbytes
@@ -105,6 +103,7 @@ def baselines(setup: Setup, reps: int, rng) -> dict:
     out["contiguous_in"] = n / timed(lambda: gpu.copy_(host, non_blocking=True), dev, reps) / 1e9
     pages = torch.as_tensor(rng.choice(setup.layout.num_pages, TOKENS // PAGE, replace=False), device=dev)
     if setup.kind == "vllm":
+
         def index_select():
             parts = [t.index_select(1, pages) for t in setup.kv]
             host.copy_(torch.cat([p.reshape(-1) for p in parts]).view(torch.uint8), non_blocking=True)
@@ -120,6 +119,7 @@ def baselines(setup: Setup, reps: int, rng) -> dict:
                         host[off : off + page_bytes].copy_(t[i, p].reshape(-1).view(torch.uint8), non_blocking=True)
                         off += page_bytes
     else:
+
         def index_select():
             host.copy_(setup.kv[0].index_select(0, pages).reshape(-1).view(torch.uint8), non_blocking=True)
 
@@ -128,8 +128,9 @@ def baselines(setup: Setup, reps: int, rng) -> dict:
 
         def per_page():
             for j, p in enumerate(page_list):
-                host[j * page_bytes : (j + 1) * page_bytes].copy_(setup.kv[0][p].reshape(-1).view(torch.uint8),
-                                                                  non_blocking=True)
+                host[j * page_bytes : (j + 1) * page_bytes].copy_(
+                    setup.kv[0][p].reshape(-1).view(torch.uint8), non_blocking=True
+                )
 
     out["torch_index_select_copy"] = n / timed(index_select, dev, reps) / 1e9
     out["torch_copy_per_page"] = n / timed(per_page, dev, max(1, reps // 3)) / 1e9
@@ -193,34 +194,68 @@ def main() -> None:
         base = baselines(setup, args.reps, rng)
         for name in ("torch_index_select_copy", "torch_copy_per_page"):
             if name in base:
-                results.append({"case": f"{name}_{kind}", "value": round(base[name], 3), "unit": "GB/s",
-                                "baseline": "contiguous_pinned_copy_out", "baseline_value": round(base["contiguous_out"], 3),
-                                "ratio": round(base[name] / base["contiguous_out"], 4)})
+                results.append(
+                    {
+                        "case": f"{name}_{kind}",
+                        "value": round(base[name], 3),
+                        "unit": "GB/s",
+                        "baseline": "contiguous_pinned_copy_out",
+                        "baseline_value": round(base["contiguous_out"], 3),
+                        "ratio": round(base[name] / base["contiguous_out"], 4),
+                    }
+                )
         for method in methods:
             g, s, (cache, store, load) = bench_method(setup, method, args.reps, rng)
             for op, v, lim in (("gather", g, base["contiguous_out"]), ("scatter", s, base["contiguous_in"])):
-                results.append({"case": f"{op}_{method}_{kind}", "value": round(v, 3), "unit": "GB/s",
-                                "baseline": f"contiguous_pinned_copy_{'out' if op == 'gather' else 'in'}",
-                                "baseline_value": round(lim, 3), "ratio": round(v / lim, 4),
-                                "note": f"method resolved to {cache.stats()['method']}"})
+                results.append(
+                    {
+                        "case": f"{op}_{method}_{kind}",
+                        "value": round(v, 3),
+                        "unit": "GB/s",
+                        "baseline": f"contiguous_pinned_copy_{'out' if op == 'gather' else 'in'}",
+                        "baseline_value": round(lim, 3),
+                        "ratio": round(v / lim, 4),
+                        "note": f"method resolved to {cache.stats()['method']}",
+                    }
+                )
                 if "torch_copy_per_page" in base:
-                    results.append({"case": f"{op}_{method}_{kind}_vs_per_page", "value": round(v, 3), "unit": "GB/s",
-                                    "baseline": "torch_copy_per_page", "baseline_value": round(base["torch_copy_per_page"], 3),
-                                    "ratio": round(v / base["torch_copy_per_page"], 2)})
+                    results.append(
+                        {
+                            "case": f"{op}_{method}_{kind}_vs_per_page",
+                            "value": round(v, 3),
+                            "unit": "GB/s",
+                            "baseline": "torch_copy_per_page",
+                            "baseline_value": round(base["torch_copy_per_page"], 3),
+                            "ratio": round(v / base["torch_copy_per_page"], 2),
+                        }
+                    )
             if device != "cpu" and not args.no_matmul:
                 alone, beside, gbps = matmul_slowdown(load, store, setup.nbytes, device)
-                results.append({"case": f"matmul_8192_beside_{method}_{kind}", "value": round(beside, 3), "unit": "ms",
-                                "baseline": "matmul_8192_alone", "baseline_value": round(alone, 3),
-                                "ratio": round(alone / beside, 4),
-                                "note": f"kvtier load+store ran at {gbps:.1f} GB/s beside the matmul"})
+                results.append(
+                    {
+                        "case": f"matmul_8192_beside_{method}_{kind}",
+                        "value": round(beside, 3),
+                        "unit": "ms",
+                        "baseline": "matmul_8192_alone",
+                        "baseline_value": round(alone, 3),
+                        "ratio": round(alone / beside, 4),
+                        "note": f"kvtier load+store ran at {gbps:.1f} GB/s beside the matmul",
+                    }
+                )
             cache.close()
             print(json.dumps(results[-1]), flush=True)
         del setup
         if device != "cpu":
             torch.cuda.empty_cache()
     date = dt.date.today().isoformat()
-    doc = {"bench": "bench_copy_py", "workload": "llama3_8b_4096tok", "machine": _machine(torch.cuda.get_device_name(0) if torch.cuda.is_available() else None), "date": date,
-           "commit": commit(), "results": results}
+    doc = {
+        "bench": "bench_copy_py",
+        "workload": "llama3_8b_4096tok",
+        "machine": _machine(torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
+        "date": date,
+        "commit": commit(),
+        "results": results,
+    }
     text = json.dumps(doc, indent=2)
     print(text)
     if args.out:

@@ -95,7 +95,7 @@ def decode_steps(model, pools: dict, prompt, device: str, prefill_step) -> tuple
             e.pool.commit(seq, prompt)
         names = list(pools)
         for step in range(DECODE_STEPS):
-            for k in names[step % len(names):] + names[: step % len(names)]:
+            for k in names[step % len(names) :] + names[: step % len(names)]:
                 sync(device)
                 t0 = time.perf_counter()
                 tok = int(engines[k].decode([live[k]], [tokens[k][-1]])[0].argmax())  # int() waits
@@ -113,21 +113,38 @@ HIT_REPS = 5  # requests per GPU-hit and CPU-hit case
 DISK_TIER_CHUNKS = (4, 8)
 
 
-def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
-               prefill_step: int | None = None, kv_layout: str = "vllm", method: str = "auto",
-               max_writebacks: int = 64) -> list[dict]:
+def run_length(
+    model,
+    n: int,
+    device: str,
+    disk_dir: str,
+    gen,
+    disk_gbps: float,
+    prefill_step: int | None = None,
+    kv_layout: str = "vllm",
+    method: str = "auto",
+    max_writebacks: int = 64,
+) -> list[dict]:
     elem = torch.tensor([], dtype=model.dtype).element_size()
     kv_per_token = 2 * model.config.layers * model.config.kv_heads * model.config.head_dim * elem
     pool_tokens = 2 * (n + CHUNK)
     block = CHUNK * kv_per_token
-    pool = PagedKVPool(**model.kv_geometry(), kv_layout=kv_layout, num_pages=pool_tokens // PAGE, page_tokens=PAGE, chunk_tokens=CHUNK,
-                       cpu_bytes=(pool_tokens // CHUNK + 4) * block, disk_dir=disk_dir,
-                       # Room for every chunk the run writes back (the prompt and three pool-sized
-                       # fillers), so the prompt is never overwritten on disk before its cases.
-                       disk_bytes=(DISK_TIER_CHUNKS[0] * pool_tokens // CHUNK + DISK_TIER_CHUNKS[1]) * (block + 4096)
-                       + (1 << 20),
-                       disk_admit_min_seen=1, model_id=f"e2e-{n}", method=method,
-                       disk_max_writebacks_in_flight=max_writebacks)
+    pool = PagedKVPool(
+        **model.kv_geometry(),
+        kv_layout=kv_layout,
+        num_pages=pool_tokens // PAGE,
+        page_tokens=PAGE,
+        chunk_tokens=CHUNK,
+        cpu_bytes=(pool_tokens // CHUNK + 4) * block,
+        disk_dir=disk_dir,
+        # Room for every chunk the run writes back (the prompt and three pool-sized
+        # fillers), so the prompt is never overwritten on disk before its cases.
+        disk_bytes=(DISK_TIER_CHUNKS[0] * pool_tokens // CHUNK + DISK_TIER_CHUNKS[1]) * (block + 4096) + (1 << 20),
+        disk_admit_min_seen=1,
+        model_id=f"e2e-{n}",
+        method=method,
+        disk_max_writebacks_in_flight=max_writebacks,
+    )
     engine = Engine(model, pool, prefill_tokens=prefill_step)
     vocab = model.config.vocab
     prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
@@ -135,12 +152,20 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
     engine.generate([warm], 1)  # first calls of each kernel at this length
     # and of a length off the 1024-token buckets, whose attention runs padded to one
     # (paged_llama.PLAN_BUCKET): that variant's first call builds its cuDNN plans
-    # (scripts/diag_step.py times it), and a split plan's head is such a length. Served by a scratch GPU-only pool: cuDNN's plans
+    # (scripts/diag_step.py times it), and a split plan's head is such a length. Served by a scratch
+    # GPU-only pool: cuDNN's plans
     # are the process's, and this run's pool keeps the state the simulator replays.
-    scratch = PagedKVPool(**model.kv_geometry(), kv_layout=kv_layout, num_pages=n // PAGE, page_tokens=PAGE,
-                          chunk_tokens=CHUNK, cpu_bytes=0)
+    scratch = PagedKVPool(
+        **model.kv_geometry(),
+        kv_layout=kv_layout,
+        num_pages=n // PAGE,
+        page_tokens=PAGE,
+        chunk_tokens=CHUNK,
+        cpu_bytes=0,
+    )
     Engine(model, scratch, prefill_tokens=prefill_step).generate(
-        [torch.randint(0, vocab, (n - 2 * CHUNK,), generator=gen).tolist()], 1)
+        [torch.randint(0, vocab, (n - 2 * CHUNK,), generator=gen).tolist()], 1
+    )
     scratch.close()
     out = {}
     out["recompute"], g_ref = ttft(engine, prompt, device)
@@ -173,8 +198,12 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
         disk_gbps = round(disk_loaded * kv_per_token / out["disk_hit"] / 1e9, 3)
     # The planner: CPU bandwidth calibrated here, disk bandwidth as above, prefill throughput
     # from the recompute just measured.
-    cost = ModelCost(params=8.0e9 if model.config.hidden == 4096 else 1e6, layers=model.config.layers,
-                     hidden=model.config.hidden, flops_per_s=1.0)
+    cost = ModelCost(
+        params=8.0e9 if model.config.hidden == 4096 else 1e6,
+        layers=model.config.layers,
+        hidden=model.config.hidden,
+        flops_per_s=1.0,
+    )
     cost = ModelCost(cost.params, cost.layers, cost.hidden, cost.prefill_seconds(0, n) / out["recompute"])
     planner = CostModelPlanner(cost, bandwidth={"cpu": 50e9, "disk": disk_gbps * 1e9})
     planner.calibrate(pool)
@@ -220,31 +249,53 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
     _push_out_of_gpu(pool, gen, vocab)
     engine.generate([prompt], 1)  # the prefix back in GPU pages
     out["half_prefix_gpu_hit"], g = ttft(engine, half, device)
+
     # Decode: DECODE_STEPS steps after the prompt, with the lower tiers attached (the prompt's pages came
     # from the CPU tier earlier) vs a GPU-only pool (the prompt computed into it first). Both
     # decode after a full GPU hit; the pools' steps interleaved (decode_steps).
     # Also a fresh pool with the tiers attached, the prompt computed into it like the GPU-only one:
     # the same state, tiers or not (the issue's comparison); the first pool has this run's history.
     def gpu_only_pool():
-        return PagedKVPool(**model.kv_geometry(), kv_layout=kv_layout, num_pages=pool_tokens // PAGE, page_tokens=PAGE,
-                           chunk_tokens=CHUNK, cpu_bytes=0)
+        return PagedKVPool(
+            **model.kv_geometry(),
+            kv_layout=kv_layout,
+            num_pages=pool_tokens // PAGE,
+            page_tokens=PAGE,
+            chunk_tokens=CHUNK,
+            cpu_bytes=0,
+        )
 
     gpu_only = gpu_only_pool()
     fresh_dir = os.path.join(disk_dir, "fresh")
     os.makedirs(fresh_dir, exist_ok=True)
-    fresh = PagedKVPool(**model.kv_geometry(), kv_layout=kv_layout, num_pages=pool_tokens // PAGE, page_tokens=PAGE, chunk_tokens=CHUNK,
-                        cpu_bytes=(pool_tokens // CHUNK + 4) * block, disk_dir=fresh_dir,
-                        disk_bytes=(pool_tokens // CHUNK + 8) * (block + 4096) + (1 << 20), model_id=f"e2e-fresh-{n}",
-                        method=method)
+    fresh = PagedKVPool(
+        **model.kv_geometry(),
+        kv_layout=kv_layout,
+        num_pages=pool_tokens // PAGE,
+        page_tokens=PAGE,
+        chunk_tokens=CHUNK,
+        cpu_bytes=(pool_tokens // CHUNK + 4) * block,
+        disk_dir=fresh_dir,
+        disk_bytes=(pool_tokens // CHUNK + 8) * (block + 4096) + (1 << 20),
+        model_id=f"e2e-fresh-{n}",
+        method=method,
+    )
     gpu_only_b = gpu_only_pool()  # an A/A control: the noise floor
     for p in (gpu_only, gpu_only_b, fresh):
         Engine(model, p, prefill_tokens=prefill_step).generate([prompt], 1)
     pool.cache.drain()  # no write-back or copy of the cases above still running
-    step_s, same_tokens = decode_steps(model, {"with_tiers": pool, "fresh_with_tiers": fresh, "gpu_only": gpu_only,
-                                               "gpu_only_b": gpu_only_b}, prompt, device, prefill_step)
+    step_s, same_tokens = decode_steps(
+        model,
+        {"with_tiers": pool, "fresh_with_tiers": fresh, "gpu_only": gpu_only, "gpu_only_b": gpu_only_b},
+        prompt,
+        device,
+        prefill_step,
+    )
     # Per step, the GPU-only pool's time over the other pool's (tokens/s ratio; above 1: faster).
-    paired = {k: _spread([b / a for a, b in zip(step_s[k], step_s["gpu_only"])])
-              for k in ("fresh_with_tiers", "with_tiers", "gpu_only_b")}
+    paired = {
+        k: _spread([b / a for a, b in zip(step_s[k], step_s["gpu_only"])])
+        for k in ("fresh_with_tiers", "with_tiers", "gpu_only_b")
+    }
     decode = {k: 1.0 / sorted(v)[len(v) // 2] for k, v in step_s.items()}
     gpu_only.close()
     gpu_only_b.close()
@@ -252,9 +303,14 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
     pool.close()
     rows = []
     for case in ("gpu_hit", "cpu_hit", "disk_hit", "disk_hit_planned", "disk_hit_split", "half_prefix_gpu_hit"):
-        row = {"case": f"ttft_{case}_{n}", "value": round(out[case], 4), "unit": "s",
-               "baseline": f"ttft_recompute_{n}", "baseline_value": round(out["recompute"], 4),
-               "ratio": round(out["recompute"] / out[case], 3)}
+        row = {
+            "case": f"ttft_{case}_{n}",
+            "value": round(out[case], 4),
+            "unit": "s",
+            "baseline": f"ttft_recompute_{n}",
+            "baseline_value": round(out["recompute"], 4),
+            "ratio": round(out["recompute"] / out[case], 3),
+        }
         if case in timeline:
             row["timeline_s"] = timeline[case]
             row["reps_s"] = reps[case]
@@ -262,36 +318,57 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, disk_gbps: float,
         if case == "disk_hit":
             row["note"] = f"{disk_loaded} tokens loaded from disk"
         if case == "disk_hit_planned":
-            row["note"] = (f"planner: {planned['loaded']} tokens loaded, {planned['recomputed']} recomputed "
-                           f"(disk {disk_gbps} GB/s, cpu calibrated {planner.bandwidth['cpu'] / 1e9:.1f} GB/s)")
+            row["note"] = (
+                f"planner: {planned['loaded']} tokens loaded, {planned['recomputed']} recomputed "
+                f"(disk {disk_gbps} GB/s, cpu calibrated {planner.bandwidth['cpu'] / 1e9:.1f} GB/s)"
+            )
         if case == "disk_hit_split":
             sp = planned["split"]
             if "head_chunks" not in sp:  # the planner was never asked: no lower-tier hit to plan
                 row["note"] = f"split planner: no plan (no lower-tier hit; {sp['loaded']} tokens loaded)"
                 rows.append(row)
                 continue
-            row["note"] = (f"split planner: {sp['head_chunks'] * CHUNK} tokens recomputed while {sp['load_chunks'] * CHUNK} "
-                           f"were read from disk ({sp['loaded']} landed); modelled {sp['modelled_s']['split']:.3f} s "
-                           f"vs recompute {sp['modelled_s']['recompute']:.3f} s, load {sp['modelled_s']['load']:.3f} s; "
-                           f"first token {'equal to' if split_same_token else 'DIFFERENT from'} the recompute's; "
-                           f"head queued and tail asked for at {split_marks.get('tail_asked')} s, tail ready at "
-                           f"{split_marks.get('tail_ready')} s")
+            row["note"] = (
+                f"split planner: {sp['head_chunks'] * CHUNK} tokens recomputed while {sp['load_chunks'] * CHUNK} "
+                f"were read from disk ({sp['loaded']} landed); modelled {sp['modelled_s']['split']:.3f} s "
+                f"vs recompute {sp['modelled_s']['recompute']:.3f} s, load {sp['modelled_s']['load']:.3f} s; "
+                f"first token {'equal to' if split_same_token else 'DIFFERENT from'} the recompute's; "
+                f"head queued and tail asked for at {split_marks.get('tail_asked')} s, tail ready at "
+                f"{split_marks.get('tail_ready')} s"
+            )
         rows.append(row)
-    rows.append({"case": f"decode_tokens_per_s_{n}", "value": round(decode["fresh_with_tiers"], 2), "unit": "tokens/s",
-                 "baseline": "decode_gpu_only_pool", "baseline_value": round(decode["gpu_only"], 2),
-                 "ratio": round(decode["fresh_with_tiers"] / decode["gpu_only"], 4),
-                 "paired_ratio": paired["fresh_with_tiers"], "aa_paired_ratio": paired["gpu_only_b"],
-                 "note": (f"{DECODE_STEPS} decode steps after a {n}-token prompt computed into each pool, the "
-                          f"pools' steps interleaved one by one (each timed alone, synchronised); tokens/s = 1 / "
-                          f"median step; A/A control (a second GPU-only pool vs the first): "
-                          f"{decode['gpu_only_b'] / decode['gpu_only']:.4f}; per-step ratios (median [q1, q3]): "
-                          f"tiers {_fmt(paired['fresh_with_tiers'])}, A/A {_fmt(paired['gpu_only_b'])}; greedy "
-                          f"tokens {'identical' if same_tokens else 'not identical'} across the pools")})
-    rows.append({"case": f"decode_after_tier_loads_tokens_per_s_{n}", "value": round(decode["with_tiers"], 2),
-                 "unit": "tokens/s", "baseline": "decode_gpu_only_pool", "baseline_value": round(decode["gpu_only"], 2),
-                 "ratio": round(decode["with_tiers"] / decode["gpu_only"], 4),
-                 "paired_ratio": paired["with_tiers"],
-                 "note": "the pool of the cases above: the prompt's pages came from the CPU tier, after eviction churn"})
+    rows.append(
+        {
+            "case": f"decode_tokens_per_s_{n}",
+            "value": round(decode["fresh_with_tiers"], 2),
+            "unit": "tokens/s",
+            "baseline": "decode_gpu_only_pool",
+            "baseline_value": round(decode["gpu_only"], 2),
+            "ratio": round(decode["fresh_with_tiers"] / decode["gpu_only"], 4),
+            "paired_ratio": paired["fresh_with_tiers"],
+            "aa_paired_ratio": paired["gpu_only_b"],
+            "note": (
+                f"{DECODE_STEPS} decode steps after a {n}-token prompt computed into each pool, the "
+                f"pools' steps interleaved one by one (each timed alone, synchronised); tokens/s = 1 / "
+                f"median step; A/A control (a second GPU-only pool vs the first): "
+                f"{decode['gpu_only_b'] / decode['gpu_only']:.4f}; per-step ratios (median [q1, q3]): "
+                f"tiers {_fmt(paired['fresh_with_tiers'])}, A/A {_fmt(paired['gpu_only_b'])}; greedy "
+                f"tokens {'identical' if same_tokens else 'not identical'} across the pools"
+            ),
+        }
+    )
+    rows.append(
+        {
+            "case": f"decode_after_tier_loads_tokens_per_s_{n}",
+            "value": round(decode["with_tiers"], 2),
+            "unit": "tokens/s",
+            "baseline": "decode_gpu_only_pool",
+            "baseline_value": round(decode["gpu_only"], 2),
+            "ratio": round(decode["with_tiers"] / decode["gpu_only"], 4),
+            "paired_ratio": paired["with_tiers"],
+            "note": "the pool of the cases above: the prompt's pages came from the CPU tier, after eviction churn",
+        }
+    )
     print(json.dumps(rows), flush=True)
     return rows
 
@@ -363,31 +440,60 @@ def disk_probe(directory: str, nbytes: int = 1 << 30, block: int = 32 << 20) -> 
     finally:
         os.close(fd)
         os.unlink(path)
-    return {"read_gbps": round(n * block / read_s / 1e9, 3), "write_gbps": round(n * block / write_s / 1e9, 3),
-            "bytes": n * block, "block_bytes": block, "queue_depth": 1, "dir": directory}
+    return {
+        "read_gbps": round(n * block / read_s / 1e9, 3),
+        "write_gbps": round(n * block / write_s / 1e9, 3),
+        "bytes": n * block,
+        "block_bytes": block,
+        "queue_depth": 1,
+        "dir": directory,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="4096,16384,32768")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke test on a CPU)")
-    ap.add_argument("--disk-gbps", type=float, default=0.0,
-                    help="disk read bandwidth for the planner; 0: the disk-hit case's measured rate")
-    ap.add_argument("--prefill-step", type=int, default=0,
-                    help="prefill in steps of this many tokens (a divisor of the chunk, 256); 0: the "
-                         "uncached part of the prompt in one step, the fastest recompute (the baseline)")
-    ap.add_argument("--kv-layout", default="vllm", choices=("vllm", "cross_layer"),
-                    help="the pool's KV layout: vllm (a tensor per layer: loads land layer by layer, "
-                         "so layer 0 computes while later layers copy) or cross_layer (a page holds "
-                         "every layer: one large copy per page, all layers land together)")
-    ap.add_argument("--method", default="auto", choices=("auto", "direct", "staged", "zero_copy"),
-                    help="how the CPU tier's copies run (CacheConfig.method); zero_copy leaves the "
-                         "copy engines free for the compute stream's own small uploads")
-    ap.add_argument("--max-writebacks", type=int, default=64,
-                    help="the disk tier's write-back bound (CacheConfig.disk_max_writebacks_in_flight)")
-    ap.add_argument("--suffix", default="",
-                    help="appended to the workload name: a variant of the same options (e.g. an A/A control); a rerun "
-                         "replaces the earlier file in bench/results (bench/results/README.md), git keeps the old one")
+    ap.add_argument(
+        "--disk-gbps",
+        type=float,
+        default=0.0,
+        help="disk read bandwidth for the planner; 0: the disk-hit case's measured rate",
+    )
+    ap.add_argument(
+        "--prefill-step",
+        type=int,
+        default=0,
+        help="prefill in steps of this many tokens (a divisor of the chunk, 256); 0: the "
+        "uncached part of the prompt in one step, the fastest recompute (the baseline)",
+    )
+    ap.add_argument(
+        "--kv-layout",
+        default="vllm",
+        choices=("vllm", "cross_layer"),
+        help="the pool's KV layout: vllm (a tensor per layer: loads land layer by layer, "
+        "so layer 0 computes while later layers copy) or cross_layer (a page holds "
+        "every layer: one large copy per page, all layers land together)",
+    )
+    ap.add_argument(
+        "--method",
+        default="auto",
+        choices=("auto", "direct", "staged", "zero_copy"),
+        help="how the CPU tier's copies run (CacheConfig.method); zero_copy leaves the "
+        "copy engines free for the compute stream's own small uploads",
+    )
+    ap.add_argument(
+        "--max-writebacks",
+        type=int,
+        default=64,
+        help="the disk tier's write-back bound (CacheConfig.disk_max_writebacks_in_flight)",
+    )
+    ap.add_argument(
+        "--suffix",
+        default="",
+        help="appended to the workload name: a variant of the same options (e.g. an A/A control); a rerun "
+        "replaces the earlier file in bench/results (bench/results/README.md), git keeps the old one",
+    )
     ap.add_argument("--out", default="")
     ap.add_argument("--plot-from", default="", help="only draw the PNG from this JSON")
     args = ap.parse_args()
@@ -398,18 +504,31 @@ def main() -> None:
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = Llama(LlamaConfig(**(TINY if args.tiny else LLAMA3_8B)), seed=0, dtype=dtype, device=device,
-                  init_on_device=True)
+    model = Llama(
+        LlamaConfig(**(TINY if args.tiny else LLAMA3_8B)), seed=0, dtype=dtype, device=device, init_on_device=True
+    )
     gen = torch.Generator().manual_seed(1)
     results = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("KVTIER_BENCH_DISK_DIR", "/tmp")) as d:
-        probe = disk_probe(d, nbytes=(64 << 20) if args.tiny else (1 << 30), block=(4 << 20) if args.tiny else (32 << 20))
+        probe = disk_probe(
+            d, nbytes=(64 << 20) if args.tiny else (1 << 30), block=(4 << 20) if args.tiny else (32 << 20)
+        )
         print(f"disk probe: {probe}", flush=True)
         for n in (int(x) for x in args.lengths.split(",")):
             sub = os.path.join(d, str(n))
             os.makedirs(sub)
-            results += run_length(model, n, device, sub, gen, args.disk_gbps, args.prefill_step or None,
-                                  args.kv_layout, args.method, args.max_writebacks)
+            results += run_length(
+                model,
+                n,
+                device,
+                sub,
+                gen,
+                args.disk_gbps,
+                args.prefill_step or None,
+                args.kv_layout,
+                args.method,
+                args.max_writebacks,
+            )
             shutil.rmtree(sub)  # its disk-tier files: the next length needs the space
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     workload = "tiny" if args.tiny else "llama3_8b_ttft"
@@ -423,26 +542,39 @@ def main() -> None:
         workload += f"_writebacks{args.max_writebacks}"
     if args.suffix:
         workload += f"_{args.suffix}"
-    publish("bench_e2e", workload, "cpu" if gpu is None else gpu.split()[1].lower(),
-            results, args.out, machine_name=machine(gpu), disk_probe=probe, kv_layout=args.kv_layout, method=args.method,
-            disk_max_writebacks_in_flight=args.max_writebacks,
-            # The engine's small uploads do not wait behind a load (kvtier.upload): layer l
-            # computes once its pages land, so a lower-tier hit costs about its load plus the
-            # last layer, not load + forward.
-            load_compute_overlap=True,
-            # A step of at least this many tokens after a cached prefix runs its attention as
-            # two cuDNN calls (paged_llama._attend_split; bench_attention measures both paths).
-            attention_split_min_queries=SPLIT_MIN_QUERIES,
-            # The warm-up also serves a prompt of n - 512 tokens, off the buckets, in a scratch
-            # pool (true: in this run's pool)
-            warm_off_bucket="scratch_pool",
-            # The steps kvtier.sim.validate replays: the disk tier's size (DISK_TIER_CHUNKS) and
-            # the second recompute of a fresh prompt.
-            disk_tier_chunks=list(DISK_TIER_CHUNKS), second_recompute=True,
-            # torch's experimental opt-in for cuDNN attention without a plan per sequence length
-            torch_cudnn_sdpa_avoid_recompile=os.environ.get("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "0") == "1",
-            prefill=(f"{args.prefill_step}-token steps" if args.prefill_step
-                     else "the uncached part of each prompt in one step (as transformers' SDPA path)"))
+    publish(
+        "bench_e2e",
+        workload,
+        "cpu" if gpu is None else gpu.split()[1].lower(),
+        results,
+        args.out,
+        machine_name=machine(gpu),
+        disk_probe=probe,
+        kv_layout=args.kv_layout,
+        method=args.method,
+        disk_max_writebacks_in_flight=args.max_writebacks,
+        # The engine's small uploads do not wait behind a load (kvtier.upload): layer l
+        # computes once its pages land, so a lower-tier hit costs about its load plus the
+        # last layer, not load + forward.
+        load_compute_overlap=True,
+        # A step of at least this many tokens after a cached prefix runs its attention as
+        # two cuDNN calls (paged_llama._attend_split; bench_attention measures both paths).
+        attention_split_min_queries=SPLIT_MIN_QUERIES,
+        # The warm-up also serves a prompt of n - 512 tokens, off the buckets, in a scratch
+        # pool (true: in this run's pool)
+        warm_off_bucket="scratch_pool",
+        # The steps kvtier.sim.validate replays: the disk tier's size (DISK_TIER_CHUNKS) and
+        # the second recompute of a fresh prompt.
+        disk_tier_chunks=list(DISK_TIER_CHUNKS),
+        second_recompute=True,
+        # torch's experimental opt-in for cuDNN attention without a plan per sequence length
+        torch_cudnn_sdpa_avoid_recompile=os.environ.get("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "0") == "1",
+        prefill=(
+            f"{args.prefill_step}-token steps"
+            if args.prefill_step
+            else "the uncached part of each prompt in one step (as transformers' SDPA path)"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -22,16 +22,15 @@ import sys
 import time
 from pathlib import Path
 
+import kvtier
 import numpy as np
 import torch
-
-import kvtier
 from bench_report import git_commit as commit
 from bench_report import machine as _machine
 from kvtier.pool import PagedKVPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_trace_replay import CT, load_trace, request_tokens  # noqa: E402
+from test_trace_replay import CT, load_trace, request_tokens
 
 
 def best_of(fn, reps=7) -> float:
@@ -58,17 +57,26 @@ def overhead_cases() -> list[dict]:
 
     def case(name, api, raw):
         t_api, t_raw = best_of(api) / n_chunks * 1e6, best_of(raw) / n_chunks * 1e6
-        out.append({"case": name, "value": round(t_api, 3), "unit": "us/chunk",
-                    "baseline": name.replace("kvcache_", "raw_cpp_tier_"), "baseline_value": round(t_raw, 3),
-                    "ratio": round(t_raw / t_api, 4),
-                    "note": f"python overhead {t_api - t_raw:.2f} us/chunk (target <= 5)"})
+        out.append(
+            {
+                "case": name,
+                "value": round(t_api, 3),
+                "unit": "us/chunk",
+                "baseline": name.replace("kvcache_", "raw_cpp_tier_"),
+                "baseline_value": round(t_raw, 3),
+                "ratio": round(t_raw / t_api, 4),
+                "note": f"python overhead {t_api - t_raw:.2f} us/chunk (target <= 5)",
+            }
+        )
 
     case("kvcache_lookup_per_chunk", lambda: cache.lookup(tokens), lambda: tier.lookup(keys))
     # store of chunks already cached: the full API path with no copy to make
-    case("kvcache_store_per_chunk", lambda: cache.store(tokens, src).wait(),
-         lambda: tier.store(keys, src))
-    case("kvcache_load_per_chunk", lambda: cache.load(tokens, dst).wait(),
-         lambda: tier.load(keys, dst).transfer.wait(10.0))
+    case("kvcache_store_per_chunk", lambda: cache.store(tokens, src).wait(), lambda: tier.store(keys, src))
+    case(
+        "kvcache_load_per_chunk",
+        lambda: cache.load(tokens, dst).wait(),
+        lambda: tier.load(keys, dst).transfer.wait(10.0),
+    )
     cache.close()
     return out
 
@@ -78,8 +86,16 @@ def replay_case(limit: int | None) -> dict:
     token_lists = [request_tokens(r) for r in rows]
 
     def run_pool():
-        pool = PagedKVPool(num_layers=1, kv_heads=1, head_dim=8, num_pages=2048, page_tokens=CT,
-                           chunk_tokens=CT, dtype=torch.float32, cpu_bytes=4096 * 4096)
+        pool = PagedKVPool(
+            num_layers=1,
+            kv_heads=1,
+            head_dim=8,
+            num_pages=2048,
+            page_tokens=CT,
+            chunk_tokens=CT,
+            dtype=torch.float32,
+            cpu_bytes=4096 * 4096,
+        )
         for toks in token_lists:
             seq = pool.begin(toks)
             pool.commit(seq, toks)
@@ -106,11 +122,16 @@ def replay_case(limit: int | None) -> dict:
     t_pool = best_of(run_pool, reps=3)
     t_raw = best_of(run_raw, reps=3)
     n = len(rows)
-    return {"case": "replay_requests_per_s", "value": round(n / t_pool, 1), "unit": "requests/s",
-            "baseline": "raw_cpp_tier_same_chunk_ops", "baseline_value": round(n / t_raw, 1),
-            "ratio": round(t_raw / t_pool, 4),
-            "note": f"Mooncake synthetic trace, {n} requests, {sum(len(t) // CT for t in token_lists)} chunks; "
-                    "pool: key hashing + GPU-tier page tables + CPU tier; raw: precomputed keys, lookup + store"}
+    return {
+        "case": "replay_requests_per_s",
+        "value": round(n / t_pool, 1),
+        "unit": "requests/s",
+        "baseline": "raw_cpp_tier_same_chunk_ops",
+        "baseline_value": round(n / t_raw, 1),
+        "ratio": round(t_raw / t_pool, 4),
+        "note": f"Mooncake synthetic trace, {n} requests, {sum(len(t) // CT for t in token_lists)} chunks; "
+        "pool: key hashing + GPU-tier page tables + CPU tier; raw: precomputed keys, lookup + store",
+    }
 
 
 def main() -> None:
@@ -120,8 +141,14 @@ def main() -> None:
     args = ap.parse_args()
     results = overhead_cases() + [replay_case(args.rows or None)]
     date = dt.date.today().isoformat()
-    doc = {"bench": "bench_engine", "workload": "overhead_and_replay", "machine": _machine(), "date": date,
-           "commit": commit(), "results": results}
+    doc = {
+        "bench": "bench_engine",
+        "workload": "overhead_and_replay",
+        "machine": _machine(),
+        "date": date,
+        "commit": commit(),
+        "results": results,
+    }
     text = json.dumps(doc, indent=2)
     print(text)
     if args.out:

@@ -53,15 +53,29 @@ def main() -> int:
         times["per_call"].append(per_call(lambda: PageCopier(src, dst, 1).segments(sp, dp)))
         times["once"].append(per_call(lambda: cached.segments(sp, dp)))
     us = {k: statistics.median(v) * 1e6 for k, v in times.items()}
-    results = [{
-        "case": "page_copier_built_once", "value": round(us["once"], 1), "unit": "us/call",
-        "baseline": "copy_pages_built_per_call", "baseline_value": round(us["per_call"], 1),
-        "ratio": round(us["per_call"] / us["once"], 2),
-        "note": (f"host work before the core copy for 1024 byte ranges (32 layers x K/V x 16 chunk runs); "
-                 f"median of {args.reps} x {args.calls} calls; ratio = baseline / value (time: lower is better)"),
-    }]
-    publish("bench_ipc_host", "llama3_8b_4096tok", "cpu", results, args.out, indent=1,
-            samples_us={k: [round(t * 1e6, 1) for t in v] for k, v in times.items()})
+    results = [
+        {
+            "case": "page_copier_built_once",
+            "value": round(us["once"], 1),
+            "unit": "us/call",
+            "baseline": "copy_pages_built_per_call",
+            "baseline_value": round(us["per_call"], 1),
+            "ratio": round(us["per_call"] / us["once"], 2),
+            "note": (
+                f"host work before the core copy for 1024 byte ranges (32 layers x K/V x 16 chunk runs); "
+                f"median of {args.reps} x {args.calls} calls; ratio = baseline / value (time: lower is better)"
+            ),
+        }
+    ]
+    publish(
+        "bench_ipc_host",
+        "llama3_8b_4096tok",
+        "cpu",
+        results,
+        args.out,
+        indent=1,
+        samples_us={k: [round(t * 1e6, 1) for t in v] for k, v in times.items()},
+    )
     return 0
 
 

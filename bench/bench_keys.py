@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from kvtier.keys import chunk_keys, namespace_key
-
 from bench_report import cpu_model, git_commit
+from kvtier.keys import chunk_keys, namespace_key
 
 BENCH = "bench_keys"
 WORKLOAD = "chunk_keys_128k_tokens"
@@ -75,9 +74,7 @@ def main() -> None:
         assert len(chunk_keys(tokens, CHUNK_TOKENS, namespace)) == expected_keys
         # Baseline and case alternate per case so that drift on the machine hits both alike.
         baseline = best_ms(lambda: hashlib.blake2b(payload, digest_size=16).digest(), args.reps)
-        value = best_ms(
-            lambda tokens=tokens: chunk_keys(tokens, CHUNK_TOKENS, namespace), args.reps
-        )
+        value = best_ms(lambda tokens=tokens: chunk_keys(tokens, CHUNK_TOKENS, namespace), args.reps)
         results.append(
             {
                 "case": case,

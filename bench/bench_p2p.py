@@ -48,8 +48,7 @@ def make_tier(chunks: int, pages: int):
     from kvtier import _core
 
     scratch = np.zeros(pages * BLOB, dtype=np.uint8)
-    tier = _core.CpuTier([(scratch.ctypes.data, BLOB, BLOB, pages)], -1, 1, [[0]], chunks * BLOB, "cpu",
-                         1 << 20, 2)
+    tier = _core.CpuTier([(scratch.ctypes.data, BLOB, BLOB, pages)], -1, 1, [[0]], chunks * BLOB, "cpu", 1 << 20, 2)
     return tier, scratch
 
 
@@ -76,8 +75,14 @@ def server(q, stop, sets: int, checksum: str) -> None:
     raw = socket.socket()
     raw.bind(("127.0.0.1", 0))
     raw.listen(1)
-    q.put({"peer": f"{svc.address[0]}:{svc.address[1]}", "raw_port": raw.getsockname()[1], "crcs": crcs,
-           "pool_pinned": bool(tier.pinned)})
+    q.put(
+        {
+            "peer": f"{svc.address[0]}:{svc.address[1]}",
+            "raw_port": raw.getsockname()[1],
+            "crcs": crcs,
+            "pool_pinned": bool(tier.pinned),
+        }
+    )
     conn, _ = raw.accept()
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     while True:
@@ -169,15 +174,25 @@ def run_variant(checksum: str, reps: int) -> tuple[list[dict], dict]:
         gbps = {k: CHUNKS * BLOB / statistics.median(v) / 1e9 for k, v in times.items()}
         base = gbps["raw"]
         results = [
-            {"case": f"p2p_pull_{algo}", "value": round(gbps["pull"], 3), "unit": "GB/s",
-             "baseline": "raw_python_socket", "baseline_value": round(base, 3),
-             "ratio": round(gbps["pull"] / base, 3),
-             "note": f"lookup + confirm + pull of 16 x 32 MiB into the pool, {algo} checksums; "
-                     f"median of {reps}; pool pinned={info['pool_pinned']}"},
-            {"case": f"p2p_load_{algo}", "value": round(gbps["load"], 3), "unit": "GB/s",
-             "baseline": "raw_python_socket", "baseline_value": round(base, 3),
-             "ratio": round(gbps["load"] / base, 3),
-             "note": "as p2p_pull, plus the scatter of each chunk into the pages (CPU layout) as it lands"},
+            {
+                "case": f"p2p_pull_{algo}",
+                "value": round(gbps["pull"], 3),
+                "unit": "GB/s",
+                "baseline": "raw_python_socket",
+                "baseline_value": round(base, 3),
+                "ratio": round(gbps["pull"] / base, 3),
+                "note": f"lookup + confirm + pull of 16 x 32 MiB into the pool, {algo} checksums; "
+                f"median of {reps}; pool pinned={info['pool_pinned']}",
+            },
+            {
+                "case": f"p2p_load_{algo}",
+                "value": round(gbps["load"], 3),
+                "unit": "GB/s",
+                "baseline": "raw_python_socket",
+                "baseline_value": round(base, 3),
+                "ratio": round(gbps["load"] / base, 3),
+                "note": "as p2p_pull, plus the scatter of each chunk into the pages (CPU layout) as it lands",
+            },
         ]
         raw_times = {k: [round(CHUNKS * BLOB / t / 1e9, 3) for t in v] for k, v in times.items()}
         return results, raw_times

@@ -44,8 +44,10 @@ SECRET = "bench-p2p-gpu-secret"
 
 def _kv(torch, pages: int, device: str, seed: int):
     g = torch.Generator(device=device).manual_seed(seed)
-    return [torch.randn(2, pages, PAGE, KV_HEADS, HEAD_DIM, device=device, generator=g, dtype=torch.bfloat16)
-            for _ in range(LAYERS)]
+    return [
+        torch.randn(2, pages, PAGE, KV_HEADS, HEAD_DIM, device=device, generator=g, dtype=torch.bfloat16)
+        for _ in range(LAYERS)
+    ]
 
 
 # -- CUDA IPC ------------------------------------------------------------------------------------
@@ -55,8 +57,10 @@ def _targets(pool_pages: int, nbytes: int, src_dev: str, dst_dev: str):
     (torch D2D between the same GPUs), with a stream on ``dst_dev``."""
     import torch
 
-    dst = [torch.zeros(2, pool_pages, PAGE, KV_HEADS, HEAD_DIM, device=dst_dev, dtype=torch.bfloat16)
-           for _ in range(LAYERS)]
+    dst = [
+        torch.zeros(2, pool_pages, PAGE, KV_HEADS, HEAD_DIM, device=dst_dev, dtype=torch.bfloat16)
+        for _ in range(LAYERS)
+    ]
     a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=src_dev).normal_()
     return dst, a, torch.empty_like(a, device=dst_dev), torch.cuda.Stream(dst_dev)
 
@@ -94,11 +98,12 @@ def _push_probe(q, handles, device: int, src_pages: list[int], pages: int) -> No
 
         torch.cuda.set_device(device)
         src = import_tensors(handles, device=device)
-        dst = [torch.zeros(2, pages, PAGE, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
-               for _ in range(LAYERS)]
+        dst = [
+            torch.zeros(2, pages, PAGE, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16) for _ in range(LAYERS)
+        ]
         copy_pages(src, dst, src_pages, list(range(len(src_pages))), page_dim=1, method="push")
         torch.cuda.synchronize()
-        ok = all(torch.equal(s[:, src_pages], d[:, :len(src_pages)]) for s, d in zip(src, dst))
+        ok = all(torch.equal(s[:, src_pages], d[:, : len(src_pages)]) for s, d in zip(src, dst))
         q.put(None if ok else "push probe: the copy is not bit-exact")
     except Exception as e:  # noqa: BLE001 - reported to B as text
         q.put(f"push probe: {type(e).__name__}: {e}")
@@ -135,8 +140,17 @@ def _probe_push(ctx, handles, device: int, src_pages: list[int], pages: int) -> 
     return _child_answer(ctx, _push_probe, (handles, device, src_pages, pages), 300, "push probe")
 
 
-def _push_source_mapping(q, handles, src_index: int, dst_index: int, pool_pages: int, src_pages: list[int],
-                         dst_pages: list[int], nbytes: int, reps: int) -> None:
+def _push_source_mapping(
+    q,
+    handles,
+    src_index: int,
+    dst_index: int,
+    pool_pages: int,
+    src_pages: list[int],
+    dst_pages: list[int],
+    nbytes: int,
+    reps: int,
+) -> None:
     """'push' with A's memory mapped on the sources' GPU (``src_index``, A's): the kernel runs
     there, reading local memory, and writes into this process's tensors on ``dst_index`` through
     peer access. Alternates with a torch D2D copy of the same bytes between the same GPUs, in this
@@ -231,9 +245,13 @@ def bench_ipc(reps: int) -> list[dict]:
             print("ipc: no push_source_mapping row: needs two GPUs", file=sys.stderr, flush=True)
         else:
             src_index = torch.device(src_dev).index
-            pushed = _child_answer(ctx, _push_source_mapping, (handles, src_index, dst_index, pool_pages, src_pages,
-                                                                 dst_pages, nbytes, reps),
-                                   c_timeout, "push_source_mapping")
+            pushed = _child_answer(
+                ctx,
+                _push_source_mapping,
+                (handles, src_index, dst_index, pool_pages, src_pages, dst_pages, nbytes, reps),
+                c_timeout,
+                "push_source_mapping",
+            )
             if not isinstance(pushed, dict):
                 print(f"ipc: no push_source_mapping row: {pushed}", file=sys.stderr, flush=True)
                 pushed = None
@@ -259,6 +277,7 @@ def bench_ipc(reps: int) -> list[dict]:
             def run():
                 assert copier.copy(src_pages, dst_pages, stream=stream, method=method) == method
                 stream.synchronize()
+
             return run
 
         def d2d():
@@ -309,25 +328,49 @@ def bench_ipc(reps: int) -> list[dict]:
     finally:
         done.set()
         p.join(60)
-    where = {"dma": "", "kernel": f", kernel on cuda:{dst_index}",
-             "push": (f", kernel on cuda:{push_dev} (the GPU the runtime names for A's memory, mapped in B "
-                      f"on cuda:{dst_index})" + (", i.e. as 'kernel'" if push_dev == dst_index else ""))}
-    what = (f"{nbytes >> 20} MiB in {chunks} chunks of {ppc} pages, {src_dev} (process A) -> {dst_dev} "
-            f"(process {{}}), {len(src_pages) // ppc * LAYERS * 2} byte ranges")
-    rows = [{"case": f"cuda_ipc_gpu_to_gpu_{m}", "value": round(gbps[m], 2), "unit": "GB/s",
-             "baseline": "torch_d2d_one_process", "baseline_value": round(base, 2), "ratio": round(gbps[m] / base, 4),
-             "note": (f"{what.format('B')}, PageCopier.copy(method={m!r}){where[m]}; median of {reps}; bit-exact")}
-            for m in methods]
+    where = {
+        "dma": "",
+        "kernel": f", kernel on cuda:{dst_index}",
+        "push": (
+            f", kernel on cuda:{push_dev} (the GPU the runtime names for A's memory, mapped in B "
+            f"on cuda:{dst_index})" + (", i.e. as 'kernel'" if push_dev == dst_index else "")
+        ),
+    }
+    what = (
+        f"{nbytes >> 20} MiB in {chunks} chunks of {ppc} pages, {src_dev} (process A) -> {dst_dev} "
+        f"(process {{}}), {len(src_pages) // ppc * LAYERS * 2} byte ranges"
+    )
+    rows = [
+        {
+            "case": f"cuda_ipc_gpu_to_gpu_{m}",
+            "value": round(gbps[m], 2),
+            "unit": "GB/s",
+            "baseline": "torch_d2d_one_process",
+            "baseline_value": round(base, 2),
+            "ratio": round(gbps[m] / base, 4),
+            "note": (f"{what.format('B')}, PageCopier.copy(method={m!r}){where[m]}; median of {reps}; bit-exact"),
+        }
+        for m in methods
+    ]
     if pushed is not None:
         value, base_c = nbytes / pushed["push_s"] / 1e9, nbytes / pushed["d2d_s"] / 1e9
-        rows.append({"case": "cuda_ipc_gpu_to_gpu_push_source_mapping", "value": round(value, 2), "unit": "GB/s",
-                     "baseline": "torch_d2d_one_process", "baseline_value": round(base_c, 2),
-                     "ratio": round(value / base_c, 4),
-                     "note": (f"{what.format('C, spawned for this row')}, PageCopier.copy(method='push') with A's memory "
-                              f"mapped on the sources' GPU (import_tensors(handles, device={src_index})), kernel on "
-                              f"cuda:{pushed['push_device']} (push_device) writing into C's {dst_dev} tensors "
-                              f"through peer access; baseline torch D2D {src_dev} -> {dst_dev} measured in C, "
-                              f"alternating; median of {reps}; bit-exact")})
+        rows.append(
+            {
+                "case": "cuda_ipc_gpu_to_gpu_push_source_mapping",
+                "value": round(value, 2),
+                "unit": "GB/s",
+                "baseline": "torch_d2d_one_process",
+                "baseline_value": round(base_c, 2),
+                "ratio": round(value / base_c, 4),
+                "note": (
+                    f"{what.format('C, spawned for this row')}, PageCopier.copy(method='push') with A's memory "
+                    f"mapped on the sources' GPU (import_tensors(handles, device={src_index})), kernel on "
+                    f"cuda:{pushed['push_device']} (push_device) writing into C's {dst_dev} tensors "
+                    f"through peer access; baseline torch D2D {src_dev} -> {dst_dev} measured in C, "
+                    f"alternating; median of {reps}; bit-exact"
+                ),
+            }
+        )
     return rows
 
 
@@ -340,14 +383,26 @@ def _make_instance(device: str, tiny: bool, n: int, peers: dict, dtype_name: str
     dtype = getattr(torch, dtype_name)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    model = Llama(LlamaConfig(**(TINY if tiny else LLAMA3_8B)), seed=0, dtype=dtype, device=device,
-                  init_on_device=device.startswith("cuda"))
+    model = Llama(
+        LlamaConfig(**(TINY if tiny else LLAMA3_8B)),
+        seed=0,
+        dtype=dtype,
+        device=device,
+        init_on_device=device.startswith("cuda"),
+    )
     elem = torch.tensor([], dtype=dtype).element_size()
     kv_per_token = 2 * model.config.layers * model.config.kv_heads * model.config.head_dim * elem
     pool_tokens = 2 * (n + CHUNK)
-    pool = PagedKVPool(**model.kv_geometry(), num_pages=pool_tokens // PAGE, page_tokens=PAGE, chunk_tokens=CHUNK,
-                       cpu_bytes=(pool_tokens // CHUNK + 4) * CHUNK * kv_per_token, write_through=True,
-                       model_id="bench-p2p-ttft", peers=peers)
+    pool = PagedKVPool(
+        **model.kv_geometry(),
+        num_pages=pool_tokens // PAGE,
+        page_tokens=PAGE,
+        chunk_tokens=CHUNK,
+        cpu_bytes=(pool_tokens // CHUNK + 4) * CHUNK * kv_per_token,
+        write_through=True,
+        model_id="bench-p2p-ttft",
+        peers=peers,
+    )
     # One-step prefill by default (prefill_step None), the fastest recompute, as bench_e2e: a
     # recompute in 256-token steps is slower and would overstate the speed-up.
     return model, pool, Engine(model, pool, prefill_tokens=prefill_step)
@@ -367,8 +422,9 @@ def _instance_a(q, cmd, device: str, tiny: bool, n: int, dtype_name: str, prefil
     pool.close()
 
 
-def bench_ttft(lengths: list[int], tiny: bool, device_a: str, device_b: str, dtype_name: str,
-               prefill_step: int | None = None) -> list[dict]:
+def bench_ttft(
+    lengths: list[int], tiny: bool, device_a: str, device_b: str, dtype_name: str, prefill_step: int | None = None
+) -> list[dict]:
     import torch
 
     rows = []
@@ -405,13 +461,22 @@ def bench_ttft(lengths: list[int], tiny: bool, device_a: str, device_b: str, dty
             # (bf16), so the first token is recorded there, not asserted (tests check exactness).
             same = g.tokens[0] == first_a
             assert same or prefill_step is None, "B's first token differs from A's"
-            rows.append({"case": f"ttft_peer_prefix_{n}", "value": round(g.ttft_s, 4), "unit": "s",
-                         "baseline": f"ttft_recompute_{n}", "baseline_value": round(r.ttft_s, 4),
-                         "ratio": round(r.ttft_s / g.ttft_s, 3),
-                         "note": (f"{pulled} chunks ({g.lower_hit_tokens} tokens) pulled from A over loopback "
-                                  f"TCP; A ({device_a}) computed it in {ttft_a:.3f} s; B on {device_b}; "
-                                  f"{'same first token' if same else 'first token DIFFERENT from A (rounding)'}; "
-                                  f"prefill {'in one step' if prefill_step is None else f'in {prefill_step}-token steps'}")})
+            rows.append(
+                {
+                    "case": f"ttft_peer_prefix_{n}",
+                    "value": round(g.ttft_s, 4),
+                    "unit": "s",
+                    "baseline": f"ttft_recompute_{n}",
+                    "baseline_value": round(r.ttft_s, 4),
+                    "ratio": round(r.ttft_s / g.ttft_s, 3),
+                    "note": (
+                        f"{pulled} chunks ({g.lower_hit_tokens} tokens) pulled from A over loopback "
+                        f"TCP; A ({device_a}) computed it in {ttft_a:.3f} s; B on {device_b}; "
+                        f"{'same first token' if same else 'first token DIFFERENT from A (rounding)'}; "
+                        f"prefill {'in one step' if prefill_step is None else f'in {prefill_step}-token steps'}"
+                    ),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
         pool.close()
     finally:
@@ -428,9 +493,13 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096,16384,32768")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU: a smoke test of the TTFT path")
-    ap.add_argument("--prefill-step", type=int, default=0,
-                    help="TTFT workload: prefill in steps of this many tokens (0: the rest of the prompt in one "
-                         "step, the fastest recompute and the default)")
+    ap.add_argument(
+        "--prefill-step",
+        type=int,
+        default=0,
+        help="TTFT workload: prefill in steps of this many tokens (0: the rest of the prompt in one "
+        "step, the fastest recompute and the default)",
+    )
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -453,12 +522,24 @@ def main() -> None:
         elif w == "ttft":
             dev_a = "cuda:0" if cuda else "cpu"
             dev_b = ("cuda:1" if ngpu > 1 else "cuda:0") if cuda else "cpu"
-            results += bench_ttft([int(x) for x in args.lengths.split(",")], args.tiny, dev_a, dev_b,
-                                  "bfloat16" if cuda else "float32", args.prefill_step or None)
+            results += bench_ttft(
+                [int(x) for x in args.lengths.split(",")],
+                args.tiny,
+                dev_a,
+                dev_b,
+                "bfloat16" if cuda else "float32",
+                args.prefill_step or None,
+            )
         else:
             raise SystemExit(f"unknown workload {w!r} (ipc, ttft)")
-    publish("bench_p2p_gpu", "tiny" if args.tiny else "llama3_8b_ipc_ttft", gpu.split()[1].lower() if gpu else "cpu",
-            results, args.out, machine_name=machine(f"{ngpu}x {gpu}" if gpu else None))
+    publish(
+        "bench_p2p_gpu",
+        "tiny" if args.tiny else "llama3_8b_ipc_ttft",
+        gpu.split()[1].lower() if gpu else "cpu",
+        results,
+        args.out,
+        machine_name=machine(f"{ngpu}x {gpu}" if gpu else None),
+    )
 
 
 if __name__ == "__main__":

@@ -41,10 +41,19 @@ def make_pool(mechanism: str, device: str, **peers):
     import torch
     from kvtier.pool import PagedKVPool
 
-    return PagedKVPool(num_layers=LAYERS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, num_pages=PAGES + 16,
-                       page_tokens=PAGE_TOKENS, chunk_tokens=CHUNK_TOKENS, dtype=torch.bfloat16, device=device,
-                       cpu_bytes=2 * 32 << 20, method="auto" if device.startswith("cuda") else "cpu",
-                       peers={**PEERS, "share_pool": mechanism, **peers})
+    return PagedKVPool(
+        num_layers=LAYERS,
+        kv_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        num_pages=PAGES + 16,
+        page_tokens=PAGE_TOKENS,
+        chunk_tokens=CHUNK_TOKENS,
+        dtype=torch.bfloat16,
+        device=device,
+        cpu_bytes=2 * 32 << 20,
+        method="auto" if device.startswith("cuda") else "cpu",
+        peers={**PEERS, "share_pool": mechanism, **peers},
+    )
 
 
 def prompt(rep: int) -> list[int]:
@@ -72,8 +81,9 @@ def exporter(mechanism: str, device: str, q, cmds) -> None:
             pool._evict(pool.num_pages)  # room for the new prompt (offloads what fits, untimed)
         seq = pool.begin(prompt(rep))
         g = torch.Generator(device=pool.kv.device).manual_seed(rep)
-        pool.kv[seq.page_table] = torch.randn(pool.kv[seq.page_table].shape, generator=g,
-                                              device=pool.kv.device).to(torch.bfloat16)
+        pool.kv[seq.page_table] = torch.randn(pool.kv[seq.page_table].shape, generator=g, device=pool.kv.device).to(
+            torch.bfloat16
+        )
         pool.commit(seq, prompt(rep))
         pages = list(seq.page_table)
         pool.release(seq)
@@ -142,19 +152,34 @@ def main() -> int:
         nbytes = PAGES * b.kv[0].numel() * 2
         gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
         st = svc.stats()
-        results = [{
-            "case": f"share_begin_{args.mechanism}", "value": round(gbps["share"], 3), "unit": "GB/s",
-            "baseline": f"bare_copy_{args.mechanism}", "baseline_value": round(gbps["bare"], 3),
-            "ratio": round(gbps["share"] / gbps["bare"], 3),
-            "note": (f"B.begin + wait of 4096 tokens held only in A's pool: lookup, confirm, GPU_PIN, page copy "
-                     f"(GPU_UNPIN in the background); median of {args.reps}; {st['gpu_chunks_copied']} chunks copied, "
-                     f"{st.get('chunks_pulled', 0)} pulled over TCP; bit-exact (SHA-256) every repetition; "
-                     f"median {statistics.median(times['share']) * 1e3:.1f} ms vs "
-                     f"{statistics.median(times['bare']) * 1e3:.1f} ms"),
-        }]
+        results = [
+            {
+                "case": f"share_begin_{args.mechanism}",
+                "value": round(gbps["share"], 3),
+                "unit": "GB/s",
+                "baseline": f"bare_copy_{args.mechanism}",
+                "baseline_value": round(gbps["bare"], 3),
+                "ratio": round(gbps["share"] / gbps["bare"], 3),
+                "note": (
+                    f"B.begin + wait of 4096 tokens held only in A's pool: lookup, confirm, GPU_PIN, page copy "
+                    f"(GPU_UNPIN in the background); median of {args.reps}; {st['gpu_chunks_copied']} chunks copied, "
+                    f"{st.get('chunks_pulled', 0)} pulled over TCP; bit-exact (SHA-256) every repetition; "
+                    f"median {statistics.median(times['share']) * 1e3:.1f} ms vs "
+                    f"{statistics.median(times['bare']) * 1e3:.1f} ms"
+                ),
+            }
+        ]
         samples = {k: [round(nbytes / t / 1e9, 3) for t in v] for k, v in times.items()}
-        publish("bench_p2p_share", "llama3_8b_4096tok", "cpu" if args.mechanism == "shm" else "gpu", results,
-                args.out, machine_name=machine(gpu_name) if gpu_name else None, indent=1, samples_gbps=samples)
+        publish(
+            "bench_p2p_share",
+            "llama3_8b_4096tok",
+            "cpu" if args.mechanism == "shm" else "gpu",
+            results,
+            args.out,
+            machine_name=machine(gpu_name) if gpu_name else None,
+            indent=1,
+            samples_gbps=samples,
+        )
         return 0
     finally:
         cmds.put(None)

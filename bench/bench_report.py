@@ -8,8 +8,17 @@ import os
 from kvtier.bench_info import cpu_model, git_commit, machine  # noqa: F401  (benches import them from here)
 
 
-def publish(bench: str, workload: str, tag: str, results: list[dict], out_dir: str | None, *,
-            machine_name: str | None = None, indent: int = 2, **extra) -> dict:
+def publish(
+    bench: str,
+    workload: str,
+    tag: str,
+    results: list[dict],
+    out_dir: str | None,
+    *,
+    machine_name: str | None = None,
+    indent: int = 2,
+    **extra,
+) -> dict:
     """Build the result document (BENCH.md), print it, and write it to
     ``out_dir/<bench>-<workload>-<tag>-<date>.json`` when ``out_dir`` is set. ``tag`` is the GPU
     ("h100") or "cpu"; ``extra`` keys are added to the document. Returns the document."""
@@ -17,8 +26,15 @@ def publish(bench: str, workload: str, tag: str, results: list[dict], out_dir: s
     import json
     import sys
 
-    doc = {"bench": bench, "workload": workload, "machine": machine_name or machine(),
-           "date": datetime.date.today().isoformat(), "commit": git_commit(), "results": results, **extra}
+    doc = {
+        "bench": bench,
+        "workload": workload,
+        "machine": machine_name or machine(),
+        "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
+        "results": results,
+        **extra,
+    }
     text = json.dumps(doc, indent=indent)
     print(text)
     if out_dir:

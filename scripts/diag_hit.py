@@ -37,15 +37,27 @@ def main() -> None:
     method = sys.argv[3] if len(sys.argv) > 3 else "auto"
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    model = Llama(LlamaConfig(**(LLAMA3_8B if cuda else TINY)), seed=0,
-                  dtype=torch.bfloat16 if cuda else torch.float32, device=device, init_on_device=cuda)
+    model = Llama(
+        LlamaConfig(**(LLAMA3_8B if cuda else TINY)),
+        seed=0,
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        device=device,
+        init_on_device=cuda,
+    )
     c = model.config
     elem = 2 if cuda else 4
     block = CHUNK * 2 * c.layers * c.kv_heads * c.head_dim * elem
     pool_tokens = 2 * (n + CHUNK)
-    pool = PagedKVPool(**model.kv_geometry(), kv_layout=layout, num_pages=pool_tokens // PAGE, page_tokens=PAGE,
-                       chunk_tokens=CHUNK, cpu_bytes=(pool_tokens // CHUNK + 4) * block, model_id="diag",
-                       method=method if cuda else "auto")
+    pool = PagedKVPool(
+        **model.kv_geometry(),
+        kv_layout=layout,
+        num_pages=pool_tokens // PAGE,
+        page_tokens=PAGE,
+        chunk_tokens=CHUNK,
+        cpu_bytes=(pool_tokens // CHUNK + 4) * block,
+        model_id="diag",
+        method=method if cuda else "auto",
+    )
     engine = Engine(model, pool, prefill_tokens=None)
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, c.vocab, (n,), generator=gen).tolist()
@@ -73,8 +85,20 @@ def main() -> None:
         evicted()
         _, _, cpu_hit = timed_hit(engine, prompt, device)
         _, _, gpu_hit = timed_hit(engine, prompt, device)
-        print(json.dumps({"rep": rep, "tokens": n, "layout": layout, "method": method, "load_alone": load,
-                          "cpu_hit": cpu_hit, "gpu_hit": gpu_hit}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "rep": rep,
+                    "tokens": n,
+                    "layout": layout,
+                    "method": method,
+                    "load_alone": load,
+                    "cpu_hit": cpu_hit,
+                    "gpu_hit": gpu_hit,
+                }
+            ),
+            flush=True,
+        )
 
     evicted()
     from torch.profiler import ProfilerActivity, profile
@@ -87,8 +111,10 @@ def main() -> None:
     rows.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
     print("host time by call during the profiled CPU hit (top 15):")
     for e in rows[:15]:
-        print(f"  {e.key:48s} calls {e.count:6d}  host self {e.self_cpu_time_total / 1e3:9.2f} ms  "
-              f"mean {e.cpu_time_total / max(e.count, 1) / 1e3:8.2f} ms/call (inclusive)")
+        print(
+            f"  {e.key:48s} calls {e.count:6d}  host self {e.self_cpu_time_total / 1e3:9.2f} ms  "
+            f"mean {e.cpu_time_total / max(e.count, 1) / 1e3:8.2f} ms/call (inclusive)"
+        )
     gpu_time_line(prof)
     if len(sys.argv) > 4 and sys.argv[4] == "half":
         half_prefix(engine, prompt, gen, device, evicted)
@@ -182,8 +208,10 @@ def gpu_time_line(prof, tag: str = "") -> None:
         kinds: dict = {}
         for e in evs:
             kinds[e["cat"]] = kinds.get(e["cat"], 0) + 1
-        print(f"  stream {sid}: {kinds}, first start {(evs[0]['ts'] - t0) / 1e3:.2f}, "
-              f"last end {(max(e['ts'] + e.get('dur', 0) for e in evs) - t0) / 1e3:.2f}, busy {busy:.2f}")
+        print(
+            f"  stream {sid}: {kinds}, first start {(evs[0]['ts'] - t0) / 1e3:.2f}, "
+            f"last end {(max(e['ts'] + e.get('dur', 0) for e in evs) - t0) / 1e3:.2f}, busy {busy:.2f}"
+        )
         attn = [e for e in evs if "flash" in e["name"].lower() or "attention" in e["name"].lower()]
         if attn:
             print("    attention kernels start at: " + ", ".join(f"{(e['ts'] - t0) / 1e3:.1f}" for e in attn))

@@ -49,17 +49,23 @@ def main() -> None:
         cols = copier.segments(src_pages, dst_pages).T.copy()
         local_copier = PageCopier(local_src, dst, 1)
         lcols = local_copier.segments(src_pages, dst_pages).T.copy()
-        print(f"{len(src_pages)} pages x {LAYERS} layers x K,V: {len(cols[0])} ranges, "
-              f"{nbytes / 2**20:.0f} MiB, range bytes {sorted(set(cols[2].tolist()))[:4]}", flush=True)
+        print(
+            f"{len(src_pages)} pages x {LAYERS} layers x K,V: {len(cols[0])} ranges, "
+            f"{nbytes / 2**20:.0f} MiB, range bytes {sorted(set(cols[2].tolist()))[:4]}",
+            flush=True,
+        )
 
         cases = {
-            "copy_pages (a copier a call)": lambda: copy_pages(src, dst, src_pages, dst_pages, page_dim=1,
-                                                            stream=stream, method=method),
+            "copy_pages (a copier a call)": lambda: copy_pages(
+                src, dst, src_pages, dst_pages, page_dim=1, stream=stream, method=method
+            ),
             "PageCopier kept (the bench)": lambda: copier.copy(src_pages, dst_pages, stream=stream, method=method),
-            "copy_segments, IPC sources": lambda: _core.copy_segments(1, cols[0], cols[1], cols[2],
-                                                                      int(stream.cuda_stream), method),
-            "copy_segments, own sources": lambda: _core.copy_segments(1, lcols[0], lcols[1], lcols[2],
-                                                                      int(stream.cuda_stream), method),
+            "copy_segments, IPC sources": lambda: _core.copy_segments(
+                1, cols[0], cols[1], cols[2], int(stream.cuda_stream), method
+            ),
+            "copy_segments, own sources": lambda: _core.copy_segments(
+                1, lcols[0], lcols[1], lcols[2], int(stream.cuda_stream), method
+            ),
             "torch D2D contiguous": lambda: b.copy_(a, non_blocking=True),
         }
         for _ in range(3):
@@ -84,8 +90,11 @@ def main() -> None:
                 gpu.append(e0.elapsed_time(e1) / 1e3)
                 host = t1 - t0
             w, gt = statistics.median(wall), statistics.median(gpu)
-            print(f"{name:30s} wall {w * 1e3:7.3f} ms ({nbytes / w / 1e9:6.1f} GB/s)  GPU {gt * 1e3:7.3f} ms "
-                  f"({nbytes / gt / 1e9:6.1f} GB/s)  host queueing {host * 1e6:6.0f} us", flush=True)
+            print(
+                f"{name:30s} wall {w * 1e3:7.3f} ms ({nbytes / w / 1e9:6.1f} GB/s)  GPU {gt * 1e3:7.3f} ms "
+                f"({nbytes / gt / 1e9:6.1f} GB/s)  host queueing {host * 1e6:6.0f} us",
+                flush=True,
+            )
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -94,8 +103,10 @@ def main() -> None:
             stream.synchronize()
         for e in prof.key_averages():
             if e.device_type.name == "CUDA" or "Kernel" in e.key or "cuda" in e.key.lower():
-                print(f"  {e.key[:70]:70s} calls {e.count:4d} device {e.device_time_total / 1e3:8.3f} ms "
-                      f"host {e.self_cpu_time_total / 1e3:8.3f} ms")
+                print(
+                    f"  {e.key[:70]:70s} calls {e.count:4d} device {e.device_time_total / 1e3:8.3f} ms "
+                    f"host {e.self_cpu_time_total / 1e3:8.3f} ms"
+                )
     finally:
         done.set()
         p.join(30)

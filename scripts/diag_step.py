@@ -32,8 +32,15 @@ def main() -> None:
     c = model.config
     n_max = 32768
     pool_tokens = 2 * (n_max + CHUNK)
-    pool = PagedKVPool(**model.kv_geometry(), kv_layout="vllm", num_pages=pool_tokens // PAGE, page_tokens=PAGE,
-                       chunk_tokens=CHUNK, cpu_bytes=0, model_id="diag_step")
+    pool = PagedKVPool(
+        **model.kv_geometry(),
+        kv_layout="vllm",
+        num_pages=pool_tokens // PAGE,
+        page_tokens=PAGE,
+        chunk_tokens=CHUNK,
+        cpu_bytes=0,
+        model_id="diag_step",
+    )
     engine = Engine(model, pool, prefill_tokens=None)
     gen = torch.Generator().manual_seed(1)
 
@@ -72,10 +79,12 @@ def main() -> None:
         engine.generate([prompt], 1)
         times = [round(timed_hit(engine, prompt, "cuda")[0], 4) for _ in range(3)]
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            t, _, lines = timed_hit(engine, prompt, "cuda")
+            _t, _, lines = timed_hit(engine, prompt, "cuda")
         ops = [e for e in prof.events() if e.device_type.name == "CPU" and e.name.startswith("cuda")]
         span = (max(e.time_range.end for e in ops) - min(e.time_range.start for e in ops)) / 1e3 if ops else None
-        print(json.dumps({"gpu_hit": n, "ttft_s": times, "profiled": lines, "host_cuda_calls_span_ms": span}), flush=True)
+        print(
+            json.dumps({"gpu_hit": n, "ttft_s": times, "profiled": lines, "host_cuda_calls_span_ms": span}), flush=True
+        )
         gpu_time_line(prof, f"gpu_hit_{n}")
     pool.close()
 

@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuda_unavailable_reason() -> str | None:
     """None when torch sees a usable CUDA device, else why not (torch missing, no driver, ...)."""
     try:
@@ -22,7 +22,7 @@ def cuda_unavailable_reason() -> str | None:
             warnings.simplefilter("ignore")
             if torch.cuda.is_available() and torch.cuda.device_count() > 0:
                 return None
-    except Exception as e:  # a broken driver must skip the GPU tests, not error them
+    except Exception as e:  # noqa: BLE001 - a broken driver must skip the GPU tests, not error them
         return f"torch.cuda failed to initialise ({type(e).__name__}: {e})"
     return f"torch {torch.__version__} sees no usable CUDA device"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import random
 import threading
 
@@ -17,7 +18,6 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-
 from kvtier import _core
 from kvtier.errors import (
     FailedPreconditionError,
@@ -183,9 +183,7 @@ class AllocatorModel(RuleBasedStateMachine):
     @precondition(lambda self: self.unpinned())
     @rule(data=st.data())
     def misuse_duplicate_in_batch(self, data):
-        ids = data.draw(
-            st.lists(st.sampled_from(self.unpinned()), min_size=1, unique=True), label="batch"
-        )
+        ids = data.draw(st.lists(st.sampled_from(self.unpinned()), min_size=1, unique=True), label="batch")
         dup = data.draw(st.sampled_from(ids), label="duplicate")
         pos = data.draw(st.integers(min_value=0, max_value=len(ids)), label="position")
         batch = ids[:pos] + [dup] + ids[pos:]
@@ -431,7 +429,7 @@ def test_arena_backed_blocks_do_not_overlap():
     alloc = _core.BlockAllocator(num_blocks, block_bytes, arena)
     ids = alloc.allocate_batch(num_blocks)
     addrs = sorted((alloc.block_address(i), i) for i in ids)
-    for (a, _), (b, _) in zip(addrs, addrs[1:]):
+    for (a, _), (b, _) in itertools.pairwise(addrs):
         assert a + block_bytes <= b, "blocks overlap"
     assert addrs[0][0] >= arena.base_ptr
     assert addrs[-1][0] + block_bytes <= arena.base_ptr + arena.size

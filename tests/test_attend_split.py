@@ -12,10 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.attention.bias import causal_lower_right  # noqa: E402
-
-from kvtier.examples import paged_llama  # noqa: E402
+import torch.nn.functional as F
+from kvtier.examples import paged_llama
+from torch.nn.attention.bias import causal_lower_right
 
 
 def math_partial(q, k, v, causal):
@@ -34,8 +33,13 @@ def lower_right_reference(q, k, v, start):
 
 
 @settings(max_examples=40, deadline=None)
-@given(t=st.integers(1, 40), start=st.integers(1, 60), kv_heads=st.sampled_from([1, 2, 4]),
-       group=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
+@given(
+    t=st.integers(1, 40),
+    start=st.integers(1, 60),
+    kv_heads=st.sampled_from([1, 2, 4]),
+    group=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 2**16),
+)
 def test_split_equals_one_lower_right_attention(t, start, kv_heads, group, seed):
     g = torch.Generator().manual_seed(seed)
     heads, d = kv_heads * group, 8
@@ -78,26 +82,32 @@ def test_split_is_not_used_off_the_gpu():
 def _inputs(gpu, t, start, heads=32, kv_heads=8, d=128, seed=0):
     g = torch.Generator(device=gpu).manual_seed(seed)
     kw = dict(device=gpu, dtype=torch.bfloat16, generator=g)
-    return (torch.randn(t, heads, d, **kw), torch.randn(start + t, kv_heads, d, **kw),
-            torch.randn(start + t, kv_heads, d, **kw))
+    return (
+        torch.randn(t, heads, d, **kw),
+        torch.randn(start + t, kv_heads, d, **kw),
+        torch.randn(start + t, kv_heads, d, **kw),
+    )
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,start", [(paged_llama.SPLIT_MIN_QUERIES, 3000), (2048, 2048), (4096, 512),
-                                     (1500, 3000), (1500, 0), (3584, 0)])
+@pytest.mark.parametrize(
+    "t,start", [(paged_llama.SPLIT_MIN_QUERIES, 3000), (2048, 2048), (4096, 512), (1500, 3000), (1500, 0), (3584, 0)]
+)
 def test_gpu_attend_after_prefix_matches_fp32(gpu, t, start):
     """``attend`` (after a prefix: split with cuDNN where it runs; new tokens padded to a bucket)
     within bf16 rounding of an fp32 reference, and no further from it than SDPA's own call."""
     q, k, v = _inputs(gpu, t, start)
-    assert paged_llama._cudnn_ok(*(x.transpose(0, 1)[None] for x in (q, k, v))), \
+    assert paged_llama._cudnn_ok(*(x.transpose(0, 1)[None] for x in (q, k, v))), (
         "cuDNN attention should run on the GPU machine's H100/H200"
+    )
     got = paged_llama.attend(q, k, v, start).float()
     rows = slice(t - 256, t)  # the reference for the last 256 queries (they see every key but the newest)
     qr, kr, vr = (x.transpose(0, 1)[None].float() for x in (q[rows], k, v))
     kr, vr = kr.repeat_interleave(4, dim=1), vr.repeat_interleave(4, dim=1)
     ref = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=causal_lower_right(256, start + t))[0].transpose(0, 1)
-    flash = F.scaled_dot_product_attention(*(x.transpose(0, 1)[None] for x in (q, k, v)),
-                                           attn_mask=causal_lower_right(t, start + t), enable_gqa=True)
+    flash = F.scaled_dot_product_attention(
+        *(x.transpose(0, 1)[None] for x in (q, k, v)), attn_mask=causal_lower_right(t, start + t), enable_gqa=True
+    )
     flash_err = float((flash[0].transpose(0, 1)[rows].float() - ref).abs().max())
     err = float((got[rows] - ref).abs().max())
     assert err < 2e-2, f"split attention off the fp32 reference by {err}"
@@ -114,8 +124,7 @@ def test_gpu_half_prefix_hit_matches_recompute(gpu):
     cfg = LlamaConfig(vocab=512, hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512)
     model = Llama(cfg, seed=0, dtype=torch.bfloat16, device=str(gpu))
     n = 2 * paged_llama.SPLIT_MIN_QUERIES
-    pool = PagedKVPool(**model.kv_geometry(), num_pages=2 * n // 16, page_tokens=16, chunk_tokens=64,
-                       cpu_bytes=8 << 20)
+    pool = PagedKVPool(**model.kv_geometry(), num_pages=2 * n // 16, page_tokens=16, chunk_tokens=64, cpu_bytes=8 << 20)
     engine = Engine(model, pool, prefill_tokens=None)
     g = torch.Generator().manual_seed(5)
     first = torch.randint(0, cfg.vocab, (n,), generator=g).tolist()
@@ -127,6 +136,6 @@ def test_gpu_half_prefix_hit_matches_recompute(gpu):
     logits = engine.prefill(seq, prompt, all_logits=True)
     pool.release(seq)
     ref = reference_generate(model, prompt, 1, prefill_tokens=None)
-    torch.testing.assert_close(logits, ref.prompt_logits[n // 2:], rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(logits, ref.prompt_logits[n // 2 :], rtol=2e-2, atol=5e-2)
     assert int(logits[-1].argmax()) == ref.tokens[0]
     pool.close()

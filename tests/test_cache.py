@@ -12,8 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import kvtier  # noqa: E402
-from kvtier import CacheConfig, KVCache, Layout  # noqa: E402
+import kvtier
+from kvtier import CacheConfig, KVCache, Layout
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn]
 LAYOUTS = ["vllm", "flashinfer_nhd", "flashinfer_hnd", "mla", "hf", "cross_layer"]
@@ -29,8 +29,9 @@ def random_tensor(shape, dtype, device, gen):
 class KVModel:
     """Some engine's KV tensors of one kind, plus a byte reader for page p of every segment."""
 
-    def __init__(self, kind, dtype, page_tokens, device="cpu", layers=2, heads=2, dim=16, num_pages=48,
-                 chunk_pages=2, seed=0):
+    def __init__(
+        self, kind, dtype, page_tokens, device="cpu", layers=2, heads=2, dim=16, num_pages=48, chunk_pages=2, seed=0
+    ):
         gen = torch.Generator().manual_seed(seed)
         self.kind, self.page_tokens, self.num_pages = kind, page_tokens, num_pages
         chunk_tokens = page_tokens * chunk_pages
@@ -43,8 +44,9 @@ class KVModel:
             nhd = kind.endswith("nhd")
             shape = (num_pages, 2, page_tokens, heads, dim) if nhd else (num_pages, 2, heads, page_tokens, dim)
             self.tensors = [r(*shape) for _ in range(layers)]
-            self.layout = Layout.from_flashinfer(self.tensors, kv_layout="NHD" if nhd else "HND",
-                                                 chunk_tokens=chunk_tokens)
+            self.layout = Layout.from_flashinfer(
+                self.tensors, kv_layout="NHD" if nhd else "HND", chunk_tokens=chunk_tokens
+            )
             self.pages = lambda p: [t[p, i] for t in self.tensors for i in range(2)]
         elif kind == "mla":
             self.tensors = [r(num_pages, page_tokens, 3 * dim) for _ in range(layers)]
@@ -80,7 +82,7 @@ def roundtrip(model: KVModel, cache: KVCache, seed=1):
     n_chunks = 3
     tokens = tokens_for(n_chunks * model.layout.chunk_tokens + model.page_tokens, seed)  # + one page of a partial chunk
     perm = rng.permutation(model.num_pages)
-    src = perm[: n_chunks * ppc + 1]           # the sequence's pages (last one partial)
+    src = perm[: n_chunks * ppc + 1]  # the sequence's pages (last one partial)
     dst = perm[n_chunks * ppc + 1 : 2 * n_chunks * ppc + 1]
     before = model.snapshot()
 
@@ -103,8 +105,14 @@ def roundtrip(model: KVModel, cache: KVCache, seed=1):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("kind", LAYOUTS)
 def test_roundtrip_cpu_bit_exact(kind, dtype, page_tokens):
-    model = KVModel(kind, dtype, page_tokens, num_pages=32, chunk_pages=2 if page_tokens > 1 else 4,
-                    dim=8 if page_tokens == 64 else 16)
+    model = KVModel(
+        kind,
+        dtype,
+        page_tokens,
+        num_pages=32,
+        chunk_pages=2 if page_tokens > 1 else 4,
+        dim=8 if page_tokens == 64 else 16,
+    )
     with KVCache(model.layout, cpu_bytes=64 * model.layout.chunk_bytes) as cache:
         roundtrip(model, cache)
 
@@ -115,8 +123,15 @@ def test_roundtrip_cpu_bit_exact(kind, dtype, page_tokens):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("kind", LAYOUTS)
 def test_roundtrip_gpu_bit_exact(kind, dtype, page_tokens, method):
-    model = KVModel(kind, dtype, page_tokens, device="cuda", num_pages=32,
-                    chunk_pages=2 if page_tokens > 1 else 4, dim=8 if page_tokens == 64 else 16)
+    model = KVModel(
+        kind,
+        dtype,
+        page_tokens,
+        device="cuda",
+        num_pages=32,
+        chunk_pages=2 if page_tokens > 1 else 4,
+        dim=8 if page_tokens == 64 else 16,
+    )
     with KVCache(model.layout, cpu_bytes=64 * model.layout.chunk_bytes, method=method) as cache:
         assert cache.stats()["pinned"]
         roundtrip(model, cache)
@@ -175,7 +190,7 @@ def test_concurrent_stores_and_loads_from_threads():
     def worker(w):
         try:
             rng = np.random.default_rng(w)
-            for it in range(20):
+            for _it in range(20):
                 s = int(rng.integers(0, 8))  # 8 distinct sequences shared by all threads
                 toks = tokens_for(2 * ct, 100 + s)
                 src = [s * 4 + j for j in range(4)]  # sequence s always lives in pages 4s..4s+3
@@ -274,9 +289,17 @@ def test_failed_copies_leave_nothing_visible():
     model = KVModel("vllm", torch.float32, 16, num_pages=32)
     layout = model.layout
     ct = layout.chunk_tokens
-    tier = kvtier._core.CpuTier(layout.to_core_segments(), -1, layout.pages_per_chunk,
-                                [list(layout.layer_segments(i)) for i in range(layout.num_layers)],
-                                8 * layout.chunk_bytes, "cpu", 1 << 20, 2, fail_every_nth=2)
+    tier = kvtier._core.CpuTier(
+        layout.to_core_segments(),
+        -1,
+        layout.pages_per_chunk,
+        [list(layout.layer_segments(i)) for i in range(layout.num_layers)],
+        8 * layout.chunk_bytes,
+        "cpu",
+        1 << 20,
+        2,
+        fail_every_nth=2,
+    )
     keyer = kvtier.ChunkKeyer.from_layout("m", layout)
     good, bad = tokens_for(2 * ct, 1), tokens_for(2 * ct, 2)
     op = tier.store(b"".join(keyer.keys(good)), np.arange(4))  # transfer 1: succeeds

@@ -419,9 +419,7 @@ def test_unknown_yaml_key_suggests_close_match(tmp_path):
     path = write_yaml(tmp_path, "disk:\n  queue_dept: 8\n")
     with pytest.raises(InvalidArgumentError) as e:
         KVTierConfig.load(path, env={})
-    assert str(e.value) == (
-        f"unknown config key 'disk.queue_dept' (from {path}); did you mean 'disk.queue_depth'?"
-    )
+    assert str(e.value) == (f"unknown config key 'disk.queue_dept' (from {path}); did you mean 'disk.queue_depth'?")
 
 
 def test_unknown_yaml_section_suggests_close_match(tmp_path):
@@ -450,13 +448,9 @@ def test_unknown_env_var_suggests_close_match():
 
 
 def test_unknown_override_suggests_close_match():
-    with pytest.raises(
-        InvalidArgumentError, match="unknown config override 'cpu_byte'.*'cpu_bytes'"
-    ):
+    with pytest.raises(InvalidArgumentError, match=r"unknown config override 'cpu_byte'.*'cpu_bytes'"):
         KVTierConfig.load(env={}, cpu_byte=1)
-    with pytest.raises(
-        InvalidArgumentError, match=r"unknown config key 'cpu\.bytez'.*'cpu\.bytes'"
-    ):
+    with pytest.raises(InvalidArgumentError, match=r"unknown config key 'cpu\.bytez'.*'cpu\.bytes'"):
         KVTierConfig.load(env={}, cpu={"bytez": 1})
     with pytest.raises(InvalidArgumentError, match=r"unknown config key 'cpu\.bytez'"):
         KVTierConfig(cpu={"bytez": 1})
@@ -477,7 +471,7 @@ def test_bad_files(tmp_path):
         KVTierConfig.load(write_yaml(tmp_path, "cpu: [1, \n"), env={})
     with pytest.raises(InvalidArgumentError, match="must be a mapping of sections"):
         KVTierConfig.load(write_yaml(tmp_path, "- 1\n- 2\n"), env={})
-    with pytest.raises(InvalidArgumentError, match="^cpu: invalid value '8GiB'.*a mapping of cpu"):
+    with pytest.raises(InvalidArgumentError, match=r"^cpu: invalid value '8GiB'.*a mapping of cpu"):
         KVTierConfig.load(write_yaml(tmp_path, "cpu: 8GiB\n"), env={})
 
 
@@ -513,9 +507,7 @@ def test_round_trip_to_yaml_and_load(tmp_path):
     again = KVTierConfig.load(path, env={})
     assert again == cfg
     assert again.to_yaml() == cfg.to_yaml()
-    assert (
-        KVTierConfig.load(write_yaml(tmp_path, KVTierConfig().to_yaml()), env={}) == KVTierConfig()
-    )
+    assert KVTierConfig.load(write_yaml(tmp_path, KVTierConfig().to_yaml()), env={}) == KVTierConfig()
 
 
 def test_round_trip_to_dict_and_from_dict(tmp_path):
@@ -568,9 +560,7 @@ def test_cache_kwargs_builds_a_kvcache():
     layout = tiny_layout()
     from kvtier import CacheConfig, KVCache
 
-    cfg = KVTierConfig.load(
-        env={}, cpu_bytes=8 * layout.chunk_bytes, cpu_method="cpu", model_id="tiny", timeout_s=5
-    )
+    cfg = KVTierConfig.load(env={}, cpu_bytes=8 * layout.chunk_bytes, cpu_method="cpu", model_id="tiny", timeout_s=5)
     with KVCache(layout, **cfg.cache_kwargs()) as cache:
         assert cache.config == CacheConfig(**cfg.cache_kwargs())
         assert cache.config.model_id == "tiny" and cache.config.cpu_bytes == 8 * layout.chunk_bytes

@@ -232,9 +232,7 @@ def test_cache_config_and_the_loader_apply_one_rule(name, bad, good):
     with pytest.raises(InvalidArgumentError) as e2:
         KVTierConfig.load(env={}, **{dotted: bad})
     assert str(e2.value).startswith(f"{dotted}: invalid value {bad!r} (from keyword {dotted})")
-    assert getattr(CacheConfig(**{name: good}), name) == KVTierConfig.load(
-        env={}, **{dotted: good}
-    ).get(dotted)
+    assert getattr(CacheConfig(**{name: good}), name) == KVTierConfig.load(env={}, **{dotted: good}).get(dotted)
 
 
 def test_cache_config_takes_python_values_only():
@@ -246,9 +244,7 @@ def test_cache_config_takes_python_values_only():
         ("deterministic_writeback", 1),
         ("disk_persist_on_close", "false"),
     ]:
-        with pytest.raises(
-            InvalidArgumentError, match=rf"^{name}: invalid value {re.escape(repr(text))}"
-        ):
+        with pytest.raises(InvalidArgumentError, match=rf"^{name}: invalid value {re.escape(repr(text))}"):
             CacheConfig(**{name: text})
     with pytest.raises(InvalidArgumentError, match=r"allowed: an int number of bytes >= 1"):
         CacheConfig(cpu_bytes="8GiB")
@@ -260,10 +256,7 @@ def test_cache_config_takes_python_values_only():
 def test_rules_over_several_keys_name_the_key_as_the_caller_wrote_it(tmp_path):
     with pytest.raises(InvalidArgumentError) as e:
         CacheConfig(disk_dir=str(tmp_path), disk_bytes=0)
-    assert (
-        str(e.value)
-        == "disk_bytes: invalid value 0; allowed: a size >= 1 byte when disk_dir is set"
-    )
+    assert str(e.value) == "disk_bytes: invalid value 0; allowed: a size >= 1 byte when disk_dir is set"
     with pytest.raises(InvalidArgumentError, match=r"^disk\.bytes: .* when disk\.dir is set$"):
         KVTierConfig(disk={"dir": str(tmp_path)})
 

@@ -78,10 +78,7 @@ class Vllm:
     name = "vllm"
 
     def make(self, dtype, pt, device):
-        tensors = [
-            torch.zeros(2, NUM_PAGES, pt, HEADS, DIM, dtype=dtype, device=device)
-            for _ in range(LAYERS)
-        ]
+        tensors = [torch.zeros(2, NUM_PAGES, pt, HEADS, DIM, dtype=dtype, device=device) for _ in range(LAYERS)]
         es = tensors[0].element_size()
         segs = []
         for t in tensors:
@@ -100,10 +97,7 @@ class FlashInferNhd:
     name = "flashinfer_nhd"
 
     def make(self, dtype, pt, device):
-        tensors = [
-            torch.zeros(NUM_PAGES, 2, pt, HEADS, DIM, dtype=dtype, device=device)
-            for _ in range(LAYERS)
-        ]
+        tensors = [torch.zeros(NUM_PAGES, 2, pt, HEADS, DIM, dtype=dtype, device=device) for _ in range(LAYERS)]
         es = tensors[0].element_size()
         segs = []
         for t in tensors:
@@ -123,10 +117,7 @@ class Mla:
     latent = 72
 
     def make(self, dtype, pt, device):
-        tensors = [
-            torch.zeros(NUM_PAGES, pt, self.latent, dtype=dtype, device=device)
-            for _ in range(LAYERS)
-        ]
+        tensors = [torch.zeros(NUM_PAGES, pt, self.latent, dtype=dtype, device=device) for _ in range(LAYERS)]
         es = tensors[0].element_size()
         segs = [_seg(t, 0, t.stride(0) * es, pt * self.latent * es) for t in tensors]
         return Kv(tensors, segs, [[i] for i in range(LAYERS)])
@@ -230,9 +221,7 @@ def _device_index(device: str) -> int:
 
 
 def _engine(kv, device, method="auto", **kw):
-    return _core.CopyEngine(
-        kv.segments, _device_index(device), PPC, kv.layer_segments, method=method, **kw
-    )
+    return _core.CopyEngine(kv.segments, _device_index(device), PPC, kv.layer_segments, method=method, **kw)
 
 
 def _round_trip(layout, dtype, pt, device, method, seed=0, **engine_kw):
@@ -316,9 +305,7 @@ def test_bad_requests_raise_naming_the_problem_and_change_nothing():
     blobs = _blobs("cpu", kv.blob_bytes)
     ptrs = _ptrs(blobs)
 
-    with pytest.raises(
-        InvalidArgumentError, match=r"page id 24 \(page_ids\[5\]\) is out of range \[0, 24\)"
-    ):
+    with pytest.raises(InvalidArgumentError, match=r"page id 24 \(page_ids\[5\]\) is out of range \[0, 24\)"):
         engine.gather([0, 1, 2, 3, 4, 24], ptrs)
     with pytest.raises(ValueError, match=r"page id -1"):  # InvalidArgumentError is a ValueError
         engine.scatter(ptrs, [0, 1, 2, 3, 4, -1])
@@ -376,10 +363,7 @@ def test_gpu_layout_without_a_gpu_is_unavailable():
 
 def _big_vllm(device: str, pt=16, num_pages=256, heads=8, dim=128):
     """Llama-like per-layer KV: LAYERS x [2, num_pages, pt, heads, dim] bf16 (pages of 32 KiB)."""
-    tensors = [
-        torch.empty(2, num_pages, pt, heads, dim, dtype=torch.bfloat16, device=device)
-        for _ in range(LAYERS)
-    ]
+    tensors = [torch.empty(2, num_pages, pt, heads, dim, dtype=torch.bfloat16, device=device) for _ in range(LAYERS)]
     es = 2
     segs = [
         (t.data_ptr() + k * t.stride(0) * es, t.stride(1) * es, pt * heads * dim * es, num_pages)
@@ -458,9 +442,7 @@ def _concurrent(device: str, method: str) -> None:
             for _ in range(10):
                 engine.gather(mine, _ptrs(blobs)).wait(TIMEOUT_S)
                 for c in range(CHUNKS):
-                    assert torch.equal(
-                        blobs[c], ref_gather(layout, kv, mine[c * PPC : (c + 1) * PPC])
-                    )
+                    assert torch.equal(blobs[c], ref_gather(layout, kv, mine[c * PPC : (c + 1) * PPC]))
                 # Chunks swap places and swap back: pages end as they began.
                 t = engine.scatter(_ptrs(blobs)[::-1], mine)
                 for layer in range(LAYERS):  # layer waits from this (fresh) thread too
@@ -524,9 +506,7 @@ def test_gpu_staged_with_a_small_staging_area_fills_many_times(layout):
     kv = layout.make(torch.float32, 16, "cpu")
     largest = max(s[2] for s in kv.segments)
     # Four slots of one or two pages: every transfer takes many fills of both slots.
-    _round_trip(
-        layout, torch.float32, 16, "cuda:0", "staged", seed=7, staging_bytes=4 * (largest + 256)
-    )
+    _round_trip(layout, torch.float32, 16, "cuda:0", "staged", seed=7, staging_bytes=4 * (largest + 256))
 
 
 @gpu
@@ -564,9 +544,7 @@ def test_gpu_gather_runs_after_the_callers_stream(method):
     layout = Vllm()
     kv = layout.make(torch.bfloat16, 16, "cuda:0")
     _random_fill(kv.tensors, 10)
-    fresh = [
-        torch.randint(0, 256, _u8(t).shape, dtype=torch.uint8, device="cuda:0") for t in kv.tensors
-    ]
+    fresh = [torch.randint(0, 256, _u8(t).shape, dtype=torch.uint8, device="cuda:0") for t in kv.tensors]
     torch.cuda.synchronize()
     engine = _engine(kv, "cuda:0", method)
     blobs = _blobs("cuda", kv.blob_bytes)
@@ -614,12 +592,8 @@ def test_gpu_scatter_after_stream_and_stream_wait_layer(method):
         ref_scatter(layout, expected, blobs[c], pages[c * PPC : (c + 1) * PPC])
     torch.cuda.synchronize()
     for got, want in zip(kv.tensors, expected.tensors, strict=True):
-        assert torch.equal(_u8(got), _u8(want)), (
-            "scatter ran before the caller's stream, or was overwritten"
-        )
-    assert torch.equal(snapshot, _u8(expected.tensors[1])[:, idx]), (
-        "stream_wait_layer did not order the reader"
-    )
+        assert torch.equal(_u8(got), _u8(want)), "scatter ran before the caller's stream, or was overwritten"
+    assert torch.equal(snapshot, _u8(expected.tensors[1])[:, idx]), "stream_wait_layer did not order the reader"
 
 
 @gpu

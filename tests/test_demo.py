@@ -12,16 +12,28 @@ pytest.importorskip("torch")
 
 from kvtier.demo import add_demo_parser, format_report, main, run_demo
 
-TINY = {"vocab": 256, "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128,
-        "prefix_tokens": 256, "question_tokens": 16, "new_tokens": 5, "page_tokens": 16, "chunk_tokens": 64}
+TINY = {
+    "vocab": 256,
+    "hidden": 64,
+    "layers": 2,
+    "heads": 4,
+    "kv_heads": 2,
+    "intermediate": 128,
+    "prefix_tokens": 256,
+    "question_tokens": 16,
+    "new_tokens": 5,
+    "page_tokens": 16,
+    "chunk_tokens": 64,
+}
 
 
 def test_each_case_hits_its_tier_with_identical_tokens(tmp_path):
     r = run_demo(device="cpu", disk_dir=str(tmp_path), **TINY)
-    hits = {c["case"]: (c["gpu_hit_tokens"], c["cpu_hit_tokens"], c["disk_hit_tokens"], c["computed_tokens"])
-            for c in r["cases"]}
-    assert hits == {"miss": (0, 0, 0, 272), "gpu": (256, 0, 0, 16), "cpu": (0, 256, 0, 16),
-                    "disk": (0, 0, 256, 16)}
+    hits = {
+        c["case"]: (c["gpu_hit_tokens"], c["cpu_hit_tokens"], c["disk_hit_tokens"], c["computed_tokens"])
+        for c in r["cases"]
+    }
+    assert hits == {"miss": (0, 0, 0, 272), "gpu": (256, 0, 0, 16), "cpu": (0, 256, 0, 16), "disk": (0, 0, 256, 16)}
     assert r["identical_tokens"] and all(c["identical"] for c in r["cases"])
     assert all(len(c["tokens"]) == 5 and c["ttft_s"] > 0 for c in r["cases"])
     assert r["disk_dir"] == str(tmp_path) and r["device"] == "cpu"

@@ -22,9 +22,14 @@ def test_next_call_finds_the_write_backs_ended_without_a_drain(tmp_path, disk_ba
     kv = [torch.randn(2, 64, 16, 2, 64) for _ in range(2)]
     layout = Layout.from_vllm(kv, chunk_tokens=32)  # 2 pages a chunk
     ct = layout.chunk_tokens
-    cache = KVCache(layout, cpu_bytes=4 * layout.chunk_bytes, disk_dir=str(tmp_path),
-                    disk_bytes=64 * layout.chunk_bytes + (1 << 20), disk_backend=disk_backend,
-                    deterministic_writeback=True)
+    cache = KVCache(
+        layout,
+        cpu_bytes=4 * layout.chunk_bytes,
+        disk_dir=str(tmp_path),
+        disk_bytes=64 * layout.chunk_bytes + (1 << 20),
+        disk_backend=disk_backend,
+        deterministic_writeback=True,
+    )
     with cache:
         a, x, b = toks(2 * ct, 1), toks(2 * ct, 2), toks(2 * ct, 3)
         cache.store(a, list(range(4))).wait()
@@ -79,8 +84,14 @@ def test_sim_tier_polls_before_it_retries_as_the_engine_does(deterministic):
     and 1; 0 is on disk already, so starting the write-backs gives its block back at once, but 1
     is still being written and the engine sleeps its poll before it retries: the store waits for
     that write-back (a simulator that retried right after starting them waited for none)."""
-    tier = SimCpuTier(2, disk_slots=16, disk_admit_min_seen=1, max_demotions_in_flight=2, writebacks_per_wait=1,
-                      deterministic_writeback=deterministic)
+    tier = SimCpuTier(
+        2,
+        disk_slots=16,
+        disk_admit_min_seen=1,
+        max_demotions_in_flight=2,
+        writebacks_per_wait=1,
+        deterministic_writeback=deterministic,
+    )
     tier.store([0, 1])
     tier.disk.write(0)  # as after a promotion: the pool's copy of 0 is on disk too
     assert tier.store([2]) == 1

@@ -17,7 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvtier import KVCache, Layout  # noqa: E402
+from kvtier import KVCache, Layout
 
 PAGES = 64
 PPC = 2
@@ -82,8 +82,14 @@ def test_store_on_a_full_disk_with_peers_returns_its_future_and_keeps_the_right_
     gen = torch.Generator().manual_seed(0)
     tensors = [torch.randn(2, PAGES, 4, 2, 8, generator=gen) for _ in range(2)]
     layout = Layout.from_vllm(tensors, chunk_tokens=4 * PPC)
-    cache = KVCache(layout, cpu_bytes=64 * layout.chunk_bytes, method="cpu", disk_dir=full_fs,
-                    disk_bytes=1 << 20, peers={"listen": "127.0.0.1:0", "secret": "s" * 32})
+    cache = KVCache(
+        layout,
+        cpu_bytes=64 * layout.chunk_bytes,
+        method="cpu",
+        disk_dir=full_fs,
+        disk_bytes=1 << 20,
+        peers={"listen": "127.0.0.1:0", "secret": "s" * 32},
+    )
     try:
         fill(full_fs)
         tokens = list(range(4 * layout.chunk_tokens))

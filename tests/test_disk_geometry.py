@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from _util import toks  # noqa: E402
-from kvtier import KVCache, Layout, _core  # noqa: E402
-from kvtier.cli import main as cli_main  # noqa: E402
-from kvtier.errors import CacheGeometryError, FailedPreconditionError  # noqa: E402
+from _util import toks
+from kvtier import KVCache, Layout, _core
+from kvtier.cli import main as cli_main
+from kvtier.errors import CacheGeometryError, FailedPreconditionError
 
 N_CHUNKS = 24
 
@@ -29,12 +29,16 @@ def make_layout(chunk_tokens: int = 32, heads: int = 2):
     return kv, Layout.from_vllm(kv, chunk_tokens=chunk_tokens)
 
 
-
-
 def open_cache(layout, d, **kw) -> KVCache:
     kw.setdefault("disk_persist_interval_s", 0)
-    return KVCache(layout, cpu_bytes=2 * layout.chunk_bytes, disk_dir=str(d),
-                   disk_bytes=64 * layout.chunk_bytes + (1 << 20), disk_admit_min_seen=1, **kw)
+    return KVCache(
+        layout,
+        cpu_bytes=2 * layout.chunk_bytes,
+        disk_dir=str(d),
+        disk_bytes=64 * layout.chunk_bytes + (1 << 20),
+        disk_admit_min_seen=1,
+        **kw,
+    )
 
 
 def fill(d, n: int = N_CHUNKS) -> tuple[Layout, list[list[int]]]:
@@ -131,8 +135,13 @@ def test_cli_cache_reset_wipes_and_refuses_a_cache_in_use(tmp_path, capsys):
     assert on_disk(other, tmp_path, [])[0] == 0
     # A directory that does not exist is an error; one without a cache file is not (scripts
     # may reset unconditionally).
-    proc = subprocess.run([sys.executable, "-m", "kvtier.cli", "cache", "reset", str(tmp_path / "none")],
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvtier.cli", "cache", "reset", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 1 and "does not exist" in proc.stderr
     assert _core.disk_cache_reset(str(tmp_path))  # the file of `other`
     assert cli_main(["cache", "reset", str(tmp_path)]) == 0

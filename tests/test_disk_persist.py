@@ -19,10 +19,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from _util import toks, wrap_cpu_tiers  # noqa: E402
-from kvtier import KVCache, Layout  # noqa: E402
-from kvtier.config import KVTierConfig  # noqa: E402
-from kvtier.errors import FailedPreconditionError, InvalidArgumentError  # noqa: E402
+from _util import toks, wrap_cpu_tiers
+from kvtier import KVCache, Layout
+from kvtier.config import KVTierConfig
+from kvtier.errors import FailedPreconditionError, InvalidArgumentError
 
 N_PROMPTS = 10  # of 4 chunks each: 40 chunks
 CHUNKS = 4
@@ -34,14 +34,17 @@ def make_kv(seed: int = 0):
     return kv, Layout.from_vllm(kv, chunk_tokens=32)  # 2 pages per chunk
 
 
-
-
 def open_cache(layout, d, **kw) -> KVCache:
     # A CPU tier far larger than what is stored: nothing is ever evicted, so write-back alone
     # would put nothing on disk.
     kw.setdefault("disk_persist_interval_s", 0)
-    return KVCache(layout, cpu_bytes=64 * layout.chunk_bytes, disk_dir=str(d),
-                   disk_bytes=128 * layout.chunk_bytes + (1 << 20), **kw)
+    return KVCache(
+        layout,
+        cpu_bytes=64 * layout.chunk_bytes,
+        disk_dir=str(d),
+        disk_bytes=128 * layout.chunk_bytes + (1 << 20),
+        **kw,
+    )
 
 
 def store_prompts(cache, kv, layout) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
@@ -99,8 +102,14 @@ def test_persist_counts_and_writes_nothing_twice(tmp_path):
         store_prompts(cache, kv, layout)
         n = N_PROMPTS * CHUNKS
         first = cache.persist()
-        assert first == {"written": n, "skipped": 0, "failed": 0, "not_started": 0, "still_running": 0,
-                         "deadline_exceeded": False}
+        assert first == {
+            "written": n,
+            "skipped": 0,
+            "failed": 0,
+            "not_started": 0,
+            "still_running": 0,
+            "deadline_exceeded": False,
+        }
         again = cache.persist(timeout_s=10)
         assert again["written"] == 0 and again["skipped"] == n
         st = cache.stats()
@@ -112,15 +121,22 @@ def test_persist_counts_and_writes_nothing_twice(tmp_path):
     with pytest.raises(InvalidArgumentError, match="closed"):
         cache.persist()
     _, small = make_kv()
-    with KVCache(small, cpu_bytes=4 * small.chunk_bytes) as no_disk, \
-            pytest.raises(FailedPreconditionError, match="disk tier"):
+    with (
+        KVCache(small, cpu_bytes=4 * small.chunk_bytes) as no_disk,
+        pytest.raises(FailedPreconditionError, match="disk tier"),
+    ):
         no_disk.persist()
 
 
 def test_persist_respects_the_disk_capacity(tmp_path):
     kv, layout = make_kv()
-    with KVCache(layout, cpu_bytes=64 * layout.chunk_bytes, disk_dir=str(tmp_path),
-                 disk_bytes=8 * (layout.chunk_bytes + 8192), disk_persist_interval_s=0) as cache:
+    with KVCache(
+        layout,
+        cpu_bytes=64 * layout.chunk_bytes,
+        disk_dir=str(tmp_path),
+        disk_bytes=8 * (layout.chunk_bytes + 8192),
+        disk_persist_interval_s=0,
+    ) as cache:
         store_prompts(cache, kv, layout)
         slots = cache.stats()["disk"]["slots_total"]
         r = cache.persist()
@@ -189,8 +205,9 @@ CHILD = textwrap.dedent(
 
 @pytest.mark.multiproc
 def test_sigkill_after_one_persist_interval_leaves_the_chunks_for_the_next_process(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         lines = [proc.stdout.readline().strip() for _ in range(2)]  # the child's own deadline: 60 s
     finally:
@@ -209,13 +226,20 @@ def test_sigkill_after_one_persist_interval_leaves_the_chunks_for_the_next_proce
 
 
 def test_config_persist_keys_reach_the_cache(tmp_path):
-    cfg = KVTierConfig.load(disk={"dir": str(tmp_path), "bytes": "64MiB", "persist_interval_s": 0,
-                                  "persist_on_close": False, "reset_on_mismatch": True})
+    cfg = KVTierConfig.load(
+        disk={
+            "dir": str(tmp_path),
+            "bytes": "64MiB",
+            "persist_interval_s": 0,
+            "persist_on_close": False,
+            "reset_on_mismatch": True,
+        }
+    )
     kw = cfg.cache_kwargs()
     assert kw["disk_persist_interval_s"] == 0 and kw["disk_persist_on_close"] is False
     assert kw["disk_reset_on_mismatch"] is True
     assert KVTierConfig.load().disk.persist_interval_s == 60 and KVTierConfig.load().disk.persist_on_close
-    with pytest.raises(InvalidArgumentError, match="disk.persist_interval_s"):
+    with pytest.raises(InvalidArgumentError, match=r"disk.persist_interval_s"):
         KVTierConfig.load(disk={"persist_interval_s": -1})
     with pytest.raises(InvalidArgumentError, match="disk_persist_interval_s"):
         open_cache(make_kv()[1], tmp_path, disk_persist_interval_s=-1)

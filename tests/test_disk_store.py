@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from kvtier import _core
 from kvtier.errors import (
     CacheGeometryError,
@@ -156,7 +155,7 @@ def test_threads_share_a_store(cache_dir, backend):
                 for i in range(t * 10, t * 10 + 10):
                     store.write(key(i), filled(i, blob))
                     assert_exact(store, i)
-            except BaseException as e:  # surfaced below
+            except BaseException as e:  # noqa: BLE001 - surfaced below
                 errors.append(e)
 
         threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
@@ -212,8 +211,9 @@ def test_geometry_change_is_refused_unless_reset(cache_dir, backend):
         write_keys(store, range(3))
     for kw in ({"blob": 16384}, {"geometry_label": "chunk_tokens=32"}):
         with pytest.raises(CacheGeometryError, match="chunk_tokens=16"):
-            open_store(cache_dir, kw.get("blob", 8192), 8, backend,
-                       geometry_label=kw.get("geometry_label", "chunk_tokens=16"))
+            open_store(
+                cache_dir, kw.get("blob", 8192), 8, backend, geometry_label=kw.get("geometry_label", "chunk_tokens=16")
+            )
     with open_store(cache_dir, 8192, 8, backend, geometry_label="chunk_tokens=16") as store:
         assert store.stats()["recovered_slots"] == 3
     with open_store(cache_dir, 16384, 8, backend, reset_on_mismatch=True) as store:
@@ -339,7 +339,9 @@ damage = st.one_of(
     # Aimed at slot headers, where a random offset rarely lands.
     st.tuples(
         st.just("overwrite"),
-        st.builds(lambda s, o: BLOCK + s * slot_bytes(CORRUPT_BLOB) + o, st.integers(0, N_CHUNKS - 1), st.integers(0, 95)),
+        st.builds(
+            lambda s, o: BLOCK + s * slot_bytes(CORRUPT_BLOB) + o, st.integers(0, N_CHUNKS - 1), st.integers(0, 95)
+        ),
         st.binary(min_size=1, max_size=8),
     ),
 )
@@ -635,7 +637,7 @@ def test_close_waits_for_calls_in_other_threads(cache_dir, backend):
                 store.write(key(i), filled(i, blob))
         except FailedPreconditionError:
             pass  # closed under it: the expected way out
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - collected for the assertion below
             errors.append(e)
 
     t = threading.Thread(target=writer)

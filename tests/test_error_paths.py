@@ -14,10 +14,9 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from kvtier import KVCache, Layout  # noqa: E402
-from kvtier.errors import InvalidArgumentError  # noqa: E402
-
-from _util import wait_until  # noqa: E402
+from _util import wait_until
+from kvtier import KVCache, Layout
+from kvtier.errors import InvalidArgumentError
 
 PAGES = 32
 PPC = 2  # pages per chunk
@@ -62,8 +61,7 @@ def open_cache(tmp_path, *, peers: bool):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n_chunks=st.integers(1, 6), metrics_fail=st.booleans(), rounds=st.integers(1, 3), seed=st.integers(0, 99))
-def test_store_returns_its_future_whatever_its_bookkeeping_does(tmp_path_factory, n_chunks, metrics_fail,
-                                                                rounds, seed):
+def test_store_returns_its_future_whatever_its_bookkeeping_does(tmp_path_factory, n_chunks, metrics_fail, rounds, seed):
     tmp = tmp_path_factory.mktemp("bk")
     tensors, layout, cache = open_cache(tmp, peers=False)
     sink = RaisingMetrics()
@@ -71,7 +69,7 @@ def test_store_returns_its_future_whatever_its_bookkeeping_does(tmp_path_factory
         cache.metrics = sink
     rng = np.random.default_rng(seed)
     try:
-        for r in range(rounds):
+        for _r in range(rounds):
             tokens = rng.integers(0, 50_000, n_chunks * layout.chunk_tokens).tolist()
             pages = list(range(n_chunks * PPC))
             before = [page_bytes(tensors, p) for p in pages]
@@ -103,8 +101,9 @@ def test_a_journal_that_cannot_be_written_never_fails_a_store(tmp_path):
     journal.close()
     assert journal.errors == 2
 
-    cache = KVCache(layout, cpu_bytes=64 * layout.chunk_bytes, method="cpu",
-                    peers={"listen": "127.0.0.1:0", "secret": SECRET})
+    cache = KVCache(
+        layout, cpu_bytes=64 * layout.chunk_bytes, method="cpu", peers={"listen": "127.0.0.1:0", "secret": SECRET}
+    )
     try:
         tokens = list(range(3 * layout.chunk_tokens))
         pages = list(range(3 * PPC))
@@ -120,20 +119,24 @@ def test_a_journal_that_cannot_be_written_never_fails_a_store(tmp_path):
 
 
 def test_close_drains_and_releases_whatever_fails(tmp_path):
-    tensors, layout, cache = open_cache(tmp_path, peers=False)
+    _tensors, layout, cache = open_cache(tmp_path, peers=False)
     cache.metrics = RaisingMetrics()
     tokens = list(range(4 * layout.chunk_tokens))
     cache.store(tokens, list(range(4 * PPC)))  # not waited: close() must drain it
     cache.close()  # the metrics sink raises at close: counted, and the tier is still released
     cache.close()  # idempotent
-    for call in (cache.stats, cache.drain, lambda: cache.lookup(tokens),
-                 lambda: cache.store(tokens, list(range(4 * PPC)))):
+    for call in (
+        cache.stats,
+        cache.drain,
+        lambda: cache.lookup(tokens),
+        lambda: cache.store(tokens, list(range(4 * PPC))),
+    ):
         with pytest.raises(InvalidArgumentError, match="this KVCache is closed"):
             call()
 
 
 def test_meta_tensors_are_a_clear_error_and_change_nothing(tmp_path):
-    tensors, layout, cache = open_cache(tmp_path, peers=False)
+    _tensors, layout, cache = open_cache(tmp_path, peers=False)
     try:
         tokens = list(range(2 * layout.chunk_tokens))
         cache.store(tokens, list(range(2 * PPC))).wait()
@@ -174,7 +177,7 @@ def test_store_pages_changed_before_the_future_completes_are_counted_with_verify
 
 
 def test_verify_stores_checks_unwaited_stores_by_drain():
-    tensors, layout = make_layout()
+    _tensors, layout = make_layout()
     with KVCache(layout, cpu_bytes=64 * layout.chunk_bytes, method="cpu", verify_stores=True) as cache:
         for i in range(4):
             cache.store(list(range(i * 100, i * 100 + layout.chunk_tokens)), list(range(i * PPC, (i + 1) * PPC)))
@@ -184,7 +187,7 @@ def test_verify_stores_checks_unwaited_stores_by_drain():
 
 
 def test_verify_stores_follows_the_environment(monkeypatch):
-    tensors, layout = make_layout()
+    _tensors, layout = make_layout()
     monkeypatch.setenv("KVTIER_CPU_VERIFY_STORES", "1")
     with KVCache(layout, cpu_bytes=8 * layout.chunk_bytes, method="cpu") as cache:
         assert cache.config.verify_stores is True
@@ -202,8 +205,9 @@ def test_verify_stores_on_a_gpu(gpu, method):
     gen = torch.Generator().manual_seed(0)
     tensors = [torch.randn(2, PAGES, 4, 2, 8, generator=gen).to(gpu) for _ in range(2)]
     layout = Layout.from_vllm(tensors, chunk_tokens=4 * PPC)
-    with KVCache(layout, cpu_bytes=64 * layout.chunk_bytes, method=method, verify_stores=True,
-                 staging_bytes=1 << 20) as cache:
+    with KVCache(
+        layout, cpu_bytes=64 * layout.chunk_bytes, method=method, verify_stores=True, staging_bytes=1 << 20
+    ) as cache:
         good = list(range(3 * layout.chunk_tokens))
         cache.store(good, list(range(3 * PPC))).wait()
         s = cache.stats()

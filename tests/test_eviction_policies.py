@@ -96,10 +96,7 @@ def test_one_pass_scan_flushes_the_hot_set_only_under_lru(policy):
             assert finish(tier.load(key(i), pages(dst, ppc))) == 1
             for p in range(ppc):
                 src_page = i * ppc + p
-                assert all(
-                    torch.equal(a, b)
-                    for a, b in zip(page_bytes(kv, dst + p), page_bytes(kv, src_page))
-                )
+                assert all(torch.equal(a, b) for a, b in zip(page_bytes(kv, dst + p), page_bytes(kv, src_page)))
 
 
 @pytest.mark.parametrize("policy", POLICIES)

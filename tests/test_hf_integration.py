@@ -32,8 +32,15 @@ VOCAB = 256
 # top-2 gap >= 0.017 in fp32 and bf16 on CPU (about 10 bf16 ulps), so a token comparison tests
 # the KV, not which side of a near-tie rounding falls on.
 MODEL_SEED = 5
-COMMON = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"hidden_size": 128}),  # head_dim 32, qkv bias
@@ -95,8 +102,15 @@ def make_kv(model, tier: str, disk_dir: str | None) -> KVTierHF:
     if tier == "cpu":
         kv = KVTierHF(model, cpu_bytes=16 * cb, chunk_tokens=CHUNK, max_tokens=128)
     else:  # two chunks fit in the CPU tier; evicted chunks go to disk on first sight
-        kv = KVTierHF(model, cpu_bytes=2 * cb, chunk_tokens=CHUNK, max_tokens=128,
-                      disk_dir=disk_dir, disk_bytes=32 * cb + (1 << 20), disk_admit_min_seen=1)
+        kv = KVTierHF(
+            model,
+            cpu_bytes=2 * cb,
+            chunk_tokens=CHUNK,
+            max_tokens=128,
+            disk_dir=disk_dir,
+            disk_bytes=32 * cb + (1 << 20),
+            disk_admit_min_seen=1,
+        )
     assert kv.layout.chunk_bytes == cb
     return kv
 
@@ -141,7 +155,7 @@ def greedy(model_or_kv, ids, **kw):
 def assert_same_tokens(got, want, model, prompt):
     if torch.equal(got, want):
         return
-    step = int((got[0, prompt.shape[1]:] != want[0, prompt.shape[1]:]).nonzero()[0])
+    step = int((got[0, prompt.shape[1] :] != want[0, prompt.shape[1] :]).nonzero()[0])
     with torch.no_grad():
         top2 = model(want[:, : prompt.shape[1] + step]).logits[0, -1].float().topk(2).values
     raise AssertionError(
@@ -242,12 +256,12 @@ def test_bad_input_is_a_clear_error_and_leaves_it_usable():
     model = build_model("llama")
     warm, prompt = prompts()
     with make_kv(model, "cpu", None) as kv:
-        with pytest.raises(ValueError, match="batch size 2.*batch 1"):
+        with pytest.raises(ValueError, match=r"batch size 2.*batch 1"):
             kv.forward_with_cache(torch.cat([warm, warm]))
         with pytest.raises(ValueError, match="batch size 2"):
             kv.generate(torch.cat([warm, warm]), max_new_tokens=2)
         too_long = torch.zeros(1, 129, dtype=torch.long)
-        with pytest.raises(ValueError, match="129 tokens.*max_tokens=128"):
+        with pytest.raises(ValueError, match=r"129 tokens.*max_tokens=128"):
             kv.forward_with_cache(too_long)
         with pytest.raises(ValueError, match="max_tokens=128"):
             kv.generate(too_long, max_new_tokens=2)
@@ -277,9 +291,14 @@ def test_model_id_scopes_chunks_across_restarts(disk_dir):
     under an explicit model_id they survive a restart on disk."""
     model = build_model("llama")
     warm, prompt = prompts()
-    opts = {"cpu_bytes": 2 * chunk_bytes(model), "chunk_tokens": CHUNK, "max_tokens": 128,
-            "disk_dir": disk_dir, "disk_bytes": 32 * chunk_bytes(model) + (1 << 20),
-            "disk_admit_min_seen": 1}
+    opts = {
+        "cpu_bytes": 2 * chunk_bytes(model),
+        "chunk_tokens": CHUNK,
+        "max_tokens": 128,
+        "disk_dir": disk_dir,
+        "disk_bytes": 32 * chunk_bytes(model) + (1 << 20),
+        "disk_admit_min_seen": 1,
+    }
     with torch.no_grad():
         with KVTierHF(model, model_id="tiny-llama", **opts) as kv:
             kv.forward_with_cache(warm)

@@ -8,7 +8,6 @@ import sys
 from dataclasses import asdict
 
 import pytest
-
 from kvtier import _core
 from kvtier.info import explain_cuda_reason, nvidia_driver_version, system_info
 
@@ -137,12 +136,15 @@ def test_a_machine_without_a_driver_is_told_so(info_text):
 
 def test_cuda_reasons_name_a_missing_or_old_driver():
     assert explain_cuda_reason(f"no usable CUDA device: {INSUFFICIENT}", None, 13000) == (
-        "no usable CUDA device: no NVIDIA driver found")
+        "no usable CUDA device: no NVIDIA driver found"
+    )
     assert explain_cuda_reason(f"cudaHostRegister: {INSUFFICIENT}", 12040, 13000) == (
-        "cudaHostRegister: the NVIDIA driver supports CUDA 12.4, older than this build's CUDA runtime 13.0")
+        "cudaHostRegister: the NVIDIA driver supports CUDA 12.4, older than this build's CUDA runtime 13.0"
+    )
     assert explain_cuda_reason(f"x: {INSUFFICIENT}", 0, 13000) == f"x: {INSUFFICIENT}"
     assert explain_cuda_reason("no CUDA-capable device is detected", None, 13000) == (
-        "no CUDA-capable device is detected")
+        "no CUDA-capable device is detected"
+    )
 
 
 def test_driver_version_is_none_without_libcuda_and_read_with_it():

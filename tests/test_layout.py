@@ -151,9 +151,9 @@ def test_pages_read_through_segments_equal_torch_pages(kind, dtype, page_tokens,
         for p in pages:
             expected = ref(s, p)
             assert seg.page_ptr(p) == expected.data_ptr()
-            assert memory_at(seg.base_ptr + p * seg.page_stride, seg.page_bytes) == (
-                tensor_bytes(expected)
-            ), f"segment {seg.name} page {p}"
+            assert memory_at(seg.base_ptr + p * seg.page_stride, seg.page_bytes) == (tensor_bytes(expected)), (
+                f"segment {seg.name} page {p}"
+            )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -164,13 +164,9 @@ def test_blob_is_segment_major(kind):
     page_ids = [5, 0, 3, 2]  # a chunk's pages need not be consecutive in the pool
     assert len(page_ids) == layout.pages_per_chunk
 
-    blob = b"".join(
-        memory_at(seg.page_ptr(p), seg.page_bytes) for seg in layout.segments for p in page_ids
-    )
+    blob = b"".join(memory_at(seg.page_ptr(p), seg.page_bytes) for seg in layout.segments for p in page_ids)
     assert len(blob) == layout.chunk_bytes
-    reference = [
-        b"".join(tensor_bytes(ref(s, p)) for p in page_ids) for s in range(len(layout.segments))
-    ]
+    reference = [b"".join(tensor_bytes(ref(s, p)) for p in page_ids) for s in range(len(layout.segments))]
     assert blob == b"".join(reference)
 
     for s in range(len(layout.segments)):
@@ -237,9 +233,7 @@ def test_hf_accepts_transformers_cache_objects():
     old_style = SimpleNamespace(key_cache=[k for k, _ in pairs], value_cache=[v for _, v in pairs])
     expected = Layout.from_hf_cache(pairs, page_tokens=16, chunk_tokens=32).to_core_segments()
     for cache in (new_style, old_style):
-        assert Layout.from_hf_cache(cache, page_tokens=16, chunk_tokens=32).to_core_segments() == (
-            expected
-        )
+        assert Layout.from_hf_cache(cache, page_tokens=16, chunk_tokens=32).to_core_segments() == (expected)
 
 
 def test_cross_layer_single_segment_covers_all_layers():
@@ -280,9 +274,7 @@ def test_from_segments_splits_layers_evenly():
 
 def test_from_segments_with_different_page_bytes():
     segs = [Segment(0x1000, 512, 512, 4, "a"), Segment(0x9000, 128, 128, 4, "b")]
-    layout = Layout.from_segments(
-        segs, page_tokens=4, chunk_tokens=8, dtype="uint8", page_shape=(4, 128), num_layers=1
-    )
+    layout = Layout.from_segments(segs, page_tokens=4, chunk_tokens=8, dtype="uint8", page_shape=(4, 128), num_layers=1)
     assert layout.segment_offset_in_blob(1) == 2 * 512
     assert layout.chunk_bytes == 2 * 512 + 2 * 128
 
@@ -342,10 +334,7 @@ def test_fingerprint_distinguishes_nhd_from_hnd_with_equal_page_shapes():
 
 def test_fingerprint_changes_with_chunk_tokens():
     kv = [torch.zeros(2, 8, 16, 2, 8)]
-    assert (
-        Layout.from_vllm(kv, chunk_tokens=256).fingerprint
-        != Layout.from_vllm(kv, chunk_tokens=512).fingerprint
-    )
+    assert Layout.from_vllm(kv, chunk_tokens=256).fingerprint != Layout.from_vllm(kv, chunk_tokens=512).fingerprint
 
 
 def test_fingerprint_changes_with_same_size_dtypes():
@@ -371,9 +360,7 @@ def test_fingerprint_changes_with_layer_count():
 
 def test_hf_fingerprint_ignores_sequence_length():
     def hf(seq):
-        return Layout.from_hf_cache(
-            [(torch.zeros(1, 2, seq, 8), torch.zeros(1, 2, seq, 8))], chunk_tokens=32
-        )
+        return Layout.from_hf_cache([(torch.zeros(1, 2, seq, 8), torch.zeros(1, 2, seq, 8))], chunk_tokens=32)
 
     assert hf(64).fingerprint == hf(4096).fingerprint
 
@@ -505,9 +492,7 @@ def test_wrong_rank_or_kv_dimension(build, match):
         ),
         (
             # [batch, seq, heads, dim] transposed: one head's tokens are heads*dim apart.
-            lambda: Layout.from_hf_cache(
-                [(torch.zeros(1, 32, 2, 8).transpose(1, 2),) * 2], chunk_tokens=32
-            ),
+            lambda: Layout.from_hf_cache([(torch.zeros(1, 32, 2, 8).transpose(1, 2),) * 2], chunk_tokens=32),
             r"layers\[0\]\[0\].*head's \[seq, head_dim\].*not contiguous",
         ),
         (
@@ -537,9 +522,7 @@ def test_overlapping_pages_are_rejected():
 def test_chunk_tokens_must_be_positive_multiple_of_page_tokens(kind, chunk_tokens):
     builders = {
         "vllm": lambda: Layout.from_vllm(vllm_kv(), chunk_tokens=chunk_tokens),
-        "flashinfer_nhd": lambda: Layout.from_flashinfer(
-            [torch.zeros(4, 2, 16, 2, 8)], chunk_tokens=chunk_tokens
-        ),
+        "flashinfer_nhd": lambda: Layout.from_flashinfer([torch.zeros(4, 2, 16, 2, 8)], chunk_tokens=chunk_tokens),
         "flashinfer_hnd": lambda: Layout.from_flashinfer(
             [torch.zeros(4, 2, 2, 16, 8)], "HND", chunk_tokens=chunk_tokens
         ),
@@ -547,9 +530,7 @@ def test_chunk_tokens_must_be_positive_multiple_of_page_tokens(kind, chunk_token
         "hf": lambda: Layout.from_hf_cache(
             [(torch.zeros(1, 2, 32, 8),) * 2], page_tokens=16, chunk_tokens=chunk_tokens
         ),
-        "cross_layer": lambda: Layout.from_cross_layer(
-            torch.zeros(4, 2, 2, 16, 2, 8), chunk_tokens=chunk_tokens
-        ),
+        "cross_layer": lambda: Layout.from_cross_layer(torch.zeros(4, 2, 2, 16, 2, 8), chunk_tokens=chunk_tokens),
     }
     with pytest.raises(ValueError, match="chunk_tokens must be a positive multiple"):
         builders[kind]()

@@ -9,15 +9,20 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("prometheus_client")
 
-import kvtier  # noqa: E402
-from kvtier.config import KVTierConfig, open_cache  # noqa: E402
+import kvtier
+from kvtier.config import KVTierConfig, open_cache
 
 
 def test_open_cache_from_config_serves_metrics(tmp_path):
     kv = [torch.zeros(2, 32, 16, 2, 16) for _ in range(2)]
     layout = kvtier.Layout.from_vllm(kv, chunk_tokens=32)
-    cfg = KVTierConfig.load(env={}, cpu={"bytes": 1 << 20}, disk={"dir": str(tmp_path), "bytes": 8 << 20},
-                            metrics={"prometheus_port": 0}, model={"model_id": "m", "chunk_tokens": 32})
+    cfg = KVTierConfig.load(
+        env={},
+        cpu={"bytes": 1 << 20},
+        disk={"dir": str(tmp_path), "bytes": 8 << 20},
+        metrics={"prometheus_port": 0},
+        model={"model_id": "m", "chunk_tokens": 32},
+    )
     cache = open_cache(layout, cfg)
     try:
         toks = list(range(64))
@@ -27,7 +32,11 @@ def test_open_cache_from_config_serves_metrics(tmp_path):
         (server,) = cache.metrics.servers
         body = urllib.request.urlopen(server.url, timeout=10).read().decode()
         assert "kvtier_hits_total" in body and "kvtier_bytes_total" in body
-        lookups = [line for line in body.splitlines() if line.startswith("kvtier_latency_seconds_count") and 'op="lookup"' in line]
+        lookups = [
+            line
+            for line in body.splitlines()
+            if line.startswith("kvtier_latency_seconds_count") and 'op="lookup"' in line
+        ]
         assert lookups and float(lookups[0].split()[-1]) >= 1
     finally:
         cache.metrics.close()

@@ -53,9 +53,17 @@ def make_engine(tmp_path, *, kv_layout="cross_layer", device="cpu", dtype=torch.
     elem = torch.tensor([], dtype=dtype).element_size()
     chunk_bytes = CONFIG.layers * 2 * CT * CONFIG.kv_heads * CONFIG.head_dim * elem
     block_bytes = -(-chunk_bytes // 4096) * 4096  # CPU-tier blocks are 4 KiB aligned
-    pool = PagedKVPool(**model.kv_geometry(), num_pages=POOL_PAGES, page_tokens=PT, chunk_tokens=CT,
-                       kv_layout=kv_layout, cpu_bytes=CPU_CHUNKS * block_bytes, disk_dir=str(tmp_path),
-                       disk_bytes=4 << 20, disk_admit_min_seen=1)
+    pool = PagedKVPool(
+        **model.kv_geometry(),
+        num_pages=POOL_PAGES,
+        page_tokens=PT,
+        chunk_tokens=CT,
+        kv_layout=kv_layout,
+        cpu_bytes=CPU_CHUNKS * block_bytes,
+        disk_dir=str(tmp_path),
+        disk_bytes=4 << 20,
+        disk_admit_min_seen=1,
+    )
     return Engine(model, pool)
 
 
@@ -85,8 +93,9 @@ def serve_and_keep_kv(engine: Engine, prompt: list[int]) -> list[tuple]:
     seq = engine.start(prompt)
     engine.prefill(seq, prompt)
     engine.pool.commit(seq, prompt)
-    kv = [tuple(x.clone() for x in PagedKV(engine.pool, seq).read(layer, len(prompt)))
-          for layer in range(CONFIG.layers)]
+    kv = [
+        tuple(x.clone() for x in PagedKV(engine.pool, seq).read(layer, len(prompt))) for layer in range(CONFIG.layers)
+    ]
     engine.pool.release(seq)
     return kv
 
@@ -197,8 +206,16 @@ def test_fully_cached_prompt_still_computes_its_last_token(tmp_path):
 def test_engine_rejects_bad_arguments_and_stays_usable(tmp_path):
     engine = make_engine(tmp_path)
     pool = engine.pool
-    other = PagedKVPool(num_layers=3, kv_heads=2, head_dim=16, num_pages=8, page_tokens=PT, chunk_tokens=CT,
-                        dtype=torch.float32, cpu_bytes=0)
+    other = PagedKVPool(
+        num_layers=3,
+        kv_heads=2,
+        head_dim=16,
+        num_pages=8,
+        page_tokens=PT,
+        chunk_tokens=CT,
+        dtype=torch.float32,
+        cpu_bytes=0,
+    )
     with pytest.raises(ValueError, match="pool"):
         Engine(engine.model, other)
     with pytest.raises(ValueError, match="prefill_tokens"):
@@ -293,7 +310,7 @@ def test_split_plan_head_recomputed_tail_loaded_bit_exact(tmp_path, tier, shortf
     assert seq.lower_hit_tokens == tail
     assert logits.shape == (len(prompt) - tail, CONFIG.vocab)
     assert torch.equal(logits[:CT], ref.prompt_logits[:CT])  # the head
-    assert torch.equal(logits[CT:], ref.prompt_logits[CT + tail:])  # after the tail
+    assert torch.equal(logits[CT:], ref.prompt_logits[CT + tail :])  # after the tail
     paged = PagedKV(pool, seq)
     for layer in range(CONFIG.layers):
         got, want = paged.read(layer, len(prompt)), ref.kv.read(layer, len(prompt))

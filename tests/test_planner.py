@@ -8,8 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvtier.planner import CostModelPlanner, LoadPlanner, ModelCost  # noqa: E402
-from kvtier.pool import PagedKVPool  # noqa: E402
+from kvtier.planner import CostModelPlanner, LoadPlanner, ModelCost
+from kvtier.pool import PagedKVPool
 
 
 def fake_pool(chunk_tokens=256, chunk_bytes=32 << 20):
@@ -56,8 +56,17 @@ def test_peer_chunks_are_priced_not_dropped():
 def test_calibration_takes_the_peers_measured_pull_rate():
     source = SimpleNamespace(rate=None, close=lambda: None)
     source.pull_rate = lambda: source.rate
-    pool = PagedKVPool(num_layers=2, kv_heads=2, head_dim=64, num_pages=64, page_tokens=16, chunk_tokens=64,
-                       dtype=torch.float32, cpu_bytes=64 << 20, peers=lambda cache: source)
+    pool = PagedKVPool(
+        num_layers=2,
+        kv_heads=2,
+        head_dim=64,
+        num_pages=64,
+        page_tokens=16,
+        chunk_tokens=64,
+        dtype=torch.float32,
+        cpu_bytes=64 << 20,
+        peers=lambda cache: source,
+    )
     planner = CostModelPlanner(ModelCost.llama3_8b())
     source.rate = None  # peers, nothing pulled yet
     planner.calibrate(pool)
@@ -80,8 +89,17 @@ def test_custom_planner_replaces_the_builtin_in_the_pool():
 
     planner = RecomputeEverything()
     assert isinstance(planner, LoadPlanner)
-    pool = PagedKVPool(num_layers=1, kv_heads=1, head_dim=8, num_pages=4, page_tokens=4, chunk_tokens=8,
-                       dtype=torch.float32, cpu_bytes=64 * 4096, planner=planner)
+    pool = PagedKVPool(
+        num_layers=1,
+        kv_heads=1,
+        head_dim=8,
+        num_pages=4,
+        page_tokens=4,
+        chunk_tokens=8,
+        dtype=torch.float32,
+        cpu_bytes=64 * 4096,
+        planner=planner,
+    )
     a = list(range(16))
     s = pool.begin(a)
     pool.commit(s, a)
@@ -97,8 +115,16 @@ def test_custom_planner_replaces_the_builtin_in_the_pool():
 
 
 def test_calibration_measures_the_cpu_tier():
-    pool = PagedKVPool(num_layers=2, kv_heads=2, head_dim=64, num_pages=64, page_tokens=16, chunk_tokens=64,
-                       dtype=torch.float32, cpu_bytes=64 << 20)
+    pool = PagedKVPool(
+        num_layers=2,
+        kv_heads=2,
+        head_dim=64,
+        num_pages=64,
+        page_tokens=16,
+        chunk_tokens=64,
+        dtype=torch.float32,
+        cpu_bytes=64 << 20,
+    )
     planner = CostModelPlanner(ModelCost.llama3_8b(), bandwidth={"cpu": 1.0, "disk": 1.0})
     bw = planner.calibrate(pool)
     assert bw > 1e8 and planner.bandwidth["cpu"] == bw  # a memcpy moves far more than 100 MB/s
@@ -117,8 +143,17 @@ def test_model_cost_calibrates_from_a_timed_prefill():
 
 def test_planner_decision_is_visible_in_pool_stats():
     planner = CostModelPlanner(ModelCost.llama3_8b(), bandwidth={"cpu": 50e9, "disk": 1.5e9})
-    pool = PagedKVPool(num_layers=1, kv_heads=1, head_dim=8, num_pages=4, page_tokens=4, chunk_tokens=8,
-                       dtype=torch.float32, cpu_bytes=64 * 4096, planner=planner)
+    pool = PagedKVPool(
+        num_layers=1,
+        kv_heads=1,
+        head_dim=8,
+        num_pages=4,
+        page_tokens=4,
+        chunk_tokens=8,
+        dtype=torch.float32,
+        cpu_bytes=64 * 4096,
+        planner=planner,
+    )
     for toks in (list(range(16)), list(range(100, 116))):
         s = pool.begin(toks)
         pool.commit(s, toks)

@@ -7,16 +7,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import kvtier  # noqa: E402
-from _util import toks  # noqa: E402
-from kvtier.policies import AdmissionPolicy, EvictionPolicy, LRUEviction, PrefetchAll, SeenAtLeast  # noqa: E402
-from kvtier.pool import PagedKVPool  # noqa: E402
+import kvtier
+from _util import toks
+from kvtier.policies import AdmissionPolicy, EvictionPolicy, LRUEviction, PrefetchAll, SeenAtLeast
+from kvtier.pool import PagedKVPool
 
 
 def run_requests(pool, prompts):
-    for toks in prompts:
-        s = pool.begin(toks)
-        pool.commit(s, toks)
+    for prompt in prompts:
+        s = pool.begin(prompt)
+        pool.commit(s, prompt)
         pool.release(s)
 
 
@@ -29,8 +29,17 @@ def test_custom_gpu_eviction_policy_changes_what_stays():
     a, b, c = list(range(8)), list(range(100, 108)), list(range(200, 208))  # one chunk each
     kept = {}
     for name, policy in (("lru", None), ("mru", MostRecentFirst())):
-        pool = PagedKVPool(num_layers=1, kv_heads=1, head_dim=8, num_pages=4, page_tokens=4, chunk_tokens=8,
-                           dtype=torch.float32, cpu_bytes=0, eviction_policy=policy)
+        pool = PagedKVPool(
+            num_layers=1,
+            kv_heads=1,
+            head_dim=8,
+            num_pages=4,
+            page_tokens=4,
+            chunk_tokens=8,
+            dtype=torch.float32,
+            cpu_bytes=0,
+            eviction_policy=policy,
+        )
         run_requests(pool, [a, b, c])  # c needs a's or b's pages
         keys = {k: pool.keyer.keys(t)[0] for k, t in (("a", a), ("b", b))}
         kept[name] = sorted(n for n, k in keys.items() if k in pool._chunks)
@@ -40,15 +49,18 @@ def test_custom_gpu_eviction_policy_changes_what_stays():
 def tiered(tmp_path, cpu_chunks=2):
     kv = [torch.randn(2, 64, 16, 2, 64) for _ in range(2)]
     layout = kvtier.Layout.from_vllm(kv, chunk_tokens=32)
-    cache = kvtier.KVCache(layout, cpu_bytes=cpu_chunks * layout.chunk_bytes, disk_dir=str(tmp_path),
-                           disk_bytes=32 * layout.chunk_bytes + (1 << 20), disk_admit_min_seen=99)
+    cache = kvtier.KVCache(
+        layout,
+        cpu_bytes=cpu_chunks * layout.chunk_bytes,
+        disk_dir=str(tmp_path),
+        disk_bytes=32 * layout.chunk_bytes + (1 << 20),
+        disk_admit_min_seen=99,
+    )
     return kv, layout, cache
 
 
-
-
 def test_admission_hook_decides_what_goes_to_disk(tmp_path):
-    kv, layout, cache = tiered(tmp_path)
+    _kv, layout, cache = tiered(tmp_path)
     ct = layout.chunk_tokens
     a, b = toks(ct, 1), toks(ct, 2)
     wanted = set(cache.keyer.keys(a))
@@ -73,7 +85,7 @@ def test_admission_hook_decides_what_goes_to_disk(tmp_path):
 
 
 def test_failing_admission_hook_admits_nothing_and_the_cache_keeps_serving(tmp_path, capsys):
-    kv, layout, cache = tiered(tmp_path)
+    _kv, layout, cache = tiered(tmp_path)
     ct = layout.chunk_tokens
 
     def broken(keys, seen):
@@ -115,9 +127,14 @@ def test_kvcache_wires_policies_and_prefetches_on_lookup(tmp_path):
     kv = [torch.randn(2, 64, 16, 2, 64) for _ in range(2)]
     layout = kvtier.Layout.from_vllm(kv, chunk_tokens=32)
     ct = layout.chunk_tokens
-    cache = kvtier.KVCache(layout, cpu_bytes=3 * layout.chunk_bytes, disk_dir=str(tmp_path),
-                           disk_bytes=32 * layout.chunk_bytes + (1 << 20), eviction_policy="s3fifo",
-                           admission_policy=SeenAtLeast(1))
+    cache = kvtier.KVCache(
+        layout,
+        cpu_bytes=3 * layout.chunk_bytes,
+        disk_dir=str(tmp_path),
+        disk_bytes=32 * layout.chunk_bytes + (1 << 20),
+        eviction_policy="s3fifo",
+        admission_policy=SeenAtLeast(1),
+    )
     a = toks(2 * ct, 1)
     cache.store(a, [0, 1, 2, 3]).wait()
     cache.store(toks(3 * ct, 2), list(range(10, 16))).wait()  # a -> disk (admitted by the policy)
@@ -140,9 +157,13 @@ def test_a_prefetch_never_evicts_the_chunks_it_has_just_read(tmp_path, determini
     # read may already have landed.
     kv = [torch.randn(2, 64, 16, 2, 64) for _ in range(2)]
     layout = kvtier.Layout.from_vllm(kv, chunk_tokens=32)
-    cache = kvtier.KVCache(layout, cpu_bytes=3 * layout.chunk_bytes, disk_dir=str(tmp_path),
-                           disk_bytes=32 * layout.chunk_bytes + (1 << 20),
-                           deterministic_writeback=deterministic)
+    cache = kvtier.KVCache(
+        layout,
+        cpu_bytes=3 * layout.chunk_bytes,
+        disk_dir=str(tmp_path),
+        disk_bytes=32 * layout.chunk_bytes + (1 << 20),
+        deterministic_writeback=deterministic,
+    )
     ct = layout.chunk_tokens
     a, b = toks(2 * ct, 1), toks(3 * ct, 2)
     a_keys = set(cache.keyer.keys(a))

@@ -15,9 +15,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 torch = pytest.importorskip("torch")
 
-from _util import wrap_cpu_tiers  # noqa: E402
-from kvtier import ResourceExhaustedError  # noqa: E402
-from kvtier.pool import PagedKVPool  # noqa: E402
+from _util import wrap_cpu_tiers
+from kvtier import ResourceExhaustedError
+from kvtier.pool import PagedKVPool
 
 PT, CT = 4, 8  # page and chunk tokens
 
@@ -45,10 +45,27 @@ def check_cached(pool: PagedKVPool, seq, tokens) -> None:
 def make_pool(num_pages=24, cpu_chunks=6, **kw):
     # A chunk here is 1 KiB; CPU-tier blocks are 4 KiB aligned (for O_DIRECT), hence 4096 a chunk.
     if "cpu_bytes" in kw:
-        return PagedKVPool(num_layers=2, kv_heads=1, head_dim=8, num_pages=num_pages, page_tokens=PT,
-                           chunk_tokens=CT, dtype=torch.float32, **kw)
-    return PagedKVPool(num_layers=2, kv_heads=1, head_dim=8, num_pages=num_pages, page_tokens=PT,
-                       chunk_tokens=CT, dtype=torch.float32, cpu_bytes=cpu_chunks * 4096, **kw)
+        return PagedKVPool(
+            num_layers=2,
+            kv_heads=1,
+            head_dim=8,
+            num_pages=num_pages,
+            page_tokens=PT,
+            chunk_tokens=CT,
+            dtype=torch.float32,
+            **kw,
+        )
+    return PagedKVPool(
+        num_layers=2,
+        kv_heads=1,
+        head_dim=8,
+        num_pages=num_pages,
+        page_tokens=PT,
+        chunk_tokens=CT,
+        dtype=torch.float32,
+        cpu_bytes=cpu_chunks * 4096,
+        **kw,
+    )
 
 
 def test_second_request_shares_gpu_pages():
@@ -100,8 +117,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="chunk_tokens"):
         PagedKVPool(num_layers=1, kv_heads=1, head_dim=8, num_pages=4, page_tokens=4, chunk_tokens=6)
     with pytest.raises(ValueError, match="kv_layout"):
-        PagedKVPool(num_layers=1, kv_heads=1, head_dim=8, num_pages=4, page_tokens=4, chunk_tokens=8,
-                    kv_layout="ragged")
+        PagedKVPool(
+            num_layers=1, kv_heads=1, head_dim=8, num_pages=4, page_tokens=4, chunk_tokens=8, kv_layout="ragged"
+        )
     pool = make_pool()
     s = pool.begin(list(range(8)))
     pool.release(s)
@@ -120,8 +138,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.pool = make_pool(num_pages=10, cpu_chunks=4)
         self.live = []  # (seq, tokens)
 
-    @rule(prefix=st.sampled_from(PREFIXES), tail=st.lists(st.integers(0, 5), max_size=10),
-          commit=st.booleans())
+    @rule(prefix=st.sampled_from(PREFIXES), tail=st.lists(st.integers(0, 5), max_size=10), commit=st.booleans())
     def request(self, prefix, tail, commit):
         toks = prefix + tail
         try:
@@ -178,8 +195,13 @@ class TieredRestartMachine(RuleBasedStateMachine):
         self.live = []
 
     def _open(self):
-        return make_pool(num_pages=8, cpu_chunks=2, disk_dir=self.dir.name,
-                         disk_bytes=8 * (4096 + 4096) + (1 << 20), disk_admit_min_seen=1)
+        return make_pool(
+            num_pages=8,
+            cpu_chunks=2,
+            disk_dir=self.dir.name,
+            disk_bytes=8 * (4096 + 4096) + (1 << 20),
+            disk_admit_min_seen=1,
+        )
 
     @rule(prefix=st.sampled_from(PREFIXES), tail=st.lists(st.integers(0, 3), min_size=8, max_size=16))
     def request(self, prefix, tail):
@@ -230,18 +252,30 @@ RESTART_COVERAGE = {"recovered_slots": 0, "lower_hit_tokens": 0}
 
 
 TestPoolMachine = PoolMachine.TestCase
-TestPoolMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
-                                    suppress_health_check=[HealthCheck.too_slow])
+TestPoolMachine.settings = settings(
+    max_examples=60, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 TestTieredRestartMachine = TieredRestartMachine.TestCase
-TestTieredRestartMachine.settings = settings(max_examples=25, stateful_step_count=25, deadline=None,
-                                             suppress_health_check=[HealthCheck.too_slow])
+TestTieredRestartMachine.settings = settings(
+    max_examples=25, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv_layout", ["cross_layer", "vllm"])
 def test_gpu_pool_shares_evicts_and_reloads_bit_exact(kv_layout):
-    pool = PagedKVPool(num_layers=4, kv_heads=2, head_dim=64, num_pages=8, page_tokens=PT, chunk_tokens=CT,
-                       dtype=torch.bfloat16, device="cuda", kv_layout=kv_layout, cpu_bytes=64 << 20)
+    pool = PagedKVPool(
+        num_layers=4,
+        kv_heads=2,
+        head_dim=64,
+        num_pages=8,
+        page_tokens=PT,
+        chunk_tokens=CT,
+        dtype=torch.bfloat16,
+        device="cuda",
+        kv_layout=kv_layout,
+        cpu_bytes=64 << 20,
+    )
 
     def fill(seq, toks):
         for j in range(seq.cached_tokens // PT, len(seq.page_table)):
@@ -321,7 +355,9 @@ def test_decode_steps_after_a_load_ask_each_load_once_per_layer(monkeypatch):
     pool.release(filler)
     calls = []
     real = LoadHandle.wait_layer
-    monkeypatch.setattr(LoadHandle, "wait_layer", lambda self, layer, t=None: (calls.append(layer), real(self, layer, t)))
+    monkeypatch.setattr(
+        LoadHandle, "wait_layer", lambda self, layer, t=None: (calls.append(layer), real(self, layer, t))
+    )
     b = pool.begin(toks + [1])
     assert b.lower_hit_tokens == 32 and len(b._chunks) == 4
     for _step in range(3):

@@ -11,9 +11,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 import kvtier
+import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -64,7 +63,7 @@ RUN = {
 # Blocks not run, by their first line, and why.
 EXCLUDED = {
     "from vllm import LLM": "needs vLLM, a GPU and Llama-3.1-8B's weights (tests/test_vllm_connector.py runs the "
-                            "connector on vLLM's CPU build)",
+    "connector on vLLM's CPU build)",
     "CMakeLists.txt": "the repository's layout, not a command",
 }
 
@@ -87,17 +86,27 @@ def the_block(name: str) -> Block:
 def sh(script: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess:
     """``script`` in bash -e, this interpreter's environment first on PATH (its `kvtier`)."""
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    return subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", script],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_every_block_is_run_or_excluded():
     assert BLOCKS, "no code blocks found in README.md"
-    unclaimed = [str(b) for b in BLOCKS
-                 if run_marker(b) is None and not install_command(b)
-                 and not any(b.first_line.startswith(k) for k in EXCLUDED)]
-    assert not unclaimed, ("README blocks neither run by tests/test_readme.py nor listed in its EXCLUDED: "
-                           + "; ".join(unclaimed))
+    unclaimed = [
+        str(b)
+        for b in BLOCKS
+        if run_marker(b) is None and not install_command(b) and not any(b.first_line.startswith(k) for k in EXCLUDED)
+    ]
+    assert not unclaimed, "README blocks neither run by tests/test_readme.py nor listed in its EXCLUDED: " + "; ".join(
+        unclaimed
+    )
     for first in EXCLUDED:  # a stale exclusion hides nothing, but says something untrue
         assert any(b.first_line.startswith(first) for b in BLOCKS), f"EXCLUDED names {first!r}, not in README.md"
     for name in RUN:
@@ -107,8 +116,9 @@ def test_every_block_is_run_or_excluded():
 def test_python_snippet(tmp_path):
     pytest.importorskip("torch", reason="SKIPPED: the README's Python snippet needs torch (pip install torch)")
     b = the_block("python snippet")
-    proc = subprocess.run([sys.executable, "-c", b.text], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", b.text], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, f"{b} failed:\n{proc.stderr}"
     shown = re.search(r"print\(.*\)\s+#\s*(\S+)\s*$", b.text, re.M)  # the output the README shows
     assert shown and proc.stdout.strip() == shown.group(1), (proc.stdout, shown)
@@ -136,6 +146,8 @@ def test_sim_example(tmp_path):
 def test_blocks_are_found_with_their_sections():
     blocks = readme_blocks("# t\n## A\n```bash\nx\n```\ntext\n## B\n````python\ny\n```\nz\n````\n")
     assert [(b.heading, b.lang, b.text, b.line) for b in blocks] == [
-        ("A", "bash", "x\n", 3), ("B", "python", "y\n```\nz\n", 8)]
+        ("A", "bash", "x\n", 3),
+        ("B", "python", "y\n```\nz\n", 8),
+    ]
     with pytest.raises(AssertionError, match="never closed"):
         readme_blocks("```bash\nx\n")

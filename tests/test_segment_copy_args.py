@@ -57,8 +57,8 @@ def test_page_copier_names_every_method_on_a_bad_one():
 
 
 # -- _core.PageRows: page lists -> byte ranges, in the core ---------------------------------------
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def _reference_segments(src_rows, dst_rows, page_bytes, src_pages, dst_pages):

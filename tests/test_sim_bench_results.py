@@ -30,8 +30,10 @@ def results_files() -> list[str]:
 
 def test_the_index_lists_every_file_and_only_those():
     rows, files = index_rows(), results_files()
-    assert sorted(rows) == files, {"not in the index": sorted(set(files) - set(rows)),
-                                   "indexed but absent": sorted(set(rows) - set(files))}
+    assert sorted(rows) == files, {
+        "not in the index": sorted(set(files) - set(rows)),
+        "indexed but absent": sorted(set(rows) - set(files)),
+    }
     for name, cells in rows.items():
         assert len(cells) == 5 and all(cells), f"{name}: bench, machine, date, what, headline ratio: {cells}"
 

@@ -19,17 +19,46 @@ def trace_file(tmp_path_factory):
     reqs = synthetic_trace(400, seed=2, prefixes=30, prefix_chunks=(2, 12), suffix_chunks=(1, 4))
     ids: dict[int, int] = {}
     with open(p, "w") as f:  # back to the Mooncake format: one hash id a 512-token block
-        f.writelines(json.dumps({"timestamp": int(r.arrival_s * 1000), "input_length": r.input_length,
-                                "output_length": r.output_length,
-                                "hash_ids": [ids.setdefault(c, len(ids)) for c in r.chunks] + [10**9]}) + "\n" for r in reqs)
+        f.writelines(
+            json.dumps(
+                {
+                    "timestamp": int(r.arrival_s * 1000),
+                    "input_length": r.input_length,
+                    "output_length": r.output_length,
+                    "hash_ids": [ids.setdefault(c, len(ids)) for c in r.chunks] + [10**9],
+                }
+            )
+            + "\n"
+            for r in reqs
+        )
     return p
 
 
 def test_sim_prints_tables_and_writes_json(trace_file, tmp_path, capsys):
     out = tmp_path / "r.json"
-    rc = main(["sim", "--trace", str(trace_file), "--gpu-gib", "2", "--cpu-gib", "4", "--disk-gib", "64",
-               "--admit-min-seen", "1", "--instances", "2", "--routing", "cache_aware", "--calibrate", str(BENCH),
-               "--json", str(out)])
+    rc = main(
+        [
+            "sim",
+            "--trace",
+            str(trace_file),
+            "--gpu-gib",
+            "2",
+            "--cpu-gib",
+            "4",
+            "--disk-gib",
+            "64",
+            "--admit-min-seen",
+            "1",
+            "--instances",
+            "2",
+            "--routing",
+            "cache_aware",
+            "--calibrate",
+            str(BENCH),
+            "--json",
+            str(out),
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0
     assert "400 requests" in text and "all tiers" in text and "no cache" in text and "SSD writes" in text
@@ -51,8 +80,25 @@ def test_sim_prints_tables_and_writes_json(trace_file, tmp_path, capsys):
 
 
 def test_sim_every_policy(trace_file, capsys):
-    assert main(["sim", "--trace", str(trace_file), "--gpu-gib", "1", "--cpu-gib", "2", "--cpu-eviction", "all",
-                 "--no-ablation", "--replay", "fast"]) == 0
+    assert (
+        main(
+            [
+                "sim",
+                "--trace",
+                str(trace_file),
+                "--gpu-gib",
+                "1",
+                "--cpu-gib",
+                "2",
+                "--cpu-eviction",
+                "all",
+                "--no-ablation",
+                "--replay",
+                "fast",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "lru: all tiers" in text and "s3fifo: all tiers" in text and "lfu: all tiers" in text
 
@@ -60,15 +106,50 @@ def test_sim_every_policy(trace_file, capsys):
 def test_sim_sweep_plot(trace_file, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     png = tmp_path / "s.png"
-    assert main(["sim", "--trace", str(trace_file), "--gpu-gib", "1", "--cpu-gib", "2", "--no-ablation",
-                 "--sweep", "cpu", "--sweep-gib", "1,4", "--plot", str(png)]) == 0
+    assert (
+        main(
+            [
+                "sim",
+                "--trace",
+                str(trace_file),
+                "--gpu-gib",
+                "1",
+                "--cpu-gib",
+                "2",
+                "--no-ablation",
+                "--sweep",
+                "cpu",
+                "--sweep-gib",
+                "1,4",
+                "--plot",
+                str(png),
+            ]
+        )
+        == 0
+    )
     assert png.stat().st_size > 1000
 
 
 def test_sim_deterministic_writeback(trace_file, tmp_path, capsys):
     out = tmp_path / "r.json"
-    args = ["sim", "--trace", str(trace_file), "--gpu-gib", "1", "--cpu-gib", "2", "--disk-gib", "8",
-            "--admit-min-seen", "1", "--no-ablation", "--replay", "fast", "--json", str(out)]
+    args = [
+        "sim",
+        "--trace",
+        str(trace_file),
+        "--gpu-gib",
+        "1",
+        "--cpu-gib",
+        "2",
+        "--disk-gib",
+        "8",
+        "--admit-min-seen",
+        "1",
+        "--no-ablation",
+        "--replay",
+        "fast",
+        "--json",
+        str(out),
+    ]
     assert main([*args, "--deterministic-writeback"]) == 0
     assert json.loads(out.read_text())["runs"]["all tiers"]["config"]["deterministic_writeback"] is True
     assert main(args) == 0
@@ -78,8 +159,10 @@ def test_sim_deterministic_writeback(trace_file, tmp_path, capsys):
 
 def test_sim_bad_trace_line(tmp_path, capsys):
     p = tmp_path / "bad.jsonl"
-    p.write_text('{"timestamp": 0, "input_length": 600, "hash_ids": [1, 2]}\n'
-                 '{"timestamp": 1, "input_length": 600, "hash_ids": [1, "two"]}\n')
+    p.write_text(
+        '{"timestamp": 0, "input_length": 600, "hash_ids": [1, 2]}\n'
+        '{"timestamp": 1, "input_length": 600, "hash_ids": [1, "two"]}\n'
+    )
     assert main(["sim", "--trace", str(p)]) == 2
     err = capsys.readouterr().err
     assert f"{p}:2:" in err and "'hash_ids'" in err
@@ -105,12 +188,15 @@ def test_sim_on_the_built_in_trace(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("trace: 50 requests,")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--trace", "synthetic:many"], "--trace synthetic:N needs N, a positive number of requests, got 'many'"),
-    (["--trace", "synthetic:0"], "got '0'"),
-    (["--trace", "synthetic", "--format", "tokens"], "not --format tokens"),
-    (["--trace", "synthetic", "--block-tokens", "384"], "divide block_tokens=384"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--trace", "synthetic:many"], "--trace synthetic:N needs N, a positive number of requests, got 'many'"),
+        (["--trace", "synthetic:0"], "got '0'"),
+        (["--trace", "synthetic", "--format", "tokens"], "not --format tokens"),
+        (["--trace", "synthetic", "--block-tokens", "384"], "divide block_tokens=384"),
+    ],
+)
 def test_sim_bad_synthetic_trace(argv, message, capsys):
     assert main(["sim", *argv]) == 2
     assert message in capsys.readouterr().err

@@ -20,10 +20,16 @@ BENCH = Path(__file__).resolve().parent / "data" / "sim_validation"
 # The first H100 run (bench_e2e-llama3_8b_ttft-h100-*, chunked prefill), compare_e2e's default.
 # (case, tokens): why the prediction misses it by more than 15%.
 KNOWN_MISSES = {
-    ("disk_hit", 4096): "-15.0%: 23 more write-backs share the disk with the reads; only the 11 it waits for are priced",
+    (
+        "disk_hit",
+        4096,
+    ): "-15.0%: 23 more write-backs share the disk with the reads; only the 11 it waits for are priced",
     ("disk_hit_planned", 4096): "the disk evicted the prompt's head (reproduced: 0 chunks loaded); the bench "
-                                "also waited for all 34 write-backs (1.29 s), the model for 11",
-    ("disk_hit_planned", 16384): "measured 18% faster than the identical unplanned disk hit (3.08 s): run-to-run spread",
+    "also waited for all 34 write-backs (1.29 s), the model for 11",
+    (
+        "disk_hit_planned",
+        16384,
+    ): "measured 18% faster than the identical unplanned disk hit (3.08 s): run-to-run spread",
     ("half_prefix_gpu_hit", 4096): "-16%: half the prompt measured at 60% of a full recompute",
     ("half_prefix_gpu_hit", 16384): "+23%: half the prompt measured at 42% of a full recompute (< 50%)",
 }
@@ -45,16 +51,18 @@ def test_ttft_predictions_within_15_percent(comparison):
     assert abs(calib[0].error) < 1e-9  # fitted to itself, by construction: and only that one
     preds = [r for r in rows if r.role == "prediction"]
     within = sum(1 for r in preds if abs(r.error) <= 0.15)
-    misses = {(r.case, r.tokens): f"{r.error:+.1%}" for r in preds
-              if abs(r.error) > 0.15 and (r.case, r.tokens) not in KNOWN_MISSES}
+    misses = {
+        (r.case, r.tokens): f"{r.error:+.1%}"
+        for r in preds
+        if abs(r.error) > 0.15 and (r.case, r.tokens) not in KNOWN_MISSES
+    }
     assert not misses, misses
     assert within >= 12
 
 
 def test_calibration_names_its_sources(comparison):
     _, hw = comparison
-    assert set(hw.sources) >= {"h2d_bw", "d2h_bw", "attention_rate", "disk_read_bw", "disk_write_bw",
-                               "weights_rate"}
+    assert set(hw.sources) >= {"h2d_bw", "d2h_bw", "attention_rate", "disk_read_bw", "disk_write_bw", "weights_rate"}
     assert hw.sources["weights_rate"].endswith("ttft_recompute_4096")
     assert 40e9 < hw.h2d_bw < 60e9 and 0.5e9 < hw.disk_read_bw < 3e9
 
@@ -110,11 +118,14 @@ def test_every_h100_run_reproduces_the_bench_notes(path):
         if m := re.match(r"planner: (\d+) tokens loaded, (\d+) recomputed", note):
             n = int(case.rsplit("_", 1)[1])
             d = found[("disk_hit_planned", n)]
-            assert (d["lower_chunks"] * 256, d["planned_recompute_chunks"] * 256) == \
-                (int(m.group(1)), int(m.group(2))), (case, d)
+            assert (d["lower_chunks"] * 256, d["planned_recompute_chunks"] * 256) == (
+                int(m.group(1)),
+                int(m.group(2)),
+            ), (case, d)
             notes += 1
-        if m := re.match(r"split planner: (\d+) tokens recomputed while (\d+) were read from disk \((\d+) landed\)",
-                         note):
+        if m := re.match(
+            r"split planner: (\d+) tokens recomputed while (\d+) were read from disk \((\d+) landed\)", note
+        ):
             # SplitCostModelPlanner, the same object type and inputs: the same head, the same tail
             n = int(case.rsplit("_", 1)[1])
             d = found[("disk_hit_split", n)]
@@ -135,9 +146,12 @@ def test_every_h100_run_reproduces_the_bench_notes(path):
 # The four chunked-prefill H100 runs docs/sim.md compares (hosts differ: the recompute at 4096
 # tokens spans 0.43-0.87 s across them). Each is predicted with the GEMM rate from its own
 # 4096-token recompute; the medians across runs are compared.
-RUNS = ("bench_e2e-llama3_8b_ttft-h100-2026-11-27.json", "bench_e2e-llama3_8b_ttft_aa-h100-2026-11-27.json",
-        "bench_e2e-llama3_8b_ttft_decode64-h100-2026-11-27.json",
-        "bench_e2e-llama3_8b_ttft_split-h100-2026-11-27.json")
+RUNS = (
+    "bench_e2e-llama3_8b_ttft-h100-2026-11-27.json",
+    "bench_e2e-llama3_8b_ttft_aa-h100-2026-11-27.json",
+    "bench_e2e-llama3_8b_ttft_decode64-h100-2026-11-27.json",
+    "bench_e2e-llama3_8b_ttft_split-h100-2026-11-27.json",
+)
 # (case, tokens): why the median prediction misses the median measurement by more than 15%
 # (docs/sim.md, "Across runs").
 MEDIAN_MISSES = {
@@ -167,14 +181,18 @@ def test_cross_run_medians_within_15_percent(runs):
     print("\n" + format_cross_run_table(table, list(RUNS)))
     assert len(table) == 21  # 3 lengths x 7 cases (disk_hit_split in two of the runs)
     claimed = [c for c in table if (c["case"], c["tokens"]) != ("recompute", 4096)]
-    bad = {(c["case"], c["tokens"]): f"{c['median_error']:+.1%}" for c in claimed
-           if abs(c["median_error"]) > 0.15 and (c["case"], c["tokens"]) not in MEDIAN_MISSES}
+    bad = {
+        (c["case"], c["tokens"]): f"{c['median_error']:+.1%}"
+        for c in claimed
+        if abs(c["median_error"]) > 0.15 and (c["case"], c["tokens"]) not in MEDIAN_MISSES
+    }
     assert not bad, bad
     within = sum(1 for c in claimed if abs(c["median_error"]) <= 0.15)
     assert within >= len(claimed) - len(MEDIAN_MISSES) == 14
     # per run, against its own measurement (docs/sim.md: 12/17, 9/20, 9/17, 10/20)
-    per_run = {name: sum(1 for r in rows if r.role == "prediction" and abs(r.error) <= 0.15)
-               for name, rows in runs.items()}
+    per_run = {
+        name: sum(1 for r in rows if r.role == "prediction" and abs(r.error) <= 0.15) for name, rows in runs.items()
+    }
     assert sum(per_run.values()) >= 40, per_run
 
 
@@ -217,18 +235,21 @@ def test_a_runs_own_disk_probe_outranks_the_hosts_disk_bench(tmp_path):
 ONE_STEP_MAIN = "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_r5-h100-2026-11-27.json"
 # The earlier engine (a load before the step, serial): the main run before, and two siblings.
 ONE_STEP_SERIAL = "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout-h100-2026-11-27.json"
-ONE_STEP_RUNS = (ONE_STEP_SERIAL, "bench_e2e-llama3_8b_ttft_one_step_prefill-h100-2026-11-27.json",
-                 "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_zero_copy-h100-2026-11-27.json")
+ONE_STEP_RUNS = (
+    ONE_STEP_SERIAL,
+    "bench_e2e-llama3_8b_ttft_one_step_prefill-h100-2026-11-27.json",
+    "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_zero_copy-h100-2026-11-27.json",
+)
 # (case, tokens) of the serial run: why the prediction misses by more than 15%.
 SERIAL_KNOWN_MISSES = {
     ("cpu_hit", 4096): "-31%: measured 0.098 s, 2.4-3.3x the same case on the other two runs (0.042, 0.029 s) "
-                       "and 41 ms above its own GPU hit for 0.5 GB moved at 51 GB/s (10 ms): one slow request",
+    "and 41 ms above its own GPU hit for 0.5 GB moved at 51 GB/s (10 ms): one slow request",
     ("gpu_hit", 16384): "+24%: measured 0.049 s, below the 0.0575 s GPU hit at 4096 that calibrates the step's "
-                        "fixed cost; the fixed cost moves by ~10 ms from request to request",
+    "fixed cost; the fixed cost moves by ~10 ms from request to request",
     ("cpu_hit", 16384): "+20%: the same fixed cost (0.049 s from the 4096 GPU hit) priced after the load",
     ("half_prefix_gpu_hit", 32768): "-26% (all three runs -26% to -28%): attention over a cached prefix runs "
-                                    "SDPA with a lower-right causal mask (the memory-efficient kernel, K/V heads "
-                                    "expanded) at about half the matmul probe's rate the model prices it at",
+    "SDPA with a lower-right causal mask (the memory-efficient kernel, K/V heads "
+    "expanded) at about half the matmul probe's rate the model prices it at",
 }
 
 
@@ -261,8 +282,11 @@ def test_one_step_predictions_within_15_percent(one_step):
     print("\n" + format_table(rows))
     preds = [r for r in rows if r.role == "prediction"]
     assert len(preds) == 19
-    misses = {(r.case, r.tokens): f"{r.error:+.1%}" for r in preds
-              if abs(r.error) > 0.15 and (r.case, r.tokens) not in SERIAL_KNOWN_MISSES}
+    misses = {
+        (r.case, r.tokens): f"{r.error:+.1%}"
+        for r in preds
+        if abs(r.error) > 0.15 and (r.case, r.tokens) not in SERIAL_KNOWN_MISSES
+    }
     assert not misses, misses
     within = sum(1 for r in preds if abs(r.error) <= 0.15)
     assert within >= len(preds) - len(SERIAL_KNOWN_MISSES) == 15
@@ -290,8 +314,9 @@ def test_one_step_disk_hits_price_every_write_back_their_promotion_starts(one_st
 def test_chunked_prefill_runs_keep_their_model():
     """Runs of the earlier chunked-prefill engine (no "prefill" in the JSON): no fixed hit cost,
     only the write-backs waited for on the critical path, the cross-layer copy rates."""
-    hw = Calibration(str(BENCH)).hardware(model=MODEL_PRESETS["llama3_8b"],
-                                          e2e_file=str(BENCH / "bench_e2e-llama3_8b_ttft-h100-2026-11-27.json"))
+    hw = Calibration(str(BENCH)).hardware(
+        model=MODEL_PRESETS["llama3_8b"], e2e_file=str(BENCH / "bench_e2e-llama3_8b_ttft-h100-2026-11-27.json")
+    )
     assert hw.hit_forward_s == 0.0 and not hw.writebacks_share_disk and "hit_forward_s" not in hw.sources
     assert hw.sources["h2d_bw"].endswith("scatter_auto_cross_layer")
 
@@ -302,11 +327,11 @@ def test_chunked_prefill_runs_keep_their_model():
 ONE_STEP_MEDIAN_MISSES = {
     ("cpu_hit", 4096): "+23%: measured 0.029-0.098 s across the runs (spread 235%), a ~40 ms step's noise",
     ("disk_hit_split", 4096): "-23%: one or two chunks loaded; the head's step and the rest's step measured "
-                              "slower than priced on the two other runs",
+    "slower than priced on the two other runs",
     ("disk_hit_split", 16384): "+34%: cross_layer and zero_copy absorbed the tail's write-backs at 1.3-1.9x "
-                               "the rate their disk probes measured (the main run's tail within 6%)",
+    "the rate their disk probes measured (the main run's tail within 6%)",
     ("gpu_hit", 32768): "-30%: a step over 32k cached tokens costs ~27 ms more than over 4k (gathers and "
-                        "expansion of the cached K/V, the masked attention); the model adds 5 ms",
+    "expansion of the cached K/V, the masked attention); the model adds 5 ms",
     ("half_prefix_gpu_hit", 32768): "-27%: attention after a cached prefix at about half the matmul rate",
 }
 
@@ -327,13 +352,18 @@ def test_one_step_cross_run_medians_within_15_percent(one_step_runs):
     assert len(table) == 21
     claimed = claimed_cases(table)
     assert len(claimed) == 19  # recompute and GPU hit at 4096 calibrate every run
-    bad = {(c["case"], c["tokens"]): f"{c['median_error']:+.1%}" for c in claimed
-           if abs(c["median_error"]) > 0.15 and (c["case"], c["tokens"]) not in ONE_STEP_MEDIAN_MISSES}
+    bad = {
+        (c["case"], c["tokens"]): f"{c['median_error']:+.1%}"
+        for c in claimed
+        if abs(c["median_error"]) > 0.15 and (c["case"], c["tokens"]) not in ONE_STEP_MEDIAN_MISSES
+    }
     assert not bad, bad
     assert sum(1 for c in claimed if abs(c["median_error"]) <= 0.15) >= 14
     # per run, against its own measurement (docs/sim.md: vllm 15/19, cross_layer 9/19, zero_copy 13/19)
-    per_run = {name: sum(1 for r in rows if r.role == "prediction" and abs(r.error) <= 0.15)
-               for name, rows in one_step_runs.items()}
+    per_run = {
+        name: sum(1 for r in rows if r.role == "prediction" and abs(r.error) <= 0.15)
+        for name, rows in one_step_runs.items()
+    }
     assert per_run[ONE_STEP_SERIAL] >= 15 and sum(per_run.values()) >= 37, per_run
 
 
@@ -342,16 +372,16 @@ def test_one_step_cross_run_medians_within_15_percent(one_step_runs):
 OVERLAP_KNOWN_MISSES = {
     ONE_STEP_MAIN: {
         ("cpu_hit", 4096): "+23%: measured 0.020 s, below this run's GPU hit at 4096 (0.025 s, both medians of 5) "
-                           "that sets the step's fixed cost; the host queued the CPU hit's step in 19 ms, the GPU "
-                           "hit's in 24 ms (time lines); the model prices a CPU hit at least at that step",
+        "that sets the step's fixed cost; the host queued the CPU hit's step in 19 ms, the GPU "
+        "hit's in 24 ms (time lines); the model prices a CPU hit at least at that step",
         ("disk_hit_split", 4096): "-23% (serial run: -11%, median -23%): the tail was ready when the head had been "
-                                  "queued (68 ms) and the first token came 91 ms later; head + rest price 0.122 s",
+        "queued (68 ms) and the first token came 91 ms later; head + rest price 0.122 s",
         ("gpu_hit", 16384): "+16% (serial run: +24%): 0.0235 s, no slower than the 0.0248 s at 4096 that calibrates; "
-                            "the model adds the step's attention over 16k cached tokens (2.4 ms)",
+        "the model adds the step's attention over 16k cached tokens (2.4 ms)",
         ("gpu_hit", 32768): "-17% (serial runs' median -30%): a step over 32k cached tokens costs 12 ms more "
-                            "than over 4k (gathers, masked attention); the model adds 5.5 ms",
+        "than over 4k (gathers, masked attention); the model adds 5.5 ms",
         ("half_prefix_gpu_hit", 16384): "-16% (serial run: -9%): attention after a cached prefix at about half "
-                                        "the matmul rate (the masked attention kernel)",
+        "the matmul rate (the masked attention kernel)",
         ("half_prefix_gpu_hit", 32768): "-27% (serial run: -26%): the same kernel",
     },
     # _overlap, one request a case: its GPU hit at 4096 measured 0.085 s (16k: 0.050, 32k: 0.041;
@@ -370,7 +400,7 @@ OVERLAP_KNOWN_MISSES = {
     "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_writebacks4-h100-2026-11-27.json": {
         ("cpu_hit", 4096): "+22%: below the run's GPU hit at 4096, as on the main run",
         ("disk_hit_split", 4096): "-45%: the bench split 10 + 5 chunks, the simulated tiers 11 + 4 (see "
-                                  "WRITEBACKS4_SPLITS); its tail was ready at 0.167 s, the model's 4 chunks at 0.087 s",
+        "WRITEBACKS4_SPLITS); its tail was ready at 0.167 s, the model's 4 chunks at 0.087 s",
         ("half_prefix_gpu_hit", 16384): "-16%: the masked attention kernel",
         ("gpu_hit", 32768): "-20%: per-cached-token costs of the step, as on the main run",
         ("half_prefix_gpu_hit", 32768): "-28%: the masked attention kernel",
@@ -378,8 +408,11 @@ OVERLAP_KNOWN_MISSES = {
 }
 # Within 15% per overlapped run (docs/sim.md), and before the overlap was modelled (the serial
 # form, one request a case): r5 11, _overlap 11, writebacks4 11.
-OVERLAP_WITHIN = {ONE_STEP_MAIN: 13, "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_overlap-h100-2026-11-27.json": 11,
-                  "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_writebacks4-h100-2026-11-27.json": 14}
+OVERLAP_WITHIN = {
+    ONE_STEP_MAIN: 13,
+    "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_overlap-h100-2026-11-27.json": 11,
+    "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_writebacks4-h100-2026-11-27.json": 14,
+}
 
 
 @pytest.fixture(scope="module")
@@ -416,7 +449,9 @@ def test_overlapped_runs_predictions_within_15_percent(name):
     preds = [r for r in rows if r.role == "prediction"]
     assert len(preds) == 19
     known = OVERLAP_KNOWN_MISSES[name]
-    misses = {(r.case, r.tokens): f"{r.error:+.1%}" for r in preds if abs(r.error) > 0.15 and (r.case, r.tokens) not in known}
+    misses = {
+        (r.case, r.tokens): f"{r.error:+.1%}" for r in preds if abs(r.error) > 0.15 and (r.case, r.tokens) not in known
+    }
     assert not misses, misses
     within = sum(1 for r in preds if abs(r.error) <= 0.15)
     assert within >= OVERLAP_WITHIN[name] == len(preds) - len(known), within
@@ -433,9 +468,11 @@ def test_main_run_time_lines_show_the_overlap_the_model_prices(main_run):
     rows, hw = main_run
     model = MODEL_PRESETS["llama3_8b"]
     meas = {(r.case, r.tokens): r for r in rows}
-    lines = {int(r["case"].rsplit("_", 1)[1]): r["timeline_s"]
-             for r in json.loads((BENCH / ONE_STEP_MAIN).read_text())["results"]
-             if r["case"].startswith("ttft_cpu_hit_")}
+    lines = {
+        int(r["case"].rsplit("_", 1)[1]): r["timeline_s"]
+        for r in json.loads((BENCH / ONE_STEP_MAIN).read_text())["results"]
+        if r["case"].startswith("ttft_cpu_hit_")
+    }
     bound = {}
     for n, t in lines.items():
         r = meas[("cpu_hit", n)]
@@ -502,9 +539,12 @@ def test_the_default_run_is_chosen_by_what_its_json_records_not_its_name(tmp_pat
             r["reps_s"] = [r["value"]] * 5
     bound4 = dict(reps, disk_max_writebacks_in_flight=4)
     stem = "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout"
-    files = {f"{stem}_a-h100-2026-11-27.json": reps, f"{stem}_m-h100-2026-11-27.json": overlap,
-             f"{stem}_y-h100-2026-11-27.json": json.loads(serial.read_text()),
-             f"{stem}_z-h100-2026-11-27.json": bound4}
+    files = {
+        f"{stem}_a-h100-2026-11-27.json": reps,
+        f"{stem}_m-h100-2026-11-27.json": overlap,
+        f"{stem}_y-h100-2026-11-27.json": json.loads(serial.read_text()),
+        f"{stem}_z-h100-2026-11-27.json": bound4,
+    }
     for name, doc in files.items():
         (tmp_path / name).write_text(json.dumps(doc))
     assert Path(_latest_e2e(str(tmp_path))).name == f"{stem}_a-h100-2026-11-27.json"
@@ -530,8 +570,15 @@ def test_overlap_prices_the_copy_beside_the_step_not_before_it():
     from kvtier.sim.tiers import BeginResult
 
     model = MODEL_PRESETS["llama3_8b"]
-    serial = HardwareCost(weights_rate=5.7e14, attention_rate=6.9e14, h2d_bw=51e9, disk_read_bw=1.7e9,
-                          disk_write_bw=2.4e9, hit_forward_s=0.035, writebacks_share_disk=True)
+    serial = HardwareCost(
+        weights_rate=5.7e14,
+        attention_rate=6.9e14,
+        h2d_bw=51e9,
+        disk_read_bw=1.7e9,
+        disk_write_bw=2.4e9,
+        hit_forward_s=0.035,
+        writebacks_share_disk=True,
+    )
     over = replace(serial, load_compute_overlap=True)
     ct, cb = 256, 256 * model.kv_bytes_per_token
     regimes = set()
@@ -549,7 +596,8 @@ def test_overlap_prices_the_copy_beside_the_step_not_before_it():
         d = BeginResult(lower_hits=chunks, disk_hits=chunks, load_writebacks=chunks // 2, load_disk_writes=chunks)
         pages, load = request_load_parts_s(over, cb, d)
         assert request_service_s(over, model, ct, cb, d, n) == pytest.approx(
-            pages + load - copy + max(step, copy + last_layer))
+            pages + load - copy + max(step, copy + last_layer)
+        )
         # nothing below the GPU: both forms are the step alone
         g = BeginResult(gpu_hits=chunks)
         assert request_service_s(over, model, ct, cb, g, n) == request_service_s(serial, model, ct, cb, g, n)
@@ -564,8 +612,9 @@ def test_overlap_prices_the_copy_beside_the_step_not_before_it():
         copy = request_copy_s(over, cb, b)
         head_s, rest_s = prefill_step_s(over, model, 0, head * ct), prefill_step_s(over, model, 127 * ct, n)
         got = request_service_s(over, model, ct, cb, b, n)
-        assert got == pytest.approx(pages + max(max(head_s, load - copy) + rest_s,
-                                                load + over.prefill_s(model, 127 * ct, n) / model.layers))
+        assert got == pytest.approx(
+            pages + max(max(head_s, load - copy) + rest_s, load + over.prefill_s(model, 127 * ct, n) / model.layers)
+        )
         # head-bound (2 chunks): the copy was hidden behind the head in both forms; tail-bound: not
         assert (got < request_service_s(serial, model, ct, cb, b, n)) == (tail == 40)
         assert got <= request_service_s(serial, model, ct, cb, b, n)
@@ -585,14 +634,18 @@ SPLIT_BUCKETS = "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_r9-h100-2
 # its recompute then offloads GPU victims, which the calibration takes off (compare_e2e)
 SPLIT_WARM = "bench_e2e-llama3_8b_ttft_one_step_prefill_vllm_layout_r10-h100-2026-11-27.json"
 SPLIT_RUNS = (SPLIT_MAIN, SPLIT_SECOND, SPLIT_BUCKETS, SPLIT_WARM)
-FIRST_CALL = ("the split's head (3,584 tokens) is the run's first attention of a new length: its first call "
-              "costs ~75 ms more (scripts/diag_step.py: a first 3584-token recompute 0.194 s, the second "
-              "0.117, a 3328-token one after it 0.109 twice); the model prices warm kernels")
-HOST_NOISE = "the hit step is host-bound and moves by 10-15 ms from run to run (GPU hit at 16k: 0.025 / 0.040 / 0.036 s)"
+FIRST_CALL = (
+    "the split's head (3,584 tokens) is the run's first attention of a new length: its first call "
+    "costs ~75 ms more (scripts/diag_step.py: a first 3584-token recompute 0.194 s, the second "
+    "0.117, a 3328-token one after it 0.109 twice); the model prices warm kernels"
+)
+HOST_NOISE = (
+    "the hit step is host-bound and moves by 10-15 ms from run to run (GPU hit at 16k: 0.025 / 0.040 / 0.036 s)"
+)
 SPLIT_KNOWN_MISSES = {
     SPLIT_MAIN: {
         ("disk_hit", 4096): "-32%: 1.27 s measured; 0.88 / 0.85 s on r8 / r9 (within 3% there): the disk, "
-                            "slower during the case than at the probe",
+        "slower during the case than at the probe",
         ("disk_hit", 32768): "-23%: 7.08 s measured; 5.14 / 6.11 s on r8 / r9 (within 7% there)",
         ("disk_hit_split", 4096): "-27%: " + FIRST_CALL,
         ("gpu_hit", 16384): "+37%: 0.0248 s measured, below this run's GPU hit at 4096; " + HOST_NOISE,
@@ -611,7 +664,7 @@ SPLIT_KNOWN_MISSES = {
     SPLIT_WARM: {
         ("cpu_hit", 4096): "-17%: 0.0302 s, 5 ms above this run's GPU hit at 4096 that prices its step",
         ("disk_hit_split", 16384): "+20%: 1.00 s measured (1.24-1.38 s on r7-r9, within 8% there): its tail "
-                                   "loaded faster than the write-backs it started are priced",
+        "loaded faster than the write-backs it started are priced",
         ("disk_hit_split", 32768): "+18%: 1.53 s measured (1.63-1.84 s on r7-r9), as at 16k",
     },
 }
@@ -627,8 +680,10 @@ def test_warming_the_padded_attention_removes_the_splits_first_call_cost():
     26 ms (85-124 ms on r7-r9) and is predicted within 5% (27-39% off on r7-r9)."""
     if not all((BENCH / n).exists() for n in SPLIT_RUNS):
         pytest.skip("the split engine's runs are needed")
-    errors = {n: {(r.case, r.tokens): r.error for r in compare_e2e(str(BENCH), e2e_glob=n)[0]}[("disk_hit_split", 4096)]
-              for n in SPLIT_RUNS}
+    errors = {
+        n: {(r.case, r.tokens): r.error for r in compare_e2e(str(BENCH), e2e_glob=n)[0]}[("disk_hit_split", 4096)]
+        for n in SPLIT_RUNS
+    }
     assert abs(errors[SPLIT_WARM]) < 0.05
     assert all(errors[n] < -0.25 for n in SPLIT_RUNS if n != SPLIT_WARM)
 
@@ -655,7 +710,7 @@ def split_run():
 
 
 def test_split_attention_run_takes_its_attention_rates_from_bench_attention(split_run):
-    rows, hw = split_run
+    _rows, hw = split_run
     assert hw.sources["attention_rate"].startswith("bench_attention-llama3_8b_after_prefix-h100-")
     assert hw.sources["attention_after_prefix"].startswith("bench_attention-llama3_8b_after_prefix-h100-")
     pts = dict(hw.attention_after_prefix)
@@ -678,8 +733,9 @@ def test_split_attention_runs_predictions_within_15_percent(name):
     preds = [r for r in rows if r.role == "prediction"]
     assert len(preds) == 19
     known = SPLIT_KNOWN_MISSES[name]
-    misses = {(r.case, r.tokens): f"{r.error:+.1%}" for r in preds
-              if abs(r.error) > 0.15 and (r.case, r.tokens) not in known}
+    misses = {
+        (r.case, r.tokens): f"{r.error:+.1%}" for r in preds if abs(r.error) > 0.15 and (r.case, r.tokens) not in known
+    }
     assert not misses, misses
     assert sum(1 for r in preds if abs(r.error) <= 0.15) >= 19 - len(known)
     found = {(r.case, r.tokens): r for r in rows}
@@ -697,8 +753,11 @@ def test_split_attention_runs_cross_run_medians_within_15_percent():
     print("\n" + format_cross_run_table(table, names))
     claimed = claimed_cases(table)
     assert len(claimed) == 19
-    bad = {(c["case"], c["tokens"]): f"{c['median_error']:+.1%}" for c in claimed
-           if abs(c["median_error"]) > 0.15 and (c["case"], c["tokens"]) not in SPLIT_MEDIAN_MISSES}
+    bad = {
+        (c["case"], c["tokens"]): f"{c['median_error']:+.1%}"
+        for c in claimed
+        if abs(c["median_error"]) > 0.15 and (c["case"], c["tokens"]) not in SPLIT_MEDIAN_MISSES
+    }
     assert not bad, bad
     assert sum(1 for c in claimed if abs(c["median_error"]) <= 0.15) >= 19 - len(SPLIT_MEDIAN_MISSES)
 
@@ -726,7 +785,6 @@ def test_hit_step_is_launches_or_gemms_then_attention():
     assert prefill_step_s(on, model, 32000, 32256) == pytest.approx(0.02 + a_short)
     assert prefill_step_s(on, model, 2048, 4096) == pytest.approx(g_long + a_long)
     assert prefill_step_s(on, model, 0, 4096) == prefill_step_s(hw, model, 0, 4096) == hw.prefill_s(model, 0, 4096)
-
 
 
 def test_split_attention_calibration_needs_bench_attention(tmp_path):

@@ -6,7 +6,8 @@ As in tests/test_trace_replay.py, each chunk becomes CT real tokens (KV scaled d
 a chunk), on CPU tensors. The engine's write-backs to disk are asynchronous. With a disk tier the
 engine runs with ``deterministic_writeback`` (every call waits for the write-backs in flight, an
 eviction that waits for write-backs waits for all of them, the disk runs at queue depth 1) and
-the simulator in its mirror mode: per-tier hits must then agree exactly. One test keeps the default asynchronous mode: there the
+the simulator in its mirror mode: per-tier hits must then agree exactly. One test keeps the default
+asynchronous mode: there the
 outcome depends on how many write-backs the disk ends during an eviction's 200 us poll, and
 per-tier hits must agree within 1% of the trace's chunks (the engine's own run-to-run spread
 reaches 0.3% on this machine, and a CI disk may be slower); every call into its CPU tier is
@@ -30,16 +31,19 @@ from kvtier.pool import PagedKVPool
 from kvtier.sim.tiers import SimCpuTier, SimGpuPool
 from kvtier.sim.trace import load_trace, synthetic_trace
 
-TRACE = Path(os.environ.get("KVTIER_TEST_TRACE")
-             or Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake_synthetic_trace.jsonl")
+TRACE = Path(
+    os.environ.get("KVTIER_TEST_TRACE")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake_synthetic_trace.jsonl"
+)
 CT = 8  # engine tokens standing for one 512-token chunk
 TAIL_BASE = 1 << 30  # token ids of partial tails: never part of a full chunk
 
 
 def requests(source: str):
     if source == "synthetic":
-        return synthetic_trace(1200, seed=11, prefixes=50, prefix_chunks=(2, 20), suffix_chunks=(1, 6),
-                               chunk_tokens=512)
+        return synthetic_trace(
+            1200, seed=11, prefixes=50, prefix_chunks=(2, 20), suffix_chunks=(1, 6), chunk_tokens=512
+        )
     if not TRACE.exists():
         pytest.skip(f"shared trace not found at {TRACE} (set KVTIER_TEST_TRACE)")
     return load_trace(TRACE, chunk_tokens=512)
@@ -72,22 +76,52 @@ class _DrainFirst:
         return call
 
 
-def run_engine(reqs, tmp_path, *, gpu, cpu, disk=0, order="lru", min_seen=2, gpu_policy=None, planner=None,
-               admission=None, write_through=False, deterministic=True, backend="auto", max_writebacks=64):
+def run_engine(
+    reqs,
+    tmp_path,
+    *,
+    gpu,
+    cpu,
+    disk=0,
+    order="lru",
+    min_seen=2,
+    gpu_policy=None,
+    planner=None,
+    admission=None,
+    write_through=False,
+    deterministic=True,
+    backend="auto",
+    max_writebacks=64,
+):
     """``deterministic``: with a disk tier, the engine's deterministic_writeback mode; False:
     the asynchronous default, every call into the CPU tier preceded by a drain.
     ``max_writebacks``: the disk's write-back bound (disk_max_writebacks_in_flight)."""
     ck = {"cpu_bytes": cpu * 4096, "eviction_policy": order}
     if disk:
-        ck.update(disk_dir=str(tmp_path), disk_bytes=(disk + 2) * 8192, disk_admit_min_seen=min_seen,
-                  disk_backend=backend, deterministic_writeback=deterministic,
-                  disk_max_writebacks_in_flight=max_writebacks)
+        ck.update(
+            disk_dir=str(tmp_path),
+            disk_bytes=(disk + 2) * 8192,
+            disk_admit_min_seen=min_seen,
+            disk_backend=backend,
+            deterministic_writeback=deterministic,
+            disk_max_writebacks_in_flight=max_writebacks,
+        )
     with pytest.MonkeyPatch.context() as mp:
         if not (disk and deterministic):
             wrap_cpu_tiers(mp, _DrainFirst)
-        pool = PagedKVPool(num_layers=1, kv_heads=1, head_dim=8, num_pages=gpu, page_tokens=CT,
-                           chunk_tokens=CT, dtype=torch.float32, cache_config=CacheConfig(**ck),
-                           eviction_policy=gpu_policy, planner=planner, write_through=write_through)
+        pool = PagedKVPool(
+            num_layers=1,
+            kv_heads=1,
+            head_dim=8,
+            num_pages=gpu,
+            page_tokens=CT,
+            chunk_tokens=CT,
+            dtype=torch.float32,
+            cache_config=CacheConfig(**ck),
+            eviction_policy=gpu_policy,
+            planner=planner,
+            write_through=write_through,
+        )
     if admission is not None:
         pool.cache.tier.set_admission_hook(admission.admit)
     try:
@@ -101,15 +135,21 @@ def run_engine(reqs, tmp_path, *, gpu, cpu, disk=0, order="lru", min_seen=2, gpu
         st = pool.stats()
     finally:
         pool.close()
-    out = {"gpu": st["gpu_hit_chunks"], "cpu": st["lower_hit_chunks"], "disk": 0,
-           "planned_recompute": st["planned_recompute_chunks"]}
+    out = {
+        "gpu": st["gpu_hit_chunks"],
+        "cpu": st["lower_hit_chunks"],
+        "disk": 0,
+        "planned_recompute": st["planned_recompute_chunks"],
+    }
     if disk:
         d = st["lower"]["disk"]
-        out.update(disk=d["chunks_promoted"], cpu=out["cpu"] - d["chunks_promoted"],
-                   disk_evictions=d["evictions"], promotion_failures=d["promotion_failures"])
+        out.update(
+            disk=d["chunks_promoted"],
+            cpu=out["cpu"] - d["chunks_promoted"],
+            disk_evictions=d["evictions"],
+            promotion_failures=d["promotion_failures"],
+        )
     return out
-
-
 
 
 def writebacks_per_wait() -> int:
@@ -125,16 +165,44 @@ def writebacks_per_wait() -> int:
     return 64
 
 
-def run_sim(reqs, *, gpu, cpu, disk=0, order="lru", min_seen=2, gpu_policy=None, planner=None, admission=None,
-            write_through=False, deterministic=True, max_writebacks=64):
+def run_sim(
+    reqs,
+    *,
+    gpu,
+    cpu,
+    disk=0,
+    order="lru",
+    min_seen=2,
+    gpu_policy=None,
+    planner=None,
+    admission=None,
+    write_through=False,
+    deterministic=True,
+    max_writebacks=64,
+):
     """The simulator with the engine's scaled geometry (CT tokens a chunk and a page, 512-byte
     chunks in 4 KiB blocks), so that a planner sees the same chunk size in both.
     ``deterministic``: the mirror of the engine's deterministic_writeback mode."""
-    tier = SimCpuTier(cpu, eviction_policy=order, disk_slots=disk + 1 if disk else 0, disk_admit_min_seen=min_seen,
-                      admission_policy=admission, writebacks_per_wait=writebacks_per_wait(),
-                      deterministic_writeback=deterministic, max_demotions_in_flight=max_writebacks)
-    pool = SimGpuPool(gpu, page_tokens=CT, chunk_tokens=CT, cpu=tier, eviction_policy=gpu_policy,
-                      planner=planner, chunk_bytes=CT * 64, write_through=write_through)
+    tier = SimCpuTier(
+        cpu,
+        eviction_policy=order,
+        disk_slots=disk + 1 if disk else 0,
+        disk_admit_min_seen=min_seen,
+        admission_policy=admission,
+        writebacks_per_wait=writebacks_per_wait(),
+        deterministic_writeback=deterministic,
+        max_demotions_in_flight=max_writebacks,
+    )
+    pool = SimGpuPool(
+        gpu,
+        page_tokens=CT,
+        chunk_tokens=CT,
+        cpu=tier,
+        eviction_policy=gpu_policy,
+        planner=planner,
+        chunk_bytes=CT * 64,
+        write_through=write_through,
+    )
     out = {"gpu": 0, "cpu": 0, "disk": 0, "planned_recompute": 0, "split_plans": 0}
     for i, r in enumerate(reqs):
         b = pool.begin(r.chunks, len(tokens_of(i, r)))

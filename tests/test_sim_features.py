@@ -11,19 +11,28 @@ from kvtier.sim import SimConfig, Simulator, synthetic_trace, tier_ablation
 from kvtier.sim.cost import CalibratedPlanner, HardwareCost, ModelShape
 
 TINY = ModelShape("tiny", 1e6, 1, 64, 1, 2, 2)  # 8 bytes a token: one 4 KiB block a 512-token chunk
-HW = HardwareCost(weights_rate=2e10, attention_rate=1e13, h2d_bw=40e6, d2h_bw=40e6, disk_read_bw=4e6,
-                  disk_write_bw=8e6, link_bw=10e6)  # scaled so that the tiny chunks cost like real ones
+HW = HardwareCost(
+    weights_rate=2e10, attention_rate=1e13, h2d_bw=40e6, d2h_bw=40e6, disk_read_bw=4e6, disk_write_bw=8e6, link_bw=10e6
+)  # scaled so that the tiny chunks cost like real ones
 
 
 @pytest.fixture(scope="module")
 def reqs():
-    return synthetic_trace(1500, seed=5, prefixes=80, prefix_chunks=(2, 20), suffix_chunks=(1, 6),
-                           chunk_tokens=512, rate_per_s=50.0)
+    return synthetic_trace(
+        1500, seed=5, prefixes=80, prefix_chunks=(2, 20), suffix_chunks=(1, 6), chunk_tokens=512, rate_per_s=50.0
+    )
 
 
 def cfg(**kw) -> SimConfig:
-    base = {"model": TINY, "chunk_tokens": 512, "page_tokens": 512, "gpu_bytes": 100 * 4096, "cpu_bytes": 300 * 4096,
-                "disk_bytes": 0, "hardware": HW}
+    base = {
+        "model": TINY,
+        "chunk_tokens": 512,
+        "page_tokens": 512,
+        "gpu_bytes": 100 * 4096,
+        "cpu_bytes": 300 * 4096,
+        "disk_bytes": 0,
+        "hardware": HW,
+    }
     base.update(kw)
     return SimConfig(**base)
 
@@ -43,8 +52,9 @@ def test_idle_instances_share_new_requests(routing):
     instances (and their caches)."""
     from kvtier.sim.trace import Request
 
-    reqs = [Request(arrival_s=10.0 * i, input_length=1024, output_length=1, chunks=(2 * i, 2 * i + 1))
-            for i in range(12)]  # far apart: each ends before the next arrives; nothing shared
+    reqs = [
+        Request(arrival_s=10.0 * i, input_length=1024, output_length=1, chunks=(2 * i, 2 * i + 1)) for i in range(12)
+    ]  # far apart: each ends before the next arrives; nothing shared
     sim = Simulator(cfg(instances=4, routing=routing))
     routed = [sim._route(r, r.arrival_s).idx for r in reqs]
     assert routed == [0, 1, 2, 3] * 3
@@ -110,8 +120,10 @@ def test_calibrated_planner_recomputes_what_a_slow_tier_cannot_deliver(reqs):
     # Planned at lookup; by the load the GPU's evictions may have pushed some CPU chunks to disk.
     assert rs.disk_hits < rf.disk_hits / 5
     # chunk 0 from disk: 4096 B at 1e4 B/s = 0.41 s; recomputing its 512 tokens: 1e9 FLOP at 2e10/s = 50 ms
-    assert slow.plan(type("P", (), {"chunk_tokens": 512, "layout": type("L", (), {"chunk_bytes": 4096})})(),
-                     0, ["disk"]) == 0
+    assert (
+        slow.plan(type("P", (), {"chunk_tokens": 512, "layout": type("L", (), {"chunk_bytes": 4096})})(), 0, ["disk"])
+        == 0
+    )
 
 
 def test_queueing_grows_ttft_under_load(reqs):
@@ -129,16 +141,19 @@ def test_requests_larger_than_the_pool_are_counted_not_crashed(reqs):
     assert 0 < r.rejected < len(reqs)
 
 
-@pytest.mark.parametrize("kw, msg", [
-    ({"chunk_tokens": 500, "page_tokens": 16}, "multiple of page_tokens"),
-    ({"routing": "random"}, "routing"),
-    ({"replay": "slow"}, "replay"),
-    ({"cpu_eviction": "arc"}, "cpu_eviction"),
-    ({"cpu_bytes": 0, "disk_bytes": 1 << 30}, "needs a CPU tier"),
-    ({"cpu_bytes": 100}, "smaller than one chunk"),
-    ({"gpu_bytes": -1}, "gpu_bytes"),
-    ({"instances": 0}, "instances"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"chunk_tokens": 500, "page_tokens": 16}, "multiple of page_tokens"),
+        ({"routing": "random"}, "routing"),
+        ({"replay": "slow"}, "replay"),
+        ({"cpu_eviction": "arc"}, "cpu_eviction"),
+        ({"cpu_bytes": 0, "disk_bytes": 1 << 30}, "needs a CPU tier"),
+        ({"cpu_bytes": 100}, "smaller than one chunk"),
+        ({"gpu_bytes": -1}, "gpu_bytes"),
+        ({"instances": 0}, "instances"),
+    ],
+)
 def test_bad_config_names_the_argument(kw, msg):
     with pytest.raises(ValueError, match=msg):
         cfg(**kw)
@@ -162,12 +177,21 @@ def test_split_plan_is_priced_as_head_and_tail_at_once_then_the_rest():
     ct, cb, n = 256, 256 * model.kv_bytes_per_token, 4096 + 100  # 16 full chunks
     for tail in (2, 12):  # compute-bound (2 chunks from disk) and load-bound (12)
         head = 14 - tail
-        b = BeginResult(gpu_hits=2, lower_hits=tail, disk_hits=tail, split_head=head, offloaded=3,
-                        critical_writebacks=5, load_writebacks=4, planned_recompute=head)
+        b = BeginResult(
+            gpu_hits=2,
+            lower_hits=tail,
+            disk_hits=tail,
+            split_head=head,
+            offloaded=3,
+            critical_writebacks=5,
+            load_writebacks=4,
+            planned_recompute=head,
+        )
         pages, load = request_load_parts_s(hw, cb, b)
         assert pages == pytest.approx(3 * cb / hw.d2h_bw + 1 * cb / hw.disk_write_bw)
-        assert load == pytest.approx(4 * cb / hw.disk_write_bw + tail * cb / hw.disk_read_bw + hw.disk_latency_s
-                                     + tail * cb / hw.h2d_bw)
+        assert load == pytest.approx(
+            4 * cb / hw.disk_write_bw + tail * cb / hw.disk_read_bw + hw.disk_latency_s + tail * cb / hw.h2d_bw
+        )
         head_s = hw.prefill_s(model, 2 * ct, (2 + head) * ct)
         rest_s = hw.prefill_s(model, 16 * ct, n)
         got = request_service_s(hw, model, ct, cb, b, n)
@@ -178,7 +202,8 @@ def test_split_plan_is_priced_as_head_and_tail_at_once_then_the_rest():
     # without a split the same chunks are priced in series, from the end of the cached prefix
     b = BeginResult(gpu_hits=2, lower_hits=14, disk_hits=14)
     assert request_service_s(hw, model, ct, cb, b, n) == pytest.approx(
-        sum(request_load_parts_s(hw, cb, b)) + hw.prefill_s(model, 16 * ct, n))
+        sum(request_load_parts_s(hw, cb, b)) + hw.prefill_s(model, 16 * ct, n)
+    )
 
 
 class FixedSplit:

@@ -3,6 +3,7 @@ in the format the trace reader takes, and reuses prefixes (system prompts, multi
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 
@@ -54,10 +55,12 @@ def test_reuse_is_real_and_an_infinite_cache_sees_it():
 def test_prefixes_come_from_system_prompts_and_earlier_turns():
     gen = MooncakeSynthetic()
     recs = gen.records(1000, seed=5)
-    full = [tuple(r["hash_ids"][:r["input_length"] // 512]) for r in recs]
+    full = [tuple(r["hash_ids"][: r["input_length"] // 512]) for r in recs]
     # a follow-up: every full block of an earlier prompt, then more
-    follow_ups = sum(any(len(p) < len(full[j]) and full[j][:len(p)] == p for p in full[max(0, j - 400):j] if p)
-                     for j in range(len(full)))
+    follow_ups = sum(
+        any(len(p) < len(full[j]) and full[j][: len(p)] == p for p in full[max(0, j - 400) : j] if p)
+        for j in range(len(full))
+    )
     assert follow_ups > 0.3 * len(recs)
     # the first blocks name the system prompt: a few of them, the most popular opening far more sessions
     firsts = [r["hash_ids"][0] for r in recs]
@@ -68,19 +71,22 @@ def test_prefixes_come_from_system_prompts_and_earlier_turns():
 
 def test_arrivals_are_poisson_at_the_rate():
     recs = MooncakeSynthetic(rate_per_s=10.0).records(4000, seed=0)
-    gaps = [(b["timestamp"] - a["timestamp"]) / 1000 for a, b in zip(recs, recs[1:])]
+    gaps = [(b["timestamp"] - a["timestamp"]) / 1000 for a, b in itertools.pairwise(recs)]
     assert statistics.mean(gaps) == pytest.approx(0.1, rel=0.08)
     assert statistics.pstdev(gaps) == pytest.approx(0.1, rel=0.12)  # exponential: sd = mean
     assert statistics.mean(r["input_length"] for r in MooncakeSynthetic().records(2000, seed=0)) > 8000
 
 
-@pytest.mark.parametrize("kw, names", [
-    ({"rate_per_s": 0.0}, "rate_per_s"),
-    ({"system_tokens": (500, 100)}, "system_tokens"),
-    ({"continue_p": 1.5}, "continue_p"),
-    ({"block_tokens": 0}, "block_tokens"),
-    ({"max_input_tokens": 100}, "max_input_tokens"),
-])
+@pytest.mark.parametrize(
+    "kw, names",
+    [
+        ({"rate_per_s": 0.0}, "rate_per_s"),
+        ({"system_tokens": (500, 100)}, "system_tokens"),
+        ({"continue_p": 1.5}, "continue_p"),
+        ({"block_tokens": 0}, "block_tokens"),
+        ({"max_input_tokens": 100}, "max_input_tokens"),
+    ],
+)
 def test_bad_settings_are_named(kw, names):
     with pytest.raises(ValueError, match=names):
         MooncakeSynthetic(**kw)

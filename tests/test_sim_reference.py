@@ -21,8 +21,10 @@ from kvtier.sim import SimConfig, Simulator, load_trace, synthetic_trace
 from kvtier.sim.cost import ModelShape
 from kvtier.sim.cpu_orders import LfuOrder, LruOrder, S3FifoOrder
 
-TRACE = Path(os.environ.get("KVTIER_TEST_TRACE")
-             or Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake_synthetic_trace.jsonl")
+TRACE = Path(
+    os.environ.get("KVTIER_TEST_TRACE")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake_synthetic_trace.jsonl"
+)
 # 8 bytes of KV a token: a 512-token chunk is one 4 KiB page, so capacities are easy to state.
 TINY = ModelShape("tiny", 1e6, 1, 64, 1, 2, 2)
 
@@ -83,8 +85,15 @@ def lru_reference_hits(reqs, capacity: int, chunk_tokens: int = 512) -> int:
 
 
 def sim(reqs, gpu_chunks: int, **kw):
-    cfg = SimConfig(model=TINY, chunk_tokens=512, page_tokens=512, gpu_bytes=gpu_chunks * 4096,
-                    cpu_bytes=kw.pop("cpu_chunks", 0) * 4096, replay="fast", **kw)
+    cfg = SimConfig(
+        model=TINY,
+        chunk_tokens=512,
+        page_tokens=512,
+        gpu_bytes=gpu_chunks * 4096,
+        cpu_bytes=kw.pop("cpu_chunks", 0) * 4096,
+        replay="fast",
+        **kw,
+    )
     return Simulator(cfg).run(reqs)
 
 

@@ -36,25 +36,34 @@ def test_mooncake_block_splits_into_smaller_chunks(tmp_path):
 
 
 def test_token_format_chains_chunks(tmp_path):
-    p = write(tmp_path, [{"tokens": list(range(10)), "timestamp": 3}, {"tokens": list(range(8)) + [99, 98]},
-                         {"tokens": [0, 1, 2, 3, 9, 9, 9, 9]}])
+    p = write(
+        tmp_path,
+        [
+            {"tokens": list(range(10)), "timestamp": 3},
+            {"tokens": list(range(8)) + [99, 98]},
+            {"tokens": [0, 1, 2, 3, 9, 9, 9, 9]},
+        ],
+    )
     a, b, c = load_trace(p, chunk_tokens=4)
     assert len(a.chunks) == 2 and b.chunks == a.chunks and c.chunks[0] == a.chunks[0] and c.chunks[1] != a.chunks[1]
     assert b.arrival_s == a.arrival_s == 0.003  # a line without timestamp arrives with the previous one
 
 
-@pytest.mark.parametrize("line, field", [
-    ('{"timestamp": 0, "input_length": 10, "hash_ids": [1]', "not valid JSON"),
-    ('[1, 2]', "expected a JSON object"),
-    ('{"timestamp": 0, "hash_ids": [1]}', "'input_length'"),
-    ('{"timestamp": 0, "input_length": "many", "hash_ids": [1]}', "'input_length'"),
-    ('{"timestamp": -4, "input_length": 10, "hash_ids": [1]}', "'timestamp'"),
-    ('{"timestamp": 0, "input_length": 1100, "hash_ids": [1, 2]}', "'hash_ids'"),
-    ('{"timestamp": 0, "input_length": 10, "hash_ids": [1, "x"]}', "'hash_ids'"),
-    ('{"tokens": [1, -2]}', "'tokens'"),
-    ('{"timestamp": 0, "input_length": 10}', "'hash_ids'"),
-    ('{"prompt": "hello"}', "neither 'hash_ids'"),
-])
+@pytest.mark.parametrize(
+    "line, field",
+    [
+        ('{"timestamp": 0, "input_length": 10, "hash_ids": [1]', "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"timestamp": 0, "hash_ids": [1]}', "'input_length'"),
+        ('{"timestamp": 0, "input_length": "many", "hash_ids": [1]}', "'input_length'"),
+        ('{"timestamp": -4, "input_length": 10, "hash_ids": [1]}', "'timestamp'"),
+        ('{"timestamp": 0, "input_length": 1100, "hash_ids": [1, 2]}', "'hash_ids'"),
+        ('{"timestamp": 0, "input_length": 10, "hash_ids": [1, "x"]}', "'hash_ids'"),
+        ('{"tokens": [1, -2]}', "'tokens'"),
+        ('{"timestamp": 0, "input_length": 10}', "'hash_ids'"),
+        ('{"prompt": "hello"}', "neither 'hash_ids'"),
+    ],
+)
 def test_bad_line_names_line_and_field(tmp_path, line, field):
     p = write(tmp_path, [mc(0, 512, [1]), line])
     with pytest.raises(TraceError) as e:

@@ -67,8 +67,9 @@ def test_a_cache_asks_its_source_after_its_tiers_and_loads_through_it():
     kv_b, layout_b = make_layout(2)
     a = KVCache(layout_a, cpu_bytes=1 << 20, method="cpu")
     made = []
-    b = KVCache(layout_b, cpu_bytes=1 << 20, method="cpu",
-                peers=lambda cache: made.append(Upstream(cache, a)) or made[-1])
+    b = KVCache(
+        layout_b, cpu_bytes=1 << 20, method="cpu", peers=lambda cache: made.append(Upstream(cache, a)) or made[-1]
+    )
     src = made[0]
     assert b.peers is src and isinstance(src, ChunkSource) and src.cache is b
     tokens = list(range(3 * CT))
@@ -106,8 +107,17 @@ def test_a_pool_passes_a_source_factory_to_its_cache():
         made.append(Upstream(cache, cache))
         return made[-1]
 
-    pool = PagedKVPool(num_layers=1, kv_heads=1, head_dim=8, num_pages=8, page_tokens=CT, chunk_tokens=CT,
-                       dtype=torch.float32, cpu_bytes=1 << 20, peers=factory)
+    pool = PagedKVPool(
+        num_layers=1,
+        kv_heads=1,
+        head_dim=8,
+        num_pages=8,
+        page_tokens=CT,
+        chunk_tokens=CT,
+        dtype=torch.float32,
+        cpu_bytes=1 << 20,
+        peers=factory,
+    )
     assert pool.cache.peers is made[0]
     with pool.scratch_pages(3) as pages:
         assert len(pages) == 3 and pool.stats()["pages_free"] == 5

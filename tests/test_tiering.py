@@ -9,8 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from _util import toks  # noqa: E402
-from kvtier import KVCache, Layout  # noqa: E402
+from _util import toks
+from kvtier import KVCache, Layout
 
 
 def make_kv(num_pages=64, layers=2, seed=0):
@@ -26,8 +26,13 @@ def pages_bytes(kv, pages):
 def test_evicted_chunks_go_to_disk_and_come_back_bit_exact(tmp_path, disk_backend):
     kv, layout = make_kv()
     ct = layout.chunk_tokens
-    cache = KVCache(layout, cpu_bytes=4 * layout.chunk_bytes, disk_dir=str(tmp_path),
-                    disk_bytes=64 * layout.chunk_bytes + (1 << 20), disk_backend=disk_backend)
+    cache = KVCache(
+        layout,
+        cpu_bytes=4 * layout.chunk_bytes,
+        disk_dir=str(tmp_path),
+        disk_bytes=64 * layout.chunk_bytes + (1 << 20),
+        disk_backend=disk_backend,
+    )
     a = toks(4 * ct, 1)  # fills the pool
     cache.store(a, list(range(8))).wait()
     cache.store(a, list(range(8))).wait()  # seen twice: admitted to disk when evicted
@@ -55,14 +60,19 @@ def test_load_racing_the_prefetch_gets_the_whole_prefix(tmp_path, disk_backend):
     # lookup() starts prefetch reads; a load right after it races their commits. A chunk that
     # turned READY between the load's pool walk and its disk walk once ended the load early.
     # The window is narrow, so the scenario is repeated; the old code failed about 1 run in 300.
-    kv, layout = make_kv()
+    _kv, layout = make_kv()
     ct = layout.chunk_tokens
     a, b = toks(4 * ct, 1), toks(4 * ct, 2)
     for i in range(300):
         d = tmp_path / str(i)
         d.mkdir()
-        with KVCache(layout, cpu_bytes=4 * layout.chunk_bytes, disk_dir=str(d),
-                     disk_bytes=16 * layout.chunk_bytes + (1 << 20), disk_backend=disk_backend) as cache:
+        with KVCache(
+            layout,
+            cpu_bytes=4 * layout.chunk_bytes,
+            disk_dir=str(d),
+            disk_bytes=16 * layout.chunk_bytes + (1 << 20),
+            disk_backend=disk_backend,
+        ) as cache:
             cache.store(a, list(range(8))).wait()
             cache.store(a, list(range(8))).wait()
             cache.store(b, list(range(8, 16))).wait()
@@ -72,10 +82,15 @@ def test_load_racing_the_prefetch_gets_the_whole_prefix(tmp_path, disk_backend):
 
 
 def test_chunks_seen_once_are_not_written_to_disk(tmp_path, disk_backend):
-    kv, layout = make_kv()
+    _kv, layout = make_kv()
     ct = layout.chunk_tokens
-    cache = KVCache(layout, cpu_bytes=2 * layout.chunk_bytes, disk_dir=str(tmp_path),
-                    disk_bytes=16 * layout.chunk_bytes + (1 << 20), disk_backend=disk_backend)
+    cache = KVCache(
+        layout,
+        cpu_bytes=2 * layout.chunk_bytes,
+        disk_dir=str(tmp_path),
+        disk_bytes=16 * layout.chunk_bytes + (1 << 20),
+        disk_backend=disk_backend,
+    )
     cache.store(toks(2 * ct, 1), list(range(4))).wait()
     cache.store(toks(2 * ct, 2), list(range(4, 8))).wait()  # evicts the first, seen once
     cache.drain()
@@ -88,9 +103,14 @@ def test_chunks_seen_once_are_not_written_to_disk(tmp_path, disk_backend):
 def test_restart_brings_demoted_chunks_back(tmp_path, disk_backend):
     kv, layout = make_kv()
     ct = layout.chunk_tokens
-    cfg = dict(cpu_bytes=2 * layout.chunk_bytes, disk_dir=str(tmp_path),
-               disk_bytes=16 * layout.chunk_bytes + (1 << 20), disk_backend=disk_backend, disk_admit_min_seen=1,
-               disk_persist_on_close=False)  # only the write-backs (tests/test_disk_persist.py: the rest)
+    cfg = dict(
+        cpu_bytes=2 * layout.chunk_bytes,
+        disk_dir=str(tmp_path),
+        disk_bytes=16 * layout.chunk_bytes + (1 << 20),
+        disk_backend=disk_backend,
+        disk_admit_min_seen=1,
+        disk_persist_on_close=False,
+    )  # only the write-backs (tests/test_disk_persist.py: the rest)
     a = toks(2 * ct, 1)
     original = pages_bytes(kv, range(4))
     with KVCache(layout, **cfg) as cache:
@@ -109,8 +129,12 @@ def test_restart_brings_demoted_chunks_back(tmp_path, disk_backend):
 def test_corrupt_disk_chunk_is_a_miss_never_wrong_data(tmp_path):
     kv, layout = make_kv()
     ct = layout.chunk_tokens
-    cfg = dict(cpu_bytes=2 * layout.chunk_bytes, disk_dir=str(tmp_path),
-               disk_bytes=16 * layout.chunk_bytes + (1 << 20), disk_admit_min_seen=1)
+    cfg = dict(
+        cpu_bytes=2 * layout.chunk_bytes,
+        disk_dir=str(tmp_path),
+        disk_bytes=16 * layout.chunk_bytes + (1 << 20),
+        disk_admit_min_seen=1,
+    )
     a = toks(2 * ct, 1)
     with KVCache(layout, **cfg) as cache:
         cache.store(a, list(range(4))).wait()
@@ -135,14 +159,15 @@ def test_corrupt_disk_chunk_is_a_miss_never_wrong_data(tmp_path):
 
 
 def test_disk_config_errors_name_the_key(tmp_path):
-    kv, layout = make_kv()
+    _kv, layout = make_kv()
     with pytest.raises(ValueError, match="disk_dir"):
         KVCache(layout, cpu_bytes=4 * layout.chunk_bytes, disk_dir=str(tmp_path / "missing"), disk_bytes=1 << 20)
     with pytest.raises(ValueError, match="disk_bytes"):
         KVCache(layout, cpu_bytes=4 * layout.chunk_bytes, disk_dir=str(tmp_path), disk_bytes=0)
     with pytest.raises(ValueError, match="disk_backend"):
-        KVCache(layout, cpu_bytes=4 * layout.chunk_bytes, disk_dir=str(tmp_path), disk_bytes=1 << 20,
-                disk_backend="floppy")
+        KVCache(
+            layout, cpu_bytes=4 * layout.chunk_bytes, disk_dir=str(tmp_path), disk_bytes=1 << 20, disk_backend="floppy"
+        )
 
 
 def test_tmpfs_refusing_o_direct_is_a_clear_error():
@@ -152,7 +177,7 @@ def test_tmpfs_refusing_o_direct_is_a_clear_error():
 
     if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm here")
-    kv, layout = make_kv()
+    _kv, layout = make_kv()
     with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
         try:
             fd = os.open(os.path.join(d, "probe"), os.O_CREAT | os.O_RDWR | os.O_DIRECT)

@@ -17,9 +17,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvtier.pool import PagedKVPool  # noqa: E402
+from kvtier.pool import PagedKVPool
 
-TRACE = Path(os.environ.get("KVTIER_TEST_TRACE") or Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake_synthetic_trace.jsonl")
+TRACE = Path(
+    os.environ.get("KVTIER_TEST_TRACE")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake_synthetic_trace.jsonl"
+)
 CT = 8  # tokens standing for one 512-token block
 
 
@@ -84,8 +87,16 @@ def replay(rows, pool: PagedKVPool) -> dict:
 
 
 def make_pool(tmp_path, gpu_chunks, cpu_chunks, disk_chunks):
-    kw = dict(num_layers=1, kv_heads=1, head_dim=8, num_pages=gpu_chunks, page_tokens=CT, chunk_tokens=CT,
-              dtype=torch.float32, cpu_bytes=cpu_chunks * 4096)
+    kw = dict(
+        num_layers=1,
+        kv_heads=1,
+        head_dim=8,
+        num_pages=gpu_chunks,
+        page_tokens=CT,
+        chunk_tokens=CT,
+        dtype=torch.float32,
+        cpu_bytes=cpu_chunks * 4096,
+    )
     if disk_chunks:
         kw.update(disk_dir=str(tmp_path), disk_bytes=(disk_chunks + 2) * 8192, disk_admit_min_seen=1)
     return PagedKVPool(**kw)
@@ -100,9 +111,11 @@ def test_trace_replay_through_all_tiers(tmp_path):
     total = st["full_chunks"]
     disk_hits = lower["disk"]["chunks_promoted"]
     cpu_hits = st["lower_hit_chunks"] - disk_hits
-    print(f"\ntrace replay: {len(rows)} requests, {total} full chunks; hit ratio "
-          f"gpu {st['gpu_hit_chunks'] / total:.3f}, cpu {cpu_hits / total:.3f}, disk {disk_hits / total:.3f}, "
-          f"ceiling {ceiling_hits(rows) / total:.3f}")
+    print(
+        f"\ntrace replay: {len(rows)} requests, {total} full chunks; hit ratio "
+        f"gpu {st['gpu_hit_chunks'] / total:.3f}, cpu {cpu_hits / total:.3f}, disk {disk_hits / total:.3f}, "
+        f"ceiling {ceiling_hits(rows) / total:.3f}"
+    )
     assert st["gpu_hit_chunks"] > 0 and cpu_hits > 0 and disk_hits > 0
     assert st["gpu_hit_chunks"] + st["lower_hit_chunks"] <= ceiling_hits(rows)
     assert st["pages_free"] + sum(1 for _ in pool._chunks) == st["pages_total"]  # 1 page a chunk

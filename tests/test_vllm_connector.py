@@ -107,9 +107,7 @@ def _driver(spec_path: str) -> None:
         deadline = time.monotonic() + step.get("timeout", 60)
         if op == "generate":
             t = time.monotonic()
-            res = llm.generate(
-                [TokensPrompt(prompt_token_ids=step["prompt"])], sampling, use_tqdm=False
-            )[0]
+            res = llm.generate([TokensPrompt(prompt_token_ids=step["prompt"])], sampling, use_tqdm=False)[0]
             record(
                 name,
                 {
@@ -146,9 +144,7 @@ def _driver(spec_path: str) -> None:
                     raise TimeoutError(f"{step['path']} did not appear")
                 time.sleep(0.1)
         elif op == "wait_lookup":  # until the peers' digests show the prompt
-            while (hit := kv_vllm.worker_lookup(spec["engine_id"], step["prompt"])) < step[
-                "min_tokens"
-            ]:
+            while (hit := kv_vllm.worker_lookup(spec["engine_id"], step["prompt"])) < step["min_tokens"]:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"lookup found {hit} tokens, wanted {step['min_tokens']}")
                 time.sleep(0.2)
@@ -162,9 +158,7 @@ def _driver(spec_path: str) -> None:
 class Engine:
     """One vLLM engine in its own process group, driven by a spec; killed on any failure."""
 
-    def __init__(
-        self, tmp: Path, name: str, model: Path, steps: list, connector: dict | None
-    ) -> None:
+    def __init__(self, tmp: Path, name: str, model: Path, steps: list, connector: dict | None) -> None:
         self.name = name
         self.out = tmp / f"{name}.json"
         self.log = tmp / f"{name}.log"
@@ -246,9 +240,7 @@ def model(tmp_path_factory) -> Path:
         warnings.simplefilter("ignore")
         from kvtier.examples.vllm_prefix_sharing import write_tiny_llama
 
-        return write_tiny_llama(
-            tmp_path_factory.mktemp("tiny-llama"), layers=2, hidden=256, heads=4, kv_heads=2
-        )
+        return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), layers=2, hidden=256, heads=4, kv_heads=2)
 
 
 @pytest.fixture(scope="module")
@@ -266,9 +258,7 @@ def baseline(model, tmp_path_factory) -> dict:
     finally:
         engine.kill()
     tokens = {k: res[k]["tokens"] for k in names}
-    assert tokens["p"] != tokens["variant"], (
-        "the model ignores the prefix: token equality would prove nothing"
-    )
+    assert tokens["p"] != tokens["variant"], "the model ignores the prefix: token equality would prove nothing"
     assert all(res[k]["cached"] == 0 for k in names)
     return tokens
 
@@ -317,9 +307,7 @@ def test_restart_serves_prefix_from_disk(model, baseline, engines, tmp_path):
     # the first sighting), where they survive the restart; P's last 2 stay in RAM and are lost.
     # Over 1 GiB, the disk tier checks payload checksums on first read rather than at open,
     # which the last part of the test needs.
-    cfg = connector_config(
-        cpu_bytes=20 * chunk_bytes, disk_dir=str(disk), disk_bytes="1100MiB", disk_admit_min_seen=1
-    )
+    cfg = connector_config(cpu_bytes=20 * chunk_bytes, disk_dir=str(disk), disk_bytes="1100MiB", disk_admit_min_seen=1)
     first = Engine(
         tmp_path,
         "before_restart",
@@ -423,9 +411,7 @@ def test_restart_after_a_kill_serves_prefix_from_disk(model, baseline, engines, 
     disk, and an engine started on the same directory after a SIGKILL serves P from there."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    cfg = connector_config(
-        disk_dir=str(disk), disk_bytes="64MiB", **{"disk.persist_interval_s": 0.5}
-    )
+    cfg = connector_config(disk_dir=str(disk), disk_bytes="64MiB", **{"disk.persist_interval_s": 0.5})
     chunks = len(P) // BLOCK
     first = Engine(
         tmp_path,
@@ -478,13 +464,9 @@ def test_restart_after_a_kill_serves_prefix_from_disk(model, baseline, engines, 
     )
 
 
-
-
 def test_two_instances_share_prefix_through_peers(model, baseline, engines, tmp_path):
     port_a, port_b = free_port(), free_port()
-    a_ready, b_served, go_b, stop_a = (
-        tmp_path / n for n in ("a_ready", "b_served", "go_b", "stop_a")
-    )
+    a_ready, b_served, go_b, stop_a = (tmp_path / n for n in ("a_ready", "b_served", "go_b", "stop_a"))
     # Patient membership: on a loaded 2-core CI machine a busy engine answers pings late, and a
     # peer held suspect is not asked for chunks (other PeerConfig fields pass through as well).
     patient = {

@@ -119,9 +119,7 @@ def test_layout_round_trips_every_vllm_order(layout):
 
 
 def test_layout_kinds_differ_between_orders():
-    prints = {
-        describe_kv_caches(views(o)[0], 32, 32)[0].fingerprint for o in ("LBHNC", "LBNHC", "LHBNC")
-    }
+    prints = {describe_kv_caches(views(o)[0], 32, 32)[0].fingerprint for o in ("LBHNC", "LBNHC", "LHBNC")}
     assert len(prints) == 3
 
 
@@ -197,9 +195,7 @@ def new_req(req_id, n, blocks, computed):
 
 
 def sched_output(new=(), cached=None, scheduled=None, preempted=()):
-    cached = cached or SimpleNamespace(
-        req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]
-    )
+    cached = cached or SimpleNamespace(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[])
     return SimpleNamespace(
         scheduled_new_reqs=list(new),
         scheduled_cached_reqs=cached,
@@ -217,9 +213,7 @@ def test_scheduler_loads_the_hit_and_keeps_the_last_token_to_compute():
     conn.update_state_after_alloc(req, None, 96)
     sources = conn.get_external_cache_hit_sources(req, 96)
     assert {s.value: n for s, n in sources.items()} == {"host": 32, "disk": 32, "p2p": 32}
-    meta = conn.build_connector_meta(
-        sched_output([new_req("r", 97, [7, 8, 9, 4], 96)], scheduled={"r": 1})
-    )
+    meta = conn.build_connector_meta(sched_output([new_req("r", 97, [7, 8, 9, 4], 96)], scheduled={"r": 1}))
     (load,) = meta.loads
     assert (load.req_id, load.skip_chunks, load.block_ids) == ("r", 0, [7, 8, 9])
     assert len(load.tokens) == 96 * 4
@@ -233,9 +227,7 @@ def test_scheduler_skips_what_vllm_holds_and_misses_on_lookup_failure():
     req = request("r", 200)
     assert conn.get_num_new_matched_tokens(req, 64) == (64, False)  # 64 held by vLLM itself
     conn.update_state_after_alloc(req, None, 64)
-    meta = conn.build_connector_meta(
-        sched_output([new_req("r", 200, list(range(7)), 128)], scheduled={"r": 72})
-    )
+    meta = conn.build_connector_meta(sched_output([new_req("r", 200, list(range(7)), 128)], scheduled={"r": 72}))
     assert (meta.loads[0].skip_chunks, meta.loads[0].block_ids) == (2, [0, 1, 2, 3])
     assert conn.get_num_new_matched_tokens(request("s", 200), 128) == (0, False)
     conn._client = FakeClient(hit=0, fail=True)
@@ -249,9 +241,7 @@ def test_scheduler_saves_full_chunks_as_chunked_prefill_computes_them():
     req = request("r", 200)
     assert conn.get_num_new_matched_tokens(req, 0) == (0, False)
     conn.update_state_after_alloc(req, None, 0)
-    meta = conn.build_connector_meta(
-        sched_output([new_req("r", 200, [5, 6, 7], 0)], scheduled={"r": 80})
-    )
+    meta = conn.build_connector_meta(sched_output([new_req("r", 200, [5, 6, 7], 0)], scheduled={"r": 80}))
     assert [(len(s.tokens) // 4, s.block_ids) for s in meta.saves] == [(64, [5, 6])]
     cached = SimpleNamespace(
         req_ids=["r"],
@@ -289,18 +279,14 @@ def test_worker_frees_blocks_only_after_their_stores_land():
     assert conn._stores == {}
 
 
-@pytest.mark.parametrize(
-    ("role", "loads", "saves"), [("kv_producer", False, True), ("kv_consumer", True, False)]
-)
+@pytest.mark.parametrize(("role", "loads", "saves"), [("kv_producer", False, True), ("kv_consumer", True, False)])
 def test_kv_role_limits_the_direction(role, loads, saves):
     conn = connector("SCHEDULER", kv_role=role)
     conn._client = FakeClient(hit=64)
     req = request("r", 100)
     assert conn.get_num_new_matched_tokens(req, 0) == ((64, False) if loads else (0, False))
     conn.update_state_after_alloc(req, None, 64 if loads else 0)
-    meta = conn.build_connector_meta(
-        sched_output([new_req("r", 100, [1, 2, 3, 4], 0)], scheduled={"r": 100})
-    )
+    meta = conn.build_connector_meta(sched_output([new_req("r", 100, [1, 2, 3, 4], 0)], scheduled={"r": 100}))
     assert bool(meta.loads) == loads
     assert bool(meta.saves) == saves
 
@@ -312,16 +298,12 @@ def test_scheduler_saves_again_what_vllm_recomputes_after_a_failed_load():
     assert conn.get_num_new_matched_tokens(req, 0) == (128, False)
     conn.update_state_after_alloc(req, None, 128)
     blocks = [10, 11, 12, 13, 14, 15, 16]
-    meta = conn.build_connector_meta(
-        sched_output([new_req("r", 200, blocks, 128)], scheduled={"r": 72})
-    )
+    meta = conn.build_connector_meta(sched_output([new_req("r", 200, blocks, 128)], scheduled={"r": 72}))
     assert meta.loads[0].block_ids == blocks[:4]
     assert meta.rewritten == blocks  # loaded or computed: all written from scratch
     assert [s.block_ids for s in meta.saves] == [blocks[:6]]
     # Block 12's load failed: vLLM rolls the request back to block 2 and recomputes from there.
-    cached = SimpleNamespace(
-        req_ids=["r"], resumed_req_ids=set(), new_block_ids=[None], num_computed_tokens=[64]
-    )
+    cached = SimpleNamespace(req_ids=["r"], resumed_req_ids=set(), new_block_ids=[None], num_computed_tokens=[64])
     meta = conn.build_connector_meta(sched_output(cached=cached, scheduled={"r": 136}))
     assert meta.rewritten == blocks[2:]
     assert [s.block_ids for s in meta.saves] == [blocks[:6]]  # chunks 2.. saved again
@@ -436,9 +418,7 @@ class FakeEngine:
         while computed < n:
             scheduled = min(n - computed, budget)
             if first:
-                out = sched_output(
-                    [new_req(req_id, n, blocks, computed)], scheduled={req_id: scheduled}
-                )
+                out = sched_output([new_req(req_id, n, blocks, computed)], scheduled={req_id: scheduled})
                 out.scheduled_new_reqs[0].prompt_token_ids = tokens
                 first = False
             else:
@@ -530,9 +510,7 @@ def _failed_load_sequence(engine, blocks, extra, fail_at, at_wait, shared, budge
     return Q, repeat
 
 
-@hypothesis_settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@hypothesis_settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     blocks=st.integers(1, 8),
     extra=st.integers(0, 4),
@@ -540,9 +518,7 @@ def _failed_load_sequence(engine, blocks, extra, fail_at, at_wait, shared, budge
     at_wait=st.booleans(),
     budget=st.sampled_from([4, 8, 12, 64]),
 )
-def test_a_block_whose_load_failed_is_never_saved(
-    fake_engine, blocks, extra, data, at_wait, budget
-):
+def test_a_block_whose_load_failed_is_never_saved(fake_engine, blocks, extra, data, at_wait, budget):
     shared = data.draw(st.integers(0, blocks - 1), label="blocks vLLM holds itself")
     fail_at = data.draw(st.integers(shared, blocks - 1), label="first chunk that fails")
     engine = fake_engine()
@@ -570,9 +546,7 @@ def test_what_vllm_recomputes_after_a_failed_load_is_saved_again(fake_engine):
 def test_worker_persist_writes_what_only_the_cpu_tier_holds(fake_engine, tmp_path):
     from kvtier.integrations.vllm import worker_persist
 
-    engine = fake_engine(
-        disk_dir=str(tmp_path), disk_bytes="8MiB", **{"disk.persist_interval_s": 0}
-    )
+    engine = fake_engine(disk_dir=str(tmp_path), disk_bytes="8MiB", **{"disk.persist_interval_s": 0})
     P = [(3 * i + 1) % 50 for i in range(6 * FakeEngine.BLOCK + 1)]
     engine.run("r", P, budget=len(P))
     engine.worker._cache.drain()

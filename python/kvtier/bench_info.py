@@ -21,7 +21,7 @@ def cpu_model() -> str:
 
 
 def machine(gpu_name: str | None = None) -> str:
-    """"NVIDIA H200, 16 cores" or "AMD EPYC, 2 cores"."""
+    """ "NVIDIA H200, 16 cores" or "AMD EPYC, 2 cores"."""
     return f"{gpu_name or cpu_model()}, {os.cpu_count()} cores"
 
 

@@ -67,7 +67,9 @@ def _as_page_ids(page_ids) -> np.ndarray:
         if page_ids.is_floating_point() or page_ids.is_complex() or str(page_ids.dtype) == "torch.bool":
             raise InvalidArgumentError(f"page_ids must be an integer tensor, got {page_ids.dtype}")
         if page_ids.device.type == "meta":
-            raise InvalidArgumentError("page_ids must hold page ids, got a torch tensor on the meta device (it has no data)")
+            raise InvalidArgumentError(
+                "page_ids must hold page ids, got a torch tensor on the meta device (it has no data)"
+            )
         page_ids = page_ids.detach().to("cpu").numpy()
     arr = np.asarray(page_ids)
     if arr.ndim != 1:
@@ -186,8 +188,10 @@ class _StoreVerifier:
                 self.counts["store_verify_chunks"] += 1
                 if not again or bytes(stored[0]) != bytes(again[0]):
                     self.counts["store_verify_mismatches"] += 1
-                    log.error("kvtier: a stored chunk differs from its pages once its copy landed: "
-                              "the pages changed before the store's future completed")
+                    log.error(
+                        "kvtier: a stored chunk differs from its pages once its copy landed: "
+                        "the pages changed before the store's future completed"
+                    )
             finally:
                 self._scratch.release_blobs(scratch_key)
         finally:
@@ -267,8 +271,16 @@ class KVCache:
     ``bookkeeping_errors`` and :meth:`stream_handle`.
     """
 
-    def __init__(self, layout: Layout, config: CacheConfig | None = None, *, peers=None,
-                 admission_policy=None, prefetch_policy=None, **overrides) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        config: CacheConfig | None = None,
+        *,
+        peers=None,
+        admission_policy=None,
+        prefetch_policy=None,
+        **overrides,
+    ) -> None:
         if not isinstance(layout, Layout):
             raise InvalidArgumentError(f"layout must be a kvtier.Layout, got {type(layout).__name__}")
         if config is None:
@@ -311,10 +323,16 @@ class KVCache:
         self._verifier = None
         if config.verify_stores:
             scratch = _core.CpuTier(
-                layout.to_core_segments(), device, layout.pages_per_chunk,
+                layout.to_core_segments(),
+                device,
+                layout.pages_per_chunk,
                 [list(layout.layer_segments(i)) for i in range(layout.num_layers)],
-                2 * layout.chunk_bytes, config.method, config.staging_bytes, config.cpu_threads,
-                layout_fingerprint=layout.fingerprint)
+                2 * layout.chunk_bytes,
+                config.method,
+                config.staging_bytes,
+                config.cpu_threads,
+                layout_fingerprint=layout.fingerprint,
+            )
             self._verifier = _StoreVerifier(self._tier, scratch, config.timeout_s, layout.pages_per_chunk)
         if admission_policy is not None:
             self._tier.set_admission_hook(admission_policy.admit)
@@ -364,8 +382,9 @@ class KVCache:
             fn(*args)
         except Exception as e:  # noqa: BLE001 - whatever it is, the submitted copy stands
             self._bookkeeping_errors += 1
-            log.warning("kvtier: %s bookkeeping failed (%s: %s); counted in bookkeeping_errors",
-                        what, type(e).__name__, e)
+            log.warning(
+                "kvtier: %s bookkeeping failed (%s: %s); counted in bookkeeping_errors", what, type(e).__name__, e
+            )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -454,7 +473,7 @@ class KVCache:
             return
         # Cover the first `want` disk chunks; pool chunks among them are skipped by the tier.
         end, seen = 0, 0
-        for end, t in enumerate(tiers, start=1):
+        for end, t in enumerate(tiers, start=1):  # noqa: B007 - read after the loop
             seen += t == "disk"
             if seen >= want:
                 break
@@ -530,8 +549,13 @@ class KVCache:
     def _persist_at_close(self) -> None:
         r = self._tier.persist(float(self.config.timeout_s))
         if r["failed"] or r["deadline_exceeded"]:
-            log.warning("kvtier: persist at close wrote %d chunks; %d failed, %d not started (deadline: %s)",
-                        r["written"], r["failed"], r["not_started"], r["deadline_exceeded"])
+            log.warning(
+                "kvtier: persist at close wrote %d chunks; %d failed, %d not started (deadline: %s)",
+                r["written"],
+                r["failed"],
+                r["not_started"],
+                r["deadline_exceeded"],
+            )
 
     def drain(self, timeout_s: float | None = None) -> None:
         """Wait until no copy is in flight (and, with ``verify_stores``, every store is checked)."""
@@ -549,7 +573,7 @@ class KVCache:
             return
         try:
             tier.drain(self.config.timeout_s)
-        except Exception:  # past the deadline (or at interpreter exit): never free what may be written
+        except Exception:  # noqa: BLE001 - past the deadline (or at interpreter exit): never free what may be written
             _LAYOUTS_KEPT_ALIVE.append(self.layout)
 
     def close(self) -> None:

@@ -23,27 +23,57 @@ __all__ = ["add_demo_parser", "main", "run_demo"]
 # Sized so that recompute clearly costs more than loading, and the whole demo stays well under a
 # minute on a 2-core CPU or one GPU.
 PRESETS = {
-    "cpu": {"vocab": 8192, "hidden": 512, "layers": 8, "heads": 8, "kv_heads": 2, "intermediate": 1408,
-            "prefix_tokens": 2048},
-    "cuda": {"vocab": 32000, "hidden": 1024, "layers": 16, "heads": 16, "kv_heads": 4, "intermediate": 2816,
-             "prefix_tokens": 8192},
+    "cpu": {
+        "vocab": 8192,
+        "hidden": 512,
+        "layers": 8,
+        "heads": 8,
+        "kv_heads": 2,
+        "intermediate": 1408,
+        "prefix_tokens": 2048,
+    },
+    "cuda": {
+        "vocab": 32000,
+        "hidden": 1024,
+        "layers": 16,
+        "heads": 16,
+        "kv_heads": 4,
+        "intermediate": 2816,
+        "prefix_tokens": 8192,
+    },
 }
-CASES = (("miss", "miss: recompute"), ("gpu", "hit: GPU pages"), ("cpu", "hit: CPU tier"),
-         ("disk", "hit: disk tier"))
+CASES = (("miss", "miss: recompute"), ("gpu", "hit: GPU pages"), ("cpu", "hit: CPU tier"), ("disk", "hit: disk tier"))
 _TO_CPU, _TO_DISK = "push the prefix out of the GPU pool", "push the prefix out of the CPU tier"
-_NEEDS_TORCH = ("kvtier demo needs PyTorch: pip install torch==2.13.0 "
-                "(or the build for this machine's CUDA: https://pytorch.org/get-started/locally/)")
-_DESCRIPTION = ("Time to first token of one prompt served four ways: a miss (full recompute), and hits of its "
-                "long shared prefix from GPU pages, the CPU tier and the disk tier, on a small random Llama "
-                "built locally (no download). The generated tokens must be identical in all four.")
+_NEEDS_TORCH = (
+    "kvtier demo needs PyTorch: pip install torch==2.13.0 "
+    "(or the build for this machine's CUDA: https://pytorch.org/get-started/locally/)"
+)
+_DESCRIPTION = (
+    "Time to first token of one prompt served four ways: a miss (full recompute), and hits of its "
+    "long shared prefix from GPU pages, the CPU tier and the disk tier, on a small random Llama "
+    "built locally (no download). The generated tokens must be identical in all four."
+)
 
 
-def run_demo(*, device: str | None = None, prefix_tokens: int | None = None, question_tokens: int = 64,
-             new_tokens: int = 16, vocab: int | None = None, hidden: int | None = None,
-             layers: int | None = None, heads: int | None = None, kv_heads: int | None = None,
-             intermediate: int | None = None, page_tokens: int = 16, chunk_tokens: int = 256,
-             disk_dir: str | None = None, seed: int = 0, threads: int | None = 1,
-             progress: bool = False) -> dict:
+def run_demo(
+    *,
+    device: str | None = None,
+    prefix_tokens: int | None = None,
+    question_tokens: int = 64,
+    new_tokens: int = 16,
+    vocab: int | None = None,
+    hidden: int | None = None,
+    layers: int | None = None,
+    heads: int | None = None,
+    kv_heads: int | None = None,
+    intermediate: int | None = None,
+    page_tokens: int = 16,
+    chunk_tokens: int = 256,
+    disk_dir: str | None = None,
+    seed: int = 0,
+    threads: int | None = 1,
+    progress: bool = False,
+) -> dict:
     """Run the four cases and return what they measured (the ``--json`` output).
 
     ``None`` arguments take the preset of the device (``PRESETS``); ``device`` None means cuda
@@ -65,8 +95,15 @@ def run_demo(*, device: str | None = None, prefix_tokens: int | None = None, que
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     preset = PRESETS["cuda" if device.startswith("cuda") else "cpu"]
-    given = {"vocab": vocab, "hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv_heads,
-             "intermediate": intermediate, "prefix_tokens": prefix_tokens}
+    given = {
+        "vocab": vocab,
+        "hidden": hidden,
+        "layers": layers,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "intermediate": intermediate,
+        "prefix_tokens": prefix_tokens,
+    }
     s = {k: preset[k] if v is None else v for k, v in given.items()}
     prefix_tokens = s.pop("prefix_tokens")
     config = LlamaConfig(**s)
@@ -75,10 +112,10 @@ def run_demo(*, device: str | None = None, prefix_tokens: int | None = None, que
     if prefix_tokens < chunk_tokens or question_tokens <= 0 or new_tokens <= 0:
         raise InvalidArgumentError(
             f"prefix_tokens={prefix_tokens} must hold a chunk ({chunk_tokens} tokens); question_tokens="
-            f"{question_tokens} and new_tokens={new_tokens} must be positive")
+            f"{question_tokens} and new_tokens={new_tokens} must be positive"
+        )
 
-    stages = ["build the model", "warm up", CASES[0][1], CASES[1][1], _TO_CPU, CASES[2][1], _TO_DISK,
-              CASES[3][1]]
+    stages = ["build the model", "warm up", CASES[0][1], CASES[1][1], _TO_CPU, CASES[2][1], _TO_DISK, CASES[3][1]]
     with contextlib.ExitStack() as cleanup, _progress(len(stages), enabled=progress) as stage:
         if threads is not None:
             cleanup.callback(torch.set_num_threads, torch.get_num_threads())
@@ -102,13 +139,21 @@ def run_demo(*, device: str | None = None, prefix_tokens: int | None = None, que
         block_bytes = -(-chunk_bytes // 4096) * 4096  # CPU-tier blocks are 4 KiB aligned (O_DIRECT)
         cpu_bytes = pool_chunks * block_bytes
         temporary = disk_dir is None
-        pool, disk_dir = _make_pool(cleanup, disk_dir, {
-            **model.kv_geometry(), "num_pages": pool_chunks * chunk_tokens // page_tokens,
-            "page_tokens": page_tokens, "chunk_tokens": chunk_tokens, "cpu_bytes": cpu_bytes,
-            # disk: the prefix and a filler's worth, each chunk in a slot with a 4 KiB header
-            "disk_bytes": (2 * pool_chunks + 2) * (block_bytes + 4096) + (1 << 20),
-            "disk_admit_min_seen": 1,  # write back at first eviction: one run reaches every tier
-            "model_id": f"kvtier-demo-{seed}"})
+        pool, disk_dir = _make_pool(
+            cleanup,
+            disk_dir,
+            {
+                **model.kv_geometry(),
+                "num_pages": pool_chunks * chunk_tokens // page_tokens,
+                "page_tokens": page_tokens,
+                "chunk_tokens": chunk_tokens,
+                "cpu_bytes": cpu_bytes,
+                # disk: the prefix and a filler's worth, each chunk in a slot with a 4 KiB header
+                "disk_bytes": (2 * pool_chunks + 2) * (block_bytes + 4096) + (1 << 20),
+                "disk_admit_min_seen": 1,  # write back at first eviction: one run reaches every tier
+                "model_id": f"kvtier-demo-{seed}",
+            },
+        )
         cleanup.callback(pool.close)
         engine = Engine(model, pool)
 
@@ -137,9 +182,17 @@ def run_demo(*, device: str | None = None, prefix_tokens: int | None = None, que
             promoted = _disk_promoted(pool)
             (g,) = engine.generate([prompt], new_tokens)
             disk_hit = (_disk_promoted(pool) - promoted) * chunk_tokens
-            cases.append({"case": name, "ttft_s": g.ttft_s, "gpu_hit_tokens": g.gpu_hit_tokens,
-                          "cpu_hit_tokens": g.lower_hit_tokens - disk_hit, "disk_hit_tokens": disk_hit,
-                          "computed_tokens": n_prompt - g.cached_tokens, "tokens": g.tokens})
+            cases.append(
+                {
+                    "case": name,
+                    "ttft_s": g.ttft_s,
+                    "gpu_hit_tokens": g.gpu_hit_tokens,
+                    "cpu_hit_tokens": g.lower_hit_tokens - disk_hit,
+                    "disk_hit_tokens": disk_hit,
+                    "computed_tokens": n_prompt - g.cached_tokens,
+                    "tokens": g.tokens,
+                }
+            )
         lower = pool.stats()["lower"]
         stage("done")
 
@@ -148,18 +201,32 @@ def run_demo(*, device: str | None = None, prefix_tokens: int | None = None, que
         c["speedup"] = miss["ttft_s"] / c["ttft_s"]
         c["identical"] = c["tokens"] == miss["tokens"]
     return {
-        "device": device, "dtype": str(dtype).removeprefix("torch."),
-        "model": {"vocab": config.vocab, "hidden": config.hidden, "layers": config.layers,
-                  "heads": config.heads, "kv_heads": config.kv_heads, "intermediate": config.intermediate,
-                  "params": params},
-        "prefix_tokens": prefix_tokens, "question_tokens": question_tokens, "new_tokens": new_tokens,
-        "page_tokens": page_tokens, "chunk_tokens": chunk_tokens,
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "model": {
+            "vocab": config.vocab,
+            "hidden": config.hidden,
+            "layers": config.layers,
+            "heads": config.heads,
+            "kv_heads": config.kv_heads,
+            "intermediate": config.intermediate,
+            "params": params,
+        },
+        "prefix_tokens": prefix_tokens,
+        "question_tokens": question_tokens,
+        "new_tokens": new_tokens,
+        "page_tokens": page_tokens,
+        "chunk_tokens": chunk_tokens,
         "kv_bytes_per_token": chunk_bytes // chunk_tokens,
-        "prefix_kv_bytes": prefix_tokens // chunk_tokens * chunk_bytes, "disk_dir": disk_dir,
+        "prefix_kv_bytes": prefix_tokens // chunk_tokens * chunk_bytes,
+        "disk_dir": disk_dir,
         "disk_dir_removed": temporary,
-        "disk_backend": lower["disk"]["backend"], "cpu_tier_pinned": lower["pinned"],
-        "copy_method": lower["method"], "cases": cases,
-        "identical_tokens": all(c["identical"] for c in cases), "wall_s": time.perf_counter() - t_start,
+        "disk_backend": lower["disk"]["backend"],
+        "cpu_tier_pinned": lower["pinned"],
+        "copy_method": lower["method"],
+        "cases": cases,
+        "identical_tokens": all(c["identical"] for c in cases),
+        "wall_s": time.perf_counter() - t_start,
     }
 
 
@@ -264,8 +331,13 @@ _CAPTION = "GPU, CPU, disk: prompt tokens whose KV came from that tier"
 
 def _row(c: dict) -> list[str]:
     hits = [str(c[k]) for k in ("gpu_hit_tokens", "cpu_hit_tokens", "disk_hit_tokens", "computed_tokens")]
-    return [dict(CASES)[c["case"]], *hits, f"{c['ttft_s'] * 1e3:.0f} ms", f"{c['speedup']:.1f}x",
-            "= miss" if c["identical"] else "DIFFERENT"]
+    return [
+        dict(CASES)[c["case"]],
+        *hits,
+        f"{c['ttft_s'] * 1e3:.0f} ms",
+        f"{c['speedup']:.1f}x",
+        "= miss" if c["identical"] else "DIFFERENT",
+    ]
 
 
 def format_report(r: dict) -> str:
@@ -273,8 +345,7 @@ def format_report(r: dict) -> str:
     widths = (16, 6, 6, 6, 9, 9, 8, 9)
 
     def line(cells) -> str:
-        return "".join(f"{x:<{w}}" if i in (0, 7) else f"{x:>{w - 1}} "
-                       for i, (x, w) in enumerate(zip(cells, widths)))
+        return "".join(f"{x:<{w}}" if i in (0, 7) else f"{x:>{w - 1}} " for i, (x, w) in enumerate(zip(cells, widths)))
 
     body = [line(_COLUMNS)] + [line(_row(c)) for c in r["cases"]]
     return "\n".join([_headline(r), "", _TITLE, *body, _CAPTION, "", _footer(r)])
@@ -305,11 +376,13 @@ def _headline(r: dict) -> str:
     m = r["model"]
     where = "" if r["device"].startswith("cuda") else '\n(no GPU here: the pool\'s "GPU" pages are in host memory)'
     kv_mib = r["prefix_kv_bytes"] / 2**20
-    return (f"Random Llama, {m['params'] / 1e6:.0f}M params ({m['layers']} layers, hidden {m['hidden']}, "
-            f"{m['heads']}/{m['kv_heads']} heads), {r['dtype']} on {r['device']}.{where}\n"
-            f"Prompt: {r['prefix_tokens']}-token shared prefix ({kv_mib:.1f} MiB of KV) + "
-            f"{r['question_tokens']}-token question.\nDisk tier: {r['disk_backend']}, {r['disk_dir']}"
-            + (" (temporary)" if r["disk_dir_removed"] else ""))
+    return (
+        f"Random Llama, {m['params'] / 1e6:.0f}M params ({m['layers']} layers, hidden {m['hidden']}, "
+        f"{m['heads']}/{m['kv_heads']} heads), {r['dtype']} on {r['device']}.{where}\n"
+        f"Prompt: {r['prefix_tokens']}-token shared prefix ({kv_mib:.1f} MiB of KV) + "
+        f"{r['question_tokens']}-token question.\nDisk tier: {r['disk_backend']}, {r['disk_dir']}"
+        + (" (temporary)" if r["disk_dir_removed"] else "")
+    )
 
 
 def _footer(r: dict) -> str:
@@ -321,8 +394,9 @@ def _footer(r: dict) -> str:
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
-    p.add_argument("--prefix-tokens", type=int, default=None,
-                   help="shared prefix length (default: 2048 on cpu, 8192 on cuda)")
+    p.add_argument(
+        "--prefix-tokens", type=int, default=None, help="shared prefix length (default: 2048 on cpu, 8192 on cuda)"
+    )
     p.add_argument("--question-tokens", type=int, default=64, help="tokens after the shared prefix")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per case")
     for flag in ("vocab", "hidden", "layers", "heads", "kv-heads", "intermediate"):
@@ -331,8 +405,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-tokens", type=int, default=256)
     p.add_argument("--disk-dir", default=None, help="directory for the disk tier (default: a temporary one)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: steadier timings on a small, shared machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: steadier timings on a small, shared machine)",
+    )
     p.add_argument("--json", action="store_true", help="print the measurements as JSON, no progress bar")
 
 
@@ -355,8 +433,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def add_demo_parser(subparsers) -> None:
     """Register ``kvtier demo`` on the ``kvtier`` command's subparsers."""
-    p = subparsers.add_parser("demo", help="time to first token: a miss vs prefix hits from GPU, CPU, disk",
-                              description=_DESCRIPTION)
+    p = subparsers.add_parser(
+        "demo", help="time to first token: a miss vs prefix hits from GPU, CPU, disk", description=_DESCRIPTION
+    )
     _add_arguments(p)
     p.set_defaults(func=_cmd_demo)
 

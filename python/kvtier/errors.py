@@ -83,18 +83,18 @@ def error_for_code(code: int) -> type[KVTierError]:
 
 
 __all__ = [
-    "KVTierError",
-    "InvalidArgumentError",
-    "NotFoundError",
     "AlreadyExistsError",
-    "ResourceExhaustedError",
+    "CacheGeometryError",
+    "CorruptionError",
+    "DeadlineExceededError",
     "FailedPreconditionError",
     "InProgressError",
-    "DeadlineExceededError",
-    "KVTierIOError",
-    "CorruptionError",
-    "UnavailableError",
     "InternalError",
-    "CacheGeometryError",
+    "InvalidArgumentError",
+    "KVTierError",
+    "KVTierIOError",
+    "NotFoundError",
+    "ResourceExhaustedError",
+    "UnavailableError",
     "error_for_code",
 ]

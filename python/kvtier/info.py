@@ -58,9 +58,11 @@ def explain_cuda_reason(reason: str, driver_version: int | None, runtime_version
     if driver_version is None:
         return reason.replace(_INSUFFICIENT_DRIVER, "no NVIDIA driver found")
     if driver_version:
-        return reason.replace(_INSUFFICIENT_DRIVER,
-                              f"the NVIDIA driver supports CUDA {_cuda_version(driver_version)}, older than "
-                              f"this build's CUDA runtime {_cuda_version(runtime_version)}")
+        return reason.replace(
+            _INSUFFICIENT_DRIVER,
+            f"the NVIDIA driver supports CUDA {_cuda_version(driver_version)}, older than "
+            f"this build's CUDA runtime {_cuda_version(runtime_version)}",
+        )
     return reason
 
 

@@ -63,9 +63,8 @@ def _as_fingerprint_bytes(layout_fingerprint: bytes | bytearray | memoryview | s
     elif isinstance(layout_fingerprint, (bytes, bytearray, memoryview)):
         raw = bytes(layout_fingerprint)
     else:
-        raise InvalidArgumentError(  # noqa: TRY004
-            "layout_fingerprint must be bytes or a hex str, "
-            f"got {type(layout_fingerprint).__name__}"
+        raise InvalidArgumentError(
+            f"layout_fingerprint must be bytes or a hex str, got {type(layout_fingerprint).__name__}"
         )
     if not raw:
         raise InvalidArgumentError("layout_fingerprint must not be empty")
@@ -107,9 +106,7 @@ def namespace_key(
     elif isinstance(tenant_salt, (bytes, bytearray, memoryview)):
         salt_field = b"\x01" + _bytes_field(bytes(tenant_salt))
     else:
-        raise InvalidArgumentError(
-            f"tenant_salt must be bytes, str or None, got {type(tenant_salt).__name__}"
-        )
+        raise InvalidArgumentError(f"tenant_salt must be bytes, str or None, got {type(tenant_salt).__name__}")
     h = blake2b(_NAMESPACE_TAG, digest_size=KEY_BYTES)
     h.update(_bytes_field(model_id.encode("utf-8")))
     h.update(_bytes_field(fingerprint))
@@ -228,12 +225,8 @@ def token_bytes(tokens) -> np.ndarray:
 
 
 def _check_chunk_tokens(chunk_tokens) -> int:
-    if isinstance(chunk_tokens, (bool, np.bool_)) or not isinstance(
-        chunk_tokens, (int, np.integer)
-    ):
-        raise InvalidArgumentError(  # noqa: TRY004
-            f"chunk_tokens must be a positive int, got {chunk_tokens!r}"
-        )
+    if isinstance(chunk_tokens, (bool, np.bool_)) or not isinstance(chunk_tokens, (int, np.integer)):
+        raise InvalidArgumentError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
     if chunk_tokens <= 0:
         raise InvalidArgumentError(f"chunk_tokens must be a positive int, got {chunk_tokens}")
     return int(chunk_tokens)
@@ -241,9 +234,8 @@ def _check_chunk_tokens(chunk_tokens) -> int:
 
 def _check_namespace(namespace) -> bytes:
     if not isinstance(namespace, (bytes, bytearray, memoryview)):
-        raise InvalidArgumentError(  # noqa: TRY004
-            f"namespace must be {KEY_BYTES} bytes (see namespace_key), "
-            f"got {type(namespace).__name__}"
+        raise InvalidArgumentError(
+            f"namespace must be {KEY_BYTES} bytes (see namespace_key), got {type(namespace).__name__}"
         )
     namespace = bytes(namespace)
     if len(namespace) != KEY_BYTES:
@@ -324,9 +316,7 @@ class ChunkKeyer:
         self._tenant_salt = tenant_salt
 
     @classmethod
-    def from_layout(
-        cls, model_id: str, layout, tenant_salt: bytes | str | None = None
-    ) -> ChunkKeyer:
+    def from_layout(cls, model_id: str, layout, tenant_salt: bytes | str | None = None) -> ChunkKeyer:
         """Keyer for a :class:`kvtier.layout.Layout`: takes its fingerprint and chunk_tokens."""
         return cls(model_id, layout.fingerprint, layout.chunk_tokens, tenant_salt)
 

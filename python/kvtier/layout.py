@@ -102,9 +102,7 @@ class Segment:
         if self.base_ptr <= 0:
             raise InvalidArgumentError(f"Segment {self.name!r}: base_ptr must be a non-null address")
         if self.page_bytes <= 0:
-            raise InvalidArgumentError(
-                f"Segment {self.name!r}: page_bytes must be > 0, got {self.page_bytes}"
-            )
+            raise InvalidArgumentError(f"Segment {self.name!r}: page_bytes must be > 0, got {self.page_bytes}")
         if self.num_pages <= 0:
             raise InvalidArgumentError(f"Segment {self.name!r}: num_pages must be > 0, got {self.num_pages}")
         if self.num_pages > 1 and self.page_stride < self.page_bytes:
@@ -117,17 +115,15 @@ class Segment:
     def page_ptr(self, page: int) -> int:
         """Address of page ``page`` (0 <= page < num_pages)."""
         if not 0 <= page < self.num_pages:
-            raise InvalidArgumentError(
-                f"Segment {self.name!r}: page {page} out of range [0, {self.num_pages})"
-            )
+            raise InvalidArgumentError(f"Segment {self.name!r}: page {page} out of range [0, {self.num_pages})")
         return self.base_ptr + page * self.page_stride
-
 
 
 def disk_geometry_label(chunk_tokens: int | None) -> str:
     """The label a disk cache file of chunks of ``chunk_tokens`` tokens carries; ``""`` when
     the writer does not know its chunk size (a peer node given only blob bytes)."""
     return "" if chunk_tokens is None else f"chunk_tokens={int(chunk_tokens)}"
+
 
 class Layout:
     """Where one model's KV pages live: segments, page and chunk geometry, and a fingerprint.
@@ -199,9 +195,7 @@ class Layout:
             raise InvalidArgumentError("segments must not be empty")
         for s in segments:
             if not isinstance(s, Segment):
-                raise InvalidArgumentError(  # noqa: TRY004
-                    f"segments must be Segment objects, got {type(s).__name__}"
-                )
+                raise InvalidArgumentError(f"segments must be Segment objects, got {type(s).__name__}")
         page_tokens, chunk_tokens = _check_page_and_chunk_tokens(page_tokens, chunk_tokens)
         if not _is_int(num_layers) or num_layers <= 0:
             raise InvalidArgumentError(f"num_layers must be a positive int, got {num_layers!r}")
@@ -219,20 +213,16 @@ class Layout:
             raise InvalidArgumentError(f"page_shape must be non-empty with positive dims, got {page_shape}")
         layer_segments = tuple(tuple(int(i) for i in group) for group in layer_segments)
         if len(layer_segments) != num_layers:
-            raise InvalidArgumentError(
-                f"layer_segments has {len(layer_segments)} entries for {num_layers} layers"
-            )
+            raise InvalidArgumentError(f"layer_segments has {len(layer_segments)} entries for {num_layers} layers")
         for layer, group in enumerate(layer_segments):
             # Layer-wise loading relies on a layer's bytes being one contiguous blob range.
             if not group or list(group) != list(range(group[0], group[0] + len(group))):
                 raise InvalidArgumentError(
-                    f"layer_segments[{layer}] = {group} must be a non-empty run of consecutive "
-                    "segment indices"
+                    f"layer_segments[{layer}] = {group} must be a non-empty run of consecutive segment indices"
                 )
             if group[0] < 0 or group[-1] >= len(segments):
                 raise InvalidArgumentError(
-                    f"layer_segments[{layer}] = {group} refers to segments outside "
-                    f"[0, {len(segments)})"
+                    f"layer_segments[{layer}] = {group} refers to segments outside [0, {len(segments)})"
                 )
         pages_per_chunk = chunk_tokens // page_tokens
         offsets = [0]
@@ -306,9 +296,7 @@ class Layout:
         ``segment == len(segments)`` gives :attr:`chunk_bytes`, the end of the last segment.
         """
         if not _is_int(segment) or not 0 <= segment <= len(self.segments):
-            raise InvalidArgumentError(
-                f"segment must be an int in [0, {len(self.segments)}], got {segment!r}"
-            )
+            raise InvalidArgumentError(f"segment must be an int in [0, {len(self.segments)}], got {segment!r}")
         return self._segment_offsets[segment]
 
     def layer_range_in_blob(self, layer: int) -> tuple[int, int]:
@@ -403,9 +391,7 @@ class Layout:
                     f"{len(segments)} segments; otherwise pass layer_segments"
                 )
             per_layer = len(segments) // num_layers
-            layer_segments = [
-                tuple(range(i * per_layer, (i + 1) * per_layer)) for i in range(num_layers)
-            ]
+            layer_segments = [tuple(range(i * per_layer, (i + 1) * per_layer)) for i in range(num_layers)]
         elif num_layers is None:
             num_layers = len(layer_segments)
         return cls(
@@ -423,9 +409,7 @@ class Layout:
         )
 
     @classmethod
-    def from_vllm(
-        cls, kv_caches, page_tokens: int | None = None, chunk_tokens: int = 256
-    ) -> Layout:
+    def from_vllm(cls, kv_caches, page_tokens: int | None = None, chunk_tokens: int = 256) -> Layout:
         """Describe vLLM's per-layer paged KV (FlashAttention-style backends).
 
         Args:
@@ -507,9 +491,7 @@ class Layout:
         tensors = _check_tensors(kv_caches, "kv_caches", rank=5, shape_doc=shape_doc)
         t0 = tensors[0]
         _check_dim(tensors, "kv_caches", dim=1, size=2, meaning="K/V")
-        page_tokens = _resolve_page_tokens(
-            page_tokens, t0.shape[token_dim], "kv_caches", f"shape[{token_dim}]"
-        )
+        page_tokens = _resolve_page_tokens(page_tokens, t0.shape[token_dim], "kv_caches", f"shape[{token_dim}]")
         segments = _kv_segments(tensors, kv_dim=1, page_dim=0)
         return cls._from_tensors(
             f"flashinfer_{kv_layout.lower()}",
@@ -540,9 +522,7 @@ class Layout:
             >>> len(layout.segments), layout.layer_segments(2)
             (3, (2,))
         """
-        tensors = _check_tensors(
-            kv_caches, "kv_caches", rank=3, shape_doc="[num_pages, page_tokens, latent_dim]"
-        )
+        tensors = _check_tensors(kv_caches, "kv_caches", rank=3, shape_doc="[num_pages, page_tokens, latent_dim]")
         t0 = tensors[0]
         page_tokens = _resolve_page_tokens(page_tokens, t0.shape[1], "kv_caches", "shape[1]")
         segments = []
@@ -603,9 +583,7 @@ class Layout:
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise InvalidArgumentError(f"layers[{i}] must be a (key, value) pair of tensors")
             flat.extend(pair)
-        tensors = _check_tensors(
-            flat, "layers", rank=4, shape_doc="[batch, kv_heads, seq, head_dim]", pairs=True
-        )
+        tensors = _check_tensors(flat, "layers", rank=4, shape_doc="[batch, kv_heads, seq, head_dim]", pairs=True)
         t0 = tensors[0]
         batch, heads, seq, head_dim = t0.shape
         if batch != 1:
@@ -617,8 +595,7 @@ class Layout:
             raise InvalidArgumentError(f"page_tokens must be a positive int, got {page_tokens!r}")
         if seq < page_tokens:
             raise InvalidArgumentError(
-                f"layers: seq ({seq}) is shorter than page_tokens ({page_tokens}); there is "
-                "no full page to describe"
+                f"layers: seq ({seq}) is shorter than page_tokens ({page_tokens}); there is no full page to describe"
             )
         segments = []
         for i, t in enumerate(tensors):
@@ -649,9 +626,7 @@ class Layout:
         )
 
     @classmethod
-    def from_cross_layer(
-        cls, kv_pool, chunk_tokens: int = 256, page_tokens: int | None = None
-    ) -> Layout:
+    def from_cross_layer(cls, kv_pool, chunk_tokens: int = 256, page_tokens: int | None = None) -> Layout:
         """Describe kvtier's own cross-layer page pool: ONE segment, a page holds every layer.
 
         Args:
@@ -734,9 +709,7 @@ class Layout:
             element_size=t0.element_size(),
             device=str(t0.device),
             page_shape=page_shape,
-            layer_segments=[
-                tuple(range(i * per_layer, (i + 1) * per_layer)) for i in range(num_layers)
-            ],
+            layer_segments=[tuple(range(i * per_layer, (i + 1) * per_layer)) for i in range(num_layers)],
             tensors=tensors,
         )
 
@@ -776,8 +749,7 @@ def _check_page_and_chunk_tokens(page_tokens, chunk_tokens) -> tuple[int, int]:
         raise InvalidArgumentError(f"page_tokens must be a positive int, got {page_tokens!r}")
     if not _is_int(chunk_tokens) or chunk_tokens <= 0 or chunk_tokens % page_tokens:
         raise InvalidArgumentError(
-            f"chunk_tokens must be a positive multiple of page_tokens ({page_tokens}), "
-            f"got {chunk_tokens!r}"
+            f"chunk_tokens must be a positive multiple of page_tokens ({page_tokens}), got {chunk_tokens!r}"
         )
     return page_tokens, chunk_tokens
 
@@ -794,9 +766,7 @@ def _check_tensors(tensors, arg: str, *, rank: int, shape_doc: str, pairs: bool 
     if isinstance(tensors, Mapping):
         tensors = list(tensors.values())
     if not isinstance(tensors, (list, tuple)):
-        raise InvalidArgumentError(  # noqa: TRY004
-            f"{arg} must be a list of tensors, got {type(tensors).__name__}"
-        )
+        raise InvalidArgumentError(f"{arg} must be a list of tensors, got {type(tensors).__name__}")
     tensors = tuple(tensors)
     if not tensors:
         raise InvalidArgumentError(f"{arg} is empty: need at least one layer")
@@ -809,8 +779,7 @@ def _check_tensors(tensors, arg: str, *, rank: int, shape_doc: str, pairs: bool 
             raise InvalidArgumentError(f"{label(i)} must be a torch tensor, got {type(t).__name__}")
         if t.dim() != rank:
             raise InvalidArgumentError(
-                f"{label(i)} has rank {t.dim()} (shape {tuple(t.shape)}), expected {rank}: "
-                f"{shape_doc}"
+                f"{label(i)} has rank {t.dim()} (shape {tuple(t.shape)}), expected {rank}: {shape_doc}"
             )
         if t.numel() == 0:
             raise InvalidArgumentError(f"{label(i)} has no elements (shape {tuple(t.shape)})")
@@ -818,18 +787,15 @@ def _check_tensors(tensors, arg: str, *, rank: int, shape_doc: str, pairs: bool 
     for i, t in enumerate(tensors[1:], start=1):
         if t.device != t0.device:
             raise InvalidArgumentError(
-                f"{arg}: tensors are on mixed devices: {label(0)} on {t0.device}, "
-                f"{label(i)} on {t.device}"
+                f"{arg}: tensors are on mixed devices: {label(0)} on {t0.device}, {label(i)} on {t.device}"
             )
         if t.dtype != t0.dtype:
             raise InvalidArgumentError(
-                f"{arg}: mixed dtypes: {label(0)} is {_dtype_name(t0)}, "
-                f"{label(i)} is {_dtype_name(t)}"
+                f"{arg}: mixed dtypes: {label(0)} is {_dtype_name(t0)}, {label(i)} is {_dtype_name(t)}"
             )
         if t.shape != t0.shape:
             raise InvalidArgumentError(
-                f"{arg}: shapes differ between layers: {label(0)} is {tuple(t0.shape)}, "
-                f"{label(i)} is {tuple(t.shape)}"
+                f"{arg}: shapes differ between layers: {label(0)} is {tuple(t0.shape)}, {label(i)} is {tuple(t.shape)}"
             )
     if t0.device.type == "meta":
         raise InvalidArgumentError(f"{arg}: meta tensors have no memory to describe")
@@ -840,9 +806,7 @@ def _check_dim(tensors, arg: str, *, dim: int, size: int, meaning: str, single=F
     t0 = tensors[0]
     if t0.shape[dim] != size:
         where = arg if single else f"{arg}[0]"
-        raise InvalidArgumentError(
-            f"{where}: dimension {dim} must be {size} ({meaning}), got shape {tuple(t0.shape)}"
-        )
+        raise InvalidArgumentError(f"{where}: dimension {dim} must be {size} ({meaning}), got shape {tuple(t0.shape)}")
 
 
 def _check_page_contiguous(tensor, dims, what: str, note: str = "one page") -> None:
@@ -874,6 +838,5 @@ def _hf_layer_pairs(layers):
     if hasattr(layers, "key_cache") and hasattr(layers, "value_cache"):
         return list(zip(layers.key_cache, layers.value_cache))
     raise InvalidArgumentError(
-        "layers must be a list of (key, value) tensor pairs or a transformers Cache, "
-        f"got {type(layers).__name__}"
+        f"layers must be a list of (key, value) tensor pairs or a transformers Cache, got {type(layers).__name__}"
     )

@@ -80,8 +80,7 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "failed_total",
         "counter",
-        "Failed operations: chunks (store, promote, demote) or disk requests "
-        "(disk_read, disk_write).",
+        "Failed operations: chunks (store, promote, demote) or disk requests (disk_read, disk_write).",
         ("op",),
     ),
     MetricSpec(
@@ -248,13 +247,10 @@ class Metrics:
     Thread-safe: counters may be updated from several threads while a scrape runs.
     """
 
-    def __init__(
-        self, namespace: str = "kvtier", *, stats_fn: Callable[[], Mapping[str, Any]] | None = None
-    ) -> None:
+    def __init__(self, namespace: str = "kvtier", *, stats_fn: Callable[[], Mapping[str, Any]] | None = None) -> None:
         if not isinstance(namespace, str) or not _NAME_RE.fullmatch(namespace):
             raise InvalidArgumentError(
-                f"namespace: invalid value {namespace!r}; allowed: a Prometheus name "
-                "[a-zA-Z_][a-zA-Z0-9_]*"
+                f"namespace: invalid value {namespace!r}; allowed: a Prometheus name [a-zA-Z_][a-zA-Z0-9_]*"
             )
         if stats_fn is not None and not callable(stats_fn):
             raise InvalidArgumentError(f"stats_fn must be callable, got {type(stats_fn).__name__}")
@@ -278,16 +274,12 @@ class Metrics:
             self._registry.register(_Collector(self))
 
     @classmethod
-    def from_config(
-        cls, config, *, stats_fn: Callable[[], Mapping[str, Any]] | None = None
-    ) -> Metrics:
+    def from_config(cls, config, *, stats_fn: Callable[[], Mapping[str, Any]] | None = None) -> Metrics:
         """Metrics for a :class:`kvtier.config.KVTierConfig`: its namespace, and its HTTP
         endpoint started when ``metrics.prometheus_port`` is set (see ``servers``)."""
         metrics = cls(config.metrics.namespace, stats_fn=stats_fn)
         if config.metrics.prometheus_port is not None:
-            metrics.start_http_server(
-                config.metrics.prometheus_port, config.metrics.prometheus_addr
-            )
+            metrics.start_http_server(config.metrics.prometheus_port, config.metrics.prometheus_addr)
         return metrics
 
     # -- feeding -----------------------------------------------------------------------------
@@ -296,9 +288,7 @@ class Metrics:
         the previous call (a stats counter that went down is a restarted source: its whole value
         counts), gauges take the values. Absent keys are skipped; counters never go down."""
         if not isinstance(stats, Mapping):
-            raise InvalidArgumentError(
-                f"stats must be a dict like KVCache.stats() returns, got {type(stats).__name__}"
-            )
+            raise InvalidArgumentError(f"stats must be a dict like KVCache.stats() returns, got {type(stats).__name__}")
         flat = _flatten(stats)
         with self._lock:
             for key, name, labels in COUNTER_SOURCES:
@@ -328,9 +318,7 @@ class Metrics:
         self._check_choice("op", op, LATENCY_OPS)
         value = _number(seconds)
         if value is None or value < 0 or isinstance(seconds, bool):
-            raise InvalidArgumentError(
-                f"seconds: invalid value {seconds!r}; allowed: a finite number >= 0"
-            )
+            raise InvalidArgumentError(f"seconds: invalid value {seconds!r}; allowed: a finite number >= 0")
         i = bisect.bisect_left(LATENCY_BUCKETS, value)  # first bound >= value: le semantics
         with self._lock:
             series = self._hist.setdefault((op,), [[0] * (len(LATENCY_BUCKETS) + 1), 0.0])
@@ -356,8 +344,7 @@ class Metrics:
         value = _number(bytes_per_second)
         if value is None or value < 0 or isinstance(bytes_per_second, bool):
             raise InvalidArgumentError(
-                f"bytes_per_second: invalid value {bytes_per_second!r}; "
-                "allowed: a finite number >= 0"
+                f"bytes_per_second: invalid value {bytes_per_second!r}; allowed: a finite number >= 0"
             )
         with self._lock:
             self._values["bandwidth_bytes_per_second"][(path,)] = value
@@ -385,9 +372,7 @@ class Metrics:
             known = ", ".join(s.name for s in SPECS)
             raise InvalidArgumentError(f"name: unknown metric {name!r}; known: {known}")
         if set(labels) != set(spec.labels):
-            raise InvalidArgumentError(
-                f"labels: {spec.name} takes {list(spec.labels)}, got {sorted(labels)}"
-            )
+            raise InvalidArgumentError(f"labels: {spec.name} takes {list(spec.labels)}, got {sorted(labels)}")
         key = tuple(str(labels[n]) for n in spec.labels)
         with self._lock:
             if spec.kind == "histogram":
@@ -412,10 +397,7 @@ class Metrics:
                         counts[pairs] = float(sum(buckets))
                         sums[pairs] = total
                 else:
-                    out[full] = {
-                        tuple(zip(spec.labels, key)): v
-                        for key, v in self._values[spec.name].items()
-                    }
+                    out[full] = {tuple(zip(spec.labels, key)): v for key, v in self._values[spec.name].items()}
         return out
 
     # -- Prometheus -------------------------------------------------------------------------------
@@ -437,17 +419,13 @@ class Metrics:
         """
         prom = self._require()[0]
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise InvalidArgumentError(
-                f"port: invalid value {port!r}; allowed: an int in [0, 65535]"
-            )
+            raise InvalidArgumentError(f"port: invalid value {port!r}; allowed: an int in [0, 65535]")
         if not isinstance(addr, str) or not addr:
             raise InvalidArgumentError(f"addr: invalid value {addr!r}; allowed: a host address")
         try:
             started = prom.start_http_server(port, addr=addr, registry=self._registry)
         except OSError as e:
-            raise KVTierIOError(
-                e.errno, f"cannot serve metrics on {addr}:{port}: {e.strerror}"
-            ) from e
+            raise KVTierIOError(e.errno, f"cannot serve metrics on {addr}:{port}: {e.strerror}") from e
         if isinstance(started, tuple):  # prometheus-client >= 0.20: (server, thread)
             server, thread = started
             handle = MetricsServer(server, thread, addr, server.server_address[1])

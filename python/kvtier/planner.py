@@ -59,8 +59,9 @@ class ModelCost:
         return cls(params=8.0e9, layers=32, hidden=4096, flops_per_s=flops_per_s)
 
     @classmethod
-    def measured(cls, *, params: float, layers: int, hidden: int, prefill_fn, tokens: int = 2048,
-                 reps: int = 3) -> ModelCost:
+    def measured(
+        cls, *, params: float, layers: int, hidden: int, prefill_fn, tokens: int = 2048, reps: int = 3
+    ) -> ModelCost:
         """Calibrate ``flops_per_s`` by timing ``prefill_fn(tokens)`` (it must prefill that many
         tokens from an empty cache and return once the GPU is done, e.g. after a synchronize):
         the achieved throughput of this model on this GPU, best of ``reps``."""
@@ -71,8 +72,7 @@ class ModelCost:
             prefill_fn(tokens)
             best = min(best, time.perf_counter() - t0)
         probe = cls(params=params, layers=layers, hidden=hidden, flops_per_s=1.0)
-        return cls(params=params, layers=layers, hidden=hidden,
-                   flops_per_s=probe.prefill_seconds(0, tokens) / best)
+        return cls(params=params, layers=layers, hidden=hidden, flops_per_s=probe.prefill_seconds(0, tokens) / best)
 
     def prefill_seconds(self, start: int, end: int) -> float:
         """Seconds to prefill tokens [start, end) given the KV of [0, start) is present."""
@@ -206,7 +206,10 @@ class SplitCostModelPlanner(CostModelPlanner):
             "head_chunks": head,
             "load_chunks": load,
             "chunk_bytes": chunk_bytes,
-            "modelled_s": {"split": best[0], "recompute": self.model.prefill_seconds(start, start + n * ct),
-                           "load": tail[0]},
+            "modelled_s": {
+                "split": best[0],
+                "recompute": self.model.prefill_seconds(start, start + n * ct),
+                "load": tail[0],
+            },
         }
         return head, load

@@ -25,15 +25,15 @@ from typing import Protocol, runtime_checkable
 from kvtier.planner import CostModelPlanner, LoadPlanner, SplitCostModelPlanner
 
 __all__ = [
-    "ChunkInfo",
-    "EvictionPolicy",
     "AdmissionPolicy",
-    "PrefetchPolicy",
-    "LoadPlanner",
-    "LRUEviction",
-    "SeenAtLeast",
-    "PrefetchAll",
+    "ChunkInfo",
     "CostModelPlanner",
+    "EvictionPolicy",
+    "LRUEviction",
+    "LoadPlanner",
+    "PrefetchAll",
+    "PrefetchPolicy",
+    "SeenAtLeast",
     "SplitCostModelPlanner",
 ]
 

@@ -168,28 +168,49 @@ class PagedKVPool:
             too; ``peers.share_pool`` also shares this pool's pages with peers on this host.
     """
 
-    def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, num_pages: int,
-                 page_tokens: int = 16, chunk_tokens: int = 256, dtype=None, device="cpu",
-                 kv_layout: str = "cross_layer", cache_config: CacheConfig | None = None,
-                 planner=None, eviction_policy=None, write_through: bool = False, peers=None,
-                 **cache_overrides) -> None:
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        num_pages: int,
+        page_tokens: int = 16,
+        chunk_tokens: int = 256,
+        dtype=None,
+        device="cpu",
+        kv_layout: str = "cross_layer",
+        cache_config: CacheConfig | None = None,
+        planner=None,
+        eviction_policy=None,
+        write_through: bool = False,
+        peers=None,
+        **cache_overrides,
+    ) -> None:
         import torch
 
-        for name, v in (("num_layers", num_layers), ("kv_heads", kv_heads), ("head_dim", head_dim),
-                        ("num_pages", num_pages), ("page_tokens", page_tokens), ("chunk_tokens", chunk_tokens)):
+        for name, v in (
+            ("num_layers", num_layers),
+            ("kv_heads", kv_heads),
+            ("head_dim", head_dim),
+            ("num_pages", num_pages),
+            ("page_tokens", page_tokens),
+            ("chunk_tokens", chunk_tokens),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise InvalidArgumentError(f"{name} must be a positive int, got {v!r}")
         if chunk_tokens % page_tokens:
-            raise InvalidArgumentError(
-                f"chunk_tokens={chunk_tokens} must be a multiple of page_tokens={page_tokens}")
+            raise InvalidArgumentError(f"chunk_tokens={chunk_tokens} must be a multiple of page_tokens={page_tokens}")
         dtype = dtype if dtype is not None else torch.bfloat16
         if kv_layout not in ("cross_layer", "vllm"):
             raise InvalidArgumentError(f"kv_layout must be 'cross_layer' or 'vllm', got {kv_layout!r}")
         self._share = pool_share(peers, torch.device(device))  # pages shared with peers on this host
         alloc = self._share.allocate if self._share is not None else None  # shared memory files
         if alloc is None:
+
             def alloc(shape, dtype):
                 return torch.zeros(*shape, dtype=dtype, device=device)
+
         if kv_layout == "cross_layer":
             self.kv = alloc((num_pages, num_layers, 2, page_tokens, kv_heads, head_dim), dtype)
             self.layout = Layout.from_cross_layer(self.kv, chunk_tokens=chunk_tokens)
@@ -223,10 +244,20 @@ class PagedKVPool:
         self._lock = threading.RLock()
         self._next_seq = 0
         self._tail_loader = None  # a thread, made on the first split plan
-        self._stats = dict(begins=0, gpu_hit_chunks=0, lower_hit_chunks=0, miss_chunks=0,
-                           planned_recompute_chunks=0, evicted_chunks=0, offloaded_chunks=0,
-                           offload_skipped_chunks=0, committed_chunks=0, shared_pinned_chunks=0,
-                           failed_load_chunks_dropped=0, failed_load_pages_kept=0)
+        self._stats = dict(
+            begins=0,
+            gpu_hit_chunks=0,
+            lower_hit_chunks=0,
+            miss_chunks=0,
+            planned_recompute_chunks=0,
+            evicted_chunks=0,
+            offloaded_chunks=0,
+            offload_skipped_chunks=0,
+            committed_chunks=0,
+            shared_pinned_chunks=0,
+            failed_load_chunks_dropped=0,
+            failed_load_pages_kept=0,
+        )
         if self._share is not None:
             tensors = [self.kv] if kv_layout == "cross_layer" else list(self.kv)
             self._share.attach(self.cache.peers, self, tensors, 0 if kv_layout == "cross_layer" else 1)
@@ -284,7 +315,8 @@ class PagedKVPool:
         except ResourceExhaustedError:
             raise ResourceExhaustedError(
                 f"the pool needs {n} pages but only {self._free.stats()['free_blocks']} are free and every "
-                f"cached chunk is referenced by a live sequence ({self.num_pages} pages in all)") from None
+                f"cached chunk is referenced by a live sequence ({self.num_pages} pages in all)"
+            ) from None
 
     def _evict(self, pages_needed: int) -> None:
         """Free at least ``pages_needed`` pages by evicting unreferenced chunks, LRU first, after
@@ -303,7 +335,8 @@ class PagedKVPool:
 
             by_key = {c.key: c for c in candidates}
             chosen = self.eviction_policy.choose_victims(
-                [ChunkInfo(c.key, len(c.pages), c.last_use, c.uses) for c in candidates], pages_needed)
+                [ChunkInfo(c.key, len(c.pages), c.last_use, c.uses) for c in candidates], pages_needed
+            )
             victims, freed, taken = [], 0, set()
             for k in chosen:  # only offered candidates, each once, until enough pages are free
                 c = by_key.get(k)
@@ -368,9 +401,9 @@ class PagedKVPool:
             if self.cache is not None and gpu_hits < len(keys):
                 lower = self.cache.tier.lookup(b"".join(keys[gpu_hits:]))
                 if peers is not None and gpu_hits + lower < len(keys):  # digests, then confirm
-                    lower += peers.lookup(keys[gpu_hits + lower:])
+                    lower += peers.lookup(keys[gpu_hits + lower :])
                 if lower and self.planner is not None:
-                    tiers = self._tiers_of(keys[gpu_hits:gpu_hits + lower])
+                    tiers = self._tiers_of(keys[gpu_hits : gpu_hits + lower])
                     split = getattr(self.planner, "plan_split", None)
                     if split is not None:  # recompute a head while the tail after it loads
                         head, keep = (int(x) for x in split(self, gpu_hits, tiers))
@@ -389,18 +422,22 @@ class PagedKVPool:
             loaded = 0
             if lower and head:  # split: the tail loads in the background while the head computes
                 first = gpu_hits + head
-                tail_keys, tail_pages = keys[first:first + lower], pages[head * ppc:(head + lower) * ppc]
-                fut = self._loader().submit(self._load, tail_keys, np.asarray(tail_pages, dtype=np.int64),
-                                            self.cache.stream_handle(stream))
+                tail_keys, tail_pages = keys[first : first + lower], pages[head * ppc : (head + lower) * ppc]
+                fut = self._loader().submit(
+                    self._load, tail_keys, np.asarray(tail_pages, dtype=np.int64), self.cache.stream_handle(stream)
+                )
                 seq._tail = (fut, first, lower, tail_keys, tail_pages)
                 seq.tail_start = first * ct
                 lower = 0  # counted when it lands (finish_tail)
             if lower:
-                op = self._load(keys[gpu_hits:gpu_hits + lower], np.asarray(pages[: lower * ppc], dtype=np.int64),
-                                self.cache.stream_handle(stream))
+                op = self._load(
+                    keys[gpu_hits : gpu_hits + lower],
+                    np.asarray(pages[: lower * ppc], dtype=np.int64),
+                    self.cache.stream_handle(stream),
+                )
                 loaded = op.chunks
                 if loaded:
-                    self._register_loaded(seq, op, gpu_hits * ct, keys[gpu_hits:gpu_hits + loaded], pages)
+                    self._register_loaded(seq, op, gpu_hits * ct, keys[gpu_hits : gpu_hits + loaded], pages)
             seq.page_table.extend(pages)
             seq.gpu_hit_tokens = gpu_hits * ct
             seq.lower_hit_tokens = loaded * ct
@@ -418,7 +455,7 @@ class PagedKVPool:
         seq._loads.append((first_token, handle))
         seq._pending = None
         for i, k in enumerate(keys):
-            c = _GpuChunk(k, tuple(pages[i * ppc:(i + 1) * ppc]), refs=1, loading=handle)
+            c = _GpuChunk(k, tuple(pages[i * ppc : (i + 1) * ppc]), refs=1, loading=handle)
             if k in self._chunks:  # registered meanwhile by another request: keep ours private
                 continue
             self._chunks[k] = c
@@ -480,7 +517,8 @@ class PagedKVPool:
         ppc = self.pages_per_chunk
         if len(keys) * ppc > len(seq.page_table):
             raise InvalidArgumentError(
-                f"tokens hold {len(keys)} full chunks but the sequence has only {len(seq.page_table)} pages")
+                f"tokens hold {len(keys)} full chunks but the sequence has only {len(seq.page_table)} pages"
+            )
         added = 0
         with self._lock:
             have = {id(c) for c in seq._chunks}
@@ -493,7 +531,7 @@ class PagedKVPool:
                     if id(existing) in have:
                         continue
                     break  # someone else holds these tokens in other pages; ours stay private
-                pages = tuple(seq.page_table[i * ppc:(i + 1) * ppc])
+                pages = tuple(seq.page_table[i * ppc : (i + 1) * ppc])
                 self._clock += 1
                 c = _GpuChunk(k, pages, refs=1, last_use=self._clock)
                 self._chunks[k] = c
@@ -501,9 +539,9 @@ class PagedKVPool:
                 added += 1
             self._stats["committed_chunks"] += added
             if added and self.write_through:
-                self._write_through(seq._chunks[len(seq._chunks) - added:])
+                self._write_through(seq._chunks[len(seq._chunks) - added :])
             elif added and self._share is not None:  # peers on this host can map them: in the digest
-                self.cache.peers.note_stored([c.key for c in seq._chunks[len(seq._chunks) - added:]])
+                self.cache.peers.note_stored([c.key for c in seq._chunks[len(seq._chunks) - added :]])
         return added
 
     def _write_through(self, chunks: list[_GpuChunk]) -> None:
@@ -597,9 +635,12 @@ class PagedKVPool:
         with self._lock:
             s = dict(self._stats)
             alloc = self._free.stats()
-            s.update(pages_total=self.num_pages, pages_free=alloc["free_blocks"],
-                     gpu_cached_chunks=len(self._chunks),
-                     gpu_referenced_chunks=sum(1 for c in self._chunks.values() if c.refs))
+            s.update(
+                pages_total=self.num_pages,
+                pages_free=alloc["free_blocks"],
+                gpu_cached_chunks=len(self._chunks),
+                gpu_referenced_chunks=sum(1 for c in self._chunks.values() if c.refs),
+            )
         if self.cache is not None:
             s["lower"] = self.cache.stats()
         if self.planner is not None:  # the latest decision and its inputs

@@ -20,8 +20,7 @@ import numpy as np
 
 from kvtier.errors import FailedPreconditionError
 
-__all__ = ["ChunkSource", "PeersBackend", "PoolShare", "pool_share", "register_peers_backend",
-           "start_source"]
+__all__ = ["ChunkSource", "PeersBackend", "PoolShare", "pool_share", "register_peers_backend", "start_source"]
 
 
 @runtime_checkable
@@ -87,7 +86,8 @@ def _peers_backend() -> PeersBackend:
     if _backend is None:
         raise FailedPreconditionError(
             "peers= settings need a peers backend, and none is registered: import kvtier (which "
-            "registers kvtier.p2p's) or pass peers=factory(cache) -> ChunkSource")
+            "registers kvtier.p2p's) or pass peers=factory(cache) -> ChunkSource"
+        )
     return _backend
 
 

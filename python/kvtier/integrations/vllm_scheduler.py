@@ -67,9 +67,7 @@ class _SchedulerSide(KVConnectorBase_V1):
     def requires_kv_delivery(self) -> bool:
         return False  # a best-effort cache: a save that is dropped is a later miss
 
-    def get_num_new_matched_tokens(
-        self, request: Request, num_computed_tokens: int
-    ) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         if not self._do_load or not request.prompt_token_ids or request.mm_features:
             return 0, False
         ct = self._chunk_tokens
@@ -81,9 +79,7 @@ class _SchedulerSide(KVConnectorBase_V1):
         try:
             hit, codes = self._client.lookup(tokens[:limit])
         except (OSError, EOFError, TimeoutError) as e:
-            log.warning(
-                "kvtier: lookup of request %s failed, computing it: %s", request.request_id, e
-            )
+            log.warning("kvtier: lookup of request %s failed, computing it: %s", request.request_id, e)
             return 0, False
         hit = min(hit, limit)
         if hit <= num_computed_tokens:
@@ -91,9 +87,7 @@ class _SchedulerSide(KVConnectorBase_V1):
         self._lookups[request.request_id] = (hit, codes)
         return hit - num_computed_tokens, False
 
-    def update_state_after_alloc(
-        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
-    ) -> None:
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if num_external_tokens <= 0:
             self._lookups.pop(request.request_id, None)
             return
@@ -120,15 +114,11 @@ class _SchedulerSide(KVConnectorBase_V1):
         for new in scheduler_output.scheduled_new_reqs:
             if new.prompt_token_ids is None:
                 continue
-            state = _RequestState(
-                np.asarray(new.prompt_token_ids, dtype=np.int64), list(new.block_ids[0])
-            )
+            state = _RequestState(np.asarray(new.prompt_token_ids, dtype=np.int64), list(new.block_ids[0]))
             self._requests[new.req_id] = state
             self._add_rewritten(meta, new.req_id, state, new.num_computed_tokens)
             self._add_load(meta, new.req_id, state)
-            self._add_save(
-                meta, new.req_id, state, new.num_computed_tokens + scheduled.get(new.req_id, 0)
-            )
+            self._add_save(meta, new.req_id, state, new.num_computed_tokens + scheduled.get(new.req_id, 0))
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             state = self._requests.get(req_id)
@@ -147,14 +137,10 @@ class _SchedulerSide(KVConnectorBase_V1):
                 state.rollbacks += 1
             self._add_rewritten(meta, req_id, state, computed)
             self._add_load(meta, req_id, state)
-            self._add_save(
-                meta, req_id, state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
-            )
+            self._add_save(meta, req_id, state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
         return meta
 
-    def _add_rewritten(
-        self, meta: KVTierConnectorMetadata, req_id: str, state: _RequestState, computed: int
-    ) -> None:
+    def _add_rewritten(self, meta: KVTierConnectorMetadata, req_id: str, state: _RequestState, computed: int) -> None:
         # The request's blocks past what it held before this step are written from scratch by
         # this step or a later one (a load, or the forward): vLLM never shares such blocks.
         load = self._pending_loads.get(req_id)
@@ -177,9 +163,7 @@ class _SchedulerSide(KVConnectorBase_V1):
         )
         state.saved_upto = max(state.saved_upto, end)
 
-    def _add_save(
-        self, meta: KVTierConnectorMetadata, req_id: str, state: _RequestState, computed: int
-    ) -> None:
+    def _add_save(self, meta: KVTierConnectorMetadata, req_id: str, state: _RequestState, computed: int) -> None:
         if not self._do_save:
             return
         ct = self._chunk_tokens
@@ -196,9 +180,7 @@ class _SchedulerSide(KVConnectorBase_V1):
         state.saved_upto = end
         state.saves_issued = True
 
-    def request_finished(
-        self, request: Request, block_ids: list[int]
-    ) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
         self._pending_loads.pop(req_id, None)
         self._lookups.pop(req_id, None)

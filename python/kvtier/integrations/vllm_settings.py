@@ -30,9 +30,7 @@ class _Settings:
         where = "kv_connector_extra_config"
         block_size = int(vllm_config.cache_config.block_size)
         config_file = extra.pop("config_file", None)
-        if config_file is not None and not (
-            isinstance(config_file, str) and os.path.isfile(config_file)
-        ):
+        if config_file is not None and not (isinstance(config_file, str) and os.path.isfile(config_file)):
             raise InvalidArgumentError(f"{where}.config_file={config_file!r} is not a file")
         chunk_tokens = extra.pop("chunk_tokens", block_size)
         if (
@@ -47,9 +45,7 @@ class _Settings:
             )
         layerwise = extra.pop("layerwise", True)
         if not isinstance(layerwise, bool):
-            raise InvalidArgumentError(
-                f"{where}.layerwise must be true or false, got {layerwise!r}"
-            )
+            raise InvalidArgumentError(f"{where}.layerwise must be true or false, got {layerwise!r}")
         secret = extra.pop("cluster_secret", None)
         peers = extra.pop("peers", None)
         if peers is not None and not isinstance(peers, dict):
@@ -73,9 +69,7 @@ class _Settings:
         peers_cfg = dict(config.peers)
         if peers_cfg.get("listen") is None:
             if any(v for k, v in peers_cfg.items() if k != "listen"):
-                raise InvalidArgumentError(
-                    f"{where}.peers.listen is required when peers are configured"
-                )
+                raise InvalidArgumentError(f"{where}.peers.listen is required when peers are configured")
             peers_cfg = None
         else:  # PeerConfig checks the rest (secret, timeouts) and names the field
             from kvtier.p2p.config import PeerConfig

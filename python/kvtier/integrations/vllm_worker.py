@@ -137,7 +137,7 @@ class _WorkerSide(KVConnectorBase_V1):
             try:
                 handle = self._load(tokens, spec.skip_chunks, self._pages(blocks))
                 got = handle.num_tokens // ct
-            except Exception as e:  # any failure is a recompute, never a crash
+            except Exception as e:  # noqa: BLE001 - any failure is a recompute, never a crash
                 log.warning("kvtier: load of request %s failed: %r", spec.req_id, e)
                 self._counters["load_errors"] += 1
                 handle, got = None, 0
@@ -173,9 +173,7 @@ class _WorkerSide(KVConnectorBase_V1):
                 else:
                     handle.wait_layer(layer)
             except (KVTierError, TimeoutError) as e:
-                log.warning(
-                    "kvtier: load of request %s failed at layer %d: %s", spec.req_id, layer, e
-                )
+                log.warning("kvtier: load of request %s failed at layer %d: %s", spec.req_id, layer, e)
                 self._counters["load_errors"] += 1
                 self._fail(spec.req_id, blocks, len(blocks) * self._block_size)
                 self._counters["loaded_tokens"] -= len(blocks) * self._block_size
@@ -194,9 +192,7 @@ class _WorkerSide(KVConnectorBase_V1):
                 self._counters["loaded_tokens"] -= len(blocks) * self._block_size
         self._loads = []
 
-    def save_kv_layer(
-        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any
-    ) -> None:
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
         # A chunk's blob holds every layer, so the store is submitted once, in wait_for_save,
         # after the last layer (on a GPU it is ordered after the forward on the compute stream).
         return
@@ -216,7 +212,7 @@ class _WorkerSide(KVConnectorBase_V1):
             self._counters["save_requests"] += 1
             try:
                 fut = self._cache.store(tokens, self._pages(block_ids))
-            except Exception as e:  # a store that fails is a later miss
+            except Exception as e:  # noqa: BLE001 - a store that fails is a later miss
                 log.warning("kvtier: store of request %s failed: %r", spec.req_id, e)
                 self._counters["store_errors"] += 1
                 continue
@@ -302,14 +298,12 @@ class _WorkerSide(KVConnectorBase_V1):
         while not self._stopping.is_set():
             try:
                 conn = self._listener.accept()
-            except Exception:  # a client that failed authentication, or closed
+            except Exception:  # noqa: BLE001 - a client that failed authentication, or closed
                 if self._stopping.is_set():
                     return
                 time.sleep(0.01)
                 continue
-            threading.Thread(
-                target=self._serve, args=(conn,), name="kvtier-vllm-lookup-conn", daemon=True
-            ).start()
+            threading.Thread(target=self._serve, args=(conn,), name="kvtier-vllm-lookup-conn", daemon=True).start()
 
     def _serve(self, conn) -> None:
         with conn:

@@ -15,12 +15,18 @@ SYNTHETIC_REQUESTS = 4000  # the default of --trace synthetic: the size of Moonc
 
 def add_parser(sub) -> None:
     """Register `kvtier sim` on the `kvtier` command's subparsers."""
-    p = sub.add_parser("sim", help="simulate a trace through GPU / CPU / disk tiers and peers (capacity planning)",
-                       description="Replay a request trace (Mooncake or token-id JSONL) through simulated "
-                                   "kvtier instances and report hit ratio per tier, TTFT and bytes moved.")
-    p.add_argument("--trace", required=True,
-                   help="trace file (JSONL, Mooncake or {'tokens': [...]} lines), or 'synthetic[:N]': N requests "
-                        f"(default {SYNTHETIC_REQUESTS}) of the built-in Mooncake-format generator (docs/sim.md)")
+    p = sub.add_parser(
+        "sim",
+        help="simulate a trace through GPU / CPU / disk tiers and peers (capacity planning)",
+        description="Replay a request trace (Mooncake or token-id JSONL) through simulated "
+        "kvtier instances and report hit ratio per tier, TTFT and bytes moved.",
+    )
+    p.add_argument(
+        "--trace",
+        required=True,
+        help="trace file (JSONL, Mooncake or {'tokens': [...]} lines), or 'synthetic[:N]': N requests "
+        f"(default {SYNTHETIC_REQUESTS}) of the built-in Mooncake-format generator (docs/sim.md)",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed of --trace synthetic (default 0)")
     p.add_argument("--format", default="auto", choices=("auto", "mooncake", "tokens"))
     p.add_argument("--block-tokens", type=int, default=512, help="tokens per Mooncake hash block (default 512)")
@@ -31,38 +37,72 @@ def add_parser(sub) -> None:
     p.add_argument("--gpu-gib", type=float, default=16.0, help="GPU KV pool per instance, GiB")
     p.add_argument("--cpu-gib", type=float, default=64.0, help="CPU tier per instance, GiB (0: none)")
     p.add_argument("--disk-gib", type=float, default=0.0, help="disk tier per instance, GiB (0: none)")
-    p.add_argument("--cpu-eviction", default="lru", choices=("lru", "s3fifo", "lfu", "all"),
-                   help="CPU tier eviction order ('all': one run per policy)")
+    p.add_argument(
+        "--cpu-eviction",
+        default="lru",
+        choices=("lru", "s3fifo", "lfu", "all"),
+        help="CPU tier eviction order ('all': one run per policy)",
+    )
     p.add_argument("--admit-min-seen", type=int, default=2, help="disk admission: seen by >= N requests")
     p.add_argument("--instances", type=int, default=1)
     p.add_argument("--routing", default="round_robin", choices=("round_robin", "least_loaded", "cache_aware"))
     p.add_argument("--peers", action="store_true", help="instances pull missing prefixes from each other's CPU tier")
     p.add_argument("--peer-disk", action="store_true", help="peers also serve their disk tier")
-    p.add_argument("--planner", action="store_true",
-                   help="load or recompute each lower-tier chunk as the (calibrated) cost model says")
-    p.add_argument("--write-through", action="store_true",
-                   help="store committed chunks in the CPU tier at once (PagedKVPool write_through)")
-    p.add_argument("--deterministic-writeback", action="store_true",
-                   help="model the engine's deterministic_writeback mode (every wait for disk write-backs "
-                        "waits for all of them; the engine's hits are then reproduced exactly)")
-    p.add_argument("--max-writebacks", type=int, default=64, metavar="N",
-                   help="the disk tier's write-back bound (the engine's disk_max_writebacks_in_flight, 64)")
-    p.add_argument("--replay", default="timestamps", choices=("timestamps", "fast"),
-                   help="arrivals from the trace (queueing) or one request after another")
-    p.add_argument("--calibrate", default=None, metavar="DIR",
-                   help="calibrate the cost model from kvtier bench JSON files in DIR (e.g. bench/results)")
-    p.add_argument("--e2e", default=None, metavar="JSON",
-                   help="the bench_e2e run whose 4096-token recompute sets the GEMM rate (and, for a one-step-prefill "
-                        "run, whose 4096-token GPU hit sets a hit's fixed step cost). Default: the run in DIR with "
-                        "the newest 'date', on that date one of bench_e2e's default configuration (one-step prefill, "
-                        "vllm KV layout, copy method auto, write-back bound 64) before variants, then one whose "
-                        "loads overlap the step (load_compute_overlap), then one with repeated hits (reps_s), "
-                        "then the last file name")
+    p.add_argument(
+        "--planner",
+        action="store_true",
+        help="load or recompute each lower-tier chunk as the (calibrated) cost model says",
+    )
+    p.add_argument(
+        "--write-through",
+        action="store_true",
+        help="store committed chunks in the CPU tier at once (PagedKVPool write_through)",
+    )
+    p.add_argument(
+        "--deterministic-writeback",
+        action="store_true",
+        help="model the engine's deterministic_writeback mode (every wait for disk write-backs "
+        "waits for all of them; the engine's hits are then reproduced exactly)",
+    )
+    p.add_argument(
+        "--max-writebacks",
+        type=int,
+        default=64,
+        metavar="N",
+        help="the disk tier's write-back bound (the engine's disk_max_writebacks_in_flight, 64)",
+    )
+    p.add_argument(
+        "--replay",
+        default="timestamps",
+        choices=("timestamps", "fast"),
+        help="arrivals from the trace (queueing) or one request after another",
+    )
+    p.add_argument(
+        "--calibrate",
+        default=None,
+        metavar="DIR",
+        help="calibrate the cost model from kvtier bench JSON files in DIR (e.g. bench/results)",
+    )
+    p.add_argument(
+        "--e2e",
+        default=None,
+        metavar="JSON",
+        help="the bench_e2e run whose 4096-token recompute sets the GEMM rate (and, for a one-step-prefill "
+        "run, whose 4096-token GPU hit sets a hit's fixed step cost). Default: the run in DIR with "
+        "the newest 'date', on that date one of bench_e2e's default configuration (one-step prefill, "
+        "vllm KV layout, copy method auto, write-back bound 64) before variants, then one whose "
+        "loads overlap the step (load_compute_overlap), then one with repeated hits (reps_s), "
+        "then the last file name",
+    )
     p.add_argument("--gpu-tag", default="h200", help="file tag of the GPU copy bench to calibrate from")
     p.add_argument("--disk-tag", default="h200host", help="file tag of the GPU host's disk bench")
     p.add_argument("--no-ablation", action="store_true", help="skip the runs without disk / CPU / cache")
-    p.add_argument("--sweep", default=None, choices=("gpu", "cpu", "disk"),
-                   help="also sweep this tier's capacity (per policy) and plot hit ratio and TTFT")
+    p.add_argument(
+        "--sweep",
+        default=None,
+        choices=("gpu", "cpu", "disk"),
+        help="also sweep this tier's capacity (per policy) and plot hit ratio and TTFT",
+    )
     p.add_argument("--sweep-gib", default="8,16,32,64,128", help="capacities of the sweep, GiB")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the sweep's plot here (needs matplotlib)")
     p.add_argument("--json", default=None, metavar="FILE", help="write all results as JSON")
@@ -92,46 +132,71 @@ def run(args: argparse.Namespace) -> int:
     model = MODEL_PRESETS[args.model]
     if args.calibrate:
         if not os.path.isdir(args.calibrate):
-            print(f"kvtier sim: --calibrate {args.calibrate}: no such directory (kvtier's bench results are in "
-                  f"bench/results of a clone of its repository, not in the installed package)", file=sys.stderr)
+            print(
+                f"kvtier sim: --calibrate {args.calibrate}: no such directory (kvtier's bench results are in "
+                f"bench/results of a clone of its repository, not in the installed package)",
+                file=sys.stderr,
+            )
             return 2
         try:
-            hw = Calibration(args.calibrate).hardware(gpu_tag=args.gpu_tag, disk_tag=args.disk_tag, model=model,
-                                                      e2e_file=args.e2e or _latest_e2e(args.calibrate))
+            hw = Calibration(args.calibrate).hardware(
+                gpu_tag=args.gpu_tag,
+                disk_tag=args.disk_tag,
+                model=model,
+                e2e_file=args.e2e or _latest_e2e(args.calibrate),
+            )
         except (FileNotFoundError, ValueError) as e:
             print(f"kvtier sim: calibration failed: {e}", file=sys.stderr)
             return 2
     try:
-        cfg = SimConfig(model=model, chunk_tokens=args.chunk_tokens, page_tokens=args.page_tokens,
-                        gpu_bytes=_gib(args.gpu_gib, "gpu-gib"), cpu_bytes=_gib(args.cpu_gib, "cpu-gib"),
-                        disk_bytes=_gib(args.disk_gib, "disk-gib"),
-                        cpu_eviction="lru" if args.cpu_eviction == "all" else args.cpu_eviction,
-                        disk_admit_min_seen=args.admit_min_seen, instances=args.instances, routing=args.routing,
-                        peers=args.peers, peer_disk=args.peer_disk, write_through=args.write_through,
-                        deterministic_writeback=args.deterministic_writeback, hardware=hw, replay=args.replay,
-                        max_demotions_in_flight=args.max_writebacks,
-                        planner=CalibratedPlanner(hw, model) if args.planner else None)
+        cfg = SimConfig(
+            model=model,
+            chunk_tokens=args.chunk_tokens,
+            page_tokens=args.page_tokens,
+            gpu_bytes=_gib(args.gpu_gib, "gpu-gib"),
+            cpu_bytes=_gib(args.cpu_gib, "cpu-gib"),
+            disk_bytes=_gib(args.disk_gib, "disk-gib"),
+            cpu_eviction="lru" if args.cpu_eviction == "all" else args.cpu_eviction,
+            disk_admit_min_seen=args.admit_min_seen,
+            instances=args.instances,
+            routing=args.routing,
+            peers=args.peers,
+            peer_disk=args.peer_disk,
+            write_through=args.write_through,
+            deterministic_writeback=args.deterministic_writeback,
+            hardware=hw,
+            replay=args.replay,
+            max_demotions_in_flight=args.max_writebacks,
+            planner=CalibratedPlanner(hw, model) if args.planner else None,
+        )
     except ValueError as e:
         print(f"kvtier sim: {e}", file=sys.stderr)
         return 2
     s = trace_summary(reqs)
-    print(f"trace: {s['requests']} requests, {s['chunks']} chunks of {args.chunk_tokens} tokens "
-          f"({s['distinct_chunks']} distinct), {s['span_s']:.0f} s; model {model.name}, "
-          f"{cfg.chunk_bytes / (1 << 20):.1f} MiB a chunk; per instance: "
-          f"GPU {cfg.gpu_pages // (cfg.chunk_tokens // cfg.page_tokens)}"
-          f" chunks, CPU {cfg.cpu_chunks}, disk {cfg.disk_slots}; {cfg.instances} instance(s), {cfg.routing}")
+    print(
+        f"trace: {s['requests']} requests, {s['chunks']} chunks of {args.chunk_tokens} tokens "
+        f"({s['distinct_chunks']} distinct), {s['span_s']:.0f} s; model {model.name}, "
+        f"{cfg.chunk_bytes / (1 << 20):.1f} MiB a chunk; per instance: "
+        f"GPU {cfg.gpu_pages // (cfg.chunk_tokens // cfg.page_tokens)}"
+        f" chunks, CPU {cfg.cpu_chunks}, disk {cfg.disk_slots}; {cfg.instances} instance(s), {cfg.routing}"
+    )
     if hw.sources:
         print("cost model calibrated from: " + "; ".join(f"{k} <- {v}" for k, v in hw.sources.items()))
     v = hw.values()
     after = v.get("attention_after_prefix_tflops")
-    print(f"cost model: weights {v['weights_tflops']} TFLOP/s, attention {v['attention_tflops']} TFLOP/s"
-          + (" (after a cached prefix: " + ", ".join(f"{r} at {t} new tokens" for t, r in after.items()) + ")"
-             if after else "")
-          + f"; a hit's step {v['hit_forward_ms']} ms"
-          + (" (the longer of it and the GEMMs, plus attention)" if v["hit_step_overlaps"] else "")
-          + f"; CPU->GPU {v['h2d_gbps']} GB/s{' (beside the step)' if v['load_compute_overlap'] else ''}, "
-          f"GPU->CPU {v['d2h_gbps']} GB/s; disk read {v['disk_read_gbps']} / write {v['disk_write_gbps']} GB/s; "
-          f"peer link {v['link_gbps']} GB/s")
+    print(
+        f"cost model: weights {v['weights_tflops']} TFLOP/s, attention {v['attention_tflops']} TFLOP/s"
+        + (
+            " (after a cached prefix: " + ", ".join(f"{r} at {t} new tokens" for t, r in after.items()) + ")"
+            if after
+            else ""
+        )
+        + f"; a hit's step {v['hit_forward_ms']} ms"
+        + (" (the longer of it and the GEMMs, plus attention)" if v["hit_step_overlaps"] else "")
+        + f"; CPU->GPU {v['h2d_gbps']} GB/s{' (beside the step)' if v['load_compute_overlap'] else ''}, "
+        f"GPU->CPU {v['d2h_gbps']} GB/s; disk read {v['disk_read_gbps']} / write {v['disk_write_gbps']} GB/s; "
+        f"peer link {v['link_gbps']} GB/s"
+    )
     policies = ("lru", "s3fifo", "lfu") if args.cpu_eviction == "all" else (cfg.cpu_eviction,)
     results = {}
     for pol in policies:
@@ -148,17 +213,27 @@ def run(args: argparse.Namespace) -> int:
     print_results(results, title=title)
     wall = sum(r.wall_s for r in results.values())
     print(f"simulated {len(results)} run(s) of {len(reqs)} requests in {wall:.2f} s")
-    out = {"trace": args.trace, "summary": s, "calibration": hw.sources, "cost_model": hw.values(),
-           "runs": {k: v.to_dict() for k, v in results.items()}}
+    out = {
+        "trace": args.trace,
+        "summary": s,
+        "calibration": hw.sources,
+        "cost_model": hw.values(),
+        "runs": {k: v.to_dict() for k, v in results.items()},
+    }
     if _synthetic_count(args.trace):
         out["seed"] = args.seed or 0
     if args.sweep:
         sizes = [int(float(x) * _GIB) for x in args.sweep_gib.split(",") if x.strip()]
         sweep = capacity_sweep(reqs, cfg, args.sweep, sizes, policies=("lru", "s3fifo", "lfu"))
-        out["sweep"] = {"tier": args.sweep, "runs": {pol: [(sz, _brief(r)) for sz, r in rows]
-                                                       for pol, rows in sweep.items()}}
-        print_results({f"{pol} {args.sweep}={sz / _GIB:g} GiB": r for pol, rows in sweep.items() for sz, r in rows},
-                      title=f"{args.sweep.upper()} capacity sweep", traffic=False)
+        out["sweep"] = {
+            "tier": args.sweep,
+            "runs": {pol: [(sz, _brief(r)) for sz, r in rows] for pol, rows in sweep.items()},
+        }
+        print_results(
+            {f"{pol} {args.sweep}={sz / _GIB:g} GiB": r for pol, rows in sweep.items() for sz, r in rows},
+            title=f"{args.sweep.upper()} capacity sweep",
+            traffic=False,
+        )
         if args.plot:
             try:
                 plot_sweep(sweep, args.sweep, args.plot, title=f"{os.path.basename(args.trace)}: {args.sweep} sweep")
@@ -194,14 +269,20 @@ def _requests(args: argparse.Namespace) -> list:
     if n is None:
         if args.seed is not None:
             raise ValueError(f"--seed applies to --trace synthetic only, not to the file {args.trace!r}")
-        return load_trace(args.trace, chunk_tokens=args.chunk_tokens, block_tokens=args.block_tokens,
-                          fmt=args.format, limit=args.limit)
+        return load_trace(
+            args.trace,
+            chunk_tokens=args.chunk_tokens,
+            block_tokens=args.block_tokens,
+            fmt=args.format,
+            limit=args.limit,
+        )
     if args.format == "tokens":
         raise ValueError("--trace synthetic is in Mooncake's format, not --format tokens")
     if args.limit is not None:
         n = min(n, args.limit)
-    return synthetic_requests(n, seed=args.seed or 0, chunk_tokens=args.chunk_tokens,
-                              config=MooncakeSynthetic(block_tokens=args.block_tokens))
+    return synthetic_requests(
+        n, seed=args.seed or 0, chunk_tokens=args.chunk_tokens, config=MooncakeSynthetic(block_tokens=args.block_tokens)
+    )
 
 
 def _brief(r) -> dict:
@@ -240,12 +321,19 @@ def _latest_e2e(bench_dir: str) -> str | None:
             continue
         if "tiny" in os.path.basename(f) or doc.get("workload", "").startswith("tiny"):
             continue
-        default = (one_step_prefill(doc) and doc.get("kv_layout") == "vllm"
-                   and doc.get("method", "auto") == "auto"
-                   and int(doc.get("disk_max_writebacks_in_flight", 64)) == 64
-                   and not doc.get("torch_cudnn_sdpa_avoid_recompile"))
-        newer = (bool(doc.get("load_compute_overlap")), hit_reps(doc) > 1 if "results" in doc else False,
-                 "attention_split_min_queries" in doc, doc.get("warm_off_bucket") == "scratch_pool")
+        default = (
+            one_step_prefill(doc)
+            and doc.get("kv_layout") == "vllm"
+            and doc.get("method", "auto") == "auto"
+            and int(doc.get("disk_max_writebacks_in_flight", 64)) == 64
+            and not doc.get("torch_cudnn_sdpa_avoid_recompile")
+        )
+        newer = (
+            bool(doc.get("load_compute_overlap")),
+            hit_reps(doc) > 1 if "results" in doc else False,
+            "attention_split_min_queries" in doc,
+            doc.get("warm_off_bucket") == "scratch_pool",
+        )
         key = (str(doc.get("date", "")), default, newer, os.path.basename(f))
         if best_key is None or key > best_key:
             best, best_key = f, key

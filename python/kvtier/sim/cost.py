@@ -29,6 +29,7 @@ Moving chunks:
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import math
 import os
@@ -88,7 +89,8 @@ class HardwareCost:
     size (:meth:`attention_rate_of`). ``hit_step_overlaps``: a step after a cached prefix costs
     the longer of ``hit_forward_s`` (its host-bound launches) and its weights' GEMMs, which the
     GPU runs while the host launches, plus its attention, instead of launches + all its FLOPs
-    (kvtier.sim.engine.prefill_step_s); set with measured attention rates. ``sources`` says where each calibrated number came from (file and
+    (kvtier.sim.engine.prefill_step_s); set with measured attention rates. ``sources`` says where
+    each calibrated number came from (file and
     case)."""
 
     weights_rate: float = 100e12
@@ -110,12 +112,18 @@ class HardwareCost:
     def values(self) -> dict:
         """The cost model's numbers in round units (TFLOP/s, GB/s, ms), for a report beside
         ``sources``: what each calibrated number came to, not only where it came from."""
-        v = {"weights_tflops": round(self.weights_rate / 1e12, 1),
-             "attention_tflops": round(self.attention_rate / 1e12, 1),
-             "h2d_gbps": round(self.h2d_bw / 1e9, 2), "d2h_gbps": round(self.d2h_bw / 1e9, 2),
-             "disk_read_gbps": round(self.disk_read_bw / 1e9, 3), "disk_write_gbps": round(self.disk_write_bw / 1e9, 3),
-             "link_gbps": round(self.link_bw / 1e9, 2), "hit_forward_ms": round(self.hit_forward_s * 1e3, 2),
-             "load_compute_overlap": self.load_compute_overlap, "hit_step_overlaps": self.hit_step_overlaps}
+        v = {
+            "weights_tflops": round(self.weights_rate / 1e12, 1),
+            "attention_tflops": round(self.attention_rate / 1e12, 1),
+            "h2d_gbps": round(self.h2d_bw / 1e9, 2),
+            "d2h_gbps": round(self.d2h_bw / 1e9, 2),
+            "disk_read_gbps": round(self.disk_read_bw / 1e9, 3),
+            "disk_write_gbps": round(self.disk_write_bw / 1e9, 3),
+            "link_gbps": round(self.link_bw / 1e9, 2),
+            "hit_forward_ms": round(self.hit_forward_s * 1e3, 2),
+            "load_compute_overlap": self.load_compute_overlap,
+            "hit_step_overlaps": self.hit_step_overlaps,
+        }
         if self.attention_after_prefix:
             v["attention_after_prefix_tflops"] = {t: round(r / 1e12, 1) for t, r in self.attention_after_prefix}
         return v
@@ -124,8 +132,9 @@ class HardwareCost:
         """Seconds to prefill tokens [start, end) with the KV of [0, start) in place."""
         if end <= start:
             return 0.0
-        return (model.weight_flops(start, end) / self.weights_rate
-                + model.attention_flops(start, end) / self.attention_rate_of(start, end))
+        return model.weight_flops(start, end) / self.weights_rate + model.attention_flops(
+            start, end
+        ) / self.attention_rate_of(start, end)
 
     def attention_rate_of(self, start: int, end: int) -> float:
         """The attention rate of a step of tokens [start, end): ``attention_rate`` without a
@@ -140,7 +149,7 @@ class HardwareCost:
             return pts[0][1]
         if t >= pts[-1][0]:
             return pts[-1][1]
-        for (t0, r0), (t1, r1) in zip(pts, pts[1:]):
+        for (t0, r0), (t1, r1) in itertools.pairwise(pts):
             if t0 <= t <= t1:
                 w = math.log(t / t0) / math.log(t1 / t0)
                 return r0 + w * (r1 - r0)
@@ -150,8 +159,10 @@ class HardwareCost:
         """Calibrate ``weights_rate`` so that a full prefill of ``tokens`` takes ``seconds``."""
         attn = model.attention_flops(0, tokens) / self.attention_rate
         if seconds <= attn:
-            raise ValueError(f"a {tokens}-token prefill in {seconds} s leaves no time for the weights "
-                             f"(attention alone takes {attn:.4f} s at {self.attention_rate:.3g} FLOP/s)")
+            raise ValueError(
+                f"a {tokens}-token prefill in {seconds} s leaves no time for the weights "
+                f"(attention alone takes {attn:.4f} s at {self.attention_rate:.3g} FLOP/s)"
+            )
         rate = model.weight_flops(0, tokens) / (seconds - attn)
         return replace(self, weights_rate=rate, sources={**self.sources, "weights_rate": source})
 
@@ -177,9 +188,16 @@ class Calibration:
     def _files(self, pattern: str) -> list[str]:
         return sorted(glob.glob(os.path.join(self.bench_dir, pattern)))
 
-    def hardware(self, *, gpu_tag: str = "h200", disk_tag: str = "h200host", model: ModelShape | None = None,
-                 e2e_file: str | None = None, calibrate_tokens: int = 4096,
-                 recompute_moves_s: float = 0.0) -> HardwareCost:
+    def hardware(
+        self,
+        *,
+        gpu_tag: str = "h200",
+        disk_tag: str = "h200host",
+        model: ModelShape | None = None,
+        e2e_file: str | None = None,
+        calibrate_tokens: int = 4096,
+        recompute_moves_s: float = 0.0,
+    ) -> HardwareCost:
         """A calibrated HardwareCost.
 
         Args:
@@ -218,8 +236,10 @@ class Calibration:
         if not disk:
             raise FileNotFoundError(f"no bench_disk-*-{disk_tag}-*.json in {self.bench_dir}")
         ddoc, dname = _load(disk[-1]), os.path.basename(disk[-1])
-        for attr, base in (("disk_read_bw", "device_limit_seq_odirect_read"),
-                           ("disk_write_bw", "device_limit_seq_odirect_write")):
+        for attr, base in (
+            ("disk_read_bw", "device_limit_seq_odirect_read"),
+            ("disk_write_bw", "device_limit_seq_odirect_write"),
+        ):
             v = next((x["baseline_value"] for x in ddoc["results"] if x.get("baseline") == base), None)
             if v is None:
                 raise FileNotFoundError(f"{dname} has no case with baseline {base!r}")
@@ -244,10 +264,15 @@ class Calibration:
             if r is None:
                 raise FileNotFoundError(f"{e2e_file} has no case ttft_gpu_hit_{calibrate_tokens}")
             if edoc.get("attention_split_min_queries"):
-                hw = self._attention_after_prefix(hw, edoc["attention_split_min_queries"],
-                                                  gpu_name_tag(edoc.get("machine", "")))
-            hw = hw.with_weights_rate_from(model, calibrate_tokens, r["baseline_value"] - recompute_moves_s,
-                                           f"{os.path.basename(e2e_file)}:ttft_recompute_{calibrate_tokens}")
+                hw = self._attention_after_prefix(
+                    hw, edoc["attention_split_min_queries"], gpu_name_tag(edoc.get("machine", ""))
+                )
+            hw = hw.with_weights_rate_from(
+                model,
+                calibrate_tokens,
+                r["baseline_value"] - recompute_moves_s,
+                f"{os.path.basename(e2e_file)}:ttft_recompute_{calibrate_tokens}",
+            )
             if one_step_prefill(edoc):
                 # One-step prefill: a hit's single step over its cached prefix has a fixed cost
                 # that the recompute's one large step hides. From ONE measurement: the GPU hit
@@ -264,15 +289,26 @@ class Calibration:
                     fixed = r["value"] - (flops_s - gemm_s)
                 else:
                     fixed = r["value"] - flops_s
-                hw = replace(hw, hit_forward_s=max(0.0, fixed), writebacks_share_disk=True,
-                             sources={**hw.sources,
-                                      "hit_forward_s": f"{os.path.basename(e2e_file)}:ttft_gpu_hit_{calibrate_tokens}"})
+                hw = replace(
+                    hw,
+                    hit_forward_s=max(0.0, fixed),
+                    writebacks_share_disk=True,
+                    sources={
+                        **hw.sources,
+                        "hit_forward_s": f"{os.path.basename(e2e_file)}:ttft_gpu_hit_{calibrate_tokens}",
+                    },
+                )
             if edoc.get("load_compute_overlap"):
                 # Not a rate: how the run's engine schedules a load against the step (a fact the
                 # run records), named in sources like the rates.
-                hw = replace(hw, load_compute_overlap=True,
-                             sources={**hw.sources,
-                                      "load_compute_overlap": f"{os.path.basename(e2e_file)}:load_compute_overlap"})
+                hw = replace(
+                    hw,
+                    load_compute_overlap=True,
+                    sources={
+                        **hw.sources,
+                        "load_compute_overlap": f"{os.path.basename(e2e_file)}:load_compute_overlap",
+                    },
+                )
         return hw
 
     def _attention_after_prefix(self, hw: HardwareCost, split_min: int, tag: str) -> HardwareCost:
@@ -285,8 +321,10 @@ class Calibration:
         with these (weights_rate, hit_forward_s)."""
         files = self._files(f"bench_attention-llama3_8b_after_prefix-{tag}-*.json")
         if not files:
-            raise FileNotFoundError(f"no bench_attention-llama3_8b_after_prefix-{tag}-*.json in {self.bench_dir} (the run's engine "
-                                    f"splits attention after a prefix; its rates come from that bench)")
+            raise FileNotFoundError(
+                f"no bench_attention-llama3_8b_after_prefix-{tag}-*.json in {self.bench_dir} (the run's engine "
+                f"splits attention after a prefix; its rates come from that bench)"
+            )
         doc, name = _load(files[-1]), os.path.basename(files[-1])
         pts, limits = [], []
         for r in doc["results"]:
@@ -298,14 +336,22 @@ class Calibration:
             limits.append(r["limit_value"] * 1e12)
         pts.sort()
         limits.sort()
-        src = {**hw.sources, "attention_after_prefix": f"{name}: per step size, the engine's path (split from {split_min})",
-               "attention_rate": f"{name}:cudnn_causal_square_tflops (median)"}
-        return replace(hw, attention_rate=limits[len(limits) // 2], attention_after_prefix=tuple(pts),
-                       hit_step_overlaps=True, sources=src)
+        src = {
+            **hw.sources,
+            "attention_after_prefix": f"{name}: per step size, the engine's path (split from {split_min})",
+            "attention_rate": f"{name}:cudnn_causal_square_tflops (median)",
+        }
+        return replace(
+            hw,
+            attention_rate=limits[len(limits) // 2],
+            attention_after_prefix=tuple(pts),
+            hit_step_overlaps=True,
+            sources=src,
+        )
 
 
 def gpu_name_tag(machine: str) -> str:
-    """"NVIDIA H100 80GB HBM3, 16 cores" -> "h100" (the file tag benches give a GPU)."""
+    """ "NVIDIA H100 80GB HBM3, 16 cores" -> "h100" (the file tag benches give a GPU)."""
     words = machine.split(",")[0].split()
     return words[1].lower() if len(words) > 1 and words[0] == "NVIDIA" else "cpu"
 

@@ -197,8 +197,9 @@ class S3FifoOrder:
                 del nodes[k]
                 self._ghost_live -= 1
         if len(fifo) > 2 * self._ghost_live + 64:  # compaction: stale slots only
-            self._ghost_fifo = deque((k, s) for k, s in fifo
-                                     if (n := nodes.get(k)) is not None and n.queue == _GHOST and n.ghost_seq == s)
+            self._ghost_fifo = deque(
+                (k, s) for k, s in fifo if (n := nodes.get(k)) is not None and n.queue == _GHOST and n.ghost_seq == s
+            )
 
 
 _MAX_COUNT = 1 << 30

@@ -68,9 +68,18 @@ class SimCpuTier:
             promotion's write-backs end before its disk reads start.
     """
 
-    def __init__(self, capacity_chunks: int, *, eviction_policy: str = "lru", disk_slots: int = 0,
-                 disk_admit_min_seen: int = 2, admission_policy=None, max_demotions_in_flight: int = 64,
-                 writebacks_per_wait: int = 1, deterministic_writeback: bool = False) -> None:
+    def __init__(
+        self,
+        capacity_chunks: int,
+        *,
+        eviction_policy: str = "lru",
+        disk_slots: int = 0,
+        disk_admit_min_seen: int = 2,
+        admission_policy=None,
+        max_demotions_in_flight: int = 64,
+        writebacks_per_wait: int = 1,
+        deterministic_writeback: bool = False,
+    ) -> None:
         if capacity_chunks <= 0:
             raise ValueError(f"CPU tier capacity must be at least one chunk, got {capacity_chunks}")
         self.capacity = capacity_chunks

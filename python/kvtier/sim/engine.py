@@ -28,8 +28,19 @@ from kvtier.sim.cost import MODEL_PRESETS, HardwareCost, ModelShape
 from kvtier.sim.tiers import SimCpuTier, SimGpuPool
 from kvtier.sim.trace import Request
 
-__all__ = ["ROUTINGS", "Instance", "SimConfig", "SimResult", "Simulator", "prefill_step_s", "request_copy_s",
-           "request_load_parts_s", "request_load_s", "request_service_s", "tier_ablation"]
+__all__ = [
+    "ROUTINGS",
+    "Instance",
+    "SimConfig",
+    "SimResult",
+    "Simulator",
+    "prefill_step_s",
+    "request_copy_s",
+    "request_load_parts_s",
+    "request_load_s",
+    "request_service_s",
+    "tier_ablation",
+]
 
 ROUTINGS = ("round_robin", "least_loaded", "cache_aware")
 _BLOCK = 4096
@@ -160,17 +171,28 @@ class Instance:
         self.cfg = cfg
         self.cpu = None
         if cfg.cpu_bytes:
-            self.cpu = SimCpuTier(cfg.cpu_chunks, eviction_policy=cfg.cpu_eviction, disk_slots=cfg.disk_slots,
-                                  disk_admit_min_seen=cfg.disk_admit_min_seen,
-                                  admission_policy=cfg.admission_policy,
-                                  max_demotions_in_flight=cfg.max_demotions_in_flight,
-                                  writebacks_per_wait=cfg.writebacks_per_wait,
-                                  deterministic_writeback=cfg.deterministic_writeback)
+            self.cpu = SimCpuTier(
+                cfg.cpu_chunks,
+                eviction_policy=cfg.cpu_eviction,
+                disk_slots=cfg.disk_slots,
+                disk_admit_min_seen=cfg.disk_admit_min_seen,
+                admission_policy=cfg.admission_policy,
+                max_demotions_in_flight=cfg.max_demotions_in_flight,
+                writebacks_per_wait=cfg.writebacks_per_wait,
+                deterministic_writeback=cfg.deterministic_writeback,
+            )
         self.pool = None
         if cfg.gpu_bytes:
-            self.pool = SimGpuPool(cfg.gpu_pages, page_tokens=cfg.page_tokens, chunk_tokens=cfg.chunk_tokens,
-                                   cpu=self.cpu, eviction_policy=cfg.gpu_eviction_policy, planner=cfg.planner,
-                                   chunk_bytes=cfg.chunk_bytes, write_through=cfg.write_through)
+            self.pool = SimGpuPool(
+                cfg.gpu_pages,
+                page_tokens=cfg.page_tokens,
+                chunk_tokens=cfg.chunk_tokens,
+                cpu=self.cpu,
+                eviction_policy=cfg.gpu_eviction_policy,
+                planner=cfg.planner,
+                chunk_bytes=cfg.chunk_bytes,
+                write_through=cfg.write_through,
+            )
         self.free_at = 0.0
         self.busy_s = 0.0
         self.served = 0
@@ -229,20 +251,36 @@ class SimResult:
         """Everything as plain JSON-able values (the CLI's --json)."""
         c = self.config
         return {
-            "requests": self.requests, "chunks": self.chunks,
+            "requests": self.requests,
+            "chunks": self.chunks,
             "hit_ratio": {t: self.hit_ratio(t) for t in ("gpu", "cpu", "disk", "peer")} | {"total": self.hit_ratio()},
             "hit_chunks": {"gpu": self.gpu_hits, "cpu": self.cpu_hits, "disk": self.disk_hits, "peer": self.peer_hits},
-            "planned_recompute_chunks": self.planned_recompute, "split_plans": self.split_plans,
+            "planned_recompute_chunks": self.planned_recompute,
+            "split_plans": self.split_plans,
             "rejected_requests": self.rejected,
-            "ttft_s": self.ttft_percentiles(), "bytes_moved": dict(self.bytes), "ssd_write_bytes": self.ssd_write_bytes,
-            "tiers": self.tiers, "wall_s": self.wall_s, "makespan_s": self.makespan_s,
-            "config": {"model": c.model.name, "chunk_tokens": c.chunk_tokens, "gpu_bytes": c.gpu_bytes,
-                       "cpu_bytes": c.cpu_bytes, "disk_bytes": c.disk_bytes, "cpu_eviction": c.cpu_eviction,
-                       "disk_admit_min_seen": c.disk_admit_min_seen, "instances": c.instances,
-                       "routing": c.routing, "peers": c.peers, "replay": c.replay,
-                       "deterministic_writeback": c.deterministic_writeback,
-                       "gpu_chunks": c.gpu_pages // (c.chunk_tokens // c.page_tokens), "cpu_chunks": c.cpu_chunks,
-                       "disk_chunks": c.disk_slots},
+            "ttft_s": self.ttft_percentiles(),
+            "bytes_moved": dict(self.bytes),
+            "ssd_write_bytes": self.ssd_write_bytes,
+            "tiers": self.tiers,
+            "wall_s": self.wall_s,
+            "makespan_s": self.makespan_s,
+            "config": {
+                "model": c.model.name,
+                "chunk_tokens": c.chunk_tokens,
+                "gpu_bytes": c.gpu_bytes,
+                "cpu_bytes": c.cpu_bytes,
+                "disk_bytes": c.disk_bytes,
+                "cpu_eviction": c.cpu_eviction,
+                "disk_admit_min_seen": c.disk_admit_min_seen,
+                "instances": c.instances,
+                "routing": c.routing,
+                "peers": c.peers,
+                "replay": c.replay,
+                "deterministic_writeback": c.deterministic_writeback,
+                "gpu_chunks": c.gpu_pages // (c.chunk_tokens // c.page_tokens),
+                "cpu_chunks": c.cpu_chunks,
+                "disk_chunks": c.disk_slots,
+            },
         }
 
 
@@ -316,15 +354,15 @@ class Simulator:
                         gpu_n += 1
                     low = inst.cpu.lookup(chunks, gpu_n)
                     if low:
-                        tiers = inst.cpu.lookup_tiers(chunks[gpu_n:gpu_n + low])
+                        tiers = inst.cpu.lookup_tiers(chunks[gpu_n : gpu_n + low])
                         want = int(prefetch.prefetch(len(tiers), tiers))
                         if want > 0 and "disk" in tiers:
                             end = seen = 0
-                            for end, t in enumerate(tiers, start=1):
+                            for end, t in enumerate(tiers, start=1):  # noqa: B007 - read after the loop
                                 seen += t == "disk"
                                 if seen >= want:
                                     break
-                            read_ahead = inst.cpu.prefetch(chunks[gpu_n:gpu_n + end])
+                            read_ahead = inst.cpu.prefetch(chunks[gpu_n : gpu_n + end])
                 b = pool.begin(chunks, n_tok)
                 if b.rejected:
                     res.rejected += 1
@@ -382,10 +420,12 @@ def request_load_parts_s(hw: HardwareCost, chunk_bytes: int, b, peer: int = 0) -
     cb = chunk_bytes
     pages = b.offloaded * cb / hw.d2h_bw + (b.critical_writebacks - b.load_writebacks) * cb / hw.disk_write_bw
     writes = max(b.load_writebacks, b.load_disk_writes) if hw.writebacks_share_disk else b.load_writebacks
-    load = (writes * cb / hw.disk_write_bw
-            + (b.disk_hits * cb / hw.disk_read_bw + hw.disk_latency_s if b.disk_hits else 0.0)
-            + (peer * cb / hw.link_bw + hw.link_latency_s if peer else 0.0)
-            + b.lower_hits * cb / hw.h2d_bw)
+    load = (
+        writes * cb / hw.disk_write_bw
+        + (b.disk_hits * cb / hw.disk_read_bw + hw.disk_latency_s if b.disk_hits else 0.0)
+        + (peer * cb / hw.link_bw + hw.link_latency_s if peer else 0.0)
+        + b.lower_hits * cb / hw.h2d_bw
+    )
     return pages, load
 
 
@@ -416,8 +456,9 @@ def prefill_step_s(hw: HardwareCost, model: ModelShape, start: int, end: int) ->
     return max(gemm_s, hw.hit_forward_s) + (flops_s - gemm_s)
 
 
-def request_service_s(hw: HardwareCost, model: ModelShape, chunk_tokens: int, chunk_bytes: int, b,
-                      num_tokens: int, peer: int = 0) -> float:
+def request_service_s(
+    hw: HardwareCost, model: ModelShape, chunk_tokens: int, chunk_bytes: int, b, num_tokens: int, peer: int = 0
+) -> float:
     """A request's time to first token on an idle instance: its chunk moves and its prefill.
 
     Each prefill step that starts after a cached prefix costs its FLOPs and ``hw.hit_forward_s``
@@ -455,8 +496,9 @@ def request_service_s(hw: HardwareCost, model: ModelShape, chunk_tokens: int, ch
             return pages + max(step(start, tail), load) + step(rest, n)
         copy = request_copy_s(hw, chunk_bytes, b)
         disk = load - copy
-        return pages + max(max(step(start, tail), disk) + step(rest, n),
-                           disk + copy + hw.prefill_s(model, rest, n) / model.layers)
+        return pages + max(
+            max(step(start, tail), disk) + step(rest, n), disk + copy + hw.prefill_s(model, rest, n) / model.layers
+        )
     cached = (b.gpu_hits + b.lower_hits) * ct
     start = min(cached, n - 1) if n else 0
     if not hw.load_compute_overlap or not b.lower_hits:

@@ -75,9 +75,19 @@ class SimGpuPool:
             tiers lack, after the local CPU / disk hits (PagedKVPool with ``peers=``).
     """
 
-    def __init__(self, num_pages: int, *, page_tokens: int, chunk_tokens: int, cpu: SimCpuTier | None = None,
-                 eviction_policy=None, planner=None, chunk_bytes: int = 0, write_through: bool = False,
-                 peers=None) -> None:
+    def __init__(
+        self,
+        num_pages: int,
+        *,
+        page_tokens: int,
+        chunk_tokens: int,
+        cpu: SimCpuTier | None = None,
+        eviction_policy=None,
+        planner=None,
+        chunk_bytes: int = 0,
+        write_through: bool = False,
+        peers=None,
+    ) -> None:
         if num_pages <= 0:
             raise ValueError(f"GPU pool pages must be positive, got {num_pages}")
         if chunk_tokens % page_tokens:
@@ -126,7 +136,8 @@ class SimGpuPool:
             candidates = [c for c in chunks.values() if c.refs == 0]
             by_key = {c.key: c for c in candidates}
             chosen = self.eviction_policy.choose_victims(
-                [ChunkInfo(c.key, ppc, c.last_use, c.uses) for c in candidates], pages_needed)
+                [ChunkInfo(c.key, ppc, c.last_use, c.uses) for c in candidates], pages_needed
+            )
             freed, taken = 0, set()
             for k in chosen:
                 c = by_key.get(k)
@@ -175,7 +186,7 @@ class SimGpuPool:
             if peers is not None and gpu + lower < len(keys):  # digests, then confirm
                 lower += peers.lookup(keys, gpu + lower)
             if lower and self.planner is not None:
-                tiers = cpu.lookup_tiers(keys[gpu:gpu + lower])
+                tiers = cpu.lookup_tiers(keys[gpu : gpu + lower])
                 tiers += ["peer"] * (lower - len(tiers))  # the rest: held by peers
                 split = getattr(self.planner, "plan_split", None)
                 if split is not None:  # recompute a head while the tail after it loads
@@ -208,11 +219,11 @@ class SimGpuPool:
             first = gpu + res.split_head
             before = cpu.counters.critical_writebacks
             writes = cpu.counters.disk_writes
-            loaded, promoted = cpu.load(keys[first:first + lower])
+            loaded, promoted = cpu.load(keys[first : first + lower])
             if peers is not None and loaded < lower:  # local chunks first, then pulls of the rest
                 pulled = peers.pull(keys, first + loaded, lower - loaded)
                 if pulled:
-                    got, _ = cpu.load(keys[first + loaded:first + loaded + pulled])  # scattered from the pool
+                    got, _ = cpu.load(keys[first + loaded : first + loaded + pulled])  # scattered from the pool
                     res.peer_hits = got
                     loaded += got
             res.load_writebacks = cpu.counters.critical_writebacks - before

@@ -83,8 +83,10 @@ class MooncakeSynthetic:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.max_input_tokens < hi + self.tokens_min:
-            problems.append(f"max_input_tokens={self.max_input_tokens} must hold the longest system prompt "
-                            f"({hi}) and a first turn ({self.tokens_min})")
+            problems.append(
+                f"max_input_tokens={self.max_input_tokens} must hold the longest system prompt "
+                f"({hi}) and a first turn ({self.tokens_min})"
+            )
         if problems:
             raise ValueError("MooncakeSynthetic: " + "; ".join(problems))
 
@@ -108,18 +110,20 @@ class MooncakeSynthetic:
             if due and due[0][0] <= t and rng.random() < self.continue_p:
                 _, _, s = heapq.heappop(due)  # the session whose next turn is the most overdue
                 length = s.input_length + s.output_length + self._length(rng, self.turn_median, self.turn_sigma)
-                shared = s.hash_ids[:s.input_length // self.block_tokens]
+                shared = s.hash_ids[: s.input_length // self.block_tokens]
             if not shared or length > self.max_input_tokens:  # a new session
                 p = _draw(rng, sys_cum)
-                length = min(sys_len[p] + self._length(rng, self.first_turn_median, self.first_turn_sigma),
-                             self.max_input_tokens)
+                length = min(
+                    sys_len[p] + self._length(rng, self.first_turn_median, self.first_turn_sigma), self.max_input_tokens
+                )
                 shared = sys_ids[p]
             hash_ids = shared + ids.fresh(-(-length // self.block_tokens) - len(shared))
             output = min(self._length(rng, self.output_median, self.output_sigma), self.output_max)
             if rng.random() >= self.end_p:
                 heapq.heappush(due, (t + rng.expovariate(1.0 / self.think_s), i, _Session(length, output, hash_ids)))
-            out.append({"timestamp": int(t * 1000.0), "input_length": length, "output_length": output,
-                        "hash_ids": hash_ids})
+            out.append(
+                {"timestamp": int(t * 1000.0), "input_length": length, "output_length": output, "hash_ids": hash_ids}
+            )
         return out
 
     def _length(self, rng: random.Random, median: float, sigma: float) -> int:
@@ -158,8 +162,9 @@ def _draw(rng: random.Random, cum: list[float]) -> int:
     return min(bisect.bisect_left(cum, rng.random()), len(cum) - 1)
 
 
-def synthetic_requests(n: int, *, seed: int = 0, chunk_tokens: int = 512,
-                       config: MooncakeSynthetic | None = None) -> list[Request]:
+def synthetic_requests(
+    n: int, *, seed: int = 0, chunk_tokens: int = 512, config: MooncakeSynthetic | None = None
+) -> list[Request]:
     """The generated trace as the simulator's requests, read by the Mooncake reader
     (``parse_mooncake``) as a trace file's lines are. ``chunk_tokens`` must divide the
     generator's ``block_tokens``."""
@@ -167,9 +172,12 @@ def synthetic_requests(n: int, *, seed: int = 0, chunk_tokens: int = 512,
     if chunk_tokens <= 0 or gen.block_tokens % chunk_tokens:
         raise ValueError(f"chunk_tokens={chunk_tokens} must be positive and divide block_tokens={gen.block_tokens}")
     interner = ChunkInterner()
-    return [parse_mooncake(r, f"synthetic:{n} request {i}", interner, block_tokens=gen.block_tokens,
-                           chunk_tokens=chunk_tokens, line=i)
-            for i, r in enumerate(gen.records(n, seed=seed), start=1)]
+    return [
+        parse_mooncake(
+            r, f"synthetic:{n} request {i}", interner, block_tokens=gen.block_tokens, chunk_tokens=chunk_tokens, line=i
+        )
+        for i, r in enumerate(gen.records(n, seed=seed), start=1)
+    ]
 
 
 def write_mooncake_trace(path, n: int, *, seed: int = 0, config: MooncakeSynthetic | None = None) -> Path:

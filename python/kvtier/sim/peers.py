@@ -48,7 +48,7 @@ class SimPeers:
                 break
             if src.contains(keys[i]):
                 src._acquire(keys, i, i + 1)
-                src._release(keys[i:i + 1], 1)
+                src._release(keys[i : i + 1], 1)
             else:
                 src.disk.read(keys[i])
             if not self.local.put(keys[i]) and not self.local.contains(keys[i]):

@@ -29,8 +29,12 @@ def results_table(results: dict[str, SimResult], title: str = "kvtier sim"):
         t.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
     for name, r in results.items():
         p = r.ttft_percentiles()
-        t.add_row(name, *(f"{r.hit_ratio(x):.3f}" for x in ("gpu", "cpu", "disk", "peer")), f"{r.hit_ratio():.3f}",
-                  *(_secs(p[q]) for q in ("p50", "p90", "p99")))
+        t.add_row(
+            name,
+            *(f"{r.hit_ratio(x):.3f}" for x in ("gpu", "cpu", "disk", "peer")),
+            f"{r.hit_ratio():.3f}",
+            *(_secs(p[q]) for q in ("p50", "p90", "p99")),
+        )
     return t
 
 
@@ -43,9 +47,14 @@ def traffic_table(results: dict[str, SimResult], title: str = "bytes moved"):
         t.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
     for name, r in results.items():
         b = r.bytes
-        t.add_row(name, *(human_bytes(b.get(k, 0)) for k in ("gpu_to_cpu", "cpu_to_gpu", "disk_to_cpu",
-                                                             "cpu_to_disk", "peer_to_cpu")),
-                  human_bytes(r.ssd_write_bytes))
+        t.add_row(
+            name,
+            *(
+                human_bytes(b.get(k, 0))
+                for k in ("gpu_to_cpu", "cpu_to_gpu", "disk_to_cpu", "cpu_to_disk", "peer_to_cpu")
+            ),
+            human_bytes(r.ssd_write_bytes),
+        )
     return t
 
 
@@ -53,8 +62,7 @@ def _secs(x: float) -> str:
     return f"{x * 1e3:.0f} ms" if x < 1 else f"{x:.2f} s"
 
 
-def print_results(results: dict[str, SimResult], title: str = "kvtier sim", console=None,
-                  traffic: bool = True) -> None:
+def print_results(results: dict[str, SimResult], title: str = "kvtier sim", console=None, traffic: bool = True) -> None:
     """Print the hit-ratio / TTFT table and, with ``traffic``, the bytes-moved table."""
     from rich.console import Console
 
@@ -67,8 +75,9 @@ def print_results(results: dict[str, SimResult], title: str = "kvtier sim", cons
         console.print(traffic_table(results))
 
 
-def capacity_sweep(requests: list[Request], cfg: SimConfig, tier: str, sizes: list[int],
-                   policies=("lru", "s3fifo", "lfu")) -> dict[str, list[tuple[int, SimResult]]]:
+def capacity_sweep(
+    requests: list[Request], cfg: SimConfig, tier: str, sizes: list[int], policies=("lru", "s3fifo", "lfu")
+) -> dict[str, list[tuple[int, SimResult]]]:
     """Run ``cfg`` with ``tier`` ("gpu", "cpu" or "disk") at each of ``sizes`` (bytes), per CPU
     eviction policy. Returns {policy: [(size, result), ...]}."""
     if tier not in ("gpu", "cpu", "disk"):
@@ -87,8 +96,9 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError("plotting needs matplotlib, which is not installed: pip install matplotlib "
-                           "(or run without --plot)") from None
+        raise RuntimeError(
+            "plotting needs matplotlib, which is not installed: pip install matplotlib (or run without --plot)"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -101,9 +111,15 @@ def plot_sweep(sweep: dict[str, list[tuple[int, SimResult]]], tier: str, path: s
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for pol, rows in sweep.items():
         xs = [s / (1 << 30) for s, _ in rows]
-        line, = ax1.plot(xs, [r.hit_ratio() for _, r in rows], marker="o", label=f"{pol}: all tiers")
-        ax1.plot(xs, [r.hit_ratio(tier) for _, r in rows], marker="x", linestyle="--", color=line.get_color(),
-                 label=f"{pol}: {tier} tier")
+        (line,) = ax1.plot(xs, [r.hit_ratio() for _, r in rows], marker="o", label=f"{pol}: all tiers")
+        ax1.plot(
+            xs,
+            [r.hit_ratio(tier) for _, r in rows],
+            marker="x",
+            linestyle="--",
+            color=line.get_color(),
+            label=f"{pol}: {tier} tier",
+        )
         p = [r.ttft_percentiles() for _, r in rows]
         ax2.plot(xs, [q["p50"] for q in p], marker="o", color=line.get_color(), label=f"{pol}: p50")
         ax2.plot(xs, [q["p99"] for q in p], marker="x", linestyle="--", color=line.get_color(), label=f"{pol}: p99")

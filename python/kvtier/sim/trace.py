@@ -113,8 +113,9 @@ def _lines(path: Path):
             yield i, obj
 
 
-def parse_mooncake(obj: dict, where: str, interner: ChunkInterner, *, block_tokens: int, chunk_tokens: int,
-                   line: int = 0) -> Request:
+def parse_mooncake(
+    obj: dict, where: str, interner: ChunkInterner, *, block_tokens: int, chunk_tokens: int, line: int = 0
+) -> Request:
     """One Mooncake trace record -> :class:`Request`."""
     ts = _field(obj, "timestamp", where, kind=float)
     n = _field(obj, "input_length", where)
@@ -126,32 +127,39 @@ def parse_mooncake(obj: dict, where: str, interner: ChunkInterner, *, block_toke
         raise TraceError(f"{where}: field 'hash_ids' must be a list of integers")
     need = -(-n // block_tokens)
     if len(ids) < need:
-        raise TraceError(f"{where}: field 'hash_ids' has {len(ids)} blocks but input_length={n} "
-                         f"needs {need} blocks of {block_tokens} tokens")
+        raise TraceError(
+            f"{where}: field 'hash_ids' has {len(ids)} blocks but input_length={n} "
+            f"needs {need} blocks of {block_tokens} tokens"
+        )
     per_block = block_tokens // chunk_tokens
     full = n // chunk_tokens
     parts = [(h, j) for h in ids[:need] for j in range(per_block)][:full]
     return Request(ts / 1000.0, n, out, interner.chain(parts), line)
 
 
-def parse_tokens(obj: dict, where: str, interner: ChunkInterner, *, chunk_tokens: int, line: int = 0,
-                 default_ts: float = 0.0) -> Request:
+def parse_tokens(
+    obj: dict, where: str, interner: ChunkInterner, *, chunk_tokens: int, line: int = 0, default_ts: float = 0.0
+) -> Request:
     """One token-id record -> :class:`Request`."""
     toks = obj.get("tokens")
     if toks is None:
         raise TraceError(f"{where}: missing field 'tokens'")
-    if not isinstance(toks, list) or not toks or any(isinstance(t, bool) or not isinstance(t, int) or t < 0
-                                                     for t in toks):
+    if (
+        not isinstance(toks, list)
+        or not toks
+        or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in toks)
+    ):
         raise TraceError(f"{where}: field 'tokens' must be a non-empty list of non-negative integers")
     ts = _field(obj, "timestamp", where, kind=float, required=False, default=default_ts)
     out = _field(obj, "output_length", where, required=False, default=0)
     full = len(toks) // chunk_tokens
-    parts = [tuple(toks[i * chunk_tokens:(i + 1) * chunk_tokens]) for i in range(full)]
+    parts = [tuple(toks[i * chunk_tokens : (i + 1) * chunk_tokens]) for i in range(full)]
     return Request(ts / 1000.0, len(toks), out, interner.chain(parts), line)
 
 
-def load_trace(path, *, chunk_tokens: int = 512, block_tokens: int = 512, fmt: str = "auto",
-               limit: int | None = None) -> list[Request]:
+def load_trace(
+    path, *, chunk_tokens: int = 512, block_tokens: int = 512, fmt: str = "auto", limit: int | None = None
+) -> list[Request]:
     """Read a trace file (Mooncake or token-id JSONL; ``fmt="auto"`` looks at each line's fields).
 
     Args:
@@ -179,8 +187,9 @@ def load_trace(path, *, chunk_tokens: int = 512, block_tokens: int = 512, fmt: s
         else:
             r = parse_tokens(obj, where, interner, chunk_tokens=chunk_tokens, line=i, default_ts=last_ts * 1000.0)
         if r.arrival_s < last_ts:
-            raise TraceError(f"{where}: field 'timestamp' goes back in time ({r.arrival_s * 1000:g} ms after "
-                             f"{last_ts * 1000:g} ms)")
+            raise TraceError(
+                f"{where}: field 'timestamp' goes back in time ({r.arrival_s * 1000:g} ms after {last_ts * 1000:g} ms)"
+            )
         last_ts = r.arrival_s
         out.append(r)
         if limit is not None and len(out) >= limit:
@@ -190,10 +199,18 @@ def load_trace(path, *, chunk_tokens: int = 512, block_tokens: int = 512, fmt: s
     return out
 
 
-def synthetic_trace(n: int, *, seed: int = 0, rate_per_s: float = 4.0, prefixes: int = 200,
-                    zipf_s: float = 1.1, prefix_chunks: tuple[int, int] = (4, 40),
-                    suffix_chunks: tuple[int, int] = (1, 16), chunk_tokens: int = 512,
-                    turns: float = 0.3) -> list[Request]:
+def synthetic_trace(
+    n: int,
+    *,
+    seed: int = 0,
+    rate_per_s: float = 4.0,
+    prefixes: int = 200,
+    zipf_s: float = 1.1,
+    prefix_chunks: tuple[int, int] = (4, 40),
+    suffix_chunks: tuple[int, int] = (1, 16),
+    chunk_tokens: int = 512,
+    turns: float = 0.3,
+) -> list[Request]:
     """A Mooncake-like trace: Poisson arrivals; each request a shared prefix (document or system
     prompt, drawn Zipf-like from ``prefixes``), sometimes the previous turn of a conversation on it
     (probability ``turns``), then fresh chunks. Deterministic for a seed."""
@@ -234,5 +251,9 @@ def trace_summary(reqs: list[Request]) -> dict:
     for r in reqs:
         chunks += len(r.chunks)
         distinct.update(r.chunks)
-    return {"requests": len(reqs), "chunks": chunks, "distinct_chunks": len(distinct),
-            "span_s": reqs[-1].arrival_s - reqs[0].arrival_s if reqs else 0.0}
+    return {
+        "requests": len(reqs),
+        "chunks": chunks,
+        "distinct_chunks": len(distinct),
+        "span_s": reqs[-1].arrival_s - reqs[0].arrival_s if reqs else 0.0,
+    }

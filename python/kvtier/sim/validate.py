@@ -48,13 +48,24 @@ from kvtier.sim.engine import (
 )
 from kvtier.sim.tiers import SimCpuTier, SimGpuPool
 
-__all__ = ["DEFAULT_STEPS", "E2E_CASES", "E2ERow", "bench_version", "claimed_cases", "compare_e2e", "compare_e2e_runs",
-           "cross_run_table", "e2e_predictions", "format_cross_run_table", "format_table", "hit_reps",
-           "short_run_name"]
+__all__ = [
+    "DEFAULT_STEPS",
+    "E2E_CASES",
+    "E2ERow",
+    "bench_version",
+    "claimed_cases",
+    "compare_e2e",
+    "compare_e2e_runs",
+    "cross_run_table",
+    "e2e_predictions",
+    "format_cross_run_table",
+    "format_table",
+    "hit_reps",
+    "short_run_name",
+]
 
 PAGE, CHUNK = 16, 256
-E2E_CASES = ("recompute", "gpu_hit", "cpu_hit", "disk_hit", "disk_hit_planned", "disk_hit_split",
-             "half_prefix_gpu_hit")
+E2E_CASES = ("recompute", "gpu_hit", "cpu_hit", "disk_hit", "disk_hit_planned", "disk_hit_split", "half_prefix_gpu_hit")
 # bench_e2e's steps where a result document does not record them (bench_version): a disk tier of
 # (k, extra) = (4, 8), i.e. 4 * pool_tokens // 256 + 8 chunks' slots + 1 MiB, and a second
 # recompute of a fresh prompt right after the first.
@@ -65,11 +76,22 @@ def _keys(ids, tokens: int) -> list:
     return ids[: tokens // CHUNK]
 
 
-def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *,
-                    planner_flops_per_s: float | None = None, disk_gbps: float = 1.2,
-                    cpu_gbps: float = 50.0, second_recompute: bool = False, split: bool = False,
-                    disk_chunks: tuple[int, int] = (2, 4), max_writebacks: int = 64,
-                    hit_reps: int = 1, warm_half: bool = False, warm_off_bucket: bool = False) -> dict[str, dict]:
+def e2e_predictions(
+    n: int,
+    hw: HardwareCost,
+    model: ModelShape | None = None,
+    *,
+    planner_flops_per_s: float | None = None,
+    disk_gbps: float = 1.2,
+    cpu_gbps: float = 50.0,
+    second_recompute: bool = False,
+    split: bool = False,
+    disk_chunks: tuple[int, int] = (2, 4),
+    max_writebacks: int = 64,
+    hit_reps: int = 1,
+    warm_half: bool = False,
+    warm_off_bucket: bool = False,
+) -> dict[str, dict]:
     """Simulate bench_e2e's steps for an ``n``-token prompt; returns per case the predicted TTFT
     (``ttft_s``) and what the request found (gpu / lower / disk chunks, write-backs waited for).
 
@@ -102,8 +124,13 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
     disk_bytes = (disk_chunks[0] * pool_tokens // CHUNK + disk_chunks[1]) * (block + 4096) + (1 << 20)
     slot = 4096 + (block + 4095) // 4096 * 4096
     per_wait = max(1, min(64, int(200e-6 * hw.disk_write_bw // slot)))  # 32 MiB chunks: 1
-    cpu = SimCpuTier(cpu_chunks, disk_slots=(disk_bytes - 4096) // slot, disk_admit_min_seen=1,
-                     writebacks_per_wait=per_wait, max_demotions_in_flight=max_writebacks)
+    cpu = SimCpuTier(
+        cpu_chunks,
+        disk_slots=(disk_bytes - 4096) // slot,
+        disk_admit_min_seen=1,
+        writebacks_per_wait=per_wait,
+        max_demotions_in_flight=max_writebacks,
+    )
     pool = SimGpuPool(num_pages, page_tokens=PAGE, chunk_tokens=CHUNK, cpu=cpu, chunk_bytes=block)
     fresh = count()
 
@@ -126,13 +153,22 @@ def e2e_predictions(n: int, hw: HardwareCost, model: ModelShape | None = None, *
         step_s = prefill_step_s(hw, model, min((b.gpu_hits + b.split_head + b.lower_hits) * CHUNK, m - 1), m)
         pool.finish(b, _keys(ids, m))
         if case:
-            d = {"ttft_s": ttft, "pages_s": pages_s, "load_s": load_s, "copy_s": request_copy_s(hw, block, b),
-                 "step_s": step_s,
-                 "gpu_chunks": b.gpu_hits, "lower_chunks": b.lower_hits,
-                 "disk_chunks": b.disk_hits, "computed_tokens": m - cached, "split_head_chunks": b.split_head,
-                 "planned_recompute_chunks": b.planned_recompute, "writebacks_waited": b.critical_writebacks,
-                 "writebacks_started_by_load": b.load_disk_writes,
-                 "offloaded_chunks": b.offloaded}
+            d = {
+                "ttft_s": ttft,
+                "pages_s": pages_s,
+                "load_s": load_s,
+                "copy_s": request_copy_s(hw, block, b),
+                "step_s": step_s,
+                "gpu_chunks": b.gpu_hits,
+                "lower_chunks": b.lower_hits,
+                "disk_chunks": b.disk_hits,
+                "computed_tokens": m - cached,
+                "split_head_chunks": b.split_head,
+                "planned_recompute_chunks": b.planned_recompute,
+                "writebacks_waited": b.critical_writebacks,
+                "writebacks_started_by_load": b.load_disk_writes,
+                "offloaded_chunks": b.offloaded,
+            }
             runs = sorted(reps.setdefault(case, []) + [d], key=lambda r: r["ttft_s"])
             reps[case] = runs
             out[case] = dict(runs[len(runs) // 2], reps_s=[r["ttft_s"] for r in runs])  # the bench's median
@@ -219,9 +255,11 @@ def bench_version(doc: dict) -> dict:
     (``disk_tier_chunks``, ``second_recompute``), else :data:`DEFAULT_STEPS`; ``split``: whether
     it has disk_hit_split cases."""
     k, extra = doc.get("disk_tier_chunks", DEFAULT_STEPS["disk_chunks"])
-    return {"disk_chunks": (int(k), int(extra)),
-            "second_recompute": bool(doc.get("second_recompute", DEFAULT_STEPS["second_recompute"])),
-            "split": any(r["case"].startswith("ttft_disk_hit_split_") for r in doc["results"])}
+    return {
+        "disk_chunks": (int(k), int(extra)),
+        "second_recompute": bool(doc.get("second_recompute", DEFAULT_STEPS["second_recompute"])),
+        "split": any(r["case"].startswith("ttft_disk_hit_split_") for r in doc["results"]),
+    }
 
 
 def hit_reps(doc: dict) -> int:
@@ -230,9 +268,14 @@ def hit_reps(doc: dict) -> int:
     return max((len(r["reps_s"]) for r in doc["results"] if r.get("reps_s")), default=1)
 
 
-def compare_e2e(bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft-h100-*.json",
-                calibrate_tokens: int = 4096, gpu_tag: str = "h200", disk_tag: str = "h200host"
-                ) -> tuple[list[E2ERow], HardwareCost]:
+def compare_e2e(
+    bench_dir: str,
+    *,
+    e2e_glob: str = "bench_e2e-llama3_8b_ttft-h100-*.json",
+    calibrate_tokens: int = 4096,
+    gpu_tag: str = "h200",
+    disk_tag: str = "h200host",
+) -> tuple[list[E2ERow], HardwareCost]:
     """Calibrate from bench_dir's JSON files (the GEMM rate from this run's recompute at
     ``calibrate_tokens``) and predict every TTFT case of the (last) bench_e2e file matching
     ``e2e_glob``."""
@@ -240,8 +283,9 @@ def compare_e2e(bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft-h10
     if not files:
         raise FileNotFoundError(f"no {e2e_glob} in {bench_dir}")
     model = MODEL_PRESETS["llama3_8b"]
-    hw = Calibration(bench_dir).hardware(gpu_tag=gpu_tag, disk_tag=disk_tag, model=model, e2e_file=files[-1],
-                                         calibrate_tokens=calibrate_tokens)
+    hw = Calibration(bench_dir).hardware(
+        gpu_tag=gpu_tag, disk_tag=disk_tag, model=model, e2e_file=files[-1], calibrate_tokens=calibrate_tokens
+    )
     with open(files[-1]) as f:
         doc = json.load(f)
     version = bench_version(doc)
@@ -263,13 +307,21 @@ def compare_e2e(bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft-h10
         probe = ModelCost(model.params, model.layers, model.hidden, 1.0)
         flops = probe.prefill_seconds(0, n) / measured[("recompute", n)]  # bench_e2e's planner input
         disk_gbps, cpu_gbps = planner_bw.get(n, (1.2, 50.0))
-        return e2e_predictions(n, hw, model, planner_flops_per_s=flops, disk_gbps=disk_gbps, cpu_gbps=cpu_gbps,
-                               second_recompute=version["second_recompute"],
-                               split=version["split"] and ("disk_hit_split", n) in measured,
-                               disk_chunks=version["disk_chunks"],
-                               max_writebacks=int(doc.get("disk_max_writebacks_in_flight", 64)),
-                               hit_reps=hit_reps(doc), warm_half="attention_split_min_queries" in doc,
-                               warm_off_bucket=doc.get("warm_off_bucket") is True)
+        return e2e_predictions(
+            n,
+            hw,
+            model,
+            planner_flops_per_s=flops,
+            disk_gbps=disk_gbps,
+            cpu_gbps=cpu_gbps,
+            second_recompute=version["second_recompute"],
+            split=version["split"] and ("disk_hit_split", n) in measured,
+            disk_chunks=version["disk_chunks"],
+            max_writebacks=int(doc.get("disk_max_writebacks_in_flight", 64)),
+            hit_reps=hit_reps(doc),
+            warm_half="attention_split_min_queries" in doc,
+            warm_off_bucket=doc.get("warm_off_bucket") is True,
+        )
 
     preds: dict[int, dict] = {}
     if ("recompute", calibrate_tokens) in measured:
@@ -278,30 +330,42 @@ def compare_e2e(bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft-h10
         preds[calibrate_tokens] = predict(calibrate_tokens, hw)
         moves = preds[calibrate_tokens]["recompute"]["pages_s"]
         if moves > 0:
-            hw = Calibration(bench_dir).hardware(gpu_tag=gpu_tag, disk_tag=disk_tag, model=model,
-                                                 e2e_file=files[-1], calibrate_tokens=calibrate_tokens,
-                                                 recompute_moves_s=moves)
+            hw = Calibration(bench_dir).hardware(
+                gpu_tag=gpu_tag,
+                disk_tag=disk_tag,
+                model=model,
+                e2e_file=files[-1],
+                calibrate_tokens=calibrate_tokens,
+                recompute_moves_s=moves,
+            )
             del preds[calibrate_tokens]  # priced with the rate before the correction
     for n in sorted({k[1] for k in measured}):
         pred = preds[n] if n in preds else predict(n, hw)
         for case in E2E_CASES:
             if (case, n) not in measured:
                 continue
-            role = "calibration" if n == calibrate_tokens and (
-                case == "recompute" or (case == "gpu_hit" and "hit_forward_s" in hw.sources)) else "prediction"
+            role = (
+                "calibration"
+                if n == calibrate_tokens
+                and (case == "recompute" or (case == "gpu_hit" and "hit_forward_s" in hw.sources))
+                else "prediction"
+            )
             rows.append(E2ERow(case, n, measured[(case, n)], pred[case]["ttft_s"], role, pred[case]))
     return rows, hw
 
 
-def compare_e2e_runs(bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft*-h100-*.json",
-                     calibrate_tokens: int = 4096) -> dict[str, list[E2ERow]]:
+def compare_e2e_runs(
+    bench_dir: str, *, e2e_glob: str = "bench_e2e-llama3_8b_ttft*-h100-*.json", calibrate_tokens: int = 4096
+) -> dict[str, list[E2ERow]]:
     """:func:`compare_e2e` for every bench_e2e run matching ``e2e_glob``, each calibrated from its
     own recompute at ``calibrate_tokens``: {file name: rows}."""
     files = sorted(glob.glob(os.path.join(bench_dir, e2e_glob)))
     if not files:
         raise FileNotFoundError(f"no {e2e_glob} in {bench_dir}")
-    return {os.path.basename(f): compare_e2e(bench_dir, e2e_glob=os.path.basename(f),
-                                             calibrate_tokens=calibrate_tokens)[0] for f in files}
+    return {
+        os.path.basename(f): compare_e2e(bench_dir, e2e_glob=os.path.basename(f), calibrate_tokens=calibrate_tokens)[0]
+        for f in files
+    }
 
 
 def _median(xs: list[float]) -> float:
@@ -318,8 +382,12 @@ def cross_run_table(runs: dict[str, list[E2ERow]]) -> list[dict]:
     for name, rows in runs.items():
         for r in rows:
             c = cases.setdefault((r.case, r.tokens), {"case": r.case, "tokens": r.tokens, "runs": {}})
-            c["runs"][name] = {"measured_s": r.measured_s, "predicted_s": r.predicted_s, "error": r.error,
-                               "role": r.role}
+            c["runs"][name] = {
+                "measured_s": r.measured_s,
+                "predicted_s": r.predicted_s,
+                "error": r.error,
+                "role": r.role,
+            }
     out = []
     for key in sorted(cases, key=lambda k: (k[1], E2E_CASES.index(k[0]))):
         c = cases[key]
@@ -340,7 +408,7 @@ def short_run_name(name: str) -> str:
     ("first" for the plain one); one-step-prefill runs by KV layout and copy method."""
     s = name.split("ttft", 1)[1].split("-h100")[0].lstrip("_")
     if s.startswith("one_step_prefill"):
-        return s[len("one_step_prefill"):].lstrip("_").replace("_layout", "") or "cross_layer"
+        return s[len("one_step_prefill") :].lstrip("_").replace("_layout", "") or "cross_layer"
     return s or "first"
 
 
@@ -355,20 +423,27 @@ def format_cross_run_table(table: list[dict], names: list[str]) -> str:
         for n in names:
             v = c["runs"].get(n)
             cells.append("—" if v is None else f"{v['measured_s']:.3f} / {v['predicted_s']:.3f} ({v['error']:+.0%})")
-        lines.append(f"| {c['case']} | {c['tokens']} | " + " | ".join(cells)
-                     + f" | {c['spread']:.0%} | {c['median_measured_s']:.3f} / {c['median_predicted_s']:.3f}"
-                     f" | {c['median_error']:+.1%} |")
+        lines.append(
+            f"| {c['case']} | {c['tokens']} | "
+            + " | ".join(cells)
+            + f" | {c['spread']:.0%} | {c['median_measured_s']:.3f} / {c['median_predicted_s']:.3f}"
+            f" | {c['median_error']:+.1%} |"
+        )
     return "\n".join(lines)
 
 
 def format_table(rows: list[E2ERow]) -> str:
     """A markdown table of the comparison."""
-    lines = ["| case | tokens | measured (s) | predicted (s) | error | role | what the request found |",
-             "|---|---:|---:|---:|---:|---|---|"]
+    lines = [
+        "| case | tokens | measured (s) | predicted (s) | error | role | what the request found |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
     for r in rows:
         d = r.detail
-        found = (f"gpu {d['gpu_chunks']}, lower {d['lower_chunks']} (disk {d['disk_chunks']}), "
-                 f"computed {d['computed_tokens']} tok")
+        found = (
+            f"gpu {d['gpu_chunks']}, lower {d['lower_chunks']} (disk {d['disk_chunks']}), "
+            f"computed {d['computed_tokens']} tok"
+        )
         if d.get("writebacks_waited"):
             found += f", waited for {d['writebacks_waited']} write-backs"
             if d.get("writebacks_started_by_load", 0) > d["writebacks_waited"]:
@@ -377,8 +452,10 @@ def format_table(rows: list[E2ERow]) -> str:
             found += f", split: head of {d['split_head_chunks']} chunks recomputed while the tail loaded"
         elif d.get("planned_recompute_chunks"):
             found += f", planner recomputed {d['planned_recompute_chunks']} chunks"
-        lines.append(f"| {r.case} | {r.tokens} | {r.measured_s:.4f} | {r.predicted_s:.4f} | {r.error:+.1%} | "
-                     f"{r.role} | {found} |")
+        lines.append(
+            f"| {r.case} | {r.tokens} | {r.measured_s:.4f} | {r.predicted_s:.4f} | {r.error:+.1%} | "
+            f"{r.role} | {found} |"
+        )
     return "\n".join(lines)
 
 
@@ -387,42 +464,77 @@ def claimed_cases(table: list[dict]) -> list[dict]:
     return [c for c in table if any(v["role"] == "prediction" for v in c["runs"].values())]
 
 
-def write_cross_run_report(bench_dir: str, json_path: str, png_path: str | None = None, *,
-                           runs: list[str] | None = None, calibrate_tokens: int = 4096,
-                           title_note: str | None = None) -> dict:
+def write_cross_run_report(
+    bench_dir: str,
+    json_path: str,
+    png_path: str | None = None,
+    *,
+    runs: list[str] | None = None,
+    calibrate_tokens: int = 4096,
+    title_note: str | None = None,
+) -> dict:
     """Write a cross-run report (docs/sim_e2e_validation*.json, and a .png scatter): every run's
     rows and the cross-run medians of the bench_e2e files ``runs`` in ``bench_dir`` (default:
     every H100 run there)."""
     from kvtier.sim.cost import Calibration
 
-    names = runs or [os.path.basename(f) for f in
-                     sorted(glob.glob(os.path.join(bench_dir, "bench_e2e-llama3_8b_ttft*-h100-*.json")))]
+    names = runs or [
+        os.path.basename(f) for f in sorted(glob.glob(os.path.join(bench_dir, "bench_e2e-llama3_8b_ttft*-h100-*.json")))
+    ]
     per_run, doc_runs = {}, {}
     for name in names:
         rows, hw = compare_e2e(bench_dir, e2e_glob=name, calibrate_tokens=calibrate_tokens)
         per_run[name] = rows
         preds = [r for r in rows if r.role == "prediction"]
         doc_runs[name] = {
-            "weights_rate": hw.weights_rate, "hit_forward_s": hw.hit_forward_s, "h2d_bw": hw.h2d_bw,
-            "disk_read_bw": hw.disk_read_bw, "disk_write_bw": hw.disk_write_bw,
-            "within_15pct": sum(1 for r in preds if abs(r.error) <= 0.15), "predictions": len(preds),
-            "rows": [{"case": r.case, "tokens": r.tokens, "measured_s": r.measured_s,
-                      "predicted_s": round(r.predicted_s, 4), "error": round(r.error, 4), "role": r.role,
-                      "found": r.detail} for r in rows]}
+            "weights_rate": hw.weights_rate,
+            "hit_forward_s": hw.hit_forward_s,
+            "h2d_bw": hw.h2d_bw,
+            "disk_read_bw": hw.disk_read_bw,
+            "disk_write_bw": hw.disk_write_bw,
+            "within_15pct": sum(1 for r in preds if abs(r.error) <= 0.15),
+            "predictions": len(preds),
+            "rows": [
+                {
+                    "case": r.case,
+                    "tokens": r.tokens,
+                    "measured_s": r.measured_s,
+                    "predicted_s": round(r.predicted_s, 4),
+                    "error": round(r.error, 4),
+                    "role": r.role,
+                    "found": r.detail,
+                }
+                for r in rows
+            ],
+        }
     table = cross_run_table(per_run)
     claimed = claimed_cases(table)
-    hw0 = Calibration(bench_dir).hardware(model=MODEL_PRESETS["llama3_8b"],
-                                          e2e_file=os.path.join(bench_dir, names[0]), calibrate_tokens=calibrate_tokens)
-    doc = {"calibrate_tokens": calibrate_tokens, "calibration_of_the_first_run": hw0.sources,
-           "hardware_of_the_first_run": {k: getattr(hw0, k) for k in ("attention_rate", "h2d_bw", "d2h_bw",
-                                                                       "disk_read_bw", "disk_write_bw",
-                                                                       "disk_latency_s", "hit_forward_s",
-                                                                       "writebacks_share_disk")},
-           "runs": doc_runs,
-           "cross_run": {"within_15pct_of_median": sum(1 for c in claimed if abs(c["median_error"]) <= 0.15),
-                         "cases": len(claimed),
-                         "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()}
-                                  for c in table]}}
+    hw0 = Calibration(bench_dir).hardware(
+        model=MODEL_PRESETS["llama3_8b"], e2e_file=os.path.join(bench_dir, names[0]), calibrate_tokens=calibrate_tokens
+    )
+    doc = {
+        "calibrate_tokens": calibrate_tokens,
+        "calibration_of_the_first_run": hw0.sources,
+        "hardware_of_the_first_run": {
+            k: getattr(hw0, k)
+            for k in (
+                "attention_rate",
+                "h2d_bw",
+                "d2h_bw",
+                "disk_read_bw",
+                "disk_write_bw",
+                "disk_latency_s",
+                "hit_forward_s",
+                "writebacks_share_disk",
+            )
+        },
+        "runs": doc_runs,
+        "cross_run": {
+            "within_15pct_of_median": sum(1 for c in claimed if abs(c["median_error"]) <= 0.15),
+            "cases": len(claimed),
+            "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in table],
+        },
+    }
     with open(json_path, "w") as f:
         json.dump(doc, f, indent=1)
     if png_path:
@@ -435,10 +547,22 @@ def write_cross_run_report(bench_dir: str, json_path: str, png_path: str | None 
         ax.fill_between([lo, hi], [lo * 0.85, hi * 0.85], [lo * 1.15, hi * 1.15], color="0.9", label="±15%")
         for i, name in enumerate(names):
             rs = [r for r in per_run[name] if r.role == "prediction"]
-            ax.scatter([r.measured_s for r in rs], [r.predicted_s for r in rs], s=12, alpha=0.6,
-                       label=short_run_name(name), marker="o^sv"[i % 4])
-        ax.scatter([c["median_measured_s"] for c in claimed], [c["median_predicted_s"] for c in claimed], s=40,
-                   facecolors="none", edgecolors="red", label="median across runs")
+            ax.scatter(
+                [r.measured_s for r in rs],
+                [r.predicted_s for r in rs],
+                s=12,
+                alpha=0.6,
+                label=short_run_name(name),
+                marker="o^sv"[i % 4],
+            )
+        ax.scatter(
+            [c["median_measured_s"] for c in claimed],
+            [c["median_predicted_s"] for c in claimed],
+            s=40,
+            facecolors="none",
+            edgecolors="red",
+            label="median across runs",
+        )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlim(lo, hi)
@@ -446,8 +570,10 @@ def write_cross_run_report(bench_dir: str, json_path: str, png_path: str | None 
         ax.set_xlabel("measured TTFT (s), H100")
         ax.set_ylabel("simulated TTFT (s)")
         words = {2: "two", 3: "three", 4: "four"}
-        ax.set_title(f"bench_e2e TTFT: simulator vs {words.get(len(names), len(names))} H100 runs"
-                     + (f" ({title_note})" if title_note else ""))
+        ax.set_title(
+            f"bench_e2e TTFT: simulator vs {words.get(len(names), len(names))} H100 runs"
+            + (f" ({title_note})" if title_note else "")
+        )
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(png_path, dpi=110)
