@@ -24,7 +24,7 @@ from kvtier.p2p.transport import (
     server_handshake,
 )
 
-log = logging.getLogger("kvtier.p2p")
+log = logging.getLogger(__name__)
 
 
 class InboundConnections:

@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 
-log = logging.getLogger("kvtier.p2p")
+log = logging.getLogger(__name__)
 
 
 class KeyJournal:

@@ -10,7 +10,7 @@ from collections import Counter
 
 from kvtier.p2p.transport import AuthenticationError, Connection, ConnectionPool, Deadline
 
-log = logging.getLogger("kvtier.p2p")
+log = logging.getLogger(__name__)
 
 
 class PeerClient:

@@ -16,7 +16,7 @@ from kvtier.p2p.config import PeerConfig
 from kvtier.p2p.gpu_share import GpuShare, LeaseTable, host_id
 from kvtier.p2p.transport import Connection, Deadline
 
-log = logging.getLogger("kvtier.p2p")
+log = logging.getLogger(__name__)
 
 
 class SameHostSharing:

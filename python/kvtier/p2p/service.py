@@ -54,7 +54,7 @@ from kvtier.p2p.request_handlers import RequestHandlers
 from kvtier.p2p.same_host import SameHostSharing
 from kvtier.p2p.transport import Connection, ConnectionPool, Deadline, Identity
 
-log = logging.getLogger("kvtier.p2p")
+log = logging.getLogger(__name__)
 
 _MAX_BAD_PEERS = 1024  # entries of PeerService.bad_peers; the least counted one makes room
 _Frontier = LoadFrontier  # its name here before page_load.py (tests/test_p2p_share.py)
