@@ -14,8 +14,10 @@ def _exporter(q, done):
     from kvtier.p2p.cuda_ipc import export_tensors
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    kv = [torch.randn(2, 32, 16, 8, 128, device="cuda", generator=g, dtype=torch.float32).to(torch.bfloat16)
-          for _ in range(4)]
+    kv = [
+        torch.randn(2, 32, 16, 8, 128, device="cuda", generator=g, dtype=torch.float32).to(torch.bfloat16)
+        for _ in range(4)
+    ]
     torch.cuda.synchronize()
     q.put((export_tensors(kv), [t[:, 0:8].float().sum().item() for t in kv]))
     done.wait(60)
@@ -96,7 +98,9 @@ def _source_mapping_pusher(q, handles):
         stream = torch.cuda.Stream("cuda:1")
         path = copy_pages(src, dst, list(range(8)), list(range(16, 24)), stream=stream, method="push")
         stream.synchronize()
-        if path != "push" or not all(torch.equal(s[:, 0:8].contiguous().to("cuda:1"), d[:, 16:24]) for s, d in zip(src, dst)):
+        if path != "push" or not all(
+            torch.equal(s[:, 0:8].contiguous().to("cuda:1"), d[:, 16:24]) for s, d in zip(src, dst)
+        ):
             q.put(("wrong", f"path {path!r}, or the pages differ", None))
             return
         if any(bool(d[:, :16].any()) or bool(d[:, 24:].any()) for d in dst):
@@ -167,8 +171,10 @@ def test_copy_pages_matches_torch_for_scattered_pages(gpu, page_dim, method):
     assert copy_pages(strided, c, sp, dp, page_dim=page_dim) == "torch"
     torch.cuda.synchronize()
     for s, d in zip(strided, c):
-        assert torch.equal(s.index_select(page_dim, torch.tensor(sp, device=s.device)).to(dev),
-                           d.index_select(page_dim, torch.tensor(dp, device=dev)))
+        assert torch.equal(
+            s.index_select(page_dim, torch.tensor(sp, device=s.device)).to(dev),
+            d.index_select(page_dim, torch.tensor(dp, device=dev)),
+        )
 
 
 def _two_gpus():

@@ -30,32 +30,49 @@ from kvtier.p2p.transport import Connection, Deadline, Identity, client_handshak
 pytestmark = pytest.mark.multiproc
 
 SECRET = "p2p-test-secret-0123456789"
-LAYOUT = {"layers": 2, "heads": 2, "dim": 64, "num_pages": 96, "page_tokens": 16, "chunk_tokens": 64,
-          "dtype": "float32"}  # 4 pages a chunk, 128 KiB a chunk
-FAST = {"gossip_interval_s": 0.1, "ack_timeout_s": 0.08, "suspicion_mult": 3.0,
-        "sync_interval_s": 1.0, "request_timeout_s": 3.0, "dead_retention_s": 20.0}
+LAYOUT = {
+    "layers": 2,
+    "heads": 2,
+    "dim": 64,
+    "num_pages": 96,
+    "page_tokens": 16,
+    "chunk_tokens": 64,
+    "dtype": "float32",
+}  # 4 pages a chunk, 128 KiB a chunk
+FAST = {
+    "gossip_interval_s": 0.1,
+    "ack_timeout_s": 0.08,
+    "suspicion_mult": 3.0,
+    "sync_interval_s": 1.0,
+    "request_timeout_s": 3.0,
+    "dead_retention_s": 20.0,
+}
 CT = LAYOUT["chunk_tokens"]
 PPC = CT // LAYOUT["page_tokens"]
-
-
 
 
 class Member:
     """One member process; ``call`` sends a command and waits (with a deadline) for its reply."""
 
-    def __init__(self, tmp_path, name, *, secret=SECRET, seeds=(), listen="127.0.0.1:0",
-                 netns=None, peers_extra=None, **cfg) -> None:
+    def __init__(
+        self, tmp_path, name, *, secret=SECRET, seeds=(), listen="127.0.0.1:0", netns=None, peers_extra=None, **cfg
+    ) -> None:
         conf = {**LAYOUT, "cpu_bytes": 64 * 128 * 1024, "seed": zlib.crc32(name.encode()) & 0xFFFF, **cfg}
-        conf["peers"] = {"listen": listen, "seeds": list(seeds), "secret": secret, "node_id": name,
-                         **FAST, **(peers_extra or {})}
+        conf["peers"] = {
+            "listen": listen,
+            "seeds": list(seeds),
+            "secret": secret,
+            "node_id": name,
+            **FAST,
+            **(peers_extra or {}),
+        }
         argv = [sys.executable, "-m", "kvtier.p2p.member_process", json.dumps(conf)]
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
         self.name = name
         self.log_path = tmp_path / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._log)
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
         self.ready = self._read(60.0)
         assert self.ready.get("event") == "ready", self.ready
         self.address = self.ready["address"]
@@ -285,8 +302,11 @@ def test_sigkill_mid_transfer_is_a_miss_within_the_deadline(tmp_path):
         assert st["index"]["writing"] == 0, st["index"]
         # F keeps serving: its next lookup is answered promptly, and it still shares what it has.
         assert f.call("lookup", tokens=toks(404, 2))["tokens"] == 0
-        wait_for(lambda: "E" in f.call("members")["members"] and
-                 f.call("members")["members"]["E"] != "alive", 15, "F to declare E suspect/dead")
+        wait_for(
+            lambda: "E" in f.call("members")["members"] and f.call("members")["members"]["E"] != "alive",
+            15,
+            "F to declare E suspect/dead",
+        )
     finally:
         f.stop()
         if e.proc.poll() is None:
@@ -296,8 +316,9 @@ def test_sigkill_mid_transfer_is_a_miss_within_the_deadline(tmp_path):
 def _populate_disk(tmp, cache_dir, seeds) -> tuple[dict, str]:
     """A member with a disk tier computes 4 chunks and evicts them to disk, then 4 more, which
     its close persists (disk.persist_on_close): 8 chunks on disk."""
-    p = Member(tmp, "P", seeds=seeds, cpu_bytes=4 * 128 * 1024, disk_dir=str(cache_dir),
-               disk_bytes=64 * 128 * 1024 + (1 << 20))
+    p = Member(
+        tmp, "P", seeds=seeds, cpu_bytes=4 * 128 * 1024, disk_dir=str(cache_dir), disk_bytes=64 * 128 * 1024 + (1 << 20)
+    )
     try:
         t = toks(505, 4)
         src = p.call("compute_store", tokens=t, pages=list(range(16)))
@@ -317,18 +338,44 @@ def test_standalone_node_restart_rejoins_and_rebuilds_its_digest(cluster, tmp_pa
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET + "\n")
     # chunk_tokens too: the directory a KVCache wrote records it and opens only with it.
-    spec = json.dumps({"blob_bytes": _member_identity()[0], "fingerprint": _member_identity()[1].hex(),
-                       "chunk_tokens": CT})
+    spec = json.dumps(
+        {"blob_bytes": _member_identity()[0], "fingerprint": _member_identity()[1].hex(), "chunk_tokens": CT}
+    )
 
     def start_node():
         log = open(tmp_path / "node.log", "ab")  # noqa: SIM115 - closed below
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kvtier.cli", "peer", "--layout", spec, "--listen", f"127.0.0.1:{port}",
-             "--seeds", b.address, "--secret-file", str(secret_file), "--node-id", "N",
-             "--cache-dir", str(cache_dir), "--cpu-bytes", str(8 * 128 * 1024),
-             "--disk-bytes", str(64 * 128 * 1024 + (1 << 20)), "--disk-backend", "posix",
-             "--gossip-interval", "0.1", "--request-timeout", "3"],
-            stdout=subprocess.PIPE, stderr=log)
+            [
+                sys.executable,
+                "-m",
+                "kvtier.cli",
+                "peer",
+                "--layout",
+                spec,
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--seeds",
+                b.address,
+                "--secret-file",
+                str(secret_file),
+                "--node-id",
+                "N",
+                "--cache-dir",
+                str(cache_dir),
+                "--cpu-bytes",
+                str(8 * 128 * 1024),
+                "--disk-bytes",
+                str(64 * 128 * 1024 + (1 << 20)),
+                "--disk-backend",
+                "posix",
+                "--gossip-interval",
+                "0.1",
+                "--request-timeout",
+                "3",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
         log.close()
         try:
             r, _, _ = select.select([proc.stdout], [], [], 60)
@@ -356,8 +403,11 @@ def test_standalone_node_restart_rejoins_and_rebuilds_its_digest(cluster, tmp_pa
         node, ready = start_node()
         assert ready["digest_keys"] == 8
         wait_for(lambda: c.call("members")["members"].get("N") == "alive", 15, "N to rejoin")
-        got = wait_for(lambda: (r := c.call("load", tokens=t, pages=list(range(72, 88))))["tokens"] == 4 * CT and r,
-                       20, "C to load from the restarted node")
+        got = wait_for(
+            lambda: (r := c.call("load", tokens=t, pages=list(range(72, 88))))["tokens"] == 4 * CT and r,
+            20,
+            "C to load from the restarted node",
+        )
         assert got["hash"] == ref
     finally:
         if node.poll() is None:
@@ -407,11 +457,32 @@ def two_hosts(request):
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
         if request.param == "veth+netem":
             for ns, dev in ((a, f"va{suffix}"), (b, f"vb{suffix}")):
-                r = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
-                                    "netem", "delay", "20ms", "loss", "1%"], capture_output=True, check=False)
+                r = subprocess.run(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        ns,
+                        "tc",
+                        "qdisc",
+                        "add",
+                        "dev",
+                        dev,
+                        "root",
+                        "netem",
+                        "delay",
+                        "20ms",
+                        "loss",
+                        "1%",
+                    ],
+                    capture_output=True,
+                    check=False,
+                )
                 if r.returncode:
-                    pytest.skip("SKIPPED (tc netem unavailable on this kernel: "
-                                f"{r.stderr.decode().strip()}); the plain veth case ran")
+                    pytest.skip(
+                        "SKIPPED (tc netem unavailable on this kernel: "
+                        f"{r.stderr.decode().strip()}); the plain veth case ran"
+                    )
         yield a, b
     finally:
         subprocess.run(["ip", "netns", "del", a], capture_output=True, check=False)
@@ -422,8 +493,7 @@ def test_sharing_across_network_namespaces(two_hosts, tmp_path):
     ns_a, ns_b = two_hosts
     slow = {"gossip_interval_s": 0.2, "ack_timeout_s": 0.15, "request_timeout_s": 5.0}
     a = Member(tmp_path, "nsA", listen="10.93.0.1:7070", netns=ns_a, peers_extra=slow)
-    b = Member(tmp_path, "nsB", listen="10.93.0.2:7070", seeds=["10.93.0.1:7070"], netns=ns_b,
-               peers_extra=slow)
+    b = Member(tmp_path, "nsB", listen="10.93.0.2:7070", seeds=["10.93.0.1:7070"], netns=ns_b, peers_extra=slow)
     try:
         t = toks(606, 6)
         src = a.call("compute_store", tokens=t, pages=list(range(24)))

@@ -33,10 +33,20 @@ pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/s
 
 
 def make_pool(share="shm", kv_layout="vllm", write_through=False, **peer_kw):
-    return PagedKVPool(num_layers=2, kv_heads=2, head_dim=16, num_pages=48, page_tokens=8, chunk_tokens=CT,
-                       dtype=torch.float32, kv_layout=kv_layout, cpu_bytes=8 * 2 * 2 * 2 * 8 * 16 * 4 * 4,
-                       method="cpu", write_through=write_through,
-                       peers={**PEERS, "share_pool": share, **peer_kw})
+    return PagedKVPool(
+        num_layers=2,
+        kv_heads=2,
+        head_dim=16,
+        num_pages=48,
+        page_tokens=8,
+        chunk_tokens=CT,
+        dtype=torch.float32,
+        kv_layout=kv_layout,
+        cpu_bytes=8 * 2 * 2 * 2 * 8 * 16 * 4 * 4,
+        method="cpu",
+        write_through=write_through,
+        peers={**PEERS, "share_pool": share, **peer_kw},
+    )
 
 
 def pages_of(pool, pages):
@@ -49,7 +59,7 @@ def compute(pool, tokens, seed):
     """'Prefill' ``tokens`` into ``pool``: random KV in the sequence's pages, then commit."""
     seq = pool.begin(tokens)
     g = torch.Generator().manual_seed(seed)
-    for t in ([pool.kv] if pool.kv_layout == "cross_layer" else pool.kv):
+    for t in [pool.kv] if pool.kv_layout == "cross_layer" else pool.kv:
         if pool.kv_layout == "vllm":
             t[:, seq.page_table] = torch.randn(t[:, seq.page_table].shape, generator=g)
         else:
@@ -206,11 +216,13 @@ def test_a_lease_the_importer_never_releases_expires():
         try:
             from kvtier.p2p.gpu_share import host_id
 
-            _, body = conn.request(P.Kind.GPU_OPEN, 1, P.encode_gpu_open(host_id(), ("shm",)), Deadline(2.0),
-                                   P.Kind.GPU_HANDLES)
+            _, body = conn.request(
+                P.Kind.GPU_OPEN, 1, P.encode_gpu_open(host_id(), ("shm",)), Deadline(2.0), P.Kind.GPU_HANDLES
+            )
             assert P.GpuHandles.decode(body).ok
-            _, body = conn.request(P.Kind.GPU_PIN, 2, P.encode_keys(a.keyer.keys(tokens)), Deadline(2.0),
-                                   P.Kind.GPU_PINNED)
+            _, body = conn.request(
+                P.Kind.GPU_PIN, 2, P.encode_keys(a.keyer.keys(tokens)), Deadline(2.0), P.Kind.GPU_PINNED
+            )
             pin = P.GpuPinned.decode(body)
             assert pin.chunks == 2 and pin.lease_ms == 2000  # 2 x request_timeout_s
             assert a.stats()["gpu_referenced_chunks"] == 2
@@ -218,8 +230,9 @@ def test_a_lease_the_importer_never_releases_expires():
             wait_until(lambda: a.stats()["gpu_referenced_chunks"] == 0, timeout=5.0)
             assert svc.stats()["gpu_leases_expired"] == 1
             # A release after expiry is answered, and changes nothing.
-            _, body = conn.request(P.Kind.GPU_UNPIN, 3, P.encode_lease(pin.lease_id), Deadline(2.0),
-                                   P.Kind.GPU_UNPINNED)
+            _, body = conn.request(
+                P.Kind.GPU_UNPIN, 3, P.encode_lease(pin.lease_id), Deadline(2.0), P.Kind.GPU_UNPINNED
+            )
             assert body == b"\x00"
         finally:
             conn.close()
@@ -237,12 +250,14 @@ def test_pin_without_open_gets_nothing():
         svc = a.cache.peers
         conn = connect(*svc.address, Identity("x", a.layout.fingerprint, svc._blob_bytes, SECRET), Deadline(2.0), 1.0)
         try:
-            _, body = conn.request(P.Kind.GPU_PIN, 1, P.encode_keys(a.keyer.keys(tokens)), Deadline(2.0),
-                                   P.Kind.GPU_PINNED)
+            _, body = conn.request(
+                P.Kind.GPU_PIN, 1, P.encode_keys(a.keyer.keys(tokens)), Deadline(2.0), P.Kind.GPU_PINNED
+            )
             assert P.GpuPinned.decode(body).chunks == 0
             assert a.stats()["gpu_referenced_chunks"] == 0
-            _, body = conn.request(P.Kind.GPU_OPEN, 2, P.encode_gpu_open("another-boot-id", ("shm",)),
-                                   Deadline(2.0), P.Kind.GPU_HANDLES)
+            _, body = conn.request(
+                P.Kind.GPU_OPEN, 2, P.encode_gpu_open("another-boot-id", ("shm",)), Deadline(2.0), P.Kind.GPU_HANDLES
+            )
             reply = P.GpuHandles.decode(body)
             assert not reply.ok and reply.reason == "another host"
         finally:
@@ -341,9 +356,19 @@ def _exporter_process(mode, device, tokens, q, done):
     import torch
     from kvtier.pool import PagedKVPool
 
-    pool = PagedKVPool(num_layers=2, kv_heads=2, head_dim=16, num_pages=48, page_tokens=8, chunk_tokens=CT,
-                       dtype=torch.bfloat16, device=device, kv_layout="vllm", cpu_bytes=1 << 20,
-                       peers={**PEERS, "share_pool": mode, "node_id": "A"})
+    pool = PagedKVPool(
+        num_layers=2,
+        kv_heads=2,
+        head_dim=16,
+        num_pages=48,
+        page_tokens=8,
+        chunk_tokens=CT,
+        dtype=torch.bfloat16,
+        device=device,
+        kv_layout="vllm",
+        cpu_bytes=1 << 20,
+        peers={**PEERS, "share_pool": mode, "node_id": "A"},
+    )
     seq = pool.begin(tokens)
     g = torch.Generator().manual_seed(8)
     for t in pool.kv:
@@ -357,13 +382,25 @@ def _exporter_process(mode, device, tokens, q, done):
 
 
 def _importer(mode, device, seeds):
-    return PagedKVPool(num_layers=2, kv_heads=2, head_dim=16, num_pages=48, page_tokens=8, chunk_tokens=CT,
-                       dtype=torch.bfloat16, device=device, kv_layout="vllm", cpu_bytes=1 << 20,
-                       peers={**PEERS, "share_pool": mode, "node_id": "B", "seeds": seeds})
+    return PagedKVPool(
+        num_layers=2,
+        kv_heads=2,
+        head_dim=16,
+        num_pages=48,
+        page_tokens=8,
+        chunk_tokens=CT,
+        dtype=torch.bfloat16,
+        device=device,
+        kv_layout="vllm",
+        cpu_bytes=1 << 20,
+        peers={**PEERS, "share_pool": mode, "node_id": "B", "seeds": seeds},
+    )
 
 
-SHARE_MODES = [pytest.param("shm", "cpu", marks=pytest.mark.multiproc),
-               pytest.param("cuda", "cuda", marks=[pytest.mark.multiproc, pytest.mark.gpu])]
+SHARE_MODES = [
+    pytest.param("shm", "cpu", marks=pytest.mark.multiproc),
+    pytest.param("cuda", "cuda", marks=[pytest.mark.multiproc, pytest.mark.gpu]),
+]
 
 
 @pytest.mark.parametrize(("mode", "device"), SHARE_MODES)

@@ -4,6 +4,7 @@ here with the openssl command line."""
 
 from __future__ import annotations
 
+import select
 import shutil
 import socket
 import subprocess
@@ -30,15 +31,58 @@ def _openssl(*args, cwd):
 
 
 def _ca(d, name):
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN={name}", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        cwd=d,
+    )
 
 
 def _member(d, name, ca):
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", cwd=d)
+    _openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        f"/CN={name}",
+        cwd=d,
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.pem",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-out",
+        f"{name}.pem",
+        "-days",
+        "2",
+        cwd=d,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +97,11 @@ def pki(tmp_path_factory):
 
 
 def _tls(pki, name, ca="ca"):
-    return {"tls_cert_file": str(pki / f"{name}.pem"), "tls_key_file": str(pki / f"{name}.key"),
-            "tls_ca_file": None if ca is None else str(pki / f"{ca}.pem")}
+    return {
+        "tls_cert_file": str(pki / f"{name}.pem"),
+        "tls_key_file": str(pki / f"{name}.key"),
+        "tls_ca_file": None if ca is None else str(pki / f"{ca}.pem"),
+    }
 
 
 def _tier():
@@ -63,8 +110,13 @@ def _tier():
 
 
 def _svc(tier, **kw):
-    cfg = {"secret": SECRET, "gossip_interval_s": 0.05, "ack_timeout_s": 0.04, "request_timeout_s": 2.0,
-           "sync_interval_s": 0.5}
+    cfg = {
+        "secret": SECRET,
+        "gossip_interval_s": 0.05,
+        "ack_timeout_s": 0.04,
+        "request_timeout_s": 2.0,
+        "sync_interval_s": 0.5,
+    }
     cfg.update(kw)
     return PeerService(tier, FP, PeerConfig(**cfg)).start()
 
@@ -149,13 +201,23 @@ def _relay(server_addr, own_tls: TlsSettings):
     lst = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
-    def pump(src, dst):
+    def pump(a, b):
+        # One thread for both directions: an SSL socket must not be read and written from two
+        # threads at once. Bytes already decrypted (pending) are forwarded before waiting again.
+        peer = {a: b, b: a}
         try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
+            while True:
+                ready = [s for s in (a, b) if s.pending()] or select.select([a, b], [], [], 5)[0]
+                if not ready:
+                    break
+                for s in ready:
+                    data = s.recv(65536)
+                    if not data:
+                        raise EOFError
+                    peer[s].sendall(data)
+        except (OSError, EOFError):
             pass
-        for s in (src, dst):
+        for s in (a, b):
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -182,7 +244,6 @@ def _relay(server_addr, own_tls: TlsSettings):
             front.settimeout(5)
             back.settimeout(5)
             threading.Thread(target=pump, args=(front, back), daemon=True).start()
-            threading.Thread(target=pump, args=(back, front), daemon=True).start()
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
@@ -239,11 +300,14 @@ def test_tls_keys_in_the_engine_config(pki, monkeypatch):
     from kvtier.config import KVTierConfig
 
     t = _tls(pki, "a")
-    env = {"KVTIER_PEERS_TLS_CERT_FILE": t["tls_cert_file"], "KVTIER_PEERS_TLS_KEY_FILE": t["tls_key_file"],
-           "KVTIER_PEERS_TLS_CA_FILE": t["tls_ca_file"]}
+    env = {
+        "KVTIER_PEERS_TLS_CERT_FILE": t["tls_cert_file"],
+        "KVTIER_PEERS_TLS_KEY_FILE": t["tls_key_file"],
+        "KVTIER_PEERS_TLS_CA_FILE": t["tls_ca_file"],
+    }
     cfg = KVTierConfig.load(env=env, peers={"listen": "127.0.0.1:0"})
     assert {k: cfg.peers[k] for k in t} == t
     peer = PeerConfig(secret=SECRET, **{k: v for k, v in cfg.peers.items() if v is not None and k != "seeds"})
     assert peer.tls().mutual
-    with pytest.raises(InvalidArgumentError, match="peers.tls_ca_file"):
+    with pytest.raises(InvalidArgumentError, match=r"peers.tls_ca_file"):
         KVTierConfig.load(env={}, peers={"tls_ca_file": 5})

@@ -123,9 +123,9 @@ def test_secret_and_config_checks(tmp_path):
     assert server_mac(SECRET, b"h", b"c") != client_mac(SECRET, b"h", b"c")  # no reflection
     with pytest.raises(InvalidArgumentError, match="exactly one"):
         PeerConfig()
-    with pytest.raises(InvalidArgumentError, match="peers.listen"):
+    with pytest.raises(InvalidArgumentError, match=r"peers.listen"):
         PeerConfig(secret=SECRET, listen="nowhere")
-    with pytest.raises(InvalidArgumentError, match="peers.request_timeout_s"):
+    with pytest.raises(InvalidArgumentError, match=r"peers.request_timeout_s"):
         PeerConfig(secret=SECRET, request_timeout_s=0)
     assert PeerConfig(secret=SECRET, seeds="a:1,b:2").seeds == ("a:1", "b:2")
 
@@ -137,8 +137,15 @@ def test_layout_spec_from_shape_matches_a_serving_layout():
 
     kv = [torch.zeros(2, 8, 16, 8, 128, dtype=torch.bfloat16) for _ in range(4)]
     lay = Layout.from_vllm(kv, chunk_tokens=64)
-    spec = {"kind": "vllm", "num_layers": 4, "kv_heads": 8, "head_dim": 128, "dtype": "bfloat16",
-            "page_tokens": 16, "chunk_tokens": 64}
+    spec = {
+        "kind": "vllm",
+        "num_layers": 4,
+        "kv_heads": 8,
+        "head_dim": 128,
+        "dtype": "bfloat16",
+        "page_tokens": 16,
+        "chunk_tokens": 64,
+    }
     assert resolve_spec(spec) == (lay.chunk_bytes, lay.fingerprint)
     assert resolve_spec(layout_spec(lay)) == (lay.chunk_bytes, lay.fingerprint)
     assert layout_spec(lay)["chunk_tokens"] == 64
@@ -288,8 +295,7 @@ BLOB = 64 << 10
 def _tier(chunks: int = 16, pages: int = 8):
     """A CPU tier whose layout is ``pages`` pages of one blob each (one page = one chunk)."""
     scratch = np.zeros(pages * BLOB, dtype=np.uint8)
-    tier = _core.CpuTier([(scratch.ctypes.data, BLOB, BLOB, pages)], -1, 1, [[0]], chunks * BLOB, "cpu",
-                         1 << 20, 1)
+    tier = _core.CpuTier([(scratch.ctypes.data, BLOB, BLOB, pages)], -1, 1, [[0]], chunks * BLOB, "cpu", 1 << 20, 1)
     return tier, scratch
 
 
@@ -313,8 +319,13 @@ def _blob(tier, key: bytes) -> bytes:
 
 
 def _svc(tier, **kw):
-    cfg = {"secret": SECRET, "gossip_interval_s": 0.05, "ack_timeout_s": 0.04, "request_timeout_s": 2.0,
-           "sync_interval_s": 0.5}
+    cfg = {
+        "secret": SECRET,
+        "gossip_interval_s": 0.05,
+        "ack_timeout_s": 0.04,
+        "request_timeout_s": 2.0,
+        "sync_interval_s": 0.5,
+    }
     cfg.update(kw)
     return PeerService(tier, FP, PeerConfig(**cfg)).start()
 
@@ -347,7 +358,9 @@ def test_pull_from_two_sources_at_once_bit_exact():
         rate = c.pull_rate(min_bytes=1)
         assert rate is not None and 8 * len(_blob(ta, KEYS[0])) / rate < 5.0  # within the load's 5 s
         assert {k: _blob(tc, k) for k in KEYS} == {
-            **{k: _blob(ta, k) for k in KEYS[:4]}, **{k: _blob(tb, k) for k in KEYS[4:]}}
+            **{k: _blob(ta, k) for k in KEYS[:4]},
+            **{k: _blob(tb, k) for k in KEYS[4:]},
+        }
         assert a.counters["chunks_served"] == 4 and b.counters["chunks_served"] == 4
     finally:
         for s in (c, b, a):
@@ -378,24 +391,32 @@ def _fake_peer(behaviour: str):
                     h, body = conn.recv_frame(Deadline(30))
                     if h.kind == P.Kind.CONFIRM:
                         keys = P.decode_keys(body)
-                        conn.send_frame(P.Kind.CONFIRM_REPLY, h.request_id, P.encode_bitmap([True] * len(keys)), Deadline(5))
+                        conn.send_frame(
+                            P.Kind.CONFIRM_REPLY, h.request_id, P.encode_bitmap([True] * len(keys)), Deadline(5)
+                        )
                     elif h.kind == P.Kind.GET:
                         key = P.decode_keys(body)[0]
                         payload = bytes(BLOB)
                         if behaviour == "bad_checksum":
-                            conn.send_frame(P.Kind.BLOB, h.request_id, P.encode_blob_meta(key, FP, BLOB, P.CRC32), Deadline(5))
+                            conn.send_frame(
+                                P.Kind.BLOB, h.request_id, P.encode_blob_meta(key, FP, BLOB, P.CRC32), Deadline(5)
+                            )
                             conn.send(payload, Deadline(5))
                             conn.send(P.encode_trailer(12345), Deadline(5))
                         elif behaviour == "too_long":
-                            conn.send_frame(P.Kind.BLOB, h.request_id, P.encode_blob_meta(key, FP, 2 * BLOB, P.CRC32), Deadline(5))
+                            conn.send_frame(
+                                P.Kind.BLOB, h.request_id, P.encode_blob_meta(key, FP, 2 * BLOB, P.CRC32), Deadline(5)
+                            )
                             conn.send(payload * 2, Deadline(5))
                         elif behaviour == "stall":
-                            conn.send_frame(P.Kind.BLOB, h.request_id, P.encode_blob_meta(key, FP, BLOB, P.CRC32), Deadline(5))
+                            conn.send_frame(
+                                P.Kind.BLOB, h.request_id, P.encode_blob_meta(key, FP, BLOB, P.CRC32), Deadline(5)
+                            )
                             conn.send(payload[: BLOB // 2], Deadline(5))
                             stop.wait(10)
                     else:
                         conn.send_frame(P.Kind.ERROR, h.request_id, b"no", Deadline(5))
-            except Exception:  # noqa: BLE001, S110 - a fake peer just drops the connection
+            except Exception:  # noqa: BLE001 - a fake peer just drops the connection
                 pass
         for c in conns:
             c.close()
@@ -431,8 +452,9 @@ def test_a_misbehaving_peer_costs_a_miss_and_nothing_partial_is_visible(behaviou
         assert elapsed < 1.0 + 1.5  # within the request deadline (plus slack), never a hang
         assert tier.lookup(KEYS[0]) == 0
         assert tier.stats()["index"]["writing"] == 0  # the reserved block was given back
-        want = {"bad_checksum": "checksum_failures", "too_long": "protocol_errors",
-                "stall": "pull_deadline_misses"}[behaviour]
+        want = {"bad_checksum": "checksum_failures", "too_long": "protocol_errors", "stall": "pull_deadline_misses"}[
+            behaviour
+        ]
         assert c.counters[want] == 1
         if behaviour != "stall":
             assert c.bad_peers["bad"] == 1
@@ -483,9 +505,20 @@ def test_paged_pools_share_prefixes_through_peers():
     peers = {"secret": SECRET, "gossip_interval_s": 0.05, "ack_timeout_s": 0.04, "request_timeout_s": 2.0}
 
     def make(**kw):
-        return PagedKVPool(num_layers=2, kv_heads=2, head_dim=32, num_pages=32, page_tokens=8, chunk_tokens=32,
-                           dtype=torch.float32, kv_layout="vllm", cpu_bytes=16 * 32 * 2 * 2 * 2 * 32 * 4,
-                           method="cpu", write_through=True, **kw)
+        return PagedKVPool(
+            num_layers=2,
+            kv_heads=2,
+            head_dim=32,
+            num_pages=32,
+            page_tokens=8,
+            chunk_tokens=32,
+            dtype=torch.float32,
+            kv_layout="vllm",
+            cpu_bytes=16 * 32 * 2 * 2 * 2 * 32 * 4,
+            method="cpu",
+            write_through=True,
+            **kw,
+        )
 
     with pytest.raises(InvalidArgumentError, match="peers need a CPU tier"):
         PagedKVPool(num_layers=2, kv_heads=2, head_dim=32, num_pages=32, cpu_bytes=0, peers=peers)

@@ -43,9 +43,7 @@ def load_secret(secret: bytes | str | None = None, secret_file: str | os.PathLik
     if not isinstance(secret, (bytes, bytearray)):
         raise InvalidArgumentError(f"peers.secret must be bytes or str, got {type(secret).__name__}")
     if len(secret) < MIN_SECRET_BYTES:
-        raise InvalidArgumentError(
-            f"peers.secret must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)}"
-        )
+        raise InvalidArgumentError(f"peers.secret must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)}")
     return bytes(secret)
 
 

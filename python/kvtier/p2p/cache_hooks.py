@@ -24,8 +24,7 @@ def start_peers(cache, peers) -> PeerService:
     fields. A disk tier keeps the key journal in its directory, so a restart rebuilds the digest.
     Disk-only chunks are not served to peers (a serving process has no spare pages to promote
     them through); they are served again once a local load has promoted them."""
-    svc = PeerService(cache.tier, cache.layout.fingerprint, peer_config(peers),
-                      journal_dir=cache.config.disk_dir)
+    svc = PeerService(cache.tier, cache.layout.fingerprint, peer_config(peers), journal_dir=cache.config.disk_dir)
     return svc.start()
 
 

@@ -65,12 +65,39 @@ def export_tensors(tensors) -> list[IpcHandle]:
         _rebuild, args = reduce_tensor(t)
         # (cls, size, stride, offset, storage_cls, dtype, device, handle, size_bytes, offset_bytes,
         #  requires_grad, ref_counter_handle, ref_counter_offset, event_handle, event_sync_required)
-        (_cls, size, stride, offset, _scls, dtype, device, handle, size_bytes, offset_bytes, _rg,
-         rc_handle, rc_offset, ev_handle, ev_sync) = args
-        out.append(IpcHandle(int(device), tuple(size), tuple(stride), int(offset),
-                             str(dtype).removeprefix("torch."), bytes(handle), int(size_bytes),
-                             int(offset_bytes), bytes(rc_handle), int(rc_offset), bytes(ev_handle),
-                             bool(ev_sync)))
+        (
+            _cls,
+            size,
+            stride,
+            offset,
+            _scls,
+            dtype,
+            device,
+            handle,
+            size_bytes,
+            offset_bytes,
+            _rg,
+            rc_handle,
+            rc_offset,
+            ev_handle,
+            ev_sync,
+        ) = args
+        out.append(
+            IpcHandle(
+                int(device),
+                tuple(size),
+                tuple(stride),
+                int(offset),
+                str(dtype).removeprefix("torch."),
+                bytes(handle),
+                int(size_bytes),
+                int(offset_bytes),
+                bytes(rc_handle),
+                int(rc_offset),
+                bytes(ev_handle),
+                bool(ev_sync),
+            )
+        )
     return out
 
 
@@ -88,11 +115,25 @@ def import_tensors(handles: list[IpcHandle], device: int | None = None) -> list:
         if not isinstance(dtype, torch.dtype):
             raise InvalidArgumentError(f"unknown dtype {h.dtype!r} in an IPC handle")
         dev = h.device if device is None else device
-        out.append(rebuild_cuda_tensor(torch.Tensor, torch.Size(h.shape), h.stride, h.offset,
-                                       torch.storage.TypedStorage, dtype, dev, h.storage_handle,
-                                       h.storage_size_bytes, h.storage_offset_bytes, False,
-                                       h.ref_counter_handle, h.ref_counter_offset, h.event_handle,
-                                       h.event_sync_required))
+        out.append(
+            rebuild_cuda_tensor(
+                torch.Tensor,
+                torch.Size(h.shape),
+                h.stride,
+                h.offset,
+                torch.storage.TypedStorage,
+                dtype,
+                dev,
+                h.storage_handle,
+                h.storage_size_bytes,
+                h.storage_offset_bytes,
+                False,
+                h.ref_counter_handle,
+                h.ref_counter_offset,
+                h.event_handle,
+                h.event_sync_required,
+            )
+        )
     return out
 
 
@@ -120,10 +161,17 @@ class PageCopier:
         if not src_tensors:
             raise InvalidArgumentError("no tensors to copy between")
         for s, d in zip(src_tensors, dst_tensors):
-            if (s.dtype != d.dtype or s.dim() != d.dim() or not 0 <= page_dim < s.dim()
-                    or s.shape[:page_dim] != d.shape[:page_dim] or s.shape[page_dim + 1:] != d.shape[page_dim + 1:]):
+            if (
+                s.dtype != d.dtype
+                or s.dim() != d.dim()
+                or not 0 <= page_dim < s.dim()
+                or s.shape[:page_dim] != d.shape[:page_dim]
+                or s.shape[page_dim + 1 :] != d.shape[page_dim + 1 :]
+            ):
                 raise InvalidArgumentError(
-                    f"page shapes differ: {tuple(s.shape)} {s.dtype} vs {tuple(d.shape)} {d.dtype} (page dim {page_dim})")
+                    f"page shapes differ: {tuple(s.shape)} {s.dtype} vs {tuple(d.shape)} {d.dtype} "
+                    f"(page dim {page_dim})"
+                )
         self.src, self.dst, self.page_dim = src_tensors, dst_tensors, page_dim
         self.src_limit = min(t.shape[page_dim] for t in src_tensors)
         self.dst_limit = min(t.shape[page_dim] for t in dst_tensors)
@@ -134,7 +182,7 @@ class PageCopier:
 
             src_rows, dst_rows, page_bytes = [], [], []
             for s, d in zip(src_tensors, dst_tensors):
-                pb = int(np.prod(s.shape[page_dim + 1:], dtype=np.int64)) * s.element_size()
+                pb = int(np.prod(s.shape[page_dim + 1 :], dtype=np.int64)) * s.element_size()
                 outer = np.arange(int(np.prod(s.shape[:page_dim], dtype=np.int64)), dtype=np.uint64)
                 # Contiguous: outer row o of a tensor starts at o * (its pages) * page_bytes.
                 src_rows.append(np.uint64(s.data_ptr()) + outer * np.uint64(s.shape[page_dim] * pb))
@@ -142,8 +190,13 @@ class PageCopier:
                 page_bytes.append(np.full(len(outer), pb, dtype=np.uint64))
             # The core turns page lists into byte ranges and copies them in one call (no numpy
             # work per copy: a copy's host time is part of its cost).
-            self._rows = _core.PageRows(np.concatenate(src_rows), np.concatenate(dst_rows),
-                                        np.concatenate(page_bytes), self.src_limit, self.dst_limit)
+            self._rows = _core.PageRows(
+                np.concatenate(src_rows),
+                np.concatenate(dst_rows),
+                np.concatenate(page_bytes),
+                self.src_limit,
+                self.dst_limit,
+            )
 
     def _pages(self, src_pages, dst_pages) -> tuple[np.ndarray, np.ndarray]:
         src_pages = np.asarray(src_pages, dtype=np.int64).ravel()
@@ -190,8 +243,9 @@ class PageCopier:
         return "torch"
 
 
-def copy_pages(src_tensors, dst_tensors, src_pages, dst_pages, *, page_dim: int = 1, stream=None,
-               method: str = "dma") -> str:
+def copy_pages(
+    src_tensors, dst_tensors, src_pages, dst_pages, *, page_dim: int = 1, stream=None, method: str = "dma"
+) -> str:
     """Copy pages ``src_pages`` of ``src_tensors`` into ``dst_pages`` of ``dst_tensors``, tensor by
     tensor, along ``page_dim`` (1 for vLLM's ``[2, num_pages, ...]``, 0 for a cross-layer pool).
     Runs on ``stream`` (default: the current stream of the destination device); the caller waits

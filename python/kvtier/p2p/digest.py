@@ -91,8 +91,7 @@ class LocalDigest:
     ``rebuild`` starts a new generation from the keys still held (peers then fetch it whole).
     """
 
-    def __init__(self, owner: str, num_bits: int, num_hashes: int, generation: int = 1,
-                 max_delta: int = 4096) -> None:
+    def __init__(self, owner: str, num_bits: int, num_hashes: int, generation: int = 1, max_delta: int = 4096) -> None:
         self.owner = owner
         self.filter = BloomFilter(num_bits, num_hashes)
         self.generation = generation
@@ -143,8 +142,9 @@ class LocalDigest:
         self.version = 0
 
     def snapshot(self) -> DigestSnapshot:
-        return DigestSnapshot(self.generation, self.version, self.filter.num_bits,
-                              self.filter.num_hashes, self.filter.to_bytes())
+        return DigestSnapshot(
+            self.generation, self.version, self.filter.num_bits, self.filter.num_hashes, self.filter.to_bytes()
+        )
 
 
 class PeerDigests:
@@ -208,8 +208,9 @@ class PeerDigests:
     def stale(self) -> list[str]:
         """Peers we are behind on, most behind first."""
         behind = [(o, v) for o, v in self._latest.items() if self._have.get(o, (0, 0)) < v]
-        behind.sort(key=lambda ov: (self._have.get(ov[0], (0, 0))[0] == ov[1][0],
-                                    self._have.get(ov[0], (0, 0))[1] - ov[1][1]))
+        behind.sort(
+            key=lambda ov: (self._have.get(ov[0], (0, 0))[0] == ov[1][0], self._have.get(ov[0], (0, 0))[1] - ov[1][1])
+        )
         return [o for o, _ in behind]
 
     def owners(self) -> list[str]:
@@ -231,8 +232,9 @@ class PeerDigests:
         return sum(f.bits.nbytes for f in self._filters.values())
 
 
-def choose_sources(start: int, local: list[bool], cands: list[list[str]], max_sources: int,
-                   exclude: set[str], rng) -> dict[str, list[int]]:
+def choose_sources(
+    start: int, local: list[bool], cands: list[list[str]], max_sources: int, exclude: set[str], rng
+) -> dict[str, list[int]]:
     """One round of a lookup's directory step: which peers to ask to confirm which chunks.
 
     Walks the chunks from ``start``; for a chunk not held locally it picks, among the peers whose

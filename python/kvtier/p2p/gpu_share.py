@@ -171,8 +171,18 @@ class SharedMemory:
             path = self._paths.get(t.data_ptr())
             if path is None or not t.is_contiguous():
                 raise InvalidArgumentError(f"tensors[{i}] was not allocated by this SharedMemory")
-            out.append(SharedTensor(-1, tuple(t.shape), tuple(t.stride()), 0, str(t.dtype).removeprefix("torch."),
-                                    path.encode(), t.numel() * t.element_size(), 0))
+            out.append(
+                SharedTensor(
+                    -1,
+                    tuple(t.shape),
+                    tuple(t.stride()),
+                    0,
+                    str(t.dtype).removeprefix("torch."),
+                    path.encode(),
+                    t.numel() * t.element_size(),
+                    0,
+                )
+            )
         return out
 
     def open(self, shared: list[SharedTensor]) -> list:
@@ -249,12 +259,18 @@ class GpuShare:
     def check_peer(self, shared: list[SharedTensor], page_dim: int) -> None:
         """A peer's tensors must page like ours (same count, dtype, page shape)."""
         if page_dim != self.page_dim or len(shared) != len(self.tensors):
-            raise InvalidArgumentError(f"peer pool of {len(shared)} tensors paged along {page_dim}, "
-                                       f"ours {len(self.tensors)} along {self.page_dim}")
+            raise InvalidArgumentError(
+                f"peer pool of {len(shared)} tensors paged along {page_dim}, "
+                f"ours {len(self.tensors)} along {self.page_dim}"
+            )
         for s, t in zip(shared, self.tensors):
             mine = tuple(t.shape)
-            if (s.dtype != str(t.dtype).removeprefix("torch.") or len(s.shape) != len(mine)
-                    or s.shape[:page_dim] != mine[:page_dim] or s.shape[page_dim + 1:] != mine[page_dim + 1:]):
+            if (
+                s.dtype != str(t.dtype).removeprefix("torch.")
+                or len(s.shape) != len(mine)
+                or s.shape[:page_dim] != mine[:page_dim]
+                or s.shape[page_dim + 1 :] != mine[page_dim + 1 :]
+            ):
                 raise InvalidArgumentError(f"peer tensor {s.shape} {s.dtype} does not page like ours {mine} {t.dtype}")
 
     def num_pages(self, shared: list[SharedTensor]) -> int:
@@ -299,4 +315,3 @@ class LeaseTable:
     def __len__(self) -> int:
         with self._lock:
             return len(self._leases)
-

@@ -47,16 +47,21 @@ def main(argv: list[str]) -> int:
         transport.Connection.send = slow_send
     dtype = getattr(torch, cfg.get("dtype", "float32"))
     gen = torch.Generator().manual_seed(cfg.get("seed", 0))
-    kv = [torch.randn(2, cfg["num_pages"], cfg["page_tokens"], cfg["heads"], cfg["dim"],
-                      generator=gen).to(dtype) for _ in range(cfg["layers"])]
+    kv = [
+        torch.randn(2, cfg["num_pages"], cfg["page_tokens"], cfg["heads"], cfg["dim"], generator=gen).to(dtype)
+        for _ in range(cfg["layers"])
+    ]
     layout = Layout.from_vllm(kv, chunk_tokens=cfg["chunk_tokens"])
     peers = PeerConfig(**cfg["peers"]) if cfg.get("peers") else None
     extra = {}
     if cfg.get("disk_dir"):
-        extra = {"disk_dir": cfg["disk_dir"], "disk_bytes": cfg["disk_bytes"], "disk_backend": "posix",
-                 "disk_admit_min_seen": 1}
-    cache = KVCache(layout, cpu_bytes=cfg["cpu_bytes"], method="cpu", model_id="p2p-test",
-                           peers=peers, **extra)
+        extra = {
+            "disk_dir": cfg["disk_dir"],
+            "disk_bytes": cfg["disk_bytes"],
+            "disk_backend": "posix",
+            "disk_admit_min_seen": 1,
+        }
+    cache = KVCache(layout, cpu_bytes=cfg["cpu_bytes"], method="cpu", model_id="p2p-test", peers=peers, **extra)
     views = [t.view(torch.uint8) if t.dtype != torch.uint8 else t for t in kv]
 
     def page_hash(pages) -> str:
@@ -98,8 +103,13 @@ def main(argv: list[str]) -> int:
                 n = h.wait()
                 ppc = layout.pages_per_chunk
                 got_pages = cmd["pages"][: n // layout.page_tokens]
-                res = {"tokens": n, "seconds": time.monotonic() - t0, "hash": page_hash(got_pages),
-                       "pages_loaded": len(got_pages), "ppc": ppc}
+                res = {
+                    "tokens": n,
+                    "seconds": time.monotonic() - t0,
+                    "hash": page_hash(got_pages),
+                    "pages_loaded": len(got_pages),
+                    "ppc": ppc,
+                }
             elif op == "hash":
                 res = {"hash": page_hash(cmd["pages"])}
             elif op == "stats":

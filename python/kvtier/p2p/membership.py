@@ -134,9 +134,16 @@ class _Broadcasts:
 class Membership:
     """The member list of one node, its failure detector and its gossip queue."""
 
-    def __init__(self, node_id: str, host: str, port: int, incarnation: int,
-                 config: MembershipConfig | None = None, rng: random.Random | None = None,
-                 now: float = 0.0) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        host: str,
+        port: int,
+        incarnation: int,
+        config: MembershipConfig | None = None,
+        rng: random.Random | None = None,
+        now: float = 0.0,
+    ) -> None:
         self.config = config or MembershipConfig()
         self.rng = rng or random.Random()
         self.me = MemberRecord(node_id, host, port, incarnation, ALIVE)
@@ -149,8 +156,7 @@ class Membership:
         self.events: list[tuple[float, str, str]] = []  # (time, node_id, "alive"/"suspect"/"dead")
         self.on_delta = None  # callable(DigestDelta) set by the owner
         self.on_record = None  # callable(MemberRecord) on any accepted update
-        self.counters = {"pings": 0, "ping_reqs": 0, "syncs": 0, "suspicions": 0,
-                         "deaths": 0, "refutations": 0}
+        self.counters = {"pings": 0, "ping_reqs": 0, "syncs": 0, "suspicions": 0, "deaths": 0, "refutations": 0}
         self._queue_self()
 
     # -- views -------------------------------------------------------------------------------
@@ -183,8 +189,9 @@ class Membership:
 
     # -- own state ---------------------------------------------------------------------------
     def set_digest_version(self, generation: int, version: int) -> None:
-        self.me = MemberRecord(self.me.node_id, self.me.host, self.me.port, self.me.incarnation,
-                               ALIVE, generation, version)
+        self.me = MemberRecord(
+            self.me.node_id, self.me.host, self.me.port, self.me.incarnation, ALIVE, generation, version
+        )
 
     def _queue_self(self) -> None:
         self._bcast.add(("m", self.me.node_id), self.me, 40 + len(self.me.node_id))
@@ -198,17 +205,26 @@ class Membership:
         if rec.node_id == self.me.node_id:
             if rec.state != ALIVE and rec.incarnation >= self.me.incarnation:
                 # Someone thinks we are suspect or dead: refute with a higher incarnation.
-                self.me = MemberRecord(self.me.node_id, self.me.host, self.me.port,
-                                       rec.incarnation + 1, ALIVE, self.me.digest_generation,
-                                       self.me.digest_version)
+                self.me = MemberRecord(
+                    self.me.node_id,
+                    self.me.host,
+                    self.me.port,
+                    rec.incarnation + 1,
+                    ALIVE,
+                    self.me.digest_generation,
+                    self.me.digest_version,
+                )
                 self.counters["refutations"] += 1
                 self._queue_self()
             return False
         cur = self.members.get(rec.node_id)
         if cur is not None and not _supersedes(rec, cur.record):
-            if rec.incarnation == cur.record.incarnation and rec.state == cur.record.state and (
-                    rec.digest_generation, rec.digest_version) > (
-                    cur.record.digest_generation, cur.record.digest_version):
+            if (
+                rec.incarnation == cur.record.incarnation
+                and rec.state == cur.record.state
+                and (rec.digest_generation, rec.digest_version)
+                > (cur.record.digest_generation, cur.record.digest_version)
+            ):
                 cur.record = rec  # same liveness, newer digest version: keep quietly
                 if self.on_record:
                     self.on_record(rec)
@@ -220,8 +236,7 @@ class Membership:
         self._not_dead += (rec.state != DEAD) - was_live
         self.members[rec.node_id] = Member(rec, now if changed_state else cur.state_since)
         if changed_state:
-            self.events.append((now, rec.node_id, {ALIVE: "alive", SUSPECT: "suspect",
-                                                   DEAD: "dead"}[rec.state]))
+            self.events.append((now, rec.node_id, {ALIVE: "alive", SUSPECT: "suspect", DEAD: "dead"}[rec.state]))
         self._bcast.add(("m", rec.node_id), rec, 40 + len(rec.node_id))
         if self.on_record:
             self.on_record(rec)
@@ -232,8 +247,9 @@ class Membership:
         if m is None or m.record.state == state:
             return
         r = m.record
-        self.apply(MemberRecord(r.node_id, r.host, r.port, r.incarnation, state,
-                                r.digest_generation, r.digest_version), now)
+        self.apply(
+            MemberRecord(r.node_id, r.host, r.port, r.incarnation, state, r.digest_generation, r.digest_version), now
+        )
 
     def ingest(self, g: Gossip, now: float) -> None:
         """Merge the sender, member updates and digest deltas a message carries."""
@@ -243,8 +259,10 @@ class Membership:
             # It still talks but we hold it suspect or dead: tell it, so that it can refute.
             self._bcast.add(("m", s.node_id), cur.record, 40 + len(s.node_id))
         if s.node_id != self.me.node_id:
-            self.apply(MemberRecord(s.node_id, s.host, s.port, s.incarnation, ALIVE,
-                                    s.digest_generation, s.digest_version), now)
+            self.apply(
+                MemberRecord(s.node_id, s.host, s.port, s.incarnation, ALIVE, s.digest_generation, s.digest_version),
+                now,
+            )
         for rec in g.members:
             self.apply(rec, now)
         for d in g.deltas:
@@ -253,8 +271,9 @@ class Membership:
 
     # -- messages ----------------------------------------------------------------------------
     def _gossip(self, target: str = "") -> Gossip:
-        items = self._bcast.take(min(self.config.max_piggyback, MAX_PIGGYBACK),
-                                 self.config.max_piggyback_bytes, self._max_sends())
+        items = self._bcast.take(
+            min(self.config.max_piggyback, MAX_PIGGYBACK), self.config.max_piggyback_bytes, self._max_sends()
+        )
         members = [i for i in items if isinstance(i, MemberRecord)]
         deltas = [i for i in items if isinstance(i, DigestDelta)]
         return Gossip(self.me, target, members, deltas)
@@ -297,8 +316,9 @@ class Membership:
         outs = []
         for h in helpers[: self.config.indirect_probes]:
             self.counters["ping_reqs"] += 1
-            outs.append(Outgoing(Kind.PING_REQ, h.node_id, h.host, h.port, self._gossip(p["target"]),
-                                 probe_of=p["target"]))
+            outs.append(
+                Outgoing(Kind.PING_REQ, h.node_id, h.host, h.port, self._gossip(p["target"]), probe_of=p["target"])
+            )
         return outs
 
     def join_requests(self, seeds: list[tuple[str, int]]) -> list[Outgoing]:

@@ -37,8 +37,11 @@ from kvtier.p2p.service import PeerService
 
 def layout_spec(layout) -> dict:
     """The minimal spec of ``layout``'s blob format, for ``kvtier peer --layout``."""
-    return {"blob_bytes": int(layout.chunk_bytes), "fingerprint": layout.fingerprint_hex,
-            "chunk_tokens": int(layout.chunk_tokens)}
+    return {
+        "blob_bytes": int(layout.chunk_bytes),
+        "fingerprint": layout.fingerprint_hex,
+        "chunk_tokens": int(layout.chunk_tokens),
+    }
 
 
 def resolve_spec(spec: dict | str) -> tuple[int, bytes]:
@@ -95,11 +98,13 @@ def _from_shape(spec: dict) -> tuple[int, bytes]:
     L, H, D, pt = (int(spec[k]) for k in ("num_layers", "kv_heads", "head_dim", "page_tokens"))
     # One page is enough: the fingerprint and blob size do not depend on the number of pages.
     if spec["kind"] == "vllm":
-        layout = Layout.from_vllm([torch.zeros(2, 1, pt, H, D, dtype=dtype) for _ in range(L)],
-                                  chunk_tokens=int(spec["chunk_tokens"]))
+        layout = Layout.from_vllm(
+            [torch.zeros(2, 1, pt, H, D, dtype=dtype) for _ in range(L)], chunk_tokens=int(spec["chunk_tokens"])
+        )
     elif spec["kind"] == "cross_layer":
-        layout = Layout.from_cross_layer(torch.zeros(1, L, 2, pt, H, D, dtype=dtype),
-                                         chunk_tokens=int(spec["chunk_tokens"]))
+        layout = Layout.from_cross_layer(
+            torch.zeros(1, L, 2, pt, H, D, dtype=dtype), chunk_tokens=int(spec["chunk_tokens"])
+        )
     else:
         raise InvalidArgumentError(f"layout spec: kind must be 'vllm' or 'cross_layer', got {spec['kind']!r}")
     return layout.chunk_bytes, layout.fingerprint
@@ -108,8 +113,16 @@ def _from_shape(spec: dict) -> tuple[int, bytes]:
 class PeerNode:
     """A cache-only member: pinned pool + disk tier in ``cache_dir``, served by a PeerService."""
 
-    def __init__(self, spec, peers: PeerConfig, *, cache_dir: str | None, cpu_bytes: int,
-                 disk_bytes: int = 0, disk_backend: str = "auto") -> None:
+    def __init__(
+        self,
+        spec,
+        peers: PeerConfig,
+        *,
+        cache_dir: str | None,
+        cpu_bytes: int,
+        disk_bytes: int = 0,
+        disk_backend: str = "auto",
+    ) -> None:
         blob_bytes, fingerprint, chunk_tokens = _resolve(spec)
         if cpu_bytes < 2 * blob_bytes:
             raise InvalidArgumentError(f"cpu_bytes={cpu_bytes} must hold at least 2 chunks of {blob_bytes} bytes")
@@ -122,13 +135,22 @@ class PeerNode:
         self._scratch = np.zeros(blob_bytes, dtype=np.uint8)
         base = self._scratch.ctypes.data
         self.tier = _core.CpuTier(
-            [(base, blob_bytes, blob_bytes, 1)], -1, 1, [[0]], cpu_bytes, "cpu", 1 << 20, 1,
-            disk_dir=cache_dir or "", disk_bytes=disk_bytes if cache_dir else 0,
-            layout_fingerprint=fingerprint, disk_backend=disk_backend,
-            disk_geometry_label=disk_geometry_label(chunk_tokens))
+            [(base, blob_bytes, blob_bytes, 1)],
+            -1,
+            1,
+            [[0]],
+            cpu_bytes,
+            "cpu",
+            1 << 20,
+            1,
+            disk_dir=cache_dir or "",
+            disk_bytes=disk_bytes if cache_dir else 0,
+            layout_fingerprint=fingerprint,
+            disk_backend=disk_backend,
+            disk_geometry_label=disk_geometry_label(chunk_tokens),
+        )
         self._promote_lock = threading.Lock()
-        self.service = PeerService(self.tier, fingerprint, peers, promote=self._promote,
-                                   journal_dir=cache_dir)
+        self.service = PeerService(self.tier, fingerprint, peers, promote=self._promote, journal_dir=cache_dir)
 
     def _promote(self, key: bytes) -> bool:
         with self._promote_lock:

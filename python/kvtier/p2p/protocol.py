@@ -154,8 +154,7 @@ def checksum_fn(algo: int):
 
 
 def encode_frame(kind: int, request_id: int, body: bytes = b"") -> bytes:
-    return HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, request_id & 0xFFFFFFFF, len(body),
-                       zlib.crc32(body)) + body
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, request_id & 0xFFFFFFFF, len(body), zlib.crc32(body)) + body
 
 
 @dataclass(frozen=True)
@@ -257,8 +256,12 @@ class Hello:
     algorithms: int
 
     def encode(self) -> bytes:
-        return (_text(self.node_id, MAX_NODE_ID) + self.nonce + self.fingerprint
-                + struct.pack("<QI", self.blob_bytes, self.algorithms))
+        return (
+            _text(self.node_id, MAX_NODE_ID)
+            + self.nonce
+            + self.fingerprint
+            + struct.pack("<QI", self.blob_bytes, self.algorithms)
+        )
 
     @staticmethod
     def decode(body: bytes) -> Hello:
@@ -280,8 +283,12 @@ class Challenge:
     mac: bytes = b""
 
     def encode_unsigned(self) -> bytes:
-        return (_text(self.node_id, MAX_NODE_ID) + self.nonce + self.fingerprint
-                + struct.pack("<QI", self.blob_bytes, self.algorithms))
+        return (
+            _text(self.node_id, MAX_NODE_ID)
+            + self.nonce
+            + self.fingerprint
+            + struct.pack("<QI", self.blob_bytes, self.algorithms)
+        )
 
     def encode(self) -> bytes:
         return self.encode_unsigned() + self.mac
@@ -320,9 +327,13 @@ class MemberRecord:
     digest_version: int = 0
 
     def encode(self) -> bytes:
-        return (_text(self.node_id, MAX_NODE_ID) + _text(self.host, MAX_HOST)
-                + struct.pack("<HQBII", self.port, self.incarnation, self.state,
-                              self.digest_generation, self.digest_version))
+        return (
+            _text(self.node_id, MAX_NODE_ID)
+            + _text(self.host, MAX_HOST)
+            + struct.pack(
+                "<HQBII", self.port, self.incarnation, self.state, self.digest_generation, self.digest_version
+            )
+        )
 
     @staticmethod
     def read(r: Reader) -> MemberRecord:
@@ -347,9 +358,11 @@ class DigestDelta:
     hashes: tuple[bytes, ...]
 
     def encode(self) -> bytes:
-        return (_text(self.owner, MAX_NODE_ID) + struct.pack("<IIH", self.generation, self.version,
-                                                             len(self.hashes))
-                + b"".join(self.hashes))
+        return (
+            _text(self.owner, MAX_NODE_ID)
+            + struct.pack("<IIH", self.generation, self.version, len(self.hashes))
+            + b"".join(self.hashes)
+        )
 
     @staticmethod
     def read(r: Reader) -> DigestDelta:
@@ -375,8 +388,7 @@ class Gossip:
     deltas: list[DigestDelta] = field(default_factory=list)
 
     def encode(self) -> bytes:
-        parts = [self.sender.encode(), _text(self.target, MAX_NODE_ID),
-                 struct.pack("<I", len(self.members))]
+        parts = [self.sender.encode(), _text(self.target, MAX_NODE_ID), struct.pack("<I", len(self.members))]
         parts += [m.encode() for m in self.members]
         parts.append(struct.pack("<I", len(self.deltas)))
         parts += [d.encode() for d in self.deltas]
@@ -462,8 +474,7 @@ class DigestSnapshot:
     bits: bytes
 
     def encode(self) -> bytes:
-        return struct.pack("<IIQB", self.generation, self.version, self.num_bits,
-                           self.num_hashes) + self.bits
+        return struct.pack("<IIQB", self.generation, self.version, self.num_bits, self.num_hashes) + self.bits
 
     @staticmethod
     def decode(body: bytes) -> DigestSnapshot:
@@ -539,13 +550,19 @@ class SharedTensor:
     def encode(self) -> bytes:
         if len(self.shape) != len(self.stride) or len(self.shape) > MAX_TENSOR_DIMS:
             raise ValueError(f"bad tensor geometry {self.shape} / {self.stride}")
-        return (struct.pack("<iB", self.device, len(self.shape))
-                + struct.pack(f"<{len(self.shape)}q", *self.shape)
-                + struct.pack(f"<{len(self.stride)}q", *self.stride)
-                + struct.pack("<q", self.offset) + _text(self.dtype, 32)
-                + _blob(self.storage_handle) + struct.pack("<QQ", self.storage_size_bytes, self.storage_offset_bytes)
-                + _blob(self.ref_counter_handle) + struct.pack("<Q", self.ref_counter_offset)
-                + _blob(self.event_handle) + struct.pack("<B", int(self.event_sync_required)))
+        return (
+            struct.pack("<iB", self.device, len(self.shape))
+            + struct.pack(f"<{len(self.shape)}q", *self.shape)
+            + struct.pack(f"<{len(self.stride)}q", *self.stride)
+            + struct.pack("<q", self.offset)
+            + _text(self.dtype, 32)
+            + _blob(self.storage_handle)
+            + struct.pack("<QQ", self.storage_size_bytes, self.storage_offset_bytes)
+            + _blob(self.ref_counter_handle)
+            + struct.pack("<Q", self.ref_counter_offset)
+            + _blob(self.event_handle)
+            + struct.pack("<B", int(self.event_sync_required))
+        )
 
     @staticmethod
     def read(r: Reader) -> SharedTensor:
@@ -564,8 +581,9 @@ class SharedTensor:
         (rc_off,) = struct.unpack("<Q", r.take(8))
         ev = _read_blob(r)
         sync = r.u8()
-        return SharedTensor(device, tuple(shape), tuple(stride), offset, dtype, storage, size, soff, rc, rc_off,
-                            ev, bool(sync))
+        return SharedTensor(
+            device, tuple(shape), tuple(stride), offset, dtype, storage, size, soff, rc, rc_off, ev, bool(sync)
+        )
 
 
 def encode_gpu_open(host_id: str, mechanisms: tuple[str, ...]) -> bytes:
@@ -598,8 +616,13 @@ class GpuHandles:
     def encode(self) -> bytes:
         if len(self.tensors) > MAX_SHARED_TENSORS:
             raise ValueError(f"{len(self.tensors)} tensors exceed {MAX_SHARED_TENSORS}")
-        return (struct.pack("<B", int(self.ok)) + _text(self.reason, 255) + _text(self.mechanism, 16)
-                + struct.pack("<BI", self.page_dim, len(self.tensors)) + b"".join(t.encode() for t in self.tensors))
+        return (
+            struct.pack("<B", int(self.ok))
+            + _text(self.reason, 255)
+            + _text(self.mechanism, 16)
+            + struct.pack("<BI", self.page_dim, len(self.tensors))
+            + b"".join(t.encode() for t in self.tensors)
+        )
 
     @staticmethod
     def decode(body: bytes) -> GpuHandles:
@@ -633,8 +656,9 @@ class GpuPinned:
         return len(self.pages) // self.pages_per_chunk if self.pages_per_chunk else 0
 
     def encode(self) -> bytes:
-        return (struct.pack("<QIII", self.lease_id, self.lease_ms, self.pages_per_chunk, len(self.pages))
-                + struct.pack(f"<{len(self.pages)}I", *self.pages))
+        return struct.pack("<QIII", self.lease_id, self.lease_ms, self.pages_per_chunk, len(self.pages)) + struct.pack(
+            f"<{len(self.pages)}I", *self.pages
+        )
 
     @staticmethod
     def decode(body: bytes) -> GpuPinned:

@@ -109,17 +109,31 @@ def _frame_bytes(body: bytes) -> int:
 class Cluster:
     """N simulated members; ``bytes_by_kind`` counts every message, request and reply."""
 
-    def __init__(self, n: int, *, seed: int = 0, period_s: float = 1.0, digest_capacity: int = 4096,
-                 digest_fp_rate: float = 0.001, sync_interval_s: float = 30.0,
-                 max_sources: int = 4, fetches_per_tick: int = 4) -> None:
+    def __init__(
+        self,
+        n: int,
+        *,
+        seed: int = 0,
+        period_s: float = 1.0,
+        digest_capacity: int = 4096,
+        digest_fp_rate: float = 0.001,
+        sync_interval_s: float = 30.0,
+        max_sources: int = 4,
+        fetches_per_tick: int = 4,
+    ) -> None:
         self.fetches_per_tick = fetches_per_tick
         self.rng = random.Random(seed)
         self.period_s = period_s
         self.now = 0.0
         self.rounds = 0
-        self.cfg = MembershipConfig(period_s=period_s, ack_timeout_s=period_s / 2, indirect_probes=3,
-                                    suspicion_mult=4.0, dead_retention_s=60 * period_s,
-                                    sync_interval_s=sync_interval_s)
+        self.cfg = MembershipConfig(
+            period_s=period_s,
+            ack_timeout_s=period_s / 2,
+            indirect_probes=3,
+            suspicion_mult=4.0,
+            dead_retention_s=60 * period_s,
+            sync_interval_s=sync_interval_s,
+        )
         self.bits, self.hashes = bloom_geometry(digest_capacity, digest_fp_rate)
         self.max_sources = max_sources
         self.nodes: dict[str, SimNode] = {}
@@ -136,10 +150,16 @@ class Cluster:
             node.m._bcast.clear()  # converged: nothing left to announce
 
     def _add(self, node_id: str, incarnation: int = 1) -> SimNode:
-        m = Membership(node_id, node_id, 7070, incarnation, self.cfg, random.Random(self.rng.random()),
-                       now=self.now - self.rng.random() * self.cfg.sync_interval_s)
-        node = SimNode(node_id, m, LocalDigest(node_id, self.bits, self.hashes, generation=1),
-                       _VersionDigests())
+        m = Membership(
+            node_id,
+            node_id,
+            7070,
+            incarnation,
+            self.cfg,
+            random.Random(self.rng.random()),
+            now=self.now - self.rng.random() * self.cfg.sync_interval_s,
+        )
+        node = SimNode(node_id, m, LocalDigest(node_id, self.bits, self.hashes, generation=1), _VersionDigests())
         m.on_delta = node.peers.apply_delta
 
         def on_record(rec, node=node):
@@ -154,8 +174,14 @@ class Cluster:
 
     # -- transport ------------------------------------------------------------------------------
     def _count(self, kind: int, body: bytes) -> None:
-        name = {P.Kind.PING: "ping", P.Kind.ACK: "ack", P.Kind.NACK: "nack", P.Kind.PING_REQ: "ping_req",
-                P.Kind.SYNC: "sync", P.Kind.SYNC_REPLY: "sync_reply"}[kind]
+        name = {
+            P.Kind.PING: "ping",
+            P.Kind.ACK: "ack",
+            P.Kind.NACK: "nack",
+            P.Kind.PING_REQ: "ping_req",
+            P.Kind.SYNC: "sync",
+            P.Kind.SYNC_REPLY: "sync_reply",
+        }[kind]
         self.bytes_by_kind[name] += _frame_bytes(body)
         self.msgs_by_kind[name] += 1
 
@@ -293,11 +319,15 @@ def lookup_messages(cluster: Cluster, requests: int, chunks: int, holders: int, 
                 break
         pulls += len(set(plan))
         found += len(plan) == chunks
-    return {"requests": requests, "chunks": chunks, "holders": holders,
-            "confirm_requests_per_request": confirms / requests,
-            "messages_per_request": 2 * (confirms + pulls) / requests,
-            "false_positive_chunks_per_request": false_pos / requests,
-            "found_rate": found / requests}
+    return {
+        "requests": requests,
+        "chunks": chunks,
+        "holders": holders,
+        "confirm_requests_per_request": confirms / requests,
+        "messages_per_request": 2 * (confirms + pulls) / requests,
+        "false_positive_chunks_per_request": false_pos / requests,
+        "found_rate": found / requests,
+    }
 
 
 def run_scale(n: int, seed: int = 0, steady_rounds: int = 30, store_rate: float = 0.2) -> dict:
@@ -333,9 +363,12 @@ def run_scale(n: int, seed: int = 0, steady_rounds: int = 30, store_rate: float 
     target = (owner.digest.generation, owner.digest.version)
     for d in owner.digest._log[-1:]:
         owner.m.queue_delta(d)
-    fresh_rounds = _until(c, lambda: all(x.peers.have.get(owner.node_id, (0, 0)) >= target
-                                         for x in c.live() if x is not owner), 300,
-                          stores_per_node_per_s=store_rate)
+    fresh_rounds = _until(
+        c,
+        lambda: all(x.peers.have.get(owner.node_id, (0, 0)) >= target for x in c.live() if x is not owner),
+        300,
+        stores_per_node_per_s=store_rate,
+    )
     # Join through one seed.
     seed_node = rng.choice(c.live()).node_id
     joiner = c.join(seed_node)
@@ -343,8 +376,7 @@ def run_scale(n: int, seed: int = 0, steady_rounds: int = 30, store_rate: float 
     # Death: one member stops answering.
     victim = rng.choice([x for x in c.live() if x is not joiner])
     victim.alive = False
-    suspect_rounds = _until(c, lambda: all(x.m.state_of(victim.node_id) in (P.SUSPECT, P.DEAD)
-                                           for x in c.live()), 200)
+    suspect_rounds = _until(c, lambda: all(x.m.state_of(victim.node_id) in (P.SUSPECT, P.DEAD) for x in c.live()), 200)
     dead_rounds_more = _until(c, lambda: c.known_by_all(victim.node_id, P.DEAD), 400)
     dead_rounds = None if suspect_rounds is None or dead_rounds_more is None else suspect_rounds + dead_rounds_more
     lookups = {
@@ -353,7 +385,9 @@ def run_scale(n: int, seed: int = 0, steady_rounds: int = 30, store_rate: float 
         "16_chunks_3_holders": lookup_messages(c, 100, 16, 3, rng),
     }
     return {
-        "members": n, "period_s": c.period_s, "stores_per_member_per_s": store_rate,
+        "members": n,
+        "period_s": c.period_s,
+        "stores_per_member_per_s": store_rate,
         "suspicion_timeout_periods": c.cfg.suspicion_mult * max(1.0, math.log10(n + 1)),
         "join_known_by_all_rounds": join_rounds,
         "death_suspected_by_all_rounds": suspect_rounds,
@@ -404,8 +438,9 @@ def plot(results: list[dict], path: str) -> None:
     ax[0].set_title("membership convergence")
     ax[1].plot(ns, [r["gossip_bytes_per_member_per_s"] / 1024 for r in results], "o-", label="total")
     for kind in ("ping", "ack", "sync", "sync_reply", "digest_fetch"):
-        ax[1].plot(ns, [r["gossip_bytes_per_member_per_s_by_kind"].get(kind, 0) / 1024 for r in results],
-                   ".--", label=kind)
+        ax[1].plot(
+            ns, [r["gossip_bytes_per_member_per_s_by_kind"].get(kind, 0) / 1024 for r in results], ".--", label=kind
+        )
     ax[1].set_xscale("log")
     ax[1].set_xlabel("members")
     ax[1].set_ylabel("KiB sent per member per second")

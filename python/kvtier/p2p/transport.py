@@ -70,8 +70,11 @@ class TlsSettings:
     """
 
     def __init__(self, cert_file: str, key_file: str, ca_file: str | None = None) -> None:
-        for key, path in (("peers.tls_cert_file", cert_file), ("peers.tls_key_file", key_file),
-                          ("peers.tls_ca_file", ca_file)):
+        for key, path in (
+            ("peers.tls_cert_file", cert_file),
+            ("peers.tls_key_file", key_file),
+            ("peers.tls_ca_file", ca_file),
+        ):
             if path is not None and not os.path.isfile(path):
                 raise InvalidArgumentError(f"{key}={path!r} is not a file")
         self.cert_file, self.key_file, self.ca_file = cert_file, key_file, ca_file
@@ -96,7 +99,8 @@ class TlsSettings:
         except (ssl.SSLError, OSError) as e:
             raise InvalidArgumentError(
                 f"peers.tls_cert_file={cert_file!r} / peers.tls_key_file={key_file!r}: cannot load "
-                f"the certificate with its key (a key of another certificate, or not PEM): {e}") from None
+                f"the certificate with its key (a key of another certificate, or not PEM): {e}"
+            ) from None
         if ca_file is None:
             self.client.verify_mode = ssl.CERT_NONE
             return
@@ -117,13 +121,13 @@ class TlsSettings:
         if cert_file is None or key_file is None:
             raise InvalidArgumentError(
                 "peers: TLS needs both peers.tls_cert_file and peers.tls_key_file (got "
-                f"tls_cert_file={cert_file!r}, tls_key_file={key_file!r}, tls_ca_file={ca_file!r})")
+                f"tls_cert_file={cert_file!r}, tls_key_file={key_file!r}, tls_ca_file={ca_file!r})"
+            )
         return cls(cert_file, key_file, ca_file)
 
     def wrap_server(self, sock: socket.socket, deadline: Deadline) -> ssl.SSLSocket:
         """The TLS handshake of an accepted socket; the socket is closed if it fails."""
-        return _tls_handshake(self.server.wrap_socket(sock, server_side=True, do_handshake_on_connect=False),
-                              deadline)
+        return _tls_handshake(self.server.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), deadline)
 
     def wrap_client(self, sock: socket.socket, deadline: Deadline) -> tuple[ssl.SSLSocket, bytes]:
         """(TLS socket, channel binding: SHA-256 of the certificate the server presented)."""
@@ -283,8 +287,7 @@ def _check_compat(me: Identity, fingerprint: bytes, blob_bytes: int) -> str | No
 
 
 def client_handshake(conn: Connection, me: Identity, deadline: Deadline) -> None:
-    hello = P.Hello(me.node_id, auth.new_nonce(), me.fingerprint, me.blob_bytes,
-                    P.LOCAL_ALGORITHMS_MASK)
+    hello = P.Hello(me.node_id, auth.new_nonce(), me.fingerprint, me.blob_bytes, P.LOCAL_ALGORITHMS_MASK)
     hello_body = hello.encode()
     conn.send_frame(P.Kind.HELLO, 0, hello_body, deadline)
     _, body = conn.recv_frame(deadline, P.Kind.CHALLENGE)
@@ -308,8 +311,7 @@ def server_handshake(conn: Connection, me: Identity, deadline: Deadline, admit=N
     LoginRefusedError)."""
     _, hello_body = conn.recv_frame(deadline, P.Kind.HELLO)
     hello = P.Hello.decode(hello_body)
-    ch = P.Challenge(me.node_id, auth.new_nonce(), me.fingerprint, me.blob_bytes,
-                     P.LOCAL_ALGORITHMS_MASK)
+    ch = P.Challenge(me.node_id, auth.new_nonce(), me.fingerprint, me.blob_bytes, P.LOCAL_ALGORITHMS_MASK)
     unsigned = ch.encode_unsigned()
     mac = auth.server_mac(me.secret, hello_body, unsigned, conn.tls_binding)
     conn.send_frame(P.Kind.CHALLENGE, 0, unsigned + mac, deadline)
@@ -318,8 +320,9 @@ def server_handshake(conn: Connection, me: Identity, deadline: Deadline, admit=N
     except (ConnectionError, P.ProtocolError) as e:
         # A client that cannot verify our MAC (another secret) hangs up here.
         raise AuthenticationError(f"peer {conn.addr} left the handshake: {e}") from None
-    if len(got) != P.MAC_BYTES or not auth.verify(auth.client_mac(me.secret, hello_body, unsigned, conn.tls_binding),
-                                                  got):
+    if len(got) != P.MAC_BYTES or not auth.verify(
+        auth.client_mac(me.secret, hello_body, unsigned, conn.tls_binding), got
+    ):
         try:
             conn.send_frame(P.Kind.ERROR, 0, P.encode_error("authentication failed"), deadline)
         except OSError:
@@ -342,8 +345,9 @@ def server_handshake(conn: Connection, me: Identity, deadline: Deadline, admit=N
     conn.algo = P.pick_algorithm(P.LOCAL_ALGORITHMS_MASK, hello.algorithms)
 
 
-def connect(host: str, port: int, me: Identity, deadline: Deadline, connect_timeout_s: float,
-            tls: TlsSettings | None = None) -> Connection:
+def connect(
+    host: str, port: int, me: Identity, deadline: Deadline, connect_timeout_s: float, tls: TlsSettings | None = None
+) -> Connection:
     sock = socket.create_connection((host, port), timeout=min(connect_timeout_s, deadline.remaining()))
     binding = b""
     if tls is not None:
@@ -362,8 +366,9 @@ class ConnectionPool:
     """Idle authenticated connections per peer address; a connection is checked out by one
     request at a time and returned only after a clean exchange."""
 
-    def __init__(self, me: Identity, connect_timeout_s: float, max_idle_per_peer: int = 4,
-                 tls: TlsSettings | None = None) -> None:
+    def __init__(
+        self, me: Identity, connect_timeout_s: float, max_idle_per_peer: int = 4, tls: TlsSettings | None = None
+    ) -> None:
         self._me = me
         self._tls = tls
         self._connect_timeout_s = connect_timeout_s
