@@ -201,9 +201,7 @@ class Instance:
         """Leading chunks cached here (GPU, CPU or disk), without touching any state."""
         n = 0
         if self.pool is not None:
-            pc = self.pool._chunks
-            while n < len(chunks) and chunks[n] in pc:
-                n += 1
+            n = self.pool.leading_hits(chunks)
         if self.cpu is not None and n < len(chunks):
             n += self.cpu.lookup(chunks, n)
         return n
@@ -348,10 +346,7 @@ class Simulator:
             if pool is not None:
                 read_ahead = 0
                 if inst.cpu is not None and prefetch is not None:  # KVCache.lookup's prefetch
-                    gpu_n = 0
-                    pc = pool._chunks
-                    while gpu_n < len(chunks) and chunks[gpu_n] in pc:
-                        gpu_n += 1
+                    gpu_n = pool.leading_hits(chunks)
                     low = inst.cpu.lookup(chunks, gpu_n)
                     if low:
                         tiers = inst.cpu.lookup_tiers(chunks[gpu_n : gpu_n + low])

@@ -114,6 +114,13 @@ class SimGpuPool:
     def __contains__(self, key) -> bool:
         return key in self._chunks
 
+    def leading_hits(self, keys) -> int:
+        """How many leading ``keys`` this pool holds, without touching any state."""
+        chunks, n = self._chunks, 0
+        while n < len(keys) and keys[n] in chunks:
+            n += 1
+        return n
+
     def cached_chunks(self) -> int:
         """Chunks registered in GPU pages."""
         return len(self._chunks)
