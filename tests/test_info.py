@@ -64,6 +64,16 @@ def test_text_report_agrees_with_json(info_text, info_json):
         assert info_json["pinned_reason"] in info_text
 
 
+def test_peer_data_path_says_whether_nixl_is_installed(info_json, info_text):
+    line = dict(x.split(":", 1) for x in info_text.splitlines() if ":" in x)["Peer data path"].strip()
+    assert line.startswith("TCP stream; nixl ")
+    if info_json["nixl_installed"]:
+        assert line.endswith("nixl installed") and info_json["nixl_reason"] == ""
+    else:
+        assert "pip install --no-deps nixl" in info_json["nixl_reason"]
+        assert line.endswith(f"not installed ({info_json['nixl_reason']})")
+
+
 def test_json_matches_system_info(info_json):
     # Through a JSON round trip so tuples (compute capability) compare as the lists JSON gives.
     expected = json.loads(json.dumps(asdict(system_info())))

@@ -1,4 +1,5 @@
-"""What this kvtier build has and what this machine offers it: CUDA, GPUs, I/O backend, pinned memory."""
+"""What this kvtier build has and what this machine offers it: CUDA, GPUs, I/O backend, pinned memory,
+the peers' data path."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import platform
 from dataclasses import dataclass, field
 
 from kvtier import _core
+from kvtier.p2p.nixl_agent import nixl_unavailable_reason
 
 
 @dataclass
@@ -21,6 +23,8 @@ class SystemInfo:
     io_uring_reason: str = ""
     pinned_memory: bool = False
     pinned_reason: str = ""
+    nixl_installed: bool = False
+    nixl_reason: str = ""
     python: str = platform.python_version()
 
     @property
@@ -75,6 +79,7 @@ def system_info() -> SystemInfo:
     gpus, gpu_reason = _core.list_gpus()
     uring_ok, uring_reason = _core.probe_io_uring()
     pinned_ok, pinned_reason = _core.probe_pinned_memory()
+    nixl_reason = nixl_unavailable_reason()
     if _INSUFFICIENT_DRIVER in gpu_reason or _INSUFFICIENT_DRIVER in pinned_reason:
         driver = nvidia_driver_version()
         runtime = int(_core.CUDA_RUNTIME_VERSION)
@@ -91,6 +96,8 @@ def system_info() -> SystemInfo:
         io_uring_reason=uring_reason,
         pinned_memory=bool(pinned_ok),
         pinned_reason=pinned_reason,
+        nixl_installed=nixl_reason is None,
+        nixl_reason=nixl_reason or "",
     )
 
 
@@ -121,4 +128,8 @@ def format_info(info: SystemInfo) -> str:
         lines.append("Pinned memory:      yes (cudaHostRegister)")
     else:
         lines.append(f"Pinned memory:      no ({info.pinned_reason})")
+    # Peers pull over their TCP stream; the NIXL endpoint (kvtier.p2p.nixl_agent) is not a data
+    # path of the peer service yet, so its presence is reported apart.
+    nixl = "installed" if info.nixl_installed else f"not installed ({info.nixl_reason})"
+    lines.append(f"Peer data path:     TCP stream; nixl {nixl}")
     return "\n".join(lines)
