@@ -199,6 +199,15 @@ def test_connect_close_cycles_leave_per_connection_state_bounded(kind):
             sizes = _per_connection_sizes(svc)
             assert sizes["threads"] == 2  # the accept and gossip loops only
             assert sizes["server_conns"] <= 8 + 4 and sizes["pending"] <= 4 and sizes["admitted"] <= 8
+            # A slot is freed when the server's thread sees the close, and a connection still in the
+            # listen backlog holds none yet: the next cycle waits until the server took this one and
+            # let it go (a login while every slot is taken is refused, as it should be).
+            wait_until(
+                lambda n=i + 1: (
+                    svc.counters["connections_accepted"] == n and _per_connection_sizes(svc)["server_conns"] == 0
+                )
+            )
+        assert svc.counters["connections_refused"] == 0
         wait_until(lambda: _per_connection_sizes(svc)["server_conns"] == 0)
         assert _per_connection_sizes(svc) == {
             "threads": 2,
@@ -250,6 +259,8 @@ def test_one_identity_cannot_lock_out_the_others(capacity, others):
                 refused += 1
             else:
                 c.close()
+                # until the server sees the hang-up its slot is held: wait for that, not for time
+                wait_until(lambda: svc.stats()["server_slots"]["identities"] == 1)
         assert refused == 0
         assert svc.counters["logins_refused"] == 4  # greedy's own, beyond all the slots
         wait_until(lambda: svc.stats()["server_slots"]["identities"] == 1)  # their hang-ups seen
@@ -260,6 +271,8 @@ def test_one_identity_cannot_lock_out_the_others(capacity, others):
                 c = _login(svc, f"member-{j}")
                 assert c is not None, (j, svc.stats()["server_slots"])
                 mine.append(c)
+                # the evicted connection's thread unwinds before its place at accept is free
+                wait_until(lambda: (n := _per_connection_sizes(svc))["server_conns"] == n["admitted"])
         stats = svc.stats()
         assert stats["server_slots"]["admitted"] <= capacity
         assert stats["connections_evicted"] >= others * share

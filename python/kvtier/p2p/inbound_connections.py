@@ -71,6 +71,7 @@ class InboundConnections:
                 if self._stop.is_set():
                     return
                 continue
+            self.counters["connections_accepted"] += 1
             try:
                 conn = Connection(sock, addr)
             except OSError:  # reset before we saw it
