@@ -9,6 +9,8 @@
 
 #include <string>
 
+#include "common/mutex.h"
+
 #if KVTIER_HAVE_CUDA
 #include <cuda_runtime_api.h>
 
@@ -22,6 +24,9 @@
 #include <vector>
 
 #include "common/thread_annotations.h"
+#include "transfer/batch_copy.h"
+#include "transfer/cuda_resources.h"
+#include "transfer/cuda_transfer.h"
 #include "transfer/cuda_util.h"
 #include "transfer/gather_kernels.h"
 #endif
@@ -53,329 +58,7 @@ StatusOr<std::unique_ptr<CopyEngine>> CreateCudaCopyEngine(LayoutPlan plan,
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-constexpr size_t kMaxCopiesPerBatch = 1024;
-constexpr uint64_t kMetaMinBytes = uint64_t{64} << 10;
-constexpr auto kDestroyIdleTimeout = std::chrono::seconds(30);
-constexpr auto kWaitPollPeriod = std::chrono::milliseconds(5);
-
-// Reusable events (timing off). Release takes no CUDA call, so any thread may return events.
-class EventPool {
- public:
-  EventPool() = default;
-  EventPool(const EventPool&) = delete;
-  EventPool& operator=(const EventPool&) = delete;
-  ~EventPool() {
-    for (cudaEvent_t e : free_) cudaEventDestroy(e);
-  }
-  // REQUIRES: the engine's device is current. All or nothing.
-  Status Acquire(size_t n, std::vector<cudaEvent_t>* out) EXCLUDES(mu_) {
-    std::vector<cudaEvent_t> got;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      while (got.size() < n && !free_.empty()) {
-        got.push_back(free_.back());
-        free_.pop_back();
-      }
-    }
-    while (got.size() < n) {
-      cudaEvent_t e = nullptr;
-      cudaError_t err = cudaEventCreateWithFlags(&e, cudaEventDisableTiming);
-      if (err != cudaSuccess) {
-        Release(&got);
-        return CudaStatus(err, "cudaEventCreateWithFlags");
-      }
-      got.push_back(e);
-    }
-    *out = std::move(got);
-    return Status::OK();
-  }
-  void Release(std::vector<cudaEvent_t>* events) EXCLUDES(mu_) {
-    std::lock_guard<std::mutex> lock(mu_);
-    free_.insert(free_.end(), events->begin(), events->end());
-    events->clear();
-  }
-
- private:
-  std::mutex mu_;
-  std::vector<cudaEvent_t> free_ GUARDED_BY(mu_);
-};
-
-// A transfer's kernel metadata: a pinned host buffer it is written into and the device buffer
-// it is uploaded to, on the kernel stream, before the kernels that read it.
-struct MetaBuffer {
-  void* host = nullptr;
-  void* device = nullptr;
-  size_t capacity = 0;
-};
-
-// Metadata buffers, kept for reuse. Release takes no CUDA call (it runs in a host function).
-class MetaPool {
- public:
-  MetaPool() = default;
-  MetaPool(const MetaPool&) = delete;
-  MetaPool& operator=(const MetaPool&) = delete;
-  ~MetaPool() {
-    for (MetaBuffer& b : free_) {
-      cudaFreeHost(b.host);
-      cudaFree(b.device);
-    }
-  }
-  // REQUIRES: the engine's device is current.
-  Status Acquire(size_t bytes, MetaBuffer* out) EXCLUDES(mu_) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto best = free_.end();
-      for (auto it = free_.begin(); it != free_.end(); ++it) {
-        if (it->capacity >= bytes && (best == free_.end() || it->capacity < best->capacity))
-          best = it;
-      }
-      if (best != free_.end()) {
-        *out = *best;
-        free_.erase(best);
-        return Status::OK();
-      }
-    }
-    size_t capacity = kMetaMinBytes;
-    while (capacity < bytes) capacity *= 2;
-    MetaBuffer b;
-    b.capacity = capacity;
-    KVTIER_CUDA_RETURN_IF_ERROR(
-        cudaHostAlloc(&b.host, capacity, cudaHostAllocDefault),
-        "cudaHostAlloc of " + std::to_string(capacity) + " bytes of transfer metadata");
-    cudaError_t err = cudaMalloc(&b.device, capacity);
-    if (err != cudaSuccess) {
-      cudaFreeHost(b.host);
-      return CudaStatus(
-          err, "cudaMalloc of " + std::to_string(capacity) + " bytes of transfer metadata");
-    }
-    *out = b;
-    return Status::OK();
-  }
-  void Release(const MetaBuffer& b) EXCLUDES(mu_) {
-    std::lock_guard<std::mutex> lock(mu_);
-    free_.push_back(b);
-  }
-
- private:
-  std::mutex mu_;
-  std::vector<MetaBuffer> free_ GUARDED_BY(mu_);
-};
-
-// One copy direction's streams, staging slots and the events that order them.
-struct Direction {
-  std::mutex mu;                                   // held while a transfer is enqueued
-  cudaStream_t dma = nullptr;                      // cudaMemcpy*Async
-  cudaStream_t kernel = nullptr;                   // gather/scatter kernels and metadata uploads
-  void* slot[2] = {nullptr, nullptr};              // staging slots (staged method)
-  cudaEvent_t slot_ready[2] = {nullptr, nullptr};  // the slot's bytes are ready for the next stage
-  cudaEvent_t slot_free[2] = {nullptr, nullptr};   // the slot's last reader is done
-  cudaEvent_t after = nullptr;                     // recorded on the caller's after_stream
-  cudaEvent_t join = nullptr;  // one stream of the transfer waits for the other at the end
-  int next_slot GUARDED_BY(mu) = 0;
-};
-
-// Everything the engine and its transfers share. Destroyed when the engine and every transfer
-// are gone; it waits (with a deadline) for its streams to go idle before freeing anything.
-struct CudaCore {
-  LayoutPlan plan;
-  TransferMethod method = TransferMethod::kAuto;
-  int device = 0;
-  int sm_count = 1;
-  uint64_t slot_bytes = 0;
-  std::atomic<bool> batch_copies{false};  // cudaMemcpyBatchAsync available and working
-  SegmentDev* segments_dev = nullptr;
-  void* staging = nullptr;
-  Direction offload;  // gather: pages -> blobs
-  Direction load;     // scatter: blobs -> pages
-  std::unique_ptr<EventPool> events = std::make_unique<EventPool>();
-  std::unique_ptr<MetaPool> meta = std::make_unique<MetaPool>();
-
-  CudaCore() = default;
-  CudaCore(const CudaCore&) = delete;
-  CudaCore& operator=(const CudaCore&) = delete;
-  ~CudaCore();
-
-  bool WaitIdle(Clock::time_point deadline) {
-    for (cudaStream_t s : {offload.dma, offload.kernel, load.dma, load.kernel}) {
-      if (s == nullptr) continue;
-      for (;;) {
-        cudaError_t err = cudaStreamQuery(s);
-        if (err == cudaSuccess) break;
-        if (err != cudaErrorNotReady) {  // a broken context or an unloading runtime: nothing runs
-          cudaGetLastError();
-          break;
-        }
-        if (Clock::now() >= deadline) return false;
-        std::this_thread::sleep_for(std::chrono::milliseconds(1));
-      }
-    }
-    return true;
-  }
-};
-
-CudaCore::~CudaCore() {
-  DeviceGuard guard;
-  if (!guard.Enter(device).ok()) return;
-  if (!WaitIdle(Clock::now() + kDestroyIdleTimeout)) {
-    // Work still queued may use these buffers (and a host function the metadata pool): leak them
-    // rather than free memory in use.
-    (void)events.release();
-    (void)meta.release();
-    return;
-  }
-  for (Direction* d : {&offload, &load}) {
-    for (cudaEvent_t e : {d->slot_ready[0], d->slot_ready[1], d->slot_free[0], d->slot_free[1],
-                          d->after, d->join}) {
-      if (e != nullptr) cudaEventDestroy(e);
-    }
-    if (d->dma != nullptr) cudaStreamDestroy(d->dma);
-    if (d->kernel != nullptr) cudaStreamDestroy(d->kernel);
-  }
-  if (staging != nullptr) cudaFree(staging);
-  if (segments_dev != nullptr) cudaFree(segments_dev);
-  events.reset();
-  meta.reset();
-  cudaGetLastError();
-}
-
-// What the completion host function needs; shared by it and the Transfer handle.
-struct CudaTransferState {
-  TransferCallback callback;
-  MetaPool* meta_pool = nullptr;  // outlives every host function (see ~CudaCore)
-  MetaBuffer meta;
-  bool owns_meta = false;
-  Status final_status;  // written before the host function is enqueued
-
-  std::mutex mu;
-  std::condition_variable cv;
-  bool done GUARDED_BY(mu) = false;
-  Status status GUARDED_BY(mu);
-
-  // Runs once: returns the metadata buffer, runs the callback, then wakes the waiters.
-  // Calls no CUDA API (it runs as a stream host function).
-  void Complete() {
-    if (owns_meta) meta_pool->Release(meta);
-    owns_meta = false;
-    if (callback) callback(final_status);
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      status = final_status;
-      done = true;
-    }
-    cv.notify_all();
-  }
-};
-
-void CUDART_CB CompleteHostFn(void* arg) {
-  std::unique_ptr<std::shared_ptr<CudaTransferState>> holder(
-      static_cast<std::shared_ptr<CudaTransferState>*>(arg));
-  (*holder)->Complete();
-}
-
-class CudaTransfer final : public Transfer {
- public:
-  CudaTransfer(std::shared_ptr<CudaCore> core, std::shared_ptr<CudaTransferState> state,
-               TransferMethod method)
-      : core_(std::move(core)), state_(std::move(state)), method_(method) {}
-  ~CudaTransfer() override {
-    if (!events_.empty()) core_->events->Release(&events_);
-  }
-
-  // Enqueue-time facts (written only before the handle is returned to the caller).
-  std::vector<cudaEvent_t> events_;  // one per layer, then the final event
-  std::vector<char> layer_recorded_;
-  bool final_recorded_ = false;
-  Status enqueue_status_;
-
-  cudaEvent_t layer_event(int l) const { return events_[l]; }
-  cudaEvent_t final_event() const { return events_.back(); }
-  const std::shared_ptr<CudaTransferState>& state() const { return state_; }
-
-  Status Wait(int64_t timeout_ms) override {
-    KVTIER_RETURN_IF_ERROR(ValidateTimeout(timeout_ms));
-    const Clock::time_point deadline = DeadlineAfter(timeout_ms);
-    DeviceGuard guard;  // event queries from a fresh thread need the engine's context bound
-    if (final_recorded_) KVTIER_RETURN_IF_ERROR(guard.Enter(core_->device));
-    std::unique_lock<std::mutex> lock(state_->mu);
-    for (;;) {
-      if (state_->done) return state_->status;
-      const Clock::time_point now = Clock::now();
-      if (now >= deadline) {
-        return Status::DeadlineExceeded("transfer not complete after " +
-                                        std::to_string(timeout_ms) + " ms");
-      }
-      state_->cv.wait_until(lock, std::min(deadline, now + kWaitPollPeriod),
-                            [this] { return state_->done; });
-      if (state_->done) return state_->status;
-      if (final_recorded_) {
-        // A fault on the device means the host function never runs: report it instead of waiting.
-        lock.unlock();
-        const cudaError_t err = cudaEventQuery(final_event());
-        lock.lock();
-        if (err != cudaSuccess && err != cudaErrorNotReady) {
-          return CudaStatus(err, "the transfer failed on the device");
-        }
-      }
-    }
-  }
-
-  Status WaitLayer(int layer, int64_t timeout_ms) override {
-    KVTIER_RETURN_IF_ERROR(CheckLayer(layer));
-    KVTIER_RETURN_IF_ERROR(ValidateTimeout(timeout_ms));
-    // Never recorded: the transfer had no chunks, or failed before this layer was enqueued.
-    if (!layer_recorded_[layer]) return Wait(timeout_ms);
-    const Clock::time_point deadline = DeadlineAfter(timeout_ms);
-    DeviceGuard guard;
-    KVTIER_RETURN_IF_ERROR(guard.Enter(core_->device));
-    auto sleep = std::chrono::microseconds(10);
-    for (;;) {
-      const cudaError_t err = cudaEventQuery(layer_event(layer));
-      if (err == cudaSuccess) return Status::OK();
-      if (err != cudaErrorNotReady)
-        return CudaStatus(err, "layer " + std::to_string(layer) + " failed on the device");
-      if (Clock::now() >= deadline) {
-        return Status::DeadlineExceeded("layer " + std::to_string(layer) + " not complete after " +
-                                        std::to_string(timeout_ms) + " ms");
-      }
-      std::this_thread::sleep_for(sleep);
-      sleep = std::min(sleep * 2, std::chrono::microseconds(200));
-    }
-  }
-
-  Status StreamWaitLayer(int layer, uintptr_t stream) override {
-    KVTIER_RETURN_IF_ERROR(CheckLayer(layer));
-    if (!layer_recorded_[layer]) return enqueue_status_;  // OK for a transfer of no chunks
-    DeviceGuard guard;  // stream 0 means the engine device's legacy stream
-    KVTIER_RETURN_IF_ERROR(guard.Enter(core_->device));
-    KVTIER_CUDA_RETURN_IF_ERROR(
-        cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream), layer_event(layer), 0),
-        "cudaStreamWaitEvent on stream " + PointerString(stream) + " for layer " +
-            std::to_string(layer));
-    return Status::OK();
-  }
-
-  bool Done() const override {
-    std::lock_guard<std::mutex> lock(state_->mu);
-    return state_->done;
-  }
-  int num_layers() const override { return core_->plan.num_layers(); }
-  TransferMethod method() const override { return method_; }
-
- private:
-  Status CheckLayer(int layer) const {
-    if (layer < 0 || layer >= num_layers()) {
-      return Status::InvalidArgument("layer " + std::to_string(layer) + " is out of range [0, " +
-                                     std::to_string(num_layers()) + ")");
-    }
-    return Status::OK();
-  }
-
-  std::shared_ptr<CudaCore> core_;
-  std::shared_ptr<CudaTransferState> state_;
-  TransferMethod method_;
-};
+using namespace cudacopy;  // NOLINT(build/namespaces): the engine is the one user of its parts
 
 // One DMA: `bytes` from src to dst.
 struct CopyList {
@@ -516,7 +199,7 @@ class CudaCopyEngine final : public CopyEngine {
     }
 
     Direction& dir = scatter ? core_->load : core_->offload;
-    std::lock_guard<std::mutex> lock(dir.mu);
+    MutexLock lock(&dir.mu);
     // The stream that first touches KV waits for the caller's stream. A failure here is before
     // anything started: return it (the metadata buffer goes back unused).
     cudaStream_t first = method == TransferMethod::kDirect ? dir.dma : dir.kernel;
@@ -668,53 +351,10 @@ class CudaCopyEngine final : public CopyEngine {
     }
   }
 
-  // Issues `copies` on `stream`: in batches through cudaMemcpyBatchAsync where the runtime and
-  // driver have it, else one cudaMemcpyAsync each.
+  // Issues `copies` on `stream` (QueueCopies: batches where the runtime and driver have them).
   Status IssueCopies(const CopyList& copies, cudaStream_t stream) {
-    const size_t n = copies.sizes.size();
-    size_t i = 0;
-#if CUDART_VERSION >= 12080
-    if (n > 1 && core_->batch_copies.load(std::memory_order_relaxed)) {
-      while (i < n) {
-        const size_t count = std::min(kMaxCopiesPerBatch, n - i);
-        cudaMemcpyAttributes attr{};
-        attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-        attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
-        size_t attr_index = 0;
-        void* const* dsts = copies.dsts.data() + i;
-        const void* const* srcs = copies.srcs.data() + i;
-        const size_t* sizes = copies.sizes.data() + i;
-#if CUDART_VERSION >= 13000
-        const cudaError_t err =
-            cudaMemcpyBatchAsync(dsts, srcs, sizes, count, &attr, &attr_index, 1, stream);
-#else
-        size_t fail_index = SIZE_MAX;
-        const cudaError_t err = cudaMemcpyBatchAsync(dsts, srcs, sizes, count, &attr, &attr_index,
-                                                     1, &fail_index, stream);
-#endif
-        if (err == cudaSuccess) {
-          i += count;
-          continue;
-        }
-        if (err == cudaErrorNotSupported || err == cudaErrorInvalidValue ||
-            err == cudaErrorCallRequiresNewerDriver) {
-          // Not usable here: fall back to single copies from this batch on (a copy the failed
-          // batch already queued is queued again; both write the same bytes).
-          cudaGetLastError();
-          core_->batch_copies.store(false, std::memory_order_relaxed);
-          break;
-        }
-        return CudaStatus(err, "cudaMemcpyBatchAsync of " + std::to_string(count) + " copies");
-      }
-    }
-#endif
-    for (; i < n; ++i) {
-      KVTIER_CUDA_RETURN_IF_ERROR(
-          cudaMemcpyAsync(copies.dsts[i], copies.srcs[i], copies.sizes[i], cudaMemcpyDefault,
-                          stream),
-          "cudaMemcpyAsync of " + std::to_string(copies.sizes[i]) + " bytes");
-    }
-    return Status::OK();
+    return QueueCopies(copies.dsts.data(), copies.srcs.data(), copies.sizes.data(),
+                       copies.sizes.size(), stream, &core_->batch_copies);
   }
 
   Status RecordLayer(CudaTransfer& t, uint32_t layer, cudaStream_t stream) {
@@ -906,26 +546,6 @@ Status CheckSegmentMemory(const LayoutPlan& plan, size_t s, int device) {
                                      (addr == seg.base ? " (page 0)" : " (end of the last page)") +
                                      " is not memory of GPU " + std::to_string(device));
     }
-  }
-  return Status::OK();
-}
-
-Status CreateDirection(Direction* d, int kernel_priority, bool staged, char* staging,
-                       uint64_t slot_bytes) {
-  KVTIER_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&d->dma, cudaStreamNonBlocking),
-                              "cudaStreamCreate");
-  // Kernels are short; a high priority lets them slip between the model's blocks.
-  KVTIER_CUDA_RETURN_IF_ERROR(
-      cudaStreamCreateWithPriority(&d->kernel, cudaStreamNonBlocking, kernel_priority),
-      "cudaStreamCreateWithPriority");
-  for (cudaEvent_t* e : {&d->slot_ready[0], &d->slot_ready[1], &d->slot_free[0], &d->slot_free[1],
-                         &d->after, &d->join}) {
-    KVTIER_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(e, cudaEventDisableTiming),
-                                "cudaEventCreate");
-  }
-  if (staged) {
-    d->slot[0] = staging;
-    d->slot[1] = staging + slot_bytes;
   }
   return Status::OK();
 }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -9,9 +10,12 @@
 #include <string>
 #include <utility>
 
+#include "common/mutex.h"
+
 #if KVTIER_HAVE_CUDA
 #include <cuda_runtime_api.h>
 
+#include "transfer/batch_copy.h"
 #include "transfer/cuda_util.h"
 #include "transfer/segment_copy_kernel.h"
 #endif
@@ -68,6 +72,9 @@ Status PushDevice(int, uint64_t, int*) {
 #else
 namespace {
 
+// Cleared once the runtime or driver refuses cudaMemcpyBatchAsync: single copies from then on.
+std::atomic<bool> g_batches_usable{true};
+
 // Peer access from `device` to the GPU holding `ptr`, enabled once per pair (remembered: the
 // runtime call is not free and answers "already enabled" every later time).
 Status EnsurePeerAccess(int device, uint64_t ptr) {
@@ -75,9 +82,9 @@ Status EnsurePeerAccess(int device, uint64_t ptr) {
   KVTIER_CUDA_RETURN_IF_ERROR(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr)),
                               "cudaPointerGetAttributes");
   if (attr.type != cudaMemoryTypeDevice || attr.device == device) return Status::OK();
-  static std::mutex mu;
+  static Mutex mu;
   static std::set<std::pair<int, int>> enabled;
-  std::lock_guard<std::mutex> lock(mu);
+  MutexLock lock(&mu);
   if (enabled.count({device, attr.device})) return Status::OK();
   int can = 0;
   KVTIER_CUDA_RETURN_IF_ERROR(cudaDeviceCanAccessPeer(&can, device, attr.device),
@@ -97,9 +104,8 @@ Status EnsurePeerAccess(int device, uint64_t ptr) {
   return Status::OK();
 }
 
-// The copy engines: batches of cudaMemcpyBatchAsync, else one cudaMemcpyAsync a segment.
+// The copy engines: one DMA a segment, queued by QueueCopies (in batches where it can).
 Status CopyByDma(const std::vector<CopySegment>& segments, cudaStream_t stream) {
-  constexpr size_t kMaxPerBatch = 1024;
   std::vector<void*> dsts;
   std::vector<const void*> srcs;
   std::vector<size_t> sizes;
@@ -109,39 +115,8 @@ Status CopyByDma(const std::vector<CopySegment>& segments, cudaStream_t stream) 
     srcs.push_back(reinterpret_cast<const void*>(s.src));
     sizes.push_back(s.bytes);
   }
-  size_t i = 0;
-#if CUDART_VERSION >= 12080
-  while (i < sizes.size() && sizes.size() > 1) {
-    const size_t count = std::min(kMaxPerBatch, sizes.size() - i);
-    cudaMemcpyAttributes attr{};
-    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-    size_t attr_index = 0;
-#if CUDART_VERSION >= 13000
-    const cudaError_t err = cudaMemcpyBatchAsync(dsts.data() + i, srcs.data() + i, sizes.data() + i,
-                                                 count, &attr, &attr_index, 1, stream);
-#else
-    size_t fail_index = SIZE_MAX;
-    const cudaError_t err = cudaMemcpyBatchAsync(dsts.data() + i, srcs.data() + i, sizes.data() + i,
-                                                 count, &attr, &attr_index, 1, &fail_index, stream);
-#endif
-    if (err == cudaSuccess) {
-      i += count;
-      continue;
-    }
-    if (err == cudaErrorNotSupported || err == cudaErrorInvalidValue ||
-        err == cudaErrorCallRequiresNewerDriver) {
-      cudaGetLastError();  // no batches here: single copies from this batch on
-      break;
-    }
-    return CudaStatus(err, "cudaMemcpyBatchAsync of " + std::to_string(count) + " copies");
-  }
-#endif
-  for (; i < sizes.size(); ++i) {
-    KVTIER_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyDefault, stream),
-        "cudaMemcpyAsync of " + std::to_string(sizes[i]) + " bytes");
-  }
-  return Status::OK();
+  return QueueCopies(dsts.data(), srcs.data(), sizes.data(), sizes.size(), stream,
+                     &g_batches_usable);
 }
 
 // The copy kernel over `pieces` on `stream` (of the current GPU).
@@ -208,15 +183,15 @@ class ScopedEvent {
 // destroyed at exit, where it would race the runtime's own teardown). `mu` keeps one call's wait,
 // launches and record together on it.
 struct PushStream {
-  std::mutex mu;
+  Mutex mu;
   cudaStream_t stream = nullptr;
 };
 
 // The current GPU's push stream; `device` is the current GPU.
 Status PushStreamOf(int device, PushStream** out) {
-  static std::mutex mu;
+  static Mutex mu;
   static std::map<int, std::unique_ptr<PushStream>> streams;
-  std::lock_guard<std::mutex> lock(mu);
+  MutexLock lock(&mu);
   std::unique_ptr<PushStream>& slot = streams[device];
   if (!slot) {
     auto p = std::make_unique<PushStream>();
@@ -250,7 +225,7 @@ Status CopyByPush(int src_device, const std::vector<CopySegment>& pieces, cudaSt
   {
     DeviceGuard on_src;  // a launch goes to a stream of the current GPU
     KVTIER_RETURN_IF_ERROR(on_src.Enter(src_device));
-    std::lock_guard<std::mutex> lock(push->mu);
+    MutexLock lock(&push->mu);
     KVTIER_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(push->stream, ready.get(), 0),
                                 "cudaStreamWaitEvent on GPU " + std::to_string(src_device));
     launched = LaunchPieces(pieces, push->stream);
