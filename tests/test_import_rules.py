@@ -24,7 +24,21 @@ PKG = Path(__file__).resolve().parents[1] / "python" / "kvtier"
 REPO = PKG.parents[1]
 
 # Modules and packages of the core: a package (config) counts with every module in it.
-CORE = ("cache", "pool", "layout", "keys", "planner", "policies", "config", "metrics", "upload", "errors", "sources")
+CORE = (
+    "cache",
+    "pool",
+    "sequence",
+    "layout",
+    "keys",
+    "planner",
+    "policies",
+    "config",
+    "factory",
+    "metrics",
+    "upload",
+    "errors",
+    "sources",
+)
 FORBIDDEN = ("p2p", "sim", "integrations", "examples", "cli")
 
 # (class's module, class): the private names of these classes stay inside their module.
@@ -160,6 +174,14 @@ def test_the_core_is_in_no_import_cycle_with_the_layers_above():
     for comp in cycles(edges):
         mixed = set(comp) & set(CORE)
         assert not (mixed and set(comp) & set(FORBIDDEN)), f"import cycle across layers: {comp}"
+
+
+def test_the_core_modules_import_one_way():
+    """No cycle among the core's modules (the config package builds no cache: kvtier.factory,
+    above both, does)."""
+    edges = graph()
+    among = {name: edges[name] & set(CORE) for name in CORE}
+    assert not cycles(among), f"import cycle inside the core: {cycles(among)}"
 
 
 def test_no_import_cycle_inside_a_core_package():

@@ -10,7 +10,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("prometheus_client")
 
 import kvtier
-from kvtier.config import KVTierConfig, open_cache
+from kvtier import open_cache
+from kvtier.config import KVTierConfig
 
 
 def test_open_cache_from_config_serves_metrics(tmp_path):
@@ -41,3 +42,13 @@ def test_open_cache_from_config_serves_metrics(tmp_path):
     finally:
         cache.metrics.close()
         cache.close()
+
+
+def test_the_old_name_in_kvtier_config_still_works_and_warns():
+    import kvtier.config
+
+    with pytest.warns(DeprecationWarning, match="kvtier.open_cache"):
+        assert kvtier.config.open_cache is open_cache
+    with pytest.warns(DeprecationWarning):
+        from kvtier.config import open_cache as old
+    assert old is open_cache

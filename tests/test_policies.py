@@ -4,12 +4,14 @@ prefetch, and a failing hook that must not break the cache."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
 import kvtier
 from _util import toks
-from kvtier.policies import AdmissionPolicy, EvictionPolicy, LRUEviction, PrefetchAll, SeenAtLeast
+from kvtier.policies import AdmissionPolicy, EvictionPolicy, LRUEviction, PrefetchAll, SeenAtLeast, pick_victims
 from kvtier.pool import PagedKVPool
 
 
@@ -184,3 +186,27 @@ def test_a_prefetch_never_evicts_the_chunks_it_has_just_read(tmp_path, determini
     cache.tier.release_blobs(b_tail)
     assert cache.load(a, [40, 41, 42, 43]).wait() == 2 * ct  # the tail from disk, behind the head
     cache.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pages=st.lists(st.integers(1, 8), max_size=40),
+    needed=st.integers(0, 80),
+)
+def test_pick_victims_without_a_policy_is_the_built_in_lru(pages, needed):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Chunk:
+        key: bytes
+        pages: int
+        last_use: int = 0
+        uses: int = 1
+
+    chunks = [Chunk(i.to_bytes(16, "little"), p, last_use=i) for i, p in enumerate(pages)]
+    lazy = pick_victims(iter(chunks), needed, lambda c: c.pages)
+    assert lazy == pick_victims(chunks, needed, lambda c: c.pages, LRUEviction())
+    freed = sum(c.pages for c in lazy)
+    assert freed >= min(needed, sum(pages))  # enough pages, or every candidate
+    assert lazy == chunks[: len(lazy)]  # least recently used first
+    assert not lazy or freed - lazy[-1].pages < needed  # no more than needed

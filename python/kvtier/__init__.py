@@ -15,6 +15,7 @@ from kvtier.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from kvtier.factory import open_cache
 from kvtier.keys import ChunkKeyer, chunk_keys, namespace_key
 from kvtier.layout import Layout, Segment
 from kvtier.pool import PagedKVPool
@@ -62,4 +63,5 @@ __all__ = [
     "__version__",
     "chunk_keys",
     "namespace_key",
+    "open_cache",
 ]

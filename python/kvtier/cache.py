@@ -41,7 +41,7 @@ _LAYOUTS_KEPT_ALIVE: list = []
 
 def _timed(op: str):
     """Record the call's latency in ``self.metrics`` (kvtier.metrics.Metrics) when one is
-    attached (kvtier.config.open_cache attaches it). store and load return once their copies are
+    attached (kvtier.open_cache attaches it). store and load return once their copies are
     submitted: this is the time the caller spends in the call, not the copy's duration."""
 
     def wrap(fn):
@@ -341,7 +341,7 @@ class KVCache:
 
             prefetch_policy = PrefetchAll()
         self._prefetch_policy = prefetch_policy
-        self.metrics = None  # a kvtier.metrics.Metrics, when attached (see kvtier.config.open_cache)
+        self.metrics = None  # a kvtier.metrics.Metrics, when attached (see kvtier.open_cache)
         self._closed = False
         self._bookkeeping_errors = 0
         self._lock = threading.Lock()

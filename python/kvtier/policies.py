@@ -19,8 +19,9 @@ Worked examples are in docs/policies.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from kvtier.planner import CostModelPlanner, LoadPlanner, SplitCostModelPlanner
 
@@ -35,6 +36,7 @@ __all__ = [
     "PrefetchPolicy",
     "SeenAtLeast",
     "SplitCostModelPlanner",
+    "pick_victims",
 ]
 
 
@@ -97,6 +99,41 @@ class LRUEviction:
             out.append(c.key)
             freed += c.pages
         return out
+
+
+_Chunk = TypeVar("_Chunk")
+
+
+def pick_victims(
+    candidates: Iterable[_Chunk],
+    pages_needed: int,
+    pages_of: Callable[[_Chunk], int],
+    policy: EvictionPolicy | None = None,
+) -> list[_Chunk]:
+    """The chunks a GPU pool evicts to free ``pages_needed`` pages: ``candidates`` are its
+    unreferenced chunks, least recently used first (each with ``key``, ``last_use``, ``uses``).
+    Without a policy, the leading ones (LRU, read lazily: the pool stops at enough pages); with
+    one, the candidates it names, each once, until enough pages are free. The engine's pool and
+    the simulator's both evict through this, so a policy decides alike in each."""
+    victims: list[_Chunk] = []
+    freed = 0
+    if policy is None:
+        for c in candidates:
+            if freed >= pages_needed:
+                break
+            victims.append(c)
+            freed += pages_of(c)
+        return victims
+    listed = list(candidates)
+    by_key = {c.key: c for c in listed}
+    chosen = policy.choose_victims([ChunkInfo(c.key, pages_of(c), c.last_use, c.uses) for c in listed], pages_needed)
+    for k in chosen:
+        c = by_key.pop(k, None)  # only offered candidates, each once
+        if c is None or freed >= pages_needed:
+            continue
+        victims.append(c)
+        freed += pages_of(c)
+    return victims
 
 
 @dataclass

@@ -32,7 +32,6 @@ import contextlib
 import math
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,96 +45,11 @@ from kvtier.errors import (
 )
 from kvtier.keys import ChunkKeyer
 from kvtier.layout import Layout
+from kvtier.policies import pick_victims
+from kvtier.sequence import GpuChunk, Sequence
 from kvtier.sources import pool_share
 
 __all__ = ["PagedKVPool", "Sequence"]
-
-
-@dataclass
-class _GpuChunk:
-    """Pages holding one full chunk in the pool."""
-
-    key: bytes
-    pages: tuple[int, ...]
-    refs: int = 0
-    loading: LoadHandle | None = None  # set while the pages are filled from a lower tier
-    offload: object | None = None  # a write-through copy to the CPU tier that may be in flight
-    last_use: int = 0
-    uses: int = 1
-    failed: bool = False  # its load failed: out of the index, its pages freed at the last unref
-
-
-@dataclass
-class Sequence:
-    """One request's view of the pool.
-
-    Attributes:
-        page_table: page ids holding the sequence's tokens, in order (page_tokens tokens each).
-        cached_tokens: leading tokens whose KV is in place (or being loaded) at ``begin``.
-        gpu_hit_tokens / lower_hit_tokens: how many of those came from GPU pages / CPU or disk.
-        planned_recompute_tokens: cached tokens the load planner chose to recompute instead.
-    """
-
-    seq_id: int
-    num_tokens: int
-    page_table: list[int]
-    cached_tokens: int = 0
-    gpu_hit_tokens: int = 0
-    lower_hit_tokens: int = 0
-    planned_recompute_tokens: int = 0
-    _chunks: list[_GpuChunk] = field(default_factory=list, repr=False)  # referenced chunks, in order
-    tail_start: int | None = None  # a split plan: where the tail being loaded starts (tokens)
-    _loads: list[tuple[int, LoadHandle]] = field(default_factory=list, repr=False)  # (first token, load)
-    _pending: list[tuple[int, LoadHandle]] | None = field(default=None, repr=False)  # see _pending_loads
-    _tail: tuple | None = field(default=None, repr=False)  # the tail load in flight: (Future, plan...)
-    _released: bool = False
-    _pool: PagedKVPool | None = field(default=None, repr=False)  # told about loads that fail
-
-    def _pending_loads(self) -> list[tuple[int, LoadHandle]]:
-        """The distinct loads this sequence's pages wait on (many chunks share one load), each
-        with the first token it fills. Listed once: chunks the sequence gains later (commit) were
-        computed here, never loaded; a split plan's tail relists them when it lands."""
-        if self._pending is None:
-            handles = {id(h): (start, h) for start, h in self._loads}
-            for c in self._chunks:
-                if c.loading is not None and id(c.loading) not in handles:
-                    handles[id(c.loading)] = (0, c.loading)  # shared from another request's load
-            self._pending = list(handles.values())
-        return self._pending
-
-    def wait(self, timeout_s: float | None = None) -> None:
-        """Block until every page loaded from a lower tier (for this or a sharing sequence) landed.
-        A load that failed raises (its chunks have left the pool's index): release the sequence."""
-        for _start, h in self._pending_loads():
-            self._checked(h.wait, h, timeout_s)
-        self._pending = []
-
-    def _checked(self, wait, h: LoadHandle, *args) -> None:
-        try:
-            wait(*args)
-        except KVTierError:
-            if self._pool is not None:
-                self._pool._load_failed(h)
-            raise
-
-    def wait_layer(self, layer: int, timeout_s: float | None = None, *, upto: int | None = None) -> None:
-        """Block until layer ``layer`` of the loaded pages landed (only of loads that start before
-        token ``upto``, when given: the head of a split plan computes while its tail loads)."""
-        pending = self._pending_loads()
-        for start, h in pending:
-            if upto is None or start < upto:
-                self._checked(h.wait_layer, h, layer, timeout_s)
-        if pending and layer == pending[0][1].num_layers - 1 and all(h.landed() for _s, h in pending):
-            self._pending = []  # every layer of every load proved landed: later steps skip the checks
-
-    def stream_wait_layer(self, layer: int, stream, *, upto: int | None = None) -> None:
-        """Make ``stream`` wait on the GPU, not the host, for layer ``layer`` of the loaded pages
-        (of loads that start before token ``upto``, when given): the host goes on queueing the
-        next layers' kernels while the copies run. Errors surface at the next host :meth:`wait`,
-        which the caller must make before it trusts what the stream computed."""
-        for start, h in self._pending_loads():
-            if upto is None or start < upto:
-                h.stream_wait_layer(layer, stream)
 
 
 class PagedKVPool:
@@ -240,7 +154,7 @@ class PagedKVPool:
         self.write_through = write_through and self.cache is not None
         self._clock = 0
         self._free = _core.BlockAllocator(num_pages, 1)  # page ids only: O(1), thread-safe
-        self._chunks: OrderedDict[bytes, _GpuChunk] = OrderedDict()  # LRU order of unreferenced use
+        self._chunks: OrderedDict[bytes, GpuChunk] = OrderedDict()  # LRU order of unreferenced use
         self._lock = threading.RLock()
         self._next_seq = 0
         self._tail_loader = None  # a thread, made on the first split plan
@@ -322,29 +236,12 @@ class PagedKVPool:
         """Free at least ``pages_needed`` pages by evicting unreferenced chunks, LRU first, after
         offloading those the lower tier lacks (one batched store, waited for: the pages are
         reused right after)."""
-        candidates = [c for c in self._chunks.values() if c.refs == 0]  # least recently used first
-        if self.eviction_policy is None:
-            victims, freed = [], 0
-            for c in candidates:
-                if freed >= pages_needed:
-                    break
-                victims.append(c)
-                freed += len(c.pages)
-        else:
-            from kvtier.policies import ChunkInfo
-
-            by_key = {c.key: c for c in candidates}
-            chosen = self.eviction_policy.choose_victims(
-                [ChunkInfo(c.key, len(c.pages), c.last_use, c.uses) for c in candidates], pages_needed
-            )
-            victims, freed, taken = [], 0, set()
-            for k in chosen:  # only offered candidates, each once, until enough pages are free
-                c = by_key.get(k)
-                if c is None or k in taken or freed >= pages_needed:
-                    continue
-                taken.add(k)
-                victims.append(c)
-                freed += len(c.pages)
+        victims = pick_victims(
+            (c for c in self._chunks.values() if c.refs == 0),
+            pages_needed,
+            lambda c: len(c.pages),
+            self.eviction_policy,
+        )
         if not victims:
             return
         for c in list(victims):
@@ -382,7 +279,7 @@ class PagedKVPool:
         total_pages = math.ceil(num_tokens / self.page_tokens)
         with self._lock:
             self._stats["begins"] += 1
-            seq = Sequence(self._next_seq, num_tokens, [], _pool=self)
+            seq = Sequence(self._next_seq, num_tokens, [], _on_load_failed=self._load_failed)
             self._next_seq += 1
             for k in keys:  # GPU hits: share the pages, no copy
                 c = self._chunks.get(k)
@@ -455,7 +352,7 @@ class PagedKVPool:
         seq._loads.append((first_token, handle))
         seq._pending = None
         for i, k in enumerate(keys):
-            c = _GpuChunk(k, tuple(pages[i * ppc : (i + 1) * ppc]), refs=1, loading=handle)
+            c = GpuChunk(k, tuple(pages[i * ppc : (i + 1) * ppc]), refs=1, loading=handle)
             if k in self._chunks:  # registered meanwhile by another request: keep ours private
                 continue
             self._chunks[k] = c
@@ -533,7 +430,7 @@ class PagedKVPool:
                     break  # someone else holds these tokens in other pages; ours stay private
                 pages = tuple(seq.page_table[i * ppc : (i + 1) * ppc])
                 self._clock += 1
-                c = _GpuChunk(k, pages, refs=1, last_use=self._clock)
+                c = GpuChunk(k, pages, refs=1, last_use=self._clock)
                 self._chunks[k] = c
                 seq._chunks.append(c)
                 added += 1
@@ -544,7 +441,7 @@ class PagedKVPool:
                 self.cache.peers.note_stored([c.key for c in seq._chunks[len(seq._chunks) - added :]])
         return added
 
-    def _write_through(self, chunks: list[_GpuChunk]) -> None:
+    def _write_through(self, chunks: list[GpuChunk]) -> None:
         """Start storing ``chunks`` in the CPU tier; each remembers the copy, which ``_evict``
         waits for before reusing its pages."""
         op = self._store(chunks)
@@ -552,7 +449,7 @@ class PagedKVPool:
             for c in chunks:
                 c.offload = op.transfer
 
-    def _store(self, chunks: list[_GpuChunk]):
+    def _store(self, chunks: list[GpuChunk]):
         """Start one store of ``chunks`` into the CPU tier, ordered after the work queued on the
         compute stream (chunks it already holds are skipped); counts it, and tells the peers.
         Returns the tier's op (its ``transfer`` may still be running)."""
@@ -585,7 +482,7 @@ class PagedKVPool:
         for c in seq._chunks:
             self._unref(c)
 
-    def _unref(self, c: _GpuChunk) -> None:
+    def _unref(self, c: GpuChunk) -> None:
         c.refs -= 1
         if c.refs == 0 and c.failed:
             self._free_failed(c)
@@ -603,7 +500,7 @@ class PagedKVPool:
                 if c.refs == 0:
                     self._free_failed(c)
 
-    def _free_failed(self, c: _GpuChunk) -> None:
+    def _free_failed(self, c: GpuChunk) -> None:
         # A copy may still write into the pages after an error on one layer: wait for its end
         # (bounded); pages it may still write are never reused.
         if not c.loading.done():

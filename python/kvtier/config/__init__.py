@@ -23,7 +23,7 @@ above it):
 - schema: every key with its variable (config_keys, ENV_VARS) and CACHE_FIELDS
 - cache_config: CacheConfig, the settings of one KVCache
 - layers: reading a YAML file, the environment and keyword overrides
-- kvtier_config: KVTierConfig and open_cache
+- kvtier_config: KVTierConfig (kvtier.open_cache builds a KVCache from one)
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 from kvtier.config.addresses import parse_address
 from kvtier.config.cache_config import CacheConfig
-from kvtier.config.kvtier_config import KVTierConfig, open_cache
+from kvtier.config.kvtier_config import KVTierConfig
 from kvtier.config.layers import CONFIG_FILE_ENV
 from kvtier.config.peers import PeersSection
 from kvtier.config.peers import _PeerSchema as _PeerSchema  # kvtier.p2p.config builds PeerConfig from it
@@ -71,7 +71,6 @@ __all__ = [
     "PeersSection",
     "PlannerConfig",
     "config_keys",
-    "open_cache",
     "parse_address",
     "parse_size",
 ]
@@ -89,4 +88,15 @@ def __getattr__(name: str) -> Any:
             stacklevel=2,
         )
         return PeersSection
+    if name == "open_cache":
+        import sys
+        import warnings
+
+        warnings.warn(
+            "kvtier.config.open_cache is kvtier.open_cache now (the config package builds no cache); "
+            "the old name goes in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return sys.modules["kvtier.factory"].open_cache  # loaded by `import kvtier`, which ran first
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

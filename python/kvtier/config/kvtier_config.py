@@ -1,5 +1,5 @@
 """KVTierConfig, the whole engine's validated config, built from its layers (defaults < YAML <
-environment < overrides); open_cache, a KVCache built from one."""
+environment < overrides). kvtier.open_cache builds a KVCache from one."""
 
 from __future__ import annotations
 
@@ -150,25 +150,3 @@ class KVTierConfig:
         """The :class:`CacheConfig` of this config (``KVCache(layout, cfg.cache_config())``)."""
         return CacheConfig(**self.cache_kwargs())
 
-
-def open_cache(layout, config: KVTierConfig | None = None, **overrides):
-    """A :class:`kvtier.KVCache` for ``layout`` built from one config (YAML / ``KVTIER_*`` env /
-    overrides, see :meth:`KVTierConfig.load`), with its metrics attached as ``cache.metrics``
-    (a :class:`kvtier.metrics.Metrics` reading ``cache.stats()`` on every scrape) and its
-    Prometheus endpoint started when ``metrics.prometheus_port`` is set. ``cache.close()``
-    stops the endpoint too.
-
-    Example::
-
-        cache = open_cache(layout, KVTierConfig.load("kvtier.yaml"))
-        print(cache.metrics.servers[0].url)   # http://127.0.0.1:9400/metrics
-    """
-    from kvtier.cache import KVCache
-    from kvtier.metrics import Metrics
-
-    cfg = config if config is not None else KVTierConfig.load(**overrides)
-    if config is not None and overrides:
-        cfg = cfg.replace(**overrides)
-    cache = KVCache(layout, **cfg.cache_kwargs())
-    cache.metrics = Metrics.from_config(cfg, stats_fn=cache.stats)
-    return cache

@@ -88,7 +88,7 @@ class _WorkerSide(KVConnectorBase_V1):
         self._pages_per_block = self._block_size // layout.page_tokens
         cfg = self._settings.config
         self._cache = KVCache(layout, **cfg.cache_kwargs(), peers=self._settings.peers)
-        from kvtier.metrics import Metrics  # as kvtier.config.open_cache does (Prometheus too)
+        from kvtier.metrics import Metrics  # as kvtier.open_cache does (Prometheus too)
 
         self._cache.metrics = Metrics.from_config(cfg, stats_fn=self._cache.stats)
         self._on_gpu = layout.device != "cpu"

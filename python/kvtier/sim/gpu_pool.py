@@ -7,6 +7,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from kvtier.policies import pick_victims
 from kvtier.sim.cpu_tier import SimCpuTier
 
 __all__ = ["BeginResult", "SimGpuPool"]
@@ -14,7 +15,7 @@ __all__ = ["BeginResult", "SimGpuPool"]
 
 @dataclass
 class _Chunk:
-    """One GPU-resident chunk (pool.py's _GpuChunk)."""
+    """One GPU-resident chunk (kvtier.sequence.GpuChunk)."""
 
     key: object
     refs: int = 0
@@ -128,31 +129,9 @@ class SimGpuPool:
     def _evict(self, pages_needed: int, res: BeginResult) -> None:
         chunks = self._chunks
         ppc = self.ppc
-        victims: list[_Chunk] = []
-        if self.eviction_policy is None:
-            freed = 0
-            for c in chunks.values():
-                if freed >= pages_needed:
-                    break
-                if c.refs == 0:
-                    victims.append(c)
-                    freed += ppc
-        else:
-            from kvtier.policies import ChunkInfo
-
-            candidates = [c for c in chunks.values() if c.refs == 0]
-            by_key = {c.key: c for c in candidates}
-            chosen = self.eviction_policy.choose_victims(
-                [ChunkInfo(c.key, ppc, c.last_use, c.uses) for c in candidates], pages_needed
-            )
-            freed, taken = 0, set()
-            for k in chosen:
-                c = by_key.get(k)
-                if c is None or k in taken or freed >= pages_needed:
-                    continue
-                taken.add(k)
-                victims.append(c)
-                freed += ppc
+        victims = pick_victims(
+            (c for c in chunks.values() if c.refs == 0), pages_needed, lambda _c: ppc, self.eviction_policy
+        )
         if not victims:
             return
         if self.cpu is not None:
