@@ -457,9 +457,9 @@ def test_unknown_override_suggests_close_match():
 
 
 def test_peers_pass_unknown_keys_through_yaml(tmp_path):
-    path = write_yaml(tmp_path, "peers:\n  listen: h:1\n  transport: {kind: tcp, frames: 4}\n")
+    path = write_yaml(tmp_path, "peers:\n  listen: h:1\n  relay: {kind: tcp, frames: 4}\n")
     cfg = KVTierConfig.load(path, env={})
-    assert cfg.peers["transport"] == {"kind": "tcp", "frames": 4}
+    assert cfg.peers["relay"] == {"kind": "tcp", "frames": 4}
     assert isinstance(cfg.peers, PeersSection) and len(cfg.peers) == 7
 
 

@@ -66,10 +66,10 @@ def test_text_report_agrees_with_json(info_text, info_json):
 
 def test_peer_data_path_says_whether_nixl_is_installed(info_json, info_text):
     line = dict(x.split(":", 1) for x in info_text.splitlines() if ":" in x)["Peer data path"].strip()
-    assert line.startswith("TCP stream; nixl ")
     if info_json["nixl_installed"]:
-        assert line.endswith("nixl installed") and info_json["nixl_reason"] == ""
+        assert line.startswith("NIXL READs") and line.endswith("nixl installed") and info_json["nixl_reason"] == ""
     else:
+        assert line.startswith("TCP stream; nixl not installed")
         assert "pip install --no-deps nixl" in info_json["nixl_reason"]
         assert line.endswith(f"not installed ({info_json['nixl_reason']})")
 

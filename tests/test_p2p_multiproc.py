@@ -25,6 +25,7 @@ pytest.importorskip("torch")
 
 from _util import free_port
 from kvtier.p2p import protocol as P
+from kvtier.p2p.nixl_agent import nixl_unavailable_reason
 from kvtier.p2p.transport import Connection, Deadline, Identity, client_handshake
 
 pytestmark = pytest.mark.multiproc
@@ -174,6 +175,13 @@ def test_b_and_c_load_what_a_computed_bit_exact(cluster):
     assert got_c["tokens"] == 8 * CT and got_c["hash"] == src["hash"]
     sb = b.stats()
     assert sb["chunks_pulled"] >= 8 and sb.get("checksum_failures", 0) == 0
+    # The data path: NIXL READs where the members have the nixl package (transport auto), else
+    # the TCP stream. CI runs this suite both ways (scripts/ci_nixl.sh).
+    if nixl_unavailable_reason() is None:
+        assert sb["data_path"] == "nixl+tcp" and sb["chunks_pulled_nixl"] == sb["chunks_pulled"]
+        assert sb["nixl"]["peers"]["A"] == "nixl"
+    else:
+        assert sb["data_path"] == "tcp" and sb.get("chunks_pulled_nixl", 0) == 0
     # A partial prefix: the first 5 chunks of a longer prompt are found, the rest is a miss.
     longer = {"seed": 101, "n": 8 * CT}
     assert c.call("lookup", tokens=longer)["tokens"] == 8 * CT
@@ -277,9 +285,11 @@ def test_sigkill_mid_transfer_is_a_miss_within_the_deadline(tmp_path):
     # E serves slowly (0.4 s per 4 KiB-or-larger send: each 2 MiB chunk is one), so the kill lands
     # mid-pull: about 3 of the 8 chunks have landed after 1.2 s.
     # A cluster of its own: a different layout (2 MiB chunks) is refused by A, B and C.
+    # The TCP stream (slow_send_s slows its sends); test_p2p_nixl_path kills a holder mid-READ.
     big = {"layers": 8, "heads": 4, "dim": 128, "num_pages": 64, "cpu_bytes": 48 << 20}
-    f = Member(tmp_path, "F", **big)
-    e = Member(tmp_path, "E", seeds=[f.address], slow_send_s=0.4, **big)
+    tcp = {"transport": "tcp"}
+    f = Member(tmp_path, "F", peers_extra=tcp, **big)
+    e = Member(tmp_path, "E", seeds=[f.address], slow_send_s=0.4, peers_extra=tcp, **big)
     try:
         t = toks(303, 8)
         src = e.call("compute_store", tokens=t, pages=list(range(32)))

@@ -285,6 +285,12 @@ void BindCache(py::module_& m) {
       .def_property_readonly("method", [](const CpuTier& t) { return TransferMethodName(t.method()); })
       .def_property_readonly("pinned", [](const CpuTier& t) { return t.arena().kind() == ArenaKind::kPinnedHost; })
       .def_property_readonly("arena_kind", [](const CpuTier& t) { return ArenaKindName(t.arena().kind()); })
+      .def_property_readonly(
+          "arena_region",
+          [](const CpuTier& t) {
+            return py::make_tuple(reinterpret_cast<uintptr_t>(t.arena().base()), t.arena().size());
+          },
+          "(address, bytes) of the host arena holding every blob: what a transport registers once.")
       .def("stats", [](const CpuTier& t) {
         CpuTierStats s = t.stats();
         py::dict d;

@@ -203,6 +203,11 @@ class CpuTier:
     def arena_kind(self) -> str:
         ...
     @property
+    def arena_region(self) -> tuple[int, int]:
+        """
+        (address, bytes) of the host arena holding every blob: what a transport registers once.
+        """
+    @property
     def blob_bytes(self) -> int:
         ...
     @property

@@ -128,8 +128,10 @@ def format_info(info: SystemInfo) -> str:
         lines.append("Pinned memory:      yes (cudaHostRegister)")
     else:
         lines.append(f"Pinned memory:      no ({info.pinned_reason})")
-    # Peers pull over their TCP stream; the NIXL endpoint (kvtier.p2p.nixl_agent) is not a data
-    # path of the peer service yet, so its presence is reported apart.
-    nixl = "installed" if info.nixl_installed else f"not installed ({info.nixl_reason})"
-    lines.append(f"Peer data path:     TCP stream; nixl {nixl}")
+    # With peers.transport auto (the default), a member with nixl READs from peers that offer it
+    # too and streams from the others (chosen per peer at the handshake); without nixl it streams.
+    if info.nixl_installed:
+        lines.append("Peer data path:     NIXL READs from peers that offer them, else the TCP stream; nixl installed")
+    else:
+        lines.append(f"Peer data path:     TCP stream; nixl not installed ({info.nixl_reason})")
     return "\n".join(lines)

@@ -149,4 +149,3 @@ class KVTierConfig:
     def cache_config(self) -> CacheConfig:
         """The :class:`CacheConfig` of this config (``KVCache(layout, cfg.cache_config())``)."""
         return CacheConfig(**self.cache_kwargs())
-

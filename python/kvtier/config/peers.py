@@ -104,6 +104,13 @@ class _PeerSchema(_Section):
         "shm (a CPU pool in /dev/shm files); off by default until the CUDA path has run on a GPU "
         "machine",
     )
+    transport: str = _field(
+        "auto",
+        _Choice(("auto", "tcp", "nixl")),
+        "how pulled chunks move (docs/nixl.md): auto (one-sided NIXL READs of the holder's blocks "
+        "where both members have the nixl package, the TCP stream otherwise, chosen per peer), tcp "
+        "(the stream only), or nixl (the service refuses to start without the nixl package)",
+    )
     tls_cert_file: str | None = _field(
         None,
         _Optional(_File(), "plain TCP"),

@@ -3,8 +3,10 @@
     python -m kvtier.p2p.member_process '<json config>'
 
 Config: ``layers, heads, dim, num_pages, page_tokens, chunk_tokens, dtype, cpu_bytes, seed``,
-optional ``disk_dir, disk_bytes``, ``peers`` (PeerConfig fields) and ``slow_send_s`` (sleep
-before every send of 4 KiB or more, e.g. each BLOB piece: lets a test kill a member mid-transfer). Each command
+optional ``disk_dir, disk_bytes``, ``peers`` (PeerConfig fields), ``slow_send_s`` (sleep
+before every send of 4 KiB or more, e.g. each BLOB piece: lets a test kill a member mid-transfer)
+and ``stop_after_leased`` (the process stops itself, SIGSTOP, right after it sends a NIXL lease:
+a puller's READ over UCX's TCP transport then waits on it, so a test can kill it mid-READ). Each command
 ``{"op": ..., ...}`` gets one JSON line back; ``{"error": ...}`` when it raised.
 
 "Computing" the KV of a prompt fills its pages with bytes derived from (token seed, page index),
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import sys
 import time
 import traceback
@@ -45,6 +49,17 @@ def main(argv: list[str]) -> int:
             return _orig(self, data, deadline)
 
         transport.Connection.send = slow_send
+    if cfg.get("stop_after_leased"):
+        from kvtier.p2p import protocol as P
+
+        orig_frame = transport.Connection.send_frame
+
+        def send_then_stop(self, kind, rid, body, deadline, _orig=orig_frame):
+            _orig(self, kind, rid, body, deadline)
+            if kind == P.Kind.NIXL_LEASED:
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+        transport.Connection.send_frame = send_then_stop
     dtype = getattr(torch, cfg.get("dtype", "float32"))
     gen = torch.Generator().manual_seed(cfg.get("seed", 0))
     kv = [

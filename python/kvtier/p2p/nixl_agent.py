@@ -1,7 +1,7 @@
 """NixlEndpoint: one NIXL agent of a member (UCX backend), its registered host memory, the peers'
 agent metadata it loaded, and one-sided READs from those peers that end by a deadline, never hang.
 
-Groundwork for issue 19 (docs: /work/notes/nixl.md until docs/p2p.md takes it). The ``nixl``
+kvtier.p2p.nixl_path builds the peers' data path on it (docs/nixl.md). The ``nixl``
 package is optional: it is imported when an endpoint is made, so importing this module costs
 nothing and ``nixl_unavailable_reason()`` tells a member whether it can offer NIXL at all.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -39,10 +40,6 @@ FAILED = "failed"  # NIXL refused or failed the transfer (bad descriptors, backe
 
 def _import_nixl():
     """nixl's agent API, or UnavailableError naming why not."""
-    # NIXL's Python logger writes INFO lines to stdout (its own handler, no propagation), which
-    # would mix into the CLI's output: quiet it unless the user asked for a level.
-    if "NIXL_LOG_LEVEL" not in os.environ:
-        logging.getLogger("nixl").setLevel(logging.WARNING)
     try:
         from nixl import _bindings
         from nixl._api import nixl_agent, nixl_agent_config
@@ -50,6 +47,7 @@ def _import_nixl():
         raise UnavailableError(
             f"NIXL transport needs the 'nixl' package (pip install --no-deps nixl nixl-cu13): {e}"
         ) from e
+    _quiet_nixl_logger()
     # NIXL's status errors (nixlBackendError, nixlRemoteDisconnectError, ...) share no base class
     # but Exception: collect them, so that only they are caught and any other error stays a bug.
     errors = tuple(
@@ -58,6 +56,18 @@ def _import_nixl():
         if n.startswith("nixl") and n.endswith("Error") and isinstance(c, type) and issubclass(c, Exception)
     )
     return nixl_agent, nixl_agent_config, errors
+
+
+def _quiet_nixl_logger() -> None:
+    """NIXL's import configures its Python logger at INFO with a handler on stdout (no
+    propagation), which would mix into the output of a CLI or a member process speaking JSON on
+    stdout: its lines go to stderr, at WARNING unless NIXL_LOG_LEVEL asks for a level."""
+    logger = logging.getLogger("nixl")
+    if "NIXL_LOG_LEVEL" not in os.environ:
+        logger.setLevel(logging.WARNING)
+    for h in logger.handlers:
+        if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stdout:
+            h.setStream(sys.stderr)
 
 
 def nixl_unavailable_reason() -> str | None:
@@ -87,6 +97,7 @@ class ReadOutcome:
     detail: str
     seconds: float
     nbytes: int
+    stuck: bool = False  # a request NIXL could not cancel: the peer may still write into the blocks
 
     @property
     def ok(self) -> bool:
@@ -107,6 +118,9 @@ class NixlEndpoint:
         if not name:
             raise InvalidArgumentError("NIXL agent name is empty: give the member's node id")
         nixl_agent, nixl_agent_config, self._errors = _import_nixl()
+        # UCX logs to stdout unless told otherwise, which would corrupt a member process's or the
+        # CLI's output there: stderr, unless the user chose a file.
+        os.environ.setdefault("UCX_LOG_FILE", "stderr")
         self.name = name
         # Backends are created below, not by the config, so that a failure names UCX.
         conf = nixl_agent_config(enable_prog_thread=progress_thread, backends=[])
@@ -269,6 +283,7 @@ class NixlEndpoint:
 
     def _end(self, handles: list, status: str, detail: str, t0: float, total: int) -> ReadOutcome:
         """Release every handle (cancelling unfinished ones) and build the outcome."""
+        stuck = False
         for h in handles:
             try:
                 h.release()
@@ -276,8 +291,9 @@ class NixlEndpoint:
                 # NIXL could not cancel it: the peer may still write into our blocks, so the
                 # handle stays referenced (freeing it would be unsafe) and the caller is told.
                 self._stuck.append(h)
+                stuck = True
                 detail = f"{detail}; a request could not be cancelled ({type(e).__name__})"
-        return ReadOutcome(status, detail, time.monotonic() - t0, total if status == DONE else 0)
+        return ReadOutcome(status, detail, time.monotonic() - t0, total if status == DONE else 0, stuck)
 
     def close(self) -> None:
         """Forget peers and deregister every region (the agent itself goes with the object)."""

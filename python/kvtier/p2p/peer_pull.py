@@ -43,6 +43,7 @@ class PeerPuller:
         count_bad_peer,
         rng: random.Random,
         note_stored,
+        nixl=None,
     ) -> None:
         self.config = config
         self._tier = tier
@@ -58,7 +59,8 @@ class PeerPuller:
         self._count_bad_peer = count_bad_peer
         self._rng = rng
         self._note_stored = note_stored
-        self._pulled = [0, 0.0]  # bytes committed by completed TCP pulls, and their seconds
+        self._nixl = nixl  # a NixlPath: peers that offer NIXL are READ from, the others streamed
+        self._pulled = [0, 0.0]  # bytes committed by completed pulls, and their seconds
 
     def _addr_of(self, node_id: str) -> tuple[str, int] | None:
         with self._lock:
@@ -118,12 +120,18 @@ class PeerPuller:
         return plan
 
     def pull_rate(self, min_bytes: int = 64 << 20) -> float | None:
-        """Bytes/s of the completed TCP pulls, or None below ``min_bytes`` (PeerService.pull_rate)."""
+        """Bytes/s of the completed pulls (TCP stream or NIXL), or None below ``min_bytes``
+        (PeerService.pull_rate)."""
         with self._lock:
             nbytes, seconds = self._pulled
         if nbytes < min_bytes or seconds <= 0:
             return None
         return nbytes / seconds
+
+    def _note_rate(self, nbytes: int, seconds: float) -> None:
+        with self._lock:  # the pulls' rate, for planners (pull_rate)
+            self._pulled[0] += nbytes
+            self._pulled[1] += seconds
 
     def pull(self, keys: list[bytes], plan: list[str], deadline: Deadline, on_commit=None, frontier=None) -> int:
         """Pull the chunks ``plan`` assigns to peers into the pool (PeerService.pull)."""
@@ -151,6 +159,14 @@ class PeerPuller:
             committed, items = done, items[done:]
             if not items:
                 return committed
+        if self._nixl is not None:
+            t0 = time.monotonic()
+            got = self._nixl.pull(src, addr, items, deadline, on_commit, self._note_stored)
+            if got is not None:  # pulled over NIXL (what it did not bring is a miss)
+                self.counters["chunks_pull_failed"] += len(items) - got
+                if got:
+                    self._note_rate(got * self._blob_bytes, time.monotonic() - t0)
+                return committed + got
         conn = None
         scratch = None
         t0, pulled0 = time.monotonic(), committed
@@ -201,9 +217,7 @@ class PeerPuller:
             conn.recv_frame(deadline, P.Kind.GET_END)
             self._client.pool.put(conn)
             conn = None
-            with self._lock:  # the TCP path's rate, for planners (pull_rate)
-                self._pulled[0] += (committed - pulled0) * self._blob_bytes
-                self._pulled[1] += time.monotonic() - t0
+            self._note_rate((committed - pulled0) * self._blob_bytes, time.monotonic() - t0)
         except P.ChecksumError:
             self.counters["checksum_failures"] += 1
             self._count_bad_peer(src)

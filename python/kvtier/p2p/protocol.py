@@ -89,6 +89,14 @@ class Kind:
     GPU_PINNED = 43
     GPU_UNPIN = 44
     GPU_UNPINNED = 45
+    # NIXL data path (nixl_path.py): the holder's agent metadata, leases on CPU-tier blocks that
+    # the puller then READs one-sided, and their release. Only after the handshake, like all above.
+    NIXL_META_REQ = 50
+    NIXL_META = 51
+    NIXL_LEASE = 52
+    NIXL_LEASED = 53
+    NIXL_RELEASE = 54
+    NIXL_RELEASED = 55
 
 
 _PREAUTH = {Kind.HELLO, Kind.CHALLENGE, Kind.AUTH, Kind.AUTH_OK, Kind.ERROR}
@@ -132,6 +140,12 @@ def restrict_algorithms(names: list[str]) -> None:
     if not ids:
         raise ValueError(f"none of {names} is available here (have {sorted(ALGORITHM_NAMES[a] for a in ALGORITHMS)})")
     LOCAL_ALGORITHMS_MASK = sum(1 << a for a in ids)
+
+
+# Capabilities a member offers, in the high bits of the same handshake field (so the HMAC covers
+# them; a member that knows none of them sends none and ignores ours).
+CAP_NIXL = 1 << 16  # pull my blocks with one-sided NIXL READs (NIXL_META_REQ, NIXL_LEASE)
+CAPS_MASK = 0xFFFF0000
 
 
 def pick_algorithm(mask_a: int, mask_b: int) -> int:
@@ -681,3 +695,73 @@ def decode_lease(body: bytes) -> int:
     if len(body) != 8:
         raise ProtocolError(f"lease body of {len(body)} bytes, expected 8")
     return struct.unpack("<Q", body)[0]
+
+
+# NIXL agent metadata is a few hundred bytes plus ~100 per registered region.
+MAX_NIXL_METADATA = 64 << 10
+
+
+@dataclass(frozen=True)
+class NixlMeta:
+    """NIXL_META: the holder's NIXL agent (``agent`` must be the node id it authenticated as), its
+    metadata for the puller's agent, and the registered region holding its CPU tier's blocks.
+    ``ok`` False: ``reason`` says why it offers no NIXL (the puller then uses the TCP stream)."""
+
+    ok: bool
+    reason: str = ""
+    agent: str = ""
+    metadata: bytes = b""
+    region_addr: int = 0
+    region_bytes: int = 0
+
+    def encode(self) -> bytes:
+        if len(self.metadata) > MAX_NIXL_METADATA:
+            raise ValueError(f"NIXL metadata of {len(self.metadata)} bytes exceeds {MAX_NIXL_METADATA}")
+        return (
+            struct.pack("<B", int(self.ok))
+            + _text(self.reason, 255)
+            + _text(self.agent, 64)
+            + struct.pack("<QQI", self.region_addr, self.region_bytes, len(self.metadata))
+            + self.metadata
+        )
+
+    @staticmethod
+    def decode(body: bytes) -> NixlMeta:
+        r = Reader(body)
+        ok = bool(r.u8())
+        reason = r.text(255)
+        agent = r.text(64)
+        addr, size, n = struct.unpack("<QQI", r.take(20))
+        if n > MAX_NIXL_METADATA:
+            raise ProtocolError(f"NIXL metadata of {n} bytes exceeds {MAX_NIXL_METADATA}")
+        metadata = r.take(n)
+        r.done()
+        if ok and (not agent or not metadata or addr == 0 or size == 0):
+            raise ProtocolError("NIXL_META offered without an agent, metadata or region")
+        return NixlMeta(ok, reason, agent, metadata, addr, size)
+
+
+@dataclass(frozen=True)
+class NixlLeased:
+    """NIXL_LEASED: the leading ``len(blocks)`` chunks of a NIXL_LEASE are held (not evicted, not
+    rewritten) until ``NIXL_RELEASE lease_id`` or ``lease_ms`` after the reply, whichever comes
+    first; ``blocks[i]`` = (offset of chunk i's blob in the holder's region, CRC32C of the blob)."""
+
+    lease_id: int
+    lease_ms: int
+    blocks: tuple[tuple[int, int], ...]
+
+    def encode(self) -> bytes:
+        n = len(self.blocks)
+        flat = [v for b in self.blocks for v in b]
+        return struct.pack("<QII", self.lease_id, self.lease_ms, n) + struct.pack(f"<{'QI' * n}", *flat)
+
+    @staticmethod
+    def decode(body: bytes) -> NixlLeased:
+        r = Reader(body)
+        lease, ms, n = struct.unpack("<QII", r.take(16))
+        if n > MAX_KEYS_PER_REQUEST:
+            raise ProtocolError(f"{n} leased chunks exceed {MAX_KEYS_PER_REQUEST}")
+        flat = struct.unpack(f"<{'QI' * n}", r.take(12 * n))
+        r.done()
+        return NixlLeased(lease, ms, tuple(zip(flat[0::2], flat[1::2])))

@@ -36,6 +36,7 @@ class RequestHandlers:
         digest: LocalDigest,
         client: PeerClient,
         sharing: SameHostSharing,
+        nixl=None,
     ) -> None:
         self.config = config
         self._tier = tier
@@ -48,6 +49,7 @@ class RequestHandlers:
         self._digest = digest
         self._client = client
         self._sharing = sharing
+        self._nixl = nixl  # a NixlPath, or None: NIXL_* requests are answered "not offered"
 
     def handle(self, conn: Connection, h: P.Header, body: bytes, deadline: Deadline) -> None:
         K = P.Kind
@@ -108,8 +110,30 @@ class RequestHandlers:
         elif h.kind == K.GPU_UNPIN:
             held = self._sharing.serve_gpu_unpin(body)
             conn.send_frame(K.GPU_UNPINNED, h.request_id, bytes([held]), deadline)
+        elif h.kind == K.NIXL_META_REQ:
+            meta = self._nixl.meta() if self._nixl is not None else P.NixlMeta(False, self._no_nixl_reason())
+            conn.send_frame(K.NIXL_META, h.request_id, meta.encode(), deadline)
+        elif h.kind == K.NIXL_LEASE:
+            if self._nixl is None:
+                raise P.ProtocolError("NIXL_LEASE to a member that offers no NIXL")
+            keys = P.decode_keys(body)
+            self._check_request_size(keys)
+            leased = self._nixl.lease(keys)
+            conn.send_frame(K.NIXL_LEASED, h.request_id, leased.encode(), deadline)
+            self.counters["chunks_served"] += len(leased.blocks)  # leased to the puller's READ
+            self.counters["bytes_served"] += len(leased.blocks) * self._blob_bytes
+        elif h.kind == K.NIXL_RELEASE:
+            held = self._nixl is not None and self._nixl.release(P.decode_lease(body))
+            conn.send_frame(K.NIXL_RELEASED, h.request_id, bytes([held]), deadline)
         else:
             raise P.ProtocolError(f"unexpected frame kind {h.kind} from a client")
+
+    def _no_nixl_reason(self) -> str:
+        if self.config.transport == "tcp":
+            return "transport: tcp"
+        from kvtier.p2p.nixl_agent import nixl_unavailable_reason
+
+        return (nixl_unavailable_reason() or "NIXL agent not started")[:255]
 
     def _check_request_size(self, keys) -> None:
         if len(keys) > self.config.max_request_chunks:

@@ -36,7 +36,7 @@ from collections import Counter
 
 import numpy as np
 
-from kvtier.errors import KVTierError
+from kvtier.errors import InvalidArgumentError, KVTierError, UnavailableError
 from kvtier.p2p import protocol as P
 from kvtier.p2p.auth import load_secret
 from kvtier.p2p.config import PeerConfig, parse_address
@@ -47,6 +47,7 @@ from kvtier.p2p.inbound_connections import InboundConnections
 from kvtier.p2p.inbound_slots import InboundSlots
 from kvtier.p2p.key_journal import KeyJournal
 from kvtier.p2p.membership import Membership, MembershipConfig
+from kvtier.p2p.nixl_path import NixlPath
 from kvtier.p2p.page_load import ChainedOp, ChainedTransfer, LoadFrontier
 from kvtier.p2p.peer_client import PeerClient
 from kvtier.p2p.peer_pull import LOCAL, PeerPuller
@@ -122,6 +123,8 @@ class PeerService:
         self._closed = False
         self._last_rebuild = time.monotonic()
         self._puller: PeerPuller | None = None  # made in start(), with the other parts that need a membership
+        self._nixl: NixlPath | None = None  # the NIXL data path, when started (transport auto / nixl)
+        self.nixl_reason: str | None = "not started"  # why there is none (None: there is one)
         # Same-host page sharing (same_host.py): what we share, who mapped it, what we mapped.
         self._sharing = SameHostSharing(
             config, self._lock, self.counters, self._ppc, self._blob_bytes, self._count_bad_peer
@@ -203,6 +206,9 @@ class PeerService:
         self._m.on_delta = self._gossip.on_delta
         self._m.on_record = self._gossip.on_record
         self._sharing.start(self._client, self._m, self._exec)
+        self._nixl = self._start_nixl()
+        if self._nixl is not None:
+            self._me.caps |= P.CAP_NIXL  # offered in every handshake from now on
         self._puller = PeerPuller(
             c,
             self._tier,
@@ -217,6 +223,7 @@ class PeerService:
             self._count_bad_peer,
             self._rng,
             self.note_stored,
+            self._nixl,
         )
         self._handlers = RequestHandlers(
             c,
@@ -229,6 +236,7 @@ class PeerService:
             self._digest,
             self._client,
             self._sharing,
+            self._nixl,
         )
         if self._journal is not None:
             self._restore_from_journal()
@@ -250,6 +258,36 @@ class PeerService:
         self._gossip.join_seeds()
         self._started = True
         return self
+
+    def _start_nixl(self) -> NixlPath | None:
+        """This member's NIXL side (transport auto/nixl), or None: pulls and serving use the TCP
+        stream. ``auto`` without the nixl package (or with an agent that fails to start) logs why;
+        ``nixl`` raises instead."""
+        mode = self.config.transport
+        if mode == "tcp":
+            self.nixl_reason = "transport: tcp"
+            return None
+        try:
+            path = NixlPath(
+                self.config,
+                self._tier,
+                self.node_id,
+                self._client,
+                self._exec,
+                self._lock,
+                self.counters,
+                self._count_bad_peer,
+                self._promote,
+            )
+        except (UnavailableError, InvalidArgumentError) as e:
+            if mode == "nixl":
+                self.close()
+                raise UnavailableError(f"peers.transport=nixl: {e}") from None
+            self.nixl_reason = str(e)
+            log.info("kvtier p2p: pulls use the TCP stream: %s", e)
+            return None
+        self.nixl_reason = None
+        return path
 
     def _spawn(self, fn, name, *args) -> threading.Thread:
         t = threading.Thread(target=fn, args=args, name=name, daemon=True)
@@ -280,6 +318,8 @@ class PeerService:
         for _, t in conns:
             t.join(timeout_s)
         self._sharing.close()
+        if self._nixl is not None:
+            self._nixl.close()
         if self._journal is not None:
             self._journal.close()
 
@@ -341,6 +381,8 @@ class PeerService:
         expired = self._sharing.expire_leases(now)
         if expired:
             self.counters["gpu_leases_expired"] += expired
+        if self._nixl is not None:
+            self._nixl.expire(now)
         self._inbound.close_idle(now)
         if now - self._last_rebuild >= self.config.digest_rebuild_s:
             self._last_rebuild = now
@@ -355,9 +397,10 @@ class PeerService:
         return self._puller.plan(keys, deadline)
 
     def pull_rate(self, min_bytes: int = 64 << 20) -> float | None:
-        """Bytes/s of this service's completed TCP pulls so far (request to last byte in the
-        CPU tier, checksums included), or None before ``min_bytes`` have come that way: the
-        rate a planner prices chunks that peers hold at (``CostModelPlanner.calibrate``)."""
+        """Bytes/s of this service's completed pulls so far, over the TCP stream or NIXL (request
+        to last byte in the CPU tier, checksums included), or None before ``min_bytes`` have come
+        that way: the rate a planner prices chunks that peers hold at
+        (``CostModelPlanner.calibrate``)."""
         if self._puller is None:  # not started: nothing pulled yet
             return None
         return self._puller.pull_rate(min_bytes)
@@ -455,6 +498,8 @@ class PeerService:
                     "server_slots": self._slots.sizes(),
                     "tls": "off" if self._tls is None else ("mutual" if self._tls.mutual else "server"),
                     "journal_errors": self._journal.errors if self._journal is not None else 0,
+                    "data_path": "tcp" if self._nixl is None else "nixl+tcp",
+                    "nixl": self._nixl.stats() if self._nixl is not None else {"off": self.nixl_reason},
                 }
             )
         return s

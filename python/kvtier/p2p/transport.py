@@ -152,11 +152,12 @@ def _tls_handshake(sock: ssl.SSLSocket, deadline: Deadline) -> ssl.SSLSocket:
 class Identity:
     """What this node declares in a handshake."""
 
-    def __init__(self, node_id: str, fingerprint: bytes, blob_bytes: int, secret: bytes) -> None:
+    def __init__(self, node_id: str, fingerprint: bytes, blob_bytes: int, secret: bytes, caps: int = 0) -> None:
         self.node_id = node_id
         self.fingerprint = fingerprint
         self.blob_bytes = blob_bytes
         self.secret = secret
+        self.caps = caps  # P.CAP_* bits this member offers (set before it connects or serves)
 
 
 class Connection:
@@ -167,6 +168,7 @@ class Connection:
         self.addr = addr
         self.authenticated = False
         self.peer_id = ""
+        self.peer_caps = 0  # P.CAP_* bits the peer offered in the handshake
         self.tls_binding = b""  # SHA-256 of the server's TLS certificate; empty over plain TCP
         self.algo = P.CRC32
         self.closed = False
@@ -287,7 +289,7 @@ def _check_compat(me: Identity, fingerprint: bytes, blob_bytes: int) -> str | No
 
 
 def client_handshake(conn: Connection, me: Identity, deadline: Deadline) -> None:
-    hello = P.Hello(me.node_id, auth.new_nonce(), me.fingerprint, me.blob_bytes, P.LOCAL_ALGORITHMS_MASK)
+    hello = P.Hello(me.node_id, auth.new_nonce(), me.fingerprint, me.blob_bytes, P.LOCAL_ALGORITHMS_MASK | me.caps)
     hello_body = hello.encode()
     conn.send_frame(P.Kind.HELLO, 0, hello_body, deadline)
     _, body = conn.recv_frame(deadline, P.Kind.CHALLENGE)
@@ -302,6 +304,7 @@ def client_handshake(conn: Connection, me: Identity, deadline: Deadline) -> None
     conn.recv_frame(deadline, P.Kind.AUTH_OK)
     conn.authenticated = True
     conn.peer_id = ch.node_id
+    conn.peer_caps = ch.algorithms & P.CAPS_MASK
     conn.algo = P.pick_algorithm(P.LOCAL_ALGORITHMS_MASK, ch.algorithms)
 
 
@@ -311,7 +314,7 @@ def server_handshake(conn: Connection, me: Identity, deadline: Deadline, admit=N
     LoginRefusedError)."""
     _, hello_body = conn.recv_frame(deadline, P.Kind.HELLO)
     hello = P.Hello.decode(hello_body)
-    ch = P.Challenge(me.node_id, auth.new_nonce(), me.fingerprint, me.blob_bytes, P.LOCAL_ALGORITHMS_MASK)
+    ch = P.Challenge(me.node_id, auth.new_nonce(), me.fingerprint, me.blob_bytes, P.LOCAL_ALGORITHMS_MASK | me.caps)
     unsigned = ch.encode_unsigned()
     mac = auth.server_mac(me.secret, hello_body, unsigned, conn.tls_binding)
     conn.send_frame(P.Kind.CHALLENGE, 0, unsigned + mac, deadline)
@@ -342,6 +345,7 @@ def server_handshake(conn: Connection, me: Identity, deadline: Deadline, admit=N
     conn.send_frame(P.Kind.AUTH_OK, 0, b"", deadline)
     conn.authenticated = True
     conn.peer_id = hello.node_id
+    conn.peer_caps = hello.algorithms & P.CAPS_MASK
     conn.algo = P.pick_algorithm(P.LOCAL_ALGORITHMS_MASK, hello.algorithms)
 
 

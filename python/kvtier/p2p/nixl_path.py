@@ -1,0 +1,389 @@
+"""NixlPath: pulled chunks move as one-sided NIXL READs of the holder's CPU-tier blocks.
+
+The authenticated control channel carries what the READs need, never before the handshake:
+
+1. ``NIXL_META_REQ`` -> ``NIXL_META`` (first pull from a peer): the holder's agent name (its node
+   id, checked against the identity the connection authenticated), its agent metadata (loaded
+   into this member's agent) and the address range of the region holding its blocks.
+2. ``NIXL_LEASE keys`` -> ``NIXL_LEASED``: the holder pins the leading chunks it has (a reference
+   on each block: not evicted, not rewritten) and answers each block's offset in the region and
+   the CRC32C of its blob. The lease lasts ``2 * request_timeout_s``.
+3. The puller reserves its own blocks (``begin_put``), READs the holder's blocks straight into
+   them, stops before the lease expires, checks each blob's CRC32C and commits it; any other
+   outcome aborts the blocks: a miss, never wrong KV.
+4. ``NIXL_RELEASE lease_id`` (or expiry on the holder's gossip tick) drops the pins.
+
+A peer whose metadata is refused, or whose READ fails (not a deadline), is pulled over the TCP
+stream from then on (until its metadata is fetched again after it is lost).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import itertools
+import logging
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+
+from kvtier import _core
+from kvtier.errors import AlreadyExistsError, InvalidArgumentError, KVTierError, ResourceExhaustedError
+from kvtier.p2p import protocol as P
+from kvtier.p2p.config import PeerConfig
+from kvtier.p2p.nixl_agent import FAILED, PEER_LOST, NixlEndpoint
+from kvtier.p2p.peer_client import PeerClient
+from kvtier.p2p.transport import Deadline
+
+log = logging.getLogger(__name__)
+
+# A READ must end this long before the holder's lease does: the lease is timed from the holder's
+# reply, the READ's deadline from its arrival here.
+LEASE_MARGIN_S = 0.05
+
+
+def _addr(view) -> int:
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+
+
+class _Peer:
+    """What this member knows of one holder's NIXL side."""
+
+    __slots__ = ("agent", "region_addr", "region_bytes")
+
+    def __init__(self, agent: str, region_addr: int, region_bytes: int) -> None:
+        self.agent, self.region_addr, self.region_bytes = agent, region_addr, region_bytes
+
+
+class BlockLeases:
+    """The holder's leases: CPU-tier blocks pinned for pullers' one-sided READs (a reference on
+    each, so the tier neither evicts nor rewrites them) until released or expired. ``region_addr``
+    / ``region_bytes``: the registered range every leased block must lie in."""
+
+    def __init__(
+        self, tier, region_addr: int, region_bytes: int, lease_s: float, counters: Counter, promote=None
+    ) -> None:
+        self._tier = tier
+        self._promote = promote  # a standalone node's: bring a disk-only chunk into the pool first
+        self._blob_bytes = int(tier.blob_bytes)
+        self._region_addr, self._region_bytes = region_addr, region_bytes
+        self.lease_s = lease_s
+        self.counters = counters
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._leases: dict[int, tuple[float, list[bytes]]] = {}  # id -> (expiry, keys pinned)
+
+    def lease(self, keys: list[bytes], now: float | None = None) -> P.NixlLeased:
+        """Pin the leading chunks of ``keys`` held in the tier; each one's offset and CRC32C."""
+        pinned: list[bytes] = []
+        blocks: list[tuple[int, int]] = []
+        for key in keys:
+            views = self._tier.acquire_blobs(key)
+            if not views and self._promote is not None and self._tier.lookup(key) > 0 and self._promote(key):
+                views = self._tier.acquire_blobs(key)
+            if not views:
+                break
+            view = views[0]
+            try:
+                offset = _addr(view) - self._region_addr
+                inside = offset >= 0 and offset + self._blob_bytes <= self._region_bytes
+                crc = _core.crc32c(view) if inside else 0
+            finally:
+                view.release()
+                del views
+            if not inside:  # not a block of the registered arena: nothing a READ could reach
+                self._tier.release_blobs(key)
+                break
+            pinned.append(key)
+            blocks.append((offset, crc))
+        lease_id = next(self._ids)
+        if pinned:
+            at = (time.monotonic() if now is None else now) + self.lease_s
+            with self._lock:
+                self._leases[lease_id] = (at, pinned)
+            self.counters["nixl_leases"] += 1
+            self.counters["nixl_chunks_leased"] += len(pinned)
+        return P.NixlLeased(lease_id, int(self.lease_s * 1000), tuple(blocks))
+
+    def release(self, lease_id: int) -> bool:
+        """Drop a lease's pins (NIXL_RELEASE); False if it had expired or never existed."""
+        with self._lock:
+            lease = self._leases.pop(lease_id, None)
+        if lease is None:
+            return False
+        self._unpin(lease[1])
+        return True
+
+    def expire(self, now: float) -> int:
+        """Drop the leases past their expiry (the gossip tick); how many."""
+        with self._lock:
+            gone = [i for i, (at, _) in self._leases.items() if at <= now]
+            leases = [self._leases.pop(i) for i in gone]
+        for _, keys in leases:
+            self._unpin(keys)
+        self.counters["nixl_leases_expired"] += len(leases)
+        return len(leases)
+
+    def held(self) -> int:
+        with self._lock:
+            return len(self._leases)
+
+    def close(self) -> None:
+        with self._lock:
+            leases = list(self._leases.values())
+            self._leases.clear()
+        for _, keys in leases:
+            self._unpin(keys)
+
+    def _unpin(self, keys: list[bytes]) -> None:
+        for key in keys:
+            self._tier.release_blobs(key)
+
+
+class NixlPath:
+    """One member's NIXL side: an agent named by ``node_id`` with ``tier``'s arena registered,
+    the leases it holds for pullers, and the peers it READs from. ``lock``, ``counters`` and
+    ``count_bad_peer`` are the service's; ``client`` and ``executor`` carry control requests;
+    ``promote`` (a standalone node's) brings a disk-only chunk into the pool before it is leased."""
+
+    def __init__(
+        self,
+        config: PeerConfig,
+        tier,
+        node_id: str,
+        client: PeerClient,
+        executor: cf.ThreadPoolExecutor,
+        lock: threading.RLock,
+        counters: Counter,
+        count_bad_peer,
+        promote=None,
+    ) -> None:
+        self.config = config
+        self._tier = tier
+        self._node_id = node_id
+        self._blob_bytes = int(tier.blob_bytes)
+        self._client = client
+        self._exec = executor
+        self._lock = lock
+        self.counters = counters
+        self._count_bad_peer = count_bad_peer
+        # The holder's side must answer READs that UCX over TCP emulates: NIXL's progress thread.
+        self._ep = NixlEndpoint(node_id, progress_thread=True)
+        self._ep_lock = threading.Lock()  # NixlEndpoint: one caller at a time
+        addr, nbytes = tier.arena_region
+        self._region_addr, self._region_bytes = int(addr), int(nbytes)
+        self._region = self._ep.register(self._region_addr, self._region_bytes)
+        lease_s = 2 * config.request_timeout_s
+        self.leases = BlockLeases(tier, self._region_addr, self._region_bytes, lease_s, counters, promote)
+        self._peers: dict[str, _Peer | None] = {}  # node id -> its NIXL side, None: TCP only
+        self._closed = False
+
+    # -- the holder's side ---------------------------------------------------------------------
+    def meta(self) -> P.NixlMeta:
+        """NIXL_META for a puller."""
+        with self._ep_lock:
+            metadata = self._ep.metadata()
+        return P.NixlMeta(True, "", self._node_id, metadata, self._region_addr, self._region_bytes)
+
+    def lease(self, keys: list[bytes]) -> P.NixlLeased:
+        return self.leases.lease(keys)
+
+    def release(self, lease_id: int) -> bool:
+        return self.leases.release(lease_id)
+
+    def expire(self, now: float) -> int:
+        return self.leases.expire(now)
+
+    # -- the puller's side ---------------------------------------------------------------------
+    def _peer(self, src: str, addr: tuple[str, int], deadline: Deadline) -> _Peer | None:
+        """The holder's NIXL side, fetched and loaded on first use; None: pull it over TCP (it did
+        not offer NIXL in the handshake, or what it sent was refused)."""
+        with self._lock:
+            if src in self._peers:
+                return self._peers[src]
+        peer = None
+        conn = None
+        try:
+            conn, _ = self._client.checkout(*addr, deadline)
+            if conn.peer_id != src:
+                raise P.ProtocolError(f"member {src!r} answered as {conn.peer_id!r}")
+            if conn.peer_caps & P.CAP_NIXL:
+                _, body = conn.request(P.Kind.NIXL_META_REQ, self._client.next_rid(), b"", deadline, P.Kind.NIXL_META)
+                peer = self._load_peer(src, P.NixlMeta.decode(body))
+            else:
+                self.counters["nixl_peers_tcp_only"] += 1
+            self._client.pool.put(conn)
+            conn = None
+        except (P.ProtocolError, InvalidArgumentError) as e:
+            peer = None
+            self.counters["nixl_peers_refused"] += 1
+            self._count_bad_peer(src)
+            log.info("kvtier p2p: NIXL side of %s refused (%s): TCP stream", src, e)
+        except (OSError, KVTierError, TimeoutError):
+            self.counters["nixl_meta_failures"] += 1
+            return None  # not answered: asked again on the next pull
+        finally:
+            if conn is not None:
+                conn.close()
+        with self._lock:
+            self._peers[src] = peer
+        return peer
+
+    def _load_peer(self, src: str, meta: P.NixlMeta) -> _Peer | None:
+        """Load an offered NIXL side into this member's agent (ProtocolError / InvalidArgumentError
+        when it is not the peer's own or NIXL refuses it); None when the peer offers none."""
+        if not meta.ok:
+            self.counters["nixl_peers_tcp_only"] += 1
+            log.info("kvtier p2p: %s offers no NIXL (%s): TCP stream", src, meta.reason)
+            return None
+        if meta.agent != src:
+            raise P.ProtocolError(f"NIXL agent {meta.agent!r} is not the member {src!r}")
+        with self._ep_lock:
+            self._ep.remove_peer(src)  # a restarted member: its old metadata goes first
+            try:
+                name = self._ep.add_peer(meta.metadata)
+            except InvalidArgumentError:
+                self._ep.remove_peer(src)  # a refused load can leave the name half-known
+                raise
+            if name != src:
+                self._ep.remove_peer(name)
+                raise P.ProtocolError(f"NIXL metadata of agent {name!r} from member {src!r}")
+        return _Peer(src, meta.region_addr, meta.region_bytes)
+
+    def transport_of(self, src: str) -> str:
+        """ "nixl", "tcp" or "unknown" (not pulled from yet) for a peer."""
+        with self._lock:
+            if src not in self._peers:
+                return "unknown"
+            return "tcp" if self._peers[src] is None else "nixl"
+
+    def _forget(self, src: str, tcp_only: bool) -> None:
+        with self._ep_lock:
+            self._ep.remove_peer(src)
+        with self._lock:
+            if tcp_only:
+                self._peers[src] = None
+            else:
+                self._peers.pop(src, None)  # fetched again on the next pull
+
+    def pull(
+        self,
+        src: str,
+        addr: tuple[str, int],
+        items: list[tuple[int, bytes]],
+        deadline: Deadline,
+        on_commit,
+        note_stored,
+    ) -> int | None:
+        """Pull ``items`` [(plan index, key)] from ``src`` over NIXL: chunks committed, or None
+        when this peer is pulled over the TCP stream instead (nothing was asked of it)."""
+        peer = self._peer(src, addr, deadline)
+        if peer is None:
+            return None
+        try:
+            _, body = self._client.exchange(
+                *addr, P.Kind.NIXL_LEASE, P.encode_keys([k for _, k in items]), deadline, P.Kind.NIXL_LEASED
+            )
+            leased = P.NixlLeased.decode(body)
+        except P.ProtocolError:
+            self.counters["protocol_errors"] += 1
+            self._count_bad_peer(src)
+            return 0
+        except (OSError, KVTierError, TimeoutError):
+            self.counters["pull_failures"] += 1
+            return 0
+        lease_end = time.monotonic() + leased.lease_ms / 1000 - LEASE_MARGIN_S
+        try:
+            return self._read_leased(
+                src, peer, items[: len(leased.blocks)], leased, deadline, lease_end, on_commit, note_stored
+            )
+        finally:
+            if leased.blocks:
+                self._exec.submit(self._release, addr, leased.lease_id)
+            self.counters["chunks_missed_at_source"] += len(items) - len(leased.blocks)
+
+    def _read_leased(self, src, peer, items, leased, deadline, lease_end, on_commit, note_stored) -> int:
+        blob = self._blob_bytes
+        reserved: list[tuple[int, bytes, memoryview, int]] = []  # (plan index, key, view, crc)
+        pieces: list[tuple[int, int, int]] = []
+        committed = 0
+        try:
+            for (i, key), (offset, crc) in zip(items, leased.blocks):
+                if offset + blob > peer.region_bytes:
+                    raise P.ProtocolError(f"leased block at offset {offset} outside the peer's region")
+                try:
+                    view = self._tier.begin_put(key)
+                except (AlreadyExistsError, ResourceExhaustedError) as e:
+                    if isinstance(e, AlreadyExistsError) and on_commit is not None:
+                        on_commit(i)  # arrived meanwhile
+                    continue
+                reserved.append((i, key, view, crc))
+                pieces.append((peer.region_addr + offset, _addr(view), blob))
+            if not pieces:
+                return 0
+            budget = min(deadline.at, lease_end) - time.monotonic()
+            if budget <= 0:
+                self.counters["pull_deadline_misses"] += 1
+                return 0
+            with self._ep_lock:
+                out = self._ep.read(src, pieces, budget)
+            if not out.ok:
+                self.counters[f"nixl_reads_{out.status}"] += 1
+                log.info("kvtier p2p: NIXL read from %s ended %s: %s", src, out.status, out.detail)
+                if out.status in (PEER_LOST, FAILED) or out.stuck:
+                    # Removing the peer disconnects it: no late bytes land in blocks handed back.
+                    self._forget(src, tcp_only=out.status == FAILED)
+                return 0
+            self.counters["nixl_reads_done"] += 1
+            while reserved:
+                i, key, view, crc = reserved[0]
+                if _core.crc32c(view) != crc:
+                    # Not the bytes the holder leased: this and the rest are misses (finally).
+                    self.counters["checksum_failures"] += 1
+                    self._count_bad_peer(src)
+                    break
+                reserved.pop(0)
+                view.release()
+                self._tier.commit_put(key)
+                committed += 1
+                self.counters["chunks_pulled"] += 1
+                self.counters["chunks_pulled_nixl"] += 1
+                self.counters["bytes_pulled"] += blob
+                note_stored([key])
+                if on_commit is not None:
+                    on_commit(i)
+            return committed
+        except P.ProtocolError:
+            self.counters["protocol_errors"] += 1
+            self._count_bad_peer(src)
+            return committed
+        finally:
+            for _i, key, view, _crc in reserved:  # not committed: a miss, never wrong KV
+                view.release()
+                self._tier.abort_put(key)
+
+    def _release(self, addr: tuple[str, int], lease_id: int) -> None:
+        try:
+            self._client.exchange(
+                *addr,
+                P.Kind.NIXL_RELEASE,
+                P.encode_lease(lease_id),
+                Deadline(self.config.request_timeout_s),
+                P.Kind.NIXL_RELEASED,
+            )
+        except (OSError, KVTierError, TimeoutError, P.ProtocolError):
+            self.counters["nixl_release_failures"] += 1  # the holder's expiry drops it
+
+    def stats(self) -> dict:
+        with self._lock:
+            peers = {k: ("tcp" if v is None else "nixl") for k, v in self._peers.items()}
+        return {"agent": self._node_id, "leases_held": self.leases.held(), "peers": peers}
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.leases.close()
+        with self._ep_lock:
+            self._ep.close()
