@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+from dataclasses import replace
 
 from kvtier.sim.cost import MODEL_PRESETS, CalibratedPlanner, Calibration, HardwareCost
 
@@ -48,6 +50,42 @@ def add_parser(sub) -> None:
     p.add_argument("--routing", default="round_robin", choices=("round_robin", "least_loaded", "cache_aware"))
     p.add_argument("--peers", action="store_true", help="instances pull missing prefixes from each other's CPU tier")
     p.add_argument("--peer-disk", action="store_true", help="peers also serve their disk tier")
+    p.add_argument(
+        "--link-gbps",
+        type=float,
+        default=None,
+        metavar="GB/s",
+        help="the peers' link between hosts, GB/s (10^9 bytes/s); overrides the calibrated or default value",
+    )
+    p.add_argument(
+        "--link-latency-us",
+        type=float,
+        default=None,
+        metavar="US",
+        help="the latency of a pull over that link, microseconds (once per request that pulls)",
+    )
+    p.add_argument(
+        "--hosts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the instances run on N hosts, instance i on host i %% N (default: one host each, so every pull "
+        "crosses hosts); pulls from a peer on the same host take the same-host link",
+    )
+    p.add_argument(
+        "--local-link-gbps",
+        type=float,
+        default=None,
+        metavar="GB/s",
+        help="the link between peers on the same host, GB/s (default: the link between hosts)",
+    )
+    p.add_argument(
+        "--local-link-latency-us",
+        type=float,
+        default=None,
+        metavar="US",
+        help="the latency of a same-host pull, microseconds (default: the link between hosts')",
+    )
     p.add_argument(
         "--planner",
         action="store_true",
@@ -104,6 +142,13 @@ def add_parser(sub) -> None:
         help="also sweep this tier's capacity (per policy) and plot hit ratio and TTFT",
     )
     p.add_argument("--sweep-gib", default="8,16,32,64,128", help="capacities of the sweep, GiB")
+    p.add_argument(
+        "--sweep-link",
+        default=None,
+        metavar="GB/s,...",
+        help="also run with peers at each of these link speeds between hosts (GB/s), beside the same "
+        "deployment without peers, and print where peers start to cut TTFT",
+    )
     p.add_argument("--plot", default=None, metavar="PNG", help="write the sweep's plot here (needs matplotlib)")
     p.add_argument("--json", default=None, metavar="FILE", help="write all results as JSON")
     p.set_defaults(func=run)
@@ -115,15 +160,58 @@ def _gib(x: float, name: str) -> int:
     return int(x * _GIB)
 
 
+def _link_overrides(args: argparse.Namespace) -> dict:
+    """HardwareCost fields the link flags set, validated (ValueError naming the flag)."""
+    out = {}
+    for flag, attr, scale, low in (
+        ("link_gbps", "link_bw", 1e9, "positive"),
+        ("link_latency_us", "link_latency_s", 1e-6, "non-negative"),
+        ("local_link_gbps", "local_link_bw", 1e9, "positive"),
+        ("local_link_latency_us", "local_link_latency_s", 1e-6, "non-negative"),
+    ):
+        v = getattr(args, flag)
+        if v is None:
+            continue
+        if not math.isfinite(v) or v < 0 or (v == 0 and low == "positive"):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a {low} number, got {v}")
+        out[attr] = v * scale
+    return out
+
+
+def _link_speeds(text: str) -> list[float]:
+    """``--sweep-link`` "1,2,12.5" -> bytes/s (ValueError naming the flag)."""
+    speeds = []
+    for x in text.split(","):
+        try:
+            v = float(x)
+        except ValueError:
+            v = math.nan
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"--sweep-link takes positive link speeds in GB/s, separated by commas; got {x.strip()!r}")
+        speeds.append(v * 1e9)
+    return speeds
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `kvtier sim`; returns the exit status (2: bad trace, configuration or calibration)."""
-    from dataclasses import replace
-
     from kvtier.sim.engine import SimConfig, tier_ablation
-    from kvtier.sim.report import capacity_sweep, plot_sweep, print_results
+    from kvtier.sim.report import (
+        capacity_sweep,
+        link_crossover,
+        link_sweep,
+        link_sweep_rows,
+        link_sweep_table,
+        plot_sweep,
+        print_results,
+        rich_print,
+    )
     from kvtier.sim.trace import TraceError, trace_summary
 
     try:
+        links = _link_overrides(args)
+        speeds = _link_speeds(args.sweep_link) if args.sweep_link is not None else None
+        if args.hosts is not None and not 1 <= args.hosts <= args.instances:
+            raise ValueError(f"--hosts must be from 1 to --instances ({args.instances}), got {args.hosts}")
         reqs = _requests(args)
     except (TraceError, ValueError) as e:
         print(f"kvtier sim: {e}", file=sys.stderr)
@@ -148,6 +236,14 @@ def run(args: argparse.Namespace) -> int:
         except (FileNotFoundError, ValueError) as e:
             print(f"kvtier sim: calibration failed: {e}", file=sys.stderr)
             return 2
+    if links:  # the command line outranks the calibration
+        flags = {
+            "link_bw": "--link-gbps",
+            "link_latency_s": "--link-latency-us",
+            "local_link_bw": "--local-link-gbps",
+            "local_link_latency_s": "--local-link-latency-us",
+        }
+        hw = replace(hw, **links, sources={**hw.sources, **{k: f"{flags[k]} (command line)" for k in links}})
     try:
         cfg = SimConfig(
             model=model,
@@ -162,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
             routing=args.routing,
             peers=args.peers,
             peer_disk=args.peer_disk,
+            hosts=args.hosts,
             write_through=args.write_through,
             deterministic_writeback=args.deterministic_writeback,
             hardware=hw,
@@ -196,6 +293,13 @@ def run(args: argparse.Namespace) -> int:
         + f"; CPU->GPU {v['h2d_gbps']} GB/s{' (beside the step)' if v['load_compute_overlap'] else ''}, "
         f"GPU->CPU {v['d2h_gbps']} GB/s; disk read {v['disk_read_gbps']} / write {v['disk_write_gbps']} GB/s; "
         f"peer link {v['link_gbps']} GB/s"
+        + (f" + {hw.link_latency_s * 1e6:g} us" if args.peers or speeds else "")
+        + (
+            f"; {cfg.hosts} hosts, same-host link {hw.same_host_link()[0] / 1e9:g} GB/s + "
+            f"{hw.same_host_link()[1] * 1e6:g} us"
+            if cfg.hosts is not None and cfg.hosts < cfg.instances
+            else ""
+        )
     )
     policies = ("lru", "s3fifo", "lfu") if args.cpu_eviction == "all" else (cfg.cpu_eviction,)
     results = {}
@@ -241,6 +345,19 @@ def run(args: argparse.Namespace) -> int:
                 print(f"kvtier sim: {e}", file=sys.stderr)
                 return 2
             print(f"wrote {args.plot}")
+    if speeds:
+        baseline, rows = link_sweep(reqs, cfg, speeds)
+        rich_print(link_sweep_table(baseline, rows, title=f"peer link sweep ({cfg.instances} instances, {model.name})"))
+        cross = link_crossover(baseline, rows)
+        print(
+            "peers' median TTFT beats no peers "
+            + (f"from {cross / 1e9:g} GB/s on (the slowest such link of the sweep)" if cross else "at no link swept")
+        )
+        out["link_sweep"] = {
+            "hosts": cfg.instances if cfg.hosts is None else cfg.hosts,
+            "rows": link_sweep_rows(baseline, rows),
+            "crossover_gbps_p50": cross / 1e9 if cross else None,
+        }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1, default=str)

@@ -11,7 +11,8 @@ fused (flash) kernel near the GPU's matmul peak. Calibrated, never guessed: ``we
 one measured full-recompute TTFT (bench_e2e, one prompt length), ``attention_rate`` from the
 measured bf16 matmul of bench_copy_py; tier bandwidths from bench_copy / bench_copy_py (PCIe,
 through the Python API), bench_disk (the device's sequential O_DIRECT limits), bench_p2p (peer
-pulls). :meth:`Calibration.hardware` reads them and records where each number came from.
+pulls: a NIXL pull's case where a bench recorded one, else the TCP pull's; ``LINK_BW_CASES``).
+:meth:`Calibration.hardware` reads them and records where each number came from.
 
 Moving chunks:
 - CPU -> GPU (a CPU hit): ``bytes / h2d_bw``; GPU -> CPU (offload of GPU victims, which the
@@ -20,7 +21,10 @@ Moving chunks:
   when the CPU tier is full of chunks that must be written back first, each block the promotion
   needs waits for one write-back: ``+ chunk_bytes / disk_write_bw`` each (the disk does one thing
   at a time).
-- peer -> GPU: ``link_latency + bytes / link_bw`` then the scatter.
+- peer -> GPU: ``link_latency + bytes / link_bw`` then the scatter, per path: a pull from a peer
+  on another host crosses ``link_bw`` / ``link_latency_s``, one from a peer on the same host
+  ``local_link_bw`` / ``local_link_latency_s`` (the cross-host link's when not set); a request
+  that pulls over both pays both, in series (:meth:`HardwareCost.peer_pull_s`).
 - With ``load_compute_overlap`` (bench_e2e records it for an engine that does this) the scatter overlaps the step that
   reads the chunks, layer by layer; disk reads and write-backs still precede it
   (kvtier.sim.engine.request_service_s).
@@ -28,6 +32,7 @@ Moving chunks:
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import itertools
 import json
@@ -35,7 +40,25 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 
-__all__ = ["MODEL_PRESETS", "CalibratedPlanner", "Calibration", "HardwareCost", "ModelShape", "one_step_prefill"]
+__all__ = [
+    "LINK_BW_CASES",
+    "LINK_LATENCY_CASES",
+    "MODEL_PRESETS",
+    "CalibratedPlanner",
+    "Calibration",
+    "HardwareCost",
+    "ModelShape",
+    "one_step_prefill",
+]
+
+# The bench cases the peers' cross-host link is calibrated from, first found wins: a NIXL pull
+# (the data path of issue "Peers move KV over NIXL"; a case named p2p_pull_nixl, or p2p_pull_nixl_<x>
+# such as p2p_pull_nixl_ucx_rdma, in GB/s), then the TCP pull with crc32c checksums that bench_p2p
+# records today. Looked up in every bench_p2p*-*.json of the directory, newest ``date`` first.
+LINK_BW_CASES = ("p2p_pull_nixl", "p2p_pull_nixl_*", "p2p_pull_crc32c")
+# The link's latency, where a bench measured it (a case in us, ms or s; none does yet: the
+# default 200 us stays until one does).
+LINK_LATENCY_CASES = ("p2p_pull_nixl_latency", "p2p_pull_latency")
 
 
 @dataclass(frozen=True)
@@ -89,8 +112,10 @@ class HardwareCost:
     size (:meth:`attention_rate_of`). ``hit_step_overlaps``: a step after a cached prefix costs
     the longer of ``hit_forward_s`` (its host-bound launches) and its weights' GEMMs, which the
     GPU runs while the host launches, plus its attention, instead of launches + all its FLOPs
-    (kvtier.sim.engine.prefill_step_s); set with measured attention rates. ``sources`` says where
-    each calibrated number came from (file and
+    (kvtier.sim.engine.prefill_step_s); set with measured attention rates. ``link_bw``,
+    ``link_latency_s``: a peer pull between hosts; ``local_link_bw``, ``local_link_latency_s``: a
+    pull from a peer on the same host (None: the cross-host link's; no bench measures that path
+    into the CPU tier yet). ``sources`` says where each calibrated number came from (file and
     case)."""
 
     weights_rate: float = 100e12
@@ -102,6 +127,8 @@ class HardwareCost:
     disk_latency_s: float = 100e-6
     link_bw: float = 4e9
     link_latency_s: float = 200e-6
+    local_link_bw: float | None = None
+    local_link_latency_s: float | None = None
     hit_forward_s: float = 0.0
     writebacks_share_disk: bool = False
     load_compute_overlap: bool = False
@@ -124,9 +151,27 @@ class HardwareCost:
             "load_compute_overlap": self.load_compute_overlap,
             "hit_step_overlaps": self.hit_step_overlaps,
         }
+        if self.local_link_bw is not None or self.local_link_latency_s is not None:
+            v["local_link_gbps"] = round(self.same_host_link()[0] / 1e9, 2)
         if self.attention_after_prefix:
             v["attention_after_prefix_tflops"] = {t: round(r / 1e12, 1) for t, r in self.attention_after_prefix}
         return v
+
+    def same_host_link(self) -> tuple[float, float]:
+        """(bytes/s, seconds of latency) of a pull from a peer on the same host."""
+        bw = self.link_bw if self.local_link_bw is None else self.local_link_bw
+        lat = self.link_latency_s if self.local_link_latency_s is None else self.local_link_latency_s
+        return bw, lat
+
+    def peer_pull_s(self, chunk_bytes: int, cross_host: int, same_host: int = 0) -> float:
+        """Seconds to pull ``cross_host`` chunks from peers on other hosts and ``same_host`` from
+        peers on this one into the CPU tier (before their scatter): each path used costs its
+        latency once and its bytes at its bandwidth; the two paths in series."""
+        t = cross_host * chunk_bytes / self.link_bw + self.link_latency_s if cross_host else 0.0
+        if same_host:
+            bw, lat = self.same_host_link()
+            t += same_host * chunk_bytes / bw + lat
+        return t
 
     def prefill_s(self, model: ModelShape, start: int, end: int) -> float:
         """Seconds to prefill tokens [start, end) with the KV of [0, start) in place."""
@@ -245,12 +290,11 @@ class Calibration:
                 raise FileNotFoundError(f"{dname} has no case with baseline {base!r}")
             setattr(hw, attr, v * 1e9)
             src[attr] = f"{dname}:{base}"
-        p2p = self._files("bench_p2p-*.json")
-        if p2p:
-            r = _case(_load(p2p[-1]), "p2p_pull_crc32c")
-            if r is not None and r.get("value"):
-                hw.link_bw = r["value"] * 1e9
-                src["link_bw"] = f"{os.path.basename(p2p[-1])}:p2p_pull_crc32c"
+        link = self._link_cases()
+        if "bw" in link:
+            hw.link_bw, src["link_bw"] = link["bw"]
+        if "latency" in link:
+            hw.link_latency_s, src["link_latency_s"] = link["latency"]
         hw.sources = src
         if e2e_file is not None:
             if model is None:
@@ -310,6 +354,40 @@ class Calibration:
                     },
                 )
         return hw
+
+    def _link_cases(self) -> dict[str, tuple[float, str]]:
+        """The peers' cross-host link from the bench_p2p* files: ``{"bw": (bytes/s, source),
+        "latency": (s, source)}``, each key only where a case of ``LINK_BW_CASES`` /
+        ``LINK_LATENCY_CASES`` has a value; for each, the first name of the list that some file
+        has, from the file with the newest ``date`` (then the last file name)."""
+        docs = []
+        for f in self._files("bench_p2p*-*.json"):
+            try:
+                doc = _load(f)
+            except (OSError, ValueError):
+                continue
+            docs.append((str(doc.get("date", "")), os.path.basename(f), doc))
+        docs.sort(key=lambda d: d[:2], reverse=True)
+        # a bandwidth in GB/s; a latency in a unit named here (any other is not guessed at)
+        scales = {"bw": {"GB/s": 1e9}, "latency": {"us": 1e-6, "ms": 1e-3, "s": 1.0}}
+        out: dict[str, tuple[float, str]] = {}
+        for key, names in (("bw", LINK_BW_CASES), ("latency", LINK_LATENCY_CASES)):
+            for pattern in names:
+                hit = next(
+                    (
+                        (r["value"] * scales[key][r.get("unit")], f"{name}:{r['case']}")
+                        for _, name, doc in docs
+                        for r in doc.get("results", [])
+                        if fnmatch.fnmatchcase(str(r.get("case", "")), pattern)
+                        and r.get("value")
+                        and r.get("unit") in scales[key]
+                    ),
+                    None,
+                )
+                if hit is not None:
+                    out[key] = hit
+                    break
+        return out
 
     def _attention_after_prefix(self, hw: HardwareCost, split_min: int, tag: str) -> HardwareCost:
         """Attention rates of the engine that splits attention after a cached prefix from
@@ -384,8 +462,8 @@ class CalibratedPlanner:
         t = chunk_bytes / hw.h2d_bw
         if tier == "disk":
             t += chunk_bytes / hw.disk_read_bw + hw.disk_latency_s
-        elif tier == "peer":
-            t += chunk_bytes / hw.link_bw + hw.link_latency_s
+        elif tier == "peer":  # priced on the cross-host link: the plan does not know the source yet
+            t += hw.peer_pull_s(chunk_bytes, 1)
         return t
 
     def plan(self, pool, gpu_hit_chunks: int, tiers: list[str]) -> int:

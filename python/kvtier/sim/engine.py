@@ -74,6 +74,9 @@ class SimConfig:
         instances, routing: how many instances and how requests reach them.
         peers: a miss continues in other instances' CPU tiers (and disks with ``peer_disk``),
             pulled into the local CPU tier after the local hits (PagedKVPool with ``peers=``).
+        hosts: how many hosts the instances run on, instance ``i`` on host ``i % hosts`` (None:
+            one host each). A pull from a peer on the same host is priced on
+            ``hardware``'s same-host link, asked first; one from another host on its link.
         write_through: each instance stores committed chunks in its CPU tier at once
             (PagedKVPool's ``write_through``; the copy is off the request's critical path).
         hardware: the cost model's rates.
@@ -99,6 +102,7 @@ class SimConfig:
     routing: str = "round_robin"
     peers: bool = False
     peer_disk: bool = False
+    hosts: int | None = None
     write_through: bool = False
     hardware: HardwareCost = field(default_factory=HardwareCost)
     replay: str = "timestamps"
@@ -112,6 +116,10 @@ class SimConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int (bytes), got {v!r}")
+        if self.hosts is not None and (
+            isinstance(self.hosts, bool) or not isinstance(self.hosts, int) or not 1 <= self.hosts <= self.instances
+        ):
+            raise ValueError(f"hosts must be an int from 1 to instances={self.instances}, got {self.hosts!r}")
         if type(self.deterministic_writeback) is not bool:
             raise ValueError(f"deterministic_writeback must be True or False, got {self.deterministic_writeback!r}")
         if self.chunk_tokens % self.page_tokens:
@@ -130,6 +138,10 @@ class SimConfig:
             raise ValueError(f"cpu_bytes={self.cpu_bytes} is smaller than one chunk ({self.chunk_bytes} bytes)")
         if self.disk_bytes and self.disk_slots == 0:
             raise ValueError(f"disk_bytes={self.disk_bytes} holds no slot ({self.slot_bytes} bytes each)")
+
+    def host_of(self, instance: int) -> int:
+        """The host instance ``instance`` runs on (round robin over ``hosts``)."""
+        return instance % (self.instances if self.hosts is None else self.hosts)
 
     @property
     def writebacks_per_wait(self) -> int:
@@ -218,6 +230,7 @@ class SimResult:
     cpu_hits: int = 0
     disk_hits: int = 0
     peer_hits: int = 0
+    peer_same_host_hits: int = 0  # of peer_hits, pulled from a peer on the same host
     planned_recompute: int = 0
     split_plans: int = 0  # requests whose lower-tier prefix took a split plan (head recomputed, tail loaded)
     rejected: int = 0
@@ -253,6 +266,7 @@ class SimResult:
             "chunks": self.chunks,
             "hit_ratio": {t: self.hit_ratio(t) for t in ("gpu", "cpu", "disk", "peer")} | {"total": self.hit_ratio()},
             "hit_chunks": {"gpu": self.gpu_hits, "cpu": self.cpu_hits, "disk": self.disk_hits, "peer": self.peer_hits},
+            "peer_same_host_chunks": self.peer_same_host_hits,
             "planned_recompute_chunks": self.planned_recompute,
             "split_plans": self.split_plans,
             "rejected_requests": self.rejected,
@@ -273,6 +287,7 @@ class SimResult:
                 "instances": c.instances,
                 "routing": c.routing,
                 "peers": c.peers,
+                "hosts": c.instances if c.hosts is None else c.hosts,
                 "replay": c.replay,
                 "deterministic_writeback": c.deterministic_writeback,
                 "gpu_chunks": c.gpu_pages // (c.chunk_tokens // c.page_tokens),
@@ -294,7 +309,8 @@ class Simulator:
             tiers = [i.cpu for i in self.instances]
             for inst in self.instances:
                 if inst.pool is not None and inst.cpu is not None:
-                    inst.pool.peers = SimPeers(inst.cpu, tiers, serve_disk=config.peer_disk)
+                    near = [o.cpu for o in self.instances if config.host_of(o.idx) == config.host_of(inst.idx)]
+                    inst.pool.peers = SimPeers(inst.cpu, tiers, serve_disk=config.peer_disk, same_host=near)
         self._rr = 0
         self._picked = [0] * len(self.instances)  # when each instance was last routed to
 
@@ -370,6 +386,7 @@ class Simulator:
                 res.cpu_hits += cpu
                 res.disk_hits += b.disk_hits + ahead
                 res.peer_hits += peer
+                res.peer_same_host_hits += b.peer_same_host
                 res.planned_recompute += b.planned_recompute
                 by["gpu_to_cpu"] += (b.offloaded + b.written_through) * cb
                 by["cpu_to_gpu"] += b.lower_hits * cb
@@ -409,16 +426,18 @@ def request_load_parts_s(hw: HardwareCost, chunk_bytes: int, b, peer: int = 0) -
     """(pages, load) seconds of a request's chunk moves (``b``: a tiers.BeginResult). ``pages``:
     getting its pages — the offload of GPU victims (the pool waits for it) and the write-backs
     that eviction waited for. ``load``: the write-backs its load waited for, disk reads, peer
-    pulls, and the scatter of every lower-tier chunk into GPU pages. With
+    pulls (``peer`` chunks, ``b.peer_same_host`` of them from the same host: each path on its
+    link, ``HardwareCost.peer_pull_s``), and the scatter of every lower-tier chunk into GPU pages. With
     ``hw.writebacks_share_disk``, every write-back the load started is priced in its load (the
     disk reads and writes one request at a time), not only those it waited for."""
     cb = chunk_bytes
+    near = min(peer, getattr(b, "peer_same_host", 0))
     pages = b.offloaded * cb / hw.d2h_bw + (b.critical_writebacks - b.load_writebacks) * cb / hw.disk_write_bw
     writes = max(b.load_writebacks, b.load_disk_writes) if hw.writebacks_share_disk else b.load_writebacks
     load = (
         writes * cb / hw.disk_write_bw
         + (b.disk_hits * cb / hw.disk_read_bw + hw.disk_latency_s if b.disk_hits else 0.0)
-        + (peer * cb / hw.link_bw + hw.link_latency_s if peer else 0.0)
+        + hw.peer_pull_s(cb, peer - near, near)
         + b.lower_hits * cb / hw.h2d_bw
     )
     return pages, load

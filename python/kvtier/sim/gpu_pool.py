@@ -31,6 +31,7 @@ class BeginResult:
     lower_hits: int = 0  # loaded from the CPU tier or the disk tier
     disk_hits: int = 0  # of lower_hits, promoted from disk
     peer_hits: int = 0  # of lower_hits, pulled from peers
+    peer_same_host: int = 0  # of peer_hits, pulled from peers on this instance's host
     written_through: int = 0  # committed chunks stored in the CPU tier at once (write_through)
     planned_recompute: int = 0
     offloaded: int = 0  # GPU victims stored into the CPU tier by this request
@@ -211,6 +212,7 @@ class SimGpuPool:
                 if pulled:
                     got, _ = cpu.load(keys[first + loaded : first + loaded + pulled])  # scattered from the pool
                     res.peer_hits = got
+                    res.peer_same_host = sum(peers.last_same_host[:got])
                     loaded += got
             res.load_writebacks = cpu.counters.critical_writebacks - before
             res.load_disk_writes = cpu.counters.disk_writes - writes

@@ -14,13 +14,21 @@ class SimPeers:
 
     ``lookup`` counts the leading chunks some peer holds (any peer per chunk, as the engine's
     plan assembles confirmations from several); ``pull`` puts them into the local CPU tier
-    (BeginPut / CommitPut), each read from the first peer that holds it (a hit there)."""
+    (BeginPut / CommitPut), each read from the first peer that holds it (a hit there).
 
-    def __init__(self, local: SimCpuTier, others: list, serve_disk: bool = False) -> None:
+    ``same_host``: those of ``others`` on this instance's host. They are asked first (the cheaper
+    path), and ``last_same_host`` says, per chunk the last ``pull`` landed, whether it came from
+    one of them, so that the cost model prices each path on its own link."""
+
+    def __init__(self, local: SimCpuTier, others: list, serve_disk: bool = False, same_host=()) -> None:
         self.local = local
-        self.others = [o for o in others if o is not None and o is not local]
+        near = {id(o) for o in same_host}
+        others = [o for o in others if o is not None and o is not local]
+        self.others = [o for o in others if id(o) in near] + [o for o in others if id(o) not in near]
+        self._near = near
         self.serve_disk = serve_disk
         self.chunks_pulled = 0
+        self.last_same_host: list[bool] = []
 
     def _source(self, key):
         for o in self.others:
@@ -42,6 +50,7 @@ class SimPeers:
     def pull(self, keys, start: int, n: int) -> int:
         """Pull keys[start:start+n] into the local CPU tier; returns how many landed."""
         pulled = 0
+        paths = self.last_same_host = []
         for i in range(start, start + n):
             src = self._source(keys[i])
             if src is None:
@@ -53,6 +62,7 @@ class SimPeers:
                 src.disk.read(keys[i])
             if not self.local.put(keys[i]) and not self.local.contains(keys[i]):
                 break  # no block for it (a chunk that arrived meanwhile counts as landed)
+            paths.append(id(src) in self._near)
             pulled += 1
         self.chunks_pulled += pulled
         return pulled
