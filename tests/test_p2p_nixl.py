@@ -206,3 +206,21 @@ def test_garbage_metadata_is_refused(endpoint):
         # A read from a peer never loaded is refused before anything is posted.
         with pytest.raises(InvalidArgumentError, match="no metadata"):
             ep.read("holder", [(1, 1, 1)], deadline_s=1)
+
+
+def test_an_idle_endpoint_does_not_spin_a_core():
+    # NIXL's Python API starts its progress thread without a pause between passes (a core spent for
+    # as long as the agent lives); kvtier's endpoints wait PROGRESS_DELAY_US between passes. In a
+    # child process, so that nothing else of the test run counts: a spinning thread uses ~1 s of
+    # CPU per second idle, a waiting one a few ms.
+    code = (
+        "import time\n"
+        "from kvtier.p2p.nixl_agent import NixlEndpoint\n"
+        "ep = NixlEndpoint('idle')\n"
+        "t0 = time.process_time(); time.sleep(1.0); print(time.process_time() - t0)\n"
+        "ep.close()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=_env("tcp"), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    cpu_s = float(out.stdout.strip().splitlines()[-1])
+    assert cpu_s < 0.5, f"an idle NIXL endpoint used {cpu_s:.2f} s of CPU in 1 s"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,11 @@ DEFAULT_MAX_POST_BYTES = 64 << 20
 # How long a read polls without sleeping: 32 MiB over UCX tcp at ~1 GB/s. Sleeping while UCX over
 # TCP waits for progress from this thread stalls the read; past this a peer is slow anyway.
 SPIN_S = 0.05
+
+# NIXL's progress thread waits this long between passes. nixl's Python API sets 0: a thread that
+# spins a whole core for as long as the agent lives, which a serving process cannot give away
+# (docs/nixl.md, "Progress": what 0, 100 and 1000 cost idle and under load).
+PROGRESS_DELAY_US = 100
 
 # ReadOutcome.status values.
 DONE = "done"
@@ -56,6 +62,31 @@ def _import_nixl():
         if n.startswith("nixl") and n.endswith("Error") and isinstance(c, type) and issubclass(c, Exception)
     )
     return nixl_agent, nixl_agent_config, errors
+
+
+_agent_lock = threading.Lock()
+
+
+def new_agent(name: str, progress_thread: bool):
+    """A NIXL agent without backends (create them on it), whose progress thread, if on, waits
+    PROGRESS_DELAY_US between passes. nixl's API builds its native config itself and fixes that
+    delay at 0; the native constructor is wrapped while this agent is made to set it."""
+    nixl_agent, nixl_agent_config, _ = _import_nixl()
+    from nixl import _api
+
+    bindings = _api.nixlBind
+    native = bindings.nixlAgent
+
+    def with_delay(agent_name, config):
+        config.pthrDelay = PROGRESS_DELAY_US
+        return native(agent_name, config)
+
+    with _agent_lock:
+        bindings.nixlAgent = with_delay
+        try:
+            return nixl_agent(name, nixl_agent_config(enable_prog_thread=progress_thread, backends=[]))
+        finally:
+            bindings.nixlAgent = native
 
 
 def _quiet_nixl_logger() -> None:
@@ -117,15 +148,14 @@ class NixlEndpoint:
     def __init__(self, name: str, *, progress_thread: bool = True) -> None:
         if not name:
             raise InvalidArgumentError("NIXL agent name is empty: give the member's node id")
-        nixl_agent, nixl_agent_config, self._errors = _import_nixl()
+        _, _, self._errors = _import_nixl()
         # UCX logs to stdout unless told otherwise, which would corrupt a member process's or the
         # CLI's output there: stderr, unless the user chose a file.
         os.environ.setdefault("UCX_LOG_FILE", "stderr")
         self.name = name
         # Backends are created below, not by the config, so that a failure names UCX.
-        conf = nixl_agent_config(enable_prog_thread=progress_thread, backends=[])
         try:
-            self._agent = nixl_agent(name, conf)
+            self._agent = new_agent(name, progress_thread)
             # Default error mode "peer": UCX then uses only transports that report a dead peer, so a
             # read from a killed holder ends with an error instead of waiting for its deadline.
             self._agent.create_backend("UCX", {})

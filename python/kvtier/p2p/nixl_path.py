@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -41,10 +42,18 @@ log = logging.getLogger(__name__)
 # A READ must end this long before the holder's lease does: the lease is timed from the holder's
 # reply, the READ's deadline from its arrival here.
 LEASE_MARGIN_S = 0.05
+# Threads checksumming blobs (crc32c releases the GIL): a lease's and a READ's blobs are checked
+# in parallel, since one core checksums slower than a fast link moves bytes.
+CHECKSUM_THREADS = min(4, os.cpu_count() or 1)
 
 
 def _addr(view) -> int:
     return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+
+
+def _release_views(views: list[memoryview]) -> None:
+    for view in views:
+        view.release()
 
 
 class _Peer:
@@ -62,9 +71,17 @@ class BlockLeases:
     / ``region_bytes``: the registered range every leased block must lie in."""
 
     def __init__(
-        self, tier, region_addr: int, region_bytes: int, lease_s: float, counters: Counter, promote=None
+        self,
+        tier,
+        region_addr: int,
+        region_bytes: int,
+        lease_s: float,
+        counters: Counter,
+        promote=None,
+        checksums=None,
     ) -> None:
         self._tier = tier
+        self._checksums = checksums or (lambda views: [_core.crc32c(v) for v in views])
         self._promote = promote  # a standalone node's: bring a disk-only chunk into the pool first
         self._blob_bytes = int(tier.blob_bytes)
         self._region_addr, self._region_bytes = region_addr, region_bytes
@@ -77,26 +94,33 @@ class BlockLeases:
     def lease(self, keys: list[bytes], now: float | None = None) -> P.NixlLeased:
         """Pin the leading chunks of ``keys`` held in the tier; each one's offset and CRC32C."""
         pinned: list[bytes] = []
-        blocks: list[tuple[int, int]] = []
-        for key in keys:
-            views = self._tier.acquire_blobs(key)
-            if not views and self._promote is not None and self._tier.lookup(key) > 0 and self._promote(key):
-                views = self._tier.acquire_blobs(key)
-            if not views:
-                break
-            view = views[0]
-            try:
+        offsets: list[int] = []
+        views: list[memoryview] = []
+        try:
+            for key in keys:
+                got = self._tier.acquire_blobs(key)
+                if not got and self._promote is not None and self._tier.lookup(key) > 0 and self._promote(key):
+                    got = self._tier.acquire_blobs(key)
+                if not got:
+                    break
+                view = got[0]
                 offset = _addr(view) - self._region_addr
-                inside = offset >= 0 and offset + self._blob_bytes <= self._region_bytes
-                crc = _core.crc32c(view) if inside else 0
-            finally:
-                view.release()
-                del views
-            if not inside:  # not a block of the registered arena: nothing a READ could reach
-                self._tier.release_blobs(key)
-                break
-            pinned.append(key)
-            blocks.append((offset, crc))
+                if not (offset >= 0 and offset + self._blob_bytes <= self._region_bytes):
+                    # not a block of the registered arena: nothing a READ could reach
+                    view.release()
+                    del got
+                    self._tier.release_blobs(key)
+                    break
+                pinned.append(key)
+                offsets.append(offset)
+                views.append(view)
+            crcs = self._checksums(views) if views else []
+        except BaseException:
+            _release_views(views)
+            self._unpin(pinned)
+            raise
+        _release_views(views)
+        blocks = list(zip(offsets, crcs))
         lease_id = next(self._ids)
         if pinned:
             at = (time.monotonic() if now is None else now) + self.lease_s
@@ -175,9 +199,21 @@ class NixlPath:
         self._region_addr, self._region_bytes = int(addr), int(nbytes)
         self._region = self._ep.register(self._region_addr, self._region_bytes)
         lease_s = 2 * config.request_timeout_s
-        self.leases = BlockLeases(tier, self._region_addr, self._region_bytes, lease_s, counters, promote)
+        self._crc_pool = cf.ThreadPoolExecutor(CHECKSUM_THREADS, thread_name_prefix="kvtier-nixl-crc")
+        self.leases = BlockLeases(
+            tier, self._region_addr, self._region_bytes, lease_s, counters, promote, self._checksums
+        )
         self._peers: dict[str, _Peer | None] = {}  # node id -> its NIXL side, None: TCP only
         self._closed = False
+
+    def _checksums(self, views: list) -> list[int]:
+        """CRC32C of each blob, computed in parallel."""
+        if len(views) > 1:
+            try:
+                return list(self._crc_pool.map(_core.crc32c, views))
+            except RuntimeError:  # the pool is shut down (closing): checksum here
+                pass
+        return [_core.crc32c(v) for v in views]
 
     # -- the holder's side ---------------------------------------------------------------------
     def meta(self) -> P.NixlMeta:
@@ -336,9 +372,10 @@ class NixlPath:
                     self._forget(src, tcp_only=out.status == FAILED)
                 return 0
             self.counters["nixl_reads_done"] += 1
+            landed = self._checksums([view for _, _, view, _ in reserved])
             while reserved:
                 i, key, view, crc = reserved[0]
-                if _core.crc32c(view) != crc:
+                if landed[committed] != crc:
                     # Not the bytes the holder leased: this and the rest are misses (finally).
                     self.counters["checksum_failures"] += 1
                     self._count_bad_peer(src)
@@ -385,5 +422,6 @@ class NixlPath:
             return
         self._closed = True
         self.leases.close()
+        self._crc_pool.shutdown(wait=True)
         with self._ep_lock:
             self._ep.close()
