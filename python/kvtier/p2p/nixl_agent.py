@@ -110,13 +110,21 @@ def nixl_unavailable_reason() -> str | None:
     return None
 
 
+# Memory kinds a region or a read's side can be (NIXL's segment types).
+HOST = "DRAM"  # host memory (kvtier's CPU pool: pinned where the machine allows)
+GPU = "VRAM"  # CUDA device memory; its device index goes with it
+
+
 @dataclass(frozen=True)
 class Region:
-    """Host memory registered with the endpoint's agent: [addr, addr + nbytes)."""
+    """Memory registered with the endpoint's agent: [addr, addr + nbytes) of ``mem`` (HOST, or GPU
+    with its CUDA ``device`` index)."""
 
     addr: int
     nbytes: int
     _descs: object  # NIXL's registration list, handed back to deregister
+    mem: str = HOST
+    device: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,9 +153,11 @@ class NixlEndpoint:
     answer; a reader drives its own progress while it polls. Not thread-safe: one caller at a time.
     """
 
-    def __init__(self, name: str, *, progress_thread: bool = True) -> None:
+    def __init__(self, name: str, *, progress_thread: bool = True, ucx_error_mode: str = "peer") -> None:
         if not name:
             raise InvalidArgumentError("NIXL agent name is empty: give the member's node id")
+        if ucx_error_mode not in ("peer", "none"):
+            raise InvalidArgumentError(f"NIXL ucx_error_mode {ucx_error_mode!r}: expected 'peer' or 'none'")
         _, _, self._errors = _import_nixl()
         # UCX logs to stdout unless told otherwise, which would corrupt a member process's or the
         # CLI's output there: stderr, unless the user chose a file.
@@ -156,14 +166,16 @@ class NixlEndpoint:
         # Backends are created below, not by the config, so that a failure names UCX.
         try:
             self._agent = new_agent(name, progress_thread)
-            # Default error mode "peer": UCX then uses only transports that report a dead peer, so a
-            # read from a killed holder ends with an error instead of waiting for its deadline.
-            self._agent.create_backend("UCX", {})
+            # Error mode "peer": UCX then uses only transports that report a dead peer, so a read
+            # from a killed holder ends with an error instead of waiting for its deadline. "none"
+            # admits the others (shared memory, CUDA IPC); then only the deadline ends such a read.
+            self._agent.create_backend("UCX", {"ucx_error_handling_mode": ucx_error_mode})
         except (*self._errors, RuntimeError) as e:  # RuntimeError: no plugin found at all
             raise UnavailableError(
                 f"NIXL agent {name!r}: UCX backend failed to start ({type(e).__name__}: {e}); "
                 f"UCX_TLS={os.environ.get('UCX_TLS', '<unset>')!r} (needs a transport with peer failure "
-                f"detection such as tcp: 'shm' alone cannot start)"
+                f"detection such as tcp, since 'shm' alone cannot start; on a machine with NVIDIA GPUs "
+                f"it must also name cuda_copy)"
             ) from e
         self._regions: list[Region] = []
         self._peers: set[str] = set()
@@ -171,17 +183,19 @@ class NixlEndpoint:
 
     # -- memory -------------------------------------------------------------------------------
 
-    def register(self, addr: int, nbytes: int) -> Region:
-        """Register host memory (DRAM) [addr, addr + nbytes) for reads into it or from it."""
+    def register(self, addr: int, nbytes: int, mem: str = HOST, device: int = 0) -> Region:
+        """Register [addr, addr + nbytes) of host memory (HOST) or of CUDA device ``device`` (GPU)
+        for reads into it or from it."""
         if addr <= 0 or nbytes <= 0:
             raise InvalidArgumentError(f"NIXL register: addr {addr:#x} / nbytes {nbytes} must both be positive")
+        _check_mem(mem, device)
         try:
-            descs = self._agent.register_memory([(addr, nbytes, 0, "")], "DRAM")
+            descs = self._agent.register_memory([(addr, nbytes, device, "")], mem)
         except self._errors as e:
             raise InvalidArgumentError(
-                f"NIXL register of {nbytes} bytes at {addr:#x} failed ({type(e).__name__}: {e})"
+                f"NIXL register of {nbytes} bytes of {mem} at {addr:#x} failed ({type(e).__name__}: {e})"
             ) from e
-        region = Region(addr, nbytes, descs)
+        region = Region(addr, nbytes, descs, mem, device)
         self._regions.append(region)
         return region
 
@@ -243,12 +257,16 @@ class NixlEndpoint:
         deadline_s: float,
         *,
         max_post_bytes: int = DEFAULT_MAX_POST_BYTES,
+        local: tuple[str, int] = (HOST, 0),
+        remote: tuple[str, int] = (HOST, 0),
     ) -> ReadOutcome:
         """One-sided READ of ``pieces`` = [(remote addr, local addr, nbytes), ...] from ``peer`` into
         this agent's registered memory, ended within ``deadline_s`` seconds (plus at most one post of
         ``max_post_bytes``, which a shared-memory copy does synchronously). Never raises for the
         transfer itself: the outcome says done, deadline, peer_lost or failed. Raises
-        InvalidArgumentError for an unknown peer or malformed pieces (nothing was posted)."""
+        InvalidArgumentError for an unknown peer or malformed pieces (nothing was posted).
+        ``local`` / ``remote``: the memory kind and device index of each side, (HOST, 0) or
+        (GPU, device); every piece of a side lies in a region of that kind."""
         t0 = time.monotonic()
         at = t0 + deadline_s
         if peer not in self._peers:
@@ -257,6 +275,9 @@ class NixlEndpoint:
             raise InvalidArgumentError(f"NIXL read deadline {deadline_s} s must be positive")
         if max_post_bytes <= 0:
             raise InvalidArgumentError(f"NIXL read max_post_bytes {max_post_bytes} must be positive")
+        (local_mem, local_dev), (remote_mem, remote_dev) = local, remote
+        _check_mem(local_mem, local_dev)
+        _check_mem(remote_mem, remote_dev)
         for i, p in enumerate(pieces):
             if len(p) != 3 or p[0] <= 0 or p[1] <= 0 or p[2] <= 0:
                 raise InvalidArgumentError(
@@ -273,10 +294,10 @@ class NixlEndpoint:
                     return self._end(
                         handles, DEADLINE, f"deadline passed after posting {len(handles)} requests", t0, total
                     )
-                local = self._agent.get_xfer_descs([(lo, n, 0) for _, lo, n in batch], "DRAM")
-                remote = self._agent.get_xfer_descs([(ro, n, 0) for ro, _, n in batch], "DRAM")
+                into = self._agent.get_xfer_descs([(lo, n, local_dev) for _, lo, n in batch], local_mem)
+                source = self._agent.get_xfer_descs([(ro, n, remote_dev) for ro, _, n in batch], remote_mem)
                 try:
-                    h = self._agent.initialize_xfer("READ", local, remote, peer)
+                    h = self._agent.initialize_xfer("READ", into, source, peer)
                 except self._errors as e:  # descriptors outside registered memory, unknown remote region
                     return self._end(
                         handles, FAILED, f"NIXL refused the read request ({type(e).__name__}: {e})", t0, total
@@ -333,6 +354,13 @@ class NixlEndpoint:
             self.deregister(region)
 
 
+def _check_mem(mem: str, device: int) -> None:
+    if mem not in (HOST, GPU):
+        raise InvalidArgumentError(f"NIXL memory kind {mem!r}: expected {HOST!r} (host) or {GPU!r} (CUDA device)")
+    if not isinstance(device, int) or device < 0:
+        raise InvalidArgumentError(f"NIXL device index {device!r} must be an int >= 0")
+
+
 def _batches(pieces: list[tuple[int, int, int]], max_bytes: int):
     """Consecutive runs of ``pieces`` of at most ``max_bytes`` each (a larger piece alone)."""
     batch: list[tuple[int, int, int]] = []
@@ -351,6 +379,8 @@ __all__ = [
     "DEADLINE",
     "DONE",
     "FAILED",
+    "GPU",
+    "HOST",
     "MAX_METADATA_BYTES",
     "PEER_LOST",
     "NixlEndpoint",
