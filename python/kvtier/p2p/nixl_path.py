@@ -33,7 +33,7 @@ from kvtier import _core
 from kvtier.errors import AlreadyExistsError, InvalidArgumentError, KVTierError, ResourceExhaustedError
 from kvtier.p2p import protocol as P
 from kvtier.p2p.config import PeerConfig
-from kvtier.p2p.nixl_agent import FAILED, PEER_LOST, NixlEndpoint
+from kvtier.p2p.nixl_agent import DEFAULT_MAX_POST_BYTES, FAILED, PEER_LOST, NixlEndpoint
 from kvtier.p2p.peer_client import PeerClient
 from kvtier.p2p.transport import Deadline
 
@@ -344,6 +344,7 @@ class NixlPath:
         reserved: list[tuple[int, bytes, memoryview, int]] = []  # (plan index, key, view, crc)
         pieces: list[tuple[int, int, int]] = []
         committed = 0
+        checks: list[cf.Future] = []
         try:
             for (i, key), (offset, crc) in zip(items, leased.blocks):
                 if offset + blob > peer.region_bytes:
@@ -358,47 +359,87 @@ class NixlPath:
                 pieces.append((peer.region_addr + offset, _addr(view), blob))
             if not pieces:
                 return 0
-            budget = min(deadline.at, lease_end) - time.monotonic()
-            if budget <= 0:
-                self.counters["pull_deadline_misses"] += 1
-                return 0
+            # One READ per group of blocks; each group's blobs are checksummed on the pool while
+            # the next group moves, and committed (and handed to on_commit) in order as soon as
+            # their checksums match, so a load scatters early chunks while later ones arrive.
+            per_group = max(1, DEFAULT_MAX_POST_BYTES // blob)
+            failed = forget = False
             with self._ep_lock:
-                out = self._ep.read(src, pieces, budget)
-            if not out.ok:
-                self.counters[f"nixl_reads_{out.status}"] += 1
-                log.info("kvtier p2p: NIXL read from %s ended %s: %s", src, out.status, out.detail)
-                if out.status in (PEER_LOST, FAILED) or out.stuck:
-                    # Removing the peer disconnects it: no late bytes land in blocks handed back.
-                    self._forget(src, tcp_only=out.status == FAILED)
-                return 0
-            self.counters["nixl_reads_done"] += 1
-            landed = self._checksums([view for _, _, view, _ in reserved])
-            while reserved:
-                i, key, view, crc = reserved[0]
-                if landed[committed] != crc:
-                    # Not the bytes the holder leased: this and the rest are misses (finally).
-                    self.counters["checksum_failures"] += 1
-                    self._count_bad_peer(src)
-                    break
-                reserved.pop(0)
-                view.release()
-                self._tier.commit_put(key)
-                committed += 1
-                self.counters["chunks_pulled"] += 1
-                self.counters["chunks_pulled_nixl"] += 1
-                self.counters["bytes_pulled"] += blob
-                note_stored([key])
-                if on_commit is not None:
-                    on_commit(i)
-            return committed
+                for g in range(0, len(pieces), per_group):
+                    budget = min(deadline.at, lease_end) - time.monotonic()
+                    if budget <= 0:
+                        self.counters["pull_deadline_misses"] += 1
+                        failed = True
+                        break
+                    out = self._ep.read(src, pieces[g : g + per_group], budget)
+                    if not out.ok:
+                        self.counters[f"nixl_reads_{out.status}"] += 1
+                        log.info("kvtier p2p: NIXL read from %s ended %s: %s", src, out.status, out.detail)
+                        # Removing the peer disconnects it: no late bytes land in blocks handed back.
+                        forget = out.status in (PEER_LOST, FAILED) or out.stuck
+                        failed = True
+                        break
+                    first = len(checks) - committed  # reserved[first:] were just read
+                    checks += [self._check(view) for _, _, view, _ in reserved[first : first + per_group]]
+                    n, bad = self._commit_checked(src, reserved, checks, committed, note_stored, on_commit, False)
+                    committed += n
+                    if bad:
+                        return committed
+            if forget:
+                self._forget(src, tcp_only=out.status == FAILED)
+            if not failed:
+                self.counters["nixl_reads_done"] += 1
+            # Groups read before a failure are whole: their checksums decide as for the others.
+            n, _ = self._commit_checked(src, reserved, checks, committed, note_stored, on_commit, True)
+            return committed + n
         except P.ProtocolError:
             self.counters["protocol_errors"] += 1
             self._count_bad_peer(src)
             return committed
         finally:
+            for check in checks:  # a blob still being checksummed is in use: wait before aborting it
+                check.cancel()
+            cf.wait(checks)
             for _i, key, view, _crc in reserved:  # not committed: a miss, never wrong KV
                 view.release()
                 self._tier.abort_put(key)
+
+    def _check(self, view) -> cf.Future:
+        """The CRC32C of a landed blob, computed on the checksum pool (here once it is shut down)."""
+        try:
+            return self._crc_pool.submit(_core.crc32c, view)
+        except RuntimeError:
+            done: cf.Future = cf.Future()
+            done.set_result(_core.crc32c(view))
+            return done
+
+    def _commit_checked(self, src, reserved, checks, start, note_stored, on_commit, wait: bool) -> tuple[int, bool]:
+        """Commit, in order, the reserved blobs whose checksum is known and matches; stop at the
+        first one still being checked (unless ``wait``) or not matching (then True: that blob and
+        the rest are misses, aborted by the caller). ``checks[start + n]`` belongs to
+        ``reserved[n]``; committed entries leave ``reserved``. Returns (committed, mismatch)."""
+        committed = 0
+        while reserved and start + committed < len(checks):
+            check = checks[start + committed]
+            if not wait and not check.done():
+                break
+            i, key, view, crc = reserved[0]
+            if check.result() != crc:
+                # Not the bytes the holder leased.
+                self.counters["checksum_failures"] += 1
+                self._count_bad_peer(src)
+                return committed, True
+            reserved.pop(0)
+            view.release()
+            self._tier.commit_put(key)
+            committed += 1
+            self.counters["chunks_pulled"] += 1
+            self.counters["chunks_pulled_nixl"] += 1
+            self.counters["bytes_pulled"] += self._blob_bytes
+            note_stored([key])
+            if on_commit is not None:
+                on_commit(i)
+        return committed, False
 
     def _release(self, addr: tuple[str, int], lease_id: int) -> None:
         try:
