@@ -410,3 +410,38 @@ def _stopped(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] == "T"
     except OSError:
         return False
+
+
+# -- where NIXL pays -------------------------------------------------------------------------------
+
+
+def test_nixl_pays_on_this_host_or_with_an_rdma_device(tmp_path, monkeypatch):
+    assert nixl_path._is_this_host("127.0.0.1") and nixl_path._is_this_host("localhost")
+    assert not nixl_path._is_this_host("192.0.2.1")  # TEST-NET-1: never an address of this machine
+    assert not nixl_path._is_this_host("no-such-host.invalid")
+    assert not nixl_path._has_rdma_device(str(tmp_path / "absent"))
+    assert not nixl_path._has_rdma_device(str(tmp_path))
+    (tmp_path / "mlx5_0").mkdir()
+    assert nixl_path._has_rdma_device(str(tmp_path))
+    monkeypatch.setattr(nixl_path, "_has_rdma_device", lambda: False)
+    assert nixl_path.nixl_pays("127.0.0.1") and not nixl_path.nixl_pays("192.0.2.1")
+    monkeypatch.setattr(nixl_path, "_has_rdma_device", lambda: True)
+    assert nixl_path.nixl_pays("192.0.2.1")
+
+
+@needs_nixl
+@pytest.mark.parametrize("transport", ["auto", "nixl"])
+def test_auto_keeps_the_stream_where_nixl_would_not_pay(monkeypatch, transport):
+    monkeypatch.setattr(nixl_path, "nixl_pays", lambda host: False)  # as for a peer on another host, no RDMA
+    (a, ta, _), (c, _tc, sc) = _pair(puller_kw={"transport": transport})
+    try:
+        assert _load(c) == 4
+        assert bytes(sc[: 4 * BLOB]) == b"".join(_blob(ta, k) for k in KEYS[:4])
+        if transport == "auto":
+            assert c.counters["nixl_peers_stream_faster"] == 1 and c.counters["chunks_pulled_nixl"] == 0
+            assert c.stats()["nixl"]["peers"][a.node_id] == "tcp"
+        else:  # asked for NIXL: NIXL with every peer that offers it
+            assert c.counters["chunks_pulled_nixl"] == 4
+    finally:
+        c.close()
+        a.close()

@@ -108,8 +108,10 @@ class _PeerSchema(_Section):
         "auto",
         _Choice(("auto", "tcp", "nixl")),
         "how pulled chunks move (docs/nixl.md): auto (one-sided NIXL READs of the holder's blocks "
-        "where both members have the nixl package, the TCP stream otherwise, chosen per peer), tcp "
-        "(the stream only), or nixl (the service refuses to start without the nixl package)",
+        "where both members have the nixl package and NIXL is the faster path: a peer on this host, "
+        "or any peer when this machine has an RDMA device; the TCP stream otherwise, chosen per "
+        "peer), tcp (the stream only), or nixl (NIXL with every peer that offers it; the service "
+        "refuses to start without the nixl package)",
     )
     tls_cert_file: str | None = _field(
         None,
