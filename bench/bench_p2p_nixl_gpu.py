@@ -164,8 +164,9 @@ def main() -> int:
         holder.wait(30)
     gpu = torch.cuda.get_device_name(0)
     tag = "h200" if "H200" in gpu else "h100" if "H100" in gpu else "gpu"
-    workload = "llama3_8b_4096tok_nixl_gpu" + ("" if args.ucx_error_mode == "peer" else "_errmode_none")
-    publish("bench_p2p_nixl_gpu", workload, tag, results, args.out, samples_gbps=samples)
+    workload = "llama3_8b_4096tok" + ("" if args.ucx_error_mode == "peer" else "_errmode_none")
+    machine = f"{gpu}, {os.cpu_count()} cores"
+    publish("bench_p2p_nixl_gpu", workload, tag, results, args.out, machine_name=machine, samples_gbps=samples)
     return 0
 
 
