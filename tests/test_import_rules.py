@@ -38,6 +38,7 @@ CORE = (
     "upload",
     "errors",
     "sources",
+    "routing",
 )
 FORBIDDEN = ("p2p", "sim", "integrations", "examples", "cli")
 

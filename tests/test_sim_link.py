@@ -109,7 +109,18 @@ def test_a_link_flag_that_is_no_number_is_refused_naming_it(flag, capsys):
 
 def test_the_sweep_flag_gives_a_row_per_speed(tmp_path, capsys):
     out = tmp_path / "r.json"
-    argv = ["sim", "--trace", "synthetic:200", "--instances", "4", "--no-ablation", "--replay", "fast"]
+    argv = [
+        "sim",
+        "--trace",
+        "synthetic:200",
+        "--instances",
+        "4",
+        "--routing",
+        "round_robin",
+        "--no-ablation",
+        "--replay",
+        "fast",
+    ]
     assert main([*argv, "--sweep-link", "1,12.5,100", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     sweep = json.loads(out.read_text())["link_sweep"]

@@ -47,7 +47,18 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--admit-min-seen", type=int, default=2, help="disk admission: seen by >= N requests")
     p.add_argument("--instances", type=int, default=1)
-    p.add_argument("--routing", default="round_robin", choices=("round_robin", "least_loaded", "cache_aware"))
+    p.add_argument(
+        "--routing",
+        default="kv_load",
+        choices=("kv_load", "round_robin", "least_loaded", "cache_aware"),
+        help="kv_load (default): seconds the cached prefix saves minus --balance x queued seconds",
+    )
+    p.add_argument(
+        "--balance",
+        type=float,
+        default=1.0,
+        help="kv_load: weight of an instance's queued seconds against the seconds its prefix saves",
+    )
     p.add_argument("--peers", action="store_true", help="instances pull missing prefixes from each other's CPU tier")
     p.add_argument("--peer-disk", action="store_true", help="peers also serve their disk tier")
     p.add_argument(
@@ -256,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
             disk_admit_min_seen=args.admit_min_seen,
             instances=args.instances,
             routing=args.routing,
+            routing_balance=args.balance,
             peers=args.peers,
             peer_disk=args.peer_disk,
             hosts=args.hosts,

@@ -24,6 +24,8 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 
+from kvtier.errors import InvalidArgumentError
+from kvtier.routing import POLICIES, Candidate, RouteRequest, make_policy
 from kvtier.sim.cost import MODEL_PRESETS, HardwareCost, ModelShape
 from kvtier.sim.tiers import SimCpuTier, SimGpuPool
 from kvtier.sim.trace import Request
@@ -42,7 +44,7 @@ __all__ = [
     "tier_ablation",
 ]
 
-ROUTINGS = ("round_robin", "least_loaded", "cache_aware")
+ROUTINGS = ("round_robin", "least_loaded", "cache_aware", "kv_load")
 _BLOCK = 4096
 
 
@@ -99,7 +101,8 @@ class SimConfig:
     prefetch_policy: object = None
     planner: object = None
     instances: int = 1
-    routing: str = "round_robin"
+    routing: object = "round_robin"
+    routing_balance: float = 1.0
     peers: bool = False
     peer_disk: bool = False
     hosts: int | None = None
@@ -124,8 +127,16 @@ class SimConfig:
             raise ValueError(f"deterministic_writeback must be True or False, got {self.deterministic_writeback!r}")
         if self.chunk_tokens % self.page_tokens:
             raise ValueError(f"chunk_tokens={self.chunk_tokens} must be a multiple of page_tokens={self.page_tokens}")
-        if self.routing not in ROUTINGS:
-            raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if isinstance(self.routing, str) and self.routing not in POLICIES:
+            raise InvalidArgumentError(f"routing must be one of {sorted(POLICIES)}, got {self.routing!r}")
+        if not isinstance(self.routing, str) and not callable(self.routing) and not hasattr(self.routing, "choose"):
+            raise InvalidArgumentError(
+                f"routing must be a policy name, a RoutingPolicy or a callable, got {self.routing!r}"
+            )
+        if isinstance(self.routing_balance, bool) or not (
+            isinstance(self.routing_balance, (int, float)) and self.routing_balance >= 0
+        ):
+            raise InvalidArgumentError(f"routing_balance must be a number >= 0, got {self.routing_balance!r}")
         if self.replay not in ("timestamps", "fast"):
             raise ValueError(f"replay must be 'timestamps' or 'fast', got {self.replay!r}")
         if self.cpu_eviction not in ("lru", "s3fifo", "lfu"):
@@ -285,7 +296,8 @@ class SimResult:
                 "cpu_eviction": c.cpu_eviction,
                 "disk_admit_min_seen": c.disk_admit_min_seen,
                 "instances": c.instances,
-                "routing": c.routing,
+                "routing": c.routing if isinstance(c.routing, str) else getattr(c.routing, "name", "custom"),
+                "routing_balance": c.routing_balance,
                 "peers": c.peers,
                 "hosts": c.instances if c.hosts is None else c.hosts,
                 "replay": c.replay,
@@ -311,28 +323,57 @@ class Simulator:
                 if inst.pool is not None and inst.cpu is not None:
                     near = [o.cpu for o in self.instances if config.host_of(o.idx) == config.host_of(inst.idx)]
                     inst.pool.peers = SimPeers(inst.cpu, tiers, serve_disk=config.peer_disk, same_host=near)
-        self._rr = 0
+        self.policy = _policy(config)
+        self._picks = 0
         self._picked = [0] * len(self.instances)  # when each instance was last routed to
 
     # -- routing -------------------------------------------------------------------------------
+    def prefix_by_tier(self, inst: Instance, chunks) -> dict:
+        """Leading chunks of ``chunks`` cached on ``inst``, by tier, without touching any state."""
+        out = {}
+        n = 0
+        if inst.pool is not None:
+            n = inst.pool.leading_hits(chunks)
+            if n:
+                out["gpu"] = n
+        if inst.cpu is not None and n < len(chunks):
+            low = inst.cpu.lookup(chunks, n)
+            if low:
+                tiers = inst.cpu.lookup_tiers(chunks[n : n + low])
+                cpu = tiers.count("cpu")
+                if cpu:
+                    out["cpu"] = cpu
+                if low - cpu:
+                    out["disk"] = low - cpu
+        return out
+
+    def candidates(self, req: Request, now: float) -> list[Candidate]:
+        """What the routing policy sees: each instance's queued seconds and (when the policy
+        asks) the request's prefix cached there, by tier."""
+        need = self.policy.needs_prefix
+        return [
+            Candidate(
+                index=i.idx,
+                queued_s=max(0.0, i.free_at - now),
+                prefix=self.prefix_by_tier(i, req.chunks) if need else {},
+                last_picked=self._picked[i.idx],
+            )
+            for i in self.instances
+        ]
+
     def _route(self, req: Request, now: float) -> Instance:
         insts = self.instances
         if len(insts) == 1:
             return insts[0]
-        r = self.cfg.routing
-        if r == "round_robin":
-            inst = insts[self._rr % len(insts)]
-            self._rr += 1
-            return inst
-        # Ties (instances equally free, or idle) go to the instance picked least recently: by
-        # index they would pile onto the first instances whenever the cluster is not saturated.
-        picked = self._picked
-        if r == "least_loaded":
-            inst = min(insts, key=lambda i: (max(i.free_at, now), picked[i.idx]))
-        else:
-            inst = max(insts, key=lambda i: (i.prefix_hit(req.chunks), -max(i.free_at, now), -picked[i.idx]))
-        self._rr += 1
-        picked[inst.idx] = self._rr
+        cands = self.candidates(req, now)
+        k = self.policy.choose(RouteRequest(req.input_length, req.chunks), cands)
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(cands):
+            raise InvalidArgumentError(
+                f"routing policy {self.policy.name!r} returned {k!r}, not an index from 0 to {len(cands) - 1}"
+            )
+        inst = insts[cands[k].index]
+        self._picks += 1
+        self._picked[inst.idx] = self._picks
         return inst
 
     # -- the run -------------------------------------------------------------------------------
@@ -420,6 +461,44 @@ class Simulator:
         res.tiers = tiers
         res.wall_s = time.perf_counter() - t0
         return res
+
+
+class SimPrefixCost:
+    """Prices a cached prefix with the simulator's cost model: the prefill it saves (the
+    request's prefill from scratch minus its prefill after the prefix) minus loading the prefix's
+    CPU, disk and peer chunks into GPU pages."""
+
+    def __init__(self, hw: HardwareCost, model: ModelShape, chunk_tokens: int, chunk_bytes: int) -> None:
+        self.hw, self.model, self.ct, self.cb = hw, model, chunk_tokens, chunk_bytes
+
+    def saved_s(self, num_tokens: int, prefix: dict) -> float:
+        hw, cb = self.hw, self.cb
+        cached = sum(prefix.values())
+        if not cached or not num_tokens:
+            return 0.0
+        start = min(cached * self.ct, num_tokens - 1)
+        saved = prefill_step_s(hw, self.model, 0, num_tokens) - prefill_step_s(hw, self.model, start, num_tokens)
+        lower = cached - prefix.get("gpu", 0)
+        disk, peer = prefix.get("disk", 0), prefix.get("peer", 0)
+        load = lower * cb / hw.h2d_bw
+        if disk:
+            load += disk * cb / hw.disk_read_bw + hw.disk_latency_s
+        if peer:
+            load += hw.peer_pull_s(cb, peer, 0)
+        return saved - load
+
+
+def _policy(cfg: SimConfig):
+    """The routing policy object of ``cfg.routing``; kv_load gets the simulator's cost model."""
+    if isinstance(cfg.routing, str):
+        kw = {"balance": cfg.routing_balance} if cfg.routing == "kv_load" else {}
+        p = make_policy(cfg.routing, **kw)
+    else:
+        p = make_policy(cfg.routing)
+    p.reset()
+    if getattr(p, "cost", False) is None:
+        p.cost = SimPrefixCost(cfg.hardware, cfg.model, cfg.chunk_tokens, cfg.chunk_bytes)
+    return p
 
 
 def request_load_parts_s(hw: HardwareCost, chunk_bytes: int, b, peer: int = 0) -> tuple[float, float]:

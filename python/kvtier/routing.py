@@ -1,0 +1,223 @@
+"""Routing policies: which instance serves a request, from where its KV is and how busy each is.
+
+A policy sees one :class:`Candidate` per instance (its queued work in seconds and the leading
+chunks of the request it holds, by tier) and returns the index of the one it picks. The same
+objects route the simulator (``kvtier.sim``) and any router that keeps such state.
+
+Built-in policies (:data:`POLICIES`):
+
+- ``round_robin``: instances in turn.
+- ``least_loaded``: the least queued work; ties to the instance picked least recently.
+- ``cache_aware``: the longest cached prefix (any tier); ties by load, then least recently picked.
+- ``kv_load``: the weighted score of llm-d's prefix-cache scorer and Dynamo's KV router, priced
+  in seconds: ``saved_s - balance * queued_s``, where ``saved_s`` is the time the prefix it holds
+  saves (recomputing those tokens minus loading them from their tier, by a :class:`PrefixCost`).
+  With ``balance`` 1 it picks the instance with the earliest estimated first token.
+
+Custom policies: subclass :class:`RoutingPolicy`, or pass a callable
+``f(request, candidates) -> index`` to :func:`make_policy` (or register it by name with
+:func:`register_policy`)::
+
+    from kvtier.routing import make_policy
+    policy = make_policy(lambda req, cands: min(range(len(cands)), key=lambda i: cands[i].queued_s))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kvtier.errors import InvalidArgumentError
+
+__all__ = [
+    "POLICIES",
+    "TIERS",
+    "CacheAware",
+    "Candidate",
+    "FunctionPolicy",
+    "KvLoad",
+    "LeastLoaded",
+    "LinearPrefixCost",
+    "PrefixCost",
+    "RoundRobin",
+    "RouteRequest",
+    "RoutingPolicy",
+    "make_policy",
+    "register_policy",
+]
+
+TIERS = ("gpu", "cpu", "disk", "peer")
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """What a policy knows of a request: its prompt tokens and its chunks (prefix-chained ids)."""
+
+    num_tokens: int
+    chunks: tuple = ()
+
+
+@dataclass
+class Candidate:
+    """One instance as a policy sees it.
+
+    Attributes:
+        index: the instance's position (what :meth:`RoutingPolicy.choose` returns).
+        queued_s: seconds of work queued ahead of a request arriving now (0 when idle).
+        prefix: leading chunks of the request cached there, by tier (``gpu``, ``cpu``, ``disk``,
+            ``peer``); tiers not listed hold none. Filled only for policies whose
+            ``needs_prefix`` is true.
+        last_picked: a counter of when it was last picked (0: never); lower is longer ago.
+    """
+
+    index: int
+    queued_s: float = 0.0
+    prefix: dict = field(default_factory=dict)
+    last_picked: int = 0
+
+    @property
+    def cached_chunks(self) -> int:
+        return sum(self.prefix.values())
+
+
+class PrefixCost(Protocol):
+    """Prices a cached prefix: seconds it saves against recomputing it."""
+
+    def saved_s(self, num_tokens: int, prefix: dict) -> float: ...
+
+
+@dataclass(frozen=True)
+class LinearPrefixCost:
+    """A cost model with constant per-chunk prices (seconds): recomputing a chunk, loading one
+    from each tier into the GPU. Saved seconds = cached chunks * recompute - their loads."""
+
+    recompute_chunk_s: float
+    load_chunk_s: dict = field(default_factory=lambda: {"gpu": 0.0})
+
+    def __post_init__(self) -> None:
+        if self.recompute_chunk_s < 0:
+            raise InvalidArgumentError(f"recompute_chunk_s must be >= 0, got {self.recompute_chunk_s!r}")
+        for k, v in self.load_chunk_s.items():
+            if k not in TIERS:
+                raise InvalidArgumentError(f"load_chunk_s: unknown tier {k!r} (tiers: {TIERS})")
+            if v < 0:
+                raise InvalidArgumentError(f"load_chunk_s[{k!r}] must be >= 0, got {v!r}")
+
+    def saved_s(self, num_tokens: int, prefix: dict) -> float:
+        return sum(n * (self.recompute_chunk_s - self.load_chunk_s.get(t, 0.0)) for t, n in prefix.items())
+
+
+class RoutingPolicy:
+    """Base of the policies. ``choose`` returns the index (into ``candidates``) of the pick;
+    ``needs_prefix``: whether the caller must fill :attr:`Candidate.prefix`."""
+
+    name = "custom"
+    needs_prefix = False
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> int:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget any state (a new run)."""
+
+
+class RoundRobin(RoutingPolicy):
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, request, candidates):
+        i = self._next % len(candidates)
+        self._next += 1
+        return i
+
+    def reset(self) -> None:
+        self._next = 0
+
+
+def _argmin(candidates: Sequence[Candidate], key) -> int:
+    return min(range(len(candidates)), key=lambda i: key(candidates[i]))
+
+
+class LeastLoaded(RoutingPolicy):
+    name = "least_loaded"
+
+    def choose(self, request, candidates):
+        return _argmin(candidates, lambda c: (c.queued_s, c.last_picked))
+
+
+class CacheAware(RoutingPolicy):
+    name = "cache_aware"
+    needs_prefix = True
+
+    def choose(self, request, candidates):
+        return _argmin(candidates, lambda c: (-c.cached_chunks, c.queued_s, c.last_picked))
+
+
+class KvLoad(RoutingPolicy):
+    """``saved_s - balance * queued_s``, best wins; ties to less queued work, then least
+    recently picked. ``cost`` prices the prefixes (bound by the simulator when None)."""
+
+    name = "kv_load"
+    needs_prefix = True
+
+    def __init__(self, balance: float = 1.0, cost: PrefixCost | None = None) -> None:
+        if not balance >= 0:
+            raise InvalidArgumentError(f"balance must be >= 0, got {balance!r}")
+        self.balance = float(balance)
+        self.cost = cost
+
+    def score(self, request: RouteRequest, c: Candidate) -> float:
+        if self.cost is None:
+            raise InvalidArgumentError("kv_load needs a cost model: KvLoad(cost=...) or the simulator's")
+        return self.cost.saved_s(request.num_tokens, c.prefix) - self.balance * c.queued_s
+
+    def choose(self, request, candidates):
+        return _argmin(candidates, lambda c: (-self.score(request, c), c.queued_s, c.last_picked))
+
+
+class FunctionPolicy(RoutingPolicy):
+    """A callable ``f(request, candidates) -> index`` as a policy (prefixes filled for it)."""
+
+    needs_prefix = True
+
+    def __init__(self, fn: Callable, name: str | None = None) -> None:
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "custom")
+
+    def choose(self, request, candidates):
+        return self.fn(request, candidates)
+
+
+POLICIES: dict[str, Callable[..., RoutingPolicy]] = {
+    "round_robin": RoundRobin,
+    "least_loaded": LeastLoaded,
+    "cache_aware": CacheAware,
+    "kv_load": KvLoad,
+}
+
+
+def register_policy(name: str, factory: Callable[..., RoutingPolicy | Callable]) -> None:
+    """Make ``name`` usable wherever a policy name is (e.g. ``SimConfig.routing``)."""
+    if not isinstance(name, str) or not name:
+        raise InvalidArgumentError(f"policy name must be a non-empty string, got {name!r}")
+    POLICIES[name] = factory
+
+
+def make_policy(spec, **kwargs) -> RoutingPolicy:
+    """A policy from a name of :data:`POLICIES` (``kwargs`` go to its factory), a
+    :class:`RoutingPolicy` (returned as is) or a callable ``f(request, candidates) -> index``."""
+    if isinstance(spec, RoutingPolicy):
+        return spec
+    if isinstance(spec, str):
+        if spec not in POLICIES:
+            raise InvalidArgumentError(f"routing: unknown policy {spec!r} (known: {sorted(POLICIES)})")
+        p = POLICIES[spec](**kwargs)
+        if not isinstance(p, RoutingPolicy):
+            p = FunctionPolicy(p, name=spec)
+        return p
+    if callable(spec):
+        return FunctionPolicy(spec)
+    raise InvalidArgumentError(f"routing: expected a policy name, a RoutingPolicy or a callable, got {spec!r}")
