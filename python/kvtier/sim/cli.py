@@ -12,6 +12,7 @@ from dataclasses import replace
 from kvtier.sim.cost import MODEL_PRESETS, CalibratedPlanner, Calibration, HardwareCost
 
 _GIB = 1 << 30
+HOT_PREFIX_REQUESTS = 2000  # the default of --trace hot_prefix
 SYNTHETIC_REQUESTS = 4000  # the default of --trace synthetic: the size of Mooncake's published trace
 
 
@@ -27,7 +28,15 @@ def add_parser(sub) -> None:
         "--trace",
         required=True,
         help="trace file (JSONL, Mooncake or {'tokens': [...]} lines), or 'synthetic[:N]': N requests "
-        f"(default {SYNTHETIC_REQUESTS}) of the built-in Mooncake-format generator (docs/sim.md)",
+        f"(default {SYNTHETIC_REQUESTS}) of the built-in Mooncake-format generator (docs/sim.md), or "
+        f"'hot_prefix[:N]': N requests (default {HOT_PREFIX_REQUESTS}) of the hot-prefix generator "
+        "(shared system prompts, multi-turn sessions) at --load of the cluster's capacity",
+    )
+    p.add_argument(
+        "--load",
+        type=float,
+        default=0.7,
+        help="--trace hot_prefix: arrival rate as a fraction of the cluster's cold-prefill capacity (default 0.7)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed of --trace synthetic (default 0)")
     p.add_argument("--format", default="auto", choices=("auto", "mooncake", "tokens"))
@@ -278,6 +287,13 @@ def run(args: argparse.Namespace) -> int:
             max_demotions_in_flight=args.max_writebacks,
             planner=CalibratedPlanner(hw, model) if args.planner else None,
         )
+        if reqs is None:  # hot_prefix: its rate follows the cluster's capacity
+            from kvtier.sim.hot_prefix import hot_prefix_at_load
+
+            n = _generated_count(args.trace, "hot_prefix", HOT_PREFIX_REQUESTS)
+            if args.limit is not None:
+                n = min(n, args.limit)
+            reqs = hot_prefix_at_load(n, args.load, cfg, seed=args.seed or 0)
     except ValueError as e:
         print(f"kvtier sim: {e}", file=sys.stderr)
         return 2
@@ -336,8 +352,10 @@ def run(args: argparse.Namespace) -> int:
         "cost_model": hw.values(),
         "runs": {k: v.to_dict() for k, v in results.items()},
     }
-    if _synthetic_count(args.trace):
+    if _synthetic_count(args.trace) or _generated_count(args.trace, "hot_prefix", HOT_PREFIX_REQUESTS):
         out["seed"] = args.seed or 0
+    if _generated_count(args.trace, "hot_prefix", HOT_PREFIX_REQUESTS):
+        out["load"] = args.load
     if args.sweep:
         sizes = [int(float(x) * _GIB) for x in args.sweep_gib.split(",") if x.strip()]
         sweep = capacity_sweep(reqs, cfg, args.sweep, sizes, policies=("lru", "s3fifo", "lfu"))
@@ -379,13 +397,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _synthetic_count(trace: str) -> int | None:
     """N for ``synthetic[:N]``, None for a file name; ValueError for a bad N."""
+    return _generated_count(trace, "synthetic", SYNTHETIC_REQUESTS)
+
+
+def _generated_count(trace: str, generator: str, default: int) -> int | None:
+    """N for ``<generator>[:N]``, None for anything else; ValueError for a bad N."""
     name, sep, count = trace.partition(":")
-    if name != "synthetic":
+    if name != generator:
         return None
     if not sep:
-        return SYNTHETIC_REQUESTS
+        return default
     if not count.isdigit() or int(count) < 1:
-        raise ValueError(f"--trace synthetic:N needs N, a positive number of requests, got {count!r}")
+        raise ValueError(f"--trace {generator}:N needs N, a positive number of requests, got {count!r}")
     return int(count)
 
 
@@ -394,6 +417,12 @@ def _requests(args: argparse.Namespace) -> list:
     from kvtier.sim.mooncake_synthetic import MooncakeSynthetic, synthetic_requests
     from kvtier.sim.trace import load_trace
 
+    if _generated_count(args.trace, "hot_prefix", HOT_PREFIX_REQUESTS):
+        if args.format == "tokens":
+            raise ValueError("--trace hot_prefix is generated, not read with --format tokens")
+        if not (args.load > 0 and args.load < float("inf")):
+            raise ValueError(f"--load must be a positive fraction of capacity, got {args.load!r}")
+        return None  # generated once the cluster (its capacity) is known
     n = _synthetic_count(args.trace)
     if n is None:
         if args.seed is not None:
