@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--balances", default="0.5", help="kv_load balances run besides the default")
     ap.add_argument("--calibrate", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--e2e", default=str(E2E))
-    ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "sim_routing.png"))
+    ap.add_argument("--plot", default=str(ROOT / "docs" / "sim_routing.png"))
     ap.add_argument("--out", default="")
     args = ap.parse_args()
 
