@@ -39,6 +39,7 @@ CORE = (
     "errors",
     "sources",
     "routing",
+    "events",
 )
 FORBIDDEN = ("p2p", "sim", "integrations", "examples", "cli")
 
