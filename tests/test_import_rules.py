@@ -1,6 +1,6 @@
 """The layering of python/kvtier (docs/architecture.md, "Layers"), checked on the source with ast.
 
-1. No module of the core imports p2p, sim, integrations, examples or cli: not at the top, not
+1. No module of the core imports p2p, sim, integrations, examples, cli or router: not at the top, not
    inside a function, not through a relative import. The core is built and tested without them;
    they are built on it, and p2p is handed to a cache as a ChunkSource (kvtier.sources).
 2. No module reads the private attributes of KVCache or PagedKVPool (``obj._x`` where obj is not
@@ -41,7 +41,7 @@ CORE = (
     "routing",
     "events",
 )
-FORBIDDEN = ("p2p", "sim", "integrations", "examples", "cli")
+FORBIDDEN = ("p2p", "sim", "integrations", "examples", "cli", "router")
 
 # (class's module, class): the private names of these classes stay inside their module.
 GUARDED_CLASSES = (("cache", "KVCache"), ("pool", "PagedKVPool"))
@@ -168,7 +168,7 @@ def test_the_core_imports_no_layer_above_it():
             top = _top(target)
             if top in FORBIDDEN:
                 bad.append(f"{known[name].relative_to(REPO)}:{line}: {name} imports {target}")
-    assert not bad, "the core must not import p2p, sim, integrations, examples or cli:\n" + "\n".join(bad)
+    assert not bad, "the core must not import p2p, sim, integrations, examples, cli or router:\n" + "\n".join(bad)
 
 
 def test_the_core_is_in_no_import_cycle_with_the_layers_above():

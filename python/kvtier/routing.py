@@ -14,6 +14,10 @@ Built-in policies (:data:`POLICIES`):
   saves (recomputing those tokens minus loading them from their tier, by a :class:`PrefixCost`).
   With ``balance`` 1 it picks the instance with the earliest estimated first token.
 
+:class:`Dispatcher` is the decision itself (candidates built, the pick checked, recency kept),
+one code path for the simulator and kvtier's router (``kvtier.router``); :func:`bind_policy`
+builds a policy for either and hands ``kv_load`` its caller's cost model.
+
 Custom policies: subclass :class:`RoutingPolicy`, or pass a callable
 ``f(request, candidates) -> index`` to :func:`make_policy` (or register it by name with
 :func:`register_policy`)::
@@ -35,6 +39,7 @@ __all__ = [
     "TIERS",
     "CacheAware",
     "Candidate",
+    "Dispatcher",
     "FunctionPolicy",
     "KvLoad",
     "LeastLoaded",
@@ -43,6 +48,7 @@ __all__ = [
     "RoundRobin",
     "RouteRequest",
     "RoutingPolicy",
+    "bind_policy",
     "make_policy",
     "register_policy",
 ]
@@ -221,3 +227,60 @@ def make_policy(spec, **kwargs) -> RoutingPolicy:
     if callable(spec):
         return FunctionPolicy(spec)
     raise InvalidArgumentError(f"routing: expected a policy name, a RoutingPolicy or a callable, got {spec!r}")
+
+
+def bind_policy(spec, *, balance: float = 1.0, cost: PrefixCost | None = None) -> RoutingPolicy:
+    """A fresh policy from ``spec`` (as :func:`make_policy`; a name of ``kv_load`` gets
+    ``balance``), reset, and given ``cost`` if it has a ``cost`` still unset (kv_load)."""
+    p = make_policy(spec, **({"balance": balance} if spec == "kv_load" else {}))
+    p.reset()
+    if getattr(p, "cost", False) is None:
+        p.cost = cost
+    return p
+
+
+class Dispatcher:
+    """One routing decision, made the same way by the simulator and by kvtier's router: a
+    :class:`Candidate` per instance from its queued seconds and (when the policy asks) the
+    request's prefix cached there, the policy's pick checked, and when each instance was last
+    picked (the policies' tie-break). With one instance the policy is not asked.
+
+    Example::
+
+        d = Dispatcher(bind_policy("least_loaded"), 3)
+        d.pick(RouteRequest(512), [0.2, 0.0, 0.1], lambda i: {})  # -> 1
+    """
+
+    def __init__(self, policy: RoutingPolicy, instances: int) -> None:
+        if isinstance(instances, bool) or not isinstance(instances, int) or instances <= 0:
+            raise InvalidArgumentError(f"instances must be a positive int, got {instances!r}")
+        self.policy = policy
+        self.instances = instances
+        self._picks = 0
+        self._picked = [0] * instances  # when each instance was last picked (0: never)
+
+    def candidates(self, queued_s: Sequence[float], prefix_of: Callable[[int], dict]) -> list[Candidate]:
+        """What the policy sees; ``prefix_of(i)`` is called only when it asks for prefixes."""
+        need = self.policy.needs_prefix
+        return [
+            Candidate(index=i, queued_s=q, prefix=prefix_of(i) if need else {}, last_picked=self._picked[i])
+            for i, q in enumerate(queued_s)
+        ]
+
+    def pick(self, request: RouteRequest, queued_s: Sequence[float], prefix_of: Callable[[int], dict]) -> int:
+        """The index of the instance that serves ``request``; ``queued_s[i]``: seconds of work
+        queued at instance ``i``."""
+        if len(queued_s) != self.instances:
+            raise InvalidArgumentError(f"queued_s has {len(queued_s)} values for {self.instances} instances")
+        if self.instances == 1:
+            return 0
+        cands = self.candidates(queued_s, prefix_of)
+        k = self.policy.choose(request, cands)
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(cands):
+            raise InvalidArgumentError(
+                f"routing policy {self.policy.name!r} returned {k!r}, not an index from 0 to {len(cands) - 1}"
+            )
+        i = cands[k].index
+        self._picks += 1
+        self._picked[i] = self._picks
+        return i

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from kvtier.errors import InvalidArgumentError
-from kvtier.routing import POLICIES, Candidate, RouteRequest, make_policy
+from kvtier.routing import POLICIES, Candidate, Dispatcher, RouteRequest, bind_policy
 from kvtier.sim.cost import MODEL_PRESETS, HardwareCost, ModelShape
 from kvtier.sim.tiers import SimCpuTier, SimGpuPool
 from kvtier.sim.trace import Request
@@ -34,6 +34,7 @@ __all__ = [
     "ROUTINGS",
     "Instance",
     "SimConfig",
+    "SimPrefixCost",
     "SimResult",
     "Simulator",
     "prefill_step_s",
@@ -248,6 +249,8 @@ class SimResult:
     bytes: dict = field(default_factory=dict)
     ssd_write_bytes: int = 0
     ttft: list = field(default_factory=list)
+    routes: list = field(default_factory=list)  # the instance each request went to, in order
+    per_instance: list = field(default_factory=list)  # per instance: requests and hit chunks by tier
     tiers: dict = field(default_factory=dict)
     wall_s: float = 0.0
     makespan_s: float = 0.0
@@ -282,6 +285,7 @@ class SimResult:
             "split_plans": self.split_plans,
             "rejected_requests": self.rejected,
             "ttft_s": self.ttft_percentiles(),
+            "per_instance": self.per_instance,
             "bytes_moved": dict(self.bytes),
             "ssd_write_bytes": self.ssd_write_bytes,
             "tiers": self.tiers,
@@ -324,8 +328,7 @@ class Simulator:
                     near = [o.cpu for o in self.instances if config.host_of(o.idx) == config.host_of(inst.idx)]
                     inst.pool.peers = SimPeers(inst.cpu, tiers, serve_disk=config.peer_disk, same_host=near)
         self.policy = _policy(config)
-        self._picks = 0
-        self._picked = [0] * len(self.instances)  # when each instance was last routed to
+        self._dispatch = Dispatcher(self.policy, len(self.instances))
 
     # -- routing -------------------------------------------------------------------------------
     def prefix_by_tier(self, inst: Instance, chunks) -> dict:
@@ -350,31 +353,20 @@ class Simulator:
     def candidates(self, req: Request, now: float) -> list[Candidate]:
         """What the routing policy sees: each instance's queued seconds and (when the policy
         asks) the request's prefix cached there, by tier."""
-        need = self.policy.needs_prefix
-        return [
-            Candidate(
-                index=i.idx,
-                queued_s=max(0.0, i.free_at - now),
-                prefix=self.prefix_by_tier(i, req.chunks) if need else {},
-                last_picked=self._picked[i.idx],
-            )
-            for i in self.instances
-        ]
+        return self._dispatch.candidates(
+            self._queued(now), lambda i: self.prefix_by_tier(self.instances[i], req.chunks)
+        )
+
+    def _queued(self, now: float) -> list[float]:
+        return [max(0.0, i.free_at - now) for i in self.instances]
 
     def _route(self, req: Request, now: float) -> Instance:
-        insts = self.instances
-        if len(insts) == 1:
-            return insts[0]
-        cands = self.candidates(req, now)
-        k = self.policy.choose(RouteRequest(req.input_length, req.chunks), cands)
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(cands):
-            raise InvalidArgumentError(
-                f"routing policy {self.policy.name!r} returned {k!r}, not an index from 0 to {len(cands) - 1}"
-            )
-        inst = insts[cands[k].index]
-        self._picks += 1
-        self._picked[inst.idx] = self._picks
-        return inst
+        k = self._dispatch.pick(
+            RouteRequest(req.input_length, req.chunks),
+            self._queued(now),
+            lambda i: self.prefix_by_tier(self.instances[i], req.chunks),
+        )
+        return self.instances[k]
 
     # -- the run -------------------------------------------------------------------------------
     def run(self, requests: list[Request]) -> SimResult:
@@ -390,12 +382,16 @@ class Simulator:
         ttft = res.ttft
         fast = cfg.replay == "fast"
         prefetch = cfg.prefetch_policy
+        res.per_instance = [{"requests": 0, "gpu": 0, "cpu": 0, "disk": 0, "peer": 0} for _ in self.instances]
         for req in requests:
             chunks = req.chunks
             n_tok = req.input_length
             arrival = prev_done if fast else req.arrival_s
             now = arrival
             inst = self._route(req, now)
+            res.routes.append(inst.idx)
+            mine = res.per_instance[inst.idx]
+            mine["requests"] += 1
             res.requests += 1
             res.chunks += len(chunks)
             pool = inst.pool
@@ -428,6 +424,10 @@ class Simulator:
                 res.disk_hits += b.disk_hits + ahead
                 res.peer_hits += peer
                 res.peer_same_host_hits += b.peer_same_host
+                mine["gpu"] += b.gpu_hits
+                mine["cpu"] += cpu
+                mine["disk"] += b.disk_hits + ahead
+                mine["peer"] += peer
                 res.planned_recompute += b.planned_recompute
                 by["gpu_to_cpu"] += (b.offloaded + b.written_through) * cb
                 by["cpu_to_gpu"] += b.lower_hits * cb
@@ -487,18 +487,19 @@ class SimPrefixCost:
             load += hw.peer_pull_s(cb, peer, 0)
         return saved - load
 
+    def request_s(self, num_tokens: int, prefix: dict) -> float:
+        """Seconds a request of ``num_tokens`` takes on an idle instance holding ``prefix``: its
+        prefill from scratch minus what the prefix saves (kvtier's router prices the requests it
+        routes with it)."""
+        if not num_tokens:
+            return 0.0
+        return prefill_step_s(self.hw, self.model, 0, num_tokens) - self.saved_s(num_tokens, prefix)
+
 
 def _policy(cfg: SimConfig):
     """The routing policy object of ``cfg.routing``; kv_load gets the simulator's cost model."""
-    if isinstance(cfg.routing, str):
-        kw = {"balance": cfg.routing_balance} if cfg.routing == "kv_load" else {}
-        p = make_policy(cfg.routing, **kw)
-    else:
-        p = make_policy(cfg.routing)
-    p.reset()
-    if getattr(p, "cost", False) is None:
-        p.cost = SimPrefixCost(cfg.hardware, cfg.model, cfg.chunk_tokens, cfg.chunk_bytes)
-    return p
+    cost = SimPrefixCost(cfg.hardware, cfg.model, cfg.chunk_tokens, cfg.chunk_bytes)
+    return bind_policy(cfg.routing, balance=cfg.routing_balance, cost=cost)
 
 
 def request_load_parts_s(hw: HardwareCost, chunk_bytes: int, b, peer: int = 0) -> tuple[float, float]:
