@@ -1,4 +1,4 @@
-"""The `kvtier` command: `kvtier demo`, `kvtier info`, `kvtier peer`, `kvtier sim`, `kvtier cache`."""
+"""The `kvtier` command: `kvtier demo`, `kvtier info`, `kvtier peer`, `kvtier sim`, `kvtier route`, `kvtier cache`."""
 
 from __future__ import annotations
 
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     from kvtier.sim.cli import add_parser as add_sim_parser  # `kvtier sim`: see kvtier/sim
 
     add_sim_parser(sub)
+    from kvtier.router import add_parser as add_route_parser  # `kvtier route`: see kvtier/router.py
+
+    add_route_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

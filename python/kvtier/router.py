@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 from kvtier.errors import (
     DeadlineExceededError,
+    FailedPreconditionError,
     InvalidArgumentError,
     KVTierError,
     NotFoundError,
@@ -57,6 +58,7 @@ __all__ = [
     "default_cost",
     "event_from_json",
     "event_to_json",
+    "open_subscriber",
     "parse_endpoints",
 ]
 
@@ -533,3 +535,96 @@ def parse_endpoints(specs: Sequence[str]) -> dict[str, str]:
             raise InvalidArgumentError(f"instance {name!r} is named twice")
         out[name] = ep
     return out
+
+
+def open_subscriber(endpoints: dict[str, str]):
+    """The event transport's subscriber for ``{instance: endpoint}`` (None for no endpoints):
+    ``poll(timeout_s) -> [(instance, KVEvent)]``. The one place the router names the transport."""
+    if not endpoints:
+        return None
+    try:
+        from kvtier.events import EventSubscriber
+    except ImportError:
+        raise FailedPreconditionError(
+            "event endpoints need kvtier.events.EventSubscriber, which this build lacks; "
+            "name the instances without endpoints and push their events with the 'apply' op"
+        ) from None
+    return EventSubscriber(endpoints)
+
+
+def add_parser(sub) -> None:
+    """Register `kvtier route` on the `kvtier` command's subparsers."""
+    from kvtier.routing import POLICIES
+
+    p = sub.add_parser(
+        "route",
+        help="the reference router: pick an instance for each prompt from the instances' KV events and load",
+        description="Serve kvtier's reference router on TCP (one JSON object a line: "
+        '{"tokens": [...]} -> {"instance": ...}; ops done, apply, load, sync, state; docs/router.md), '
+        "keeping each instance's cached chunks from the KV events it publishes.",
+    )
+    p.add_argument(
+        "--instance",
+        action="append",
+        required=True,
+        metavar="NAME[=ENDPOINT]",
+        help="an instance, in routing order, and the endpoint its KV events are published on "
+        "(without one, its events come through the 'apply' op); repeat for each",
+    )
+    p.add_argument("--listen", default="127.0.0.1:7600", help="HOST:PORT to serve on (port 0: any free port)")
+    p.add_argument("--model-id", required=True, help="the instances' model id (their chunk keys' namespace)")
+    p.add_argument(
+        "--layout-fingerprint", required=True, help="the instances' layout fingerprint, hex (Layout.fingerprint_hex)"
+    )
+    p.add_argument("--chunk-tokens", type=int, default=256)
+    p.add_argument("--tenant-salt", default=None)
+    p.add_argument("--routing", default="kv_load", choices=sorted(POLICIES), help="the policy (default kv_load)")
+    p.add_argument("--balance", type=float, default=1.0, help="kv_load: weight of queued seconds")
+    p.add_argument("--model", default="llama3_8b", help="model preset of the cost model (kvtier sim's --model)")
+    p.add_argument("--calibrate", default=None, metavar="DIR", help="price with bench results in DIR, as kvtier sim")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until killed)")
+    p.set_defaults(func=_cmd_route)
+
+
+def _cmd_route(args) -> int:
+    import signal
+    import sys
+
+    try:
+        names, endpoints = [], {}
+        for spec in args.instance:
+            name, sep, _ = spec.partition("=")
+            names.append(name)
+            if sep:
+                endpoints.update(parse_endpoints([spec]))
+        host, sep, port = args.listen.rpartition(":")
+        if not sep or not port.isdigit():
+            raise InvalidArgumentError(f"--listen must be HOST:PORT, got {args.listen!r}")
+        keyer = ChunkKeyer(args.model_id, args.layout_fingerprint, args.chunk_tokens, args.tenant_salt)
+        hw = None
+        if args.calibrate:
+            from kvtier.sim.cost import MODEL_PRESETS, Calibration
+
+            hw = Calibration(args.calibrate).hardware(model=MODEL_PRESETS.get(args.model))
+        cost = default_cost(args.chunk_tokens, args.model, hw)
+        router = Router(names, keyer, args.routing, balance=args.balance, cost=cost)
+        service = RouterService(router, (host, int(port)), open_subscriber(endpoints)).start()
+    except (KVTierError, OSError) as e:
+        print(f"kvtier route: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    h, pt = service.address
+    print(
+        f"kvtier route: listening on {h}:{pt} (instances {', '.join(names)}; policy {router.policy.name})", flush=True
+    )
+    try:
+        stop.wait(args.duration)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.close()
+    if service.event_error is not None:
+        print(f"kvtier route: the event subscriber stopped: {service.event_error!r}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,137 @@
+"""One kvtier instance process for tests/test_router_replay.py: a PagedKVPool (CPU tensors, a tiny
+KV shape) over a CPU tier, driven by JSON lines on stdin, one reply a line on stdout.
+
+``python tests/router_instance.py CONFIG_JSON``; CONFIG: ``name``, ``gpu_chunks``, ``cpu_chunks``,
+``chunk_tokens``, ``model`` (the cost model's preset) and ``events``: ``"reply"`` (each reply
+carries the request's KV events, JSON) or an endpoint its events are published on.
+
+Ops: ``serve`` (``tokens``): begin, check the KV it found, compute the rest (deterministic values
+of each token id), commit, release; replies with its hits, the service seconds the simulator's cost
+model prices from them, and its events. ``stats``; ``stop``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from types import SimpleNamespace
+
+import torch
+from kvtier.events import CPU, DISK, GPU, REMOVED, STORED, KVEvent
+from kvtier.pool import PagedKVPool
+from kvtier.router import event_to_json
+from kvtier.sim.cost import MODEL_PRESETS, HardwareCost
+from kvtier.sim.engine import request_service_s
+
+BLOCK = 4096  # a CPU-tier block holds one chunk of this tiny shape
+
+
+def kv_values(tokens: torch.Tensor) -> torch.Tensor:
+    """The KV of each token, shape [n, 2, 8]: a function of the token id alone."""
+    base = (tokens * 2654435761 % 65521).to(torch.float32)
+    return base[:, None, None] + torch.arange(16, dtype=torch.float32).view(1, 2, 8)
+
+
+class DiffEvents:
+    """Events from the pool's state, read through its public views after each request: every
+    key it has seen, in GPU pages (``share_has``) and in the CPU tier (``lookup_tiers``)."""
+
+    def __init__(self, pool: PagedKVPool) -> None:
+        self.pool = pool
+        self.held: dict[bytes, set] = {}
+
+    def take(self, keys) -> list[KVEvent]:
+        for k in keys:
+            self.held.setdefault(k, set())
+        tier = self.pool.cache.tier
+        out: dict[tuple, list] = {}
+        for k, was in self.held.items():
+            now = set()
+            if self.pool.share_has(k):
+                now.add(GPU)
+            codes = tier.lookup_tiers(k)
+            if codes:
+                now.add(CPU if codes[0] == 1 else DISK)
+            for m in now - was:
+                out.setdefault((STORED, m), []).append(k)
+            for m in was - now:
+                out.setdefault((REMOVED, m), []).append(k)
+            self.held[k] = now
+        return [KVEvent(kind, m, tuple(ks), 0.0) for (kind, m), ks in sorted(out.items())]
+
+
+def main() -> int:
+    cfg = json.loads(sys.argv[1])
+    ct = cfg["chunk_tokens"]
+    model = MODEL_PRESETS[cfg["model"]]
+    hw = HardwareCost()
+    pool = PagedKVPool(
+        num_layers=1,
+        kv_heads=1,
+        head_dim=8,
+        num_pages=cfg["gpu_chunks"],
+        page_tokens=ct,
+        chunk_tokens=ct,
+        dtype=torch.float32,
+        cpu_bytes=cfg["cpu_chunks"] * BLOCK,
+        model_id=cfg.get("model_id", "router-replay"),
+    )
+    events = DiffEvents(pool)
+    out = sys.stdout
+
+    def reply(obj) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    reply({"event": "ready", "fingerprint": pool.layout.fingerprint_hex, "model_id": pool.keyer.model_id})
+    for line in sys.stdin:
+        msg = json.loads(line)
+        op = msg["op"]
+        if op == "stop":
+            break
+        if op == "stats":
+            reply({"stats": pool.stats()})
+            continue
+        tokens = msg["tokens"]
+        before = pool.stats()
+        seq = pool.begin(tokens)
+        seq.wait()
+        ids = torch.tensor(tokens, dtype=torch.int64)
+        pages = torch.tensor(seq.page_table, dtype=torch.int64)
+        pos = torch.arange(len(tokens))
+        page, off = pages[pos // ct], pos % ct
+        view = pool.kv[:, 0, :, :, 0, :]  # [pages, 2, page_tokens, dim]
+        c = seq.cached_tokens
+        wrong = int((view[page[:c], :, off[:c], :] != kv_values(ids[:c])).any(dim=(1, 2)).sum())
+        view[page[c:], :, off[c:], :] = kv_values(ids[c:])
+        pool.commit(seq, tokens)
+        pool.release(seq)
+        after = pool.stats()
+        b = SimpleNamespace(
+            gpu_hits=after["gpu_hit_chunks"] - before["gpu_hit_chunks"],
+            lower_hits=after["lower_hit_chunks"] - before["lower_hit_chunks"],
+            offloaded=after["offloaded_chunks"] - before["offloaded_chunks"],
+            disk_hits=0,
+            critical_writebacks=0,
+            load_writebacks=0,
+            load_disk_writes=0,
+            split_head=0,
+            peer_same_host=0,
+        )
+        service = request_service_s(hw, model, ct, ct * model.kv_bytes_per_token, b, len(tokens))
+        evs = events.take(pool.keyer.keys(tokens))
+        reply(
+            {
+                "gpu": b.gpu_hits,
+                "cpu": b.lower_hits,
+                "wrong_tokens": wrong,
+                "service_s": service,
+                "events": [event_to_json(e) for e in evs],
+            }
+        )
+    pool.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""A trace replayed through kvtier's reference router (``kvtier route``, a process) and real kvtier
+instances (processes: tests/router_instance.py, a PagedKVPool over a CPU tier each), against the
+simulator on the same trace and configuration: the same instance for every request, and the same
+hits per instance and tier.
+
+The trace is the hot-prefix generator's (Zipf-popular system prompts, multi-turn sessions) at
+80% of the cluster's cold-prefill capacity, so kv_load weighs prefixes against queues. Each chunk
+id becomes CT token ids (the simulator's chunk of CT tokens); capacities are in chunks, small
+enough that both tiers evict. Time is the trace's clock: the router is told each arrival, and each
+instance reports the service seconds the simulator's cost model prices from its own hits and
+offloads, so the router's load, like its view of the KV, follows the engine, not wall time. The
+decision is then the same code in both (kvtier.routing.Dispatcher) on the same inputs, and the
+test asserts equality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from kvtier.router import RouterClient
+from kvtier.sim import MODEL_PRESETS, HardwareCost, SimConfig, Simulator
+from kvtier.sim.hot_prefix import HotPrefix, hot_prefix_at_load
+
+pytestmark = pytest.mark.multiproc
+
+HERE = Path(__file__).resolve().parent
+CT = 16  # tokens a chunk, in the engine and the simulator
+INSTANCES = 3
+GPU_CHUNKS = 64  # per instance
+CPU_CHUNKS = 128
+REQUESTS = 300
+LOAD = 0.8
+MODEL = "llama3_8b"  # the cost model's shape (the engine's KV is a tiny one)
+TAIL_BASE = 1 << 30  # token ids of partial last chunks: never in a full chunk
+SHAPE = HotPrefix(
+    system_prompts=6,
+    system_tokens=256,
+    first_tokens=64,
+    turn_tokens=48,
+    output_tokens=32,
+    turns_mean=4.0,
+    max_tokens=640,
+)
+
+
+def sim_config() -> SimConfig:
+    model = MODEL_PRESETS[MODEL]
+    chunk = CT * model.kv_bytes_per_token
+    return SimConfig(
+        model=model,
+        chunk_tokens=CT,
+        page_tokens=CT,
+        gpu_bytes=GPU_CHUNKS * chunk,
+        cpu_bytes=CPU_CHUNKS * -(-chunk // 4096) * 4096,
+        instances=INSTANCES,
+        routing="kv_load",
+        hardware=HardwareCost(),
+    )
+
+
+def tokens_of(i: int, req) -> list[int]:
+    toks = [c * CT + j for c in req.chunks for j in range(CT)]
+    toks.extend((TAIL_BASE + i * CT + j) % (1 << 31) for j in range(req.input_length - len(toks)))
+    return toks
+
+
+class Proc:
+    """A child process answering JSON lines; every read has a deadline."""
+
+    def __init__(self, tmp_path, name: str, argv: list[str]) -> None:
+        self.name = name
+        self.log_path = tmp_path / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+        self._buf = b""
+
+    def readline(self, timeout: float) -> bytes:
+        end = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.name}: no line in {timeout}s; log:\n{self.log()}")
+            r, _, _ = select.select([fd], [], [], left)
+            if r:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    raise EOFError(f"{self.name} exited; log:\n{self.log()}")
+                self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line
+
+    def call(self, timeout: float = 30.0, **msg) -> dict:
+        self.proc.stdin.write((json.dumps(msg) + "\n").encode())
+        self.proc.stdin.flush()
+        out = json.loads(self.readline(timeout))
+        assert "error" not in out, f"{self.name}: {out}"
+        return out
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(b'{"op": "stop"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(10)
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass  # a pipe the child closed first
+        self._log.close()
+
+
+def start_instances(tmp_path) -> dict[str, Proc]:
+    insts = {}
+    for k in range(INSTANCES):
+        name = f"i{k}"
+        conf = {"name": name, "gpu_chunks": GPU_CHUNKS, "cpu_chunks": CPU_CHUNKS, "chunk_tokens": CT, "model": MODEL}
+        insts[name] = Proc(tmp_path, name, [sys.executable, str(HERE / "router_instance.py"), json.dumps(conf)])
+    return insts
+
+
+def start_router(tmp_path, names, ready) -> tuple[Proc, tuple[str, int]]:
+    argv = [sys.executable, "-m", "kvtier.cli", "route", "--listen", "127.0.0.1:0", "--duration", "300"]
+    argv += [f"--instance={n}" for n in names]
+    argv += ["--model-id", ready["model_id"], "--layout-fingerprint", ready["fingerprint"]]
+    argv += ["--chunk-tokens", str(CT), "--model", MODEL, "--routing", "kv_load"]
+    router = Proc(tmp_path, "router", argv)
+    line = router.readline(60.0).decode()
+    m = re.search(r"listening on ([\d.]+):(\d+)", line)
+    assert m, line
+    return router, (m.group(1), int(m.group(2)))
+
+
+def replay(reqs, insts: dict[str, Proc], client: RouterClient) -> tuple[list[int], list[dict]]:
+    names = list(insts)
+    routes, hits = [], [{"requests": 0, "gpu": 0, "cpu": 0} for _ in names]
+    for i, req in enumerate(reqs):
+        toks = tokens_of(i, req)
+        d = client.call(tokens=toks, now=req.arrival_s)
+        assert "error" not in d, d
+        inst = insts[d["instance"]]
+        r = inst.call(op="serve", tokens=toks)
+        assert r["wrong_tokens"] == 0, (i, r)
+        applied = client.call(op="apply", instance=inst.name, events=r["events"])
+        assert "error" not in applied, applied
+        assert client.call(op="done", request_id=d["request_id"], service_s=r["service_s"]) == {"instance": inst.name}
+        k = names.index(inst.name)
+        routes.append(k)
+        hits[k]["requests"] += 1
+        hits[k]["gpu"] += r["gpu"]
+        hits[k]["cpu"] += r["cpu"]
+    return routes, hits
+
+
+def test_router_and_instances_match_the_simulator(tmp_path):
+    cfg = sim_config()
+    reqs = hot_prefix_at_load(REQUESTS, LOAD, cfg, seed=5, config=SHAPE)
+    assert max(len(r.chunks) for r in reqs) < GPU_CHUNKS  # every prompt fits a pool
+    sim = Simulator(cfg).run(reqs)
+
+    insts = start_instances(tmp_path)
+    router = None
+    try:
+        ready = {n: json.loads(p.readline(120.0)) for n, p in insts.items()}
+        router, address = start_router(tmp_path, list(insts), ready["i0"])
+        client = RouterClient(address, timeout_s=30.0)
+        routes, hits = replay(reqs, insts, client)
+        state = client.call(op="state")
+        client.close()
+        stats = {n: p.call(op="stats")["stats"] for n, p in insts.items()}
+    finally:
+        for p in insts.values():
+            p.stop()
+        if router is not None:
+            router.proc.terminate()
+            router.stop()
+
+    sim_hits = [{k: d[k] for k in ("requests", "gpu", "cpu")} for d in sim.per_instance]
+    print("per instance (requests, gpu hits, cpu hits): sim", sim_hits, "real", hits)
+    print("hit ratio: sim", round(sim.hit_ratio(), 4), "chunks", sim.chunks)
+    # both tiers evicted, and every instance served
+    assert all(s["evicted_chunks"] > 0 and s["lower"]["index"]["evictions"] > 0 for s in stats.values()), stats
+    assert all(h["requests"] > REQUESTS // 10 for h in hits)
+    assert all(st["events"] > 0 for st in state.values())
+    assert routes == sim.routes
+    assert hits == sim_hits
