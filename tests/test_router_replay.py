@@ -22,6 +22,7 @@ import select
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -138,11 +139,11 @@ def start_instances(tmp_path) -> dict[str, Proc]:
     return insts
 
 
-def start_router(tmp_path, names, ready) -> tuple[Proc, tuple[str, int]]:
+def start_router(tmp_path, names, ready, policy) -> tuple[Proc, tuple[str, int]]:
     argv = [sys.executable, "-m", "kvtier.cli", "route", "--listen", "127.0.0.1:0", "--duration", "300"]
     argv += [f"--instance={n}" for n in names]
     argv += ["--model-id", ready["model_id"], "--layout-fingerprint", ready["fingerprint"]]
-    argv += ["--chunk-tokens", str(CT), "--model", MODEL, "--routing", "kv_load"]
+    argv += ["--chunk-tokens", str(CT), "--model", MODEL, "--routing", policy]
     router = Proc(tmp_path, "router", argv)
     line = router.readline(60.0).decode()
     m = re.search(r"listening on ([\d.]+):(\d+)", line)
@@ -171,8 +172,9 @@ def replay(reqs, insts: dict[str, Proc], client: RouterClient) -> tuple[list[int
     return routes, hits
 
 
-def test_router_and_instances_match_the_simulator(tmp_path):
-    cfg = sim_config()
+@pytest.mark.parametrize("policy", ["kv_load", "least_loaded"])
+def test_router_and_instances_match_the_simulator(tmp_path, policy):
+    cfg = replace(sim_config(), routing=policy)
     reqs = hot_prefix_at_load(REQUESTS, LOAD, cfg, seed=5, config=SHAPE)
     assert max(len(r.chunks) for r in reqs) < GPU_CHUNKS  # every prompt fits a pool
     sim = Simulator(cfg).run(reqs)
@@ -181,7 +183,7 @@ def test_router_and_instances_match_the_simulator(tmp_path):
     router = None
     try:
         ready = {n: json.loads(p.readline(120.0)) for n, p in insts.items()}
-        router, address = start_router(tmp_path, list(insts), ready["i0"])
+        router, address = start_router(tmp_path, list(insts), ready["i0"], policy)
         client = RouterClient(address, timeout_s=30.0)
         routes, hits = replay(reqs, insts, client)
         state = client.call(op="state")
