@@ -53,6 +53,7 @@ def test_settings_defaults_follow_vllm():
     assert s.config.cpu.bytes == 8 << 20
     assert s.config.model.model_id == "vllm:org/model@main"
     assert s.peers is None and s.layerwise is True
+    assert s.lookup_wait_s == 0.002
 
 
 def test_settings_peers_and_secret(tmp_path):
@@ -74,6 +75,8 @@ def test_settings_peers_and_secret(tmp_path):
         ({"cpu_byts": "1GiB"}, "cpu_byts"),
         ({"disk": {"bytes": "lots"}}, "disk.bytes"),
         ({"layerwise": "yes"}, "layerwise"),
+        ({"lookup_wait_s": -1}, "lookup_wait_s"),
+        ({"lookup_wait_s": "1ms"}, "lookup_wait_s"),
         ({"config_file": "/nonexistent.yaml"}, "config_file"),
         ({"peers": {"seeds": ["127.0.0.1:9"]}, "cluster_secret": "s" * 32}, "peers.listen"),
         ({"peers": {"listen": "127.0.0.1:0"}}, "secret"),
@@ -150,14 +153,29 @@ def test_lookup_socket_lives_in_a_private_directory():
 
 # -- the connector's bookkeeping, both sides, with vLLM's objects faked -----------------------------
 class FakeClient:
-    def __init__(self, hit: int, codes: bytes = b"", fail: bool = False) -> None:
-        self.hit, self.codes, self.fail, self.asked = hit, codes, fail, []
+    """The lookup channel's scheduler end: each lookup answers after ``pending`` polls that found
+    nothing (``pending=0``: at the first), or fails at submission."""
 
-    def lookup(self, tokens):
+    def __init__(self, hit: int, codes: bytes = b"", fail: bool = False, pending: int = 0) -> None:
+        self.hit, self.codes, self.fail, self.pending = hit, codes, fail, pending
+        self.asked, self.polls, self.abandoned = [], {}, []
+
+    def submit_lookup(self, tokens):
         self.asked.append(len(tokens))
         if self.fail:
             raise ConnectionRefusedError("no worker")
+        ticket = len(self.asked)
+        self.polls[ticket] = 0
+        return ticket
+
+    def lookup_result(self, ticket, wait_s):
+        self.polls[ticket] += 1
+        if self.polls[ticket] <= self.pending:
+            return None
         return self.hit, self.codes
+
+    def abandon(self, ticket):
+        self.abandoned.append(ticket)
 
     def close(self):
         pass
@@ -233,6 +251,34 @@ def test_scheduler_skips_what_vllm_holds_and_misses_on_lookup_failure():
     conn._client = FakeClient(hit=0, fail=True)
     assert conn.get_num_new_matched_tokens(request("t", 200), 0) == (0, False)
     assert conn.get_num_new_matched_tokens(request("u", 20), 0) == (0, False)  # no full block
+
+
+def test_scheduler_answers_not_yet_while_a_lookup_is_in_flight():
+    conn = connector("SCHEDULER")
+    conn._client = FakeClient(hit=64, pending=2)  # the worker answers at the third poll
+    req = request("r", 100)
+    assert conn.get_num_new_matched_tokens(req, 0) == (None, False)
+    assert conn.get_num_new_matched_tokens(req, 0) == (None, False)
+    assert conn.get_num_new_matched_tokens(req, 0) == (64, False)
+    assert conn._client.asked == [96]  # one lookup, polled until it answered
+    assert conn._client.abandoned == []
+    # A request that finishes (aborted) while its lookup is in flight drops the ticket.
+    conn.get_num_new_matched_tokens(request("s", 100), 0)
+    conn.request_finished(request("s", 100), [])
+    assert conn._client.abandoned == [2]
+    assert conn.get_num_new_matched_tokens(request("s", 100), 0) == (None, False)  # asked anew
+    assert conn._client.asked == [96, 96, 96]
+
+
+def test_scheduler_computes_a_request_whose_lookup_passes_its_deadline(monkeypatch):
+    conn = connector("SCHEDULER")
+    conn._client = FakeClient(hit=64, pending=10**9)  # never answers
+    req = request("r", 100)
+    assert conn.get_num_new_matched_tokens(req, 0) == (None, False)
+    clock = time.monotonic() + conn._lookup_timeout_s + 1
+    monkeypatch.setattr("kvtier.integrations.vllm_scheduler.time.monotonic", lambda: clock)
+    assert conn.get_num_new_matched_tokens(req, 0) == (0, False)
+    assert conn._client.abandoned == [1]
 
 
 def test_scheduler_saves_full_chunks_as_chunked_prefill_computes_them():
@@ -395,13 +441,16 @@ class FakeEngine:
         """The next lookup reports ``tokens`` cached, as a disk header whose payload is damaged
         does: the load then comes back short."""
         client = self.sched._client
-        real = client.lookup
+        real = client.lookup_result
 
-        def lookup(t):
-            client.lookup = real
-            return min(tokens, len(t)), bytes([2]) * (tokens // self.BLOCK)
+        def lookup_result(ticket, wait_s):
+            result = real(ticket, wait_s)
+            if result is None:
+                return None
+            client.lookup_result = real
+            return tokens, bytes([2]) * (tokens // self.BLOCK)
 
-        client.lookup = lookup
+        client.lookup_result = lookup_result
 
     def run(self, req_id: str, tokens: list[int], budget: int, shared: list[int] = ()):
         """Prefill one request to its end; ``shared``: leading blocks vLLM's own prefix cache
@@ -410,7 +459,9 @@ class FakeEngine:
         n = len(tokens)
         req = SimpleNamespace(request_id=req_id, prompt_token_ids=tokens, mm_features=[])
         local = len(shared) * bs
-        ext, _ = self.sched.get_num_new_matched_tokens(req, local)
+        ext = None
+        while ext is None:  # vLLM asks again, a step later, while the lookup is in flight
+            ext, _ = self.sched.get_num_new_matched_tokens(req, local)
         blocks = list(shared) + self.alloc(-(-n // bs) - len(shared))
         self.sched.update_state_after_alloc(req, None, ext)
         computed = local + ext

@@ -12,6 +12,7 @@ import struct
 import tempfile
 import threading
 import time
+from collections import deque
 from multiprocessing.connection import Client
 
 import numpy as np
@@ -54,7 +55,14 @@ _OP_LOOKUP, _OP_STATS, _OP_DRAIN, _OP_PERSIST = b"L", b"S", b"D", b"P"
 
 
 class _LookupClient:
-    """The scheduler's end: one connection to the worker, reconnected after an error."""
+    """The scheduler's end: one connection to the worker, reconnected after an error.
+
+    Lookups are pipelined: :meth:`submit_lookup` sends one and returns a ticket at once,
+    :meth:`lookup_result` collects its answer (the worker answers in order), waiting at most
+    the given time, so the scheduler never blocks on a lookup that needs disk or a peer. The
+    other calls wait for their answer (at most ``timeout_s``), after the lookups sent before them.
+    A connection that fails fails every lookup outstanding on it (their tickets then raise).
+    """
 
     def __init__(self, engine_id: str, timeout_s: float) -> None:
         self._path = lookup_socket_path(engine_id)
@@ -62,33 +70,108 @@ class _LookupClient:
         self._timeout_s = timeout_s
         self._conn = None
         self._lock = threading.Lock()
+        self._next_ticket = 0
+        self._outstanding: deque[int] = deque()  # tickets sent on this connection, unanswered
+        self._replies: dict[int, bytes] = {}  # answered, not yet collected
+        self._abandoned: set[int] = set()  # answers nobody will collect: dropped on arrival
+
+    def _connect(self) -> None:
+        deadline = time.monotonic() + self._timeout_s
+        while self._conn is None:
+            try:
+                self._conn = Client(self._path, family="AF_UNIX", authkey=self._key)
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.close()
+        self._conn = None
+        self._outstanding.clear()  # their answers will never come: lookup_result raises
+        self._abandoned.clear()
+
+    def _receive_one(self, wait_s: float) -> bool:
+        """Read the answer to the oldest outstanding message if it comes within ``wait_s``."""
+        if not self._conn.poll(max(0.0, wait_s)):
+            return False
+        reply = self._conn.recv_bytes()
+        ticket = self._outstanding.popleft()
+        if ticket in self._abandoned:
+            self._abandoned.discard(ticket)
+        else:
+            self._replies[ticket] = reply
+        return True
+
+    def _send(self, message: bytes) -> int:
+        self._connect()
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        self._conn.send_bytes(message)
+        self._outstanding.append(ticket)
+        return ticket
+
+    def _wait(self, ticket: int, wait_s: float) -> bytes | None:
+        """The answer to ``ticket``, or None if it did not come within ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        while ticket not in self._replies:
+            if ticket not in self._outstanding:
+                raise ConnectionResetError("the connection to the kvtier worker failed before it answered")
+            if not self._receive_one(deadline - time.monotonic()):
+                return None
+        return self._replies.pop(ticket)
 
     def _call(self, message: bytes) -> bytes:
         with self._lock:
-            deadline = time.monotonic() + self._timeout_s
-            while self._conn is None:
-                try:
-                    self._conn = Client(self._path, family="AF_UNIX", authkey=self._key)
-                except (FileNotFoundError, ConnectionRefusedError):
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
             try:
-                self._conn.send_bytes(message)
-                if not self._conn.poll(self._timeout_s):
+                reply = self._wait(self._send(message), self._timeout_s)
+                if reply is None:
                     raise TimeoutError(f"no answer from the kvtier worker in {self._timeout_s} s")
-                return self._conn.recv_bytes()
+                return reply
             except BaseException:
-                with contextlib.suppress(OSError):
-                    self._conn.close()
-                self._conn = None
+                self._drop_connection()
                 raise
 
-    def lookup(self, tokens: np.ndarray) -> tuple[int, bytes]:
-        """``(hit_tokens, tier code per hit chunk)``."""
-        reply = self._call(_OP_LOOKUP + tokens.astype("<i4", copy=False).tobytes())
+    def submit_lookup(self, tokens: np.ndarray) -> int:
+        """Send a lookup of ``tokens``; its ticket for :meth:`lookup_result`."""
+        with self._lock:
+            try:
+                return self._send(_OP_LOOKUP + tokens.astype("<i4", copy=False).tobytes())
+            except BaseException:
+                self._drop_connection()
+                raise
+
+    def lookup_result(self, ticket: int, wait_s: float) -> tuple[int, bytes] | None:
+        """``(hit_tokens, tier code per hit chunk)`` of lookup ``ticket``, or None if its answer
+        has not come within ``wait_s`` (ask again, or :meth:`abandon` it)."""
+        with self._lock:
+            try:
+                reply = self._wait(ticket, wait_s)
+            except BaseException:
+                self._drop_connection()
+                raise
+        if reply is None:
+            return None
         (hit,) = struct.unpack_from("<q", reply)
         return hit, reply[8:]
+
+    def abandon(self, ticket: int) -> None:
+        """Nobody will collect ``ticket``'s answer: drop it when it comes."""
+        with self._lock:
+            if self._replies.pop(ticket, None) is None and ticket in self._outstanding:
+                self._abandoned.add(ticket)
+
+    def lookup(self, tokens: np.ndarray) -> tuple[int, bytes]:
+        """``(hit_tokens, tier code per hit chunk)``, waiting at most ``timeout_s``."""
+        ticket = self.submit_lookup(tokens)
+        result = self.lookup_result(ticket, self._timeout_s)
+        if result is None:
+            with self._lock:
+                self._drop_connection()
+            raise TimeoutError(f"no answer from the kvtier worker in {self._timeout_s} s")
+        return result
 
     def stats(self) -> dict:
         return json.loads(self._call(_OP_STATS))
@@ -101,10 +184,7 @@ class _LookupClient:
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                with contextlib.suppress(OSError):
-                    self._conn.close()
-                self._conn = None
+            self._drop_connection()
 
 
 def worker_stats(engine_id: str, timeout_s: float = 10.0) -> dict:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,8 @@ class _SchedulerSide(KVConnectorBase_V1):
                 ktc.kv_load_failure_policy,
             )
         self._client = _LookupClient(self._engine_id, timeout_s)
+        self._lookup_timeout_s = timeout_s
+        self._inflight: dict[str, tuple[int, float]] = {}  # req -> (lookup ticket, deadline)
         self._requests: dict[str, _RequestState] = {}
         self._pending_loads: dict[str, tuple[int, int]] = {}  # req -> (start, end) tokens
         self._lookups: dict[str, tuple[int, bytes]] = {}  # req -> (hit, tier codes)
@@ -75,17 +78,48 @@ class _SchedulerSide(KVConnectorBase_V1):
         # The last prompt token is always computed (its logits are the first output).
         limit = (len(tokens) - 1) // ct * ct
         if limit <= num_computed_tokens or num_computed_tokens % ct:
+            self._forget_lookup(request.request_id)
             return 0, False
-        try:
-            hit, codes = self._client.lookup(tokens[:limit])
-        except (OSError, EOFError, TimeoutError) as e:
-            log.warning("kvtier: lookup of request %s failed, computing it: %s", request.request_id, e)
-            return 0, False
+        result = self._lookup(request.request_id, tokens[:limit])
+        if result is None:
+            return None, False  # still in flight: vLLM asks again next step
+        hit, codes = result
         hit = min(hit, limit)
         if hit <= num_computed_tokens:
             return 0, False
         self._lookups[request.request_id] = (hit, codes)
         return hit - num_computed_tokens, False
+
+    def _lookup(self, req_id: str, tokens: np.ndarray) -> tuple[int, bytes] | None:
+        """The worker's answer for ``tokens``; None while it is in flight (at most
+        ``lookup_wait_s`` waited here); a miss (0) when the lookup failed or passed its deadline."""
+        pending = self._inflight.get(req_id)
+        try:
+            if pending is None:
+                ticket = self._client.submit_lookup(tokens)
+                pending = self._inflight[req_id] = (ticket, time.monotonic() + self._lookup_timeout_s)
+            ticket, deadline = pending
+            result = self._client.lookup_result(ticket, self._settings.lookup_wait_s)
+        except (OSError, EOFError) as e:
+            self._inflight.pop(req_id, None)
+            log.warning("kvtier: lookup of request %s failed, computing it: %s", req_id, e)
+            return 0, b""
+        if result is not None:
+            del self._inflight[req_id]
+            return result
+        if time.monotonic() < deadline:
+            return None
+        del self._inflight[req_id]
+        self._client.abandon(ticket)
+        log.warning(
+            "kvtier: lookup of request %s passed its %s s deadline, computing it", req_id, self._lookup_timeout_s
+        )
+        return 0, b""
+
+    def _forget_lookup(self, req_id: str) -> None:
+        inflight = self._inflight.pop(req_id, None)
+        if inflight is not None:
+            self._client.abandon(inflight[0])
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if num_external_tokens <= 0:
@@ -184,6 +218,7 @@ class _SchedulerSide(KVConnectorBase_V1):
         req_id = request.request_id
         self._pending_loads.pop(req_id, None)
         self._lookups.pop(req_id, None)
+        self._forget_lookup(req_id)
         state = self._requests.pop(req_id, None)
         # Blocks with a store in flight stay allocated until get_finished reports the request.
         return bool(state is not None and state.saves_issued), None

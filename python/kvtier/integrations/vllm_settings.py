@@ -22,6 +22,7 @@ class _Settings:
     config: KVTierConfig
     chunk_tokens: int
     layerwise: bool
+    lookup_wait_s: float
     peers: dict | None
 
     @classmethod
@@ -46,6 +47,15 @@ class _Settings:
         layerwise = extra.pop("layerwise", True)
         if not isinstance(layerwise, bool):
             raise InvalidArgumentError(f"{where}.layerwise must be true or false, got {layerwise!r}")
+        lookup_wait_s = extra.pop("lookup_wait_s", 0.002)
+        if (
+            isinstance(lookup_wait_s, bool)
+            or not isinstance(lookup_wait_s, (int, float))
+            or not 0 <= lookup_wait_s <= 10
+        ):
+            raise InvalidArgumentError(
+                f"{where}.lookup_wait_s must be a number of seconds in [0, 10], got {lookup_wait_s!r}"
+            )
         secret = extra.pop("cluster_secret", None)
         peers = extra.pop("peers", None)
         if peers is not None and not isinstance(peers, dict):
@@ -84,7 +94,13 @@ class _Settings:
         if config.model.model_id == "default":  # not set: the served model names the keys
             model = vllm_config.model_config
             config = config.replace(model_id=f"vllm:{model.model}@{model.revision or 'main'}")
-        return cls(config=config, chunk_tokens=chunk_tokens, layerwise=layerwise, peers=peers_cfg)
+        return cls(
+            config=config,
+            chunk_tokens=chunk_tokens,
+            layerwise=layerwise,
+            lookup_wait_s=float(lookup_wait_s),
+            peers=peers_cfg,
+        )
 
 
 def _check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> None:
