@@ -3,17 +3,27 @@ KV shape) over a CPU tier, driven by JSON lines on stdin, one reply a line on st
 
 ``python tests/router_instance.py CONFIG_JSON``; CONFIG: ``name``, ``gpu_chunks``, ``cpu_chunks``,
 ``chunk_tokens``, ``model`` (the cost model's preset) and ``events``: ``"reply"`` (each reply
-carries the request's KV events, JSON) or an endpoint its events are published on.
+carries the request's KV events, JSON, for the router's ``apply`` op) or ``"publish"`` (an
+``EventPublisher`` on a free loopback port, named in the ready line, publishes them as vLLM's
+KV-event stream).
 
-Ops: ``serve`` (``tokens``): begin, check the KV it found, compute the rest (deterministic values
-of each token id), commit, release; replies with its hits, the service seconds the simulator's cost
-model prices from them, and its events. ``stats``; ``stop``.
+The events of a request are taken from the pool (``take_events``) once it is served, so that the
+reply can say how many events the instance has published in all: the test has the router wait
+for that many (its ``sync`` op) before routing the next request. The publisher's source is the
+queue they are put in.
+
+Ops: ``subscribed``: wait until the router's subscriber has joined, then publish the pool's first
+events (its ``cleared`` ones). ``serve`` (``tokens``): begin, check the KV it found, compute the
+rest (deterministic values of each token id), commit, release; replies with its hits, the service
+seconds the simulator's cost model prices from them, and its events (or how many it published).
+``stats``; ``stop``.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 from types import SimpleNamespace
 
 import torch
@@ -60,6 +70,25 @@ class DiffEvents:
         return [KVEvent(kind, m, tuple(ks), 0.0) for (kind, m), ks in sorted(out.items())]
 
 
+class Outbox:
+    """The publisher's source: the events the instance took from its pool, oldest first."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.events: list[KVEvent] = []
+        self.put = 0
+
+    def push(self, events: list[KVEvent]) -> None:
+        with self.lock:
+            self.events.extend(events)
+            self.put += len(events)
+
+    def take_events(self, max_records: int = 0) -> list[KVEvent]:
+        with self.lock:
+            out, self.events = self.events, []
+        return out
+
+
 def main() -> int:
     cfg = json.loads(sys.argv[1])
     ct = cfg["chunk_tokens"]
@@ -76,21 +105,38 @@ def main() -> int:
         cpu_bytes=cfg["cpu_chunks"] * BLOCK,
         model_id=cfg.get("model_id", "router-replay"),
     )
-    events = DiffEvents(pool)
+    diff = None if hasattr(pool, "take_events") else DiffEvents(pool)
+
+    def take(keys=()) -> list[KVEvent]:
+        return pool.take_events() if diff is None else diff.take(keys)
+
+    publish = cfg["events"] == "publish"
+    outbox, pub = Outbox(), None
+    ready = {"event": "ready", "fingerprint": pool.layout.fingerprint_hex, "model_id": pool.keyer.model_id}
+    if publish:
+        from kvtier.event_stream import EventPublisher
+
+        pub = EventPublisher(outbox, "tcp://127.0.0.1:*", interval_s=0.002, block_size=ct)
+        ready["endpoint"] = pub.endpoint
     out = sys.stdout
 
     def reply(obj) -> None:
         out.write(json.dumps(obj) + "\n")
         out.flush()
 
-    reply({"event": "ready", "fingerprint": pool.layout.fingerprint_hex, "model_id": pool.keyer.model_id})
+    reply(ready)
     for line in sys.stdin:
         msg = json.loads(line)
         op = msg["op"]
         if op == "stop":
             break
         if op == "stats":
-            reply({"stats": pool.stats()})
+            reply({"stats": pool.stats(), "publisher": pub.stats() if pub else None})
+            continue
+        if op == "subscribed":
+            joined = pub.wait_for_subscribers(1, msg.get("timeout_s", 30.0))
+            outbox.push(take())
+            reply({"joined": joined, "published": outbox.put})
             continue
         tokens = msg["tokens"]
         before = pool.stats()
@@ -119,16 +165,16 @@ def main() -> int:
             peer_same_host=0,
         )
         service = request_service_s(hw, model, ct, ct * model.kv_bytes_per_token, b, len(tokens))
-        evs = events.take(pool.keyer.keys(tokens))
-        reply(
-            {
-                "gpu": b.gpu_hits,
-                "cpu": b.lower_hits,
-                "wrong_tokens": wrong,
-                "service_s": service,
-                "events": [event_to_json(e) for e in evs],
-            }
-        )
+        evs = take(pool.keyer.keys(tokens))
+        r = {"gpu": b.gpu_hits, "cpu": b.lower_hits, "wrong_tokens": wrong, "service_s": service}
+        if publish:
+            outbox.push(evs)
+            r["published"] = outbox.put
+        else:
+            r["events"] = [event_to_json(e) for e in evs]
+        reply(r)
+    if pub is not None:
+        pub.close()
     pool.close()
     return 0
 

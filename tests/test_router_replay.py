@@ -130,19 +130,22 @@ class Proc:
         self._log.close()
 
 
-def start_instances(tmp_path) -> dict[str, Proc]:
+def start_instances(tmp_path, events: str) -> dict[str, Proc]:
     insts = {}
     for k in range(INSTANCES):
         name = f"i{k}"
         conf = {"name": name, "gpu_chunks": GPU_CHUNKS, "cpu_chunks": CPU_CHUNKS, "chunk_tokens": CT, "model": MODEL}
+        conf["events"] = events
         insts[name] = Proc(tmp_path, name, [sys.executable, str(HERE / "router_instance.py"), json.dumps(conf)])
     return insts
 
 
-def start_router(tmp_path, names, ready, policy) -> tuple[Proc, tuple[str, int]]:
+def start_router(tmp_path, ready: dict[str, dict], policy: str) -> tuple[Proc, tuple[str, int]]:
+    """``kvtier route`` subscribed to each instance's endpoint (or, without one, fed by ``apply``)."""
     argv = [sys.executable, "-m", "kvtier.cli", "route", "--listen", "127.0.0.1:0", "--duration", "300"]
-    argv += [f"--instance={n}" for n in names]
-    argv += ["--model-id", ready["model_id"], "--layout-fingerprint", ready["fingerprint"]]
+    argv += [f"--instance={n}" + (f"={r['endpoint']}" if "endpoint" in r else "") for n, r in ready.items()]
+    first = next(iter(ready.values()))
+    argv += ["--model-id", first["model_id"], "--layout-fingerprint", first["fingerprint"]]
     argv += ["--chunk-tokens", str(CT), "--model", MODEL, "--routing", policy]
     router = Proc(tmp_path, "router", argv)
     line = router.readline(60.0).decode()
@@ -161,8 +164,11 @@ def replay(reqs, insts: dict[str, Proc], client: RouterClient) -> tuple[list[int
         inst = insts[d["instance"]]
         r = inst.call(op="serve", tokens=toks)
         assert r["wrong_tokens"] == 0, (i, r)
-        applied = client.call(op="apply", instance=inst.name, events=r["events"])
-        assert "error" not in applied, applied
+        if "published" in r:  # on the event stream: the router has them all before the next route
+            synced = client.call(op="sync", instance=inst.name, events=r["published"], timeout_s=30)
+        else:
+            synced = client.call(op="apply", instance=inst.name, events=r["events"])
+        assert "error" not in synced, synced
         assert client.call(op="done", request_id=d["request_id"], service_s=r["service_s"]) == {"instance": inst.name}
         k = names.index(inst.name)
         routes.append(k)
@@ -172,23 +178,36 @@ def replay(reqs, insts: dict[str, Proc], client: RouterClient) -> tuple[list[int
     return routes, hits
 
 
-@pytest.mark.parametrize("policy", ["kv_load", "least_loaded"])
-def test_router_and_instances_match_the_simulator(tmp_path, policy):
+@pytest.mark.parametrize(
+    ("policy", "events"),
+    [("kv_load", "publish"), ("least_loaded", "reply")],
+)
+def test_router_and_instances_match_the_simulator(tmp_path, policy, events):
+    """``events``: ``publish``, each instance's EventPublisher to the router's EventSubscriber
+    (vLLM's KV-event stream over ZMQ); ``reply``, each request's events in the instance's reply,
+    handed to the router with its ``apply`` op."""
+    if events == "publish":
+        pytest.importorskip("kvtier.event_stream", reason="the KV event stream (kvtier.event_stream) is not built")
     cfg = replace(sim_config(), routing=policy)
     reqs = hot_prefix_at_load(REQUESTS, LOAD, cfg, seed=5, config=SHAPE)
     assert max(len(r.chunks) for r in reqs) < GPU_CHUNKS  # every prompt fits a pool
     sim = Simulator(cfg).run(reqs)
 
-    insts = start_instances(tmp_path)
+    insts = start_instances(tmp_path, events)
     router = None
     try:
         ready = {n: json.loads(p.readline(120.0)) for n, p in insts.items()}
-        router, address = start_router(tmp_path, list(insts), ready["i0"], policy)
+        router, address = start_router(tmp_path, ready, policy)
         client = RouterClient(address, timeout_s=30.0)
+        if events == "publish":  # a ZMQ subscriber misses what is sent before it joins
+            for n, p in insts.items():
+                joined = p.call(op="subscribed", timeout_s=30.0)
+                assert joined["joined"], f"{n}: the router never subscribed"
+                assert "error" not in client.call(op="sync", instance=n, events=joined["published"], timeout_s=30)
         routes, hits = replay(reqs, insts, client)
         state = client.call(op="state")
         client.close()
-        stats = {n: p.call(op="stats")["stats"] for n, p in insts.items()}
+        stats = {n: p.call(op="stats") for n, p in insts.items()}
     finally:
         for p in insts.values():
             p.stop()
@@ -200,7 +219,11 @@ def test_router_and_instances_match_the_simulator(tmp_path, policy):
     print("per instance (requests, gpu hits, cpu hits): sim", sim_hits, "real", hits)
     print("hit ratio: sim", round(sim.hit_ratio(), 4), "chunks", sim.chunks)
     # both tiers evicted, and every instance served
-    assert all(s["evicted_chunks"] > 0 and s["lower"]["index"]["evictions"] > 0 for s in stats.values()), stats
+    pool = {n: s["stats"] for n, s in stats.items()}
+    assert all(s["evicted_chunks"] > 0 and s["lower"]["index"]["evictions"] > 0 for s in pool.values()), pool
+    if events == "publish":  # nothing refused by a socket, every event read
+        assert all(s["publisher"]["send_refused"] == 0 for s in stats.values()), stats
+        assert {n: st["events"] for n, st in state.items()} == {n: s["publisher"]["events"] for n, s in stats.items()}
     assert all(h["requests"] > REQUESTS // 10 for h in hits)
     assert all(st["events"] > 0 for st in state.values())
     assert routes == sim.routes

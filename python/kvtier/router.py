@@ -539,15 +539,16 @@ def parse_endpoints(specs: Sequence[str]) -> dict[str, str]:
 
 def open_subscriber(endpoints: dict[str, str]):
     """The event transport's subscriber for ``{instance: endpoint}`` (None for no endpoints):
-    ``poll(timeout_s) -> [(instance, KVEvent)]``. The one place the router names the transport."""
+    ``poll(timeout_s) -> [(instance, KVEvent)]`` (``kvtier.event_stream.EventSubscriber``: vLLM's
+    KV-event stream over ZMQ). The one place the router names the transport."""
     if not endpoints:
         return None
     try:
-        from kvtier.events import EventSubscriber
-    except ImportError:
+        from kvtier.event_stream import EventSubscriber
+    except ImportError as e:
         raise FailedPreconditionError(
-            "event endpoints need kvtier.events.EventSubscriber, which this build lacks; "
-            "name the instances without endpoints and push their events with the 'apply' op"
+            f"event endpoints need kvtier.event_stream ({e}); name the instances without endpoints "
+            "and push their events with the 'apply' op"
         ) from None
     return EventSubscriber(endpoints)
 
@@ -608,7 +609,8 @@ def _cmd_route(args) -> int:
             hw = Calibration(args.calibrate).hardware(model=MODEL_PRESETS.get(args.model))
         cost = default_cost(args.chunk_tokens, args.model, hw)
         router = Router(names, keyer, args.routing, balance=args.balance, cost=cost)
-        service = RouterService(router, (host, int(port)), open_subscriber(endpoints)).start()
+        subscriber = open_subscriber(endpoints)
+        service = RouterService(router, (host, int(port)), subscriber).start()
     except (KVTierError, OSError) as e:
         print(f"kvtier route: {e}", file=sys.stderr)
         return 2
@@ -624,6 +626,8 @@ def _cmd_route(args) -> int:
         pass
     finally:
         service.close()
+        if subscriber is not None:
+            subscriber.close()
     if service.event_error is not None:
         print(f"kvtier route: the event subscriber stopped: {service.event_error!r}", file=sys.stderr)
         return 1
