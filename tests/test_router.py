@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -206,3 +209,21 @@ def test_service_routes_over_tcp_with_events_from_a_subscriber():
         c.close()
     finally:
         svc.close()
+
+
+def run_route(*argv: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "kvtier.cli", "route", "--listen", "127.0.0.1:0", "--duration", "0.2", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_cli_serves_for_its_duration_and_names_bad_flags():
+    keyer = ["--model-id", "m", "--layout-fingerprint", "0a" * 16, "--chunk-tokens", "16"]
+    ok = run_route("--instance", "a", "--instance", "b", *keyer)
+    assert ok.returncode == 0, ok.stderr
+    assert re.match(r"kvtier route: listening on 127\.0\.0\.1:\d+ \(instances a, b; policy kv_load\)", ok.stdout)
+    bad = run_route("--instance", "a", "--model-id", "m", "--layout-fingerprint", "zz")
+    assert bad.returncode == 2 and "'zz'" in bad.stderr and "Traceback" not in bad.stderr
+    twice = run_route("--instance", "a=tcp://127.0.0.1:1", "--instance", "a=tcp://127.0.0.1:2", *keyer)
+    assert twice.returncode == 2 and "names repeat: ['a', 'a']" in twice.stderr
+    listen = run_route("--instance", "a", *keyer, "--listen", "nowhere")
+    assert listen.returncode == 2 and "'nowhere'" in listen.stderr
