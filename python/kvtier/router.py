@@ -20,6 +20,7 @@ Example::
     from kvtier.router import Router
 
     keyer = ChunkKeyer("my-model", b"\\x01" * 16, chunk_tokens=256)
+    prompt = list(range(2048))     # 8 chunks
     r = Router(["a", "b"], keyer)
     r.apply("b", KVEvent("stored", "gpu", tuple(keyer.keys(prompt)[:4]), ts=0.0))
     d = r.route(prompt, now=0.0)   # d.instance == "b": four chunks it need not recompute
