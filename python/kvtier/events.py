@@ -20,12 +20,28 @@ Example::
 
 from __future__ import annotations
 
+import collections
+import threading
+import time
 from dataclasses import dataclass
 
 from kvtier.errors import InvalidArgumentError
 from kvtier.keys import KEY_BYTES
 
-__all__ = ["CLEARED", "CPU", "DISK", "GPU", "KINDS", "MEDIA", "REMOVED", "STORED", "KVEvent"]
+__all__ = [
+    "CLEARED",
+    "CPU",
+    "DISK",
+    "GPU",
+    "KINDS",
+    "MEDIA",
+    "RECORD_BYTES",
+    "REMOVED",
+    "STORED",
+    "EventQueue",
+    "KVEvent",
+    "events_from_records",
+]
 
 STORED = "stored"
 REMOVED = "removed"
@@ -62,3 +78,77 @@ class KVEvent:
         for k in self.keys:
             if not isinstance(k, bytes) or len(k) != KEY_BYTES:
                 raise InvalidArgumentError(f"KVEvent.keys: each key is {KEY_BYTES} bytes, got {k!r}")
+
+
+RECORD_BYTES = 2 + KEY_BYTES
+"""One event as the core packs it (``CpuTier.take_events``): kind (its index in KINDS), medium
+(its index in MEDIA), then the 16-byte key (zeros for ``cleared``)."""
+
+
+def events_from_records(records: bytes, ts: float | None = None) -> list[KVEvent]:
+    """Events from packed records (:data:`RECORD_BYTES` each, oldest first): a run of records of
+    one kind and medium becomes one event, keys in order; a ``cleared`` record one event of its
+    own. ``ts`` defaults to now."""
+    if len(records) % RECORD_BYTES:
+        raise InvalidArgumentError(
+            f"records: {len(records)} bytes is not a whole number of {RECORD_BYTES}-byte records"
+        )
+    ts = time.time() if ts is None else ts
+    view = memoryview(records)
+    out: list[KVEvent] = []
+    run_code, run_keys = -1, []
+    for off in range(0, len(view), RECORD_BYTES):
+        kind, medium = view[off], view[off + 1]
+        if kind >= len(KINDS) or medium >= len(MEDIA):
+            raise InvalidArgumentError(f"records: record {off // RECORD_BYTES} has kind {kind}, medium {medium}")
+        code = kind * len(MEDIA) + medium
+        if code != run_code or KINDS[kind] == CLEARED:
+            if run_code >= 0:
+                k, m = divmod(run_code, len(MEDIA))
+                out.append(KVEvent(KINDS[k], MEDIA[m], tuple(run_keys), ts))
+            run_code, run_keys = code, []
+        if KINDS[kind] != CLEARED:
+            run_keys.append(bytes(view[off + 2 : off + RECORD_BYTES]))
+    if run_code >= 0:
+        k, m = divmod(run_code, len(MEDIA))
+        out.append(KVEvent(KINDS[k], MEDIA[m], tuple(run_keys), ts))
+    return out
+
+
+class EventQueue:
+    """A bounded queue of events recorded in Python (a ``PagedKVPool``'s GPU medium), packed as
+    the core packs its own: past ``capacity`` records the oldest are dropped and counted
+    (``dropped``); capacity 0 records nothing. Thread-safe."""
+
+    def __init__(self, capacity: int) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise InvalidArgumentError(f"capacity must be an int >= 0 (0: no events), got {capacity!r}")
+        self.capacity = capacity
+        self.recorded = 0
+        self.dropped = 0
+        self._records: collections.deque[bytes] = collections.deque()
+        self._lock = threading.Lock()
+
+    def record(self, kind: str, medium: str, keys) -> None:
+        """Append one record per key (one ``cleared`` record for CLEARED)."""
+        if not self.capacity:
+            return
+        head = bytes((KINDS.index(kind), MEDIA.index(medium)))
+        records = [head + bytes(KEY_BYTES)] if kind == CLEARED else [head + k for k in keys]
+        with self._lock:
+            for r in records:
+                if len(self._records) >= self.capacity:
+                    self._records.popleft()
+                    self.dropped += 1
+                self._records.append(r)
+            self.recorded += len(records)
+
+    def take(self, max_records: int = 0) -> bytes:
+        """Remove and return the oldest ``max_records`` records (all with 0), packed."""
+        with self._lock:
+            n = len(self._records) if max_records <= 0 else min(max_records, len(self._records))
+            return b"".join(self._records.popleft() for _ in range(n))
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._records)
