@@ -209,6 +209,21 @@ def test_take_events_limits_the_records_taken(tmp_path):
         assert sum(len(e.keys) for e in cache.take_events()) == 3
 
 
+@pytest.mark.parametrize("n", [1, 63, 64, 300])
+def test_short_and_long_drains_decode_alike(n, monkeypatch):
+    """Below _VECTORIZE_FROM records a Python loop decodes them, from it numpy: the same events."""
+    import random
+
+    import kvtier.events as events_module
+
+    rng = random.Random(n)
+    records = b"".join(bytes((rng.randrange(3), rng.randrange(3))) + rng.randbytes(16) for _ in range(n))
+    first = events_from_records(records, ts=1.0)
+    monkeypatch.setattr(events_module, "_VECTORIZE_FROM", 0 if n < events_module._VECTORIZE_FROM else 10**9)
+    assert events_from_records(records, ts=1.0) == first
+    assert sum(max(1, len(e.keys)) for e in first) == n
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
 def test_bad_max_records_is_refused_naming_it(bad):
     with make_cache(None) as cache, pytest.raises(InvalidArgumentError, match="max_records"):

@@ -21,9 +21,12 @@ Example::
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 from dataclasses import dataclass
+
+import numpy as np
 
 from kvtier.errors import InvalidArgumentError
 from kvtier.keys import KEY_BYTES
@@ -89,30 +92,54 @@ def events_from_records(records: bytes, ts: float | None = None) -> list[KVEvent
     """Events from packed records (:data:`RECORD_BYTES` each, oldest first): a run of records of
     one kind and medium becomes one event, keys in order; a ``cleared`` record one event of its
     own. ``ts`` defaults to now."""
-    if len(records) % RECORD_BYTES:
+    n, rest = divmod(len(records), RECORD_BYTES)
+    if rest:
         raise InvalidArgumentError(
             f"records: {len(records)} bytes is not a whole number of {RECORD_BYTES}-byte records"
         )
     ts = time.time() if ts is None else ts
-    view = memoryview(records)
-    out: list[KVEvent] = []
-    run_code, run_keys = -1, []
-    for off in range(0, len(view), RECORD_BYTES):
-        kind, medium = view[off], view[off + 1]
-        if kind >= len(KINDS) or medium >= len(MEDIA):
-            raise InvalidArgumentError(f"records: record {off // RECORD_BYTES} has kind {kind}, medium {medium}")
-        code = kind * len(MEDIA) + medium
-        if code != run_code or KINDS[kind] == CLEARED:
-            if run_code >= 0:
-                k, m = divmod(run_code, len(MEDIA))
-                out.append(KVEvent(KINDS[k], MEDIA[m], tuple(run_keys), ts))
-            run_code, run_keys = code, []
-        if KINDS[kind] != CLEARED:
-            run_keys.append(bytes(view[off + 2 : off + RECORD_BYTES]))
-    if run_code >= 0:
-        k, m = divmod(run_code, len(MEDIA))
-        out.append(KVEvent(KINDS[k], MEDIA[m], tuple(run_keys), ts))
+    if n < _VECTORIZE_FROM:
+        codes = [(records[off], records[off + 1]) for off in range(0, len(records), RECORD_BYTES)]
+        for i, (kind, medium) in enumerate(codes):
+            if kind >= len(KINDS) or medium >= len(MEDIA):
+                raise InvalidArgumentError(f"records: record {i} has kind {kind}, medium {medium}")
+        keys = [records[off + 2 : off + RECORD_BYTES] for off in range(0, len(records), RECORD_BYTES)]
+        bounds = [i for i in range(n) if i == 0 or codes[i] != codes[i - 1] or codes[i][0] == _CLEARED_CODE]
+    else:  # a long drain: the same in numpy
+        table = np.frombuffer(records, dtype=np.uint8).reshape(n, RECORD_BYTES)
+        kinds, media = table[:, 0], table[:, 1]
+        bad = np.flatnonzero((kinds >= len(KINDS)) | (media >= len(MEDIA)))
+        if bad.size:
+            i = int(bad[0])
+            raise InvalidArgumentError(f"records: record {i} has kind {kinds[i]}, medium {media[i]}")
+        starts = np.ones(n, dtype=bool)  # a run begins at another kind or medium, or a cleared record
+        starts[1:] = (kinds[1:] != kinds[:-1]) | (media[1:] != media[:-1]) | (kinds[1:] == _CLEARED_CODE)
+        bounds = np.flatnonzero(starts).tolist()
+        codes = list(zip(kinds.tolist(), media.tolist()))
+        flat = table[:, 2:].tobytes()
+        keys = [flat[i : i + KEY_BYTES] for i in range(0, n * KEY_BYTES, KEY_BYTES)]
+    out = []
+    for s, e in itertools.pairwise([*bounds, n]):
+        kind, medium = codes[s]
+        event_keys = () if kind == _CLEARED_CODE else tuple(keys[s:e])
+        out.append(_checked_event(KINDS[kind], MEDIA[medium], event_keys, ts))
     return out
+
+
+_CLEARED_CODE = KINDS.index(CLEARED)
+_VECTORIZE_FROM = 64  # records; below it numpy's fixed cost exceeds the loop's
+
+
+def _checked_event(kind: str, medium: str, keys: tuple[bytes, ...], ts: float) -> KVEvent:
+    """A KVEvent of values checked already (records whose codes were checked above, keys cut to
+    KEY_BYTES each): built without __post_init__, whose per-key checks cost more than the rest of
+    taking an event."""
+    ev = object.__new__(KVEvent)
+    object.__setattr__(ev, "kind", kind)
+    object.__setattr__(ev, "medium", medium)
+    object.__setattr__(ev, "keys", keys)
+    object.__setattr__(ev, "ts", ts)
+    return ev
 
 
 class EventQueue:
