@@ -328,6 +328,8 @@ BAD_VALUES = [
     ("metrics.prometheus_port", 70000, "an integer in [0, 65535], or null"),
     ("metrics.prometheus_addr", "", "a non-empty string"),
     ("metrics.namespace", "kv-tier", "a Prometheus name"),
+    ("events.capacity", -1, "an integer in [0, 1073741824]"),
+    ("events.capacity", "many", "an integer in [0, 1073741824]"),
     ("peers.listen", "7400", "'host:port' with a port in [0, 65535]"),
     ("peers.seeds", "a:1,b", "a list of 'host:port'"),
     ("peers.secret_file", 5, "a file path"),

@@ -216,6 +216,7 @@ CACHE_CASES = [
     ("disk_reset_on_mismatch", "wipe", True),
     ("disk_persist_on_close", "sometimes", False),
     ("disk_persist_interval_s", 2e9, 0),
+    ("events_capacity", -1, 0),
 ]
 
 

@@ -14,6 +14,8 @@ namespace py = pybind11;
 namespace kvtier::bindings {
 namespace {
 
+constexpr size_t kEventRecordBytes = 18;
+
 TransferMethod ParseMethod(const std::string& m) {
   if (m == "auto") return TransferMethod::kAuto;
   if (m == "direct") return TransferMethod::kDirect;
@@ -87,7 +89,7 @@ void BindCache(py::module_& m) {
                        uint32_t disk_admit_min_seen, unsigned disk_queue_depth, double disk_io_timeout_s,
                        const std::string& eviction_policy, bool deterministic_writeback,
                        uint32_t disk_max_writebacks_in_flight, const std::string& disk_geometry_label,
-                       bool disk_reset_on_mismatch, double disk_persist_interval_s) {
+                       bool disk_reset_on_mismatch, double disk_persist_interval_s, int64_t event_capacity) {
              LayoutDesc layout;
              for (const auto& [base, stride, bytes, pages] : segments) layout.segments.push_back({base, stride, bytes, pages});
              layout.device = device;
@@ -100,6 +102,11 @@ void BindCache(py::module_& m) {
              options.copy.cpu_threads = cpu_threads;
              options.copy.fail_every_nth = fail_every_nth;
              options.eviction_policy = eviction_policy;
+             if (event_capacity < 0) {
+               throw StatusError(Status::InvalidArgument("event_capacity must be >= 0 (0: no events), got " +
+                                                         std::to_string(event_capacity)));
+             }
+             options.event_capacity = static_cast<size_t>(event_capacity);
              if (!disk_dir.empty()) {
                std::string_view fp = layout_fingerprint;
                if (fp.size() != 16) {
@@ -145,7 +152,8 @@ void BindCache(py::module_& m) {
            py::arg("disk_admit_min_seen") = 2, py::arg("disk_queue_depth") = 32, py::arg("disk_io_timeout_s") = 10.0,
            py::arg("eviction_policy") = "lru", py::arg("deterministic_writeback") = false,
            py::arg("disk_max_writebacks_in_flight") = 64, py::arg("disk_geometry_label") = "",
-           py::arg("disk_reset_on_mismatch") = false, py::arg("disk_persist_interval_s") = 0.0)
+           py::arg("disk_reset_on_mismatch") = false, py::arg("disk_persist_interval_s") = 0.0,
+           py::arg("event_capacity") = 0)
       .def("store", [](CpuTier& t, const py::bytes& keys, const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& page_ids, uintptr_t after_stream) {
              std::vector<ChunkKey> k = ParseKeys(keys);
              std::vector<uint32_t> p = ParsePages(page_ids);
@@ -203,6 +211,35 @@ void BindCache(py::module_& m) {
              }
              return py::bytes(reinterpret_cast<const char*>(tiers.data()), tiers.size());
            }, py::arg("keys"), "Per leading chunk: 1 = pool, 2 = disk only (bytes).")
+      .def("media", [](CpuTier& t, const py::bytes& keys) {
+             std::vector<ChunkKey> k = ParseKeys(keys);
+             std::vector<uint8_t> media;
+             {
+               py::gil_scoped_release release;
+               media = t.Media(k.data(), k.size());
+             }
+             return py::bytes(reinterpret_cast<const char*>(media.data()), media.size());
+           }, py::arg("keys"), "Per key, where it is as bits: 1 = pool, 2 = disk (bytes); does not stop at a miss.")
+      .def("take_events", [](CpuTier& t, int64_t max) {
+             if (max < 0) {
+               throw StatusError(Status::InvalidArgument("max must be >= 0 (0: all), got " + std::to_string(max)));
+             }
+             std::vector<Event> events;
+             {
+               py::gil_scoped_release release;
+               events = t.TakeEvents(static_cast<size_t>(max));
+             }
+             // One record of kEventRecordBytes per event: kind, medium, then the 16-byte key.
+             std::string packed(events.size() * kEventRecordBytes, '\0');
+             for (size_t i = 0; i < events.size(); ++i) {
+               char* r = packed.data() + i * kEventRecordBytes;
+               r[0] = static_cast<char>(events[i].kind);
+               r[1] = static_cast<char>(events[i].medium);
+               events[i].key.ToBytes(r + 2);
+             }
+             return py::bytes(packed);
+           }, py::arg("max") = 0,
+           "Take the oldest KV events (all with max=0) as packed 18-byte records: kind (0 stored, 1 removed, 2 cleared), medium (1 cpu, 2 disk), 16-byte key.")
       .def("load", [](CpuTier& t, const py::bytes& keys, const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& page_ids, uintptr_t after_stream) {
              std::vector<ChunkKey> k = ParseKeys(keys);
              std::vector<uint32_t> p = ParsePages(page_ids);
@@ -346,6 +383,10 @@ void BindCache(py::module_& m) {
           k["reformat_reason"] = s.disk.reformat_reason;
           d["disk"] = k;
         }
+        d["event_capacity"] = s.event_capacity;
+        d["events_recorded"] = s.events_recorded;
+        d["events_dropped"] = s.events_dropped;
+        d["events_pending"] = s.events_pending;
         d["index"]["demoting"] = s.index.demoting;
         d["index"]["demotions"] = s.index.demotions;
         d["index"]["demotions_not_admitted"] = s.index.demotions_not_admitted;

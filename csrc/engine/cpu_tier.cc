@@ -41,6 +41,15 @@ StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const LayoutDesc& layout,
   }
   tier->allocator_ = std::make_unique<BlockAllocator>(blocks, block_bytes, tier->arena_->base());
   tier->index_ = std::make_unique<ChunkIndex>(tier->allocator_.get(), std::move(policy).value());
+  if (options.event_capacity > 0) {
+    // A consumer that knew an earlier run of this instance starts over: both media are empty,
+    // then hold what the disk recovers (reported when its observer is set, below).
+    tier->events_ = std::make_unique<EventLog>(options.event_capacity);
+    tier->events_->Record(EventKind::kCleared, EventMedium::kCpu, ChunkKey{});
+    if (options.disk.enabled)
+      tier->events_->Record(EventKind::kCleared, EventMedium::kDisk, ChunkKey{});
+    tier->index_->SetVisibilityObserver(&EventLog::OnCpuVisibility, tier->events_.get());
+  }
   tier->num_pages_ = UINT64_MAX;
   for (const SegmentDesc& s : layout.segments)
     tier->num_pages_ = std::min(tier->num_pages_, s.num_pages);
@@ -56,6 +65,8 @@ StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const LayoutDesc& layout,
     auto disk = DiskStore::Open(disk_options);
     if (!disk.ok()) return disk.status();
     tier->disk_ = std::move(disk).value();
+    if (tier->events_)
+      tier->disk_->SetVisibilityObserver(&EventLog::OnDiskVisibility, tier->events_.get());
     tier->admit_min_seen_ = options.disk.admit_min_seen;
     tier->disk_io_timeout_ms_ = disk_options.io_timeout_ms;
     tier->deterministic_writeback_ = options.disk.deterministic_writeback;
@@ -626,6 +637,21 @@ std::vector<uint8_t> CpuTier::LookupTiers(const ChunkKey* keys, size_t n) {
   return tiers;
 }
 
+std::vector<uint8_t> CpuTier::Media(const ChunkKey* keys, size_t n) {
+  WaitForWriteBacks();
+  std::vector<uint8_t> media(n, 0);
+  for (size_t i = 0; i < n; ++i) {
+    if (index_->Contains(keys[i])) media[i] |= 1;
+    if (disk_ && disk_->Contains(keys[i])) media[i] |= 2;
+  }
+  return media;
+}
+
+std::vector<Event> CpuTier::TakeEvents(size_t max) {
+  if (!events_) return {};
+  return events_->Take(max);
+}
+
 StatusOr<void*> CpuTier::BeginPut(const ChunkKey& key) {
   WaitForWriteBacks();
   StatusOr<BlockId> block = index_->BeginInsert(key);
@@ -696,6 +722,12 @@ CpuTierStats CpuTier::stats() const {
   s.persist_written = persist_written_;
   s.persist_failed = persist_failed_;
   s.persist_deadline_exceeded = persist_deadline_exceeded_;
+  if (events_) {
+    s.event_capacity = events_->capacity();
+    s.events_recorded = events_->recorded();
+    s.events_dropped = events_->dropped();
+    s.events_pending = events_->pending();
+  }
   return s;
 }
 

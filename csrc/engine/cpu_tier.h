@@ -23,6 +23,12 @@
 // most the chunks stored since the last persist. It bypasses the admission rule: it is what
 // survives a restart, and its writes are bounded by the pool's size per run.
 //
+// Events (CpuTierOptions::event_capacity > 0): the tier records a KV event each time a chunk
+// becomes findable in the pool (a committed store, CommitPut, a promotion or prefetch from disk) or
+// on disk (a completed write-back or persist write), and each time it stops being findable there
+// (evicted, its write-back over, erased, dropped after a failed read); at creation, a `cleared`
+// event per medium, then the chunks the disk recovered. TakeEvents hands them out oldest first.
+//
 // Thread safety: every method may be called from any thread concurrently.
 #pragma once
 
@@ -39,6 +45,7 @@
 
 #include "common/mutex.h"
 #include "common/status.h"
+#include "engine/event_log.h"
 #include "index/chunk_index.h"
 #include "memory/arena.h"
 #include "memory/block_allocator.h"
@@ -81,6 +88,9 @@ struct CpuTierOptions {
   DiskTierOptions disk;
   int64_t close_timeout_ms = 30000;     // how long the destructor waits for in-flight copies
   std::string eviction_policy = "lru";  // the pool's eviction order: "lru", "s3fifo" or "lfu"
+  // Bound of the KV event log (EventLog): past it the oldest events are dropped and counted. 0
+  // records nothing.
+  size_t event_capacity = 0;
 };
 
 struct CpuTierStats {
@@ -110,6 +120,11 @@ struct CpuTierStats {
   uint64_t persist_written = 0;     // chunks Persist wrote
   uint64_t persist_failed = 0;      // Persist writes refused or failed
   uint64_t persist_deadline_exceeded = 0;  // Persist calls that ran out of time
+  // KV events (zero with event_capacity 0).
+  uint64_t event_capacity = 0;
+  uint64_t events_recorded = 0;  // since creation, dropped ones included
+  uint64_t events_dropped = 0;   // dropped because the log was full
+  uint64_t events_pending = 0;   // recorded and not yet taken
 };
 
 // What a Store or Load started. `transfer` is null when nothing needed copying.
@@ -152,6 +167,13 @@ class CpuTier {
   // REQUIRES: ReleaseBlobs on the same keys once their bytes have been used.
   std::vector<const void*> AcquireBlobs(const ChunkKey* keys, size_t n);
   Status ReleaseBlobs(const ChunkKey* keys, size_t n);
+
+  // Where each of keys[0..n) is, as bits: 1 = pool, 2 = disk (both: 3, neither: 0). Unlike
+  // LookupTiers, it does not stop at the first chunk missing.
+  std::vector<uint8_t> Media(const ChunkKey* keys, size_t n);
+  // Removes and returns the oldest `max` KV events (all with max 0), oldest first; none when events
+  // are off (event_capacity 0).
+  std::vector<Event> TakeEvents(size_t max);
 
   // Replaces the built-in admission rule (seen >= admit_min_seen) for disk write-back: called
   // once per batch of evicted chunks, with no lock held, with their keys and times seen; returns
@@ -221,6 +243,7 @@ class CpuTier {
 
   // Declaration order is destruction order reversed: the engine (whose callbacks touch the index
   // and counters) goes first, the memory last.
+  std::unique_ptr<EventLog> events_;  // null when off; the index and the disk record into it
   std::unique_ptr<Arena> arena_;
   std::unique_ptr<BlockAllocator> allocator_;
   std::unique_ptr<ChunkIndex> index_;

@@ -1,5 +1,6 @@
 // CpuTier's write-back timing: the asynchronous default against deterministic_writeback, with
-// the disk's write-backs slowed down by its fault injector; and Persist, by call and by timer.
+// the disk's write-backs slowed down by its fault injector; Persist, by call and by timer; and the
+// KV events the tiers record (one per change of what a medium holds).
 // Runs on both I/O backends; io_uring skips loudly where the kernel refuses it.
 #include "engine/cpu_tier.h"
 
@@ -12,6 +13,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
+#include <map>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -245,6 +248,234 @@ TEST_P(CpuTierWriteBackTest, PersistStopsAtItsDeadlineAndCountsWhatIsLeft) {
   EXPECT_EQ(s.persist_written, 1u);
   EXPECT_EQ(s.persist_deadline_exceeded, 1u);
   EXPECT_EQ(tier->Lookup(a.data(), a.size()), 4u);  // the pool kept everything
+}
+
+// ---- KV events -------------------------------------------------------------------------------
+
+const auto kNoDelay = [](uint64_t) { return std::chrono::milliseconds(0); };
+
+void WithEvents(CpuTierOptions& o) { o.event_capacity = 1 << 16; }
+
+// Replays events into key -> media bits (1 pool, 2 disk), as a consumer of the events would.
+void Replay(const std::vector<Event>& events, std::map<uint64_t, uint8_t>* media,
+            const std::vector<ChunkKey>& universe) {
+  for (const Event& e : events) {
+    const uint8_t bit = e.medium == EventMedium::kCpu ? 1 : 2;
+    if (e.kind == EventKind::kCleared) {
+      for (auto& [i, m] : *media) m &= static_cast<uint8_t>(~bit);
+      continue;
+    }
+    uint64_t i = 0;
+    while (i < universe.size() && universe[i] != e.key) ++i;
+    ASSERT_LT(i, universe.size()) << "an event for a key never used";
+    uint8_t& m = (*media)[i];
+    if (e.kind == EventKind::kStored) {
+      EXPECT_FALSE(m & bit) << "stored twice without a removal: key " << i << " medium " << +bit;
+      m |= bit;
+    } else {
+      EXPECT_TRUE(m & bit) << "removed while not held: key " << i << " medium " << +bit;
+      m &= static_cast<uint8_t>(~bit);
+    }
+  }
+}
+
+TEST_P(CpuTierWriteBackTest, EventsReplayToWhatEachMediumHolds) {
+  // A pool of 4 blocks over a disk of 6 slots, 16 keys: evictions, write-backs, disk evictions,
+  // promotions and prefetches all happen. After each step the events replayed give Media().
+  auto tier = MakeTier(false, 6, kNoDelay, WithEvents);
+  ASSERT_NE(tier, nullptr);
+  const std::vector<ChunkKey> universe = Keys(0, 16);
+  std::map<uint64_t, uint8_t> media;
+  std::mt19937 rng(20);
+  for (int step = 0; step < 200; ++step) {
+    const uint64_t first = rng() % 14, n = 1 + rng() % 3;
+    const std::vector<ChunkKey> keys(universe.begin() + first, universe.begin() + first + n);
+    switch (rng() % 3) {
+      case 0:
+        StoreAndWait(*tier, keys);
+        break;
+      case 1: {
+        std::vector<uint32_t> pages = {40, 41, 42};
+        auto op = tier->Load(keys.data(), keys.size(), pages, 0);
+        ASSERT_TRUE(op.ok()) << op.status().ToString();
+        if (op->transfer) ASSERT_TRUE(op->transfer->Wait(kTimeoutMs).ok());
+        break;
+      }
+      default:
+        (void)tier->Prefetch(keys.data(), keys.size());
+    }
+    ASSERT_TRUE(tier->Drain(kTimeoutMs).ok());
+    Replay(tier->TakeEvents(0), &media, universe);
+    const std::vector<uint8_t> held = tier->Media(universe.data(), universe.size());
+    for (uint64_t i = 0; i < universe.size(); ++i)
+      ASSERT_EQ(media[i], held[i]) << "key " << i << " after step " << step;
+  }
+  const CpuTierStats s = tier->stats();
+  EXPECT_GT(s.demotions_written, 0u);
+  EXPECT_GT(s.disk.evictions, 0u);
+  EXPECT_GT(s.chunks_promoted + s.chunks_prefetched, 0u);
+  EXPECT_EQ(s.events_dropped, 0u);
+  EXPECT_EQ(s.events_pending, 0u);
+}
+
+TEST_P(CpuTierWriteBackTest, EventsFromConcurrentCallsReplayToWhatEachMediumHolds) {
+  // Three threads store, load and prefetch overlapping keys at once: each event is recorded under
+  // the lock that makes its change, so the log's order per key is the order of its changes.
+  auto tier = MakeTier(false, 6, kNoDelay, WithEvents);
+  ASSERT_NE(tier, nullptr);
+  const std::vector<ChunkKey> universe = Keys(0, 12);
+  std::vector<std::thread> threads;
+  for (uint32_t t = 0; t < 3; ++t) {
+    threads.emplace_back([&tier, &universe, t] {
+      std::mt19937 rng(7 + t);
+      for (int step = 0; step < 150; ++step) {
+        const uint64_t first = rng() % 10, n = 1 + rng() % 2;
+        const ChunkKey* keys = universe.data() + first;
+        switch (rng() % 3) {
+          case 0: {
+            auto op = tier->Store(keys, n, {static_cast<uint32_t>(first), 11}, 0);
+            if (op.ok() && op->transfer) (void)op->transfer->Wait(kTimeoutMs);
+            break;
+          }
+          case 1: {
+            auto op = tier->Load(keys, n, {40 + 2 * t, 41 + 2 * t}, 0);  // pages of its own
+            if (op.ok() && op->transfer) (void)op->transfer->Wait(kTimeoutMs);
+            break;
+          }
+          default:
+            (void)tier->Prefetch(keys, n);
+        }
+      }
+    });
+  }
+  for (std::thread& th : threads) th.join();
+  ASSERT_TRUE(tier->Drain(kTimeoutMs).ok());
+  std::map<uint64_t, uint8_t> media;
+  Replay(tier->TakeEvents(0), &media, universe);
+  const std::vector<uint8_t> held = tier->Media(universe.data(), universe.size());
+  for (uint64_t i = 0; i < universe.size(); ++i) EXPECT_EQ(media[i], held[i]) << "key " << i;
+  EXPECT_EQ(tier->stats().events_dropped, 0u);
+}
+
+TEST_P(CpuTierWriteBackTest, EventsNameEachStoreAndEvictionOnce) {
+  auto tier = MakeTier(false, 6, kNoDelay, [](CpuTierOptions& o) {
+    o.event_capacity = 64;
+    o.disk.admit_min_seen = 100;  // nothing is written back: an eviction just removes
+  });
+  ASSERT_NE(tier, nullptr);
+  std::vector<Event> start = tier->TakeEvents(0);
+  ASSERT_EQ(start.size(), 2u);  // a fresh instance: both media empty
+  EXPECT_EQ(start[0].kind, EventKind::kCleared);
+  EXPECT_EQ(start[0].medium, EventMedium::kCpu);
+  EXPECT_EQ(start[1].kind, EventKind::kCleared);
+  EXPECT_EQ(start[1].medium, EventMedium::kDisk);
+  const std::vector<ChunkKey> a = Keys(0, 4);
+  StoreAndWait(*tier, a);
+  StoreAndWait(*tier, a);  // already cached: no event
+  std::vector<Event> stored = tier->TakeEvents(0);
+  ASSERT_EQ(stored.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(stored[i].kind, EventKind::kStored);
+    EXPECT_EQ(stored[i].medium, EventMedium::kCpu);
+    EXPECT_EQ(stored[i].key, a[i]);
+  }
+  StoreAndWait(*tier, Keys(10, 1));  // evicts the least recent, a[3] (acquired tail first)
+  std::vector<Event> churn = tier->TakeEvents(0);
+  ASSERT_EQ(churn.size(), 2u);
+  EXPECT_EQ(churn[0].kind, EventKind::kRemoved);
+  EXPECT_EQ(churn[1].kind, EventKind::kStored);
+  EXPECT_EQ(churn[1].key, Key(10));
+  EXPECT_EQ(tier->Media(&churn[0].key, 1), std::vector<uint8_t>{0});
+}
+
+TEST_P(CpuTierWriteBackTest, EventsAfterARestartClearThenNameWhatTheDiskRecovered) {
+  const auto big_pool = [](CpuTierOptions& o) {
+    o.capacity_bytes = 16 * kPageBytes;
+    o.event_capacity = 64;
+  };
+  const std::vector<ChunkKey> a = Keys(0, 5);
+  {
+    auto tier = MakeTier(false, 32, kNoDelay, big_pool);
+    ASSERT_NE(tier, nullptr);
+    StoreAndWait(*tier, a);
+    ASSERT_TRUE(tier->Persist(kTimeoutMs).ok());
+    std::vector<Event> events = tier->TakeEvents(0);
+    size_t on_disk = 0;
+    for (const Event& e : events)
+      on_disk += e.kind == EventKind::kStored && e.medium == EventMedium::kDisk;
+    EXPECT_EQ(on_disk, 5u);  // each persist write, once it completed
+  }
+  auto tier = MakeTier(false, 32, kNoDelay, big_pool);
+  ASSERT_NE(tier, nullptr);
+  std::vector<Event> events = tier->TakeEvents(0);
+  ASSERT_EQ(events.size(), 7u);
+  EXPECT_EQ(events[0].kind, EventKind::kCleared);
+  EXPECT_EQ(events[1].kind, EventKind::kCleared);
+  std::map<uint64_t, uint8_t> media;
+  Replay(events, &media, a);
+  for (uint64_t i = 0; i < a.size(); ++i) EXPECT_EQ(media[i], 2) << i;
+}
+
+TEST_P(CpuTierWriteBackTest, EventsRemoveADiskSlotThatFailsItsCheck) {
+  const auto tweak = [](CpuTierOptions& o) {
+    o.capacity_bytes = 16 * kPageBytes;
+    o.event_capacity = 64;
+    o.disk.store.verify_at_open = VerifyAtOpen::kHeaders;  // payloads checked on first read
+  };
+  const std::vector<ChunkKey> a = Keys(0, 3);
+  {
+    auto tier = MakeTier(false, 8, kNoDelay, tweak);
+    ASSERT_NE(tier, nullptr);
+    StoreAndWait(*tier, a);
+    ASSERT_TRUE(tier->Persist(kTimeoutMs).ok());
+  }
+  // Damage every payload behind the store's back.
+  const std::string file = dir_.path() + "/" + kDiskCacheFileName;
+  int fd = open(file.c_str(), O_WRONLY);
+  ASSERT_GE(fd, 0);
+  for (uint64_t slot = 0; slot < 8; ++slot) {
+    const unsigned char junk = 0x5A;
+    ASSERT_EQ(pwrite(fd, &junk, 1,
+                     static_cast<off_t>(SlotOffset(slot, SlotBytesFor(kPageBytes)) +
+                                        kDiskBlockBytes + 10)),
+              1);
+  }
+  close(fd);
+  auto tier = MakeTier(false, 8, kNoDelay, tweak);
+  ASSERT_NE(tier, nullptr);
+  EXPECT_EQ(tier->TakeEvents(0).size(), 5u);  // two cleared, three recovered (headers intact)
+  std::vector<uint32_t> pages = {40};
+  auto op = tier->Load(&a[0], 1, pages, 0);
+  ASSERT_TRUE(op.ok());
+  EXPECT_EQ(op->chunks, 0u);  // a miss, never wrong bytes
+  ASSERT_TRUE(tier->Drain(kTimeoutMs).ok());
+  std::vector<Event> events = tier->TakeEvents(0);
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, EventKind::kRemoved);
+  EXPECT_EQ(events[0].medium, EventMedium::kDisk);
+  EXPECT_EQ(events[0].key, a[0]);
+}
+
+TEST(CpuTierEventsTest, EventsAreOffAtCapacityZero) {
+  std::vector<uint8_t> kv(kPages * kPageBytes, 1);
+  LayoutDesc layout;
+  layout.device = -1;
+  layout.pages_per_chunk = 1;
+  layout.segments.push_back(
+      {reinterpret_cast<uint64_t>(kv.data()), kPageBytes, kPageBytes, kPages});
+  CpuTierOptions o;
+  o.capacity_bytes = 2 * kPageBytes;
+  o.copy.method = TransferMethod::kCpu;
+  auto tier = CpuTier::Create(layout, o);
+  ASSERT_TRUE(tier.ok());
+  const std::vector<ChunkKey> keys = Keys(0, 4);
+  auto op = (*tier)->Store(keys.data(), keys.size(), {0, 1, 2, 3}, 0);
+  ASSERT_TRUE(op.ok());
+  if (op->transfer) ASSERT_TRUE(op->transfer->Wait(kTimeoutMs).ok());
+  EXPECT_TRUE((*tier)->TakeEvents(0).empty());
+  const CpuTierStats s = (*tier)->stats();
+  EXPECT_EQ(s.event_capacity, 0u);
+  EXPECT_EQ(s.events_recorded, 0u);
 }
 
 TEST(CpuTierPersistTest, PersistWithoutADiskTierIsAFailedPrecondition) {

@@ -54,6 +54,7 @@ bool ChunkIndex::EvictOneLocked() {
       }
     }
     BlockId block = e->second.block;
+    NotifyLocked(e->first, false);
     map_.erase(e);
     (void)allocator_->Free(block);  // cannot fail: the index owns the block and nobody pins it
     ++counters_.evictions;
@@ -85,6 +86,7 @@ Status ChunkIndex::FinishDemotion(const ChunkKey& key) {
     return Status::FailedPrecondition("chunk " + key.Hex() + " is not being demoted");
   }
   --demoting_;
+  NotifyLocked(key, false);  // DEMOTING -> DROPPING or gone: invisible either way
   if (it->second.pins != 0) {
     it->second.state = State::kDropping;  // the last Release frees it
     return Status::OK();
@@ -122,6 +124,7 @@ Status ChunkIndex::CommitInsert(const ChunkKey& key) {
     return Status::FailedPrecondition("chunk " + key.Hex() + " is already READY");
   }
   it->second.state = State::kReady;
+  NotifyLocked(key, true);
   policy_->OnInsert(key);
   --writing_;
   ++counters_.inserts;
@@ -235,8 +238,18 @@ Status ChunkIndex::Erase(const ChunkKey& key) {
   }
   BlockId block = it->second.block;
   policy_->OnRemove(key);
+  NotifyLocked(key, false);
   map_.erase(it);
   return allocator_->Free(block);
+}
+
+void ChunkIndex::SetVisibilityObserver(VisibilityObserver observer, void* ctx) {
+  MutexLock lock(&mu_);
+  observer_ = observer;
+  observer_ctx_ = ctx;
+  for (const auto& [key, e] : map_) {
+    if (Visible(e.state)) NotifyLocked(key, true);
+  }
 }
 
 size_t ChunkIndex::demoting() const {

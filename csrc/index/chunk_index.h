@@ -15,6 +15,8 @@
 //   READY, pins == 0 --evicted, demotion admitted--> DEMOTING   still visible and readable; the
 //                     block is held for a write-back to the next tier (TakeDemotions)
 //   DEMOTING --FinishDemotion--> (absent)   block freed (once the last reader releases it)
+// Visible (Lookup, Acquire, Contains) are READY and DEMOTING entries: a visibility observer hears
+// of CommitInsert, of an eviction that erases, of FinishDemotion and of Erase, once each.
 // Invariants: a WRITING entry or a READY entry with pins > 0 is never evicted, so a block in use by
 // a transfer is never reused; the index never holds more blocks than the allocator has. The policy
 // tracks exactly the READY entries (see eviction_policy.h); Lookup does not touch it.
@@ -36,6 +38,7 @@
 #include "common/thread_annotations.h"
 #include "index/chunk_key.h"
 #include "index/eviction_policy.h"
+#include "index/visibility_observer.h"
 #include "memory/block_allocator.h"
 
 namespace kvtier {
@@ -119,6 +122,11 @@ class ChunkIndex {
   size_t PinQuietly(const ChunkKey* keys, size_t n, std::vector<BlockId>* blocks,
                     std::vector<uint8_t>* pinned) EXCLUDES(mu_);
 
+  // From now on `observer` is told each time an entry becomes visible (CommitInsert) or stops
+  // being visible (evicted, FinishDemotion, Erase), under the index lock; the entries visible now
+  // are reported first. Null stops it.
+  void SetVisibilityObserver(VisibilityObserver observer, void* ctx) EXCLUDES(mu_);
+
   bool Contains(const ChunkKey& key) const EXCLUDES(mu_);  // READY or DEMOTING
   bool IsWriting(const ChunkKey& key) const EXCLUDES(mu_);
   size_t demoting() const EXCLUDES(mu_);  // entries held for a write-back right now
@@ -140,6 +148,9 @@ class ChunkIndex {
   // Frees the block of the policy's next victim (an unpinned READY entry); victims admitted for
   // write-back become DEMOTING on the way. False if no block could be freed.
   bool EvictOneLocked() REQUIRES_LOCK(mu_);
+  void NotifyLocked(const ChunkKey& key, bool visible) REQUIRES_LOCK(mu_) {
+    if (observer_ != nullptr) observer_(observer_ctx_, key, visible);
+  }
 
   BlockAllocator* const allocator_;
   mutable Mutex mu_;
@@ -156,6 +167,8 @@ class ChunkIndex {
   std::vector<Demotion> new_demotions_ GUARDED_BY(mu_);
   std::vector<uint8_t> acquired_ready_ GUARDED_BY(mu_);  // Acquire's scratch: which hits were READY
   ChunkIndexStats counters_ GUARDED_BY(mu_);
+  VisibilityObserver observer_ GUARDED_BY(mu_) = nullptr;
+  void* observer_ctx_ GUARDED_BY(mu_) = nullptr;
 };
 
 }  // namespace kvtier

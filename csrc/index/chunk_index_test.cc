@@ -141,6 +141,43 @@ TEST(ChunkIndexTest, DemotionHoldsAdmittedChunksVisibleUntilFinished) {
   EXPECT_TRUE(index.BeginInsert(K(2)).ok());
 }
 
+// Records what a VisibilityObserver hears: +i for "key i became visible", -i for "stopped".
+struct Heard {
+  std::vector<int64_t> calls;
+  static void On(void* ctx, const ChunkKey& key, bool visible) {
+    const int64_t i = static_cast<int64_t>(key.hi);  // K(i).hi == i
+    static_cast<Heard*>(ctx)->calls.push_back(visible ? i + 1 : -(i + 1));
+  }
+};
+
+TEST(ChunkIndexTest, VisibilityObserverHearsEachChangeOnce) {
+  BlockAllocator alloc(3, 64);
+  ChunkIndex index(&alloc);
+  index.EnableDemotion(&AdmitSeenTwice, nullptr, 4);
+  Put(index, 0);
+  Heard heard;
+  index.SetVisibilityObserver(&Heard::On, &heard);  // reports what is visible already
+  EXPECT_EQ(heard.calls, (std::vector<int64_t>{1}));
+  ASSERT_TRUE(index.BeginInsert(K(1)).ok());
+  EXPECT_EQ(heard.calls.size(), 1u);  // WRITING is invisible
+  ASSERT_TRUE(index.AbortInsert(K(1)).ok());
+  EXPECT_EQ(heard.calls.size(), 1u);  // and its abort changes nothing visible
+  Put(index, 1);
+  Hit(index, 0);  // key 0 seen twice: admitted for write-back when evicted
+  Put(index, 2);
+  Put(index, 3);  // evicts key 1 (least recent, seen once: dropped)
+  EXPECT_EQ(heard.calls, (std::vector<int64_t>{1, 2, 3, -2, 4}));
+  Put(index, 4);  // key 0 becomes DEMOTING (still visible), then key 2 is dropped
+  EXPECT_EQ(heard.calls, (std::vector<int64_t>{1, 2, 3, -2, 4, -3, 5}));
+  ASSERT_TRUE(index.FinishDemotion(K(0)).ok());  // the write-back ended: gone
+  EXPECT_EQ(heard.calls.back(), -1);
+  ASSERT_TRUE(index.Erase(K(3)).ok());
+  EXPECT_EQ(heard.calls.back(), -4);
+  index.SetVisibilityObserver(nullptr, nullptr);
+  Put(index, 5);
+  EXPECT_EQ(heard.calls.size(), 9u);
+}
+
 TEST(ChunkIndexTest, DemotionDropsUnadmittedAndBeyondTheInFlightBound) {
   BlockAllocator alloc(3, 64);
   ChunkIndex index(&alloc);

@@ -117,6 +117,7 @@ uint32_t DiskStore::Impl::TakeSlotLocked() {
   }
   for (uint32_t s = lru_head_; s != kNoSlot; s = slots_[s].lru_next) {
     if (slots_[s].readers > 0) continue;
+    NotifyLocked(slots_[s].key, false);
     index_.erase(slots_[s].key);
     LruRemoveLocked(s);
     ++counters_.evictions;
@@ -130,7 +131,10 @@ void DiskStore::Impl::DoomLocked(uint32_t slot) {
   Slot& s = slots_[slot];
   if (s.doomed) return;
   auto it = index_.find(s.key);
-  if (it != index_.end() && it->second == slot) index_.erase(it);
+  if (it != index_.end() && it->second == slot) {
+    NotifyLocked(s.key, false);
+    index_.erase(it);
+  }
   LruRemoveLocked(slot);
   s.doomed = true;
 }
@@ -362,6 +366,7 @@ void DiskStore::Impl::OnDone(Op* op, const Status& io_status) {
         if (result.ok()) {
           s.state = SlotState::kReady;
           LruPushMruLocked(op->slot);
+          NotifyLocked(op->key, true);
           ++counters_.writes;
           counters_.write_bytes += opts.blob_bytes;
           nospace_ = false;
@@ -434,6 +439,7 @@ Status DiskStore::Impl::Erase(const ChunkKey& key) {
     if (s.readers > 0) return Status::FailedPrecondition("chunk " + key.Hex() + " is being read");
     op = NewOpLocked();
     if (op == nullptr) return Status::ResourceExhausted("out of memory for a disk request");
+    NotifyLocked(key, false);
     index_.erase(it);
     LruRemoveLocked(slot);
     s.state = SlotState::kErasing;
@@ -449,6 +455,15 @@ Status DiskStore::Impl::Erase(const ChunkKey& key) {
   IoRequest* r = &op->req;
   backend->Submit(&r, 1);
   return Status::OK();
+}
+
+void DiskStore::Impl::SetVisibilityObserver(VisibilityObserver observer, void* ctx) {
+  MutexLock lk(&mu_);
+  observer_ = observer;
+  observer_ctx_ = ctx;
+  // The LRU list holds exactly the visible slots (READY, not doomed).
+  for (uint32_t s = lru_head_; s != kNoSlot; s = slots_[s].lru_next)
+    NotifyLocked(slots_[s].key, true);
 }
 
 size_t DiskStore::Impl::Lookup(const ChunkKey* keys, size_t n) const {
@@ -523,6 +538,9 @@ size_t DiskStore::Lookup(const ChunkKey* keys, size_t n) const { return impl_->L
 bool DiskStore::Contains(const ChunkKey& key) const { return impl_->Lookup(&key, 1) == 1; }
 Status DiskStore::Erase(const ChunkKey& key) { return impl_->Erase(key); }
 Status DiskStore::Flush(int64_t timeout_ms) { return impl_->Flush(timeout_ms); }
+void DiskStore::SetVisibilityObserver(VisibilityObserver observer, void* ctx) {
+  impl_->SetVisibilityObserver(observer, ctx);
+}
 DiskStoreStats DiskStore::stats() const { return impl_->Stats(); }
 IoBackendKind DiskStore::backend() const { return impl_->backend->kind(); }
 const char* DiskStore::backend_name() const { return impl_->backend->name(); }

@@ -67,6 +67,7 @@
 
 #include "common/status.h"
 #include "index/chunk_key.h"
+#include "index/visibility_observer.h"
 #include "storage/io_backend.h"
 #include "storage/slot_format.h"
 
@@ -197,6 +198,12 @@ class DiskStore {
   // zeroed on disk (asynchronously) so it does not come back at the next Open; the slot is
   // reused after that. NotFound / FailedPrecondition (being written or read) otherwise.
   Status Erase(const ChunkKey& key);
+
+  // From now on `observer` is told, under the store's lock, each time a chunk becomes visible (its
+  // write completed) or stops being visible (evicted for another write, erased, or dropped by a
+  // read that failed its checks); the chunks visible now (those recovered at Open included) are
+  // reported first, least recently used first. Null stops it.
+  void SetVisibilityObserver(VisibilityObserver observer, void* ctx);
 
   // Waits until no request is in flight (abandoned ones included), or timeout_ms
   // (DeadlineExceeded). Does not sync the device's volatile cache: durability across power loss

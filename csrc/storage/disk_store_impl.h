@@ -96,6 +96,7 @@ class DiskStore::Impl {
   Status Erase(const ChunkKey& key);
   Status Flush(int64_t timeout_ms);
   DiskStoreStats Stats() const;
+  void SetVisibilityObserver(VisibilityObserver observer, void* ctx);
 
   void OnDone(Op* op, const Status& status);
   void OnReleased(Op* op);
@@ -128,6 +129,9 @@ class DiskStore::Impl {
   void LruPushMruLocked(uint32_t slot) REQUIRES_LOCK(mu_);
   void DoomLocked(uint32_t slot) REQUIRES_LOCK(mu_);
   void DropReaderLocked(uint32_t slot) REQUIRES_LOCK(mu_);
+  void NotifyLocked(const ChunkKey& key, bool visible) REQUIRES_LOCK(mu_) {
+    if (observer_ != nullptr) observer_(observer_ctx_, key, visible);
+  }
   Op* NewOpLocked() REQUIRES_LOCK(mu_);
   Status VerifyRead(Op* op) const;
   void SetRequest(Op* op, IoOp io, uint64_t offset, int64_t now);
@@ -148,6 +152,8 @@ class DiskStore::Impl {
   bool nospace_ GUARDED_BY(mu_) = false;
   int64_t nospace_probe_at_ns_ GUARDED_BY(mu_) = 0;
   DiskStoreStats counters_ GUARDED_BY(mu_);  // the counting fields only
+  VisibilityObserver observer_ GUARDED_BY(mu_) = nullptr;
+  void* observer_ctx_ GUARDED_BY(mu_) = nullptr;
 
   friend class DiskStore;
 };

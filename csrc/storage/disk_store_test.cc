@@ -354,6 +354,35 @@ TEST_P(DiskStoreTest, RecoveryBringsBackEveryChunkBitExactInLruOrder) {
   for (uint64_t i = 1; i < 20; ++i) ExpectExact(*store, i);
 }
 
+// What a VisibilityObserver hears: +(i+1) for "Key(i) became visible", -(i+1) for "stopped".
+void HearVisibility(void* ctx, const ChunkKey& key, bool visible) {
+  const int64_t i = static_cast<int64_t>(key.hi ^ 0xabcdefull);
+  static_cast<std::vector<int64_t>*>(ctx)->push_back(visible ? i + 1 : -(i + 1));
+}
+
+TEST_P(DiskStoreTest, VisibilityObserverHearsEachChangeOnce) {
+  auto store = OpenOrDie(Options(8192, 3));
+  ASSERT_TRUE(store);
+  WriteKeys(*store, 0, 2);  // slots 0 and 1
+  std::vector<int64_t> heard;
+  store->SetVisibilityObserver(&HearVisibility, &heard);  // what is visible now, LRU first
+  EXPECT_EQ(heard, (std::vector<int64_t>{1, 2}));
+  WriteKeys(*store, 2, 2);  // key 2 takes slot 2; key 3 evicts key 0, the least recent
+  EXPECT_EQ(heard, (std::vector<int64_t>{1, 2, 3, -1, 4}));
+  ASSERT_TRUE(store->Erase(Key(1)).ok());
+  EXPECT_EQ(heard.back(), -2);
+  ASSERT_TRUE(store->Flush(5000).ok());  // the erase's header write ends: slot 1 is free again
+  faults_.write_errno = EIO;             // a failed write was never visible: nothing to hear
+  Buffer buf = Aligned(8192);
+  FillFor(Key(5), buf.get(), 8192);
+  EXPECT_FALSE(WriteSync(*store, Key(5), buf.get()).ok());
+  faults_.write_errno = 0;
+  EXPECT_EQ(heard.size(), 6u);
+  Scribble(SlotOffset(2, SlotBytesFor(8192)) + kDiskBlockBytes + 100, 1, 0x5A);  // key 2's payload
+  EXPECT_EQ(ReadSync(*store, Key(2), buf.get()).code(), StatusCode::kCorruption);
+  EXPECT_EQ(heard, (std::vector<int64_t>{1, 2, 3, -1, 4, -2, -3}));
+}
+
 TEST_P(DiskStoreTest, CorruptPayloadIsAMissNeverWrongBytes) {
   {
     auto store = OpenOrDie(Options(8192, 8));

@@ -157,7 +157,7 @@ class TierOp:
     def transfer(self) -> Transfer:
         ...
 class CpuTier:
-    def __init__(self, segments: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]], device: typing.SupportsInt | typing.SupportsIndex, pages_per_chunk: typing.SupportsInt | typing.SupportsIndex, layer_segments: collections.abc.Sequence[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]], capacity_bytes: typing.SupportsInt | typing.SupportsIndex, method: str = 'auto', staging_bytes: typing.SupportsInt | typing.SupportsIndex = 67108864, cpu_threads: typing.SupportsInt | typing.SupportsIndex = 2, fail_every_nth: typing.SupportsInt | typing.SupportsIndex = 0, disk_dir: str = '', disk_bytes: typing.SupportsInt | typing.SupportsIndex = 0, layout_fingerprint: bytes = b'', disk_backend: str = 'auto', disk_admit_min_seen: typing.SupportsInt | typing.SupportsIndex = 2, disk_queue_depth: typing.SupportsInt | typing.SupportsIndex = 32, disk_io_timeout_s: typing.SupportsFloat | typing.SupportsIndex = 10.0, eviction_policy: str = 'lru', deterministic_writeback: bool = False, disk_max_writebacks_in_flight: typing.SupportsInt | typing.SupportsIndex = 64, disk_geometry_label: str = '', disk_reset_on_mismatch: bool = False, disk_persist_interval_s: typing.SupportsFloat | typing.SupportsIndex = 0.0) -> None:
+    def __init__(self, segments: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]], device: typing.SupportsInt | typing.SupportsIndex, pages_per_chunk: typing.SupportsInt | typing.SupportsIndex, layer_segments: collections.abc.Sequence[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]], capacity_bytes: typing.SupportsInt | typing.SupportsIndex, method: str = 'auto', staging_bytes: typing.SupportsInt | typing.SupportsIndex = 67108864, cpu_threads: typing.SupportsInt | typing.SupportsIndex = 2, fail_every_nth: typing.SupportsInt | typing.SupportsIndex = 0, disk_dir: str = '', disk_bytes: typing.SupportsInt | typing.SupportsIndex = 0, layout_fingerprint: bytes = b'', disk_backend: str = 'auto', disk_admit_min_seen: typing.SupportsInt | typing.SupportsIndex = 2, disk_queue_depth: typing.SupportsInt | typing.SupportsIndex = 32, disk_io_timeout_s: typing.SupportsFloat | typing.SupportsIndex = 10.0, eviction_policy: str = 'lru', deterministic_writeback: bool = False, disk_max_writebacks_in_flight: typing.SupportsInt | typing.SupportsIndex = 64, disk_geometry_label: str = '', disk_reset_on_mismatch: bool = False, disk_persist_interval_s: typing.SupportsFloat | typing.SupportsIndex = 0.0, event_capacity: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
         ...
     def abort_put(self, key: bytes) -> None:
         ...
@@ -181,6 +181,10 @@ class CpuTier:
         """
         Per leading chunk: 1 = pool, 2 = disk only (bytes).
         """
+    def media(self, keys: bytes) -> bytes:
+        """
+        Per key, where it is as bits: 1 = pool, 2 = disk (bytes); does not stop at a miss.
+        """
     def persist(self, timeout_s: typing.SupportsFloat | typing.SupportsIndex) -> dict:
         """
         Write the pool's chunks the disk does not hold to disk (by timeout_s); returns what it did.
@@ -199,6 +203,10 @@ class CpuTier:
         ...
     def store(self, keys: bytes, page_ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], after_stream: typing.SupportsInt | typing.SupportsIndex = 0) -> TierOp:
         ...
+    def take_events(self, max: typing.SupportsInt | typing.SupportsIndex = 0) -> bytes:
+        """
+        Take the oldest KV events (all with max=0) as packed 18-byte records: kind (0 stored, 1 removed, 2 cleared), medium (1 cpu, 2 disk), 16-byte key.
+        """
     @property
     def arena_kind(self) -> str:
         ...

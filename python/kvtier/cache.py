@@ -27,6 +27,7 @@ import numpy as np
 from kvtier import _core
 from kvtier.config import CacheConfig
 from kvtier.errors import InvalidArgumentError
+from kvtier.events import KVEvent, events_from_records
 from kvtier.keys import ChunkKeyer
 from kvtier.layout import Layout
 from kvtier.sources import ChunkSource, start_source
@@ -319,6 +320,7 @@ class KVCache:
             disk_geometry_label=layout.geometry_label,
             disk_reset_on_mismatch=config.disk_reset_on_mismatch,
             disk_persist_interval_s=float(config.disk_persist_interval_s),
+            event_capacity=config.events_capacity,
         )
         self._verifier = None
         if config.verify_stores:
@@ -510,6 +512,24 @@ class KVCache:
         else:
             op = self._tier.load(b"".join(keys), pages, self.stream_handle(stream))
         return LoadHandle(op, op.chunks * self.layout.chunk_tokens, self.layout.num_layers, self.config.timeout_s)
+
+    def take_events(self, max_records: int = 0) -> list[KVEvent]:
+        """The KV events recorded since the last call, oldest first (kvtier.events): chunks that
+        became findable (``stored``) or stopped being findable (``removed``) in the CPU tier
+        (``cpu``) and the disk tier (``disk``); a new cache starts with ``cleared`` for each
+        medium, then ``stored disk`` for what its disk recovered. Records of one kind and medium
+        in a row come as one event, keys in order.
+
+        ``max_records``: take at most this many chunk records (0: all). Recording is bounded by
+        ``events_capacity`` (the oldest are dropped past it, counted in
+        ``stats()["events_dropped"]``); 0 records nothing and this returns [].
+        """
+        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 0:
+            raise InvalidArgumentError(f"max_records must be an int >= 0 (0: all), got {max_records!r}")
+        tier = self._tier
+        if tier is None or self._closed:
+            raise InvalidArgumentError("this KVCache is closed")
+        return events_from_records(tier.take_events(max_records))
 
     def stats(self) -> dict:
         """Counters of the CPU tier: index, blocks, chunks stored/loaded, bytes, method."""

@@ -89,12 +89,19 @@ SPECS: tuple[MetricSpec, ...] = (
         "Blobs that failed a checksum, magic or layout-fingerprint check (each one a miss).",
         ("tier",),
     ),
+    MetricSpec(
+        "events_total",
+        "counter",
+        "KV events (chunks a medium gained or lost) recorded, and dropped from a full event log.",
+        ("outcome",),
+    ),
     MetricSpec("stats_errors_total", "counter", "Scrapes whose stats_fn raised."),
     MetricSpec("capacity_chunks", "gauge", "Chunks a tier can hold.", ("tier",)),
     MetricSpec("used_chunks", "gauge", "Chunks a tier holds now (in flight included).", ("tier",)),
     MetricSpec("chunk_bytes", "gauge", "Bytes of one chunk blob."),
     MetricSpec("in_flight", "gauge", "Copies and disk requests in flight."),
     MetricSpec("disk_nospace", "gauge", "1 while disk admission is paused after ENOSPC, else 0."),
+    MetricSpec("events_pending", "gauge", "KV events recorded and not yet taken (take_events)."),
     MetricSpec(
         "bandwidth_bytes_per_second",
         "gauge",
@@ -151,6 +158,8 @@ COUNTER_SOURCES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("disk.write_failures", "failed_total", ("disk_write",)),
     ("disk.corrupt_detected", "corrupt_total", ("disk",)),
     ("peer.corrupt_detected", "corrupt_total", ("peer",)),
+    ("events_recorded", "events_total", ("recorded",)),
+    ("events_dropped", "events_total", ("dropped",)),
 )
 # KVCache.stats() key -> gauge, set to the value as it is.
 GAUGE_SOURCES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -161,6 +170,7 @@ GAUGE_SOURCES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("chunk_bytes", "chunk_bytes", ()),
     ("in_flight", "in_flight", ()),
     ("disk.nospace", "disk_nospace", ()),
+    ("events_pending", "events_pending", ()),
 )
 
 

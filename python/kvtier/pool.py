@@ -37,12 +37,14 @@ import numpy as np
 
 from kvtier import _core
 from kvtier.cache import CacheConfig, KVCache, LoadHandle
+from kvtier.config import config_keys
 from kvtier.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     KVTierError,
     ResourceExhaustedError,
 )
+from kvtier.events import CLEARED, GPU, REMOVED, STORED, EventQueue, KVEvent, events_from_records
 from kvtier.keys import ChunkKeyer
 from kvtier.layout import Layout
 from kvtier.policies import pick_victims
@@ -158,6 +160,14 @@ class PagedKVPool:
         self._lock = threading.RLock()
         self._next_seq = 0
         self._tail_loader = None  # a thread, made on the first split plan
+        # GPU events (kvtier.events): chunks registered in or dropped from the pool's index.
+        capacity = config.events_capacity if config is not None else cache_overrides.get("events_capacity")
+        if capacity is None:
+            capacity = config_keys()["events.capacity"]["default"]
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise InvalidArgumentError(f"events_capacity must be an int >= 0 (0: no events), got {capacity!r}")
+        self._events = EventQueue(capacity)
+        self._events.record(CLEARED, GPU, ())
         self._stats = dict(
             begins=0,
             gpu_hit_chunks=0,
@@ -268,6 +278,7 @@ class PagedKVPool:
         for c in victims:
             del self._chunks[c.key]
             self._free.free_batch(list(c.pages))
+        self._events.record(REMOVED, GPU, [c.key for c in victims])
         self._stats["evicted_chunks"] += len(victims)
 
     # -- requests --------------------------------------------------------------------------------
@@ -351,12 +362,15 @@ class PagedKVPool:
         handle = LoadHandle(op, len(keys) * self.chunk_tokens, self.num_layers, self.cache.config.timeout_s)
         seq._loads.append((first_token, handle))
         seq._pending = None
+        registered = []
         for i, k in enumerate(keys):
             c = GpuChunk(k, tuple(pages[i * ppc : (i + 1) * ppc]), refs=1, loading=handle)
             if k in self._chunks:  # registered meanwhile by another request: keep ours private
                 continue
             self._chunks[k] = c
             seq._chunks.append(c)
+            registered.append(k)
+        self._events.record(STORED, GPU, registered)
 
     def _loader(self):
         """The thread that runs split plans' tail loads (a disk read blocks until it is done)."""
@@ -435,6 +449,8 @@ class PagedKVPool:
                 seq._chunks.append(c)
                 added += 1
             self._stats["committed_chunks"] += added
+            if added:
+                self._events.record(STORED, GPU, [c.key for c in seq._chunks[len(seq._chunks) - added :]])
             if added and self.write_through:
                 self._write_through(seq._chunks[len(seq._chunks) - added :])
             elif added and self._share is not None:  # peers on this host can map them: in the digest
@@ -493,7 +509,9 @@ class PagedKVPool:
         """``handle``'s load failed: its chunks' pages hold stale bytes. They leave the index (no
         request shares them, no eviction stores them) and their pages are freed once unused."""
         with self._lock:
-            for c in [c for c in self._chunks.values() if c.loading is handle]:
+            dropped = [c for c in self._chunks.values() if c.loading is handle]
+            self._events.record(REMOVED, GPU, [c.key for c in dropped])
+            for c in dropped:
                 del self._chunks[c.key]
                 c.failed = True
                 self._stats["failed_load_chunks_dropped"] += 1
@@ -524,6 +542,21 @@ class PagedKVPool:
         if seq._released:
             raise InvalidArgumentError(f"sequence {seq.seq_id} was released")
 
+    # -- events ----------------------------------------------------------------------------------
+    def take_events(self, max_records: int = 0) -> list[KVEvent]:
+        """The KV events since the last call (kvtier.events): the GPU medium's first (``stored
+        gpu`` when ``commit`` registers a chunk or a load from a lower tier lands it in pages
+        other requests share, ``removed gpu`` when it is evicted or dropped after a failed load;
+        a new pool starts with ``cleared gpu``), then its cache's CPU and disk events
+        (:meth:`KVCache.take_events`). ``max_records`` bounds the records taken from each
+        (0: all)."""
+        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 0:
+            raise InvalidArgumentError(f"max_records must be an int >= 0 (0: all), got {max_records!r}")
+        out = events_from_records(self._events.take(max_records))
+        if self.cache is not None:
+            out.extend(self.cache.take_events(max_records))
+        return out
+
     # -- views -----------------------------------------------------------------------------------
     def cached_chunks(self) -> int:
         return len(self._chunks)
@@ -537,6 +570,9 @@ class PagedKVPool:
                 pages_free=alloc["free_blocks"],
                 gpu_cached_chunks=len(self._chunks),
                 gpu_referenced_chunks=sum(1 for c in self._chunks.values() if c.refs),
+                gpu_events_recorded=self._events.recorded,
+                gpu_events_dropped=self._events.dropped,
+                gpu_events_pending=self._events.pending(),
             )
         if self.cache is not None:
             s["lower"] = self.cache.stats()

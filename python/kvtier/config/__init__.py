@@ -18,7 +18,7 @@ above it):
 - sizes, addresses: parse_size and parse_address, the readers of every size and "host:port"
 - checks: the value checkers (_Check), one per kind of value
 - rules: the rules over several keys
-- sections: the cpu, disk, gpu, model, planner and metrics sections (each key declared once)
+- sections: the cpu, disk, gpu, model, planner, metrics and events sections (each key declared once)
 - peers: the peer service's keys and the ``peers:`` section (PeersSection)
 - schema: every key with its variable (config_keys, ENV_VARS) and CACHE_FIELDS
 - cache_config: CacheConfig, the settings of one KVCache
@@ -44,6 +44,7 @@ from kvtier.config.sections import (
     METHODS,
     CpuConfig,
     DiskConfig,
+    EventsConfig,
     GpuConfig,
     MetricsConfig,
     ModelConfig,
@@ -64,6 +65,7 @@ __all__ = [
     "CacheConfig",
     "CpuConfig",
     "DiskConfig",
+    "EventsConfig",
     "GpuConfig",
     "KVTierConfig",
     "MetricsConfig",

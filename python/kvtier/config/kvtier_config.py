@@ -18,6 +18,7 @@ from kvtier.config.schema import _SECTIONS, _TOP_LEVEL, CACHE_FIELDS, _section_k
 from kvtier.config.sections import (
     CpuConfig,
     DiskConfig,
+    EventsConfig,
     GpuConfig,
     MetricsConfig,
     ModelConfig,
@@ -41,6 +42,7 @@ class KVTierConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
     peers: PeersSection = field(default_factory=PeersSection)
     timeout_s: float = _TOP_LEVEL["timeout_s"][0]
 

@@ -11,6 +11,7 @@ from kvtier.config.peers import PeersSection
 from kvtier.config.sections import (
     CpuConfig,
     DiskConfig,
+    EventsConfig,
     GpuConfig,
     MetricsConfig,
     ModelConfig,
@@ -28,6 +29,7 @@ _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "planner": PlannerConfig,
     "metrics": MetricsConfig,
+    "events": EventsConfig,
     "peers": PeersSection,
 }
 _TOP_LEVEL = {"timeout_s": (30.0, _Float(), "default deadline of every wait, in seconds")}
@@ -96,6 +98,7 @@ CACHE_FIELDS: dict[str, str] = {
     "disk_reset_on_mismatch": "disk.reset_on_mismatch",
     "disk_persist_on_close": "disk.persist_on_close",
     "disk_persist_interval_s": "disk.persist_interval_s",
+    "events_capacity": "events.capacity",
 }
 # CacheConfig fields whose default, None, means the value of the key's KVTIER_* variable (unset
 # or empty: the key's default), so that a KVCache built without the loader follows it too.

@@ -1,4 +1,4 @@
-"""The sections of a config file other than peers (cpu, disk, gpu, model, planner, metrics): one
+"""The sections of a config file other than peers (cpu, disk, gpu, model, planner, metrics, events): one
 frozen dataclass each on _Section, which checks it; every key declared once (_field: checker, default, doc)."""
 
 from __future__ import annotations
@@ -215,4 +215,17 @@ class MetricsConfig(_Section):
         "kvtier",
         _Text(r"[a-zA-Z_][a-zA-Z0-9_]*", "a Prometheus name: [a-zA-Z_][a-zA-Z0-9_]*"),
         "prefix of every metric name",
+    )
+
+
+@dataclass(frozen=True)
+class EventsConfig(_Section):
+    """KV events: which chunks each medium gained or lost, for routers (kvtier.events)."""
+
+    SECTION: ClassVar[str] = "events"
+    capacity: int = _field(
+        65536,
+        _Int(0, 1 << 30),
+        "events kept for take_events() per cache (and per GPU pool); past it the oldest are "
+        "dropped and counted (stats()['events_dropped']); 0 records none",
     )
