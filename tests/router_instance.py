@@ -27,7 +27,7 @@ import threading
 from types import SimpleNamespace
 
 import torch
-from kvtier.events import CPU, DISK, GPU, REMOVED, STORED, KVEvent
+from kvtier.events import KVEvent
 from kvtier.pool import PagedKVPool
 from kvtier.router import event_to_json
 from kvtier.sim.cost import MODEL_PRESETS, HardwareCost
@@ -40,34 +40,6 @@ def kv_values(tokens: torch.Tensor) -> torch.Tensor:
     """The KV of each token, shape [n, 2, 8]: a function of the token id alone."""
     base = (tokens * 2654435761 % 65521).to(torch.float32)
     return base[:, None, None] + torch.arange(16, dtype=torch.float32).view(1, 2, 8)
-
-
-class DiffEvents:
-    """Events from the pool's state, read through its public views after each request: every
-    key it has seen, in GPU pages (``share_has``) and in the CPU tier (``lookup_tiers``)."""
-
-    def __init__(self, pool: PagedKVPool) -> None:
-        self.pool = pool
-        self.held: dict[bytes, set] = {}
-
-    def take(self, keys) -> list[KVEvent]:
-        for k in keys:
-            self.held.setdefault(k, set())
-        tier = self.pool.cache.tier
-        out: dict[tuple, list] = {}
-        for k, was in self.held.items():
-            now = set()
-            if self.pool.share_has(k):
-                now.add(GPU)
-            codes = tier.lookup_tiers(k)
-            if codes:
-                now.add(CPU if codes[0] == 1 else DISK)
-            for m in now - was:
-                out.setdefault((STORED, m), []).append(k)
-            for m in was - now:
-                out.setdefault((REMOVED, m), []).append(k)
-            self.held[k] = now
-        return [KVEvent(kind, m, tuple(ks), 0.0) for (kind, m), ks in sorted(out.items())]
 
 
 class Outbox:
@@ -105,11 +77,6 @@ def main() -> int:
         cpu_bytes=cfg["cpu_chunks"] * BLOCK,
         model_id=cfg.get("model_id", "router-replay"),
     )
-    diff = None if hasattr(pool, "take_events") else DiffEvents(pool)
-
-    def take(keys=()) -> list[KVEvent]:
-        return pool.take_events() if diff is None else diff.take(keys)
-
     publish = cfg["events"] == "publish"
     outbox, pub = Outbox(), None
     ready = {"event": "ready", "fingerprint": pool.layout.fingerprint_hex, "model_id": pool.keyer.model_id}
@@ -135,7 +102,7 @@ def main() -> int:
             continue
         if op == "subscribed":
             joined = pub.wait_for_subscribers(1, msg.get("timeout_s", 30.0))
-            outbox.push(take())
+            outbox.push(pool.take_events())
             reply({"joined": joined, "published": outbox.put})
             continue
         tokens = msg["tokens"]
@@ -165,7 +132,7 @@ def main() -> int:
             peer_same_host=0,
         )
         service = request_service_s(hw, model, ct, ct * model.kv_bytes_per_token, b, len(tokens))
-        evs = take(pool.keyer.keys(tokens))
+        evs = pool.take_events()
         r = {"gpu": b.gpu_hits, "cpu": b.lower_hits, "wrong_tokens": wrong, "service_s": service}
         if publish:
             outbox.push(evs)

@@ -187,7 +187,7 @@ def test_router_and_instances_match_the_simulator(tmp_path, policy, events):
     (vLLM's KV-event stream over ZMQ); ``reply``, each request's events in the instance's reply,
     handed to the router with its ``apply`` op."""
     if events == "publish":
-        pytest.importorskip("kvtier.event_stream", reason="the KV event stream (kvtier.event_stream) is not built")
+        pytest.importorskip("kvtier.event_stream", reason="the event stream needs pyzmq and msgspec (kvtier[events])")
     cfg = replace(sim_config(), routing=policy)
     reqs = hot_prefix_at_load(REQUESTS, LOAD, cfg, seed=5, config=SHAPE)
     assert max(len(r.chunks) for r in reqs) < GPU_CHUNKS  # every prompt fits a pool
