@@ -370,7 +370,7 @@ class FakeEngine:
 
     BLOCK, LAYERS, BLOCKS = 4, 2, 96
 
-    def __init__(self, engine_id: str, **config) -> None:
+    def __init__(self, engine_id: str, events: bool = False, **config) -> None:
         from kvtier.integrations.vllm import KVTierConnector
         from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
@@ -383,6 +383,7 @@ class FakeEngine:
             kv_load_failure_policy="recompute",
             is_kv_producer=True,
         )
+        cfg.kv_events_config = SimpleNamespace(enable_kv_cache_events=events)
         groups = SimpleNamespace(kv_cache_groups=[object()])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -393,6 +394,14 @@ class FakeEngine:
         self.kv = {f"layer.{i}": self.full[i] for i in range(self.LAYERS)}
         self.worker.register_kv_caches(self.kv)
         self.next_block = 0
+        self.published: list = []  # the KV events vLLM would publish, in order
+
+    def end_step(self) -> None:
+        """vLLM's end of a step for KV events: the worker's go to the scheduler, which yields
+        them to vLLM's publisher."""
+        output = SimpleNamespace(kv_cache_events=self.worker.get_kv_connector_kv_cache_events())
+        self.sched.update_connector_output(output)
+        self.published.extend(self.sched.take_events())
 
     def close(self) -> None:
         self.worker.shutdown()
@@ -488,6 +497,7 @@ class FakeEngine:
             self.compute(tokens, blocks, computed, computed + scheduled)
             self.worker.wait_for_save()
             invalid = self.worker.get_block_ids_with_load_errors()
+            self.end_step()
             self.worker.clear_connector_metadata()
             # vLLM's _update_requests_with_invalid_blocks: back to the first failed block.
             bad = [i for i, b in enumerate(blocks[: -(-computed // bs)]) if b in invalid]
@@ -539,6 +549,43 @@ def fake_engine():
     yield make
     for e in engines:
         e.close()
+
+
+def test_kv_events_name_the_chunks_each_tier_gained_and_lost(fake_engine):
+    from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+
+    bs = FakeEngine.BLOCK
+    engine = fake_engine(events=True, cpu_bytes=8 * 4096)
+    cache = engine.worker._cache
+    capacity = cache.stats()["capacity_chunks"]
+    n = capacity // 2 + 1  # chunks a prompt saves: the third prompt evicts
+    prompts = [[(11 * i + 7 * p) % 50 for i in range(n * bs + 1)] for p in range(3)]
+    for i, prompt in enumerate(prompts):
+        engine.run(f"r{i}", prompt, budget=len(prompt))
+        cache.drain()
+        engine.end_step()
+    keys = [k for p in prompts for k in cache.keyer.keys(np.asarray(p[: n * bs]))]
+    assert not any(isinstance(e, AllBlocksCleared) for e in engine.published)  # opening: not sent
+    stored = [k for e in engine.published if isinstance(e, BlockStored) for k in e.block_hashes]
+    removed = [k for e in engine.published if isinstance(e, BlockRemoved) for k in e.block_hashes]
+    assert stored == keys  # every chunk saved, in order
+    assert {e.medium for e in engine.published if not isinstance(e, AllBlocksCleared)} == {"CPU"}
+    assert all(e.block_size == bs for e in engine.published if isinstance(e, BlockStored))
+    # What the events say the CPU tier holds is what it holds.
+    held = set(stored) - set(removed)
+    assert len(removed) == 3 * n - capacity and len(held) == capacity
+    assert held == {k for k, m in zip(keys, cache.tier.media(b"".join(keys))) if m == 1}
+    assert engine.worker.stats()["events_published"] >= 3
+
+
+def test_kv_events_are_not_recorded_when_vllm_publishes_none(fake_engine):
+    engine = fake_engine()
+    prompt = list(range(3 * FakeEngine.BLOCK + 1))
+    engine.run("r", prompt, budget=len(prompt))
+    engine.worker._cache.drain()
+    engine.end_step()
+    assert engine.published == []
+    assert engine.worker._cache.stats()["events_recorded"] == 0
 
 
 def _failed_load_sequence(engine, blocks, extra, fail_at, at_wait, shared, budget):

@@ -129,6 +129,10 @@ class KVTierConnector(_SchedulerSide, _WorkerSide):
         ktc = self._kv_transfer_config
         self._do_load = ktc.kv_role in ("kv_consumer", "kv_both")
         self._do_save = ktc.kv_role in ("kv_producer", "kv_both")
+        # vLLM publishes KV events (--kv-events-config) only when asked: kvtier records its
+        # tiers' events for vLLM only then.
+        events_config = getattr(vllm_config, "kv_events_config", None)
+        self._publish_events = bool(events_config is not None and events_config.enable_kv_cache_events)
         timeout_s = self._settings.config.timeout_s
         if role == KVConnectorRole.SCHEDULER:
             self._init_scheduler(timeout_s)

@@ -15,6 +15,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from kvtier.integrations.vllm_events import KVTierKVEvents
 from kvtier.integrations.vllm_lookup import _LookupClient
 from kvtier.integrations.vllm_metadata import (
     KVTierConnectorMetadata,
@@ -24,8 +25,12 @@ from kvtier.integrations.vllm_metadata import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,7 @@ class _SchedulerSide(KVConnectorBase_V1):
         self._requests: dict[str, _RequestState] = {}
         self._pending_loads: dict[str, tuple[int, int]] = {}  # req -> (start, end) tokens
         self._lookups: dict[str, tuple[int, bytes]] = {}  # req -> (hit, tier codes)
+        self._kv_events: KVTierKVEvents | None = None  # the workers' events not yet taken
 
     def _close_scheduler(self) -> None:
         self._client.close()
@@ -213,6 +219,23 @@ class _SchedulerSide(KVConnectorBase_V1):
         )
         state.saved_upto = end
         state.saves_issued = True
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        events = getattr(connector_output, "kv_cache_events", None)
+        if not isinstance(events, KVTierKVEvents):
+            return
+        if self._kv_events is None:
+            self._kv_events = events
+        else:
+            self._kv_events.add_events(events.get_all_events())
+            self._kv_events.increment_workers(events.get_number_of_workers())
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        """kvtier's tiers' events since the last call (vllm_events), for vLLM to publish."""
+        events, self._kv_events = self._kv_events, None
+        if events is None:
+            return ()
+        return events.aggregate().get_all_events()
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id

@@ -23,6 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvtier.cache import KVCache, LoadHandle, StoreFuture
 from kvtier.errors import KVTierError
+from kvtier.integrations.vllm_events import KVTierKVEvents, to_vllm_events
 from kvtier.integrations.vllm_layout import describe_kv_caches
 from kvtier.integrations.vllm_lookup import (
     _OP_DRAIN,
@@ -80,6 +81,8 @@ class _WorkerSide(KVConnectorBase_V1):
             "saved_chunks": 0,
             "store_errors": 0,
             "hit_chunks_by_tier": {"cpu": 0, "disk": 0, "peer": 0},
+            "events_published": 0,
+            "event_errors": 0,
         }
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -87,7 +90,10 @@ class _WorkerSide(KVConnectorBase_V1):
         self._layer_index = index
         self._pages_per_block = self._block_size // layout.page_tokens
         cfg = self._settings.config
-        self._cache = KVCache(layout, **cfg.cache_kwargs(), peers=self._settings.peers)
+        kwargs = cfg.cache_kwargs()
+        if not self._publish_events:  # nobody would take them: record none
+            kwargs["events_capacity"] = 0
+        self._cache = KVCache(layout, **kwargs, peers=self._settings.peers)
         from kvtier.metrics import Metrics  # as kvtier.open_cache does (Prometheus too)
 
         self._cache.metrics = Metrics.from_config(cfg, stats_fn=self._cache.stats)
@@ -268,6 +274,24 @@ class _WorkerSide(KVConnectorBase_V1):
                 done.add(req_id)
         self._finished -= done
         return (done or None), None
+
+    def get_kv_connector_kv_cache_events(self) -> KVTierKVEvents | None:
+        """The chunks kvtier's tiers gained and lost since the last step, as vLLM's events
+        (None when vLLM publishes no KV events, or nothing changed)."""
+        if not self._publish_events or self._cache is None:
+            return None
+        try:
+            events = self._cache.take_events()
+        except KVTierError as e:  # bookkeeping: a lost batch of events is counted, never raised
+            log.warning("kvtier: taking KV events failed: %s", e)
+            self._counters["event_errors"] += 1
+            return None
+        if not events:
+            return None
+        out = KVTierKVEvents()
+        out.add_events(to_vllm_events(events, self._chunk_tokens))
+        self._counters["events_published"] += len(events)
+        return out
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()
