@@ -26,11 +26,13 @@ class Worker:
         self.listener = Listener(self.path, family="AF_UNIX", authkey=_authkey(self.engine_id))
         self.gate: queue.Queue = queue.Queue()
         self.conn = None
+        self.accepted = threading.Event()
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
         try:
             self.conn = self.listener.accept()
+            self.accepted.set()
             while True:
                 message = self.conn.recv_bytes()
                 if message[:1] == _OP_LOOKUP:
@@ -47,6 +49,7 @@ class Worker:
             self.gate.put(None)
 
     def hang_up(self) -> None:
+        assert self.accepted.wait(10), "the client never connected"
         self.conn.close()
 
     def close(self) -> None:
