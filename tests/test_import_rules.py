@@ -40,6 +40,7 @@ CORE = (
     "sources",
     "routing",
     "events",
+    "codecs",
 )
 FORBIDDEN = ("p2p", "sim", "integrations", "examples", "cli", "router")
 

@@ -1,0 +1,603 @@
+"""KV codecs: one chunk's KV tensor to one self-describing byte blob and back, chosen by name.
+
+Three codecs (``make_codec(name, **options)``):
+
+- ``none``: the tensor's bytes as they are (the baseline: a copy).
+- ``fp8``: float8 e4m3 (``torch.float8_e4m3fn``) with one scale per group of elements, stored
+  beside the payload. By default a group is one row of the last dimension, which for a
+  ``[..., tokens, heads, head_dim]`` or ``[..., heads, tokens, head_dim]`` chunk is one token of
+  one head. Lossy, fixed size: :meth:`Codec.encoded_nbytes` is exact, so a fixed-slot tier can
+  count how many chunks it holds.
+- ``byteplane_zstd``: lossless. Each element's bytes are split into byte planes (the top byte of
+  bf16/fp16, sign and exponent bits, in one plane; the low, mantissa byte in another), and the
+  top plane is compressed with zstd, where the exponents' low entropy is. Variable size.
+
+A blob is a 1-D ``torch.uint8`` tensor: a header (magic, codec id and version, dtype, shape, the
+codec's parameters, a CRC32 of the header) padded to 16 bytes, then the payload. Decoding checks
+the header before touching the payload: a blob of another codec, another version, a damaged
+header or the wrong length raises :class:`~kvtier.errors.CorruptionError` naming what differs, so
+a reader never decodes another codec's bytes. The payload has no checksum of its own: the tiers
+(disk slots, peer transfers) already check a CRC32C over every blob they move.
+
+Torch ops only (no custom kernels): ``none`` and ``fp8`` run on the tensor's device (CPU or
+CUDA); ``byteplane_zstd`` splits the planes on the tensor's device and codes them on the CPU, so
+its blobs are CPU tensors. The byte layout of each codec is in docs/codecs.md.
+
+Example::
+
+    >>> import torch
+    >>> from kvtier.codecs import make_codec
+    >>> kv = torch.randn(16, 8, 128, dtype=torch.bfloat16)      # [tokens, kv_heads, head_dim]
+    >>> fp8 = make_codec("fp8", scale_dtype="bfloat16")
+    >>> blob = fp8.encode(kv)
+    >>> blob.numel() == fp8.encoded_nbytes(kv.shape, kv.dtype), blob.numel() < kv.nbytes
+    (True, True)
+    >>> fp8.decode(blob).shape
+    torch.Size([16, 8, 128])
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from kvtier.errors import CorruptionError, InvalidArgumentError, UnavailableError
+
+__all__ = [
+    "HEADER_ALIGN",
+    "BlobHeader",
+    "ByteplaneZstdCodec",
+    "Codec",
+    "Fp8Codec",
+    "NoneCodec",
+    "codec_names",
+    "make_codec",
+    "read_header",
+]
+
+MAGIC = b"KVTC"
+CONTAINER_VERSION = 1
+HEADER_ALIGN = 16
+"""Header length (and the fp8 scale block) is a multiple of this, so payload views stay aligned."""
+MAX_NDIM = 8
+
+# <magic, container version, codec id, codec version, dtype code, ndim, reserved, params length,
+# header length>; then ndim u64 dims, the params, a u32 CRC32 of everything before it, zero padding.
+_FIXED = struct.Struct("<4sBBBBBBHI")
+
+_DTYPES = {1: torch.float16, 2: torch.bfloat16, 3: torch.float32}
+_DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+_SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+_FP8 = torch.float8_e4m3fn
+_FP8_SCALE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_FP8_SCALE_BY_CODE = {code: dtype for dtype, code in _FP8_SCALE_CODES.items()}
+_FP8_MAX = 448.0  # largest finite e4m3fn value
+# Scales never go below the smallest normal float32 / bfloat16 (the same exponent range): a
+# group of tiny or zero values still gets a finite, non-zero, normal scale.
+_MIN_SCALE = torch.finfo(torch.float32).tiny
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class BlobHeader(NamedTuple):
+    """What a blob's header says (:func:`read_header`).
+
+    Attributes:
+        codec: the codec's name, e.g. ``"fp8"``.
+        codec_version: the codec's format version.
+        dtype: the dtype of the tensor that was encoded (and that decode returns).
+        shape: its shape.
+        params: the codec's parameter bytes (decoded by the codec).
+        header_nbytes: where the payload starts; a multiple of :data:`HEADER_ALIGN`.
+    """
+
+    codec: str
+    codec_version: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    params: bytes
+    header_nbytes: int
+
+
+def _header_nbytes(ndim: int, params_len: int) -> int:
+    raw = _FIXED.size + 8 * ndim + params_len + 4
+    return -(-raw // HEADER_ALIGN) * HEADER_ALIGN
+
+
+def _pack_header(codec: Codec, dtype: torch.dtype, shape: Sequence[int], params: bytes) -> bytes:
+    length = _header_nbytes(len(shape), len(params))
+    body = (
+        _FIXED.pack(
+            MAGIC,
+            CONTAINER_VERSION,
+            codec.codec_id,
+            codec.version,
+            _DTYPE_CODES[dtype],
+            len(shape),
+            0,
+            len(params),
+            length,
+        )
+        + struct.pack(f"<{len(shape)}Q", *shape)
+        + params
+    )
+    body += struct.pack("<I", zlib.crc32(body))
+    return body + bytes(length - len(body))
+
+
+def _as_blob(blob) -> torch.Tensor:
+    """A 1-D contiguous uint8 tensor over ``blob`` (a tensor as it is; other buffers copied only
+    when read-only, since torch wraps only writable memory)."""
+    if isinstance(blob, torch.Tensor):
+        if blob.dtype != torch.uint8 or blob.dim() != 1:
+            raise InvalidArgumentError(
+                f"blob must be a 1-D torch.uint8 tensor, got {_dtype_name(blob.dtype)} of shape {tuple(blob.shape)}"
+            )
+        if not blob.is_contiguous():
+            raise InvalidArgumentError("blob must be contiguous")
+        return blob
+    if isinstance(blob, np.ndarray):
+        blob = np.ascontiguousarray(blob).reshape(-1).view(np.uint8)
+        return torch.from_numpy(blob if blob.flags.writeable else blob.copy())
+    if isinstance(blob, (bytes, bytearray, memoryview)):
+        view = memoryview(blob)
+        if view.readonly:
+            view = memoryview(bytearray(view))
+        if view.nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(view, dtype=torch.uint8)
+    raise InvalidArgumentError(f"blob must be a uint8 tensor or a bytes-like object, got {type(blob).__name__}")
+
+
+_CODEC_NAMES_BY_ID: dict[int, str] = {}
+
+
+def read_header(blob) -> BlobHeader:
+    """Parse and check a blob's header (magic, container version, CRC32, dtype, shape).
+
+    Raises:
+        CorruptionError: the bytes are not a kvtier codec blob, or the header is damaged or cut.
+    """
+    blob = _as_blob(blob)
+    if blob.numel() < _FIXED.size:
+        raise CorruptionError(f"codec blob truncated: {blob.numel()} bytes, shorter than the {_FIXED.size}-byte header")
+    fixed = bytes(blob[: _FIXED.size].cpu().numpy())
+    magic, container, codec_id, codec_version, dtype_code, ndim, _, params_len, length = _FIXED.unpack(fixed)
+    if magic != MAGIC:
+        raise CorruptionError(f"not a kvtier codec blob: magic is {magic!r}, expected {MAGIC!r}")
+    if container != CONTAINER_VERSION:
+        raise CorruptionError(f"codec blob container version {container}, this kvtier reads {CONTAINER_VERSION}")
+    if length != _header_nbytes(ndim, params_len) or ndim > MAX_NDIM:
+        raise CorruptionError(
+            f"codec blob header damaged: length {length} for {ndim} dims and {params_len} parameter bytes"
+        )
+    if blob.numel() < length:
+        raise CorruptionError(f"codec blob truncated: {blob.numel()} bytes, shorter than its {length}-byte header")
+    head = bytes(blob[:length].cpu().numpy())
+    end = _FIXED.size + 8 * ndim + params_len
+    (crc,) = struct.unpack_from("<I", head, end)
+    if crc != zlib.crc32(head[:end]) or any(head[end + 4 :]):
+        raise CorruptionError("codec blob header damaged: its CRC32 or padding does not match")
+    if dtype_code not in _DTYPES:
+        raise CorruptionError(f"codec blob names unknown dtype code {dtype_code}")
+    shape = struct.unpack_from(f"<{ndim}Q", head, _FIXED.size)
+    codec = _CODEC_NAMES_BY_ID.get(codec_id, f"unknown codec id {codec_id}")
+    params = head[_FIXED.size + 8 * ndim : end]
+    return BlobHeader(codec, codec_version, _DTYPES[dtype_code], tuple(shape), params, length)
+
+
+class Codec(ABC):
+    """Encodes one chunk's KV tensor into one blob and decodes it back.
+
+    Thread safety: a codec holds only its settings; its methods can be called from any thread.
+
+    Subclasses set ``name``, ``codec_id`` (unique, written into every blob) and ``version``
+    (bumped whenever the meaning of a blob's bytes changes, so old blobs are refused rather than
+    misread).
+    """
+
+    name: str
+    codec_id: int
+    version: int
+    lossless: bool
+    fixed_size: bool
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.codec_id in _CODEC_NAMES_BY_ID:
+            raise RuntimeError(f"codec id {cls.codec_id} taken twice")  # a bug in this module
+        _CODEC_NAMES_BY_ID[cls.codec_id] = cls.name
+
+    @property
+    def spec(self) -> str:
+        """The codec and the settings that change its bytes, e.g. ``"fp8/v1/scale=bfloat16/over=-1"``:
+        what a slot's fingerprint will cover."""
+        return f"{self.name}/v{self.version}"
+
+    def encode(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Encode ``tensor`` (any shape of rank 1..8, float16 / bfloat16 / float32, contiguous,
+        non-empty) into a 1-D ``torch.uint8`` blob.
+
+        Raises:
+            InvalidArgumentError: the tensor breaks one of those rules, or the codec's own (fp8:
+                every value finite).
+        """
+        self._check_tensor(tensor)
+        return self._encode(tensor)
+
+    def decode(self, blob, *, device: torch.device | str | None = None) -> torch.Tensor:
+        """Decode a blob written by this codec into a new tensor of the encoded dtype and shape.
+
+        Args:
+            blob: a 1-D ``torch.uint8`` tensor (CPU or CUDA) or a bytes-like object.
+            device: where the result goes; the blob's device by default.
+
+        Raises:
+            CorruptionError: another codec or version wrote the blob, or it is damaged or cut.
+        """
+        blob = _as_blob(blob)
+        header = read_header(blob)
+        if header.codec != self.name:
+            raise CorruptionError(f"codec blob was written by {header.codec!r}, this reader decodes {self.name!r}")
+        if header.codec_version != self.version:
+            raise CorruptionError(
+                f"{self.name} blob has format version {header.codec_version}, this kvtier reads version {self.version}"
+            )
+        out = self._decode(blob, header)
+        return out if device is None else out.to(device)
+
+    def encoded_nbytes(self, shape: Sequence[int], dtype: torch.dtype) -> int | None:
+        """The exact blob size for a tensor of ``shape`` and ``dtype``, or None when it depends on
+        the values (a lossless coder)."""
+        return None
+
+    # -- for subclasses ------------------------------------------------------------------------
+
+    @abstractmethod
+    def _encode(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _decode(self, blob: torch.Tensor, header: BlobHeader) -> torch.Tensor: ...
+
+    def _check_tensor(self, tensor) -> None:
+        if not isinstance(tensor, torch.Tensor):
+            raise InvalidArgumentError(f"{self.name}: expected a torch tensor, got {type(tensor).__name__}")
+        if tensor.dtype not in _DTYPE_CODES:
+            raise InvalidArgumentError(
+                f"{self.name}: dtype {_dtype_name(tensor.dtype)} is not supported; "
+                "expected float16, bfloat16 or float32"
+            )
+        if not 1 <= tensor.dim() <= MAX_NDIM:
+            raise InvalidArgumentError(f"{self.name}: rank {tensor.dim()} is outside 1..{MAX_NDIM}")
+        if tensor.numel() == 0:
+            raise InvalidArgumentError(f"{self.name}: tensor of shape {tuple(tensor.shape)} is empty")
+        if not tensor.is_contiguous():
+            raise InvalidArgumentError(
+                f"{self.name}: tensor of shape {tuple(tensor.shape)} and strides {tensor.stride()} is not "
+                "contiguous (a chunk's KV is gathered into one contiguous blob first)"
+            )
+
+    def _check_payload(self, blob: torch.Tensor, header: BlobHeader, payload: int) -> None:
+        expected = header.header_nbytes + payload
+        if blob.numel() != expected:
+            what = "truncated" if blob.numel() < expected else "longer than its header says"
+            raise CorruptionError(
+                f"{self.name} blob {what}: {blob.numel()} bytes, expected {expected} for "
+                f"{_dtype_name(header.dtype)} {header.shape}"
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+
+def _payload_view(blob: torch.Tensor, start: int, nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    return blob[start : start + nbytes].view(dtype).view(shape)
+
+
+class NoneCodec(Codec):
+    """The tensor's bytes after the header, unchanged: the baseline every codec is measured
+    against, and what a deployment without compression stores."""
+
+    name = "none"
+    codec_id = 0
+    version = 1
+    lossless = True
+    fixed_size = True
+
+    def encoded_nbytes(self, shape, dtype) -> int:
+        return _header_nbytes(len(shape), 0) + math.prod(shape) * _element_size(dtype)
+
+    def _encode(self, tensor):
+        header = _pack_header(self, tensor.dtype, tensor.shape, b"")
+        blob = torch.empty(len(header) + tensor.nbytes, dtype=torch.uint8, device=tensor.device)
+        blob[: len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+        blob[len(header) :] = tensor.view(-1).view(torch.uint8)
+        return blob
+
+    def _decode(self, blob, header):
+        nbytes = math.prod(header.shape) * _element_size(header.dtype)
+        self._check_payload(blob, header, nbytes)
+        return _payload_view(blob, header.header_nbytes, nbytes, header.dtype, header.shape).clone()
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _align(n: int) -> int:
+    return -(-n // HEADER_ALIGN) * HEADER_ALIGN
+
+
+class Fp8Codec(Codec):
+    """float8 e4m3 values with one scale per group, stored beside them. Lossy, fixed size.
+
+    A group is the set of elements that share a scale: ``scale_over`` names the dims it spans.
+    ``(-1,)`` (the default) is one row of the last dim: one token of one head for KV shaped
+    ``[..., tokens, heads, head_dim]`` or ``[..., heads, tokens, head_dim]``. Reshape the chunk
+    to expose pages and pass e.g. ``(-2, -1)`` on ``[heads, pages, page_tokens, head_dim]`` for
+    one scale per page per head, or ``(-2,)`` for one per page per channel (K's outlier channels).
+
+    Each group's scale is ``amax / 448`` (448: e4m3's largest value), rounded up to
+    ``scale_dtype`` so that the group's largest value still fits, and never below the smallest
+    normal float32 (a group of zeros gets a finite, non-zero scale). A value ``x`` decodes to
+    ``q * scale`` with ``q = e4m3(x / scale)``, rounded to nearest: within ``2**-4 * |x|`` when
+    ``|x| / scale >= 2**-6`` (e4m3's normal range), within ``2**-10 * scale`` below it (its
+    subnormals), plus the rounding of the decoded value to the tensor's dtype. Zero stays zero
+    (its sign too).
+
+    NaN and inf have no e4m3fn scale: encode refuses a tensor holding any (checked on the
+    scales, which carry a NaN or inf of their group, so the check reads only the small scale
+    tensor; on CUDA it is one synchronisation).
+
+    Layout after the header: the scales (``scale_dtype``, the tensor's shape with the
+    ``scale_over`` dims set to 1, row-major), zero-padded to 16 bytes; then one e4m3 byte per
+    element, row-major.
+    """
+
+    name = "fp8"
+    codec_id = 1
+    version = 1
+    lossless = False
+    fixed_size = True
+
+    # params: <scale dtype code (0 float32, 1 bfloat16), bitmask of the scale_over dims>
+    _PARAMS = struct.Struct("<BB")
+
+    def __init__(self, *, scale_dtype: str = "float32", scale_over: Sequence[int] = (-1,)) -> None:
+        if scale_dtype not in _SCALE_DTYPES:
+            raise InvalidArgumentError(f"fp8: scale_dtype must be one of {sorted(_SCALE_DTYPES)}, got {scale_dtype!r}")
+        scale_over = tuple(scale_over)
+        if not scale_over or not all(isinstance(d, int) and not isinstance(d, bool) for d in scale_over):
+            raise InvalidArgumentError(f"fp8: scale_over must be a non-empty sequence of dims, got {scale_over!r}")
+        if len(set(scale_over)) != len(scale_over):
+            raise InvalidArgumentError(f"fp8: scale_over names a dim twice: {scale_over!r}")
+        self.scale_dtype = _SCALE_DTYPES[scale_dtype]
+        self.scale_over = scale_over
+
+    @property
+    def spec(self) -> str:
+        over = ",".join(str(d) for d in self.scale_over)
+        return f"{self.name}/v{self.version}/e4m3/scale={_dtype_name(self.scale_dtype)}/over={over}"
+
+    def _dims(self, ndim: int) -> tuple[int, ...]:
+        dims = []
+        for d in self.scale_over:
+            if not -ndim <= d < ndim:
+                raise InvalidArgumentError(f"fp8: scale_over dim {d} is out of range for a tensor of rank {ndim}")
+            dims.append(d % ndim)
+        if len(set(dims)) != len(dims):
+            raise InvalidArgumentError(f"fp8: scale_over {self.scale_over} names a dim twice for rank {ndim}")
+        return tuple(sorted(dims))
+
+    @staticmethod
+    def _scale_shape(shape, dims) -> tuple[int, ...]:
+        return tuple(1 if i in dims else int(s) for i, s in enumerate(shape))
+
+    def encoded_nbytes(self, shape, dtype) -> int:
+        shape = tuple(int(s) for s in shape)
+        if dtype not in _DTYPE_CODES:
+            raise InvalidArgumentError(f"fp8: dtype {_dtype_name(dtype)} is not supported")
+        if not 1 <= len(shape) <= MAX_NDIM:
+            raise InvalidArgumentError(f"fp8: rank {len(shape)} is outside 1..{MAX_NDIM}")
+        dims = self._dims(len(shape))
+        scales = math.prod(self._scale_shape(shape, dims)) * _element_size(self.scale_dtype)
+        return _header_nbytes(len(shape), self._PARAMS.size) + _align(scales) + math.prod(shape)
+
+    def _encode(self, tensor):
+        dims = self._dims(tensor.dim())
+        amax = tensor.abs().amax(dim=dims, keepdim=True).float()
+        if not bool(torch.isfinite(amax).all()):
+            bad = "NaN" if bool(torch.isnan(amax).any()) else "inf"
+            raise InvalidArgumentError(
+                f"fp8: the tensor holds {bad}, which e4m3 with a finite scale cannot encode "
+                "(encode such KV with 'none' or 'byteplane_zstd')"
+            )
+        scale = (amax / _FP8_MAX).clamp_min(_MIN_SCALE)
+        stored = scale.to(self.scale_dtype)
+        if self.scale_dtype != torch.float32:
+            # Rounded down, the group's largest value would exceed 448 after division: step up.
+            up = torch.nextafter(stored, torch.full_like(stored, math.inf))
+            stored = torch.where(stored.float() < scale, up, stored)
+        q = (tensor.float() / stored.float()).clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8)
+
+        mask = sum(1 << d for d in dims)
+        params = self._PARAMS.pack(_FP8_SCALE_CODES[self.scale_dtype], mask)
+        header = _pack_header(self, tensor.dtype, tensor.shape, params)
+        h = len(header)
+        scale_bytes = stored.numel() * stored.element_size()
+        blob = torch.empty(h + _align(scale_bytes) + q.numel(), dtype=torch.uint8, device=tensor.device)
+        blob[:h] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+        blob[h : h + scale_bytes] = stored.reshape(-1).view(torch.uint8)
+        blob[h + scale_bytes : h + _align(scale_bytes)] = 0
+        blob[h + _align(scale_bytes) :] = q.view(-1).view(torch.uint8)
+        return blob
+
+    def _decode(self, blob, header):
+        if len(header.params) != self._PARAMS.size:
+            raise CorruptionError(f"fp8 blob header damaged: {len(header.params)} parameter bytes")
+        scale_code, mask = self._PARAMS.unpack(header.params)
+        if scale_code not in _FP8_SCALE_BY_CODE:
+            raise CorruptionError(f"fp8 blob names unknown scale dtype code {scale_code}")
+        ndim = len(header.shape)
+        dims = tuple(d for d in range(ndim) if mask >> d & 1)
+        if not dims or mask >> ndim:
+            raise CorruptionError(f"fp8 blob header damaged: scale dims mask {mask:#x} for rank {ndim}")
+        scale_dtype = _FP8_SCALE_BY_CODE[scale_code]
+        scale_shape = self._scale_shape(header.shape, dims)
+        scale_bytes = math.prod(scale_shape) * _element_size(scale_dtype)
+        numel = math.prod(header.shape)
+        self._check_payload(blob, header, _align(scale_bytes) + numel)
+        h = header.header_nbytes
+        scale = _payload_view(blob, h, scale_bytes, scale_dtype, scale_shape).float()
+        q = _payload_view(blob, h + _align(scale_bytes), numel, _FP8, header.shape)
+        return (q.float() * scale).to(header.dtype)
+
+
+class ByteplaneZstdCodec(Codec):
+    """Lossless: byte planes, the top plane compressed with zstd. Bit-exact for every value,
+    NaN payloads, infinities, -0.0 and subnormals included. Variable size.
+
+    An element of ``E`` bytes (2 for bf16/fp16, 4 for fp32) is split into ``E`` planes, plane 0
+    holding every element's most significant byte (sign and the top exponent bits), plane
+    ``E-1`` the least significant. Exponents of KV cluster in a few values, so plane 0 codes to
+    a fraction of its size; mantissa bytes are close to random and are stored as they are unless
+    ``coded_planes`` asks otherwise (a plane whose code is no smaller is stored raw anyway).
+
+    Needs the ``zstandard`` package (``pip install kvtier[codecs]``).
+
+    Layout after the header: the planes in order, each either raw (``numel`` bytes) or one zstd
+    frame (with its content size); the header's parameters give each plane's method and stored
+    length.
+    """
+
+    name = "byteplane_zstd"
+    codec_id = 2
+    version = 1
+    lossless = True
+    fixed_size = False
+
+    # params: <element size, zstd level (signed)>, then per plane <method (0 raw, 1 zstd), length>
+    _PARAMS = struct.Struct("<Bb")
+    _PLANE = struct.Struct("<BQ")
+
+    def __init__(self, *, level: int = 1, coded_planes: int = 1) -> None:
+        try:
+            import zstandard
+        except ImportError as e:
+            raise UnavailableError(
+                "byteplane_zstd needs the zstandard package: pip install 'kvtier[codecs]' (or zstandard)"
+            ) from e
+        if not isinstance(level, int) or not -7 <= level <= 22:
+            raise InvalidArgumentError(f"byteplane_zstd: level must be an int in -7..22, got {level!r}")
+        if not isinstance(coded_planes, int) or not 1 <= coded_planes <= 4:
+            raise InvalidArgumentError(f"byteplane_zstd: coded_planes must be 1..4, got {coded_planes!r}")
+        self._zstd = zstandard
+        self.level = level
+        self.coded_planes = coded_planes
+
+    @property
+    def spec(self) -> str:
+        # The level and plane choice change the bytes but not how they are read: left out.
+        return f"{self.name}/v{self.version}"
+
+    def _encode(self, tensor):
+        esize = tensor.element_size()
+        rows = tensor.view(-1).view(torch.uint8).view(-1, esize)
+        # Little-endian bytes: column esize-1 is the most significant; plane 0 takes it.
+        compressor = self._zstd.ZstdCompressor(level=self.level, write_content_size=True)
+        pieces, table = [], []
+        for plane in range(esize):
+            raw = rows[:, esize - 1 - plane].contiguous().cpu().numpy()
+            method, data = 0, raw
+            if plane < self.coded_planes:
+                coded = compressor.compress(raw)
+                if len(coded) < raw.nbytes:
+                    method, data = 1, np.frombuffer(coded, dtype=np.uint8)
+            pieces.append(data)
+            table.append(self._PLANE.pack(method, data.nbytes))
+        params = self._PARAMS.pack(esize, self.level) + b"".join(table)
+        header = _pack_header(self, tensor.dtype, tensor.shape, params)
+        out = np.empty(len(header) + sum(p.nbytes for p in pieces), dtype=np.uint8)
+        out[: len(header)] = np.frombuffer(header, dtype=np.uint8)
+        pos = len(header)
+        for p in pieces:
+            out[pos : pos + p.nbytes] = p
+            pos += p.nbytes
+        return torch.from_numpy(out)
+
+    def _decode(self, blob, header):
+        esize = _element_size(header.dtype)
+        numel = math.prod(header.shape)
+        expected_params = self._PARAMS.size + esize * self._PLANE.size
+        if len(header.params) != expected_params:
+            raise CorruptionError(
+                f"byteplane_zstd blob header damaged: {len(header.params)} parameter bytes, "
+                f"expected {expected_params} for {_dtype_name(header.dtype)}"
+            )
+        if self._PARAMS.unpack_from(header.params)[0] != esize:
+            raise CorruptionError(f"byteplane_zstd blob header damaged: element size does not match {header.dtype}")
+        at = self._PARAMS.size
+        planes = [self._PLANE.unpack_from(header.params, at + i * self._PLANE.size) for i in range(esize)]
+        for method, length in planes:
+            if method not in (0, 1) or (method == 0 and length != numel):
+                raise CorruptionError(f"byteplane_zstd blob header damaged: plane (method {method}, length {length})")
+        self._check_payload(blob, header, sum(length for _, length in planes))
+        device = blob.device
+        data = blob.cpu().numpy()
+        rows = np.empty((numel, esize), dtype=np.uint8)
+        decompressor = self._zstd.ZstdDecompressor()
+        pos = header.header_nbytes
+        for plane, (method, length) in enumerate(planes):
+            stored = data[pos : pos + length]
+            pos += length
+            if method == 1:
+                try:
+                    plain = decompressor.decompress(stored, max_output_size=numel)
+                except self._zstd.ZstdError as e:
+                    raise CorruptionError(f"byteplane_zstd blob: plane {plane} does not decode: {e}") from e
+                if len(plain) != numel:
+                    raise CorruptionError(
+                        f"byteplane_zstd blob: plane {plane} decodes to {len(plain)} bytes, expected {numel}"
+                    )
+                stored = np.frombuffer(plain, dtype=np.uint8)
+            rows[:, esize - 1 - plane] = stored
+        out = torch.from_numpy(rows).view(-1).view(header.dtype).view(header.shape)
+        return out if device.type == "cpu" else out.to(device)
+
+
+_CODECS: dict[str, type[Codec]] = {c.name: c for c in (NoneCodec, Fp8Codec, ByteplaneZstdCodec)}
+
+
+def codec_names() -> list[str]:
+    """The names :func:`make_codec` takes."""
+    return list(_CODECS)
+
+
+def make_codec(name: str, **options) -> Codec:
+    """The codec called ``name`` with its options.
+
+    ``none`` takes none; ``fp8`` takes ``scale_dtype`` (``"float32"`` or ``"bfloat16"``) and
+    ``scale_over`` (dims a scale spans, default ``(-1,)``); ``byteplane_zstd`` takes ``level``
+    (zstd level, default 1) and ``coded_planes`` (default 1).
+
+    Raises:
+        InvalidArgumentError: unknown name or option.
+        UnavailableError: the codec's library is not installed.
+    """
+    cls = _CODECS.get(name)
+    if cls is None:
+        raise InvalidArgumentError(f"unknown codec {name!r}; known: {', '.join(_CODECS)}")
+    try:
+        return cls(**options)
+    except TypeError as e:
+        raise InvalidArgumentError(f"codec {name!r}: {e}") from e

@@ -1,0 +1,382 @@
+"""kvtier.codecs: lossless round trips bit-exact, fp8 within e4m3's error bound, every damaged,
+cut or foreign blob refused, bad tensors refused; the same round trips on CUDA (marker gpu)."""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kvtier.codecs import HEADER_ALIGN, ByteplaneZstdCodec, Fp8Codec, codec_names, make_codec, read_header
+from kvtier.errors import CorruptionError, InvalidArgumentError
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+INT_VIEW = {2: torch.int16, 4: torch.int32}
+
+
+def lossless_codecs():
+    out = [make_codec("none")]
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        return out
+    return out + [make_codec("byteplane_zstd"), make_codec("byteplane_zstd", coded_planes=4, level=3)]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    ints = INT_VIEW[a.element_size()]
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(ints).cpu(), b.view(ints).cpu())
+
+
+def random_bits(shape, dtype, seed: int) -> torch.Tensor:
+    """Every bit pattern equally likely: NaNs with any payload, infinities, -0.0, subnormals."""
+    gen = torch.Generator().manual_seed(seed)
+    size = torch.empty((), dtype=dtype).element_size()
+    raw = torch.randint(-(2 ** (8 * size - 1)), 2 ** (8 * size - 1), shape, generator=gen, dtype=torch.int64)
+    return raw.to(INT_VIEW[size]).view(dtype)
+
+
+def special_values(dtype) -> torch.Tensor:
+    fi = torch.finfo(dtype)
+    size = torch.empty((), dtype=dtype).element_size()
+    ints = INT_VIEW[size]
+    top = -(2 ** (8 * size - 1))
+    nan_payloads = torch.tensor([0x7FC1 if size == 2 else 0x7FC00001, 0x7F81 if size == 2 else 0x7F800001], dtype=ints)
+    vals = torch.tensor(
+        [0.0, -0.0, math.inf, -math.inf, fi.max, -fi.max, fi.tiny, -fi.tiny, fi.smallest_normal / 4, 1.0],
+        dtype=dtype,
+    )
+    neg_nan = torch.tensor([top | (0x7FC0 if size == 2 else 0x7FC00000)], dtype=ints).view(dtype)
+    subnormal_min = torch.tensor([1, top | 1], dtype=ints).view(dtype)
+    return torch.cat([vals, nan_payloads.view(dtype), neg_nan, subnormal_min])
+
+
+shapes = st.lists(st.integers(1, 9), min_size=1, max_size=4).map(tuple)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lossless
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=shapes, dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
+def test_lossless_round_trip_is_bit_exact_on_any_bits(shape, dtype, seed):
+    x = random_bits(shape, dtype, seed)
+    for codec in lossless_codecs():
+        blob = codec.encode(x)
+        assert blob.dtype == torch.uint8 and blob.dim() == 1
+        assert same_bits(codec.decode(blob), x), codec
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lossless_keeps_nan_payloads_inf_signed_zero_and_subnormals(dtype):
+    x = special_values(dtype)
+    for codec in lossless_codecs():
+        y = codec.decode(codec.encode(x))
+        assert same_bits(y, x), codec
+        assert torch.signbit(y[1]) and y[1] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_byteplane_zstd_shrinks_kv_like_values(dtype):
+    pytest.importorskip("zstandard")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 8, 128, generator=gen).to(dtype)  # exponents cluster, as KV's do
+    codec = make_codec("byteplane_zstd")
+    blob = codec.encode(x)
+    assert blob.numel() < 0.9 * x.nbytes
+    assert same_bits(codec.decode(blob), x)
+
+
+def test_byteplane_zstd_stores_incompressible_planes_raw():
+    pytest.importorskip("zstandard")
+    x = random_bits((4096,), torch.bfloat16, 1)
+    codec = make_codec("byteplane_zstd", coded_planes=2)
+    blob = codec.encode(x)
+    header = read_header(blob)
+    assert blob.numel() <= header.header_nbytes + x.nbytes  # never larger than the raw planes
+    assert same_bits(codec.decode(blob), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8
+
+
+def fp8_scales(blob: torch.Tensor, x: torch.Tensor, codec: Fp8Codec) -> torch.Tensor:
+    """The stored scales, broadcastable against x."""
+    header = read_header(blob)
+    dims = codec._dims(x.dim())
+    scale_shape = tuple(1 if i in dims else s for i, s in enumerate(x.shape))
+    n = math.prod(scale_shape) * codec.scale_dtype.itemsize
+    start = header.header_nbytes
+    return blob[start : start + n].view(codec.scale_dtype).view(scale_shape).float()
+
+
+SCALE_OVERS = [(-1,), (-2, -1), (0,), (-2,)]
+
+
+def kv_like(shape, dtype, seed: int) -> torch.Tensor:
+    """Values over many decades (per-element exponents), with zeros, -0.0 and, where the dtype
+    has them, subnormals."""
+    gen = torch.Generator().manual_seed(seed)
+    mag = torch.randn(shape, generator=gen) * torch.pow(10.0, torch.randint(-6, 4, shape, generator=gen).float())
+    mag = mag.to(dtype)
+    flat = mag.view(-1)
+    flat[:: max(1, flat.numel() // 5)] = 0.0
+    flat[1 :: max(1, flat.numel() // 7)] = -0.0
+    if flat.numel() > 3:
+        flat[2] = torch.finfo(dtype).smallest_normal / 2  # a subnormal
+    return mag
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=2, max_size=4).map(tuple),
+    dtype=st.sampled_from(DTYPES),
+    scale_dtype=st.sampled_from(["float32", "bfloat16"]),
+    scale_over=st.sampled_from(SCALE_OVERS),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fp8_error_within_e4m3_step(shape, dtype, scale_dtype, scale_over, seed):
+    x = kv_like(shape, dtype, seed)
+    codec = make_codec("fp8", scale_dtype=scale_dtype, scale_over=scale_over)
+    blob = codec.encode(x)
+    assert blob.numel() == codec.encoded_nbytes(x.shape, x.dtype)
+    y = codec.decode(blob)
+    assert y.dtype == dtype and y.shape == x.shape
+
+    scale = fp8_scales(blob, x, codec)
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    xf, yf = x.float(), y.float()
+    # Every group's largest value fits e4m3 after scaling (scales round up, never down).
+    assert (xf.abs() <= 448.0 * scale * (1 + 2**-20)).all()
+    out_eps = torch.finfo(dtype).eps / 2  # the decoded value's rounding to the tensor's dtype
+    err = (yf - xf).abs()
+    normal = xf.abs() >= scale * 2**-6
+    bound = torch.where(normal, 2**-4 * xf.abs(), scale * 2**-10) + out_eps * yf.abs() + torch.finfo(dtype).tiny
+    assert (err <= bound).all(), f"worst excess {(err - bound).max().item()}"
+    # Zero stays zero, sign included.
+    zeros = xf == 0
+    assert (yf[zeros] == 0).all()
+    assert torch.equal(torch.signbit(y[zeros]), torch.signbit(x[zeros]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_group_of_zeros_gets_a_finite_nonzero_scale(dtype):
+    x = torch.zeros(3, 4, 8, dtype=dtype)
+    x[1] = torch.randn(4, 8).to(dtype)
+    codec = make_codec("fp8")
+    blob = codec.encode(x)
+    scale = fp8_scales(blob, x, codec)
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    y = codec.decode(blob)
+    assert (y[0] == 0).all() and (y[2] == 0).all()
+
+
+def test_fp8_bfloat16_scales_round_up():
+    # amax / 448 just above a bfloat16 value: rounded to nearest, the scale would go down and the
+    # group's largest value would exceed e4m3's range.
+    x = torch.tensor([[448.0 * 1.0039, 1.0], [448.0 * 1.0077, 1.0]], dtype=torch.float32)
+    codec = make_codec("fp8", scale_dtype="bfloat16")
+    blob = codec.encode(x)
+    scale = fp8_scales(blob, x, codec)
+    assert (scale.view(-1) >= x[:, 0] / 448.0).all()
+    assert (scale.view(-1) - x[:, 0] / 448.0 < 2**-7).all()  # one bfloat16 step at most
+    y = codec.decode(blob)
+    assert ((y - x).abs() <= 2**-4 * x.abs()).all()
+
+
+@pytest.mark.parametrize(
+    ("scale_dtype", "scale_over", "shape", "expected_scales"),
+    [
+        ("float32", (-1,), (16, 8, 128), 16 * 8 * 4),
+        ("bfloat16", (-1,), (16, 8, 128), 16 * 8 * 2),
+        ("bfloat16", (-2, -1), (8, 4, 16, 128), 8 * 4 * 2),
+        ("float32", (0,), (3, 5), 5 * 4),
+    ],
+)
+def test_fp8_encoded_nbytes_is_exact(scale_dtype, scale_over, shape, expected_scales):
+    codec = make_codec("fp8", scale_dtype=scale_dtype, scale_over=scale_over)
+    n = codec.encoded_nbytes(shape, torch.bfloat16)
+    header = read_header(codec.encode(torch.ones(shape, dtype=torch.bfloat16))).header_nbytes
+    padded = -(-expected_scales // HEADER_ALIGN) * HEADER_ALIGN
+    assert n == header + padded + math.prod(shape)
+    assert n == codec.encode(torch.ones(shape, dtype=torch.float32)).numel()  # the same for every dtype
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_fp8_refuses_nan_and_inf(bad):
+    x = torch.randn(4, 8)
+    x[2, 3] = bad
+    with pytest.raises(InvalidArgumentError, match="NaN" if math.isnan(bad) else "inf"):
+        make_codec("fp8").encode(x)
+
+
+def test_none_encoded_nbytes_is_exact():
+    codec = make_codec("none")
+    x = torch.randn(3, 7, 5, dtype=torch.float16)
+    assert codec.encode(x).numel() == codec.encoded_nbytes(x.shape, x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blobs refused
+
+
+def all_blobs():
+    x = torch.randn(4, 2, 16).to(torch.bfloat16)
+    return [(codec, codec.encode(x)) for codec in [make_codec("fp8"), *lossless_codecs()]]
+
+
+def test_every_truncation_and_extension_is_refused():
+    for codec, blob in all_blobs():
+        for cut in range(blob.numel()):
+            with pytest.raises(CorruptionError):
+                codec.decode(blob[:cut].clone())
+        longer = torch.cat([blob, torch.zeros(1, dtype=torch.uint8)])
+        with pytest.raises(CorruptionError, match="longer than its header says"):
+            codec.decode(longer)
+
+
+def test_every_header_byte_flip_is_refused():
+    for codec, blob in all_blobs():
+        header = read_header(blob)
+        for i in range(header.header_nbytes):
+            bad = blob.clone()
+            bad[i] ^= 0x01
+            with pytest.raises(CorruptionError):
+                codec.decode(bad)
+
+
+def test_a_blob_of_another_codec_is_refused_by_name():
+    blobs = all_blobs()
+    for reader, _ in blobs:
+        for writer, blob in blobs:
+            if writer.name == reader.name:
+                continue
+            with pytest.raises(
+                CorruptionError, match=f"written by '{writer.name}', this reader decodes '{reader.name}'"
+            ):
+                reader.decode(blob)
+
+
+def with_header_field(blob: torch.Tensor, offset: int, value: int) -> torch.Tensor:
+    """A copy of blob with one header byte changed and the header CRC made right again."""
+    header = read_header(blob)
+    raw = bytearray(blob[: header.header_nbytes].numpy().tobytes())
+    raw[offset] = value
+    end = 16 + 8 * len(header.shape) + len(header.params)
+    struct.pack_into("<I", raw, end, zlib.crc32(bytes(raw[:end])))
+    out = blob.clone()
+    out[: header.header_nbytes] = torch.frombuffer(raw, dtype=torch.uint8)
+    return out
+
+
+def test_another_version_and_unknown_codec_are_refused():
+    codec, blob = all_blobs()[0]
+    with pytest.raises(CorruptionError, match="format version 9"):
+        codec.decode(with_header_field(blob, 6, 9))
+    with pytest.raises(CorruptionError, match="unknown codec id 77"):
+        codec.decode(with_header_field(blob, 5, 77))
+    with pytest.raises(CorruptionError, match="container version"):
+        codec.decode(with_header_field(blob, 4, 2))
+    with pytest.raises(CorruptionError, match="not a kvtier codec blob"):
+        codec.decode(torch.randint(0, 256, (200,), dtype=torch.uint8))
+
+
+def test_byteplane_zstd_refuses_a_damaged_frame():
+    pytest.importorskip("zstandard")
+    codec = make_codec("byteplane_zstd")
+    blob = codec.encode(torch.randn(64, 32).to(torch.bfloat16))
+    bad = blob.clone()
+    bad[read_header(blob).header_nbytes] ^= 0xFF  # the zstd frame's magic
+    with pytest.raises(CorruptionError, match="plane 0 does not decode"):
+        codec.decode(bad)
+
+
+def test_decode_takes_bytes_like_blobs():
+    x = torch.randn(5, 6).to(torch.float16)
+    for codec in [make_codec("fp8"), *lossless_codecs()]:
+        blob = codec.encode(x)
+        raw = blob.numpy().tobytes()
+        for form in (raw, bytearray(raw), memoryview(raw), blob.numpy()):
+            y = codec.decode(form)
+            assert torch.equal(y, codec.decode(blob))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad tensors and settings
+
+
+@pytest.mark.parametrize("name", ["none", "fp8", "byteplane_zstd"])
+def test_bad_tensors_are_refused(name):
+    if name == "byteplane_zstd":
+        pytest.importorskip("zstandard")
+    codec = make_codec(name)
+    cases = [
+        (torch.ones(4, dtype=torch.int32), "dtype int32 is not supported"),
+        (torch.ones(4, dtype=torch.float64), "dtype float64 is not supported"),
+        (torch.ones(4).to(torch.float8_e4m3fn), "dtype float8_e4m3fn is not supported"),
+        (torch.ones(4, 6).t(), "not contiguous"),
+        (torch.ones(0, 8), "is empty"),
+        (torch.tensor(1.0), "rank 0"),
+        (torch.ones([1] * 9), "rank 9"),
+        ([1.0, 2.0], "expected a torch tensor"),
+    ]
+    for tensor, message in cases:
+        with pytest.raises(InvalidArgumentError, match=message):
+            codec.encode(tensor)
+
+
+def test_bad_names_and_options_are_refused():
+    assert codec_names() == ["none", "fp8", "byteplane_zstd"]
+    with pytest.raises(InvalidArgumentError, match="unknown codec 'int4'"):
+        make_codec("int4")
+    with pytest.raises(InvalidArgumentError, match="scale_dtype"):
+        make_codec("fp8", scale_dtype="float16")
+    with pytest.raises(InvalidArgumentError, match="twice"):
+        make_codec("fp8", scale_over=(1, 1))
+    with pytest.raises(InvalidArgumentError, match="codec 'none'"):
+        make_codec("none", level=3)
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        make_codec("fp8", scale_over=(3,)).encode(torch.ones(2, 2))
+    with pytest.raises(InvalidArgumentError, match="twice for rank 2"):
+        make_codec("fp8", scale_over=(1, -1)).encode(torch.ones(2, 2))
+    with pytest.raises(InvalidArgumentError, match=r"1-D torch\.uint8"):
+        make_codec("none").decode(torch.ones(4))
+    if len(lossless_codecs()) > 1:  # zstandard installed
+        with pytest.raises(InvalidArgumentError, match="level"):
+            ByteplaneZstdCodec(level=99)
+
+
+def test_spec_names_the_settings_that_change_bytes():
+    assert make_codec("none").spec == "none/v1"
+    assert make_codec("fp8").spec == "fp8/v1/e4m3/scale=float32/over=-1"
+    assert make_codec("fp8", scale_dtype="bfloat16", scale_over=(-2, -1)).spec.endswith("scale=bfloat16/over=-2,-1")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_round_trips_on_cuda(gpu, dtype):
+    x = random_bits((4, 16, 8, 64), dtype, 3).to(gpu)
+    for codec in lossless_codecs():
+        y = codec.decode(codec.encode(x), device=gpu)
+        assert y.device == x.device and same_bits(y, x), codec
+    x = kv_like((4, 16, 8, 64), dtype, 4)
+    for codec in (make_codec("fp8"), make_codec("fp8", scale_dtype="bfloat16", scale_over=(-2, -1))):
+        blob = codec.encode(x.to(gpu))
+        assert blob.device == x.to(gpu).device and blob.numel() == codec.encoded_nbytes(x.shape, dtype)
+        on_gpu = codec.decode(blob)
+        on_cpu = codec.encode(x)
+        # The same bytes and values as the CPU path (the e4m3 cast rounds alike on both).
+        assert torch.equal(blob.cpu(), on_cpu)
+        assert same_bits(on_gpu.cpu(), codec.decode(on_cpu))
