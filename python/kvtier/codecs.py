@@ -38,6 +38,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import zlib
@@ -428,18 +429,20 @@ class Fp8Codec(Codec):
             # Rounded down, the group's largest value would exceed 448 after division: step up.
             up = torch.nextafter(stored, torch.full_like(stored, math.inf))
             stored = torch.where(stored.float() < scale, up, stored)
-        q = (tensor.float() / stored.float()).clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8)
+        # Divides in float32 (bf16/fp16 promote), so each value is rounded once, by the e4m3 cast.
+        scaled = torch.div(tensor, stored.float()).clamp_(-_FP8_MAX, _FP8_MAX)
 
         mask = sum(1 << d for d in dims)
         params = self._PARAMS.pack(_FP8_SCALE_CODES[self.scale_dtype], mask)
         header = _pack_header(self, tensor.dtype, tensor.shape, params)
         h = len(header)
         scale_bytes = stored.numel() * stored.element_size()
-        blob = torch.empty(h + _align(scale_bytes) + q.numel(), dtype=torch.uint8, device=tensor.device)
+        start = h + _align(scale_bytes)
+        blob = torch.empty(start + tensor.numel(), dtype=torch.uint8, device=tensor.device)
         blob[:h] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
         blob[h : h + scale_bytes] = stored.reshape(-1).view(torch.uint8)
-        blob[h + scale_bytes : h + _align(scale_bytes)] = 0
-        blob[h + _align(scale_bytes) :] = q.view(-1).view(torch.uint8)
+        blob[h + scale_bytes : start] = 0
+        blob[start:].view(_FP8).view(tensor.shape).copy_(scaled)  # the e4m3 cast, into the blob
         return blob
 
     def _decode(self, blob, header):
@@ -459,8 +462,20 @@ class Fp8Codec(Codec):
         self._check_payload(blob, header, _align(scale_bytes) + numel)
         h = header.header_nbytes
         scale = _payload_view(blob, h, scale_bytes, scale_dtype, scale_shape).float()
-        q = _payload_view(blob, h + _align(scale_bytes), numel, _FP8, header.shape)
-        return (q.float() * scale).to(header.dtype)
+        q = _payload_view(blob, h + _align(scale_bytes), numel, torch.uint8, header.shape)
+        if q.device.type == "cpu":
+            # torch's own e4m3 -> float32 cast runs at ~0.15 GB/s on a CPU; a 256-entry table
+            # built from that same cast gives the same values several times faster.
+            values = torch.from_numpy(np.take(_fp8_table(), q.numpy()))
+        else:
+            values = q.view(_FP8).float()
+        return values.mul_(scale).to(header.dtype)
+
+
+@functools.cache
+def _fp8_table() -> np.ndarray:
+    """float32 value of each of the 256 e4m3fn codes, as torch casts them."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(_FP8).float().numpy()
 
 
 class ByteplaneZstdCodec(Codec):
