@@ -325,7 +325,7 @@ def test_chunk_keyer_repr_hides_salt():
 
 def test_chunk_keyer_from_layout():
     class FakeLayout:
-        fingerprint = FP
+        key_fingerprint = FP
         chunk_tokens = 128
 
     keyer = ChunkKeyer.from_layout("m", FakeLayout())

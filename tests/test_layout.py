@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from kvtier.layout import FINGERPRINT_BYTES, Layout, Segment
+from kvtier.errors import InvalidArgumentError
+from kvtier.layout import FINGERPRINT_BYTES, Layout, Segment, Shard
 
 torch = pytest.importorskip("torch")
 
@@ -350,6 +351,49 @@ def test_fingerprint_changes_with_page_shape_at_equal_page_bytes():
     b = Layout.from_vllm([torch.zeros(2, 4, 16, 8, 16)], chunk_tokens=16)
     assert a.segments[0].page_bytes == b.segments[0].page_bytes
     assert a.fingerprint != b.fingerprint
+
+
+def _sharded(shard):
+    t = torch.zeros(4, 16, 32)
+    seg = Segment(t.data_ptr(), t.stride(0) * 4, 16 * 32 * 4, 4, "layer0")
+    return Layout.from_segments(
+        [seg], page_tokens=16, chunk_tokens=16, dtype="float32", page_shape=(16, 32), shard=shard, tensors=[t]
+    )
+
+
+def test_shard_names_blobs_per_rank_and_keys_per_split():
+    plain = _sharded(None)
+    assert plain.key_fingerprint == plain.fingerprint  # unsharded: keys as they always were
+    assert _sharded(Shard()).fingerprint != plain.fingerprint  # a 1-way split still says so
+    tp = [_sharded(Shard(tp_rank=r, tp_size=2)) for r in range(2)]
+    pp = [_sharded(Shard(pp_rank=r, pp_size=2)) for r in range(2)]
+    # ranks of one split: blobs apart (peers and disk files compare fingerprints), keys alike
+    assert tp[0].fingerprint != tp[1].fingerprint and pp[0].fingerprint != pp[1].fingerprint
+    assert tp[0].key_fingerprint == tp[1].key_fingerprint and pp[0].key_fingerprint == pp[1].key_fingerprint
+    # another split: other keys, other blobs
+    assert tp[0].key_fingerprint != pp[0].key_fingerprint and tp[0].fingerprint != pp[0].fingerprint
+    assert len({x.fingerprint for x in tp + pp} | {plain.fingerprint}) == 5
+    # a second deployment of the same split: the same fingerprints, so it shares shard for shard
+    assert _sharded(Shard(tp_rank=1, tp_size=2)).fingerprint == tp[1].fingerprint
+    assert Shard(tp_rank=1, tp_size=2, pp_rank=1, pp_size=3).rank == 3
+    assert "tp1of2-pp0of1" in repr(tp[1])
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"tp_size": 0}, "tp_size"),
+        ({"tp_rank": 2, "tp_size": 2}, "tp_rank"),
+        ({"pp_rank": -1}, "pp_rank"),
+        ({"pp_size": 1.5}, "pp_size"),
+        ({"tp_rank": True, "tp_size": 2}, "tp_rank"),
+    ],
+)
+def test_shard_refuses_bad_ranks(kw, field):
+    with pytest.raises(InvalidArgumentError, match=field):
+        Shard(**kw)
+    with pytest.raises(InvalidArgumentError, match="shard"):
+        _sharded((0, 2))
 
 
 def test_fingerprint_changes_with_layer_count():

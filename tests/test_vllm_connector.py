@@ -89,6 +89,7 @@ def _driver(spec_path: str) -> None:
             engine_id=spec["engine_id"],
             kv_connector_extra_config=spec["connector"],
         )
+    tp = spec.get("tp", 1)
     t0 = time.monotonic()
     llm = LLM(
         model=spec["model"],
@@ -99,6 +100,8 @@ def _driver(spec_path: str) -> None:
         block_size=BLOCK,
         max_model_len=2048,
         kv_transfer_config=ktc,
+        tensor_parallel_size=tp,
+        distributed_executor_backend="mp" if tp > 1 else None,
     )
     record("engine_start", {"seconds": time.monotonic() - t0})
     sampling = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -122,12 +125,14 @@ def _driver(spec_path: str) -> None:
                     raise TimeoutError("vLLM's prefix cache could not be reset")
                 time.sleep(0.1)
         elif op == "stats":
-            record(name, kv_vllm.worker_stats(spec["engine_id"]))
+            record(name, kv_vllm.worker_stats(spec["engine_id"], rank=step.get("rank", 0)))
         elif op == "drain":
-            kv_vllm.worker_drain(spec["engine_id"])
+            kv_vllm.worker_drain(spec["engine_id"], world_size=tp)
+        elif op == "persist":
+            record(name, kv_vllm.worker_persist(spec["engine_id"], world_size=tp))
         elif op == "wait_stat":  # until a counter of worker_stats (a dotted path) reaches min
             while True:
-                value = kv_vllm.worker_stats(spec["engine_id"])
+                value = kv_vllm.worker_stats(spec["engine_id"], rank=step.get("rank", 0))
                 for part in step["path"].split("."):
                     value = value[part]
                 if value >= step["min"]:
@@ -144,7 +149,7 @@ def _driver(spec_path: str) -> None:
                     raise TimeoutError(f"{step['path']} did not appear")
                 time.sleep(0.1)
         elif op == "wait_lookup":  # until the peers' digests show the prompt
-            while (hit := kv_vllm.worker_lookup(spec["engine_id"], step["prompt"])) < step["min_tokens"]:
+            while (hit := kv_vllm.worker_lookup(spec["engine_id"], step["prompt"], world_size=tp)) < step["min_tokens"]:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"lookup found {hit} tokens, wanted {step['min_tokens']}")
                 time.sleep(0.2)
@@ -155,11 +160,36 @@ def _driver(spec_path: str) -> None:
 
 
 # -- the test side ----------------------------------------------------------------------------------
+def cpu_binding(tp: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for ``tp`` workers: this process's cores split into ``tp``
+    groups ("0|1" on two cores); with fewer cores than workers, they share."""
+    cores = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // tp)
+    groups = [cores[(i * per) % len(cores) : (i * per) % len(cores) + per] for i in range(tp)]
+    return "|".join(",".join(map(str, g)) for g in groups)
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free a moment ago (TP rank r listens on the port plus r)."""
+    import socket
+
+    for _ in range(100):
+        p = free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", p + 1))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no two adjacent free ports")
+
+
 class Engine:
     """One vLLM engine in its own process group, driven by a spec; killed on any failure."""
 
-    def __init__(self, tmp: Path, name: str, model: Path, steps: list, connector: dict | None) -> None:
+    def __init__(self, tmp: Path, name: str, model: Path, steps: list, connector: dict | None, tp: int = 1) -> None:
         self.name = name
+        self.tp = tp
         self.out = tmp / f"{name}.json"
         self.log = tmp / f"{name}.log"
         self.engine_id = f"kvtier-test-{name}-{os.getpid()}-{time.monotonic_ns()}"
@@ -169,10 +199,13 @@ class Engine:
             "connector": connector,
             "steps": steps,
             "out": str(self.out),
+            "tp": tp,
         }
         spec_path = tmp / f"{name}.spec.json"
         spec_path.write_text(json.dumps(spec))
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONWARNINGS": "ignore"}
+        if tp > 1:  # vllm-cpu binds each TP worker to its own cores and refuses to guess on one
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(tp)  # NUMA node (this machine)
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, __file__, str(spec_path)],
@@ -215,8 +248,9 @@ class Engine:
                 pass
             self.proc.wait(timeout=30)
         # A killed worker leaves its lookup socket behind (kvtier.integrations.vllm's path).
-        sock = Path(tempfile.gettempdir()) / f"kvtier-vllm-{os.getuid()}" / f"{self.engine_id}.sock"
-        sock.unlink(missing_ok=True)
+        for rank in range(self.tp):
+            name = f"{self.engine_id}.sock" if rank == 0 else f"{self.engine_id}.r{rank}.sock"
+            (Path(tempfile.gettempdir()) / f"kvtier-vllm-{os.getuid()}" / name).unlink(missing_ok=True)
 
     def fail(self, why: str) -> None:
         self.kill()
@@ -547,6 +581,107 @@ def test_two_instances_share_prefix_through_peers(model, baseline, engines, tmp_
     print(
         f"peers: B's generate from A's chunks {res_b['p']['seconds']:.3f} s, "
         f"recompute after A died {res_b['p2']['seconds']:.3f} s"
+    )
+
+
+def test_tensor_parallel_2_serves_prefix_from_kvtier_disk_and_peers(model, engines, tmp_path):
+    """vLLM at tensor_parallel_size=2 (two worker processes, one KV head each): each rank keeps
+    its shard in a cache, a disk and a peer port of its own. A repeat served from kvtier, a
+    second TP=2 instance served by the first through peers, and a restart on the first's disk
+    all give the tokens the TP=2 engine computed."""
+    disk = tmp_path / "tp_disk"
+    disk.mkdir()
+    port_a, port_b = free_port_pair(), free_port_pair()
+    a_ready, b_done = tmp_path / "tp_a_ready", tmp_path / "tp_b_done"
+    patient = {"ack_timeout_s": 1.0, "gossip_interval_s": 0.5, "suspicion_mult": 10.0, "request_timeout_s": 10.0}
+    cfg_a = connector_config(
+        disk_dir=str(disk),
+        disk_bytes="64MiB",
+        disk_admit_min_seen=1,
+        peers={"listen": f"127.0.0.1:{port_a}", **patient},
+        cluster_secret=SECRET,
+    )
+    a = Engine(
+        tmp_path,
+        "tp_a",
+        model,
+        [
+            {"op": "generate", "name": "warmup", "prompt": WARMUP},
+            {"op": "generate", "name": "miss", "prompt": P},
+            {"op": "drain"},
+            {"op": "reset_prefix_cache"},
+            {"op": "generate", "name": "hit", "prompt": P},
+            {"op": "stats", "name": "rank0", "rank": 0},
+            {"op": "stats", "name": "rank1", "rank": 1},
+            {"op": "persist", "name": "persist"},
+            {"op": "touch", "path": str(a_ready)},
+            {"op": "wait_file", "path": str(b_done), "timeout": ENGINE_START_S},
+        ],
+        cfg_a,
+        tp=2,
+    )
+    engines.append(a)
+    cfg_b = connector_config(
+        peers={"listen": f"127.0.0.1:{port_b}", "seeds": [f"127.0.0.1:{port_a}"], **patient},
+        cluster_secret=SECRET,
+    )
+    b = Engine(
+        tmp_path,
+        "tp_b",
+        model,
+        [
+            {"op": "wait_file", "path": str(a_ready), "timeout": ENGINE_START_S},
+            {"op": "generate", "name": "warmup", "prompt": WARMUP},
+            {"op": "wait_lookup", "name": "sees_p", "prompt": P[:HIT], "min_tokens": HIT, "timeout": 60},
+            {"op": "generate", "name": "p", "prompt": P},
+            {"op": "stats", "name": "rank0", "rank": 0},
+            {"op": "stats", "name": "rank1", "rank": 1},
+            {"op": "touch", "path": str(b_done)},
+        ],
+        cfg_b,
+        tp=2,
+    )
+    engines.append(b)
+    res_b = b.finish(timeout=2 * ENGINE_START_S)
+    res_a = a.finish()
+    recomputed = res_a["miss"]["tokens"]
+    assert res_a["miss"]["cached"] == 0
+    assert res_a["hit"]["tokens"] == recomputed and res_a["hit"]["cached"] == HIT
+    for rank in ("rank0", "rank1"):  # each rank loaded its own shard of every chunk
+        st = res_a[rank]
+        assert st["loaded_tokens"] == HIT and st["load_failed_tokens"] == 0, (rank, st)
+        assert st["saved_chunks"] == len(P) // BLOCK
+    assert res_b["p"]["tokens"] == recomputed and res_b["p"]["cached"] == HIT
+    for rank in ("rank0", "rank1"):  # pulled shard for shard from A's same rank
+        st = res_b[rank]
+        assert st["hit_chunks_by_tier"]["peer"] >= HIT // BLOCK, (rank, st)
+        assert st["cache"]["peers"]["chunks_pulled"] == HIT // BLOCK
+        assert st["loaded_tokens"] == HIT and st["load_failed_tokens"] == 0
+    assert sorted(p.name for p in disk.iterdir()) == ["tp0of2-pp0of1", "tp1of2-pp0of1"]
+
+    c = Engine(
+        tmp_path,
+        "tp_restart",
+        model,
+        [
+            {"op": "generate", "name": "warmup", "prompt": WARMUP},
+            {"op": "generate", "name": "p", "prompt": P},
+            {"op": "stats", "name": "rank0", "rank": 0},
+            {"op": "stats", "name": "rank1", "rank": 1},
+        ],
+        connector_config(disk_dir=str(disk), disk_bytes="64MiB"),
+        tp=2,
+    )
+    engines.append(c)
+    res_c = c.finish()
+    assert res_c["p"]["tokens"] == recomputed and res_c["p"]["cached"] == HIT
+    for rank in ("rank0", "rank1"):
+        st = res_c[rank]
+        assert st["hit_chunks_by_tier"]["disk"] == HIT // BLOCK and st["loaded_tokens"] == HIT, (rank, st)
+    print(
+        f"TP=2: miss {res_a['miss']['seconds']:.3f} s, CPU-tier hit {res_a['hit']['seconds']:.3f} s, "
+        f"peer hit {res_b['p']['seconds']:.3f} s, disk hit after restart {res_c['p']['seconds']:.3f} s "
+        f"(generate of {len(P)} + {NEW_TOKENS} tokens)"
     )
 
 

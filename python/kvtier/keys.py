@@ -317,8 +317,9 @@ class ChunkKeyer:
 
     @classmethod
     def from_layout(cls, model_id: str, layout, tenant_salt: bytes | str | None = None) -> ChunkKeyer:
-        """Keyer for a :class:`kvtier.layout.Layout`: takes its fingerprint and chunk_tokens."""
-        return cls(model_id, layout.fingerprint, layout.chunk_tokens, tenant_salt)
+        """Keyer for a :class:`kvtier.layout.Layout`: takes its key_fingerprint (its fingerprint,
+        less a shard's ranks) and chunk_tokens."""
+        return cls(model_id, layout.key_fingerprint, layout.chunk_tokens, tenant_salt)
 
     @property
     def namespace(self) -> bytes:

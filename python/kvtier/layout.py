@@ -31,7 +31,7 @@ from hashlib import blake2b
 
 from kvtier.errors import InvalidArgumentError
 
-__all__ = ["FINGERPRINT_BYTES", "Layout", "Segment"]
+__all__ = ["FINGERPRINT_BYTES", "Layout", "Segment", "Shard"]
 
 FINGERPRINT_BYTES = 16
 """Length of :attr:`Layout.fingerprint` in bytes."""
@@ -125,6 +125,47 @@ def disk_geometry_label(chunk_tokens: int | None) -> str:
     return "" if chunk_tokens is None else f"chunk_tokens={int(chunk_tokens)}"
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Which part of a model's KV one process holds, when the model is split over processes:
+    tensor-parallel rank ``tp_rank`` of ``tp_size`` (its share of the KV heads) in pipeline stage
+    ``pp_rank`` of ``pp_size`` (its share of the layers).
+
+    A sharded :class:`Layout`'s :attr:`Layout.fingerprint` names the shard, so one shard's blobs
+    never meet another's (peers and disk files check it), while chunk keys come from
+    :attr:`Layout.key_fingerprint`, which names only the split (``tp_size``, ``pp_size``): every
+    rank of a deployment names a prefix's chunk with the same key, and two deployments with the
+    same split share shard for shard.
+    """
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+
+    def __post_init__(self) -> None:
+        for size, rank in (("tp_size", "tp_rank"), ("pp_size", "pp_rank")):
+            n, r = getattr(self, size), getattr(self, rank)
+            if not _is_int(n) or n <= 0:
+                raise InvalidArgumentError(f"Shard.{size} must be a positive int, got {n!r}")
+            if not _is_int(r) or not 0 <= r < n:
+                raise InvalidArgumentError(f"Shard.{rank} must be an int in [0, {n}), got {r!r}")
+
+    @property
+    def rank(self) -> int:
+        """The shard's index among all ``tp_size * pp_size`` shards (stage-major)."""
+        return self.pp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+    @property
+    def label(self) -> str:
+        """``tp<rank>of<size>-pp<rank>of<size>``: a name for this shard's files and logs."""
+        return f"tp{self.tp_rank}of{self.tp_size}-pp{self.pp_rank}of{self.pp_size}"
+
+
 class Layout:
     """Where one model's KV pages live: segments, page and chunk geometry, and a fingerprint.
 
@@ -147,6 +188,8 @@ class Layout:
             head_dim)`` for vLLM.
         chunk_bytes: payload bytes of one blob, ``sum(page_bytes) * pages_per_chunk``.
         fingerprint: 16 bytes naming the blob format (see :attr:`fingerprint`).
+        shard: the :class:`Shard` of a model split over processes, or None.
+        key_fingerprint: what chunk keys are scoped by (see :attr:`key_fingerprint`).
         tensors: the source tensors, held so that the pointers stay valid.
 
     A Layout is a snapshot of pointers: it is valid while its tensors are neither freed nor
@@ -155,6 +198,7 @@ class Layout:
 
     __slots__ = (
         "_fingerprint",
+        "_key_fingerprint",
         "_layer_segments",
         "_segment_offsets",
         "chunk_bytes",
@@ -169,6 +213,7 @@ class Layout:
         "page_tokens",
         "pages_per_chunk",
         "segments",
+        "shard",
         "tensors",
     )
 
@@ -186,8 +231,11 @@ class Layout:
         page_shape: Sequence[int],
         layer_segments: Sequence[Sequence[int]],
         tensors: Sequence = (),
+        shard: Shard | None = None,
     ) -> None:
         """Validate and freeze a layout; prefer the ``from_*`` constructors."""
+        if shard is not None and not isinstance(shard, Shard):
+            raise InvalidArgumentError(f"shard must be a kvtier.layout.Shard or None, got {type(shard).__name__}")
         if not isinstance(kind, str) or not kind:
             raise InvalidArgumentError(f"kind must be a non-empty str, got {kind!r}")
         segments = tuple(segments)
@@ -245,7 +293,9 @@ class Layout:
         setattr_(self, "tensors", tuple(tensors))
         setattr_(self, "_layer_segments", layer_segments)
         setattr_(self, "_segment_offsets", tuple(offsets))
-        setattr_(self, "_fingerprint", self._compute_fingerprint())
+        setattr_(self, "shard", shard)
+        setattr_(self, "_fingerprint", self._compute_fingerprint(with_rank=True))
+        setattr_(self, "_key_fingerprint", self._compute_fingerprint(with_rank=False))
 
     def __setattr__(self, name, value) -> None:
         # The fingerprint is computed once; changing a field afterwards would make it lie.
@@ -265,9 +315,19 @@ class Layout:
         It leaves out pointers, strides, ``num_pages`` and ``device``: two instances with
         different pool sizes, addresses or GPUs write identical blobs and must share them. It
         differs whenever dtype, per-page shapes, page size or chunk size differ, since then the
-        same blob bytes would mean different KV.
+        same blob bytes would mean different KV. A sharded layout's also covers its
+        :class:`Shard` (split and ranks): equally shaped shards hold different heads or layers.
         """
         return self._fingerprint
+
+    @property
+    def key_fingerprint(self) -> bytes:
+        """16 bytes that chunk keys are scoped by (:meth:`kvtier.keys.ChunkKeyer.from_layout`):
+        :attr:`fingerprint` for an unsharded layout; for a sharded one, the same encoding with
+        the split (``tp_size``, ``pp_size``) but not the ranks, so that every rank of a
+        deployment keys a prefix alike (a router, vLLM's event aggregation) while
+        :attr:`fingerprint` keeps their blobs apart."""
+        return self._key_fingerprint
 
     @property
     def fingerprint_hex(self) -> str:
@@ -311,7 +371,7 @@ class Layout:
         core's gather/scatter."""
         return [(s.base_ptr, s.page_stride, s.page_bytes, s.num_pages) for s in self.segments]
 
-    def _compute_fingerprint(self) -> bytes:
+    def _compute_fingerprint(self, with_rank: bool) -> bytes:
         def text(value: str) -> bytes:
             raw = value.encode("utf-8")
             return struct.pack("<Q", len(raw)) + raw
@@ -329,6 +389,12 @@ class Layout:
         h.update(ints(self.page_shape))
         for group in self._layer_segments:
             h.update(ints(group))
+        if self.shard is not None:  # unsharded layouts keep the fingerprint they always had
+            sh = self.shard
+            h.update(text("shard"))
+            h.update(ints([sh.tp_size, sh.pp_size]))
+            if with_rank:
+                h.update(ints([sh.tp_rank, sh.pp_rank]))
         return h.digest()
 
     def __repr__(self) -> str:
@@ -337,7 +403,8 @@ class Layout:
             f"segments={len(self.segments)}, page_shape={self.page_shape}, "
             f"page_tokens={self.page_tokens}, chunk_tokens={self.chunk_tokens}, "
             f"num_pages={self.num_pages}, dtype={self.dtype!r}, device={self.device!r}, "
-            f"chunk_bytes={self.chunk_bytes}, fingerprint={self.fingerprint_hex})"
+            f"chunk_bytes={self.chunk_bytes}, fingerprint={self.fingerprint_hex}"
+            + (f", shard={self.shard.label!r})" if self.shard is not None else ")")
         )
 
     # ----------------------------------------------------------------------------------------
@@ -358,12 +425,14 @@ class Layout:
         device: str = "cpu",
         element_size: int | None = None,
         tensors: Sequence = (),
+        shard: Shard | None = None,
     ) -> Layout:
         """A layout from explicit segments, for memory kvtier did not get as torch tensors.
 
         Without ``layer_segments`` the segments are split evenly over ``num_layers`` layers
         (default: one segment per layer). ``element_size`` defaults to the size of ``dtype``.
         The caller keeps the memory alive; pass ``tensors`` to have the layout hold it.
+        ``shard``: the part of a split model these segments hold (:class:`Shard`).
 
         Example::
 
@@ -406,6 +475,7 @@ class Layout:
             page_shape=page_shape,
             layer_segments=layer_segments,
             tensors=tensors,
+            shard=shard,
         )
 
     @classmethod

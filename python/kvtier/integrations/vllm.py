@@ -62,8 +62,13 @@ here): ``vllm_settings`` (``kv_connector_extra_config`` and what is supported),
 socket, its client and the ``worker_*`` calls), ``vllm_metadata`` (what the scheduler side
 hands the worker side each step), ``vllm_scheduler`` and ``vllm_worker`` (the two sides).
 
-Limits: one full-attention KV cache group (no hybrid/sliding-window groups), tensor and
-pipeline parallel size 1, no multimodal prompts.
+Tensor and pipeline parallel: each worker rank keeps its shard (its heads, its layers) in a
+cache of its own, with its own socket, disk directory (``<disk_dir>/<shard>``) and ports (each
+configured port plus the rank); the scheduler asks every rank in one round and a chunk hits only
+where every rank holds it (docs/vllm.md).
+
+Limits: one full-attention KV cache group (no hybrid/sliding-window groups), no multimodal
+prompts.
 """
 
 from __future__ import annotations
@@ -126,6 +131,8 @@ class KVTierConnector(_SchedulerSide, _WorkerSide):
         self._block_size = int(vllm_config.cache_config.block_size)
         self._chunk_tokens = self._settings.chunk_tokens
         self._engine_id = str(self._kv_transfer_config.engine_id)
+        par = vllm_config.parallel_config
+        self._world_size = int(par.tensor_parallel_size) * int(par.pipeline_parallel_size)
         ktc = self._kv_transfer_config
         self._do_load = ktc.kv_role in ("kv_consumer", "kv_both")
         self._do_save = ktc.kv_role in ("kv_producer", "kv_both")

@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 
 from kvtier.errors import InvalidArgumentError
-from kvtier.layout import Layout, Segment
+from kvtier.layout import Layout, Segment, Shard
 
 __all__ = ["describe_kv_caches"]
 
 
 def describe_kv_caches(
-    kv_caches: dict[str, torch.Tensor], block_size: int, chunk_tokens: int
+    kv_caches: dict[str, torch.Tensor], block_size: int, chunk_tokens: int, shard: Shard | None = None
 ) -> tuple[Layout, dict[str, int]]:
     """A :class:`Layout` of vLLM's per-layer KV views and the layer index of each layer name.
 
@@ -21,6 +21,8 @@ def describe_kv_caches(
     ``KVCacheLayout``. When one block's ``[H, N, C]`` is one dense range (LBHNC, LBNHC, BLHNC,
     ...), a layer is one segment and a page is a kernel block; when heads are outermost (LHBNC),
     a layer is one segment per head. Layers that share one cache (KV sharing) count once.
+    ``shard``: the worker's part of a model split by tensor / pipeline parallel (its heads or
+    its layers), which the layout's fingerprint then names.
     """
     tensors: list[torch.Tensor] = []
     index: dict[str, int] = {}
@@ -105,5 +107,6 @@ def describe_kv_caches(
         kind=f"vllm_{order}",
         device=str(t0.device),
         tensors=tensors,
+        shard=shard,
     )
     return layout, index

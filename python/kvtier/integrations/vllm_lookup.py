@@ -28,9 +28,10 @@ __all__ = [
 ]
 
 
-def lookup_socket_path(engine_id: str) -> str:
-    """Where the worker of vLLM engine ``engine_id`` answers lookups and stats queries (a Unix
-    socket in a directory only this user can enter)."""
+def lookup_socket_path(engine_id: str, rank: int = 0) -> str:
+    """Where worker ``rank`` of vLLM engine ``engine_id`` answers lookups and stats queries (a
+    Unix socket in a directory only this user can enter). ``rank`` is the worker's shard
+    (:attr:`kvtier.layout.Shard.rank`) when tensor or pipeline parallel splits the model."""
     directory = os.path.join(tempfile.gettempdir(), f"kvtier-vllm-{os.getuid()}")
     os.makedirs(directory, mode=0o700, exist_ok=True)
     st = os.lstat(directory)
@@ -43,7 +44,9 @@ def lookup_socket_path(engine_id: str) -> str:
         os.chmod(directory, 0o700)
     if "/" in engine_id or engine_id in ("", ".", ".."):
         raise InvalidArgumentError(f"engine_id {engine_id!r} cannot name a socket file")
-    return os.path.join(directory, f"{engine_id}.sock")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise InvalidArgumentError(f"rank must be a non-negative int, got {rank!r}")
+    return os.path.join(directory, f"{engine_id}.sock" if rank == 0 else f"{engine_id}.r{rank}.sock")
 
 
 def _authkey(engine_id: str) -> bytes:
@@ -64,8 +67,8 @@ class _LookupClient:
     A connection that fails fails every lookup outstanding on it (their tickets then raise).
     """
 
-    def __init__(self, engine_id: str, timeout_s: float) -> None:
-        self._path = lookup_socket_path(engine_id)
+    def __init__(self, engine_id: str, timeout_s: float, rank: int = 0) -> None:
+        self._path = lookup_socket_path(engine_id, rank)
         self._key = _authkey(engine_id)
         self._timeout_s = timeout_s
         self._conn = None
@@ -187,44 +190,126 @@ class _LookupClient:
             self._drop_connection()
 
 
-def worker_stats(engine_id: str, timeout_s: float = 10.0) -> dict:
-    """The connector's counters from the worker of vLLM engine ``engine_id`` (any process of
-    this user on this host may ask): requests loaded and saved, tokens, failed blocks, hits by
+class _ShardedLookup:
+    """Lookups asked of every worker of a model split over ``world_size`` workers (tensor and
+    pipeline parallel): one round, all ranks asked at once; a chunk is a hit only where every
+    rank holds its shard of it, so the answer is the shortest hit, and its tier codes are
+    rank 0's for those chunks. Same interface as :class:`_LookupClient`'s lookup calls."""
+
+    def __init__(self, engine_id: str, timeout_s: float, world_size: int) -> None:
+        self._clients = [_LookupClient(engine_id, timeout_s, rank) for rank in range(world_size)]
+        self._next_ticket = 0
+        # ticket -> per rank: its client's ticket, or its answer once collected
+        self._pending: dict[int, list] = {}
+
+    def submit_lookup(self, tokens: np.ndarray) -> int:
+        tickets: list = []
+        try:
+            for client in self._clients:
+                tickets.append(("t", client.submit_lookup(tokens)))
+        except BaseException:
+            for client, (_, t) in zip(self._clients, tickets):
+                client.abandon(t)
+            raise
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        self._pending[ticket] = tickets
+        return ticket
+
+    def lookup_result(self, ticket: int, wait_s: float) -> tuple[int, bytes] | None:
+        parts = self._pending[ticket]
+        deadline = time.monotonic() + wait_s
+        try:
+            for i, (client, part) in enumerate(zip(self._clients, parts)):
+                if part[0] == "t":
+                    got = client.lookup_result(part[1], max(0.0, deadline - time.monotonic()))
+                    if got is None:
+                        return None
+                    parts[i] = ("r", got)
+        except BaseException:
+            self.abandon(ticket)
+            raise
+        del self._pending[ticket]
+        results = [part[1] for part in parts]
+        hit = min(r[0] for r in results)
+        codes = results[0][1]
+        chunks = len(codes) * hit // results[0][0] if results[0][0] else 0
+        return hit, codes[:chunks]
+
+    def abandon(self, ticket: int) -> None:
+        for client, part in zip(self._clients, self._pending.pop(ticket, ())):
+            if part[0] == "t":
+                client.abandon(part[1])
+
+    def lookup(self, tokens: np.ndarray) -> tuple[int, bytes]:
+        ticket = self.submit_lookup(tokens)
+        timeout_s = self._clients[0]._timeout_s
+        result = self.lookup_result(ticket, timeout_s)
+        if result is None:
+            self.abandon(ticket)
+            raise TimeoutError(f"no answer from every kvtier worker in {timeout_s} s")
+        return result
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+
+
+def _lookup_client(engine_id: str, timeout_s: float, world_size: int = 1):
+    """The scheduler's lookup channel: one worker's, or every rank's of a split model."""
+    if world_size == 1:
+        return _LookupClient(engine_id, timeout_s)
+    return _ShardedLookup(engine_id, timeout_s, world_size)
+
+
+def worker_stats(engine_id: str, timeout_s: float = 10.0, rank: int = 0) -> dict:
+    """The connector's counters from worker ``rank`` of vLLM engine ``engine_id`` (any process
+    of this user on this host may ask): requests loaded and saved, tokens, failed blocks, hits by
     tier, and the KVCache's own stats under ``"cache"`` (peers under ``cache["peers"]``)."""
-    client = _LookupClient(engine_id, timeout_s)
+    client = _LookupClient(engine_id, timeout_s, rank)
     try:
         return client.stats()
     finally:
         client.close()
 
 
-def worker_drain(engine_id: str, timeout_s: float = 30.0) -> None:
-    """Wait until the worker of engine ``engine_id`` has no store or disk write-back in flight
-    (before stopping an engine whose disk tier should keep its chunks, for instance)."""
-    client = _LookupClient(engine_id, timeout_s)
-    try:
-        client.drain()
-    finally:
-        client.close()
+def worker_drain(engine_id: str, timeout_s: float = 30.0, world_size: int = 1) -> None:
+    """Wait until the workers (ranks ``0 .. world_size - 1``) of engine ``engine_id`` have no
+    store or disk write-back in flight (before stopping an engine whose disk tier should keep
+    its chunks, for instance)."""
+    for rank in range(world_size):
+        client = _LookupClient(engine_id, timeout_s, rank)
+        try:
+            client.drain()
+        finally:
+            client.close()
 
 
-def worker_persist(engine_id: str, timeout_s: float = 60.0) -> dict:
-    """Write the chunks the worker of engine ``engine_id`` holds in its CPU tier and not yet on
-    disk to its disk tier (:meth:`kvtier.KVCache.persist`; its counts), so that a restart on the
-    same ``disk_dir`` finds them. vLLM's shutdown may kill the worker before it closes the
-    cache: the timer (``disk.persist_interval_s``) bounds what a kill loses, and this call, made
-    before a stop, loses nothing. ``{}`` without a disk tier."""
-    client = _LookupClient(engine_id, timeout_s)
-    try:
-        return client.persist()
-    finally:
-        client.close()
+def worker_persist(engine_id: str, timeout_s: float = 60.0, world_size: int = 1) -> dict:
+    """Write the chunks the workers (ranks ``0 .. world_size - 1``) of engine ``engine_id`` hold
+    in their CPU tier and not yet on disk to their disk tier (:meth:`kvtier.KVCache.persist`;
+    rank 0's counts, each rank's under ``"ranks"`` when there are several), so that a restart
+    on the same ``disk_dir`` finds them. vLLM's shutdown may kill the worker before it closes
+    the cache: the timer (``disk.persist_interval_s``) bounds what a kill loses, and this call,
+    made before a stop, loses nothing. ``{}`` without a disk tier."""
+    results = []
+    for rank in range(world_size):
+        client = _LookupClient(engine_id, timeout_s, rank)
+        try:
+            results.append(client.persist())
+        finally:
+            client.close()
+    out = dict(results[0])
+    if world_size > 1:
+        out["ranks"] = results
+    return out
 
 
-def worker_lookup(engine_id: str, tokens, timeout_s: float = 10.0) -> int:
-    """Leading tokens of ``tokens`` that the worker of engine ``engine_id`` finds in any tier
-    (local or peers), a multiple of the chunk size; loads nothing."""
-    client = _LookupClient(engine_id, timeout_s)
+def worker_lookup(engine_id: str, tokens, timeout_s: float = 10.0, world_size: int = 1) -> int:
+    """Leading tokens of ``tokens`` that the workers of engine ``engine_id`` find in any tier
+    (local or peers), a multiple of the chunk size; with ``world_size`` ranks, the tokens every
+    rank finds (as the scheduler asks). Loads nothing."""
+    client = _lookup_client(engine_id, timeout_s, world_size)
     try:
         return client.lookup(np.asarray(tokens, dtype=np.int64))[0]
     finally:

@@ -15,8 +15,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvtier.integrations.vllm_events import KVTierKVEvents
-from kvtier.integrations.vllm_lookup import _LookupClient
+from kvtier.integrations.vllm_events import KVTierKVEvents, RankAgreement
+from kvtier.integrations.vllm_lookup import _lookup_client
 from kvtier.integrations.vllm_metadata import (
     KVTierConnectorMetadata,
     _LoadSpec,
@@ -61,13 +61,16 @@ class _SchedulerSide(KVConnectorBase_V1):
                 "kv_load_failure_policy='recompute' to recompute it instead",
                 ktc.kv_load_failure_policy,
             )
-        self._client = _LookupClient(self._engine_id, timeout_s)
+        # With tensor / pipeline parallel, every rank holds its shard in a cache of its own:
+        # each lookup asks them all at once and a chunk hits only where every rank has it.
+        self._client = _lookup_client(self._engine_id, timeout_s, self._world_size)
         self._lookup_timeout_s = timeout_s
         self._inflight: dict[str, tuple[int, float]] = {}  # req -> (lookup ticket, deadline)
         self._requests: dict[str, _RequestState] = {}
         self._pending_loads: dict[str, tuple[int, int]] = {}  # req -> (start, end) tokens
         self._lookups: dict[str, tuple[int, bytes]] = {}  # req -> (hit, tier codes)
         self._kv_events: KVTierKVEvents | None = None  # the workers' events not yet taken
+        self._agreement = RankAgreement(self._world_size)  # chunks not yet reported by every rank
 
     def _close_scheduler(self) -> None:
         self._client.close()
@@ -235,7 +238,7 @@ class _SchedulerSide(KVConnectorBase_V1):
         events, self._kv_events = self._kv_events, None
         if events is None:
             return ()
-        return events.aggregate().get_all_events()
+        return self._agreement.feed(events.get_all_events())
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvtier.config import KVTierConfig
+from kvtier.config.addresses import parse_address
 from kvtier.errors import InvalidArgumentError
+from kvtier.layout import Shard
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -24,6 +26,32 @@ class _Settings:
     layerwise: bool
     lookup_wait_s: float
     peers: dict | None
+
+    def for_shard(self, shard: Shard | None) -> _Settings:
+        """The settings of the worker holding ``shard`` of a split model (tensor / pipeline
+        parallel): its own disk directory (``<disk.dir>/<shard.label>``, made if missing: each
+        rank keeps a disk tier of its own) and its own ports, each configured port plus the shard's rank
+        (``peers.listen`` and every ``peers.seeds`` entry, so rank r of one instance peers with
+        rank r of the others; ``metrics.prometheus_port``). Port 0 (any free port) stays 0."""
+        if shard is None or shard.world_size == 1:
+            return self
+        r, where = shard.rank, "kv_connector_extra_config"
+        over: dict = {}
+        if self.config.disk.dir is not None:
+            path = os.path.join(str(self.config.disk.dir), shard.label)
+            os.makedirs(path, exist_ok=True)  # the config takes an existing directory
+            over["disk.dir"] = path
+        port = self.config.metrics.prometheus_port
+        if port:
+            over["metrics.prometheus_port"] = _offset_port(port, r, f"{where}.metrics.prometheus_port")
+        peers = self.peers
+        if peers is not None:
+            peers = dict(peers)
+            peers["listen"] = _offset_address(peers["listen"], r, f"{where}.peers.listen")
+            if peers.get("seeds"):
+                peers["seeds"] = [_offset_address(a, r, f"{where}.peers.seeds") for a in peers["seeds"]]
+        config = self.config.replace(**over) if over else self.config
+        return _Settings(config, self.chunk_tokens, self.layerwise, self.lookup_wait_s, peers)
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig) -> _Settings:
@@ -103,13 +131,21 @@ class _Settings:
         )
 
 
+def _offset_port(port: int, rank: int, what: str) -> int:
+    if port + rank > 65535:
+        raise InvalidArgumentError(f"{what}: port {port} + rank {rank} is past 65535")
+    return port + rank
+
+
+def _offset_address(addr: str, rank: int, what: str) -> str:
+    host, port = parse_address(addr, what)
+    if port == 0:
+        return addr
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{_offset_port(port, rank, what)}"
+
+
 def _check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> None:
-    par = vllm_config.parallel_config
-    if par.tensor_parallel_size != 1 or par.pipeline_parallel_size != 1:
-        raise InvalidArgumentError(
-            "KVTierConnector supports tensor_parallel_size=1 and pipeline_parallel_size=1 only, "
-            f"got {par.tensor_parallel_size} and {par.pipeline_parallel_size}"
-        )
     if kv_cache_config is not None and len(kv_cache_config.kv_cache_groups) != 1:
         raise InvalidArgumentError(
             "KVTierConnector supports models with one full-attention KV cache group; this model "

@@ -39,6 +39,7 @@ from kvtier.integrations.vllm_metadata import (
     _SaveSpec,
     _tokens_array,
 )
+from kvtier.layout import Shard
 
 if TYPE_CHECKING:
     from vllm.forward_context import ForwardContext
@@ -53,6 +54,7 @@ class _WorkerSide(KVConnectorBase_V1):
 
     def _init_worker(self) -> None:
         self._cache: KVCache | None = None
+        self._shard_spec: Shard | None = None
         self._layer_index: dict[str, int] = {}
         self._pages_per_block = 1
         self._listener = None
@@ -85,10 +87,22 @@ class _WorkerSide(KVConnectorBase_V1):
             "event_errors": 0,
         }
 
+    def _shard(self) -> Shard | None:
+        """This worker's part of a model split by tensor / pipeline parallel (None: not split)."""
+        if self._world_size == 1:
+            return None
+        from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+
+        tp, pp = get_tp_group(), get_pp_group()
+        return Shard(tp.rank_in_group, tp.world_size, pp.rank_in_group, pp.world_size)
+
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        layout, index = describe_kv_caches(kv_caches, self._block_size, self._chunk_tokens)
+        self._shard_spec = shard = self._shard()
+        layout, index = describe_kv_caches(kv_caches, self._block_size, self._chunk_tokens, shard)
         self._layer_index = index
         self._pages_per_block = self._block_size // layout.page_tokens
+        # Each rank keeps its shard in a cache of its own: its own disk directory and ports.
+        self._settings = self._settings.for_shard(shard)
         cfg = self._settings.config
         kwargs = cfg.cache_kwargs()
         if not self._publish_events:  # nobody would take them: record none
@@ -100,7 +114,8 @@ class _WorkerSide(KVConnectorBase_V1):
         self._on_gpu = layout.device != "cpu"
         self._start_server()
         log.info(
-            "kvtier: connector ready: %r, cpu tier %d chunks, disk %s, peers %s",
+            "kvtier: connector ready%s: %r, cpu tier %d chunks, disk %s, peers %s",
+            f" (shard {shard.label})" if shard is not None else "",
             layout,
             self._cache.stats()["capacity_chunks"],
             cfg.disk.dir,
@@ -312,7 +327,8 @@ class _WorkerSide(KVConnectorBase_V1):
 
     # -- the lookup server (worker) -----------------------------------------------------------
     def _start_server(self) -> None:
-        path = lookup_socket_path(self._engine_id)
+        shard = self._shard_spec
+        path = lookup_socket_path(self._engine_id, shard.rank if shard is not None else 0)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a stale socket of a dead engine with the same id
         self._listener = Listener(path, family="AF_UNIX", authkey=_authkey(self._engine_id))
