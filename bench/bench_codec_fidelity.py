@@ -17,9 +17,10 @@ error (``||out - ref|| / ||ref||``), max and mean absolute error of the logits o
 of the last hidden state and of each layer's attention output (the worst layer); agreement of
 64 greedy tokens generated from either KV (free-running: the fraction of positions that match,
 and where they first part), and the same 64 positions teacher-forced (top-1 agreement when both
-read the reference's tokens). Fidelity has no baseline beside it (the reference is the
-uncompressed KV itself); for scale, each note says how far a recompute (one forward over prefix
-and suffix, no cache: matrices of other shapes) moves the same outputs.
+read the reference's tokens), averaged over ``--prompts`` random prompts. Fidelity has no
+baseline beside it (the reference is the uncompressed KV itself); for scale, each note says how
+far a recompute (one forward over prefix and suffix, no cache: matrices of other shapes) moves
+the same outputs.
 Speed: best of ``--reps`` encode and decode passes over every chunk, codecs interleaved, one
 thread, against the ``none`` codec (a copy) in the same run.
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -242,6 +244,97 @@ def agreement(a: list[int], b: list[int]) -> tuple[float, int]:
     return same, first
 
 
+def prefix_kv(model: Model, prefix_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    keys, values = kv_of(model.forward(prefix_ids)["cache"])
+    return [k.clone() for k in keys], [v.clone() for v in values]
+
+
+def fidelity(model: Model, ids: torch.Tensor, codecs: dict, args) -> dict:
+    """One prompt: for each codec (and for a recompute) the output errors against the reference
+    and the greedy agreement."""
+    prefix_ids, suffix_ids = ids[:, : args.prefix], ids[:, args.prefix :]
+    # The reference: prefix KV as computed, the suffix against it, 64 greedy tokens on.
+    keys, values = prefix_kv(model, prefix_ids)
+    ref_cache = model.cache_of(keys, values)
+    ref = model.forward(suffix_ids, ref_cache)
+    ref_tokens = model.greedy(ref_cache, ref["logits"][-1], GENERATED)
+    forced_ids = torch.cat([suffix_ids, torch.tensor([ref_tokens[:-1]])], dim=1)
+    ref_forced = model.forward(forced_ids, model.cache_of(keys, values))["logits"][args.suffix - 1 :].argmax(-1)
+    out = {}
+
+    # For scale: a recompute, one forward over prefix and suffix.
+    full = model.forward(ids)
+    again = {
+        "logits": full["logits"][args.prefix :],
+        "hidden": full["hidden"][args.prefix :],
+        "attn": [a[args.prefix :] for a in full["attn"]],
+    }
+    full_kv = [[t.clone() for t in ts] for ts in kv_of(full["cache"])]
+    tokens = model.greedy(full["cache"], full["logits"][-1], GENERATED)
+    agree, first = agreement(tokens, ref_tokens)
+    forced = model.forward(ids.new_tensor([ref_tokens[:-1]]), model.cache_of(*full_kv))
+    # The recompute's cache holds prefix and suffix: its last logits predict the first generated
+    # token, the forced forward the other 63.
+    forced = torch.cat([full["logits"][-1:].argmax(-1), forced["logits"].argmax(-1)])
+    out["recompute"] = {
+        "err": errors(again, ref),
+        "greedy": agree,
+        "first_diff": first,
+        "forced": float((forced == ref_forced).float().mean()),
+        "bit_exact": False,
+    }
+
+    k_chunks, v_chunks = chunks_of(keys, args.chunk, args.prefix), chunks_of(values, args.chunk, args.prefix)
+    for name, (codec_k, codec_v, mode) in codecs.items():
+        out_k, out_v, _, _, _ = round_trip(codec_k, codec_v, mode, k_chunks, v_chunks)
+        bit_exact = all(
+            torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(out_k + out_v, k_chunks + v_chunks)
+        )
+        dec_keys, dec_values = unchunk(out_k), unchunk(out_v)
+        cache = model.cache_of(dec_keys, dec_values)
+        got = model.forward(suffix_ids, cache)
+        tokens = model.greedy(cache, got["logits"][-1], GENERATED)
+        forced = model.forward(forced_ids, model.cache_of(dec_keys, dec_values))["logits"][args.suffix - 1 :]
+        agree, first = agreement(tokens, ref_tokens)
+        out[name] = {
+            "err": errors(got, ref),
+            "greedy": agree,
+            "first_diff": first,
+            "forced": float((forced.argmax(-1) == ref_forced).float().mean()),
+            "bit_exact": bit_exact,
+        }
+    return out
+
+
+def merge(runs: list[dict]) -> dict:
+    """Across prompts: relative errors and agreements averaged, max errors the largest, first
+    differences listed."""
+    n = len(runs)
+
+    def mean(values) -> float:
+        return sum(values) / n
+
+    err = {}
+    for what in runs[0]["err"]:
+        es = [r["err"][what] for r in runs]
+        err[what] = {
+            "rel_l2": mean(e["rel_l2"] for e in es),
+            "max_abs": max(e["max_abs"] for e in es),
+            "mean_abs": mean(e["mean_abs"] for e in es),
+            "ref_rms": mean(e["ref_rms"] for e in es),
+        }
+        if what == "attn":
+            err[what]["layer0_rel_l2"] = mean(e["layer0_rel_l2"] for e in es)
+            err[what]["layer"] = sorted({e["layer"] for e in es})
+    return {
+        "err": err,
+        "greedy": mean(r["greedy"] for r in runs),
+        "first_diff": [r["first_diff"] for r in runs],
+        "forced": mean(r["forced"] for r in runs),
+        "bit_exact": all(r["bit_exact"] for r in runs),
+    }
+
+
 def coder_comparison(chunks: list[torch.Tensor], reps: int) -> list[dict]:
     """The coder behind byteplane_zstd, chosen on this: zstd level 1 against lz4 on the KV's
     sign+exponent byte plane (ratio and compress GB/s of the plane's bytes)."""
@@ -303,6 +396,7 @@ def main() -> None:
     parser.add_argument("--suffix", type=int, default=32, help="tokens computed after the prefix")
     parser.add_argument("--chunk", type=int, default=256, help="tokens per chunk (one blob per K and V)")
     parser.add_argument("--reps", type=int, default=5, help="timed round trips per codec (best is kept)")
+    parser.add_argument("--prompts", type=int, default=4, help="random prompts the fidelity is averaged over")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="directory to write the JSON result into")
     args = parser.parse_args()
@@ -313,80 +407,45 @@ def main() -> None:
     load_before = os.getloadavg()  # the machine is shared: the 1-minute load average, before and after
 
     model = Model(args.seed)
-    vocab = model.model.config.vocab_size
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    ids = torch.randint(3, vocab, (1, args.prefix + args.suffix), generator=gen)
-    prefix_ids, suffix_ids = ids[:, : args.prefix], ids[:, args.prefix :]
-
-    # The reference: prefix KV as computed, the suffix against it, 64 greedy tokens on.
-    keys, values = kv_of(model.forward(prefix_ids)["cache"])
-    keys, values = [k.clone() for k in keys], [v.clone() for v in values]
-    ref_cache = model.cache_of(keys, values)
-    ref = model.forward(suffix_ids, ref_cache)
-    ref_tokens = model.greedy(ref_cache, ref["logits"][-1], GENERATED)
-    forced_ids = torch.cat([suffix_ids, torch.tensor([ref_tokens[:-1]])], dim=1)
-    ref_forced = model.forward(forced_ids, model.cache_of(keys, values))["logits"][args.suffix - 1 :].argmax(-1)
-
-    # The fidelity baseline: recompute, one forward over prefix and suffix.
-    full = model.forward(ids)
-    recompute = {
-        "logits": full["logits"][args.prefix :],
-        "hidden": full["hidden"][args.prefix :],
-        "attn": [a[args.prefix :] for a in full["attn"]],
-    }
-    recompute_err = errors(recompute, ref)
-    full_kv = [[t.clone() for t in ts] for ts in kv_of(full["cache"])]
-    recompute_tokens = model.greedy(full["cache"], full["logits"][-1], GENERATED)
-    recompute_agree, recompute_first = agreement(recompute_tokens, ref_tokens)
-    full_forced = model.forward(ids.new_tensor([ref_tokens[:-1]]), model.cache_of(*full_kv))
-    # The recompute's cache holds prefix and suffix: its last logits predict the first generated
-    # token, the forced forward the other 63.
-    recompute_forced = torch.cat([full["logits"][-1:].argmax(-1), full_forced["logits"].argmax(-1)])
-    recompute_tf = float((recompute_forced == ref_forced).float().mean())
-
-    k_chunks, v_chunks = chunks_of(keys, args.chunk, args.prefix), chunks_of(values, args.chunk, args.prefix)
-    original = sum(t.nbytes for t in k_chunks + v_chunks)
     codecs = {
         name: (make_codec(kname, **kopts), make_codec(vname, **vopts), mode)
         for name, ((kname, kopts), (vname, vopts), mode, _) in CODECS.items()
     }
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    prompts = [torch.randint(3, VOCAB, (1, args.prefix + args.suffix), generator=gen) for _ in range(args.prompts)]
+
+    # Speed and ratio: every chunk of the first prompt's KV, best of --reps, codecs interleaved
+    # so that drift on the shared machine hits each alike.
+    keys, values = prefix_kv(model, prompts[0][:, : args.prefix])
+    k_chunks, v_chunks = chunks_of(keys, args.chunk, args.prefix), chunks_of(values, args.chunk, args.prefix)
+    original = sum(t.nbytes for t in k_chunks + v_chunks)
     best_enc = dict.fromkeys(codecs, float("inf"))
     best_dec = dict.fromkeys(codecs, float("inf"))
-    decoded, encoded = {}, {}
+    encoded = {}
     for _ in range(args.reps):
-        for name, (codec_k, codec_v, mode) in codecs.items():  # interleaved: drift hits every codec alike
-            out_k, out_v, encoded[name], enc, dec = round_trip(codec_k, codec_v, mode, k_chunks, v_chunks)
+        for name, (codec_k, codec_v, mode) in codecs.items():
+            _, _, encoded[name], enc, dec = round_trip(codec_k, codec_v, mode, k_chunks, v_chunks)
             best_enc[name], best_dec[name] = min(best_enc[name], enc), min(best_dec[name], dec)
-            decoded[name] = (out_k, out_v)
 
+    per_prompt = [fidelity(model, ids, codecs, args) for ids in prompts]
+    recompute = merge([p["recompute"] for p in per_prompt])
     measured = {}
     for name in codecs:
-        out_k, out_v = decoded[name]
-        nbytes = encoded[name]
-        dec_keys, dec_values = unchunk(out_k), unchunk(out_v)
-        bit_exact = all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(out_k, k_chunks)) and all(
-            torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(out_v, v_chunks)
-        )
-        cache = model.cache_of(dec_keys, dec_values)
-        out = model.forward(suffix_ids, cache)
-        tokens = model.greedy(cache, out["logits"][-1], GENERATED)
-        forced = model.forward(forced_ids, model.cache_of(dec_keys, dec_values))["logits"][args.suffix - 1 :]
-        agree, first = agreement(tokens, ref_tokens)
         measured[name] = {
-            "ratio": original / nbytes,
+            **merge([p[name] for p in per_prompt]),
+            "ratio": original / encoded[name],
             "encode_gbs": original / best_enc[name] / 1e9,
             "decode_gbs": original / best_dec[name] / 1e9,
-            "bit_exact": bit_exact,
-            "err": errors(out, ref),
-            "greedy": agree,
-            "first_diff": first,
-            "forced": float((forced.argmax(-1) == ref_forced).float().mean()),
         }
-        print(f"{name}: {measured[name]}", flush=True)
+        print(f"{name}: {measured[name]}", file=sys.stderr, flush=True)
+    recompute_err = recompute["err"]
+    recompute_agree, recompute_first = recompute["greedy"], recompute["first_diff"]
+    recompute_tf = recompute["forced"]
+    k_shape = f"[{LAYERS}, {KV_HEADS}, {args.chunk}, {HEAD_DIM}]"
+    shape = f"{len(k_chunks)} chunks of {args.chunk} tokens, K and V each {k_shape} bfloat16"
 
     results = []
     base = measured["none"]
-    shape = f"{len(k_chunks)} chunks of {args.chunk} tokens, K and V each [4, 8, {args.chunk}, 128] bfloat16"
     for name, (_, _, _, what) in CODECS.items():
         m = measured[name]
         results += [
@@ -432,11 +491,16 @@ def main() -> None:
             continue
         no_peer = (
             "baseline null: the reference is the same model on the uncompressed KV (error 0 by definition) "
-            "and no other codec's error was measured beside it; "
+            f"and no other codec's error was measured beside it; mean over {args.prompts} random prompts "
+            "(max_abs: the largest); "
         )
         for what_out, label in (("logits", "logits"), ("hidden", "last hidden state"), ("attn", "attention output")):
             e, r = m["err"][what_out], recompute_err[what_out]
-            extra = f"; worst layer {e['layer']}, layer 0: {e['layer0_rel_l2']:.3g}" if what_out == "attn" else ""
+            extra = (
+                f"; the worst layer (layers {e['layer']}), layer 0: {e['layer0_rel_l2']:.3g}"
+                if what_out == "attn"
+                else ""
+            )
             results.append(
                 {
                     "case": f"{name}.{what_out}_rel_l2",
@@ -457,7 +521,7 @@ def main() -> None:
                 "value": round(m["greedy"], 4),
                 "unit": f"fraction of {GENERATED} greedy tokens equal, free-running",
                 "baseline": None,
-                "note": f"{no_peer}first differing token: {m['first_diff']} ({GENERATED}: none); after one "
+                "note": f"{no_peer}first differing token per prompt: {m['first_diff']} ({GENERATED}: none); after one "
                 f"differs the two continuations part; a recompute agrees {recompute_agree:.3f} "
                 f"(first difference {recompute_first})",
             },
