@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvtier.cli import main
 from kvtier.errors import InvalidArgumentError
-from kvtier.routing import Candidate, KvLoad, LeastLoaded, RoutingPolicy
+from kvtier.routing import DEFAULT_BALANCE, DEFAULT_SLACK_S, Candidate, KvLoad, LeastLoaded, RoutingPolicy
 from kvtier.sim import SimConfig, Simulator
 from kvtier.sim.engine import SimPrefixCost
 from kvtier.sim.hot_prefix import HotPrefix, capacity_rps, hot_prefix_at_load, hot_prefix_requests
@@ -101,14 +101,16 @@ def test_sim_accepts_a_callable_and_checks_its_answer():
 
 
 def test_builtin_names_build_policy_objects_and_kv_load_gets_the_cost_model():
-    s = Simulator(replace(CFG, routing="kv_load", routing_balance=0.3))
-    assert isinstance(s.policy, KvLoad) and s.policy.balance == 0.3
+    s = Simulator(replace(CFG, routing="kv_load", routing_balance=0.3, routing_slack_s=0.2))
+    assert isinstance(s.policy, KvLoad) and (s.policy.balance, s.policy.slack_s) == (0.3, 0.2)
     assert isinstance(s.policy.cost, SimPrefixCost)
     assert isinstance(Simulator(replace(CFG, routing="least_loaded")).policy, LeastLoaded)
     with pytest.raises(InvalidArgumentError, match="bogus"):
         replace(CFG, routing="bogus")
     with pytest.raises(InvalidArgumentError, match="routing_balance"):
         replace(CFG, routing_balance=-1.0)
+    with pytest.raises(InvalidArgumentError, match="routing_slack_s"):
+        replace(CFG, routing_slack_s=-0.01)
 
 
 def test_sim_prefix_cost_prices_gpu_over_cpu_over_disk():
@@ -141,10 +143,16 @@ def test_cli_hot_prefix_trace_defaults_to_kv_load(tmp_path, capsys):
     argv = ["sim", "--trace", "hot_prefix:200", "--instances", "4", "--no-ablation", "--load", "0.5"]
     assert main([*argv, "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert doc["runs"]["all tiers"]["config"]["routing"] == "kv_load"
+    conf = doc["runs"]["all tiers"]["config"]
+    assert conf["routing"] == "kv_load"
+    assert (conf["routing_balance"], conf["routing_slack_s"]) == (DEFAULT_BALANCE, DEFAULT_SLACK_S)
     assert doc["load"] == 0.5 and doc["seed"] == 0
     assert doc["summary"]["requests"] == 200
     assert main(["sim", "--trace", "hot_prefix:0", "--no-ablation"]) == 2
     assert "hot_prefix:N" in capsys.readouterr().err
     assert main(["sim", "--trace", "hot_prefix:10", "--no-ablation", "--load", "-1"]) == 2
     assert main(["sim", "--trace", "hot_prefix:10", "--no-ablation", "--balance", "-1"]) == 2
+    assert main(["sim", "--trace", "hot_prefix:10", "--no-ablation", "--queue-slack", "-1"]) == 2
+    assert main([*argv, "--balance", "1", "--queue-slack", "0", "--json", str(out)]) == 0
+    conf = json.loads(out.read_text())["runs"]["all tiers"]["config"]
+    assert (conf["routing_balance"], conf["routing_slack_s"]) == (1.0, 0.0)

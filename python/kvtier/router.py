@@ -48,7 +48,7 @@ from kvtier.errors import (
 )
 from kvtier.events import CLEARED, CPU, DISK, GPU, MEDIA, STORED, KVEvent
 from kvtier.keys import ChunkKeyer
-from kvtier.routing import Dispatcher, RouteRequest, bind_policy
+from kvtier.routing import DEFAULT_BALANCE, DEFAULT_SLACK_S, Dispatcher, RouteRequest, bind_policy
 
 __all__ = [
     "InstanceView",
@@ -158,7 +158,8 @@ class Router:
         keyer: the instances' chunk keyer (same model id, layout fingerprint, chunk size, salt).
         policy: a name of ``kvtier.routing.POLICIES`` (default ``kv_load``), a RoutingPolicy or
             a callable ``f(request, candidates) -> index``.
-        balance: kv_load's weight of queued seconds.
+        balance, slack_s: kv_load's weight of queued seconds and the queue (seconds beyond the
+            shortest) that counts as none (kvtier.routing.KvLoad; the simulator's defaults).
         cost: prices a cached prefix (``saved_s(num_tokens, prefix)``) for kv_load and, with a
             ``request_s(num_tokens, prefix)``, a routed request's service; default
             :func:`default_cost` for the keyer's chunk size.
@@ -172,7 +173,8 @@ class Router:
         keyer: ChunkKeyer,
         policy="kv_load",
         *,
-        balance: float = 1.0,
+        balance: float = DEFAULT_BALANCE,
+        slack_s: float = DEFAULT_SLACK_S,
         cost=None,
     ) -> None:
         names = list(instances)
@@ -188,7 +190,7 @@ class Router:
         self.names = names
         self.keyer = keyer
         self.cost = cost if cost is not None else default_cost(keyer.chunk_tokens)
-        self.policy = bind_policy(policy, balance=balance, cost=self.cost)
+        self.policy = bind_policy(policy, balance=balance, slack_s=slack_s, cost=self.cost)
         self._index = {n: i for i, n in enumerate(names)}
         self.views = [InstanceView() for _ in names]
         self._dispatch = Dispatcher(self.policy, len(names))
@@ -581,7 +583,15 @@ def add_parser(sub) -> None:
     p.add_argument("--chunk-tokens", type=int, default=256)
     p.add_argument("--tenant-salt", default=None)
     p.add_argument("--routing", default="kv_load", choices=sorted(POLICIES), help="the policy (default kv_load)")
-    p.add_argument("--balance", type=float, default=1.0, help="kv_load: weight of queued seconds")
+    p.add_argument(
+        "--balance", type=float, default=DEFAULT_BALANCE, help="kv_load: weight of queued seconds (as kvtier sim's)"
+    )
+    p.add_argument(
+        "--queue-slack",
+        type=float,
+        default=DEFAULT_SLACK_S,
+        help="kv_load: seconds of queue beyond the shortest one that count as none (as kvtier sim's)",
+    )
     p.add_argument("--model", default="llama3_8b", help="model preset of the cost model (kvtier sim's --model)")
     p.add_argument("--calibrate", default=None, metavar="DIR", help="price with bench results in DIR, as kvtier sim")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until killed)")
@@ -609,7 +619,7 @@ def _cmd_route(args) -> int:
 
             hw = Calibration(args.calibrate).hardware(model=MODEL_PRESETS.get(args.model))
         cost = default_cost(args.chunk_tokens, args.model, hw)
-        router = Router(names, keyer, args.routing, balance=args.balance, cost=cost)
+        router = Router(names, keyer, args.routing, balance=args.balance, slack_s=args.queue_slack, cost=cost)
         subscriber = open_subscriber(endpoints)
         service = RouterService(router, (host, int(port)), subscriber).start()
     except (KVTierError, OSError) as e:

@@ -10,9 +10,13 @@ Built-in policies (:data:`POLICIES`):
 - ``least_loaded``: the least queued work; ties to the instance picked least recently.
 - ``cache_aware``: the longest cached prefix (any tier); ties by load, then least recently picked.
 - ``kv_load``: the weighted score of llm-d's prefix-cache scorer and Dynamo's KV router, priced
-  in seconds: ``saved_s - balance * queued_s``, where ``saved_s`` is the time the prefix it holds
-  saves (recomputing those tokens minus loading them from their tier, by a :class:`PrefixCost`).
-  With ``balance`` 1 it picks the instance with the earliest estimated first token.
+  in seconds: ``saved_s - balance * max(0, queued_s - least_queued_s - slack_s)``, where
+  ``saved_s`` is the time the prefix it holds saves (recomputing those tokens minus loading them
+  from their tier, by a :class:`PrefixCost`) and ``least_queued_s`` the shortest queue of the
+  candidates. A queue at most ``slack_s`` longer than the shortest one counts as none, so a
+  session stays where its prefix is while queues are short; beyond that each queued second costs
+  ``balance`` seconds. Defaults: :data:`DEFAULT_BALANCE`, :data:`DEFAULT_SLACK_S`. With
+  ``balance`` 1 and ``slack_s`` 0 it picks the instance with the earliest estimated first token.
 
 :class:`Dispatcher` is the decision itself (candidates built, the pick checked, recency kept),
 one code path for the simulator and kvtier's router (``kvtier.router``); :func:`bind_policy`
@@ -35,6 +39,8 @@ from typing import Protocol
 from kvtier.errors import InvalidArgumentError
 
 __all__ = [
+    "DEFAULT_BALANCE",
+    "DEFAULT_SLACK_S",
     "POLICIES",
     "TIERS",
     "CacheAware",
@@ -54,6 +60,10 @@ __all__ = [
 ]
 
 TIERS = ("gpu", "cpu", "disk", "peer")
+# kv_load's defaults (the simulator's and the router's): a queued second weighs half a second of
+# prefill saved, and queues within 50 ms of the shortest count as none (docs/sim.md, "Routing").
+DEFAULT_BALANCE = 0.5
+DEFAULT_SLACK_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -163,25 +173,38 @@ class CacheAware(RoutingPolicy):
 
 
 class KvLoad(RoutingPolicy):
-    """``saved_s - balance * queued_s``, best wins; ties to less queued work, then least
-    recently picked. ``cost`` prices the prefixes (bound by the simulator when None)."""
+    """``saved_s - balance * max(0, queued_s - least_queued_s - slack_s)``, best wins; ties to
+    the longer cached prefix, then less queued work, then least recently picked. ``cost``
+    prices the prefixes (bound by the simulator when None).
+
+    ``balance``: seconds of prefill saved that one queued second is worth giving up.
+    ``slack_s``: how much longer than the shortest queue an instance's queue may be and still
+    count as none (sticky sessions while queues are short; 0: every queued second counts)."""
 
     name = "kv_load"
     needs_prefix = True
 
-    def __init__(self, balance: float = 1.0, cost: PrefixCost | None = None) -> None:
-        if not balance >= 0:
+    def __init__(
+        self, balance: float = DEFAULT_BALANCE, cost: PrefixCost | None = None, *, slack_s: float = DEFAULT_SLACK_S
+    ) -> None:
+        if isinstance(balance, bool) or not isinstance(balance, (int, float)) or not balance >= 0:
             raise InvalidArgumentError(f"balance must be >= 0, got {balance!r}")
+        if isinstance(slack_s, bool) or not isinstance(slack_s, (int, float)) or not 0 <= slack_s < float("inf"):
+            raise InvalidArgumentError(f"slack_s must be a finite number of seconds >= 0, got {slack_s!r}")
         self.balance = float(balance)
+        self.slack_s = float(slack_s)
         self.cost = cost
 
-    def score(self, request: RouteRequest, c: Candidate) -> float:
+    def score(self, request: RouteRequest, c: Candidate, least_queued_s: float = 0.0) -> float:
+        """The candidate's score; ``least_queued_s``: the shortest queue among the candidates."""
         if self.cost is None:
             raise InvalidArgumentError("kv_load needs a cost model: KvLoad(cost=...) or the simulator's")
-        return self.cost.saved_s(request.num_tokens, c.prefix) - self.balance * c.queued_s
+        queued = max(0.0, c.queued_s - least_queued_s - self.slack_s)
+        return self.cost.saved_s(request.num_tokens, c.prefix) - self.balance * queued
 
     def choose(self, request, candidates):
-        return _argmin(candidates, lambda c: (-self.score(request, c), c.queued_s, c.last_picked))
+        q0 = min(c.queued_s for c in candidates)
+        return _argmin(candidates, lambda c: (-self.score(request, c, q0), -c.cached_chunks, c.queued_s, c.last_picked))
 
 
 class FunctionPolicy(RoutingPolicy):
@@ -229,10 +252,17 @@ def make_policy(spec, **kwargs) -> RoutingPolicy:
     raise InvalidArgumentError(f"routing: expected a policy name, a RoutingPolicy or a callable, got {spec!r}")
 
 
-def bind_policy(spec, *, balance: float = 1.0, cost: PrefixCost | None = None) -> RoutingPolicy:
+def bind_policy(
+    spec,
+    *,
+    balance: float = DEFAULT_BALANCE,
+    slack_s: float = DEFAULT_SLACK_S,
+    cost: PrefixCost | None = None,
+) -> RoutingPolicy:
     """A fresh policy from ``spec`` (as :func:`make_policy`; a name of ``kv_load`` gets
-    ``balance``), reset, and given ``cost`` if it has a ``cost`` still unset (kv_load)."""
-    p = make_policy(spec, **({"balance": balance} if spec == "kv_load" else {}))
+    ``balance`` and ``slack_s``), reset, and given ``cost`` if it has a ``cost`` still unset
+    (kv_load)."""
+    p = make_policy(spec, **({"balance": balance, "slack_s": slack_s} if spec == "kv_load" else {}))
     p.reset()
     if getattr(p, "cost", False) is None:
         p.cost = cost

@@ -9,6 +9,7 @@ import os
 import sys
 from dataclasses import replace
 
+from kvtier.routing import DEFAULT_BALANCE, DEFAULT_SLACK_S
 from kvtier.sim.cost import MODEL_PRESETS, CalibratedPlanner, Calibration, HardwareCost
 
 _GIB = 1 << 30
@@ -60,13 +61,20 @@ def add_parser(sub) -> None:
         "--routing",
         default="kv_load",
         choices=("kv_load", "round_robin", "least_loaded", "cache_aware"),
-        help="kv_load (default): seconds the cached prefix saves minus --balance x queued seconds",
+        help="kv_load (default): seconds the cached prefix saves minus --balance x queued seconds beyond --queue-slack",
     )
     p.add_argument(
         "--balance",
         type=float,
-        default=1.0,
-        help="kv_load: weight of an instance's queued seconds against the seconds its prefix saves",
+        default=DEFAULT_BALANCE,
+        help=f"kv_load: weight of an instance's queued seconds against the seconds its prefix saves "
+        f"(default {DEFAULT_BALANCE:g})",
+    )
+    p.add_argument(
+        "--queue-slack",
+        type=float,
+        default=DEFAULT_SLACK_S,
+        help=f"kv_load: seconds of queue beyond the shortest one that count as none (default {DEFAULT_SLACK_S:g})",
     )
     p.add_argument("--peers", action="store_true", help="instances pull missing prefixes from each other's CPU tier")
     p.add_argument("--peer-disk", action="store_true", help="peers also serve their disk tier")
@@ -277,6 +285,7 @@ def run(args: argparse.Namespace) -> int:
             instances=args.instances,
             routing=args.routing,
             routing_balance=args.balance,
+            routing_slack_s=args.queue_slack,
             peers=args.peers,
             peer_disk=args.peer_disk,
             hosts=args.hosts,

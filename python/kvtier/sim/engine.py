@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from kvtier.errors import InvalidArgumentError
-from kvtier.routing import POLICIES, Candidate, Dispatcher, RouteRequest, bind_policy
+from kvtier.routing import DEFAULT_BALANCE, DEFAULT_SLACK_S, POLICIES, Candidate, Dispatcher, RouteRequest, bind_policy
 from kvtier.sim.cost import MODEL_PRESETS, HardwareCost, ModelShape
 from kvtier.sim.tiers import SimCpuTier, SimGpuPool
 from kvtier.sim.trace import Request
@@ -75,6 +75,8 @@ class SimConfig:
         gpu_eviction_policy / admission_policy / prefetch_policy / planner: Python policy objects,
             exactly as the engine takes them (shared by all instances).
         instances, routing: how many instances and how requests reach them.
+        routing_balance, routing_slack_s: kv_load's ``balance`` and ``slack_s``
+            (kvtier.routing.KvLoad).
         peers: a miss continues in other instances' CPU tiers (and disks with ``peer_disk``),
             pulled into the local CPU tier after the local hits (PagedKVPool with ``peers=``).
         hosts: how many hosts the instances run on, instance ``i`` on host ``i % hosts`` (None:
@@ -103,7 +105,8 @@ class SimConfig:
     planner: object = None
     instances: int = 1
     routing: object = "round_robin"
-    routing_balance: float = 1.0
+    routing_balance: float = DEFAULT_BALANCE
+    routing_slack_s: float = DEFAULT_SLACK_S
     peers: bool = False
     peer_disk: bool = False
     hosts: int | None = None
@@ -138,6 +141,10 @@ class SimConfig:
             isinstance(self.routing_balance, (int, float)) and self.routing_balance >= 0
         ):
             raise InvalidArgumentError(f"routing_balance must be a number >= 0, got {self.routing_balance!r}")
+        if isinstance(self.routing_slack_s, bool) or not (
+            isinstance(self.routing_slack_s, (int, float)) and 0 <= self.routing_slack_s < math.inf
+        ):
+            raise InvalidArgumentError(f"routing_slack_s must be seconds >= 0, got {self.routing_slack_s!r}")
         if self.replay not in ("timestamps", "fast"):
             raise ValueError(f"replay must be 'timestamps' or 'fast', got {self.replay!r}")
         if self.cpu_eviction not in ("lru", "s3fifo", "lfu"):
@@ -302,6 +309,7 @@ class SimResult:
                 "instances": c.instances,
                 "routing": c.routing if isinstance(c.routing, str) else getattr(c.routing, "name", "custom"),
                 "routing_balance": c.routing_balance,
+                "routing_slack_s": c.routing_slack_s,
                 "peers": c.peers,
                 "hosts": c.instances if c.hosts is None else c.hosts,
                 "replay": c.replay,
@@ -499,7 +507,7 @@ class SimPrefixCost:
 def _policy(cfg: SimConfig):
     """The routing policy object of ``cfg.routing``; kv_load gets the simulator's cost model."""
     cost = SimPrefixCost(cfg.hardware, cfg.model, cfg.chunk_tokens, cfg.chunk_bytes)
-    return bind_policy(cfg.routing, balance=cfg.routing_balance, cost=cost)
+    return bind_policy(cfg.routing, balance=cfg.routing_balance, slack_s=cfg.routing_slack_s, cost=cost)
 
 
 def request_load_parts_s(hw: HardwareCost, chunk_bytes: int, b, peer: int = 0) -> tuple[float, float]:
