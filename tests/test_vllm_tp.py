@@ -68,18 +68,20 @@ class ShardedEngine:
     """vLLM's side of the connector protocol for a model over ``tp`` ranks, one request at a
     time, its whole prompt in one step."""
 
-    def __init__(self, engine_id: str, tp: int, events: bool = False, **extra) -> None:
+    def __init__(self, engine_id: str, tp: int, pp: int = 1, events: bool = False, **extra) -> None:
         extra = {"cpu_bytes": "1MiB", "model_id": "sharded-engine", **extra}
-        cfg = vllm_config(extra, engine_id, tp, events=events)
+        cfg = vllm_config(extra, engine_id, tp, pp, events=events)
         groups = SimpleNamespace(kv_cache_groups=[object()])
-        self.tp = tp
+        self.tp = tp * pp  # workers
         self.workers, self.full, self.kv = [], [], []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for rank in range(tp):
+            for rank in range(tp * pp):
                 w = KVTierConnector(cfg, KVConnectorRole.WORKER, groups)
                 # vLLM's parallel state (get_tp_group) exists only in its worker processes.
-                w._shard = lambda rank=rank: Shard(tp_rank=rank, tp_size=tp)
+                shard = Shard(tp_rank=rank % tp, tp_size=tp, pp_rank=rank // tp, pp_size=pp)
+                assert shard.rank == rank
+                w._shard = lambda shard=shard: shard
                 full = torch.zeros(LAYERS, BLOCKS, 1, BLOCK, DIM)
                 kv = {f"layer.{i}": full[i] for i in range(LAYERS)}
                 w.register_kv_caches(kv)
@@ -167,8 +169,8 @@ class ShardedEngine:
 def sharded():
     engines = []
 
-    def make(tp: int = 2, **extra):
-        e = ShardedEngine(f"tp-{os.getpid()}-{time.monotonic_ns()}", tp, **extra)
+    def make(tp: int = 2, pp: int = 1, **extra):
+        e = ShardedEngine(f"tp-{os.getpid()}-{time.monotonic_ns()}", tp, pp, **extra)
         engines.append(e)
         return e
 
@@ -181,22 +183,24 @@ def prompt(seed: int, blocks: int) -> list[int]:
     return [(seed * 31 + 7 * i) % 97 for i in range(blocks * BLOCK + 1)]
 
 
-def test_each_rank_stores_and_loads_its_own_shard(sharded):
-    engine = sharded(tp=2)
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (2, 2)])
+def test_each_rank_stores_and_loads_its_own_shard(sharded, tp, pp):
+    """TP ranks hold heads and PP stages layers; to the connector both are shards."""
+    engine = sharded(tp=tp, pp=pp)
     P = prompt(1, 6)
     engine.run("miss", P)
-    for c in engine.caches():
+    caches = engine.caches()
+    for c in caches:
         c.drain()
     # Keys alike on every rank (a router, vLLM's event aggregation), blobs apart.
-    c0, c1 = engine.caches()
-    assert c0.keyer.keys(np.asarray(P)) == c1.keyer.keys(np.asarray(P))
-    assert c0.layout.fingerprint != c1.layout.fingerprint
-    assert c0.layout.key_fingerprint == c1.layout.key_fingerprint
+    assert len({tuple(c.keyer.keys(np.asarray(P))) for c in caches}) == 1
+    assert len({c.layout.fingerprint for c in caches}) == tp * pp
+    assert len({c.layout.key_fingerprint for c in caches}) == 1
     for full in engine.full:
         full.zero_()
     blocks, loaded = engine.run("hit", P)
     assert loaded == 6 * BLOCK
-    for rank in range(2):
+    for rank in range(tp * pp):
         for b in range(6):
             assert torch.equal(engine.full[rank][:, blocks[b]], shard_kv(P[: (b + 1) * BLOCK], rank)), (rank, b)
         assert engine.workers[rank].stats()["loaded_tokens"] == 6 * BLOCK
