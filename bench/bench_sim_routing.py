@@ -177,11 +177,20 @@ def _plot(table: list[dict], path: str) -> None:
     loads = sorted({int(r["trace"].rsplit("_", 1)[1]) for r in hot})
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     styles = ["-", "--", ":", "-."]
+    color = {label: f"C{k}" for k, label in enumerate(dict.fromkeys(r["policy"] for r in table))}
     for k, label in enumerate(dict.fromkeys(r["policy"] for r in hot)):
         rows = {int(r["trace"].rsplit("_", 1)[1]): r for r in hot if r["policy"] == label}
         for ax, key in zip(axes, ("ttft_p50_ms", "ttft_p99_ms", "hit_ratio"), strict=False):
             # policies that coincide (kv_load and cache_aware on this trace) stay visible: markers shrink
-            ax.plot(loads, [rows[x][key] for x in loads], ls=styles[k % 4], marker="o", ms=9 - k, label=label)
+            ax.plot(
+                loads,
+                [rows[x][key] for x in loads],
+                ls=styles[k % 4],
+                marker="o",
+                ms=9 - k,
+                c=color[label],
+                label=label,
+            )
             ax.set_title(f"hot_prefix: {key}")
             ax.set_xlabel("load, % of cold-prefill capacity")
     axes[0].legend(fontsize=7)
@@ -194,7 +203,7 @@ def _plot(table: list[dict], path: str) -> None:
         ax.fill_between([0, x0], y0, 1.0, color="green", alpha=0.08)  # both targets met
     near = {k: r for k, r in shared.items() if r["hit_ratio"] >= 0.45}
     for label, r in near.items():
-        ax.scatter(r["ttft_p99_ms"] / 1e3, r["hit_ratio"])
+        ax.scatter(r["ttft_p99_ms"] / 1e3, r["hit_ratio"], c=color[label])
         ax.annotate(
             label, (r["ttft_p99_ms"] / 1e3, r["hit_ratio"]), fontsize=7, xytext=(4, -3), textcoords="offset points"
         )
