@@ -426,8 +426,9 @@ class Fp8Codec(Codec):
         scale = (amax / _FP8_MAX).clamp_min(_MIN_SCALE)
         stored = scale.to(self.scale_dtype)
         if self.scale_dtype != torch.float32:
-            # Rounded down, the group's largest value would exceed 448 after division: step up.
-            up = torch.nextafter(stored, torch.full_like(stored, math.inf))
+            # Rounded down, the group's largest value would exceed 448 after division: step up
+            # to the next bfloat16 (scales are positive and finite, so that is the bit pattern + 1).
+            up = (stored.view(torch.int16) + 1).view(self.scale_dtype)
             stored = torch.where(stored.float() < scale, up, stored)
         # Divides in float32 (bf16/fp16 promote), so each value is rounded once, by the e4m3 cast.
         scaled = torch.div(tensor, stored.float()).clamp_(-_FP8_MAX, _FP8_MAX)
