@@ -13,7 +13,9 @@ registered GPU or pinned memory:
 - ``nixl_read_gpu_to_host``: the holder's GPU -> this process's pinned memory, against
   ``torch_d2h_pinned``.
 
-Every read is checked bit-exact once. ``UCX_TLS`` is left to the environment (unset: UCX picks);
+Every read is checked bit-exact once. ``UCX_TLS`` is left to the environment (unset: UCX picks),
+and so is ``UCX_CUDA_IPC_ENABLE_GET_ZCOPY`` (kvtier's endpoint sets ``y`` where unset; ``auto``
+gives UCX's default, which on a host without active NVLink leaves cuda_ipc out of READs);
 with ``UCX_PROTO_INFO=y`` UCX prints the protocol each transfer took (cuda_ipc, cuda_copy, or a
 tcp/cma fallback) on stderr.
 
@@ -93,6 +95,8 @@ def main() -> int:
         ep.register(dst.data_ptr(), NBYTES, GPU, 0)
         ep.register(dst_host.data_ptr(), NBYTES, HOST)
         peer = ep.add_peer(bytes.fromhex(info["md"]))
+        # NixlEndpoint turns cuda_ipc's READs on unless the environment chose (nixl_agent.py).
+        ipc_get = os.environ.get("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "<unset>")
         holder_gpu = (GPU, info["device"])
 
         def nixl(remote_addr, remote, local_addr, local):
@@ -155,7 +159,8 @@ def main() -> int:
                     "baseline_value": round(base_gbps, 2),
                     "ratio": round(nixl_gbps / base_gbps, 3),
                     "note": f"one 512 MiB READ from another process, median of {args.reps}; "
-                    f"UCX_TLS={os.environ.get('UCX_TLS', '<unset>')}, UCX error mode {args.ucx_error_mode}",
+                    f"UCX_TLS={os.environ.get('UCX_TLS', '<unset>')}, UCX_CUDA_IPC_ENABLE_GET_ZCOPY={ipc_get}, "
+                    f"UCX error mode {args.ucx_error_mode}",
                 }
             )
         ep.close()
@@ -165,6 +170,8 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(0)
     tag = "h200" if "H200" in gpu else "h100" if "H100" in gpu else "gpu"
     workload = "llama3_8b_4096tok" + ("" if args.ucx_error_mode == "peer" else "_errmode_none")
+    if ipc_get != "y":  # UCX's own default (auto) or the user's: cuda_ipc may not serve READs
+        workload += f"_ipcget_{ipc_get}"
     machine = f"{gpu}, {os.cpu_count()} cores"
     publish("bench_p2p_nixl_gpu", workload, tag, results, args.out, machine_name=machine, samples_gbps=samples)
     return 0

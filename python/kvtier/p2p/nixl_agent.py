@@ -8,6 +8,7 @@ nothing and ``nixl_unavailable_reason()`` tells a member whether it can offer NI
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import sys
@@ -101,6 +102,19 @@ def _quiet_nixl_logger() -> None:
             h.setStream(sys.stderr)
 
 
+def _allow_cuda_ipc_reads() -> None:
+    """Let UCX's cuda_ipc transport serve READs (GETs) on a machine with NVIDIA GPUs.
+
+    UCX's default (``UCX_CUDA_IPC_ENABLE_GET_ZCOPY=auto``) turns cuda_ipc's GET off when NVML
+    reports no active NVLink on GPU 0 (one GPU, PCIe, or a VM that hides the links): every NIXL
+    READ of GPU memory then fell back to UCX's software emulation over tcp or shared memory, ~1 GB/s
+    on an H100 (docs/nixl.md, "Why no CUDA transport"). kvtier's pulls are READs, and a cuda_ipc GET
+    is a device copy either way, so turn it on unless the user chose. Only where GPU device nodes
+    exist: elsewhere UCX's CUDA module is not loaded and would warn about an unused variable."""
+    if glob.glob("/dev/nvidia[0-9]*"):
+        os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
+
+
 def nixl_unavailable_reason() -> str | None:
     """None when ``nixl`` imports here, else why not: a member without it offers only TCP."""
     try:
@@ -162,6 +176,7 @@ class NixlEndpoint:
         # UCX logs to stdout unless told otherwise, which would corrupt a member process's or the
         # CLI's output there: stderr, unless the user chose a file.
         os.environ.setdefault("UCX_LOG_FILE", "stderr")
+        _allow_cuda_ipc_reads()
         self.name = name
         # Backends are created below, not by the config, so that a failure names UCX.
         try:
