@@ -423,6 +423,9 @@ def test_restart_serves_prefix_from_disk(model, baseline, engines, tmp_path):
     assert stats["cache"]["disk"]["corrupt_detected"] >= 1
     assert stats["load_failed_tokens"] > 0 and stats["load_failed_blocks"] > 0
     assert stats["loaded_tokens"] + stats["load_failed_tokens"] == stats["load_requested_tokens"]
+    # vLLM reports as cached what loaded, not what the lookup promised (the connector takes the
+    # failed blocks' tokens back out of the request's prefill stats).
+    assert res3["longer"]["cached"] == stats["loaded_tokens"] < HIT
     assert stats["saves_cut_at_failed_load"] >= 1
     again = res3["after_repeat"]
     # The repeat loads what kvtier holds now (damaged disk chunks the first load did not reach

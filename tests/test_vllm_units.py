@@ -395,11 +395,14 @@ class FakeEngine:
         self.worker.register_kv_caches(self.kv)
         self.next_block = 0
         self.published: list = []  # the KV events vLLM would publish, in order
+        self.requests: dict = {}  # req_id -> the request object, its prefill_stats as vLLM keeps them
 
-    def end_step(self) -> None:
-        """vLLM's end of a step for KV events: the worker's go to the scheduler, which yields
-        them to vLLM's publisher."""
-        output = SimpleNamespace(kv_cache_events=self.worker.get_kv_connector_kv_cache_events())
+    def end_step(self, invalid: set[int] = frozenset()) -> None:
+        """vLLM's end of a step: the worker's KV events and the blocks of failed loads go to
+        the scheduler, which yields the events to vLLM's publisher."""
+        output = SimpleNamespace(
+            kv_cache_events=self.worker.get_kv_connector_kv_cache_events(), invalid_block_ids=set(invalid)
+        )
         self.sched.update_connector_output(output)
         self.published.extend(self.sched.take_events())
 
@@ -466,11 +469,15 @@ class FakeEngine:
         holds for it. Returns the request's blocks."""
         bs = self.BLOCK
         n = len(tokens)
-        req = SimpleNamespace(request_id=req_id, prompt_token_ids=tokens, mm_features=[])
+        from vllm.v1.metrics.stats import PrefillStats
+
+        req = SimpleNamespace(request_id=req_id, prompt_token_ids=tokens, mm_features=[], prefill_stats=PrefillStats())
+        self.requests[req_id] = req
         local = len(shared) * bs
         ext = None
         while ext is None:  # vLLM asks again, a step later, while the lookup is in flight
             ext, _ = self.sched.get_num_new_matched_tokens(req, local)
+        req.prefill_stats.set(num_prompt_tokens=n, num_local_cached_tokens=local, num_external_cached_tokens=ext)
         blocks = list(shared) + self.alloc(-(-n // bs) - len(shared))
         self.sched.update_state_after_alloc(req, None, ext)
         computed = local + ext
@@ -497,7 +504,7 @@ class FakeEngine:
             self.compute(tokens, blocks, computed, computed + scheduled)
             self.worker.wait_for_save()
             invalid = self.worker.get_block_ids_with_load_errors()
-            self.end_step()
+            self.end_step(invalid)
             self.worker.clear_connector_metadata()
             # vLLM's _update_requests_with_invalid_blocks: back to the first failed block.
             bad = [i for i, b in enumerate(blocks[: -(-computed // bs)]) if b in invalid]
@@ -627,6 +634,10 @@ def test_a_block_whose_load_failed_is_never_saved(fake_engine, blocks, extra, da
     assert held == blocks + extra  # what vLLM recomputed was saved again
     clean = FakeEngine.clean(Q)
     assert all(torch.equal(engine.full[:, b], clean[i]) for i, b in enumerate(repeat[:held]))
+    # vLLM's cached count keeps only what loaded: nothing when the copy failed, else the chunks
+    # before the first one that vanished.
+    hit = engine.requests["hit"].prefill_stats
+    assert hit.num_external_cached_tokens == (0 if at_wait else (fail_at - shared) * FakeEngine.BLOCK)
 
 
 def test_what_vllm_recomputes_after_a_failed_load_is_saved_again(fake_engine):
@@ -638,6 +649,12 @@ def test_what_vllm_recomputes_after_a_failed_load_is_saved_again(fake_engine):
     assert stats["saves_cut_at_failed_load"] == 1
     assert stats["chunks_not_saved_after_failed_load"] == 7
     assert engine.wrong_chunks(Q) == (10, 0)
+    # What vLLM reports cached (num_cached_tokens, the usage's cached_tokens) is what loaded:
+    # the 3 chunks before the failure, not the 8 the lookup promised.
+    hit = engine.requests["hit"].prefill_stats
+    assert hit.num_external_cached_tokens == hit.num_cached_tokens == 3 * FakeEngine.BLOCK
+    assert hit.num_computed_tokens == len(Q) - 3 * FakeEngine.BLOCK
+    assert engine.sched.uncounted_failed_tokens == 5 * FakeEngine.BLOCK
     assert engine.sched._requests == {}
 
 

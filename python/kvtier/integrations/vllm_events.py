@@ -7,9 +7,10 @@ scheduler side, which publishes a chunk's event once every worker reported it (v
 connector events: with several workers, an event one of them lacks is not published), counted
 per chunk across steps by :class:`RankAgreement` (ranks store and evict their shards at their
 own pace), and yields them from ``take_events``. Ranks key a chunk alike
-(:attr:`kvtier.layout.Layout.key_fingerprint`), so their events name the same chunks. ``block_hashes`` are kvtier's chunk keys (16 bytes, ``kvtier.keys``):
-a consumer names a prompt's chunks with the same keyer (``kvtier route`` does); ``token_ids`` are
-not carried. Media: ``CPU`` (the pinned CPU tier), ``STORAGE`` (the disk tier).
+(:attr:`kvtier.layout.Layout.key_fingerprint`), so their events name the same chunks.
+``block_hashes`` are kvtier's chunk keys (16 bytes, ``kvtier.keys``): a consumer names a
+prompt's chunks with the same keyer (``kvtier route`` does); ``token_ids`` are not carried.
+Media: ``CPU`` (the pinned CPU tier), ``STORAGE`` (the disk tier).
 """
 
 from __future__ import annotations

@@ -71,6 +71,11 @@ class _SchedulerSide(KVConnectorBase_V1):
         self._lookups: dict[str, tuple[int, bytes]] = {}  # req -> (hit, tier codes)
         self._kv_events: KVTierKVEvents | None = None  # the workers' events not yet taken
         self._agreement = RankAgreement(self._world_size)  # chunks not yet reported by every rank
+        # req -> (vLLM's Request, first and end token of its latest load, the load's blocks):
+        # a failed load takes its tokens back out of what vLLM reports as cached.
+        self._loads_issued: dict[str, tuple[Any, int, int, list[int]]] = {}
+        self._requests_seen: dict[str, Any] = {}  # req -> vLLM's Request, between alloc and load
+        self.uncounted_failed_tokens = 0  # failed-load tokens taken out of vLLM's cached count
 
     def _close_scheduler(self) -> None:
         self._client.close()
@@ -136,6 +141,7 @@ class _SchedulerSide(KVConnectorBase_V1):
             return
         hit, _ = self._lookups[request.request_id]
         self._pending_loads[request.request_id] = (hit - num_external_tokens, hit)
+        self._requests_seen[request.request_id] = request
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict:
         if num_external_tokens == 0:
@@ -196,6 +202,10 @@ class _SchedulerSide(KVConnectorBase_V1):
             return
         start, end = load
         ct = self._chunk_tokens
+        bs = self._block_size
+        request = self._requests_seen.pop(req_id, None)
+        if request is not None:
+            self._loads_issued[req_id] = (request, start, end, state.block_ids[start // bs : end // bs])
         meta.loads.append(
             _LoadSpec(
                 req_id,
@@ -224,6 +234,9 @@ class _SchedulerSide(KVConnectorBase_V1):
         state.saves_issued = True
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        invalid = getattr(connector_output, "invalid_block_ids", None)
+        if invalid and self._loads_issued:
+            self._uncount_failed_loads(invalid)
         events = getattr(connector_output, "kv_cache_events", None)
         if not isinstance(events, KVTierKVEvents):
             return
@@ -232,6 +245,28 @@ class _SchedulerSide(KVConnectorBase_V1):
         else:
             self._kv_events.add_events(events.get_all_events())
             self._kv_events.increment_workers(events.get_number_of_workers())
+
+    def _uncount_failed_loads(self, invalid: set[int]) -> None:
+        """vLLM counts a request's connector tokens as cached when it schedules the load
+        (``Request.prefill_stats``, what ``RequestOutput.num_cached_tokens`` and the usage's
+        ``cached_tokens`` report); a load that then fails is recomputed from its first failed
+        block, as vLLM's own rollback does, and those tokens are taken back out of the count
+        while the stats are still the request's (before its first output)."""
+        bs = self._block_size
+        for req_id, (request, start, end, blocks) in list(self._loads_issued.items()):
+            failed = [i for i, b in enumerate(blocks) if b in invalid]
+            if not failed:
+                continue
+            del self._loads_issued[req_id]
+            lost = end - (start + failed[0] * bs)
+            stats = getattr(request, "prefill_stats", None)
+            if stats is None or lost <= 0:
+                continue
+            lost = min(lost, stats.num_external_cached_tokens)
+            stats.num_external_cached_tokens -= lost
+            stats.num_cached_tokens -= lost
+            stats.num_computed_tokens += lost
+            self.uncounted_failed_tokens += lost
 
     def take_events(self) -> Iterable[KVCacheEvent]:
         """kvtier's tiers' events since the last call (vllm_events), for vLLM to publish."""
@@ -244,6 +279,8 @@ class _SchedulerSide(KVConnectorBase_V1):
         req_id = request.request_id
         self._pending_loads.pop(req_id, None)
         self._lookups.pop(req_id, None)
+        self._loads_issued.pop(req_id, None)
+        self._requests_seen.pop(req_id, None)
         self._forget_lookup(req_id)
         state = self._requests.pop(req_id, None)
         # Blocks with a store in flight stay allocated until get_finished reports the request.
