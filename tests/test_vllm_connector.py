@@ -688,5 +688,52 @@ def test_tensor_parallel_2_serves_prefix_from_kvtier_disk_and_peers(model, engin
     )
 
 
+def _variant(model: Path, tmp: Path, **config) -> Path:
+    """The test model with ``config`` changed (same weights)."""
+    import shutil
+
+    out = tmp / "model"
+    shutil.copytree(model, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(config)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_hybrid_sliding_window_model_is_served_as_one_full_attention_group(model, engines, tmp_path):
+    """Full attention beside sliding window (Gemma-2/3-style, here the Llama's layer_types): vLLM
+    turns its hybrid allocator off for a connector without SupportsHMA, keeps every token's
+    block in one full-attention group and applies the window in the kernel, so kvtier stores and
+    loads whole KV: a repeat gives the tokens of the recompute."""
+    hybrid = _variant(model, tmp_path, layer_types=["full_attention", "sliding_attention"], sliding_window=128)
+    steps = [
+        {"op": "generate", "name": "miss", "prompt": P},
+        {"op": "reset_prefix_cache"},
+        {"op": "generate", "name": "hit", "prompt": P},
+        {"op": "stats", "name": "stats"},
+    ]
+    engine = Engine(tmp_path, "hybrid_swa", hybrid, steps, connector_config())
+    engines.append(engine)
+    res = engine.finish()
+    assert res["hit"]["tokens"] == res["miss"]["tokens"] and res["hit"]["cached"] == HIT
+    assert res["stats"]["loaded_tokens"] == HIT and res["stats"]["load_failed_tokens"] == 0
+
+
+def test_sliding_window_model_is_refused_at_start(model, engines, tmp_path):
+    """Sliding window on every layer (Mistral-style): vLLM keeps it a sliding-window group whose
+    blocks outside the window are its shared null block; kvtier refuses it at start, naming the
+    spec, rather than serve partial state."""
+    swa = _variant(model, tmp_path, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=128)
+    engine = Engine(tmp_path, "all_swa", swa, [{"op": "generate", "name": "p", "prompt": P}], connector_config())
+    engines.append(engine)
+    try:
+        engine.proc.wait(timeout=ENGINE_START_S)
+    except subprocess.TimeoutExpired:
+        engine.fail("did not exit: the connector accepted a sliding-window model")
+    log = engine.log.read_text(errors="replace")
+    assert engine.proc.returncode != 0 and "p" not in engine.results()
+    assert "KVTierConnector stores full-attention KV only" in log and "SlidingWindowSpec(sliding_window=128)" in log
+
+
 if __name__ == "__main__":
     _driver(sys.argv[1])

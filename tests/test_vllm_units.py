@@ -677,3 +677,41 @@ def test_copy_threads_follow_the_cores_the_worker_may_run_on(fake_engine, monkey
     assert fake_engine(cpu_threads=4).worker._cache.config.cpu_threads == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     assert fake_engine(cpu_threads=4).worker._cache.config.cpu_threads == 4
+
+
+def _kv_cache_config(*specs):
+    """A KVCacheConfig of vLLM's own classes: one group per spec, two layers each."""
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
+
+    groups = [
+        KVCacheGroupSpec([f"model.layers.{2 * i + j}.self_attn.attn" for j in range(2)], s) for i, s in enumerate(specs)
+    ]
+    return KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=groups)
+
+
+def test_models_kvtier_cannot_store_whole_are_refused_at_start():
+    """What vLLM's KV cache config classes describe for sliding-window and hybrid models: one
+    sliding-window group (Mistral-style: blocks outside the window are the shared null block),
+    full attention beside sliding window (the hybrid allocator's groups), a Mamba group. Each is
+    refused with an error naming what; full attention, MLA, and full attention that records a
+    window (the hybrid allocator off: every token's block kept) pass."""
+    from kvtier.integrations.vllm_settings import _check_supported
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, MLAAttentionSpec, SlidingWindowSpec
+
+    kw = {"block_size": 32, "num_kv_heads": 2, "head_size": 64, "dtype": torch.float32}
+    full = FullAttentionSpec(**kw)
+    swa = SlidingWindowSpec(**kw, sliding_window=128)
+    mamba = MambaSpec(block_size=32, shapes=((4, 8),), dtypes=(torch.float32,))
+    cfg = fake_vllm_config({})
+    for ok in (full, FullAttentionSpec(**kw, sliding_window=128), MLAAttentionSpec(**{**kw, "num_kv_heads": 1})):
+        _check_supported(cfg, _kv_cache_config(ok))
+    with pytest.raises(InvalidArgumentError, match=r"SlidingWindowSpec\(sliding_window=128\).*not be whole"):
+        _check_supported(cfg, _kv_cache_config(swa))
+    with pytest.raises(
+        InvalidArgumentError, match=r"has 2 \(FullAttentionSpec, SlidingWindowSpec\(sliding_window=128\)"
+    ):
+        _check_supported(cfg, _kv_cache_config(full, swa))
+    with pytest.raises(InvalidArgumentError, match="MambaSpec"):
+        _check_supported(cfg, _kv_cache_config(full, mamba))
+    with pytest.raises(InvalidArgumentError, match="MambaSpec"):
+        _check_supported(cfg, _kv_cache_config(mamba))

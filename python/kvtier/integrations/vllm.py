@@ -67,8 +67,9 @@ cache of its own, with its own socket, disk directory (``<disk_dir>/<shard>``) a
 configured port plus the rank); the scheduler asks every rank in one round and a chunk hits only
 where every rank holds it (docs/vllm.md).
 
-Limits: one full-attention KV cache group (no hybrid/sliding-window groups), no multimodal
-prompts.
+Limits: one full-attention KV cache group, no multimodal prompts. A model with full attention
+beside sliding window runs as one full-attention group (vLLM turns its hybrid allocator off for
+this connector); a sliding-window-only or Mamba model is refused at start (docs/vllm.md).
 """
 
 from __future__ import annotations

@@ -146,8 +146,47 @@ def _offset_address(addr: str, rank: int, what: str) -> str:
 
 
 def _check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> None:
-    if kv_cache_config is not None and len(kv_cache_config.kv_cache_groups) != 1:
+    """Refuse, at start, a model whose KV kvtier would not store and load whole: more than one
+    KV cache group (vLLM's hybrid allocator: sliding-window, Mamba or chunked-local groups beside
+    full attention), or a group whose layers are not full attention. A sliding-window group's
+    blocks outside the window are vLLM's shared null block, so its chunks are not whole; a
+    Mamba group holds recurrent state, not per-token KV. Full attention that vLLM records with a
+    sliding window (``FullAttentionSpec.sliding_window``: the hybrid allocator off, blocks
+    allocated for every token, the window applied in the kernel) is whole, and supported."""
+    if kv_cache_config is None:
+        return
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        kinds = ", ".join(_spec_names(g.kv_cache_spec) for g in groups)
         raise InvalidArgumentError(
             "KVTierConnector supports models with one full-attention KV cache group; this model "
-            f"has {len(kv_cache_config.kv_cache_groups)} (hybrid or sliding-window layers)"
+            f"has {len(groups)} ({kinds}: a hybrid model under vLLM's hybrid KV cache allocator). "
+            "kvtier does not store sliding-window, Mamba or chunked-local groups yet; "
+            "--disable-hybrid-kv-cache-manager gives such a model one full-attention group"
         )
+    refused = _spec_names(groups[0].kv_cache_spec, only_refused=True)
+    if refused:
+        raise InvalidArgumentError(
+            f"KVTierConnector stores full-attention KV only; this model's layers use {refused} "
+            "(blocks outside a sliding window are vLLM's shared null block, recurrent state is "
+            "not per-token KV): a prefix kvtier loaded would not be whole. Refused at start "
+            "rather than serving partial state"
+        )
+
+
+def _spec_names(spec, only_refused: bool = False) -> str:
+    """The KV cache spec classes of ``spec`` (UniformTypeKVCacheSpecs: each layer's), with a
+    sliding window where one is set; ``only_refused``: those kvtier cannot store."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+
+    inner = getattr(spec, "kv_cache_specs", None)
+    specs = list(inner.values()) if isinstance(inner, dict) else [spec]
+    names = []
+    for sp in specs:
+        if only_refused and type(sp) in (FullAttentionSpec, MLAAttentionSpec):
+            continue
+        window = getattr(sp, "sliding_window", None)
+        name = type(sp).__name__ + (f"(sliding_window={window})" if window else "")
+        if name not in names:
+            names.append(name)
+    return ", ".join(names)
