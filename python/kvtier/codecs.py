@@ -423,7 +423,9 @@ class Fp8Codec(Codec):
                 f"fp8: the tensor holds {bad}, which e4m3 with a finite scale cannot encode "
                 "(encode such KV with 'none' or 'byteplane_zstd')"
             )
-        scale = (amax / _FP8_MAX).clamp_min(_MIN_SCALE)
+        # A tensor divisor: CUDA divides by a Python scalar as a multiply by its reciprocal, which
+        # 448 does not have exactly, so its float32 scales came out an ulp off the CPU's.
+        scale = torch.div(amax, torch.full_like(amax, _FP8_MAX)).clamp_min(_MIN_SCALE)
         stored = scale.to(self.scale_dtype)
         if self.scale_dtype != torch.float32:
             # Rounded down, the group's largest value would exceed 448 after division: step up
