@@ -98,6 +98,10 @@ def test_vllm_example_writes_a_bench_document(tmp_path):
         "ttft_vllm_recompute",
         3.0,
     )
+    # a tensor-parallel run names its split in the workload
+    args.tensor_parallel_size = 2
+    path = write_bench_json(report, args, [3.2], [0.07], "0.32.0", str(tmp_path))
+    assert json.loads(Path(path).read_text())["workload"] == "random_llama_8l_h1024_4096tok_tp2"
     assert r["ratio"] == 50.0  # a time: baseline / value, above 1 when kvtier is ahead
     assert doc["ttft_kvtier_hit_trials_s"] == [0.07, 0.06, 0.05] and doc["vllm"] == "0.32.0"
     assert doc["first_token_identical"] is True and doc["machine"].endswith(" cores")

@@ -289,8 +289,9 @@ def write_bench_json(
     else:
         workload = f"random_llama_{args.layers}l_h{args.hidden}"
     workload += f"_{args.prompt_tokens}tok"
-    if args.tensor_parallel_size > 1:
-        workload += f"_tp{args.tensor_parallel_size}"
+    tp = getattr(args, "tensor_parallel_size", 1)
+    if tp > 1:
+        workload += f"_tp{tp}"
     hit_s, miss_s = statistics.median(hits), statistics.median(misses)
     doc = {
         "bench": "vllm_prefix_sharing",
