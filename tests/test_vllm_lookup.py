@@ -6,6 +6,7 @@ connection that fails fails every lookup outstanding on it. Needs no vLLM."""
 from __future__ import annotations
 
 import queue
+import socket
 import struct
 import threading
 import uuid
@@ -27,7 +28,8 @@ class Worker:
         self.gate: queue.Queue = queue.Queue()
         self.conn = None
         self.accepted = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
 
     def _serve(self) -> None:
         try:
@@ -36,21 +38,31 @@ class Worker:
             while True:
                 message = self.conn.recv_bytes()
                 if message[:1] == _OP_LOOKUP:
-                    self.gate.get(timeout=30)
+                    if self.gate.get(timeout=30) == "hang up":
+                        return
                     n = (len(message) - 1) // 4
                     self.conn.send_bytes(struct.pack("<q", n) + bytes([1]) * n)
                 elif message[:1] == _OP_STATS:
                     self.conn.send_bytes(b'{"ok": 1}')
         except (EOFError, OSError, queue.Empty):
             return
+        finally:
+            if self.conn is not None:
+                self.conn.close()  # here, not from the test's thread while this one reads
 
     def release(self, n: int = 1) -> None:
         for _ in range(n):
             self.gate.put(None)
 
     def hang_up(self) -> None:
+        """Drop the client: the socket is shut down, so the serving thread's read ends (EOF) and
+        that thread closes the connection (closing it from here races with its read)."""
         assert self.accepted.wait(10), "the client never connected"
-        self.conn.close()
+        with socket.fromfd(self.conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+        self.gate.put("hang up")  # a lookup it holds back ends too
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the stand-in worker did not stop"
 
     def close(self) -> None:
         self.listener.close()
