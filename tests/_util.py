@@ -46,3 +46,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def vllm_full_attention_groups():
+    """vLLM's KV cache groups (its own classes) of a two-layer full-attention model, as the
+    vLLM connector gets them at start (tests with vLLM only)."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec
+
+    spec = FullAttentionSpec(block_size=4, num_kv_heads=1, head_size=8, dtype=torch.float32)
+    return SimpleNamespace(kv_cache_groups=[KVCacheGroupSpec(["layer.0", "layer.1"], spec)])

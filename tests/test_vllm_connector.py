@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from _util import free_port
+from kvtier.examples.vllm_prefix_sharing import cpu_binding
 
 VLLM_MISSING = importlib.util.find_spec("vllm") is None
 pytestmark = [
@@ -160,15 +161,6 @@ def _driver(spec_path: str) -> None:
 
 
 # -- the test side ----------------------------------------------------------------------------------
-def cpu_binding(tp: int) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND for ``tp`` workers: this process's cores split into ``tp``
-    groups ("0|1" on two cores); with fewer cores than workers, they share."""
-    cores = sorted(os.sched_getaffinity(0))
-    per = max(1, len(cores) // tp)
-    groups = [cores[(i * per) % len(cores) : (i * per) % len(cores) + per] for i in range(tp)]
-    return "|".join(",".join(map(str, g)) for g in groups)
-
-
 def free_port_pair() -> int:
     """A port p with p and p + 1 free a moment ago (TP rank r listens on the port plus r)."""
     import socket

