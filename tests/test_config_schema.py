@@ -217,6 +217,9 @@ CACHE_CASES = [
     ("disk_persist_on_close", "sometimes", False),
     ("disk_persist_interval_s", 2e9, 0),
     ("events_capacity", -1, 0),
+    ("codec_name", "gzip", "fp8"),
+    ("codec_fp8_scale_dtype", "float8", "float32"),
+    ("codec_zstd_level", -8, 3),
 ]
 
 

@@ -293,22 +293,9 @@ class KVCache:
         self._keyer = ChunkKeyer.from_layout(config.model_id, layout, config.tenant_salt)
         device = -1 if layout.device == "cpu" else int(layout.device.split(":")[1] if ":" in layout.device else 0)
         self._on_gpu = device >= 0
-        if config.cpu_bytes < layout.chunk_bytes:
-            raise InvalidArgumentError(
-                f"config.cpu_bytes={config.cpu_bytes} is smaller than one chunk ({layout.chunk_bytes} bytes)"
-            )
-        self._tier = _core.CpuTier(
-            layout.to_core_segments(),
-            device,
-            layout.pages_per_chunk,
-            [list(layout.layer_segments(i)) for i in range(layout.num_layers)],
-            config.cpu_bytes,
-            config.method,
-            config.staging_bytes,
-            config.cpu_threads,
+        disk_options = dict(
             disk_dir=str(config.disk_dir) if config.disk_dir is not None else "",
             disk_bytes=config.disk_bytes,
-            layout_fingerprint=layout.fingerprint,
             disk_backend=config.disk_backend,
             disk_admit_min_seen=config.disk_admit_min_seen,
             disk_queue_depth=config.disk_queue_depth,
@@ -316,12 +303,52 @@ class KVCache:
             eviction_policy=config.eviction_policy,
             deterministic_writeback=config.deterministic_writeback,
             disk_max_writebacks_in_flight=config.disk_max_writebacks_in_flight,
-            # Not the model: chunk keys scope it, and models of one layout share a directory.
-            disk_geometry_label=layout.geometry_label,
             disk_reset_on_mismatch=config.disk_reset_on_mismatch,
             disk_persist_interval_s=float(config.disk_persist_interval_s),
             event_capacity=config.events_capacity,
         )
+        self._codec = None
+        if config.codec_name != "none":
+            # Encoded chunks below the GPU (docs/codecs.md); torch is needed only here.
+            from kvtier.codec_tier import CodecTier, codec_fingerprint
+            from kvtier.codecs import make_codec
+
+            options = {"fp8": {"scale_dtype": config.codec_fp8_scale_dtype}}.get(config.codec_name, {})
+            if config.codec_name == "byteplane_zstd":
+                options = {"level": config.codec_zstd_level}
+            self._codec = make_codec(config.codec_name, **options)
+            self._tier = CodecTier(
+                layout,
+                self._codec,
+                device=device,
+                capacity_bytes=config.cpu_bytes,
+                method=config.method,
+                staging_bytes=config.staging_bytes,
+                cpu_threads=config.cpu_threads,
+                timeout_s=config.timeout_s,
+                **disk_options,
+            )
+            self._blob_fingerprint = codec_fingerprint(layout, self._codec)
+        else:
+            if config.cpu_bytes < layout.chunk_bytes:
+                raise InvalidArgumentError(
+                    f"config.cpu_bytes={config.cpu_bytes} is smaller than one chunk ({layout.chunk_bytes} bytes)"
+                )
+            self._tier = _core.CpuTier(
+                layout.to_core_segments(),
+                device,
+                layout.pages_per_chunk,
+                [list(layout.layer_segments(i)) for i in range(layout.num_layers)],
+                config.cpu_bytes,
+                config.method,
+                config.staging_bytes,
+                config.cpu_threads,
+                layout_fingerprint=layout.fingerprint,
+                # Not the model: chunk keys scope it, and models of one layout share a directory.
+                disk_geometry_label=layout.geometry_label,
+                **disk_options,
+            )
+            self._blob_fingerprint = layout.fingerprint
         self._verifier = None
         if config.verify_stores:
             scratch = _core.CpuTier(
@@ -357,6 +384,19 @@ class KVCache:
         None once closed. For callers that address chunks by key (PagedKVPool, planners, a
         ChunkSource): the cache's own calls add key derivation, metrics and the source."""
         return self._tier
+
+    @property
+    def codec(self):
+        """The :class:`kvtier.codecs.Codec` of the chunks below the GPU, or None (``none``: raw
+        chunks)."""
+        return self._codec
+
+    @property
+    def blob_fingerprint(self) -> bytes:
+        """The fingerprint of the blobs the tiers hold: the layout's, or with a codec, the
+        layout's and the codec's (kvtier.codec_tier.codec_fingerprint). Disk files and peers
+        check it."""
+        return self._blob_fingerprint
 
     @property
     def peers(self) -> ChunkSource | None:

@@ -262,6 +262,30 @@ class Codec(ABC):
         the values (a lossless coder)."""
         return None
 
+    def max_encoded_nbytes(self, shape: Sequence[int], dtype: torch.dtype) -> int:
+        """The largest blob a tensor of ``shape`` and ``dtype`` can encode to: what a fixed-size
+        slot must hold. Equal to :meth:`encoded_nbytes` for a fixed-size codec."""
+        n = self.encoded_nbytes(shape, dtype)
+        if n is None:  # a subclass of variable size overrides this
+            raise NotImplementedError(f"{self.name} has no bound on its blob size")
+        return n
+
+    def blob_nbytes(self, buf) -> int:
+        """The length of the blob this codec wrote at the start of ``buf`` (a slot may hold zero
+        padding after it), read from its header.
+
+        Raises:
+            CorruptionError: ``buf`` does not start with a blob of this codec, or is shorter than it.
+        """
+        buf = _as_blob(buf)
+        header = read_header(buf)
+        if header.codec != self.name:
+            raise CorruptionError(f"codec blob was written by {header.codec!r}, this reader decodes {self.name!r}")
+        n = header.header_nbytes + self._payload_nbytes(header)
+        if n > buf.numel():
+            raise CorruptionError(f"{self.name} blob truncated: {buf.numel()} bytes, its header says {n}")
+        return n
+
     # -- for subclasses ------------------------------------------------------------------------
 
     @abstractmethod
@@ -269,6 +293,10 @@ class Codec(ABC):
 
     @abstractmethod
     def _decode(self, blob: torch.Tensor, header: BlobHeader) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _payload_nbytes(self, header: BlobHeader) -> int:
+        """Payload bytes after the header, as the header says (CorruptionError if it cannot)."""
 
     def _check_tensor(self, tensor) -> None:
         if not isinstance(tensor, torch.Tensor):
@@ -325,8 +353,11 @@ class NoneCodec(Codec):
         blob[len(header) :] = tensor.view(-1).view(torch.uint8)
         return blob
 
+    def _payload_nbytes(self, header):
+        return math.prod(header.shape) * _element_size(header.dtype)
+
     def _decode(self, blob, header):
-        nbytes = math.prod(header.shape) * _element_size(header.dtype)
+        nbytes = self._payload_nbytes(header)
         self._check_payload(blob, header, nbytes)
         return _payload_view(blob, header.header_nbytes, nbytes, header.dtype, header.shape).clone()
 
@@ -448,7 +479,8 @@ class Fp8Codec(Codec):
         blob[start:].view(_FP8).view(tensor.shape).copy_(scaled)  # the e4m3 cast, into the blob
         return blob
 
-    def _decode(self, blob, header):
+    def _read_params(self, header) -> tuple[torch.dtype, tuple[int, ...], int]:
+        """(scale dtype, scale shape, scale bytes) from a blob's header."""
         if len(header.params) != self._PARAMS.size:
             raise CorruptionError(f"fp8 blob header damaged: {len(header.params)} parameter bytes")
         scale_code, mask = self._PARAMS.unpack(header.params)
@@ -460,7 +492,13 @@ class Fp8Codec(Codec):
             raise CorruptionError(f"fp8 blob header damaged: scale dims mask {mask:#x} for rank {ndim}")
         scale_dtype = _FP8_SCALE_BY_CODE[scale_code]
         scale_shape = self._scale_shape(header.shape, dims)
-        scale_bytes = math.prod(scale_shape) * _element_size(scale_dtype)
+        return scale_dtype, scale_shape, math.prod(scale_shape) * _element_size(scale_dtype)
+
+    def _payload_nbytes(self, header):
+        return _align(self._read_params(header)[2]) + math.prod(header.shape)
+
+    def _decode(self, blob, header):
+        scale_dtype, scale_shape, scale_bytes = self._read_params(header)
         numel = math.prod(header.shape)
         self._check_payload(blob, header, _align(scale_bytes) + numel)
         h = header.header_nbytes
@@ -553,7 +591,17 @@ class ByteplaneZstdCodec(Codec):
             pos += p.nbytes
         return torch.from_numpy(out)
 
-    def _decode(self, blob, header):
+    def max_encoded_nbytes(self, shape, dtype) -> int:
+        # Every plane stored raw (a coded plane is kept only when smaller).
+        esize = _element_size(dtype)
+        params = self._PARAMS.size + esize * self._PLANE.size
+        return _header_nbytes(len(shape), params) + math.prod(int(s) for s in shape) * esize
+
+    def _payload_nbytes(self, header):
+        return sum(length for _, length in self._read_planes(header))
+
+    def _read_planes(self, header) -> list[tuple[int, int]]:
+        """Each plane's (method, stored length) from a blob's header."""
         esize = _element_size(header.dtype)
         numel = math.prod(header.shape)
         expected_params = self._PARAMS.size + esize * self._PLANE.size
@@ -569,6 +617,12 @@ class ByteplaneZstdCodec(Codec):
         for method, length in planes:
             if method not in (0, 1) or (method == 0 and length != numel):
                 raise CorruptionError(f"byteplane_zstd blob header damaged: plane (method {method}, length {length})")
+        return planes
+
+    def _decode(self, blob, header):
+        esize = _element_size(header.dtype)
+        numel = math.prod(header.shape)
+        planes = self._read_planes(header)
         self._check_payload(blob, header, sum(length for _, length in planes))
         device = blob.device
         data = blob.cpu().numpy()

@@ -16,6 +16,7 @@ from kvtier.config.peers import PeersSection
 from kvtier.config.rules import _check_rules
 from kvtier.config.schema import _SECTIONS, _TOP_LEVEL, CACHE_FIELDS, _section_keys, config_keys
 from kvtier.config.sections import (
+    CodecConfig,
     CpuConfig,
     DiskConfig,
     EventsConfig,
@@ -37,6 +38,7 @@ class KVTierConfig:
     """
 
     cpu: CpuConfig = field(default_factory=CpuConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

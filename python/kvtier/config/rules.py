@@ -1,5 +1,6 @@
 """Rules over several keys: the checks of keys that must fit together (disk.bytes with disk.dir,
-gpu.bytes with gpu.pool_pages, model.chunk_tokens with gpu.page_tokens), in one list."""
+gpu.bytes with gpu.pool_pages, model.chunk_tokens with gpu.page_tokens, cpu.verify_stores with
+codec.name), in one list."""
 
 from __future__ import annotations
 
@@ -35,10 +36,21 @@ def _chunk_of_pages(v: Mapping[str, Any], name: Any) -> None:
         )
 
 
+def _verify_raw_blobs(v: Mapping[str, Any], name: Any) -> None:
+    if v["cpu.verify_stores"] and v["codec.name"] != "none":
+        raise _invalid(
+            name("cpu.verify_stores"),
+            v["cpu.verify_stores"],
+            f"false when {name('codec.name')} is {v['codec.name']!r} "
+            "(it compares raw blobs; the tier holds encoded ones)",
+        )
+
+
 _RULES: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("disk.dir", "disk.bytes"), _disk_needs_bytes),
     (("gpu.pool_pages", "gpu.bytes"), _gpu_one_size),
     (("model.chunk_tokens", "gpu.page_tokens"), _chunk_of_pages),
+    (("cpu.verify_stores", "codec.name"), _verify_raw_blobs),
 )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from kvtier.config.checks import _Check, _Float
 from kvtier.config.peers import PeersSection
 from kvtier.config.sections import (
+    CodecConfig,
     CpuConfig,
     DiskConfig,
     EventsConfig,
@@ -24,6 +25,7 @@ ENV_PREFIX = "KVTIER_"
 
 _SECTIONS: dict[str, type] = {
     "cpu": CpuConfig,
+    "codec": CodecConfig,
     "disk": DiskConfig,
     "gpu": GpuConfig,
     "model": ModelConfig,
@@ -99,6 +101,9 @@ CACHE_FIELDS: dict[str, str] = {
     "disk_persist_on_close": "disk.persist_on_close",
     "disk_persist_interval_s": "disk.persist_interval_s",
     "events_capacity": "events.capacity",
+    "codec_name": "codec.name",
+    "codec_fp8_scale_dtype": "codec.fp8_scale_dtype",
+    "codec_zstd_level": "codec.zstd_level",
 }
 # CacheConfig fields whose default, None, means the value of the key's KVTIER_* variable (unset
 # or empty: the key's default), so that a KVCache built without the loader follows it too.

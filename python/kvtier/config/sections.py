@@ -1,4 +1,4 @@
-"""The sections of a config file other than peers (cpu, disk, gpu, model, planner, metrics, events): one
+"""The sections of a config file other than peers (cpu, codec, disk, gpu, model, planner, metrics, events): one
 frozen dataclass each on _Section, which checks it; every key declared once (_field: checker, default, doc)."""
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ from kvtier.config.rules import _check_rules
 METHODS = ("auto", "direct", "staged", "zero_copy", "cpu")
 EVICTION_POLICIES = ("lru", "s3fifo", "lfu")
 DISK_BACKENDS = ("auto", "io_uring", "posix")
+# kvtier.codecs.codec_names(), spelled out: the config package does not import torch
+# (tests/test_codec_tier.py checks that the two agree).
+CODECS = ("none", "fp8", "byteplane_zstd")
+FP8_SCALE_DTYPES = ("bfloat16", "float32")
 
 
 def _field(default: Any, check: _Check, doc: str, *, env: str | None = None, show: bool = True) -> Any:
@@ -94,6 +98,24 @@ class CpuConfig(_Section):
         "second time once its copy landed, and differences are counted "
         "(stats()['store_verify_mismatches']); costs a second copy of every stored chunk",
     )
+
+
+@dataclass(frozen=True)
+class CodecConfig(_Section):
+    """How chunks are encoded below the GPU: in the CPU tier, in disk slots and between peers."""
+
+    SECTION: ClassVar[str] = "codec"
+    name: str = _field(
+        "none",
+        _Choice(CODECS),
+        "the codec of every chunk below the GPU: none (raw), fp8 (e4m3, a scale per token per "
+        "head; lossy, about half the bytes) or byteplane_zstd (lossless; blocks and slots keep "
+        "its worst case, so no capacity gain)",
+    )
+    fp8_scale_dtype: str = _field(
+        "bfloat16", _Choice(FP8_SCALE_DTYPES), "dtype of fp8's scales (bfloat16: smaller, same error)"
+    )
+    zstd_level: int = _field(1, _Int(-7, 22), "zstd level of byteplane_zstd")
 
 
 @dataclass(frozen=True)

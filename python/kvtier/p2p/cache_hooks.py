@@ -23,8 +23,10 @@ def start_peers(cache, peers) -> PeerService:
     """Start the peer service of ``cache``. ``peers`` is a :class:`PeerConfig` or a dict of its
     fields. A disk tier keeps the key journal in its directory, so a restart rebuilds the digest.
     Disk-only chunks are not served to peers (a serving process has no spare pages to promote
-    them through); they are served again once a local load has promoted them."""
-    svc = PeerService(cache.tier, cache.layout.fingerprint, peer_config(peers), journal_dir=cache.config.disk_dir)
+    them through); they are served again once a local load has promoted them. The handshake
+    carries the cache's blob fingerprint (layout and codec), so peers of different codecs never
+    exchange chunks."""
+    svc = PeerService(cache.tier, cache.blob_fingerprint, peer_config(peers), journal_dir=cache.config.disk_dir)
     return svc.start()
 
 

@@ -1,0 +1,347 @@
+"""CodecTier: the CPU tier (and the disk and peers below it) holding encoded chunks.
+
+A ``KVCache`` whose codec is not ``none`` keeps, instead of each chunk's raw blob, the blob a
+:mod:`kvtier.codecs` codec made of it, in a ``_core.CpuTier`` whose blocks and disk slots are
+one encoded chunk long (the codec's largest blob for the layout's chunk: ``fp8`` is fixed size,
+so a block is its exact size; ``byteplane_zstd`` varies, so a block holds its worst case, the
+raw planes). That inner tier knows nothing of the codec: it stores, evicts, writes back,
+recovers, serves peers and checks CRC32C over opaque blobs, exactly as for raw chunks.
+
+- store: the chunk's pages are gathered into a small raw staging tier (the copy engine, from GPU
+  or host pages), encoded on the CPU, and put into the inner tier (``begin_put``/``commit_put``).
+- load: the inner tier brings the leading chunks (promoting disk ones) into a small host buffer,
+  each is decoded on the CPU, put into the staging tier and scattered into the caller's pages by
+  the copy engine.
+
+Both are synchronous (the encoding and decoding run on the calling thread) and run one at a time;
+a chunk that does not decode (a blob damaged past the tier's CRC32C, or written by another codec)
+ends the load there: a miss, counted in ``stats()["codec_decode_failures"]``.
+
+The inner tier's fingerprint (:func:`codec_fingerprint`) names the layout and the codec's
+:attr:`~kvtier.codecs.Codec.spec`: a disk cache file written under one codec does not open under
+another (its geometry differs), and peers of different codecs refuse each other's handshake.
+Everything else (lookup, events, persist, blob access for peers) is the inner tier's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from hashlib import blake2b
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from kvtier import _core
+from kvtier.codecs import Codec
+from kvtier.errors import (
+    AlreadyExistsError,
+    CorruptionError,
+    InvalidArgumentError,
+    KVTierError,
+    ResourceExhaustedError,
+)
+from kvtier.layout import Layout
+
+__all__ = ["CodecOp", "CodecTier", "codec_fingerprint", "codec_geometry_label", "slot_nbytes"]
+
+log = logging.getLogger(__name__)
+
+_STAGING_CHUNKS = 4  # raw chunks gathered or scattered per copy: the staging tier's size
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_BLOCK = 4096  # the tier's block and disk-slot alignment (O_DIRECT)
+
+
+class CodecOp(NamedTuple):
+    """What a CodecTier store or load did; the ``_core.TierOp`` fields, with no transfer left
+    running (the copies were waited for)."""
+
+    transfer: None
+    chunks: int
+    already_cached: int = 0
+    skipped_full: int = 0
+
+
+def codec_fingerprint(layout: Layout, codec: Codec) -> bytes:
+    """The fingerprint of ``layout``'s chunks encoded by ``codec``: the layout's for ``none``
+    (raw chunks are the layout's own blobs), else a hash of the layout's fingerprint and the
+    codec's spec. Disk files and peer handshakes check it."""
+    if codec.name == "none":
+        return layout.fingerprint
+    h = blake2b(b"kvtier-codec-blob", digest_size=len(layout.fingerprint))
+    h.update(layout.fingerprint)
+    h.update(codec.spec.encode())
+    return h.digest()
+
+
+def codec_geometry_label(layout: Layout, codec: Codec) -> str:
+    """The words a disk cache file records beside the fingerprint: the layout's and the codec's
+    spec, so that a refused open names the codec it found."""
+    label = layout.geometry_label
+    return label if codec.name == "none" else f"{label} codec={codec.spec}"
+
+
+def chunk_shape(layout: Layout) -> tuple[tuple[int, int], torch.dtype]:
+    """The 2-D shape and dtype a raw chunk is encoded as: rows of the page's last dim (one token
+    of one head for every built-in layout), so ``fp8``'s default scale is per token per head."""
+    dtype = _DTYPES.get(layout.dtype)
+    if dtype is None:
+        raise InvalidArgumentError(
+            f"codec: the layout's KV is {layout.dtype}; codecs encode float16, bfloat16 or float32 KV "
+            "(use codec.name 'none')"
+        )
+    row = layout.page_shape[-1] * layout.element_size
+    if layout.chunk_bytes % row:
+        raise InvalidArgumentError(
+            f"codec: a chunk of {layout.chunk_bytes} bytes is not a whole number of rows of the page's "
+            f"last dim ({layout.page_shape[-1]} elements)"
+        )
+    return (layout.chunk_bytes // row, layout.page_shape[-1]), dtype
+
+
+def slot_nbytes(layout: Layout, codec: Codec) -> int:
+    """Bytes of one inner-tier block and disk slot: the codec's largest blob of a chunk."""
+    shape, dtype = chunk_shape(layout)
+    return codec.max_encoded_nbytes(shape, dtype)
+
+
+class CodecTier:
+    """A ``_core.CpuTier`` look-alike whose blobs are encoded chunks (see the module doc).
+
+    Thread safety: every method may be called from any thread; stores and loads run one at a
+    time (they share the staging tier and the decode buffer).
+    """
+
+    def __init__(
+        self,
+        layout: Layout,
+        codec: Codec,
+        *,
+        device: int,
+        capacity_bytes: int,
+        method: str,
+        staging_bytes: int,
+        cpu_threads: int,
+        timeout_s: float,
+        **inner_options,
+    ) -> None:
+        self.layout = layout
+        self.codec = codec
+        self._shape, self._dtype = chunk_shape(layout)
+        self._slot = slot_nbytes(layout, codec)
+        self._timeout_s = float(timeout_s)
+        # the raw tier's bound on a wait for write-backs: every disk request ends by io_timeout
+        self._writeback_wait_s = 2 * float(inner_options.get("disk_io_timeout_s", 10.0)) + 1.0
+        self._ppc = layout.pages_per_chunk
+        raw_block = math.ceil(layout.chunk_bytes / _BLOCK) * _BLOCK
+        self._staging = _core.CpuTier(
+            layout.to_core_segments(),
+            device,
+            layout.pages_per_chunk,
+            [list(layout.layer_segments(i)) for i in range(layout.num_layers)],
+            _STAGING_CHUNKS * raw_block,
+            method,
+            staging_bytes,
+            cpu_threads,
+            layout_fingerprint=layout.fingerprint,
+        )
+        # Host pages the inner tier loads encoded chunks into (one chunk = one page), aligned
+        # like its blocks.
+        self._buf = torch.zeros(_STAGING_CHUNKS * self._slot + _BLOCK, dtype=torch.uint8)
+        base = self._buf.data_ptr()
+        self._buf_at = (-base) % _BLOCK
+        inner_layout = [(base + self._buf_at, self._slot, self._slot, _STAGING_CHUNKS)]
+        if capacity_bytes < math.ceil(self._slot / _BLOCK) * _BLOCK:
+            raise InvalidArgumentError(
+                f"cpu_bytes={capacity_bytes} is smaller than one {codec.name} chunk ({self._slot} bytes)"
+            )
+        self._inner = _core.CpuTier(
+            inner_layout,
+            -1,
+            1,
+            [[0]],
+            capacity_bytes,
+            "cpu",
+            staging_bytes,
+            cpu_threads,
+            layout_fingerprint=codec_fingerprint(layout, codec),
+            disk_geometry_label=codec_geometry_label(layout, codec),
+            **inner_options,
+        )
+        self._lock = threading.Lock()
+        self._counts = {
+            "codec_chunks_encoded": 0,
+            "codec_chunks_decoded": 0,
+            "codec_bytes_raw": 0,  # raw bytes of the chunks encoded
+            "codec_bytes_encoded": 0,  # their blobs' bytes
+            "codec_decode_failures": 0,
+        }
+
+    # -- the inner tier's own -----------------------------------------------------------------
+    def __getattr__(self, name):
+        # lookup, lookup_tiers, media, prefetch, take_events, persist, set_admission_hook,
+        # begin_put / commit_put / abort_put, acquire_blobs / release_blobs, blob_bytes,
+        # capacity_chunks, arena_region, arena_kind, method, pinned: the encoded chunks' tier.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    @property
+    def pages_per_chunk(self) -> int:
+        """Pages of the caller's layout per chunk (store and load address those pages)."""
+        return self._ppc
+
+    @property
+    def inner(self):
+        """The ``_core.CpuTier`` of encoded chunks."""
+        return self._inner
+
+    def drain(self, timeout_s: float) -> None:
+        self._staging.drain(timeout_s)
+        self._inner.drain(timeout_s)
+
+    def stats(self) -> dict:
+        s = self._inner.stats()
+        s.update(self._counts)
+        s["codec"] = self.codec.spec
+        s["codec_slot_bytes"] = self._slot
+        return s
+
+    # -- store ----------------------------------------------------------------------------------
+    def store(self, keys: bytes, page_ids, after_stream: int = 0) -> CodecOp:
+        """Encode and keep every chunk of ``keys`` not held yet (pool or disk), from its pages.
+        Stops at the first chunk that gets no block, as the raw tier does."""
+        keys_l = _split_keys(keys)
+        pages = np.asarray(page_ids, dtype=np.int64)
+        if len(pages) < len(keys_l) * self._ppc:
+            raise InvalidArgumentError(
+                f"store: page_ids has {len(pages)} pages for {len(keys_l)} chunks of {self._ppc} pages"
+            )
+        with self._lock:
+            held = bytes(self._inner.media(keys))
+            todo = [i for i, m in enumerate(held) if not m]
+            stored, skipped = 0, 0
+            for at in range(0, len(todo), _STAGING_CHUNKS):
+                batch = todo[at : at + _STAGING_CHUNKS]
+                n, full = self._store_batch(
+                    [keys_l[i] for i in batch],
+                    [pages[i * self._ppc : (i + 1) * self._ppc] for i in batch],
+                    after_stream,
+                )
+                stored += n
+                if full:
+                    skipped = len(todo) - at - n
+                    break
+            return CodecOp(None, stored, len(keys_l) - len(todo), skipped)
+
+    def _store_batch(self, keys: list[bytes], pages: list[np.ndarray], after_stream: int) -> tuple[int, bool]:
+        scratch = [os.urandom(16) for _ in keys]  # fresh: the staging tier never answers "cached"
+        op = self._staging.store(b"".join(scratch), np.concatenate(pages), after_stream)
+        if op.transfer is not None:
+            op.transfer.wait(self._timeout_s)
+        views = self._staging.acquire_blobs(b"".join(scratch))
+        try:
+            if len(views) != len(keys):
+                raise KVTierError(f"codec store: {len(views)} of {len(keys)} gathered chunks are in the staging tier")
+            for n, (key, view) in enumerate(zip(keys, views, strict=True)):
+                raw = torch.from_numpy(np.frombuffer(view, dtype=np.uint8).copy())
+                blob = self.codec.encode(raw.view(self._dtype).view(self._shape))
+                if blob.numel() > self._slot:  # the slot is the codec's bound: a bug if it is not
+                    raise KVTierError(
+                        f"codec {self.codec.name} made a {blob.numel()}-byte blob for {self._slot}-byte slots"
+                    )
+                try:
+                    dst = np.asarray(self._begin_put(key))
+                except AlreadyExistsError:
+                    continue  # stored meanwhile (a peer's pull): it is there
+                except ResourceExhaustedError:
+                    return n, True  # no block: the raw tier stops here too
+                try:
+                    dst[: blob.numel()] = blob.numpy()
+                    dst[blob.numel() :] = 0
+                    self._inner.commit_put(key)
+                except BaseException:
+                    self._inner.abort_put(key)
+                    raise
+                self._counts["codec_chunks_encoded"] += 1
+                self._counts["codec_bytes_raw"] += self.layout.chunk_bytes
+                self._counts["codec_bytes_encoded"] += blob.numel()
+            return len(keys), False
+        finally:
+            self._staging.release_blobs(b"".join(scratch[: len(views)]))
+
+    def _begin_put(self, key: bytes):
+        """The inner tier's ``begin_put``, waiting while write-backs to disk hold the blocks (as
+        the raw tier's store does): each ends by the disk's deadline, freeing its block.
+        ResourceExhaustedError once no write-back is left to wait for, or past the deadline."""
+        deadline = time.monotonic() + self._writeback_wait_s
+        idle = 0  # tries in a row that saw no write-back running and no block free
+        while True:
+            try:
+                return self._inner.begin_put(key)
+            except ResourceExhaustedError:
+                s = self._inner.stats()
+                # A write-back ends (demoting drops) just before its block is freed: one more try.
+                idle = 0 if s["index"]["demoting"] or s["blocks"]["free_blocks"] else idle + 1
+                if time.monotonic() >= deadline or idle > 1:
+                    raise
+            time.sleep(0.001)
+
+    # -- load -----------------------------------------------------------------------------------
+    def load(self, keys: bytes, page_ids, after_stream: int = 0) -> CodecOp:
+        """Decode the leading held chunks of ``keys`` (pool, then disk) into ``page_ids``, as
+        many as the pages cover. Returns once they are in place."""
+        keys_l = _split_keys(keys)
+        pages = np.asarray(page_ids, dtype=np.int64)
+        wanted = min(len(keys_l), len(pages) // self._ppc)
+        loaded = 0
+        with self._lock:
+            # A batch is promoted into the pool whole: no more than the pool holds.
+            step = max(1, min(_STAGING_CHUNKS, self._inner.capacity_chunks))
+            while loaded < wanted:
+                batch = keys_l[loaded : min(wanted, loaded + step)]
+                got = self._load_batch(
+                    batch, pages[loaded * self._ppc : (loaded + len(batch)) * self._ppc], after_stream
+                )
+                loaded += got
+                if got < len(batch):
+                    break
+        return CodecOp(None, loaded)
+
+    def _load_batch(self, keys: list[bytes], pages: np.ndarray, after_stream: int) -> int:
+        op = self._inner.load(b"".join(keys), np.arange(len(keys), dtype=np.int64), 0)
+        if op.transfer is not None:
+            op.transfer.wait(self._timeout_s)
+        scratch = []
+        for i in range(op.chunks):
+            start = self._buf_at + i * self._slot
+            slot = self._buf[start : start + self._slot]
+            try:
+                blob = slot[: self.codec.blob_nbytes(slot)]
+                raw = self.codec.decode(blob)
+            except CorruptionError as e:
+                self._counts["codec_decode_failures"] += 1
+                log.warning("kvtier: a %s chunk does not decode (%s): a miss", self.codec.name, e)
+                break
+            key = os.urandom(16)
+            dst = np.asarray(self._staging.begin_put(key))
+            dst[:] = raw.view(-1).view(torch.uint8).numpy()
+            self._staging.commit_put(key)
+            scratch.append(key)
+            self._counts["codec_chunks_decoded"] += 1
+        if not scratch:
+            return 0
+        op = self._staging.load(b"".join(scratch), pages[: len(scratch) * self._ppc], after_stream)
+        if op.transfer is not None:
+            op.transfer.wait(self._timeout_s)
+        return op.chunks
+
+
+def _split_keys(keys: bytes) -> list[bytes]:
+    if len(keys) % 16:
+        raise InvalidArgumentError(f"keys must be a multiple of 16 bytes, got {len(keys)}")
+    return [keys[i : i + 16] for i in range(0, len(keys), 16)]

@@ -1,0 +1,237 @@
+"""Encoded chunks below the GPU (kvtier.codec_tier, config key codec.name): round trips through
+the CPU tier, disk slots and peers with each codec, the codec in the blob fingerprint, capacity
+in chunks, and a blob of another codec costing a miss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("zstandard")
+
+from _util import wait_until
+from kvtier import KVCache, Layout
+from kvtier.codec_tier import chunk_shape, codec_fingerprint, slot_nbytes
+from kvtier.codecs import codec_names, make_codec
+from kvtier.config import KVTierConfig
+from kvtier.config.sections import CODECS
+from kvtier.errors import CacheGeometryError, InvalidArgumentError
+
+CODEC_OPTIONS = {"none": {}, "fp8": {"scale_dtype": "bfloat16"}, "byteplane_zstd": {"level": 1}}
+CHUNK_TOKENS = 32
+
+
+def vllm_kv(dtype=torch.bfloat16, pages=32, heads=4, dim=64, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    kv = [(torch.randn(2, pages, 16, heads, dim, generator=g) * 2).to(dtype).to(device) for _ in range(2)]
+    return kv, Layout.from_vllm(kv, chunk_tokens=CHUNK_TOKENS)
+
+
+def raw_blobs(layout, tokens, pages) -> list[bytes]:
+    """The raw blobs of the chunks of ``tokens`` in ``pages``, through a codec-less cache."""
+    with KVCache(layout, cpu_bytes=16 * layout.chunk_bytes, method="cpu", model_id="raw") as raw:
+        raw.store(tokens, pages).wait()
+        keys = raw.keyer.keys(tokens)
+        out = []
+        for k in keys:
+            views = raw.tier.acquire_blobs(k)
+            out.append(bytes(views[0]))
+            raw.tier.release_blobs(k)
+        return out
+
+
+def through_codec(codec, layout, blob: bytes) -> bytes:
+    """What a chunk's raw blob becomes after the codec's own encode and decode."""
+    shape, dtype = chunk_shape(layout)
+    t = torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(dtype).view(shape)
+    return bytes(codec.decode(codec.encode(t)).view(-1).view(torch.uint8).numpy())
+
+
+def toks(n_chunks, base=7):
+    return list(range(base, base + n_chunks * CHUNK_TOKENS))
+
+
+def test_config_names_the_codecs_of_kvtier_codecs():
+    assert list(CODECS) == codec_names()
+
+
+def test_config_key_reaches_the_cache_and_bad_values_are_refused():
+    _, layout = vllm_kv()
+    cfg = KVTierConfig.load(env={"KVTIER_CODEC_NAME": "fp8", "KVTIER_CODEC_FP8_SCALE_DTYPE": "float32"})
+    with KVCache(layout, **{**cfg.cache_kwargs(), "cpu_bytes": 4 * layout.chunk_bytes}) as cache:
+        assert cache.codec.spec == make_codec("fp8", scale_dtype="float32").spec
+        assert cache.stats()["codec"] == cache.codec.spec
+    with pytest.raises(InvalidArgumentError, match=r"codec\.name: invalid value 'lz4'.*'none', 'fp8'"):
+        KVTierConfig.load(env={}, codec={"name": "lz4"})
+    with pytest.raises(InvalidArgumentError, match=r"codec\.zstd_level"):
+        KVTierConfig.load(env={"KVTIER_CODEC_ZSTD_LEVEL": "99"})
+    with pytest.raises(InvalidArgumentError, match="codec_fp8_scale_dtype"):
+        KVCache(layout, cpu_bytes=4 * layout.chunk_bytes, codec_name="fp8", codec_fp8_scale_dtype="float16")
+    with pytest.raises(InvalidArgumentError, match=r"verify_stores.*codec_name is .fp8.*raw blobs"):
+        KVCache(layout, cpu_bytes=4 * layout.chunk_bytes, codec_name="fp8", verify_stores=True)
+    kv8 = [torch.zeros(2, 4, 16, 4, 64, dtype=torch.float8_e4m3fn)]
+    with pytest.raises(InvalidArgumentError, match="float8_e4m3fn"):
+        KVCache(Layout.from_vllm(kv8, chunk_tokens=CHUNK_TOKENS), cpu_bytes=1 << 20, codec_name="fp8")
+
+
+@pytest.mark.parametrize("name", ["none", "fp8", "byteplane_zstd"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cpu_tier_round_trip_equals_the_codecs_own(name, dtype):
+    """What a load puts into pages is exactly the codec's decode of the chunk's encoding: the raw
+    bytes for lossless codecs, fp8's values (held to their bound in test_codecs.py) for fp8."""
+    kv, layout = vllm_kv(dtype)
+    codec = make_codec(name, **CODEC_OPTIONS[name])
+    tokens = toks(4)
+    want = [through_codec(codec, layout, b) for b in raw_blobs(layout, tokens, range(8))]
+    with KVCache(layout, cpu_bytes=8 * layout.chunk_bytes, method="cpu", codec_name=name) as cache:
+        assert cache.store(tokens, range(8)).wait() == 4
+        assert cache.lookup(tokens) == 4 * CHUNK_TOKENS
+        assert cache.load(tokens, range(16, 24)).wait() == 4 * CHUNK_TOKENS
+        s = cache.stats()
+    got = raw_blobs(layout, tokens, range(16, 24))
+    assert got == want
+    if codec.lossless:
+        assert got == raw_blobs(layout, tokens, range(8))
+    else:
+        for t in kv:
+            x, y = t[:, :8].float(), t[:, 16:24].float()
+            assert 0 < (y - x).norm() / x.norm() < 0.07
+    if name != "none":
+        assert s["codec_chunks_encoded"] == 4 and s["codec_chunks_decoded"] == 4
+
+
+@pytest.mark.parametrize("name", ["fp8", "byteplane_zstd"])
+def test_disk_round_trip_after_eviction_and_restart(tmp_path, name):
+    _, layout = vllm_kv(seed=3)
+    codec = make_codec(name, **CODEC_OPTIONS[name])
+    tokens = toks(6)
+    want = [through_codec(codec, layout, b) for b in raw_blobs(layout, tokens, range(12))]
+    slot = -(-slot_nbytes(layout, codec) // 4096) * 4096
+    opts = dict(method="cpu", codec_name=name, disk_dir=str(tmp_path), disk_bytes=64 << 20, disk_admit_min_seen=1)
+    with KVCache(layout, cpu_bytes=2 * slot, **opts) as cache:  # 2 chunks in the pool: 4 go to disk
+        cache.store(tokens, range(12)).wait()
+        wait_until(lambda: cache.stats()["disk"]["demotions_written"] == 4)  # write-backs run on their own
+        disk = cache.stats()["disk"]
+        assert disk["write_bytes"] == disk["writes"] * slot_nbytes(layout, codec)  # encoded chunks
+        assert cache.lookup_tiers(tokens)[:2] == ["disk", "disk"]
+    with KVCache(layout, cpu_bytes=2 * slot, **opts) as cache:  # a restart: every chunk from disk
+        assert cache.lookup_tiers(tokens) == ["disk"] * 6
+        assert cache.load(tokens, range(16, 28)).wait() == 6 * CHUNK_TOKENS
+        assert cache.stats()["disk"]["chunks_promoted"] == 6
+    assert raw_blobs(layout, tokens, range(16, 28)) == want
+
+
+def test_a_disk_written_under_one_codec_is_refused_under_another(tmp_path):
+    _, layout = vllm_kv(seed=4)
+    tokens = toks(2)
+    base = dict(method="cpu", disk_dir=str(tmp_path), disk_bytes=16 << 20)
+    with KVCache(layout, cpu_bytes=8 * layout.chunk_bytes, codec_name="fp8", **base) as cache:
+        cache.store(tokens, range(4)).wait()
+    for other in ("none", "byteplane_zstd"):
+        with pytest.raises(CacheGeometryError, match="codec=fp8"):
+            KVCache(layout, cpu_bytes=8 * layout.chunk_bytes, codec_name=other, **base)
+    # fp8 with other scales writes other bytes: refused too
+    with pytest.raises(CacheGeometryError):
+        KVCache(layout, cpu_bytes=8 * layout.chunk_bytes, codec_name="fp8", codec_fp8_scale_dtype="float32", **base)
+    with KVCache(
+        layout, cpu_bytes=8 * layout.chunk_bytes, codec_name="none", disk_reset_on_mismatch=True, **base
+    ) as cache:
+        assert cache.lookup(tokens) == 0  # wiped: a miss, never fp8 bytes handed back as KV
+
+
+def test_a_blob_of_another_codec_in_a_slot_is_a_miss():
+    kv, layout = vllm_kv(seed=5)
+    tokens = toks(3)
+    with KVCache(layout, cpu_bytes=8 * layout.chunk_bytes, method="cpu", codec_name="fp8") as cache:
+        keys = cache.keyer.keys(tokens)
+        cache.store(tokens[: 2 * CHUNK_TOKENS], range(4)).wait()
+        # The third chunk's slot gets a `none` blob of the right size (as a buggy writer would put).
+        shape, dtype = chunk_shape(layout)
+        foreign = make_codec("none").encode(torch.zeros(shape[0] // 2, shape[1], dtype=dtype))
+        view = np.asarray(cache.tier.begin_put(keys[2]))
+        view[: foreign.numel()] = foreign.numpy()
+        view[foreign.numel() :] = 0
+        cache.tier.commit_put(keys[2])
+        assert cache.lookup(tokens) == 3 * CHUNK_TOKENS
+        before = [t[:, 12:16].clone() for t in kv]
+        assert cache.load(tokens, range(8, 14)).wait() == 2 * CHUNK_TOKENS
+        assert cache.stats()["codec_decode_failures"] == 1
+        assert all(torch.equal(t[:, 12:14], b[:, :2]) for t, b in zip(kv, before, strict=True))  # untouched
+
+
+def test_capacity_in_chunks_grows_by_the_ratio():
+    _, layout = vllm_kv(pages=64, heads=8, dim=128)  # 1 MiB chunks
+    cpu_bytes = 8 * layout.chunk_bytes
+    with KVCache(layout, cpu_bytes=cpu_bytes, method="cpu") as raw:
+        raw_chunks = raw.stats()["capacity_chunks"]
+    fp8 = make_codec("fp8", scale_dtype="bfloat16")
+    slot = slot_nbytes(layout, fp8)
+    assert layout.chunk_bytes / slot > 1.95  # bf16 scales per 128 values: 2 / (1 + 2/128) ~ 1.97
+    with KVCache(layout, cpu_bytes=cpu_bytes, method="cpu", codec_name="fp8") as cache:
+        chunks = cache.stats()["capacity_chunks"]
+        assert chunks == cpu_bytes // (-(-slot // 4096) * 4096)
+        assert chunks / raw_chunks >= 1.875
+        tokens = toks(chunks, base=1)  # as many chunks as it holds, from 32 pages of 64
+        for c in range(chunks):
+            cache.store(tokens[: (c + 1) * CHUNK_TOKENS], [p % 64 for p in range(2 * (c + 1))]).wait()
+        assert cache.lookup(tokens) == chunks * CHUNK_TOKENS  # all of them, none evicted
+        assert cache.stats()["codec_bytes_encoded"] == chunks * fp8.encoded_nbytes(*chunk_shape(layout))
+
+
+def test_fingerprint_names_the_codec():
+    _, layout = vllm_kv()
+    fps = {codec_fingerprint(layout, make_codec(n, **o)) for n, o in CODEC_OPTIONS.items()}
+    fps.add(codec_fingerprint(layout, make_codec("fp8", scale_dtype="float32")))
+    assert len(fps) == 4
+    assert codec_fingerprint(layout, make_codec("none")) == layout.fingerprint  # raw disks keep opening
+
+
+def test_peers_exchange_encoded_chunks_and_refuse_another_codec():
+    from kvtier.p2p import PeerConfig
+
+    secret = b"codec-tier-test-secret-0123456789"
+    peers = {"secret": secret, "gossip_interval_s": 0.05, "ack_timeout_s": 0.04, "request_timeout_s": 2.0}
+    (_, la), (_, lb), (_, lc) = vllm_kv(seed=1), vllm_kv(seed=2), vllm_kv(seed=3)
+    tokens = toks(3)
+    want = [through_codec(make_codec("fp8", scale_dtype="bfloat16"), la, b) for b in raw_blobs(la, tokens, range(6))]
+    a = KVCache(la, cpu_bytes=8 * la.chunk_bytes, method="cpu", codec_name="fp8", peers=PeerConfig(**peers))
+    seeds = (a.stats()["peers"]["address"],)
+    b = KVCache(lb, cpu_bytes=8 * lb.chunk_bytes, method="cpu", codec_name="fp8", peers={**peers, "seeds": seeds})
+    c = KVCache(lc, cpu_bytes=8 * lc.chunk_bytes, method="cpu", codec_name="none", peers={**peers, "seeds": seeds})
+    try:
+        assert b.blob_fingerprint != c.blob_fingerprint
+        a.store(tokens, range(6)).wait()
+        wait_until(lambda: b.lookup(tokens) == 3 * CHUNK_TOKENS)
+        assert b.load(tokens, range(8, 14)).wait() == 3 * CHUNK_TOKENS
+        assert b.stats()["peers"]["chunks_pulled"] == 3
+        assert b.stats()["codec_chunks_decoded"] == 3  # pulled as fp8 blobs, decoded here
+        assert raw_blobs(lb, tokens, range(8, 14)) == want
+        # `none` never pulls fp8 blobs: the handshake refuses it
+        wait_until(lambda: c.stats()["peers"]["auth_failures_outbound"] + a.stats()["peers"]["auth_failures"] > 0)
+        assert c.lookup(tokens) == 0
+    finally:
+        c.close()
+        b.close()
+        a.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["fp8", "byteplane_zstd"])
+def test_gpu_pages_round_trip_through_the_codec_tier(name):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    kv, layout = vllm_kv(device="cuda")
+    codec = make_codec(name, **CODEC_OPTIONS[name])
+    tokens = toks(4)
+    cpu_kv = [t.cpu() for t in kv]
+    want = [
+        through_codec(codec, layout, b)
+        for b in raw_blobs(Layout.from_vllm(cpu_kv, chunk_tokens=CHUNK_TOKENS), tokens, range(8))
+    ]
+    with KVCache(layout, cpu_bytes=8 * layout.chunk_bytes, codec_name=name) as cache:
+        assert cache.store(tokens, range(8)).wait() == 4
+        assert cache.load(tokens, range(16, 24)).wait() == 4 * CHUNK_TOKENS
+    torch.cuda.synchronize()
+    cpu_kv = [t.cpu() for t in kv]
+    assert raw_blobs(Layout.from_vllm(cpu_kv, chunk_tokens=CHUNK_TOKENS), tokens, range(16, 24)) == want
