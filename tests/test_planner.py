@@ -180,3 +180,52 @@ def test_split_plan_balances_head_recompute_against_tail_load():
     dead = SplitCostModelPlanner(cost, bandwidth={"cpu": 50e9})  # no disk bandwidth: recompute
     assert dead.plan_split(fake_pool(), 0, ["disk"] * 8) == (8, 0)
     assert not hasattr(CostModelPlanner(cost), "plan_split")  # the split is opt-in
+
+
+def test_a_codec_prices_loads_by_stored_bytes_plus_decode():
+    from kvtier.planner import CodecCost
+
+    # A Llama-3-8B chunk (32 MiB) on a 1.4 GB/s disk: 24 ms raw, ~12 ms as fp8 (1.97x) plus its
+    # decode; ~10 ms of prefill near the start, more deeper in.
+    raw = CostModelPlanner(ModelCost.llama3_8b(), bandwidth={"cpu": 50e9, "disk": 1.4e9})
+    fast = CodecCost("fp8", ratio=1.97, decode_bytes_per_s=100e9, decode_on_gpu=True)
+    slow = CodecCost("fp8", ratio=1.97, decode_bytes_per_s=0.5e9)  # decoded on one CPU core
+    fp8 = CostModelPlanner(ModelCost.llama3_8b(), bandwidth={"cpu": 50e9, "disk": 1.4e9}, codec=fast)
+    at = 40  # 10k tokens in
+    assert raw.plan(fake_pool(), at, ["disk"]) == 0
+    assert fp8.plan(fake_pool(), at, ["disk"]) == 1
+    assert fp8.last_plan["codec"] == "fp8"
+    cb = 32 << 20
+    assert fp8.chunk_seconds("disk", cb) == pytest.approx(cb / 1.97 / 1.4e9 + 100e-6 + cb / 100e9)
+    # decoded on the host, the CPU tier's copy moves the whole chunk; on the GPU, the stored bytes
+    assert raw.chunk_seconds("cpu", cb, slow) == pytest.approx(cb / 50e9 + 20e-6 + cb / 0.5e9)
+    assert raw.chunk_seconds("cpu", cb, fast) == pytest.approx(cb / 1.97 / 50e9 + 20e-6 + cb / 100e9)
+    assert CostModelPlanner(ModelCost.llama3_8b(), codec=slow).plan(fake_pool(), at, ["disk"]) == 0
+    with pytest.raises(ValueError, match="ratio"):
+        CodecCost("fp8", ratio=0)
+
+
+def test_calibration_with_a_codec_measures_its_decode():
+    pool = PagedKVPool(
+        num_layers=2,
+        kv_heads=2,
+        head_dim=64,
+        num_pages=64,
+        page_tokens=16,
+        chunk_tokens=64,
+        dtype=torch.bfloat16,
+        cpu_bytes=16 << 20,
+        method="cpu",
+        codec_name="fp8",
+    )
+    planner = CostModelPlanner(ModelCost.llama3_8b(), bandwidth={"cpu": 1.0, "disk": 1.0})
+    bw = planner.calibrate(pool)
+    codec = planner.codec
+    assert codec is not None and codec.name.startswith("fp8/")
+    assert codec.ratio == pool.layout.chunk_bytes / pool.cache.tier.blob_bytes
+    assert codec.ratio > 1.5  # 64-element rows: a bf16 scale per 64 bytes of e4m3, then the header
+    assert codec.decode_bytes_per_s > 1e6 and bw == planner.bandwidth["cpu"] > 1e6
+    planner.plan(pool, 0, ["cpu"])
+    assert planner.last_plan["codec"] == codec.name
+    assert planner.last_plan["per_chunk"][0]["load_s"] > pool.layout.chunk_bytes / codec.decode_bytes_per_s
+    assert pool.stats()["pages_free"] == 64

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-__all__ = ["CostModelPlanner", "LoadPlanner", "ModelCost", "SplitCostModelPlanner", "SplitPlanner"]
+__all__ = ["CodecCost", "CostModelPlanner", "LoadPlanner", "ModelCost", "SplitCostModelPlanner", "SplitPlanner"]
 
 
 @runtime_checkable
@@ -81,6 +81,55 @@ class ModelCost:
         return (2.0 * self.params * n + attention) / self.flops_per_s
 
 
+@dataclass(frozen=True)
+class CodecCost:
+    """What the codec of the chunks below the GPU (``codec.name``, docs/codecs.md) adds to a load.
+
+    A chunk below the GPU is held as a blob of ``chunk_bytes / ratio`` bytes: disk reads and peer
+    pulls move that many, and so does the CPU -> GPU copy when ``decode_on_gpu`` (the bytes
+    crossing PCIe are still encoded); on the CPU path (today's) the chunk is decoded on the host
+    and the copy moves its ``chunk_bytes``. Decoding costs ``chunk_bytes / decode_bytes_per_s``
+    (a rate of the original bytes; None: not priced).
+
+    Attributes:
+        name: the codec, for reports.
+        ratio: chunk bytes / stored bytes (a block or slot: the codec's largest blob of a chunk).
+        decode_bytes_per_s: decode rate, bytes of the original chunk per second.
+        decode_on_gpu: the chunk crosses PCIe encoded and is decoded on the GPU.
+    """
+
+    name: str = "none"
+    ratio: float = 1.0
+    decode_bytes_per_s: float | None = None
+    decode_on_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.ratio > 0:
+            raise ValueError(f"CodecCost.ratio must be > 0, got {self.ratio!r}")
+        if self.decode_bytes_per_s is not None and not self.decode_bytes_per_s > 0:
+            raise ValueError(f"CodecCost.decode_bytes_per_s must be > 0 or None, got {self.decode_bytes_per_s!r}")
+
+    @classmethod
+    def of_cache(cls, cache, decode_bytes_per_s: float | None = None) -> CodecCost:
+        """The cost of ``cache``'s codec (a KVCache): its ratio is the layout's chunk bytes over
+        the tier's block bytes; no codec: ``none``, ratio 1."""
+        codec = getattr(cache, "codec", None)
+        if codec is None:
+            return cls()
+        return cls(codec.spec, cache.layout.chunk_bytes / cache.tier.blob_bytes, decode_bytes_per_s)
+
+    def moved_bytes(self, tier: str, chunk_bytes: int) -> float:
+        """Bytes a load of one chunk from ``tier`` moves over the tier's link."""
+        if tier == "cpu" and not self.decode_on_gpu:
+            return float(chunk_bytes)
+        return chunk_bytes / self.ratio
+
+    def decode_seconds(self, chunk_bytes: int) -> float:
+        if self.decode_bytes_per_s is None or self.name == "none":
+            return 0.0
+        return chunk_bytes / self.decode_bytes_per_s
+
+
 @dataclass
 class CostModelPlanner:
     """The built-in planner: load chunk i while moving its bytes beats recomputing its tokens.
@@ -93,29 +142,47 @@ class CostModelPlanner:
             of a loopback pull into GPU pages measured on a GPU host (docs/p2p.md); ``calibrate``
             replaces it with the pool's own measured pulls once it has some.
         latency_s: fixed cost per chunk load per tier (submission, completion).
+        codec: the codec below the GPU (:class:`CodecCost`): loads move its stored bytes and
+            pay its decode. None: the pool's cache's codec, ratio from its blocks, decode not
+            priced (``calibrate`` measures it and sets this).
         last_plan: the inputs and the decision of the latest request (shown in stats).
     """
 
     model: ModelCost
     bandwidth: dict[str, float] = field(default_factory=lambda: {"cpu": 50e9, "disk": 2e9, "peer": 2e9})
     latency_s: dict[str, float] = field(default_factory=lambda: {"cpu": 20e-6, "disk": 100e-6, "peer": 100e-6})
+    codec: CodecCost | None = None
     last_plan: dict = field(default_factory=dict)
     decisions: dict[str, int] = field(default_factory=lambda: {"load": 0, "recompute": 0})
 
-    def chunk_seconds(self, tier: str, chunk_bytes: int) -> float:
+    def chunk_seconds(self, tier: str, chunk_bytes: int, codec: CodecCost | None = None) -> float:
+        """Seconds to load one chunk of ``chunk_bytes`` from ``tier``: its stored bytes over the
+        tier's bandwidth, its latency, and the codec's decode (``codec``, else ``self.codec``)."""
         bw = self.bandwidth.get(tier)
         if not bw:
             return float("inf")
-        return chunk_bytes / bw + self.latency_s.get(tier, 0.0)
+        codec = codec or self.codec or CodecCost()
+        return (
+            codec.moved_bytes(tier, chunk_bytes) / bw
+            + self.latency_s.get(tier, 0.0)
+            + codec.decode_seconds(chunk_bytes)
+        )
+
+    def codec_of(self, pool) -> CodecCost:
+        """``self.codec``, else the codec of ``pool``'s cache (``none`` without one)."""
+        if self.codec is not None:
+            return self.codec
+        return CodecCost.of_cache(getattr(pool, "cache", None))
 
     def plan(self, pool, gpu_hit_chunks: int, tiers: list[str]) -> int:
         ct = pool.chunk_tokens
         chunk_bytes = pool.layout.chunk_bytes
+        codec = self.codec_of(pool)
         load = 0
         rows = []
         for i, tier in enumerate(tiers):
             start = (gpu_hit_chunks + i) * ct
-            t_load = self.chunk_seconds(tier, chunk_bytes)
+            t_load = self.chunk_seconds(tier, chunk_bytes, codec)
             t_compute = self.model.prefill_seconds(start, start + ct)
             rows.append((tier, t_load, t_compute))
             if t_load > t_compute:
@@ -128,6 +195,7 @@ class CostModelPlanner:
             "lower_chunks": len(tiers),
             "load_chunks": load,
             "chunk_bytes": chunk_bytes,
+            "codec": codec.name,
             "per_chunk": [{"tier": t, "load_s": a, "recompute_s": b} for t, a, b in rows],
         }
         return load
@@ -160,8 +228,16 @@ class CostModelPlanner:
                 op = tier.load(keys, page_ids, stream)
                 if op.chunks < chunks:
                     raise RuntimeError("calibration chunks were evicted from the CPU tier: too small a tier")
-                op.transfer.wait(pool.cache.config.timeout_s)
+                if op.transfer is not None:  # a codec's tier has decoded and copied already
+                    op.transfer.wait(pool.cache.config.timeout_s)
                 best = min(best, time.perf_counter() - t0)
+        codec = pool.cache.codec
+        if codec is not None and self.codec is None:
+            # A codec's CPU-tier load decodes each chunk on the host, then copies it: the decode
+            # is timed apart, and the copy's bandwidth is what remains of the load's time.
+            decode_s = _decode_seconds(codec, pool.layout, reps)
+            self.codec = CodecCost.of_cache(pool.cache, pool.layout.chunk_bytes / decode_s)
+            best = max(best - chunks * decode_s, best * 1e-3)
         bw = chunks * pool.layout.chunk_bytes / best
         self.bandwidth["cpu"] = bw
         peers = pool.cache.peers
@@ -170,6 +246,23 @@ class CostModelPlanner:
             # ... then the copy into pages, as a CPU-tier load: the two run one after the other.
             self.bandwidth["peer"] = 1.0 / (1.0 / rate + 1.0 / bw)
         return bw
+
+
+def _decode_seconds(codec, layout, reps: int) -> float:
+    """Seconds ``codec`` takes to decode one chunk of ``layout`` (best of ``reps``), on values
+    drawn like KV (normal), as the codec tier encodes a chunk."""
+    from kvtier.codec_tier import chunk_shape  # torch: only a cache with a codec gets here
+
+    shape, dtype = chunk_shape(layout)
+    import torch
+
+    blob = codec.encode(torch.randn(shape).to(dtype))
+    best = float("inf")
+    for _ in range(max(1, reps)):
+        t0 = time.perf_counter()
+        codec.decode(blob)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 @dataclass
@@ -185,8 +278,9 @@ class SplitCostModelPlanner(CostModelPlanner):
         ``load = 0`` recomputes everything. Returns ``(head, load)``."""
         ct = pool.chunk_tokens
         chunk_bytes = pool.layout.chunk_bytes
+        codec = self.codec_of(pool)
         n = len(tiers)
-        load_s = [self.chunk_seconds(t, chunk_bytes) for t in tiers]
+        load_s = [self.chunk_seconds(t, chunk_bytes, codec) for t in tiers]
         tail = [0.0] * (n + 1)  # tail[r]: seconds to load chunks [r, n)
         for r in range(n - 1, -1, -1):
             tail[r] = tail[r + 1] + load_s[r]
