@@ -13,6 +13,7 @@ A custom planner is any object with ``plan(pool, gpu_hit_chunks, tiers) -> int``
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -96,18 +97,23 @@ class CodecCost:
         ratio: chunk bytes / stored bytes (a block or slot: the codec's largest blob of a chunk).
         decode_bytes_per_s: decode rate, bytes of the original chunk per second.
         decode_on_gpu: the chunk crosses PCIe encoded and is decoded on the GPU.
+        encode_bytes_per_s: encode rate of a store (the simulator prices offloads with it; the
+            planner plans loads only).
     """
 
     name: str = "none"
     ratio: float = 1.0
     decode_bytes_per_s: float | None = None
     decode_on_gpu: bool = False
+    encode_bytes_per_s: float | None = None
 
     def __post_init__(self) -> None:
         if not self.ratio > 0:
             raise ValueError(f"CodecCost.ratio must be > 0, got {self.ratio!r}")
-        if self.decode_bytes_per_s is not None and not self.decode_bytes_per_s > 0:
-            raise ValueError(f"CodecCost.decode_bytes_per_s must be > 0 or None, got {self.decode_bytes_per_s!r}")
+        for name in ("decode_bytes_per_s", "encode_bytes_per_s"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"CodecCost.{name} must be > 0 or None, got {v!r}")
 
     @classmethod
     def of_cache(cls, cache, decode_bytes_per_s: float | None = None) -> CodecCost:
@@ -124,10 +130,19 @@ class CodecCost:
             return float(chunk_bytes)
         return chunk_bytes / self.ratio
 
+    def stored_bytes(self, chunk_bytes: int) -> int:
+        """Bytes of one chunk's block or slot below the GPU."""
+        return math.ceil(chunk_bytes / self.ratio)
+
     def decode_seconds(self, chunk_bytes: int) -> float:
         if self.decode_bytes_per_s is None or self.name == "none":
             return 0.0
         return chunk_bytes / self.decode_bytes_per_s
+
+    def encode_seconds(self, chunk_bytes: int) -> float:
+        if self.encode_bytes_per_s is None or self.name == "none":
+            return 0.0
+        return chunk_bytes / self.encode_bytes_per_s
 
 
 @dataclass

@@ -25,6 +25,11 @@ Moving chunks:
   on another host crosses ``link_bw`` / ``link_latency_s``, one from a peer on the same host
   ``local_link_bw`` / ``local_link_latency_s`` (the cross-host link's when not set); a request
   that pulls over both pays both, in series (:meth:`HardwareCost.peer_pull_s`).
+- A codec below the GPU (``HardwareCost.codec``, a kvtier.planner.CodecCost calibrated from
+  bench_codec_fidelity by :meth:`Calibration.codec`): CPU blocks and disk slots hold its stored
+  bytes (``chunk_bytes / ratio``: more chunks per byte), disk reads, write-backs and peer pulls
+  move them, every lower-tier chunk loaded pays its decode and every offloaded chunk its encode;
+  the scatter moves the stored bytes when it decodes on the GPU, the whole chunk otherwise.
 - With ``load_compute_overlap`` (bench_e2e records it for an engine that does this) the scatter overlaps the step that
   reads the chunks, layer by layer; disk reads and write-backs still precede it
   (kvtier.sim.engine.request_service_s).
@@ -39,6 +44,8 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, replace
+
+from kvtier.planner import CodecCost
 
 __all__ = [
     "LINK_BW_CASES",
@@ -134,6 +141,7 @@ class HardwareCost:
     load_compute_overlap: bool = False
     attention_after_prefix: tuple = ()
     hit_step_overlaps: bool = False
+    codec: CodecCost = field(default_factory=CodecCost)
     sources: dict = field(default_factory=dict)
 
     def values(self) -> dict:
@@ -153,6 +161,15 @@ class HardwareCost:
         }
         if self.local_link_bw is not None or self.local_link_latency_s is not None:
             v["local_link_gbps"] = round(self.same_host_link()[0] / 1e9, 2)
+        if self.codec.name != "none":
+            c = self.codec
+            v["codec"] = {
+                "name": c.name,
+                "ratio": round(c.ratio, 3),
+                "decode_gbps": None if c.decode_bytes_per_s is None else round(c.decode_bytes_per_s / 1e9, 3),
+                "encode_gbps": None if c.encode_bytes_per_s is None else round(c.encode_bytes_per_s / 1e9, 3),
+                "decode_on_gpu": c.decode_on_gpu,
+            }
         if self.attention_after_prefix:
             v["attention_after_prefix_tflops"] = {t: round(r / 1e12, 1) for t, r in self.attention_after_prefix}
         return v
@@ -172,6 +189,14 @@ class HardwareCost:
             bw, lat = self.same_host_link()
             t += same_host * chunk_bytes / bw + lat
         return t
+
+    def stored_bytes(self, chunk_bytes: int) -> int:
+        """Bytes a chunk takes below the GPU (a CPU block's or disk slot's payload)."""
+        return self.codec.stored_bytes(chunk_bytes)
+
+    def scatter_bytes(self, chunk_bytes: int) -> float:
+        """Bytes the CPU -> GPU copy of one chunk moves."""
+        return self.codec.moved_bytes("cpu", chunk_bytes)
 
     def prefill_s(self, model: ModelShape, start: int, end: int) -> float:
         """Seconds to prefill tokens [start, end) with the KV of [0, start) in place."""
@@ -355,6 +380,36 @@ class Calibration:
                 )
         return hw
 
+    def codec(self, case: str, *, decode_on_gpu: bool = False) -> tuple[CodecCost, str]:
+        """The cost of a codec from the latest bench_codec_fidelity run: its ``<case>.decode`` and
+        ``<case>.encode`` rates and, for a fixed-size codec, its ``<case>.compression_ratio``.
+        A variable-size codec's (``byteplane_zstd``) blocks and slots keep its worst case, the
+        raw bytes, so its ratio below the GPU is 1 whatever it measured. Returns the cost and
+        the file it came from.
+
+        Raises:
+            FileNotFoundError: no such file, or it lacks one of the cases (named).
+        """
+        files = self._files("bench_codec_fidelity-*.json")
+        if not files:
+            raise FileNotFoundError(f"no bench_codec_fidelity-*.json in {self.bench_dir}")
+        doc, name = _load(files[-1]), os.path.basename(files[-1])
+        values = {}
+        for what in ("compression_ratio", "decode", "encode"):
+            r = _case(doc, f"{case}.{what}")
+            if r is None:
+                raise FileNotFoundError(f"{name} has no case {case}.{what!r}")
+            values[what] = r["value"]
+        ratio = 1.0 if case.startswith("byteplane") else values["compression_ratio"]
+        cost = CodecCost(
+            case,
+            ratio=ratio,
+            decode_bytes_per_s=values["decode"] * 1e9,
+            encode_bytes_per_s=values["encode"] * 1e9,
+            decode_on_gpu=decode_on_gpu,
+        )
+        return cost, f"{name}:{case}"
+
     def _link_cases(self) -> dict[str, tuple[float, str]]:
         """The peers' cross-host link from the bench_p2p* files: ``{"bw": (bytes/s, source),
         "latency": (s, source)}``, each key only where a case of ``LINK_BW_CASES`` /
@@ -459,11 +514,12 @@ class CalibratedPlanner:
     def load_s(self, tier: str, chunk_bytes: int) -> float:
         """Seconds to bring one chunk from ``tier`` ("cpu", "disk" or "peer") into GPU pages."""
         hw = self.hw
-        t = chunk_bytes / hw.h2d_bw
+        stored = hw.stored_bytes(chunk_bytes)
+        t = hw.scatter_bytes(chunk_bytes) / hw.h2d_bw + hw.codec.decode_seconds(chunk_bytes)
         if tier == "disk":
-            t += chunk_bytes / hw.disk_read_bw + hw.disk_latency_s
+            t += stored / hw.disk_read_bw + hw.disk_latency_s
         elif tier == "peer":  # priced on the cross-host link: the plan does not know the source yet
-            t += hw.peer_pull_s(chunk_bytes, 1)
+            t += hw.peer_pull_s(stored, 1)
         return t
 
     def plan(self, pool, gpu_hit_chunks: int, tiers: list[str]) -> int:

@@ -174,9 +174,15 @@ class SimConfig:
         return self.chunk_tokens * self.model.kv_bytes_per_token
 
     @property
+    def stored_chunk_bytes(self) -> int:
+        """Bytes of one chunk below the GPU: its blob under ``hardware.codec`` (the chunk's
+        bytes without one)."""
+        return self.hardware.stored_bytes(self.chunk_bytes)
+
+    @property
     def slot_bytes(self) -> int:
         """Disk bytes of one chunk: a 4 KiB header and the blob rounded up to 4 KiB."""
-        return _BLOCK + _round_up(self.chunk_bytes)
+        return _BLOCK + _round_up(self.stored_chunk_bytes)
 
     @property
     def gpu_pages(self) -> int:
@@ -185,8 +191,8 @@ class SimConfig:
 
     @property
     def cpu_chunks(self) -> int:
-        """Blocks of the CPU tier per instance (chunk bytes rounded up to 4 KiB each)."""
-        return self.cpu_bytes // _round_up(self.chunk_bytes)
+        """Blocks of the CPU tier per instance (stored chunk bytes rounded up to 4 KiB each)."""
+        return self.cpu_bytes // _round_up(self.stored_chunk_bytes)
 
     @property
     def disk_slots(self) -> int:
@@ -426,7 +432,7 @@ class Simulator:
                 cpu = b.lower_hits - b.disk_hits - peer
                 ahead = min(read_ahead, cpu)  # read from disk by the prefetch: disk hits
                 cpu -= ahead
-                ahead_s = read_ahead * cb / hw.disk_read_bw
+                ahead_s = read_ahead * cfg.stored_chunk_bytes / hw.disk_read_bw
                 res.gpu_hits += b.gpu_hits
                 res.cpu_hits += cpu
                 res.disk_hits += b.disk_hits + ahead
@@ -488,11 +494,12 @@ class SimPrefixCost:
         saved = prefill_step_s(hw, self.model, 0, num_tokens) - prefill_step_s(hw, self.model, start, num_tokens)
         lower = cached - prefix.get("gpu", 0)
         disk, peer = prefix.get("disk", 0), prefix.get("peer", 0)
-        load = lower * cb / hw.h2d_bw
+        sb = hw.stored_bytes(cb)
+        load = lower * (hw.scatter_bytes(cb) / hw.h2d_bw + hw.codec.decode_seconds(cb))
         if disk:
-            load += disk * cb / hw.disk_read_bw + hw.disk_latency_s
+            load += disk * sb / hw.disk_read_bw + hw.disk_latency_s
         if peer:
-            load += hw.peer_pull_s(cb, peer, 0)
+            load += hw.peer_pull_s(sb, peer, 0)
         return saved - load
 
     def request_s(self, num_tokens: int, prefix: dict) -> float:
@@ -517,16 +524,21 @@ def request_load_parts_s(hw: HardwareCost, chunk_bytes: int, b, peer: int = 0) -
     pulls (``peer`` chunks, ``b.peer_same_host`` of them from the same host: each path on its
     link, ``HardwareCost.peer_pull_s``), and the scatter of every lower-tier chunk into GPU pages. With
     ``hw.writebacks_share_disk``, every write-back the load started is priced in its load (the
-    disk reads and writes one request at a time), not only those it waited for."""
-    cb = chunk_bytes
+    disk reads and writes one request at a time), not only those it waited for. With a codec
+    (``hw.codec``) the disk and the peers move stored bytes, an offload pays its encode and a
+    loaded chunk its decode (before its scatter, on the host)."""
+    cb, sb, codec = chunk_bytes, hw.stored_bytes(chunk_bytes), hw.codec
     near = min(peer, getattr(b, "peer_same_host", 0))
-    pages = b.offloaded * cb / hw.d2h_bw + (b.critical_writebacks - b.load_writebacks) * cb / hw.disk_write_bw
+    pages = (
+        b.offloaded * (cb / hw.d2h_bw + codec.encode_seconds(cb))
+        + (b.critical_writebacks - b.load_writebacks) * sb / hw.disk_write_bw
+    )
     writes = max(b.load_writebacks, b.load_disk_writes) if hw.writebacks_share_disk else b.load_writebacks
     load = (
-        writes * cb / hw.disk_write_bw
-        + (b.disk_hits * cb / hw.disk_read_bw + hw.disk_latency_s if b.disk_hits else 0.0)
-        + hw.peer_pull_s(cb, peer - near, near)
-        + b.lower_hits * cb / hw.h2d_bw
+        writes * sb / hw.disk_write_bw
+        + (b.disk_hits * sb / hw.disk_read_bw + hw.disk_latency_s if b.disk_hits else 0.0)
+        + hw.peer_pull_s(sb, peer - near, near)
+        + b.lower_hits * (hw.scatter_bytes(cb) / hw.h2d_bw + codec.decode_seconds(cb))
     )
     return pages, load
 
@@ -539,8 +551,8 @@ def request_load_s(hw: HardwareCost, chunk_bytes: int, b, peer: int = 0) -> floa
 
 def request_copy_s(hw: HardwareCost, chunk_bytes: int, b) -> float:
     """Seconds of the scatter of a request's lower-tier chunks into GPU pages (the copy-engine
-    part of its load, after any disk reads or peer pulls)."""
-    return b.lower_hits * chunk_bytes / hw.h2d_bw
+    part of its load, after any disk reads, peer pulls and decodes)."""
+    return b.lower_hits * hw.scatter_bytes(chunk_bytes) / hw.h2d_bw
 
 
 def prefill_step_s(hw: HardwareCost, model: ModelShape, start: int, end: int) -> float:
