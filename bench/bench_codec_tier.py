@@ -1,0 +1,152 @@
+"""bench_codec_tier: a KVCache whose tiers hold encoded chunks (codec.name), against one that holds
+raw chunks (``none``), measured in the same run: chunks per byte of the CPU tier, store and load
+rates through the CPU tier, and a disk hit after a restart.
+
+    python bench/bench_codec_tier.py [--chunks 16] [--reps 3] [--disk-dir DIR] [--out bench/results]
+
+The KV is a Llama-3-8B layer's shape (8 KV heads of 128, bfloat16) over 4 layers in vLLM's
+layout on the host, 256-token chunks (4 MiB raw), values drawn normal. Rates are of the raw
+chunk bytes (GB/s = 10^9 bytes/s), best of ``--reps``; every case names its baseline, the
+``none`` cache's same operation in the same run. Prints one JSON document (/work/shared/BENCH.md)
+and with ``--out`` writes it there. On a machine without a GPU every copy is a host copy and the
+codecs run on the CPU (the only path there is today).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from kvtier import KVCache, Layout
+from kvtier.bench_info import git_commit, machine
+
+LAYERS, HEADS, DIM, PAGE, CHUNK = 4, 8, 128, 16, 256
+CODECS = {
+    "fp8": {"codec_name": "fp8", "codec_fp8_scale_dtype": "bfloat16"},
+    "byteplane_zstd": {"codec_name": "byteplane_zstd", "codec_zstd_level": 1},
+}
+
+
+def make_kv(chunks: int):
+    pages = 2 * chunks * CHUNK // PAGE  # room for a second copy (the load's destination)
+    g = torch.Generator().manual_seed(0)
+    kv = [torch.randn(2, pages, PAGE, HEADS, DIM, generator=g).to(torch.bfloat16) for _ in range(LAYERS)]
+    return kv, Layout.from_vllm(kv, chunk_tokens=CHUNK)
+
+
+def timed(fn, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure(layout, chunks: int, reps: int, disk_dir: str, opts: dict) -> dict:
+    """Rates (raw GB/s) of one cache configuration: store into an empty CPU tier, load a CPU hit,
+    load a disk hit after a restart (every chunk promoted from disk)."""
+    ppc = CHUNK // PAGE
+    src, dst = np.arange(chunks * ppc), np.arange(chunks * ppc, 2 * chunks * ppc)
+    raw = chunks * layout.chunk_bytes
+    out = {}
+    cpu_bytes = max(2 * chunks, 64) * layout.chunk_bytes  # 256 MiB at least
+
+    def store_fresh():
+        nonlocal seed
+        seed += 1
+        tokens = list(range(seed * 10**6, seed * 10**6 + chunks * CHUNK))
+        cache.store(tokens, src).wait()
+
+    seed = 0
+    with KVCache(layout, cpu_bytes=cpu_bytes, method="cpu", cpu_threads=1, **opts) as cache:
+        out["capacity_chunks"] = cache.stats()["capacity_chunks"]
+        out["store_gbps"] = raw / timed(store_fresh, reps) / 1e9
+        tokens = list(range(seed * 10**6, seed * 10**6 + chunks * CHUNK))
+        out["load_cpu_gbps"] = raw / timed(lambda: cache.load(tokens, dst).wait(), reps) / 1e9
+    d = tempfile.mkdtemp(dir=disk_dir)
+    disk = dict(disk_dir=d, disk_bytes=4 * raw + (64 << 20))
+    with KVCache(layout, cpu_bytes=cpu_bytes, method="cpu", cpu_threads=1, **disk, **opts) as cache:
+        cache.store(tokens, src).wait()  # persisted at close
+    times = []
+    for _ in range(reps):  # each restart finds every chunk on disk only
+        with KVCache(layout, cpu_bytes=cpu_bytes, method="cpu", cpu_threads=1, **disk, **opts) as cache:
+            assert cache.lookup_tiers(tokens) == ["disk"] * chunks
+            t0 = time.perf_counter()
+            got = cache.load(tokens, dst).wait()
+            times.append(time.perf_counter() - t0)
+            assert got == chunks * CHUNK, got
+    shutil.rmtree(d)
+    out["load_disk_gbps"] = raw / min(times) / 1e9
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chunks", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--disk-dir", default=tempfile.gettempdir(), help="a directory on a disk that takes O_DIRECT")
+    parser.add_argument("--out", type=Path, help="directory to write the JSON result into")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    _kv, layout = make_kv(args.chunks)  # the layout holds the tensors
+    runs = {"none": measure(layout, args.chunks, args.reps, args.disk_dir, {})}
+    for name, opts in CODECS.items():
+        runs[name] = measure(layout, args.chunks, args.reps, args.disk_dir, opts)
+    base = runs["none"]
+    results = []
+    for name in CODECS:
+        r = runs[name]
+        results.append(
+            {
+                "case": f"{name}.capacity_chunks",
+                "value": r["capacity_chunks"],
+                "unit": "chunks in the CPU tier",
+                "baseline": "none.capacity_chunks",
+                "baseline_value": base["capacity_chunks"],
+                "ratio": round(r["capacity_chunks"] / base["capacity_chunks"], 4),
+            }
+        )
+        for what, label in (
+            ("store_gbps", "store into the CPU tier (gather, encode)"),
+            ("load_cpu_gbps", "CPU hit (decode, scatter)"),
+            ("load_disk_gbps", "disk hit after a restart (read, decode, scatter)"),
+        ):
+            results.append(
+                {
+                    "case": f"{name}.{what.removesuffix('_gbps')}",
+                    "value": round(r[what], 4),
+                    "unit": "GB/s of raw chunk bytes",
+                    "baseline": f"none.{what.removesuffix('_gbps')}",
+                    "baseline_value": round(base[what], 4),
+                    "ratio": round(r[what] / base[what], 4),
+                    "note": label,
+                }
+            )
+    doc = {
+        "bench": "bench_codec_tier",
+        "workload": f"llama3_8b_kv_{LAYERS}l_{args.chunks}x{CHUNK}tok",
+        "machine": machine(),
+        "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
+        "chunk_bytes": layout.chunk_bytes,
+        "disk_dir": args.disk_dir,
+        "threads": "torch 1 thread, 1 copy thread",
+        "results": results,
+    }
+    text = json.dumps(doc, indent=1)
+    print(text)
+    if args.out is not None:
+        name = f"{doc['bench']}-{doc['workload']}-cpu-{doc['date']}.json"
+        (args.out / name).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
