@@ -235,3 +235,26 @@ def test_gpu_pages_round_trip_through_the_codec_tier(name):
     torch.cuda.synchronize()
     cpu_kv = [t.cpu() for t in kv]
     assert raw_blobs(Layout.from_vllm(cpu_kv, chunk_tokens=CHUNK_TOKENS), tokens, range(16, 24)) == want
+
+
+def test_bad_input_is_refused_before_any_work_and_the_cache_stays_usable(caplog):
+    kv, layout = vllm_kv(pages=8, seed=6)
+    tokens = toks(2)
+    with KVCache(layout, cpu_bytes=8 * layout.chunk_bytes, method="cpu", codec_name="fp8") as cache:
+        with pytest.raises(InvalidArgumentError, match=r"page_ids\[3\] = 99 is out of range"):
+            cache.store(tokens, [0, 1, 2, 99])
+        assert cache.lookup(tokens) == 0
+        cache.store(tokens, range(4)).wait()
+        before = [t.clone() for t in kv]
+        for bad, match in (([4, 5, 6, 99], "out of range"), ([4, 5, 5, 6], r"page_ids\[2\] = 5 is repeated")):
+            with pytest.raises(InvalidArgumentError, match=match):
+                cache.load(tokens, bad)
+        assert cache.stats()["codec_chunks_decoded"] == 0  # refused before decoding anything
+        assert all(torch.equal(t, b) for t, b in zip(kv, before, strict=True))
+        assert cache.load(tokens, range(4, 8)).wait() == 2 * CHUNK_TOKENS
+        # KV holding a NaN: fp8 cannot encode it; the chunk is not stored (a miss), not an error
+        kv[0][0, 0, 0, 0, 0] = float("nan")
+        other = toks(2, base=5000)
+        assert cache.store(other, range(4)).wait() == 0
+        assert cache.stats()["codec_encode_refused"] == 1 and cache.lookup(other) == 0
+        assert "NaN" in caplog.text

@@ -179,6 +179,7 @@ class CodecTier:
             "codec_bytes_raw": 0,  # raw bytes of the chunks encoded
             "codec_bytes_encoded": 0,  # their blobs' bytes
             "codec_decode_failures": 0,
+            "codec_encode_refused": 0,  # chunks the codec cannot encode (fp8: NaN or inf)
         }
 
     # -- the inner tier's own -----------------------------------------------------------------
@@ -249,7 +250,12 @@ class CodecTier:
                 raise KVTierError(f"codec store: {len(views)} of {len(keys)} gathered chunks are in the staging tier")
             for n, (key, view) in enumerate(zip(keys, views, strict=True)):
                 raw = torch.from_numpy(np.frombuffer(view, dtype=np.uint8).copy())
-                blob = self.codec.encode(raw.view(self._dtype).view(self._shape))
+                try:
+                    blob = self.codec.encode(raw.view(self._dtype).view(self._shape))
+                except InvalidArgumentError as e:  # fp8 and a NaN or inf: not cached, as a failed copy
+                    self._counts["codec_encode_refused"] += 1
+                    log.warning("kvtier: a chunk was not stored: %s", e)
+                    return n, True
                 if blob.numel() > self._slot:  # the slot is the codec's bound: a bug if it is not
                     raise KVTierError(
                         f"codec {self.codec.name} made a {blob.numel()}-byte blob for {self._slot}-byte slots"
@@ -298,6 +304,7 @@ class CodecTier:
         keys_l = _split_keys(keys)
         pages = np.asarray(page_ids, dtype=np.int64)
         wanted = min(len(keys_l), len(pages) // self._ppc)
+        self._check_pages(pages[: wanted * self._ppc])  # before any decode: nothing done on bad input
         loaded = 0
         with self._lock:
             # A batch is promoted into the pool whole: no more than the pool holds.
@@ -311,6 +318,19 @@ class CodecTier:
                 if got < len(batch):
                     break
         return CodecOp(None, loaded)
+
+    def _check_pages(self, pages: np.ndarray) -> None:
+        """The copy engine's checks of page ids (range, repetition), made before any work."""
+        bad = np.flatnonzero((pages < 0) | (pages >= self.layout.num_pages))
+        if bad.size:
+            i = int(bad[0])
+            raise InvalidArgumentError(f"page_ids[{i}] = {int(pages[i])} is out of range [0, {self.layout.num_pages})")
+        if len(np.unique(pages)) != len(pages):
+            seen = set()
+            for i, p in enumerate(pages.tolist()):
+                if p in seen:
+                    raise InvalidArgumentError(f"page_ids[{i}] = {p} is repeated")
+                seen.add(p)
 
     def _load_batch(self, keys: list[bytes], pages: np.ndarray, after_stream: int) -> int:
         op = self._inner.load(b"".join(keys), np.arange(len(keys), dtype=np.int64), 0)
