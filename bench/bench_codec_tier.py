@@ -2,14 +2,16 @@
 raw chunks (``none``), measured in the same run: chunks per byte of the CPU tier, store and load
 rates through the CPU tier, and a disk hit after a restart.
 
-    python bench/bench_codec_tier.py [--chunks 16] [--reps 3] [--disk-dir DIR] [--out bench/results]
+    python bench/bench_codec_tier.py [--chunks 16] [--reps 3] [--disk-dir DIR] [--device cuda]
+                                     [--out bench/results]
 
 The KV is a Llama-3-8B layer's shape (8 KV heads of 128, bfloat16) over 4 layers in vLLM's
 layout on the host, 256-token chunks (4 MiB raw), values drawn normal. Rates are of the raw
 chunk bytes (GB/s = 10^9 bytes/s), best of ``--reps``; every case names its baseline, the
 ``none`` cache's same operation in the same run. Prints one JSON document (/work/shared/BENCH.md)
-and with ``--out`` writes it there. On a machine without a GPU every copy is a host copy and the
-codecs run on the CPU (the only path there is today).
+and with ``--out`` writes it there. The codecs run on the host (the only path there is today);
+with ``--device cuda`` the KV lives on the GPU and the copies cross PCIe (method auto), else every
+copy is a host copy.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ CODECS = {
 }
 
 
-def make_kv(chunks: int):
+def make_kv(chunks: int, device: str):
     pages = 2 * chunks * CHUNK // PAGE  # room for a second copy (the load's destination)
     g = torch.Generator().manual_seed(0)
-    kv = [torch.randn(2, pages, PAGE, HEADS, DIM, generator=g).to(torch.bfloat16) for _ in range(LAYERS)]
+    kv = [torch.randn(2, pages, PAGE, HEADS, DIM, generator=g).to(torch.bfloat16).to(device) for _ in range(LAYERS)]
     return kv, Layout.from_vllm(kv, chunk_tokens=CHUNK)
 
 
@@ -51,6 +53,7 @@ def timed(fn, reps: int) -> float:
 
 
 def measure(layout, chunks: int, reps: int, disk_dir: str, opts: dict) -> dict:
+    opts = {**opts, "method": "auto" if layout.device.startswith("cuda") else "cpu"}
     """Rates (raw GB/s) of one cache configuration: store into an empty CPU tier, load a CPU hit,
     load a disk hit after a restart (every chunk promoted from disk)."""
     ppc = CHUNK // PAGE
@@ -66,18 +69,18 @@ def measure(layout, chunks: int, reps: int, disk_dir: str, opts: dict) -> dict:
         cache.store(tokens, src).wait()
 
     seed = 0
-    with KVCache(layout, cpu_bytes=cpu_bytes, method="cpu", cpu_threads=1, **opts) as cache:
+    with KVCache(layout, cpu_bytes=cpu_bytes, cpu_threads=1, **opts) as cache:
         out["capacity_chunks"] = cache.stats()["capacity_chunks"]
         out["store_gbps"] = raw / timed(store_fresh, reps) / 1e9
         tokens = list(range(seed * 10**6, seed * 10**6 + chunks * CHUNK))
         out["load_cpu_gbps"] = raw / timed(lambda: cache.load(tokens, dst).wait(), reps) / 1e9
     d = tempfile.mkdtemp(dir=disk_dir)
     disk = dict(disk_dir=d, disk_bytes=4 * raw + (64 << 20))
-    with KVCache(layout, cpu_bytes=cpu_bytes, method="cpu", cpu_threads=1, **disk, **opts) as cache:
+    with KVCache(layout, cpu_bytes=cpu_bytes, cpu_threads=1, **disk, **opts) as cache:
         cache.store(tokens, src).wait()  # persisted at close
     times = []
     for _ in range(reps):  # each restart finds every chunk on disk only
-        with KVCache(layout, cpu_bytes=cpu_bytes, method="cpu", cpu_threads=1, **disk, **opts) as cache:
+        with KVCache(layout, cpu_bytes=cpu_bytes, cpu_threads=1, **disk, **opts) as cache:
             assert cache.lookup_tiers(tokens) == ["disk"] * chunks
             t0 = time.perf_counter()
             got = cache.load(tokens, dst).wait()
@@ -93,10 +96,11 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--disk-dir", default=tempfile.gettempdir(), help="a directory on a disk that takes O_DIRECT")
+    parser.add_argument("--device", default="cpu", help="where the KV lives: cpu or cuda")
     parser.add_argument("--out", type=Path, help="directory to write the JSON result into")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    _kv, layout = make_kv(args.chunks)  # the layout holds the tensors
+    _kv, layout = make_kv(args.chunks, args.device)  # the layout holds the tensors
     runs = {"none": measure(layout, args.chunks, args.reps, args.disk_dir, {})}
     for name, opts in CODECS.items():
         runs[name] = measure(layout, args.chunks, args.reps, args.disk_dir, opts)
@@ -133,18 +137,20 @@ def main() -> None:
     doc = {
         "bench": "bench_codec_tier",
         "workload": f"llama3_8b_kv_{LAYERS}l_{args.chunks}x{CHUNK}tok",
-        "machine": machine(),
+        "machine": machine(torch.cuda.get_device_name() if args.device.startswith("cuda") else None),
         "date": datetime.date.today().isoformat(),
         "commit": git_commit(),
         "chunk_bytes": layout.chunk_bytes,
         "disk_dir": args.disk_dir,
+        "device": args.device,
         "threads": "torch 1 thread, 1 copy thread",
         "results": results,
     }
     text = json.dumps(doc, indent=1)
     print(text)
     if args.out is not None:
-        name = f"{doc['bench']}-{doc['workload']}-cpu-{doc['date']}.json"
+        tag = doc["machine"].split(",")[0].split()[1].lower() if args.device.startswith("cuda") else "cpu"
+        name = f"{doc['bench']}-{doc['workload']}-{tag}-{doc['date']}.json"
         (args.out / name).write_text(text + "\n")
 
 
