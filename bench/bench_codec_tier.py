@@ -9,9 +9,10 @@ The KV is a Llama-3-8B layer's shape (8 KV heads of 128, bfloat16) over 4 layers
 layout on the host, 256-token chunks (4 MiB raw), values drawn normal. Rates are of the raw
 chunk bytes (GB/s = 10^9 bytes/s), best of ``--reps``; every case names its baseline, the
 ``none`` cache's same operation in the same run. Prints one JSON document (/work/shared/BENCH.md)
-and with ``--out`` writes it there. The codecs run on the host (the only path there is today);
-with ``--device cuda`` the KV lives on the GPU and the copies cross PCIe (method auto), else every
-copy is a host copy.
+and with ``--out`` writes it there. Without ``--device`` the KV is on the host, every copy is a
+host copy and the codecs run on the CPU; with ``--device cuda`` the KV lives on the GPU and each
+codec runs twice, coded on the host (``codec.device: host``: raw chunks cross PCIe) and on the
+GPU (``_on_gpu`` cases, ``codec.device: gpu``: encoded chunks cross PCIe).
 """
 
 from __future__ import annotations
@@ -101,12 +102,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     _kv, layout = make_kv(args.chunks, args.device)  # the layout holds the tensors
+    codecs = dict(CODECS)
+    if args.device.startswith("cuda"):  # also coded on the GPU: only encoded bytes cross PCIe
+        codecs.update({f"{name}_on_gpu": {**opts, "codec_device": "gpu"} for name, opts in CODECS.items()})
     runs = {"none": measure(layout, args.chunks, args.reps, args.disk_dir, {})}
-    for name, opts in CODECS.items():
+    for name, opts in codecs.items():
         runs[name] = measure(layout, args.chunks, args.reps, args.disk_dir, opts)
     base = runs["none"]
     results = []
-    for name in CODECS:
+    for name in codecs:
         r = runs[name]
         results.append(
             {

@@ -12,7 +12,7 @@ pytest.importorskip("zstandard")
 
 from _util import wait_until
 from kvtier import KVCache, Layout
-from kvtier.codec_tier import chunk_shape, codec_fingerprint, slot_nbytes
+from kvtier.codec_tier import chunk_ranges, chunk_shape, codec_fingerprint, slot_nbytes
 from kvtier.codecs import codec_names, make_codec
 from kvtier.config import KVTierConfig
 from kvtier.config.sections import CODECS
@@ -216,9 +216,38 @@ def test_peers_exchange_encoded_chunks_and_refuse_another_codec():
         a.close()
 
 
+@pytest.mark.parametrize("kind", ["vllm", "flashinfer_nhd", "flashinfer_hnd", "mla", "hf", "cross_layer"])
+def test_chunk_ranges_gather_and_scatter_as_the_copy_engine_does(kind):
+    """The GPU path's segment copies, done here with memmove on host pages: the gathered blobs
+    equal the copy engine's, and scattering them into other pages reproduces the chunks."""
+    import ctypes
+
+    from test_cache import KVModel
+
+    m = KVModel(kind, torch.bfloat16, 16, num_pages=24, chunk_pages=2, seed=7)
+    layout, tokens = m.layout, toks(3)
+    src_pages = np.array([9, 3, 7, 1, 5, 11])
+    want = raw_blobs(layout, tokens, src_pages)
+    buf = np.zeros(3 * layout.chunk_bytes, dtype=np.uint8)
+    for src, dst, n in zip(*chunk_ranges(layout, src_pages, buf.ctypes.data), strict=True):
+        ctypes.memmove(int(dst), int(src), int(n))
+    assert [bytes(buf[i * layout.chunk_bytes : (i + 1) * layout.chunk_bytes]) for i in range(3)] == want
+    dst_pages = np.array([20, 12, 13, 23, 14, 15])
+    for page, blob, n in zip(*chunk_ranges(layout, dst_pages, buf.ctypes.data), strict=True):
+        ctypes.memmove(int(page), int(blob), int(n))
+    assert raw_blobs(layout, tokens, dst_pages) == want
+
+
+def test_codec_on_the_gpu_needs_a_gpu_layout():
+    _, layout = vllm_kv()
+    with pytest.raises(InvalidArgumentError, match=r"codec\.device 'gpu' needs a layout on a CUDA device"):
+        KVCache(layout, cpu_bytes=4 * layout.chunk_bytes, codec_name="fp8", codec_device="gpu")
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("codec_device", ["host", "gpu"])
 @pytest.mark.parametrize("name", ["fp8", "byteplane_zstd"])
-def test_gpu_pages_round_trip_through_the_codec_tier(name):
+def test_gpu_pages_round_trip_through_the_codec_tier(name, codec_device):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     kv, layout = vllm_kv(device="cuda")
@@ -229,9 +258,10 @@ def test_gpu_pages_round_trip_through_the_codec_tier(name):
         through_codec(codec, layout, b)
         for b in raw_blobs(Layout.from_vllm(cpu_kv, chunk_tokens=CHUNK_TOKENS), tokens, range(8))
     ]
-    with KVCache(layout, cpu_bytes=8 * layout.chunk_bytes, codec_name=name) as cache:
+    with KVCache(layout, cpu_bytes=8 * layout.chunk_bytes, codec_name=name, codec_device=codec_device) as cache:
         assert cache.store(tokens, range(8)).wait() == 4
         assert cache.load(tokens, range(16, 24)).wait() == 4 * CHUNK_TOKENS
+        assert cache.stats()["codec_device"] == codec_device
     torch.cuda.synchronize()
     cpu_kv = [t.cpu() for t in kv]
     assert raw_blobs(Layout.from_vllm(cpu_kv, chunk_tokens=CHUNK_TOKENS), tokens, range(16, 24)) == want

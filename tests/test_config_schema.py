@@ -220,6 +220,7 @@ CACHE_CASES = [
     ("codec_name", "gzip", "fp8"),
     ("codec_fp8_scale_dtype", "float8", "float32"),
     ("codec_zstd_level", -8, 3),
+    ("codec_device", "tpu", "gpu"),
 ]
 
 

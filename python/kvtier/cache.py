@@ -326,6 +326,7 @@ class KVCache:
                 staging_bytes=config.staging_bytes,
                 cpu_threads=config.cpu_threads,
                 timeout_s=config.timeout_s,
+                codec_device=config.codec_device,
                 **disk_options,
             )
             self._blob_fingerprint = codec_fingerprint(layout, self._codec)

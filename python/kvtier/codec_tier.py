@@ -25,6 +25,7 @@ Everything else (lookup, events, persist, blob access for peers) is the inner ti
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -47,7 +48,7 @@ from kvtier.errors import (
 )
 from kvtier.layout import Layout
 
-__all__ = ["CodecOp", "CodecTier", "codec_fingerprint", "codec_geometry_label", "slot_nbytes"]
+__all__ = ["CodecOp", "CodecTier", "chunk_ranges", "codec_fingerprint", "codec_geometry_label", "slot_nbytes"]
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +128,20 @@ class CodecTier:
         staging_bytes: int,
         cpu_threads: int,
         timeout_s: float,
+        codec_device: str = "host",
         **inner_options,
     ) -> None:
+        if codec_device not in ("host", "gpu"):
+            raise InvalidArgumentError(f"codec_device must be 'host' or 'gpu', got {codec_device!r}")
+        if codec_device == "gpu" and device < 0:
+            raise InvalidArgumentError(
+                f"codec.device 'gpu' needs a layout on a CUDA device; this layout is on {layout.device}"
+            )
         self.layout = layout
         self.codec = codec
+        self.codec_device = codec_device
+        self._device = device
+        self._stream = torch.cuda.Stream(device) if codec_device == "gpu" else None
         self._shape, self._dtype = chunk_shape(layout)
         self._slot = slot_nbytes(layout, codec)
         self._timeout_s = float(timeout_s)
@@ -138,17 +149,21 @@ class CodecTier:
         self._writeback_wait_s = 2 * float(inner_options.get("disk_io_timeout_s", 10.0)) + 1.0
         self._ppc = layout.pages_per_chunk
         raw_block = math.ceil(layout.chunk_bytes / _BLOCK) * _BLOCK
-        self._staging = _core.CpuTier(
-            layout.to_core_segments(),
-            device,
-            layout.pages_per_chunk,
-            [list(layout.layer_segments(i)) for i in range(layout.num_layers)],
-            _STAGING_CHUNKS * raw_block,
-            method,
-            staging_bytes,
-            cpu_threads,
-            layout_fingerprint=layout.fingerprint,
-        )
+        # The host path gathers and scatters raw chunks through a small tier of its own; the GPU
+        # path does it with the core's segment copies into GPU memory.
+        self._staging = None
+        if codec_device == "host":
+            self._staging = _core.CpuTier(
+                layout.to_core_segments(),
+                device,
+                layout.pages_per_chunk,
+                [list(layout.layer_segments(i)) for i in range(layout.num_layers)],
+                _STAGING_CHUNKS * raw_block,
+                method,
+                staging_bytes,
+                cpu_threads,
+                layout_fingerprint=layout.fingerprint,
+            )
         # Host pages the inner tier loads encoded chunks into (one chunk = one page), aligned
         # like its blocks.
         self._buf = torch.zeros(_STAGING_CHUNKS * self._slot + _BLOCK, dtype=torch.uint8)
@@ -202,13 +217,15 @@ class CodecTier:
         return self._inner
 
     def drain(self, timeout_s: float) -> None:
-        self._staging.drain(timeout_s)
+        if self._staging is not None:
+            self._staging.drain(timeout_s)
         self._inner.drain(timeout_s)
 
     def stats(self) -> dict:
         s = self._inner.stats()
         s.update(self._counts)
         s["codec"] = self.codec.spec
+        s["codec_device"] = self.codec_device
         s["codec_slot_bytes"] = self._slot
         return s
 
@@ -222,7 +239,7 @@ class CodecTier:
             raise InvalidArgumentError(
                 f"store: page_ids has {len(pages)} pages for {len(keys_l)} chunks of {self._ppc} pages"
             )
-        with self._lock:
+        with self._lock, self._on_stream():
             held = bytes(self._inner.media(keys))
             todo = [i for i, m in enumerate(held) if not m]
             stored, skipped = 0, 0
@@ -240,6 +257,9 @@ class CodecTier:
             return CodecOp(None, stored, len(keys_l) - len(todo), skipped)
 
     def _store_batch(self, keys: list[bytes], pages: list[np.ndarray], after_stream: int) -> tuple[int, bool]:
+        if self._stream is not None:
+            raw = self._gather_gpu(np.concatenate(pages), after_stream)
+            return self._encode_and_put(keys, [raw[i] for i in range(len(keys))])
         scratch = [os.urandom(16) for _ in keys]  # fresh: the staging tier never answers "cached"
         op = self._staging.store(b"".join(scratch), np.concatenate(pages), after_stream)
         if op.transfer is not None:
@@ -248,37 +268,75 @@ class CodecTier:
         try:
             if len(views) != len(keys):
                 raise KVTierError(f"codec store: {len(views)} of {len(keys)} gathered chunks are in the staging tier")
-            for n, (key, view) in enumerate(zip(keys, views, strict=True)):
-                raw = torch.from_numpy(np.frombuffer(view, dtype=np.uint8).copy())
-                try:
-                    blob = self.codec.encode(raw.view(self._dtype).view(self._shape))
-                except InvalidArgumentError as e:  # fp8 and a NaN or inf: not cached, as a failed copy
-                    self._counts["codec_encode_refused"] += 1
-                    log.warning("kvtier: a chunk was not stored: %s", e)
-                    return n, True
-                if blob.numel() > self._slot:  # the slot is the codec's bound: a bug if it is not
-                    raise KVTierError(
-                        f"codec {self.codec.name} made a {blob.numel()}-byte blob for {self._slot}-byte slots"
-                    )
-                try:
-                    dst = np.asarray(self._begin_put(key))
-                except AlreadyExistsError:
-                    continue  # stored meanwhile (a peer's pull): it is there
-                except ResourceExhaustedError:
-                    return n, True  # no block: the raw tier stops here too
-                try:
-                    dst[: blob.numel()] = blob.numpy()
-                    dst[blob.numel() :] = 0
-                    self._inner.commit_put(key)
-                except BaseException:
-                    self._inner.abort_put(key)
-                    raise
-                self._counts["codec_chunks_encoded"] += 1
-                self._counts["codec_bytes_raw"] += self.layout.chunk_bytes
-                self._counts["codec_bytes_encoded"] += blob.numel()
-            return len(keys), False
+            raws = [torch.from_numpy(np.frombuffer(v, dtype=np.uint8).copy()) for v in views]
         finally:
             self._staging.release_blobs(b"".join(scratch[: len(views)]))
+        return self._encode_and_put(keys, raws)
+
+    def _encode_and_put(self, keys: list[bytes], raws: list[torch.Tensor]) -> tuple[int, bool]:
+        """Encode each raw chunk (1-D uint8, on the host or the GPU) and put it into the inner
+        tier. Returns (chunks handled, whether the store must stop there)."""
+        for n, (key, raw) in enumerate(zip(keys, raws, strict=True)):
+            try:
+                blob = self.codec.encode(raw.view(self._dtype).view(self._shape)).cpu()
+            except InvalidArgumentError as e:  # fp8 and a NaN or inf: not cached, as a failed copy
+                self._counts["codec_encode_refused"] += 1
+                log.warning("kvtier: a chunk was not stored: %s", e)
+                return n, True
+            if blob.numel() > self._slot:  # the slot is the codec's bound: a bug if it is not
+                raise KVTierError(
+                    f"codec {self.codec.name} made a {blob.numel()}-byte blob for {self._slot}-byte slots"
+                )
+            try:
+                dst = np.asarray(self._begin_put(key))
+            except AlreadyExistsError:
+                continue  # stored meanwhile (a peer's pull): it is there
+            except ResourceExhaustedError:
+                return n, True  # no block: the raw tier stops here too
+            try:
+                dst[: blob.numel()] = blob.numpy()
+                dst[blob.numel() :] = 0
+                self._inner.commit_put(key)
+            except BaseException:
+                self._inner.abort_put(key)
+                raise
+            self._counts["codec_chunks_encoded"] += 1
+            self._counts["codec_bytes_raw"] += self.layout.chunk_bytes
+            self._counts["codec_bytes_encoded"] += blob.numel()
+        return len(keys), False
+
+    # -- the GPU path: segment copies between the pages and raw chunks in GPU memory ------------
+    def _on_stream(self):
+        """GPU path: the torch work of a store or load (encode, decode, the raw chunks' memory)
+        runs on the codec's stream, where the segment copies run."""
+        return contextlib.nullcontext() if self._stream is None else torch.cuda.stream(self._stream)
+
+    def _ordered_after(self, after_stream: int) -> None:
+        """Make the codec's stream wait for the work queued on ``after_stream`` (0: nothing)."""
+        if after_stream:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.ExternalStream(after_stream, device=self._device))
+            self._stream.wait_event(event)
+
+    def _gather_gpu(self, pages: np.ndarray, after_stream: int) -> torch.Tensor:
+        """The raw chunks of ``pages`` as a ``[chunks, chunk_bytes]`` uint8 GPU tensor, copied
+        on the codec's stream after ``after_stream``'s work and waited for."""
+        n = len(pages) // self._ppc
+        self._ordered_after(after_stream)
+        raw = torch.empty((n, self.layout.chunk_bytes), dtype=torch.uint8, device=f"cuda:{self._device}")
+        src, dst, size = chunk_ranges(self.layout, pages, raw.data_ptr())
+        _core.copy_segments(self._device, src, dst, size, self._stream.cuda_stream, "dma")
+        self._stream.synchronize()
+        return raw
+
+    def _scatter_gpu(self, raws: list[torch.Tensor], pages: np.ndarray, after_stream: int) -> None:
+        """Copy raw chunks (1-D uint8 GPU tensors made on the codec's stream) into ``pages``,
+        after ``after_stream``'s work; returns once they have landed."""
+        self._ordered_after(after_stream)
+        raw = torch.stack(raws) if len(raws) > 1 else raws[0].view(1, -1)
+        src, dst, size = chunk_ranges(self.layout, pages[: len(raws) * self._ppc], raw.data_ptr())
+        _core.copy_segments(self._device, dst, src, size, self._stream.cuda_stream, "dma")
+        self._stream.synchronize()
 
     def _begin_put(self, key: bytes):
         """The inner tier's ``begin_put``, waiting while write-backs to disk hold the blocks (as
@@ -306,7 +364,7 @@ class CodecTier:
         wanted = min(len(keys_l), len(pages) // self._ppc)
         self._check_pages(pages[: wanted * self._ppc])  # before any decode: nothing done on bad input
         loaded = 0
-        with self._lock:
+        with self._lock, self._on_stream():
             # A batch is promoted into the pool whole: no more than the pool holds.
             step = max(1, min(_STAGING_CHUNKS, self._inner.capacity_chunks))
             while loaded < wanted:
@@ -336,29 +394,55 @@ class CodecTier:
         op = self._inner.load(b"".join(keys), np.arange(len(keys), dtype=np.int64), 0)
         if op.transfer is not None:
             op.transfer.wait(self._timeout_s)
-        scratch = []
+        where = None if self._stream is None else f"cuda:{self._device}"
+        raws = []
         for i in range(op.chunks):
             start = self._buf_at + i * self._slot
             slot = self._buf[start : start + self._slot]
             try:
                 blob = slot[: self.codec.blob_nbytes(slot)]
-                raw = self.codec.decode(blob)
+                # On the GPU path the encoded blob crosses PCIe and is decoded there.
+                raw = self.codec.decode(blob if where is None else blob.to(where), device=where)
             except CorruptionError as e:
                 self._counts["codec_decode_failures"] += 1
                 log.warning("kvtier: a %s chunk does not decode (%s): a miss", self.codec.name, e)
                 break
+            raws.append(raw.reshape(-1).view(torch.uint8))
+            self._counts["codec_chunks_decoded"] += 1
+        if not raws:
+            return 0
+        if self._stream is not None:
+            self._scatter_gpu(raws, pages, after_stream)
+            return len(raws)
+        scratch = []
+        for raw in raws:
             key = os.urandom(16)
             dst = np.asarray(self._staging.begin_put(key))
-            dst[:] = raw.view(-1).view(torch.uint8).numpy()
+            dst[:] = raw.numpy()
             self._staging.commit_put(key)
             scratch.append(key)
-            self._counts["codec_chunks_decoded"] += 1
-        if not scratch:
-            return 0
         op = self._staging.load(b"".join(scratch), pages[: len(scratch) * self._ppc], after_stream)
         if op.transfer is not None:
             op.transfer.wait(self._timeout_s)
         return op.chunks
+
+
+def chunk_ranges(layout: Layout, pages: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The byte ranges between the pages of chunks and their raw blobs laid one after another at
+    address ``base`` (chunk ``i`` at ``base + i * chunk_bytes``, segment-major as the copy engine
+    gathers it): ``(page addresses, blob addresses, bytes)``, uint64 arrays of one range per page
+    of each segment. ``pages`` holds ``pages_per_chunk`` page ids per chunk."""
+    ppc = layout.pages_per_chunk
+    n = len(pages) // ppc
+    grid = np.asarray(pages[: n * ppc], dtype=np.uint64).reshape(n, ppc)
+    chunk_at = np.uint64(base) + np.arange(n, dtype=np.uint64)[:, None] * np.uint64(layout.chunk_bytes)
+    src, dst, size = [], [], []
+    for s, seg in enumerate(layout.segments):
+        page_at = np.arange(ppc, dtype=np.uint64)[None, :] * np.uint64(seg.page_bytes)
+        src.append(np.uint64(seg.base_ptr) + grid * np.uint64(seg.page_stride))
+        dst.append(chunk_at + np.uint64(layout.segment_offset_in_blob(s)) + page_at)
+        size.append(np.full((n, ppc), seg.page_bytes, dtype=np.uint64))
+    return tuple(np.stack(a, axis=1).reshape(-1) for a in (src, dst, size))
 
 
 def _split_keys(keys: bytes) -> list[bytes]:

@@ -29,6 +29,7 @@ DISK_BACKENDS = ("auto", "io_uring", "posix")
 # (tests/test_codec_tier.py checks that the two agree).
 CODECS = ("none", "fp8", "byteplane_zstd")
 FP8_SCALE_DTYPES = ("bfloat16", "float32")
+CODEC_DEVICES = ("host", "gpu")
 
 
 def _field(default: Any, check: _Check, doc: str, *, env: str | None = None, show: bool = True) -> Any:
@@ -116,6 +117,13 @@ class CodecConfig(_Section):
         "bfloat16", _Choice(FP8_SCALE_DTYPES), "dtype of fp8's scales (bfloat16: smaller, same error)"
     )
     zstd_level: int = _field(1, _Int(-7, 22), "zstd level of byteplane_zstd")
+    device: str = _field(
+        "host",
+        _Choice(CODEC_DEVICES),
+        "where chunks are encoded and decoded: host (gathered into pinned memory, then coded by "
+        "the CPU) or gpu (gathered, coded and scattered on the GPU: encoded bytes cross PCIe; a "
+        "layout on a CUDA device only)",
+    )
 
 
 @dataclass(frozen=True)
