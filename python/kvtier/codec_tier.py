@@ -42,6 +42,7 @@ from kvtier.codecs import Codec
 from kvtier.errors import (
     AlreadyExistsError,
     CorruptionError,
+    DeadlineExceededError,
     InvalidArgumentError,
     KVTierError,
     ResourceExhaustedError,
@@ -239,6 +240,7 @@ class CodecTier:
             raise InvalidArgumentError(
                 f"store: page_ids has {len(pages)} pages for {len(keys_l)} chunks of {self._ppc} pages"
             )
+        self._check_pages(pages[: len(keys_l) * self._ppc])  # the GPU path copies by address
         with self._lock, self._on_stream():
             held = bytes(self._inner.media(keys))
             todo = [i for i, m in enumerate(held) if not m]
@@ -326,7 +328,7 @@ class CodecTier:
         raw = torch.empty((n, self.layout.chunk_bytes), dtype=torch.uint8, device=f"cuda:{self._device}")
         src, dst, size = chunk_ranges(self.layout, pages, raw.data_ptr())
         _core.copy_segments(self._device, src, dst, size, self._stream.cuda_stream, "dma")
-        self._stream.synchronize()
+        self._wait_stream("gather")
         return raw
 
     def _scatter_gpu(self, raws: list[torch.Tensor], pages: np.ndarray, after_stream: int) -> None:
@@ -336,7 +338,18 @@ class CodecTier:
         raw = torch.stack(raws) if len(raws) > 1 else raws[0].view(1, -1)
         src, dst, size = chunk_ranges(self.layout, pages[: len(raws) * self._ppc], raw.data_ptr())
         _core.copy_segments(self._device, dst, src, size, self._stream.cuda_stream, "dma")
-        self._stream.synchronize()
+        self._wait_stream("scatter")
+
+    def _wait_stream(self, what: str) -> None:
+        """Wait for the codec's stream, to the cache's deadline (DeadlineExceededError past it;
+        the copies then end on their own, in stream order before any later use of its memory)."""
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        deadline = time.monotonic() + self._timeout_s
+        while not event.query():
+            if time.monotonic() >= deadline:
+                raise DeadlineExceededError(f"codec {what} on the GPU did not end within {self._timeout_s} s")
+            time.sleep(50e-6)
 
     def _begin_put(self, key: bytes):
         """The inner tier's ``begin_put``, waiting while write-backs to disk hold the blocks (as
