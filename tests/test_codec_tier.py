@@ -288,3 +288,39 @@ def test_bad_input_is_refused_before_any_work_and_the_cache_stays_usable(caplog)
         assert cache.store(other, range(4)).wait() == 0
         assert cache.stats()["codec_encode_refused"] == 1 and cache.lookup(other) == 0
         assert "NaN" in caplog.text
+
+
+def test_a_paged_pool_evicts_into_an_encoded_tier_and_reloads_bit_exact():
+    """PagedKVPool over a lossless codec's tier: chunks pushed out of the GPU pool come back
+    through the encoded CPU tier exactly as computed."""
+    from kvtier.pool import PagedKVPool
+
+    pool = PagedKVPool(
+        num_layers=2,
+        kv_heads=2,
+        head_dim=64,
+        num_pages=8,
+        page_tokens=16,
+        chunk_tokens=32,
+        dtype=torch.bfloat16,
+        cpu_bytes=16 << 20,
+        method="cpu",
+        codec_name="byteplane_zstd",
+    )
+    g = torch.Generator().manual_seed(11)
+    prompts = [list(range(1000 * p, 1000 * p + 64)) for p in range(4)]
+    written = {}
+    for p, tokens in enumerate(prompts):
+        s = pool.begin(tokens)
+        for j, page in enumerate(s.page_table):
+            pool.kv[page] = torch.randn(pool.kv[page].shape, generator=g).to(torch.bfloat16)
+            written[(p, j)] = pool.kv[page].clone()
+        pool.commit(s, tokens)
+        pool.release(s)
+    assert pool.stats()["offloaded_chunks"] >= 2
+    s = pool.begin(prompts[0])
+    assert s.gpu_hit_tokens == 0 and s.lower_hit_tokens == 64
+    s.wait()
+    assert all(torch.equal(pool.kv[page], written[(0, j)]) for j, page in enumerate(s.page_table))
+    assert pool.cache.stats()["codec_chunks_decoded"] == 2
+    pool.release(s)
