@@ -262,6 +262,9 @@ def test_gpu_pages_round_trip_through_the_codec_tier(name, codec_device):
         assert cache.store(tokens, range(8)).wait() == 4
         assert cache.load(tokens, range(16, 24)).wait() == 4 * CHUNK_TOKENS
         assert cache.stats()["codec_device"] == codec_device
+        from kvtier.planner import CodecCost
+
+        assert CodecCost.of_cache(cache).decode_on_gpu == (codec_device == "gpu")
     torch.cuda.synchronize()
     cpu_kv = [t.cpu() for t in kv]
     assert raw_blobs(Layout.from_vllm(cpu_kv, chunk_tokens=CHUNK_TOKENS), tokens, range(16, 24)) == want

@@ -118,11 +118,13 @@ class CodecCost:
     @classmethod
     def of_cache(cls, cache, decode_bytes_per_s: float | None = None) -> CodecCost:
         """The cost of ``cache``'s codec (a KVCache): its ratio is the layout's chunk bytes over
-        the tier's block bytes; no codec: ``none``, ratio 1."""
+        the tier's block bytes, decoded on the GPU with ``codec.device: gpu``; no codec:
+        ``none``, ratio 1."""
         codec = getattr(cache, "codec", None)
         if codec is None:
             return cls()
-        return cls(codec.spec, cache.layout.chunk_bytes / cache.tier.blob_bytes, decode_bytes_per_s)
+        on_gpu = cache.config.codec_device == "gpu"
+        return cls(codec.spec, cache.layout.chunk_bytes / cache.tier.blob_bytes, decode_bytes_per_s, on_gpu)
 
     def moved_bytes(self, tier: str, chunk_bytes: int) -> float:
         """Bytes a load of one chunk from ``tier`` moves over the tier's link."""
@@ -250,7 +252,8 @@ class CostModelPlanner:
         if codec is not None and self.codec is None:
             # A codec's CPU-tier load decodes each chunk on the host, then copies it: the decode
             # is timed apart, and the copy's bandwidth is what remains of the load's time.
-            decode_s = _decode_seconds(codec, pool.layout, reps)
+            on_gpu = pool.cache.config.codec_device == "gpu"
+            decode_s = _decode_seconds(codec, pool.layout, reps, pool.layout.device if on_gpu else "cpu")
             self.codec = CodecCost.of_cache(pool.cache, pool.layout.chunk_bytes / decode_s)
             best = max(best - chunks * decode_s, best * 1e-3)
         bw = chunks * pool.layout.chunk_bytes / best
@@ -263,19 +266,22 @@ class CostModelPlanner:
         return bw
 
 
-def _decode_seconds(codec, layout, reps: int) -> float:
-    """Seconds ``codec`` takes to decode one chunk of ``layout`` (best of ``reps``), on values
-    drawn like KV (normal), as the codec tier encodes a chunk."""
+def _decode_seconds(codec, layout, reps: int, device: str) -> float:
+    """Seconds ``codec`` takes to decode one chunk of ``layout`` on ``device`` (best of
+    ``reps``), on values drawn like KV (normal), as the codec tier encodes a chunk."""
+    import torch
+
     from kvtier.codec_tier import chunk_shape  # torch: only a cache with a codec gets here
 
     shape, dtype = chunk_shape(layout)
-    import torch
-
-    blob = codec.encode(torch.randn(shape).to(dtype))
+    blob = codec.encode(torch.randn(shape).to(dtype).to(device))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     best = float("inf")
     for _ in range(max(1, reps)):
+        sync()
         t0 = time.perf_counter()
-        codec.decode(blob)
+        codec.decode(blob, device=device)
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best
 
