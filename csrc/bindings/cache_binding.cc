@@ -55,6 +55,19 @@ std::vector<uint32_t> ParsePages(
   return out;
 }
 
+// The address of a whole blob view (begin_put's or acquire_blobs'); InvalidArgument naming `what`
+// for a buffer of another size (an address outside the pool is the tier's to refuse).
+const void* BlobAddress(const CpuTier& t, const py::buffer& blob, const char* what) {
+  py::buffer_info info = blob.request();
+  const auto nbytes = static_cast<uint64_t>(info.size * info.itemsize);
+  if (nbytes != t.blob_bytes()) {
+    throw StatusError(
+        Status::InvalidArgument(std::string(what) + ": blob is " + std::to_string(nbytes) +
+                                " bytes, a block's blob is " + std::to_string(t.blob_bytes())));
+  }
+  return info.ptr;
+}
+
 py::dict IndexStatsDict(const ChunkIndexStats& s) {
   py::dict d;
   d["entries"] = s.entries;
@@ -316,6 +329,24 @@ void BindCache(py::module_& m) {
              std::vector<ChunkKey> k = ParseKeys(keys);
              ThrowIfError(t.ReleaseBlobs(k.data(), k.size()));
            }, py::arg("keys"))
+      .def("note_blob_checksum", [](CpuTier& t, const py::buffer& blob, uint32_t crc32c) {
+             const void* p = BlobAddress(t, blob, "note_blob_checksum");
+             ThrowIfError(t.NoteBlobChecksum(p, crc32c));
+           }, py::arg("blob"), py::arg("crc32c"),
+           "Record the CRC32C of a block's bytes, for a view from begin_put (not yet committed or "
+           "aborted) or acquire_blobs (not yet released) whose bytes it is the CRC32C of; the tier "
+           "keeps it until the block is reserved again.")
+      .def("blob_checksum", [](CpuTier& t, const py::buffer& blob) {
+             const void* p = BlobAddress(t, blob, "blob_checksum");
+             StatusOr<uint32_t> crc = Status::Internal("not run");
+             {
+               py::gil_scoped_release release;
+               crc = t.BlobChecksum(p);
+             }
+             return ValueOrThrow(std::move(crc));
+           }, py::arg("blob"),
+           "The CRC32C of a held block's blob (a view from begin_put or acquire_blobs): the one "
+           "noted, else computed now and kept.")
       .def_property_readonly("blob_bytes", &CpuTier::blob_bytes)
       .def_property_readonly("capacity_chunks", &CpuTier::capacity_chunks)
       .def_property_readonly("pages_per_chunk", &CpuTier::pages_per_chunk)

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "common/mutex.h"
+#include "storage/crc32c.h"
 
 namespace kvtier {
 
@@ -41,6 +42,8 @@ StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const LayoutDesc& layout,
   }
   tier->allocator_ = std::make_unique<BlockAllocator>(blocks, block_bytes, tier->arena_->base());
   tier->index_ = std::make_unique<ChunkIndex>(tier->allocator_.get(), std::move(policy).value());
+  tier->blob_crc_ = std::make_unique<std::atomic<uint64_t>[]>(blocks);
+  for (uint64_t b = 0; b < blocks; ++b) tier->blob_crc_[b].store(0, std::memory_order_relaxed);
   if (options.event_capacity > 0) {
     // A consumer that knew an earlier run of this instance starts over: both media are empty,
     // then hold what the disk recovers (reported when its observer is set, below).
@@ -233,18 +236,17 @@ void CpuTier::SetAdmissionHook(AdmissionHook hook) {
 
 StatusOr<BlockId> CpuTier::WaitForBlock(const ChunkKey& key,
                                         std::chrono::steady_clock::time_point deadline) {
-  StatusOr<BlockId> b = index_->BeginInsert(key);
+  StatusOr<BlockId> b = Reserve(key);
   while (!b.ok() && b.status().code() == StatusCode::kResourceExhausted &&
          std::chrono::steady_clock::now() < deadline) {
     PumpDemotions();
-    if (index_->demoting() == 0)
-      return index_->BeginInsert(key);  // nothing in flight frees a block
+    if (index_->demoting() == 0) return Reserve(key);  // nothing in flight frees a block
     if (deterministic_writeback_) {
       WaitForWriteBacks(deadline);  // all of them: how many end in one poll depends on the disk
     } else {
       std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
-    b = index_->BeginInsert(key);
+    b = Reserve(key);
   }
   return b;
 }
@@ -383,7 +385,7 @@ size_t CpuTier::PromoteFromDisk(const ChunkKey* keys, size_t n) {
   std::vector<BlockId> blocks;
   const auto wait_deadline = DiskDeadline();
   for (size_t i = 0; i < n; ++i) {
-    StatusOr<BlockId> b = index_->BeginInsert(keys[i]);
+    StatusOr<BlockId> b = Reserve(keys[i]);
     // A pool full of chunks being written back to disk frees blocks as those writes end: a load
     // waits for that (to its deadline) rather than turn a disk hit into a recompute.
     if (!b.ok() && b.status().code() == StatusCode::kResourceExhausted)
@@ -498,7 +500,7 @@ StatusOr<TierOp> CpuTier::Store(const ChunkKey* keys, size_t n,
   std::vector<uint32_t> pages;
   std::vector<void*> blobs;
   for (size_t i = 0; i < n; ++i) {
-    StatusOr<BlockId> block = index_->BeginInsert(keys[i]);
+    StatusOr<BlockId> block = Reserve(keys[i]);
     if (!block.ok() && block.status().code() == StatusCode::kResourceExhausted && disk_) {
       block = WaitForBlock(keys[i], DiskDeadline());
     }
@@ -654,7 +656,7 @@ std::vector<Event> CpuTier::TakeEvents(size_t max) {
 
 StatusOr<void*> CpuTier::BeginPut(const ChunkKey& key) {
   WaitForWriteBacks();
-  StatusOr<BlockId> block = index_->BeginInsert(key);
+  StatusOr<BlockId> block = Reserve(key);
   PumpDemotions();
   if (!block.ok()) return block.status();
   return allocator_->BlockAddress(*block);
@@ -679,6 +681,40 @@ std::vector<const void*> CpuTier::AcquireBlobs(const ChunkKey* keys, size_t n) {
 }
 
 Status CpuTier::ReleaseBlobs(const ChunkKey* keys, size_t n) { return index_->Release(keys, n); }
+
+StatusOr<BlockId> CpuTier::Reserve(const ChunkKey& key) {
+  StatusOr<BlockId> block = index_->BeginInsert(key);
+  if (block.ok()) blob_crc_[*block].store(0, std::memory_order_release);
+  return block;
+}
+
+StatusOr<BlockId> CpuTier::BlockOf(const void* blob) const {
+  const auto base = reinterpret_cast<uintptr_t>(arena_->base());
+  const auto addr = reinterpret_cast<uintptr_t>(blob);
+  const size_t block_bytes = allocator_->block_bytes();
+  if (addr < base || (addr - base) % block_bytes != 0 ||
+      (addr - base) / block_bytes >= allocator_->num_blocks()) {
+    return Status::InvalidArgument("address is not the start of a block of this tier's pool");
+  }
+  return static_cast<BlockId>((addr - base) / block_bytes);
+}
+
+Status CpuTier::NoteBlobChecksum(const void* blob, uint32_t crc32c) {
+  StatusOr<BlockId> block = BlockOf(blob);
+  if (!block.ok()) return block.status();
+  blob_crc_[*block].store(kChecksumKnown | crc32c, std::memory_order_release);
+  return Status::OK();
+}
+
+StatusOr<uint32_t> CpuTier::BlobChecksum(const void* blob) {
+  StatusOr<BlockId> block = BlockOf(blob);
+  if (!block.ok()) return block.status();
+  const uint64_t known = blob_crc_[*block].load(std::memory_order_acquire);
+  if (known & kChecksumKnown) return static_cast<uint32_t>(known);
+  const uint32_t crc = Crc32c(0, blob, blob_bytes());
+  blob_crc_[*block].store(kChecksumKnown | crc, std::memory_order_release);
+  return crc;
+}
 
 Status CpuTier::Drain(int64_t timeout_ms) {
   MutexLock lock(&inflight_mu_);

@@ -168,6 +168,19 @@ class CpuTier {
   std::vector<const void*> AcquireBlobs(const ChunkKey* keys, size_t n);
   Status ReleaseBlobs(const ChunkKey* keys, size_t n);
 
+  // Blob checksums. The tier keeps the CRC32C of a block's bytes once someone who wrote or read
+  // them has it (a transport that checked what it received, or the first BlobChecksum), so a
+  // transport that serves a chunk many times (the peers' NIXL leases) needs no pass over the blob
+  // to name its checksum. A block's checksum is forgotten when the block is reserved again.
+  // `blob` is a block's address, as BeginPut or AcquireBlobs returned it; InvalidArgument for any
+  // other address.
+  // REQUIRES: the caller holds `blob` (reserved by BeginPut and not yet committed or aborted, or
+  // pinned by AcquireBlobs), and `crc32c` is the CRC32C of its blob_bytes() bytes as they are.
+  Status NoteBlobChecksum(const void* blob, uint32_t crc32c);
+  // The CRC32C of the blob_bytes() bytes of a held block: the one noted, else computed now (and
+  // kept). REQUIRES: the caller holds `blob`, as for NoteBlobChecksum.
+  StatusOr<uint32_t> BlobChecksum(const void* blob);
+
   // Where each of keys[0..n) is, as bits: 1 = pool, 2 = disk (both: 3, neither: 0). Unlike
   // LookupTiers, it does not stop at the first chunk missing.
   std::vector<uint8_t> Media(const ChunkKey* keys, size_t n);
@@ -212,6 +225,10 @@ class CpuTier {
   Status CheckPages(const std::vector<uint32_t>& page_ids, size_t needed) const;
   void FinishOp();
   void StartOp();
+  // index_->BeginInsert, forgetting the checksum of the block it hands out (its bytes will change).
+  StatusOr<BlockId> Reserve(const ChunkKey& key);
+  // The block whose blob starts at `blob`; InvalidArgument for any other address.
+  StatusOr<BlockId> BlockOf(const void* blob) const;
   // Starts the write-backs of the chunks the index marked DEMOTING since the last call.
   void PumpDemotions();
   // Reads keys[i] (on disk only) into pool blocks and commits them to the pool. Returns how many
@@ -247,6 +264,10 @@ class CpuTier {
   std::unique_ptr<Arena> arena_;
   std::unique_ptr<BlockAllocator> allocator_;
   std::unique_ptr<ChunkIndex> index_;
+  // Per block: kChecksumKnown | CRC32C of its blob, or 0 (not known). Written by the block's
+  // holder only (Reserve, NoteBlobChecksum, BlobChecksum), so plain atomics suffice.
+  std::unique_ptr<std::atomic<uint64_t>[]> blob_crc_;
+  static constexpr uint64_t kChecksumKnown = uint64_t{1} << 32;
   uint64_t num_pages_ = 0;
   int64_t close_timeout_ms_ = 30000;
 

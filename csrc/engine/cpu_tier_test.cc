@@ -1,6 +1,6 @@
 // CpuTier's write-back timing: the asynchronous default against deterministic_writeback, with
 // the disk's write-backs slowed down by its fault injector; Persist, by call and by timer; and the
-// KV events the tiers record (one per change of what a medium holds).
+// KV events the tiers record (one per change of what a medium holds); the blob checksums it keeps.
 // Runs on both I/O backends; io_uring skips loudly where the kernel refuses it.
 #include "engine/cpu_tier.h"
 
@@ -11,6 +11,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -19,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "storage/crc32c.h"
 #include "storage/disk_test_util.h"
 #include "storage/slot_format.h"
 #include "storage/uring_backend.h"
@@ -491,6 +493,90 @@ TEST(CpuTierPersistTest, PersistWithoutADiskTierIsAFailedPrecondition) {
   auto tier = CpuTier::Create(layout, o);
   ASSERT_TRUE(tier.ok());
   EXPECT_EQ((*tier)->Persist(1000).status().code(), StatusCode::kFailedPrecondition);
+}
+
+// A pool of two 4 KiB blocks over kv (one page a chunk), no disk.
+std::unique_ptr<CpuTier> TwoBlockTier(std::vector<uint8_t>& kv) {
+  LayoutDesc layout;
+  layout.device = -1;
+  layout.pages_per_chunk = 1;
+  layout.segments.push_back(
+      {reinterpret_cast<uint64_t>(kv.data()), kPageBytes, kPageBytes, kPages});
+  CpuTierOptions o;
+  o.capacity_bytes = 2 * kPageBytes;
+  o.copy.method = TransferMethod::kCpu;
+  auto tier = CpuTier::Create(layout, o);
+  EXPECT_TRUE(tier.ok()) << tier.status().ToString();
+  return tier.ok() ? std::move(tier).value() : nullptr;
+}
+
+TEST(CpuTierBlobChecksumTest, ANotedChecksumIsReturnedWithoutReadingTheBlob) {
+  std::vector<uint8_t> kv(kPages * kPageBytes, 1);
+  auto tier = TwoBlockTier(kv);
+  ASSERT_NE(tier, nullptr);
+  auto p = tier->BeginPut(Key(0));
+  ASSERT_TRUE(p.ok());
+  std::memset(*p, 0x5a, kPageBytes);
+  const uint32_t real = Crc32c(0, *p, kPageBytes);
+  ASSERT_TRUE(tier->NoteBlobChecksum(*p, real ^ 1).ok());  // not the bytes': the tier trusts it
+  ASSERT_TRUE(tier->CommitPut(Key(0)).ok());
+  const ChunkKey k = Key(0);
+  std::vector<const void*> held = tier->AcquireBlobs(&k, 1);
+  ASSERT_EQ(held.size(), 1u);
+  auto crc = tier->BlobChecksum(held[0]);
+  ASSERT_TRUE(crc.ok());
+  EXPECT_EQ(*crc, real ^ 1);
+  ASSERT_TRUE(tier->ReleaseBlobs(&k, 1).ok());
+}
+
+TEST(CpuTierBlobChecksumTest, AStoredBlobIsChecksummedOnceThenForgottenWhenItsBlockIsReused) {
+  std::vector<uint8_t> kv(kPages * kPageBytes, 0);
+  for (size_t i = 0; i < kv.size(); ++i) kv[i] = static_cast<uint8_t>(i / kPageBytes + 3);
+  auto tier = TwoBlockTier(kv);
+  ASSERT_NE(tier, nullptr);
+  auto stored = [&](uint64_t key, uint32_t page) {
+    const ChunkKey k = Key(key);
+    auto op = tier->Store(&k, 1, {page}, 0);
+    ASSERT_TRUE(op.ok());
+    if (op->transfer) ASSERT_TRUE(op->transfer->Wait(kTimeoutMs).ok());
+  };
+  auto checksum = [&](uint64_t key) -> std::pair<const void*, uint32_t> {
+    const ChunkKey k = Key(key);
+    std::vector<const void*> held = tier->AcquireBlobs(&k, 1);
+    EXPECT_EQ(held.size(), 1u);
+    if (held.empty()) return {nullptr, 0};
+    auto crc = tier->BlobChecksum(held[0]);
+    EXPECT_TRUE(crc.ok());
+    EXPECT_TRUE(tier->ReleaseBlobs(&k, 1).ok());
+    return {held[0], crc.ok() ? *crc : 0};
+  };
+  stored(0, 0);
+  auto [block0, crc0] = checksum(0);
+  EXPECT_EQ(crc0, Crc32c(0, kv.data(), kPageBytes));
+  stored(1, 1);
+  stored(2, 2);  // evicts key 0 (least recent): its block now holds page 2
+  stored(3, 3);  // and key 1's
+  for (uint64_t key : {2, 3}) {
+    auto [block, crc] = checksum(key);
+    EXPECT_EQ(crc, Crc32c(0, kv.data() + (key)*kPageBytes, kPageBytes)) << "key " << key;
+    if (block == block0) EXPECT_NE(crc, crc0);
+  }
+}
+
+TEST(CpuTierBlobChecksumTest, AnAddressThatIsNotABlockIsRefused) {
+  std::vector<uint8_t> kv(kPages * kPageBytes, 1);
+  auto tier = TwoBlockTier(kv);
+  ASSERT_NE(tier, nullptr);
+  auto p = tier->BeginPut(Key(0));
+  ASSERT_TRUE(p.ok());
+  const char* block = static_cast<const char*>(*p);
+  for (const void* bad :
+       {static_cast<const void*>(block + 1), static_cast<const void*>(block - kPageBytes * 8),
+        static_cast<const void*>(block + kPageBytes * 2), static_cast<const void*>(kv.data())}) {
+    EXPECT_EQ(tier->NoteBlobChecksum(bad, 0).code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(tier->BlobChecksum(bad).status().code(), StatusCode::kInvalidArgument);
+  }
+  ASSERT_TRUE(tier->AbortPut(Key(0)).ok());
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, CpuTierWriteBackTest,

@@ -169,6 +169,10 @@ class CpuTier:
         """
         Reserve a block for key; returns a writable memoryview of blob_bytes to fill.
         """
+    def blob_checksum(self, blob: typing_extensions.Buffer) -> int:
+        """
+        The CRC32C of a held block's blob (a view from begin_put or acquire_blobs): the one noted, else computed now and kept.
+        """
     def commit_put(self, key: bytes) -> None:
         ...
     def drain(self, timeout_s: typing.SupportsFloat | typing.SupportsIndex) -> None:
@@ -184,6 +188,10 @@ class CpuTier:
     def media(self, keys: bytes) -> bytes:
         """
         Per key, where it is as bits: 1 = pool, 2 = disk (bytes); does not stop at a miss.
+        """
+    def note_blob_checksum(self, blob: typing_extensions.Buffer, crc32c: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Record the CRC32C of a block's bytes, for a view from begin_put (not yet committed or aborted) or acquire_blobs (not yet released) whose bytes it is the CRC32C of; the tier keeps it until the block is reserved again.
         """
     def persist(self, timeout_s: typing.SupportsFloat | typing.SupportsIndex) -> dict:
         """

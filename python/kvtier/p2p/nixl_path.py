@@ -7,10 +7,13 @@ The authenticated control channel carries what the READs need, never before the 
    into this member's agent) and the address range of the region holding its blocks.
 2. ``NIXL_LEASE keys`` -> ``NIXL_LEASED``: the holder pins the leading chunks it has (a reference
    on each block: not evicted, not rewritten) and answers each block's offset in the region and
-   the CRC32C of its blob. The lease lasts ``2 * request_timeout_s``.
+   the CRC32C of its blob: the one its tier keeps for the block (``CpuTier.blob_checksum``: noted
+   by whoever wrote or checked the bytes, else computed once at the first lease). The lease lasts
+   ``2 * request_timeout_s``.
 3. The puller reserves its own blocks (``begin_put``), READs the holder's blocks straight into
-   them, stops before the lease expires, checks each blob's CRC32C and commits it; any other
-   outcome aborts the blocks: a miss, never wrong KV.
+   them, stops before the lease expires, checks each blob's CRC32C and commits it (noting the
+   checksum with the block, so this member serves it on without a pass over it); any other outcome
+   aborts the blocks: a miss, never wrong KV.
 4. ``NIXL_RELEASE lease_id`` (or expiry on the holder's gossip tick) drops the pins.
 
 A peer whose metadata is refused, or whose READ fails (not a deadline), is pulled over the TCP
@@ -114,7 +117,8 @@ class BlockLeases:
         checksums=None,
     ) -> None:
         self._tier = tier
-        self._checksums = checksums or (lambda views: [_core.crc32c(v) for v in views])
+        # Each held block's CRC32C: the tier's kept one, or computed (and kept) there.
+        self._checksums = checksums or (lambda views: [tier.blob_checksum(v) for v in views])
         self._promote = promote  # a standalone node's: bring a disk-only chunk into the pool first
         self._blob_bytes = int(tier.blob_bytes)
         self._region_addr, self._region_bytes = region_addr, region_bytes
@@ -240,13 +244,15 @@ class NixlPath:
         self._closed = False
 
     def _checksums(self, views: list) -> list[int]:
-        """CRC32C of each blob, computed in parallel."""
+        """The CRC32C of each held blob: the tier's kept one, and where the tier has none, computed
+        there in parallel (``blob_checksum`` releases the GIL)."""
+        checksum = self._tier.blob_checksum
         if len(views) > 1:
             try:
-                return list(self._crc_pool.map(_core.crc32c, views))
+                return list(self._crc_pool.map(checksum, views))
             except RuntimeError:  # the pool is shut down (closing): checksum here
                 pass
-        return [_core.crc32c(v) for v in views]
+        return [checksum(v) for v in views]
 
     # -- the holder's side ---------------------------------------------------------------------
     def meta(self) -> P.NixlMeta:
@@ -465,6 +471,7 @@ class NixlPath:
                 self._count_bad_peer(src)
                 return committed, True
             reserved.pop(0)
+            self._tier.note_blob_checksum(view, crc)  # checked: serving it on needs no pass
             view.release()
             self._tier.commit_put(key)
             committed += 1
