@@ -108,6 +108,11 @@ class LocalDigest:
                 self._pending.append(h)
                 self._pending_set.add(h)
 
+    @property
+    def pending(self) -> int:
+        """Keys added since the last ``flush``: not yet in a delta, so no peer sees them."""
+        return len(self._pending)
+
     def flush(self) -> list[DigestDelta]:
         out = []
         while self._pending:

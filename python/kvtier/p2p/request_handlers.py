@@ -140,14 +140,13 @@ class RequestHandlers:
             raise P.ProtocolError(f"request names {len(keys)} chunks, limit {self.config.max_request_chunks}")
 
     def _can_serve(self, key: bytes) -> bool:
+        """Whether a GET of ``key`` would be served now (from the pool, or from disk where this
+        member promotes). Asked without touching the tier's eviction order or admission counts:
+        a CONFIRM is not a use of the chunk, the GET that follows it is."""
         if self._promote is not None:
             return self._tier.lookup(key) > 0
-        views = self._tier.acquire_blobs(key)
-        if not views:
-            return False
-        del views
-        self._tier.release_blobs(key)
-        return True
+        codes = self._tier.lookup_tiers(key)
+        return len(codes) > 0 and codes[0] == 1
 
     def _serve_get(self, conn: Connection, rid: int, keys: list[bytes], deadline: Deadline) -> None:
         for key in keys:

@@ -417,8 +417,10 @@ class PeerService:
         if not keys:
             return 0
         plan = self.plan(list(keys))
-        with self._lock:
-            self._plans[(keys[0], len(keys))] = (time.monotonic() + 2.0, plan)
+        if not plan:
+            return 0
+        with self._lock:  # a load of the chunks it found (from keys[0] on) takes this plan
+            self._plans[(keys[0], len(plan))] = (time.monotonic() + 2.0, plan)
             if len(self._plans) > 256:
                 now = time.monotonic()
                 self._plans = {k: v for k, v in self._plans.items() if v[0] > now}
@@ -489,6 +491,7 @@ class PeerService:
                         "generation": self._digest.generation,
                         "version": self._digest.version,
                         "keys": len(self._held),
+                        "pending": self._digest.pending,
                         "bits": self._digest.filter.num_bits,
                     },
                     "peer_digests": len(self._digests.owners()),
