@@ -8,11 +8,13 @@ Built-in policies (:data:`POLICIES`):
 
 - ``round_robin``: instances in turn.
 - ``least_loaded``: the least queued work; ties to the instance picked least recently.
-- ``cache_aware``: the longest cached prefix (any tier); ties by load, then least recently picked.
+- ``cache_aware``: the longest prefix cached on the instance itself (GPU, CPU or disk; chunks its
+  peers hold do not count); ties by load, then least recently picked.
 - ``kv_load``: the weighted score of llm-d's prefix-cache scorer and Dynamo's KV router, priced
   in seconds: ``saved_s - balance * max(0, queued_s - least_queued_s - slack_s)``, where
   ``saved_s`` is the time the prefix it holds saves (recomputing those tokens minus loading them
-  from their tier, by a :class:`PrefixCost`) and ``least_queued_s`` the shortest queue of the
+  from their tier, by a :class:`PrefixCost`; a ``peer`` chunk, one the instance would pull from
+  another instance, saves its recompute less the pull) and ``least_queued_s`` the shortest queue of the
   candidates. A queue at most ``slack_s`` longer than the shortest one counts as none, so a
   session stays where its prefix is while queues are short; beyond that each queued second costs
   ``balance`` seconds. Defaults: :data:`DEFAULT_BALANCE`, :data:`DEFAULT_SLACK_S`. With
@@ -82,8 +84,9 @@ class Candidate:
         index: the instance's position (what :meth:`RoutingPolicy.choose` returns).
         queued_s: seconds of work queued ahead of a request arriving now (0 when idle).
         prefix: leading chunks of the request cached there, by tier (``gpu``, ``cpu``, ``disk``,
-            ``peer``); tiers not listed hold none. Filled only for policies whose
-            ``needs_prefix`` is true.
+            ``peer``); tiers not listed hold none. ``peer`` counts the chunks after the
+            instance's own run that it would pull from other instances (when they share as
+            peers). Filled only for policies whose ``needs_prefix`` is true.
         last_picked: a counter of when it was last picked (0: never); lower is longer ago.
     """
 
@@ -94,7 +97,13 @@ class Candidate:
 
     @property
     def cached_chunks(self) -> int:
+        """Leading chunks it would not recompute: its own and those it would pull from peers."""
         return sum(self.prefix.values())
+
+    @property
+    def local_chunks(self) -> int:
+        """Leading chunks held on the instance itself (GPU, CPU, disk)."""
+        return sum(n for t, n in self.prefix.items() if t != "peer")
 
 
 class PrefixCost(Protocol):
@@ -169,13 +178,14 @@ class CacheAware(RoutingPolicy):
     needs_prefix = True
 
     def choose(self, request, candidates):
-        return _argmin(candidates, lambda c: (-c.cached_chunks, c.queued_s, c.last_picked))
+        return _argmin(candidates, lambda c: (-c.local_chunks, c.queued_s, c.last_picked))
 
 
 class KvLoad(RoutingPolicy):
     """``saved_s - balance * max(0, queued_s - least_queued_s - slack_s)``, best wins; ties to
-    the longer cached prefix, then less queued work, then least recently picked. ``cost``
-    prices the prefixes (bound by the simulator when None).
+    the longer prefix held on the instance itself, then less queued work, then least recently
+    picked. ``cost`` prices the prefixes (bound by the simulator when None), peer pulls
+    included: an idle instance that would pull a prefix can beat a busy one that holds it.
 
     ``balance``: seconds of prefill saved that one queued second is worth giving up.
     ``slack_s``: how much longer than the shortest queue an instance's queue may be and still
@@ -204,7 +214,7 @@ class KvLoad(RoutingPolicy):
 
     def choose(self, request, candidates):
         q0 = min(c.queued_s for c in candidates)
-        return _argmin(candidates, lambda c: (-self.score(request, c, q0), -c.cached_chunks, c.queued_s, c.last_picked))
+        return _argmin(candidates, lambda c: (-self.score(request, c, q0), -c.local_chunks, c.queued_s, c.last_picked))
 
 
 class FunctionPolicy(RoutingPolicy):

@@ -346,7 +346,8 @@ class Simulator:
 
     # -- routing -------------------------------------------------------------------------------
     def prefix_by_tier(self, inst: Instance, chunks) -> dict:
-        """Leading chunks of ``chunks`` cached on ``inst``, by tier, without touching any state."""
+        """Leading chunks of ``chunks`` cached on ``inst``, by tier, without touching any state;
+        with peers, ``peer``: the chunks after its own that its pool's ``begin`` would pull."""
         out = {}
         n = 0
         if inst.pool is not None:
@@ -362,6 +363,12 @@ class Simulator:
                     out["cpu"] = cpu
                 if low - cpu:
                     out["disk"] = low - cpu
+            n += low
+            peers = inst.pool.peers if inst.pool is not None else None
+            if peers is not None and n < len(chunks):
+                peer = peers.lookup(chunks, n)
+                if peer:
+                    out["peer"] = peer
         return out
 
     def candidates(self, req: Request, now: float) -> list[Candidate]:

@@ -171,7 +171,7 @@ class SimGpuPool:
         if cpu is not None and gpu < len(keys):
             lower = cpu.lookup(keys, gpu)
             if peers is not None and gpu + lower < len(keys):  # digests, then confirm
-                lower += peers.lookup(keys, gpu + lower)
+                lower += peers.plan(keys, gpu + lower)
             if lower and self.planner is not None:
                 tiers = cpu.lookup_tiers(keys[gpu : gpu + lower])
                 tiers += ["peer"] * (lower - len(tiers))  # the rest: held by peers
@@ -208,12 +208,11 @@ class SimGpuPool:
             writes = cpu.counters.disk_writes
             loaded, promoted = cpu.load(keys[first : first + lower])
             if peers is not None and loaded < lower:  # local chunks first, then pulls of the rest
-                pulled = peers.pull(keys, first + loaded, lower - loaded)
-                if pulled:
-                    got, _ = cpu.load(keys[first + loaded : first + loaded + pulled])  # scattered from the pool
-                    res.peer_hits = got
-                    res.peer_same_host = sum(peers.last_same_host[:got])
-                    loaded += got
+                got, more = peers.pull(keys, first + loaded, lower - loaded)  # scattered as they land
+                res.peer_hits = sum(peers.last_pulled)
+                res.peer_same_host = sum(peers.last_same_host)
+                loaded += got
+                promoted += more
             res.load_writebacks = cpu.counters.critical_writebacks - before
             res.load_disk_writes = cpu.counters.disk_writes - writes
             res.critical_writebacks += res.load_writebacks
