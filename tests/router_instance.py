@@ -2,10 +2,12 @@
 KV shape) over a CPU tier, driven by JSON lines on stdin, one reply a line on stdout.
 
 ``python tests/router_instance.py CONFIG_JSON``; CONFIG: ``name``, ``gpu_chunks``, ``cpu_chunks``,
-``chunk_tokens``, ``model`` (the cost model's preset) and ``events``: ``"reply"`` (each reply
+``chunk_tokens``, ``model`` (the cost model's preset), ``events``: ``"reply"`` (each reply
 carries the request's KV events, JSON, for the router's ``apply`` op) or ``"publish"`` (an
 ``EventPublisher`` on a free loopback port, named in the ready line, publishes them as vLLM's
-KV-event stream).
+KV-event stream), and optionally ``peers``: the pool's kvtier.p2p settings (a PeerConfig's
+fields: a loopback listen address, the seeds, the secret, gossip timing); the ready line then
+names the peer service's address.
 
 The events of a request are taken from the pool (``take_events``) once it is served, so that the
 reply can say how many events the instance has published in all: the test has the router wait
@@ -14,9 +16,11 @@ queue they are put in.
 
 Ops: ``subscribed``: wait until the router's subscriber has joined, then publish the pool's first
 events (its ``cleared`` ones). ``serve`` (``tokens``): begin, check the KV it found, compute the
-rest (deterministic values of each token id), commit, release; replies with its hits, the service
+rest (deterministic values of each token id), commit, release; replies with its hits (``peer``:
+the chunks its peers' pulls brought, of the ``cpu`` ones the pool loaded from below), the service
 seconds the simulator's cost model prices from them, and its events (or how many it published).
-``stats``; ``stop``.
+``digest`` (with peers): this member's own digest (generation, version, keys not yet in a delta)
+and the versions of the others' digests it has. ``stats``; ``stop``.
 """
 
 from __future__ import annotations
@@ -76,10 +80,14 @@ def main() -> int:
         dtype=torch.float32,
         cpu_bytes=cfg["cpu_chunks"] * BLOCK,
         model_id=cfg.get("model_id", "router-replay"),
+        peers=cfg.get("peers"),
     )
+    peers = pool.cache.peers if cfg.get("peers") else None
     publish = cfg["events"] == "publish"
     outbox, pub = Outbox(), None
     ready = {"event": "ready", "fingerprint": pool.layout.fingerprint_hex, "model_id": pool.keyer.model_id}
+    if peers is not None:
+        ready["peer_address"] = "{}:{}".format(*peers.address)
     if publish:
         from kvtier.event_stream import EventPublisher
 
@@ -100,6 +108,10 @@ def main() -> int:
         if op == "stats":
             reply({"stats": pool.stats(), "publisher": pub.stats() if pub else None})
             continue
+        if op == "digest":
+            st = peers.stats()
+            reply({"node_id": st["node_id"], "digest": st["digest"], "seen": peers.digest_versions()})
+            continue
         if op == "subscribed":
             joined = pub.wait_for_subscribers(1, msg.get("timeout_s", 30.0))
             outbox.push(pool.take_events())
@@ -107,6 +119,7 @@ def main() -> int:
             continue
         tokens = msg["tokens"]
         before = pool.stats()
+        pulled = peers.stats().get("chunks_pulled", 0) if peers is not None else 0
         seq = pool.begin(tokens)
         seq.wait()
         ids = torch.tensor(tokens, dtype=torch.int64)
@@ -120,6 +133,7 @@ def main() -> int:
         pool.commit(seq, tokens)
         pool.release(seq)
         after = pool.stats()
+        peer = peers.stats().get("chunks_pulled", 0) - pulled if peers is not None else 0
         b = SimpleNamespace(
             gpu_hits=after["gpu_hit_chunks"] - before["gpu_hit_chunks"],
             lower_hits=after["lower_hit_chunks"] - before["lower_hit_chunks"],
@@ -131,9 +145,9 @@ def main() -> int:
             split_head=0,
             peer_same_host=0,
         )
-        service = request_service_s(hw, model, ct, ct * model.kv_bytes_per_token, b, len(tokens))
+        service = request_service_s(hw, model, ct, ct * model.kv_bytes_per_token, b, len(tokens), peer)
         evs = pool.take_events()
-        r = {"gpu": b.gpu_hits, "cpu": b.lower_hits, "wrong_tokens": wrong, "service_s": service}
+        r = {"gpu": b.gpu_hits, "cpu": b.lower_hits - peer, "peer": peer, "wrong_tokens": wrong, "service_s": service}
         if publish:
             outbox.push(evs)
             r["published"] = outbox.put

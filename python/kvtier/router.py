@@ -113,6 +113,11 @@ class InstanceView:
             i += 1
         return {t: c for t, c in ((GPU, g), (CPU, cpu), (DISK, disk)) if c}
 
+    def serves(self, key: bytes, media: tuple[str, ...]) -> bool:
+        """Whether this instance holds ``key`` in one of ``media`` (what it serves its peers)."""
+        s = self.media.get(key)
+        return s is not None and any(m in s for m in media)
+
     def counts(self) -> dict:
         """Chunks held per medium."""
         out = dict.fromkeys(MEDIA, 0)
@@ -163,6 +168,11 @@ class Router:
         cost: prices a cached prefix (``saved_s(num_tokens, prefix)``) for kv_load and, with a
             ``request_s(num_tokens, prefix)``, a routed request's service; default
             :func:`default_cost` for the keyer's chunk size.
+        peers: the instances share their CPU tiers as peers (kvtier.p2p, ``PagedKVPool(peers=...)``):
+            after an instance's own run of a prompt's chunks, the run that other instances hold
+            in their CPU tiers (and on disk, with ``peer_disk``) counts as its ``peer`` prefix,
+            what its ``begin`` would pull; the cost model prices the pulls. As ``kvtier sim
+            --peers [--peer-disk]``.
 
     Thread-safe: one lock guards the views and the load.
     """
@@ -176,6 +186,8 @@ class Router:
         balance: float = DEFAULT_BALANCE,
         slack_s: float = DEFAULT_SLACK_S,
         cost=None,
+        peers: bool = False,
+        peer_disk: bool = False,
     ) -> None:
         names = list(instances)
         if not names:
@@ -187,8 +199,12 @@ class Router:
             raise InvalidArgumentError(f"instances: names repeat: {names}")
         if not isinstance(keyer, ChunkKeyer):
             raise InvalidArgumentError(f"keyer must be a kvtier.keys.ChunkKeyer, got {type(keyer).__name__}")
+        for flag, v in (("peers", peers), ("peer_disk", peer_disk)):
+            if not isinstance(v, bool):
+                raise InvalidArgumentError(f"{flag} must be True or False, got {v!r}")
         self.names = names
         self.keyer = keyer
+        self.peer_media: tuple[str, ...] = ((CPU, DISK) if peer_disk else (CPU,)) if peers else ()
         self.cost = cost if cost is not None else default_cost(keyer.chunk_tokens)
         self.policy = bind_policy(policy, balance=balance, slack_s=slack_s, cost=self.cost)
         self._index = {n: i for i, n in enumerate(names)}
@@ -285,7 +301,7 @@ class Router:
 
             def prefix_of(i: int) -> dict:
                 if i not in prefixes:
-                    prefixes[i] = self.views[i].prefix(keys)
+                    prefixes[i] = self._prefix(i, keys)
                 return prefixes[i]
 
             i = self._dispatch.pick(req, queued, prefix_of)
@@ -297,6 +313,20 @@ class Router:
             self._next_id += 1
             self._pending[rid] = (i, start, est)
         return Routed(self.names[i], i, rid, prefix, queued[i], est)
+
+    def _prefix(self, i: int, keys: Sequence[bytes]) -> dict:
+        """Instance ``i``'s prefix of ``keys`` by tier: its own, then (with peers) the run after
+        it that some other instance serves, chunk by chunk as a peer lookup assembles it."""
+        out = self.views[i].prefix(keys)
+        media = self.peer_media
+        if media:
+            others = [v for j, v in enumerate(self.views) if j != i]
+            start = n = sum(out.values())
+            while n < len(keys) and any(v.serves(keys[n], media) for v in others):
+                n += 1
+            if n > start:
+                out["peer"] = n - start
+        return out
 
     def _estimate(self, num_tokens: int, prefix: dict) -> float:
         f = getattr(self.cost, "request_s", None)
@@ -594,6 +624,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--model", default="llama3_8b", help="model preset of the cost model (kvtier sim's --model)")
     p.add_argument("--calibrate", default=None, metavar="DIR", help="price with bench results in DIR, as kvtier sim")
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="the instances pull missing chunks from each other's CPU tiers (kvtier.p2p): count and price those "
+        "pulls, as kvtier sim --peers",
+    )
+    p.add_argument("--peer-disk", action="store_true", help="with --peers: peers also serve their disk tier")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until killed)")
     p.set_defaults(func=_cmd_route)
 
@@ -619,7 +656,18 @@ def _cmd_route(args) -> int:
 
             hw = Calibration(args.calibrate).hardware(model=MODEL_PRESETS.get(args.model))
         cost = default_cost(args.chunk_tokens, args.model, hw)
-        router = Router(names, keyer, args.routing, balance=args.balance, slack_s=args.queue_slack, cost=cost)
+        if args.peer_disk and not args.peers:
+            raise InvalidArgumentError("--peer-disk needs --peers")
+        router = Router(
+            names,
+            keyer,
+            args.routing,
+            balance=args.balance,
+            slack_s=args.queue_slack,
+            cost=cost,
+            peers=args.peers,
+            peer_disk=args.peer_disk,
+        )
         subscriber = open_subscriber(endpoints)
         service = RouterService(router, (host, int(port)), subscriber).start()
     except (KVTierError, OSError) as e:
