@@ -1,27 +1,32 @@
 """bench_engine_overhead: what kvtier's tiers cost a request they do not serve, in kvtier's own engine.
 
-Every prompt is new (a miss): the engine computes it, then commits its chunks, which the pool
-stores into the CPU tier (and, as the CPU tier fills, writes back to disk), while the next
-request computes. The same requests run against a GPU-only pool (no tiers: nothing stored), the
-baseline, measured in the same run. Requests run in blocks of ``--per-block`` back to back (so
-each tiered request computes while the stores of the one before it copy), the two pools' blocks
-alternating, ``--blocks`` blocks each; a second GPU-only pool is an A/A control (the noise
-floor). The tiered pool is kept full: its CPU tier holds two prompts and its disk tier four, so
-stores evict and write back from the second request on.
+Every prompt is new (a miss): the engine computes it, then commits its chunks. A tiered pool
+stores them into its CPU tier (when their pages are needed again, or right after the commit with
+the pool's ``write_through``), and its CPU tier, kept full, evicts to its disk tier. The same
+requests run against a GPU-only pool (no tiers: nothing stored), the baseline, measured in the
+same run, and a second GPU-only pool, an A/A control (the noise floor). Requests run in blocks
+of ``--per-block`` back to back (so a request computes while the stores of the ones before it
+run), the pools' blocks in rotating order, ``--blocks`` blocks each. Each tiered pool (VARIANTS)
+holds two prompts in its CPU tier and four on disk, so stores evict and write back from the
+second request on.
 
-Cases, per prompt length: ``miss_ttft_<n>`` (median TTFT, tiers vs GPU-only; ratio = GPU-only /
-tiers, 1 means free) and the A/A control. Decode beside the tiers is bench_e2e's
+Cases, per prompt length n and tiered pool v: ``miss_ttft_<n>_<v>`` (median TTFT against the
+GPU-only pool; ratio = GPU-only / tiered, 1 means free), ``miss_request_<n>_<v>`` (a request's
+whole time, its commit included) and the A/A control. Decode beside the tiers is bench_e2e's
 ``decode_tokens_per_s_<n>``.
 
-    python bench/bench_engine_overhead.py [--lengths 4096,16384] [--tiny] [--out bench/results]
+    python bench/bench_engine_overhead.py [--lengths 4096,16384] [--variants cpu,cpu_disk,...]
+        [--tiny] [--out bench/results]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
+import time
 
 import torch
 from bench_e2e import CHUNK, LLAMA3_8B, PAGE, TINY, sync
@@ -30,81 +35,121 @@ from kvtier.examples.paged_llama import Engine, Llama, LlamaConfig
 from kvtier.pool import PagedKVPool
 
 
-def ttft(engine: Engine, prompt: list[int], device: str) -> float:
+def ttft(engine: Engine, prompt: list[int], device: str) -> tuple[float, float]:
+    """(TTFT, the request's whole time: TTFT plus its commit, which may start stores)."""
     sync(device)
+    t0 = time.perf_counter()
     (g,) = engine.generate([prompt], 1)
+    sync(device)
+    wall = time.perf_counter() - t0
     assert g.cached_tokens == 0, "a miss was served from the cache"  # every prompt is new
-    return g.ttft_s
+    return g.ttft_s, wall
 
 
-def run_length(model, n: int, device: str, disk_dir: str, gen, blocks: int, per_block: int) -> list[dict]:
+# The tiered pools, by name: keyword arguments of PagedKVPool beside the tiers' sizes. Each keeps
+# its tiers full, so every store evicts (and, with a disk, writes back) from the second request on.
+VARIANTS = {
+    "cpu": dict(disk=False),  # a CPU tier alone: the device-to-host copies and the tier's evictions
+    "cpu_disk": dict(disk=True),  # and a disk tier below it: write-backs as the CPU tier evicts
+    # disk.write_through: chunks reach the disk as they arrive, so the CPU tier's evictions free
+    # their blocks at once instead of a store waiting for write-backs
+    "cpu_disk_wt": dict(disk=True, disk_write_through=True),
+    # and the pool's write_through: a request's chunks are copied to the CPU tier right after its
+    # commit, beside the next request's compute, not when their pages are needed again
+    "cpu_disk_wt_pool": dict(disk=True, disk_write_through=True, write_through=True),
+}
+
+
+def run_length(model, n: int, device: str, disk_dir: str, gen, blocks: int, per_block: int, variants) -> list[dict]:
     elem = torch.tensor([], dtype=model.dtype).element_size()
     kv_per_token = 2 * model.config.layers * model.config.kv_heads * model.config.head_dim * elem
     chunk_bytes = CHUNK * kv_per_token
     prompt_chunks = n // CHUNK
     pages = 2 * (n + CHUNK) // PAGE  # room for a prompt and the next; older ones are evicted
 
-    def pool(**tiers) -> PagedKVPool:
+    def pool(name: str, **tiers) -> PagedKVPool:
         return PagedKVPool(
             **model.kv_geometry(),
             kv_layout="vllm",
             num_pages=pages,
             page_tokens=PAGE,
             chunk_tokens=CHUNK,
-            model_id=f"overhead-{n}",
+            model_id=f"overhead-{n}-{name}",
             **tiers,
         )
 
-    pools = {
-        "tiers": pool(
-            cpu_bytes=2 * prompt_chunks * chunk_bytes,
-            disk_dir=disk_dir,
-            disk_bytes=4 * prompt_chunks * (chunk_bytes + 4096) + (1 << 20),
-            disk_admit_min_seen=1,
-        ),
-        "gpu_only": pool(cpu_bytes=0),
-        "gpu_only_b": pool(cpu_bytes=0),
-    }
+    def tiered(name: str, disk: bool, **kw) -> PagedKVPool:
+        tiers = dict(cpu_bytes=2 * prompt_chunks * chunk_bytes)
+        if disk:
+            sub = os.path.join(disk_dir, name)
+            os.makedirs(sub)
+            tiers.update(
+                disk_dir=sub, disk_bytes=4 * prompt_chunks * (chunk_bytes + 4096) + (1 << 20), disk_admit_min_seen=1
+            )
+        return pool(name, **tiers, **kw)
+
+    pools = {"gpu_only": pool("gpu_only", cpu_bytes=0), "gpu_only_b": pool("gpu_only_b", cpu_bytes=0)}
+    for v in variants:
+        pools[v] = tiered(v, **VARIANTS[v])
     engines = {k: Engine(model, p) for k, p in pools.items()}
     vocab = model.config.vocab
     for e in engines.values():  # first calls of each kernel at this length
         ttft(e, torch.randint(0, vocab, (n,), generator=gen).tolist(), device)
     times: dict[str, list[float]] = {k: [] for k in engines}
+    walls: dict[str, list[float]] = {k: [] for k in engines}
     names = list(engines)
     for b in range(blocks):
         for k in names[b % len(names) :] + names[: b % len(names)]:  # rotating order
             for _ in range(per_block):
-                times[k].append(ttft(engines[k], torch.randint(0, vocab, (n,), generator=gen).tolist(), device))
-            if k == "tiers":
+                t, w = ttft(engines[k], torch.randint(0, vocab, (n,), generator=gen).tolist(), device)
+                times[k].append(t)
+                walls[k].append(w)
+            if pools[k].cache is not None:
                 pools[k].cache.drain()  # the next block starts quiet
-    stats = pools["tiers"].cache.stats()
+    stats = {v: pools[v].cache.stats() for v in variants}
     for p in pools.values():
         p.close()
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_wall = {k: statistics.median(v) for k, v in walls.items()}
     print(
-        f"{n} tokens: median TTFT tiers {med['tiers']:.4f} s, GPU-only {med['gpu_only']:.4f} s, "
-        f"A/A {med['gpu_only_b']:.4f} s",
+        f"{n} tokens: median TTFT " + ", ".join(f"{k} {med[k]:.4f} s (request {med_wall[k]:.4f} s)" for k in names),
         flush=True,
     )
     requests = blocks * per_block
-    note = (
-        f"{requests} new {n}-token prompts per pool in {blocks} blocks of {per_block}, blocks "
-        f"alternating; tiered pool: CPU tier of 2 prompts, disk tier of 4, so stores evict and "
-        f"write back; the tiered pool stored {stats['chunks_stored']} chunks, evicted "
-        f"{stats['index']['evictions']} from the CPU tier and wrote {stats.get('disk', {}).get('writes', 0)} "
-        "to disk"
-    )
-    return [
-        {
-            "case": f"miss_ttft_{n}",
-            "value": round(med["tiers"], 5),
-            "unit": "s",
-            "baseline": "miss_ttft_gpu_only_pool",
-            "baseline_value": round(med["gpu_only"], 5),
-            "ratio": round(med["gpu_only"] / med["tiers"], 4),
-            "trials": {k: [round(t, 5) for t in v] for k, v in times.items()},
-            "note": note,
-        },
+    out = []
+    for v in variants:
+        st = stats[v]
+        note = (
+            f"{requests} new {n}-token prompts per pool in {blocks} blocks of {per_block}, the pools' "
+            f"blocks in rotating order; pool {v} ({VARIANTS[v]}): CPU tier of 2 prompts"
+            + (", disk tier of 4" if VARIANTS[v]["disk"] else "")
+            + f"; it stored {st['chunks_stored']} chunks, evicted {st['index']['evictions']} from the CPU "
+            f"tier and wrote {st.get('disk', {}).get('writes', 0)} to disk"
+        )
+        out.append(
+            {
+                "case": f"miss_ttft_{n}_{v}",
+                "value": round(med[v], 5),
+                "unit": "s",
+                "baseline": "miss_ttft_gpu_only_pool",
+                "baseline_value": round(med["gpu_only"], 5),
+                "ratio": round(med["gpu_only"] / med[v], 4),
+                "trials": {k: [round(t, 5) for t in times[k]] for k in ("gpu_only", v)},
+                "note": note,
+            }
+        )
+        out.append(
+            {
+                "case": f"miss_request_{n}_{v}",
+                "value": round(med_wall[v], 5),
+                "unit": "s",
+                "baseline": "miss_request_gpu_only_pool",
+                "baseline_value": round(med_wall["gpu_only"], 5),
+                "ratio": round(med_wall["gpu_only"] / med_wall[v], 4),
+                "note": "a request's whole time, TTFT and its commit (stores it starts), back to back",
+            }
+        )
+    out.append(
         {
             "case": f"miss_ttft_{n}_aa_control",
             "value": round(med["gpu_only_b"], 5),
@@ -112,9 +157,10 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, blocks: int, per_
             "baseline": "miss_ttft_gpu_only_pool",
             "baseline_value": round(med["gpu_only"], 5),
             "ratio": round(med["gpu_only"] / med["gpu_only_b"], 4),
-            "note": "a second GPU-only pool against the first: the noise floor of the ratio above",
-        },
-    ]
+            "note": "a second GPU-only pool against the first: the noise floor of the ratios above",
+        }
+    )
+    return out
 
 
 def main() -> None:
@@ -123,10 +169,14 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=4, help="blocks of requests per pool")
     ap.add_argument("--per-block", type=int, default=4, help="requests per block, back to back")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke test on a CPU)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"tiered pools to run: {', '.join(VARIANTS)}")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if args.blocks < 1 or args.per_block < 2:
         ap.error("--blocks must be >= 1 and --per-block >= 2 (a request must follow another's stores)")
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants or any(v not in VARIANTS for v in variants):
+        ap.error(f"--variants takes names among {', '.join(VARIANTS)}, got {args.variants!r}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = Llama(
@@ -138,7 +188,8 @@ def main() -> None:
         for n in (int(x) for x in args.lengths.split(",")):
             sub = os.path.join(d, str(n))
             os.makedirs(sub)
-            results += run_length(model, n, device, sub, gen, args.blocks, args.per_block)
+            results += run_length(model, n, device, sub, gen, args.blocks, args.per_block, variants)
+            shutil.rmtree(sub)  # the disk tiers of this length: room for the next
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     publish(
         "bench_engine_overhead",

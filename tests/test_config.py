@@ -310,6 +310,7 @@ BAD_VALUES = [
     ("disk.queue_depth", 5000, "an integer in [1, 4096]"),
     ("disk.io_timeout_s", 0, "a number >= 0.001"),
     ("disk.deterministic_writeback", "maybe", "true or false"),
+    ("disk.write_through", "maybe", "true or false"),
     ("disk.max_writebacks_in_flight", 0, "an integer in [1, 1048576]"),
     ("disk.reset_on_mismatch", "wipe", "true or false"),
     ("disk.persist_on_close", "sometimes", "true or false"),

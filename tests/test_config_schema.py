@@ -211,6 +211,7 @@ CACHE_CASES = [
     ("disk_io_timeout_s", float("inf"), 0.5),
     ("eviction_policy", "fifo", "s3fifo"),
     ("deterministic_writeback", "maybe", True),
+    ("disk_write_through", "maybe", True),
     ("disk_max_writebacks_in_flight", 0, 8),
     ("verify_stores", "sometimes", True),
     ("disk_reset_on_mismatch", "wipe", True),

@@ -102,7 +102,8 @@ void BindCache(py::module_& m) {
                        uint32_t disk_admit_min_seen, unsigned disk_queue_depth, double disk_io_timeout_s,
                        const std::string& eviction_policy, bool deterministic_writeback,
                        uint32_t disk_max_writebacks_in_flight, const std::string& disk_geometry_label,
-                       bool disk_reset_on_mismatch, double disk_persist_interval_s, int64_t event_capacity) {
+                       bool disk_reset_on_mismatch, double disk_persist_interval_s, int64_t event_capacity,
+                       bool disk_write_through) {
              LayoutDesc layout;
              for (const auto& [base, stride, bytes, pages] : segments) layout.segments.push_back({base, stride, bytes, pages});
              layout.device = device;
@@ -138,6 +139,7 @@ void BindCache(py::module_& m) {
                options.disk.store.queue_depth = disk_queue_depth;
                options.disk.store.io_timeout_ms = static_cast<int64_t>(disk_io_timeout_s * 1000);
                options.disk.deterministic_writeback = deterministic_writeback;
+               options.disk.write_through = disk_write_through;
                if (disk_max_writebacks_in_flight == 0) {
                  throw StatusError(Status::InvalidArgument("disk_max_writebacks_in_flight must be at least 1"));
                }
@@ -166,7 +168,7 @@ void BindCache(py::module_& m) {
            py::arg("eviction_policy") = "lru", py::arg("deterministic_writeback") = false,
            py::arg("disk_max_writebacks_in_flight") = 64, py::arg("disk_geometry_label") = "",
            py::arg("disk_reset_on_mismatch") = false, py::arg("disk_persist_interval_s") = 0.0,
-           py::arg("event_capacity") = 0)
+           py::arg("event_capacity") = 0, py::arg("disk_write_through") = false)
       .def("store", [](CpuTier& t, const py::bytes& keys, const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& page_ids, uintptr_t after_stream) {
              std::vector<ChunkKey> k = ParseKeys(keys);
              std::vector<uint32_t> p = ParsePages(page_ids);
@@ -410,6 +412,9 @@ void BindCache(py::module_& m) {
           k["persist_written"] = s.persist_written;
           k["persist_failed"] = s.persist_failed;
           k["persist_deadline_exceeded"] = s.persist_deadline_exceeded;
+          k["write_through_written"] = s.write_through_written;
+          k["write_through_failed"] = s.write_through_failed;
+          k["write_through_queued"] = s.write_through_queued;
           k["reformatted_at_open"] = s.disk.reformatted_at_open;
           k["reformat_reason"] = s.disk.reformat_reason;
           d["disk"] = k;

@@ -78,9 +78,21 @@ StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const LayoutDesc& layout,
                                  tier->max_demotions_in_flight_,
                                  /*wait_at_bound=*/true);
   }
+  if (options.disk.enabled && options.disk.write_through) {
+    if (options.disk.deterministic_writeback) {
+      return Status::InvalidArgument(
+          "disk write_through cannot be combined with deterministic_writeback (its writes end "
+          "when the disk finishes them, not at points the calls decide)");
+    }
+    tier->write_through_ = true;
+  }
   auto engine = CopyEngine::Create(layout, options.copy);
   if (!engine.ok()) return engine.status();
   tier->engine_ = std::move(engine).value();
+  if (tier->write_through_) {
+    CpuTier* t = tier.get();
+    t->wt_thread_ = std::thread([t] { t->WriteThroughLoop(); });
+  }
   if (tier->disk_ && options.disk.persist_interval_ms > 0 &&
       !options.disk.deterministic_writeback) {
     CpuTier* t = tier.get();
@@ -222,8 +234,11 @@ PersistResult CpuTier::PersistLocked(std::chrono::steady_clock::time_point deadl
   return r;
 }
 
-bool CpuTier::AdmitForDemotion(void* self, const ChunkKey&, uint32_t seen) {
+bool CpuTier::AdmitForDemotion(void* self, const ChunkKey& key, uint32_t seen) {
   auto* tier = static_cast<CpuTier*>(self);
+  // Written through already: the block frees now, with no write-back to wait for. (Under the
+  // index's lock; the disk never calls into the index under its own.)
+  if (tier->write_through_ && tier->disk_->Contains(key)) return false;
   // With a hook, every eviction is staged for write-back; the hook decides in PumpDemotions.
   return tier->has_admission_hook_.load() || seen >= tier->admit_min_seen_;
 }
@@ -240,7 +255,8 @@ StatusOr<BlockId> CpuTier::WaitForBlock(const ChunkKey& key,
   while (!b.ok() && b.status().code() == StatusCode::kResourceExhausted &&
          std::chrono::steady_clock::now() < deadline) {
     PumpDemotions();
-    if (index_->demoting() == 0) return Reserve(key);  // nothing in flight frees a block
+    // Nothing in flight frees a block (a write-through write's end releases its pin).
+    if (index_->demoting() == 0 && wt_in_flight_.load() == 0) return Reserve(key);
     if (deterministic_writeback_) {
       WaitForWriteBacks(deadline);  // all of them: how many end in one poll depends on the disk
     } else {
@@ -323,6 +339,71 @@ size_t CpuTier::Prefetch(const ChunkKey* keys, size_t n) {
 void CpuTier::StartOp() {
   MutexLock lock(&inflight_mu_);
   ++in_flight_;
+}
+
+void CpuTier::QueueWriteThrough(const ChunkKey* keys, size_t n) {
+  if (!write_through_ || n == 0 || has_admission_hook_.load()) return;
+  for (size_t i = 0; i < n; ++i) StartOp();  // each queued key: Drain waits for its write
+  {
+    MutexLock lock(&wt_mu_);
+    wt_queue_.insert(wt_queue_.end(), keys, keys + n);
+  }
+  wt_cv_.NotifyAll();
+}
+
+void CpuTier::WriteThroughLoop() {
+  std::vector<ChunkKey> batch;
+  std::vector<BlockId> blocks;
+  std::vector<uint8_t> pinned;
+  MutexLock lock(&wt_mu_);
+  while (true) {
+    wt_cv_.Wait(lock, [this]() REQUIRES_LOCK(wt_mu_) { return wt_stop_ || !wt_queue_.empty(); });
+    batch.clear();
+    batch.swap(wt_queue_);
+    if (wt_stop_) {  // the destructor drained first: these were queued after it gave up
+      lock.Unlock();
+      for (size_t i = 0; i < batch.size(); ++i) FinishOp();
+      return;
+    }
+    lock.Unlock();
+    for (const ChunkKey& k : batch) {
+      // Not yet on disk, still READY, admitted by the rule an eviction applies.
+      if (disk_->Contains(k) || index_->PinQuietly(&k, 1, &blocks, &pinned, admit_min_seen_) == 0) {
+        FinishOp();
+        continue;
+      }
+      {
+        MutexLock wait(&wt_mu_);  // at most max_demotions_in_flight_ writes at once
+        (void)wt_cv_.WaitUntil(wait, DiskDeadline(), [this]() REQUIRES_LOCK(wt_mu_) {
+          return wt_stop_ || wt_in_flight_.load() < max_demotions_in_flight_;
+        });
+      }
+      ++wt_in_flight_;
+      // The callback, not this loop, releases the pin: the block stays put until the write ends.
+      auto done = [this, k](const Status& st) {
+        (void)index_->Release(&k, 1);
+        ++(st.ok() ? wt_written_ : wt_failed_);
+        {
+          MutexLock l(&wt_mu_);
+          --wt_in_flight_;
+        }
+        wt_cv_.NotifyAll();
+        FinishOp();
+      };
+      Status s = disk_->Write(k, allocator_->BlockAddress(blocks[0]), done);
+      if (!s.ok()) {  // done will not run; AlreadyExists: a write-back or persist got there first
+        (void)index_->Release(&k, 1);
+        if (s.code() != StatusCode::kAlreadyExists) ++wt_failed_;
+        {
+          MutexLock l(&wt_mu_);
+          --wt_in_flight_;
+        }
+        wt_cv_.NotifyAll();
+        FinishOp();
+      }
+    }
+    lock.Lock();
+  }
 }
 
 void CpuTier::PumpDemotions() {
@@ -457,6 +538,14 @@ CpuTier::~CpuTier() {
   if (!s.ok())
     std::fprintf(stderr, "kvtier: CpuTier closing with copies in flight: %s\n",
                  s.ToString().c_str());
+  if (wt_thread_.joinable()) {
+    {
+      MutexLock lock(&wt_mu_);
+      wt_stop_ = true;
+    }
+    wt_cv_.NotifyAll();
+    wt_thread_.join();
+  }
   engine_.reset();  // synchronizes its streams / workers; callbacks still see a live index
   disk_.reset();    // waits for its I/O; its callbacks still see the index and counters
 }
@@ -535,6 +624,7 @@ StatusOr<TierOp> CpuTier::Store(const ChunkKey* keys, size_t n,
     if (s.ok()) {
       chunks_stored_ += fresh.size();
       bytes_offloaded_ += bytes;
+      QueueWriteThrough(fresh.data(), fresh.size());
     } else {
       chunks_failed_ += fresh.size();
     }
@@ -611,6 +701,7 @@ StatusOr<TierOp> CpuTier::Load(const ChunkKey* keys, size_t n,
     if (s.ok()) {
       chunks_loaded_ += held.size();
       bytes_loaded_ += bytes;
+      QueueWriteThrough(held.data(), held.size());  // a hit may have made a chunk admissible
     }
     FinishOp();
   };
@@ -665,6 +756,7 @@ StatusOr<void*> CpuTier::BeginPut(const ChunkKey& key) {
 Status CpuTier::CommitPut(const ChunkKey& key) {
   KVTIER_RETURN_IF_ERROR(index_->CommitInsert(key));
   ++chunks_stored_;
+  QueueWriteThrough(&key, 1);
   return Status::OK();
 }
 
@@ -758,6 +850,12 @@ CpuTierStats CpuTier::stats() const {
   s.persist_written = persist_written_;
   s.persist_failed = persist_failed_;
   s.persist_deadline_exceeded = persist_deadline_exceeded_;
+  s.write_through_written = wt_written_;
+  s.write_through_failed = wt_failed_;
+  {
+    MutexLock lock(&wt_mu_);
+    s.write_through_queued = wt_queue_.size();
+  }
   if (events_) {
     s.event_capacity = events_->capacity();
     s.events_recorded = events_->recorded();

@@ -17,6 +17,12 @@
 // recent chunk when it ends) depend on the disk's speed. With
 // DiskTierOptions::deterministic_writeback they depend on the calls alone: see there.
 //
+// Write-through (DiskTierOptions::write_through): a thread of the tier writes each chunk to disk
+// soon after it becomes READY in the pool (a store's commit, or a hit that brings its `seen` count
+// to admit_min_seen), holding a quiet pin on its block until the write ends. The chunk stays in the
+// pool; when it is evicted later it is on disk already, so its block frees at once instead of
+// waiting for a write-back: a store into a full pool no longer waits on the disk.
+//
 // Persist writes the pool's chunks that the disk does not hold yet to the disk, so that a restart
 // finds them (write-back alone only saves what is evicted). It runs when called, and every
 // persist_interval_ms on a timer thread: a process killed without a chance to persist loses at
@@ -70,6 +76,12 @@ struct DiskTierOptions {
   // Persist every this many ms on a timer thread (0: never; never in deterministic mode, where
   // the tiers' state must depend on the calls alone).
   int64_t persist_interval_ms = 0;
+  // Write admitted chunks to disk as they arrive in the pool (see the top of this file), so that
+  // evictions find them written. Costs the writes of chunks that would have left the pool without
+  // a write-back (erased, or never evicted). Refused with deterministic_writeback (its timing
+  // depends on the disk); with an admission hook set, chunks are written at eviction, as the hook
+  // decides.
+  bool write_through = false;
 };
 
 // What one CpuTier::Persist did.
@@ -120,6 +132,9 @@ struct CpuTierStats {
   uint64_t persist_written = 0;     // chunks Persist wrote
   uint64_t persist_failed = 0;      // Persist writes refused or failed
   uint64_t persist_deadline_exceeded = 0;  // Persist calls that ran out of time
+  uint64_t write_through_written = 0;      // chunks write-through wrote
+  uint64_t write_through_failed = 0;  // write-through writes refused (disk busy, full) or failed
+  uint64_t write_through_queued = 0;  // chunks waiting for the write-through thread
   // KV events (zero with event_capacity 0).
   uint64_t event_capacity = 0;
   uint64_t events_recorded = 0;  // since creation, dropped ones included
@@ -229,6 +244,9 @@ class CpuTier {
   StatusOr<BlockId> Reserve(const ChunkKey& key);
   // The block whose blob starts at `blob`; InvalidArgument for any other address.
   StatusOr<BlockId> BlockOf(const void* blob) const;
+  // Hands READY chunks to the write-through thread (no-op unless write_through).
+  void QueueWriteThrough(const ChunkKey* keys, size_t n);
+  void WriteThroughLoop();
   // Starts the write-backs of the chunks the index marked DEMOTING since the last call.
   void PumpDemotions();
   // Reads keys[i] (on disk only) into pool blocks and commits them to the pool. Returns how many
@@ -298,6 +316,17 @@ class CpuTier {
   bool timer_stop_ GUARDED_BY(timer_mu_) = false;
   std::atomic<bool> stopping_{false};
   std::thread persist_timer_;  // started last in Create, stopped first in the destructor
+
+  // Write-through: keys queued by stores and loads (each queued key holds one StartOp, so Drain
+  // waits for it), the writes in flight (bounded by max_demotions_in_flight_), the thread.
+  bool write_through_ = false;
+  mutable Mutex wt_mu_;
+  CondVar wt_cv_;  // a key was queued, a write ended, or stop
+  std::vector<ChunkKey> wt_queue_ GUARDED_BY(wt_mu_);
+  bool wt_stop_ GUARDED_BY(wt_mu_) = false;
+  std::atomic<size_t> wt_in_flight_{0};
+  std::atomic<uint64_t> wt_written_{0}, wt_failed_{0};
+  std::thread wt_thread_;
 
   std::unique_ptr<CopyEngine> engine_;
 };

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -150,6 +151,62 @@ TEST_P(CpuTierWriteBackTest, DeterministicWriteBacksEndInTheOrderTheyWereStaged)
   EXPECT_EQ(tier->LookupTiers(&b[0], 1), std::vector<uint8_t>{2});
   EXPECT_TRUE(tier->LookupTiers(&a[0], 1).empty());  // a[0], the first written, went first
   for (int i = 1; i < 4; ++i) EXPECT_EQ(tier->LookupTiers(&a[i], 1), std::vector<uint8_t>{2}) << i;
+}
+
+// Write-through, with write-back alone beside it: the same stores, once with each.
+TEST_P(CpuTierWriteBackTest, WriteThroughWritesOnArrivalSoEvictionsFreeBlocksAtOnce) {
+  for (bool write_through : {true, false}) {
+    SCOPED_TRACE(write_through ? "write_through" : "write-back");
+    test::TempDir dir("kvtier_cpu_tier_wt");
+    auto tier = MakeTier(
+        false, 16, [](uint64_t) { return std::chrono::milliseconds(0); },
+        [&](CpuTierOptions& o) {
+          o.disk.store.dir = dir.path();
+          o.disk.admit_min_seen = 1;
+          o.disk.write_through = write_through;
+        });
+    ASSERT_NE(tier, nullptr);
+    StoreAndWait(*tier, Keys(0, 4));  // the pool's 4 blocks
+    ASSERT_TRUE(tier->Drain(kTimeoutMs).ok());
+    EXPECT_EQ(tier->stats().write_through_written, write_through ? 4u : 0u);
+    EXPECT_EQ(tier->stats().disk.writes, write_through ? 4u : 0u);
+    // Into the full pool: two chunks evicted. Written already, they leave no write-back behind.
+    StoreAndWait(*tier, Keys(10, 2));
+    if (write_through) EXPECT_EQ(tier->stats().index.demoting, 0u) << "an eviction is writing";
+    ASSERT_TRUE(tier->Drain(kTimeoutMs).ok());
+    CpuTierStats s = tier->stats();
+    // Write-through: each chunk written once, on arrival (4 + 2), and two evicted. Write-back:
+    // an eviction whose block frees only when its write ends goes on to the next victim, so all
+    // four went out, each written back.
+    EXPECT_EQ(s.disk.writes, write_through ? 6u : 4u);
+    EXPECT_EQ(s.write_through_written, write_through ? 6u : 0u);
+    EXPECT_EQ(s.write_through_failed, 0u);
+    // Either way the evicted chunks are on disk and the rest in the pool.
+    std::vector<uint8_t> tiers = tier->LookupTiers(Keys(0, 4).data(), 4);
+    EXPECT_EQ(std::count(tiers.begin(), tiers.end(), 2), write_through ? 2 : 4);
+    EXPECT_EQ(tiers.size(), 4u);
+  }
+}
+
+TEST_P(CpuTierWriteBackTest, WriteThroughIsRefusedInDeterministicMode) {
+  LayoutDesc layout;
+  layout.device = -1;
+  layout.pages_per_chunk = 1;
+  layout.segments.push_back(
+      {reinterpret_cast<uint64_t>(kv_.data()), kPageBytes, kPageBytes, kPages});
+  CpuTierOptions o;
+  o.capacity_bytes = 4 * kPageBytes;
+  o.copy.method = TransferMethod::kCpu;
+  o.disk.enabled = true;
+  o.disk.deterministic_writeback = true;
+  o.disk.write_through = true;
+  o.disk.store.dir = dir_.path();
+  o.disk.store.capacity_bytes = kDiskBlockBytes + 16 * SlotBytesFor(kPageBytes);
+  o.disk.store.backend = GetParam();
+  auto tier = CpuTier::Create(layout, o);
+  ASSERT_FALSE(tier.ok());
+  EXPECT_EQ(tier.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(tier.status().message().find("deterministic_writeback"), std::string::npos);
 }
 
 // Persist: a pool of 16 blocks, nothing evicted, chunks stored once (below admit_min_seen).

@@ -116,11 +116,12 @@ class ChunkIndex {
   // The READY entries as (key, block, seen), for a caller that copies them elsewhere (the disk
   // tier's persist). Neither pins them nor touches the policy: they may be evicted right after.
   std::vector<Demotion> ReadyEntries() const EXCLUDES(mu_);
-  // Pins each of keys[0..n) that is READY, without reporting a hit to the policy (recency and
-  // `seen` stay as they are): pinned[i] = 1 and blocks[i] = its block for those. Returns how many.
+  // Pins each of keys[0..n) that is READY and was seen by at least `min_seen` requests, without
+  // reporting a hit to the policy (recency and `seen` stay as they are): pinned[i] = 1 and
+  // blocks[i] = its block for those. Returns how many.
   // REQUIRES: the caller later calls Release once for each key it pinned.
   size_t PinQuietly(const ChunkKey* keys, size_t n, std::vector<BlockId>* blocks,
-                    std::vector<uint8_t>* pinned) EXCLUDES(mu_);
+                    std::vector<uint8_t>* pinned, uint32_t min_seen = 0) EXCLUDES(mu_);
 
   // From now on `observer` is told each time an entry becomes visible (CommitInsert) or stops
   // being visible (evicted, FinishDemotion, Erase), under the index lock; the entries visible now

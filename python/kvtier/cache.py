@@ -306,6 +306,7 @@ class KVCache:
             disk_reset_on_mismatch=config.disk_reset_on_mismatch,
             disk_persist_interval_s=float(config.disk_persist_interval_s),
             event_capacity=config.events_capacity,
+            disk_write_through=config.disk_write_through,
         )
         self._codec = None
         if config.codec_name != "none":

@@ -95,6 +95,7 @@ CACHE_FIELDS: dict[str, str] = {
     "disk_io_timeout_s": "disk.io_timeout_s",
     "eviction_policy": "cpu.eviction_policy",
     "deterministic_writeback": "disk.deterministic_writeback",
+    "disk_write_through": "disk.write_through",
     "disk_max_writebacks_in_flight": "disk.max_writebacks_in_flight",
     "verify_stores": "cpu.verify_stores",
     "disk_reset_on_mismatch": "disk.reset_on_mismatch",
