@@ -4,18 +4,20 @@ Every prompt is new (a miss): the engine computes it, then commits its chunks. A
 stores them into its CPU tier (when their pages are needed again, or right after the commit with
 the pool's ``write_through``), and its CPU tier, kept full, evicts to its disk tier. The same
 requests run against a GPU-only pool (no tiers: nothing stored), the baseline, measured in the
-same run, and a second GPU-only pool, an A/A control (the noise floor). Requests run in blocks
-of ``--per-block`` back to back (so a request computes while the stores of the ones before it
-run), the pools' blocks in rotating order, ``--blocks`` blocks each. Each tiered pool (VARIANTS)
+same run, and a second GPU-only pool, an A/A control (the noise floor). Each round, one new
+prompt is served by every pool in turn (order rotating), nothing drained between, so a pool's
+stores run beside the requests after it, and a round's requests share the GPU's drift in speed
+(which over seconds moves TTFT by more than the effect measured). Each tiered pool (VARIANTS)
 holds two prompts in its CPU tier and four on disk, so stores evict and write back from the
 second request on.
 
 Cases, per prompt length n and tiered pool v: ``miss_ttft_<n>_<v>`` (median TTFT against the
-GPU-only pool; ratio = GPU-only / tiered, 1 means free), ``miss_request_<n>_<v>`` (a request's
+GPU-only pool; ratio = GPU-only / tiered, 1 means free; ``paired_ratio``: the median over rounds
+of the same ratio within a round), ``miss_request_<n>_<v>`` (a request's
 whole time, its commit included) and the A/A control. Decode beside the tiers is bench_e2e's
 ``decode_tokens_per_s_<n>``.
 
-    python bench/bench_engine_overhead.py [--lengths 4096,16384] [--variants cpu,cpu_disk,...]
+    python bench/bench_engine_overhead.py [--lengths 4096,16384] [--rounds 16] [--variants cpu,...]
         [--tiny] [--out bench/results]
 """
 
@@ -50,17 +52,24 @@ def ttft(engine: Engine, prompt: list[int], device: str) -> tuple[float, float]:
 # its tiers full, so every store evicts (and, with a disk, writes back) from the second request on.
 VARIANTS = {
     "cpu": dict(disk=False),  # a CPU tier alone: the device-to-host copies and the tier's evictions
-    "cpu_disk": dict(disk=True),  # and a disk tier below it: write-backs as the CPU tier evicts
-    # disk.write_through: chunks reach the disk as they arrive, so the CPU tier's evictions free
-    # their blocks at once instead of a store waiting for write-backs
-    "cpu_disk_wt": dict(disk=True, disk_write_through=True),
+    # and a disk tier below it, chunks written back when the CPU tier evicts them
+    # (disk.write_through off): a store into the full CPU tier waits for those writes
+    "cpu_disk_writeback": dict(disk=True, disk_write_through=False),
+    # the default, disk.write_through: chunks reach the disk as they arrive, so the CPU tier's
+    # evictions free their blocks at once
+    "cpu_disk": dict(disk=True),
     # and the pool's write_through: a request's chunks are copied to the CPU tier right after its
     # commit, beside the next request's compute, not when their pages are needed again
-    "cpu_disk_wt_pool": dict(disk=True, disk_write_through=True, write_through=True),
+    "cpu_disk_pool_wt": dict(disk=True, write_through=True),
 }
 
 
-def run_length(model, n: int, device: str, disk_dir: str, gen, blocks: int, per_block: int, variants) -> list[dict]:
+def paired(base: list[float], other: list[float]) -> float:
+    """The median over rounds of base / other, each round's pair taken together."""
+    return statistics.median(b / o for b, o in zip(base, other))
+
+
+def run_length(model, n: int, device: str, disk_dir: str, gen, rounds: int, variants) -> list[dict]:
     elem = torch.tensor([], dtype=model.dtype).element_size()
     kv_per_token = 2 * model.config.layers * model.config.kv_heads * model.config.head_dim * elem
     chunk_bytes = CHUNK * kv_per_token
@@ -98,30 +107,38 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, blocks: int, per_
     times: dict[str, list[float]] = {k: [] for k in engines}
     walls: dict[str, list[float]] = {k: [] for k in engines}
     names = list(engines)
-    for b in range(blocks):
-        for k in names[b % len(names) :] + names[: b % len(names)]:  # rotating order
-            for _ in range(per_block):
-                t, w = ttft(engines[k], torch.randint(0, vocab, (n,), generator=gen).tolist(), device)
-                times[k].append(t)
-                walls[k].append(w)
-            if pools[k].cache is not None:
-                pools[k].cache.drain()  # the next block starts quiet
+    for r in range(rounds):
+        # One new prompt a round, served by every pool in turn (order rotating), nothing drained
+        # between: a pool's stores run beside the requests after it, as in an engine's stream of
+        # requests. The GPU's speed drifts over seconds; a round's requests share its drift.
+        prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            t, w = ttft(engines[k], prompt, device)
+            times[k].append(t)
+            walls[k].append(w)
+    for p in pools.values():
+        if p.cache is not None:
+            p.cache.drain()
     stats = {v: pools[v].cache.stats() for v in variants}
     for p in pools.values():
         p.close()
     med = {k: statistics.median(v) for k, v in times.items()}
     med_wall = {k: statistics.median(v) for k, v in walls.items()}
     print(
-        f"{n} tokens: median TTFT " + ", ".join(f"{k} {med[k]:.4f} s (request {med_wall[k]:.4f} s)" for k in names),
+        f"{n} tokens: median TTFT "
+        + ", ".join(
+            f"{k} {med[k]:.4f} s (paired {paired(times['gpu_only'], times[k]):.3f}, request {med_wall[k]:.4f} s)"
+            for k in names
+        ),
         flush=True,
     )
-    requests = blocks * per_block
     out = []
     for v in variants:
         st = stats[v]
         note = (
-            f"{requests} new {n}-token prompts per pool in {blocks} blocks of {per_block}, the pools' "
-            f"blocks in rotating order; pool {v} ({VARIANTS[v]}): CPU tier of 2 prompts"
+            f"{rounds} rounds of one new {n}-token prompt served by every pool in rotating order, "
+            f"nothing drained between; paired_ratio: the median over rounds of GPU-only / tiered in "
+            f"the same round; pool {v} ({VARIANTS[v]}): CPU tier of 2 prompts"
             + (", disk tier of 4" if VARIANTS[v]["disk"] else "")
             + f"; it stored {st['chunks_stored']} chunks, evicted {st['index']['evictions']} from the CPU "
             f"tier and wrote {st.get('disk', {}).get('writes', 0)} to disk"
@@ -134,6 +151,7 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, blocks: int, per_
                 "baseline": "miss_ttft_gpu_only_pool",
                 "baseline_value": round(med["gpu_only"], 5),
                 "ratio": round(med["gpu_only"] / med[v], 4),
+                "paired_ratio": round(paired(times["gpu_only"], times[v]), 4),
                 "trials": {k: [round(t, 5) for t in times[k]] for k in ("gpu_only", v)},
                 "note": note,
             }
@@ -146,7 +164,8 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, blocks: int, per_
                 "baseline": "miss_request_gpu_only_pool",
                 "baseline_value": round(med_wall["gpu_only"], 5),
                 "ratio": round(med_wall["gpu_only"] / med_wall[v], 4),
-                "note": "a request's whole time, TTFT and its commit (stores it starts), back to back",
+                "paired_ratio": round(paired(walls["gpu_only"], walls[v]), 4),
+                "note": "a request's whole time, TTFT and its commit (the stores it starts)",
             }
         )
     out.append(
@@ -157,6 +176,7 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, blocks: int, per_
             "baseline": "miss_ttft_gpu_only_pool",
             "baseline_value": round(med["gpu_only"], 5),
             "ratio": round(med["gpu_only"] / med["gpu_only_b"], 4),
+            "paired_ratio": round(paired(times["gpu_only"], times["gpu_only_b"]), 4),
             "note": "a second GPU-only pool against the first: the noise floor of the ratios above",
         }
     )
@@ -166,14 +186,13 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, blocks: int, per_
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", default="4096,16384")
-    ap.add_argument("--blocks", type=int, default=4, help="blocks of requests per pool")
-    ap.add_argument("--per-block", type=int, default=4, help="requests per block, back to back")
+    ap.add_argument("--rounds", type=int, default=16, help="new prompts, each served by every pool")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke test on a CPU)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"tiered pools to run: {', '.join(VARIANTS)}")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    if args.blocks < 1 or args.per_block < 2:
-        ap.error("--blocks must be >= 1 and --per-block >= 2 (a request must follow another's stores)")
+    if args.rounds < 3:
+        ap.error("--rounds must be >= 3 (the tiers fill over the first two)")
     variants = [v for v in args.variants.split(",") if v]
     if not variants or any(v not in VARIANTS for v in variants):
         ap.error(f"--variants takes names among {', '.join(VARIANTS)}, got {args.variants!r}")
@@ -188,7 +207,7 @@ def main() -> None:
         for n in (int(x) for x in args.lengths.split(",")):
             sub = os.path.join(d, str(n))
             os.makedirs(sub)
-            results += run_length(model, n, device, sub, gen, args.blocks, args.per_block, variants)
+            results += run_length(model, n, device, sub, gen, args.rounds, variants)
             shutil.rmtree(sub)  # the disk tiers of this length: room for the next
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     publish(

@@ -110,7 +110,8 @@ def test_restart_brings_demoted_chunks_back(tmp_path, disk_backend):
         disk_backend=disk_backend,
         disk_admit_min_seen=1,
         disk_persist_on_close=False,
-    )  # only the write-backs (tests/test_disk_persist.py: the rest)
+        disk_write_through=False,
+    )  # only the write-backs (tests/test_disk_persist.py and test_write_through.py: the rest)
     a = toks(2 * ct, 1)
     original = pages_bytes(kv, range(4))
     with KVCache(layout, **cfg) as cache:

@@ -333,7 +333,14 @@ def test_restart_serves_prefix_from_disk(model, baseline, engines, tmp_path):
     # the first sighting), where they survive the restart; P's last 2 stay in RAM and are lost.
     # Over 1 GiB, the disk tier checks payload checksums on first read rather than at open,
     # which the last part of the test needs.
-    cfg = connector_config(cpu_bytes=20 * chunk_bytes, disk_dir=str(disk), disk_bytes="1100MiB", disk_admit_min_seen=1)
+    # Write-back only (disk_write_through off): which chunks reach the disk follows the evictions.
+    cfg = connector_config(
+        cpu_bytes=20 * chunk_bytes,
+        disk_dir=str(disk),
+        disk_bytes="1100MiB",
+        disk_admit_min_seen=1,
+        disk_write_through=False,
+    )
     first = Engine(
         tmp_path,
         "before_restart",

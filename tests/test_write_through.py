@@ -14,7 +14,6 @@ torch = pytest.importorskip("torch")
 
 from _util import toks
 from kvtier import KVCache, Layout
-from kvtier.errors import InvalidArgumentError
 
 CHUNKS = 4  # per prompt
 
@@ -105,10 +104,21 @@ def test_write_through_applies_the_admission_count(tmp_path):
         assert c.stats()["disk"]["write_through_written"] == CHUNKS
 
 
-def test_write_through_is_refused_with_deterministic_writeback(tmp_path):
-    _, layout = make_kv()
-    with pytest.raises(InvalidArgumentError, match=r"write_through.*deterministic_writeback"):
-        open_cache(layout, tmp_path, cpu_chunks=8, disk_write_through=True, deterministic_writeback=True)
-    # Nothing was left open on the directory: a cache opens there next.
-    with open_cache(layout, tmp_path, cpu_chunks=8, disk_write_through=True) as c:
+def test_write_through_is_off_with_deterministic_writeback(tmp_path):
+    kv, layout = make_kv()
+    with open_cache(
+        layout, tmp_path, cpu_chunks=64, disk_admit_min_seen=1, disk_write_through=True, deterministic_writeback=True
+    ) as c:
+        p, _ = store(c, kv, layout, 0)
+        c.drain()
         assert c.stats()["disk"]["write_through_written"] == 0
+        assert c.stats()["disk"]["writes"] == 0
+        assert c.lookup_tiers(p) == ["cpu"] * CHUNKS
+
+
+def test_write_through_is_on_by_default(tmp_path):
+    kv, layout = make_kv()
+    with open_cache(layout, tmp_path, cpu_chunks=64, disk_admit_min_seen=1) as c:
+        store(c, kv, layout, 0)
+        c.drain()
+        assert c.stats()["disk"]["write_through_written"] == CHUNKS

@@ -78,14 +78,10 @@ StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const LayoutDesc& layout,
                                  tier->max_demotions_in_flight_,
                                  /*wait_at_bound=*/true);
   }
-  if (options.disk.enabled && options.disk.write_through) {
-    if (options.disk.deterministic_writeback) {
-      return Status::InvalidArgument(
-          "disk write_through cannot be combined with deterministic_writeback (its writes end "
-          "when the disk finishes them, not at points the calls decide)");
-    }
-    tier->write_through_ = true;
-  }
+  // Off in deterministic mode, as the persist timer is: its writes end when the disk finishes
+  // them, not at points the calls decide.
+  tier->write_through_ =
+      options.disk.enabled && options.disk.write_through && !options.disk.deterministic_writeback;
   auto engine = CopyEngine::Create(layout, options.copy);
   if (!engine.ok()) return engine.status();
   tier->engine_ = std::move(engine).value();

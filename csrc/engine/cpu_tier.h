@@ -78,9 +78,9 @@ struct DiskTierOptions {
   int64_t persist_interval_ms = 0;
   // Write admitted chunks to disk as they arrive in the pool (see the top of this file), so that
   // evictions find them written. Costs the writes of chunks that would have left the pool without
-  // a write-back (erased, or never evicted). Refused with deterministic_writeback (its timing
-  // depends on the disk); with an admission hook set, chunks are written at eviction, as the hook
-  // decides.
+  // a write-back (erased, or never evicted). Off in deterministic mode (its timing depends on the
+  // disk), as the persist timer is; with an admission hook set, chunks are written at eviction, as
+  // the hook decides. (kvtier's config, `disk.write_through`, turns it on by default.)
   bool write_through = false;
 };
 

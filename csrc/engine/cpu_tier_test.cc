@@ -188,25 +188,20 @@ TEST_P(CpuTierWriteBackTest, WriteThroughWritesOnArrivalSoEvictionsFreeBlocksAtO
   }
 }
 
-TEST_P(CpuTierWriteBackTest, WriteThroughIsRefusedInDeterministicMode) {
-  LayoutDesc layout;
-  layout.device = -1;
-  layout.pages_per_chunk = 1;
-  layout.segments.push_back(
-      {reinterpret_cast<uint64_t>(kv_.data()), kPageBytes, kPageBytes, kPages});
-  CpuTierOptions o;
-  o.capacity_bytes = 4 * kPageBytes;
-  o.copy.method = TransferMethod::kCpu;
-  o.disk.enabled = true;
-  o.disk.deterministic_writeback = true;
-  o.disk.write_through = true;
-  o.disk.store.dir = dir_.path();
-  o.disk.store.capacity_bytes = kDiskBlockBytes + 16 * SlotBytesFor(kPageBytes);
-  o.disk.store.backend = GetParam();
-  auto tier = CpuTier::Create(layout, o);
-  ASSERT_FALSE(tier.ok());
-  EXPECT_EQ(tier.status().code(), StatusCode::kInvalidArgument);
-  EXPECT_NE(tier.status().message().find("deterministic_writeback"), std::string::npos);
+TEST_P(CpuTierWriteBackTest, WriteThroughIsOffInDeterministicMode) {
+  auto tier = MakeTier(
+      true, 16, [](uint64_t) { return std::chrono::milliseconds(0); },
+      [](CpuTierOptions& o) {
+        o.disk.admit_min_seen = 1;
+        o.disk.write_through = true;
+      });
+  ASSERT_NE(tier, nullptr);
+  StoreAndWait(*tier, Keys(0, 2));  // admitted, nothing evicted
+  ASSERT_TRUE(tier->Drain(kTimeoutMs).ok());
+  CpuTierStats s = tier->stats();
+  EXPECT_EQ(s.write_through_written, 0u);
+  EXPECT_EQ(s.disk.writes, 0u);
+  EXPECT_EQ(tier->LookupTiers(Keys(0, 2).data(), 2), std::vector<uint8_t>(2, 1));  // pool only
 }
 
 // Persist: a pool of 16 blocks, nothing evicted, chunks stored once (below admit_min_seen).

@@ -160,12 +160,12 @@ class DiskConfig(_Section):
         "(kvtier sim --deterministic-writeback reproduces it exactly)",
     )
     write_through: bool = _field(
-        False,
+        True,
         _Bool(),
         "write each chunk the admission rule admits to disk soon after it reaches the CPU tier "
         "(on a thread of the tier) instead of when it is evicted: an eviction then finds it on "
         "disk and frees its block at once, so a store into a full CPU tier does not wait for the "
-        "disk. Costs the writes of chunks that would have left without a write-back; not with "
+        "disk. Costs the writes of chunks that would have left without a write-back; off with "
         "deterministic_writeback",
     )
     reset_on_mismatch: bool = _field(
