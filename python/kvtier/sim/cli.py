@@ -131,6 +131,12 @@ def add_parser(sub) -> None:
         "waits for all of them; the engine's hits are then reproduced exactly)",
     )
     p.add_argument(
+        "--disk-write-through",
+        action="store_true",
+        help="model the engine's disk.write_through (its default): admitted chunks reach the disk "
+        "as they land in the CPU tier, so evictions free blocks without write-backs",
+    )
+    p.add_argument(
         "--max-writebacks",
         type=int,
         default=64,
@@ -291,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
             hosts=args.hosts,
             write_through=args.write_through,
             deterministic_writeback=args.deterministic_writeback,
+            disk_write_through=args.disk_write_through,
             hardware=hw,
             replay=args.replay,
             max_demotions_in_flight=args.max_writebacks,

@@ -10,6 +10,11 @@ poll, as many as the disk finishes in the engine's 200 us sleep. With ``determin
 it mirrors the engine's mode of that name exactly: the same loop, every poll ends all of them,
 and a promotion's write-backs end before its reads. Those an operation waited for are counted
 (``critical_writebacks``): the cost model puts them on that request's critical path.
+
+With ``disk_write_through`` (the engine's ``disk.write_through``) a chunk the admission rule
+admits is written to disk when it lands in the pool (a store, a put, a hit that brings its count
+to the rule) and ends before the next call, as write-backs do; its eviction then finds it on disk
+and frees its block at once (counted as not admitted, as the engine's index counts it).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class TierCounters:
     insert_rejected: int = 0
     backpressure_waits: int = 0  # an operation waited for write-backs to get a block
     critical_writebacks: int = 0  # write-backs some operation had to wait for
+    write_through_written: int = 0  # chunks written on arrival (disk_write_through)
 
 
 class SimCpuTier:
@@ -66,6 +72,9 @@ class SimCpuTier:
         deterministic_writeback: the engine's mode of that name (CacheConfig): each poll of a
             wait for write-backs ends all of them (``writebacks_per_wait`` is then unused), and a
             promotion's write-backs end before its disk reads start.
+        disk_write_through: the engine's ``disk.write_through`` (off with
+            ``deterministic_writeback``, as in the engine; off with an admission policy, whose
+            chunks are written at eviction).
     """
 
     def __init__(
@@ -79,6 +88,7 @@ class SimCpuTier:
         max_demotions_in_flight: int = 64,
         writebacks_per_wait: int = 1,
         deterministic_writeback: bool = False,
+        disk_write_through: bool = False,
     ) -> None:
         if capacity_chunks <= 0:
             raise ValueError(f"CPU tier capacity must be at least one chunk, got {capacity_chunks}")
@@ -90,6 +100,12 @@ class SimCpuTier:
         self.max_demotions = max(1, max_demotions_in_flight)
         self.writebacks_per_wait = max(1, writebacks_per_wait)
         self.deterministic_writeback = bool(deterministic_writeback)
+        self.write_through = (
+            bool(disk_write_through)
+            and disk_slots > 0
+            and not self.deterministic_writeback
+            and admission_policy is None
+        )
         # key -> [state, pins, seen]
         self._entries: dict = {}
         self._demoting = 0
@@ -114,7 +130,9 @@ class SimCpuTier:
             policy.on_remove(victim)
             e = entries[victim]
             if has_disk:
-                if not (self.admission_policy is not None or e[2] >= self.admit_min_seen):
+                if self.write_through and victim in self.disk:
+                    c.demotions_not_admitted += 1  # written through: the block frees at once
+                elif not (self.admission_policy is not None or e[2] >= self.admit_min_seen):
                     c.demotions_not_admitted += 1
                 else:
                     e[0] = _DEMOTING
@@ -182,6 +200,21 @@ class SimCpuTier:
     def _complete_all(self) -> None:
         while self._pending:
             self._complete_one(False)
+
+    def _write_through(self, keys) -> None:
+        """The engine's write-through thread for ``keys`` (READY, admitted, not on disk): each is
+        written, and ends with the call (as write-backs end before the next one)."""
+        if not self.write_through:
+            return
+        entries, disk, c = self._entries, self.disk, self.counters
+        for k in keys:
+            e = entries.get(k)
+            if e is None or e[0] != _READY or e[2] < self.admit_min_seen or k in disk:
+                continue
+            if disk.begin_write(k):
+                disk.complete_write(k)
+                c.disk_writes += 1
+                c.write_through_written += 1
 
     def _pump(self) -> None:
         """PumpDemotions: submit the staged write-backs (admission hook first). Rejected ones
@@ -273,6 +306,7 @@ class SimCpuTier:
         for k in fresh:
             self._commit(k)
         c.chunks_stored += len(fresh)
+        self._write_through(fresh)
         return len(fresh)
 
     def put(self, key) -> bool:
@@ -284,6 +318,7 @@ class SimCpuTier:
             return False
         self._commit(key)
         self.counters.chunks_stored += 1
+        self._write_through((key,))
         return True
 
     def lookup(self, keys, start: int = 0) -> int:
@@ -339,6 +374,7 @@ class SimCpuTier:
             hits += got
         self._release(keys, hits)
         self.counters.chunks_loaded += hits
+        self._write_through(keys[:hits])  # a hit may have brought a chunk to the rule
         return hits, promoted
 
     def _promote(self, keys, start: int, n: int) -> int:

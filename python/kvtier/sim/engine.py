@@ -72,6 +72,11 @@ class SimConfig:
             wait for write-backs ends all of them (default: ``writebacks_per_wait`` a 200 us poll,
             as the asynchronous engine does on this disk), and a load's write-backs end before
             its disk reads.
+        disk_write_through: model the engine's ``disk.write_through`` (the engine's default;
+            off here by default so that the studies in docs/sim.md, made with write-back at
+            eviction, reproduce): admitted chunks reach the disk as they land in the CPU tier,
+            and their eviction frees the block without a write-back. Off with
+            ``deterministic_writeback`` or an admission policy, as in the engine.
         gpu_eviction_policy / admission_policy / prefetch_policy / planner: Python policy objects,
             exactly as the engine takes them (shared by all instances).
         instances, routing: how many instances and how requests reach them.
@@ -99,6 +104,7 @@ class SimConfig:
     disk_admit_min_seen: int = 2
     max_demotions_in_flight: int = 64
     deterministic_writeback: bool = False
+    disk_write_through: bool = False
     gpu_eviction_policy: object = None
     admission_policy: object = None
     prefetch_policy: object = None
@@ -129,6 +135,8 @@ class SimConfig:
             raise ValueError(f"hosts must be an int from 1 to instances={self.instances}, got {self.hosts!r}")
         if type(self.deterministic_writeback) is not bool:
             raise ValueError(f"deterministic_writeback must be True or False, got {self.deterministic_writeback!r}")
+        if type(self.disk_write_through) is not bool:
+            raise ValueError(f"disk_write_through must be True or False, got {self.disk_write_through!r}")
         if self.chunk_tokens % self.page_tokens:
             raise ValueError(f"chunk_tokens={self.chunk_tokens} must be a multiple of page_tokens={self.page_tokens}")
         if isinstance(self.routing, str) and self.routing not in POLICIES:
@@ -217,6 +225,7 @@ class Instance:
                 max_demotions_in_flight=cfg.max_demotions_in_flight,
                 writebacks_per_wait=cfg.writebacks_per_wait,
                 deterministic_writeback=cfg.deterministic_writeback,
+                disk_write_through=cfg.disk_write_through,
             )
         self.pool = None
         if cfg.gpu_bytes:
@@ -320,6 +329,7 @@ class SimResult:
                 "hosts": c.instances if c.hosts is None else c.hosts,
                 "replay": c.replay,
                 "deterministic_writeback": c.deterministic_writeback,
+                "disk_write_through": c.disk_write_through,
                 "gpu_chunks": c.gpu_pages // (c.chunk_tokens // c.page_tokens),
                 "cpu_chunks": c.cpu_chunks,
                 "disk_chunks": c.disk_slots,
