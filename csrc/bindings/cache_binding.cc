@@ -419,6 +419,7 @@ void BindCache(py::module_& m) {
           k["reformat_reason"] = s.disk.reformat_reason;
           d["disk"] = k;
         }
+        d["blob_checksums_computed"] = s.blob_checksums_computed;
         d["event_capacity"] = s.event_capacity;
         d["events_recorded"] = s.events_recorded;
         d["events_dropped"] = s.events_dropped;

@@ -198,7 +198,10 @@ PersistResult CpuTier::PersistLocked(std::chrono::steady_clock::time_point deadl
         }
         FinishOp();
       };
-      Status s = disk_->Write(k, allocator_->BlockAddress(blocks[i]), finish);
+      uint32_t crc;
+      Status s = KnownChecksum(blocks[i], &crc)
+                     ? disk_->Write(k, allocator_->BlockAddress(blocks[i]), crc, finish)
+                     : disk_->Write(k, allocator_->BlockAddress(blocks[i]), finish);
       if (!s.ok()) {
         if (s.code() == StatusCode::kAlreadyExists) {  // a write-back of it started meanwhile
           (void)index_->Release(&k, 1);
@@ -386,7 +389,9 @@ void CpuTier::WriteThroughLoop() {
         wt_cv_.NotifyAll();
         FinishOp();
       };
-      Status s = disk_->Write(k, allocator_->BlockAddress(blocks[0]), done);
+      // One pass over the blob gives the disk its checksum and keeps it for leases (NIXL).
+      Status s =
+          disk_->Write(k, allocator_->BlockAddress(blocks[0]), BlockChecksum(blocks[0]), done);
       if (!s.ok()) {  // done will not run; AlreadyExists: a write-back or persist got there first
         (void)index_->Release(&k, 1);
         if (s.code() != StatusCode::kAlreadyExists) ++wt_failed_;
@@ -428,16 +433,20 @@ void CpuTier::PumpDemotions() {
       continue;
     }
     StartOp();
-    Status s =
-        disk_->Write(k, allocator_->BlockAddress(demotions[i].block), [this, k](const Status& st) {
-          if (st.ok()) {
-            ++demotions_written_;
-          } else {
-            ++demotions_failed_;
-          }
-          EndWriteBack(k);
-          FinishOp();
-        });
+    auto done = [this, k](const Status& st) {
+      if (st.ok()) {
+        ++demotions_written_;
+      } else {
+        ++demotions_failed_;
+      }
+      EndWriteBack(k);
+      FinishOp();
+    };
+    const BlockId block = demotions[i].block;
+    uint32_t crc;
+    Status s = KnownChecksum(block, &crc)
+                   ? disk_->Write(k, allocator_->BlockAddress(block), crc, std::move(done))
+                   : disk_->Write(k, allocator_->BlockAddress(block), std::move(done));
     if (!s.ok()) {  // already on disk (AlreadyExists) or refused: the pool copy just goes
       if (s.code() == StatusCode::kAlreadyExists) {
         ++demotions_written_;
@@ -582,6 +591,7 @@ StatusOr<TierOp> CpuTier::Store(const ChunkKey* keys, size_t n,
   ++store_calls_;
   TierOp op;
   std::vector<ChunkKey> fresh;
+  std::vector<ChunkKey> seen_again;  // cached already: this store counts as a sighting
   std::vector<uint32_t> pages;
   std::vector<void*> blobs;
   for (size_t i = 0; i < n; ++i) {
@@ -592,6 +602,7 @@ StatusOr<TierOp> CpuTier::Store(const ChunkKey* keys, size_t n,
     if (!block.ok()) {
       if (block.status().code() == StatusCode::kAlreadyExists) {
         ++op.already_cached;
+        seen_again.push_back(keys[i]);
         continue;
       }
       op.skipped_full = n - i;  // full of pinned / in-flight blocks: the rest would be unreachable
@@ -605,6 +616,7 @@ StatusOr<TierOp> CpuTier::Store(const ChunkKey* keys, size_t n,
   chunks_skipped_full_ += op.skipped_full;
   op.chunks = fresh.size();
   PumpDemotions();  // the reservations above may have marked LRU chunks for write-back
+  QueueWriteThrough(seen_again.data(), seen_again.size());  // may have reached admit_min_seen
   if (fresh.empty()) return op;
 
   StartOp();
@@ -797,11 +809,23 @@ Status CpuTier::NoteBlobChecksum(const void* blob, uint32_t crc32c) {
 StatusOr<uint32_t> CpuTier::BlobChecksum(const void* blob) {
   StatusOr<BlockId> block = BlockOf(blob);
   if (!block.ok()) return block.status();
-  const uint64_t known = blob_crc_[*block].load(std::memory_order_acquire);
-  if (known & kChecksumKnown) return static_cast<uint32_t>(known);
-  const uint32_t crc = Crc32c(0, blob, blob_bytes());
-  blob_crc_[*block].store(kChecksumKnown | crc, std::memory_order_release);
+  return BlockChecksum(*block);
+}
+
+uint32_t CpuTier::BlockChecksum(BlockId block) {
+  uint32_t crc;
+  if (KnownChecksum(block, &crc)) return crc;
+  crc = Crc32c(0, allocator_->BlockAddress(block), blob_bytes());
+  ++blob_checksums_computed_;
+  blob_crc_[block].store(kChecksumKnown | crc, std::memory_order_release);
   return crc;
+}
+
+bool CpuTier::KnownChecksum(BlockId block, uint32_t* crc) const {
+  const uint64_t known = blob_crc_[block].load(std::memory_order_acquire);
+  if (!(known & kChecksumKnown)) return false;
+  *crc = static_cast<uint32_t>(known);
+  return true;
 }
 
 Status CpuTier::Drain(int64_t timeout_ms) {
@@ -846,6 +870,7 @@ CpuTierStats CpuTier::stats() const {
   s.persist_written = persist_written_;
   s.persist_failed = persist_failed_;
   s.persist_deadline_exceeded = persist_deadline_exceeded_;
+  s.blob_checksums_computed = blob_checksums_computed_;
   s.write_through_written = wt_written_;
   s.write_through_failed = wt_failed_;
   {

@@ -18,10 +18,11 @@
 // DiskTierOptions::deterministic_writeback they depend on the calls alone: see there.
 //
 // Write-through (DiskTierOptions::write_through): a thread of the tier writes each chunk to disk
-// soon after it becomes READY in the pool (a store's commit, or a hit that brings its `seen` count
-// to admit_min_seen), holding a quiet pin on its block until the write ends. The chunk stays in the
-// pool; when it is evicted later it is on disk already, so its block frees at once instead of
-// waiting for a write-back: a store into a full pool no longer waits on the disk.
+// soon after it becomes READY in the pool (a store's commit, a put, or a hit or repeated store
+// that brings its `seen` count to admit_min_seen), holding a quiet pin on its block until the
+// write ends, with the blob's CRC32C computed once (given to the disk and kept for leases). The
+// chunk stays in the pool; when it is evicted later it is on disk already, so its block frees at
+// once instead of waiting for a write-back: a store into a full pool no longer waits on the disk.
 //
 // Persist writes the pool's chunks that the disk does not hold yet to the disk, so that a restart
 // finds them (write-back alone only saves what is evicted). It runs when called, and every
@@ -133,8 +134,9 @@ struct CpuTierStats {
   uint64_t persist_failed = 0;      // Persist writes refused or failed
   uint64_t persist_deadline_exceeded = 0;  // Persist calls that ran out of time
   uint64_t write_through_written = 0;      // chunks write-through wrote
-  uint64_t write_through_failed = 0;  // write-through writes refused (disk busy, full) or failed
-  uint64_t write_through_queued = 0;  // chunks waiting for the write-through thread
+  uint64_t write_through_failed = 0;     // write-through writes refused (disk busy, full) or failed
+  uint64_t write_through_queued = 0;     // chunks waiting for the write-through thread
+  uint64_t blob_checksums_computed = 0;  // CRC32C passes over pool blocks (each one then kept)
   // KV events (zero with event_capacity 0).
   uint64_t event_capacity = 0;
   uint64_t events_recorded = 0;  // since creation, dropped ones included
@@ -242,6 +244,11 @@ class CpuTier {
   void StartOp();
   // index_->BeginInsert, forgetting the checksum of the block it hands out (its bytes will change).
   StatusOr<BlockId> Reserve(const ChunkKey& key);
+  // The block's CRC32C: the kept one, else computed now and kept. REQUIRES: the caller holds
+  // the block (a pin, a reservation, or its write-back).
+  uint32_t BlockChecksum(BlockId block);
+  // The kept CRC32C of the block, if any.
+  bool KnownChecksum(BlockId block, uint32_t* crc) const;
   // The block whose blob starts at `blob`; InvalidArgument for any other address.
   StatusOr<BlockId> BlockOf(const void* blob) const;
   // Hands READY chunks to the write-through thread (no-op unless write_through).
@@ -325,7 +332,7 @@ class CpuTier {
   std::vector<ChunkKey> wt_queue_ GUARDED_BY(wt_mu_);
   bool wt_stop_ GUARDED_BY(wt_mu_) = false;
   std::atomic<size_t> wt_in_flight_{0};
-  std::atomic<uint64_t> wt_written_{0}, wt_failed_{0};
+  std::atomic<uint64_t> wt_written_{0}, wt_failed_{0}, blob_checksums_computed_{0};
   std::thread wt_thread_;
 
   std::unique_ptr<CopyEngine> engine_;

@@ -188,6 +188,32 @@ TEST_P(CpuTierWriteBackTest, WriteThroughWritesOnArrivalSoEvictionsFreeBlocksAtO
   }
 }
 
+// Write-through makes the one pass over each blob: the disk write takes it, the tier keeps it,
+// and a lease's later BlobChecksum reads nothing.
+TEST_P(CpuTierWriteBackTest, WriteThroughChecksumsEachBlobOnceAndKeepsIt) {
+  auto tier = MakeTier(
+      false, 16, [](uint64_t) { return std::chrono::milliseconds(0); },
+      [](CpuTierOptions& o) {
+        o.disk.admit_min_seen = 1;
+        o.disk.write_through = true;
+      });
+  ASSERT_NE(tier, nullptr);
+  const std::vector<ChunkKey> keys = Keys(0, 2);
+  StoreAndWait(*tier, keys);
+  ASSERT_TRUE(tier->Drain(kTimeoutMs).ok());
+  EXPECT_EQ(tier->stats().write_through_written, 2u);
+  EXPECT_EQ(tier->stats().blob_checksums_computed, 2u);
+  std::vector<const void*> held = tier->AcquireBlobs(keys.data(), 2);
+  ASSERT_EQ(held.size(), 2u);
+  for (const void* blob : held) {
+    auto crc = tier->BlobChecksum(blob);
+    ASSERT_TRUE(crc.ok());
+    EXPECT_EQ(*crc, Crc32c(0, blob, kPageBytes));
+  }
+  EXPECT_EQ(tier->stats().blob_checksums_computed, 2u);  // kept: no second pass
+  ASSERT_TRUE(tier->ReleaseBlobs(keys.data(), 2).ok());
+}
+
 TEST_P(CpuTierWriteBackTest, WriteThroughIsOffInDeterministicMode) {
   auto tier = MakeTier(
       true, 16, [](uint64_t) { return std::chrono::milliseconds(0); },

@@ -181,7 +181,8 @@ void DiskStore::Impl::SetRequest(Op* op, IoOp io, uint64_t offset, int64_t now) 
 
 // ---- write / read / erase -------------------------------------------------------------------
 
-Status DiskStore::Impl::Write(const ChunkKey& key, const void* src, Callback done) {
+Status DiskStore::Impl::Write(const ChunkKey& key, const void* src, const uint32_t* known_crc,
+                              Callback done) {
   if (src == nullptr || !IsBlockAligned(src)) {
     return Status::InvalidArgument(
         "src must be 4096-byte aligned host memory of blob_bytes (O_DIRECT)");
@@ -193,7 +194,7 @@ Status DiskStore::Impl::Write(const ChunkKey& key, const void* src, Callback don
       return Status::AlreadyExists("chunk " + key.Hex() + " is already on disk or being written");
   }
   // The checksum is computed before anything is reserved: it is the slow part and needs no lock.
-  const uint32_t crc = Crc32c(0, src, opts.blob_bytes);
+  const uint32_t crc = known_crc != nullptr ? *known_crc : Crc32c(0, src, opts.blob_bytes);
   const int64_t now = MonotonicNowNs();
   Op* op;
   uint32_t slot;
@@ -521,7 +522,11 @@ DiskStore::DiskStore(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 DiskStore::~DiskStore() = default;
 
 Status DiskStore::Write(const ChunkKey& key, const void* src, Callback done) {
-  return impl_->Write(key, src, std::move(done));
+  return impl_->Write(key, src, nullptr, std::move(done));
+}
+
+Status DiskStore::Write(const ChunkKey& key, const void* src, uint32_t payload_crc, Callback done) {
+  return impl_->Write(key, src, &payload_crc, std::move(done));
 }
 
 Status DiskStore::Read(const ChunkKey& key, void* dst, Callback done) {

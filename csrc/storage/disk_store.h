@@ -178,6 +178,9 @@ class DiskStore {
   // ResourceExhausted (every slot writing or pinned; or admission paused after ENOSPC),
   // FailedPrecondition (closing).
   Status Write(const ChunkKey& key, const void* src, Callback done);
+  // The same, with the blob's CRC32C known to the caller (Crc32c(0, src, blob_bytes)): no pass
+  // over it here. A wrong value makes the chunk fail every read's check: a miss, never wrong data.
+  Status Write(const ChunkKey& key, const void* src, uint32_t payload_crc, Callback done);
 
   // Reads `key`'s blob into `dst` (blob_bytes) and verifies it; done(OK) means dst holds exactly
   // the bytes written. done(Corruption) drops the entry; done(IoError) too. Marks the chunk most

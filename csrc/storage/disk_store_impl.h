@@ -90,7 +90,8 @@ class DiskStore::Impl {
   Status Recover(uint64_t scan_slots);
   void InitFreeSlots();
 
-  Status Write(const ChunkKey& key, const void* src, Callback done);
+  // known_crc: the blob's CRC32C when the caller has it (else computed here).
+  Status Write(const ChunkKey& key, const void* src, const uint32_t* known_crc, Callback done);
   Status ReadBatch(const ChunkKey* keys, void* const* dsts, size_t n, BatchCallback done);
   size_t Lookup(const ChunkKey* keys, size_t n) const;
   Status Erase(const ChunkKey& key);

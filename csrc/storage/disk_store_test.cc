@@ -424,6 +424,26 @@ TEST_P(DiskStoreTest, CorruptPayloadIsAMissNeverWrongBytes) {
   EXPECT_EQ(store->stats().corrupt_detected, 1u);
 }
 
+// A caller that knows the blob's CRC32C passes it: the right one reads back, a wrong one is
+// caught by the read's check (a miss, never wrong bytes), like a corrupt payload.
+TEST_P(DiskStoreTest, AKnownChecksumIsTakenAndAWrongOneIsAMiss) {
+  auto store = OpenOrDie(Options(8192, 8));
+  ASSERT_TRUE(store);
+  Buffer buf = Aligned(8192);
+  for (uint64_t i : {1, 2}) {
+    FillFor(Key(i), buf.get(), 8192);
+    const uint32_t crc = Crc32c(0, buf.get(), 8192) ^ (i == 2 ? 1u : 0u);  // key 2: wrong
+    Waiter w;
+    ASSERT_TRUE(store->Write(Key(i), buf.get(), crc, w.Callback()).ok());
+    ASSERT_TRUE(w.Wait().ok());
+  }
+  ExpectExact(*store, 1);
+  Buffer dst = Aligned(8192);
+  EXPECT_EQ(ReadSync(*store, Key(2), dst.get()).code(), StatusCode::kCorruption);
+  EXPECT_FALSE(store->Contains(Key(2)));
+  EXPECT_EQ(store->stats().corrupt_detected, 1u);
+}
+
 TEST_P(DiskStoreTest, CorruptHeaderIsSkippedAndReclaimed) {
   {
     auto store = OpenOrDie(Options(8192, 4));

@@ -12,8 +12,8 @@ and a promotion's write-backs end before its reads. Those an operation waited fo
 (``critical_writebacks``): the cost model puts them on that request's critical path.
 
 With ``disk_write_through`` (the engine's ``disk.write_through``) a chunk the admission rule
-admits is written to disk when it lands in the pool (a store, a put, a hit that brings its count
-to the rule) and ends before the next call, as write-backs do; its eviction then finds it on disk
+admits is written to disk when it lands in the pool (a store, a put, or a hit or repeated store
+that brings its count to the rule) and ends before the next call, as write-backs do; its eviction then finds it on disk
 and frees its block at once (counted as not admitted, as the engine's index counts it).
 """
 
@@ -289,7 +289,7 @@ class SimCpuTier:
         self.new_call()
         c = self.counters
         c.store_calls += 1
-        fresh = []
+        fresh, seen_again = [], []
         n = len(keys)
         for i, k in enumerate(keys):
             r = self._begin_insert(k)
@@ -297,12 +297,14 @@ class SimCpuTier:
                 r = self._wait_for_block(k)
             if r == _EXISTS:
                 c.chunks_already_cached += 1
+                seen_again.append(k)  # a sighting: may have reached the admission count
                 continue
             if r == _EXHAUSTED:
                 c.chunks_skipped_full += n - i
                 break
             fresh.append(k)
         self._pump()
+        self._write_through(seen_again)
         for k in fresh:
             self._commit(k)
         c.chunks_stored += len(fresh)
