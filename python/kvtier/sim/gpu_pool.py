@@ -205,7 +205,9 @@ class SimGpuPool:
             # begin and finish_tail, when nothing else calls into the tiers: the same order.
             first = gpu + res.split_head
             before = cpu.counters.critical_writebacks
-            writes = cpu.counters.disk_writes
+            # Write-through writes start once the load's chunks are in place (the engine queues
+            # them at its completion): they do not share the disk with this load's reads.
+            writes = cpu.counters.disk_writes - cpu.counters.write_through_written
             loaded, promoted = cpu.load(keys[first : first + lower])
             if peers is not None and loaded < lower:  # local chunks first, then pulls of the rest
                 got, more = peers.pull(keys, first + loaded, lower - loaded)  # scattered as they land
@@ -214,7 +216,7 @@ class SimGpuPool:
                 loaded += got
                 promoted += more
             res.load_writebacks = cpu.counters.critical_writebacks - before
-            res.load_disk_writes = cpu.counters.disk_writes - writes
+            res.load_disk_writes = cpu.counters.disk_writes - cpu.counters.write_through_written - writes
             res.critical_writebacks += res.load_writebacks
             for i in range(loaded):  # _register_loaded (a split's tail: at finish_tail, before commit)
                 k = keys[first + i]
