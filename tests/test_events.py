@@ -38,6 +38,9 @@ MEDIA_BITS = {GPU: 4, CPU: 1, DISK: 2}
 
 
 def make_cache(disk_dir, *, cpu_chunks=4, disk_chunks=6, admit=1, **kw):
+    # Write-back at eviction (disk_write_through off): the sequences here reach the write-back
+    # event sites, which write-through (chunks on disk before they are evicted) would skip.
+    kw.setdefault("disk_write_through", False)
     kv = [torch.zeros(2, 64, 16, 1, 16) for _ in range(2)]
     layout = Layout.from_vllm(kv, chunk_tokens=32)  # 2 pages a chunk, 8 KiB
     slot = 4096 + layout.chunk_bytes

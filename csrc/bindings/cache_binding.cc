@@ -415,6 +415,7 @@ void BindCache(py::module_& m) {
           k["write_through_written"] = s.write_through_written;
           k["write_through_failed"] = s.write_through_failed;
           k["write_through_queued"] = s.write_through_queued;
+          k["write_through_in_flight"] = s.write_through_in_flight;
           k["reformatted_at_open"] = s.disk.reformatted_at_open;
           k["reformat_reason"] = s.disk.reformat_reason;
           d["disk"] = k;

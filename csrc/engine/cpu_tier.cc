@@ -873,6 +873,7 @@ CpuTierStats CpuTier::stats() const {
   s.blob_checksums_computed = blob_checksums_computed_;
   s.write_through_written = wt_written_;
   s.write_through_failed = wt_failed_;
+  s.write_through_in_flight = wt_in_flight_.load();
   {
     MutexLock lock(&wt_mu_);
     s.write_through_queued = wt_queue_.size();

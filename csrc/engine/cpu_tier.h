@@ -136,6 +136,7 @@ struct CpuTierStats {
   uint64_t write_through_written = 0;      // chunks write-through wrote
   uint64_t write_through_failed = 0;     // write-through writes refused (disk busy, full) or failed
   uint64_t write_through_queued = 0;     // chunks waiting for the write-through thread
+  uint64_t write_through_in_flight = 0;  // its writes not ended yet (each pins a block)
   uint64_t blob_checksums_computed = 0;  // CRC32C passes over pool blocks (each one then kept)
   // KV events (zero with event_capacity 0).
   uint64_t event_capacity = 0;

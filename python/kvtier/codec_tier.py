@@ -352,9 +352,10 @@ class CodecTier:
             time.sleep(50e-6)
 
     def _begin_put(self, key: bytes):
-        """The inner tier's ``begin_put``, waiting while write-backs to disk hold the blocks (as
-        the raw tier's store does): each ends by the disk's deadline, freeing its block.
-        ResourceExhaustedError once no write-back is left to wait for, or past the deadline."""
+        """The inner tier's ``begin_put``, waiting while write-backs to disk hold the blocks, or
+        write-through writes pin them (as the raw tier's store does): each ends by the disk's
+        deadline, freeing or unpinning its block. ResourceExhaustedError once no write is left
+        to wait for, or past the deadline."""
         deadline = time.monotonic() + self._writeback_wait_s
         idle = 0  # tries in a row that saw no write-back running and no block free
         while True:
@@ -362,8 +363,10 @@ class CodecTier:
                 return self._inner.begin_put(key)
             except ResourceExhaustedError:
                 s = self._inner.stats()
-                # A write-back ends (demoting drops) just before its block is freed: one more try.
-                idle = 0 if s["index"]["demoting"] or s["blocks"]["free_blocks"] else idle + 1
+                # A write-back ends (demoting drops) just before its block is freed, a write-through
+                # write just before its pin is released: one more try.
+                writing = s.get("disk", {}).get("write_through_in_flight", 0)
+                idle = 0 if s["index"]["demoting"] or s["blocks"]["free_blocks"] or writing else idle + 1
                 if time.monotonic() >= deadline or idle > 1:
                     raise
             time.sleep(0.001)
