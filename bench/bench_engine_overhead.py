@@ -70,6 +70,25 @@ def paired(base: list[float], other: list[float]) -> float:
     return statistics.median(b / o for b, o in zip(base, other))
 
 
+def versus(case: str, baseline: str, samples: dict, pool: str, note: str, trials: bool = False) -> dict:
+    """One case: ``pool``'s median of ``samples`` against the GPU-only pool's, with both ratios
+    (of the medians; the median of the paired rounds) and, with ``trials``, every sample."""
+    value, base = statistics.median(samples[pool]), statistics.median(samples["gpu_only"])
+    doc = {
+        "case": case,
+        "value": round(value, 5),
+        "unit": "s",
+        "baseline": baseline,
+        "baseline_value": round(base, 5),
+        "ratio": round(base / value, 4),
+        "paired_ratio": round(paired(samples["gpu_only"], samples[pool]), 4),
+    }
+    if trials:
+        doc["trials"] = {k: [round(t, 5) for t in samples[k]] for k in ("gpu_only", pool)}
+    doc["note"] = note
+    return doc
+
+
 def run_length(model, n: int, device: str, disk_dir: str, gen, rounds: int, variants) -> list[dict]:
     elem = torch.tensor([], dtype=model.dtype).element_size()
     kv_per_token = 2 * model.config.layers * model.config.kv_heads * model.config.head_dim * elem
@@ -147,42 +166,24 @@ def run_length(model, n: int, device: str, disk_dir: str, gen, rounds: int, vari
             + f"; it stored {st['chunks_stored']} chunks, evicted {st['index']['evictions']} from the CPU "
             f"tier and wrote {st.get('disk', {}).get('writes', 0)} to disk"
         )
+        out.append(versus(f"miss_ttft_{n}_{v}", "miss_ttft_gpu_only_pool", times, v, note, trials=True))
         out.append(
-            {
-                "case": f"miss_ttft_{n}_{v}",
-                "value": round(med[v], 5),
-                "unit": "s",
-                "baseline": "miss_ttft_gpu_only_pool",
-                "baseline_value": round(med["gpu_only"], 5),
-                "ratio": round(med["gpu_only"] / med[v], 4),
-                "paired_ratio": round(paired(times["gpu_only"], times[v]), 4),
-                "trials": {k: [round(t, 5) for t in times[k]] for k in ("gpu_only", v)},
-                "note": note,
-            }
-        )
-        out.append(
-            {
-                "case": f"miss_request_{n}_{v}",
-                "value": round(med_wall[v], 5),
-                "unit": "s",
-                "baseline": "miss_request_gpu_only_pool",
-                "baseline_value": round(med_wall["gpu_only"], 5),
-                "ratio": round(med_wall["gpu_only"] / med_wall[v], 4),
-                "paired_ratio": round(paired(walls["gpu_only"], walls[v]), 4),
-                "note": "a request's whole time, TTFT and its commit (the stores it starts)",
-            }
+            versus(
+                f"miss_request_{n}_{v}",
+                "miss_request_gpu_only_pool",
+                walls,
+                v,
+                "a request's whole time, TTFT and its commit (the stores it starts)",
+            )
         )
     out.append(
-        {
-            "case": f"miss_ttft_{n}_aa_control",
-            "value": round(med["gpu_only_b"], 5),
-            "unit": "s",
-            "baseline": "miss_ttft_gpu_only_pool",
-            "baseline_value": round(med["gpu_only"], 5),
-            "ratio": round(med["gpu_only"] / med["gpu_only_b"], 4),
-            "paired_ratio": round(paired(times["gpu_only"], times["gpu_only_b"]), 4),
-            "note": "a second GPU-only pool against the first: the noise floor of the ratios above",
-        }
+        versus(
+            f"miss_ttft_{n}_aa_control",
+            "miss_ttft_gpu_only_pool",
+            times,
+            "gpu_only_b",
+            "a second GPU-only pool against the first: the noise floor of the ratios above",
+        )
     )
     return out
 
