@@ -3,7 +3,7 @@ raw chunks (``none``), measured in the same run: chunks per byte of the CPU tier
 rates through the CPU tier, and a disk hit after a restart.
 
     python bench/bench_codec_tier.py [--chunks 16] [--reps 3] [--disk-dir DIR] [--device cuda]
-                                     [--out bench/results]
+                                     [--matmul-beside] [--out bench/results]
 
 The KV is a Llama-3-8B layer's shape (8 KV heads of 128, bfloat16) over 4 layers in vLLM's
 layout on the host, 256-token chunks (4 MiB raw), values drawn normal. Rates are of the raw
@@ -12,7 +12,10 @@ chunk bytes (GB/s = 10^9 bytes/s), best of ``--reps``; every case names its base
 and with ``--out`` writes it there. Without ``--device`` the KV is on the host, every copy is a
 host copy and the codecs run on the CPU; with ``--device cuda`` the KV lives on the GPU and each
 codec runs twice, coded on the host (``codec.device: host``: raw chunks cross PCIe) and on the
-GPU (``_on_gpu`` cases, ``codec.device: gpu``: encoded chunks cross PCIe).
+GPU (``_on_gpu`` cases, ``codec.device: gpu``: encoded chunks cross PCIe). ``--matmul-beside``
+adds what each cache's stores and CPU hits cost a model's matmuls running beside them on the
+GPU: bf16 matmuls on a stream of their own, their TFLOP/s beside a loop of the cache's operation
+against alone (the better of before and after), same run.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import datetime
 import json
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +35,7 @@ from kvtier import KVCache, Layout
 from kvtier.bench_info import git_commit, machine
 
 LAYERS, HEADS, DIM, PAGE, CHUNK = 4, 8, 128, 16, 256
+MATMUL_S = 2.0  # seconds of matmuls per case of --matmul-beside
 CODECS = {
     "fp8": {"codec_name": "fp8", "codec_fp8_scale_dtype": "bfloat16"},
     "byteplane_zstd": {"codec_name": "byteplane_zstd", "codec_zstd_level": 1},
@@ -53,7 +58,48 @@ def timed(fn, reps: int) -> float:
     return best
 
 
-def measure(layout, chunks: int, reps: int, disk_dir: str, opts: dict) -> dict:
+class MatmulBeside:
+    """bf16 matmuls on a stream of their own, in a thread, as a model's work beside the cache's
+    copies: ``rate(seconds, beside)`` is the TFLOP/s they reach while ``beside()`` runs in a loop
+    on the calling thread (nothing: alone)."""
+
+    N = 8192
+
+    def __init__(self, device: str) -> None:
+        self.a = torch.randn(self.N, self.N, device=device, dtype=torch.bfloat16)
+        self.b = torch.randn(self.N, self.N, device=device, dtype=torch.bfloat16)
+        self.stream = torch.cuda.Stream(device)
+
+    def rate(self, seconds: float, beside=None) -> float:
+        stop = threading.Event()
+        done = [0, 0.0]
+
+        def run() -> None:
+            with torch.cuda.stream(self.stream):
+                torch.mm(self.a, self.b)  # warm
+                self.stream.synchronize()
+                t0 = time.perf_counter()
+                while not stop.is_set():
+                    for _ in range(4):
+                        torch.mm(self.a, self.b)
+                    self.stream.synchronize()
+                    done[0] += 4
+                done[1] = time.perf_counter() - t0
+
+        th = threading.Thread(target=run)
+        th.start()
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            if beside is None:
+                time.sleep(0.01)
+            else:
+                beside()
+        stop.set()
+        th.join()
+        return done[0] * 2 * self.N**3 / done[1] / 1e12
+
+
+def measure(layout, chunks: int, reps: int, disk_dir: str, opts: dict, matmul: MatmulBeside | None = None) -> dict:
     opts = {**opts, "method": "auto" if layout.device.startswith("cuda") else "cpu"}
     """Rates (raw GB/s) of one cache configuration: store into an empty CPU tier, load a CPU hit,
     load a disk hit after a restart (every chunk promoted from disk)."""
@@ -75,6 +121,11 @@ def measure(layout, chunks: int, reps: int, disk_dir: str, opts: dict) -> dict:
         out["store_gbps"] = raw / timed(store_fresh, reps) / 1e9
         tokens = list(range(seed * 10**6, seed * 10**6 + chunks * CHUNK))
         out["load_cpu_gbps"] = raw / timed(lambda: cache.load(tokens, dst).wait(), reps) / 1e9
+        if matmul is not None:  # the model's matmuls while the cache stores, then loads, in a loop
+            out["matmul_beside_store_tflops"] = matmul.rate(MATMUL_S, store_fresh)
+            store_fresh()
+            hit = list(range(seed * 10**6, seed * 10**6 + chunks * CHUNK))
+            out["matmul_beside_load_cpu_tflops"] = matmul.rate(MATMUL_S, lambda: cache.load(hit, dst).wait())
     d = tempfile.mkdtemp(dir=disk_dir)
     disk = dict(disk_dir=d, disk_bytes=4 * raw + (64 << 20))
     with KVCache(layout, cpu_bytes=cpu_bytes, cpu_threads=1, **disk, **opts) as cache:
@@ -99,17 +150,41 @@ def main() -> None:
     parser.add_argument("--disk-dir", default=tempfile.gettempdir(), help="a directory on a disk that takes O_DIRECT")
     parser.add_argument("--device", default="cpu", help="where the KV lives: cpu or cuda")
     parser.add_argument("--out", type=Path, help="directory to write the JSON result into")
+    parser.add_argument(
+        "--matmul-beside",
+        action="store_true",
+        help="with --device cuda: also the TFLOP/s of bf16 matmuls run beside each cache's stores and CPU hits",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     _kv, layout = make_kv(args.chunks, args.device)  # the layout holds the tensors
     codecs = dict(CODECS)
     if args.device.startswith("cuda"):  # also coded on the GPU: only encoded bytes cross PCIe
         codecs.update({f"{name}_on_gpu": {**opts, "codec_device": "gpu"} for name, opts in CODECS.items()})
-    runs = {"none": measure(layout, args.chunks, args.reps, args.disk_dir, {})}
+    matmul = MatmulBeside(args.device) if args.matmul_beside and args.device.startswith("cuda") else None
+    alone = matmul.rate(MATMUL_S) if matmul is not None else None
+    runs = {"none": measure(layout, args.chunks, args.reps, args.disk_dir, {}, matmul)}
     for name, opts in codecs.items():
-        runs[name] = measure(layout, args.chunks, args.reps, args.disk_dir, opts)
+        runs[name] = measure(layout, args.chunks, args.reps, args.disk_dir, opts, matmul)
+    if matmul is not None:
+        alone = max(alone, matmul.rate(MATMUL_S))  # again after: the GPU's clock drifts
     base = runs["none"]
     results = []
+    if matmul is not None:
+        for name in ("none", *codecs):
+            for op, label in (("store", "stores in a loop"), ("load_cpu", "CPU hits in a loop")):
+                value = runs[name][f"matmul_beside_{op}_tflops"]
+                results.append(
+                    {
+                        "case": f"{name}.matmul_beside_{op}",
+                        "value": round(value, 2),
+                        "unit": f"TFLOP/s of bf16 {MatmulBeside.N}^3 matmuls on a stream of their own",
+                        "baseline": "matmul_alone",
+                        "baseline_value": round(alone, 2),
+                        "ratio": round(value / alone, 4),
+                        "note": f"matmuls beside the {name} cache's {label} (ratio 1: the cache costs them nothing)",
+                    }
+                )
     for name in codecs:
         r = runs[name]
         results.append(

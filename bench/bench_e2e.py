@@ -16,7 +16,7 @@ By default the engine prefills the uncached part of a prompt in one step (``--pr
 the fastest recompute and so the hardest baseline; ``--prefill-step 256`` runs the chunk-aligned
 steps whose hits are bit-exact (the workload name then lacks ``_one_step_prefill``).
 
-    python bench/bench_e2e.py [--lengths 4096,16384,32768] [--tiny] [--out bench/results]
+    python bench/bench_e2e.py [--lengths 4096,16384,32768] [--tiny] [--codec fp8] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -124,7 +124,13 @@ def run_length(
     kv_layout: str = "vllm",
     method: str = "auto",
     max_writebacks: int = 64,
+    codec: str = "none",
 ) -> list[dict]:
+    # The lower tiers' codec: fp8 encodes on the GPU (codec.device gpu), so only the encoded
+    # bytes cross PCIe and sit in the CPU and disk tiers; byte budgets stay, chunks per byte grow.
+    tiers_codec = {}
+    if codec != "none":
+        tiers_codec = dict(codec_name=codec, codec_device="gpu" if device == "cuda" else "host")
     elem = torch.tensor([], dtype=model.dtype).element_size()
     kv_per_token = 2 * model.config.layers * model.config.kv_heads * model.config.head_dim * elem
     pool_tokens = 2 * (n + CHUNK)
@@ -144,6 +150,7 @@ def run_length(
         model_id=f"e2e-{n}",
         method=method,
         disk_max_writebacks_in_flight=max_writebacks,
+        **tiers_codec,
     )
     engine = Engine(model, pool, prefill_tokens=prefill_step)
     vocab = model.config.vocab
@@ -279,6 +286,7 @@ def run_length(
         disk_bytes=(pool_tokens // CHUNK + 8) * (block + 4096) + (1 << 20),
         model_id=f"e2e-fresh-{n}",
         method=method,
+        **tiers_codec,
     )
     gpu_only_b = gpu_only_pool()  # an A/A control: the noise floor
     for p in (gpu_only, gpu_only_b, fresh):
@@ -494,6 +502,12 @@ def main() -> None:
         help="appended to the workload name: a variant of the same options (e.g. an A/A control); a rerun "
         "replaces the earlier file in bench/results (bench/results/README.md), git keeps the old one",
     )
+    ap.add_argument(
+        "--codec",
+        default="none",
+        choices=("none", "fp8"),
+        help="the codec of the chunks in the CPU and disk tiers (codec.name; fp8 encodes on the GPU)",
+    )
     ap.add_argument("--out", default="")
     ap.add_argument("--plot-from", default="", help="only draw the PNG from this JSON")
     args = ap.parse_args()
@@ -528,6 +542,7 @@ def main() -> None:
                 args.kv_layout,
                 args.method,
                 args.max_writebacks,
+                args.codec,
             )
             shutil.rmtree(sub)  # its disk-tier files: the next length needs the space
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
@@ -540,6 +555,8 @@ def main() -> None:
         workload += f"_{args.method}"
     if args.max_writebacks != 64:
         workload += f"_writebacks{args.max_writebacks}"
+    if args.codec != "none":
+        workload += f"_{args.codec}"
     if args.suffix:
         workload += f"_{args.suffix}"
     publish(
@@ -553,6 +570,7 @@ def main() -> None:
         kv_layout=args.kv_layout,
         method=args.method,
         disk_max_writebacks_in_flight=args.max_writebacks,
+        codec=args.codec,
         # The engine's small uploads do not wait behind a load (kvtier.upload): layer l
         # computes once its pages land, so a lower-tier hit costs about its load plus the
         # last layer, not load + forward.

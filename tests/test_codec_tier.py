@@ -271,6 +271,52 @@ def test_gpu_pages_round_trip_through_the_codec_tier(name, codec_device):
     assert raw_blobs(Layout.from_vllm(cpu_kv, chunk_tokens=CHUNK_TOKENS), tokens, range(16, 24)) == want
 
 
+@pytest.mark.gpu
+def test_gpu_stacks_stop_at_a_refused_chunk_a_foreign_blob_and_a_full_tier(caplog):
+    """codec.device gpu with fp8 encodes a call's chunks as one stack straight into pinned blocks
+    and decodes them as one: a chunk holding NaN ends the store there (those before it are
+    kept), a slot of another codec ends the load there, and a full tier skips the rest, as on the
+    host path."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    kv, layout = vllm_kv(device="cuda", seed=9)
+    fp8 = make_codec("fp8", **CODEC_OPTIONS["fp8"])
+    cpu_layout = Layout.from_vllm([t.cpu() for t in kv], chunk_tokens=CHUNK_TOKENS)
+    tokens = toks(6)
+    want = [through_codec(fp8, layout, b) for b in raw_blobs(cpu_layout, tokens, range(12))]
+    with KVCache(layout, cpu_bytes=4 * layout.chunk_bytes, codec_name="fp8", codec_device="gpu") as cache:
+        assert cache.tier.inner.pinned and cache.tier.capacity_chunks >= 6
+        keys = cache.keyer.keys(tokens)
+        kv[1][0, 5, 0, 0, 0] = float("nan")  # page 5: the third chunk
+        assert cache.store(tokens, range(12)).wait() == 2  # chunks
+        assert cache.stats()["codec_encode_refused"] == 1 and "NaN" in caplog.text
+        assert cache.lookup(tokens) == 2 * CHUNK_TOKENS
+        assert bytes(cache.tier.media(b"".join(keys))) == bytes([1, 1, 0, 0, 0, 0])  # none after it
+        # The fourth chunk's slot gets a blob of another codec; the third is stored again, clean.
+        shape, dtype = chunk_shape(layout)
+        foreign = make_codec("none").encode(torch.zeros(shape[0] // 2, shape[1], dtype=dtype))
+        view = np.asarray(cache.tier.begin_put(keys[3]))
+        view[: foreign.numel()] = foreign.numpy()
+        view[foreign.numel() :] = 0
+        cache.tier.commit_put(keys[3])
+        kv[1][0, 5, 0, 0, 0] = 0.0
+        cpu_layout = Layout.from_vllm([t.cpu() for t in kv], chunk_tokens=CHUNK_TOKENS)
+        want[2] = through_codec(fp8, layout, raw_blobs(cpu_layout, tokens, range(12))[2])
+        assert cache.store(tokens, range(12)).wait() == 3  # the third, fifth and sixth
+        assert cache.load(tokens, range(16, 28)).wait() == 3 * CHUNK_TOKENS
+        assert cache.stats()["codec_decode_failures"] == 1
+        torch.cuda.synchronize()
+        got = raw_blobs(Layout.from_vllm([t.cpu() for t in kv], chunk_tokens=CHUNK_TOKENS), tokens, range(16, 22))
+        assert got == want[:3]
+        assert cache.stats()["codec_late_copies"] == 0
+    # A tier of 2 chunks: a store of 6 keeps the first 2 it can place and skips the rest.
+    with KVCache(layout, cpu_bytes=2 * slot_nbytes(layout, fp8) + 8192, codec_name="fp8", codec_device="gpu") as small:
+        n = small.tier.capacity_chunks
+        op = small.tier.store(b"".join(keys), np.arange(12))
+        assert op.chunks == n and op.skipped_full == 6 - n
+        assert small.load(tokens, range(16, 16 + 2 * n)).wait() == n * CHUNK_TOKENS
+
+
 def test_bad_input_is_refused_before_any_work_and_the_cache_stays_usable(caplog):
     kv, layout = vllm_kv(pages=8, seed=6)
     tokens = toks(2)

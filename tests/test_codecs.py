@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvtier.codecs import HEADER_ALIGN, ByteplaneZstdCodec, Fp8Codec, codec_names, make_codec, read_header
-from kvtier.errors import CorruptionError, InvalidArgumentError
+from kvtier.errors import CorruptionError, InvalidArgumentError, UnavailableError
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 INT_VIEW = {2: torch.int16, 4: torch.int32}
@@ -361,6 +361,88 @@ def test_spec_names_the_settings_that_change_bytes():
 
 
 # ---------------------------------------------------------------------------------------------
+# Stacks: encode_many / decode_many (the GPU codec tier encodes and decodes a call's chunks at once)
+
+
+def fixed_size_codecs():
+    return [
+        make_codec("none"),
+        make_codec("fp8"),
+        make_codec("fp8", scale_dtype="bfloat16"),
+        make_codec("fp8", scale_over=(-3, -1)),
+    ]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 4),
+    shape=st.lists(st.integers(1, 7), min_size=3, max_size=4).map(tuple),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_encode_many_rows_are_the_blobs_encode_makes(n, shape, dtype, seed):
+    x = kv_like((n, *shape), dtype, seed)
+    for codec in fixed_size_codecs():
+        blobs, ok = codec.encode_many(x)
+        assert ok.dtype == torch.bool and ok.tolist() == [True] * n
+        assert blobs.shape == (n, codec.encoded_nbytes(shape, dtype))
+        for i in range(n):
+            assert torch.equal(blobs[i], codec.encode(x[i])), (codec, i)
+            assert bytes(blobs[i, : len(codec.batch_header(shape, dtype))].numpy()) == codec.batch_header(shape, dtype)
+        out = codec.decode_many(blobs)
+        assert out.shape == (n, *shape)
+        for i in range(n):
+            assert same_bits(out[i], codec.decode(blobs[i])), (codec, i)
+        header = read_header(blobs[0])
+        assert same_bits(codec.decode_many(blobs, header), out)
+
+
+def test_encode_many_flags_the_tensors_fp8_refuses_and_keeps_the_others():
+    x = kv_like((4, 3, 8, 16), torch.bfloat16, 1)
+    x[1, 2, 5, 7] = math.nan
+    x[3, 0, 0, 0] = -math.inf
+    fp8 = make_codec("fp8")
+    blobs, ok = fp8.encode_many(x)
+    assert ok.tolist() == [True, False, True, False]
+    for i in (0, 2):
+        assert torch.equal(blobs[i], fp8.encode(x[i]))
+    with pytest.raises(InvalidArgumentError, match="NaN"):
+        fp8.encode(x[1])
+    with pytest.raises(InvalidArgumentError, match="inf"):
+        fp8.encode(x[3])
+
+
+def test_stacks_refused_where_they_cannot_be_handled_together():
+    fp8 = make_codec("fp8")
+    x = kv_like((2, 4, 8), torch.float16, 2)
+    with pytest.raises(InvalidArgumentError, match="stack"):
+        fp8.encode_many(x[0, 0])  # rank 1: no stack
+    with pytest.raises(InvalidArgumentError, match="not contiguous"):
+        fp8.encode_many(x.transpose(0, 1))
+    with pytest.raises(InvalidArgumentError, match="float16, bfloat16 or float32"):
+        fp8.encode_many(x.to(torch.int32))
+    blobs, _ = fp8.encode_many(x)
+    # Rows with different headers (another dtype, same length) are not decoded as one stack.
+    other = fp8.encode(kv_like((4, 8), torch.bfloat16, 3))
+    mixed = torch.stack([blobs[0], other])
+    with pytest.raises(CorruptionError, match="headers differ"):
+        fp8.decode_many(mixed)
+    with pytest.raises(CorruptionError, match="written by 'fp8'"):
+        make_codec("none").decode_many(blobs)
+    with pytest.raises(CorruptionError, match="bytes, expected"):
+        fp8.decode_many(blobs[:, :-16], read_header(blobs[0]))
+    with pytest.raises(InvalidArgumentError, match="2-D"):
+        fp8.decode_many(blobs[0])
+    try:
+        zstd = make_codec("byteplane_zstd")
+    except UnavailableError:  # zstandard not installed
+        return
+    assert zstd.batch_header((4, 8), torch.float16) is None
+    with pytest.raises(InvalidArgumentError, match="vary in size"):
+        zstd.encode_many(x)
+
+
+# ---------------------------------------------------------------------------------------------
 # CUDA
 
 
@@ -380,3 +462,15 @@ def test_round_trips_on_cuda(gpu, dtype):
         # The same bytes and values as the CPU path (the e4m3 cast rounds alike on both).
         assert torch.equal(blob.cpu(), on_cpu)
         assert same_bits(on_gpu.cpu(), codec.decode(on_cpu))
+    # A stack encodes and decodes on the GPU to the CPU's bytes and values, row by row.
+    stack = kv_like((3, 16, 8, 64), dtype, 5)
+    stack[1, 0, 0, 0] = math.nan
+    for codec in fixed_size_codecs():
+        blobs, ok = codec.encode_many(stack.to(gpu))
+        assert blobs.device == torch.device(gpu) and ok.device == torch.device(gpu)
+        on_cpu, ok_cpu = codec.encode_many(stack)
+        assert ok.tolist() == ok_cpu.tolist()
+        keep = ok_cpu.nonzero().reshape(-1)
+        assert torch.equal(blobs.cpu()[keep], on_cpu[keep]), codec
+        out = codec.decode_many(blobs[keep], read_header(on_cpu[0]))
+        assert same_bits(out.cpu(), codec.decode_many(on_cpu[keep])), codec

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from kvtier import _core
-from kvtier.codecs import Codec
+from kvtier.codecs import Codec, read_header
 from kvtier.errors import (
     AlreadyExistsError,
     CorruptionError,
@@ -54,6 +54,9 @@ __all__ = ["CodecOp", "CodecTier", "chunk_ranges", "codec_fingerprint", "codec_g
 log = logging.getLogger(__name__)
 
 _STAGING_CHUNKS = 4  # raw chunks gathered or scattered per copy: the staging tier's size
+# The GPU path with a fixed-size codec gathers, encodes and copies (or copies, decodes and
+# scatters) up to this many raw bytes of chunks at once; its GPU scratch is a few times this.
+_GPU_BATCH_BYTES = 256 << 20
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _BLOCK = 4096  # the tier's block and disk-slot alignment (O_DIRECT)
 
@@ -150,6 +153,21 @@ class CodecTier:
         self._writeback_wait_s = 2 * float(inner_options.get("disk_io_timeout_s", 10.0)) + 1.0
         self._ppc = layout.pages_per_chunk
         raw_block = math.ceil(layout.chunk_bytes / _BLOCK) * _BLOCK
+        # GPU path, fixed-size codec: a call's chunks are encoded and decoded as stacks
+        # (Codec.encode_many / decode_many), their blobs copied straight between GPU memory and
+        # the inner tier's blocks (pinned for that) or the load buffer (pinned).
+        self._header = None
+        self._batch = _STAGING_CHUNKS
+        if codec_device == "gpu" and codec.fixed_size:
+            self._header = codec.batch_header(self._shape, self._dtype)
+            self._header_info = read_header(np.frombuffer(self._header, dtype=np.uint8))
+            self._blob_len = codec.encoded_nbytes(self._shape, self._dtype)
+            self._batch = max(1, _GPU_BATCH_BYTES // layout.chunk_bytes)
+            inner_options["pin_device"] = device
+        # Copies the GPU did not finish by the deadline: (event after them, keys whose blocks they
+        # write, what they read or write); their blocks are given back once the event has passed.
+        self._late: list[tuple[torch.cuda.Event, list[bytes], object]] = []
+        self._buf_busy = None  # the event after a late copy out of the load buffer
         # The host path gathers and scatters raw chunks through a small tier of its own; the GPU
         # path does it with the core's segment copies into GPU memory.
         self._staging = None
@@ -167,10 +185,11 @@ class CodecTier:
             )
         # Host pages the inner tier loads encoded chunks into (one chunk = one page), aligned
         # like its blocks.
-        self._buf = torch.zeros(_STAGING_CHUNKS * self._slot + _BLOCK, dtype=torch.uint8)
+        n = self._batch * self._slot + _BLOCK  # pinned on the GPU path: its blobs cross PCIe from there
+        self._buf = torch.zeros(n, dtype=torch.uint8, pin_memory=codec_device == "gpu")
         base = self._buf.data_ptr()
         self._buf_at = (-base) % _BLOCK
-        inner_layout = [(base + self._buf_at, self._slot, self._slot, _STAGING_CHUNKS)]
+        inner_layout = [(base + self._buf_at, self._slot, self._slot, self._batch)]
         if capacity_bytes < math.ceil(self._slot / _BLOCK) * _BLOCK:
             raise InvalidArgumentError(
                 f"cpu_bytes={capacity_bytes} is smaller than one {codec.name} chunk ({self._slot} bytes)"
@@ -196,6 +215,7 @@ class CodecTier:
             "codec_bytes_encoded": 0,  # their blobs' bytes
             "codec_decode_failures": 0,
             "codec_encode_refused": 0,  # chunks the codec cannot encode (fp8: NaN or inf)
+            "codec_late_copies": 0,  # GPU copies past the deadline (their blocks freed once done)
         }
 
     # -- the inner tier's own -----------------------------------------------------------------
@@ -218,6 +238,8 @@ class CodecTier:
         return self._inner
 
     def drain(self, timeout_s: float) -> None:
+        with self._lock:
+            self._reap_late()
         if self._staging is not None:
             self._staging.drain(timeout_s)
         self._inner.drain(timeout_s)
@@ -242,11 +264,12 @@ class CodecTier:
             )
         self._check_pages(pages[: len(keys_l) * self._ppc])  # the GPU path copies by address
         with self._lock, self._on_stream():
+            self._reap_late()
             held = bytes(self._inner.media(keys))
             todo = [i for i, m in enumerate(held) if not m]
             stored, skipped = 0, 0
-            for at in range(0, len(todo), _STAGING_CHUNKS):
-                batch = todo[at : at + _STAGING_CHUNKS]
+            for at in range(0, len(todo), self._batch):
+                batch = todo[at : at + self._batch]
                 n, full = self._store_batch(
                     [keys_l[i] for i in batch],
                     [pages[i * self._ppc : (i + 1) * self._ppc] for i in batch],
@@ -259,8 +282,11 @@ class CodecTier:
             return CodecOp(None, stored, len(keys_l) - len(todo), skipped)
 
     def _store_batch(self, keys: list[bytes], pages: list[np.ndarray], after_stream: int) -> tuple[int, bool]:
+        if self._header is not None:
+            return self._store_stack(keys, pages, after_stream)
         if self._stream is not None:
             raw = self._gather_gpu(np.concatenate(pages), after_stream)
+            self._wait_stream("gather")
             return self._encode_and_put(keys, [raw[i] for i in range(len(keys))])
         scratch = [os.urandom(16) for _ in keys]  # fresh: the staging tier never answers "cached"
         op = self._staging.store(b"".join(scratch), np.concatenate(pages), after_stream)
@@ -274,6 +300,75 @@ class CodecTier:
         finally:
             self._staging.release_blobs(b"".join(scratch[: len(views)]))
         return self._encode_and_put(keys, raws)
+
+    def _store_stack(self, keys: list[bytes], pages: list[np.ndarray], after_stream: int) -> tuple[int, bool]:
+        """GPU path, fixed-size codec: reserve the chunks' blocks, gather the chunks, encode them
+        as one stack and copy their blobs straight into the (pinned) blocks; one wait, then each
+        is committed, up to the first the codec refused. Returns (chunks handled, stop)."""
+        reserved: list[tuple[int, bytes, np.ndarray]] = []  # (index in keys, key, the block)
+        handled, full = len(keys), False
+        for i, key in enumerate(keys):
+            try:
+                reserved.append((i, key, np.asarray(self._begin_put(key))))
+            except AlreadyExistsError:
+                continue  # stored meanwhile (a peer's pull): it is there
+            except ResourceExhaustedError:
+                handled, full = i, True  # no block: the raw tier stops here too
+                break
+        if not reserved:
+            return handled, full
+        n, size = len(reserved), self._blob_len
+        try:
+            raw = self._gather_gpu(np.concatenate([pages[i] for i, _, _ in reserved]), after_stream)
+            blobs, ok = self.codec.encode_many(raw.view(self._dtype).view(n, *self._shape))
+            src = np.uint64(blobs.data_ptr()) + np.arange(n, dtype=np.uint64) * np.uint64(size)
+            dst = np.array([block.ctypes.data for _, _, block in reserved], dtype=np.uint64)
+            _core.copy_segments(self._device, src, dst, np.full(n, size, dtype=np.uint64), self._stream.cuda_stream)
+            ok_host = torch.empty(n, dtype=torch.bool, pin_memory=True)
+            ok_host.copy_(ok, non_blocking=True)
+        except BaseException:
+            for _, key, _ in reserved:
+                self._inner.abort_put(key)
+            raise
+        try:
+            self._wait_stream("store")
+        except DeadlineExceededError:
+            # The copies may still write into the blocks: they go back once the copies end.
+            self._late_copies([key for _, key, _ in reserved], (raw, blobs, ok_host))
+            raise
+        for j, (i, key, block) in enumerate(reserved):
+            if not ok_host[j]:  # fp8 and a NaN or inf: not cached, as a failed copy
+                self._counts["codec_encode_refused"] += 1
+                log.warning("kvtier: a chunk was not stored: %s holds NaN or inf", self.codec.name)
+                for _, later, _ in reserved[j:]:
+                    self._inner.abort_put(later)
+                return i, True
+            block[size:] = 0
+            self._inner.commit_put(key)
+            self._counts["codec_chunks_encoded"] += 1
+            self._counts["codec_bytes_raw"] += self.layout.chunk_bytes
+            self._counts["codec_bytes_encoded"] += size
+        return handled, full
+
+    def _late_copies(self, keys: list[bytes], keep: object) -> None:
+        """Copies queued on the codec's stream did not end by the deadline: the blocks of
+        ``keys`` (reserved, never committed) and the memory in ``keep`` stay theirs until they
+        do (:meth:`_reap_late`)."""
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        self._late.append((event, keys, keep))
+        self._counts["codec_late_copies"] += 1
+
+    def _reap_late(self) -> None:
+        """Give back the blocks of late copies that have ended since (called under the lock)."""
+        still = []
+        for event, keys, keep in self._late:
+            if event.query():
+                for key in keys:
+                    self._inner.abort_put(key)
+            else:
+                still.append((event, keys, keep))
+        self._late = still
 
     def _encode_and_put(self, keys: list[bytes], raws: list[torch.Tensor]) -> tuple[int, bool]:
         """Encode each raw chunk (1-D uint8, on the host or the GPU) and put it into the inner
@@ -322,21 +417,20 @@ class CodecTier:
 
     def _gather_gpu(self, pages: np.ndarray, after_stream: int) -> torch.Tensor:
         """The raw chunks of ``pages`` as a ``[chunks, chunk_bytes]`` uint8 GPU tensor, copied
-        on the codec's stream after ``after_stream``'s work and waited for."""
+        on the codec's stream after ``after_stream``'s work (not waited for: the codec's work on
+        them is queued behind)."""
         n = len(pages) // self._ppc
         self._ordered_after(after_stream)
         raw = torch.empty((n, self.layout.chunk_bytes), dtype=torch.uint8, device=f"cuda:{self._device}")
         src, dst, size = chunk_ranges(self.layout, pages, raw.data_ptr())
         _core.copy_segments(self._device, src, dst, size, self._stream.cuda_stream, "dma")
-        self._wait_stream("gather")
         return raw
 
-    def _scatter_gpu(self, raws: list[torch.Tensor], pages: np.ndarray, after_stream: int) -> None:
-        """Copy raw chunks (1-D uint8 GPU tensors made on the codec's stream) into ``pages``,
-        after ``after_stream``'s work; returns once they have landed."""
+    def _scatter_gpu(self, raw: torch.Tensor, pages: np.ndarray, after_stream: int) -> None:
+        """Copy raw chunks (``[chunks, chunk_bytes]`` uint8, made on the codec's stream) into
+        ``pages``, after ``after_stream``'s work; returns once they have landed."""
         self._ordered_after(after_stream)
-        raw = torch.stack(raws) if len(raws) > 1 else raws[0].view(1, -1)
-        src, dst, size = chunk_ranges(self.layout, pages[: len(raws) * self._ppc], raw.data_ptr())
+        src, dst, size = chunk_ranges(self.layout, pages[: len(raw) * self._ppc], raw.data_ptr())
         _core.copy_segments(self._device, dst, src, size, self._stream.cuda_stream, "dma")
         self._wait_stream("scatter")
 
@@ -345,6 +439,9 @@ class CodecTier:
         the copies then end on their own, in stream order before any later use of its memory)."""
         event = torch.cuda.Event()
         event.record(self._stream)
+        self._wait_event(event, what)
+
+    def _wait_event(self, event: torch.cuda.Event, what: str) -> None:
         deadline = time.monotonic() + self._timeout_s
         while not event.query():
             if time.monotonic() >= deadline:
@@ -381,8 +478,9 @@ class CodecTier:
         self._check_pages(pages[: wanted * self._ppc])  # before any decode: nothing done on bad input
         loaded = 0
         with self._lock, self._on_stream():
+            self._reap_late()
             # A batch is promoted into the pool whole: no more than the pool holds.
-            step = max(1, min(_STAGING_CHUNKS, self._inner.capacity_chunks))
+            step = max(1, min(self._batch, self._inner.capacity_chunks))
             while loaded < wanted:
                 batch = keys_l[loaded : min(wanted, loaded + step)]
                 got = self._load_batch(
@@ -407,9 +505,14 @@ class CodecTier:
                 seen.add(p)
 
     def _load_batch(self, keys: list[bytes], pages: np.ndarray, after_stream: int) -> int:
+        if self._buf_busy is not None:  # a late copy may still read the buffer (_decode_stack)
+            self._wait_event(self._buf_busy, "an earlier load's copy")
+            self._buf_busy = None
         op = self._inner.load(b"".join(keys), np.arange(len(keys), dtype=np.int64), 0)
         if op.transfer is not None:
             op.transfer.wait(self._timeout_s)
+        if self._header is not None:
+            return self._decode_stack(op.chunks, pages, after_stream)
         where = None if self._stream is None else f"cuda:{self._device}"
         raws = []
         for i in range(op.chunks):
@@ -428,7 +531,7 @@ class CodecTier:
         if not raws:
             return 0
         if self._stream is not None:
-            self._scatter_gpu(raws, pages, after_stream)
+            self._scatter_gpu(torch.stack(raws), pages, after_stream)
             return len(raws)
         scratch = []
         for raw in raws:
@@ -441,6 +544,55 @@ class CodecTier:
         if op.transfer is not None:
             op.transfer.wait(self._timeout_s)
         return op.chunks
+
+    def _decode_stack(self, n: int, pages: np.ndarray, after_stream: int) -> int:
+        """GPU path, fixed-size codec: the ``n`` encoded chunks the inner tier loaded into the
+        (pinned) buffer cross PCIe in one copy, are decoded as one stack and scattered; a slot
+        whose header is not this layout's (another codec's blob, a damaged one) ends the load
+        before it. Returns the chunks in place."""
+        h = len(self._header)
+        good = 0
+        for i in range(n):
+            start = self._buf_at + i * self._slot
+            head = self._buf[start : start + h].numpy()
+            if bytes(head) != self._header:
+                self._counts["codec_decode_failures"] += 1
+                log.warning("kvtier: a %s chunk does not decode (%s): a miss", self.codec.name, self._why_not(start))
+                break
+            good += 1
+        if not good:
+            return 0
+        size = self._blob_len
+        blobs = torch.empty((good, size), dtype=torch.uint8, device=f"cuda:{self._device}")
+        src = np.uint64(self._buf.data_ptr() + self._buf_at) + np.arange(good, dtype=np.uint64) * np.uint64(self._slot)
+        dst = np.uint64(blobs.data_ptr()) + np.arange(good, dtype=np.uint64) * np.uint64(size)
+        self._ordered_after(after_stream)
+        _core.copy_segments(self._device, src, dst, np.full(good, size, dtype=np.uint64), self._stream.cuda_stream)
+        raw = self.codec.decode_many(blobs, self._header_info).view(good, -1).view(torch.uint8)
+        try:
+            self._scatter_gpu(raw, pages, 0)
+        except DeadlineExceededError:
+            # The copy out of the buffer may not have run yet: the next load waits for it before
+            # the inner tier writes the buffer again, and the caller's later work on its stream
+            # runs after the late scatter into its pages.
+            self._late_copies([], (blobs, raw))
+            self._buf_busy = self._late[-1][0]
+            if after_stream:
+                torch.cuda.ExternalStream(after_stream, device=self._device).wait_event(self._buf_busy)
+            raise
+        self._counts["codec_chunks_decoded"] += good
+        return good
+
+    def _why_not(self, start: int) -> str:
+        """Why the slot at ``start`` of the buffer does not hold one of this layout's blobs."""
+        slot = self._buf[start : start + self._slot]
+        try:
+            header = read_header(slot)
+        except CorruptionError as e:
+            return str(e)
+        if header.codec != self.codec.name:
+            return f"written by {header.codec!r}, this reader decodes {self.codec.name!r}"
+        return f"a {header.codec} v{header.codec_version} blob of {header.dtype} {header.shape}, not this layout's"
 
 
 def chunk_ranges(layout: Layout, pages: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

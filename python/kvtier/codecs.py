@@ -286,7 +286,86 @@ class Codec(ABC):
             raise CorruptionError(f"{self.name} blob truncated: {buf.numel()} bytes, its header says {n}")
         return n
 
+    def batch_header(self, shape: Sequence[int], dtype: torch.dtype) -> bytes | None:
+        """The header bytes every blob of a tensor of ``shape`` and ``dtype`` starts with, or None
+        when a blob's header depends on its values (a variable-size codec). A reader that finds
+        these bytes at the start of each of several blobs can decode them together
+        (:meth:`decode_many`)."""
+        return None
+
+    def encode_many(self, tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode each ``tensors[i]`` of a stack of like tensors (``[n, *shape]``, on one device),
+        as one pass over the stack where the codec can: returns ``(blobs, ok)``, ``blobs`` a
+        ``[n, encoded_nbytes]`` uint8 tensor whose row ``i`` is ``encode(tensors[i])``'s blob and
+        ``ok`` an ``[n]`` bool tensor, False where the codec refuses ``tensors[i]`` (fp8: NaN or
+        inf; that row holds no blob). On CUDA nothing waits for the device: read ``ok`` once the
+        stream's work is done. Fixed-size codecs only.
+
+        Raises:
+            InvalidArgumentError: the stack is empty or breaks :meth:`encode`'s rules, or the
+                codec's blobs vary in size.
+        """
+        self._check_stack(tensors)
+        blobs = torch.empty(
+            (len(tensors), self.encoded_nbytes(tensors.shape[1:], tensors.dtype)),
+            dtype=torch.uint8,
+            device=tensors.device,
+        )
+        ok = torch.ones(len(tensors), dtype=torch.bool)
+        for i, t in enumerate(tensors):
+            try:
+                blobs[i] = self._encode(t)
+            except InvalidArgumentError:
+                ok[i] = False
+        return blobs, ok.to(tensors.device)
+
+    def decode_many(self, blobs: torch.Tensor, header: BlobHeader | None = None) -> torch.Tensor:
+        """Decode the rows of ``blobs`` (``[n, blob_nbytes]`` uint8, CPU or CUDA), each a blob of
+        this codec with the same header, into one ``[n, *shape]`` tensor on their device.
+
+        Args:
+            header: the rows' header, as :func:`read_header` gives it, when the caller has
+                checked it (and that every row starts with its bytes: :meth:`batch_header`);
+                None reads it from row 0 and checks every row's header against it, which on
+                CUDA waits for the device.
+
+        Raises:
+            CorruptionError: a row is not a blob of this codec, or the rows' headers differ.
+        """
+        if not isinstance(blobs, torch.Tensor) or blobs.dtype != torch.uint8 or blobs.dim() != 2 or not len(blobs):
+            raise InvalidArgumentError("blobs must be a non-empty 2-D torch.uint8 tensor, one blob per row")
+        if header is None:
+            header = read_header(blobs[0])
+            head = blobs[:, : header.header_nbytes]
+            if not bool((head == head[0]).all()):
+                raise CorruptionError(f"{self.name}: the blobs' headers differ; decode them one by one")
+        if header.codec != self.name or header.codec_version != self.version:
+            raise CorruptionError(
+                f"codec blobs were written by {header.codec!r} v{header.codec_version}, this reader decodes "
+                f"{self.name!r} v{self.version}"
+            )
+        expected = header.header_nbytes + self._payload_nbytes(header)
+        if blobs.shape[1] != expected:
+            raise CorruptionError(
+                f"{self.name} blobs of {blobs.shape[1]} bytes, expected {expected} for "
+                f"{_dtype_name(header.dtype)} {header.shape}"
+            )
+        return self._decode_rows(blobs, header)
+
     # -- for subclasses ------------------------------------------------------------------------
+    def _decode_rows(self, blobs: torch.Tensor, header: BlobHeader) -> torch.Tensor:
+        """Rows of checked, equal-headered blobs to ``[n, *shape]``; one by one unless a codec
+        does better."""
+        return torch.stack([self._decode(b, header) for b in blobs])
+
+    def _check_stack(self, tensors) -> None:
+        if not isinstance(tensors, torch.Tensor) or tensors.dim() < 2 or not len(tensors):
+            raise InvalidArgumentError(f"{self.name}: encode_many takes a non-empty stack [n, *shape] of tensors")
+        self._check_tensor(tensors[0])
+        if not tensors.is_contiguous():
+            raise InvalidArgumentError(f"{self.name}: the stack of shape {tuple(tensors.shape)} is not contiguous")
+        if not self.fixed_size:
+            raise InvalidArgumentError(f"{self.name}: blobs vary in size; encode the tensors one by one")
 
     @abstractmethod
     def _encode(self, tensor: torch.Tensor) -> torch.Tensor: ...
@@ -329,10 +408,6 @@ class Codec(ABC):
         return f"{type(self).__name__}({self.spec!r})"
 
 
-def _payload_view(blob: torch.Tensor, start: int, nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor:
-    return blob[start : start + nbytes].view(dtype).view(shape)
-
-
 class NoneCodec(Codec):
     """The tensor's bytes after the header, unchanged: the baseline every codec is measured
     against, and what a deployment without compression stores."""
@@ -346,20 +421,44 @@ class NoneCodec(Codec):
     def encoded_nbytes(self, shape, dtype) -> int:
         return _header_nbytes(len(shape), 0) + math.prod(shape) * _element_size(dtype)
 
+    def batch_header(self, shape, dtype) -> bytes:
+        return _pack_header(self, dtype, tuple(int(d) for d in shape), b"")
+
     def _encode(self, tensor):
-        header = _pack_header(self, tensor.dtype, tensor.shape, b"")
-        blob = torch.empty(len(header) + tensor.nbytes, dtype=torch.uint8, device=tensor.device)
-        blob[: len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
-        blob[len(header) :] = tensor.view(-1).view(torch.uint8)
-        return blob
+        blobs, _ = self.encode_many(tensor.unsqueeze(0))
+        return blobs[0]
+
+    def encode_many(self, tensors):
+        self._check_stack(tensors)
+        n = len(tensors)
+        header = self.batch_header(tensors.shape[1:], tensors.dtype)
+        blobs = torch.empty((n, len(header) + tensors[0].nbytes), dtype=torch.uint8, device=tensors.device)
+        blobs[:, : len(header)] = _header_tensor(header, tensors.device)
+        blobs[:, len(header) :] = tensors.reshape(n, -1).view(torch.uint8)
+        return blobs, torch.ones(n, dtype=torch.bool, device=tensors.device)
 
     def _payload_nbytes(self, header):
         return math.prod(header.shape) * _element_size(header.dtype)
 
     def _decode(self, blob, header):
-        nbytes = self._payload_nbytes(header)
-        self._check_payload(blob, header, nbytes)
-        return _payload_view(blob, header.header_nbytes, nbytes, header.dtype, header.shape).clone()
+        self._check_payload(blob, header, self._payload_nbytes(header))
+        return self._decode_rows(blob.unsqueeze(0), header)[0]
+
+    def _decode_rows(self, blobs, header):
+        h = header.header_nbytes
+        return (
+            _packed(blobs[:, h : h + self._payload_nbytes(header)]).view(header.dtype).view(len(blobs), *header.shape)
+        )
+
+
+def _packed(rows: torch.Tensor) -> torch.Tensor:
+    """A new, contiguous copy of a stack's byte rows, flat: its start is aligned for any dtype view
+    (a row of a stack may start at any byte)."""
+    return rows.clone(memory_format=torch.contiguous_format).view(-1)
+
+
+def _header_tensor(header: bytes, device) -> torch.Tensor:
+    return torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device)
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -445,15 +544,29 @@ class Fp8Codec(Codec):
         scales = math.prod(self._scale_shape(shape, dims)) * _element_size(self.scale_dtype)
         return _header_nbytes(len(shape), self._PARAMS.size) + _align(scales) + math.prod(shape)
 
+    def _params(self, ndim: int) -> bytes:
+        return self._PARAMS.pack(_FP8_SCALE_CODES[self.scale_dtype], sum(1 << d for d in self._dims(ndim)))
+
+    def batch_header(self, shape, dtype) -> bytes:
+        shape = tuple(int(d) for d in shape)
+        return _pack_header(self, dtype, shape, self._params(len(shape)))
+
     def _encode(self, tensor):
-        dims = self._dims(tensor.dim())
-        amax = tensor.abs().amax(dim=dims, keepdim=True).float()
-        if not bool(torch.isfinite(amax).all()):
-            bad = "NaN" if bool(torch.isnan(amax).any()) else "inf"
+        blobs, ok = self.encode_many(tensor.unsqueeze(0))
+        if not bool(ok[0]):
+            bad = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
             raise InvalidArgumentError(
                 f"fp8: the tensor holds {bad}, which e4m3 with a finite scale cannot encode "
                 "(encode such KV with 'none' or 'byteplane_zstd')"
             )
+        return blobs[0]
+
+    def encode_many(self, tensors):
+        self._check_stack(tensors)
+        n, shape = len(tensors), tuple(tensors.shape[1:])
+        dims = tuple(d + 1 for d in self._dims(len(shape)))  # of the stack: dim 0 is the tensor
+        amax = tensors.abs().amax(dim=dims, keepdim=True).float()
+        ok = torch.isfinite(amax).reshape(n, -1).all(dim=1)  # a NaN or inf of a group is in its amax
         # A tensor divisor: CUDA divides by a Python scalar as a multiply by its reciprocal, which
         # 448 does not have exactly, so its float32 scales came out an ulp off the CPU's.
         scale = torch.div(amax, torch.full_like(amax, _FP8_MAX)).clamp_min(_MIN_SCALE)
@@ -464,20 +577,18 @@ class Fp8Codec(Codec):
             up = (stored.view(torch.int16) + 1).view(self.scale_dtype)
             stored = torch.where(stored.float() < scale, up, stored)
         # Divides in float32 (bf16/fp16 promote), so each value is rounded once, by the e4m3 cast.
-        scaled = torch.div(tensor, stored.float()).clamp_(-_FP8_MAX, _FP8_MAX)
+        scaled = torch.div(tensors, stored.float()).clamp_(-_FP8_MAX, _FP8_MAX)
 
-        mask = sum(1 << d for d in dims)
-        params = self._PARAMS.pack(_FP8_SCALE_CODES[self.scale_dtype], mask)
-        header = _pack_header(self, tensor.dtype, tensor.shape, params)
+        header = self.batch_header(shape, tensors.dtype)
         h = len(header)
-        scale_bytes = stored.numel() * stored.element_size()
+        scale_bytes = stored[0].numel() * stored.element_size()
         start = h + _align(scale_bytes)
-        blob = torch.empty(start + tensor.numel(), dtype=torch.uint8, device=tensor.device)
-        blob[:h] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
-        blob[h : h + scale_bytes] = stored.reshape(-1).view(torch.uint8)
-        blob[h + scale_bytes : start] = 0
-        blob[start:].view(_FP8).view(tensor.shape).copy_(scaled)  # the e4m3 cast, into the blob
-        return blob
+        blobs = torch.empty((n, start + math.prod(shape)), dtype=torch.uint8, device=tensors.device)
+        blobs[:, :h] = _header_tensor(header, tensors.device)
+        blobs[:, h : h + scale_bytes] = stored.reshape(n, -1).view(torch.uint8)
+        blobs[:, h + scale_bytes : start] = 0
+        blobs[:, start:].view(_FP8).view(n, *shape).copy_(scaled)  # the e4m3 cast, into the blobs
+        return blobs, ok
 
     def _read_params(self, header) -> tuple[torch.dtype, tuple[int, ...], int]:
         """(scale dtype, scale shape, scale bytes) from a blob's header."""
@@ -498,12 +609,16 @@ class Fp8Codec(Codec):
         return _align(self._read_params(header)[2]) + math.prod(header.shape)
 
     def _decode(self, blob, header):
+        self._check_payload(blob, header, self._payload_nbytes(header))
+        return self._decode_rows(blob.unsqueeze(0), header)[0]
+
+    def _decode_rows(self, blobs, header):
         scale_dtype, scale_shape, scale_bytes = self._read_params(header)
-        numel = math.prod(header.shape)
-        self._check_payload(blob, header, _align(scale_bytes) + numel)
-        h = header.header_nbytes
-        scale = _payload_view(blob, h, scale_bytes, scale_dtype, scale_shape).float()
-        q = _payload_view(blob, h + _align(scale_bytes), numel, torch.uint8, header.shape)
+        n, numel, h = len(blobs), math.prod(header.shape), header.header_nbytes
+        # A copy (small: a scale per group): a row's scales may start at any byte of the stack.
+        scale = _packed(blobs[:, h : h + scale_bytes]).view(scale_dtype).view(n, *scale_shape).float()
+        start = h + _align(scale_bytes)
+        q = blobs[:, start : start + numel].view(n, *header.shape)
         if q.device.type == "cpu":
             # torch's own e4m3 -> float32 cast runs at ~0.15 GB/s on a CPU; a 256-entry table
             # built from that same cast gives the same values several times faster.
