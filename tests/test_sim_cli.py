@@ -157,6 +157,46 @@ def test_sim_deterministic_writeback(trace_file, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_sim_disk_write_through_is_the_default(trace_file, tmp_path, capsys):
+    """Write-through by default, as the engine's disk.write_through; --disk-writeback-at-eviction
+    turns it off; --disk-write-through (the earlier opt-in) is accepted and changes nothing."""
+    out = tmp_path / "r.json"
+    args = [
+        "sim",
+        "--trace",
+        str(trace_file),
+        "--gpu-gib",
+        "1",
+        "--cpu-gib",
+        "2",
+        "--disk-gib",
+        "8",
+        "--admit-min-seen",
+        "1",
+        "--no-ablation",
+        "--json",
+        str(out),
+    ]
+
+    def run(*extra):
+        assert main([*args, *extra]) == 0
+        mode = "write-back at eviction" if "--disk-writeback-at-eviction" in extra else "write-through"
+        assert f"disk 255 ({mode})" in capsys.readouterr().out
+        return json.loads(out.read_text())["runs"]["all tiers"]
+
+    default, alias, off = run(), run("--disk-write-through"), run("--disk-writeback-at-eviction")
+    assert default["config"]["disk_write_through"] is True and off["config"]["disk_write_through"] is False
+
+    def written_through(r):
+        return sum(t["write_through_written"] for t in r["tiers"].values())
+
+    assert written_through(default) > 0 and written_through(off) == 0
+    assert alias["hit_chunks"] == default["hit_chunks"] and alias["ttft_s"] == default["ttft_s"]
+    with pytest.raises(SystemExit):  # one or the other
+        main([*args, "--disk-write-through", "--disk-writeback-at-eviction"])
+    capsys.readouterr()
+
+
 def test_sim_bad_trace_line(tmp_path, capsys):
     p = tmp_path / "bad.jsonl"
     p.write_text(

@@ -130,11 +130,19 @@ def add_parser(sub) -> None:
         help="model the engine's deterministic_writeback mode (every wait for disk write-backs "
         "waits for all of them; the engine's hits are then reproduced exactly)",
     )
-    p.add_argument(
+    wt = p.add_mutually_exclusive_group()
+    wt.add_argument(
+        "--disk-writeback-at-eviction",
+        action="store_true",
+        help="write admitted chunks to disk when the CPU tier evicts them (the engine's "
+        "disk.write_through: false). Default: write-through, as the engine's default: admitted "
+        "chunks reach the disk as they land in the CPU tier, so evictions free blocks without "
+        "write-backs (off with --deterministic-writeback, as in the engine)",
+    )
+    wt.add_argument(
         "--disk-write-through",
         action="store_true",
-        help="model the engine's disk.write_through (its default): admitted chunks reach the disk "
-        "as they land in the CPU tier, so evictions free blocks without write-backs",
+        help="the default (accepted for older command lines; does nothing)",
     )
     p.add_argument(
         "--max-writebacks",
@@ -297,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
             hosts=args.hosts,
             write_through=args.write_through,
             deterministic_writeback=args.deterministic_writeback,
-            disk_write_through=args.disk_write_through,
+            disk_write_through=not args.disk_writeback_at_eviction,
             hardware=hw,
             replay=args.replay,
             max_demotions_in_flight=args.max_writebacks,
@@ -319,7 +327,9 @@ def run(args: argparse.Namespace) -> int:
         f"({s['distinct_chunks']} distinct), {s['span_s']:.0f} s; model {model.name}, "
         f"{cfg.chunk_bytes / (1 << 20):.1f} MiB a chunk; per instance: "
         f"GPU {cfg.gpu_pages // (cfg.chunk_tokens // cfg.page_tokens)}"
-        f" chunks, CPU {cfg.cpu_chunks}, disk {cfg.disk_slots}; {cfg.instances} instance(s), {cfg.routing}"
+        f" chunks, CPU {cfg.cpu_chunks}, disk {cfg.disk_slots}"
+        + (_disk_writes(cfg) if cfg.disk_slots else "")
+        + f"; {cfg.instances} instance(s), {cfg.routing}"
     )
     if hw.sources:
         print("cost model calibrated from: " + "; ".join(f"{k} <- {v}" for k, v in hw.sources.items()))
@@ -409,6 +419,13 @@ def run(args: argparse.Namespace) -> int:
             json.dump(out, f, indent=1, default=str)
         print(f"wrote {args.json}")
     return 0
+
+
+def _disk_writes(cfg) -> str:
+    """How admitted chunks reach the disk in ``cfg``'s runs, as the engine would write them."""
+    if cfg.disk_write_through and not cfg.deterministic_writeback:
+        return " (write-through)"
+    return " (write-back at eviction)"
 
 
 def _synthetic_count(trace: str) -> int | None:

@@ -74,7 +74,8 @@ class SimCpuTier:
             promotion's write-backs end before its disk reads start.
         disk_write_through: the engine's ``disk.write_through`` (off with
             ``deterministic_writeback``, as in the engine; off with an admission policy, whose
-            chunks are written at eviction).
+            chunks are written at eviction). False by default here, as in the C++ tier's options;
+            ``SimConfig`` turns it on by default, as kvtier's configuration does.
     """
 
     def __init__(

@@ -7,7 +7,9 @@ Requests are routed to an instance (round robin, least loaded, or cache aware), 
 at a time per instance (FIFO; decode runs elsewhere, as in a prefill/decode-disaggregated
 deployment), and their time to first token is queueing + offload + loads + prefill (the loads'
 copies overlapping the prefill where ``HardwareCost.load_compute_overlap`` says the engine does),
-priced by :class:`kvtier.sim.cost.HardwareCost`.
+priced by :class:`kvtier.sim.cost.HardwareCost`. Each instance's disk keeps a queue: the writes no
+request waited for (write-through writes, write-backs left in flight) keep it busy, and a
+request's disk operations wait for them (at most the writes in flight, the write-back bound).
 
 Tier state advances request by request in arrival order (each request's begin, commit and
 release happen at once); time is computed alongside. Example::
@@ -72,11 +74,11 @@ class SimConfig:
             wait for write-backs ends all of them (default: ``writebacks_per_wait`` a 200 us poll,
             as the asynchronous engine does on this disk), and a load's write-backs end before
             its disk reads.
-        disk_write_through: model the engine's ``disk.write_through`` (the engine's default;
-            off here by default so that the studies in docs/sim.md, made with write-back at
-            eviction, reproduce): admitted chunks reach the disk as they land in the CPU tier,
-            and their eviction frees the block without a write-back. Off with
-            ``deterministic_writeback`` or an admission policy, as in the engine.
+        disk_write_through: model the engine's ``disk.write_through``, on by default as the
+            engine's is: admitted chunks reach the disk as they land in the CPU tier, and their
+            eviction frees the block without a write-back. Off with ``deterministic_writeback``
+            or an admission policy, as in the engine. False: write-back at eviction (the engine's
+            ``disk.write_through: false``).
         gpu_eviction_policy / admission_policy / prefetch_policy / planner: Python policy objects,
             exactly as the engine takes them (shared by all instances).
         instances, routing: how many instances and how requests reach them.
@@ -104,7 +106,7 @@ class SimConfig:
     disk_admit_min_seen: int = 2
     max_demotions_in_flight: int = 64
     deterministic_writeback: bool = False
-    disk_write_through: bool = False
+    disk_write_through: bool = True
     gpu_eviction_policy: object = None
     admission_policy: object = None
     prefetch_policy: object = None
@@ -240,6 +242,7 @@ class Instance:
                 write_through=cfg.write_through,
             )
         self.free_at = 0.0
+        self.disk_free_at = 0.0  # the disk's queue: busy with background writes until then
         self.busy_s = 0.0
         self.served = 0
 
@@ -274,6 +277,8 @@ class SimResult:
     routes: list = field(default_factory=list)  # the instance each request went to, in order
     per_instance: list = field(default_factory=list)  # per instance: requests and hit chunks by tier
     tiers: dict = field(default_factory=dict)
+    disk_wait_s: float = 0.0  # seconds requests' disk operations waited for background writes, summed
+    disk_waits: int = 0  # requests that waited so
     wall_s: float = 0.0
     makespan_s: float = 0.0
 
@@ -310,6 +315,7 @@ class SimResult:
             "per_instance": self.per_instance,
             "bytes_moved": dict(self.bytes),
             "ssd_write_bytes": self.ssd_write_bytes,
+            "disk_queue": {"requests_waited": self.disk_waits, "wait_s": self.disk_wait_s},
             "tiers": self.tiers,
             "wall_s": self.wall_s,
             "makespan_s": self.makespan_s,
@@ -413,6 +419,8 @@ class Simulator:
         ttft = res.ttft
         fast = cfg.replay == "fast"
         prefetch = cfg.prefetch_policy
+        write_s = hw.stored_bytes(cb) / hw.disk_write_bw  # one chunk's write to disk
+        bound_s = cfg.max_demotions_in_flight * write_s  # the writes the disk has in flight, at most
         res.per_instance = [{"requests": 0, "gpu": 0, "cpu": 0, "disk": 0, "peer": 0} for _ in self.instances]
         for req in requests:
             chunks = req.chunks
@@ -426,9 +434,12 @@ class Simulator:
             res.requests += 1
             res.chunks += len(chunks)
             pool = inst.pool
-            ahead_s = 0.0
+            ahead_s = waited = 0.0
+            begin_t = max(now, inst.free_at)
+            disk = inst.cpu is not None and inst.cpu.disk is not None
             if pool is not None:
                 read_ahead = 0
+                writes0 = inst.cpu.counters.disk_writes if disk else 0
                 if inst.cpu is not None and prefetch is not None:  # KVCache.lookup's prefetch
                     gpu_n = pool.leading_hits(chunks)
                     low = inst.cpu.lookup(chunks, gpu_n)
@@ -450,6 +461,9 @@ class Simulator:
                 ahead = min(read_ahead, cpu)  # read from disk by the prefetch: disk hits
                 cpu -= ahead
                 ahead_s = read_ahead * cfg.stored_chunk_bytes / hw.disk_read_bw
+                if read_ahead:  # the prefetch's reads start at arrival, behind the disk's queue
+                    waited = _use_disk(inst, now, ahead_s, bound_s)
+                    ahead_s += waited
                 res.gpu_hits += b.gpu_hits
                 res.cpu_hits += cpu
                 res.disk_hits += b.disk_hits + ahead
@@ -464,12 +478,20 @@ class Simulator:
                 by["cpu_to_gpu"] += b.lower_hits * cb
                 by["disk_to_cpu"] += (b.disk_hits + read_ahead) * cb
                 by["peer_to_cpu"] += peer * cb
+                writes_at = _queue_on_disk(inst, hw, cb, b, begin_t, bound_s) if disk else 0.0
+                waited += b.disk_wait_s
+                if waited:
+                    res.disk_wait_s += waited
+                    res.disk_waits += 1
                 service = request_service_s(hw, model, ct, cb, b, n_tok, peer)
                 res.split_plans += bool(b.split_head)
+                priced = _priced_disk_writes(hw, b)  # before finish: its stores are off the critical path
                 pool.finish(b, chunks)
+                if disk:  # the writes no request waited for occupy the disk after its own use of it
+                    background = inst.cpu.counters.disk_writes - writes0 - priced
+                    inst.disk_free_at = max(inst.disk_free_at, writes_at) + max(0, background) * write_s
             else:
                 service = hw.prefill_s(model, 0, n_tok)
-            begin_t = max(now, inst.free_at)
             service += max(0.0, ahead_s - (begin_t - now))  # prefetch reads overlap the wait
             done = begin_t + service
             inst.free_at = done
@@ -528,6 +550,41 @@ class SimPrefixCost:
         return prefill_step_s(self.hw, self.model, 0, num_tokens) - self.saved_s(num_tokens, prefix)
 
 
+def _priced_disk_writes(hw: HardwareCost, b) -> int:
+    """Disk writes priced on a request's critical path (:func:`request_load_parts_s`): the
+    write-backs its eviction waited for, and those of its load."""
+    load = max(b.load_writebacks, b.load_disk_writes) if hw.writebacks_share_disk else b.load_writebacks
+    return b.critical_writebacks - b.load_writebacks + load
+
+
+def _queue_on_disk(inst: Instance, hw: HardwareCost, chunk_bytes: int, b, begin_t: float, bound_s: float) -> float:
+    """Queue a request's disk operations behind the background writes on its instance's disk (the
+    writes that no request waited for: write-through writes, write-backs left in flight), which
+    keep it busy until ``inst.disk_free_at``. Its first disk operation (the write-backs its
+    eviction waits for, else its load's) comes after the offload of its GPU victims and waits
+    (``b.disk_wait_s``) for those writes, at most ``bound_s``: the writes submitted to the disk
+    (the engine keeps at most the write-back bound in flight; the rest wait in the tier). Returns
+    the end of the offload: the writes the request starts itself queue from then on, behind the
+    queue and its own disk operations."""
+    sb, codec = hw.stored_bytes(chunk_bytes), hw.codec
+    start = begin_t + b.offloaded * (chunk_bytes / hw.d2h_bw + codec.encode_seconds(chunk_bytes))
+    use = _priced_disk_writes(hw, b) * sb / hw.disk_write_bw
+    if b.disk_hits:
+        use += b.disk_hits * sb / hw.disk_read_bw + hw.disk_latency_s
+    if use:
+        b.disk_wait_s = _use_disk(inst, start, use, bound_s)
+    return start
+
+
+def _use_disk(inst: Instance, start: float, use_s: float, bound_s: float) -> float:
+    """An operation of ``use_s`` seconds on ``inst``'s disk from ``start``: it waits for the
+    background writes queued before it, at most ``bound_s``, and the rest of them after it.
+    Returns the wait."""
+    wait = min(max(0.0, inst.disk_free_at - start), bound_s)
+    inst.disk_free_at = max(inst.disk_free_at, start + wait) + use_s
+    return wait
+
+
 def _policy(cfg: SimConfig):
     """The routing policy object of ``cfg.routing``; kv_load gets the simulator's cost model."""
     cost = SimPrefixCost(cfg.hardware, cfg.model, cfg.chunk_tokens, cfg.chunk_bytes)
@@ -543,16 +600,22 @@ def request_load_parts_s(hw: HardwareCost, chunk_bytes: int, b, peer: int = 0) -
     ``hw.writebacks_share_disk``, every write-back the load started is priced in its load (the
     disk reads and writes one request at a time), not only those it waited for. With a codec
     (``hw.codec``) the disk and the peers move stored bytes, an offload pays its encode and a
-    loaded chunk its decode (before its scatter, on the host)."""
+    loaded chunk its decode (before its scatter, on the host). ``b.disk_wait_s``, the wait of its
+    first disk operation for earlier background writes (the simulator's disk queue), goes to the
+    part that operation is in."""
     cb, sb, codec = chunk_bytes, hw.stored_bytes(chunk_bytes), hw.codec
     near = min(peer, getattr(b, "peer_same_host", 0))
+    wait = getattr(b, "disk_wait_s", 0.0)
+    page_writes = b.critical_writebacks - b.load_writebacks
     pages = (
         b.offloaded * (cb / hw.d2h_bw + codec.encode_seconds(cb))
-        + (b.critical_writebacks - b.load_writebacks) * sb / hw.disk_write_bw
+        + page_writes * sb / hw.disk_write_bw
+        + (wait if page_writes else 0.0)
     )
     writes = max(b.load_writebacks, b.load_disk_writes) if hw.writebacks_share_disk else b.load_writebacks
     load = (
-        writes * sb / hw.disk_write_bw
+        (0.0 if page_writes else wait)
+        + writes * sb / hw.disk_write_bw
         + (b.disk_hits * sb / hw.disk_read_bw + hw.disk_latency_s if b.disk_hits else 0.0)
         + hw.peer_pull_s(sb, peer - near, near)
         + b.lower_hits * (hw.scatter_bytes(cb) / hw.h2d_bw + codec.decode_seconds(cb))

@@ -40,6 +40,7 @@ class BeginResult:
     load_writebacks: int = 0  # of critical_writebacks, those its load waited for (not the eviction)
     load_disk_writes: int = 0  # write-backs its load started (waited for or not): they share the disk with its reads
     split_head: int = 0  # a split plan: lower-tier chunks recomputed while the lower_hits after them load
+    disk_wait_s: float = 0.0  # its first disk operation waited this long for earlier background writes
     rejected: bool = False  # the pool could not hold the request
     chunks: list = field(default_factory=list, repr=False)  # the request's referenced chunks
     pages: int = 0  # pages the request holds (shared hits included)
