@@ -24,14 +24,14 @@ def make_kv(seed: int = 0):
     return kv, Layout.from_vllm(kv, chunk_tokens=32)  # 2 pages per chunk
 
 
-def open_cache(layout, d, *, cpu_chunks: int, **kw) -> KVCache:
+def open_cache(layout, d, *, cpu_chunks: int, disk_bytes: int | None = None, **kw) -> KVCache:
     # No persist (at close or on a timer): what reaches the disk got there by write-through or
     # write-back alone.
     return KVCache(
         layout,
         cpu_bytes=cpu_chunks * layout.chunk_bytes,
         disk_dir=str(d),
-        disk_bytes=128 * layout.chunk_bytes + (1 << 20),
+        disk_bytes=disk_bytes or 128 * layout.chunk_bytes + (1 << 20),
         disk_persist_interval_s=0,
         disk_persist_on_close=False,
         **kw,
@@ -91,6 +91,29 @@ def test_a_full_tier_evicts_written_chunks_without_writing_them_again(tmp_path):
         assert st["disk"]["demotions_failed"] == 0
         # Every chunk comes back bit-exact, the evicted ones from disk.
         assert sum(loads_exact(c, kv, layout, p, want) for p, want in prompts) == 10 * CHUNKS
+
+
+def test_a_chunk_the_disk_evicted_is_not_written_again_on_each_hit(tmp_path):
+    """Write-through writes a chunk once while it is in the CPU tier: a disk smaller than the
+    tier evicts some of them, and hits on those do not write them again (each such write would
+    evict another chunk from the disk, which its next hit would write again)."""
+    kv, layout = make_kv()
+    small_disk = 8 * layout.chunk_bytes
+    with open_cache(
+        layout, tmp_path, cpu_chunks=64, disk_bytes=small_disk, disk_admit_min_seen=1, disk_write_through=True
+    ) as c:
+        prompts = [store(c, kv, layout, i) for i in range(4)]  # 16 chunks, a disk of fewer
+        c.drain()
+        disk = c.stats()["disk"]
+        written = disk["write_through_written"]
+        # More than the disk holds (a write refused while every slot was being written is failed).
+        assert written + disk["write_through_failed"] == 4 * CHUNKS and written > 8
+        media = [bytes(c.tier.media(b"".join(c.keyer.keys(p)))) for p, _ in prompts]
+        assert any(m == 1 for ms in media for m in ms), media  # in the CPU tier only: the disk evicted it
+        for _ in range(3):
+            assert sum(loads_exact(c, kv, layout, p, want) for p, want in prompts) == 4 * CHUNKS
+            c.drain()
+        assert c.stats()["disk"]["write_through_written"] == written
 
 
 def test_write_through_applies_the_admission_count(tmp_path):

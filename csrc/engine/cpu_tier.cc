@@ -368,8 +368,11 @@ void CpuTier::WriteThroughLoop() {
     }
     lock.Unlock();
     for (const ChunkKey& k : batch) {
-      // Not yet on disk, still READY, admitted by the rule an eviction applies.
-      if (disk_->Contains(k) || index_->PinQuietly(&k, 1, &blocks, &pinned, admit_min_seen_) == 0) {
+      // Not yet on disk, still READY, admitted by the rule an eviction applies, and not written
+      // through before while in the pool (a chunk the disk evicted since is written back at its
+      // eviction from the pool, if admitted, not again on each hit).
+      if (disk_->Contains(k) ||
+          index_->PinQuietly(&k, 1, &blocks, &pinned, admit_min_seen_, /*once=*/true) == 0) {
         FinishOp();
         continue;
       }

@@ -190,7 +190,7 @@ std::vector<ChunkIndex::Demotion> ChunkIndex::ReadyEntries() const {
 }
 
 size_t ChunkIndex::PinQuietly(const ChunkKey* keys, size_t n, std::vector<BlockId>* blocks,
-                              std::vector<uint8_t>* pinned, uint32_t min_seen) {
+                              std::vector<uint8_t>* pinned, uint32_t min_seen, bool once) {
   MutexLock lock(&mu_);
   blocks->assign(n, BlockId{});
   pinned->assign(n, 0);
@@ -199,6 +199,10 @@ size_t ChunkIndex::PinQuietly(const ChunkKey* keys, size_t n, std::vector<BlockI
     auto it = map_.find(keys[i]);
     if (it == map_.end() || it->second.state != State::kReady) continue;
     if (it->second.seen < min_seen) continue;
+    if (once) {
+      if (it->second.pinned_once) continue;
+      it->second.pinned_once = true;
+    }
     if (it->second.pins++ == 0) ++pinned_entries_;
     (*blocks)[i] = it->second.block;
     (*pinned)[i] = 1;

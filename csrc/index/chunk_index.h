@@ -118,10 +118,14 @@ class ChunkIndex {
   std::vector<Demotion> ReadyEntries() const EXCLUDES(mu_);
   // Pins each of keys[0..n) that is READY and was seen by at least `min_seen` requests, without
   // reporting a hit to the policy (recency and `seen` stay as they are): pinned[i] = 1 and
-  // blocks[i] = its block for those. Returns how many.
+  // blocks[i] = its block for those. Returns how many. With `once`, an entry pinned so before
+  // (with `once`) in its stay in the index is skipped: the disk's write-through writes a chunk at
+  // most once while it is in the pool, so a chunk the disk evicted is not written again on every
+  // hit (its eviction from the pool writes it back instead, if admitted).
   // REQUIRES: the caller later calls Release once for each key it pinned.
   size_t PinQuietly(const ChunkKey* keys, size_t n, std::vector<BlockId>* blocks,
-                    std::vector<uint8_t>* pinned, uint32_t min_seen = 0) EXCLUDES(mu_);
+                    std::vector<uint8_t>* pinned, uint32_t min_seen = 0, bool once = false)
+      EXCLUDES(mu_);
 
   // From now on `observer` is told each time an entry becomes visible (CommitInsert) or stops
   // being visible (evicted, FinishDemotion, Erase), under the index lock; the entries visible now
@@ -143,6 +147,7 @@ class ChunkIndex {
     State state;
     uint32_t pins;
     uint32_t seen;
+    bool pinned_once = false;  // PinQuietly(once) has pinned it
   };
   static bool Visible(State s) { return s == State::kReady || s == State::kDemoting; }
 

@@ -107,6 +107,28 @@ TEST(ChunkIndexTest, LookupDoesNotRefreshRecency) {
   EXPECT_TRUE(index.Contains(K(1)));
 }
 
+TEST(ChunkIndexTest, PinQuietlyOncePinsAnEntryOncePerStay) {
+  BlockAllocator alloc(2, 64);
+  ChunkIndex index(&alloc);
+  Put(index, 1);
+  ChunkKey k = K(1);
+  std::vector<BlockId> blocks;
+  std::vector<uint8_t> pinned;
+  EXPECT_EQ(index.PinQuietly(&k, 1, &blocks, &pinned, /*min_seen=*/2, /*once=*/true),
+            0u);  // seen once
+  Hit(index, 1);  // seen twice
+  EXPECT_EQ(index.PinQuietly(&k, 1, &blocks, &pinned, 2, /*once=*/true), 1u);
+  ASSERT_TRUE(index.Release(&k, 1).ok());
+  EXPECT_EQ(index.PinQuietly(&k, 1, &blocks, &pinned, 2, /*once=*/true), 0u);  // done once
+  EXPECT_EQ(index.PinQuietly(&k, 1, &blocks, &pinned, 2), 1u);  // other pins are not limited
+  ASSERT_TRUE(index.Release(&k, 1).ok());
+  ASSERT_TRUE(index.Erase(k).ok());  // a new stay in the index starts over
+  Put(index, 1);
+  Hit(index, 1);
+  EXPECT_EQ(index.PinQuietly(&k, 1, &blocks, &pinned, 2, /*once=*/true), 1u);
+  ASSERT_TRUE(index.Release(&k, 1).ok());
+}
+
 TEST(ChunkIndexTest, DemotionHoldsAdmittedChunksVisibleUntilFinished) {
   BlockAllocator alloc(2, 64);
   ChunkIndex index(&alloc);

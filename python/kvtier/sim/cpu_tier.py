@@ -14,7 +14,9 @@ and a promotion's write-backs end before its reads. Those an operation waited fo
 With ``disk_write_through`` (the engine's ``disk.write_through``) a chunk the admission rule
 admits is written to disk when it lands in the pool (a store, a put, or a hit or repeated store
 that brings its count to the rule) and ends before the next call, as write-backs do; its eviction then finds it on disk
-and frees its block at once (counted as not admitted, as the engine's index counts it).
+and frees its block at once (counted as not admitted, as the engine's index counts it). A chunk
+is written through at most once while it is in the pool: one the disk evicted since is written
+back at its eviction from the pool (if admitted), not again on each hit.
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ class SimCpuTier:
             if not self._evict_one():
                 self.counters.insert_rejected += 1
                 return _EXHAUSTED
-        entries[key] = [_WRITING, 0, 1]
+        entries[key] = [_WRITING, 0, 1, False]  # state, readers, seen, written through once
         return _OK
 
     def _wait_for_block(self, key) -> int:
@@ -203,15 +205,17 @@ class SimCpuTier:
             self._complete_one(False)
 
     def _write_through(self, keys) -> None:
-        """The engine's write-through thread for ``keys`` (READY, admitted, not on disk): each is
-        written, and ends with the call (as write-backs end before the next one)."""
+        """The engine's write-through thread for ``keys`` (READY, admitted, not on disk, not
+        written through before while in the tier): each is written, and ends with the call (as
+        write-backs end before the next one)."""
         if not self.write_through:
             return
         entries, disk, c = self._entries, self.disk, self.counters
         for k in keys:
             e = entries.get(k)
-            if e is None or e[0] != _READY or e[2] < self.admit_min_seen or k in disk:
+            if e is None or k in disk or e[0] != _READY or e[2] < self.admit_min_seen or e[3]:
                 continue
+            e[3] = True
             if disk.begin_write(k):
                 disk.complete_write(k)
                 c.disk_writes += 1
