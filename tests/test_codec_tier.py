@@ -180,6 +180,56 @@ def test_capacity_in_chunks_grows_by_the_ratio():
         assert cache.stats()["codec_bytes_encoded"] == chunks * fp8.encoded_nbytes(*chunk_shape(layout))
 
 
+def test_a_reduced_slot_holds_more_chunks_and_refuses_blobs_that_do_not_fit(caplog):
+    """byteplane_zstd with codec.slot_fraction < 1: capacity grows by 1/fraction; a chunk whose
+    blob compresses less than the slot allows is not stored (the store ends there, counted), and
+    what was stored loads bit-exact."""
+    caplog.set_level("INFO", logger="kvtier.codec_tier")
+    kv, layout = vllm_kv(pages=32, seed=12)
+    zstd = make_codec("byteplane_zstd", **CODEC_OPTIONS["byteplane_zstd"])
+    worst = slot_nbytes(layout, zstd)
+    slot = slot_nbytes(layout, zstd, 0.8)
+    assert slot % 16 == 0 and 0.8 * worst <= slot < 0.8 * worst + 16
+    cpu_bytes = 12 * layout.chunk_bytes
+    with KVCache(layout, cpu_bytes=cpu_bytes, method="cpu", codec_name="byteplane_zstd") as full_slots:
+        at_worst = full_slots.stats()["capacity_chunks"]
+    tokens = toks(4)
+    # Chunks 0, 1 and 3 of normal values (the bf16 exponents compress well); chunk 2 of random
+    # bits (they do not).
+    kv[0][:, 4:6] = torch.randint(-(2**15), 2**15, kv[0][:, 4:6].shape, dtype=torch.int16).view(torch.bfloat16)
+    want = raw_blobs(layout, tokens, range(8))
+    with KVCache(
+        layout, cpu_bytes=cpu_bytes, method="cpu", codec_name="byteplane_zstd", codec_slot_fraction=0.8
+    ) as cache:
+        st = cache.stats()
+        assert st["codec_slot_bytes"] == slot and st["codec_slot_fraction"] == 0.8
+        assert st["capacity_chunks"] == cpu_bytes // (-(-slot // 4096) * 4096) > at_worst
+        assert cache.store(tokens, range(8)).wait() == 2
+        assert cache.stats()["codec_blob_too_large"] == 1 and "exceeds" in caplog.text
+        assert cache.lookup(tokens) == 2 * CHUNK_TOKENS
+        assert cache.load(tokens, range(16, 24)).wait() == 2 * CHUNK_TOKENS
+        assert raw_blobs(layout, tokens[: 2 * CHUNK_TOKENS], range(16, 20)) == want[:2]  # lossless: raw bytes
+        # The slot is part of the blobs' fingerprint: peers and disks of another slot refuse them.
+        assert cache.blob_fingerprint == codec_fingerprint(layout, zstd, 0.8) != codec_fingerprint(layout, zstd)
+    with pytest.raises(InvalidArgumentError, match=r"slot_fraction=0\.5 applies to variable-size codecs"):
+        KVCache(layout, cpu_bytes=cpu_bytes, method="cpu", codec_name="fp8", codec_slot_fraction=0.5)
+    with pytest.raises(InvalidArgumentError, match=r"codec_slot_fraction: invalid value 1.5"):
+        KVCache(layout, cpu_bytes=cpu_bytes, method="cpu", codec_name="byteplane_zstd", codec_slot_fraction=1.5)
+
+
+def test_a_disk_written_with_one_slot_size_is_refused_with_another(tmp_path):
+    _kv, layout = vllm_kv(seed=13)
+    tokens = toks(2)
+    opts = dict(cpu_bytes=8 * layout.chunk_bytes, method="cpu", codec_name="byteplane_zstd", disk_dir=str(tmp_path))
+    opts["disk_bytes"] = 64 * layout.chunk_bytes + (1 << 20)
+    with KVCache(layout, **opts, codec_slot_fraction=0.9) as cache:
+        cache.store(tokens, range(4)).wait()
+    with pytest.raises(CacheGeometryError, match="slot="):
+        KVCache(layout, **opts)
+    with KVCache(layout, **opts, codec_slot_fraction=0.9) as again:
+        assert again.lookup_tiers(tokens) == ["disk", "disk"]
+
+
 def test_fingerprint_names_the_codec():
     _, layout = vllm_kv()
     fps = {codec_fingerprint(layout, make_codec(n, **o)) for n, o in CODEC_OPTIONS.items()}

@@ -334,6 +334,7 @@ BAD_VALUES = [
     ("codec.name", "lz4", "one of 'none', 'fp8', 'byteplane_zstd'"),
     ("codec.fp8_scale_dtype", "float16", "one of 'bfloat16', 'float32'"),
     ("codec.zstd_level", 23, "an integer in [-7, 22]"),
+    ("codec.slot_fraction", 0, "a number > 0 and <= 1"),
     ("codec.device", "cuda", "one of 'host', 'gpu'"),
     ("peers.listen", "7400", "'host:port' with a port in [0, 65535]"),
     ("peers.seeds", "a:1,b", "a list of 'host:port'"),

@@ -221,6 +221,7 @@ CACHE_CASES = [
     ("codec_name", "gzip", "fp8"),
     ("codec_fp8_scale_dtype", "float8", "float32"),
     ("codec_zstd_level", -8, 3),
+    ("codec_slot_fraction", 1.5, 0.75),
     ("codec_device", "tpu", "gpu"),
 ]
 

@@ -328,9 +328,10 @@ class KVCache:
                 cpu_threads=config.cpu_threads,
                 timeout_s=config.timeout_s,
                 codec_device=config.codec_device,
+                slot_fraction=float(config.codec_slot_fraction),
                 **disk_options,
             )
-            self._blob_fingerprint = codec_fingerprint(layout, self._codec)
+            self._blob_fingerprint = codec_fingerprint(layout, self._codec, float(config.codec_slot_fraction))
         else:
             if config.cpu_bytes < layout.chunk_bytes:
                 raise InvalidArgumentError(

@@ -12,8 +12,12 @@ recovers, serves peers and checks CRC32C over opaque blobs, exactly as for raw c
 - load: the inner tier brings the leading chunks (promoting disk ones) into a small host buffer,
   each is decoded on the CPU, put into the staging tier and scattered into the caller's pages by
   the copy engine.
+- ``codec_device="gpu"``: the chunks are gathered into and scattered from GPU memory with the
+  core's segment copies and coded there; with a fixed-size codec as stacks (``encode_many`` /
+  ``decode_many``), the blobs copied straight into the inner tier's blocks (pinned for it) and
+  out of a pinned load buffer, one wait per stack.
 
-Both are synchronous (the encoding and decoding run on the calling thread) and run one at a time;
+Both return once done (the coding and the copies waited for) and run one at a time;
 a chunk that does not decode (a blob damaged past the tier's CRC32C, or written by another codec)
 ends the load there: a miss, counted in ``stats()["codec_decode_failures"]``.
 
@@ -38,7 +42,7 @@ import numpy as np
 import torch
 
 from kvtier import _core
-from kvtier.codecs import Codec, read_header
+from kvtier.codecs import HEADER_ALIGN, Codec, read_header
 from kvtier.errors import (
     AlreadyExistsError,
     CorruptionError,
@@ -71,23 +75,30 @@ class CodecOp(NamedTuple):
     skipped_full: int = 0
 
 
-def codec_fingerprint(layout: Layout, codec: Codec) -> bytes:
-    """The fingerprint of ``layout``'s chunks encoded by ``codec``: the layout's for ``none``
-    (raw chunks are the layout's own blobs), else a hash of the layout's fingerprint and the
-    codec's spec. Disk files and peer handshakes check it."""
+def codec_fingerprint(layout: Layout, codec: Codec, slot_fraction: float = 1.0) -> bytes:
+    """The fingerprint of ``layout``'s chunks encoded by ``codec`` into slots of
+    ``slot_nbytes(layout, codec, slot_fraction)``: the layout's for ``none`` (raw chunks are the
+    layout's own blobs), else a hash of the layout's fingerprint, the codec's spec and, for a
+    slot smaller than the codec's largest blob, the slot's size. Disk files and peer handshakes
+    check it."""
     if codec.name == "none":
         return layout.fingerprint
     h = blake2b(b"kvtier-codec-blob", digest_size=len(layout.fingerprint))
     h.update(layout.fingerprint)
     h.update(codec.spec.encode())
+    if slot_fraction != 1.0:
+        h.update(f"slot={slot_nbytes(layout, codec, slot_fraction)}".encode())
     return h.digest()
 
 
-def codec_geometry_label(layout: Layout, codec: Codec) -> str:
-    """The words a disk cache file records beside the fingerprint: the layout's and the codec's
-    spec, so that a refused open names the codec it found."""
+def codec_geometry_label(layout: Layout, codec: Codec, slot_fraction: float = 1.0) -> str:
+    """The words a disk cache file records beside the fingerprint: the layout's, the codec's
+    spec and a reduced slot's size, so that a refused open names what it found."""
     label = layout.geometry_label
-    return label if codec.name == "none" else f"{label} codec={codec.spec}"
+    if codec.name == "none":
+        return label
+    label = f"{label} codec={codec.spec}"
+    return label if slot_fraction == 1.0 else f"{label} slot={slot_nbytes(layout, codec, slot_fraction)}"
 
 
 def chunk_shape(layout: Layout) -> tuple[tuple[int, int], torch.dtype]:
@@ -108,10 +119,28 @@ def chunk_shape(layout: Layout) -> tuple[tuple[int, int], torch.dtype]:
     return (layout.chunk_bytes // row, layout.page_shape[-1]), dtype
 
 
-def slot_nbytes(layout: Layout, codec: Codec) -> int:
-    """Bytes of one inner-tier block and disk slot: the codec's largest blob of a chunk."""
+def slot_nbytes(layout: Layout, codec: Codec, slot_fraction: float = 1.0) -> int:
+    """Bytes of one inner-tier block and disk slot: the codec's largest blob of a chunk, or for
+    a variable-size codec that fraction of it (rounded up to 16 bytes, never below its header
+    plus 16 bytes): a blob larger than the slot is not stored.
+
+    Raises:
+        InvalidArgumentError: ``slot_fraction`` is outside (0, 1], or below 1 for a fixed-size
+            codec (its blobs are all one size).
+    """
     shape, dtype = chunk_shape(layout)
-    return codec.max_encoded_nbytes(shape, dtype)
+    worst = codec.max_encoded_nbytes(shape, dtype)
+    if not 0.0 < slot_fraction <= 1.0:
+        raise InvalidArgumentError(f"codec.slot_fraction must be > 0 and <= 1, got {slot_fraction!r}")
+    if slot_fraction == 1.0:
+        return worst
+    if codec.fixed_size:
+        raise InvalidArgumentError(
+            f"codec.slot_fraction={slot_fraction} applies to variable-size codecs; every {codec.name} blob "
+            f"of this layout is {worst} bytes (set it to 1)"
+        )
+    floor = len(codec.batch_header(shape, dtype) or b"") + 2 * HEADER_ALIGN
+    return max(floor, -(-math.ceil(worst * slot_fraction) // HEADER_ALIGN) * HEADER_ALIGN)
 
 
 class CodecTier:
@@ -133,6 +162,7 @@ class CodecTier:
         cpu_threads: int,
         timeout_s: float,
         codec_device: str = "host",
+        slot_fraction: float = 1.0,
         **inner_options,
     ) -> None:
         if codec_device not in ("host", "gpu"):
@@ -147,7 +177,8 @@ class CodecTier:
         self._device = device
         self._stream = torch.cuda.Stream(device) if codec_device == "gpu" else None
         self._shape, self._dtype = chunk_shape(layout)
-        self._slot = slot_nbytes(layout, codec)
+        self._slot = slot_nbytes(layout, codec, slot_fraction)
+        self._slot_fraction = slot_fraction
         self._timeout_s = float(timeout_s)
         # the raw tier's bound on a wait for write-backs: every disk request ends by io_timeout
         self._writeback_wait_s = 2 * float(inner_options.get("disk_io_timeout_s", 10.0)) + 1.0
@@ -203,8 +234,8 @@ class CodecTier:
             "cpu",
             staging_bytes,
             cpu_threads,
-            layout_fingerprint=codec_fingerprint(layout, codec),
-            disk_geometry_label=codec_geometry_label(layout, codec),
+            layout_fingerprint=codec_fingerprint(layout, codec, slot_fraction),
+            disk_geometry_label=codec_geometry_label(layout, codec, slot_fraction),
             **inner_options,
         )
         self._lock = threading.Lock()
@@ -216,6 +247,7 @@ class CodecTier:
             "codec_decode_failures": 0,
             "codec_encode_refused": 0,  # chunks the codec cannot encode (fp8: NaN or inf)
             "codec_late_copies": 0,  # GPU copies past the deadline (their blocks freed once done)
+            "codec_blob_too_large": 0,  # blobs larger than a reduced slot (slot_fraction): not stored
         }
 
     # -- the inner tier's own -----------------------------------------------------------------
@@ -250,6 +282,7 @@ class CodecTier:
         s["codec"] = self.codec.spec
         s["codec_device"] = self.codec_device
         s["codec_slot_bytes"] = self._slot
+        s["codec_slot_fraction"] = self._slot_fraction
         return s
 
     # -- store ----------------------------------------------------------------------------------
@@ -380,10 +413,22 @@ class CodecTier:
                 self._counts["codec_encode_refused"] += 1
                 log.warning("kvtier: a chunk was not stored: %s", e)
                 return n, True
-            if blob.numel() > self._slot:  # the slot is the codec's bound: a bug if it is not
-                raise KVTierError(
-                    f"codec {self.codec.name} made a {blob.numel()}-byte blob for {self._slot}-byte slots"
+            if blob.numel() > self._slot:
+                if self._slot_fraction == 1.0:  # the slot is the codec's bound: a bug if it is not
+                    raise KVTierError(
+                        f"codec {self.codec.name} made a {blob.numel()}-byte blob for {self._slot}-byte slots"
+                    )
+                # A reduced slot (slot_fraction) and a chunk that compressed less: not cached, the
+                # store ends there as when the tier is full.
+                self._counts["codec_blob_too_large"] += 1
+                log.info(
+                    "kvtier: a chunk was not stored: its %d-byte %s blob exceeds the %d-byte slot "
+                    "(codec.slot_fraction)",
+                    blob.numel(),
+                    self.codec.name,
+                    self._slot,
                 )
+                return n, True
             try:
                 dst = np.asarray(self._begin_put(key))
             except AlreadyExistsError:

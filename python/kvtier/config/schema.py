@@ -105,6 +105,7 @@ CACHE_FIELDS: dict[str, str] = {
     "codec_name": "codec.name",
     "codec_fp8_scale_dtype": "codec.fp8_scale_dtype",
     "codec_zstd_level": "codec.zstd_level",
+    "codec_slot_fraction": "codec.slot_fraction",
     "codec_device": "codec.device",
 }
 # CacheConfig fields whose default, None, means the value of the key's KVTIER_* variable (unset

@@ -111,12 +111,20 @@ class CodecConfig(_Section):
         _Choice(CODECS),
         "the codec of every chunk below the GPU: none (raw), fp8 (e4m3, a scale per token per "
         "head; lossy, about half the bytes) or byteplane_zstd (lossless; blocks and slots keep "
-        "its worst case, so no capacity gain)",
+        "its worst case, so no capacity gain unless codec.slot_fraction is below 1)",
     )
     fp8_scale_dtype: str = _field(
         "bfloat16", _Choice(FP8_SCALE_DTYPES), "dtype of fp8's scales (bfloat16: smaller, same error)"
     )
     zstd_level: int = _field(1, _Int(-7, 22), "zstd level of byteplane_zstd")
+    slot_fraction: float = _field(
+        1.0,
+        _Float(0.0, hi=1.0),
+        "a variable-size codec's (byteplane_zstd's) CPU block and disk slot as a fraction of its "
+        "largest blob: 1 holds every chunk; below 1 holds 1/fraction as many chunks, and a chunk "
+        "whose blob does not fit is not stored (a miss, counted in stats codec_blob_too_large). "
+        "Fixed-size codecs (fp8) take only 1",
+    )
     device: str = _field(
         "host",
         _Choice(CODEC_DEVICES),
