@@ -30,6 +30,7 @@ import time
 
 import torch
 from bench_report import machine, publish
+from kvtier.codecs import make_codec
 from kvtier.demo import _push_out_of_cpu, _push_out_of_gpu
 from kvtier.examples.paged_llama import SPLIT_MIN_QUERIES, Engine, Llama, LlamaConfig
 from kvtier.planner import CostModelPlanner, ModelCost, SplitCostModelPlanner
@@ -126,22 +127,30 @@ def run_length(
     max_writebacks: int = 64,
     codec: str = "none",
 ) -> list[dict]:
-    # The lower tiers' codec: fp8 encodes on the GPU (codec.device gpu), so only the encoded
-    # bytes cross PCIe and sit in the CPU and disk tiers; byte budgets stay, chunks per byte grow.
-    tiers_codec = {}
-    if codec != "none":
-        tiers_codec = dict(codec_name=codec, codec_device="gpu" if device == "cuda" else "host")
     elem = torch.tensor([], dtype=model.dtype).element_size()
     kv_per_token = 2 * model.config.layers * model.config.kv_heads * model.config.head_dim * elem
     pool_tokens = 2 * (n + CHUNK)
     block = CHUNK * kv_per_token
+    # The lower tiers' codec: fp8 encodes on the GPU (codec.device gpu), so only the encoded
+    # bytes cross PCIe and sit in the CPU and disk tiers; byte budgets stay, chunks per byte grow.
+    tiers_codec = {}
+    cpu_block = block  # bytes of one CPU-tier block: the stored chunk, 4 KiB aligned
+    if codec != "none":
+        tiers_codec = dict(codec_name=codec, codec_device="gpu" if device == "cuda" else "host")
+        # The CPU tier holds as many chunks as the raw run's, so that the fillers push the
+        # prompt out of it to disk as they do there.
+        head_dim = model.config.head_dim
+        stored = make_codec(codec, scale_dtype="bfloat16").encoded_nbytes(
+            (block // (head_dim * elem), head_dim), model.dtype
+        )
+        cpu_block = -(-stored // 4096) * 4096
     pool = PagedKVPool(
         **model.kv_geometry(),
         kv_layout=kv_layout,
         num_pages=pool_tokens // PAGE,
         page_tokens=PAGE,
         chunk_tokens=CHUNK,
-        cpu_bytes=(pool_tokens // CHUNK + 4) * block,
+        cpu_bytes=(pool_tokens // CHUNK + 4) * cpu_block,
         disk_dir=disk_dir,
         # Room for every chunk the run writes back (the prompt and three pool-sized
         # fillers), so the prompt is never overwritten on disk before its cases.
