@@ -5,8 +5,9 @@ bench/results as docs/sim.md's worked example is (H100, bench_e2e run ``_r9``), 
 
 - ``shared``: the shared Mooncake trace at its own arrival times, 40 GiB GPU, 128 GiB DRAM and
   64 GiB disk per instance (the README's `kvtier sim` deployment).
-- ``hot_prefix_<load>``: the hot-prefix generator (kvtier.sim.hot_prefix, 2,000 requests, seed 1)
-  at 30/50/70/90% of the cluster's cold-prefill capacity, 4 GiB GPU and 16 GiB DRAM per instance.
+- ``hot_prefix_<load>``: the hot-prefix generator (kvtier.sim.hot_prefix, 2,000 requests, seed 1
+  or ``--hot-seed``) at 30/50/70/90% of the cluster's cold-prefill capacity, 4 GiB GPU and 16 GiB
+  DRAM per instance.
 - ``synthetic_s<seed>``: the built-in Mooncake-format generator (``kvtier sim --trace synthetic``,
   4,000 requests) at other seeds, in the shared trace's deployment: a check that the defaults
   were not fitted to the shared trace alone.
@@ -17,7 +18,8 @@ both and the GPU+CPU share of it (hits that save time under the cost model: a di
 than recomputing its chunk there). kv_load runs at its defaults, at the ``--variants``
 (balance:slack pairs; ``1:0`` is the earliest estimated first token, the earlier default), and
 with ``--affinities``: its defaults plus that many seconds per cached chunk of any tier, a bonus
-that outweighs a disk chunk's net cost, to show what reaching for the raw hit ratio costs.
+that outweighs a disk chunk's net cost, to show what reaching for the raw hit ratio costs, and
+with ``--disk-neutral`` (balance:slack pairs): kv_load with disk chunks priced as break-even.
 ``targets`` has, per trace, the issue's test of the default kv_load: TTFT p50 and p99 no worse
 than least_loaded's, hit chunks at least cache_aware's.
 
@@ -56,13 +58,29 @@ class AffinityKvLoad(KvLoad):
         return super().score(request, c, least_queued_s) + self.affinity_s * c.cached_chunks
 
 
+class DiskNeutralKvLoad(KvLoad):
+    """kv_load with a prefix's disk chunks priced as break-even (an experiment, not a policy of
+    kvtier.routing): the better of the score with them and the score without them, so a disk
+    prefix never counts against an instance although loading it costs more than recomputing."""
+
+    def score(self, request, c, least_queued_s=0.0):
+        full = super().score(request, c, least_queued_s)
+        if not c.prefix.get("disk"):
+            return full
+        queued = max(0.0, c.queued_s - least_queued_s - self.slack_s)
+        rest = {t: n for t, n in c.prefix.items() if t != "disk"}
+        return max(full, self.cost.saved_s(request.num_tokens, rest) - self.balance * queued)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trace", default=str(ROOT.parent / "shared" / "data" / "mooncake_synthetic_trace.jsonl"))
     ap.add_argument("--hot-requests", type=int, default=2000)
+    ap.add_argument("--hot-seed", type=int, default=1, help="seed of the hot-prefix traces")
     ap.add_argument("--synthetic-seeds", default="1,2", help="seeds of the built-in synthetic trace ('' for none)")
     ap.add_argument("--variants", default="1:0", help="kv_load balance:slack_s pairs run besides the defaults")
     ap.add_argument("--affinities", default="0.015,0.03", help="kv_load plus seconds per cached chunk (experiments)")
+    ap.add_argument("--disk-neutral", default="", help="kv_load balance:slack_s pairs, disk chunks at break-even")
     ap.add_argument("--calibrate", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--e2e", default=str(E2E))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "sim_routing.png"))
@@ -79,13 +97,16 @@ def main() -> None:
         policies.append((f"kv_load_b{b:g}_s{s * 1e3:g}ms", "kv_load", {"routing_balance": b, "routing_slack_s": s}))
     for a in filter(None, (x.strip() for x in args.affinities.split(","))):
         policies.append((f"kv_load_aff{float(a) * 1e3:g}ms", float(a), {}))
+    for v in filter(None, (x.strip() for x in args.disk_neutral.split(","))):
+        b, s = (float(x) for x in v.split(":"))
+        policies.append((f"kv_load_disk0_b{b:g}_s{s * 1e3:g}ms", DiskNeutralKvLoad(balance=b, slack_s=s), {}))
     shared = SimConfig(
         model=model, gpu_bytes=40 * GIB, cpu_bytes=128 * GIB, disk_bytes=64 * GIB, instances=8, hardware=hw
     )
     hot = SimConfig(model=model, gpu_bytes=4 * GIB, cpu_bytes=16 * GIB, instances=8, hardware=hw)
     traces = [("shared", shared, load_trace(args.trace, chunk_tokens=256))]
     traces += [
-        (f"hot_prefix_{round(load * 100)}", hot, hot_prefix_at_load(args.hot_requests, load, hot, seed=1))
+        (f"hot_prefix_{round(load * 100)}", hot, hot_prefix_at_load(args.hot_requests, load, hot, seed=args.hot_seed))
         for load in LOADS
     ]
     seeds = [int(x) for x in args.synthetic_seeds.split(",") if x.strip()]
@@ -97,6 +118,8 @@ def main() -> None:
         for label, routing, over in policies:
             if isinstance(routing, float):
                 routing = AffinityKvLoad(routing, balance=default_balance, slack_s=default_slack)
+            elif isinstance(routing, KvLoad):
+                routing = DiskNeutralKvLoad(balance=routing.balance, slack_s=routing.slack_s)  # fresh per run
             runs[label] = Simulator(replace(cfg, routing=routing, **over)).run(reqs)
         base = runs["least_loaded"]
         bp = base.ttft_percentiles()
@@ -149,7 +172,7 @@ def main() -> None:
         args.out,
         simulated=True,
         trace=Path(args.trace).name,
-        hot_prefix={"requests": args.hot_requests, "seed": 1, "loads": list(LOADS)},
+        hot_prefix={"requests": args.hot_requests, "seed": args.hot_seed, "loads": list(LOADS)},
         synthetic_seeds=seeds,
         default_balance=default_balance,
         default_slack_s=default_slack,
