@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 _STAGING_CHUNKS = 4  # raw chunks gathered or scattered per copy: the staging tier's size
 # The GPU path with a fixed-size codec gathers, encodes and copies (or copies, decodes and
 # scatters) up to this many raw bytes of chunks at once; its GPU scratch is a few times this.
-_GPU_BATCH_BYTES = 256 << 20
+_GPU_BATCH_BYTES = 64 << 20
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _BLOCK = 4096  # the tier's block and disk-slot alignment (O_DIRECT)
 
