@@ -195,6 +195,11 @@ def test_plain_and_tls_members_do_not_talk(pki):
         a.close()
 
 
+# The relay's patience: long enough that a loaded CI machine's stalls do not end a relayed
+# connection before the handshake decides (it closes as soon as either side does).
+RELAY_PATIENCE_S = 30
+
+
 def _relay(server_addr, own_tls: TlsSettings):
     """An on-path relay: terminates the client's TLS with its own certificate, opens its own TLS
     to the server, and forwards the bytes (it does not know the secret)."""
@@ -207,7 +212,7 @@ def _relay(server_addr, own_tls: TlsSettings):
         peer = {a: b, b: a}
         try:
             while True:
-                ready = [s for s in (a, b) if s.pending()] or select.select([a, b], [], [], 5)[0]
+                ready = [s for s in (a, b) if s.pending()] or select.select([a, b], [], [], RELAY_PATIENCE_S)[0]
                 if not ready:
                     break
                 for s in ready:
@@ -232,17 +237,19 @@ def _relay(server_addr, own_tls: TlsSettings):
             except TimeoutError:
                 continue
             try:
-                front = own_tls.wrap_server(raw, Deadline(5))
+                front = own_tls.wrap_server(raw, Deadline(RELAY_PATIENCE_S))
             except OSError:
                 raw.close()
                 continue
             try:
-                back, _binding = own_tls.wrap_client(socket.create_connection(server_addr, timeout=5), Deadline(5))
+                back, _binding = own_tls.wrap_client(
+                    socket.create_connection(server_addr, timeout=RELAY_PATIENCE_S), Deadline(RELAY_PATIENCE_S)
+                )
             except OSError:
                 front.close()
                 continue
-            front.settimeout(5)
-            back.settimeout(5)
+            front.settimeout(RELAY_PATIENCE_S)
+            back.settimeout(RELAY_PATIENCE_S)
             threading.Thread(target=pump, args=(front, back), daemon=True).start()
 
     t = threading.Thread(target=serve, daemon=True)
@@ -265,10 +272,10 @@ def test_the_handshake_is_bound_to_the_servers_certificate(pki):
     try:
         me = Identity("b", FP, BLOB, SECRET)
         tls = _client_tls(pki, "b", None)
-        c = connect(*a.address, me, Deadline(5), 5, tls)  # directly: fine
+        c = connect(*a.address, me, Deadline(30), 30, tls)  # directly: fine
         c.close()
         with pytest.raises(Exception, match="did not prove the cluster secret"):
-            connect(*relay_addr, me, Deadline(5), 5, tls)
+            connect(*relay_addr, me, Deadline(30), 30, tls)
     finally:
         close_relay()
         a.close()
