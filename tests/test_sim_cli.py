@@ -180,12 +180,15 @@ def test_sim_disk_write_through_is_the_default(trace_file, tmp_path, capsys):
 
     def run(*extra):
         assert main([*args, *extra]) == 0
-        mode = "write-back at eviction" if "--disk-writeback-at-eviction" in extra else "write-through"
+        back = {"--disk-writeback-at-eviction", "--deterministic-writeback"} & set(extra)
+        mode = "write-back at eviction" if back else "write-through"
         assert f"disk 255 ({mode})" in capsys.readouterr().out
         return json.loads(out.read_text())["runs"]["all tiers"]
 
     default, alias, off = run(), run("--disk-write-through"), run("--disk-writeback-at-eviction")
     assert default["config"]["disk_write_through"] is True and off["config"]["disk_write_through"] is False
+    # The config says the mode the run had: deterministic_writeback turns write-through off.
+    assert run("--deterministic-writeback")["config"]["disk_write_through"] is False
 
     def written_through(r):
         return sum(t["write_through_written"] for t in r["tiers"].values())

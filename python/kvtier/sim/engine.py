@@ -335,7 +335,10 @@ class SimResult:
                 "hosts": c.instances if c.hosts is None else c.hosts,
                 "replay": c.replay,
                 "deterministic_writeback": c.deterministic_writeback,
-                "disk_write_through": c.disk_write_through,
+                # as it ran: off with deterministic_writeback or an admission policy, as in the engine
+                "disk_write_through": c.disk_write_through
+                and not c.deterministic_writeback
+                and c.admission_policy is None,
                 "gpu_chunks": c.gpu_pages // (c.chunk_tokens // c.page_tokens),
                 "cpu_chunks": c.cpu_chunks,
                 "disk_chunks": c.disk_slots,
