@@ -351,17 +351,23 @@ class CodecTier:
         if not reserved:
             return handled, full
         n, size = len(reserved), self._blob_len
+        raw = blobs = None
+        queued = False  # copies into the blocks are queued: they are the blocks' until they end
         try:
             raw = self._gather_gpu(np.concatenate([pages[i] for i, _, _ in reserved]), after_stream)
             blobs, ok = self.codec.encode_many(raw.view(self._dtype).view(n, *self._shape))
             src = np.uint64(blobs.data_ptr()) + np.arange(n, dtype=np.uint64) * np.uint64(size)
             dst = np.array([block.ctypes.data for _, _, block in reserved], dtype=np.uint64)
             _core.copy_segments(self._device, src, dst, np.full(n, size, dtype=np.uint64), self._stream.cuda_stream)
+            queued = True
             ok_host = torch.empty(n, dtype=torch.bool, pin_memory=True)
             ok_host.copy_(ok, non_blocking=True)
         except BaseException:
-            for _, key, _ in reserved:
-                self._inner.abort_put(key)
+            if queued:
+                self._late_copies([key for _, key, _ in reserved], (raw, blobs))
+            else:
+                for _, key, _ in reserved:
+                    self._inner.abort_put(key)
             raise
         try:
             self._wait_stream("store")
@@ -384,9 +390,9 @@ class CodecTier:
         return handled, full
 
     def _late_copies(self, keys: list[bytes], keep: object) -> None:
-        """Copies queued on the codec's stream did not end by the deadline: the blocks of
-        ``keys`` (reserved, never committed) and the memory in ``keep`` stay theirs until they
-        do (:meth:`_reap_late`)."""
+        """Copies queued on the codec's stream did not end by the deadline (or the call failed
+        after queueing them): the blocks of ``keys`` (reserved, never committed) and the memory
+        in ``keep`` stay theirs until they do (:meth:`_reap_late`)."""
         event = torch.cuda.Event()
         event.record(self._stream)
         self._late.append((event, keys, keep))
