@@ -3,6 +3,7 @@ sys.path)."""
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 
@@ -41,9 +42,31 @@ def io_uring_works() -> bool:
     return bool(ok) and _core.IO_BACKEND_COMPILED == "io_uring"
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (32768 where it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that was free a moment ago, taken below the kernel's ephemeral
+    range, with the port after it below the range too. The kernel hands ports of that range to
+    any process's outgoing connections and port-0 binds at any moment (vLLM's and torch's among
+    them), so one from there can be taken between this call and the listen that wants it."""
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(200):
+        p = rng.randrange(max(1024, low - 20000), low - 1)
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", p))
+            return p
+        except OSError:
+            continue
+    with socket.socket() as s:  # a crowded machine: any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
