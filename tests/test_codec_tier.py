@@ -141,19 +141,23 @@ def test_a_disk_written_under_one_codec_is_refused_under_another(tmp_path):
         assert cache.lookup(tokens) == 0  # wiped: a miss, never fp8 bytes handed back as KV
 
 
+def put_foreign_blob(cache, layout, key: bytes) -> None:
+    """Put a `none` blob of the right size into ``key``'s slot (as a buggy writer would)."""
+    shape, dtype = chunk_shape(layout)
+    foreign = make_codec("none").encode(torch.zeros(shape[0] // 2, shape[1], dtype=dtype))
+    view = np.asarray(cache.tier.begin_put(key))
+    view[: foreign.numel()] = foreign.numpy()
+    view[foreign.numel() :] = 0
+    cache.tier.commit_put(key)
+
+
 def test_a_blob_of_another_codec_in_a_slot_is_a_miss():
     kv, layout = vllm_kv(seed=5)
     tokens = toks(3)
     with KVCache(layout, cpu_bytes=8 * layout.chunk_bytes, method="cpu", codec_name="fp8") as cache:
         keys = cache.keyer.keys(tokens)
         cache.store(tokens[: 2 * CHUNK_TOKENS], range(4)).wait()
-        # The third chunk's slot gets a `none` blob of the right size (as a buggy writer would put).
-        shape, dtype = chunk_shape(layout)
-        foreign = make_codec("none").encode(torch.zeros(shape[0] // 2, shape[1], dtype=dtype))
-        view = np.asarray(cache.tier.begin_put(keys[2]))
-        view[: foreign.numel()] = foreign.numpy()
-        view[foreign.numel() :] = 0
-        cache.tier.commit_put(keys[2])
+        put_foreign_blob(cache, layout, keys[2])  # the third chunk's slot
         assert cache.lookup(tokens) == 3 * CHUNK_TOKENS
         before = [t[:, 12:16].clone() for t in kv]
         assert cache.load(tokens, range(8, 14)).wait() == 2 * CHUNK_TOKENS
@@ -343,12 +347,7 @@ def test_gpu_stacks_stop_at_a_refused_chunk_a_foreign_blob_and_a_full_tier(caplo
         assert cache.lookup(tokens) == 2 * CHUNK_TOKENS
         assert bytes(cache.tier.media(b"".join(keys))) == bytes([1, 1, 0, 0, 0, 0])  # none after it
         # The fourth chunk's slot gets a blob of another codec; the third is stored again, clean.
-        shape, dtype = chunk_shape(layout)
-        foreign = make_codec("none").encode(torch.zeros(shape[0] // 2, shape[1], dtype=dtype))
-        view = np.asarray(cache.tier.begin_put(keys[3]))
-        view[: foreign.numel()] = foreign.numpy()
-        view[foreign.numel() :] = 0
-        cache.tier.commit_put(keys[3])
+        put_foreign_blob(cache, layout, keys[3])
         kv[1][0, 5, 0, 0, 0] = 0.0
         cpu_layout = Layout.from_vllm([t.cpu() for t in kv], chunk_tokens=CHUNK_TOKENS)
         want[2] = through_codec(fp8, layout, raw_blobs(cpu_layout, tokens, range(12))[2])

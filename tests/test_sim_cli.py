@@ -130,26 +130,15 @@ def test_sim_sweep_plot(trace_file, tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
+def small_disk_args(trace_file, out) -> list[str]:
+    """A small deployment with a disk that every admitted chunk reaches, its JSON into ``out``."""
+    deployment = ["--gpu-gib", "1", "--cpu-gib", "2", "--disk-gib", "8", "--admit-min-seen", "1"]
+    return ["sim", "--trace", str(trace_file), *deployment, "--no-ablation", "--json", str(out)]
+
+
 def test_sim_deterministic_writeback(trace_file, tmp_path, capsys):
     out = tmp_path / "r.json"
-    args = [
-        "sim",
-        "--trace",
-        str(trace_file),
-        "--gpu-gib",
-        "1",
-        "--cpu-gib",
-        "2",
-        "--disk-gib",
-        "8",
-        "--admit-min-seen",
-        "1",
-        "--no-ablation",
-        "--replay",
-        "fast",
-        "--json",
-        str(out),
-    ]
+    args = [*small_disk_args(trace_file, out), "--replay", "fast"]
     assert main([*args, "--deterministic-writeback"]) == 0
     assert json.loads(out.read_text())["runs"]["all tiers"]["config"]["deterministic_writeback"] is True
     assert main(args) == 0
@@ -161,22 +150,7 @@ def test_sim_disk_write_through_is_the_default(trace_file, tmp_path, capsys):
     """Write-through by default, as the engine's disk.write_through; --disk-writeback-at-eviction
     turns it off; --disk-write-through (the earlier opt-in) is accepted and changes nothing."""
     out = tmp_path / "r.json"
-    args = [
-        "sim",
-        "--trace",
-        str(trace_file),
-        "--gpu-gib",
-        "1",
-        "--cpu-gib",
-        "2",
-        "--disk-gib",
-        "8",
-        "--admit-min-seen",
-        "1",
-        "--no-ablation",
-        "--json",
-        str(out),
-    ]
+    args = small_disk_args(trace_file, out)
 
     def run(*extra):
         assert main([*args, *extra]) == 0

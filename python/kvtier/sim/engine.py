@@ -481,14 +481,14 @@ class Simulator:
                 by["cpu_to_gpu"] += b.lower_hits * cb
                 by["disk_to_cpu"] += (b.disk_hits + read_ahead) * cb
                 by["peer_to_cpu"] += peer * cb
-                writes_at = _queue_on_disk(inst, hw, cb, b, begin_t, bound_s) if disk else 0.0
+                priced = _priced_disk_writes(hw, b)  # before finish: its stores are off the critical path
+                writes_at = _queue_on_disk(inst, hw, cb, b, priced, begin_t, bound_s) if disk else 0.0
                 waited += b.disk_wait_s
                 if waited:
                     res.disk_wait_s += waited
                     res.disk_waits += 1
                 service = request_service_s(hw, model, ct, cb, b, n_tok, peer)
                 res.split_plans += bool(b.split_head)
-                priced = _priced_disk_writes(hw, b)  # before finish: its stores are off the critical path
                 pool.finish(b, chunks)
                 if disk:  # the writes no request waited for occupy the disk after its own use of it
                     background = inst.cpu.counters.disk_writes - writes0 - priced
@@ -560,7 +560,9 @@ def _priced_disk_writes(hw: HardwareCost, b) -> int:
     return b.critical_writebacks - b.load_writebacks + load
 
 
-def _queue_on_disk(inst: Instance, hw: HardwareCost, chunk_bytes: int, b, begin_t: float, bound_s: float) -> float:
+def _queue_on_disk(
+    inst: Instance, hw: HardwareCost, chunk_bytes: int, b, priced: int, begin_t: float, bound_s: float
+) -> float:
     """Queue a request's disk operations behind the background writes on its instance's disk (the
     writes that no request waited for: write-through writes, write-backs left in flight), which
     keep it busy until ``inst.disk_free_at``. Its first disk operation (the write-backs its
@@ -568,10 +570,11 @@ def _queue_on_disk(inst: Instance, hw: HardwareCost, chunk_bytes: int, b, begin_
     (``b.disk_wait_s``) for those writes, at most ``bound_s``: the writes submitted to the disk
     (the engine keeps at most the write-back bound in flight; the rest wait in the tier). Returns
     the end of the offload: the writes the request starts itself queue from then on, behind the
-    queue and its own disk operations."""
+    queue and its own disk operations. ``priced``: its disk writes on the critical path
+    (:func:`_priced_disk_writes`)."""
     sb, codec = hw.stored_bytes(chunk_bytes), hw.codec
     start = begin_t + b.offloaded * (chunk_bytes / hw.d2h_bw + codec.encode_seconds(chunk_bytes))
-    use = _priced_disk_writes(hw, b) * sb / hw.disk_write_bw
+    use = priced * sb / hw.disk_write_bw
     if b.disk_hits:
         use += b.disk_hits * sb / hw.disk_read_bw + hw.disk_latency_s
     if use:
