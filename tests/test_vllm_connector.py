@@ -441,6 +441,81 @@ def test_restart_serves_prefix_from_disk(model, baseline, engines, tmp_path):
     )
 
 
+def test_async_loads_serve_prefix_and_recompute_failed_blocks(model, baseline, engines, tmp_path):
+    """``load_async``: a request with a hit waits, unscheduled, until the worker reports its load
+    done through ``get_finished`` (a report that never came would hang the request). From the
+    CPU tier: the same tokens as the recompute. After a restart, from a disk whose later slots
+    are damaged: the failed blocks are reported with the load's completion, vLLM recomputes
+    them, the tokens are the same again and ``cached`` counts only what loaded."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    chunk_bytes = 2 * 2 * BLOCK * 128 * 4  # layers x kv heads x tokens x (K+V of 64 dims) x fp32
+    # Over 1 GiB the disk tier checks payloads on first read, where the damage must surface.
+    cfg = connector_config(disk_dir=str(disk), disk_bytes="1100MiB", load_async=True)
+    first = Engine(
+        tmp_path,
+        "async",
+        model,
+        [
+            {"op": "generate", "name": "warmup", "prompt": WARMUP},
+            {"op": "generate", "name": "miss", "prompt": P},
+            {"op": "reset_prefix_cache"},
+            {"op": "generate", "name": "hit", "prompt": P},
+            {"op": "stats", "name": "stats"},
+            {"op": "persist", "name": "persisted"},
+        ],
+        cfg,
+    )
+    engines.append(first)
+    res1 = first.finish()
+    stats = res1["stats"]
+    assert res1["miss"]["tokens"] == baseline["p"] and res1["miss"]["cached"] == 0
+    assert res1["hit"]["tokens"] == baseline["p"]
+    assert res1["hit"]["cached"] == HIT
+    assert stats["async_loads"] == 1 and stats["async_loads_late"] == 0
+    assert stats["loaded_tokens"] == HIT and stats["load_failed_tokens"] == 0
+    assert stats["cache"]["chunks_loaded"] == HIT // BLOCK
+
+    slot_bytes = 4096 + chunk_bytes
+    slots = len(P) // BLOCK
+    with open(disk / "kvtier-disk-cache.kvt", "r+b") as f:
+        for slot in range(slots // 2, slots):
+            f.seek(4096 + slot * slot_bytes + 4096 + 100)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    second = Engine(
+        tmp_path,
+        "async_after_corruption",
+        model,
+        [
+            {"op": "generate", "name": "longer", "prompt": P_LONGER},
+            {"op": "stats", "name": "stats"},
+            {"op": "drain"},
+            {"op": "reset_prefix_cache"},
+            {"op": "generate", "name": "repeat", "prompt": P_LONGER},
+            {"op": "stats", "name": "after_repeat"},
+        ],
+        cfg,
+    )
+    engines.append(second)
+    res2 = second.finish()
+    stats, again = res2["stats"], res2["after_repeat"]
+    assert stats["cache"]["disk"]["recovered_slots"] >= slots
+    assert stats["lookup_hit_tokens"] >= HIT  # the headers promised P's chunks
+    assert stats["async_loads"] == 1
+    assert stats["load_failed_tokens"] > 0 and stats["cache"]["disk"]["corrupt_detected"] >= 1
+    assert stats["loaded_tokens"] + stats["load_failed_tokens"] == stats["load_requested_tokens"] == HIT
+    assert res2["longer"]["tokens"] == baseline["longer"]
+    assert res2["longer"]["cached"] == stats["loaded_tokens"] < HIT
+    assert res2["repeat"]["tokens"] == baseline["longer"]
+    assert again["async_loads"] == 2 and again["loaded_tokens"] > stats["loaded_tokens"]
+    print(
+        f"async loads: hit of {HIT} tokens from the CPU tier, tokens identical; from a damaged "
+        f"disk {stats['loaded_tokens']} loaded, {stats['load_failed_tokens']} recomputed, tokens identical"
+    )
+
+
 def test_restart_after_a_kill_serves_prefix_from_disk(model, baseline, engines, tmp_path):
     """vLLM's shutdown may kill the worker before the connector closes its cache, and nothing is
     evicted here (the CPU tier holds everything): the periodic persist alone brings P's chunks to

@@ -55,6 +55,8 @@ def test_settings_defaults_follow_vllm():
     assert s.config.model.model_id == "vllm:org/model@main"
     assert s.peers is None and s.layerwise is True
     assert s.lookup_wait_s == 0.002
+    assert s.load_async is False
+    assert settings({"load_async": True}).load_async is True
 
 
 def test_settings_peers_and_secret(tmp_path):
@@ -76,6 +78,7 @@ def test_settings_peers_and_secret(tmp_path):
         ({"cpu_byts": "1GiB"}, "cpu_byts"),
         ({"disk": {"bytes": "lots"}}, "disk.bytes"),
         ({"layerwise": "yes"}, "layerwise"),
+        ({"load_async": 1}, "load_async"),
         ({"lookup_wait_s": -1}, "lookup_wait_s"),
         ({"lookup_wait_s": "1ms"}, "lookup_wait_s"),
         ({"config_file": "/nonexistent.yaml"}, "config_file"),

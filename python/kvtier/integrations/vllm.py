@@ -22,8 +22,9 @@ Every key of ``kv_connector_extra_config`` is a kvtier config key (see docs/conf
 a section as a dict, ``cpu_bytes``, ``disk_dir``, ``model_id``, ... or a dotted key such as
 ``"disk.admit_min_seen"``), plus the connector's own: ``config_file`` (a kvtier YAML, read first),
 ``chunk_tokens`` (default: vLLM's block size), ``cluster_secret`` (shorthand for
-``peers.secret``) and ``layerwise`` (default true). ``KVTIER_*`` environment variables apply
-too. A wrong key or value raises ``InvalidArgumentError`` naming it. docs/vllm.md has the rest.
+``peers.secret``), ``layerwise`` (default true) and ``load_async`` (default false).
+``KVTIER_*`` environment variables apply too. A wrong key or value raises
+``InvalidArgumentError`` naming it. docs/vllm.md has the rest.
 
 How it works. vLLM splits a connector in two: the scheduler side decides, per request, how many
 leading prompt tokens to load and which new full blocks to save; the worker side, which owns the
@@ -39,7 +40,9 @@ start (kvtier.keys), so chunk ``i`` and vLLM's block ``i`` name the same prefix.
   A load that comes back short (a chunk evicted since the lookup, a peer that died) or fails is
   reported through ``get_block_ids_with_load_errors``: vLLM recomputes those blocks (with
   ``kv_load_failure_policy="recompute"``; vLLM's default, ``"fail"``, fails the request). The
-  model never reads a block kvtier did not fill completely.
+  model never reads a block kvtier did not fill completely. With ``load_async`` a request with
+  a hit waits, unscheduled, while its load runs beside the other requests' steps, and joins
+  once ``get_finished`` reports the load ended (its failed blocks reported by then).
 - A block is saved only once the engine has computed it, or loaded it whole. A block whose load
   failed holds stale bytes until vLLM recomputes it, and every block computed after it in that
   step attended to them: a save that reaches such a block is cut before it (the worker marks the

@@ -28,11 +28,13 @@ class _SaveSpec:
 
 @dataclass
 class KVTierConnectorMetadata(KVConnectorMetadata):
-    """One step's work for the worker: loads, saves, requests preempted since last step, and
-    ``rewritten``: blocks this step fills from scratch (computed, or loaded), whose bytes stop
-    being a failed load's leftovers."""
+    """One step's work for the worker: loads (``loads``: this step's forward reads them;
+    ``async_loads``: their requests wait, unscheduled, until ``get_finished`` reports them),
+    saves, requests preempted since last step, and ``rewritten``: blocks this step fills from
+    scratch (computed, or loaded), whose bytes stop being a failed load's leftovers."""
 
     loads: list[_LoadSpec] = field(default_factory=list)
+    async_loads: list[_LoadSpec] = field(default_factory=list)
     saves: list[_SaveSpec] = field(default_factory=list)
     preempted: set[str] = field(default_factory=set)
     rewritten: list[int] = field(default_factory=list)

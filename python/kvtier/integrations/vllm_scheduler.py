@@ -68,6 +68,10 @@ class _SchedulerSide(KVConnectorBase_V1):
         self._inflight: dict[str, tuple[int, float]] = {}  # req -> (lookup ticket, deadline)
         self._requests: dict[str, _RequestState] = {}
         self._pending_loads: dict[str, tuple[int, int]] = {}  # req -> (start, end) tokens
+        # load_async: loads issued with the next step's metadata, and the end of each request's
+        # load (its chunks need no save once it is scheduled).
+        self._async_specs: list[tuple[_LoadSpec, list[int]]] = []  # (load, its blocks)
+        self._async_loaded: dict[str, int] = {}
         self._lookups: dict[str, tuple[int, bytes]] = {}  # req -> (hit, tier codes)
         self._kv_events: KVTierKVEvents | None = None  # the workers' events not yet taken
         self._agreement = RankAgreement(self._world_size)  # chunks not yet reported by every rank
@@ -102,7 +106,7 @@ class _SchedulerSide(KVConnectorBase_V1):
         if hit <= num_computed_tokens:
             return 0, False
         self._lookups[request.request_id] = (hit, codes)
-        return hit - num_computed_tokens, False
+        return hit - num_computed_tokens, self._settings.load_async
 
     def _lookup(self, req_id: str, tokens: np.ndarray) -> tuple[int, bytes] | None:
         """The worker's answer for ``tokens``; None while it is in flight (at most
@@ -139,9 +143,22 @@ class _SchedulerSide(KVConnectorBase_V1):
         if num_external_tokens <= 0:
             self._lookups.pop(request.request_id, None)
             return
-        hit, _ = self._lookups[request.request_id]
-        self._pending_loads[request.request_id] = (hit - num_external_tokens, hit)
-        self._requests_seen[request.request_id] = request
+        req_id = request.request_id
+        hit, _ = self._lookups[req_id]
+        start = hit - num_external_tokens
+        if not self._settings.load_async:
+            self._pending_loads[req_id] = (start, hit)
+            self._requests_seen[req_id] = request
+            return
+        # The request waits (WAITING_FOR_REMOTE_KVS) until the worker reports the load done;
+        # vLLM schedules it only then, so its load goes out with this step's metadata.
+        bs = self._block_size
+        tokens = np.asarray(request.prompt_token_ids, dtype=np.int64)
+        block_ids = list(blocks.get_block_ids()[0])
+        spec = _LoadSpec(req_id, _tokens_bytes(tokens[:hit]), start // self._chunk_tokens, block_ids[: hit // bs])
+        self._async_specs.append((spec, block_ids[start // bs : hit // bs]))
+        self._loads_issued[req_id] = (request, start, hit, block_ids[start // bs : hit // bs])
+        self._async_loaded[req_id] = hit
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict:
         if num_external_tokens == 0:
@@ -159,11 +176,18 @@ class _SchedulerSide(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = KVTierConnectorMetadata(preempted=set(scheduler_output.preempted_req_ids or ()))
+        for spec, loaded_blocks in self._async_specs:
+            meta.async_loads.append(spec)
+            meta.rewritten.extend(loaded_blocks)
+        self._async_specs = []
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             if new.prompt_token_ids is None:
                 continue
             state = _RequestState(np.asarray(new.prompt_token_ids, dtype=np.int64), list(new.block_ids[0]))
+            loaded = self._async_loaded.pop(new.req_id, None)
+            if loaded is not None:  # what loaded (vLLM took a failed load's tokens back) is stored
+                state.saved_upto = min(loaded, new.num_computed_tokens) // self._chunk_tokens * self._chunk_tokens
             self._requests[new.req_id] = state
             self._add_rewritten(meta, new.req_id, state, new.num_computed_tokens)
             self._add_load(meta, new.req_id, state)
@@ -281,6 +305,7 @@ class _SchedulerSide(KVConnectorBase_V1):
         self._lookups.pop(req_id, None)
         self._loads_issued.pop(req_id, None)
         self._requests_seen.pop(req_id, None)
+        self._async_loaded.pop(req_id, None)
         self._forget_lookup(req_id)
         state = self._requests.pop(req_id, None)
         # Blocks with a store in flight stay allocated until get_finished reports the request.

@@ -3,8 +3,8 @@ and the check that vLLM's deployment is one the connector supports."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvtier.config import KVTierConfig
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Settings:
     """The connector's settings, from ``kv_connector_extra_config`` (validated up front)."""
 
@@ -26,6 +26,7 @@ class _Settings:
     layerwise: bool
     lookup_wait_s: float
     peers: dict | None
+    load_async: bool = False
 
     def for_shard(self, shard: Shard | None) -> _Settings:
         """The settings of the worker holding ``shard`` of a split model (tensor / pipeline
@@ -51,7 +52,7 @@ class _Settings:
             if peers.get("seeds"):
                 peers["seeds"] = [_offset_address(a, r, f"{where}.peers.seeds") for a in peers["seeds"]]
         config = self.config.replace(**over) if over else self.config
-        return _Settings(config, self.chunk_tokens, self.layerwise, self.lookup_wait_s, peers)
+        return dataclasses.replace(self, config=config, peers=peers)
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig) -> _Settings:
@@ -75,6 +76,9 @@ class _Settings:
         layerwise = extra.pop("layerwise", True)
         if not isinstance(layerwise, bool):
             raise InvalidArgumentError(f"{where}.layerwise must be true or false, got {layerwise!r}")
+        load_async = extra.pop("load_async", False)
+        if not isinstance(load_async, bool):
+            raise InvalidArgumentError(f"{where}.load_async must be true or false, got {load_async!r}")
         lookup_wait_s = extra.pop("lookup_wait_s", 0.002)
         if (
             isinstance(lookup_wait_s, bool)
@@ -128,6 +132,7 @@ class _Settings:
             layerwise=layerwise,
             lookup_wait_s=float(lookup_wait_s),
             peers=peers_cfg,
+            load_async=load_async,
         )
 
 

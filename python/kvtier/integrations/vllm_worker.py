@@ -10,6 +10,7 @@ import os
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import Listener
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _AsyncLoad:
+    """A ``load_async`` load in flight; its request waits in vLLM until ``get_finished``."""
+
+    spec: _LoadSpec
+    handle: LoadHandle | None  # None: nothing was submitted (its blocks are reported failed)
+    blocks: list[int]  # the blocks it fills
+    deadline: float
+    late: bool = False  # logged as past its deadline
+
+
 class _WorkerSide(KVConnectorBase_V1):
     """The worker-role methods of :class:`kvtier.integrations.vllm.KVTierConnector`, whose
     ``__init__`` sets the shared fields (``_settings``, ``_block_size``, ``_chunk_tokens``,
@@ -61,6 +73,7 @@ class _WorkerSide(KVConnectorBase_V1):
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._loads: list[tuple[_LoadSpec, LoadHandle | None, list[int]]] = []
+        self._async_loads: dict[str, _AsyncLoad] = {}  # load_async: req -> its load in flight
         self._failed_blocks: set[int] = set()  # to report to vLLM at the end of the step
         # Blocks whose load failed and that no step has rewritten since: they hold stale
         # bytes (and what was computed after them in their step attended to those), so no
@@ -77,6 +90,8 @@ class _WorkerSide(KVConnectorBase_V1):
             "load_failed_tokens": 0,
             "load_failed_blocks": 0,
             "load_errors": 0,
+            "async_loads": 0,
+            "async_loads_late": 0,
             "save_requests": 0,
             "saves_cut_at_failed_load": 0,
             "chunks_not_saved_after_failed_load": 0,
@@ -151,21 +166,31 @@ class _WorkerSide(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._connector_metadata
-        if not isinstance(meta, KVTierConnectorMetadata) or not meta.loads:
-            return
-        ct = self._chunk_tokens
-        bpc = ct // self._block_size  # vLLM blocks per chunk
-        if self._cache is None:  # no KV registered (cannot happen in vLLM 0.32): recompute all
-            for spec in meta.loads:
-                blocks = spec.block_ids[spec.skip_chunks * bpc :]
-                self._fail(spec.req_id, blocks, len(blocks) * self._block_size)
+        if not isinstance(meta, KVTierConnectorMetadata):
             return
         for spec in meta.loads:
-            tokens = _tokens_array(spec.tokens)
-            want = len(tokens) // ct - spec.skip_chunks
-            blocks = spec.block_ids[spec.skip_chunks * bpc :]
-            self._counters["load_requests"] += 1
-            self._counters["load_requested_tokens"] += want * ct
+            self._loads.append((spec, *self._submit_load(spec)))
+        for spec in meta.async_loads:
+            self._counters["async_loads"] += 1
+            handle, blocks = self._submit_load(spec)
+            deadline = time.monotonic() + self._settings.config.timeout_s
+            self._async_loads[spec.req_id] = _AsyncLoad(spec, handle, blocks, deadline)
+        if meta.loads and not self._settings.layerwise:
+            self._wait_loads()
+
+    def _submit_load(self, spec: _LoadSpec) -> tuple[LoadHandle | None, list[int]]:
+        """Submits ``spec``'s load; the handle (None: nothing submitted) and the blocks it
+        fills. Blocks it cannot fill (chunks evicted since the lookup, a failed submit) are
+        reported failed at once: vLLM recomputes them."""
+        ct = self._chunk_tokens
+        bpc = ct // self._block_size  # vLLM blocks per chunk
+        tokens = _tokens_array(spec.tokens)
+        want = len(tokens) // ct - spec.skip_chunks
+        blocks = spec.block_ids[spec.skip_chunks * bpc :]
+        self._counters["load_requests"] += 1
+        self._counters["load_requested_tokens"] += want * ct
+        handle, got = None, 0
+        if self._cache is not None:  # None: no KV registered (cannot happen in vLLM 0.32)
             try:
                 handle = self._load(tokens, spec.skip_chunks, self._pages(blocks))
                 got = handle.num_tokens // ct
@@ -173,12 +198,10 @@ class _WorkerSide(KVConnectorBase_V1):
                 log.warning("kvtier: load of request %s failed: %r", spec.req_id, e)
                 self._counters["load_errors"] += 1
                 handle, got = None, 0
-            if got < want:  # evicted since the lookup, or a peer failed: vLLM recomputes these
-                self._fail(spec.req_id, blocks[got * bpc :], (want - got) * ct)
-            self._loads.append((spec, handle, blocks[: got * bpc]))
-            self._counters["loaded_tokens"] += got * ct
-        if not self._settings.layerwise:
-            self._wait_loads()
+        if got < want:  # evicted since the lookup, or a peer failed: vLLM recomputes these
+            self._fail(spec.req_id, blocks[got * bpc :], (want - got) * ct)
+        self._counters["loaded_tokens"] += got * ct
+        return handle, blocks[: got * bpc]
 
     def _load(self, tokens: np.ndarray, skip_chunks: int, pages: np.ndarray) -> LoadHandle:
         # Chunks after the ones vLLM already holds: loading the held chunks again would rewrite
@@ -213,16 +236,45 @@ class _WorkerSide(KVConnectorBase_V1):
 
     def _wait_loads(self) -> None:
         for spec, handle, blocks in self._loads:
-            if handle is None:
-                continue
-            try:
-                handle.wait()
-            except (KVTierError, TimeoutError) as e:
-                log.warning("kvtier: load of request %s failed: %s", spec.req_id, e)
-                self._counters["load_errors"] += 1
-                self._fail(spec.req_id, blocks, len(blocks) * self._block_size)
-                self._counters["loaded_tokens"] -= len(blocks) * self._block_size
+            self._end_load(spec, handle, blocks)
         self._loads = []
+
+    def _end_load(self, spec: _LoadSpec, handle: LoadHandle | None, blocks: list[int]) -> None:
+        """Waits for a load to end (at most the config's ``timeout_s``); a load that failed has
+        its blocks reported, for vLLM to recompute."""
+        if handle is None:
+            return
+        try:
+            handle.wait()
+        except (KVTierError, TimeoutError) as e:
+            log.warning("kvtier: load of request %s failed: %s", spec.req_id, e)
+            self._counters["load_errors"] += 1
+            self._fail(spec.req_id, blocks, len(blocks) * self._block_size)
+            self._counters["loaded_tokens"] -= len(blocks) * self._block_size
+
+    def _poll_async_loads(self) -> set[str]:
+        """Requests whose asynchronous load ended (failed blocks reported with this step's
+        ``get_block_ids_with_load_errors``, as vLLM asks). A load still copying past its
+        deadline is logged and counted once, and stays held: vLLM must not hand its blocks to
+        another request while bytes may still land in them."""
+        done: set[str] = set()
+        now = time.monotonic()
+        for req_id, load in list(self._async_loads.items()):
+            if load.handle is not None and not load.handle.done():
+                if now > load.deadline and not load.late:
+                    load.late = True
+                    self._counters["async_loads_late"] += 1
+                    log.warning(
+                        "kvtier: load of request %s is still copying past its %s s deadline; its "
+                        "blocks stay held until it ends",
+                        req_id,
+                        self._settings.config.timeout_s,
+                    )
+                continue
+            self._end_load(load.spec, load.handle, load.blocks)  # ended: returns at once
+            del self._async_loads[req_id]
+            done.add(req_id)
+        return done
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
         # A chunk's blob holds every layer, so the store is submitted once, in wait_for_save,
@@ -289,7 +341,8 @@ class _WorkerSide(KVConnectorBase_V1):
         futures.clear()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """Requests whose blocks vLLM may free: finished, with every store done reading them."""
+        """Requests whose blocks vLLM may free (finished, with every store done reading them)
+        and requests whose asynchronous load ended (``load_async``)."""
         self._finished.update(r for r in finished_req_ids if r in self._stores)
         done = set()
         for req_id in list(self._finished):
@@ -299,7 +352,8 @@ class _WorkerSide(KVConnectorBase_V1):
                 del self._stores[req_id]
                 done.add(req_id)
         self._finished -= done
-        return (done or None), None
+        recving = self._poll_async_loads() if self._async_loads else set()
+        return (done or None), (recving or None)
 
     def get_kv_connector_kv_cache_events(self) -> KVTierKVEvents | None:
         """The chunks kvtier's tiers gained and lost since the last step, as vLLM's events
@@ -331,6 +385,9 @@ class _WorkerSide(KVConnectorBase_V1):
             with contextlib.suppress(OSError):
                 os.unlink(lookup_socket_path(self._engine_id))
         if self._cache is not None:
+            for load in self._async_loads.values():
+                self._end_load(load.spec, load.handle, load.blocks)
+            self._async_loads.clear()
             for futures in self._stores.values():
                 self._wait_stores(futures)
             self._cache.close()  # drains copies and disk write-backs
