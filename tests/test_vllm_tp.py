@@ -133,17 +133,12 @@ class ShardedEngine:
             assert time.monotonic() < deadline
             ext, _ = self.sched.get_num_new_matched_tokens(req, 0)
         blocks = self.alloc(-(-n // BLOCK))
-        self.sched.update_state_after_alloc(req, None, ext)
+        allocated = SimpleNamespace(get_block_ids=lambda: (blocks,))  # vLLM's KVCacheBlocks
+        self.sched.update_state_after_alloc(req, allocated, ext)
+        if ext and self.sched._settings.load_async:
+            ext = self.load_async(req_id, deadline)
         new = SimpleNamespace(req_id=req_id, prompt_token_ids=tokens, block_ids=(blocks,), num_computed_tokens=ext)
-        out = SimpleNamespace(
-            scheduled_new_reqs=[new],
-            scheduled_cached_reqs=SimpleNamespace(
-                req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]
-            ),
-            num_scheduled_tokens={req_id: n - ext},
-            preempted_req_ids=set(),
-        )
-        meta = self.sched.build_connector_meta(out)
+        meta = self.sched.build_connector_meta(self.step([new], {req_id: n - ext}))
         for rank, w in enumerate(self.workers):
             w.bind_connector_metadata(meta)
             w.start_load_kv(None)
@@ -161,6 +156,42 @@ class ShardedEngine:
             pending = {r for r in pending if req_id not in (self.workers[r].get_finished({req_id})[0] or set())}
             time.sleep(0.001)
         return blocks, ext
+
+    @staticmethod
+    def step(new_reqs: list, scheduled: dict):
+        """vLLM's SchedulerOutput of a step that schedules ``new_reqs`` and nothing else."""
+        cached = SimpleNamespace(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[])
+        return SimpleNamespace(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached,
+            num_scheduled_tokens=scheduled,
+            preempted_req_ids=set(),
+        )
+
+    def load_async(self, req_id: str, deadline: float) -> int:
+        """vLLM's asynchronous load: the request waits, unscheduled, while steps without it run,
+        until every worker reported the load ended; its failed blocks, if any, cut the tokens it
+        starts from. Returns those tokens."""
+        pending, failed = set(range(self.tp)), set()
+        meta = self.sched.build_connector_meta(self.step([], {}))  # the step that sends the load
+        first = True
+        while pending:
+            assert time.monotonic() < deadline, "the asynchronous load did not end in 30 s"
+            for rank in sorted(pending):
+                w = self.workers[rank]
+                w.bind_connector_metadata(meta)
+                if first:
+                    w.start_load_kv(None)
+                done = w.get_finished(set())[1] or set()
+                failed |= w.get_block_ids_with_load_errors()
+                w.clear_connector_metadata()
+                if req_id in done:
+                    pending.discard(rank)
+            first = False
+            meta = self.sched.build_connector_meta(self.step([], {}))
+        assert not failed, failed
+        spec = self.sched._loads_issued[req_id]
+        return spec[2]  # the load's end: every block loaded
 
     def caches(self):
         return [w._cache for w in self.workers]
@@ -205,6 +236,28 @@ def test_each_rank_stores_and_loads_its_own_shard(sharded, tp, pp):
         for b in range(6):
             assert torch.equal(engine.full[rank][:, blocks[b]], shard_kv(P[: (b + 1) * BLOCK], rank)), (rank, b)
         assert engine.workers[rank].stats()["loaded_tokens"] == 6 * BLOCK
+
+
+def test_asynchronous_loads_end_on_every_rank_before_the_request_runs(sharded):
+    """``load_async`` at TP=2: each rank loads its shard while the request waits, reports the
+    load through ``get_finished``, and the request then starts from the loaded tokens."""
+    engine = sharded(tp=2, load_async=True)
+    P = prompt(5, 6)
+    engine.run("miss", P)
+    for c in engine.caches():
+        c.drain()
+    for full in engine.full:
+        full.zero_()
+    blocks, loaded = engine.run("hit", P)
+    assert loaded == 6 * BLOCK
+    for rank, w in enumerate(engine.workers):
+        for b in range(6):
+            assert torch.equal(engine.full[rank][:, blocks[b]], shard_kv(P[: (b + 1) * BLOCK], rank)), (rank, b)
+        st = w.stats()
+        assert st["async_loads"] == 1 and st["loaded_tokens"] == 6 * BLOCK and st["async_loads_late"] == 0
+        assert w._async_loads == {}
+    # The loaded chunks are not saved again once the request runs.
+    assert all(w.stats()["saved_chunks"] == 6 for w in engine.workers)
 
 
 def test_a_chunk_hits_only_where_every_rank_holds_it(sharded):
