@@ -344,6 +344,32 @@ def test_load_after_held_chunks_and_lookup_tiers():
         cache.load(a, dst, skip_chunks=-1)
 
 
+def test_store_after_skipped_chunks():
+    """store(skip_chunks=n): the pages start at chunk n (the leading chunks' pages are gone, as
+    a sliding window's are); the keys still chain from the sequence's start."""
+    model = KVModel("vllm", torch.float32, 16)
+    ppc = model.layout.pages_per_chunk
+    cache = KVCache(model.layout, cpu_bytes=64 * model.layout.chunk_bytes)
+    ct = model.layout.chunk_tokens
+    a = tokens_for(4 * ct, 8)
+    assert cache.store(a, list(range(10, 10 + 2 * ppc)), skip_chunks=2).wait() == 2
+    assert cache.lookup(a) == 0  # chunks 0 and 1 were never stored
+    assert cache.lookup_tiers(a) == []
+    before = model.snapshot()
+    dst = list(range(40, 40 + 2 * ppc))
+    assert cache.load(a, dst, skip_chunks=2).wait() == 2 * ct
+    after = model.snapshot()
+    for src_p, dst_p in zip(range(10, 10 + 2 * ppc), dst):
+        assert after[dst_p] == before[src_p], f"page {dst_p} != source page {src_p}"
+    # A sequence that shares the first chunks only does not meet the stored ones.
+    b = a[: 2 * ct] + tokens_for(2 * ct, 9)
+    assert cache.load(b, dst, skip_chunks=2).wait() == 0
+    with pytest.raises(ValueError, match="skip_chunks"):
+        cache.store(a, dst, skip_chunks=-1)
+    with pytest.raises(ValueError, match="page_ids"):
+        cache.store(a, list(range(ppc)), skip_chunks=2)  # chunks 2 and 3 need 2 chunks of pages
+
+
 def test_a_cache_dropped_mid_load_ends_its_copies_before_its_tensors_go():
     # The layout is released with the cache's attributes before the tier is: a cache dropped with
     # a load still running must wait for it, or the copy writes into freed tensors (heap

@@ -62,6 +62,12 @@ def _timed(op: str):
     return wrap
 
 
+def _check_skip(skip_chunks) -> int:
+    if isinstance(skip_chunks, bool) or not isinstance(skip_chunks, int) or skip_chunks < 0:
+        raise InvalidArgumentError(f"skip_chunks must be a non-negative int, got {skip_chunks!r}")
+    return skip_chunks
+
+
 def _as_page_ids(page_ids) -> np.ndarray:
     """Page ids as a 1-D int64 numpy array (from a list, numpy array or torch tensor on any device)."""
     if type(page_ids).__module__.startswith("torch"):
@@ -435,8 +441,8 @@ class KVCache:
         if self._closed:
             raise InvalidArgumentError("this KVCache is closed")
 
-    def _keys_and_pages(self, tokens, page_ids, what: str) -> tuple[list[bytes], np.ndarray]:
-        keys = self._keyer.keys(tokens)
+    def _keys_and_pages(self, tokens, page_ids, what: str, skip_chunks: int = 0) -> tuple[list[bytes], np.ndarray]:
+        keys = self._keyer.keys(tokens)[skip_chunks:]
         pages = _as_page_ids(page_ids)
         needed = len(keys) * self.layout.pages_per_chunk
         if len(pages) < needed:
@@ -458,7 +464,7 @@ class KVCache:
 
     # -- API -----------------------------------------------------------------------------------
     @_timed("store")
-    def store(self, tokens, page_ids, *, stream=None) -> StoreFuture:
+    def store(self, tokens, page_ids, *, stream=None, skip_chunks: int = 0) -> StoreFuture:
         """Offload every full chunk of ``tokens`` not cached yet from its pages.
 
         Args:
@@ -466,6 +472,9 @@ class KVCache:
             page_ids: the sequence's pages in order (chunk i = pages [i*ppc, (i+1)*ppc)).
             stream: on a GPU, the copy starts after the work queued on this stream (default:
                 torch's current stream), so KV still being computed is never copied early.
+            skip_chunks: leading chunks not to store (their pages are gone: a sliding window
+                left them behind); ``page_ids`` then starts at chunk ``skip_chunks``. The keys
+                still chain from the sequence's start.
         Returns:
             A :class:`StoreFuture`; the chunks become visible to lookups when it completes.
 
@@ -479,7 +488,7 @@ class KVCache:
         failures of bookkeeping after the submit are counted, never raised.
         """
         self._check_open()
-        keys, pages = self._keys_and_pages(tokens, page_ids, "store")
+        keys, pages = self._keys_and_pages(tokens, page_ids, "store", _check_skip(skip_chunks))
         if not keys:
             return StoreFuture(None, self.config.timeout_s)
         ppc = self.layout.pages_per_chunk
@@ -544,9 +553,7 @@ class KVCache:
         from there).
         """
         self._check_open()
-        if isinstance(skip_chunks, bool) or not isinstance(skip_chunks, int) or skip_chunks < 0:
-            raise InvalidArgumentError(f"skip_chunks must be a non-negative int, got {skip_chunks!r}")
-        keys = self._keyer.keys(tokens)[skip_chunks:]
+        keys = self._keyer.keys(tokens)[_check_skip(skip_chunks) :]
         pages = _as_page_ids(page_ids)
         if not keys:
             return LoadHandle(None, 0, self.layout.num_layers, self.config.timeout_s)
