@@ -237,7 +237,7 @@ def test_scheduler_loads_the_hit_and_keeps_the_last_token_to_compute():
     assert {s.value: n for s, n in sources.items()} == {"host": 32, "disk": 32, "p2p": 32}
     meta = conn.build_connector_meta(sched_output([new_req("r", 97, [7, 8, 9, 4], 96)], scheduled={"r": 1}))
     (load,) = meta.loads
-    assert (load.req_id, load.skip_chunks, load.block_ids) == ("r", 0, [7, 8, 9])
+    assert (load.req_id, load.skip_chunks, load.block_ids) == ("r", 0, [[7, 8, 9]])
     assert len(load.tokens) == 96 * 4
     assert meta.saves == []  # the loaded chunks are in kvtier already
     assert conn.request_finished(req, [7, 8, 9, 4]) == (False, None)
@@ -250,7 +250,7 @@ def test_scheduler_skips_what_vllm_holds_and_misses_on_lookup_failure():
     assert conn.get_num_new_matched_tokens(req, 64) == (64, False)  # 64 held by vLLM itself
     conn.update_state_after_alloc(req, None, 64)
     meta = conn.build_connector_meta(sched_output([new_req("r", 200, list(range(7)), 128)], scheduled={"r": 72}))
-    assert (meta.loads[0].skip_chunks, meta.loads[0].block_ids) == (2, [0, 1, 2, 3])
+    assert (meta.loads[0].skip_chunks, meta.loads[0].block_ids) == (2, [[0, 1, 2, 3]])
     assert conn.get_num_new_matched_tokens(request("s", 200), 128) == (0, False)
     conn._client = FakeClient(hit=0, fail=True)
     assert conn.get_num_new_matched_tokens(request("t", 200), 0) == (0, False)
@@ -292,7 +292,7 @@ def test_scheduler_saves_full_chunks_as_chunked_prefill_computes_them():
     assert conn.get_num_new_matched_tokens(req, 0) == (0, False)
     conn.update_state_after_alloc(req, None, 0)
     meta = conn.build_connector_meta(sched_output([new_req("r", 200, [5, 6, 7], 0)], scheduled={"r": 80}))
-    assert [(len(s.tokens) // 4, s.block_ids) for s in meta.saves] == [(64, [5, 6])]
+    assert [(len(s.tokens) // 4, s.block_ids) for s in meta.saves] == [(64, [[5, 6]])]
     cached = SimpleNamespace(
         req_ids=["r"],
         resumed_req_ids=set(),
@@ -300,7 +300,7 @@ def test_scheduler_saves_full_chunks_as_chunked_prefill_computes_them():
         num_computed_tokens=[80],
     )
     meta = conn.build_connector_meta(sched_output(cached=cached, scheduled={"r": 120}))
-    assert [(len(s.tokens) // 4, s.block_ids) for s in meta.saves] == [(192, [5, 6, 7, 8, 9, 10])]
+    assert [(len(s.tokens) // 4, s.block_ids) for s in meta.saves] == [(192, [[5, 6, 7, 8, 9, 10]])]
     # Preempted, then resumed with new blocks: nothing saved twice, the new table used after.
     meta = conn.build_connector_meta(sched_output(preempted={"r"}))
     assert meta.preempted == {"r"} and meta.saves == []
@@ -349,14 +349,14 @@ def test_scheduler_saves_again_what_vllm_recomputes_after_a_failed_load():
     conn.update_state_after_alloc(req, None, 128)
     blocks = [10, 11, 12, 13, 14, 15, 16]
     meta = conn.build_connector_meta(sched_output([new_req("r", 200, blocks, 128)], scheduled={"r": 72}))
-    assert meta.loads[0].block_ids == blocks[:4]
+    assert meta.loads[0].block_ids == [blocks[:4]]
     assert meta.rewritten == blocks  # loaded or computed: all written from scratch
-    assert [s.block_ids for s in meta.saves] == [blocks[:6]]
+    assert [s.block_ids for s in meta.saves] == [[blocks[:6]]]
     # Block 12's load failed: vLLM rolls the request back to block 2 and recomputes from there.
     cached = SimpleNamespace(req_ids=["r"], resumed_req_ids=set(), new_block_ids=[None], num_computed_tokens=[64])
     meta = conn.build_connector_meta(sched_output(cached=cached, scheduled={"r": 136}))
     assert meta.rewritten == blocks[2:]
-    assert [s.block_ids for s in meta.saves] == [blocks[:6]]  # chunks 2.. saved again
+    assert [s.block_ids for s in meta.saves] == [[blocks[:6]]]  # chunks 2.. saved again
     assert conn._requests["r"].rollbacks == 1
     # Nothing rolled back: nothing saved twice.
     cached.num_computed_tokens = [200]

@@ -16,14 +16,14 @@ class _LoadSpec:
     req_id: str
     tokens: bytes  # int32 LE prompt tokens up to the end of the hit
     skip_chunks: int  # leading chunks vLLM already holds (its own prefix cache)
-    block_ids: list[int]  # the request's blocks covering the hit, from block 0
+    block_ids: list[list[int]]  # per KV cache group, the request's blocks covering the hit from block 0
 
 
 @dataclass
 class _SaveSpec:
     req_id: str
     tokens: bytes  # int32 LE prompt tokens up to the end of the last full chunk computed
-    block_ids: list[int]
+    block_ids: list[list[int]]  # per KV cache group, the blocks of those tokens
 
 
 @dataclass

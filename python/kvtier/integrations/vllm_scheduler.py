@@ -41,10 +41,15 @@ _TIER_CODES = {1: CacheHitSource.HOST, 2: CacheHitSource.DISK, 3: CacheHitSource
 @dataclass
 class _RequestState:
     tokens: np.ndarray
-    block_ids: list[int]
+    groups: list[list[int]]  # the request's vLLM block ids, per KV cache group
     saved_upto: int = 0  # tokens whose chunks a save already covers (or a load brought)
     saves_issued: bool = False
     rollbacks: int = 0  # times vLLM rolled the request back to recompute (a failed load)
+
+    @property
+    def block_ids(self) -> list[int]:
+        """The first KV cache group's block ids (the only group, but for a hybrid model)."""
+        return self.groups[0]
 
 
 class _SchedulerSide(KVConnectorBase_V1):
@@ -154,10 +159,12 @@ class _SchedulerSide(KVConnectorBase_V1):
         # vLLM schedules it only then, so its load goes out with this step's metadata.
         bs = self._block_size
         tokens = np.asarray(request.prompt_token_ids, dtype=np.int64)
-        block_ids = list(blocks.get_block_ids()[0])
-        spec = _LoadSpec(req_id, _tokens_bytes(tokens[:hit]), start // self._chunk_tokens, block_ids[: hit // bs])
-        self._async_specs.append((spec, block_ids[start // bs : hit // bs]))
-        self._loads_issued[req_id] = (request, start, hit, block_ids[start // bs : hit // bs])
+        groups = [list(g) for g in blocks.get_block_ids()]
+        spec = _LoadSpec(
+            req_id, _tokens_bytes(tokens[:hit]), start // self._chunk_tokens, [g[: hit // bs] for g in groups]
+        )
+        self._async_specs.append((spec, groups[0][start // bs : hit // bs]))
+        self._loads_issued[req_id] = (request, start, hit, groups[0][start // bs : hit // bs])
         self._async_loaded[req_id] = hit
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict:
@@ -184,7 +191,7 @@ class _SchedulerSide(KVConnectorBase_V1):
         for new in scheduler_output.scheduled_new_reqs:
             if new.prompt_token_ids is None:
                 continue
-            state = _RequestState(np.asarray(new.prompt_token_ids, dtype=np.int64), list(new.block_ids[0]))
+            state = _RequestState(np.asarray(new.prompt_token_ids, dtype=np.int64), [list(g) for g in new.block_ids])
             loaded = self._async_loaded.pop(new.req_id, None)
             if loaded is not None:  # what loaded (vLLM took a failed load's tokens back) is stored
                 state.saved_upto = min(loaded, new.num_computed_tokens) // self._chunk_tokens * self._chunk_tokens
@@ -199,9 +206,10 @@ class _SchedulerSide(KVConnectorBase_V1):
                 continue
             new_blocks = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
-                state.block_ids = list(new_blocks[0]) if new_blocks else []
+                state.groups = [list(g) for g in new_blocks] if new_blocks else [[] for _ in state.groups]
             elif new_blocks:
-                state.block_ids.extend(new_blocks[0])
+                for group, ids in zip(state.groups, new_blocks):
+                    group.extend(ids)
             computed = cached.num_computed_tokens[i]
             if computed < state.saved_upto:
                 # vLLM rolled the request back (a load failed) or preempted it: the chunks from
@@ -235,7 +243,7 @@ class _SchedulerSide(KVConnectorBase_V1):
                 req_id,
                 _tokens_bytes(state.tokens[:end]),
                 start // ct,
-                state.block_ids[: end // self._block_size],
+                [g[: end // bs] for g in state.groups],
             )
         )
         state.saved_upto = max(state.saved_upto, end)
@@ -251,7 +259,7 @@ class _SchedulerSide(KVConnectorBase_V1):
             _SaveSpec(
                 req_id,
                 _tokens_bytes(state.tokens[:end]),
-                state.block_ids[: end // self._block_size],
+                [g[: end // self._block_size] for g in state.groups],
             )
         )
         state.saved_upto = end

@@ -186,7 +186,7 @@ class _WorkerSide(KVConnectorBase_V1):
         bpc = ct // self._block_size  # vLLM blocks per chunk
         tokens = _tokens_array(spec.tokens)
         want = len(tokens) // ct - spec.skip_chunks
-        blocks = spec.block_ids[spec.skip_chunks * bpc :]
+        blocks = spec.block_ids[0][spec.skip_chunks * bpc :]
         self._counters["load_requests"] += 1
         self._counters["load_requested_tokens"] += want * ct
         handle, got = None, 0
@@ -287,7 +287,7 @@ class _WorkerSide(KVConnectorBase_V1):
         if not isinstance(meta, KVTierConnectorMetadata) or self._cache is None:
             return
         for spec in meta.saves:
-            tokens, block_ids = _tokens_array(spec.tokens), spec.block_ids
+            tokens, block_ids = _tokens_array(spec.tokens), spec.block_ids[0]
             if self._unsafe_blocks:
                 tokens, block_ids = self._cut_at_failed_load(spec, tokens, block_ids)
                 if not block_ids:
