@@ -366,6 +366,14 @@ def test_store_after_skipped_chunks():
     assert cache.load(b, dst, skip_chunks=2).wait() == 0
     with pytest.raises(ValueError, match="skip_chunks"):
         cache.store(a, dst, skip_chunks=-1)
+    # A sliding-window layer resumes where the chunks its window needs are cached.
+    assert cache.lookup_window(a, window_tokens=ct + 1) == 4 * ct  # chunks 2 and 3 suffice
+    assert cache.lookup_window(a, window_tokens=2 * ct + 1) == 4 * ct  # the 2 * ct tokens before
+    assert cache.lookup_window(a, window_tokens=2 * ct + 2) == 0  # needs a token of chunk 1: gone
+    assert cache.lookup_window(a, window_tokens=ct + 1, max_tokens=3 * ct) == 3 * ct
+    assert cache.lookup_window(a, window_tokens=1) == 4 * ct
+    with pytest.raises(ValueError, match="window_tokens"):
+        cache.lookup_window(a, window_tokens=0)
     with pytest.raises(ValueError, match="page_ids"):
         cache.store(a, list(range(ppc)), skip_chunks=2)  # chunks 2 and 3 need 2 chunks of pages
 

@@ -518,6 +518,23 @@ class KVCache:
             hits += self._peers.lookup(keys[hits:])
         return hits * self.layout.chunk_tokens
 
+    def lookup_window(self, tokens, window_tokens: int, max_tokens: int | None = None) -> int:
+        """The longest prefix of ``tokens`` (at most ``max_tokens``, a multiple of chunk_tokens)
+        whose chunks a sliding-window layer needs to go on from it are cached locally: the
+        chunks holding its last ``window_tokens - 1`` tokens (vLLM's window for the next
+        token). Earlier chunks may be gone. Peers are not asked; no prefetch starts."""
+        self._check_open()
+        if isinstance(window_tokens, bool) or not isinstance(window_tokens, int) or window_tokens <= 0:
+            raise InvalidArgumentError(f"window_tokens must be a positive int, got {window_tokens!r}")
+        ct = self.layout.chunk_tokens
+        keys = self._keyer.keys(tokens)
+        last = len(keys) if max_tokens is None else min(len(keys), max_tokens // ct)
+        for end in range(last, 0, -1):
+            first = max(0, (end * ct - window_tokens + 1) // ct)
+            if self._tier.lookup(b"".join(keys[first:end])) == end - first:
+                return end * ct
+        return 0
+
     def _prefetch(self, keys: list[bytes]) -> None:
         """Start reading the disk chunks of a hit into the CPU tier, as the prefetch policy says."""
         codes = self._tier.lookup_tiers(b"".join(keys))

@@ -276,7 +276,13 @@ class _HybridSide(SupportsHMA):
         self._wait_stores(window_stores)
 
     def _lookup_hit(self, tokens: np.ndarray) -> int:
-        return min(g.cache.lookup(tokens) for g in self._groups)  # every group must hold a chunk
+        # Full-attention groups need every chunk of the hit; a window group only the chunks its
+        # window needs at the hit's end (its earlier chunks are never loaded, and may be gone).
+        hit = min((g.cache.lookup(tokens) for g in self._groups if g.window_tokens is None), default=len(tokens))
+        for g in self._groups:
+            if g.window_tokens is not None:
+                hit = g.cache.lookup_window(tokens, g.window_tokens, hit)
+        return hit
 
     def _end_async_loads(self) -> None:
         for load in self._hybrid_loads.values():
