@@ -287,6 +287,7 @@ def test_a_prefix_is_loaded_into_every_group_and_the_window_only_where_vllm_give
     assert seen["checked"] == 2 * 9 + 2 * len(seen["window_blocks"])
     st = engine.worker.stats()
     assert st["async_loads"] == 1 and st["loaded_requests"] == 1 and st["load_failed_requests"] == 0
+    assert st["loaded_tokens"] == st["load_requested_tokens"] == hit and st["load_failed_tokens"] == 0
     loaded = [g["cache"]["chunks_loaded"] for g in st["groups"]]
     assert loaded[windowed_group(engine)] == len(seen["window_blocks"]) and max(loaded) == 9
     assert engine.null_block_is_clean()
@@ -320,6 +321,7 @@ def test_a_group_that_lost_its_chunks_fails_the_request_which_vllm_recomputes(hy
     engine.run()
     st = engine.worker.stats()
     assert st["load_failed_requests"] == 1 and st["loaded_requests"] == 0
+    assert st["load_failed_tokens"] == (len(P) - 1) // BLOCK * BLOCK and st["loaded_tokens"] == 0
     # vLLM recomputed it from its start (failed_recving), and counts none of it as cached.
     assert engine.computed["hit"] == len(P)
     assert engine.prefill_stats["hit"].num_cached_tokens == 0

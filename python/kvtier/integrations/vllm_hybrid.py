@@ -61,6 +61,7 @@ class _HybridLoad:
     """One request's asynchronous load: a handle per group that had chunks to load."""
 
     handles: list[LoadHandle]
+    tokens: int  # the tokens it brings (after those vLLM holds)
     deadline: float
     failed: bool = False  # a group came back short or failed: vLLM recomputes the request
     late: bool = False
@@ -179,8 +180,9 @@ class _HybridSide(SupportsHMA):
             tokens = _tokens_array(spec.tokens)
             self._counters["async_loads"] += 1
             self._counters["load_requests"] += 1
-            self._counters["load_requested_tokens"] += (len(tokens) // ct - spec.skip_chunks) * ct
-            load = _HybridLoad([], time.monotonic() + self._settings.config.timeout_s)
+            wanted = (len(tokens) // ct - spec.skip_chunks) * ct
+            self._counters["load_requested_tokens"] += wanted
+            load = _HybridLoad([], wanted, time.monotonic() + self._settings.config.timeout_s)
             for group in self._groups:
                 blocks = spec.block_ids[group.index] if group.index < len(spec.block_ids) else []
                 skip = max(spec.skip_chunks, self._leading_null_chunks(blocks))
@@ -225,8 +227,10 @@ class _HybridSide(SupportsHMA):
             if load.failed:
                 self._failed_recving.add(req_id)
                 self._counters["load_failed_requests"] += 1
+                self._counters["load_failed_tokens"] += load.tokens
             else:
                 self._counters["loaded_requests"] += 1
+                self._counters["loaded_tokens"] += load.tokens
         return done
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
