@@ -815,6 +815,45 @@ def test_hybrid_sliding_window_model_is_served_whole(model, engines, tmp_path, c
         assert stats["loaded_tokens"] == HIT and stats["load_failed_tokens"] == 0
 
 
+def test_hybrid_model_restarts_from_disk_group_by_group(model, engines, tmp_path):
+    """KVTierHybridConnector with a disk tier: each KV cache group persists to a directory of
+    its own; an engine started on the same disk serves the prompt from there, every group's
+    chunks read back, the tokens those of the recompute."""
+    hybrid = _variant(model, tmp_path, layer_types=["full_attention", "sliding_attention"], sliding_window=128)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    cfg = connector_config(disk_dir=str(disk), disk_bytes="64MiB")
+    first = Engine(
+        tmp_path,
+        "hybrid_before",
+        hybrid,
+        [{"op": "generate", "name": "p", "prompt": P}, {"op": "persist", "name": "persisted"}],
+        cfg,
+        connector_class="KVTierHybridConnector",
+    )
+    engines.append(first)
+    res1 = first.finish()
+    assert res1["persisted"]["written"] + res1["persisted"]["skipped"] == 2 * (len(P) // BLOCK)
+    assert sorted(p.name for p in disk.iterdir()) == ["g0", "g1"]
+    second = Engine(
+        tmp_path,
+        "hybrid_after",
+        hybrid,
+        [{"op": "generate", "name": "p", "prompt": P}, {"op": "stats", "name": "stats"}],
+        cfg,
+        connector_class="KVTierHybridConnector",
+    )
+    engines.append(second)
+    res2 = second.finish()
+    stats = res2["stats"]
+    assert res2["p"]["tokens"] == res1["p"]["tokens"] and res2["p"]["cached"] == HIT
+    assert stats["hit_chunks_by_tier"]["disk"] >= HIT // BLOCK
+    for g in stats["groups"]:
+        assert g["cache"]["disk"]["recovered_slots"] == len(P) // BLOCK, g
+        assert g["cache"]["disk"]["reads"] >= 1, g
+    print(f"hybrid restart from disk: {res2['p']['cached']} of {len(P)} tokens, both groups read back")
+
+
 def test_sliding_window_model_is_refused_at_start(model, engines, tmp_path):
     """Sliding window on every layer (Mistral-style): vLLM keeps it a sliding-window group whose
     blocks outside the window are its shared null block; kvtier refuses it at start, naming the
