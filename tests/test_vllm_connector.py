@@ -854,6 +854,37 @@ def test_hybrid_model_restarts_from_disk_group_by_group(model, engines, tmp_path
     print(f"hybrid restart from disk: {res2['p']['cached']} of {len(P)} tokens, both groups read back")
 
 
+def test_hybrid_model_at_tensor_parallel_2(model, engines, tmp_path):
+    """KVTierHybridConnector at tensor_parallel_size=2: every rank keeps a cache per KV cache
+    group (its heads of the group's layers), under ``<disk_dir>/<shard>/g<group>``; the repeat
+    loads every rank's groups and gives the tokens of the TP=2 recompute."""
+    hybrid = _variant(model, tmp_path, layer_types=["full_attention", "sliding_attention"], sliding_window=128)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    steps = [
+        {"op": "generate", "name": "warmup", "prompt": WARMUP},
+        {"op": "generate", "name": "miss", "prompt": P},
+        {"op": "drain"},
+        {"op": "reset_prefix_cache"},
+        {"op": "generate", "name": "hit", "prompt": P},
+        {"op": "stats", "name": "rank0", "rank": 0},
+        {"op": "stats", "name": "rank1", "rank": 1},
+    ]
+    cfg = connector_config(disk_dir=str(disk), disk_bytes="64MiB")
+    engine = Engine(tmp_path, "hybrid_tp", hybrid, steps, cfg, tp=2, connector_class="KVTierHybridConnector")
+    engines.append(engine)
+    res = engine.finish()
+    assert res["hit"]["tokens"] == res["miss"]["tokens"] and res["hit"]["cached"] == HIT
+    for rank in ("rank0", "rank1"):
+        st = res[rank]
+        assert st["loaded_requests"] == 1 and st["loaded_tokens"] == HIT, (rank, st)
+        loaded = {g["window_tokens"]: g["cache"]["chunks_loaded"] for g in st["groups"]}
+        assert loaded[None] == HIT // BLOCK and 0 < loaded[128] <= 128 // BLOCK + 1, (rank, loaded)
+    shards = sorted(p.name for p in disk.iterdir())
+    assert len(shards) == 2 and all(sorted(q.name for q in (disk / s).iterdir()) == ["g0", "g1"] for s in shards)
+    print(f"hybrid at TP=2: hit {res['hit']['cached']} of {len(P)} tokens on both ranks, tokens identical")
+
+
 def test_sliding_window_model_is_refused_at_start(model, engines, tmp_path):
     """Sliding window on every layer (Mistral-style): vLLM keeps it a sliding-window group whose
     blocks outside the window are its shared null block; kvtier refuses it at start, naming the
