@@ -13,6 +13,7 @@ import json
 import os
 import time
 import warnings
+from types import SimpleNamespace
 
 import pytest
 from _util import HAVE_VLLM, VLLM_MARKS
@@ -27,7 +28,8 @@ if HAVE_VLLM:
         from kvtier.errors import InvalidArgumentError
         from kvtier.integrations.vllm import KVTierConnector, KVTierHybridConnector
         from vllm import SamplingParams
-        from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
+        from vllm.config import CacheConfig, KVEventsConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
+        from vllm.distributed.kv_events import BlockStored
         from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
         from vllm.utils.hashing import sha256
         from vllm.v1.core.kv_cache_utils import get_kv_cache_configs, get_request_block_hasher, init_none_hash
@@ -55,7 +57,7 @@ def kv_value(tokens: list[int], pos: int, layer: int) -> float:
 class HybridEngine:
     """vLLM's scheduler with the hybrid connector, and one worker whose forward is faked."""
 
-    def __init__(self, tmp_path, engine_id: str, *, batch_tokens: int = 16, **extra) -> None:
+    def __init__(self, tmp_path, engine_id: str, *, batch_tokens: int = 16, events: bool = False, **extra) -> None:
         model = write_model(tmp_path)
         extra = {"cpu_bytes": "1MiB", "model_id": "hybrid-test", **extra}
         self.config = VllmConfig(
@@ -78,6 +80,7 @@ class HybridEngine:
                 engine_id=engine_id,
                 kv_connector_extra_config=extra,
             ),
+            kv_events_config=KVEventsConfig(enable_kv_cache_events=events, publisher="null"),
         )
         assert not self.config.scheduler_config.disable_hybrid_kv_cache_manager
         self.config.cache_config.kv_cache_layout = "LBHNC"  # what vLLM's engine core resolves
@@ -112,6 +115,10 @@ class HybridEngine:
                 block_size=BLOCK,
                 log_stats=True,  # the requests' prefill stats (what vLLM reports as cached)
             )
+        self.published: list = []  # the KV events vLLM's scheduler publishes
+        self.scheduler.kv_event_publisher = SimpleNamespace(
+            publish=lambda batch: self.published.extend(batch.events), shutdown=lambda: None
+        )
         init_none_hash(sha256)
         self.hasher = get_request_block_hasher(BLOCK, sha256)
         self.prompts: dict[str, list[int]] = {}
@@ -161,6 +168,7 @@ class HybridEngine:
             finished_recving=results.finished_recving or None,
             failed_recving=results.failed_recving,
             invalid_block_ids=w.get_block_ids_with_load_errors(),
+            kv_cache_events=w.get_kv_connector_kv_cache_events(),
         )
         w.clear_connector_metadata()
         ids = list(out.num_scheduled_tokens)
@@ -327,6 +335,21 @@ def test_a_group_that_lost_its_chunks_fails_the_request_which_vllm_recomputes(hy
     assert engine.prefill_stats["hit"].num_cached_tokens == 0
     assert engine.scheduler.connector.uncounted_failed_tokens == (len(P) - 1) // BLOCK * BLOCK
     assert engine.null_block_is_clean()
+
+
+def test_kv_events_are_those_of_the_full_attention_group(hybrid):
+    engine = hybrid(events=True)
+    P = prompt(3, 40)
+    engine.add("miss", P)
+    engine.run()
+    for cache in engine.worker._caches():
+        cache.drain()
+    engine.step()  # a step with no request: the worker hands over the events since
+    stored = [k for e in engine.published if isinstance(e, BlockStored) and e.medium == "CPU" for k in e.block_hashes]
+    full = 1 - windowed_group(engine)
+    caches = engine.worker._caches()
+    assert sorted(stored) == sorted(caches[full].keyer.keys(np.asarray(P)))
+    assert not set(stored) & set(caches[windowed_group(engine)].keyer.keys(np.asarray(P)))
 
 
 def test_groups_kvtier_cannot_store_are_refused_at_start(hybrid):

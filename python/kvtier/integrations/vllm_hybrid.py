@@ -3,7 +3,7 @@ full-attention and sliding-window KV cache groups, each with its own block ids.
 
 Each KV cache group gets a :class:`kvtier.KVCache` of its own over its layers (its own disk
 subdirectory, ``<disk_dir>/g<group>``; the CPU and disk budgets split by the groups' bytes per
-chunk), and every group keys a prefix alike, so a chunk is a hit only where every group holds it.
+chunk). A prefix is a hit only where every group holds what it needs of it.
 
 - **Sliding-window groups.** vLLM gives a window group's blocks below the window as its shared
   null block (id 0), and frees them (``remove_skipped_blocks``) at the next step that schedules
@@ -14,9 +14,13 @@ chunk), and every group keys a prefix alike, so a chunk is a hit only where ever
 - **Loads are asynchronous.** With several groups vLLM takes load failures per request only
   (``failed_recving``: the request is recomputed from its start), never per block, so every load
   is asynchronous (``load_async`` on): the request waits while every group's chunks land.
-- **Not built yet:** peers (refused at start with more than one group), KV events (none are
-  recorded), chunks longer than one block with a sliding-window group (refused at start), and
-  Mamba / chunked-local groups (refused at start, by ``_check_hybrid``).
+- **KV events** are one group's: the first full-attention group's (the first group's when all
+  are windowed). Each group's layout names the group, so their chunk keys differ; the groups
+  store a prefix's chunks in the same step, and a full-attention group holds every chunk a hit
+  needs.
+- **Not built yet:** peers (refused at start with more than one group), chunks longer than one
+  block with a sliding-window group (refused at start), and Mamba / chunked-local groups
+  (refused at start, by ``_check_hybrid``).
 """
 
 from __future__ import annotations
@@ -90,9 +94,8 @@ class _HybridSide(SupportsHMA):
                 "kv_connector_extra_config.peers: KVTierHybridConnector does not share a model "
                 f"with {len(groups)} KV cache groups through peers yet"
             )
-        if len(groups) > 1 and self._publish_events:
-            log.warning("kvtier: no KV events are published for a model with several KV cache groups (not built)")
-            self._publish_events = False
+        # The group whose KV events are published: the first full-attention one, if any.
+        self._events_group = next((i for i, w in enumerate(self._windows) if w is None), 0)
         # Every load is asynchronous: vLLM takes several groups' load failures per request only.
         self._settings = dataclasses.replace(self._settings, load_async=True)
         self._groups: list[_Group] = []
@@ -143,6 +146,8 @@ class _HybridSide(SupportsHMA):
                 os.makedirs(path, exist_ok=True)
                 over["disk_dir"] = path
                 over["disk_bytes"] = cfg.disk.bytes * layout.chunk_bytes // total
+            if i != self._events_group:
+                over["events_capacity"] = 0  # only one group's events are published
             cache = self._open_cache(layout, cfg, self._settings.peers, metrics=i == 0, **over)
             self._groups.append(_Group(i, self._windows[i], cache))
         self._cache = self._groups[0].cache
@@ -159,6 +164,9 @@ class _HybridSide(SupportsHMA):
             ),
             cfg.disk.dir,
         )
+
+    def _events_cache(self) -> KVCache | None:
+        return self._groups[self._events_group].cache if self._groups else None
 
     def _caches(self) -> list[KVCache]:
         return [g.cache for g in self._groups] if self._cache is not None else []

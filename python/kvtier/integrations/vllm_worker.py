@@ -374,10 +374,11 @@ class _WorkerSide(KVConnectorBase_V1):
     def get_kv_connector_kv_cache_events(self) -> KVTierKVEvents | None:
         """The chunks kvtier's tiers gained and lost since the last step, as vLLM's events
         (None when vLLM publishes no KV events, or nothing changed)."""
-        if not self._publish_events or self._cache is None:
+        cache = self._events_cache()
+        if not self._publish_events or cache is None:
             return None
         try:
-            events = self._cache.take_events()
+            events = cache.take_events()
         except KVTierError as e:  # bookkeeping: a lost batch of events is counted, never raised
             log.warning("kvtier: taking KV events failed: %s", e)
             self._counters["event_errors"] += 1
@@ -479,6 +480,10 @@ class _WorkerSide(KVConnectorBase_V1):
             for code, name in ((1, "cpu"), (2, "disk"), (3, "peer")):
                 by_tier[name] += codes.count(code)
         return struct.pack("<q", hit) + codes
+
+    def _events_cache(self) -> KVCache | None:
+        """The cache whose events are published (a hybrid model's: one group's)."""
+        return self._cache
 
     def _lookup_hit(self, tokens: np.ndarray) -> int:
         """Tokens of ``tokens`` the worker's cache holds (a hybrid model's: every group)."""
