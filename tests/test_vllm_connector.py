@@ -885,6 +885,56 @@ def test_hybrid_model_at_tensor_parallel_2(model, engines, tmp_path):
     print(f"hybrid at TP=2: hit {res['hit']['cached']} of {len(P)} tokens on both ranks, tokens identical")
 
 
+def test_two_hybrid_instances_share_prefix_through_peers(model, engines, tmp_path):
+    """KVTierHybridConnector with peers: each KV cache group has a peer service of its own
+    (every peer port plus the group); B pulls A's chunks of both groups, the window group's only
+    for the window, and gives the tokens A computed."""
+    hybrid = _variant(model, tmp_path, layer_types=["full_attention", "sliding_attention"], sliding_window=128)
+    port_a, port_b = free_port_pair(), free_port_pair()  # groups 0 and 1 listen on p and p + 1
+    a_ready, b_done = tmp_path / "a_ready", tmp_path / "b_done"
+    patient = {"ack_timeout_s": 1.0, "gossip_interval_s": 0.5, "suspicion_mult": 10.0, "request_timeout_s": 10.0}
+    a = Engine(
+        tmp_path,
+        "hybrid_peer_a",
+        hybrid,
+        [
+            {"op": "generate", "name": "p", "prompt": P},
+            {"op": "drain"},
+            {"op": "touch", "path": str(a_ready)},
+            {"op": "wait_file", "path": str(b_done), "timeout": ENGINE_START_S},
+        ],
+        connector_config(peers={"listen": f"127.0.0.1:{port_a}", **patient}, cluster_secret=SECRET),
+        connector_class="KVTierHybridConnector",
+    )
+    engines.append(a)
+    b = Engine(
+        tmp_path,
+        "hybrid_peer_b",
+        hybrid,
+        [
+            {"op": "wait_file", "path": str(a_ready), "timeout": ENGINE_START_S},
+            {"op": "wait_lookup", "name": "sees_p", "prompt": P[:HIT], "min_tokens": HIT, "timeout": 60},
+            {"op": "generate", "name": "p", "prompt": P},
+            {"op": "stats", "name": "stats"},
+            {"op": "touch", "path": str(b_done)},
+        ],
+        connector_config(
+            peers={"listen": f"127.0.0.1:{port_b}", "seeds": [f"127.0.0.1:{port_a}"], **patient},
+            cluster_secret=SECRET,
+        ),
+        connector_class="KVTierHybridConnector",
+    )
+    engines.append(b)
+    res_b = b.finish(timeout=2 * ENGINE_START_S)
+    res_a = a.finish()
+    assert res_b["p"]["tokens"] == res_a["p"]["tokens"] and res_b["p"]["cached"] == HIT
+    stats = res_b["stats"]
+    assert stats["loaded_requests"] == 1 and stats["hit_chunks_by_tier"]["peer"] >= HIT // BLOCK
+    pulled = {g["window_tokens"]: g["cache"]["peers"]["chunks_pulled"] for g in stats["groups"]}
+    assert pulled[None] == HIT // BLOCK and 0 < pulled[128] <= 128 // BLOCK + 1, pulled
+    print(f"hybrid peers: B pulled {pulled} chunks per group (by window) from A, tokens identical")
+
+
 def test_sliding_window_model_is_refused_at_start(model, engines, tmp_path):
     """Sliding window on every layer (Mistral-style): vLLM keeps it a sliding-window group whose
     blocks outside the window are its shared null block; kvtier refuses it at start, naming the

@@ -345,6 +345,12 @@ def test_settings_for_a_shard_give_each_rank_its_disk_and_ports(tmp_path):
     assert s.peers["listen"] == "0.0.0.0:7403"
     assert s.peers["seeds"] == ["10.0.0.2:7403", "[::1]:7503", "h:0"]
     assert base.for_shard(None) is base and base.for_shard(Shard()) is base
+    # A hybrid model's worker: a peer port per KV cache group, rank * groups + group.
+    h = base.for_shard(Shard(tp_rank=1, tp_size=2), ports_per_rank=2)  # rank 1 of 2, 2 groups
+    assert h.peers["listen"] == "0.0.0.0:7402" and h.for_group(0) == h.peers
+    assert h.for_group(1)["listen"] == "0.0.0.0:7403"
+    assert h.for_group(1)["seeds"] == ["10.0.0.2:7403", "[::1]:7503", "h:0"]
+    assert h.config.metrics.prometheus_port == 9402
     high = _Settings.from_vllm(vllm_config({"metrics": {"prometheus_port": 65535}}, "e", tp=2))
     with pytest.raises(InvalidArgumentError, match="prometheus_port"):
         high.for_shard(Shard(tp_rank=1, tp_size=2))

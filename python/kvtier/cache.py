@@ -522,7 +522,8 @@ class KVCache:
         """The longest prefix of ``tokens`` (at most ``max_tokens``, a multiple of chunk_tokens)
         whose chunks a sliding-window layer needs to go on from it are cached locally: the
         chunks holding its last ``window_tokens - 1`` tokens (vLLM's window for the next
-        token). Earlier chunks may be gone. Peers are not asked; no prefetch starts."""
+        token), here or, for those not here, at a peer. Earlier chunks may be gone. No prefetch
+        starts."""
         self._check_open()
         if isinstance(window_tokens, bool) or not isinstance(window_tokens, int) or window_tokens <= 0:
             raise InvalidArgumentError(f"window_tokens must be a positive int, got {window_tokens!r}")
@@ -531,7 +532,10 @@ class KVCache:
         last = len(keys) if max_tokens is None else min(len(keys), max_tokens // ct)
         for end in range(last, 0, -1):
             first = max(0, (end * ct - window_tokens + 1) // ct)
-            if self._tier.lookup(b"".join(keys[first:end])) == end - first:
+            held = self._tier.lookup(b"".join(keys[first:end]))
+            if held < end - first and self._peers is not None:  # then what the source brings
+                held += self._peers.lookup(keys[first + held : end])
+            if held == end - first:
                 return end * ct
         return 0
 

@@ -18,9 +18,10 @@ chunk). A prefix is a hit only where every group holds what it needs of it.
   are windowed). Each group's layout names the group, so their chunk keys differ; the groups
   store a prefix's chunks in the same step, and a full-attention group holds every chunk a hit
   needs.
-- **Not built yet:** peers (refused at start with more than one group), chunks longer than one
-  block with a sliding-window group (refused at start), and Mamba / chunked-local groups
-  (refused at start, by ``_check_hybrid``).
+- **Peers.** Each group's cache has a peer service of its own: every configured peer port plus
+  ``rank * groups + group`` (group g of one instance peers with group g of the others).
+- **Not built yet:** chunks longer than one block with a sliding-window group (refused at
+  start), and Mamba / chunked-local groups (refused at start, by ``_check_hybrid``).
 """
 
 from __future__ import annotations
@@ -89,11 +90,6 @@ class _HybridSide(SupportsHMA):
                 f"kv_connector_extra_config.chunk_tokens={self._chunk_tokens}: with a sliding-window "
                 f"KV cache group kvtier's chunk must be one vLLM block ({self._block_size} tokens)"
             )
-        if len(groups) > 1 and self._settings.peers is not None:
-            raise InvalidArgumentError(
-                "kv_connector_extra_config.peers: KVTierHybridConnector does not share a model "
-                f"with {len(groups)} KV cache groups through peers yet"
-            )
         # The group whose KV events are published: the first full-attention one, if any.
         self._events_group = next((i for i, w in enumerate(self._windows) if w is None), 0)
         # Every load is asynchronous: vLLM takes several groups' load failures per request only.
@@ -124,7 +120,8 @@ class _HybridSide(SupportsHMA):
         if kv_cache_config is None:  # vLLM always hands it to a worker (>= 0.32)
             raise InvalidArgumentError("KVTierHybridConnector needs vLLM's KVCacheConfig at start")
         self._shard_spec = shard = self._shard()
-        self._settings = self._settings.for_shard(shard)
+        groups = kv_cache_config.kv_cache_groups
+        self._settings = self._settings.for_shard(shard, ports_per_rank=len(groups))
         cfg = self._settings.config
         layouts = []
         for i, group in enumerate(kv_cache_config.kv_cache_groups):
@@ -148,7 +145,7 @@ class _HybridSide(SupportsHMA):
                 over["disk_bytes"] = cfg.disk.bytes * layout.chunk_bytes // total
             if i != self._events_group:
                 over["events_capacity"] = 0  # only one group's events are published
-            cache = self._open_cache(layout, cfg, self._settings.peers, metrics=i == 0, **over)
+            cache = self._open_cache(layout, cfg, self._settings.for_group(i), metrics=i == 0, **over)
             self._groups.append(_Group(i, self._windows[i], cache))
         self._cache = self._groups[0].cache
         self._pages_per_block = self._block_size // layouts[0].page_tokens

@@ -28,15 +28,17 @@ class _Settings:
     peers: dict | None
     load_async: bool = False
 
-    def for_shard(self, shard: Shard | None) -> _Settings:
+    def for_shard(self, shard: Shard | None, ports_per_rank: int = 1) -> _Settings:
         """The settings of the worker holding ``shard`` of a split model (tensor / pipeline
         parallel): its own disk directory (``<disk.dir>/<shard.label>``, made if missing: each
-        rank keeps a disk tier of its own) and its own ports, each configured port plus the shard's rank
-        (``peers.listen`` and every ``peers.seeds`` entry, so rank r of one instance peers with
-        rank r of the others; ``metrics.prometheus_port``). Port 0 (any free port) stays 0."""
+        rank keeps a disk tier of its own) and its own ports, each configured port plus the
+        shard's rank times ``ports_per_rank`` (``peers.listen`` and every ``peers.seeds`` entry,
+        so rank r of one instance peers with rank r of the others; ``metrics.prometheus_port``).
+        Port 0 (any free port) stays 0. ``ports_per_rank``: a hybrid model's worker takes one
+        peer port per KV cache group (:meth:`for_group`)."""
         if shard is None or shard.world_size == 1:
             return self
-        r, where = shard.rank, "kv_connector_extra_config"
+        r, where = shard.rank * ports_per_rank, "kv_connector_extra_config"
         over: dict = {}
         if self.config.disk.dir is not None:
             path = os.path.join(str(self.config.disk.dir), shard.label)
@@ -45,14 +47,23 @@ class _Settings:
         port = self.config.metrics.prometheus_port
         if port:
             over["metrics.prometheus_port"] = _offset_port(port, r, f"{where}.metrics.prometheus_port")
-        peers = self.peers
-        if peers is not None:
-            peers = dict(peers)
-            peers["listen"] = _offset_address(peers["listen"], r, f"{where}.peers.listen")
-            if peers.get("seeds"):
-                peers["seeds"] = [_offset_address(a, r, f"{where}.peers.seeds") for a in peers["seeds"]]
         config = self.config.replace(**over) if over else self.config
-        return dataclasses.replace(self, config=config, peers=peers)
+        return dataclasses.replace(self, config=config, peers=self._peers_plus(r))
+
+    def for_group(self, group: int) -> dict | None:
+        """The peer settings of a hybrid model's KV cache group ``group``: every peer port plus
+        ``group`` (group g of one instance peers with group g of the others)."""
+        return self._peers_plus(group)
+
+    def _peers_plus(self, offset: int) -> dict | None:
+        peers, where = self.peers, "kv_connector_extra_config"
+        if peers is None or offset == 0:
+            return peers
+        peers = dict(peers)
+        peers["listen"] = _offset_address(peers["listen"], offset, f"{where}.peers.listen")
+        if peers.get("seeds"):
+            peers["seeds"] = [_offset_address(a, offset, f"{where}.peers.seeds") for a in peers["seeds"]]
+        return peers
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig) -> _Settings:
