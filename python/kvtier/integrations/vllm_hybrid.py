@@ -123,20 +123,20 @@ class _HybridSide(SupportsHMA):
         groups = kv_cache_config.kv_cache_groups
         self._settings = self._settings.for_shard(shard, ports_per_rank=len(groups))
         cfg = self._settings.config
-        layouts = []
-        for i, group in enumerate(kv_cache_config.kv_cache_groups):
+        layouts = {}
+        for i, group in enumerate(groups):
             names = [n for n in group.layer_names if n in kv_caches]
-            if not names:
-                raise InvalidArgumentError(f"KV cache group {i} has none of its layers in vLLM's KV caches")
+            if not names:  # a pipeline stage without layers of this group: other ranks hold it
+                continue
             window = self._windows[i]
             tag = f"g{i}" + (f"w{window}" if window is not None else "")
-            layouts.append(
-                describe_kv_caches(
-                    {n: kv_caches[n] for n in names}, self._block_size, self._chunk_tokens, shard, group=tag
-                )[0]
-            )
-        total = sum(lay.chunk_bytes for lay in layouts)
-        for i, layout in enumerate(layouts):
+            layouts[i] = describe_kv_caches(
+                {n: kv_caches[n] for n in names}, self._block_size, self._chunk_tokens, shard, group=tag
+            )[0]
+        if not layouts:
+            raise InvalidArgumentError("kv_caches has no layer of any KV cache group")
+        total = sum(lay.chunk_bytes for lay in layouts.values())
+        for i, layout in layouts.items():
             over: dict[str, Any] = {"cpu_bytes": cfg.cpu.bytes * layout.chunk_bytes // total}
             if cfg.disk.dir is not None:
                 path = os.path.join(str(cfg.disk.dir), f"g{i}")
@@ -145,11 +145,12 @@ class _HybridSide(SupportsHMA):
                 over["disk_bytes"] = cfg.disk.bytes * layout.chunk_bytes // total
             if i != self._events_group:
                 over["events_capacity"] = 0  # only one group's events are published
-            cache = self._open_cache(layout, cfg, self._settings.for_group(i), metrics=i == 0, **over)
+            cache = self._open_cache(layout, cfg, self._settings.for_group(i), metrics=not self._groups, **over)
             self._groups.append(_Group(i, self._windows[i], cache))
         self._cache = self._groups[0].cache
-        self._pages_per_block = self._block_size // layouts[0].page_tokens
-        self._on_gpu = layouts[0].device != "cpu"
+        first = layouts[self._groups[0].index]
+        self._pages_per_block = self._block_size // first.page_tokens
+        self._on_gpu = first.device != "cpu"
         self._start_server()
         log.info(
             "kvtier: hybrid connector ready%s: %d KV cache groups (%s), disk %s",
@@ -163,7 +164,7 @@ class _HybridSide(SupportsHMA):
         )
 
     def _events_cache(self) -> KVCache | None:
-        return self._groups[self._events_group].cache if self._groups else None
+        return next((g.cache for g in self._groups if g.index == self._events_group), None)
 
     def _caches(self) -> list[KVCache]:
         return [g.cache for g in self._groups] if self._cache is not None else []
