@@ -140,6 +140,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--secret", default=None, help="cluster secret shared by all peers (>= 16 bytes)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument(
+        "--sliding-window",
+        type=int,
+        default=0,
+        help="make every other layer of the random Llama sliding-window attention with this window "
+        "(tokens), served with KVTierHybridConnector (vLLM's hybrid KV cache allocator on)",
+    )
+    ap.add_argument(
+        "--connector",
+        choices=("KVTierConnector", "KVTierHybridConnector"),
+        help="the connector class (default: KVTierHybridConnector with --sliding-window, else KVTierConnector)",
+    )
+    ap.add_argument(
         "--tensor-parallel-size",
         type=int,
         default=1,
@@ -156,6 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.out and not os.path.isdir(args.out):
         ap.error(f"--out {args.out!r} is not a directory")
+    if args.sliding_window and args.model:
+        ap.error("--sliding-window shapes the random Llama; a --model has its own layer types")
+    if args.connector is None:
+        args.connector = "KVTierHybridConnector" if args.sliding_window else "KVTierConnector"
     try:
         vllm_kv_bytes = parse_size(args.vllm_kv_bytes, "--vllm-kv-bytes")
     except InvalidArgumentError as e:
@@ -175,15 +191,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = args.model
     if model is None:
-        model = str(
-            write_tiny_llama(
-                tempfile.mkdtemp(prefix="kvtier-tiny-llama-"),
-                layers=args.layers,
-                hidden=args.hidden,
-                heads=max(1, args.hidden // 64),
-                kv_heads=max(1, args.hidden // 128),
-            )
+        path = write_tiny_llama(
+            tempfile.mkdtemp(prefix="kvtier-tiny-llama-"),
+            layers=args.layers,
+            hidden=args.hidden,
+            heads=max(1, args.hidden // 64),
+            kv_heads=max(1, args.hidden // 128),
         )
+        if args.sliding_window:  # Gemma-style: sliding-window layers beside full attention
+            cfg = json.loads((path / "config.json").read_text())
+            cfg["layer_types"] = ["full_attention" if i % 2 else "sliding_attention" for i in range(args.layers)]
+            cfg["sliding_window"] = args.sliding_window
+            (path / "config.json").write_text(json.dumps(cfg))
+        model = str(path)
     extra: dict = {"cpu_bytes": args.cpu_bytes}
     if args.disk_dir:
         extra.update(disk_dir=args.disk_dir, disk_bytes=args.disk_bytes)
@@ -192,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         extra["cluster_secret"] = args.secret
     engine_id = f"kvtier-example-{uuid.uuid4().hex[:8]}"
     kv_config = KVTransferConfig(
-        kv_connector="KVTierConnector",
+        kv_connector=args.connector,
         kv_connector_module_path="kvtier.integrations.vllm",
         kv_role="kv_both",
         kv_load_failure_policy="recompute",
@@ -241,7 +261,11 @@ def main(argv: list[str] | None = None) -> dict:
     ranks = [worker_stats(engine_id, rank=r) for r in range(tp)]
     stats = ranks[0]
     report = {
-        "model": model if args.model else f"random Llama, {args.layers} layers, hidden {args.hidden}",
+        "model": model
+        if args.model
+        else f"random Llama, {args.layers} layers, hidden {args.hidden}"
+        + (f", every other layer sliding window {args.sliding_window}" if args.sliding_window else ""),
+        "connector_class": args.connector,
         "prompt_tokens": args.prompt_tokens,
         "block_size": args.block_size,
         "trials": args.trials,
@@ -269,6 +293,11 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if tp > 1:  # every rank loaded its own shard of the same chunks
         report["loaded_tokens_by_rank"] = [r["loaded_tokens"] for r in ranks]
+    if "groups" in stats:  # the hybrid connector: a cache per KV cache group
+        report["chunks_loaded_by_group"] = {
+            ("full" if g["window_tokens"] is None else f"window {g['window_tokens']}"): g["cache"]["chunks_loaded"]
+            for g in stats["groups"]
+        }
     print(json.dumps(report))
     if args.out:
         path = write_bench_json(report, args, misses, hits, vllm.__version__, args.out)
@@ -295,7 +324,11 @@ def write_bench_json(
         workload = re.sub(r"[^A-Za-z0-9]+", "_", Path(args.model).name).strip("_").lower()
     else:
         workload = f"random_llama_{args.layers}l_h{args.hidden}"
+        if getattr(args, "sliding_window", 0):
+            workload += f"_swa{args.sliding_window}"
     workload += f"_{args.prompt_tokens}tok"
+    if getattr(args, "connector", "KVTierConnector") == "KVTierHybridConnector":
+        workload += "_hybrid"
     tp = getattr(args, "tensor_parallel_size", 1)
     if tp > 1:
         workload += f"_tp{tp}"
