@@ -278,7 +278,7 @@ class _HybridSide(SupportsHMA):
                     log.warning("kvtier: store of request %s (group %d) failed: %r", spec.req_id, group.index, e)
                     self._counters["store_errors"] += 1
                     continue
-                if group.index == 0:
+                if group is self._groups[0]:  # chunks counted once, as the first group's
                     self._counters["saved_chunks"] += fut.chunks
                 (window_stores if group.window_tokens is not None else futures).append(fut)
         # vLLM frees a window group's blocks below the window when it next schedules the
