@@ -782,6 +782,11 @@ def _variant(model: Path, tmp: Path, **config) -> Path:
     return out
 
 
+def _hybrid_variant(model: Path, tmp: Path) -> Path:
+    """The test model with full attention beside sliding window (window 128), Gemma-style."""
+    return _variant(model, tmp, layer_types=["full_attention", "sliding_attention"], sliding_window=128)
+
+
 @pytest.mark.parametrize("connector_class", ["KVTierConnector", "KVTierHybridConnector"])
 def test_hybrid_sliding_window_model_is_served_whole(model, engines, tmp_path, connector_class):
     """Full attention beside sliding window (Gemma-2/3-style, here the Llama's layer_types).
@@ -790,7 +795,7 @@ def test_hybrid_sliding_window_model_is_served_whole(model, engines, tmp_path, c
     so kvtier stores and loads whole KV. KVTierHybridConnector: the allocator stays on, two KV
     cache groups, the window group's blocks below the window freed as the prompt is computed.
     Either way a repeat gives the tokens of the recompute."""
-    hybrid = _variant(model, tmp_path, layer_types=["full_attention", "sliding_attention"], sliding_window=128)
+    hybrid = _hybrid_variant(model, tmp_path)
     steps = [
         {"op": "generate", "name": "miss", "prompt": P},
         {"op": "reset_prefix_cache"},
@@ -819,7 +824,7 @@ def test_hybrid_model_restarts_from_disk_group_by_group(model, engines, tmp_path
     """KVTierHybridConnector with a disk tier: each KV cache group persists to a directory of
     its own; an engine started on the same disk serves the prompt from there, every group's
     chunks read back, the tokens those of the recompute."""
-    hybrid = _variant(model, tmp_path, layer_types=["full_attention", "sliding_attention"], sliding_window=128)
+    hybrid = _hybrid_variant(model, tmp_path)
     disk = tmp_path / "disk"
     disk.mkdir()
     cfg = connector_config(disk_dir=str(disk), disk_bytes="64MiB")
@@ -858,7 +863,7 @@ def test_hybrid_model_at_tensor_parallel_2(model, engines, tmp_path):
     """KVTierHybridConnector at tensor_parallel_size=2: every rank keeps a cache per KV cache
     group (its heads of the group's layers), under ``<disk_dir>/<shard>/g<group>``; the repeat
     loads every rank's groups and gives the tokens of the TP=2 recompute."""
-    hybrid = _variant(model, tmp_path, layer_types=["full_attention", "sliding_attention"], sliding_window=128)
+    hybrid = _hybrid_variant(model, tmp_path)
     disk = tmp_path / "disk"
     disk.mkdir()
     steps = [
@@ -889,7 +894,7 @@ def test_two_hybrid_instances_share_prefix_through_peers(model, engines, tmp_pat
     """KVTierHybridConnector with peers: each KV cache group has a peer service of its own
     (every peer port plus the group); B pulls A's chunks of both groups, the window group's only
     for the window, and gives the tokens A computed."""
-    hybrid = _variant(model, tmp_path, layer_types=["full_attention", "sliding_attention"], sliding_window=128)
+    hybrid = _hybrid_variant(model, tmp_path)
     port_a, port_b = free_port_pair(), free_port_pair()  # groups 0 and 1 listen on p and p + 1
     a_ready, b_done = tmp_path / "a_ready", tmp_path / "b_done"
     patient = {"ack_timeout_s": 1.0, "gossip_interval_s": 0.5, "suspicion_mult": 10.0, "request_timeout_s": 10.0}

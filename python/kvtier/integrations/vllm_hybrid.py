@@ -110,8 +110,11 @@ class _HybridSide(SupportsHMA):
         # vLLM frees a window group's blocks below the window (remove_skipped_blocks) and may
         # hand them back to the same request as new blocks: the scheduler output only lists the
         # new ones, so the block ids come from vLLM's KV cache manager (bound at start).
+        # Only while the request has prompt chunks left to save: a decoding request's block
+        # lists are not copied every step.
+        ct = self._chunk_tokens
         manager = getattr(self, "_kv_cache_manager", None)
-        if manager is not None:
+        if manager is not None and state.saved_upto < len(state.tokens) // ct * ct:
             state.groups = [list(g) for g in manager.get_block_ids(req_id)]
 
     # -- worker side ------------------------------------------------------------------------
@@ -212,14 +215,7 @@ class _HybridSide(SupportsHMA):
         now = time.monotonic()
         for req_id, load in list(self._hybrid_loads.items()):
             if not all(h.done() for h in load.handles):
-                if now > load.deadline and not load.late:
-                    load.late = True
-                    self._counters["async_loads_late"] += 1
-                    log.warning(
-                        "kvtier: load of request %s is still copying past its deadline; its blocks "
-                        "stay held until it ends",
-                        req_id,
-                    )
+                self._note_late(req_id, load, now)
                 continue
             for handle in load.handles:
                 try:

@@ -211,13 +211,13 @@ class _SchedulerSide(KVConnectorBase_V1):
             elif new_blocks:
                 for group, ids in zip(state.groups, new_blocks):
                     group.extend(ids)
-            self._refresh_blocks(req_id, state)
             computed = cached.num_computed_tokens[i]
             if computed < state.saved_upto:
                 # vLLM rolled the request back (a load failed) or preempted it: the chunks from
                 # `computed` on are computed again, and saved again once they are.
                 state.saved_upto = computed // self._chunk_tokens * self._chunk_tokens
                 state.rollbacks += 1
+            self._refresh_blocks(req_id, state)
             self._add_rewritten(meta, req_id, state, computed)
             self._add_load(meta, req_id, state)
             self._add_save(meta, req_id, state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))

@@ -268,6 +268,19 @@ class _WorkerSide(KVConnectorBase_V1):
             self._end_load(load.spec, load.handle, load.blocks)
         self._async_loads.clear()
 
+    def _note_late(self, req_id: str, load, now: float) -> None:
+        """An asynchronous load still copying: past its deadline it is logged and counted once
+        (its blocks stay held until it ends)."""
+        if now > load.deadline and not load.late:
+            load.late = True
+            self._counters["async_loads_late"] += 1
+            log.warning(
+                "kvtier: load of request %s is still copying past its %s s deadline; its blocks "
+                "stay held until it ends",
+                req_id,
+                self._settings.config.timeout_s,
+            )
+
     def _poll_async_loads(self) -> set[str]:
         """Requests whose asynchronous load ended (failed blocks reported with this step's
         ``get_block_ids_with_load_errors``, as vLLM asks). A load still copying past its
@@ -277,15 +290,7 @@ class _WorkerSide(KVConnectorBase_V1):
         now = time.monotonic()
         for req_id, load in list(self._async_loads.items()):
             if load.handle is not None and not load.handle.done():
-                if now > load.deadline and not load.late:
-                    load.late = True
-                    self._counters["async_loads_late"] += 1
-                    log.warning(
-                        "kvtier: load of request %s is still copying past its %s s deadline; its "
-                        "blocks stay held until it ends",
-                        req_id,
-                        self._settings.config.timeout_s,
-                    )
+                self._note_late(req_id, load, now)
                 continue
             self._end_load(load.spec, load.handle, load.blocks)  # ended: returns at once
             del self._async_loads[req_id]
