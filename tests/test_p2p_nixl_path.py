@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvtier import _core
 from kvtier.errors import ResourceExhaustedError, UnavailableError
-from kvtier.p2p import PeerConfig, PeerService, nixl_path
+from kvtier.p2p import PeerConfig, PeerService, member_process, nixl_path
 from kvtier.p2p import protocol as P
 from kvtier.p2p.nixl_agent import PEER_LOST, NixlEndpoint, ReadOutcome, nixl_unavailable_reason
 from kvtier.p2p.nixl_path import BlockLeases, NixlPath
@@ -382,8 +382,8 @@ def test_a_holder_killed_mid_read_is_a_miss_within_the_deadline(tmp_path, monkey
         assert src["stored"] == 8
         wait_for(lambda: f.call("lookup", tokens=t)["tokens"] == 8 * CT, 20, "F to see H's chunks")
         f.send("load", tokens=t, pages=list(range(32, 64)))
-        wait_for(lambda: _stopped(h.proc.pid), 20, "H to stop after its lease")
-        time.sleep(0.3)  # the READ waits on H
+        wait_for(lambda: member_process.is_stopped(h.proc.pid), 20, "H to stop after its lease")
+        time.sleep(0.3)  # the lease leaves H only once H is stopped; F's READ then waits on H
         h.kill()
         t0 = time.monotonic()
         got = f._read(30)
@@ -402,14 +402,6 @@ def test_a_holder_killed_mid_read_is_a_miss_within_the_deadline(tmp_path, monkey
         f.stop()
         if h.proc.poll() is None:
             h.kill()
-
-
-def _stopped(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "T"
-    except OSError:
-        return False
 
 
 # -- where NIXL pays -------------------------------------------------------------------------------

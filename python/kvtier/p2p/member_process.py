@@ -5,8 +5,9 @@
 Config: ``layers, heads, dim, num_pages, page_tokens, chunk_tokens, dtype, cpu_bytes, seed``,
 optional ``disk_dir, disk_bytes``, ``peers`` (PeerConfig fields), ``slow_send_s`` (sleep
 before every send of 4 KiB or more, e.g. each BLOB piece: lets a test kill a member mid-transfer)
-and ``stop_after_leased`` (the process stops itself, SIGSTOP, right after it sends a NIXL lease:
-a puller's READ over UCX's TCP transport then waits on it, so a test can kill it mid-READ). Each command
+and ``stop_after_leased`` (the process stops itself, SIGSTOP, as it sends a NIXL lease, and the
+lease leaves only once it is stopped: a puller's READ over UCX's TCP transport then waits on it, so a
+test can kill it mid-READ). Each command
 ``{"op": ..., ...}`` gets one JSON line back; ``{"error": ...}`` when it raised.
 
 "Computing" the KV of a prompt fills its pages with bytes derived from (token seed, page index),
@@ -55,9 +56,19 @@ def main(argv: list[str]) -> int:
         orig_frame = transport.Connection.send_frame
 
         def send_then_stop(self, kind, rid, body, deadline, _orig=orig_frame):
-            _orig(self, kind, rid, body, deadline)
-            if kind == P.Kind.NIXL_LEASED:
-                os.kill(os.getpid(), signal.SIGSTOP)
+            if kind != P.Kind.NIXL_LEASED:
+                return _orig(self, kind, rid, body, deadline)
+            # A forked child sends the lease once this process is stopped: sent before the stop,
+            # NIXL's progress thread here could answer the READ in between.
+            pid = os.getpid()
+            if os.fork() == 0:
+                try:
+                    while not is_stopped(pid):
+                        time.sleep(0.001)
+                    _orig(self, kind, rid, body, deadline)
+                finally:
+                    os._exit(0)
+            os.kill(pid, signal.SIGSTOP)
 
         transport.Connection.send_frame = send_then_stop
     dtype = getattr(torch, cfg.get("dtype", "float32"))
@@ -139,6 +150,15 @@ def main(argv: list[str]) -> int:
         print(json.dumps(res), flush=True)
     cache.close()
     return 0
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (state T in /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":
