@@ -254,6 +254,30 @@ def test_gpu_hit_matches_full_recompute(tmp_path, gpu, tier, kv_layout):
     assert toks == ref.tokens
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_layout", LAYOUTS)
+def test_gpu_offload_beside_the_next_request_stores_exact_kv(tmp_path, gpu, kv_layout):
+    """The engine begins requests layerwise: pages an eviction's offload still copies are written
+    by the next request's layers once the offload has copied that layer (the compute stream
+    waits). What the offload stored comes back bit-identical."""
+    engine = make_engine(tmp_path, kv_layout=kv_layout, device=str(gpu), dtype=torch.bfloat16)
+    for rep in range(3):
+        prompt_a = tokens(PREFIX, seed=10 + rep) + tokens(7, seed=2)  # new each time: offloaded on eviction
+        kv_a = serve_and_keep_kv(engine, prompt_a)
+        filler = tokens(POOL_PAGES * PT, seed=3000 + rep)  # every page: evicts A's chunks
+        seq = engine.start(filler)
+        engine.prefill(seq, filler)  # writes the pages A's offload reads, layer by layer
+        engine.pool.release(seq)
+        seq = engine.start(prompt_a)
+        seq.wait()
+        assert (seq.gpu_hit_tokens, seq.lower_hit_tokens) == (0, PREFIX)
+        paged = PagedKV(engine.pool, seq)
+        for layer in range(CONFIG.layers):
+            k, v = paged.read(layer, PREFIX)
+            assert torch.equal(k, kv_a[layer][0][:PREFIX]) and torch.equal(v, kv_a[layer][1][:PREFIX]), layer
+        engine.pool.release(seq)
+
+
 class _Split:
     """Recompute the first ``head`` lower chunks, load the rest (a split plan, forced)."""
 

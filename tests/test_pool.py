@@ -29,10 +29,13 @@ def page_value(tokens, page: int) -> float:
 
 
 def compute(pool: PagedKVPool, seq, tokens) -> None:
-    """Fill the pages after the cached prefix as a model's prefill would."""
+    """Fill the pages after the cached prefix as a model's prefill would: layer by layer, each
+    once the sequence may write it (an eviction's offload may still read a layerwise one's)."""
     first = seq.cached_tokens // PT
-    for j in range(first, len(seq.page_table)):
-        pool.kv[seq.page_table[j]] = page_value(tokens, j)
+    for layer in range(pool.num_layers):
+        seq.wait_writable(layer)
+        for j in range(first, len(seq.page_table)):
+            pool.kv[seq.page_table[j], layer] = page_value(tokens, j)
 
 
 def check_cached(pool: PagedKVPool, seq, tokens) -> None:
@@ -138,11 +141,16 @@ class PoolMachine(RuleBasedStateMachine):
         self.pool = make_pool(num_pages=10, cpu_chunks=4)
         self.live = []  # (seq, tokens)
 
-    @rule(prefix=st.sampled_from(PREFIXES), tail=st.lists(st.integers(0, 5), max_size=10), commit=st.booleans())
-    def request(self, prefix, tail, commit):
+    @rule(
+        prefix=st.sampled_from(PREFIXES),
+        tail=st.lists(st.integers(0, 5), max_size=10),
+        commit=st.booleans(),
+        layerwise=st.booleans(),
+    )
+    def request(self, prefix, tail, commit, layerwise):
         toks = prefix + tail
         try:
-            seq = self.pool.begin(toks)
+            seq = self.pool.begin(toks, layerwise=layerwise)
         except ResourceExhaustedError:
             assert self.live, "only live sequences may hold every page"
             return
@@ -535,4 +543,126 @@ def test_a_chunk_whose_load_failed_is_never_shared_or_stored(waited, monkeypatch
     pool.release(c)
     st_ = pool.stats()
     assert st_["pages_free"] + sum(len(ch.pages) for ch in pool._chunks.values()) == 8
+    pool.close()
+
+
+class _HeldOffloads:
+    """The pool's CPU tier, except that while ``holding``, a store's copy (done at once, for
+    real) is reported in flight until the test lets it end, layer by layer: ``release(layer)``
+    (``None``: every layer). Its pages then count as still read, as a slow offload's would."""
+
+    def __init__(self, tier) -> None:
+        self._tier = tier
+        self.holding = False
+        self.held = []
+
+    def __getattr__(self, name):
+        return getattr(self._tier, name)
+
+    def store(self, keys, pages, stream):
+        op = self._tier.store(keys, pages, stream)
+        if op.transfer is not None:
+            op.transfer.wait(10.0)
+        if not self.holding or not op.chunks:
+            return op
+        from types import SimpleNamespace
+
+        held = _HeldTransfer(2)
+        self.held.append(held)
+        return SimpleNamespace(chunks=op.chunks, skipped_full=op.skipped_full, transfer=held)
+
+
+class _HeldTransfer:
+    def __init__(self, layers: int) -> None:
+        import threading
+
+        self._layers = [threading.Event() for _ in range(layers)]
+
+    def release(self, layer=None) -> None:
+        for i, e in enumerate(self._layers):
+            if layer is None or i == layer:
+                e.set()
+
+    @property
+    def done(self) -> bool:
+        return all(e.is_set() for e in self._layers)
+
+    def wait_layer(self, layer, timeout_s):
+        from kvtier.errors import DeadlineExceededError
+
+        if not self._layers[layer].wait(timeout_s):
+            raise DeadlineExceededError(f"layer {layer} still copying (held)")
+
+    def wait(self, timeout_s):
+        for layer in range(len(self._layers)):
+            self.wait_layer(layer, timeout_s)
+
+
+def test_pages_an_offload_still_reads_wait_for_it_or_go_to_a_layerwise_request(monkeypatch):
+    import threading
+
+    from kvtier.errors import DeadlineExceededError
+
+    tiers = []
+    wrap_cpu_tiers(monkeypatch, lambda t: tiers.append(_HeldOffloads(t)) or tiers[-1])
+    pool = make_pool(num_pages=8, cpu_chunks=8, timeout_s=0.5)
+    tier = tiers[0]
+
+    def evict_all(base):
+        """Cache a 2-chunk prompt, then hold the offload of the eviction that the next begin makes."""
+        toks = [base + t for t in range(16)]
+        s = pool.begin(toks)
+        compute(pool, s, toks)
+        pool.commit(s, toks)
+        pool.release(s)
+        return toks
+
+    # Layerwise: the pages come at once; each layer is writable once the offload copied it.
+    a = evict_all(1000)
+    tier.holding = True
+    seq = pool.begin([5000 + t for t in range(32)], layerwise=True)  # every page: evicts a's chunks
+    (held,) = tier.held
+    assert len(seq._page_readers) == 1 and not held.done
+    with pytest.raises(DeadlineExceededError):
+        seq.wait_writable(0, timeout_s=0.05)
+    held.release(0)
+    seq.wait_writable(0)
+    with pytest.raises(DeadlineExceededError):
+        seq.wait_writable(1, timeout_s=0.05)
+    threading.Timer(0.05, held.release).start()
+    seq.wait()  # the rest of the offload
+    assert seq._page_readers == []
+    compute(pool, seq, [5000 + t for t in range(32)])
+    pool.release(seq)
+    tier.holding = False
+    assert pool.cache.lookup(a) == 16  # the offload stored a's chunks
+
+    # By default the begin itself waits until the offload ended.
+    evict_all(2000)
+    tier.holding = True
+    tier.held.clear()
+    got = []
+    t = threading.Thread(target=lambda: got.append(pool.begin([6000 + t for t in range(32)])))
+    t.start()
+    t.join(0.2)
+    assert t.is_alive() and not got  # still waiting for the held offload
+    tier.held[0].release()
+    t.join(5)
+    assert got and got[0]._page_readers == []
+    pool.release(got[0])
+
+    # An offload past the deadline: the begin raises, and the pool keeps every page accounted for.
+    tier.holding = False
+    evict_all(3000)
+    tier.holding = True
+    tier.held.clear()
+    with pytest.raises(DeadlineExceededError):
+        pool.begin([7000 + t for t in range(32)])
+    st_ = pool.stats()
+    assert st_["gpu_referenced_chunks"] == 0
+    assert st_["pages_free"] + sum(len(c.pages) for c in pool._chunks.values()) == 8
+    tier.held[0].release()
+    tier.holding = False
+    s = pool.begin([7000 + t for t in range(32)])  # the pages are free once it ended
+    pool.release(s)
     pool.close()

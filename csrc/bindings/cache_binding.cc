@@ -103,7 +103,7 @@ void BindCache(py::module_& m) {
                        const std::string& eviction_policy, bool deterministic_writeback,
                        uint32_t disk_max_writebacks_in_flight, const std::string& disk_geometry_label,
                        bool disk_reset_on_mismatch, double disk_persist_interval_s, int64_t event_capacity,
-                       bool disk_write_through, int pin_device) {
+                       bool disk_write_through) {
              LayoutDesc layout;
              for (const auto& [base, stride, bytes, pages] : segments) layout.segments.push_back({base, stride, bytes, pages});
              layout.device = device;
@@ -116,7 +116,6 @@ void BindCache(py::module_& m) {
              options.copy.cpu_threads = cpu_threads;
              options.copy.fail_every_nth = fail_every_nth;
              options.eviction_policy = eviction_policy;
-             options.pin_device = pin_device;
              if (event_capacity < 0) {
                throw StatusError(Status::InvalidArgument("event_capacity must be >= 0 (0: no events), got " +
                                                          std::to_string(event_capacity)));
@@ -169,7 +168,7 @@ void BindCache(py::module_& m) {
            py::arg("eviction_policy") = "lru", py::arg("deterministic_writeback") = false,
            py::arg("disk_max_writebacks_in_flight") = 64, py::arg("disk_geometry_label") = "",
            py::arg("disk_reset_on_mismatch") = false, py::arg("disk_persist_interval_s") = 0.0,
-           py::arg("event_capacity") = 0, py::arg("disk_write_through") = false, py::arg("pin_device") = -1)
+           py::arg("event_capacity") = 0, py::arg("disk_write_through") = false)
       .def("store", [](CpuTier& t, const py::bytes& keys, const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& page_ids, uintptr_t after_stream) {
              std::vector<ChunkKey> k = ParseKeys(keys);
              std::vector<uint32_t> p = ParsePages(page_ids);

@@ -32,11 +32,10 @@ StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const LayoutDesc& layout,
 
   std::unique_ptr<CpuTier> tier(new CpuTier());
   tier->close_timeout_ms_ = options.close_timeout_ms;
-  // Host layouts need no pinning (unless asked for); a GPU layout gets page-locked memory so DMA
+  // Host layouts need no pinning; a GPU layout gets page-locked memory so DMA
   // runs at PCIe speed.
-  const int pin_device = layout.device >= 0 ? layout.device : options.pin_device;
-  ArenaKind kind = pin_device >= 0 ? ArenaKind::kPinnedHost : ArenaKind::kHost;
-  auto arena = Arena::Create(kind, blocks * block_bytes, std::max(pin_device, 0));
+  ArenaKind kind = layout.device >= 0 ? ArenaKind::kPinnedHost : ArenaKind::kHost;
+  auto arena = Arena::Create(kind, blocks * block_bytes, std::max(layout.device, 0));
   if (!arena.ok()) return arena.status();
   tier->arena_ = std::move(arena).value();
   if (!tier->arena_->fallback_reason().empty()) {

@@ -101,11 +101,6 @@ struct CpuTierOptions {
   DiskTierOptions disk;
   int64_t close_timeout_ms = 30000;     // how long the destructor waits for in-flight copies
   std::string eviction_policy = "lru";  // the pool's eviction order: "lru", "s3fifo" or "lfu"
-  // The pool's memory is pinned for a GPU layout (its device's DMA). pin_device >= 0 pins it for
-  // that GPU's DMA also for a host layout: a caller that copies blobs between the pool's blocks
-  // and GPU memory itself (the GPU codec path) then gets PCIe speed. Falls back to plain memory,
-  // with a warning, where pinning fails.
-  int pin_device = -1;
   // Bound of the KV event log (EventLog): past it the oldest events are dropped and counted. 0
   // records nothing.
   size_t event_capacity = 0;

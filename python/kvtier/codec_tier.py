@@ -14,8 +14,9 @@ recovers, serves peers and checks CRC32C over opaque blobs, exactly as for raw c
   the copy engine.
 - ``codec_device="gpu"``: the chunks are gathered into and scattered from GPU memory with the
   core's segment copies and coded there; with a fixed-size codec as stacks (``encode_many`` /
-  ``decode_many``), the blobs copied straight into the inner tier's blocks (pinned for it) and
-  out of a pinned load buffer, one wait per stack.
+  ``decode_many``), the blobs copied straight into the inner tier's blocks and loaded by the
+  inner tier straight into GPU memory (its blocks pinned, as for any GPU layout), one wait per
+  stack.
 
 Both return once done (the coding and the copies waited for) and run one at a time;
 a chunk that does not decode (a blob damaged past the tier's CRC32C, or written by another codec)
@@ -186,7 +187,7 @@ class CodecTier:
         raw_block = math.ceil(layout.chunk_bytes / _BLOCK) * _BLOCK
         # GPU path, fixed-size codec: a call's chunks are encoded and decoded as stacks
         # (Codec.encode_many / decode_many), their blobs copied straight between GPU memory and
-        # the inner tier's blocks (pinned for that) or the load buffer (pinned).
+        # the inner tier's blocks.
         self._header = None
         self._batch = _STAGING_CHUNKS
         if codec_device == "gpu" and codec.fixed_size:
@@ -194,7 +195,8 @@ class CodecTier:
             self._header_info = read_header(np.frombuffer(self._header, dtype=np.uint8))
             self._blob_len = codec.encoded_nbytes(self._shape, self._dtype)
             self._batch = max(1, _GPU_BATCH_BYTES // layout.chunk_bytes)
-            inner_options["pin_device"] = device
+            if self._slot != self._blob_len:
+                raise KVTierError(f"codec {codec.name}: {self._slot}-byte slots for {self._blob_len}-byte blobs")
         # Copies the GPU did not finish by the deadline: (event after them, keys whose blocks they
         # write, what they read or write); their blocks are given back once the event has passed.
         self._late: list[tuple[torch.cuda.Event, list[bytes], object]] = []
@@ -214,24 +216,28 @@ class CodecTier:
                 cpu_threads,
                 layout_fingerprint=layout.fingerprint,
             )
-        # Host pages the inner tier loads encoded chunks into (one chunk = one page), aligned
-        # like its blocks.
-        n = self._batch * self._slot + _BLOCK  # pinned on the GPU path: its blobs cross PCIe from there
-        self._buf = torch.zeros(n, dtype=torch.uint8, pin_memory=codec_device == "gpu")
-        base = self._buf.data_ptr()
-        self._buf_at = (-base) % _BLOCK
-        inner_layout = [(base + self._buf_at, self._slot, self._slot, self._batch)]
+        # The pages the inner tier loads encoded chunks into (one chunk = one page): with GPU
+        # stacks, GPU memory, so a hit's blobs cross PCIe straight from the tier's blocks (pinned,
+        # as for any GPU layout) as the raw tier's chunks do; else host memory aligned like its blocks.
+        if self._header is not None:
+            self._buf = torch.zeros(self._batch * self._slot, dtype=torch.uint8, device=f"cuda:{device}")
+            self._buf_at, inner_device, inner_method = 0, device, method
+            self._header_gpu = torch.frombuffer(bytearray(self._header), dtype=torch.uint8).to(self._buf.device)
+        else:
+            self._buf = torch.zeros(self._batch * self._slot + _BLOCK, dtype=torch.uint8)
+            self._buf_at, inner_device, inner_method = (-self._buf.data_ptr()) % _BLOCK, -1, "cpu"
+        inner_layout = [(self._buf.data_ptr() + self._buf_at, self._slot, self._slot, self._batch)]
         if capacity_bytes < math.ceil(self._slot / _BLOCK) * _BLOCK:
             raise InvalidArgumentError(
                 f"cpu_bytes={capacity_bytes} is smaller than one {codec.name} chunk ({self._slot} bytes)"
             )
         self._inner = _core.CpuTier(
             inner_layout,
-            -1,
+            inner_device,
             1,
             [[0]],
             capacity_bytes,
-            "cpu",
+            inner_method,
             staging_bytes,
             cpu_threads,
             layout_fingerprint=codec_fingerprint(layout, codec, slot_fraction),
@@ -598,35 +604,29 @@ class CodecTier:
 
     def _decode_stack(self, n: int, pages: np.ndarray, after_stream: int) -> int:
         """GPU path, fixed-size codec: the ``n`` encoded chunks the inner tier loaded into the
-        (pinned) buffer cross PCIe in one copy, are decoded as one stack and scattered; a slot
-        whose header is not this layout's (another codec's blob, a damaged one) ends the load
-        before it. Returns the chunks in place."""
-        h = len(self._header)
-        good = 0
-        for i in range(n):
-            start = self._buf_at + i * self._slot
-            head = self._buf[start : start + h].numpy()
-            if bytes(head) != self._header:
-                self._counts["codec_decode_failures"] += 1
-                log.warning("kvtier: a %s chunk does not decode (%s): a miss", self.codec.name, self._why_not(start))
-                break
-            good += 1
+        GPU buffer are decoded as one stack and scattered; a slot whose header is not this
+        layout's (another codec's blob, a damaged one) ends the load before it. Returns the
+        chunks in place."""
+        blobs = self._buf[: n * self._slot].view(n, self._slot)
+        match = (blobs[:, : len(self._header)] == self._header_gpu).all(dim=1)
+        match_host = torch.empty(n, dtype=torch.bool, pin_memory=True)
+        match_host.copy_(match, non_blocking=True)
+        self._wait_stream("header check")
+        good = n if bool(match_host.all()) else int(match_host.int().argmin())
+        if good < n:
+            self._counts["codec_decode_failures"] += 1
+            log.warning("kvtier: a %s chunk does not decode (%s): a miss", self.codec.name, self._why_not(good))
         if not good:
             return 0
-        size = self._blob_len
-        blobs = torch.empty((good, size), dtype=torch.uint8, device=f"cuda:{self._device}")
-        src = np.uint64(self._buf.data_ptr() + self._buf_at) + np.arange(good, dtype=np.uint64) * np.uint64(self._slot)
-        dst = np.uint64(blobs.data_ptr()) + np.arange(good, dtype=np.uint64) * np.uint64(size)
         self._ordered_after(after_stream)
-        _core.copy_segments(self._device, src, dst, np.full(good, size, dtype=np.uint64), self._stream.cuda_stream)
-        raw = self.codec.decode_many(blobs, self._header_info).view(good, -1).view(torch.uint8)
+        raw = self.codec.decode_many(blobs[:good], self._header_info).view(good, -1).view(torch.uint8)
         try:
             self._scatter_gpu(raw, pages, 0)
         except DeadlineExceededError:
             # The copy out of the buffer may not have run yet: the next load waits for it before
             # the inner tier writes the buffer again, and the caller's later work on its stream
             # runs after the late scatter into its pages.
-            self._late_copies([], (blobs, raw))
+            self._late_copies([], raw)
             self._buf_busy = self._late[-1][0]
             if after_stream:
                 torch.cuda.ExternalStream(after_stream, device=self._device).wait_event(self._buf_busy)
@@ -634,9 +634,11 @@ class CodecTier:
         self._counts["codec_chunks_decoded"] += good
         return good
 
-    def _why_not(self, start: int) -> str:
-        """Why the slot at ``start`` of the buffer does not hold one of this layout's blobs."""
-        slot = self._buf[start : start + self._slot]
+    def _why_not(self, i: int) -> str:
+        """Why slot ``i`` of the buffer does not hold one of this layout's blobs (the buffer's
+        copies have ended)."""
+        start = self._buf_at + i * self._slot
+        slot = self._buf[start : start + self._slot].cpu()
         try:
             header = read_header(slot)
         except CorruptionError as e:

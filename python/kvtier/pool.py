@@ -10,6 +10,13 @@ sequence's references. Pages of finished sequences stay cached, addressed by chu
 the pool needs pages: then the least recently used unreferenced chunks are evicted, offloaded to
 the CPU tier first if they are not there yet.
 
+An eviction's offload may still be reading the pages it frees when they are handed out again.
+By default ``begin`` and ``extend`` wait for it. ``begin(tokens, layerwise=True)`` hands the
+pages out at once instead: the caller then writes layer ``i`` of its pages only after
+``seq.stream_wait_writable(i, stream)`` (GPU: the stream waits, not the host) or
+``seq.wait_writable(i)``, so a new request computes layer 0 while the offload copies the later
+layers (kvtier's example engine does; ``seq.wait()`` waits for the rest).
+
 A load that fails (``seq.wait()`` / ``seq.wait_layer(i)`` raise) leaves its pages holding stale
 bytes: its chunks leave the pool's index at once, so no later request shares them and no
 eviction stores them into a lower tier; their pages are freed with the last sequence using them.
@@ -156,6 +163,8 @@ class PagedKVPool:
         self.write_through = write_through and self.cache is not None
         self._clock = 0
         self._free = _core.BlockAllocator(num_pages, 1)  # page ids only: O(1), thread-safe
+        # Offloads of evicted chunks that may still read the pages they freed: (transfer, pages).
+        self._page_readers: list[tuple[object, frozenset[int]]] = []
         self._chunks: OrderedDict[bytes, GpuChunk] = OrderedDict()  # LRU order of unreferenced use
         self._lock = threading.RLock()
         self._next_seq = 0
@@ -228,19 +237,46 @@ class PagedKVPool:
         finally:
             self._free.free_batch(pages)
 
-    def _allocate(self, n: int) -> list[int]:
+    def _allocate(self, n: int, seq: Sequence | None = None) -> list[int]:
+        """``n`` free pages, evicting chunks for them if needed. An offload still reading some
+        of them is waited for here, or with ``seq.layerwise`` handed to ``seq`` to wait on layer
+        by layer before it writes them."""
         if n == 0:
             return []
         free = self._free.stats()["free_blocks"]
         if free < n:
             self._evict(n - free)
         try:
-            return self._free.allocate_batch(n)
+            pages = self._free.allocate_batch(n)
         except ResourceExhaustedError:
             raise ResourceExhaustedError(
                 f"the pool needs {n} pages but only {self._free.stats()['free_blocks']} are free and every "
                 f"cached chunk is referenced by a live sequence ({self.num_pages} pages in all)"
             ) from None
+        try:
+            self._order_writes(pages, seq)
+        except BaseException:
+            self._free.free_batch(pages)  # still read by an offload: listed in _page_readers
+            raise
+        return pages
+
+    def _order_writes(self, pages: list[int], seq: Sequence | None) -> None:
+        """Offloads still reading any of ``pages`` end before anyone writes them: waited for
+        here (bounded by the cache's deadline), or handed to a layerwise ``seq``."""
+        self._page_readers = [(t, held) for t, held in self._page_readers if not t.done]
+        mine = set(pages)
+        for transfer, held in self._page_readers:
+            if held.isdisjoint(mine):
+                continue
+            if seq is not None and seq.layerwise:
+                seq._page_readers.append((transfer, self.cache.config.timeout_s))
+                continue
+            try:
+                transfer.wait(self.cache.config.timeout_s)
+            except DeadlineExceededError:
+                raise  # still reading: the pages cannot be written yet
+            except KVTierError:
+                pass  # the copy failed and ended: the chunks are not in the tier, the pages are free
 
     def _evict(self, pages_needed: int) -> None:
         """Free at least ``pages_needed`` pages by evicting unreferenced chunks, LRU first, after
@@ -271,10 +307,11 @@ class PagedKVPool:
                     pass  # the copy failed and ended: the store below copies the chunk again
                 c.offload = None
         if self.cache is not None and victims:
-            # Offload the victims as one store; chunks already below are skipped by the tier.
+            # Offload the victims as one store; chunks already below are skipped by the tier. Its
+            # copies may still read the pages: whoever is given them waits (_order_writes).
             op = self._store(victims)
             if op.transfer is not None:
-                op.transfer.wait(self.cache.config.timeout_s)
+                self._page_readers.append((op.transfer, frozenset(p for c in victims for p in c.pages)))
         for c in victims:
             del self._chunks[c.key]
             self._free.free_batch(list(c.pages))
@@ -282,15 +319,23 @@ class PagedKVPool:
         self._stats["evicted_chunks"] += len(victims)
 
     # -- requests --------------------------------------------------------------------------------
-    def begin(self, tokens, *, stream=None) -> Sequence:
-        """Start a request: map its longest cached prefix and give it pages for all its tokens."""
+    def begin(self, tokens, *, stream=None, layerwise: bool = False) -> Sequence:
+        """Start a request: map its longest cached prefix and give it pages for all its tokens.
+
+        Args:
+            stream: the CUDA stream the loads are ordered after (default: the current one).
+            layerwise: the caller calls ``seq.stream_wait_writable(i, stream)`` (or
+                ``seq.wait_writable(i)``) before it writes layer ``i`` of the sequence's pages,
+                so pages an eviction's offload still reads are handed out without waiting (see
+                the module doc). Pages a load fills are always waited for here.
+        """
         keys = self.keyer.keys(tokens)
         num_tokens = len(tokens)
         ct, ppc = self.chunk_tokens, self.pages_per_chunk
         total_pages = math.ceil(num_tokens / self.page_tokens)
         with self._lock:
             self._stats["begins"] += 1
-            seq = Sequence(self._next_seq, num_tokens, [], _on_load_failed=self._load_failed)
+            seq = Sequence(self._next_seq, num_tokens, [], layerwise=layerwise, _on_load_failed=self._load_failed)
             self._next_seq += 1
             for k in keys:  # GPU hits: share the pages, no copy
                 c = self._chunks.get(k)
@@ -323,8 +368,9 @@ class PagedKVPool:
                     self._stats["planned_recompute_chunks"] += lower - keep
                     lower = keep
             try:
-                pages = self._allocate(total_pages - len(seq.page_table))
-            except ResourceExhaustedError:
+                # Loads write pages on the tier's streams: an offload still reading them ends first.
+                pages = self._allocate(total_pages - len(seq.page_table), None if lower else seq)
+            except KVTierError:
                 self._drop_refs(seq)
                 raise
             loaded = 0
@@ -414,7 +460,7 @@ class PagedKVPool:
         self._check_live(seq)
         need = math.ceil(num_tokens / self.page_tokens) - len(seq.page_table)
         with self._lock:
-            pages = self._allocate(max(0, need))
+            pages = self._allocate(max(0, need), seq)
             seq.page_table.extend(pages)
             seq.num_tokens = max(seq.num_tokens, num_tokens)
             return pages

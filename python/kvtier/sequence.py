@@ -1,14 +1,15 @@
 """A request's view of a PagedKVPool (Sequence) and the pool's record of one cached chunk's
-pages (GpuChunk). The pool makes both; a Sequence waits on the loads that fill its pages and
-tells the pool, through the callback it was given, about a load that failed."""
+pages (GpuChunk). The pool makes both; a Sequence waits on the loads that fill its pages (and,
+begun ``layerwise``, on the offloads still reading pages it was given) and tells the pool,
+through the callback it was given, about a load that failed."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvtier.cache import LoadHandle
-from kvtier.errors import KVTierError
+from kvtier.cache import LoadHandle, _stream_handle
+from kvtier.errors import DeadlineExceededError, KVTierError
 
 __all__ = ["GpuChunk", "Sequence"]
 
@@ -51,6 +52,9 @@ class Sequence:
     _pending: list[tuple[int, LoadHandle]] | None = field(default=None, repr=False)  # see _pending_loads
     _tail: tuple | None = field(default=None, repr=False)  # the tail load in flight: (Future, plan...)
     _released: bool = False
+    layerwise: bool = False  # begun layerwise: the caller waits before writing each layer
+    # Offloads of evicted chunks still reading pages this sequence was given: (transfer, deadline s)
+    _page_readers: list[tuple[object, float]] = field(default_factory=list, repr=False)
     _on_load_failed: Callable[[LoadHandle], None] | None = field(default=None, repr=False)  # the pool's
 
     def _pending_loads(self) -> list[tuple[int, LoadHandle]]:
@@ -66,11 +70,41 @@ class Sequence:
         return self._pending
 
     def wait(self, timeout_s: float | None = None) -> None:
-        """Block until every page loaded from a lower tier (for this or a sharing sequence) landed.
-        A load that failed raises (its chunks have left the pool's index): release the sequence."""
+        """Block until every page loaded from a lower tier (for this or a sharing sequence) landed,
+        and every offload still reading the sequence's pages ended. A load that failed raises
+        (its chunks have left the pool's index): release the sequence."""
         for _start, h in self._pending_loads():
             self._checked(h.wait, h, timeout_s)
         self._pending = []
+        for transfer, deadline in self._page_readers:
+            self._reader_ended(transfer.wait, deadline if timeout_s is None else timeout_s)
+        self._page_readers = []
+
+    def wait_writable(self, layer: int, timeout_s: float | None = None) -> None:
+        """Block until the offloads still reading the sequence's pages (a ``layerwise`` sequence's)
+        have copied layer ``layer``: the caller may write it then."""
+        for transfer, deadline in self._page_readers:
+            self._reader_ended(transfer.wait_layer, layer, deadline if timeout_s is None else timeout_s)
+
+    def stream_wait_writable(self, layer: int, stream) -> None:
+        """Make ``stream`` wait on the GPU, not the host, until the offloads still reading the
+        sequence's pages have copied layer ``layer``: the writes of that layer queued on it after
+        this call run after the copies. Offloads that ended drop out at layer 0."""
+        if layer == 0:
+            self._page_readers = [(t, d) for t, d in self._page_readers if not t.done]
+        for transfer, _deadline in self._page_readers:
+            transfer.stream_wait_layer(layer, _stream_handle(stream))
+
+    @staticmethod
+    def _reader_ended(wait, *args) -> None:
+        """Wait for an offload reading the sequence's pages: one that failed has ended all the
+        same (its chunks are not stored, the pages are free); past the deadline it raises."""
+        try:
+            wait(*args)
+        except DeadlineExceededError:
+            raise
+        except KVTierError:
+            pass
 
     def _checked(self, wait, h: LoadHandle, *args) -> None:
         try:

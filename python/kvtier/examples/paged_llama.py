@@ -124,6 +124,12 @@ class PagedKV:
         return self.pool.kv[layer][k_or_v]  # kv[layer]: [2, num_pages, page_tokens, heads, dim]
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        # Pages an eviction's offload still copies (a layerwise sequence's) are written once that
+        # layer is copied: on a GPU the stream waits, the host goes on.
+        if self.on_gpu:
+            self.seq.stream_wait_writable(layer, torch.cuda.current_stream())
+        else:
+            self.seq.wait_writable(layer)
         where = self._slots.get((start, k.shape[0]))
         if where is None:  # (page, slot) of each token: the same for every layer of a step
             pos = torch.arange(start, start + k.shape[0], device=self.page_table.device)
@@ -535,7 +541,7 @@ class Engine:
         """``pool.begin`` a request: its longest cached prefix is mapped (GPU pages) or loading
         (CPU / disk tiers). The last prompt token is always computed, even on a full hit: its
         logits give the first new token (vLLM does the same)."""
-        seq = self.pool.begin(prompt[:-1])
+        seq = self.pool.begin(prompt[:-1], layerwise=True)  # PagedKV.write waits layer by layer
         try:
             self.pool.extend(seq, len(prompt))
         except BaseException:
