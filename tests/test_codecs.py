@@ -474,3 +474,40 @@ def test_round_trips_on_cuda(gpu, dtype):
         assert torch.equal(blobs.cpu()[keep], on_cpu[keep]), codec
         out = codec.decode_many(blobs[keep], read_header(on_cpu[0]))
         assert same_bits(out.cpu(), codec.decode_many(on_cpu[keep])), codec
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16"])
+def test_fused_fp8_kernels_give_the_torch_paths_bytes_and_values(gpu, dtype, scale_dtype):
+    """The core's fused kernels (one scale per row, on a GPU) against the torch path on the
+    CPU: the same blob bytes, the same decoded bits, the same chunks refused, over rows spanning
+    many decades, whole rows of zeros, of -0.0, of the dtype's extremes and of subnormals."""
+    codec = make_codec("fp8", scale_dtype=scale_dtype)
+    stack = kv_like((5, 64, 8, 128), dtype, 11)
+    fi = torch.finfo(dtype)
+    stack[0, 0, 0] = 0.0
+    stack[0, 0, 1] = -0.0
+    stack[0, 0, 2] = fi.max
+    stack[0, 0, 3] = -fi.max
+    stack[0, 0, 4] = fi.smallest_normal / 4  # subnormal rows
+    stack[0, 0, 5, ::2] = fi.tiny
+    stack[0, 0, 6] = torch.linspace(-1, 1, 128).to(dtype) * 448
+    specials = special_values(dtype)
+    finite = specials[torch.isfinite(specials.float())]
+    stack[1, 1, 1, : len(finite)] = finite[:128]
+    stack[3, 5, 2, 7] = math.nan
+    stack[4, 0, 0, 0] = -math.inf
+    on_gpu = stack.to(gpu)
+    assert codec._fused(on_gpu.device, tuple(stack.shape[1:]), dtype)
+    blobs, ok = codec.encode_many(on_gpu)
+    want, want_ok = codec.encode_many(stack)  # the torch path, on the CPU
+    assert ok.tolist() == want_ok.tolist() == [True, True, True, False, False]
+    assert torch.equal(blobs[:3].cpu(), want[:3])
+    header = read_header(want[0])
+    out = codec.decode_many(blobs[:3], header)
+    assert same_bits(out.cpu(), codec.decode_many(want[:3], header))
+    # Rows of a stack whose blobs sit farther apart than a blob (a buffer of larger slots).
+    wide = torch.zeros((3, blobs.shape[1] + 64), dtype=torch.uint8, device=on_gpu.device)
+    wide[:, : blobs.shape[1]] = blobs[:3]
+    assert same_bits(codec.decode_many(wide[:, : blobs.shape[1]], header), out)

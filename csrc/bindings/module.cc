@@ -31,4 +31,5 @@ PYBIND11_MODULE(_core, m) {
   kvtier::bindings::BindTransfer(m);
   kvtier::bindings::BindCache(m);
   kvtier::bindings::BindStorage(m);
+  kvtier::bindings::BindCodec(m);
 }

@@ -38,5 +38,6 @@ void BindMemory(pybind11::module_& m);
 void BindTransfer(pybind11::module_& m);
 void BindCache(pybind11::module_& m);
 void BindStorage(pybind11::module_& m);
+void BindCodec(pybind11::module_& m);
 
 }  // namespace kvtier::bindings

@@ -563,6 +563,60 @@ class Fp8Codec(Codec):
 
     def encode_many(self, tensors):
         self._check_stack(tensors)
+        if self._fused(tensors.device, tuple(tensors.shape[1:]), tensors.dtype):
+            return self._encode_fused(tensors)
+        return self._encode_torch(tensors)
+
+    def _fused(self, device: torch.device, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+        """Whether the core's fused kernels code this stack: on a GPU of a build with CUDA, one
+        scale per row (the default ``scale_over``), and rows whose scales stay aligned."""
+        from kvtier import _core
+
+        if device.type != "cuda" or not _core.CUDA_COMPILED or dtype not in _DTYPE_CODES:
+            return False
+        if self._dims(len(shape)) != (len(shape) - 1,):
+            return False
+        return self.encoded_nbytes(shape, dtype) % self.scale_dtype.itemsize == 0
+
+    def _rows(self, shape: tuple[int, ...], dtype: torch.dtype, h: int) -> dict:
+        """The fused kernels' geometry of blobs of tensors of ``shape`` whose header is ``h``
+        bytes, one after another: keyword arguments of ``_core.fp8_encode_rows`` / ``fp8_decode_rows``."""
+        rows = math.prod(shape[:-1])
+        return dict(
+            rows=rows,
+            row_elems=shape[-1],
+            elem=_dtype_name(dtype),
+            scale=_dtype_name(self.scale_dtype),
+            blob_stride=h + _align(rows * self.scale_dtype.itemsize) + math.prod(shape),
+            scale_offset=h,
+            payload_offset=h + _align(rows * self.scale_dtype.itemsize),
+        )
+
+    def _encode_fused(self, tensors):
+        """encode_many in one kernel pass (the same bytes as :meth:`_encode_torch`)."""
+        from kvtier import _core
+
+        n, shape = len(tensors), tuple(tensors.shape[1:])
+        header = self.batch_header(shape, tensors.dtype)
+        geo = self._rows(shape, tensors.dtype, len(header))
+        blobs = torch.empty((n, geo["blob_stride"]), dtype=torch.uint8, device=tensors.device)
+        blobs[:, : len(header)] = _header_tensor(header, tensors.device)
+        blobs[:, len(header) + geo["rows"] * self.scale_dtype.itemsize : geo["payload_offset"]] = 0
+        ok = torch.empty(n, dtype=torch.uint8, device=tensors.device)
+        src = tensors.contiguous()
+        _core.fp8_encode_rows(
+            device=tensors.device.index,
+            raw=src.data_ptr(),
+            blobs=blobs.data_ptr(),
+            ok=ok.data_ptr(),
+            chunks=n,
+            stream=torch.cuda.current_stream(tensors.device).cuda_stream,
+            **geo,
+        )
+        return blobs, ok.bool()
+
+    def _encode_torch(self, tensors):
+        """encode_many in torch operations (any device, any ``scale_over``)."""
         n, shape = len(tensors), tuple(tensors.shape[1:])
         dims = tuple(d + 1 for d in self._dims(len(shape)))  # of the stack: dim 0 is the tensor
         amax = tensors.abs().amax(dim=dims, keepdim=True).float()
@@ -613,6 +667,38 @@ class Fp8Codec(Codec):
         return self._decode_rows(blob.unsqueeze(0), header)[0]
 
     def _decode_rows(self, blobs, header):
+        scale_dtype, scale_shape, _ = self._read_params(header)
+        fused = (
+            blobs.is_cuda
+            and scale_dtype == self.scale_dtype
+            and scale_shape == (*header.shape[:-1], 1)  # one scale per row
+            and blobs.stride(1) == 1
+            and blobs.data_ptr() % scale_dtype.itemsize == 0
+            and blobs.stride(0) % scale_dtype.itemsize == 0
+            and self._fused(blobs.device, header.shape, header.dtype)
+        )
+        if fused:
+            return self._decode_fused(blobs, header)
+        return self._decode_torch(blobs, header)
+
+    def _decode_fused(self, blobs, header):
+        """_decode_rows in one kernel pass (the same values as :meth:`_decode_torch`)."""
+        from kvtier import _core
+
+        geo = self._rows(header.shape, header.dtype, header.header_nbytes)
+        geo["blob_stride"] = blobs.stride(0)
+        out = torch.empty((len(blobs), *header.shape), dtype=header.dtype, device=blobs.device)
+        _core.fp8_decode_rows(
+            device=blobs.device.index,
+            blobs=blobs.data_ptr(),
+            raw=out.data_ptr(),
+            chunks=len(blobs),
+            stream=torch.cuda.current_stream(blobs.device).cuda_stream,
+            **geo,
+        )
+        return out
+
+    def _decode_torch(self, blobs, header):
         scale_dtype, scale_shape, scale_bytes = self._read_params(header)
         n, numel, h = len(blobs), math.prod(header.shape), header.header_nbytes
         # A copy (small: a scale per group): a row's scales may start at any byte of the stack.

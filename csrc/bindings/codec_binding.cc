@@ -1,0 +1,92 @@
+// Python view of csrc/codec: the fused fp8 row kernels. Only exports; the GIL is released around
+// the queueing.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "bindings/status_binding.h"
+#include "codec/fp8_rows.h"
+
+namespace py = pybind11;
+
+namespace kvtier::bindings {
+namespace {
+
+Fp8Rows ParseRows(uint64_t chunks, uint64_t rows, uint32_t row_elems, const std::string& elem,
+                  const std::string& scale, uint64_t blob_stride, uint64_t scale_offset,
+                  uint64_t payload_offset) {
+  Fp8Rows r;
+  if (elem == "bfloat16") {
+    r.elem = Fp8Elem::kBFloat16;
+  } else if (elem == "float16") {
+    r.elem = Fp8Elem::kFloat16;
+  } else if (elem == "float32") {
+    r.elem = Fp8Elem::kFloat32;
+  } else {
+    throw StatusError(Status::InvalidArgument(
+        "elem must be 'bfloat16', 'float16' or 'float32', got '" + elem + "'"));
+  }
+  if (scale == "float32") {
+    r.scale = Fp8Scale::kFloat32;
+  } else if (scale == "bfloat16") {
+    r.scale = Fp8Scale::kBFloat16;
+  } else {
+    throw StatusError(
+        Status::InvalidArgument("scale must be 'float32' or 'bfloat16', got '" + scale + "'"));
+  }
+  r.chunks = chunks;
+  r.rows = rows;
+  r.row_elems = row_elems;
+  r.blob_stride = blob_stride;
+  r.scale_offset = scale_offset;
+  r.payload_offset = payload_offset;
+  return r;
+}
+
+}  // namespace
+
+void BindCodec(py::module_& m) {
+  m.def(
+      "fp8_encode_rows",
+      [](int device, uint64_t raw, uint64_t blobs, uint64_t ok, uint64_t chunks, uint64_t rows,
+         uint32_t row_elems, const std::string& elem, const std::string& scale,
+         uint64_t blob_stride, uint64_t scale_offset, uint64_t payload_offset, uintptr_t stream) {
+        const Fp8Rows r = ParseRows(chunks, rows, row_elems, elem, scale, blob_stride, scale_offset,
+                                    payload_offset);
+        Status s;
+        {
+          py::gil_scoped_release release;
+          s = Fp8EncodeRows(device, r, raw, blobs, ok, stream);
+        }
+        ThrowIfError(s);
+      },
+      py::arg("device"), py::arg("raw"), py::arg("blobs"), py::arg("ok"), py::arg("chunks"),
+      py::arg("rows"), py::arg("row_elems"), py::arg("elem"), py::arg("scale"),
+      py::arg("blob_stride"), py::arg("scale_offset"), py::arg("payload_offset"), py::arg("stream"),
+      "Queues on GPU `device`'s stream `stream` (an int) the fp8 encoding of `chunks` raw chunks "
+      "(rows x row_elems elements of `elem` each, one after another at address `raw`) into blobs "
+      "`blob_stride` bytes apart at `blobs`: one `scale` per row at scale_offset, e4m3 bytes at "
+      "payload_offset (Fp8Codec's bytes with scale_over=(-1,); the header is the caller's). "
+      "ok[c] (a byte per chunk) ends 1, or 0 where chunk c holds NaN or inf.");
+  m.def(
+      "fp8_decode_rows",
+      [](int device, uint64_t blobs, uint64_t raw, uint64_t chunks, uint64_t rows,
+         uint32_t row_elems, const std::string& elem, const std::string& scale,
+         uint64_t blob_stride, uint64_t scale_offset, uint64_t payload_offset, uintptr_t stream) {
+        const Fp8Rows r = ParseRows(chunks, rows, row_elems, elem, scale, blob_stride, scale_offset,
+                                    payload_offset);
+        Status s;
+        {
+          py::gil_scoped_release release;
+          s = Fp8DecodeRows(device, r, blobs, raw, stream);
+        }
+        ThrowIfError(s);
+      },
+      py::arg("device"), py::arg("blobs"), py::arg("raw"), py::arg("chunks"), py::arg("rows"),
+      py::arg("row_elems"), py::arg("elem"), py::arg("scale"), py::arg("blob_stride"),
+      py::arg("scale_offset"), py::arg("payload_offset"), py::arg("stream"),
+      "Queues the inverse of fp8_encode_rows: each blob's rows decoded into raw chunks of `elem`.");
+}
+
+}  // namespace kvtier::bindings

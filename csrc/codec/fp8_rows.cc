@@ -1,0 +1,85 @@
+#include "codec/fp8_rows.h"
+
+#include <string>
+
+#if KVTIER_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+#include "codec/fp8_rows_kernel.h"
+#include "transfer/cuda_util.h"
+#endif
+
+namespace kvtier {
+namespace {
+
+uint64_t ElemBytes(Fp8Elem e) { return e == Fp8Elem::kFloat32 ? 4 : 2; }
+uint64_t ScaleBytes(Fp8Scale s) { return s == Fp8Scale::kFloat32 ? 4 : 2; }
+
+// The checks both directions make before anything is queued.
+Status Check(const char* what, const Fp8Rows& r, uint64_t raw, uint64_t blobs) {
+  const std::string w = what;
+  if (r.chunks == 0 || r.rows == 0 || r.row_elems == 0) {
+    return Status::InvalidArgument(w + ": chunks, rows and row_elems must be positive");
+  }
+  if (raw == 0 || blobs == 0) return Status::InvalidArgument(w + ": a null address");
+  const uint64_t scales_end = r.scale_offset + r.rows * ScaleBytes(r.scale);
+  if (scales_end > r.payload_offset) {
+    return Status::InvalidArgument(w + ": the scales (ending at byte " +
+                                   std::to_string(scales_end) + ") run into the payload at byte " +
+                                   std::to_string(r.payload_offset));
+  }
+  if (r.payload_offset + r.rows * r.row_elems > r.blob_stride) {
+    return Status::InvalidArgument(w + ": a blob's payload runs past blob_stride " +
+                                   std::to_string(r.blob_stride));
+  }
+  const uint64_t sb = ScaleBytes(r.scale);
+  if (raw % ElemBytes(r.elem) || blobs % sb || r.blob_stride % sb || r.scale_offset % sb) {
+    return Status::InvalidArgument(w +
+                                   ": raw, blobs, blob_stride or scale_offset is not aligned "
+                                   "to its dtype");
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+#if !KVTIER_HAVE_CUDA
+Status Fp8EncodeRows(int, const Fp8Rows& rows, uint64_t raw, uint64_t blobs, uint64_t, uintptr_t) {
+  KVTIER_RETURN_IF_ERROR(Check("Fp8EncodeRows", rows, raw, blobs));
+  return Status(StatusCode::kUnavailable, "Fp8EncodeRows: this build of kvtier has no CUDA");
+}
+Status Fp8DecodeRows(int, const Fp8Rows& rows, uint64_t blobs, uint64_t raw, uintptr_t) {
+  KVTIER_RETURN_IF_ERROR(Check("Fp8DecodeRows", rows, raw, blobs));
+  return Status(StatusCode::kUnavailable, "Fp8DecodeRows: this build of kvtier has no CUDA");
+}
+#else
+Status Fp8EncodeRows(int device, const Fp8Rows& rows, uint64_t raw, uint64_t blobs, uint64_t ok,
+                     uintptr_t stream) {
+  KVTIER_RETURN_IF_ERROR(Check("Fp8EncodeRows", rows, raw, blobs));
+  if (ok == 0) return Status::InvalidArgument("Fp8EncodeRows: a null address");
+  DeviceGuard guard;
+  KVTIER_RETURN_IF_ERROR(guard.Enter(device));
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  KVTIER_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(reinterpret_cast<void*>(ok), 1, rows.chunks, s),
+                              "Fp8EncodeRows: cudaMemsetAsync");
+  KVTIER_CUDA_RETURN_IF_ERROR(
+      LaunchFp8Encode(rows, reinterpret_cast<const void*>(raw), reinterpret_cast<void*>(blobs),
+                      reinterpret_cast<uint8_t*>(ok), s),
+      "Fp8EncodeRows: launch");
+  return Status::OK();
+}
+
+Status Fp8DecodeRows(int device, const Fp8Rows& rows, uint64_t blobs, uint64_t raw,
+                     uintptr_t stream) {
+  KVTIER_RETURN_IF_ERROR(Check("Fp8DecodeRows", rows, raw, blobs));
+  DeviceGuard guard;
+  KVTIER_RETURN_IF_ERROR(guard.Enter(device));
+  KVTIER_CUDA_RETURN_IF_ERROR(
+      LaunchFp8Decode(rows, reinterpret_cast<const void*>(blobs), reinterpret_cast<void*>(raw),
+                      reinterpret_cast<cudaStream_t>(stream)),
+      "Fp8DecodeRows: launch");
+  return Status::OK();
+}
+#endif
+
+}  // namespace kvtier
