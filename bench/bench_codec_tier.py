@@ -16,7 +16,9 @@ codec runs twice, coded on the host (``codec.device: host``: raw chunks cross PC
 GPU (``_on_gpu`` cases, ``codec.device: gpu``: encoded chunks cross PCIe). ``--matmul-beside``
 adds what each cache's stores and CPU hits cost a model's matmuls running beside them on the
 GPU: bf16 matmuls on a stream of their own, their TFLOP/s beside a loop of the cache's operation
-against alone (the better of before and after), same run.
+against alone (the better of before and after), same run. With ``--device cuda`` the fp8 codec's
+fused kernels are also timed alone over the same chunks (``fp8_kernel`` cases): against the
+codec's torch path and against a device copy of the same bytes (the bound), same run.
 """
 
 from __future__ import annotations
@@ -150,6 +152,65 @@ def measure(layout, chunks: int, reps: int, disk_dir: str, opts: dict, matmul: M
     return out
 
 
+def kernel_cases(layout, chunks: int, reps: int, device: str, fused: bool = True) -> list[dict]:
+    """fp8 (bf16 scales) coding a stack of ``chunks`` chunks on ``device``, nothing else: the
+    core's fused kernels (``fused``; else the torch path stands in, to check this on a CPU) against
+    the torch path and against a device copy of the raw bytes, GB/s of raw bytes, best of ``reps``
+    timings of 5 calls each."""
+    from kvtier.codec_tier import chunk_shape
+    from kvtier.codecs import make_codec, read_header
+
+    shape, dtype = chunk_shape(layout)
+    codec = make_codec("fp8", scale_dtype="bfloat16")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(chunks, *shape, generator=g).to(dtype).to(device)
+    nbytes = x.numel() * x.element_size()
+    encode = codec._encode_fused if fused else codec._encode_torch
+    blobs, ok = encode(x)
+    header = read_header(blobs[0].cpu())
+    decode = codec._decode_fused if fused else codec._decode_torch
+
+    def rate(fn) -> float:
+        def five():
+            for _ in range(5):
+                fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        five()  # first calls
+        return 5 * nbytes / timed(five, reps) / 1e9
+
+    r = {
+        "copy": rate(lambda: x.clone()),
+        "encode": rate(lambda: encode(x)),
+        "encode_torch": rate(lambda: codec._encode_torch(x)),
+        "decode": rate(lambda: decode(blobs, header)),
+        "decode_torch": rate(lambda: codec._decode_torch(blobs, header)),
+    }
+    assert bool(ok.all()), "fp8 refused a chunk of normal values"
+    where = "the core's fused kernel" if fused else "the torch path (no fused kernel here)"
+    out = []
+    for op in ("encode", "decode"):
+        for base, label in ((f"{op}_torch", f"fp8_torch.{op}"), ("copy", "device_copy")):
+            out.append(
+                {
+                    "case": f"fp8_kernel.{op}" + ("" if base != "copy" else "_of_copy"),
+                    "value": round(r[op], 2),
+                    "unit": "GB/s of raw chunk bytes",
+                    "baseline": label,
+                    "baseline_value": round(r[base], 2),
+                    "ratio": round(r[op] / r[base], 4),
+                    "note": f"fp8 {op} of {chunks} chunks ({nbytes >> 20} MiB raw) by {where}, alone on the "
+                    + (
+                        "device; baseline: the codec's torch path"
+                        if base != "copy"
+                        else "device; baseline: a device copy of the raw bytes (the bound)"
+                    ),
+                }
+            )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=16)
@@ -177,6 +238,10 @@ def main() -> None:
         alone = max(alone, matmul.rate(MATMUL_S))  # again after: the GPU's clock drifts
     base = runs["none"]
     results = []
+    if args.device.startswith("cuda"):
+        from kvtier import _core
+
+        results += kernel_cases(layout, args.chunks, args.reps, args.device, fused=_core.CUDA_COMPILED)
     if matmul is not None:
         for name in ("none", *codecs):
             for op, label in (("store", "stores in a loop"), ("load_cpu", "CPU hits in a loop")):
