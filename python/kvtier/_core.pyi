@@ -7,7 +7,7 @@ import numpy
 import numpy.typing
 import typing
 import typing_extensions
-__all__: list[str] = ['Arena', 'BlockAllocator', 'CUDA_COMPILED', 'CUDA_RUNTIME_VERSION', 'CopyEngine', 'CpuTier', 'DISK_CACHE_FILE_NAME', 'DiskStore', 'IO_BACKEND_COMPILED', 'PageRows', 'TierOp', 'Transfer', 'aligned_buffer', 'copy_segments', 'crc32c', 'disk_cache_reset', 'list_gpus', 'probe_direct_io', 'probe_io_uring', 'probe_pinned_memory', 'push_device']
+__all__: list[str] = ['Arena', 'BlockAllocator', 'CUDA_COMPILED', 'CUDA_RUNTIME_VERSION', 'CopyEngine', 'CpuTier', 'DISK_CACHE_FILE_NAME', 'DiskStore', 'IO_BACKEND_COMPILED', 'PageRows', 'TierOp', 'Transfer', 'aligned_buffer', 'copy_segments', 'crc32c', 'disk_cache_reset', 'fp8_decode_rows', 'fp8_encode_rows', 'list_gpus', 'probe_direct_io', 'probe_io_uring', 'probe_pinned_memory', 'push_device']
 class Arena:
     """
     One up-front allocation: device, pinned_host or host.
@@ -307,6 +307,14 @@ def crc32c(data: typing_extensions.Buffer, value: typing.SupportsInt | typing.Su
 def disk_cache_reset(dir: str) -> str:
     """
     Deletes the disk cache file in `dir` (whatever geometry it holds) and returns what it held. NotFoundError: none there; FailedPreconditionError: a running kvtier has it open.
+    """
+def fp8_decode_rows(device: typing.SupportsInt | typing.SupportsIndex, blobs: typing.SupportsInt | typing.SupportsIndex, raw: typing.SupportsInt | typing.SupportsIndex, chunks: typing.SupportsInt | typing.SupportsIndex, rows: typing.SupportsInt | typing.SupportsIndex, row_elems: typing.SupportsInt | typing.SupportsIndex, elem: str, scale: str, blob_stride: typing.SupportsInt | typing.SupportsIndex, scale_offset: typing.SupportsInt | typing.SupportsIndex, payload_offset: typing.SupportsInt | typing.SupportsIndex, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
+    """
+    Queues the inverse of fp8_encode_rows: each blob's rows decoded into raw chunks of `elem`.
+    """
+def fp8_encode_rows(device: typing.SupportsInt | typing.SupportsIndex, raw: typing.SupportsInt | typing.SupportsIndex, blobs: typing.SupportsInt | typing.SupportsIndex, ok: typing.SupportsInt | typing.SupportsIndex, chunks: typing.SupportsInt | typing.SupportsIndex, rows: typing.SupportsInt | typing.SupportsIndex, row_elems: typing.SupportsInt | typing.SupportsIndex, elem: str, scale: str, blob_stride: typing.SupportsInt | typing.SupportsIndex, scale_offset: typing.SupportsInt | typing.SupportsIndex, payload_offset: typing.SupportsInt | typing.SupportsIndex, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
+    """
+    Queues on GPU `device`'s stream `stream` (an int) the fp8 encoding of `chunks` raw chunks (rows x row_elems elements of `elem` each, one after another at address `raw`) into blobs `blob_stride` bytes apart at `blobs`: one `scale` per row at scale_offset, e4m3 bytes at payload_offset (Fp8Codec's bytes with scale_over=(-1,); the header is the caller's). ok[c] (a byte per chunk) ends 1, or 0 where chunk c holds NaN or inf.
     """
 def list_gpus() -> tuple:
     """
