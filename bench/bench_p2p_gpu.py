@@ -18,11 +18,13 @@ stderr where C fails, hangs or copies wrongly; the other rows kept).
 Workload ``ttft_peer_prefix``: two serving instances of a Llama-3-8B-shaped model (random bf16
 weights, kvtier.examples.paged_llama), each with a GPU pool, a CPU tier and a peer service. A
 serves a prompt (its chunks go to its CPU tier at commit: ``write_through``); B then serves the
-same prompt, misses locally, finds A's chunks through the digests and pulls them over loopback
-TCP into its CPU tier, then into its GPU pages. Baseline: B's TTFT for a fresh prompt of the same
-length (a full recompute), measured in the same run.
+same prompt, misses locally, finds A's chunks through the digests and pulls them into its CPU
+tier (``--transport tcp``: the framed stream over loopback TCP; ``nixl``: one-sided NIXL READs
+from A's CPU tier, UCX picking the transport), then into its GPU pages. Baseline: B's TTFT for a
+fresh prompt of the same length (a full recompute), measured in the same run.
 
-    python bench/bench_p2p_gpu.py [--workloads ipc,ttft] [--lengths 4096,16384,32768] [--tiny] [--out DIR]
+    python bench/bench_p2p_gpu.py [--workloads ipc,ttft] [--lengths 4096,16384,32768] [--tiny]
+        [--transport tcp|nixl] [--out DIR]
 """
 
 from __future__ import annotations
@@ -408,8 +410,10 @@ def _make_instance(device: str, tiny: bool, n: int, peers: dict, dtype_name: str
     return model, pool, Engine(model, pool, prefill_tokens=prefill_step)
 
 
-def _instance_a(q, cmd, device: str, tiny: bool, n: int, dtype_name: str, prefill_step: int | None) -> None:
-    peers = {"secret": SECRET, "request_timeout_s": 120.0}
+def _instance_a(
+    q, cmd, device: str, tiny: bool, n: int, dtype_name: str, prefill_step: int | None, transport: str
+) -> None:
+    peers = {"secret": SECRET, "request_timeout_s": 120.0, "transport": transport}
     _model, pool, engine = _make_instance(device, tiny, n, peers, dtype_name, prefill_step)
     q.put(pool.cache.stats()["peers"]["address"])
     while True:
@@ -422,8 +426,20 @@ def _instance_a(q, cmd, device: str, tiny: bool, n: int, dtype_name: str, prefil
     pool.close()
 
 
+def _pull_counts(pool) -> tuple[int, int]:
+    """(chunks B pulled from peers, NIXL READs it posted) so far."""
+    peers = pool.cache.stats()["peers"]
+    return peers.get("chunks_pulled", 0), peers.get("nixl_reads_done", 0)
+
+
 def bench_ttft(
-    lengths: list[int], tiny: bool, device_a: str, device_b: str, dtype_name: str, prefill_step: int | None = None
+    lengths: list[int],
+    tiny: bool,
+    device_a: str,
+    device_b: str,
+    dtype_name: str,
+    prefill_step: int | None = None,
+    transport: str = "tcp",
 ) -> list[dict]:
     import torch
 
@@ -431,11 +447,11 @@ def bench_ttft(
     n_max = max(lengths)
     ctx = mp.get_context("spawn")
     q, cmd = ctx.Queue(), ctx.Queue()
-    a = ctx.Process(target=_instance_a, args=(q, cmd, device_a, tiny, n_max, dtype_name, prefill_step))
+    a = ctx.Process(target=_instance_a, args=(q, cmd, device_a, tiny, n_max, dtype_name, prefill_step, transport))
     a.start()
     try:
         addr = q.get(timeout=900)
-        peers = {"secret": SECRET, "seeds": (addr,), "request_timeout_s": 120.0}
+        peers = {"secret": SECRET, "seeds": (addr,), "request_timeout_s": 120.0, "transport": transport}
         model, pool, engine = _make_instance(device_b, tiny, n_max, peers, dtype_name, prefill_step)
         vocab = model.config.vocab
         gen = torch.Generator().manual_seed(7)
@@ -453,9 +469,10 @@ def bench_ttft(
             deadline = time.monotonic() + 60  # A's digest delta reaches B by gossip
             while pool.cache.lookup(prompt) < want * CHUNK and time.monotonic() < deadline:
                 time.sleep(0.05)
-            pulled0 = pool.cache.stats()["peers"].get("chunks_pulled", 0)
+            pulled0, reads0 = _pull_counts(pool)
             (g,) = engine.generate([prompt], 1)
-            pulled = pool.cache.stats()["peers"].get("chunks_pulled", 0) - pulled0
+            pulled, reads = (b - a for a, b in zip((pulled0, reads0), _pull_counts(pool), strict=True))
+            assert transport != "nixl" or reads > 0, "B pulled without a NIXL READ"
             assert g.lower_hit_tokens == want * CHUNK, (g.lower_hit_tokens, want)
             # Chunked prefill makes a hit bit-exact (asserted); one step agrees only to rounding
             # (bf16), so the first token is recorded there, not asserted (tests check exactness).
@@ -463,15 +480,16 @@ def bench_ttft(
             assert same or prefill_step is None, "B's first token differs from A's"
             rows.append(
                 {
-                    "case": f"ttft_peer_prefix_{n}",
+                    "case": f"ttft_peer_prefix_{n}" + ("_nixl" if transport == "nixl" else ""),
                     "value": round(g.ttft_s, 4),
                     "unit": "s",
                     "baseline": f"ttft_recompute_{n}",
                     "baseline_value": round(r.ttft_s, 4),
                     "ratio": round(r.ttft_s / g.ttft_s, 3),
                     "note": (
-                        f"{pulled} chunks ({g.lower_hit_tokens} tokens) pulled from A over loopback "
-                        f"TCP; A ({device_a}) computed it in {ttft_a:.3f} s; B on {device_b}; "
+                        f"{pulled} chunks ({g.lower_hit_tokens} tokens) pulled from A "
+                        f"{f'by {reads} NIXL READs' if transport == 'nixl' else 'over loopback TCP'}; "
+                        f"A ({device_a}) computed it in {ttft_a:.3f} s; B on {device_b}; "
                         f"{'same first token' if same else 'first token DIFFERENT from A (rounding)'}; "
                         f"prefill {'in one step' if prefill_step is None else f'in {prefill_step}-token steps'}"
                     ),
@@ -499,6 +517,12 @@ def main() -> None:
         default=0,
         help="TTFT workload: prefill in steps of this many tokens (0: the rest of the prompt in one "
         "step, the fastest recompute and the default)",
+    )
+    ap.add_argument(
+        "--transport",
+        default="tcp",
+        choices=("tcp", "nixl"),
+        help="TTFT workload: how B pulls A's chunks (peers.transport; nixl needs the nixl package)",
     )
     ap.add_argument("--out", default="")
     args = ap.parse_args()
@@ -529,12 +553,14 @@ def main() -> None:
                 dev_b,
                 "bfloat16" if cuda else "float32",
                 args.prefill_step or None,
+                args.transport,
             )
         else:
             raise SystemExit(f"unknown workload {w!r} (ipc, ttft)")
     publish(
         "bench_p2p_gpu",
-        "tiny" if args.tiny else "llama3_8b_ipc_ttft",
+        ("tiny" if args.tiny else "llama3_8b_" + args.workloads.replace(",", "_"))
+        + ("_nixl" if args.transport == "nixl" else ""),
         gpu.split()[1].lower() if gpu else "cpu",
         results,
         args.out,
