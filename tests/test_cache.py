@@ -284,6 +284,20 @@ def test_closed_cache_refuses_calls():
         cache.lookup([1] * 64)
 
 
+def test_close_frees_the_disk_file_while_the_cache_object_lives(tmp_path):
+    """A cache with peers is reopened on its directory in the same process right after close
+    (a restart in place): the peer service, which also holds the tier, goes with close."""
+    model = KVModel("vllm", torch.float32, 16)
+    opts = dict(cpu_bytes=4 * model.layout.chunk_bytes, disk_dir=str(tmp_path), disk_bytes=16 << 20)
+    cache = KVCache(model.layout, peers={"secret": b"close-test-secret-0123456789ab"}, **opts)
+    tokens = list(range(2 * model.layout.chunk_tokens))
+    cache.store(tokens, range(2 * model.layout.pages_per_chunk)).wait()
+    cache.close()
+    with KVCache(model.layout, **opts) as again:  # the file's lock is free: no FailedPreconditionError
+        assert again.lookup(tokens) == len(tokens)  # persisted at close
+    assert cache is not None  # the closed object was alive throughout
+
+
 def test_failed_copies_leave_nothing_visible():
     """A store whose copy fails is never visible; a failed load releases its pins."""
     model = KVModel("vllm", torch.float32, 16, num_pages=32)

@@ -271,6 +271,54 @@ def test_peers_exchange_encoded_chunks_and_refuse_another_codec():
         a.close()
 
 
+def test_a_standalone_node_serves_a_codec_cache_s_disk(tmp_path):
+    """`kvtier peer` on the disk directory an fp8 cache wrote: its spec (from the layout and the
+    codec, or from the model shape and the codec settings) names fp8 slots, so it opens the
+    directory, rebuilds its digest from the chunks there and serves them to an fp8 cache; a node
+    given the raw layout's spec is refused by the directory."""
+    from kvtier.p2p import PeerConfig
+    from kvtier.p2p.node import PeerNode, layout_spec, resolve_spec
+
+    secret = b"codec-node-test-secret-0123456789"
+    peers = {"secret": secret, "gossip_interval_s": 0.05, "ack_timeout_s": 0.04, "request_timeout_s": 2.0}
+    (_, la), (_, lb) = vllm_kv(seed=5), vllm_kv(seed=6)
+    codec = make_codec("fp8", scale_dtype="bfloat16")
+    shape = {"kind": "vllm", "num_layers": 2, "kv_heads": 4, "head_dim": 64, "dtype": "bfloat16", "page_tokens": 16}
+    shape["chunk_tokens"] = CHUNK_TOKENS
+    expect = (slot_nbytes(la, codec), codec_fingerprint(la, codec))
+    assert resolve_spec(layout_spec(la, codec)) == expect
+    assert resolve_spec({**shape, "codec": {"name": "fp8"}}) == expect  # bfloat16 scales: the default
+    assert resolve_spec({**shape, "codec": {"name": "fp8", "fp8_scale_dtype": "float32"}}) != expect
+    with pytest.raises(InvalidArgumentError, match="codec must be an object with 'name'"):
+        resolve_spec({**shape, "codec": {"name": "fp8", "scale": "bf16"}})
+    with pytest.raises(InvalidArgumentError, match="unknown codec 'lz9'"):
+        resolve_spec({**shape, "codec": {"name": "lz9"}})
+
+    tokens = toks(3)
+    want = [through_codec(codec, la, b) for b in raw_blobs(la, tokens, range(6))]
+    disk = dict(disk_dir=str(tmp_path), disk_bytes=16 << 20, disk_backend="posix")
+    with KVCache(la, cpu_bytes=8 * la.chunk_bytes, method="cpu", codec_name="fp8", peers=peers, **disk) as p:
+        p.store(tokens, range(6)).wait()
+        p.drain()
+    node_opts = dict(cache_dir=str(tmp_path), cpu_bytes=8 * la.chunk_bytes, disk_bytes=16 << 20, disk_backend="posix")
+    with pytest.raises(CacheGeometryError, match="codec=fp8"):
+        PeerNode(layout_spec(la), PeerConfig(**peers), **node_opts)
+    node = PeerNode(layout_spec(la, codec), PeerConfig(**peers), **node_opts).start()
+    b = None
+    try:
+        assert node.service.stats()["digest"]["keys"] == 3
+        seeds = (node.service.stats()["address"],)
+        b = KVCache(lb, cpu_bytes=8 * lb.chunk_bytes, method="cpu", codec_name="fp8", peers={**peers, "seeds": seeds})
+        wait_until(lambda: b.lookup(tokens) == 3 * CHUNK_TOKENS)
+        assert b.load(tokens, range(8, 14)).wait() == 3 * CHUNK_TOKENS
+        assert b.stats()["peers"]["chunks_pulled"] == 3
+        assert raw_blobs(lb, tokens, range(8, 14)) == want
+    finally:
+        if b is not None:
+            b.close()
+        node.close()
+
+
 @pytest.mark.parametrize("kind", ["vllm", "flashinfer_nhd", "flashinfer_hnd", "mla", "hf", "cross_layer"])
 def test_chunk_ranges_gather_and_scatter_as_the_copy_engine_does(kind):
     """The GPU path's segment copies, done here with memmove on host pages: the gathered blobs

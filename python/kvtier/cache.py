@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import gc
 import logging
 import os
 import threading
@@ -318,12 +319,11 @@ class KVCache:
         if config.codec_name != "none":
             # Encoded chunks below the GPU (docs/codecs.md); torch is needed only here.
             from kvtier.codec_tier import CodecTier, codec_fingerprint
-            from kvtier.codecs import make_codec
+            from kvtier.codecs import codec_from_settings
 
-            options = {"fp8": {"scale_dtype": config.codec_fp8_scale_dtype}}.get(config.codec_name, {})
-            if config.codec_name == "byteplane_zstd":
-                options = {"level": config.codec_zstd_level}
-            self._codec = make_codec(config.codec_name, **options)
+            self._codec = codec_from_settings(
+                config.codec_name, fp8_scale_dtype=config.codec_fp8_scale_dtype, zstd_level=config.codec_zstd_level
+            )
             self._tier = CodecTier(
                 layout,
                 self._codec,
@@ -692,7 +692,13 @@ class KVCache:
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             self._bookkeeping("metrics close", metrics.close)
+        # The source holds the tier too, and its parts refer to one another (bound methods of a
+        # peer service): dropped and collected here, so the tier (its disk file's lock with it)
+        # goes when close returns, not at some later collection.
+        had_source, self._peers = self._peers is not None, None
         self._tier = None
+        if had_source:
+            gc.collect()
         if error is not None:
             raise error
 

@@ -52,7 +52,7 @@ from kvtier.errors import (
     KVTierError,
     ResourceExhaustedError,
 )
-from kvtier.layout import Layout
+from kvtier.layout import Layout, disk_geometry_label
 
 __all__ = ["CodecOp", "CodecTier", "chunk_ranges", "codec_fingerprint", "codec_geometry_label", "slot_nbytes"]
 
@@ -95,11 +95,10 @@ def codec_fingerprint(layout: Layout, codec: Codec, slot_fraction: float = 1.0) 
 def codec_geometry_label(layout: Layout, codec: Codec, slot_fraction: float = 1.0) -> str:
     """The words a disk cache file records beside the fingerprint: the layout's, the codec's
     spec and a reduced slot's size, so that a refused open names what it found."""
-    label = layout.geometry_label
     if codec.name == "none":
-        return label
-    label = f"{label} codec={codec.spec}"
-    return label if slot_fraction == 1.0 else f"{label} slot={slot_nbytes(layout, codec, slot_fraction)}"
+        return layout.geometry_label
+    slot = None if slot_fraction == 1.0 else slot_nbytes(layout, codec, slot_fraction)
+    return disk_geometry_label(layout.chunk_tokens, codec.spec, slot)
 
 
 def chunk_shape(layout: Layout) -> tuple[tuple[int, int], torch.dtype]:

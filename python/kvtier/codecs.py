@@ -58,6 +58,7 @@ __all__ = [
     "Codec",
     "Fp8Codec",
     "NoneCodec",
+    "codec_from_settings",
     "codec_names",
     "make_codec",
     "read_header",
@@ -874,3 +875,15 @@ def make_codec(name: str, **options) -> Codec:
         return cls(**options)
     except TypeError as e:
         raise InvalidArgumentError(f"codec {name!r}: {e}") from e
+
+
+def codec_from_settings(name: str, *, fp8_scale_dtype: str = "bfloat16", zstd_level: int = 1) -> Codec:
+    """The codec a ``codec`` config section names (``codec.name``, ``codec.fp8_scale_dtype``,
+    ``codec.zstd_level``): the one a cache encodes its tiers with, and a standalone peer node
+    serving them derives its blob format from.
+
+    Raises:
+        InvalidArgumentError / UnavailableError: as :func:`make_codec`.
+    """
+    options = {"fp8": {"scale_dtype": fp8_scale_dtype}, "byteplane_zstd": {"level": zstd_level}}.get(name, {})
+    return make_codec(name, **options)

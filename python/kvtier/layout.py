@@ -119,10 +119,17 @@ class Segment:
         return self.base_ptr + page * self.page_stride
 
 
-def disk_geometry_label(chunk_tokens: int | None) -> str:
-    """The label a disk cache file of chunks of ``chunk_tokens`` tokens carries; ``""`` when
-    the writer does not know its chunk size (a peer node given only blob bytes)."""
-    return "" if chunk_tokens is None else f"chunk_tokens={int(chunk_tokens)}"
+def disk_geometry_label(chunk_tokens: int | None, codec_spec: str | None = None, slot_bytes: int | None = None) -> str:
+    """The label a disk cache file of chunks of ``chunk_tokens`` tokens carries (``""`` for the
+    chunk size when the writer does not know it: a peer node given only blob bytes), then, for
+    encoded chunks, the codec's spec (``codec=...``) and a slot below the codec's largest blob
+    (``slot=N``)."""
+    parts = [] if chunk_tokens is None else [f"chunk_tokens={int(chunk_tokens)}"]
+    if codec_spec is not None:
+        parts.append(f"codec={codec_spec}")
+    if slot_bytes is not None:
+        parts.append(f"slot={int(slot_bytes)}")
+    return " ".join(parts)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
         "--layout",
         required=True,
         help='layout spec: JSON or a JSON file, {"blob_bytes": N, "fingerprint": HEX} '
-        "or a model shape (see docs/p2p.md)",
+        'or a model shape, with "codec" for a cluster whose caches encode chunks (see docs/p2p.md)',
     )
     p.add_argument("--listen", default="0.0.0.0:7070", help="host:port to accept peers on")
     p.add_argument("--advertise", default=None, help="host:port peers dial (default: listen)")

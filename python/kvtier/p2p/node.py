@@ -14,6 +14,13 @@ It needs only the blob format it serves, given as a *layout spec* (a small JSON 
 
   (``kind`` one of ``vllm``, ``cross_layer``; needs torch.)
 
+A cluster whose caches encode their chunks (``codec.name`` other than ``none``, docs/codecs.md)
+moves encoded blobs between members, so a node serving it stores those: give the shape form a
+``"codec"`` object with the serving instances' ``codec`` settings (``name``, and where set,
+``fp8_scale_dtype``, ``zstd_level``, ``slot_fraction``), or pass the codec to ``layout_spec``,
+which adds the codec's spec (and a reduced slot's ``slot_fraction``) to the explicit form so the
+node's disk file carries the label a serving instance's does.
+
 Chunks found only on its disk are promoted into the pool before they are served (the node owns a
 one-chunk scratch page for the disk tier's load path), so a peer sees pool and disk alike. The
 node's key journal lives in the cache directory: restart it on the same directory and its digest
@@ -35,13 +42,25 @@ from kvtier.p2p.config import PeerConfig
 from kvtier.p2p.service import PeerService
 
 
-def layout_spec(layout) -> dict:
-    """The minimal spec of ``layout``'s blob format, for ``kvtier peer --layout``."""
-    return {
-        "blob_bytes": int(layout.chunk_bytes),
-        "fingerprint": layout.fingerprint_hex,
+def layout_spec(layout, codec=None, slot_fraction: float = 1.0) -> dict:
+    """The minimal spec of the blobs a cache of ``layout`` moves, for ``kvtier peer --layout``:
+    its raw chunks, or with ``codec`` (a :class:`kvtier.codecs.Codec` other than ``none``) and
+    the cache's ``codec.slot_fraction``, its encoded slots."""
+    if codec is None or codec.name == "none":
+        return {
+            "blob_bytes": int(layout.chunk_bytes),
+            "fingerprint": layout.fingerprint_hex,
+            "chunk_tokens": int(layout.chunk_tokens),
+        }
+    from kvtier.codec_tier import codec_fingerprint, slot_nbytes
+
+    spec = {
+        "blob_bytes": slot_nbytes(layout, codec, slot_fraction),
+        "fingerprint": codec_fingerprint(layout, codec, slot_fraction).hex(),
         "chunk_tokens": int(layout.chunk_tokens),
+        "codec": codec.spec,
     }
+    return spec if slot_fraction == 1.0 else {**spec, "slot_fraction": slot_fraction}
 
 
 def resolve_spec(spec: dict | str) -> tuple[int, bytes]:
@@ -49,8 +68,11 @@ def resolve_spec(spec: dict | str) -> tuple[int, bytes]:
     return _resolve(spec)[:2]
 
 
-def _resolve(spec: dict | str) -> tuple[int, bytes, int | None]:
-    """(blob_bytes, fingerprint, chunk_tokens or None) of a spec, as :func:`resolve_spec`."""
+_CODEC_KEYS = ("name", "fp8_scale_dtype", "zstd_level", "slot_fraction")
+
+
+def _resolve(spec: dict | str) -> tuple[int, bytes, str]:
+    """(blob_bytes, fingerprint, disk geometry label) of a spec, as :func:`resolve_spec`."""
     if isinstance(spec, str):
         text = spec
         if not spec.lstrip().startswith("{"):
@@ -78,11 +100,19 @@ def _resolve(spec: dict | str) -> tuple[int, bytes, int | None]:
         ct = spec.get("chunk_tokens")
         if ct is not None and (isinstance(ct, bool) or not isinstance(ct, int) or ct <= 0):
             raise InvalidArgumentError(f"layout spec: chunk_tokens must be a positive int, got {ct!r}")
-        return bb, fpb, ct
-    return (*_from_shape(spec), int(spec["chunk_tokens"]))
+        codec = spec.get("codec")
+        if codec is not None and (not isinstance(codec, str) or not codec or codec.startswith("none")):
+            raise InvalidArgumentError(
+                f"layout spec: codec must be an encoding codec's spec string (layout_spec prints it), got {codec!r}"
+            )
+        reduced = spec.get("slot_fraction", 1.0) != 1.0
+        if reduced and codec is None:
+            raise InvalidArgumentError("layout spec: slot_fraction needs a codec")
+        return bb, fpb, disk_geometry_label(ct, codec, bb if reduced else None)
+    return _from_shape(spec)
 
 
-def _from_shape(spec: dict) -> tuple[int, bytes]:
+def _from_shape(spec: dict) -> tuple[int, bytes, str]:
     import torch
 
     from kvtier.layout import Layout
@@ -107,7 +137,28 @@ def _from_shape(spec: dict) -> tuple[int, bytes]:
         )
     else:
         raise InvalidArgumentError(f"layout spec: kind must be 'vllm' or 'cross_layer', got {spec['kind']!r}")
-    return layout.chunk_bytes, layout.fingerprint
+    codec = spec.get("codec")
+    if codec is None:
+        return layout.chunk_bytes, layout.fingerprint, layout.geometry_label
+    from kvtier.codec_tier import codec_fingerprint, codec_geometry_label, slot_nbytes
+    from kvtier.codecs import codec_from_settings
+
+    if not isinstance(codec, dict) or "name" not in codec or set(codec) - set(_CODEC_KEYS):
+        raise InvalidArgumentError(
+            f"layout spec: codec must be an object with 'name' and any of {list(_CODEC_KEYS[1:])} "
+            f"(the serving instances' codec settings), got {codec!r}"
+        )
+    settings = {k: codec[k] for k in ("fp8_scale_dtype", "zstd_level") if k in codec}
+    made = codec_from_settings(codec["name"], **settings)
+    fraction = codec.get("slot_fraction", 1.0)
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+        raise InvalidArgumentError(f"layout spec: codec.slot_fraction must be a number, got {fraction!r}")
+    fraction = float(fraction)
+    return (
+        slot_nbytes(layout, made, fraction),
+        codec_fingerprint(layout, made, fraction),
+        codec_geometry_label(layout, made, fraction),
+    )
 
 
 class PeerNode:
@@ -123,7 +174,7 @@ class PeerNode:
         disk_bytes: int = 0,
         disk_backend: str = "auto",
     ) -> None:
-        blob_bytes, fingerprint, chunk_tokens = _resolve(spec)
+        blob_bytes, fingerprint, label = _resolve(spec)
         if cpu_bytes < 2 * blob_bytes:
             raise InvalidArgumentError(f"cpu_bytes={cpu_bytes} must hold at least 2 chunks of {blob_bytes} bytes")
         if cache_dir is not None and not os.path.isdir(cache_dir):
@@ -147,7 +198,7 @@ class PeerNode:
             disk_bytes=disk_bytes if cache_dir else 0,
             layout_fingerprint=fingerprint,
             disk_backend=disk_backend,
-            disk_geometry_label=disk_geometry_label(chunk_tokens),
+            disk_geometry_label=label,
         )
         self._promote_lock = threading.Lock()
         self.service = PeerService(self.tier, fingerprint, peers, promote=self._promote, journal_dir=cache_dir)
