@@ -208,6 +208,40 @@ def test_restored_prefix_gives_the_logits_and_tokens_of_a_recompute(family, tier
         assert kv.stats()["cached_tokens"] == 2 * PREFIX
 
 
+@pytest.mark.parametrize("codec", ["fp8", "byteplane_zstd"])
+def test_a_codec_cache_restores_the_codec_s_round_trip_of_the_prefix(codec):
+    """Through the HF integration with ``codec.name`` set: the restored prefix is the codec's own
+    encode/decode of the K/V the model computed (bit-exact for the lossless codec; fp8: the rows
+    fp8 gives back), and the suffix's logits are the model's, fed exactly that prefix."""
+    from kvtier.codecs import codec_from_settings
+
+    model = build_model("llama")
+    warm, prompt = prompts()
+    coder = codec_from_settings(codec)  # the config's defaults, as the cache builds it
+    kv = KVTierHF(model, cpu_bytes=16 * chunk_bytes(model), chunk_tokens=CHUNK, max_tokens=128, codec_name=codec)
+    with kv, torch.no_grad():
+        kv.forward_with_cache(warm)
+        _, own_cache = own_prefix_cache(model, warm)
+        hit = kv.forward_with_cache(prompt)
+        assert hit.cached_tokens == PREFIX
+        assert kv.stats()["cache"]["codec_chunks_decoded"] == PREFIX // CHUNK
+        want = DynamicCache()
+        for i, layer in enumerate(own_cache.layers):
+            k, v = (
+                coder.decode(coder.encode(t.reshape(-1, t.shape[-1]).contiguous())).view(t.shape)
+                for t in (layer.keys, layer.values)
+            )
+            want.update(k, v, i)
+        for got, exp, own in zip(cache_tensors(hit.cache), cache_tensors(want), cache_tensors(own_cache)):
+            assert torch.equal(got[:, :, :PREFIX], exp)  # the rows the codec gives back, nothing else
+            if codec == "byteplane_zstd":
+                assert torch.equal(exp, own)  # lossless: the model's own K/V
+        ref = model(prompt[:, PREFIX:], **{CACHE_KW: want}, use_cache=True).logits
+        assert torch.equal(hit.logits, ref)
+        if codec == "fp8":  # lossy, and not by nothing: some K/V moved
+            assert any(not torch.equal(e, o) for e, o in zip(cache_tensors(want), cache_tensors(own_cache)))
+
+
 def test_generate_on_a_miss_stores_the_prompt_and_the_next_request_hits():
     model = build_model("llama")
     warm, prompt = prompts()
