@@ -374,14 +374,20 @@ def test_gpu_pages_round_trip_through_the_codec_tier(name, codec_device):
 
 
 @pytest.mark.gpu
-def test_gpu_stacks_stop_at_a_refused_chunk_a_foreign_blob_and_a_full_tier(caplog):
-    """codec.device gpu with fp8 encodes a call's chunks as one stack straight into pinned blocks
-    and decodes them as one: a chunk holding NaN ends the store there (those before it are
+@pytest.mark.parametrize("round_chunks", [None, 2])
+def test_gpu_stacks_stop_at_a_refused_chunk_a_foreign_blob_and_a_full_tier(caplog, monkeypatch, round_chunks):
+    """codec.device gpu with fp8 encodes a call's chunks as stacks straight into pinned blocks
+    and decodes them as stacks: a chunk holding NaN ends the store there (those before it are
     kept), a slot of another codec ends the load there, and a full tier skips the rest, as on the
-    host path."""
+    host path. With rounds of 2 chunks a store queues each round before committing the one
+    before it: a refusal or a full tier in one round gives back the next round's blocks."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     kv, layout = vllm_kv(device="cuda", seed=9)
+    if round_chunks is not None:
+        import kvtier.codec_tier
+
+        monkeypatch.setattr(kvtier.codec_tier, "_GPU_BATCH_BYTES", round_chunks * layout.chunk_bytes)
     fp8 = make_codec("fp8", **CODEC_OPTIONS["fp8"])
     cpu_layout = Layout.from_vllm([t.cpu() for t in kv], chunk_tokens=CHUNK_TOKENS)
     tokens = toks(6)
@@ -405,7 +411,10 @@ def test_gpu_stacks_stop_at_a_refused_chunk_a_foreign_blob_and_a_full_tier(caplo
         torch.cuda.synchronize()
         got = raw_blobs(Layout.from_vllm([t.cpu() for t in kv], chunk_tokens=CHUNK_TOKENS), tokens, range(16, 28))
         assert got[:3] == want[:3]  # the three chunks loaded, into pages 16..21
-        assert cache.stats()["codec_late_copies"] == 0
+        # a round dropped after the refusal gave its blocks back once its copies ended
+        assert cache.stats()["codec_late_copies"] == (1 if round_chunks == 2 else 0)
+        s = cache.tier.inner.stats()
+        assert s["blocks"]["free_blocks"] + s["index"]["entries"] == cache.tier.capacity_chunks
     # A tier of 2 chunks: a store of 6 keeps the first 2 it can place and skips the rest.
     with KVCache(layout, cpu_bytes=2 * slot_nbytes(layout, fp8) + 8192, codec_name="fp8", codec_device="gpu") as small:
         n = small.tier.capacity_chunks

@@ -71,6 +71,16 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 _BLOCK = 4096  # the tier's block and disk-slot alignment (O_DIRECT)
 
 
+class _QueuedStack(NamedTuple):
+    """One GPU stack round of a store, queued on the codec's stream and not yet committed."""
+
+    reserved: list  # (index in the round's keys, key, its reserved block)
+    handled: int  # the round's chunks reserved or already there, before the first without a block
+    full: bool  # the tier had no block for chunk ``handled``
+    done: object  # torch.cuda.Event after the round's copies (None: nothing was reserved)
+    keep: object  # (raw chunks, blobs, pinned ok flags): alive until the copies end
+
+
 class CodecOp(NamedTuple):
     """What a CodecTier store or load did; the ``_core.TierOp`` fields, with no transfer left
     running (the copies were waited for)."""
@@ -310,23 +320,58 @@ class CodecTier:
             self._reap_late()
             held = bytes(self._inner.media(keys))
             todo = [i for i, m in enumerate(held) if not m]
-            stored, skipped = 0, 0
-            for at in range(0, len(todo), self._batch):
-                batch = todo[at : at + self._batch]
-                n, full = self._store_batch(
-                    [keys_l[i] for i in batch],
-                    [pages[i * self._ppc : (i + 1) * self._ppc] for i in batch],
-                    after_stream,
+            rounds = [
+                (
+                    at,
+                    [keys_l[i] for i in todo[at : at + self._batch]],
+                    [pages[i * self._ppc : (i + 1) * self._ppc] for i in todo[at : at + self._batch]],
                 )
+                for at in range(0, len(todo), self._batch)
+            ]
+            if self._header is not None:
+                stored, skipped = self._store_stacks(rounds, len(todo), after_stream)
+                return CodecOp(None, stored, len(keys_l) - len(todo), skipped)
+            stored, skipped = 0, 0
+            for at, batch_keys, batch_pages in rounds:
+                n, full = self._store_batch(batch_keys, batch_pages, after_stream)
                 stored += n
                 if full:
                     skipped = len(todo) - at - n
                     break
             return CodecOp(None, stored, len(keys_l) - len(todo), skipped)
 
+    def _store_stacks(self, rounds: list, todo: int, after_stream: int) -> tuple[int, int]:
+        """GPU stacks: each round's copies are queued before the round before it is waited for
+        and committed, so the GPU codes and copies one round while the host commits the last.
+        Returns (chunks stored, chunks skipped); a round queued after one that stopped the store
+        gives its blocks back once its copies end."""
+        stored, prev = 0, None  # prev: (its start in todo, the queued round)
+        for at, batch_keys, batch_pages in rounds:
+            try:
+                queued = self._queue_stack(batch_keys, batch_pages, after_stream)
+            except BaseException:
+                if prev is not None:
+                    self._drop_stack(prev[1])
+                raise
+            if prev is not None:
+                try:
+                    n, full = self._commit_stack(prev[1])
+                except BaseException:
+                    self._drop_stack(queued)
+                    raise
+                stored += n
+                if full:
+                    self._drop_stack(queued)
+                    return stored, todo - prev[0] - n
+            prev = (at, queued)
+            if queued.full:  # the tier had no block for the rest: no round after this one
+                break
+        if prev is None:
+            return stored, 0
+        n, full = self._commit_stack(prev[1])
+        return stored + n, (todo - prev[0] - n) if full else 0
+
     def _store_batch(self, keys: list[bytes], pages: list[np.ndarray], after_stream: int) -> tuple[int, bool]:
-        if self._header is not None:
-            return self._store_stack(keys, pages, after_stream)
         if self._stream is not None:
             raw = self._gather_gpu(np.concatenate(pages), after_stream)
             self._wait_stream("gather")
@@ -344,10 +389,11 @@ class CodecTier:
             self._staging.release_blobs(b"".join(scratch[: len(views)]))
         return self._encode_and_put(keys, raws)
 
-    def _store_stack(self, keys: list[bytes], pages: list[np.ndarray], after_stream: int) -> tuple[int, bool]:
+    def _queue_stack(self, keys: list[bytes], pages: list[np.ndarray], after_stream: int) -> _QueuedStack:
         """GPU path, fixed-size codec: reserve the chunks' blocks, gather the chunks, encode them
-        as one stack and copy their blobs straight into the (pinned) blocks; one wait, then each
-        is committed, up to the first the codec refused. Returns (chunks handled, stop)."""
+        as one stack and queue the copies of their blobs straight into the (pinned) blocks, up
+        to the first chunk the tier has no block for. Nothing waits for the GPU; on an error
+        nothing is left reserved (blocks whose copies were queued go back once those end)."""
         reserved: list[tuple[int, bytes, np.ndarray]] = []  # (index in keys, key, the block)
         handled, full = len(keys), False
         for i, key in enumerate(keys):
@@ -359,7 +405,7 @@ class CodecTier:
                 handled, full = i, True  # no block: the raw tier stops here too
                 break
         if not reserved:
-            return handled, full
+            return _QueuedStack(reserved, handled, full, None, None)
         n, size = len(reserved), self._blob_len
         raw = blobs = None
         queued = False  # copies into the blocks are queued: they are the blocks' until they end
@@ -372,6 +418,8 @@ class CodecTier:
             queued = True
             ok_host = torch.empty(n, dtype=torch.bool, pin_memory=True)
             ok_host.copy_(ok, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
         except BaseException:
             if queued:
                 self._late_copies([key for _, key, _ in reserved], (raw, blobs))
@@ -379,17 +427,25 @@ class CodecTier:
                 for _, key, _ in reserved:
                     self._inner.abort_put(key)
             raise
+        return _QueuedStack(reserved, handled, full, done, (raw, blobs, ok_host))
+
+    def _commit_stack(self, q: _QueuedStack) -> tuple[int, bool]:
+        """Wait for a queued round's copies (to the cache's deadline) and commit its chunks, up
+        to the first the codec refused. Returns (chunks handled, whether the store stops)."""
+        if not q.reserved:
+            return q.handled, q.full
         try:
-            self._wait_stream("store")
+            self._wait_event(q.done, "store")
         except DeadlineExceededError:
             # The copies may still write into the blocks: they go back once the copies end.
-            self._late_copies([key for _, key, _ in reserved], (raw, blobs, ok_host))
+            self._drop_stack(q)
             raise
-        for j, (i, key, block) in enumerate(reserved):
+        size, ok_host = self._blob_len, q.keep[2]
+        for j, (i, key, block) in enumerate(q.reserved):
             if not ok_host[j]:  # fp8 and a NaN or inf: not cached, as a failed copy
                 self._counts["codec_encode_refused"] += 1
                 log.warning("kvtier: a chunk was not stored: %s holds NaN or inf", self.codec.name)
-                for _, later, _ in reserved[j:]:
+                for _, later, _ in q.reserved[j:]:
                     self._inner.abort_put(later)
                 return i, True
             block[size:] = 0
@@ -397,7 +453,12 @@ class CodecTier:
             self._counts["codec_chunks_encoded"] += 1
             self._counts["codec_bytes_raw"] += self.layout.chunk_bytes
             self._counts["codec_bytes_encoded"] += size
-        return handled, full
+        return q.handled, q.full
+
+    def _drop_stack(self, q: _QueuedStack) -> None:
+        """A queued round that is not committed: its blocks go back once its copies end."""
+        if q.reserved:
+            self._late_copies([key for _, key, _ in q.reserved], q.keep)
 
     def _late_copies(self, keys: list[bytes], keep: object) -> None:
         """Copies queued on the codec's stream did not end by the deadline (or the call failed
