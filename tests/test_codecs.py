@@ -476,14 +476,9 @@ def test_round_trips_on_cuda(gpu, dtype):
         assert same_bits(out.cpu(), codec.decode_many(on_cpu[keep])), codec
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16"])
-def test_fused_fp8_kernels_give_the_torch_paths_bytes_and_values(gpu, dtype, scale_dtype):
-    """The core's fused kernels (one scale per row, on a GPU) against the torch path on the
-    CPU: the same blob bytes, the same decoded bits, the same chunks refused, over rows spanning
-    many decades, whole rows of zeros, of -0.0, of the dtype's extremes and of subnormals."""
-    codec = make_codec("fp8", scale_dtype=scale_dtype)
+def edge_stack(dtype) -> torch.Tensor:
+    """Five chunks of rows spanning many decades, with whole rows of zeros, of -0.0, of the
+    dtype's extremes and of subnormals; chunk 3 holds a NaN and chunk 4 an inf."""
     stack = kv_like((5, 64, 8, 128), dtype, 11)
     fi = torch.finfo(dtype)
     stack[0, 0, 0] = 0.0
@@ -498,15 +493,51 @@ def test_fused_fp8_kernels_give_the_torch_paths_bytes_and_values(gpu, dtype, sca
     stack[1, 1, 1, : len(finite)] = finite[:128]
     stack[3, 5, 2, 7] = math.nan
     stack[4, 0, 0, 0] = -math.inf
+    return stack
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16"])
+def test_fused_fp8_on_the_host_gives_the_torch_paths_bytes_and_values(dtype, scale_dtype):
+    """On the CPU, the core's fused pass (one scale per row, what encode_many / decode_many use
+    there) against the torch path: the same blob bytes, the same decoded bits, the same chunks
+    refused."""
+    codec = make_codec("fp8", scale_dtype=scale_dtype)
+    stack = edge_stack(dtype)
+    assert codec._fused(stack.device, tuple(stack.shape[1:]), dtype)
+    blobs, ok = codec.encode_many(stack)
+    want, want_ok = codec._encode_torch(stack)
+    assert ok.tolist() == want_ok.tolist() == [True, True, True, False, False]
+    assert torch.equal(blobs[:3], want[:3])
+    header = read_header(want[0])
+    out = codec.decode_many(want[:3], header)
+    assert same_bits(out, codec._decode_torch(want[:3], header))
+    # Rows of a stack whose blobs sit farther apart than a blob (a buffer of larger slots).
+    wide = torch.zeros((3, blobs.shape[1] + 64), dtype=torch.uint8)
+    wide[:, : blobs.shape[1]] = blobs[:3]
+    assert same_bits(codec.decode_many(wide[:, : blobs.shape[1]], header), out)
+    # Another grouping keeps the torch path, on the CPU too.
+    assert not make_codec("fp8", scale_over=(-2, -1))._fused(stack.device, tuple(stack.shape[1:]), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16"])
+def test_fused_fp8_kernels_give_the_torch_paths_bytes_and_values(gpu, dtype, scale_dtype):
+    """The core's fused kernels (one scale per row, on a GPU) against the torch path on the
+    CPU: the same blob bytes, the same decoded bits, the same chunks refused, over rows spanning
+    many decades, whole rows of zeros, of -0.0, of the dtype's extremes and of subnormals."""
+    codec = make_codec("fp8", scale_dtype=scale_dtype)
+    stack = edge_stack(dtype)
     on_gpu = stack.to(gpu)
     assert codec._fused(on_gpu.device, tuple(stack.shape[1:]), dtype)
     blobs, ok = codec.encode_many(on_gpu)
-    want, want_ok = codec.encode_many(stack)  # the torch path, on the CPU
+    want, want_ok = codec._encode_torch(stack)  # the torch path, on the CPU
     assert ok.tolist() == want_ok.tolist() == [True, True, True, False, False]
     assert torch.equal(blobs[:3].cpu(), want[:3])
     header = read_header(want[0])
     out = codec.decode_many(blobs[:3], header)
-    assert same_bits(out.cpu(), codec.decode_many(want[:3], header))
+    assert same_bits(out.cpu(), codec._decode_torch(want[:3], header))
     # Rows of a stack whose blobs sit farther apart than a blob (a buffer of larger slots).
     wide = torch.zeros((3, blobs.shape[1] + 64), dtype=torch.uint8, device=on_gpu.device)
     wide[:, : blobs.shape[1]] = blobs[:3]

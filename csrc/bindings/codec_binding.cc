@@ -64,7 +64,8 @@ void BindCodec(py::module_& m) {
       py::arg("device"), py::arg("raw"), py::arg("blobs"), py::arg("ok"), py::arg("chunks"),
       py::arg("rows"), py::arg("row_elems"), py::arg("elem"), py::arg("scale"),
       py::arg("blob_stride"), py::arg("scale_offset"), py::arg("payload_offset"), py::arg("stream"),
-      "Queues on GPU `device`'s stream `stream` (an int) the fp8 encoding of `chunks` raw chunks "
+      "Queues on GPU `device`'s stream `stream` (an int; device -1: done on the host by this "
+      "call, stream unused) the fp8 encoding of `chunks` raw chunks "
       "(rows x row_elems elements of `elem` each, one after another at address `raw`) into blobs "
       "`blob_stride` bytes apart at `blobs`: one `scale` per row at scale_offset, e4m3 bytes at "
       "payload_offset (Fp8Codec's bytes with scale_over=(-1,); the header is the caller's). "

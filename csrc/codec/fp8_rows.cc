@@ -2,6 +2,8 @@
 
 #include <string>
 
+#include "codec/fp8_rows_host.h"
+
 #if KVTIER_HAVE_CUDA
 #include <cuda_runtime_api.h>
 
@@ -43,20 +45,19 @@ Status Check(const char* what, const Fp8Rows& r, uint64_t raw, uint64_t blobs) {
 
 }  // namespace
 
-#if !KVTIER_HAVE_CUDA
-Status Fp8EncodeRows(int, const Fp8Rows& rows, uint64_t raw, uint64_t blobs, uint64_t, uintptr_t) {
-  KVTIER_RETURN_IF_ERROR(Check("Fp8EncodeRows", rows, raw, blobs));
-  return Status(StatusCode::kUnavailable, "Fp8EncodeRows: this build of kvtier has no CUDA");
-}
-Status Fp8DecodeRows(int, const Fp8Rows& rows, uint64_t blobs, uint64_t raw, uintptr_t) {
-  KVTIER_RETURN_IF_ERROR(Check("Fp8DecodeRows", rows, raw, blobs));
-  return Status(StatusCode::kUnavailable, "Fp8DecodeRows: this build of kvtier has no CUDA");
-}
-#else
 Status Fp8EncodeRows(int device, const Fp8Rows& rows, uint64_t raw, uint64_t blobs, uint64_t ok,
                      uintptr_t stream) {
   KVTIER_RETURN_IF_ERROR(Check("Fp8EncodeRows", rows, raw, blobs));
   if (ok == 0) return Status::InvalidArgument("Fp8EncodeRows: a null address");
+  if (device < 0) {
+    Fp8EncodeRowsHost(rows, reinterpret_cast<const void*>(raw), reinterpret_cast<void*>(blobs),
+                      reinterpret_cast<uint8_t*>(ok));
+    return Status::OK();
+  }
+#if !KVTIER_HAVE_CUDA
+  (void)stream;
+  return Status(StatusCode::kUnavailable, "Fp8EncodeRows: this build of kvtier has no CUDA");
+#else
   DeviceGuard guard;
   KVTIER_RETURN_IF_ERROR(guard.Enter(device));
   auto s = reinterpret_cast<cudaStream_t>(stream);
@@ -67,11 +68,20 @@ Status Fp8EncodeRows(int device, const Fp8Rows& rows, uint64_t raw, uint64_t blo
                       reinterpret_cast<uint8_t*>(ok), s),
       "Fp8EncodeRows: launch");
   return Status::OK();
+#endif
 }
 
 Status Fp8DecodeRows(int device, const Fp8Rows& rows, uint64_t blobs, uint64_t raw,
                      uintptr_t stream) {
   KVTIER_RETURN_IF_ERROR(Check("Fp8DecodeRows", rows, raw, blobs));
+  if (device < 0) {
+    Fp8DecodeRowsHost(rows, reinterpret_cast<const void*>(blobs), reinterpret_cast<void*>(raw));
+    return Status::OK();
+  }
+#if !KVTIER_HAVE_CUDA
+  (void)stream;
+  return Status(StatusCode::kUnavailable, "Fp8DecodeRows: this build of kvtier has no CUDA");
+#else
   DeviceGuard guard;
   KVTIER_RETURN_IF_ERROR(guard.Enter(device));
   KVTIER_CUDA_RETURN_IF_ERROR(
@@ -79,7 +89,7 @@ Status Fp8DecodeRows(int device, const Fp8Rows& rows, uint64_t blobs, uint64_t r
                       reinterpret_cast<cudaStream_t>(stream)),
       "Fp8DecodeRows: launch");
   return Status::OK();
-}
 #endif
+}
 
 }  // namespace kvtier

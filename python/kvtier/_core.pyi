@@ -314,7 +314,7 @@ def fp8_decode_rows(device: typing.SupportsInt | typing.SupportsIndex, blobs: ty
     """
 def fp8_encode_rows(device: typing.SupportsInt | typing.SupportsIndex, raw: typing.SupportsInt | typing.SupportsIndex, blobs: typing.SupportsInt | typing.SupportsIndex, ok: typing.SupportsInt | typing.SupportsIndex, chunks: typing.SupportsInt | typing.SupportsIndex, rows: typing.SupportsInt | typing.SupportsIndex, row_elems: typing.SupportsInt | typing.SupportsIndex, elem: str, scale: str, blob_stride: typing.SupportsInt | typing.SupportsIndex, scale_offset: typing.SupportsInt | typing.SupportsIndex, payload_offset: typing.SupportsInt | typing.SupportsIndex, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
     """
-    Queues on GPU `device`'s stream `stream` (an int) the fp8 encoding of `chunks` raw chunks (rows x row_elems elements of `elem` each, one after another at address `raw`) into blobs `blob_stride` bytes apart at `blobs`: one `scale` per row at scale_offset, e4m3 bytes at payload_offset (Fp8Codec's bytes with scale_over=(-1,); the header is the caller's). ok[c] (a byte per chunk) ends 1, or 0 where chunk c holds NaN or inf.
+    Queues on GPU `device`'s stream `stream` (an int; device -1: done on the host by this call, stream unused) the fp8 encoding of `chunks` raw chunks (rows x row_elems elements of `elem` each, one after another at address `raw`) into blobs `blob_stride` bytes apart at `blobs`: one `scale` per row at scale_offset, e4m3 bytes at payload_offset (Fp8Codec's bytes with scale_over=(-1,); the header is the caller's). ok[c] (a byte per chunk) ends 1, or 0 where chunk c holds NaN or inf.
     """
 def list_gpus() -> tuple:
     """

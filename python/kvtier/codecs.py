@@ -452,6 +452,16 @@ class NoneCodec(Codec):
         )
 
 
+def _device_index(device: torch.device) -> int:
+    """The core's device number of a tensor's device: the GPU's index, -1 for the CPU."""
+    return -1 if device.type == "cpu" else device.index
+
+
+def _stream_of(device: torch.device) -> int:
+    """The stream the core queues a fused pass on: the current one of a GPU, 0 on the CPU."""
+    return 0 if device.type == "cpu" else torch.cuda.current_stream(device).cuda_stream
+
+
 def _packed(rows: torch.Tensor) -> torch.Tensor:
     """A new, contiguous copy of a stack's byte rows, flat: its start is aligned for any dtype view
     (a row of a stack may start at any byte)."""
@@ -569,11 +579,14 @@ class Fp8Codec(Codec):
         return self._encode_torch(tensors)
 
     def _fused(self, device: torch.device, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
-        """Whether the core's fused kernels code this stack: on a GPU of a build with CUDA, one
-        scale per row (the default ``scale_over``), and rows whose scales stay aligned."""
+        """Whether the core's fused passes code this stack: on the CPU, or on a GPU of a build
+        with CUDA; one scale per row (the default ``scale_over``), and rows whose scales stay
+        aligned."""
         from kvtier import _core
 
-        if device.type != "cuda" or not _core.CUDA_COMPILED or dtype not in _DTYPE_CODES:
+        if device.type not in ("cpu", "cuda") or dtype not in _DTYPE_CODES:
+            return False
+        if device.type == "cuda" and not _core.CUDA_COMPILED:
             return False
         if self._dims(len(shape)) != (len(shape) - 1,):
             return False
@@ -606,12 +619,12 @@ class Fp8Codec(Codec):
         ok = torch.empty(n, dtype=torch.uint8, device=tensors.device)
         src = tensors.contiguous()
         _core.fp8_encode_rows(
-            device=tensors.device.index,
+            device=_device_index(tensors.device),
             raw=src.data_ptr(),
             blobs=blobs.data_ptr(),
             ok=ok.data_ptr(),
             chunks=n,
-            stream=torch.cuda.current_stream(tensors.device).cuda_stream,
+            stream=_stream_of(tensors.device),
             **geo,
         )
         return blobs, ok.bool()
@@ -670,8 +683,7 @@ class Fp8Codec(Codec):
     def _decode_rows(self, blobs, header):
         scale_dtype, scale_shape, _ = self._read_params(header)
         fused = (
-            blobs.is_cuda
-            and scale_dtype == self.scale_dtype
+            scale_dtype == self.scale_dtype
             and scale_shape == (*header.shape[:-1], 1)  # one scale per row
             and blobs.stride(1) == 1
             and blobs.data_ptr() % scale_dtype.itemsize == 0
@@ -690,11 +702,11 @@ class Fp8Codec(Codec):
         geo["blob_stride"] = blobs.stride(0)
         out = torch.empty((len(blobs), *header.shape), dtype=header.dtype, device=blobs.device)
         _core.fp8_decode_rows(
-            device=blobs.device.index,
+            device=_device_index(blobs.device),
             blobs=blobs.data_ptr(),
             raw=out.data_ptr(),
             chunks=len(blobs),
-            stream=torch.cuda.current_stream(blobs.device).cuda_stream,
+            stream=_stream_of(blobs.device),
             **geo,
         )
         return out
