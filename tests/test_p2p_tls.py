@@ -267,7 +267,9 @@ def test_the_handshake_is_bound_to_the_servers_certificate(pki):
     """Without a CA nobody checks certificates, yet a relay with its own certificate cannot pass
     the HMAC handshake: both MACs cover the certificate each side saw."""
     ta, _sa = _tier()
-    a = _svc(ta, **_tls(pki, "a", None))
+    # The relay's two TLS handshakes and its pump thread come before the HELLO reaches the server:
+    # a patient server, so that a busy machine shows the MAC check, not the handshake deadline.
+    a = _svc(ta, connect_timeout_s=15.0, **_tls(pki, "a", None))
     relay_addr, close_relay = _relay(a.address, _client_tls(pki, "rogue", None))
     try:
         me = Identity("b", FP, BLOB, SECRET)
