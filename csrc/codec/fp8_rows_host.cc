@@ -123,34 +123,36 @@ struct ScaleBf16 {
 };
 
 template <typename T, typename S>
-void Encode(const Fp8Rows& g, const uint8_t* raw, uint8_t* blobs, uint8_t* ok) {
-  const auto* x0 = reinterpret_cast<const typename T::Word*>(raw);
-  for (uint64_t c = 0; c < g.chunks; ++c) {
-    uint8_t* blob = blobs + c * g.blob_stride;
-    ok[c] = 1;
-    for (uint64_t r = 0; r < g.rows; ++r) {
-      const typename T::Word* x = x0 + (c * g.rows + r) * g.row_elems;
-      float amax = 0.0f;
-      for (uint32_t i = 0; i < g.row_elems; ++i) {
-        const float a = std::fabs(T::Load(x[i]));
-        if (a != a || a > amax) amax = a;  // a NaN is kept, as torch's amax keeps it
-      }
-      if (!std::isfinite(amax)) {  // the chunk is refused; its blob's bytes do not matter
-        ok[c] = 0;
-        break;
-      }
-      typename S::Word stored;
-      const float scale = S::Make(amax, &stored);
-      std::memcpy(blob + g.scale_offset + r * sizeof(stored), &stored, sizeof(stored));
-      uint8_t* q = blob + g.payload_offset + r * g.row_elems;
-      for (uint32_t i = 0; i < g.row_elems; ++i) {
-        float v = T::Load(x[i]) / scale;  // finite: the row's amax is
-        v = v > kFp8Max ? kFp8Max : (v < -kFp8Max ? -kFp8Max : v);
-        q[i] = FloatToE4m3(v);
+struct EncodeOp {
+  static void Run(const Fp8Rows& g, const uint8_t* raw, uint8_t* blobs, uint8_t* ok) {
+    const auto* x0 = reinterpret_cast<const typename T::Word*>(raw);
+    for (uint64_t c = 0; c < g.chunks; ++c) {
+      uint8_t* blob = blobs + c * g.blob_stride;
+      ok[c] = 1;
+      for (uint64_t r = 0; r < g.rows; ++r) {
+        const typename T::Word* x = x0 + (c * g.rows + r) * g.row_elems;
+        float amax = 0.0f;
+        for (uint32_t i = 0; i < g.row_elems; ++i) {
+          const float a = std::fabs(T::Load(x[i]));
+          if (a != a || a > amax) amax = a;  // a NaN is kept, as torch's amax keeps it
+        }
+        if (!std::isfinite(amax)) {  // the chunk is refused; its blob's bytes do not matter
+          ok[c] = 0;
+          break;
+        }
+        typename S::Word stored;
+        const float scale = S::Make(amax, &stored);
+        std::memcpy(blob + g.scale_offset + r * sizeof(stored), &stored, sizeof(stored));
+        uint8_t* q = blob + g.payload_offset + r * g.row_elems;
+        for (uint32_t i = 0; i < g.row_elems; ++i) {
+          float v = T::Load(x[i]) / scale;  // finite: the row's amax is
+          v = v > kFp8Max ? kFp8Max : (v < -kFp8Max ? -kFp8Max : v);
+          q[i] = FloatToE4m3(v);
+        }
       }
     }
   }
-}
+};
 
 // Every e4m3 byte's float32 value.
 struct E4m3Table {
@@ -161,21 +163,23 @@ struct E4m3Table {
 };
 
 template <typename T, typename S>
-void Decode(const Fp8Rows& g, const uint8_t* blobs, uint8_t* raw) {
-  static const E4m3Table table;
-  auto* x0 = reinterpret_cast<typename T::Word*>(raw);
-  for (uint64_t c = 0; c < g.chunks; ++c) {
-    const uint8_t* blob = blobs + c * g.blob_stride;
-    for (uint64_t r = 0; r < g.rows; ++r) {
-      typename S::Word stored;
-      std::memcpy(&stored, blob + g.scale_offset + r * sizeof(stored), sizeof(stored));
-      const float scale = S::Load(stored);
-      const uint8_t* q = blob + g.payload_offset + r * g.row_elems;
-      typename T::Word* x = x0 + (c * g.rows + r) * g.row_elems;
-      for (uint32_t i = 0; i < g.row_elems; ++i) x[i] = T::Store(table.v[q[i]] * scale);
+struct DecodeOp {
+  static void Run(const Fp8Rows& g, const uint8_t* blobs, uint8_t* raw) {
+    static const E4m3Table table;
+    auto* x0 = reinterpret_cast<typename T::Word*>(raw);
+    for (uint64_t c = 0; c < g.chunks; ++c) {
+      const uint8_t* blob = blobs + c * g.blob_stride;
+      for (uint64_t r = 0; r < g.rows; ++r) {
+        typename S::Word stored;
+        std::memcpy(&stored, blob + g.scale_offset + r * sizeof(stored), sizeof(stored));
+        const float scale = S::Load(stored);
+        const uint8_t* q = blob + g.payload_offset + r * g.row_elems;
+        typename T::Word* x = x0 + (c * g.rows + r) * g.row_elems;
+        for (uint32_t i = 0; i < g.row_elems; ++i) x[i] = T::Store(table.v[q[i]] * scale);
+      }
     }
   }
-}
+};
 
 template <template <typename, typename> class F>
 struct Dispatch {
@@ -190,19 +194,6 @@ struct Dispatch {
       case Fp8Elem::kFloat32:
         return bf16 ? F<F32, ScaleBf16>::Run(g, args...) : F<F32, ScaleF32>::Run(g, args...);
     }
-  }
-};
-
-template <typename T, typename S>
-struct EncodeOp {
-  static void Run(const Fp8Rows& g, const uint8_t* raw, uint8_t* blobs, uint8_t* ok) {
-    Encode<T, S>(g, raw, blobs, ok);
-  }
-};
-template <typename T, typename S>
-struct DecodeOp {
-  static void Run(const Fp8Rows& g, const uint8_t* blobs, uint8_t* raw) {
-    Decode<T, S>(g, blobs, raw);
   }
 };
 

@@ -46,21 +46,21 @@ def layout_spec(layout, codec=None, slot_fraction: float = 1.0) -> dict:
     """The minimal spec of the blobs a cache of ``layout`` moves, for ``kvtier peer --layout``:
     its raw chunks, or with ``codec`` (a :class:`kvtier.codecs.Codec` other than ``none``) and
     the cache's ``codec.slot_fraction``, its encoded slots."""
+    spec = {
+        "blob_bytes": int(layout.chunk_bytes),
+        "fingerprint": layout.fingerprint_hex,
+        "chunk_tokens": int(layout.chunk_tokens),
+    }
     if codec is None or codec.name == "none":
-        return {
-            "blob_bytes": int(layout.chunk_bytes),
-            "fingerprint": layout.fingerprint_hex,
-            "chunk_tokens": int(layout.chunk_tokens),
-        }
+        return spec
     from kvtier.codec_tier import codec_fingerprint, slot_nbytes
 
-    spec = {
-        "blob_bytes": slot_nbytes(layout, codec, slot_fraction),
-        "fingerprint": codec_fingerprint(layout, codec, slot_fraction).hex(),
-        "chunk_tokens": int(layout.chunk_tokens),
-        "codec": codec.spec,
-    }
-    return spec if slot_fraction == 1.0 else {**spec, "slot_fraction": slot_fraction}
+    spec["blob_bytes"] = slot_nbytes(layout, codec, slot_fraction)
+    spec["fingerprint"] = codec_fingerprint(layout, codec, slot_fraction).hex()
+    spec["codec"] = codec.spec
+    if slot_fraction != 1.0:
+        spec["slot_fraction"] = slot_fraction
+    return spec
 
 
 def resolve_spec(spec: dict | str) -> tuple[int, bytes]:
