@@ -411,6 +411,15 @@ def test_gpu_stacks_stop_at_a_refused_chunk_a_foreign_blob_and_a_full_tier(caplo
         torch.cuda.synchronize()
         got = raw_blobs(Layout.from_vllm([t.cpu() for t in kv], chunk_tokens=CHUNK_TOKENS), tokens, range(16, 28))
         assert got[:3] == want[:3]  # the three chunks loaded, into pages 16..21
+        # five more chunks (several rounds with round_chunks=2), back bit-exact
+        more = toks(5, base=999)
+        cpu_layout = Layout.from_vllm([t.cpu() for t in kv], chunk_tokens=CHUNK_TOKENS)
+        want_more = [through_codec(fp8, layout, b) for b in raw_blobs(cpu_layout, more, range(10))]
+        assert cache.store(more, range(10)).wait() == 5
+        assert cache.load(more, range(16, 26)).wait() == 5 * CHUNK_TOKENS
+        torch.cuda.synchronize()
+        got = raw_blobs(Layout.from_vllm([t.cpu() for t in kv], chunk_tokens=CHUNK_TOKENS), more, range(16, 26))
+        assert got == want_more
         # a round dropped after the refusal gave its blocks back once its copies ended
         assert cache.stats()["codec_late_copies"] == (1 if round_chunks == 2 else 0)
         s = cache.tier.inner.stats()

@@ -191,6 +191,9 @@ class CodecTier:
         self.codec_device = codec_device
         self._device = device
         self._stream = torch.cuda.Stream(device) if codec_device == "gpu" else None
+        # GPU stacks: a store's blobs cross PCIe on a stream of their own, so the copy engine
+        # moves round k's blobs while the codec's stream gathers and encodes round k + 1.
+        self._d2h_stream = torch.cuda.Stream(device) if codec_device == "gpu" else None
         self._shape, self._dtype = chunk_shape(layout)
         self._slot = slot_nbytes(layout, codec, slot_fraction)
         self._slot_fraction = slot_fraction
@@ -214,7 +217,7 @@ class CodecTier:
         # Copies the GPU did not finish by the deadline: (event after them, keys whose blocks they
         # write, what they read or write); their blocks are given back once the event has passed.
         self._late: list[tuple[torch.cuda.Event, list[bytes], object]] = []
-        self._buf_busy = None  # the event after a late copy out of the load buffer
+        self._buf_busy = None  # GPU stacks: the event after a late copy out of the load buffer
         # The host path gathers and scatters raw chunks through a small tier of its own; the GPU
         # path does it with the core's segment copies into GPU memory.
         self._staging = None
@@ -233,14 +236,18 @@ class CodecTier:
         # The pages the inner tier loads encoded chunks into (one chunk = one page): with GPU
         # stacks, GPU memory, so a hit's blobs cross PCIe straight from the tier's blocks (pinned,
         # as for any GPU layout) as the raw tier's chunks do; else host memory aligned like its blocks.
+        # GPU stacks load round k + 1 into one half of the buffer while round k in the other half
+        # is checked and decoded.
         if self._header is not None:
-            self._buf = torch.zeros(self._batch * self._slot, dtype=torch.uint8, device=f"cuda:{device}")
+            buf_slots = 2 * self._batch
+            self._buf = torch.zeros(buf_slots * self._slot, dtype=torch.uint8, device=f"cuda:{device}")
             self._buf_at, inner_device, inner_method = 0, device, method
             self._header_gpu = torch.frombuffer(bytearray(self._header), dtype=torch.uint8).to(self._buf.device)
         else:
-            self._buf = torch.zeros(self._batch * self._slot + _BLOCK, dtype=torch.uint8)
+            buf_slots = self._batch
+            self._buf = torch.zeros(buf_slots * self._slot + _BLOCK, dtype=torch.uint8)
             self._buf_at, inner_device, inner_method = (-self._buf.data_ptr()) % _BLOCK, -1, "cpu"
-        inner_layout = [(self._buf.data_ptr() + self._buf_at, self._slot, self._slot, self._batch)]
+        inner_layout = [(self._buf.data_ptr() + self._buf_at, self._slot, self._slot, buf_slots)]
         if capacity_bytes < math.ceil(self._slot / _BLOCK) * _BLOCK:
             raise InvalidArgumentError(
                 f"cpu_bytes={capacity_bytes} is smaller than one {codec.name} chunk ({self._slot} bytes)"
@@ -412,14 +419,17 @@ class CodecTier:
         try:
             raw = self._gather_gpu(np.concatenate([pages[i] for i, _, _ in reserved]), after_stream)
             blobs, ok = self.codec.encode_many(raw.view(self._dtype).view(n, *self._shape))
-            src = np.uint64(blobs.data_ptr()) + np.arange(n, dtype=np.uint64) * np.uint64(size)
-            dst = np.array([block.ctypes.data for _, _, block in reserved], dtype=np.uint64)
-            _core.copy_segments(self._device, src, dst, np.full(n, size, dtype=np.uint64), self._stream.cuda_stream)
-            queued = True
             ok_host = torch.empty(n, dtype=torch.bool, pin_memory=True)
             ok_host.copy_(ok, non_blocking=True)
+            # The blobs' copies run on the D2H stream after the encode; ``done`` follows both.
+            self._d2h_stream.wait_stream(self._stream)
+            src = np.uint64(blobs.data_ptr()) + np.arange(n, dtype=np.uint64) * np.uint64(size)
+            dst = np.array([block.ctypes.data for _, _, block in reserved], dtype=np.uint64)
+            sizes = np.full(n, size, dtype=np.uint64)
+            _core.copy_segments(self._device, src, dst, sizes, self._d2h_stream.cuda_stream)
+            queued = True
             done = torch.cuda.Event()
-            done.record(self._stream)
+            done.record(self._d2h_stream)
         except BaseException:
             if queued:
                 self._late_copies([key for _, key, _ in reserved], (raw, blobs))
@@ -440,7 +450,7 @@ class CodecTier:
             # The copies may still write into the blocks: they go back once the copies end.
             self._drop_stack(q)
             raise
-        size, ok_host = self._blob_len, q.keep[2]
+        size, ok_host = self._blob_len, q.keep[2].numpy()
         for j, (i, key, block) in enumerate(q.reserved):
             if not ok_host[j]:  # fp8 and a NaN or inf: not cached, as a failed copy
                 self._counts["codec_encode_refused"] += 1
@@ -464,8 +474,9 @@ class CodecTier:
         """Copies queued on the codec's stream did not end by the deadline (or the call failed
         after queueing them): the blocks of ``keys`` (reserved, never committed) and the memory
         in ``keep`` stay theirs until they do (:meth:`_reap_late`)."""
+        self._d2h_stream.wait_stream(self._stream)  # the event follows both streams' work
         event = torch.cuda.Event()
-        event.record(self._stream)
+        event.record(self._d2h_stream)
         self._late.append((event, keys, keep))
         self._counts["codec_late_copies"] += 1
 
@@ -548,13 +559,16 @@ class CodecTier:
         _core.copy_segments(self._device, src, dst, size, self._stream.cuda_stream, _SEGMENT_METHOD)
         return raw
 
-    def _scatter_gpu(self, raw: torch.Tensor, pages: np.ndarray, after_stream: int) -> None:
+    def _scatter_gpu(self, raw: torch.Tensor, pages: np.ndarray, after_stream: int, wait: bool = True) -> None:
         """Copy raw chunks (``[chunks, chunk_bytes]`` uint8, made on the codec's stream) into
-        ``pages``, after ``after_stream``'s work; returns once they have landed."""
+        ``pages``, after ``after_stream``'s work; returns once they have landed, or with ``wait``
+        False once they are queued (``raw``, from torch's allocator on the codec's stream, is
+        not reused before they run)."""
         self._ordered_after(after_stream)
         src, dst, size = chunk_ranges(self.layout, pages[: len(raw) * self._ppc], raw.data_ptr())
         _core.copy_segments(self._device, dst, src, size, self._stream.cuda_stream, _SEGMENT_METHOD)
-        self._wait_stream("scatter")
+        if wait:
+            self._wait_stream("scatter")
 
     def _wait_stream(self, what: str) -> None:
         """Wait for the codec's stream, to the cache's deadline (DeadlineExceededError past it;
@@ -603,6 +617,9 @@ class CodecTier:
             self._reap_late()
             # A batch is promoted into the pool whole: no more than the pool holds.
             step = max(1, min(self._batch, self._inner.capacity_chunks))
+            if self._header is not None:
+                rounds = [keys_l[at : min(wanted, at + step)] for at in range(0, wanted, step)]
+                return CodecOp(None, self._load_stacks(rounds, pages, after_stream))
             while loaded < wanted:
                 batch = keys_l[loaded : min(wanted, loaded + step)]
                 got = self._load_batch(
@@ -627,14 +644,9 @@ class CodecTier:
                 seen.add(p)
 
     def _load_batch(self, keys: list[bytes], pages: np.ndarray, after_stream: int) -> int:
-        if self._buf_busy is not None:  # a late copy may still read the buffer (_decode_stack)
-            self._wait_event(self._buf_busy, "an earlier load's copy")
-            self._buf_busy = None
         op = self._inner.load(b"".join(keys), np.arange(len(keys), dtype=np.int64), 0)
         if op.transfer is not None:
             op.transfer.wait(self._timeout_s)
-        if self._header is not None:
-            return self._decode_stack(op.chunks, pages, after_stream)
         where = None if self._stream is None else f"cuda:{self._device}"
         raws = []
         for i in range(op.chunks):
@@ -667,12 +679,76 @@ class CodecTier:
             op.transfer.wait(self._timeout_s)
         return op.chunks
 
-    def _decode_stack(self, n: int, pages: np.ndarray, after_stream: int) -> int:
-        """GPU path, fixed-size codec: the ``n`` encoded chunks the inner tier loaded into the
-        GPU buffer are decoded as one stack and scattered; a slot whose header is not this
-        layout's (another codec's blob, a damaged one) ends the load before it. Returns the
-        chunks in place."""
-        blobs = self._buf[: n * self._slot].view(n, self._slot)
+    def _load_stacks(self, rounds: list[list[bytes]], pages: np.ndarray, after_stream: int) -> int:
+        """GPU path, fixed-size codec: the inner tier loads each round's encoded chunks into one
+        half of the GPU buffer (round r into half r % 2). Where the pool holds two rounds, round
+        r + 1's load is issued before round r's is waited for (the disk or the copy engine works
+        on the next blobs while the GPU checks, decodes and scatters these), else once round r
+        has landed. Stops after the first round not loaded whole or holding a slot that is not
+        this layout's. Returns the chunks in place, once they have landed."""
+        if not rounds:
+            return 0
+        if self._buf_busy is not None:  # a late copy may still read the buffer
+            self._wait_event(self._buf_busy, "an earlier load's copy")
+            self._buf_busy = None
+        ahead = 2 * max(len(k) for k in rounds) <= self._inner.capacity_chunks
+        decoded: list[torch.cuda.Event | None] = [None, None]  # per half: after its last decode
+        loaded, nxt = 0, None
+        op = self._load_round(rounds, 0)
+        try:
+            for r, keys in enumerate(rounds):
+                more = r + 1 < len(rounds)
+                if ahead and more:
+                    nxt = self._load_round_after(rounds, r + 1, decoded)
+                if op.transfer is not None:
+                    op.transfer.wait(self._timeout_s)
+                if not ahead and more and op.chunks == len(keys):
+                    nxt = self._load_round_after(rounds, r + 1, decoded)
+                good = self._decode_round(op.chunks, r % 2, pages[loaded * self._ppc :], after_stream)
+                decoded[r % 2] = torch.cuda.Event()
+                decoded[r % 2].record(self._stream)
+                loaded += good
+                if good < len(keys) or nxt is None:
+                    break
+                op, nxt = nxt, None
+            self._wait_stream("scatter")
+        except DeadlineExceededError:
+            # A scatter out of the buffer may not have run yet: the next load waits for it before
+            # the inner tier writes the buffer again, and the caller's later work on its stream
+            # runs after the late scatters into its pages.
+            self._late_copies([], None)
+            self._buf_busy = self._late[-1][0]
+            if after_stream:
+                torch.cuda.ExternalStream(after_stream, device=self._device).wait_event(self._buf_busy)
+            raise
+        finally:
+            if nxt is not None and nxt.transfer is not None:
+                # A round issued ahead and not used writes the buffer: not left running. Its
+                # chunks are in the pool; a failure of its own is the inner tier's (counted there).
+                with contextlib.suppress(KVTierError):
+                    nxt.transfer.wait(self._timeout_s)
+        return loaded
+
+    def _load_round_after(self, rounds: list[list[bytes]], r: int, decoded: list) -> object:
+        """Issue round ``r``'s load once the decode of the round that last used its half ended."""
+        if decoded[r % 2] is not None:
+            self._wait_event(decoded[r % 2], "an earlier round's decode")
+        return self._load_round(rounds, r)
+
+    def _load_round(self, rounds: list[list[bytes]], r: int):
+        """Issue the inner tier's load of round ``r``'s chunks into half ``r % 2`` of the buffer."""
+        base = (r % 2) * self._batch
+        return self._inner.load(b"".join(rounds[r]), np.arange(base, base + len(rounds[r]), dtype=np.int64), 0)
+
+    def _decode_round(self, n: int, half: int, pages: np.ndarray, after_stream: int) -> int:
+        """The ``n`` encoded chunks the inner tier loaded into ``half`` of the GPU buffer, checked
+        (a slot whose header is not this layout's, another codec's blob or a damaged one, ends the
+        round before it), decoded as one stack and scattered into ``pages``, queued on the
+        codec's stream. Returns the chunks queued."""
+        if not n:
+            return 0
+        at = half * self._batch
+        blobs = self._buf[at * self._slot : (at + n) * self._slot].view(n, self._slot)
         match = (blobs[:, : len(self._header)] == self._header_gpu).all(dim=1)
         match_host = torch.empty(n, dtype=torch.bool, pin_memory=True)
         match_host.copy_(match, non_blocking=True)
@@ -680,22 +756,12 @@ class CodecTier:
         good = n if bool(match_host.all()) else int(match_host.int().argmin())
         if good < n:
             self._counts["codec_decode_failures"] += 1
-            log.warning("kvtier: a %s chunk does not decode (%s): a miss", self.codec.name, self._why_not(good))
+            log.warning("kvtier: a %s chunk does not decode (%s): a miss", self.codec.name, self._why_not(at + good))
         if not good:
             return 0
         self._ordered_after(after_stream)
         raw = self.codec.decode_many(blobs[:good], self._header_info).view(good, -1).view(torch.uint8)
-        try:
-            self._scatter_gpu(raw, pages, 0)
-        except DeadlineExceededError:
-            # The copy out of the buffer may not have run yet: the next load waits for it before
-            # the inner tier writes the buffer again, and the caller's later work on its stream
-            # runs after the late scatter into its pages.
-            self._late_copies([], raw)
-            self._buf_busy = self._late[-1][0]
-            if after_stream:
-                torch.cuda.ExternalStream(after_stream, device=self._device).wait_event(self._buf_busy)
-            raise
+        self._scatter_gpu(raw, pages, 0, wait=False)
         self._counts["codec_chunks_decoded"] += good
         return good
 
