@@ -5,7 +5,10 @@ Workload ``llama3_8b_4096tok`` (bench_p2p's: 16 chunks of 32 MiB, 512 MiB). ``UC
 both processes, one process pair per value given; four ways to move the chunks:
 
 - ``p2p_pull_nixl``: ``PeerService.pull`` with ``transport: auto``: lookup, NIXL_LEASE on the
-  control channel, one-sided NIXL READs of A's pool blocks into B's, CRC32C of each blob, commit;
+  control channel, one-sided NIXL READs of A's pool blocks into B's, CRC32C of each blob, commit.
+  The chunks are leased for the first time: A computes their checksums while B READs them;
+- ``p2p_pull_nixl_warm``: the same pull of chunks another member pulled from A before, so A's
+  tier keeps their checksums (a popular prefix: every puller after the first);
 - ``raw_nixl_read``: NIXL's own transfer of the same bytes, nothing of kvtier's protocol: two
   agents set up as kvtier's are (UCX backend; progress thread that waits between passes, not
   NIXL's spinning default, which would take a core from every other case), one registered
@@ -13,12 +16,13 @@ both processes, one process pair per value given; four ways to move the chunks:
 - ``p2p_pull_tcp``: ``PeerService.pull`` with ``transport: tcp`` (the framed TCP stream);
 - ``memcpy``: the physical limit on one host, a 512 MiB copy between two buffers in B.
 
-``p2p_pull_nixl`` is reported against ``raw_nixl_read`` (target >= 0.9), ``raw_nixl_read``
+``p2p_pull_nixl`` and ``p2p_pull_nixl_warm`` are reported against ``raw_nixl_read`` (target >=
+0.9), ``raw_nixl_read``
 against ``memcpy``, and ``p2p_pull_tcp`` against ``p2p_pull_nixl``.
 
 On a machine with NVIDIA GPUs NIXL's UCX backend requires ``cuda_copy`` in ``UCX_TLS``.
 
-    python bench/bench_p2p_nixl.py [--tls 'tcp;tcp,shm,self'] [--reps 3] [--out bench/results/]
+    python bench/bench_p2p_nixl.py [--tls 'tcp;tcp,shm,self'] [--reps 3] [--tag cpu] [--out bench/results/]
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ def run_nixl(tls: str, reps: int) -> tuple[list[dict], dict]:
     from kvtier.p2p import PeerConfig, PeerService
     from kvtier.p2p.transport import Deadline
 
-    sets = 2 + 2 * reps
+    sets = 2 + 3 * reps
     ctx = mp.get_context("spawn")
     q, stop = ctx.Queue(), ctx.Event()
     proc = ctx.Process(target=nixl_server, args=(q, stop, tls, sets))
@@ -91,11 +95,11 @@ def run_nixl(tls: str, reps: int) -> tuple[list[dict], dict]:
     services, tiers = {}, []
     nbytes = CHUNKS * BLOB
     try:
-        for path in ("nixl", "tcp"):
+        for name, path in (("nixl", "nixl"), ("tcp", "tcp"), ("first", "nixl")):  # first: pulls A's chunks first
             tier, mem = make_tier(CHUNKS + 1, CHUNKS)
             tiers.append((tier, mem))
             cfg = PeerConfig(secret=SECRET, seeds=(info["peer"],), request_timeout_s=60.0, transport=path)
-            services[path] = PeerService(tier, FP, cfg).start()
+            services[name] = PeerService(tier, FP, cfg).start()
         end = time.monotonic() + 60
         while any(svc.lookup(set_keys(0)) != CHUNKS for svc in services.values()):
             if time.monotonic() > end:
@@ -137,15 +141,18 @@ def run_nixl(tls: str, reps: int) -> tuple[list[dict], dict]:
 
         # Warm up every path (connections, NIXL metadata, page faults of the buffers and pools).
         raw_once(), memcpy_once(), pull_once("nixl", 0), pull_once("tcp", 1)
-        times = {"nixl": [], "raw": [], "tcp": [], "memcpy": []}
+        pull_once("first", 1)
+        times = {"nixl": [], "nixl_warm": [], "raw": [], "tcp": [], "memcpy": []}
         for r in range(reps):
             times["raw"].append(raw_once())
-            times["nixl"].append(pull_once("nixl", 2 + 2 * r))
-            times["tcp"].append(pull_once("tcp", 3 + 2 * r))
+            times["nixl"].append(pull_once("nixl", 2 + 3 * r))
+            times["tcp"].append(pull_once("tcp", 3 + 3 * r))
+            pull_once("first", 4 + 3 * r)  # A keeps these chunks' checksums from here on
+            times["nixl_warm"].append(pull_once("nixl", 4 + 3 * r))
             times["memcpy"].append(memcpy_once())
         st = services["nixl"].stats()
         pulled_nixl = services["nixl"].counters["chunks_pulled_nixl"]
-        assert pulled_nixl == CHUNKS * (reps + 1), f"only {pulled_nixl} chunks moved over NIXL"
+        assert pulled_nixl == CHUNKS * (2 * reps + 1), f"only {pulled_nixl} chunks moved over NIXL"
         assert services["tcp"].counters["chunks_pulled_nixl"] == 0
         agent.remove_remote_agent(holder)
         gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
@@ -169,6 +176,13 @@ def run_nixl(tls: str, reps: int) -> tuple[list[dict], dict]:
                 gbps["raw"],
                 f"lookup + lease + NIXL READs of 16 x 32 MiB into the pool + CRC32C + commit; median of {reps}; "
                 f"data path {st['data_path']}; pool pinned={info['pool_pinned']}",
+            ),
+            case(
+                "p2p_pull_nixl_warm",
+                gbps["nixl_warm"],
+                "raw_nixl_read",
+                gbps["raw"],
+                "the same pull of chunks another member pulled first: the holder keeps their checksums",
             ),
             case(
                 "raw_nixl_read",
@@ -203,6 +217,7 @@ def main() -> int:
     ap.add_argument("--tls", default="tcp;tcp,shm,self", help="UCX_TLS values separated by ';'")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None, help="directory to write the JSON into")
+    ap.add_argument("--tag", default="cpu", help="the machine's tag in the file name (cpu, h100host, ...)")
     args = ap.parse_args()
     results, detail = [], {}
     for tls in args.tls.split(";"):
@@ -215,7 +230,7 @@ def main() -> int:
         p.join(60)
         results += res
         detail[tls] = samples
-    publish("bench_p2p_nixl", "llama3_8b_4096tok", "cpu", results, args.out, indent=1, samples_gbps=detail)
+    publish("bench_p2p_nixl", "llama3_8b_4096tok", args.tag, results, args.out, indent=1, samples_gbps=detail)
     return 0
 
 

@@ -8,6 +8,7 @@ this file and the p2p suites again with it: scripts/ci_nixl.sh).
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import socket
 import time
 from collections import Counter
@@ -44,6 +45,11 @@ needs_nixl = pytest.mark.skipif(NIXL_REASON is not None, reason=f"needs nixl: {N
 def test_nixl_messages_round_trip(blocks, lease_id, ms, md, agent, addr):
     leased = P.NixlLeased(lease_id, ms, tuple(blocks))
     assert P.NixlLeased.decode(leased.encode()) == leased
+    late = P.NixlLeased(lease_id, ms, tuple(blocks), tuple(i % 3 == 1 for i in range(len(blocks))))
+    assert P.NixlLeased.decode_late(late.encode_late()) == late
+    crcs = [crc for _, crc in blocks]
+    assert P.decode_sums(P.encode_sums(crcs), len(crcs)) == (crcs or None)
+    assert P.decode_sums(P.encode_sums(None), len(crcs)) is None  # the lease is gone
     meta = P.NixlMeta(True, "", agent, md, addr, 1 << 20)
     assert P.NixlMeta.decode(meta.encode()) == meta
     no = P.NixlMeta(False, "transport: tcp")
@@ -53,11 +59,18 @@ def test_nixl_messages_round_trip(blocks, lease_id, ms, md, agent, addr):
 @settings(max_examples=300, deadline=None)
 @given(body=st.binary(max_size=256))
 def test_garbage_nixl_messages_raise_protocol_errors_only(body):
-    for decode in (P.NixlLeased.decode, P.NixlMeta.decode):
+    for decode in (P.NixlLeased.decode, P.NixlLeased.decode_late, P.NixlMeta.decode, lambda b: P.decode_sums(b, 3)):
         try:
             decode(body)
         except P.ProtocolError:
             pass
+
+
+def test_a_checksum_list_of_another_length_is_refused():
+    with pytest.raises(P.ProtocolError):
+        P.decode_sums(P.encode_sums([1, 2]), 3)
+    with pytest.raises(P.ProtocolError):
+        P.NixlLeased.decode_late(P.NixlLeased(1, 2, ((0, 0), (8, 0))).encode() + P.encode_bitmap([True]))
 
 
 def test_an_offer_without_an_agent_or_a_region_is_refused():
@@ -71,15 +84,15 @@ def test_an_offer_without_an_agent_or_a_region_is_refused():
             P.NixlMeta.decode(bad.encode())
 
 
-def _leases(tier, lease_s=10.0):
+def _leases(tier, lease_s=10.0, crc_pool=None):
     addr, nbytes = tier.arena_region
-    return BlockLeases(tier, addr, nbytes, lease_s, Counter())
+    return BlockLeases(tier, addr, nbytes, lease_s, Counter(), crc_pool=crc_pool)
 
 
 _lease_ops = st.lists(
     st.one_of(
         st.tuples(st.just("put"), st.integers(0, 11)),  # store chunk i (evicts what is not pinned)
-        st.tuples(st.just("lease"), st.lists(st.integers(0, 11), min_size=1, max_size=4)),
+        st.tuples(st.just("lease"), st.lists(st.integers(0, 11), min_size=1, max_size=4), st.booleans()),
         st.tuples(st.just("release"), st.integers(0, 50)),
         st.tuples(st.just("wait"), st.floats(0, 8)),
     ),
@@ -94,7 +107,8 @@ def test_leased_blocks_are_never_reused_and_every_lease_ends(ops):
     CRC the lease gave) and its place until the lease is released or expires; then its pin goes."""
     tier, _scratch = _tier(chunks=6)
     keys = [bytes([i + 1]) * 16 for i in range(12)]
-    leases = _leases(tier, lease_s=5.0)
+    pool = cf.ThreadPoolExecutor(2)
+    leases = _leases(tier, lease_s=5.0, crc_pool=pool)  # a late lease's checksums come from sums()
     now, live = 0.0, {}  # lease id -> (expiry, [(key, offset, crc)])
     region = tier.arena_region[0]
     for op in ops:
@@ -106,9 +120,12 @@ def test_leased_blocks_are_never_reused_and_every_lease_ends(ops):
                 except ResourceExhaustedError:
                     assert sum(len(v[1]) for v in live.values()) >= 1  # only pins can fill the tier
         elif op[0] == "lease":
-            got = leases.lease([keys[i] for i in op[1]], now=now)
+            got = leases.lease([keys[i] for i in op[1]], now=now, late=op[2])
+            crcs = [crc for _, crc in got.blocks]
+            if any(got.late):
+                crcs = leases.sums(got.lease_id, 10.0)
             if got.blocks:
-                held = [(keys[i], off, crc) for i, (off, crc) in zip(op[1], got.blocks)]
+                held = [(keys[i], off, crc) for i, (off, _), crc in zip(op[1], got.blocks, crcs)]
                 live[got.lease_id] = (now + 5.0, held)
             assert len(got.blocks) <= len(op[1])
         elif op[0] == "release" and live:
@@ -136,6 +153,30 @@ def test_leased_blocks_are_never_reused_and_every_lease_ends(ops):
         assert tier.stats()["index"]["pinned"] == len({k for _, h in live.values() for k, _, _ in h})
         assert leases.held() == len(live)
     leases.close()
+    pool.shutdown()
+    assert tier.stats()["index"]["pinned"] == 0
+
+
+def test_a_late_lease_names_its_checksums_while_it_lives():
+    tier, _s = _tier()
+    for i, k in enumerate(KEYS[:3]):
+        _put(tier, k, i)
+    pool = cf.ThreadPoolExecutor(2)
+    leases = _leases(tier, crc_pool=pool)
+    want = [_core.crc32c(_blob(tier, k)) for k in KEYS[:3]]
+    got = leases.lease(KEYS[:2], late=True)
+    assert got.late == (True, True) and [c for _, c in got.blocks] == [0, 0]  # the tier kept none
+    assert leases.sums(got.lease_id, 10.0) == want[:2]
+    assert leases.counters["nixl_checksums_late"] == 2
+    # Computed once, kept by the tier: the next lease names them at once (and a new one late).
+    again = leases.lease(KEYS[:3], late=True)
+    assert again.late == (False, False, True)
+    assert [c for _, c in again.blocks[:2]] == want[:2]
+    assert leases.sums(again.lease_id, 10.0) == want
+    assert leases.release(got.lease_id)
+    assert leases.sums(got.lease_id, 10.0) is None  # gone: nothing to name
+    leases.close()
+    pool.shutdown()
     assert tier.stats()["index"]["pinned"] == 0
 
 
@@ -341,21 +382,33 @@ def test_blocks_read_before_the_holder_is_lost_are_kept(monkeypatch):
 
 
 @needs_nixl
-def test_a_block_whose_checksum_differs_is_a_miss(monkeypatch, reads):
-    real = BlockLeases.lease
+@pytest.mark.parametrize("late", [False, True], ids=["in_the_lease", "late_sums"])
+def test_a_block_whose_checksum_differs_is_a_miss(monkeypatch, reads, late):
+    monkeypatch.setattr(nixl_path, "LATE_CHECKSUMS", late)
+    if late:  # the holder names the checksums after the lease (NIXL_SUMS)
+        real_sums = BlockLeases.sums
 
-    def wrong_second_crc(self, keys, now=None):
-        got = real(self, keys, now)
-        blocks = list(got.blocks)
-        if len(blocks) > 1:
-            blocks[1] = (blocks[1][0], blocks[1][1] ^ 1)
-        return P.NixlLeased(got.lease_id, got.lease_ms, tuple(blocks))
+        def wrong_second_sum(self, lease_id, timeout_s):
+            crcs = real_sums(self, lease_id, timeout_s)
+            return crcs[:1] + [crcs[1] ^ 1] + crcs[2:] if crcs and len(crcs) > 1 else crcs
 
-    monkeypatch.setattr(BlockLeases, "lease", wrong_second_crc)
+        monkeypatch.setattr(BlockLeases, "sums", wrong_second_sum)
+    else:
+        real = BlockLeases.lease
+
+        def wrong_second_crc(self, keys, now=None, late=False):
+            got = real(self, keys, now, late)
+            blocks = list(got.blocks)
+            if len(blocks) > 1:
+                blocks[1] = (blocks[1][0], blocks[1][1] ^ 1)
+            return P.NixlLeased(got.lease_id, got.lease_ms, tuple(blocks), got.late)
+
+        monkeypatch.setattr(BlockLeases, "lease", wrong_second_crc)
     (a, ta, _), (c, tc, _sc) = _pair()
     try:
         assert _load(c) == 1  # the first chunk; the second fails its check, so the run stops
         assert c.counters["checksum_failures"] == 1
+        assert a.counters["nixl_checksums_late"] == (4 if late else 0)
         assert tc.lookup(KEYS[1]) == 0 and tc.stats()["index"]["writing"] == 0
         assert _blob(tc, KEYS[0]) == _blob(ta, KEYS[0])
     finally:

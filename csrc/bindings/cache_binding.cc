@@ -349,6 +349,12 @@ void BindCache(py::module_& m) {
            }, py::arg("blob"),
            "The CRC32C of a held block's blob (a view from begin_put or acquire_blobs): the one "
            "noted, else computed now and kept.")
+      .def("kept_blob_checksum", [](CpuTier& t, const py::buffer& blob) -> std::optional<uint32_t> {
+             const void* p = BlobAddress(t, blob, "kept_blob_checksum");
+             return ValueOrThrow(t.KeptBlobChecksum(p));
+           }, py::arg("blob"),
+           "The CRC32C kept for a held block's blob (as blob_checksum), or None where none is kept "
+           "(nothing is computed).")
       .def_property_readonly("blob_bytes", &CpuTier::blob_bytes)
       .def_property_readonly("capacity_chunks", &CpuTier::capacity_chunks)
       .def_property_readonly("pages_per_chunk", &CpuTier::pages_per_chunk)

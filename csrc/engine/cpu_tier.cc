@@ -816,6 +816,14 @@ StatusOr<uint32_t> CpuTier::BlobChecksum(const void* blob) {
   return BlockChecksum(*block);
 }
 
+StatusOr<std::optional<uint32_t>> CpuTier::KeptBlobChecksum(const void* blob) {
+  StatusOr<BlockId> block = BlockOf(blob);
+  if (!block.ok()) return block.status();
+  uint32_t crc;
+  if (!KnownChecksum(*block, &crc)) return std::optional<uint32_t>();
+  return std::optional<uint32_t>(crc);
+}
+
 uint32_t CpuTier::BlockChecksum(BlockId block) {
   uint32_t crc;
   if (KnownChecksum(block, &crc)) return crc;

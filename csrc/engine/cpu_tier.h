@@ -46,6 +46,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -198,6 +199,9 @@ class CpuTier {
   // The CRC32C of the blob_bytes() bytes of a held block: the one noted, else computed now (and
   // kept). REQUIRES: the caller holds `blob`, as for NoteBlobChecksum.
   StatusOr<uint32_t> BlobChecksum(const void* blob);
+  // The CRC32C kept for a held block's blob, or nullopt where none is kept (nothing is computed).
+  // REQUIRES: the caller holds `blob`, as for NoteBlobChecksum.
+  StatusOr<std::optional<uint32_t>> KeptBlobChecksum(const void* blob);
 
   // Where each of keys[0..n) is, as bits: 1 = pool, 2 = disk (both: 3, neither: 0). Unlike
   // LookupTiers, it does not stop at the first chunk missing.

@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
         orig_frame = transport.Connection.send_frame
 
         def send_then_stop(self, kind, rid, body, deadline, _orig=orig_frame):
-            if kind != P.Kind.NIXL_LEASED:
+            if kind not in (P.Kind.NIXL_LEASED, P.Kind.NIXL_LEASED_LATE):
                 return _orig(self, kind, rid, body, deadline)
             # A forked child sends the lease once this process is stopped: sent before the stop,
             # NIXL's progress thread here could answer the READ in between.

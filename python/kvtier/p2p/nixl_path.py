@@ -49,6 +49,8 @@ LEASE_MARGIN_S = 0.05
 # Threads checksumming blobs (crc32c releases the GIL): a lease's and a READ's blobs are checked
 # in parallel, since one core checksums slower than a fast link moves bytes.
 CHECKSUM_THREADS = min(4, os.cpu_count() or 1)
+# Ask holders that offer it for late leases (their checksums computed while the READs run).
+LATE_CHECKSUMS = True
 
 
 def _addr(view) -> int:
@@ -93,18 +95,57 @@ def _release_views(views: list[memoryview]) -> None:
 
 
 class _Peer:
-    """What this member knows of one holder's NIXL side."""
+    """What this member knows of one holder's NIXL side (``late_sums``: it offers late leases)."""
 
-    __slots__ = ("agent", "region_addr", "region_bytes")
+    __slots__ = ("agent", "late_sums", "region_addr", "region_bytes")
 
     def __init__(self, agent: str, region_addr: int, region_bytes: int) -> None:
         self.agent, self.region_addr, self.region_bytes = agent, region_addr, region_bytes
+        self.late_sums = False
+
+
+class _PullSums:
+    """The puller's side of a lease's checksums: those the reply named, and the late ones once
+    ``future`` (NIXL_SUMS: the list, or None when they did not come) has answered."""
+
+    def __init__(self, leased: P.NixlLeased, future: cf.Future | None) -> None:
+        self._crcs = [crc for _, crc in leased.blocks]
+        self._late = leased.late
+        self._future = future
+
+    def ready(self, j: int) -> bool:
+        return not self._is_late(j) or self._future.done()
+
+    def get(self, j: int, timeout_s: float) -> int | None:
+        """Block ``j``'s CRC32C, waiting up to ``timeout_s`` for a late one; None if it did not come."""
+        if not self._is_late(j):
+            return self._crcs[j]
+        try:
+            crcs = self._future.result(timeout=max(0.0, timeout_s))
+        except (cf.TimeoutError, cf.CancelledError):
+            return None
+        return None if crcs is None else crcs[j]
+
+    def _is_late(self, j: int) -> bool:
+        return bool(self._late) and self._late[j] and self._future is not None
+
+
+class _Lease:
+    """One lease: its expiry, the keys it pins, and (a late lease) the CRC32C of each block, with
+    the checksums still being computed (index -> future) and the views they read."""
+
+    __slots__ = ("at", "crcs", "keys", "pending", "views")
+
+    def __init__(self, at: float, keys: list[bytes], crcs: list[int], pending: dict, views: list) -> None:
+        self.at, self.keys, self.crcs, self.pending, self.views = at, keys, crcs, pending, views
 
 
 class BlockLeases:
     """The holder's leases: CPU-tier blocks pinned for pullers' one-sided READs (a reference on
     each, so the tier neither evicts nor rewrites them) until released or expired. ``region_addr``
-    / ``region_bytes``: the registered range every leased block must lie in."""
+    / ``region_bytes``: the registered range every leased block must lie in. With ``crc_pool``, a
+    late lease (``lease(..., late=True)``) answers at once and computes the checksums the tier
+    does not keep there, while the puller READs (:meth:`sums`)."""
 
     def __init__(
         self,
@@ -115,10 +156,12 @@ class BlockLeases:
         counters: Counter,
         promote=None,
         checksums=None,
+        crc_pool: cf.Executor | None = None,
     ) -> None:
         self._tier = tier
         # Each held block's CRC32C: the tier's kept one, or computed (and kept) there.
         self._checksums = checksums or (lambda views: [tier.blob_checksum(v) for v in views])
+        self._crc_pool = crc_pool
         self._promote = promote  # a standalone node's: bring a disk-only chunk into the pool first
         self._blob_bytes = int(tier.blob_bytes)
         self._region_addr, self._region_bytes = region_addr, region_bytes
@@ -126,13 +169,16 @@ class BlockLeases:
         self.counters = counters
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._leases: dict[int, tuple[float, list[bytes]]] = {}  # id -> (expiry, keys pinned)
+        self._leases: dict[int, _Lease] = {}
 
-    def lease(self, keys: list[bytes], now: float | None = None) -> P.NixlLeased:
-        """Pin the leading chunks of ``keys`` held in the tier; each one's offset and CRC32C."""
+    def lease(self, keys: list[bytes], now: float | None = None, late: bool = False) -> P.NixlLeased:
+        """Pin the leading chunks of ``keys`` held in the tier; each one's offset and CRC32C. With
+        ``late`` (and a checksum pool), a checksum the tier does not keep is marked late in the
+        reply and computed on the pool (:meth:`sums` answers it)."""
         pinned: list[bytes] = []
         offsets: list[int] = []
         views: list[memoryview] = []
+        pending: dict[int, cf.Future] = {}
         try:
             for key in keys:
                 got = self._tier.acquire_blobs(key)
@@ -151,21 +197,45 @@ class BlockLeases:
                 pinned.append(key)
                 offsets.append(offset)
                 views.append(view)
-            crcs = self._checksums(views) if views else []
+            if late and self._crc_pool is not None:
+                crcs = [self._tier.kept_blob_checksum(v) for v in views]
+                for j, crc in enumerate(crcs):
+                    if crc is None:
+                        pending[j] = self._crc_pool.submit(self._tier.blob_checksum, views[j])
+            else:
+                crcs = self._checksums(views) if views else []
         except BaseException:
+            _settle(pending)
             _release_views(views)
             self._unpin(pinned)
             raise
-        _release_views(views)
-        blocks = list(zip(offsets, crcs))
+        if not pending:
+            _release_views(views)
+            views = []
+        late_bits = tuple(j in pending for j in range(len(pinned))) if late else ()
+        blocks = tuple(zip(offsets, [0 if c is None else c for c in crcs]))
         lease_id = next(self._ids)
         if pinned:
             at = (time.monotonic() if now is None else now) + self.lease_s
             with self._lock:
-                self._leases[lease_id] = (at, pinned)
+                self._leases[lease_id] = _Lease(at, pinned, crcs, pending, views)
             self.counters["nixl_leases"] += 1
             self.counters["nixl_chunks_leased"] += len(pinned)
-        return P.NixlLeased(lease_id, int(self.lease_s * 1000), tuple(blocks))
+            self.counters["nixl_checksums_late"] += len(pending)
+        return P.NixlLeased(lease_id, int(self.lease_s * 1000), blocks, late_bits)
+
+    def sums(self, lease_id: int, timeout_s: float) -> list[int] | None:
+        """The CRC32C of each block of a live lease (NIXL_SUMS_REQ), waiting up to ``timeout_s``
+        for those still being computed; None if the lease is gone or they are not done by then."""
+        with self._lock:
+            lease = self._leases.get(lease_id)
+        if lease is None:
+            return None
+        done, not_done = cf.wait(list(lease.pending.values()), timeout=timeout_s)
+        if not_done or any(f.cancelled() or f.exception() is not None for f in done):
+            self.counters["nixl_checksums_not_ready"] += 1
+            return None
+        return [lease.pending[j].result() if j in lease.pending else c for j, c in enumerate(lease.crcs)]
 
     def release(self, lease_id: int) -> bool:
         """Drop a lease's pins (NIXL_RELEASE); False if it had expired or never existed."""
@@ -173,16 +243,16 @@ class BlockLeases:
             lease = self._leases.pop(lease_id, None)
         if lease is None:
             return False
-        self._unpin(lease[1])
+        self._drop(lease)
         return True
 
     def expire(self, now: float) -> int:
         """Drop the leases past their expiry (the gossip tick); how many."""
         with self._lock:
-            gone = [i for i, (at, _) in self._leases.items() if at <= now]
+            gone = [i for i, lease in self._leases.items() if lease.at <= now]
             leases = [self._leases.pop(i) for i in gone]
-        for _, keys in leases:
-            self._unpin(keys)
+        for lease in leases:
+            self._drop(lease)
         self.counters["nixl_leases_expired"] += len(leases)
         return len(leases)
 
@@ -194,12 +264,26 @@ class BlockLeases:
         with self._lock:
             leases = list(self._leases.values())
             self._leases.clear()
-        for _, keys in leases:
-            self._unpin(keys)
+        for lease in leases:
+            self._drop(lease)
+
+    def _drop(self, lease: _Lease) -> None:
+        """Unpin a lease's blocks once no checksum reads them any more."""
+        _settle(lease.pending)
+        _release_views(lease.views)
+        self._unpin(lease.keys)
 
     def _unpin(self, keys: list[bytes]) -> None:
         for key in keys:
             self._tier.release_blobs(key)
+
+
+def _settle(pending: dict) -> None:
+    """Cancel the checksums not started and wait for the running ones (each is one pass over a
+    blob: bounded), so nothing reads a block once it is unpinned."""
+    for f in pending.values():
+        f.cancel()
+    cf.wait(list(pending.values()))
 
 
 class NixlPath:
@@ -237,8 +321,10 @@ class NixlPath:
         self._region = self._ep.register(self._region_addr, self._region_bytes)
         lease_s = 2 * config.request_timeout_s
         self._crc_pool = cf.ThreadPoolExecutor(CHECKSUM_THREADS, thread_name_prefix="kvtier-nixl-crc")
+        # NIXL_SUMS_REQ of late leases, beside the READs (not on the service's pull workers).
+        self._sums_exec = cf.ThreadPoolExecutor(4, thread_name_prefix="kvtier-nixl-sums")
         self.leases = BlockLeases(
-            tier, self._region_addr, self._region_bytes, lease_s, counters, promote, self._checksums
+            tier, self._region_addr, self._region_bytes, lease_s, counters, promote, self._checksums, self._crc_pool
         )
         self._peers: dict[str, _Peer | None] = {}  # node id -> its NIXL side, None: TCP only
         self._closed = False
@@ -261,8 +347,11 @@ class NixlPath:
             metadata = self._ep.metadata()
         return P.NixlMeta(True, "", self._node_id, metadata, self._region_addr, self._region_bytes)
 
-    def lease(self, keys: list[bytes]) -> P.NixlLeased:
-        return self.leases.lease(keys)
+    def lease(self, keys: list[bytes], late: bool = False) -> P.NixlLeased:
+        return self.leases.lease(keys, late=late)
+
+    def sums(self, lease_id: int, timeout_s: float) -> list[int] | None:
+        return self.leases.sums(lease_id, timeout_s)
 
     def release(self, lease_id: int) -> bool:
         return self.leases.release(lease_id)
@@ -288,6 +377,8 @@ class NixlPath:
             elif conn.peer_caps & P.CAP_NIXL:
                 _, body = conn.request(P.Kind.NIXL_META_REQ, self._client.next_rid(), b"", deadline, P.Kind.NIXL_META)
                 peer = self._load_peer(src, P.NixlMeta.decode(body))
+                if peer is not None:
+                    peer.late_sums = bool(conn.peer_caps & P.CAP_NIXL_LATE_SUMS)
             else:
                 self.counters["nixl_peers_tcp_only"] += 1
             self._client.pool.put(conn)
@@ -358,11 +449,12 @@ class NixlPath:
         peer = self._peer(src, addr, deadline)
         if peer is None:
             return None
+        late = peer.late_sums and LATE_CHECKSUMS
+        K = P.Kind
+        ask, reply = (K.NIXL_LEASE_LATE, K.NIXL_LEASED_LATE) if late else (K.NIXL_LEASE, K.NIXL_LEASED)
         try:
-            _, body = self._client.exchange(
-                *addr, P.Kind.NIXL_LEASE, P.encode_keys([k for _, k in items]), deadline, P.Kind.NIXL_LEASED
-            )
-            leased = P.NixlLeased.decode(body)
+            _, body = self._client.exchange(*addr, ask, P.encode_keys([k for _, k in items]), deadline, reply)
+            leased = P.NixlLeased.decode_late(body) if late else P.NixlLeased.decode(body)
         except P.ProtocolError:
             self.counters["protocol_errors"] += 1
             self._count_bad_peer(src)
@@ -371,23 +463,44 @@ class NixlPath:
             self.counters["pull_failures"] += 1
             return 0
         lease_end = time.monotonic() + leased.lease_ms / 1000 - LEASE_MARGIN_S
+        # The late checksums are asked for at once: the holder computes them while the READs run.
+        fetch = self._sums_exec.submit(self._fetch_sums, src, addr, leased, deadline) if any(leased.late) else None
+        sums = _PullSums(leased, fetch)
         try:
             return self._read_leased(
-                src, peer, items[: len(leased.blocks)], leased, deadline, lease_end, on_commit, note_stored
+                src, peer, items[: len(leased.blocks)], leased, sums, deadline, lease_end, on_commit, note_stored
             )
         finally:
             if leased.blocks:
                 self._exec.submit(self._release, addr, leased.lease_id)
             self.counters["chunks_missed_at_source"] += len(items) - len(leased.blocks)
 
-    def _read_leased(self, src, peer, items, leased, deadline, lease_end, on_commit, note_stored) -> int:
+    def _fetch_sums(self, src: str, addr: tuple, leased: P.NixlLeased, deadline: Deadline) -> list[int] | None:
+        """NIXL_SUMS_REQ for a late lease: its checksums, or None (counted) when they do not come."""
+        try:
+            _, body = self._client.exchange(
+                *addr, P.Kind.NIXL_SUMS_REQ, P.encode_lease(leased.lease_id), deadline, P.Kind.NIXL_SUMS
+            )
+            crcs = P.decode_sums(body, len(leased.blocks))
+        except P.ProtocolError:
+            self.counters["protocol_errors"] += 1
+            self._count_bad_peer(src)
+            return None
+        except (OSError, KVTierError, TimeoutError):
+            self.counters["nixl_sums_failures"] += 1
+            return None
+        if crcs is None:
+            self.counters["nixl_sums_not_given"] += 1
+        return crcs
+
+    def _read_leased(self, src, peer, items, leased, sums, deadline, lease_end, on_commit, note_stored) -> int:
         blob = self._blob_bytes
-        reserved: list[tuple[int, bytes, memoryview, int]] = []  # (plan index, key, view, crc)
+        reserved: list[tuple[int, bytes, memoryview, int]] = []  # (plan index, key, view, lease index)
         pieces: list[tuple[int, int, int]] = []
         committed = 0
         checks: list[cf.Future] = []
         try:
-            for (i, key), (offset, crc) in zip(items, leased.blocks):
+            for j, ((i, key), (offset, _crc)) in enumerate(zip(items, leased.blocks)):
                 if offset + blob > peer.region_bytes:
                     raise P.ProtocolError(f"leased block at offset {offset} outside the peer's region")
                 try:
@@ -396,7 +509,7 @@ class NixlPath:
                     if isinstance(e, AlreadyExistsError) and on_commit is not None:
                         on_commit(i)  # arrived meanwhile
                     continue
-                reserved.append((i, key, view, crc))
+                reserved.append((i, key, view, j))
                 pieces.append((peer.region_addr + offset, _addr(view), blob))
             if not pieces:
                 return 0
@@ -422,7 +535,9 @@ class NixlPath:
                         break
                     first = len(checks) - committed  # reserved[first:] were just read
                     checks += [self._check(view) for _, _, view, _ in reserved[first : first + per_group]]
-                    n, bad = self._commit_checked(src, reserved, checks, committed, note_stored, on_commit, False)
+                    n, bad = self._commit_checked(
+                        src, reserved, checks, sums, deadline, committed, note_stored, on_commit, False
+                    )
                     committed += n
                     if bad:
                         return committed
@@ -431,7 +546,7 @@ class NixlPath:
             if not failed:
                 self.counters["nixl_reads_done"] += 1
             # Groups read before a failure are whole: their checksums decide as for the others.
-            n, _ = self._commit_checked(src, reserved, checks, committed, note_stored, on_commit, True)
+            n, _ = self._commit_checked(src, reserved, checks, sums, deadline, committed, note_stored, on_commit, True)
             return committed + n
         except P.ProtocolError:
             self.counters["protocol_errors"] += 1
@@ -454,17 +569,24 @@ class NixlPath:
             done.set_result(_core.crc32c(view))
             return done
 
-    def _commit_checked(self, src, reserved, checks, start, note_stored, on_commit, wait: bool) -> tuple[int, bool]:
-        """Commit, in order, the reserved blobs whose checksum is known and matches; stop at the
-        first one still being checked (unless ``wait``) or not matching (then True: that blob and
-        the rest are misses, aborted by the caller). ``checks[start + n]`` belongs to
-        ``reserved[n]``; committed entries leave ``reserved``. Returns (committed, mismatch)."""
+    def _commit_checked(
+        self, src, reserved, checks, sums, deadline, start, note_stored, on_commit, wait: bool
+    ) -> tuple[int, bool]:
+        """Commit, in order, the reserved blobs whose checksum is known and matches the holder's;
+        stop at the first one still being checked or whose late checksum has not come (unless
+        ``wait``: then until the deadline), or not matching or not given (then True: that blob
+        and the rest are misses, aborted by the caller). ``checks[start + n]`` belongs to
+        ``reserved[n]``; committed entries leave ``reserved``. Returns (committed, stopped)."""
         committed = 0
         while reserved and start + committed < len(checks):
             check = checks[start + committed]
-            if not wait and not check.done():
+            i, key, view, j = reserved[0]
+            if not wait and not (check.done() and sums.ready(j)):
                 break
-            i, key, view, crc = reserved[0]
+            crc = sums.get(j, deadline.at - time.monotonic())
+            if crc is None:  # the holder's checksum did not come: nothing to check against
+                self.counters["nixl_checksums_missing"] += 1
+                return committed, True
             if check.result() != crc:
                 # Not the bytes the holder leased.
                 self.counters["checksum_failures"] += 1
@@ -504,6 +626,7 @@ class NixlPath:
         if self._closed:
             return
         self._closed = True
+        self._sums_exec.shutdown(wait=True, cancel_futures=True)
         self.leases.close()
         self._crc_pool.shutdown(wait=True)
         with self._ep_lock:

@@ -97,6 +97,13 @@ class Kind:
     NIXL_LEASED = 53
     NIXL_RELEASE = 54
     NIXL_RELEASED = 55
+    # A lease whose checksums may follow (to a holder offering CAP_NIXL_LATE_SUMS): the reply
+    # marks the blocks whose CRC32C the holder is still computing, while the puller READs them;
+    # NIXL_SUMS_REQ asks for them.
+    NIXL_LEASE_LATE = 56
+    NIXL_LEASED_LATE = 57
+    NIXL_SUMS_REQ = 58
+    NIXL_SUMS = 59
 
 
 _PREAUTH = {Kind.HELLO, Kind.CHALLENGE, Kind.AUTH, Kind.AUTH_OK, Kind.ERROR}
@@ -145,6 +152,7 @@ def restrict_algorithms(names: list[str]) -> None:
 # Capabilities a member offers, in the high bits of the same handshake field (so the HMAC covers
 # them; a member that knows none of them sends none and ignores ours).
 CAP_NIXL = 1 << 16  # pull my blocks with one-sided NIXL READs (NIXL_META_REQ, NIXL_LEASE)
+CAP_NIXL_LATE_SUMS = 1 << 17  # my leases may name checksums later (NIXL_LEASE_LATE, NIXL_SUMS_REQ)
 CAPS_MASK = 0xFFFF0000
 
 
@@ -245,6 +253,10 @@ class Reader:
         if n > limit:
             raise ProtocolError(f"{what}: count {n} exceeds {limit}")
         return n
+
+    def rest(self) -> bytes:
+        """The bytes not read yet."""
+        return self.take(len(self._buf) - self._pos)
 
     def done(self) -> None:
         if self._pos != len(self._buf):
@@ -750,18 +762,53 @@ class NixlLeased:
     lease_id: int
     lease_ms: int
     blocks: tuple[tuple[int, int], ...]
+    # NIXL_LEASED_LATE only: late[i] = block i's CRC32C (0 in ``blocks``) comes by NIXL_SUMS.
+    late: tuple[bool, ...] = ()
 
     def encode(self) -> bytes:
         n = len(self.blocks)
         flat = [v for b in self.blocks for v in b]
         return struct.pack("<QII", self.lease_id, self.lease_ms, n) + struct.pack(f"<{'QI' * n}", *flat)
 
+    def encode_late(self) -> bytes:
+        """NIXL_LEASED_LATE's body: NIXL_LEASED's, then the bitmap of late checksums."""
+        return self.encode() + encode_bitmap(list(self.late) or [False] * len(self.blocks))
+
     @staticmethod
     def decode(body: bytes) -> NixlLeased:
         r = Reader(body)
+        leased = NixlLeased._read(r)
+        r.done()
+        return leased
+
+    @staticmethod
+    def decode_late(body: bytes) -> NixlLeased:
+        r = Reader(body)
+        leased = NixlLeased._read(r)
+        late = decode_bitmap(r.rest(), len(leased.blocks))
+        return NixlLeased(leased.lease_id, leased.lease_ms, leased.blocks, tuple(late))
+
+    @staticmethod
+    def _read(r: Reader) -> NixlLeased:
         lease, ms, n = struct.unpack("<QII", r.take(16))
         if n > MAX_KEYS_PER_REQUEST:
             raise ProtocolError(f"{n} leased chunks exceed {MAX_KEYS_PER_REQUEST}")
         flat = struct.unpack(f"<{'QI' * n}", r.take(12 * n))
-        r.done()
         return NixlLeased(lease, ms, tuple(zip(flat[0::2], flat[1::2])))
+
+
+def encode_sums(crcs: list[int] | None) -> bytes:
+    """NIXL_SUMS: the CRC32C of every block of a lease, in lease order; None (sent as none at
+    all): the lease is gone (released, expired) or its checksums were not computed in time."""
+    crcs = crcs or []
+    return struct.pack(f"<I{len(crcs)}I", len(crcs), *crcs)
+
+
+def decode_sums(body: bytes, expected: int) -> list[int] | None:
+    r = Reader(body)
+    n = r.count(MAX_KEYS_PER_REQUEST, "checksum list")
+    if n not in (0, expected):
+        raise ProtocolError(f"{n} checksums for a lease of {expected} blocks")
+    crcs = list(struct.unpack(f"<{n}I", r.take(4 * n)))
+    r.done()
+    return crcs or None

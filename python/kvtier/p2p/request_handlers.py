@@ -113,15 +113,24 @@ class RequestHandlers:
         elif h.kind == K.NIXL_META_REQ:
             meta = self._nixl.meta() if self._nixl is not None else P.NixlMeta(False, self._no_nixl_reason())
             conn.send_frame(K.NIXL_META, h.request_id, meta.encode(), deadline)
-        elif h.kind == K.NIXL_LEASE:
+        elif h.kind in (K.NIXL_LEASE, K.NIXL_LEASE_LATE):
             if self._nixl is None:
                 raise P.ProtocolError("NIXL_LEASE to a member that offers no NIXL")
             keys = P.decode_keys(body)
             self._check_request_size(keys)
-            leased = self._nixl.lease(keys)
-            conn.send_frame(K.NIXL_LEASED, h.request_id, leased.encode(), deadline)
+            if h.kind == K.NIXL_LEASE:
+                leased = self._nixl.lease(keys)
+                conn.send_frame(K.NIXL_LEASED, h.request_id, leased.encode(), deadline)
+            else:
+                leased = self._nixl.lease(keys, late=True)
+                conn.send_frame(K.NIXL_LEASED_LATE, h.request_id, leased.encode_late(), deadline)
             self.counters["chunks_served"] += len(leased.blocks)  # leased to the puller's READ
             self.counters["bytes_served"] += len(leased.blocks) * self._blob_bytes
+        elif h.kind == K.NIXL_SUMS_REQ:
+            if self._nixl is None:
+                raise P.ProtocolError("NIXL_SUMS_REQ to a member that offers no NIXL")
+            crcs = self._nixl.sums(P.decode_lease(body), deadline.remaining())
+            conn.send_frame(K.NIXL_SUMS, h.request_id, P.encode_sums(crcs), deadline)
         elif h.kind == K.NIXL_RELEASE:
             held = self._nixl is not None and self._nixl.release(P.decode_lease(body))
             conn.send_frame(K.NIXL_RELEASED, h.request_id, bytes([held]), deadline)

@@ -208,7 +208,7 @@ class PeerService:
         self._sharing.start(self._client, self._m, self._exec)
         self._nixl = self._start_nixl()
         if self._nixl is not None:
-            self._me.caps |= P.CAP_NIXL  # offered in every handshake from now on
+            self._me.caps |= P.CAP_NIXL | P.CAP_NIXL_LATE_SUMS  # offered in every handshake from now on
         self._puller = PeerPuller(
             c,
             self._tier,
