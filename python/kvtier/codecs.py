@@ -469,6 +469,16 @@ def _packed(rows: torch.Tensor) -> torch.Tensor:
 
 
 def _header_tensor(header: bytes, device) -> torch.Tensor:
+    """``header`` as a uint8 tensor on ``device``; on a GPU, one copy made once and kept (read
+    only): a copy from pageable memory would make the host wait for the stream's queued work."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.frombuffer(bytearray(header), dtype=torch.uint8)
+    return _device_header(header, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _device_header(header: bytes, device: torch.device) -> torch.Tensor:
     return torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device)
 
 
