@@ -38,6 +38,7 @@ def publish(
     text = json.dumps(doc, indent=indent)
     print(text)
     if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, f"{bench}-{workload}-{tag}-{doc['date']}.json")
         with open(path, "w") as f:
             f.write(text + "\n")
