@@ -177,6 +177,10 @@ class CpuTier:
         ...
     def drain(self, timeout_s: typing.SupportsFloat | typing.SupportsIndex) -> None:
         ...
+    def kept_blob_checksum(self, blob: typing_extensions.Buffer) -> int | None:
+        """
+        The CRC32C kept for a held block's blob (as blob_checksum), or None where none is kept (nothing is computed).
+        """
     def load(self, keys: bytes, page_ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], after_stream: typing.SupportsInt | typing.SupportsIndex = 0) -> TierOp:
         ...
     def lookup(self, keys: bytes) -> int:
