@@ -653,8 +653,34 @@ TEST(CpuTierBlobChecksumTest, AnAddressThatIsNotABlockIsRefused) {
         static_cast<const void*>(block + kPageBytes * 2), static_cast<const void*>(kv.data())}) {
     EXPECT_EQ(tier->NoteBlobChecksum(bad, 0).code(), StatusCode::kInvalidArgument);
     EXPECT_EQ(tier->BlobChecksum(bad).status().code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(tier->KeptBlobChecksum(bad).status().code(), StatusCode::kInvalidArgument);
   }
   ASSERT_TRUE(tier->AbortPut(Key(0)).ok());
+}
+
+TEST(CpuTierBlobChecksumTest, AKeptChecksumIsNamedOnlyOnceComputed) {
+  std::vector<uint8_t> kv(kPages * kPageBytes, 7);
+  auto tier = TwoBlockTier(kv);
+  ASSERT_NE(tier, nullptr);
+  const ChunkKey k = Key(0);
+  auto op = tier->Store(&k, 1, {0}, 0);
+  ASSERT_TRUE(op.ok());
+  if (op->transfer) ASSERT_TRUE(op->transfer->Wait(kTimeoutMs).ok());
+  std::vector<const void*> held = tier->AcquireBlobs(&k, 1);
+  ASSERT_EQ(held.size(), 1u);
+  auto before = tier->KeptBlobChecksum(held[0]);
+  ASSERT_TRUE(before.ok());
+  EXPECT_FALSE(before->has_value());  // a stored blob: nobody has read it yet
+  const uint64_t computed = tier->stats().blob_checksums_computed;
+  auto crc = tier->BlobChecksum(held[0]);
+  ASSERT_TRUE(crc.ok());
+  auto after = tier->KeptBlobChecksum(held[0]);
+  ASSERT_TRUE(after.ok());
+  ASSERT_TRUE(after->has_value());
+  EXPECT_EQ(**after, *crc);
+  EXPECT_EQ(**after, Crc32c(0, kv.data(), kPageBytes));
+  EXPECT_EQ(tier->stats().blob_checksums_computed, computed + 1);  // asking computes nothing
+  ASSERT_TRUE(tier->ReleaseBlobs(&k, 1).ok());
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, CpuTierWriteBackTest,
