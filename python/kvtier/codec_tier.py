@@ -67,6 +67,8 @@ _GPU_BATCH_BYTES = 64 << 20
 # segment (128 ranges of 32 KiB for 256 tokens of a Llama-3-8B layer pair in vLLM's layout), and
 # the copy engines pay a fixed cost per range ("dma", cudaMemcpyBatchAsync).
 _SEGMENT_METHOD = "kernel"
+# GPU stacks: a store's blobs cross PCIe on a stream of their own (else on the codec's stream).
+_D2H_STREAM = True
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _BLOCK = 4096  # the tier's block and disk-slot alignment (O_DIRECT)
 
@@ -193,7 +195,9 @@ class CodecTier:
         self._stream = torch.cuda.Stream(device) if codec_device == "gpu" else None
         # GPU stacks: a store's blobs cross PCIe on a stream of their own, so the copy engine
         # moves round k's blobs while the codec's stream gathers and encodes round k + 1.
-        self._d2h_stream = torch.cuda.Stream(device) if codec_device == "gpu" else None
+        self._d2h_stream = None
+        if codec_device == "gpu":
+            self._d2h_stream = torch.cuda.Stream(device) if _D2H_STREAM else self._stream
         self._shape, self._dtype = chunk_shape(layout)
         self._slot = slot_nbytes(layout, codec, slot_fraction)
         self._slot_fraction = slot_fraction
