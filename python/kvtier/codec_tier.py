@@ -69,6 +69,9 @@ _GPU_BATCH_BYTES = 64 << 20
 _SEGMENT_METHOD = "kernel"
 # GPU stacks: a store's blobs cross PCIe on a stream of their own (else on the codec's stream).
 _D2H_STREAM = True
+# GPU stacks: a load issues round k + 1 before it waits for round k, where the pool holds both
+# (else once round k has landed).
+_LOAD_AHEAD = True
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _BLOCK = 4096  # the tier's block and disk-slot alignment (O_DIRECT)
 
@@ -695,7 +698,7 @@ class CodecTier:
         if self._buf_busy is not None:  # a late copy may still read the buffer
             self._wait_event(self._buf_busy, "an earlier load's copy")
             self._buf_busy = None
-        ahead = 2 * max(len(k) for k in rounds) <= self._inner.capacity_chunks
+        ahead = _LOAD_AHEAD and 2 * max(len(k) for k in rounds) <= self._inner.capacity_chunks
         decoded: list[torch.cuda.Event | None] = [None, None]  # per half: after its last decode
         loaded, nxt = 0, None
         op = self._load_round(rounds, 0)
