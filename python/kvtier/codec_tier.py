@@ -67,8 +67,9 @@ _GPU_BATCH_BYTES = 64 << 20
 # segment (128 ranges of 32 KiB for 256 tokens of a Llama-3-8B layer pair in vLLM's layout), and
 # the copy engines pay a fixed cost per range ("dma", cudaMemcpyBatchAsync).
 _SEGMENT_METHOD = "kernel"
-# GPU stacks: a store's blobs cross PCIe on a stream of their own (else on the codec's stream).
-_D2H_STREAM = True
+# GPU stacks: a store's blobs cross PCIe on a stream of their own, else on the codec's stream
+# (measured the faster so far: docs/codecs.md, "The stacked GPU path").
+_D2H_STREAM = False
 # GPU stacks: a load issues round k + 1 before it waits for round k, where the pool holds both
 # (else once round k has landed).
 _LOAD_AHEAD = True

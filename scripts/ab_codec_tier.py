@@ -1,0 +1,101 @@
+"""The GPU codec tier's variants side by side on one machine (a diagnostic; needs a CUDA GPU): fp8
+stores into the CPU tier and CPU hits of 64 chunks of bench_codec_tier's KV, raw chunks first, then
+fp8 with each switch of kvtier.codec_tier flipped (the blob header copied per stack or kept on the
+GPU, the blobs' PCIe copies on the codec's stream or a stream of their own, rounds of 64 or 128
+MiB, loads issued ahead or not), then a cProfile of one store and one CPU hit (host time by
+function) for the default variant.
+
+    python scripts/ab_codec_tier.py
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+import bench_codec_tier as b
+import kvtier.codec_tier as ct
+import kvtier.codecs as cd
+from kvtier import KVCache
+
+CHUNKS = 64
+REPS = 6
+
+
+def _header_per_stack(header: bytes, device) -> torch.Tensor:
+    """The blob header copied from pageable memory for every stack (what the codecs did before)."""
+    return torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device)
+
+
+def main() -> None:
+    _, layout = b.make_kv(CHUNKS, "cuda")
+    ppc = b.CHUNK // b.PAGE
+    src, dst = np.arange(CHUNKS * ppc), np.arange(CHUNKS * ppc, 2 * CHUNKS * ppc)
+    fp8 = {**b.CODECS["fp8"], "codec_device": "gpu", "method": "auto"}
+    kept_header = cd._device_header
+    defaults = dict(d2h=ct._D2H_STREAM, mib=ct._GPU_BATCH_BYTES >> 20, ahead=ct._LOAD_AHEAD, kept=True)
+    variants = [
+        ("none", {"method": "auto"}, {}),
+        ("fp8 (defaults)", fp8, {}),
+        ("fp8, header per stack", fp8, {"kept": False}),
+        ("fp8, the other blob stream (D2H <-> codec)", fp8, {"d2h": not defaults["d2h"]}),
+        ("fp8, rounds of 128 MiB", fp8, {"mib": 128}),
+        ("fp8, loads not ahead", fp8, {"ahead": False}),
+    ]
+    raw = CHUNKS * layout.chunk_bytes
+    for name, opts, change in variants:
+        v = {**defaults, **change}
+        ct._D2H_STREAM, ct._GPU_BATCH_BYTES, ct._LOAD_AHEAD = v["d2h"], v["mib"] << 20, v["ahead"]
+        cd._device_header = kept_header if v["kept"] else _header_per_stack
+        with KVCache(layout, cpu_bytes=4 * CHUNKS * layout.chunk_bytes, **opts) as cache:
+            seed = [0]
+
+            def store(cache=cache, seed=seed):
+                seed[0] += 1
+                toks = list(range(seed[0] * 10**6, seed[0] * 10**6 + CHUNKS * b.CHUNK))
+                cache.store(toks, src).wait()
+                return toks
+
+            t = store()
+            cache.load(t, dst).wait()
+            torch.cuda.synchronize()
+            stores, loads = [], []
+            for _ in range(REPS):
+                t0 = time.perf_counter()
+                t = store()
+                torch.cuda.synchronize()
+                stores.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                cache.load(t, dst).wait()
+                torch.cuda.synchronize()
+                loads.append(time.perf_counter() - t0)
+            ms_store = " ".join(f"{x * 1e3:.1f}" for x in stores)
+            ms_hit = " ".join(f"{x * 1e3:.1f}" for x in loads)
+            print(
+                f"{name}: store {raw / min(stores) / 1e9:.2f} GB/s, CPU hit {raw / min(loads) / 1e9:.2f} GB/s "
+                f"(ms, store: {ms_store}; hit: {ms_hit})",
+                flush=True,
+            )
+            if name == "fp8 (defaults)":
+                for what, fn in (("store", store), ("CPU hit", lambda cache=cache, t=t: cache.load(t, dst).wait())):
+                    prof = cProfile.Profile()
+                    prof.enable()
+                    fn()
+                    torch.cuda.synchronize()
+                    prof.disable()
+                    out = io.StringIO()
+                    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(20)
+                    print(f"--- cProfile of one fp8 {what} (host time by function)\n{out.getvalue()}")
+    cd._device_header = kept_header
+
+
+if __name__ == "__main__":
+    main()
