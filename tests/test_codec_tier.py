@@ -374,8 +374,11 @@ def test_gpu_pages_round_trip_through_the_codec_tier(name, codec_device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d2h_stream", [False, True], ids=["blobs_on_the_codec_stream", "blobs_on_a_d2h_stream"])
 @pytest.mark.parametrize("round_chunks", [None, 2])
-def test_gpu_stacks_stop_at_a_refused_chunk_a_foreign_blob_and_a_full_tier(caplog, monkeypatch, round_chunks):
+def test_gpu_stacks_stop_at_a_refused_chunk_a_foreign_blob_and_a_full_tier(
+    caplog, monkeypatch, round_chunks, d2h_stream
+):
     """codec.device gpu with fp8 encodes a call's chunks as stacks straight into pinned blocks
     and decodes them as stacks: a chunk holding NaN ends the store there (those before it are
     kept), a slot of another codec ends the load there, and a full tier skips the rest, as on the
@@ -383,10 +386,11 @@ def test_gpu_stacks_stop_at_a_refused_chunk_a_foreign_blob_and_a_full_tier(caplo
     before it: a refusal or a full tier in one round gives back the next round's blocks."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    kv, layout = vllm_kv(device="cuda", seed=9)
-    if round_chunks is not None:
-        import kvtier.codec_tier
+    import kvtier.codec_tier
 
+    kv, layout = vllm_kv(device="cuda", seed=9)
+    monkeypatch.setattr(kvtier.codec_tier, "_D2H_STREAM", d2h_stream)
+    if round_chunks is not None:
         monkeypatch.setattr(kvtier.codec_tier, "_GPU_BATCH_BYTES", round_chunks * layout.chunk_bytes)
     fp8 = make_codec("fp8", **CODEC_OPTIONS["fp8"])
     cpu_layout = Layout.from_vllm([t.cpu() for t in kv], chunk_tokens=CHUNK_TOKENS)
