@@ -286,6 +286,34 @@ def test_a_pull_over_nixl_is_bit_exact_and_releases_its_lease(reads):
 
 
 @needs_nixl
+@pytest.mark.parametrize("answer", ["none", "a_short_list"])
+def test_late_checksums_that_do_not_come_are_misses_never_unchecked_commits(monkeypatch, answer):
+    """A late lease whose NIXL_SUMS names nothing (the holder's checksums missed the deadline, or
+    the lease is gone) or a list of the wrong length: the chunks read are misses, their blocks
+    given back; a malformed answer also counts against the holder."""
+    if answer == "none":
+        monkeypatch.setattr(BlockLeases, "sums", lambda self, lease_id, timeout_s: None)
+    else:
+        real = BlockLeases.sums
+        monkeypatch.setattr(BlockLeases, "sums", lambda self, lease_id, timeout_s: real(self, lease_id, timeout_s)[:-1])
+    (a, ta, _), (c, tc, _sc) = _pair()
+    try:
+        assert _load(c) == 0
+        assert a.counters["nixl_checksums_late"] == 4
+        assert c.counters["nixl_checksums_missing"] == 1 and c.counters["chunks_pulled_nixl"] == 0
+        assert all(tc.lookup(k) == 0 for k in KEYS[:4]) and tc.stats()["index"]["writing"] == 0
+        if answer == "none":
+            assert c.counters["nixl_sums_not_given"] == 1 and not c.bad_peers
+        else:
+            assert c.counters["protocol_errors"] == 1 and c.bad_peers[a.node_id] == 1
+        wait_until(lambda: a.stats()["nixl"]["leases_held"] == 0)  # released all the same
+        assert ta.stats()["index"]["pinned"] == 0
+    finally:
+        c.close()
+        a.close()
+
+
+@needs_nixl
 @pytest.mark.parametrize("who", ["holder", "puller"])
 def test_a_mixed_cluster_streams_to_and_from_a_member_without_nixl(who):
     tcp = {"transport": "tcp"}
