@@ -197,8 +197,9 @@ class CodecTier:
         self.codec_device = codec_device
         self._device = device
         self._stream = torch.cuda.Stream(device) if codec_device == "gpu" else None
-        # GPU stacks: a store's blobs cross PCIe on a stream of their own, so the copy engine
-        # moves round k's blobs while the codec's stream gathers and encodes round k + 1.
+        # GPU stacks: the stream a store's blobs cross PCIe on (_D2H_STREAM): one of their own,
+        # where the copy engine moves round k's blobs while the codec's stream gathers and
+        # encodes round k + 1, or the codec's stream itself.
         self._d2h_stream = None
         if codec_device == "gpu":
             self._d2h_stream = torch.cuda.Stream(device) if _D2H_STREAM else self._stream
@@ -429,7 +430,7 @@ class CodecTier:
             blobs, ok = self.codec.encode_many(raw.view(self._dtype).view(n, *self._shape))
             ok_host = torch.empty(n, dtype=torch.bool, pin_memory=True)
             ok_host.copy_(ok, non_blocking=True)
-            # The blobs' copies run on the D2H stream after the encode; ``done`` follows both.
+            # The blobs' copies run on the blob stream after the encode; ``done`` follows both.
             self._d2h_stream.wait_stream(self._stream)
             src = np.uint64(blobs.data_ptr()) + np.arange(n, dtype=np.uint64) * np.uint64(size)
             dst = np.array([block.ctypes.data for _, _, block in reserved], dtype=np.uint64)
