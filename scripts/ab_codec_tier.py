@@ -15,7 +15,6 @@ import io
 import os
 import pstats
 import sys
-import time
 
 import numpy as np
 import torch
@@ -25,8 +24,8 @@ import bench_codec_tier as b
 import kvtier.codec_tier as ct
 import kvtier.codecs as cd
 from kvtier import KVCache
+from prof_codec_tier import CHUNKS, store_and_hit_times
 
-CHUNKS = 64
 REPS = 6
 
 
@@ -56,27 +55,7 @@ def main() -> None:
         ct._D2H_STREAM, ct._GPU_BATCH_BYTES, ct._LOAD_AHEAD = v["d2h"], v["mib"] << 20, v["ahead"]
         cd._device_header = kept_header if v["kept"] else _header_per_stack
         with KVCache(layout, cpu_bytes=4 * CHUNKS * layout.chunk_bytes, **opts) as cache:
-            seed = [0]
-
-            def store(cache=cache, seed=seed):
-                seed[0] += 1
-                toks = list(range(seed[0] * 10**6, seed[0] * 10**6 + CHUNKS * b.CHUNK))
-                cache.store(toks, src).wait()
-                return toks
-
-            t = store()
-            cache.load(t, dst).wait()
-            torch.cuda.synchronize()
-            stores, loads = [], []
-            for _ in range(REPS):
-                t0 = time.perf_counter()
-                t = store()
-                torch.cuda.synchronize()
-                stores.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                cache.load(t, dst).wait()
-                torch.cuda.synchronize()
-                loads.append(time.perf_counter() - t0)
+            store, t, stores, loads = store_and_hit_times(cache, src, dst, REPS)
             ms_store = " ".join(f"{x * 1e3:.1f}" for x in stores)
             ms_hit = " ".join(f"{x * 1e3:.1f}" for x in loads)
             print(

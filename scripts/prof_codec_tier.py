@@ -24,6 +24,34 @@ from kvtier import KVCache
 CHUNKS = 64
 
 
+def store_and_hit_times(cache, src, dst, reps: int):
+    """A warm-up, then ``reps`` rounds of a store of CHUNKS fresh chunks from pages ``src`` and a
+    CPU hit of them into pages ``dst``, each timed to the GPU's end. Returns (the store function,
+    the last tokens stored, store seconds, hit seconds)."""
+    seed = [0]
+
+    def store():
+        seed[0] += 1
+        toks = list(range(seed[0] * 10**6, seed[0] * 10**6 + CHUNKS * b.CHUNK))
+        cache.store(toks, src).wait()
+        return toks
+
+    t = store()
+    cache.load(t, dst).wait()
+    torch.cuda.synchronize()
+    stores, loads = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        t = store()
+        torch.cuda.synchronize()
+        stores.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        cache.load(t, dst).wait()
+        torch.cuda.synchronize()
+        loads.append(time.perf_counter() - t0)
+    return store, t, stores, loads
+
+
 def main() -> None:
     _, layout = b.make_kv(CHUNKS, "cuda")
     ppc = b.CHUNK // b.PAGE
@@ -36,27 +64,7 @@ def main() -> None:
     ):
         ct._SEGMENT_METHOD = method
         with KVCache(layout, cpu_bytes=4 * CHUNKS * layout.chunk_bytes, **opts) as cache:
-            seed = [0]
-
-            def store(cache=cache, seed=seed):
-                seed[0] += 1
-                toks = list(range(seed[0] * 10**6, seed[0] * 10**6 + CHUNKS * b.CHUNK))
-                cache.store(toks, src).wait()
-                return toks
-
-            t = store()
-            cache.load(t, dst).wait()
-            torch.cuda.synchronize()
-            stores, loads = [], []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                t = store()
-                torch.cuda.synchronize()
-                stores.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                cache.load(t, dst).wait()
-                torch.cuda.synchronize()
-                loads.append(time.perf_counter() - t0)
+            store, t, stores, loads = store_and_hit_times(cache, src, dst, 3)
             raw = CHUNKS * layout.chunk_bytes
             st, ld = min(stores), min(loads)
             print(

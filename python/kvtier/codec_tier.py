@@ -431,7 +431,7 @@ class CodecTier:
             ok_host = torch.empty(n, dtype=torch.bool, pin_memory=True)
             ok_host.copy_(ok, non_blocking=True)
             # The blobs' copies run on the blob stream after the encode; ``done`` follows both.
-            self._d2h_stream.wait_stream(self._stream)
+            self._blob_stream_after_codec()
             src = np.uint64(blobs.data_ptr()) + np.arange(n, dtype=np.uint64) * np.uint64(size)
             dst = np.array([block.ctypes.data for _, _, block in reserved], dtype=np.uint64)
             sizes = np.full(n, size, dtype=np.uint64)
@@ -483,11 +483,17 @@ class CodecTier:
         """Copies queued on the codec's stream did not end by the deadline (or the call failed
         after queueing them): the blocks of ``keys`` (reserved, never committed) and the memory
         in ``keep`` stay theirs until they do (:meth:`_reap_late`)."""
-        self._d2h_stream.wait_stream(self._stream)  # the event follows both streams' work
+        self._blob_stream_after_codec()  # the event follows both streams' work
         event = torch.cuda.Event()
         event.record(self._d2h_stream)
         self._late.append((event, keys, keep))
         self._counts["codec_late_copies"] += 1
+
+    def _blob_stream_after_codec(self) -> None:
+        """Order the blob stream's next work after the codec stream's (nothing to do when the
+        blobs cross PCIe on the codec's stream itself)."""
+        if self._d2h_stream is not self._stream:
+            self._d2h_stream.wait_stream(self._stream)
 
     def _reap_late(self) -> None:
         """Give back the blocks of late copies that have ended since (called under the lock)."""
