@@ -2,7 +2,9 @@
 stores into the CPU tier and CPU hits of 64 chunks of bench_codec_tier's KV, raw chunks first, then
 fp8 with each switch of kvtier.codec_tier flipped (the blob header copied per stack or kept on the
 GPU, the blobs' PCIe copies on the codec's stream or a stream of their own, rounds of 64 or 128
-MiB, loads issued ahead or not), then a cProfile of one store and one CPU hit (host time by
+MiB, loads issued ahead or not, a load's header check on its own stream or the codec's), and the
+defaults with one copy thread (bench_codec_tier's setting) and in a tier filled first (every
+store evicts, as in bench_codec_tier), then a cProfile of one store and one CPU hit (host time by
 function) for the default variant.
 
     python scripts/ab_codec_tier.py
@@ -40,7 +42,15 @@ def main() -> None:
     src, dst = np.arange(CHUNKS * ppc), np.arange(CHUNKS * ppc, 2 * CHUNKS * ppc)
     fp8 = {**b.CODECS["fp8"], "codec_device": "gpu", "method": "auto"}
     kept_header = cd._device_header
-    defaults = dict(d2h=ct._D2H_STREAM, mib=ct._GPU_BATCH_BYTES >> 20, ahead=ct._LOAD_AHEAD, kept=True)
+    defaults = dict(
+        d2h=ct._D2H_STREAM,
+        mib=ct._GPU_BATCH_BYTES >> 20,
+        ahead=ct._LOAD_AHEAD,
+        check=ct._CHECK_STREAM,
+        kept=True,
+        threads=2,
+        full=False,
+    )
     variants = [
         ("none", {"method": "auto"}, {}),
         ("fp8 (defaults)", fp8, {}),
@@ -48,13 +58,21 @@ def main() -> None:
         ("fp8, the other blob stream (D2H <-> codec)", fp8, {"d2h": not defaults["d2h"]}),
         ("fp8, rounds of 128 MiB", fp8, {"mib": 128}),
         ("fp8, loads not ahead", fp8, {"ahead": False}),
+        ("fp8, the other header-check stream", fp8, {"check": not defaults["check"]}),
+        ("fp8, one copy thread", fp8, {"threads": 1}),
+        ("fp8, the tier filled first", fp8, {"full": True}),
+        ("none, the tier filled first", {"method": "auto"}, {"full": True}),
     ]
     raw = CHUNKS * layout.chunk_bytes
     for name, opts, change in variants:
         v = {**defaults, **change}
         ct._D2H_STREAM, ct._GPU_BATCH_BYTES, ct._LOAD_AHEAD = v["d2h"], v["mib"] << 20, v["ahead"]
+        ct._CHECK_STREAM = v["check"]
         cd._device_header = kept_header if v["kept"] else _header_per_stack
-        with KVCache(layout, cpu_bytes=4 * CHUNKS * layout.chunk_bytes, **opts) as cache:
+        with KVCache(layout, cpu_bytes=4 * CHUNKS * layout.chunk_bytes, cpu_threads=v["threads"], **opts) as cache:
+            if v["full"]:
+                for _ in range(-(-cache.stats()["capacity_chunks"] // CHUNKS)):
+                    store_and_hit_times(cache, src, dst, 0)
             store, t, stores, loads = store_and_hit_times(cache, src, dst, REPS)
             ms_store = " ".join(f"{x * 1e3:.1f}" for x in stores)
             ms_hit = " ".join(f"{x * 1e3:.1f}" for x in loads)

@@ -8,6 +8,7 @@ torch.profiler table of each fp8 variant's store and load (by self CPU time for 
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -22,17 +23,18 @@ import kvtier.codec_tier as ct
 from kvtier import KVCache
 
 CHUNKS = 64
+_SEEDS = itertools.count(1)  # every store of every call stores tokens not stored before
 
 
 def store_and_hit_times(cache, src, dst, reps: int):
     """A warm-up, then ``reps`` rounds of a store of CHUNKS fresh chunks from pages ``src`` and a
-    CPU hit of them into pages ``dst``, each timed to the GPU's end. Returns (the store function,
+    CPU hit of them into pages ``dst``, each timed to the GPU's end (``reps`` 0: the warm-up's store
+    and hit only). Returns (the store function,
     the last tokens stored, store seconds, hit seconds)."""
-    seed = [0]
 
     def store():
-        seed[0] += 1
-        toks = list(range(seed[0] * 10**6, seed[0] * 10**6 + CHUNKS * b.CHUNK))
+        seed = next(_SEEDS)
+        toks = list(range(seed * 10**6, seed * 10**6 + CHUNKS * b.CHUNK))
         cache.store(toks, src).wait()
         return toks
 

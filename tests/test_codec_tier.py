@@ -12,7 +12,7 @@ pytest.importorskip("zstandard")
 
 from _util import wait_until
 from kvtier import KVCache, Layout
-from kvtier.codec_tier import chunk_ranges, chunk_shape, codec_fingerprint, slot_nbytes
+from kvtier.codec_tier import chunk_ranges, chunk_shape, codec_fingerprint, gpu_round_chunks, slot_nbytes
 from kvtier.codecs import codec_names, make_codec
 from kvtier.config import KVTierConfig
 from kvtier.config.sections import CODECS
@@ -341,6 +341,16 @@ def test_chunk_ranges_gather_and_scatter_as_the_copy_engine_does(kind):
     assert raw_blobs(layout, tokens, dst_pages) == want
 
 
+@pytest.mark.parametrize(
+    ("chunk_mib", "want"),
+    [(1, 64), (4, 16), (8, 8), (16, 8), (32, 8), (64, 4), (80, 3), (256, 1), (512, 1)],
+)
+def test_gpu_rounds_hold_64_mib_and_at_least_8_chunks_up_to_256_mib(chunk_mib, want):
+    """A round of the GPU stacked path: 64 MiB of raw KV, at least 8 chunks where 8 fit in
+    256 MiB (big chunks: each round costs the host a fixed amount), and never less than one."""
+    assert gpu_round_chunks(chunk_mib << 20) == want
+
+
 def test_codec_on_the_gpu_needs_a_gpu_layout():
     _, layout = vllm_kv()
     with pytest.raises(InvalidArgumentError, match=r"codec\.device 'gpu' needs a layout on a CUDA device"):
@@ -392,6 +402,7 @@ def test_gpu_stacks_stop_at_a_refused_chunk_a_foreign_blob_and_a_full_tier(
     monkeypatch.setattr(kvtier.codec_tier, "_D2H_STREAM", d2h_stream)
     if round_chunks is not None:
         monkeypatch.setattr(kvtier.codec_tier, "_GPU_BATCH_BYTES", round_chunks * layout.chunk_bytes)
+        monkeypatch.setattr(kvtier.codec_tier, "_GPU_BATCH_CHUNKS", round_chunks)
     fp8 = make_codec("fp8", **CODEC_OPTIONS["fp8"])
     cpu_layout = Layout.from_vllm([t.cpu() for t in kv], chunk_tokens=CHUNK_TOKENS)
     tokens = toks(6)

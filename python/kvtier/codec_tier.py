@@ -60,19 +60,27 @@ log = logging.getLogger(__name__)
 
 _STAGING_CHUNKS = 4  # raw chunks gathered or scattered per copy: the staging tier's size
 # The GPU path with a fixed-size codec gathers, encodes and copies (or copies, decodes and
-# scatters) up to this many raw bytes of chunks at once; its GPU scratch is a few times this.
+# scatters) a round of chunks at once: _GPU_BATCH_BYTES of raw KV, and at least
+# _GPU_BATCH_CHUNKS chunks where those fit in _GPU_BATCH_MAX_BYTES (each round costs the host a
+# fixed amount, so big chunks take bigger rounds). Its GPU scratch is a few times a round.
 _GPU_BATCH_BYTES = 64 << 20
+_GPU_BATCH_CHUNKS = 8
+_GPU_BATCH_MAX_BYTES = 256 << 20
 # How the GPU path moves bytes between the pages and its raw chunks (both in the layout's GPU
 # memory): one copy kernel for all of a call's ranges. A chunk is one range per page of each
 # segment (128 ranges of 32 KiB for 256 tokens of a Llama-3-8B layer pair in vLLM's layout), and
 # the copy engines pay a fixed cost per range ("dma", cudaMemcpyBatchAsync).
 _SEGMENT_METHOD = "kernel"
-# GPU stacks: a store's blobs cross PCIe on a stream of their own, else on the codec's stream
-# (measured the faster so far: docs/codecs.md, "The stacked GPU path").
-_D2H_STREAM = False
+# GPU stacks: a store's blobs cross PCIe on a stream of their own (the copy engine moves round
+# k's blobs while the codec's stream gathers and encodes round k + 1), else on the codec's
+# stream (docs/codecs.md, "The stacked GPU path", has both measured).
+_D2H_STREAM = True
 # GPU stacks: a load issues round k + 1 before it waits for round k, where the pool holds both
 # (else once round k has landed).
 _LOAD_AHEAD = True
+# GPU stacks: a load checks each round's blob headers on a stream of its own (the host's wait for
+# the check does not include the decode and scatter of the round before), else on the codec's.
+_CHECK_STREAM = True
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _BLOCK = 4096  # the tier's block and disk-slot alignment (O_DIRECT)
 
@@ -203,6 +211,9 @@ class CodecTier:
         self._d2h_stream = None
         if codec_device == "gpu":
             self._d2h_stream = torch.cuda.Stream(device) if _D2H_STREAM else self._stream
+        self._check_stream = self._stream
+        if codec_device == "gpu" and _CHECK_STREAM:
+            self._check_stream = torch.cuda.Stream(device)
         self._shape, self._dtype = chunk_shape(layout)
         self._slot = slot_nbytes(layout, codec, slot_fraction)
         self._slot_fraction = slot_fraction
@@ -220,7 +231,7 @@ class CodecTier:
             self._header = codec.batch_header(self._shape, self._dtype)
             self._header_info = read_header(np.frombuffer(self._header, dtype=np.uint8))
             self._blob_len = codec.encoded_nbytes(self._shape, self._dtype)
-            self._batch = max(1, _GPU_BATCH_BYTES // layout.chunk_bytes)
+            self._batch = gpu_round_chunks(layout.chunk_bytes)
             if self._slot != self._blob_len:
                 raise KVTierError(f"codec {codec.name}: {self._slot}-byte slots for {self._blob_len}-byte blobs")
         # Copies the GPU did not finish by the deadline: (event after them, keys whose blocks they
@@ -764,10 +775,13 @@ class CodecTier:
             return 0
         at = half * self._batch
         blobs = self._buf[at * self._slot : (at + n) * self._slot].view(n, self._slot)
-        match = (blobs[:, : len(self._header)] == self._header_gpu).all(dim=1)
         match_host = torch.empty(n, dtype=torch.bool, pin_memory=True)
-        match_host.copy_(match, non_blocking=True)
-        self._wait_stream("header check")
+        with torch.cuda.stream(self._check_stream):  # the round has landed (its load was waited for)
+            match = (blobs[:, : len(self._header)] == self._header_gpu).all(dim=1)
+            match_host.copy_(match, non_blocking=True)
+            checked = torch.cuda.Event()
+            checked.record(self._check_stream)
+        self._wait_event(checked, "header check")
         good = n if bool(match_host.all()) else int(match_host.int().argmin())
         if good < n:
             self._counts["codec_decode_failures"] += 1
@@ -792,6 +806,12 @@ class CodecTier:
         if header.codec != self.codec.name:
             return f"written by {header.codec!r}, this reader decodes {self.codec.name!r}"
         return f"a {header.codec} v{header.codec_version} blob of {header.dtype} {header.shape}, not this layout's"
+
+
+def gpu_round_chunks(chunk_bytes: int) -> int:
+    """Chunks of ``chunk_bytes`` raw bytes in one round of the GPU stacked path."""
+    at_least = min(_GPU_BATCH_CHUNKS, _GPU_BATCH_MAX_BYTES // chunk_bytes)
+    return max(1, _GPU_BATCH_BYTES // chunk_bytes, at_least)
 
 
 def chunk_ranges(layout: Layout, pages: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
