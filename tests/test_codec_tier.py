@@ -165,6 +165,41 @@ def test_a_blob_of_another_codec_in_a_slot_is_a_miss():
         assert all(torch.equal(t[:, 12:14], b[:, :2]) for t, b in zip(kv, before, strict=True))  # untouched
 
 
+def test_begin_puts_reserves_in_order_and_stops_where_the_tier_is_full():
+    """The batched put the GPU stacks use: addresses of blob_bytes blocks in key order, 0 for a
+    chunk already held, shorter where no block is left (every block being written), and
+    commit_puts makes exactly the written bytes visible; a key never begun is an error naming
+    its index, after the keys before it are committed."""
+    import ctypes
+
+    from kvtier.errors import NotFoundError
+
+    _, layout = vllm_kv(seed=3)
+    tokens, others = toks(4), toks(2, base=10**6)
+    with KVCache(layout, cpu_bytes=3 * layout.chunk_bytes, method="cpu") as cache:
+        tier, keys, more = cache.tier, cache.keyer.keys(tokens), cache.keyer.keys(others)
+        assert tier.capacity_chunks == 3
+        cache.store(tokens[:CHUNK_TOKENS], range(2)).wait()  # keys[0] is held
+        got = tier.begin_puts(b"".join(keys[:3])).tolist()
+        assert got[0] == 0 and len(got) == 3 and 0 not in got[1:], got  # two free blocks
+        got += tier.begin_puts(keys[3]).tolist()  # evicts keys[0], the one block not being written
+        assert len(got) == 4 and len(set(got[1:])) == 3, got
+        assert tier.begin_puts(more[0]).tolist() == []  # every block is being written
+        n = tier.blob_bytes
+        for i, a in enumerate(got[1:], start=1):
+            ctypes.memset(a, i, n)
+        tier.commit_puts(b"".join(keys[1:]))
+        assert cache.lookup_tiers(tokens) == []  # keys[0] was evicted: the prefix starts with a miss
+        for i in range(1, 4):
+            views = tier.acquire_blobs(keys[i])
+            assert bytes(views[0]) == bytes([i]) * n
+            tier.release_blobs(keys[i])
+        assert len(tier.begin_puts(more[0])) == 1  # committed blocks can be evicted again
+        with pytest.raises(NotFoundError, match=r"commit_puts: keys\[1\]"):
+            tier.commit_puts(more[0] + more[1])  # more[1] was never begun
+        assert tier.lookup(more[0]) == 1  # the one before it is committed
+
+
 def test_capacity_in_chunks_grows_by_the_ratio():
     _, layout = vllm_kv(pages=64, heads=8, dim=128)  # 1 MiB chunks
     cpu_bytes = 8 * layout.chunk_bytes

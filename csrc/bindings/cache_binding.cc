@@ -304,6 +304,50 @@ void BindCache(py::module_& m) {
              if (k.size() != 1) throw StatusError(Status::InvalidArgument("commit_put takes one 16-byte key"));
              ThrowIfError(t.CommitPut(k[0]));
            }, py::arg("key"))
+      .def("begin_puts", [](CpuTier& t, const py::bytes& keys) {
+             std::vector<ChunkKey> k = ParseKeys(keys);
+             std::vector<uint64_t> addrs;
+             addrs.reserve(k.size());
+             Status error;
+             {
+               py::gil_scoped_release release;
+               for (const ChunkKey& key : k) {
+                 StatusOr<void*> p = t.BeginPut(key);
+                 if (p.ok()) {
+                   addrs.push_back(reinterpret_cast<uint64_t>(*p));
+                 } else if (p.status().code() == StatusCode::kAlreadyExists) {
+                   addrs.push_back(0);
+                 } else if (p.status().code() == StatusCode::kResourceExhausted) {
+                   break;
+                 } else {
+                   error = p.status();
+                   break;
+                 }
+               }
+               if (!error.ok()) {  // nothing stays reserved
+                 for (size_t i = 0; i < addrs.size(); ++i) {
+                   if (addrs[i] != 0) (void)t.AbortPut(k[i]);
+                 }
+               }
+             }
+             ThrowIfError(error);
+             py::array_t<uint64_t> out(static_cast<py::ssize_t>(addrs.size()));
+             std::copy(addrs.begin(), addrs.end(), out.mutable_data());
+             return out;
+           }, py::arg("keys"),
+           "begin_put of each key in order, up to the first that gets no block (the tier full): "
+           "the addresses of their blocks (blob_bytes each, valid until commit or abort), 0 for a "
+           "key already cached; shorter than keys where the tier ran out of blocks. On another "
+           "error nothing stays reserved.")
+      .def("commit_puts", [](CpuTier& t, const py::bytes& keys) {
+             std::vector<ChunkKey> k = ParseKeys(keys);
+             for (size_t i = 0; i < k.size(); ++i) {
+               Status s = t.CommitPut(k[i]);
+               if (!s.ok()) {
+                 ThrowIfError(Status(s.code(), "commit_puts: keys[" + std::to_string(i) + "]: " + s.message()));
+               }
+             }
+           }, py::arg("keys"), "commit_put of each key in order; an error names the key's index (those before are committed).")
       .def("abort_put", [](CpuTier& t, const py::bytes& key) {
              std::vector<ChunkKey> k = ParseKeys(key);
              if (k.size() != 1) throw StatusError(Status::InvalidArgument("abort_put takes one 16-byte key"));

@@ -169,12 +169,20 @@ class CpuTier:
         """
         Reserve a block for key; returns a writable memoryview of blob_bytes to fill.
         """
+    def begin_puts(self, keys: bytes) -> numpy.typing.NDArray[numpy.uint64]:
+        """
+        begin_put of each key in order, up to the first that gets no block (the tier full): the addresses of their blocks (blob_bytes each, valid until commit or abort), 0 for a key already cached; shorter than keys where the tier ran out of blocks. On another error nothing stays reserved.
+        """
     def blob_checksum(self, blob: typing_extensions.Buffer) -> int:
         """
         The CRC32C of a held block's blob (a view from begin_put or acquire_blobs): the one noted, else computed now and kept.
         """
     def commit_put(self, key: bytes) -> None:
         ...
+    def commit_puts(self, keys: bytes) -> None:
+        """
+        commit_put of each key in order; an error names the key's index (those before are committed).
+        """
     def drain(self, timeout_s: typing.SupportsFloat | typing.SupportsIndex) -> None:
         ...
     def kept_blob_checksum(self, blob: typing_extensions.Buffer) -> int | None:

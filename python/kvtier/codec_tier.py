@@ -88,7 +88,7 @@ _BLOCK = 4096  # the tier's block and disk-slot alignment (O_DIRECT)
 class _QueuedStack(NamedTuple):
     """One GPU stack round of a store, queued on the codec's stream and not yet committed."""
 
-    reserved: list  # (index in the round's keys, key, its reserved block)
+    reserved: list  # (index in the round's keys, key, the address of its reserved block)
     handled: int  # the round's chunks reserved or already there, before the first without a block
     full: bool  # the tier had no block for chunk ``handled``
     done: object  # torch.cuda.Event after the round's copies (None: nothing was reserved)
@@ -421,16 +421,7 @@ class CodecTier:
         as one stack and queue the copies of their blobs straight into the (pinned) blocks, up
         to the first chunk the tier has no block for. Nothing waits for the GPU; on an error
         nothing is left reserved (blocks whose copies were queued go back once those end)."""
-        reserved: list[tuple[int, bytes, np.ndarray]] = []  # (index in keys, key, the block)
-        handled, full = len(keys), False
-        for i, key in enumerate(keys):
-            try:
-                reserved.append((i, key, np.asarray(self._begin_put(key))))
-            except AlreadyExistsError:
-                continue  # stored meanwhile (a peer's pull): it is there
-            except ResourceExhaustedError:
-                handled, full = i, True  # no block: the raw tier stops here too
-                break
+        reserved, handled, full = self._reserve(keys)
         if not reserved:
             return _QueuedStack(reserved, handled, full, None, None)
         n, size = len(reserved), self._blob_len
@@ -444,7 +435,7 @@ class CodecTier:
             # The blobs' copies run on the blob stream after the encode; ``done`` follows both.
             self._blob_stream_after_codec()
             src = np.uint64(blobs.data_ptr()) + np.arange(n, dtype=np.uint64) * np.uint64(size)
-            dst = np.array([block.ctypes.data for _, _, block in reserved], dtype=np.uint64)
+            dst = np.array([address for _, _, address in reserved], dtype=np.uint64)
             sizes = np.full(n, size, dtype=np.uint64)
             _core.copy_segments(self._device, src, dst, sizes, self._d2h_stream.cuda_stream)
             queued = True
@@ -459,6 +450,35 @@ class CodecTier:
             raise
         return _QueuedStack(reserved, handled, full, done, (raw, blobs, ok_host))
 
+    def _reserve(self, keys: list[bytes]) -> tuple[list[tuple[int, bytes, int]], int, bool]:
+        """Blocks for ``keys`` in order (``begin_puts``; one chunk at a time through
+        :meth:`_begin_put`'s wait where the tier is full), skipping chunks already held. Returns
+        ((index in keys, key, block address) of each reserved, keys handled, whether the tier
+        had no block for the rest)."""
+        reserved: list[tuple[int, bytes, int]] = []
+        at = 0
+        try:
+            while at < len(keys):
+                addresses = self._inner.begin_puts(b"".join(keys[at:])).tolist()
+                reserved += [(at + j, keys[at + j], a) for j, a in enumerate(addresses) if a]
+                at += len(addresses)
+                if at == len(keys):
+                    break
+                try:  # no block for keys[at] now: wait for write-backs to free one
+                    block = np.asarray(self._begin_put(keys[at]))
+                except AlreadyExistsError:
+                    pass  # stored meanwhile (a peer's pull): it is there
+                except ResourceExhaustedError:
+                    return reserved, at, True  # no block: the raw tier stops here too
+                else:
+                    reserved.append((at, keys[at], block.ctypes.data))
+                at += 1
+        except BaseException:
+            for _, key, _ in reserved:
+                self._inner.abort_put(key)
+            raise
+        return reserved, len(keys), False
+
     def _commit_stack(self, q: _QueuedStack) -> tuple[int, bool]:
         """Wait for a queued round's copies (to the cache's deadline) and commit its chunks, up
         to the first the codec refused. Returns (chunks handled, whether the store stops)."""
@@ -470,19 +490,19 @@ class CodecTier:
             # The copies may still write into the blocks: they go back once the copies end.
             self._drop_stack(q)
             raise
-        size, ok_host = self._blob_len, q.keep[2].numpy()
-        for j, (i, key, block) in enumerate(q.reserved):
-            if not ok_host[j]:  # fp8 and a NaN or inf: not cached, as a failed copy
-                self._counts["codec_encode_refused"] += 1
-                log.warning("kvtier: a chunk was not stored: %s holds NaN or inf", self.codec.name)
-                for _, later, _ in q.reserved[j:]:
-                    self._inner.abort_put(later)
-                return i, True
-            block[size:] = 0
-            self._inner.commit_put(key)
-            self._counts["codec_chunks_encoded"] += 1
-            self._counts["codec_bytes_raw"] += self.layout.chunk_bytes
-            self._counts["codec_bytes_encoded"] += size
+        ok_host = q.keep[2].numpy()
+        good = len(q.reserved) if ok_host.all() else int(ok_host.argmin())
+        if good:
+            self._inner.commit_puts(b"".join(key for _, key, _ in q.reserved[:good]))
+            self._counts["codec_chunks_encoded"] += good
+            self._counts["codec_bytes_raw"] += good * self.layout.chunk_bytes
+            self._counts["codec_bytes_encoded"] += good * self._blob_len
+        if good < len(q.reserved):  # fp8 and a NaN or inf: not cached, as a failed copy
+            self._counts["codec_encode_refused"] += 1
+            log.warning("kvtier: a chunk was not stored: %s holds NaN or inf", self.codec.name)
+            for _, later, _ in q.reserved[good:]:
+                self._inner.abort_put(later)
+            return q.reserved[good][0], True
         return q.handled, q.full
 
     def _drop_stack(self, q: _QueuedStack) -> None:
