@@ -123,6 +123,32 @@ def test_disk_round_trip_after_eviction_and_restart(tmp_path, name):
     assert raw_blobs(layout, tokens, range(16, 28)) == want
 
 
+@pytest.mark.parametrize("name", ["fp8", "byteplane_zstd"])
+def test_a_disk_hit_starts_every_read_at_once(tmp_path, name):
+    """A load of chunks that are only on disk starts all their reads before its first round
+    (the pool's prefetch), instead of one round's reads after another; the bytes are those of
+    the codec's round trip, and a pool with no room beside a round prefetches nothing."""
+    _, layout = vllm_kv(seed=4, pages=64)
+    codec = make_codec(name, **CODEC_OPTIONS[name])
+    tokens = toks(12)
+    want = [through_codec(codec, layout, b) for b in raw_blobs(layout, tokens, range(24))]
+    slot = -(-slot_nbytes(layout, codec) // 4096) * 4096
+    opts = dict(method="cpu", codec_name=name, disk_dir=str(tmp_path), disk_bytes=64 << 20, disk_admit_min_seen=1)
+    with KVCache(layout, cpu_bytes=16 * slot, **opts) as cache:
+        cache.store(tokens, range(24)).wait()
+        cache.persist()
+    with KVCache(layout, cpu_bytes=16 * slot, **opts) as cache:  # a restart: every chunk from disk
+        assert cache.lookup_tiers(tokens) == ["disk"] * 12
+        assert cache.load(tokens, range(32, 56)).wait() == 12 * CHUNK_TOKENS
+        disk = cache.stats()["disk"]
+        assert disk["chunks_prefetched"] == 12 and disk["chunks_promoted"] == 0, disk
+    assert raw_blobs(layout, tokens, range(32, 56)) == want
+    with KVCache(layout, cpu_bytes=4 * slot, **opts) as cache:  # room for one round only
+        assert cache.load(tokens, range(32, 56)).wait() == 12 * CHUNK_TOKENS  # round by round
+        disk = cache.stats()["disk"]
+        assert disk["chunks_prefetched"] == 0 and disk["chunks_promoted"] == 12, disk
+
+
 def test_a_disk_written_under_one_codec_is_refused_under_another(tmp_path):
     _, layout = vllm_kv(seed=4)
     tokens = toks(2)

@@ -663,6 +663,7 @@ class CodecTier:
             self._reap_late()
             # A batch is promoted into the pool whole: no more than the pool holds.
             step = max(1, min(self._batch, self._inner.capacity_chunks))
+            self._prefetch(keys_l[:wanted], step)
             if self._header is not None:
                 rounds = [keys_l[at : min(wanted, at + step)] for at in range(0, wanted, step)]
                 return CodecOp(None, self._load_stacks(rounds, pages, after_stream))
@@ -675,6 +676,16 @@ class CodecTier:
                 if got < len(batch):
                     break
         return CodecOp(None, loaded)
+
+    def _prefetch(self, keys: list[bytes], step: int) -> None:
+        """Start the disk reads of all the chunks of a load that are only on disk (as many as the
+        pool holds beside one round), so that the disk works on all of them at once while the
+        rounds are loaded and decoded; each round's load then finds its chunks in the pool or
+        waits for their reads. Without this a round's reads start only once the round before
+        has been loaded. Nothing happens without a disk or where the pool has no room."""
+        room = self._inner.capacity_chunks - step
+        if room > 0 and len(keys) > step:
+            self._inner.prefetch(b"".join(keys[:room]))
 
     def _check_pages(self, pages: np.ndarray) -> None:
         """The copy engine's checks of page ids (range, repetition), made before any work."""
