@@ -300,6 +300,7 @@ BAD_VALUES = [
     ("cpu.staging_bytes", "-1MiB", "a size of at least 1 byte: "),
     ("cpu.threads", 0, "an integer in [1, 1024]"),
     ("cpu.threads", "two", "an integer in [1, 1024]"),
+    ("cpu.prefault", "always", "true or false"),
     ("cpu.eviction_policy", "fifo", "one of 'lru', 's3fifo', 'lfu'"),
     ("cpu.verify_stores", "sometimes", "true or false"),
     ("disk.dir", "/does/not/exist", "an existing directory, or null (no disk tier)"),

@@ -202,6 +202,7 @@ CACHE_CASES = [
     ("method", "dma", "cpu"),
     ("staging_bytes", -1, 1 << 20),
     ("cpu_threads", 2000, 8),
+    ("cpu_prefault", "always", False),
     ("timeout_s", 0, 2.5),
     ("disk_dir", "/does/not/exist", None),
     ("disk_bytes", -5, 1 << 30),

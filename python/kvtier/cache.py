@@ -372,6 +372,7 @@ class KVCache:
                 layout_fingerprint=layout.fingerprint,
             )
             self._verifier = _StoreVerifier(self._tier, scratch, config.timeout_s, layout.pages_per_chunk)
+        self._prefaulter = self._start_prefault() if config.cpu_prefault else None
         if admission_policy is not None:
             self._tier.set_admission_hook(admission_policy.admit)
         if prefetch_policy is None and config.disk_dir is not None:
@@ -385,6 +386,24 @@ class KVCache:
         self._lock = threading.Lock()
         # Chunks beyond the tiers (kvtier.sources): built last, it may use this cache's tier.
         self._peers: ChunkSource | None = start_source(self, peers) if peers is not None else None
+
+    def _start_prefault(self):
+        """``cpu.prefault``: a kvtier.prefault.Prefaulter over the tier's arena where it is plain
+        host memory that fits in half of what the kernel says is available, else None."""
+        from kvtier.prefault import Prefaulter, mem_available_bytes
+
+        if self._tier.arena_kind != "host":
+            return None  # pinned (resident once registered) or device memory
+        address, nbytes = self._tier.arena_region
+        available = mem_available_bytes()
+        if available is not None and nbytes > available // 2:
+            log.info(
+                "kvtier: cpu.prefault skipped: the tier's %d bytes are more than half of MemAvailable (%d)",
+                nbytes,
+                available,
+            )
+            return None
+        return Prefaulter(address, nbytes)
 
     # -- views for the layers built on the cache -----------------------------------------------
     @property
@@ -613,6 +632,8 @@ class KVCache:
         s["pinned"] = self._tier.pinned
         s["capacity_chunks"] = self._tier.capacity_chunks
         s["chunk_bytes"] = self._tier.blob_bytes
+        if self._prefaulter is not None:
+            s.update(self._prefaulter.stats())
         if self._peers is not None:
             s["peers"] = self._peers.stats()
         return s
@@ -678,6 +699,8 @@ class KVCache:
                 return
             self._closed = True
         error = None
+        if self._prefaulter is not None:  # the arena goes with the tier: stop populating it first
+            self._prefaulter.close()
         if self._peers is not None:  # the source stops using the tier before it goes
             self._bookkeeping("peers close", self._peers.close)
         if self.config.disk_dir is not None and self.config.disk_persist_on_close:

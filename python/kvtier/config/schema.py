@@ -86,6 +86,7 @@ CACHE_FIELDS: dict[str, str] = {
     "method": "cpu.method",
     "staging_bytes": "cpu.staging_bytes",
     "cpu_threads": "cpu.threads",
+    "cpu_prefault": "cpu.prefault",
     "timeout_s": "timeout_s",
     "disk_dir": "disk.dir",
     "disk_bytes": "disk.bytes",

@@ -91,6 +91,13 @@ class CpuConfig(_Section):
     )
     staging_bytes: int = _field(256 << 20, _Size(1), "GPU staging buffer of the 'staged' method")
     threads: int = _field(2, _Int(1, 1024), "copy threads of the CPU path")
+    prefault: bool | None = _field(
+        None,
+        _Optional(_Bool(), "on in the vLLM connector (a serving process), off elsewhere"),
+        "fault in a plain (unpinned) host tier's memory on a background thread at open, so that "
+        "first stores do not pay page faults; skipped where the tier exceeds half of MemAvailable "
+        "(pinned memory is resident already)",
+    )
     eviction_policy: str = _field("lru", _Choice(EVICTION_POLICIES), "which chunk the CPU tier evicts first")
     verify_stores: bool = _field(
         False,

@@ -134,6 +134,8 @@ class _Settings:
                 raise InvalidArgumentError(f"{where}.peers: {e}") from None
             except InvalidArgumentError as e:
                 raise InvalidArgumentError(f"{where}: {e}") from None
+        if config.cpu.prefault is None:  # a serving process: first stores should not pay page faults
+            config = config.replace(cpu_prefault=True)
         if config.model.model_id == "default":  # not set: the served model names the keys
             model = vllm_config.model_config
             config = config.replace(model_id=f"vllm:{model.model}@{model.revision or 'main'}")
