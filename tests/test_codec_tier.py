@@ -149,6 +149,29 @@ def test_a_disk_hit_starts_every_read_at_once(tmp_path, name):
         assert disk["chunks_prefetched"] == 0 and disk["chunks_promoted"] == 12, disk
 
 
+@pytest.mark.parametrize("name", ["fp8", "byteplane_zstd"])
+def test_a_load_with_chunks_only_in_the_pool_reads_the_disk_round_by_round(tmp_path, name):
+    """Where some of a load's chunks are in the pool only (not on disk), starting every disk read
+    at once could evict them before their round: the rounds read the disk as they go."""
+    _, layout = vllm_kv(seed=6, pages=64)
+    codec = make_codec(name, **CODEC_OPTIONS[name])
+    tokens = toks(12)
+    want = [through_codec(codec, layout, b) for b in raw_blobs(layout, tokens, range(24))]
+    slot = -(-slot_nbytes(layout, codec) // 4096) * 4096
+    opts = dict(method="cpu", codec_name=name, disk_dir=str(tmp_path), disk_bytes=64 << 20, disk_admit_min_seen=1)
+    with KVCache(layout, cpu_bytes=16 * slot, **opts) as cache:
+        cache.store(tokens[: 4 * CHUNK_TOKENS], range(8)).wait()
+        cache.persist()
+    # Restarted with admission after two sightings: the other 8 chunks stay in the pool only.
+    with KVCache(layout, cpu_bytes=16 * slot, **{**opts, "disk_admit_min_seen": 2}) as cache:
+        cache.store(tokens, range(24)).wait()
+        assert cache.lookup_tiers(tokens) == ["disk"] * 4 + ["cpu"] * 8
+        assert cache.load(tokens, range(32, 56)).wait() == 12 * CHUNK_TOKENS
+        disk = cache.stats()["disk"]
+        assert disk["chunks_prefetched"] == 0 and disk["chunks_promoted"] == 4, disk
+    assert raw_blobs(layout, tokens, range(32, 56)) == want
+
+
 def test_a_disk_written_under_one_codec_is_refused_under_another(tmp_path):
     _, layout = vllm_kv(seed=4)
     tokens = toks(2)

@@ -682,10 +682,15 @@ class CodecTier:
         pool holds beside one round), so that the disk works on all of them at once while the
         rounds are loaded and decoded; each round's load then finds its chunks in the pool or
         waits for their reads. Without this a round's reads start only once the round before
-        has been loaded. Nothing happens without a disk or where the pool has no room."""
+        has been loaded. Nothing happens without a disk, where the pool has no room, or where
+        one of the chunks is in the pool only: the reads' blocks could evict it before its round
+        (a chunk also on disk would only be read again)."""
         room = self._inner.capacity_chunks - step
-        if room > 0 and len(keys) > step:
-            self._inner.prefetch(b"".join(keys[:room]))
+        if room <= 0 or len(keys) <= step:
+            return
+        wanted = b"".join(keys[:room])
+        if 1 not in bytes(self._inner.media(wanted)):  # media: 1 pool, 2 disk, 3 both
+            self._inner.prefetch(wanted)
 
     def _check_pages(self, pages: np.ndarray) -> None:
         """The copy engine's checks of page ids (range, repetition), made before any work."""
