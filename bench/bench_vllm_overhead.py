@@ -72,6 +72,13 @@ def main() -> None:
         help="kvtier's CPU tier: 512MiB stays cold (every save touches fresh pages); 32MiB fills "
         "after 4 misses and then evicts (pages reused, the steady state of a serving tier)",
     )
+    parser.add_argument(
+        "--prefault",
+        choices=("on", "off"),
+        default="on",
+        help="kvtier's cpu.prefault (on: the connector's default, the tier faulted in on a "
+        "background thread at start; off: each page faulted in by the first save into it)",
+    )
     parser.add_argument("--out", type=Path, help="directory to write the JSON result into")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -101,7 +108,7 @@ def main() -> None:
                 kv_role="kv_both",
                 kv_load_failure_policy="recompute",
                 engine_id=engine_id,
-                kv_connector_extra_config={"cpu_bytes": args.cpu_bytes},
+                kv_connector_extra_config={"cpu_bytes": args.cpu_bytes, "cpu_prefault": args.prefault == "on"},
             )
         return LLM(
             model=str(model),
@@ -163,6 +170,8 @@ def main() -> None:
     reserved = {1: "", -1: "_vllm_reservation"}.get(args.reserved_cpus, f"_reserved{args.reserved_cpus}")
     if args.cpu_bytes != "512MiB":
         reserved += "_tier" + args.cpu_bytes.lower()
+    if args.prefault == "off":
+        reserved += "_noprefault"
     publish(
         BENCH,
         f"random_llama_{args.layers}l_h{args.hidden}_{args.prompt_tokens}tok{reserved}",
@@ -175,6 +184,7 @@ def main() -> None:
             "decode_tokens": args.decode_tokens,
             "target_ratio": TARGET,
             "kvtier_cpu_bytes": args.cpu_bytes,
+            "kvtier_cpu_prefault": args.prefault == "on",
             "vllm_cpu_num_of_reserved_cpu": args.reserved_cpus if args.reserved_cpus >= 0 else "vllm default",
             "kvtier_saved_chunks": stats["saved_chunks"],
             "kvtier_lookups": stats["lookups"],
