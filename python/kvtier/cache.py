@@ -372,7 +372,6 @@ class KVCache:
                 layout_fingerprint=layout.fingerprint,
             )
             self._verifier = _StoreVerifier(self._tier, scratch, config.timeout_s, layout.pages_per_chunk)
-        self._prefaulter = self._start_prefault() if config.cpu_prefault else None
         if admission_policy is not None:
             self._tier.set_admission_hook(admission_policy.admit)
         if prefetch_policy is None and config.disk_dir is not None:
@@ -384,8 +383,12 @@ class KVCache:
         self._closed = False
         self._bookkeeping_errors = 0
         self._lock = threading.Lock()
+        self._prefaulter = None
         # Chunks beyond the tiers (kvtier.sources): built last, it may use this cache's tier.
         self._peers: ChunkSource | None = start_source(self, peers) if peers is not None else None
+        # Once nothing above can fail: the thread must not outlive a cache that never opened.
+        if config.cpu_prefault:
+            self._prefaulter = self._start_prefault()
 
     def _start_prefault(self):
         """``cpu.prefault``: a kvtier.prefault.Prefaulter over the tier's arena where it is plain
