@@ -81,7 +81,8 @@ def summarize(trace_path: str, what: str) -> None:
             size = e.get("args", {}).get("bytes")
             label = f"{cat} {name[:48]}" + (f" {size / 2**20:.1f} MiB" if size else "")
             rows.append((e["ts"], e["dur"], f"gpu s{stream}", label))
-        elif name.startswith("tier.") or name.startswith("call."):
+        elif cat == "user_annotation" and (name.startswith("tier.") or name.startswith("call.")):
+            # (the GPU's copies of these ranges, "gpu_user_annotation", are left out)
             rows.append((e["ts"], e["dur"], "host", name))
     print(f"--- {what}: {call[0]['dur'] / 1e3:.2f} ms on the host")
     for ts, dur, where, label in sorted(rows):
