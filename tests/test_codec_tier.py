@@ -123,17 +123,24 @@ def test_disk_round_trip_after_eviction_and_restart(tmp_path, name):
     assert raw_blobs(layout, tokens, range(16, 28)) == want
 
 
-@pytest.mark.parametrize("name", ["fp8", "byteplane_zstd"])
-def test_a_disk_hit_starts_every_read_at_once(tmp_path, name):
-    """A load of chunks that are only on disk starts all their reads before its first round
-    (the pool's prefetch), instead of one round's reads after another; the bytes are those of
-    the codec's round trip, and a pool with no room beside a round prefetches nothing."""
-    _, layout = vllm_kv(seed=4, pages=64)
+def twelve_chunks_and_a_disk(tmp_path, name: str, seed: int):
+    """A 64-page layout, 12 chunks of tokens, their blobs after ``name``'s round trip, the
+    codec's block size and the KVCache options of a disk tier in ``tmp_path``."""
+    _, layout = vllm_kv(seed=seed, pages=64)
     codec = make_codec(name, **CODEC_OPTIONS[name])
     tokens = toks(12)
     want = [through_codec(codec, layout, b) for b in raw_blobs(layout, tokens, range(24))]
     slot = -(-slot_nbytes(layout, codec) // 4096) * 4096
     opts = dict(method="cpu", codec_name=name, disk_dir=str(tmp_path), disk_bytes=64 << 20, disk_admit_min_seen=1)
+    return layout, tokens, want, slot, opts
+
+
+@pytest.mark.parametrize("name", ["fp8", "byteplane_zstd"])
+def test_a_disk_hit_starts_every_read_at_once(tmp_path, name):
+    """A load of chunks that are only on disk starts all their reads before its first round
+    (the pool's prefetch), instead of one round's reads after another; the bytes are those of
+    the codec's round trip, and a pool with no room beside a round prefetches nothing."""
+    layout, tokens, want, slot, opts = twelve_chunks_and_a_disk(tmp_path, name, seed=4)
     with KVCache(layout, cpu_bytes=16 * slot, **opts) as cache:
         cache.store(tokens, range(24)).wait()
         cache.persist()
@@ -153,12 +160,7 @@ def test_a_disk_hit_starts_every_read_at_once(tmp_path, name):
 def test_a_load_with_chunks_only_in_the_pool_reads_the_disk_round_by_round(tmp_path, name):
     """Where some of a load's chunks are in the pool only (not on disk), starting every disk read
     at once could evict them before their round: the rounds read the disk as they go."""
-    _, layout = vllm_kv(seed=6, pages=64)
-    codec = make_codec(name, **CODEC_OPTIONS[name])
-    tokens = toks(12)
-    want = [through_codec(codec, layout, b) for b in raw_blobs(layout, tokens, range(24))]
-    slot = -(-slot_nbytes(layout, codec) // 4096) * 4096
-    opts = dict(method="cpu", codec_name=name, disk_dir=str(tmp_path), disk_bytes=64 << 20, disk_admit_min_seen=1)
+    layout, tokens, want, slot, opts = twelve_chunks_and_a_disk(tmp_path, name, seed=6)
     with KVCache(layout, cpu_bytes=16 * slot, **opts) as cache:
         cache.store(tokens[: 4 * CHUNK_TOKENS], range(8)).wait()
         cache.persist()
