@@ -1,11 +1,11 @@
 """The GPU codec tier's variants side by side on one machine (a diagnostic; needs a CUDA GPU): fp8
 stores into the CPU tier and CPU hits of 64 chunks of bench_codec_tier's KV, raw chunks first, then
-fp8 with each switch of kvtier.codec_tier flipped (the blob header copied per stack or kept on the
-GPU, the blobs' PCIe copies on the codec's stream or a stream of their own, rounds of 64 or 128
+fp8 with each switch of kvtier.codec_tier flipped (the chunks coded in their pages or gathered
+first, the blobs' PCIe copies on the codec's stream or a stream of their own, rounds of 64 or 128
 MiB, loads issued ahead or not, a load's header check on its own stream or the codec's), and the
 defaults with one copy thread (bench_codec_tier's setting) and in a tier filled first (every
-store evicts, as in bench_codec_tier), then a cProfile of one store and one CPU hit (host time by
-function) for the default variant.
+store evicts, as in bench_codec_tier), the first two again (the machine's drift), then a cProfile
+of one store and one CPU hit (host time by function) for the default variant.
 
     python scripts/ab_codec_tier.py
 """
@@ -24,16 +24,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 import bench_codec_tier as b
 import kvtier.codec_tier as ct
-import kvtier.codecs as cd
 from kvtier import KVCache
 from prof_codec_tier import CHUNKS, store_and_hit_times
 
 REPS = 6
-
-
-def _header_per_stack(header: bytes, device) -> torch.Tensor:
-    """The blob header copied from pageable memory for every stack (what the codecs did before)."""
-    return torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device)
 
 
 def main() -> None:
@@ -41,20 +35,19 @@ def main() -> None:
     ppc = b.CHUNK // b.PAGE
     src, dst = np.arange(CHUNKS * ppc), np.arange(CHUNKS * ppc, 2 * CHUNKS * ppc)
     fp8 = {**b.CODECS["fp8"], "codec_device": "gpu", "method": "auto"}
-    kept_header = cd._device_header
     defaults = dict(
         d2h=ct._D2H_STREAM,
         mib=ct._GPU_BATCH_BYTES >> 20,
         ahead=ct._LOAD_AHEAD,
         check=ct._CHECK_STREAM,
-        kept=True,
+        pages=ct._FUSED_PAGES,
         threads=2,
         full=False,
     )
     variants = [
         ("none", {"method": "auto"}, {}),
         ("fp8 (defaults)", fp8, {}),
-        ("fp8, header per stack", fp8, {"kept": False}),
+        ("fp8, gathered, then coded", fp8, {"pages": False}),
         ("fp8, the other blob stream (D2H <-> codec)", fp8, {"d2h": not defaults["d2h"]}),
         ("fp8, rounds of 128 MiB", fp8, {"mib": 128}),
         ("fp8, loads not ahead", fp8, {"ahead": False}),
@@ -62,13 +55,14 @@ def main() -> None:
         ("fp8, one copy thread", fp8, {"threads": 1}),
         ("fp8, the tier filled first", fp8, {"full": True}),
         ("none, the tier filled first", {"method": "auto"}, {"full": True}),
+        ("none, again", {"method": "auto"}, {}),
+        ("fp8 (defaults), again", fp8, {}),
     ]
     raw = CHUNKS * layout.chunk_bytes
     for name, opts, change in variants:
         v = {**defaults, **change}
         ct._D2H_STREAM, ct._GPU_BATCH_BYTES, ct._LOAD_AHEAD = v["d2h"], v["mib"] << 20, v["ahead"]
-        ct._CHECK_STREAM = v["check"]
-        cd._device_header = kept_header if v["kept"] else _header_per_stack
+        ct._CHECK_STREAM, ct._FUSED_PAGES = v["check"], v["pages"]
         with KVCache(layout, cpu_bytes=4 * CHUNKS * layout.chunk_bytes, cpu_threads=v["threads"], **opts) as cache:
             if v["full"]:
                 for _ in range(-(-cache.stats()["capacity_chunks"] // CHUNKS)):
@@ -91,7 +85,6 @@ def main() -> None:
                     out = io.StringIO()
                     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(20)
                     print(f"--- cProfile of one fp8 {what} (host time by function)\n{out.getvalue()}")
-    cd._device_header = kept_header
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ pytest.importorskip("zstandard")
 from _util import wait_until
 from kvtier import KVCache, Layout
 from kvtier.codec_tier import chunk_ranges, chunk_shape, codec_fingerprint, gpu_round_chunks, slot_nbytes
-from kvtier.codecs import codec_names, make_codec
+from kvtier.codecs import PagedChunks, codec_names, make_codec, read_header
 from kvtier.config import KVTierConfig
 from kvtier.config.sections import CODECS
 from kvtier.errors import CacheGeometryError, InvalidArgumentError
@@ -590,3 +590,87 @@ def test_a_paged_pool_evicts_into_an_encoded_tier_and_reloads_bit_exact():
     assert all(torch.equal(pool.kv[page], written[(0, j)]) for j, page in enumerate(s.page_table))
     assert pool.cache.stats()["codec_chunks_decoded"] == 2
     pool.release(s)
+
+
+def paged_chunks(layout, pages, device="cpu") -> PagedChunks:
+    """``pages`` of a layout on ``device`` as the codec codes them in place."""
+    table = torch.tensor([[s.base_ptr, s.page_stride] for s in layout.segments], dtype=torch.int64).to(device)
+    ids = torch.tensor(np.asarray(pages, dtype=np.int64)).to(device)
+    return PagedChunks(ids, table, layout.pages_per_chunk, layout.segments[0].page_bytes)
+
+
+def finite_kv_model(kind, dtype, device="cpu"):
+    """test_cache's KVModel of ``kind`` holding finite values (its random bits hold NaN, which
+    fp8 refuses), the same for every device."""
+    from test_cache import KVModel
+
+    m = KVModel(kind, dtype, 16, device=device, num_pages=24, chunk_pages=2, seed=11)
+    g = torch.Generator().manual_seed(11)
+    for t in (x for item in m.tensors for x in (item if isinstance(item, tuple) else (item,))):
+        t.copy_(torch.randn(t.shape, generator=g) * 3)
+    return m
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("kind", ["vllm", "flashinfer_nhd", "flashinfer_hnd", "mla", "hf", "cross_layer"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp8_codes_chunks_in_their_pages_as_it_codes_them_gathered(kind, dtype, device):
+    """Fp8Codec.encode_pages reads each chunk's rows where the layout keeps them and makes the
+    blobs encode_many makes of the gathered chunks, byte for byte; decode_pages writes into
+    other pages what decode_many gives. On the CPU the core's host pass, on a GPU its kernels
+    (whose bytes are the host pass's)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    m = finite_kv_model(kind, dtype)
+    layout, tokens = m.layout, toks(3)
+    codec = make_codec("fp8", scale_dtype="bfloat16")
+    shape, dt = chunk_shape(layout)
+    src_pages, dst_pages = np.array([9, 3, 7, 1, 5, 11]), np.array([20, 12, 13, 23, 14, 15])
+    blobs_in = raw_blobs(layout, tokens, src_pages)
+    gathered = torch.stack([torch.frombuffer(bytearray(b), dtype=torch.uint8).view(dt).view(shape) for b in blobs_in])
+    want, want_ok = codec.encode_many(gathered)
+    decoded = codec.decode_many(want).view(3, -1).view(torch.uint8)
+    if device == "cuda":  # the same values in GPU pages
+        m = finite_kv_model(kind, dtype, device="cuda")
+    blobs, ok = codec.encode_pages(paged_chunks(m.layout, src_pages, device), shape, dt)
+    assert ok.all() and want_ok.all()
+    assert torch.equal(blobs.cpu(), want)
+
+    codec.decode_pages(blobs, read_header(blobs[0].cpu()), paged_chunks(m.layout, dst_pages, device))
+    assert chunks_in_pages(m.layout, dst_pages) == [bytes(d.numpy()) for d in decoded]
+
+
+def chunks_in_pages(layout, pages) -> list[bytes]:
+    """The raw chunks in ``pages`` of a host or GPU layout, gathered by chunk_ranges."""
+    import ctypes
+
+    from kvtier import _core
+
+    n, size = len(pages) // layout.pages_per_chunk, layout.chunk_bytes
+    device = torch.device(layout.device)
+    buf = torch.empty(n * size, dtype=torch.uint8, device=device)
+    ranges = chunk_ranges(layout, pages, buf.data_ptr())
+    if device.type == "cpu":
+        for src, dst, k in zip(*ranges, strict=True):
+            ctypes.memmove(int(dst), int(src), int(k))
+    else:
+        _core.copy_segments(device.index, *ranges, torch.cuda.current_stream().cuda_stream, "kernel")
+        torch.cuda.synchronize()
+    flat = buf.cpu().numpy()
+    return [bytes(flat[i * size : (i + 1) * size]) for i in range(n)]
+
+
+def test_fp8_in_pages_refuses_pages_that_do_not_hold_its_rows():
+    from test_cache import KVModel
+
+    layout = KVModel("vllm", torch.bfloat16, 16, num_pages=24, chunk_pages=2, seed=3).layout
+    codec = make_codec("fp8")
+    shape, dt = chunk_shape(layout)
+    paged = paged_chunks(layout, [1, 2, 3, 4])
+    with pytest.raises(InvalidArgumentError, match=r"not a whole number of .*-byte rows"):
+        codec.encode_pages(paged._replace(page_bytes=paged.page_bytes + 2), shape, dt)
+    with pytest.raises(InvalidArgumentError, match=r"segments of 2 pages of .* are not a chunk of"):
+        codec.encode_pages(paged._replace(segments=paged.segments[:-1]), shape, dt)
+    blobs, _ = codec.encode_pages(paged, shape, dt)
+    with pytest.raises(InvalidArgumentError, match=r"2 blobs of .* do not decode into 1 chunks of pages"):
+        codec.decode_pages(blobs, read_header(blobs[0]), paged._replace(page_ids=paged.page_ids[:2]))

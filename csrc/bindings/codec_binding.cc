@@ -44,6 +44,17 @@ Fp8Rows ParseRows(uint64_t chunks, uint64_t rows, uint32_t row_elems, const std:
   return r;
 }
 
+// The paged-raw and header arguments both calls take (0: raw chunks one after another; the
+// header the caller's).
+void SetPages(Fp8Rows& r, uint64_t page_ids, uint64_t segments, uint32_t num_segments,
+              uint32_t pages_per_chunk, uint64_t page_bytes) {
+  r.pages.page_ids = page_ids;
+  r.pages.segments = segments;
+  r.pages.num_segments = num_segments;
+  r.pages.pages_per_chunk = pages_per_chunk;
+  r.pages.page_bytes = page_bytes;
+}
+
 }  // namespace
 
 void BindCodec(py::module_& m) {
@@ -51,9 +62,14 @@ void BindCodec(py::module_& m) {
       "fp8_encode_rows",
       [](int device, uint64_t raw, uint64_t blobs, uint64_t ok, uint64_t chunks, uint64_t rows,
          uint32_t row_elems, const std::string& elem, const std::string& scale,
-         uint64_t blob_stride, uint64_t scale_offset, uint64_t payload_offset, uintptr_t stream) {
-        const Fp8Rows r = ParseRows(chunks, rows, row_elems, elem, scale, blob_stride, scale_offset,
-                                    payload_offset);
+         uint64_t blob_stride, uint64_t scale_offset, uint64_t payload_offset, uintptr_t stream,
+         uint64_t page_ids, uint64_t segments, uint32_t num_segments, uint32_t pages_per_chunk,
+         uint64_t page_bytes, uint64_t header, uint64_t header_bytes) {
+        Fp8Rows r = ParseRows(chunks, rows, row_elems, elem, scale, blob_stride, scale_offset,
+                              payload_offset);
+        SetPages(r, page_ids, segments, num_segments, pages_per_chunk, page_bytes);
+        r.header = header;
+        r.header_bytes = header_bytes;
         Status s;
         {
           py::gil_scoped_release release;
@@ -64,19 +80,31 @@ void BindCodec(py::module_& m) {
       py::arg("device"), py::arg("raw"), py::arg("blobs"), py::arg("ok"), py::arg("chunks"),
       py::arg("rows"), py::arg("row_elems"), py::arg("elem"), py::arg("scale"),
       py::arg("blob_stride"), py::arg("scale_offset"), py::arg("payload_offset"), py::arg("stream"),
+      py::arg("page_ids") = 0, py::arg("segments") = 0, py::arg("num_segments") = 0,
+      py::arg("pages_per_chunk") = 0, py::arg("page_bytes") = 0, py::arg("header") = 0,
+      py::arg("header_bytes") = 0,
       "Queues on GPU `device`'s stream `stream` (an int; device -1: done on the host by this "
       "call, stream unused) the fp8 encoding of `chunks` raw chunks "
       "(rows x row_elems elements of `elem` each, one after another at address `raw`) into blobs "
       "`blob_stride` bytes apart at `blobs`: one `scale` per row at scale_offset, e4m3 bytes at "
-      "payload_offset (Fp8Codec's bytes with scale_over=(-1,); the header is the caller's). "
-      "ok[c] (a byte per chunk) ends 1, or 0 where chunk c holds NaN or inf.");
+      "payload_offset (Fp8Codec's bytes with scale_over=(-1,)). "
+      "ok[c] (a byte per chunk) ends 1, or 0 where chunk c holds NaN or inf. With page_ids (an "
+      "address of chunks x pages_per_chunk int64), the raw chunks are read from pages instead "
+      "(raw 0): chunk c is num_segments runs of pages_per_chunk pages of page_bytes, page j of "
+      "segment s at segments[2s] + page_ids[c * pages_per_chunk + j] * segments[2s + 1] (uint64 "
+      "base and stride pairs at address `segments`). With header_bytes, the header_bytes at "
+      "address `header` start every blob and the bytes between scales and payload are zeroed; "
+      "else header and padding are the caller's.");
   m.def(
       "fp8_decode_rows",
       [](int device, uint64_t blobs, uint64_t raw, uint64_t chunks, uint64_t rows,
          uint32_t row_elems, const std::string& elem, const std::string& scale,
-         uint64_t blob_stride, uint64_t scale_offset, uint64_t payload_offset, uintptr_t stream) {
-        const Fp8Rows r = ParseRows(chunks, rows, row_elems, elem, scale, blob_stride, scale_offset,
-                                    payload_offset);
+         uint64_t blob_stride, uint64_t scale_offset, uint64_t payload_offset, uintptr_t stream,
+         uint64_t page_ids, uint64_t segments, uint32_t num_segments, uint32_t pages_per_chunk,
+         uint64_t page_bytes) {
+        Fp8Rows r = ParseRows(chunks, rows, row_elems, elem, scale, blob_stride, scale_offset,
+                              payload_offset);
+        SetPages(r, page_ids, segments, num_segments, pages_per_chunk, page_bytes);
         Status s;
         {
           py::gil_scoped_release release;
@@ -87,7 +115,10 @@ void BindCodec(py::module_& m) {
       py::arg("device"), py::arg("blobs"), py::arg("raw"), py::arg("chunks"), py::arg("rows"),
       py::arg("row_elems"), py::arg("elem"), py::arg("scale"), py::arg("blob_stride"),
       py::arg("scale_offset"), py::arg("payload_offset"), py::arg("stream"),
-      "Queues the inverse of fp8_encode_rows: each blob's rows decoded into raw chunks of `elem`.");
+      py::arg("page_ids") = 0, py::arg("segments") = 0, py::arg("num_segments") = 0,
+      py::arg("pages_per_chunk") = 0, py::arg("page_bytes") = 0,
+      "Queues the inverse of fp8_encode_rows: each blob's rows decoded into raw chunks of `elem` "
+      "(one after another at `raw`, or into pages given as to fp8_encode_rows).");
 }
 
 }  // namespace kvtier::bindings

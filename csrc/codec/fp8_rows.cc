@@ -23,7 +23,35 @@ Status Check(const char* what, const Fp8Rows& r, uint64_t raw, uint64_t blobs) {
   if (r.chunks == 0 || r.rows == 0 || r.row_elems == 0) {
     return Status::InvalidArgument(w + ": chunks, rows and row_elems must be positive");
   }
-  if (raw == 0 || blobs == 0) return Status::InvalidArgument(w + ": a null address");
+  const bool paged = r.pages.page_ids != 0;
+  if ((raw == 0 && !paged) || blobs == 0) return Status::InvalidArgument(w + ": a null address");
+  const uint64_t row_bytes = r.row_elems * ElemBytes(r.elem);
+  if (paged) {
+    const Fp8Pages& p = r.pages;
+    if (p.segments == 0 || p.num_segments == 0 || p.pages_per_chunk == 0 || p.page_bytes == 0) {
+      return Status::InvalidArgument(
+          w + ": paged raw chunks need segments, num_segments, pages_per_chunk and page_bytes");
+    }
+    if (p.page_bytes % row_bytes) {
+      return Status::InvalidArgument(w + ": a page of " + std::to_string(p.page_bytes) +
+                                     " bytes is not a whole number of " +
+                                     std::to_string(row_bytes) + "-byte rows");
+    }
+    if (uint64_t{p.num_segments} * p.pages_per_chunk * p.page_bytes != r.rows * row_bytes) {
+      return Status::InvalidArgument(w + ": " + std::to_string(p.num_segments) + " segments of " +
+                                     std::to_string(p.pages_per_chunk) + " pages of " +
+                                     std::to_string(p.page_bytes) + " bytes are not a chunk of " +
+                                     std::to_string(r.rows) + " rows");
+    }
+    if (p.page_ids % 8 || p.segments % 8) {
+      return Status::InvalidArgument(w + ": page_ids or segments is not 8-byte aligned");
+    }
+  }
+  if (r.header_bytes && (r.header == 0 || r.header_bytes > r.scale_offset)) {
+    return Status::InvalidArgument(w + ": a header of " + std::to_string(r.header_bytes) +
+                                   " bytes does not fit before the scales at byte " +
+                                   std::to_string(r.scale_offset));
+  }
   const uint64_t scales_end = r.scale_offset + r.rows * ScaleBytes(r.scale);
   if (scales_end > r.payload_offset) {
     return Status::InvalidArgument(w + ": the scales (ending at byte " +

@@ -125,12 +125,18 @@ struct ScaleBf16 {
 template <typename T, typename S>
 struct EncodeOp {
   static void Run(const Fp8Rows& g, const uint8_t* raw, uint8_t* blobs, uint8_t* ok) {
-    const auto* x0 = reinterpret_cast<const typename T::Word*>(raw);
+    const uint64_t row_bytes = g.row_elems * sizeof(typename T::Word);
     for (uint64_t c = 0; c < g.chunks; ++c) {
       uint8_t* blob = blobs + c * g.blob_stride;
       ok[c] = 1;
+      if (g.header_bytes) {
+        std::memcpy(blob, reinterpret_cast<const void*>(g.header), g.header_bytes);
+        const uint64_t scales_end = g.scale_offset + g.rows * sizeof(typename S::Word);
+        std::memset(blob + scales_end, 0, g.payload_offset - scales_end);
+      }
       for (uint64_t r = 0; r < g.rows; ++r) {
-        const typename T::Word* x = x0 + (c * g.rows + r) * g.row_elems;
+        const auto* x = reinterpret_cast<const typename T::Word*>(
+            Fp8RawRow(g, reinterpret_cast<uint64_t>(raw), c, r, row_bytes));
         float amax = 0.0f;
         for (uint32_t i = 0; i < g.row_elems; ++i) {
           const float a = std::fabs(T::Load(x[i]));
@@ -166,7 +172,7 @@ template <typename T, typename S>
 struct DecodeOp {
   static void Run(const Fp8Rows& g, const uint8_t* blobs, uint8_t* raw) {
     static const E4m3Table table;
-    auto* x0 = reinterpret_cast<typename T::Word*>(raw);
+    const uint64_t row_bytes = g.row_elems * sizeof(typename T::Word);
     for (uint64_t c = 0; c < g.chunks; ++c) {
       const uint8_t* blob = blobs + c * g.blob_stride;
       for (uint64_t r = 0; r < g.rows; ++r) {
@@ -174,7 +180,8 @@ struct DecodeOp {
         std::memcpy(&stored, blob + g.scale_offset + r * sizeof(stored), sizeof(stored));
         const float scale = S::Load(stored);
         const uint8_t* q = blob + g.payload_offset + r * g.row_elems;
-        typename T::Word* x = x0 + (c * g.rows + r) * g.row_elems;
+        auto* x = reinterpret_cast<typename T::Word*>(
+            Fp8RawRow(g, reinterpret_cast<uint64_t>(raw), c, r, row_bytes));
         for (uint32_t i = 0; i < g.row_elems; ++i) x[i] = T::Store(table.v[q[i]] * scale);
       }
     }

@@ -35,14 +35,7 @@ __device__ __forceinline__ float FromFloat(float v) {
 // max that keeps a NaN (as torch's amax does): a NaN of a row must reach its scale.
 __device__ __forceinline__ float NanMax(float a, float b) { return (a != a || a > b) ? a : b; }
 
-struct Geometry {
-  uint64_t rows, total_rows, blob_stride, scale_offset, payload_offset;
-  uint32_t row_elems;
-};
-
-Geometry GeometryOf(const Fp8Rows& r) {
-  return {r.rows, r.chunks * r.rows, r.blob_stride, r.scale_offset, r.payload_offset, r.row_elems};
-}
+__host__ __device__ uint64_t TotalRows(const Fp8Rows& g) { return g.chunks * g.rows; }
 
 // The scale a row of largest magnitude `amax` stores (S) and divides by (float): amax / 448 in
 // float32, at least the smallest normal float32, rounded up to S so the row's largest value fits.
@@ -62,19 +55,30 @@ __device__ __forceinline__ float StoredScale(float amax, __nv_bfloat16* stored) 
   return __bfloat162float(b);
 }
 
+// Chunk c's header, and zeros between its scales and its payload, by the warp of its row 0.
+template <typename S>
+__device__ __forceinline__ void WriteHeader(const Fp8Rows& g, uint8_t* blob, int lane) {
+  const auto* header = reinterpret_cast<const uint8_t*>(g.header);
+  for (uint64_t i = lane; i < g.header_bytes; i += 32) blob[i] = header[i];
+  for (uint64_t i = g.scale_offset + g.rows * sizeof(S) + lane; i < g.payload_offset; i += 32) {
+    blob[i] = 0;
+  }
+}
+
 template <typename T, typename S>
-__global__ void Fp8EncodeKernel(const T* __restrict__ raw, uint8_t* __restrict__ blobs,
-                                uint8_t* __restrict__ ok, Geometry g) {
+__global__ void Fp8EncodeKernel(uint64_t raw, uint8_t* __restrict__ blobs, uint8_t* __restrict__ ok,
+                                Fp8Rows g) {
   const uint64_t row = (static_cast<uint64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
-  if (row >= g.total_rows) return;  // whole warps: a row is one warp's
+  if (row >= TotalRows(g)) return;  // whole warps: a row is one warp's
   const uint64_t chunk = row / g.rows, r = row % g.rows;
-  const T* x = raw + row * g.row_elems;
+  const T* x = reinterpret_cast<const T*>(Fp8RawRow(g, raw, chunk, r, g.row_elems * sizeof(T)));
+  uint8_t* blob = blobs + chunk * g.blob_stride;
+  if (r == 0 && g.header_bytes) WriteHeader<S>(g, blob, lane);
   float amax = 0.0f;
   for (uint32_t i = lane; i < g.row_elems; i += 32) amax = NanMax(amax, fabsf(ToFloat(x[i])));
   for (int off = 16; off > 0; off >>= 1)
     amax = NanMax(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-  uint8_t* blob = blobs + chunk * g.blob_stride;
   if (!isfinite(amax)) {
     if (lane == 0) ok[chunk] = 0;
     return;
@@ -90,24 +94,23 @@ __global__ void Fp8EncodeKernel(const T* __restrict__ raw, uint8_t* __restrict__
 }
 
 template <typename T, typename S>
-__global__ void Fp8DecodeKernel(const uint8_t* __restrict__ blobs, T* __restrict__ raw,
-                                Geometry g) {
+__global__ void Fp8DecodeKernel(const uint8_t* __restrict__ blobs, uint64_t raw, Fp8Rows g) {
   const uint64_t row = (static_cast<uint64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
-  if (row >= g.total_rows) return;
+  if (row >= TotalRows(g)) return;
   const uint64_t chunk = row / g.rows, r = row % g.rows;
   const uint8_t* blob = blobs + chunk * g.blob_stride;
   const float scale = ToFloat(reinterpret_cast<const S*>(blob + g.scale_offset)[r]);
   const uint8_t* q = blob + g.payload_offset + r * g.row_elems;
-  T* x = raw + row * g.row_elems;
+  T* x = reinterpret_cast<T*>(Fp8RawRow(g, raw, chunk, r, g.row_elems * sizeof(T)));
   for (uint32_t i = lane; i < g.row_elems; i += 32) {
     const float v = __half2float(__half(__nv_cvt_fp8_to_halfraw(q[i], __NV_E4M3)));
     x[i] = FromFloat<T>(__fmul_rn(v, scale));
   }
 }
 
-unsigned Blocks(const Geometry& g) {
-  return static_cast<unsigned>((g.total_rows * 32 + kThreads - 1) / kThreads);
+unsigned Blocks(const Fp8Rows& g) {
+  return static_cast<unsigned>((TotalRows(g) * 32 + kThreads - 1) / kThreads);
 }
 
 // Calls F<T, S> for the stack's element and scale dtypes.
@@ -132,9 +135,8 @@ template <typename T, typename S>
 struct EncodeOp {
   static cudaError_t Run(const Fp8Rows& rows, const void* raw, void* blobs, uint8_t* ok,
                          cudaStream_t stream) {
-    const Geometry g = GeometryOf(rows);
-    Fp8EncodeKernel<T, S><<<Blocks(g), kThreads, 0, stream>>>(static_cast<const T*>(raw),
-                                                              static_cast<uint8_t*>(blobs), ok, g);
+    Fp8EncodeKernel<T, S><<<Blocks(rows), kThreads, 0, stream>>>(
+        reinterpret_cast<uint64_t>(raw), static_cast<uint8_t*>(blobs), ok, rows);
     return cudaGetLastError();
   }
 };
@@ -142,9 +144,8 @@ struct EncodeOp {
 template <typename T, typename S>
 struct DecodeOp {
   static cudaError_t Run(const Fp8Rows& rows, const void* blobs, void* raw, cudaStream_t stream) {
-    const Geometry g = GeometryOf(rows);
-    Fp8DecodeKernel<T, S><<<Blocks(g), kThreads, 0, stream>>>(static_cast<const uint8_t*>(blobs),
-                                                              static_cast<T*>(raw), g);
+    Fp8DecodeKernel<T, S><<<Blocks(rows), kThreads, 0, stream>>>(
+        static_cast<const uint8_t*>(blobs), reinterpret_cast<uint64_t>(raw), rows);
     return cudaGetLastError();
   }
 };

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from kvtier import _core
-from kvtier.codecs import HEADER_ALIGN, Codec, read_header
+from kvtier.codecs import HEADER_ALIGN, Codec, PagedChunks, read_header
 from kvtier.errors import (
     AlreadyExistsError,
     CorruptionError,
@@ -81,6 +81,11 @@ _LOAD_AHEAD = True
 # GPU stacks: a load checks each round's blob headers on a stream of its own (the host's wait for
 # the check does not include the decode and scatter of the round before), else on the codec's.
 _CHECK_STREAM = True
+# GPU stacks: a fixed-size codec that codes chunks in place (Codec.encode_pages / decode_pages)
+# reads a store's rows straight from the pages and writes a load's rows straight into them: one
+# kernel a round each way, no raw chunks in GPU memory between; else the segment copies gather
+# and scatter raw chunks, and the codec codes those.
+_FUSED_PAGES = True
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _BLOCK = 4096  # the tier's block and disk-slot alignment (O_DIRECT)
 
@@ -226,6 +231,7 @@ class CodecTier:
         # (Codec.encode_many / decode_many), their blobs copied straight between GPU memory and
         # the inner tier's blocks.
         self._header = None
+        self._segments = None  # GPU stacks coded in the pages: the layout's segment table
         self._batch = _STAGING_CHUNKS
         if codec_device == "gpu" and codec.fixed_size:
             self._header = codec.batch_header(self._shape, self._dtype)
@@ -234,6 +240,7 @@ class CodecTier:
             self._batch = gpu_round_chunks(layout.chunk_bytes)
             if self._slot != self._blob_len:
                 raise KVTierError(f"codec {codec.name}: {self._slot}-byte slots for {self._blob_len}-byte blobs")
+            self._segments = self._segment_table() if _FUSED_PAGES else None
         # Copies the GPU did not finish by the deadline: (event after them, keys whose blocks they
         # write, what they read or write); their blocks are given back once the event has passed.
         self._late: list[tuple[torch.cuda.Event, list[bytes], object]] = []
@@ -296,6 +303,32 @@ class CodecTier:
             "codec_late_copies": 0,  # GPU copies past the deadline (their blocks freed once done)
             "codec_blob_too_large": 0,  # blobs larger than a reduced slot (slot_fraction): not stored
         }
+
+    def _segment_table(self) -> torch.Tensor | None:
+        """The layout's segments as :class:`~kvtier.codecs.PagedChunks` takes them, in GPU
+        memory, where the codec codes this layout's chunks in their pages (every segment's pages
+        of one size, a whole number of the codec's rows, laid segment-major in the chunk); else
+        None."""
+        segs = self.layout.segments
+        page_bytes = segs[0].page_bytes
+        row_bytes = self._shape[1] * self.layout.element_size
+        offsets = [self.layout.segment_offset_in_blob(s) for s in range(len(segs))]
+        if (
+            not self.codec.pages_fused(self._shape, self._dtype, torch.device("cuda", self._device))
+            or any(seg.page_bytes != page_bytes for seg in segs)
+            or page_bytes % row_bytes
+            or offsets != [s * self._ppc * page_bytes for s in range(len(segs))]
+        ):
+            return None
+        table = torch.tensor([[seg.base_ptr, seg.page_stride] for seg in segs], dtype=torch.int64)
+        return table.to(f"cuda:{self._device}")
+
+    def _paged(self, pages: np.ndarray) -> PagedChunks:
+        """The chunks of ``pages`` (``pages_per_chunk`` ids each) as the codec codes them in place;
+        the ids cross to the GPU on the current stream (the codec's), from pinned memory."""
+        ids = torch.from_numpy(np.ascontiguousarray(pages, dtype=np.int64)).pin_memory()
+        ids = ids.to(f"cuda:{self._device}", non_blocking=True)
+        return PagedChunks(ids, self._segments, self._ppc, self.layout.segments[0].page_bytes)
 
     # -- the inner tier's own -----------------------------------------------------------------
     def __getattr__(self, name):
@@ -428,8 +461,14 @@ class CodecTier:
         raw = blobs = None
         queued = False  # copies into the blocks are queued: they are the blocks' until they end
         try:
-            raw = self._gather_gpu(np.concatenate([pages[i] for i, _, _ in reserved]), after_stream)
-            blobs, ok = self.codec.encode_many(raw.view(self._dtype).view(n, *self._shape))
+            chunk_pages = np.concatenate([pages[i] for i, _, _ in reserved])
+            if self._segments is not None:  # read in place: no raw chunks
+                self._ordered_after(after_stream)
+                raw = self._paged(chunk_pages)
+                blobs, ok = self.codec.encode_pages(raw, self._shape, self._dtype)
+            else:
+                raw = self._gather_gpu(chunk_pages, after_stream)
+                blobs, ok = self.codec.encode_many(raw.view(self._dtype).view(n, *self._shape))
             ok_host = torch.empty(n, dtype=torch.bool, pin_memory=True)
             ok_host.copy_(ok, non_blocking=True)
             # The blobs' copies run on the blob stream after the encode; ``done`` follows both.
@@ -825,8 +864,11 @@ class CodecTier:
         if not good:
             return 0
         self._ordered_after(after_stream)
-        raw = self.codec.decode_many(blobs[:good], self._header_info).view(good, -1).view(torch.uint8)
-        self._scatter_gpu(raw, pages, 0, wait=False)
+        if self._segments is not None:  # written in place: no raw chunks
+            self.codec.decode_pages(blobs[:good], self._header_info, self._paged(pages[: good * self._ppc]))
+        else:
+            raw = self.codec.decode_many(blobs[:good], self._header_info).view(good, -1).view(torch.uint8)
+            self._scatter_gpu(raw, pages, 0, wait=False)
         self._counts["codec_chunks_decoded"] += good
         return good
 

@@ -58,6 +58,7 @@ __all__ = [
     "Codec",
     "Fp8Codec",
     "NoneCodec",
+    "PagedChunks",
     "codec_from_settings",
     "codec_names",
     "make_codec",
@@ -109,6 +110,40 @@ class BlobHeader(NamedTuple):
     shape: tuple[int, ...]
     params: bytes
     header_nbytes: int
+
+
+class PagedChunks(NamedTuple):
+    """Raw chunks where a layout keeps them, in pages: chunk ``c`` is ``num_segments`` runs
+    (segment-major, as a layout's blob orders them) of ``pages_per_chunk`` pages of
+    ``page_bytes`` each, page ``j`` of segment ``s`` at ``segments[s, 0] + page_ids[c *
+    pages_per_chunk + j] * segments[s, 1]``. The tensors are on the pages' device.
+
+    Attributes:
+        page_ids: int64, ``pages_per_chunk`` ids per chunk; each in its segment's range (the
+            caller checks them: a kernel cannot).
+        segments: int64 ``[num_segments, 2]``: each segment's base address and page stride.
+        pages_per_chunk: pages of each segment per chunk.
+        page_bytes: bytes of one page, the same in every segment.
+    """
+
+    page_ids: torch.Tensor
+    segments: torch.Tensor
+    pages_per_chunk: int
+    page_bytes: int
+
+    @property
+    def chunks(self) -> int:
+        return len(self.page_ids) // self.pages_per_chunk
+
+    def kwargs(self) -> dict:
+        """The paged arguments of ``_core.fp8_encode_rows`` / ``fp8_decode_rows``."""
+        return dict(
+            page_ids=self.page_ids.data_ptr(),
+            segments=self.segments.data_ptr(),
+            num_segments=len(self.segments),
+            pages_per_chunk=self.pages_per_chunk,
+            page_bytes=self.page_bytes,
+        )
 
 
 def _header_nbytes(ndim: int, params_len: int) -> int:
@@ -319,6 +354,11 @@ class Codec(ABC):
             except InvalidArgumentError:
                 ok[i] = False
         return blobs, ok.to(tensors.device)
+
+    def pages_fused(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether the codec codes chunks of ``shape`` and ``dtype`` on ``device`` in the pages
+        that hold them (``encode_pages`` / ``decode_pages``, a fixed-size codec's): False here."""
+        return False
 
     def decode_many(self, blobs: torch.Tensor, header: BlobHeader | None = None) -> torch.Tensor:
         """Decode the rows of ``blobs`` (``[n, blob_nbytes]`` uint8, CPU or CUDA), each a blob of
@@ -618,26 +658,77 @@ class Fp8Codec(Codec):
 
     def _encode_fused(self, tensors):
         """encode_many in one kernel pass (the same bytes as :meth:`_encode_torch`)."""
+        src = tensors.contiguous()
+        shape = tuple(tensors.shape[1:])
+        return self._encode_kernel(len(tensors), shape, tensors.dtype, src.device, raw=src.data_ptr())
+
+    def _encode_kernel(self, n: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, **where):
+        """The core's fused encode of ``n`` chunks of ``shape`` whose rows ``where`` says
+        (``raw=`` an address, or paged arguments): ``(blobs, ok)``, headers included."""
         from kvtier import _core
 
-        n, shape = len(tensors), tuple(tensors.shape[1:])
-        header = self.batch_header(shape, tensors.dtype)
-        geo = self._rows(shape, tensors.dtype, len(header))
-        blobs = torch.empty((n, geo["blob_stride"]), dtype=torch.uint8, device=tensors.device)
-        blobs[:, : len(header)] = _header_tensor(header, tensors.device)
-        blobs[:, len(header) + geo["rows"] * self.scale_dtype.itemsize : geo["payload_offset"]] = 0
-        ok = torch.empty(n, dtype=torch.uint8, device=tensors.device)
-        src = tensors.contiguous()
+        header = self.batch_header(shape, dtype)
+        header_t = _header_tensor(header, device)
+        geo = self._rows(shape, dtype, len(header))
+        blobs = torch.empty((n, geo["blob_stride"]), dtype=torch.uint8, device=device)
+        ok = torch.empty(n, dtype=torch.uint8, device=device)
         _core.fp8_encode_rows(
-            device=_device_index(tensors.device),
-            raw=src.data_ptr(),
+            device=_device_index(device),
+            raw=where.pop("raw", 0),
             blobs=blobs.data_ptr(),
             ok=ok.data_ptr(),
             chunks=n,
-            stream=_stream_of(tensors.device),
+            stream=_stream_of(device),
+            header=header_t.data_ptr(),
+            header_bytes=len(header),
             **geo,
+            **where,
         )
         return blobs, ok.bool()
+
+    def pages_fused(self, shape, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether :meth:`encode_pages` and :meth:`decode_pages` take chunks of ``shape`` and
+        ``dtype`` on ``device`` (the core's fused passes code them)."""
+        return self._fused(torch.device(device), tuple(int(d) for d in shape), dtype)
+
+    def encode_pages(self, paged: PagedChunks, shape, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode_many` of the chunks in ``paged`` (each of ``shape`` and ``dtype``, its
+        rows read in place: no gathered copy), queued on the pages' device's current stream.
+        Needs :meth:`pages_fused`; the rows of ``shape`` fill the pages exactly.
+
+        Raises:
+            InvalidArgumentError: the pages do not hold chunks of ``shape`` (the core's check).
+        """
+        device = paged.page_ids.device
+        shape = tuple(int(d) for d in shape)
+        if not self.pages_fused(shape, dtype, device):
+            raise InvalidArgumentError(
+                f"fp8: chunks of {_dtype_name(dtype)} {shape} on {device} are not coded in their pages"
+            )
+        return self._encode_kernel(paged.chunks, shape, dtype, device, **paged.kwargs())
+
+    def decode_pages(self, blobs: torch.Tensor, header: BlobHeader, paged: PagedChunks) -> None:
+        """Decode the rows of ``blobs`` (checked blobs of ``header``, as for :meth:`decode_many`)
+        into the chunks' pages of ``paged``, one chunk per row, queued on their device's
+        current stream. Needs :meth:`pages_fused`."""
+        from kvtier import _core
+
+        if not self._decodes_fused(blobs, header) or len(blobs) != paged.chunks:
+            raise InvalidArgumentError(
+                f"fp8: {len(blobs)} blobs of {_dtype_name(header.dtype)} {header.shape} on {blobs.device} "
+                f"do not decode into {paged.chunks} chunks of pages"
+            )
+        geo = self._rows(header.shape, header.dtype, header.header_nbytes)
+        geo["blob_stride"] = blobs.stride(0)
+        _core.fp8_decode_rows(
+            device=_device_index(blobs.device),
+            blobs=blobs.data_ptr(),
+            raw=0,
+            chunks=len(blobs),
+            stream=_stream_of(blobs.device),
+            **geo,
+            **paged.kwargs(),
+        )
 
     def _encode_torch(self, tensors):
         """encode_many in torch operations (any device, any ``scale_over``)."""
@@ -691,8 +782,14 @@ class Fp8Codec(Codec):
         return self._decode_rows(blob.unsqueeze(0), header)[0]
 
     def _decode_rows(self, blobs, header):
+        if self._decodes_fused(blobs, header):
+            return self._decode_fused(blobs, header)
+        return self._decode_torch(blobs, header)
+
+    def _decodes_fused(self, blobs, header) -> bool:
+        """Whether the core's fused pass decodes these rows of blobs of ``header``."""
         scale_dtype, scale_shape, _ = self._read_params(header)
-        fused = (
+        return (
             scale_dtype == self.scale_dtype
             and scale_shape == (*header.shape[:-1], 1)  # one scale per row
             and blobs.stride(1) == 1
@@ -700,9 +797,6 @@ class Fp8Codec(Codec):
             and blobs.stride(0) % scale_dtype.itemsize == 0
             and self._fused(blobs.device, header.shape, header.dtype)
         )
-        if fused:
-            return self._decode_fused(blobs, header)
-        return self._decode_torch(blobs, header)
 
     def _decode_fused(self, blobs, header):
         """_decode_rows in one kernel pass (the same values as :meth:`_decode_torch`)."""
