@@ -86,6 +86,8 @@ _CHECK_STREAM = True
 # kernel a round each way, no raw chunks in GPU memory between; else the segment copies gather
 # and scatter raw chunks, and the codec codes those.
 _FUSED_PAGES = True
+# A wait for the GPU polls without sleeping for this long first.
+_SPIN_S = 300e-6
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _BLOCK = 4096  # the tier's block and disk-slot alignment (O_DIRECT)
 
@@ -663,11 +665,16 @@ class CodecTier:
         self._wait_event(event, what)
 
     def _wait_event(self, event: torch.cuda.Event, what: str) -> None:
-        deadline = time.monotonic() + self._timeout_s
+        """Wait for ``event`` to the cache's deadline: polled without sleeping for its first
+        _SPIN_S (a round's check or copy ends within that, and a sleep takes ~0.1 ms), then
+        every 50 us."""
+        start = time.monotonic()
+        deadline = start + self._timeout_s
         while not event.query():
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 raise DeadlineExceededError(f"codec {what} on the GPU did not end within {self._timeout_s} s")
-            time.sleep(50e-6)
+            time.sleep(0 if now - start < _SPIN_S else 50e-6)  # 0: gives up the GIL, not the core
 
     def _begin_put(self, key: bytes):
         """The inner tier's ``begin_put``, waiting while write-backs to disk hold the blocks, or
