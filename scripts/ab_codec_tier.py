@@ -1,9 +1,10 @@
 """The GPU codec tier's variants side by side on one machine (a diagnostic; needs a CUDA GPU): fp8
 stores into the CPU tier and CPU hits of 64 chunks of bench_codec_tier's KV, raw chunks first, then
 fp8 with each switch of kvtier.codec_tier flipped (the chunks coded in their pages or gathered
-first, waits for the GPU polled before they sleep or not, the blobs' PCIe copies on the codec's
-stream or a stream of their own, rounds of 64 or 128 MiB, loads issued ahead or not, a load's
-header check on its own stream or the codec's), and the defaults with one copy thread
+first, waits for the GPU polled before they sleep or not, a load's header check made by the decode
+or read back each round, the blobs' PCIe copies on the codec's stream or a stream of their own,
+rounds of 64 or 128 MiB, loads issued ahead or not, a load's read-back header check on its own
+stream or the codec's), and the defaults with one copy thread
 (bench_codec_tier's setting) and in a tier filled first (every store evicts, as in
 bench_codec_tier), the first two again (the machine's drift), then a cProfile of one store and
 one CPU hit (host time by function) for the default variant.
@@ -43,6 +44,7 @@ def main() -> None:
         check=ct._CHECK_STREAM,
         pages=ct._FUSED_PAGES,
         spin=ct._SPIN_S,
+        in_decode=ct._CHECK_IN_DECODE,
         threads=2,
         full=False,
     )
@@ -51,10 +53,11 @@ def main() -> None:
         ("fp8 (defaults)", fp8, {}),
         ("fp8, gathered, then coded", fp8, {"pages": False}),
         ("fp8, waits that sleep from the start", fp8, {"spin": 0.0}),
+        ("fp8, each round's header check read back", fp8, {"in_decode": False}),
         ("fp8, the other blob stream (D2H <-> codec)", fp8, {"d2h": not defaults["d2h"]}),
         ("fp8, rounds of 128 MiB", fp8, {"mib": 128}),
         ("fp8, loads not ahead", fp8, {"ahead": False}),
-        ("fp8, the other header-check stream", fp8, {"check": not defaults["check"]}),
+        ("fp8, read back, the other header-check stream", fp8, {"check": not defaults["check"], "in_decode": False}),
         ("fp8, one copy thread", fp8, {"threads": 1}),
         ("fp8, the tier filled first", fp8, {"full": True}),
         ("none, the tier filled first", {"method": "auto"}, {"full": True}),
@@ -66,6 +69,7 @@ def main() -> None:
         v = {**defaults, **change}
         ct._D2H_STREAM, ct._GPU_BATCH_BYTES, ct._LOAD_AHEAD = v["d2h"], v["mib"] << 20, v["ahead"]
         ct._CHECK_STREAM, ct._FUSED_PAGES, ct._SPIN_S = v["check"], v["pages"], v["spin"]
+        ct._CHECK_IN_DECODE = v["in_decode"]
         with KVCache(layout, cpu_bytes=4 * CHUNKS * layout.chunk_bytes, cpu_threads=v["threads"], **opts) as cache:
             if v["full"]:
                 for _ in range(-(-cache.stats()["capacity_chunks"] // CHUNKS)):

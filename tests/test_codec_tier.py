@@ -472,20 +472,24 @@ def test_gpu_pages_round_trip_through_the_codec_tier(name, codec_device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("d2h_stream", [False, True], ids=["blobs_on_the_codec_stream", "blobs_on_a_d2h_stream"])
 @pytest.mark.parametrize("round_chunks", [None, 2])
+@pytest.mark.parametrize("in_decode", [True, False], ids=["check_in_decode", "check_read_back"])
 def test_gpu_stacks_stop_at_a_refused_chunk_a_foreign_blob_and_a_full_tier(
-    caplog, monkeypatch, round_chunks, d2h_stream
+    caplog, monkeypatch, round_chunks, d2h_stream, in_decode
 ):
     """codec.device gpu with fp8 encodes a call's chunks as stacks straight into pinned blocks
     and decodes them as stacks: a chunk holding NaN ends the store there (those before it are
-    kept), a slot of another codec ends the load there, and a full tier skips the rest, as on the
-    host path. With rounds of 2 chunks a store queues each round before committing the one
-    before it: a refusal or a full tier in one round gives back the next round's blocks."""
+    kept), a slot of another codec ends the load there (the pages of the chunks after it are left
+    alone, also where the check is made by the decode on the device and later rounds are
+    queued), and a full tier skips the rest, as on the host path. With rounds of 2 chunks a store
+    queues each round before committing the one before it: a refusal or a full tier in one round
+    gives back the next round's blocks."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     import kvtier.codec_tier
 
     kv, layout = vllm_kv(device="cuda", seed=9)
     monkeypatch.setattr(kvtier.codec_tier, "_D2H_STREAM", d2h_stream)
+    monkeypatch.setattr(kvtier.codec_tier, "_CHECK_IN_DECODE", in_decode)
     if round_chunks is not None:
         monkeypatch.setattr(kvtier.codec_tier, "_GPU_BATCH_BYTES", round_chunks * layout.chunk_bytes)
         monkeypatch.setattr(kvtier.codec_tier, "_GPU_BATCH_CHUNKS", round_chunks)
@@ -507,11 +511,14 @@ def test_gpu_stacks_stop_at_a_refused_chunk_a_foreign_blob_and_a_full_tier(
         cpu_layout = Layout.from_vllm([t.cpu() for t in kv], chunk_tokens=CHUNK_TOKENS)
         want[2] = through_codec(fp8, layout, raw_blobs(cpu_layout, tokens, range(12))[2])
         assert cache.store(tokens, range(12)).wait() == 3  # the third, fifth and sixth
+        torch.cuda.synchronize()
+        before = raw_blobs(Layout.from_vllm([t.cpu() for t in kv], chunk_tokens=CHUNK_TOKENS), tokens, range(16, 28))
         assert cache.load(tokens, range(16, 28)).wait() == 3 * CHUNK_TOKENS
-        assert cache.stats()["codec_decode_failures"] == 1
+        assert cache.stats()["codec_decode_failures"] == 1 and "does not decode" in caplog.text
         torch.cuda.synchronize()
         got = raw_blobs(Layout.from_vllm([t.cpu() for t in kv], chunk_tokens=CHUNK_TOKENS), tokens, range(16, 28))
         assert got[:3] == want[:3]  # the three chunks loaded, into pages 16..21
+        assert got[3:] == before[3:]  # the foreign slot's pages and those after it: untouched
         # five more chunks (several rounds with round_chunks=2), back bit-exact
         more = toks(5, base=999)
         cpu_layout = Layout.from_vllm([t.cpu() for t in kv], chunk_tokens=CHUNK_TOKENS)
@@ -658,6 +665,36 @@ def chunks_in_pages(layout, pages) -> list[bytes]:
         torch.cuda.synchronize()
     flat = buf.cpu().numpy()
     return [bytes(flat[i * size : (i + 1) * size]) for i in range(n)]
+
+
+def test_fp8_decode_in_pages_checks_headers_and_stops_at_the_first_foreign_blob():
+    """decode_pages with `decoded` and `stop`: the blobs before the first whose header is not the
+    codec's are decoded, the count and the stop flag written; the pages of that chunk and those
+    after it are untouched, and a later call that finds the flag set decodes nothing."""
+    m = finite_kv_model("vllm", torch.bfloat16)
+    layout = m.layout
+    codec = make_codec("fp8", scale_dtype="bfloat16")
+    shape, dt = chunk_shape(layout)
+    blobs, _ = codec.encode_pages(paged_chunks(layout, [1, 2, 3, 4, 5, 6]), shape, dt)
+    blobs[1, 4] ^= 1  # the second blob's header: the codec's version byte
+    header = read_header(blobs[0])
+    dst = np.array([20, 12, 13, 23, 14, 15])
+    before = chunks_in_pages(layout, dst)
+    decoded, stop = torch.full((1,), 7, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    codec.decode_pages(blobs, header, paged_chunks(layout, dst), decoded=decoded, stop=stop)
+    assert int(decoded) == 1 and int(stop) == 1
+    after = chunks_in_pages(layout, dst)
+    assert after[0] == bytes(codec.decode_many(blobs[:1]).view(-1).view(torch.uint8).numpy())
+    assert after[1:] == before[1:]
+    # stopped: a good stack decodes nothing
+    codec.decode_pages(blobs[2:], header, paged_chunks(layout, dst[4:]), decoded=decoded, stop=stop)
+    assert int(decoded) == 0 and chunks_in_pages(layout, dst) == after
+    stop.zero_()
+    codec.decode_pages(blobs[2:], header, paged_chunks(layout, dst[4:]), decoded=decoded, stop=stop)
+    assert int(decoded) == 1 and int(stop) == 0
+    assert chunks_in_pages(layout, dst[4:]) == [bytes(codec.decode_many(blobs[2:]).view(-1).view(torch.uint8).numpy())]
+    with pytest.raises(InvalidArgumentError, match=r"`stop` must be a one-element int32 tensor"):
+        codec.decode_pages(blobs[2:], header, paged_chunks(layout, dst[4:]), decoded=decoded)
 
 
 def test_fp8_in_pages_refuses_pages_that_do_not_hold_its_rows():

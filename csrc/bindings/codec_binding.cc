@@ -101,10 +101,15 @@ void BindCodec(py::module_& m) {
          uint32_t row_elems, const std::string& elem, const std::string& scale,
          uint64_t blob_stride, uint64_t scale_offset, uint64_t payload_offset, uintptr_t stream,
          uint64_t page_ids, uint64_t segments, uint32_t num_segments, uint32_t pages_per_chunk,
-         uint64_t page_bytes) {
+         uint64_t page_bytes, uint64_t header, uint64_t header_bytes, uint64_t decoded,
+         uint64_t stop) {
         Fp8Rows r = ParseRows(chunks, rows, row_elems, elem, scale, blob_stride, scale_offset,
                               payload_offset);
         SetPages(r, page_ids, segments, num_segments, pages_per_chunk, page_bytes);
+        r.header = header;
+        r.header_bytes = header_bytes;
+        r.decoded = decoded;
+        r.stop = stop;
         Status s;
         {
           py::gil_scoped_release release;
@@ -116,9 +121,14 @@ void BindCodec(py::module_& m) {
       py::arg("row_elems"), py::arg("elem"), py::arg("scale"), py::arg("blob_stride"),
       py::arg("scale_offset"), py::arg("payload_offset"), py::arg("stream"),
       py::arg("page_ids") = 0, py::arg("segments") = 0, py::arg("num_segments") = 0,
-      py::arg("pages_per_chunk") = 0, py::arg("page_bytes") = 0,
+      py::arg("pages_per_chunk") = 0, py::arg("page_bytes") = 0, py::arg("header") = 0,
+      py::arg("header_bytes") = 0, py::arg("decoded") = 0, py::arg("stop") = 0,
       "Queues the inverse of fp8_encode_rows: each blob's rows decoded into raw chunks of `elem` "
-      "(one after another at `raw`, or into pages given as to fp8_encode_rows).");
+      "(one after another at `raw`, or into pages given as to fp8_encode_rows). With "
+      "header_bytes, only the blobs before the first whose first header_bytes differ from those "
+      "at `header` are decoded; their number is written to the uint32 at `decoded`, and the "
+      "uint32 at `stop` is set to 1 where one differed; with `stop` already nonzero nothing is "
+      "decoded.");
 }
 
 }  // namespace kvtier::bindings

@@ -102,6 +102,11 @@ Status Fp8EncodeRows(int device, const Fp8Rows& rows, uint64_t raw, uint64_t blo
 Status Fp8DecodeRows(int device, const Fp8Rows& rows, uint64_t blobs, uint64_t raw,
                      uintptr_t stream) {
   KVTIER_RETURN_IF_ERROR(Check("Fp8DecodeRows", rows, raw, blobs));
+  if (rows.header_bytes &&
+      (rows.decoded == 0 || rows.stop == 0 || rows.decoded % 4 || rows.stop % 4)) {
+    return Status::InvalidArgument(
+        "Fp8DecodeRows: a header check needs 4-byte aligned `decoded` and `stop` addresses");
+  }
   if (device < 0) {
     Fp8DecodeRowsHost(rows, reinterpret_cast<const void*>(blobs), reinterpret_cast<void*>(raw));
     return Status::OK();

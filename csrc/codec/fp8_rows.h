@@ -35,7 +35,11 @@ struct Fp8Pages {
 // per row, `scale`'s dtype) at scale_offset, its e4m3 payload (row_elems bytes a row) at
 // payload_offset. An encode with header_bytes > 0 also writes the header_bytes at `header` at
 // the start of every blob and zeroes the bytes between the scales and the payload; else header
-// and padding are the caller's.
+// and padding are the caller's. A decode with header_bytes > 0 first compares every blob's first
+// header_bytes with `header`: it decodes only the blobs before the first that differs, writes
+// their number to the uint32 at `decoded` and, where one differed, sets the uint32 at `stop` to
+// 1; a decode that finds `stop` nonzero decodes nothing (so stacks queued behind one that
+// stopped leave their pages alone).
 struct Fp8Rows {
   uint64_t chunks = 0;
   uint64_t rows = 0;       // rows per chunk
@@ -48,6 +52,8 @@ struct Fp8Rows {
   Fp8Pages pages;
   uint64_t header = 0;  // address of the header (same memory as the blobs)
   uint64_t header_bytes = 0;
+  uint64_t decoded = 0;  // decode with a header: address of the uint32 count of blobs decoded
+  uint64_t stop = 0;     // and of the uint32 flag that stops this and later stacks
 };
 
 #if defined(__CUDACC__)

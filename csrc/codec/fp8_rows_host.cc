@@ -168,12 +168,27 @@ struct E4m3Table {
   }
 };
 
+// The blobs a decode with a header check decodes (all of them without one): see Fp8Rows.
+uint64_t BlobsToDecode(const Fp8Rows& g, const uint8_t* blobs) {
+  if (!g.header_bytes) return g.chunks;
+  auto* stop = reinterpret_cast<uint32_t*>(g.stop);
+  uint64_t n = 0;
+  if (!*stop) {
+    const auto* header = reinterpret_cast<const uint8_t*>(g.header);
+    while (n < g.chunks && std::memcmp(blobs + n * g.blob_stride, header, g.header_bytes) == 0) ++n;
+    if (n < g.chunks) *stop = 1;
+  }
+  *reinterpret_cast<uint32_t*>(g.decoded) = static_cast<uint32_t>(n);
+  return n;
+}
+
 template <typename T, typename S>
 struct DecodeOp {
   static void Run(const Fp8Rows& g, const uint8_t* blobs, uint8_t* raw) {
     static const E4m3Table table;
     const uint64_t row_bytes = g.row_elems * sizeof(typename T::Word);
-    for (uint64_t c = 0; c < g.chunks; ++c) {
+    const uint64_t chunks = BlobsToDecode(g, blobs);
+    for (uint64_t c = 0; c < chunks; ++c) {
       const uint8_t* blob = blobs + c * g.blob_stride;
       for (uint64_t r = 0; r < g.rows; ++r) {
         typename S::Word stored;

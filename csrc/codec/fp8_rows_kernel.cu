@@ -93,12 +93,33 @@ __global__ void Fp8EncodeKernel(uint64_t raw, uint8_t* __restrict__ blobs, uint8
   }
 }
 
+// A decode's header check (one block): the leading blobs whose header is g.header's, written
+// to *g.decoded, and *g.stop set where one is not (none where *g.stop was set already).
+__global__ void Fp8CheckKernel(const uint8_t* __restrict__ blobs, Fp8Rows g) {
+  __shared__ unsigned long long first_bad;
+  if (threadIdx.x == 0) first_bad = g.chunks;
+  __syncthreads();
+  const auto* header = reinterpret_cast<const uint8_t*>(g.header);
+  for (uint64_t i = threadIdx.x; i < g.chunks * g.header_bytes; i += blockDim.x) {
+    const uint64_t c = i / g.header_bytes, b = i % g.header_bytes;
+    if (blobs[c * g.blob_stride + b] != header[b]) atomicMin(&first_bad, c);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    auto* stop = reinterpret_cast<uint32_t*>(g.stop);
+    const uint64_t n = *stop ? 0 : first_bad;
+    if (n < g.chunks) *stop = 1;
+    *reinterpret_cast<uint32_t*>(g.decoded) = static_cast<uint32_t>(n);
+  }
+}
+
 template <typename T, typename S>
 __global__ void Fp8DecodeKernel(const uint8_t* __restrict__ blobs, uint64_t raw, Fp8Rows g) {
   const uint64_t row = (static_cast<uint64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (row >= TotalRows(g)) return;
   const uint64_t chunk = row / g.rows, r = row % g.rows;
+  if (g.header_bytes && chunk >= *reinterpret_cast<const uint32_t*>(g.decoded)) return;
   const uint8_t* blob = blobs + chunk * g.blob_stride;
   const float scale = ToFloat(reinterpret_cast<const S*>(blob + g.scale_offset)[r]);
   const uint8_t* q = blob + g.payload_offset + r * g.row_elems;
@@ -144,6 +165,9 @@ struct EncodeOp {
 template <typename T, typename S>
 struct DecodeOp {
   static cudaError_t Run(const Fp8Rows& rows, const void* blobs, void* raw, cudaStream_t stream) {
+    if (rows.header_bytes) {
+      Fp8CheckKernel<<<1, kThreads, 0, stream>>>(static_cast<const uint8_t*>(blobs), rows);
+    }
     Fp8DecodeKernel<T, S><<<Blocks(rows), kThreads, 0, stream>>>(
         static_cast<const uint8_t*>(blobs), reinterpret_cast<uint64_t>(raw), rows);
     return cudaGetLastError();

@@ -86,6 +86,9 @@ _CHECK_STREAM = True
 # kernel a round each way, no raw chunks in GPU memory between; else the segment copies gather
 # and scatter raw chunks, and the codec codes those.
 _FUSED_PAGES = True
+# GPU stacks coded in the pages: a load's header check is made by the decode on the device, its
+# counts read once at the end (else each round's check is read back before its decode).
+_CHECK_IN_DECODE = True
 # A wait for the GPU polls without sleeping for this long first.
 _SPIN_S = 300e-6
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -801,6 +804,13 @@ class CodecTier:
             self._buf_busy = None
         ahead = _LOAD_AHEAD and 2 * max(len(k) for k in rounds) <= self._inner.capacity_chunks
         decoded: list[torch.cuda.Event | None] = [None, None]  # per half: after its last decode
+        # The header check made by the decode on the device (_CHECK_IN_DECODE): gate[0] stops
+        # the rounds after a slot that is not this layout's, gate[1 + r] counts round r's chunks
+        # decoded, read once the load has ended.
+        gate = None
+        if self._segments is not None and _CHECK_IN_DECODE:
+            gate = torch.zeros(1 + len(rounds), dtype=torch.int32, device=self._buf.device)
+        queued: list[int] = []  # chunks whose decode each round queued
         loaded, nxt = 0, None
         op = self._load_round(rounds, 0)
         try:
@@ -812,14 +822,18 @@ class CodecTier:
                     op.transfer.wait(self._timeout_s)
                 if not ahead and more and op.chunks == len(keys):
                     nxt = self._load_round_after(rounds, r + 1, decoded)
-                good = self._decode_round(op.chunks, r % 2, pages[loaded * self._ppc :], after_stream)
+                gate_r = None if gate is None else (gate[1 + r : 2 + r], gate[:1])
+                good = self._decode_round(op.chunks, r % 2, pages[loaded * self._ppc :], after_stream, gate_r)
                 decoded[r % 2] = torch.cuda.Event()
                 decoded[r % 2].record(self._stream)
                 loaded += good
+                queued.append(good)
                 if good < len(keys) or nxt is None:
                     break
                 op, nxt = nxt, None
             self._wait_stream("scatter")
+            if gate is not None:
+                loaded = self._decoded_in_rounds(gate, queued)
         except DeadlineExceededError:
             # A scatter out of the buffer may not have run yet: the next load waits for it before
             # the inner tier writes the buffer again, and the caller's later work on its stream
@@ -848,15 +862,22 @@ class CodecTier:
         base = (r % 2) * self._batch
         return self._inner.load(b"".join(rounds[r]), np.arange(base, base + len(rounds[r]), dtype=np.int64), 0)
 
-    def _decode_round(self, n: int, half: int, pages: np.ndarray, after_stream: int) -> int:
+    def _decode_round(self, n: int, half: int, pages: np.ndarray, after_stream: int, gate=None) -> int:
         """The ``n`` encoded chunks the inner tier loaded into ``half`` of the GPU buffer, checked
         (a slot whose header is not this layout's, another codec's blob or a damaged one, ends the
         round before it), decoded as one stack and scattered into ``pages``, queued on the
-        codec's stream. Returns the chunks queued."""
+        codec's stream. Returns the chunks queued. With ``gate`` (this round's count and the
+        load's stop flag, :meth:`_load_stacks`) the decode makes the check on the device and
+        nothing waits: all ``n`` are queued, those decoded known once the load has ended."""
         if not n:
             return 0
         at = half * self._batch
         blobs = self._buf[at * self._slot : (at + n) * self._slot].view(n, self._slot)
+        if gate is not None:
+            self._ordered_after(after_stream)
+            paged = self._paged(pages[: n * self._ppc])
+            self.codec.decode_pages(blobs, self._header_info, paged, decoded=gate[0], stop=gate[1])
+            return n
         match_host = torch.empty(n, dtype=torch.bool, pin_memory=True)
         with torch.cuda.stream(self._check_stream):  # the round has landed (its load was waited for)
             match = (blobs[:, : len(self._header)] == self._header_gpu).all(dim=1)
@@ -878,6 +899,24 @@ class CodecTier:
             self._scatter_gpu(raw, pages, 0, wait=False)
         self._counts["codec_chunks_decoded"] += good
         return good
+
+    def _decoded_in_rounds(self, gate: torch.Tensor, queued: list[int]) -> int:
+        """The chunks a load decoded, from its rounds' counts on the device (the codec's stream
+        has ended): up to the first slot that was not this layout's (a miss, counted)."""
+        counts = gate[1 : 1 + len(queued)].tolist()
+        loaded = 0
+        for r, (n, got) in enumerate(zip(queued, counts, strict=True)):
+            loaded += got
+            if got < n:
+                self._counts["codec_decode_failures"] += 1
+                # The last round's slot is still in the buffer (a round after it would use the
+                # other half); an earlier one's may have been loaded over.
+                last = r == len(queued) - 1
+                why = self._why_not((r % 2) * self._batch + got) if last else "not this layout's header"
+                log.warning("kvtier: a %s chunk does not decode (%s): a miss", self.codec.name, why)
+                break
+        self._counts["codec_chunks_decoded"] += loaded
+        return loaded
 
     def _why_not(self, i: int) -> str:
         """Why slot ``i`` of the buffer does not hold one of this layout's blobs (the buffer's

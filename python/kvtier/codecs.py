@@ -707,10 +707,28 @@ class Fp8Codec(Codec):
             )
         return self._encode_kernel(paged.chunks, shape, dtype, device, **paged.kwargs())
 
-    def decode_pages(self, blobs: torch.Tensor, header: BlobHeader, paged: PagedChunks) -> None:
-        """Decode the rows of ``blobs`` (checked blobs of ``header``, as for :meth:`decode_many`)
-        into the chunks' pages of ``paged``, one chunk per row, queued on their device's
-        current stream. Needs :meth:`pages_fused`."""
+    def decode_pages(
+        self,
+        blobs: torch.Tensor,
+        header: BlobHeader,
+        paged: PagedChunks,
+        *,
+        decoded: torch.Tensor | None = None,
+        stop: torch.Tensor | None = None,
+    ) -> None:
+        """Decode the rows of ``blobs`` (blobs of ``header``, as for :meth:`decode_many`) into
+        the chunks' pages of ``paged``, one chunk per row, queued on their device's current
+        stream. Needs :meth:`pages_fused`.
+
+        Args:
+            decoded, stop: None where the caller has checked that every row starts with
+                ``header``'s bytes; else one-element int32 tensors on the blobs' device, and the
+                check is made on the device, in the same queue: only the rows before the first
+                that does not start with them are decoded, their number is written to
+                ``decoded``, and ``stop`` is set to 1 where a row did not; with ``stop`` already
+                nonzero nothing is decoded (a stack queued behind one that stopped leaves its
+                pages alone). Nothing waits for the device.
+        """
         from kvtier import _core
 
         if not self._decodes_fused(blobs, header) or len(blobs) != paged.chunks:
@@ -720,6 +738,15 @@ class Fp8Codec(Codec):
             )
         geo = self._rows(header.shape, header.dtype, header.header_nbytes)
         geo["blob_stride"] = blobs.stride(0)
+        check = {}
+        if decoded is not None or stop is not None:
+            for name, t in (("decoded", decoded), ("stop", stop)):
+                if t is None or t.dtype != torch.int32 or t.numel() != 1 or t.device != blobs.device:
+                    raise InvalidArgumentError(f"fp8: `{name}` must be a one-element int32 tensor on {blobs.device}")
+            want = _header_tensor(self.batch_header(header.shape, header.dtype), blobs.device)
+            check = dict(
+                header=want.data_ptr(), header_bytes=len(want), decoded=decoded.data_ptr(), stop=stop.data_ptr()
+            )
         _core.fp8_decode_rows(
             device=_device_index(blobs.device),
             blobs=blobs.data_ptr(),
@@ -728,6 +755,7 @@ class Fp8Codec(Codec):
             stream=_stream_of(blobs.device),
             **geo,
             **paged.kwargs(),
+            **check,
         )
 
     def _encode_torch(self, tensors):
