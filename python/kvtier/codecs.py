@@ -684,7 +684,7 @@ class Fp8Codec(Codec):
             **geo,
             **where,
         )
-        return blobs, ok.bool()
+        return blobs, ok.view(torch.bool)  # 0 or 1 a byte: no copy
 
     def pages_fused(self, shape, dtype: torch.dtype, device: torch.device) -> bool:
         """Whether :meth:`encode_pages` and :meth:`decode_pages` take chunks of ``shape`` and
