@@ -1,13 +1,13 @@
 """The GPU codec tier's variants side by side on one machine (a diagnostic; needs a CUDA GPU): fp8
 stores into the CPU tier and CPU hits of 64 chunks of bench_codec_tier's KV, raw chunks first, then
-fp8 with each switch of kvtier.codec_tier flipped (the chunks coded in their pages or gathered
-first, waits for the GPU polled before they sleep or not, a load's header check made by the decode
+fp8 with each switch of kvtier.codec_tier flipped (the chunks gathered first or coded in their
+pages, waits for the GPU polled before they sleep or not, a load's header check made by the decode
 or read back each round, the blobs' PCIe copies on the codec's stream or a stream of their own,
 rounds of 64 or 128 MiB, loads issued ahead or not, a load's read-back header check on its own
 stream or the codec's), and the defaults with one copy thread
 (bench_codec_tier's setting) and in a tier filled first (every store evicts, as in
 bench_codec_tier), the first two again (the machine's drift), then a cProfile of one store and
-one CPU hit (host time by function) for the default variant.
+one CPU hit (host time by function) for the defaults and for coding in pages.
 
     python scripts/ab_codec_tier.py
 """
@@ -51,9 +51,9 @@ def main() -> None:
     variants = [
         ("none", {"method": "auto"}, {}),
         ("fp8 (defaults)", fp8, {}),
-        ("fp8, gathered, then coded", fp8, {"pages": False}),
+        ("fp8, coded in pages", fp8, {"pages": True}),
+        ("fp8, coded in pages, each round's header check read back", fp8, {"pages": True, "in_decode": False}),
         ("fp8, waits that sleep from the start", fp8, {"spin": 0.0}),
-        ("fp8, each round's header check read back", fp8, {"in_decode": False}),
         ("fp8, the other blob stream (D2H <-> codec)", fp8, {"d2h": not defaults["d2h"]}),
         ("fp8, rounds of 128 MiB", fp8, {"mib": 128}),
         ("fp8, loads not ahead", fp8, {"ahead": False}),
@@ -63,6 +63,7 @@ def main() -> None:
         ("none, the tier filled first", {"method": "auto"}, {"full": True}),
         ("none, again", {"method": "auto"}, {}),
         ("fp8 (defaults), again", fp8, {}),
+        ("fp8, coded in pages, again", fp8, {"pages": True}),
     ]
     raw = CHUNKS * layout.chunk_bytes
     for name, opts, change in variants:
@@ -82,7 +83,7 @@ def main() -> None:
                 f"(ms, store: {ms_store}; hit: {ms_hit})",
                 flush=True,
             )
-            if name == "fp8 (defaults)":
+            if name in ("fp8 (defaults)", "fp8, coded in pages"):
                 for what, fn in (("store", store), ("CPU hit", lambda cache=cache, t=t: cache.load(t, dst).wait())):
                     prof = cProfile.Profile()
                     prof.enable()
@@ -91,7 +92,7 @@ def main() -> None:
                     prof.disable()
                     out = io.StringIO()
                     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(20)
-                    print(f"--- cProfile of one fp8 {what} (host time by function)\n{out.getvalue()}")
+                    print(f"--- cProfile of one {what}, {name} (host time by function)\n{out.getvalue()}")
 
 
 if __name__ == "__main__":

@@ -443,12 +443,31 @@ def test_codec_on_the_gpu_needs_a_gpu_layout():
         KVCache(layout, cpu_bytes=4 * layout.chunk_bytes, codec_name="fp8", codec_device="gpu")
 
 
+GPU_STACK_MODES = {  # (_FUSED_PAGES, _CHECK_IN_DECODE) of kvtier.codec_tier
+    "gathered": (False, False),
+    "in_pages_check_read_back": (True, False),
+    "in_pages_check_in_decode": (True, True),
+}
+
+
+def set_gpu_stack_mode(monkeypatch, mode: str) -> None:
+    import kvtier.codec_tier
+
+    pages, in_decode = GPU_STACK_MODES[mode]
+    monkeypatch.setattr(kvtier.codec_tier, "_FUSED_PAGES", pages)
+    monkeypatch.setattr(kvtier.codec_tier, "_CHECK_IN_DECODE", in_decode)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("codec_device", ["host", "gpu"])
+@pytest.mark.parametrize(
+    ("codec_device", "mode"),
+    [("host", "gathered"), *(("gpu", m) for m in GPU_STACK_MODES)],
+)
 @pytest.mark.parametrize("name", ["fp8", "byteplane_zstd"])
-def test_gpu_pages_round_trip_through_the_codec_tier(name, codec_device):
+def test_gpu_pages_round_trip_through_the_codec_tier(monkeypatch, name, codec_device, mode):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    set_gpu_stack_mode(monkeypatch, mode)
     kv, layout = vllm_kv(device="cuda")
     codec = make_codec(name, **CODEC_OPTIONS[name])
     tokens = toks(4)
@@ -472,24 +491,24 @@ def test_gpu_pages_round_trip_through_the_codec_tier(name, codec_device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("d2h_stream", [False, True], ids=["blobs_on_the_codec_stream", "blobs_on_a_d2h_stream"])
 @pytest.mark.parametrize("round_chunks", [None, 2])
-@pytest.mark.parametrize("in_decode", [True, False], ids=["check_in_decode", "check_read_back"])
+@pytest.mark.parametrize("mode", list(GPU_STACK_MODES))
 def test_gpu_stacks_stop_at_a_refused_chunk_a_foreign_blob_and_a_full_tier(
-    caplog, monkeypatch, round_chunks, d2h_stream, in_decode
+    caplog, monkeypatch, round_chunks, d2h_stream, mode
 ):
     """codec.device gpu with fp8 encodes a call's chunks as stacks straight into pinned blocks
-    and decodes them as stacks: a chunk holding NaN ends the store there (those before it are
-    kept), a slot of another codec ends the load there (the pages of the chunks after it are left
-    alone, also where the check is made by the decode on the device and later rounds are
-    queued), and a full tier skips the rest, as on the host path. With rounds of 2 chunks a store
-    queues each round before committing the one before it: a refusal or a full tier in one round
-    gives back the next round's blocks."""
+    and decodes them as stacks (gathered, or coded in their pages): a chunk holding NaN ends the
+    store there (those before it are kept), a slot of another codec ends the load there (the
+    pages of the chunks after it are left alone, also where the check is made by the decode on
+    the device and later rounds are queued), and a full tier skips the rest, as on the host path.
+    With rounds of 2 chunks a store queues each round before committing the one before it: a
+    refusal or a full tier in one round gives back the next round's blocks."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     import kvtier.codec_tier
 
     kv, layout = vllm_kv(device="cuda", seed=9)
     monkeypatch.setattr(kvtier.codec_tier, "_D2H_STREAM", d2h_stream)
-    monkeypatch.setattr(kvtier.codec_tier, "_CHECK_IN_DECODE", in_decode)
+    set_gpu_stack_mode(monkeypatch, mode)
     if round_chunks is not None:
         monkeypatch.setattr(kvtier.codec_tier, "_GPU_BATCH_BYTES", round_chunks * layout.chunk_bytes)
         monkeypatch.setattr(kvtier.codec_tier, "_GPU_BATCH_CHUNKS", round_chunks)

@@ -84,8 +84,8 @@ _CHECK_STREAM = True
 # GPU stacks: a fixed-size codec that codes chunks in place (Codec.encode_pages / decode_pages)
 # reads a store's rows straight from the pages and writes a load's rows straight into them: one
 # kernel a round each way, no raw chunks in GPU memory between; else the segment copies gather
-# and scatter raw chunks, and the codec codes those.
-_FUSED_PAGES = True
+# and scatter raw chunks, and the codec codes those (the default: docs/codecs.md says why).
+_FUSED_PAGES = False
 # GPU stacks coded in the pages: a load's header check is made by the decode on the device, its
 # counts read once at the end (else each round's check is read back before its decode).
 _CHECK_IN_DECODE = True
