@@ -101,6 +101,26 @@ def test_cpu_tier_round_trip_equals_the_codecs_own(name, dtype):
         assert s["codec_chunks_encoded"] == 4 and s["codec_chunks_decoded"] == 4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp8_in_host_pages_stores_the_staged_paths_blobs(monkeypatch, dtype):
+    """fp8 with the pages in host memory is coded in place (no staging tier): its blobs are the
+    staged path's, byte for byte, so a disk or a peer written by either serves the other."""
+    import kvtier.codec_tier
+
+    _kv, layout = vllm_kv(dtype, seed=4)  # the tensors stay alive: the layout points into them
+    tokens = toks(4)
+    blobs = {}
+    for in_pages in (True, False):
+        monkeypatch.setattr(kvtier.codec_tier, "_HOST_PAGES", in_pages)
+        with KVCache(layout, cpu_bytes=8 * layout.chunk_bytes, method="cpu", codec_name="fp8") as cache:
+            assert (cache.tier._staging is None) == in_pages
+            assert cache.store(tokens, range(8)).wait() == 4
+            keys = cache.keyer.keys(tokens)
+            blobs[in_pages] = [bytes(v) for v in cache.tier.acquire_blobs(b"".join(keys))]
+            cache.tier.release_blobs(b"".join(keys))
+    assert len(blobs[True]) == 4 and blobs[True] == blobs[False]
+
+
 @pytest.mark.parametrize("name", ["fp8", "byteplane_zstd"])
 def test_disk_round_trip_after_eviction_and_restart(tmp_path, name):
     _, layout = vllm_kv(seed=3)

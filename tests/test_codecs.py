@@ -520,6 +520,36 @@ def test_fused_fp8_on_the_host_gives_the_torch_paths_bytes_and_values(dtype, sca
     assert not make_codec("fp8", scale_over=(-2, -1))._fused(stack.device, tuple(stack.shape[1:]), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16"])
+def test_fp8_host_pass_builds_give_the_same_bytes(dtype, scale_dtype):
+    """The host pass's build for this CPU (AVX2 where it has it: `_core.fp8_host_isa()`) and its
+    portable build: the same blobs, flags and decoded bits, over the edge stack and KV-like rows
+    whose lengths leave vector remainders."""
+    from kvtier import _core
+
+    codec = make_codec("fp8", scale_dtype=scale_dtype)
+    for stack in (edge_stack(dtype), kv_like((3, 40, 3, 77), dtype, 5)):
+        geo = codec._rows(tuple(stack.shape[1:]), dtype, 0)
+        n, good = len(stack), 3
+        out = {}
+        for isa in ("auto", "portable"):
+            blobs = torch.zeros((n, geo["blob_stride"]), dtype=torch.uint8)
+            ok = torch.zeros(n, dtype=torch.uint8)
+            raw = torch.empty_like(stack[:good])
+            args = dict(device=-1, chunks=n, stream=0, host_isa=isa, **geo)
+            _core.fp8_encode_rows(raw=stack.data_ptr(), blobs=blobs.data_ptr(), ok=ok.data_ptr(), **args)
+            args["chunks"] = good
+            _core.fp8_decode_rows(blobs=blobs.data_ptr(), raw=raw.data_ptr(), **args)
+            out[isa] = (blobs[:good], ok.tolist()[:good], raw)
+        assert out["auto"][1] == out["portable"][1] == [1] * good
+        assert torch.equal(out["auto"][0], out["portable"][0])
+        assert same_bits(out["auto"][2], out["portable"][2])
+    assert _core.fp8_host_isa() in ("avx2", "portable")
+    with pytest.raises(InvalidArgumentError, match="host_isa must be 'auto' or 'portable', got 'sse9'"):
+        _core.fp8_decode_rows(blobs=blobs.data_ptr(), raw=raw.data_ptr(), **{**args, "host_isa": "sse9"})
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16"])

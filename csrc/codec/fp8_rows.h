@@ -16,6 +16,9 @@ namespace kvtier {
 
 enum class Fp8Elem { kFloat16, kBFloat16, kFloat32 };  // the raw KV's dtype
 enum class Fp8Scale { kFloat32, kBFloat16 };           // the stored scales' dtype
+// The build of the host pass (device -1) a call runs: kAuto, the fastest this CPU runs (AVX2
+// where it has it), or kPortable, the baseline instruction set's. Both give the same bytes.
+enum class Fp8HostIsa { kAuto, kPortable };
 
 // Raw chunks held in pages rather than one after another: chunk c is num_segments runs
 // (segment-major) of pages_per_chunk pages of page_bytes each, its page j of segment s at
@@ -54,6 +57,7 @@ struct Fp8Rows {
   uint64_t header_bytes = 0;
   uint64_t decoded = 0;  // decode with a header: address of the uint32 count of blobs decoded
   uint64_t stop = 0;     // and of the uint32 flag that stops this and later stacks
+  Fp8HostIsa host_isa = Fp8HostIsa::kAuto;
 };
 
 #if defined(__CUDACC__)
@@ -90,6 +94,9 @@ KVTIER_HOST_DEVICE inline uint64_t Fp8RawRow(const Fp8Rows& g, uint64_t raw, uin
 // Unavailable for a GPU in a build without CUDA.
 Status Fp8EncodeRows(int device, const Fp8Rows& rows, uint64_t raw, uint64_t blobs, uint64_t ok,
                      uintptr_t stream);
+
+// The build of the host pass that Fp8HostIsa::kAuto runs on this CPU: "avx2" or "portable".
+const char* Fp8HostIsaName();
 
 // Queues the decoding of every blob's rows into raw chunks (the inverse layout of
 // Fp8EncodeRows), each value q * scale rounded once to `elem`; on the host for `device` -1.

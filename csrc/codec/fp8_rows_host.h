@@ -10,6 +10,7 @@
 namespace kvtier {
 
 // REQUIRES: the arguments passed Fp8EncodeRows's checks; raw, blobs and ok in host memory.
+// The build that runs is rows.host_isa's.
 void Fp8EncodeRowsHost(const Fp8Rows& rows, const void* raw, void* blobs, uint8_t* ok);
 
 // REQUIRES: the arguments passed Fp8DecodeRows's checks; blobs and raw in host memory.

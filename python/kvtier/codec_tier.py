@@ -86,6 +86,10 @@ _CHECK_STREAM = True
 # kernel a round each way, no raw chunks in GPU memory between; else the segment copies gather
 # and scatter raw chunks, and the codec codes those (the default: docs/codecs.md says why).
 _FUSED_PAGES = False
+# Host path with the pages in host memory: a codec that codes chunks in place (fp8) encodes each
+# chunk from its pages straight into its block and decodes a load straight into its pages; else
+# the chunks are gathered into and scattered from a small staging tier around the codec.
+_HOST_PAGES = True
 # GPU stacks coded in the pages: a load's header check is made by the decode on the device, its
 # counts read once at the end (else each round's check is read back before its decode).
 _CHECK_IN_DECODE = True
@@ -245,7 +249,14 @@ class CodecTier:
             self._batch = gpu_round_chunks(layout.chunk_bytes)
             if self._slot != self._blob_len:
                 raise KVTierError(f"codec {codec.name}: {self._slot}-byte slots for {self._blob_len}-byte blobs")
-            self._segments = self._segment_table() if _FUSED_PAGES else None
+            self._segments = self._segment_table(torch.device("cuda", device)) if _FUSED_PAGES else None
+        # Host path, pages in host memory, coded in place: the layout's segment table on the host.
+        self._host_segments = None
+        if codec_device == "host" and codec.fixed_size and _HOST_PAGES and torch.device(layout.device).type == "cpu":
+            self._host_segments = self._segment_table(torch.device("cpu"))
+        if self._host_segments is not None:
+            self._host_header = _header_bytes_tensor(codec.batch_header(self._shape, self._dtype))
+            self._header_info = read_header(self._host_header)
         # Copies the GPU did not finish by the deadline: (event after them, keys whose blocks they
         # write, what they read or write); their blocks are given back once the event has passed.
         self._late: list[tuple[torch.cuda.Event, list[bytes], object]] = []
@@ -253,7 +264,7 @@ class CodecTier:
         # The host path gathers and scatters raw chunks through a small tier of its own; the GPU
         # path does it with the core's segment copies into GPU memory.
         self._staging = None
-        if codec_device == "host":
+        if codec_device == "host" and self._host_segments is None:
             self._staging = _core.CpuTier(
                 layout.to_core_segments(),
                 device,
@@ -309,31 +320,34 @@ class CodecTier:
             "codec_blob_too_large": 0,  # blobs larger than a reduced slot (slot_fraction): not stored
         }
 
-    def _segment_table(self) -> torch.Tensor | None:
-        """The layout's segments as :class:`~kvtier.codecs.PagedChunks` takes them, in GPU
-        memory, where the codec codes this layout's chunks in their pages (every segment's pages
-        of one size, a whole number of the codec's rows, laid segment-major in the chunk); else
-        None."""
+    def _segment_table(self, device: torch.device) -> torch.Tensor | None:
+        """The layout's segments as :class:`~kvtier.codecs.PagedChunks` takes them, on
+        ``device`` (the pages'), where the codec codes this layout's chunks in their pages
+        there (every segment's pages of one size, a whole number of the codec's rows, laid
+        segment-major in the chunk); else None."""
         segs = self.layout.segments
         page_bytes = segs[0].page_bytes
         row_bytes = self._shape[1] * self.layout.element_size
         offsets = [self.layout.segment_offset_in_blob(s) for s in range(len(segs))]
         if (
-            not self.codec.pages_fused(self._shape, self._dtype, torch.device("cuda", self._device))
+            not self.codec.pages_fused(self._shape, self._dtype, device)
             or any(seg.page_bytes != page_bytes for seg in segs)
             or page_bytes % row_bytes
             or offsets != [s * self._ppc * page_bytes for s in range(len(segs))]
         ):
             return None
         table = torch.tensor([[seg.base_ptr, seg.page_stride] for seg in segs], dtype=torch.int64)
-        return table.to(f"cuda:{self._device}")
+        return table.to(device)
 
     def _paged(self, pages: np.ndarray) -> PagedChunks:
-        """The chunks of ``pages`` (``pages_per_chunk`` ids each) as the codec codes them in place;
-        the ids cross to the GPU on the current stream (the codec's), from pinned memory."""
-        ids = torch.from_numpy(np.ascontiguousarray(pages, dtype=np.int64)).pin_memory()
-        ids = ids.to(f"cuda:{self._device}", non_blocking=True)
-        return PagedChunks(ids, self._segments, self._ppc, self.layout.segments[0].page_bytes)
+        """The chunks of ``pages`` (``pages_per_chunk`` ids each) as the codec codes them in place:
+        on the host path the ids as they are; on the GPU's, copied there on the current stream
+        (the codec's), from pinned memory."""
+        ids = torch.from_numpy(np.ascontiguousarray(pages, dtype=np.int64))
+        table = self._host_segments
+        if table is None:
+            ids, table = ids.pin_memory().to(f"cuda:{self._device}", non_blocking=True), self._segments
+        return PagedChunks(ids, table, self._ppc, self.layout.segments[0].page_bytes)
 
     # -- the inner tier's own -----------------------------------------------------------------
     def __getattr__(self, name):
@@ -398,7 +412,10 @@ class CodecTier:
                 return CodecOp(None, stored, len(keys_l) - len(todo), skipped)
             stored, skipped = 0, 0
             for at, batch_keys, batch_pages in rounds:
-                n, full = self._store_batch(batch_keys, batch_pages, after_stream)
+                if self._host_segments is not None:
+                    n, full = self._store_in_pages(batch_keys, batch_pages)
+                else:
+                    n, full = self._store_batch(batch_keys, batch_pages, after_stream)
                 stored += n
                 if full:
                     skipped = len(todo) - at - n
@@ -453,6 +470,35 @@ class CodecTier:
         finally:
             self._staging.release_blobs(b"".join(scratch[: len(views)]))
         return self._encode_and_put(keys, raws)
+
+    def _store_in_pages(self, keys: list[bytes], pages: list[np.ndarray]) -> tuple[int, bool]:
+        """Host path, pages in host memory: each chunk encoded from its pages straight into its
+        block and committed, one at a time (as the staged path puts them: a small pool frees a
+        block by writing back the chunk before). Returns (chunks handled, whether the store must
+        stop there)."""
+        for n, (key, chunk_pages) in enumerate(zip(keys, pages, strict=True)):
+            try:
+                block = np.asarray(self._begin_put(key))
+            except AlreadyExistsError:
+                continue  # stored meanwhile (a peer's pull): it is there
+            except ResourceExhaustedError:
+                return n, True  # no block: the raw tier stops here too
+            try:
+                out = torch.from_numpy(block[: self._slot]).view(1, -1)
+                _, ok = self.codec.encode_pages(self._paged(chunk_pages), self._shape, self._dtype, out=out)
+                if not bool(ok[0]):  # fp8 and a NaN or inf: not cached, as a failed copy
+                    self._inner.abort_put(key)
+                    self._counts["codec_encode_refused"] += 1
+                    log.warning("kvtier: a chunk was not stored: %s holds NaN or inf", self.codec.name)
+                    return n, True
+                self._inner.commit_put(key)
+            except BaseException:
+                self._inner.abort_put(key)
+                raise
+            self._counts["codec_chunks_encoded"] += 1
+            self._counts["codec_bytes_raw"] += self.layout.chunk_bytes
+            self._counts["codec_bytes_encoded"] += self._slot
+        return len(keys), False
 
     def _queue_stack(self, keys: list[bytes], pages: list[np.ndarray], after_stream: int) -> _QueuedStack:
         """GPU path, fixed-size codec: reserve the chunks' blocks, gather the chunks, encode them
@@ -758,6 +804,8 @@ class CodecTier:
         op = self._inner.load(b"".join(keys), np.arange(len(keys), dtype=np.int64), 0)
         if op.transfer is not None:
             op.transfer.wait(self._timeout_s)
+        if self._host_segments is not None:
+            return self._decode_in_pages(op.chunks, pages)
         where = None if self._stream is None else f"cuda:{self._device}"
         raws = []
         for i in range(op.chunks):
@@ -789,6 +837,23 @@ class CodecTier:
         if op.transfer is not None:
             op.transfer.wait(self._timeout_s)
         return op.chunks
+
+    def _decode_in_pages(self, n: int, pages: np.ndarray) -> int:
+        """Host path, pages in host memory: the ``n`` encoded chunks the inner tier loaded into
+        the buffer, checked (a slot whose header is not this layout's ends the batch before it)
+        and decoded straight into ``pages``. Returns the chunks decoded."""
+        if not n:
+            return 0
+        blobs = self._buf[self._buf_at : self._buf_at + n * self._slot].view(n, self._slot)
+        match = (blobs[:, : len(self._host_header)] == self._host_header).all(dim=1)
+        good = n if bool(match.all()) else int(match.int().argmin())
+        if good < n:
+            self._counts["codec_decode_failures"] += 1
+            log.warning("kvtier: a %s chunk does not decode (%s): a miss", self.codec.name, self._why_not(good))
+        if good:
+            self.codec.decode_pages(blobs[:good], self._header_info, self._paged(pages[: good * self._ppc]))
+            self._counts["codec_chunks_decoded"] += good
+        return good
 
     def _load_stacks(self, rounds: list[list[bytes]], pages: np.ndarray, after_stream: int) -> int:
         """GPU path, fixed-size codec: the inner tier loads each round's encoded chunks into one
@@ -930,6 +995,10 @@ class CodecTier:
         if header.codec != self.codec.name:
             return f"written by {header.codec!r}, this reader decodes {self.codec.name!r}"
         return f"a {header.codec} v{header.codec_version} blob of {header.dtype} {header.shape}, not this layout's"
+
+
+def _header_bytes_tensor(header: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(header), dtype=torch.uint8)
 
 
 def gpu_round_chunks(chunk_bytes: int) -> int:

@@ -662,15 +662,29 @@ class Fp8Codec(Codec):
         shape = tuple(tensors.shape[1:])
         return self._encode_kernel(len(tensors), shape, tensors.dtype, src.device, raw=src.data_ptr())
 
-    def _encode_kernel(self, n: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, **where):
+    def _encode_kernel(
+        self, n: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, out=None, **where
+    ):
         """The core's fused encode of ``n`` chunks of ``shape`` whose rows ``where`` says
-        (``raw=`` an address, or paged arguments): ``(blobs, ok)``, headers included."""
+        (``raw=`` an address, or paged arguments): ``(blobs, ok)``, headers included, the blobs
+        in ``out`` where given."""
         from kvtier import _core
 
         header = self.batch_header(shape, dtype)
         header_t = _header_tensor(header, device)
         geo = self._rows(shape, dtype, len(header))
-        blobs = torch.empty((n, geo["blob_stride"]), dtype=torch.uint8, device=device)
+        blobs = out
+        if blobs is None:
+            blobs = torch.empty((n, geo["blob_stride"]), dtype=torch.uint8, device=device)
+        elif (
+            blobs.dtype != torch.uint8
+            or tuple(blobs.shape) != (n, geo["blob_stride"])
+            or not blobs.is_contiguous()
+            or blobs.device != device
+        ):
+            raise InvalidArgumentError(
+                f"fp8: out must be a contiguous uint8 tensor of shape ({n}, {geo['blob_stride']}) on {device}"
+            )
         ok = torch.empty(n, dtype=torch.uint8, device=device)
         _core.fp8_encode_rows(
             device=_device_index(device),
@@ -691,13 +705,18 @@ class Fp8Codec(Codec):
         ``dtype`` on ``device`` (the core's fused passes code them)."""
         return self._fused(torch.device(device), tuple(int(d) for d in shape), dtype)
 
-    def encode_pages(self, paged: PagedChunks, shape, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_pages(
+        self, paged: PagedChunks, shape, dtype: torch.dtype, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`encode_many` of the chunks in ``paged`` (each of ``shape`` and ``dtype``, its
         rows read in place: no gathered copy), queued on the pages' device's current stream.
-        Needs :meth:`pages_fused`; the rows of ``shape`` fill the pages exactly.
+        Needs :meth:`pages_fused`; the rows of ``shape`` fill the pages exactly. ``out``: the
+        ``[chunks, encoded_nbytes]`` uint8 tensor on that device to write the blobs into (and
+        returned); None allocates it.
 
         Raises:
-            InvalidArgumentError: the pages do not hold chunks of ``shape`` (the core's check).
+            InvalidArgumentError: the pages do not hold chunks of ``shape`` (the core's check),
+                or ``out`` is not such a tensor.
         """
         device = paged.page_ids.device
         shape = tuple(int(d) for d in shape)
@@ -705,7 +724,7 @@ class Fp8Codec(Codec):
             raise InvalidArgumentError(
                 f"fp8: chunks of {_dtype_name(dtype)} {shape} on {device} are not coded in their pages"
             )
-        return self._encode_kernel(paged.chunks, shape, dtype, device, **paged.kwargs())
+        return self._encode_kernel(paged.chunks, shape, dtype, device, out=out, **paged.kwargs())
 
     def decode_pages(
         self,
