@@ -104,8 +104,10 @@ class MatmulBeside:
         return done[0] * 2 * self.N**3 / done[1] / 1e12
 
 
-def measure(layout, chunks: int, reps: int, disk_dir: str, opts: dict, matmul: MatmulBeside | None = None) -> dict:
-    opts = {**opts, "method": "auto" if layout.device.startswith("cuda") else "cpu"}
+def measure(
+    layout, chunks: int, reps: int, disk_dir: str, opts: dict, matmul: MatmulBeside | None = None, threads: int = 1
+) -> dict:
+    opts = {**opts, "method": "auto" if layout.device.startswith("cuda") else "cpu", "cpu_threads": threads}
     """Rates (raw GB/s) of one cache configuration: store into an empty CPU tier, load a CPU hit,
     load a disk hit after a restart (every chunk promoted from disk)."""
     ppc = CHUNK // PAGE
@@ -121,7 +123,7 @@ def measure(layout, chunks: int, reps: int, disk_dir: str, opts: dict, matmul: M
         cache.store(tokens, src).wait()
 
     seed = 0
-    with KVCache(layout, cpu_bytes=cpu_bytes, cpu_threads=1, **opts) as cache:
+    with KVCache(layout, cpu_bytes=cpu_bytes, **opts) as cache:
         out["capacity_chunks"] = cache.stats()["capacity_chunks"]
         # Every block used once before the timed stores (a host tier's memory is faulted in on
         # first use), which then evict, as a serving tier's stores do once it is full.
@@ -137,11 +139,11 @@ def measure(layout, chunks: int, reps: int, disk_dir: str, opts: dict, matmul: M
             out["matmul_beside_load_cpu_tflops"] = matmul.rate(MATMUL_S, lambda: cache.load(hit, dst).wait())
     d = tempfile.mkdtemp(dir=disk_dir)
     disk = dict(disk_dir=d, disk_bytes=4 * raw + (64 << 20))
-    with KVCache(layout, cpu_bytes=cpu_bytes, cpu_threads=1, **disk, **opts) as cache:
+    with KVCache(layout, cpu_bytes=cpu_bytes, **disk, **opts) as cache:
         cache.store(tokens, src).wait()  # persisted at close
     times = []
     for _ in range(reps):  # each restart finds every chunk on disk only
-        with KVCache(layout, cpu_bytes=cpu_bytes, cpu_threads=1, **disk, **opts) as cache:
+        with KVCache(layout, cpu_bytes=cpu_bytes, **disk, **opts) as cache:
             assert cache.lookup_tiers(tokens) == ["disk"] * chunks
             t0 = time.perf_counter()
             got = cache.load(tokens, dst).wait()
@@ -219,6 +221,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where the KV lives: cpu or cuda")
     parser.add_argument("--out", type=Path, help="directory to write the JSON result into")
     parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=1,
+        help="every cache's cpu.threads: copy threads of the CPU path, and threads of fp8's host pass",
+    )
+    parser.add_argument(
         "--matmul-beside",
         action="store_true",
         help="with --device cuda: also the TFLOP/s of bf16 matmuls run beside each cache's stores and CPU hits",
@@ -231,9 +239,9 @@ def main() -> None:
         codecs.update({f"{name}_on_gpu": {**opts, "codec_device": "gpu"} for name, opts in CODECS.items()})
     matmul = MatmulBeside(args.device) if args.matmul_beside and args.device.startswith("cuda") else None
     alone = matmul.rate(MATMUL_S) if matmul is not None else None
-    runs = {"none": measure(layout, args.chunks, args.reps, args.disk_dir, {}, matmul)}
+    runs = {"none": measure(layout, args.chunks, args.reps, args.disk_dir, {}, matmul, args.cpu_threads)}
     for name, opts in codecs.items():
-        runs[name] = measure(layout, args.chunks, args.reps, args.disk_dir, opts, matmul)
+        runs[name] = measure(layout, args.chunks, args.reps, args.disk_dir, opts, matmul, args.cpu_threads)
     if matmul is not None:
         alone = max(alone, matmul.rate(MATMUL_S))  # again after: the GPU's clock drifts
     base = runs["none"]
@@ -287,14 +295,15 @@ def main() -> None:
             )
     doc = {
         "bench": "bench_codec_tier",
-        "workload": f"llama3_8b_kv_{LAYERS}l_{args.chunks}x{CHUNK}tok",
+        "workload": f"llama3_8b_kv_{LAYERS}l_{args.chunks}x{CHUNK}tok"
+        + (f"_{args.cpu_threads}threads" if args.cpu_threads != 1 else ""),
         "machine": machine(torch.cuda.get_device_name() if args.device.startswith("cuda") else None),
         "date": datetime.date.today().isoformat(),
         "commit": git_commit(),
         "chunk_bytes": layout.chunk_bytes,
         "disk_dir": args.disk_dir,
         "device": args.device,
-        "threads": "torch 1 thread, 1 copy thread",
+        "threads": f"torch 1 thread, cpu.threads {args.cpu_threads} (copy threads, fp8's host pass)",
         "results": results,
     }
     text = json.dumps(doc, indent=1)

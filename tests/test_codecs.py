@@ -550,6 +550,34 @@ def test_fp8_host_pass_builds_give_the_same_bytes(dtype, scale_dtype):
         _core.fp8_decode_rows(blobs=blobs.data_ptr(), raw=raw.data_ptr(), **{**args, "host_isa": "sse9"})
 
 
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_fp8_host_pass_on_several_threads_gives_one_threads_bytes(threads):
+    """The host pass split among threads (rows in ranges that cut chunks in two): the same blobs
+    and decoded bits as on one, and a chunk holding a NaN in a row of a later range is still
+    refused while the others are kept."""
+    from kvtier import _core
+
+    codec = make_codec("fp8", scale_dtype="bfloat16")
+    stack = kv_like((3, 4096, 4, 64), torch.bfloat16, 9)  # 3 x 16384 rows
+    stack[1, 3000, 2, 5] = math.nan
+    geo = codec._rows(tuple(stack.shape[1:]), torch.bfloat16, 0)
+    out = {}
+    for t in (1, threads):
+        blobs = torch.zeros((3, geo["blob_stride"]), dtype=torch.uint8)
+        ok = torch.zeros(3, dtype=torch.uint8)
+        args = dict(device=-1, stream=0, host_threads=t, **geo)
+        _core.fp8_encode_rows(raw=stack.data_ptr(), blobs=blobs.data_ptr(), ok=ok.data_ptr(), chunks=3, **args)
+        kept = blobs[[0, 2]].contiguous()
+        raw = torch.empty_like(stack[:2])
+        _core.fp8_decode_rows(blobs=kept.data_ptr(), raw=raw.data_ptr(), chunks=2, **args)
+        out[t] = (ok.tolist(), kept, raw)
+    assert out[1][0] == out[threads][0] == [1, 0, 1]
+    assert torch.equal(out[1][1], out[threads][1])
+    assert same_bits(out[1][2], out[threads][2])
+    with pytest.raises(InvalidArgumentError, match=r"host_threads must be in \[1, 256\], got 0"):
+        _core.fp8_decode_rows(blobs=kept.data_ptr(), raw=raw.data_ptr(), chunks=2, **{**args, "host_threads": 0})
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16"])

@@ -75,13 +75,15 @@ void BindCodec(py::module_& m) {
          uint32_t row_elems, const std::string& elem, const std::string& scale,
          uint64_t blob_stride, uint64_t scale_offset, uint64_t payload_offset, uintptr_t stream,
          uint64_t page_ids, uint64_t segments, uint32_t num_segments, uint32_t pages_per_chunk,
-         uint64_t page_bytes, uint64_t header, uint64_t header_bytes, const std::string& host_isa) {
+         uint64_t page_bytes, uint64_t header, uint64_t header_bytes, const std::string& host_isa,
+         uint32_t host_threads) {
         Fp8Rows r = ParseRows(chunks, rows, row_elems, elem, scale, blob_stride, scale_offset,
                               payload_offset);
         SetPages(r, page_ids, segments, num_segments, pages_per_chunk, page_bytes);
         r.header = header;
         r.header_bytes = header_bytes;
         r.host_isa = ParseHostIsa(host_isa);
+        r.host_threads = host_threads;
         Status s;
         {
           py::gil_scoped_release release;
@@ -94,7 +96,7 @@ void BindCodec(py::module_& m) {
       py::arg("blob_stride"), py::arg("scale_offset"), py::arg("payload_offset"), py::arg("stream"),
       py::arg("page_ids") = 0, py::arg("segments") = 0, py::arg("num_segments") = 0,
       py::arg("pages_per_chunk") = 0, py::arg("page_bytes") = 0, py::arg("header") = 0,
-      py::arg("header_bytes") = 0, py::arg("host_isa") = "auto",
+      py::arg("header_bytes") = 0, py::arg("host_isa") = "auto", py::arg("host_threads") = 1,
       "Queues on GPU `device`'s stream `stream` (an int; device -1: done on the host by this "
       "call, stream unused) the fp8 encoding of `chunks` raw chunks "
       "(rows x row_elems elements of `elem` each, one after another at address `raw`) into blobs "
@@ -107,7 +109,8 @@ void BindCodec(py::module_& m) {
       "base and stride pairs at address `segments`). With header_bytes, the header_bytes at "
       "address `header` start every blob and the bytes between scales and payload are zeroed; "
       "else header and padding are the caller's. host_isa ('auto' or 'portable') picks the host "
-      "pass's build (fp8_host_isa).");
+      "pass's build (fp8_host_isa); host_threads, how many threads it splits the rows among "
+      "(the calling one and host_threads - 1 started for the call; small calls use one).");
   m.def(
       "fp8_decode_rows",
       [](int device, uint64_t blobs, uint64_t raw, uint64_t chunks, uint64_t rows,
@@ -115,7 +118,7 @@ void BindCodec(py::module_& m) {
          uint64_t blob_stride, uint64_t scale_offset, uint64_t payload_offset, uintptr_t stream,
          uint64_t page_ids, uint64_t segments, uint32_t num_segments, uint32_t pages_per_chunk,
          uint64_t page_bytes, uint64_t header, uint64_t header_bytes, uint64_t decoded,
-         uint64_t stop, const std::string& host_isa) {
+         uint64_t stop, const std::string& host_isa, uint32_t host_threads) {
         Fp8Rows r = ParseRows(chunks, rows, row_elems, elem, scale, blob_stride, scale_offset,
                               payload_offset);
         SetPages(r, page_ids, segments, num_segments, pages_per_chunk, page_bytes);
@@ -124,6 +127,7 @@ void BindCodec(py::module_& m) {
         r.decoded = decoded;
         r.stop = stop;
         r.host_isa = ParseHostIsa(host_isa);
+        r.host_threads = host_threads;
         Status s;
         {
           py::gil_scoped_release release;
@@ -137,7 +141,7 @@ void BindCodec(py::module_& m) {
       py::arg("page_ids") = 0, py::arg("segments") = 0, py::arg("num_segments") = 0,
       py::arg("pages_per_chunk") = 0, py::arg("page_bytes") = 0, py::arg("header") = 0,
       py::arg("header_bytes") = 0, py::arg("decoded") = 0, py::arg("stop") = 0,
-      py::arg("host_isa") = "auto",
+      py::arg("host_isa") = "auto", py::arg("host_threads") = 1,
       "Queues the inverse of fp8_encode_rows: each blob's rows decoded into raw chunks of `elem` "
       "(one after another at `raw`, or into pages given as to fp8_encode_rows). With "
       "header_bytes, only the blobs before the first whose first header_bytes differ from those "

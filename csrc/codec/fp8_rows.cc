@@ -23,6 +23,10 @@ Status Check(const char* what, const Fp8Rows& r, uint64_t raw, uint64_t blobs) {
   if (r.chunks == 0 || r.rows == 0 || r.row_elems == 0) {
     return Status::InvalidArgument(w + ": chunks, rows and row_elems must be positive");
   }
+  if (r.host_threads == 0 || r.host_threads > 256) {
+    return Status::InvalidArgument(w + ": host_threads must be in [1, 256], got " +
+                                   std::to_string(r.host_threads));
+  }
   const bool paged = r.pages.page_ids != 0;
   if ((raw == 0 && !paged) || blobs == 0) return Status::InvalidArgument(w + ": a null address");
   const uint64_t row_bytes = r.row_elems * ElemBytes(r.elem);

@@ -58,6 +58,7 @@ struct Fp8Rows {
   uint64_t decoded = 0;  // decode with a header: address of the uint32 count of blobs decoded
   uint64_t stop = 0;     // and of the uint32 flag that stops this and later stacks
   Fp8HostIsa host_isa = Fp8HostIsa::kAuto;
+  uint32_t host_threads = 1;  // threads the host pass splits the rows among (device -1)
 };
 
 #if defined(__CUDACC__)

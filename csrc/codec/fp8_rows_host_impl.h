@@ -11,10 +11,15 @@
 // which would round differently.
 #pragma once
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <system_error>
+#include <thread>
+#include <utility>
+#include <vector>
 
 #include "codec/fp8_rows.h"
 
@@ -148,38 +153,36 @@ struct ScaleBf16 {
   static float Load(Word w) { return BFloat16ToFloat(w); }
 };
 
+// Encodes global rows [begin, end) of the stack (row r of chunk c is c * rows + r); ok[] and the
+// headers are the caller's (EncodeRows). A refused chunk's flag is cleared and its later rows in
+// the range skipped.
 template <typename T, typename S>
 struct EncodeOp {
-  static void Run(const Fp8Rows& g, const uint8_t* raw, uint8_t* blobs, uint8_t* ok) {
+  static void Run(const Fp8Rows& g, const uint8_t* raw, uint8_t* blobs, uint8_t* ok, uint64_t begin,
+                  uint64_t end) {
     const uint64_t row_bytes = g.row_elems * sizeof(typename T::Word);
-    for (uint64_t c = 0; c < g.chunks; ++c) {
+    for (uint64_t row = begin; row < end; ++row) {
+      const uint64_t c = row / g.rows, r = row % g.rows;
       uint8_t* blob = blobs + c * g.blob_stride;
-      ok[c] = 1;
-      if (g.header_bytes) {
-        std::memcpy(blob, reinterpret_cast<const void*>(g.header), g.header_bytes);
-        const uint64_t scales_end = g.scale_offset + g.rows * sizeof(typename S::Word);
-        std::memset(blob + scales_end, 0, g.payload_offset - scales_end);
+      const auto* x = reinterpret_cast<const typename T::Word*>(
+          Fp8RawRow(g, reinterpret_cast<uint64_t>(raw), c, r, row_bytes));
+      uint32_t amax_bits = 0;
+      for (uint32_t i = 0; i < g.row_elems; ++i) {
+        const uint32_t b = T::AbsBits(x[i]);
+        amax_bits = b > amax_bits ? b : amax_bits;
       }
-      for (uint64_t r = 0; r < g.rows; ++r) {
-        const auto* x = reinterpret_cast<const typename T::Word*>(
-            Fp8RawRow(g, reinterpret_cast<uint64_t>(raw), c, r, row_bytes));
-        uint32_t amax_bits = 0;
-        for (uint32_t i = 0; i < g.row_elems; ++i) {
-          const uint32_t b = T::AbsBits(x[i]);
-          amax_bits = b > amax_bits ? b : amax_bits;
-        }
-        if (amax_bits >= T::kInfBits) {  // NaN or inf (torch's amax keeps a NaN): refused, the
-          ok[c] = 0;                     // blob's bytes do not matter
-          break;
-        }
-        typename S::Word stored;
-        const float scale = S::Make(T::FromAbsBits(amax_bits), &stored);
-        std::memcpy(blob + g.scale_offset + r * sizeof(stored), &stored, sizeof(stored));
-        uint8_t* q = blob + g.payload_offset + r * g.row_elems;
-        const uint32_t n = g.row_elems;  // a local: the byte stores below may alias g
-        for (uint32_t i = 0; i < n; ++i) {
-          q[i] = ClampedFloatToE4m3(T::Load(x[i]) / scale);  // finite: the row's amax is
-        }
+      if (amax_bits >= T::kInfBits) {  // NaN or inf (torch's amax keeps a NaN): refused, the
+        __atomic_store_n(&ok[c], 0, __ATOMIC_RELAXED);  // blob's bytes do not matter
+        row = (c + 1) * g.rows - 1;
+        continue;
+      }
+      typename S::Word stored;
+      const float scale = S::Make(T::FromAbsBits(amax_bits), &stored);
+      std::memcpy(blob + g.scale_offset + r * sizeof(stored), &stored, sizeof(stored));
+      uint8_t* q = blob + g.payload_offset + r * g.row_elems;
+      const uint32_t n = g.row_elems;  // a local: the byte stores below may alias g
+      for (uint32_t i = 0; i < n; ++i) {
+        q[i] = ClampedFloatToE4m3(T::Load(x[i]) / scale);  // finite: the row's amax is
       }
     }
   }
@@ -207,26 +210,53 @@ uint64_t BlobsToDecode(const Fp8Rows& g, const uint8_t* blobs) {
   return n;
 }
 
+// Decodes global rows [begin, end) of the stack into the raw chunks.
 template <typename T, typename S>
 struct DecodeOp {
-  static void Run(const Fp8Rows& g, const uint8_t* blobs, uint8_t* raw) {
+  static void Run(const Fp8Rows& g, const uint8_t* blobs, uint8_t* raw, uint64_t begin,
+                  uint64_t end) {
     static const E4m3Table table;
     const uint64_t row_bytes = g.row_elems * sizeof(typename T::Word);
-    const uint64_t chunks = BlobsToDecode(g, blobs);
-    for (uint64_t c = 0; c < chunks; ++c) {
+    for (uint64_t row = begin; row < end; ++row) {
+      const uint64_t c = row / g.rows, r = row % g.rows;
       const uint8_t* blob = blobs + c * g.blob_stride;
-      for (uint64_t r = 0; r < g.rows; ++r) {
-        typename S::Word stored;
-        std::memcpy(&stored, blob + g.scale_offset + r * sizeof(stored), sizeof(stored));
-        const float scale = S::Load(stored);
-        const uint8_t* q = blob + g.payload_offset + r * g.row_elems;
-        auto* x = reinterpret_cast<typename T::Word*>(
-            Fp8RawRow(g, reinterpret_cast<uint64_t>(raw), c, r, row_bytes));
-        for (uint32_t i = 0; i < g.row_elems; ++i) x[i] = T::Store(table.v[q[i]] * scale);
-      }
+      typename S::Word stored;
+      std::memcpy(&stored, blob + g.scale_offset + r * sizeof(stored), sizeof(stored));
+      const float scale = S::Load(stored);
+      const uint8_t* q = blob + g.payload_offset + r * g.row_elems;
+      auto* x = reinterpret_cast<typename T::Word*>(
+          Fp8RawRow(g, reinterpret_cast<uint64_t>(raw), c, r, row_bytes));
+      const uint32_t n = g.row_elems;  // a local: the stores below may alias g
+      for (uint32_t i = 0; i < n; ++i) x[i] = T::Store(table.v[q[i]] * scale);
     }
   }
 };
+
+// Rows a thread of the host pass takes at least (~1 MiB of bf16 KV at 128 elements a row): a
+// smaller call runs on the calling thread alone.
+constexpr uint64_t kMinRowsPerThread = 4096;
+
+// Runs f(begin, end) over [0, total) split into up to `threads` ranges, the first on the calling
+// thread and the others on threads started here (a range whose thread cannot be started runs on
+// the calling thread); returns once all have ended.
+template <typename F>
+void ForRowRanges(uint64_t total, uint32_t threads, F f) {
+  const uint64_t n = std::min<uint64_t>(std::max<uint32_t>(threads, 1u),
+                                        std::max<uint64_t>(total / kMinRowsPerThread, 1));
+  std::vector<std::thread> workers;
+  std::vector<std::pair<uint64_t, uint64_t>> here;
+  for (uint64_t i = 1; i < n; ++i) {
+    const uint64_t b = total * i / n, e = total * (i + 1) / n;
+    try {
+      workers.emplace_back(f, b, e);
+    } catch (const std::system_error&) {
+      here.emplace_back(b, e);
+    }
+  }
+  f(uint64_t{0}, total / n);
+  for (const auto& [b, e] : here) f(b, e);
+  for (auto& w : workers) w.join();
+}
 
 template <template <typename, typename> class F>
 struct Dispatch {
@@ -244,12 +274,29 @@ struct Dispatch {
   }
 };
 
-void EncodeRows(const Fp8Rows& rows, const void* raw, void* blobs, uint8_t* ok) {
-  Dispatch<EncodeOp>::Run(rows, static_cast<const uint8_t*>(raw), static_cast<uint8_t*>(blobs), ok);
+void EncodeRows(const Fp8Rows& g, const void* raw, void* blobs, uint8_t* ok) {
+  auto* out = static_cast<uint8_t*>(blobs);
+  const uint64_t scales_end =
+      g.scale_offset + g.rows * (g.scale == Fp8Scale::kBFloat16 ? 2 : sizeof(float));
+  for (uint64_t c = 0; c < g.chunks; ++c) {
+    ok[c] = 1;
+    if (g.header_bytes) {
+      uint8_t* blob = out + c * g.blob_stride;
+      std::memcpy(blob, reinterpret_cast<const void*>(g.header), g.header_bytes);
+      std::memset(blob + scales_end, 0, g.payload_offset - scales_end);
+    }
+  }
+  ForRowRanges(g.chunks * g.rows, g.host_threads, [&](uint64_t begin, uint64_t end) {
+    Dispatch<EncodeOp>::Run(g, static_cast<const uint8_t*>(raw), out, ok, begin, end);
+  });
 }
 
-void DecodeRows(const Fp8Rows& rows, const void* blobs, void* raw) {
-  Dispatch<DecodeOp>::Run(rows, static_cast<const uint8_t*>(blobs), static_cast<uint8_t*>(raw));
+void DecodeRows(const Fp8Rows& g, const void* blobs, void* raw) {
+  const auto* in = static_cast<const uint8_t*>(blobs);
+  const uint64_t chunks = BlobsToDecode(g, in);
+  ForRowRanges(chunks * g.rows, g.host_threads, [&](uint64_t begin, uint64_t end) {
+    Dispatch<DecodeOp>::Run(g, in, static_cast<uint8_t*>(raw), begin, end);
+  });
 }
 
 }  // namespace

@@ -252,6 +252,7 @@ class CodecTier:
             self._segments = self._segment_table(torch.device("cuda", device)) if _FUSED_PAGES else None
         # Host path, pages in host memory, coded in place: the layout's segment table on the host.
         self._host_segments = None
+        self._host_threads = max(1, int(cpu_threads))  # the host pass splits a chunk's rows
         if codec_device == "host" and codec.fixed_size and _HOST_PAGES and torch.device(layout.device).type == "cpu":
             self._host_segments = self._segment_table(torch.device("cpu"))
         if self._host_segments is not None:
@@ -485,7 +486,8 @@ class CodecTier:
                 return n, True  # no block: the raw tier stops here too
             try:
                 out = torch.from_numpy(block[: self._slot]).view(1, -1)
-                _, ok = self.codec.encode_pages(self._paged(chunk_pages), self._shape, self._dtype, out=out)
+                paged = self._paged(chunk_pages)
+                _, ok = self.codec.encode_pages(paged, self._shape, self._dtype, out=out, threads=self._host_threads)
                 if not bool(ok[0]):  # fp8 and a NaN or inf: not cached, as a failed copy
                     self._inner.abort_put(key)
                     self._counts["codec_encode_refused"] += 1
@@ -851,7 +853,8 @@ class CodecTier:
             self._counts["codec_decode_failures"] += 1
             log.warning("kvtier: a %s chunk does not decode (%s): a miss", self.codec.name, self._why_not(good))
         if good:
-            self.codec.decode_pages(blobs[:good], self._header_info, self._paged(pages[: good * self._ppc]))
+            paged = self._paged(pages[: good * self._ppc])
+            self.codec.decode_pages(blobs[:good], self._header_info, paged, threads=self._host_threads)
             self._counts["codec_chunks_decoded"] += good
         return good
 

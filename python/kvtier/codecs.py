@@ -663,7 +663,7 @@ class Fp8Codec(Codec):
         return self._encode_kernel(len(tensors), shape, tensors.dtype, src.device, raw=src.data_ptr())
 
     def _encode_kernel(
-        self, n: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, out=None, **where
+        self, n: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, out=None, threads=1, **where
     ):
         """The core's fused encode of ``n`` chunks of ``shape`` whose rows ``where`` says
         (``raw=`` an address, or paged arguments): ``(blobs, ok)``, headers included, the blobs
@@ -695,6 +695,7 @@ class Fp8Codec(Codec):
             stream=_stream_of(device),
             header=header_t.data_ptr(),
             header_bytes=len(header),
+            host_threads=threads,
             **geo,
             **where,
         )
@@ -706,13 +707,14 @@ class Fp8Codec(Codec):
         return self._fused(torch.device(device), tuple(int(d) for d in shape), dtype)
 
     def encode_pages(
-        self, paged: PagedChunks, shape, dtype: torch.dtype, out: torch.Tensor | None = None
+        self, paged: PagedChunks, shape, dtype: torch.dtype, out: torch.Tensor | None = None, threads: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`encode_many` of the chunks in ``paged`` (each of ``shape`` and ``dtype``, its
         rows read in place: no gathered copy), queued on the pages' device's current stream.
         Needs :meth:`pages_fused`; the rows of ``shape`` fill the pages exactly. ``out``: the
         ``[chunks, encoded_nbytes]`` uint8 tensor on that device to write the blobs into (and
-        returned); None allocates it.
+        returned); None allocates it. ``threads``: on the CPU, how many threads the core's host
+        pass splits the rows among (the calling one and ``threads - 1`` of its own).
 
         Raises:
             InvalidArgumentError: the pages do not hold chunks of ``shape`` (the core's check),
@@ -724,7 +726,7 @@ class Fp8Codec(Codec):
             raise InvalidArgumentError(
                 f"fp8: chunks of {_dtype_name(dtype)} {shape} on {device} are not coded in their pages"
             )
-        return self._encode_kernel(paged.chunks, shape, dtype, device, out=out, **paged.kwargs())
+        return self._encode_kernel(paged.chunks, shape, dtype, device, out=out, threads=threads, **paged.kwargs())
 
     def decode_pages(
         self,
@@ -734,6 +736,7 @@ class Fp8Codec(Codec):
         *,
         decoded: torch.Tensor | None = None,
         stop: torch.Tensor | None = None,
+        threads: int = 1,
     ) -> None:
         """Decode the rows of ``blobs`` (blobs of ``header``, as for :meth:`decode_many`) into
         the chunks' pages of ``paged``, one chunk per row, queued on their device's current
@@ -747,6 +750,7 @@ class Fp8Codec(Codec):
                 ``decoded``, and ``stop`` is set to 1 where a row did not; with ``stop`` already
                 nonzero nothing is decoded (a stack queued behind one that stopped leaves its
                 pages alone). Nothing waits for the device.
+            threads: on the CPU, how many threads the core's host pass splits the rows among.
         """
         from kvtier import _core
 
@@ -772,6 +776,7 @@ class Fp8Codec(Codec):
             raw=0,
             chunks=len(blobs),
             stream=_stream_of(blobs.device),
+            host_threads=threads,
             **geo,
             **paged.kwargs(),
             **check,

@@ -90,7 +90,7 @@ class CpuConfig(_Section):
         "(cpu); auto picks",
     )
     staging_bytes: int = _field(256 << 20, _Size(1), "GPU staging buffer of the 'staged' method")
-    threads: int = _field(2, _Int(1, 1024), "copy threads of the CPU path")
+    threads: int = _field(2, _Int(1, 1024), "copy threads of the CPU path, and threads of fp8's host pass")
     prefault: bool | None = _field(
         None,
         _Optional(_Bool(), "on in the vLLM connector (a serving process), off elsewhere"),
