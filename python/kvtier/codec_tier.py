@@ -478,29 +478,45 @@ class CodecTier:
         block by writing back the chunk before). Returns (chunks handled, whether the store must
         stop there)."""
         for n, (key, chunk_pages) in enumerate(zip(keys, pages, strict=True)):
-            try:
-                block = np.asarray(self._begin_put(key))
-            except AlreadyExistsError:
-                continue  # stored meanwhile (a peer's pull): it is there
-            except ResourceExhaustedError:
-                return n, True  # no block: the raw tier stops here too
-            try:
+
+            def fill(block: np.ndarray, chunk_pages=chunk_pages) -> int:
                 out = torch.from_numpy(block[: self._slot]).view(1, -1)
                 paged = self._paged(chunk_pages)
                 _, ok = self.codec.encode_pages(paged, self._shape, self._dtype, out=out, threads=self._host_threads)
-                if not bool(ok[0]):  # fp8 and a NaN or inf: not cached, as a failed copy
-                    self._inner.abort_put(key)
-                    self._counts["codec_encode_refused"] += 1
-                    log.warning("kvtier: a chunk was not stored: %s holds NaN or inf", self.codec.name)
-                    return n, True
-                self._inner.commit_put(key)
-            except BaseException:
-                self._inner.abort_put(key)
-                raise
-            self._counts["codec_chunks_encoded"] += 1
-            self._counts["codec_bytes_raw"] += self.layout.chunk_bytes
-            self._counts["codec_bytes_encoded"] += self._slot
+                return self._slot if bool(ok[0]) else 0
+
+            put = self._put_chunk(key, fill)
+            if put == "refused":  # fp8 and a NaN or inf: not cached, as a failed copy
+                self._counts["codec_encode_refused"] += 1
+                log.warning("kvtier: a chunk was not stored: %s holds NaN or inf", self.codec.name)
+            if put in ("refused", "full"):
+                return n, True
         return len(keys), False
+
+    def _put_chunk(self, key: bytes, fill) -> str:
+        """Put one encoded chunk into the inner tier: its block reserved (:meth:`_begin_put`),
+        ``fill(block)`` (a uint8 numpy view of it) writes the blob and returns its length, or 0
+        where the codec refuses the chunk, then the block is committed (or given back). Returns
+        "stored", "held" (already there), "full" (no block) or "refused"."""
+        try:
+            block = np.asarray(self._begin_put(key))
+        except AlreadyExistsError:
+            return "held"  # stored meanwhile (a peer's pull): it is there
+        except ResourceExhaustedError:
+            return "full"  # no block: the raw tier stops here too
+        try:
+            nbytes = fill(block)
+            if not nbytes:
+                self._inner.abort_put(key)
+                return "refused"
+            self._inner.commit_put(key)
+        except BaseException:
+            self._inner.abort_put(key)
+            raise
+        self._counts["codec_chunks_encoded"] += 1
+        self._counts["codec_bytes_raw"] += self.layout.chunk_bytes
+        self._counts["codec_bytes_encoded"] += nbytes
+        return "stored"
 
     def _queue_stack(self, keys: list[bytes], pages: list[np.ndarray], after_stream: int) -> _QueuedStack:
         """GPU path, fixed-size codec: reserve the chunks' blocks, gather the chunks, encode them
@@ -655,22 +671,14 @@ class CodecTier:
                     self._slot,
                 )
                 return n, True
-            try:
-                dst = np.asarray(self._begin_put(key))
-            except AlreadyExistsError:
-                continue  # stored meanwhile (a peer's pull): it is there
-            except ResourceExhaustedError:
-                return n, True  # no block: the raw tier stops here too
-            try:
+
+            def fill(dst: np.ndarray, blob=blob) -> int:
                 dst[: blob.numel()] = blob.numpy()
                 dst[blob.numel() :] = 0
-                self._inner.commit_put(key)
-            except BaseException:
-                self._inner.abort_put(key)
-                raise
-            self._counts["codec_chunks_encoded"] += 1
-            self._counts["codec_bytes_raw"] += self.layout.chunk_bytes
-            self._counts["codec_bytes_encoded"] += blob.numel()
+                return blob.numel()
+
+            if self._put_chunk(key, fill) == "full":
+                return n, True
         return len(keys), False
 
     # -- the GPU path: segment copies between the pages and raw chunks in GPU memory ------------
