@@ -222,6 +222,34 @@ def put_foreign_blob(cache, layout, key: bytes) -> None:
     cache.tier.commit_put(key)
 
 
+def test_fp8_in_host_pages_loads_rounds_ahead_and_stops_at_a_foreign_blob(caplog):
+    """fp8 in host pages with a pool of more than two rounds: each round's load is issued before
+    the round before is decoded, and the chunks come back as the codec's round trip; a slot of
+    another codec in the second round ends the load there, the pages of that chunk and of those
+    after it untouched."""
+    _kv, layout = vllm_kv(pages=64, seed=6)  # the tensors stay alive: the layout points into them
+    codec = make_codec("fp8", **CODEC_OPTIONS["fp8"])
+    tokens = toks(12)
+    want = [through_codec(codec, layout, b) for b in raw_blobs(layout, tokens, range(24))]
+    with KVCache(layout, cpu_bytes=16 * slot_nbytes(layout, codec), method="cpu", codec_name="fp8") as cache:
+        assert cache.tier.capacity_chunks >= 8 and cache.tier._host_segments is not None
+        keys = cache.keyer.keys(tokens)
+        assert cache.store(tokens[: 6 * CHUNK_TOKENS], range(12)).wait() == 6
+        put_foreign_blob(cache, layout, keys[6])
+        assert cache.store(tokens, range(24)).wait() == 5  # the other 5; the 7th is held (foreign)
+        assert cache.lookup(tokens) == 12 * CHUNK_TOKENS
+        before = raw_blobs(layout, tokens, range(32, 56))
+        assert cache.load(tokens, range(32, 56)).wait() == 6 * CHUNK_TOKENS
+        got = raw_blobs(layout, tokens, range(32, 56))
+        assert got[:6] == want[:6] and got[6:] == before[6:]
+        assert cache.stats()["codec_decode_failures"] == 1 and "written by 'none'" in caplog.text
+        more = toks(12, base=5000)
+        want = [through_codec(codec, layout, b) for b in raw_blobs(layout, more, range(24))]
+        assert cache.store(more, range(24)).wait() == 12
+        assert cache.load(more, range(32, 56)).wait() == 12 * CHUNK_TOKENS
+        assert raw_blobs(layout, more, range(32, 56)) == want
+
+
 def test_a_blob_of_another_codec_in_a_slot_is_a_miss():
     kv, layout = vllm_kv(seed=5)
     tokens = toks(3)

@@ -75,8 +75,8 @@ _SEGMENT_METHOD = "kernel"
 # k's blobs while the codec's stream gathers and encodes round k + 1), else on the codec's
 # stream (docs/codecs.md, "The stacked GPU path", has both measured).
 _D2H_STREAM = True
-# GPU stacks: a load issues round k + 1 before it waits for round k, where the pool holds both
-# (else once round k has landed).
+# GPU stacks and fp8 in host pages: a load issues round k + 1 before it waits for round k, where
+# the pool holds both (else once round k has landed).
 _LOAD_AHEAD = True
 # GPU stacks: a load checks each round's blob headers on a stream of its own (the host's wait for
 # the check does not include the decode and scatter of the round before), else on the codec's.
@@ -280,15 +280,15 @@ class CodecTier:
         # The pages the inner tier loads encoded chunks into (one chunk = one page): with GPU
         # stacks, GPU memory, so a hit's blobs cross PCIe straight from the tier's blocks (pinned,
         # as for any GPU layout) as the raw tier's chunks do; else host memory aligned like its blocks.
-        # GPU stacks load round k + 1 into one half of the buffer while round k in the other half
-        # is checked and decoded.
+        # GPU stacks, and fp8 in host pages, load round k + 1 into one half of the buffer while
+        # round k in the other half is checked and decoded.
         if self._header is not None:
             buf_slots = 2 * self._batch
             self._buf = torch.zeros(buf_slots * self._slot, dtype=torch.uint8, device=f"cuda:{device}")
             self._buf_at, inner_device, inner_method = 0, device, method
             self._header_gpu = torch.frombuffer(bytearray(self._header), dtype=torch.uint8).to(self._buf.device)
-        else:
-            buf_slots = self._batch
+        else:  # in host pages, two halves as for GPU stacks
+            buf_slots = self._batch * (2 if self._host_segments is not None else 1)
             self._buf = torch.zeros(buf_slots * self._slot + _BLOCK, dtype=torch.uint8)
             self._buf_at, inner_device, inner_method = (-self._buf.data_ptr()) % _BLOCK, -1, "cpu"
         inner_layout = [(self._buf.data_ptr() + self._buf_at, self._slot, self._slot, buf_slots)]
@@ -769,9 +769,11 @@ class CodecTier:
             # A batch is promoted into the pool whole: no more than the pool holds.
             step = max(1, min(self._batch, self._inner.capacity_chunks))
             self._prefetch(keys_l[:wanted], step)
+            rounds = [keys_l[at : min(wanted, at + step)] for at in range(0, wanted, step)]
             if self._header is not None:
-                rounds = [keys_l[at : min(wanted, at + step)] for at in range(0, wanted, step)]
                 return CodecOp(None, self._load_stacks(rounds, pages, after_stream))
+            if self._host_segments is not None:
+                return CodecOp(None, self._load_in_pages(rounds, pages))
             while loaded < wanted:
                 batch = keys_l[loaded : min(wanted, loaded + step)]
                 got = self._load_batch(
@@ -814,8 +816,6 @@ class CodecTier:
         op = self._inner.load(b"".join(keys), np.arange(len(keys), dtype=np.int64), 0)
         if op.transfer is not None:
             op.transfer.wait(self._timeout_s)
-        if self._host_segments is not None:
-            return self._decode_in_pages(op.chunks, pages)
         where = None if self._stream is None else f"cuda:{self._device}"
         raws = []
         for i in range(op.chunks):
@@ -848,18 +848,53 @@ class CodecTier:
             op.transfer.wait(self._timeout_s)
         return op.chunks
 
-    def _decode_in_pages(self, n: int, pages: np.ndarray) -> int:
+    def _load_in_pages(self, rounds: list[list[bytes]], pages: np.ndarray) -> int:
+        """Host path, pages in host memory: the inner tier loads each round's encoded chunks into
+        one half of the buffer (round r into half r % 2), round r + 1's load issued before round
+        r is decoded where the pool holds both (its copy threads move the next blobs while this
+        thread decodes), and each round is decoded straight into its pages. Stops after the first
+        round not loaded or decoded whole. Returns the chunks in place."""
+        ahead = _LOAD_AHEAD and 2 * max(len(k) for k in rounds) <= self._inner.capacity_chunks
+        loaded, nxt = 0, None
+        op = self._load_half(rounds[0], 0)
+        try:
+            for r, keys in enumerate(rounds):
+                if ahead and r + 1 < len(rounds):
+                    nxt = self._load_half(rounds[r + 1], (r + 1) % 2)
+                if op.transfer is not None:
+                    op.transfer.wait(self._timeout_s)
+                good = self._decode_in_pages(op.chunks, r % 2, pages[loaded * self._ppc :])
+                loaded += good
+                if good < len(keys) or r + 1 == len(rounds):
+                    break
+                op, nxt = nxt if nxt is not None else self._load_half(rounds[r + 1], (r + 1) % 2), None
+        finally:
+            if nxt is not None and nxt.transfer is not None:
+                # A round issued ahead and not used writes the buffer: not left running. Its
+                # chunks are in the pool; a failure of its own is the inner tier's (counted there).
+                with contextlib.suppress(KVTierError):
+                    nxt.transfer.wait(self._timeout_s)
+        return loaded
+
+    def _load_half(self, keys: list[bytes], half: int):
+        """Issue the inner tier's load of ``keys`` into ``half`` of the buffer."""
+        base = half * self._batch
+        return self._inner.load(b"".join(keys), np.arange(base, base + len(keys), dtype=np.int64), 0)
+
+    def _decode_in_pages(self, n: int, half: int, pages: np.ndarray) -> int:
         """Host path, pages in host memory: the ``n`` encoded chunks the inner tier loaded into
-        the buffer, checked (a slot whose header is not this layout's ends the batch before it)
-        and decoded straight into ``pages``. Returns the chunks decoded."""
+        ``half`` of the buffer, checked (a slot whose header is not this layout's ends the round
+        before it) and decoded straight into ``pages``. Returns the chunks decoded."""
         if not n:
             return 0
-        blobs = self._buf[self._buf_at : self._buf_at + n * self._slot].view(n, self._slot)
+        at = self._buf_at + half * self._batch * self._slot
+        blobs = self._buf[at : at + n * self._slot].view(n, self._slot)
         match = (blobs[:, : len(self._host_header)] == self._host_header).all(dim=1)
         good = n if bool(match.all()) else int(match.int().argmin())
         if good < n:
             self._counts["codec_decode_failures"] += 1
-            log.warning("kvtier: a %s chunk does not decode (%s): a miss", self.codec.name, self._why_not(good))
+            why = self._why_not(half * self._batch + good)
+            log.warning("kvtier: a %s chunk does not decode (%s): a miss", self.codec.name, why)
         if good:
             paged = self._paged(pages[: good * self._ppc])
             self.codec.decode_pages(blobs[:good], self._header_info, paged, threads=self._host_threads)
