@@ -686,6 +686,12 @@ class Fp8Codec(Codec):
                 f"fp8: out must be a contiguous uint8 tensor of shape ({n}, {geo['blob_stride']}) on {device}"
             )
         ok = torch.empty(n, dtype=torch.uint8, device=device)
+        # The core writes headers and padding on the host and for chunks in pages; a GPU stack of
+        # gathered chunks gets them from torch.
+        in_core = device.type == "cpu" or "page_ids" in where
+        if not in_core:
+            blobs[:, : len(header)] = header_t
+            blobs[:, len(header) + geo["rows"] * self.scale_dtype.itemsize : geo["payload_offset"]] = 0
         _core.fp8_encode_rows(
             device=_device_index(device),
             raw=where.pop("raw", 0),
@@ -693,8 +699,8 @@ class Fp8Codec(Codec):
             ok=ok.data_ptr(),
             chunks=n,
             stream=_stream_of(device),
-            header=header_t.data_ptr(),
-            header_bytes=len(header),
+            header=header_t.data_ptr() if in_core else 0,
+            header_bytes=len(header) if in_core else 0,
             host_threads=threads,
             **geo,
             **where,
