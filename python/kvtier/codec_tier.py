@@ -970,8 +970,7 @@ class CodecTier:
 
     def _load_round(self, rounds: list[list[bytes]], r: int):
         """Issue the inner tier's load of round ``r``'s chunks into half ``r % 2`` of the buffer."""
-        base = (r % 2) * self._batch
-        return self._inner.load(b"".join(rounds[r]), np.arange(base, base + len(rounds[r]), dtype=np.int64), 0)
+        return self._load_half(rounds[r], r % 2)
 
     def _decode_round(self, n: int, half: int, pages: np.ndarray, after_stream: int, gate=None) -> int:
         """The ``n`` encoded chunks the inner tier loaded into ``half`` of the GPU buffer, checked
