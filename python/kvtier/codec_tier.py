@@ -256,7 +256,8 @@ class CodecTier:
         if codec_device == "host" and codec.fixed_size and _HOST_PAGES and torch.device(layout.device).type == "cpu":
             self._host_segments = self._segment_table(torch.device("cpu"))
         if self._host_segments is not None:
-            self._host_header = _header_bytes_tensor(codec.batch_header(self._shape, self._dtype))
+            header = codec.batch_header(self._shape, self._dtype)
+            self._host_header = torch.frombuffer(bytearray(header), dtype=torch.uint8)
             self._header_info = read_header(self._host_header)
         # Copies the GPU did not finish by the deadline: (event after them, keys whose blocks they
         # write, what they read or write); their blocks are given back once the event has passed.
@@ -1040,10 +1041,6 @@ class CodecTier:
         if header.codec != self.codec.name:
             return f"written by {header.codec!r}, this reader decodes {self.codec.name!r}"
         return f"a {header.codec} v{header.codec_version} blob of {header.dtype} {header.shape}, not this layout's"
-
-
-def _header_bytes_tensor(header: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(header), dtype=torch.uint8)
 
 
 def gpu_round_chunks(chunk_bytes: int) -> int:

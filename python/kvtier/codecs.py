@@ -758,15 +758,12 @@ class Fp8Codec(Codec):
                 pages alone). Nothing waits for the device.
             threads: on the CPU, how many threads the core's host pass splits the rows among.
         """
-        from kvtier import _core
 
         if not self._decodes_fused(blobs, header) or len(blobs) != paged.chunks:
             raise InvalidArgumentError(
                 f"fp8: {len(blobs)} blobs of {_dtype_name(header.dtype)} {header.shape} on {blobs.device} "
                 f"do not decode into {paged.chunks} chunks of pages"
             )
-        geo = self._rows(header.shape, header.dtype, header.header_nbytes)
-        geo["blob_stride"] = blobs.stride(0)
         check = {}
         if decoded is not None or stop is not None:
             for name, t in (("decoded", decoded), ("stop", stop)):
@@ -776,17 +773,7 @@ class Fp8Codec(Codec):
             check = dict(
                 header=want.data_ptr(), header_bytes=len(want), decoded=decoded.data_ptr(), stop=stop.data_ptr()
             )
-        _core.fp8_decode_rows(
-            device=_device_index(blobs.device),
-            blobs=blobs.data_ptr(),
-            raw=0,
-            chunks=len(blobs),
-            stream=_stream_of(blobs.device),
-            host_threads=threads,
-            **geo,
-            **paged.kwargs(),
-            **check,
-        )
+        self._decode_kernel(blobs, header, threads=threads, **paged.kwargs(), **check)
 
     def _encode_torch(self, tensors):
         """encode_many in torch operations (any device, any ``scale_over``)."""
@@ -858,20 +845,27 @@ class Fp8Codec(Codec):
 
     def _decode_fused(self, blobs, header):
         """_decode_rows in one kernel pass (the same values as :meth:`_decode_torch`)."""
+        out = torch.empty((len(blobs), *header.shape), dtype=header.dtype, device=blobs.device)
+        self._decode_kernel(blobs, header, raw=out.data_ptr())
+        return out
+
+    def _decode_kernel(self, blobs, info: BlobHeader, threads=1, **where) -> None:
+        """The core's fused decode of the rows of ``blobs`` (blobs ``info`` describes) into the
+        raw chunks ``where`` says (``raw=`` an address, or paged arguments, and a header check)."""
         from kvtier import _core
 
-        geo = self._rows(header.shape, header.dtype, header.header_nbytes)
+        geo = self._rows(info.shape, info.dtype, info.header_nbytes)
         geo["blob_stride"] = blobs.stride(0)
-        out = torch.empty((len(blobs), *header.shape), dtype=header.dtype, device=blobs.device)
         _core.fp8_decode_rows(
             device=_device_index(blobs.device),
             blobs=blobs.data_ptr(),
-            raw=out.data_ptr(),
+            raw=where.pop("raw", 0),
             chunks=len(blobs),
             stream=_stream_of(blobs.device),
+            host_threads=threads,
             **geo,
+            **where,
         )
-        return out
 
     def _decode_torch(self, blobs, header):
         scale_dtype, scale_shape, scale_bytes = self._read_params(header)
